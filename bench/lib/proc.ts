@@ -1,0 +1,59 @@
+/**
+ * CPU time of other processes, from /proc (Linux only): utime + stime of a pid, all its threads
+ * included. Used to charge a server child with the CPU it spent during a measured window.
+ */
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+
+let ticksPerSecond: number | undefined;
+
+/** Clock ticks per second of /proc/<pid>/stat times (`getconf CLK_TCK`, usually 100). */
+export function clockTicks(): number {
+  if (ticksPerSecond === undefined) {
+    try {
+      ticksPerSecond = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+    } catch {
+      ticksPerSecond = 100;
+    }
+  }
+  return ticksPerSecond;
+}
+
+/** utime + stime of `pid` in microseconds, or null when /proc cannot be read. */
+export function processCpuMicros(pid: number): number | null {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  // The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // fields[0] is field 3 (state); utime is field 14, stime field 15.
+  const utime = Number(fields[11]);
+  const stime = Number(fields[12]);
+  if (!Number.isFinite(utime) || !Number.isFinite(stime)) return null;
+  return ((utime + stime) * 1e6) / clockTicks();
+}
+
+/** This process's user + system CPU in microseconds. */
+export function selfCpuMicros(): number {
+  const u = process.cpuUsage();
+  return u.user + u.system;
+}
+
+/**
+ * CPU time all processes of the machine spent busy (user, nice, system, irq, softirq, steal;
+ * /proc/stat), in microseconds summed over cores, or null when it cannot be read. Minus the
+ * bench's own processes, it shows how much other work competed during a measurement.
+ */
+export function machineBusyMicros(): number | null {
+  try {
+    const line = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0];
+    const [, user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).map(Number);
+    const busy = user + nice + system + irq + softirq + (steal || 0);
+    return Number.isFinite(busy) ? (busy * 1e6) / clockTicks() : null;
+  } catch {
+    return null;
+  }
+}

@@ -1,0 +1,166 @@
+/**
+ * Logins per second through the gateway (argon2id with the production parameters, on the
+ * gateway's worker threads) next to the raw argon2id verify rate of this machine measured in the
+ * same run, the gateway's event-loop p99 delay during the storm, and `resume` (token) logins/s.
+ *
+ *   npm run bench:login -- [--conns 32] [--seconds 5]
+ */
+import { availableParallelism } from 'node:os';
+import { parseArgs } from 'node:util';
+import { GatewayClient, type Session } from '../../client/client.ts';
+import { Hasher } from '../../gateway/auth/hasher.ts';
+import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { header, table } from '../lib/measure.ts';
+import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
+
+const { values } = parseArgs({
+  options: { conns: { type: 'string', default: '32' }, seconds: { type: 'string', default: '5' } },
+});
+const CONNS = Number(values.conns);
+const SECONDS = Number(values.seconds);
+const THREADS = availableParallelism();
+const PARAMS = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
+
+async function rawVerifyRate(): Promise<number> {
+  const h = new Hasher({ params: PARAMS, threads: THREADS, maxQueue: 1000 });
+  const { hash } = await h.hash('correct horse battery');
+  let n = 0;
+  let stop = false;
+  const loop = async () => {
+    while (!stop) {
+      await h.verify('correct horse battery', hash);
+      n++;
+    }
+  };
+  const workers = Array.from({ length: THREADS * 2 }, loop);
+  await sleep(1000);
+  n = 0;
+  const t0 = performance.now();
+  await sleep(SECONDS * 1000);
+  const rate = (n * 1000) / (performance.now() - t0);
+  stop = true;
+  await Promise.all(workers);
+  await h.close();
+  return rate;
+}
+
+async function eventLoopP99(metricsPort: number): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  const m = /^nodejs_eventloop_lag_p99_seconds (\S+)/m.exec(text);
+  return m ? Number(m[1]) * 1000 : Number.NaN;
+}
+
+async function storm(
+  label: string,
+  clients: GatewayClient[],
+  op: (c: GatewayClient, i: number) => Promise<unknown>,
+) {
+  let n = 0;
+  let errors = 0;
+  let stop = false;
+  const done = progress(`  ${label}`, () => `${n} ok, ${errors} errors`);
+  const loops = clients.map(async (c, i) => {
+    while (!stop) {
+      try {
+        await op(c, i);
+        n++;
+      } catch {
+        errors++;
+      }
+    }
+  });
+  const t0 = performance.now();
+  await sleep(SECONDS * 1000);
+  stop = true;
+  const elapsed = (performance.now() - t0) / 1000;
+  const count = n;
+  await Promise.all(loops);
+  done();
+  return { rate: count / elapsed, errors };
+}
+
+async function main(): Promise<void> {
+  console.log(
+    header(
+      `logins: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads`,
+    ),
+  );
+  const raw = await rawVerifyRate();
+  const g = await startGateway({
+    ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
+    ARGON2_ITERATIONS: String(PARAMS.timeCost),
+    GW_HASH_THREADS: String(THREADS),
+    GW_REGISTER_PER_MINUTE: '100000',
+    GW_HASH_MAX_QUEUE: '10000',
+  });
+  try {
+    const clients = await Promise.all(
+      Array.from({ length: CONNS }, async () => {
+        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 60000 });
+        await c.connect();
+        return c;
+      }),
+    );
+    const users: string[] = [];
+    for (let i = 0; i < CONNS; i++) {
+      const username = `bench${i}_${Date.now() % 100000}`;
+      await clients[i].request('register', {
+        username,
+        email: `${username}@example.com`,
+        password: 'correct horse battery',
+      });
+      users.push(username);
+    }
+    await eventLoopP99(g.metricsPort); // resets the event-loop histogram
+    const cpu0 = cpuSeconds(g.proc.pid!);
+    const login = await storm('login storm', clients, (c, i) =>
+      c.request('login', { username: users[i], password: 'correct horse battery' }),
+    );
+    const loopP99 = await eventLoopP99(g.metricsPort);
+    const loginCpu = cpuSeconds(g.proc.pid!) - cpu0;
+    const tokens = await Promise.all(
+      clients.map((c, i) =>
+        c
+          .request<Session>('login', { username: users[i], password: 'correct horse battery' })
+          .then((s) => s.token),
+      ),
+    );
+    await eventLoopP99(g.metricsPort);
+    const resume = await storm('resume storm', clients, (c, i) => c.request('resume', { token: tokens[i] }));
+    const resumeLoopP99 = await eventLoopP99(g.metricsPort);
+    console.log(
+      table(
+        ['measure', 'per second', 'note'],
+        [
+          [
+            'raw argon2id verify (this machine, same pool size)',
+            raw,
+            `${THREADS} threads, ${THREADS * 2} in flight`,
+          ],
+          [
+            'logins through the gateway',
+            login.rate,
+            `${login.errors} errors; ${(login.rate / raw).toFixed(2)}x of raw`,
+          ],
+          ['gateway event-loop p99 during the login storm (ms)', loopP99, 'hashing is on worker threads'],
+          ['gateway CPU during the login storm (cores)', loginCpu / SECONDS, 'main + hash threads'],
+          [
+            'resume (token) logins through the gateway',
+            resume.rate,
+            `${resume.errors} errors; ${(resume.rate / login.rate).toFixed(0)}x of password logins`,
+          ],
+          ['gateway event-loop p99 during the resume storm (ms)', resumeLoopP99, ''],
+        ],
+      ),
+    );
+    for (const c of clients) c.destroy();
+  } finally {
+    await g.stop();
+  }
+  process.exit(0);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

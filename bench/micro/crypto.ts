@@ -1,0 +1,67 @@
+/**
+ * Seal+open and handshakes: the native addon against node:crypto, in one run.
+ *   npm run bench:crypto
+ */
+import { randomBytes } from 'node:crypto';
+import { loadNativeBackend } from '../../protocol/crypto/native.ts';
+import { acceptHello, ClientHandshake, type CryptoBackend, nodeBackend } from '../../protocol/index.ts';
+import { header, opsPerSecond, table } from '../lib/measure.ts';
+
+const loaded = loadNativeBackend();
+const native = 'backend' in loaded ? loaded.backend : null;
+if (!native)
+  console.error(`native backend unavailable (${(loaded as { error: string }).error}); its columns are n/a`);
+
+function sealOpen(b: CryptoBackend, size: number): number {
+  const aead = b.aead(randomBytes(32));
+  const iv = Buffer.alloc(12);
+  const plain = randomBytes(size);
+  const iterations = size >= 16384 ? 2000 : 20000;
+  let n = 0;
+  return opsPerSecond(() => {
+    iv.writeUInt32BE(n++, 8);
+    const body = aead.seal(iv, plain, 4).subarray(4);
+    if (!aead.open(body)) throw new Error('open failed');
+  }, iterations);
+}
+
+function handshakes(b: CryptoBackend): number {
+  const identity = b.ed25519Identity(randomBytes(32));
+  return opsPerSecond(
+    () => {
+      const c = new ClientHandshake(b);
+      const { welcome } = acceptHello(b, identity, c.hello, { node: 'n', heartbeatMs: 1, maxFrameBytes: 1 });
+      c.finish(welcome);
+    },
+    500,
+    5,
+  );
+}
+
+console.log(header('crypto: native addon vs node:crypto (npm run bench:crypto)'));
+const rows: (string | number)[][] = [];
+for (const size of [64, 100, 1024, 16384]) {
+  const js = sealOpen(nodeBackend, size);
+  const nat = native ? sealOpen(native, size) : Number.NaN;
+  rows.push([
+    `seal+open ${size} B`,
+    js,
+    1e6 / js,
+    native ? nat : 'n/a',
+    native ? 1e6 / nat : 'n/a',
+    native ? `${(nat / js).toFixed(2)}x` : 'n/a',
+  ]);
+}
+const hsJs = handshakes(nodeBackend);
+const hsNat = native ? handshakes(native) : Number.NaN;
+rows.push([
+  'full handshake (both sides)',
+  hsJs,
+  1e6 / hsJs,
+  native ? hsNat : 'n/a',
+  native ? 1e6 / hsNat : 'n/a',
+  native ? `${(hsNat / hsJs).toFixed(2)}x` : 'n/a',
+]);
+console.log(
+  table(['operation', 'node ops/s', 'node µs/op', 'native ops/s', 'native µs/op', 'native/node'], rows),
+);

@@ -1,0 +1,411 @@
+/**
+ * The reference client: speaks PROTOCOL.md over TCP or WebSocket using only `protocol/`.
+ * Handshake with an optional pinned fingerprint, `request()` with id correlation and timeouts,
+ * automatic pong, events with optional automatic ack, and reconnection with backoff that
+ * resumes the session. The interactive CLI and the simulator are built on it.
+ */
+import { EventEmitter } from 'node:events';
+import { connect as netConnect, type Socket } from 'node:net';
+import WebSocket from 'ws';
+import {
+  Channel,
+  ClientHandshake,
+  type CryptoBackend,
+  type EventMsg,
+  encodeFrame,
+  FrameDecoder,
+  isProtocolError,
+  type Kick,
+  ProtocolError,
+  pack,
+  parseServerMessage,
+  parseWelcome,
+  type SessionData,
+  selectBackend,
+  serverError,
+  unpackMessage,
+  type Welcome,
+} from '../protocol/index.ts';
+
+export interface ReconnectOptions {
+  initialDelayMs?: number;
+  maxDelayMs?: number;
+  /** Give up after this many consecutive failed attempts (default: never). */
+  maxAttempts?: number;
+}
+
+export interface ClientOptions {
+  /** `tcp://host:port` or `ws://host:port/ws`. */
+  url: string;
+  /** Lowercase hex SHA-256 of the server identity key; any other key is refused. */
+  pinnedFingerprint?: string;
+  backend?: CryptoBackend;
+  clientName?: string;
+  /** Default timeout of `request()` (ms). */
+  requestTimeoutMs?: number;
+  /** Acknowledge qos-1 events as they arrive (default true). */
+  autoAck?: boolean;
+  /** Reconnect after an unexpected close, resuming the session (default: off). */
+  reconnect?: ReconnectOptions | false;
+  /** Handshake timeout (ms). */
+  connectTimeoutMs?: number;
+  /** Largest frame accepted from the server before `welcome` tells its maximum. */
+  maxFrameBytes?: number;
+}
+
+export type Session = SessionData;
+
+export interface CloseInfo {
+  /** The kick or fatal error code that preceded the close, if any. */
+  code?: string;
+  retryAfter?: number;
+  /** True when `close()` was called. */
+  byClient: boolean;
+}
+
+interface Pending {
+  resolve: (data: Record<string, unknown>) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+/** A wire the client writes frame bodies to, whatever the transport. */
+interface Wire {
+  write(body: Buffer): void;
+  end(): void;
+  destroy(): void;
+}
+
+const SESSION_TYPES = new Set(['login', 'resume', 'otp.verify']);
+
+export class GatewayClient extends EventEmitter {
+  readonly options: ClientOptions;
+  readonly backend: CryptoBackend;
+  welcome: Welcome | undefined;
+  session: Session | undefined;
+  private wire: Wire | undefined;
+  private channel: Channel | undefined;
+  private handshake: ClientHandshake | undefined;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private userClosed = false;
+  private lastKick: Kick | undefined;
+  private lastFatal: string | undefined;
+  private connected = false;
+  private reconnectAttempt = 0;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private tcpSocket: Socket | undefined;
+
+  constructor(options: ClientOptions) {
+    super();
+    this.options = options;
+    this.backend = options.backend ?? selectBackend('auto').backend;
+  }
+
+  get isOpen(): boolean {
+    return this.connected;
+  }
+
+  /** Connects and completes the handshake; resolves with the server's welcome. */
+  connect(): Promise<Welcome> {
+    this.userClosed = false;
+    return new Promise<Welcome>((resolve, reject) => {
+      let settled = false;
+      const timer = setTimeout(
+        () => fail(new Error('handshake timed out')),
+        this.options.connectTimeoutMs ?? 10000,
+      );
+      const fail = (e: Error) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        this.wire?.destroy();
+        reject(e);
+      };
+      const done = (w: Welcome) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(w);
+      };
+      this.handshake = new ClientHandshake(this.backend, {
+        ...(this.options.pinnedFingerprint ? { pinnedFingerprint: this.options.pinnedFingerprint } : {}),
+        client: this.options.clientName ?? 'gateway-client/0.1',
+      });
+      this.channel = undefined;
+      this.welcome = undefined;
+      this.lastKick = undefined;
+      this.lastFatal = undefined;
+      const onBody = (body: Buffer) => {
+        try {
+          if (!this.channel) {
+            const welcome = parseWelcome(unpackMessage(body));
+            const keys = this.handshake!.finish(welcome);
+            this.channel = new Channel(this.backend, keys, 'client');
+            this.welcome = welcome;
+            this.connected = true;
+            this.reconnectAttempt = 0;
+            done(welcome);
+            return;
+          }
+          this.onMessage(this.channel.open(body));
+        } catch (e) {
+          if (!this.channel) fail(e as Error);
+          else {
+            this.emit('protocolError', e);
+            this.wire?.destroy();
+          }
+        }
+      };
+      const onClose = () => {
+        const wasConnected = this.connected;
+        this.connected = false;
+        this.channel?.dispose();
+        fail(
+          new Error(
+            this.lastFatal ? `connection closed: ${this.lastFatal}` : 'connection closed during handshake',
+          ),
+        );
+        for (const [, p] of this.pending) {
+          clearTimeout(p.timer);
+          p.reject(new ProtocolError('internal', 'connection closed'));
+        }
+        this.pending.clear();
+        if (wasConnected) {
+          const info: CloseInfo = {
+            byClient: this.userClosed,
+            ...(this.lastKick
+              ? { code: this.lastKick.code }
+              : this.lastFatal
+                ? { code: this.lastFatal }
+                : {}),
+            ...(this.lastKick?.retryAfter !== undefined ? { retryAfter: this.lastKick.retryAfter } : {}),
+          };
+          this.emit('close', info);
+          if (!this.userClosed && this.options.reconnect) this.scheduleReconnect(info);
+        }
+      };
+      try {
+        this.wire = this.open(onBody, onClose, fail);
+      } catch (e) {
+        fail(e as Error);
+        return;
+      }
+      this.wire.write(pack(this.handshake.hello));
+    });
+  }
+
+  private open(onBody: (b: Buffer) => void, onClose: () => void, onError: (e: Error) => void): Wire {
+    const url = new URL(this.options.url);
+    if (url.protocol === 'tcp:') {
+      const socket = netConnect({ host: url.hostname, port: Number(url.port), noDelay: true });
+      this.tcpSocket = socket;
+      const decoder = new FrameDecoder(this.options.maxFrameBytes ?? 16 * 1024 * 1024);
+      socket.on('data', (chunk) => {
+        try {
+          decoder.push(chunk, onBody);
+        } catch (e) {
+          this.emit('protocolError', e);
+          socket.destroy();
+        }
+      });
+      socket.on('error', (e) => onError(e));
+      socket.on('close', onClose);
+      return {
+        write: (body) => socket.write(encodeFrame(body)),
+        end: () => socket.end(),
+        destroy: () => socket.destroy(),
+      };
+    }
+    if (url.protocol === 'ws:' || url.protocol === 'wss:') {
+      const ws = new WebSocket(url, { perMessageDeflate: false });
+      ws.binaryType = 'nodebuffer';
+      const queue: Buffer[] = [];
+      ws.on('open', () => {
+        for (const b of queue) ws.send(b);
+        queue.length = 0;
+      });
+      ws.on('message', (data, isBinary) => {
+        if (isBinary) onBody(data as Buffer);
+      });
+      ws.on('error', (e) => onError(e));
+      ws.on('close', onClose);
+      return {
+        write: (body) => (ws.readyState === WebSocket.OPEN ? ws.send(body) : queue.push(body)),
+        end: () => ws.close(1000),
+        destroy: () => ws.terminate(),
+      };
+    }
+    throw new Error(`unsupported URL ${this.options.url}: use tcp://host:port or ws://host:port/ws`);
+  }
+
+  private onMessage(map: Record<string, unknown> & { type: string }): void {
+    const msg = parseServerMessage(map);
+    switch (msg.type) {
+      case 'ok':
+      case 'error': {
+        if (msg.type === 'error' && msg.fatal) this.lastFatal = msg.code;
+        const p = msg.id !== undefined ? this.pending.get(msg.id) : undefined;
+        if (!p) {
+          if (msg.type === 'error') this.emit('serverError', serverError(msg));
+          return;
+        }
+        this.pending.delete(msg.id!);
+        clearTimeout(p.timer);
+        if (msg.type === 'ok') p.resolve(msg.data ?? {});
+        else p.reject(serverError(msg));
+        return;
+      }
+      case 'ping':
+        this.sendMessage({ type: 'pong', ts: msg.ts });
+        this.emit('ping', msg.ts);
+        return;
+      case 'pong':
+        this.emit('pong', msg.ts);
+        return;
+      case 'kick':
+        this.lastKick = msg;
+        this.emit('kick', msg);
+        return;
+      case 'event':
+        if (msg.qos === 1 && this.options.autoAck !== false) this.ack([msg.eid]);
+        this.emit('event', msg as EventMsg);
+        return;
+      default:
+        return;
+    }
+  }
+
+  /** Sends a request and resolves with the `ok` data; rejects with the server's ProtocolError. */
+  request<T = Record<string, unknown>>(
+    type: string,
+    fields: Record<string, unknown> = {},
+    options: { timeoutMs?: number } = {},
+  ): Promise<T> {
+    if (!this.connected || !this.channel) return Promise.reject(new Error('not connected'));
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(
+        () => {
+          this.pending.delete(id);
+          reject(new Error(`${type} timed out`));
+        },
+        options.timeoutMs ?? this.options.requestTimeoutMs ?? 10000,
+      );
+      this.pending.set(id, {
+        resolve: (data) => {
+          if (SESSION_TYPES.has(type)) this.rememberSession(type, data);
+          else if (type === 'refresh' && this.session) Object.assign(this.session, data);
+          else if (type === 'logout' && fields.token === undefined) this.session = undefined;
+          resolve(data as T);
+        },
+        reject,
+        timer,
+      });
+      this.sendMessage({ ...fields, type, id });
+    });
+  }
+
+  private rememberSession(type: string, data: Record<string, unknown>): void {
+    const s = data as unknown as Session;
+    if (type === 'resume' && this.session) this.session = { ...this.session, ...s };
+    else this.session = s;
+  }
+
+  /** Seals and sends one message (no id bookkeeping). */
+  sendMessage(message: Record<string, unknown>): void {
+    if (!this.channel || !this.wire) throw new Error('not connected');
+    this.wire.write(this.channel.seal(message));
+  }
+
+  ack(eids: string[]): void {
+    if (this.connected) this.sendMessage({ type: 'ack', eids });
+  }
+
+  /** Client-initiated ping; resolves with the round trip in ms. */
+  ping(): Promise<number> {
+    const ts = Date.now();
+    return new Promise((resolve) => {
+      const onPong = (got: number) => {
+        if (got !== ts) return;
+        this.off('pong', onPong);
+        resolve(Date.now() - ts);
+      };
+      this.on('pong', onPong);
+      this.sendMessage({ type: 'ping', ts });
+    });
+  }
+
+  /** Says `bye` (best effort) and closes; no reconnect follows. */
+  async close(): Promise<void> {
+    this.userClosed = true;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    if (!this.connected) {
+      this.wire?.destroy();
+      return;
+    }
+    const closed = new Promise<void>((resolve) => this.once('close', () => resolve()));
+    try {
+      await this.request('bye', {}, { timeoutMs: 2000 });
+    } catch {
+      // closing anyway
+    }
+    this.wire?.end();
+    const t = setTimeout(() => this.wire?.destroy(), 2000);
+    await closed;
+    clearTimeout(t);
+  }
+
+  /** Drops the connection without a goodbye (tests, churn). */
+  destroy(): void {
+    this.wire?.destroy();
+  }
+
+  /** Writes raw bytes to the TCP socket (tests of malformed input). */
+  writeRaw(bytes: Buffer): void {
+    if (!this.tcpSocket) throw new Error('writeRaw needs a TCP connection');
+    this.tcpSocket.write(bytes);
+  }
+
+  private scheduleReconnect(info: CloseInfo): void {
+    const r = this.options.reconnect || {};
+    if (r.maxAttempts !== undefined && this.reconnectAttempt >= r.maxAttempts) {
+      this.emit('reconnectFailed');
+      return;
+    }
+    const initial = r.initialDelayMs ?? 500;
+    const max = r.maxDelayMs ?? 30000;
+    const backoff = Math.min(max, initial * 2 ** this.reconnectAttempt);
+    const delay = Math.max(info.retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
+    this.reconnectAttempt++;
+    this.reconnectTimer = setTimeout(() => this.reconnectNow(), delay);
+    this.emit('reconnecting', { attempt: this.reconnectAttempt, delayMs: delay });
+  }
+
+  private async reconnectNow(): Promise<void> {
+    try {
+      await this.connect();
+      if (this.session) await this.resumeSession();
+      this.emit('reconnected', this.session);
+    } catch (e) {
+      this.emit('reconnectError', e);
+      if (!this.connected && !this.userClosed) this.scheduleReconnect({ byClient: false });
+    }
+  }
+
+  /** Resumes the remembered session, refreshing the access token first if it expired. */
+  private async resumeSession(): Promise<void> {
+    const s = this.session!;
+    try {
+      await this.request('resume', { token: s.token });
+    } catch (e) {
+      if (isProtocolError(e) && e.code === 'token_expired' && s.refresh) {
+        await this.request('refresh', { refresh: s.refresh });
+        await this.request('resume', { token: this.session!.token });
+      } else {
+        this.session = undefined;
+        throw e;
+      }
+    }
+  }
+}

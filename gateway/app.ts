@@ -1,0 +1,152 @@
+/**
+ * Builds one gateway node with all its services from a validated config: Redis connections,
+ * PostgreSQL, identity, delivery, messaging, presence and the HTTP routes. `main.ts` runs it as
+ * a process; tests and benches can run it in-process.
+ */
+import { Redis } from 'ioredis';
+import type { CryptoBackend } from '../protocol/index.ts';
+import { createAuthModule } from './auth/module.ts';
+import { BackendEvents } from './backend-events.ts';
+import { Bus } from './bus.ts';
+import type { Config } from './config.ts';
+import { Outbox } from './delivery/outbox.ts';
+import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
+import { DeliveryService } from './delivery/service.ts';
+import { Gateway, type ListeningPorts } from './gateway.ts';
+import { mountEventsApi } from './http/events-api.ts';
+import { Keys } from './keys.ts';
+import type { Logger } from './log.ts';
+import { Presence } from './messaging/presence.ts';
+import { Rooms } from './messaging/rooms.ts';
+import { Messaging } from './messaging/service.ts';
+import { loadServerIdentity } from './server-identity.ts';
+
+export interface NodeParts {
+  gateway: Gateway;
+  ports: ListeningPorts;
+  delivery: DeliveryService;
+  redis: Redis;
+  keys: Keys;
+}
+
+/** What identity provides to the rest of the node. */
+export interface IdentityModule {
+  directory: SessionDirectory;
+  start(gateway: Gateway): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function startNode(config: Config, log: Logger, backend: CryptoBackend): Promise<NodeParts> {
+  const id = loadServerIdentity(backend, config.identityFile);
+  if (id.modeWarning) log.warn(id.modeWarning);
+  log.info(
+    { fingerprint: id.fingerprint, created: id.created, file: config.identityFile },
+    'server identity',
+  );
+
+  const redis = new Redis(config.redisUrl, { enableAutoPipelining: true, lazyConnect: true });
+  const sub = new Redis(config.redisUrl, { lazyConnect: true });
+  const bull = new Redis(config.redisUrl, { maxRetriesPerRequest: null, lazyConnect: true });
+  for (const r of [redis, sub, bull])
+    r.on('error', (e) => log.warn({ err: e.message }, 'redis connection error'));
+  await Promise.all([redis.connect(), sub.connect(), bull.connect()]);
+
+  const keys = new Keys(config.redisPrefix);
+  const bus = new Bus(sub);
+  const backendEvents = new BackendEvents(bull, keys.bullPrefix);
+  const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
+
+  const identity = await createAuthModule(config, log, { redis, bus, keys, backend: backendEvents });
+  const outbox = new Outbox(redis, keys, {
+    max: config.outboxMax,
+    policy: config.outboxPolicy,
+    ttlSeconds: config.sessionTtlSeconds,
+  });
+  const publisher = new Publisher(redis, keys, outbox, identity.directory);
+  const delivery = new DeliveryService({
+    gateway,
+    redis,
+    bullConnection: bull,
+    bus,
+    keys,
+    outbox,
+    publisher,
+    backend: backendEvents,
+    log,
+    registry: gateway.metrics,
+    options: {
+      ackTimeoutMs: config.ackTimeoutMs,
+      maxAttempts: config.maxAttempts,
+      maxInflight: config.maxInflight,
+      retryBaseMs: config.retryBaseMs,
+      retryMaxMs: config.retryMaxMs,
+      sessionTtlSeconds: config.sessionTtlSeconds,
+    },
+  });
+  const rooms = new Rooms({
+    redis,
+    bus,
+    keys,
+    log,
+    options: {
+      defaultRoom: config.defaultRoom,
+      maxBody: config.maxBodyChars,
+      historyMs: config.roomHistoryMs,
+      historyMax: config.roomHistoryMax,
+    },
+  });
+  const presence = new Presence({
+    gateway,
+    redis,
+    bullConnection: bull,
+    keys,
+    log,
+    options: {
+      staleMs: config.presenceStaleMs,
+      sweepIntervalMs: config.sweepIntervalMs,
+      sessionTtlSeconds: config.sessionTtlSeconds,
+    },
+  });
+  const messaging = new Messaging({
+    gateway,
+    redis,
+    keys,
+    rooms,
+    presence,
+    delivery,
+    directory: identity.directory,
+    backend: backendEvents,
+    log,
+    defaultRoom: config.defaultRoom,
+  });
+
+  // A session that ends takes its undelivered events with it, each reported delivery.failed.
+  identity.service.onSessionEnded((sid, reason) => {
+    delivery.purge(sid, `session_${reason}`).catch((e) => log.error({ err: e }, 'could not purge an outbox'));
+  });
+  await identity.start(gateway);
+  await delivery.start();
+  await presence.start({
+    dropSession: (sid, username) => rooms.dropSession(sid, username),
+    expire: async (members) => {
+      for (const m of members) {
+        const [sid, eid] = m.split('|');
+        for (const t of await outbox.take(sid, [eid])) delivery.reportExpired(sid, t.event);
+      }
+    },
+  });
+  messaging.start();
+  mountEventsApi(gateway.app, delivery, config.apiKey, log);
+
+  gateway.onClose(async () => {
+    messaging.close();
+    await presence.close();
+    await delivery.close();
+    await identity.close();
+    await backendEvents.close();
+    await Promise.allSettled([redis.quit(), sub.quit(), bull.quit()]);
+  });
+
+  const ports = await gateway.start();
+  return { gateway, ports, delivery, redis, keys };
+}

@@ -1,0 +1,47 @@
+/**
+ * PostgreSQL access: one pool, on the native libpq driver (pg-native) when it loads, else the
+ * pure-JS driver. Every connection gets the configured schema as its search_path and a
+ * statement timeout. Parameterised queries only.
+ */
+import pg from 'pg';
+
+export interface DbOptions {
+  url: string;
+  /** Schema for this node's tables (tests use one each). */
+  schema: string;
+  statementTimeoutMs: number;
+  max: number;
+}
+
+export interface Db {
+  pool: pg.Pool;
+  driver: 'native' | 'js';
+}
+
+export function createDb(o: DbOptions): Db {
+  if (!/^[a-z_][a-z0-9_]{0,62}$/.test(o.schema)) throw new Error(`invalid schema name ${o.schema}`);
+  let native: typeof pg | null = null;
+  try {
+    native = pg.native;
+  } catch {
+    native = null;
+  }
+  const Pool = (native ?? pg).Pool;
+  const pool = new Pool({
+    connectionString: o.url,
+    max: o.max,
+    options: `-c search_path=${o.schema} -c statement_timeout=${o.statementTimeoutMs}`,
+  });
+  return { pool, driver: native ? 'native' : 'js' };
+}
+
+/** A pg error's SQLSTATE and constraint, for mapping at the store's edge. */
+export function pgError(e: unknown): { code?: string; constraint?: string } {
+  const err = e as { code?: string; constraint?: string; sqlState?: string; message?: string };
+  const code = err.code ?? err.sqlState;
+  let constraint = err.constraint;
+  // pg-native reports the constraint only in the message.
+  if (!constraint && typeof err.message === 'string')
+    constraint = /constraint "([^"]+)"/.exec(err.message)?.[1];
+  return { ...(code ? { code } : {}), ...(constraint ? { constraint } : {}) };
+}

@@ -1,0 +1,227 @@
+/**
+ * Identity on a gateway node: builds the PostgreSQL pool, migrations, hashing pool, tokens,
+ * mailer and IdentityService from the config; registers the wire requests of PROTOCOL.md §4
+ * (`register` … `otp.verify`), the HTTP auth API, the kick channel between nodes, and the
+ * outbox relay.
+ */
+import type { Device } from '../../protocol/index.ts';
+import type { IdentityModule } from '../app.ts';
+import type { BackendEvents } from '../backend-events.ts';
+import type { Bus } from '../bus.ts';
+import type { Config } from '../config.ts';
+import type { Connection } from '../connection.ts';
+import type { SessionDirectory } from '../delivery/publisher.ts';
+import type { Gateway } from '../gateway.ts';
+import { mountAuthApi } from '../http/auth-api.ts';
+import type { Keys } from '../keys.ts';
+import type { Logger } from '../log.ts';
+import { createDb } from './db.ts';
+import { Hasher } from './hasher.ts';
+import { Mailer } from './mailer.ts';
+import { migrate } from './migrate.ts';
+import { OutboxRelay } from './outbox-relay.ts';
+import { IdentityService, type SessionGrant } from './service.ts';
+import { Tokens } from './tokens.ts';
+
+type Msg = Record<string, unknown> & { id: number };
+
+/** A kick for a session; `keep` (`<node>:<connection id>`) names the connection to spare. */
+interface KickNotice {
+  sessionId: string;
+  code: 'session_revoked' | 'session_takeover';
+  keep?: string;
+}
+
+export interface AuthModule extends IdentityModule {
+  service: IdentityService;
+  relay: OutboxRelay;
+}
+
+export async function createAuthModule(
+  config: Config,
+  log: Logger,
+  deps: { redis: import('ioredis').Redis; bus: Bus; keys: Keys; backend: BackendEvents },
+): Promise<AuthModule> {
+  const db = createDb({
+    url: config.databaseUrl,
+    schema: config.dbSchema,
+    statementTimeoutMs: config.dbStatementTimeoutMs,
+    max: config.dbPoolMax,
+  });
+  db.pool.on('error', (e) => log.warn({ err: e.message }, 'postgres pool error'));
+  log.info({ driver: db.driver }, 'postgres driver');
+  if (config.migrateOnStart) {
+    const applied = await migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' });
+    if (applied.length) log.info({ applied }, 'migrations applied');
+  }
+  const hasher = new Hasher({
+    params: {
+      memoryCost: config.argon2MemoryKib,
+      timeCost: config.argon2Iterations,
+      parallelism: config.argon2Parallelism,
+    },
+    threads: config.hashThreads,
+    maxQueue: config.hashMaxQueue,
+  });
+  const tokens = new Tokens({
+    keyFile: config.jwtKeyFile,
+    issuer: config.jwtIssuer,
+    audience: config.jwtAudience,
+    accessTtlSeconds: config.accessTtlSeconds,
+  });
+  await tokens.init();
+  let mailer: Mailer | null = null;
+  if (config.smtpHost) {
+    mailer = new Mailer({
+      host: config.smtpHost,
+      port: config.smtpPort,
+      secure: config.smtpSecure,
+      requireTls: config.smtpRequireTls,
+      tlsRejectUnauthorized: config.smtpTlsRejectUnauthorized,
+      ...(config.smtpUser ? { user: config.smtpUser, password: config.smtpPassword } : {}),
+      from: config.smtpFrom,
+    });
+  } else {
+    log.warn('SMTP_HOST is not set: email login (otp.request) answers forbidden');
+  }
+  const service = new IdentityService({
+    pool: db.pool,
+    redis: deps.redis,
+    keys: deps.keys,
+    hasher,
+    tokens,
+    mailer,
+    log,
+    options: {
+      usernameMin: config.usernameMin,
+      usernameMax: config.usernameMax,
+      sessionTtlSeconds: config.sessionTtlSeconds,
+      refreshTtlSeconds: config.refreshTtlSeconds,
+      lockoutAttempts: config.lockoutAttempts,
+      lockoutSeconds: config.lockoutSeconds,
+      ipFailureBudget: config.ipFailureBudget,
+      registerPerMinute: config.registerPerMinute,
+      refreshPerMinute: config.refreshPerMinute,
+      otpPerMinute: config.otpPerMinute,
+      otpExpirationMinutes: config.otpExpirationMinutes,
+      otpMaxRetries: config.otpMaxRetries,
+    },
+  });
+  const relay = new OutboxRelay({ pool: db.pool, backend: deps.backend, log, intervalMs: 1000, batch: 100 });
+
+  const directory: SessionDirectory = {
+    sessionsOfUser: (userId) => service.store.ofUser(userId),
+    userIdOf: (username) => service.userIdOf(username),
+    sessionAlive: (sid) => service.store.alive(sid),
+  };
+
+  /** Authenticates the connection as the granted session; older connections of it are kicked. */
+  const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant) => {
+    gateway.bindSession(conn, {
+      userId: g.userId,
+      username: g.username,
+      sessionId: g.sessionId,
+      ...(g.deviceId ? { deviceId: g.deviceId } : {}),
+    });
+    const notice: KickNotice = {
+      sessionId: g.sessionId,
+      code: 'session_takeover',
+      keep: `${gateway.nodeId}:${conn.id}`,
+    };
+    await deps.redis.publish(deps.keys.kickChannel, JSON.stringify(notice));
+    const { deviceId: _omit, ...wire } = g;
+    return wire;
+  };
+
+  /** Detaches the connection from its session before that session is ended on its request. */
+  const detach = (gateway: Gateway, conn: Connection) => gateway.unbindSession(conn);
+
+  return {
+    service,
+    relay,
+    directory,
+    async start(gateway: Gateway) {
+      const ctx = (conn: Connection) => ({
+        ip: conn.ip,
+        ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
+      });
+      gateway.handle('register', async (conn, m: Msg) => {
+        const out = await service.register(m as never, ctx(conn));
+        relay.kick();
+        return out;
+      });
+      gateway.handle('login', async (conn, m: Msg) =>
+        bind(gateway, conn, await service.login(m as never, ctx(conn))),
+      );
+      gateway.handle('resume', async (conn, m: Msg) =>
+        bind(gateway, conn, await service.resume(m as never, ctx(conn))),
+      );
+      gateway.handle('otp.verify', async (conn, m: Msg) => {
+        const grant = await service.otpVerify(m as never, {
+          ...ctx(conn),
+          ...(m.device ? { device: m.device as Device } : {}),
+        });
+        relay.kick();
+        return bind(gateway, conn, grant);
+      });
+      gateway.handle('refresh', (conn, m: Msg) => service.refresh(m as never, ctx(conn)));
+      gateway.handle('validate', (_conn, m: Msg) => service.validate(m as never));
+      gateway.handle('otp.request', (conn, m: Msg) => service.otpRequest(m as never, ctx(conn)));
+      gateway.handle('logout', async (conn, m: Msg) => {
+        const c = ctx(conn);
+        if (m.token === undefined && conn.session) detach(gateway, conn);
+        return service.logout(m as never, c);
+      });
+      gateway.handle('sessions', async (conn) => ({
+        sessions: await service.sessions(conn.session!.userId, conn.session!.sessionId),
+      }));
+      gateway.handle('revoke', async (conn, m: Msg) => {
+        const s = conn.session!;
+        if (m.sessionId === s.sessionId) detach(gateway, conn);
+        return service.revoke(s.userId, m.sessionId as string);
+      });
+
+      await deps.bus.subscribe(deps.keys.kickChannel, (raw) => {
+        let n: KickNotice;
+        try {
+          n = JSON.parse(raw.toString());
+        } catch {
+          return;
+        }
+        const set = gateway.bySession.get(n.sessionId);
+        if (!set) return;
+        for (const conn of [...set]) {
+          if (n.keep === `${gateway.nodeId}:${conn.id}`) continue;
+          conn.kick(
+            n.code,
+            n.code === 'session_takeover' ? 'the session connected again elsewhere' : 'the session has ended',
+          );
+        }
+      });
+
+      mountAuthApi(
+        gateway.app,
+        {
+          register: (r, c) => service.register(r, c).finally(() => relay.kick()),
+          login: (r, c) => service.login(r as never, c) as never,
+          refresh: (r, c) => service.refresh(r, c),
+          logout: (r, c) => service.logout(r, c),
+          authenticate: (t) => service.authenticate(t),
+          me: (uid) => service.me(uid),
+          sessions: (uid, cur) => service.sessions(uid, cur),
+          revoke: (uid, sid) => service.revoke(uid, sid),
+          jwks: () => tokens.jwks(),
+        },
+        { cookieSecure: config.cookieSecure, maxBodyBytes: config.httpMaxBodyBytes },
+        log,
+      );
+      relay.start();
+    },
+    async close() {
+      await relay.stop();
+      await hasher.close();
+      mailer?.close();
+      await db.pool.end();
+    },
+  };
+}

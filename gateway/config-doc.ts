@@ -1,0 +1,4 @@
+/** Prints the README's configuration table: `npm run config:doc`. */
+import { configMarkdown } from './config.ts';
+
+console.log(configMarkdown());

@@ -1,0 +1,453 @@
+/**
+ * The one reader of `process.env`. Every setting is declared once here: its variable, type,
+ * default, one-line doc and whether it is a secret. `loadConfig` validates them all, reports
+ * every problem at once, and returns a frozen object. The README's configuration table is
+ * generated from these declarations (`npm run config:doc`), and a test keeps the two in step.
+ */
+import { availableParallelism, hostname } from 'node:os';
+import { z } from 'zod';
+
+interface Setting<T> {
+  env: string;
+  doc: string;
+  schema: z.ZodType<T>;
+  /** Shown in the docs; the schema holds the real default. */
+  shownDefault: string;
+  secret?: boolean;
+}
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
+const port = int(0, 65535);
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no'])
+  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+
+function setting<T>(
+  env: string,
+  shownDefault: string,
+  doc: string,
+  schema: z.ZodType<T>,
+  secret = false,
+): Setting<T> {
+  return { env, doc, schema, shownDefault, secret };
+}
+
+const SETTINGS = {
+  tcpPort: setting(
+    'GW_TCP_PORT',
+    '9000',
+    'TCP listener port for devices (0 picks a free port).',
+    port.default(9000),
+  ),
+  httpPort: setting(
+    'GW_HTTP_PORT',
+    '8080',
+    'HTTP port (uWebSockets.js): the WebSocket transport at `/ws`, health, and the HTTP API.',
+    port.default(8080),
+  ),
+  metricsPort: setting(
+    'GW_METRICS_PORT',
+    '9100',
+    'Port of the Prometheus `/metrics` endpoint, apart from the device ports.',
+    port.default(9100),
+  ),
+  host: setting(
+    'GW_HOST',
+    '0.0.0.0',
+    'Address every listener binds to.',
+    z.string().min(1).default('0.0.0.0'),
+  ),
+  nodeId: setting(
+    'GW_NODE_ID',
+    '`<hostname>-<pid>`',
+    "This gateway node's id: sent in `welcome.node`, used in presence and logs.",
+    z
+      .string()
+      .regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 of [A-Za-z0-9_.-]')
+      .default(
+        `${hostname()
+          .replace(/[^A-Za-z0-9_.-]/g, '-')
+          .slice(0, 40)}-${process.pid}`,
+      ),
+  ),
+  heartbeatMs: setting(
+    'GW_HEARTBEAT_MS',
+    '15000',
+    'Ping interval `hb` (PROTOCOL.md §6); a client silent for twice this is closed.',
+    int(100, 3_600_000).default(15000),
+  ),
+  handshakeTimeoutMs: setting(
+    'GW_HANDSHAKE_TIMEOUT_MS',
+    '10000',
+    'A connection that has not completed the handshake by then is closed.',
+    int(100, 600_000).default(10000),
+  ),
+  maxFrameBytes: setting(
+    'GW_MAX_FRAME',
+    '65536',
+    'Largest frame body accepted (`max` in `welcome`); larger is `frame_too_large`.',
+    int(64, 16 * 1024 * 1024).default(65536),
+  ),
+  maxConnPerIp: setting(
+    'GW_MAX_CONN_PER_IP',
+    '0',
+    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule.",
+    int(0).default(0),
+  ),
+  maxPendingBytes: setting(
+    'GW_MAX_PENDING_BYTES',
+    '1048576',
+    "Bound on a connection's unsent output: past half of it the gateway stops reading from the device; past it the connection is closed as `overloaded`.",
+    int(1024).default(1024 * 1024),
+  ),
+  identityFile: setting(
+    'GW_IDENTITY_FILE',
+    '`.data/identity.pem`',
+    "The server's Ed25519 identity (PKCS#8 PEM); created with mode 0600 on first start if absent.",
+    z.string().min(1).default('.data/identity.pem'),
+  ),
+  crypto: setting(
+    'GW_CRYPTO',
+    'auto',
+    'Crypto backend: `native` (the bundled OpenSSL addon), `node` (node:crypto) or `auto` (native if it loaded).',
+    z.enum(['auto', 'native', 'node']).default('auto'),
+  ),
+  rekeyAfterFrames: setting(
+    'GW_REKEY_AFTER_FRAMES',
+    '4294967296',
+    'Frames per key and direction before the server closes with `rekey_required` (PROTOCOL.md §3 caps it at 2^32).',
+    int(3, 2 ** 32).default(2 ** 32),
+  ),
+  shutdownTimeoutMs: setting(
+    'GW_SHUTDOWN_TIMEOUT_MS',
+    '10000',
+    'Hard deadline for a graceful shutdown (SIGTERM/SIGINT) before the process exits anyway.',
+    int(100).default(10000),
+  ),
+  reconnectJitterMs: setting(
+    'GW_RECONNECT_JITTER_MS',
+    '30000',
+    'Upper bound of the randomised `retryAfter` in `kick going_away`, so a fleet does not reconnect at once.',
+    int(0).default(30000),
+  ),
+  ackTimeoutMs: setting(
+    'GW_ACK_TIMEOUT_MS',
+    '10000',
+    'ACK deadline of one qos-1 delivery attempt; a miss schedules a retry job in BullMQ.',
+    int(50).default(10000),
+  ),
+  maxAttempts: setting(
+    'GW_MAX_ATTEMPTS',
+    '10',
+    'Delivery attempts of a qos-1 event before it is dead-lettered and reported `delivery.failed`.',
+    int(1, 1000).default(10),
+  ),
+  maxInflight: setting(
+    'GW_MAX_INFLIGHT',
+    '32',
+    "qos-1 events in flight (sent, not acked) per session, like MQTT's Receive Maximum.",
+    int(1, 65535).default(32),
+  ),
+  retryBaseMs: setting(
+    'GW_RETRY_BASE_MS',
+    '1000',
+    'Delay of the first retry after a missed ACK; doubles per attempt, with jitter.',
+    int(1).default(1000),
+  ),
+  retryMaxMs: setting('GW_RETRY_MAX_MS', '60000', 'Cap of the retry delay.', int(1).default(60000)),
+  outboxMax: setting(
+    'GW_OUTBOX_MAX',
+    '1000',
+    "Bound on the events waiting in one session's outbox.",
+    int(1).default(1000),
+  ),
+  outboxPolicy: setting(
+    'GW_OUTBOX_POLICY',
+    'reject',
+    'At the outbox bound: `reject` the new event (the publisher is told) or `drop-oldest` (reported `delivery.dropped`).',
+    z.enum(['reject', 'drop-oldest']).default('reject'),
+  ),
+  apiKey: setting(
+    'GW_API_KEY',
+    '(empty: HTTP publish API off)',
+    'API key of the back-end HTTP API (`Authorization: Bearer <key>`), e.g. `POST /v1/events`.',
+    z.string().default(''),
+    true,
+  ),
+  defaultRoom: setting(
+    'GW_DEFAULT_ROOM',
+    '#general',
+    'Room every session joins after authentication; empty disables.',
+    z
+      .string()
+      .regex(/^(#[a-z0-9_-]{1,32})?$/, 'must be empty or # then 1-32 of [a-z0-9_-]')
+      .default('#general'),
+  ),
+  maxBodyChars: setting(
+    'GW_MAX_BODY',
+    '1024',
+    'Longest `say` / `send` body, in characters.',
+    int(1, 60000).default(1024),
+  ),
+  roomHistoryMs: setting(
+    'GW_ROOM_HISTORY_MS',
+    '300000',
+    'Room messages of this many ms are replayed (marked `history`) on join; 0 disables.',
+    int(0).default(300000),
+  ),
+  roomHistoryMax: setting(
+    'GW_ROOM_HISTORY_MAX',
+    '100',
+    'At most this many messages replayed per room.',
+    int(0).default(100),
+  ),
+  presenceStaleMs: setting(
+    'GW_PRESENCE_STALE_MS',
+    '15000',
+    'A node silent this long is dead: the sweep removes its sessions from presence and rooms.',
+    int(100).default(15000),
+  ),
+  sweepIntervalMs: setting(
+    'GW_SWEEP_INTERVAL_MS',
+    '5000',
+    'Interval of the cluster-wide sweep (stale presence, expired events), run by one node each time.',
+    int(100).default(5000),
+  ),
+  sessionTtlSeconds: setting(
+    'SESSION_TTL',
+    '86400',
+    'Lifetime (s) of a live session in Redis, and of its outbox (as in the auth-server seed).',
+    int(60).default(86400),
+  ),
+  dbSchema: setting(
+    'GW_DB_SCHEMA',
+    'public',
+    "PostgreSQL schema of the gateway's tables (created by the migrations if absent).",
+    z
+      .string()
+      .regex(/^[a-z_][a-z0-9_]{0,62}$/, 'must be a lowercase SQL identifier')
+      .default('public'),
+  ),
+  dbPoolMax: setting(
+    'GW_DB_POOL_MAX',
+    '10',
+    'PostgreSQL connections per gateway process.',
+    int(1, 1000).default(10),
+  ),
+  dbStatementTimeoutMs: setting(
+    'GW_DB_STATEMENT_TIMEOUT_MS',
+    '5000',
+    'PostgreSQL statement_timeout of every connection.',
+    int(100).default(5000),
+  ),
+  migrateOnStart: setting(
+    'GW_MIGRATE_ON_START',
+    'true',
+    'Apply pending migrations at start (`false`: run `npm run migrate -- up` yourself).',
+    bool.default(true),
+  ),
+  jwtKeyFile: setting(
+    'GW_JWT_KEY_FILE',
+    '`.data/jwt-ed25519.pem`',
+    'Ed25519 key (PKCS#8 PEM) that signs access tokens; created 0600 if absent. Share it between nodes.',
+    z.string().min(1).default('.data/jwt-ed25519.pem'),
+  ),
+  jwtIssuer: setting(
+    'GW_JWT_ISSUER',
+    'device-gateway',
+    'Access token `iss`.',
+    z.string().min(1).default('device-gateway'),
+  ),
+  jwtAudience: setting(
+    'GW_JWT_AUDIENCE',
+    'device-gateway',
+    'Access token `aud`.',
+    z.string().min(1).default('device-gateway'),
+  ),
+  accessTtlSeconds: setting('ACCESS_TOKEN_TTL', '900', 'Access token lifetime (s).', int(10).default(900)),
+  refreshTtlSeconds: setting(
+    'REFRESH_TOKEN_TTL',
+    '2592000',
+    'Refresh token lifetime (s).',
+    int(60).default(2_592_000),
+  ),
+  argon2MemoryKib: setting(
+    'ARGON2_MEMORY_KIB',
+    '19456',
+    'argon2id memory cost (KiB).',
+    int(64).default(19456),
+  ),
+  argon2Iterations: setting('ARGON2_ITERATIONS', '2', 'argon2id time cost.', int(1).default(2)),
+  argon2Parallelism: setting('ARGON2_PARALLELISM', '1', 'argon2id lanes.', int(1, 16).default(1)),
+  hashThreads: setting(
+    'GW_HASH_THREADS',
+    'number of cores',
+    'Worker threads for password hashing.',
+    int(1, 64).default(Math.max(1, availableParallelism())),
+  ),
+  hashMaxQueue: setting(
+    'GW_HASH_MAX_QUEUE',
+    '256',
+    'Hash jobs allowed to wait for a thread; beyond, `overloaded` with `retryAfter`.',
+    int(1).default(256),
+  ),
+  usernameMin: setting(
+    'USERNAME_MIN_LENGTH',
+    '3',
+    'Shortest username (as in the chat seed).',
+    int(1, 64).default(3),
+  ),
+  usernameMax: setting('USERNAME_MAX_LENGTH', '16', 'Longest username.', int(1, 64).default(16)),
+  lockoutAttempts: setting(
+    'GW_LOCKOUT_ATTEMPTS',
+    '5',
+    'Consecutive failed logins that lock an account (`locked` with `retryAfter`).',
+    int(1).default(5),
+  ),
+  lockoutSeconds: setting(
+    'GW_LOCKOUT_SECONDS',
+    '900',
+    'How long a lock lasts, and the failure window (s).',
+    int(1).default(900),
+  ),
+  ipFailureBudget: setting(
+    'GW_IP_FAILURE_BUDGET',
+    '50',
+    'Failed logins allowed per IP per lockout window, across accounts; beyond, `rate_limited`.',
+    int(1).default(50),
+  ),
+  registerPerMinute: setting(
+    'GW_REGISTER_PER_MINUTE',
+    '10',
+    '`register` requests per IP per minute.',
+    int(1).default(10),
+  ),
+  refreshPerMinute: setting(
+    'GW_REFRESH_PER_MINUTE',
+    '60',
+    '`refresh` requests per IP per minute.',
+    int(1).default(60),
+  ),
+  otpPerMinute: setting(
+    'GW_OTP_PER_MINUTE',
+    '5',
+    '`otp.request` requests per IP per minute.',
+    int(1).default(5),
+  ),
+  otpExpirationMinutes: setting(
+    'OTP_EXPIRATION_MINUTES',
+    '5',
+    'Lifetime of an email login code.',
+    int(1).default(5),
+  ),
+  otpMaxRetries: setting('OTP_MAX_RETRIES', '3', 'Wrong tries before a code is void.', int(1).default(3)),
+  smtpHost: setting(
+    'SMTP_HOST',
+    '(none: email login off)',
+    'SMTP server for login codes.',
+    z.string().default(''),
+  ),
+  smtpPort: setting('SMTP_PORT', '587', 'SMTP port.', port.default(587)),
+  smtpUser: setting('SMTP_USER', '(none)', 'SMTP user name.', z.string().default('')),
+  smtpPassword: setting('SMTP_PASSWORD', '(none)', 'SMTP password.', z.string().default(''), true),
+  smtpFrom: setting(
+    'SMTP_FROM',
+    '`gateway@localhost`',
+    'Sender address of login codes.',
+    z.string().default('gateway@localhost'),
+  ),
+  smtpSecure: setting('SMTP_SECURE', 'false', 'Implicit TLS (port 465).', bool.default(false)),
+  smtpRequireTls: setting(
+    'SMTP_REQUIRE_TLS',
+    'false',
+    'Refuse to send without STARTTLS.',
+    bool.default(false),
+  ),
+  smtpTlsRejectUnauthorized: setting(
+    'SMTP_TLS_REJECT_UNAUTHORIZED',
+    'true',
+    "Verify the SMTP server's certificate.",
+    bool.default(true),
+  ),
+  cookieSecure: setting(
+    'GW_COOKIE_SECURE',
+    'true',
+    'Mark HTTP session cookies `Secure`; set `false` only for plain local HTTP.',
+    bool.default(true),
+  ),
+  httpMaxBodyBytes: setting(
+    'GW_HTTP_MAX_BODY',
+    '16384',
+    'Largest JSON body of the HTTP auth API.',
+    int(256).default(16384),
+  ),
+  redisPrefix: setting(
+    'GW_REDIS_PREFIX',
+    'gw:',
+    'Prefix of every Redis key and channel, so tenants and tests can share one Redis.',
+    z.string().min(1).max(64).default('gw:'),
+  ),
+  logLevel: setting(
+    'GW_LOG_LEVEL',
+    'info',
+    'pino log level: fatal, error, warn, info, debug, trace or silent.',
+    z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  ),
+  redisUrl: setting(
+    'REDIS_URL',
+    'redis://127.0.0.1:6379',
+    'Redis (>= 6.2) connection URL.',
+    z.string().url().default('redis://127.0.0.1:6379'),
+    true,
+  ),
+  databaseUrl: setting(
+    'DATABASE_URL',
+    'postgres://postgres@127.0.0.1:5432/test',
+    'PostgreSQL (>= 13) connection URL.',
+    z.string().min(1).default('postgres://postgres@127.0.0.1:5432/test'),
+    true,
+  ),
+} satisfies Record<string, Setting<unknown>>;
+
+/** Settings where an empty value is a choice (off), not "use the default". */
+const EMPTY_MEANS_OFF = new Set(['GW_DEFAULT_ROOM', 'GW_API_KEY', 'SMTP_HOST', 'SMTP_USER', 'SMTP_PASSWORD']);
+
+type Settings = typeof SETTINGS;
+export type Config = Readonly<{ [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never }>;
+
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+  constructor(readonly problems: string[]) {
+    super(`invalid configuration:\n  ${problems.join('\n  ')}`);
+  }
+}
+
+/** Reads and validates every setting; throws one ConfigError listing every problem. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const out: Record<string, unknown> = {};
+  const problems: string[] = [];
+  for (const [key, s] of Object.entries(SETTINGS) as [string, Setting<unknown>][]) {
+    const raw = env[s.env];
+    // An empty value means "the default", except where empty is itself meaningful (e.g.
+    // GW_DEFAULT_ROOM= disables the default room).
+    const result = s.schema.safeParse(raw === '' && !EMPTY_MEANS_OFF.has(s.env) ? undefined : raw);
+    if (result.success) out[key] = result.data;
+    else {
+      const shown = s.secret ? '(secret)' : JSON.stringify(raw);
+      problems.push(`${s.env}=${shown}: ${result.error.issues.map((i) => i.message).join('; ')}`);
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(out) as Config;
+}
+
+/** The README's configuration table. */
+export function configMarkdown(): string {
+  const rows = Object.values(SETTINGS).map(
+    (s: Setting<unknown>) =>
+      `| \`${s.env}\` | ${s.shownDefault} | ${s.doc}${s.secret ? ' (secret: never logged)' : ''} |`,
+  );
+  return ['| variable | default | meaning |', '|---|---|---|', ...rows].join('\n');
+}
+
+export const CONFIG_ENV_NAMES: readonly string[] = Object.values(SETTINGS).map((s) => s.env);

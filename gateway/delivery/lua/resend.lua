@@ -1,0 +1,20 @@
+--[[
+  Takes one event again for a retry.
+
+  KEYS[1..6] as in publish.lua (q, ev, att, rc, exp, seq)
+  ARGV[1] eid
+  ARGV[2] now (ms)
+
+  Returns false when the event is gone (acked, expired or dead-lettered),
+  {"expired", payload} when it is past its expiry (removed),
+  {"send", attempt, payload} otherwise.
+]]
+local eid = ARGV[1]
+if not redis.call('ZSCORE', KEYS[1], eid) then return false end
+local payload = redis.call('HGET', KEYS[2], eid)
+local expiry = redis.call('HGET', KEYS[5], eid)
+if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
+  removeEvent(eid)
+  return {'expired', payload}
+end
+return {'send', redis.call('HINCRBY', KEYS[3], eid, 1), payload}

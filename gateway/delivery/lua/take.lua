@@ -1,0 +1,30 @@
+--[[
+  Removes events from a session's outbox and returns them (dead letters, expiry sweep, the end
+  of a session). Only the caller that removes an event gets it back, so each is reported once.
+
+  KEYS[1..6] as in publish.lua (q, ev, att, rc, exp, seq)
+  ARGV[1] "all" to take every event, or "some"
+  ARGV[2..] eids (with "some")
+
+  Returns {eid, attempts, payload, ...}
+]]
+local eids
+if ARGV[1] == 'all' then
+  eids = redis.call('ZRANGE', KEYS[1], 0, -1)
+else
+  eids = {}
+  for i = 2, #ARGV do eids[#eids + 1] = ARGV[i] end
+end
+local out = {}
+for _, eid in ipairs(eids) do
+  if redis.call('ZREM', KEYS[1], eid) == 1 then
+    out[#out + 1] = eid
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[3], eid) or '0')
+    out[#out + 1] = redis.call('HGET', KEYS[2], eid)
+    removeEvent(eid)
+  end
+end
+if ARGV[1] == 'all' then
+  for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+end
+return out

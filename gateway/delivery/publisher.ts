@@ -1,0 +1,181 @@
+/**
+ * Publishing events to devices: the one function behind all three publish paths (this module's
+ * `Publisher` for TypeScript back ends, `POST /v1/events`, and the `gw-publish` BullMQ queue).
+ *
+ * qos 1: the event is in each target session's Redis outbox (one atomic script per session)
+ * before `publish` resolves, and the node holding the session is told in the same script.
+ * qos 0: sent to the sessions online now, through their nodes' channels; not stored.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import { ProtocolError, pack } from '../../protocol/index.ts';
+import type { Keys } from '../keys.ts';
+import type { Outbox, StoredEvent } from './outbox.ts';
+
+/** Who an event is for. `user` is a user id; `username` is resolved to it. */
+export type Target =
+  | { session: string }
+  | { device: string }
+  | { user: string }
+  | { username: string }
+  | { room: string };
+
+export interface EventInput {
+  name: string;
+  data?: unknown;
+  /** 1 (default): at least once, acked, retried. 0: best effort to whoever is online. */
+  qos?: 0 | 1;
+  /** Milliseconds after which an undelivered event is dropped and reported `delivery.expired`. */
+  ttl?: number;
+  /** Report `delivery.acked` to the back-end queue when a device acks it. */
+  receipt?: boolean;
+  /** Sender shown to the device (`from`). */
+  from?: string;
+  room?: string;
+  /** Idempotency: publishing the same eid twice to a session stores it once. */
+  eid?: string;
+}
+
+export interface PublishOutcome {
+  eid: string;
+  /** Sessions the target resolved to. */
+  sessions: number;
+  /** qos 1: stored in this many outboxes; qos 0: sent to this many online sessions. */
+  accepted: number;
+  /** Sessions whose outbox was full under the `reject` policy. */
+  rejected: number;
+  /** Events dropped to make room under the `drop-oldest` policy. */
+  dropped: { sessionId: string; event: StoredEvent }[];
+}
+
+/** How targets resolve to live sessions: identity knows users' sessions. */
+export interface SessionDirectory {
+  /** Live session ids of a user (empty if none). */
+  sessionsOfUser(userId: string): Promise<string[]>;
+  /** The user id of a username, or null. */
+  userIdOf(username: string): Promise<string | null>;
+  /** Whether a session is live. */
+  sessionAlive(sessionId: string): Promise<boolean>;
+}
+
+const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+/** Checks a publish request from any path; throws `bad_message` naming the field. */
+export function validateEventInput(target: unknown, event: unknown): { target: Target; event: EventInput } {
+  const bad = (field: string, problem: string) =>
+    new ProtocolError('bad_message', `${field}: ${problem}`, { field });
+  if (!target || typeof target !== 'object') throw bad('target', 'must be an object');
+  const t = target as Record<string, unknown>;
+  const kinds = ['session', 'device', 'user', 'username', 'room'].filter((k) => t[k] !== undefined);
+  if (kinds.length !== 1)
+    throw bad('target', 'must have exactly one of session, device, user, username, room');
+  const kind = kinds[0];
+  if (typeof t[kind] !== 'string' || (t[kind] as string).length === 0 || (t[kind] as string).length > 256) {
+    throw bad(`target.${kind}`, 'must be a non-empty string');
+  }
+  if (!event || typeof event !== 'object') throw bad('event', 'must be an object');
+  const e = event as Record<string, unknown>;
+  if (typeof e.name !== 'string' || !NAME.test(e.name)) throw bad('name', 'must be 1-128 of [A-Za-z0-9_.:-]');
+  if (e.qos !== undefined && e.qos !== 0 && e.qos !== 1) throw bad('qos', 'must be 0 or 1');
+  if (e.ttl !== undefined && (typeof e.ttl !== 'number' || !Number.isInteger(e.ttl) || e.ttl <= 0)) {
+    throw bad('ttl', 'must be a positive integer (ms)');
+  }
+  if (e.receipt !== undefined && typeof e.receipt !== 'boolean') throw bad('receipt', 'must be a boolean');
+  if (e.eid !== undefined && (typeof e.eid !== 'string' || !/^[A-Za-z0-9_.-]{1,128}$/.test(e.eid))) {
+    throw bad('eid', 'must be 1-128 of [A-Za-z0-9_.-]');
+  }
+  return {
+    target: { [kind]: t[kind] } as Target,
+    event: {
+      name: e.name,
+      data: e.data ?? null,
+      ...(e.qos !== undefined ? { qos: e.qos as 0 | 1 } : {}),
+      ...(e.ttl !== undefined ? { ttl: e.ttl as number } : {}),
+      ...(e.receipt !== undefined ? { receipt: e.receipt as boolean } : {}),
+      ...(e.eid !== undefined ? { eid: e.eid as string } : {}),
+    },
+  };
+}
+
+export class Publisher {
+  constructor(
+    private readonly redis: Redis,
+    private readonly keys: Keys,
+    private readonly outbox: Outbox,
+    private readonly directory: SessionDirectory,
+  ) {}
+
+  /** Resolves a target to live session ids; `not_found` when there are none. */
+  async resolve(target: Target): Promise<string[]> {
+    let sids: string[];
+    if ('session' in target)
+      sids = (await this.directory.sessionAlive(target.session)) ? [target.session] : [];
+    else if ('device' in target) {
+      const sid = await this.redis.get(this.keys.device(target.device));
+      sids = sid ? [sid] : [];
+    } else if ('user' in target) sids = await this.directory.sessionsOfUser(target.user);
+    else if ('username' in target) {
+      const uid = await this.directory.userIdOf(target.username);
+      sids = uid ? await this.directory.sessionsOfUser(uid) : [];
+    } else sids = await this.redis.zrange(this.keys.roomMembers(target.room), '0', '-1');
+    if (sids.length === 0) throw new ProtocolError('not_found', 'the target has no live session');
+    return sids;
+  }
+
+  async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
+    // A qos-1 event to one session needs no lookup first: the publish script checks that the
+    // session is alive in the same step (one round trip per event instead of two).
+    const sids = 'session' in target && input.qos !== 0 ? [target.session] : await this.resolve(target);
+    return this.publishTo(sids, input);
+  }
+
+  /** Publishes to known session ids. */
+  async publishTo(sids: string[], input: EventInput): Promise<PublishOutcome> {
+    const now = Date.now();
+    const event: StoredEvent = {
+      eid: input.eid ?? randomUUID(),
+      name: input.name,
+      data: input.data ?? null,
+      ts: now,
+      ...(input.from !== undefined ? { from: input.from } : {}),
+      ...(input.room !== undefined ? { room: input.room } : {}),
+    };
+    const outcome: PublishOutcome = {
+      eid: event.eid,
+      sessions: sids.length,
+      accepted: 0,
+      rejected: 0,
+      dropped: [],
+    };
+    if (input.qos === 0) {
+      const packed = pack(event);
+      const nodes = await this.redis.mget(sids.map((s) => this.keys.sessionNode(s)));
+      const pipe = this.redis.pipeline();
+      sids.forEach((sid, i) => {
+        const node = nodes[i];
+        if (!node) return;
+        outcome.accepted++;
+        pipe.publish(this.keys.nodeChannel(node), Buffer.concat([Buffer.from(`e${sid}\n`), packed]));
+      });
+      await pipe.exec();
+      return outcome;
+    }
+    const expiresAt = input.ttl ? now + input.ttl : 0;
+    const results = await Promise.all(
+      sids.map((sid) => this.outbox.publish(sid, event, !!input.receipt, expiresAt)),
+    );
+    let gone = 0;
+    results.forEach((r, i) => {
+      if (r.status === 'gone') gone++;
+      else if (r.status === 'rejected') outcome.rejected++;
+      else outcome.accepted++;
+      if (r.dropped) outcome.dropped.push({ sessionId: sids[i], event: r.dropped });
+    });
+    if (gone === sids.length) throw new ProtocolError('not_found', 'the target has no live session');
+    outcome.sessions -= gone;
+    if (expiresAt > 0) {
+      await this.redis.zadd(this.keys.expiries, ...sids.flatMap((sid) => [expiresAt, `${sid}|${event.eid}`]));
+    }
+    return outcome;
+  }
+}

@@ -1,0 +1,438 @@
+/**
+ * At-least-once delivery on one gateway node (docs/ARCHITECTURE.md, "Delivery").
+ *
+ * Happy path, per session and per event-loop tick: one `ack-pump` script call applies the acks
+ * that arrived and takes the next events that fit the in-flight window, in publish order.
+ * Deadlines are checked by the gateway's one sweep, in memory. Only a missed deadline goes to
+ * BullMQ: a delayed `retry` job (exponential backoff with jitter), whose worker, on any node,
+ * asks the node holding the session to resend. The last failure moves the event to the
+ * dead-letter queue and reports `delivery.failed`. The outbox lives in Redis, so a node that
+ * dies loses nothing: the device resumes elsewhere and its outbox is redelivered from the start.
+ */
+import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { Counter, type Registry } from 'prom-client';
+import { isProtocolError, unpack } from '../../protocol/index.ts';
+import type { BackendEvents } from '../backend-events.ts';
+import type { Bus } from '../bus.ts';
+import { type Connection, ConnState } from '../connection.ts';
+import type { Gateway } from '../gateway.ts';
+import { type Keys, QueueName } from '../keys.ts';
+import type { Logger } from '../log.ts';
+import type { Outbox, StoredEvent } from './outbox.ts';
+import {
+  type EventInput,
+  type Publisher,
+  type PublishOutcome,
+  type Target,
+  validateEventInput,
+} from './publisher.ts';
+
+export interface DeliveryOptions {
+  /** ACK deadline of one delivery attempt (GW_ACK_TIMEOUT_MS). */
+  ackTimeoutMs: number;
+  /** Attempts before an event is dead-lettered (GW_MAX_ATTEMPTS). */
+  maxAttempts: number;
+  /** Events in flight per session (GW_MAX_INFLIGHT; MQTT's Receive Maximum). */
+  maxInflight: number;
+  /** First retry delay; doubles per attempt, with jitter (GW_RETRY_BASE_MS). */
+  retryBaseMs: number;
+  /** Cap of the retry delay (GW_RETRY_MAX_MS). */
+  retryMaxMs: number;
+  /** TTL of a session's outbox and node keys (s). */
+  sessionTtlSeconds: number;
+}
+
+interface Inflight {
+  attempt: number;
+  deadline: number;
+  /** A retry job is scheduled; the slot stays taken until it resends or the event goes. */
+  waiting: boolean;
+}
+
+/** Delivery state of the one live connection of a session on this node. */
+class SessionPump {
+  lastSeq = 0;
+  readonly inflight = new Map<string, Inflight>();
+  acks: string[] = [];
+  scheduled = false;
+  running = false;
+  again = false;
+
+  constructor(
+    readonly sid: string,
+    readonly conn: Connection,
+  ) {}
+}
+
+const RELEASE_NODE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
+
+export class DeliveryService {
+  private readonly pumps = new Map<string, SessionPump>();
+  private dirty: SessionPump[] = [];
+  private flushScheduled = false;
+  private readonly retryQueue: Queue;
+  private readonly deadLetters: Queue;
+  private readonly publishQueue: Queue;
+  private retryWorker: Worker | undefined;
+  private publishWorker: Worker | undefined;
+  private readonly metrics: {
+    published: Counter;
+    delivered: Counter;
+    acked: Counter;
+    strayAcks: Counter;
+    retried: Counter;
+    deadLettered: Counter;
+    expired: Counter;
+    overflow: Counter;
+  };
+
+  constructor(
+    private readonly deps: {
+      gateway: Gateway;
+      redis: Redis;
+      /** A connection BullMQ workers may block on (maxRetriesPerRequest: null). */
+      bullConnection: Redis;
+      bus: Bus;
+      keys: Keys;
+      outbox: Outbox;
+      publisher: Publisher;
+      backend: BackendEvents;
+      log: Logger;
+      options: DeliveryOptions;
+      registry: Registry;
+    },
+  ) {
+    const prefix = deps.keys.bullPrefix;
+    const connection = deps.bullConnection;
+    this.retryQueue = new Queue(QueueName.retry, {
+      connection,
+      prefix,
+      defaultJobOptions: { removeOnComplete: 1000, removeOnFail: 5000 },
+    });
+    this.deadLetters = new Queue(QueueName.deadLetters, { connection, prefix });
+    this.publishQueue = new Queue(QueueName.publish, { connection, prefix });
+    const counter = (name: string, help: string, labelNames: string[] = []) =>
+      new Counter({ name: `gateway_events_${name}_total`, help, labelNames, registers: [deps.registry] });
+    this.metrics = {
+      published: counter('published', 'qos-1 events stored in session outboxes.'),
+      delivered: counter('delivered', 'Event deliveries sent to devices (every attempt).', ['qos']),
+      acked: counter('acked', 'Events removed from an outbox by an ack.'),
+      strayAcks: counter('stray_acks', 'Acks for events not in the outbox (duplicate or unknown); ignored.'),
+      retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),
+      deadLettered: counter('dead_lettered', 'Events moved to the dead-letter queue.'),
+      expired: counter('expired', 'Events dropped at their ttl.'),
+      overflow: counter('outbox_overflow', 'Publishes that met a full outbox.', ['policy']),
+    };
+  }
+
+  async start(): Promise<void> {
+    const { gateway, bus, keys } = this.deps;
+    gateway.onSessionBound((conn) => this.bind(conn));
+    gateway.onSessionUnbound((conn) => this.unbind(conn));
+    gateway.onSweep((now) => this.sweep(now));
+    gateway.onAck = (conn, eids) => this.ack(conn, eids);
+    await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
+    const connection = this.deps.bullConnection;
+    this.retryWorker = new Worker(QueueName.retry, (job) => this.processRetry(job), {
+      connection,
+      prefix: keys.bullPrefix,
+      concurrency: 50,
+    });
+    this.publishWorker = new Worker(QueueName.publish, (job) => this.processPublishJob(job), {
+      connection,
+      prefix: keys.bullPrefix,
+      concurrency: 50,
+    });
+    for (const w of [this.retryWorker, this.publishWorker]) {
+      w.on('error', (e) => this.deps.log.error({ err: e, queue: w.name }, 'queue worker error'));
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled([this.retryWorker?.close(), this.publishWorker?.close()]);
+    await Promise.allSettled([this.retryQueue.close(), this.deadLetters.close(), this.publishQueue.close()]);
+  }
+
+  // ---- publishing ----------------------------------------------------------------------------
+
+  /** Publishes and reports what a full outbox did (nothing is dropped silently). */
+  async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
+    const outcome = await this.deps.publisher.publish(target, input);
+    await this.reportOutcome(outcome, input);
+    return outcome;
+  }
+
+  async publishTo(sids: string[], input: EventInput): Promise<PublishOutcome> {
+    const outcome = await this.deps.publisher.publishTo(sids, input);
+    await this.reportOutcome(outcome, input);
+    return outcome;
+  }
+
+  private async reportOutcome(outcome: PublishOutcome, input: EventInput): Promise<void> {
+    if (input.qos !== 0) this.metrics.published.inc(outcome.accepted);
+    if (outcome.rejected > 0) {
+      this.metrics.overflow.labels('reject').inc(outcome.rejected);
+      this.deps.log.warn({ eid: outcome.eid, rejected: outcome.rejected }, 'outbox full: publish rejected');
+    }
+    for (const d of outcome.dropped) {
+      this.metrics.overflow.labels('drop-oldest').inc();
+      await this.deps.backend.dropped(d.sessionId, d.event);
+    }
+  }
+
+  private async processPublishJob(job: Job): Promise<PublishOutcome> {
+    try {
+      const { target, event } = validateEventInput(job.data?.target, job.data);
+      return await this.publish(target, { ...event, eid: event.eid ?? `job-${job.id}` });
+    } catch (e) {
+      // A bad job or an unknown target will not get better by retrying.
+      if (isProtocolError(e) && (e.code === 'bad_message' || e.code === 'not_found')) {
+        throw new UnrecoverableError(`${e.code}: ${e.message}`);
+      }
+      throw e;
+    }
+  }
+
+  // ---- sessions on this node ----------------------------------------------------------------
+
+  private async bind(conn: Connection): Promise<void> {
+    const sid = conn.session!.sessionId;
+    const pump = new SessionPump(sid, conn);
+    this.pumps.set(sid, pump);
+    const { redis, keys, gateway, options } = this.deps;
+    await redis.set(keys.sessionNode(sid), gateway.nodeId, 'EX', options.sessionTtlSeconds);
+    if (this.pumps.get(sid) === pump) this.schedule(pump);
+  }
+
+  private unbind(conn: Connection): void {
+    const sid = conn.session?.sessionId;
+    if (!sid) return;
+    const pump = this.pumps.get(sid);
+    if (pump?.conn !== conn) return;
+    this.pumps.delete(sid);
+    const { redis, keys, gateway } = this.deps;
+    redis.eval(RELEASE_NODE, 1, keys.sessionNode(sid), gateway.nodeId).catch((e) => {
+      this.deps.log.warn({ err: e }, 'could not release session node key');
+    });
+  }
+
+  private ack(conn: Connection, eids: string[]): void {
+    const pump = conn.session && this.pumps.get(conn.session.sessionId);
+    if (!pump || pump.conn !== conn) return;
+    for (const eid of eids) {
+      pump.inflight.delete(eid);
+      pump.acks.push(eid);
+    }
+    this.schedule(pump);
+  }
+
+  // ---- the pump --------------------------------------------------------------------------------
+
+  private schedule(pump: SessionPump): void {
+    if (pump.scheduled) return;
+    pump.scheduled = true;
+    this.dirty.push(pump);
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(this.flush);
+    }
+  }
+
+  private readonly flush = (): void => {
+    this.flushScheduled = false;
+    const batch = this.dirty;
+    this.dirty = [];
+    for (const pump of batch) {
+      pump.scheduled = false;
+      this.run(pump);
+    }
+  };
+
+  private run(pump: SessionPump): void {
+    if (pump.running) {
+      pump.again = true;
+      return;
+    }
+    const slots = this.deps.options.maxInflight - pump.inflight.size;
+    const acks = pump.acks;
+    if (acks.length === 0 && slots <= 0) return;
+    pump.acks = [];
+    pump.running = true;
+    pump.again = false;
+    this.deps.outbox.ackPump(pump.sid, pump.lastSeq, Math.max(0, slots), acks, Date.now()).then(
+      (r) => {
+        pump.running = false;
+        this.metrics.acked.inc(r.acked);
+        if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
+        const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+        const now = Date.now();
+        for (const s of r.send) {
+          pump.lastSeq = s.seq;
+          if (!live) continue;
+          pump.inflight.set(s.event.eid, {
+            attempt: s.attempt,
+            deadline: now + this.deps.options.ackTimeoutMs,
+            waiting: false,
+          });
+          this.sendEvent(pump.conn, s.event, 1, s.attempt);
+        }
+        for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
+        for (const ev of r.expired) this.reportExpired(pump.sid, ev);
+        if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
+      },
+      (e) => {
+        pump.running = false;
+        pump.acks = acks.concat(pump.acks);
+        this.deps.log.error({ err: e, sessionId: pump.sid }, 'outbox pump failed; retrying');
+        setTimeout(() => this.schedule(pump), 500).unref();
+      },
+    );
+  }
+
+  private sendEvent(conn: Connection, ev: StoredEvent, qos: 0 | 1, attempt?: number): void {
+    this.metrics.delivered.labels(String(qos)).inc();
+    conn.send({ type: 'event', ...ev, qos, ...(attempt !== undefined ? { attempt } : {}) });
+  }
+
+  // ---- deadlines, retries, dead letters ---------------------------------------------------------
+
+  /** Called by the gateway's sweep: missed ACK deadlines become retry jobs or dead letters. */
+  private sweep(now: number): void {
+    for (const pump of this.pumps.values()) {
+      for (const [eid, f] of pump.inflight) {
+        if (f.waiting) continue;
+        if (f.deadline > now) break;
+        if (f.attempt >= this.deps.options.maxAttempts) this.deadLetter(pump, eid, f.attempt);
+        else this.scheduleRetry(pump, eid, f);
+      }
+    }
+  }
+
+  /** Exponential backoff with jitter: base × 2^(attempt-1), capped, times a factor in [0.5, 1]. */
+  retryDelayMs(attempt: number): number {
+    const { retryBaseMs, retryMaxMs } = this.deps.options;
+    const exp = Math.min(retryMaxMs, retryBaseMs * 2 ** Math.min(30, attempt - 1));
+    return Math.round(exp * (0.5 + Math.random() * 0.5));
+  }
+
+  private scheduleRetry(pump: SessionPump, eid: string, f: Inflight): void {
+    f.waiting = true;
+    this.metrics.retried.inc();
+    this.retryQueue
+      .add(
+        'retry',
+        { sessionId: pump.sid, eid, attempt: f.attempt },
+        { delay: this.retryDelayMs(f.attempt), jobId: `${pump.sid}-${eid}-${f.attempt}` },
+      )
+      .catch((e) => {
+        f.waiting = false;
+        f.deadline = Date.now() + 1000;
+        this.deps.log.error({ err: e }, 'could not schedule a retry; will try again');
+      });
+  }
+
+  /** Retry job (any node): ask the node holding the session to resend. */
+  private async processRetry(job: Job): Promise<{ node: string | null }> {
+    const { sessionId, eid } = job.data as { sessionId: string; eid: string };
+    const { redis, keys } = this.deps;
+    const node = await redis.get(keys.sessionNode(sessionId));
+    if (node) await redis.publish(keys.nodeChannel(node), `r${sessionId}\n${eid}`);
+    // Offline: the event stays in the outbox and is redelivered when the device resumes.
+    return { node };
+  }
+
+  private onNodeMessage(message: Buffer): void {
+    const kind = message[0];
+    if (kind === 0x6e /* n: outbox has news */) {
+      const pump = this.pumps.get(message.toString('utf8', 1));
+      if (pump) this.schedule(pump);
+    } else if (kind === 0x72 /* r: resend */) {
+      const [sid, eid] = message.toString('utf8', 1).split('\n');
+      this.resend(sid, eid);
+    } else if (kind === 0x65 /* e: qos-0 event */) {
+      const nl = message.indexOf(0x0a);
+      const pump = this.pumps.get(message.toString('utf8', 1, nl));
+      if (pump && pump.conn.state === ConnState.open) {
+        this.sendEvent(pump.conn, unpack(message.subarray(nl + 1)) as StoredEvent, 0);
+      }
+    }
+  }
+
+  private resend(sid: string, eid: string): void {
+    const pump = this.pumps.get(sid);
+    const f = pump?.inflight.get(eid);
+    if (!pump || !f?.waiting) return;
+    this.deps.outbox.resend(sid, eid, Date.now()).then(
+      (r) => {
+        if (pump.inflight.get(eid) !== f) return;
+        pump.inflight.delete(eid);
+        if (r && 'event' in r && pump.conn.state === ConnState.open && this.pumps.get(sid) === pump) {
+          pump.inflight.set(eid, {
+            attempt: r.attempt,
+            deadline: Date.now() + this.deps.options.ackTimeoutMs,
+            waiting: false,
+          });
+          this.sendEvent(pump.conn, r.event, 1, r.attempt);
+        } else {
+          if (r && 'expired' in r) this.reportExpired(sid, r.expired);
+          this.schedule(pump);
+        }
+      },
+      (e) => {
+        f.waiting = false;
+        f.deadline = Date.now() + 1000;
+        this.deps.log.error({ err: e, sessionId: sid }, 'resend failed; will retry');
+      },
+    );
+  }
+
+  private deadLetter(pump: SessionPump, eid: string, attempts: number): void {
+    pump.inflight.delete(eid);
+    this.deps.outbox.take(pump.sid, [eid]).then(
+      async (taken) => {
+        for (const t of taken) await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
+        this.schedule(pump);
+      },
+      (e) => this.deps.log.error({ err: e, sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
+    );
+  }
+
+  /** Moves an event to the dead-letter queue and reports `delivery.failed`. */
+  async fail(sessionId: string, ev: StoredEvent, attempts: number, reason: string): Promise<void> {
+    this.metrics.deadLettered.inc();
+    await this.deadLetters.add(
+      'dead-letter',
+      { sessionId, event: ev, attempts, reason, ts: Date.now() },
+      { jobId: `${sessionId}-${ev.eid}` },
+    );
+    await this.report('delivery.failed', sessionId, ev, { attempts, reason });
+  }
+
+  reportExpired(sessionId: string, ev: StoredEvent): void {
+    this.metrics.expired.inc();
+    this.report('delivery.expired', sessionId, ev, {});
+  }
+
+  private report(
+    name: string,
+    sessionId: string,
+    ev: StoredEvent,
+    extra: Record<string, unknown>,
+  ): Promise<void> {
+    return this.deps.backend
+      .emit(
+        name,
+        { eid: ev.eid, sessionId, name: ev.name, ts: Date.now(), ...extra },
+        `${name}-${sessionId}-${ev.eid}`,
+      )
+      .catch((e) => this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue'));
+  }
+
+  /** Ends a session's outbox (the session is gone): every waiting event is reported failed. */
+  async purge(sessionId: string, reason: string): Promise<number> {
+    const taken = await this.deps.outbox.take(sessionId);
+    for (const t of taken) await this.fail(sessionId, t.event, t.attempts, reason);
+    return taken.length;
+  }
+}

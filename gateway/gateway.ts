@@ -1,0 +1,327 @@
+/**
+ * The gateway node: listeners, the set of live connections, the per-IP limit, the one sweep
+ * that drives heartbeats and handshake deadlines, request handler registration, and the
+ * shutdown sequence. Services (identity, messaging, delivery) register handlers here and
+ * never see a socket.
+ */
+
+import uWS from 'uWebSockets.js';
+import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
+import type { Server as NetServer } from 'node:net';
+import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import { type CryptoBackend, type Ed25519Identity, ProtocolError, pack } from '../protocol/index.ts';
+import type { Config } from './config.ts';
+import {
+  Connection,
+  type ConnectionHost,
+  ConnState,
+  type Handler,
+  type SessionInfo,
+  type TransportSocket,
+} from './connection.ts';
+import type { Logger } from './log.ts';
+import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
+import { mountWebSocket } from './transport/ws.ts';
+
+export interface GatewayOptions {
+  config: Config;
+  log: Logger;
+  backend: CryptoBackend;
+  identity: Ed25519Identity;
+  fingerprint: string;
+}
+
+export interface ListeningPorts {
+  tcpPort: number;
+  httpPort: number;
+  metricsPort: number;
+}
+
+/** A connection that started closing is destroyed if its socket lingers this long. */
+const CLOSE_GRACE_MS = 2000;
+
+export class Gateway implements ConnectionHost, TcpAcceptor {
+  readonly nodeId: string;
+  readonly heartbeatMs: number;
+  readonly maxFrameBytes: number;
+  readonly maxPendingBytes: number;
+  readonly rekeyAfterFrames: number;
+  readonly backend: CryptoBackend;
+  readonly identity: Ed25519Identity;
+  readonly log: Logger;
+  readonly app: uWS.TemplatedApp;
+  readonly metrics = new Registry();
+  readonly connections = new Set<Connection>();
+  /** Live connections by session id (for kicks and delivery). */
+  readonly bySession = new Map<string, Set<Connection>>();
+  draining = false;
+
+  private readonly config: Config;
+  private readonly handlers = new Map<string, Handler>();
+  private readonly perIp = new Map<string, number>();
+  private readonly closeHooks: (() => Promise<void> | void)[] = [];
+  private readonly closedHooks: ((conn: Connection) => void)[] = [];
+  private readonly boundHooks: ((conn: Connection) => void)[] = [];
+  private readonly unboundHooks: ((conn: Connection) => void)[] = [];
+  private readonly sweepHooks: ((nowMs: number) => void)[] = [];
+  /** Set by the delivery service: qos-1 acks from devices. */
+  onAck?: (conn: Connection, eids: string[]) => void;
+  private readonly connectionsOpen: Gauge;
+  private tcpServer: NetServer | undefined;
+  private listenSocket: uWS.us_listen_socket | undefined;
+  private metricsServer: HttpServer | undefined;
+  private sweepTimer: NodeJS.Timeout | undefined;
+  private closing: Promise<void> | undefined;
+  private readonly fingerprint: string;
+
+  constructor(options: GatewayOptions) {
+    const c = options.config;
+    this.config = c;
+    this.nodeId = c.nodeId;
+    this.heartbeatMs = c.heartbeatMs;
+    this.maxFrameBytes = c.maxFrameBytes;
+    this.maxPendingBytes = c.maxPendingBytes;
+    this.rekeyAfterFrames = c.rekeyAfterFrames;
+    this.backend = options.backend;
+    this.identity = options.identity;
+    this.fingerprint = options.fingerprint;
+    this.log = options.log;
+    this.app = uWS.App();
+    collectDefaultMetrics({ register: this.metrics });
+    this.connectionsOpen = new Gauge({
+      name: 'gateway_connections_open',
+      help: 'Open device connections by transport.',
+      labelNames: ['transport'],
+      registers: [this.metrics],
+    });
+    new Gauge({
+      name: 'gateway_crypto_backend_info',
+      help: 'The crypto backend in use (value 1).',
+      labelNames: ['backend'],
+      registers: [this.metrics],
+    })
+      .labels(this.backend.name)
+      .set(1);
+  }
+
+  // ---- registration by services -----------------------------------------------------------
+
+  /** Registers the handler of a request type (PROTOCOL.md §4). */
+  handle(type: string, handler: Handler): void {
+    if (this.handlers.has(type)) throw new Error(`handler for ${type} registered twice`);
+    this.handlers.set(type, handler);
+  }
+
+  handler(type: string): Handler | undefined {
+    return this.handlers.get(type);
+  }
+
+  onConnectionClosed(hook: (conn: Connection) => void): void {
+    this.closedHooks.push(hook);
+  }
+
+  /** Runs when a connection becomes authenticated as a session. */
+  onSessionBound(hook: (conn: Connection) => void): void {
+    this.boundHooks.push(hook);
+  }
+
+  /** Runs when a connection stops being its session's (logout, rebind, close); `conn.session` is still set. */
+  onSessionUnbound(hook: (conn: Connection) => void): void {
+    this.unboundHooks.push(hook);
+  }
+
+  /** Runs on every sweep tick (ACK deadlines and the like). */
+  onSweep(hook: (nowMs: number) => void): void {
+    this.sweepHooks.push(hook);
+  }
+
+  /** Runs at shutdown after every connection is gone, in registration order. */
+  onClose(hook: () => Promise<void> | void): void {
+    this.closeHooks.push(hook);
+  }
+
+  // ---- sessions ----------------------------------------------------------------------------
+
+  /** Marks a connection as authenticated as `session`. */
+  bindSession(conn: Connection, session: SessionInfo): void {
+    if (conn.session) this.unbindSession(conn);
+    conn.session = session;
+    let set = this.bySession.get(session.sessionId);
+    if (!set) this.bySession.set(session.sessionId, (set = new Set()));
+    set.add(conn);
+    for (const hook of this.boundHooks) hook(conn);
+  }
+
+  /** The connection is no longer authenticated as its session. */
+  unbindSession(conn: Connection): void {
+    const sid = conn.session?.sessionId;
+    if (!sid) return;
+    const set = this.bySession.get(sid);
+    set?.delete(conn);
+    if (set?.size === 0) this.bySession.delete(sid);
+    for (const hook of this.unboundHooks) hook(conn);
+    conn.session = undefined;
+  }
+
+  // ---- ConnectionHost / acceptor -----------------------------------------------------------
+
+  accept(transport: TransportSocket): Connection | null {
+    const ip = transport.ip;
+    const limit = this.config.maxConnPerIp;
+    const count = this.perIp.get(ip) ?? 0;
+    if (this.draining || (limit > 0 && count >= limit)) {
+      const err = this.draining
+        ? new ProtocolError('overloaded', 'gateway is shutting down', { fatal: true, retryAfter: 1000 })
+        : new ProtocolError('conn_limit', `at most ${limit} connection(s) per address`);
+      const body = pack({ type: 'error', code: err.code, message: err.message, fatal: true });
+      const frame = Buffer.allocUnsafe(transport.headroom + body.length);
+      body.copy(frame, transport.headroom);
+      if (transport.headroom === 4) frame.writeUInt32BE(body.length, 0);
+      transport.write(frame);
+      transport.end();
+      return null;
+    }
+    this.perIp.set(ip, count + 1);
+    const conn = new Connection(this, transport, Date.now());
+    this.connections.add(conn);
+    this.connectionsOpen.labels(transport.kind).inc();
+    return conn;
+  }
+
+  connectionClosed(conn: Connection): void {
+    if (!this.connections.delete(conn)) return;
+    this.connectionsOpen.labels(conn.transport.kind).dec();
+    const ip = conn.ip;
+    const n = (this.perIp.get(ip) ?? 1) - 1;
+    if (n <= 0) this.perIp.delete(ip);
+    else this.perIp.set(ip, n);
+    this.unbindSession(conn);
+    for (const hook of this.closedHooks) hook(conn);
+  }
+
+  // ---- lifecycle ---------------------------------------------------------------------------
+
+  async start(): Promise<ListeningPorts> {
+    const c = this.config;
+    this.app.get('/healthz', (res) => {
+      res.cork(() => {
+        res.writeHeader('content-type', 'application/json').end(JSON.stringify(this.health()));
+      });
+    });
+    mountWebSocket(this.app, this);
+    this.tcpServer = await listenTcp(this, c.host, c.tcpPort);
+    const httpPort = await new Promise<number>((resolve, reject) => {
+      this.app.listen(c.host, c.httpPort, (token) => {
+        if (!token) reject(new Error(`cannot listen on HTTP ${c.host}:${c.httpPort}`));
+        else {
+          this.listenSocket = token;
+          resolve(uWS.us_socket_local_port(token as unknown as uWS.us_socket));
+        }
+      });
+    });
+    this.metricsServer = createHttpServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end();
+        return;
+      }
+      this.metrics.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': this.metrics.contentType }).end(text),
+        () => res.writeHead(500).end(),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      this.metricsServer!.once('error', reject);
+      this.metricsServer!.listen(c.metricsPort, c.host, () => resolve());
+    });
+    const sweepMs = Math.max(20, Math.min(250, Math.floor(this.heartbeatMs / 4)));
+    this.sweepTimer = setInterval(() => this.sweep(Date.now()), sweepMs);
+    const tcpAddr = this.tcpServer.address();
+    const metricsAddr = this.metricsServer.address();
+    return {
+      tcpPort: typeof tcpAddr === 'object' && tcpAddr ? tcpAddr.port : c.tcpPort,
+      httpPort,
+      metricsPort: typeof metricsAddr === 'object' && metricsAddr ? metricsAddr.port : c.metricsPort,
+    };
+  }
+
+  health(): Record<string, unknown> {
+    return {
+      status: this.draining ? 'draining' : 'ok',
+      node: this.nodeId,
+      crypto: this.backend.name,
+      fingerprint: this.fingerprint,
+      connections: this.connections.size,
+      uptimeSeconds: Math.round(process.uptime()),
+    };
+  }
+
+  /**
+   * The one timer over all connections (STYLE.md §4): handshake deadlines, pings every `hb`,
+   * `heartbeat_timeout` after 2×`hb` of silence (PROTOCOL.md §6), lingering closes.
+   */
+  sweep(now: number): void {
+    const hb = this.heartbeatMs;
+    const handshakeDeadline = now - this.config.handshakeTimeoutMs;
+    const silentSince = now - 2 * hb;
+    for (const conn of this.connections) {
+      switch (conn.state) {
+        case ConnState.handshake:
+          if (conn.openedAtMs <= handshakeDeadline) {
+            conn.sendError(new ProtocolError('handshake_required', 'handshake timed out'), undefined);
+            conn.close();
+          }
+          break;
+        case ConnState.open:
+          if (conn.lastRxMs <= silentSince) {
+            conn.kick('heartbeat_timeout', `nothing received for ${2 * hb} ms`);
+          } else if (now - conn.lastPingMs >= hb) {
+            conn.lastPingMs = now;
+            conn.send({ type: 'ping', ts: now });
+          }
+          break;
+        case ConnState.closing:
+          if (now - conn.closingSinceMs > CLOSE_GRACE_MS) conn.destroy();
+          break;
+      }
+    }
+    for (const hook of this.sweepHooks) hook(now);
+  }
+
+  /**
+   * Graceful shutdown, in order: stop accepting, kick every connection with `going_away` and a
+   * randomised `retryAfter`, wait for them to close (bounded), run the close hooks. Idempotent.
+   */
+  shutdown(): Promise<void> {
+    this.closing ??= this.runShutdown();
+    return this.closing;
+  }
+
+  private async runShutdown(): Promise<void> {
+    this.draining = true;
+    const deadline = Date.now() + this.config.shutdownTimeoutMs;
+    this.tcpServer?.close();
+    if (this.listenSocket) uWS.us_listen_socket_close(this.listenSocket);
+    const jitter = this.config.reconnectJitterMs;
+    for (const conn of this.connections) {
+      if (conn.state === ConnState.open) {
+        conn.kick('going_away', 'gateway shutting down', Math.floor(Math.random() * (jitter + 1)));
+      } else conn.close();
+    }
+    while (this.connections.size > 0 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20));
+      this.sweep(Date.now());
+    }
+    for (const conn of this.connections) conn.destroy();
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    for (const hook of this.closeHooks) {
+      try {
+        await hook();
+      } catch (e) {
+        this.log.error({ err: e }, 'shutdown step failed');
+      }
+    }
+    await new Promise<void>((resolve) =>
+      this.metricsServer ? this.metricsServer.close(() => resolve()) : resolve(),
+    );
+  }
+}

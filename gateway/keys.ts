@@ -1,0 +1,147 @@
+/**
+ * Every Redis key, channel and BullMQ queue name of the delivery and messaging services, in one
+ * place. Keys of one session share the hash tag `{s:<sessionId>}` so that the session's Lua
+ * scripts touch a single slot (Redis Cluster); cross-session keys are plain.
+ */
+
+export const QueueName = {
+  /** Events for back-end services (device publishes, delivery receipts and failures). */
+  backend: 'gw-backend',
+  /** Back ends add jobs here to publish events to devices. */
+  publish: 'gw-publish',
+  /** Redelivery of qos-1 events whose ACK deadline passed. */
+  retry: 'gw-retry',
+  /** Events whose attempts ran out. Never processed: inspect or re-publish. */
+  deadLetters: 'gw-dead-letters',
+  /** Cluster-wide sweeps (stale presence, expired events), one node per run. */
+  maintenance: 'gw-maintenance',
+} as const;
+
+export class Keys {
+  constructor(readonly prefix: string) {}
+
+  /** The 7 keys of one session's outbox, in the order the Lua scripts expect. */
+  outbox(sid: string): string[] {
+    const p = `${this.prefix}{s:${sid}}:`;
+    return [`${p}q`, `${p}ev`, `${p}att`, `${p}rc`, `${p}exp`, `${p}seq`, `${p}node`];
+  }
+
+  /** The node currently holding the session's connection. */
+  sessionNode(sid: string): string {
+    return `${this.prefix}{s:${sid}}:node`;
+  }
+
+  /** Pub/sub channel of one gateway node. */
+  nodeChannel(node: string): string {
+    return `${this.prefix}node:${node}`;
+  }
+
+  get nodeChannelPrefix(): string {
+    return `${this.prefix}node:`;
+  }
+
+  /** ZSET `sid|eid` → expiry ms, for the sweep that reports expired events of offline sessions. */
+  get expiries(): string {
+    return `${this.prefix}expiries`;
+  }
+
+  /** HASH sid → JSON presence record. */
+  get presence(): string {
+    return `${this.prefix}presence`;
+  }
+
+  /** ZSET node → last heartbeat ms. */
+  get nodes(): string {
+    return `${this.prefix}nodes`;
+  }
+
+  /** SET of session ids connected to a node. */
+  nodeSessions(node: string): string {
+    return `${this.prefix}nodesess:${node}`;
+  }
+
+  /** HASH username → last seen ms. */
+  get lastSeen(): string {
+    return `${this.prefix}lastseen`;
+  }
+
+  /** ZSET session id → number of its connections in the room. */
+  roomMembers(room: string): string {
+    return `${this.prefix}room:${room}:m`;
+  }
+
+  /** ZSET of a room's recent messages (score: ms). */
+  roomHistory(room: string): string {
+    return `${this.prefix}room:${room}:h`;
+  }
+
+  /** ZSET room → member count (rooms with at least one member). */
+  get rooms(): string {
+    return `${this.prefix}rooms`;
+  }
+
+  /** SET of the rooms a session is in. */
+  sessionRooms(sid: string): string {
+    return `${this.prefix}{s:${sid}}:rooms`;
+  }
+
+  roomChannel(room: string): string {
+    return `${this.prefix}roomchan:${room}`;
+  }
+
+  get roomChannelPrefix(): string {
+    return `${this.prefix}roomchan:`;
+  }
+
+  /** String device id → session id. */
+  device(deviceId: string): string {
+    return `${this.prefix}dev:${deviceId}`;
+  }
+
+  /** HASH of a device's usage counters. */
+  usage(deviceId: string): string {
+    return `${this.prefix}usage:${deviceId}`;
+  }
+
+  // ---- identity ---------------------------------------------------------------------------
+
+  /** HASH: a live session (TTL SESSION_TTL). */
+  session(sid: string): string {
+    return `${this.prefix}{s:${sid}}:sess`;
+  }
+
+  /** SET of a user's session ids (pruned of expired ones on read). */
+  userSessions(userId: string): string {
+    return `${this.prefix}user:${userId}:sess`;
+  }
+
+  /** STRING refresh-token hash → session id (current token). */
+  refresh(hash: string): string {
+    return `${this.prefix}rt:${hash}`;
+  }
+
+  /** STRING refresh-token hash → session id (already used: presenting it again is reuse). */
+  refreshUsed(hash: string): string {
+    return `${this.prefix}rtu:${hash}`;
+  }
+
+  /** HASH of the pending email code of an address (by its hash). */
+  otp(emailHash: string): string {
+    return `${this.prefix}otp:${emailHash}`;
+  }
+
+  /** Key prefix of the rate limiters (rate-limiter-flexible adds its own suffixes). */
+  rateLimit(name: string): string {
+    return `${this.prefix}rl:${name}`;
+  }
+
+  /** Channel of session kicks, to every node. */
+  get kickChannel(): string {
+    return `${this.prefix}kick`;
+  }
+
+  /** BullMQ prefix: queues live under `<prefix>bull:<queue>:...`. */
+  get bullPrefix(): string {
+    return `${this.prefix}bull`;
+  }
+}

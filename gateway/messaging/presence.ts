@@ -1,0 +1,181 @@
+/**
+ * Presence across nodes: which sessions are online, on which node, since when; users' last
+ * seen; device id → session. Each node beats in `nodes`; a BullMQ job scheduler runs the
+ * cluster-wide sweep (exactly one node per interval) that removes the sessions of nodes that
+ * stopped beating, and reports events whose ttl passed while their device was offline.
+ */
+import { type Job, Queue, Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
+import type { Connection } from '../connection.ts';
+import type { Gateway } from '../gateway.ts';
+import { type Keys, QueueName } from '../keys.ts';
+import type { Logger } from '../log.ts';
+
+export interface PresenceRecord {
+  node: string;
+  /** The connection on that node. */
+  conn: number;
+  userId: string;
+  username: string;
+  deviceId?: string;
+  since: number;
+}
+
+export interface PresenceOptions {
+  /** A node whose last beat is older than this is dead (GW_PRESENCE_STALE_MS). */
+  staleMs: number;
+  /** Interval of the cluster-wide sweep (GW_SWEEP_INTERVAL_MS). */
+  sweepIntervalMs: number;
+  sessionTtlSeconds: number;
+}
+
+/** What the sweep calls for each session of a dead node, and for expired events. */
+export interface SweepTargets {
+  /** Leaves every room of a session that is gone. */
+  dropSession(sessionId: string, username: string): Promise<void>;
+  /** Reports and removes expired events (`sid|eid` members of the expiries set). */
+  expire(members: string[]): Promise<void>;
+}
+
+const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
+
+export class Presence {
+  private beatTimer: NodeJS.Timeout | undefined;
+  private readonly queue: Queue;
+  private worker: Worker | undefined;
+  private targets: SweepTargets | undefined;
+
+  constructor(
+    private readonly deps: {
+      gateway: Gateway;
+      redis: Redis;
+      bullConnection: Redis;
+      keys: Keys;
+      log: Logger;
+      options: PresenceOptions;
+    },
+  ) {
+    this.queue = new Queue(QueueName.maintenance, {
+      connection: deps.bullConnection,
+      prefix: deps.keys.bullPrefix,
+      defaultJobOptions: { removeOnComplete: 100, removeOnFail: 1000 },
+    });
+  }
+
+  async start(targets: SweepTargets): Promise<void> {
+    this.targets = targets;
+    const { gateway, keys, options } = this.deps;
+    gateway.onSessionBound((conn) => {
+      this.online(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+    });
+    gateway.onConnectionClosed((conn) => {
+      if (conn.session)
+        this.offline(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+    });
+    await this.beat();
+    this.beatTimer = setInterval(
+      () => this.beat().catch((e) => this.deps.log.warn({ err: e }, 'presence beat failed')),
+      Math.max(100, Math.floor(options.staleMs / 5)),
+    );
+    await this.queue.upsertJobScheduler('sweep', { every: options.sweepIntervalMs }, { name: 'sweep' });
+    this.worker = new Worker(QueueName.maintenance, (job) => this.sweep(job), {
+      connection: this.deps.bullConnection,
+      prefix: keys.bullPrefix,
+    });
+    this.worker.on('error', (e) => this.deps.log.error({ err: e }, 'maintenance worker error'));
+  }
+
+  /** Stops beating and removes this node's sessions (graceful shutdown). */
+  async close(): Promise<void> {
+    if (this.beatTimer) clearInterval(this.beatTimer);
+    await this.worker?.close();
+    await this.queue.close();
+    const { redis, keys, gateway } = this.deps;
+    await redis.zrem(keys.nodes, gateway.nodeId);
+  }
+
+  private beat(): Promise<number> {
+    return this.deps.redis.zadd(this.deps.keys.nodes, Date.now(), this.deps.gateway.nodeId);
+  }
+
+  private async online(conn: Connection): Promise<void> {
+    const s = conn.session!;
+    const { redis, keys, gateway, options } = this.deps;
+    const record: PresenceRecord = {
+      node: gateway.nodeId,
+      conn: conn.id,
+      userId: s.userId,
+      username: s.username,
+      ...(s.deviceId ? { deviceId: s.deviceId } : {}),
+      since: Date.now(),
+    };
+    const m = redis.multi();
+    m.hset(keys.presence, s.sessionId, JSON.stringify(record));
+    m.sadd(keys.nodeSessions(gateway.nodeId), s.sessionId);
+    if (s.deviceId) m.set(keys.device(s.deviceId), s.sessionId, 'EX', options.sessionTtlSeconds);
+    await m.exec();
+  }
+
+  private async offline(conn: Connection): Promise<void> {
+    const s = conn.session!;
+    const { redis, keys, gateway } = this.deps;
+    // Only if this connection's node still holds the session (a takeover may have moved it).
+    const raw = await redis.hget(keys.presence, s.sessionId);
+    const m = redis.multi();
+    if (raw && (JSON.parse(raw) as PresenceRecord).node === gateway.nodeId)
+      m.hdel(keys.presence, s.sessionId);
+    m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
+    m.hset(keys.lastSeen, s.username, Date.now());
+    await m.exec();
+  }
+
+  /** Online sessions (optionally only these ids), as presence records by session id. */
+  async records(sessionIds?: string[]): Promise<Map<string, PresenceRecord>> {
+    const { redis, keys } = this.deps;
+    const out = new Map<string, PresenceRecord>();
+    if (sessionIds) {
+      if (sessionIds.length === 0) return out;
+      const raws = await redis.hmget(keys.presence, ...sessionIds);
+      sessionIds.forEach((sid, i) => {
+        const r = raws[i];
+        if (r) out.set(sid, JSON.parse(r));
+      });
+    } else {
+      const all = await redis.hgetall(keys.presence);
+      for (const [sid, r] of Object.entries(all)) out.set(sid, JSON.parse(r));
+    }
+    return out;
+  }
+
+  /** The cluster-wide sweep; BullMQ runs each scheduled job on exactly one node. */
+  private async sweep(_job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
+    const { redis, keys, options } = this.deps;
+    const now = Date.now();
+    const dead = await redis.zrangebyscore(keys.nodes, '-inf', now - options.staleMs);
+    let sessions = 0;
+    for (const node of dead) {
+      const sids = await redis.smembers(keys.nodeSessions(node));
+      const records = await this.records(sids);
+      for (const sid of sids) {
+        const rec = records.get(sid);
+        if (rec && rec.node !== node) continue; // resumed elsewhere meanwhile
+        await this.targets!.dropSession(sid, rec?.username ?? '');
+        const m = redis.multi();
+        if (rec) m.hdel(keys.presence, sid);
+        if (rec) m.hset(keys.lastSeen, rec.username, now);
+        m.eval(RELEASE, 1, keys.sessionNode(sid), node);
+        await m.exec();
+        sessions++;
+      }
+      await redis.del(keys.nodeSessions(node));
+      await redis.zrem(keys.nodes, node);
+      this.deps.log.warn({ deadNode: node, sessions: sids.length }, 'presence sweep removed a dead node');
+    }
+    const due = await redis.zrangebyscore(keys.expiries, '-inf', now, 'LIMIT', 0, 1000);
+    if (due.length > 0) {
+      await this.targets!.expire(due);
+      await redis.zrem(keys.expiries, ...due);
+    }
+    return { deadNodes: dead, sessions, expired: due.length };
+  }
+}

@@ -1,0 +1,249 @@
+/**
+ * Rooms (the chat seed): join, leave, list, say, with qos-0 room events that reach members on
+ * every node through one Redis channel per room. A node subscribes to a room's channel while
+ * it has a local member. Recent messages are kept per room for the replay on join, marked
+ * `history: true`.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import { badMessage, ProtocolError, pack, unpack } from '../../protocol/index.ts';
+import type { Bus } from '../bus.ts';
+import { type Connection, ConnState } from '../connection.ts';
+import type { Keys } from '../keys.ts';
+import type { Logger } from '../log.ts';
+
+export interface RoomOptions {
+  /** Joined after authentication; '' disables (GW_DEFAULT_ROOM). */
+  defaultRoom: string;
+  /** Longest `say`/`send` body in characters (GW_MAX_BODY). */
+  maxBody: number;
+  /** How far back the replay on join reaches (GW_ROOM_HISTORY_MS; 0 disables). */
+  historyMs: number;
+  /** At most this many messages kept per room for replay. */
+  historyMax: number;
+}
+
+/** A room event as it travels between nodes. `skip`: the session it is not for. */
+interface RoomWire {
+  eid: string;
+  name: 'room.message' | 'room.joined' | 'room.left';
+  room: string;
+  from: string;
+  data: unknown;
+  ts: number;
+  skip?: string;
+}
+
+const ROOM = /^#[a-z0-9_-]{1,32}$/;
+const ROOMS_KEY = 'rooms';
+
+/** `#` + 1-32 of [a-z0-9_-]; a missing `#` is added, letters are lowercased. */
+export function normalizeRoom(raw: string, field = 'room'): string {
+  const name = (raw.startsWith('#') ? raw : `#${raw}`).toLowerCase();
+  if (!ROOM.test(name)) throw badMessage(field, 'must be # then 1-32 of [a-z0-9_-]');
+  return name;
+}
+
+function roomsOf(conn: Connection): Set<string> {
+  let set = conn.attachments.get(ROOMS_KEY) as Set<string> | undefined;
+  if (!set) conn.attachments.set(ROOMS_KEY, (set = new Set()));
+  return set;
+}
+
+export class Rooms {
+  /** Local members per room. */
+  private readonly local = new Map<string, Set<Connection>>();
+
+  constructor(
+    private readonly deps: { redis: Redis; bus: Bus; keys: Keys; log: Logger; options: RoomOptions },
+  ) {}
+
+  async join(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
+    const room = normalizeRoom(rawRoom);
+    const s = conn.session!;
+    const { redis, keys } = this.deps;
+    const mine = roomsOf(conn);
+    let members: number;
+    if (mine.has(room)) {
+      members = await redis.zcard(keys.roomMembers(room));
+      return { room, members };
+    }
+    mine.add(room);
+    await this.subscribeLocal(room, conn);
+    // Members are sessions with a count of their connections in the room, so a takeover (new
+    // connection, same session) does not remove the session when the old connection goes.
+    const m = redis.multi();
+    m.zincrby(keys.roomMembers(room), 1, s.sessionId);
+    m.sadd(keys.sessionRooms(s.sessionId), room);
+    m.zcard(keys.roomMembers(room));
+    const res = await m.exec();
+    members = res![2][1] as number;
+    if (Number(res![0][1]) === 1) {
+      await redis.zadd(keys.rooms, members, room);
+      await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
+    }
+    await this.replay(conn, room);
+    return { room, members };
+  }
+
+  async leave(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
+    const room = normalizeRoom(rawRoom);
+    if (!roomsOf(conn).has(room)) throw new ProtocolError('not_found', `not a member of ${room}`);
+    const members = await this.drop(conn.session!.sessionId, conn.session!.username, room);
+    this.unsubscribeLocal(room, conn);
+    roomsOf(conn).delete(room);
+    return { room, members };
+  }
+
+  /** One connection of a session leaves a room; the session leaves when it was the last. */
+  private async drop(sid: string, username: string, room: string, all = false): Promise<number> {
+    const { redis, keys } = this.deps;
+    const key = keys.roomMembers(room);
+    const left = all ? 0 : Number(await redis.zincrby(key, -1, sid));
+    if (left <= 0) {
+      const m = redis.multi();
+      m.zrem(key, sid);
+      m.srem(keys.sessionRooms(sid), room);
+      m.zcard(key);
+      const res = await m.exec();
+      const members = res![2][1] as number;
+      if (members > 0) await redis.zadd(keys.rooms, members, room);
+      else await redis.zrem(keys.rooms, room);
+      if ((res![0][1] as number) === 1) {
+        await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
+      }
+      return members;
+    }
+    return redis.zcard(key);
+  }
+
+  /** Leaves every room of a connection that closed. */
+  async leaveAll(conn: Connection): Promise<void> {
+    const mine = conn.attachments.get(ROOMS_KEY) as Set<string> | undefined;
+    const session = conn.session;
+    if (!mine || !session) return;
+    const rooms = [...mine];
+    mine.clear();
+    for (const room of rooms) {
+      this.unsubscribeLocal(room, conn);
+      await this.drop(session.sessionId, session.username, room);
+    }
+  }
+
+  /** Leaves every room of a session whose node died (the presence sweep). */
+  async dropSession(sid: string, username: string): Promise<void> {
+    const rooms = await this.deps.redis.smembers(this.deps.keys.sessionRooms(sid));
+    for (const room of rooms) await this.drop(sid, username, room, true);
+    await this.deps.redis.del(this.deps.keys.sessionRooms(sid));
+  }
+
+  async list(): Promise<{ room: string; members: number }[]> {
+    const flat = await this.deps.redis.zrange(this.deps.keys.rooms, '0', '-1', 'WITHSCORES');
+    const out: { room: string; members: number }[] = [];
+    for (let i = 0; i < flat.length; i += 2) {
+      const members = Number(flat[i + 1]);
+      if (members > 0) out.push({ room: flat[i], members });
+    }
+    return out;
+  }
+
+  memberSessions(room: string): Promise<string[]> {
+    return this.deps.redis.zrange(this.deps.keys.roomMembers(normalizeRoom(room)), '0', '-1');
+  }
+
+  checkBody(body: string): void {
+    if (body.length === 0) throw badMessage('body', 'must not be empty');
+    if (body.length > this.deps.options.maxBody) {
+      throw badMessage('body', `longer than ${this.deps.options.maxBody} characters`);
+    }
+  }
+
+  async say(conn: Connection, rawRoom: string, body: string): Promise<void> {
+    const room = normalizeRoom(rawRoom);
+    if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
+    this.checkBody(body);
+    const wire = await this.broadcast({
+      name: 'room.message',
+      room,
+      from: conn.session!.username,
+      data: { body },
+    });
+    const { historyMs, historyMax } = this.deps.options;
+    if (historyMs > 0) {
+      const key = this.deps.keys.roomHistory(room);
+      const m = this.deps.redis.multi();
+      m.zadd(key, wire.ts, pack(wire));
+      m.zremrangebyscore(key, '-inf', String(wire.ts - historyMs));
+      m.zremrangebyrank(key, 0, -historyMax - 1);
+      m.pexpire(key, historyMs);
+      await m.exec();
+    }
+  }
+
+  private async broadcast(partial: Omit<RoomWire, 'eid' | 'ts'>): Promise<RoomWire> {
+    const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
+    await this.deps.redis.publish(this.deps.keys.roomChannel(wire.room), pack(wire));
+    return wire;
+  }
+
+  private async replay(conn: Connection, room: string): Promise<void> {
+    const { historyMs } = this.deps.options;
+    if (historyMs <= 0) return;
+    const raws = await this.deps.redis.zrangebyscoreBuffer(
+      this.deps.keys.roomHistory(room),
+      Date.now() - historyMs,
+      '+inf',
+    );
+    for (const raw of raws) this.deliver(conn, unpack(raw) as RoomWire, true);
+  }
+
+  private deliver(conn: Connection, w: RoomWire, history: boolean): void {
+    if (conn.state !== ConnState.open) return;
+    conn.send({
+      type: 'event',
+      eid: w.eid,
+      name: w.name,
+      data: w.data,
+      ts: w.ts,
+      qos: 0,
+      room: w.room,
+      from: w.from,
+      ...(history ? { history: true } : {}),
+    });
+  }
+
+  private async subscribeLocal(room: string, conn: Connection): Promise<void> {
+    let set = this.local.get(room);
+    if (!set) {
+      this.local.set(room, (set = new Set()));
+      await this.deps.bus.subscribe(this.deps.keys.roomChannel(room), (msg) => this.onRoomMessage(room, msg));
+    }
+    set.add(conn);
+  }
+
+  private unsubscribeLocal(room: string, conn: Connection): void {
+    const set = this.local.get(room);
+    if (!set) return;
+    set.delete(conn);
+    if (set.size === 0) {
+      this.local.delete(room);
+      this.deps.bus.unsubscribe(this.deps.keys.roomChannel(room)).catch(() => {});
+    }
+  }
+
+  private onRoomMessage(room: string, msg: Buffer): void {
+    const set = this.local.get(room);
+    if (!set) return;
+    let w: RoomWire;
+    try {
+      w = unpack(msg) as RoomWire;
+    } catch (e) {
+      this.deps.log.error({ err: e, room }, 'bad room message on the bus');
+      return;
+    }
+    for (const conn of set) {
+      if (w.skip && conn.session?.sessionId === w.skip) continue;
+      this.deliver(conn, w, false);
+    }
+  }
+}

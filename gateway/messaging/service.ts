@@ -1,0 +1,174 @@
+/**
+ * The messaging requests of PROTOCOL.md §4 (`join`, `leave`, `rooms`, `users`, `say`, `send`,
+ * `publish`), the default room, and per-device usage counters. Rooms and presence do the Redis
+ * work; direct messages are qos-1 events through the delivery service; device publishes go to
+ * the back-end BullMQ queue before the device gets its `ok`.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import { ProtocolError } from '../../protocol/index.ts';
+import type { BackendEvents } from '../backend-events.ts';
+import type { Connection } from '../connection.ts';
+import type { SessionDirectory } from '../delivery/publisher.ts';
+import type { DeliveryService } from '../delivery/service.ts';
+import type { Gateway } from '../gateway.ts';
+import type { Keys } from '../keys.ts';
+import type { Logger } from '../log.ts';
+import type { Presence } from './presence.ts';
+import { normalizeRoom, type Rooms } from './rooms.ts';
+
+/** Per-connection usage not yet written to Redis. */
+interface Usage {
+  eventsIn: number;
+  bytesIn: number;
+  eventsOut: number;
+  bytesOut: number;
+}
+
+const USAGE_FLUSH_MS = 1000;
+
+export class Messaging {
+  private usageTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly deps: {
+      gateway: Gateway;
+      redis: Redis;
+      keys: Keys;
+      rooms: Rooms;
+      presence: Presence;
+      delivery: DeliveryService;
+      directory: SessionDirectory;
+      backend: BackendEvents;
+      log: Logger;
+      defaultRoom: string;
+    },
+  ) {}
+
+  start(): void {
+    const { gateway, rooms } = this.deps;
+    type Msg = Record<string, unknown> & { id: number };
+    gateway.handle('join', (conn, m: Msg) => rooms.join(conn, m.room as string));
+    gateway.handle('leave', (conn, m: Msg) => rooms.leave(conn, m.room as string));
+    gateway.handle('rooms', async () => ({ rooms: await rooms.list() }));
+    gateway.handle('users', (_conn, m: Msg) => this.users(m.room as string | undefined));
+    gateway.handle('say', async (conn, m: Msg) => {
+      await rooms.say(conn, m.room as string, m.body as string);
+      return {};
+    });
+    gateway.handle('send', (conn, m: Msg) => this.send(conn, m.to as string, m.body as string));
+    gateway.handle('publish', (conn, m: Msg) => this.publish(conn, m.name as string, m.data));
+    gateway.onSessionBound((conn) => {
+      if (!this.deps.defaultRoom) return;
+      rooms.join(conn, this.deps.defaultRoom).catch((e) => {
+        this.deps.log.error({ err: e }, 'could not join the default room');
+      });
+    });
+    gateway.onSessionUnbound((conn) => {
+      this.flushUsageOf(conn);
+      rooms.leaveAll(conn).catch((e) => this.deps.log.error({ err: e }, 'could not leave rooms'));
+    });
+    this.usageTimer = setInterval(() => this.flushUsage(), USAGE_FLUSH_MS);
+    this.usageTimer.unref();
+  }
+
+  close(): void {
+    if (this.usageTimer) clearInterval(this.usageTimer);
+    this.flushUsage();
+  }
+
+  private async users(rawRoom: string | undefined): Promise<{ users: string[] }> {
+    const { rooms, presence } = this.deps;
+    const records =
+      rawRoom === undefined
+        ? await presence.records()
+        : await presence.records(await rooms.memberSessions(normalizeRoom(rawRoom)));
+    const names = new Set<string>();
+    for (const r of records.values()) names.add(r.username);
+    return { users: [...names].sort() };
+  }
+
+  private async send(conn: Connection, to: string, body: string): Promise<{ eid: string }> {
+    this.deps.rooms.checkBody(body);
+    const { directory, delivery } = this.deps;
+    const userId = await directory.userIdOf(to);
+    const sids = userId ? await directory.sessionsOfUser(userId) : [];
+    if (sids.length === 0) throw new ProtocolError('not_found', `${to} has no live session`);
+    const outcome = await delivery.publishTo(sids, {
+      name: 'direct.message',
+      data: { body },
+      qos: 1,
+      from: conn.session!.username,
+    });
+    if (outcome.accepted === 0) {
+      throw new ProtocolError('overloaded', `${to}'s outbox is full`, { retryAfter: 5000 });
+    }
+    return { eid: outcome.eid };
+  }
+
+  private async publish(conn: Connection, name: string, data: unknown): Promise<{ eid: string }> {
+    if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
+      throw new ProtocolError('bad_message', 'name: must be 1-128 of [A-Za-z0-9_.:-]', { field: 'name' });
+    }
+    const s = conn.session!;
+    const eid = randomUUID();
+    await this.deps.backend.emit(
+      'device.event',
+      {
+        eid,
+        user: s.userId,
+        username: s.username,
+        session: s.sessionId,
+        device: s.deviceId ?? null,
+        name,
+        data,
+        ts: Date.now(),
+      },
+      eid,
+    );
+    this.usage(conn).eventsIn++;
+    return { eid };
+  }
+
+  // ---- usage counters ------------------------------------------------------------------------
+
+  private usage(conn: Connection): Usage {
+    let u = conn.attachments.get('usage') as Usage | undefined;
+    if (!u) conn.attachments.set('usage', (u = { eventsIn: 0, bytesIn: 0, eventsOut: 0, bytesOut: 0 }));
+    return u;
+  }
+
+  private usageKey(conn: Connection): string | null {
+    const s = conn.session;
+    if (!s) return null;
+    return this.deps.keys.usage(s.deviceId ?? `session:${s.sessionId}`);
+  }
+
+  private flushUsage(): void {
+    for (const conn of this.deps.gateway.connections) this.flushUsageOf(conn);
+  }
+
+  /** Adds what a connection did since the last flush to its device's counters in Redis. */
+  private flushUsageOf(conn: Connection): void {
+    const key = this.usageKey(conn);
+    if (!key) return;
+    const u = this.usage(conn);
+    const t = conn.traffic;
+    const bytesIn = t.bytesIn - u.bytesIn;
+    const bytesOut = t.bytesOut - u.bytesOut;
+    const eventsOut = t.eventsOut - u.eventsOut;
+    const eventsIn = u.eventsIn;
+    if (bytesIn === 0 && bytesOut === 0 && eventsIn === 0 && eventsOut === 0) return;
+    u.bytesIn = t.bytesIn;
+    u.bytesOut = t.bytesOut;
+    u.eventsOut = t.eventsOut;
+    u.eventsIn = 0;
+    const m = this.deps.redis.multi();
+    if (eventsIn) m.hincrby(key, 'events_in', eventsIn);
+    if (eventsOut) m.hincrby(key, 'events_out', eventsOut);
+    if (bytesIn) m.hincrby(key, 'bytes_in', bytesIn);
+    if (bytesOut) m.hincrby(key, 'bytes_out', bytesOut);
+    m.hset(key, 'last_seen', Date.now());
+    m.exec().catch((e) => this.deps.log.warn({ err: e }, 'usage counters not written'));
+  }
+}

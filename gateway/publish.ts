@@ -1,0 +1,93 @@
+/**
+ * Publishing to devices from a TypeScript back end, without a gateway process: the same
+ * durable path as `POST /v1/events` and the `gw-publish` queue.
+ *
+ *   import { connectPublisher } from 'device-gateway/publish';
+ *   const pub = await connectPublisher({ redisUrl: 'redis://127.0.0.1:6379', prefix: 'gw:' });
+ *   const { eid } = await pub.publish({ device: 'sensor-17' }, { name: 'config.update', data: { rate: 5 } });
+ *   await pub.close();
+ *
+ * `username` targets need PostgreSQL (`databaseUrl`, `schema`); the other targets need only Redis.
+ */
+import { Redis } from 'ioredis';
+import pg from 'pg';
+import { SessionStore } from './auth/session-store.ts';
+import { BackendEvents } from './backend-events.ts';
+import { Outbox, type OverflowPolicy } from './delivery/outbox.ts';
+import {
+  type EventInput,
+  Publisher,
+  type PublishOutcome,
+  type SessionDirectory,
+  type Target,
+  validateEventInput,
+} from './delivery/publisher.ts';
+import { Keys } from './keys.ts';
+
+export interface PublisherOptions {
+  redisUrl?: string;
+  /** GW_REDIS_PREFIX of the gateways (default `gw:`). */
+  prefix?: string;
+  /** For `username` targets. */
+  databaseUrl?: string;
+  schema?: string;
+  /** Must match the gateways' GW_OUTBOX_MAX / GW_OUTBOX_POLICY / SESSION_TTL. */
+  outboxMax?: number;
+  outboxPolicy?: OverflowPolicy;
+  sessionTtlSeconds?: number;
+}
+
+export interface GatewayPublisher {
+  /** Resolves once every qos-1 copy is durable in Redis; throws `not_found` / `bad_message`. */
+  publish(target: Target, event: EventInput): Promise<PublishOutcome>;
+  close(): Promise<void>;
+}
+
+export type { EventInput, PublishOutcome, Target };
+
+export async function connectPublisher(o: PublisherOptions = {}): Promise<GatewayPublisher> {
+  const redis = new Redis(o.redisUrl ?? 'redis://127.0.0.1:6379', { enableAutoPipelining: true });
+  const bull = new Redis(o.redisUrl ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null });
+  const keys = new Keys(o.prefix ?? 'gw:');
+  const ttl = o.sessionTtlSeconds ?? 86400;
+  const store = new SessionStore(redis, keys, ttl);
+  const pool = o.databaseUrl
+    ? new pg.Pool({
+        connectionString: o.databaseUrl,
+        max: 2,
+        options: `-c search_path=${o.schema ?? 'public'}`,
+      })
+    : null;
+  const directory: SessionDirectory = {
+    sessionsOfUser: (userId) => store.ofUser(userId),
+    sessionAlive: (sid) => store.alive(sid),
+    async userIdOf(username) {
+      if (!pool) throw new Error('username targets need databaseUrl');
+      const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
+      return r.rowCount ? (r.rows[0].id as string) : null;
+    },
+  };
+  const outbox = new Outbox(redis, keys, {
+    max: o.outboxMax ?? 1000,
+    policy: o.outboxPolicy ?? 'reject',
+    ttlSeconds: ttl,
+  });
+  const publisher = new Publisher(redis, keys, outbox, directory);
+  const backend = new BackendEvents(bull, keys.bullPrefix);
+  return {
+    async publish(target, event) {
+      const checked = validateEventInput(target, event);
+      const outcome = await publisher.publish(checked.target, checked.event);
+      for (const d of outcome.dropped) {
+        await backend.dropped(d.sessionId, d.event);
+      }
+      return outcome;
+    },
+    async close() {
+      await backend.close();
+      await pool?.end();
+      redis.disconnect();
+      bull.disconnect();
+    },
+  };
+}

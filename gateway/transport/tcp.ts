@@ -1,0 +1,106 @@
+/**
+ * TCP transport (node:net): frames are u32-length-prefixed (PROTOCOL.md §1). A thin adapter:
+ * it decodes frames, hands bodies to the Connection, and writes what the Connection gives it,
+ * corked so that everything written in one tick leaves in one syscall.
+ */
+import { createServer, type Server, type Socket } from 'node:net';
+import { FrameDecoder, isProtocolError } from '../../protocol/index.ts';
+import type { Connection, TransportSocket } from '../connection.ts';
+
+export interface TcpAcceptor {
+  /** Null when the IP is over its connection limit (the transport answers and closes). */
+  accept(transport: TransportSocket): Connection | null;
+  readonly maxFrameBytes: number;
+}
+
+export function normalizeIp(address: string | undefined): string {
+  if (!address) return 'unknown';
+  return address.startsWith('::ffff:') ? address.slice(7) : address;
+}
+
+class TcpSocket implements TransportSocket {
+  readonly kind = 'tcp' as const;
+  readonly headroom = 4;
+  readonly ip: string;
+  conn: Connection | null = null;
+  private corked = false;
+  private readonly decoder: FrameDecoder;
+
+  constructor(
+    private readonly socket: Socket,
+    maxFrameBytes: number,
+  ) {
+    this.ip = normalizeIp(socket.remoteAddress);
+    this.decoder = new FrameDecoder(maxFrameBytes);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
+
+  private readonly onBody = (body: Buffer): void => {
+    this.conn!.receive(body);
+  };
+
+  readonly onData = (chunk: Buffer): void => {
+    try {
+      this.decoder.push(chunk, this.onBody);
+    } catch (e) {
+      if (isProtocolError(e)) this.conn!.frameError(e);
+      else throw e;
+    }
+  };
+
+  write(frame: Buffer): void {
+    if (this.socket.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(frame);
+  }
+
+  bufferedBytes(): number {
+    return this.socket.writableLength;
+  }
+
+  pauseReading(): void {
+    this.socket.pause();
+  }
+
+  resumeReading(): void {
+    this.socket.resume();
+  }
+
+  end(): void {
+    if (this.corked) this.uncork();
+    this.socket.end();
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+/** Starts the TCP listener; resolves with the server once it is listening. */
+export function listenTcp(acceptor: TcpAcceptor, host: string, port: number): Promise<Server> {
+  const server = createServer({ noDelay: true }, (socket) => {
+    const t = new TcpSocket(socket, acceptor.maxFrameBytes);
+    socket.on('error', () => {});
+    const conn = acceptor.accept(t);
+    if (!conn) return;
+    t.conn = conn;
+    socket.on('data', t.onData);
+    socket.on('drain', () => conn.drained());
+    socket.on('close', () => conn.transportClosed());
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ host, port }, () => {
+      server.off('error', reject);
+      resolve(server);
+    });
+  });
+}

@@ -1,0 +1,334 @@
+// Native crypto for the gateway's hot path (issue: sealed hot path at hardware speed).
+//
+// AES-256-GCM with one OpenSSL context per key and direction, created once and reused for every
+// frame (only the IV is set per frame), writing straight into the output buffer; X25519 and
+// Ed25519 on raw 32-byte keys. Built by node-gyp against Node's own headers; the OpenSSL
+// symbols are Node's own (the binary exports them), so no system libssl is linked.
+//
+// Every bad input is a JS exception or a null result, never a crash. Contexts are freed by
+// dispose() or, failing that, by the finalizer when the JS object is collected.
+#include <napi.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <cstring>
+
+namespace {
+
+constexpr size_t kKey = 32;
+constexpr size_t kIv = 12;
+constexpr size_t kTag = 16;
+
+bool IsBytes(const Napi::Value& v, size_t size) {
+  if (!v.IsTypedArray()) return false;
+  auto ta = v.As<Napi::TypedArray>();
+  return ta.TypedArrayType() == napi_uint8_array && (size == 0 || ta.ByteLength() == size);
+}
+
+const uint8_t* Data(const Napi::Value& v) {
+  auto a = v.As<Napi::Uint8Array>();
+  return a.Data();
+}
+
+size_t Length(const Napi::Value& v) { return v.As<Napi::Uint8Array>().ByteLength(); }
+
+Napi::Value Fail(Napi::Env env, const char* what) {
+  Napi::RangeError::New(env, what).ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+// ---- AES-256-GCM ----------------------------------------------------------------------------
+
+class AesGcm : public Napi::ObjectWrap<AesGcm> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "AesGcm",
+                       {InstanceMethod<&AesGcm::Seal>("seal"), InstanceMethod<&AesGcm::Open>("open"),
+                        InstanceMethod<&AesGcm::SealInto>("sealInto"), InstanceMethod<&AesGcm::OpenInto>("openInto"),
+                        InstanceMethod<&AesGcm::Dispose>("dispose")});
+  }
+
+  explicit AesGcm(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AesGcm>(info) {
+    if (info.Length() < 1 || !IsBytes(info[0], kKey)) {
+      Napi::RangeError::New(info.Env(), "AES-256-GCM key must be 32 bytes").ThrowAsJavaScriptException();
+      return;
+    }
+    std::memcpy(key_, Data(info[0]), kKey);
+  }
+
+  ~AesGcm() override { Free(); }
+
+ private:
+  // Contexts are made on first use: a key serves one direction, so only one of them is ever built.
+  EVP_CIPHER_CTX* EncryptCtx() {
+    if (!enc_) {
+      enc_ = EVP_CIPHER_CTX_new();
+      if (!enc_ || EVP_EncryptInit_ex(enc_, EVP_aes_256_gcm(), nullptr, key_, nullptr) != 1) return nullptr;
+    }
+    return enc_;
+  }
+
+  EVP_CIPHER_CTX* DecryptCtx() {
+    if (!dec_) {
+      dec_ = EVP_CIPHER_CTX_new();
+      if (!dec_ || EVP_DecryptInit_ex(dec_, EVP_aes_256_gcm(), nullptr, key_, nullptr) != 1) return nullptr;
+    }
+    return dec_;
+  }
+
+  // seal(iv, plaintext, headroom) -> Buffer(headroom zero bytes ‖ iv ‖ ciphertext ‖ tag)
+  Napi::Value Seal(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (disposed_) return Fail(env, "AES-GCM context disposed");
+    if (info.Length() < 3 || !IsBytes(info[0], kIv) || !IsBytes(info[1], 0) || !info[2].IsNumber()) {
+      return Fail(env, "seal(iv: 12 bytes, plaintext: Uint8Array, headroom: number)");
+    }
+    int64_t headroom = info[2].As<Napi::Number>().Int64Value();
+    if (headroom < 0 || headroom > 1024) return Fail(env, "headroom must be 0..1024");
+    size_t n = Length(info[1]);
+    if (n > (size_t(1) << 30)) return Fail(env, "plaintext too large");
+    EVP_CIPHER_CTX* ctx = EncryptCtx();
+    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+    auto out = Napi::Buffer<uint8_t>::New(env, size_t(headroom) + kIv + n + kTag);
+    uint8_t* p = out.Data();
+    std::memset(p, 0, size_t(headroom));
+    std::memcpy(p + headroom, Data(info[0]), kIv);
+    uint8_t* ct = p + headroom + kIv;
+    int len = 0;
+    int fin = 0;
+    if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p + headroom) != 1 ||
+        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, Data(info[1]), int(n)) != 1) ||
+        EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
+      return Fail(env, "AES-GCM encryption failed");
+    }
+    return out;
+  }
+
+  // open(body: iv ‖ ciphertext ‖ tag) -> Buffer | null
+  Napi::Value Open(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (disposed_) return Fail(env, "AES-GCM context disposed");
+    if (info.Length() < 1 || !IsBytes(info[0], 0)) return Fail(env, "open(body: Uint8Array)");
+    size_t total = Length(info[0]);
+    if (total < kIv + kTag) return env.Null();
+    EVP_CIPHER_CTX* ctx = DecryptCtx();
+    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+    const uint8_t* body = Data(info[0]);
+    size_t n = total - kIv - kTag;
+    uint8_t tag[kTag];
+    std::memcpy(tag, body + kIv + n, kTag);
+    auto out = Napi::Buffer<uint8_t>::New(env, n);
+    int len = 0;
+    int fin = 0;
+    if (EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) != 1 ||
+        (n > 0 && EVP_DecryptUpdate(ctx, out.Data(), &len, body + kIv, int(n)) != 1) ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), tag) != 1 ||
+        EVP_DecryptFinal_ex(ctx, out.Data() + len, &fin) != 1) {
+      return env.Null();
+    }
+    return out;
+  }
+
+  // sealInto(out, offset, iv, plaintext) -> undefined. Writes iv ‖ ciphertext ‖ tag at `offset`
+  // of a caller-allocated buffer (JS allocates from Node's buffer pool, cheaper than a fresh
+  // native allocation per frame).
+  Napi::Value SealInto(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (disposed_) return Fail(env, "AES-GCM context disposed");
+    if (info.Length() < 4 || !IsBytes(info[0], 0) || !info[1].IsNumber() || !IsBytes(info[2], kIv) ||
+        !IsBytes(info[3], 0)) {
+      return Fail(env, "sealInto(out, offset, iv: 12 bytes, plaintext)");
+    }
+    size_t n = Length(info[3]);
+    int64_t offset = info[1].As<Napi::Number>().Int64Value();
+    size_t cap = Length(info[0]);
+    if (offset < 0 || size_t(offset) > cap || cap - size_t(offset) < kIv + n + kTag) {
+      return Fail(env, "output buffer too small");
+    }
+    EVP_CIPHER_CTX* ctx = EncryptCtx();
+    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+    uint8_t* p = info[0].As<Napi::Uint8Array>().Data() + offset;
+    std::memcpy(p, Data(info[2]), kIv);
+    uint8_t* ct = p + kIv;
+    int len = 0;
+    int fin = 0;
+    if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p) != 1 ||
+        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, Data(info[3]), int(n)) != 1) ||
+        EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
+      return Fail(env, "AES-GCM encryption failed");
+    }
+    return env.Undefined();
+  }
+
+  // openInto(body, out) -> boolean. `out` holds exactly body.length - 28 bytes.
+  Napi::Value OpenInto(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (disposed_) return Fail(env, "AES-GCM context disposed");
+    if (info.Length() < 2 || !IsBytes(info[0], 0) || !IsBytes(info[1], 0)) return Fail(env, "openInto(body, out)");
+    size_t total = Length(info[0]);
+    if (total < kIv + kTag) return Napi::Boolean::New(env, false);
+    size_t n = total - kIv - kTag;
+    if (Length(info[1]) != n) return Fail(env, "output buffer must be body.length - 28 bytes");
+    EVP_CIPHER_CTX* ctx = DecryptCtx();
+    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+    const uint8_t* body = Data(info[0]);
+    uint8_t tag[kTag];
+    std::memcpy(tag, body + kIv + n, kTag);
+    uint8_t* out = info[1].As<Napi::Uint8Array>().Data();
+    int len = 0;
+    int fin = 0;
+    bool ok = EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) == 1 &&
+              (n == 0 || EVP_DecryptUpdate(ctx, out, &len, body + kIv, int(n)) == 1) &&
+              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), tag) == 1 &&
+              EVP_DecryptFinal_ex(ctx, out + len, &fin) == 1;
+    return Napi::Boolean::New(env, ok);
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    Free();
+    disposed_ = true;
+    return info.Env().Undefined();
+  }
+
+  void Free() {
+    if (enc_) EVP_CIPHER_CTX_free(enc_);
+    if (dec_) EVP_CIPHER_CTX_free(dec_);
+    enc_ = dec_ = nullptr;
+    OPENSSL_cleanse(key_, kKey);
+  }
+
+  uint8_t key_[kKey] = {0};
+  EVP_CIPHER_CTX* enc_ = nullptr;
+  EVP_CIPHER_CTX* dec_ = nullptr;
+  bool disposed_ = false;
+};
+
+// ---- X25519 ---------------------------------------------------------------------------------
+
+// x25519KeyPair(privateKey?) -> [privateKey, publicKey]
+Napi::Value X25519KeyPair(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t priv[kKey];
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (!IsBytes(info[0], kKey)) return Fail(env, "X25519 private key must be 32 bytes");
+    std::memcpy(priv, Data(info[0]), kKey);
+  } else if (RAND_bytes(priv, int(kKey)) != 1) {
+    return Fail(env, "no randomness");
+  }
+  EVP_PKEY* key = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, priv, kKey);
+  if (!key) return Fail(env, "bad X25519 private key");
+  auto pub = Napi::Buffer<uint8_t>::New(env, kKey);
+  size_t len = kKey;
+  int ok = EVP_PKEY_get_raw_public_key(key, pub.Data(), &len);
+  EVP_PKEY_free(key);
+  if (ok != 1 || len != kKey) return Fail(env, "cannot derive the X25519 public key");
+  auto privOut = Napi::Buffer<uint8_t>::Copy(env, priv, kKey);
+  OPENSSL_cleanse(priv, kKey);
+  auto pair = Napi::Array::New(env, 2);
+  pair.Set(uint32_t(0), privOut);
+  pair.Set(uint32_t(1), pub);
+  return pair;
+}
+
+// x25519(privateKey, peerPublicKey) -> shared secret; throws on a bad key or an all-zero result
+Napi::Value X25519(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !IsBytes(info[0], kKey) || !IsBytes(info[1], kKey)) {
+    return Fail(env, "x25519(privateKey: 32 bytes, peerPublicKey: 32 bytes)");
+  }
+  EVP_PKEY* priv = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, Data(info[0]), kKey);
+  EVP_PKEY* peer = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, Data(info[1]), kKey);
+  EVP_PKEY_CTX* ctx = priv ? EVP_PKEY_CTX_new(priv, nullptr) : nullptr;
+  uint8_t shared[kKey];
+  size_t len = kKey;
+  bool ok = priv && peer && ctx && EVP_PKEY_derive_init(ctx) == 1 && EVP_PKEY_derive_set_peer(ctx, peer) == 1 &&
+            EVP_PKEY_derive(ctx, shared, &len) == 1 && len == kKey;
+  if (ctx) EVP_PKEY_CTX_free(ctx);
+  if (peer) EVP_PKEY_free(peer);
+  if (priv) EVP_PKEY_free(priv);
+  if (!ok) return Fail(env, "X25519 key agreement failed");
+  uint8_t acc = 0;
+  for (size_t i = 0; i < kKey; i++) acc |= shared[i];
+  if (acc == 0) return Fail(env, "X25519 shared secret is all zero");
+  auto out = Napi::Buffer<uint8_t>::Copy(env, shared, kKey);
+  OPENSSL_cleanse(shared, kKey);
+  return out;
+}
+
+// ---- Ed25519 --------------------------------------------------------------------------------
+
+class Ed25519Key : public Napi::ObjectWrap<Ed25519Key> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "Ed25519Key",
+                       {InstanceMethod<&Ed25519Key::PublicKey>("publicKey"), InstanceMethod<&Ed25519Key::Sign>("sign")});
+  }
+
+  explicit Ed25519Key(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Ed25519Key>(info) {
+    if (info.Length() < 1 || !IsBytes(info[0], kKey)) {
+      Napi::RangeError::New(info.Env(), "Ed25519 seed must be 32 bytes").ThrowAsJavaScriptException();
+      return;
+    }
+    key_ = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, Data(info[0]), kKey);
+    if (!key_) Napi::RangeError::New(info.Env(), "bad Ed25519 seed").ThrowAsJavaScriptException();
+  }
+
+  ~Ed25519Key() override {
+    if (key_) EVP_PKEY_free(key_);
+  }
+
+ private:
+  Napi::Value PublicKey(const Napi::CallbackInfo& info) {
+    auto pub = Napi::Buffer<uint8_t>::New(info.Env(), kKey);
+    size_t len = kKey;
+    if (!key_ || EVP_PKEY_get_raw_public_key(key_, pub.Data(), &len) != 1) return Fail(info.Env(), "no key");
+    return pub;
+  }
+
+  Napi::Value Sign(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!key_) return Fail(env, "no key");
+    if (info.Length() < 1 || !IsBytes(info[0], 0)) return Fail(env, "sign(message: Uint8Array)");
+    EVP_MD_CTX* md = EVP_MD_CTX_new();
+    auto sig = Napi::Buffer<uint8_t>::New(env, 64);
+    size_t len = 64;
+    bool ok = md && EVP_DigestSignInit(md, nullptr, nullptr, nullptr, key_) == 1 &&
+              EVP_DigestSign(md, sig.Data(), &len, Data(info[0]), Length(info[0])) == 1 && len == 64;
+    if (md) EVP_MD_CTX_free(md);
+    if (!ok) return Fail(env, "Ed25519 signing failed");
+    return sig;
+  }
+
+  EVP_PKEY* key_ = nullptr;
+};
+
+// ed25519Verify(publicKey, message, signature) -> boolean (false for any bad input)
+Napi::Value Ed25519Verify(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !IsBytes(info[0], kKey) || !IsBytes(info[1], 0) || !IsBytes(info[2], 64)) {
+    return Napi::Boolean::New(env, false);
+  }
+  EVP_PKEY* pub = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, Data(info[0]), kKey);
+  if (!pub) return Napi::Boolean::New(env, false);
+  EVP_MD_CTX* md = EVP_MD_CTX_new();
+  bool ok = md && EVP_DigestVerifyInit(md, nullptr, nullptr, nullptr, pub) == 1 &&
+            EVP_DigestVerify(md, Data(info[2]), 64, Data(info[1]), Length(info[1])) == 1;
+  if (md) EVP_MD_CTX_free(md);
+  EVP_PKEY_free(pub);
+  return Napi::Boolean::New(env, ok);
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("AesGcm", AesGcm::Init(env));
+  exports.Set("Ed25519Key", Ed25519Key::Init(env));
+  exports.Set("x25519KeyPair", Napi::Function::New(env, X25519KeyPair));
+  exports.Set("x25519", Napi::Function::New(env, X25519));
+  exports.Set("ed25519Verify", Napi::Function::New(env, Ed25519Verify));
+  exports.Set("openssl", Napi::String::New(env, OPENSSL_VERSION_TEXT));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(gw_crypto, Init)

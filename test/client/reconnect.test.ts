@@ -1,0 +1,74 @@
+/**
+ * The client library's reconnection: after the gateway goes away, it waits (at least the kick's
+ * retryAfter, with backoff), reconnects, and resumes its session on the new gateway process.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { GatewayClient, type Session } from '../../client/client.ts';
+import { newName, PASSWORD } from '../helpers/accounts.ts';
+import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
+import { startGateway } from '../helpers/gateway-process.ts';
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+test('reconnects with backoff after going_away and resumes the session on the next process', async () => {
+  const tag = randomUUID().slice(0, 8);
+  const port = await freePort();
+  const env = {
+    GW_TCP_PORT: String(port),
+    GW_REDIS_PREFIX: `gwtest:${tag}:`,
+    GW_DB_SCHEMA: `gwtest_${tag}`,
+    GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+    GW_IDENTITY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'identity.pem'),
+    GW_RECONNECT_JITTER_MS: '300',
+  };
+  const a = await startGateway(env);
+  const c = new GatewayClient({
+    url: `tcp://127.0.0.1:${port}`,
+    pinnedFingerprint: a.fingerprint,
+    reconnect: { initialDelayMs: 100, maxDelayMs: 1000 },
+  });
+  try {
+    await c.connect();
+    const name = newName();
+    await c.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
+    const s = await c.request<Session>('login', { username: name, password: PASSWORD });
+    const kicked = new Promise<{ code: string; retryAfter?: number }>((r) => c.once('kick', r));
+    const attempts: number[] = [];
+    c.on('reconnecting', (r: { attempt: number; delayMs: number }) => attempts.push(r.delayMs));
+    const reconnected = new Promise<Session>((r) => c.once('reconnected', r));
+    await a.stop();
+    const kick = await kicked;
+    assert.equal(kick.code, 'going_away');
+    const b = await startGateway(env);
+    try {
+      assert.equal(b.fingerprint, a.fingerprint, 'same identity file, same pin');
+      const resumed = await reconnected;
+      assert.equal(resumed.sessionId, s.sessionId, 'the same session, resumed');
+      assert.ok(attempts.length >= 1);
+      assert.ok(attempts[0] >= (kick.retryAfter ?? 0), 'waited at least retryAfter');
+      const sessions = await c.request<{ sessions: { current: boolean }[] }>('sessions');
+      assert.equal(sessions.sessions.filter((x) => x.current).length, 1);
+      await c.close();
+    } finally {
+      await b.stop();
+    }
+  } finally {
+    c.destroy();
+    await dropRedisPrefix(env.GW_REDIS_PREFIX);
+    await dropSchema(env.GW_DB_SCHEMA);
+  }
+});

@@ -1,0 +1,522 @@
+/**
+ * At-least-once delivery end to end: real gateway processes, Redis, PostgreSQL and BullMQ.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { Queue } from 'bullmq';
+import { Redis } from 'ioredis';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { ProtocolError } from '../../protocol/index.ts';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { QueueReader } from '../helpers/queues.ts';
+
+const API_KEY = 'test-api-key-0123456789';
+const FAST = {
+  GW_API_KEY: API_KEY,
+  GW_ACK_TIMEOUT_MS: '300',
+  GW_RETRY_BASE_MS: '100',
+  GW_RETRY_MAX_MS: '300',
+  GW_MAX_ATTEMPTS: '3',
+  GW_SWEEP_INTERVAL_MS: '300',
+  GW_PRESENCE_STALE_MS: '1500',
+  GW_DEFAULT_ROOM: '',
+  GW_REGISTER_PER_MINUTE: '1000',
+};
+const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+let gw: GatewayProcess;
+let reader: QueueReader;
+let pub: GatewayPublisher;
+
+before(async () => {
+  gw = await startGateway(FAST);
+  reader = new QueueReader(gw.prefix);
+  pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: gw.prefix });
+});
+after(async () => {
+  await pub.close();
+  await reader.close();
+  await gw.stop();
+});
+
+/** Collects a client's events. */
+function collect(c: GatewayClient): EventMsg[] {
+  const got: EventMsg[] = [];
+  c.on('event', (e: EventMsg) => got.push(e));
+  return got;
+}
+
+async function until(pred: () => boolean, timeoutMs = 10000, what = 'condition'): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`${what} not met within ${timeoutMs} ms`);
+    await wait(20);
+  }
+}
+
+function httpPublish(g: GatewayProcess, body: unknown, key = API_KEY) {
+  return fetch(`http://127.0.0.1:${g.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+    body: JSON.stringify(body),
+  });
+}
+
+describe('qos 1 on one node', () => {
+  test('first deliveries arrive in publish order; acks empty the outbox', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const got = collect(c);
+    const eids: string[] = [];
+    for (let i = 0; i < 60; i++)
+      eids.push((await pub.publish({ session: s.sessionId }, { name: 'n', data: { i } })).eid);
+    await until(() => got.length >= 60, 10000, '60 events');
+    assert.deepEqual(
+      got.map((e) => e.eid),
+      eids,
+    );
+    assert.ok(got.every((e) => e.qos === 1 && e.attempt === 1 && e.name === 'n'));
+    assert.deepEqual(
+      got.map((e) => (e.data as { i: number }).i),
+      [...Array(60).keys()],
+    );
+    const r = new Redis(REDIS_URL);
+    await until(() => true);
+    for (let i = 0; i < 50 && (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) > 0; i++) await wait(50);
+    assert.equal(await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`), 0, 'acked events leave the outbox');
+    r.disconnect();
+    c.destroy();
+  });
+
+  test('an unacked event comes again with the same eid and a higher attempt; stray acks drop nothing', async () => {
+    const c = await connected(gw.wsUrl, { autoAck: false });
+    const s = await signUp(c);
+    const got = collect(c);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'cfg', data: 1 });
+    await until(() => got.length >= 1);
+    // stray and duplicate acks are ignored and never remove another event
+    c.ack([randomUUID(), randomUUID()]);
+    await until(() => got.length >= 2, 5000, 'redelivery');
+    assert.equal(got[1].eid, eid);
+    assert.equal(got[0].attempt, 1);
+    assert.equal(got[1].attempt, 2);
+    c.ack([eid]);
+    c.ack([eid]);
+    await wait(900);
+    assert.equal(got.length, 2, 'no more attempts after the ack');
+    c.destroy();
+  });
+
+  test('after the attempt limit: dead letter and delivery.failed on the back-end queue', async () => {
+    const c = await connected(gw.tcpUrl, { autoAck: false });
+    const s = await signUp(c);
+    const got = collect(c);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'doomed', data: 'x' });
+    await until(() => got.length >= 3, 8000, 'three attempts');
+    assert.deepEqual(
+      got.map((e) => e.attempt),
+      [1, 2, 3],
+    );
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (j) => j.some((x) => x.data.eid === eid),
+      8000,
+      'delivery.failed',
+    );
+    const f = failed.find((x) => x.data.eid === eid)!;
+    assert.equal(f.data.sessionId, s.sessionId);
+    assert.equal(f.data.attempts, 3);
+    assert.equal(f.data.reason, 'max_attempts');
+    const dead = await reader.waitFor('gw-dead-letters', (j) => j.some((x) => x.data.event.eid === eid));
+    assert.equal(dead.find((x) => x.data.event.eid === eid)!.data.event.name, 'doomed');
+    const retries = await reader.jobs('gw-retry');
+    assert.ok(
+      retries.some((j) => j.data.eid === eid),
+      'retries are BullMQ jobs',
+    );
+    await wait(700);
+    assert.equal(got.length, 3, 'not delivered again');
+    c.destroy();
+  });
+
+  test('receipt: true reports delivery.acked', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'r', data: null, receipt: true });
+    const jobs = await reader.waitFor(
+      'gw-backend',
+      (j) => j.some((x) => x.data.eid === eid),
+      5000,
+      'delivery.acked',
+    );
+    assert.equal(jobs.find((x) => x.data.eid === eid)!.data.sessionId, s.sessionId);
+    c.destroy();
+  });
+
+  test('disconnect, publish, resume: everything unacked arrives in order', async () => {
+    const c = await connected(gw.tcpUrl, { autoAck: false });
+    const s = await signUp(c);
+    const got1 = collect(c);
+    const first = await pub.publish({ session: s.sessionId }, { name: 'm', data: 0 });
+    await until(() => got1.length === 1);
+    c.destroy(); // never acked
+    await wait(100);
+    const eids = [first.eid];
+    for (let i = 1; i <= 20; i++)
+      eids.push((await pub.publish({ session: s.sessionId }, { name: 'm', data: i })).eid);
+    const d = await connected(gw.wsUrl);
+    const got = collect(d);
+    await d.request('resume', { token: s.token });
+    await until(() => got.length >= 21, 5000, '21 events');
+    assert.deepEqual(
+      got.slice(0, 21).map((e) => e.eid),
+      eids,
+    );
+    assert.ok(got[0].attempt! >= 2, 'the one sent before counts as an attempt');
+    d.destroy();
+  });
+
+  test('ttl: an event past its ttl is not delivered and is reported delivery.expired', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    c.destroy();
+    await wait(100);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'short', data: 1, ttl: 200 });
+    const jobs = await reader.waitFor(
+      'gw-backend',
+      (j) => j.some((x) => x.data.eid === eid),
+      5000,
+      'delivery.expired',
+    );
+    assert.equal(jobs.find((x) => x.data.eid === eid)!.data.name, 'short');
+    const d = await connected(gw.tcpUrl);
+    const got = collect(d);
+    await d.request('resume', { token: s.token });
+    await wait(300);
+    assert.equal(got.filter((e) => e.eid === eid).length, 0);
+    d.destroy();
+  });
+
+  test('ttl of an event waiting behind the window expires when it comes up', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const got = collect(c);
+    c.destroy();
+    await wait(50);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'short', data: 1, ttl: 100 });
+    await wait(150);
+    const d = await connected(gw.tcpUrl);
+    const got2 = collect(d);
+    await d.request('resume', { token: s.token });
+    await reader.waitFor('gw-backend', (j) => j.some((x) => x.data.eid === eid), 5000, 'delivery.expired');
+    assert.equal([...got, ...got2].filter((e) => e.eid === eid).length, 0);
+    d.destroy();
+  });
+});
+
+describe('the three publish paths', () => {
+  test('TypeScript function, POST /v1/events and the gw-publish BullMQ queue all deliver', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c, { id: `dev-${randomUUID()}` });
+    const got = collect(c);
+    const viaFn = await pub.publish({ user: s.userId }, { name: 'via.fn', data: { a: 1 } });
+    const res = await httpPublish(gw, {
+      target: { device: (s as unknown as { deviceId?: string }).deviceId ?? '' },
+      name: 'x',
+    });
+    assert.equal(res.status, 400, 'an empty device id is bad_message');
+    const http = await httpPublish(gw, {
+      events: [
+        { target: { username: s.username }, name: 'via.http', data: { b: 2 } },
+        { target: { session: s.sessionId }, name: 'via.http0', data: 0, qos: 0 },
+      ],
+    });
+    assert.equal(http.status, 202);
+    const body = (await http.json()) as { eids: string[] };
+    assert.equal(body.eids.length, 2);
+    const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+    const q = new Queue('gw-publish', { connection: conn, prefix: `${gw.prefix}bull` });
+    const job = await q.add('publish', {
+      target: { session: s.sessionId },
+      name: 'via.queue',
+      data: { c: 3 },
+    });
+    await until(() => got.length >= 4, 8000, 'four events');
+    const names = got.map((e) => e.name).sort();
+    assert.deepEqual(names, ['via.fn', 'via.http', 'via.http0', 'via.queue']);
+    assert.equal(got.find((e) => e.name === 'via.fn')!.eid, viaFn.eid);
+    assert.equal(got.find((e) => e.name === 'via.http')!.eid, body.eids[0]);
+    assert.equal(got.find((e) => e.name === 'via.http0')!.qos, 0);
+    assert.equal(got.find((e) => e.name === 'via.queue')!.eid, `job-${job.id}`);
+    // the queue job's return value tells the publisher what happened
+    await until(() => true);
+    for (let i = 0; i < 50 && !(await job.isCompleted()); i++) await wait(50);
+    assert.equal(await job.isCompleted(), true);
+    // errors are stable codes
+    assert.equal(
+      (await httpPublish(gw, { target: { session: s.sessionId }, name: 'x' }, 'wrong-key')).status,
+      401,
+    );
+    const unknown = await httpPublish(gw, { target: { session: randomUUID() }, name: 'x' });
+    assert.equal(unknown.status, 404);
+    assert.equal(((await unknown.json()) as { error: { code: string } }).error.code, 'not_found');
+    const bad = await httpPublish(gw, { target: { session: s.sessionId }, name: 'bad name!' });
+    assert.equal(((await bad.json()) as { error: { code: string; field: string } }).error.field, 'name');
+    await q.close();
+    conn.disconnect();
+    c.destroy();
+  });
+});
+
+describe('outbox bound', () => {
+  test('reject: the publisher is told; drop-oldest: the dropped event is reported', async () => {
+    for (const policy of ['reject', 'drop-oldest'] as const) {
+      const g = await startGateway({ ...FAST, GW_OUTBOX_MAX: '5', GW_OUTBOX_POLICY: policy });
+      const r = new QueueReader(g.prefix);
+      try {
+        const c = await connected(g.tcpUrl);
+        const s = await signUp(c);
+        c.destroy();
+        await wait(100);
+        const outcomes = [];
+        for (let i = 0; i < 7; i++) {
+          const res = await httpPublish(g, { target: { session: s.sessionId }, name: 'e', data: i });
+          outcomes.push(
+            ((await res.json()) as { results: { accepted: number; rejected: number }[] }).results[0],
+          );
+        }
+        if (policy === 'reject') {
+          assert.deepEqual(
+            outcomes.map((o) => o.rejected),
+            [0, 0, 0, 0, 0, 1, 1],
+          );
+        } else {
+          assert.ok(outcomes.every((o) => o.accepted === 1));
+          const dropped = await r.waitFor('gw-backend', (j) => j.length >= 2, 5000, 'delivery.dropped');
+          assert.equal(dropped.length, 2);
+        }
+        const d = await connected(g.tcpUrl);
+        const got = collect(d);
+        await d.request('resume', { token: s.token });
+        await until(() => got.length >= 5);
+        await wait(200);
+        assert.deepEqual(
+          got.map((e) => e.data),
+          policy === 'reject' ? [0, 1, 2, 3, 4] : [2, 3, 4, 5, 6],
+        );
+        d.destroy();
+      } finally {
+        await r.close();
+        await g.stop();
+      }
+    }
+  });
+});
+
+describe('devices to the back end', () => {
+  test('publish answers ok {eid} once the job is on gw-backend; usage counters count it', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c, { id: `meter-${randomUUID().slice(0, 8)}` });
+    const { eid } = await c.request<{ eid: string }>('publish', { name: 'reading', data: { kwh: 1.5 } });
+    const jobs = await reader.jobs('gw-backend', 'device.event');
+    const job = jobs.find((j) => j.data.eid === eid);
+    assert.ok(job, 'the job exists when the device has its ok');
+    assert.deepEqual(Object.keys(job!.data).sort(), [
+      'data',
+      'device',
+      'eid',
+      'name',
+      'session',
+      'ts',
+      'user',
+      'username',
+    ]);
+    assert.equal(job!.data.session, s.sessionId);
+    assert.equal(job!.data.user, s.userId);
+    assert.deepEqual(job!.data.data, { kwh: 1.5 });
+    await assert.rejects(
+      c.request('publish', { name: 'bad name', data: 1 }),
+      (e: unknown) => e instanceof ProtocolError && e.code === 'bad_message',
+    );
+    await c.close();
+    const r = new Redis(REDIS_URL);
+    const device = job!.data.device as string;
+    let usage: Record<string, string> = {};
+    for (let i = 0; i < 40 && !usage.events_in; i++) {
+      usage = await r.hgetall(`${gw.prefix}usage:${device}`);
+      await wait(50);
+    }
+    assert.equal(usage.events_in, '1');
+    assert.ok(Number(usage.bytes_in) > 0 && Number(usage.bytes_out) > 0);
+    r.disconnect();
+  });
+});
+
+describe('rooms and direct messages', () => {
+  test('join, say to members on the node, history replay, leave, rooms, users', async () => {
+    const a = await connected(gw.tcpUrl);
+    const sa = await signUp(a);
+    const b = await connected(gw.wsUrl);
+    const sb = await signUp(b);
+    const room = `#r${randomUUID().slice(0, 6)}`;
+    const gotA = collect(a);
+    const gotB = collect(b);
+    assert.deepEqual(await a.request('join', { room: room.slice(1).toUpperCase() }), { room, members: 1 });
+    await a.request('say', { room, body: 'before b came' });
+    const joined = await b.request('join', { room });
+    assert.deepEqual(joined, { room, members: 2 });
+    await until(() => gotB.some((e) => e.history));
+    const hist = gotB.find((e) => e.history)!;
+    assert.equal(hist.name, 'room.message');
+    assert.deepEqual(hist.data, { body: 'before b came' });
+    await until(() => gotA.some((e) => e.name === 'room.joined' && e.from === sb.username));
+    await b.request('say', { room, body: 'hello' });
+    await until(() => gotA.some((e) => e.name === 'room.message' && e.from === sb.username));
+    await until(
+      () => gotB.some((e) => e.name === 'room.message' && !e.history),
+      3000,
+      'the sender gets it too',
+    );
+    const rooms = (await a.request<{ rooms: { room: string; members: number }[] }>('rooms')).rooms;
+    assert.deepEqual(
+      rooms.find((r) => r.room === room),
+      { room, members: 2 },
+    );
+    const users = (await a.request<{ users: string[] }>('users', { room })).users;
+    assert.deepEqual(users, [sa.username, sb.username].sort());
+    assert.ok((await a.request<{ users: string[] }>('users')).users.includes(sb.username));
+    assert.deepEqual(await b.request('leave', { room }), { room, members: 1 });
+    await until(() => gotA.some((e) => e.name === 'room.left' && e.from === sb.username));
+    const bad = (code: string) => (e: unknown) => e instanceof ProtocolError && e.code === code;
+    await assert.rejects(b.request('say', { room, body: 'x' }), bad('forbidden'));
+    await assert.rejects(b.request('leave', { room }), bad('not_found'));
+    await assert.rejects(a.request('join', { room: '#Bad Room!' }), bad('bad_message'));
+    await assert.rejects(a.request('say', { room, body: 'x'.repeat(1025) }), bad('bad_message'));
+    a.destroy();
+    b.destroy();
+  });
+
+  test("send: a qos-1 direct.message to each of the target's sessions; not_found without one", async () => {
+    const a = await connected(gw.tcpUrl);
+    const sa = await signUp(a);
+    const b1 = await connected(gw.tcpUrl);
+    const sb = await signUp(b1);
+    const b2 = await connected(gw.wsUrl);
+    await b2.request('login', { username: sb.username, password: PASSWORD });
+    const g1 = collect(b1);
+    const g2 = collect(b2);
+    const { eid } = await a.request<{ eid: string }>('send', { to: sb.username.toUpperCase(), body: 'psst' });
+    await until(() => g1.length > 0 && g2.length > 0);
+    assert.equal(g1.length + g2.length, 2, JSON.stringify([...g1, ...g2]));
+    for (const e of [g1[0], g2[0]]) {
+      assert.equal(e.eid, eid);
+      assert.equal(e.name, 'direct.message');
+      assert.equal(e.from, sa.username);
+      assert.equal(e.qos, 1);
+      assert.deepEqual(e.data, { body: 'psst' });
+    }
+    await assert.rejects(
+      a.request('send', { to: 'nobody_here', body: 'x' }),
+      (e: unknown) => e instanceof ProtocolError && e.code === 'not_found',
+    );
+    for (const c of [a, b1, b2]) c.destroy();
+  });
+});
+
+describe('two gateway processes', () => {
+  test('cross-node events and rooms; SIGKILL with events in flight loses none; the sweep removes the dead node', async () => {
+    const tag = randomUUID().slice(0, 8);
+    const shared = {
+      ...FAST,
+      GW_ACK_TIMEOUT_MS: '2000',
+      GW_MAX_ATTEMPTS: '10',
+      GW_DEFAULT_ROOM: '#general',
+      GW_REDIS_PREFIX: `gwtest:${tag}:`,
+      GW_DB_SCHEMA: `gwtest_${tag}`,
+      GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+    };
+    const a = await startGateway(shared);
+    const b = await startGateway(shared);
+    const qr = new QueueReader(shared.GW_REDIS_PREFIX);
+    try {
+      const dev = await connected(a.tcpUrl);
+      const s = (await signUp(dev, { id: 'dev-x' })) as Session & { username: string };
+      const got = collect(dev);
+      const other = await connected(b.wsUrl);
+      const so = await signUp(other);
+      await other.request('say', { room: '#general', body: 'from node B' });
+      await until(
+        () => got.some((e) => e.name === 'room.message' && e.from === so.username),
+        5000,
+        'room message across nodes',
+      );
+      const first = await httpPublish(b, { target: { device: 'dev-x' }, name: 'hello.from.b' });
+      assert.equal(first.status, 202);
+      await until(() => got.some((e) => e.name === 'hello.from.b'), 5000, 'event published through B');
+
+      // stream events through B while the device acks on A; kill A mid-stream
+      const published: string[] = [];
+      const total = 300;
+      const publisher = (async () => {
+        for (let i = 0; i < total; i++) {
+          const res = await httpPublish(b, { target: { session: s.sessionId }, name: 'stream', data: i });
+          published.push(((await res.json()) as { eids: string[] }).eids[0]);
+        }
+      })();
+      await until(() => got.filter((e) => e.name === 'stream').length >= 40, 10000, 'streaming started');
+      a.proc.kill('SIGKILL');
+      await a.exited;
+      await publisher;
+      // the device reconnects to B and resumes its session
+      const again = await connected(b.tcpUrl);
+      const got2 = collect(again);
+      await again.request('resume', { token: s.token });
+      await until(
+        () => new Set([...got, ...got2].filter((e) => e.name === 'stream').map((e) => e.eid)).size >= total,
+        15000,
+        'every event after the resume',
+      );
+      const all = [...got, ...got2].filter((e) => e.name === 'stream');
+      const received = new Set(all.map((e) => e.eid));
+      const lost = published.filter((eid) => !received.has(eid));
+      assert.deepEqual(lost, [], 'none lost');
+      const duplicates = all.length - received.size;
+      assert.ok(duplicates <= 32, `duplicates ${duplicates} within the in-flight window (32)`);
+      // the cluster-wide sweep removes node A's presence and room membership
+      const r = new Redis(REDIS_URL);
+      const stale = async () => {
+        const pres = await r.hvals(`${shared.GW_REDIS_PREFIX}presence`);
+        return pres.some((p) => JSON.parse(p).node === a.logs.find((l) => l.msg === 'gateway ready')?.node);
+      };
+      for (
+        let i = 0;
+        i < 100 && (await r.zscore(`${shared.GW_REDIS_PREFIX}nodes`, String(a.logs[0].node)));
+        i++
+      ) {
+        await wait(100);
+      }
+      assert.equal(
+        await r.zscore(`${shared.GW_REDIS_PREFIX}nodes`, String(a.logs[0].node)),
+        null,
+        'dead node swept',
+      );
+      assert.equal(await stale(), false);
+      r.disconnect();
+      again.destroy();
+      other.destroy();
+    } finally {
+      await qr.close();
+      await Promise.all([a.stop(), b.stop()]);
+      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
+      await dropSchema(shared.GW_DB_SCHEMA);
+    }
+  });
+});

@@ -1,0 +1,34 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { CONFIG_ENV_NAMES, ConfigError, configMarkdown, loadConfig } from '../../gateway/config.ts';
+
+test('the README configuration table is the one generated from gateway/config.ts', () => {
+  const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
+  const table = readme
+    .slice(readme.indexOf('<!-- config:begin -->') + 21, readme.indexOf('<!-- config:end -->'))
+    .trim();
+  assert.equal(table, configMarkdown(), 'run `npm run config:doc` and paste the table into the README');
+  for (const name of CONFIG_ENV_NAMES) assert.ok(readme.includes(`\`${name}\``));
+});
+
+test('every problem is reported at once, secrets are not echoed', () => {
+  try {
+    loadConfig({ GW_TCP_PORT: '70000', GW_LOG_LEVEL: 'loud', REDIS_URL: 'not a url with password hunter2' });
+    assert.fail('should throw');
+  } catch (e) {
+    assert.ok(e instanceof ConfigError);
+    assert.equal(e.problems.length, 3);
+    assert.doesNotMatch(e.message, /hunter2/);
+  }
+});
+
+test('defaults', () => {
+  const c = loadConfig({});
+  assert.equal(c.tcpPort, 9000);
+  assert.equal(c.httpPort, 8080);
+  assert.equal(c.heartbeatMs, 15000);
+  assert.equal(c.maxFrameBytes, 65536);
+  assert.equal(c.maxConnPerIp, 0);
+  assert.ok(Object.isFrozen(c));
+});

@@ -1,0 +1,142 @@
+/**
+ * Spawns a real gateway process on free ports with its own identity file and Redis prefix, and
+ * waits for its "gateway ready" log line.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { dropRedisPrefix, dropSchema } from './cleanup.ts';
+
+const ROOT = new URL('../../', import.meta.url).pathname;
+
+export interface GatewayProcess {
+  proc: ChildProcess;
+  tcpUrl: string;
+  wsUrl: string;
+  httpPort: number;
+  metricsPort: number;
+  fingerprint: string;
+  prefix: string;
+  schema: string;
+  /** Every log line so far, parsed. */
+  logs: Record<string, unknown>[];
+  /** Resolves with the exit code. */
+  exited: Promise<number | null>;
+  /** SIGTERM, wait for exit (SIGKILL after 10 s). */
+  stop(): Promise<number | null>;
+  /** Resolves when a log line matches. */
+  waitForLog(
+    pred: (line: Record<string, unknown>) => boolean,
+    timeoutMs?: number,
+  ): Promise<Record<string, unknown>>;
+}
+
+export async function startGateway(env: Record<string, string> = {}): Promise<GatewayProcess> {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-test-'));
+  const tag = randomUUID().slice(0, 8);
+  const prefix = env.GW_REDIS_PREFIX ?? `gwtest:${tag}:`;
+  const schema = env.GW_DB_SCHEMA ?? `gwtest_${tag}`;
+  const proc = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'gateway/main.ts')], {
+    cwd: ROOT,
+    env: {
+      ...process.env,
+      GW_TCP_PORT: '0',
+      GW_HTTP_PORT: '0',
+      GW_METRICS_PORT: '0',
+      GW_HOST: '127.0.0.1',
+      GW_IDENTITY_FILE: join(dir, 'identity.pem'),
+      GW_REDIS_PREFIX: prefix,
+      GW_DB_SCHEMA: schema,
+      GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
+      GW_LOG_LEVEL: 'debug',
+      // Fast hashing in tests; the defaults are the production parameters.
+      ARGON2_MEMORY_KIB: '1024',
+      ARGON2_ITERATIONS: '1',
+      GW_COOKIE_SECURE: 'false',
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const logs: Record<string, unknown>[] = [];
+  const waiters: {
+    pred: (l: Record<string, unknown>) => boolean;
+    resolve: (l: Record<string, unknown>) => void;
+  }[] = [];
+  let stderr = '';
+  proc.stderr!.on('data', (d) => {
+    stderr += d;
+  });
+  createInterface({ input: proc.stdout! }).on('line', (line) => {
+    let parsed: Record<string, unknown>;
+    try {
+      parsed = JSON.parse(line);
+    } catch {
+      parsed = { msg: line };
+    }
+    logs.push(parsed);
+    for (const w of [...waiters]) {
+      if (w.pred(parsed)) {
+        waiters.splice(waiters.indexOf(w), 1);
+        w.resolve(parsed);
+      }
+    }
+  });
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  // Data this helper made up is removed when the process is gone; a test that shares a prefix
+  // or schema between gateways passes them in and cleans up itself.
+  const owned = env.GW_REDIS_PREFIX === undefined && env.GW_DB_SCHEMA === undefined;
+  const cleaned = exited.then(async () => {
+    rmSync(dir, { recursive: true, force: true });
+    if (owned) await Promise.all([dropRedisPrefix(prefix), dropSchema(schema)]);
+  });
+  const waitForLog = (pred: (l: Record<string, unknown>) => boolean, timeoutMs = 15000) => {
+    const found = logs.find(pred);
+    if (found) return Promise.resolve(found);
+    return new Promise<Record<string, unknown>>((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new Error(`log line not seen; stderr: ${stderr.slice(-2000)}`)),
+        timeoutMs,
+      );
+      waiters.push({
+        pred,
+        resolve: (l) => {
+          clearTimeout(timer);
+          resolve(l);
+        },
+      });
+      exited.then((code) =>
+        reject(new Error(`gateway exited (${code}) before the log line; stderr: ${stderr}`)),
+      );
+    });
+  };
+  const ready = await waitForLog((l) => l.msg === 'gateway ready', 30000);
+  const identity = logs.find((l) => l.msg === 'server identity')!;
+  return {
+    proc,
+    tcpUrl: `tcp://127.0.0.1:${ready.tcpPort}`,
+    wsUrl: `ws://127.0.0.1:${ready.httpPort}/ws`,
+    httpPort: ready.httpPort as number,
+    metricsPort: ready.metricsPort as number,
+    fingerprint: identity.fingerprint as string,
+    prefix,
+    schema,
+    logs,
+    exited,
+    waitForLog,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        proc.kill('SIGTERM');
+        const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
+        const code = await exited;
+        clearTimeout(t);
+        await cleaned;
+        return code;
+      }
+      await cleaned;
+      return exited;
+    },
+  };
+}

@@ -1,0 +1,54 @@
+/** Reads a test gateway's BullMQ queues (as a back end in any language would). */
+import { type Job, Queue } from 'bullmq';
+import { Redis } from 'ioredis';
+import { REDIS_URL } from './cleanup.ts';
+
+export class QueueReader {
+  private readonly conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  private readonly queues = new Map<string, Queue>();
+
+  constructor(private readonly prefix: string) {}
+
+  queue(name: string): Queue {
+    let q = this.queues.get(name);
+    if (!q)
+      this.queues.set(name, (q = new Queue(name, { connection: this.conn, prefix: `${this.prefix}bull` })));
+    return q;
+  }
+
+  async jobs(name: string, jobName?: string): Promise<Job[]> {
+    const all = await this.queue(name).getJobs([
+      'waiting',
+      'active',
+      'completed',
+      'failed',
+      'delayed',
+      'prioritized',
+    ]);
+    return all.filter((j) => j && (jobName === undefined || j.name === jobName));
+  }
+
+  /** Polls until `pred` holds for the jobs (or times out). */
+  async waitFor(
+    name: string,
+    pred: (jobs: Job[]) => boolean,
+    timeoutMs = 10000,
+    jobName?: string,
+  ): Promise<Job[]> {
+    const end = Date.now() + timeoutMs;
+    for (;;) {
+      const jobs = await this.jobs(name, jobName);
+      if (pred(jobs)) return jobs;
+      if (Date.now() > end)
+        throw new Error(
+          `condition on ${name} not met; jobs: ${JSON.stringify(jobs.map((j) => [j.name, j.data]))}`,
+        );
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  async close(): Promise<void> {
+    for (const q of this.queues.values()) await q.close();
+    this.conn.disconnect();
+  }
+}

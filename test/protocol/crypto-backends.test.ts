@@ -1,0 +1,136 @@
+/**
+ * The native backend against node:crypto: byte-for-byte agreement on random inputs, each opens
+ * the other's frames, both refuse forged, replayed and truncated frames, and bad inputs are
+ * typed errors, never crashes. CI sets GW_REQUIRE_NATIVE=1, so a missing addon fails there.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { loadNativeBackend } from '../../protocol/crypto/native.ts';
+import {
+  Channel,
+  type CryptoBackend,
+  nodeBackend,
+  ProtocolError,
+  selectBackend,
+} from '../../protocol/index.ts';
+
+const loaded = loadNativeBackend();
+const native = 'backend' in loaded ? loaded.backend : null;
+const skip = native
+  ? false
+  : process.env.GW_REQUIRE_NATIVE === '1'
+    ? false
+    : `native addon unavailable: ${'error' in loaded ? loaded.error : ''}`;
+
+const iv = (counter: number) => {
+  const b = Buffer.alloc(12);
+  b.writeUInt32BE(Math.floor(counter / 2 ** 32), 4);
+  b.writeUInt32BE(counter >>> 0, 8);
+  return b;
+};
+
+test('native and node:crypto seal byte for byte alike and open each other', { skip }, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  fc.assert(
+    fc.property(
+      fc.uint8Array({ minLength: 32, maxLength: 32 }),
+      fc.integer({ min: 0, max: 2 ** 32 - 1 }),
+      fc.oneof(fc.uint8Array({ maxLength: 2000 }), fc.uint8Array({ minLength: 16000, maxLength: 20480 })),
+      fc.integer({ min: 0, max: 8 }),
+      (key, counter, plain, headroom) => {
+        const a = native!.aead(key);
+        const b = nodeBackend.aead(key);
+        const sa = a.seal(iv(counter), plain, headroom);
+        const sb = b.seal(iv(counter), plain, headroom);
+        assert.deepEqual(sa, sb);
+        const body = sa.subarray(headroom);
+        assert.deepEqual(a.open(body), Buffer.from(plain));
+        assert.deepEqual(b.open(body), Buffer.from(plain));
+        const flipped = Buffer.from(body);
+        flipped[Math.floor(flipped.length / 2)] ^= 0x10;
+        assert.equal(a.open(flipped), null);
+        assert.equal(b.open(flipped), null);
+        assert.equal(a.open(body.subarray(0, body.length - 1)), null);
+        assert.equal(b.open(body.subarray(0, body.length - 1)), null);
+        assert.equal(a.open(body.subarray(0, 27)), null);
+        a.dispose();
+        b.dispose();
+      },
+    ),
+    { numRuns: 300 },
+  );
+});
+
+test('channels on different backends talk; replay and skip fail on both', { skip }, () => {
+  const keys = { c2s: randomBytes(32), s2c: randomBytes(32) };
+  for (const [cb, sb] of [
+    [native!, nodeBackend],
+    [nodeBackend, native!],
+  ] as [CryptoBackend, CryptoBackend][]) {
+    const c = new Channel(cb, keys, 'client');
+    const s = new Channel(sb, keys, 'server');
+    const f0 = c.seal({ type: 'ping', ts: 1 });
+    assert.deepEqual(s.open(f0), { type: 'ping', ts: 1 });
+    assert.deepEqual(c.open(s.seal({ type: 'pong', ts: 1 })), { type: 'pong', ts: 1 });
+    assert.throws(
+      () => s.open(f0),
+      (e: unknown) => e instanceof ProtocolError && e.code === 'decrypt_failed',
+    );
+    c.seal({ type: 'ping', ts: 2 });
+    const f2 = c.seal({ type: 'ping', ts: 3 });
+    assert.throws(
+      () => s.open(f2),
+      (e: unknown) => e instanceof ProtocolError && e.code === 'decrypt_failed',
+    );
+  }
+});
+
+test('X25519 and Ed25519 agree across backends', { skip }, () => {
+  for (let i = 0; i < 50; i++) {
+    const a = native!.x25519KeyPair();
+    const b = nodeBackend.x25519KeyPair();
+    assert.deepEqual(nodeBackend.x25519KeyPair(a.privateKey).publicKey, a.publicKey);
+    assert.deepEqual(native!.x25519KeyPair(b.privateKey).publicKey, b.publicKey);
+    assert.deepEqual(
+      native!.x25519(a.privateKey, b.publicKey),
+      nodeBackend.x25519(b.privateKey, a.publicKey),
+    );
+    const seed = randomBytes(32);
+    const msg = randomBytes(100);
+    const ni = native!.ed25519Identity(seed);
+    const js = nodeBackend.ed25519Identity(seed);
+    assert.deepEqual(ni.publicKey, js.publicKey);
+    assert.deepEqual(ni.sign(msg), js.sign(msg), 'Ed25519 is deterministic');
+    assert.equal(nodeBackend.ed25519Verify(ni.publicKey, msg, ni.sign(msg)), true);
+    assert.equal(native!.ed25519Verify(js.publicKey, msg, js.sign(msg)), true);
+    const bad = Buffer.from(ni.sign(msg));
+    bad[0] ^= 1;
+    assert.equal(native!.ed25519Verify(ni.publicKey, msg, bad), false);
+  }
+});
+
+test('bad inputs are typed errors or false, never a crash', { skip }, () => {
+  assert.throws(() => native!.aead(Buffer.alloc(16)), RangeError);
+  const a = native!.aead(randomBytes(32));
+  assert.throws(() => a.seal(Buffer.alloc(11), Buffer.alloc(1), 0), RangeError);
+  assert.throws(() => a.seal(Buffer.alloc(12), 'text' as never, 0), RangeError);
+  assert.equal(a.open(Buffer.alloc(5)), null);
+  assert.throws(() => a.open('x'.repeat(40) as never), RangeError);
+  a.dispose();
+  a.dispose();
+  assert.throws(() => a.seal(Buffer.alloc(12), Buffer.alloc(1), 0), RangeError, 'disposed');
+  assert.throws(() => native!.x25519KeyPair(Buffer.alloc(31)), RangeError);
+  assert.throws(() => native!.x25519(randomBytes(32), Buffer.alloc(32)), RangeError, 'all-zero secret');
+  assert.throws(() => native!.x25519(randomBytes(32), Buffer.alloc(5)), RangeError);
+  assert.throws(() => native!.ed25519Identity(Buffer.alloc(3)), RangeError);
+  assert.equal(native!.ed25519Verify(Buffer.alloc(31), Buffer.alloc(1), Buffer.alloc(64)), false);
+  assert.equal(native!.ed25519Verify(randomBytes(32), Buffer.alloc(1), Buffer.alloc(63)), false);
+});
+
+test('selection: auto prefers native, node can be forced, native demanded when missing throws', () => {
+  assert.equal(selectBackend('node').backend.name, 'node');
+  if (native) assert.equal(selectBackend('auto').backend.name, 'native');
+  else assert.throws(() => selectBackend('native'), /unavailable/);
+});

@@ -1,0 +1,99 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { describe, test } from 'node:test';
+import {
+  acceptHello,
+  Channel,
+  ClientHandshake,
+  fingerprint,
+  HandshakeError,
+  ProtocolError,
+  pack,
+  parseHello,
+  unpackMessage,
+} from '../../protocol/index.ts';
+import { availableBackends } from '../helpers/backends.ts';
+
+const opts = { node: 'n1', heartbeatMs: 1000, maxFrameBytes: 65536 };
+
+for (const backend of availableBackends()) {
+  describe(`handshake on the ${backend.name} backend`, () => {
+    const identity = backend.ed25519Identity(randomBytes(32));
+
+    test('both sides agree and can talk; the pin is the hex SHA-256 of the key', () => {
+      const client = new ClientHandshake(backend, {
+        pinnedFingerprint: fingerprint(backend, identity.publicKey),
+      });
+      const { welcome, keys } = acceptHello(
+        backend,
+        identity,
+        parseHello(unpackMessage(pack(client.hello))),
+        opts,
+      );
+      const clientKeys = client.finish(welcome);
+      assert.deepEqual(clientKeys, keys);
+      const c = new Channel(backend, clientKeys, 'client');
+      const s = new Channel(backend, keys, 'server');
+      assert.deepEqual(s.open(c.seal({ type: 'ping', ts: 1 })), { type: 'ping', ts: 1 });
+    });
+
+    test('a welcome with a bad signature is refused', () => {
+      const client = new ClientHandshake(backend);
+      const { welcome } = acceptHello(backend, identity, client.hello, opts);
+      welcome.sig = Buffer.from(welcome.sig);
+      welcome.sig[0] ^= 1;
+      assert.throws(
+        () => client.finish(welcome),
+        (e: unknown) => e instanceof HandshakeError && e.reason === 'bad_signature',
+      );
+    });
+
+    test('a welcome signed by another identity fails the pin', () => {
+      const other = backend.ed25519Identity(randomBytes(32));
+      const client = new ClientHandshake(backend, {
+        pinnedFingerprint: fingerprint(backend, identity.publicKey),
+      });
+      const { welcome } = acceptHello(backend, other, client.hello, opts);
+      assert.throws(
+        () => client.finish(welcome),
+        (e: unknown) => e instanceof HandshakeError && e.reason === 'fingerprint_mismatch',
+      );
+    });
+
+    test('a low-order client key (all-zero shared secret) aborts the handshake', () => {
+      const hello = { type: 'hello' as const, v: 1, pub: Buffer.alloc(32), nonce: randomBytes(16) };
+      assert.throws(
+        () => acceptHello(backend, identity, hello, opts),
+        (e: unknown) => e instanceof ProtocolError && e.code === 'bad_message' && e.field === 'pub',
+      );
+    });
+  });
+}
+
+describe('hello validation', () => {
+  const good = { type: 'hello', v: 1, pub: randomBytes(32), nonce: randomBytes(16) };
+  const code = (m: Record<string, unknown>) => {
+    try {
+      parseHello(m as never);
+      return 'ok';
+    } catch (e) {
+      return `${(e as ProtocolError).code}${(e as ProtocolError).field ? `:${(e as ProtocolError).field}` : ''}`;
+    }
+  };
+  test('cases', () => {
+    assert.equal(code(good), 'ok');
+    assert.equal(code({ ...good, type: 'login' }), 'handshake_required');
+    assert.equal(code({ ...good, v: 2 }), 'unsupported_version');
+    assert.equal(code({ ...good, pub: randomBytes(31) }), 'bad_message:pub');
+    assert.equal(code({ ...good, nonce: 'x' }), 'bad_message:nonce');
+    assert.equal(code({ ...good, client: 5 }), 'bad_message:client');
+  });
+  test('unsupported_version lists the versions spoken', () => {
+    try {
+      parseHello({ ...good, v: 9 } as never);
+      assert.fail();
+    } catch (e) {
+      assert.deepEqual((e as ProtocolError).extra, { versions: [1] });
+    }
+  });
+});
