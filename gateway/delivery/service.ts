@@ -1,8 +1,9 @@
 /**
  * At-least-once delivery on one gateway node (docs/ARCHITECTURE.md, "Delivery").
  *
- * Happy path, per session and per event-loop tick: one `ack-pump` script call applies the acks
- * that arrived and takes the next events that fit the in-flight window, in publish order.
+ * Happy path, per event-loop tick: one `ack-pump` script call, for every session with news,
+ * applies the acks that arrived and takes the next events that fit each in-flight window, in
+ * publish order.
  * Deadlines are checked by the gateway's one sweep, in memory. Only a missed deadline goes to
  * BullMQ: a delayed `retry` job (exponential backoff with jitter), whose worker, on any node,
  * asks the node holding the session to resend. The last failure moves the event to the
@@ -19,7 +20,7 @@ import { type Connection, ConnState } from '../connection.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
-import type { Outbox, StoredEvent } from './outbox.ts';
+import type { AckPumpRequest, AckPumpResult, Outbox, StoredEvent } from './outbox.ts';
 import {
   type EventInput,
   type Publisher,
@@ -239,55 +240,71 @@ export class DeliveryService {
     }
   }
 
+  /** Runs every pump with news in this tick: one `ackPumpMany` call for all of them. */
   private readonly flush = (): void => {
     this.flushScheduled = false;
     const batch = this.dirty;
     this.dirty = [];
+    const runs: { pump: SessionPump; acks: string[] }[] = [];
+    const requests: AckPumpRequest[] = [];
     for (const pump of batch) {
       pump.scheduled = false;
-      this.run(pump);
+      if (pump.running) {
+        pump.again = true;
+        continue;
+      }
+      const slots = this.deps.options.maxInflight - pump.inflight.size;
+      const acks = pump.acks;
+      if (acks.length === 0 && slots <= 0) continue;
+      pump.acks = [];
+      pump.running = true;
+      pump.again = false;
+      runs.push({ pump, acks });
+      requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks });
     }
-  };
-
-  private run(pump: SessionPump): void {
-    if (pump.running) {
-      pump.again = true;
-      return;
-    }
-    const slots = this.deps.options.maxInflight - pump.inflight.size;
-    const acks = pump.acks;
-    if (acks.length === 0 && slots <= 0) return;
-    pump.acks = [];
-    pump.running = true;
-    pump.again = false;
-    this.deps.outbox.ackPump(pump.sid, pump.lastSeq, Math.max(0, slots), acks, Date.now()).then(
-      (r) => {
-        pump.running = false;
-        this.metrics.acked.inc(r.acked);
-        if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
-        const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
-        const now = Date.now();
-        for (const s of r.send) {
-          pump.lastSeq = s.seq;
-          if (!live) continue;
-          pump.inflight.set(s.event.eid, {
-            attempt: s.attempt,
-            deadline: now + this.deps.options.ackTimeoutMs,
-            waiting: false,
-          });
-          this.sendEvent(pump.conn, s.event, 1, s.attempt);
+    if (runs.length === 0) return;
+    this.deps.outbox.ackPumpMany(requests, Date.now()).then(
+      (results) => {
+        for (let i = 0; i < runs.length; i++) {
+          try {
+            this.pumped(runs[i].pump, runs[i].acks, results[i]);
+          } catch (e) {
+            runs[i].pump.running = false;
+            this.deps.log.error({ err: e, sessionId: runs[i].pump.sid }, 'could not send pumped events');
+          }
         }
-        for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
-        for (const ev of r.expired) this.reportExpired(pump.sid, ev);
-        if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
       },
       (e) => {
-        pump.running = false;
-        pump.acks = acks.concat(pump.acks);
-        this.deps.log.error({ err: e, sessionId: pump.sid }, 'outbox pump failed; retrying');
-        setTimeout(() => this.schedule(pump), 500).unref();
+        this.deps.log.error({ err: e, sessions: runs.length }, 'outbox pump failed; retrying');
+        for (const { pump, acks } of runs) {
+          pump.running = false;
+          pump.acks = acks.concat(pump.acks);
+          setTimeout(() => this.schedule(pump), 500).unref();
+        }
       },
     );
+  };
+
+  /** What one session's ack-pump returned: send the events, report receipts and expiries. */
+  private pumped(pump: SessionPump, acks: string[], r: AckPumpResult): void {
+    pump.running = false;
+    this.metrics.acked.inc(r.acked);
+    if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
+    const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    const now = Date.now();
+    for (const s of r.send) {
+      pump.lastSeq = s.seq;
+      if (!live) continue;
+      pump.inflight.set(s.event.eid, {
+        attempt: s.attempt,
+        deadline: now + this.deps.options.ackTimeoutMs,
+        waiting: false,
+      });
+      this.sendEvent(pump.conn, s.event, 1, s.attempt);
+    }
+    for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
+    for (const ev of r.expired) this.reportExpired(pump.sid, ev);
+    if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
   }
 
   private sendEvent(conn: Connection, ev: StoredEvent, qos: 0 | 1, attempt?: number): void {

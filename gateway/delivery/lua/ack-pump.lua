@@ -1,66 +1,73 @@
 --[[
-  One round trip per session per tick: apply acks, then take the next events to send.
+  Applies acks and takes the next events to send, for every session with news in one
+  event-loop tick of one node (the delivery service batches them into one call).
 
-  KEYS[1..6] as in publish.lua (q, ev, att, rc, exp, seq)
+  KEYS, 6 per session, session j (from 0) at 6j+1..6j+6: q, ev, att, rc, exp, seq as in
+  publish.lua
 
-  ARGV[1] sequence after which to take events (the last one already sent on this connection)
-  ARGV[2] how many to take (free slots of the in-flight window)
-  ARGV[3] now (ms)
-  ARGV[4] number of acked eids that follow
-  ARGV[5..] acked eids
+  ARGV[1] now (ms)
+  then per session, in KEYS order:
+    sequence after which to take events (the last one already sent on this connection)
+    how many to take (free slots of the in-flight window)
+    number of acked eids that follow
+    the acked eids
 
-  Returns {acked, receipts, send, expired}
+  Returns one {acked, receipts, send, expired} per session
     acked    number of acks that removed an event (the rest were stray or duplicate)
     receipts {eid, payload, ...} of acked events that asked for a receipt
     send     {eid, seq, attempt, payload, ...} in sequence order
     expired  {eid, payload, ...} found past their expiry (removed, not sent)
 ]]
-local acked = 0
-local receipts = {}
-local nacks = tonumber(ARGV[4])
-for i = 5, 4 + nacks do
-  local eid = ARGV[i]
-  if redis.call('ZREM', KEYS[1], eid) == 1 then
-    acked = acked + 1
-    if redis.call('SREM', KEYS[4], eid) == 1 then
-      receipts[#receipts + 1] = eid
-      receipts[#receipts + 1] = redis.call('HGET', KEYS[2], eid)
+local now = tonumber(ARGV[1])
+local a = 2
+local results = {}
+for j = 0, #KEYS / 6 - 1 do
+  local k = 6 * j
+  local after, want, nacks = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local acked, receipts = 0, {}
+  for i = a + 3, a + 2 + nacks do
+    local eid = ARGV[i]
+    if redis.call('ZREM', KEYS[k + 1], eid) == 1 then
+      acked = acked + 1
+      if redis.call('SREM', KEYS[k + 4], eid) == 1 then
+        receipts[#receipts + 1] = eid
+        receipts[#receipts + 1] = redis.call('HGET', KEYS[k + 2], eid)
+      end
+      redis.call('HDEL', KEYS[k + 2], eid)
+      redis.call('HDEL', KEYS[k + 3], eid)
+      redis.call('HDEL', KEYS[k + 5], eid)
     end
-    redis.call('HDEL', KEYS[2], eid)
-    redis.call('HDEL', KEYS[3], eid)
-    redis.call('HDEL', KEYS[5], eid)
   end
-end
-local send, expired = {}, {}
-local want = tonumber(ARGV[2])
-if want > 0 then
-  local now = tonumber(ARGV[3])
-  local after = ARGV[1]
+  a = a + 3 + nacks
+  local send, expired = {}, {}
   while want > 0 do
-    local batch = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, want)
-    if #batch == 0 then break end
-    for j = 1, #batch, 2 do
-      local eid, seq = batch[j], batch[j + 1]
+    local asked = want
+    local batch = redis.call('ZRANGEBYSCORE', KEYS[k + 1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, asked)
+    for b = 1, #batch, 2 do
+      local eid, seq = batch[b], batch[b + 1]
       after = seq
-      local payload = redis.call('HGET', KEYS[2], eid)
-      local expiry = redis.call('HGET', KEYS[5], eid)
+      local payload = redis.call('HGET', KEYS[k + 2], eid)
+      local expiry = redis.call('HGET', KEYS[k + 5], eid)
       if expiry and tonumber(expiry) <= now then
         expired[#expired + 1] = eid
         expired[#expired + 1] = payload
-        removeEvent(eid)
+        removeEvent(k, eid)
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
-        send[#send + 1] = redis.call('HINCRBY', KEYS[3], eid, 1)
+        send[#send + 1] = redis.call('HINCRBY', KEYS[k + 3], eid, 1)
         send[#send + 1] = payload
         want = want - 1
       end
     end
+    -- Fewer than asked: the outbox has nothing more (only expired events make another round).
+    if #batch < 2 * asked then break end
   end
+  -- The attempt counters expire with the outbox they belong to.
+  if #send > 0 then
+    local ttl = redis.call('TTL', KEYS[k + 1])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[k + 3], ttl) end
+  end
+  results[#results + 1] = {acked, receipts, send, expired}
 end
--- The attempt counters expire with the outbox they belong to.
-if #send > 0 then
-  local ttl = redis.call('TTL', KEYS[1])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
-end
-return {acked, receipts, send, expired}
+return results

@@ -1,9 +1,10 @@
 -- Included before every outbox script (outbox.ts): removes one event from all the keys of its
--- session's outbox, KEYS[1] q, KEYS[2] ev, KEYS[3] att, KEYS[4] rc, KEYS[5] exp.
-local function removeEvent(eid)
-  redis.call('ZREM', KEYS[1], eid)
-  redis.call('HDEL', KEYS[2], eid)
-  redis.call('HDEL', KEYS[3], eid)
-  redis.call('SREM', KEYS[4], eid)
-  redis.call('HDEL', KEYS[5], eid)
+-- session's outbox. `k` is where that session's keys start in KEYS (0 for the first session):
+-- KEYS[k+1] q, KEYS[k+2] ev, KEYS[k+3] att, KEYS[k+4] rc, KEYS[k+5] exp.
+local function removeEvent(k, eid)
+  redis.call('ZREM', KEYS[k + 1], eid)
+  redis.call('HDEL', KEYS[k + 2], eid)
+  redis.call('HDEL', KEYS[k + 3], eid)
+  redis.call('SREM', KEYS[k + 4], eid)
+  redis.call('HDEL', KEYS[k + 5], eid)
 end
