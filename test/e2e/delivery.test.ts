@@ -96,6 +96,45 @@ describe('qos 1 on one node', () => {
     c.destroy();
   });
 
+  test('publishes of one tick (one script call) each behave as if alone', async () => {
+    const a = await connected(gw.tcpUrl);
+    const b = await connected(gw.wsUrl);
+    const sa = await signUp(a);
+    const sb = await signUp(b);
+    const gotA = collect(a);
+    const gotB = collect(b);
+    const dup = `dup-${randomUUID()}`;
+    // All started in one tick: the publisher sends them to Redis in one call.
+    const settled = await Promise.allSettled([
+      ...Array.from({ length: 40 }, (_, i) =>
+        pub.publish({ session: i % 2 ? sb.sessionId : sa.sessionId }, { name: 'batch', data: { i } }),
+      ),
+      pub.publish({ session: sa.sessionId }, { name: 'batch', data: { i: 'dup-1' }, eid: dup }),
+      pub.publish({ session: sa.sessionId }, { name: 'batch', data: { i: 'dup-2' }, eid: dup }),
+      pub.publish({ session: randomUUID() }, { name: 'batch', data: { i: 'nobody' } }),
+    ]);
+    const failed = settled.filter((r) => r.status === 'rejected');
+    assert.equal(failed.length, 1, 'only the publish to a session that does not exist fails');
+    assert.ok(
+      (failed[0] as PromiseRejectedResult).reason instanceof ProtocolError &&
+        (failed[0] as PromiseRejectedResult).reason.code === 'not_found',
+    );
+    const even = [...Array(20).keys()].map((k) => 2 * k);
+    await until(() => gotA.length >= 21 && gotB.length >= 20, 10000, 'both sessions served');
+    await wait(200);
+    assert.deepEqual(
+      gotA.map((e) => (e.data as { i: number | string }).i),
+      [...even, 'dup-1'],
+      'session A: its events in publish order; the same eid stored once, the first one',
+    );
+    assert.deepEqual(
+      gotB.map((e) => (e.data as { i: number }).i),
+      even.map((k) => k + 1),
+    );
+    a.destroy();
+    b.destroy();
+  });
+
   test('an unacked event comes again with the same eid and a higher attempt; stray acks drop nothing', async () => {
     const c = await connected(gw.wsUrl, { autoAck: false });
     const s = await signUp(c);
