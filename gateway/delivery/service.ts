@@ -170,6 +170,30 @@ export class DeliveryService {
     return outcome;
   }
 
+  /**
+   * Publishes many events at once. Targets are resolved concurrently, then every event is
+   * handed to the outbox in the given order within one tick, so the events share script calls
+   * and events to one session keep their order. Each item settles on its own: a target without
+   * a live session fails that item only.
+   */
+  async publishMany(
+    items: { target: Target; event: EventInput }[],
+  ): Promise<PromiseSettledResult<PublishOutcome>[]> {
+    const { publisher } = this.deps;
+    const resolved = await Promise.allSettled(
+      items.map(({ target, event }) =>
+        // As in Publisher.publish: a qos-1 event to a session is checked by the publish script.
+        'session' in target && event.qos !== 0 ? [target.session] : publisher.resolve(target),
+      ),
+    );
+    return Promise.allSettled(
+      items.map(({ event }, i) => {
+        const r = resolved[i];
+        return r.status === 'fulfilled' ? this.publishTo(r.value, event) : Promise.reject(r.reason);
+      }),
+    );
+  }
+
   private async reportOutcome(outcome: PublishOutcome, input: EventInput): Promise<void> {
     if (input.qos !== 0) this.metrics.published.inc(outcome.accepted);
     if (outcome.rejected > 0) {

@@ -1,12 +1,15 @@
 /**
  * `POST /v1/events`: back ends publish events to devices over HTTP, authenticated with the API
  * key (`Authorization: Bearer <GW_API_KEY>`). Body: one `{target, name, data?, qos?, ttl?,
- * receipt?, eid?}` or `{events: [...]}`; reply 202 `{eids}` once every qos-1 event is durable.
+ * receipt?, eid?}` or `{events: [...]}`; reply 202 `{eids, results}` once every accepted qos-1
+ * event is durable. A batch is validated whole (a bad item fails the request, naming
+ * `events[i].field`, before anything is published); then each item succeeds or fails on its
+ * own, and a failed item's result carries its `error` instead of being hidden in a 404.
  */
 
 import type uWS from 'uWebSockets.js';
-import { timingSafeEqual } from 'node:crypto';
-import { ProtocolError } from '../../protocol/index.ts';
+import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { isProtocolError, ProtocolError } from '../../protocol/index.ts';
 import { validateEventInput } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import type { Logger } from '../log.ts';
@@ -35,17 +38,44 @@ export function mountEventsApi(
     route(log, async (ex) => {
       checkApiKey(ex.header('authorization'), apiKey);
       const body = (await ex.readJson(MAX_BODY)) as Record<string, unknown>;
-      const items = Array.isArray(body?.events) ? body.events : [body];
+      const batch = Array.isArray(body?.events);
+      const items: Record<string, unknown>[] = batch ? (body.events as Record<string, unknown>[]) : [body];
       if (items.length === 0 || items.length > MAX_EVENTS) {
         throw new ProtocolError('bad_message', `events: 1-${MAX_EVENTS} events per request`, {
           field: 'events',
         });
       }
-      const checked = items.map((item: Record<string, unknown>) => validateEventInput(item?.target, item));
-      const results = [];
-      for (const { target, event } of checked) {
-        const o = await delivery.publish(target, event);
+      const checked = items.map((item, i) => {
+        try {
+          const c = validateEventInput(item?.target, item);
+          // Every item has its eid before anything is published, so failed items name theirs.
+          c.event.eid ??= randomUUID();
+          return c;
+        } catch (e) {
+          if (!batch || !isProtocolError(e)) throw e;
+          // validateEventInput's messages start with the field they name.
+          throw new ProtocolError(e.code, `events[${i}].${e.message}`, {
+            field: `events[${i}].${e.field ?? 'target'}`,
+          });
+        }
+      });
+      const results: Record<string, unknown>[] = [];
+      if (!batch) {
+        const o = await delivery.publish(checked[0].target, checked[0].event);
         results.push({ eid: o.eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected });
+      } else {
+        const settled = await delivery.publishMany(checked);
+        settled.forEach((r, i) => {
+          const eid = checked[i].event.eid;
+          if (r.status === 'fulfilled') {
+            const o = r.value;
+            results.push({ eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected });
+          } else if (isProtocolError(r.reason)) {
+            results.push({ eid, error: { code: r.reason.code, message: r.reason.message } });
+          } else {
+            throw r.reason;
+          }
+        });
       }
       ex.json('202 Accepted', { eids: results.map((r) => r.eid), results });
     }),

@@ -315,6 +315,60 @@ describe('the three publish paths', () => {
   });
 });
 
+describe('POST /v1/events batches', () => {
+  test('items succeed or fail on their own, in order; a bad item fails the request before any publish', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const got = collect(c);
+    const res = await httpPublish(gw, {
+      events: [
+        ...Array.from({ length: 10 }, (_, i) => ({ target: { session: s.sessionId }, name: 'b', data: i })),
+        { target: { session: randomUUID() }, name: 'b', data: 'lost' },
+        { target: { username: s.username }, name: 'b', data: 10 },
+        { target: { username: `nobody_${randomUUID().slice(0, 6)}` }, name: 'b', data: 'lost' },
+      ],
+    });
+    assert.equal(res.status, 202);
+    const body = (await res.json()) as {
+      eids: string[];
+      results: { eid: string; accepted?: number; error?: { code: string } }[];
+    };
+    assert.equal(body.results.length, 13);
+    assert.deepEqual(
+      body.eids,
+      body.results.map((r) => r.eid),
+    );
+    assert.deepEqual(
+      body.results.map((r) => r.error?.code ?? r.accepted),
+      [...Array(10).fill(1), 'not_found', 1, 'not_found'],
+    );
+    await until(() => got.length >= 11, 8000, 'eleven events');
+    await wait(200);
+    assert.deepEqual(
+      got.map((e) => e.data),
+      [...Array(11).keys()],
+      'delivered in the order of the batch, the failed items left out',
+    );
+    assert.deepEqual(
+      got.map((e) => e.eid),
+      body.eids.filter((_, i) => i !== 10 && i !== 12),
+    );
+
+    const bad = await httpPublish(gw, {
+      events: [
+        { target: { session: s.sessionId }, name: 'never', data: 0 },
+        { target: { session: s.sessionId }, name: 'bad name!' },
+      ],
+    });
+    assert.equal(bad.status, 400);
+    const err = ((await bad.json()) as { error: { code: string; field: string } }).error;
+    assert.deepEqual([err.code, err.field], ['bad_message', 'events[1].name']);
+    await wait(300);
+    assert.ok(!got.some((e) => e.name === 'never'), 'nothing of a refused batch is published');
+    c.destroy();
+  });
+});
+
 describe('outbox bound', () => {
   test('reject: the publisher is told; drop-oldest: the dropped event is reported', async () => {
     for (const policy of ['reject', 'drop-oldest'] as const) {
