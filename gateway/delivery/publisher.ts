@@ -122,11 +122,16 @@ export class Publisher {
     return sids;
   }
 
+  /**
+   * The sessions an event goes to. A qos-1 event to one session needs no lookup first: the
+   * publish script checks that the session is alive in the same step (one round trip, not two).
+   */
+  async sessionsFor(target: Target, input: EventInput): Promise<string[]> {
+    return 'session' in target && input.qos !== 0 ? [target.session] : this.resolve(target);
+  }
+
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
-    // A qos-1 event to one session needs no lookup first: the publish script checks that the
-    // session is alive in the same step (one round trip per event instead of two).
-    const sids = 'session' in target && input.qos !== 0 ? [target.session] : await this.resolve(target);
-    return this.publishTo(sids, input);
+    return this.publishTo(await this.sessionsFor(target, input), input);
   }
 
   /** Publishes to known session ids. */

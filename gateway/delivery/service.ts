@@ -181,10 +181,7 @@ export class DeliveryService {
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
     const { publisher } = this.deps;
     const resolved = await Promise.allSettled(
-      items.map(({ target, event }) =>
-        // As in Publisher.publish: a qos-1 event to a session is checked by the publish script.
-        'session' in target && event.qos !== 0 ? [target.session] : publisher.resolve(target),
-      ),
+      items.map(({ target, event }) => publisher.sessionsFor(target, event)),
     );
     return Promise.allSettled(
       items.map(({ event }, i) => {
@@ -269,7 +266,7 @@ export class DeliveryService {
     this.flushScheduled = false;
     const batch = this.dirty;
     this.dirty = [];
-    const runs: { pump: SessionPump; acks: string[] }[] = [];
+    const pumps: SessionPump[] = [];
     const requests: AckPumpRequest[] = [];
     for (const pump of batch) {
       pump.scheduled = false;
@@ -283,28 +280,28 @@ export class DeliveryService {
       pump.acks = [];
       pump.running = true;
       pump.again = false;
-      runs.push({ pump, acks });
+      pumps.push(pump);
       requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks });
     }
-    if (runs.length === 0) return;
+    if (pumps.length === 0) return;
     this.deps.outbox.ackPumpMany(requests, Date.now()).then(
       (results) => {
-        for (let i = 0; i < runs.length; i++) {
+        pumps.forEach((pump, i) => {
           try {
-            this.pumped(runs[i].pump, runs[i].acks, results[i]);
+            this.pumped(pump, requests[i].acks, results[i]);
           } catch (e) {
-            runs[i].pump.running = false;
-            this.deps.log.error({ err: e, sessionId: runs[i].pump.sid }, 'could not send pumped events');
+            pump.running = false;
+            this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
           }
-        }
+        });
       },
       (e) => {
-        this.deps.log.error({ err: e, sessions: runs.length }, 'outbox pump failed; retrying');
-        for (const { pump, acks } of runs) {
+        this.deps.log.error({ err: e, sessions: pumps.length }, 'outbox pump failed; retrying');
+        pumps.forEach((pump, i) => {
           pump.running = false;
-          pump.acks = acks.concat(pump.acks);
+          pump.acks = requests[i].acks.concat(pump.acks);
           setTimeout(() => this.schedule(pump), 500).unref();
-        }
+        });
       },
     );
   };

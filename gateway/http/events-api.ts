@@ -59,24 +59,17 @@ export function mountEventsApi(
           });
         }
       });
-      const results: Record<string, unknown>[] = [];
-      if (!batch) {
-        const o = await delivery.publish(checked[0].target, checked[0].event);
-        results.push({ eid: o.eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected });
-      } else {
-        const settled = await delivery.publishMany(checked);
-        settled.forEach((r, i) => {
-          const eid = checked[i].event.eid;
-          if (r.status === 'fulfilled') {
-            const o = r.value;
-            results.push({ eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected });
-          } else if (isProtocolError(r.reason)) {
-            results.push({ eid, error: { code: r.reason.code, message: r.reason.message } });
-          } else {
-            throw r.reason;
-          }
-        });
-      }
+      const settled = await delivery.publishMany(checked);
+      const results = settled.map((r, i) => {
+        const eid = checked[i].event.eid;
+        if (r.status === 'fulfilled') {
+          const o = r.value;
+          return { eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected };
+        }
+        // One event's failure is the request's (404 not_found); a batch reports it per item.
+        if (!batch || !isProtocolError(r.reason)) throw r.reason;
+        return { eid, error: { code: r.reason.code, message: r.reason.message } };
+      });
       ex.json('202 Accepted', { eids: results.map((r) => r.eid), results });
     }),
   );

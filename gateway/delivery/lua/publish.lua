@@ -25,7 +25,8 @@
   A session gets one wake-up message per call, however many events it got.
 ]]
 local bound, policy, ttl, channel = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local out, woken, refreshed = {}, {}, {}
+-- What this call already did per session: refreshed which TTLs, sent the wake-up.
+local out, done = {}, {}
 for i = 0, #KEYS / 8 - 1 do
   local k, a = 8 * i, 5 + 5 * i
   local eid, payload, sid, receipt, expiry = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -53,25 +54,25 @@ for i = 0, #KEYS / 8 - 1 do
     if expiry ~= '0' then redis.call('HSET', KEYS[k + 5], eid, expiry) end
     -- The outbox lives as long as a session could: its TTL is refreshed by every call that
     -- publishes to it (once per key and call, as the call is atomic).
-    local r = refreshed[sid]
-    if not r then
-      r = {}
-      refreshed[sid] = r
+    local d = done[sid]
+    if not d then
+      d = {}
+      done[sid] = d
       redis.call('EXPIRE', KEYS[k + 1], ttl)
       redis.call('EXPIRE', KEYS[k + 2], ttl)
       redis.call('EXPIRE', KEYS[k + 6], ttl)
     end
-    if receipt == '1' and not r.rc then
-      r.rc = true
+    if receipt == '1' and not d.rc then
+      d.rc = true
       redis.call('EXPIRE', KEYS[k + 4], ttl)
     end
-    if expiry ~= '0' and not r.exp then
-      r.exp = true
+    if expiry ~= '0' and not d.exp then
+      d.exp = true
       redis.call('EXPIRE', KEYS[k + 5], ttl)
     end
     node = redis.call('GET', KEYS[k + 7])
-    if node and not woken[sid] then
-      woken[sid] = true
+    if node and not d.woken then
+      d.woken = true
       redis.call('PUBLISH', channel .. node, 'n' .. sid)
     end
   end
