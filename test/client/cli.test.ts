@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { newName } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
@@ -16,14 +17,18 @@ after(async () => {
 });
 
 function cli(args: string[], input: string): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, ['--import', 'tsx', 'client/cli.ts', ...args], { cwd: ROOT });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (err += d));
-    p.on('exit', (code) => resolve({ code, out, err }));
-    p.stdin.end(input);
+  const p = spawn(process.execPath, ['--import', 'tsx', 'client/cli.ts', ...args], { cwd: ROOT });
+  let out = '';
+  let err = '';
+  p.stdout.on('data', (d) => (out += d));
+  p.stderr.on('data', (d) => (err += d));
+  p.stdin.end(input);
+  const exited = new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
+    p.on('exit', (code) => resolve({ code, out, err })),
+  );
+  return within(`the client CLI (${args.join(' ')}) to exit`, exited).catch((e) => {
+    p.kill('SIGKILL');
+    throw new Error(`${(e as Error).message}; output so far: ${out.slice(-2000)} ${err.slice(-2000)}`);
   });
 }
 

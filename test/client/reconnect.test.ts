@@ -12,6 +12,7 @@ import { test } from 'node:test';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
 import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
+import { nextEvent } from '../helpers/deadline.ts';
 import { startGateway } from '../helpers/gateway-process.ts';
 
 function freePort(): Promise<number> {
@@ -46,10 +47,10 @@ test('reconnects with backoff after going_away and resumes the session on the ne
     const name = newName();
     await c.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
     const s = await c.request<Session>('login', { username: name, password: PASSWORD });
-    const kicked = new Promise<{ code: string; retryAfter?: number }>((r) => c.once('kick', r));
+    const kicked = nextEvent<{ code: string; retryAfter?: number }>(c, 'kick');
     const attempts: number[] = [];
     c.on('reconnecting', (r: { attempt: number; delayMs: number }) => attempts.push(r.delayMs));
-    const reconnected = new Promise<Session>((r) => c.once('reconnected', r));
+    const reconnected = nextEvent<Session>(c, 'reconnected', 'the client to reconnect and resume', 60_000);
     await a.stop();
     const kick = await kicked;
     assert.equal(kick.code, 'going_away');

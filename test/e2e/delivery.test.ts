@@ -15,6 +15,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
+import { fetchWithin } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
@@ -63,7 +64,7 @@ async function until(pred: () => boolean, timeoutMs = 10000, what = 'condition')
 }
 
 function httpPublish(g: GatewayProcess, body: unknown, key = API_KEY) {
-  return fetch(`http://127.0.0.1:${g.httpPort}/v1/events`, {
+  return fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
     body: JSON.stringify(body),

@@ -6,6 +6,7 @@ import { after, before, test } from 'node:test';
 import { createLocalJWKSet, jwtVerify } from 'jose';
 import { GatewayClient } from '../../client/client.ts';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
+import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
 let gw: GatewayProcess;
@@ -20,7 +21,7 @@ after(async () => {
 });
 
 const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
-  fetch(base + path, {
+  fetchWithin(base + path, {
     method: 'POST',
     headers: { 'content-type': 'application/json', ...headers },
     body: typeof body === 'string' ? body : JSON.stringify(body),
@@ -53,17 +54,17 @@ test('register, login with HttpOnly SameSite=Strict cookies, me by bearer and by
     assert.doesNotMatch(c, /Secure/, 'GW_COOKIE_SECURE=false in tests');
   }
   const session = cookies.find((c) => c.startsWith('gw_session='))!.split(';')[0];
-  const byBearer = await fetch(`${base}/auth/user/me`, {
+  const byBearer = await fetchWithin(`${base}/auth/user/me`, {
     headers: { authorization: `Bearer ${body.token}` },
   });
   assert.equal(byBearer.status, 200);
   const me = (await byBearer.json()) as Record<string, unknown>;
   assert.equal(me.username, username);
   assert.equal(me.email, `${username}@example.com`);
-  const byCookie = await fetch(`${base}/auth/user/me`, { headers: { cookie: session } });
+  const byCookie = await fetchWithin(`${base}/auth/user/me`, { headers: { cookie: session } });
   assert.equal(byCookie.status, 200);
   const sessions = (await (
-    await fetch(`${base}/auth/user/sessions`, { headers: { cookie: session } })
+    await fetchWithin(`${base}/auth/user/sessions`, { headers: { cookie: session } })
   ).json()) as {
     sessions: Record<string, unknown>[];
   };
@@ -81,14 +82,14 @@ test('refresh, logout, and a revoked session is refused', async () => {
   const reused = await post('/auth/refresh', { refresh: body.refresh });
   assert.equal(reused.status, 401);
   assert.equal(((await reused.json()) as { error: { code: string } }).error.code, 'refresh_reused');
-  const me = await fetch(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${t.token}` } });
+  const me = await fetchWithin(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${t.token}` } });
   assert.equal(me.status, 401, 'reuse ended the session');
 
   const second = await registerAndLogin();
   const out = await post('/auth/logout', {}, { authorization: `Bearer ${second.body.token}` });
   assert.equal(out.status, 200);
   assert.ok(out.headers.getSetCookie().every((c) => c.includes('Max-Age=0')));
-  const after = await fetch(`${base}/auth/user/me`, {
+  const after = await fetchWithin(`${base}/auth/user/me`, {
     headers: { authorization: `Bearer ${second.body.token}` },
   });
   assert.equal(after.status, 401);
@@ -104,14 +105,14 @@ test('DELETE /auth/user/sessions/:id revokes another session and kicks its devic
     password: PASSWORD,
     device: { id: 'd2' },
   });
-  const kicked = new Promise<{ code: string }>((resolve) => device.once('kick', resolve));
-  const del = await fetch(`${base}/auth/user/sessions/${s.sessionId}`, {
+  const kicked = nextEvent<{ code: string }>(device, 'kick');
+  const del = await fetchWithin(`${base}/auth/user/sessions/${s.sessionId}`, {
     method: 'DELETE',
     headers: { authorization: `Bearer ${body.token}` },
   });
   assert.equal(del.status, 200);
   assert.equal((await kicked).code, 'session_revoked');
-  const missing = await fetch(`${base}/auth/user/sessions/${s.sessionId}`, {
+  const missing = await fetchWithin(`${base}/auth/user/sessions/${s.sessionId}`, {
     method: 'DELETE',
     headers: { authorization: `Bearer ${body.token}` },
   });
@@ -120,7 +121,7 @@ test('DELETE /auth/user/sessions/:id revokes another session and kicks its devic
 
 test('JWKS verifies an access token offline', async () => {
   const { body } = await registerAndLogin();
-  const jwks = await (await fetch(`${base}/.well-known/jwks.json`)).json();
+  const jwks = await (await fetchWithin(`${base}/.well-known/jwks.json`)).json();
   const { payload, protectedHeader } = await jwtVerify(body.token, createLocalJWKSet(jwks as never), {
     issuer: 'device-gateway',
     audience: 'device-gateway',
@@ -149,7 +150,7 @@ test('errors: stable codes and statuses 400, 401, 409, 413, 429 with Retry-After
     password: 'x'.repeat(3000),
   });
   assert.equal(r.status, 413);
-  r = await fetch(`${base}/auth/user/me`);
+  r = await fetchWithin(`${base}/auth/user/me`);
   assert.equal(r.status, 401);
   assert.equal(await code(r), 'unauthenticated');
   r = await post('/auth/login', { username, password: 'wrong one' });

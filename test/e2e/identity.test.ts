@@ -14,6 +14,7 @@ import type { Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
+import { nextEvent } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -161,7 +162,7 @@ for (const transport of ['tcp', 'ws'] as const) {
     test('refresh rotates; two concurrent refreshes: exactly one wins and the session ends', async () => {
       const a = await connected(url());
       const s = await signUp(a);
-      const kicked = new Promise<{ code: string }>((resolve) => a.once('kick', resolve));
+      const kicked = nextEvent<{ code: string }>(a, 'kick');
       const b = await connected(url());
       const t1 = await b.request<Session>('refresh', { refresh: s.refresh });
       assert.notEqual(t1.refresh, s.refresh);
@@ -199,7 +200,7 @@ for (const transport of ['tcp', 'ws'] as const) {
       assert.equal(mine.sessionId, s.sessionId);
       assert.deepEqual(list.find((x) => !x.current)!.device, { id: 'laptop', name: 'Lap' });
       assert.equal(mine.ip, '127.0.0.1');
-      const kicked = new Promise<{ code: string }>((resolve) => b.once('kick', resolve));
+      const kicked = nextEvent<{ code: string }>(b, 'kick');
       await a.request('revoke', { sessionId: s2.sessionId });
       assert.equal((await kicked).code, 'session_revoked');
       await assert.rejects(a.request('revoke', { sessionId: randomUUID() }), isCode('not_found'));
@@ -217,7 +218,7 @@ describe('across two gateway processes', () => {
       const onA = await connected(a.tcpUrl);
       const s = await signUp(onA, { id: 'sensor-1' });
       // the same device id logs in through node B: node A's connection is taken over
-      const takeover = new Promise<{ code: string }>((resolve) => onA.once('kick', resolve));
+      const takeover = nextEvent<{ code: string }>(onA, 'kick');
       const onB = await connected(b.wsUrl);
       const s2 = await onB.request<Session>('login', {
         username: s.username,
@@ -232,13 +233,13 @@ describe('across two gateway processes', () => {
       // a session on A revoked from B is kicked within a second
       const onA2 = await connected(a.tcpUrl);
       const s3 = await onA2.request<Session>('login', { username: s.username, password: PASSWORD });
-      const revoked = new Promise<{ code: string }>((resolve) => onA2.once('kick', resolve));
+      const revoked = nextEvent<{ code: string }>(onA2, 'kick');
       const t0 = Date.now();
       await onB.request('revoke', { sessionId: s3.sessionId });
       assert.equal((await revoked).code, 'session_revoked');
       assert.ok(Date.now() - t0 < 1000, 'kicked within a second');
       // resuming the same session on another node moves it there (the old connection is kicked)
-      const again = new Promise<{ code: string }>((resolve) => onB.once('kick', resolve));
+      const again = nextEvent<{ code: string }>(onB, 'kick');
       const onA3 = await connected(a.tcpUrl);
       await onA3.request('resume', { token: s2.token });
       assert.equal((await again).code, 'session_takeover');

@@ -15,6 +15,7 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
+import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
 
@@ -55,7 +56,7 @@ for (const transport of ['tcp', 'ws'] as const) {
       assert.equal(welcome.hb, HB);
       const rtt = await c.ping();
       assert.ok(rtt >= 0);
-      const serverPing = await new Promise<number>((resolve) => c.once('ping', resolve));
+      const serverPing = await nextEvent<number>(c, 'ping');
       assert.ok(serverPing > 0);
       await c.close();
     });
@@ -135,7 +136,7 @@ for (const transport of ['tcp', 'ws'] as const) {
       assert.equal(kick.code, 'heartbeat_timeout');
       await silent.raw.closed;
       const waited = Date.now() - t0;
-      assert.ok(waited >= 2 * HB - 100 && waited < 2 * HB + 1500, `closed after ${waited} ms`);
+      assert.ok(waited >= 2 * HB - 100, `closed after ${waited} ms, before 2 × hb of silence`);
       await new Promise((r) => setTimeout(r, 3 * HB));
       assert.equal(live.isOpen, true);
       await live.ping();
@@ -265,7 +266,7 @@ describe('limits and lifecycle (own gateway processes)', () => {
     try {
       const c = new GatewayClient({ url: g.tcpUrl });
       await c.connect();
-      const kicked = new Promise<{ code: string }>((resolve) => c.once('kick', resolve));
+      const kicked = nextEvent<{ code: string }>(c, 'kick');
       for (let i = 0; i < 5; i++) c.sendMessage({ type: 'ping', ts: i });
       assert.equal((await kicked).code, 'rekey_required');
     } finally {
@@ -281,13 +282,8 @@ describe('limits and lifecycle (own gateway processes)', () => {
       await c.connect();
       clients.push(c);
     }
-    const kicks = clients.map(
-      (c) =>
-        new Promise<{ code: string; retryAfter?: number }>((resolve) => {
-          c.once('kick', resolve);
-        }),
-    );
-    const closes = clients.map((c) => new Promise((resolve) => c.once('close', resolve)));
+    const kicks = clients.map((c) => nextEvent<{ code: string; retryAfter?: number }>(c, 'kick'));
+    const closes = clients.map((c) => nextEvent(c, 'close'));
     g.proc.kill('SIGTERM');
     const got = await Promise.all(kicks);
     await Promise.all(closes);
@@ -340,11 +336,11 @@ describe('crypto backends in the gateway', () => {
         throw e;
       }
       try {
-        const health = (await (await fetch(`http://127.0.0.1:${g.httpPort}/healthz`)).json()) as {
+        const health = (await (await fetchWithin(`http://127.0.0.1:${g.httpPort}/healthz`)).json()) as {
           crypto: string;
         };
         assert.equal(health.crypto, backend);
-        const metrics = await (await fetch(`http://127.0.0.1:${g.metricsPort}/metrics`)).text();
+        const metrics = await (await fetchWithin(`http://127.0.0.1:${g.metricsPort}/metrics`)).text();
         assert.match(metrics, new RegExp(`gateway_crypto_backend_info\\{backend="${backend}"\\} 1`));
         assert.ok(g.logs.some((l) => l.msg === 'crypto backend' && l.backend === backend));
         for (const pref of ['node', 'auto'] as const) {
@@ -380,7 +376,8 @@ describe('backpressure', () => {
         }),
       );
       const next = async () => {
-        while (bodies.length === 0) await new Promise<void>((r) => (wake = r));
+        while (bodies.length === 0)
+          await within('a frame from the gateway', new Promise<void>((r) => (wake = r)));
         return bodies.shift()!;
       };
       s.write(encodeFrame(pack(hs.hello)));
@@ -412,7 +409,7 @@ describe('backpressure', () => {
       }));
       let line: Record<string, unknown> | undefined;
       for (let i = 0; i < 400 && !line; i++) {
-        await fetch(`http://127.0.0.1:${g.httpPort}/v1/events`, {
+        await fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
           method: 'POST',
           headers: { authorization: 'Bearer k', 'content-type': 'application/json' },
           body: JSON.stringify({ events }),

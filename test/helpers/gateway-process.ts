@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { dropRedisPrefix, dropSchema } from './cleanup.ts';
+import { within } from './deadline.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -23,8 +24,8 @@ export interface GatewayProcess {
   schema: string;
   /** Every log line so far, parsed. */
   logs: Record<string, unknown>[];
-  /** Resolves with the exit code. */
-  exited: Promise<number | null>;
+  /** Resolves with the exit code; fails if the process has not exited within a deadline. */
+  readonly exited: Promise<number | null>;
   /** SIGTERM, wait for exit (SIGKILL after 10 s). */
   stop(): Promise<number | null>;
   /** Resolves when a log line matches. */
@@ -85,6 +86,7 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
     }
   });
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  const exitedWithin = () => within(`gateway process ${proc.pid} to exit`, exited, 30_000);
   // Data this helper made up is removed when the process is gone; a test that shares a prefix
   // or schema between gateways passes them in and cleans up itself.
   const owned = env.GW_REDIS_PREFIX === undefined && env.GW_DB_SCHEMA === undefined;
@@ -124,19 +126,21 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
     prefix,
     schema,
     logs,
-    exited,
+    get exited() {
+      return exitedWithin();
+    },
     waitForLog,
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
-        const code = await exited;
+        const code = await exitedWithin();
         clearTimeout(t);
-        await cleaned;
+        await within('the test data of the gateway to be dropped', cleaned);
         return code;
       }
-      await cleaned;
-      return exited;
+      await within('the test data of the gateway to be dropped', cleaned);
+      return exitedWithin();
     },
   };
 }

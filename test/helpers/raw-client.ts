@@ -16,6 +16,7 @@ import {
   unpackMessage,
   type Welcome,
 } from '../../protocol/index.ts';
+import { within } from './deadline.ts';
 
 export interface RawClient {
   kind: 'tcp' | 'ws';
@@ -27,8 +28,8 @@ export interface RawClient {
   sendText(text: string): void;
   /** Frame bodies received so far and not yet taken. */
   next(timeoutMs?: number): Promise<Buffer>;
-  /** Resolves on close with the WebSocket close code (TCP: 0). */
-  closed: Promise<number>;
+  /** Resolves on close with the WebSocket close code (TCP: 0); fails after a deadline. */
+  readonly closed: Promise<number>;
   isClosed(): boolean;
   destroy(): void;
 }
@@ -38,7 +39,8 @@ export function rawConnect(url: string): Promise<RawClient> {
   const waiters: ((b: Buffer) => void)[] = [];
   let closedFlag = false;
   let resolveClosed!: (code: number) => void;
-  const closed = new Promise<number>((r) => (resolveClosed = r));
+  const closedRaw = new Promise<number>((r) => (resolveClosed = r));
+  const closedWithin = () => within('the gateway to close the connection', closedRaw);
   const deliver = (b: Buffer) => {
     const w = waiters.shift();
     if (w) w(Buffer.from(b));
@@ -55,7 +57,7 @@ export function rawConnect(url: string): Promise<RawClient> {
         resolve(x);
       };
       waiters.push(w);
-      closed.then(() => {
+      closedRaw.then(() => {
         if (waiters.includes(w)) {
           waiters.splice(waiters.indexOf(w), 1);
           clearTimeout(timer);
@@ -75,7 +77,9 @@ export function rawConnect(url: string): Promise<RawClient> {
             throw new Error('no text on TCP');
           },
           next,
-          closed,
+          get closed() {
+            return closedWithin();
+          },
           isClosed: () => closedFlag,
           destroy: () => socket.destroy(),
         }),
@@ -101,7 +105,9 @@ export function rawConnect(url: string): Promise<RawClient> {
         },
         sendText: (t) => ws.send(t),
         next,
-        closed,
+        get closed() {
+          return closedWithin();
+        },
         isClosed: () => closedFlag,
         destroy: () => ws.terminate(),
       }),

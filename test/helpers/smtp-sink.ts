@@ -1,5 +1,6 @@
 /** A real SMTP server on loopback (smtp-server) that keeps what it receives. */
 import { SMTPServer } from 'smtp-server';
+import { within } from './deadline.ts';
 
 export interface Mail {
   to: string[];
@@ -63,7 +64,8 @@ export async function startSmtpSink(): Promise<SmtpSink> {
         });
       });
     },
-    close: () => new Promise((resolve) => server.close(() => resolve())),
+    close: () =>
+      within('the SMTP sink to close', new Promise<void>((resolve) => server.close(() => resolve()))),
   };
 }
 
