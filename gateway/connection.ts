@@ -8,16 +8,19 @@
  */
 import {
   acceptHello,
+  badMessage,
   Channel,
   type CryptoBackend,
   type Ed25519Identity,
   isProtocolError,
+  isRequestType,
   type KickCode,
   PRE_AUTH_TYPES,
   ProtocolError,
   pack,
   parseClientMessage,
   parseHello,
+  unpack,
   unpackMessage,
 } from '../protocol/index.ts';
 import type { Logger } from './log.ts';
@@ -48,8 +51,36 @@ export interface SessionInfo {
   deviceId?: string;
 }
 
-/** A request handler: returns the `ok` data (or undefined for `{}`), or throws ProtocolError. */
-export type Handler = (conn: Connection, msg: Record<string, unknown> & { id: number }) => unknown;
+/**
+ * Runs `effect` once every earlier request of the connection has taken effect, and marks this
+ * request as having taken effect when `effect` has run (synchronously). Pipelined handlers do
+ * their lookups first, then make their change through it, so changes stay in the order sent.
+ */
+export type Turn = <T>(effect: () => T) => Promise<T>;
+
+/**
+ * A request handler: returns the `ok` data (or undefined for `{}`), or throws ProtocolError.
+ * `turn` matters only to pipelined handlers (see `HandlerOptions`).
+ */
+export type Handler = (
+  conn: Connection,
+  msg: Record<string, unknown> & { id: number },
+  turn: Turn,
+) => unknown;
+
+export interface HandlerOptions {
+  /**
+   * The handler may start before earlier pipelined requests of the connection have finished:
+   * it changes no authentication state, and makes any change through `turn`. A request that
+   * is not pipelined starts only when every earlier request of the connection has finished.
+   */
+  pipelined?: boolean;
+}
+
+export interface RegisteredHandler {
+  fn: Handler;
+  pipelined: boolean;
+}
 
 /** The gateway side of a connection: shared state and collaborators, built once. */
 export interface ConnectionHost {
@@ -62,7 +93,7 @@ export interface ConnectionHost {
   readonly rekeyAfterFrames: number;
   readonly log: Logger;
   /** Handler for a request type, or undefined if no service provides it. */
-  handler(type: string): Handler | undefined;
+  handler(type: string): RegisteredHandler | undefined;
   /** Handles `ack` frames (delivery); undefined until delivery exists. */
   onAck?(conn: Connection, eids: string[]): void;
   connectionClosed(conn: Connection): void;
@@ -73,6 +104,26 @@ export type ConnState = (typeof ConnState)[keyof typeof ConnState];
 
 /** Requests of one connection allowed in progress at once; more is `overloaded`. */
 const MAX_PENDING_REQUESTS = 64;
+
+/**
+ * One request in the connection's queue. Requests take effect in the order sent and are
+ * answered in that order (PROTOCOL.md §4, "Ordering"): a request starts when the ones before
+ * it allow (see `HandlerOptions.pipelined`), and its answer waits for the answers before it.
+ */
+interface Pending {
+  readonly id: number;
+  readonly map: Record<string, unknown> & { type: string; id: number };
+  readonly pipelined: boolean;
+  started: boolean;
+  /** The handler returned or threw: the answer is known. */
+  settled: boolean;
+  /** Later requests may make their changes (see `Turn`). */
+  effected: boolean;
+  data?: unknown;
+  error?: unknown;
+  /** Set while the handler waits in `turn` for the requests before it. */
+  waiting?: () => void;
+}
 
 let nextConnectionId = 1;
 
@@ -92,7 +143,10 @@ export class Connection {
   /** Free slot for services (rooms joined, delivery window, ...). */
   readonly attachments = new Map<string, unknown>();
   private channel: Channel | undefined;
-  private pendingRequests = 0;
+  /** Requests not yet answered, in the order received. */
+  private readonly queue: Pending[] = [];
+  private advancing = false;
+  private advanceAgain = false;
   private readingPaused = false;
 
   constructor(
@@ -115,7 +169,7 @@ export class Connection {
     this.traffic.bytesIn += body.length;
     try {
       if (this.state === ConnState.handshake) this.handshake(body);
-      else this.onMessage(this.channel!.open(body));
+      else this.onMessage(body);
     } catch (e) {
       this.fail(e, undefined);
     }
@@ -225,70 +279,208 @@ export class Connection {
     this.lastPingMs = Date.now();
   }
 
-  private onMessage(map: Record<string, unknown> & { type: string }): void {
-    const id = typeof map.id === 'number' && Number.isSafeInteger(map.id) && map.id >= 0 ? map.id : undefined;
+  private onMessage(body: Buffer): void {
+    let id: number | undefined;
     try {
-      const msg = parseClientMessage(map);
-      switch (msg.type) {
-        case 'ping':
-          this.send({ type: 'pong', ts: msg.ts });
+      const value = unpack(this.channel!.openBytes(body));
+      if (value === null || typeof value !== 'object' || Array.isArray(value) || Buffer.isBuffer(value)) {
+        throw badMessage('frame', 'not a map');
+      }
+      const map = value as Record<string, unknown>;
+      if (typeof map.id === 'number' && Number.isSafeInteger(map.id) && map.id >= 0) id = map.id;
+      const type = map.type;
+      if (typeof type !== 'string') throw badMessage('type', 'missing or not a string');
+      switch (type) {
+        case 'ping': {
+          const ping = parseClientMessage(map as Record<string, unknown> & { type: string });
+          this.send({ type: 'pong', ts: (ping as { ts: number }).ts });
           break;
+        }
         case 'pong':
           break;
-        case 'ack':
+        case 'ack': {
           if (!this.session) throw new ProtocolError('unauthenticated');
-          this.host.onAck?.(this, msg.eids);
+          const ack = parseClientMessage(map as Record<string, unknown> & { type: string });
+          this.host.onAck?.(this, (ack as { eids: string[] }).eids);
           break;
-        case 'bye':
-          this.send({ type: 'ok', id: msg.id, data: {} });
-          this.close();
-          break;
+        }
         default:
-          this.request(msg.type, msg as unknown as Record<string, unknown> & { id: number });
+          if (!isRequestType(type)) {
+            throw new ProtocolError('unknown_type', `unknown type ${JSON.stringify(type.slice(0, 64))}`);
+          }
+          if (id === undefined)
+            throw badMessage('id', map.id === undefined ? 'missing' : 'must be an unsigned integer');
+          this.enqueue(id, map as Pending['map']);
       }
     } catch (e) {
-      this.fail(e, id);
+      if (id !== undefined) this.answerInOrder(id, e);
+      else this.fail(e, undefined);
     }
     if (this.state === ConnState.open && this.channel!.exhausted) {
       this.kick('rekey_required', 'key usage limit reached; reconnect');
     }
   }
 
-  private request(type: string, msg: Record<string, unknown> & { id: number }): void {
-    if (!this.session && !PRE_AUTH_TYPES.has(type)) throw new ProtocolError('unauthenticated');
-    const handler = this.host.handler(type);
-    if (!handler) {
-      throw new ProtocolError(
-        this.session ? 'not_found' : 'unauthenticated',
-        `${type} is not available on this gateway`,
-      );
+  // ---- requests, in order ------------------------------------------------------------------
+
+  /** An error for request `id` found before it could be queued: answered after the ones before it. */
+  private answerInOrder(id: number, error: unknown): void {
+    if (this.queue.length === 0) {
+      this.fail(error, id);
+      return;
     }
-    if (this.pendingRequests >= MAX_PENDING_REQUESTS) {
-      throw new ProtocolError('overloaded', 'too many requests in progress on this connection', {
-        retryAfter: 100,
-      });
-    }
-    const result = handler(this, msg);
-    if (result instanceof Promise) {
-      this.pendingRequests++;
-      result.then(
-        (data) => {
-          this.pendingRequests--;
-          this.reply(msg.id, data);
-        },
-        (e) => {
-          this.pendingRequests--;
-          if (this.state === ConnState.open) this.fail(e, msg.id);
-        },
+    this.queue.push({
+      id,
+      map: { type: '', id },
+      pipelined: true,
+      started: true,
+      settled: true,
+      effected: true,
+      error,
+    });
+  }
+
+  private enqueue(id: number, map: Pending['map']): void {
+    if (this.queue.length >= MAX_PENDING_REQUESTS) {
+      this.answerInOrder(
+        id,
+        new ProtocolError('overloaded', 'too many requests in progress on this connection', {
+          retryAfter: 100,
+        }),
       );
-    } else {
-      this.reply(msg.id, result);
+      return;
+    }
+    const registered = this.host.handler(map.type);
+    const p: Pending = {
+      id,
+      map,
+      // `bye` closes the connection: it waits for everything before it.
+      pipelined: map.type !== 'bye' && !!registered?.pipelined,
+      started: false,
+      settled: false,
+      effected: false,
+    };
+    this.queue.push(p);
+    this.advance();
+  }
+
+  /**
+   * Starts what may start, wakes handlers whose turn came, and sends the answers at the head.
+   * A pipelined request starts when every request before it is pipelined too; any other
+   * request starts when it is at the head (everything before it answered).
+   */
+  private advance(): void {
+    if (this.advancing) {
+      this.advanceAgain = true;
+      return;
+    }
+    this.advancing = true;
+    try {
+      do {
+        this.advanceAgain = false;
+        this.advanceOnce();
+      } while (this.advanceAgain);
+    } finally {
+      this.advancing = false;
     }
   }
 
-  private reply(id: number, data: unknown): void {
-    if (this.state !== ConnState.open) return;
-    this.send({ type: 'ok', id, data: data ?? {} });
+  private advanceOnce(): void {
+    const q = this.queue;
+    while (q.length > 0 && q[0].settled) {
+      const p = q.shift()!;
+      if (this.state !== ConnState.open) continue;
+      if (p.error !== undefined) this.fail(p.error, p.id);
+      else {
+        this.send({ type: 'ok', id: p.id, data: p.data ?? {} });
+        if (p.map.type === 'bye') this.close();
+      }
+    }
+    let allEffected = true;
+    for (let i = 0; i < q.length; i++) {
+      const p = q[i];
+      if (!p.started) {
+        // Every request before this one is pipelined (the loop stops at any other).
+        if (i === 0 || p.pipelined) this.start(p);
+        else break;
+      }
+      if (p.waiting && allEffected) {
+        const wake = p.waiting;
+        p.waiting = undefined;
+        wake();
+      }
+      if (!p.effected) allEffected = false;
+      if (!p.pipelined && !p.settled) break;
+    }
+  }
+
+  private start(p: Pending): void {
+    p.started = true;
+    let result: unknown;
+    try {
+      const type = p.map.type;
+      if (!this.session && !PRE_AUTH_TYPES.has(type)) throw new ProtocolError('unauthenticated');
+      parseClientMessage(p.map);
+      if (type === 'bye') {
+        this.settle(p, {}, undefined);
+        return;
+      }
+      const registered = this.host.handler(type);
+      if (!registered) {
+        throw new ProtocolError(
+          this.session ? 'not_found' : 'unauthenticated',
+          `${type} is not available on this gateway`,
+        );
+      }
+      result = registered.fn(this, p.map, (effect) => this.turn(p, effect));
+    } catch (e) {
+      this.settle(p, undefined, e);
+      return;
+    }
+    if (result instanceof Promise) {
+      result.then(
+        (data) => this.settle(p, data, undefined),
+        (e) => this.settle(p, undefined, e),
+      );
+    } else this.settle(p, result, undefined);
+  }
+
+  private turn<T>(p: Pending, effect: () => T): Promise<T> {
+    const run = () => {
+      try {
+        return effect();
+      } finally {
+        p.effected = true;
+        this.advance();
+      }
+    };
+    if (this.effectedBefore(p)) {
+      try {
+        return Promise.resolve(run());
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    }
+    return new Promise<void>((resolve) => {
+      p.waiting = resolve;
+    }).then(run);
+  }
+
+  /** Whether every request queued before `p` has taken effect. */
+  private effectedBefore(p: Pending): boolean {
+    for (const q of this.queue) {
+      if (q === p) return true;
+      if (!q.effected) return false;
+    }
+    return true;
+  }
+
+  private settle(p: Pending, data: unknown, error: unknown): void {
+    p.settled = true;
+    p.effected = true;
+    if (error !== undefined) p.error = error;
+    else p.data = data;
+    this.advance();
   }
 
   /** Sends the error (if the connection can still talk) and closes when it is fatal. */

@@ -16,6 +16,8 @@ import {
   type ConnectionHost,
   ConnState,
   type Handler,
+  type HandlerOptions,
+  type RegisteredHandler,
   type SessionInfo,
   type TransportSocket,
 } from './connection.ts';
@@ -57,7 +59,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   draining = false;
 
   private readonly config: Config;
-  private readonly handlers = new Map<string, Handler>();
+  private readonly handlers = new Map<string, RegisteredHandler>();
   private readonly perIp = new Map<string, number>();
   private readonly closeHooks: (() => Promise<void> | void)[] = [];
   private readonly closedHooks: ((conn: Connection) => void)[] = [];
@@ -107,12 +109,12 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   // ---- registration by services -----------------------------------------------------------
 
   /** Registers the handler of a request type (PROTOCOL.md §4). */
-  handle(type: string, handler: Handler): void {
+  handle(type: string, handler: Handler, options: HandlerOptions = {}): void {
     if (this.handlers.has(type)) throw new Error(`handler for ${type} registered twice`);
-    this.handlers.set(type, handler);
+    this.handlers.set(type, { fn: handler, pipelined: options.pipelined ?? false });
   }
 
-  handler(type: string): Handler | undefined {
+  handler(type: string): RegisteredHandler | undefined {
     return this.handlers.get(type);
   }
 

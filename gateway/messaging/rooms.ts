@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { badMessage, ProtocolError, pack, unpack } from '../../protocol/index.ts';
 import type { Bus } from '../bus.ts';
-import { type Connection, ConnState } from '../connection.ts';
+import { type Connection, ConnState, type Turn } from '../connection.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
@@ -158,16 +158,13 @@ export class Rooms {
     }
   }
 
-  async say(conn: Connection, rawRoom: string, body: string): Promise<void> {
+  /** Says `body` in a room; `turn` (the connection's order) decides when it is broadcast. */
+  async say(conn: Connection, rawRoom: string, body: string, turn: Turn): Promise<void> {
     const room = normalizeRoom(rawRoom);
     if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
     this.checkBody(body);
-    const wire = await this.broadcast({
-      name: 'room.message',
-      room,
-      from: conn.session!.username,
-      data: { body },
-    });
+    const from = conn.session!.username;
+    const wire = await turn(() => this.broadcast({ name: 'room.message', room, from, data: { body } }));
     const { historyMs, historyMax } = this.deps.options;
     if (historyMs > 0) {
       const key = this.deps.keys.roomHistory(room);

@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
-import type { Connection } from '../connection.ts';
+import type { Connection, Turn } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import type { Gateway } from '../gateway.ts';
@@ -48,16 +48,31 @@ export class Messaging {
   start(): void {
     const { gateway, rooms } = this.deps;
     type Msg = Record<string, unknown> & { id: number };
+    // Requests that change no membership are pipelined: consecutive ones overlap their lookups
+    // and make their change in the order sent, through `turn`.
+    const pipelined = { pipelined: true };
     gateway.handle('join', (conn, m: Msg) => rooms.join(conn, m.room as string));
     gateway.handle('leave', (conn, m: Msg) => rooms.leave(conn, m.room as string));
-    gateway.handle('rooms', async () => ({ rooms: await rooms.list() }));
-    gateway.handle('users', (_conn, m: Msg) => this.users(m.room as string | undefined));
-    gateway.handle('say', async (conn, m: Msg) => {
-      await rooms.say(conn, m.room as string, m.body as string);
-      return {};
-    });
-    gateway.handle('send', (conn, m: Msg) => this.send(conn, m.to as string, m.body as string));
-    gateway.handle('publish', (conn, m: Msg) => this.publish(conn, m.name as string, m.data));
+    gateway.handle('rooms', async () => ({ rooms: await rooms.list() }), pipelined);
+    gateway.handle('users', (_conn, m: Msg) => this.users(m.room as string | undefined), pipelined);
+    gateway.handle(
+      'say',
+      async (conn, m: Msg, turn) => {
+        await rooms.say(conn, m.room as string, m.body as string, turn);
+        return {};
+      },
+      pipelined,
+    );
+    gateway.handle(
+      'send',
+      (conn, m: Msg, turn) => this.send(conn, m.to as string, m.body as string, turn),
+      pipelined,
+    );
+    gateway.handle(
+      'publish',
+      (conn, m: Msg, turn) => this.publish(conn, m.name as string, m.data, turn),
+      pipelined,
+    );
     gateway.onSessionBound((conn) => {
       if (!this.deps.defaultRoom) return;
       rooms.join(conn, this.deps.defaultRoom).catch((e) => {
@@ -88,43 +103,43 @@ export class Messaging {
     return { users: [...names].sort() };
   }
 
-  private async send(conn: Connection, to: string, body: string): Promise<{ eid: string }> {
+  private async send(conn: Connection, to: string, body: string, turn: Turn): Promise<{ eid: string }> {
     this.deps.rooms.checkBody(body);
     const { directory, delivery } = this.deps;
     const userId = await directory.userIdOf(to);
     const sids = userId ? await directory.sessionsOfUser(userId) : [];
     if (sids.length === 0) throw new ProtocolError('not_found', `${to} has no live session`);
-    const outcome = await delivery.publishTo(sids, {
-      name: 'direct.message',
-      data: { body },
-      qos: 1,
-      from: conn.session!.username,
-    });
+    const from = conn.session!.username;
+    const outcome = await turn(() =>
+      delivery.publishTo(sids, { name: 'direct.message', data: { body }, qos: 1, from }),
+    );
     if (outcome.accepted === 0) {
       throw new ProtocolError('overloaded', `${to}'s outbox is full`, { retryAfter: 5000 });
     }
     return { eid: outcome.eid };
   }
 
-  private async publish(conn: Connection, name: string, data: unknown): Promise<{ eid: string }> {
+  private async publish(conn: Connection, name: string, data: unknown, turn: Turn): Promise<{ eid: string }> {
     if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
       throw new ProtocolError('bad_message', 'name: must be 1-128 of [A-Za-z0-9_.:-]', { field: 'name' });
     }
     const s = conn.session!;
     const eid = randomUUID();
-    await this.deps.backend.emit(
-      'device.event',
-      {
+    await turn(() =>
+      this.deps.backend.emit(
+        'device.event',
+        {
+          eid,
+          user: s.userId,
+          username: s.username,
+          session: s.sessionId,
+          device: s.deviceId ?? null,
+          name,
+          data,
+          ts: Date.now(),
+        },
         eid,
-        user: s.userId,
-        username: s.username,
-        session: s.sessionId,
-        device: s.deviceId ?? null,
-        name,
-        data,
-        ts: Date.now(),
-      },
-      eid,
+      ),
     );
     this.usage(conn).eventsIn++;
     return { eid };
