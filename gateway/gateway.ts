@@ -21,6 +21,7 @@ import {
   type SessionInfo,
   type TransportSocket,
 } from './connection.ts';
+import { RouteTable } from './http/routes.ts';
 import type { Logger } from './log.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
@@ -52,6 +53,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   readonly identity: Ed25519Identity;
   readonly log: Logger;
   readonly app: uWS.TemplatedApp;
+  /** Every HTTP route mounted on `app`, for the 404/405/HEAD answers. */
+  private readonly routes: RouteTable;
   readonly metrics = new Registry();
   readonly connections = new Set<Connection>();
   /** Live connections by session id (for kicks and delivery). */
@@ -89,6 +92,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.fingerprint = options.fingerprint;
     this.log = options.log;
     this.app = uWS.App();
+    this.routes = new RouteTable(this.app);
     collectDefaultMetrics({ register: this.metrics });
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
@@ -211,6 +215,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       });
     });
     mountWebSocket(this.app, this);
+    this.routes.mountFallback(this.app);
     this.tcpServer = await listenTcp(this, c.host, c.tcpPort);
     const httpPort = await new Promise<number>((resolve, reject) => {
       this.app.listen(c.host, c.httpPort, (token) => {

@@ -7,34 +7,47 @@ import { pino } from 'pino';
 
 export type Logger = pino.Logger;
 
-const REDACT = [
+/**
+ * Secrets by path: the fields that carry them in requests, headers, config and errors. Not by
+ * common word: an error `code` (`locked`, `ECONNREFUSED`) or a Redis `key` is what an operator
+ * needs to read. (pino paths: `*.x` is one level deep, `*.*.x` two.)
+ */
+const SECRET_FIELDS = [
   'password',
+  'newPassword',
   'token',
   'refresh',
-  'code',
-  'key',
-  'secret',
-  'authorization',
-  'cookie',
-  '*.password',
-  '*.token',
-  '*.refresh',
-  '*.code',
-  '*.key',
-  '*.secret',
-  '*.authorization',
-  '*.cookie',
+  'accessToken',
+  'refreshToken',
+  'otp',
+  'apiKey',
+  'smtpPassword',
   'redisUrl',
   'databaseUrl',
-  '*.redisUrl',
-  '*.databaseUrl',
+  'authorization',
+  'cookie',
+  'set-cookie',
+];
+const REDACT = [
+  ...SECRET_FIELDS,
+  ...SECRET_FIELDS.map((f) => `*.${f}`),
+  ...SECRET_FIELDS.map((f) => `*.*.${f}`),
+  'headers.authorization',
+  'headers.cookie',
+  'req.headers.authorization',
+  'req.headers.cookie',
 ];
 
-export function createLogger(level: string, bindings: Record<string, unknown> = {}): Logger {
-  return pino({
+export function createLogger(
+  level: string,
+  bindings: Record<string, unknown> = {},
+  destination?: pino.DestinationStream,
+): Logger {
+  const options = {
     level,
     base: { pid: process.pid, ...bindings },
     redact: { paths: REDACT, censor: '[redacted]' },
     timestamp: pino.stdTimeFunctions.isoTime,
-  });
+  };
+  return destination ? pino(options, destination) : pino(options);
 }
