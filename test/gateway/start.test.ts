@@ -1,0 +1,67 @@
+/**
+ * `npm start` as a container or a service manager runs it: SIGTERM to the process that was
+ * started must reach the gateway, which drains and exits; nothing is left running.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+
+const ROOT = new URL('../../', import.meta.url).pathname;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+test('SIGTERM to `npm start` drains the gateway and leaves no process behind', async () => {
+  const tag = randomUUID().slice(0, 8);
+  const dir = mkdtempSync(join(tmpdir(), 'gw-start-'));
+  const env = {
+    ...process.env,
+    GW_TCP_PORT: '0',
+    GW_HTTP_PORT: '0',
+    GW_METRICS_PORT: '0',
+    GW_HOST: '127.0.0.1',
+    GW_REDIS_PREFIX: `gwtest:${tag}:`,
+    GW_DB_SCHEMA: `gwtest_${tag}`,
+    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
+    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
+  };
+  const npm = spawn('npm', ['start', '--silent'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  npm.stdout.on('data', (d) => (out += d));
+  npm.stderr.on('data', (d) => (out += d));
+  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) =>
+    npm.on('exit', (code, signal) => resolve({ code, signal })),
+  );
+  let gatewayPid = 0;
+  try {
+    const ready = await until('the gateway ready line', () =>
+      out
+        .split('\n')
+        .map((l) => (l.startsWith('{') ? JSON.parse(l) : {}))
+        .find((l) => l.msg === 'gateway ready'),
+    );
+    gatewayPid = ready.pid as number;
+    npm.kill('SIGTERM');
+    const { code, signal } = await within('npm start to exit after SIGTERM', exited);
+    await until(`the gateway process ${gatewayPid} to exit`, () => !alive(gatewayPid), 15_000);
+    assert.match(out, /"msg":"shutdown complete"/);
+    assert.deepEqual({ code, signal }, { code: 0, signal: null });
+  } finally {
+    if (gatewayPid && alive(gatewayPid)) process.kill(gatewayPid, 'SIGKILL');
+    npm.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+    await Promise.all([dropRedisPrefix(env.GW_REDIS_PREFIX), dropSchema(env.GW_DB_SCHEMA)]);
+  }
+});
