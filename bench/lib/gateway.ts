@@ -37,12 +37,15 @@ export interface SpawnOptions {
   timeoutMs?: number;
   /** Called with each stdout JSON line (after readiness too). */
   onLine?: (line: Record<string, unknown>) => void;
+  /** The checkout the script is taken from (default: this one), e.g. a baseline commit's. */
+  root?: string;
 }
 
 /** Spawns `node --import tsx <script> ...args` and waits for its ready line. */
 export function spawnTsChild(script: string, args: string[], options: SpawnOptions): Promise<ServerChild> {
-  const proc = spawn(process.execPath, ['--import', 'tsx', join(ROOT, script), ...args], {
-    cwd: ROOT,
+  const root = options.root ?? ROOT;
+  const proc = spawn(process.execPath, ['--import', 'tsx', join(root, script), ...args], {
+    cwd: root,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -108,10 +111,11 @@ export interface BenchGateway extends ServerChild {
   close(): Promise<void>;
 }
 
-/** Starts the real gateway on loopback with `GW_CRYPTO=<crypto>`. */
+/** Starts the real gateway on loopback with `GW_CRYPTO=<crypto>` (from `root`, default this checkout). */
 export async function startBenchGateway(
   crypto: 'node' | 'native' | 'auto',
   env: Record<string, string> = {},
+  root?: string,
 ): Promise<BenchGateway> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-bench-'));
   const tag = randomUUID().replaceAll('-', '').slice(0, 10);
@@ -138,6 +142,7 @@ export async function startBenchGateway(
       },
       isReady: (l) => l.msg === 'gateway ready',
       timeoutMs: 60000,
+      ...(root ? { root } : {}),
     });
   } catch (e) {
     await cleanup(dir, prefix, schema);
