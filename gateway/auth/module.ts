@@ -62,6 +62,7 @@ export async function createAuthModule(
     },
     threads: config.hashThreads,
     maxQueue: config.hashMaxQueue,
+    maxWaitMs: config.hashMaxWaitMs,
   });
   const tokens = new Tokens({
     keyFile: config.jwtKeyFile,
@@ -141,6 +142,7 @@ export async function createAuthModule(
     relay,
     directory,
     async start(gateway: Gateway) {
+      hasher.registerMetrics(gateway.metrics);
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
