@@ -84,6 +84,7 @@ export class Hasher {
     this.pool = new Piscina({
       filename: WORKER,
       minThreads: 1,
+      stricterFIFO: true,
       maxThreads: options.threads,
       maxQueue: options.maxQueue,
       // The worker is plain JS: no TypeScript loader needed in the threads.
@@ -181,8 +182,16 @@ export class Hasher {
     return new ProtocolError('overloaded', why, { retryAfter });
   }
 
-  /** Admits the job or throws `overloaded`; counts it in `jobs` when admitted. */
-  private admit(): void {
+  /**
+   * Throws `overloaded` (counted as refused) if a job submitted now would be refused, so that a
+   * request that is going to hash can be turned away before it does any other work.
+   */
+  check(): void {
+    this.wouldWait();
+  }
+
+  /** The expected wait of a job submitted now; throws `overloaded` past the bounds. */
+  private wouldWait(): number {
     const { threads, maxQueue, maxWaitMs = Number.POSITIVE_INFINITY } = this.options;
     if (this.jobs - threads >= maxQueue) throw this.overloaded('too many password checks waiting');
     const wait = this.expectedWaitMs();
@@ -193,6 +202,12 @@ export class Hasher {
       }
       if (wait > maxWaitMs) throw this.overloaded('too many password checks in progress');
     }
+    return wait;
+  }
+
+  /** Admits the job or throws `overloaded`; counts it in `jobs` when admitted. */
+  private admit(): void {
+    const wait = this.wouldWait();
     this.admitted++;
     if (wait > this.admittedWaitMaxMs) this.admittedWaitMaxMs = wait;
     this.jobs++;
