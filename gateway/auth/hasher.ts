@@ -8,7 +8,12 @@
  * job that would wait longer than `maxWaitMs` is refused at once with `overloaded` and a
  * `retryAfter` of the time the pool needs to drain what it has, times a uniform factor in
  * [1, 2) so that refused devices do not come back in step. `maxQueue` stays as a hard cap on
- * the jobs waiting for a thread, whatever the estimate says.
+ * the jobs waiting for a thread, whatever the estimate says. `check()` lets a request that
+ * will hash be refused before its other work.
+ *
+ * The queue is strictly FIFO (piscina's `stricterFIFO`): by default piscina puts a task it
+ * cannot dispatch yet back at the tail, so under sustained load queued jobs overtake each other
+ * and some wait several times the estimate.
  */
 
 import { Piscina } from 'piscina';
@@ -63,7 +68,7 @@ const WORKER = new URL('../../workers/password-hash.worker.mjs', import.meta.url
 /** Weight of the newest run time in the EWMA. */
 const EWMA_ALPHA = 0.2;
 /** `retryAfter` before the first run time is known (nothing to estimate from yet), ms. */
-const UNKNOWN_RETRY_MS = 500;
+const UNKNOWN_RETRY_MS = 1000;
 
 export class Hasher {
   private readonly pool: Piscina;
@@ -78,6 +83,8 @@ export class Hasher {
   /** When the last job finished, and whether every thread stayed busy after it. */
   private lastDoneAt = 0;
   private busy = false;
+  /** Settles when the first job (the dummy hash) is done: from then on waits are estimated. */
+  readonly ready: Promise<void>;
 
   constructor(private readonly options: HasherOptions) {
     this.random = options.random ?? Math.random;
@@ -92,7 +99,10 @@ export class Hasher {
     });
     // The first job starts a thread and gives the first run time, so that admission has an
     // estimate before the first storm; its hash is the one `dummyVerify` needs anyway.
-    this.dummy().catch(() => {});
+    this.ready = this.dummy().then(
+      () => {},
+      () => {},
+    );
   }
 
   /** Jobs waiting for a thread (a metric). */
@@ -195,13 +205,8 @@ export class Hasher {
     const { threads, maxQueue, maxWaitMs = Number.POSITIVE_INFINITY } = this.options;
     if (this.jobs - threads >= maxQueue) throw this.overloaded('too many password checks waiting');
     const wait = this.expectedWaitMs();
-    if (Number.isFinite(maxWaitMs)) {
-      // Before the first run time is known, admit at most one waiting job per thread.
-      if (this.runMs === undefined && this.jobs >= 2 * threads) {
-        throw this.overloaded('too many password checks in progress');
-      }
-      if (wait > maxWaitMs) throw this.overloaded('too many password checks in progress');
-    }
+    // Before the first run time is known (see `ready`) only `maxQueue` applies.
+    if (wait > maxWaitMs) throw this.overloaded('too many password checks in progress');
     return wait;
   }
 

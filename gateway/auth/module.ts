@@ -64,6 +64,7 @@ export async function createAuthModule(
     maxQueue: config.hashMaxQueue,
     maxWaitMs: config.hashMaxWaitMs,
   });
+  await hasher.ready;
   const tokens = new Tokens({
     keyFile: config.jwtKeyFile,
     issuer: config.jwtIssuer,
