@@ -288,8 +288,14 @@ const SETTINGS = {
   hashMaxQueue: setting(
     'GW_HASH_MAX_QUEUE',
     '256',
-    'Hash jobs allowed to wait for a thread; beyond, `overloaded` with `retryAfter`.',
+    'Hard cap on hash jobs waiting for a thread, whatever their expected wait; beyond, `overloaded` with `retryAfter`.',
     int(1).default(256),
+  ),
+  hashMaxWaitMs: setting(
+    'GW_HASH_MAX_WAIT_MS',
+    '2000',
+    'Longest expected wait for a hash thread (from recent hash times and the jobs queued and running) a login or register is admitted with; beyond, `overloaded` at once with a jittered `retryAfter` of about the time to drain the queue.',
+    int(1).default(2000),
   ),
   usernameMin: setting(
     'USERNAME_MIN_LENGTH',

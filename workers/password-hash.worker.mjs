@@ -3,9 +3,10 @@
  * @node-rs/argon2 and @node-rs/bcrypt, so the main thread never hashes (a test checks this).
  * Plain ESM JavaScript so that the pool loads it without a TypeScript loader.
  *
- * Task: {op: 'hash', password, params} -> {hash, threadId}
- *       {op: 'verify', password, hash, params} -> {ok, rehash, threadId}
- * `params`: {memoryCost (KiB), timeCost, parallelism} of argon2id.
+ * Task: {op: 'hash', password, params} -> {hash, threadId, ms}
+ *       {op: 'verify', password, hash, params} -> {ok, rehash, threadId, ms}
+ * `params`: {memoryCost (KiB), timeCost, parallelism} of argon2id. `ms`: how long the task ran
+ * in this thread (the pool's admission estimates waits from it).
  */
 import { isMainThread, threadId } from 'node:worker_threads';
 import { Algorithm, hash, verify } from '@node-rs/argon2';
@@ -27,6 +28,13 @@ function outdated(stored, params) {
 }
 
 export default async function task(t) {
+  const t0 = performance.now();
+  const out = await run(t);
+  out.ms = performance.now() - t0;
+  return out;
+}
+
+async function run(t) {
   const options = {
     algorithm: Algorithm.Argon2id,
     memoryCost: t.params.memoryCost,

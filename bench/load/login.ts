@@ -4,6 +4,13 @@
  * same run, the gateway's event-loop p99 delay during the storm, and `resume` (token) logins/s.
  *
  *   npm run bench:login -- [--conns 32] [--seconds 5]
+ *
+ * Storm mode: logins offered open-loop (at a fixed rate, whatever the answers) at multiples of
+ * the raw verify rate measured in the same run, each for `--seconds`; prints how the logins were
+ * answered (admitted or `overloaded`), the wait of the admitted ones (p50/p99/max) and how fast
+ * the refusals came. Refused logins are not retried (each offered login is one attempt).
+ *
+ *   npm run bench:login -- --storm 2,6 [--conns 200] [--seconds 5]
  */
 import { availableParallelism } from 'node:os';
 import { parseArgs } from 'node:util';
@@ -14,9 +21,14 @@ import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
 const { values } = parseArgs({
-  options: { conns: { type: 'string', default: '32' }, seconds: { type: 'string', default: '5' } },
+  options: {
+    conns: { type: 'string' },
+    seconds: { type: 'string', default: '5' },
+    storm: { type: 'string' },
+  },
 });
-const CONNS = Number(values.conns);
+const STORM = values.storm ? values.storm.split(',').map(Number) : undefined;
+const CONNS = Number(values.conns ?? (STORM ? 200 : 32));
 const SECONDS = Number(values.seconds);
 const THREADS = availableParallelism();
 const PARAMS = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
@@ -79,7 +91,133 @@ async function storm(
   return { rate: count / elapsed, errors };
 }
 
+function quantile(sorted: number[], q: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
+}
+
+/** Logins offered at `rate`/s for SECONDS, spread over the clients; every answer is awaited. */
+async function openLoop(clients: GatewayClient[], users: string[], rate: number) {
+  const answers: Promise<{ outcome: string; ms: number; retryAfter?: number }>[] = [];
+  let sent = 0;
+  const t0 = performance.now();
+  const done = progress(`  ${rate.toFixed(0)} logins/s offered`, () => `${sent} sent`);
+  while (performance.now() - t0 < SECONDS * 1000) {
+    const due = Math.floor(((performance.now() - t0) / 1000) * rate);
+    while (sent < due) {
+      const i = sent++;
+      const s = performance.now();
+      answers.push(
+        clients[i % clients.length]
+          .request('login', { username: users[i % users.length], password: 'correct horse battery' })
+          .then(
+            () => ({ outcome: 'ok', ms: performance.now() - s }),
+            (e: { code?: string; message: string; retryAfter?: number }) => ({
+              outcome: e.code ?? e.message,
+              ms: performance.now() - s,
+              ...(e.retryAfter !== undefined ? { retryAfter: e.retryAfter } : {}),
+            }),
+          ),
+      );
+    }
+    await sleep(10);
+  }
+  const got = await Promise.all(answers);
+  done();
+  const ok = got.filter((a) => a.outcome === 'ok');
+  const refused = got.filter((a) => a.outcome === 'overloaded');
+  const other = got.length - ok.length - refused.length;
+  const waits = ok.map((a) => a.ms).sort((a, b) => a - b);
+  const refusedMs = refused.map((a) => a.ms).sort((a, b) => a - b);
+  const retry = refused.map((a) => a.retryAfter ?? 0).sort((a, b) => a - b);
+  return { offered: got.length, ok: ok.length, refused: refused.length, other, waits, refusedMs, retry };
+}
+
+/** The gateway's own view of its hash pool after a step (absent before admission by wait). */
+async function hashMetrics(metricsPort: number): Promise<string> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  const lines = text
+    .split('\n')
+    .filter((l) => /^(gateway_hash_(run|admitted|jobs_total)|nodejs_eventloop_lag_(p99|max))/.test(l));
+  return lines.length ? lines.map((l) => `    ${l}`).join('\n') : '    (no gateway_hash_* metrics)';
+}
+
+async function stormMode(): Promise<void> {
+  console.log(
+    header(
+      `login storm: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads, ${SECONDS} s per step, gateway defaults for GW_HASH_MAX_QUEUE / GW_HASH_MAX_WAIT_MS`,
+    ),
+  );
+  const raw = await rawVerifyRate();
+  const g = await startGateway({
+    ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
+    ARGON2_ITERATIONS: String(PARAMS.timeCost),
+    GW_HASH_THREADS: String(THREADS),
+    GW_REGISTER_PER_MINUTE: '100000',
+    GW_LOG_LEVEL: 'info',
+  });
+  try {
+    const clients = await Promise.all(
+      Array.from({ length: CONNS }, async () => {
+        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 120000 });
+        await c.connect();
+        return c;
+      }),
+    );
+    const users: string[] = [];
+    for (let i = 0; i < 32; i++) {
+      const username = `storm${i}_${Date.now() % 100000}`;
+      await clients[0].request('register', {
+        username,
+        email: `${username}@example.com`,
+        password: 'correct horse battery',
+      });
+      users.push(username);
+    }
+    const rows: (string | number)[][] = [
+      ['raw argon2id verify/s (same run) = capacity', raw, '', '', '', '', '', ''],
+    ];
+    for (const m of STORM!) {
+      await sleep(2000);
+      const r = await openLoop(clients, users, m * raw);
+      console.log(`  after ${m}x (cumulative):\n${await hashMetrics(g.metricsPort)}`);
+      rows.push([
+        `${m}x capacity: ${(m * raw).toFixed(0)}/s offered, ${r.offered} logins`,
+        r.ok / SECONDS,
+        `${r.ok} / ${r.refused} / ${r.other}`,
+        quantile(r.waits, 0.5),
+        quantile(r.waits, 0.99),
+        quantile(r.waits, 1),
+        quantile(r.refusedMs, 0.5),
+        r.retry.length
+          ? `${r.retry[0]}-${r.retry[r.retry.length - 1]} (${new Set(r.retry).size} distinct)`
+          : '-',
+      ]);
+    }
+    console.log(
+      table(
+        [
+          'step',
+          'admitted/s',
+          'admitted / overloaded / other',
+          'admitted wait p50 (ms)',
+          'p99 (ms)',
+          'max (ms)',
+          'overloaded answered p50 (ms)',
+          'retryAfter (ms)',
+        ],
+        rows,
+      ),
+    );
+    for (const c of clients) c.destroy();
+  } finally {
+    await g.stop();
+  }
+  process.exit(0);
+}
+
 async function main(): Promise<void> {
+  if (STORM) return stormMode();
   console.log(
     header(
       `logins: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads`,

@@ -1,9 +1,23 @@
 /**
  * Password hashing off the event loop: a piscina pool running workers/password-hash.worker.mjs
- * (argon2id; legacy bcrypt verified and flagged for rehash). The queue of waiting jobs is
- * bounded: past it, `overloaded` with `retryAfter` instead of a queue that grows forever.
+ * (argon2id; legacy bcrypt verified and flagged for rehash).
+ *
+ * Admission is bounded by EXPECTED WAIT, not by a count: the pool knows the jobs in it (queued
+ * and running) and the recent run time of one job (an EWMA of the time each task took in its
+ * worker), so a new job's wait for a thread is about `(jobs - threads + 1) / threads × run`. A
+ * job that would wait longer than `maxWaitMs` is refused at once with `overloaded` and a
+ * `retryAfter` of the time the pool needs to drain what it has, times a uniform factor in
+ * [1, 2) so that refused devices do not come back in step. `maxQueue` stays as a hard cap on
+ * the jobs waiting for a thread, whatever the estimate says. `check()` lets a request that
+ * will hash be refused before its other work.
+ *
+ * The queue is strictly FIFO (piscina's `stricterFIFO`): by default piscina puts a task it
+ * cannot dispatch yet back at the tail, so under sustained load queued jobs overtake each other
+ * and some wait several times the estimate.
  */
+
 import { Piscina } from 'piscina';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { ProtocolError } from '../../protocol/index.ts';
 
 export interface Argon2Params {
@@ -16,8 +30,15 @@ export interface Argon2Params {
 export interface HasherOptions {
   params: Argon2Params;
   threads: number;
-  /** Jobs allowed to wait for a thread. */
+  /** Hard cap on the jobs waiting for a thread (GW_HASH_MAX_QUEUE). */
   maxQueue: number;
+  /**
+   * Longest expected wait for a thread a job is admitted with, in ms (GW_HASH_MAX_WAIT_MS).
+   * Absent: no bound on the wait, only `maxQueue`.
+   */
+  maxWaitMs?: number;
+  /** Uniform in [0, 1); the jitter of `retryAfter` (tests may fix it). */
+  random?: () => number;
 }
 
 export interface VerifyResult {
@@ -28,21 +49,60 @@ export interface VerifyResult {
   threadId: number;
 }
 
+/** What the pool reports about itself (metrics, benches). */
+export interface HasherStats {
+  /** Jobs in the pool: waiting for a thread or running. */
+  jobs: number;
+  /** Recent run time of one job in its worker (EWMA), ms; undefined before the first job. */
+  runMs: number | undefined;
+  /** Expected wait for a thread of a job submitted now, ms. */
+  expectedWaitMs: number;
+  admitted: number;
+  rejected: number;
+  /** The largest expected wait any admitted job was admitted with, ms. */
+  admittedWaitMaxMs: number;
+}
+
 const WORKER = new URL('../../workers/password-hash.worker.mjs', import.meta.url).href;
+
+/** Weight of the newest run time in the EWMA. */
+const EWMA_ALPHA = 0.2;
+/** `retryAfter` before the first run time is known (nothing to estimate from yet), ms. */
+const UNKNOWN_RETRY_MS = 1000;
 
 export class Hasher {
   private readonly pool: Piscina;
+  private readonly random: () => number;
   private dummyHash: Promise<string> | undefined;
+  private jobs = 0;
+  private runMs: number | undefined;
+  private admitted = 0;
+  private rejected = 0;
+  private admittedWaitMaxMs = 0;
+  private jobSeconds: Histogram | undefined;
+  /** When the last job finished, and whether every thread stayed busy after it. */
+  private lastDoneAt = 0;
+  private busy = false;
+  /** Settles when the first job (the dummy hash) is done: from then on waits are estimated. */
+  readonly ready: Promise<void>;
 
   constructor(private readonly options: HasherOptions) {
+    this.random = options.random ?? Math.random;
     this.pool = new Piscina({
       filename: WORKER,
       minThreads: 1,
+      stricterFIFO: true,
       maxThreads: options.threads,
       maxQueue: options.maxQueue,
       // The worker is plain JS: no TypeScript loader needed in the threads.
       execArgv: [],
     });
+    // The first job starts a thread and gives the first run time, so that admission has an
+    // estimate before the first storm; its hash is the one `dummyVerify` needs anyway.
+    this.ready = this.dummy().then(
+      () => {},
+      () => {},
+    );
   }
 
   /** Jobs waiting for a thread (a metric). */
@@ -50,14 +110,148 @@ export class Hasher {
     return this.pool.queueSize;
   }
 
+  /** Expected wait for a thread of a job submitted now (0 while a thread is free), ms. */
+  expectedWaitMs(): number {
+    const ahead = this.jobs - this.options.threads + 1;
+    if (ahead <= 0) return 0;
+    return ((this.runMs ?? 0) * ahead) / this.options.threads;
+  }
+
+  stats(): HasherStats {
+    return {
+      jobs: this.jobs,
+      runMs: this.runMs,
+      expectedWaitMs: this.expectedWaitMs(),
+      admitted: this.admitted,
+      rejected: this.rejected,
+      admittedWaitMaxMs: this.admittedWaitMaxMs,
+    };
+  }
+
+  /** Gauges and counters of the pool, read at scrape time. */
+  registerMetrics(registry: Registry): void {
+    const s = () => this.stats();
+    new Gauge({
+      name: 'gateway_hash_jobs',
+      help: 'Password hash jobs in the pool, waiting for a thread or running.',
+      registers: [registry],
+      collect() {
+        this.set(s().jobs);
+      },
+    });
+    new Gauge({
+      name: 'gateway_hash_run_seconds',
+      help: 'Recent run time of one password hash job in its worker thread (EWMA).',
+      registers: [registry],
+      collect() {
+        this.set((s().runMs ?? 0) / 1000);
+      },
+    });
+    new Gauge({
+      name: 'gateway_hash_expected_wait_seconds',
+      help: 'Expected wait for a hash thread of a job submitted now.',
+      registers: [registry],
+      collect() {
+        this.set(s().expectedWaitMs / 1000);
+      },
+    });
+    new Gauge({
+      name: 'gateway_hash_admitted_wait_max_seconds',
+      help: 'Largest expected wait any admitted hash job was admitted with (bounded by GW_HASH_MAX_WAIT_MS).',
+      registers: [registry],
+      collect() {
+        this.set(s().admittedWaitMaxMs / 1000);
+      },
+    });
+    this.jobSeconds = new Histogram({
+      name: 'gateway_hash_job_seconds',
+      help: 'Time an admitted password hash job spent in the pool, waiting for a thread and running.',
+      buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16],
+      registers: [registry],
+    });
+    new Counter({
+      name: 'gateway_hash_jobs_total',
+      help: 'Password hash jobs by admission: admitted, or refused as overloaded.',
+      labelNames: ['outcome'],
+      registers: [registry],
+      collect() {
+        const st = s();
+        this.reset();
+        this.labels('admitted').inc(st.admitted);
+        this.labels('overloaded').inc(st.rejected);
+      },
+    });
+  }
+
+  /** `overloaded`, with the jittered time the pool needs to drain the jobs it has. */
+  private overloaded(why: string): ProtocolError {
+    this.rejected++;
+    const drainMs =
+      this.runMs === undefined ? UNKNOWN_RETRY_MS : (this.runMs * this.jobs) / this.options.threads;
+    const retryAfter = Math.max(1, drainMs * (1 + this.random()));
+    return new ProtocolError('overloaded', why, { retryAfter });
+  }
+
+  /**
+   * Throws `overloaded` (counted as refused) if a job submitted now would be refused, so that a
+   * request that is going to hash can be turned away before it does any other work.
+   */
+  check(): void {
+    this.wouldWait();
+  }
+
+  /** The expected wait of a job submitted now; throws `overloaded` past the bounds. */
+  private wouldWait(): number {
+    const { threads, maxQueue, maxWaitMs = Number.POSITIVE_INFINITY } = this.options;
+    if (this.jobs - threads >= maxQueue) throw this.overloaded('too many password checks waiting');
+    const wait = this.expectedWaitMs();
+    // Before the first run time is known (see `ready`) only `maxQueue` applies.
+    if (wait > maxWaitMs) throw this.overloaded('too many password checks in progress');
+    return wait;
+  }
+
+  /** Admits the job or throws `overloaded`; counts it in `jobs` when admitted. */
+  private admit(): void {
+    const wait = this.wouldWait();
+    this.admitted++;
+    if (wait > this.admittedWaitMaxMs) this.admittedWaitMaxMs = wait;
+    this.jobs++;
+  }
+
+  /**
+   * Folds one finished job into the EWMA of the time a job holds a thread: its run time in the
+   * worker, or, when every thread was busy since the previous completion, the spacing of
+   * completions times the threads if that is longer (it includes handing jobs to threads, which
+   * is slow when the main thread is busy).
+   */
+  private sample(ms: number): void {
+    const now = performance.now();
+    let sample = ms;
+    if (this.busy) sample = Math.max(ms, (now - this.lastDoneAt) * this.options.threads);
+    this.lastDoneAt = now;
+    // `jobs` still counts this one: more jobs than threads means a waiting job takes its thread.
+    this.busy = this.jobs > this.options.threads;
+    this.runMs = this.runMs === undefined ? sample : this.runMs + EWMA_ALPHA * (sample - this.runMs);
+  }
+
   private async run<T>(task: Record<string, unknown>): Promise<T> {
+    this.admit();
+    const t0 = performance.now();
     try {
-      return (await this.pool.run({ ...task, params: this.options.params })) as T;
+      const { ms, ...out } = (await this.pool.run({ ...task, params: this.options.params })) as T & {
+        ms: number;
+      };
+      this.sample(ms);
+      this.jobSeconds?.observe((performance.now() - t0) / 1000);
+      return out as T;
     } catch (e) {
       if (/queue is at limit/i.test((e as Error).message)) {
-        throw new ProtocolError('overloaded', 'too many password checks in progress', { retryAfter: 1000 });
+        this.admitted--;
+        throw this.overloaded('too many password checks waiting');
       }
       throw e;
+    } finally {
+      this.jobs--;
     }
   }
 
@@ -74,8 +268,19 @@ export class Hasher {
    * do not reveal whether the account exists.
    */
   async dummyVerify(password: string): Promise<void> {
-    this.dummyHash ??= this.hash('dummy password for unknown users').then((r) => r.hash);
-    await this.verify(password, await this.dummyHash);
+    await this.verify(password, await this.dummy());
+  }
+
+  /** The fixed hash of `dummyVerify`; made again if making it failed (e.g. `overloaded`). */
+  private dummy(): Promise<string> {
+    if (!this.dummyHash) {
+      const made = this.hash('dummy password for unknown users').then((r) => r.hash);
+      this.dummyHash = made;
+      made.catch(() => {
+        if (this.dummyHash === made) this.dummyHash = undefined;
+      });
+    }
+    return this.dummyHash;
   }
 
   close(): Promise<void> {

@@ -62,7 +62,9 @@ export async function createAuthModule(
     },
     threads: config.hashThreads,
     maxQueue: config.hashMaxQueue,
+    maxWaitMs: config.hashMaxWaitMs,
   });
+  await hasher.ready;
   const tokens = new Tokens({
     keyFile: config.jwtKeyFile,
     issuer: config.jwtIssuer,
@@ -141,18 +143,22 @@ export async function createAuthModule(
     relay,
     directory,
     async start(gateway: Gateway) {
+      hasher.registerMetrics(gateway.metrics);
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
       });
+      // Requests that hash are refused before any other work while the hash pool is full.
       gateway.handle('register', async (conn, m: Msg) => {
+        hasher.check();
         const out = await service.register(m as never, ctx(conn));
         relay.kick();
         return out;
       });
-      gateway.handle('login', async (conn, m: Msg) =>
-        bind(gateway, conn, await service.login(m as never, ctx(conn))),
-      );
+      gateway.handle('login', async (conn, m: Msg) => {
+        hasher.check();
+        return bind(gateway, conn, await service.login(m as never, ctx(conn)));
+      });
       gateway.handle('resume', async (conn, m: Msg) =>
         bind(gateway, conn, await service.resume(m as never, ctx(conn))),
       );
@@ -202,8 +208,14 @@ export async function createAuthModule(
       mountAuthApi(
         gateway.app,
         {
-          register: (r, c) => service.register(r, c).finally(() => relay.kick()),
-          login: (r, c) => service.login(r as never, c) as never,
+          register: async (r, c) => {
+            hasher.check();
+            return service.register(r, c).finally(() => relay.kick());
+          },
+          login: async (r, c) => {
+            hasher.check();
+            return service.login(r as never, c) as never;
+          },
           refresh: (r, c) => service.refresh(r, c),
           logout: (r, c) => service.logout(r, c),
           authenticate: (t) => service.authenticate(t),

@@ -3,8 +3,13 @@
  * every node through one Redis channel per room. A node subscribes to a room's channel while
  * it has a local member. Recent messages are kept per room for the replay on join, marked
  * `history: true`.
+ *
+ * Joining or leaving is one Lua call (lua/room-join.lua, lua/room-leave.lua). In the default
+ * room, which every session of the fleet joins, joins and leaves are not announced: a
+ * `room.joined` to every member per join would make connecting N devices cost O(N²) events.
  */
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
 import { badMessage, ProtocolError, pack, unpack } from '../../protocol/index.ts';
 import type { Bus } from '../bus.ts';
@@ -37,6 +42,30 @@ interface RoomWire {
 const ROOM = /^#[a-z0-9_-]{1,32}$/;
 const ROOMS_KEY = 'rooms';
 
+const lua = (name: string) => readFileSync(new URL(`./lua/${name}.lua`, import.meta.url), 'utf8');
+
+interface RoomCommands {
+  /** lua/room-join.lua: {first, members, history}. */
+  gwRoomJoinBuffer(
+    members: string,
+    sessionRooms: string,
+    rooms: string,
+    history: string,
+    sid: string,
+    room: string,
+    historyFrom: string,
+  ): Promise<[number, number, Buffer[]]>;
+  /** lua/room-leave.lua: {last, members}. */
+  gwRoomLeave(
+    members: string,
+    sessionRooms: string,
+    rooms: string,
+    sid: string,
+    room: string,
+    all: string,
+  ): Promise<[number, number]>;
+}
+
 /** `#` + 1-32 of [a-z0-9_-]; a missing `#` is added, letters are lowercased. */
 export function normalizeRoom(raw: string, field = 'room'): string {
   const name = (raw.startsWith('#') ? raw : `#${raw}`).toLowerCase();
@@ -53,36 +82,48 @@ function roomsOf(conn: Connection): Set<string> {
 export class Rooms {
   /** Local members per room. */
   private readonly local = new Map<string, Set<Connection>>();
+  private readonly redis: Redis & RoomCommands;
+  /** The default room, normalized; '' when there is none. */
+  private readonly defaultRoom: string;
 
   constructor(
     private readonly deps: { redis: Redis; bus: Bus; keys: Keys; log: Logger; options: RoomOptions },
-  ) {}
+  ) {
+    const r = deps.redis as Redis & Partial<RoomCommands>;
+    if (!r.gwRoomJoinBuffer) {
+      deps.redis.defineCommand('gwRoomJoin', { numberOfKeys: 4, lua: lua('room-join') });
+      deps.redis.defineCommand('gwRoomLeave', { numberOfKeys: 3, lua: lua('room-leave') });
+    }
+    this.redis = r as Redis & RoomCommands;
+    this.defaultRoom = deps.options.defaultRoom ? normalizeRoom(deps.options.defaultRoom) : '';
+  }
+
+  /** Joins and leaves of this room are announced (`room.joined` / `room.left`) to its members. */
+  private announced(room: string): boolean {
+    return room !== this.defaultRoom;
+  }
 
   async join(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
     const room = normalizeRoom(rawRoom);
     const s = conn.session!;
-    const { redis, keys } = this.deps;
+    const { keys, options } = this.deps;
     const mine = roomsOf(conn);
-    let members: number;
-    if (mine.has(room)) {
-      members = await redis.zcard(keys.roomMembers(room));
-      return { room, members };
-    }
+    if (mine.has(room)) return { room, members: await this.redis.zcard(keys.roomMembers(room)) };
     mine.add(room);
     await this.subscribeLocal(room, conn);
-    // Members are sessions with a count of their connections in the room, so a takeover (new
-    // connection, same session) does not remove the session when the old connection goes.
-    const m = redis.multi();
-    m.zincrby(keys.roomMembers(room), 1, s.sessionId);
-    m.sadd(keys.sessionRooms(s.sessionId), room);
-    m.zcard(keys.roomMembers(room));
-    const res = await m.exec();
-    members = res![2][1] as number;
-    if (Number(res![0][1]) === 1) {
-      await redis.zadd(keys.rooms, members, room);
+    const [first, members, history] = await this.redis.gwRoomJoinBuffer(
+      keys.roomMembers(room),
+      keys.sessionRooms(s.sessionId),
+      keys.rooms,
+      keys.roomHistory(room),
+      s.sessionId,
+      room,
+      options.historyMs > 0 ? String(Date.now() - options.historyMs) : '',
+    );
+    if (first === 1 && this.announced(room)) {
       await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
     }
-    await this.replay(conn, room);
+    for (const raw of history) this.deliver(conn, unpack(raw) as RoomWire, true);
     return { room, members };
   }
 
@@ -97,24 +138,19 @@ export class Rooms {
 
   /** One connection of a session leaves a room; the session leaves when it was the last. */
   private async drop(sid: string, username: string, room: string, all = false): Promise<number> {
-    const { redis, keys } = this.deps;
-    const key = keys.roomMembers(room);
-    const left = all ? 0 : Number(await redis.zincrby(key, -1, sid));
-    if (left <= 0) {
-      const m = redis.multi();
-      m.zrem(key, sid);
-      m.srem(keys.sessionRooms(sid), room);
-      m.zcard(key);
-      const res = await m.exec();
-      const members = res![2][1] as number;
-      if (members > 0) await redis.zadd(keys.rooms, members, room);
-      else await redis.zrem(keys.rooms, room);
-      if ((res![0][1] as number) === 1) {
-        await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
-      }
-      return members;
+    const { keys } = this.deps;
+    const [last, members] = await this.redis.gwRoomLeave(
+      keys.roomMembers(room),
+      keys.sessionRooms(sid),
+      keys.rooms,
+      sid,
+      room,
+      all ? '1' : '',
+    );
+    if (last === 1 && this.announced(room)) {
+      await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
     }
-    return redis.zcard(key);
+    return members;
   }
 
   /** Leaves every room of a connection that closed. */
@@ -181,17 +217,6 @@ export class Rooms {
     const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
     await this.deps.redis.publish(this.deps.keys.roomChannel(wire.room), pack(wire));
     return wire;
-  }
-
-  private async replay(conn: Connection, room: string): Promise<void> {
-    const { historyMs } = this.deps.options;
-    if (historyMs <= 0) return;
-    const raws = await this.deps.redis.zrangebyscoreBuffer(
-      this.deps.keys.roomHistory(room),
-      Date.now() - historyMs,
-      '+inf',
-    );
-    for (const raw of raws) this.deliver(conn, unpack(raw) as RoomWire, true);
   }
 
   private deliver(conn: Connection, w: RoomWire, history: boolean): void {

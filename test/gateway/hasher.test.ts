@@ -1,0 +1,50 @@
+/**
+ * The hash pool's admission by expected wait, in process: jobs finish in the order they were
+ * admitted, none is admitted past the bound, and a refusal's `retryAfter` covers the drain time.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { Hasher } from '../../gateway/auth/hasher.ts';
+import type { ProtocolError } from '../../protocol/index.ts';
+
+const PARAMS = { memoryCost: 4096, timeCost: 1, parallelism: 1 };
+
+test('admitted hash jobs finish in the order they were submitted (strict FIFO)', async () => {
+  const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
+  try {
+    await h.ready;
+    const { hash } = await h.hash('pw');
+    const order: number[] = [];
+    await Promise.all(Array.from({ length: 60 }, (_, i) => h.verify('pw', hash).then(() => order.push(i))));
+    assert.deepEqual(
+      order,
+      order.toSorted((a, b) => a - b),
+      'one thread: jobs finish in submission order',
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+test('a burst past the wait bound: refusals at once with retryAfter of at least the bound, no admission past it', async () => {
+  const maxWaitMs = 30;
+  const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000, maxWaitMs, random: () => 0 });
+  try {
+    await h.ready;
+    const { hash } = await h.hash('pw');
+    const results = await Promise.allSettled(Array.from({ length: 100 }, () => h.verify('pw', hash)));
+    const refused = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
+    const st = h.stats();
+    assert.ok(refused.length > 0, 'some jobs are refused');
+    assert.ok(refused.length < results.length, 'some jobs are admitted');
+    for (const r of refused) {
+      const e = r.reason as ProtocolError;
+      assert.equal(e.code, 'overloaded');
+      assert.ok(e.retryAfter! >= maxWaitMs, `retryAfter ${e.retryAfter} covers at least the bound`);
+    }
+    assert.ok(st.admittedWaitMaxMs <= maxWaitMs, `admitted with an expected wait of ${st.admittedWaitMaxMs}`);
+    assert.equal(st.jobs, 0, 'every admitted job has left the pool');
+  } finally {
+    await h.close();
+  }
+});
