@@ -25,7 +25,11 @@ interface Addon {
   openssl: string;
 }
 
-const ADDON_PATH = '../../native/build/Release/gw_crypto.node';
+/** Where the addon is built, from the sources (protocol/crypto/) and from the build (dist/protocol/crypto/). */
+const ADDON_PATHS = [
+  '../../native/build/Release/gw_crypto.node',
+  '../../../native/build/Release/gw_crypto.node',
+];
 
 /**
  * Output buffers come from Node's pool (`Buffer.allocUnsafe`), which is cheaper than a native
@@ -53,25 +57,32 @@ class NativeAead implements Aead {
 }
 
 export function loadNativeBackend(): NativeLoad {
-  let addon: Addon;
-  try {
-    addon = createRequire(import.meta.url)(ADDON_PATH) as Addon;
-  } catch (e) {
-    return { error: `native crypto addon not loaded: ${(e as Error).message.split('\n')[0]}` };
+  let addon: Addon | undefined;
+  let error = '';
+  const require = createRequire(import.meta.url);
+  for (const path of ADDON_PATHS) {
+    try {
+      addon = require(path) as Addon;
+      break;
+    } catch (e) {
+      error ||= (e as Error).message.split('\n')[0];
+    }
   }
+  if (!addon) return { error: `native crypto addon not loaded: ${error}` };
+  const native = addon;
   const backend: CryptoBackend = {
     name: 'native',
-    aead: (key) => new NativeAead(new addon.AesGcm(key)),
+    aead: (key) => new NativeAead(new native.AesGcm(key)),
     x25519KeyPair(privateKey?: Uint8Array): X25519KeyPair {
-      const [priv, pub] = addon.x25519KeyPair(privateKey);
+      const [priv, pub] = native.x25519KeyPair(privateKey);
       return { privateKey: priv, publicKey: pub };
     },
-    x25519: (privateKey, peerPublicKey) => addon.x25519(privateKey, peerPublicKey),
+    x25519: (privateKey, peerPublicKey) => native.x25519(privateKey, peerPublicKey),
     ed25519Identity(seed: Uint8Array): Ed25519Identity {
-      const key = new addon.Ed25519Key(seed);
+      const key = new native.Ed25519Key(seed);
       return { publicKey: key.publicKey(), sign: (message) => key.sign(message) };
     },
-    ed25519Verify: (publicKey, message, signature) => addon.ed25519Verify(publicKey, message, signature),
+    ed25519Verify: (publicKey, message, signature) => native.ed25519Verify(publicKey, message, signature),
     hkdfSha256: nodeBackend.hkdfSha256,
     sha256: nodeBackend.sha256,
   };

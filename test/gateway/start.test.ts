@@ -1,11 +1,13 @@
 /**
- * `npm start` as a container or a service manager runs it: SIGTERM to the process that was
- * started must reach the gateway, which drains and exits; nothing is left running.
+ * The built gateway as operators run it. `npm ci` builds dist/ (`prepare`); `npm start` runs it,
+ * and SIGTERM to the process that was started must reach the gateway, which drains and exits,
+ * leaving nothing running. The `device-gateway` command and the package's exports point at
+ * built JavaScript with type declarations.
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -13,6 +15,13 @@ import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
+
+function assertBuilt(): void {
+  assert.ok(
+    existsSync(join(ROOT, 'dist/gateway/main.js')),
+    'dist/ is missing: run `npm run build` (npm ci does)',
+  );
+}
 
 function alive(pid: number): boolean {
   try {
@@ -24,6 +33,7 @@ function alive(pid: number): boolean {
 }
 
 test('SIGTERM to `npm start` drains the gateway and leaves no process behind', async () => {
+  assertBuilt();
   const tag = randomUUID().slice(0, 8);
   const dir = mkdtempSync(join(tmpdir(), 'gw-start-'));
   const env = {
@@ -63,5 +73,44 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
     npm.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
     await Promise.all([dropRedisPrefix(env.GW_REDIS_PREFIX), dropSchema(env.GW_DB_SCHEMA)]);
+  }
+});
+
+test('the device-gateway command lists its subcommands and refuses an unknown one', async () => {
+  assertBuilt();
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
+  const bin = join(ROOT, pkg.bin['device-gateway']);
+  const run = (args: string[]) => {
+    const p = spawn(process.execPath, [bin, ...args], { cwd: ROOT });
+    let out = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (out += d));
+    return within(
+      `device-gateway ${args.join(' ')}`,
+      new Promise<{ code: number | null; out: string }>((resolve) =>
+        p.on('exit', (code) => resolve({ code, out })),
+      ),
+    );
+  };
+  const help = await run(['--help']);
+  assert.equal(help.code, 0);
+  for (const c of ['start', 'migrate', 'client', 'config']) assert.match(help.out, new RegExp(`\\n  ${c} `));
+  const config = await run(['config']);
+  assert.equal(config.code, 0);
+  assert.match(config.out, /`GW_TCP_PORT`/);
+  const bad = await run(['frobnicate']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.out, /unknown command "frobnicate"/);
+});
+
+test('every export of the package is built JavaScript with its type declarations', () => {
+  assertBuilt();
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
+  for (const [name, target] of Object.entries(
+    pkg.exports as Record<string, { types: string; default: string }>,
+  )) {
+    assert.match(target.default, /^\.\/dist\/.*\.js$/, name);
+    assert.ok(existsSync(join(ROOT, target.default)), `${name}: ${target.default}`);
+    assert.ok(existsSync(join(ROOT, target.types)), `${name}: ${target.types}`);
   }
 });
