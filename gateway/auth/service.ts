@@ -492,9 +492,11 @@ export class IdentityService {
       try {
         sid = (await this.deps.tokens.verify(req.token, true)).sessionId;
       } catch {
-        const found = await this.store.lookupRefresh(hashToken(req.token));
-        // Only the current refresh token names a session to end; a used one is no credential.
-        if (!found?.current) return {};
+        const hash = hashToken(req.token);
+        const found = await this.store.lookupRefresh(hash);
+        // A refresh token names its session while it could still refresh: the current one, or
+        // one just rotated whose successor is unused (the grace period); a used one does not.
+        if (!found || (!found.current && !(await this.store.inGrace(hash, found.sessionId)))) return {};
         sid = found.sessionId;
       }
     }

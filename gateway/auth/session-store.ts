@@ -164,6 +164,15 @@ export class SessionStore {
     return used ? { sessionId: used, current: false } : null;
   }
 
+  /** Whether a used refresh token is in its grace period: rotated lately, successor unused. */
+  async inGrace(hash: string, sid: string): Promise<boolean> {
+    const [next, current] = await Promise.all([
+      this.redis.hget(this.keys.refreshGrace(hash), 'next'),
+      this.redis.hget(this.keys.session(sid), 'refreshHash'),
+    ]);
+    return next !== null && next === current;
+  }
+
   /**
    * Rotates the refresh token `oldHash` of session `sid` to `newHash` (see ROTATE). `sealed` is
    * the successor pair sealed for the grace record ('' when the session was not found).

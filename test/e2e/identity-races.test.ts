@@ -298,6 +298,13 @@ describe('refresh grace', () => {
     assert.equal(out.status, 200);
     assert.equal((await kicked2).code, 'session_revoked');
     assert.equal((await b.request('validate', { token: s2.token })).valid, false);
+    // a refresh token rotated moments ago (its reply lost) still names its session
+    const d = await connected(gw.tcpUrl);
+    const s3 = await d.request<Session>('login', { username: s.username, password: PASSWORD });
+    const kicked3 = kickOf(d);
+    await b.request('refresh', { refresh: s3.refresh });
+    assert.deepEqual(await b.request('logout', { token: s3.refresh }), {});
+    assert.equal((await kicked3).code, 'session_revoked');
     b.destroy();
   });
 });
