@@ -297,6 +297,15 @@ describe('refresh grace', () => {
     const out = await http(gw, '/auth/logout', { refresh: s2.refresh });
     assert.equal(out.status, 200);
     assert.equal((await kicked2).code, 'session_revoked');
+    // a bearer token and no body at all
+    const s4 = await httpLogin(s.username);
+    const bare = await fetch(`http://127.0.0.1:${gw.httpPort}/auth/logout`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${s4.token}` },
+      signal: AbortSignal.timeout(20000),
+    });
+    assert.equal(bare.status, 200);
+    assert.equal((await b.request('validate', { token: s4.token })).valid, false);
     assert.equal((await b.request('validate', { token: s2.token })).valid, false);
     // a refresh token rotated moments ago (its reply lost) still names its session
     const d = await connected(gw.tcpUrl);
@@ -308,6 +317,12 @@ describe('refresh grace', () => {
     b.destroy();
   });
 });
+
+async function httpLogin(username: string): Promise<Session> {
+  const r = await http(gw, '/auth/login', { username, password: PASSWORD });
+  assert.equal(r.status, 200);
+  return r.data as unknown as Session;
+}
 
 describe('devices belong to accounts', () => {
   test("another account's login, resume or otp.verify with an owned device id is forbidden", async () => {
@@ -405,6 +420,7 @@ describe('takeover keeps the device events', () => {
             name: 'cmd',
             data: i,
             ...(i === 0 ? { receipt: true } : {}),
+            ...(i === 1 ? { ttl: 600_000 } : {}),
           }),
           signal: AbortSignal.timeout(20000),
         });
@@ -439,6 +455,14 @@ describe('takeover keeps the device events', () => {
         eids.includes(j.data.eid),
       );
       assert.equal(failed.length, 0, `delivery.failed for ${failed.length} moved events`);
+      // the ttl moved with its event: the expiry index names the new session
+      const r = new Redis(REDIS_URL);
+      try {
+        assert.ok(await r.zscore(`${gw.prefix}expiries`, `${s2.sessionId}|${eids[1]}`));
+        assert.equal(await r.zscore(`${gw.prefix}expiries`, `${s.sessionId}|${eids[1]}`), null);
+      } finally {
+        r.disconnect();
+      }
       // the receipt moved with its event
       fresh.ack([eids[0]]);
       await reader.waitFor(
