@@ -6,13 +6,17 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
+import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { query, REDIS_URL } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
@@ -473,6 +477,54 @@ describe('takeover keeps the device events', () => {
       fresh.destroy();
     } finally {
       await reader.close();
+    }
+  });
+
+  test('across two nodes: the device moves to node B and its events follow it', async () => {
+    const tag = randomUUID().slice(0, 8);
+    const shared = {
+      GW_REDIS_PREFIX: `gwtest:${tag}:`,
+      GW_DB_SCHEMA: `gwtest_${tag}`,
+      GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+      GW_DEFAULT_ROOM: '',
+    };
+    const a = await startGateway(shared);
+    const b = await startGateway(shared);
+    const reader = new QueueReader(shared.GW_REDIS_PREFIX);
+    try {
+      const device = { id: `dev-${randomUUID()}` };
+      const onA = await connected(a.tcpUrl, { autoAck: false });
+      const s = await signUp(onA, device);
+      const gotA: EventMsg[] = [];
+      onA.on('event', (e: EventMsg) => gotA.push(e));
+      const pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: shared.GW_REDIS_PREFIX });
+      const eids: string[] = [];
+      for (let i = 0; i < 5; i++)
+        eids.push((await pub.publish({ device: device.id }, { name: 'm', data: i })).eid);
+      await until(() => gotA.length >= 5, 'the first deliveries on node A');
+      const kicked = kickOf(onA);
+      const onB = await connected(b.wsUrl);
+      const gotB: EventMsg[] = [];
+      onB.on('event', (e: EventMsg) => gotB.push(e));
+      await onB.request('login', { username: s.username, password: PASSWORD, device });
+      assert.equal((await kicked).code, 'session_takeover');
+      await until(() => gotB.length >= 5, 'the events on node B');
+      assert.deepEqual(
+        gotB.slice(0, 5).map((e) => e.eid),
+        eids,
+      );
+      assert.ok(gotB.every((e) => e.attempt! >= 2));
+      const failed = (await reader.jobs('gw-backend', 'delivery.failed')).filter((j) =>
+        eids.includes(j.data.eid),
+      );
+      assert.equal(failed.length, 0);
+      await pub.close();
+      onB.destroy();
+    } finally {
+      await reader.close();
+      await Promise.all([a.stop(), b.stop()]);
+      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
+      await dropSchema(shared.GW_DB_SCHEMA);
     }
   });
 });
