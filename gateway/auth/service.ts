@@ -360,13 +360,19 @@ export class IdentityService {
 
   /**
    * Ends the user's other live sessions that carry this device id (`takeover`); `keep`, the
-   * session that takes the device, is their successor.
+   * session that takes the device, is their successor. The session the device key names is
+   * spared: it was created or resumed with the device after `keep` (the key is set in the
+   * same step that makes a session visible here), and it ends `keep` itself. So of logins
+   * with one device at once exactly one session survives, the last to set the key (before,
+   * two could end each other: test/e2e/identity-races.test.ts).
    */
   private async takeOverDevice(userId: string, deviceId: string, keep: string): Promise<void> {
     for (const sid of await this.store.ofUser(userId)) {
       if (sid === keep) continue;
       const s = await this.store.get(sid);
-      if (s?.device?.id === deviceId) await this.endSession(sid, 'takeover', keep);
+      if (s?.device?.id !== deviceId) continue;
+      if ((await this.store.deviceHolder(deviceId)) === sid) continue;
+      await this.endSession(sid, 'takeover', keep);
     }
   }
 

@@ -164,6 +164,11 @@ export class SessionStore {
     return used ? { sessionId: used, current: false } : null;
   }
 
+  /** The session the device key names (the last one created or resumed with the device). */
+  deviceHolder(deviceId: string): Promise<string | null> {
+    return this.redis.get(this.keys.device(deviceId));
+  }
+
   /** Whether a used refresh token is in its grace period: rotated lately, successor unused. */
   async inGrace(hash: string, sid: string): Promise<boolean> {
     const [next, current] = await Promise.all([

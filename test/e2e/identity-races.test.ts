@@ -480,6 +480,38 @@ describe('takeover keeps the device events', () => {
     }
   });
 
+  test('two logins of one account with one device at once: exactly one session survives', async () => {
+    const setup = await connected(gw.tcpUrl);
+    const username = await register(setup);
+    setup.destroy();
+    const survivors: number[] = [];
+    for (let round = 0; round < 5; round++) {
+      const device = { id: `dev-${randomUUID()}` };
+      const conns = await clients(gw, 2);
+      const outcomes = await Promise.all([
+        ...conns.map((c) => wire(c, 'login', { username, password: PASSWORD, device })),
+        http(gw, '/auth/login', { username, password: PASSWORD, device }),
+      ]);
+      assert.deepEqual(
+        outcomes.map((o) => o.code),
+        ['ok', 'ok', 'ok'],
+      );
+      await wait(200);
+      const check = await connected(gw.tcpUrl);
+      let alive = 0;
+      for (const o of outcomes)
+        if ((await check.request<{ valid: boolean }>('validate', { token: o.data!.token })).valid) alive++;
+      survivors.push(alive);
+      check.destroy();
+      for (const c of conns) c.destroy();
+    }
+    console.log(
+      'live sessions after 3 simultaneous logins with one device, per round:',
+      JSON.stringify(survivors),
+    );
+    assert.deepEqual(survivors, [1, 1, 1, 1, 1]);
+  });
+
   test('across two nodes: the device moves to node B and its events follow it', async () => {
     const tag = randomUUID().slice(0, 8);
     const shared = {
