@@ -120,9 +120,14 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     defaultRoom: config.defaultRoom,
   });
 
-  // A session that ends takes its undelivered events with it, each reported delivery.failed.
-  identity.service.onSessionEnded((sid, reason) => {
-    delivery.purge(sid, `session_${reason}`).catch((e) => log.error({ err: e }, 'could not purge an outbox'));
+  // A session that ends takes its undelivered events with it, each reported delivery.failed;
+  // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
+  identity.service.onSessionEnded((sid, reason, successor) => {
+    const purge = () => delivery.purge(sid, `session_${reason}`);
+    const done = successor
+      ? outbox.move(sid, successor).then((moved) => (moved < 0 ? purge() : moved))
+      : purge();
+    done.catch((e) => log.error({ err: e }, 'could not purge or move an outbox'));
   });
   await identity.start(gateway);
   await delivery.start();

@@ -347,6 +347,12 @@ const SETTINGS = {
     int(1).default(5),
   ),
   otpMaxRetries: setting('OTP_MAX_RETRIES', '3', 'Wrong tries before a code is void.', int(1).default(3)),
+  refreshGraceSeconds: setting(
+    'GW_REFRESH_GRACE_SECONDS',
+    '30',
+    'A refresh retried this long after its rotation (reply lost) gets the same successor pair while that is unused; 0 disables.',
+    int(0).default(30),
+  ),
   smtpHost: setting(
     'SMTP_HOST',
     '(none: email login off)',

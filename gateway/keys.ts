@@ -93,7 +93,7 @@ export class Keys {
     return `${this.prefix}roomchan:`;
   }
 
-  /** String device id → session id. */
+  /** STRING device id → its session id (set by identity while the session lives). */
   device(deviceId: string): string {
     return `${this.prefix}dev:${deviceId}`;
   }
@@ -123,6 +123,15 @@ export class Keys {
   /** STRING refresh-token hash → session id (already used: presenting it again is reuse). */
   refreshUsed(hash: string): string {
     return `${this.prefix}rtu:${hash}`;
+  }
+
+  /**
+   * HASH of a refresh token just rotated (by its hash), TTL GW_REFRESH_GRACE_SECONDS: `next`, the
+   * successor's hash, and `sealed`, the successor pair encrypted under a key derived from the
+   * rotated token (a retried refresh gets that pair again while the successor is unused).
+   */
+  refreshGrace(hash: string): string {
+    return `${this.prefix}rtg:${hash}`;
   }
 
   /** HASH of the pending email code of an address (by its hash). */

@@ -107,6 +107,7 @@ export async function createAuthModule(
       otpPerMinute: config.otpPerMinute,
       otpExpirationMinutes: config.otpExpirationMinutes,
       otpMaxRetries: config.otpMaxRetries,
+      refreshGraceSeconds: config.refreshGraceSeconds,
     },
   });
   const relay = new OutboxRelay({ pool: db.pool, backend: deps.backend, log, intervalMs: 1000, batch: 100 });

@@ -6,11 +6,18 @@
  * - `invalid_credentials` is the same code and message for an unknown user (after a full dummy
  *   verify, so timing does not tell either) and a wrong password.
  * - After `lockoutAttempts` consecutive failures an account is `locked` for `lockoutSeconds`;
- *   one IP also has a failure budget, so it cannot walk through many accounts.
+ *   one IP also has a failure budget, so it cannot walk through many accounts. An attempt is
+ *   reserved (an atomic `consume`) before its password is verified, so concurrent guesses count
+ *   while in flight: at most `lockoutAttempts` per account and `ipFailureBudget` per IP are ever
+ *   verified in a window, however they are spread over connections and transports.
  * - Refresh tokens are single use; presenting a used one ends the whole session
- *   (`refresh_reused`), and every node kicks that session's connection.
+ *   (`refresh_reused`), and every node kicks that session's connection. A refresh retried within
+ *   `refreshGraceSeconds` while the successor is unused gets the same successor pair
+ *   (PROTOCOL.md §4); the pair is kept in Redis only sealed under the presented token.
+ * - A device id belongs to the first account that logs in with it (`devices` table); another
+ *   account's login, resume or otp.verify with it is `forbidden`.
  * - A login or resume with the device id of another live session of the same user ends that
- *   session (`takeover`).
+ *   session (`takeover`); its successor inherits its waiting events (the ended hooks get it).
  */
 import { createHash, randomBytes, randomInt, randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
@@ -23,7 +30,7 @@ import { pgError } from './db.ts';
 import type { Hasher } from './hasher.ts';
 import type { Mailer } from './mailer.ts';
 import { type LiveSession, SessionStore } from './session-store.ts';
-import { hashToken, newRefreshToken, type Tokens } from './tokens.ts';
+import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
 
 export interface IdentityOptions {
   usernameMin: number;
@@ -40,6 +47,8 @@ export interface IdentityOptions {
   otpPerMinute: number;
   otpExpirationMinutes: number;
   otpMaxRetries: number;
+  /** A retried refresh within this many seconds gets the same successor pair; 0 disables. */
+  refreshGraceSeconds: number;
 }
 
 export interface RequestContext {
@@ -55,6 +64,17 @@ export interface SessionGrant extends SessionData {
 }
 
 export type EndReason = 'logout' | 'revoked' | 'expired' | 'refresh_reused' | 'takeover';
+
+/** What `refresh` answers. */
+export interface TokenPair {
+  token: string;
+  refresh: string;
+  expiresAt: number;
+  refreshExpiresAt: number;
+}
+
+/** Runs when a session ends; `successor` is the session that took it over (`takeover`). */
+export type SessionEndedHook = (sessionId: string, reason: EndReason, successor?: string) => void;
 
 /** Kick codes for how a session ended (PROTOCOL.md §6). */
 const KICK_FOR: Record<EndReason, string> = {
@@ -85,7 +105,7 @@ export class IdentityService {
   private readonly registerLimit: RateLimiterRedis;
   private readonly refreshLimit: RateLimiterRedis;
   private readonly otpLimit: RateLimiterRedis;
-  private readonly endedHooks: ((sessionId: string, reason: EndReason) => void)[] = [];
+  private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
 
   constructor(
@@ -118,8 +138,11 @@ export class IdentityService {
     this.username = new RegExp(`^[A-Za-z0-9_]{${o.usernameMin},${o.usernameMax}}$`);
   }
 
-  /** Runs whenever a session ends, on the node that ended it (e.g. to purge its outbox). */
-  onSessionEnded(hook: (sessionId: string, reason: EndReason) => void): void {
+  /**
+   * Runs whenever a session ends, on the node that ended it: to purge its outbox, or on a
+   * takeover to move it to the successor.
+   */
+  onSessionEnded(hook: SessionEndedHook): void {
     this.endedHooks.push(hook);
   }
 
@@ -238,33 +261,45 @@ export class IdentityService {
     const user = r.rows[0] as { id: string; username: string; password_hash: string } | undefined;
     // One failure counter per account, whether it is named by username or by email.
     const accountKey = user ? `u:${user.id}` : `n:${ident}`;
-    const [account, ip] = await Promise.all([
-      this.accountFailures.get(accountKey),
-      this.ipFailures.get(ctx.ip),
-    ]);
-    const o = this.deps.options;
-    if (account && account.consumedPoints >= o.lockoutAttempts) {
-      throw new ProtocolError('locked', undefined, { retryAfter: account.msBeforeNext });
+    // Reserve the attempt before the hash is verified, so attempts in flight count (a `get`
+    // before and a `penalty` after let 50 concurrent guesses through a limit of 5).
+    try {
+      await this.accountFailures.consume(accountKey);
+    } catch (e) {
+      if (e instanceof Error) throw e;
+      throw new ProtocolError('locked', undefined, { retryAfter: (e as RateLimiterRes).msBeforeNext });
     }
-    if (ip && ip.consumedPoints >= o.ipFailureBudget) {
+    try {
+      await this.ipFailures.consume(ctx.ip);
+    } catch (e) {
+      await this.accountFailures.reward(accountKey, 1).catch(() => {});
+      if (e instanceof Error) throw e;
       throw new ProtocolError('rate_limited', 'too many failed logins from this address', {
-        retryAfter: ip.msBeforeNext,
+        retryAfter: (e as RateLimiterRes).msBeforeNext,
       });
     }
     let ok = false;
     let rehash = false;
-    if (user) ({ ok, rehash } = await this.deps.hasher.verify(req.password, user.password_hash));
-    else await this.deps.hasher.dummyVerify(req.password);
-    if (!ok || !user) {
-      await Promise.all([this.accountFailures.penalty(accountKey, 1), this.ipFailures.penalty(ctx.ip, 1)]);
-      throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
+    try {
+      if (user) ({ ok, rehash } = await this.deps.hasher.verify(req.password, user.password_hash));
+      else await this.deps.hasher.dummyVerify(req.password);
+    } catch (e) {
+      // Not verified (e.g. `overloaded`): the reservations are given back.
+      await Promise.all([
+        this.accountFailures.reward(accountKey, 1),
+        this.ipFailures.reward(ctx.ip, 1),
+      ]).catch(() => {});
+      throw e;
     }
-    await this.accountFailures.delete(accountKey);
+    if (!ok || !user) throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
+    // Success: the account's count starts again, and the IP's reservation is given back.
+    await Promise.all([this.accountFailures.delete(accountKey), this.ipFailures.reward(ctx.ip, 1)]);
     if (rehash) {
       const { hash } = await this.deps.hasher.hash(req.password);
       await this.deps.pool.query('UPDATE users SET password_hash = $2 WHERE id = $1', [user.id, hash]);
       this.deps.log.info({ userId: user.id }, 'password hash upgraded to argon2id');
     }
+    if (req.device?.id) await this.claimDevice(user.id, req.device);
     await this.deps.pool.query('UPDATE users SET last_login_at = now() WHERE id = $1', [user.id]);
     return this.startSession(user.id, user.username, req.device ?? null, ctx);
   }
@@ -323,13 +358,41 @@ export class IdentityService {
     };
   }
 
-  /** Ends the user's other live sessions that carry this device id (`takeover`). */
+  /**
+   * Ends the user's other live sessions that carry this device id (`takeover`); `keep`, the
+   * session that takes the device, is their successor. The session the device key names is
+   * spared: it was created or resumed with the device after `keep` (the key is set in the
+   * same step that makes a session visible here), and it ends `keep` itself. So of logins
+   * with one device at once exactly one session survives, the last to set the key (before,
+   * two could end each other: test/e2e/identity-races.test.ts).
+   */
   private async takeOverDevice(userId: string, deviceId: string, keep: string): Promise<void> {
     for (const sid of await this.store.ofUser(userId)) {
       if (sid === keep) continue;
       const s = await this.store.get(sid);
-      if (s?.device?.id === deviceId) await this.endSession(sid, 'takeover');
+      if (s?.device?.id !== deviceId) continue;
+      if ((await this.store.deviceHolder(deviceId)) === sid) continue;
+      await this.endSession(sid, 'takeover', keep);
     }
+  }
+
+  /**
+   * Registers the device to this account, or refreshes its record if the account owns it;
+   * `forbidden` if another account does (PROTOCOL.md §4). One statement, so of two accounts
+   * racing for a new id exactly one gets it.
+   */
+  private async claimDevice(userId: string, device: Device): Promise<void> {
+    const r = await this.deps.pool.query(
+      `INSERT INTO devices (id, owner, name, model, fw) VALUES ($1, $2, $3, $4, $5)
+       ON CONFLICT (id) DO UPDATE SET last_seen = now(),
+         name = COALESCE(EXCLUDED.name, devices.name),
+         model = COALESCE(EXCLUDED.model, devices.model),
+         fw = COALESCE(EXCLUDED.fw, devices.fw)
+       WHERE devices.owner = EXCLUDED.owner
+       RETURNING owner`,
+      [device.id, userId, device.name ?? null, device.model ?? null, device.fw ?? null],
+    );
+    if (r.rowCount === 0) throw new ProtocolError('forbidden', 'this device belongs to another account');
   }
 
   /** Access-token check for anything authenticated: signature, expiry, and the session alive. */
@@ -349,7 +412,8 @@ export class IdentityService {
   async resume(req: { token: string; device?: Device }, ctx: RequestContext): Promise<SessionGrant> {
     const a = await this.authenticate(req.token);
     const device = req.device ?? a.session.device;
-    await this.store.touch(a.sessionId, a.userId, req.device ?? null);
+    if (device?.id) await this.claimDevice(a.userId, device);
+    await this.store.touch(a.sessionId, a.userId, req.device ?? null, a.session.device);
     await this.deps.pool.query('UPDATE sessions SET last_seen_at = now(), ip = $2 WHERE id = $1', [
       a.sessionId,
       ctx.ip,
@@ -382,39 +446,64 @@ export class IdentityService {
     }
   }
 
-  async refresh(
-    req: { refresh: string },
-    ctx: RequestContext,
-  ): Promise<{ token: string; refresh: string; expiresAt: number; refreshExpiresAt: number }> {
+  async refresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair> {
     await this.limit(this.refreshLimit, ctx.ip);
     const o = this.deps.options;
-    const next = newRefreshToken();
-    const r = await this.store.rotate(
-      hashToken(req.refresh),
-      hashToken(next),
-      o.refreshTtlSeconds * 1000,
-      o.refreshTtlSeconds * 1000,
-    );
-    if (r.status === 'reused') {
-      await this.endSession(r.sessionId!, 'refresh_reused');
+    const oldHash = hashToken(req.refresh);
+    const found = await this.store.lookupRefresh(oldHash);
+    if (!found) throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
+    // The successor pair is made before the rotation and sealed under the presented token, so
+    // the rotation script can keep it for a retry (grace period) in the same step.
+    let pair: TokenPair | null = null;
+    let sealed = '';
+    const s = found.current ? await this.store.get(found.sessionId) : null;
+    if (s) {
+      const { token, expiresAt } = await this.deps.tokens.issue(s.userId, s.sessionId);
+      pair = {
+        token,
+        refresh: newRefreshToken(),
+        expiresAt,
+        refreshExpiresAt: Date.now() + o.refreshTtlSeconds * 1000,
+      };
+      sealed = sealWithToken(req.refresh, pair);
+    }
+    const r = await this.store.rotate(found.sessionId, oldHash, pair ? hashToken(pair.refresh) : '', {
+      refreshTtlMs: o.refreshTtlSeconds * 1000,
+      usedMemoryMs: o.refreshTtlSeconds * 1000,
+      graceMs: o.refreshGraceSeconds * 1000,
+      sealed,
+    });
+    if (r.status === 'again') {
+      const again = openWithToken<TokenPair>(req.refresh, r.sealed);
+      if (again) return again;
+    }
+    if (r.status === 'reused' || r.status === 'again') {
+      await this.endSession(r.sessionId, 'refresh_reused');
       this.deps.log.warn({ sessionId: r.sessionId }, 'refresh token reused: session ended');
       throw new ProtocolError('refresh_reused');
     }
-    if (r.status === 'invalid') throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
-    const s = await this.store.get(r.sessionId!);
-    if (!s) throw new ProtocolError('session_revoked');
-    await this.store.touch(s.sessionId, s.userId);
-    const { token, expiresAt } = await this.deps.tokens.issue(s.userId, s.sessionId);
-    return { token, refresh: next, expiresAt, refreshExpiresAt: Date.now() + o.refreshTtlSeconds * 1000 };
+    if (r.status === 'invalid' || !pair || !s)
+      throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
+    await this.store.touch(s.sessionId, s.userId, null, s.device);
+    return pair;
   }
 
+  /**
+   * Ends the session of an access token, or of a refresh token (PROTOCOL.md §4), or the
+   * caller's own; `{}` for an unknown or expired token.
+   */
   async logout(req: { token?: string }, ctx: RequestContext): Promise<Record<string, never>> {
     let sid = ctx.sessionId;
     if (req.token !== undefined) {
       try {
         sid = (await this.deps.tokens.verify(req.token, true)).sessionId;
       } catch {
-        return {}; // idempotent: an unusable token has no session left to end
+        const hash = hashToken(req.token);
+        const found = await this.store.lookupRefresh(hash);
+        // A refresh token names its session while it could still refresh: the current one, or
+        // one just rotated whose successor is unused (the grace period); a used one does not.
+        if (!found || (!found.current && !(await this.store.inGrace(hash, found.sessionId)))) return {};
+        sid = found.sessionId;
       }
     }
     if (!sid)
@@ -447,8 +536,11 @@ export class IdentityService {
     return {};
   }
 
-  /** Ends a session once: Redis, the audit row, the kick on every node, the ended hooks. */
-  async endSession(sessionId: string, reason: EndReason): Promise<boolean> {
+  /**
+   * Ends a session once: Redis (and its device key, if it still names it), the audit row, the
+   * kick on every node, the ended hooks. `successor`: the session that took over its device.
+   */
+  async endSession(sessionId: string, reason: EndReason, successor?: string): Promise<boolean> {
     const s = await this.store.remove(sessionId);
     if (!s) return false;
     await this.deps.pool.query(
@@ -459,7 +551,7 @@ export class IdentityService {
       this.deps.keys.kickChannel,
       JSON.stringify({ sessionId, code: KICK_FOR[reason] }),
     );
-    for (const hook of this.endedHooks) hook(sessionId, reason);
+    for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');
     return true;
   }
@@ -509,6 +601,13 @@ export class IdentityService {
       throw new ProtocolError('otp_invalid');
     }
     const r = await this.deps.pool.query('SELECT id, username FROM users WHERE email = $1', [email]);
+    const device = ctx.device;
+    if (device?.id) {
+      // Checked before the code is spent, and before an account is created for it.
+      const d = await this.deps.pool.query('SELECT owner FROM devices WHERE id = $1', [device.id]);
+      if (d.rowCount && d.rows[0].owner !== r.rows[0]?.id)
+        throw new ProtocolError('forbidden', 'this device belongs to another account');
+    }
     if (!r.rowCount) {
       // Checked before the code is spent, so a missing username costs no attempt.
       if (req.username === undefined)
@@ -534,7 +633,8 @@ export class IdentityService {
       userId = await this.insertUser(req.username!, email, unusable);
       username = req.username!;
     }
+    if (device?.id) await this.claimDevice(userId, device);
     await this.deps.pool.query('UPDATE users SET last_login_at = now() WHERE id = $1', [userId]);
-    return this.startSession(userId, username, ctx.device ?? null, ctx);
+    return this.startSession(userId, username, device ?? null, ctx);
   }
 }

@@ -1,7 +1,8 @@
 /**
  * Live sessions in Redis: one hash per session with a TTL (SESSION_TTL), the set of each
- * user's sessions, and the refresh-token index (current and used hashes). Rotation is one Lua
- * script, so two concurrent refreshes of one token cannot both win.
+ * user's sessions, the refresh-token index (current and used hashes, grace records) and the
+ * device key (device id → session) of a session with a device. Rotation is one Lua script, so
+ * two concurrent refreshes of one token cannot both rotate it.
  */
 import type { Redis } from 'ioredis';
 import type { Device } from '../../protocol/index.ts';
@@ -21,19 +22,29 @@ export interface LiveSession {
 }
 
 /**
- * KEYS[1] current refresh key, KEYS[2] used refresh key, KEYS[3] new refresh key, KEYS[4] session
+ * Refresh rotation, and the grace period of a retried refresh (PROTOCOL.md §4).
+ * KEYS[1] current refresh key, KEYS[2] used refresh key, KEYS[3] new refresh key, KEYS[4] session,
+ * KEYS[5] grace record of the presented token
  * ARGV[1] new refresh TTL (ms), ARGV[2] how long a used token is remembered (ms), ARGV[3] new hash,
- * ARGV[4] new refresh expiry (ms)
- * Returns {"ok", sid} | {"reused", sid} | {"invalid"}
+ * ARGV[4] new refresh expiry (ms), ARGV[5] the sealed successor pair, ARGV[6] grace (ms, 0: none)
+ * Returns {"ok", sid} | {"again", sid, sealed} | {"reused", sid} | {"invalid"}
+ *   again: the token was rotated less than the grace period ago and its successor is still the
+ *   session's current token; `sealed` is the pair that rotation handed out.
+ * The grace record is written by the same call as the rotation, so a concurrent refresh sees
+ * either the current token or the used record with its pair, never a state in between.
  */
 const ROTATE = `
 local sid = redis.call('GET', KEYS[1])
 if not sid then
   local used = redis.call('GET', KEYS[2])
-  if used then return {'reused', used} end
-  return {'invalid'}
+  if not used then return {'invalid'} end
+  local g = redis.call('HMGET', KEYS[5], 'next', 'sealed')
+  if g[1] and g[2] and redis.call('HGET', KEYS[4], 'refreshHash') == g[1] then
+    return {'again', used, g[2]}
+  end
+  return {'reused', used}
 end
-if redis.call('EXISTS', KEYS[4]) == 0 then
+if redis.call('EXISTS', KEYS[4]) == 0 or ARGV[5] == '' then
   redis.call('DEL', KEYS[1])
   return {'invalid'}
 end
@@ -41,8 +52,24 @@ redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], sid, 'PX', ARGV[2])
 redis.call('SET', KEYS[3], sid, 'PX', ARGV[1])
 redis.call('HSET', KEYS[4], 'refreshHash', ARGV[3], 'refreshExpiresAt', ARGV[4])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('HSET', KEYS[5], 'next', ARGV[3], 'sealed', ARGV[5])
+  redis.call('PEXPIRE', KEYS[5], ARGV[6])
+end
 return {'ok', sid}
 `;
+
+/** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
+const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
+
+/** Extends KEYS[1] by ARGV[2] s only if it still holds ARGV[1]. */
+const EXTEND = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0`;
+
+export type RotateResult =
+  | { status: 'ok'; sessionId: string }
+  | { status: 'again'; sessionId: string; sealed: string }
+  | { status: 'reused'; sessionId: string }
+  | { status: 'invalid' };
 
 export class SessionStore {
   constructor(
@@ -69,6 +96,8 @@ export class SessionStore {
     m.sadd(k.userSessions(s.userId), s.sessionId);
     m.expire(k.userSessions(s.userId), this.ttlSeconds);
     m.set(k.refresh(s.refreshHash), s.sessionId, 'PX', refreshTtlMs);
+    // A device target resolves to the session from now on, connected or not (PROTOCOL.md §4).
+    if (s.device?.id) m.set(k.device(s.device.id), s.sessionId, 'EX', this.ttlSeconds);
     await m.exec();
   }
 
@@ -93,17 +122,22 @@ export class SessionStore {
     return this.redis.exists(this.keys.session(sid)).then((n) => n === 1);
   }
 
-  /** Marks activity and extends the session's life; updates the device if given. */
-  async touch(sid: string, userId: string, device?: Device | null): Promise<void> {
+  /**
+   * Marks activity and extends the session's life, and its device key's. With `device` (a resume
+   * naming one) the session's device becomes it; a previous device of the session is released.
+   */
+  async touch(sid: string, userId: string, device?: Device | null, previous?: Device | null): Promise<void> {
+    const k = this.keys;
     const m = this.redis.multi();
-    m.hset(
-      this.keys.session(sid),
-      'lastSeenAt',
-      Date.now(),
-      ...(device ? ['device', JSON.stringify(device)] : []),
-    );
-    m.expire(this.keys.session(sid), this.ttlSeconds);
-    m.expire(this.keys.userSessions(userId), this.ttlSeconds);
+    m.hset(k.session(sid), 'lastSeenAt', Date.now(), ...(device ? ['device', JSON.stringify(device)] : []));
+    m.expire(k.session(sid), this.ttlSeconds);
+    m.expire(k.userSessions(userId), this.ttlSeconds);
+    if (device?.id) {
+      if (previous?.id && previous.id !== device.id) m.eval(RELEASE, 1, k.device(previous.id), sid);
+      m.set(k.device(device.id), sid, 'EX', this.ttlSeconds);
+    } else if (previous?.id) {
+      m.eval(EXTEND, 1, k.device(previous.id), sid, this.ttlSeconds);
+    }
     await m.exec();
   }
 
@@ -123,28 +157,56 @@ export class SessionStore {
     return live;
   }
 
+  /** The session a refresh token names: as the current token, or as a used one. */
+  async lookupRefresh(hash: string): Promise<{ sessionId: string; current: boolean } | null> {
+    const [cur, used] = await this.redis.mget(this.keys.refresh(hash), this.keys.refreshUsed(hash));
+    if (cur) return { sessionId: cur, current: true };
+    return used ? { sessionId: used, current: false } : null;
+  }
+
+  /** The session the device key names (the last one created or resumed with the device). */
+  deviceHolder(deviceId: string): Promise<string | null> {
+    return this.redis.get(this.keys.device(deviceId));
+  }
+
+  /** Whether a used refresh token is in its grace period: rotated lately, successor unused. */
+  async inGrace(hash: string, sid: string): Promise<boolean> {
+    const [next, current] = await Promise.all([
+      this.redis.hget(this.keys.refreshGrace(hash), 'next'),
+      this.redis.hget(this.keys.session(sid), 'refreshHash'),
+    ]);
+    return next !== null && next === current;
+  }
+
+  /**
+   * Rotates the refresh token `oldHash` of session `sid` to `newHash` (see ROTATE). `sealed` is
+   * the successor pair sealed for the grace record ('' when the session was not found).
+   */
   async rotate(
+    sid: string,
     oldHash: string,
     newHash: string,
-    refreshTtlMs: number,
-    usedMemoryMs: number,
-  ): Promise<{ status: 'ok' | 'reused' | 'invalid'; sessionId?: string }> {
+    o: { refreshTtlMs: number; usedMemoryMs: number; graceMs: number; sealed: string },
+  ): Promise<RotateResult> {
     const k = this.keys;
-    const sidGuess = await this.redis.get(k.refresh(oldHash));
-    const sessionKey = k.session(sidGuess ?? 'none');
     const r = (await this.redis.eval(
       ROTATE,
-      4,
+      5,
       k.refresh(oldHash),
       k.refreshUsed(oldHash),
       k.refresh(newHash),
-      sessionKey,
-      refreshTtlMs,
-      usedMemoryMs,
+      k.session(sid),
+      k.refreshGrace(oldHash),
+      o.refreshTtlMs,
+      o.usedMemoryMs,
       newHash,
-      Date.now() + refreshTtlMs,
+      Date.now() + o.refreshTtlMs,
+      o.sealed,
+      o.graceMs,
     )) as string[];
-    return { status: r[0] as 'ok' | 'reused' | 'invalid', ...(r[1] ? { sessionId: r[1] } : {}) };
+    if (r[0] === 'invalid') return { status: 'invalid' };
+    if (r[0] === 'again') return { status: 'again', sessionId: r[1], sealed: r[2] };
+    return { status: r[0] as 'ok' | 'reused', sessionId: r[1] };
   }
 
   /** Removes a live session; returns it if this call removed it (so it is ended once). */
@@ -156,6 +218,7 @@ export class SessionStore {
     m.del(k.session(sid));
     m.srem(k.userSessions(s.userId), sid);
     m.del(k.refresh(s.refreshHash));
+    if (s.device?.id) m.eval(RELEASE, 1, k.device(s.device.id), sid);
     const res = await m.exec();
     return res![0][1] === 1 ? s : null;
   }

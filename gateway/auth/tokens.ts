@@ -3,12 +3,18 @@
  * `sid` (session id), `iss`, `aud`, `iat`, `exp`, header `kid`. The signing key is a PKCS#8
  * PEM file created with mode 0600 when absent; other services verify offline with the JWKS.
  * Refresh tokens: 32 random bytes (base64url), stored only as their SHA-256.
+ * `sealWithToken`/`openWithToken` keep a value in Redis that only the holder of a refresh token
+ * can read (the successor pair of the refresh grace period): AES-256-GCM under a key derived
+ * with HKDF-SHA256 from the token, which Redis never sees.
  */
 import {
+  createCipheriv,
+  createDecipheriv,
   createHash,
   createPrivateKey,
   createPublicKey,
   generateKeyPairSync,
+  hkdfSync,
   type KeyObject,
   randomBytes,
 } from 'node:crypto';
@@ -119,4 +125,32 @@ export function newRefreshToken(): string {
 
 export function hashToken(token: string): string {
   return createHash('sha256').update(token).digest('hex');
+}
+
+const SEAL_INFO = Buffer.from('gw refresh grace v1');
+
+function sealKey(token: string): Buffer {
+  return Buffer.from(hkdfSync('sha256', Buffer.from(token, 'utf8'), Buffer.alloc(0), SEAL_INFO, 32));
+}
+
+/** Encrypts a JSON value under a key derived from `token`: base64url of iv(12) ‖ ciphertext ‖ tag(16). */
+export function sealWithToken(token: string, value: unknown): string {
+  const iv = randomBytes(12);
+  const c = createCipheriv('aes-256-gcm', sealKey(token), iv);
+  const body = Buffer.concat([c.update(JSON.stringify(value), 'utf8'), c.final()]);
+  return Buffer.concat([iv, body, c.getAuthTag()]).toString('base64url');
+}
+
+/** The value sealed by `sealWithToken` with the same token, or null if it does not open. */
+export function openWithToken<T>(token: string, sealed: string): T | null {
+  try {
+    const raw = Buffer.from(sealed, 'base64url');
+    if (raw.length < 28) return null;
+    const d = createDecipheriv('aes-256-gcm', sealKey(token), raw.subarray(0, 12));
+    d.setAuthTag(raw.subarray(raw.length - 16));
+    const text = Buffer.concat([d.update(raw.subarray(12, raw.length - 16)), d.final()]).toString('utf8');
+    return JSON.parse(text) as T;
+  } catch {
+    return null;
+  }
 }

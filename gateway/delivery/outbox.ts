@@ -85,6 +85,7 @@ interface OutboxCommands {
   gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
+  gwMove(...args: (string | number)[]): Promise<number | (string | null)[]>;
 }
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
@@ -124,6 +125,7 @@ export class Outbox {
       redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
+      redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
     }
     this.redis = r as Redis & OutboxCommands;
   }
@@ -220,6 +222,32 @@ export class Outbox {
       out.push({ attempts: reply[i + 1] as number, event: decode(reply[i + 2] as Buffer) });
     }
     return out;
+  }
+
+  /**
+   * Moves a session's events to the session that took over its device (move.lua), keeping
+   * eids, attempts, receipts and expiries; returns how many moved, or -1 if `to` is gone.
+   */
+  async move(from: string, to: string): Promise<number> {
+    const reply = await this.redis.gwMove(
+      ...this.keys.outbox(from).slice(0, 6),
+      ...this.keys.outbox(to),
+      this.keys.session(to),
+      this.options.ttlSeconds,
+      this.keys.nodeChannelPrefix,
+      to,
+    );
+    if (typeof reply === 'number') return reply;
+    // The expiry index names events by session: re-key the moved ones.
+    const p = this.redis.pipeline();
+    for (let i = 0; i < reply.length; i += 2) {
+      const expiry = reply[i + 1];
+      if (!expiry) continue;
+      p.zrem(this.keys.expiries, `${from}|${reply[i]}`);
+      p.zadd(this.keys.expiries, expiry, `${to}|${reply[i]}`);
+    }
+    if (p.length > 0) await p.exec();
+    return reply.length / 2;
   }
 
   /** Events waiting in a session's outbox. */

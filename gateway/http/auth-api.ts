@@ -6,7 +6,7 @@
  *   POST   /auth/register            {username, email, password}          201 {userId}
  *   POST   /auth/login               {username|email, password, device?}  200 session + Set-Cookie
  *   POST   /auth/refresh             {refresh} (or the refresh cookie)    200 tokens + Set-Cookie
- *   POST   /auth/logout              (bearer or cookie)                   200 {} + cleared cookies
+ *   POST   /auth/logout              (bearer or cookie) and/or {refresh}  200 {} + cleared cookies
  *   GET    /auth/user/me                                                  200 {userId, username, email, ...}
  *   GET    /auth/user/sessions                                            200 {sessions}
  *   DELETE /auth/user/sessions/:id                                        200 {}
@@ -27,9 +27,7 @@ export interface AuthApiIdentity {
   refresh(
     req: { refresh: string },
     ctx: AuthContext,
-  ): Promise<
-    Record<string, unknown> & { token: string; refresh: string; expiresAt: number; refreshExpiresAt: number }
-  >;
+  ): Promise<{ token: string; refresh: string; expiresAt: number; refreshExpiresAt: number }>;
   logout(req: { token?: string }, ctx: AuthContext): Promise<unknown>;
   authenticate(
     token: string,
@@ -185,10 +183,18 @@ export function mountAuthApi(
     '/auth/logout',
     route(log, async (ex) => {
       const ip = ipOf(ex.res);
-      const token = tokenOf(ex);
-      if (!token)
-        throw new ProtocolError('unauthenticated', 'a bearer token or the session cookie is required');
-      await identity.logout({ token }, ctxOf(ex, ip));
+      const b = await bodyOf(ex);
+      // The access token (bearer or cookie) and a refresh token (body or cookie) each name the
+      // session to end (PROTOCOL.md §4: logout takes either kind of token).
+      const tokens = [tokenOf(ex), str(b, 'refresh', true), cookies(ex)[REFRESH_COOKIE]].filter(
+        (t): t is string => !!t,
+      );
+      if (tokens.length === 0)
+        throw new ProtocolError(
+          'unauthenticated',
+          'a bearer token, the session cookie or a refresh token is required',
+        );
+      for (const token of new Set(tokens)) await identity.logout({ token }, ctxOf(ex, ip));
       ex.json('200 OK', {}, {}, [
         cookie(SESSION_COOKIE, '', 0, options.cookieSecure),
         cookie(REFRESH_COOKIE, '', 0, options.cookieSecure, '/auth/refresh'),

@@ -1,6 +1,7 @@
 /**
  * Presence across nodes: which sessions are online, on which node, since when; users' last
- * seen; device id → session. Each node beats in `nodes`; a BullMQ job scheduler runs the
+ * seen. (The device id → session key is identity's: it exists while the session does, online
+ * or not.) Each node beats in `nodes`; a BullMQ job scheduler runs the
  * cluster-wide sweep (exactly one node per interval) that removes the sessions of nodes that
  * stopped beating, and reports events whose ttl passed while their device was offline.
  */
@@ -100,7 +101,7 @@ export class Presence {
 
   private async online(conn: Connection): Promise<void> {
     const s = conn.session!;
-    const { redis, keys, gateway, options } = this.deps;
+    const { redis, keys, gateway } = this.deps;
     const record: PresenceRecord = {
       node: gateway.nodeId,
       conn: conn.id,
@@ -112,7 +113,6 @@ export class Presence {
     const m = redis.multi();
     m.hset(keys.presence, s.sessionId, JSON.stringify(record));
     m.sadd(keys.nodeSessions(gateway.nodeId), s.sessionId);
-    if (s.deviceId) m.set(keys.device(s.deviceId), s.sessionId, 'EX', options.sessionTtlSeconds);
     await m.exec();
   }
 

@@ -13,7 +13,12 @@ let gw: GatewayProcess;
 let base: string;
 
 before(async () => {
-  gw = await startGateway({ GW_HTTP_MAX_BODY: '2048', GW_LOCKOUT_ATTEMPTS: '2' });
+  // Grace period off: a second use of a rotated refresh token is reuse at once.
+  gw = await startGateway({
+    GW_HTTP_MAX_BODY: '2048',
+    GW_LOCKOUT_ATTEMPTS: '2',
+    GW_REFRESH_GRACE_SECONDS: '0',
+  });
   base = `http://127.0.0.1:${gw.httpPort}`;
 });
 after(async () => {
@@ -37,7 +42,7 @@ async function registerAndLogin() {
   assert.equal(reg.status, 201);
   const res = await post(
     '/auth/login',
-    { username, password: PASSWORD, device: { id: 'browser-1' } },
+    { username, password: PASSWORD, device: { id: `browser-${username}` } },
     { 'user-agent': 'test-agent/1' },
   );
   assert.equal(res.status, 200);
@@ -70,7 +75,7 @@ test('register, login with HttpOnly SameSite=Strict cookies, me by bearer and by
   };
   assert.equal(sessions.sessions.length, 1);
   assert.equal(sessions.sessions[0].current, true);
-  assert.deepEqual(sessions.sessions[0].device, { id: 'browser-1' });
+  assert.deepEqual(sessions.sessions[0].device, { id: `browser-${username}` });
 });
 
 test('refresh, logout, and a revoked session is refused', async () => {
@@ -103,7 +108,7 @@ test('DELETE /auth/user/sessions/:id revokes another session and kicks its devic
   const s = await device.request<{ sessionId: string }>('login', {
     username,
     password: PASSWORD,
-    device: { id: 'd2' },
+    device: { id: `d2-${username}` },
   });
   const kicked = nextEvent<{ code: string }>(device, 'kick');
   const del = await fetchWithin(`${base}/auth/user/sessions/${s.sessionId}`, {

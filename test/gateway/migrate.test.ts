@@ -31,7 +31,7 @@ test('npm run migrate -- up | status | down on a fresh schema', async (t) => {
   );
   assert.deepEqual(
     tables.rows.map((x) => x.table_name),
-    ['outbox', 'pgmigrations', 'sessions', 'users'],
+    ['devices', 'outbox', 'pgmigrations', 'sessions', 'users'],
   );
   assert.match(migrate(schema, 'up').stdout, /up: nothing to do/);
   r = migrate(schema, 'down');

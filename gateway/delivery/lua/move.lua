@@ -1,0 +1,45 @@
+--[[
+  Moves every event of a session's outbox to another session's: a device taken over by a new
+  session of the same account keeps its events (PROTOCOL.md §4). Events keep their eid,
+  attempts, receipt and expiry, and go after anything already in the new outbox, in their
+  publish order; the node holding the new session is told, as publish.lua does. The old
+  outbox is deleted.
+
+  KEYS[1..6]   q, ev, att, rc, exp, seq of the old session (as in publish.lua)
+  KEYS[7..13]  q, ev, att, rc, exp, seq, node of the new session
+  KEYS[14]     sess, the new session (identity); absent: nothing moves
+
+  ARGV[1] key TTL (s)
+  ARGV[2] node channel prefix
+  ARGV[3] new session id
+
+  Returns -1 when the new session is gone (the caller purges the old outbox instead), else
+  {eid, expiry|false, ...} of the moved events. An eid the new outbox already has is not
+  moved twice: it is delivered there anyway.
+]]
+if redis.call('EXISTS', KEYS[14]) == 0 then return -1 end
+local out = {}
+for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HEXISTS', KEYS[8], eid) == 0 then
+    local seq = redis.call('INCR', KEYS[12])
+    redis.call('ZADD', KEYS[7], seq, eid)
+    redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
+    local attempts = redis.call('HGET', KEYS[3], eid)
+    if attempts then redis.call('HSET', KEYS[9], eid, attempts) end
+    if redis.call('SISMEMBER', KEYS[4], eid) == 1 then redis.call('SADD', KEYS[10], eid) end
+    local expiry = redis.call('HGET', KEYS[5], eid)
+    if expiry then redis.call('HSET', KEYS[11], eid, expiry) end
+    out[#out + 1] = eid
+    out[#out + 1] = expiry or false
+  end
+end
+for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+if #out > 0 then
+  local ttl = tonumber(ARGV[1])
+  for i = 7, 12 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+  local node = redis.call('GET', KEYS[13])
+  if node then redis.call('PUBLISH', ARGV[2] .. node, 'n' .. ARGV[3]) end
+end
+return out

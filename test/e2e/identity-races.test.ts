@@ -1,0 +1,562 @@
+/**
+ * Identity under concurrency (PROTOCOL.md §4 "Ordering, devices and tokens"): brute-force
+ * limits that hold for fifty requests at once over TCP, WebSocket and HTTP; email codes; the
+ * refresh grace period; device ownership; and takeover keeping the device's qos-1 events.
+ * Real gateway processes, PostgreSQL, Redis and an SMTP sink.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { Redis } from 'ioredis';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import { connectPublisher } from '../../gateway/publish.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { ProtocolError } from '../../protocol/index.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { QueueReader } from '../helpers/queues.ts';
+import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
+
+const API_KEY = 'races-api-key-0123456789';
+const GRACE_SECONDS = 2;
+const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+let gw: GatewayProcess;
+let smtp: SmtpSink;
+
+before(async () => {
+  smtp = await startSmtpSink();
+  gw = await startGateway({
+    SMTP_HOST: '127.0.0.1',
+    SMTP_PORT: String(smtp.port),
+    GW_API_KEY: API_KEY,
+    GW_REGISTER_PER_MINUTE: '10000',
+    GW_REFRESH_PER_MINUTE: '10000',
+    GW_OTP_PER_MINUTE: '1000',
+    // Every test connects from 127.0.0.1: the per-IP budget has its own test and gateway.
+    GW_IP_FAILURE_BUDGET: '100000',
+    GW_REFRESH_GRACE_SECONDS: String(GRACE_SECONDS),
+    GW_DEFAULT_ROOM: '',
+  });
+});
+after(async () => {
+  await gw.stop();
+  await smtp.close();
+});
+
+/** An outcome of a request: 'ok' or the error code. */
+type Outcome = { code: string; retryAfter?: number; data?: Record<string, unknown> };
+
+async function wire(c: GatewayClient, type: string, fields: Record<string, unknown>): Promise<Outcome> {
+  try {
+    return { code: 'ok', data: await c.request(type, fields, { timeoutMs: 20000 }) };
+  } catch (e) {
+    if (e instanceof ProtocolError)
+      return { code: e.code, ...(e.retryAfter !== undefined ? { retryAfter: e.retryAfter } : {}) };
+    throw e;
+  }
+}
+
+async function http(g: GatewayProcess, path: string, body: unknown, headers: Record<string, string> = {}) {
+  const res = await fetch(`http://127.0.0.1:${g.httpPort}${path}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(20000),
+  });
+  const json = (await res.json()) as Record<string, unknown> & { error?: { code: string } };
+  if (res.status < 300) return { status: res.status, code: 'ok', data: json };
+  const retry = res.headers.get('retry-after');
+  return {
+    status: res.status,
+    code: json.error!.code,
+    ...(retry ? { retryAfter: Number(retry) * 1000 } : {}),
+  };
+}
+
+/** Several TCP and WebSocket connections to spread concurrent requests over. */
+async function clients(g: GatewayProcess, n: number): Promise<GatewayClient[]> {
+  return Promise.all(Array.from({ length: n }, (_, i) => connected(i % 2 ? g.wsUrl : g.tcpUrl)));
+}
+
+/** Request i goes to connection i mod (n + 1), the extra slot being the HTTP API. */
+function spread(
+  g: GatewayProcess,
+  conns: GatewayClient[],
+  i: number,
+  type: 'login' | 'refresh',
+  fields: Record<string, unknown>,
+): Promise<Outcome> {
+  const slot = i % (conns.length + 1);
+  if (slot === conns.length) return http(g, `/auth/${type}`, fields);
+  return wire(conns[slot], type, fields);
+}
+
+function count(outcomes: Outcome[]): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const o of outcomes) out[o.code] = (out[o.code] ?? 0) + 1;
+  return out;
+}
+
+async function register(c: GatewayClient, username = newName()): Promise<string> {
+  await c.request('register', { username, email: `${username}@example.com`, password: PASSWORD });
+  return username;
+}
+
+async function until(pred: () => boolean | Promise<boolean>, what: string, timeoutMs = 15000) {
+  const end = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > end) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await wait(20);
+  }
+}
+
+function kickOf(c: GatewayClient): Promise<{ code: string }> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('kick not received within 15 s')), 15000);
+    c.once('kick', (k) => {
+      clearTimeout(t);
+      resolve(k);
+    });
+  });
+}
+
+describe('brute-force limits under concurrency', () => {
+  test('50 concurrent wrong logins over TCP, WS and HTTP against one account: at most 5 verified', async () => {
+    const conns = await clients(gw, 8);
+    const username = await register(conns[0]);
+    const outcomes = await Promise.all(
+      Array.from({ length: 50 }, (_, i) =>
+        spread(gw, conns, i, 'login', { username, password: `wrong-${i}-pw` }),
+      ),
+    );
+    const n = count(outcomes);
+    console.log('50 concurrent wrong logins:', JSON.stringify(n));
+    assert.ok((n.invalid_credentials ?? 0) <= 5, `verified ${n.invalid_credentials} > 5`);
+    assert.ok((n.invalid_credentials ?? 0) >= 1, 'some were verified');
+    assert.equal((n.invalid_credentials ?? 0) + (n.locked ?? 0), 50, JSON.stringify(n));
+    for (const o of outcomes.filter((x) => x.code === 'locked'))
+      assert.ok(o.retryAfter! > 0, 'locked carries retryAfter');
+    // the account stays locked for the right password too
+    assert.equal((await wire(conns[1], 'login', { username, password: PASSWORD })).code, 'locked');
+    for (const c of conns) c.destroy();
+  });
+
+  test('the right password sent among 20 wrong concurrent ones, one attempt left: at most one verified', async () => {
+    const conns = await clients(gw, 6);
+    const username = await register(conns[0]);
+    for (let i = 0; i < 4; i++)
+      assert.equal(
+        (await wire(conns[0], 'login', { username, password: 'wrong password' })).code,
+        'invalid_credentials',
+      );
+    const wrong = Array.from({ length: 20 }, (_, i) =>
+      spread(gw, conns, i, 'login', { username, password: `wrong-${i}-pw` }),
+    );
+    const right = spread(gw, conns, 20, 'login', { username, password: PASSWORD });
+    const outcomes = await Promise.all([...wrong, right]);
+    const n = count(outcomes);
+    console.log('20 wrong + the right one, 1 attempt left:', JSON.stringify(n));
+    assert.ok((n.invalid_credentials ?? 0) + (n.ok ?? 0) <= 1, `verified ${JSON.stringify(n)}`);
+    assert.equal((await right).code, 'locked', 'the right password, sent last, finds the account locked');
+    for (const c of conns) c.destroy();
+  });
+
+  test('100 concurrent guesses from one IP over 20 accounts, budget 50: at most 50 verified', async () => {
+    const g = await startGateway({
+      GW_IP_FAILURE_BUDGET: '50',
+      GW_LOCKOUT_ATTEMPTS: '10',
+      GW_REGISTER_PER_MINUTE: '10000',
+    });
+    try {
+      const conns = await clients(g, 8);
+      const names: string[] = [];
+      for (let i = 0; i < 20; i++) names.push(await register(conns[i % conns.length]));
+      const outcomes = await Promise.all(
+        Array.from({ length: 100 }, (_, i) =>
+          spread(g, conns, i, 'login', { username: names[i % 20], password: `wrong-${i}-pw` }),
+        ),
+      );
+      const n = count(outcomes);
+      console.log('100 guesses from one IP, budget 50:', JSON.stringify(n));
+      assert.ok((n.invalid_credentials ?? 0) <= 50, `verified ${n.invalid_credentials} > 50`);
+      assert.equal((n.invalid_credentials ?? 0) + (n.rate_limited ?? 0), 100, JSON.stringify(n));
+      for (const o of outcomes.filter((x) => x.code === 'rate_limited'))
+        assert.ok(o.retryAfter! > 0, 'rate_limited carries retryAfter');
+      for (const c of conns) c.destroy();
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('concurrent wrong otp.verify codes, then the right one: never more than OTP_MAX_RETRIES checks', async () => {
+    const conns = await clients(gw, 6);
+    const s = await signUp(conns[0]);
+    await conns[0].request('logout');
+    const email = `${s.username}@example.com`;
+    await conns[0].request('otp.request', { email });
+    const code = codeOf(await smtp.next(email));
+    const wrongCodes = Array.from({ length: 30 }, (_, i) =>
+      String((Number(code) + 1 + i) % 1_000_000).padStart(6, '0'),
+    );
+    const outcomes = await Promise.all(
+      wrongCodes.map((c, i) => wire(conns[i % conns.length], 'otp.verify', { email, code: c })),
+    );
+    assert.deepEqual(count(outcomes), { otp_invalid: 30 });
+    const last = await wire(conns[1], 'otp.verify', { email, code });
+    console.log('30 concurrent wrong codes, then the right one:', last.code);
+    assert.equal(last.code, 'otp_invalid', 'the code is void after OTP_MAX_RETRIES wrong tries');
+    for (const c of conns) c.destroy();
+  });
+});
+
+describe('refresh grace', () => {
+  test('a retried refresh gets the same pair; after the successor is used the old token is reuse', async () => {
+    const a = await connected(gw.tcpUrl);
+    const s = await signUp(a);
+    const b = await connected(gw.wsUrl);
+    const p1 = (await wire(b, 'refresh', { refresh: s.refresh })).data!;
+    // the reply was "lost": the client retries with the same token
+    const retry = await wire(b, 'refresh', { refresh: s.refresh });
+    assert.equal(retry.code, 'ok');
+    assert.equal(retry.data!.refresh, p1.refresh, 'same successor refresh token');
+    assert.equal(retry.data!.token, p1.token, 'same access token');
+    assert.equal((await b.request('validate', { token: p1.token })).valid, true);
+    // nothing usable is kept in clear in Redis
+    const r = new Redis(REDIS_URL);
+    try {
+      const keys = await r.keys(`${gw.prefix}*`);
+      for (const k of keys) {
+        const type = await r.type(k);
+        const values =
+          type === 'string' ? [await r.get(k)] : type === 'hash' ? Object.values(await r.hgetall(k)) : [];
+        for (const v of values) {
+          assert.ok(!v?.includes(p1.refresh as string), `refresh token in clear at ${k}`);
+          assert.ok(!v?.includes(p1.token as string), `access token in clear at ${k}`);
+        }
+      }
+    } finally {
+      r.disconnect();
+    }
+    // the successor is used: presenting the old token now is reuse and ends the session
+    const p2 = (await wire(b, 'refresh', { refresh: p1.refresh })).data!;
+    const kicked = kickOf(a);
+    assert.equal((await wire(b, 'refresh', { refresh: s.refresh })).code, 'refresh_reused');
+    assert.equal((await kicked).code, 'session_revoked');
+    assert.equal((await b.request('validate', { token: p2.token })).valid, false);
+    b.destroy();
+  });
+
+  test('20 concurrent refreshes of one token over TCP, WS and HTTP: one rotation, one pair, session alive', async () => {
+    const conns = await clients(gw, 6);
+    const s = await signUp(conns[0]);
+    const outcomes = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => spread(gw, conns, i, 'refresh', { refresh: s.refresh })),
+    );
+    const n = count(outcomes);
+    console.log('20 concurrent refreshes:', JSON.stringify(n));
+    assert.deepEqual(n, { ok: 20 });
+    const pairs = new Set(outcomes.map((o) => `${o.data!.token} ${o.data!.refresh}`));
+    assert.equal(pairs.size, 1, 'every answer carries the same pair');
+    const pair = outcomes[0].data!;
+    assert.equal((await conns[1].request('validate', { token: pair.token })).valid, true);
+    // the successor still works: the session is alive
+    assert.equal((await wire(conns[2], 'refresh', { refresh: pair.refresh })).code, 'ok');
+    for (const c of conns) c.destroy();
+  });
+
+  test('after the grace period the old token is refresh_reused', async () => {
+    const a = await connected(gw.tcpUrl);
+    const s = await signUp(a);
+    const b = await connected(gw.wsUrl);
+    const p1 = (await wire(b, 'refresh', { refresh: s.refresh })).data!;
+    await wait(GRACE_SECONDS * 1000 + 300);
+    assert.equal((await wire(b, 'refresh', { refresh: s.refresh })).code, 'refresh_reused');
+    assert.equal((await b.request('validate', { token: p1.token })).valid, false);
+    a.destroy();
+    b.destroy();
+  });
+
+  test('logout with a refresh token ends that session, over the wire and HTTP; unknown tokens answer {}', async () => {
+    const a = await connected(gw.tcpUrl);
+    const s = await signUp(a);
+    const kicked = kickOf(a);
+    // logout needs an authenticated connection (PROTOCOL.md §4): b is another session
+    const b = await connected(gw.wsUrl);
+    await b.request('login', { username: s.username, password: PASSWORD });
+    assert.deepEqual(await b.request('logout', { token: s.refresh }), {});
+    assert.equal((await kicked).code, 'session_revoked');
+    assert.equal((await b.request('validate', { token: s.token })).valid, false);
+    assert.equal((await wire(b, 'refresh', { refresh: s.refresh })).code, 'token_invalid');
+    assert.deepEqual(await b.request('logout', { token: s.refresh }), {}, 'already ended');
+    assert.deepEqual(await b.request('logout', { token: 'unknown-token' }), {});
+    // HTTP: the refresh token in the body
+    const c = await connected(gw.tcpUrl);
+    const s2 = await c.request<Session>('login', { username: s.username, password: PASSWORD });
+    const kicked2 = kickOf(c);
+    const out = await http(gw, '/auth/logout', { refresh: s2.refresh });
+    assert.equal(out.status, 200);
+    assert.equal((await kicked2).code, 'session_revoked');
+    // a bearer token and no body at all
+    const s4 = await httpLogin(s.username);
+    const bare = await fetch(`http://127.0.0.1:${gw.httpPort}/auth/logout`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${s4.token}` },
+      signal: AbortSignal.timeout(20000),
+    });
+    assert.equal(bare.status, 200);
+    assert.equal((await b.request('validate', { token: s4.token })).valid, false);
+    assert.equal((await b.request('validate', { token: s2.token })).valid, false);
+    // a refresh token rotated moments ago (its reply lost) still names its session
+    const d = await connected(gw.tcpUrl);
+    const s3 = await d.request<Session>('login', { username: s.username, password: PASSWORD });
+    const kicked3 = kickOf(d);
+    await b.request('refresh', { refresh: s3.refresh });
+    assert.deepEqual(await b.request('logout', { token: s3.refresh }), {});
+    assert.equal((await kicked3).code, 'session_revoked');
+    b.destroy();
+  });
+});
+
+async function httpLogin(username: string): Promise<Session> {
+  const r = await http(gw, '/auth/login', { username, password: PASSWORD });
+  assert.equal(r.status, 200);
+  return r.data as unknown as Session;
+}
+
+describe('devices belong to accounts', () => {
+  test("another account's login, resume or otp.verify with an owned device id is forbidden", async () => {
+    const device = { id: `dev-${randomUUID()}` };
+    const a = await connected(gw.tcpUrl);
+    await signUp(a, device);
+    const b = await connected(gw.wsUrl);
+    const other = await register(b);
+    assert.equal((await wire(b, 'login', { username: other, password: PASSWORD, device })).code, 'forbidden');
+    const h = await http(gw, '/auth/login', { username: other, password: PASSWORD, device });
+    assert.equal(h.status, 403);
+    assert.equal(h.code, 'forbidden');
+    const own = await b.request<Session>('login', { username: other, password: PASSWORD });
+    const c = await connected(gw.tcpUrl);
+    assert.equal((await wire(c, 'resume', { token: own.token, device })).code, 'forbidden');
+    await c.request('otp.request', { email: `${other}@example.com` });
+    const code = codeOf(await smtp.next(`${other}@example.com`));
+    assert.equal(
+      (await wire(c, 'otp.verify', { email: `${other}@example.com`, code, device })).code,
+      'forbidden',
+    );
+    const row = await query(gw.schema, 'SELECT owner FROM devices WHERE id = $1', [device.id]);
+    assert.equal(row.rowCount, 1);
+    a.destroy();
+    b.destroy();
+    c.destroy();
+  });
+
+  test('two accounts racing for a new device id: exactly one owns it', async () => {
+    const setup = await connected(gw.tcpUrl);
+    const users = [await register(setup), await register(setup)];
+    setup.destroy();
+    for (let round = 0; round < 6; round++) {
+      const device = { id: `race-${randomUUID()}` };
+      // one account over the wire (TCP or WS), the other over HTTP, sides swapped every round
+      const c = await connected(round % 2 ? gw.wsUrl : gw.tcpUrl);
+      const [viaWire, viaHttp] = round % 2 ? [users[0], users[1]] : [users[1], users[0]];
+      const outcomes = await Promise.all([
+        wire(c, 'login', { username: viaWire, password: PASSWORD, device }),
+        http(gw, '/auth/login', { username: viaHttp, password: PASSWORD, device }),
+      ]);
+      const codes = outcomes.map((o) => o.code).sort();
+      assert.deepEqual(codes, ['forbidden', 'ok'], `round ${round}`);
+      const winner = outcomes.find((o) => o.code === 'ok')!.data!.userId;
+      const row = await query(gw.schema, 'SELECT owner FROM devices WHERE id = $1', [device.id]);
+      assert.equal(row.rows[0].owner, winner);
+      c.destroy();
+    }
+  });
+
+  test('a device target resolves as soon as the session exists, and only while it does', async () => {
+    const username = await register(await connected(gw.tcpUrl));
+    const device = { id: `dev-${randomUUID()}` };
+    const login = await http(gw, '/auth/login', { username, password: PASSWORD, device });
+    assert.equal(login.status, 200);
+    const publish = () =>
+      fetch(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+        body: JSON.stringify({ target: { device: device.id }, name: 'cfg.set', data: { a: 1 } }),
+        signal: AbortSignal.timeout(20000),
+      });
+    const res = await publish();
+    console.log('publish to a device right after its HTTP login:', res.status);
+    assert.equal(res.status, 202, 'resolves while the session is only resumable');
+    const { eids } = (await res.json()) as { eids: string[] };
+    const d = await connected(gw.tcpUrl);
+    const got: EventMsg[] = [];
+    d.on('event', (e: EventMsg) => got.push(e));
+    await d.request('resume', { token: login.data!.token });
+    await until(() => got.some((e) => e.eid === eids[0]), 'the event after resume');
+    await d.request('logout');
+    assert.equal((await publish()).status, 404, 'the session ended: the device has no session');
+    d.destroy();
+  });
+});
+
+describe('takeover keeps the device events', () => {
+  test('a new login with the device id gets the old session’s unacked events in order', async () => {
+    const reader = new QueueReader(gw.prefix);
+    try {
+      const device = { id: `dev-${randomUUID()}` };
+      const old = await connected(gw.tcpUrl, { autoAck: false });
+      const s = await signUp(old, device);
+      const gotOld: EventMsg[] = [];
+      old.on('event', (e: EventMsg) => gotOld.push(e));
+      const N = 8;
+      const eids: string[] = [];
+      for (let i = 0; i < N; i++) {
+        const res = await fetch(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+          body: JSON.stringify({
+            target: { device: device.id },
+            name: 'cmd',
+            data: i,
+            ...(i === 0 ? { receipt: true } : {}),
+            ...(i === 1 ? { ttl: 600_000 } : {}),
+          }),
+          signal: AbortSignal.timeout(20000),
+        });
+        assert.equal(res.status, 202);
+        eids.push(((await res.json()) as { eids: string[] }).eids[0]);
+      }
+      await until(() => gotOld.length >= N, 'the first deliveries');
+      const kicked = kickOf(old);
+      const fresh = await connected(gw.wsUrl);
+      const got: EventMsg[] = [];
+      fresh.on('event', (e: EventMsg) => got.push(e));
+      const s2 = await fresh.request<Session>('login', { username: s.username, password: PASSWORD, device });
+      assert.notEqual(s2.sessionId, s.sessionId);
+      assert.equal((await kicked).code, 'session_takeover');
+      await until(() => got.length >= N, `${N} events on the new session`).catch((e) => {
+        console.log('new session received', got.length, 'of', N);
+        throw e;
+      });
+      console.log(
+        'after takeover:',
+        JSON.stringify(got.map((e) => e.attempt)),
+        'attempts; eids in order:',
+        got.slice(0, N).every((e, i) => e.eid === eids[i]),
+      );
+      assert.deepEqual(
+        got.slice(0, N).map((e) => e.eid),
+        eids,
+      );
+      for (const e of got.slice(0, N)) assert.ok(e.attempt! >= 2, `attempt ${e.attempt}`);
+      await wait(500);
+      const failed = (await reader.jobs('gw-backend', 'delivery.failed')).filter((j) =>
+        eids.includes(j.data.eid),
+      );
+      assert.equal(failed.length, 0, `delivery.failed for ${failed.length} moved events`);
+      // the ttl moved with its event: the expiry index names the new session
+      const r = new Redis(REDIS_URL);
+      try {
+        assert.ok(await r.zscore(`${gw.prefix}expiries`, `${s2.sessionId}|${eids[1]}`));
+        assert.equal(await r.zscore(`${gw.prefix}expiries`, `${s.sessionId}|${eids[1]}`), null);
+      } finally {
+        r.disconnect();
+      }
+      // the receipt moved with its event
+      fresh.ack([eids[0]]);
+      await reader.waitFor(
+        'gw-backend',
+        (j) => j.some((x) => x.name === 'delivery.acked' && x.data.eid === eids[0]),
+        15000,
+      );
+      fresh.destroy();
+    } finally {
+      await reader.close();
+    }
+  });
+
+  test('two logins of one account with one device at once: exactly one session survives', async () => {
+    const setup = await connected(gw.tcpUrl);
+    const username = await register(setup);
+    setup.destroy();
+    const survivors: number[] = [];
+    for (let round = 0; round < 5; round++) {
+      const device = { id: `dev-${randomUUID()}` };
+      const conns = await clients(gw, 2);
+      const outcomes = await Promise.all([
+        ...conns.map((c) => wire(c, 'login', { username, password: PASSWORD, device })),
+        http(gw, '/auth/login', { username, password: PASSWORD, device }),
+      ]);
+      assert.deepEqual(
+        outcomes.map((o) => o.code),
+        ['ok', 'ok', 'ok'],
+      );
+      await wait(200);
+      const check = await connected(gw.tcpUrl);
+      let alive = 0;
+      for (const o of outcomes)
+        if ((await check.request<{ valid: boolean }>('validate', { token: o.data!.token })).valid) alive++;
+      survivors.push(alive);
+      check.destroy();
+      for (const c of conns) c.destroy();
+    }
+    console.log(
+      'live sessions after 3 simultaneous logins with one device, per round:',
+      JSON.stringify(survivors),
+    );
+    assert.deepEqual(survivors, [1, 1, 1, 1, 1]);
+  });
+
+  test('across two nodes: the device moves to node B and its events follow it', async () => {
+    const tag = randomUUID().slice(0, 8);
+    const shared = {
+      GW_REDIS_PREFIX: `gwtest:${tag}:`,
+      GW_DB_SCHEMA: `gwtest_${tag}`,
+      GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+      GW_DEFAULT_ROOM: '',
+    };
+    const a = await startGateway(shared);
+    const b = await startGateway(shared);
+    const reader = new QueueReader(shared.GW_REDIS_PREFIX);
+    try {
+      const device = { id: `dev-${randomUUID()}` };
+      const onA = await connected(a.tcpUrl, { autoAck: false });
+      const s = await signUp(onA, device);
+      const gotA: EventMsg[] = [];
+      onA.on('event', (e: EventMsg) => gotA.push(e));
+      const pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: shared.GW_REDIS_PREFIX });
+      const eids: string[] = [];
+      for (let i = 0; i < 5; i++)
+        eids.push((await pub.publish({ device: device.id }, { name: 'm', data: i })).eid);
+      await until(() => gotA.length >= 5, 'the first deliveries on node A');
+      const kicked = kickOf(onA);
+      const onB = await connected(b.wsUrl);
+      const gotB: EventMsg[] = [];
+      onB.on('event', (e: EventMsg) => gotB.push(e));
+      await onB.request('login', { username: s.username, password: PASSWORD, device });
+      assert.equal((await kicked).code, 'session_takeover');
+      await until(() => gotB.length >= 5, 'the events on node B');
+      assert.deepEqual(
+        gotB.slice(0, 5).map((e) => e.eid),
+        eids,
+      );
+      assert.ok(gotB.every((e) => e.attempt! >= 2));
+      const failed = (await reader.jobs('gw-backend', 'delivery.failed')).filter((j) =>
+        eids.includes(j.data.eid),
+      );
+      assert.equal(failed.length, 0);
+      await pub.close();
+      onB.destroy();
+    } finally {
+      await reader.close();
+      await Promise.all([a.stop(), b.stop()]);
+      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
+      await dropSchema(shared.GW_DB_SCHEMA);
+    }
+  });
+});
