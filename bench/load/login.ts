@@ -142,6 +142,28 @@ async function hashMetrics(metricsPort: number): Promise<string> {
   return lines.length ? lines.map((l) => `    ${l}`).join('\n') : '    (no gateway_hash_* metrics)';
 }
 
+/** The gateway with the production argon2id parameters on THREADS hash threads. */
+function startLoginGateway(env: Record<string, string>) {
+  return startGateway({
+    ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
+    ARGON2_ITERATIONS: String(PARAMS.timeCost),
+    GW_HASH_THREADS: String(THREADS),
+    GW_REGISTER_PER_MINUTE: '100000',
+    ...env,
+  });
+}
+
+/** CONNS connected clients. */
+function connectAll(url: string, requestTimeoutMs: number): Promise<GatewayClient[]> {
+  return Promise.all(
+    Array.from({ length: CONNS }, async () => {
+      const c = new GatewayClient({ url, requestTimeoutMs });
+      await c.connect();
+      return c;
+    }),
+  );
+}
+
 async function stormMode(): Promise<void> {
   console.log(
     header(
@@ -149,21 +171,9 @@ async function stormMode(): Promise<void> {
     ),
   );
   const raw = await rawVerifyRate();
-  const g = await startGateway({
-    ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
-    ARGON2_ITERATIONS: String(PARAMS.timeCost),
-    GW_HASH_THREADS: String(THREADS),
-    GW_REGISTER_PER_MINUTE: '100000',
-    GW_LOG_LEVEL: 'info',
-  });
+  const g = await startLoginGateway({ GW_LOG_LEVEL: 'info' });
   try {
-    const clients = await Promise.all(
-      Array.from({ length: CONNS }, async () => {
-        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 120000 });
-        await c.connect();
-        return c;
-      }),
-    );
+    const clients = await connectAll(g.tcpUrl, 120000);
     const users: string[] = [];
     for (let i = 0; i < 32; i++) {
       const username = `storm${i}_${Date.now() % 100000}`;
@@ -224,21 +234,9 @@ async function main(): Promise<void> {
     ),
   );
   const raw = await rawVerifyRate();
-  const g = await startGateway({
-    ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
-    ARGON2_ITERATIONS: String(PARAMS.timeCost),
-    GW_HASH_THREADS: String(THREADS),
-    GW_REGISTER_PER_MINUTE: '100000',
-    GW_HASH_MAX_QUEUE: '10000',
-  });
+  const g = await startLoginGateway({ GW_HASH_MAX_QUEUE: '10000' });
   try {
-    const clients = await Promise.all(
-      Array.from({ length: CONNS }, async () => {
-        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 60000 });
-        await c.connect();
-        return c;
-      }),
-    );
+    const clients = await connectAll(g.tcpUrl, 60000);
     const users: string[] = [];
     for (let i = 0; i < CONNS; i++) {
       const username = `bench${i}_${Date.now() % 100000}`;
