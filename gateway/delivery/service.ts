@@ -218,13 +218,33 @@ export class DeliveryService {
 
   // ---- sessions on this node ----------------------------------------------------------------
 
-  private async bind(conn: Connection): Promise<void> {
+  private bind(conn: Connection): void {
     const sid = conn.session!.sessionId;
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
+    this.claim(pump);
+  }
+
+  /**
+   * Marks the session as held by this node (`P{s:<sid>}:node`: publishes notify us, retries
+   * find us) and pumps its outbox from the start. Pumping does not wait for the key: the
+   * outbox is there either way. A failed SET is logged and tried again while the pump lives.
+   */
+  private claim(pump: SessionPump): void {
     const { redis, keys, gateway, options } = this.deps;
-    await redis.set(keys.sessionNode(sid), gateway.nodeId, 'EX', options.sessionTtlSeconds);
-    if (this.pumps.get(sid) === pump) this.schedule(pump);
+    redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).then(
+      () => {
+        if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
+      },
+      (e) => {
+        if (this.pumps.get(pump.sid) !== pump) return;
+        this.deps.log.warn({ err: e, sessionId: pump.sid }, 'could not set the session node key; retrying');
+        this.schedule(pump);
+        setTimeout(() => {
+          if (this.pumps.get(pump.sid) === pump) this.claim(pump);
+        }, 1000).unref();
+      },
+    );
   }
 
   private unbind(conn: Connection): void {
@@ -427,13 +447,24 @@ export class DeliveryService {
 
   private deadLetter(pump: SessionPump, eid: string, attempts: number): void {
     pump.inflight.delete(eid);
-    this.deps.outbox.take(pump.sid, [eid]).then(
-      async (taken) => {
-        for (const t of taken) await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
-        this.schedule(pump);
-      },
-      (e) => this.deps.log.error({ err: e, sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
+    this.takeToDeadLetters(pump, eid).catch((e) =>
+      this.deps.log.error({ err: e, sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
     );
+  }
+
+  private async takeToDeadLetters(pump: SessionPump, eid: string): Promise<void> {
+    for (const t of await this.deps.outbox.take(pump.sid, [eid])) {
+      try {
+        await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
+      } catch (e) {
+        // Taken but not queued: the event itself goes to the log, so it is not lost silently.
+        this.deps.log.error(
+          { err: e, sessionId: pump.sid, event: t.event, attempts: t.attempts },
+          'dead-lettering failed',
+        );
+      }
+    }
+    this.schedule(pump);
   }
 
   /** Moves an event to the dead-letter queue and reports `delivery.failed`. */
