@@ -120,6 +120,19 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     defaultRoom: config.defaultRoom,
   });
 
+  // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
+  // from its outbox and restore its presence (docs/ARCHITECTURE.md, "Faults").
+  for (const [name, r] of [
+    ['redis', redis],
+    ['subscriber', sub],
+  ] as const) {
+    // Connected above: every 'ready' from here on is a reconnect.
+    r.on('ready', () => {
+      delivery.resyncAll(`${name}_reconnect`);
+      presence.restore().catch((e) => log.warn({ err: e }, 'could not restore presence'));
+    });
+  }
+
   // A session that ends takes its undelivered events with it, each reported delivery.failed.
   identity.service.onSessionEnded((sid, reason) => {
     delivery.purge(sid, `session_${reason}`).catch((e) => log.error({ err: e }, 'could not purge an outbox'));

@@ -54,6 +54,8 @@ interface Inflight {
 /** Delivery state of the one live connection of a session on this node. */
 class SessionPump {
   lastSeq = 0;
+  /** Pump from the start of the outbox on the next run (Redis may have lost writes). */
+  resync = false;
   readonly inflight = new Map<string, Inflight>();
   acks: string[] = [];
   scheduled = false;
@@ -86,7 +88,9 @@ export class DeliveryService {
     deadLettered: Counter;
     expired: Counter;
     overflow: Counter;
+    resyncs: Counter;
   };
+  private resyncTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly deps: {
@@ -124,6 +128,11 @@ export class DeliveryService {
       deadLettered: counter('dead_lettered', 'Events moved to the dead-letter queue.'),
       expired: counter('expired', 'Events dropped at their ttl.'),
       overflow: counter('outbox_overflow', 'Publishes that met a full outbox.', ['policy']),
+      resyncs: counter(
+        'outbox_resyncs',
+        'Sessions pumped from the start of their outbox because Redis may have lost writes.',
+        ['cause'],
+      ),
     };
   }
 
@@ -151,6 +160,7 @@ export class DeliveryService {
   }
 
   async close(): Promise<void> {
+    if (this.resyncTimer) clearTimeout(this.resyncTimer);
     await Promise.allSettled([this.retryWorker?.close(), this.publishWorker?.close()]);
     await Promise.allSettled([this.retryQueue.close(), this.deadLetters.close(), this.publishQueue.close()]);
   }
@@ -247,6 +257,33 @@ export class DeliveryService {
     );
   }
 
+  /** The node key may be lost with the rest: set it again (the pump is already running). */
+  private reclaim(pump: SessionPump): void {
+    const { redis, keys, gateway, options } = this.deps;
+    redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).catch((e) => {
+      this.deps.log.warn({ err: e, sessionId: pump.sid }, 'could not set the session node key');
+    });
+  }
+
+  /**
+   * Redis came back from a disconnect, and may have come back older (a restart from an AOF a
+   * second behind, a failover to a lagging replica): every session of this node sets its node
+   * key again and is pumped from the start of its outbox. Calls within 100 ms are one resync.
+   */
+  resyncAll(cause: string): void {
+    if (this.resyncTimer) return;
+    this.resyncTimer = setTimeout(() => {
+      this.resyncTimer = undefined;
+      this.deps.log.info({ sessions: this.pumps.size, cause }, 'resyncing outboxes with Redis');
+      for (const pump of this.pumps.values()) {
+        pump.resync = true;
+        this.metrics.resyncs.labels(cause).inc();
+        this.claim(pump);
+      }
+    }, 100);
+    this.resyncTimer.unref();
+  }
+
   private unbind(conn: Connection): void {
     const sid = conn.session?.sessionId;
     if (!sid) return;
@@ -294,6 +331,11 @@ export class DeliveryService {
         pump.again = true;
         continue;
       }
+      if (pump.resync) {
+        pump.resync = false;
+        pump.lastSeq = 0;
+        pump.inflight.clear();
+      }
       const slots = this.deps.options.maxInflight - pump.inflight.size;
       const acks = pump.acks;
       if (acks.length === 0 && slots <= 0) continue;
@@ -332,6 +374,17 @@ export class DeliveryService {
     this.metrics.acked.inc(r.acked);
     if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    if (r.resynced) {
+      // The outbox is taken from its start again: what was in flight is in `send` if still due.
+      this.metrics.resyncs.labels('sequence').inc();
+      this.deps.log.debug(
+        { sessionId: pump.sid, lastSeq: pump.lastSeq },
+        'outbox behind this connection: resynced',
+      );
+      pump.inflight.clear();
+      pump.lastSeq = 0;
+      if (live) this.reclaim(pump);
+    }
     const now = Date.now();
     for (const s of r.send) {
       pump.lastSeq = s.seq;

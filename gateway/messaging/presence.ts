@@ -98,6 +98,12 @@ export class Presence {
     return this.deps.redis.zadd(this.deps.keys.nodes, Date.now(), this.deps.gateway.nodeId);
   }
 
+  /** Writes this node's sessions again (Redis came back and may have lost them). */
+  async restore(): Promise<void> {
+    await this.beat();
+    for (const conn of this.deps.gateway.connections) if (conn.session) await this.online(conn);
+  }
+
   private async online(conn: Connection): Promise<void> {
     const s = conn.session!;
     const { redis, keys, gateway, options } = this.deps;

@@ -6,7 +6,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { Redis } from 'ioredis';
 
 export function freePort(): Promise<number> {
@@ -35,6 +35,12 @@ export interface OwnRedis {
   with<T>(fn: (r: Redis) => Promise<T>): Promise<T>;
   /** Copies the data directory aside (after SAVE) and returns a restore function. */
   snapshot(): Promise<() => void>;
+  /**
+   * Saves an RDB and returns a function that loads it back into the running server
+   * (`DEBUG RELOAD NOSAVE`): a rollback that no client sees as a disconnect. Needs the server
+   * started with `--enable-debug-command yes`.
+   */
+  rdbSnapshot(): Promise<() => Promise<void>>;
   remove(): Promise<void>;
 }
 
@@ -103,6 +109,16 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
         rmSync(dir, { recursive: true, force: true });
         cpSync(copy, dir, { recursive: true });
         rmSync(copy, { recursive: true, force: true });
+      };
+    },
+    async rdbSnapshot() {
+      await self.with((r) => r.save());
+      const copy = join(mkdtempSync(join(tmpdir(), 'own-redis-rdb-')), 'dump.rdb');
+      cpSync(join(dir, 'dump.rdb'), copy);
+      return async () => {
+        cpSync(copy, join(dir, 'dump.rdb'));
+        rmSync(dirname(copy), { recursive: true, force: true });
+        await self.with((r) => r.call('DEBUG', 'RELOAD', 'NOSAVE'));
       };
     },
     async remove() {
