@@ -12,6 +12,7 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
+import { DependencyMonitor } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
@@ -44,16 +45,35 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     'server identity',
   );
 
-  const redis = new Redis(config.redisUrl, { enableAutoPipelining: true, lazyConnect: true });
-  const sub = new Redis(config.redisUrl, { lazyConnect: true });
-  const bull = new Redis(config.redisUrl, { maxRetriesPerRequest: null, lazyConnect: true });
-  for (const r of [redis, sub, bull])
-    r.on('error', (e) => log.warn({ err: e.message }, 'redis connection error'));
-  await Promise.all([redis.connect(), sub.connect(), bull.connect()]);
+  // Every Redis call a request waits on is bounded (docs/ARCHITECTURE.md, "Faults"): a connect
+  // and a command take at most GW_REDIS_TIMEOUT_MS, and with the offline queue off a command
+  // sent while disconnected fails at once; the request then answers `overloaded`. BullMQ
+  // workers block on their own connection (`maxRetriesPerRequest: null`, as BullMQ requires);
+  // the queues the request paths add jobs to use `producer`, bounded like the others
+  // (BullMQ's "failing fast when Redis is down").
+  const t = config.redisTimeoutMs;
+  const bounded = {
+    connectTimeout: t,
+    commandTimeout: t,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+  };
+  const redis = new Redis(config.redisUrl, { ...bounded, enableAutoPipelining: true, lazyConnect: true });
+  const sub = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
+  const producer = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
+  const bull = new Redis(config.redisUrl, {
+    connectTimeout: t,
+    maxRetriesPerRequest: null,
+    lazyConnect: true,
+  });
+  // Reconnect attempts of an outage: the dependency monitor logs the outage once.
+  for (const r of [redis, sub, producer, bull])
+    r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
+  await Promise.all([redis.connect(), sub.connect(), producer.connect(), bull.connect()]);
 
   const keys = new Keys(config.redisPrefix);
   const bus = new Bus(sub);
-  const backendEvents = new BackendEvents(bull, keys.bullPrefix);
+  const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
 
   const identity = await createAuthModule(config, log, { redis, bus, keys, backend: backendEvents });
@@ -67,6 +87,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     gateway,
     redis,
     bullConnection: bull,
+    queueConnection: producer,
     bus,
     keys,
     outbox,
@@ -150,14 +171,21 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   });
   messaging.start();
   mountEventsApi(gateway.app, delivery, config.apiKey, log);
+  const monitor = new DependencyMonitor(
+    log,
+    { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
+    { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
+  );
+  monitor.start();
 
   gateway.onClose(async () => {
+    monitor.stop();
     messaging.close();
     await presence.close();
     await delivery.close();
     await identity.close();
     await backendEvents.close();
-    await Promise.allSettled([redis.quit(), sub.quit(), bull.quit()]);
+    await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);
   });
 
   const ports = await gateway.start();

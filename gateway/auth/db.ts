@@ -1,7 +1,8 @@
 /**
  * PostgreSQL access: one pool, on the native libpq driver (pg-native) when it loads, else the
  * pure-JS driver. Every connection gets the configured schema as its search_path and a
- * statement timeout. Parameterised queries only.
+ * statement timeout; connecting and every query are also bounded on the client side, so a
+ * server that stops answering fails a request instead of holding it. Parameterised queries only.
  */
 import pg from 'pg';
 
@@ -10,6 +11,10 @@ export interface DbOptions {
   /** Schema for this node's tables (tests use one each). */
   schema: string;
   statementTimeoutMs: number;
+  /** Opening a connection, or waiting for a free one (pg-pool), and libpq's connect_timeout. */
+  connectTimeoutMs: number;
+  /** Client-side bound of a query: holds when the server never answers (frozen, cut off). */
+  queryTimeoutMs: number;
   max: number;
 }
 
@@ -30,6 +35,10 @@ export function createDb(o: DbOptions): Db {
   const pool = new Pool({
     connectionString: o.url,
     max: o.max,
+    // Both drivers honour these: pg-native reads query_timeout in its query() and turns
+    // connectionTimeoutMillis into libpq's connect_timeout; pg-pool bounds the wait for a client.
+    connectionTimeoutMillis: o.connectTimeoutMs,
+    query_timeout: o.queryTimeoutMs,
     options: `-c search_path=${o.schema} -c statement_timeout=${o.statementTimeoutMs}`,
   });
   return { pool, driver: native ? 'native' : 'js' };

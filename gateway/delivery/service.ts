@@ -17,6 +17,7 @@ import { isProtocolError, unpack } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -98,6 +99,8 @@ export class DeliveryService {
       redis: Redis;
       /** A connection BullMQ workers may block on (maxRetriesPerRequest: null). */
       bullConnection: Redis;
+      /** For adding jobs, bounded like every request-path call (default: bullConnection). */
+      queueConnection?: Redis;
       bus: Bus;
       keys: Keys;
       outbox: Outbox;
@@ -109,7 +112,7 @@ export class DeliveryService {
     },
   ) {
     const prefix = deps.keys.bullPrefix;
-    const connection = deps.bullConnection;
+    const connection = deps.queueConnection ?? deps.bullConnection;
     this.retryQueue = new Queue(QueueName.retry, {
       connection,
       prefix,
@@ -155,7 +158,7 @@ export class DeliveryService {
       concurrency: 50,
     });
     for (const w of [this.retryWorker, this.publishWorker]) {
-      w.on('error', (e) => this.deps.log.error({ err: e, queue: w.name }, 'queue worker error'));
+      w.on('error', (e) => logFailure(this.deps.log, e, { queue: w.name }, 'queue worker error'));
     }
   }
 
@@ -358,7 +361,7 @@ export class DeliveryService {
         });
       },
       (e) => {
-        this.deps.log.error({ err: e, sessions: pumps.length }, 'outbox pump failed; retrying');
+        logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
         pumps.forEach((pump, i) => {
           pump.running = false;
           pump.acks = requests[i].acks.concat(pump.acks);

@@ -34,6 +34,17 @@ function runAs(): { uid?: number; gid?: number } {
   return { uid: id('-u'), gid: id('-g') };
 }
 
+/** Signals the postmaster and its children; a child that just exited is skipped. */
+function signalAll(postmaster: number, signal: NodeJS.Signals): void {
+  for (const pid of pidsOf(postmaster)) {
+    try {
+      process.kill(pid, signal);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+    }
+  }
+}
+
 function pidsOf(postmaster: number): number[] {
   let children: number[] = [];
   try {
@@ -112,10 +123,10 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
       await exited;
     },
     freeze() {
-      for (const pid of pidsOf(postmasterPid())) process.kill(pid, 'SIGSTOP');
+      signalAll(postmasterPid(), 'SIGSTOP');
     },
     thaw() {
-      for (const pid of pidsOf(postmasterPid())) process.kill(pid, 'SIGCONT');
+      signalAll(postmasterPid(), 'SIGCONT');
     },
     async remove() {
       if (proc && proc.exitCode === null && proc.signalCode === null) {
