@@ -72,7 +72,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   await Promise.all([redis.connect(), sub.connect(), producer.connect(), bull.connect()]);
 
   const keys = new Keys(config.redisPrefix);
-  const bus = new Bus(sub);
+  const bus = new Bus(sub, log);
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
 

@@ -103,3 +103,19 @@ test('a failing dead-letter add is logged; the node keeps serving', async () => 
   await alive(signUp(again), 'a login after XADD is allowed again');
   assert.equal(gw.proc.exitCode, null);
 });
+
+test('a message on the bus that a handler cannot read is logged; the node keeps serving', async () => {
+  const c = await connected(gw.tcpUrl);
+  clients.push(c);
+  const s = await signUp(c);
+  const node = gw.logs.find((l) => l.msg === 'gateway ready')!.node as string;
+  // A qos-0 event for a live session whose payload is cut short (a str8 without its length).
+  const bad = Buffer.concat([Buffer.from(`e${s.sessionId}\n`), Buffer.from([0xd9])]);
+  await redis.with((r) => r.publish(`${gw.prefix}node:${node}`, bad));
+  await alive(
+    gw.waitForLog((l) => l.msg === 'bus handler failed'),
+    'the handler failure logged',
+  );
+  await ping(c);
+  assert.equal(gw.proc.exitCode, null);
+});
