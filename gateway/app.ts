@@ -12,7 +12,7 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
-import { DependencyMonitor } from './faults.ts';
+import { DependencyMonitor, logFailure } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
@@ -142,7 +142,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   });
 
   // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
-  // from its outbox and restore its presence (docs/ARCHITECTURE.md, "Faults").
+  // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
   for (const [name, r] of [
     ['redis', redis],
     ['subscriber', sub],
@@ -150,7 +150,8 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     // Connected above: every 'ready' from here on is a reconnect.
     r.on('ready', () => {
       delivery.resyncAll(`${name}_reconnect`);
-      presence.restore().catch((e) => log.warn({ err: e }, 'could not restore presence'));
+      presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
+      rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
     });
   }
 

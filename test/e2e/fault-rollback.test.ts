@@ -122,3 +122,28 @@ test('a rollback that drops no connection is detected by the pump', async () => 
   }
   assert.equal(closes, 0, 'the device stayed connected');
 });
+
+test('after a reconnect, the node writes its sessions presence and room membership again', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  await device.request('join', { room: '#rollback' });
+  // What a rollback to before the login and the join would lose of them.
+  await redis.with(async (r) => {
+    await r.hdel(`${gw.prefix}presence`, s.sessionId);
+    await r.del(`${gw.prefix}room:#rollback:m`);
+    await r.zrem(`${gw.prefix}rooms`, '#rollback');
+  });
+  await redis.with((r) => r.call('CLIENT', 'KILL', 'TYPE', 'pubsub'));
+  let seen = '';
+  try {
+    await until(async () => {
+      const { users } = await device.request<{ users: string[] }>('users', {});
+      const { rooms } = await device.request<{ rooms: { room: string; members: number }[] }>('rooms', {});
+      seen = `users ${JSON.stringify(users)}, rooms ${JSON.stringify(rooms)}`;
+      return users.includes(s.username) && rooms.some((r) => r.room === '#rollback' && r.members === 1);
+    }, 'presence and room membership written again');
+  } finally {
+    console.log(`after the reconnect: ${seen}`);
+  }
+});
