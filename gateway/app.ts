@@ -157,7 +157,9 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
 
   // A session that ends takes its undelivered events with it, each reported delivery.failed.
   identity.service.onSessionEnded((sid, reason) => {
-    delivery.purge(sid, `session_${reason}`).catch((e) => log.error({ err: e }, 'could not purge an outbox'));
+    delivery
+      .purge(sid, `session_${reason}`)
+      .catch((e) => logFailure(log, e, {}, 'could not purge an outbox'));
   });
   await identity.start(gateway);
   await delivery.start();

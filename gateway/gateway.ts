@@ -19,6 +19,7 @@ import {
   type SessionInfo,
   type TransportSocket,
 } from './connection.ts';
+import { logFailure } from './faults.ts';
 import type { Logger } from './log.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
@@ -218,8 +219,10 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   }
 
   private hookFailed(e: unknown, hook: string, conn: Connection): void {
-    this.log.error(
-      { err: e, hook, conn: conn.id, sessionId: conn.session?.sessionId },
+    logFailure(
+      this.log,
+      e,
+      { hook, conn: conn.id, sessionId: conn.session?.sessionId },
       'session hook failed',
     );
   }
@@ -313,7 +316,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       try {
         hook(now);
       } catch (e) {
-        this.log.error({ err: e }, 'sweep hook failed');
+        logFailure(this.log, e, {}, 'sweep hook failed');
       }
     }
   }

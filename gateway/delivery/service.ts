@@ -251,7 +251,7 @@ export class DeliveryService {
       },
       (e) => {
         if (this.pumps.get(pump.sid) !== pump) return;
-        this.deps.log.warn({ err: e, sessionId: pump.sid }, 'could not set the session node key; retrying');
+        logFailure(this.deps.log, e, { sessionId: pump.sid }, 'could not set the session node key; retrying');
         this.schedule(pump);
         setTimeout(() => {
           if (this.pumps.get(pump.sid) === pump) this.claim(pump);
@@ -264,7 +264,7 @@ export class DeliveryService {
   private reclaim(pump: SessionPump): void {
     const { redis, keys, gateway, options } = this.deps;
     redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).catch((e) => {
-      this.deps.log.warn({ err: e, sessionId: pump.sid }, 'could not set the session node key');
+      logFailure(this.deps.log, e, { sessionId: pump.sid }, 'could not set the session node key');
     });
   }
 
@@ -295,7 +295,7 @@ export class DeliveryService {
     this.pumps.delete(sid);
     const { redis, keys, gateway } = this.deps;
     redis.eval(RELEASE_NODE, 1, keys.sessionNode(sid), gateway.nodeId).catch((e) => {
-      this.deps.log.warn({ err: e }, 'could not release session node key');
+      logFailure(this.deps.log, e, {}, 'could not release session node key');
     });
   }
 
@@ -503,8 +503,9 @@ export class DeliveryService {
 
   private deadLetter(pump: SessionPump, eid: string, attempts: number): void {
     pump.inflight.delete(eid);
+    // A failed take leaves the event in the outbox: the next resync sends it again.
     this.takeToDeadLetters(pump, eid).catch((e) =>
-      this.deps.log.error({ err: e, sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
+      logFailure(this.deps.log, e, { sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
     );
   }
 

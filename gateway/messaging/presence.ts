@@ -9,6 +9,7 @@ import type { Redis } from 'ioredis';
 import type { Connection } from '../connection.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
+import { logFailure } from '../faults.ts';
 import type { Logger } from '../log.ts';
 
 export interface PresenceRecord {
@@ -66,15 +67,15 @@ export class Presence {
     this.targets = targets;
     const { gateway, keys, options } = this.deps;
     gateway.onSessionBound((conn) => {
-      this.online(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+      this.online(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     gateway.onConnectionClosed((conn) => {
       if (conn.session)
-        this.offline(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+        this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     await this.beat();
     this.beatTimer = setInterval(
-      () => this.beat().catch((e) => this.deps.log.warn({ err: e }, 'presence beat failed')),
+      () => this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed')),
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
     await this.queue.upsertJobScheduler('sweep', { every: options.sweepIntervalMs }, { name: 'sweep' });
@@ -82,7 +83,7 @@ export class Presence {
       connection: this.deps.bullConnection,
       prefix: keys.bullPrefix,
     });
-    this.worker.on('error', (e) => this.deps.log.error({ err: e }, 'maintenance worker error'));
+    this.worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
   }
 
   /** Stops beating and removes this node's sessions (graceful shutdown). */

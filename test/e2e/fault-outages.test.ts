@@ -147,7 +147,16 @@ async function outage(
       await new Promise((res) => setTimeout(res, 200));
     }
     const lines = gw.logs.slice(from).filter(isDown(dependency));
+    const loud = gw.logs.slice(from).filter((l) => (l.level as number) >= 40);
+    console.log(
+      `${name}: ${loud.length} warn/error log lines in the outage: ${JSON.stringify([...new Set(loud.map((l) => l.msg))])}`,
+    );
     assert.equal(lines.length, 1, `one "dependency down" line per outage, got ${lines.length}`);
+    assert.deepEqual(
+      loud.filter((l) => !isDown(dependency)(l)).map((l) => l.msg),
+      [],
+      'no other warning or error in the outage',
+    );
     assert.equal(gw.proc.exitCode, null);
   } finally {
     if (!repaired) await repair();
