@@ -41,6 +41,11 @@ export function createDb(o: DbOptions): Db {
     query_timeout: o.queryTimeoutMs,
     options: `-c search_path=${o.schema} -c statement_timeout=${o.statementTimeoutMs}`,
   });
+  // pg-pool removes its error listener from a client it hands out; a connection that breaks
+  // while checked out (server shut down, backend terminated) would then emit an unhandled
+  // 'error' and end the process. Its queries fail on their own (that is how callers learn of
+  // it), and a client released with the error is discarded.
+  pool.on('connect', (client) => client.on('error', () => {}));
   return { pool, driver: native ? 'native' : 'js' };
 }
 
