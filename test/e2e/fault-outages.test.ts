@@ -68,7 +68,12 @@ const isRecovered = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency recovered' && l.dependency === dependency;
 
 async function tcpLogin(): Promise<{ ms: number; error?: { code: string; retryAfter?: number } }> {
-  const c = await within(connected(gw.tcpUrl), 'a TCP handshake');
+  const c = await within(connected(gw.tcpUrl), 'a TCP handshake').catch((e) => {
+    // Say why: a gateway that died has its last log lines.
+    throw new Error(
+      `${e.message}; gateway exit code ${gw.proc.exitCode}, last lines ${JSON.stringify(gw.logs.slice(-3))}`,
+    );
+  });
   try {
     const t0 = Date.now();
     try {
