@@ -7,9 +7,9 @@
 import { type Job, Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Connection } from '../connection.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
-import { logFailure } from '../faults.ts';
 import type { Logger } from '../log.ts';
 
 export interface PresenceRecord {
