@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { freePort } from './own-redis.ts';
 
-const BIN = '/usr/local/bin';
+/** `initdb` and `postgres` from PG_BIN if set, else from PATH. */
+const bin = (name: string) => (process.env.PG_BIN ? join(process.env.PG_BIN, name) : name);
 
 export interface OwnPostgres {
   port: number;
@@ -64,7 +65,7 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
   const data = join(dir, 'data');
   const as = runAs();
   if (as.uid !== undefined) chownSync(dir, as.uid, as.gid!);
-  execFileSync(`${BIN}/initdb`, ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8'], {
+  execFileSync(bin('initdb'), ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8'], {
     stdio: 'ignore',
     ...as,
     env: { ...process.env, HOME: dir },
@@ -108,7 +109,7 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
         '-c',
         'fsync=off',
       ];
-      const p = spawn(`${BIN}/postgres`, args, { stdio: 'ignore', ...as });
+      const p = spawn(bin('postgres'), args, { stdio: 'ignore', ...as });
       proc = p;
       exited = new Promise((resolve) => p.once('exit', () => resolve()));
       await waitReady('postgres');
