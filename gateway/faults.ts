@@ -139,12 +139,6 @@ export class DependencyMonitor {
     if (this.timer) clearInterval(this.timer);
   }
 
-  /** Dependencies down now, with how long (for /healthz). */
-  status(): Record<string, { downMs: number }> {
-    const now = Date.now();
-    return Object.fromEntries([...this.downSince].map(([d, since]) => [d, { downMs: now - since }]));
-  }
-
   private probe(d: Dependency): void {
     if (this.probing.has(d)) return;
     this.probing.add(d);
