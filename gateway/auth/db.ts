@@ -45,8 +45,40 @@ export function createDb(o: DbOptions): Db {
   // while checked out (server shut down, backend terminated) would then emit an unhandled
   // 'error' and end the process. Its queries fail on their own (that is how callers learn of
   // it), and a client released with the error is discarded.
-  pool.on('connect', (client) => client.on('error', () => {}));
+  pool.on('connect', (client) => {
+    client.on('error', () => {});
+    discardAfterTimeout(client);
+  });
   return { pool, driver: native ? 'native' : 'js' };
+}
+
+const QUERY_TIMEOUT = 'Query read timeout';
+
+/**
+ * A query that hit `query_timeout` is still running on its connection: with pg-native the
+ * next query on that client fails with "another command is already in progress", and whoever
+ * releases it without the error (a transaction's `finally`) would hand it to the next request.
+ * Marking it unqueryable makes pg-pool discard it on release (pg-pool checks `_queryable`).
+ */
+function discardAfterTimeout(client: pg.PoolClient): void {
+  const c = client as pg.PoolClient & { _queryable: boolean };
+  const mark = (e: unknown) => {
+    if ((e as Error | undefined)?.message === QUERY_TIMEOUT) c._queryable = false;
+  };
+  const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+  (c as { query: unknown }).query = (...args: unknown[]) => {
+    const last = args[args.length - 1];
+    if (typeof last === 'function') {
+      args[args.length - 1] = (e: unknown, r: unknown) => {
+        mark(e);
+        (last as (e: unknown, r: unknown) => void)(e, r);
+      };
+      return query(...args);
+    }
+    const r = query(...args);
+    if (r instanceof Promise) r.catch(mark);
+    return r;
+  };
 }
 
 /** A pg error's SQLSTATE and constraint, for mapping at the store's edge. */

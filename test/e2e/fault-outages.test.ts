@@ -158,7 +158,9 @@ async function outage(
     );
     assert.equal(lines.length, 1, `one "dependency down" line per outage, got ${lines.length}`);
     assert.deepEqual(
-      loud.filter((l) => !isDown(dependency)(l)).map((l) => l.msg),
+      loud
+        .filter((l) => !isDown(dependency)(l))
+        .map((l) => `${l.msg}: ${(l.err as { message?: string } | undefined)?.message ?? l.err}`),
       [],
       'no other warning or error in the outage',
     );

@@ -50,3 +50,30 @@ test('a checked-out client whose backend is terminated fails its next query, not
     await db.pool.end();
   }
 });
+
+test('a client whose query timed out is not handed out again, even when released without the error', async () => {
+  const db = createDb({
+    url: DATABASE_URL,
+    schema: 'public',
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 3000,
+    queryTimeoutMs: 200,
+    max: 1,
+  });
+  try {
+    const client = await db.pool.connect();
+    let timedOut: unknown;
+    try {
+      await client.query('SELECT pg_sleep(1)');
+    } catch (e) {
+      timedOut = e;
+    }
+    assert.equal((timedOut as Error | undefined)?.message, 'Query read timeout');
+    // As a transaction's `finally` does: released without the error.
+    client.release();
+    const r = await db.pool.query('SELECT 1 AS one');
+    assert.equal(r.rows[0].one, 1, `driver ${db.driver}`);
+  } finally {
+    await db.pool.end();
+  }
+});
