@@ -12,6 +12,7 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
+import { DependencyMonitor, logFailure } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
@@ -44,16 +45,35 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     'server identity',
   );
 
-  const redis = new Redis(config.redisUrl, { enableAutoPipelining: true, lazyConnect: true });
-  const sub = new Redis(config.redisUrl, { lazyConnect: true });
-  const bull = new Redis(config.redisUrl, { maxRetriesPerRequest: null, lazyConnect: true });
-  for (const r of [redis, sub, bull])
-    r.on('error', (e) => log.warn({ err: e.message }, 'redis connection error'));
-  await Promise.all([redis.connect(), sub.connect(), bull.connect()]);
+  // Every Redis call a request waits on is bounded (docs/ARCHITECTURE.md, "Faults"): a connect
+  // and a command take at most GW_REDIS_TIMEOUT_MS, and with the offline queue off a command
+  // sent while disconnected fails at once; the request then answers `overloaded`. BullMQ
+  // workers block on their own connection (`maxRetriesPerRequest: null`, as BullMQ requires);
+  // the queues the request paths add jobs to use `producer`, bounded like the others
+  // (BullMQ's "failing fast when Redis is down").
+  const t = config.redisTimeoutMs;
+  const bounded = {
+    connectTimeout: t,
+    commandTimeout: t,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+  };
+  const redis = new Redis(config.redisUrl, { ...bounded, enableAutoPipelining: true, lazyConnect: true });
+  const sub = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
+  const producer = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
+  const bull = new Redis(config.redisUrl, {
+    connectTimeout: t,
+    maxRetriesPerRequest: null,
+    lazyConnect: true,
+  });
+  // Reconnect attempts of an outage: the dependency monitor logs the outage once.
+  for (const r of [redis, sub, producer, bull])
+    r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
+  await Promise.all([redis.connect(), sub.connect(), producer.connect(), bull.connect()]);
 
   const keys = new Keys(config.redisPrefix);
-  const bus = new Bus(sub);
-  const backendEvents = new BackendEvents(bull, keys.bullPrefix);
+  const bus = new Bus(sub, log);
+  const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
 
   const identity = await createAuthModule(config, log, { redis, bus, keys, backend: backendEvents });
@@ -67,6 +87,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     gateway,
     redis,
     bullConnection: bull,
+    queueConnection: producer,
     bus,
     keys,
     outbox,
@@ -120,6 +141,20 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     defaultRoom: config.defaultRoom,
   });
 
+  // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
+  // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
+  for (const [name, r] of [
+    ['redis', redis],
+    ['subscriber', sub],
+  ] as const) {
+    // Connected above: every 'ready' from here on is a reconnect.
+    r.on('ready', () => {
+      delivery.resyncAll(`${name}_reconnect`);
+      presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
+      rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
+    });
+  }
+
   // A session that ends takes its undelivered events with it, each reported delivery.failed;
   // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
   identity.service.onSessionEnded((sid, reason, successor) => {
@@ -127,7 +162,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     const done = successor
       ? outbox.move(sid, successor).then((moved) => (moved < 0 ? purge() : moved))
       : purge();
-    done.catch((e) => log.error({ err: e }, 'could not purge or move an outbox'));
+    done.catch((e) => logFailure(log, e, {}, 'could not purge or move an outbox'));
   });
   await identity.start(gateway);
   await delivery.start();
@@ -142,14 +177,21 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   });
   messaging.start();
   mountEventsApi(gateway.app, delivery, config.apiKey, log);
+  const monitor = new DependencyMonitor(
+    log,
+    { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
+    { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
+  );
+  monitor.start();
 
   gateway.onClose(async () => {
+    monitor.stop();
     messaging.close();
     await presence.close();
     await delivery.close();
     await identity.close();
     await backendEvents.close();
-    await Promise.allSettled([redis.quit(), sub.quit(), bull.quit()]);
+    await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);
   });
 
   const ports = await gateway.start();

@@ -1,18 +1,27 @@
 /**
  * One Redis subscriber connection per node, shared by every service: routes pub/sub messages
- * by channel to the handler that subscribed to it.
+ * by channel to the handler that subscribed to it. A handler that throws is logged: ioredis
+ * rethrows a listener's exception as an uncaught one, which would end the process.
  */
 import type { Redis } from 'ioredis';
+import type { Logger } from './log.ts';
 
 export type BusHandler = (message: Buffer, channel: string) => void;
 
 export class Bus {
   private readonly handlers = new Map<string, BusHandler>();
 
-  constructor(private readonly sub: Redis) {
+  constructor(
+    private readonly sub: Redis,
+    log: Logger,
+  ) {
     sub.on('messageBuffer', (channel: Buffer, message: Buffer) => {
       const name = channel.toString();
-      this.handlers.get(name)?.(message, name);
+      try {
+        this.handlers.get(name)?.(message, name);
+      } catch (e) {
+        log.error({ err: e, channel: name }, 'bus handler failed');
+      }
     });
   }
 

@@ -240,6 +240,24 @@ const SETTINGS = {
     'PostgreSQL statement_timeout of every connection.',
     int(100).default(5000),
   ),
+  redisTimeoutMs: setting(
+    'GW_REDIS_TIMEOUT_MS',
+    '3000',
+    "Bound of a Redis connect and of every Redis command but BullMQ workers' blocking ones; a request that meets it answers `overloaded`.",
+    int(100).default(3000),
+  ),
+  dbConnectTimeoutMs: setting(
+    'GW_DB_CONNECT_TIMEOUT_MS',
+    '3000',
+    'Bound of opening a PostgreSQL connection or waiting for a free one in the pool.',
+    int(100).default(3000),
+  ),
+  dbQueryTimeoutMs: setting(
+    'GW_DB_QUERY_TIMEOUT_MS',
+    '5000',
+    'Client-side bound of a PostgreSQL query (holds when the server does not answer at all).',
+    int(100).default(5000),
+  ),
   migrateOnStart: setting(
     'GW_MIGRATE_ON_START',
     'true',

@@ -12,7 +12,6 @@ import {
   Channel,
   type CryptoBackend,
   type Ed25519Identity,
-  isProtocolError,
   isRequestType,
   type KickCode,
   PRE_AUTH_TYPES,
@@ -23,6 +22,7 @@ import {
   unpack,
   unpackMessage,
 } from '../protocol/index.ts';
+import { wireError } from './faults.ts';
 import type { Logger } from './log.ts';
 
 /** What a connection needs from its transport: accept, forward bytes, write, pause, close. */
@@ -485,9 +485,9 @@ export class Connection {
 
   /** Sends the error (if the connection can still talk) and closes when it is fatal. */
   private fail(e: unknown, id: number | undefined): void {
-    let err: ProtocolError;
-    if (isProtocolError(e)) err = e;
-    else {
+    // A dependency fault is `overloaded` with retryAfter (faults.ts), logged once per outage.
+    let err = wireError(e);
+    if (!err) {
       this.host.log.error({ err: e, conn: this.id }, 'request failed');
       err = new ProtocolError('internal');
     }

@@ -21,6 +21,7 @@ import {
   type SessionInfo,
   type TransportSocket,
 } from './connection.ts';
+import { logFailure } from './faults.ts';
 import { RouteTable } from './http/routes.ts';
 import type { Logger } from './log.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
@@ -39,6 +40,9 @@ export interface ListeningPorts {
   httpPort: number;
   metricsPort: number;
 }
+
+/** A hook on a connection's life; a returned promise's rejection is logged (`runHooks`). */
+export type ConnectionHook = (conn: Connection) => void | Promise<void>;
 
 /** A connection that started closing is destroyed if its socket lingers this long. */
 const CLOSE_GRACE_MS = 2000;
@@ -65,9 +69,9 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private readonly handlers = new Map<string, RegisteredHandler>();
   private readonly perIp = new Map<string, number>();
   private readonly closeHooks: (() => Promise<void> | void)[] = [];
-  private readonly closedHooks: ((conn: Connection) => void)[] = [];
-  private readonly boundHooks: ((conn: Connection) => void)[] = [];
-  private readonly unboundHooks: ((conn: Connection) => void)[] = [];
+  private readonly closedHooks: ConnectionHook[] = [];
+  private readonly boundHooks: ConnectionHook[] = [];
+  private readonly unboundHooks: ConnectionHook[] = [];
   private readonly sweepHooks: ((nowMs: number) => void)[] = [];
   /** Set by the delivery service: qos-1 acks from devices. */
   onAck?: (conn: Connection, eids: string[]) => void;
@@ -122,17 +126,17 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     return this.handlers.get(type);
   }
 
-  onConnectionClosed(hook: (conn: Connection) => void): void {
+  onConnectionClosed(hook: ConnectionHook): void {
     this.closedHooks.push(hook);
   }
 
   /** Runs when a connection becomes authenticated as a session. */
-  onSessionBound(hook: (conn: Connection) => void): void {
+  onSessionBound(hook: ConnectionHook): void {
     this.boundHooks.push(hook);
   }
 
   /** Runs when a connection stops being its session's (logout, rebind, close); `conn.session` is still set. */
-  onSessionUnbound(hook: (conn: Connection) => void): void {
+  onSessionUnbound(hook: ConnectionHook): void {
     this.unboundHooks.push(hook);
   }
 
@@ -155,7 +159,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     let set = this.bySession.get(session.sessionId);
     if (!set) this.bySession.set(session.sessionId, (set = new Set()));
     set.add(conn);
-    for (const hook of this.boundHooks) hook(conn);
+    this.runHooks(this.boundHooks, conn, 'bound');
   }
 
   /** The connection is no longer authenticated as its session. */
@@ -165,7 +169,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     const set = this.bySession.get(sid);
     set?.delete(conn);
     if (set?.size === 0) this.bySession.delete(sid);
-    for (const hook of this.unboundHooks) hook(conn);
+    this.runHooks(this.unboundHooks, conn, 'unbound');
     conn.session = undefined;
   }
 
@@ -202,7 +206,31 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     if (n <= 0) this.perIp.delete(ip);
     else this.perIp.set(ip, n);
     this.unbindSession(conn);
-    for (const hook of this.closedHooks) hook(conn);
+    this.runHooks(this.closedHooks, conn, 'closed');
+  }
+
+  /**
+   * Runs connection hooks; a hook that throws or whose promise rejects (a Redis error, say) is
+   * logged and never ends the process or stops the hooks after it.
+   */
+  private runHooks(hooks: ConnectionHook[], conn: Connection, hook: string): void {
+    for (const h of hooks) {
+      try {
+        const r = h(conn);
+        if (r) r.catch((e) => this.hookFailed(e, hook, conn));
+      } catch (e) {
+        this.hookFailed(e, hook, conn);
+      }
+    }
+  }
+
+  private hookFailed(e: unknown, hook: string, conn: Connection): void {
+    logFailure(
+      this.log,
+      e,
+      { hook, conn: conn.id, sessionId: conn.session?.sessionId },
+      'session hook failed',
+    );
   }
 
   // ---- lifecycle ---------------------------------------------------------------------------
@@ -291,7 +319,13 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
           break;
       }
     }
-    for (const hook of this.sweepHooks) hook(now);
+    for (const hook of this.sweepHooks) {
+      try {
+        hook(now);
+      } catch (e) {
+        logFailure(this.log, e, {}, 'sweep hook failed');
+      }
+    }
   }
 
   /**

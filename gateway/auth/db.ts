@@ -1,7 +1,8 @@
 /**
  * PostgreSQL access: one pool, on the native libpq driver (pg-native) when it loads, else the
  * pure-JS driver. Every connection gets the configured schema as its search_path and a
- * statement timeout. Parameterised queries only.
+ * statement timeout; connecting and every query are also bounded on the client side, so a
+ * server that stops answering fails a request instead of holding it. Parameterised queries only.
  */
 import pg from 'pg';
 
@@ -10,6 +11,10 @@ export interface DbOptions {
   /** Schema for this node's tables (tests use one each). */
   schema: string;
   statementTimeoutMs: number;
+  /** Opening a connection, or waiting for a free one (pg-pool), and libpq's connect_timeout. */
+  connectTimeoutMs: number;
+  /** Client-side bound of a query: holds when the server never answers (frozen, cut off). */
+  queryTimeoutMs: number;
   max: number;
 }
 
@@ -30,9 +35,50 @@ export function createDb(o: DbOptions): Db {
   const pool = new Pool({
     connectionString: o.url,
     max: o.max,
+    // Both drivers honour these: pg-native reads query_timeout in its query() and turns
+    // connectionTimeoutMillis into libpq's connect_timeout; pg-pool bounds the wait for a client.
+    connectionTimeoutMillis: o.connectTimeoutMs,
+    query_timeout: o.queryTimeoutMs,
     options: `-c search_path=${o.schema} -c statement_timeout=${o.statementTimeoutMs}`,
   });
+  // pg-pool removes its error listener from a client it hands out; a connection that breaks
+  // while checked out (server shut down, backend terminated) would then emit an unhandled
+  // 'error' and end the process. Its queries fail on their own (that is how callers learn of
+  // it), and a client released with the error is discarded.
+  pool.on('connect', (client) => {
+    client.on('error', () => {});
+    discardAfterTimeout(client);
+  });
   return { pool, driver: native ? 'native' : 'js' };
+}
+
+const QUERY_TIMEOUT = 'Query read timeout';
+
+/**
+ * A query that hit `query_timeout` is still running on its connection: with pg-native the
+ * next query on that client fails with "another command is already in progress", and whoever
+ * releases it without the error (a transaction's `finally`) would hand it to the next request.
+ * Marking it unqueryable makes pg-pool discard it on release (pg-pool checks `_queryable`).
+ */
+function discardAfterTimeout(client: pg.PoolClient): void {
+  const c = client as pg.PoolClient & { _queryable: boolean };
+  const mark = (e: unknown) => {
+    if ((e as Error | undefined)?.message === QUERY_TIMEOUT) c._queryable = false;
+  };
+  const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+  (c as { query: unknown }).query = (...args: unknown[]) => {
+    const last = args[args.length - 1];
+    if (typeof last === 'function') {
+      args[args.length - 1] = (e: unknown, r: unknown) => {
+        mark(e);
+        (last as (e: unknown, r: unknown) => void)(e, r);
+      };
+      return query(...args);
+    }
+    const r = query(...args);
+    if (r instanceof Promise) r.catch(mark);
+    return r;
+  };
 }
 
 /** A pg error's SQLSTATE and constraint, for mapping at the store's edge. */

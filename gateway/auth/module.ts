@@ -35,6 +35,8 @@ interface KickNotice {
 export interface AuthModule extends IdentityModule {
   service: IdentityService;
   relay: OutboxRelay;
+  /** For the dependency monitor's probe. */
+  pool: import('pg').Pool;
 }
 
 export async function createAuthModule(
@@ -46,9 +48,12 @@ export async function createAuthModule(
     url: config.databaseUrl,
     schema: config.dbSchema,
     statementTimeoutMs: config.dbStatementTimeoutMs,
+    connectTimeoutMs: config.dbConnectTimeoutMs,
+    queryTimeoutMs: config.dbQueryTimeoutMs,
     max: config.dbPoolMax,
   });
-  db.pool.on('error', (e) => log.warn({ err: e.message }, 'postgres pool error'));
+  // An idle client's error is an outage symptom: faults.ts's monitor reports the outage once.
+  db.pool.on('error', (e) => log.debug({ err: e.message }, 'postgres pool error'));
   log.info({ driver: db.driver }, 'postgres driver');
   if (config.migrateOnStart) {
     const applied = await migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' });
@@ -142,6 +147,7 @@ export async function createAuthModule(
   return {
     service,
     relay,
+    pool: db.pool,
     directory,
     async start(gateway: Gateway) {
       hasher.registerMetrics(gateway.metrics);

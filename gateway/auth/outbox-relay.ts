@@ -8,6 +8,7 @@
  */
 import type pg from 'pg';
 import type { BackendEvents } from '../backend-events.ts';
+import { logFailure } from '../faults.ts';
 import type { Logger } from '../log.ts';
 
 export class OutboxRelay {
@@ -39,7 +40,7 @@ export class OutboxRelay {
       return;
     }
     this.running = this.drain()
-      .catch((e) => this.deps.log.error({ err: e }, 'outbox relay pass failed'))
+      .catch((e) => logFailure(this.deps.log, e, {}, 'outbox relay pass failed'))
       .finally(() => {
         this.running = undefined;
         if (this.again) {

@@ -43,6 +43,8 @@ export interface AckPumpResult {
   receipts: StoredEvent[];
   send: ToSend[];
   expired: StoredEvent[];
+  /** Redis lost writes this connection saw: `send` starts from the outbox's beginning. */
+  resynced: boolean;
 }
 
 export interface TakenEvent {
@@ -106,7 +108,7 @@ function parsePump(reply: Reply): AckPumpResult {
   }
   const expired: StoredEvent[] = [];
   for (let i = 1; i < expiredRaw.length; i += 2) expired.push(decode(expiredRaw[i]));
-  return { acked: reply[0] as number, receipts, send, expired };
+  return { acked: reply[0] as number, receipts, send, expired, resynced: reply[4] === 1 };
 }
 
 export class Outbox {
@@ -189,7 +191,7 @@ export class Outbox {
       const keys: string[] = [];
       const args: (string | number)[] = [nowMs];
       for (const r of requests.slice(i, i + MAX_PUMP_BATCH)) {
-        keys.push(...this.keys.outbox(r.sid).slice(0, 6));
+        keys.push(...this.keys.outbox(r.sid).slice(0, 6), this.keys.sentMark(r.sid));
         args.push(r.afterSeq, r.slots, r.acks.length, ...r.acks);
       }
       calls.push(this.redis.gwAckPumpBuffer(keys.length, ...keys, ...args));

@@ -17,6 +17,7 @@ import { isProtocolError, unpack } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -54,6 +55,8 @@ interface Inflight {
 /** Delivery state of the one live connection of a session on this node. */
 class SessionPump {
   lastSeq = 0;
+  /** Pump from the start of the outbox on the next run (Redis may have lost writes). */
+  resync = false;
   readonly inflight = new Map<string, Inflight>();
   acks: string[] = [];
   scheduled = false;
@@ -86,7 +89,9 @@ export class DeliveryService {
     deadLettered: Counter;
     expired: Counter;
     overflow: Counter;
+    resyncs: Counter;
   };
+  private resyncTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly deps: {
@@ -94,6 +99,8 @@ export class DeliveryService {
       redis: Redis;
       /** A connection BullMQ workers may block on (maxRetriesPerRequest: null). */
       bullConnection: Redis;
+      /** For adding jobs, bounded like every request-path call (default: bullConnection). */
+      queueConnection?: Redis;
       bus: Bus;
       keys: Keys;
       outbox: Outbox;
@@ -105,7 +112,7 @@ export class DeliveryService {
     },
   ) {
     const prefix = deps.keys.bullPrefix;
-    const connection = deps.bullConnection;
+    const connection = deps.queueConnection ?? deps.bullConnection;
     this.retryQueue = new Queue(QueueName.retry, {
       connection,
       prefix,
@@ -124,6 +131,11 @@ export class DeliveryService {
       deadLettered: counter('dead_lettered', 'Events moved to the dead-letter queue.'),
       expired: counter('expired', 'Events dropped at their ttl.'),
       overflow: counter('outbox_overflow', 'Publishes that met a full outbox.', ['policy']),
+      resyncs: counter(
+        'outbox_resyncs',
+        'Sessions pumped from the start of their outbox because Redis may have lost writes.',
+        ['cause'],
+      ),
     };
   }
 
@@ -146,11 +158,12 @@ export class DeliveryService {
       concurrency: 50,
     });
     for (const w of [this.retryWorker, this.publishWorker]) {
-      w.on('error', (e) => this.deps.log.error({ err: e, queue: w.name }, 'queue worker error'));
+      w.on('error', (e) => logFailure(this.deps.log, e, { queue: w.name }, 'queue worker error'));
     }
   }
 
   async close(): Promise<void> {
+    if (this.resyncTimer) clearTimeout(this.resyncTimer);
     await Promise.allSettled([this.retryWorker?.close(), this.publishWorker?.close()]);
     await Promise.allSettled([this.retryQueue.close(), this.deadLetters.close(), this.publishQueue.close()]);
   }
@@ -218,13 +231,60 @@ export class DeliveryService {
 
   // ---- sessions on this node ----------------------------------------------------------------
 
-  private async bind(conn: Connection): Promise<void> {
+  private bind(conn: Connection): void {
     const sid = conn.session!.sessionId;
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
+    this.claim(pump);
+  }
+
+  /**
+   * Marks the session as held by this node (`P{s:<sid>}:node`: publishes notify us, retries
+   * find us) and pumps its outbox from the start. Pumping does not wait for the key: the
+   * outbox is there either way. A failed SET is logged and tried again while the pump lives.
+   */
+  private claim(pump: SessionPump): void {
     const { redis, keys, gateway, options } = this.deps;
-    await redis.set(keys.sessionNode(sid), gateway.nodeId, 'EX', options.sessionTtlSeconds);
-    if (this.pumps.get(sid) === pump) this.schedule(pump);
+    redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).then(
+      () => {
+        if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
+      },
+      (e) => {
+        if (this.pumps.get(pump.sid) !== pump) return;
+        logFailure(this.deps.log, e, { sessionId: pump.sid }, 'could not set the session node key; retrying');
+        this.schedule(pump);
+        setTimeout(() => {
+          if (this.pumps.get(pump.sid) === pump) this.claim(pump);
+        }, 1000).unref();
+      },
+    );
+  }
+
+  /** The node key may be lost with the rest: set it again (the pump is already running). */
+  private reclaim(pump: SessionPump): void {
+    const { redis, keys, gateway, options } = this.deps;
+    redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).catch((e) => {
+      logFailure(this.deps.log, e, { sessionId: pump.sid }, 'could not set the session node key');
+    });
+  }
+
+  /**
+   * Redis came back from a disconnect, and may have come back older (a restart from an AOF a
+   * second behind, a failover to a lagging replica): every session of this node sets its node
+   * key again and is pumped from the start of its outbox. Calls within 100 ms are one resync.
+   */
+  resyncAll(cause: string): void {
+    if (this.resyncTimer) return;
+    this.resyncTimer = setTimeout(() => {
+      this.resyncTimer = undefined;
+      this.deps.log.info({ sessions: this.pumps.size, cause }, 'resyncing outboxes with Redis');
+      for (const pump of this.pumps.values()) {
+        pump.resync = true;
+        this.metrics.resyncs.labels(cause).inc();
+        this.claim(pump);
+      }
+    }, 100);
+    this.resyncTimer.unref();
   }
 
   private unbind(conn: Connection): void {
@@ -235,7 +295,7 @@ export class DeliveryService {
     this.pumps.delete(sid);
     const { redis, keys, gateway } = this.deps;
     redis.eval(RELEASE_NODE, 1, keys.sessionNode(sid), gateway.nodeId).catch((e) => {
-      this.deps.log.warn({ err: e }, 'could not release session node key');
+      logFailure(this.deps.log, e, {}, 'could not release session node key');
     });
   }
 
@@ -274,6 +334,11 @@ export class DeliveryService {
         pump.again = true;
         continue;
       }
+      if (pump.resync) {
+        pump.resync = false;
+        pump.lastSeq = 0;
+        pump.inflight.clear();
+      }
       const slots = this.deps.options.maxInflight - pump.inflight.size;
       const acks = pump.acks;
       if (acks.length === 0 && slots <= 0) continue;
@@ -296,7 +361,7 @@ export class DeliveryService {
         });
       },
       (e) => {
-        this.deps.log.error({ err: e, sessions: pumps.length }, 'outbox pump failed; retrying');
+        logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
         pumps.forEach((pump, i) => {
           pump.running = false;
           pump.acks = requests[i].acks.concat(pump.acks);
@@ -312,6 +377,17 @@ export class DeliveryService {
     this.metrics.acked.inc(r.acked);
     if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    if (r.resynced) {
+      // The outbox is taken from its start again: what was in flight is in `send` if still due.
+      this.metrics.resyncs.labels('sequence').inc();
+      this.deps.log.debug(
+        { sessionId: pump.sid, lastSeq: pump.lastSeq },
+        'outbox behind this connection: resynced',
+      );
+      pump.inflight.clear();
+      pump.lastSeq = 0;
+      if (live) this.reclaim(pump);
+    }
     const now = Date.now();
     for (const s of r.send) {
       pump.lastSeq = s.seq;
@@ -427,13 +503,25 @@ export class DeliveryService {
 
   private deadLetter(pump: SessionPump, eid: string, attempts: number): void {
     pump.inflight.delete(eid);
-    this.deps.outbox.take(pump.sid, [eid]).then(
-      async (taken) => {
-        for (const t of taken) await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
-        this.schedule(pump);
-      },
-      (e) => this.deps.log.error({ err: e, sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
+    // A failed take leaves the event in the outbox: the next resync sends it again.
+    this.takeToDeadLetters(pump, eid).catch((e) =>
+      logFailure(this.deps.log, e, { sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
     );
+  }
+
+  private async takeToDeadLetters(pump: SessionPump, eid: string): Promise<void> {
+    for (const t of await this.deps.outbox.take(pump.sid, [eid])) {
+      try {
+        await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
+      } catch (e) {
+        // Taken but not queued: the event itself goes to the log, so it is not lost silently.
+        this.deps.log.error(
+          { err: e, sessionId: pump.sid, event: t.event, attempts: t.attempts },
+          'dead-lettering failed',
+        );
+      }
+    }
+    this.schedule(pump);
   }
 
   /** Moves an event to the dead-letter queue and reports `delivery.failed`. */

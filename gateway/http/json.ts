@@ -3,7 +3,8 @@
  * stable error codes (PROTOCOL.md §7) to HTTP statuses. Errors are `{error: {code, message}}`.
  */
 import type uWS from 'uWebSockets.js';
-import { type ErrorCode, isProtocolError, ProtocolError } from '../../protocol/index.ts';
+import { type ErrorCode, ProtocolError } from '../../protocol/index.ts';
+import { wireError } from '../faults.ts';
 import type { Logger } from '../log.ts';
 
 const STATUS: Partial<Record<ErrorCode, string>> = {
@@ -95,9 +96,9 @@ export class Exchange {
   }
 
   error(e: unknown, log: Logger): void {
-    let err: ProtocolError;
-    if (isProtocolError(e)) err = e;
-    else {
+    // A dependency fault is 503 with Retry-After (faults.ts), logged once per outage.
+    let err = wireError(e);
+    if (!err) {
       log.error({ err: e }, 'http request failed');
       err = new ProtocolError('internal');
     }

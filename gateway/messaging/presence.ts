@@ -8,6 +8,7 @@
 import { type Job, Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Connection } from '../connection.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -67,15 +68,15 @@ export class Presence {
     this.targets = targets;
     const { gateway, keys, options } = this.deps;
     gateway.onSessionBound((conn) => {
-      this.online(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+      this.online(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     gateway.onConnectionClosed((conn) => {
       if (conn.session)
-        this.offline(conn).catch((e) => this.deps.log.error({ err: e }, 'presence update failed'));
+        this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     await this.beat();
     this.beatTimer = setInterval(
-      () => this.beat().catch((e) => this.deps.log.warn({ err: e }, 'presence beat failed')),
+      () => this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed')),
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
     await this.queue.upsertJobScheduler('sweep', { every: options.sweepIntervalMs }, { name: 'sweep' });
@@ -83,7 +84,7 @@ export class Presence {
       connection: this.deps.bullConnection,
       prefix: keys.bullPrefix,
     });
-    this.worker.on('error', (e) => this.deps.log.error({ err: e }, 'maintenance worker error'));
+    this.worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
   }
 
   /** Stops beating and removes this node's sessions (graceful shutdown). */
@@ -97,6 +98,12 @@ export class Presence {
 
   private beat(): Promise<number> {
     return this.deps.redis.zadd(this.deps.keys.nodes, Date.now(), this.deps.gateway.nodeId);
+  }
+
+  /** Writes this node's sessions again (Redis came back and may have lost them). */
+  async restore(): Promise<void> {
+    await this.beat();
+    for (const conn of this.deps.gateway.connections) if (conn.session) await this.online(conn);
   }
 
   private async online(conn: Connection): Promise<void> {

@@ -153,6 +153,30 @@ export class Rooms {
     return members;
   }
 
+  /**
+   * Writes this node's members of each room again, as counts of their local connections
+   * (Redis came back and may have lost them); `join` and `leave` keep them from there.
+   */
+  async restore(): Promise<void> {
+    const { redis, keys } = this.deps;
+    for (const [room, conns] of this.local) {
+      const counts = new Map<string, number>();
+      for (const c of conns) {
+        const sid = c.session?.sessionId;
+        if (sid) counts.set(sid, (counts.get(sid) ?? 0) + 1);
+      }
+      if (counts.size === 0) continue;
+      const m = redis.multi();
+      for (const [sid, n] of counts) {
+        m.zadd(keys.roomMembers(room), n, sid);
+        m.sadd(keys.sessionRooms(sid), room);
+      }
+      m.zcard(keys.roomMembers(room));
+      const res = await m.exec();
+      await redis.zadd(keys.rooms, res![res!.length - 1][1] as number, room);
+    }
+  }
+
   /** Leaves every room of a connection that closed. */
   async leaveAll(conn: Connection): Promise<void> {
     const mine = conn.attachments.get(ROOMS_KEY) as Set<string> | undefined;

@@ -11,6 +11,7 @@ import type { BackendEvents } from '../backend-events.ts';
 import type { Connection, Turn } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -76,12 +77,12 @@ export class Messaging {
     gateway.onSessionBound((conn) => {
       if (!this.deps.defaultRoom) return;
       rooms.join(conn, this.deps.defaultRoom).catch((e) => {
-        this.deps.log.error({ err: e }, 'could not join the default room');
+        logFailure(this.deps.log, e, {}, 'could not join the default room');
       });
     });
     gateway.onSessionUnbound((conn) => {
       this.flushUsageOf(conn);
-      rooms.leaveAll(conn).catch((e) => this.deps.log.error({ err: e }, 'could not leave rooms'));
+      rooms.leaveAll(conn).catch((e) => logFailure(this.deps.log, e, {}, 'could not leave rooms'));
     });
     this.usageTimer = setInterval(() => this.flushUsage(), USAGE_FLUSH_MS);
     this.usageTimer.unref();
@@ -184,6 +185,6 @@ export class Messaging {
     if (bytesIn) m.hincrby(key, 'bytes_in', bytesIn);
     if (bytesOut) m.hincrby(key, 'bytes_out', bytesOut);
     m.hset(key, 'last_seen', Date.now());
-    m.exec().catch((e) => this.deps.log.warn({ err: e }, 'usage counters not written'));
+    m.exec().catch((e) => logFailure(this.deps.log, e, {}, 'usage counters not written'));
   }
 }

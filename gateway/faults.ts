@@ -1,0 +1,175 @@
+/**
+ * Dependency faults, in one place (docs/ARCHITECTURE.md, "Faults").
+ *
+ * - Which errors mean "Redis or PostgreSQL is unavailable or too slow": a refused or cut
+ *   connection, a client-side timeout (every Redis command and PostgreSQL query is bounded, see
+ *   app.ts and auth/db.ts), a server that is loading, read-only or shutting down. The wire
+ *   answers those `overloaded` with `retryAfter` (HTTP 503 + Retry-After), not `internal`:
+ *   the request may succeed later, the client should retry (PROTOCOL.md §8).
+ * - `DependencyMonitor` probes each dependency while the node runs and logs one line when it
+ *   goes down and one when it is back, so an outage is one line per dependency, not a stack
+ *   trace per failed request.
+ *
+ * The drivers report these faults by message text or SQLSTATE; the patterns are kept here so
+ * that a driver upgrade that rewords one is fixed in one file.
+ */
+import { isProtocolError, ProtocolError } from '../protocol/index.ts';
+import type { Logger } from './log.ts';
+
+export type Dependency = 'redis' | 'postgres';
+
+/** `retryAfter` of an `overloaded` answer: 2-3 s, spread so clients do not return together. */
+const RETRY_AFTER_MS = 2000;
+const RETRY_JITTER_MS = 1000;
+
+/** Socket errors of a dependency that is down or unreachable. */
+const NETWORK_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ETIMEDOUT',
+  'EPIPE',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'EAI_AGAIN',
+]);
+
+/**
+ * SQLSTATEs of an unavailable or overloaded PostgreSQL: class 08 (connection exception),
+ * class 53 (insufficient resources), 57014 (statement_timeout), 57P01-57P03 (shutdown, crash,
+ * cannot connect now).
+ */
+const PG_STATE = /^(08|53)|^57014$|^57P0[123]$/;
+
+/**
+ * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries
+ * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM)
+ * and pg / pg-pool / libpq (pool wait or connect timeout, query read timeout, lost connection).
+ */
+const MESSAGES = [
+  /^Stream isn't writeable/,
+  /^Command timed out/,
+  /^Connection is closed/,
+  /max retries per request/i,
+  /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM)\b/,
+  /^timeout exceeded when trying to connect/,
+  /^Connection terminated/,
+  /^Query read timeout/,
+  /not queryable/,
+  /could not connect to server|connection to server .* failed|server closed the connection unexpectedly/,
+  /no connection to the server|timeout expired|terminating connection due to administrator command/,
+];
+
+/** True when `e` says a dependency is unavailable or too slow (not a bug, not a bad request). */
+export function isDependencyFault(e: unknown, depth = 0): boolean {
+  if (!e || typeof e !== 'object' || depth > 3) return false;
+  const err = e as {
+    code?: unknown;
+    sqlState?: unknown;
+    message?: unknown;
+    cause?: unknown;
+    errors?: unknown;
+  };
+  const code = typeof err.code === 'string' ? err.code : undefined;
+  if (code && NETWORK_CODES.has(code)) return true;
+  const state = typeof err.sqlState === 'string' ? err.sqlState : code;
+  if (state && /^[0-9A-Z]{5}$/.test(state) && PG_STATE.test(state)) return true;
+  if (typeof err.message === 'string' && MESSAGES.some((m) => m.test(err.message as string))) return true;
+  if (Array.isArray(err.errors) && err.errors.some((x) => isDependencyFault(x, depth + 1))) return true;
+  return isDependencyFault(err.cause, depth + 1);
+}
+
+/** The `overloaded` answer to a request that met a dependency fault. */
+export function dependencyUnavailable(): ProtocolError {
+  return new ProtocolError('overloaded', 'a dependency is unavailable; retry later', {
+    retryAfter: RETRY_AFTER_MS + Math.floor(Math.random() * RETRY_JITTER_MS),
+  });
+}
+
+/**
+ * What the wire says about an error a request ended with: its own code, `overloaded` for a
+ * dependency fault, or undefined for an unexpected error (the caller logs it and answers
+ * `internal`).
+ */
+export function wireError(e: unknown): ProtocolError | undefined {
+  if (isProtocolError(e)) return e;
+  if (isDependencyFault(e)) return dependencyUnavailable();
+  return undefined;
+}
+
+/**
+ * Logs a failure of background work: at debug level when it is a dependency fault (the
+ * monitor has already said the dependency is down), else as an error.
+ */
+export function logFailure(log: Logger, e: unknown, fields: Record<string, unknown>, msg: string): void {
+  if (isDependencyFault(e)) log.debug({ ...fields, err: (e as Error).message }, msg);
+  else log.error({ ...fields, err: e }, msg);
+}
+
+export interface MonitorOptions {
+  /** How often each dependency is probed. */
+  intervalMs: number;
+  /** A probe that takes longer counts as down. */
+  timeoutMs: number;
+}
+
+/**
+ * Probes every dependency on a timer (a Redis PING, a PostgreSQL `SELECT 1`) and logs
+ * `dependency down` once when a probe fails and `dependency recovered` with `downMs` when one
+ * succeeds again. Nothing waits on it: requests fail or succeed on their own bounded calls.
+ */
+export class DependencyMonitor {
+  private readonly downSince = new Map<Dependency, number>();
+  private readonly probing = new Set<Dependency>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly log: Logger,
+    private readonly probes: Record<Dependency, () => Promise<unknown>>,
+    private readonly options: MonitorOptions,
+  ) {}
+
+  start(): void {
+    this.timer = setInterval(() => {
+      for (const d of Object.keys(this.probes) as Dependency[]) this.probe(d);
+    }, this.options.intervalMs);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  private probe(d: Dependency): void {
+    if (this.probing.has(d)) return;
+    this.probing.add(d);
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`probe timed out after ${this.options.timeoutMs} ms`)),
+        this.options.timeoutMs,
+      );
+    });
+    Promise.race([this.probes[d](), timeout])
+      .then(
+        () => this.up(d),
+        (e) => this.down(d, e),
+      )
+      .finally(() => {
+        clearTimeout(timer);
+        this.probing.delete(d);
+      });
+  }
+
+  private down(d: Dependency, e: unknown): void {
+    if (this.downSince.has(d)) return;
+    this.downSince.set(d, Date.now());
+    this.log.warn({ dependency: d, err: (e as Error)?.message ?? String(e) }, 'dependency down');
+  }
+
+  private up(d: Dependency): void {
+    const since = this.downSince.get(d);
+    if (since === undefined) return;
+    this.downSince.delete(d);
+    this.log.info({ dependency: d, downMs: Date.now() - since }, 'dependency recovered');
+  }
+}

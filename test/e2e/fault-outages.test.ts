@@ -1,0 +1,217 @@
+/**
+ * Dependency outages answer fast and clearly: with PostgreSQL or Redis stopped or frozen, a
+ * login over TCP answers `overloaded` with `retryAfter` and over HTTP 503 with Retry-After,
+ * within a deadline; connected devices keep their heartbeats (and, without PostgreSQL, the
+ * traffic that needs none); the node logs one "dependency down" line per outage and recovers
+ * by itself. Every dependency here is a private server of this file, never the shared ones.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+/** Only there to turn a hang into a failure. */
+const DEADLINE_MS = 15000;
+const ROOM = '#faults';
+
+let pg: OwnPostgres;
+let redis: OwnRedis;
+let gw: GatewayProcess;
+let device: GatewayClient;
+const roomEvents: EventMsg[] = [];
+let username: string;
+const closers: (() => Promise<unknown>)[] = [];
+
+before(async () => {
+  [pg, redis] = await Promise.all([startOwnPostgres(), startOwnRedis(['--appendonly', 'yes'])]);
+  gw = await startGateway({
+    REDIS_URL: redis.url,
+    DATABASE_URL: pg.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  });
+  device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  await signUp(device);
+  await device.request('join', { room: ROOM });
+  device.on('event', (e: EventMsg) => {
+    if (e.room === ROOM) roomEvents.push(e);
+  });
+  const other = await connected(gw.tcpUrl);
+  closers.push(() => other.close());
+  username = (await signUp(other)).username;
+  await other.close();
+});
+after(async () => {
+  for (const close of closers.reverse()) await close().catch(() => {});
+  await gw?.stop();
+  await Promise.allSettled([pg?.remove(), redis?.remove()]);
+});
+
+function within<T>(p: Promise<T>, what: string, ms = DEADLINE_MS): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+const isDown = (dependency: string) => (l: Record<string, unknown>) =>
+  l.msg === 'dependency down' && l.dependency === dependency;
+const isRecovered = (dependency: string) => (l: Record<string, unknown>) =>
+  l.msg === 'dependency recovered' && l.dependency === dependency;
+
+async function tcpLogin(): Promise<{ ms: number; error?: { code: string; retryAfter?: number } }> {
+  const c = await within(connected(gw.tcpUrl), 'a TCP handshake').catch((e) => {
+    // Say why: a gateway that died has its last log lines.
+    throw new Error(
+      `${e.message}; gateway exit code ${gw.proc.exitCode}, last lines ${JSON.stringify(gw.logs.slice(-3))}`,
+    );
+  });
+  try {
+    const t0 = Date.now();
+    try {
+      await c.request('login', { username, password: PASSWORD }, { timeoutMs: DEADLINE_MS });
+      return { ms: Date.now() - t0 };
+    } catch (e) {
+      const err = e as { code: string; retryAfter?: number };
+      return { ms: Date.now() - t0, error: { code: err.code, retryAfter: err.retryAfter } };
+    }
+  } finally {
+    await c.close().catch(() => {});
+  }
+}
+
+async function httpLogin(): Promise<{
+  ms: number;
+  status: number;
+  retryAfter: string | null;
+  body: unknown;
+}> {
+  const t0 = Date.now();
+  const res = await fetch(`http://127.0.0.1:${gw.httpPort}/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ username, password: PASSWORD }),
+    signal: AbortSignal.timeout(DEADLINE_MS),
+  }).catch((e) => {
+    throw new Error(`HTTP login: ${e.name === 'TimeoutError' ? `no answer within ${DEADLINE_MS} ms` : e}`);
+  });
+  const body = await res.json();
+  return { ms: Date.now() - t0, status: res.status, retryAfter: res.headers.get('retry-after'), body };
+}
+
+async function outage(
+  name: string,
+  dependency: 'postgres' | 'redis',
+  breakIt: () => Promise<void> | void,
+  repair: () => Promise<void> | void,
+  meanwhile: () => Promise<void> = async () => {},
+): Promise<void> {
+  const from = gw.logs.length;
+  await breakIt();
+  let repaired = false;
+  try {
+    const tcp = await tcpLogin();
+    console.log(
+      `${name}: TCP login answered ${tcp.error ? (tcp.error.code ?? 'no answer') : 'ok'} in ${tcp.ms} ms`,
+    );
+    const http = await httpLogin();
+    console.log(`${name}: HTTP login answered ${http.status} in ${http.ms} ms`);
+    assert.equal(tcp.error?.code, 'overloaded');
+    assert.ok((tcp.error?.retryAfter ?? 0) > 0, 'retryAfter on the wire');
+    assert.equal(http.status, 503);
+    assert.ok(Number(http.retryAfter) >= 1, 'Retry-After header');
+    assert.equal((http.body as { error: { code: string } }).error.code, 'overloaded');
+    await within(device.ping(), 'the connected device ping');
+    await meanwhile();
+    // A second round of failures adds no log line: one per outage.
+    await tcpLogin();
+    await within(
+      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isDown(dependency)(l), DEADLINE_MS),
+      'the dependency down line',
+    );
+    await repair();
+    repaired = true;
+    await within(
+      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isRecovered(dependency)(l), 30000),
+      'the dependency recovered line',
+      31000,
+    );
+    const end = Date.now() + 20000;
+    for (;;) {
+      const r = await tcpLogin();
+      if (!r.error) break;
+      if (Date.now() > end) throw new Error(`login after recovery still fails: ${r.error.code}`);
+      await new Promise((res) => setTimeout(res, 200));
+    }
+    const lines = gw.logs.slice(from).filter(isDown(dependency));
+    const loud = gw.logs.slice(from).filter((l) => (l.level as number) >= 40);
+    console.log(
+      `${name}: ${loud.length} warn/error log lines in the outage: ${JSON.stringify([...new Set(loud.map((l) => l.msg))])}`,
+    );
+    assert.equal(lines.length, 1, `one "dependency down" line per outage, got ${lines.length}`);
+    assert.deepEqual(
+      loud
+        .filter((l) => !isDown(dependency)(l))
+        .map((l) => `${l.msg}: ${(l.err as { message?: string } | undefined)?.message ?? l.err}`),
+      [],
+      'no other warning or error in the outage',
+    );
+    assert.equal(gw.proc.exitCode, null);
+  } finally {
+    if (!repaired) await repair();
+  }
+}
+
+test('PostgreSQL stopped: overloaded with retryAfter, then recovery', async () => {
+  await outage(
+    'postgres stopped',
+    'postgres',
+    () => pg.stop(),
+    () => pg.start(),
+  );
+});
+
+test('PostgreSQL frozen: overloaded with retryAfter; ping, publish and say still work', async () => {
+  await outage(
+    'postgres frozen',
+    'postgres',
+    () => pg.freeze(),
+    () => pg.thaw(),
+    async () => {
+      await within(device.request('publish', { name: 'fault.test', data: { n: 1 } }), 'a device publish');
+      const n = roomEvents.length;
+      await within(device.request('say', { room: ROOM, body: 'still here' }), 'a say');
+      const end = Date.now() + DEADLINE_MS;
+      while (roomEvents.length === n) {
+        if (Date.now() > end) throw new Error('the say never came back to the room');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    },
+  );
+});
+
+test('Redis stopped: overloaded with retryAfter, then recovery', async () => {
+  await outage(
+    'redis stopped',
+    'redis',
+    () => redis.kill('SIGTERM'),
+    () => redis.start(),
+  );
+});
+
+test('Redis frozen: overloaded with retryAfter, then recovery', async () => {
+  await outage(
+    'redis frozen',
+    'redis',
+    () => redis.freeze(),
+    () => redis.thaw(),
+  );
+});

@@ -1,0 +1,153 @@
+/**
+ * Redis losing its last writes (a restart from an older AOF, a failover to a lagging replica)
+ * while devices stay connected: events published afterwards still reach them, without a
+ * reconnect. The rollback is made real: a private redis-server with an AOF is killed and
+ * restarted from a copy of its data directory taken earlier.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+let redis: OwnRedis;
+let gw: GatewayProcess;
+const closers: (() => Promise<unknown>)[] = [];
+
+before(async () => {
+  redis = await startOwnRedis(['--appendonly', 'yes', '--enable-debug-command', 'yes']);
+  gw = await startGateway({ REDIS_URL: redis.url, GW_DEFAULT_ROOM: '', GW_REGISTER_PER_MINUTE: '1000' });
+});
+after(async () => {
+  for (const close of closers.reverse()) await close().catch(() => {});
+  await gw.stop();
+  await redis.remove();
+});
+
+async function until(pred: () => boolean | Promise<boolean>, what: string, timeoutMs = 20000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > end) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** Distinct new events that arrived: at least once allows duplicates (a resync re-sends). */
+const arrived = (got: EventMsg[], eids: Set<string>) =>
+  new Set(got.filter((e) => eids.has(e.eid)).map((e) => e.eid)).size;
+
+async function publisher(): Promise<GatewayPublisher> {
+  const pub = await connectPublisher({ redisUrl: redis.url, prefix: gw.prefix });
+  closers.push(() => pub.close());
+  return pub;
+}
+
+test('after Redis rolls back, a connected device still gets every new event', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  let reconnects = 0;
+  device.on('close', () => reconnects++);
+  const got: EventMsg[] = [];
+  device.on('event', (e: EventMsg) => got.push(e));
+  const outboxEmpty = () =>
+    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
+
+  let pub = await publisher();
+  for (let i = 0; i < 5; i++) await pub.publish({ session: s.sessionId }, { name: 'early', data: { i } });
+  await until(() => got.length === 5, 'the first 5 events');
+  await until(outboxEmpty, 'the first 5 acks');
+  const restore = await redis.snapshot();
+
+  for (let i = 0; i < 20; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
+  await until(() => got.length === 25, 'the next 20 events');
+  await until(outboxEmpty, 'the next 20 acks');
+
+  await redis.kill('SIGKILL');
+  restore();
+  await redis.start();
+  // The node's subscriber is back: a publish can wake it.
+  await until(
+    () => redis.with(async (r) => ((await r.pubsub('CHANNELS', `${gw.prefix}*`)) as string[]).length > 0),
+    'the gateway re-subscribed',
+  );
+
+  pub = await publisher();
+  const K = 10;
+  const eids = new Set<string>();
+  for (let i = 0; i < K; i++)
+    eids.add((await pub.publish({ session: s.sessionId }, { name: 'after', data: { i } })).eid);
+  try {
+    await until(() => arrived(got, eids) === K, `all ${K} events after the rollback`);
+  } finally {
+    console.log(
+      `after the restart from an older AOF: ${arrived(got, eids)} of ${K} new events arrived (${got.filter((e) => eids.has(e.eid)).length} deliveries); reconnects: ${reconnects}`,
+    );
+  }
+  assert.equal(reconnects, 0, 'the device never reconnected');
+  // The reconnect itself resyncs too (the pump may have found the rollback first).
+  await gw.waitForLog((l) => l.msg === 'resyncing outboxes with Redis', 10000);
+  assert.equal(device.session?.sessionId ?? s.sessionId, s.sessionId);
+});
+
+test('a rollback that drops no connection is detected by the pump', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  let closes = 0;
+  device.on('close', () => closes++);
+  const got: EventMsg[] = [];
+  device.on('event', (e: EventMsg) => got.push(e));
+  const outboxEmpty = () =>
+    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
+  const pub = await publisher();
+  for (let i = 0; i < 5; i++) await pub.publish({ session: s.sessionId }, { name: 'early', data: { i } });
+  await until(() => got.length === 5, 'the first 5 events');
+  await until(outboxEmpty, 'the first 5 acks');
+  const rollback = await redis.rdbSnapshot();
+  for (let i = 0; i < 20; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
+  await until(() => got.length === 25, 'the next 20 events');
+  await until(outboxEmpty, 'the next 20 acks');
+
+  // Like a failover to a lagging replica behind a proxy: the data goes back, no socket closes.
+  await rollback();
+  const K = 10;
+  const eids = new Set<string>();
+  for (let i = 0; i < K; i++)
+    eids.add((await pub.publish({ session: s.sessionId }, { name: 'after', data: { i } })).eid);
+  try {
+    await until(() => arrived(got, eids) === K, `all ${K} events after the rollback`);
+  } finally {
+    console.log(
+      `after a rollback without reconnect: ${arrived(got, eids)} of ${K} new events arrived (${got.filter((e) => eids.has(e.eid)).length} deliveries); closes: ${closes}`,
+    );
+  }
+  assert.equal(closes, 0, 'the device stayed connected');
+});
+
+test('after a reconnect, the node writes its sessions presence and room membership again', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  await device.request('join', { room: '#rollback' });
+  // What a rollback to before the login and the join would lose of them.
+  await redis.with(async (r) => {
+    await r.hdel(`${gw.prefix}presence`, s.sessionId);
+    await r.del(`${gw.prefix}room:#rollback:m`);
+    await r.zrem(`${gw.prefix}rooms`, '#rollback');
+  });
+  await redis.with((r) => r.call('CLIENT', 'KILL', 'TYPE', 'pubsub'));
+  let seen = '';
+  try {
+    await until(async () => {
+      const { users } = await device.request<{ users: string[] }>('users', {});
+      const { rooms } = await device.request<{ rooms: { room: string; members: number }[] }>('rooms', {});
+      seen = `users ${JSON.stringify(users)}, rooms ${JSON.stringify(rooms)}`;
+      return users.includes(s.username) && rooms.some((r) => r.room === '#rollback' && r.members === 1);
+    }, 'presence and room membership written again');
+  } finally {
+    console.log(`after the reconnect: ${seen}`);
+  }
+});

@@ -1,0 +1,79 @@
+/**
+ * gateway/auth/db.ts: a pooled client whose connection breaks while it is checked out (the
+ * server shut down or the backend was terminated) fails its queries; it never throws an
+ * unhandled 'error' event, which would end the process.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pg from 'pg';
+import { createDb } from '../../gateway/auth/db.ts';
+import { DATABASE_URL } from '../helpers/cleanup.ts';
+
+test('a checked-out client whose backend is terminated fails its next query, nothing more', async () => {
+  const db = createDb({
+    url: DATABASE_URL,
+    schema: 'public',
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 3000,
+    queryTimeoutMs: 5000,
+    max: 2,
+  });
+  const uncaught: unknown[] = [];
+  const onUncaught = (e: unknown) => uncaught.push(e);
+  process.on('uncaughtException', onUncaught);
+  const admin = new pg.Client({ connectionString: DATABASE_URL });
+  await admin.connect();
+  try {
+    const client = await db.pool.connect();
+    const pid = (await client.query('SELECT pg_backend_pid() AS pid')).rows[0].pid as number;
+    // Only this test's own backend is terminated.
+    await admin.query('SELECT pg_terminate_backend($1)', [pid]);
+    await new Promise((r) => setTimeout(r, 300));
+    let failed: unknown;
+    try {
+      await client.query('SELECT 1');
+    } catch (e) {
+      failed = e;
+    }
+    client.release(failed instanceof Error ? failed : true);
+    assert.ok(failed, 'the next query on the broken client fails');
+    assert.deepEqual(
+      uncaught.map((e) => (e as Error).message),
+      [],
+      `driver ${db.driver}: no uncaught error`,
+    );
+    const r = await db.pool.query('SELECT 1 AS one');
+    assert.equal(r.rows[0].one, 1);
+  } finally {
+    process.off('uncaughtException', onUncaught);
+    await admin.end();
+    await db.pool.end();
+  }
+});
+
+test('a client whose query timed out is not handed out again, even when released without the error', async () => {
+  const db = createDb({
+    url: DATABASE_URL,
+    schema: 'public',
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 3000,
+    queryTimeoutMs: 200,
+    max: 1,
+  });
+  try {
+    const client = await db.pool.connect();
+    let timedOut: unknown;
+    try {
+      await client.query('SELECT pg_sleep(1)');
+    } catch (e) {
+      timedOut = e;
+    }
+    assert.equal((timedOut as Error | undefined)?.message, 'Query read timeout');
+    // As a transaction's `finally` does: released without the error.
+    client.release();
+    const r = await db.pool.query('SELECT 1 AS one');
+    assert.equal(r.rows[0].one, 1, `driver ${db.driver}`);
+  } finally {
+    await db.pool.end();
+  }
+});

@@ -1,0 +1,117 @@
+/**
+ * gateway/faults.ts against the errors the real drivers raise: refused and silent servers
+ * (a socket that accepts and never answers), for ioredis, pg and pg-native. Each must be a
+ * dependency fault (answered `overloaded`); a bug or a refused command must not be.
+ */
+import assert from 'node:assert/strict';
+import { createServer, type Server, type Socket } from 'node:net';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import pg from 'pg';
+import { isDependencyFault, wireError } from '../../gateway/faults.ts';
+import { ProtocolError } from '../../protocol/index.ts';
+import { freePort } from '../helpers/own-redis.ts';
+
+let silent: Server;
+let silentPort: number;
+let closedPort: number;
+const sockets: Socket[] = [];
+
+before(async () => {
+  closedPort = await freePort();
+  silent = createServer((s) => {
+    sockets.push(s);
+    s.on('error', () => {});
+  });
+  await new Promise<void>((r) => silent.listen(0, '127.0.0.1', () => r()));
+  silentPort = (silent.address() as { port: number }).port;
+});
+after(() => {
+  for (const s of sockets) s.destroy();
+  silent.close();
+});
+
+async function errorOf(p: () => Promise<unknown>): Promise<unknown> {
+  try {
+    await p();
+  } catch (e) {
+    return e;
+  }
+  throw new Error('expected a failure');
+}
+
+function redisTo(port: number, extra: Record<string, unknown> = {}): Redis {
+  const r = new Redis({
+    port,
+    host: '127.0.0.1',
+    lazyConnect: true,
+    connectTimeout: 300,
+    commandTimeout: 300,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+    retryStrategy: () => null,
+    ...extra,
+  });
+  r.on('error', () => {});
+  return r;
+}
+
+test('ioredis: a command while disconnected, a refused connect, a silent server', async () => {
+  const offline = redisTo(closedPort);
+  assert.ok(isDependencyFault(await errorOf(() => offline.get('k'))));
+  offline.disconnect();
+  const refused = redisTo(closedPort);
+  assert.ok(isDependencyFault(await errorOf(() => refused.connect())));
+  refused.disconnect();
+  const stuck = redisTo(silentPort, { enableReadyCheck: false });
+  const e = await errorOf(async () => {
+    await stuck.connect();
+    await stuck.get('k');
+  });
+  assert.ok(isDependencyFault(e), String(e));
+  stuck.disconnect();
+});
+
+for (const driver of ['js', 'native'] as const) {
+  const Pool = driver === 'native' ? pg.native?.Pool : pg.Pool;
+  test(`pg (${driver}): refused, and a server that never answers`, { skip: !Pool }, async () => {
+    const refused = new Pool!({
+      connectionString: `postgres://x@127.0.0.1:${closedPort}/x`,
+      connectionTimeoutMillis: 1000,
+    });
+    refused.on('error', () => {});
+    const e1 = await errorOf(() => refused.query('SELECT 1'));
+    assert.ok(isDependencyFault(e1), `${driver} refused: ${(e1 as Error).message}`);
+    await refused.end();
+    const hung = new Pool!({
+      connectionString: `postgres://x@127.0.0.1:${silentPort}/x`,
+      connectionTimeoutMillis: 1000,
+    });
+    hung.on('error', () => {});
+    const e2 = await errorOf(() => hung.query('SELECT 1'));
+    assert.ok(isDependencyFault(e2), `${driver} silent: ${(e2 as Error).message}`);
+    await hung.end().catch(() => {});
+  });
+}
+
+test('SQLSTATEs: unavailable and timed out are faults; constraint and syntax errors are not', () => {
+  for (const code of ['08006', '53300', '57014', '57P01', '57P03'])
+    assert.ok(isDependencyFault(Object.assign(new Error('x'), { code })), code);
+  for (const code of ['23505', '42601', '42P01'])
+    assert.ok(!isDependencyFault(Object.assign(new Error('x'), { code })), code);
+  assert.ok(isDependencyFault(Object.assign(new Error('x'), { sqlState: '57P01' })));
+});
+
+test('wire answers: overloaded with retryAfter for a fault, own code kept, undefined for a bug', () => {
+  const w = wireError(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+  assert.equal(w?.code, 'overloaded');
+  assert.ok((w?.retryAfter ?? 0) >= 2000);
+  assert.equal(wireError(new ProtocolError('not_found'))?.code, 'not_found');
+  assert.equal(wireError(new TypeError('x is undefined')), undefined);
+  assert.equal(
+    wireError(new Error("NOPERM this user has no permissions to run the 'set' command")),
+    undefined,
+  );
+  const wrapped = new AggregateError([Object.assign(new Error('a'), { code: 'ECONNREFUSED' })], 'all failed');
+  assert.ok(isDependencyFault(wrapped));
+});

@@ -1,0 +1,150 @@
+/**
+ * A private PostgreSQL (initdb into a temp directory, own port), for tests that stop or freeze
+ * the database. One initdb per test file; start/stop/freeze reuse the same data directory.
+ * As root the server runs as the `postgres` user (PostgreSQL refuses to run as root), spawned
+ * with that uid directly: a wrapper such as runuser would stop itself when the server is
+ * SIGSTOPped.
+ */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { freePort } from './own-redis.ts';
+
+/** `initdb` and `postgres` from PG_BIN if set, else from PATH. */
+const bin = (name: string) => (process.env.PG_BIN ? join(process.env.PG_BIN, name) : name);
+
+export interface OwnPostgres {
+  port: number;
+  /** URL of its `test` database. */
+  url: string;
+  start(): Promise<void>;
+  /** Fast shutdown (SIGINT: clients are disconnected), waits for the exit. */
+  stop(): Promise<void>;
+  /** SIGSTOP to the postmaster and every backend; `thaw` sends SIGCONT. */
+  freeze(): void;
+  thaw(): void;
+  remove(): Promise<void>;
+}
+
+/** uid and gid to run as: `postgres` when we are root. */
+function runAs(): { uid?: number; gid?: number } {
+  if (process.getuid?.() !== 0) return {};
+  const id = (flag: string) => Number(execFileSync('id', [flag, 'postgres'], { encoding: 'utf8' }).trim());
+  return { uid: id('-u'), gid: id('-g') };
+}
+
+/** Signals the postmaster and its children; a child that just exited is skipped. */
+function signalAll(postmaster: number, signal: NodeJS.Signals): void {
+  for (const pid of pidsOf(postmaster)) {
+    try {
+      process.kill(pid, signal);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+    }
+  }
+}
+
+function pidsOf(postmaster: number): number[] {
+  let children: number[] = [];
+  try {
+    children = execFileSync('pgrep', ['-P', String(postmaster)], { encoding: 'utf8' })
+      .split('\n')
+      .filter(Boolean)
+      .map(Number);
+  } catch {
+    // no children
+  }
+  return [postmaster, ...children];
+}
+
+export async function startOwnPostgres(): Promise<OwnPostgres> {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'own-pg-'));
+  const data = join(dir, 'data');
+  const as = runAs();
+  if (as.uid !== undefined) chownSync(dir, as.uid, as.gid!);
+  execFileSync(bin('initdb'), ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8'], {
+    stdio: 'ignore',
+    ...as,
+    env: { ...process.env, HOME: dir },
+  });
+  let proc: ChildProcess | undefined;
+  let exited: Promise<void> = Promise.resolve();
+  const url = `postgres://postgres@127.0.0.1:${port}/test`;
+  const postmasterPid = () => Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n')[0]);
+
+  const waitReady = async (database: string) => {
+    const end = Date.now() + 20000;
+    for (;;) {
+      const c = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/${database}` });
+      c.on('error', () => {});
+      try {
+        await c.connect();
+        await c.query('SELECT 1');
+        await c.end();
+        return;
+      } catch {
+        await c.end().catch(() => {});
+      }
+      if (Date.now() > end) throw new Error(`own PostgreSQL on ${port} did not accept connections in 20 s`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  };
+
+  const self: OwnPostgres = {
+    port,
+    url,
+    async start() {
+      const args = [
+        '-D',
+        data,
+        '-p',
+        String(port),
+        '-c',
+        'listen_addresses=127.0.0.1',
+        '-c',
+        `unix_socket_directories=${dir}`,
+        '-c',
+        'fsync=off',
+      ];
+      const p = spawn(bin('postgres'), args, { stdio: 'ignore', ...as });
+      proc = p;
+      exited = new Promise((resolve) => p.once('exit', () => resolve()));
+      await waitReady('postgres');
+    },
+    async stop() {
+      try {
+        process.kill(postmasterPid(), 'SIGCONT');
+        process.kill(postmasterPid(), 'SIGINT');
+      } catch {
+        // already gone
+      }
+      await exited;
+    },
+    freeze() {
+      signalAll(postmasterPid(), 'SIGSTOP');
+    },
+    thaw() {
+      signalAll(postmasterPid(), 'SIGCONT');
+    },
+    async remove() {
+      if (proc && proc.exitCode === null && proc.signalCode === null) {
+        try {
+          self.thaw();
+        } catch {
+          // gone
+        }
+        await self.stop();
+      }
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  await self.start();
+  const c = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
+  await c.connect();
+  await c.query('CREATE DATABASE test');
+  await c.end();
+  return self;
+}
