@@ -11,6 +11,9 @@ import type { Rng } from './rng.ts';
 
 export const PASSWORD = 'sim-device-password';
 
+/** Errors after which a device stops (counted once, not retried). */
+const PERMANENT = new Set(['invalid_credentials', 'forbidden']);
+
 export interface DeviceContext {
   readonly ledger: Ledger;
   readonly metrics: RunMetrics;
@@ -38,6 +41,8 @@ export class VirtualDevice {
   private dropping = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private failures = 0;
+  /** Set after a permanent error: the device does not reconnect. */
+  private gaveUp = false;
   private pendingAcks: string[] = [];
   private ackScheduled = false;
   /** Resolves when the current connection attempt settles (started, stopped or given up). */
@@ -98,8 +103,11 @@ export class VirtualDevice {
       const room = ctx.room(this.index);
       if (room) await c.request('join', { room });
     } catch (e) {
-      m.error(errorCode(e));
+      const code = errorCode(e);
+      m.error(code);
       if (c !== this.client) return;
+      // Another account holds this name or device id: retrying cannot help.
+      if (PERMANENT.has(code)) this.gaveUp = true;
       if (this.online) {
         // The close handler schedules the retry; the error is already counted.
         this.dropping = true;
@@ -112,12 +120,19 @@ export class VirtualDevice {
     const { ctx } = this;
     if (!this.registered) {
       const t = ctx.now();
-      await c.request('register', {
-        username: this.username,
-        email: `${this.username}@sim.example`,
-        password: PASSWORD,
-      });
-      ctx.metrics.register.record(ctx.now() - t);
+      try {
+        await c.request('register', {
+          username: this.username,
+          email: `${this.username}@sim.example`,
+          password: PASSWORD,
+        });
+        ctx.metrics.register.record(ctx.now() - t);
+      } catch (e) {
+        // An earlier register may have gone through with its answer lost to a dropped
+        // connection: the login below tells whether the account is this device's.
+        if (!isProtocolError(e) || e.code !== 'username_taken') throw e;
+        ctx.metrics.error(e.code);
+      }
       this.registered = true;
     }
     const t = ctx.now();
@@ -197,7 +212,7 @@ export class VirtualDevice {
   }
 
   private retryLater(delayMs?: number): void {
-    if (!this.ctx.running()) return;
+    if (!this.ctx.running() || this.gaveUp) return;
     this.failures++;
     // Backoff on repeated failures, jittered from the device's own stream.
     const base = delayMs ?? Math.min(5000, 100 * 2 ** Math.min(this.failures, 6));
