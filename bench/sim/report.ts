@@ -35,7 +35,8 @@ export function textReport(r: SimReport): string {
   lines.push(
     `## fleet simulation ${r.runId}${r.interrupted ? ' (INTERRUPTED: partial report)' : ''}`,
     '',
-    `${o.devices} devices (${o.transport}) at ${o.rate}/s, ${o.durationS} s + drain ${r.drainS.toFixed(1)} s, ` +
+    `${o.devices} devices (${o.transport}) at ${o.rate}/s, ${o.durationS} s + drain ${r.drainS.toFixed(1)} s ` +
+      `(${r.elapsedS.toFixed(1)} s in all), ` +
       `events ${o.eventRate > 0 ? `${o.eventRate}/s` : `max (window ${o.window})`}, payload ${o.payloadBytes} B, ` +
       `no-ack ${o.noAckProb}, churn ${o.churnProb}/s, seed ${o.seed}`,
     '',

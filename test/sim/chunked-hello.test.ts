@@ -10,7 +10,11 @@ import { unpackMessage } from '../../protocol/index.ts';
 import { within } from '../helpers/deadline.ts';
 
 /** A TCP server that reads one frame, counts the reads it took, and closes. */
-async function frameSink(): Promise<{ port: number; frame: Promise<{ reads: number; body: Buffer }>; close(): void }> {
+async function frameSink(): Promise<{
+  port: number;
+  frame: Promise<{ reads: number; body: Buffer }>;
+  close(): void;
+}> {
   let resolveFrame!: (v: { reads: number; body: Buffer }) => void;
   const frame = new Promise<{ reads: number; body: Buffer }>((r) => {
     resolveFrame = r;
@@ -46,7 +50,11 @@ for (const chunks of [1, 4]) {
   test(`helloChunks ${chunks}: the hello arrives whole in ${chunks === 1 ? 'one write' : 'several writes'}`, async () => {
     const sink = await frameSink();
     try {
-      const c = new GatewayClient({ url: `tcp://127.0.0.1:${sink.port}`, helloChunks: chunks, connectTimeoutMs: 20000 });
+      const c = new GatewayClient({
+        url: `tcp://127.0.0.1:${sink.port}`,
+        helloChunks: chunks,
+        connectTimeoutMs: 20000,
+      });
       const connecting = c.connect().catch(() => undefined);
       const { reads, body } = await within('the hello frame at the server', sink.frame);
       const hello = unpackMessage(body);

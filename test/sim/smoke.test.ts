@@ -5,7 +5,7 @@
  * the HTML report must open in headless Chromium without errors, every chart drawn.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -46,7 +46,10 @@ interface RunResult {
   stderr: string;
 }
 
-function simulate(args: string[]): Promise<RunResult> {
+function simulate(
+  args: string[],
+  onStderr?: (child: ChildProcess, text: string) => void,
+): Promise<RunResult> {
   const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'bench/sim/main.ts'), ...args], {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -58,6 +61,7 @@ function simulate(args: string[]): Promise<RunResult> {
   });
   child.stderr.on('data', (d) => {
     stderr += d;
+    onStderr?.(child, stderr);
   });
   const done = new Promise<RunResult>((resolve) =>
     child.on('exit', (code) => resolve({ code, stdout, stderr })),
@@ -175,4 +179,46 @@ test('the HTML report opens in headless Chromium without errors and every chart 
   } finally {
     rmSync(profile, { recursive: true, force: true });
   }
+});
+
+test('Ctrl-C ends a run early with a partial report', async () => {
+  let interrupted = false;
+  const json = join(dir, 'interrupted.json');
+  const r = await simulate(
+    [
+      '--tcp',
+      gw.tcpUrl.replace('tcp://', ''),
+      '--http',
+      `http://127.0.0.1:${gw.httpPort}`,
+      '--devices',
+      '5',
+      '--rate',
+      '10',
+      '--duration',
+      '600',
+      '--event-rate',
+      '50',
+      '--api-key',
+      API_KEY,
+      '--prefix',
+      gw.prefix,
+      '--json',
+      json,
+    ],
+    (child, stderr) => {
+      // Interrupt once the run is under way: a status line with every device authenticated.
+      if (!interrupted && /\(5 auth\)/.test(stderr)) {
+        interrupted = true;
+        child.kill('SIGINT');
+      }
+    },
+  );
+  const detail = `exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr.slice(-3000)}`;
+  assert.ok(interrupted, detail);
+  assert.equal(r.code, 130, detail);
+  assert.match(r.stdout, /INTERRUPTED: partial report/, detail);
+  const report = JSON.parse(readFileSync(json, 'utf8'));
+  assert.equal(report.interrupted, true);
+  assert.ok(report.elapsedS < 120, detail);
+  assert.ok(report.totals.published > 0, detail);
 });
