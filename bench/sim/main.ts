@@ -7,42 +7,40 @@ import { parseArgs } from 'node:util';
 import { type SeriesPoint, type SimOptions, Simulation, type Transport } from './engine.ts';
 import { htmlReport, jsonReport, textReport } from './report.ts';
 
-const { values } = parseArgs({
-  options: {
-    tcp: { type: 'string', default: '127.0.0.1:9000' },
-    ws: { type: 'string', default: 'ws://127.0.0.1:8080/ws' },
-    http: { type: 'string', default: 'http://127.0.0.1:8080' },
-    transport: { type: 'string', default: 'tcp' },
-    devices: { type: 'string', default: '100' },
-    duration: { type: 'string', default: '30' },
-    rate: { type: 'string', default: '50' },
-    ramp: { type: 'string' },
-    'event-rate': { type: 'string', default: '100' },
-    window: { type: 'string', default: '1000' },
-    payload: { type: 'string', default: '100' },
-    'max-events': { type: 'string', default: '1000000' },
-    'api-key': { type: 'string', default: process.env.GW_API_KEY ?? '' },
-    'publish-rate': { type: 'string', default: '0' },
-    rooms: { type: 'string', default: '0' },
-    'say-rate': { type: 'string', default: '0' },
-    'no-ack-prob': { type: 'string', default: '0' },
-    'churn-prob': { type: 'string', default: '0' },
-    'chunked-handshake': { type: 'boolean', default: false },
-    'hello-chunks': { type: 'string', default: '3' },
-    drain: { type: 'string', default: '15' },
-    seed: { type: 'string', default: '1' },
-    fingerprint: { type: 'string' },
-    redis: { type: 'string', default: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379' },
-    prefix: { type: 'string', default: process.env.GW_REDIS_PREFIX ?? 'gw:' },
-    'no-backend-scan': { type: 'boolean', default: false },
-    'gateway-pid': { type: 'string' },
-    json: { type: 'string' },
-    html: { type: 'string' },
-    quiet: { type: 'boolean', default: false },
-    'allow-remote': { type: 'boolean', default: false },
-    help: { type: 'boolean', default: false },
-  },
-});
+const OPTIONS = {
+  tcp: { type: 'string', default: '127.0.0.1:9000' },
+  ws: { type: 'string', default: 'ws://127.0.0.1:8080/ws' },
+  http: { type: 'string', default: 'http://127.0.0.1:8080' },
+  transport: { type: 'string', default: 'tcp' },
+  devices: { type: 'string', default: '100' },
+  duration: { type: 'string', default: '30' },
+  rate: { type: 'string', default: '50' },
+  ramp: { type: 'string' },
+  'event-rate': { type: 'string', default: '100' },
+  window: { type: 'string', default: '1000' },
+  payload: { type: 'string', default: '100' },
+  'max-events': { type: 'string', default: '1000000' },
+  'api-key': { type: 'string', default: process.env.GW_API_KEY ?? '' },
+  'publish-rate': { type: 'string', default: '0' },
+  rooms: { type: 'string', default: '0' },
+  'say-rate': { type: 'string', default: '0' },
+  'no-ack-prob': { type: 'string', default: '0' },
+  'churn-prob': { type: 'string', default: '0' },
+  'chunked-handshake': { type: 'boolean', default: false },
+  'hello-chunks': { type: 'string', default: '3' },
+  drain: { type: 'string', default: '15' },
+  seed: { type: 'string', default: '1' },
+  fingerprint: { type: 'string' },
+  redis: { type: 'string', default: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379' },
+  prefix: { type: 'string', default: process.env.GW_REDIS_PREFIX ?? 'gw:' },
+  'no-backend-scan': { type: 'boolean', default: false },
+  'gateway-pid': { type: 'string' },
+  json: { type: 'string' },
+  html: { type: 'string' },
+  quiet: { type: 'boolean', default: false },
+  'allow-remote': { type: 'boolean', default: false },
+  help: { type: 'boolean', default: false },
+} as const;
 
 const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
   --tcp HOST:PORT --ws URL --http URL --transport tcp|ws|mix
@@ -52,6 +50,15 @@ const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
   --chunked-handshake [--hello-chunks N] --fingerprint HEX
   --redis URL --prefix GW_REDIS_PREFIX | --no-backend-scan --gateway-pid PID
   --json FILE --html FILE --quiet --allow-remote`;
+
+let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>;
+try {
+  parsed = parseArgs({ options: OPTIONS });
+} catch (e) {
+  console.error(`${(e as Error).message}\n${USAGE}`);
+  process.exit(2);
+}
+const { values } = parsed;
 
 function num(name: string, min: number, max: number): number {
   const raw = values[name as keyof typeof values] as string;
