@@ -4,7 +4,7 @@
  * dead-lettered) and `delivery.dropped`. Read like any back end would, with bullmq, under the
  * prefix `<GW_REDIS_PREFIX>bull`. The jobs are only read, never consumed.
  */
-import { Queue } from 'bullmq';
+import { Job, Queue, QueueEvents } from 'bullmq';
 import { Redis } from 'ioredis';
 import { type Ledger, ReportKind } from './ledger.ts';
 
@@ -69,5 +69,62 @@ export async function readBackendReports(
   } finally {
     await queue.close();
     connection.disconnect();
+  }
+}
+
+/**
+ * Follows the queue live while the run goes on (BullMQ's `added` events), so that the drain need
+ * not wait for acks of events the gateway has already given up on. The final scan above stays
+ * the authority: a live event can be missed (e.g. before the listener is up).
+ */
+export class BackendWatch {
+  private readonly events: QueueEvents;
+  private readonly queue: Queue;
+  private readonly conns: Redis[];
+  private readonly pending = new Set<Promise<void>>();
+  seen = 0;
+
+  constructor(
+    redisUrl: string,
+    prefix: string,
+    private readonly eidPrefix: string,
+    private readonly ledger: Ledger,
+    onError: (e: Error) => void,
+  ) {
+    const opts = { maxRetriesPerRequest: null, retryStrategy: () => null };
+    this.conns = [new Redis(redisUrl, opts), new Redis(redisUrl, opts)];
+    for (const c of this.conns) c.on('error', onError);
+    this.queue = new Queue('gw-backend', { connection: this.conns[0], prefix: `${prefix}bull` });
+    this.events = new QueueEvents('gw-backend', { connection: this.conns[1], prefix: `${prefix}bull` });
+    this.events.on('error', onError);
+    this.events.on('added', ({ jobId, name }) => {
+      // Job ids of the reports are `<name>-<session id>-<eid>` (docs/BACKEND.md).
+      if (!name.startsWith('delivery.') || !jobId.includes(this.eidPrefix)) return;
+      const p = this.fetch(jobId).finally(() => this.pending.delete(p));
+      this.pending.add(p);
+    });
+  }
+
+  /** Resolves once the listener is subscribed. */
+  ready(): Promise<void> {
+    return this.events.waitUntilReady().then(() => undefined);
+  }
+
+  private async fetch(jobId: string): Promise<void> {
+    const job = await Job.fromId(this.queue, jobId).catch(() => undefined);
+    if (!job) return;
+    const data = (job.data ?? {}) as Record<string, unknown>;
+    const kind = kindOf(job.name, data);
+    if (kind && typeof data.eid === 'string' && this.ledger.has(data.eid)) {
+      this.seen++;
+      this.ledger.reported(data.eid, kind);
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.pending]);
+    await this.events.close().catch(() => undefined);
+    await this.queue.close().catch(() => undefined);
+    for (const c of this.conns) c.disconnect();
   }
 }

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { processCpuMicros } from '../lib/proc.ts';
-import { type ReportScan, readBackendReports } from './backend-reports.ts';
+import { BackendWatch, type ReportScan, readBackendReports } from './backend-reports.ts';
 import { type DeviceContext, VirtualDevice } from './device.ts';
 import type { Percentiles } from './histogram.ts';
 import { Ledger, type Settlement, type Totals } from './ledger.ts';
@@ -87,6 +87,8 @@ export interface SimReport {
   startedAt: string;
   elapsedS: number;
   drainS: number;
+  /** `settled`: no accepted event was left unacked and unreported; `deadline`: `--drain` ran out. */
+  drainEndedBy: 'settled' | 'deadline';
   devices: { started: number; peakConnected: number; connectedAtEnd: number };
   totals: Totals;
   delivered: number;
@@ -282,6 +284,13 @@ export class Simulation {
       for (; sayDue >= 1; sayDue--) void ready[pick(rng, ready.length)].say('hello from the simulator');
     }, 100);
 
+    let watch: BackendWatch | undefined;
+    if (o.redisUrl && o.redisPrefix !== undefined) {
+      watch = new BackendWatch(o.redisUrl, o.redisPrefix, `sim-${this.runId}-`, this.ledger, (e) =>
+        this.metrics.error(`backend_watch_${(e as { code?: string }).code ?? e.name}`),
+      );
+      await Promise.race([watch.ready(), sleep(5000)]).catch(() => undefined);
+    }
     const runEnd = o.durationS * 1000;
     const starts: Promise<void>[] = [];
     producer.start();
@@ -309,6 +318,8 @@ export class Simulation {
     const drainEnd = drainStart + (this.aborted ? Math.min(2000, o.drainS * 1000) : o.drainS * 1000);
     while (this.now() < drainEnd && this.ledger.outstanding > 0) await sleep(100);
     const drainMs = this.now() - drainStart;
+    const drainEndedBy = this.ledger.outstanding > 0 ? 'deadline' : 'settled';
+    await watch?.close();
     let backendScan: ReportScan | null = null;
     if (o.redisUrl && o.redisPrefix !== undefined) {
       try {
@@ -339,6 +350,7 @@ export class Simulation {
       startedAt,
       elapsedS,
       drainS: drainMs / 1000,
+      drainEndedBy,
       devices: { started: this.devices.length, peakConnected, connectedAtEnd },
       totals: { ...tot },
       delivered: tot.delivered,

@@ -36,6 +36,7 @@ export function textReport(r: SimReport): string {
     `## fleet simulation ${r.runId}${r.interrupted ? ' (INTERRUPTED: partial report)' : ''}`,
     '',
     `${o.devices} devices (${o.transport}) at ${o.rate}/s, ${o.durationS} s + drain ${r.drainS.toFixed(1)} s ` +
+      `(${r.drainEndedBy === 'settled' ? 'every event settled' : 'drain deadline reached'}) ` +
       `(${r.elapsedS.toFixed(1)} s in all), ` +
       `events ${o.eventRate > 0 ? `${o.eventRate}/s` : `max (window ${o.window})`}, payload ${o.payloadBytes} B, ` +
       `no-ack ${o.noAckProb}, churn ${o.churnProb}/s, seed ${o.seed}`,
