@@ -13,6 +13,8 @@ export const PASSWORD = 'sim-device-password';
 
 /** Errors after which a device stops (counted once, not retried). */
 const PERMANENT = new Set(['invalid_credentials', 'forbidden']);
+/** Longest wait a device accepts from a `retryAfter` (ms). */
+const MAX_RETRY_AFTER_MS = 30_000;
 
 export interface DeviceContext {
   readonly ledger: Ledger;
@@ -41,6 +43,8 @@ export class VirtualDevice {
   private dropping = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private failures = 0;
+  /** The wait the gateway asked for with its last error (ms), for the next retry. */
+  private retryAfterMs = 0;
   /** Set after a permanent error: the device does not reconnect. */
   private gaveUp = false;
   private pendingAcks: string[] = [];
@@ -108,6 +112,9 @@ export class VirtualDevice {
       if (c !== this.client) return;
       // Another account holds this name or device id: retrying cannot help.
       if (PERMANENT.has(code)) this.gaveUp = true;
+      // `overloaded` / `rate_limited` say when to come back (ms): heed it, within a bound.
+      const retryAfter = isProtocolError(e) ? e.retryAfter : undefined;
+      if (retryAfter !== undefined) this.retryAfterMs = Math.min(retryAfter, MAX_RETRY_AFTER_MS);
       if (this.online) {
         // The close handler schedules the retry; the error is already counted.
         this.dropping = true;
@@ -214,9 +221,15 @@ export class VirtualDevice {
   private retryLater(delayMs?: number): void {
     if (!this.ctx.running() || this.gaveUp) return;
     this.failures++;
-    // Backoff on repeated failures, jittered from the device's own stream.
-    const base = delayMs ?? Math.min(5000, 100 * 2 ** Math.min(this.failures, 6));
-    const delay = Math.round(base / 2 + (this.rng() * base) / 2);
+    // Backoff on repeated failures, jittered from the device's own stream; a retryAfter the
+    // gateway gave is a floor.
+    const told = Math.max(delayMs ?? 0, this.retryAfterMs);
+    this.retryAfterMs = 0;
+    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures, 6));
+    const delay =
+      told > 0
+        ? told + Math.round(this.rng() * Math.min(1000, told / 4))
+        : Math.round(backoff / 2 + (this.rng() * backoff) / 2);
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => {
       if (this.ctx.running()) void this.start();

@@ -89,7 +89,15 @@ export interface SimReport {
   drainS: number;
   /** `settled`: no accepted event was left unacked and unreported; `deadline`: `--drain` ran out. */
   drainEndedBy: 'settled' | 'deadline';
-  devices: { started: number; peakConnected: number; connectedAtEnd: number };
+  devices: {
+    started: number;
+    peakConnected: number;
+    connectedAtEnd: number;
+    /** Authenticated at the end of the drain, counted device by device. */
+    authenticatedAtEnd: number;
+    /** Devices that never logged in. */
+    neverLoggedIn: number;
+  };
   totals: Totals;
   delivered: number;
   lost: number;
@@ -332,6 +340,8 @@ export class Simulation {
     sample();
     this.running = false;
     const connectedAtEnd = this.metrics.connected;
+    const authenticatedAtEnd = this.devices.filter((d) => d.ready).length;
+    const neverLoggedIn = this.devices.filter((d) => !d.session).length;
     await Promise.allSettled(starts);
     await Promise.race([Promise.allSettled(this.devices.map((d) => d.stop())), sleep(10000)]);
 
@@ -351,7 +361,13 @@ export class Simulation {
       elapsedS,
       drainS: drainMs / 1000,
       drainEndedBy,
-      devices: { started: this.devices.length, peakConnected, connectedAtEnd },
+      devices: {
+        started: this.devices.length,
+        peakConnected,
+        connectedAtEnd,
+        authenticatedAtEnd,
+        neverLoggedIn,
+      },
       totals: { ...tot },
       delivered: tot.delivered,
       lost: settlement.lost,

@@ -84,10 +84,18 @@ export class Producer {
   }
 
   private inFlightEvents = 0;
+  private cached: Target[] = [];
+  private targetsAt = Number.NEGATIVE_INFINITY;
 
   private tick(): void {
     const o = this.options;
-    const all = this.targets().filter((t) => t.sessionId !== undefined);
+    // The addressable devices, looked up at most every 100 ms (a fleet is large, ticks frequent).
+    const now = this.now();
+    if (now - this.targetsAt >= 100) {
+      this.targetsAt = now;
+      this.cached = this.targets().filter((t) => t.sessionId !== undefined);
+    }
+    const all = this.cached;
     if (all.length === 0) {
       // Nobody to publish to yet: the schedule starts with the first session.
       this.startedAt = this.now();

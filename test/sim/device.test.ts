@@ -100,3 +100,26 @@ test('a device whose username belongs to someone else stops trying, with the err
     await within('the device to stop', d.stop());
   }
 });
+
+test('a device told to retry later (rate_limited with retryAfter) waits that long instead of hammering', async () => {
+  // A gateway that allows one register per minute from this address: the second device is
+  // told `rate_limited` with a retryAfter of many seconds.
+  const strict = await startGateway({ GW_REGISTER_PER_MINUTE: '1', GW_LOG_LEVEL: 'info' });
+  const { ctx, stop } = context();
+  const first = new VirtualDevice(0, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 1), ctx);
+  const second = new VirtualDevice(1, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 2), ctx);
+  try {
+    await within('the first device', first.start());
+    assert.ok(first.ready, JSON.stringify(ctx.metrics.errors));
+    await within('the second device', second.start());
+    assert.equal(ctx.metrics.errors.rate_limited, 1, JSON.stringify(ctx.metrics.errors));
+    // Within the next 3 s a device backing off from its own failures would have tried again
+    // several times (100 ms, 200 ms, 400 ms, ...); one that heeds retryAfter has not.
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.equal(ctx.metrics.errors.rate_limited, 1, JSON.stringify(ctx.metrics.errors));
+  } finally {
+    stop();
+    await within('the devices to stop', Promise.all([first.stop(), second.stop()]));
+    await strict.stop();
+  }
+});
