@@ -244,6 +244,11 @@ export class VirtualDevice {
     this.client.destroy();
   }
 
+  /** The session the producer addresses (it survives drops: resume keeps it). */
+  get target(): string | undefined {
+    return this.session?.sessionId;
+  }
+
   get ready(): boolean {
     return this.authed;
   }

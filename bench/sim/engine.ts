@@ -12,8 +12,8 @@ import { type DeviceContext, VirtualDevice } from './device.ts';
 import type { Percentiles } from './histogram.ts';
 import { Ledger, type Settlement, type Totals } from './ledger.ts';
 import { RunMetrics } from './metrics.ts';
-import { Producer } from './producer.ts';
-import { pick, rngFor } from './rng.ts';
+import { type EventSink, HttpEventSink, Producer } from './producer.ts';
+import { pick, type Rng, rngFor } from './rng.ts';
 
 export const Transport = { tcp: 'tcp', ws: 'ws', mix: 'mix' } as const;
 export type Transport = (typeof Transport)[keyof typeof Transport];
@@ -47,10 +47,51 @@ export interface SimOptions {
   helloChunks: number;
   seed: number;
   pinnedFingerprint?: string;
+  /**
+   * Start the clock of the run (and the producer) only once every device is in, so that the
+   * figures are of the traffic alone (benches); otherwise the producer starts with the fleet.
+   */
+  waitForFleet?: boolean;
   /** Redis of the gateway, and its key prefix, to read the back-end queue; omit to skip. */
   redisUrl?: string;
   redisPrefix?: string;
   gatewayPid?: number;
+}
+
+/** What the engine needs of a device, whatever it speaks. */
+export interface FleetDevice {
+  readonly index: number;
+  /** The device's own random stream. */
+  readonly rng: Rng;
+  readonly online: boolean;
+  /** In (authenticated, subscribed): the producer may address it. */
+  readonly ready: boolean;
+  /** What the producer's sink addresses; undefined until the device is first in. */
+  readonly target: string | undefined;
+  start(): Promise<void>;
+  /** Churn: drop the connection; the device comes back by itself. */
+  drop(): void;
+  stop(): Promise<void>;
+  publish(name: string, data: unknown): Promise<void>;
+  say(body: string): Promise<void>;
+}
+
+/** The system under load: its devices and where the producer's events go. */
+export interface Fleet {
+  readonly name: string;
+  device(index: number, rng: Rng, ctx: DeviceContext): FleetDevice;
+  sink(sim: Simulation): EventSink;
+}
+
+/** The gateway: reference-client devices, and `POST /v1/events` for the producer. */
+export function gatewayFleet(o: SimOptions, runId: string): Fleet {
+  const urlFor = (i: number) =>
+    o.transport === 'ws' ? o.wsUrl : o.transport === 'mix' && i % 2 === 1 ? o.wsUrl : o.tcpUrl;
+  return {
+    name: 'gateway',
+    device: (i, rng, ctx) => new VirtualDevice(i, `s${runId}${i}`, urlFor(i), rng, ctx),
+    sink: (sim) => new HttpEventSink(o.httpUrl, o.apiKey, sim.ledger, sim.metrics, () => sim.now()),
+  };
 }
 
 /** One point per second of the run. */
@@ -109,8 +150,15 @@ export interface SimReport {
   rejectedBy: Record<string, number>;
   backendScan: ReportScan | null;
   errors: Record<string, number>;
-  /** Events per second delivered over the run (first receipts / elapsed before the drain). */
+  /** Events delivered per second over the event phase and drain; published per second over the event phase. */
   throughput: { deliveredPerS: number; publishedPerS: number };
+  /** From the producer's start (0, or when every device was in with `waitForFleet`) to the end of the drain. */
+  eventPhase: {
+    startS: number;
+    seconds: number;
+    gatewayCpuSeconds: number | null;
+    simulatorCpuSeconds: number;
+  };
   latency: Record<string, Percentiles>;
   devicePublishes: number;
   says: number;
@@ -140,16 +188,23 @@ export class Simulation {
   readonly ledger = new Ledger();
   readonly metrics = new RunMetrics();
   readonly runId = randomBytes(4).toString('hex').slice(0, 6);
-  private readonly devices: VirtualDevice[] = [];
+  private readonly devices: FleetDevice[] = [];
+  readonly fleet: Fleet;
   private running = true;
   private draining = false;
   private aborted = false;
   private abortWake: (() => void) | undefined;
   private readonly t0 = performance.now();
   private readonly series: SeriesPoint[] = [];
+  /** When every device was in (s), with `waitForFleet`. */
+  private fleetReadyS = 0;
 
-  constructor(readonly options: SimOptions) {
+  constructor(
+    readonly options: SimOptions,
+    fleet?: Fleet,
+  ) {
     if (options.devices < 1 || options.devices > 15000) throw new Error('devices: 1-15000 per process');
+    this.fleet = fleet ?? gatewayFleet(options, this.runId);
   }
 
   now(): number {
@@ -174,13 +229,6 @@ export class Simulation {
     });
   }
 
-  private urlFor(i: number): string {
-    const o = this.options;
-    if (o.transport === 'ws') return o.wsUrl;
-    if (o.transport === 'mix') return i % 2 === 0 ? o.tcpUrl : o.wsUrl;
-    return o.tcpUrl;
-  }
-
   async run(hooks: RunHooks = {}): Promise<SimReport> {
     const o = this.options;
     const startedAt = new Date().toISOString();
@@ -196,10 +244,9 @@ export class Simulation {
       mayWithholdAcks: () => !this.draining,
     };
     const rng = rngFor(o.seed, 0);
+    const sink = this.fleet.sink(this);
     const producer = new Producer(
       {
-        httpUrl: o.httpUrl,
-        apiKey: o.apiKey,
         rate: o.eventRate,
         window: o.window,
         payloadBytes: o.payloadBytes,
@@ -208,9 +255,9 @@ export class Simulation {
         batchMax: 500,
         eidPrefix: `sim-${this.runId}`,
       },
-      () => this.devices.map((d) => ({ index: d.index, sessionId: d.session?.sessionId })),
+      sink,
+      () => this.devices.map((d) => ({ index: d.index, target: d.target })),
       this.ledger,
-      this.metrics,
       rng,
       () => this.now(),
     );
@@ -222,6 +269,9 @@ export class Simulation {
     let ownPeakRss = 0;
     const ownCpu0 = process.cpuUsage();
     const gwCpu0 = gwCpuLast;
+    // CPU from the moment events flow (the producer's start), for the benches.
+    let gwCpuEvents = gwCpu0;
+    let ownCpuEvents = ownCpu0;
     let tLast = this.now();
     let peakConnected = 0;
     const sample = () => {
@@ -299,25 +349,38 @@ export class Simulation {
       );
       await Promise.race([watch.ready(), sleep(5000)]).catch(() => undefined);
     }
-    const runEnd = o.durationS * 1000;
+    let runEnd = o.durationS * 1000;
     const starts: Promise<void>[] = [];
-    producer.start();
+    if (!o.waitForFleet) producer.start();
     // Staggered starts: device i at i / rate seconds.
     for (let i = 0; i < o.devices && !this.aborted; i++) {
       const at = (i * 1000) / o.rate;
-      if (at >= runEnd) break;
+      if (at >= runEnd && !o.waitForFleet) break;
       const ahead = at - this.now();
       if (ahead > 0) await this.wait(ahead);
       if (this.aborted) break;
-      const d = new VirtualDevice(i, `s${this.runId}${i}`, this.urlFor(i), rngFor(o.seed, i + 1), ctx);
+      const d = this.fleet.device(i, rngFor(o.seed, i + 1), ctx);
       this.devices.push(d);
       starts.push(d.start());
     }
+    if (o.waitForFleet) {
+      // Bounded too: a fleet that does not get in within the time of the run plus a minute ends it.
+      const deadline = this.now() + 60_000 + runEnd;
+      while (!this.aborted && this.devices.some((d) => !d.ready) && this.now() < deadline) await sleep(50);
+      if (this.devices.some((d) => !d.ready)) this.metrics.error('fleet_not_ready');
+      this.fleetReadyS = this.now() / 1000;
+      gwCpuEvents = o.gatewayPid ? processCpuMicros(o.gatewayPid) : null;
+      ownCpuEvents = process.cpuUsage();
+      runEnd = this.now() + o.durationS * 1000;
+      if (!this.aborted) producer.start();
+    }
     const left = runEnd - this.now();
     if (left > 0) await this.wait(left);
+    const eventStart = o.waitForFleet ? this.fleetReadyS * 1000 : 0;
     const runMs = this.now();
     clearInterval(chatter);
     await producer.stop();
+    await sink.close();
 
     // Drain: every receipt is acked now; wait for the outstanding events (or the deadline).
     phase = 'drain';
@@ -327,6 +390,17 @@ export class Simulation {
     while (this.now() < drainEnd && this.ledger.outstanding > 0) await sleep(100);
     const drainMs = this.now() - drainStart;
     const drainEndedBy = this.ledger.outstanding > 0 ? 'deadline' : 'settled';
+    // CPU of the event phase: from the producer's start to the end of the drain.
+    const eventCpu = {
+      gatewaySeconds:
+        o.gatewayPid && gwCpuEvents !== null
+          ? ((processCpuMicros(o.gatewayPid) ?? Number.NaN) - gwCpuEvents) / 1e6
+          : null,
+      simulatorSeconds: (() => {
+        const u = process.cpuUsage(ownCpuEvents);
+        return (u.user + u.system) / 1e6;
+      })(),
+    };
     await watch?.close();
     let backendScan: ReportScan | null = null;
     if (o.redisUrl && o.redisPrefix !== undefined) {
@@ -341,7 +415,7 @@ export class Simulation {
     this.running = false;
     const connectedAtEnd = this.metrics.connected;
     const authenticatedAtEnd = this.devices.filter((d) => d.ready).length;
-    const neverLoggedIn = this.devices.filter((d) => !d.session).length;
+    const neverLoggedIn = this.devices.filter((d) => d.target === undefined).length;
     await Promise.allSettled(starts);
     await Promise.race([Promise.allSettled(this.devices.map((d) => d.stop())), sleep(10000)]);
 
@@ -380,8 +454,14 @@ export class Simulation {
       backendScan,
       errors: { ...this.metrics.errors },
       throughput: {
-        deliveredPerS: tot.delivered / Math.max(0.001, (runMs + drainMs) / 1000),
-        publishedPerS: tot.published / Math.max(0.001, runMs / 1000),
+        deliveredPerS: tot.delivered / Math.max(0.001, (runMs - eventStart + drainMs) / 1000),
+        publishedPerS: tot.published / Math.max(0.001, (runMs - eventStart) / 1000),
+      },
+      eventPhase: {
+        startS: eventStart / 1000,
+        seconds: (runMs - eventStart + drainMs) / 1000,
+        gatewayCpuSeconds: eventCpu.gatewaySeconds,
+        simulatorCpuSeconds: eventCpu.simulatorSeconds,
       },
       latency: {
         connect: this.metrics.connect.percentiles(),

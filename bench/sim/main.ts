@@ -27,6 +27,7 @@ const OPTIONS = {
   'no-ack-prob': { type: 'string', default: '0' },
   'churn-prob': { type: 'string', default: '0' },
   'chunked-handshake': { type: 'boolean', default: false },
+  'wait-for-fleet': { type: 'boolean', default: false },
   'hello-chunks': { type: 'string', default: '3' },
   drain: { type: 'string', default: '15' },
   seed: { type: 'string', default: '1' },
@@ -44,7 +45,7 @@ const OPTIONS = {
 
 const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
   --tcp HOST:PORT --ws URL --http URL --transport tcp|ws|mix
-  --devices N --rate N/s | --ramp S --duration S --drain S --seed N
+  --devices N --rate N/s | --ramp S --duration S --drain S --seed N --wait-for-fleet
   --event-rate N/s (0: as fast as acks allow) --window N --payload BYTES --max-events N --api-key KEY
   --publish-rate N/s --rooms N --say-rate N/s --no-ack-prob P --churn-prob P/s
   --chunked-handshake [--hello-chunks N] --fingerprint HEX
@@ -98,6 +99,7 @@ const opts: SimOptions = {
   sayRate: num('say-rate', 0, 1_000_000),
   noAckProb: num('no-ack-prob', 0, 1),
   churnProb: num('churn-prob', 0, 1),
+  waitForFleet: values['wait-for-fleet'],
   helloChunks: values['chunked-handshake'] ? num('hello-chunks', 2, 64) : 1,
   seed: num('seed', 0, 2 ** 32 - 1),
   ...(values.fingerprint ? { pinnedFingerprint: values.fingerprint } : {}),

@@ -1,17 +1,15 @@
 /**
- * The built-in back end: publishes qos-1 events to the devices' sessions through
- * `POST /v1/events` (docs/BACKEND.md), in batches, at a fixed rate or, with rate 0, as fast as
- * acks allow (at most `window` events accepted and not yet acked). Every event gets its own eid,
- * recorded in the ledger before the request leaves, so a receipt that beats the 202 is counted.
+ * The built-in back end: publishes qos-1 events to the devices in batches, at a fixed rate or,
+ * with rate 0, as fast as acks allow (at most `window` events accepted and not yet acked).
+ * Every event gets its own eid, recorded in the ledger before it leaves, so a receipt that
+ * beats the publisher's answer is counted. Where the events go is an `EventSink`: the gateway's
+ * `POST /v1/events` (docs/BACKEND.md) here, an MQTT broker for the peers bench.
  */
 import type { Ledger } from './ledger.ts';
 import { errorCode, type RunMetrics } from './metrics.ts';
 import { pick, type Rng } from './rng.ts';
 
 export interface ProducerOptions {
-  /** Base URL of the gateway's HTTP port, e.g. `http://127.0.0.1:8080`. */
-  httpUrl: string;
-  apiKey: string;
   /** Events per second in total; 0 = as fast as acks allow. */
   rate: number;
   /** Outstanding (accepted, unacked) events allowed when `rate` is 0. */
@@ -31,7 +29,77 @@ export interface ProducerOptions {
 /** A device the producer can address. */
 export interface Target {
   index: number;
-  sessionId: string | undefined;
+  /** What the sink addresses (a session id, a topic); undefined until the device is in. */
+  target: string | undefined;
+}
+
+/** One event on its way. */
+export interface OutgoingEvent {
+  eid: string;
+  target: string;
+  data: { seq: number; pad: string };
+}
+
+/** Where the producer's batches go; it tells the ledger what was accepted or rejected. */
+export interface EventSink {
+  send(events: OutgoingEvent[]): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** The gateway's HTTP API: one `POST /v1/events` per batch, qos 1, to `{session}` targets. */
+export class HttpEventSink implements EventSink {
+  constructor(
+    private readonly httpUrl: string,
+    private readonly apiKey: string,
+    private readonly ledger: Ledger,
+    private readonly metrics: RunMetrics,
+    private readonly now: () => number,
+  ) {}
+
+  async send(batch: OutgoingEvent[]): Promise<void> {
+    const events = batch.map((e) => ({
+      target: { session: e.target },
+      name: 'sim.event',
+      data: e.data,
+      qos: 1,
+      eid: e.eid,
+    }));
+    const t = this.now();
+    try {
+      const res = await fetch(`${this.httpUrl}/v1/events`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${this.apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ events }),
+        signal: AbortSignal.timeout(20000),
+      });
+      const body = (await res.json().catch(() => ({}))) as {
+        results?: { eid: string; accepted?: number; rejected?: number; error?: { code: string } }[];
+        error?: { code: string };
+      };
+      this.metrics.httpPublish.record(this.now() - t);
+      if (res.status !== 202 || !Array.isArray(body.results)) {
+        const code = body.error?.code ?? `http_${res.status}`;
+        this.metrics.error(code);
+        for (const e of events) this.ledger.rejected(e.eid, code);
+        return;
+      }
+      for (const r of body.results) {
+        if (r.error) {
+          this.metrics.error(r.error.code);
+          this.ledger.rejected(r.eid, r.error.code);
+        } else if ((r.accepted ?? 0) > 0) this.ledger.accepted(r.eid);
+        else {
+          this.metrics.error('outbox_full');
+          this.ledger.rejected(r.eid, 'outbox_full');
+        }
+      }
+    } catch (e) {
+      // The fate of these events is unknown: they stay "unanswered" (not lost, not rejected).
+      this.metrics.error(`publish_${errorCode(e)}`);
+    }
+  }
+
+  async close(): Promise<void> {}
 }
 
 const TICK_MS = 10;
@@ -46,9 +114,9 @@ export class Producer {
 
   constructor(
     private readonly options: ProducerOptions,
+    private readonly sink: EventSink,
     private readonly targets: () => Target[],
     private readonly ledger: Ledger,
-    private readonly metrics: RunMetrics,
     private readonly rng: Rng,
     private readonly now: () => number,
   ) {
@@ -93,7 +161,7 @@ export class Producer {
     const now = this.now();
     if (now - this.targetsAt >= 100) {
       this.targetsAt = now;
-      this.cached = this.targets().filter((t) => t.sessionId !== undefined);
+      this.cached = this.targets().filter((t) => t.target !== undefined);
     }
     const all = this.cached;
     if (all.length === 0) {
@@ -105,61 +173,24 @@ export class Producer {
     while (n > 0 && this.inflight < o.concurrency) {
       const size = Math.min(n, o.batchMax);
       n -= size;
-      const events = [];
+      const events: OutgoingEvent[] = [];
       for (let i = 0; i < size; i++) {
         const t = all[pick(this.rng, all.length)];
         const seq = this.sent++;
         const eid = `${o.eidPrefix}-${seq}`;
         this.ledger.published(eid, t.index, this.now());
-        events.push({
-          target: { session: t.sessionId },
-          name: 'sim.event',
-          data: { seq, pad: this.pad },
-          qos: 1,
-          eid,
-        });
+        events.push({ eid, target: t.target!, data: { seq, pad: this.pad } });
       }
       const p = this.post(events).finally(() => this.requests.delete(p));
       this.requests.add(p);
     }
   }
 
-  private async post(events: { eid: string }[]): Promise<void> {
-    const o = this.options;
+  private async post(events: OutgoingEvent[]): Promise<void> {
     this.inflight++;
     this.inFlightEvents += events.length;
-    const t = this.now();
     try {
-      const res = await fetch(`${o.httpUrl}/v1/events`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${o.apiKey}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ events }),
-        signal: AbortSignal.timeout(20000),
-      });
-      const body = (await res.json().catch(() => ({}))) as {
-        results?: { eid: string; accepted?: number; rejected?: number; error?: { code: string } }[];
-        error?: { code: string };
-      };
-      this.metrics.httpPublish.record(this.now() - t);
-      if (res.status !== 202 || !Array.isArray(body.results)) {
-        const code = body.error?.code ?? `http_${res.status}`;
-        this.metrics.error(code);
-        for (const e of events) this.ledger.rejected(e.eid, code);
-        return;
-      }
-      for (const r of body.results) {
-        if (r.error) {
-          this.metrics.error(r.error.code);
-          this.ledger.rejected(r.eid, r.error.code);
-        } else if ((r.accepted ?? 0) > 0) this.ledger.accepted(r.eid);
-        else {
-          this.metrics.error('outbox_full');
-          this.ledger.rejected(r.eid, 'outbox_full');
-        }
-      }
-    } catch (e) {
-      // The fate of these events is unknown: they stay "unanswered" (not lost, not rejected).
-      this.metrics.error(`publish_${errorCode(e)}`);
+      await this.sink.send(events);
     } finally {
       this.inflight--;
       this.inFlightEvents -= events.length;
