@@ -201,10 +201,11 @@ export class Simulation {
 
   constructor(
     readonly options: SimOptions,
-    fleet?: Fleet,
+    /** The system under load, given the run id (default: the gateway of `options`). */
+    fleet?: (runId: string) => Fleet,
   ) {
     if (options.devices < 1 || options.devices > 15000) throw new Error('devices: 1-15000 per process');
-    this.fleet = fleet ?? gatewayFleet(options, this.runId);
+    this.fleet = fleet ? fleet(this.runId) : gatewayFleet(options, this.runId);
   }
 
   now(): number {
