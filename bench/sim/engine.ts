@@ -171,6 +171,8 @@ export interface SimReport {
 export interface RunHooks {
   /** Called once per second with the latest point. */
   onTick?: (p: SeriesPoint, phase: 'run' | 'drain') => void;
+  /** Called when the producer starts, and when the drain ends (benches measure between). */
+  onEventPhase?: (edge: 'start' | 'end') => void;
 }
 
 function rssMb(pid: number): number | null {
@@ -352,7 +354,10 @@ export class Simulation {
     }
     let runEnd = o.durationS * 1000;
     const starts: Promise<void>[] = [];
-    if (!o.waitForFleet) producer.start();
+    if (!o.waitForFleet) {
+      hooks.onEventPhase?.('start');
+      producer.start();
+    }
     // Staggered starts: device i at i / rate seconds.
     for (let i = 0; i < o.devices && !this.aborted; i++) {
       const at = (i * 1000) / o.rate;
@@ -373,6 +378,7 @@ export class Simulation {
       gwCpuEvents = o.gatewayPid ? processCpuMicros(o.gatewayPid) : null;
       ownCpuEvents = process.cpuUsage();
       runEnd = this.now() + o.durationS * 1000;
+      hooks.onEventPhase?.('start');
       if (!this.aborted) producer.start();
     }
     const left = runEnd - this.now();
@@ -391,6 +397,7 @@ export class Simulation {
     while (this.now() < drainEnd && this.ledger.outstanding > 0) await sleep(100);
     const drainMs = this.now() - drainStart;
     const drainEndedBy = this.ledger.outstanding > 0 ? 'deadline' : 'settled';
+    hooks.onEventPhase?.('end');
     // CPU of the event phase: from the producer's start to the end of the drain.
     const eventCpu = {
       gatewaySeconds:
