@@ -111,6 +111,7 @@ class MqttDevice implements FleetDevice {
 
 class MqttSink implements EventSink {
   private client: mqtt.MqttClient | undefined;
+  private connecting: Promise<mqtt.MqttClient> | undefined;
 
   constructor(
     private readonly url: string,
@@ -118,9 +119,19 @@ class MqttSink implements EventSink {
     private readonly sim: Simulation,
   ) {}
 
-  private async connected(): Promise<mqtt.MqttClient> {
-    this.client ??= await mqtt.connectAsync(this.url, { clientId: this.clientId, clean: true });
-    return this.client;
+  /**
+   * The one producer connection. Memoised as a promise: batches in flight at once must share
+   * it, since a second connection with the same client id makes the broker close the first.
+   */
+  private connected(): Promise<mqtt.MqttClient> {
+    this.connecting ??= mqtt.connectAsync(this.url, { clientId: this.clientId, clean: true }).then((c) => {
+      // A producer connection lost and re-made resends its unacked publishes (DUP): count it.
+      c.on('reconnect', () => this.sim.metrics.error('producer_reconnect'));
+      c.on('error', (e) => this.sim.metrics.error(`producer_${errorCode(e)}`));
+      this.client = c;
+      return c;
+    });
+    return this.connecting;
   }
 
   async send(events: OutgoingEvent[]): Promise<void> {
@@ -130,6 +141,7 @@ class MqttSink implements EventSink {
       c = await this.connected();
     } catch (e) {
       metrics.error(`publish_${errorCode(e)}`);
+      this.connecting = undefined;
       return;
     }
     const t = this.sim.now();

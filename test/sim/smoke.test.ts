@@ -40,6 +40,11 @@ after(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
+/** Command-line arguments from an object: `{a: 1, b: true}` → `--a 1 --b`. */
+function argv(options: Record<string, string | number | boolean>): string[] {
+  return Object.entries(options).flatMap(([k, v]) => (v === true ? [`--${k}`] : [`--${k}`, String(v)]));
+}
+
 interface RunResult {
   code: number | null;
   stdout: string;
@@ -74,51 +79,32 @@ function simulate(
 
 test('a short run with churn and withheld acks loses nothing, sees redeliveries, and writes its reports', async () => {
   const tcp = gw.tcpUrl.replace('tcp://', '');
-  const r = await simulate([
-    '--tcp',
-    tcp,
-    '--ws',
-    gw.wsUrl,
-    '--http',
-    `http://127.0.0.1:${gw.httpPort}`,
-    '--transport',
-    'mix',
-    '--devices',
-    '20',
-    '--rate',
-    '20',
-    '--duration',
-    '6',
-    '--event-rate',
-    '100',
-    '--no-ack-prob',
-    '0.2',
-    '--churn-prob',
-    '0.05',
-    '--publish-rate',
-    '5',
-    '--rooms',
-    '2',
-    '--say-rate',
-    '2',
-    '--chunked-handshake',
-    '--drain',
-    '30',
-    '--seed',
-    '7',
-    '--api-key',
-    API_KEY,
-    '--redis',
-    REDIS_URL,
-    '--prefix',
-    gw.prefix,
-    '--gateway-pid',
-    String(gw.proc.pid),
-    '--json',
-    join(dir, 'report.json'),
-    '--html',
-    join(dir, 'report.html'),
-  ]);
+  const r = await simulate(
+    argv({
+      tcp,
+      ws: gw.wsUrl,
+      http: `http://127.0.0.1:${gw.httpPort}`,
+      transport: 'mix',
+      devices: 20,
+      rate: 20,
+      duration: 6,
+      'event-rate': 100,
+      'no-ack-prob': 0.2,
+      'churn-prob': 0.05,
+      'publish-rate': 5,
+      rooms: 2,
+      'say-rate': 2,
+      'chunked-handshake': true,
+      drain: 30,
+      seed: 7,
+      'api-key': API_KEY,
+      redis: REDIS_URL,
+      prefix: gw.prefix,
+      'gateway-pid': gw.proc.pid!,
+      json: join(dir, 'report.json'),
+      html: join(dir, 'report.html'),
+    }),
+  );
   const detail = `exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr.slice(-3000)}`;
   assert.equal(r.code, 0, detail);
   const report = JSON.parse(readFileSync(join(dir, 'report.json'), 'utf8'));
@@ -185,26 +171,17 @@ test('Ctrl-C ends a run early with a partial report', async () => {
   let interrupted = false;
   const json = join(dir, 'interrupted.json');
   const r = await simulate(
-    [
-      '--tcp',
-      gw.tcpUrl.replace('tcp://', ''),
-      '--http',
-      `http://127.0.0.1:${gw.httpPort}`,
-      '--devices',
-      '5',
-      '--rate',
-      '10',
-      '--duration',
-      '600',
-      '--event-rate',
-      '50',
-      '--api-key',
-      API_KEY,
-      '--prefix',
-      gw.prefix,
-      '--json',
+    argv({
+      tcp: gw.tcpUrl.replace('tcp://', ''),
+      http: `http://127.0.0.1:${gw.httpPort}`,
+      devices: 5,
+      rate: 10,
+      duration: 600,
+      'event-rate': 50,
+      'api-key': API_KEY,
+      prefix: gw.prefix,
       json,
-    ],
+    }),
     (child, stderr) => {
       // Interrupt once the run is under way: a status line with every device authenticated.
       if (!interrupted && /\(5 auth\)/.test(stderr)) {
