@@ -243,7 +243,7 @@ ${chartDivs}
       width: 900,
       height: 260,
       scales: { x: { time: false } },
-      axes: [{ label: 's' }, {}],
+      axes: [{ label: 's' }, { size: 70 }],
       series: [{ label: 't (s)' }].concat(c.series.map((s) => ({ label: s.label, stroke: s.colour, width: 2, spanGaps: true }))),
       hooks: {
         draw: [(u) => {
