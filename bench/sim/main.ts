@@ -144,10 +144,16 @@ function status(p: SeriesPoint, phase: string): string {
   );
 }
 
-let interrupts = 0;
+let firstInterrupt = 0;
 process.on('SIGINT', () => {
-  interrupts++;
-  if (interrupts > 1) process.exit(130);
+  // Ctrl-C reaches every process of the terminal's group, and a wrapper (npm, tsx) may relay
+  // it once more: a second SIGINT within a second is the same Ctrl-C.
+  const now = Date.now();
+  if (firstInterrupt !== 0) {
+    if (now - firstInterrupt > 1000) process.exit(130);
+    return;
+  }
+  firstInterrupt = now;
   process.stderr.write('\ninterrupted: finishing with a partial report (Ctrl-C again to quit now)\n');
   sim.abort();
 });
