@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { processCpuMicros } from '../lib/proc.ts';
 import { BackendWatch, type ReportScan, readBackendReports } from './backend-reports.ts';
 import { type DeviceContext, VirtualDevice } from './device.ts';
-import type { Percentiles } from './histogram.ts';
+import type { LatencyHistogram, Percentiles } from './histogram.ts';
 import { Ledger, type Settlement, type Totals } from './ledger.ts';
 import { RunMetrics } from './metrics.ts';
 import { type EventSink, HttpEventSink, Producer } from './producer.ts';
@@ -47,6 +47,11 @@ export interface SimOptions {
   helloChunks: number;
   seed: number;
   pinnedFingerprint?: string;
+  /**
+   * This process is worker `index` of `count` (`--workers`): its device i is the fleet's device
+   * `i * count + index` (names, seeds), and its report carries its histograms for merging.
+   */
+  worker?: { index: number; count: number };
   /**
    * Start the clock of the run (and the producer) only once every device is in, so that the
    * figures are of the traffic alone (benches); otherwise the producer starts with the fleet.
@@ -166,6 +171,8 @@ export interface SimReport {
   gateway: ProcessUsage | null;
   simulator: ProcessUsage;
   series: SeriesPoint[];
+  /** With `worker`: every latency histogram, encoded, for the parent to merge. */
+  histograms?: Record<string, string>;
 }
 
 export interface RunHooks {
@@ -232,6 +239,26 @@ export class Simulation {
     });
   }
 
+  /** The latency histograms of the run by name (the keys of `SimReport.latency`). */
+  histogramsByName(): Record<string, LatencyHistogram> {
+    const m = this.metrics;
+    return {
+      connect: m.connect,
+      handshake: m.handshake,
+      register: m.register,
+      login: m.login,
+      resume: m.resume,
+      delivery: this.ledger.delivery,
+      ack: this.ledger.ack,
+      httpPublish: m.httpPublish,
+      devicePublish: m.devicePublish,
+    };
+  }
+
+  private encodedHistograms(): Record<string, string> {
+    return Object.fromEntries(Object.entries(this.histogramsByName()).map(([k, h]) => [k, h.encode()]));
+  }
+
   async run(hooks: RunHooks = {}): Promise<SimReport> {
     const o = this.options;
     const startedAt = new Date().toISOString();
@@ -246,7 +273,9 @@ export class Simulation {
       running: () => this.running,
       mayWithholdAcks: () => !this.draining,
     };
-    const rng = rngFor(o.seed, 0);
+    // The producer's stream: 0 alone, one per worker beyond the devices' streams otherwise.
+    const rng = rngFor(o.seed, o.worker ? 0x40000000 + o.worker.index : 0);
+    const globalIndex = (i: number) => (o.worker ? i * o.worker.count + o.worker.index : i);
     const sink = this.fleet.sink(this);
     const producer = new Producer(
       {
@@ -365,7 +394,7 @@ export class Simulation {
       const ahead = at - this.now();
       if (ahead > 0) await this.wait(ahead);
       if (this.aborted) break;
-      const d = this.fleet.device(i, rngFor(o.seed, i + 1), ctx);
+      const d = this.fleet.device(i, rngFor(o.seed, globalIndex(i) + 1), ctx);
       this.devices.push(d);
       starts.push(d.start());
     }
@@ -471,17 +500,9 @@ export class Simulation {
         gatewayCpuSeconds: eventCpu.gatewaySeconds,
         simulatorCpuSeconds: eventCpu.simulatorSeconds,
       },
-      latency: {
-        connect: this.metrics.connect.percentiles(),
-        handshake: this.metrics.handshake.percentiles(),
-        register: this.metrics.register.percentiles(),
-        login: this.metrics.login.percentiles(),
-        resume: this.metrics.resume.percentiles(),
-        delivery: this.ledger.delivery.percentiles(),
-        ack: this.ledger.ack.percentiles(),
-        httpPublish: this.metrics.httpPublish.percentiles(),
-        devicePublish: this.metrics.devicePublish.percentiles(),
-      },
+      latency: Object.fromEntries(
+        Object.entries(this.histogramsByName()).map(([k, h]) => [k, h.percentiles()]),
+      ),
       devicePublishes: this.metrics.devicePublishes,
       says: this.metrics.says,
       roomMessages: this.metrics.roomMessages,
@@ -494,6 +515,7 @@ export class Simulation {
         : null,
       simulator: { cpuSeconds: ownCpuS, cpuPercent: (ownCpuS / elapsedS) * 100, peakRssMb: ownPeakRss },
       series: this.series,
+      ...(o.worker ? { histograms: this.encodedHistograms() } : {}),
     };
   }
 }

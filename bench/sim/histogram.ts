@@ -2,7 +2,7 @@
  * Latency histograms (HDR, 3 significant digits): values recorded in microseconds, reported in
  * milliseconds.
  */
-import hdr from 'hdr-histogram-js';
+import hdr, { decodeFromCompressedBase64, encodeIntoCompressedBase64 } from 'hdr-histogram-js';
 
 export interface Percentiles {
   count: number;
@@ -51,5 +51,15 @@ export class LatencyHistogram {
 
   reset(): void {
     this.h.reset();
+  }
+
+  /** The recorded values, compressed (HdrHistogram's base64 form), to merge elsewhere. */
+  encode(): string {
+    return encodeIntoCompressedBase64(this.h);
+  }
+
+  /** Adds the values of an `encode()`d histogram (another process's). */
+  addEncoded(encoded: string): void {
+    this.h.add(decodeFromCompressedBase64(encoded));
   }
 }

@@ -4,8 +4,9 @@
  */
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { type SeriesPoint, type SimOptions, Simulation, type Transport } from './engine.ts';
+import { type SeriesPoint, type SimOptions, type SimReport, Simulation, type Transport } from './engine.ts';
 import { htmlReport, jsonReport, textReport } from './report.ts';
+import { runWorkers } from './workers.ts';
 
 const OPTIONS = {
   tcp: { type: 'string', default: '127.0.0.1:9000' },
@@ -28,6 +29,9 @@ const OPTIONS = {
   'churn-prob': { type: 'string', default: '0' },
   'chunked-handshake': { type: 'boolean', default: false },
   'wait-for-fleet': { type: 'boolean', default: false },
+  workers: { type: 'string', default: '1' },
+  // Internal: this process is worker i/K of a --workers K run.
+  worker: { type: 'string' },
   'hello-chunks': { type: 'string', default: '3' },
   drain: { type: 'string', default: '15' },
   seed: { type: 'string', default: '1' },
@@ -50,7 +54,7 @@ const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
   --publish-rate N/s --rooms N --say-rate N/s --no-ack-prob P --churn-prob P/s
   --chunked-handshake [--hello-chunks N] --fingerprint HEX
   --redis URL --prefix GW_REDIS_PREFIX | --no-backend-scan --gateway-pid PID
-  --json FILE --html FILE --quiet --allow-remote`;
+  --json FILE --html FILE --quiet --allow-remote --workers K`;
 
 let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>;
 try {
@@ -79,7 +83,8 @@ if (!['tcp', 'ws', 'mix'].includes(values.transport)) {
   console.error('--transport: tcp, ws or mix');
   process.exit(2);
 }
-const devices = num('devices', 1, 15000);
+const workers = num('workers', 1, 64);
+const devices = num('devices', workers, 15000 * workers);
 const opts: SimOptions = {
   tcpUrl: `tcp://${values.tcp}`,
   wsUrl: values.ws,
@@ -117,6 +122,54 @@ for (const u of [opts.tcpUrl, opts.wsUrl, opts.httpUrl]) {
     console.error(`${u} is not on loopback: pass --allow-remote to load a gateway on another host`);
     process.exit(2);
   }
+}
+
+const workerSpec = /^(\d+)\/(\d+)$/.exec(values.worker ?? '');
+if (values.worker && !workerSpec) {
+  console.error('--worker: i/K');
+  process.exit(2);
+}
+if (workerSpec) {
+  // This process's share of the fleet and of every rate.
+  const [index, count] = [Number(workerSpec[1]), Number(workerSpec[2])];
+  opts.worker = { index, count };
+  opts.devices = Math.floor(opts.devices / count) + (index < opts.devices % count ? 1 : 0);
+  opts.rate /= count;
+  opts.eventRate /= count;
+  opts.publishRate /= count;
+  opts.sayRate /= count;
+  opts.window = Math.max(1, Math.ceil(opts.window / count));
+  opts.maxEvents = Math.ceil(opts.maxEvents / count);
+} else if (workers > 1) {
+  // The parent of K workers: forwards their status lines and Ctrl-C, merges their reports.
+  const run = runWorkers(process.argv.slice(2), workers, {
+    quiet: values.quiet,
+    ...(opts.gatewayPid ? { gatewayPid: opts.gatewayPid } : {}),
+  });
+  let interrupted = false;
+  process.on('SIGINT', () => {
+    if (interrupted) return;
+    interrupted = true;
+    process.stderr.write('\ninterrupted: the workers finish with a partial report\n');
+    run.interrupt();
+  });
+  let report: SimReport;
+  try {
+    report = await run.report;
+  } catch (e) {
+    console.error((e as Error).message);
+    process.exit(1);
+  }
+  finish(report);
+}
+
+function finish(report: SimReport): never {
+  console.log(textReport(report));
+  if (values.json) writeFileSync(values.json, jsonReport(report));
+  if (values.html) writeFileSync(values.html, htmlReport(report));
+  if (values.json || values.html)
+    console.log(`\nreports: ${[values.json, values.html].filter(Boolean).join(', ')}`);
+  process.exit(report.interrupted ? 130 : report.lost > 0 ? 1 : 0);
 }
 
 const sim = new Simulation(opts);
@@ -166,9 +219,4 @@ const report = await sim.run({
   },
 });
 if (tty) process.stderr.write('\r\x1b[K');
-console.log(textReport(report));
-if (values.json) writeFileSync(values.json, jsonReport(report));
-if (values.html) writeFileSync(values.html, htmlReport(report));
-if (values.json || values.html)
-  console.log(`\nreports: ${[values.json, values.html].filter(Boolean).join(', ')}`);
-process.exit(report.interrupted ? 130 : report.lost > 0 ? 1 : 0);
+finish(report);

@@ -214,3 +214,45 @@ test('Ctrl-C (SIGINT to the whole process group of `npm run simulate`) ends a ru
   assert.ok(report.elapsedS < 120, detail);
   assert.ok(report.totals.published > 0, detail);
 });
+
+test('--workers 2 splits the fleet over two processes and merges their accounts', async () => {
+  const json = join(dir, 'workers.json');
+  const r = await simulate(
+    argv({
+      tcp: gw.tcpUrl.replace('tcp://', ''),
+      http: `http://127.0.0.1:${gw.httpPort}`,
+      workers: 2,
+      devices: 11,
+      rate: 20,
+      duration: 4,
+      'event-rate': 100,
+      'no-ack-prob': 0.1,
+      'churn-prob': 0.05,
+      drain: 30,
+      'api-key': API_KEY,
+      redis: REDIS_URL,
+      prefix: gw.prefix,
+      'gateway-pid': gw.proc.pid!,
+      json,
+    }),
+  );
+  const detail = `exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr.slice(-3000)}`;
+  assert.equal(r.code, 0, detail);
+  assert.match(r.stderr, /\[w0\] /, detail);
+  assert.match(r.stderr, /\[w1\] /, detail);
+  const report = JSON.parse(readFileSync(json, 'utf8'));
+  assert.equal(report.devices.started, 11, detail);
+  assert.equal(report.options.devices, 11, detail);
+  assert.equal(report.lost, 0, detail);
+  assert.ok(report.delivered > 50, detail);
+  assert.equal(report.delivered, report.totals.accepted, detail);
+  // The merged histograms hold every worker's values.
+  assert.equal(report.latency.delivery.count, report.delivered, detail);
+  assert.equal(report.latency.login.count, 11, detail);
+  assert.equal(report.histograms, undefined);
+  assert.ok(report.gateway.cpuSeconds > 0, detail);
+  assert.ok(
+    report.series.length > 0 && report.series.some((p: { connected: number }) => p.connected > 5),
+    detail,
+  );
+});
