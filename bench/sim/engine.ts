@@ -451,12 +451,13 @@ export class Simulation {
     sample();
     this.running = false;
     const connectedAtEnd = this.metrics.connected;
-    const authenticatedAtEnd = this.devices.filter((d) => d.ready).length;
+    const inAtEnd = new Set(this.devices.filter((d) => d.ready).map((d) => d.index));
+    const authenticatedAtEnd = inAtEnd.size;
     const neverLoggedIn = this.devices.filter((d) => d.target === undefined).length;
     await Promise.allSettled(starts);
     await Promise.race([Promise.allSettled(this.devices.map((d) => d.stop())), sleep(10000)]);
 
-    const settlement = this.ledger.settle();
+    const settlement = this.ledger.settle((i) => inAtEnd.has(i));
     const elapsedS = this.now() / 1000;
     const ownCpu = process.cpuUsage(ownCpu0);
     const ownCpuS = (ownCpu.user + ownCpu.system) / 1e6;

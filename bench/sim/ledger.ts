@@ -47,6 +47,12 @@ export interface Totals {
 
 export interface Settlement {
   lost: number;
+  /**
+   * Of the lost, those whose device was not in (connected and authenticated) at the end: the
+   * fleet did not get back in time (e.g. an overloaded login), rather than the server losing
+   * an event of a connected device.
+   */
+  lostToOfflineDevices: number;
   /** Up to 20 lost eids, for the report. */
   lostEids: string[];
   /** Received but never acked by the end (not lost: the device has them). */
@@ -165,10 +171,11 @@ export class Ledger {
     return n;
   }
 
-  /** The final account. */
-  settle(): Settlement {
+  /** The final account; `inAtEnd` tells whether a device was in at the end of the drain. */
+  settle(inAtEnd: (device: number) => boolean = () => true): Settlement {
     const s: Settlement = {
       lost: 0,
+      lostToOfflineDevices: 0,
       lostEids: [],
       unacked: 0,
       reportedUnreceived: {},
@@ -188,6 +195,7 @@ export class Ledger {
         continue;
       }
       s.lost++;
+      if (!inAtEnd(r.device)) s.lostToOfflineDevices++;
       if (s.lostEids.length < 20) s.lostEids.push(eid);
     }
     return s;

@@ -43,7 +43,9 @@ export function textReport(r: SimReport): string {
     '',
     `devices: started ${r.devices.started}, peak connected ${r.devices.peakConnected}, connected at end ${r.devices.connectedAtEnd}`,
     `events: published ${t.published}, accepted ${t.accepted}, rejected ${t.rejected} (${kv(r.rejectedBy)}), unanswered ${r.settlement.unanswered}`,
-    `        delivered ${r.delivered}, acked ${t.acked}, LOST ${r.lost}, duplicates ${r.duplicates}, redeliveries ${r.redeliveries}, ` +
+    `        delivered ${r.delivered}, acked ${t.acked}, LOST ${r.lost}` +
+      `${r.lost > 0 ? ` (${r.settlement.lostToOfflineDevices} of them to devices not in at the end)` : ''}, ` +
+      `duplicates ${r.duplicates}, redeliveries ${r.redeliveries}, ` +
       `unacked at end ${r.settlement.unacked}, foreign ${t.foreign}`,
     `gateway reports: ${kv(r.settlement.reported)}${r.backendScan ? ` (${r.backendScan.scanned} jobs scanned${r.backendScan.truncated ? ', truncated' : ''})` : ' (queue not read)'}`,
     `connections: reconnects ${r.reconnects}, churn drops ${r.churns}; device publishes ${r.devicePublishes}, says ${r.says}, room messages received ${r.roomMessages}`,

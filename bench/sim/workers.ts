@@ -117,6 +117,7 @@ export function mergeReports(rs: SimReport[]): SimReport {
     churns: sumBy(rs, (r) => r.churns),
     settlement: {
       lost: sumBy(rs, (r) => r.settlement.lost),
+      lostToOfflineDevices: sumBy(rs, (r) => r.settlement.lostToOfflineDevices),
       lostEids: rs.flatMap((r) => r.settlement.lostEids).slice(0, 20),
       unacked: sumBy(rs, (r) => r.settlement.unacked),
       reportedUnreceived: sumRecord((r) => r.settlement.reportedUnreceived),

@@ -149,3 +149,13 @@ test('error codes: protocol codes, Node codes, timeouts, requests cut by a close
   );
   assert.equal(errorCode(new Error('connection closed: going_away')), 'going_away');
 });
+
+test('a lost event of a device that was not in at the end is told apart', () => {
+  const l = ledgerWith(3);
+  l.received('e0', 1, 0, 10);
+  // e1 (device 1, in at the end) and e2 (device 2, offline at the end) never arrive.
+  const s = l.settle((device) => device !== 2);
+  assert.equal(s.lost, 2);
+  assert.equal(s.lostToOfflineDevices, 1);
+  assert.equal(l.settle().lostToOfflineDevices, 0);
+});
