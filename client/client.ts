@@ -51,6 +51,11 @@ export interface ClientOptions {
   connectTimeoutMs?: number;
   /** Largest frame accepted from the server before `welcome` tells its maximum. */
   maxFrameBytes?: number;
+  /**
+   * TCP only: send the `hello` frame in this many writes, 2 ms apart, as a device on a slow
+   * link would (the server must reassemble it). Default 1.
+   */
+  helloChunks?: number;
 }
 
 export type Session = SessionData;
@@ -191,8 +196,30 @@ export class GatewayClient extends EventEmitter {
         fail(e as Error);
         return;
       }
-      this.wire.write(pack(this.handshake.hello));
+      this.writeHello(pack(this.handshake.hello));
     });
+  }
+
+  /** Writes the hello frame, in `helloChunks` TCP writes when asked. */
+  private writeHello(body: Buffer): void {
+    const chunks = this.options.helloChunks ?? 1;
+    const socket = this.tcpSocket;
+    if (chunks <= 1 || !socket || !this.options.url.startsWith('tcp:')) {
+      this.wire!.write(body);
+      return;
+    }
+    const frame = encodeFrame(body);
+    const size = Math.ceil(frame.length / chunks);
+    let i = 0;
+    const next = () => {
+      if (socket.destroyed) return;
+      socket.write(frame.subarray(i, i + size));
+      i += size;
+      if (i < frame.length) setTimeout(next, 2);
+    };
+    // Chunks written before the connection is up would leave in one segment.
+    if (socket.connecting) socket.once('connect', next);
+    else next();
   }
 
   private open(onBody: (b: Buffer) => void, onClose: () => void, onError: (e: Error) => void): Wire {
@@ -200,6 +227,7 @@ export class GatewayClient extends EventEmitter {
     if (url.protocol === 'tcp:') {
       const socket = netConnect({ host: url.hostname, port: Number(url.port), noDelay: true });
       this.tcpSocket = socket;
+      socket.once('connect', () => this.emit('transportOpen'));
       const decoder = new FrameDecoder(this.options.maxFrameBytes ?? 16 * 1024 * 1024);
       socket.on('data', (chunk) => {
         try {
@@ -222,6 +250,7 @@ export class GatewayClient extends EventEmitter {
       ws.binaryType = 'nodebuffer';
       const queue: Buffer[] = [];
       ws.on('open', () => {
+        this.emit('transportOpen');
         for (const b of queue) ws.send(b);
         queue.length = 0;
       });

@@ -1,0 +1,288 @@
+/**
+ * One virtual device: a GatewayClient (the reference client, as any device would use it) with
+ * the behaviour of the simulation: register + login the first time, resume after a drop,
+ * acks (or withholds them, with a probability), publishes, rooms, churn.
+ */
+import { type CloseInfo, GatewayClient, type Session } from '../../client/client.ts';
+import { type EventMsg, isProtocolError } from '../../protocol/index.ts';
+import type { Ledger } from './ledger.ts';
+import { errorCode, type RunMetrics } from './metrics.ts';
+import type { Rng } from './rng.ts';
+
+export const PASSWORD = 'sim-device-password';
+
+/** Errors after which a device stops (counted once, not retried). */
+const PERMANENT = new Set(['invalid_credentials', 'forbidden']);
+/** Longest wait a device accepts from a `retryAfter` (ms). */
+const MAX_RETRY_AFTER_MS = 30_000;
+
+export interface DeviceContext {
+  readonly ledger: Ledger;
+  readonly metrics: RunMetrics;
+  readonly helloChunks: number;
+  readonly pinnedFingerprint?: string;
+  /** Probability of not acking one receipt of a qos-1 event. */
+  readonly noAckProb: number;
+  /** Room this device joins after authenticating, if any. */
+  room(index: number): string | undefined;
+  /** Milliseconds on the run's clock (the producer uses the same one). */
+  now(): number;
+  /** False once the run stops: no reconnect, no new work. */
+  running(): boolean;
+  /** False while draining: every receipt is acked. */
+  mayWithholdAcks(): boolean;
+}
+
+export class VirtualDevice {
+  client: GatewayClient | undefined;
+  session: Session | undefined;
+  online = false;
+  /** Logged in or resumed on the current connection. */
+  private authed = false;
+  private registered = false;
+  private dropping = false;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private failures = 0;
+  /** The wait the gateway asked for with its last error (ms), for the next retry. */
+  private retryAfterMs = 0;
+  /** Set after a permanent error: the device does not reconnect. */
+  private gaveUp = false;
+  private pendingAcks: string[] = [];
+  private ackScheduled = false;
+  /** Resolves when the current connection attempt settles (started, stopped or given up). */
+  private attempt: Promise<void> | undefined;
+
+  constructor(
+    readonly index: number,
+    readonly username: string,
+    readonly url: string,
+    /** The device's own random stream (acks, churn, backoff). */
+    readonly rng: Rng,
+    private readonly ctx: DeviceContext,
+  ) {}
+
+  get deviceId(): string {
+    return `${this.username}-dev`;
+  }
+
+  /** Connects (and registers/logs in or resumes); failures are counted and retried. */
+  start(): Promise<void> {
+    this.attempt = this.connectOnce();
+    return this.attempt;
+  }
+
+  private async connectOnce(): Promise<void> {
+    const { ctx } = this;
+    const m = ctx.metrics;
+    const c = new GatewayClient({
+      url: this.url,
+      autoAck: false,
+      helloChunks: ctx.helloChunks,
+      connectTimeoutMs: 15000,
+      requestTimeoutMs: 20000,
+      clientName: 'gateway-sim/0.1',
+      ...(ctx.pinnedFingerprint ? { pinnedFingerprint: ctx.pinnedFingerprint } : {}),
+    });
+    this.client = c;
+    const t0 = ctx.now();
+    let tOpen = 0;
+    c.once('transportOpen', () => {
+      tOpen = ctx.now();
+      m.connect.record(tOpen - t0);
+    });
+    c.on('event', (ev: EventMsg) => this.onEvent(ev));
+    c.on('serverError', (e) => m.error(errorCode(e)));
+    c.on('protocolError', () => m.error('protocol_error'));
+    c.on('close', (info: CloseInfo) => this.onClose(c, info));
+    try {
+      await c.connect();
+      m.handshake.record(ctx.now() - (tOpen || t0));
+      this.online = true;
+      m.connected++;
+      if (this.session) await this.resume(c);
+      else await this.signIn(c);
+      this.authed = true;
+      m.authenticated++;
+      this.failures = 0;
+      const room = ctx.room(this.index);
+      if (room) await c.request('join', { room });
+    } catch (e) {
+      const code = errorCode(e);
+      m.error(code);
+      if (c !== this.client) return;
+      // Another account holds this name or device id: retrying cannot help.
+      if (PERMANENT.has(code)) this.gaveUp = true;
+      // `overloaded` / `rate_limited` say when to come back (ms): heed it, within a bound.
+      const retryAfter = isProtocolError(e) ? e.retryAfter : undefined;
+      if (retryAfter !== undefined) this.retryAfterMs = Math.min(retryAfter, MAX_RETRY_AFTER_MS);
+      if (this.online) {
+        // The close handler schedules the retry; the error is already counted.
+        this.dropping = true;
+        c.destroy();
+      } else this.retryLater();
+    }
+  }
+
+  private async signIn(c: GatewayClient): Promise<void> {
+    const { ctx } = this;
+    if (!this.registered) {
+      const t = ctx.now();
+      try {
+        await c.request('register', {
+          username: this.username,
+          email: `${this.username}@sim.example`,
+          password: PASSWORD,
+        });
+        ctx.metrics.register.record(ctx.now() - t);
+      } catch (e) {
+        // An earlier register may have gone through with its answer lost to a dropped
+        // connection: the login below tells whether the account is this device's.
+        if (!isProtocolError(e) || e.code !== 'username_taken') throw e;
+        ctx.metrics.error(e.code);
+      }
+      this.registered = true;
+    }
+    const t = ctx.now();
+    this.session = await c.request<Session>('login', {
+      username: this.username,
+      password: PASSWORD,
+      device: { id: this.deviceId, model: 'sim' },
+    });
+    ctx.metrics.login.record(ctx.now() - t);
+  }
+
+  private async resume(c: GatewayClient): Promise<void> {
+    const { ctx } = this;
+    const s = this.session!;
+    c.session = s;
+    const t = ctx.now();
+    try {
+      await c.request('resume', { token: s.token });
+    } catch (e) {
+      if (!isProtocolError(e) || e.code !== 'token_expired' || !s.refresh) throw e;
+      ctx.metrics.error(e.code);
+      await c.request('refresh', { refresh: s.refresh });
+      await c.request('resume', { token: c.session!.token });
+    }
+    this.session = c.session;
+    ctx.metrics.resume.record(ctx.now() - t);
+    ctx.metrics.reconnects++;
+  }
+
+  private onEvent(ev: EventMsg): void {
+    const { ctx } = this;
+    if (ev.qos !== 1) {
+      if (ev.name === 'room.message') ctx.metrics.roomMessages++;
+      return;
+    }
+    const t = ctx.now();
+    ctx.ledger.received(ev.eid, ev.attempt ?? 1, this.index, t);
+    if (ctx.mayWithholdAcks() && this.rng() < ctx.noAckProb) return;
+    ctx.ledger.acked(ev.eid, t);
+    this.pendingAcks.push(ev.eid);
+    if (!this.ackScheduled) {
+      // One ack message for the events of one tick.
+      this.ackScheduled = true;
+      setImmediate(() => this.flushAcks());
+    }
+  }
+
+  private flushAcks(): void {
+    this.ackScheduled = false;
+    const eids = this.pendingAcks;
+    this.pendingAcks = [];
+    if (eids.length === 0 || !this.client?.isOpen) return;
+    try {
+      this.client.ack(eids);
+    } catch (e) {
+      this.ctx.metrics.error(errorCode(e));
+    }
+  }
+
+  private onClose(c: GatewayClient, info: CloseInfo): void {
+    if (c !== this.client) return;
+    const m = this.ctx.metrics;
+    if (this.online) {
+      this.online = false;
+      m.connected--;
+    }
+    if (this.authed) {
+      this.authed = false;
+      m.authenticated--;
+    }
+    const dropped = this.dropping;
+    this.dropping = false;
+    if (!dropped && !info.byClient) m.error(info.code ?? 'closed_by_server');
+    if (info.byClient) return;
+    const wait = info.retryAfter !== undefined ? Math.min(info.retryAfter, 5000) : undefined;
+    this.retryLater(wait);
+  }
+
+  private retryLater(delayMs?: number): void {
+    if (!this.ctx.running() || this.gaveUp) return;
+    this.failures++;
+    // Backoff on repeated failures, jittered from the device's own stream; a retryAfter the
+    // gateway gave is a floor.
+    const told = Math.max(delayMs ?? 0, this.retryAfterMs);
+    this.retryAfterMs = 0;
+    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures, 6));
+    const delay =
+      told > 0
+        ? told + Math.round(this.rng() * Math.min(1000, told / 4))
+        : Math.round(backoff / 2 + (this.rng() * backoff) / 2);
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => {
+      if (this.ctx.running()) void this.start();
+    }, delay);
+  }
+
+  /** Churn: drops the connection without a goodbye; the device resumes shortly after. */
+  drop(): void {
+    if (!this.online || !this.client) return;
+    this.ctx.metrics.churns++;
+    this.dropping = true;
+    this.client.destroy();
+  }
+
+  /** The session the producer addresses (it survives drops: resume keeps it). */
+  get target(): string | undefined {
+    return this.session?.sessionId;
+  }
+
+  get ready(): boolean {
+    return this.authed;
+  }
+
+  async publish(name: string, data: unknown): Promise<void> {
+    const c = this.client!;
+    const t = this.ctx.now();
+    try {
+      await c.request('publish', { name, data });
+      this.ctx.metrics.devicePublish.record(this.ctx.now() - t);
+      this.ctx.metrics.devicePublishes++;
+    } catch (e) {
+      this.ctx.metrics.error(errorCode(e));
+    }
+  }
+
+  async say(body: string): Promise<void> {
+    const room = this.ctx.room(this.index);
+    if (!room) return;
+    try {
+      await this.client!.request('say', { room, body });
+      this.ctx.metrics.says++;
+    } catch (e) {
+      this.ctx.metrics.error(errorCode(e));
+    }
+  }
+
+  /** Ends the device: `bye` when connected, then close; no reconnect follows. */
+  async stop(): Promise<void> {
+    clearTimeout(this.reconnectTimer);
+    await this.attempt?.catch(() => undefined);
+    const c = this.client;
+    if (!c) return;
+    this.flushAcks();
+    await c.close().catch(() => c.destroy());
+  }
+}

@@ -1,0 +1,51 @@
+/** Counters and histograms of a run other than the event ledger: connections, requests, errors. */
+import { LatencyHistogram } from './histogram.ts';
+
+export class RunMetrics {
+  /** TCP connect / WebSocket open. */
+  readonly connect = new LatencyHistogram();
+  /** Transport open → `welcome` verified (keys derived). */
+  readonly handshake = new LatencyHistogram();
+  readonly register = new LatencyHistogram();
+  readonly login = new LatencyHistogram();
+  readonly resume = new LatencyHistogram();
+  /** Device `publish` request → `ok {eid}`. */
+  readonly devicePublish = new LatencyHistogram();
+  /** Producer `POST /v1/events` round trip (a batch). */
+  readonly httpPublish = new LatencyHistogram();
+  readonly errors: Record<string, number> = {};
+  /** Errors of the current interval (reset by the caller). */
+  intervalErrors = 0;
+  reconnects = 0;
+  churns = 0;
+  connected = 0;
+  authenticated = 0;
+  devicePublishes = 0;
+  says = 0;
+  roomMessages = 0;
+
+  error(code: string): void {
+    this.errors[code] = (this.errors[code] ?? 0) + 1;
+    this.intervalErrors++;
+  }
+
+  get errorCount(): number {
+    let n = 0;
+    for (const v of Object.values(this.errors)) n += v;
+    return n;
+  }
+}
+
+/** A stable code for anything that went wrong: a protocol code, a Node error code, or `timeout`. */
+export function errorCode(e: unknown): string {
+  const err = e as { code?: unknown; message?: unknown };
+  const msg = typeof err?.message === 'string' ? err.message : String(e);
+  // The client fails the requests still waiting when a connection closes (churn, kicks).
+  if (msg === 'connection closed') return 'request_cut_by_close';
+  if (typeof err?.code === 'string' && err.code) return err.code;
+  if (/timed out/.test(msg)) return 'timeout';
+  const closed = /connection closed: (\w+)/.exec(msg);
+  if (closed) return closed[1];
+  if (/connection closed/.test(msg)) return 'closed';
+  return 'error';
+}

@@ -1,0 +1,125 @@
+/**
+ * Virtual devices against a real gateway: a device whose `register` reached the gateway but
+ * whose answer was lost (the connection dropped under it) finds its username taken on the
+ * next try, and must log in to its own account instead of failing forever.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { type DeviceContext, PASSWORD, VirtualDevice } from '../../bench/sim/device.ts';
+import { Ledger } from '../../bench/sim/ledger.ts';
+import { RunMetrics } from '../../bench/sim/metrics.ts';
+import { rngFor } from '../../bench/sim/rng.ts';
+import { GatewayClient } from '../../client/client.ts';
+import { newName } from '../helpers/accounts.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+
+let gw: GatewayProcess;
+
+before(async () => {
+  gw = await startGateway({ GW_REGISTER_PER_MINUTE: '10000', GW_LOG_LEVEL: 'info' });
+});
+
+after(async () => {
+  await gw?.stop();
+});
+
+function context(): { ctx: DeviceContext; stop: () => void } {
+  let running = true;
+  const t0 = performance.now();
+  return {
+    ctx: {
+      ledger: new Ledger(),
+      metrics: new RunMetrics(),
+      helloChunks: 1,
+      noAckProb: 0,
+      room: () => undefined,
+      now: () => performance.now() - t0,
+      running: () => running,
+      mayWithholdAcks: () => false,
+    },
+    stop: () => {
+      running = false;
+    },
+  };
+}
+
+test('a device whose earlier register went through logs in when its username is taken', async () => {
+  const username = newName().slice(0, 16);
+  // The register of an earlier attempt, whose answer the device never saw.
+  const earlier = new GatewayClient({ url: gw.tcpUrl });
+  await within('the earlier connection', earlier.connect());
+  await within(
+    'the earlier register',
+    earlier.request('register', { username, email: `${username}@sim.example`, password: PASSWORD }),
+  );
+  await earlier.close();
+
+  const { ctx, stop } = context();
+  const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(1, 1), ctx);
+  try {
+    void d.start();
+    await until('the device to log in', () => d.ready, 15_000).catch((e) => {
+      throw new Error(`${(e as Error).message}; errors: ${JSON.stringify(ctx.metrics.errors)}`);
+    });
+    assert.equal(ctx.metrics.login.count, 1);
+    assert.ok(d.session?.sessionId);
+  } finally {
+    stop();
+    await within('the device to stop', d.stop());
+  }
+});
+
+test('a device whose username belongs to someone else stops trying, with the error counted', async () => {
+  const username = newName().slice(0, 16);
+  const other = new GatewayClient({ url: gw.tcpUrl });
+  await within('the other connection', other.connect());
+  await within(
+    "the other account's register",
+    other.request('register', {
+      username,
+      email: `${username}@other.example`,
+      password: 'another password 1',
+    }),
+  );
+  await other.close();
+
+  const { ctx, stop } = context();
+  const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(1, 1), ctx);
+  try {
+    await within('the device start', d.start());
+    await until('the error to be counted', () => ctx.metrics.errors.invalid_credentials === 1).catch((e) => {
+      throw new Error(`${(e as Error).message}; errors: ${JSON.stringify(ctx.metrics.errors)}`);
+    });
+    assert.equal(d.ready, false);
+    // No retry loop: the device gave up after the one attempt.
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(ctx.metrics.errors.invalid_credentials, 1, JSON.stringify(ctx.metrics.errors));
+  } finally {
+    stop();
+    await within('the device to stop', d.stop());
+  }
+});
+
+test('a device told to retry later (rate_limited with retryAfter) waits that long instead of hammering', async () => {
+  // A gateway that allows one register per minute from this address: the second device is
+  // told `rate_limited` with a retryAfter of many seconds.
+  const strict = await startGateway({ GW_REGISTER_PER_MINUTE: '1', GW_LOG_LEVEL: 'info' });
+  const { ctx, stop } = context();
+  const first = new VirtualDevice(0, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 1), ctx);
+  const second = new VirtualDevice(1, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 2), ctx);
+  try {
+    await within('the first device', first.start());
+    assert.ok(first.ready, JSON.stringify(ctx.metrics.errors));
+    await within('the second device', second.start());
+    assert.equal(ctx.metrics.errors.rate_limited, 1, JSON.stringify(ctx.metrics.errors));
+    // Within the next 3 s a device backing off from its own failures would have tried again
+    // several times (100 ms, 200 ms, 400 ms, ...); one that heeds retryAfter has not.
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.equal(ctx.metrics.errors.rate_limited, 1, JSON.stringify(ctx.metrics.errors));
+  } finally {
+    stop();
+    await within('the devices to stop', Promise.all([first.stop(), second.stop()]));
+    await strict.stop();
+  }
+});
