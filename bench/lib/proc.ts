@@ -57,3 +57,13 @@ export function machineBusyMicros(): number | null {
     return null;
   }
 }
+
+/** Resident set size of a process in KiB (VmRSS of /proc/<pid>/status), or null if unreadable. */
+export function processRssKib(pid: number): number | null {
+  try {
+    const m = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}

@@ -7,12 +7,12 @@
  *
  *   npm run bench:connect -- [--devices 2000] [--concurrency 100] [--heartbeat-seconds 5]
  */
-import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
 import { header, table } from '../lib/measure.ts';
+import { processRssKib } from '../lib/proc.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
 const { values } = parseArgs({
@@ -29,10 +29,7 @@ const PASSWORD = 'correct horse battery';
 const HEARTBEAT_MS = 1000;
 
 /** VmRSS of a process, KiB. */
-function rssKib(pid: number): number {
-  const m = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) : Number.NaN;
-}
+const rssKib = (pid: number): number => processRssKib(pid) ?? Number.NaN;
 
 /** Runs `fn(i)` for i in [0, n) with at most `limit` in flight. */
 async function pool(n: number, limit: number, fn: (i: number) => Promise<void>): Promise<void> {

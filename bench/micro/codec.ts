@@ -26,6 +26,7 @@ import {
 import { probeNative } from '../lib/backends.ts';
 import { table } from '../lib/measure.ts';
 import { type TimeOptions, type Timing, time } from '../lib/stats.ts';
+import { mulberry32 } from '../sim/rng.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -39,17 +40,8 @@ const { native, reason } = probeNative();
 
 // ---- deterministic inputs -----------------------------------------------------------------
 
-/** mulberry32: a small seeded PRNG, so that every run decodes the same stream. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A small seeded PRNG (the simulator's), so that every run decodes the same stream. */
+const prng = mulberry32;
 
 const TS = 1_732_456_789_012;
 

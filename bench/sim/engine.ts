@@ -5,8 +5,7 @@
  * `abort()` is called.
  */
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { processCpuMicros } from '../lib/proc.ts';
+import { processCpuMicros, processRssKib } from '../lib/proc.ts';
 import { BackendWatch, type ReportScan, readBackendReports } from './backend-reports.ts';
 import { type DeviceContext, VirtualDevice } from './device.ts';
 import type { LatencyHistogram, Percentiles } from './histogram.ts';
@@ -183,12 +182,8 @@ export interface RunHooks {
 }
 
 function rssMb(pid: number): number | null {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) / 1024 : null;
-  } catch {
-    return null;
-  }
+  const kib = processRssKib(pid);
+  return kib === null ? null : kib / 1024;
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -10,7 +10,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { processCpuMicros } from '../lib/proc.ts';
+import { processCpuMicros, processRssKib } from '../lib/proc.ts';
 import type { SeriesPoint, SimReport } from './engine.ts';
 import { LatencyHistogram } from './histogram.ts';
 
@@ -159,12 +159,8 @@ export function mergeReports(rs: SimReport[]): SimReport {
 }
 
 function rssMb(pid: number): number | null {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) / 1024 : null;
-  } catch {
-    return null;
-  }
+  const kib = processRssKib(pid);
+  return kib === null ? null : kib / 1024;
 }
 
 export interface WorkersRun {

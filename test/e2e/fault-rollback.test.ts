@@ -44,55 +44,11 @@ async function publisher(): Promise<GatewayPublisher> {
   return pub;
 }
 
-test('after Redis rolls back, a connected device still gets every new event', async () => {
-  const device = await connected(gw.tcpUrl);
-  closers.push(() => device.close());
-  const s = await signUp(device);
-  let reconnects = 0;
-  device.on('close', () => reconnects++);
-  const got: EventMsg[] = [];
-  device.on('event', (e: EventMsg) => got.push(e));
-  const outboxEmpty = () =>
-    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
-
-  let pub = await publisher();
-  for (let i = 0; i < 5; i++) await pub.publish({ session: s.sessionId }, { name: 'early', data: { i } });
-  await until(() => got.length === 5, 'the first 5 events');
-  await until(outboxEmpty, 'the first 5 acks');
-  const restore = await redis.snapshot();
-
-  for (let i = 0; i < 20; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
-  await until(() => got.length === 25, 'the next 20 events');
-  await until(outboxEmpty, 'the next 20 acks');
-
-  await redis.kill('SIGKILL');
-  restore();
-  await redis.start();
-  // The node's subscriber is back: a publish can wake it.
-  await until(
-    () => redis.with(async (r) => ((await r.pubsub('CHANNELS', `${gw.prefix}*`)) as string[]).length > 0),
-    'the gateway re-subscribed',
-  );
-
-  pub = await publisher();
-  const K = 10;
-  const eids = new Set<string>();
-  for (let i = 0; i < K; i++)
-    eids.add((await pub.publish({ session: s.sessionId }, { name: 'after', data: { i } })).eid);
-  try {
-    await until(() => arrived(got, eids) === K, `all ${K} events after the rollback`);
-  } finally {
-    console.log(
-      `after the restart from an older AOF: ${arrived(got, eids)} of ${K} new events arrived (${got.filter((e) => eids.has(e.eid)).length} deliveries); reconnects: ${reconnects}`,
-    );
-  }
-  assert.equal(reconnects, 0, 'the device never reconnected');
-  // The reconnect itself resyncs too (the pump may have found the rollback first).
-  await gw.waitForLog((l) => l.msg === 'resyncing outboxes with Redis', 10000);
-  assert.equal(device.session?.sessionId ?? s.sessionId, s.sessionId);
-});
-
-test('a rollback that drops no connection is detected by the pump', async () => {
+/**
+ * A logged-in device that received and acked 5 events, then `mark()` (a snapshot of Redis to
+ * go back to), then 20 more events received and acked: what a rollback to the mark loses.
+ */
+async function deviceAckedPastMark<T>(mark: () => Promise<T>) {
   const device = await connected(gw.tcpUrl);
   closers.push(() => device.close());
   const s = await signUp(device);
@@ -106,25 +62,52 @@ test('a rollback that drops no connection is detected by the pump', async () => 
   for (let i = 0; i < 5; i++) await pub.publish({ session: s.sessionId }, { name: 'early', data: { i } });
   await until(() => got.length === 5, 'the first 5 events');
   await until(outboxEmpty, 'the first 5 acks');
-  const rollback = await redis.rdbSnapshot();
+  const marked = await mark();
   for (let i = 0; i < 20; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
   await until(() => got.length === 25, 'the next 20 events');
   await until(outboxEmpty, 'the next 20 acks');
+  return { device, s, got, closes: () => closes, marked };
+}
 
-  // Like a failover to a lagging replica behind a proxy: the data goes back, no socket closes.
-  await rollback();
+/** Publishes K events after the rollback and waits for every one of them. */
+async function publishAfter(pub: GatewayPublisher, sessionId: string, got: EventMsg[], label: string) {
   const K = 10;
   const eids = new Set<string>();
   for (let i = 0; i < K; i++)
-    eids.add((await pub.publish({ session: s.sessionId }, { name: 'after', data: { i } })).eid);
+    eids.add((await pub.publish({ session: sessionId }, { name: 'after', data: { i } })).eid);
   try {
     await until(() => arrived(got, eids) === K, `all ${K} events after the rollback`);
   } finally {
     console.log(
-      `after a rollback without reconnect: ${arrived(got, eids)} of ${K} new events arrived (${got.filter((e) => eids.has(e.eid)).length} deliveries); closes: ${closes}`,
+      `${label}: ${arrived(got, eids)} of ${K} new events arrived (${got.filter((e) => eids.has(e.eid)).length} deliveries)`,
     );
   }
-  assert.equal(closes, 0, 'the device stayed connected');
+}
+
+test('after Redis rolls back, a connected device still gets every new event', async () => {
+  const { device, s, got, closes, marked: restore } = await deviceAckedPastMark(() => redis.snapshot());
+  await redis.kill('SIGKILL');
+  restore();
+  await redis.start();
+  // The node's subscriber is back: a publish can wake it.
+  await until(
+    () => redis.with(async (r) => ((await r.pubsub('CHANNELS', `${gw.prefix}*`)) as string[]).length > 0),
+    'the gateway re-subscribed',
+  );
+  await publishAfter(await publisher(), s.sessionId, got, 'after the restart from an older AOF');
+  // The ioredis client reconnects: the device's TCP connection to the gateway never closed.
+  assert.equal(closes(), 0, 'the device never reconnected');
+  // The reconnect itself resyncs too (the pump may have found the rollback first).
+  await gw.waitForLog((l) => l.msg === 'resyncing outboxes with Redis', 10000);
+  assert.equal(device.session?.sessionId ?? s.sessionId, s.sessionId);
+});
+
+test('a rollback that drops no connection is detected by the pump', async () => {
+  const { s, got, closes, marked: rollback } = await deviceAckedPastMark(() => redis.rdbSnapshot());
+  // Like a failover to a lagging replica behind a proxy: the data goes back, no socket closes.
+  await rollback();
+  await publishAfter(await publisher(), s.sessionId, got, 'after a rollback without reconnect');
+  assert.equal(closes(), 0, 'the device stayed connected');
 });
 
 test('after a reconnect, the node writes its sessions presence and room membership again', async () => {
