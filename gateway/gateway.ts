@@ -100,7 +100,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.fingerprint = options.fingerprint;
     this.log = options.log;
     this.app = uWS.App();
-    this.routes = new RouteTable(this.app);
+    this.routes = new RouteTable(this.app, this.log);
     collectDefaultMetrics({ register: this.metrics });
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
@@ -416,6 +416,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.tcpServer?.close();
     if (this.listenSocket) uWS.us_listen_socket_close(this.listenSocket);
     const jitter = this.config.reconnectJitterMs;
+    this.log.info({ code: 'going_away', connections: this.connections.size }, 'kick');
     for (const conn of this.connections) {
       if (conn.state === ConnState.open) {
         conn.kick('going_away', 'gateway shutting down', Math.floor(Math.random() * (jitter + 1)));
