@@ -156,7 +156,8 @@ const JWT = /eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}/;
  * debug).
  */
 function assertNoSecrets(logs: Record<string, unknown>[], secrets: (string | undefined)[]): void {
-  const known = secrets.filter((x): x is string => !!x);
+  // A short stand-in (a test's `GW_API_KEY=k`) would match any line: it is no secret to look for.
+  const known = secrets.filter((x): x is string => !!x && x.length >= 8);
   const leaks = logs
     .map((l) => JSON.stringify(l))
     .filter((text) => JWT.test(text) || known.some((secret) => text.includes(secret)));
