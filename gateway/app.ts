@@ -5,6 +5,7 @@
  */
 import { Redis } from 'ioredis';
 import type { CryptoBackend } from '../protocol/index.ts';
+import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
 import { BackendEvents } from './backend-events.ts';
 import { Bus } from './bus.ts';
@@ -183,6 +184,18 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
   );
   monitor.start();
+  gateway.onReadiness('redis', async () => {
+    await redis.ping();
+    return undefined;
+  });
+  gateway.onReadiness('postgres', async () => {
+    await identity.pool.query('SELECT 1');
+    return undefined;
+  });
+  gateway.onReadiness('migrations', async () => {
+    const pending = await pendingMigrations((sql, params) => identity.pool.query(sql, params));
+    return pending.length ? `pending: ${pending.join(', ')}` : undefined;
+  });
 
   gateway.onClose(async () => {
     monitor.stop();

@@ -124,6 +124,18 @@ const SETTINGS = {
     'Hard deadline for a graceful shutdown (SIGTERM/SIGINT) before the process exits anyway.',
     int(100).default(10000),
   ),
+  drainDelayMs: setting(
+    'GW_DRAIN_DELAY_MS',
+    '0',
+    'On SIGTERM, how long `/health/ready` answers 503 before the gateway stops accepting and kicks its devices, so that load balancers take it out first (e.g. 5000 behind one). Counts within `GW_SHUTDOWN_TIMEOUT_MS`.',
+    int(0, 600_000).default(0),
+  ),
+  readyTimeoutMs: setting(
+    'GW_READY_TIMEOUT_MS',
+    '1000',
+    'Deadline of each check of `/health/ready` (Redis, PostgreSQL, migrations); a slower one is not ready.',
+    int(50, 60_000).default(1000),
+  ),
   reconnectJitterMs: setting(
     'GW_RECONNECT_JITTER_MS',
     '30000',

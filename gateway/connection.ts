@@ -215,6 +215,13 @@ export class Connection {
   /** PROTOCOL.md §6: tell the client why, then close. */
   kick(code: KickCode, message: string, retryAfterMs?: number): void {
     if (this.state >= ConnState.closing) return;
+    // A shutdown's going_away kicks are counted in one line by the gateway.
+    if (code !== 'going_away') {
+      this.host.log.info(
+        { conn: this.id, ip: this.ip, code, ...(this.session ? { sessionId: this.session.sessionId } : {}) },
+        'kick',
+      );
+    }
     if (this.state === ConnState.open) {
       this.send({
         type: 'kick',

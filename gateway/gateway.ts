@@ -63,7 +63,11 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   readonly connections = new Set<Connection>();
   /** Live connections by session id (for kicks and delivery). */
   readonly bySession = new Map<string, Set<Connection>>();
+  /** Stops accepting connections (the drain itself). */
   draining = false;
+  /** Shutdown started: `/health/ready` answers 503 from here on, `GW_DRAIN_DELAY_MS` before draining. */
+  shuttingDown = false;
+  private readonly readinessChecks = new Map<string, () => Promise<string | undefined>>();
 
   private readonly config: Config;
   private readonly handlers = new Map<string, RegisteredHandler>();
@@ -96,7 +100,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.fingerprint = options.fingerprint;
     this.log = options.log;
     this.app = uWS.App();
-    this.routes = new RouteTable(this.app);
+    this.routes = new RouteTable(this.app, this.log);
     collectDefaultMetrics({ register: this.metrics });
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
@@ -143,6 +147,14 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   /** Runs on every sweep tick (ACK deadlines and the like). */
   onSweep(hook: (nowMs: number) => void): void {
     this.sweepHooks.push(hook);
+  }
+
+  /**
+   * A check of `/health/ready`: resolves undefined when fine, or a short reason; a rejection
+   * or no answer within `GW_READY_TIMEOUT_MS` is not ready either.
+   */
+  onReadiness(name: string, check: () => Promise<string | undefined>): void {
+    this.readinessChecks.set(name, check);
   }
 
   /** Runs at shutdown after every connection is gone, in registration order. */
@@ -237,9 +249,27 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
 
   async start(): Promise<ListeningPorts> {
     const c = this.config;
-    this.app.get('/healthz', (res) => {
+    const live = (res: uWS.HttpResponse) => {
       res.cork(() => {
         res.writeHeader('content-type', 'application/json').end(JSON.stringify(this.health()));
+      });
+    };
+    this.app.get('/health/live', live);
+    this.app.get('/healthz', live);
+    this.app.get('/health/ready', (res) => {
+      let aborted = false;
+      res.onAborted(() => {
+        aborted = true;
+      });
+      this.readiness().then((r) => {
+        if (aborted) return;
+        res.cork(() => {
+          res.writeStatus(r.ready ? '200 OK' : '503 Service Unavailable');
+          res.writeHeader('content-type', 'application/json');
+          res.writeHeader('cache-control', 'no-store');
+          if (!r.ready) res.writeHeader('retry-after', '1');
+          res.end(JSON.stringify(r.body));
+        });
       });
     });
     mountWebSocket(this.app, this);
@@ -279,9 +309,44 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     };
   }
 
+  /**
+   * `/health/ready`: not while shutting down, and only when every readiness check (Redis,
+   * PostgreSQL, migrations: registered by the services) passes within `GW_READY_TIMEOUT_MS`.
+   */
+  async readiness(): Promise<{ ready: boolean; body: Record<string, unknown> }> {
+    const ms = this.config.readyTimeoutMs;
+    const checks: Record<string, string> = {};
+    await Promise.all(
+      [...this.readinessChecks].map(async ([name, check]) => {
+        let timer: NodeJS.Timeout | undefined;
+        const timeout = new Promise<string>((resolve) => {
+          timer = setTimeout(() => resolve(`no answer within ${ms} ms`), ms);
+        });
+        const outcome = check().then(
+          (problem) => problem ?? 'ok',
+          (e: unknown) => (e as Error)?.message ?? String(e),
+        );
+        checks[name] = await Promise.race([outcome, timeout]);
+        clearTimeout(timer);
+      }),
+    );
+    const failing = Object.keys(checks).filter((k) => checks[k] !== 'ok');
+    const shuttingDown = this.shuttingDown;
+    const ready = !shuttingDown && failing.length === 0;
+    return {
+      ready,
+      body: {
+        status: ready ? 'ready' : shuttingDown ? 'draining' : 'not_ready',
+        node: this.nodeId,
+        ...(failing.length ? { failing } : {}),
+        checks,
+      },
+    };
+  }
+
   health(): Record<string, unknown> {
     return {
-      status: this.draining ? 'draining' : 'ok',
+      status: this.shuttingDown ? 'draining' : 'ok',
       node: this.nodeId,
       crypto: this.backend.name,
       fingerprint: this.fingerprint,
@@ -338,11 +403,20 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   }
 
   private async runShutdown(): Promise<void> {
-    this.draining = true;
     const deadline = Date.now() + this.config.shutdownTimeoutMs;
+    this.shuttingDown = true;
+    // Load balancers see /health/ready fail and stop sending new clients; the devices
+    // connected meanwhile are served and drained with the rest.
+    const delay = Math.min(this.config.drainDelayMs, Math.max(0, this.config.shutdownTimeoutMs - 1000));
+    if (delay > 0) {
+      this.log.info({ drainDelayMs: delay }, 'not ready; draining after the delay');
+      await new Promise((r) => setTimeout(r, delay));
+    }
+    this.draining = true;
     this.tcpServer?.close();
     if (this.listenSocket) uWS.us_listen_socket_close(this.listenSocket);
     const jitter = this.config.reconnectJitterMs;
+    this.log.info({ code: 'going_away', connections: this.connections.size }, 'kick');
     for (const conn of this.connections) {
       if (conn.state === ConnState.open) {
         conn.kick('going_away', 'gateway shutting down', Math.floor(Math.random() * (jitter + 1)));

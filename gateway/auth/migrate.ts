@@ -39,11 +39,31 @@ export interface MigrationStatus {
   appliedAt: Date | null;
 }
 
-export async function migrationStatus(url: string, schema: string): Promise<MigrationStatus[]> {
-  const files = readdirSync(DIR)
+/** The migrations this build has, by name, in order. */
+function migrationNames(): string[] {
+  return readdirSync(DIR)
     .filter((f) => f.endsWith('.sql'))
     .map((f) => f.slice(0, -4))
     .sort();
+}
+
+/**
+ * Migrations of this build not applied to the schema, through a query function whose
+ * connections have the schema as search_path (the gateway's pool). Readiness uses it.
+ */
+export async function pendingMigrations(
+  query: (sql: string, params?: unknown[]) => Promise<{ rows: Record<string, unknown>[] }>,
+): Promise<string[]> {
+  const exists = await query('SELECT to_regclass($1) AS t', [TABLE]);
+  const applied = new Set<string>();
+  if (exists.rows[0].t) {
+    for (const row of (await query(`SELECT name FROM "${TABLE}"`)).rows) applied.add(row.name as string);
+  }
+  return migrationNames().filter((name) => !applied.has(name));
+}
+
+export async function migrationStatus(url: string, schema: string): Promise<MigrationStatus[]> {
+  const files = migrationNames();
   const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {

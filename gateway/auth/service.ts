@@ -247,7 +247,31 @@ export class IdentityService {
 
   // ---- login ----------------------------------------------------------------------------------
 
+  /** A login, with one structured log line for its result (never the password). */
   async login(
+    req: { username?: string; email?: string; password: string; device?: Device },
+    ctx: RequestContext,
+  ): Promise<SessionGrant> {
+    const fields = {
+      ip: ctx.ip,
+      device: req.device?.id ?? null,
+      ...(req.username !== undefined ? { username: req.username } : { by: 'email' }),
+    };
+    try {
+      const grant = await this.attemptLogin(req, ctx);
+      this.deps.log.info(
+        { ...fields, result: 'ok', userId: grant.userId, sessionId: grant.sessionId },
+        'login',
+      );
+      return grant;
+    } catch (e) {
+      const result = e instanceof ProtocolError ? e.code : 'error';
+      this.deps.log.info({ ...fields, result }, 'login');
+      throw e;
+    }
+  }
+
+  private async attemptLogin(
     req: { username?: string; email?: string; password: string; device?: Device },
     ctx: RequestContext,
   ): Promise<SessionGrant> {
@@ -263,8 +287,9 @@ export class IdentityService {
     const accountKey = user ? `u:${user.id}` : `n:${ident}`;
     // Reserve the attempt before the hash is verified, so attempts in flight count (a `get`
     // before and a `penalty` after let 50 concurrent guesses through a limit of 5).
+    let reserved: RateLimiterRes;
     try {
-      await this.accountFailures.consume(accountKey);
+      reserved = await this.accountFailures.consume(accountKey);
     } catch (e) {
       if (e instanceof Error) throw e;
       throw new ProtocolError('locked', undefined, { retryAfter: (e as RateLimiterRes).msBeforeNext });
@@ -291,7 +316,19 @@ export class IdentityService {
       ]).catch(() => {});
       throw e;
     }
-    if (!ok || !user) throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
+    if (!ok || !user) {
+      if (reserved.remainingPoints === 0) {
+        this.deps.log.warn(
+          {
+            ip: ctx.ip,
+            ...(user ? { userId: user.id } : { unknownAccount: true }),
+            retryAfter: reserved.msBeforeNext,
+          },
+          'account locked',
+        );
+      }
+      throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
+    }
     // Success: the account's count starts again, and the IP's reservation is given back.
     await Promise.all([this.accountFailures.delete(accountKey), this.ipFailures.reward(ctx.ip, 1)]);
     if (rehash) {
@@ -584,6 +621,11 @@ export class IdentityService {
     m.hset(key, 'code', this.codeHash(email, code), 'tries', 0);
     m.pexpire(key, o.otpExpirationMinutes * 60_000);
     await m.exec();
+    // The address is personal data: the log names it by a short hash.
+    this.deps.log.info(
+      { ip: ctx.ip, to: createHash('sha256').update(email).digest('hex').slice(0, 12) },
+      'login code sent',
+    );
     mailer.sendCode(email, code, o.otpExpirationMinutes).catch((e) => {
       this.deps.log.error({ err: (e as Error).message }, 'could not send the login code');
     });

@@ -2,9 +2,11 @@
  * What uWebSockets.js leaves unanswered: a request to an unknown path, with a method the path
  * does not take, or HEAD. Routes are recorded as services mount them, and one catch-all answers
  * 404 or 405 (with `Allow`) in the JSON error shape; HEAD runs the GET route and sends its
- * headers without the body.
+ * headers without the body. Every answer gets one access log line (method, route pattern,
+ * status, ms): the pattern, not the path, so that ids in paths stay out of the logs.
  */
 import type uWS from 'uWebSockets.js';
+import type { Logger } from '../log.ts';
 
 type Method = 'get' | 'post' | 'put' | 'patch' | 'del';
 const METHODS: readonly Method[] = ['get', 'post', 'put', 'patch', 'del'];
@@ -61,20 +63,45 @@ function answer(res: uWS.HttpResponse, status: string, code: string, message: st
   });
 }
 
+/**
+ * A response that logs one access line when it ends: method, route, status, duration. The
+ * status is what the handler wrote (200 when it wrote none).
+ */
+function accessLogged(res: uWS.HttpResponse, log: Logger, method: string, route: string): uWS.HttpResponse {
+  const t0 = performance.now();
+  let status = 200;
+  const proxy: uWS.HttpResponse = new Proxy(res, {
+    get(target, key) {
+      const value = Reflect.get(target, key);
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        if (key === 'writeStatus') status = Number.parseInt(String(args[0]), 10) || status;
+        const out = value.apply(target, args);
+        if (key === 'end' || key === 'endWithoutBody') {
+          log.info({ method, route, status, ms: Math.round((performance.now() - t0) * 10) / 10 }, 'http');
+        }
+        return out === target ? proxy : out;
+      };
+    },
+  });
+  return proxy;
+}
+
 /** Records every route mounted on `app` from now on; `mountFallback` answers the rest. */
 export class RouteTable {
   private readonly routes: Route[] = [];
 
-  constructor(app: uWS.TemplatedApp) {
+  constructor(
+    app: uWS.TemplatedApp,
+    private readonly log: Logger,
+  ) {
     for (const method of METHODS) {
       const original = app[method].bind(app);
+      const name = method === 'del' ? 'DELETE' : method.toUpperCase();
       app[method] = ((path: string, handler: RouteHandler) => {
-        this.routes.push({
-          method: method === 'del' ? 'DELETE' : method.toUpperCase(),
-          pattern: compile(path),
-          handler,
-        });
-        return original(path, handler);
+        const logged: RouteHandler = (res, req) => handler(accessLogged(res, log, name, path), req);
+        this.routes.push({ method: name, pattern: compile(path), handler: logged });
+        return original(path, logged);
       }) as never;
     }
   }
@@ -88,16 +115,18 @@ export class RouteTable {
 
   /** Mount last: uWS tries every more specific route first. */
   mountFallback(app: uWS.TemplatedApp): void {
-    app.any('/*', (res, req) => {
+    app.any('/*', (raw, req) => {
       const method = req.getMethod().toUpperCase();
       const path = req.getUrl();
       if (method === 'HEAD') {
         const get = this.routes.find((r) => r.method === 'GET' && r.pattern.test(path));
         if (get) {
-          get.handler(headOnly(res), req);
+          get.handler(headOnly(raw), req);
           return;
         }
       }
+      // An unknown path is logged as such, not by itself (it could be anything).
+      const res = accessLogged(raw, this.log, method, '(no route)');
       const allowed = this.allowed(path);
       if (allowed.length === 0) answer(headIf(res, method), '404 Not Found', 'not_found', `no route ${path}`);
       else {

@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { PASSWORD } from './accounts.ts';
 import { dropRedisPrefix, dropSchema } from './cleanup.ts';
 import { within } from './deadline.ts';
 
@@ -131,6 +132,7 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
     },
     waitForLog,
     async stop() {
+      assertNoSecrets(logs, [PASSWORD, env.GW_API_KEY, env.GW_ADMIN_KEY, env.SMTP_PASSWORD]);
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
@@ -143,4 +145,23 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
       return exitedWithin();
     },
   };
+}
+
+/** An access token (a JWT: three base64url parts, the first a JSON header). */
+const JWT = /eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}/;
+
+/**
+ * Every log line of every gateway the suite starts is checked when the test stops it: no
+ * password, API key or access token the tests used may appear, at any level (tests log at
+ * debug).
+ */
+function assertNoSecrets(logs: Record<string, unknown>[], secrets: (string | undefined)[]): void {
+  // A short stand-in (a test's `GW_API_KEY=k`) would match any line: it is no secret to look for.
+  const known = secrets.filter((x): x is string => !!x && x.length >= 8);
+  const leaks = logs
+    .map((l) => JSON.stringify(l))
+    .filter((text) => JWT.test(text) || known.some((secret) => text.includes(secret)));
+  if (leaks.length > 0) {
+    throw new Error(`${leaks.length} gateway log line(s) carry a secret, e.g. ${leaks[0].slice(0, 500)}`);
+  }
 }

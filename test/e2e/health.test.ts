@@ -1,0 +1,131 @@
+/**
+ * Health that tells the truth: `/health/live` while the process serves, `/health/ready` only
+ * while Redis, PostgreSQL and the migrations are fine and the gateway is not shutting down;
+ * on SIGTERM, not ready for `GW_DRAIN_DELAY_MS` before the drain. Own Redis and PostgreSQL,
+ * stopped and frozen here; never the shared ones.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { GatewayClient } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+interface Ready {
+  status: string;
+  failing?: string[];
+  checks: Record<string, string>;
+}
+
+async function ready(g: GatewayProcess): Promise<{ status: number; body: Ready; retryAfter: string | null }> {
+  const r = await fetchWithin(`http://127.0.0.1:${g.httpPort}/health/ready`);
+  return { status: r.status, body: (await r.json()) as Ready, retryAfter: r.headers.get('retry-after') };
+}
+
+async function live(g: GatewayProcess): Promise<{ status: number; body: { status: string } }> {
+  const r = await fetchWithin(`http://127.0.0.1:${g.httpPort}/health/live`);
+  return { status: r.status, body: (await r.json()) as { status: string } };
+}
+
+describe('health against the shared Redis and PostgreSQL', () => {
+  let gw: GatewayProcess;
+  before(async () => {
+    gw = await startGateway();
+  });
+  after(async () => {
+    await gw.stop();
+  });
+
+  test('live and ready answer 200 with every check; /healthz is live', async () => {
+    assert.deepEqual((await live(gw)).status, 200);
+    const r = await ready(gw);
+    assert.equal(r.status, 200);
+    assert.deepEqual(r.body.checks, { redis: 'ok', postgres: 'ok', migrations: 'ok' });
+    assert.equal(r.body.status, 'ready');
+    const healthz = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/healthz`);
+    assert.equal(healthz.status, 200);
+    assert.equal(((await healthz.json()) as { status: string }).status, 'ok');
+    const head = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/health/ready`, { method: 'HEAD' });
+    assert.equal(head.status, 200);
+  });
+
+  test('a schema without the migrations is not ready until they are applied', async () => {
+    const g = await startGateway({ GW_MIGRATE_ON_START: 'false' });
+    try {
+      const r = await ready(g);
+      assert.equal(r.status, 503);
+      assert.deepEqual(r.body.failing, ['migrations']);
+      assert.match(r.body.checks.migrations, /^pending: 1764000000000_identity/);
+      assert.equal(r.retryAfter, '1');
+      assert.equal((await live(g)).status, 200, 'alive all the same');
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('SIGTERM: not ready at once, still serving for GW_DRAIN_DELAY_MS, then going_away and exit 0', async () => {
+    const g = await startGateway({ GW_DRAIN_DELAY_MS: '1500' });
+    const device = await connected(g.tcpUrl);
+    await signUp(device);
+    const kicked = nextEvent<{ code: string }>(device, 'kick', 'the going_away kick');
+    g.proc.kill('SIGTERM');
+    await g.waitForLog((l) => l.msg === 'not ready; draining after the delay');
+    const r = await ready(g);
+    assert.equal(r.status, 503);
+    assert.equal(r.body.status, 'draining');
+    assert.equal((await live(g)).body.status, 'draining');
+    // During the delay a new device is still let in and served.
+    const late = new GatewayClient({ url: g.tcpUrl });
+    await late.connect();
+    assert.ok((await late.ping()) >= 0);
+    assert.equal((await kicked).code, 'going_away');
+    assert.equal(await g.exited, 0);
+    late.destroy();
+    await g.stop();
+  });
+});
+
+describe('health when a dependency fails', () => {
+  let pg: OwnPostgres;
+  let redis: OwnRedis;
+  let gw: GatewayProcess;
+  before(async () => {
+    [pg, redis] = await Promise.all([startOwnPostgres(), startOwnRedis()]);
+    gw = await startGateway({ REDIS_URL: redis.url, DATABASE_URL: pg.url, GW_READY_TIMEOUT_MS: '500' });
+  });
+  after(async () => {
+    await gw?.stop();
+    await Promise.allSettled([pg?.remove(), redis?.remove()]);
+  });
+
+  test('Redis stopped: not ready naming redis, alive; ready again once it is back', async () => {
+    assert.equal((await ready(gw)).status, 200);
+    await redis.kill('SIGTERM');
+    try {
+      const r = await ready(gw);
+      assert.equal(r.status, 503);
+      assert.deepEqual(r.body.failing, ['redis']);
+      assert.equal((await live(gw)).status, 200);
+    } finally {
+      await redis.start();
+    }
+    await until('ready after Redis is back', async () => (await ready(gw)).status === 200);
+  });
+
+  test('PostgreSQL frozen: not ready within the deadline, naming postgres; ready again once it thaws', async () => {
+    pg.freeze();
+    try {
+      const t0 = Date.now();
+      const r = await within('the readiness answer while PostgreSQL is frozen', ready(gw), 10_000);
+      console.log(`ready answered ${r.status} in ${Date.now() - t0} ms with PostgreSQL frozen`);
+      assert.equal(r.status, 503);
+      assert.ok(r.body.failing?.includes('postgres'), JSON.stringify(r.body));
+      assert.match(r.body.checks.postgres, /no answer within 500 ms|timeout/);
+    } finally {
+      pg.thaw();
+    }
+    await until('ready after PostgreSQL thaws', async () => (await ready(gw)).status === 200);
+  });
+});
