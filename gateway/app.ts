@@ -77,7 +77,13 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
 
-  const identity = await createAuthModule(config, log, { redis, bus, keys, backend: backendEvents });
+  const identity = await createAuthModule(config, log, {
+    redis,
+    bus,
+    keys,
+    backend: backendEvents,
+    metrics: gateway.counters,
+  });
   const outbox = new Outbox(redis, keys, {
     max: config.outboxMax,
     policy: config.outboxPolicy,

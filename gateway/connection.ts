@@ -24,6 +24,7 @@ import {
 } from '../protocol/index.ts';
 import { wireError } from './faults.ts';
 import type { Logger } from './log.ts';
+import type { GatewayMetrics } from './metrics.ts';
 
 /** What a connection needs from its transport: accept, forward bytes, write, pause, close. */
 export interface TransportSocket {
@@ -92,6 +93,7 @@ export interface ConnectionHost {
   readonly maxPendingBytes: number;
   readonly rekeyAfterFrames: number;
   readonly log: Logger;
+  readonly counters: GatewayMetrics;
   /** Handler for a request type, or undefined if no service provides it. */
   handler(type: string): RegisteredHandler | undefined;
   /** Handles `ack` frames (delivery); undefined until delivery exists. */
@@ -167,6 +169,9 @@ export class Connection {
     if (this.state >= ConnState.closing) return;
     this.lastRxMs = Date.now();
     this.traffic.bytesIn += body.length;
+    const wire = this.host.counters.wire;
+    wire.framesIn++;
+    wire.bytesIn += body.length;
     try {
       if (this.state === ConnState.handshake) this.handshake(body);
       else this.onMessage(body);
@@ -194,12 +199,16 @@ export class Connection {
     }
     if (t.headroom === 4) frame.writeUInt32BE(frame.length - 4, 0);
     this.traffic.bytesOut += frame.length;
+    const wire = this.host.counters.wire;
+    wire.framesOut++;
+    wire.bytesOut += frame.length;
     if ((message as { type?: string }).type === 'event') this.traffic.eventsOut++;
     t.write(frame);
     this.checkBackpressure();
   }
 
   sendError(err: ProtocolError, id: number | undefined): void {
+    this.host.counters.errorsSent.labels(err.code).inc();
     this.send({
       type: 'error',
       ...(id !== undefined ? { id } : {}),
@@ -215,6 +224,7 @@ export class Connection {
   /** PROTOCOL.md §6: tell the client why, then close. */
   kick(code: KickCode, message: string, retryAfterMs?: number): void {
     if (this.state >= ConnState.closing) return;
+    this.host.counters.kicks.labels(code).inc();
     // A shutdown's going_away kicks are counted in one line by the gateway.
     if (code !== 'going_away') {
       this.host.log.info(
@@ -283,6 +293,8 @@ export class Connection {
     this.send(welcome);
     this.channel = new Channel(h.backend, keys, 'server', { maxFramesPerKey: h.rekeyAfterFrames });
     this.state = ConnState.open;
+    h.counters.handshakes.labels('ok').inc();
+    h.counters.handshakeSeconds.observe((Date.now() - this.openedAtMs) / 1000);
     this.lastPingMs = Date.now();
   }
 
@@ -499,6 +511,8 @@ export class Connection {
       err = new ProtocolError('internal');
     }
     if (this.state >= ConnState.closing) return;
+    if (err.code === 'decrypt_failed') this.host.counters.wire.decryptFailures++;
+    if (this.state === ConnState.handshake) this.host.counters.handshakes.labels(err.code).inc();
     this.sendError(err, id);
     if (err.fatal) this.close();
   }

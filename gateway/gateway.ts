@@ -24,6 +24,7 @@ import {
 import { logFailure } from './faults.ts';
 import { RouteTable } from './http/routes.ts';
 import type { Logger } from './log.ts';
+import { GatewayMetrics } from './metrics.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
 
@@ -60,6 +61,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   /** Every HTTP route mounted on `app`, for the 404/405/HEAD answers. */
   private readonly routes: RouteTable;
   readonly metrics = new Registry();
+  /** The wire's, identity's and HTTP's metrics in `metrics` (gateway/metrics.ts). */
+  readonly counters = new GatewayMetrics(this.metrics);
   readonly connections = new Set<Connection>();
   /** Live connections by session id (for kicks and delivery). */
   readonly bySession = new Map<string, Set<Connection>>();
@@ -100,8 +103,16 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.fingerprint = options.fingerprint;
     this.log = options.log;
     this.app = uWS.App();
-    this.routes = new RouteTable(this.app, this.log);
+    this.routes = new RouteTable(this.app, this.log, this.counters);
     collectDefaultMetrics({ register: this.metrics });
+    // Gauges named like counters (promtool rejects them); their per-type twins stay.
+    for (const name of [
+      'nodejs_active_handles_total',
+      'nodejs_active_requests_total',
+      'nodejs_active_resources_total',
+    ]) {
+      this.metrics.removeSingleMetric(name);
+    }
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
       help: 'Open device connections by transport.',
@@ -204,6 +215,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       return null;
     }
     this.perIp.set(ip, count + 1);
+    this.counters.accepted.labels(transport.kind).inc();
     const conn = new Connection(this, transport, Date.now());
     this.connections.add(conn);
     this.connectionsOpen.labels(transport.kind).inc();
@@ -367,6 +379,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       switch (conn.state) {
         case ConnState.handshake:
           if (conn.openedAtMs <= handshakeDeadline) {
+            this.counters.handshakes.labels('timeout').inc();
             conn.sendError(new ProtocolError('handshake_required', 'handshake timed out'), undefined);
             conn.close();
           }

@@ -15,6 +15,7 @@ import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import type { GatewayMetrics } from '../metrics.ts';
 import { createDb } from './db.ts';
 import { Hasher } from './hasher.ts';
 import { Mailer } from './mailer.ts';
@@ -42,7 +43,13 @@ export interface AuthModule extends IdentityModule {
 export async function createAuthModule(
   config: Config,
   log: Logger,
-  deps: { redis: import('ioredis').Redis; bus: Bus; keys: Keys; backend: BackendEvents },
+  deps: {
+    redis: import('ioredis').Redis;
+    bus: Bus;
+    keys: Keys;
+    backend: BackendEvents;
+    metrics?: GatewayMetrics;
+  },
 ): Promise<AuthModule> {
   const db = createDb({
     url: config.databaseUrl,
@@ -99,6 +106,7 @@ export async function createAuthModule(
     tokens,
     mailer,
     log,
+    ...(deps.metrics ? { metrics: deps.metrics } : {}),
     options: {
       usernameMin: config.usernameMin,
       usernameMax: config.usernameMax,

@@ -26,6 +26,7 @@ import { RateLimiterRedis, type RateLimiterRes } from 'rate-limiter-flexible';
 import { badMessage, type Device, ProtocolError, type SessionData } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import type { GatewayMetrics } from '../metrics.ts';
 import { pgError } from './db.ts';
 import type { Hasher } from './hasher.ts';
 import type { Mailer } from './mailer.ts';
@@ -117,6 +118,8 @@ export class IdentityService {
       tokens: Tokens;
       mailer: Mailer | null;
       log: Logger;
+      /** Results by operation (gateway/metrics.ts); absent in tools that run the service alone. */
+      metrics?: GatewayMetrics;
       options: IdentityOptions;
     },
   ) {
@@ -208,7 +211,26 @@ export class IdentityService {
     }
   }
 
-  async register(
+  /** Counts the outcome of an identity operation: ok or the error code. */
+  private async counted<T>(
+    operation: 'register' | 'refresh' | 'otp_verify',
+    run: () => Promise<T>,
+  ): Promise<T> {
+    try {
+      const out = await run();
+      this.deps.metrics?.authResult(operation, 'ok');
+      return out;
+    } catch (e) {
+      this.deps.metrics?.authResult(operation, e instanceof ProtocolError ? e.code : 'error');
+      throw e;
+    }
+  }
+
+  register(req: { username: string; email: string; password: string }, ctx: RequestContext) {
+    return this.counted('register', () => this.registerUser(req, ctx));
+  }
+
+  private async registerUser(
     req: { username: string; email: string; password: string },
     ctx: RequestContext,
   ): Promise<{ userId: string }> {
@@ -263,10 +285,12 @@ export class IdentityService {
         { ...fields, result: 'ok', userId: grant.userId, sessionId: grant.sessionId },
         'login',
       );
+      this.deps.metrics?.authResult('login', 'ok');
       return grant;
     } catch (e) {
       const result = e instanceof ProtocolError ? e.code : 'error';
       this.deps.log.info({ ...fields, result }, 'login');
+      this.deps.metrics?.authResult('login', result);
       throw e;
     }
   }
@@ -326,6 +350,7 @@ export class IdentityService {
           },
           'account locked',
         );
+        this.deps.metrics?.lockouts.inc();
       }
       throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
     }
@@ -483,7 +508,11 @@ export class IdentityService {
     }
   }
 
-  async refresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair> {
+  refresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair> {
+    return this.counted('refresh', () => this.rotateRefresh(req, ctx));
+  }
+
+  private async rotateRefresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair> {
     await this.limit(this.refreshLimit, ctx.ip);
     const o = this.deps.options;
     const oldHash = hashToken(req.refresh);
@@ -626,13 +655,22 @@ export class IdentityService {
       { ip: ctx.ip, to: createHash('sha256').update(email).digest('hex').slice(0, 12) },
       'login code sent',
     );
+    this.deps.metrics?.authResult('otp_send', 'ok');
     mailer.sendCode(email, code, o.otpExpirationMinutes).catch((e) => {
+      this.deps.metrics?.authResult('otp_send', 'mail_failed');
       this.deps.log.error({ err: (e as Error).message }, 'could not send the login code');
     });
     return {};
   }
 
-  async otpVerify(
+  otpVerify(
+    req: { email: string; code: string; username?: string },
+    ctx: RequestContext & { device?: Device },
+  ): Promise<SessionGrant> {
+    return this.counted('otp_verify', () => this.verifyCode(req, ctx));
+  }
+
+  private async verifyCode(
     req: { email: string; code: string; username?: string },
     ctx: RequestContext & { device?: Device },
   ): Promise<SessionGrant> {

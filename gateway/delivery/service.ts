@@ -12,7 +12,7 @@
  */
 import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { Counter, type Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { isProtocolError, unpack } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Bus } from '../bus.ts';
@@ -73,6 +73,7 @@ const RELEASE_NODE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 
 export class DeliveryService {
   private readonly pumps = new Map<string, SessionPump>();
+  private readonly ackLatency: Histogram;
   private dirty: SessionPump[] = [];
   private flushScheduled = false;
   private readonly retryQueue: Queue;
@@ -137,6 +138,23 @@ export class DeliveryService {
         ['cause'],
       ),
     };
+    this.ackLatency = new Histogram({
+      name: 'gateway_ack_latency_seconds',
+      help: 'From a qos-1 event sent to a device to its ack arriving (attempts that were not retried).',
+      buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers: [deps.registry],
+    });
+    const pumps = this.pumps;
+    new Gauge({
+      name: 'gateway_events_inflight',
+      help: 'qos-1 events sent to devices of this node and not yet acked.',
+      registers: [deps.registry],
+      collect() {
+        let n = 0;
+        for (const pump of pumps.values()) n += pump.inflight.size;
+        this.set(n);
+      },
+    });
   }
 
   async start(): Promise<void> {
@@ -302,7 +320,12 @@ export class DeliveryService {
   private ack(conn: Connection, eids: string[]): void {
     const pump = conn.session && this.pumps.get(conn.session.sessionId);
     if (!pump || pump.conn !== conn) return;
+    const now = Date.now();
+    const sentBefore = this.deps.options.ackTimeoutMs;
     for (const eid of eids) {
+      const f = pump.inflight.get(eid);
+      // An attempt's deadline is its send time plus the ack timeout.
+      if (f && !f.waiting) this.ackLatency.observe(Math.max(0, now - (f.deadline - sentBefore)) / 1000);
       pump.inflight.delete(eid);
       pump.acks.push(eid);
     }

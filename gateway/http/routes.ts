@@ -7,6 +7,7 @@
  */
 import type uWS from 'uWebSockets.js';
 import type { Logger } from '../log.ts';
+import type { GatewayMetrics } from '../metrics.ts';
 
 type Method = 'get' | 'post' | 'put' | 'patch' | 'del';
 const METHODS: readonly Method[] = ['get', 'post', 'put', 'patch', 'del'];
@@ -67,7 +68,13 @@ function answer(res: uWS.HttpResponse, status: string, code: string, message: st
  * A response that logs one access line when it ends: method, route, status, duration. The
  * status is what the handler wrote (200 when it wrote none).
  */
-function accessLogged(res: uWS.HttpResponse, log: Logger, method: string, route: string): uWS.HttpResponse {
+function accessLogged(
+  res: uWS.HttpResponse,
+  log: Logger,
+  metrics: GatewayMetrics,
+  method: string,
+  route: string,
+): uWS.HttpResponse {
   const t0 = performance.now();
   let status = 200;
   const proxy: uWS.HttpResponse = new Proxy(res, {
@@ -78,7 +85,10 @@ function accessLogged(res: uWS.HttpResponse, log: Logger, method: string, route:
         if (key === 'writeStatus') status = Number.parseInt(String(args[0]), 10) || status;
         const out = value.apply(target, args);
         if (key === 'end' || key === 'endWithoutBody') {
-          log.info({ method, route, status, ms: Math.round((performance.now() - t0) * 10) / 10 }, 'http');
+          const ms = performance.now() - t0;
+          log.info({ method, route, status, ms: Math.round(ms * 10) / 10 }, 'http');
+          metrics.httpRequests.labels(method, route, String(status)).inc();
+          metrics.httpSeconds.labels(method, route).observe(ms / 1000);
         }
         return out === target ? proxy : out;
       };
@@ -94,12 +104,13 @@ export class RouteTable {
   constructor(
     app: uWS.TemplatedApp,
     private readonly log: Logger,
+    private readonly metrics: GatewayMetrics,
   ) {
     for (const method of METHODS) {
       const original = app[method].bind(app);
       const name = method === 'del' ? 'DELETE' : method.toUpperCase();
       app[method] = ((path: string, handler: RouteHandler) => {
-        const logged: RouteHandler = (res, req) => handler(accessLogged(res, log, name, path), req);
+        const logged: RouteHandler = (res, req) => handler(accessLogged(res, log, metrics, name, path), req);
         this.routes.push({ method: name, pattern: compile(path), handler: logged });
         return original(path, logged);
       }) as never;
@@ -126,7 +137,7 @@ export class RouteTable {
         }
       }
       // An unknown path is logged as such, not by itself (it could be anything).
-      const res = accessLogged(raw, this.log, method, '(no route)');
+      const res = accessLogged(raw, this.log, this.metrics, method, '(no route)');
       const allowed = this.allowed(path);
       if (allowed.length === 0) answer(headIf(res, method), '404 Not Found', 'not_found', `no route ${path}`);
       else {
