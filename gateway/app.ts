@@ -4,6 +4,7 @@
  * a process; tests and benches can run it in-process.
  */
 import { Redis } from 'ioredis';
+import { Gauge } from 'prom-client';
 import type { CryptoBackend } from '../protocol/index.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
@@ -190,6 +191,23 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
   );
   monitor.start();
+  new Gauge({
+    name: 'gateway_dependency_up',
+    help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0).',
+    labelNames: ['dependency'],
+    registers: [gateway.metrics],
+    collect() {
+      for (const d of ['redis', 'postgres'] as const) this.labels(d).set(monitor.isDown(d) ? 0 : 1);
+    },
+  });
+  new Gauge({
+    name: 'gateway_ready',
+    help: 'Whether /health/ready would answer 200 (1) or 503 (0), checked at scrape.',
+    registers: [gateway.metrics],
+    async collect() {
+      this.set((await gateway.readiness()).ready ? 1 : 0);
+    },
+  });
   gateway.onReadiness('redis', async () => {
     await redis.ping();
     return undefined;

@@ -160,6 +160,11 @@ export class DependencyMonitor {
       });
   }
 
+  /** Whether the last probe of `d` failed (the `gateway_dependency_up` gauge). */
+  isDown(d: Dependency): boolean {
+    return this.downSince.has(d);
+  }
+
   private down(d: Dependency, e: unknown): void {
     if (this.downSince.has(d)) return;
     this.downSince.set(d, Date.now());

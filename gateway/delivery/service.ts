@@ -145,6 +145,23 @@ export class DeliveryService {
       registers: [deps.registry],
     });
     const pumps = this.pumps;
+    const queues = () => [this.retryQueue, this.deadLetters, this.publishQueue, deps.backend.queue];
+    new Gauge({
+      name: 'gateway_queue_jobs',
+      help: 'BullMQ jobs by queue and state (waiting, delayed, failed), read from Redis at scrape.',
+      labelNames: ['queue', 'state'],
+      registers: [deps.registry],
+      async collect() {
+        this.reset();
+        const counts = await Promise.allSettled(
+          queues().map((q) => q.getJobCounts('waiting', 'delayed', 'failed')),
+        );
+        counts.forEach((c, i) => {
+          if (c.status !== 'fulfilled') return;
+          for (const [state, n] of Object.entries(c.value)) this.labels(queues()[i].name, state).set(n);
+        });
+      },
+    });
     new Gauge({
       name: 'gateway_events_inflight',
       help: 'qos-1 events sent to devices of this node and not yet acked.',
