@@ -132,17 +132,17 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
     },
     waitForLog,
     async stop() {
-      assertNoSecrets(logs, [PASSWORD, env.GW_API_KEY, env.GW_ADMIN_KEY, env.SMTP_PASSWORD]);
+      let code: number | null;
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
-        const code = await exitedWithin();
+        code = await exitedWithin();
         clearTimeout(t);
-        await within('the test data of the gateway to be dropped', cleaned);
-        return code;
-      }
+      } else code = await exitedWithin();
       await within('the test data of the gateway to be dropped', cleaned);
-      return exitedWithin();
+      // After the process is gone (a failed check must not leave it running).
+      assertNoSecrets(logs, [PASSWORD, env.GW_API_KEY, env.GW_ADMIN_KEY, env.SMTP_PASSWORD]);
+      return code;
     },
   };
 }
