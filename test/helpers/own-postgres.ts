@@ -10,6 +10,7 @@ import { chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
+import { within } from './deadline.ts';
 import { freePort } from './own-redis.ts';
 
 /** `initdb` and `postgres` from PG_BIN if set, else from PATH. */
@@ -121,7 +122,7 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
       } catch {
         // already gone
       }
-      await exited;
+      await within('our PostgreSQL to stop', exited);
     },
     freeze() {
       signalAll(postmasterPid(), 'SIGSTOP');

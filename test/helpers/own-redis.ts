@@ -8,6 +8,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Redis } from 'ioredis';
+import { within } from './deadline.ts';
 
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -81,7 +82,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     if (proc && proc.exitCode === null && proc.signalCode === null) {
       proc.kill('SIGCONT');
       proc.kill(signal);
-      await exited;
+      await within(`our redis-server to exit on ${signal}`, exited);
     }
   };
   const self: OwnRedis = {
