@@ -10,6 +10,7 @@ import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -52,23 +53,13 @@ after(async () => {
   await Promise.allSettled([pg?.remove(), redis?.remove()]);
 });
 
-function within<T>(p: Promise<T>, what: string, ms = DEADLINE_MS): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p.finally(() => clearTimeout(timer)),
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms);
-    }),
-  ]);
-}
-
 const isDown = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency down' && l.dependency === dependency;
 const isRecovered = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency recovered' && l.dependency === dependency;
 
 async function tcpLogin(): Promise<{ ms: number; error?: { code: string; retryAfter?: number } }> {
-  const c = await within(connected(gw.tcpUrl), 'a TCP handshake').catch((e) => {
+  const c = await within('a TCP handshake', connected(gw.tcpUrl)).catch((e) => {
     // Say why: a gateway that died has its last log lines.
     throw new Error(
       `${e.message}; gateway exit code ${gw.proc.exitCode}, last lines ${JSON.stringify(gw.logs.slice(-3))}`,
@@ -129,19 +120,19 @@ async function outage(
     assert.equal(http.status, 503);
     assert.ok(Number(http.retryAfter) >= 1, 'Retry-After header');
     assert.equal((http.body as { error: { code: string } }).error.code, 'overloaded');
-    await within(device.ping(), 'the connected device ping');
+    await within('the connected device ping', device.ping());
     await meanwhile();
     // A second round of failures adds no log line: one per outage.
     await tcpLogin();
     await within(
-      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isDown(dependency)(l), DEADLINE_MS),
       'the dependency down line',
+      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isDown(dependency)(l), DEADLINE_MS),
     );
     await repair();
     repaired = true;
     await within(
-      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isRecovered(dependency)(l), 30000),
       'the dependency recovered line',
+      gw.waitForLog((l) => gw.logs.indexOf(l) >= from && isRecovered(dependency)(l), 30000),
       31000,
     );
     const end = Date.now() + 20000;
@@ -186,9 +177,9 @@ test('PostgreSQL frozen: overloaded with retryAfter; ping, publish and say still
     () => pg.freeze(),
     () => pg.thaw(),
     async () => {
-      await within(device.request('publish', { name: 'fault.test', data: { n: 1 } }), 'a device publish');
+      await within('a device publish', device.request('publish', { name: 'fault.test', data: { n: 1 } }));
       const n = roomEvents.length;
-      await within(device.request('say', { room: ROOM, body: 'still here' }), 'a say');
+      await within('a say', device.request('say', { room: ROOM, body: 'still here' }));
       const end = Date.now() + DEADLINE_MS;
       while (roomEvents.length === n) {
         if (Date.now() > end) throw new Error('the say never came back to the room');

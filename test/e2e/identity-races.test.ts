@@ -17,6 +17,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
+import { nextEvent } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
@@ -115,15 +116,8 @@ async function until(pred: () => boolean | Promise<boolean>, what: string, timeo
   }
 }
 
-function kickOf(c: GatewayClient): Promise<{ code: string }> {
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error('kick not received within 15 s')), 15000);
-    c.once('kick', (k) => {
-      clearTimeout(t);
-      resolve(k);
-    });
-  });
-}
+/** The next kick of a client. */
+const kickOf = (c: GatewayClient) => nextEvent<{ code: string }>(c, 'kick', 'a kick', 15000);
 
 describe('brute-force limits under concurrency', () => {
   test('50 concurrent wrong logins over TCP, WS and HTTP against one account: at most 5 verified', async () => {

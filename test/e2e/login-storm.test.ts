@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { GatewayClient } from '../../client/client.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
 const MAX_WAIT_MS = 1000;
@@ -35,22 +36,13 @@ after(async () => {
   await gw.stop();
 });
 
-/** Rejects with `what` if `p` has not settled within `ms`. */
-function deadline<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout;
-  const t = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function metric(name: string): Promise<number | undefined> {
-  const text = await deadline(
+  const text = await within(
+    'GET /metrics',
     fetch(`http://127.0.0.1:${gw.metricsPort}/metrics`).then((r) => r.text()),
     10000,
-    'GET /metrics',
   );
   const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(text);
   return m ? Number(m[1]) : undefined;
@@ -75,10 +67,10 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
   for (let i = 0; i < USERS; i++) {
     const username = newName();
     const t0 = performance.now();
-    await deadline(
+    await within(
+      'register',
       admin.request('register', { username, email: `${username}@example.com`, password: PASSWORD }),
       20000,
-      'register',
     );
     registerMs.push(performance.now() - t0);
     users.push(username);
@@ -93,14 +85,14 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
   await signUp(device);
   const clients = await Promise.all(
     Array.from({ length: CONNS }, () =>
-      deadline(
+      within(
+        'connect',
         (async () => {
           const c = new GatewayClient({ url: gw.tcpUrl, requestTimeoutMs: 60000 });
           await c.connect();
           return c;
         })(),
         20000,
-        'connect',
       ),
     ),
   );
@@ -108,10 +100,10 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
   const answers: Promise<Answer>[] = [];
   const login = (i: number): Promise<Answer> => {
     const t0 = performance.now();
-    return deadline(
+    return within(
+      'login during the storm',
       clients[i % CONNS].request('login', { username: users[i % USERS], password: PASSWORD }),
       60000,
-      'login during the storm',
     ).then(
       () => ({ outcome: 'ok', ms: performance.now() - t0 }),
       (e) => ({
@@ -133,10 +125,11 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
   while (performance.now() - t0 < STORM_MS) {
     const due = Math.floor(((performance.now() - t0) / 1000) * rate);
     while (sent < due) answers.push(login(sent++));
-    if (tick % 4 === 0) pings.push(deadline(device.ping(), 10000, 'pong during the storm'));
+    if (tick % 4 === 0) pings.push(within('pong during the storm', device.ping(), 10000));
     if (tick % 6 === 3) {
       http.push(
-        deadline(
+        within(
+          'POST /auth/login during the storm',
           fetch(`http://127.0.0.1:${gw.httpPort}/auth/login`, {
             method: 'POST',
             headers: { 'content-type': 'application/json' },
@@ -146,7 +139,6 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
             return { status: r.status, retryAfter: r.headers.get('retry-after') };
           }),
           60000,
-          'POST /auth/login during the storm',
         ),
       );
     }
