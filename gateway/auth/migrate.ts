@@ -40,11 +40,15 @@ export interface MigrationStatus {
 }
 
 /** The migrations this build has, by name, in order. */
+let names: string[] | undefined;
+
+/** The build's migrations never change while it runs: read once (readiness asks often). */
 function migrationNames(): string[] {
-  return readdirSync(DIR)
+  names ??= readdirSync(DIR)
     .filter((f) => f.endsWith('.sql'))
     .map((f) => f.slice(0, -4))
     .sort();
+  return names;
 }
 
 /**

@@ -145,7 +145,7 @@ export class DeliveryService {
       registers: [deps.registry],
     });
     const pumps = this.pumps;
-    const queues = () => [this.retryQueue, this.deadLetters, this.publishQueue, deps.backend.queue];
+    const queues = [this.retryQueue, this.deadLetters, this.publishQueue, deps.backend.queue];
     new Gauge({
       name: 'gateway_queue_jobs',
       help: 'BullMQ jobs by queue and state (waiting, delayed, failed), read from Redis at scrape.',
@@ -154,11 +154,11 @@ export class DeliveryService {
       async collect() {
         this.reset();
         const counts = await Promise.allSettled(
-          queues().map((q) => q.getJobCounts('waiting', 'delayed', 'failed')),
+          queues.map((q) => q.getJobCounts('waiting', 'delayed', 'failed')),
         );
         counts.forEach((c, i) => {
           if (c.status !== 'fulfilled') return;
-          for (const [state, n] of Object.entries(c.value)) this.labels(queues()[i].name, state).set(n);
+          for (const [state, n] of Object.entries(c.value)) this.labels(queues[i].name, state).set(n);
         });
       },
     });

@@ -30,28 +30,32 @@ function compile(path: string): RegExp {
 }
 
 /**
- * A response whose `end(body)` sends the headers only (HEAD). The body's length is not
- * announced: this uWebSockets.js build cannot end a response without a body of that length.
+ * A response seen through `call`, which runs every method call (`call(key, args, run)`);
+ * chained calls (`res.writeHeader(...).end(...)`) stay on the wrapper.
  */
-function headOnly(res: uWS.HttpResponse): uWS.HttpResponse {
+function wrapResponse(
+  res: uWS.HttpResponse,
+  call: (key: string | symbol, args: unknown[], run: (args: unknown[]) => unknown) => unknown,
+): uWS.HttpResponse {
   const proxy: uWS.HttpResponse = new Proxy(res, {
     get(target, key) {
-      if (key === 'end') {
-        return () => {
-          target.end();
-          return proxy;
-        };
-      }
       const value = Reflect.get(target, key);
       if (typeof value !== 'function') return value;
-      // Chained calls (`res.writeHeader(...).end(...)`) must stay on the proxy.
       return (...args: unknown[]) => {
-        const out = value.apply(target, args);
+        const out = call(key, args, (a) => value.apply(target, a));
         return out === target ? proxy : out;
       };
     },
   });
   return proxy;
+}
+
+/**
+ * A response whose `end(body)` sends the headers only (HEAD). The body's length is not
+ * announced: this uWebSockets.js build cannot end a response without a body of that length.
+ */
+function headOnly(res: uWS.HttpResponse): uWS.HttpResponse {
+  return wrapResponse(res, (key, args, run) => run(key === 'end' ? [] : args));
 }
 
 function answer(res: uWS.HttpResponse, status: string, code: string, message: string, allow?: string) {
@@ -77,24 +81,17 @@ function accessLogged(
 ): uWS.HttpResponse {
   const t0 = performance.now();
   let status = 200;
-  const proxy: uWS.HttpResponse = new Proxy(res, {
-    get(target, key) {
-      const value = Reflect.get(target, key);
-      if (typeof value !== 'function') return value;
-      return (...args: unknown[]) => {
-        if (key === 'writeStatus') status = Number.parseInt(String(args[0]), 10) || status;
-        const out = value.apply(target, args);
-        if (key === 'end' || key === 'endWithoutBody') {
-          const ms = performance.now() - t0;
-          log.info({ method, route, status, ms: Math.round(ms * 10) / 10 }, 'http');
-          metrics.httpRequests.labels(method, route, String(status)).inc();
-          metrics.httpSeconds.labels(method, route).observe(ms / 1000);
-        }
-        return out === target ? proxy : out;
-      };
-    },
+  return wrapResponse(res, (key, args, run) => {
+    if (key === 'writeStatus') status = Number.parseInt(String(args[0]), 10) || status;
+    const out = run(args);
+    if (key === 'end' || key === 'endWithoutBody') {
+      const ms = performance.now() - t0;
+      log.info({ method, route, status, ms: Math.round(ms * 10) / 10 }, 'http');
+      metrics.httpRequests.labels(method, route, String(status)).inc();
+      metrics.httpSeconds.labels(method, route).observe(ms / 1000);
+    }
+    return out;
   });
-  return proxy;
 }
 
 /** Records every route mounted on `app` from now on; `mountFallback` answers the rest. */
