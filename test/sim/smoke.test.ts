@@ -103,7 +103,9 @@ test('a short run with churn and withheld acks loses nothing, sees redeliveries,
       duration: 6,
       'event-rate': 100,
       'no-ack-prob': 0.2,
-      'churn-prob': 0.05,
+      // 20 devices x ~5 run-phase ticks x 0.15: ~15 drops expected; P(none) = 0.85^100 ~ 1e-7.
+      // (At 0.05, P(none) = 0.95^100 ~ 0.6%: a CI run once saw no churn at all.)
+      'churn-prob': 0.15,
       'publish-rate': 5,
       rooms: 2,
       'say-rate': 2,
@@ -227,7 +229,9 @@ test('--workers 2 splits the fleet over two processes and merges their accounts'
       duration: 4,
       'event-rate': 100,
       'no-ack-prob': 0.1,
-      'churn-prob': 0.05,
+      // 20 devices x ~5 run-phase ticks x 0.15: ~15 drops expected; P(none) = 0.85^100 ~ 1e-7.
+      // (At 0.05, P(none) = 0.95^100 ~ 0.6%: a CI run once saw no churn at all.)
+      'churn-prob': 0.15,
       drain: 30,
       'api-key': API_KEY,
       redis: REDIS_URL,
