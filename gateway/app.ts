@@ -77,6 +77,8 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   const bus = new Bus(sub, log);
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
+  gateway.counters.timeRedis(redis, 'commands');
+  gateway.counters.timeRedis(producer, 'queues');
 
   const identity = await createAuthModule(config, log, {
     redis,

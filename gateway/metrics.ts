@@ -7,6 +7,7 @@
  * Per-frame figures are plain integers bumped on the hot path and read by prom-client at
  * scrape time (`collect`), so a frame costs an addition, not a label lookup.
  */
+import type { Redis } from 'ioredis';
 import { Counter, Histogram, type Registry } from 'prom-client';
 
 /** Totals bumped per frame by connections; exported at scrape. */
@@ -30,6 +31,8 @@ export class GatewayMetrics {
   readonly lockouts: Counter;
   readonly httpRequests: Counter<'method' | 'route' | 'status'>;
   readonly httpSeconds: Histogram<'method' | 'route'>;
+  readonly redisSeconds: Histogram<'client' | 'result'>;
+  readonly postgresSeconds: Histogram<'result'>;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -123,7 +126,55 @@ export class GatewayMetrics {
       buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
       registers,
     });
+    // Round trips as the gateway sees them: sent to answered, the server's queue included.
+    const roundTrip = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5];
+    this.redisSeconds = new Histogram({
+      name: 'gateway_redis_command_duration_seconds',
+      help: 'Redis commands (a script call is one) from sent to answered, by connection and result (ok, error).',
+      labelNames: ['client', 'result'],
+      buckets: roundTrip,
+      registers,
+    });
+    this.postgresSeconds = new Histogram({
+      name: 'gateway_postgres_query_duration_seconds',
+      help: 'PostgreSQL queries from sent to answered, by result: error for a lost connection, a timeout or a server fault; ok otherwise (a constraint violation is an answer).',
+      labelNames: ['result'],
+      buckets: roundTrip,
+      registers,
+    });
+    // Both results are exported from the start, so a rate of errors reads 0 rather than nothing.
+    for (const result of ['ok', 'error']) this.postgresSeconds.zero({ result });
   }
+
+  /**
+   * Times every command `redis` sends, under `client` (a connection's role). Only for
+   * connections whose commands answer at once: a BullMQ worker's blocking reads would read as
+   * slow round trips. A command sent again after a reconnect is timed once, from its first send.
+   */
+  timeRedis(redis: Redis, client: string): void {
+    const ok = this.redisSeconds.labels(client, 'ok');
+    const failed = this.redisSeconds.labels(client, 'error');
+    for (const result of ['ok', 'error']) this.redisSeconds.zero({ client, result });
+    const timed = new WeakSet<object>();
+    const send = redis.sendCommand.bind(redis) as (...args: unknown[]) => unknown;
+    (redis as { sendCommand: unknown }).sendCommand = (...args: unknown[]) => {
+      const command = args[0] as { promise?: Promise<unknown> };
+      if (command?.promise && !timed.has(command)) {
+        timed.add(command);
+        const t0 = performance.now();
+        command.promise.then(
+          () => ok.observe((performance.now() - t0) / 1000),
+          () => failed.observe((performance.now() - t0) / 1000),
+        );
+      }
+      return send(...args);
+    };
+  }
+
+  /** The PostgreSQL pool's query hook (gateway/auth/db.ts). */
+  readonly observeQuery = (seconds: number, ok: boolean): void => {
+    this.postgresSeconds.labels(ok ? 'ok' : 'error').observe(seconds);
+  };
 
   /** One identity operation's outcome; a failure of login or refresh is an auth failure too. */
   authResult(operation: 'login' | 'register' | 'refresh' | 'otp_send' | 'otp_verify', result: string): void {

@@ -16,6 +16,8 @@ export interface DbOptions {
   /** Client-side bound of a query: holds when the server never answers (frozen, cut off). */
   queryTimeoutMs: number;
   max: number;
+  /** Told of every query's round trip (seconds, and whether it succeeded): the metrics' hook. */
+  observeQuery?: (seconds: number, ok: boolean) => void;
 }
 
 export interface Db {
@@ -47,7 +49,7 @@ export function createDb(o: DbOptions): Db {
   // it), and a client released with the error is discarded.
   pool.on('connect', (client) => {
     client.on('error', () => {});
-    discardAfterTimeout(client);
+    instrument(client, o.observeQuery);
   });
   return { pool, driver: native ? 'native' : 'js' };
 }
@@ -55,30 +57,49 @@ export function createDb(o: DbOptions): Db {
 const QUERY_TIMEOUT = 'Query read timeout';
 
 /**
- * A query that hit `query_timeout` is still running on its connection: with pg-native the
+ * Every query of a pooled connection (pool.query goes through one too) is seen here on its way
+ * back: its round trip goes to `observe`, and a query that hit `query_timeout` marks its
+ * connection unqueryable. Such a query is still running on its connection: with pg-native the
  * next query on that client fails with "another command is already in progress", and whoever
  * releases it without the error (a transaction's `finally`) would hand it to the next request.
  * Marking it unqueryable makes pg-pool discard it on release (pg-pool checks `_queryable`).
  */
-function discardAfterTimeout(client: pg.PoolClient): void {
+function instrument(client: pg.PoolClient, observe?: (seconds: number, ok: boolean) => void): void {
   const c = client as pg.PoolClient & { _queryable: boolean };
-  const mark = (e: unknown) => {
+  const done = (t0: number, e: unknown) => {
     if ((e as Error | undefined)?.message === QUERY_TIMEOUT) c._queryable = false;
+    observe?.((performance.now() - t0) / 1000, !e || !dependencyFault(e));
   };
   const query = client.query.bind(client) as (...args: unknown[]) => unknown;
   (c as { query: unknown }).query = (...args: unknown[]) => {
+    const t0 = performance.now();
     const last = args[args.length - 1];
     if (typeof last === 'function') {
       args[args.length - 1] = (e: unknown, r: unknown) => {
-        mark(e);
+        done(t0, e);
         (last as (e: unknown, r: unknown) => void)(e, r);
       };
       return query(...args);
     }
     const r = query(...args);
-    if (r instanceof Promise) r.catch(mark);
+    if (r instanceof Promise)
+      r.then(
+        () => done(t0, null),
+        (e) => done(t0, e ?? new Error('query failed')),
+      );
     return r;
   };
+}
+
+/**
+ * Whether a failed query says something about PostgreSQL's health rather than about the
+ * request: no SQLSTATE (a lost connection, a client-side timeout), or a connection exception
+ * (08), insufficient resources (53), operator intervention such as statement_timeout (57),
+ * a system or internal error (58, XX). A unique violation is an answer, not a fault.
+ */
+function dependencyFault(e: unknown): boolean {
+  const code = pgError(e).code;
+  return !code || /^(08|53|57|58|XX)/.test(code);
 }
 
 /** A pg error's SQLSTATE and constraint, for mapping at the store's edge. */

@@ -58,6 +58,7 @@ export async function createAuthModule(
     connectTimeoutMs: config.dbConnectTimeoutMs,
     queryTimeoutMs: config.dbQueryTimeoutMs,
     max: config.dbPoolMax,
+    observeQuery: deps.metrics?.observeQuery,
   });
   // An idle client's error is an outage symptom: faults.ts's monitor reports the outage once.
   db.pool.on('error', (e) => log.debug({ err: e.message }, 'postgres pool error'));

@@ -88,6 +88,13 @@ test('wire, identity, HTTP and delivery metrics move by what the traffic did', a
   assert.equal(d('http_request_duration_seconds_count{method="POST",route="/v1/events"}'), 1);
   assert.equal(d('gateway_events_delivered_total{qos="1"}'), 3);
   assert.equal(d('gateway_ack_latency_seconds_count'), 3);
+  // Registration and 3 logins read and write users, sessions and audit rows in PostgreSQL;
+  // every request and delivery goes through Redis.
+  assert.ok(d('gateway_postgres_query_duration_seconds_count{result="ok"}') >= 4, 'postgres round trips');
+  assert.ok(
+    d('gateway_redis_command_duration_seconds_count{client="commands",result="ok"}') >= 10,
+    'redis round trips',
+  );
   // In: 2 hellos, register, 3 logins, teleport, revoke, the acks. Out: 2 welcomes, 6 answers,
   // 3 events, the kick.
   assert.ok(d('gateway_frames_total{direction="in"}') >= 9, 'frames in');
