@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { newName, PASSWORD } from '../helpers/accounts.ts';
+import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
 import { fetchWithin, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import {
@@ -120,6 +120,35 @@ test('a derived username that is taken gets a suffix; the account works over HTT
   const body = (await res.json()) as { username: string; refresh: string };
   refreshTokens.push(body.refresh);
   assert.equal(body.username, v.username);
+});
+
+test('the same tokens and accounts on the wire: resume with a gRPC access token, login by the derived name', async () => {
+  const { email, userId, tokens } = await account();
+  const device = await connected(gw.tcpUrl);
+  try {
+    const resumed = await device.request<{ userId: string; username: string }>('resume', {
+      token: tokens.accessToken,
+    });
+    assert.equal(resumed.userId, userId);
+    assert.equal(resumed.username, email.split('@')[0]);
+    const other = await connected(gw.tcpUrl);
+    try {
+      const s = await other.request<{ userId: string; refresh: string }>('login', {
+        username: resumed.username,
+        password: PASSWORD,
+      });
+      refreshTokens.push(s.refresh);
+      assert.equal(s.userId, userId);
+      // A wire session's refresh token works over gRPC.
+      const t = await call<Tokens>(c.auth, 'Refresh', { refreshToken: s.refresh });
+      refreshTokens.push(t.refreshToken);
+      assert.equal((await validate(t.accessToken)).userId, userId);
+    } finally {
+      await other.close();
+    }
+  } finally {
+    await device.close();
+  }
 });
 
 test('status codes: ALREADY_EXISTS, INVALID_ARGUMENT, UNAUTHENTICATED with one message', async () => {
