@@ -1,19 +1,20 @@
 /**
  * The gRPC server under pressure: a register rate limit (RESOURCE_EXHAUSTED with RetryInfo),
- * a PostgreSQL outage (UNAVAILABLE with RetryInfo, health NOT_SERVING, then back), a
- * concurrent Login storm past the hashing capacity (each call OK or UNAVAILABLE with
- * RetryInfo, and the auth metrics count every OK), and a drain (health NOT_SERVING while
- * calls are still served, then the server stops and the process exits 0). The outage uses a
- * private PostgreSQL of this file, never the shared one.
+ * a PostgreSQL outage (UNAVAILABLE with RetryInfo, health NOT_SERVING, then back), a Redis
+ * outage (a token check fails instead of answering `valid: false`), a concurrent Login storm
+ * past the hashing capacity (each call OK or UNAVAILABLE with RetryInfo, and the auth
+ * metrics count every OK), and a drain (health NOT_SERVING while
+ * calls are still served, then the server stops and the process exits 0). The outages use a
+ * private PostgreSQL and Redis of this file, never the shared ones.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type CallError, call, callError, errorOf, grpcClients, healthOf } from '../helpers/grpc-client.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
-import { freePort } from '../helpers/own-redis.ts';
+import { freePort, startOwnRedis } from '../helpers/own-redis.ts';
 
 let pg: OwnPostgres | undefined;
 const gateways: GatewayProcess[] = [];
@@ -74,6 +75,37 @@ test('register rate limit, then a PostgreSQL outage: RESOURCE_EXHAUSTED and UNAV
   );
   assert.ok(back);
   await gw.waitForLog((l) => l.msg === 'dependency recovered' && l.dependency === 'postgres');
+});
+
+test('while Redis is down a token check fails (UNAVAILABLE, 503), never answers valid: false', async (t) => {
+  const redis = await startOwnRedis();
+  const { gw, c } = await gateway({ REDIS_URL: redis.url });
+  t.after(async () => {
+    await gw.stop();
+    await redis.remove();
+  });
+  const email = `${newName()}@example.com`;
+  await call(c.auth, 'Register', { email, password: PASSWORD });
+  const { accessToken } = await call<{ accessToken: string }>(c.auth, 'Login', { email, password: PASSWORD });
+  assert.equal((await call<{ valid: boolean }>(c.token, 'Validate', { accessToken })).valid, true);
+  await redis.kill('SIGKILL');
+  try {
+    const down = await callError(c.token, 'Validate', { accessToken });
+    assert.equal(down.code, 'UNAVAILABLE', JSON.stringify(down));
+    assert.equal(down.details?.reason, 'overloaded');
+    assert.ok((down.details?.retryDelayMs ?? 0) > 0);
+    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/auth/validate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ token: accessToken }),
+    });
+    assert.equal(res.status, 503);
+    assert.ok(Number(res.headers.get('retry-after')) >= 1);
+    await until('health NOT_SERVING while Redis is down', async () => (await healthOf(c)) === 'NOT_SERVING');
+  } finally {
+    await redis.start();
+  }
+  await until('health SERVING again', async () => (await healthOf(c)) === 'SERVING', 30_000);
 });
 
 test('a concurrent Login storm: each call OK or UNAVAILABLE with RetryInfo; drain: NOT_SERVING, then gone', async () => {
