@@ -16,6 +16,7 @@ import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
 import { DependencyMonitor, logFailure } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
+import { GrpcServer } from './grpc/server.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
 import type { Logger } from './log.ts';
@@ -23,6 +24,9 @@ import { Presence } from './messaging/presence.ts';
 import { Rooms } from './messaging/rooms.ts';
 import { Messaging } from './messaging/service.ts';
 import { loadServerIdentity } from './server-identity.ts';
+
+/** How long a shutdown waits for gRPC calls in flight (and health watches) after the drain. */
+const GRPC_CLOSE_GRACE_MS = 2000;
 
 export interface NodeParts {
   gateway: Gateway;
@@ -223,6 +227,25 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     return pending.length ? `pending: ${pending.join(', ')}` : undefined;
   });
 
+  // The gRPC server (GW_GRPC_PORT; off when 0): not ready when /health/ready is not, drained
+  // with the device listeners, closed before the identity service it calls.
+  const grpc =
+    config.grpcPort > 0
+      ? new GrpcServer({
+          host: config.host,
+          port: config.grpcPort,
+          log,
+          registry: gateway.metrics,
+          operations: identity.operations,
+          serving: () => !gateway.shuttingDown && !monitor.isDown('redis') && !monitor.isDown('postgres'),
+        })
+      : undefined;
+  if (grpc) {
+    gateway.onShutdown(() => grpc.shuttingDown());
+    gateway.onDrain(() => grpc.drain());
+    gateway.onClose(() => grpc.close(GRPC_CLOSE_GRACE_MS));
+  }
+
   gateway.onClose(async () => {
     monitor.stop();
     messaging.close();
@@ -234,5 +257,6 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   });
 
   const ports = await gateway.start();
+  if (grpc) ports.grpcPort = await grpc.start();
   return { gateway, ports, delivery, redis, keys };
 }

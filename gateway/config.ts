@@ -51,6 +51,12 @@ const SETTINGS = {
     'Port of the Prometheus `/metrics` endpoint, apart from the device ports.',
     port.default(9100),
   ),
+  grpcPort: setting(
+    'GW_GRPC_PORT',
+    '0 (off)',
+    'Port of the gRPC server (`realchat.auth.v1.AuthApi`, `gateway.auth.v1.TokenApi`, health, reflection); 0 = no gRPC server.',
+    port.default(0),
+  ),
   host: setting(
     'GW_HOST',
     '0.0.0.0',

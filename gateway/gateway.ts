@@ -40,6 +40,8 @@ export interface ListeningPorts {
   tcpPort: number;
   httpPort: number;
   metricsPort: number;
+  /** Set when the gRPC server is on (GW_GRPC_PORT). */
+  grpcPort?: number;
 }
 
 /** A hook on a connection's life; a returned promise's rejection is logged (`runHooks`). */
@@ -76,6 +78,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private readonly handlers = new Map<string, RegisteredHandler>();
   private readonly perIp = new Map<string, number>();
   private readonly closeHooks: (() => Promise<void> | void)[] = [];
+  private readonly shutdownHooks: (() => void)[] = [];
+  private readonly drainHooks: (() => void)[] = [];
   private readonly closedHooks: ConnectionHook[] = [];
   private readonly boundHooks: ConnectionHook[] = [];
   private readonly unboundHooks: ConnectionHook[] = [];
@@ -168,6 +172,16 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.readinessChecks.set(name, check);
   }
 
+  /** Runs when a shutdown starts, as `/health/ready` turns 503 (before `GW_DRAIN_DELAY_MS`). */
+  onShutdown(hook: () => void): void {
+    this.shutdownHooks.push(hook);
+  }
+
+  /** Runs when the gateway stops accepting (after `GW_DRAIN_DELAY_MS`): other listeners close too. */
+  onDrain(hook: () => void): void {
+    this.drainHooks.push(hook);
+  }
+
   /** Runs at shutdown after every connection is gone, in registration order. */
   onClose(hook: () => Promise<void> | void): void {
     this.closeHooks.push(hook);
@@ -244,6 +258,16 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
         if (r) r.catch((e) => this.hookFailed(e, hook, conn));
       } catch (e) {
         this.hookFailed(e, hook, conn);
+      }
+    }
+  }
+
+  private runLifecycleHooks(hooks: (() => void)[], hook: string): void {
+    for (const h of hooks) {
+      try {
+        h();
+      } catch (e) {
+        logFailure(this.log, e, { hook }, 'shutdown hook failed');
       }
     }
   }
@@ -418,6 +442,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private async runShutdown(): Promise<void> {
     const deadline = Date.now() + this.config.shutdownTimeoutMs;
     this.shuttingDown = true;
+    this.runLifecycleHooks(this.shutdownHooks, 'shutdown');
     // Load balancers see /health/ready fail and stop sending new clients; the devices
     // connected meanwhile are served and drained with the rest.
     const delay = Math.min(this.config.drainDelayMs, Math.max(0, this.config.shutdownTimeoutMs - 1000));
@@ -426,6 +451,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       await new Promise((r) => setTimeout(r, delay));
     }
     this.draining = true;
+    this.runLifecycleHooks(this.drainHooks, 'drain');
     this.tcpServer?.close();
     if (this.listenSocket) uWS.us_listen_socket_close(this.listenSocket);
     const jitter = this.config.reconnectJitterMs;

@@ -21,7 +21,7 @@ import { Hasher } from './hasher.ts';
 import { Mailer } from './mailer.ts';
 import { migrate } from './migrate.ts';
 import { OutboxRelay } from './outbox-relay.ts';
-import { IdentityService, type SessionGrant } from './service.ts';
+import { IdentityService, type RequestContext, type SessionGrant, type TokenPair } from './service.ts';
 import { Tokens } from './tokens.ts';
 
 type Msg = Record<string, unknown> & { id: number };
@@ -33,8 +33,28 @@ interface KickNotice {
   keep?: string;
 }
 
+/**
+ * The identity operations as every transport calls them (HTTP, gRPC; the wire handlers do the
+ * same): a request that hashes is refused first while the hash pool is full (`overloaded`),
+ * and a registration wakes the outbox relay.
+ */
+export interface AuthOperations {
+  register(
+    req: { username?: string; email: string; password: string },
+    ctx: RequestContext,
+  ): Promise<{ userId: string }>;
+  login(
+    req: { username?: string; email?: string; password: string; device?: Device },
+    ctx: RequestContext,
+  ): Promise<SessionGrant>;
+  refresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair>;
+  logout(req: { token?: string }, ctx: RequestContext): Promise<unknown>;
+  validate(req: { token: string }): Promise<Record<string, unknown>>;
+}
+
 export interface AuthModule extends IdentityModule {
   service: IdentityService;
+  operations: AuthOperations;
   relay: OutboxRelay;
   /** For the dependency monitor's probe. */
   pool: import('pg').Pool;
@@ -132,6 +152,20 @@ export async function createAuthModule(
     sessionAlive: (sid) => service.store.alive(sid),
   };
 
+  const operations: AuthOperations = {
+    async register(req, ctx) {
+      hasher.check();
+      return service.register(req, ctx).finally(() => relay.kick());
+    },
+    async login(req, ctx) {
+      hasher.check();
+      return service.login(req, ctx);
+    },
+    refresh: (req, ctx) => service.refresh(req, ctx),
+    logout: (req, ctx) => service.logout(req, ctx),
+    validate: (req) => service.validate(req),
+  };
+
   /** Authenticates the connection as the granted session; older connections of it are kicked. */
   const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant) => {
     gateway.bindSession(conn, {
@@ -155,6 +189,7 @@ export async function createAuthModule(
 
   return {
     service,
+    operations,
     relay,
     pool: db.pool,
     directory,
@@ -165,16 +200,10 @@ export async function createAuthModule(
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
       });
       // Requests that hash are refused before any other work while the hash pool is full.
-      gateway.handle('register', async (conn, m: Msg) => {
-        hasher.check();
-        const out = await service.register(m as never, ctx(conn));
-        relay.kick();
-        return out;
-      });
-      gateway.handle('login', async (conn, m: Msg) => {
-        hasher.check();
-        return bind(gateway, conn, await service.login(m as never, ctx(conn)));
-      });
+      gateway.handle('register', (conn, m: Msg) => operations.register(m as never, ctx(conn)));
+      gateway.handle('login', async (conn, m: Msg) =>
+        bind(gateway, conn, await operations.login(m as never, ctx(conn))),
+      );
       gateway.handle('resume', async (conn, m: Msg) =>
         bind(gateway, conn, await service.resume(m as never, ctx(conn))),
       );
@@ -187,7 +216,7 @@ export async function createAuthModule(
         return bind(gateway, conn, grant);
       });
       gateway.handle('refresh', (conn, m: Msg) => service.refresh(m as never, ctx(conn)));
-      gateway.handle('validate', (_conn, m: Msg) => service.validate(m as never));
+      gateway.handle('validate', (_conn, m: Msg) => operations.validate(m as never));
       gateway.handle('otp.request', (conn, m: Msg) => service.otpRequest(m as never, ctx(conn)));
       gateway.handle('logout', async (conn, m: Msg) => {
         const c = ctx(conn);
@@ -224,16 +253,11 @@ export async function createAuthModule(
       mountAuthApi(
         gateway.app,
         {
-          register: async (r, c) => {
-            hasher.check();
-            return service.register(r, c).finally(() => relay.kick());
-          },
-          login: async (r, c) => {
-            hasher.check();
-            return service.login(r as never, c) as never;
-          },
-          refresh: (r, c) => service.refresh(r, c),
-          logout: (r, c) => service.logout(r, c),
+          register: operations.register,
+          login: (r, c) => operations.login(r as never, c) as never,
+          refresh: operations.refresh,
+          logout: operations.logout,
+          validate: operations.validate,
           authenticate: (t) => service.authenticate(t),
           me: (uid) => service.me(uid),
           sessions: (uid, cur) => service.sessions(uid, cur),

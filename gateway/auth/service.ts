@@ -226,22 +226,59 @@ export class IdentityService {
     }
   }
 
-  register(req: { username: string; email: string; password: string }, ctx: RequestContext) {
+  /**
+   * Creates an account. Without a username (the RealChat gRPC contract registers by email
+   * alone) one is derived from the address: see `derivedUsernames`.
+   */
+  register(req: { username?: string; email: string; password: string }, ctx: RequestContext) {
     return this.counted('register', () => this.registerUser(req, ctx));
   }
 
   private async registerUser(
-    req: { username: string; email: string; password: string },
+    req: { username?: string; email: string; password: string },
     ctx: RequestContext,
   ): Promise<{ userId: string }> {
     await this.limit(this.registerLimit, ctx.ip);
-    this.checkUsername(req.username);
+    if (req.username !== undefined) this.checkUsername(req.username);
     const email = this.normalizeEmail(req.email);
     this.checkPassword(req.password);
     const { hash } = await this.deps.hasher.hash(req.password);
-    const userId = await this.insertUser(req.username, email, hash);
-    this.deps.log.info({ userId }, 'user registered');
-    return { userId };
+    if (req.username !== undefined) {
+      const userId = await this.insertUser(req.username, email, hash);
+      this.deps.log.info({ userId }, 'user registered');
+      return { userId };
+    }
+    // A derived name that is taken is not the caller's fault: the next candidate is tried
+    // (the password is hashed once); a taken address is `email_taken` as always.
+    const candidates = this.derivedUsernames(email);
+    for (let i = 0; ; i++) {
+      try {
+        const userId = await this.insertUser(candidates[i], email, hash);
+        this.deps.log.info({ userId, username: candidates[i], derived: true }, 'user registered');
+        return { userId };
+      } catch (e) {
+        if (!(e instanceof ProtocolError && e.code === 'username_taken') || i === candidates.length - 1)
+          throw e;
+      }
+    }
+  }
+
+  /**
+   * Usernames for an account registered by email alone, in the order tried: the address's
+   * local part (before any `+tag`) with every character outside [A-Za-z0-9_] made `_`, cut to
+   * the longest username; then that stem with `_` and four random digits, four times; last
+   * `u_` and random hex. A stem shorter than the shortest username only gets suffixed forms.
+   */
+  private derivedUsernames(email: string): string[] {
+    const o = this.deps.options;
+    const local = email.slice(0, email.lastIndexOf('@')).split('+')[0];
+    const stem = local.replace(/[^A-Za-z0-9_]/g, '_').slice(0, o.usernameMax);
+    const out: string[] = [];
+    if (stem.length >= o.usernameMin) out.push(stem);
+    const cut = stem.slice(0, Math.max(0, o.usernameMax - 5)) || 'u';
+    for (let i = 0; i < 4; i++) out.push(`${cut}_${String(randomInt(0, 10_000)).padStart(4, '0')}`);
+    out.push(`u_${randomBytes(16).toString('hex')}`.slice(0, Math.max(o.usernameMax, o.usernameMin)));
+    return out.filter((u) => this.username.test(u));
   }
 
   async me(userId: string): Promise<Record<string, unknown>> {

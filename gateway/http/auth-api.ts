@@ -10,7 +10,14 @@
  *   GET    /auth/user/me                                                  200 {userId, username, email, ...}
  *   GET    /auth/user/sessions                                            200 {sessions}
  *   DELETE /auth/user/sessions/:id                                        200 {}
+ *   POST   /auth/validate            {token}                              200 {valid, userId?, ...}
  *   GET    /.well-known/jwks.json                                         200 JWKS
+ *
+ * `/auth/validate` is for back-end services (the auth-server seed's "ask the server"): unlike
+ * an offline check against the JWKS it sees a revoked session at once. A bad, expired or
+ * revoked token, a missing or non-string `token`, or a body that is JSON but not an object is
+ * `200 {valid: false}`, never an error; only a body that is not JSON at all is 400
+ * `bad_message` (413 past the size limit, 503 while Redis is unavailable).
  */
 import type uWS from 'uWebSockets.js';
 import { ProtocolError, parseClientMessage } from '../../protocol/index.ts';
@@ -29,6 +36,7 @@ export interface AuthApiIdentity {
     ctx: AuthContext,
   ): Promise<{ token: string; refresh: string; expiresAt: number; refreshExpiresAt: number }>;
   logout(req: { token?: string }, ctx: AuthContext): Promise<unknown>;
+  validate(req: { token: string }): Promise<Record<string, unknown>>;
   authenticate(
     token: string,
   ): Promise<{ userId: string; username: string; sessionId: string; expiresAt: number }>;
@@ -225,6 +233,21 @@ export function mountAuthApi(
       const a = await authed(ex);
       await identity.revoke(a.userId, id);
       ex.json('200 OK', {});
+    }),
+  );
+
+  app.post(
+    '/auth/validate',
+    route(log, async (ex) => {
+      const b = await ex.readJson(options.maxBodyBytes);
+      const token =
+        b && typeof b === 'object' && !Array.isArray(b) ? (b as Record<string, unknown>).token : undefined;
+      // Bounded like every wire string (PROTOCOL.md §4): a megabyte of "token" is not verified.
+      const out =
+        typeof token === 'string' && token.length > 0 && token.length <= 4096
+          ? await identity.validate({ token })
+          : { valid: false };
+      ex.json('200 OK', out);
     }),
   );
 
