@@ -9,6 +9,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { pendingMigrations } from '../../gateway/auth/migrate.ts';
 import { dropSchema, query } from '../helpers/cleanup.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
@@ -134,6 +135,9 @@ test('a failed migration leaves the schema dirty until force VERSION; force runs
     assert.match(r.stderr, /the schema is dirty: migration 200_b failed \(up\).*force VERSION/);
   }
   assert.deepEqual(await m.tables(), ['t_a']);
+  // Readiness (which checks the build's migrations) sees the dirty mark first.
+  const pending = await pendingMigrations((sql, params) => query(m.schema, sql, params));
+  assert.equal(pending[0], 'dirty:200_b');
   // The operator fixed 200 by hand (created t_b) and says the schema is at 200.
   await query(m.schema, 'CREATE TABLE t_b (x int)');
   assert.match(m.ok('force', '200'), /forced 200: marked applied 200_b; marked pending none/);
