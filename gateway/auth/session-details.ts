@@ -14,7 +14,7 @@ export interface DeviceInfo {
   name: string;
   browser: string | null;
   os: string | null;
-  /** ua-parser-js's device type (`mobile`, `tablet`, ...) or `desktop` when it names none. */
+  /** ua-parser-js's device type (`mobile`, `tablet`, ...), `desktop` (a browser without one), or `unknown`. */
   type: string;
   vendor: string | null;
   model: string | null;
@@ -36,7 +36,9 @@ export function deviceInfoFromUserAgent(ua: string | undefined): DeviceInfo | nu
     name,
     browser,
     os,
-    type: r.device.type ?? 'desktop',
+    // ua-parser-js names a type for mobiles, tablets, TVs...; a known browser without one is
+    // a desktop; anything else (a device's own client, a tool) is unknown.
+    type: r.device.type ?? (r.browser.name ? 'desktop' : 'unknown'),
     vendor: r.device.vendor ?? null,
     model,
   };

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pendingMigrations } from '../../gateway/auth/migrate.ts';
-import { dropSchema, query } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, dropSchema, query } from '../helpers/cleanup.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -175,4 +175,44 @@ test('create NAME writes a timestamped migration that up then applies', async (t
   assert.equal(bad.status, 2);
   assert.match(bad.stderr, /NAME must be/);
   assert.equal(m.run('create').status, 2);
+});
+
+test('a gateway does not start on a dirty schema, and says why', async (t) => {
+  const m = setup(t);
+  t.after(() => dropRedisPrefix(`gwtest:${m.schema}:`));
+  // The build's migrations, with the dirty mark a failed run leaves.
+  const up = spawnSync(process.execPath, ['--import', 'tsx', 'gateway/cli.ts', 'migrate', 'up'], {
+    cwd: ROOT,
+    env: { ...process.env, GW_DB_SCHEMA: m.schema },
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  assert.equal(up.status, 0, up.stderr);
+  await query(
+    m.schema,
+    'CREATE TABLE pgmigrations_dirty (name text NOT NULL, direction text NOT NULL, error text NOT NULL, at timestamptz NOT NULL DEFAULT now())',
+  );
+  await query(
+    m.schema,
+    "INSERT INTO pgmigrations_dirty (name, direction, error) VALUES ('1764000000002_user_full_name', 'up', 'boom')",
+  );
+  const gw = spawnSync(process.execPath, ['--import', 'tsx', 'gateway/main.ts'], {
+    cwd: ROOT,
+    env: {
+      ...process.env,
+      GW_DB_SCHEMA: m.schema,
+      GW_REDIS_PREFIX: `gwtest:${m.schema}:`,
+      GW_TCP_PORT: '0',
+      GW_HTTP_PORT: '0',
+      GW_METRICS_PORT: '0',
+      GW_HOST: '127.0.0.1',
+      GW_IDENTITY_FILE: join(m.dir, 'identity.pem'),
+      GW_JWT_KEY_FILE: join(m.dir, 'jwt.pem'),
+    },
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  assert.equal(gw.status, 1, gw.stdout);
+  assert.match(gw.stderr, /the schema is dirty: migration 1764000000002_user_full_name failed \(up\): boom/);
+  assert.doesNotMatch(gw.stdout, /gateway ready/);
 });

@@ -37,6 +37,7 @@ test('device info from the User-Agent: browser, OS, type and model', () => {
   assert.equal(iphone.name, 'Mobile Safari 17 on iOS 17.2 (iPhone)');
   // Something no parser knows is shown as it came (shortened), not dropped.
   assert.equal(deviceInfoFromUserAgent('sensor-fw/2.1')!.name, 'sensor-fw/2.1');
+  assert.equal(deviceInfoFromUserAgent('sensor-fw/2.1')!.type, 'unknown');
   assert.equal(deviceInfoFromUserAgent(''), null);
   assert.equal(deviceInfoFromUserAgent(undefined), null);
 });
