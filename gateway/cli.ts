@@ -9,7 +9,7 @@ const COMMANDS: Record<string, { load: () => Promise<unknown>; about: string }> 
   start: { load: () => import('./main.ts'), about: 'run the gateway (configured by environment variables)' },
   migrate: {
     load: () => import('./auth/migrate-cli.ts'),
-    about: 'up [n] | down [n] | status: PostgreSQL migrations',
+    about: 'up [n] | down [n] | goto V | force V | status | create NAME: PostgreSQL migrations',
   },
   client: {
     load: () => import('../client/cli.ts'),

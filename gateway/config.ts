@@ -237,6 +237,18 @@ const SETTINGS = {
     'Lifetime (s) of a live session in Redis, and of its outbox (as in the auth-server seed).',
     int(60).default(86400),
   ),
+  activityWriteMs: setting(
+    'GW_SESSION_ACTIVITY_MS',
+    '30000',
+    "A session's `lastSeenAt` (HTTP: `lastActivityAt`) is written to Redis at most once per this many ms per node, from activity batched in memory.",
+    int(100).default(30000),
+  ),
+  geoipDb: setting(
+    'GW_GEOIP_DB',
+    '(none: only `Local`)',
+    'MaxMind-format database (e.g. GeoLite2-City.mmdb) giving a session its location; read from disk, never a network lookup. Loopback and private addresses are `Local`.',
+    z.string().optional(),
+  ),
   dbSchema: setting(
     'GW_DB_SCHEMA',
     'public',

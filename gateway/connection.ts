@@ -98,6 +98,8 @@ export interface ConnectionHost {
   handler(type: string): RegisteredHandler | undefined;
   /** Handles `ack` frames (delivery); undefined until delivery exists. */
   onAck?(conn: Connection, eids: string[]): void;
+  /** An authenticated request of a session started (identity's throttled `lastSeenAt`). */
+  onActivity?(sessionId: string): void;
   connectionClosed(conn: Connection): void;
 }
 
@@ -320,6 +322,7 @@ export class Connection {
         case 'ack': {
           if (!this.session) throw new ProtocolError('unauthenticated');
           const ack = parseClientMessage(map as Record<string, unknown> & { type: string });
+          this.host.onActivity?.(this.session.sessionId);
           this.host.onAck?.(this, (ack as { eids: string[] }).eids);
           break;
         }
@@ -439,6 +442,7 @@ export class Connection {
     try {
       const type = p.map.type;
       if (!this.session && !PRE_AUTH_TYPES.has(type)) throw new ProtocolError('unauthenticated');
+      if (this.session) this.host.onActivity?.(this.session.sessionId);
       parseClientMessage(p.map);
       if (type === 'bye') {
         this.settle(p, {}, undefined);

@@ -86,6 +86,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private readonly sweepHooks: ((nowMs: number) => void)[] = [];
   /** Set by the delivery service: qos-1 acks from devices. */
   onAck?: (conn: Connection, eids: string[]) => void;
+  /** Set by identity: an authenticated request of a session started. */
+  onActivity?: (sessionId: string) => void;
   private readonly connectionsOpen: Gauge;
   private tcpServer: NetServer | undefined;
   private listenSocket: uWS.us_listen_socket | undefined;

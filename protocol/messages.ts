@@ -29,7 +29,10 @@ export interface Hello {
 
 type Req<T extends string, F = unknown> = { type: T; id: number } & F;
 
-export type RegisterReq = Req<'register', { username: string; email: string; password: string }>;
+export type RegisterReq = Req<
+  'register',
+  { username: string; email: string; password: string; fullName?: string }
+>;
 export type LoginReq = Req<'login', { username?: string; email?: string; password: string; device?: Device }>;
 export type ResumeReq = Req<'resume', { token: string; device?: Device }>;
 export type RefreshReq = Req<'refresh', { refresh: string }>;
@@ -217,6 +220,7 @@ const REQUEST_FIELDS: Record<RequestType, (m: Obj) => void> = {
     str(m, 'username');
     str(m, 'email');
     str(m, 'password');
+    str(m, 'fullName', true, 128);
   },
   login: (m) => {
     str(m, 'username', true);

@@ -16,12 +16,14 @@ import { mountAuthApi } from '../http/auth-api.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
+import { ActivityTracker } from './activity.ts';
 import { createDb } from './db.ts';
 import { Hasher } from './hasher.ts';
 import { Mailer } from './mailer.ts';
 import { migrate } from './migrate.ts';
 import { OutboxRelay } from './outbox-relay.ts';
 import { IdentityService, type RequestContext, type SessionGrant, type TokenPair } from './service.ts';
+import { Locator } from './session-details.ts';
 import { Tokens } from './tokens.ts';
 
 type Msg = Record<string, unknown> & { id: number };
@@ -119,6 +121,8 @@ export async function createAuthModule(
   } else {
     log.warn('SMTP_HOST is not set: email login (otp.request) answers forbidden');
   }
+  const locator = await Locator.open(config.geoipDb);
+  if (config.geoipDb) log.info({ file: config.geoipDb }, 'geoip database loaded');
   const service = new IdentityService({
     pool: db.pool,
     redis: deps.redis,
@@ -128,6 +132,7 @@ export async function createAuthModule(
     mailer,
     log,
     ...(deps.metrics ? { metrics: deps.metrics } : {}),
+    locator,
     options: {
       usernameMin: config.usernameMin,
       usernameMax: config.usernameMax,
@@ -144,6 +149,7 @@ export async function createAuthModule(
       refreshGraceSeconds: config.refreshGraceSeconds,
     },
   });
+  const activity = new ActivityTracker(deps.redis, deps.keys, config.activityWriteMs, log);
   const relay = new OutboxRelay({ pool: db.pool, backend: deps.backend, log, intervalMs: 1000, batch: 100 });
 
   const directory: SessionDirectory = {
@@ -195,6 +201,7 @@ export async function createAuthModule(
     directory,
     async start(gateway: Gateway) {
       hasher.registerMetrics(gateway.metrics);
+      gateway.onActivity = (sid) => activity.touch(sid);
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
@@ -223,9 +230,7 @@ export async function createAuthModule(
         if (m.token === undefined && conn.session) detach(gateway, conn);
         return service.logout(m as never, c);
       });
-      gateway.handle('sessions', async (conn) => ({
-        sessions: await service.sessions(conn.session!.userId, conn.session!.sessionId),
-      }));
+      gateway.handle('sessions', (conn) => service.sessions(conn.session!.userId, conn.session!.sessionId));
       gateway.handle('revoke', async (conn, m: Msg) => {
         const s = conn.session!;
         if (m.sessionId === s.sessionId) detach(gateway, conn);
@@ -258,7 +263,11 @@ export async function createAuthModule(
           refresh: operations.refresh,
           logout: operations.logout,
           validate: operations.validate,
-          authenticate: (t) => service.authenticate(t),
+          authenticate: async (t) => {
+            const a = await service.authenticate(t);
+            activity.touch(a.sessionId);
+            return a;
+          },
           me: (uid) => service.me(uid),
           sessions: (uid, cur) => service.sessions(uid, cur),
           revoke: (uid, sid) => service.revoke(uid, sid),
@@ -270,6 +279,7 @@ export async function createAuthModule(
       relay.start();
     },
     async close() {
+      await activity.close();
       await relay.stop();
       await hasher.close();
       mailer?.close();

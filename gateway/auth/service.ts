@@ -30,7 +30,8 @@ import type { GatewayMetrics } from '../metrics.ts';
 import { pgError } from './db.ts';
 import type { Hasher } from './hasher.ts';
 import type { Mailer } from './mailer.ts';
-import { type LiveSession, SessionStore } from './session-store.ts';
+import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
+import { type LiveSession, SessionStore, type SessionView } from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
 
 export interface IdentityOptions {
@@ -120,6 +121,8 @@ export class IdentityService {
       log: Logger;
       /** Results by operation (gateway/metrics.ts); absent in tools that run the service alone. */
       metrics?: GatewayMetrics;
+      /** Sessions' locations (session-details.ts); without it, none. */
+      locator?: Locator;
       options: IdentityOptions;
     },
   ) {
@@ -167,6 +170,19 @@ export class IdentityService {
     return email;
   }
 
+  /** An optional display name: trimmed, 1-128 characters, no control characters; empty is none. */
+  private checkFullName(raw: string | undefined): string | null {
+    if (raw === undefined) return null;
+    const name = raw.trim();
+    if (name === '') return null;
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it refuses
+    if ([...name].length > 128 || /[\u0000-\u001f\u007f]/.test(name))
+      throw new ProtocolError('bad_message', 'fullName: at most 128 characters, no control characters', {
+        field: 'fullName',
+      });
+    return name;
+  }
+
   private checkPassword(password: string): void {
     // NIST SP 800-63B: length only, counted in code points; no composition rules.
     const n = [...password].length;
@@ -184,13 +200,18 @@ export class IdentityService {
   }
 
   /** Inserts a user and its `user.registered` outbox row in one transaction. */
-  private async insertUser(username: string, email: string, passwordHash: string): Promise<string> {
+  private async insertUser(
+    username: string,
+    email: string,
+    passwordHash: string,
+    fullName: string | null = null,
+  ): Promise<string> {
     const client = await this.deps.pool.connect();
     try {
       await client.query('BEGIN');
       const r = await client.query(
-        'INSERT INTO users (username, email, password_hash) VALUES ($1, $2, $3) RETURNING id, created_at',
-        [username, email, passwordHash],
+        'INSERT INTO users (username, email, password_hash, full_name) VALUES ($1, $2, $3, $4) RETURNING id, created_at',
+        [username, email, passwordHash, fullName],
       );
       const userId = r.rows[0].id as string;
       await client.query('INSERT INTO outbox (name, payload) VALUES ($1, $2)', [
@@ -230,21 +251,25 @@ export class IdentityService {
    * Creates an account. Without a username (the RealChat gRPC contract registers by email
    * alone) one is derived from the address: see `derivedUsernames`.
    */
-  register(req: { username?: string; email: string; password: string }, ctx: RequestContext) {
+  register(
+    req: { username?: string; email: string; password: string; fullName?: string },
+    ctx: RequestContext,
+  ) {
     return this.counted('register', () => this.registerUser(req, ctx));
   }
 
   private async registerUser(
-    req: { username?: string; email: string; password: string },
+    req: { username?: string; email: string; password: string; fullName?: string },
     ctx: RequestContext,
   ): Promise<{ userId: string }> {
     await this.limit(this.registerLimit, ctx.ip);
     if (req.username !== undefined) this.checkUsername(req.username);
     const email = this.normalizeEmail(req.email);
     this.checkPassword(req.password);
+    const fullName = this.checkFullName(req.fullName);
     const { hash } = await this.deps.hasher.hash(req.password);
     if (req.username !== undefined) {
-      const userId = await this.insertUser(req.username, email, hash);
+      const userId = await this.insertUser(req.username, email, hash, fullName);
       this.deps.log.info({ userId }, 'user registered');
       return { userId };
     }
@@ -253,7 +278,7 @@ export class IdentityService {
     const candidates = this.derivedUsernames(email);
     for (let i = 0; ; i++) {
       try {
-        const userId = await this.insertUser(candidates[i], email, hash);
+        const userId = await this.insertUser(candidates[i], email, hash, fullName);
         this.deps.log.info({ userId, username: candidates[i], derived: true }, 'user registered');
         return { userId };
       } catch (e) {
@@ -283,7 +308,7 @@ export class IdentityService {
 
   async me(userId: string): Promise<Record<string, unknown>> {
     const r = await this.deps.pool.query(
-      'SELECT id, username, email, created_at, last_login_at FROM users WHERE id = $1',
+      'SELECT id, username, email, full_name, created_at, last_login_at FROM users WHERE id = $1',
       [userId],
     );
     if (r.rowCount === 0) throw new ProtocolError('not_found', 'user not found');
@@ -292,6 +317,7 @@ export class IdentityService {
       userId: u.id,
       username: u.username,
       email: u.email,
+      fullName: u.full_name ?? null,
       createdAt: new Date(u.created_at).getTime(),
       lastLoginAt: u.last_login_at ? new Date(u.last_login_at).getTime() : null,
     };
@@ -440,6 +466,8 @@ export class IdentityService {
         lastSeenAt: now,
         refreshHash: hashToken(refresh),
         refreshExpiresAt,
+        deviceInfo: device ? null : deviceInfoFromUserAgent(ctx.userAgent),
+        location: this.deps.locator?.locate(ctx.ip) ?? null,
       },
       o.refreshTtlSeconds * 1000,
     );
@@ -615,21 +643,36 @@ export class IdentityService {
     return {};
   }
 
-  async sessions(userId: string, current: string | undefined): Promise<Record<string, unknown>[]> {
-    const out: Record<string, unknown>[] = [];
-    for (const sid of await this.store.ofUser(userId)) {
-      const s = await this.store.get(sid);
-      if (!s) continue;
-      out.push({
-        sessionId: sid,
+  /**
+   * The user's live sessions, newest activity first (then newest created), with their count:
+   * the wire's `sessions` and `GET /auth/user/sessions` (PROTOCOL.md §8, "Session details").
+   * `lastSeenAt` and `lastActivityAt` are the same throttled field (activity.ts).
+   */
+  async sessions(
+    userId: string,
+    current: string | undefined,
+  ): Promise<{ sessions: Record<string, unknown>[]; totalActiveSessions: number }> {
+    const views = await this.store.views(await this.store.ofUser(userId));
+    views.sort(
+      (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
+    );
+    const sessions = views.map((v: SessionView) => {
+      const s = v.session;
+      return {
+        sessionId: s.sessionId,
         device: s.device,
+        deviceInfo: s.deviceInfo ?? null,
         ip: s.ip,
+        location: s.location ?? null,
         createdAt: s.createdAt,
         lastSeenAt: s.lastSeenAt,
-        current: sid === current,
-      });
-    }
-    return out.sort((a, b) => (a.createdAt as number) - (b.createdAt as number));
+        lastActivityAt: s.lastSeenAt,
+        expiresAt: v.expiresAt,
+        online: v.online,
+        current: s.sessionId === current,
+      };
+    });
+    return { sessions, totalActiveSessions: sessions.length };
   }
 
   async revoke(userId: string, sessionId: string): Promise<Record<string, never>> {

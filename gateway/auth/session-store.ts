@@ -7,6 +7,7 @@
 import type { Redis } from 'ioredis';
 import type { Device } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
+import type { DeviceInfo } from './session-details.ts';
 
 export interface LiveSession {
   sessionId: string;
@@ -19,6 +20,19 @@ export interface LiveSession {
   lastSeenAt: number;
   refreshHash: string;
   refreshExpiresAt: number;
+  /** From the User-Agent, when the session started without a device (session-details.ts). */
+  deviceInfo?: DeviceInfo | null;
+  /** `Local`, a place from the GeoIP database, or null (session-details.ts). */
+  location?: string | null;
+}
+
+/** A live session as the session lists show it. */
+export interface SessionView {
+  session: LiveSession;
+  /** When the session's hash expires unless extended (resume, refresh). */
+  expiresAt: number;
+  /** A connection of it is online on some node (presence). */
+  online: boolean;
 }
 
 /**
@@ -65,6 +79,24 @@ const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call
 /** Extends KEYS[1] by ARGV[2] s only if it still holds ARGV[1]. */
 const EXTEND = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0`;
 
+function parseSession(sid: string, h: Record<string, string>): LiveSession | null {
+  if (!h.userId) return null;
+  return {
+    sessionId: sid,
+    userId: h.userId,
+    username: h.username,
+    device: h.device ? JSON.parse(h.device) : null,
+    ip: h.ip,
+    ...(h.userAgent ? { userAgent: h.userAgent } : {}),
+    createdAt: Number(h.createdAt),
+    lastSeenAt: Number(h.lastSeenAt),
+    refreshHash: h.refreshHash,
+    refreshExpiresAt: Number(h.refreshExpiresAt),
+    deviceInfo: h.deviceInfo ? JSON.parse(h.deviceInfo) : null,
+    location: h.location || null,
+  };
+}
+
 export type RotateResult =
   | { status: 'ok'; sessionId: string }
   | { status: 'again'; sessionId: string; sealed: string }
@@ -91,6 +123,8 @@ export class SessionStore {
       lastSeenAt: s.lastSeenAt,
       refreshHash: s.refreshHash,
       refreshExpiresAt: s.refreshExpiresAt,
+      ...(s.deviceInfo ? { deviceInfo: JSON.stringify(s.deviceInfo) } : {}),
+      ...(s.location ? { location: s.location } : {}),
     });
     m.expire(k.session(s.sessionId), this.ttlSeconds);
     m.sadd(k.userSessions(s.userId), s.sessionId);
@@ -102,20 +136,30 @@ export class SessionStore {
   }
 
   async get(sid: string): Promise<LiveSession | null> {
-    const h = await this.redis.hgetall(this.keys.session(sid));
-    if (!h.userId) return null;
-    return {
-      sessionId: sid,
-      userId: h.userId,
-      username: h.username,
-      device: h.device ? JSON.parse(h.device) : null,
-      ip: h.ip,
-      ...(h.userAgent ? { userAgent: h.userAgent } : {}),
-      createdAt: Number(h.createdAt),
-      lastSeenAt: Number(h.lastSeenAt),
-      refreshHash: h.refreshHash,
-      refreshExpiresAt: Number(h.refreshExpiresAt),
-    };
+    return parseSession(sid, await this.redis.hgetall(this.keys.session(sid)));
+  }
+
+  /**
+   * The live sessions among `sids` with their expiry and whether they are online, in one
+   * round trip (the hashes, their TTLs and the presence records of messaging/presence.ts).
+   */
+  async views(sids: string[]): Promise<SessionView[]> {
+    if (sids.length === 0) return [];
+    const p = this.redis.pipeline();
+    for (const sid of sids) p.hgetall(this.keys.session(sid)).pttl(this.keys.session(sid));
+    p.hmget(this.keys.presence, ...sids);
+    const res = (await p.exec())!;
+    for (const [err] of res) if (err) throw err;
+    const presence = res[sids.length * 2][1] as (string | null)[];
+    const now = Date.now();
+    const out: SessionView[] = [];
+    sids.forEach((sid, i) => {
+      const session = parseSession(sid, res[i * 2][1] as Record<string, string>);
+      const ttl = res[i * 2 + 1][1] as number;
+      if (!session || ttl < 0) return;
+      out.push({ session, expiresAt: now + ttl, online: presence[i] !== null });
+    });
+    return out;
   }
 
   alive(sid: string): Promise<boolean> {

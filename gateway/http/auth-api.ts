@@ -3,12 +3,12 @@
  * identity service as the wire requests. Bearer token or the session cookie; JSON bodies with
  * a size limit; errors `{error: {code, message}}` with the stable codes.
  *
- *   POST   /auth/register            {username, email, password}          201 {userId}
+ *   POST   /auth/register            {username, email, password, fullName?} 201 {userId}
  *   POST   /auth/login               {username|email, password, device?}  200 session + Set-Cookie
  *   POST   /auth/refresh             {refresh} (or the refresh cookie)    200 tokens + Set-Cookie
  *   POST   /auth/logout              (bearer or cookie) and/or {refresh}  200 {} + cleared cookies
  *   GET    /auth/user/me                                                  200 {userId, username, email, ...}
- *   GET    /auth/user/sessions                                            200 {sessions}
+ *   GET    /auth/user/sessions                                            200 {sessions, totalActiveSessions}
  *   DELETE /auth/user/sessions/:id                                        200 {}
  *   POST   /auth/validate            {token}                              200 {valid, userId?, ...}
  *   GET    /.well-known/jwks.json                                         200 JWKS
@@ -27,7 +27,7 @@ import { type Exchange, route } from './json.ts';
 /** The identity operations the HTTP API needs. */
 export interface AuthApiIdentity {
   register(
-    req: { username: string; email: string; password: string },
+    req: { username: string; email: string; password: string; fullName?: string },
     ctx: AuthContext,
   ): Promise<{ userId: string }>;
   login(req: Record<string, unknown>, ctx: AuthContext): Promise<HttpSession>;
@@ -41,7 +41,10 @@ export interface AuthApiIdentity {
     token: string,
   ): Promise<{ userId: string; username: string; sessionId: string; expiresAt: number }>;
   me(userId: string): Promise<Record<string, unknown>>;
-  sessions(userId: string, currentSessionId: string): Promise<unknown[]>;
+  sessions(
+    userId: string,
+    currentSessionId: string,
+  ): Promise<{ sessions: unknown[]; totalActiveSessions: number }>;
   revoke(userId: string, sessionId: string): Promise<unknown>;
   jwks(): unknown;
 }
@@ -154,8 +157,14 @@ export function mountAuthApi(
     route(log, async (ex) => {
       const ip = ipOf(ex.res);
       const b = await bodyOf(ex);
+      const fullName = str(b, 'fullName', true);
       const out = await identity.register(
-        { username: str(b, 'username')!, email: str(b, 'email')!, password: str(b, 'password')! },
+        {
+          username: str(b, 'username')!,
+          email: str(b, 'email')!,
+          password: str(b, 'password')!,
+          ...(fullName !== undefined ? { fullName } : {}),
+        },
         ctxOf(ex, ip),
       );
       ex.json('201 Created', out);
@@ -222,7 +231,7 @@ export function mountAuthApi(
     '/auth/user/sessions',
     route(log, async (ex) => {
       const a = await authed(ex);
-      ex.json('200 OK', { sessions: await identity.sessions(a.userId, a.sessionId) });
+      ex.json('200 OK', await identity.sessions(a.userId, a.sessionId));
     }),
   );
 

@@ -41,6 +41,9 @@ export interface SweepTargets {
 
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
+/** Deletes field ARGV[1] of hash KEYS[1] only if it still holds ARGV[2]. */
+const HDEL_IF_SAME = `if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0`;
+
 export class Presence {
   private beatTimer: NodeJS.Timeout | undefined;
   private readonly queue: Queue;
@@ -70,9 +73,10 @@ export class Presence {
     gateway.onSessionBound((conn) => {
       this.online(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
-    gateway.onConnectionClosed((conn) => {
-      if (conn.session)
-        this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
+    // Unbound, not closed: a closing connection is unbound first (conn.session is gone by the
+    // time closed hooks run), and a logout or a login as another session ends its presence too.
+    gateway.onSessionUnbound((conn) => {
+      this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     await this.beat();
     this.beatTimer = setInterval(
@@ -126,11 +130,13 @@ export class Presence {
   private async offline(conn: Connection): Promise<void> {
     const s = conn.session!;
     const { redis, keys, gateway } = this.deps;
-    // Only if this connection's node still holds the session (a takeover may have moved it).
+    // Only if the record is still this connection's (a takeover or a resume, on this node or
+    // another, may have replaced it).
     const raw = await redis.hget(keys.presence, s.sessionId);
     const m = redis.multi();
-    if (raw && (JSON.parse(raw) as PresenceRecord).node === gateway.nodeId)
-      m.hdel(keys.presence, s.sessionId);
+    const rec = raw ? (JSON.parse(raw) as PresenceRecord) : undefined;
+    if (rec && rec.node === gateway.nodeId && rec.conn === conn.id)
+      m.eval(HDEL_IF_SAME, 1, keys.presence, s.sessionId, raw!);
     m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
     m.hset(keys.lastSeen, s.username, Date.now());
     await m.exec();

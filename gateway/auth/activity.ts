@@ -1,0 +1,90 @@
+/**
+ * Session activity, throttled: every authenticated request (wire or HTTP) calls `touch`, which
+ * costs a Map lookup and no Redis call. A session's activity is taken at most once per
+ * `throttleMs` on this node; a timer writes what was taken to the session hash's `lastSeenAt`
+ * in one pipeline per tick. So a fleet of N busy sessions costs at most N writes per
+ * `throttleMs` however many messages they send, and `lastSeenAt` is at most `throttleMs`
+ * (plus a tick) behind the last request.
+ *
+ * The write never creates a hash (an ended session stays ended) and never moves `lastSeenAt`
+ * back (another node, or a resume, may have written a later time). A write that fails (Redis
+ * down) is dropped: activity is a hint, and the next activity writes again.
+ */
+import type { Redis } from 'ioredis';
+import type { Keys } from '../keys.ts';
+import type { Logger } from '../log.ts';
+
+/** KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is older. */
+const MARK = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'lastSeenAt') or '0')
+if cur and cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
+return 1
+`;
+
+type MarkingRedis = Redis & { gwMarkActivity(key: string, at: number): Promise<number> };
+
+export class ActivityTracker {
+  /** Activity taken and not yet written, by session id. */
+  private pending = new Map<string, number>();
+  /** When each session's activity was last taken (entries older than the throttle are pruned). */
+  private readonly taken = new Map<string, number>();
+  private readonly timer: NodeJS.Timeout;
+  private readonly redis: MarkingRedis;
+  private flushing: Promise<void> | undefined;
+
+  constructor(
+    redis: Redis,
+    private readonly keys: Keys,
+    private readonly throttleMs: number,
+    private readonly log: Logger,
+    private readonly now: () => number = Date.now,
+  ) {
+    if (!('gwMarkActivity' in redis)) redis.defineCommand('gwMarkActivity', { numberOfKeys: 1, lua: MARK });
+    this.redis = redis as MarkingRedis;
+    this.timer = setInterval(() => void this.flush(), Math.min(1000, throttleMs));
+    this.timer.unref();
+  }
+
+  /** Activity of a session now: taken if its last was at least `throttleMs` ago. */
+  touch(sessionId: string): void {
+    const t = this.now();
+    const last = this.taken.get(sessionId);
+    if (last !== undefined && t - last < this.throttleMs) return;
+    this.taken.set(sessionId, t);
+    this.pending.set(sessionId, t);
+  }
+
+  /** Writes the activity taken so far (one pipeline); one flush at a time. */
+  flush(): Promise<void> {
+    this.flushing ??= this.write().finally(() => {
+      this.flushing = undefined;
+    });
+    return this.flushing;
+  }
+
+  private async write(): Promise<void> {
+    const t = this.now();
+    for (const [sid, at] of this.taken) if (t - at >= this.throttleMs) this.taken.delete(sid);
+    if (this.pending.size === 0) return;
+    const batch = this.pending;
+    this.pending = new Map();
+    const p = this.redis.pipeline() as unknown as {
+      gwMarkActivity(k: string, at: number): void;
+      exec(): Promise<unknown>;
+    };
+    for (const [sid, at] of batch) p.gwMarkActivity(this.keys.session(sid), at);
+    try {
+      await p.exec();
+    } catch (e) {
+      this.log.debug({ err: (e as Error).message, sessions: batch.size }, 'session activity not written');
+    }
+  }
+
+  /** Stops the timer after writing what is pending. */
+  async close(): Promise<void> {
+    clearInterval(this.timer);
+    await this.flush();
+  }
+}
