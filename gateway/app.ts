@@ -6,6 +6,7 @@
 import { Redis } from 'ioredis';
 import { Gauge } from 'prom-client';
 import type { CryptoBackend } from '../protocol/index.ts';
+import { AdminService } from './admin/admin.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
 import { BackendEvents } from './backend-events.ts';
@@ -16,6 +17,7 @@ import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
 import { DependencyMonitor, logFailure } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
+import { mountAdminApi } from './http/admin-api.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
 import type { Logger } from './log.ts';
@@ -185,6 +187,26 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   });
   messaging.start();
   mountEventsApi(gateway.app, delivery, config.apiKey, log);
+  const admin = new AdminService({
+    pool: identity.pool,
+    redis,
+    queueConnection: producer,
+    keys,
+    outbox,
+    identity: {
+      userIdOf: (name) => identity.service.userIdOf(name),
+      sessionIdsOf: (userId) => identity.service.store.ofUser(userId),
+      session: async (sid) => {
+        const h = await redis.hgetall(keys.session(sid));
+        return h.userId ? h : null;
+      },
+      revoke: (sid) => identity.service.endSession(sid, 'revoked'),
+    },
+    backendQueue: backendEvents.queue,
+    log,
+    sessionTtlSeconds: config.sessionTtlSeconds,
+  });
+  mountAdminApi(gateway.app, admin, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
   const monitor = new DependencyMonitor(
     log,
     { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
@@ -226,6 +248,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     messaging.close();
     await presence.close();
     await delivery.close();
+    await admin.close();
     await identity.close();
     await backendEvents.close();
     await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);

@@ -108,6 +108,11 @@ export class Keys {
     return `${this.prefix}usage:${deviceId}`;
   }
 
+  /** STRING, set once when a dead letter is retried: a second retry does not publish again. */
+  deadLetterRetry(jobId: string): string {
+    return `${this.prefix}dlretry:${jobId}`;
+  }
+
   // ---- identity ---------------------------------------------------------------------------
 
   /** HASH: a live session (TTL SESSION_TTL). */

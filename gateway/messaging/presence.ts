@@ -70,7 +70,9 @@ export class Presence {
     gateway.onSessionBound((conn) => {
       this.online(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
-    gateway.onConnectionClosed((conn) => {
+    // On unbind, not on close: a closing connection is unbound first, and its session is gone
+    // by the time the closed hooks run (the session would stay "online" until its node died).
+    gateway.onSessionUnbound((conn) => {
       if (conn.session)
         this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
@@ -126,12 +128,14 @@ export class Presence {
   private async offline(conn: Connection): Promise<void> {
     const s = conn.session!;
     const { redis, keys, gateway } = this.deps;
-    // Only if this connection's node still holds the session (a takeover may have moved it).
+    // Only if this connection still holds the session (a takeover may have moved it, to another
+    // node or to another connection of this one).
     const raw = await redis.hget(keys.presence, s.sessionId);
     const m = redis.multi();
-    if (raw && (JSON.parse(raw) as PresenceRecord).node === gateway.nodeId)
-      m.hdel(keys.presence, s.sessionId);
-    m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
+    const rec = raw ? (JSON.parse(raw) as PresenceRecord) : null;
+    const mine = rec !== null && rec.node === gateway.nodeId && rec.conn === conn.id;
+    if (mine) m.hdel(keys.presence, s.sessionId);
+    if (mine || rec?.node !== gateway.nodeId) m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
     m.hset(keys.lastSeen, s.username, Date.now());
     await m.exec();
   }
