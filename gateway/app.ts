@@ -7,6 +7,7 @@ import { Redis } from 'ioredis';
 import { Gauge } from 'prom-client';
 import type { CryptoBackend } from '../protocol/index.ts';
 import { AdminService } from './admin/admin.ts';
+import { Limits } from './admin/limits.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
 import { BackendEvents } from './backend-events.ts';
@@ -138,6 +139,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
       sessionTtlSeconds: config.sessionTtlSeconds,
     },
   });
+  const limits = new Limits({ redis, bus, keys, log, registry: gateway.metrics });
   const messaging = new Messaging({
     gateway,
     redis,
@@ -149,6 +151,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     backend: backendEvents,
     log,
     defaultRoom: config.defaultRoom,
+    limits,
   });
 
   // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
@@ -185,6 +188,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
       }
     },
   });
+  await limits.start();
   messaging.start();
   mountEventsApi(gateway.app, delivery, config.apiKey, log);
   const admin = new AdminService({
@@ -206,7 +210,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     log,
     sessionTtlSeconds: config.sessionTtlSeconds,
   });
-  mountAdminApi(gateway.app, admin, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
+  mountAdminApi(gateway.app, { admin, limits }, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
   const monitor = new DependencyMonitor(
     log,
     { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
@@ -246,6 +250,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   gateway.onClose(async () => {
     monitor.stop();
     messaging.close();
+    limits.close();
     await presence.close();
     await delivery.close();
     await admin.close();

@@ -156,6 +156,10 @@ export class AdminService {
     return this.deadLetters.close();
   }
 
+  userIdOf(username: string): Promise<string | null> {
+    return this.deps.identity.userIdOf(username);
+  }
+
   // ---- devices -----------------------------------------------------------------------------------
 
   private static readonly DEVICE_SQL =

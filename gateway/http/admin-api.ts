@@ -10,6 +10,7 @@ import type uWS from 'uWebSockets.js';
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { ProtocolError } from '../../protocol/index.ts';
 import { type AdminService, pageLimit } from '../admin/admin.ts';
+import { type LimitScope, type Limits, parseLimitSet } from '../admin/limits.ts';
 import type { Logger } from '../log.ts';
 import { type Exchange, route } from './json.ts';
 
@@ -28,6 +29,13 @@ export const ADMIN_ROUTES = [
   ['GET', '/v1/events/:eid'],
   ['GET', '/v1/dead-letters'],
   ['POST', '/v1/dead-letters/:id/retry'],
+  ['GET', '/v1/limits'],
+  ['GET', '/v1/limits/devices/:id'],
+  ['PUT', '/v1/limits/devices/:id'],
+  ['DELETE', '/v1/limits/devices/:id'],
+  ['GET', '/v1/limits/users/:name'],
+  ['PUT', '/v1/limits/users/:name'],
+  ['DELETE', '/v1/limits/users/:name'],
 ] as const;
 
 const digest = (s: string) => createHash('sha256').update(s).digest();
@@ -77,14 +85,14 @@ type Handler = (ex: Exchange, params: string[], query: URLSearchParams) => Promi
 
 export function mountAdminApi(
   app: uWS.TemplatedApp,
-  admin: AdminService,
+  { admin, limits }: { admin: AdminService; limits: Limits },
   keys: { adminKey: string; apiKey: string },
   log: Logger,
 ): void {
   if (!keys.adminKey) return;
   const check = adminKeyCheck(keys.adminKey, keys.apiKey);
   /** Reads what uWS only gives before the first await (parameters, query), then checks the key. */
-  const mount = (method: 'get' | 'post', path: string, handler: Handler) => {
+  const mount = (method: 'get' | 'post' | 'put' | 'del', path: string, handler: Handler) => {
     const n = path.split('/').filter((s) => s.startsWith(':')).length;
     app[method](path, (res, req) => {
       const params = Array.from({ length: n }, (_, i) => req.getParameter(i) ?? '');
@@ -159,4 +167,55 @@ export function mountAdminApi(
     const r = await admin.retryDeadLetter(segment(p[0], 'id'));
     ex.json(r.status === 'requeued' ? '202 Accepted' : '200 OK', r);
   });
+
+  // ---- runtime limits (gateway/admin/limits.ts) ---------------------------------------------------
+
+  mount('get', '/v1/limits', async (ex, _p, q) => {
+    const cursor = optional(q, 'cursor') ?? '0';
+    if (!/^\d+$/.test(cursor)) {
+      throw new ProtocolError('bad_message', 'cursor: not a cursor this API returned', { field: 'cursor' });
+    }
+    const page = await limits.page(cursor, pageLimit(q.get('limit')));
+    ex.json('200 OK', {
+      limits: page.items.map(([field, set]) => {
+        const i = field.indexOf(':');
+        return { scope: field.slice(0, i), id: field.slice(i + 1), limits: set };
+      }),
+      nextCursor: page.next === '0' ? null : page.next,
+    });
+  });
+
+  /** A user's limits are kept by user id, so that a renamed account keeps them. */
+  const target = async (scope: LimitScope, raw: string): Promise<string> => {
+    if (scope === 'device') return segment(raw, 'id');
+    const userId = await admin.userIdOf(segment(raw, 'name'));
+    if (!userId) throw new ProtocolError('not_found', 'no such user');
+    return userId;
+  };
+  for (const [scope, path] of [
+    ['device', '/v1/limits/devices/:id'],
+    ['user', '/v1/limits/users/:name'],
+  ] as const) {
+    mount('get', path, async (ex, p) => {
+      const id = await target(scope, p[0]);
+      const set = await limits.get(scope, id);
+      if (!set) throw new ProtocolError('not_found', `no limits for this ${scope}`);
+      ex.json('200 OK', { scope, id, limits: set });
+    });
+    mount('put', path, async (ex, p) => {
+      const body = await ex.readJson(MAX_BODY);
+      const id = await target(scope, p[0]);
+      const set = parseLimitSet(body);
+      await limits.set(scope, id, set);
+      log.info({ scope, ops: Object.keys(set) }, 'limits set');
+      ex.json('200 OK', { scope, id, limits: set });
+    });
+    mount('del', path, async (ex, p) => {
+      const id = await target(scope, p[0]);
+      if (!(await limits.remove(scope, id)))
+        throw new ProtocolError('not_found', `no limits for this ${scope}`);
+      log.info({ scope }, 'limits removed');
+      ex.json('200 OK', {});
+    });
+  }
 }

@@ -9,6 +9,7 @@ import { parse } from 'yaml';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 const ID = 'https://gateway.invalid/openapi.json';
+const METHODS = new Set(['get', 'put', 'post', 'delete', 'patch', 'head', 'options']);
 
 interface Operation {
   responses: Record<string, { $ref?: string; content?: Record<string, { schema: unknown }> }>;
@@ -31,6 +32,7 @@ export function documentedRoutes(): { method: string; path: string }[] {
   const out: { method: string; path: string }[] = [];
   for (const [path, ops] of Object.entries(openapi.paths)) {
     for (const method of Object.keys(ops)) {
+      if (!METHODS.has(method)) continue; // path-level `parameters`, `summary`…
       out.push({ method: method.toUpperCase(), path: path.replace(/\{(\w+)\}/g, ':$1') });
     }
   }
