@@ -222,6 +222,14 @@ describe('devices and sessions', () => {
     assert.equal(byDevice.get(dev)?.online, true);
     assert.equal(byDevice.get(dev)?.node, node);
     assert.equal(byDevice.get(`${dev}-3`)?.online, false);
+
+    // Ids stay out of metric labels and access lines: route patterns only.
+    const metrics = await (await fetchWithin(`http://127.0.0.1:${a.metricsPort}/metrics`)).text();
+    assert.ok(metrics.includes('route="/v1/devices/:id"'), 'admin requests are counted by pattern');
+    for (const id of [dev, username]) assert.ok(!metrics.includes(id), `${id} in a metric label`);
+    const access = a.logs.filter((l) => l.msg === 'http').map((l) => String(l.route));
+    assert.ok(access.includes('/v1/users/:name/sessions') || access.includes('/v1/devices/:id'));
+    assert.ok(!access.some((r) => r.includes(dev) || r.includes(username)), 'ids in access lines');
   });
 
   test('unknown devices and users are 404; bad parameters are 400 naming the field', async () => {
