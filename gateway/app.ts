@@ -6,6 +6,8 @@
 import { Redis } from 'ioredis';
 import { Gauge } from 'prom-client';
 import type { CryptoBackend } from '../protocol/index.ts';
+import { AdminService } from './admin/admin.ts';
+import { Limits } from './admin/limits.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
 import { BackendEvents } from './backend-events.ts';
@@ -17,6 +19,7 @@ import { DeliveryService } from './delivery/service.ts';
 import { DependencyMonitor, logFailure } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
+import { mountAdminApi } from './http/admin-api.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
 import type { Logger } from './log.ts';
@@ -142,6 +145,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
       sessionTtlSeconds: config.sessionTtlSeconds,
     },
   });
+  const limits = new Limits({ redis, bus, keys, log, registry: gateway.metrics });
   const messaging = new Messaging({
     gateway,
     redis,
@@ -153,6 +157,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     backend: backendEvents,
     log,
     defaultRoom: config.defaultRoom,
+    limits,
   });
 
   // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
@@ -189,8 +194,29 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
       }
     },
   });
+  await limits.start();
   messaging.start();
   mountEventsApi(gateway.app, delivery, config.apiKey, log);
+  const admin = new AdminService({
+    pool: identity.pool,
+    redis,
+    queueConnection: producer,
+    keys,
+    outbox,
+    identity: {
+      userIdOf: (name) => identity.service.userIdOf(name),
+      sessionIdsOf: (userId) => identity.service.store.ofUser(userId),
+      session: async (sid) => {
+        const h = await redis.hgetall(keys.session(sid));
+        return h.userId ? h : null;
+      },
+      revoke: (sid) => identity.service.endSession(sid, 'revoked'),
+    },
+    backendQueue: backendEvents.queue,
+    log,
+    sessionTtlSeconds: config.sessionTtlSeconds,
+  });
+  mountAdminApi(gateway.app, { admin, limits }, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
   const monitor = new DependencyMonitor(
     log,
     { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
@@ -249,8 +275,10 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   gateway.onClose(async () => {
     monitor.stop();
     messaging.close();
+    limits.close();
     await presence.close();
     await delivery.close();
+    await admin.close();
     await identity.close();
     await backendEvents.close();
     await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);

@@ -192,6 +192,13 @@ const SETTINGS = {
     z.string().default(''),
     true,
   ),
+  adminKey: setting(
+    'GW_ADMIN_KEY',
+    '(empty: admin API off)',
+    'Key of the admin HTTP API (`Authorization: Bearer <key>`, `/v1/devices`, `/v1/sessions`, `/v1/dead-letters`…; docs/OPERATIONS.md). Must differ from `GW_API_KEY`; unset, the admin routes answer 404.',
+    z.string().default(''),
+    true,
+  ),
   defaultRoom: setting(
     'GW_DEFAULT_ROOM',
     '#general',
@@ -470,7 +477,14 @@ const SETTINGS = {
 } satisfies Record<string, Setting<unknown>>;
 
 /** Settings where an empty value is a choice (off), not "use the default". */
-const EMPTY_MEANS_OFF = new Set(['GW_DEFAULT_ROOM', 'GW_API_KEY', 'SMTP_HOST', 'SMTP_USER', 'SMTP_PASSWORD']);
+const EMPTY_MEANS_OFF = new Set([
+  'GW_DEFAULT_ROOM',
+  'GW_API_KEY',
+  'GW_ADMIN_KEY',
+  'SMTP_HOST',
+  'SMTP_USER',
+  'SMTP_PASSWORD',
+]);
 
 type Settings = typeof SETTINGS;
 export type Config = Readonly<{ [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never }>;
@@ -497,6 +511,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       problems.push(`${s.env}=${shown}: ${result.error.issues.map((i) => i.message).join('; ')}`);
     }
   }
+  // One key must not open both APIs (docs/OPERATIONS.md, "Admin API").
+  if (out.adminKey && out.adminKey === out.apiKey) problems.push('GW_ADMIN_KEY: must differ from GW_API_KEY');
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(out) as Config;
 }

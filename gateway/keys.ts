@@ -108,6 +108,21 @@ export class Keys {
     return `${this.prefix}usage:${deviceId}`;
   }
 
+  /** STRING, set once when a dead letter is retried: a second retry does not publish again. */
+  deadLetterRetry(jobId: string): string {
+    return `${this.prefix}dlretry:${jobId}`;
+  }
+
+  /** HASH `device:<id>` | `user:<userId>` → JSON runtime limits (admin API). */
+  get limits(): string {
+    return `${this.prefix}limits`;
+  }
+
+  /** Channel announcing a changed limit (the message is its field in `limits`). */
+  get limitsChannel(): string {
+    return `${this.prefix}limitschan`;
+  }
+
   // ---- identity ---------------------------------------------------------------------------
 
   /** HASH: a live session (TTL SESSION_TTL). */

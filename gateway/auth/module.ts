@@ -28,11 +28,15 @@ import { Tokens } from './tokens.ts';
 
 type Msg = Record<string, unknown> & { id: number };
 
-/** A kick for a session; `keep` (`<node>:<connection id>`) names the connection to spare. */
+/**
+ * A kick for a session; `keep` (`<node>:<connection id>`) names the connection to spare.
+ * `going_away` is an operator's kick of a device (the admin API): its session stays.
+ */
 interface KickNotice {
   sessionId: string;
-  code: 'session_revoked' | 'session_takeover';
+  code: 'session_revoked' | 'session_takeover' | 'going_away';
   keep?: string;
+  retryAfter?: number;
 }
 
 /**
@@ -53,6 +57,11 @@ export interface AuthOperations {
   logout(req: { token?: string }, ctx: RequestContext): Promise<unknown>;
   validate(req: { token: string }): Promise<Record<string, unknown>>;
 }
+const KICK_MESSAGE: Record<KickNotice['code'], string> = {
+  session_revoked: 'the session has ended',
+  session_takeover: 'the session connected again elsewhere',
+  going_away: 'disconnected by an operator',
+};
 
 export interface AuthModule extends IdentityModule {
   service: IdentityService;
@@ -248,10 +257,9 @@ export async function createAuthModule(
         if (!set) return;
         for (const conn of [...set]) {
           if (n.keep === `${gateway.nodeId}:${conn.id}`) continue;
-          conn.kick(
-            n.code,
-            n.code === 'session_takeover' ? 'the session connected again elsewhere' : 'the session has ended',
-          );
+          if (n.code === 'going_away')
+            log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
+          conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
         }
       });
 

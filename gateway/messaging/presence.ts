@@ -76,7 +76,8 @@ export class Presence {
     // Unbound, not closed: a closing connection is unbound first (conn.session is gone by the
     // time closed hooks run), and a logout or a login as another session ends its presence too.
     gateway.onSessionUnbound((conn) => {
-      this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
+      if (conn.session)
+        this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     await this.beat();
     this.beatTimer = setInterval(
@@ -131,13 +132,14 @@ export class Presence {
     const s = conn.session!;
     const { redis, keys, gateway } = this.deps;
     // Only if the record is still this connection's (a takeover or a resume, on this node or
-    // another, may have replaced it).
+    // another, may have replaced it). The node's set keeps the session when another connection
+    // of this node holds it now.
     const raw = await redis.hget(keys.presence, s.sessionId);
     const m = redis.multi();
     const rec = raw ? (JSON.parse(raw) as PresenceRecord) : undefined;
-    if (rec && rec.node === gateway.nodeId && rec.conn === conn.id)
-      m.eval(HDEL_IF_SAME, 1, keys.presence, s.sessionId, raw!);
-    m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
+    const mine = rec !== undefined && rec.node === gateway.nodeId && rec.conn === conn.id;
+    if (mine) m.eval(HDEL_IF_SAME, 1, keys.presence, s.sessionId, raw!);
+    if (mine || rec?.node !== gateway.nodeId) m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
     m.hset(keys.lastSeen, s.username, Date.now());
     await m.exec();
   }

@@ -6,7 +6,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
-import { ProtocolError } from '../../protocol/index.ts';
+import { ProtocolError, pack } from '../../protocol/index.ts';
+import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Connection, Turn } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
@@ -43,8 +44,17 @@ export class Messaging {
       backend: BackendEvents;
       log: Logger;
       defaultRoom: string;
+      /** Runtime limits of the admin API; absent: none. */
+      limits?: Limits;
     },
   ) {}
+
+  /** Waits for the device's and user's limits of `op` (PROTOCOL.md §8): none, no Redis call. */
+  private limited(conn: Connection, op: LimitedOp, bytes: () => number): Promise<void> | undefined {
+    const s = conn.session;
+    if (!s || !this.deps.limits) return undefined;
+    return this.deps.limits.check(op, { deviceId: s.deviceId, userId: s.userId }, bytes);
+  }
 
   start(): void {
     const { gateway, rooms } = this.deps;
@@ -59,6 +69,7 @@ export class Messaging {
     gateway.handle(
       'say',
       async (conn, m: Msg, turn) => {
+        await this.limited(conn, 'say', () => Buffer.byteLength(String(m.body)));
         await rooms.say(conn, m.room as string, m.body as string, turn);
         return {};
       },
@@ -106,6 +117,7 @@ export class Messaging {
 
   private async send(conn: Connection, to: string, body: string, turn: Turn): Promise<{ eid: string }> {
     this.deps.rooms.checkBody(body);
+    await this.limited(conn, 'send', () => Buffer.byteLength(body));
     const { directory, delivery } = this.deps;
     const userId = await directory.userIdOf(to);
     const sids = userId ? await directory.sessionsOfUser(userId) : [];
@@ -124,6 +136,7 @@ export class Messaging {
     if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
       throw new ProtocolError('bad_message', 'name: must be 1-128 of [A-Za-z0-9_.:-]', { field: 'name' });
     }
+    await this.limited(conn, 'publish', () => pack(data ?? null).length);
     const s = conn.session!;
     const eid = randomUUID();
     await turn(() =>
