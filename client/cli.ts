@@ -195,12 +195,10 @@ rl.on('line', (line) => {
   void pump();
 });
 rl.on('SIGINT', () => {
-  // Ctrl-C clears a typed line, as shells do; on an empty line it quits.
+  // Ctrl-C clears a typed line, as shells do (readline's Ctrl-E then Ctrl-U); on an empty line it quits.
   if (rl.line.length > 0) {
-    (rl as unknown as { line: string; cursor: number }).line = '';
-    (rl as unknown as { cursor: number }).cursor = 0;
-    screen.setPrompt(prompt());
-    rl.write('\n');
+    rl.write(null, { ctrl: true, name: 'e' });
+    rl.write(null, { ctrl: true, name: 'u' });
     return;
   }
   lines.push('/quit');

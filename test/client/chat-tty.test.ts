@@ -179,9 +179,14 @@ test('two users in a terminal: current room, notices, commands, typing not clobb
     assert.ok(help.includes(`  ${cmd}`), `/help lists ${cmd}`);
   }
 
-  for (const pane of ['alice', 'bob']) {
-    await tmux.type(pane, '/quit');
-    await tmux.press(pane, 'Enter');
-    await tmux.waitFor(pane, /\*\*\* Goodbye! \*\*\*/, 'the goodbye');
-  }
+  // Ctrl-C clears the typed line; on an empty line it quits, as /quit does.
+  await tmux.type('bob', 'never sent');
+  await waitForPrompt(tmux, 'bob', '#ops> never sent', "bob's typing");
+  await tmux.press('bob', 'C-c');
+  await waitForPrompt(tmux, 'bob', '#ops> ', 'the line cleared by Ctrl-C');
+  await tmux.press('bob', 'C-c');
+  await tmux.waitFor('bob', /\*\*\* Goodbye! \*\*\*/, 'the goodbye after Ctrl-C');
+  await tmux.type('alice', '/quit');
+  await tmux.press('alice', 'Enter');
+  await tmux.waitFor('alice', /\*\*\* Goodbye! \*\*\*/, 'the goodbye');
 });

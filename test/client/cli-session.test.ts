@@ -61,6 +61,8 @@ test('--reconnect: after a gateway restart the session is resumed and its rooms 
     cli.send('/join #dev');
     cli.send('/join #ops');
     await cli.waitFor(/\*\*\* You joined #dev \*\*\*\n[\s\S]*\*\*\* You joined #ops \*\*\*/, 'the joins');
+    cli.send('said before the restart');
+    await cli.waitFor(new RegExp(`^\\[${name}\\]: said before the restart$`, 'm'), 'the message in #ops');
 
     await a.stop();
     await cli.waitFor(/\*\*\* The gateway is shutting down/, 'the going_away kick');
@@ -72,6 +74,9 @@ test('--reconnect: after a gateway restart the session is resumed and its rooms 
       mark,
       60_000,
     );
+
+    // The rejoin replayed #ops's recent history (before its answer): what was shown is not shown again.
+    assert.equal(cli.out().match(/: said before the restart( \(history\))?$/gm)?.length, 1, 'the replay is deduplicated');
 
     // The rooms are really joined on the new connection, and #ops is still current.
     const watcherName = await register(url);
