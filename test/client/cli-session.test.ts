@@ -76,7 +76,11 @@ test('--reconnect: after a gateway restart the session is resumed and its rooms 
     );
 
     // The rejoin replayed #ops's recent history (before its answer): what was shown is not shown again.
-    assert.equal(cli.out().match(/: said before the restart( \(history\))?$/gm)?.length, 1, 'the replay is deduplicated');
+    assert.equal(
+      cli.out().match(/: said before the restart( \(history\))?$/gm)?.length,
+      1,
+      'the replay is deduplicated',
+    );
 
     // The rooms are really joined on the new connection, and #ops is still current.
     const watcherName = await register(url);
