@@ -71,9 +71,9 @@ try {
 const interactive = process.stdin.isTTY === true && process.stdout.isTTY === true;
 const screen = new Screen(process.stdout, styleFor(colorWanted(process.stdout)));
 const style = screen.style;
-const chat = new ChatState(
-  values['default-room'].startsWith('#') ? values['default-room'] : `#${values['default-room']}`,
-);
+// Room names as the gateway normalizes them: a leading #, lowercase.
+const defaultRoom = values['default-room'].toLowerCase();
+const chat = new ChatState(defaultRoom.startsWith('#') ? defaultRoom : `#${defaultRoom}`);
 
 const client = new GatewayClient({
   url,
