@@ -45,7 +45,10 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /** Acknowledge qos-1 events as they arrive (default true). */
   autoAck?: boolean;
-  /** Reconnect after an unexpected close, resuming the session (default: off). */
+  /**
+   * Reconnect after an unexpected close, resuming the session (default: off). Not after a
+   * `session_revoked` or `session_takeover` kick (`TERMINAL_KICKS`).
+   */
   reconnect?: ReconnectOptions | false;
   /** Handshake timeout (ms). */
   connectTimeoutMs?: number;
@@ -82,6 +85,49 @@ interface Wire {
 }
 
 const SESSION_TYPES = new Set(['login', 'resume', 'otp.verify']);
+
+/**
+ * Kicks after which reconnecting cannot help: the session has ended (`session_revoked`), or
+ * another connection holds it now (`session_takeover`; resuming would take it back and start a
+ * tug of war between the two). The client stays closed after these.
+ */
+export const TERMINAL_KICKS: ReadonlySet<string> = new Set(['session_revoked', 'session_takeover']);
+
+/** Where a gateway URL points: `tcp://host:port` (port 9000 by default) or `ws[s]://host:port/path`. */
+export interface GatewayAddress {
+  transport: 'tcp' | 'ws';
+  /** Host name or IP address, an IPv6 address without its brackets (`::1`). */
+  host: string;
+  port: number;
+  /** The URL as parsed (for WebSocket, what is dialled). */
+  url: URL;
+}
+
+/**
+ * Parses a gateway URL. IPv6 literals go in brackets, as in any URL (`tcp://[::1]:9000`);
+ * `host` comes back without them, as `net.connect` wants it. Throws a clear Error otherwise.
+ */
+export function parseGatewayUrl(raw: string): GatewayAddress {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new Error(`invalid gateway URL ${JSON.stringify(raw)}: use tcp://host:port or ws://host:port/ws`);
+  }
+  const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
+  if (!host) throw new Error(`gateway URL ${JSON.stringify(raw)} has no host`);
+  if (url.protocol === 'tcp:') {
+    if (url.pathname && url.pathname !== '/') {
+      throw new Error(`gateway URL ${JSON.stringify(raw)}: a tcp:// URL has no path`);
+    }
+    return { transport: 'tcp', host, port: url.port ? Number(url.port) : 9000, url };
+  }
+  if (url.protocol === 'ws:' || url.protocol === 'wss:') {
+    const port = url.port ? Number(url.port) : url.protocol === 'wss:' ? 443 : 80;
+    return { transport: 'ws', host, port, url };
+  }
+  throw new Error(`unsupported gateway URL ${JSON.stringify(raw)}: use tcp://host:port or ws://host:port/ws`);
+}
 
 export class GatewayClient extends EventEmitter {
   readonly options: ClientOptions;
@@ -187,7 +233,8 @@ export class GatewayClient extends EventEmitter {
             ...(this.lastKick?.retryAfter !== undefined ? { retryAfter: this.lastKick.retryAfter } : {}),
           };
           this.emit('close', info);
-          if (!this.userClosed && this.options.reconnect) this.scheduleReconnect(info);
+          const terminal = info.code !== undefined && TERMINAL_KICKS.has(info.code);
+          if (!this.userClosed && this.options.reconnect && !terminal) this.scheduleReconnect(info);
         }
       };
       try {
@@ -223,9 +270,9 @@ export class GatewayClient extends EventEmitter {
   }
 
   private open(onBody: (b: Buffer) => void, onClose: () => void, onError: (e: Error) => void): Wire {
-    const url = new URL(this.options.url);
-    if (url.protocol === 'tcp:') {
-      const socket = netConnect({ host: url.hostname, port: Number(url.port), noDelay: true });
+    const address = parseGatewayUrl(this.options.url);
+    if (address.transport === 'tcp') {
+      const socket = netConnect({ host: address.host, port: address.port, noDelay: true });
       this.tcpSocket = socket;
       socket.once('connect', () => this.emit('transportOpen'));
       const decoder = new FrameDecoder(this.options.maxFrameBytes ?? 16 * 1024 * 1024);
@@ -245,27 +292,24 @@ export class GatewayClient extends EventEmitter {
         destroy: () => socket.destroy(),
       };
     }
-    if (url.protocol === 'ws:' || url.protocol === 'wss:') {
-      const ws = new WebSocket(url, { perMessageDeflate: false });
-      ws.binaryType = 'nodebuffer';
-      const queue: Buffer[] = [];
-      ws.on('open', () => {
-        this.emit('transportOpen');
-        for (const b of queue) ws.send(b);
-        queue.length = 0;
-      });
-      ws.on('message', (data, isBinary) => {
-        if (isBinary) onBody(data as Buffer);
-      });
-      ws.on('error', (e) => onError(e));
-      ws.on('close', onClose);
-      return {
-        write: (body) => (ws.readyState === WebSocket.OPEN ? ws.send(body) : queue.push(body)),
-        end: () => ws.close(1000),
-        destroy: () => ws.terminate(),
-      };
-    }
-    throw new Error(`unsupported URL ${this.options.url}: use tcp://host:port or ws://host:port/ws`);
+    const ws = new WebSocket(address.url, { perMessageDeflate: false });
+    ws.binaryType = 'nodebuffer';
+    const queue: Buffer[] = [];
+    ws.on('open', () => {
+      this.emit('transportOpen');
+      for (const b of queue) ws.send(b);
+      queue.length = 0;
+    });
+    ws.on('message', (data, isBinary) => {
+      if (isBinary) onBody(data as Buffer);
+    });
+    ws.on('error', (e) => onError(e));
+    ws.on('close', onClose);
+    return {
+      write: (body) => (ws.readyState === WebSocket.OPEN ? ws.send(body) : queue.push(body)),
+      end: () => ws.close(1000),
+      destroy: () => ws.terminate(),
+    };
   }
 
   private onMessage(map: Record<string, unknown> & { type: string }): void {

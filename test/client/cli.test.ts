@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
-import { newName } from '../helpers/accounts.ts';
+import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
@@ -32,7 +32,7 @@ function cli(args: string[], input: string): Promise<{ code: number | null; out:
   });
 }
 
-test('scripted session: ping, errors by code, register, login, chat, direct message', async () => {
+test('scripted session: ping, errors, register, login, chat in the current room, direct message', async () => {
   const name = newName();
   const password = 'secret-password-1';
   const r = await cli(
@@ -51,18 +51,58 @@ test('scripted session: ping, errors by code, register, login, chat, direct mess
       '/quit',
     ].join('\n'),
   );
-  assert.equal(r.code, 0, r.err);
+  // Two commands failed (/rooms before login, the wrong password): a piped script says so.
+  assert.equal(r.code, 1, r.err);
   assert.match(r.out, /pong in \d+ ms/);
-  assert.match(r.out, /error unauthenticated: /);
-  assert.match(r.out, /error invalid_credentials: /);
+  assert.match(r.out, /^ERROR: You are not logged in/m);
+  assert.match(r.out, /^ERROR: .*\(invalid_credentials\)$/m);
   assert.match(r.out, /"userId": "[0-9a-f-]{36}"/);
-  assert.match(r.out, /\*\*\* You joined #cli \(1 member\) \*\*\*/);
-  assert.match(r.out, /\[#cli\] \S+: hello room/);
-  assert.match(r.out, new RegExp(`\\[PM from ${name}\\]: note to self`));
+  assert.match(r.out, /^\*\*\* You joined #general \*\*\*$/m);
+  assert.match(r.out, /^\*\*\* You joined #cli \*\*\*$/m);
+  assert.match(r.out, new RegExp(`^\\[${name}\\]: hello room$`, 'm'));
+  assert.match(r.out, new RegExp(`^\\[PM to ${name}\\]: note to self$`, 'm'));
+  assert.match(r.out, new RegExp(`^\\[${name}\\]: \\[PM\\] note to self$`, 'm'));
   assert.match(r.out, new RegExp(`- ${name} \\(you\\)`));
-  assert.match(r.out, /\*\*\* You left #cli \*\*\*/);
+  assert.match(r.out, /^\*\*\* You left #cli and returned to #general \*\*\*$/m);
+  assert.match(r.out, /^\*\*\* Goodbye! \*\*\*$/m);
   assert.doesNotMatch(r.out, new RegExp(password), 'never prints a password');
   assert.match(r.out, /"token": "eyJ[^"]*…\(\d+ chars\)"/, 'tokens abbreviated');
+  assert.ok(!r.out.includes('\x1b['), 'no colours through a pipe');
+});
+
+test('quoted arguments: a password with spaces is stored whole, and logs in', async () => {
+  const name = newName();
+  // PASSWORD has spaces: quoted once with single quotes, once with double quotes.
+  const r = await cli(
+    [gw.tcpUrl],
+    [`register ${name} ${name}@example.com '${PASSWORD}'`, `login ${name} "${PASSWORD}"`, '/quit'].join('\n'),
+  );
+  assert.equal(r.code, 0, r.out + r.err);
+  assert.match(r.out, /"sessionId": "[0-9a-f-]{36}"/);
+  // The account's password is the whole phrase: a plain client logs in with it.
+  const c = await connected(gw.tcpUrl);
+  try {
+    const s = await c.request<{ username: string }>('login', { username: name, password: PASSWORD });
+    assert.equal(s.username, name);
+  } finally {
+    await c.close();
+  }
+  const bad = await cli([gw.tcpUrl], `login ${name} 'unterminated\n`);
+  assert.equal(bad.code, 1);
+  assert.match(bad.out, /^ERROR: Unterminated quote/m);
+});
+
+test('a piped script exits 1 when a command fails; --bail stops at the first failure', async () => {
+  const script = ['ping', '/nonsense', 'ping'].join('\n');
+  const all = await cli([gw.tcpUrl], script);
+  assert.equal(all.code, 1);
+  assert.match(all.out, /^ERROR: Unknown command: \/nonsense\. Type \/help for available commands\.$/m);
+  assert.equal(all.out.match(/pong in/g)?.length, 2, 'every line ran');
+  const bail = await cli([gw.tcpUrl, '--bail'], script);
+  assert.equal(bail.code, 1);
+  assert.equal(bail.out.match(/pong in/g)?.length, 1, 'nothing ran after the failure');
+  const ok = await cli([gw.tcpUrl], 'ping\n');
+  assert.equal(ok.code, 0, 'a script whose commands all succeed exits 0');
 });
 
 test('a wrong pinned fingerprint exits non-zero with a clear message', async () => {

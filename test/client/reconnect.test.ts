@@ -73,3 +73,39 @@ test('reconnects with backoff after going_away and resumes the session on the ne
     await dropSchema(env.GW_DB_SCHEMA);
   }
 });
+
+test('no reconnection after a takeover or a revoke: it would take the session back, or fail', async () => {
+  const gw = await startGateway();
+  try {
+    for (const code of ['session_takeover', 'session_revoked']) {
+      const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 50 } });
+      await c.connect();
+      const name = newName();
+      await c.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
+      const mine = await c.request<Session>('login', {
+        username: name,
+        password: PASSWORD,
+        device: { id: `d-${name}` },
+      });
+      let reconnecting = 0;
+      c.on('reconnecting', () => reconnecting++);
+      const closed = nextEvent<{ code?: string }>(c, 'close', `the close after ${code}`);
+      const other = new GatewayClient({ url: gw.tcpUrl });
+      await other.connect();
+      if (code === 'session_takeover') {
+        await other.request('login', { username: name, password: PASSWORD, device: { id: `d-${name}` } });
+      } else {
+        await other.request('login', { username: name, password: PASSWORD });
+        await other.request('revoke', { sessionId: mine.sessionId });
+      }
+      assert.equal((await closed).code, code);
+      // A reconnection is scheduled (and announced) in the same tick as the close.
+      await new Promise((r) => setImmediate(r));
+      assert.equal(reconnecting, 0, `no reconnection after ${code}`);
+      await other.close();
+      c.destroy();
+    }
+  } finally {
+    await gw.stop();
+  }
+});
