@@ -8,8 +8,8 @@
  * - device → device: `send` to a username, 4 senders × 60 in flight, 20 receivers; Mosquitto:
  *   4 publishers × 60 in flight, a topic per receiver.
  *
- * Every row prints the CPU per delivered event of the server (the gateway's process tree plus
- * Redis; Mosquitto alone), latency from publish to receipt, and events lost (accepted by the
+ * Every row prints the CPU per delivered event of the server (the gateway's process tree, Redis
+ * and the PostgreSQL backends serving the gateway; Mosquitto alone), latency from publish to receipt, and events lost (accepted by the
  * server, never received after a drain). Gateway devices are encrypted and ack every event;
  * Mosquitto runs as installed (127.0.0.1:1883), clients from the `mqtt` package.
  *
@@ -23,6 +23,7 @@ import hdr from 'hdr-histogram-js';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
+import { DATABASE_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { header, table } from '../lib/measure.ts';
 import { processCpuMicros } from '../lib/proc.ts';
@@ -63,6 +64,7 @@ interface Row {
   lost: number;
   serverCpu: number;
   redisCpu: number;
+  pgCpu: number;
   clientCpu: number;
 }
 
@@ -91,11 +93,41 @@ function treeCpuSeconds(root: number): number {
   return micros / 1e6;
 }
 
+/**
+ * PostgreSQL backends serving a process's connections: its sockets to port 5432 (`ss -tnp`)
+ * matched to `pg_stat_activity.client_port`. The server is shared, so only these count.
+ */
+function pgBackendsOf(pid: number): number[] {
+  const ports = execSync(`ss -tnpH state established '( dport = :5432 )'`, { encoding: 'utf8' })
+    .split('\n')
+    .filter((l) => l.includes(`pid=${pid},`))
+    .map((l) => l.trim().split(/\s+/)[2]?.split(':').pop())
+    .filter((p): p is string => !!p);
+  if (ports.length === 0) return [];
+  const out = execSync(
+    `psql -At "${DATABASE_URL}" -c "SELECT pid FROM pg_stat_activity WHERE client_port IN (${ports.join(',')})"`,
+    { encoding: 'utf8' },
+  );
+  return out.split('\n').filter(Boolean).map(Number);
+}
+
+/** CPU seconds so far of the PostgreSQL backends serving `pid`, by backend. */
+function pgCpu(pid: number): Map<number, number> {
+  return new Map(pgBackendsOf(pid).map((b) => [b, cpuSeconds(b)]));
+}
+
+/** CPU of `pid`'s PostgreSQL backends between two readings (backends opened since: all of theirs). */
+function pgCpuBetween(before: Map<number, number>, after: Map<number, number>): number {
+  let s = 0;
+  for (const [b, cpu] of after) s += cpu - (before.get(b) ?? 0);
+  return s;
+}
+
 /** One path through one system: what the run loop drives. */
 interface System {
   name: string;
   serverPid: number;
-  /** Whether Redis works for this system (its CPU is charged to the server). */
+  /** Whether Redis and PostgreSQL work for this system (their CPU is charged to the server). */
   usesRedis: boolean;
   /** Publishes event `n` carrying its send time from publishing loop `loop`; resolves once accepted. */
   publish(loop: number, n: number, sentAt: number): Promise<void>;
@@ -159,6 +191,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   await sleep(WARMUP * 1000);
   const s0 = treeCpuSeconds(sys.serverPid);
   const r0 = cpuSeconds(REDIS_PID);
+  const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
   const c0 = ownCpuSeconds();
   const t0 = performance.now();
   measuring = true;
@@ -167,6 +200,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const elapsed = (performance.now() - t0) / 1000;
   const serverCpu = (treeCpuSeconds(sys.serverPid) - s0) / elapsed;
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
+  const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
   stop = true;
   if (timer) clearInterval(timer);
@@ -195,6 +229,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     lost: accepted.filter((n) => !seen.has(n)).length,
     serverCpu,
     redisCpu,
+    pgCpu: pgCpuUsed,
     clientCpu,
   };
 }
@@ -368,8 +403,8 @@ const DIRECT = `device → device (send to a username, ${SENDERS}×${SENDER_WIND
 const BACKEND_SHORT = 'back end';
 const DIRECT_SHORT = 'device to device';
 
-/** µs of server CPU (gateway tree + Redis, or Mosquitto) per delivered event. */
-const perEvent = (r: Row) => ((r.serverCpu + r.redisCpu) / r.delivered) * 1e6;
+/** µs of server CPU (gateway tree + Redis + its PostgreSQL backends, or Mosquitto) per delivered event. */
+const perEvent = (r: Row) => ((r.serverCpu + r.redisCpu + r.pgCpu) / r.delivered) * 1e6;
 
 async function main(): Promise<void> {
   console.log(
@@ -403,7 +438,8 @@ async function main(): Promise<void> {
         'lost',
         'server CPU (cores)',
         'Redis CPU (cores)',
-        'server+Redis µs/event',
+        'PostgreSQL CPU (cores)',
+        'server+Redis+PG µs/event',
         'load gen CPU (cores)',
       ],
       rows.map((r) => [
@@ -413,9 +449,10 @@ async function main(): Promise<void> {
         r.delivered,
         r.p50,
         r.p99,
-        r.lost,
+        String(r.lost),
         r.serverCpu.toFixed(2),
         r.system === 'Mosquitto' ? 'n/a' : r.redisCpu.toFixed(2),
+        r.system === 'Mosquitto' ? 'n/a' : r.pgCpu.toFixed(3),
         perEvent(r).toFixed(1),
         r.clientCpu.toFixed(2),
       ]),
