@@ -143,7 +143,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     rooms,
     presence,
     delivery,
-    directory: identity.directory,
+    publisher,
     backend: backendEvents,
     log,
     defaultRoom: config.defaultRoom,

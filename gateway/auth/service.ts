@@ -32,6 +32,7 @@ import type { Hasher } from './hasher.ts';
 import type { Mailer } from './mailer.ts';
 import { type LiveSession, SessionStore } from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
+import { UserIds } from './user-ids.ts';
 
 export interface IdentityOptions {
   usernameMin: number;
@@ -108,6 +109,7 @@ export class IdentityService {
   private readonly otpLimit: RateLimiterRedis;
   private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
+  private readonly userIds = new UserIds((username) => this.queryUserId(username));
 
   constructor(
     private readonly deps: {
@@ -260,7 +262,12 @@ export class IdentityService {
     };
   }
 
-  async userIdOf(username: string): Promise<string | null> {
+  /** The user id of a username (case-insensitive), or null; remembered (user-ids.ts). */
+  userIdOf(username: string): Promise<string | null> {
+    return this.userIds.of(username);
+  }
+
+  private async queryUserId(username: string): Promise<string | null> {
     const r = await this.deps.pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [
       username,
     ]);

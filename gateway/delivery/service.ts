@@ -26,6 +26,7 @@ import {
   type EventInput,
   type Publisher,
   type PublishOutcome,
+  type Recipients,
   type Target,
   validateEventInput,
 } from './publisher.ts';
@@ -212,8 +213,8 @@ export class DeliveryService {
     return outcome;
   }
 
-  async publishTo(sids: string[], input: EventInput): Promise<PublishOutcome> {
-    const outcome = await this.deps.publisher.publishTo(sids, input);
+  async publishTo(to: Recipients, input: EventInput): Promise<PublishOutcome> {
+    const outcome = await this.deps.publisher.publishTo(to, input);
     await this.reportOutcome(outcome, input);
     return outcome;
   }
@@ -229,7 +230,7 @@ export class DeliveryService {
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
     const { publisher } = this.deps;
     const resolved = await Promise.allSettled(
-      items.map(({ target, event }) => publisher.sessionsFor(target, event)),
+      items.map(({ target, event }) => publisher.recipientsFor(target, event)),
     );
     return Promise.allSettled(
       items.map(({ event }, i) => {

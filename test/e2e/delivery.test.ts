@@ -523,6 +523,54 @@ describe('rooms and direct messages', () => {
     );
     for (const c of [a, b1, b2]) c.destroy();
   });
+  test('send: a session of the recipient that expired is skipped and forgotten; none left is not_found', async () => {
+    const a = await connected(gw.tcpUrl);
+    await signUp(a);
+    const b1 = await connected(gw.tcpUrl);
+    const sb1 = await signUp(b1);
+    const b2 = await connected(gw.tcpUrl);
+    const sb2 = await b2.request<Session>('login', { username: sb1.username, password: PASSWORD });
+    const g2 = collect(b2);
+    const redis = new Redis(REDIS_URL);
+    try {
+      // What Redis does when the session's TTL runs out: the session record goes, the id stays
+      // in the user's set.
+      await redis.del(`${gw.prefix}{s:${sb1.sessionId}}:sess`);
+      const { eid } = await a.request<{ eid: string }>('send', { to: sb1.username, body: 'one' });
+      await until(() => g2.length > 0, 10000, 'the live session gets the message');
+      assert.equal(g2[0].eid, eid);
+      const users = `${gw.prefix}user:${sb1.userId}:sess`;
+      const end = Date.now() + 5000;
+      while ((await redis.sismember(users, sb1.sessionId)) === 1) {
+        if (Date.now() > end) throw new Error('the expired session id was not forgotten');
+        await wait(20);
+      }
+      assert.equal(await redis.sismember(users, sb2.sessionId), 1);
+      await redis.del(`${gw.prefix}{s:${sb2.sessionId}}:sess`);
+      await assert.rejects(
+        a.request('send', { to: sb1.username, body: 'two' }),
+        (e: unknown) => e instanceof ProtocolError && e.code === 'not_found',
+      );
+    } finally {
+      redis.disconnect();
+      for (const c of [a, b1, b2]) c.destroy();
+    }
+  });
+
+  test('send: a username not found a moment ago is found once it registers', async () => {
+    const a = await connected(gw.tcpUrl);
+    await signUp(a);
+    const name = `late_${randomUUID().slice(0, 8)}`;
+    const notFound = (e: unknown) => e instanceof ProtocolError && e.code === 'not_found';
+    await assert.rejects(a.request('send', { to: name, body: 'early' }), notFound);
+    const b = await connected(gw.tcpUrl);
+    await signUp(b, undefined, name);
+    const got = collect(b);
+    const { eid } = await a.request<{ eid: string }>('send', { to: name.toUpperCase(), body: 'now' });
+    await until(() => got.length > 0, 10000, 'the message');
+    assert.equal(got[0].eid, eid);
+    for (const c of [a, b]) c.destroy();
+  });
 });
 
 describe('two gateway processes', () => {
