@@ -55,9 +55,13 @@ function collect(c: GatewayClient): EventMsg[] {
   return got;
 }
 
-async function until(pred: () => boolean, timeoutMs = 10000, what = 'condition'): Promise<void> {
+async function until(
+  pred: () => boolean | Promise<boolean>,
+  timeoutMs = 10000,
+  what = 'condition',
+): Promise<void> {
   const end = Date.now() + timeoutMs;
-  while (!pred()) {
+  while (!(await pred())) {
     if (Date.now() > end) throw new Error(`${what} not met within ${timeoutMs} ms`);
     await wait(20);
   }
@@ -259,6 +263,58 @@ describe('qos 1 on one node', () => {
     await reader.waitFor('gw-backend', (j) => j.some((x) => x.data.eid === eid), 5000, 'delivery.expired');
     assert.equal([...got, ...got2].filter((e) => e.eid === eid).length, 0);
     d.destroy();
+  });
+});
+
+describe('sending from the publish', () => {
+  test('a device on the publishing node gets its events from the publish: in order, attempt 1, once each', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const got = collect(c);
+    const redis = new Redis(REDIS_URL);
+    const sent = async () => {
+      const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+      return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
+    };
+    try {
+      // The node key (set as the session binds) is what lets the script grant the send.
+      await until(async () => (await redis.exists(`${gw.prefix}{s:${s.sessionId}}:node`)) === 1);
+      const before = await sent();
+      const n = 40;
+      // One batch (one script call) and then one request per event.
+      const batch = Array.from({ length: n / 2 }, (_, i) => ({
+        target: { session: s.sessionId },
+        name: 'fast.test',
+        data: { i },
+      }));
+      assert.equal((await httpPublish(gw, { events: batch })).status, 202);
+      for (let i = n / 2; i < n; i++) {
+        const res = await httpPublish(gw, {
+          target: { session: s.sessionId },
+          name: 'fast.test',
+          data: { i },
+        });
+        assert.equal(res.status, 202);
+      }
+      await until(() => got.length >= n, 10000, `${n} events`);
+      await wait(300);
+      assert.deepEqual(
+        got.map((e) => (e.data as { i: number }).i),
+        Array.from({ length: n }, (_, i) => i),
+        'each event once, in publish order',
+      );
+      assert.ok(
+        got.every((e) => e.attempt === 1),
+        'first deliveries',
+      );
+      const fromPublish = (await sent()) - before;
+      console.log(`${fromPublish} of ${n} events sent from the publish`);
+      assert.ok(fromPublish > 0, 'some events went out from the publish');
+      await until(async () => (await redis.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0, 10000, 'acks');
+    } finally {
+      redis.disconnect();
+      c.destroy();
+    }
   });
 });
 
