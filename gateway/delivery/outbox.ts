@@ -116,7 +116,7 @@ interface OutboxCommands {
   gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
-  gwMove(...args: (string | number)[]): Promise<number | (string | null)[]>;
+  gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
 }
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
@@ -273,28 +273,40 @@ export class Outbox {
 
   /**
    * Moves a session's events to the session that took over its device (move.lua), keeping
-   * eids, attempts, receipts and expiries; returns how many moved, or -1 if `to` is gone.
+   * eids, attempts, receipts and expiries, within the outbox bound; -1 if `to` is gone.
+   * `dropped`: events the drop-oldest policy dropped from `to`'s outbox; `left`: events that
+   * did not fit under the reject policy, still in `from`'s outbox for the caller to purge.
    */
-  async move(from: string, to: string): Promise<number> {
-    const reply = await this.redis.gwMove(
+  async move(
+    from: string,
+    to: string,
+  ): Promise<-1 | { moved: number; dropped: StoredEvent[]; left: number }> {
+    const o = this.options;
+    const reply = await this.redis.gwMoveBuffer(
       ...this.keys.outbox(from).slice(0, 6),
       ...this.keys.outbox(to),
       this.keys.session(to),
-      this.options.ttlSeconds,
+      o.ttlSeconds,
       this.keys.nodeChannelPrefix,
       to,
+      o.max,
+      o.policy,
     );
-    if (typeof reply === 'number') return reply;
+    if (typeof reply === 'number') return reply as -1;
+    const [moved, droppedRaw, left] = reply as [(Buffer | null)[], Buffer[], number];
     // The expiry index names events by session: re-key the moved ones.
     const p = this.redis.pipeline();
-    for (let i = 0; i < reply.length; i += 2) {
-      const expiry = reply[i + 1];
+    for (let i = 0; i < moved.length; i += 2) {
+      const expiry = moved[i + 1];
       if (!expiry) continue;
-      p.zrem(this.keys.expiries, `${from}|${reply[i]}`);
-      p.zadd(this.keys.expiries, expiry, `${to}|${reply[i]}`);
+      const eid = moved[i]!.toString();
+      p.zrem(this.keys.expiries, `${from}|${eid}`);
+      p.zadd(this.keys.expiries, expiry.toString(), `${to}|${eid}`);
     }
     if (p.length > 0) await p.exec();
-    return reply.length / 2;
+    const dropped: StoredEvent[] = [];
+    for (let i = 1; i < droppedRaw.length; i += 2) dropped.push(decode(droppedRaw[i]));
+    return { moved: moved.length / 2, dropped, left };
   }
 
   /** Events waiting in a session's outbox. */

@@ -271,9 +271,14 @@ export class DeliveryService {
       this.metrics.overflow.labels('reject').inc(outcome.rejected);
       this.deps.log.warn({ eid: outcome.eid, rejected: outcome.rejected }, 'outbox full: publish rejected');
     }
-    for (const d of outcome.dropped) {
+    for (const d of outcome.dropped) await this.reportDropped(d.sessionId, [d.event]);
+  }
+
+  /** Events the drop-oldest policy removed from a session's outbox: counted and reported. */
+  async reportDropped(sessionId: string, events: StoredEvent[]): Promise<void> {
+    for (const ev of events) {
       this.metrics.overflow.labels('drop-oldest').inc();
-      await this.deps.backend.dropped(d.sessionId, d.event);
+      await this.deps.backend.dropped(sessionId, ev);
     }
   }
 

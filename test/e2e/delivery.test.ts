@@ -469,6 +469,50 @@ describe('outbox bound', () => {
       }
     }
   });
+  test('a takeover moves events within the bound: reject reports what does not fit, drop-oldest the oldest', async () => {
+    for (const policy of ['reject', 'drop-oldest'] as const) {
+      const g = await startGateway({ ...FAST, GW_OUTBOX_MAX: '5', GW_OUTBOX_POLICY: policy });
+      const r = new QueueReader(g.prefix);
+      const redis = new Redis(REDIS_URL);
+      try {
+        const device = { id: `bound-${randomUUID().slice(0, 8)}` };
+        const c1 = await connected(g.tcpUrl);
+        const a = await signUp(c1, device);
+        c1.destroy();
+        const c2 = await connected(g.tcpUrl);
+        const b = await c2.request<Session>('login', { username: a.username, password: PASSWORD });
+        c2.destroy();
+        await wait(100);
+        const publish = async (sid: string, eid: string) =>
+          assert.equal((await httpPublish(g, { target: { session: sid }, name: 'e', eid })).status, 202);
+        for (const n of [0, 1, 2, 3]) await publish(a.sessionId, `a${n}`);
+        for (const n of [0, 1, 2]) await publish(b.sessionId, `b${n}`);
+        // Resuming b with a's device takes a over: its 4 events join b's 3, bound 5.
+        const d = await connected(g.tcpUrl, { autoAck: false });
+        await d.request('resume', { token: b.token, device });
+        const q = `${g.prefix}{s:${b.sessionId}}:q`;
+        const want = policy === 'reject' ? ['b0', 'b1', 'b2', 'a0', 'a1'] : ['b2', 'a0', 'a1', 'a2', 'a3'];
+        const end = Date.now() + 10000;
+        let held: string[] = [];
+        while ((held = await redis.zrange(q, '0', '-1')).join() !== want.join()) {
+          if (Date.now() > end) throw new Error(`b's outbox holds ${held.join()}, not ${want.join()}`);
+          await wait(50);
+        }
+        const reported = policy === 'reject' ? 'delivery.failed' : 'delivery.dropped';
+        const jobs = await r.waitFor('gw-backend', (j) => j.length >= 2, 10000, reported);
+        assert.deepEqual(
+          jobs.map((j) => j.data.eid).sort(),
+          policy === 'reject' ? ['a2', 'a3'] : ['b0', 'b1'],
+        );
+        if (policy === 'reject') assert.ok(jobs.every((j) => j.data.reason === 'outbox_full'));
+        d.destroy();
+      } finally {
+        redis.disconnect();
+        await r.close();
+        await g.stop();
+      }
+    }
+  });
 });
 
 describe('devices to the back end', () => {
