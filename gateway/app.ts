@@ -153,7 +153,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     rooms,
     presence,
     delivery,
-    directory: identity.directory,
+    publisher,
     backend: backendEvents,
     log,
     defaultRoom: config.defaultRoom,
@@ -176,10 +176,16 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
 
   // A session that ends takes its undelivered events with it, each reported delivery.failed;
   // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
+  // The successor's outbox stays within GW_OUTBOX_MAX: what the policy drops is reported, and
+  // under `reject` what did not fit is reported failed (`outbox_full`).
   identity.service.onSessionEnded((sid, reason, successor) => {
-    const purge = () => delivery.purge(sid, `session_${reason}`);
+    const purge = (why = `session_${reason}`) => delivery.purge(sid, why);
     const done = successor
-      ? outbox.move(sid, successor).then((moved) => (moved < 0 ? purge() : moved))
+      ? outbox.move(sid, successor).then(async (r) => {
+          if (r === -1) return purge();
+          await delivery.reportDropped(successor, r.dropped);
+          return r.left > 0 ? purge('outbox_full') : r.moved;
+        })
       : purge();
     done.catch((e) => logFailure(log, e, {}, 'could not purge or move an outbox'));
   });

@@ -190,21 +190,29 @@ export class Connection {
   /** Sends one message: plaintext before the handshake completes, sealed after. */
   send(message: object): void {
     if (this.state >= ConnState.closed) return;
+    this.sendPacked(pack(message), (message as { type?: string }).type === 'event');
+  }
+
+  /**
+   * Sends a message already packed: a room event is packed once and only sealed per member
+   * (each connection has its own keys and counters, PROTOCOL.md §3).
+   */
+  sendPacked(body: Uint8Array, isEvent: boolean): void {
+    if (this.state >= ConnState.closed) return;
     const t = this.transport;
     let frame: Buffer;
     if (this.channel) {
-      frame = this.channel.seal(message, t.headroom);
+      frame = this.channel.sealBytes(body, t.headroom);
     } else {
-      const body = pack(message);
       frame = Buffer.allocUnsafe(t.headroom + body.length);
-      body.copy(frame, t.headroom);
+      frame.set(body, t.headroom);
     }
     if (t.headroom === 4) frame.writeUInt32BE(frame.length - 4, 0);
     this.traffic.bytesOut += frame.length;
     const wire = this.host.counters.wire;
     wire.framesOut++;
     wire.bytesOut += frame.length;
-    if ((message as { type?: string }).type === 'event') this.traffic.eventsOut++;
+    if (isEvent) this.traffic.eventsOut++;
     t.write(frame);
     this.checkBackpressure();
   }

@@ -12,6 +12,7 @@
 import { Redis } from 'ioredis';
 import pg from 'pg';
 import { SessionStore } from './auth/session-store.ts';
+import { UserIds } from './auth/user-ids.ts';
 import { BackendEvents } from './backend-events.ts';
 import { Outbox, type OverflowPolicy } from './delivery/outbox.ts';
 import {
@@ -58,14 +59,17 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
         options: `-c search_path=${o.schema ?? 'public'}`,
       })
     : null;
+  const userIds = new UserIds(async (username) => {
+    if (!pool) throw new Error('username targets need databaseUrl');
+    const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
+    return r.rowCount ? (r.rows[0].id as string) : null;
+  });
   const directory: SessionDirectory = {
     sessionsOfUser: (userId) => store.ofUser(userId),
+    recordedSessionsOfUser: (userId) => store.recordedOfUser(userId),
+    forgetSessionsOfUser: (userId, sids) => store.forgetOfUser(userId, sids),
     sessionAlive: (sid) => store.alive(sid),
-    async userIdOf(username) {
-      if (!pool) throw new Error('username targets need databaseUrl');
-      const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
-      return r.rowCount ? (r.rows[0].id as string) : null;
-    },
+    userIdOf: (username) => userIds.of(username),
   };
   const outbox = new Outbox(redis, keys, {
     max: o.outboxMax ?? 1000,

@@ -1,21 +1,32 @@
 /**
- * qos-1 delivery through the gateway next to Mosquitto QoS 1, same shape, same run:
- * publisher → server → 100 devices → ack. Max rate (a window of outstanding publishes) and
- * latency at a fixed rate. Gateway devices are encrypted and its outbox is durable in Redis;
+ * qos-1 delivery through the gateway next to Mosquitto QoS 1, same shape, same run, on the two
+ * paths a fleet uses most:
+ *
+ * - back end → device: `POST /v1/events` batches (one request per tick of the load generator)
+ *   to `{device}` targets, 100 devices; Mosquitto: one publisher, a topic per device. Max rate
+ *   (a window of outstanding publishes) and a fixed rate.
+ * - device → device: `send` to a username, 4 senders × 60 in flight, 20 receivers; Mosquitto:
+ *   4 publishers × 60 in flight, a topic per receiver.
+ *
+ * Every row prints the CPU per delivered event of the server (the gateway's process tree, Redis
+ * and the PostgreSQL backends serving the gateway; Mosquitto alone), latency from publish to receipt, and events lost (accepted by the
+ * server, never received after a drain). Gateway devices are encrypted and ack every event;
  * Mosquitto runs as installed (127.0.0.1:1883), clients from the `mqtt` package.
  *
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
+ *                             [--senders 4] [--sender-window 60] [--receivers 20]
  */
 import { execSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import mqtt from 'mqtt';
-import { GatewayClient, type Session } from '../../client/client.ts';
-import { connectPublisher } from '../../gateway/publish.ts';
+import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
-import { REDIS_URL } from '../../test/helpers/cleanup.ts';
+import { DATABASE_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { header, table } from '../lib/measure.ts';
+import { processCpuMicros } from '../lib/proc.ts';
 import { cpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
 
 const { values } = parseArgs({
@@ -25,6 +36,9 @@ const { values } = parseArgs({
     warmup: { type: 'string', default: '2' },
     rate: { type: 'string', default: '5000' },
     window: { type: 'string', default: '256' },
+    senders: { type: 'string', default: '4' },
+    'sender-window': { type: 'string', default: '60' },
+    receivers: { type: 'string', default: '20' },
     payload: { type: 'string', default: '100' },
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
   },
@@ -34,32 +48,94 @@ const SECONDS = Number(values.seconds);
 const WARMUP = Number(values.warmup);
 const RATE = Number(values.rate);
 const WINDOW = Number(values.window);
+const SENDERS = Number(values.senders);
+const SENDER_WINDOW = Number(values['sender-window']);
+const RECEIVERS = Number(values.receivers);
 const PAYLOAD_BYTES = Number(values.payload);
+const API_KEY = 'bench-api-key-0123456789';
 
 interface Row {
-  target: string;
+  path: string;
+  system: string;
   mode: string;
   delivered: number;
   p50: number;
   p99: number;
+  lost: number;
   serverCpu: number;
   redisCpu: number;
+  pgCpu: number;
   clientCpu: number;
 }
 
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
 
-/** What each system provides to the two runs. */
+/** CPU seconds of a process and all its descendants (a gateway may run several processes). */
+function treeCpuSeconds(root: number): number {
+  const children = new Map<number, number[]>();
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      const list = children.get(ppid) ?? [];
+      list.push(Number(name));
+      children.set(ppid, list);
+    } catch {}
+  }
+  let micros = 0;
+  const todo = [root];
+  while (todo.length) {
+    const pid = todo.pop()!;
+    micros += processCpuMicros(pid) ?? 0;
+    todo.push(...(children.get(pid) ?? []));
+  }
+  return micros / 1e6;
+}
+
+/**
+ * PostgreSQL backends serving a process's connections: its sockets to port 5432 (`ss -tnp`)
+ * matched to `pg_stat_activity.client_port`. The server is shared, so only these count.
+ */
+function pgBackendsOf(pid: number): number[] {
+  const ports = execSync(`ss -tnpH state established '( dport = :5432 )'`, { encoding: 'utf8' })
+    .split('\n')
+    .filter((l) => l.includes(`pid=${pid},`))
+    .map((l) => l.trim().split(/\s+/)[2]?.split(':').pop())
+    .filter((p): p is string => !!p);
+  if (ports.length === 0) return [];
+  const out = execSync(
+    `psql -At "${DATABASE_URL}" -c "SELECT pid FROM pg_stat_activity WHERE client_port IN (${ports.join(',')})"`,
+    { encoding: 'utf8' },
+  );
+  return out.split('\n').filter(Boolean).map(Number);
+}
+
+/** CPU seconds so far of the PostgreSQL backends serving `pid`, by backend. */
+function pgCpu(pid: number): Map<number, number> {
+  return new Map(pgBackendsOf(pid).map((b) => [b, cpuSeconds(b)]));
+}
+
+/** CPU of `pid`'s PostgreSQL backends between two readings (backends opened since: all of theirs). */
+function pgCpuBetween(before: Map<number, number>, after: Map<number, number>): number {
+  let s = 0;
+  for (const [b, cpu] of after) s += cpu - (before.get(b) ?? 0);
+  return s;
+}
+
+/** One path through one system: what the run loop drives. */
 interface System {
   name: string;
   serverPid: number;
-  /** Publishes one event to device i carrying the send time; resolves when the server accepted it. */
-  publish(i: number, sentAt: number): Promise<void>;
-  /** Called by the system for each received message with its send time. */
-  onReceive: (sentAt: number) => void;
+  /** Whether Redis and PostgreSQL work for this system (their CPU is charged to the server). */
+  usesRedis: boolean;
+  /** Publishes event `n` carrying its send time from publishing loop `loop`; resolves once accepted. */
+  publish(loop: number, n: number, sentAt: number): Promise<void>;
+  /** Set by the run: called for each received event with its number and send time. */
+  onReceive: (n: number, sentAt: number) => void;
 }
 
-async function run(sys: System, mode: 'max' | 'fixed'): Promise<Row> {
+async function run(sys: System, path: string, mode: 'max' | 'fixed', window: number): Promise<Row> {
   const h = hdr.build({
     lowestDiscernibleValue: 1,
     highestTrackableValue: 120_000_000,
@@ -67,7 +143,10 @@ async function run(sys: System, mode: 'max' | 'fixed'): Promise<Row> {
   });
   let received = 0;
   let measuring = false;
-  sys.onReceive = (sentAt) => {
+  const accepted: number[] = [];
+  const seen = new Set<number>();
+  sys.onReceive = (n, sentAt) => {
+    seen.add(n);
     if (!measuring) return;
     received++;
     h.recordValue(Math.max(1, Math.round((performance.now() - sentAt) * 1000)));
@@ -75,175 +154,336 @@ async function run(sys: System, mode: 'max' | 'fixed'): Promise<Row> {
   let stop = false;
   let next = 0;
   let inflight = 0;
-  const pump = async () => {
-    while (!stop) {
-      inflight++;
-      await sys.publish(next++ % DEVICES, performance.now());
-      inflight--;
+  let failed = 0;
+  const one = async (loop: number) => {
+    const n = next++;
+    inflight++;
+    try {
+      await sys.publish(loop, n, performance.now());
+      accepted.push(n);
+    } catch {
+      failed++;
     }
+    inflight--;
+  };
+  const pump = async (loop: number) => {
+    while (!stop) await one(loop);
   };
   let loops: Promise<void>[] = [];
   let timer: NodeJS.Timeout | undefined;
-  if (mode === 'max') loops = Array.from({ length: WINDOW }, pump);
+  if (mode === 'max') loops = Array.from({ length: window }, (_, i) => pump(i));
   else {
     const perTick = RATE / 100;
     let debt = 0;
+    let k = 0;
     timer = setInterval(() => {
       debt += perTick;
       while (debt >= 1) {
         debt--;
-        void sys.publish(next++ % DEVICES, performance.now());
+        void one(k++);
       }
     }, 10);
   }
-  const done = progress(`  ${sys.name} ${mode}`, () => `${received} received, ${inflight} publishing`);
+  const done = progress(
+    `  ${path}: ${sys.name} ${mode}`,
+    () => `${seen.size} received, ${inflight} publishing`,
+  );
   await sleep(WARMUP * 1000);
-  const s0 = cpuSeconds(sys.serverPid);
+  const s0 = treeCpuSeconds(sys.serverPid);
   const r0 = cpuSeconds(REDIS_PID);
+  const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
   const c0 = ownCpuSeconds();
   const t0 = performance.now();
   measuring = true;
   await sleep(SECONDS * 1000);
   measuring = false;
   const elapsed = (performance.now() - t0) / 1000;
-  const serverCpu = (cpuSeconds(sys.serverPid) - s0) / elapsed;
-  const redisCpu = (cpuSeconds(REDIS_PID) - r0) / elapsed;
+  const serverCpu = (treeCpuSeconds(sys.serverPid) - s0) / elapsed;
+  const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
+  const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
   stop = true;
   if (timer) clearInterval(timer);
   await Promise.all(loops);
+  while (inflight > 0) await sleep(50);
+  // Drain: wait until everything accepted arrived, or nothing new arrives for 3 s.
+  let last = -1;
+  let quietSince = performance.now();
+  while (performance.now() - quietSince < 3000) {
+    if (seen.size !== last) {
+      last = seen.size;
+      quietSince = performance.now();
+    }
+    if (accepted.every((n) => seen.has(n))) break;
+    await sleep(100);
+  }
   done();
-  await sleep(1500); // drain
+  if (failed) console.error(`  ${failed} publishes failed (not counted as accepted)`);
   return {
-    target: sys.name,
-    mode: mode === 'max' ? `max rate (window ${WINDOW})` : `fixed ${RATE}/s`,
+    path,
+    system: sys.name,
+    mode: mode === 'max' ? `max rate (window ${window})` : `fixed ${RATE}/s`,
     delivered: received / elapsed,
     p50: h.getValueAtPercentile(50) / 1000,
     p99: h.getValueAtPercentile(99) / 1000,
+    lost: accepted.filter((n) => !seen.has(n)).length,
     serverCpu,
     redisCpu,
+    pgCpu: pgCpuUsed,
     clientCpu,
   };
 }
 
-async function gatewaySystem(): Promise<{ sys: System; close: () => Promise<void> }> {
-  const g = await startGateway({
+type Made = { sys: System; close: () => Promise<void> };
+
+/** Registers, logs in and connects `count` devices; usernames are also their device ids. */
+async function devices(
+  tcpUrl: string,
+  count: number,
+  tag: string,
+): Promise<{ clients: GatewayClient[]; names: string[] }> {
+  const clients: GatewayClient[] = [];
+  const names: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const c = new GatewayClient({ url: tcpUrl });
+    await c.connect();
+    const username = `${tag}${i}_${Date.now() % 1e6}`;
+    await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
+    await c.request('login', { username, password: 'bench password', device: { id: username } });
+    clients.push(c);
+    names.push(username);
+  }
+  return { clients, names };
+}
+
+const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
+
+async function startBenchGateway() {
+  return startGateway({
     GW_LOG_LEVEL: 'info',
     GW_DEFAULT_ROOM: '',
+    GW_API_KEY: API_KEY,
     ARGON2_MEMORY_KIB: '1024',
     ARGON2_ITERATIONS: '1',
     GW_REGISTER_PER_MINUTE: '100000',
   });
-  const devices: GatewayClient[] = [];
-  const sessions: string[] = [];
-  for (let i = 0; i < DEVICES; i++) {
-    const c = new GatewayClient({ url: g.tcpUrl });
-    await c.connect();
-    const username = `dev${i}_${Date.now() % 1e6}`;
-    await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
-    const s = await c.request<Session>('login', {
-      username,
-      password: 'bench password',
-      device: { id: username },
-    });
-    devices.push(c);
-    sessions.push(s.sessionId);
-  }
-  const pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: g.prefix });
-  const payload = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 20));
+}
+
+/** Back end → device through `POST /v1/events`, every publish of one tick in one request. */
+async function gatewayBackend(): Promise<Made> {
+  const g = await startBenchGateway();
+  const { clients, names } = await devices(g.tcpUrl, DEVICES, 'dev');
+  const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
+  let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
+  const flush = async () => {
+    const mine = batch;
+    batch = [];
+    try {
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ events: mine.map((b) => b.item) }),
+      });
+      const body = (await res.json()) as { results?: { accepted?: number }[] };
+      if (res.status !== 202) throw new Error(`POST /v1/events: ${res.status} ${JSON.stringify(body)}`);
+      mine.forEach((b, i) => {
+        if (body.results?.[i]?.accepted === 1) b.resolve();
+        else b.reject(new Error('not accepted'));
+      });
+    } catch (e) {
+      for (const b of mine) b.reject(e);
+    }
+  };
   const sys: System = {
-    name: 'gateway (qos 1, AES-GCM, Redis outbox)',
+    name: 'gateway',
     serverPid: g.proc.pid!,
-    publish: async (i, sentAt) => {
-      await pub.publish({ session: sessions[i] }, { name: 'bench', data: { t: sentAt, p: payload } });
-    },
+    usesRedis: true,
+    publish: (_loop, n, sentAt) =>
+      new Promise((resolve, reject) => {
+        const item = {
+          target: { device: names[n % DEVICES] },
+          name: 'bench',
+          data: { n, t: sentAt, p: padding },
+        };
+        batch.push({ item, resolve, reject });
+        if (batch.length === 1) setImmediate(flush);
+      }),
     onReceive: () => {},
   };
-  for (const c of devices) c.on('event', (e: EventMsg) => sys.onReceive((e.data as { t: number }).t));
+  for (const c of clients) {
+    c.on('event', (e: EventMsg) => {
+      const d = e.data as { n: number; t: number };
+      sys.onReceive(d.n, d.t);
+    });
+  }
   return {
     sys,
     close: async () => {
-      for (const c of devices) c.destroy();
-      await pub.close();
+      for (const c of clients) c.destroy();
       await g.stop();
     },
   };
 }
 
-async function mosquittoSystem(): Promise<{ sys: System; close: () => Promise<void> }> {
+/** Device → device: `send` to a username, one sender connection per `loop % SENDERS`. */
+async function gatewayDirect(): Promise<Made> {
+  const g = await startBenchGateway();
+  const rx = await devices(g.tcpUrl, RECEIVERS, 'rx');
+  const tx = await devices(g.tcpUrl, SENDERS, 'tx');
+  const sys: System = {
+    name: 'gateway',
+    serverPid: g.proc.pid!,
+    usesRedis: true,
+    publish: async (loop, n, sentAt) => {
+      await tx.clients[loop % SENDERS].request('send', {
+        to: rx.names[n % RECEIVERS],
+        body: `${n} ${sentAt} ${padding}`,
+      });
+    },
+    onReceive: () => {},
+  };
+  for (const c of rx.clients) {
+    c.on('event', (e: EventMsg) => {
+      const [n, t] = (e.data as { body: string }).body.split(' ', 2);
+      sys.onReceive(Number(n), Number(t));
+    });
+  }
+  return {
+    sys,
+    close: async () => {
+      for (const c of [...rx.clients, ...tx.clients]) c.destroy();
+      await g.stop();
+    },
+  };
+}
+
+/** Mosquitto: `topics` subscribers, `publishers` publishing clients (loop % publishers). */
+async function mosquitto(topics: number, publishers: number): Promise<Made> {
   const pid = Number(execSync('pgrep -o mosquitto').toString().trim());
   const subs: mqtt.MqttClient[] = [];
   const tag = Date.now().toString(36);
   const sys: System = {
-    name: 'Mosquitto (QoS 1)',
+    name: 'Mosquitto',
     serverPid: pid,
+    usesRedis: false,
     publish: async () => {},
     onReceive: () => {},
   };
-  for (let i = 0; i < DEVICES; i++) {
+  for (let i = 0; i < topics; i++) {
     const c = await mqtt.connectAsync(String(values.mqtt), {
       clientId: `bench-sub-${tag}-${i}`,
       clean: true,
     });
     await c.subscribeAsync(`bench/${tag}/${i}`, { qos: 1 });
-    c.on('message', (_topic, buf) => sys.onReceive(buf.readDoubleBE(0)));
+    c.on('message', (_topic, buf) => sys.onReceive(buf.readUInt32BE(8), buf.readDoubleBE(0)));
     subs.push(c);
   }
-  const pub = await mqtt.connectAsync(String(values.mqtt), { clientId: `bench-pub-${tag}`, clean: true });
-  const payload = Buffer.alloc(PAYLOAD_BYTES, 120);
-  sys.publish = async (i, sentAt) => {
-    const b = Buffer.from(payload);
+  const pubs: mqtt.MqttClient[] = [];
+  for (let i = 0; i < publishers; i++) {
+    pubs.push(
+      await mqtt.connectAsync(String(values.mqtt), { clientId: `bench-pub-${tag}-${i}`, clean: true }),
+    );
+  }
+  sys.publish = async (loop, n, sentAt) => {
+    const b = Buffer.alloc(PAYLOAD_BYTES, 120);
     b.writeDoubleBE(sentAt, 0);
-    await pub.publishAsync(`bench/${tag}/${i}`, b, { qos: 1 });
+    b.writeUInt32BE(n, 8);
+    await pubs[loop % publishers].publishAsync(`bench/${tag}/${n % topics}`, b, { qos: 1 });
   };
   return {
     sys,
     close: async () => {
-      await Promise.all([...subs, pub].map((c) => c.endAsync()));
+      await Promise.all([...subs, ...pubs].map((c) => c.endAsync()));
     },
   };
 }
 
+const BACKEND = `back end → device (POST /v1/events, {device} targets, ${DEVICES} devices)`;
+const DIRECT = `device → device (send to a username, ${SENDERS}×${SENDER_WINDOW} in flight, ${RECEIVERS} receivers)`;
+const BACKEND_SHORT = 'back end';
+const DIRECT_SHORT = 'device to device';
+
+/** µs of server CPU (gateway tree + Redis + its PostgreSQL backends, or Mosquitto) per delivered event. */
+const perEvent = (r: Row) => ((r.serverCpu + r.redisCpu + r.pgCpu) / r.delivered) * 1e6;
+
 async function main(): Promise<void> {
-  console.log(header(`delivery: ${DEVICES} devices, ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once`));
   console.log(
-    `${WARMUP} s warm-up and ${SECONDS} s measured per row; publisher and devices in this process\n`,
+    header(`delivery: ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once, gateway vs Mosquitto QoS 1`),
+  );
+  console.log(`- ${BACKEND}\n- ${DIRECT}`);
+  console.log(
+    `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process\n`,
   );
   const rows: Row[] = [];
-  for (const make of [gatewaySystem, mosquittoSystem]) {
+  for (const make of [gatewayBackend, () => mosquitto(DEVICES, 1)]) {
     const { sys, close } = await make();
-    rows.push(await run(sys, 'max'));
-    rows.push(await run(sys, 'fixed'));
+    rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
+    rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
+    await close();
+  }
+  for (const make of [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)]) {
+    const { sys, close } = await make();
+    rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
     await close();
   }
   console.log(
     table(
       [
-        'target',
+        'path',
+        'system',
         'mode',
         'delivered/s',
         'p50 ms',
         'p99 ms',
+        'lost',
         'server CPU (cores)',
         'Redis CPU (cores)',
+        'PostgreSQL CPU (cores)',
+        'server+Redis+PG µs/event',
         'load gen CPU (cores)',
       ],
       rows.map((r) => [
-        r.target,
+        r.path,
+        r.system,
         r.mode,
         r.delivered,
         r.p50,
         r.p99,
+        String(r.lost),
         r.serverCpu.toFixed(2),
-        r.redisCpu.toFixed(2),
+        r.system === 'Mosquitto' ? 'n/a' : r.redisCpu.toFixed(2),
+        r.system === 'Mosquitto' ? 'n/a' : r.pgCpu.toFixed(3),
+        perEvent(r).toFixed(1),
         r.clientCpu.toFixed(2),
       ]),
     ),
   );
-  const [gMax, gFix, mMax, mFix] = rows;
+  const [gMax, gFix, mMax, mFix, gDir, mDir] = rows;
+  const ratio = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
   console.log(
-    `\ngateway / Mosquitto: ${(gMax.delivered / mMax.delivered).toFixed(2)}x delivered/s at max rate; ` +
-      `p99 at ${RATE}/s ${gFix.p99.toFixed(1)} ms vs ${mFix.p99.toFixed(1)} ms`,
+    `\n${table(
+      ['row (gateway / Mosquitto, same run)', 'delivered/s', 'CPU per event', 'p99'],
+      [
+        [
+          `${BACKEND_SHORT}, max rate`,
+          ratio(gMax.delivered, mMax.delivered),
+          ratio(perEvent(gMax), perEvent(mMax)),
+          ratio(gMax.p99, mMax.p99),
+        ],
+        [
+          `${BACKEND_SHORT}, fixed ${RATE}/s`,
+          ratio(gFix.delivered, mFix.delivered),
+          ratio(perEvent(gFix), perEvent(mFix)),
+          ratio(gFix.p99, mFix.p99),
+        ],
+        [
+          `${DIRECT_SHORT}, max rate`,
+          ratio(gDir.delivered, mDir.delivered),
+          ratio(perEvent(gDir), perEvent(mDir)),
+          ratio(gDir.p99, mDir.p99),
+        ],
+      ],
+    )}`,
   );
   process.exit(0);
 }

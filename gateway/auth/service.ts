@@ -33,6 +33,7 @@ import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
 import { type LiveSession, SessionStore, type SessionView } from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
+import { UserIds } from './user-ids.ts';
 
 export interface IdentityOptions {
   usernameMin: number;
@@ -109,6 +110,7 @@ export class IdentityService {
   private readonly otpLimit: RateLimiterRedis;
   private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
+  private readonly userIds = new UserIds((username) => this.queryUserId(username));
 
   constructor(
     private readonly deps: {
@@ -323,7 +325,12 @@ export class IdentityService {
     };
   }
 
-  async userIdOf(username: string): Promise<string | null> {
+  /** The user id of a username (case-insensitive), or null; remembered (user-ids.ts). */
+  userIdOf(username: string): Promise<string | null> {
+    return this.userIds.of(username);
+  }
+
+  private async queryUserId(username: string): Promise<string | null> {
     const r = await this.deps.pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [
       username,
     ]);

@@ -185,6 +185,19 @@ export class SessionStore {
     await m.exec();
   }
 
+  /**
+   * Session ids recorded for a user, live or expired, in one command: for qos-1 publishes,
+   * whose script skips a session that is gone (and the caller then forgets it).
+   */
+  recordedOfUser(userId: string): Promise<string[]> {
+    return this.redis.smembers(this.keys.userSessions(userId));
+  }
+
+  /** Removes ids of sessions found gone from the user's set. */
+  async forgetOfUser(userId: string, sids: string[]): Promise<void> {
+    if (sids.length) await this.redis.srem(this.keys.userSessions(userId), ...sids);
+  }
+
   /** Live session ids of a user; ids whose session expired are pruned from the set. */
   async ofUser(userId: string): Promise<string[]> {
     const sids = await this.redis.smembers(this.keys.userSessions(userId));

@@ -26,7 +26,8 @@ export interface StoredEvent {
 export type OverflowPolicy = 'reject' | 'drop-oldest';
 
 export interface PublishResult {
-  status: 'added' | 'duplicate' | 'rejected' | 'gone';
+  /** `sent`: added, and handed to this node's connection of the session by the publish itself. */
+  status: 'added' | 'sent' | 'duplicate' | 'rejected' | 'gone';
   /** The node holding the session, if it is online. */
   node: string | null;
   dropped?: StoredEvent;
@@ -68,9 +69,35 @@ export interface AckPumpRequest {
   acks: string[];
 }
 
+/** publish.lua's status codes, from -2, as results. */
+const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as const;
+
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
 const MAX_PUMP_BATCH = 64;
+
+/**
+ * This node's side of sending from the publish (docs/ARCHITECTURE.md, "Sending from the
+ * publish"): the delivery service, which knows the connections and their in-flight windows.
+ */
+export interface DirectSender {
+  /** This node's id, as in the sessions' node keys. */
+  readonly nodeId: string;
+  /**
+   * Asked once per event as a publish call is built: a claim carrying the last sequence sent
+   * on this node's connection of the session if the event may go out from the publish (a free
+   * window slot), else null. Every claim made is answered by `settle`, once, in claim order.
+   */
+  claim(sid: string): DirectClaim | null;
+  /** The script's answer to a claim: `seq` granted (send `event` now), or null (refused or failed). */
+  settle(claim: DirectClaim, event: StoredEvent, seq: number | null): void;
+}
+
+/** A claim to send an event from its publish, tied to one connection of the session. */
+export interface DirectClaim {
+  /** The last sequence sent on that connection. */
+  readonly after: number;
+}
 
 interface PendingPublish {
   sid: string;
@@ -78,6 +105,8 @@ interface PendingPublish {
   packed: Buffer;
   receipt: boolean;
   expiresAtMs: number;
+  /** Filled in when the call is built: see DirectSender.claim. */
+  claim: DirectClaim | null;
   resolve: (r: PublishResult) => void;
   reject: (e: unknown) => void;
 }
@@ -87,7 +116,7 @@ interface OutboxCommands {
   gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
-  gwMove(...args: (string | number)[]): Promise<number | (string | null)[]>;
+  gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
 }
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
@@ -114,6 +143,8 @@ function parsePump(reply: Reply): AckPumpResult {
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
   private pendingPublishes: PendingPublish[] = [];
+  /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
+  direct: DirectSender | null = null;
 
   constructor(
     redis: Redis,
@@ -136,7 +167,7 @@ export class Outbox {
   publish(sid: string, event: StoredEvent, receipt: boolean, expiresAtMs: number): Promise<PublishResult> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
-      this.pendingPublishes.push({ sid, event, packed, receipt, expiresAtMs, resolve, reject });
+      this.pendingPublishes.push({ sid, event, packed, receipt, expiresAtMs, claim: null, resolve, reject });
       if (this.pendingPublishes.length === 1) process.nextTick(this.flushPublishes);
     });
   }
@@ -151,32 +182,46 @@ export class Outbox {
 
   private publishBatch(batch: PendingPublish[]): void {
     const o = this.options;
+    const direct = this.direct;
     const keys: string[] = [];
-    const args: (string | Buffer | number)[] = [o.max, o.policy, o.ttlSeconds, this.keys.nodeChannelPrefix];
+    const args: (string | Buffer | number)[] = [
+      o.max,
+      o.policy,
+      o.ttlSeconds,
+      this.keys.nodeChannelPrefix,
+      direct?.nodeId ?? '',
+    ];
     for (const p of batch) {
-      keys.push(...this.keys.outbox(p.sid), this.keys.session(p.sid));
+      p.claim = direct ? direct.claim(p.sid) : null;
+      keys.push(...this.keys.outbox(p.sid), this.keys.session(p.sid), this.keys.sentMark(p.sid));
       args.push(
         p.event.eid,
         p.packed,
         p.sid,
         p.receipt ? '1' : '0',
         p.expiresAtMs > 0 ? String(p.expiresAtMs) : '0',
+        p.claim ? p.claim.after : -1,
       );
     }
     this.redis.gwPublishBuffer(keys.length, ...keys, ...args).then(
       (reply) => {
         batch.forEach((p, i) => {
-          const status = reply[4 * i] as number;
-          const dropped = reply[4 * i + 3] as Buffer | null;
+          const status = reply[5 * i] as number;
+          const dropped = reply[5 * i + 3] as Buffer | null;
+          if (p.claim) direct!.settle(p.claim, p.event, status === 2 ? (reply[5 * i + 4] as number) : null);
           p.resolve({
-            status: status === 1 ? 'added' : status === 0 ? 'duplicate' : status === -1 ? 'rejected' : 'gone',
-            node: reply[4 * i + 1] ? (reply[4 * i + 1] as Buffer).toString() : null,
+            status: PUBLISH_STATUS[status + 2],
+            node: reply[5 * i + 1] ? (reply[5 * i + 1] as Buffer).toString() : null,
             ...(dropped ? { dropped: decode(dropped) } : {}),
           });
         });
       },
       (e) => {
-        for (const p of batch) p.reject(e);
+        for (const p of batch) {
+          // The call may have been applied: the pump sends what the connection was not sent.
+          if (p.claim) direct!.settle(p.claim, p.event, null);
+          p.reject(e);
+        }
       },
     );
   }
@@ -228,28 +273,40 @@ export class Outbox {
 
   /**
    * Moves a session's events to the session that took over its device (move.lua), keeping
-   * eids, attempts, receipts and expiries; returns how many moved, or -1 if `to` is gone.
+   * eids, attempts, receipts and expiries, within the outbox bound; -1 if `to` is gone.
+   * `dropped`: events the drop-oldest policy dropped from `to`'s outbox; `left`: events that
+   * did not fit under the reject policy, still in `from`'s outbox for the caller to purge.
    */
-  async move(from: string, to: string): Promise<number> {
-    const reply = await this.redis.gwMove(
+  async move(
+    from: string,
+    to: string,
+  ): Promise<-1 | { moved: number; dropped: StoredEvent[]; left: number }> {
+    const o = this.options;
+    const reply = await this.redis.gwMoveBuffer(
       ...this.keys.outbox(from).slice(0, 6),
       ...this.keys.outbox(to),
       this.keys.session(to),
-      this.options.ttlSeconds,
+      o.ttlSeconds,
       this.keys.nodeChannelPrefix,
       to,
+      o.max,
+      o.policy,
     );
-    if (typeof reply === 'number') return reply;
+    if (typeof reply === 'number') return reply as -1;
+    const [moved, droppedRaw, left] = reply as [(Buffer | null)[], Buffer[], number];
     // The expiry index names events by session: re-key the moved ones.
     const p = this.redis.pipeline();
-    for (let i = 0; i < reply.length; i += 2) {
-      const expiry = reply[i + 1];
+    for (let i = 0; i < moved.length; i += 2) {
+      const expiry = moved[i + 1];
       if (!expiry) continue;
-      p.zrem(this.keys.expiries, `${from}|${reply[i]}`);
-      p.zadd(this.keys.expiries, expiry, `${to}|${reply[i]}`);
+      const eid = moved[i]!.toString();
+      p.zrem(this.keys.expiries, `${from}|${eid}`);
+      p.zadd(this.keys.expiries, expiry.toString(), `${to}|${eid}`);
     }
     if (p.length > 0) await p.exec();
-    return reply.length / 2;
+    const dropped: StoredEvent[] = [];
+    for (let i = 1; i < droppedRaw.length; i += 2) dropped.push(decode(droppedRaw[i]));
+    return { moved: moved.length / 2, dropped, left };
   }
 
   /** Events waiting in a session's outbox. */

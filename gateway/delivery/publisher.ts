@@ -12,6 +12,12 @@ import { ProtocolError, pack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import type { Outbox, StoredEvent } from './outbox.ts';
 
+/** Sessions a target resolved to; `owner`: the user whose session set they came from. */
+export interface Recipients {
+  sids: string[];
+  owner?: string;
+}
+
 /** Who an event is for. `user` is a user id; `username` is resolved to it. */
 export type Target =
   | { session: string }
@@ -52,6 +58,13 @@ export interface PublishOutcome {
 export interface SessionDirectory {
   /** Live session ids of a user (empty if none). */
   sessionsOfUser(userId: string): Promise<string[]>;
+  /**
+   * Session ids recorded for a user, some possibly expired, in one Redis command: enough for a
+   * qos-1 publish, whose script skips sessions that are gone.
+   */
+  recordedSessionsOfUser(userId: string): Promise<string[]>;
+  /** Forgets ids of a user's sessions that a publish found gone. */
+  forgetSessionsOfUser(userId: string, sids: string[]): Promise<void>;
   /** The user id of a username, or null. */
   userIdOf(username: string): Promise<string | null>;
   /** Whether a session is live. */
@@ -123,19 +136,29 @@ export class Publisher {
   }
 
   /**
-   * The sessions an event goes to. A qos-1 event to one session needs no lookup first: the
-   * publish script checks that the session is alive in the same step (one round trip, not two).
+   * The sessions an event goes to. A qos-1 event needs no liveness check first: the publish
+   * script checks that each session is alive in the same step. So a session target costs no
+   * lookup, and a user or username target one `SMEMBERS` (the username's user id is
+   * remembered, user-ids.ts), where checking each session first cost two more round trips.
    */
-  async sessionsFor(target: Target, input: EventInput): Promise<string[]> {
-    return 'session' in target && input.qos !== 0 ? [target.session] : this.resolve(target);
+  async recipientsFor(target: Target, input: EventInput): Promise<Recipients> {
+    if (input.qos === 0) return { sids: await this.resolve(target) };
+    if ('session' in target) return { sids: [target.session] };
+    let owner: string | null = null;
+    if ('user' in target) owner = target.user;
+    else if ('username' in target) owner = await this.directory.userIdOf(target.username);
+    else return { sids: await this.resolve(target) };
+    const sids = owner ? await this.directory.recordedSessionsOfUser(owner) : [];
+    if (sids.length === 0) throw new ProtocolError('not_found', 'the target has no live session');
+    return { sids, owner: owner! };
   }
 
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
-    return this.publishTo(await this.sessionsFor(target, input), input);
+    return this.publishTo(await this.recipientsFor(target, input), input);
   }
 
-  /** Publishes to known session ids. */
-  async publishTo(sids: string[], input: EventInput): Promise<PublishOutcome> {
+  /** Publishes to known session ids; sessions found gone are forgotten from `owner`'s set. */
+  async publishTo({ sids, owner }: Recipients, input: EventInput): Promise<PublishOutcome> {
     const now = Date.now();
     const event: StoredEvent = {
       eid: input.eid ?? randomUUID(),
@@ -169,15 +192,19 @@ export class Publisher {
     const results = await Promise.all(
       sids.map((sid) => this.outbox.publish(sid, event, !!input.receipt, expiresAt)),
     );
-    let gone = 0;
+    const gone: string[] = [];
     results.forEach((r, i) => {
-      if (r.status === 'gone') gone++;
+      if (r.status === 'gone') gone.push(sids[i]);
       else if (r.status === 'rejected') outcome.rejected++;
       else outcome.accepted++;
       if (r.dropped) outcome.dropped.push({ sessionId: sids[i], event: r.dropped });
     });
-    if (gone === sids.length) throw new ProtocolError('not_found', 'the target has no live session');
-    outcome.sessions -= gone;
+    if (owner && gone.length > 0) {
+      // Housekeeping only: a failure leaves the ids for the next publish or `ofUser` to prune.
+      this.directory.forgetSessionsOfUser(owner, gone).catch(() => {});
+    }
+    if (gone.length === sids.length) throw new ProtocolError('not_found', 'the target has no live session');
+    outcome.sessions -= gone.length;
     if (expiresAt > 0) {
       await this.redis.zadd(this.keys.expiries, ...sids.flatMap((sid) => [expiresAt, `${sid}|${event.eid}`]));
     }

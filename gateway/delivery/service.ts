@@ -21,11 +21,19 @@ import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
-import type { AckPumpRequest, AckPumpResult, Outbox, StoredEvent } from './outbox.ts';
+import type {
+  AckPumpRequest,
+  AckPumpResult,
+  DirectClaim,
+  DirectSender,
+  Outbox,
+  StoredEvent,
+} from './outbox.ts';
 import {
   type EventInput,
   type Publisher,
   type PublishOutcome,
+  type Recipients,
   type Target,
   validateEventInput,
 } from './publisher.ts';
@@ -62,11 +70,18 @@ class SessionPump {
   scheduled = false;
   running = false;
   again = false;
+  /** Claims to send from a publish not yet answered (Outbox DirectSender); the pump waits for them. */
+  claims = 0;
 
   constructor(
     readonly sid: string,
     readonly conn: Connection,
   ) {}
+}
+
+/** A claim to send from a publish (Outbox DirectSender), tied to the pump that made it. */
+interface PumpClaim extends DirectClaim {
+  pump: SessionPump;
 }
 
 const RELEASE_NODE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
@@ -84,6 +99,7 @@ export class DeliveryService {
   private readonly metrics: {
     published: Counter;
     delivered: Counter;
+    fromPublish: Counter;
     acked: Counter;
     strayAcks: Counter;
     retried: Counter;
@@ -126,6 +142,10 @@ export class DeliveryService {
     this.metrics = {
       published: counter('published', 'qos-1 events stored in session outboxes.'),
       delivered: counter('delivered', 'Event deliveries sent to devices (every attempt).', ['qos']),
+      fromPublish: counter(
+        'sent_from_publish',
+        'First deliveries sent from the publish itself, without a pump reading them back from Redis.',
+      ),
       acked: counter('acked', 'Events removed from an outbox by an ack.'),
       strayAcks: counter('stray_acks', 'Acks for events not in the outbox (duplicate or unknown); ignored.'),
       retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),
@@ -180,6 +200,12 @@ export class DeliveryService {
     gateway.onSessionUnbound((conn) => this.unbind(conn));
     gateway.onSweep((now) => this.sweep(now));
     gateway.onAck = (conn, eids) => this.ack(conn, eids);
+    const direct: DirectSender = {
+      nodeId: gateway.nodeId,
+      claim: (sid) => this.claimSend(sid),
+      settle: (claim, event, seq) => this.settleSend(claim as PumpClaim, event, seq),
+    };
+    this.deps.outbox.direct = direct;
     await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
     const connection = this.deps.bullConnection;
     this.retryWorker = new Worker(QueueName.retry, (job) => this.processRetry(job), {
@@ -212,8 +238,8 @@ export class DeliveryService {
     return outcome;
   }
 
-  async publishTo(sids: string[], input: EventInput): Promise<PublishOutcome> {
-    const outcome = await this.deps.publisher.publishTo(sids, input);
+  async publishTo(to: Recipients, input: EventInput): Promise<PublishOutcome> {
+    const outcome = await this.deps.publisher.publishTo(to, input);
     await this.reportOutcome(outcome, input);
     return outcome;
   }
@@ -229,7 +255,7 @@ export class DeliveryService {
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
     const { publisher } = this.deps;
     const resolved = await Promise.allSettled(
-      items.map(({ target, event }) => publisher.sessionsFor(target, event)),
+      items.map(({ target, event }) => publisher.recipientsFor(target, event)),
     );
     return Promise.allSettled(
       items.map(({ event }, i) => {
@@ -245,9 +271,14 @@ export class DeliveryService {
       this.metrics.overflow.labels('reject').inc(outcome.rejected);
       this.deps.log.warn({ eid: outcome.eid, rejected: outcome.rejected }, 'outbox full: publish rejected');
     }
-    for (const d of outcome.dropped) {
+    for (const d of outcome.dropped) await this.reportDropped(d.sessionId, [d.event]);
+  }
+
+  /** Events the drop-oldest policy removed from a session's outbox: counted and reported. */
+  async reportDropped(sessionId: string, events: StoredEvent[]): Promise<void> {
+    for (const ev of events) {
       this.metrics.overflow.labels('drop-oldest').inc();
-      await this.deps.backend.dropped(d.sessionId, d.event);
+      await this.deps.backend.dropped(sessionId, ev);
     }
   }
 
@@ -370,7 +401,8 @@ export class DeliveryService {
     const requests: AckPumpRequest[] = [];
     for (const pump of batch) {
       pump.scheduled = false;
-      if (pump.running) {
+      // A pump that ran now would take the events claimed by publishes in flight a second time.
+      if (pump.running || pump.claims > 0) {
         pump.again = true;
         continue;
       }
@@ -442,6 +474,38 @@ export class DeliveryService {
     for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
     for (const ev of r.expired) this.reportExpired(pump.sid, ev);
     if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
+  }
+
+  // ---- sending from the publish (Outbox DirectSender) -------------------------------------------
+
+  /**
+   * Whether an event published now to `sid` may be sent from the publish: the session's
+   * connection is on this node and has a free slot. The script decides the rest.
+   */
+  private claimSend(sid: string): PumpClaim | null {
+    const pump = this.pumps.get(sid);
+    if (!pump || pump.resync || pump.conn.state !== ConnState.open) return null;
+    if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return null;
+    pump.claims++;
+    return { after: pump.lastSeq, pump };
+  }
+
+  private settleSend({ pump }: PumpClaim, event: StoredEvent, seq: number | null): void {
+    pump.claims--;
+    const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
+    // the connection went meanwhile, the next one is pumped from the start and gets it.
+    if (seq !== null && live && !pump.resync) {
+      pump.lastSeq = seq;
+      pump.inflight.set(event.eid, {
+        attempt: 1,
+        deadline: Date.now() + this.deps.options.ackTimeoutMs,
+        waiting: false,
+      });
+      this.metrics.fromPublish.inc();
+      this.sendEvent(pump.conn, event, 1, 1);
+    }
+    if (live && pump.claims === 0 && pump.again && !pump.running) this.schedule(pump);
   }
 
   private sendEvent(conn: Connection, ev: StoredEvent, qos: 0 | 1, attempt?: number): void {

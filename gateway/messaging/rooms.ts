@@ -245,17 +245,7 @@ export class Rooms {
 
   private deliver(conn: Connection, w: RoomWire, history: boolean): void {
     if (conn.state !== ConnState.open) return;
-    conn.send({
-      type: 'event',
-      eid: w.eid,
-      name: w.name,
-      data: w.data,
-      ts: w.ts,
-      qos: 0,
-      room: w.room,
-      from: w.from,
-      ...(history ? { history: true } : {}),
-    });
+    conn.send(eventOf(w, history));
   }
 
   private async subscribeLocal(room: string, conn: Connection): Promise<void> {
@@ -287,9 +277,26 @@ export class Rooms {
       this.deps.log.error({ err: e, room }, 'bad room message on the bus');
       return;
     }
+    // Packed once for every local member; each connection only seals it.
+    const packed = pack(eventOf(w, false));
     for (const conn of set) {
       if (w.skip && conn.session?.sessionId === w.skip) continue;
-      this.deliver(conn, w, false);
+      if (conn.state === ConnState.open) conn.sendPacked(packed, true);
     }
   }
+}
+
+/** The `event` message of a room message (PROTOCOL.md §5): qos 0, with the room and sender. */
+function eventOf(w: RoomWire, history: boolean): object {
+  return {
+    type: 'event',
+    eid: w.eid,
+    name: w.name,
+    data: w.data,
+    ts: w.ts,
+    qos: 0,
+    room: w.room,
+    from: w.from,
+    ...(history ? { history: true } : {}),
+  };
 }

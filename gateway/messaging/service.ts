@@ -6,11 +6,11 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
-import { ProtocolError, pack } from '../../protocol/index.ts';
+import { isProtocolError, ProtocolError, pack } from '../../protocol/index.ts';
 import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Connection, Turn } from '../connection.ts';
-import type { SessionDirectory } from '../delivery/publisher.ts';
+import type { Publisher, Recipients } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
@@ -40,7 +40,7 @@ export class Messaging {
       rooms: Rooms;
       presence: Presence;
       delivery: DeliveryService;
-      directory: SessionDirectory;
+      publisher: Publisher;
       backend: BackendEvents;
       log: Logger;
       defaultRoom: string;
@@ -115,16 +115,28 @@ export class Messaging {
     return { users: [...names].sort() };
   }
 
+  /**
+   * A direct message: no PostgreSQL (the recipient's user id is remembered) and one Redis
+   * command before the outbox append (the user's recorded sessions; the publish script skips
+   * the expired ones).
+   */
   private async send(conn: Connection, to: string, body: string, turn: Turn): Promise<{ eid: string }> {
     this.deps.rooms.checkBody(body);
     await this.limited(conn, 'send', () => Buffer.byteLength(body));
-    const { directory, delivery } = this.deps;
-    const userId = await directory.userIdOf(to);
-    const sids = userId ? await directory.sessionsOfUser(userId) : [];
-    if (sids.length === 0) throw new ProtocolError('not_found', `${to} has no live session`);
+    const { delivery, publisher } = this.deps;
     const from = conn.session!.username;
+    const input = { name: 'direct.message', data: { body }, qos: 1 as const, from };
+    const notFound = () => new ProtocolError('not_found', `${to} has no live session`);
+    let recipients: Recipients;
+    try {
+      recipients = await publisher.recipientsFor({ username: to }, input);
+    } catch (e) {
+      throw isProtocolError(e) && e.code === 'not_found' ? notFound() : e;
+    }
     const outcome = await turn(() =>
-      delivery.publishTo(sids, { name: 'direct.message', data: { body }, qos: 1, from }),
+      delivery.publishTo(recipients, input).catch((e) => {
+        throw isProtocolError(e) && e.code === 'not_found' ? notFound() : e;
+      }),
     );
     if (outcome.accepted === 0) {
       throw new ProtocolError('overloaded', `${to}'s outbox is full`, { retryAfter: 5000 });

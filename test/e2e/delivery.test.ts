@@ -55,9 +55,13 @@ function collect(c: GatewayClient): EventMsg[] {
   return got;
 }
 
-async function until(pred: () => boolean, timeoutMs = 10000, what = 'condition'): Promise<void> {
+async function until(
+  pred: () => boolean | Promise<boolean>,
+  timeoutMs = 10000,
+  what = 'condition',
+): Promise<void> {
   const end = Date.now() + timeoutMs;
-  while (!pred()) {
+  while (!(await pred())) {
     if (Date.now() > end) throw new Error(`${what} not met within ${timeoutMs} ms`);
     await wait(20);
   }
@@ -262,6 +266,58 @@ describe('qos 1 on one node', () => {
   });
 });
 
+describe('sending from the publish', () => {
+  test('a device on the publishing node gets its events from the publish: in order, attempt 1, once each', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const got = collect(c);
+    const redis = new Redis(REDIS_URL);
+    const sent = async () => {
+      const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+      return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
+    };
+    try {
+      // The node key (set as the session binds) is what lets the script grant the send.
+      await until(async () => (await redis.exists(`${gw.prefix}{s:${s.sessionId}}:node`)) === 1);
+      const before = await sent();
+      const n = 40;
+      // One batch (one script call) and then one request per event.
+      const batch = Array.from({ length: n / 2 }, (_, i) => ({
+        target: { session: s.sessionId },
+        name: 'fast.test',
+        data: { i },
+      }));
+      assert.equal((await httpPublish(gw, { events: batch })).status, 202);
+      for (let i = n / 2; i < n; i++) {
+        const res = await httpPublish(gw, {
+          target: { session: s.sessionId },
+          name: 'fast.test',
+          data: { i },
+        });
+        assert.equal(res.status, 202);
+      }
+      await until(() => got.length >= n, 10000, `${n} events`);
+      await wait(300);
+      assert.deepEqual(
+        got.map((e) => (e.data as { i: number }).i),
+        Array.from({ length: n }, (_, i) => i),
+        'each event once, in publish order',
+      );
+      assert.ok(
+        got.every((e) => e.attempt === 1),
+        'first deliveries',
+      );
+      const fromPublish = (await sent()) - before;
+      console.log(`${fromPublish} of ${n} events sent from the publish`);
+      assert.ok(fromPublish > 0, 'some events went out from the publish');
+      await until(async () => (await redis.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0, 10000, 'acks');
+    } finally {
+      redis.disconnect();
+      c.destroy();
+    }
+  });
+});
+
 describe('the three publish paths', () => {
   test('TypeScript function, POST /v1/events and the gw-publish BullMQ queue all deliver', async () => {
     const c = await connected(gw.tcpUrl);
@@ -413,6 +469,50 @@ describe('outbox bound', () => {
       }
     }
   });
+  test('a takeover moves events within the bound: reject reports what does not fit, drop-oldest the oldest', async () => {
+    for (const policy of ['reject', 'drop-oldest'] as const) {
+      const g = await startGateway({ ...FAST, GW_OUTBOX_MAX: '5', GW_OUTBOX_POLICY: policy });
+      const r = new QueueReader(g.prefix);
+      const redis = new Redis(REDIS_URL);
+      try {
+        const device = { id: `bound-${randomUUID().slice(0, 8)}` };
+        const c1 = await connected(g.tcpUrl);
+        const a = await signUp(c1, device);
+        c1.destroy();
+        const c2 = await connected(g.tcpUrl);
+        const b = await c2.request<Session>('login', { username: a.username, password: PASSWORD });
+        c2.destroy();
+        await wait(100);
+        const publish = async (sid: string, eid: string) =>
+          assert.equal((await httpPublish(g, { target: { session: sid }, name: 'e', eid })).status, 202);
+        for (const n of [0, 1, 2, 3]) await publish(a.sessionId, `a${n}`);
+        for (const n of [0, 1, 2]) await publish(b.sessionId, `b${n}`);
+        // Resuming b with a's device takes a over: its 4 events join b's 3, bound 5.
+        const d = await connected(g.tcpUrl, { autoAck: false });
+        await d.request('resume', { token: b.token, device });
+        const q = `${g.prefix}{s:${b.sessionId}}:q`;
+        const want = policy === 'reject' ? ['b0', 'b1', 'b2', 'a0', 'a1'] : ['b2', 'a0', 'a1', 'a2', 'a3'];
+        const end = Date.now() + 10000;
+        let held: string[] = [];
+        while ((held = await redis.zrange(q, '0', '-1')).join() !== want.join()) {
+          if (Date.now() > end) throw new Error(`b's outbox holds ${held.join()}, not ${want.join()}`);
+          await wait(50);
+        }
+        const reported = policy === 'reject' ? 'delivery.failed' : 'delivery.dropped';
+        const jobs = await r.waitFor('gw-backend', (j) => j.length >= 2, 10000, reported);
+        assert.deepEqual(
+          jobs.map((j) => j.data.eid).sort(),
+          policy === 'reject' ? ['a2', 'a3'] : ['b0', 'b1'],
+        );
+        if (policy === 'reject') assert.ok(jobs.every((j) => j.data.reason === 'outbox_full'));
+        d.destroy();
+      } finally {
+        redis.disconnect();
+        await r.close();
+        await g.stop();
+      }
+    }
+  });
 });
 
 describe('devices to the back end', () => {
@@ -522,6 +622,54 @@ describe('rooms and direct messages', () => {
       (e: unknown) => e instanceof ProtocolError && e.code === 'not_found',
     );
     for (const c of [a, b1, b2]) c.destroy();
+  });
+  test('send: a session of the recipient that expired is skipped and forgotten; none left is not_found', async () => {
+    const a = await connected(gw.tcpUrl);
+    await signUp(a);
+    const b1 = await connected(gw.tcpUrl);
+    const sb1 = await signUp(b1);
+    const b2 = await connected(gw.tcpUrl);
+    const sb2 = await b2.request<Session>('login', { username: sb1.username, password: PASSWORD });
+    const g2 = collect(b2);
+    const redis = new Redis(REDIS_URL);
+    try {
+      // What Redis does when the session's TTL runs out: the session record goes, the id stays
+      // in the user's set.
+      await redis.del(`${gw.prefix}{s:${sb1.sessionId}}:sess`);
+      const { eid } = await a.request<{ eid: string }>('send', { to: sb1.username, body: 'one' });
+      await until(() => g2.length > 0, 10000, 'the live session gets the message');
+      assert.equal(g2[0].eid, eid);
+      const users = `${gw.prefix}user:${sb1.userId}:sess`;
+      const end = Date.now() + 5000;
+      while ((await redis.sismember(users, sb1.sessionId)) === 1) {
+        if (Date.now() > end) throw new Error('the expired session id was not forgotten');
+        await wait(20);
+      }
+      assert.equal(await redis.sismember(users, sb2.sessionId), 1);
+      await redis.del(`${gw.prefix}{s:${sb2.sessionId}}:sess`);
+      await assert.rejects(
+        a.request('send', { to: sb1.username, body: 'two' }),
+        (e: unknown) => e instanceof ProtocolError && e.code === 'not_found',
+      );
+    } finally {
+      redis.disconnect();
+      for (const c of [a, b1, b2]) c.destroy();
+    }
+  });
+
+  test('send: a username not found a moment ago is found once it registers', async () => {
+    const a = await connected(gw.tcpUrl);
+    await signUp(a);
+    const name = `late_${randomUUID().slice(0, 8)}`;
+    const notFound = (e: unknown) => e instanceof ProtocolError && e.code === 'not_found';
+    await assert.rejects(a.request('send', { to: name, body: 'early' }), notFound);
+    const b = await connected(gw.tcpUrl);
+    await signUp(b, undefined, name);
+    const got = collect(b);
+    const { eid } = await a.request<{ eid: string }>('send', { to: name.toUpperCase(), body: 'now' });
+    await until(() => got.length > 0, 10000, 'the message');
+    assert.equal(got[0].eid, eid);
+    for (const c of [a, b]) c.destroy();
   });
 });
 

@@ -2,7 +2,7 @@
  * Dependency outages answer fast and clearly: with PostgreSQL or Redis stopped or frozen, a
  * login over TCP answers `overloaded` with `retryAfter` and over HTTP 503 with Retry-After,
  * within a deadline; connected devices keep their heartbeats (and, without PostgreSQL, the
- * traffic that needs none); the node logs one "dependency down" line per outage and recovers
+ * traffic that needs none, including a `send` to a username it already resolved); the node logs one "dependency down" line per outage and recovers
  * by itself. Every dependency here is a private server of this file, never the shared ones.
  */
 import assert from 'node:assert/strict';
@@ -46,6 +46,8 @@ before(async () => {
   closers.push(() => other.close());
   username = (await signUp(other)).username;
   await other.close();
+  // The first message to a username looks it up in PostgreSQL; later ones must not.
+  await device.request('send', { to: username, body: 'hello' });
 });
 after(async () => {
   for (const close of closers.reverse()) await close().catch(() => {});
@@ -170,7 +172,7 @@ test('PostgreSQL stopped: overloaded with retryAfter, then recovery', async () =
   );
 });
 
-test('PostgreSQL frozen: overloaded with retryAfter; ping, publish and say still work', async () => {
+test('PostgreSQL frozen: overloaded with retryAfter; ping, publish, say and send still work', async () => {
   await outage(
     'postgres frozen',
     'postgres',
@@ -178,6 +180,7 @@ test('PostgreSQL frozen: overloaded with retryAfter; ping, publish and say still
     () => pg.thaw(),
     async () => {
       await within('a device publish', device.request('publish', { name: 'fault.test', data: { n: 1 } }));
+      await within('a send to a known username', device.request('send', { to: username, body: 'still' }));
       const n = roomEvents.length;
       await within('a say', device.request('say', { room: ROOM, body: 'still here' }));
       const end = Date.now() + DEADLINE_MS;

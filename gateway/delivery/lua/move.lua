@@ -12,15 +12,25 @@
   ARGV[1] key TTL (s)
   ARGV[2] node channel prefix
   ARGV[3] new session id
+  ARGV[4] outbox bound (GW_OUTBOX_MAX)
+  ARGV[5] policy at the bound: "reject" or "drop-oldest"
+
+  The new outbox stays within the bound, as a publish would leave it: under "reject" events
+  that do not fit stay in the old outbox (the caller purges them, reported failed); under
+  "drop-oldest" everything moves and the oldest events of the new outbox are dropped.
 
   Returns -1 when the new session is gone (the caller purges the old outbox instead), else
-  {eid, expiry|false, ...} of the moved events. An eid the new outbox already has is not
-  moved twice: it is delivered there anyway.
+  {moved, dropped, left}: moved {eid, expiry|false, ...} of the moved events (an eid the new
+  outbox already has is not moved twice: it is delivered there anyway), dropped {eid, payload,
+  ...} of events dropped from the new outbox, left the number of events left in the old one.
 ]]
 if redis.call('EXISTS', KEYS[14]) == 0 then return -1 end
-local out = {}
+local bound, policy = tonumber(ARGV[4]), ARGV[5]
+local out, dropped, left = {}, {}, 0
 for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if redis.call('HEXISTS', KEYS[8], eid) == 0 then
+  if policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
+    left = left + 1
+  elseif redis.call('HEXISTS', KEYS[8], eid) == 0 then
     local seq = redis.call('INCR', KEYS[12])
     redis.call('ZADD', KEYS[7], seq, eid)
     redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
@@ -31,9 +41,21 @@ for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if expiry then redis.call('HSET', KEYS[11], eid, expiry) end
     out[#out + 1] = eid
     out[#out + 1] = expiry or false
+    removeEvent(0, eid)
+  else
+    removeEvent(0, eid)
   end
 end
-for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+while redis.call('ZCARD', KEYS[7]) > bound do
+  local eid = redis.call('ZRANGE', KEYS[7], 0, 0)[1]
+  dropped[#dropped + 1] = eid
+  dropped[#dropped + 1] = redis.call('HGET', KEYS[8], eid)
+  removeEvent(6, eid)
+end
+-- What did not fit stays for the caller to purge; otherwise the old outbox is gone.
+if left == 0 then
+  for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+end
 if #out > 0 then
   local ttl = tonumber(ARGV[1])
   for i = 7, 12 do
@@ -42,4 +64,4 @@ if #out > 0 then
   local node = redis.call('GET', KEYS[13])
   if node then redis.call('PUBLISH', ARGV[2] .. node, 'n' .. ARGV[3]) end
 end
-return out
+return {out, dropped, left}
