@@ -49,8 +49,25 @@ const prefix = `gwtest:${tag}:`;
 const schema = `gwtest_${tag}`;
 let gateway: ChildProcess | undefined;
 
+/** The gateway's own pid, from its log lines (pino's `pid`): under tini it is not ours. */
+let gatewayPid: number | undefined;
+
 after(async () => {
-  if (gateway && gateway.exitCode === null && gateway.signalCode === null) gateway.kill('SIGKILL');
+  // A failed test leaves it running. tini forwards SIGTERM (the drain); SIGKILL to tini alone
+  // would orphan node, which tini puts in a process group of its own.
+  if (gateway && gateway.exitCode === null && gateway.signalCode === null) {
+    const exited = new Promise((resolve) => gateway!.once('exit', resolve));
+    gateway.kill('SIGTERM');
+    await within('the gateway to exit after SIGTERM', exited, 30_000).catch(() => {
+      for (const pid of [gateway!.pid, gatewayPid]) {
+        try {
+          if (pid) process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    });
+  }
   rmSync(work, { recursive: true, force: true });
   await Promise.all([dropRedisPrefix(prefix), dropSchema(schema)]);
 });
@@ -266,7 +283,9 @@ test('the runtime files serve as a non-root user: migrations, CMD, HEALTHCHECK, 
   });
   createInterface({ input: proc.stdout! }).on('line', (line) => {
     try {
-      logs.push(JSON.parse(line));
+      const parsed = JSON.parse(line);
+      gatewayPid ??= typeof parsed.pid === 'number' ? parsed.pid : undefined;
+      logs.push(parsed);
     } catch {
       logs.push({ msg: line });
     }
