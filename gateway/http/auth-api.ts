@@ -22,6 +22,7 @@
 import type uWS from 'uWebSockets.js';
 import { ProtocolError, parseClientMessage } from '../../protocol/index.ts';
 import type { Logger } from '../log.ts';
+import { remoteIp } from '../transport/address.ts';
 import { type Exchange, route } from './json.ts';
 
 /** The identity operations the HTTP API needs. */
@@ -89,8 +90,7 @@ function cookies(ex: Exchange): Record<string, string> {
 }
 
 function ipOf(res: uWS.HttpResponse): string {
-  const ip = Buffer.from(res.getRemoteAddressAsText()).toString();
-  return ip.startsWith('0000:0000:0000:0000:0000:ffff:') ? ip.slice(30) : ip;
+  return remoteIp(res.getRemoteAddress());
 }
 
 function str(body: Record<string, unknown>, field: string, optional = false): string | undefined {

@@ -6,22 +6,12 @@
 import type uWS from 'uWebSockets.js';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { Connection, TransportSocket } from '../connection.ts';
+import { remoteIp } from './address.ts';
 import type { TcpAcceptor } from './tcp.ts';
 
 interface WsData {
   ip: string;
   transport?: WsSocket;
-}
-
-const textDecoder = new TextDecoder();
-
-export function remoteIp(buf: ArrayBuffer): string {
-  const ip = textDecoder.decode(buf);
-  return ip.startsWith('0000:0000:0000:0000:0000:ffff:')
-    ? ip.slice(30)
-    : ip.startsWith('::ffff:')
-      ? ip.slice(7)
-      : ip;
 }
 
 class WsSocket implements TransportSocket {
@@ -94,7 +84,7 @@ export function mountWebSocket(app: uWS.TemplatedApp, acceptor: TcpAcceptor, pat
     closeOnBackpressureLimit: 0,
     upgrade: (res, req, context) => {
       res.upgrade<WsData>(
-        { ip: remoteIp(res.getRemoteAddressAsText()) },
+        { ip: remoteIp(res.getRemoteAddress()) },
         req.getHeader('sec-websocket-key'),
         req.getHeader('sec-websocket-protocol'),
         req.getHeader('sec-websocket-extensions'),
