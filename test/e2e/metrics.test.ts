@@ -126,3 +126,36 @@ test('a forged frame counts as a decrypt failure; promtool accepts the output', 
   assert.ifError(promtool.error); // missing: install the Debian package prometheus (.ci/run does)
   assert.equal(promtool.status, 0, `promtool check metrics: ${promtool.stdout}${promtool.stderr}`);
 });
+
+test('events a device holds unacked count in the outbox and in-flight gauges until it acks', async () => {
+  const device = await connected(gw.tcpUrl, { autoAck: false });
+  try {
+    const s = await signUp(device, { id: `dev-${randomUUID()}` });
+    const got: EventMsg[] = [];
+    device.on('event', (e: EventMsg) => got.push(e));
+    const base = (await scrape()).value('gateway_outbox_events');
+    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        events: [1, 2, 3, 4].map((i) => ({
+          target: { session: s.sessionId },
+          name: 'depth.test',
+          data: { i },
+        })),
+      }),
+    });
+    await res.text();
+    await until('4 events', () => got.length >= 4);
+    let now = await scrape();
+    assert.equal(now.value('gateway_outbox_events') - base, 4);
+    assert.ok(now.value('gateway_events_inflight') >= 4);
+    device.ack(got.map((e) => e.eid));
+    await until('the outbox gauge back to where it was', async () => {
+      now = await scrape();
+      return now.value('gateway_outbox_events') === base;
+    });
+  } finally {
+    device.destroy();
+  }
+});

@@ -51,10 +51,11 @@ test('devices over TCP and WebSocket are seen at their plain address', async (t)
 });
 
 test('HTTP API clients are seen at their plain address', async (t) => {
-  if (!gw) return t.skip('no IPv6 loopback on this machine');
+  const g = gw;
+  if (!g) return t.skip('no IPv6 loopback on this machine');
   for (const [host, want] of hosts) {
-    const base = `http://${host}:${gw.httpPort}`;
-    const post = (path: string, body: unknown, token?: string) =>
+    const base: string = `http://${host}:${g.httpPort}`;
+    const post = (path: string, body: unknown, token?: string): Promise<Response> =>
       fetchWithin(`${base}${path}`, {
         method: 'POST',
         headers: {
