@@ -51,6 +51,12 @@ const SETTINGS = {
     'Port of the Prometheus `/metrics` endpoint, apart from the device ports.',
     port.default(9100),
   ),
+  processes: setting(
+    'GW_PROCESSES',
+    'number of cores',
+    'Gateway processes on this machine (node:cluster), sharing the TCP, HTTP/WebSocket and metrics ports; each is a full node with its own id. A crashed one is restarted; 1 runs a single process without a supervisor.',
+    int(1, 256).default(Math.max(1, availableParallelism())),
+  ),
   host: setting(
     'GW_HOST',
     '0.0.0.0',
@@ -60,7 +66,7 @@ const SETTINGS = {
   nodeId: setting(
     'GW_NODE_ID',
     '`<hostname>-<pid>`',
-    "This gateway node's id: sent in `welcome.node`, used in presence and logs.",
+    "This gateway node's id: sent in `welcome.node`, used in presence and logs. With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start (a restarted process is a new node).",
     z
       .string()
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 of [A-Za-z0-9_.-]')
@@ -91,7 +97,7 @@ const SETTINGS = {
   maxConnPerIp: setting(
     'GW_MAX_CONN_PER_IP',
     '0',
-    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule.",
+    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule. Counted per gateway process: with `GW_PROCESSES=N` an address may hold up to N times this (set `GW_PROCESSES=1` where the exact bound matters).",
     int(0).default(0),
   ),
   maxPendingBytes: setting(
@@ -311,9 +317,9 @@ const SETTINGS = {
   argon2Parallelism: setting('ARGON2_PARALLELISM', '1', 'argon2id lanes.', int(1, 16).default(1)),
   hashThreads: setting(
     'GW_HASH_THREADS',
-    'number of cores',
-    'Worker threads for password hashing.',
-    int(1, 64).default(Math.max(1, availableParallelism())),
+    'cores ÷ `GW_PROCESSES` (at least 1)',
+    'Worker threads for password hashing, per gateway process.',
+    int(1, 64).optional(),
   ),
   hashMaxQueue: setting(
     'GW_HASH_MAX_QUEUE',
@@ -455,7 +461,9 @@ const SETTINGS = {
 const EMPTY_MEANS_OFF = new Set(['GW_DEFAULT_ROOM', 'GW_API_KEY', 'SMTP_HOST', 'SMTP_USER', 'SMTP_PASSWORD']);
 
 type Settings = typeof SETTINGS;
-export type Config = Readonly<{ [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never }>;
+export type Config = Readonly<
+  { [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never } & { hashThreads: number }
+>;
 
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
@@ -480,6 +488,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     }
   }
   if (problems.length > 0) throw new ConfigError(problems);
+  // The machine's cores are shared by the processes: each gets its part of the hashing threads.
+  out.hashThreads ??= Math.max(1, Math.floor(availableParallelism() / (out.processes as number)));
   return Object.freeze(out) as Config;
 }
 
