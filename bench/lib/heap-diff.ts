@@ -25,7 +25,8 @@ export function summarize(path: string): Map<string, { bytes: number; count: num
   const out = new Map<string, { bytes: number; count: number }>();
   for (let i = 0; i < snap.nodes.length; i += width) {
     const type = types[snap.nodes[i + iType]];
-    let name = type === 'object' || type === 'native' || type === 'closure' ? snap.strings[snap.nodes[i + iName]] : '';
+    let name =
+      type === 'object' || type === 'native' || type === 'closure' ? snap.strings[snap.nodes[i + iName]] : '';
     if (type === 'closure') name = name || '(anonymous)';
     const key = `${type}${name ? `:${name.slice(0, 60)}` : ''}`;
     const e = out.get(key) ?? { bytes: 0, count: 0 };
@@ -52,7 +53,9 @@ export function diff(before: string, after: string, connections: number, top = 3
     '|---|---|---|',
     ...rows
       .slice(0, top)
-      .map((r) => `| ${r.key} | ${(r.bytes / connections).toFixed(0)} | ${(r.count / connections).toFixed(2)} |`),
+      .map(
+        (r) => `| ${r.key} | ${(r.bytes / connections).toFixed(0)} | ${(r.count / connections).toFixed(2)} |`,
+      ),
   ];
   return lines.join('\n');
 }

@@ -123,9 +123,7 @@ async function gatewayRow(): Promise<Row> {
     GW_REGISTER_PER_MINUTE: '1000000',
     GW_IP_FAILURE_BUDGET: '1000000',
     GW_LOG_LEVEL: 'info',
-    ...(SNAPSHOTS
-      ? { NODE_OPTIONS: `--heapsnapshot-signal=SIGUSR2 --diagnostic-dir=${SNAPSHOTS}` }
-      : {}),
+    ...(SNAPSHOTS ? { NODE_OPTIONS: `--heapsnapshot-signal=SIGUSR2 --diagnostic-dir=${SNAPSHOTS}` } : {}),
     ...EXTRA_ENV,
   });
   if (SNAPSHOTS) mkdirSync(SNAPSHOTS, { recursive: true });
@@ -144,7 +142,11 @@ async function gatewayRow(): Promise<Row> {
     let done = progress('  register', () => `${registered}/${total}`);
     await pool(total, 32, async (i) => {
       const u = users[i];
-      await patiently(registrars[i % 8], 'register', { username: u, email: `${u}@example.com`, password: PASSWORD });
+      await patiently(registrars[i % 8], 'register', {
+        username: u,
+        email: `${u}@example.com`,
+        password: PASSWORD,
+      });
       registered++;
     });
     done();
@@ -213,8 +215,13 @@ async function mosquittoRow(): Promise<Row> {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'mosq-bench-'));
   const conf = join(dir, 'mosquitto.conf');
-  writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_keepalive 65535\n`);
-  const bin = execSync('command -v mosquitto || echo /usr/sbin/mosquitto', { shell: '/bin/sh' }).toString().trim();
+  writeFileSync(
+    conf,
+    `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_keepalive 65535\n`,
+  );
+  const bin = execSync('command -v mosquitto || echo /usr/sbin/mosquitto', { shell: '/bin/sh' })
+    .toString()
+    .trim();
   const proc: ChildProcess = spawn(bin, ['-c', conf], { stdio: 'ignore' });
   try {
     const url = `mqtt://127.0.0.1:${port}`;
