@@ -5,6 +5,7 @@
  * of which runs the rest of this file (gateway/cluster.ts).
  */
 import cluster from 'node:cluster';
+import { setFlagsFromString } from 'node:v8';
 import { selectBackend } from '../protocol/index.ts';
 import { startNode } from './app.ts';
 import { runAsWorker, runSupervisor } from './cluster.ts';
@@ -22,6 +23,9 @@ async function main(): Promise<void> {
     }
     throw e;
   }
+  // Before the node allocates its connections (docs/ARCHITECTURE.md, "Memory"). The supervisor
+  // passes it on to its workers (they run this file too).
+  if (config.optimizeForSize) setFlagsFromString('--optimize-for-size');
   if (config.processes > 1 && cluster.isPrimary) {
     const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
     await runSupervisor(config, log);

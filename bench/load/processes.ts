@@ -7,6 +7,7 @@
  * tree (supervisor and workers) and of Redis per delivered event.
  *
  *   npm run bench:processes -- [--devices 100] [--seconds 10] [--batch 50] [--window 8] [--processes 1,2]
+ *                              [--env NAME=value ...]
  */
 import { execSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
@@ -26,8 +27,11 @@ const { values } = parseArgs({
     window: { type: 'string', default: '8' },
     payload: { type: 'string', default: '100' },
     processes: { type: 'string', default: '1,2' },
+    env: { type: 'string', multiple: true, default: [] },
   },
 });
+/** Extra gateway settings for every row, `--env NAME=value` (e.g. to see a setting's cost). */
+const EXTRA_ENV = Object.fromEntries((values.env as string[]).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
 const DEVICES = Number(values.devices);
 const SECONDS = Number(values.seconds);
 const WARMUP = Number(values.warmup);
@@ -61,6 +65,7 @@ export async function measureProcesses(processes: number): Promise<ProcessesRow>
     GW_DEFAULT_ROOM: '',
     GW_REGISTER_PER_MINUTE: '100000',
     GW_HEARTBEAT_MS: '60000',
+    ...EXTRA_ENV,
   });
   const pids = [g.proc.pid!];
   for (const l of g.logs) if (l.msg === 'gateway process ready') pids.push(l.pid as number);
@@ -166,7 +171,7 @@ export function processesTable(rows: ProcessesRow[]): string {
       'devices per process',
     ],
     rows.map((r) => [
-      r.processes,
+      String(r.processes),
       r.delivered,
       r.p50,
       r.p99,
