@@ -57,11 +57,11 @@ const SETTINGS = {
     'Gateway processes on this machine (node:cluster), sharing the TCP, HTTP/WebSocket and metrics ports; each is a full node with its own id. A crashed one is restarted; 1 runs a single process without a supervisor.',
     int(1, 256).default(Math.max(1, availableParallelism())),
   ),
-  optimizeForSize: setting(
-    'GW_OPTIMIZE_FOR_SIZE',
-    'true',
-    'Run V8 with `--optimize-for-size` (set at start): its heap grows less before each full collection, so the garbage of connect and login bursts is collected sooner; about a third of the RSS per connection (docs/ARCHITECTURE.md, "Memory").',
-    bool.default(true),
+  heapGrowingPercent: setting(
+    'GW_HEAP_GROWING_PERCENT',
+    '50',
+    'V8\'s `--heap-growing-percent`, set at start: after each full collection the heap may grow by this many percent before the next, so the garbage of connect and login bursts is collected before the heap (and RSS) grows; about a third of the RSS per connection for a few percent of CPU (docs/ARCHITECTURE.md, "Memory"). 0 leaves V8\'s own sizing.',
+    int(0, 1000).default(50),
   ),
   host: setting(
     'GW_HOST',

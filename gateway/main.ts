@@ -25,7 +25,8 @@ async function main(): Promise<void> {
   }
   // Before the node allocates its connections (docs/ARCHITECTURE.md, "Memory"). The supervisor
   // passes it on to its workers (they run this file too).
-  if (config.optimizeForSize) setFlagsFromString('--optimize-for-size');
+  if (config.heapGrowingPercent > 0)
+    setFlagsFromString(`--heap-growing-percent=${config.heapGrowingPercent}`);
   if (config.processes > 1 && cluster.isPrimary) {
     const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
     await runSupervisor(config, log);
