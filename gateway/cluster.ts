@@ -160,6 +160,8 @@ export async function runSupervisor(config: Config, log: Logger): Promise<void> 
       worker.on('message', (m: WorkerMessage) => {
         if (m?.type === 'gw:ready') {
           slot.ready = true;
+          // Started while a shutdown began: it missed the request, which it could not yet hear.
+          if (stopping) worker.send({ type: 'gw:shutdown' } satisfies PrimaryMessage);
           tcpPort ||= m.tcpPort;
           resolve();
         } else if (m?.type === 'gw:metrics') scrapes.get(m.requestId)?.(m.metrics);

@@ -41,10 +41,15 @@ async function main(): Promise<void> {
   );
   const { gateway, ports } = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
   // One process of several says so; the supervisor says 'gateway ready' once all serve.
-  log.info(
-    { ...ports, host: config.host, heartbeatMs: config.heartbeatMs },
-    cluster.isPrimary ? 'gateway ready' : 'gateway process ready',
-  );
+  if (cluster.isPrimary)
+    log.info({ ...ports, host: config.host, heartbeatMs: config.heartbeatMs }, 'gateway ready');
+  else {
+    const { tcpPort, httpPort } = ports; // the supervisor serves the metrics
+    log.info(
+      { tcpPort, httpPort, host: config.host, heartbeatMs: config.heartbeatMs },
+      'gateway process ready',
+    );
+  }
 
   let signals = 0;
   const stop = (signal: string) => {
