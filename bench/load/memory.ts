@@ -2,10 +2,11 @@
  * Memory per connection: N devices connect over TCP, handshake, log in (default settings: the
  * default room on, `hb` 15 s) and heartbeat; the gateway's RSS grows by so much per device.
  * Next to it, in the same run, a Mosquitto of its own (spawned on a free port, so no other
- * client is counted) with N idle MQTT clients (keepalive 15 s). Also printed, from the
- * gateway's own /metrics: how much of the growth is V8 heap in use, and how much is "external"
- * (ArrayBuffers and Buffers: socket reads, keys), the rest being native memory (malloc: the
- * OpenSSL contexts, uWS, libuv) and heap the allocator keeps.
+ * client is counted) with N idle MQTT clients (keepalive 15 s). Also printed, per connection,
+ * from the gateway's own /metrics: the growth of the V8 heap in use (live objects and garbage
+ * not yet collected), of the heap V8 has committed (in use, free space and pages it keeps),
+ * and of "external" memory (ArrayBuffers and Buffers: socket reads, keys); RSS beyond the
+ * committed heap is native memory (malloc: the OpenSSL contexts, libuv, uWS) and its slack.
  *
  *   npm run bench:memory -- [--devices 5000] [--concurrency 100] [--settle-seconds 35]
  *                           [--env NAME=value ...] [--snapshots DIR]
@@ -95,6 +96,8 @@ async function patiently<T>(c: GatewayClient, type: string, fields: Record<strin
 
 interface Heap {
   heapUsed: number;
+  /** Committed by V8 for its heap: in use, free lists and pages not given back. */
+  heapTotal: number;
   external: number;
 }
 
@@ -104,7 +107,11 @@ async function heapOf(g: GatewayProcess): Promise<Heap> {
     await fetch(`http://127.0.0.1:${g.metricsPort}/metrics`, { signal: AbortSignal.timeout(20000) })
   ).text();
   const value = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? Number.NaN);
-  return { heapUsed: value('nodejs_heap_size_used_bytes'), external: value('nodejs_external_memory_bytes') };
+  return {
+    heapUsed: value('nodejs_heap_size_used_bytes'),
+    heapTotal: value('nodejs_heap_size_total_bytes'),
+    external: value('nodejs_external_memory_bytes'),
+  };
 }
 
 interface Row {
@@ -114,6 +121,7 @@ interface Row {
   rssAfterMib: number;
   kibPerConn: number;
   heapKibPerConn: number | undefined;
+  heapTotalKibPerConn: number | undefined;
   externalKibPerConn: number | undefined;
 }
 
@@ -193,6 +201,7 @@ async function gatewayRow(): Promise<Row> {
       rssAfterMib: rss1 / 1024,
       kibPerConn: (rss1 - rss0) / N,
       heapKibPerConn: (heap1.heapUsed - heap0.heapUsed) / 1024 / N,
+      heapTotalKibPerConn: (heap1.heapTotal - heap0.heapTotal) / 1024 / N,
       externalKibPerConn: (heap1.external - heap0.external) / 1024 / N,
     };
   } finally {
@@ -268,6 +277,7 @@ async function mosquittoRow(): Promise<Row> {
       rssAfterMib: rss1 / 1024,
       kibPerConn: (rss1 - rss0) / N,
       heapKibPerConn: undefined,
+      heapTotalKibPerConn: undefined,
       externalKibPerConn: undefined,
     };
   } finally {
@@ -286,7 +296,16 @@ async function main(): Promise<void> {
   const kib = (v: number | undefined) => (v === undefined ? '—' : v.toFixed(2));
   console.log(
     table(
-      ['target', 'open', 'RSS before MiB', 'RSS after MiB', 'KiB RSS / conn', 'of which V8 heap', 'external'],
+      [
+        'target',
+        'open',
+        'RSS before MiB',
+        'RSS after MiB',
+        'KiB RSS / conn',
+        'V8 heap in use',
+        'V8 heap committed',
+        'external',
+      ],
       rows.map((r) => [
         r.target,
         r.connections,
@@ -294,6 +313,7 @@ async function main(): Promise<void> {
         r.rssAfterMib.toFixed(1),
         r.kibPerConn.toFixed(2),
         kib(r.heapKibPerConn),
+        kib(r.heapTotalKibPerConn),
         kib(r.externalKibPerConn),
       ]),
     ),
