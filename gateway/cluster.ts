@@ -107,8 +107,13 @@ function send(m: WorkerMessage): void {
 
 // ---- primary side --------------------------------------------------------------------------
 
-/** Runs the supervisor of `config.processes` workers; returns once all serve, or throws. */
-export async function runSupervisor(config: Config, log: Logger): Promise<void> {
+/**
+ * Runs the supervisor of `config.processes` workers; returns once all serve, or throws.
+ * `entry` is the gateway's main module, which each worker runs: not `process.argv[1]`, which
+ * is the `device-gateway` command when started through it.
+ */
+export async function runSupervisor(config: Config, log: Logger, entry: string): Promise<void> {
+  cluster.setupPrimary({ exec: entry, args: [] });
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
   for (const name of DROPPED_DEFAULTS) registry.removeSingleMetric(name);

@@ -5,6 +5,7 @@
  * of which runs the rest of this file (gateway/cluster.ts).
  */
 import cluster from 'node:cluster';
+import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { selectBackend } from '../protocol/index.ts';
 import { startNode } from './app.ts';
@@ -29,7 +30,7 @@ async function main(): Promise<void> {
     setFlagsFromString(`--heap-growing-percent=${config.heapGrowingPercent}`);
   if (config.processes > 1 && cluster.isPrimary) {
     const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
-    await runSupervisor(config, log);
+    await runSupervisor(config, log, fileURLToPath(import.meta.url));
     return;
   }
   const worker = cluster.isWorker ? { worker: cluster.worker!.id } : {};
