@@ -46,7 +46,12 @@ export interface IdentityModule {
   close(): Promise<void>;
 }
 
-export async function startNode(config: Config, log: Logger, backend: CryptoBackend): Promise<NodeParts> {
+export async function startNode(
+  config: Config,
+  log: Logger,
+  backend: CryptoBackend,
+  options: { serveMetrics?: boolean } = {},
+): Promise<NodeParts> {
   const id = loadServerIdentity(backend, config.identityFile);
   if (id.modeWarning) log.warn(id.modeWarning);
   log.info(
@@ -83,7 +88,14 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
   const keys = new Keys(config.redisPrefix);
   const bus = new Bus(sub, log);
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
-  const gateway = new Gateway({ config, log, backend, identity: id.identity, fingerprint: id.fingerprint });
+  const gateway = new Gateway({
+    config,
+    log,
+    backend,
+    identity: id.identity,
+    fingerprint: id.fingerprint,
+    serveMetrics: options.serveMetrics,
+  });
   gateway.counters.timeRedis(redis, 'commands');
   gateway.counters.timeRedis(producer, 'queues');
 
@@ -234,6 +246,8 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0).',
     labelNames: ['dependency'],
     registers: [gateway.metrics],
+    // Over the processes of a machine: up only if every process reaches it.
+    aggregator: 'min',
     collect() {
       for (const d of ['redis', 'postgres'] as const) this.labels(d).set(monitor.isDown(d) ? 0 : 1);
     },
@@ -242,6 +256,7 @@ export async function startNode(config: Config, log: Logger, backend: CryptoBack
     name: 'gateway_ready',
     help: 'Whether /health/ready would answer 200 (1) or 503 (0), checked at scrape.',
     registers: [gateway.metrics],
+    aggregator: 'min',
     async collect() {
       this.set((await gateway.readiness()).ready ? 1 : 0);
     },

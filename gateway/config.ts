@@ -57,6 +57,18 @@ const SETTINGS = {
     'Port of the gRPC server (`realchat.auth.v1.AuthApi`, `gateway.auth.v1.TokenApi`, health, reflection); 0 = no gRPC server.',
     port.default(0),
   ),
+  processes: setting(
+    'GW_PROCESSES',
+    'number of cores',
+    'Gateway processes on this machine (node:cluster), sharing the TCP, HTTP/WebSocket and metrics ports; each is a full node with its own id. A crashed one is restarted; 1 runs a single process without a supervisor.',
+    int(1, 256).default(Math.max(1, availableParallelism())),
+  ),
+  heapGrowingPercent: setting(
+    'GW_HEAP_GROWING_PERCENT',
+    '50',
+    'V8\'s `--heap-growing-percent`, set at start: after each full collection the heap may grow by this many percent before the next, so the garbage of connect and login bursts is collected before the heap (and RSS) grows; about a third of the RSS per connection for a few percent of CPU (docs/ARCHITECTURE.md, "Memory"). 0 leaves V8\'s own sizing.',
+    int(0, 1000).default(50),
+  ),
   host: setting(
     'GW_HOST',
     '0.0.0.0',
@@ -66,7 +78,7 @@ const SETTINGS = {
   nodeId: setting(
     'GW_NODE_ID',
     '`<hostname>-<pid>`',
-    "This gateway node's id: sent in `welcome.node`, used in presence and logs.",
+    "This gateway node's id: sent in `welcome.node`, used in presence and logs. With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start (a restarted process is a new node).",
     z
       .string()
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 of [A-Za-z0-9_.-]')
@@ -97,7 +109,7 @@ const SETTINGS = {
   maxConnPerIp: setting(
     'GW_MAX_CONN_PER_IP',
     '0',
-    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule.",
+    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule. Counted per gateway process: with `GW_PROCESSES=N` an address may hold up to N times this (set `GW_PROCESSES=1` where the exact bound matters).",
     int(0).default(0),
   ),
   maxPendingBytes: setting(
@@ -336,9 +348,9 @@ const SETTINGS = {
   argon2Parallelism: setting('ARGON2_PARALLELISM', '1', 'argon2id lanes.', int(1, 16).default(1)),
   hashThreads: setting(
     'GW_HASH_THREADS',
-    'number of cores',
-    'Worker threads for password hashing.',
-    int(1, 64).default(Math.max(1, availableParallelism())),
+    'cores ÷ `GW_PROCESSES` (at least 1)',
+    'Worker threads for password hashing, per gateway process.',
+    int(1, 64).optional(),
   ),
   hashMaxQueue: setting(
     'GW_HASH_MAX_QUEUE',
@@ -487,7 +499,9 @@ const EMPTY_MEANS_OFF = new Set([
 ]);
 
 type Settings = typeof SETTINGS;
-export type Config = Readonly<{ [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never }>;
+export type Config = Readonly<
+  { [K in keyof Settings]: Settings[K] extends Setting<infer T> ? T : never } & { hashThreads: number }
+>;
 
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
@@ -514,6 +528,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   // One key must not open both APIs (docs/OPERATIONS.md, "Admin API").
   if (out.adminKey && out.adminKey === out.apiKey) problems.push('GW_ADMIN_KEY: must differ from GW_API_KEY');
   if (problems.length > 0) throw new ConfigError(problems);
+  // The machine's cores are shared by the processes: each gets its part of the hashing threads.
+  out.hashThreads ??= Math.max(1, Math.floor(availableParallelism() / (out.processes as number)));
   return Object.freeze(out) as Config;
 }
 

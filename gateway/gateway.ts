@@ -34,6 +34,11 @@ export interface GatewayOptions {
   backend: CryptoBackend;
   identity: Ed25519Identity;
   fingerprint: string;
+  /**
+   * Serve `/metrics` on `GW_METRICS_PORT` (default). A worker of a multi-process gateway does
+   * not: its supervisor serves the metrics of all workers (gateway/cluster.ts).
+   */
+  serveMetrics?: boolean;
 }
 
 export interface ListeningPorts {
@@ -95,9 +100,11 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private sweepTimer: NodeJS.Timeout | undefined;
   private closing: Promise<void> | undefined;
   private readonly fingerprint: string;
+  private readonly serveMetrics: boolean;
 
   constructor(options: GatewayOptions) {
     const c = options.config;
+    this.serveMetrics = options.serveMetrics ?? true;
     this.config = c;
     this.nodeId = c.nodeId;
     this.heartbeatMs = c.heartbeatMs;
@@ -129,6 +136,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       name: 'gateway_crypto_backend_info',
       help: 'The crypto backend in use (value 1).',
       labelNames: ['backend'],
+      aggregator: 'max',
       registers: [this.metrics],
     })
       .labels(this.backend.name)
@@ -322,24 +330,28 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
         }
       });
     });
-    this.metricsServer = createHttpServer((req, res) => {
-      if (req.url !== '/metrics') {
-        res.writeHead(404).end();
-        return;
-      }
-      this.metrics.metrics().then(
-        (text) => res.writeHead(200, { 'content-type': this.metrics.contentType }).end(text),
-        () => res.writeHead(500).end(),
-      );
-    });
-    await new Promise<void>((resolve, reject) => {
-      this.metricsServer!.once('error', reject);
-      this.metricsServer!.listen(c.metricsPort, c.host, () => resolve());
-    });
+    if (this.serveMetrics)
+      this.metricsServer = createHttpServer((req, res) => {
+        if (req.url !== '/metrics') {
+          res.writeHead(404).end();
+          return;
+        }
+        this.metrics.metrics().then(
+          (text) => res.writeHead(200, { 'content-type': this.metrics.contentType }).end(text),
+          () => res.writeHead(500).end(),
+        );
+      });
+    const metricsServer = this.metricsServer;
+    if (metricsServer) {
+      await new Promise<void>((resolve, reject) => {
+        metricsServer.once('error', reject);
+        metricsServer.listen(c.metricsPort, c.host, () => resolve());
+      });
+    }
     const sweepMs = Math.max(20, Math.min(250, Math.floor(this.heartbeatMs / 4)));
     this.sweepTimer = setInterval(() => this.sweep(Date.now()), sweepMs);
     const tcpAddr = this.tcpServer.address();
-    const metricsAddr = this.metricsServer.address();
+    const metricsAddr = this.metricsServer?.address();
     return {
       tcpPort: typeof tcpAddr === 'object' && tcpAddr ? tcpAddr.port : c.tcpPort,
       httpPort,
@@ -389,6 +401,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
       crypto: this.backend.name,
       fingerprint: this.fingerprint,
       connections: this.connections.size,
+      pid: process.pid,
       uptimeSeconds: Math.round(process.uptime()),
     };
   }

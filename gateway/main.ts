@@ -1,9 +1,15 @@
 /**
  * Composition root: read the configuration, pick the crypto backend, load the server identity,
- * start the gateway and its services, and run the shutdown sequence on SIGTERM/SIGINT.
+ * start the gateway and its services, and run the shutdown sequence on SIGTERM/SIGINT. With
+ * `GW_PROCESSES` > 1 this process becomes the supervisor of that many gateway processes, each
+ * of which runs the rest of this file (gateway/cluster.ts).
  */
+import cluster from 'node:cluster';
+import { fileURLToPath } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
 import { selectBackend } from '../protocol/index.ts';
 import { startNode } from './app.ts';
+import { runAsWorker, runSupervisor } from './cluster.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import { createLogger } from './log.ts';
 
@@ -18,17 +24,39 @@ async function main(): Promise<void> {
     }
     throw e;
   }
-  const log = createLogger(config.logLevel, { node: config.nodeId });
+  // Before the node allocates its connections (docs/ARCHITECTURE.md, "Memory"). The supervisor
+  // passes it on to its workers (they run this file too).
+  if (config.heapGrowingPercent > 0)
+    setFlagsFromString(`--heap-growing-percent=${config.heapGrowingPercent}`);
+  if (config.processes > 1 && cluster.isPrimary) {
+    const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
+    await runSupervisor(config, log, fileURLToPath(import.meta.url));
+    return;
+  }
+  const worker = cluster.isWorker ? { worker: cluster.worker!.id } : {};
+  const log = createLogger(config.logLevel, { node: config.nodeId, ...worker });
   const { backend, fallbackReason } = selectBackend(config.crypto);
   log.info(
     { backend: backend.name, ...(fallbackReason ? { reason: fallbackReason } : {}) },
     'crypto backend',
   );
-  const { gateway, ports } = await startNode(config, log, backend);
-  log.info({ ...ports, host: config.host, heartbeatMs: config.heartbeatMs }, 'gateway ready');
+  const { gateway, ports } = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
+  // One process of several says so; the supervisor says 'gateway ready' once all serve.
+  if (cluster.isPrimary)
+    log.info({ ...ports, host: config.host, heartbeatMs: config.heartbeatMs }, 'gateway ready');
+  else {
+    const { tcpPort, httpPort } = ports; // the supervisor serves the metrics
+    log.info(
+      { tcpPort, httpPort, host: config.host, heartbeatMs: config.heartbeatMs },
+      'gateway process ready',
+    );
+  }
 
   let signals = 0;
   const stop = (signal: string) => {
+    // A worker may hear of one shutdown twice (SIGTERM to the whole group and the
+    // supervisor's request); the supervisor handles a second Ctrl-C.
+    if (cluster.isWorker && signals > 0) return;
     if (++signals > 1) {
       log.warn({ signal }, 'second signal: exiting now');
       process.exit(1);
@@ -52,7 +80,15 @@ async function main(): Promise<void> {
     );
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
+  if (cluster.isWorker) {
+    runAsWorker(
+      {
+        shutdown: stop,
+        metrics: () => gateway.metrics.getMetricsAsJSON(),
+      },
+      { node: config.nodeId, tcpPort: ports.tcpPort, httpPort: ports.httpPort },
+    );
+  } else process.on('SIGINT', () => stop('SIGINT'));
 }
 
 main().catch((e) => {

@@ -138,6 +138,8 @@ export async function startBenchGateway(
         GW_LOG_LEVEL: 'info',
         // The load keeps every connection busy; server pings would only add noise.
         GW_HEARTBEAT_MS: '60000',
+        // One process, whose pid is the one measured (bench/load/processes.ts compares 1 and N).
+        GW_PROCESSES: '1',
         ...env,
       },
       isReady: (l) => l.msg === 'gateway ready',

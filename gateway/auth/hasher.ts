@@ -143,6 +143,7 @@ export class Hasher {
       name: 'gateway_hash_run_seconds',
       help: 'Recent run time of one password hash job in its worker thread (EWMA).',
       registers: [registry],
+      aggregator: 'average',
       collect() {
         this.set((s().runMs ?? 0) / 1000);
       },
@@ -151,6 +152,7 @@ export class Hasher {
       name: 'gateway_hash_expected_wait_seconds',
       help: 'Expected wait for a hash thread of a job submitted now.',
       registers: [registry],
+      aggregator: 'max',
       collect() {
         this.set(s().expectedWaitMs / 1000);
       },
@@ -159,6 +161,7 @@ export class Hasher {
       name: 'gateway_hash_admitted_wait_max_seconds',
       help: 'Largest expected wait any admitted hash job was admitted with (bounded by GW_HASH_MAX_WAIT_MS).',
       registers: [registry],
+      aggregator: 'max',
       collect() {
         this.set(s().admittedWaitMaxMs / 1000);
       },

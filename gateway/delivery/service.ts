@@ -171,6 +171,8 @@ export class DeliveryService {
       help: 'BullMQ jobs by queue and state (waiting, delayed, failed), read from Redis at scrape.',
       labelNames: ['queue', 'state'],
       registers: [deps.registry],
+      // The same Redis figures in every process of a machine: not summed.
+      aggregator: 'max',
       async collect() {
         this.reset();
         const counts = await Promise.allSettled(

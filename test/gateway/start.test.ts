@@ -103,6 +103,58 @@ test('the device-gateway command lists its subcommands and refuses an unknown on
   assert.match(bad.out, /unknown command "frobnicate"/);
 });
 
+test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and drains them on SIGTERM', async () => {
+  assertBuilt();
+  const tag = randomUUID().slice(0, 8);
+  const dir = mkdtempSync(join(tmpdir(), 'gw-start-'));
+  const env = {
+    ...process.env,
+    GW_PROCESSES: '2',
+    GW_TCP_PORT: '0',
+    GW_HTTP_PORT: '0',
+    GW_METRICS_PORT: '0',
+    GW_HOST: '127.0.0.1',
+    GW_REDIS_PREFIX: `gwtest:${tag}:`,
+    GW_DB_SCHEMA: `gwtest_${tag}`,
+    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
+    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
+  };
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
+  const cli = spawn(process.execPath, [join(ROOT, pkg.bin['device-gateway']), 'start'], {
+    cwd: ROOT,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  cli.stdout.on('data', (d) => (out += d));
+  cli.stderr.on('data', (d) => (out += d));
+  const exited = new Promise<number | null>((resolve) => cli.on('exit', (code) => resolve(code)));
+  const lines = () =>
+    out
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  let workers: number[] = [];
+  try {
+    const ready = await until('the supervisor ready line', () =>
+      lines().find((l) => l.msg === 'gateway ready'),
+    );
+    assert.equal(ready.processes, 2, out);
+    workers = lines()
+      .filter((l) => l.msg === 'gateway process ready')
+      .map((l) => l.pid as number);
+    assert.equal(workers.length, 2, 'each worker ran the gateway, not the command without its subcommand');
+    cli.kill('SIGTERM');
+    assert.equal(await within('the supervisor to exit after SIGTERM', exited), 0);
+    for (const pid of workers) await until(`gateway process ${pid} to exit`, () => !alive(pid), 15_000);
+  } finally {
+    for (const pid of workers) if (alive(pid)) process.kill(pid, 'SIGKILL');
+    cli.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+    await Promise.all([dropRedisPrefix(env.GW_REDIS_PREFIX), dropSchema(env.GW_DB_SCHEMA)]);
+  }
+});
+
 test('every export of the package is built JavaScript with its type declarations', () => {
   assertBuilt();
   const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));

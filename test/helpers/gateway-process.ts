@@ -58,6 +58,8 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
       ARGON2_MEMORY_KIB: '1024',
       ARGON2_ITERATIONS: '1',
       GW_COOKIE_SECURE: 'false',
+      // One process (a node) unless a test asks for several (test/e2e/cluster.test.ts).
+      GW_PROCESSES: '1',
       ...env,
     },
     stdio: ['ignore', 'pipe', 'pipe'],
