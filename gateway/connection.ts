@@ -253,6 +253,11 @@ export class Connection {
     this.close();
   }
 
+  /** Whether requests of this connection are still waiting for their answers. */
+  get busy(): boolean {
+    return this.queue.length > 0;
+  }
+
   /** Flushes queued output, then closes. Idempotent. */
   close(): void {
     if (this.state >= ConnState.closing) return;

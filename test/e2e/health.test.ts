@@ -129,3 +129,38 @@ describe('health when a dependency fails', () => {
     await until('ready after PostgreSQL thaws', async () => (await ready(gw)).status === 200);
   });
 });
+
+test('a request in flight when the drain starts is answered before the going_away kick', async () => {
+  // Slow hashing (about a quarter of a second per login), so the login is surely in flight.
+  const gw = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '6', GW_DRAIN_DELAY_MS: '0' });
+  try {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    const other = await connected(gw.tcpUrl);
+    const kicked = nextEvent<{ code: string }>(other, 'kick', 'the going_away kick');
+    const order: string[] = [];
+    const login = other.request('login', { username: s.username, password: 'correct horse battery' }).then(
+      () => order.push('login answered'),
+      (e: Error) => order.push(`login failed: ${e.message}`),
+    );
+    void kicked.then(() => order.push('kick'));
+    // Signal once the login is hashing (its request taken, its answer not yet sent).
+    await until(
+      'the login in the hash pool',
+      async () => {
+        const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+        return /^gateway_hash_jobs [1-9]/m.test(text);
+      },
+      20_000,
+      5,
+    );
+    gw.proc.kill('SIGTERM');
+    await within('the login to settle', login);
+    await kicked;
+    assert.deepEqual(order, ['login answered', 'kick']);
+    c.destroy();
+    other.destroy();
+  } finally {
+    await gw.stop();
+  }
+});
