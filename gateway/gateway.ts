@@ -28,7 +28,6 @@ import { GatewayMetrics } from './metrics.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
 
-
 /** How long a drain waits for requests in flight to be answered before its `going_away` kicks. */
 const DRAIN_SETTLE_MS = 2000;
 export interface GatewayOptions {

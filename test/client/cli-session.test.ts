@@ -7,7 +7,6 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -17,16 +16,7 @@ import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { startCli } from '../helpers/cli-process.ts';
 import { nextEvent } from '../helpers/deadline.ts';
 import { startGateway } from '../helpers/gateway-process.ts';
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
+import { freePort } from '../helpers/net.ts';
 
 /** Registers a user over a plain client. */
 async function register(url: string): Promise<string> {

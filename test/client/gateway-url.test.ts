@@ -3,12 +3,12 @@
  * and the interactive client over TCP and WebSocket against a real gateway listening on ::1.
  */
 import assert from 'node:assert/strict';
-import { createServer } from 'node:net';
 import { after, before, test } from 'node:test';
 import { parseGatewayUrl } from '../../client/client.ts';
 import { startCli } from '../helpers/cli-process.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { hasIpv6Loopback } from '../helpers/net.ts';
 
 test('parseGatewayUrl: hosts without brackets, default ports, clear errors', () => {
   const cases: [string, { transport: string; host: string; port: number }][] = [
@@ -28,19 +28,10 @@ test('parseGatewayUrl: hosts without brackets, default ports, clear errors', () 
   assert.throws(() => parseGatewayUrl('tcp://127.0.0.1:9000/x'), /a tcp:\/\/ URL has no path/);
 });
 
-/** Whether this machine has an IPv6 loopback to listen on. */
-function ipv6Loopback(): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.once('error', () => resolve(false));
-    s.listen(0, '::1', () => s.close(() => resolve(true)));
-  });
-}
-
 let gw: GatewayProcess | undefined;
 let hasV6 = false;
 before(async () => {
-  hasV6 = await ipv6Loopback();
+  hasV6 = await hasIpv6Loopback();
   if (hasV6) gw = await startGateway({ GW_HOST: '::1' });
 });
 after(async () => {

@@ -5,7 +5,6 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -14,16 +13,7 @@ import { newName, PASSWORD } from '../helpers/accounts.ts';
 import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
 import { startGateway } from '../helpers/gateway-process.ts';
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
+import { freePort } from '../helpers/net.ts';
 
 test('reconnects with backoff after going_away and resumes the session on the next process', async () => {
   const tag = randomUUID().slice(0, 8);

@@ -11,6 +11,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 
 const API_KEY = 'cluster-test-api-key-0123';
 const ENV = {
@@ -63,16 +64,7 @@ function collect(c: GatewayClient): EventMsg[] {
   return got;
 }
 
-async function scrape(): Promise<{ text: string; value: (series: string) => number }> {
-  const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
-  const values = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (!line || line.startsWith('#')) continue;
-    const i = line.lastIndexOf(' ');
-    values.set(line.slice(0, i), Number(line.slice(i + 1)));
-  }
-  return { text, value: (series) => values.get(series) ?? 0 };
-}
+const scrape = () => scrapeMetrics(gw.metricsPort);
 
 function liveOnNewConnection(): Promise<{ node: string }> {
   const answer = new Promise<{ node: string }>((resolve, reject) => {

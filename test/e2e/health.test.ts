@@ -132,7 +132,11 @@ describe('health when a dependency fails', () => {
 
 test('a request in flight when the drain starts is answered before the going_away kick', async () => {
   // Slow hashing (about a quarter of a second per login), so the login is surely in flight.
-  const gw = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '6', GW_DRAIN_DELAY_MS: '0' });
+  const gw = await startGateway({
+    ARGON2_MEMORY_KIB: '65536',
+    ARGON2_ITERATIONS: '6',
+    GW_DRAIN_DELAY_MS: '0',
+  });
   try {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);

@@ -11,6 +11,7 @@ import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 
 const API_KEY = 'metrics-api-key-0123456789';
 let gw: GatewayProcess;
@@ -22,16 +23,7 @@ after(async () => {
   await gw.stop();
 });
 
-async function scrape(): Promise<{ text: string; value: (series: string) => number }> {
-  const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
-  const values = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (!line || line.startsWith('#')) continue;
-    const i = line.lastIndexOf(' ');
-    values.set(line.slice(0, i), Number(line.slice(i + 1)));
-  }
-  return { text, value: (series) => values.get(series) ?? 0 };
-}
+const scrape = () => scrapeMetrics(gw.metricsPort);
 
 test('wire, identity, HTTP and delivery metrics move by what the traffic did', async () => {
   const before = await scrape();

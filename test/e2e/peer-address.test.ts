@@ -5,23 +5,15 @@
  * logs use the same value).
  */
 import assert from 'node:assert/strict';
-import { createServer } from 'node:net';
 import { after, before, test } from 'node:test';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
-
-function ipv6Loopback(): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.once('error', () => resolve(false));
-    s.listen(0, '::1', () => s.close(() => resolve(true)));
-  });
-}
+import { hasIpv6Loopback } from '../helpers/net.ts';
 
 let gw: GatewayProcess | undefined;
 before(async () => {
-  if (await ipv6Loopback()) gw = await startGateway({ GW_HOST: '::' });
+  if (await hasIpv6Loopback()) gw = await startGateway({ GW_HOST: '::' });
 });
 after(async () => {
   await gw?.stop();
