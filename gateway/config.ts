@@ -352,6 +352,12 @@ const SETTINGS = {
     'Worker threads for password hashing, per gateway process.',
     int(1, 64).optional(),
   ),
+  hashNice: setting(
+    'GW_HASH_NICE',
+    '10',
+    'Nice value (0-19) of the password hash threads (Linux: each thread has its own): the scheduler gives the event loop a core before them, so a login storm that keeps every core hashing does not delay the other connections. 0 runs them at the process priority.',
+    int(0, 19).default(10),
+  ),
   hashMaxQueue: setting(
     'GW_HASH_MAX_QUEUE',
     '256',

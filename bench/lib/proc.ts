@@ -21,9 +21,18 @@ export function clockTicks(): number {
 
 /** utime + stime of `pid` in microseconds, or null when /proc cannot be read. */
 export function processCpuMicros(pid: number): number | null {
+  return statCpuMicros(`/proc/${pid}/stat`);
+}
+
+/** User+system CPU of one thread of a process (the main thread's id is the pid), µs. */
+export function threadCpuMicros(pid: number, tid: number): number | null {
+  return statCpuMicros(`/proc/${pid}/task/${tid}/stat`);
+}
+
+function statCpuMicros(path: string): number | null {
   let stat: string;
   try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    stat = readFileSync(path, 'utf8');
   } catch {
     return null;
   }

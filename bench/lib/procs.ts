@@ -1,8 +1,11 @@
 /** Small helpers of the load benches: CPU seconds (from proc.ts), sleep, a live status line. */
-import { processCpuMicros, selfCpuMicros } from './proc.ts';
+import { processCpuMicros, selfCpuMicros, threadCpuMicros } from './proc.ts';
 
 /** User+system CPU seconds of a process so far (NaN when /proc cannot be read). */
 export const cpuSeconds = (pid: number): number => (processCpuMicros(pid) ?? Number.NaN) / 1e6;
+
+/** CPU seconds of a process's main thread (NaN when /proc cannot be read). */
+export const mainThreadCpuSeconds = (pid: number): number => (threadCpuMicros(pid, pid) ?? Number.NaN) / 1e6;
 
 /** CPU seconds of this process. */
 export const ownCpuSeconds = (): number => selfCpuMicros() / 1e6;

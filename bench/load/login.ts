@@ -1,9 +1,9 @@
 /**
  * Logins per second through the gateway (argon2id with the production parameters, on the
  * gateway's worker threads) next to the raw argon2id verify rate of this machine measured in the
- * same run, the gateway's event-loop p99 delay during the storm, and `resume` (token) logins/s.
+ * same run (before and after the gateway's storms, the mean), the gateway's event-loop p99 delay during the storm, and `resume` (token) logins/s.
  *
- *   npm run bench:login -- [--conns 32] [--seconds 5]
+ *   npm run bench:login -- [--conns 32] [--seconds 5] [--threads <cores>]
  *
  * Storm mode: logins offered open-loop (at a fixed rate, whatever the answers) at multiples of
  * the raw verify rate measured in the same run, each for `--seconds`; prints how the logins were
@@ -18,23 +18,29 @@ import { GatewayClient, type Session } from '../../client/client.ts';
 import { Hasher } from '../../gateway/auth/hasher.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { header, table } from '../lib/measure.ts';
-import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
+import { machineBusyMicros } from '../lib/proc.ts';
+import { cpuSeconds, mainThreadCpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
 
 const { values } = parseArgs({
   options: {
     conns: { type: 'string' },
     seconds: { type: 'string', default: '5' },
     storm: { type: 'string' },
+    threads: { type: 'string' },
   },
 });
 const STORM = values.storm ? values.storm.split(',').map(Number) : undefined;
 const CONNS = Number(values.conns ?? (STORM ? 200 : 32));
 const SECONDS = Number(values.seconds);
-const THREADS = availableParallelism();
+/** Hash threads of both the raw pool and the gateway (default: one per core, the gateway's default). */
+const THREADS = Number(values.threads ?? availableParallelism());
 const PARAMS = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
+/** The gateway's default GW_HASH_NICE: the raw pool runs its threads at the same priority. */
+const NICE = 10;
 
-async function rawVerifyRate(): Promise<number> {
-  const h = new Hasher({ params: PARAMS, threads: THREADS, maxQueue: 1000 });
+/** Verifies/s of a pool like the gateway's, and the CPU (ms) this process spent per verify. */
+async function rawVerify(): Promise<{ rate: number; cpuMs: number }> {
+  const h = new Hasher({ params: PARAMS, threads: THREADS, maxQueue: 1000, nice: NICE });
   const { hash } = await h.hash('correct horse battery');
   let n = 0;
   let stop = false;
@@ -48,18 +54,33 @@ async function rawVerifyRate(): Promise<number> {
   await sleep(1000);
   n = 0;
   const t0 = performance.now();
+  const cpu0 = ownCpuSeconds();
   await sleep(SECONDS * 1000);
   const rate = (n * 1000) / (performance.now() - t0);
+  const cpuMs = ((ownCpuSeconds() - cpu0) * 1000) / n;
   stop = true;
   await Promise.all(workers);
   await h.close();
-  return rate;
+  return { rate, cpuMs };
 }
 
-async function eventLoopP99(metricsPort: number): Promise<number> {
+/** The raw rate alone (storm mode). */
+async function rawVerifyRate(): Promise<number> {
+  return (await rawVerify()).rate;
+}
+
+/**
+ * The p99 of the gateway's event-loop histogram since the previous call (the scrape resets it),
+ * ms. prom-client samples with a 10 ms timer (`monitorEventLoopDelay`, resolution 10) and records
+ * the interval between the timer's runs, so an idle loop reads 10 ms: `delay` is that p99 less the
+ * 10 ms, the time the loop was late.
+ */
+const LOOP_RESOLUTION_MS = 10;
+async function eventLoopP99(metricsPort: number): Promise<{ scraped: number; delay: number }> {
   const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
   const m = /^nodejs_eventloop_lag_p99_seconds (\S+)/m.exec(text);
-  return m ? Number(m[1]) * 1000 : Number.NaN;
+  const scraped = m ? Number(m[1]) * 1000 : Number.NaN;
+  return { scraped, delay: scraped - LOOP_RESOLUTION_MS };
 }
 
 async function storm(
@@ -148,6 +169,8 @@ function startLoginGateway(env: Record<string, string>) {
     ARGON2_MEMORY_KIB: String(PARAMS.memoryCost),
     ARGON2_ITERATIONS: String(PARAMS.timeCost),
     GW_HASH_THREADS: String(THREADS),
+    GW_HASH_NICE: String(NICE),
+    GW_PROCESSES: '1',
     GW_REGISTER_PER_MINUTE: '100000',
     ...env,
   });
@@ -233,8 +256,12 @@ async function main(): Promise<void> {
       `logins: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads`,
     ),
   );
-  const raw = await rawVerifyRate();
+  // The machine is shared: the raw rate is measured before and after the gateway's storms and
+  // the logins are compared with the mean of the two.
+  const rawBefore = await rawVerify();
   const g = await startLoginGateway({ GW_HASH_MAX_QUEUE: '10000' });
+  let raw = rawBefore.rate;
+  let rawAfter = Number.NaN;
   try {
     const clients = await connectAll(g.tcpUrl, 60000);
     const users: string[] = [];
@@ -248,12 +275,24 @@ async function main(): Promise<void> {
       users.push(username);
     }
     await eventLoopP99(g.metricsPort); // resets the event-loop histogram
-    const cpu0 = cpuSeconds(g.proc.pid!);
+    const pid = g.proc.pid!;
+    const cpu0 = cpuSeconds(pid);
+    const main0 = mainThreadCpuSeconds(pid);
+    const bench0 = ownCpuSeconds();
+    const machine0 = machineBusyMicros() ?? Number.NaN;
     const login = await storm('login storm', clients, (c, i) =>
       c.request('login', { username: users[i], password: 'correct horse battery' }),
     );
     const loopP99 = await eventLoopP99(g.metricsPort);
-    const loginCpu = cpuSeconds(g.proc.pid!) - cpu0;
+    const loginCpu = cpuSeconds(pid) - cpu0;
+    const logins = login.rate * SECONDS;
+    /** ms of CPU per login: the gateway's main thread, its other threads (hashing), this process (the clients), the whole machine. */
+    const perLogin = {
+      main: ((mainThreadCpuSeconds(pid) - main0) * 1000) / logins,
+      gateway: (loginCpu * 1000) / logins,
+      bench: ((ownCpuSeconds() - bench0) * 1000) / logins,
+      machine: ((machineBusyMicros() ?? Number.NaN) - machine0) / 1000 / logins,
+    };
     const tokens = await Promise.all(
       clients.map((c, i) =>
         c
@@ -262,8 +301,15 @@ async function main(): Promise<void> {
       ),
     );
     await eventLoopP99(g.metricsPort);
+    const resumeMain0 = mainThreadCpuSeconds(pid);
     const resume = await storm('resume storm', clients, (c, i) => c.request('resume', { token: tokens[i] }));
+    const resumeMainMs = ((mainThreadCpuSeconds(pid) - resumeMain0) * 1000) / (resume.rate * SECONDS);
     const resumeLoopP99 = await eventLoopP99(g.metricsPort);
+    for (const c of clients) c.destroy();
+    const after = await rawVerify();
+    rawAfter = after.rate;
+    raw = (rawBefore.rate + rawAfter) / 2;
+    const rawCpuMs = (rawBefore.cpuMs + after.cpuMs) / 2;
     console.log(
       table(
         ['measure', 'per second', 'note'],
@@ -271,25 +317,45 @@ async function main(): Promise<void> {
           [
             'raw argon2id verify (this machine, same pool size)',
             raw,
-            `${THREADS} threads, ${THREADS * 2} in flight`,
+            `${THREADS} threads, ${THREADS * 2} in flight; mean of ${rawBefore.rate.toFixed(0)} before and ${rawAfter.toFixed(0)} after`,
           ],
           [
             'logins through the gateway',
             login.rate,
             `${login.errors} errors; ${(login.rate / raw).toFixed(2)}x of raw`,
           ],
-          ['gateway event-loop p99 during the login storm (ms)', loopP99, 'hashing is on worker threads'],
+          [
+            'gateway event-loop delay p99 during the login storm (ms)',
+            loopP99.delay,
+            `scraped nodejs_eventloop_lag_p99 ${loopP99.scraped.toFixed(1)} ms less its 10 ms timer`,
+          ],
           ['gateway CPU during the login storm (cores)', loginCpu / SECONDS, 'main + hash threads'],
+          ['CPU per raw verify (ms)', rawCpuMs, 'the raw pool, mean of both measurements'],
+          [
+            'CPU per login: gateway main thread (ms)',
+            perLogin.main,
+            `gateway's other threads (hashing) ${(perLogin.gateway - perLogin.main).toFixed(1)} ms`,
+          ],
+          ['CPU per login: the bench clients (ms)', perLogin.bench, 'this process'],
+          ['CPU per resume: gateway main thread (ms)', resumeMainMs, 'no hashing'],
+          [
+            'CPU per login: the whole machine (ms)',
+            perLogin.machine,
+            'all processes, Redis, PostgreSQL and other jobs included',
+          ],
           [
             'resume (token) logins through the gateway',
             resume.rate,
             `${resume.errors} errors; ${(resume.rate / login.rate).toFixed(0)}x of password logins`,
           ],
-          ['gateway event-loop p99 during the resume storm (ms)', resumeLoopP99, ''],
+          [
+            'gateway event-loop delay p99 during the resume storm (ms)',
+            resumeLoopP99.delay,
+            `scraped ${resumeLoopP99.scraped.toFixed(1)} ms less its 10 ms timer`,
+          ],
         ],
       ),
     );
-    for (const c of clients) c.destroy();
   } finally {
     await g.stop();
   }

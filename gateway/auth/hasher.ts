@@ -39,6 +39,11 @@ export interface HasherOptions {
   maxWaitMs?: number;
   /** Uniform in [0, 1); the jitter of `retryAfter` (tests may fix it). */
   random?: () => number;
+  /**
+   * Nice value of the hash threads (GW_HASH_NICE, 0-19; default 0): the scheduler gives the
+   * event loop a core before them. Linux only; elsewhere the threads keep the process's.
+   */
+  nice?: number;
 }
 
 export interface VerifyResult {
@@ -61,6 +66,8 @@ export interface HasherStats {
   rejected: number;
   /** The largest expected wait any admitted job was admitted with, ms. */
   admittedWaitMaxMs: number;
+  /** Nice value the last job's thread ran at (undefined before a job, or if it could not be set). */
+  nice: number | undefined;
 }
 
 const WORKER = new URL('../../workers/password-hash.worker.mjs', import.meta.url).href;
@@ -79,6 +86,7 @@ export class Hasher {
   private admitted = 0;
   private rejected = 0;
   private admittedWaitMaxMs = 0;
+  private nice: number | undefined;
   private jobSeconds: Histogram | undefined;
   /** When the last job finished, and whether every thread stayed busy after it. */
   private lastDoneAt = 0;
@@ -96,6 +104,7 @@ export class Hasher {
       maxQueue: options.maxQueue,
       // The worker is plain JS: no TypeScript loader needed in the threads.
       execArgv: [],
+      workerData: { nice: options.nice ?? 0 },
     });
     // The first job starts a thread and gives the first run time, so that admission has an
     // estimate before the first storm; its hash is the one `dummyVerify` needs anyway.
@@ -125,6 +134,7 @@ export class Hasher {
       admitted: this.admitted,
       rejected: this.rejected,
       admittedWaitMaxMs: this.admittedWaitMaxMs,
+      nice: this.nice,
     };
   }
 
@@ -241,9 +251,11 @@ export class Hasher {
     this.admit();
     const t0 = performance.now();
     try {
-      const { ms, ...out } = (await this.pool.run({ ...task, params: this.options.params })) as T & {
+      const { ms, nice, ...out } = (await this.pool.run({ ...task, params: this.options.params })) as T & {
         ms: number;
+        nice: number | undefined;
       };
+      this.nice = nice;
       this.sample(ms);
       this.jobSeconds?.observe((performance.now() - t0) / 1000);
       return out as T;

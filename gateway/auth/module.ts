@@ -107,6 +107,7 @@ export async function createAuthModule(
     threads: config.hashThreads,
     maxQueue: config.hashMaxQueue,
     maxWaitMs: config.hashMaxWaitMs,
+    nice: config.hashNice,
   });
   await hasher.ready;
   const tokens = new Tokens({
