@@ -305,11 +305,23 @@ describe('devices and sessions', () => {
   });
 });
 
+/**
+ * Closes a device's connection and waits until the gateway has let it go: an event published
+ * before that may still be sent (and acked) on the closing connection.
+ */
+async function closeAndWaitOffline(c: GatewayClient, username: string): Promise<void> {
+  await c.close();
+  await until('the session offline', async () => {
+    const r = await admin(a, 'GET', `/v1/users/${username}/sessions`, '/v1/users/{name}/sessions');
+    return (r.body.sessions as { online: boolean }[]).every((x) => !x.online);
+  });
+}
+
 describe('events and dead letters', () => {
   test('an event through its life: queued, in flight at attempt n, acked', async () => {
     const c = await client(a.tcpUrl, { autoAck: false });
     const s = await signUp(c);
-    await c.close();
+    await closeAndWaitOffline(c, s.username);
     const eid = await publish(b, { target: { session: s.sessionId }, name: 'cmd', receipt: true });
     const state = (g: GatewayProcess) =>
       admin(g, 'GET', `/v1/events/${eid}?session=${s.sessionId}`, '/v1/events/{eid}').then((r) => r.body);
@@ -345,7 +357,7 @@ describe('events and dead letters', () => {
   test('an event whose ttl passes while its device is offline is expired', async () => {
     const c = await client(a.tcpUrl);
     const s = await signUp(c);
-    await c.close();
+    await closeAndWaitOffline(c, s.username);
     const eid = await publish(a, { target: { session: s.sessionId }, name: 'short', ttl: 100 });
     const x = await until('expired', async () => {
       const r = await admin(b, 'GET', `/v1/events/${eid}?session=${s.sessionId}`, '/v1/events/{eid}');
