@@ -59,6 +59,8 @@ export interface ClientOptions {
    * link would (the server must reassemble it). Default 1.
    */
   helloChunks?: number;
+  /** WebSocket only: headers of the upgrade request (e.g. what a proxy in between would add). */
+  wsHeaders?: Record<string, string>;
 }
 
 export type Session = SessionData;
@@ -292,7 +294,10 @@ export class GatewayClient extends EventEmitter {
         destroy: () => socket.destroy(),
       };
     }
-    const ws = new WebSocket(address.url, { perMessageDeflate: false });
+    const ws = new WebSocket(address.url, {
+      perMessageDeflate: false,
+      ...(this.options.wsHeaders ? { headers: this.options.wsHeaders } : {}),
+    });
     ws.binaryType = 'nodebuffer';
     const queue: Buffer[] = [];
     ws.on('open', () => {

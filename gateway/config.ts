@@ -4,6 +4,7 @@
  * every problem at once, and returns a frozen object. The README's configuration table is
  * generated from these declarations (`npm run config:doc`), and a test keeps the two in step.
  */
+import { isIP } from 'node:net';
 import { availableParallelism, hostname } from 'node:os';
 import { z } from 'zod';
 
@@ -267,6 +268,24 @@ const SETTINGS = {
     '(none: only `Local`)',
     'MaxMind-format database (e.g. GeoLite2-City.mmdb) giving a session its location; read from disk, never a network lookup. Loopback and private addresses are `Local`.',
     z.string().optional(),
+  ),
+  trustedProxies: setting(
+    'GW_TRUSTED_PROXIES',
+    '(none)',
+    'Comma-separated addresses of the reverse proxies or load balancers in front of the HTTP port. A request or WebSocket upgrade coming from one of them is taken to come from the address its `X-Forwarded-For` names (the nearest one that is not itself a listed proxy), for login limits, sessions, location and logs. From any other peer the header is ignored.',
+    z
+      .string()
+      .default('')
+      .transform((v, ctx) => {
+        const list = v
+          .split(',')
+          .map((x) => x.trim())
+          .filter(Boolean);
+        for (const ip of list) {
+          if (!isIP(ip)) ctx.addIssue({ code: 'custom', message: `not an IP address: ${ip}` });
+        }
+        return list;
+      }),
   ),
   dbSchema: setting(
     'GW_DB_SCHEMA',

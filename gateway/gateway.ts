@@ -320,7 +320,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
         });
       });
     });
-    mountWebSocket(this.app, this);
+    mountWebSocket(this.app, this, '/ws', this.config.trustedProxies);
     this.routes.mountFallback(this.app);
     this.tcpServer = await listenTcp(this, c.host, c.tcpPort);
     const httpPort = await new Promise<number>((resolve, reject) => {

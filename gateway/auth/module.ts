@@ -284,7 +284,11 @@ export async function createAuthModule(
           revoke: (uid, sid) => service.revoke(uid, sid),
           jwks: () => tokens.jwks(),
         },
-        { cookieSecure: config.cookieSecure, maxBodyBytes: config.httpMaxBodyBytes },
+        {
+          cookieSecure: config.cookieSecure,
+          maxBodyBytes: config.httpMaxBodyBytes,
+          trustedProxies: config.trustedProxies,
+        },
         log,
       );
       relay.start();

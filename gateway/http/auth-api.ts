@@ -22,7 +22,7 @@
 import type uWS from 'uWebSockets.js';
 import { ProtocolError, parseClientMessage } from '../../protocol/index.ts';
 import type { Logger } from '../log.ts';
-import { remoteIp } from '../transport/address.ts';
+import { clientIp, remoteIp } from '../transport/address.ts';
 import { type Exchange, route } from './json.ts';
 
 /** The identity operations the HTTP API needs. */
@@ -71,6 +71,8 @@ export interface AuthApiOptions {
   cookieSecure: boolean;
   /** Largest JSON body accepted (bytes). */
   maxBodyBytes: number;
+  /** Peers whose `X-Forwarded-For` is believed (GW_TRUSTED_PROXIES). */
+  trustedProxies?: readonly string[];
 }
 
 const SESSION_COOKIE = 'gw_session';
@@ -89,8 +91,9 @@ function cookies(ex: Exchange): Record<string, string> {
   return out;
 }
 
-function ipOf(res: uWS.HttpResponse): string {
-  return remoteIp(res.getRemoteAddress());
+/** The client's address: the peer's, or behind a trusted proxy the one it forwards. */
+function ipOf(ex: Exchange, trusted: ReadonlySet<string>): string {
+  return clientIp(remoteIp(ex.res.getRemoteAddress()), ex.header('x-forwarded-for'), trusted);
 }
 
 function str(body: Record<string, unknown>, field: string, optional = false): string | undefined {
@@ -110,6 +113,7 @@ export function mountAuthApi(
   options: AuthApiOptions,
   log: Logger,
 ): void {
+  const trusted = new Set(options.trustedProxies ?? []);
   const ctxOf = (ex: Exchange, ip: string, sessionId?: string): AuthContext => ({
     ip,
     ...(ex.header('user-agent') ? { userAgent: ex.header('user-agent') } : {}),
@@ -155,7 +159,7 @@ export function mountAuthApi(
   app.post(
     '/auth/register',
     route(log, async (ex) => {
-      const ip = ipOf(ex.res);
+      const ip = ipOf(ex, trusted);
       const b = await bodyOf(ex);
       const fullName = str(b, 'fullName', true);
       const out = await identity.register(
@@ -174,7 +178,7 @@ export function mountAuthApi(
   app.post(
     '/auth/login',
     route(log, async (ex) => {
-      const ip = ipOf(ex.res);
+      const ip = ipOf(ex, trusted);
       const b = await bodyOf(ex);
       // The same validation as the wire request (fields, device shape and sizes).
       const msg = parseClientMessage({ ...b, type: 'login', id: 0 }) as Record<string, unknown>;
@@ -187,7 +191,7 @@ export function mountAuthApi(
   app.post(
     '/auth/refresh',
     route(log, async (ex) => {
-      const ip = ipOf(ex.res);
+      const ip = ipOf(ex, trusted);
       const b = await bodyOf(ex);
       const refresh = str(b, 'refresh', true) ?? cookies(ex)[REFRESH_COOKIE];
       if (!refresh) throw new ProtocolError('bad_message', 'refresh: missing', { field: 'refresh' });
@@ -199,7 +203,7 @@ export function mountAuthApi(
   app.post(
     '/auth/logout',
     route(log, async (ex) => {
-      const ip = ipOf(ex.res);
+      const ip = ipOf(ex, trusted);
       const b = await bodyOf(ex);
       // The access token (bearer or cookie) and a refresh token (body or cookie) each name the
       // session to end (PROTOCOL.md §4: logout takes either kind of token).

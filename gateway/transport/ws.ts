@@ -6,7 +6,7 @@
 import type uWS from 'uWebSockets.js';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { Connection, TransportSocket } from '../connection.ts';
-import { remoteIp } from './address.ts';
+import { clientIp, remoteIp } from './address.ts';
 import type { TcpAcceptor } from './tcp.ts';
 
 interface WsData {
@@ -73,7 +73,13 @@ class WsSocket implements TransportSocket {
 }
 
 /** Adds the `/ws` route to a uWS app. */
-export function mountWebSocket(app: uWS.TemplatedApp, acceptor: TcpAcceptor, path = '/ws'): void {
+export function mountWebSocket(
+  app: uWS.TemplatedApp,
+  acceptor: TcpAcceptor,
+  path = '/ws',
+  trustedProxies: readonly string[] = [],
+): void {
+  const trusted = new Set(trustedProxies);
   app.ws<WsData>(path, {
     // Bodies up to a little over `max` reach us so that we can answer `frame_too_large`;
     // far larger ones are refused by uWS itself (close 1009).
@@ -84,7 +90,11 @@ export function mountWebSocket(app: uWS.TemplatedApp, acceptor: TcpAcceptor, pat
     closeOnBackpressureLimit: 0,
     upgrade: (res, req, context) => {
       res.upgrade<WsData>(
-        { ip: remoteIp(res.getRemoteAddress()) },
+        {
+          ip: trusted.size
+            ? clientIp(remoteIp(res.getRemoteAddress()), req.getHeader('x-forwarded-for'), trusted)
+            : remoteIp(res.getRemoteAddress()),
+        },
         req.getHeader('sec-websocket-key'),
         req.getHeader('sec-websocket-protocol'),
         req.getHeader('sec-websocket-extensions'),
