@@ -38,6 +38,7 @@ test('GW_TRUSTED_PROXIES: a list of addresses; anything else is a problem naming
   assert.deepEqual(loadConfig({ GW_TRUSTED_PROXIES: '10.0.0.1, ::1,' }).trustedProxies, ['10.0.0.1', '::1']);
   assert.throws(
     () => loadConfig({ GW_TRUSTED_PROXIES: '10.0.0.1,lb.internal' }),
-    (e: unknown) => e instanceof ConfigError && /GW_TRUSTED_PROXIES.*not an IP address: lb\.internal/.test(e.message),
+    (e: unknown) =>
+      e instanceof ConfigError && /GW_TRUSTED_PROXIES.*not an IP address: lb\.internal/.test(e.message),
   );
 });
