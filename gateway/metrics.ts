@@ -137,7 +137,7 @@ export class GatewayMetrics {
     });
     this.postgresSeconds = new Histogram({
       name: 'gateway_postgres_query_duration_seconds',
-      help: 'PostgreSQL queries from sent to answered, by result: error for a lost connection, a timeout or a server fault; ok otherwise (a constraint violation is an answer).',
+      help: 'PostgreSQL queries from sent to answered, by result: error for no connection (refused, lost, none free in time), a timeout or a server fault; ok otherwise (a constraint violation is an answer).',
       labelNames: ['result'],
       buckets: roundTrip,
       registers,

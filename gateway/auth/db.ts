@@ -51,6 +51,7 @@ export function createDb(o: DbOptions): Db {
     client.on('error', () => {});
     instrument(client, o.observeQuery);
   });
+  if (o.observeQuery) countFailedConnects(pool, o.observeQuery);
   return { pool, driver: native ? 'native' : 'js' };
 }
 
@@ -100,6 +101,29 @@ function instrument(client: pg.PoolClient, observe?: (seconds: number, ok: boole
 function dependencyFault(e: unknown): boolean {
   const code = pgError(e).code;
   return !code || /^(08|53|57|58|XX)/.test(code);
+}
+
+/**
+ * A query that finds no connection (the server refused it, or none was free in time) never
+ * reaches `instrument`: its failed `pool.connect` (pool.query goes through it too) is counted
+ * as a failed round trip, so an outage shows in the query metric and not only in readiness.
+ */
+function countFailedConnects(pool: pg.Pool, observe: (seconds: number, ok: boolean) => void): void {
+  const connect = pool.connect.bind(pool) as (...args: unknown[]) => unknown;
+  (pool as { connect: unknown }).connect = (...args: unknown[]) => {
+    const t0 = performance.now();
+    const failed = () => observe((performance.now() - t0) / 1000, false);
+    const cb = args[0];
+    if (typeof cb === 'function') {
+      return connect((e: unknown, ...rest: unknown[]) => {
+        if (e) failed();
+        (cb as (...a: unknown[]) => void)(e, ...rest);
+      });
+    }
+    const r = connect() as Promise<unknown>;
+    r.catch(failed);
+    return r;
+  };
 }
 
 /** A pg error's SQLSTATE and constraint, for mapping at the store's edge. */

@@ -10,6 +10,7 @@ import { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type Scrape, scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -127,6 +128,43 @@ describe('health when a dependency fails', () => {
       pg.thaw();
     }
     await until('ready after PostgreSQL thaws', async () => (await ready(gw)).status === 200);
+  });
+
+  test('with Redis or PostgreSQL gone, /metrics still answers and counts the failed round trips', async () => {
+    const errors = (m: Scrape) =>
+      m.value('gateway_redis_command_duration_seconds_count{client="commands",result="error"}');
+    const pgErrors = (m: Scrape) => m.value('gateway_postgres_query_duration_seconds_count{result="error"}');
+    // A device on this node: the outbox gauge reads its outbox from Redis at every scrape.
+    const device = await connected(gw.tcpUrl);
+    await signUp(device);
+    const before = await scrapeMetrics(gw.metricsPort);
+    await redis.kill('SIGTERM');
+    try {
+      await assert.rejects(device.request('rooms'));
+      const during = await within('a scrape while Redis is gone', scrapeMetrics(gw.metricsPort), 10_000);
+      assert.ok(errors(during) > errors(before), 'failed Redis commands are counted');
+      assert.match(during.text, /^gateway_outbox_events \d+$/m, 'the outbox gauge keeps its last value');
+    } finally {
+      await redis.start();
+    }
+    await until('ready after Redis is back', async () => (await ready(gw)).status === 200);
+
+    await pg.stop();
+    try {
+      await until(
+        'a failed PostgreSQL query counted',
+        async () => {
+          await ready(gw);
+          return pgErrors(await scrapeMetrics(gw.metricsPort)) > pgErrors(before);
+        },
+        20_000,
+        200,
+      );
+    } finally {
+      await pg.start();
+    }
+    await until('ready after PostgreSQL is back', async () => (await ready(gw)).status === 200);
+    device.destroy();
   });
 });
 
