@@ -5,17 +5,12 @@
  * reconnect (which would take the session back, or fail).
  */
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { test } from 'node:test';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { startCli } from '../helpers/cli-process.ts';
 import { nextEvent } from '../helpers/deadline.ts';
-import { startGateway } from '../helpers/gateway-process.ts';
+import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/net.ts';
 
 /** Registers a user over a plain client. */
@@ -31,16 +26,9 @@ async function register(url: string): Promise<string> {
 }
 
 test('--reconnect: after a gateway restart the session is resumed and its rooms joined again', async () => {
-  const tag = randomUUID().slice(0, 8);
   const port = await freePort();
-  const env = {
-    GW_TCP_PORT: String(port),
-    GW_REDIS_PREFIX: `gwtest:${tag}:`,
-    GW_DB_SCHEMA: `gwtest_${tag}`,
-    GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
-    GW_IDENTITY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'identity.pem'),
-    GW_RECONNECT_JITTER_MS: '300',
-  };
+  const deployment = deploymentEnv();
+  const env = { ...deployment, GW_TCP_PORT: String(port), GW_RECONNECT_JITTER_MS: '300' };
   const url = `tcp://127.0.0.1:${port}`;
   let a = await startGateway(env);
   const cli = startCli([url, '--reconnect']);
@@ -92,8 +80,7 @@ test('--reconnect: after a gateway restart the session is resumed and its rooms 
   } finally {
     cli.kill();
     await a.stop();
-    await dropRedisPrefix(env.GW_REDIS_PREFIX);
-    await dropSchema(env.GW_DB_SCHEMA);
+    await dropDeployment(deployment);
   }
 });
 

@@ -3,29 +3,17 @@
  * retryAfter, with backoff), reconnects, and resumes its session on the new gateway process.
  */
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { test } from 'node:test';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
-import { startGateway } from '../helpers/gateway-process.ts';
+import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/net.ts';
 
 test('reconnects with backoff after going_away and resumes the session on the next process', async () => {
-  const tag = randomUUID().slice(0, 8);
   const port = await freePort();
-  const env = {
-    GW_TCP_PORT: String(port),
-    GW_REDIS_PREFIX: `gwtest:${tag}:`,
-    GW_DB_SCHEMA: `gwtest_${tag}`,
-    GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
-    GW_IDENTITY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'identity.pem'),
-    GW_RECONNECT_JITTER_MS: '300',
-  };
+  const deployment = deploymentEnv();
+  const env = { ...deployment, GW_TCP_PORT: String(port), GW_RECONNECT_JITTER_MS: '300' };
   const a = await startGateway(env);
   const c = new GatewayClient({
     url: `tcp://127.0.0.1:${port}`,
@@ -59,8 +47,7 @@ test('reconnects with backoff after going_away and resumes the session on the ne
     }
   } finally {
     c.destroy();
-    await dropRedisPrefix(env.GW_REDIS_PREFIX);
-    await dropSchema(env.GW_DB_SCHEMA);
+    await dropDeployment(deployment);
   }
 });
 

@@ -6,21 +6,22 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { assertDocumented } from '../helpers/openapi.ts';
 
 const ADMIN_KEY = 'admin-key-for-tests-7f3a9c';
 const API_KEY = 'publish-key-for-tests-41d2e8';
-const tag = randomUUID().slice(0, 8);
+const deployment = deploymentEnv();
 const SHARED = {
   GW_ADMIN_KEY: ADMIN_KEY,
   GW_API_KEY: API_KEY,
@@ -31,9 +32,7 @@ const SHARED = {
   GW_SWEEP_INTERVAL_MS: '300',
   GW_DEFAULT_ROOM: '',
   GW_REGISTER_PER_MINUTE: '1000',
-  GW_REDIS_PREFIX: `gwtest:${tag}:`,
-  GW_DB_SCHEMA: `gwtest_${tag}`,
-  GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-admin-')), 'jwt.pem'),
+  ...deployment,
 };
 
 let a: GatewayProcess;
@@ -47,8 +46,7 @@ before(async () => {
 after(async () => {
   await Promise.allSettled(clients.map((c) => c.close()));
   await Promise.allSettled([a?.stop(), b?.stop()]);
-  await dropRedisPrefix(SHARED.GW_REDIS_PREFIX);
-  await dropSchema(SHARED.GW_DB_SCHEMA);
+  await dropDeployment(deployment);
 });
 
 interface Answer {

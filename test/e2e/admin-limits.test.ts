@@ -5,27 +5,26 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { isProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { fetchWithin, until } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { assertDocumented } from '../helpers/openapi.ts';
 
 const ADMIN_KEY = 'admin-key-for-limit-tests-5be1';
-const tag = randomUUID().slice(0, 8);
+const deployment = deploymentEnv();
 const SHARED = {
   GW_ADMIN_KEY: ADMIN_KEY,
   GW_DEFAULT_ROOM: '#general',
   GW_REGISTER_PER_MINUTE: '1000',
-  GW_REDIS_PREFIX: `gwtest:${tag}:`,
-  GW_DB_SCHEMA: `gwtest_${tag}`,
-  GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-limits-')), 'jwt.pem'),
+  ...deployment,
 };
 
 let a: GatewayProcess;
@@ -39,8 +38,7 @@ before(async () => {
 after(async () => {
   await Promise.allSettled(clients.map((c) => c.close()));
   await Promise.allSettled([a?.stop(), b?.stop()]);
-  await dropRedisPrefix(SHARED.GW_REDIS_PREFIX);
-  await dropSchema(SHARED.GW_DB_SCHEMA);
+  await dropDeployment(deployment);
 });
 
 async function admin(

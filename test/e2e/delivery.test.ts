@@ -3,9 +3,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -14,9 +11,14 @@ import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.t
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
+import { REDIS_URL } from '../helpers/cleanup.ts';
 import { fetchWithin } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
 const API_KEY = 'test-api-key-0123456789';
@@ -675,15 +677,13 @@ describe('rooms and direct messages', () => {
 
 describe('two gateway processes', () => {
   test('cross-node events and rooms; SIGKILL with events in flight loses none; the sweep removes the dead node', async () => {
-    const tag = randomUUID().slice(0, 8);
+    const deployment = deploymentEnv();
     const shared = {
       ...FAST,
       GW_ACK_TIMEOUT_MS: '2000',
       GW_MAX_ATTEMPTS: '10',
       GW_DEFAULT_ROOM: '#general',
-      GW_REDIS_PREFIX: `gwtest:${tag}:`,
-      GW_DB_SCHEMA: `gwtest_${tag}`,
-      GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+      ...deployment,
     };
     const a = await startGateway(shared);
     const b = await startGateway(shared);
@@ -757,8 +757,7 @@ describe('two gateway processes', () => {
     } finally {
       await qr.close();
       await Promise.all([a.stop(), b.stop()]);
-      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
-      await dropSchema(shared.GW_DB_SCHEMA);
+      await dropDeployment(deployment);
     }
   });
 });

@@ -6,9 +6,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
@@ -16,9 +13,14 @@ import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
+import { query, REDIS_URL } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -518,11 +520,9 @@ describe('takeover keeps the device events', () => {
   });
 
   test('across two nodes: the device moves to node B and its events follow it', async () => {
-    const tag = randomUUID().slice(0, 8);
+    const deployment = deploymentEnv();
     const shared = {
-      GW_REDIS_PREFIX: `gwtest:${tag}:`,
-      GW_DB_SCHEMA: `gwtest_${tag}`,
-      GW_JWT_KEY_FILE: join(mkdtempSync(join(tmpdir(), 'gw-shared-')), 'jwt.pem'),
+      ...deployment,
       GW_DEFAULT_ROOM: '',
     };
     const a = await startGateway(shared);
@@ -560,8 +560,7 @@ describe('takeover keeps the device events', () => {
     } finally {
       await reader.close();
       await Promise.all([a.stop(), b.stop()]);
-      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
-      await dropSchema(shared.GW_DB_SCHEMA);
+      await dropDeployment(deployment);
     }
   });
 });

@@ -167,3 +167,33 @@ function assertNoSecrets(logs: Record<string, unknown>[], secrets: (string | und
     throw new Error(`${leaks.length} gateway log line(s) carry a secret, e.g. ${leaks[0].slice(0, 500)}`);
   }
 }
+
+/** The settings that make several gateway processes one deployment. */
+export interface DeploymentEnv {
+  GW_REDIS_PREFIX: string;
+  GW_DB_SCHEMA: string;
+  GW_JWT_KEY_FILE: string;
+  GW_IDENTITY_FILE: string;
+}
+
+/**
+ * A fresh deployment for tests that run several gateway processes (nodes side by side, or one
+ * restarted): its own Redis prefix and schema, one JWT key and one server identity. Drop it
+ * with `dropDeployment` when done.
+ */
+export function deploymentEnv(): DeploymentEnv {
+  const tag = randomUUID().slice(0, 8);
+  const dir = mkdtempSync(join(tmpdir(), 'gw-shared-'));
+  return {
+    GW_REDIS_PREFIX: `gwtest:${tag}:`,
+    GW_DB_SCHEMA: `gwtest_${tag}`,
+    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
+    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
+  };
+}
+
+export async function dropDeployment(env: DeploymentEnv): Promise<void> {
+  await dropRedisPrefix(env.GW_REDIS_PREFIX);
+  await dropSchema(env.GW_DB_SCHEMA);
+  rmSync(join(env.GW_JWT_KEY_FILE, '..'), { recursive: true, force: true });
+}
