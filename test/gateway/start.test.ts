@@ -6,13 +6,11 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { deploymentEnv, dropDeployment } from '../helpers/gateway-process.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -32,21 +30,13 @@ function alive(pid: number): boolean {
   }
 }
 
+/** Ports chosen by the system, on loopback, for the built gateway started as a user would. */
+const BUILT_ENV = { GW_TCP_PORT: '0', GW_HTTP_PORT: '0', GW_METRICS_PORT: '0', GW_HOST: '127.0.0.1' };
+
 test('SIGTERM to `npm start` drains the gateway and leaves no process behind', async () => {
   assertBuilt();
-  const tag = randomUUID().slice(0, 8);
-  const dir = mkdtempSync(join(tmpdir(), 'gw-start-'));
-  const env = {
-    ...process.env,
-    GW_TCP_PORT: '0',
-    GW_HTTP_PORT: '0',
-    GW_METRICS_PORT: '0',
-    GW_HOST: '127.0.0.1',
-    GW_REDIS_PREFIX: `gwtest:${tag}:`,
-    GW_DB_SCHEMA: `gwtest_${tag}`,
-    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
-    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
-  };
+  const deployment = deploymentEnv();
+  const env = { ...process.env, ...BUILT_ENV, ...deployment };
   const npm = spawn('npm', ['start', '--silent'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   npm.stdout.on('data', (d) => (out += d));
@@ -71,8 +61,7 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
   } finally {
     if (gatewayPid && alive(gatewayPid)) process.kill(gatewayPid, 'SIGKILL');
     npm.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
-    await Promise.all([dropRedisPrefix(env.GW_REDIS_PREFIX), dropSchema(env.GW_DB_SCHEMA)]);
+    await dropDeployment(deployment);
   }
 });
 
@@ -105,20 +94,8 @@ test('the device-gateway command lists its subcommands and refuses an unknown on
 
 test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and drains them on SIGTERM', async () => {
   assertBuilt();
-  const tag = randomUUID().slice(0, 8);
-  const dir = mkdtempSync(join(tmpdir(), 'gw-start-'));
-  const env = {
-    ...process.env,
-    GW_PROCESSES: '2',
-    GW_TCP_PORT: '0',
-    GW_HTTP_PORT: '0',
-    GW_METRICS_PORT: '0',
-    GW_HOST: '127.0.0.1',
-    GW_REDIS_PREFIX: `gwtest:${tag}:`,
-    GW_DB_SCHEMA: `gwtest_${tag}`,
-    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
-    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
-  };
+  const deployment = deploymentEnv();
+  const env = { ...process.env, ...BUILT_ENV, GW_PROCESSES: '2', ...deployment };
   const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'));
   const cli = spawn(process.execPath, [join(ROOT, pkg.bin['device-gateway']), 'start'], {
     cwd: ROOT,
@@ -150,8 +127,7 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
   } finally {
     for (const pid of workers) if (alive(pid)) process.kill(pid, 'SIGKILL');
     cli.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
-    await Promise.all([dropRedisPrefix(env.GW_REDIS_PREFIX), dropSchema(env.GW_DB_SCHEMA)]);
+    await dropDeployment(deployment);
   }
 });
 
