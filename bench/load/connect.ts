@@ -11,6 +11,7 @@ import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
@@ -25,34 +26,10 @@ const { values } = parseArgs({
 const N = Number(values.devices);
 const CONCURRENCY = Number(values.concurrency);
 const HEARTBEAT_S = Number(values['heartbeat-seconds']);
-const PASSWORD = 'correct horse battery';
 const HEARTBEAT_MS = 1000;
 
 /** VmRSS of a process, KiB. */
 const rssKib = (pid: number): number => processRssKib(pid) ?? Number.NaN;
-
-/** Runs `fn(i)` for i in [0, n) with at most `limit` in flight. */
-async function pool(n: number, limit: number, fn: (i: number) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(n, limit) }, async () => {
-      while (next < n) await fn(next++);
-    }),
-  );
-}
-
-/** A request retried after `retryAfter` while the gateway answers `overloaded`. */
-async function patiently<T>(c: GatewayClient, type: string, fields: Record<string, unknown>): Promise<T> {
-  for (;;) {
-    try {
-      return await c.request<T>(type, fields);
-    } catch (e) {
-      const err = e as { code?: string; retryAfter?: number };
-      if (err.code !== 'overloaded') throw e;
-      await sleep(err.retryAfter ?? 100);
-    }
-  }
-}
 
 async function members(c: GatewayClient, room: string): Promise<number> {
   const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
@@ -64,31 +41,14 @@ async function run(defaultRoom: string) {
     GW_DEFAULT_ROOM: defaultRoom,
     GW_HEARTBEAT_MS: String(HEARTBEAT_MS),
     GW_REGISTER_PER_MINUTE: '1000000',
+    // Logins in flight count against the address's budget: the whole fleet comes from one.
+    GW_IP_FAILURE_BUDGET: '1000000',
     GW_LOG_LEVEL: 'info',
   });
   const pid = g.proc.pid!;
   try {
     const users = Array.from({ length: N }, (_, i) => `c${i}_${Date.now() % 1000000}`);
-    const registrars = await Promise.all(
-      Array.from({ length: 8 }, async () => {
-        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 60000 });
-        await c.connect();
-        return c;
-      }),
-    );
-    let registered = 0;
-    let done = progress('  register', () => `${registered}/${N}`);
-    await pool(N, 32, async (i) => {
-      const u = users[i];
-      await patiently(registrars[i % 8], 'register', {
-        username: u,
-        email: `${u}@example.com`,
-        password: PASSWORD,
-      });
-      registered++;
-    });
-    done();
-    for (const c of registrars) c.destroy();
+    await registerUsers(g.tcpUrl, users);
     await sleep(2000);
 
     const rss0 = rssKib(pid);
@@ -96,7 +56,7 @@ async function run(defaultRoom: string) {
     let joined = 0;
     const devices: GatewayClient[] = [];
     let connected = 0;
-    done = progress('  connect + login', () => `${connected}/${N}, ${joined} room.joined`);
+    const done = progress('  connect + login', () => `${connected}/${N}, ${joined} room.joined`);
     const t0 = performance.now();
     await pool(N, CONCURRENCY, async (i) => {
       const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 120000, connectTimeoutMs: 60000 });

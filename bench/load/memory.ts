@@ -28,6 +28,7 @@ import { parseArgs } from 'node:util';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { diff } from '../lib/heap-diff.ts';
 import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
@@ -47,7 +48,6 @@ const N = Number(values.devices);
 const CONCURRENCY = Number(values.concurrency);
 const SETTLE_S = Number(values['settle-seconds']);
 const WARMUP = Number(values.warmup);
-const PASSWORD = 'correct horse battery';
 /** Extra gateway settings, `--env NAME=value` (e.g. to compare a setting's effect). */
 const EXTRA_ENV = Object.fromEntries((values.env as string[]).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
 
@@ -71,27 +71,6 @@ async function snapshot(pid: number): Promise<string> {
     size = now;
   }
   throw new Error(`no heap snapshot in ${dir} within 300 s`);
-}
-
-async function pool(n: number, limit: number, fn: (i: number) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(n, limit) }, async () => {
-      while (next < n) await fn(next++);
-    }),
-  );
-}
-
-async function patiently<T>(c: GatewayClient, type: string, fields: Record<string, unknown>): Promise<T> {
-  for (;;) {
-    try {
-      return await c.request<T>(type, fields);
-    } catch (e) {
-      const err = e as { code?: string; retryAfter?: number };
-      if (err.code !== 'overloaded') throw e;
-      await sleep(err.retryAfter ?? 100);
-    }
-  }
 }
 
 interface Heap {
@@ -139,26 +118,7 @@ async function gatewayRow(): Promise<Row> {
   const total = N + WARMUP;
   const users = Array.from({ length: total }, (_, i) => `m${i}_${Date.now() % 1000000}`.slice(0, 16));
   try {
-    const registrars = await Promise.all(
-      Array.from({ length: 8 }, async () => {
-        const c = new GatewayClient({ url: g.tcpUrl, requestTimeoutMs: 60000 });
-        await c.connect();
-        return c;
-      }),
-    );
-    let registered = 0;
-    let done = progress('  register', () => `${registered}/${total}`);
-    await pool(total, 32, async (i) => {
-      const u = users[i];
-      await patiently(registrars[i % 8], 'register', {
-        username: u,
-        email: `${u}@example.com`,
-        password: PASSWORD,
-      });
-      registered++;
-    });
-    done();
-    for (const c of registrars) c.destroy();
+    await registerUsers(g.tcpUrl, users);
 
     let closed = 0;
     const connect = async (from: number, count: number, into: GatewayClient[]) => {
@@ -186,7 +146,7 @@ async function gatewayRow(): Promise<Row> {
     const devices: GatewayClient[] = [];
     await connect(WARMUP, N, devices);
     // Heartbeating: at least two pings of the default hb (15 s) answered by every device.
-    done = progress('  heartbeating', () => `${rssKib(pid)} KiB RSS`);
+    const done = progress('  heartbeating', () => `${rssKib(pid)} KiB RSS`);
     await sleep(SETTLE_S * 1000);
     done();
     const rss1 = rssKib(pid);
