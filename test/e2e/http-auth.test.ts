@@ -8,6 +8,7 @@ import { GatewayClient } from '../../client/client.ts';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { postJson, registerOverHttp } from '../helpers/http.ts';
 
 let gw: GatewayProcess;
 let base: string;
@@ -26,20 +27,10 @@ after(async () => {
 });
 
 const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
-  fetchWithin(base + path, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: typeof body === 'string' ? body : JSON.stringify(body),
-  });
+  postJson(base + path, body, headers);
 
 async function registerAndLogin() {
-  const username = newName();
-  const reg = await post('/auth/register', {
-    username,
-    email: `${username}@example.com`,
-    password: PASSWORD,
-  });
-  assert.equal(reg.status, 201);
+  const username = await registerOverHttp(base);
   const res = await post(
     '/auth/login',
     { username, password: PASSWORD, device: { id: `browser-${username}` } },

@@ -11,9 +11,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { SignJWT } from 'jose';
-import { newName, PASSWORD } from '../helpers/accounts.ts';
-import { fetchWithin } from '../helpers/deadline.ts';
+import { PASSWORD } from '../helpers/accounts.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { postJson, registerOverHttp } from '../helpers/http.ts';
 
 let gw: GatewayProcess;
 let base: string;
@@ -33,11 +33,7 @@ after(async () => {
 });
 
 const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
-  fetchWithin(base + path, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: typeof body === 'string' ? body : JSON.stringify(body),
-  });
+  postJson(base + path, body, headers);
 
 async function validate(body: unknown): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await post('/auth/validate', body);
@@ -45,13 +41,7 @@ async function validate(body: unknown): Promise<{ status: number; body: Record<s
 }
 
 async function session(): Promise<{ username: string; token: string; userId: string; sessionId: string }> {
-  const username = newName();
-  const reg = await post('/auth/register', {
-    username,
-    email: `${username}@example.com`,
-    password: PASSWORD,
-  });
-  assert.equal(reg.status, 201);
+  const username = await registerOverHttp(base);
   const res = await post('/auth/login', { username, password: PASSWORD });
   assert.equal(res.status, 200);
   return { username, ...((await res.json()) as { token: string; userId: string; sessionId: string }) };

@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { postJson } from '../helpers/http.ts';
 
 const THROTTLE_MS = 1500;
 const TTL_S = 3600;
@@ -50,11 +51,7 @@ after(async () => {
 });
 
 const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
-  fetchWithin(base + path, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: JSON.stringify(body),
-  });
+  postJson(base + path, body, headers);
 
 async function register(fullName?: string): Promise<string> {
   const username = newName();
