@@ -224,10 +224,7 @@ export async function startNode(
     identity: {
       userIdOf: (name) => identity.service.userIdOf(name),
       sessionIdsOf: (userId) => identity.service.store.ofUser(userId),
-      session: async (sid) => {
-        const h = await redis.hgetall(keys.session(sid));
-        return h.userId ? h : null;
-      },
+      session: (sid) => identity.service.store.get(sid),
       revoke: (sid) => identity.service.endSession(sid, 'revoked'),
     },
     backendQueue: backendEvents.queue,

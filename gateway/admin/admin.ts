@@ -12,6 +12,7 @@ import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type pg from 'pg';
 import { ProtocolError, unpack } from '../../protocol/index.ts';
+import type { LiveSession } from '../auth/session-store.ts';
 import type { Outbox, StoredEvent } from '../delivery/outbox.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -24,8 +25,8 @@ export const DEFAULT_PAGE = 50;
 export interface AdminIdentity {
   userIdOf(username: string): Promise<string | null>;
   sessionIdsOf(userId: string): Promise<string[]>;
-  /** The live session hash as stored (fields as identity writes them), or null. */
-  session(sid: string): Promise<Record<string, string> | null>;
+  /** The live session, or null. */
+  session(sid: string): Promise<LiveSession | null>;
   /** Ends the session on every node (kick `session_revoked`); false if it was not live. */
   revoke(sid: string): Promise<boolean>;
 }
@@ -282,16 +283,16 @@ export class AdminService {
     const recs = sids.length ? await redis.hmget(keys.presence, ...sids) : [];
     const out: Record<string, unknown>[] = [];
     sids.forEach((sid, i) => {
-      const h = sessions[i];
-      if (!h) return;
+      const s = sessions[i];
+      if (!s) return;
       const rec = recs[i] ? (JSON.parse(recs[i]!) as PresenceRecord) : null;
       out.push({
         sessionId: sid,
-        device: h.device ? JSON.parse(h.device) : null,
-        ip: h.ip,
-        userAgent: h.userAgent || null,
-        createdAt: num(h.createdAt),
-        lastSeenAt: num(h.lastSeenAt),
+        device: s.device,
+        ip: s.ip,
+        userAgent: s.userAgent ?? null,
+        createdAt: s.createdAt,
+        lastSeenAt: s.lastSeenAt,
         online: rec !== null,
         node: rec?.node ?? null,
         connectedSince: rec?.since ?? null,

@@ -186,7 +186,7 @@ export class Limits {
               () => undefined,
               (e: unknown) => {
                 // rate-limiter-flexible rejects with a RateLimiterRes when over, an Error on failure.
-                if (e instanceof Error || !(e instanceof RateLimiterRes)) throw e;
+                if (!(e instanceof RateLimiterRes)) throw e;
                 this.rejected.labels(op, scope).inc();
                 throw new ProtocolError('rate_limited', `${op}: over the ${scope}'s ${unit} per second`, {
                   retryAfter: Math.max(1, e.msBeforeNext),
