@@ -332,8 +332,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
         }
       });
     });
-    if (this.serveMetrics)
-      this.metricsServer = createHttpServer((req, res) => {
+    if (this.serveMetrics) {
+      const metricsServer = createHttpServer((req, res) => {
         if (req.url !== '/metrics') {
           res.writeHead(404).end();
           return;
@@ -343,8 +343,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
           () => res.writeHead(500).end(),
         );
       });
-    const metricsServer = this.metricsServer;
-    if (metricsServer) {
+      this.metricsServer = metricsServer;
       await new Promise<void>((resolve, reject) => {
         metricsServer.once('error', reject);
         metricsServer.listen(c.metricsPort, c.host, () => resolve());

@@ -224,12 +224,14 @@ export class Rooms {
     if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
     this.checkBody(body);
     const from = conn.session!.username;
-    const wire = await turn(() => this.broadcast({ name: 'room.message', room, from, data: { body } }));
+    const { wire, packed } = await turn(() =>
+      this.broadcast({ name: 'room.message', room, from, data: { body } }),
+    );
     const { historyMs, historyMax } = this.deps.options;
     if (historyMs > 0) {
       const key = this.deps.keys.roomHistory(room);
       const m = this.deps.redis.multi();
-      m.zadd(key, wire.ts, pack(wire));
+      m.zadd(key, wire.ts, packed);
       m.zremrangebyscore(key, '-inf', String(wire.ts - historyMs));
       m.zremrangebyrank(key, 0, -historyMax - 1);
       m.pexpire(key, historyMs);
@@ -237,10 +239,14 @@ export class Rooms {
     }
   }
 
-  private async broadcast(partial: Omit<RoomWire, 'eid' | 'ts'>): Promise<RoomWire> {
+  /** Publishes a room message to every node; returns it and its packed form (kept as history). */
+  private async broadcast(
+    partial: Omit<RoomWire, 'eid' | 'ts'>,
+  ): Promise<{ wire: RoomWire; packed: Buffer }> {
     const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
-    await this.deps.redis.publish(this.deps.keys.roomChannel(wire.room), pack(wire));
-    return wire;
+    const packed = pack(wire);
+    await this.deps.redis.publish(this.deps.keys.roomChannel(wire.room), packed);
+    return { wire, packed };
   }
 
   private deliver(conn: Connection, w: RoomWire, history: boolean): void {

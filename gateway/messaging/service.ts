@@ -10,7 +10,7 @@ import { isProtocolError, ProtocolError, pack } from '../../protocol/index.ts';
 import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { Connection, Turn } from '../connection.ts';
-import type { Publisher, Recipients } from '../delivery/publisher.ts';
+import type { Publisher } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
@@ -126,18 +126,14 @@ export class Messaging {
     const { delivery, publisher } = this.deps;
     const from = conn.session!.username;
     const input = { name: 'direct.message', data: { body }, qos: 1 as const, from };
-    const notFound = () => new ProtocolError('not_found', `${to} has no live session`);
-    let recipients: Recipients;
-    try {
-      recipients = await publisher.recipientsFor({ username: to }, input);
-    } catch (e) {
-      throw isProtocolError(e) && e.code === 'not_found' ? notFound() : e;
-    }
-    const outcome = await turn(() =>
-      delivery.publishTo(recipients, input).catch((e) => {
-        throw isProtocolError(e) && e.code === 'not_found' ? notFound() : e;
-      }),
-    );
+    // A not_found of the lookup or of the publish names the recipient.
+    const named = (e: unknown): never => {
+      throw isProtocolError(e) && e.code === 'not_found'
+        ? new ProtocolError('not_found', `${to} has no live session`)
+        : e;
+    };
+    const recipients = await publisher.recipientsFor({ username: to }, input).catch(named);
+    const outcome = await turn(() => delivery.publishTo(recipients, input).catch(named));
     if (outcome.accepted === 0) {
       throw new ProtocolError('overloaded', `${to}'s outbox is full`, { retryAfter: 5000 });
     }

@@ -90,11 +90,8 @@ export function mountWebSocket(
     closeOnBackpressureLimit: 0,
     upgrade: (res, req, context) => {
       res.upgrade<WsData>(
-        {
-          ip: trusted.size
-            ? clientIp(remoteIp(res.getRemoteAddress()), req.getHeader('x-forwarded-for'), trusted)
-            : remoteIp(res.getRemoteAddress()),
-        },
+        // With no trusted proxy, clientIp is the peer itself.
+        { ip: clientIp(remoteIp(res.getRemoteAddress()), req.getHeader('x-forwarded-for'), trusted) },
         req.getHeader('sec-websocket-key'),
         req.getHeader('sec-websocket-protocol'),
         req.getHeader('sec-websocket-extensions'),

@@ -30,19 +30,20 @@ local out, dropped, left = {}, {}, 0
 for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
     left = left + 1
-  elseif redis.call('HEXISTS', KEYS[8], eid) == 0 then
-    local seq = redis.call('INCR', KEYS[12])
-    redis.call('ZADD', KEYS[7], seq, eid)
-    redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
-    local attempts = redis.call('HGET', KEYS[3], eid)
-    if attempts then redis.call('HSET', KEYS[9], eid, attempts) end
-    if redis.call('SISMEMBER', KEYS[4], eid) == 1 then redis.call('SADD', KEYS[10], eid) end
-    local expiry = redis.call('HGET', KEYS[5], eid)
-    if expiry then redis.call('HSET', KEYS[11], eid, expiry) end
-    out[#out + 1] = eid
-    out[#out + 1] = expiry or false
-    removeEvent(0, eid)
   else
+    -- An eid the new outbox already has is not moved twice: it is delivered there anyway.
+    if redis.call('HEXISTS', KEYS[8], eid) == 0 then
+      local seq = redis.call('INCR', KEYS[12])
+      redis.call('ZADD', KEYS[7], seq, eid)
+      redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
+      local attempts = redis.call('HGET', KEYS[3], eid)
+      if attempts then redis.call('HSET', KEYS[9], eid, attempts) end
+      if redis.call('SISMEMBER', KEYS[4], eid) == 1 then redis.call('SADD', KEYS[10], eid) end
+      local expiry = redis.call('HGET', KEYS[5], eid)
+      if expiry then redis.call('HSET', KEYS[11], eid, expiry) end
+      out[#out + 1] = eid
+      out[#out + 1] = expiry or false
+    end
     removeEvent(0, eid)
   end
 end
