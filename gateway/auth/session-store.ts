@@ -171,7 +171,8 @@ export class SessionStore {
     const views = await this.views(sids);
     if (views.length < sids.length) {
       const live = new Set(views.map((v) => v.session.sessionId));
-      await this.forgetOfUser(userId, sids.filter((sid) => !live.has(sid)));
+      const gone = sids.filter((sid) => !live.has(sid));
+      await this.forgetOfUser(userId, gone);
     }
     return views;
   }
