@@ -114,11 +114,6 @@ export class Hasher {
     );
   }
 
-  /** Jobs waiting for a thread (a metric). */
-  get queued(): number {
-    return this.pool.queueSize;
-  }
-
   /** Expected wait for a thread of a job submitted now (0 while a thread is free), ms. */
   expectedWaitMs(): number {
     const ahead = this.jobs - this.options.threads + 1;

@@ -661,7 +661,7 @@ export class IdentityService {
     userId: string,
     current: string | undefined,
   ): Promise<{ sessions: Record<string, unknown>[]; totalActiveSessions: number }> {
-    const views = await this.store.views(await this.store.ofUser(userId));
+    const views = await this.store.viewsOfUser(userId);
     views.sort(
       (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
     );

@@ -143,7 +143,7 @@ export class SessionStore {
    * The live sessions among `sids` with their expiry and whether they are online, in one
    * round trip (the hashes, their TTLs and the presence records of messaging/presence.ts).
    */
-  async views(sids: string[]): Promise<SessionView[]> {
+  private async views(sids: string[]): Promise<SessionView[]> {
     if (sids.length === 0) return [];
     const p = this.redis.pipeline();
     for (const sid of sids) p.hgetall(this.keys.session(sid)).pttl(this.keys.session(sid));
@@ -160,6 +160,21 @@ export class SessionStore {
       out.push({ session, expiresAt: now + ttl, online: presence[i] !== null });
     });
     return out;
+  }
+
+  /**
+   * The user's live sessions as `views` shows them, from one read of their hashes; ids whose
+   * session is gone are pruned from the user's set (as `ofUser` does).
+   */
+  async viewsOfUser(userId: string): Promise<SessionView[]> {
+    const sids = await this.recordedOfUser(userId);
+    const views = await this.views(sids);
+    if (views.length < sids.length) {
+      const live = new Set(views.map((v) => v.session.sessionId));
+      const gone = sids.filter((sid) => !live.has(sid));
+      await this.forgetOfUser(userId, gone);
+    }
+    return views;
   }
 
   alive(sid: string): Promise<boolean> {

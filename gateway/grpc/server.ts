@@ -114,7 +114,8 @@ export class GrpcServer {
       registers: [o.registry],
     });
 
-    const defs = protoLoader.loadSync([AUTH_PROTO, TOKEN_PROTO], LOADER_OPTIONS);
+    // One parse of the protos serves the services and reflection (which also describes Health).
+    const defs = protoLoader.loadSync([AUTH_PROTO, TOKEN_PROTO, healthProtoPath], LOADER_OPTIONS);
     const pkg = grpc.loadPackageDefinition(defs) as unknown as {
       realchat: { auth: { v1: { AuthApi: grpc.ServiceClientConstructor } } };
       gateway: { auth: { v1: { TokenApi: grpc.ServiceClientConstructor } } };
@@ -167,8 +168,7 @@ export class GrpcServer {
       [TOKEN_SERVICE]: 'NOT_SERVING',
     });
     this.health.addToServer(this.server);
-    const described = protoLoader.loadSync([AUTH_PROTO, TOKEN_PROTO, healthProtoPath], LOADER_OPTIONS);
-    new ReflectionService(described, {
+    new ReflectionService(defs, {
       services: [AUTH_SERVICE, TOKEN_SERVICE, HEALTH_SERVICE],
     }).addToServer(this.server);
   }
