@@ -28,7 +28,6 @@ import { createServer as createTcpServer } from 'node:net';
 import {
   AggregatorRegistry,
   Counter,
-  collectDefaultMetrics,
   Gauge,
   type MetricObjectWithValues,
   type MetricValue,
@@ -36,6 +35,7 @@ import {
 } from 'prom-client';
 import type { Config } from './config.ts';
 import type { Logger } from './log.ts';
+import { collectProcessMetrics } from './metrics.ts';
 
 /** Worker → primary. */
 type WorkerMessage =
@@ -51,13 +51,6 @@ const RESTART_MAX_MS = 10_000;
 const RESTART_RESET_AFTER_MS = 30_000;
 /** A worker that does not answer a scrape within this is left out of that scrape. */
 const SCRAPE_TIMEOUT_MS = 2000;
-
-/** Process metrics that promtool rejects (gauges named like counters); see gateway.ts. */
-const DROPPED_DEFAULTS = [
-  'nodejs_active_handles_total',
-  'nodejs_active_requests_total',
-  'nodejs_active_resources_total',
-];
 
 interface Slot {
   index: number;
@@ -115,8 +108,7 @@ function send(m: WorkerMessage): void {
 export async function runSupervisor(config: Config, log: Logger, entry: string): Promise<void> {
   cluster.setupPrimary({ exec: entry, args: [] });
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry });
-  for (const name of DROPPED_DEFAULTS) registry.removeSingleMetric(name);
+  collectProcessMetrics(registry);
   const restarts = new Counter({
     name: 'gateway_process_restarts_total',
     help: 'Gateway processes of this machine restarted by the supervisor after an unasked exit.',

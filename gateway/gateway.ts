@@ -8,7 +8,7 @@
 import uWS from 'uWebSockets.js';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import type { Server as NetServer } from 'node:net';
-import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import { Gauge, Registry } from 'prom-client';
 import { type CryptoBackend, type Ed25519Identity, ProtocolError, pack } from '../protocol/index.ts';
 import type { Config } from './config.ts';
 import {
@@ -24,7 +24,7 @@ import {
 import { logFailure } from './faults.ts';
 import { RouteTable } from './http/routes.ts';
 import type { Logger } from './log.ts';
-import { GatewayMetrics } from './metrics.ts';
+import { collectProcessMetrics, GatewayMetrics } from './metrics.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
 
@@ -119,15 +119,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.log = options.log;
     this.app = uWS.App();
     this.routes = new RouteTable(this.app, this.log, this.counters);
-    collectDefaultMetrics({ register: this.metrics });
-    // Gauges named like counters (promtool rejects them); their per-type twins stay.
-    for (const name of [
-      'nodejs_active_handles_total',
-      'nodejs_active_requests_total',
-      'nodejs_active_resources_total',
-    ]) {
-      this.metrics.removeSingleMetric(name);
-    }
+    collectProcessMetrics(this.metrics);
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
       help: 'Open device connections by transport.',

@@ -8,7 +8,22 @@
  * scrape time (`collect`), so a frame costs an addition, not a label lookup.
  */
 import type { Redis } from 'ioredis';
-import { Counter, Histogram, type Registry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Histogram, type Registry } from 'prom-client';
+
+/**
+ * Node.js's process metrics (prom-client's defaults) on `registry`, less the gauges named like
+ * counters that promtool rejects (their per-type twins stay).
+ */
+export function collectProcessMetrics(registry: Registry): void {
+  collectDefaultMetrics({ register: registry });
+  for (const name of [
+    'nodejs_active_handles_total',
+    'nodejs_active_requests_total',
+    'nodejs_active_resources_total',
+  ]) {
+    registry.removeSingleMetric(name);
+  }
+}
 
 /** Totals bumped per frame by connections; exported at scrape. */
 export interface WireTotals {
