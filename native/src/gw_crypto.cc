@@ -1,13 +1,18 @@
 // Native crypto for the gateway's hot path (issue: sealed hot path at hardware speed).
 //
-// AES-256-GCM with one OpenSSL context per key and direction, created once and reused for every
-// frame (only the IV is set per frame), writing straight into the output buffer; X25519 and
-// Ed25519 on raw 32-byte keys. Built by node-gyp against Node's own headers; the OpenSSL
+// AES-256-GCM writing straight into the output buffer; X25519 and Ed25519 on raw 32-byte keys.
+// An AesGcm object holds only its 32-byte key. Each thread has one OpenSSL context per direction,
+// shared by every key: a frame sets only the IV while the same key seals or opens again, and a
+// frame under another key loads that key first (about 0.2 us). A context per connection cost
+// ~1.9 KiB of native memory each, two per connection: most of an idle connection's memory
+// (docs/ARCHITECTURE.md, "Memory"). Built by node-gyp against Node's own headers; the OpenSSL
 // symbols are Node's own (the binary exports them), so no system libssl is linked.
 //
 // Every bad input is a JS exception or a null result, never a crash. Contexts are freed by
 // dispose() or, failing that, by the finalizer when the JS object is collected.
 #include <napi.h>
+#include <atomic>
+#include <cstdint>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <cstring>
@@ -58,21 +63,39 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
   ~AesGcm() override { Free(); }
 
  private:
-  // Contexts are made on first use: a key serves one direction, so only one of them is ever built.
-  EVP_CIPHER_CTX* EncryptCtx() {
-    if (!enc_) {
-      enc_ = EVP_CIPHER_CTX_new();
-      if (!enc_ || EVP_EncryptInit_ex(enc_, EVP_aes_256_gcm(), nullptr, key_, nullptr) != 1) return nullptr;
+  // One context per thread and direction and the id of the object whose key it holds (0: none).
+  // Never freed: two contexts per thread that loaded the addon, kept for its life.
+  struct Shared {
+    EVP_CIPHER_CTX* ctx;
+    uint64_t owner;
+  };
+
+  EVP_CIPHER_CTX* EncryptCtx() { return Load(tEncrypt, 1); }
+  EVP_CIPHER_CTX* DecryptCtx() { return Load(tDecrypt, 0); }
+
+  // The thread's context for one direction, holding this object's key.
+  EVP_CIPHER_CTX* Load(Shared& shared, int encrypt) {
+    if (shared.owner == id_) return shared.ctx;
+    shared.owner = 0;
+    if (!shared.ctx) {
+      shared.ctx = EVP_CIPHER_CTX_new();
+      if (!shared.ctx || EVP_CipherInit_ex(shared.ctx, EVP_aes_256_gcm(), nullptr, nullptr, nullptr, encrypt) != 1) {
+        EVP_CIPHER_CTX_free(shared.ctx);
+        shared.ctx = nullptr;
+        return nullptr;
+      }
     }
-    return enc_;
+    if (EVP_CipherInit_ex(shared.ctx, nullptr, nullptr, key_, nullptr, encrypt) != 1) return nullptr;
+    shared.owner = id_;
+    return shared.ctx;
   }
 
-  EVP_CIPHER_CTX* DecryptCtx() {
-    if (!dec_) {
-      dec_ = EVP_CIPHER_CTX_new();
-      if (!dec_ || EVP_DecryptInit_ex(dec_, EVP_aes_256_gcm(), nullptr, key_, nullptr) != 1) return nullptr;
-    }
-    return dec_;
+  // A disposed key leaves no copy in a shared context: the context is loaded with zeros.
+  void Unload(Shared& shared, int encrypt) {
+    if (shared.owner != id_) return;
+    static const uint8_t zero[kKey] = {0};
+    EVP_CipherInit_ex(shared.ctx, nullptr, nullptr, zero, nullptr, encrypt);
+    shared.owner = 0;
   }
 
   // seal(iv, plaintext, headroom) -> Buffer(headroom zero bytes ‖ iv ‖ ciphertext ‖ tag)
@@ -192,17 +215,23 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
   }
 
   void Free() {
-    if (enc_) EVP_CIPHER_CTX_free(enc_);
-    if (dec_) EVP_CIPHER_CTX_free(dec_);
-    enc_ = dec_ = nullptr;
+    Unload(tEncrypt, 1);
+    Unload(tDecrypt, 0);
     OPENSSL_cleanse(key_, kKey);
   }
 
+  static thread_local Shared tEncrypt;
+  static thread_local Shared tDecrypt;
+  static std::atomic<uint64_t> nextId;
+
   uint8_t key_[kKey] = {0};
-  EVP_CIPHER_CTX* enc_ = nullptr;
-  EVP_CIPHER_CTX* dec_ = nullptr;
+  const uint64_t id_ = nextId.fetch_add(1, std::memory_order_relaxed);
   bool disposed_ = false;
 };
+
+thread_local AesGcm::Shared AesGcm::tEncrypt = {nullptr, 0};
+thread_local AesGcm::Shared AesGcm::tDecrypt = {nullptr, 0};
+std::atomic<uint64_t> AesGcm::nextId{1};
 
 // ---- X25519 ---------------------------------------------------------------------------------
 

@@ -134,3 +134,56 @@ test('selection: auto prefers native, node can be forced, native demanded when m
   if (native) assert.equal(selectBackend('auto').backend.name, 'native');
   else assert.throws(() => selectBackend('native'), /unavailable/);
 });
+
+test('native contexts shared by many keys: interleaved seals and opens under different keys, and disposals between them, agree with node:crypto', {
+  skip,
+}, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  fc.assert(
+    fc.property(
+      fc.array(fc.uint8Array({ minLength: 32, maxLength: 32 }), { minLength: 2, maxLength: 6 }),
+      fc.array(fc.tuple(fc.nat(), fc.uint8Array({ maxLength: 300 }), fc.boolean()), {
+        minLength: 1,
+        maxLength: 40,
+      }),
+      (keys, steps) => {
+        let natives = keys.map((k) => native!.aead(k));
+        const nodes = keys.map((k) => nodeBackend.aead(k));
+        steps.forEach(([pick, plain, renew], counter) => {
+          const i = pick % keys.length;
+          // Half of the steps open with a second object of the same key, as a peer does.
+          const sealed = natives[i].seal(iv(counter), plain, 0);
+          assert.deepEqual(sealed, nodes[i].seal(iv(counter), plain, 0), `seal under key ${i}`);
+          const other = (i + 1) % keys.length;
+          natives[other].seal(iv(counter), plain, 0);
+          assert.deepEqual(natives[i].open(sealed), Buffer.from(plain), `open under key ${i}`);
+          if (Buffer.compare(Buffer.from(keys[other]), Buffer.from(keys[i])) !== 0) {
+            assert.equal(natives[other].open(sealed), null, 'a frame opens only under its own key');
+          }
+          if (renew) {
+            natives[i].dispose();
+            natives = natives.map((a, j) => (j === i ? native!.aead(keys[i]) : a));
+          }
+        });
+        for (const a of natives) a.dispose();
+        for (const b of nodes) b.dispose();
+      },
+    ),
+    { numRuns: 200 },
+  );
+});
+
+test('a disposed native key refuses to seal or open, and the other keys carry on', { skip }, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  const [ka, kb] = [randomBytes(32), randomBytes(32)];
+  const a = native!.aead(ka);
+  const b = native!.aead(kb);
+  const frame = b.seal(iv(1), Buffer.from('hello'), 0);
+  a.seal(iv(2), Buffer.from('x'), 0);
+  a.dispose();
+  assert.throws(() => a.seal(iv(3), Buffer.from('x'), 0), /disposed/);
+  assert.throws(() => a.open(frame), /disposed/);
+  assert.deepEqual(b.open(frame), Buffer.from('hello'));
+  assert.deepEqual(nodeBackend.aead(kb).open(b.seal(iv(4), Buffer.from('again'), 0)), Buffer.from('again'));
+  b.dispose();
+});
