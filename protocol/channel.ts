@@ -19,10 +19,16 @@ export interface ChannelOptions {
   maxFramesPerKey?: number;
 }
 
+/**
+ * The IV of the frame being sealed, shared by every channel: a seal copies it into its output
+ * before returning, so no channel needs a buffer of its own (one fewer ArrayBuffer per
+ * connection). Bytes 0..3 stay zero (PROTOCOL.md §3).
+ */
+const SEAL_IV = Buffer.alloc(IV_BYTES);
+
 export class Channel {
   private readonly sendAead: Aead;
   private readonly recvAead: Aead;
-  private readonly iv = Buffer.alloc(IV_BYTES);
   private readonly maxFrames: number;
   /** Counter of the next frame this side sends. */
   sendCounter = 0;
@@ -53,9 +59,9 @@ export class Channel {
   sealBytes(plaintext: Uint8Array, headroom = 0): Buffer {
     const n = this.sendCounter;
     if (n >= this.maxFrames) throw new ProtocolError('rekey_required');
-    this.iv.writeUInt32BE(Math.floor(n / 0x100000000), 4);
-    this.iv.writeUInt32BE(n >>> 0, 8);
-    const out = this.sendAead.seal(this.iv, plaintext, headroom);
+    SEAL_IV.writeUInt32BE(Math.floor(n / 0x100000000), 4);
+    SEAL_IV.writeUInt32BE(n >>> 0, 8);
+    const out = this.sendAead.seal(SEAL_IV, plaintext, headroom);
     this.sendCounter = n + 1;
     return out;
   }

@@ -23,22 +23,25 @@ class WsSocket implements TransportSocket {
   private queuedBytes = 0;
   private scheduled = false;
 
+  private readonly sendQueued: () => void;
+  private readonly flush: () => void;
+
   constructor(
     private readonly ws: uWS.WebSocket<WsData>,
     readonly ip: string,
-  ) {}
-
-  private readonly sendQueued = (): void => {
-    for (const frame of this.queue) this.ws.send(frame, true);
-  };
-
-  private readonly flush = (): void => {
-    this.scheduled = false;
-    if (this.closed || this.queue.length === 0) return;
-    this.ws.cork(this.sendQueued);
-    this.queue = [];
-    this.queuedBytes = 0;
-  };
+  ) {
+    // Assigned here, not as class fields, for the reason given in tcp.ts.
+    this.sendQueued = () => {
+      for (const frame of this.queue) this.ws.send(frame, true);
+    };
+    this.flush = () => {
+      this.scheduled = false;
+      if (this.closed || this.queue.length === 0) return;
+      this.ws.cork(this.sendQueued);
+      this.queue = [];
+      this.queuedBytes = 0;
+    };
+  }
 
   write(frame: Buffer): void {
     if (this.closed) return;
