@@ -18,8 +18,11 @@ export class FrameDecoder {
   /** Body being assembled across chunks (exactly `need` bytes long), or null. */
   private partial: Buffer | null = null;
   private partialFilled = 0;
-  /** Up to 3 bytes of a length prefix split across chunks. */
-  private readonly header = Buffer.alloc(LENGTH_BYTES);
+  /**
+   * Up to 3 bytes of a length prefix split across chunks, big-endian in a number (no buffer:
+   * one decoder per connection, and a Buffer of its own costs an ArrayBuffer each).
+   */
+  private header = 0;
   private headerFilled = 0;
   private failed: ProtocolError | null = null;
 
@@ -63,13 +66,14 @@ export class FrameDecoder {
         length = chunk.readUInt32BE(pos);
         pos += LENGTH_BYTES;
       } else {
-        const take = Math.min(LENGTH_BYTES - this.headerFilled, end - pos);
-        chunk.copy(this.header, this.headerFilled, pos, pos + take);
-        this.headerFilled += take;
-        pos += take;
+        while (this.headerFilled < LENGTH_BYTES && pos < end) {
+          this.header = this.header * 256 + chunk[pos++];
+          this.headerFilled++;
+        }
         if (this.headerFilled < LENGTH_BYTES) return;
+        length = this.header;
+        this.header = 0;
         this.headerFilled = 0;
-        length = this.header.readUInt32BE(0);
       }
       this.check(length);
       if (end - pos >= length) {

@@ -86,11 +86,14 @@ class TcpSocket implements TransportSocket {
   }
 }
 
+/** Socket errors end in 'close', which the connection handles. */
+function ignore(): void {}
+
 /** Starts the TCP listener; resolves with the server once it is listening. */
 export function listenTcp(acceptor: TcpAcceptor, host: string, port: number): Promise<Server> {
   const server = createServer({ noDelay: true }, (socket) => {
     const t = new TcpSocket(socket, acceptor.maxFrameBytes);
-    socket.on('error', () => {});
+    socket.on('error', ignore);
     const conn = acceptor.accept(t);
     if (!conn) return;
     t.conn = conn;
