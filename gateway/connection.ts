@@ -131,6 +131,44 @@ interface Pending {
 
 let nextConnectionId = 1;
 
+/**
+ * A connection's service state by key: the `get`/`set`/`delete` of a Map over a flat array. A
+ * connection holds two or three entries, and a Map's hash table costs ~200 bytes even empty,
+ * per connection (docs/ARCHITECTURE.md, "Memory").
+ */
+export class Attachments {
+  private entries: unknown[] = [];
+
+  get(key: string): unknown {
+    const e = this.entries;
+    for (let i = 0; i < e.length; i += 2) if (e[i] === key) return e[i + 1];
+    return undefined;
+  }
+
+  set(key: string, value: unknown): this {
+    const e = this.entries;
+    for (let i = 0; i < e.length; i += 2) {
+      if (e[i] === key) {
+        e[i + 1] = value;
+        return this;
+      }
+    }
+    e.push(key, value);
+    return this;
+  }
+
+  delete(key: string): boolean {
+    const e = this.entries;
+    for (let i = 0; i < e.length; i += 2) {
+      if (e[i] === key) {
+        e.splice(i, 2);
+        return true;
+      }
+    }
+    return false;
+  }
+}
+
 export class Connection {
   readonly id = nextConnectionId++;
   state: ConnState = ConnState.handshake;
@@ -144,8 +182,8 @@ export class Connection {
   session: SessionInfo | undefined;
   /** Wire totals of this connection (usage counters read the deltas). */
   readonly traffic = { bytesIn: 0, bytesOut: 0, eventsOut: 0 };
-  /** Free slot for services (rooms joined, delivery window, ...). */
-  readonly attachments = new Map<string, unknown>();
+  /** Free slot for services (rooms joined, usage counters, ...). */
+  readonly attachments = new Attachments();
   private channel: Channel | undefined;
   /** Requests not yet answered, in the order received. */
   private readonly queue: Pending[] = [];

@@ -74,7 +74,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   readonly counters = new GatewayMetrics(this.metrics);
   readonly connections = new Set<Connection>();
   /** Live connections by session id (for kicks and delivery). */
-  readonly bySession = new Map<string, Set<Connection>>();
+  /** Connections bound to each session: the connection itself when one (almost always), else a Set. */
+  private readonly bySession = new Map<string, Connection | Set<Connection>>();
   /** Stops accepting connections (the drain itself). */
   draining = false;
   /** Shutdown started: `/health/ready` answers 503 from here on, `GW_DRAIN_DELAY_MS` before draining. */
@@ -193,13 +194,20 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
 
   // ---- sessions ----------------------------------------------------------------------------
 
+  /** The connections of this node bound to a session (a copy: kicking them unbinds them). */
+  connectionsOf(sessionId: string): Connection[] {
+    const held = this.bySession.get(sessionId);
+    return !held ? [] : held instanceof Set ? [...held] : [held];
+  }
+
   /** Marks a connection as authenticated as `session`. */
   bindSession(conn: Connection, session: SessionInfo): void {
     if (conn.session) this.unbindSession(conn);
     conn.session = session;
-    let set = this.bySession.get(session.sessionId);
-    if (!set) this.bySession.set(session.sessionId, (set = new Set()));
-    set.add(conn);
+    const held = this.bySession.get(session.sessionId);
+    if (!held) this.bySession.set(session.sessionId, conn);
+    else if (held instanceof Set) held.add(conn);
+    else if (held !== conn) this.bySession.set(session.sessionId, new Set([held, conn]));
     this.runHooks(this.boundHooks, conn, 'bound');
   }
 
@@ -207,9 +215,12 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   unbindSession(conn: Connection): void {
     const sid = conn.session?.sessionId;
     if (!sid) return;
-    const set = this.bySession.get(sid);
-    set?.delete(conn);
-    if (set?.size === 0) this.bySession.delete(sid);
+    const held = this.bySession.get(sid);
+    if (held === conn) this.bySession.delete(sid);
+    else if (held instanceof Set) {
+      held.delete(conn);
+      if (held.size === 1) this.bySession.set(sid, held.values().next().value as Connection);
+    }
     this.runHooks(this.unboundHooks, conn, 'unbound');
     conn.session = undefined;
   }

@@ -256,9 +256,7 @@ export async function createAuthModule(
         } catch {
           return;
         }
-        const set = gateway.bySession.get(n.sessionId);
-        if (!set) return;
-        for (const conn of [...set]) {
+        for (const conn of gateway.connectionsOf(n.sessionId)) {
           if (n.keep === `${gateway.nodeId}:${conn.id}`) continue;
           if (n.code === 'going_away')
             log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
