@@ -17,7 +17,10 @@
  *
  * The gateway runs one process (`GW_PROCESSES=1`): the figure is per process. The gateway's
  * RSS "before" is taken after a warm-up round of connections (pools, JIT, room state), so that
- * what is left is the per-connection cost.
+ * what is left is the per-connection cost. The devices connect in two halves, each followed by
+ * the heartbeating time; "2nd half" is the RSS growth over the second half alone, divided by
+ * its devices: the marginal cost with the gateway already holding N/2, which the state of the
+ * "before" reading (garbage not yet collected, malloc arenas of the hash threads) cannot move.
  */
 import { type ChildProcess, execSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -99,6 +102,8 @@ interface Row {
   rssBeforeMib: number;
   rssAfterMib: number;
   kibPerConn: number;
+  /** RSS growth per connection over the second half of the connections alone (see below). */
+  kibPerConnSecondHalf: number | undefined;
   heapKibPerConn: number | undefined;
   heapTotalKibPerConn: number | undefined;
   externalKibPerConn: number | undefined;
@@ -144,11 +149,22 @@ async function gatewayRow(): Promise<Row> {
     const heap0 = await heapOf(g);
     const snap0 = SNAPSHOTS ? await snapshot(pid) : undefined;
     const devices: GatewayClient[] = [];
-    await connect(WARMUP, N, devices);
+    // Two halves, each followed by the same heartbeating time: the growth over the second half
+    // is the marginal cost of a connection with the gateway already in its steady state, free
+    // of what the first reading may hold that the process sheds later (garbage of the account
+    // registrations not yet collected, the hash threads' malloc arenas).
+    const half = Math.floor(N / 2);
     // Heartbeating: at least two pings of the default hb (15 s) answered by every device.
-    const done = progress('  heartbeating', () => `${rssKib(pid)} KiB RSS`);
-    await sleep(SETTLE_S * 1000);
-    done();
+    const heartbeat = async () => {
+      const done = progress('  heartbeating', () => `${rssKib(pid)} KiB RSS`);
+      await sleep(SETTLE_S * 1000);
+      done();
+    };
+    await connect(WARMUP, half, devices);
+    await heartbeat();
+    const rssHalf = rssKib(pid);
+    await connect(WARMUP + half, N - half, devices);
+    await heartbeat();
     const rss1 = rssKib(pid);
     const heap1 = await heapOf(g);
     if (snap0) console.log(`\n${diff(snap0, await snapshot(pid), N)}\n`);
@@ -160,6 +176,7 @@ async function gatewayRow(): Promise<Row> {
       rssBeforeMib: rss0 / 1024,
       rssAfterMib: rss1 / 1024,
       kibPerConn: (rss1 - rss0) / N,
+      kibPerConnSecondHalf: (rss1 - rssHalf) / (N - half),
       heapKibPerConn: (heap1.heapUsed - heap0.heapUsed) / 1024 / N,
       heapTotalKibPerConn: (heap1.heapTotal - heap0.heapTotal) / 1024 / N,
       externalKibPerConn: (heap1.external - heap0.external) / 1024 / N,
@@ -236,6 +253,7 @@ async function mosquittoRow(): Promise<Row> {
       rssBeforeMib: rss0 / 1024,
       rssAfterMib: rss1 / 1024,
       kibPerConn: (rss1 - rss0) / N,
+      kibPerConnSecondHalf: undefined,
       heapKibPerConn: undefined,
       heapTotalKibPerConn: undefined,
       externalKibPerConn: undefined,
@@ -250,7 +268,7 @@ async function main(): Promise<void> {
   console.log(header(`memory: RSS per authenticated, heartbeating connection, ${N} connections`));
   console.log(
     `default settings (hb 15 s, default room #general) unless --env; ${WARMUP} warm-up connections first; ` +
-      `${SETTLE_S} s of heartbeats before the figure\n`,
+      `${SETTLE_S} s of heartbeats before the figure (gateway: after each half of the connections)\n`,
   );
   const rows = [await gatewayRow(), await mosquittoRow()];
   const kib = (v: number | undefined) => (v === undefined ? '—' : v.toFixed(2));
@@ -262,6 +280,7 @@ async function main(): Promise<void> {
         'RSS before MiB',
         'RSS after MiB',
         'KiB RSS / conn',
+        'KiB RSS / conn, 2nd half',
         'V8 heap in use',
         'V8 heap committed',
         'external',
@@ -272,6 +291,7 @@ async function main(): Promise<void> {
         r.rssBeforeMib.toFixed(1),
         r.rssAfterMib.toFixed(1),
         r.kibPerConn.toFixed(2),
+        kib(r.kibPerConnSecondHalf),
         kib(r.heapKibPerConn),
         kib(r.heapTotalKibPerConn),
         kib(r.externalKibPerConn),
