@@ -12,6 +12,7 @@
  * tick is one EVALSHA, whose operations run in the order added, each as if alone, and each
  * caller gets its own operation's result or error (or the call's error).
  */
+import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
 
 /** Operations per script call; more in one tick go in further calls. */
@@ -25,10 +26,6 @@ interface Pending {
   args: Arg[];
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
-}
-
-interface BindCommand {
-  gwBindBuffer(numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
 }
 
 /**
@@ -59,11 +56,17 @@ end
 return out
 `;
 
+interface BufferEval {
+  evalshaBuffer(sha: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
+  evalBuffer(lua: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
+}
+
 export class SessionBinding {
   private readonly ops = new Map<string, string>();
   private pending: Pending[] = [];
   private scheduled = false;
-  private defined = false;
+  /** The script, built at the first call from the operations defined by then. */
+  private built: { lua: string; sha: string } | undefined;
 
   constructor(private readonly redis: Redis) {}
 
@@ -72,7 +75,7 @@ export class SessionBinding {
    * `ARGV` (an existing script file works unchanged); what it returns is `run`'s result.
    */
   define(name: string, lua: string): void {
-    if (this.defined) throw new Error(`binding operation ${name} defined after the first call`);
+    if (this.built) throw new Error(`binding operation ${name} defined after the first call`);
     if (!/^[a-z_]+$/.test(name)) throw new Error(`bad binding operation name ${name}`);
     if (this.ops.has(name)) return;
     this.ops.set(name, lua);
@@ -101,12 +104,28 @@ export class SessionBinding {
     this.scheduled = false;
     const all = this.pending;
     this.pending = [];
-    if (!this.defined) {
-      this.defined = true;
-      this.redis.defineCommand('gwBind', { lua: this.script() });
+    if (!this.built) {
+      const lua = this.script();
+      this.built = { lua, sha: createHash('sha1').update(lua).digest('hex') };
     }
     for (let i = 0; i < all.length; i += MAX_OPS) this.call(all.slice(i, i + MAX_OPS));
   };
+
+  /**
+   * EVALSHA, and EVAL when Redis does not know the script (first use, a restart, SCRIPT
+   * FLUSH). Not a command defined on the client with `defineCommand`: defined after the client's
+   * auto-pipeline of the tick was created, it is missing from that pipeline.
+   */
+  private send(keys: string[], argv: Arg[]): Promise<unknown[]> {
+    const { lua, sha } = this.built!;
+    // The Buffer variants (replies as Buffers: room history is MessagePack) exist at run time
+    // but are not in ioredis's types; `callBuffer` loses its command name when auto-pipelined.
+    const r = this.redis as Redis & BufferEval;
+    return r.evalshaBuffer(sha, keys.length, ...keys, ...argv).catch((e: Error) => {
+      if (!String(e?.message).startsWith('NOSCRIPT')) throw e;
+      return r.evalBuffer(lua, keys.length, ...keys, ...argv);
+    });
+  }
 
   private call(batch: Pending[]): void {
     const keys: string[] = [];
@@ -115,7 +134,7 @@ export class SessionBinding {
       keys.push(...p.keys);
       argv.push(p.name, p.keys.length, p.args.length, ...p.args);
     }
-    (this.redis as Redis & BindCommand).gwBindBuffer(keys.length, ...keys, ...argv).then(
+    this.send(keys, argv).then(
       (out) => {
         batch.forEach((p, i) => {
           const r = out[i];

@@ -12,7 +12,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import type { GatewayClient, Session } from '../../client/client.ts';
-import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
@@ -115,5 +115,35 @@ test('a resume and a login on a connection with a session cost one script call f
     if (Date.now() > deadline)
       throw new Error(`timed out waiting for the closed session to go offline: ${rec} ${member}`);
     await new Promise((r) => setTimeout(r, 50));
+  }
+});
+
+test('the first logins of a fresh gateway, many at once, all bind (the binding script is sent in the same tick as other commands)', async () => {
+  const fresh = await startGateway({ GW_LOG_LEVEL: 'info', GW_REGISTER_PER_MINUTE: '1000' });
+  const conns: GatewayClient[] = [];
+  try {
+    for (let i = 0; i < 32; i++) conns.push(await connected(fresh.tcpUrl));
+    const names = await Promise.all(
+      conns.map(async (c, i) => {
+        const username = `${newName()}${i}`;
+        await within(
+          'a registration',
+          c.request('register', { username, email: `${username}@example.com`, password: PASSWORD }),
+        );
+        return username;
+      }),
+    );
+    // Every login at once: the first binding call shares its tick with the other logins' commands.
+    const results = await Promise.allSettled(
+      conns.map((c, i) =>
+        within('a login', c.request<Session>('login', { username: names[i], password: PASSWORD })),
+      ),
+    );
+    const failed = results.filter((r) => r.status === 'rejected').map((r) => String(r.reason));
+    assert.deepEqual(failed, [], 'every login succeeded');
+    await Promise.all(conns.map((c) => within('a ping', c.ping())));
+  } finally {
+    for (const c of conns) c.destroy();
+    await fresh.stop();
   }
 });
