@@ -4,7 +4,8 @@
  * it has a local member. Recent messages are kept per room for the replay on join, marked
  * `history: true`.
  *
- * Joining or leaving is one Lua call (lua/room-join.lua, lua/room-leave.lua). In the default
+ * Joining or leaving is one Lua step (lua/room-join.lua, lua/room-leave.lua), run in the session
+ * binding's one script call per tick (gateway/binding.ts). In the default
  * room, which every session of the fleet joins, joins and leaves are not announced: a
  * `room.joined` to every member per join would make connecting N devices cost O(N²) events.
  */
