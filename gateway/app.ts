@@ -11,6 +11,7 @@ import { Limits } from './admin/limits.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
 import { BackendEvents } from './backend-events.ts';
+import { SessionBinding } from './binding.ts';
 import { Bus } from './bus.ts';
 import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
@@ -87,6 +88,7 @@ export async function startNode(
 
   const keys = new Keys(config.redisPrefix);
   const bus = new Bus(sub, log);
+  const binding = new SessionBinding(redis);
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
   const gateway = new Gateway({
     config,
@@ -103,6 +105,7 @@ export async function startNode(
     redis,
     bus,
     keys,
+    binding,
     backend: backendEvents,
     metrics: gateway.counters,
   });
@@ -119,6 +122,7 @@ export async function startNode(
     queueConnection: producer,
     bus,
     keys,
+    binding,
     outbox,
     publisher,
     backend: backendEvents,
@@ -137,6 +141,7 @@ export async function startNode(
     redis,
     bus,
     keys,
+    binding,
     log,
     options: {
       defaultRoom: config.defaultRoom,
@@ -149,6 +154,7 @@ export async function startNode(
     gateway,
     redis,
     bullConnection: bull,
+    binding,
     keys,
     log,
     options: {
@@ -162,6 +168,7 @@ export async function startNode(
     gateway,
     redis,
     keys,
+    binding,
     rooms,
     presence,
     delivery,

@@ -7,6 +7,7 @@
 import type { Device } from '../../protocol/index.ts';
 import type { IdentityModule } from '../app.ts';
 import type { BackendEvents } from '../backend-events.ts';
+import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
 import type { Connection } from '../connection.ts';
@@ -78,10 +79,13 @@ export async function createAuthModule(
     redis: import('ioredis').Redis;
     bus: Bus;
     keys: Keys;
+    /** Binding sessions' Redis work, one call per tick: the kick of a bound session's other connections rides on it. */
+    binding: SessionBinding;
     backend: BackendEvents;
     metrics?: GatewayMetrics;
   },
 ): Promise<AuthModule> {
+  deps.binding.define('publish', `return redis.call('PUBLISH', ARGV[1], ARGV[2])`);
   const db = createDb({
     url: config.databaseUrl,
     schema: config.dbSchema,
@@ -197,7 +201,7 @@ export async function createAuthModule(
       code: 'session_takeover',
       keep: `${gateway.nodeId}:${conn.id}`,
     };
-    await deps.redis.publish(deps.keys.kickChannel, JSON.stringify(notice));
+    await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
     const { deviceId: _omit, ...wire } = g;
     return wire;
   };

@@ -546,10 +546,26 @@ export class IdentityService {
   }
 
   async resume(req: { token: string; device?: Device }, ctx: RequestContext): Promise<SessionGrant> {
-    const a = await this.authenticate(req.token);
-    const device = req.device ?? a.session.device;
-    if (device?.id) await this.claimDevice(a.userId, device);
-    await this.store.touch(a.sessionId, a.userId, req.device ?? null, a.session.device);
+    let a: Awaited<ReturnType<IdentityService['authenticate']>>;
+    let device: Device | null;
+    if (req.device) {
+      a = await this.authenticate(req.token);
+      device = req.device;
+      if (device.id) await this.claimDevice(a.userId, device);
+      await this.store.touch(a.sessionId, a.userId, req.device, a.session.device);
+    } else {
+      // The session's own device (claimed by this account when the session started): the read
+      // and the touch are one call, the device key's extension follows its ownership check.
+      const claims = await this.deps.tokens.verify(req.token);
+      const session = await this.store.resume(claims.sessionId, claims.userId);
+      if (!session || session.userId !== claims.userId) throw new ProtocolError('session_revoked');
+      a = { ...claims, username: session.username, session };
+      device = session.device;
+      if (device?.id) {
+        await this.claimDevice(a.userId, device);
+        await this.store.extendDevice(a.sessionId, device.id);
+      }
+    }
     await this.deps.pool.query('UPDATE sessions SET last_seen_at = now(), ip = $2 WHERE id = $1', [
       a.sessionId,
       ctx.ip,

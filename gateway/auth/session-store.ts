@@ -73,6 +73,43 @@ end
 return {'ok', sid}
 `;
 
+/**
+ * A new session in one script call: its hash, the user's set, the refresh token and (with a
+ * device) the device key, all with their TTLs.
+ * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] refresh key, KEYS[4] device key ('' none)
+ * ARGV[1] session id, ARGV[2] TTL (s), ARGV[3] refresh TTL (ms), then field, value, ... of the hash
+ */
+const CREATE = `
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+return 1
+`;
+
+/**
+ * A resume's read and touch in one call: the session's hash, and, if it belongs to ARGV[1],
+ * its activity marked and its life (and its user's set's) extended, as `touch` does.
+ * KEYS[1] session, KEYS[2] user's sessions; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s)
+ * Returns the hash as HGETALL does (before the touch), empty when the session is gone.
+ */
+const RESUME = `
+local h = redis.call('HGETALL', KEYS[1])
+for i = 1, #h, 2 do
+  if h[i] == 'userId' then
+    if h[i + 1] == ARGV[1] then
+      redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[2])
+      redis.call('EXPIRE', KEYS[1], ARGV[3])
+      redis.call('EXPIRE', KEYS[2], ARGV[3])
+    end
+    break
+  end
+end
+return h
+`;
+
 /** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
@@ -103,40 +140,90 @@ export type RotateResult =
   | { status: 'reused'; sessionId: string }
   | { status: 'invalid' };
 
+interface SessionCommands {
+  gwSessionCreate(...args: (string | number)[]): Promise<number>;
+  gwSessionResume(...args: (string | number)[]): Promise<string[]>;
+}
+
 export class SessionStore {
+  private readonly scripts: SessionCommands;
+
   constructor(
     private readonly redis: Redis,
     private readonly keys: Keys,
     private readonly ttlSeconds: number,
-  ) {}
+  ) {
+    const r = redis as Redis & Partial<SessionCommands>;
+    if (!r.gwSessionCreate) {
+      redis.defineCommand('gwSessionCreate', { numberOfKeys: 4, lua: CREATE });
+      redis.defineCommand('gwSessionResume', { numberOfKeys: 2, lua: RESUME });
+    }
+    this.scripts = r as Redis & SessionCommands;
+  }
 
   async create(s: LiveSession, refreshTtlMs: number): Promise<void> {
     const k = this.keys;
-    const m = this.redis.multi();
-    m.hset(k.session(s.sessionId), {
-      userId: s.userId,
-      username: s.username,
-      device: JSON.stringify(s.device),
-      ip: s.ip,
-      userAgent: s.userAgent ?? '',
-      createdAt: s.createdAt,
-      lastSeenAt: s.lastSeenAt,
-      refreshHash: s.refreshHash,
-      refreshExpiresAt: s.refreshExpiresAt,
-      ...(s.deviceInfo ? { deviceInfo: JSON.stringify(s.deviceInfo) } : {}),
-      ...(s.location ? { location: s.location } : {}),
-    });
-    m.expire(k.session(s.sessionId), this.ttlSeconds);
-    m.sadd(k.userSessions(s.userId), s.sessionId);
-    m.expire(k.userSessions(s.userId), this.ttlSeconds);
-    m.set(k.refresh(s.refreshHash), s.sessionId, 'PX', refreshTtlMs);
+    const fields: (string | number)[] = [
+      'userId',
+      s.userId,
+      'username',
+      s.username,
+      'device',
+      JSON.stringify(s.device),
+      'ip',
+      s.ip,
+      'userAgent',
+      s.userAgent ?? '',
+      'createdAt',
+      s.createdAt,
+      'lastSeenAt',
+      s.lastSeenAt,
+      'refreshHash',
+      s.refreshHash,
+      'refreshExpiresAt',
+      s.refreshExpiresAt,
+    ];
+    if (s.deviceInfo) fields.push('deviceInfo', JSON.stringify(s.deviceInfo));
+    if (s.location) fields.push('location', s.location);
     // A device target resolves to the session from now on, connected or not (PROTOCOL.md §4).
-    if (s.device?.id) m.set(k.device(s.device.id), s.sessionId, 'EX', this.ttlSeconds);
-    await m.exec();
+    await this.scripts.gwSessionCreate(
+      k.session(s.sessionId),
+      k.userSessions(s.userId),
+      k.refresh(s.refreshHash),
+      s.device?.id ? k.device(s.device.id) : '',
+      s.sessionId,
+      this.ttlSeconds,
+      refreshTtlMs,
+      ...fields,
+    );
   }
 
   async get(sid: string): Promise<LiveSession | null> {
     return parseSession(sid, await this.redis.hgetall(this.keys.session(sid)));
+  }
+
+  /**
+   * A resume's read of the session and its `touch` (without a device change) in one call: the
+   * session as it was, touched only if it is `userId`'s. A session with a device still needs
+   * `extendDevice` (after the device's ownership is checked).
+   */
+  async resume(sid: string, userId: string): Promise<LiveSession | null> {
+    const k = this.keys;
+    const flat = await this.scripts.gwSessionResume(
+      k.session(sid),
+      k.userSessions(userId),
+      userId,
+      Date.now(),
+      this.ttlSeconds,
+    );
+    const h: Record<string, string> = {};
+    for (let i = 0; i < flat.length; i += 2) h[flat[i]] = flat[i + 1];
+    return parseSession(sid, h);
+  }
+
+  /** Extends the device key's life if it still names the session (a resume's `touch` of it). */
+  async extendDevice(sid: string, deviceId: string): Promise<void> {
+    await this.redis.eval(EXTEND, 1, this.keys.device(deviceId), sid, this.ttlSeconds);
   }
 
   /**

@@ -15,6 +15,7 @@ import type { Redis } from 'ioredis';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { isProtocolError, unpack } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
+import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
 import { logFailure } from '../faults.ts';
@@ -84,7 +85,13 @@ interface PumpClaim extends DirectClaim {
   pump: SessionPump;
 }
 
-const RELEASE_NODE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
+/** Binding operations (gateway/binding.ts). */
+const NODE_OPS = {
+  /** KEYS: node key, outbox; ARGV: node, TTL (s). Sets the node key; returns the outbox's size. */
+  node_set: `redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return redis.call('ZCARD', KEYS[2])`,
+  /** KEYS: node key; ARGV: node. Deletes the node key if it still names the node. */
+  node_release: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`,
+};
 
 export class DeliveryService {
   private readonly pumps = new Map<string, SessionPump>();
@@ -120,6 +127,8 @@ export class DeliveryService {
       queueConnection?: Redis;
       bus: Bus;
       keys: Keys;
+      /** Binding and unbinding sessions' Redis work, one call per tick. */
+      binding: SessionBinding;
       outbox: Outbox;
       publisher: Publisher;
       backend: BackendEvents;
@@ -128,6 +137,7 @@ export class DeliveryService {
       registry: Registry;
     },
   ) {
+    for (const [name, lua] of Object.entries(NODE_OPS)) deps.binding.define(name, lua);
     const prefix = deps.keys.bullPrefix;
     const connection = deps.queueConnection ?? deps.bullConnection;
     this.retryQueue = new Queue(QueueName.retry, {
@@ -321,11 +331,36 @@ export class DeliveryService {
 
   // ---- sessions on this node ----------------------------------------------------------------
 
+  /**
+   * Sets the session's node key and reads its outbox's size in the same step (the binding's
+   * one call per tick): an empty outbox is not pumped, since every event stored after that
+   * step wakes this node (or is sent from its publish). A failed call is logged and the node
+   * key set again every second while the session is bound, as `claim` does.
+   */
   private bind(conn: Connection): void {
     const sid = conn.session!.sessionId;
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
-    this.claim(pump);
+    const { keys, gateway, options } = this.deps;
+    this.deps.binding
+      .run(
+        'node_set',
+        [keys.sessionNode(sid), keys.outbox(sid)[0]],
+        [gateway.nodeId, options.sessionTtlSeconds],
+      )
+      .then(
+        (queued) => {
+          if (this.pumps.get(sid) === pump && (queued as number) > 0) this.schedule(pump);
+        },
+        (e) => {
+          if (this.pumps.get(sid) !== pump) return;
+          logFailure(this.deps.log, e, { sessionId: sid }, 'could not set the session node key; retrying');
+          this.schedule(pump);
+          setTimeout(() => {
+            if (this.pumps.get(sid) === pump) this.claim(pump);
+          }, 1000).unref();
+        },
+      );
   }
 
   /**
@@ -383,8 +418,8 @@ export class DeliveryService {
     const pump = this.pumps.get(sid);
     if (pump?.conn !== conn) return;
     this.pumps.delete(sid);
-    const { redis, keys, gateway } = this.deps;
-    redis.eval(RELEASE_NODE, 1, keys.sessionNode(sid), gateway.nodeId).catch((e) => {
+    const { binding, keys, gateway } = this.deps;
+    binding.run('node_release', [keys.sessionNode(sid)], [gateway.nodeId]).catch((e) => {
       logFailure(this.deps.log, e, {}, 'could not release session node key');
     });
   }

@@ -7,6 +7,7 @@
  */
 import { type Job, Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
+import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
@@ -41,8 +42,29 @@ export interface SweepTargets {
 
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
-/** Deletes field ARGV[1] of hash KEYS[1] only if it still holds ARGV[2]. */
-const HDEL_IF_SAME = `if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0`;
+/** Binding operations (gateway/binding.ts). */
+const PRESENCE_OPS = {
+  /** KEYS: presence, the node's sessions; ARGV: session id, record (JSON). */
+  presence_on: `redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('SADD', KEYS[2], ARGV[1]) return 0`,
+  /**
+   * KEYS: presence, the node's sessions, last seen; ARGV: session id, node, connection,
+   * username, now (ms). The record goes only if it is still this connection's (a takeover or a
+   * resume, on this node or another, may have replaced it); the node's set keeps the session
+   * when another connection of this node holds it now.
+   */
+  presence_off: `
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local mine, elsewhere = false, true
+if raw then
+  local rec = cjson.decode(raw)
+  mine = rec.node == ARGV[2] and rec.conn == tonumber(ARGV[3])
+  elsewhere = rec.node ~= ARGV[2]
+end
+if mine then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if mine or elsewhere then redis.call('SREM', KEYS[2], ARGV[1]) end
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+return 0`,
+};
 
 export class Presence {
   private beatTimer: NodeJS.Timeout | undefined;
@@ -55,11 +77,14 @@ export class Presence {
       gateway: Gateway;
       redis: Redis;
       bullConnection: Redis;
+      /** Binding and unbinding sessions' Redis work, one call per tick. */
+      binding: SessionBinding;
       keys: Keys;
       log: Logger;
       options: PresenceOptions;
     },
   ) {
+    for (const [name, lua] of Object.entries(PRESENCE_OPS)) deps.binding.define(name, lua);
     this.queue = new Queue(QueueName.maintenance, {
       connection: deps.bullConnection,
       prefix: deps.keys.bullPrefix,
@@ -113,7 +138,7 @@ export class Presence {
 
   private async online(conn: Connection): Promise<void> {
     const s = conn.session!;
-    const { redis, keys, gateway } = this.deps;
+    const { keys, gateway } = this.deps;
     const record: PresenceRecord = {
       node: gateway.nodeId,
       conn: conn.id,
@@ -122,26 +147,21 @@ export class Presence {
       ...(s.deviceId ? { deviceId: s.deviceId } : {}),
       since: Date.now(),
     };
-    const m = redis.multi();
-    m.hset(keys.presence, s.sessionId, JSON.stringify(record));
-    m.sadd(keys.nodeSessions(gateway.nodeId), s.sessionId);
-    await m.exec();
+    await this.deps.binding.run(
+      'presence_on',
+      [keys.presence, keys.nodeSessions(gateway.nodeId)],
+      [s.sessionId, JSON.stringify(record)],
+    );
   }
 
   private async offline(conn: Connection): Promise<void> {
     const s = conn.session!;
-    const { redis, keys, gateway } = this.deps;
-    // Only if the record is still this connection's (a takeover or a resume, on this node or
-    // another, may have replaced it). The node's set keeps the session when another connection
-    // of this node holds it now.
-    const raw = await redis.hget(keys.presence, s.sessionId);
-    const m = redis.multi();
-    const rec = raw ? (JSON.parse(raw) as PresenceRecord) : undefined;
-    const mine = rec !== undefined && rec.node === gateway.nodeId && rec.conn === conn.id;
-    if (mine) m.eval(HDEL_IF_SAME, 1, keys.presence, s.sessionId, raw!);
-    if (mine || rec?.node !== gateway.nodeId) m.srem(keys.nodeSessions(gateway.nodeId), s.sessionId);
-    m.hset(keys.lastSeen, s.username, Date.now());
-    await m.exec();
+    const { keys, gateway } = this.deps;
+    await this.deps.binding.run(
+      'presence_off',
+      [keys.presence, keys.nodeSessions(gateway.nodeId), keys.lastSeen],
+      [s.sessionId, gateway.nodeId, conn.id, s.username, Date.now()],
+    );
   }
 
   /** Online sessions (optionally only these ids), as presence records by session id. */

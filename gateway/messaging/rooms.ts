@@ -4,7 +4,8 @@
  * it has a local member. Recent messages are kept per room for the replay on join, marked
  * `history: true`.
  *
- * Joining or leaving is one Lua call (lua/room-join.lua, lua/room-leave.lua). In the default
+ * Joining or leaving is one Lua step (lua/room-join.lua, lua/room-leave.lua), run in the session
+ * binding's one script call per tick (gateway/binding.ts). In the default
  * room, which every session of the fleet joins, joins and leaves are not announced: a
  * `room.joined` to every member per join would make connecting N devices cost O(N²) events.
  */
@@ -12,6 +13,7 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
 import { badMessage, ProtocolError, pack, unpack } from '../../protocol/index.ts';
+import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState, type Turn } from '../connection.ts';
 import type { Keys } from '../keys.ts';
@@ -44,28 +46,6 @@ const ROOMS_KEY = 'rooms';
 
 const lua = (name: string) => readFileSync(new URL(`./lua/${name}.lua`, import.meta.url), 'utf8');
 
-interface RoomCommands {
-  /** lua/room-join.lua: {first, members, history}. */
-  gwRoomJoinBuffer(
-    members: string,
-    sessionRooms: string,
-    rooms: string,
-    history: string,
-    sid: string,
-    room: string,
-    historyFrom: string,
-  ): Promise<[number, number, Buffer[]]>;
-  /** lua/room-leave.lua: {last, members}. */
-  gwRoomLeave(
-    members: string,
-    sessionRooms: string,
-    rooms: string,
-    sid: string,
-    room: string,
-    all: string,
-  ): Promise<[number, number]>;
-}
-
 /** `#` + 1-32 of [a-z0-9_-]; a missing `#` is added, letters are lowercased. */
 export function normalizeRoom(raw: string, field = 'room'): string {
   const name = (raw.startsWith('#') ? raw : `#${raw}`).toLowerCase();
@@ -82,19 +62,22 @@ function roomsOf(conn: Connection): Set<string> {
 export class Rooms {
   /** Local members per room. */
   private readonly local = new Map<string, Set<Connection>>();
-  private readonly redis: Redis & RoomCommands;
   /** The default room, normalized; '' when there is none. */
   private readonly defaultRoom: string;
 
   constructor(
-    private readonly deps: { redis: Redis; bus: Bus; keys: Keys; log: Logger; options: RoomOptions },
+    private readonly deps: {
+      redis: Redis;
+      bus: Bus;
+      keys: Keys;
+      /** Joining and leaving go in the binding's one call per tick with the rest of a (re)bind. */
+      binding: SessionBinding;
+      log: Logger;
+      options: RoomOptions;
+    },
   ) {
-    const r = deps.redis as Redis & Partial<RoomCommands>;
-    if (!r.gwRoomJoinBuffer) {
-      deps.redis.defineCommand('gwRoomJoin', { numberOfKeys: 4, lua: lua('room-join') });
-      deps.redis.defineCommand('gwRoomLeave', { numberOfKeys: 3, lua: lua('room-leave') });
-    }
-    this.redis = r as Redis & RoomCommands;
+    deps.binding.define('room_join', lua('room-join'));
+    deps.binding.define('room_leave', lua('room-leave'));
     this.defaultRoom = deps.options.defaultRoom ? normalizeRoom(deps.options.defaultRoom) : '';
   }
 
@@ -108,18 +91,14 @@ export class Rooms {
     const s = conn.session!;
     const { keys, options } = this.deps;
     const mine = roomsOf(conn);
-    if (mine.has(room)) return { room, members: await this.redis.zcard(keys.roomMembers(room)) };
+    if (mine.has(room)) return { room, members: await this.deps.redis.zcard(keys.roomMembers(room)) };
     mine.add(room);
     await this.subscribeLocal(room, conn);
-    const [first, members, history] = await this.redis.gwRoomJoinBuffer(
-      keys.roomMembers(room),
-      keys.sessionRooms(s.sessionId),
-      keys.rooms,
-      keys.roomHistory(room),
-      s.sessionId,
-      room,
-      options.historyMs > 0 ? String(Date.now() - options.historyMs) : '',
-    );
+    const [first, members, history] = (await this.deps.binding.run(
+      'room_join',
+      [keys.roomMembers(room), keys.sessionRooms(s.sessionId), keys.rooms, keys.roomHistory(room)],
+      [s.sessionId, room, options.historyMs > 0 ? String(Date.now() - options.historyMs) : ''],
+    )) as [number, number, Buffer[]];
     if (first === 1 && this.announced(room)) {
       await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
     }
@@ -139,14 +118,11 @@ export class Rooms {
   /** One connection of a session leaves a room; the session leaves when it was the last. */
   private async drop(sid: string, username: string, room: string, all = false): Promise<number> {
     const { keys } = this.deps;
-    const [last, members] = await this.redis.gwRoomLeave(
-      keys.roomMembers(room),
-      keys.sessionRooms(sid),
-      keys.rooms,
-      sid,
-      room,
-      all ? '1' : '',
-    );
+    const [last, members] = (await this.deps.binding.run(
+      'room_leave',
+      [keys.roomMembers(room), keys.sessionRooms(sid), keys.rooms],
+      [sid, room, all ? '1' : ''],
+    )) as [number, number];
     if (last === 1 && this.announced(room)) {
       await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
     }
@@ -258,18 +234,28 @@ export class Rooms {
     let set = this.local.get(room);
     if (!set) {
       this.local.set(room, (set = new Set()));
+      set.add(conn);
       await this.deps.bus.subscribe(this.deps.keys.roomChannel(room), (msg) => this.onRoomMessage(room, msg));
+      return;
     }
     set.add(conn);
   }
 
+  /**
+   * The channel is left once the room has had no local member for a tick: a connection that
+   * leaves and joins again at once (a login or resume on a connection that had a session)
+   * costs no UNSUBSCRIBE and SUBSCRIBE.
+   */
   private unsubscribeLocal(room: string, conn: Connection): void {
     const set = this.local.get(room);
     if (!set) return;
     set.delete(conn);
     if (set.size === 0) {
-      this.local.delete(room);
-      this.deps.bus.unsubscribe(this.deps.keys.roomChannel(room)).catch(() => {});
+      setImmediate(() => {
+        if (this.local.get(room) !== set || set.size > 0) return;
+        this.local.delete(room);
+        this.deps.bus.unsubscribe(this.deps.keys.roomChannel(room)).catch(() => {});
+      });
     }
   }
 

@@ -9,6 +9,7 @@ import type { Redis } from 'ioredis';
 import { isProtocolError, ProtocolError, pack } from '../../protocol/index.ts';
 import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
+import type { SessionBinding } from '../binding.ts';
 import type { Connection, Turn } from '../connection.ts';
 import type { Publisher } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
@@ -29,6 +30,18 @@ interface Usage {
 
 const USAGE_FLUSH_MS = 1000;
 
+/**
+ * Binding operation (gateway/binding.ts): KEYS: the device's usage hash; ARGV: events in,
+ * events out, bytes in, bytes out, now (ms). Adds the counts that are not 0, sets last seen.
+ */
+const USAGE_OP = `
+local fields = {'events_in', 'events_out', 'bytes_in', 'bytes_out'}
+for i = 1, 4 do
+  if ARGV[i] ~= '0' then redis.call('HINCRBY', KEYS[1], fields[i], ARGV[i]) end
+end
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[5])
+return 0`;
+
 export class Messaging {
   private usageTimer: NodeJS.Timeout | undefined;
 
@@ -37,6 +50,8 @@ export class Messaging {
       gateway: Gateway;
       redis: Redis;
       keys: Keys;
+      /** Binding and unbinding sessions' Redis work, one call per tick (the usage flush rides on it). */
+      binding: SessionBinding;
       rooms: Rooms;
       presence: Presence;
       delivery: DeliveryService;
@@ -47,7 +62,9 @@ export class Messaging {
       /** Runtime limits of the admin API; absent: none. */
       limits?: Limits;
     },
-  ) {}
+  ) {
+    deps.binding.define('usage', USAGE_OP);
+  }
 
   /** Waits for the device's and user's limits of `op` (PROTOCOL.md §8): none, no Redis call. */
   private limited(conn: Connection, op: LimitedOp, bytes: () => number): Promise<void> | undefined {
@@ -200,12 +217,8 @@ export class Messaging {
     u.bytesOut = t.bytesOut;
     u.eventsOut = t.eventsOut;
     u.eventsIn = 0;
-    const m = this.deps.redis.multi();
-    if (eventsIn) m.hincrby(key, 'events_in', eventsIn);
-    if (eventsOut) m.hincrby(key, 'events_out', eventsOut);
-    if (bytesIn) m.hincrby(key, 'bytes_in', bytesIn);
-    if (bytesOut) m.hincrby(key, 'bytes_out', bytesOut);
-    m.hset(key, 'last_seen', Date.now());
-    m.exec().catch((e) => logFailure(this.deps.log, e, {}, 'usage counters not written'));
+    this.deps.binding
+      .run('usage', [key], [eventsIn, eventsOut, bytesIn, bytesOut, Date.now()])
+      .catch((e) => logFailure(this.deps.log, e, {}, 'usage counters not written'));
   }
 }

@@ -1,0 +1,150 @@
+/**
+ * The Redis work of binding connections to sessions and unbinding them, in one script call per
+ * event-loop tick (docs/ARCHITECTURE.md, "What a login costs besides the hash").
+ *
+ * Binding a connection (login, resume, email code) and unbinding it (close, logout, a login
+ * as another session) touch the keys of several services: the session's node key (delivery),
+ * the presence record and the node's session set (presence), the default room and the rooms
+ * the connection is in (rooms), the device's usage counters and the kick of the session's other
+ * connections. Each used to make its own calls: about 14 round trips and 27 commands sent per
+ * `resume` on a connection that had a session. Here each service defines its operations once
+ * as Lua (`define`, before the first `run`) and adds them with `run`; everything added in one
+ * tick is one EVALSHA, whose operations run in the order added, each as if alone, and each
+ * caller gets its own operation's result or error (or the call's error).
+ */
+import { createHash } from 'node:crypto';
+import type { Redis } from 'ioredis';
+
+/** Operations per script call; more in one tick go in further calls. */
+const MAX_OPS = 256;
+
+type Arg = string | number | Buffer;
+
+interface Pending {
+  name: string;
+  keys: string[];
+  args: Arg[];
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+}
+
+/**
+ * The dispatcher: ARGV[1] is the number of operations; each is its name, its number of keys
+ * and of arguments, then the arguments; its keys are the next ones of KEYS. An operation that
+ * fails (a command refused, an error of its own) fails alone: its error is its place in the
+ * reply and the operations after it still run, as separate calls would. A result of nil would
+ * cut Redis's reply array short, so one is returned as 0.
+ */
+const DISPATCH = `
+local out = {}
+local k, a = 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local K, A = {}, {}
+  for j = 1, nk do K[j] = KEYS[k + j - 1] end
+  for j = 1, na do A[j] = ARGV[a + 2 + j] end
+  local ok, r = pcall(OPS[name], K, A)
+  if not ok then
+    if type(r) == 'table' and r.err then r = {err = r.err} else r = {err = tostring(r)} end
+  elseif r == nil then
+    r = 0
+  end
+  out[i] = r
+  k = k + nk
+  a = a + 3 + na
+end
+return out
+`;
+
+interface BufferEval {
+  evalshaBuffer(sha: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
+  evalBuffer(lua: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
+}
+
+export class SessionBinding {
+  private readonly ops = new Map<string, string>();
+  private pending: Pending[] = [];
+  private scheduled = false;
+  /** The script, built at the first call from the operations defined by then. */
+  private built: { lua: string; sha: string } | undefined;
+
+  constructor(private readonly redis: Redis) {}
+
+  /**
+   * Defines operation `name`: a Lua chunk run with its keys as `KEYS` and its arguments as
+   * `ARGV` (an existing script file works unchanged); what it returns is `run`'s result.
+   */
+  define(name: string, lua: string): void {
+    if (this.built) throw new Error(`binding operation ${name} defined after the first call`);
+    if (!/^[a-z_]+$/.test(name)) throw new Error(`bad binding operation name ${name}`);
+    if (this.ops.has(name)) return;
+    this.ops.set(name, lua);
+  }
+
+  /** Adds an operation to this tick's call; resolves with its result. */
+  run(name: string, keys: string[], args: Arg[]): Promise<unknown> {
+    if (!this.ops.has(name)) return Promise.reject(new Error(`unknown binding operation ${name}`));
+    return new Promise((resolve, reject) => {
+      this.pending.push({ name, keys, args, resolve, reject });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        setImmediate(this.flush);
+      }
+    });
+  }
+
+  private script(): string {
+    const parts = ['local OPS = {}'];
+    for (const [name, lua] of this.ops) parts.push(`OPS['${name}'] = function(KEYS, ARGV)\n${lua}\nend`);
+    parts.push(DISPATCH);
+    return parts.join('\n');
+  }
+
+  private readonly flush = (): void => {
+    this.scheduled = false;
+    const all = this.pending;
+    this.pending = [];
+    if (!this.built) {
+      const lua = this.script();
+      this.built = { lua, sha: createHash('sha1').update(lua).digest('hex') };
+    }
+    for (let i = 0; i < all.length; i += MAX_OPS) this.call(all.slice(i, i + MAX_OPS));
+  };
+
+  /**
+   * EVALSHA, and EVAL when Redis does not know the script (first use, a restart, SCRIPT
+   * FLUSH). Not a command defined on the client with `defineCommand`: defined after the client's
+   * auto-pipeline of the tick was created, it is missing from that pipeline.
+   */
+  private send(keys: string[], argv: Arg[]): Promise<unknown[]> {
+    const { lua, sha } = this.built!;
+    // The Buffer variants (replies as Buffers: room history is MessagePack) exist at run time
+    // but are not in ioredis's types; `callBuffer` loses its command name when auto-pipelined.
+    const r = this.redis as Redis & BufferEval;
+    return r.evalshaBuffer(sha, keys.length, ...keys, ...argv).catch((e: Error) => {
+      if (!String(e?.message).startsWith('NOSCRIPT')) throw e;
+      return r.evalBuffer(lua, keys.length, ...keys, ...argv);
+    });
+  }
+
+  private call(batch: Pending[]): void {
+    const keys: string[] = [];
+    const argv: Arg[] = [batch.length];
+    for (const p of batch) {
+      keys.push(...p.keys);
+      argv.push(p.name, p.keys.length, p.args.length, ...p.args);
+    }
+    this.send(keys, argv).then(
+      (out) => {
+        batch.forEach((p, i) => {
+          const r = out[i];
+          if (r instanceof Error) p.reject(r);
+          else p.resolve(r);
+        });
+      },
+      (e) => {
+        for (const p of batch) p.reject(e);
+      },
+    );
+  }
+}

@@ -1,0 +1,149 @@
+/**
+ * What a login and a token `resume` cost in Redis on a connection that already holds a session
+ * (the connection's session is unbound and the new one bound): counted by the gateway (the
+ * commands it sends, `gateway_redis_command_duration_seconds_count`) and by a private
+ * redis-server (`INFO commandstats`, script-internal commands included), before and after N of
+ * them on one connection. The unbind and bind of every service go in one script call per tick
+ * (gateway/binding.ts), a resume's session read and touch in one, a new session's writes in
+ * one; before that a resume sent ~27 commands and Redis ran ~46, a login ~33 and ~64. What
+ * the rebind must still do is checked too: presence online, one default-room membership,
+ * offline after the connection closes.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+const N = 30;
+const SENT = 'gateway_redis_command_duration_seconds_count{client="commands",result="ok"}';
+
+let redis: OwnRedis;
+let gw: GatewayProcess;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  redis = await startOwnRedis();
+  gw = await startGateway({ REDIS_URL: redis.url, GW_LOG_LEVEL: 'info', GW_DEFAULT_ROOM: '#general' });
+});
+after(async () => {
+  await Promise.allSettled(clients.map((c) => c.close()));
+  await gw.stop();
+  await redis.remove();
+});
+
+/** Calls of every command Redis ran (scripts' own commands included). */
+async function redisCalls(): Promise<number> {
+  const text = (await redis.with((r) => r.info('commandstats'))) as string;
+  let n = 0;
+  for (const m of text.matchAll(/^cmdstat_[^:]+:calls=(\d+)/gm)) n += Number(m[1]);
+  return n;
+}
+
+/** Commands per operation: sent by the gateway, and run by Redis. */
+async function perOp(run: () => Promise<void>): Promise<{ sent: number; ran: number }> {
+  const sent0 = (await scrapeMetrics(gw.metricsPort)).value(SENT);
+  const ran0 = await redisCalls();
+  await run();
+  // Hooks that do not hold up the answer (the usage flush, presence) finish within a tick or two.
+  await new Promise((r) => setTimeout(r, 200));
+  const ran = (await redisCalls()) - ran0;
+  const sent = (await scrapeMetrics(gw.metricsPort)).value(SENT) - sent0;
+  return { sent: sent / N, ran: ran / N };
+}
+
+test('a resume and a login on a connection with a session cost one script call for the rebind', async (t) => {
+  const c = await connected(gw.tcpUrl);
+  clients.push(c);
+  const me = await signUp(c);
+  let s: Session = me;
+  const login = await perOp(async () => {
+    for (let i = 0; i < N; i++)
+      s = await within('a login', c.request<Session>('login', { username: me.username, password: PASSWORD }));
+  });
+  const resume = await perOp(async () => {
+    for (let i = 0; i < N; i++) await within('a resume', c.request('resume', { token: s.token }));
+  });
+  const seen = `login ${JSON.stringify(login)}, resume ${JSON.stringify(resume)}`;
+  t.diagnostic(seen);
+  // Before: login 33.2 sent / 64.2 run, resume 27.2 / 46.3. After: ~6.7 / ~47, ~2.1 / ~31 (a
+  // little more with the gateway's own background commands: heartbeats, activity, limits).
+  assert.ok(resume.sent <= 4, `commands sent per resume: ${seen}`);
+  assert.ok(login.sent <= 10, `commands sent per login: ${seen}`);
+  assert.ok(resume.ran <= 38, `commands Redis ran per resume: ${seen}`);
+  assert.ok(login.ran <= 55, `commands Redis ran per login: ${seen}`);
+
+  // The rebinds left the session online, in the default room once, and its connection only.
+  const other = await connected(gw.tcpUrl);
+  clients.push(other);
+  await signUp(other);
+  const { users } = await within(
+    'users of #general',
+    other.request<{ users: string[] }>('users', { room: '#general' }),
+  );
+  assert.deepEqual(
+    users.filter((u) => u === me.username),
+    [me.username],
+  );
+  const members = await redis.with((r) => r.zscore(`${gw.prefix}room:#general:m`, s.sessionId));
+  assert.equal(members, '1', 'the session counts one connection in the default room');
+  const mine = async () =>
+    (
+      await within(
+        'sessions',
+        c.request<{ sessions: { sessionId: string; online: boolean }[] }>('sessions', {}),
+      )
+    ).sessions.find((x) => x.sessionId === s.sessionId);
+  assert.equal((await mine())?.online, true);
+  const presence = await redis.with((r) => r.hget(`${gw.prefix}presence`, s.sessionId));
+  assert.ok(presence, 'a presence record');
+
+  // Closing the connection takes the session offline (presence record and room membership).
+  await c.close();
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const [rec, member] = await redis.with((r) =>
+      Promise.all([
+        r.hget(`${gw.prefix}presence`, s.sessionId),
+        r.zscore(`${gw.prefix}room:#general:m`, s.sessionId),
+      ]),
+    );
+    if (rec === null && member === null) break;
+    if (Date.now() > deadline)
+      throw new Error(`timed out waiting for the closed session to go offline: ${rec} ${member}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+});
+
+test('the first logins of a fresh gateway, many at once, all bind (the binding script is sent in the same tick as other commands)', async () => {
+  const fresh = await startGateway({ GW_LOG_LEVEL: 'info', GW_REGISTER_PER_MINUTE: '1000' });
+  const conns: GatewayClient[] = [];
+  try {
+    for (let i = 0; i < 32; i++) conns.push(await connected(fresh.tcpUrl));
+    const names = await Promise.all(
+      conns.map(async (c, i) => {
+        const username = `${newName()}${i}`;
+        await within(
+          'a registration',
+          c.request('register', { username, email: `${username}@example.com`, password: PASSWORD }),
+        );
+        return username;
+      }),
+    );
+    // Every login at once: the first binding call shares its tick with the other logins' commands.
+    const results = await Promise.allSettled(
+      conns.map((c, i) =>
+        within('a login', c.request<Session>('login', { username: names[i], password: PASSWORD })),
+      ),
+    );
+    const failed = results.filter((r) => r.status === 'rejected').map((r) => String(r.reason));
+    assert.deepEqual(failed, [], 'every login succeeded');
+    await Promise.all(conns.map((c) => within('a ping', c.ping())));
+  } finally {
+    for (const c of conns) c.destroy();
+    await fresh.stop();
+  }
+});
