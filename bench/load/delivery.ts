@@ -66,6 +66,8 @@ interface Row {
   redisCpu: number;
   pgCpu: number;
   clientCpu: number;
+  /** Redis calls (a script call is one) the gateway made per delivered event; NaN: not counted. */
+  redisCalls: number;
 }
 
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
@@ -133,6 +135,8 @@ interface System {
   publish(loop: number, n: number, sentAt: number): Promise<void>;
   /** Set by the run: called for each received event with its number and send time. */
   onReceive: (n: number, sentAt: number) => void;
+  /** Redis calls the server made so far (the gateway's own count, from its /metrics). */
+  redisCalls?: () => Promise<number>;
 }
 
 async function run(sys: System, path: string, mode: 'max' | 'fixed', window: number): Promise<Row> {
@@ -189,6 +193,8 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     () => `${seen.size} received, ${inflight} publishing`,
   );
   await sleep(WARMUP * 1000);
+  // Read before the CPU counters, and after them below: the scrapes cost the gateway CPU.
+  const calls0 = (await sys.redisCalls?.()) ?? Number.NaN;
   const s0 = treeCpuSeconds(sys.serverPid);
   const r0 = cpuSeconds(REDIS_PID);
   const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
@@ -202,6 +208,8 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
   const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
+  const measured = received;
+  const calls = ((await sys.redisCalls?.()) ?? Number.NaN) - calls0;
   stop = true;
   if (timer) clearInterval(timer);
   await Promise.all(loops);
@@ -231,6 +239,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     redisCpu,
     pgCpu: pgCpuUsed,
     clientCpu,
+    redisCalls: calls / measured,
   };
 }
 
@@ -257,6 +266,21 @@ async function devices(
 }
 
 const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
+
+/**
+ * Redis calls a gateway made so far: the count of its Redis round-trip histogram (a script
+ * call is one; pipelined commands count one each), every connection but BullMQ's blocking
+ * workers.
+ */
+async function redisCallsOf(metricsPort: number): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith('gateway_redis_command_duration_seconds_count'))
+      n += Number(line.slice(line.lastIndexOf(' ') + 1));
+  }
+  return n;
+}
 
 async function startBenchGateway() {
   return startGateway({
@@ -298,6 +322,7 @@ async function gatewayBackend(): Promise<Made> {
     name: 'gateway',
     serverPid: g.proc.pid!,
     usesRedis: true,
+    redisCalls: () => redisCallsOf(g.metricsPort),
     publish: (_loop, n, sentAt) =>
       new Promise((resolve, reject) => {
         const item = {
@@ -334,6 +359,7 @@ async function gatewayDirect(): Promise<Made> {
     name: 'gateway',
     serverPid: g.proc.pid!,
     usesRedis: true,
+    redisCalls: () => redisCallsOf(g.metricsPort),
     publish: async (loop, n, sentAt) => {
       await tx.clients[loop % SENDERS].request('send', {
         to: rx.names[n % RECEIVERS],
@@ -440,6 +466,7 @@ async function main(): Promise<void> {
         'Redis CPU (cores)',
         'PostgreSQL CPU (cores)',
         'server+Redis+PG µs/event',
+        'Redis calls/event',
         'load gen CPU (cores)',
       ],
       rows.map((r) => [
@@ -454,6 +481,7 @@ async function main(): Promise<void> {
         r.system === 'Mosquitto' ? 'n/a' : r.redisCpu.toFixed(2),
         r.system === 'Mosquitto' ? 'n/a' : r.pgCpu.toFixed(3),
         perEvent(r).toFixed(1),
+        Number.isNaN(r.redisCalls) ? 'n/a' : r.redisCalls.toFixed(2),
         r.clientCpu.toFixed(2),
       ]),
     ),
