@@ -1,7 +1,8 @@
 /**
  * A session's durable outbox of qos-1 events in Redis, through the Lua scripts in `lua/`
  * (each documents its keys and arguments). One script call does one step atomically:
- * publish (store + tell the holding node), ack-and-pump, resend, take.
+ * publish (expand the target to sessions, store + tell the holding nodes), ack-and-pump,
+ * resend, take.
  *
  * The happy path is batched: every `publish` of one tick goes to Redis in one script call, and
  * the delivery service hands the ack-pumps of all its sessions with news in one tick to
@@ -77,6 +78,17 @@ const MAX_PUBLISH_BATCH = 256;
 const MAX_PUMP_BATCH = 64;
 
 /**
+ * Who a qos-1 event is stored for. The publish script expands a device, user or room to its
+ * sessions in the same step as it stores the event (publish.lua).
+ */
+export type Fanout = { session: string } | { device: string } | { user: string } | { room: string };
+
+/** One session's part of a publish: the session a fanout reached and what it did there. */
+export interface SessionPublishResult extends PublishResult {
+  sid: string;
+}
+
+/**
  * This node's side of sending from the publish (docs/ARCHITECTURE.md, "Sending from the
  * publish"): the delivery service, which knows the connections and their in-flight windows.
  */
@@ -84,30 +96,32 @@ export interface DirectSender {
   /** This node's id, as in the sessions' node keys. */
   readonly nodeId: string;
   /**
-   * Asked once per event as a publish call is built: a claim carrying the last sequence sent
-   * on this node's connection of the session if the event may go out from the publish (a free
-   * window slot), else null. Every claim made is answered by `settle`, once, in claim order.
+   * Asked once per event as a publish call is built: a claim for each connection on this node
+   * of a session the fanout may reach (the script decides which it does reach) whose event may
+   * go out from the publish (a free window slot). Every claim made is answered by `settle`,
+   * once, in claim order.
    */
-  claim(sid: string): DirectClaim | null;
+  claim(to: Fanout): DirectClaim[];
   /** The script's answer to a claim: `seq` granted (send `event` now), or null (refused or failed). */
   settle(claim: DirectClaim, event: StoredEvent, seq: number | null): void;
 }
 
-/** A claim to send an event from its publish, tied to one connection of the session. */
+/** A claim to send an event from its publish, tied to one connection of a session. */
 export interface DirectClaim {
+  readonly sid: string;
   /** The last sequence sent on that connection. */
   readonly after: number;
 }
 
 interface PendingPublish {
-  sid: string;
+  to: Fanout;
   event: StoredEvent;
   packed: Buffer;
   receipt: boolean;
   expiresAtMs: number;
   /** Filled in when the call is built: see DirectSender.claim. */
-  claim: DirectClaim | null;
-  resolve: (r: PublishResult) => void;
+  claims: DirectClaim[];
+  resolve: (r: SessionPublishResult[]) => void;
   reject: (e: unknown) => void;
 }
 
@@ -154,7 +168,7 @@ export class Outbox {
     const r = redis as Redis & Partial<OutboxCommands>;
     if (!r.gwPublishBuffer) {
       // Key counts vary with the batch: the caller passes it first.
-      redis.defineCommand('gwPublish', { lua: script('publish') });
+      redis.defineCommand('gwPublish', { lua: lua('publish') });
       redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
@@ -164,12 +178,40 @@ export class Outbox {
   }
 
   /** Stores one event in a session's outbox; batched with the other publishes of this tick. */
-  publish(sid: string, event: StoredEvent, receipt: boolean, expiresAtMs: number): Promise<PublishResult> {
+  async publish(
+    sid: string,
+    event: StoredEvent,
+    receipt: boolean,
+    expiresAtMs: number,
+  ): Promise<PublishResult> {
+    const [r] = await this.publishTo({ session: sid }, event, receipt, expiresAtMs);
+    return r;
+  }
+
+  /**
+   * Stores one event in the outbox of every session `to` reaches, found by the script in the
+   * same call (none for a device or user without sessions); batched with the other publishes
+   * of this tick, in order. Results are per session reached, gone ones included.
+   */
+  publishTo(
+    to: Fanout,
+    event: StoredEvent,
+    receipt: boolean,
+    expiresAtMs: number,
+  ): Promise<SessionPublishResult[]> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
-      this.pendingPublishes.push({ sid, event, packed, receipt, expiresAtMs, claim: null, resolve, reject });
+      this.pendingPublishes.push({ to, event, packed, receipt, expiresAtMs, claims: [], resolve, reject });
       if (this.pendingPublishes.length === 1) process.nextTick(this.flushPublishes);
     });
+  }
+
+  /** The kind and target of a fanout, as publish.lua takes them. */
+  private fanoutArgs(to: Fanout): [string, string] {
+    if ('session' in to) return ['s', to.session];
+    if ('device' in to) return ['k', this.keys.device(to.device)];
+    if ('user' in to) return ['u', this.keys.userSessions(to.user)];
+    return ['r', this.keys.roomMembers(to.room)];
   }
 
   private readonly flushPublishes = (): void => {
@@ -183,43 +225,61 @@ export class Outbox {
   private publishBatch(batch: PendingPublish[]): void {
     const o = this.options;
     const direct = this.direct;
-    const keys: string[] = [];
+    const [head, tail] = this.keys.sessionKeyParts;
     const args: (string | Buffer | number)[] = [
       o.max,
       o.policy,
       o.ttlSeconds,
       this.keys.nodeChannelPrefix,
       direct?.nodeId ?? '',
+      head,
+      tail,
+      this.keys.expiries,
     ];
     for (const p of batch) {
-      p.claim = direct ? direct.claim(p.sid) : null;
-      keys.push(...this.keys.outbox(p.sid), this.keys.session(p.sid), this.keys.sentMark(p.sid));
+      if (direct) p.claims = direct.claim(p.to);
+      const [kind, target] = this.fanoutArgs(p.to);
       args.push(
+        kind,
+        target,
         p.event.eid,
         p.packed,
-        p.sid,
         p.receipt ? '1' : '0',
         p.expiresAtMs > 0 ? String(p.expiresAtMs) : '0',
-        p.claim ? p.claim.after : -1,
+        p.claims.length,
       );
+      for (const c of p.claims) args.push(c.sid, c.after);
     }
-    this.redis.gwPublishBuffer(keys.length, ...keys, ...args).then(
+    this.redis.gwPublishBuffer(0, ...args).then(
       (reply) => {
-        batch.forEach((p, i) => {
-          const status = reply[5 * i] as number;
-          const dropped = reply[5 * i + 3] as Buffer | null;
-          if (p.claim) direct!.settle(p.claim, p.event, status === 2 ? (reply[5 * i + 4] as number) : null);
-          p.resolve({
-            status: PUBLISH_STATUS[status + 2],
-            node: reply[5 * i + 1] ? (reply[5 * i + 1] as Buffer).toString() : null,
-            ...(dropped ? { dropped: decode(dropped) } : {}),
-          });
-        });
+        let i = 0;
+        for (const p of batch) {
+          const n = reply[i++] as number;
+          const results: SessionPublishResult[] = [];
+          const seqs: (number | null)[] = [];
+          for (let j = 0; j < n; j++, i += 6) {
+            const status = reply[i + 1] as number;
+            const node = reply[i + 2] as Buffer | null;
+            const dropped = reply[i + 4] as Buffer | null;
+            results.push({
+              sid: (reply[i] as Buffer).toString(),
+              status: PUBLISH_STATUS[status + 2],
+              node: node ? node.toString() : null,
+              ...(dropped ? { dropped: decode(dropped) } : {}),
+            });
+            seqs.push(status === 2 ? (reply[i + 5] as number) : null);
+          }
+          for (const c of p.claims) {
+            const k = results.findIndex((r) => r.sid === c.sid);
+            direct!.settle(c, p.event, k < 0 ? null : seqs[k]);
+          }
+          p.resolve(results);
+        }
       },
       (e) => {
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
-          if (p.claim) direct!.settle(p.claim, p.event, null);
+          for (const c of p.claims) direct!.settle(c, p.event, null);
           p.reject(e);
         }
       },

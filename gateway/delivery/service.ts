@@ -26,6 +26,7 @@ import type {
   AckPumpResult,
   DirectClaim,
   DirectSender,
+  Fanout,
   Outbox,
   StoredEvent,
 } from './outbox.ts';
@@ -88,6 +89,11 @@ const RELEASE_NODE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis
 
 export class DeliveryService {
   private readonly pumps = new Map<string, SessionPump>();
+  /** This node's pumps by device id and by user id: whom a fanout may reach here (claims). */
+  private readonly byDevice = new Map<string, SessionPump>();
+  private readonly byUser = new Map<string, Set<SessionPump>>();
+  /** Sessions with a connection on this node in a room (set by the rooms service). */
+  localRoomSessions: (room: string) => Iterable<string> = () => [];
   private readonly ackLatency: Histogram;
   private dirty: SessionPump[] = [];
   private flushScheduled = false;
@@ -226,7 +232,7 @@ export class DeliveryService {
     gateway.onAck = (conn, eids) => this.ack(conn, eids);
     const direct: DirectSender = {
       nodeId: gateway.nodeId,
-      claim: (sid) => this.claimSend(sid),
+      claim: (to) => this.claimSends(to),
       settle: (claim, event, seq) => this.settleSend(claim as PumpClaim, event, seq),
     };
     this.deps.outbox.direct = direct;
@@ -325,6 +331,11 @@ export class DeliveryService {
     const sid = conn.session!.sessionId;
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
+    const { userId, deviceId } = conn.session!;
+    if (deviceId) this.byDevice.set(deviceId, pump);
+    let mine = this.byUser.get(userId);
+    if (!mine) this.byUser.set(userId, (mine = new Set()));
+    mine.add(pump);
     this.claim(pump);
   }
 
@@ -383,6 +394,11 @@ export class DeliveryService {
     const pump = this.pumps.get(sid);
     if (pump?.conn !== conn) return;
     this.pumps.delete(sid);
+    const { userId, deviceId } = conn.session!;
+    if (deviceId && this.byDevice.get(deviceId) === pump) this.byDevice.delete(deviceId);
+    const mine = this.byUser.get(userId);
+    mine?.delete(pump);
+    if (mine?.size === 0) this.byUser.delete(userId);
     const { redis, keys, gateway } = this.deps;
     redis.eval(RELEASE_NODE, 1, keys.sessionNode(sid), gateway.nodeId).catch((e) => {
       logFailure(this.deps.log, e, {}, 'could not release session node key');
@@ -503,15 +519,23 @@ export class DeliveryService {
   // ---- sending from the publish (Outbox DirectSender) -------------------------------------------
 
   /**
-   * Whether an event published now to `sid` may be sent from the publish: the session's
-   * connection is on this node and has a free slot. The script decides the rest.
+   * Claims for an event published now to `to`: one per connection on this node of a session
+   * `to` may reach that is open and has a free slot. The script decides the rest, including
+   * whether `to` does reach the session.
    */
-  private claimSend(sid: string): PumpClaim | null {
-    const pump = this.pumps.get(sid);
-    if (!pump || pump.resync || pump.conn.state !== ConnState.open) return null;
-    if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return null;
-    pump.claims++;
-    return { after: pump.lastSeq, pump };
+  private claimSends(to: Fanout): PumpClaim[] {
+    const claims: PumpClaim[] = [];
+    const add = (pump: SessionPump | undefined) => {
+      if (!pump || pump.resync || pump.conn.state !== ConnState.open) return;
+      if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return;
+      pump.claims++;
+      claims.push({ sid: pump.sid, after: pump.lastSeq, pump });
+    };
+    if ('session' in to) add(this.pumps.get(to.session));
+    else if ('device' in to) add(this.byDevice.get(to.device));
+    else if ('user' in to) for (const pump of this.byUser.get(to.user) ?? []) add(pump);
+    else for (const sid of this.localRoomSessions(to.room)) add(this.pumps.get(sid));
+    return claims;
   }
 
   private settleSend({ pump }: PumpClaim, event: StoredEvent, seq: number | null): void {

@@ -207,6 +207,14 @@ export class Rooms {
     return out;
   }
 
+  /** Sessions with a connection on this node in `room` (normalized). */
+  *localSessions(room: string): Iterable<string> {
+    for (const conn of this.local.get(room) ?? []) {
+      const sid = conn.session?.sessionId;
+      if (sid) yield sid;
+    }
+  }
+
   memberSessions(room: string): Promise<string[]> {
     return this.deps.redis.zrange(this.deps.keys.roomMembers(normalizeRoom(room)), '0', '-1');
   }

@@ -1,0 +1,149 @@
+/**
+ * A qos-1 publish costs one Redis round trip, the publish script's, with no look-up before it:
+ * a gateway on its own Redis server, every command it sends watched with MONITOR while a
+ * device `send`s to another and a back end publishes to the device, user, username and room.
+ * Before the target was expanded in the script, each of these 100 events cost a SMEMBERS, GET
+ * or ZRANGE first (and a ZADD after, with a ttl).
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import type { GatewayClient } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+const API_KEY = 'test-api-key-0123456789';
+const N = 20;
+
+let redis: OwnRedis;
+let gw: GatewayProcess;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  redis = await startOwnRedis();
+  gw = await startGateway({
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  });
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await gw?.stop();
+  await redis?.remove();
+});
+
+/** A command a client sent (not one a script ran), as MONITOR showed it. */
+interface Seen {
+  command: string;
+  args: string[];
+}
+
+async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
+  const seen: Seen[] = [];
+  const r = new Redis(redis.url);
+  const m = await within('MONITOR to start', r.monitor());
+  m.on('monitor', (_time: string, args: string[], source: string) => {
+    if (source === 'lua') return;
+    seen.push({ command: args[0].toLowerCase(), args: args.slice(1) });
+  });
+  return {
+    seen,
+    stop: () => {
+      m.disconnect();
+      r.disconnect();
+    },
+  };
+}
+
+async function publish(target: object, eid: string): Promise<void> {
+  const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify({ target, name: 'rt.test', data: { eid }, eid, ttl: 60_000 }),
+  });
+  assert.equal(res.status, 202, await res.text());
+}
+
+test('a send and a back-end publish to a device, user, username or room: one script call each, no look-up before it', async () => {
+  const receiver = await connected(gw.tcpUrl, { autoAck: true });
+  const sender = await connected(gw.tcpUrl);
+  clients.push(receiver, sender);
+  const device = `rt-${randomUUID().slice(0, 8)}`;
+  const r = await signUp(receiver, { id: device });
+  await signUp(sender);
+  const room = `#rt${randomUUID().slice(0, 6)}`;
+  await receiver.request('join', { room });
+  const got: EventMsg[] = [];
+  receiver.on('event', (e: EventMsg) => got.push(e));
+
+  // Warm up: the scripts are loaded, the recipient's user id is remembered.
+  await sender.request('send', { to: r.username, body: 'warm-up' });
+  await publish({ device }, 'warm-up');
+  await until('the warm-up events', () => got.length >= 2);
+
+  const watch = await monitor();
+  const eids: string[] = [];
+  const targets = [{ device }, { user: r.userId }, { username: r.username }, { room }];
+  for (let i = 0; i < N; i++) {
+    eids.push((await sender.request<{ eid: string }>('send', { to: r.username, body: `m${i}` })).eid);
+    for (const [k, target] of targets.entries()) {
+      const eid = `rt-${k}-${i}`;
+      await publish(target, eid);
+      eids.push(eid);
+    }
+  }
+  await until(`all ${eids.length} events at the receiver`, () =>
+    eids.every((eid) => got.some((e) => e.eid === eid)),
+  );
+  watch.stop();
+
+  // Every message went to Redis in exactly one publish script call (the one that passes the
+  // node channel prefix; acks name eids too), alone or batched with others.
+  const scriptCalls = watch.seen.filter(
+    (s) => (s.command === 'evalsha' || s.command === 'eval') && s.args.includes(`${gw.prefix}node:`),
+  );
+  for (const eid of eids) {
+    const carrying = scriptCalls.filter((s) => s.args.includes(eid));
+    assert.equal(carrying.length, 1, `${eid} went to Redis in ${carrying.length} script calls`);
+  }
+  const publishCalls = scriptCalls.filter((s) => eids.some((eid) => s.args.includes(eid)));
+  assert.ok(
+    publishCalls.length <= eids.length,
+    `${publishCalls.length} publish calls for ${eids.length} events`,
+  );
+
+  // The expiry of a ttl goes in with the event, not in a call after it.
+  assert.deepEqual(
+    watch.seen.filter((s) => s.command === 'zadd' && s.args[0] === `${gw.prefix}expiries`).length,
+    0,
+    'ZADDs to the expiries index outside the publish script',
+  );
+
+  // And nothing looked the target up first: no read of the user's session set, the device key
+  // or the room's members, and no per-session check, from the gateway itself.
+  const lookups = watch.seen.filter((s) =>
+    ['smembers', 'get', 'mget', 'exists', 'zrange'].includes(s.command),
+  );
+  const summary = lookups.map((s) => `${s.command} ${s.args.join(' ')}`).slice(0, 10);
+  assert.ok(
+    lookups.length < N,
+    `${lookups.length} look-ups for ${eids.length} events (${N} of each kind): ${summary.join('; ')}`,
+  );
+  const targetKeys = [
+    `${gw.prefix}dev:${device}`,
+    `${gw.prefix}user:${r.userId}:sess`,
+    `${gw.prefix}room:${room}:m`,
+  ];
+  const ofTargets = lookups.filter((s) => s.args.some((a) => targetKeys.includes(a) || a.includes('}:sess')));
+  assert.deepEqual(
+    ofTargets.map((s) => `${s.command} ${s.args.join(' ')}`),
+    [],
+    'look-ups of the targets or their sessions',
+  );
+});
