@@ -4,7 +4,8 @@
  * publish (expand the target to sessions, store + tell the holding nodes), ack-and-pump,
  * resend, take.
  *
- * The happy path is batched: every `publish` of one tick goes to Redis in one script call, and
+ * The happy path is batched: every `publish` made while the last publish call is out (or in one
+ * tick) goes to Redis in the next script call, one call out at a time, and
  * the delivery service hands the ack-pumps of all its sessions with news in one tick to
  * `ackPumpMany`, also one call. A script call costs Redis ~10 µs before it does any work, more
  * than the commands an event needs, so this is what keeps Redis off the critical path.
@@ -157,6 +158,8 @@ function parsePump(reply: Reply): AckPumpResult {
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
   private pendingPublishes: PendingPublish[] = [];
+  /** Publish script calls sent and not answered; while there are any, publishes wait. */
+  private publishCallsOut = 0;
   /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
   direct: DirectSender | null = null;
 
@@ -202,7 +205,8 @@ export class Outbox {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
       this.pendingPublishes.push({ to, event, packed, receipt, expiresAtMs, claims: [], resolve, reject });
-      if (this.pendingPublishes.length === 1) process.nextTick(this.flushPublishes);
+      if (this.pendingPublishes.length === 1 && this.publishCallsOut === 0)
+        process.nextTick(this.flushPublishes);
     });
   }
 
@@ -214,13 +218,25 @@ export class Outbox {
     return ['r', this.keys.roomMembers(to.room)];
   }
 
+  /**
+   * Sends what is pending (up to 256 events), unless a publish call is still out: then its
+   * answer sends it. One
+   * call at a time lets every claim (DirectSender) be made knowing what the calls before it
+   * granted; a claim made behind an unanswered call would name a stale last sequence and be
+   * refused, sending that event, and the session's next ones, through the pump.
+   */
   private readonly flushPublishes = (): void => {
+    if (this.publishCallsOut > 0 || this.pendingPublishes.length === 0) return;
     const all = this.pendingPublishes;
-    this.pendingPublishes = [];
-    for (let i = 0; i < all.length; i += MAX_PUBLISH_BATCH) {
-      this.publishBatch(all.slice(i, i + MAX_PUBLISH_BATCH));
-    }
+    this.pendingPublishes = all.length > MAX_PUBLISH_BATCH ? all.slice(MAX_PUBLISH_BATCH) : [];
+    this.publishBatch(all.length > MAX_PUBLISH_BATCH ? all.slice(0, MAX_PUBLISH_BATCH) : all);
   };
+
+  /** A publish call was answered: what waited for it goes once this tick's callbacks ran. */
+  private publishCallDone(): void {
+    if (--this.publishCallsOut === 0 && this.pendingPublishes.length > 0)
+      process.nextTick(this.flushPublishes);
+  }
 
   private publishBatch(batch: PendingPublish[]): void {
     const o = this.options;
@@ -250,8 +266,10 @@ export class Outbox {
       );
       for (const c of p.claims) args.push(c.sid, c.after);
     }
+    this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(
       (reply) => {
+        this.publishCallDone();
         let i = 0;
         for (const p of batch) {
           const n = reply[i++] as number;
@@ -277,6 +295,7 @@ export class Outbox {
         }
       },
       (e) => {
+        this.publishCallDone();
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
           for (const c of p.claims) direct!.settle(c, p.event, null);

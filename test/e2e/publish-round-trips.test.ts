@@ -30,6 +30,8 @@ before(async () => {
     GW_API_KEY: API_KEY,
     GW_DEFAULT_ROOM: '',
     GW_REGISTER_PER_MINUTE: '1000',
+    // Windows that never fill: whether an event goes out from its publish is the script's call.
+    GW_MAX_INFLIGHT: '1000',
   });
 });
 after(async () => {
@@ -42,6 +44,8 @@ after(async () => {
 interface Seen {
   command: string;
   args: string[];
+  /** The client's address. */
+  source: string;
 }
 
 async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
@@ -50,7 +54,7 @@ async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
   const m = await within('MONITOR to start', r.monitor());
   m.on('monitor', (_time: string, args: string[], source: string) => {
     if (source === 'lua') return;
-    seen.push({ command: args[0].toLowerCase(), args: args.slice(1) });
+    seen.push({ command: args[0].toLowerCase(), args: args.slice(1), source });
   });
   return {
     seen,
@@ -59,6 +63,11 @@ async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
       r.disconnect();
     },
   };
+}
+
+async function sentFromPublish(): Promise<number> {
+  const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+  return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
 }
 
 async function publish(target: object, eid: string): Promise<void> {
@@ -87,6 +96,7 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   await publish({ device }, 'warm-up');
   await until('the warm-up events', () => got.length >= 2);
 
+  const fromPublish0 = await sentFromPublish();
   const watch = await monitor();
   const eids: string[] = [];
   const targets = [{ device }, { user: r.userId }, { username: r.username }, { room }];
@@ -102,6 +112,9 @@ test('a send and a back-end publish to a device, user, username or room: one scr
     eids.every((eid) => got.some((e) => e.eid === eid)),
   );
   watch.stop();
+  // The receiver is on the publishing node with a free window: each event went out from its
+  // publish, whatever the target named (docs/ARCHITECTURE.md, "Sending from the publish").
+  assert.equal((await sentFromPublish()) - fromPublish0, eids.length, 'events sent from the publish');
 
   // Every message went to Redis in exactly one publish script call (the one that passes the
   // node channel prefix; acks name eids too), alone or batched with others.
@@ -146,4 +159,33 @@ test('a send and a back-end publish to a device, user, username or room: one scr
     [],
     'look-ups of the targets or their sessions',
   );
+});
+
+test('sends pipelined from several devices to one: every event goes out from its publish', async () => {
+  const receiver = await connected(gw.tcpUrl, { autoAck: true });
+  clients.push(receiver);
+  const r = await signUp(receiver);
+  const senders: GatewayClient[] = [];
+  for (let i = 0; i < 4; i++) {
+    const c = await connected(gw.tcpUrl);
+    clients.push(c);
+    senders.push(c);
+    await signUp(c);
+  }
+  let got = 0;
+  receiver.on('event', () => got++);
+  await senders[0].request('send', { to: r.username, body: 'warm-up' });
+  await until('the warm-up message', () => got >= 1);
+
+  // Publish calls overlap unless one waits for the other: a claim made behind an unanswered
+  // call names a sequence that call moved on, and is refused (the pump sends the event).
+  const before = await sentFromPublish();
+  const n = 50;
+  await Promise.all(
+    senders.flatMap((c, k) =>
+      Array.from({ length: n }, (_, i) => c.request('send', { to: r.username, body: `${k}.${i}` })),
+    ),
+  );
+  await until(`${4 * n} messages`, () => got >= 4 * n + 1);
+  assert.equal((await sentFromPublish()) - before, 4 * n, 'events sent from the publish');
 });

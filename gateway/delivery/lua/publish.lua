@@ -1,7 +1,8 @@
 --[[
   Adds qos-1 events to session outboxes and tells the nodes holding the sessions. One call
-  carries every publish of one event-loop tick (outbox.ts batches them); each event is applied
-  in order, exactly as if it had its own call, and the whole call is atomic.
+  carries the publishes a process made since its last call (outbox.ts batches them, one call
+  out at a time); each event is applied in order, exactly as if it had its own call, and the
+  whole call is atomic.
 
   Each event names its target, and the script expands it to sessions in the same step, so a
   publish costs one round trip and nothing before it (docs/ARCHITECTURE.md, "One Redis
