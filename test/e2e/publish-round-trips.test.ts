@@ -161,6 +161,44 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   );
 });
 
+test('a say is one round trip: its publish and its history write go in one MULTI', async () => {
+  const a = await connected(gw.tcpUrl);
+  const b = await connected(gw.tcpUrl);
+  clients.push(a, b);
+  await signUp(a);
+  await signUp(b);
+  const room = `#say${randomUUID().slice(0, 6)}`;
+  await a.request('join', { room });
+  await b.request('join', { room });
+  let heard = 0;
+  b.on('event', (e: EventMsg) => {
+    if (e.name === 'room.message') heard++;
+  });
+  await a.request('say', { room, body: 'warm-up' });
+  await until('the warm-up message', () => heard >= 1);
+
+  const watch = await monitor();
+  for (let i = 0; i < N; i++) await a.request('say', { room, body: `m${i}` });
+  await until(`${N} messages heard`, () => heard >= N + 1);
+  watch.stop();
+
+  const channel = `${gw.prefix}roomchan:${room}`;
+  const history = `${gw.prefix}room:${room}:h`;
+  const alone: string[] = [];
+  let published = 0;
+  watch.seen.forEach((s, i) => {
+    if (s.command !== 'publish' || s.args[0] !== channel) return;
+    published++;
+    const mine = watch.seen.slice(0, i).filter((t) => t.source === s.source);
+    const next = watch.seen.slice(i + 1).find((t) => t.source === s.source);
+    if (mine.at(-1)?.command !== 'multi' || next?.command !== 'zadd' || next.args[0] !== history) {
+      alone.push(`${mine.at(-1)?.command ?? '-'} > publish > ${next?.command ?? '-'}`);
+    }
+  });
+  assert.equal(published, N);
+  assert.deepEqual(alone, [], 'publishes of a say not in one MULTI with its history write');
+});
+
 test('sends pipelined from several devices to one: every event goes out from its publish', async () => {
   const receiver = await connected(gw.tcpUrl, { autoAck: true });
   clients.push(receiver);
