@@ -77,6 +77,8 @@ const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as con
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
 const MAX_PUMP_BATCH = 64;
+/** How long publishes wait for the publish call before them at most (see flushPublishes). */
+const PUBLISH_WAIT_MS = 100;
 
 /**
  * Who a qos-1 event is stored for. The publish script expands a device, user or room to its
@@ -160,6 +162,8 @@ export class Outbox {
   private pendingPublishes: PendingPublish[] = [];
   /** Publish script calls sent and not answered; while there are any, publishes wait. */
   private publishCallsOut = 0;
+  /** Bounds that wait (PUBLISH_WAIT_MS): armed while publishes wait behind a call. */
+  private publishWait: NodeJS.Timeout | undefined;
   /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
   direct: DirectSender | null = null;
 
@@ -205,8 +209,9 @@ export class Outbox {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
       this.pendingPublishes.push({ to, event, packed, receipt, expiresAtMs, claims: [], resolve, reject });
-      if (this.pendingPublishes.length === 1 && this.publishCallsOut === 0)
-        process.nextTick(this.flushPublishes);
+      if (this.pendingPublishes.length > 1) return;
+      if (this.publishCallsOut === 0) process.nextTick(this.flushPublishes);
+      else this.armPublishWait();
     });
   }
 
@@ -220,17 +225,29 @@ export class Outbox {
 
   /**
    * Sends what is pending (up to 256 events), unless a publish call is still out: then its
-   * answer sends it. One
-   * call at a time lets every claim (DirectSender) be made knowing what the calls before it
-   * granted; a claim made behind an unanswered call would name a stale last sequence and be
-   * refused, sending that event, and the session's next ones, through the pump.
+   * answer sends it, or PUBLISH_WAIT_MS, whichever comes first. One call at a time lets every
+   * claim (DirectSender) be made knowing what the calls before it granted; a claim made behind
+   * an unanswered call names a stale last sequence and is refused, which sends that event, and
+   * the session's next ones, through the pump. The bound keeps a stalled call (a frozen Redis
+   * answers only at the command timeout) from holding the publishes behind it that long again.
    */
   private readonly flushPublishes = (): void => {
-    if (this.publishCallsOut > 0 || this.pendingPublishes.length === 0) return;
+    if (this.publishCallsOut === 0) this.sendPending();
+  };
+
+  private sendPending(): void {
+    if (this.publishWait) clearTimeout(this.publishWait);
+    this.publishWait = undefined;
     const all = this.pendingPublishes;
+    if (all.length === 0) return;
     this.pendingPublishes = all.length > MAX_PUBLISH_BATCH ? all.slice(MAX_PUBLISH_BATCH) : [];
     this.publishBatch(all.length > MAX_PUBLISH_BATCH ? all.slice(0, MAX_PUBLISH_BATCH) : all);
-  };
+    if (this.pendingPublishes.length > 0) this.armPublishWait();
+  }
+
+  private armPublishWait(): void {
+    this.publishWait ??= setTimeout(() => this.sendPending(), PUBLISH_WAIT_MS);
+  }
 
   /** A publish call was answered: what waited for it goes once this tick's callbacks ran. */
   private publishCallDone(): void {
