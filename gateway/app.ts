@@ -150,6 +150,7 @@ export async function startNode(
       historyMax: config.roomHistoryMax,
     },
   });
+  delivery.localRoomSessions = (room) => rooms.localSessions(room);
   const presence = new Presence({
     gateway,
     redis,

@@ -1,7 +1,9 @@
 /**
  * Every Redis key, channel and BullMQ queue name of the delivery and messaging services, in one
- * place. Keys of one session share the hash tag `{s:<sessionId>}` so that the session's Lua
- * scripts touch a single slot (Redis Cluster); cross-session keys are plain.
+ * place. Keys of one session share the hash tag `{s:<sessionId>}`; cross-session keys are plain.
+ * The gateway needs one Redis primary, not Redis Cluster: the publish script expands a device,
+ * user or room to its sessions and builds their key names itself, from `sessionKeyParts`
+ * (docs/ARCHITECTURE.md, "One Redis primary").
  */
 
 export const QueueName = {
@@ -19,6 +21,14 @@ export const QueueName = {
 
 export class Keys {
   constructor(readonly prefix: string) {}
+
+  /**
+   * Every key of one session is `head + sessionId + tail + name` (name: `q`, `ev`, `sess`, ...).
+   * Scripts that find session ids in Redis build the keys of those sessions from these two parts.
+   */
+  get sessionKeyParts(): [head: string, tail: string] {
+    return [`${this.prefix}{s:`, '}:'];
+  }
 
   /** The 7 keys of one session's outbox, in the order the Lua scripts expect. */
   outbox(sid: string): string[] {

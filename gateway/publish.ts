@@ -66,8 +66,6 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
   });
   const directory: SessionDirectory = {
     sessionsOfUser: (userId) => store.ofUser(userId),
-    recordedSessionsOfUser: (userId) => store.recordedOfUser(userId),
-    forgetSessionsOfUser: (userId, sids) => store.forgetOfUser(userId, sids),
     sessionAlive: (sid) => store.alive(sid),
     userIdOf: (username) => userIds.of(username),
   };

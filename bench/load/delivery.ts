@@ -15,6 +15,7 @@
  *
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
+ *                             [--paths backend,direct]
  */
 import { execSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -41,8 +42,10 @@ const { values } = parseArgs({
     receivers: { type: 'string', default: '20' },
     payload: { type: 'string', default: '100' },
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
+    paths: { type: 'string', default: 'backend,direct' },
   },
 });
+const PATHS = new Set(String(values.paths).split(','));
 const DEVICES = Number(values.devices);
 const SECONDS = Number(values.seconds);
 const WARMUP = Number(values.warmup);
@@ -66,6 +69,8 @@ interface Row {
   redisCpu: number;
   pgCpu: number;
   clientCpu: number;
+  /** Redis calls (a script call is one) the gateway made per delivered event; NaN: not counted. */
+  redisCalls: number;
 }
 
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
@@ -133,6 +138,8 @@ interface System {
   publish(loop: number, n: number, sentAt: number): Promise<void>;
   /** Set by the run: called for each received event with its number and send time. */
   onReceive: (n: number, sentAt: number) => void;
+  /** Redis calls the server made so far (the gateway's own count, from its /metrics). */
+  redisCalls?: () => Promise<number>;
 }
 
 async function run(sys: System, path: string, mode: 'max' | 'fixed', window: number): Promise<Row> {
@@ -189,6 +196,8 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     () => `${seen.size} received, ${inflight} publishing`,
   );
   await sleep(WARMUP * 1000);
+  // Read before the CPU counters, and after them below: the scrapes cost the gateway CPU.
+  const calls0 = (await sys.redisCalls?.()) ?? Number.NaN;
   const s0 = treeCpuSeconds(sys.serverPid);
   const r0 = cpuSeconds(REDIS_PID);
   const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
@@ -202,6 +211,8 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
   const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
+  const measured = received;
+  const calls = ((await sys.redisCalls?.()) ?? Number.NaN) - calls0;
   stop = true;
   if (timer) clearInterval(timer);
   await Promise.all(loops);
@@ -231,6 +242,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     redisCpu,
     pgCpu: pgCpuUsed,
     clientCpu,
+    redisCalls: calls / measured,
   };
 }
 
@@ -257,6 +269,21 @@ async function devices(
 }
 
 const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
+
+/**
+ * Redis calls a gateway made so far: the count of its Redis round-trip histogram (a script
+ * call is one; pipelined commands count one each), every connection but BullMQ's blocking
+ * workers.
+ */
+async function redisCallsOf(metricsPort: number): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith('gateway_redis_command_duration_seconds_count'))
+      n += Number(line.slice(line.lastIndexOf(' ') + 1));
+  }
+  return n;
+}
 
 async function startBenchGateway() {
   return startGateway({
@@ -298,6 +325,7 @@ async function gatewayBackend(): Promise<Made> {
     name: 'gateway',
     serverPid: g.proc.pid!,
     usesRedis: true,
+    redisCalls: () => redisCallsOf(g.metricsPort),
     publish: (_loop, n, sentAt) =>
       new Promise((resolve, reject) => {
         const item = {
@@ -334,6 +362,7 @@ async function gatewayDirect(): Promise<Made> {
     name: 'gateway',
     serverPid: g.proc.pid!,
     usesRedis: true,
+    redisCalls: () => redisCallsOf(g.metricsPort),
     publish: async (loop, n, sentAt) => {
       await tx.clients[loop % SENDERS].request('send', {
         to: rx.names[n % RECEIVERS],
@@ -415,13 +444,13 @@ async function main(): Promise<void> {
     `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process\n`,
   );
   const rows: Row[] = [];
-  for (const make of [gatewayBackend, () => mosquitto(DEVICES, 1)]) {
+  for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1)] : []) {
     const { sys, close } = await make();
     rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
     rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
     await close();
   }
-  for (const make of [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)]) {
+  for (const make of PATHS.has('direct') ? [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)] : []) {
     const { sys, close } = await make();
     rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
     await close();
@@ -440,6 +469,7 @@ async function main(): Promise<void> {
         'Redis CPU (cores)',
         'PostgreSQL CPU (cores)',
         'server+Redis+PG µs/event',
+        'Redis calls/event',
         'load gen CPU (cores)',
       ],
       rows.map((r) => [
@@ -454,36 +484,32 @@ async function main(): Promise<void> {
         r.system === 'Mosquitto' ? 'n/a' : r.redisCpu.toFixed(2),
         r.system === 'Mosquitto' ? 'n/a' : r.pgCpu.toFixed(3),
         perEvent(r).toFixed(1),
+        Number.isNaN(r.redisCalls) ? 'n/a' : r.redisCalls.toFixed(2),
         r.clientCpu.toFixed(2),
       ]),
     ),
   );
-  const [gMax, gFix, mMax, mFix, gDir, mDir] = rows;
   const ratio = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
+  const pairs: string[][] = [];
+  for (const [path, mode, label] of [
+    [BACKEND_SHORT, 'max rate', `${BACKEND_SHORT}, max rate`],
+    [BACKEND_SHORT, 'fixed', `${BACKEND_SHORT}, fixed ${RATE}/s`],
+    [DIRECT_SHORT, 'max rate', `${DIRECT_SHORT}, max rate`],
+  ]) {
+    const of = (system: string) =>
+      rows.find((r) => r.path === path && r.system === system && r.mode.startsWith(mode));
+    const g = of('gateway');
+    const m = of('Mosquitto');
+    if (!g || !m) continue;
+    pairs.push([
+      label,
+      ratio(g.delivered, m.delivered),
+      ratio(perEvent(g), perEvent(m)),
+      ratio(g.p99, m.p99),
+    ]);
+  }
   console.log(
-    `\n${table(
-      ['row (gateway / Mosquitto, same run)', 'delivered/s', 'CPU per event', 'p99'],
-      [
-        [
-          `${BACKEND_SHORT}, max rate`,
-          ratio(gMax.delivered, mMax.delivered),
-          ratio(perEvent(gMax), perEvent(mMax)),
-          ratio(gMax.p99, mMax.p99),
-        ],
-        [
-          `${BACKEND_SHORT}, fixed ${RATE}/s`,
-          ratio(gFix.delivered, mFix.delivered),
-          ratio(perEvent(gFix), perEvent(mFix)),
-          ratio(gFix.p99, mFix.p99),
-        ],
-        [
-          `${DIRECT_SHORT}, max rate`,
-          ratio(gDir.delivered, mDir.delivered),
-          ratio(perEvent(gDir), perEvent(mDir)),
-          ratio(gDir.p99, mDir.p99),
-        ],
-      ],
-    )}`,
+    `\n${table(['row (gateway / Mosquitto, same run)', 'delivered/s', 'CPU per event', 'p99'], pairs)}`,
   );
   process.exit(0);
 }

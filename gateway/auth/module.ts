@@ -168,8 +168,6 @@ export async function createAuthModule(
 
   const directory: SessionDirectory = {
     sessionsOfUser: (userId) => service.store.ofUser(userId),
-    recordedSessionsOfUser: (userId) => service.store.recordedOfUser(userId),
-    forgetSessionsOfUser: (userId, sids) => service.store.forgetOfUser(userId, sids),
     userIdOf: (username) => service.userIdOf(username),
     sessionAlive: (sid) => service.store.alive(sid),
   };

@@ -1,9 +1,11 @@
 /**
  * A session's durable outbox of qos-1 events in Redis, through the Lua scripts in `lua/`
  * (each documents its keys and arguments). One script call does one step atomically:
- * publish (store + tell the holding node), ack-and-pump, resend, take.
+ * publish (expand the target to sessions, store + tell the holding nodes), ack-and-pump,
+ * resend, take.
  *
- * The happy path is batched: every `publish` of one tick goes to Redis in one script call, and
+ * The happy path is batched: every `publish` made while the last publish call is out (or in one
+ * tick) goes to Redis in the next script call, one call out at a time, and
  * the delivery service hands the ack-pumps of all its sessions with news in one tick to
  * `ackPumpMany`, also one call. A script call costs Redis ~10 µs before it does any work, more
  * than the commands an event needs, so this is what keeps Redis off the critical path.
@@ -75,6 +77,19 @@ const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as con
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
 const MAX_PUMP_BATCH = 64;
+/** How long publishes wait for the publish call before them at most (see flushPublishes). */
+const PUBLISH_WAIT_MS = 100;
+
+/**
+ * Who a qos-1 event is stored for. The publish script expands a device, user or room to its
+ * sessions in the same step as it stores the event (publish.lua).
+ */
+export type Fanout = { session: string } | { device: string } | { user: string } | { room: string };
+
+/** One session's part of a publish: the session a fanout reached and what it did there. */
+export interface SessionPublishResult extends PublishResult {
+  sid: string;
+}
 
 /**
  * This node's side of sending from the publish (docs/ARCHITECTURE.md, "Sending from the
@@ -84,30 +99,32 @@ export interface DirectSender {
   /** This node's id, as in the sessions' node keys. */
   readonly nodeId: string;
   /**
-   * Asked once per event as a publish call is built: a claim carrying the last sequence sent
-   * on this node's connection of the session if the event may go out from the publish (a free
-   * window slot), else null. Every claim made is answered by `settle`, once, in claim order.
+   * Asked once per event as a publish call is built: a claim for each connection on this node
+   * of a session the fanout may reach (the script decides which it does reach) whose event may
+   * go out from the publish (a free window slot). Every claim made is answered by `settle`,
+   * once, in claim order.
    */
-  claim(sid: string): DirectClaim | null;
+  claim(to: Fanout): DirectClaim[];
   /** The script's answer to a claim: `seq` granted (send `event` now), or null (refused or failed). */
   settle(claim: DirectClaim, event: StoredEvent, seq: number | null): void;
 }
 
-/** A claim to send an event from its publish, tied to one connection of the session. */
+/** A claim to send an event from its publish, tied to one connection of a session. */
 export interface DirectClaim {
+  readonly sid: string;
   /** The last sequence sent on that connection. */
   readonly after: number;
 }
 
 interface PendingPublish {
-  sid: string;
+  to: Fanout;
   event: StoredEvent;
   packed: Buffer;
   receipt: boolean;
   expiresAtMs: number;
   /** Filled in when the call is built: see DirectSender.claim. */
-  claim: DirectClaim | null;
-  resolve: (r: PublishResult) => void;
+  claims: DirectClaim[];
+  resolve: (r: SessionPublishResult[]) => void;
   reject: (e: unknown) => void;
 }
 
@@ -143,6 +160,10 @@ function parsePump(reply: Reply): AckPumpResult {
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
   private pendingPublishes: PendingPublish[] = [];
+  /** Publish script calls sent and not answered; while there are any, publishes wait. */
+  private publishCallsOut = 0;
+  /** Bounds that wait (PUBLISH_WAIT_MS): armed while publishes wait behind a call. */
+  private publishWait: NodeJS.Timeout | undefined;
   /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
   direct: DirectSender | null = null;
 
@@ -154,7 +175,7 @@ export class Outbox {
     const r = redis as Redis & Partial<OutboxCommands>;
     if (!r.gwPublishBuffer) {
       // Key counts vary with the batch: the caller passes it first.
-      redis.defineCommand('gwPublish', { lua: script('publish') });
+      redis.defineCommand('gwPublish', { lua: lua('publish') });
       redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
@@ -164,62 +185,137 @@ export class Outbox {
   }
 
   /** Stores one event in a session's outbox; batched with the other publishes of this tick. */
-  publish(sid: string, event: StoredEvent, receipt: boolean, expiresAtMs: number): Promise<PublishResult> {
+  async publish(
+    sid: string,
+    event: StoredEvent,
+    receipt: boolean,
+    expiresAtMs: number,
+  ): Promise<PublishResult> {
+    const [r] = await this.publishTo({ session: sid }, event, receipt, expiresAtMs);
+    return r;
+  }
+
+  /**
+   * Stores one event in the outbox of every session `to` reaches, found by the script in the
+   * same call (none for a device or user without sessions); batched with the other publishes
+   * of this tick, in order. Results are per session reached, gone ones included.
+   */
+  publishTo(
+    to: Fanout,
+    event: StoredEvent,
+    receipt: boolean,
+    expiresAtMs: number,
+  ): Promise<SessionPublishResult[]> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
-      this.pendingPublishes.push({ sid, event, packed, receipt, expiresAtMs, claim: null, resolve, reject });
-      if (this.pendingPublishes.length === 1) process.nextTick(this.flushPublishes);
+      this.pendingPublishes.push({ to, event, packed, receipt, expiresAtMs, claims: [], resolve, reject });
+      if (this.pendingPublishes.length > 1) return;
+      if (this.publishCallsOut === 0) process.nextTick(this.flushPublishes);
+      else this.armPublishWait();
     });
   }
 
+  /** The kind and target of a fanout, as publish.lua takes them. */
+  private fanoutArgs(to: Fanout): [string, string] {
+    if ('session' in to) return ['s', to.session];
+    if ('device' in to) return ['k', this.keys.device(to.device)];
+    if ('user' in to) return ['u', this.keys.userSessions(to.user)];
+    return ['r', this.keys.roomMembers(to.room)];
+  }
+
+  /**
+   * Sends what is pending (up to 256 events), unless a publish call is still out: then its
+   * answer sends it, or PUBLISH_WAIT_MS, whichever comes first. One call at a time lets every
+   * claim (DirectSender) be made knowing what the calls before it granted; a claim made behind
+   * an unanswered call names a stale last sequence and is refused, which sends that event, and
+   * the session's next ones, through the pump. The bound keeps a stalled call (a frozen Redis
+   * answers only at the command timeout) from holding the publishes behind it that long again.
+   */
   private readonly flushPublishes = (): void => {
-    const all = this.pendingPublishes;
-    this.pendingPublishes = [];
-    for (let i = 0; i < all.length; i += MAX_PUBLISH_BATCH) {
-      this.publishBatch(all.slice(i, i + MAX_PUBLISH_BATCH));
-    }
+    if (this.publishCallsOut === 0) this.sendPending();
   };
+
+  private sendPending(): void {
+    if (this.publishWait) clearTimeout(this.publishWait);
+    this.publishWait = undefined;
+    const all = this.pendingPublishes;
+    if (all.length === 0) return;
+    this.pendingPublishes = all.length > MAX_PUBLISH_BATCH ? all.slice(MAX_PUBLISH_BATCH) : [];
+    this.publishBatch(all.length > MAX_PUBLISH_BATCH ? all.slice(0, MAX_PUBLISH_BATCH) : all);
+    if (this.pendingPublishes.length > 0) this.armPublishWait();
+  }
+
+  private armPublishWait(): void {
+    this.publishWait ??= setTimeout(() => this.sendPending(), PUBLISH_WAIT_MS);
+  }
+
+  /** A publish call was answered: what waited for it goes once this tick's callbacks ran. */
+  private publishCallDone(): void {
+    if (--this.publishCallsOut === 0 && this.pendingPublishes.length > 0)
+      process.nextTick(this.flushPublishes);
+  }
 
   private publishBatch(batch: PendingPublish[]): void {
     const o = this.options;
     const direct = this.direct;
-    const keys: string[] = [];
+    const [head, tail] = this.keys.sessionKeyParts;
     const args: (string | Buffer | number)[] = [
       o.max,
       o.policy,
       o.ttlSeconds,
       this.keys.nodeChannelPrefix,
       direct?.nodeId ?? '',
+      head,
+      tail,
+      this.keys.expiries,
     ];
     for (const p of batch) {
-      p.claim = direct ? direct.claim(p.sid) : null;
-      keys.push(...this.keys.outbox(p.sid), this.keys.session(p.sid), this.keys.sentMark(p.sid));
+      if (direct) p.claims = direct.claim(p.to);
+      const [kind, target] = this.fanoutArgs(p.to);
       args.push(
+        kind,
+        target,
         p.event.eid,
         p.packed,
-        p.sid,
         p.receipt ? '1' : '0',
         p.expiresAtMs > 0 ? String(p.expiresAtMs) : '0',
-        p.claim ? p.claim.after : -1,
+        p.claims.length,
       );
+      for (const c of p.claims) args.push(c.sid, c.after);
     }
-    this.redis.gwPublishBuffer(keys.length, ...keys, ...args).then(
+    this.publishCallsOut++;
+    this.redis.gwPublishBuffer(0, ...args).then(
       (reply) => {
-        batch.forEach((p, i) => {
-          const status = reply[5 * i] as number;
-          const dropped = reply[5 * i + 3] as Buffer | null;
-          if (p.claim) direct!.settle(p.claim, p.event, status === 2 ? (reply[5 * i + 4] as number) : null);
-          p.resolve({
-            status: PUBLISH_STATUS[status + 2],
-            node: reply[5 * i + 1] ? (reply[5 * i + 1] as Buffer).toString() : null,
-            ...(dropped ? { dropped: decode(dropped) } : {}),
-          });
-        });
+        this.publishCallDone();
+        let i = 0;
+        for (const p of batch) {
+          const n = reply[i++] as number;
+          const results: SessionPublishResult[] = [];
+          const seqs: (number | null)[] = [];
+          for (let j = 0; j < n; j++, i += 6) {
+            const status = reply[i + 1] as number;
+            const node = reply[i + 2] as Buffer | null;
+            const dropped = reply[i + 4] as Buffer | null;
+            results.push({
+              sid: (reply[i] as Buffer).toString(),
+              status: PUBLISH_STATUS[status + 2],
+              node: node ? node.toString() : null,
+              ...(dropped ? { dropped: decode(dropped) } : {}),
+            });
+            seqs.push(status === 2 ? (reply[i + 5] as number) : null);
+          }
+          for (const c of p.claims) {
+            const k = results.findIndex((r) => r.sid === c.sid);
+            direct!.settle(c, p.event, k < 0 ? null : seqs[k]);
+          }
+          p.resolve(results);
+        }
       },
       (e) => {
+        this.publishCallDone();
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
-          if (p.claim) direct!.settle(p.claim, p.event, null);
+          for (const c of p.claims) direct!.settle(c, p.event, null);
           p.reject(e);
         }
       },

@@ -2,21 +2,23 @@
  * Publishing events to devices: the one function behind all three publish paths (this module's
  * `Publisher` for TypeScript back ends, `POST /v1/events`, and the `gw-publish` BullMQ queue).
  *
- * qos 1: the event is in each target session's Redis outbox (one atomic script per session)
- * before `publish` resolves, and the node holding the session is told in the same script.
+ * qos 1: the publish script expands the target to its sessions and stores the event in each
+ * one's Redis outbox before `publish` resolves, telling the nodes holding them, in one atomic
+ * step and one round trip (batched with the other publishes of the tick).
  * qos 0: sent to the sessions online now, through their nodes' channels; not stored.
  */
 import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { ProtocolError, pack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
-import type { Outbox, StoredEvent } from './outbox.ts';
+import type { Fanout, Outbox, StoredEvent } from './outbox.ts';
 
-/** Sessions a target resolved to; `owner`: the user whose session set they came from. */
-export interface Recipients {
-  sids: string[];
-  owner?: string;
-}
+/**
+ * Who an event goes to, as far as it is known before the publish: for qos 1 a fanout the
+ * publish script expands to sessions (a username is resolved to its user id first), for qos 0
+ * the live sessions.
+ */
+export type Recipients = { to: Fanout } | { sids: string[] };
 
 /** Who an event is for. `user` is a user id; `username` is resolved to it. */
 export type Target =
@@ -58,13 +60,6 @@ export interface PublishOutcome {
 export interface SessionDirectory {
   /** Live session ids of a user (empty if none). */
   sessionsOfUser(userId: string): Promise<string[]>;
-  /**
-   * Session ids recorded for a user, some possibly expired, in one Redis command: enough for a
-   * qos-1 publish, whose script skips sessions that are gone.
-   */
-  recordedSessionsOfUser(userId: string): Promise<string[]>;
-  /** Forgets ids of a user's sessions that a publish found gone. */
-  forgetSessionsOfUser(userId: string, sids: string[]): Promise<void>;
   /** The user id of a username, or null. */
   userIdOf(username: string): Promise<string | null>;
   /** Whether a session is live. */
@@ -136,29 +131,24 @@ export class Publisher {
   }
 
   /**
-   * The sessions an event goes to. A qos-1 event needs no liveness check first: the publish
-   * script checks that each session is alive in the same step. So a session target costs no
-   * lookup, and a user or username target one `SMEMBERS` (the username's user id is
-   * remembered, user-ids.ts), where checking each session first cost two more round trips.
+   * Who an event goes to. A qos-1 event needs no look-up in Redis first: the publish script
+   * expands the target to sessions and skips those that are gone, in the same step as it
+   * stores the event. Only a username is resolved to its user id (remembered, user-ids.ts).
    */
   async recipientsFor(target: Target, input: EventInput): Promise<Recipients> {
     if (input.qos === 0) return { sids: await this.resolve(target) };
-    if ('session' in target) return { sids: [target.session] };
-    let owner: string | null = null;
-    if ('user' in target) owner = target.user;
-    else if ('username' in target) owner = await this.directory.userIdOf(target.username);
-    else return { sids: await this.resolve(target) };
-    const sids = owner ? await this.directory.recordedSessionsOfUser(owner) : [];
-    if (sids.length === 0) throw new ProtocolError('not_found', 'the target has no live session');
-    return { sids, owner: owner! };
+    if (!('username' in target)) return { to: target };
+    const user = await this.directory.userIdOf(target.username);
+    if (!user) throw new ProtocolError('not_found', 'the target has no live session');
+    return { to: { user } };
   }
 
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
     return this.publishTo(await this.recipientsFor(target, input), input);
   }
 
-  /** Publishes to known session ids; sessions found gone are forgotten from `owner`'s set. */
-  async publishTo({ sids, owner }: Recipients, input: EventInput): Promise<PublishOutcome> {
+  /** Publishes to what `recipientsFor` found: qos 0 to `sids`, qos 1 through the script. */
+  async publishTo(recipients: Recipients, input: EventInput): Promise<PublishOutcome> {
     const now = Date.now();
     const event: StoredEvent = {
       eid: input.eid ?? randomUUID(),
@@ -168,6 +158,23 @@ export class Publisher {
       ...(input.from !== undefined ? { from: input.from } : {}),
       ...(input.room !== undefined ? { room: input.room } : {}),
     };
+    if ('sids' in recipients) return this.publishNow(recipients.sids, event);
+    const expiresAt = input.ttl ? now + input.ttl : 0;
+    const results = await this.outbox.publishTo(recipients.to, event, !!input.receipt, expiresAt);
+    const outcome: PublishOutcome = { eid: event.eid, sessions: 0, accepted: 0, rejected: 0, dropped: [] };
+    for (const r of results) {
+      if (r.status === 'gone') continue;
+      outcome.sessions++;
+      if (r.status === 'rejected') outcome.rejected++;
+      else outcome.accepted++;
+      if (r.dropped) outcome.dropped.push({ sessionId: r.sid, event: r.dropped });
+    }
+    if (outcome.sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
+    return outcome;
+  }
+
+  /** qos 0: sent to the sessions online now, through their nodes' channels; not stored. */
+  private async publishNow(sids: string[], event: StoredEvent): Promise<PublishOutcome> {
     const outcome: PublishOutcome = {
       eid: event.eid,
       sessions: sids.length,
@@ -175,39 +182,16 @@ export class Publisher {
       rejected: 0,
       dropped: [],
     };
-    if (input.qos === 0) {
-      const packed = pack(event);
-      const nodes = await this.redis.mget(sids.map((s) => this.keys.sessionNode(s)));
-      const pipe = this.redis.pipeline();
-      sids.forEach((sid, i) => {
-        const node = nodes[i];
-        if (!node) return;
-        outcome.accepted++;
-        pipe.publish(this.keys.nodeChannel(node), Buffer.concat([Buffer.from(`e${sid}\n`), packed]));
-      });
-      await pipe.exec();
-      return outcome;
-    }
-    const expiresAt = input.ttl ? now + input.ttl : 0;
-    const results = await Promise.all(
-      sids.map((sid) => this.outbox.publish(sid, event, !!input.receipt, expiresAt)),
-    );
-    const gone: string[] = [];
-    results.forEach((r, i) => {
-      if (r.status === 'gone') gone.push(sids[i]);
-      else if (r.status === 'rejected') outcome.rejected++;
-      else outcome.accepted++;
-      if (r.dropped) outcome.dropped.push({ sessionId: sids[i], event: r.dropped });
+    const packed = pack(event);
+    const nodes = await this.redis.mget(sids.map((s) => this.keys.sessionNode(s)));
+    const pipe = this.redis.pipeline();
+    sids.forEach((sid, i) => {
+      const node = nodes[i];
+      if (!node) return;
+      outcome.accepted++;
+      pipe.publish(this.keys.nodeChannel(node), Buffer.concat([Buffer.from(`e${sid}\n`), packed]));
     });
-    if (owner && gone.length > 0) {
-      // Housekeeping only: a failure leaves the ids for the next publish or `ofUser` to prune.
-      this.directory.forgetSessionsOfUser(owner, gone).catch(() => {});
-    }
-    if (gone.length === sids.length) throw new ProtocolError('not_found', 'the target has no live session');
-    outcome.sessions -= gone.length;
-    if (expiresAt > 0) {
-      await this.redis.zadd(this.keys.expiries, ...sids.flatMap((sid) => [expiresAt, `${sid}|${event.eid}`]));
-    }
+    await pipe.exec();
     return outcome;
   }
 }

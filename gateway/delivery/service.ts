@@ -27,6 +27,7 @@ import type {
   AckPumpResult,
   DirectClaim,
   DirectSender,
+  Fanout,
   Outbox,
   StoredEvent,
 } from './outbox.ts';
@@ -95,6 +96,12 @@ const NODE_OPS = {
 
 export class DeliveryService {
   private readonly pumps = new Map<string, SessionPump>();
+  /** This node's pumps by device id and by user id: whom a fanout may reach here (claims). */
+  private readonly byDevice = new Map<string, SessionPump>();
+  /** A user's pumps on this node: the pump itself when one (almost always), else a Set. */
+  private readonly byUser = new Map<string, SessionPump | Set<SessionPump>>();
+  /** Sessions with a connection on this node in a room (set by the rooms service). */
+  localRoomSessions: (room: string) => Iterable<string> = () => [];
   private readonly ackLatency: Histogram;
   private dirty: SessionPump[] = [];
   private flushScheduled = false;
@@ -236,7 +243,7 @@ export class DeliveryService {
     gateway.onAck = (conn, eids) => this.ack(conn, eids);
     const direct: DirectSender = {
       nodeId: gateway.nodeId,
-      claim: (sid) => this.claimSend(sid),
+      claim: (to) => this.claimSends(to),
       settle: (claim, event, seq) => this.settleSend(claim as PumpClaim, event, seq),
     };
     this.deps.outbox.direct = direct;
@@ -341,6 +348,12 @@ export class DeliveryService {
     const sid = conn.session!.sessionId;
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
+    const { userId, deviceId } = conn.session!;
+    if (deviceId) this.byDevice.set(deviceId, pump);
+    const mine = this.byUser.get(userId);
+    if (!mine) this.byUser.set(userId, pump);
+    else if (mine instanceof Set) mine.add(pump);
+    else this.byUser.set(userId, new Set([mine, pump]));
     const { keys, gateway, options } = this.deps;
     this.deps.binding
       .run(
@@ -418,6 +431,14 @@ export class DeliveryService {
     const pump = this.pumps.get(sid);
     if (pump?.conn !== conn) return;
     this.pumps.delete(sid);
+    const { userId, deviceId } = conn.session!;
+    if (deviceId && this.byDevice.get(deviceId) === pump) this.byDevice.delete(deviceId);
+    const mine = this.byUser.get(userId);
+    if (mine === pump) this.byUser.delete(userId);
+    else if (mine instanceof Set) {
+      mine.delete(pump);
+      if (mine.size === 1) this.byUser.set(userId, mine.values().next().value as SessionPump);
+    }
     const { binding, keys, gateway } = this.deps;
     binding.run('node_release', [keys.sessionNode(sid)], [gateway.nodeId]).catch((e) => {
       logFailure(this.deps.log, e, {}, 'could not release session node key');
@@ -538,15 +559,26 @@ export class DeliveryService {
   // ---- sending from the publish (Outbox DirectSender) -------------------------------------------
 
   /**
-   * Whether an event published now to `sid` may be sent from the publish: the session's
-   * connection is on this node and has a free slot. The script decides the rest.
+   * Claims for an event published now to `to`: one per connection on this node of a session
+   * `to` may reach that is open and has a free slot. The script decides the rest, including
+   * whether `to` does reach the session.
    */
-  private claimSend(sid: string): PumpClaim | null {
-    const pump = this.pumps.get(sid);
-    if (!pump || pump.resync || pump.conn.state !== ConnState.open) return null;
-    if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return null;
-    pump.claims++;
-    return { after: pump.lastSeq, pump };
+  private claimSends(to: Fanout): PumpClaim[] {
+    const claims: PumpClaim[] = [];
+    const add = (pump: SessionPump | undefined) => {
+      if (!pump || pump.resync || pump.conn.state !== ConnState.open) return;
+      if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return;
+      pump.claims++;
+      claims.push({ sid: pump.sid, after: pump.lastSeq, pump });
+    };
+    if ('session' in to) add(this.pumps.get(to.session));
+    else if ('device' in to) add(this.byDevice.get(to.device));
+    else if ('user' in to) {
+      const mine = this.byUser.get(to.user);
+      if (mine instanceof Set) for (const pump of mine) add(pump);
+      else add(mine);
+    } else for (const sid of this.localRoomSessions(to.room)) add(this.pumps.get(sid));
+    return claims;
   }
 
   private settleSend({ pump }: PumpClaim, event: StoredEvent, seq: number | null): void {

@@ -183,6 +183,14 @@ export class Rooms {
     return out;
   }
 
+  /** Sessions with a connection on this node in `room` (normalized). */
+  *localSessions(room: string): Iterable<string> {
+    for (const conn of this.local.get(room) ?? []) {
+      const sid = conn.session?.sessionId;
+      if (sid) yield sid;
+    }
+  }
+
   memberSessions(room: string): Promise<string[]> {
     return this.deps.redis.zrange(this.deps.keys.roomMembers(normalizeRoom(room)), '0', '-1');
   }
@@ -200,29 +208,30 @@ export class Rooms {
     if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
     this.checkBody(body);
     const from = conn.session!.username;
-    const { wire, packed } = await turn(() =>
-      this.broadcast({ name: 'room.message', room, from, data: { body } }),
-    );
-    const { historyMs, historyMax } = this.deps.options;
-    if (historyMs > 0) {
-      const key = this.deps.keys.roomHistory(room);
-      const m = this.deps.redis.multi();
-      m.zadd(key, wire.ts, packed);
-      m.zremrangebyscore(key, '-inf', String(wire.ts - historyMs));
-      m.zremrangebyrank(key, 0, -historyMax - 1);
-      m.pexpire(key, historyMs);
-      await m.exec();
-    }
+    await turn(() => this.broadcast({ name: 'room.message', room, from, data: { body } }, true));
   }
 
-  /** Publishes a room message to every node; returns it and its packed form (kept as history). */
-  private async broadcast(
-    partial: Omit<RoomWire, 'eid' | 'ts'>,
-  ): Promise<{ wire: RoomWire; packed: Buffer }> {
+  /**
+   * Publishes a room event to every node; with `keep` (and GW_ROOM_HISTORY_MS) it is also
+   * kept as history, packed once for both, in the same round trip.
+   */
+  private async broadcast(partial: Omit<RoomWire, 'eid' | 'ts'>, keep = false): Promise<void> {
     const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
     const packed = pack(wire);
-    await this.deps.redis.publish(this.deps.keys.roomChannel(wire.room), packed);
-    return { wire, packed };
+    const { redis, keys, options } = this.deps;
+    if (!keep || options.historyMs <= 0) {
+      await redis.publish(keys.roomChannel(wire.room), packed);
+      return;
+    }
+    const key = keys.roomHistory(wire.room);
+    await redis
+      .multi()
+      .publish(keys.roomChannel(wire.room), packed)
+      .zadd(key, wire.ts, packed)
+      .zremrangebyscore(key, '-inf', String(wire.ts - options.historyMs))
+      .zremrangebyrank(key, 0, -options.historyMax - 1)
+      .pexpire(key, options.historyMs)
+      .exec();
   }
 
   private deliver(conn: Connection, w: RoomWire, history: boolean): void {

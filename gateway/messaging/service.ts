@@ -134,8 +134,8 @@ export class Messaging {
 
   /**
    * A direct message: no PostgreSQL (the recipient's user id is remembered) and one Redis
-   * command before the outbox append (the user's recorded sessions; the publish script skips
-   * the expired ones).
+   * round trip, the publish script's, which finds the user's sessions, skips the expired ones
+   * and appends to the outboxes of the others.
    */
   private async send(conn: Connection, to: string, body: string, turn: Turn): Promise<{ eid: string }> {
     this.deps.rooms.checkBody(body);

@@ -1,0 +1,249 @@
+/**
+ * A qos-1 publish costs one Redis round trip, the publish script's, with no look-up before it:
+ * a gateway on its own Redis server, every command it sends watched with MONITOR while a
+ * device `send`s to another and a back end publishes to the device, user, username and room.
+ * Before the target was expanded in the script, each of these 100 events cost a SMEMBERS, GET
+ * or ZRANGE first (and a ZADD after, with a ttl).
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { connect } from 'node:net';
+import { after, before, test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+const API_KEY = 'test-api-key-0123456789';
+const N = 20;
+
+let redis: OwnRedis;
+let gw: GatewayProcess;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  redis = await startOwnRedis();
+  gw = await startGateway({
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    // Windows that never fill: whether an event goes out from its publish is the script's call.
+    GW_MAX_INFLIGHT: '1000',
+  });
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await gw?.stop();
+  await redis?.remove();
+});
+
+/** A command a client sent (not one a script ran), as MONITOR showed it. */
+interface Seen {
+  command: string;
+  args: string[];
+  /** The client's address. */
+  source: string;
+}
+
+/**
+ * Every command the server runs, from MONITOR on a plain socket (ioredis's monitor mode can
+ * take a line that arrives with MONITOR's own +OK for a reply, on a busy machine).
+ */
+async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
+  const seen: Seen[] = [];
+  const socket = connect(redis.port, '127.0.0.1');
+  socket.on('error', () => {});
+  let pending = '';
+  let started!: () => void;
+  const ok = new Promise<void>((resolve) => {
+    started = resolve;
+  });
+  socket.on('data', (chunk: Buffer) => {
+    pending += chunk.toString('latin1');
+    let nl = pending.indexOf('\r\n');
+    while (nl >= 0) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 2);
+      nl = pending.indexOf('\r\n');
+      if (line === '+OK') started();
+      // +1796148482.572801 [0 127.0.0.1:40000] "EVALSHA" "..." (scripts' commands: [0 lua])
+      const m = /^\+[\d.]+ \[\d+ ([^\]]+)\] (.*)$/.exec(line);
+      if (!m || m[1] === 'lua') continue;
+      const args = [...m[2].matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((a) =>
+        a[1].replace(/\\x([0-9a-f]{2})|\\(.)/g, (_all, hex: string, c: string) =>
+          hex ? String.fromCharCode(Number.parseInt(hex, 16)) : c === 'n' ? '\n' : c === 'r' ? '\r' : c,
+        ),
+      );
+      seen.push({ command: args[0].toLowerCase(), args: args.slice(1), source: m[1] });
+    }
+  });
+  socket.write('MONITOR\r\n');
+  await within('MONITOR to start', ok);
+  return { seen, stop: () => socket.destroy() };
+}
+
+async function sentFromPublish(): Promise<number> {
+  const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+  return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
+}
+
+async function publish(target: object, eid: string): Promise<void> {
+  const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify({ target, name: 'rt.test', data: { eid }, eid, ttl: 60_000 }),
+  });
+  assert.equal(res.status, 202, await res.text());
+}
+
+test('a send and a back-end publish to a device, user, username or room: one script call each, no look-up before it', async () => {
+  const receiver = await connected(gw.tcpUrl, { autoAck: true });
+  const sender = await connected(gw.tcpUrl);
+  clients.push(receiver, sender);
+  const device = `rt-${randomUUID().slice(0, 8)}`;
+  const r = await signUp(receiver, { id: device });
+  await signUp(sender);
+  const room = `#rt${randomUUID().slice(0, 6)}`;
+  await receiver.request('join', { room });
+  const got: EventMsg[] = [];
+  receiver.on('event', (e: EventMsg) => got.push(e));
+
+  // Warm up: the scripts are loaded, the recipient's user id is remembered.
+  await sender.request('send', { to: r.username, body: 'warm-up' });
+  await publish({ device }, 'warm-up');
+  await until('the warm-up events', () => got.length >= 2);
+
+  const fromPublish0 = await sentFromPublish();
+  const watch = await monitor();
+  const eids: string[] = [];
+  const targets = [{ device }, { user: r.userId }, { username: r.username }, { room }];
+  for (let i = 0; i < N; i++) {
+    eids.push((await sender.request<{ eid: string }>('send', { to: r.username, body: `m${i}` })).eid);
+    for (const [k, target] of targets.entries()) {
+      const eid = `rt-${k}-${i}`;
+      await publish(target, eid);
+      eids.push(eid);
+    }
+  }
+  await until(`all ${eids.length} events at the receiver`, () =>
+    eids.every((eid) => got.some((e) => e.eid === eid)),
+  );
+  watch.stop();
+  // The receiver is on the publishing node with a free window: each event went out from its
+  // publish, whatever the target named (docs/ARCHITECTURE.md, "Sending from the publish").
+  assert.equal((await sentFromPublish()) - fromPublish0, eids.length, 'events sent from the publish');
+
+  // Every message went to Redis in exactly one publish script call (the one that passes the
+  // node channel prefix; acks name eids too), alone or batched with others.
+  const scriptCalls = watch.seen.filter(
+    (s) => (s.command === 'evalsha' || s.command === 'eval') && s.args.includes(`${gw.prefix}node:`),
+  );
+  for (const eid of eids) {
+    const carrying = scriptCalls.filter((s) => s.args.includes(eid));
+    assert.equal(carrying.length, 1, `${eid} went to Redis in ${carrying.length} script calls`);
+  }
+  const publishCalls = scriptCalls.filter((s) => eids.some((eid) => s.args.includes(eid)));
+  assert.ok(
+    publishCalls.length <= eids.length,
+    `${publishCalls.length} publish calls for ${eids.length} events`,
+  );
+
+  // The expiry of a ttl goes in with the event, not in a call after it.
+  assert.deepEqual(
+    watch.seen.filter((s) => s.command === 'zadd' && s.args[0] === `${gw.prefix}expiries`).length,
+    0,
+    'ZADDs to the expiries index outside the publish script',
+  );
+
+  // And nothing looked the target up first: no read of the user's session set, the device key
+  // or the room's members, and no per-session check, from the gateway itself.
+  const lookups = watch.seen.filter((s) =>
+    ['smembers', 'get', 'mget', 'exists', 'zrange'].includes(s.command),
+  );
+  const summary = lookups.map((s) => `${s.command} ${s.args.join(' ')}`).slice(0, 10);
+  assert.ok(
+    lookups.length < N,
+    `${lookups.length} look-ups for ${eids.length} events (${N} of each kind): ${summary.join('; ')}`,
+  );
+  const targetKeys = [
+    `${gw.prefix}dev:${device}`,
+    `${gw.prefix}user:${r.userId}:sess`,
+    `${gw.prefix}room:${room}:m`,
+  ];
+  const ofTargets = lookups.filter((s) => s.args.some((a) => targetKeys.includes(a) || a.includes('}:sess')));
+  assert.deepEqual(
+    ofTargets.map((s) => `${s.command} ${s.args.join(' ')}`),
+    [],
+    'look-ups of the targets or their sessions',
+  );
+});
+
+test('a say is one round trip: its publish and its history write go in one MULTI', async () => {
+  const a = await connected(gw.tcpUrl);
+  const b = await connected(gw.tcpUrl);
+  clients.push(a, b);
+  await signUp(a);
+  await signUp(b);
+  const room = `#say${randomUUID().slice(0, 6)}`;
+  await a.request('join', { room });
+  await b.request('join', { room });
+  let heard = 0;
+  b.on('event', (e: EventMsg) => {
+    if (e.name === 'room.message') heard++;
+  });
+  await a.request('say', { room, body: 'warm-up' });
+  await until('the warm-up message', () => heard >= 1);
+
+  const watch = await monitor();
+  for (let i = 0; i < N; i++) await a.request('say', { room, body: `m${i}` });
+  await until(`${N} messages heard`, () => heard >= N + 1);
+  watch.stop();
+
+  const channel = `${gw.prefix}roomchan:${room}`;
+  const history = `${gw.prefix}room:${room}:h`;
+  const alone: string[] = [];
+  let published = 0;
+  watch.seen.forEach((s, i) => {
+    if (s.command !== 'publish' || s.args[0] !== channel) return;
+    published++;
+    const mine = watch.seen.slice(0, i).filter((t) => t.source === s.source);
+    const next = watch.seen.slice(i + 1).find((t) => t.source === s.source);
+    if (mine.at(-1)?.command !== 'multi' || next?.command !== 'zadd' || next.args[0] !== history) {
+      alone.push(`${mine.at(-1)?.command ?? '-'} > publish > ${next?.command ?? '-'}`);
+    }
+  });
+  assert.equal(published, N);
+  assert.deepEqual(alone, [], 'publishes of a say not in one MULTI with its history write');
+});
+
+test('sends pipelined from several devices to one: every event goes out from its publish', async () => {
+  const receiver = await connected(gw.tcpUrl, { autoAck: true });
+  clients.push(receiver);
+  const r = await signUp(receiver);
+  const senders: GatewayClient[] = [];
+  for (let i = 0; i < 4; i++) {
+    const c = await connected(gw.tcpUrl);
+    clients.push(c);
+    senders.push(c);
+    await signUp(c);
+  }
+  let got = 0;
+  receiver.on('event', () => got++);
+  await senders[0].request('send', { to: r.username, body: 'warm-up' });
+  await until('the warm-up message', () => got >= 1);
+
+  // Publish calls overlap unless one waits for the other: a claim made behind an unanswered
+  // call names a sequence that call moved on, and is refused (the pump sends the event).
+  const before = await sentFromPublish();
+  const n = 50;
+  await Promise.all(
+    senders.flatMap((c, k) =>
+      Array.from({ length: n }, (_, i) => c.request('send', { to: r.username, body: `${k}.${i}` })),
+    ),
+  );
+  await until(`${4 * n} messages`, () => got >= 4 * n + 1);
+  assert.equal((await sentFromPublish()) - before, 4 * n, 'events sent from the publish');
+});
