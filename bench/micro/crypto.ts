@@ -57,11 +57,12 @@ function handshakes(b: CryptoBackend): number {
 
 console.log(header('crypto: native addon vs node:crypto (npm run bench:crypto)'));
 const rows: (string | number)[][] = [];
-for (const size of [64, 100, 1024, 16384]) {
-  const js = sealOpen(nodeBackend, size);
-  const nat = native ? sealOpen(native, size) : Number.NaN;
+/** One row: `run` on node:crypto, then on the native backend when it loaded. */
+function row(label: string, run: (b: CryptoBackend) => number): void {
+  const js = run(nodeBackend);
+  const nat = native ? run(native) : Number.NaN;
   rows.push([
-    `seal+open ${size} B`,
+    label,
     js,
     1e6 / js,
     native ? nat : 'n/a',
@@ -69,28 +70,9 @@ for (const size of [64, 100, 1024, 16384]) {
     native ? `${(nat / js).toFixed(2)}x` : 'n/a',
   ]);
 }
-{
-  const js = sealOpenManyKeys(nodeBackend, 100);
-  const nat = native ? sealOpenManyKeys(native, 100) : Number.NaN;
-  rows.push([
-    'seal+open 100 B, 1,000 keys in turn',
-    js,
-    1e6 / js,
-    native ? nat : 'n/a',
-    native ? 1e6 / nat : 'n/a',
-    native ? `${(nat / js).toFixed(2)}x` : 'n/a',
-  ]);
-}
-const hsJs = handshakes(nodeBackend);
-const hsNat = native ? handshakes(native) : Number.NaN;
-rows.push([
-  'full handshake (both sides)',
-  hsJs,
-  1e6 / hsJs,
-  native ? hsNat : 'n/a',
-  native ? 1e6 / hsNat : 'n/a',
-  native ? `${(hsNat / hsJs).toFixed(2)}x` : 'n/a',
-]);
+for (const size of [64, 100, 1024, 16384]) row(`seal+open ${size} B`, (b) => sealOpen(b, size));
+row('seal+open 100 B, 1,000 keys in turn', (b) => sealOpenManyKeys(b, 100));
+row('full handshake (both sides)', handshakes);
 console.log(
   table(['operation', 'node ops/s', 'node µs/op', 'native ops/s', 'native µs/op', 'native/node'], rows),
 );
