@@ -149,6 +149,12 @@ const SETTINGS = {
     'On SIGTERM, how long `/health/ready` answers 503 before the gateway stops accepting and kicks its devices, so that load balancers take it out first (e.g. 5000 behind one). Counts within `GW_SHUTDOWN_TIMEOUT_MS`.',
     int(0, 600_000).default(0),
   ),
+  drainSettleMs: setting(
+    'GW_DRAIN_SETTLE_MS',
+    '2000',
+    'At the drain, how long requests already taken (a login hashing, a publish waiting for Redis) may take to be answered before the devices get the `going_away` kick; the kick comes as soon as none is left. Counts within `GW_SHUTDOWN_TIMEOUT_MS`.',
+    int(0, 600_000).default(2000),
+  ),
   readyTimeoutMs: setting(
     'GW_READY_TIMEOUT_MS',
     '1000',

@@ -29,7 +29,6 @@ import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
 
 /** How long a drain waits for requests in flight to be answered before its `going_away` kicks. */
-const DRAIN_SETTLE_MS = 2000;
 export interface GatewayOptions {
   config: Config;
   log: Logger;
@@ -474,8 +473,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.tcpServer?.close();
     if (this.listenSocket) uWS.us_listen_socket_close(this.listenSocket);
     // Requests already taken are answered before the kick (their effects happen either way, and
-    // a client that saw no answer would repeat them): at most DRAIN_SETTLE_MS, within the deadline.
-    const settleUntil = Math.min(Date.now() + DRAIN_SETTLE_MS, deadline - 1000);
+    // a client that saw no answer would repeat them): at most GW_DRAIN_SETTLE_MS, within the deadline.
+    const settleUntil = Math.min(Date.now() + this.config.drainSettleMs, deadline - 1000);
     while (Date.now() < settleUntil && [...this.connections].some((c) => c.busy)) {
       await new Promise((r) => setTimeout(r, 10));
     }

@@ -174,12 +174,15 @@ test('a request in flight when the drain starts is answered before the going_awa
     ARGON2_MEMORY_KIB: '65536',
     ARGON2_ITERATIONS: '6',
     GW_DRAIN_DELAY_MS: '0',
+    // On a loaded machine the login may take longer than the default 2 s to settle.
+    GW_DRAIN_SETTLE_MS: '30000',
+    GW_SHUTDOWN_TIMEOUT_MS: '40000',
   });
   try {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);
     const other = await connected(gw.tcpUrl);
-    const kicked = nextEvent<{ code: string }>(other, 'kick', 'the going_away kick');
+    const kicked = nextEvent<{ code: string }>(other, 'kick', 'the going_away kick', 60_000);
     const order: string[] = [];
     const login = other.request('login', { username: s.username, password: 'correct horse battery' }).then(
       () => order.push('login answered'),
@@ -197,7 +200,7 @@ test('a request in flight when the drain starts is answered before the going_awa
       5,
     );
     gw.proc.kill('SIGTERM');
-    await within('the login to settle', login);
+    await within('the login to settle', login, 40_000);
     await kicked;
     assert.deepEqual(order, ['login answered', 'kick']);
     c.destroy();
