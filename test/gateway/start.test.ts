@@ -30,6 +30,23 @@ function alive(pid: number): boolean {
   }
 }
 
+/**
+ * Kills a process group started with `detached: true`: what `npm start` or `device-gateway
+ * start` started (the gateway, its workers) goes too, even when the test failed before it
+ * learned their pids.
+ */
+function killGroup(pid: number | undefined): void {
+  if (!pid) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+/** Starting a built gateway of two processes on a loaded machine takes a while. */
+const START_MS = 60_000;
+
 /** Ports chosen by the system, on loopback, for the built gateway started as a user would. */
 const BUILT_ENV = { GW_TCP_PORT: '0', GW_HTTP_PORT: '0', GW_METRICS_PORT: '0', GW_HOST: '127.0.0.1' };
 
@@ -37,7 +54,12 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
   assertBuilt();
   const deployment = deploymentEnv();
   const env = { ...process.env, ...BUILT_ENV, ...deployment };
-  const npm = spawn('npm', ['start', '--silent'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const npm = spawn('npm', ['start', '--silent'], {
+    cwd: ROOT,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
   let out = '';
   npm.stdout.on('data', (d) => (out += d));
   npm.stderr.on('data', (d) => (out += d));
@@ -46,11 +68,14 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
   );
   let gatewayPid = 0;
   try {
-    const ready = await until('the gateway ready line', () =>
-      out
-        .split('\n')
-        .map((l) => (l.startsWith('{') ? JSON.parse(l) : {}))
-        .find((l) => l.msg === 'gateway ready'),
+    const ready = await until(
+      'the gateway ready line',
+      () =>
+        out
+          .split('\n')
+          .map((l) => (l.startsWith('{') ? JSON.parse(l) : {}))
+          .find((l) => l.msg === 'gateway ready'),
+      START_MS,
     );
     gatewayPid = ready.pid as number;
     npm.kill('SIGTERM');
@@ -60,7 +85,7 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
     assert.deepEqual({ code, signal }, { code: 0, signal: null });
   } finally {
     if (gatewayPid && alive(gatewayPid)) process.kill(gatewayPid, 'SIGKILL');
-    npm.kill('SIGKILL');
+    killGroup(npm.pid);
     await dropDeployment(deployment);
   }
 });
@@ -101,6 +126,7 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
     cwd: ROOT,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
   });
   let out = '';
   cli.stdout.on('data', (d) => (out += d));
@@ -113,8 +139,10 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
       .map((l) => JSON.parse(l) as Record<string, unknown>);
   let workers: number[] = [];
   try {
-    const ready = await until('the supervisor ready line', () =>
-      lines().find((l) => l.msg === 'gateway ready'),
+    const ready = await until(
+      'the supervisor ready line',
+      () => lines().find((l) => l.msg === 'gateway ready'),
+      START_MS,
     );
     assert.equal(ready.processes, 2, out);
     workers = lines()
@@ -126,7 +154,7 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
     for (const pid of workers) await until(`gateway process ${pid} to exit`, () => !alive(pid), 15_000);
   } finally {
     for (const pid of workers) if (alive(pid)) process.kill(pid, 'SIGKILL');
-    cli.kill('SIGKILL');
+    killGroup(cli.pid);
     await dropDeployment(deployment);
   }
 });
