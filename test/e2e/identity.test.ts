@@ -4,18 +4,20 @@
  */
 import assert from 'node:assert/strict';
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { dropRedisPrefix, dropSchema, query, REDIS_URL } from '../helpers/cleanup.ts';
+import { query, REDIS_URL } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
 const isCode = (code: string) => (e: unknown) => e instanceof ProtocolError && e.code === code;
@@ -215,9 +217,9 @@ for (const transport of ['tcp', 'ws'] as const) {
 
 describe('across two gateway processes', () => {
   test('revoke and device takeover kick the connection on the other node', async () => {
-    const shared = sharedEnv();
-    const a = await startGateway(shared);
-    const b = await startGateway(shared);
+    const shared = deploymentEnv();
+    const a = await startGateway({ ...shared });
+    const b = await startGateway({ ...shared });
     try {
       const onA = await connected(a.tcpUrl);
       const s = await signUp(onA, { id: 'sensor-1' });
@@ -250,22 +252,10 @@ describe('across two gateway processes', () => {
       onA3.destroy();
     } finally {
       await Promise.all([a.stop(), b.stop()]);
-      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
-      await dropSchema(shared.GW_DB_SCHEMA);
+      await dropDeployment(shared);
     }
   });
 });
-
-/** Settings two nodes of one cluster share: Redis prefix, schema and token key. */
-function sharedEnv(): Record<string, string> {
-  const tag = randomUUID().slice(0, 8);
-  const dir = mkdtempSync(join(tmpdir(), 'gw-shared-'));
-  return {
-    GW_REDIS_PREFIX: `gwtest:${tag}:`,
-    GW_DB_SCHEMA: `gwtest_${tag}`,
-    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
-  };
-}
 
 describe('lockout', () => {
   test('5 failures lock the account with retryAfter; it expires; success resets the count', async () => {
@@ -532,7 +522,7 @@ describe('hashing off the event loop', () => {
 
 describe('user.registered reaches the back-end queue', () => {
   test('exactly once with the documented shape, also when the relay is killed after adding', async () => {
-    const shared = sharedEnv();
+    const shared = deploymentEnv();
     const a = await startGateway({ ...shared, GW_TEST_RELAY_PAUSE_AFTER_ADD: '1' });
     const bull = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
     const queue = new Queue('gw-backend', { connection: bull, prefix: `${shared.GW_REDIS_PREFIX}bull` });
@@ -551,7 +541,7 @@ describe('user.registered reaches the back-end queue', () => {
         paused.id,
       ]);
       assert.equal(row.rows[0].published_at, null, 'killed before marking the row');
-      const b = await startGateway(shared);
+      const b = await startGateway({ ...shared });
       for (let i = 0; i < 50; i++) {
         const r = await query(shared.GW_DB_SCHEMA, 'SELECT published_at FROM outbox WHERE id = $1', [
           paused.id,
@@ -576,8 +566,7 @@ describe('user.registered reaches the back-end queue', () => {
       await queue.close();
       bull.disconnect();
       await a.stop();
-      await dropRedisPrefix(shared.GW_REDIS_PREFIX);
-      await dropSchema(shared.GW_DB_SCHEMA);
+      await dropDeployment(shared);
     }
   });
 });
