@@ -291,23 +291,22 @@ export class Outbox {
         for (const p of batch) {
           const n = reply[i++] as number;
           const results: SessionPublishResult[] = [];
-          const seqs: (number | null)[] = [];
+          // A room's claims and results can both run to thousands: match them by session id.
+          const seqOf = p.claims.length > 0 ? new Map<string, number | null>() : null;
           for (let j = 0; j < n; j++, i += 6) {
             const status = reply[i + 1] as number;
             const node = reply[i + 2] as Buffer | null;
             const dropped = reply[i + 4] as Buffer | null;
+            const sid = (reply[i] as Buffer).toString();
             results.push({
-              sid: (reply[i] as Buffer).toString(),
+              sid,
               status: PUBLISH_STATUS[status + 2],
               node: node ? node.toString() : null,
               ...(dropped ? { dropped: decode(dropped) } : {}),
             });
-            seqs.push(status === 2 ? (reply[i + 5] as number) : null);
+            seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);
           }
-          for (const c of p.claims) {
-            const k = results.findIndex((r) => r.sid === c.sid);
-            direct!.settle(c, p.event, k < 0 ? null : seqs[k]);
-          }
+          for (const c of p.claims) direct!.settle(c, p.event, seqOf!.get(c.sid) ?? null);
           p.resolve(results);
         }
       },
