@@ -13,9 +13,13 @@
  * server, never received after a drain). Gateway devices are encrypted and ack every event;
  * Mosquitto runs as installed (127.0.0.1:1883), clients from the `mqtt` package.
  *
+ * Every core: the back-end path at max rate runs once more on a gateway of 2 processes
+ * (`GW_PROCESSES=2`; the others run 1), and the run prints its events/s and CPU per event
+ * against the 1-process gateway's and Mosquitto's (`--processes 1` leaves it out).
+ *
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
- *                             [--paths backend,direct]
+ *                             [--paths backend,direct] [--processes 1,2]
  */
 import { execSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -43,9 +47,12 @@ const { values } = parseArgs({
     payload: { type: 'string', default: '100' },
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
     paths: { type: 'string', default: 'backend,direct' },
+    processes: { type: 'string', default: '1,2' },
   },
 });
 const PATHS = new Set(String(values.paths).split(','));
+/** Gateway process counts the back-end max-rate row runs with (1: every row; more: that row again). */
+const PROCESSES = String(values.processes).split(',').map(Number);
 const DEVICES = Number(values.devices);
 const SECONDS = Number(values.seconds);
 const WARMUP = Number(values.warmup);
@@ -75,8 +82,8 @@ interface Row {
 
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
 
-/** CPU seconds of a process and all its descendants (a gateway may run several processes). */
-function treeCpuSeconds(root: number): number {
+/** A process and all its descendants (a gateway may run several processes). */
+function treePids(root: number): number[] {
   const children = new Map<number, number[]>();
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
@@ -88,24 +95,32 @@ function treeCpuSeconds(root: number): number {
       children.set(ppid, list);
     } catch {}
   }
-  let micros = 0;
+  const out: number[] = [];
   const todo = [root];
   while (todo.length) {
     const pid = todo.pop()!;
-    micros += processCpuMicros(pid) ?? 0;
+    out.push(pid);
     todo.push(...(children.get(pid) ?? []));
   }
+  return out;
+}
+
+/** CPU seconds of a process and all its descendants. */
+function treeCpuSeconds(root: number): number {
+  let micros = 0;
+  for (const pid of treePids(root)) micros += processCpuMicros(pid) ?? 0;
   return micros / 1e6;
 }
 
 /**
- * PostgreSQL backends serving a process's connections: its sockets to port 5432 (`ss -tnp`)
- * matched to `pg_stat_activity.client_port`. The server is shared, so only these count.
+ * PostgreSQL backends serving the connections of a process tree: its sockets to port 5432
+ * (`ss -tnp`) matched to `pg_stat_activity.client_port`. The server is shared, so only these count.
  */
-function pgBackendsOf(pid: number): number[] {
+function pgBackendsOf(root: number): number[] {
+  const pids = treePids(root);
   const ports = execSync(`ss -tnpH state established '( dport = :5432 )'`, { encoding: 'utf8' })
     .split('\n')
-    .filter((l) => l.includes(`pid=${pid},`))
+    .filter((l) => pids.some((pid) => l.includes(`pid=${pid},`)))
     .map((l) => l.trim().split(/\s+/)[2]?.split(':').pop())
     .filter((p): p is string => !!p);
   if (ports.length === 0) return [];
@@ -285,8 +300,9 @@ async function redisCallsOf(metricsPort: number): Promise<number> {
   return n;
 }
 
-async function startBenchGateway() {
+async function startBenchGateway(processes = 1) {
   return startGateway({
+    GW_PROCESSES: String(processes),
     GW_LOG_LEVEL: 'info',
     GW_DEFAULT_ROOM: '',
     GW_API_KEY: API_KEY,
@@ -296,9 +312,12 @@ async function startBenchGateway() {
   });
 }
 
-/** Back end → device through `POST /v1/events`, every publish of one tick in one request. */
-async function gatewayBackend(): Promise<Made> {
-  const g = await startBenchGateway();
+/**
+ * Back end → device through `POST /v1/events`, every publish of one tick in one request (a
+ * request per tick while others are out, so with several processes the HTTP connections spread).
+ */
+async function gatewayBackend(processes = 1): Promise<Made> {
+  const g = await startBenchGateway(processes);
   const { clients, names } = await devices(g.tcpUrl, DEVICES, 'dev');
   const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
   let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
@@ -322,7 +341,7 @@ async function gatewayBackend(): Promise<Made> {
     }
   };
   const sys: System = {
-    name: 'gateway',
+    name: processes === 1 ? 'gateway' : `gateway, ${processes} processes`,
     serverPid: g.proc.pid!,
     usesRedis: true,
     redisCalls: () => redisCallsOf(g.metricsPort),
@@ -450,6 +469,11 @@ async function main(): Promise<void> {
     rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
     await close();
   }
+  for (const n of PATHS.has('backend') ? PROCESSES.filter((p) => p > 1) : []) {
+    const { sys, close } = await gatewayBackend(n);
+    rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
+    await close();
+  }
   for (const make of PATHS.has('direct') ? [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)] : []) {
     const { sys, close } = await make();
     rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
@@ -490,26 +514,34 @@ async function main(): Promise<void> {
     ),
   );
   const ratio = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
+  /** A row of the ratio table: `g` over `base` in events/s, CPU per event and p99. */
+  const pair = (label: string, g: Row, base: Row) => [
+    label,
+    ratio(g.delivered, base.delivered),
+    ratio(perEvent(g), perEvent(base)),
+    ratio(g.p99, base.p99),
+  ];
+  const of = (path: string, system: string, mode: string) =>
+    rows.find((r) => r.path === path && r.system === system && r.mode.startsWith(mode));
   const pairs: string[][] = [];
   for (const [path, mode, label] of [
     [BACKEND_SHORT, 'max rate', `${BACKEND_SHORT}, max rate`],
     [BACKEND_SHORT, 'fixed', `${BACKEND_SHORT}, fixed ${RATE}/s`],
     [DIRECT_SHORT, 'max rate', `${DIRECT_SHORT}, max rate`],
   ]) {
-    const of = (system: string) =>
-      rows.find((r) => r.path === path && r.system === system && r.mode.startsWith(mode));
-    const g = of('gateway');
-    const m = of('Mosquitto');
-    if (!g || !m) continue;
-    pairs.push([
-      label,
-      ratio(g.delivered, m.delivered),
-      ratio(perEvent(g), perEvent(m)),
-      ratio(g.p99, m.p99),
-    ]);
+    const g = of(path, 'gateway', mode);
+    const m = of(path, 'Mosquitto', mode);
+    if (g && m) pairs.push(pair(label, g, m));
+  }
+  for (const n of PROCESSES.filter((p) => p > 1)) {
+    const g = of(BACKEND_SHORT, `gateway, ${n} processes`, 'max rate');
+    const one = of(BACKEND_SHORT, 'gateway', 'max rate');
+    const m = of(BACKEND_SHORT, 'Mosquitto', 'max rate');
+    if (g && m) pairs.push(pair(`${BACKEND_SHORT}, max rate, ${n} processes`, g, m));
+    if (g && one) pairs.push(pair(`${BACKEND_SHORT}, max rate: ${n} processes / 1 process`, g, one));
   }
   console.log(
-    `\n${table(['row (gateway / Mosquitto, same run)', 'delivered/s', 'CPU per event', 'p99'], pairs)}`,
+    `\n${table(['row (gateway / Mosquitto, same run, unless named)', 'delivered/s', 'CPU per event', 'p99'], pairs)}`,
   );
   process.exit(0);
 }
