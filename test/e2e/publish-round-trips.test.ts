@@ -7,14 +7,14 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { connect } from 'node:net';
 import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { fetchWithin, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { monitor } from '../helpers/redis-monitor.ts';
 
 const API_KEY = 'test-api-key-0123456789';
 const N = 20;
@@ -39,51 +39,6 @@ after(async () => {
   await gw?.stop();
   await redis?.remove();
 });
-
-/** A command a client sent (not one a script ran), as MONITOR showed it. */
-interface Seen {
-  command: string;
-  args: string[];
-  /** The client's address. */
-  source: string;
-}
-
-/**
- * Every command the server runs, from MONITOR on a plain socket (ioredis's monitor mode can
- * take a line that arrives with MONITOR's own +OK for a reply, on a busy machine).
- */
-async function monitor(): Promise<{ seen: Seen[]; stop: () => void }> {
-  const seen: Seen[] = [];
-  const socket = connect(redis.port, '127.0.0.1');
-  socket.on('error', () => {});
-  let pending = '';
-  let started!: () => void;
-  const ok = new Promise<void>((resolve) => {
-    started = resolve;
-  });
-  socket.on('data', (chunk: Buffer) => {
-    pending += chunk.toString('latin1');
-    let nl = pending.indexOf('\r\n');
-    while (nl >= 0) {
-      const line = pending.slice(0, nl);
-      pending = pending.slice(nl + 2);
-      nl = pending.indexOf('\r\n');
-      if (line === '+OK') started();
-      // +1796148482.572801 [0 127.0.0.1:40000] "EVALSHA" "..." (scripts' commands: [0 lua])
-      const m = /^\+[\d.]+ \[\d+ ([^\]]+)\] (.*)$/.exec(line);
-      if (!m || m[1] === 'lua') continue;
-      const args = [...m[2].matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((a) =>
-        a[1].replace(/\\x([0-9a-f]{2})|\\(.)/g, (_all, hex: string, c: string) =>
-          hex ? String.fromCharCode(Number.parseInt(hex, 16)) : c === 'n' ? '\n' : c === 'r' ? '\r' : c,
-        ),
-      );
-      seen.push({ command: args[0].toLowerCase(), args: args.slice(1), source: m[1] });
-    }
-  });
-  socket.write('MONITOR\r\n');
-  await within('MONITOR to start', ok);
-  return { seen, stop: () => socket.destroy() };
-}
 
 async function sentFromPublish(): Promise<number> {
   const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
@@ -117,7 +72,7 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   await until('the warm-up events', () => got.length >= 2);
 
   const fromPublish0 = await sentFromPublish();
-  const watch = await monitor();
+  const watch = await monitor(redis.port);
   const eids: string[] = [];
   const targets = [{ device }, { user: r.userId }, { username: r.username }, { room }];
   for (let i = 0; i < N; i++) {
@@ -197,7 +152,7 @@ test('a say is one round trip: its publish and its history write go in one MULTI
   await a.request('say', { room, body: 'warm-up' });
   await until('the warm-up message', () => heard >= 1);
 
-  const watch = await monitor();
+  const watch = await monitor(redis.port);
   for (let i = 0; i < N; i++) await a.request('say', { room, body: `m${i}` });
   await until(`${N} messages heard`, () => heard >= N + 1);
   watch.stop();

@@ -41,7 +41,10 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
   const tag = randomUUID().slice(0, 8);
   const prefix = env.GW_REDIS_PREFIX ?? `gwtest:${tag}:`;
   const schema = env.GW_DB_SCHEMA ?? `gwtest_${tag}`;
-  const proc = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'gateway/main.ts')], {
+  // Extra node flags for the gateway (benches: `GATEWAY_NODE_ARGS='--cpu-prof --cpu-prof-dir=DIR'`,
+  // which NODE_OPTIONS does not allow); its worker processes inherit them.
+  const nodeArgs = process.env.GATEWAY_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const proc = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(ROOT, 'gateway/main.ts')], {
     cwd: ROOT,
     env: {
       ...process.env,

@@ -1,0 +1,48 @@
+/** Watching what a Redis server is sent, with MONITOR (tests on their own Redis server). */
+import { connect } from 'node:net';
+import { within } from './deadline.ts';
+
+/** A command a client sent (not one a script ran), as MONITOR showed it. */
+export interface Seen {
+  command: string;
+  args: string[];
+  /** The client's address. */
+  source: string;
+}
+
+/**
+ * Every command the server runs, from MONITOR on a plain socket (ioredis's monitor mode can
+ * take a line that arrives with MONITOR's own +OK for a reply, on a busy machine).
+ */
+export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () => void }> {
+  const seen: Seen[] = [];
+  const socket = connect(port, '127.0.0.1');
+  socket.on('error', () => {});
+  let pending = '';
+  let started!: () => void;
+  const ok = new Promise<void>((resolve) => {
+    started = resolve;
+  });
+  socket.on('data', (chunk: Buffer) => {
+    pending += chunk.toString('latin1');
+    let nl = pending.indexOf('\r\n');
+    while (nl >= 0) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 2);
+      nl = pending.indexOf('\r\n');
+      if (line === '+OK') started();
+      // +1796148482.572801 [0 127.0.0.1:40000] "EVALSHA" "..." (scripts' commands: [0 lua])
+      const m = /^\+[\d.]+ \[\d+ ([^\]]+)\] (.*)$/.exec(line);
+      if (!m || m[1] === 'lua') continue;
+      const args = [...m[2].matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((a) =>
+        a[1].replace(/\\x([0-9a-f]{2})|\\(.)/g, (_all, hex: string, c: string) =>
+          hex ? String.fromCharCode(Number.parseInt(hex, 16)) : c === 'n' ? '\n' : c === 'r' ? '\r' : c,
+        ),
+      );
+      seen.push({ command: args[0].toLowerCase(), args: args.slice(1), source: m[1] });
+    }
+  });
+  socket.write('MONITOR\r\n');
+  await within('MONITOR to start', ok);
+  return { seen, stop: () => socket.destroy() };
+}
