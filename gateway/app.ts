@@ -132,6 +132,7 @@ export async function startNode(
       ackTimeoutMs: config.ackTimeoutMs,
       maxAttempts: config.maxAttempts,
       maxInflight: config.maxInflight,
+      ackFlushMs: config.ackFlushMs,
       retryBaseMs: config.retryBaseMs,
       retryMaxMs: config.retryMaxMs,
       sessionTtlSeconds: config.sessionTtlSeconds,

@@ -185,6 +185,12 @@ const SETTINGS = {
     "qos-1 events in flight (sent, not acked) per session, like MQTT's Receive Maximum.",
     int(1, 65535).default(32),
   ),
+  ackFlushMs: setting(
+    'GW_ACK_FLUSH_MS',
+    '10',
+    "How long a device's acks may wait before they are applied to its outbox in Redis, so that the acks of many devices share one script call. The window slot is free at once; receipts (`delivery.acked`) leave when the acks are applied, and an event acked within this time before a crash is delivered again (at least once). A session with events waiting for a slot has its acks applied at once. 0: at the end of the event-loop tick.",
+    int(0, 60000).default(10),
+  ),
   retryBaseMs: setting(
     'GW_RETRY_BASE_MS',
     '1000',

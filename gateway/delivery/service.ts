@@ -47,6 +47,12 @@ export interface DeliveryOptions {
   maxAttempts: number;
   /** Events in flight per session (GW_MAX_INFLIGHT; MQTT's Receive Maximum). */
   maxInflight: number;
+  /**
+   * How long acks may wait to share an ack-pump call with other sessions' (GW_ACK_FLUSH_MS;
+   * 0: the end of the tick). A session whose outbox may hold events not yet sent has its
+   * acks applied at once.
+   */
+  ackFlushMs: number;
   /** First retry delay; doubles per attempt, with jitter (GW_RETRY_BASE_MS). */
   retryBaseMs: number;
   /** Cap of the retry delay (GW_RETRY_MAX_MS). */
@@ -72,6 +78,13 @@ class SessionPump {
   scheduled = false;
   running = false;
   again = false;
+  /**
+   * The outbox may hold events after `lastSeq` (news came, or the last run filled the window):
+   * an ack, which frees a slot, then runs the pump at once instead of waiting with the acks.
+   */
+  backlog = false;
+  /** In the list of sessions whose acks wait for the ack flush. */
+  ackWaiting = false;
   /** Claims to send from a publish not yet answered (Outbox DirectSender); the pump waits for them. */
   claims = 0;
 
@@ -105,6 +118,9 @@ export class DeliveryService {
   private readonly ackLatency: Histogram;
   private dirty: SessionPump[] = [];
   private flushScheduled = false;
+  /** Sessions whose acks wait for the ack flush (GW_ACK_FLUSH_MS), and its timer. */
+  private ackWaiters: SessionPump[] = [];
+  private ackTimer: NodeJS.Timeout | undefined;
   private readonly retryQueue: Queue;
   private readonly deadLetters: Queue;
   private readonly publishQueue: Queue;
@@ -266,6 +282,7 @@ export class DeliveryService {
 
   async close(): Promise<void> {
     if (this.resyncTimer) clearTimeout(this.resyncTimer);
+    if (this.ackTimer) clearTimeout(this.ackTimer);
     await Promise.allSettled([this.retryWorker?.close(), this.publishWorker?.close()]);
     await Promise.allSettled([this.retryQueue.close(), this.deadLetters.close(), this.publishQueue.close()]);
   }
@@ -457,12 +474,39 @@ export class DeliveryService {
       pump.inflight.delete(eid);
       pump.acks.push(eid);
     }
-    this.schedule(pump);
+    const wait = this.deps.options.ackFlushMs;
+    if (pump.backlog || wait === 0) this.enqueue(pump);
+    else {
+      // Nothing waits for the freed slot in Redis: the acks can go with other sessions' later.
+      if (!pump.ackWaiting) {
+        pump.ackWaiting = true;
+        this.ackWaiters.push(pump);
+      }
+      this.ackTimer ??= setTimeout(this.flushAcks, wait);
+    }
   }
+
+  /** The ack flush: every session whose acks waited is pumped, in one call per 64 sessions. */
+  private readonly flushAcks = (): void => {
+    this.ackTimer = undefined;
+    const waiting = this.ackWaiters;
+    this.ackWaiters = [];
+    for (const pump of waiting) {
+      pump.ackWaiting = false;
+      // A run since the ack (news, a claim settled) may have taken them already.
+      if (pump.acks.length > 0) this.enqueue(pump);
+    }
+  };
 
   // ---- the pump --------------------------------------------------------------------------------
 
+  /** The outbox may have events to send on this connection: pump it in this tick. */
   private schedule(pump: SessionPump): void {
+    pump.backlog = true;
+    this.enqueue(pump);
+  }
+
+  private enqueue(pump: SessionPump): void {
     if (pump.scheduled) return;
     pump.scheduled = true;
     this.dirty.push(pump);
@@ -505,7 +549,7 @@ export class DeliveryService {
       (results) => {
         pumps.forEach((pump, i) => {
           try {
-            this.pumped(pump, requests[i].acks, results[i]);
+            this.pumped(pump, requests[i], results[i]);
           } catch (e) {
             pump.running = false;
             this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
@@ -524,8 +568,10 @@ export class DeliveryService {
   };
 
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
-  private pumped(pump: SessionPump, acks: string[], r: AckPumpResult): void {
+  private pumped(pump: SessionPump, { acks, slots }: AckPumpRequest, r: AckPumpResult): void {
     pump.running = false;
+    // Fewer events than free slots: the outbox held no more (news since will schedule it again).
+    pump.backlog = r.send.length >= slots;
     this.metrics.acked.inc(r.acked);
     if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;

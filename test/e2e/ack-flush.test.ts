@@ -1,0 +1,116 @@
+/**
+ * Acks wait up to GW_ACK_FLUSH_MS to share one ack-pump script call with other sessions'
+ * (docs/ARCHITECTURE.md, "Acks share a call"), on a gateway with its own Redis server whose
+ * commands are watched with MONITOR: acks arriving apart used to cost a call each. A session
+ * whose outbox holds events waiting for a window slot has its acks applied at once, so the
+ * wait never holds back a delivery.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { GatewayClient } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, until } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { monitor } from '../helpers/redis-monitor.ts';
+
+const API_KEY = 'test-api-key-0123456789';
+
+let redis: OwnRedis;
+/** Acks wait up to 1 s: long enough for acks arriving apart on a busy machine to meet. */
+let gw: GatewayProcess;
+/** Acks wait up to 60 s, beyond every deadline: an ack that waits where it must not fails the test. */
+let patient: GatewayProcess;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  redis = await startOwnRedis();
+  const env = {
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_MAX_INFLIGHT: '2',
+  };
+  [gw, patient] = await Promise.all([
+    startGateway({ ...env, GW_ACK_FLUSH_MS: '1000' }),
+    startGateway({ ...env, GW_ACK_FLUSH_MS: '60000' }),
+  ]);
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await Promise.all([gw?.stop(), patient?.stop()]);
+  await redis?.remove();
+});
+
+async function publish(events: { target: object; eid: string }[], to = gw): Promise<void> {
+  const res = await fetchWithin(`http://127.0.0.1:${to.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify({ events: events.map((e) => ({ ...e, name: 'ack.test', data: {} })) }),
+  });
+  assert.equal(res.status, 202, await res.text());
+}
+
+test('acks of many devices, arriving apart, are applied in one script call', async () => {
+  const devices: { id: string; got: string[] }[] = [];
+  for (let i = 0; i < 10; i++) {
+    const c = await connected(gw.tcpUrl, { autoAck: true });
+    clients.push(c);
+    const d = { id: `af-${randomUUID().slice(0, 8)}`, got: [] as string[] };
+    await signUp(c, { id: d.id });
+    c.on('event', (e: EventMsg) => d.got.push(e.eid));
+    devices.push(d);
+  }
+  const watch = await monitor(redis.port);
+  const eids: string[] = [];
+  for (const d of devices) {
+    const eid = `af-${randomUUID().slice(0, 8)}`;
+    eids.push(eid);
+    await publish([{ target: { device: d.id }, eid }]);
+    await until(`${eid} at its device`, () => d.got.includes(eid));
+    // Each ack leaves well apart from the others (several event-loop ticks).
+    await sleep(20);
+  }
+  // The acks' call: an ack-pump names the acked eids and, unlike a publish, no node channel.
+  const ackCalls = () =>
+    watch.seen.filter(
+      (s) =>
+        (s.command === 'evalsha' || s.command === 'eval') &&
+        !s.args.includes(`${gw.prefix}node:`) &&
+        eids.some((eid) => s.args.includes(eid)),
+    );
+  await until('every ack applied', () => eids.every((eid) => ackCalls().some((s) => s.args.includes(eid))));
+  watch.stop();
+  const calls = ackCalls();
+  // Per tick they took a call each (10); a slow machine may split them over a flush or two.
+  assert.ok(calls.length <= 3, `${calls.length} ack-pump calls for ${eids.length} acks arriving apart`);
+  for (const eid of eids) {
+    assert.equal(calls.filter((s) => s.args.includes(eid)).length, 1, `${eid} applied once`);
+  }
+});
+
+test('a device with events waiting for a window slot gets them as it acks, not at the flush', async () => {
+  const c = await connected(patient.tcpUrl, { autoAck: true });
+  clients.push(c);
+  const id = `af-${randomUUID().slice(0, 8)}`;
+  await signUp(c, { id });
+  const got: string[] = [];
+  c.on('event', (e: EventMsg) => got.push(e.eid));
+  // 5 rounds of 10 through a window of 2: 8 of each round wait in Redis for acks to free
+  // slots. Had those acks waited for the 60 s flush, no round would finish by its deadline.
+  for (let round = 0; round < 5; round++) {
+    const eids = Array.from({ length: 10 }, (_, i) => `af-${round}-${i}-${randomUUID().slice(0, 8)}`);
+    await publish(
+      eids.map((eid) => ({ target: { device: id }, eid })),
+      patient,
+    );
+    await until(`round ${round}: 10 events through a window of 2`, () =>
+      eids.every((eid) => got.includes(eid)),
+    );
+  }
+  assert.equal(got.length, 50);
+});
