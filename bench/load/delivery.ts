@@ -13,6 +13,10 @@
  * server, never received after a drain). Gateway devices are encrypted and ack every event;
  * Mosquitto runs as installed (127.0.0.1:1883), clients from the `mqtt` package.
  *
+ * For the gateway's rows, Redis's own accounting per delivered event follows (`INFO
+ * commandstats` of the shared server, so other clients' work counts too, as in its CPU): time in
+ * scripts, and the commands run (by the scripts and directly) with their time.
+ *
  * Every core: the back-end path at max rate runs once more on a gateway of 2 processes
  * (`GW_PROCESSES=2`; the others run 1), and the run prints its events/s and CPU per event
  * against the 1-process gateway's and Mosquitto's (`--processes 1` leaves it out).
@@ -78,6 +82,49 @@ interface Row {
   clientCpu: number;
   /** Redis calls (a script call is one) the gateway made per delivered event; NaN: not counted. */
   redisCalls: number;
+  /** Redis's own accounting per delivered event (INFO commandstats); absent for Mosquitto. */
+  redisWork?: RedisWork;
+}
+
+/** Per delivered event, from `INFO commandstats` (every client of the server, as its CPU). */
+interface RedisWork {
+  /** Time in EVAL/EVALSHA, the commands the scripts ran included (µs). */
+  scriptMicros: number;
+  /** Commands other than EVAL/EVALSHA: those the scripts ran and those sent directly. */
+  commands: number;
+  /** Their time (µs). */
+  commandMicros: number;
+}
+
+/** `INFO commandstats` of the shared Redis: calls and µs by command. */
+function commandStats(): Map<string, { calls: number; usec: number }> {
+  const out = new Map<string, { calls: number; usec: number }>();
+  for (const line of execSync('redis-cli info commandstats', { encoding: 'utf8' }).split('\n')) {
+    const m = /^cmdstat_([^:]+):calls=(\d+),usec=(\d+)/.exec(line);
+    if (m) out.set(m[1], { calls: Number(m[2]), usec: Number(m[3]) });
+  }
+  return out;
+}
+
+function redisWorkBetween(
+  before: Map<string, { calls: number; usec: number }>,
+  after: Map<string, { calls: number; usec: number }>,
+  events: number,
+): RedisWork {
+  const w = { scriptMicros: 0, commands: 0, commandMicros: 0 };
+  for (const [name, a] of after) {
+    const b = before.get(name) ?? { calls: 0, usec: 0 };
+    if (name === 'eval' || name === 'evalsha') w.scriptMicros += a.usec - b.usec;
+    else {
+      w.commands += a.calls - b.calls;
+      w.commandMicros += a.usec - b.usec;
+    }
+  }
+  return {
+    scriptMicros: w.scriptMicros / events,
+    commands: w.commands / events,
+    commandMicros: w.commandMicros / events,
+  };
 }
 
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
@@ -217,6 +264,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const r0 = cpuSeconds(REDIS_PID);
   const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
   const c0 = ownCpuSeconds();
+  const stats0 = sys.usesRedis ? commandStats() : undefined;
   const t0 = performance.now();
   measuring = true;
   await sleep(SECONDS * 1000);
@@ -227,6 +275,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
   const measured = received;
+  const redisWork = stats0 ? redisWorkBetween(stats0, commandStats(), measured) : undefined;
   const calls = ((await sys.redisCalls?.()) ?? Number.NaN) - calls0;
   stop = true;
   if (timer) clearInterval(timer);
@@ -258,6 +307,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     pgCpu: pgCpuUsed,
     clientCpu,
     redisCalls: calls / measured,
+    redisWork,
   };
 }
 
@@ -512,6 +562,21 @@ async function main(): Promise<void> {
         r.clientCpu.toFixed(2),
       ]),
     ),
+  );
+  console.log(
+    `\nRedis's own accounting per delivered event (INFO commandstats; script time includes the commands it ran):\n${table(
+      ['path', 'system', 'mode', 'script µs/event', 'commands/event', 'command µs/event'],
+      rows
+        .filter((r) => r.redisWork)
+        .map((r) => [
+          r.path,
+          r.system,
+          r.mode,
+          r.redisWork!.scriptMicros.toFixed(1),
+          r.redisWork!.commands.toFixed(1),
+          r.redisWork!.commandMicros.toFixed(1),
+        ]),
+    )}`,
   );
   const ratio = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
   /** A row of the ratio table: `g` over `base` in events/s, CPU per event and p99. */
