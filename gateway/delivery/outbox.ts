@@ -14,6 +14,7 @@ import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
 import { pack, unpack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
+import { ScriptArgs } from './script-args.ts';
 
 /** What the outbox stores of an event (packed with MessagePack). */
 export interface StoredEvent {
@@ -176,7 +177,7 @@ export class Outbox {
     if (!r.gwPublishBuffer) {
       // Key counts vary with the batch: the caller passes it first.
       redis.defineCommand('gwPublish', { lua: lua('publish') });
-      redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
+      redis.defineCommand('gwAckPump', { lua: lua('ack-pump') });
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
       redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
@@ -269,20 +270,21 @@ export class Outbox {
       tail,
       this.keys.expiries,
     ];
+    const events = new ScriptArgs(batch.length * 160);
     for (const p of batch) {
       if (direct) p.claims = direct.claim(p.to);
       const [kind, target] = this.fanoutArgs(p.to);
-      args.push(
-        kind,
-        target,
-        p.event.eid,
-        p.packed,
-        p.receipt ? '1' : '0',
-        p.expiresAtMs > 0 ? String(p.expiresAtMs) : '0',
-        p.claims.length,
-      );
-      for (const c of p.claims) args.push(c.sid, c.after);
+      events
+        .str(kind)
+        .str(target)
+        .str(p.event.eid)
+        .bytes(p.packed)
+        .str(p.receipt ? '1' : '0')
+        .num(Math.max(p.expiresAtMs, 0))
+        .num(p.claims.length);
+      for (const c of p.claims) events.str(c.sid).num(c.after);
     }
+    args.push(events.finish());
     this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(
       (reply) => {
@@ -327,14 +329,16 @@ export class Outbox {
    */
   async ackPumpMany(requests: AckPumpRequest[], nowMs: number): Promise<AckPumpResult[]> {
     const calls: Promise<Reply>[] = [];
+    const [head, tail] = this.keys.sessionKeyParts;
     for (let i = 0; i < requests.length; i += MAX_PUMP_BATCH) {
-      const keys: string[] = [];
-      const args: (string | number)[] = [nowMs];
-      for (const r of requests.slice(i, i + MAX_PUMP_BATCH)) {
-        keys.push(...this.keys.outbox(r.sid).slice(0, 6), this.keys.sentMark(r.sid));
-        args.push(r.afterSeq, r.slots, r.acks.length, ...r.acks);
+      const end = Math.min(requests.length, i + MAX_PUMP_BATCH);
+      const sessions = new ScriptArgs((end - i) * 128);
+      for (let j = i; j < end; j++) {
+        const r = requests[j];
+        sessions.str(r.sid).num(r.afterSeq).num(r.slots).num(r.acks.length);
+        for (const eid of r.acks) sessions.str(eid);
       }
-      calls.push(this.redis.gwAckPumpBuffer(keys.length, ...keys, ...args));
+      calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish()));
     }
     const replies = (await Promise.all(calls)).flat() as Reply[];
     return replies.map(parsePump);

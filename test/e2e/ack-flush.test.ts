@@ -10,7 +10,7 @@ import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { GatewayClient } from '../../client/client.ts';
-import type { EventMsg } from '../../protocol/index.ts';
+import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
@@ -75,14 +75,19 @@ test('acks of many devices, arriving apart, are applied in one script call', asy
     // Each ack leaves well apart from the others (several event-loop ticks).
     await sleep(20);
   }
-  // The acks' call: an ack-pump names the acked eids and, unlike a publish, no node channel.
+  // The acks' call: an ack-pump names the sessions' key head and, unlike a publish, no node
+  // channel; its sessions and acked eids are one argument, a MessagePack array of strings
+  // (gateway/delivery/script-args.ts).
   const ackCalls = () =>
-    watch.seen.filter(
-      (s) =>
-        (s.command === 'evalsha' || s.command === 'eval') &&
-        !s.args.includes(`${gw.prefix}node:`) &&
-        eids.some((eid) => s.args.includes(eid)),
-    );
+    watch.seen
+      .filter(
+        (s) =>
+          (s.command === 'evalsha' || s.command === 'eval') &&
+          s.args.includes(`${gw.prefix}{s:`) &&
+          !s.args.includes(`${gw.prefix}node:`),
+      )
+      .map((s) => ({ ...s, args: unpack(Buffer.from(s.args.at(-1)!, 'latin1')) as string[] }))
+      .filter((s) => eids.some((eid) => s.args.includes(eid)));
   await until('every ack applied', () => eids.every((eid) => ackCalls().some((s) => s.args.includes(eid))));
   watch.stop();
   const calls = ackCalls();

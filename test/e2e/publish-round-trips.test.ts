@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
-import type { EventMsg } from '../../protocol/index.ts';
+import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
@@ -93,9 +93,10 @@ test('a send and a back-end publish to a device, user, username or room: one scr
 
   // Every message went to Redis in exactly one publish script call (the one that passes the
   // node channel prefix; acks name eids too), alone or batched with others.
-  const scriptCalls = watch.seen.filter(
-    (s) => (s.command === 'evalsha' || s.command === 'eval') && s.args.includes(`${gw.prefix}node:`),
-  );
+  // Its events are one argument, a MessagePack array of strings (gateway/delivery/script-args.ts).
+  const scriptCalls = watch.seen
+    .filter((s) => (s.command === 'evalsha' || s.command === 'eval') && s.args.includes(`${gw.prefix}node:`))
+    .map((s) => ({ ...s, args: unpack(Buffer.from(s.args.at(-1)!, 'latin1')) as string[] }));
   for (const eid of eids) {
     const carrying = scriptCalls.filter((s) => s.args.includes(eid));
     assert.equal(carrying.length, 1, `${eid} went to Redis in ${carrying.length} script calls`);

@@ -2,6 +2,8 @@
 import { connect } from 'node:net';
 import { within } from './deadline.ts';
 
+const ESCAPES: Record<string, string> = { n: '\n', r: '\r', t: '\t', a: '\x07', b: '\b' };
+
 /** A command a client sent (not one a script ran), as MONITOR showed it. */
 export interface Seen {
   command: string;
@@ -34,9 +36,10 @@ export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () =>
       // +1796148482.572801 [0 127.0.0.1:40000] "EVALSHA" "..." (scripts' commands: [0 lua])
       const m = /^\+[\d.]+ \[\d+ ([^\]]+)\] (.*)$/.exec(line);
       if (!m || m[1] === 'lua') continue;
+      // Arguments as Redis quotes them (sdscatrepr): \n \r \t \a \b \" \\ and \xNN; bytes as latin1.
       const args = [...m[2].matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((a) =>
         a[1].replace(/\\x([0-9a-f]{2})|\\(.)/g, (_all, hex: string, c: string) =>
-          hex ? String.fromCharCode(Number.parseInt(hex, 16)) : c === 'n' ? '\n' : c === 'r' ? '\r' : c,
+          hex ? String.fromCharCode(Number.parseInt(hex, 16)) : (ESCAPES[c] ?? c),
         ),
       );
       seen.push({ command: args[0].toLowerCase(), args: args.slice(1), source: m[1] });

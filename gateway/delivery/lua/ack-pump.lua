@@ -2,12 +2,16 @@
   Applies acks and takes the next events to send, for every session with news in one
   event-loop tick of one node (the delivery service batches them into one call).
 
-  KEYS, 7 per session, session j (from 0) at 7j+1..7j+7: q, ev, att, rc, exp, seq as in
-  publish.lua, then
+  Keys of a session are built here from its id, as publish.lua does (head .. sid .. tail ..
+  name): q, ev, att, rc, exp, seq as in publish.lua, and
     sent  STRING the highest sequence ever sent to a connection of the session
+  The call touches keys it does not declare: one Redis primary, not Redis Cluster. No KEYS.
 
   ARGV[1] now (ms)
-  then per session, in KEYS order:
+  ARGV[2], ARGV[3] head and tail of a session's key names (Keys.sessionKeyParts)
+  ARGV[4] the sessions: a MessagePack array of strings (script-args.ts; read with
+  cmsgpack.unpack), per session:
+    session id
     sequence after which to take events (the last one already sent on this connection)
     how many to take (free slots of the in-flight window)
     number of acked eids that follow
@@ -29,49 +33,62 @@
   events are in the outbox, so this re-sends at most the in-flight window.
 ]]
 local now = tonumber(ARGV[1])
-local a = 2
+local head, tail = ARGV[2], ARGV[3]
+local A = cmsgpack.unpack(ARGV[4])
+
+-- Removes one event from every key of its session's outbox (as includes/remove-event.lua).
+local function removeEvent(K, eid)
+  redis.call('ZREM', K[1], eid)
+  redis.call('HDEL', K[2], eid)
+  redis.call('HDEL', K[3], eid)
+  redis.call('SREM', K[4], eid)
+  redis.call('HDEL', K[5], eid)
+end
+
+local a = 1
 local results = {}
-for j = 0, #KEYS / 7 - 1 do
-  local k = 7 * j
-  local after, want, nacks = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local mark = tonumber(redis.call('GET', KEYS[k + 7]) or '0')
+while a <= #A do
+  local base = head .. A[a] .. tail
+  local K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp', base .. 'seq', base .. 'sent' }
+  local after, want, nacks = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3])
+  local mark = tonumber(redis.call('GET', K[7]) or '0')
   local resynced = 0
   if tonumber(after) > mark then
     after = '0'
     resynced = 1
   end
   local acked, receipts = 0, {}
-  for i = a + 3, a + 2 + nacks do
-    local eid = ARGV[i]
-    if redis.call('ZREM', KEYS[k + 1], eid) == 1 then
+  for i = a + 4, a + 3 + nacks do
+    local eid = A[i]
+    if redis.call('ZREM', K[1], eid) == 1 then
       acked = acked + 1
-      if redis.call('SREM', KEYS[k + 4], eid) == 1 then
+      if redis.call('SREM', K[4], eid) == 1 then
         receipts[#receipts + 1] = eid
-        receipts[#receipts + 1] = redis.call('HGET', KEYS[k + 2], eid)
+        receipts[#receipts + 1] = redis.call('HGET', K[2], eid)
       end
-      redis.call('HDEL', KEYS[k + 2], eid)
-      redis.call('HDEL', KEYS[k + 3], eid)
-      redis.call('HDEL', KEYS[k + 5], eid)
+      redis.call('HDEL', K[2], eid)
+      redis.call('HDEL', K[3], eid)
+      redis.call('HDEL', K[5], eid)
     end
   end
-  a = a + 3 + nacks
+  a = a + 4 + nacks
   local send, expired = {}, {}
   while want > 0 do
     local asked = want
-    local batch = redis.call('ZRANGEBYSCORE', KEYS[k + 1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, asked)
+    local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, asked)
     for b = 1, #batch, 2 do
       local eid, seq = batch[b], batch[b + 1]
       after = seq
-      local payload = redis.call('HGET', KEYS[k + 2], eid)
-      local expiry = redis.call('HGET', KEYS[k + 5], eid)
+      local payload = redis.call('HGET', K[2], eid)
+      local expiry = redis.call('HGET', K[5], eid)
       if expiry and tonumber(expiry) <= now then
         expired[#expired + 1] = eid
         expired[#expired + 1] = payload
-        removeEvent(k, eid)
+        removeEvent(K, eid)
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
-        send[#send + 1] = redis.call('HINCRBY', KEYS[k + 3], eid, 1)
+        send[#send + 1] = redis.call('HINCRBY', K[3], eid, 1)
         send[#send + 1] = payload
         want = want - 1
       end
@@ -81,14 +98,14 @@ for j = 0, #KEYS / 7 - 1 do
   end
   -- The attempt counters and the mark expire with the outbox they belong to.
   if #send > 0 then
-    local ttl = redis.call('TTL', KEYS[k + 1])
-    if ttl > 0 then redis.call('EXPIRE', KEYS[k + 3], ttl) end
+    local ttl = redis.call('TTL', K[1])
+    if ttl > 0 then redis.call('EXPIRE', K[3], ttl) end
     local last = tonumber(send[#send - 2])
     if last > mark then
       if ttl > 0 then
-        redis.call('SET', KEYS[k + 7], last, 'EX', ttl)
+        redis.call('SET', K[7], last, 'EX', ttl)
       else
-        redis.call('SET', KEYS[k + 7], last)
+        redis.call('SET', K[7], last)
       end
     end
   end

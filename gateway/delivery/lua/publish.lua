@@ -17,7 +17,8 @@
   ARGV[5] the calling node's id ("" when the caller holds no connection)
   ARGV[6], ARGV[7] head and tail of a session's key names (Keys.sessionKeyParts)
   ARGV[8] the expiries ZSET (`sid|eid` -> expiry ms)
-  then per event, from ARGV[9]: kind, target, eid, packed event, receipt ("1"/"0"), expiry ms
+  ARGV[9] the events: a MessagePack array of strings (script-args.ts; read with
+  cmsgpack.unpack), per event: kind, target, eid, packed event, receipt ("1"/"0"), expiry ms
   or "0", the number of claims n, then n pairs: session id, claim
     kind "s": target is a session id
     kind "k": target is a STRING key holding a session id (a device key)
@@ -80,13 +81,14 @@ end
 
 -- What this call already did per session: refreshed which TTLs, sent the wake-up, last grant.
 local out, done = {}, {}
-local a = 9
-while a <= #ARGV do
-  local kind, target, eid, payload, receipt, expiry = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local n = tonumber(ARGV[a + 6])
+local A = cmsgpack.unpack(ARGV[9])
+local a = 1
+while a <= #A do
+  local kind, target, eid, payload, receipt, expiry = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4], A[a + 5]
+  local n = tonumber(A[a + 6])
   local claims = {}
   for c = a + 7, a + 5 + 2 * n, 2 do
-    claims[ARGV[c]] = ARGV[c + 1]
+    claims[A[c]] = A[c + 1]
   end
   a = a + 7 + 2 * n
   local sids = sessionsOf(kind, target)
