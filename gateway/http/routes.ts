@@ -98,16 +98,26 @@ function accessLogged(
 export class RouteTable {
   private readonly routes: Route[] = [];
 
+  /**
+   * The access log: its lines carry a method, a route pattern, a status and a duration, never a
+   * secret, so they skip the logger's redaction (~20 µs a line against ~2 µs without, measured;
+   * a line per request).
+   */
+  private readonly access: Logger;
+
   constructor(
     app: uWS.TemplatedApp,
-    private readonly log: Logger,
+    log: Logger,
     private readonly metrics: GatewayMetrics,
   ) {
+    const access = log.child({}, { redact: [] });
+    this.access = access;
     for (const method of METHODS) {
       const original = app[method].bind(app);
       const name = method === 'del' ? 'DELETE' : method.toUpperCase();
       app[method] = ((path: string, handler: RouteHandler) => {
-        const logged: RouteHandler = (res, req) => handler(accessLogged(res, log, metrics, name, path), req);
+        const logged: RouteHandler = (res, req) =>
+          handler(accessLogged(res, access, metrics, name, path), req);
         this.routes.push({ method: name, pattern: compile(path), handler: logged });
         return original(path, logged);
       }) as never;
@@ -134,7 +144,7 @@ export class RouteTable {
         }
       }
       // An unknown path is logged as such, not by itself (it could be anything).
-      const res = accessLogged(raw, this.log, this.metrics, method, '(no route)');
+      const res = accessLogged(raw, this.access, this.metrics, method, '(no route)');
       const allowed = this.allowed(path);
       if (allowed.length === 0) answer(headIf(res, method), '404 Not Found', 'not_found', `no route ${path}`);
       else {
