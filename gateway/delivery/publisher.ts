@@ -67,6 +67,7 @@ export interface SessionDirectory {
 }
 
 const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
+const TARGET_KINDS = ['session', 'device', 'user', 'username', 'room'] as const;
 
 /** Checks a publish request from any path; throws `bad_message` naming the field. */
 export function validateEventInput(target: unknown, event: unknown): { target: Target; event: EventInput } {
@@ -74,10 +75,16 @@ export function validateEventInput(target: unknown, event: unknown): { target: T
     new ProtocolError('bad_message', `${field}: ${problem}`, { field });
   if (!target || typeof target !== 'object') throw bad('target', 'must be an object');
   const t = target as Record<string, unknown>;
-  const kinds = ['session', 'device', 'user', 'username', 'room'].filter((k) => t[k] !== undefined);
-  if (kinds.length !== 1)
+  // A loop, not a filter: this runs per event of every publish.
+  let kind: (typeof TARGET_KINDS)[number] | undefined;
+  let kinds = 0;
+  for (const k of TARGET_KINDS) {
+    if (t[k] === undefined) continue;
+    kinds++;
+    kind = k;
+  }
+  if (kinds !== 1 || !kind)
     throw bad('target', 'must have exactly one of session, device, user, username, room');
-  const kind = kinds[0];
   if (typeof t[kind] !== 'string' || (t[kind] as string).length === 0 || (t[kind] as string).length > 256) {
     throw bad(`target.${kind}`, 'must be a non-empty string');
   }
@@ -92,17 +99,12 @@ export function validateEventInput(target: unknown, event: unknown): { target: T
   if (e.eid !== undefined && (typeof e.eid !== 'string' || !/^[A-Za-z0-9_.-]{1,128}$/.test(e.eid))) {
     throw bad('eid', 'must be 1-128 of [A-Za-z0-9_.-]');
   }
-  return {
-    target: { [kind]: t[kind] } as Target,
-    event: {
-      name: e.name,
-      data: e.data ?? null,
-      ...(e.qos !== undefined ? { qos: e.qos as 0 | 1 } : {}),
-      ...(e.ttl !== undefined ? { ttl: e.ttl as number } : {}),
-      ...(e.receipt !== undefined ? { receipt: e.receipt as boolean } : {}),
-      ...(e.eid !== undefined ? { eid: e.eid as string } : {}),
-    },
-  };
+  const input: EventInput = { name: e.name, data: e.data ?? null };
+  if (e.qos !== undefined) input.qos = e.qos as 0 | 1;
+  if (e.ttl !== undefined) input.ttl = e.ttl as number;
+  if (e.receipt !== undefined) input.receipt = e.receipt as boolean;
+  if (e.eid !== undefined) input.eid = e.eid as string;
+  return { target: { [kind]: t[kind] } as Target, event: input };
 }
 
 export class Publisher {
@@ -155,9 +157,9 @@ export class Publisher {
       name: input.name,
       data: input.data ?? null,
       ts: now,
-      ...(input.from !== undefined ? { from: input.from } : {}),
-      ...(input.room !== undefined ? { room: input.room } : {}),
     };
+    if (input.from !== undefined) event.from = input.from;
+    if (input.room !== undefined) event.room = input.room;
     if ('sids' in recipients) return this.publishNow(recipients.sids, event);
     const expiresAt = input.ttl ? now + input.ttl : 0;
     const results = await this.outbox.publishTo(recipients.to, event, !!input.receipt, expiresAt);
