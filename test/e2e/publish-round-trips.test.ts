@@ -203,3 +203,35 @@ test('sends pipelined from several devices to one: every event goes out from its
   await until(`${4 * n} messages`, () => got >= 4 * n + 1);
   assert.equal((await sentFromPublish()) - before, 4 * n, 'events sent from the publish');
 });
+
+test("an outbox's TTL is refreshed by a publish once it ran down by a minute, not by every publish", async () => {
+  // No acks: the events stay in the outbox, in flight.
+  const device = await connected(gw.tcpUrl, { autoAck: false });
+  clients.push(device);
+  const id = `ttl-${randomUUID().slice(0, 8)}`;
+  const s = await signUp(device, { id });
+  const got: string[] = [];
+  device.on('event', (e: EventMsg) => got.push(e.eid));
+  const ttl = 86_400; // SESSION_TTL's default
+  const keys = ['q', 'ev', 'seq'].map((name) => `${gw.prefix}{s:${s.sessionId}}:${name}`);
+  const ttls = () => redis.with((r) => Promise.all(keys.map((k) => r.ttl(k))));
+  const expireAll = (seconds: number) =>
+    redis.with((r) => Promise.all(keys.map((k) => r.expire(k, seconds))));
+  const publishOne = async (eid: string) => {
+    await publish({ device: id }, eid);
+    await until(`${eid} at the device`, () => got.includes(eid));
+  };
+
+  await publishOne(`ttl-a-${randomUUID().slice(0, 8)}`);
+  for (const left of await ttls()) assert.ok(left > ttl - 60, `a new outbox: ${left} s left`);
+
+  // Within a minute of the full TTL, a publish leaves it (one TTL read, no EXPIREs).
+  await expireAll(ttl - 30);
+  await publishOne(`ttl-b-${randomUUID().slice(0, 8)}`);
+  for (const left of await ttls()) assert.ok(left <= ttl - 30, `within the slack: ${left} s left`);
+
+  // Run down by more than that (as after a quiet minute), the next publish refreshes all three.
+  await expireAll(1000);
+  await publishOne(`ttl-c-${randomUUID().slice(0, 8)}`);
+  for (const left of await ttls()) assert.ok(left > ttl - 60, `refreshed: ${left} s left`);
+});

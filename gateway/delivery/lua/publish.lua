@@ -66,11 +66,18 @@ local function sessionKeys(sid)
   return K
 end
 
+-- A device key's session, read once per call (only this call could change it, and it does not).
+local deviceSession = {}
+
 local function sessionsOf(kind, target)
   if kind == 's' then
     return { target }
   elseif kind == 'k' then
-    local sid = redis.call('GET', target)
+    local sid = deviceSession[target]
+    if sid == nil then
+      sid = redis.call('GET', target)
+      deviceSession[target] = sid
+    end
     if sid then return { sid } end
     return {}
   elseif kind == 'u' then
@@ -79,8 +86,17 @@ local function sessionsOf(kind, target)
   return redis.call('ZRANGE', target, 0, -1)
 end
 
--- What this call already did per session: refreshed which TTLs, sent the wake-up, last grant.
-local out, done = {}, {}
+-- The outbox's TTL is refreshed when it has run down by `slack` seconds, not by every call: a
+-- TTL read instead of three EXPIREs (q and ev are created and emptied together, and every
+-- refresh sets q, ev and seq at once, so q's TTL stands for the three).
+local slack = math.min(60, math.floor(ttl / 10))
+
+-- Per session, what this call already read or did. The call is atomic, so what it read stays
+-- true but for its own writes, which it keeps here too: alive (its session record exists), size
+-- (of q), node (false: none), mark (the sent mark), ttl/rc/exp/att (TTLs seen to), granted (the
+-- last grant's sequence, or '-1' once the chain broke), woken (the wake-up went).
+local state = {}
+local out = {}
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
 while a <= #A do
@@ -96,14 +112,20 @@ while a <= #A do
   out[#out + 1] = #sids
   for _, sid in ipairs(sids) do
     local K = sessionKeys(sid)
+    local d = state[sid]
+    if not d then
+      d = { alive = redis.call('EXISTS', K[8]) == 1 }
+      state[sid] = d
+    end
     local status, node, droppedEid, droppedPayload, seq = 1, false, false, false, false
-    if redis.call('EXISTS', K[8]) == 0 then
+    if not d.alive then
       status = -2
       gone[#gone + 1] = sid
     elseif redis.call('HEXISTS', K[2], eid) == 1 then
       status = 0
     else
-      local full = redis.call('ZCARD', K[1]) >= bound
+      if not d.size then d.size = redis.call('ZCARD', K[1]) end
+      local full = d.size >= bound
       if full and policy == 'reject' then
         status = -1
       end
@@ -115,26 +137,28 @@ while a <= #A do
         redis.call('HDEL', K[3], droppedEid)
         redis.call('SREM', K[4], droppedEid)
         redis.call('HDEL', K[5], droppedEid)
+        d.size = d.size - 1
       end
     end
     if status == 1 then
       seq = redis.call('INCR', K[6])
       redis.call('ZADD', K[1], seq, eid)
+      d.size = d.size + 1
       redis.call('HSET', K[2], eid, payload)
       if receipt == '1' then redis.call('SADD', K[4], eid) end
       if expiry ~= '0' then
         redis.call('HSET', K[5], eid, expiry)
         redis.call('ZADD', expiries, expiry, sid .. '|' .. eid)
       end
-      -- The outbox lives as long as a session could: its TTL is refreshed by every call that
-      -- publishes to it (once per key and call, as the call is atomic).
-      local d = done[sid]
-      if not d then
-        d = {}
-        done[sid] = d
-        redis.call('EXPIRE', K[1], ttl)
-        redis.call('EXPIRE', K[2], ttl)
-        redis.call('EXPIRE', K[6], ttl)
+      -- The outbox lives as long as a session could: a call that publishes to it sees that
+      -- its keys have at least `ttl - slack` seconds left (once per key and call).
+      if not d.ttl then
+        d.ttl = true
+        if redis.call('TTL', K[1]) < ttl - slack then
+          redis.call('EXPIRE', K[1], ttl)
+          redis.call('EXPIRE', K[2], ttl)
+          redis.call('EXPIRE', K[6], ttl)
+        end
       end
       if receipt == '1' and not d.rc then
         d.rc = true
@@ -144,20 +168,25 @@ while a <= #A do
         d.exp = true
         redis.call('EXPIRE', K[5], ttl)
       end
-      node = redis.call('GET', K[7])
+      if d.node == nil then d.node = redis.call('GET', K[7]) end
+      node = d.node
       local claim = claims[sid]
       local after = d.granted or claim
       local grant = claim ~= nil and after ~= '-1' and node == me
       if grant then
-        local mark = tonumber(redis.call('GET', K[9]) or '0')
-        grant = mark >= tonumber(after) and mark < seq
-          and redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seq) == 0
+        if not d.mark then d.mark = tonumber(redis.call('GET', K[9]) or '0') end
+        local from = tonumber(after)
+        -- Chained on the grant just before it in this call (the mark is that grant): nothing
+        -- can lie between the two, and the count is not needed.
+        grant = d.mark >= from and d.mark < seq
+          and (from == seq - 1 or redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seq) == 0)
       end
       if grant then
         status = 2
         d.granted = tostring(seq)
         redis.call('HINCRBY', K[3], eid, 1)
         redis.call('SET', K[9], seq, 'EX', ttl)
+        d.mark = seq
         if not d.att then
           d.att = true
           redis.call('EXPIRE', K[3], ttl)
