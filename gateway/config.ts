@@ -266,7 +266,7 @@ const SETTINGS = {
   sessionTtlSeconds: setting(
     'SESSION_TTL',
     '86400',
-    'Lifetime (s) of a live session in Redis, and of its outbox (as in the auth-server seed).',
+    'Lifetime (s) of a live session in Redis (as in the auth-server seed), and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far).',
     int(60).default(86400),
   ),
   activityWriteMs: setting(
