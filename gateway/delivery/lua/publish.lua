@@ -141,6 +141,8 @@ while a <= #A do
       end
     end
     if status == 1 then
+      -- An empty outbox has no q or ev key: this event creates them, without a TTL.
+      local created = d.size == 0
       seq = redis.call('INCR', K[6])
       redis.call('ZADD', K[1], seq, eid)
       d.size = d.size + 1
@@ -154,7 +156,7 @@ while a <= #A do
       -- its keys have at least `ttl - slack` seconds left (once per key and call).
       if not d.ttl then
         d.ttl = true
-        if redis.call('TTL', K[1]) < ttl - slack then
+        if created or redis.call('TTL', K[1]) < ttl - slack then
           redis.call('EXPIRE', K[1], ttl)
           redis.call('EXPIRE', K[2], ttl)
           redis.call('EXPIRE', K[6], ttl)
