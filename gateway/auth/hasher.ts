@@ -99,6 +99,11 @@ export class Hasher {
     this.pool = new Piscina({
       filename: WORKER,
       minThreads: 1,
+      // Piscina ends a thread beyond minThreads as soon as it is idle (idleTimeout 0): in a
+      // login storm with gaps the threads were ended and started again, each start costing a
+      // new isolate and running at the process's priority until it renices itself, and the
+      // CPU of an ended thread leaves /proc's per-thread figures. A minute keeps them.
+      idleTimeout: 60_000,
       stricterFIFO: true,
       maxThreads: options.threads,
       maxQueue: options.maxQueue,

@@ -85,6 +85,29 @@ test('the hash threads run at the nice value asked for and do the hashing; the m
   }
 });
 
+test('the hash threads outlive a pause between logins (no thread ended and started again)', {
+  skip: !linux && 'thread nice values are Linux only',
+}, async () => {
+  const h = new Hasher({
+    params: { memoryCost: 4096, timeCost: 1, parallelism: 1 },
+    threads: 2,
+    maxQueue: 100,
+    nice: 7,
+  });
+  try {
+    await h.ready;
+    const { hash } = await h.hash('correct horse battery');
+    await Promise.all(Array.from({ length: 4 }, () => h.verify('correct horse battery', hash)));
+    const reniced = () => threads(process.pid).filter((t) => t.nice === 7).length;
+    assert.equal(reniced(), 2, 'both hash threads after a batch');
+    // Piscina's default ended a thread beyond its minimum as soon as it was idle.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(reniced(), 2, 'both hash threads 200 ms after the batch');
+  } finally {
+    await h.close();
+  }
+});
+
 test('a gateway hashes at GW_HASH_NICE (default 10) while its main thread keeps 0', {
   skip: !linux && 'thread nice values are Linux only',
 }, async () => {
