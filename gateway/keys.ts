@@ -36,11 +36,6 @@ export class Keys {
     return [`${p}q`, `${p}ev`, `${p}att`, `${p}rc`, `${p}exp`, `${p}seq`, `${p}node`];
   }
 
-  /** The highest sequence any connection of the session was sent (rollback detection). */
-  sentMark(sid: string): string {
-    return `${this.prefix}{s:${sid}}:sent`;
-  }
-
   /** The node currently holding the session's connection. */
   sessionNode(sid: string): string {
     return `${this.prefix}{s:${sid}}:node`;

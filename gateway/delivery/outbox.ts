@@ -177,7 +177,7 @@ export class Outbox {
     if (!r.gwPublishBuffer) {
       // Key counts vary with the batch: the caller passes it first.
       redis.defineCommand('gwPublish', { lua: lua('publish') });
-      redis.defineCommand('gwAckPump', { lua: lua('ack-pump') });
+      redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
       redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });

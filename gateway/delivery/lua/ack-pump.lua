@@ -36,15 +36,6 @@ local now = tonumber(ARGV[1])
 local head, tail = ARGV[2], ARGV[3]
 local A = cmsgpack.unpack(ARGV[4])
 
--- Removes one event from every key of its session's outbox (as includes/remove-event.lua).
-local function removeEvent(K, eid)
-  redis.call('ZREM', K[1], eid)
-  redis.call('HDEL', K[2], eid)
-  redis.call('HDEL', K[3], eid)
-  redis.call('SREM', K[4], eid)
-  redis.call('HDEL', K[5], eid)
-end
-
 local a = 1
 local results = {}
 while a <= #A do

@@ -27,6 +27,8 @@
 if redis.call('EXISTS', KEYS[14]) == 0 then return -1 end
 local bound, policy = tonumber(ARGV[4]), ARGV[5]
 local out, dropped, left = {}, {}, 0
+-- The new session's q, ev, att, rc, exp, for removeEvent.
+local NEW = { KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11] }
 for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
     left = left + 1
@@ -44,14 +46,14 @@ for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
       out[#out + 1] = eid
       out[#out + 1] = expiry or false
     end
-    removeEvent(0, eid)
+    removeEvent(KEYS, eid)
   end
 end
 while redis.call('ZCARD', KEYS[7]) > bound do
   local eid = redis.call('ZRANGE', KEYS[7], 0, 0)[1]
   dropped[#dropped + 1] = eid
   dropped[#dropped + 1] = redis.call('HGET', KEYS[8], eid)
-  removeEvent(6, eid)
+  removeEvent(NEW, eid)
 end
 -- What did not fit stays for the caller to purge; otherwise the old outbox is gone.
 if left == 0 then

@@ -14,7 +14,7 @@ if not redis.call('ZSCORE', KEYS[1], eid) then return false end
 local payload = redis.call('HGET', KEYS[2], eid)
 local expiry = redis.call('HGET', KEYS[5], eid)
 if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
-  removeEvent(0, eid)
+  removeEvent(KEYS, eid)
   return {'expired', payload}
 end
 return {'send', redis.call('HINCRBY', KEYS[3], eid, 1), payload}

@@ -21,7 +21,7 @@ for _, eid in ipairs(eids) do
     out[#out + 1] = eid
     out[#out + 1] = tonumber(redis.call('HGET', KEYS[3], eid) or '0')
     out[#out + 1] = redis.call('HGET', KEYS[2], eid)
-    removeEvent(0, eid)
+    removeEvent(KEYS, eid)
   end
 end
 if ARGV[1] == 'all' then

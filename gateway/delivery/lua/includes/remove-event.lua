@@ -1,11 +1,10 @@
--- Included before the outbox scripts that take their keys as KEYS (resend, take, move; see
--- outbox.ts): removes one event from all the keys of its session's outbox. `k` is where that
--- session's keys start in KEYS (0 for the first session):
--- KEYS[k+1] q, KEYS[k+2] ev, KEYS[k+3] att, KEYS[k+4] rc, KEYS[k+5] exp.
-local function removeEvent(k, eid)
-  redis.call('ZREM', KEYS[k + 1], eid)
-  redis.call('HDEL', KEYS[k + 2], eid)
-  redis.call('HDEL', KEYS[k + 3], eid)
-  redis.call('SREM', KEYS[k + 4], eid)
-  redis.call('HDEL', KEYS[k + 5], eid)
+-- Included before the outbox scripts that remove events (outbox.ts): removes one event from all
+-- the keys of its session's outbox. `K` holds those keys from K[1]: q, ev, att, rc, exp (KEYS
+-- itself for a script whose first keys are the session's; a table of names otherwise).
+local function removeEvent(K, eid)
+  redis.call('ZREM', K[1], eid)
+  redis.call('HDEL', K[2], eid)
+  redis.call('HDEL', K[3], eid)
+  redis.call('SREM', K[4], eid)
+  redis.call('HDEL', K[5], eid)
 end
