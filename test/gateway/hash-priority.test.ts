@@ -38,26 +38,46 @@ function threads(pid: number): ThreadStat[] {
   return out;
 }
 
+const PASSWORD = 'correct horse battery';
+
+/**
+ * A pool of 2 hash threads at nice 7 with both threads started (4 verifies), and a hash to
+ * verify; `run` gets them and the pool is closed after it.
+ */
+async function withWarmPool(
+  params: { memoryCost: number; timeCost: number; parallelism: number },
+  maxQueue: number,
+  run: (h: Hasher, hash: string) => Promise<void>,
+): Promise<void> {
+  const h = new Hasher({ params, threads: 2, maxQueue, nice: 7 });
+  try {
+    const hash = await within(
+      'the hash pool to start both threads',
+      (async () => {
+        await h.ready;
+        const { hash } = await h.hash(PASSWORD);
+        await Promise.all(Array.from({ length: 4 }, () => h.verify(PASSWORD, hash)));
+        return hash;
+      })(),
+      60000,
+    );
+    await run(h, hash);
+  } finally {
+    await h.close();
+  }
+}
+
 test('the hash threads run at the nice value asked for and do the hashing; the main thread keeps 0', {
   skip: !linux && 'thread nice values are Linux only',
 }, async () => {
-  const h = new Hasher({
-    // Costly enough (tens of ms a verify) that the hashing outweighs the threads' own upkeep.
-    params: { memoryCost: 16384, timeCost: 3, parallelism: 1 },
-    threads: 2,
-    maxQueue: 1000,
-    nice: 7,
-  });
-  try {
-    await h.ready;
-    const { hash } = await h.hash('correct horse battery');
-    // Both threads started before the measure (a thread's start-up is not hashing).
-    await Promise.all(Array.from({ length: 4 }, () => h.verify('correct horse battery', hash)));
+  // Costly enough (tens of ms a verify) that the hashing outweighs the threads' own upkeep.
+  // Both threads started before the measure (a thread's start-up is not hashing).
+  await withWarmPool({ memoryCost: 16384, timeCost: 3, parallelism: 1 }, 1000, async (h, hash) => {
     assert.equal(h.stats().nice, 7, 'the worker reports the nice value it runs at');
     const before = new Map(threads(process.pid).map((t) => [t.tid, t]));
     await within(
       '40 verifies',
-      Promise.all(Array.from({ length: 40 }, () => h.verify('correct horse battery', hash))),
+      Promise.all(Array.from({ length: 40 }, () => h.verify(PASSWORD, hash))),
       60000,
     );
     const after = threads(process.pid);
@@ -80,32 +100,19 @@ test('the hash threads run at the nice value asked for and do the hashing; the m
       reniced >= all * 0.6,
       `the reniced threads did most of the work: ${reniced} of ${all} ticks off the main thread (libuv's pool would run at nice 0)`,
     );
-  } finally {
-    await h.close();
-  }
+  });
 });
 
 test('the hash threads outlive a pause between logins (no thread ended and started again)', {
   skip: !linux && 'thread nice values are Linux only',
 }, async () => {
-  const h = new Hasher({
-    params: { memoryCost: 4096, timeCost: 1, parallelism: 1 },
-    threads: 2,
-    maxQueue: 100,
-    nice: 7,
-  });
-  try {
-    await h.ready;
-    const { hash } = await h.hash('correct horse battery');
-    await Promise.all(Array.from({ length: 4 }, () => h.verify('correct horse battery', hash)));
+  await withWarmPool({ memoryCost: 4096, timeCost: 1, parallelism: 1 }, 100, async () => {
     const reniced = () => threads(process.pid).filter((t) => t.nice === 7).length;
     assert.equal(reniced(), 2, 'both hash threads after a batch');
     // Piscina's default ended a thread beyond its minimum as soon as it was idle.
     await new Promise((resolve) => setTimeout(resolve, 200));
     assert.equal(reniced(), 2, 'both hash threads 200 ms after the batch');
-  } finally {
-    await h.close();
-  }
+  });
 });
 
 test('a gateway hashes at GW_HASH_NICE (default 10) while its main thread keeps 0', {
