@@ -3,7 +3,8 @@
  * (docs/ARCHITECTURE.md, "Acks share a call"), on a gateway with its own Redis server whose
  * commands are watched with MONITOR: acks arriving apart used to cost a call each. A session
  * whose outbox holds events waiting for a window slot has its acks applied at once, so the
- * wait never holds back a delivery.
+ * wait never holds back a delivery. Acks whose call fails (Redis frozen past the command
+ * timeout) are kept and sent again.
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -12,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { GatewayClient } from '../../client/client.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, until } from '../helpers/deadline.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
@@ -24,6 +25,8 @@ let redis: OwnRedis;
 let gw: GatewayProcess;
 /** Acks wait up to 60 s, beyond every deadline: an ack that waits where it must not fails the test. */
 let patient: GatewayProcess;
+/** Acks wait up to 3 s (time to freeze Redis under them); Redis calls time out after 1 s. */
+let frozen: GatewayProcess;
 const clients: GatewayClient[] = [];
 
 before(async () => {
@@ -35,16 +38,23 @@ before(async () => {
     GW_REGISTER_PER_MINUTE: '1000',
     GW_MAX_INFLIGHT: '2',
   };
-  [gw, patient] = await Promise.all([
+  [gw, patient, frozen] = await Promise.all([
     startGateway({ ...env, GW_ACK_FLUSH_MS: '1000' }),
     startGateway({ ...env, GW_ACK_FLUSH_MS: '60000' }),
+    startGateway({ ...env, GW_ACK_FLUSH_MS: '3000', GW_REDIS_TIMEOUT_MS: '1000' }),
   ]);
 });
 after(async () => {
   for (const c of clients) c.destroy();
-  await Promise.all([gw?.stop(), patient?.stop()]);
+  await Promise.all([gw?.stop(), patient?.stop(), frozen?.stop()]);
   await redis?.remove();
 });
+
+/** gateway_events_stray_acks_total of the gateway whose acks wait through a frozen Redis. */
+async function strayAcks(): Promise<number> {
+  const text = await (await fetchWithin(`http://127.0.0.1:${frozen.metricsPort}/metrics`)).text();
+  return Number(/^gateway_events_stray_acks_total (\d+)/m.exec(text)?.[1] ?? 0);
+}
 
 async function publish(events: { target: object; eid: string }[], to = gw): Promise<void> {
   const res = await fetchWithin(`http://127.0.0.1:${to.httpPort}/v1/events`, {
@@ -118,4 +128,49 @@ test('a device with events waiting for a window slot gets them as it acks, not a
     );
   }
   assert.equal(got.length, 50);
+});
+
+test('acks waiting while Redis is frozen are applied once it answers again; nothing is lost', async () => {
+  const c = await connected(frozen.tcpUrl, { autoAck: true });
+  clients.push(c);
+  const id = `af-${randomUUID().slice(0, 8)}`;
+  const s = await signUp(c, { id });
+  const got: string[] = [];
+  c.on('event', (e: EventMsg) => got.push(e.eid));
+  const q = `${frozen.prefix}{s:${s.sessionId}}:q`;
+  const outboxEmpty = async () =>
+    (await within(
+      'ZCARD',
+      redis.with((r) => r.zcard(q)),
+    )) === 0;
+  // A first event, acked and applied, so that the next ones go out from their publish with
+  // nothing waiting behind them (their acks then wait for the flush).
+  const first = `af-frozen-first-${randomUUID().slice(0, 8)}`;
+  await publish([{ target: { device: id }, eid: first }], frozen);
+  await until('the first event at the device', () => got.includes(first));
+  await until('the first event acked in Redis', outboxEmpty);
+  // Two: the window (GW_MAX_INFLIGHT=2) holds both, so none waits in Redis for a slot.
+  const eids = Array.from({ length: 2 }, (_, i) => `af-frozen-${i}-${randomUUID().slice(0, 8)}`);
+  await publish(
+    eids.map((eid) => ({ target: { device: id }, eid })),
+    frozen,
+  );
+  await until('the 2 events at the device', () => eids.every((eid) => got.includes(eid)));
+  const stray0 = await strayAcks();
+  // The acks are in; their flush is due within 3 s. Redis stops answering before it.
+  redis.freeze();
+  try {
+    await frozen.waitForLog((l) => l.msg === 'outbox pump failed; retrying', 20_000);
+  } finally {
+    redis.thaw();
+  }
+  await until('the outbox emptied by the acks', outboxEmpty);
+  // The timed-out call was in Redis's socket and ran when it thawed; the acks, kept for the
+  // retry, were sent again and found nothing left to remove: counted as stray, not lost.
+  await until('the 2 acks sent again after the failed call', async () => (await strayAcks()) >= stray0 + 2);
+  assert.deepEqual(
+    eids.filter((eid) => !got.includes(eid)),
+    [],
+    'every event delivered',
+  );
 });
