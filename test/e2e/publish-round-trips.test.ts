@@ -11,7 +11,7 @@ import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, until } from '../helpers/deadline.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
@@ -214,9 +214,16 @@ test("an outbox's TTL is refreshed by a publish once it ran down by a minute, no
   device.on('event', (e: EventMsg) => got.push(e.eid));
   const ttl = 86_400; // SESSION_TTL's default
   const keys = ['q', 'ev', 'seq'].map((name) => `${gw.prefix}{s:${s.sessionId}}:${name}`);
-  const ttls = () => redis.with((r) => Promise.all(keys.map((k) => r.ttl(k))));
+  const ttls = () =>
+    within(
+      'the outbox TTLs',
+      redis.with((r) => Promise.all(keys.map((k) => r.ttl(k)))),
+    );
   const expireAll = (seconds: number) =>
-    redis.with((r) => Promise.all(keys.map((k) => r.expire(k, seconds))));
+    within(
+      'the outbox TTLs set',
+      redis.with((r) => Promise.all(keys.map((k) => r.expire(k, seconds)))),
+    );
   const publishOne = async (eid: string) => {
     await publish({ device: id }, eid);
     await until(`${eid} at the device`, () => got.includes(eid));

@@ -9,6 +9,7 @@ import { after, test } from 'node:test';
 import { Redis } from 'ioredis';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
 
 const redis = new Redis(REDIS_URL);
 after(() => redis.disconnect());
@@ -29,11 +30,9 @@ test('what Redis unpacks is what was written, string by string', async () => {
   for (const s of strings) w.str(s);
   w.bytes(bytes);
   w.num(1_764_633_600_000).num(-1).num(0).num(42);
-  const unpacked = (await redis.callBuffer(
-    'eval',
-    'return cmsgpack.unpack(ARGV[1])',
-    0,
-    w.finish(),
+  const unpacked = (await within(
+    'the unpacking script',
+    redis.callBuffer('eval', 'return cmsgpack.unpack(ARGV[1])', 0, w.finish()),
   )) as Buffer[];
   const want = [
     ...strings.map((s) => Buffer.from(s)),
@@ -47,6 +46,9 @@ test('what Redis unpacks is what was written, string by string', async () => {
 });
 
 test('an empty array', async () => {
-  const n = await redis.eval('return #cmsgpack.unpack(ARGV[1])', 0, new ScriptArgs().finish());
+  const n = await within(
+    'the unpacking script',
+    redis.eval('return #cmsgpack.unpack(ARGV[1])', 0, new ScriptArgs().finish()),
+  );
   assert.equal(n, 0);
 });
