@@ -23,7 +23,7 @@
  *
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
- *                             [--paths backend,direct] [--processes 1,2]
+ *                             [--paths backend,direct] [--modes max,fixed] [--processes 1,2]
  */
 import { execSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -52,9 +52,12 @@ const { values } = parseArgs({
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
     paths: { type: 'string', default: 'backend,direct' },
     processes: { type: 'string', default: '1,2' },
+    /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
+    modes: { type: 'string', default: 'max,fixed' },
   },
 });
 const PATHS = new Set(String(values.paths).split(','));
+const MODES = new Set(String(values.modes).split(','));
 /** Gateway process counts the back-end max-rate row runs with (1: every row; more: that row again). */
 const PROCESSES = String(values.processes).split(',').map(Number);
 const DEVICES = Number(values.devices);
@@ -515,11 +518,11 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1)] : []) {
     const { sys, close } = await make();
-    rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
-    rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
+    if (MODES.has('max')) rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
+    if (MODES.has('fixed')) rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
     await close();
   }
-  for (const n of PATHS.has('backend') ? PROCESSES.filter((p) => p > 1) : []) {
+  for (const n of PATHS.has('backend') && MODES.has('max') ? PROCESSES.filter((p) => p > 1) : []) {
     const { sys, close } = await gatewayBackend(n);
     rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
     await close();
