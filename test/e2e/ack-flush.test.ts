@@ -99,7 +99,7 @@ test('acks of many devices, arriving apart, are applied in one script call', asy
       .map((s) => ({ ...s, args: unpack(Buffer.from(s.args.at(-1)!, 'latin1')) as string[] }))
       .filter((s) => eids.some((eid) => s.args.includes(eid)));
   await until('every ack applied', () => eids.every((eid) => ackCalls().some((s) => s.args.includes(eid))));
-  watch.stop();
+  await watch.stop();
   const calls = ackCalls();
   // Per tick they took a call each (10); a slow machine may split them over a flush or two.
   assert.ok(calls.length <= 3, `${calls.length} ack-pump calls for ${eids.length} acks arriving apart`);

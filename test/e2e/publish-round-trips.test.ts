@@ -86,7 +86,7 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   await until(`all ${eids.length} events at the receiver`, () =>
     eids.every((eid) => got.some((e) => e.eid === eid)),
   );
-  watch.stop();
+  await watch.stop();
   // The receiver is on the publishing node with a free window: each event went out from its
   // publish, whatever the target named (docs/ARCHITECTURE.md, "Sending from the publish").
   assert.equal((await sentFromPublish()) - fromPublish0, eids.length, 'events sent from the publish');
@@ -156,7 +156,7 @@ test('a say is one round trip: its publish and its history write go in one MULTI
   const watch = await monitor(redis.port);
   for (let i = 0; i < N; i++) await a.request('say', { room, body: `m${i}` });
   await until(`${N} messages heard`, () => heard >= N + 1);
-  watch.stop();
+  await watch.stop();
 
   const channel = `${gw.prefix}roomchan:${room}`;
   const history = `${gw.prefix}room:${room}:h`;

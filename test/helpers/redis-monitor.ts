@@ -1,6 +1,6 @@
 /** Watching what a Redis server is sent, with MONITOR (tests on their own Redis server). */
 import { connect } from 'node:net';
-import { within } from './deadline.ts';
+import { DEADLINE_MS, until, within } from './deadline.ts';
 
 const ESCAPES: Record<string, string> = { n: '\n', r: '\r', t: '\t', a: '\x07', b: '\b' };
 
@@ -16,7 +16,7 @@ export interface Seen {
  * Every command the server runs, from MONITOR on a plain socket (ioredis's monitor mode can
  * take a line that arrives with MONITOR's own +OK for a reply, on a busy machine).
  */
-export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () => void }> {
+export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () => Promise<void> }> {
   const seen: Seen[] = [];
   const socket = connect(port, '127.0.0.1');
   socket.on('error', () => {});
@@ -47,5 +47,26 @@ export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () =>
   });
   socket.write('MONITOR\r\n');
   await within('MONITOR to start', ok);
-  return { seen, stop: () => socket.destroy() };
+  /**
+   * Stops once MONITOR showed a marker sent after everything awaited so far: a command's reply
+   * can reach its client (and an event a device) before MONITOR's line of it reaches this one.
+   */
+  const stop = async () => {
+    const marker = `monitor-stop-${process.hrtime.bigint()}`;
+    const other = connect(port, '127.0.0.1');
+    other.on('error', () => {});
+    try {
+      other.write(`ECHO ${marker}\r\n`);
+      await until(
+        "MONITOR's line of the stop marker",
+        () => seen.some((s) => s.command === 'echo' && s.args[0] === marker),
+        DEADLINE_MS,
+        5,
+      );
+    } finally {
+      other.destroy();
+      socket.destroy();
+    }
+  };
+  return { seen, stop };
 }
