@@ -12,7 +12,7 @@
  */
 import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
-import { pack, unpack } from '../../protocol/index.ts';
+import { pack, packEvent, unpack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import { ScriptArgs } from './script-args.ts';
 
@@ -37,7 +37,9 @@ export interface PublishResult {
 }
 
 export interface ToSend {
-  event: StoredEvent;
+  eid: string;
+  /** The `event` message to send, put together around the stored bytes (packEvent). */
+  message: Buffer;
   seq: number;
   attempt: number;
 }
@@ -106,8 +108,11 @@ export interface DirectSender {
    * once, in claim order.
    */
   claim(to: Fanout): DirectClaim[];
-  /** The script's answer to a claim: `seq` granted (send `event` now), or null (refused or failed). */
-  settle(claim: DirectClaim, event: StoredEvent, seq: number | null): void;
+  /**
+   * The script's answer to a claim: `seq` granted (send the event now), or null (refused or
+   * failed). `packed` is the event as stored (its fields as a MessagePack map).
+   */
+  settle(claim: DirectClaim, event: StoredEvent, packed: Buffer, seq: number | null): void;
 }
 
 /** A claim to send an event from its publish, tied to one connection of a session. */
@@ -147,10 +152,12 @@ function parsePump(reply: Reply): AckPumpResult {
   for (let i = 1; i < receiptsRaw.length; i += 2) receipts.push(decode(receiptsRaw[i]));
   const send: ToSend[] = [];
   for (let i = 0; i < sendRaw.length; i += 4) {
+    const attempt = sendRaw[i + 2] as number;
     send.push({
+      eid: (sendRaw[i] as Buffer).toString(),
+      message: packEvent(sendRaw[i + 3] as Buffer, 1, attempt),
       seq: Number((sendRaw[i + 1] as Buffer).toString()),
-      attempt: sendRaw[i + 2] as number,
-      event: decode(sendRaw[i + 3] as Buffer),
+      attempt,
     });
   }
   const expired: StoredEvent[] = [];
@@ -308,7 +315,7 @@ export class Outbox {
             });
             seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);
           }
-          for (const c of p.claims) direct!.settle(c, p.event, seqOf!.get(c.sid) ?? null);
+          for (const c of p.claims) direct!.settle(c, p.event, p.packed, seqOf!.get(c.sid) ?? null);
           p.resolve(results);
         }
       },
@@ -316,7 +323,7 @@ export class Outbox {
         this.publishCallDone();
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
-          for (const c of p.claims) direct!.settle(c, p.event, null);
+          for (const c of p.claims) direct!.settle(c, p.event, p.packed, null);
           p.reject(e);
         }
       },
@@ -349,11 +356,12 @@ export class Outbox {
     sid: string,
     eid: string,
     nowMs: number,
-  ): Promise<null | { expired: StoredEvent } | { event: StoredEvent; attempt: number }> {
+  ): Promise<null | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
     const reply = await this.redis.gwResendBuffer(...this.keys.outbox(sid).slice(0, 6), eid, nowMs);
     if (!reply) return null;
     if ((reply[0] as Buffer).toString() === 'expired') return { expired: decode(reply[1] as Buffer) };
-    return { attempt: reply[1] as number, event: decode(reply[2] as Buffer) };
+    const attempt = reply[1] as number;
+    return { attempt, message: packEvent(reply[2] as Buffer, 1, attempt) };
   }
 
   /** Removes the given events (or all with `eids` undefined); returns those this call removed. */
