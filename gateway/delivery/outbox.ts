@@ -15,6 +15,7 @@ import type { Redis } from 'ioredis';
 import { pack, packEvent, unpack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import { ScriptArgs } from './script-args.ts';
+import { readScriptReply } from './script-reply.ts';
 
 /** What the outbox stores of an event (packed with MessagePack). */
 export interface StoredEvent {
@@ -62,7 +63,7 @@ const lua = (path: string) => readFileSync(new URL(`./lua/${path}.lua`, import.m
 /** A script with the shared helpers in lua/includes/ put before it. */
 const script = (name: string) => `${lua('includes/remove-event')}\n${lua(name)}`;
 
-type Reply = (Buffer | number | null | Reply)[];
+type Reply = (Buffer | number | boolean | null | Reply)[];
 
 /** One session's share of an `ackPumpMany` call. */
 export interface AckPumpRequest {
@@ -135,8 +136,9 @@ interface PendingPublish {
 }
 
 interface OutboxCommands {
-  gwPublishBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
-  gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
+  /** publish.lua and ack-pump.lua answer with one MessagePack string (script-reply.ts). */
+  gwPublishBuffer(...args: (string | Buffer | number)[]): Promise<Buffer>;
+  gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Buffer>;
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
@@ -294,8 +296,9 @@ export class Outbox {
     args.push(events.finish());
     this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(
-      (reply) => {
+      (packedReply) => {
         this.publishCallDone();
+        const reply = readScriptReply(packedReply) as Reply;
         let i = 0;
         for (const p of batch) {
           const n = reply[i++] as number;
@@ -304,8 +307,8 @@ export class Outbox {
           const seqOf = p.claims.length > 0 ? new Map<string, number | null>() : null;
           for (let j = 0; j < n; j++, i += 6) {
             const status = reply[i + 1] as number;
-            const node = reply[i + 2] as Buffer | null;
-            const dropped = reply[i + 4] as Buffer | null;
+            const node = reply[i + 2] as Buffer | false;
+            const dropped = reply[i + 4] as Buffer | false;
             const sid = (reply[i] as Buffer).toString();
             results.push({
               sid,
@@ -335,7 +338,7 @@ export class Outbox {
    * publish order. Results are in request order. One script call per 64 sessions.
    */
   async ackPumpMany(requests: AckPumpRequest[], nowMs: number): Promise<AckPumpResult[]> {
-    const calls: Promise<Reply>[] = [];
+    const calls: Promise<Buffer>[] = [];
     const [head, tail] = this.keys.sessionKeyParts;
     for (let i = 0; i < requests.length; i += MAX_PUMP_BATCH) {
       const end = Math.min(requests.length, i + MAX_PUMP_BATCH);
@@ -347,7 +350,7 @@ export class Outbox {
       }
       calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish()));
     }
-    const replies = (await Promise.all(calls)).flat() as Reply[];
+    const replies = (await Promise.all(calls)).flatMap((r) => readScriptReply(r) as Reply[]);
     return replies.map(parsePump);
   }
 

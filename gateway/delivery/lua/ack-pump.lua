@@ -17,7 +17,8 @@
     number of acked eids that follow
     the acked eids
 
-  Returns one {acked, receipts, send, expired, resynced} per session
+  Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
+  {acked, receipts, send, expired, resynced} per session
     acked    number of acks that removed an event (the rest were stray or duplicate)
     receipts {eid, payload, ...} of acked events that asked for a receipt
     send     {eid, seq, attempt, payload, ...} in sequence order
@@ -102,4 +103,4 @@ while a <= #A do
   end
   results[#results + 1] = {acked, receipts, send, expired, resynced}
 end
-return results
+return cmsgpack.pack(results)

@@ -45,7 +45,8 @@
   the sent mark its sequence; the node gets no wake-up for it. Later claimed events of the
   same session in the call chain on from the last granted one.
 
-  Returns per event: the number of sessions the target expanded to, then 6 per session:
+  Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of: per event,
+  the number of sessions the target expanded to, then 6 per session:
   session id, status, node|false, droppedEid|false, droppedPayload|false, sequence|false
     status 2 = added and the claim granted (the caller sends it), 1 = added, 0 = duplicate eid
     (no-op), -1 = rejected at the bound, -2 = no such session
@@ -214,4 +215,4 @@ while a <= #A do
     redis.call('SREM', target, unpack(gone))
   end
 end
-return out
+return cmsgpack.pack(out)
