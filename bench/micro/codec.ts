@@ -5,7 +5,9 @@
  *   - FrameDecoder on a stream of many small frames (one chunk, and random splits), against a
  *     naive Buffer.concat decoder fed the same chunks;
  *   - Channel seal+open of a 100-byte message, node:crypto against the native addon (n/a when
- *     it does not load).
+ *     it does not load);
+ *   - the `event` message of a stored event, put together around its bytes (packEvent) against
+ *     unpacking it and packing the message object (how the gateway built it before).
  *
  *   npm run bench:codec [-- --rounds 7 --round-ms 150]
  *
@@ -21,6 +23,7 @@ import {
   FrameDecoder,
   nodeBackend,
   pack,
+  packEvent,
   unpack,
 } from '../../protocol/index.ts';
 import { probeNative } from '../lib/backends.ts';
@@ -263,6 +266,56 @@ out(
   table(
     ['operation', 'node ops/s', 'node µs/op', 'native ops/s', 'native µs/op', 'native/node'],
     channelRows,
+  ),
+);
+out();
+// ---- 4. an event message from the stored event ---------------------------------------------
+
+/** The stored fields of an event message (what the outbox holds), and the fields added to send it. */
+function storedOf(msg: Record<string, unknown>): Buffer {
+  const { type: _t, qos: _q, attempt: _a, ...fields } = msg;
+  return pack(fields);
+}
+
+/** How the gateway built a delivered event before packEvent: decode, copy field by field, pack. */
+function rebuild(stored: Buffer): Buffer {
+  const ev = unpack(stored) as Record<string, unknown>;
+  const m: Record<string, unknown> = { type: 'event', eid: ev.eid, name: ev.name, data: ev.data, ts: ev.ts };
+  if (ev.from !== undefined) m.from = ev.from;
+  if (ev.room !== undefined) m.room = ev.room;
+  m.qos = 1;
+  m.attempt = 1;
+  return pack(m);
+}
+
+const eventRows: (string | number)[][] = [];
+for (const [name, msg] of messages.slice(2)) {
+  const stored = storedOf(msg);
+  if (!packEvent(stored, 1, 1).equals(rebuild(stored))) throw new Error(`${name}: packEvent differs`);
+  const pe = time(() => packEvent(stored, 1, 1), opts);
+  const rb = time(() => rebuild(stored), opts);
+  eventRows.push([
+    name,
+    pe.opsPerSec,
+    pe.usPerOp,
+    rb.opsPerSec,
+    rb.usPerOp,
+    `${(pe.opsPerSec / rb.opsPerSec).toFixed(2)}x`,
+  ]);
+}
+out('## The event message of a stored event: packEvent vs unpack → message object → pack');
+out();
+out(
+  table(
+    [
+      'event',
+      'packEvent ops/s',
+      'packEvent µs/op',
+      'unpack+pack ops/s',
+      'unpack+pack µs/op',
+      'packEvent/unpack+pack',
+    ],
+    eventRows,
   ),
 );
 out();
