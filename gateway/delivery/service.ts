@@ -538,7 +538,9 @@ export class DeliveryService {
         pump.lastSeq = 0;
         pump.inflight.clear();
       }
-      const slots = this.deps.options.maxInflight - pump.inflight.size;
+      // Without a backlog every event of the outbox went out already (from its publish or by
+      // a pump): the call only applies the acks, and takes nothing.
+      const slots = pump.backlog ? this.deps.options.maxInflight - pump.inflight.size : 0;
       const acks = pump.acks;
       if (acks.length === 0 && slots <= 0) continue;
       pump.acks = [];
@@ -574,7 +576,8 @@ export class DeliveryService {
   private pumped(pump: SessionPump, { acks, slots }: AckPumpRequest, r: AckPumpResult): void {
     pump.running = false;
     // Fewer events than free slots: the outbox held no more (news since will schedule it again).
-    pump.backlog = r.send.length >= slots;
+    // A call that took nothing (acks only, or a full window) leaves the backlog as it was.
+    if (slots > 0) pump.backlog = r.send.length >= slots;
     this.metrics.acked.inc(r.acked);
     if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
@@ -616,7 +619,11 @@ export class DeliveryService {
     const claims: PumpClaim[] = [];
     const add = (pump: SessionPump | undefined) => {
       if (!pump || pump.resync || pump.conn.state !== ConnState.open) return;
-      if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) return;
+      if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) {
+        // The event waits in the outbox for a slot: the pump takes it once acks free one.
+        pump.backlog = true;
+        return;
+      }
       pump.claims++;
       claims.push({ sid: pump.sid, after: pump.lastSeq, pump });
     };
@@ -632,6 +639,8 @@ export class DeliveryService {
 
   private settleSend({ pump }: PumpClaim, event: StoredEvent, packed: Buffer, seq: number | null): void {
     pump.claims--;
+    // Refused (or the call failed): the event may be in the outbox, for the pump to send.
+    if (seq === null) pump.backlog = true;
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
     // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
     // the connection went meanwhile, the next one is pumped from the start and gets it.

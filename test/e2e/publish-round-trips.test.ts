@@ -242,3 +242,40 @@ test("an outbox's TTL is refreshed by a publish once it ran down by a minute, no
   await publishOne(`ttl-c-${randomUUID().slice(0, 8)}`);
   for (const left of await ttls()) assert.ok(left > ttl - 60, `refreshed: ${left} s left`);
 });
+
+test('an event at a time: no duplicate look-up in an empty outbox, and an ack that frees a slot takes nothing', async () => {
+  // The fixed-rate shape: each event is published, sent from its publish and acked before the
+  // next, so the outbox is empty at every publish and nothing waits behind an ack.
+  const device = await connected(gw.tcpUrl, { autoAck: true });
+  clients.push(device);
+  const id = `one-${randomUUID().slice(0, 8)}`;
+  const s = await signUp(device, { id });
+  const got: string[] = [];
+  device.on('event', (e: EventMsg) => got.push(e.eid));
+  const base = `${gw.prefix}{s:${s.sessionId}}:`;
+  const emptied = () =>
+    until('the outbox emptied by the ack', async () => (await redis.with((r) => r.exists(`${base}q`))) === 0);
+  const publishOne = async (eid: string) => {
+    await publish({ device: id }, eid);
+    await until(`${eid} at the device`, () => got.includes(eid));
+    await emptied();
+  };
+  await publishOne(`one-warm-${randomUUID().slice(0, 8)}`);
+
+  const n = 10;
+  const fromPublish0 = await sentFromPublish();
+  const watch = await monitor(redis.port, { scripts: true });
+  for (let i = 0; i < n; i++) await publishOne(`one-${i}-${randomUUID().slice(0, 8)}`);
+  await watch.stop();
+  assert.equal((await sentFromPublish()) - fromPublish0, n, 'events sent from the publish');
+
+  const ran = watch.seen.filter((c) => c.source === 'lua' && c.args[0]?.startsWith(base));
+  const count = (command: string, key: string) =>
+    ran.filter((c) => c.command === command && c.args[0] === `${base}${key}`).length;
+  assert.equal(count('zadd', 'q'), n, 'events added (the watch saw the scripts)');
+  assert.equal(count('zrem', 'q'), n, 'events acked');
+  assert.equal(count('hexists', 'ev'), 0, 'duplicate checks in an empty outbox');
+  assert.equal(count('zrangebyscore', 'q'), 0, 'events taken by acks');
+  // The publish reads the sent mark to grant its claim; an ack that takes nothing does not.
+  assert.equal(count('get', 'sent'), n, 'reads of the sent mark');
+});

@@ -4,19 +4,23 @@ import { DEADLINE_MS, until, within } from './deadline.ts';
 
 const ESCAPES: Record<string, string> = { n: '\n', r: '\r', t: '\t', a: '\x07', b: '\b' };
 
-/** A command a client sent (not one a script ran), as MONITOR showed it. */
+/** A command a client sent (or, with `scripts`, one a script ran), as MONITOR showed it. */
 export interface Seen {
   command: string;
   args: string[];
-  /** The client's address. */
+  /** The client's address, or `lua` for a command a script ran. */
   source: string;
 }
 
 /**
- * Every command the server runs, from MONITOR on a plain socket (ioredis's monitor mode can
+ * Every command clients send (`scripts`: and the commands scripts run, each after the script
+ * call that ran it), from MONITOR on a plain socket (ioredis's monitor mode can
  * take a line that arrives with MONITOR's own +OK for a reply, on a busy machine).
  */
-export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () => Promise<void> }> {
+export async function monitor(
+  port: number,
+  options: { scripts?: boolean } = {},
+): Promise<{ seen: Seen[]; stop: () => Promise<void> }> {
   const seen: Seen[] = [];
   const socket = connect(port, '127.0.0.1');
   socket.on('error', () => {});
@@ -35,7 +39,7 @@ export async function monitor(port: number): Promise<{ seen: Seen[]; stop: () =>
       if (line === '+OK') started();
       // +1796148482.572801 [0 127.0.0.1:40000] "EVALSHA" "..." (scripts' commands: [0 lua])
       const m = /^\+[\d.]+ \[\d+ ([^\]]+)\] (.*)$/.exec(line);
-      if (!m || m[1] === 'lua') continue;
+      if (!m || (m[1] === 'lua' && !options.scripts)) continue;
       // Arguments as Redis quotes them (sdscatrepr): \n \r \t \a \b \" \\ and \xNN; bytes as latin1.
       const args = [...m[2].matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((a) =>
         a[1].replace(/\\x([0-9a-f]{2})|\\(.)/g, (_all, hex: string, c: string) =>

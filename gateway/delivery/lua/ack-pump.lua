@@ -13,7 +13,8 @@
   cmsgpack.unpack), per session:
     session id
     sequence after which to take events (the last one already sent on this connection)
-    how many to take (free slots of the in-flight window)
+    how many to take (free slots of the in-flight window; 0 when the node knows nothing waits:
+    the call only applies the acks)
     number of acked eids that follow
     the acked eids
 
@@ -43,11 +44,15 @@ while a <= #A do
   local base = head .. A[a] .. tail
   local K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp', base .. 'seq', base .. 'sent' }
   local after, want, nacks = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3])
-  local mark = tonumber(redis.call('GET', K[7]) or '0')
-  local resynced = 0
-  if tonumber(after) > mark then
-    after = '0'
-    resynced = 1
+  -- A call that takes nothing (want 0: acks only) sends nothing, so it neither checks nor
+  -- raises the mark; the next call that takes does.
+  local mark, resynced = 0, 0
+  if want > 0 then
+    mark = tonumber(redis.call('GET', K[7]) or '0')
+    if tonumber(after) > mark then
+      after = '0'
+      resynced = 1
+    end
   end
   local acked, receipts = 0, {}
   for i = a + 4, a + 3 + nacks do

@@ -122,23 +122,26 @@ while a <= #A do
     if not d.alive then
       status = -2
       gone[#gone + 1] = sid
-    elseif redis.call('HEXISTS', K[2], eid) == 1 then
-      status = 0
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
-      local full = d.size >= bound
-      if full and policy == 'reject' then
-        status = -1
-      end
-      if full and status == 1 then
-        droppedEid = redis.call('ZRANGE', K[1], 0, 0)[1]
-        droppedPayload = redis.call('HGET', K[2], droppedEid)
-        redis.call('ZREM', K[1], droppedEid)
-        redis.call('HDEL', K[2], droppedEid)
-        redis.call('HDEL', K[3], droppedEid)
-        redis.call('SREM', K[4], droppedEid)
-        redis.call('HDEL', K[5], droppedEid)
-        d.size = d.size - 1
+      -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
+      if d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1 then
+        status = 0
+      else
+        local full = d.size >= bound
+        if full and policy == 'reject' then
+          status = -1
+        end
+        if full and status == 1 then
+          droppedEid = redis.call('ZRANGE', K[1], 0, 0)[1]
+          droppedPayload = redis.call('HGET', K[2], droppedEid)
+          redis.call('ZREM', K[1], droppedEid)
+          redis.call('HDEL', K[2], droppedEid)
+          redis.call('HDEL', K[3], droppedEid)
+          redis.call('SREM', K[4], droppedEid)
+          redis.call('HDEL', K[5], droppedEid)
+          d.size = d.size - 1
+        end
       end
     end
     if status == 1 then
