@@ -68,6 +68,7 @@ return 0`,
 
 export class Presence {
   private beatTimer: NodeJS.Timeout | undefined;
+  private closing = false;
   private readonly queue: Queue;
   private worker: Worker | undefined;
   private targets: SweepTargets | undefined;
@@ -105,11 +106,19 @@ export class Presence {
         this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
     await this.beat();
+    let beats = 0;
     this.beatTimer = setInterval(
-      () => this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed')),
+      () => {
+        this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
+        // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again.
+        if (++beats % 5 === 0)
+          this.schedule().catch((e) => {
+            if (!this.closing) logFailure(this.deps.log, e, {}, 'sweep schedule failed');
+          });
+      },
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
-    await this.queue.upsertJobScheduler('sweep', { every: options.sweepIntervalMs }, { name: 'sweep' });
+    await this.schedule();
     this.worker = new Worker(QueueName.maintenance, (job) => this.sweep(job), {
       connection: this.deps.bullConnection,
       prefix: keys.bullPrefix,
@@ -117,8 +126,25 @@ export class Presence {
     this.worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
   }
 
+  /**
+   * Sets the sweep's job scheduler (idempotent; at start and then once per stale time). BullMQ
+   * schedules a scheduler's next job from the worker that fetched the current one, in a call
+   * after the fetch: a node killed between the two leaves the schedule with no next job, and
+   * the fetched one waits for the stalled-job check (30 s or more after its lock is lost), as
+   * does a schedule whose next job Redis lost (a restart from an older AOF). Setting it again
+   * adds the next job if none is waiting, and otherwise puts the waiting one back as it was.
+   */
+  private async schedule(): Promise<void> {
+    await this.queue.upsertJobScheduler(
+      'sweep',
+      { every: this.deps.options.sweepIntervalMs },
+      { name: 'sweep' },
+    );
+  }
+
   /** Stops beating and removes this node's sessions (graceful shutdown). */
   async close(): Promise<void> {
+    this.closing = true;
     if (this.beatTimer) clearInterval(this.beatTimer);
     await this.worker?.close();
     await this.queue.close();

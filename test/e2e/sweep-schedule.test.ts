@@ -1,0 +1,75 @@
+/**
+ * The cluster-wide sweep keeps running when its schedule loses its next job. BullMQ schedules
+ * a job scheduler's next job from the worker that fetched the current one, in a call after the
+ * fetch: a node killed between the two (or Redis losing its last writes) leaves no next job,
+ * and nothing swept dead nodes until the stalled-job check ran, 30 s or more later. Here the
+ * pending sweep jobs are deleted from Redis directly (that state), then a dead node is planted:
+ * the gateway must sweep it.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { REDIS_URL } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  type DeploymentEnv,
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+
+let env: DeploymentEnv;
+let gw: GatewayProcess;
+const redis = new Redis(REDIS_URL);
+
+before(async () => {
+  env = deploymentEnv();
+  gw = await startGateway({
+    ...env,
+    GW_DEFAULT_ROOM: '',
+    GW_SWEEP_INTERVAL_MS: '300',
+    GW_PRESENCE_STALE_MS: '1500',
+  });
+});
+after(async () => {
+  await gw?.stop();
+  redis.disconnect();
+  if (env) await dropDeployment(env);
+});
+
+test('a sweep schedule that lost its next job runs again, and sweeps a dead node', async () => {
+  const q = `${env.GW_REDIS_PREFIX}bull:gw-maintenance:`;
+  const pendingSweeps = async () => {
+    const [delayed, waiting] = await within(
+      'the pending sweep jobs',
+      Promise.all([redis.zrange(`${q}delayed`, '0', '-1'), redis.lrange(`${q}wait`, 0, -1)]),
+    );
+    return [...delayed, ...waiting].filter((id) => id.startsWith('repeat:sweep:'));
+  };
+  await until('a first sweep job', async () => (await pendingSweeps()).length > 0);
+
+  // Delete every pending sweep job (one that is running schedules its next as it starts, which
+  // the next pass deletes): what a node killed between fetching a sweep job and scheduling the
+  // next leaves behind, but for the fetched job itself.
+  await until('no sweep job pending', async () => {
+    const ids = await pendingSweeps();
+    for (const id of ids) {
+      await within(
+        `deleting ${id}`,
+        redis.multi().zrem(`${q}delayed`, id).lrem(`${q}wait`, 0, id).del(`${q}${id}`).exec(),
+      );
+    }
+    return ids.length === 0 && (await pendingSweeps()).length === 0;
+  });
+
+  // A node that stopped beating long ago.
+  const dead = `dead-${Date.now()}`;
+  await within('the dead node planted', redis.zadd(`${env.GW_REDIS_PREFIX}nodes`, 1, dead));
+  await until(
+    'the dead node swept',
+    async () => (await within('the nodes', redis.zscore(`${env.GW_REDIS_PREFIX}nodes`, dead))) === null,
+    15_000,
+  );
+  assert.ok((await pendingSweeps()).length > 0, 'the schedule has a next job again');
+});
