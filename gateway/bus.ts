@@ -35,6 +35,16 @@ export class Bus {
     await this.sub.unsubscribe(channel);
   }
 
+  /**
+   * Resolves once the server has applied every subscription sent so far: a PING answered on the
+   * same connection, after them. ioredis emits 'ready' on a reconnect before it subscribes
+   * again, so whoever must not miss a message published from now on waits for this. Rejects if
+   * the connection is down (its next 'ready' comes later).
+   */
+  async synced(): Promise<void> {
+    await this.sub.ping();
+  }
+
   has(channel: string): boolean {
     return this.handlers.has(channel);
   }

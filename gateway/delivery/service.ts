@@ -13,7 +13,7 @@
 import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
-import { isProtocolError, packEvent } from '../../protocol/index.ts';
+import { isProtocolError, packEvent, unpack } from '../../protocol/index.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
@@ -435,12 +435,19 @@ export class DeliveryService {
     if (this.resyncTimer) return;
     this.resyncTimer = setTimeout(() => {
       this.resyncTimer = undefined;
-      this.deps.log.info({ sessions: this.pumps.size, cause }, 'resyncing outboxes with Redis');
-      for (const pump of this.pumps.values()) {
-        pump.resync = true;
-        this.metrics.resyncs.labels(cause).inc();
-        this.claim(pump);
-      }
+      // The pumps read the outboxes once this node's channel is subscribed again: an event
+      // stored after that read reaches the node only as a wake-up on it (a pump takes events
+      // only when it knows some wait, "Acks share a call"). Subscriber down: its own 'ready'
+      // brings another resync.
+      const resync = () => {
+        this.deps.log.info({ sessions: this.pumps.size, cause }, 'resyncing outboxes with Redis');
+        for (const pump of this.pumps.values()) {
+          pump.resync = true;
+          this.metrics.resyncs.labels(cause).inc();
+          this.claim(pump);
+        }
+      };
+      this.deps.bus.synced().then(resync, resync);
     }, 100);
     this.resyncTimer.unref();
   }
@@ -505,8 +512,18 @@ export class DeliveryService {
 
   /** The outbox may have events to send on this connection: pump it in this tick. */
   private schedule(pump: SessionPump): void {
-    pump.backlog = true;
+    this.markBacklog(pump);
     this.enqueue(pump);
+  }
+
+  /**
+   * The outbox may hold events this connection was not sent. A run out now may have read the
+   * outbox before they were stored, and its answer sets the backlog from what it found: it
+   * runs again after it (`again`), so the news is not lost to that answer.
+   */
+  private markBacklog(pump: SessionPump): void {
+    pump.backlog = true;
+    if (pump.running) pump.again = true;
   }
 
   private enqueue(pump: SessionPump): void {
@@ -621,7 +638,7 @@ export class DeliveryService {
       if (!pump || pump.resync || pump.conn.state !== ConnState.open) return;
       if (pump.inflight.size + pump.claims >= this.deps.options.maxInflight) {
         // The event waits in the outbox for a slot: the pump takes it once acks free one.
-        pump.backlog = true;
+        this.markBacklog(pump);
         return;
       }
       pump.claims++;
@@ -640,7 +657,7 @@ export class DeliveryService {
   private settleSend({ pump }: PumpClaim, event: StoredEvent, packed: Buffer, seq: number | null): void {
     pump.claims--;
     // Refused (or the call failed): the event may be in the outbox, for the pump to send.
-    if (seq === null) pump.backlog = true;
+    if (seq === null) this.markBacklog(pump);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
     // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
     // the connection went meanwhile, the next one is pumped from the start and gets it.
@@ -725,11 +742,11 @@ export class DeliveryService {
       const nl = message.indexOf(0x0a);
       const pump = this.pumps.get(message.toString('utf8', 1, nl));
       if (pump && pump.conn.state === ConnState.open) {
-        try {
-          this.sendEvent(pump.conn, packEvent(message.subarray(nl + 1), 0), 0);
-        } catch (e) {
-          this.deps.log.error({ err: e, sessionId: pump.sid }, 'bad qos-0 event on the node channel');
-        }
+        // Anyone with access to Redis can publish on the channel: the event is read whole
+        // before it is sent (a bad one throws, and the bus logs it), unlike the outbox's.
+        const fields = message.subarray(nl + 1);
+        unpack(fields);
+        this.sendEvent(pump.conn, packEvent(fields, 0), 0);
       }
     }
   }
