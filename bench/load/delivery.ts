@@ -87,6 +87,51 @@ interface Row {
   redisCalls: number;
   /** Redis's own accounting per delivered event (INFO commandstats); absent for Mosquitto. */
   redisWork?: RedisWork;
+  /** The gateway's own latency histograms over the measured seconds; absent for Mosquitto. */
+  latency?: GatewayLatency;
+}
+
+/** Shares of the gateway's own latency histograms above 10 and 25 ms (the buckets there). */
+interface GatewayLatency {
+  /** `POST /v1/events` requests (arrival to answer: publish call and sends from it included). */
+  requests: number;
+  requestsOver10: number;
+  requestsOver25: number;
+  /** Events sent to a device to their acks (the device's side and the way back included). */
+  acks: number;
+  acksOver10: number;
+  acksOver25: number;
+}
+
+/** Cumulative bucket counts of one histogram series (`le` → count) in a /metrics text. */
+function buckets(text: string, metric: string, labels: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${metric}_bucket{`) || !line.includes(labels)) continue;
+    const le = /le="([^"]+)"/.exec(line)?.[1];
+    if (le) out.set(le, (out.get(le) ?? 0) + Number(line.slice(line.lastIndexOf(' ') + 1)));
+  }
+  return out;
+}
+
+/** Between two /metrics texts: the count of a histogram and its shares above 10 and 25 ms. */
+function over(before: string, after: string, metric: string, labels: string): [number, number, number] {
+  const a = buckets(after, metric, labels);
+  const b = buckets(before, metric, labels);
+  const d = (le: string) => (a.get(le) ?? 0) - (b.get(le) ?? 0);
+  const n = d('+Inf');
+  return n > 0 ? [n, 1 - d('0.01') / n, 1 - d('0.025') / n] : [0, Number.NaN, Number.NaN];
+}
+
+function latencyBetween(before: string, after: string): GatewayLatency {
+  const [requests, requestsOver10, requestsOver25] = over(
+    before,
+    after,
+    'http_request_duration_seconds',
+    'route="/v1/events"',
+  );
+  const [acks, acksOver10, acksOver25] = over(before, after, 'gateway_ack_latency_seconds', '');
+  return { requests, requestsOver10, requestsOver25, acks, acksOver10, acksOver25 };
 }
 
 /** Per delivered event, from `INFO commandstats` (every client of the server, as its CPU). */
@@ -203,8 +248,8 @@ interface System {
   publish(loop: number, n: number, sentAt: number): Promise<void>;
   /** Set by the run: called for each received event with its number and send time. */
   onReceive: (n: number, sentAt: number) => void;
-  /** Redis calls the server made so far (the gateway's own count, from its /metrics). */
-  redisCalls?: () => Promise<number>;
+  /** The server's /metrics text (gateways): Redis calls and latency histograms are read from it. */
+  metrics?: () => Promise<string>;
 }
 
 async function run(sys: System, path: string, mode: 'max' | 'fixed', window: number): Promise<Row> {
@@ -262,7 +307,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   );
   await sleep(WARMUP * 1000);
   // Read before the CPU counters, and after them below: the scrapes cost the gateway CPU.
-  const calls0 = (await sys.redisCalls?.()) ?? Number.NaN;
+  const metrics0 = await sys.metrics?.();
   const s0 = treeCpuSeconds(sys.serverPid);
   const r0 = cpuSeconds(REDIS_PID);
   const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
@@ -279,7 +324,9 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
   const measured = received;
   const redisWork = stats0 ? redisWorkBetween(stats0, commandStats(), measured) : undefined;
-  const calls = ((await sys.redisCalls?.()) ?? Number.NaN) - calls0;
+  const metrics1 = await sys.metrics?.();
+  const calls = metrics0 && metrics1 ? redisCallsIn(metrics1) - redisCallsIn(metrics0) : Number.NaN;
+  const latency = metrics0 && metrics1 ? latencyBetween(metrics0, metrics1) : undefined;
   stop = true;
   if (timer) clearInterval(timer);
   await Promise.all(loops);
@@ -310,6 +357,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     pgCpu: pgCpuUsed,
     clientCpu,
     redisCalls: calls / measured,
+    latency,
     redisWork,
   };
 }
@@ -343,8 +391,11 @@ const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
  * call is one; pipelined commands count one each), every connection but BullMQ's blocking
  * workers.
  */
-async function redisCallsOf(metricsPort: number): Promise<number> {
-  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+async function metricsOf(metricsPort: number): Promise<string> {
+  return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+}
+
+function redisCallsIn(text: string): number {
   let n = 0;
   for (const line of text.split('\n')) {
     if (line.startsWith('gateway_redis_command_duration_seconds_count'))
@@ -397,7 +448,7 @@ async function gatewayBackend(processes = 1): Promise<Made> {
     name: processes === 1 ? 'gateway' : `gateway, ${processes} processes`,
     serverPid: g.proc.pid!,
     usesRedis: true,
-    redisCalls: () => redisCallsOf(g.metricsPort),
+    metrics: () => metricsOf(g.metricsPort),
     publish: (_loop, n, sentAt) =>
       new Promise((resolve, reject) => {
         const item = {
@@ -434,7 +485,7 @@ async function gatewayDirect(): Promise<Made> {
     name: 'gateway',
     serverPid: g.proc.pid!,
     usesRedis: true,
-    redisCalls: () => redisCallsOf(g.metricsPort),
+    metrics: () => metricsOf(g.metricsPort),
     publish: async (loop, n, sentAt) => {
       await tx.clients[loop % SENDERS].request('send', {
         to: rx.names[n % RECEIVERS],
@@ -579,6 +630,28 @@ async function main(): Promise<void> {
           r.redisWork!.commands.toFixed(1),
           r.redisWork!.commandMicros.toFixed(1),
         ]),
+    )}`,
+  );
+  const pct = (x: number) => (Number.isNaN(x) ? 'n/a' : `${(100 * x).toFixed(2)}%`);
+  console.log(
+    `\nThe gateway's own latency histograms over the measured seconds (POST /v1/events: arrival to answer, the publish call and the sends from it included; ack: event sent to its ack back):\n${table(
+      ['path', 'system', 'mode', 'requests', '> 10 ms', '> 25 ms', 'acks', 'ack > 10 ms', 'ack > 25 ms'],
+      rows
+        .filter((r) => r.latency)
+        .map((r) => {
+          const l = r.latency!;
+          return [
+            r.path,
+            r.system,
+            r.mode,
+            String(l.requests),
+            pct(l.requestsOver10),
+            pct(l.requestsOver25),
+            String(l.acks),
+            pct(l.acksOver10),
+            pct(l.acksOver25),
+          ];
+        }),
     )}`,
   );
   const ratio = (a: number, b: number) => `${(a / b).toFixed(2)}x`;
