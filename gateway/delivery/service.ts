@@ -87,6 +87,8 @@ class SessionPump {
   ackWaiting = false;
   /** Claims to send from a publish not yet answered (Outbox DirectSender); the pump waits for them. */
   claims = 0;
+  /** Times the backlog was marked (markBacklog): a run's answer clears it only if none came since the run began. */
+  marks = 0;
 
   constructor(
     readonly sid: string,
@@ -518,12 +520,12 @@ export class DeliveryService {
 
   /**
    * The outbox may hold events this connection was not sent. A run out now may have read the
-   * outbox before they were stored, and its answer sets the backlog from what it found: it
-   * runs again after it (`again`), so the news is not lost to that answer.
+   * outbox before they were stored; its answer sets the backlog from what it found only if
+   * nothing marked it since the run began (`marks`), so the mark is not lost to that answer.
    */
   private markBacklog(pump: SessionPump): void {
     pump.backlog = true;
-    if (pump.running) pump.again = true;
+    pump.marks++;
   }
 
   private enqueue(pump: SessionPump): void {
@@ -543,6 +545,8 @@ export class DeliveryService {
     this.dirty = [];
     const pumps: SessionPump[] = [];
     const requests: AckPumpRequest[] = [];
+    /** Each run's `marks` when it began. */
+    const marks: number[] = [];
     for (const pump of batch) {
       pump.scheduled = false;
       // A pump that ran now would take the events claimed by publishes in flight a second time.
@@ -565,13 +569,14 @@ export class DeliveryService {
       pump.again = false;
       pumps.push(pump);
       requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks });
+      marks.push(pump.marks);
     }
     if (pumps.length === 0) return;
     this.deps.outbox.ackPumpMany(requests, Date.now()).then(
       (results) => {
         pumps.forEach((pump, i) => {
           try {
-            this.pumped(pump, requests[i], results[i]);
+            this.pumped(pump, requests[i], results[i], marks[i]);
           } catch (e) {
             pump.running = false;
             this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
@@ -590,11 +595,12 @@ export class DeliveryService {
   };
 
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
-  private pumped(pump: SessionPump, { acks, slots }: AckPumpRequest, r: AckPumpResult): void {
+  private pumped(pump: SessionPump, { acks, slots }: AckPumpRequest, r: AckPumpResult, marks: number): void {
     pump.running = false;
     // Fewer events than free slots: the outbox held no more (news since will schedule it again).
-    // A call that took nothing (acks only, or a full window) leaves the backlog as it was.
-    if (slots > 0) pump.backlog = r.send.length >= slots;
+    // A call that took nothing (acks only, or a full window) leaves the backlog as it was, and
+    // so does one during which it was marked (the outbox may hold what that call did not see).
+    if (slots > 0 && pump.marks === marks) pump.backlog = r.send.length >= slots;
     this.metrics.acked.inc(r.acked);
     if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
