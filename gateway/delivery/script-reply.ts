@@ -48,15 +48,30 @@ class Reader {
     return s;
   }
 
+  /** An unsigned big-endian integer of 1, 2 or 4 bytes (a length or a value). */
+  private uint(n: 1 | 2 | 4): number {
+    this.need(n);
+    const b = this.b;
+    const v = n === 1 ? b[this.pos] : n === 2 ? b.readUInt16BE(this.pos) : b.readUInt32BE(this.pos);
+    this.pos += n;
+    return v;
+  }
+
+  /** Any other fixed-width number: `n` bytes read by `read`. */
+  private fixed(n: number, read: (b: Buffer, at: number) => number): number {
+    this.need(n);
+    const v = read(this.b, this.pos);
+    this.pos += n;
+    return v;
+  }
+
   value(): ScriptValue {
     this.need(1);
-    const b = this.b;
-    const t = b[this.pos++];
+    const t = this.b[this.pos++];
     if (t < 0x80) return t;
     if (t >= 0xe0) return t - 0x100;
     if (t >= 0xa0 && t <= 0xbf) return this.str(t & 0x1f);
     if (t >= 0x90 && t <= 0x9f) return this.array(t & 0x0f);
-    let v: number;
     switch (t) {
       case 0xc0:
         return null;
@@ -64,78 +79,39 @@ class Reader {
         return false;
       case 0xc3:
         return true;
-      case 0xd9:
-      case 0xc4:
-        this.need(1);
-        return this.str(b[this.pos++]);
+      case 0xd9: // str 8, 16, 32
+      case 0xc4: // bin 8, 16, 32
+        return this.str(this.uint(1));
       case 0xda:
       case 0xc5:
-        this.need(2);
-        v = b.readUInt16BE(this.pos);
-        this.pos += 2;
-        return this.str(v);
+        return this.str(this.uint(2));
       case 0xdb:
       case 0xc6:
-        this.need(4);
-        v = b.readUInt32BE(this.pos);
-        this.pos += 4;
-        return this.str(v);
-      case 0xdc:
-        this.need(2);
-        v = b.readUInt16BE(this.pos);
-        this.pos += 2;
-        return this.array(v);
+        return this.str(this.uint(4));
+      case 0xdc: // array 16, 32
+        return this.array(this.uint(2));
       case 0xdd:
-        this.need(4);
-        v = b.readUInt32BE(this.pos);
-        this.pos += 4;
-        return this.array(v);
-      case 0xcc:
-        this.need(1);
-        return b[this.pos++];
+        return this.array(this.uint(4));
+      case 0xcc: // uint 8, 16, 32, 64
+        return this.uint(1);
       case 0xcd:
-        this.need(2);
-        v = b.readUInt16BE(this.pos);
-        this.pos += 2;
-        return v;
+        return this.uint(2);
       case 0xce:
-        this.need(4);
-        v = b.readUInt32BE(this.pos);
-        this.pos += 4;
-        return v;
+        return this.uint(4);
       case 0xcf:
-        this.need(8);
-        v = Number(b.readBigUInt64BE(this.pos));
-        this.pos += 8;
-        return v;
-      case 0xd0:
-        this.need(1);
-        return b.readInt8(this.pos++);
+        return this.fixed(8, (b, at) => Number(b.readBigUInt64BE(at)));
+      case 0xd0: // int 8, 16, 32, 64
+        return this.fixed(1, (b, at) => b.readInt8(at));
       case 0xd1:
-        this.need(2);
-        v = b.readInt16BE(this.pos);
-        this.pos += 2;
-        return v;
+        return this.fixed(2, (b, at) => b.readInt16BE(at));
       case 0xd2:
-        this.need(4);
-        v = b.readInt32BE(this.pos);
-        this.pos += 4;
-        return v;
+        return this.fixed(4, (b, at) => b.readInt32BE(at));
       case 0xd3:
-        this.need(8);
-        v = Number(b.readBigInt64BE(this.pos));
-        this.pos += 8;
-        return v;
-      case 0xca:
-        this.need(4);
-        v = b.readFloatBE(this.pos);
-        this.pos += 4;
-        return v;
+        return this.fixed(8, (b, at) => Number(b.readBigInt64BE(at)));
+      case 0xca: // float 32, 64
+        return this.fixed(4, (b, at) => b.readFloatBE(at));
       case 0xcb:
-        this.need(8);
-        v = b.readDoubleBE(this.pos);
-        this.pos += 8;
-        return v;
+        return this.fixed(8, (b, at) => b.readDoubleBE(at));
       default:
         throw new ScriptReplyError(`script reply: MessagePack type 0x${t.toString(16)} not expected`);
     }
