@@ -38,6 +38,8 @@ export interface OwnRedis {
 export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'own-redis-'));
+  /** Snapshot copies taken, removed with the server. */
+  const copies: string[] = [];
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
   const url = `redis://127.0.0.1:${port}`;
@@ -95,6 +97,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     async snapshot() {
       await self.with((r) => r.save());
       const copy = mkdtempSync(join(tmpdir(), 'own-redis-snap-'));
+      copies.push(copy);
       cpSync(dir, copy, { recursive: true });
       return () => {
         rmSync(dir, { recursive: true, force: true });
@@ -105,6 +108,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     async rdbSnapshot() {
       await self.with((r) => r.save());
       const copy = join(mkdtempSync(join(tmpdir(), 'own-redis-rdb-')), 'dump.rdb');
+      copies.push(dirname(copy));
       cpSync(join(dir, 'dump.rdb'), copy);
       return async () => {
         cpSync(copy, join(dir, 'dump.rdb'));
@@ -115,6 +119,8 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     async remove() {
       await kill('SIGKILL');
       rmSync(dir, { recursive: true, force: true });
+      // Snapshots a failed test never restored.
+      for (const c of copies) rmSync(c, { recursive: true, force: true });
     },
   };
   await start();
