@@ -12,7 +12,7 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { GatewayClient } from '../../client/client.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
+import { connected, deviceWithEvents, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -131,12 +131,13 @@ test('a device with events waiting for a window slot gets them as it acks, not a
 });
 
 test('acks waiting while Redis is frozen are applied once it answers again; nothing is lost', async () => {
-  const c = await connected(frozen.tcpUrl, { autoAck: true });
+  const {
+    device: c,
+    id,
+    session: s,
+    eids: got,
+  } = await deviceWithEvents(frozen.tcpUrl, 'af', { autoAck: true });
   clients.push(c);
-  const id = `af-${randomUUID().slice(0, 8)}`;
-  const s = await signUp(c, { id });
-  const got: string[] = [];
-  c.on('event', (e: EventMsg) => got.push(e.eid));
   const q = `${frozen.prefix}{s:${s.sessionId}}:q`;
   const outboxEmpty = async () =>
     (await within(

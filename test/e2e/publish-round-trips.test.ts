@@ -10,7 +10,7 @@ import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
+import { connected, deviceWithEvents, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -206,12 +206,8 @@ test('sends pipelined from several devices to one: every event goes out from its
 
 test("an outbox's TTL is refreshed by a publish once it ran down by a minute, not by every publish", async () => {
   // No acks: the events stay in the outbox, in flight.
-  const device = await connected(gw.tcpUrl, { autoAck: false });
+  const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'ttl', { autoAck: false });
   clients.push(device);
-  const id = `ttl-${randomUUID().slice(0, 8)}`;
-  const s = await signUp(device, { id });
-  const got: string[] = [];
-  device.on('event', (e: EventMsg) => got.push(e.eid));
   const ttl = 86_400; // SESSION_TTL's default
   const keys = ['q', 'ev', 'seq'].map((name) => `${gw.prefix}{s:${s.sessionId}}:${name}`);
   const ttls = () =>
@@ -246,12 +242,8 @@ test("an outbox's TTL is refreshed by a publish once it ran down by a minute, no
 test('an event at a time: no duplicate look-up in an empty outbox, and an ack that frees a slot takes nothing', async () => {
   // The fixed-rate shape: each event is published, sent from its publish and acked before the
   // next, so the outbox is empty at every publish and nothing waits behind an ack.
-  const device = await connected(gw.tcpUrl, { autoAck: true });
+  const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'one', { autoAck: true });
   clients.push(device);
-  const id = `one-${randomUUID().slice(0, 8)}`;
-  const s = await signUp(device, { id });
-  const got: string[] = [];
-  device.on('event', (e: EventMsg) => got.push(e.eid));
   const base = `${gw.prefix}{s:${s.sessionId}}:`;
   const emptied = () =>
     until('the outbox emptied by the ack', async () => (await redis.with((r) => r.exists(`${base}q`))) === 0);

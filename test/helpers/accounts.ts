@@ -28,3 +28,20 @@ export async function signUp(
   });
   return { ...s, username };
 }
+
+/**
+ * A connected client logged in with a new account and a fresh device id (`<tag>-<random>`),
+ * collecting the eids of the events it is sent.
+ */
+export async function deviceWithEvents(
+  url: string,
+  tag: string,
+  options: { autoAck: boolean },
+): Promise<{ device: GatewayClient; id: string; session: Session & { username: string }; eids: string[] }> {
+  const device = await connected(url, options);
+  const id = `${tag}-${randomUUID().slice(0, 8)}`;
+  const session = await signUp(device, { id });
+  const eids: string[] = [];
+  device.on('event', (e: { eid: string }) => eids.push(e.eid));
+  return { device, id, session, eids };
+}
