@@ -110,10 +110,11 @@ export interface DirectSender {
    */
   claim(to: Fanout): DirectClaim[];
   /**
-   * The script's answer to a claim: `seq` granted (send the event now), or null (refused or
-   * failed). `packed` is the event as stored (its fields as a MessagePack map).
+   * The script's answer to a claim on event `eid`: granted with its sequence and the `event`
+   * message to send now (built once per event, however many claims it granted), or null
+   * (refused or failed).
    */
-  settle(claim: DirectClaim, event: StoredEvent, packed: Buffer, seq: number | null): void;
+  settle(claim: DirectClaim, eid: string, grant: { seq: number; message: Buffer } | null): void;
 }
 
 /** A claim to send an event from its publish, tied to one connection of a session. */
@@ -318,7 +319,13 @@ export class Outbox {
             });
             seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);
           }
-          for (const c of p.claims) direct!.settle(c, p.event, p.packed, seqOf!.get(c.sid) ?? null);
+          // A room's granted members share one message: only the sealing is per connection.
+          let message: Buffer | undefined;
+          for (const c of p.claims) {
+            const seq = seqOf!.get(c.sid) ?? null;
+            if (seq === null) direct!.settle(c, p.event.eid, null);
+            else direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)) });
+          }
           p.resolve(results);
         }
       },
@@ -326,7 +333,7 @@ export class Outbox {
         this.publishCallDone();
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
-          for (const c of p.claims) direct!.settle(c, p.event, p.packed, null);
+          for (const c of p.claims) direct!.settle(c, p.event.eid, null);
           p.reject(e);
         }
       },

@@ -265,7 +265,7 @@ export class DeliveryService {
     const direct: DirectSender = {
       nodeId: gateway.nodeId,
       claim: (to) => this.claimSends(to),
-      settle: (claim, event, packed, seq) => this.settleSend(claim as PumpClaim, event, packed, seq),
+      settle: (claim, eid, grant) => this.settleSend(claim as PumpClaim, eid, grant),
     };
     this.deps.outbox.direct = direct;
     await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
@@ -660,22 +660,22 @@ export class DeliveryService {
     return claims;
   }
 
-  private settleSend({ pump }: PumpClaim, event: StoredEvent, packed: Buffer, seq: number | null): void {
+  private settleSend({ pump }: PumpClaim, eid: string, grant: { seq: number; message: Buffer } | null): void {
     pump.claims--;
     // Refused (or the call failed): the event may be in the outbox, for the pump to send.
-    if (seq === null) this.markBacklog(pump);
+    if (grant === null) this.markBacklog(pump);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
     // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
     // the connection went meanwhile, the next one is pumped from the start and gets it.
-    if (seq !== null && live && !pump.resync) {
-      pump.lastSeq = seq;
-      pump.inflight.set(event.eid, {
+    if (grant !== null && live && !pump.resync) {
+      pump.lastSeq = grant.seq;
+      pump.inflight.set(eid, {
         attempt: 1,
         deadline: Date.now() + this.deps.options.ackTimeoutMs,
         waiting: false,
       });
       this.metrics.fromPublish.inc();
-      this.sendEvent(pump.conn, packEvent(packed, 1, 1), 1);
+      this.sendEvent(pump.conn, grant.message, 1);
     }
     if (live && pump.claims === 0 && pump.again && !pump.running) this.schedule(pump);
   }
