@@ -246,7 +246,14 @@ test('an event at a time: no duplicate look-up in an empty outbox, and an ack th
   clients.push(device);
   const base = `${gw.prefix}{s:${s.sessionId}}:`;
   const emptied = () =>
-    until('the outbox emptied by the ack', async () => (await redis.with((r) => r.exists(`${base}q`))) === 0);
+    until(
+      'the outbox emptied by the ack',
+      async () =>
+        (await within(
+          'the outbox key',
+          redis.with((r) => r.exists(`${base}q`)),
+        )) === 0,
+    );
   const publishOne = async (eid: string) => {
     await publish({ device: id }, eid);
     await until(`${eid} at the device`, () => got.includes(eid));
