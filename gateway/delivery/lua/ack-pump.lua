@@ -72,7 +72,7 @@ while a <= #A do
   local send, expired = {}, {}
   while want > 0 do
     local asked = want
-    local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, asked)
+    local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', '0', string.format('%d', asked))
     for b = 1, #batch, 2 do
       local eid, seq = batch[b], batch[b + 1]
       after = seq
@@ -85,7 +85,7 @@ while a <= #A do
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
-        send[#send + 1] = redis.call('HINCRBY', K[3], eid, 1)
+        send[#send + 1] = redis.call('HINCRBY', K[3], eid, '1')
         send[#send + 1] = payload
         want = want - 1
       end
@@ -95,14 +95,17 @@ while a <= #A do
   end
   -- The attempt counters and the mark expire with the outbox they belong to.
   if #send > 0 then
+    -- Numbers as strings, as in publish.lua: the TTL formatted once, the sequence as the
+    -- range returned it.
     local ttl = redis.call('TTL', K[1])
-    if ttl > 0 then redis.call('EXPIRE', K[3], ttl) end
-    local last = tonumber(send[#send - 2])
-    if last > mark then
+    local ttlS = string.format('%d', ttl)
+    if ttl > 0 then redis.call('EXPIRE', K[3], ttlS) end
+    local lastS = send[#send - 2]
+    if tonumber(lastS) > mark then
       if ttl > 0 then
-        redis.call('SET', K[7], last, 'EX', ttl)
+        redis.call('SET', K[7], lastS, 'EX', ttlS)
       else
-        redis.call('SET', K[7], last)
+        redis.call('SET', K[7], lastS)
       end
     end
   end

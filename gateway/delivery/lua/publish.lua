@@ -54,6 +54,10 @@
 ]]
 local bound, policy, ttl, channel, me = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local head, tail, expiries = ARGV[6], ARGV[7], ARGV[8]
+-- Numbers go to redis.call as strings made once: Lua turns a number argument into text with
+-- sprintf("%.14g"), which is a large share of a call's time (bench/RESULTS.md, "number
+-- arguments"); string.format('%d') of an integer is not.
+local ttlS = ARGV[3]
 
 -- Key names per session, built once per call.
 local keysOf = {}
@@ -148,7 +152,8 @@ while a <= #A do
       -- An empty outbox has no q or ev key: this event creates them, without a TTL.
       local created = d.size == 0
       seq = redis.call('INCR', K[6])
-      redis.call('ZADD', K[1], seq, eid)
+      local seqS = string.format('%d', seq)
+      redis.call('ZADD', K[1], seqS, eid)
       d.size = d.size + 1
       redis.call('HSET', K[2], eid, payload)
       if receipt == '1' then redis.call('SADD', K[4], eid) end
@@ -161,41 +166,46 @@ while a <= #A do
       if not d.ttl then
         d.ttl = true
         if created or redis.call('TTL', K[1]) < ttl - slack then
-          redis.call('EXPIRE', K[1], ttl)
-          redis.call('EXPIRE', K[2], ttl)
-          redis.call('EXPIRE', K[6], ttl)
+          redis.call('EXPIRE', K[1], ttlS)
+          redis.call('EXPIRE', K[2], ttlS)
+          redis.call('EXPIRE', K[6], ttlS)
         end
       end
       if receipt == '1' and not d.rc then
         d.rc = true
-        redis.call('EXPIRE', K[4], ttl)
+        redis.call('EXPIRE', K[4], ttlS)
       end
       if expiry ~= '0' and not d.exp then
         d.exp = true
-        redis.call('EXPIRE', K[5], ttl)
+        redis.call('EXPIRE', K[5], ttlS)
       end
-      if d.node == nil then d.node = redis.call('GET', K[7]) end
+      -- The node and the sent mark in one read (both strings; the mark is needed only for a
+      -- claim, and most calls that reach here carry one).
+      if d.node == nil then
+        local nm = redis.call('MGET', K[7], K[9])
+        d.node = nm[1]
+        if not d.mark then d.mark = tonumber(nm[2] or '0') end
+      end
       node = d.node
       local claim = claims[sid]
       local after = d.granted or claim
       local grant = claim ~= nil and after ~= '-1' and node == me
       if grant then
-        if not d.mark then d.mark = tonumber(redis.call('GET', K[9]) or '0') end
         local from = tonumber(after)
         -- Chained on the grant just before it in this call (the mark is that grant): nothing
         -- can lie between the two, and the count is not needed.
         grant = d.mark >= from and d.mark < seq
-          and (from == seq - 1 or redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seq) == 0)
+          and (from == seq - 1 or redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seqS) == 0)
       end
       if grant then
         status = 2
-        d.granted = tostring(seq)
-        redis.call('HINCRBY', K[3], eid, 1)
-        redis.call('SET', K[9], seq, 'EX', ttl)
+        d.granted = seqS
+        redis.call('HINCRBY', K[3], eid, '1')
+        redis.call('SET', K[9], seqS, 'EX', ttlS)
         d.mark = seq
         if not d.att then
           d.att = true
-          redis.call('EXPIRE', K[3], ttl)
+          redis.call('EXPIRE', K[3], ttlS)
         end
       else
         -- A refused or missing claim ends the chain: the pump sends this event, and so
