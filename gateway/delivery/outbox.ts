@@ -73,6 +73,12 @@ export interface AckPumpRequest {
   /** Free slots of the in-flight window. */
   slots: number;
   acks: string[];
+  /**
+   * Acks of bare events: sent from their publish by this node, first attempt, without a receipt
+   * or an expiry (`DirectGrant.bare`). Stored in q, ev and att only, so the script removes them
+   * from those three and looks nowhere else.
+   */
+  bare: string[];
 }
 
 /** publish.lua's status codes, from -2, as results. */
@@ -114,7 +120,15 @@ export interface DirectSender {
    * message to send now (built once per event, however many claims it granted), or null
    * (refused or failed).
    */
-  settle(claim: DirectClaim, eid: string, grant: { seq: number; message: Buffer } | null): void;
+  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void;
+}
+
+/** A granted claim: the event's sequence and its `event` message, shared by the event's claims. */
+export interface DirectGrant {
+  seq: number;
+  message: Buffer;
+  /** The event asked for no receipt and has no expiry: its ack may be applied as bare. */
+  bare: boolean;
 }
 
 /** A claim to send an event from its publish, tied to one connection of a session. */
@@ -321,10 +335,11 @@ export class Outbox {
           }
           // A room's granted members share one message: only the sealing is per connection.
           let message: Buffer | undefined;
+          const bare = !p.receipt && p.expiresAtMs <= 0;
           for (const c of p.claims) {
             const seq = seqOf!.get(c.sid) ?? null;
             if (seq === null) direct!.settle(c, p.event.eid, null);
-            else direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)) });
+            else direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });
           }
           p.resolve(results);
         }
@@ -352,8 +367,9 @@ export class Outbox {
       const sessions = new ScriptArgs((end - i) * 128);
       for (let j = i; j < end; j++) {
         const r = requests[j];
-        sessions.str(r.sid).num(r.afterSeq).num(r.slots).num(r.acks.length);
+        sessions.str(r.sid).num(r.afterSeq).num(r.slots).num(r.acks.length).num(r.bare.length);
         for (const eid of r.acks) sessions.str(eid);
+        for (const eid of r.bare) sessions.str(eid);
       }
       calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish()));
     }

@@ -26,6 +26,7 @@ import type {
   AckPumpRequest,
   AckPumpResult,
   DirectClaim,
+  DirectGrant,
   DirectSender,
   Fanout,
   Outbox,
@@ -66,6 +67,8 @@ interface Inflight {
   deadline: number;
   /** A retry job is scheduled; the slot stays taken until it resends or the event goes. */
   waiting: boolean;
+  /** Its ack may be applied as bare (AckPumpRequest.bare): sent from its publish, first attempt, no receipt or expiry. */
+  bare: boolean;
 }
 
 /** Delivery state of the one live connection of a session on this node. */
@@ -75,6 +78,8 @@ class SessionPump {
   resync = false;
   readonly inflight = new Map<string, Inflight>();
   acks: string[] = [];
+  /** Acks of bare events (AckPumpRequest.bare). */
+  bareAcks: string[] = [];
   scheduled = false;
   running = false;
   again = false;
@@ -484,7 +489,8 @@ export class DeliveryService {
       // An attempt's deadline is its send time plus the ack timeout.
       if (f && !f.waiting) this.ackLatency.observe(Math.max(0, now - (f.deadline - sentBefore)) / 1000);
       pump.inflight.delete(eid);
-      pump.acks.push(eid);
+      if (f?.bare) pump.bareAcks.push(eid);
+      else pump.acks.push(eid);
     }
     const wait = this.deps.options.ackFlushMs;
     if (pump.backlog || wait === 0) this.enqueue(pump);
@@ -506,7 +512,7 @@ export class DeliveryService {
     for (const pump of waiting) {
       pump.ackWaiting = false;
       // A run since the ack (news, a claim settled) may have taken them already.
-      if (pump.acks.length > 0) this.enqueue(pump);
+      if (pump.acks.length > 0 || pump.bareAcks.length > 0) this.enqueue(pump);
     }
   };
 
@@ -562,13 +568,14 @@ export class DeliveryService {
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing.
       const slots = pump.backlog ? this.deps.options.maxInflight - pump.inflight.size : 0;
-      const acks = pump.acks;
-      if (acks.length === 0 && slots <= 0) continue;
+      const { acks, bareAcks: bare } = pump;
+      if (acks.length === 0 && bare.length === 0 && slots <= 0) continue;
       pump.acks = [];
+      pump.bareAcks = [];
       pump.running = true;
       pump.again = false;
       pumps.push(pump);
-      requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks });
+      requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks, bare });
       marks.push(pump.marks);
     }
     if (pumps.length === 0) return;
@@ -588,6 +595,7 @@ export class DeliveryService {
         pumps.forEach((pump, i) => {
           pump.running = false;
           pump.acks = requests[i].acks.concat(pump.acks);
+          pump.bareAcks = requests[i].bare.concat(pump.bareAcks);
           setTimeout(() => this.schedule(pump), 500).unref();
         });
       },
@@ -595,14 +603,14 @@ export class DeliveryService {
   };
 
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
-  private pumped(pump: SessionPump, { acks, slots }: AckPumpRequest, r: AckPumpResult, marks: number): void {
+  private pumped(pump: SessionPump, { acks, bare, slots }: AckPumpRequest, r: AckPumpResult, marks: number): void {
     pump.running = false;
     // Fewer events than free slots: the outbox held no more (news since will schedule it again).
     // A call that took nothing (acks only, or a full window) leaves the backlog as it was, and
     // so does one during which it was marked (the outbox may hold what that call did not see).
     if (slots > 0 && pump.marks === marks) pump.backlog = r.send.length >= slots;
     this.metrics.acked.inc(r.acked);
-    if (acks.length > r.acked) this.metrics.strayAcks.inc(acks.length - r.acked);
+    if (acks.length + bare.length > r.acked) this.metrics.strayAcks.inc(acks.length + bare.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
     if (r.resynced) {
       // The outbox is taken from its start again: what was in flight is in `send` if still due.
@@ -623,6 +631,7 @@ export class DeliveryService {
         attempt: s.attempt,
         deadline: now + this.deps.options.ackTimeoutMs,
         waiting: false,
+        bare: false,
       });
       this.sendEvent(pump.conn, s.message, 1);
     }
@@ -660,7 +669,7 @@ export class DeliveryService {
     return claims;
   }
 
-  private settleSend({ pump }: PumpClaim, eid: string, grant: { seq: number; message: Buffer } | null): void {
+  private settleSend({ pump }: PumpClaim, eid: string, grant: DirectGrant | null): void {
     pump.claims--;
     // Refused (or the call failed): the event may be in the outbox, for the pump to send.
     if (grant === null) this.markBacklog(pump);
@@ -673,6 +682,7 @@ export class DeliveryService {
         attempt: 1,
         deadline: Date.now() + this.deps.options.ackTimeoutMs,
         waiting: false,
+        bare: grant.bare,
       });
       this.metrics.fromPublish.inc();
       this.sendEvent(pump.conn, grant.message, 1);
@@ -770,6 +780,7 @@ export class DeliveryService {
             attempt: r.attempt,
             deadline: Date.now() + this.deps.options.ackTimeoutMs,
             waiting: false,
+            bare: false,
           });
           this.sendEvent(pump.conn, r.message, 1);
         } else {

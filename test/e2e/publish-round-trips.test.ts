@@ -45,11 +45,11 @@ async function sentFromPublish(): Promise<number> {
   return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
 }
 
-async function publish(target: object, eid: string): Promise<void> {
+async function publish(target: object, eid: string, extra: object = { ttl: 60_000 }): Promise<void> {
   const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
-    body: JSON.stringify({ target, name: 'rt.test', data: { eid }, eid, ttl: 60_000 }),
+    body: JSON.stringify({ target, name: 'rt.test', data: { eid }, eid, ...extra }),
   });
   assert.equal(res.status, 202, await res.text());
 }
@@ -239,9 +239,10 @@ test("an outbox's TTL is refreshed by a publish once it ran down by a minute, no
   for (const left of await ttls()) assert.ok(left > ttl - 60, `refreshed: ${left} s left`);
 });
 
-test('an event at a time: no duplicate look-up in an empty outbox, and an ack that frees a slot takes nothing', async () => {
+test('an event at a time: no duplicate look-up in an empty outbox, and an ack that frees a slot takes nothing and looks only where the event is', async () => {
   // The fixed-rate shape: each event is published, sent from its publish and acked before the
-  // next, so the outbox is empty at every publish and nothing waits behind an ack.
+  // next, so the outbox is empty at every publish and nothing waits behind an ack. The events
+  // ask for no receipt and have no expiry: their acks are bare.
   const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'one', { autoAck: true });
   clients.push(device);
   const base = `${gw.prefix}{s:${s.sessionId}}:`;
@@ -255,7 +256,7 @@ test('an event at a time: no duplicate look-up in an empty outbox, and an ack th
         )) === 0,
     );
   const publishOne = async (eid: string) => {
-    await publish({ device: id }, eid);
+    await publish({ device: id }, eid, {});
     await until(`${eid} at the device`, () => got.includes(eid));
     await emptied();
   };
@@ -285,4 +286,40 @@ test('an event at a time: no duplicate look-up in an empty outbox, and an ack th
     'reads of the sent mark',
   );
   assert.equal(reads('node').length, n, 'reads of the node key');
+  // A bare ack removes the event from q, ev and att, and looks for no receipt or expiry.
+  assert.equal(count('hdel', 'ev'), n, 'payloads removed');
+  assert.equal(count('hdel', 'att'), n, 'attempt counters removed');
+  assert.equal(count('srem', 'rc'), 0, 'receipt look-ups');
+  assert.equal(count('hdel', 'exp'), 0, 'expiry look-ups');
+});
+
+test('acks of events sent from their publish with a receipt or an expiry remove those too', async () => {
+  const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'rcx', { autoAck: true });
+  clients.push(device);
+  const base = `${gw.prefix}{s:${s.sessionId}}:`;
+  const exists = (key: string) =>
+    within(
+      `the ${key} key`,
+      redis.with((r) => r.exists(`${base}${key}`)),
+    );
+  const fromPublish0 = await sentFromPublish();
+  const watch = await monitor(redis.port, { scripts: true });
+  const shapes = [{ receipt: true }, { ttl: 60_000 }, { receipt: true, ttl: 60_000 }];
+  for (const [i, extra] of shapes.entries()) {
+    const eid = `rcx-${i}-${randomUUID().slice(0, 8)}`;
+    await publish({ device: id }, eid, extra);
+    await until(`${eid} at the device`, () => got.includes(eid));
+    await until('the outbox emptied by the ack', async () => (await exists('q')) === 0);
+  }
+  await watch.stop();
+  assert.equal((await sentFromPublish()) - fromPublish0, shapes.length, 'events sent from the publish');
+  const ran = watch.seen.filter((c) => c.source === 'lua' && c.args[0]?.startsWith(base));
+  assert.equal(
+    ran.filter((c) => c.command === 'srem' && c.args[0] === `${base}rc`).length,
+    3,
+    'receipt look-ups',
+  );
+  assert.equal(await exists('rc'), 0, 'receipt marks left');
+  assert.equal(await exists('exp'), 0, 'expiries left');
+  assert.equal(await exists('att'), 0, 'attempt counters left');
 });

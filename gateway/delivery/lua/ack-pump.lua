@@ -16,7 +16,11 @@
     how many to take (free slots of the in-flight window; 0 when the node knows nothing waits:
     the call only applies the acks)
     number of acked eids that follow
+    number of bare acked eids that follow them
     the acked eids
+    the bare acked eids: events the node sent from their publish as a first attempt, which
+    asked for no receipt and have no expiry (they are in q, ev and att, never in rc or exp),
+    so their removal looks nowhere else
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced} per session
@@ -43,7 +47,7 @@ local results = {}
 while a <= #A do
   local base = head .. A[a] .. tail
   local K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp', base .. 'seq', base .. 'sent' }
-  local after, want, nacks = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3])
+  local after, want, nacks, nbare = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
   -- A call that takes nothing (want 0: acks only) sends nothing, so it neither checks nor
   -- raises the mark; the next call that takes does.
   local mark, resynced = 0, 0
@@ -55,7 +59,8 @@ while a <= #A do
     end
   end
   local acked, receipts = 0, {}
-  for i = a + 4, a + 3 + nacks do
+  a = a + 5
+  for i = a, a + nacks - 1 do
     local eid = A[i]
     if redis.call('ZREM', K[1], eid) == 1 then
       acked = acked + 1
@@ -68,7 +73,16 @@ while a <= #A do
       redis.call('HDEL', K[5], eid)
     end
   end
-  a = a + 4 + nacks
+  a = a + nacks
+  for i = a, a + nbare - 1 do
+    local eid = A[i]
+    if redis.call('ZREM', K[1], eid) == 1 then
+      acked = acked + 1
+      redis.call('HDEL', K[2], eid)
+      redis.call('HDEL', K[3], eid)
+    end
+  end
+  a = a + nbare
   local send, expired = {}, {}
   while want > 0 do
     local asked = want
