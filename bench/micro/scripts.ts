@@ -1,0 +1,244 @@
+/**
+ * What the outbox scripts cost Redis per delivered event: publish.lua storing events and
+ * granting their claims (sent from the publish), then ack-pump.lua applying their acks, with the
+ * scripts of this tree against those of another commit (`--baseline`, read with `git show`) in
+ * the same run against the same Redis.
+ *
+ *   npm run bench:scripts [-- --baseline HEAD --shapes one,window --calls 40 --rounds 40]
+ *
+ * Shapes (as bench:delivery's rows meet them):
+ *   one     50 sessions, one event each per publish call, each acked in the next ack call
+ *           (the fixed rate: every event travels alone)
+ *   window  8 sessions, 8 events each per publish call (a window of events per session)
+ * Every event is granted (the claims chain from the last granted sequence) and asks for no
+ * receipt and no expiry, as bench:delivery's do. The figures are Redis's own: time in EVALSHA
+ * per event (the commands the scripts run included) and the commands run per event, from
+ * `INFO commandstats` before and after each batch of calls; a shared server counts other
+ * clients' work too, so the rounds alternate the two sets of scripts and the medians are
+ * printed, with the median of the rounds' tree/baseline ratios. `--baseline HEAD` on a clean tree measures the same scripts twice: the ratio then
+ * shows the noise. Printed, never asserted.
+ */
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { availableParallelism, loadavg } from 'node:os';
+import { parseArgs } from 'node:util';
+import { Redis } from 'ioredis';
+import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
+import { REDIS_URL } from '../../test/helpers/cleanup.ts';
+import { table } from '../lib/measure.ts';
+
+const { values } = parseArgs({
+  options: {
+    baseline: { type: 'string', default: 'HEAD' },
+    shapes: { type: 'string', default: 'one,window' },
+    calls: { type: 'string', default: '40' },
+    rounds: { type: 'string', default: '40' },
+  },
+});
+const CALLS = Number(values.calls);
+const ROUNDS = Number(values.rounds);
+const SHAPES: Record<string, { sessions: number; events: number }> = {
+  one: { sessions: 50, events: 1 },
+  window: { sessions: 8, events: 8 },
+};
+
+const LUA = 'gateway/delivery/lua';
+const fromTree = (path: string) => readFileSync(new URL(`../../${LUA}/${path}.lua`, import.meta.url), 'utf8');
+const fromRev = (rev: string) => (path: string) =>
+  execFileSync('git', ['show', `${rev}:${LUA}/${path}.lua`], { encoding: 'utf8' });
+
+interface Scripts {
+  publish: string;
+  ackPump: string;
+  /** ack-pump takes a count of bare acks after the count of acks (since bare acks). */
+  bareAcks: boolean;
+}
+
+function scripts(read: (path: string) => string): Scripts {
+  const ackPump = read('ack-pump');
+  return {
+    publish: read('publish'),
+    ackPump: `${read('includes/remove-event')}\n${ackPump}`,
+    bareAcks: /number of bare acked eids/.test(ackPump),
+  };
+}
+
+interface Commands {
+  [name: string]: (...args: (string | number | Buffer)[]) => Promise<unknown>;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+async function stats(redis: Redis): Promise<Map<string, { calls: number; usec: number }>> {
+  const m = new Map<string, { calls: number; usec: number }>();
+  for (const line of (await redis.info('commandstats')).split('\n')) {
+    const x = /^cmdstat_([^:]+):calls=(\d+),usec=(\d+)/.exec(line);
+    if (x) m.set(x[1], { calls: Number(x[2]), usec: Number(x[3]) });
+  }
+  return m;
+}
+
+/** One set of scripts on its own keys: sessions that are live on this "node". */
+class Way {
+  readonly head: string;
+  private readonly sids: string[];
+  private readonly last: number[];
+  private eid = 0;
+
+  constructor(
+    private readonly redis: Redis & Commands,
+    readonly name: string,
+    private readonly s: Scripts,
+    private readonly prefix: string,
+    private readonly shape: { sessions: number; events: number },
+  ) {
+    this.head = `${prefix}{s:`;
+    this.sids = Array.from({ length: shape.sessions }, (_, i) => `bench-session-${i}`);
+    this.last = this.sids.map(() => 0);
+    redis.defineCommand(`${name}Publish`, { numberOfKeys: 0, lua: s.publish });
+    redis.defineCommand(`${name}AckPump`, { numberOfKeys: 0, lua: s.ackPump });
+  }
+
+  async setUp(): Promise<void> {
+    const p = this.redis.pipeline();
+    for (const sid of this.sids) {
+      p.hset(`${this.head}${sid}}:sess`, 'userId', 'bench');
+      p.set(`${this.head}${sid}}:node`, 'bench-node');
+    }
+    await p.exec();
+  }
+
+  /** One publish call (every event granted) and one ack call for all its events. */
+  async call(): Promise<void> {
+    const { sessions, events } = this.shape;
+    const args = new ScriptArgs(sessions * events * 200);
+    const eids: string[][] = this.sids.map(() => []);
+    for (let e = 0; e < events; e++) {
+      for (let i = 0; i < sessions; i++) {
+        const eid = `bench-${this.eid++}`;
+        eids[i].push(eid);
+        // Claims chain: the first names the last granted sequence, the script chains the rest.
+        args.str('s').str(this.sids[i]).str(eid).bytes(PAYLOAD).str('0').num(0).num(1);
+        args.str(this.sids[i]).num(this.last[i]);
+      }
+    }
+    await this.redis[`${this.name}PublishBuffer`](
+      GW_OUTBOX_MAX,
+      'reject',
+      86_400,
+      `${this.prefix}n:`,
+      'bench-node',
+      this.head,
+      '}:',
+      `${this.prefix}expiries`,
+      args.finish(),
+    );
+    for (let i = 0; i < sessions; i++) this.last[i] += events;
+    const acks = new ScriptArgs(sessions * events * 40);
+    this.sids.forEach((sid, i) => {
+      acks.str(sid).num(this.last[i]).num(0);
+      if (this.s.bareAcks) acks.num(0).num(events);
+      else acks.num(events);
+      for (const eid of eids[i]) acks.str(eid);
+    });
+    await this.redis[`${this.name}AckPumpBuffer`](Date.now(), this.head, '}:', acks.finish());
+  }
+
+  /** Every event acked: no outbox is left. */
+  async check(): Promise<void> {
+    const p = this.redis.pipeline();
+    for (const sid of this.sids)
+      p.exists(`${this.head}${sid}}:q`, `${this.head}${sid}}:ev`, `${this.head}${sid}}:att`);
+    const left = (await p.exec())!.reduce((n, [, v]) => n + (v as number), 0);
+    if (left > 0) throw new Error(`${this.name}: ${left} outbox keys left after the acks`);
+  }
+}
+
+const PAYLOAD = Buffer.alloc(160, 0x61);
+const GW_OUTBOX_MAX = 1000;
+
+async function main(): Promise<void> {
+  const redis = new Redis(REDIS_URL) as Redis & Commands;
+  const run = `bench-scripts:${process.pid}:`;
+  const sets = { baseline: scripts(fromRev(String(values.baseline))), tree: scripts(fromTree) };
+  console.log(
+    `# outbox scripts: Redis's time and commands per delivered event, this tree vs ${values.baseline} (npm run bench:scripts)\n`,
+  );
+  console.log(
+    `node ${process.version}, ${availableParallelism()} cores, load average ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(
+        ' ',
+      )}, ${new Date().toISOString()}; ${ROUNDS} rounds of ${CALLS} publish + ack calls each way, median\n`,
+  );
+  const rows: string[][] = [];
+  try {
+    for (const shapeName of String(values.shapes).split(',')) {
+      const shape = SHAPES[shapeName];
+      if (!shape) throw new Error(`unknown shape ${shapeName} (one, window)`);
+      const ways = {
+        baseline: new Way(redis, 'baseline', sets.baseline, `${run}${shapeName}:b:`, shape),
+        tree: new Way(redis, 'tree', sets.tree, `${run}${shapeName}:t:`, shape),
+      };
+      for (const w of Object.values(ways)) await w.setUp();
+      const usec = { baseline: [] as number[], tree: [] as number[] };
+      const commands = { baseline: [] as number[], tree: [] as number[] };
+      const perCall = shape.sessions * shape.events;
+      for (let round = 0; round <= ROUNDS; round++) {
+        // Which goes first alternates: the second of a pair ran measurably faster on the same scripts.
+        const order = round % 2 === 0 ? (['baseline', 'tree'] as const) : (['tree', 'baseline'] as const);
+        for (const name of order) {
+          const s0 = await stats(redis);
+          for (let i = 0; i < CALLS; i++) await ways[name].call();
+          const s1 = await stats(redis);
+          // Round 0 warms up (scripts loaded and cached) and is not counted.
+          if (round === 0) continue;
+          let n = 0;
+          for (const [cmd, v] of s1) {
+            if (cmd === 'evalsha' || cmd === 'eval' || cmd === 'info' || cmd === 'script|load') continue;
+            n += v.calls - (s0.get(cmd)?.calls ?? 0);
+          }
+          const ev = (s1.get('evalsha')?.usec ?? 0) - (s0.get('evalsha')?.usec ?? 0);
+          usec[name].push(ev / (CALLS * perCall));
+          commands[name].push(n / (CALLS * perCall));
+        }
+      }
+      for (const w of Object.values(ways)) await w.check();
+      const [b, t] = [median(usec.baseline), median(usec.tree)];
+      // The ratio of each round's pair (measured seconds apart), then their median: the
+      // machine's noise comes in bursts that a pair mostly shares.
+      const ratios = usec.tree.map((x, i) => x / usec.baseline[i]);
+      rows.push([
+        `${shapeName} (${shape.sessions} sessions × ${shape.events} per call)`,
+        b.toFixed(2),
+        t.toFixed(2),
+        `${median(ratios).toFixed(2)}x`,
+        median(commands.baseline).toFixed(1),
+        median(commands.tree).toFixed(1),
+      ]);
+    }
+  } finally {
+    let cursor = '0';
+    do {
+      const [next, keys] = await redis.scan(cursor, 'MATCH', `${run}*`, 'COUNT', 1000);
+      cursor = next;
+      if (keys.length > 0) await redis.unlink(...keys);
+    } while (cursor !== '0');
+  }
+  console.log(
+    table(
+      [
+        'shape',
+        `${values.baseline}: Redis µs/event`,
+        'this tree: Redis µs/event',
+        'tree/baseline (median of pairs)',
+        `${values.baseline}: commands/event`,
+        'this tree: commands/event',
+      ],
+      rows,
+    ),
+  );
+  redis.disconnect();
+}
+
+await main();
