@@ -42,6 +42,9 @@ export async function startSmtpSink(): Promise<SmtpSink> {
       });
     },
   });
+  // smtp-server emits a client's socket errors on the server: a gateway stopped with its pooled
+  // SMTP connection open resets it (ECONNRESET), which without a listener ends the test file.
+  server.on('error', () => {});
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
   const port = (server.server.address() as { port: number }).port;
   return {
