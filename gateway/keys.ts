@@ -36,6 +36,14 @@ export class Keys {
     return [`${p}q`, `${p}ev`, `${p}att`, `${p}rc`, `${p}exp`, `${p}seq`, `${p}node`];
   }
 
+  /**
+   * The highest sequence of the session's outbox ever sent to a connection (the sent mark): an
+   * event at or below it was sent at least once (ack-pump.lua, publish.lua).
+   */
+  sessionSent(sid: string): string {
+    return `${this.prefix}{s:${sid}}:sent`;
+  }
+
   /** The node currently holding the session's connection. */
   sessionNode(sid: string): string {
     return `${this.prefix}{s:${sid}}:node`;

@@ -206,17 +206,19 @@ export class AdminService {
     const p = redis.pipeline();
     p.hgetall(keys.usage(id));
     if (live.sid) {
-      const [q, , att] = keys.outbox(live.sid);
+      const [q] = keys.outbox(live.sid);
       p.zcard(q);
-      p.hvals(att);
+      p.get(keys.sessionSent(live.sid));
       p.hget(keys.session(live.sid), 'lastSeenAt');
     }
     const res = (await p.exec())!;
     for (const [e] of res) if (e) throw e;
     const usage = (res[0][1] ?? {}) as Record<string, string>;
     const depth = live.sid ? (res[1][1] as number) : 0;
-    // An event with an attempt was sent and not acked yet: in flight (or waiting for a retry).
-    const inFlight = live.sid ? (res[2][1] as string[]).filter((a) => Number(a) > 0).length : 0;
+    // An event at or below the sent mark was sent and not acked yet: in flight (or waiting for
+    // a retry). Events sent from their publish have no attempt entry to count.
+    const mark = live.sid ? num(res[2][1] as string | undefined) : 0;
+    const inFlight = live.sid && mark > 0 ? await redis.zcount(keys.outbox(live.sid)[0], '-inf', mark) : 0;
     const sessionSeen = live.sid ? num(res[3][1] as string | undefined) : 0;
     return {
       ...s,
@@ -331,17 +333,21 @@ export class AdminService {
    */
   async event(sid: string, eid: string): Promise<EventState> {
     const { redis, keys, backendQueue } = this.deps;
-    const [, ev, att, , exp] = keys.outbox(sid);
+    const [q, ev, att, , exp] = keys.outbox(sid);
     const p = redis.pipeline();
     p.hgetBuffer(ev, eid);
     p.hget(att, eid);
     p.hget(exp, eid);
+    p.zscore(q, eid);
+    p.get(keys.sessionSent(sid));
     const res = (await p.exec())!;
     for (const [e] of res) if (e) throw e;
     const stored = res[0][1] as Buffer | null;
     if (stored) {
       const e = unpack(stored) as StoredEvent;
-      const attempt = num(res[1][1] as string | undefined);
+      // No attempt entry at or below the sent mark: sent once, from its publish.
+      const seq = res[3][1] === null ? Number.POSITIVE_INFINITY : Number(res[3][1]);
+      const attempt = num(res[1][1] as string | undefined) || (seq <= num(res[4][1] as string | undefined) ? 1 : 0);
       const expiresAt = res[2][1] ? Number(res[2][1]) : null;
       return attempt > 0
         ? { state: 'in_flight', eid, sessionId: sid, name: e.name, attempt, expiresAt }

@@ -19,8 +19,9 @@
     number of bare acked eids that follow them
     the acked eids
     the bare acked eids: events the node sent from their publish as a first attempt, which
-    asked for no receipt and have no expiry (they are in q, ev and att, never in rc or exp),
-    so their removal looks nowhere else
+    asked for no receipt and have no expiry (they are in q and ev only: never in rc or exp,
+    and a first attempt from the publish writes no att entry), so their removal looks nowhere
+    else
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced} per session
@@ -79,7 +80,6 @@ while a <= #A do
     if redis.call('ZREM', K[1], eid) == 1 then
       acked = acked + 1
       redis.call('HDEL', K[2], eid)
-      redis.call('HDEL', K[3], eid)
     end
   end
   a = a + nbare
@@ -99,7 +99,10 @@ while a <= #A do
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
-        send[#send + 1] = redis.call('HINCRBY', K[3], eid, '1')
+        -- No entry yet, at or below the mark: it was sent once, from its publish (publish.lua).
+        local attempt = redis.call('HINCRBY', K[3], eid, '1')
+        if attempt == 1 and tonumber(seq) <= mark then attempt = redis.call('HINCRBY', K[3], eid, '1') end
+        send[#send + 1] = attempt
         send[#send + 1] = payload
         want = want - 1
       end

@@ -3,7 +3,9 @@
   session of the same account keeps its events (PROTOCOL.md §4). Events keep their eid,
   attempts, receipt and expiry, and go after anything already in the new outbox, in their
   publish order; the node holding the new session is told, as publish.lua does. The old
-  outbox is deleted.
+  outbox is deleted. An event with no attempt entry at or below the old session's sent mark
+  (its `sent` key, next to q) was sent once, from its publish (publish.lua): it moves with an
+  attempt count of 1, as the new session's mark says nothing of it.
 
   KEYS[1..6]   q, ev, att, rc, exp, seq of the old session (as in publish.lua)
   KEYS[7..13]  q, ev, att, rc, exp, seq, node of the new session
@@ -29,7 +31,10 @@ local bound, policy = tonumber(ARGV[4]), ARGV[5]
 local out, dropped, left = {}, {}, 0
 -- The new session's q, ev, att, rc, exp, for removeEvent.
 local NEW = { KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11] }
-for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local oldMark = tonumber(redis.call('GET', string.sub(KEYS[1], 1, -2) .. 'sent') or '0')
+local old = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for o = 1, #old, 2 do
+  local eid, oldSeq = old[o], tonumber(old[o + 1])
   if policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
     left = left + 1
   else
@@ -39,6 +44,7 @@ for _, eid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
       redis.call('ZADD', KEYS[7], seq, eid)
       redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
       local attempts = redis.call('HGET', KEYS[3], eid)
+      if not attempts and oldSeq <= oldMark then attempts = '1' end
       if attempts then redis.call('HSET', KEYS[9], eid, attempts) end
       if redis.call('SISMEMBER', KEYS[4], eid) == 1 then redis.call('SADD', KEYS[10], eid) end
       local expiry = redis.call('HGET', KEYS[5], eid)

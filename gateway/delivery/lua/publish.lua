@@ -28,7 +28,9 @@
   Keys of a session (head .. sid .. tail .. name):
     q     ZSET eid -> sequence (publish order)
     ev    HASH eid -> packed event
-    att   HASH eid -> attempts so far
+    att   HASH eid -> attempts so far, for events the pump or a retry sent; an event without
+          an entry was sent once, from its publish, if its sequence is at or below the sent
+          mark, else never (see below)
     rc    SET  eids whose acks are reported to the back end
     exp   HASH eid -> expiry (ms)
     seq   STRING sequence counter
@@ -41,8 +43,10 @@
   itself. The script grants it when the session's node key names the caller, no event of the
   outbox lies between the claim and this event (everything before it was sent on that
   connection, or is gone), and the sent mark lies between the claim and this event (no
-  rollback). A granted event counts as sent, as by ack-pump: its attempt counter becomes 1 and
-  the sent mark its sequence; the node gets no wake-up for it. Later claimed events of the
+  rollback). A granted event counts as sent, as by ack-pump: the sent mark becomes its
+  sequence, and that alone records its first attempt (no `att` entry is written: the scripts
+  that count attempts take a missing entry at or below the mark as 1); the node gets no
+  wake-up for it. Later claimed events of the
   same session in the call chain on from the last granted one.
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of: per event,
@@ -98,7 +102,7 @@ local slack = math.min(60, math.floor(ttl / 10))
 
 -- Per session, what this call already read or did. The call is atomic, so what it read stays
 -- true but for its own writes, which it keeps here too: alive (its session record exists), size
--- (of q), node (false: none), mark (the sent mark), ttl/rc/exp/att (TTLs seen to), granted (the
+-- (of q), node (false: none), mark (the sent mark), ttl/rc/exp (TTLs seen to), granted (the
 -- last grant's sequence, or '-1' once the chain broke), woken (the wake-up went).
 local state = {}
 local out = {}
@@ -200,13 +204,8 @@ while a <= #A do
       if grant then
         status = 2
         d.granted = seqS
-        redis.call('HINCRBY', K[3], eid, '1')
         redis.call('SET', K[9], seqS, 'EX', ttlS)
         d.mark = seq
-        if not d.att then
-          d.att = true
-          redis.call('EXPIRE', K[3], ttlS)
-        end
       else
         -- A refused or missing claim ends the chain: the pump sends this event, and so
         -- everything after it.

@@ -17,4 +17,13 @@ if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
   removeEvent(KEYS, eid)
   return {'expired', payload}
 end
-return {'send', redis.call('HINCRBY', KEYS[3], eid, 1), payload}
+-- A retry follows a send: an event with no attempt entry was sent once, from its publish
+-- (publish.lua), so this is its second attempt.
+local attempt = redis.call('HINCRBY', KEYS[3], eid, '1')
+if attempt == 1 then
+  attempt = redis.call('HINCRBY', KEYS[3], eid, '1')
+  -- The counters may have been created just now: they expire with the outbox.
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[3], string.format('%d', ttl)) end
+end
+return {'send', attempt, payload}

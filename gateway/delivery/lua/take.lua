@@ -6,7 +6,8 @@
   ARGV[1] "all" to take every event, or "some"
   ARGV[2..] eids (with "some")
 
-  Returns {eid, attempts, payload, ...}
+  Returns {eid, attempts, payload, ...}; an event with no attempt entry at or below the sent
+  mark (the session's `sent` key, next to q) was sent once, from its publish (publish.lua).
 ]]
 local eids
 if ARGV[1] == 'all' then
@@ -16,10 +17,17 @@ else
   for i = 2, #ARGV do eids[#eids + 1] = ARGV[i] end
 end
 local out = {}
+local mark
 for _, eid in ipairs(eids) do
-  if redis.call('ZREM', KEYS[1], eid) == 1 then
+  local seq = redis.call('ZSCORE', KEYS[1], eid)
+  if seq then
+    local attempts = tonumber(redis.call('HGET', KEYS[3], eid) or '0')
+    if attempts == 0 then
+      mark = mark or tonumber(redis.call('GET', string.sub(KEYS[1], 1, -2) .. 'sent') or '0')
+      if tonumber(seq) <= mark then attempts = 1 end
+    end
     out[#out + 1] = eid
-    out[#out + 1] = tonumber(redis.call('HGET', KEYS[3], eid) or '0')
+    out[#out + 1] = attempts
     out[#out + 1] = redis.call('HGET', KEYS[2], eid)
     removeEvent(KEYS, eid)
   end
