@@ -339,7 +339,8 @@ export class Outbox {
           for (const c of p.claims) {
             const seq = seqOf!.get(c.sid) ?? null;
             if (seq === null) direct!.settle(c, p.event.eid, null);
-            else direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });
+            else
+              direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });
           }
           p.resolve(results);
         }

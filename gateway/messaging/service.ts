@@ -11,7 +11,7 @@ import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection, Turn } from '../connection.ts';
-import type { PublishOutcome, Publisher } from '../delivery/publisher.ts';
+import type { Publisher, PublishOutcome } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
