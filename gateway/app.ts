@@ -17,7 +17,7 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService } from './delivery/service.ts';
-import { DependencyMonitor, logFailure } from './faults.ts';
+import { DependencyMonitor, logFailure, logQueueErrors } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
 import { mountAdminApi } from './http/admin-api.ts';
@@ -90,6 +90,7 @@ export async function startNode(
   const bus = new Bus(sub, log);
   const binding = new SessionBinding(redis);
   const backendEvents = new BackendEvents(producer, keys.bullPrefix);
+  logQueueErrors(backendEvents.queue, log);
   const gateway = new Gateway({
     config,
     log,

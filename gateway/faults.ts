@@ -105,6 +105,19 @@ export function logFailure(log: Logger, e: unknown, fields: Record<string, unkno
   else log.error({ ...fields, err: e }, msg);
 }
 
+/**
+ * A BullMQ queue re-emits its connection's errors, and one without an 'error' listener prints
+ * each with `console.error`: during a Redis outage, a stack trace on stderr per reconnect
+ * attempt. They go to the log instead (at debug for a dependency fault: the dependency
+ * monitor reports the outage once).
+ */
+export function logQueueErrors(
+  queue: { readonly name: string; on(event: 'error', f: (e: Error) => void): unknown },
+  log: Logger,
+): void {
+  queue.on('error', (e) => logFailure(log, e, { queue: queue.name }, 'queue error'));
+}
+
 export interface MonitorOptions {
   /** How often each dependency is probed. */
   intervalMs: number;

@@ -14,6 +14,7 @@ import type pg from 'pg';
 import { ProtocolError, unpack } from '../../protocol/index.ts';
 import type { LiveSession } from '../auth/session-store.ts';
 import type { Outbox, StoredEvent } from '../delivery/outbox.ts';
+import { logQueueErrors } from '../faults.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { PresenceRecord } from '../messaging/presence.ts';
@@ -151,6 +152,7 @@ export class AdminService {
       connection: deps.queueConnection,
       prefix: deps.keys.bullPrefix,
     });
+    logQueueErrors(this.deadLetters, deps.log);
   }
 
   close(): Promise<void> {
@@ -347,7 +349,8 @@ export class AdminService {
       const e = unpack(stored) as StoredEvent;
       // No attempt entry at or below the sent mark: sent once, from its publish.
       const seq = res[3][1] === null ? Number.POSITIVE_INFINITY : Number(res[3][1]);
-      const attempt = num(res[1][1] as string | undefined) || (seq <= num(res[4][1] as string | undefined) ? 1 : 0);
+      const attempt =
+        num(res[1][1] as string | undefined) || (seq <= num(res[4][1] as string | undefined) ? 1 : 0);
       const expiresAt = res[2][1] ? Number(res[2][1]) : null;
       return attempt > 0
         ? { state: 'in_flight', eid, sessionId: sid, name: e.name, attempt, expiresAt }

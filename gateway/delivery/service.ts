@@ -18,7 +18,7 @@ import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
-import { logFailure } from '../faults.ts';
+import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -179,6 +179,7 @@ export class DeliveryService {
     });
     this.deadLetters = new Queue(QueueName.deadLetters, { connection, prefix });
     this.publishQueue = new Queue(QueueName.publish, { connection, prefix });
+    for (const q of [this.retryQueue, this.deadLetters, this.publishQueue]) logQueueErrors(q, deps.log);
     const counter = (name: string, help: string, labelNames: string[] = []) =>
       new Counter({ name: `gateway_events_${name}_total`, help, labelNames, registers: [deps.registry] });
     this.metrics = {
@@ -606,7 +607,12 @@ export class DeliveryService {
   };
 
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
-  private pumped(pump: SessionPump, { acks, bare, slots }: AckPumpRequest, r: AckPumpResult, marks: number): void {
+  private pumped(
+    pump: SessionPump,
+    { acks, bare, slots }: AckPumpRequest,
+    r: AckPumpResult,
+    marks: number,
+  ): void {
     pump.running = false;
     // Fewer events than free slots: the outbox held no more (news since will schedule it again).
     // A call that took nothing (acks only, or a full window) leaves the backlog as it was, and

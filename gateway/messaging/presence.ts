@@ -9,7 +9,7 @@ import { type Job, Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
-import { logFailure } from '../faults.ts';
+import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -69,6 +69,8 @@ return 0`,
 export class Presence {
   private beatTimer: NodeJS.Timeout | undefined;
   private closing = false;
+  /** A re-set of the sweep's schedule is out (reschedule). */
+  private scheduling = false;
   private readonly queue: Queue;
   private worker: Worker | undefined;
   private targets: SweepTargets | undefined;
@@ -91,6 +93,7 @@ export class Presence {
       prefix: deps.keys.bullPrefix,
       defaultJobOptions: { removeOnComplete: 100, removeOnFail: 1000 },
     });
+    logQueueErrors(this.queue, deps.log);
   }
 
   async start(targets: SweepTargets): Promise<void> {
@@ -111,10 +114,7 @@ export class Presence {
       () => {
         this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
         // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again.
-        if (++beats % 5 === 0)
-          this.schedule().catch((e) => {
-            if (!this.closing) logFailure(this.deps.log, e, {}, 'sweep schedule failed');
-          });
+        if (++beats % 5 === 0) this.reschedule();
       },
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
@@ -124,6 +124,26 @@ export class Presence {
       prefix: keys.bullPrefix,
     });
     this.worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
+  }
+
+  /**
+   * Sets the schedule again unless the last attempt is still out: BullMQ's connection queues
+   * commands while Redis is away, and an outage would otherwise pile up one call per stale time,
+   * all run at once when Redis is back.
+   */
+  private reschedule(): void {
+    if (this.scheduling) {
+      this.deps.log.debug('sweep schedule still being set; not set again');
+      return;
+    }
+    this.scheduling = true;
+    this.schedule()
+      .catch((e) => {
+        if (!this.closing) logFailure(this.deps.log, e, {}, 'sweep schedule failed');
+      })
+      .finally(() => {
+        this.scheduling = false;
+      });
   }
 
   /**

@@ -4,7 +4,9 @@
  * fetch: a node killed between the two (or Redis losing its last writes) leaves no next job,
  * and nothing swept dead nodes until the stalled-job check ran, 30 s or more later. Here the
  * pending sweep jobs are deleted from Redis directly (that state), then a dead node is planted:
- * the gateway must sweep it.
+ * the gateway must sweep it. The second test takes Redis away while the schedule is being set
+ * again (the call waits in BullMQ's connection, and no second one is queued behind it), and
+ * brings it back empty (no persistence: everything BullMQ had is gone).
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -18,6 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 let env: DeploymentEnv;
 let gw: GatewayProcess;
@@ -72,4 +75,48 @@ test('a sweep schedule that lost its next job runs again, and sweeps a dead node
     15_000,
   );
   assert.ok((await pendingSweeps()).length > 0, 'the schedule has a next job again');
+});
+
+test('an outage while the schedule is set again, and a Redis that comes back empty: one call waits, the sweep runs again, nothing on stderr', async () => {
+  // A private Redis without persistence, so that a restart loses every job and the scheduler.
+  const own = await startOwnRedis(['--save', '', '--appendonly', 'no']);
+  const g = await startGateway({
+    REDIS_URL: own.url,
+    GW_DEFAULT_ROOM: '',
+    GW_LOG_LEVEL: 'debug',
+    GW_SWEEP_INTERVAL_MS: '300',
+    GW_PRESENCE_STALE_MS: '1500',
+  });
+  // What the gateway prints outside its log: nothing, even while Redis is away (BullMQ prints a
+  // queue's connection errors with console.error unless the queue has a listener).
+  let stderr = '';
+  g.proc.stderr!.on('data', (d) => {
+    stderr += d;
+  });
+  try {
+    const nodes = `${g.prefix}nodes`;
+    const schedulerKey = `${g.prefix}bull:gw-maintenance:repeat`;
+    await until('the sweep scheduled', async () => (await own.with((r) => r.zcard(schedulerKey))) > 0);
+
+    await own.kill('SIGKILL');
+    // BullMQ's connection holds the first re-set of the schedule until Redis is back; the next
+    // ones are not piled up behind it.
+    await g.waitForLog((l) => l.msg === 'sweep schedule still being set; not set again', 10_000);
+    await own.start();
+    assert.equal(await own.with((r) => r.dbsize()), 0, 'Redis came back empty');
+
+    // A node that stopped beating long ago: only a sweep removes it.
+    const dead = `dead-${Date.now()}`;
+    await own.with((r) => r.zadd(nodes, 1, dead));
+    await until(
+      'the dead node swept',
+      async () => (await own.with((r) => r.zscore(nodes, dead))) === null,
+      15_000,
+    );
+    assert.ok((await own.with((r) => r.zcard(schedulerKey))) > 0, 'the schedule is set again');
+    assert.equal(stderr, '', 'the gateway wrote to stderr');
+  } finally {
+    await g.stop();
+    await own.remove();
+  }
 });
