@@ -171,13 +171,7 @@ describe('qos 1 on one node', () => {
       got.map((e) => e.attempt),
       [1, 2, 3],
     );
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (j) => j.some((x) => x.data.eid === eid),
-      8000,
-      'delivery.failed',
-    );
-    const f = failed.find((x) => x.data.eid === eid)!;
+    const f = await reader.backendEvent('delivery.failed', eid);
     assert.equal(f.data.sessionId, s.sessionId);
     assert.equal(f.data.attempts, 3);
     assert.equal(f.data.reason, 'max_attempts');
@@ -197,13 +191,7 @@ describe('qos 1 on one node', () => {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);
     const { eid } = await pub.publish({ session: s.sessionId }, { name: 'r', data: null, receipt: true });
-    const jobs = await reader.waitFor(
-      'gw-backend',
-      (j) => j.some((x) => x.data.eid === eid),
-      5000,
-      'delivery.acked',
-    );
-    assert.equal(jobs.find((x) => x.data.eid === eid)!.data.sessionId, s.sessionId);
+    assert.equal((await reader.backendEvent('delivery.acked', eid, 5000)).data.sessionId, s.sessionId);
     c.destroy();
   });
 
@@ -236,13 +224,7 @@ describe('qos 1 on one node', () => {
     c.destroy();
     await wait(100);
     const { eid } = await pub.publish({ session: s.sessionId }, { name: 'short', data: 1, ttl: 200 });
-    const jobs = await reader.waitFor(
-      'gw-backend',
-      (j) => j.some((x) => x.data.eid === eid),
-      5000,
-      'delivery.expired',
-    );
-    assert.equal(jobs.find((x) => x.data.eid === eid)!.data.name, 'short');
+    assert.equal((await reader.backendEvent('delivery.expired', eid, 5000)).data.name, 'short');
     const d = await connected(gw.tcpUrl);
     const got = collect(d);
     await d.request('resume', { token: s.token });

@@ -143,13 +143,7 @@ test('when its session ends it is reported failed with the attempts it had', asy
   const { device, session, got, eid } = await deviceWithUnackedEvent(slow, 'fa-logout');
   await device.request('logout', {});
   assert.equal(got.length, 1);
-  const failed = await reader.waitFor(
-    'gw-backend',
-    (j) => j.some((x) => x.data.eid === eid),
-    8000,
-    'delivery.failed',
-  );
-  const f = failed.find((x) => x.data.eid === eid)!;
+  const f = await reader.backendEvent('delivery.failed', eid);
   assert.equal(f.data.sessionId, session.sessionId);
   assert.equal(f.data.reason, 'session_logout');
   assert.equal(f.data.attempts, 1);

@@ -47,6 +47,17 @@ export class QueueReader {
     }
   }
 
+  /** The `gw-backend` event `jobName` about event `eid`, once it is there (or times out). */
+  async backendEvent(jobName: string, eid: string, timeoutMs = 8000): Promise<Job> {
+    const jobs = await this.waitFor(
+      'gw-backend',
+      (j) => j.some((x) => x.data.eid === eid),
+      timeoutMs,
+      jobName,
+    );
+    return jobs.find((x) => x.data.eid === eid)!;
+  }
+
   async close(): Promise<void> {
     for (const q of this.queues.values()) await q.close();
     this.conn.disconnect();
