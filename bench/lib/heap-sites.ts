@@ -1,0 +1,63 @@
+/**
+ * The allocation sites of a sampled heap profile (bench/lib/heap-sample.mjs), by bytes allocated
+ * in each function itself, per event when `--events` gives how many the window handled:
+ *
+ *   npm run heap:sites -- PROFILE.json [--events N] [--top 30]
+ *
+ * Functions TurboFan inlined count in their caller. Also printed: each site as a multiple of the
+ * first site whose name contains `--per` (default `unpack`, msgpackr's read of one message), a
+ * normaliser when the window's event count is not known exactly.
+ */
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { table } from './measure.ts';
+
+interface Node {
+  callFrame: { functionName: string; url: string; lineNumber: number };
+  selfSize: number;
+  children?: Node[];
+}
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    events: { type: 'string' },
+    top: { type: 'string', default: '30' },
+    per: { type: 'string', default: 'unpack' },
+  },
+});
+if (positionals.length !== 1) {
+  console.error('usage: npm run heap:sites -- PROFILE.json [--events N] [--top 30] [--per NAME]');
+  process.exit(2);
+}
+const { head } = JSON.parse(readFileSync(positionals[0], 'utf8')) as { head: Node };
+const bySite = new Map<string, number>();
+let total = 0;
+const walk = (n: Node) => {
+  const f = n.callFrame;
+  const site = `${f.functionName || '(anonymous)'} ${f.url.split('/').slice(-2).join('/')}:${f.lineNumber + 1}`;
+  bySite.set(site, (bySite.get(site) ?? 0) + n.selfSize);
+  total += n.selfSize;
+  for (const c of n.children ?? []) walk(c);
+};
+walk(head);
+const events = values.events ? Number(values.events) : undefined;
+const sites = [...bySite].sort((a, b) => b[1] - a[1]);
+const unit = sites.find(([s]) => s.split(' ')[0].includes(String(values.per)))?.[1];
+console.log(
+  `${(total / 1024).toFixed(0)} KiB sampled${events ? `, ${(total / events).toFixed(0)} B per event over ${events} events` : ''}` +
+    (unit ? `; ${(total / unit).toFixed(1)}x what the first \`${values.per}\` site allocated` : ''),
+);
+console.log(
+  table(
+    ['site', 'KiB', ...(events ? ['B/event'] : []), ...(unit ? [`x ${values.per}`] : [])],
+    sites
+      .slice(0, Number(values.top))
+      .map(([s, b]) => [
+        s,
+        (b / 1024).toFixed(0),
+        ...(events ? [(b / events).toFixed(0)] : []),
+        ...(unit ? [(b / unit).toFixed(2)] : []),
+      ]),
+  ),
+);
