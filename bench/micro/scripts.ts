@@ -24,6 +24,7 @@ import { availableParallelism, loadavg } from 'node:os';
 import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
+import { Keys } from '../../gateway/keys.ts';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
 import { table } from '../lib/measure.ts';
 
@@ -80,7 +81,8 @@ async function stats(redis: Redis): Promise<Map<string, { calls: number; usec: n
 
 /** One set of scripts on its own keys: sessions that are live on this "node". */
 class Way {
-  readonly head: string;
+  /** The key scheme of keys.ts, under this way's own prefix. */
+  private readonly keys: Keys;
   private readonly sids: string[];
   private readonly last: number[];
   private eid = 0;
@@ -89,10 +91,10 @@ class Way {
     private readonly redis: Redis & Commands,
     readonly name: string,
     private readonly s: Scripts,
-    private readonly prefix: string,
+    prefix: string,
     private readonly shape: { sessions: number; events: number },
   ) {
-    this.head = `${prefix}{s:`;
+    this.keys = new Keys(prefix);
     this.sids = Array.from({ length: shape.sessions }, (_, i) => `bench-session-${i}`);
     this.last = this.sids.map(() => 0);
     redis.defineCommand(`${name}Publish`, { numberOfKeys: 0, lua: s.publish });
@@ -102,8 +104,8 @@ class Way {
   async setUp(): Promise<void> {
     const p = this.redis.pipeline();
     for (const sid of this.sids) {
-      p.hset(`${this.head}${sid}}:sess`, 'userId', 'bench');
-      p.set(`${this.head}${sid}}:node`, 'bench-node');
+      p.hset(this.keys.session(sid), 'userId', 'bench');
+      p.set(this.keys.sessionNode(sid), 'bench-node');
     }
     await p.exec();
   }
@@ -122,15 +124,16 @@ class Way {
         args.str(this.sids[i]).num(this.last[i]);
       }
     }
+    const [head, tail] = this.keys.sessionKeyParts;
     await this.redis[`${this.name}PublishBuffer`](
       GW_OUTBOX_MAX,
       'reject',
       86_400,
-      `${this.prefix}n:`,
+      this.keys.nodeChannelPrefix,
       'bench-node',
-      this.head,
-      '}:',
-      `${this.prefix}expiries`,
+      head,
+      tail,
+      this.keys.expiries,
       args.finish(),
     );
     for (let i = 0; i < sessions; i++) this.last[i] += events;
@@ -141,14 +144,14 @@ class Way {
       else acks.num(events);
       for (const eid of eids[i]) acks.str(eid);
     });
-    await this.redis[`${this.name}AckPumpBuffer`](Date.now(), this.head, '}:', acks.finish());
+    await this.redis[`${this.name}AckPumpBuffer`](Date.now(), head, tail, acks.finish());
   }
 
   /** Every event acked: no outbox is left. */
   async check(): Promise<void> {
     const p = this.redis.pipeline();
-    for (const sid of this.sids)
-      p.exists(`${this.head}${sid}}:q`, `${this.head}${sid}}:ev`, `${this.head}${sid}}:att`);
+    // q, ev and att (Keys.outbox's order).
+    for (const sid of this.sids) p.exists(...this.keys.outbox(sid).slice(0, 3));
     const left = (await p.exec())!.reduce((n, [, v]) => n + (v as number), 0);
     if (left > 0) throw new Error(`${this.name}: ${left} outbox keys left after the acks`);
   }

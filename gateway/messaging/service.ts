@@ -167,7 +167,8 @@ export class Messaging {
     if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
       throw new ProtocolError('bad_message', 'name: must be 1-128 of [A-Za-z0-9_.:-]', { field: 'name' });
     }
-    await this.limited(conn, 'publish', () => pack(data ?? null).length);
+    const limit = this.limited(conn, 'publish', () => pack(data ?? null).length);
+    if (limit) await limit;
     const s = conn.session!;
     const eid = randomUUID();
     await turn(() =>

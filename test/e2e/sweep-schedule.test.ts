@@ -93,27 +93,32 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
   g.proc.stderr!.on('data', (d) => {
     stderr += d;
   });
+  // Every read of the private Redis under a deadline naming it.
+  const read = <T>(what: string, fn: (r: Redis) => Promise<T>) => within(what, own.with(fn));
   try {
     const nodes = `${g.prefix}nodes`;
     const schedulerKey = `${g.prefix}bull:gw-maintenance:repeat`;
-    await until('the sweep scheduled', async () => (await own.with((r) => r.zcard(schedulerKey))) > 0);
+    await until(
+      'the sweep scheduled',
+      async () => (await read('the scheduler', (r) => r.zcard(schedulerKey))) > 0,
+    );
 
     await own.kill('SIGKILL');
     // BullMQ's connection holds the first re-set of the schedule until Redis is back; the next
     // ones are not piled up behind it.
     await g.waitForLog((l) => l.msg === 'sweep schedule still being set; not set again', 10_000);
     await own.start();
-    assert.equal(await own.with((r) => r.dbsize()), 0, 'Redis came back empty');
+    assert.equal(await read('the key count', (r) => r.dbsize()), 0, 'Redis came back empty');
 
     // A node that stopped beating long ago: only a sweep removes it.
     const dead = `dead-${Date.now()}`;
-    await own.with((r) => r.zadd(nodes, 1, dead));
+    await read('the dead node planted', (r) => r.zadd(nodes, 1, dead));
     await until(
       'the dead node swept',
-      async () => (await own.with((r) => r.zscore(nodes, dead))) === null,
+      async () => (await read('the nodes', (r) => r.zscore(nodes, dead))) === null,
       15_000,
     );
-    assert.ok((await own.with((r) => r.zcard(schedulerKey))) > 0, 'the schedule is set again');
+    assert.ok((await read('the scheduler', (r) => r.zcard(schedulerKey))) > 0, 'the schedule is set again');
     assert.equal(stderr, '', 'the gateway wrote to stderr');
   } finally {
     await g.stop();
