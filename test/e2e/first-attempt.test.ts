@@ -14,6 +14,7 @@ import { connected, deviceWithEvents, PASSWORD } from '../helpers/accounts.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
 const API_KEY = 'first-attempt-api-key-5c1e';
@@ -164,4 +165,74 @@ test('moved to a new session of the device (takeover), it goes out with the next
   await until(`${eid} in the new session`, () => next.some((e) => e.eid === eid));
   assert.equal(got.length, 1);
   assert.equal(next.find((e) => e.eid === eid)!.attempt, 2);
+});
+
+test('100 events published by 4 racing requests, part sent from their publish, part waiting for a slot: after a reconnect each goes out with the next attempt', async () => {
+  const d = await deviceWithEvents(slow.tcpUrl, 'fa-race', { autoAck: false });
+  clients.push(d.device);
+  const got: EventMsg[] = [];
+  d.device.on('event', (e: EventMsg) => got.push(e));
+  const before = await sentFromPublish(slow);
+  const answers = await Promise.all(
+    [0, 1, 2, 3].map((r) =>
+      api(slow, 'POST', '/v1/events', API_KEY, {
+        events: Array.from({ length: 25 }, (_, i) => ({
+          target: { device: d.id },
+          name: 'fa.race',
+          data: { r, i },
+        })),
+      }),
+    ),
+  );
+  const eids = answers.flatMap((a) => (a as { eids: string[] }).eids);
+  assert.equal(eids.length, 100);
+  // The window (GW_MAX_INFLIGHT, 32) fills, from publishes and the pump; the rest wait for a slot.
+  await until('a full window at the device', () => got.length >= 32);
+  assert.ok((await sentFromPublish(slow)) - before > 0, 'some sent from their publish');
+  await d.device.close();
+  const seen = new Map<string, number>();
+  for (const e of got) {
+    assert.equal(e.attempt, 1, `${e.eid} first seen at attempt ${e.attempt}`);
+    seen.set(e.eid, (seen.get(e.eid) ?? 0) + 1);
+  }
+
+  const again = await connected(slow.tcpUrl, { autoAck: true });
+  clients.push(again);
+  const next = new Map<string, number>();
+  again.on('event', (e: EventMsg) => {
+    if (!next.has(e.eid)) next.set(e.eid, e.attempt ?? 0);
+  });
+  await again.request('resume', { token: d.session.token });
+  await until('all 100 events on the new connection', () => eids.every((eid) => next.has(eid)));
+  const wrong = eids.filter((eid) => next.get(eid) !== (seen.get(eid) ?? 0) + 1);
+  assert.deepEqual(wrong, [], 'events whose attempt is not the next one');
+});
+
+test('Redis killed and restarted from its AOF: the mark came back with the event, which goes out again as attempt 2', async () => {
+  // Private Redis with every write in the AOF before it answers, and its own gateway.
+  const own = await startOwnRedis(['--appendonly', 'yes', '--appendfsync', 'always']);
+  const g = await startGateway({ ...COMMON, REDIS_URL: own.url, GW_ACK_TIMEOUT_MS: '60000' });
+  try {
+    const { device, session, got, eid } = await deviceWithUnackedEvent(g, 'fa-aof');
+    await own.kill('SIGKILL');
+    await device.close();
+    await own.start();
+    const again = await connected(g.tcpUrl, { autoAck: true });
+    clients.push(again);
+    const next: EventMsg[] = [];
+    again.on('event', (e: EventMsg) => next.push(e));
+    // The gateway's Redis connections come back on their own: a resume may first be refused.
+    await until('a resume after the restart', () =>
+      again.request('resume', { token: session.token }).then(
+        () => true,
+        () => false,
+      ),
+    );
+    await until(`${eid} again`, () => next.some((e) => e.eid === eid));
+    assert.equal(got.length, 1);
+    assert.equal(next.find((e) => e.eid === eid)!.attempt, 2);
+  } finally {
+    await g.stop();
+    await own.remove();
+  }
 });
