@@ -75,8 +75,9 @@ export interface AckPumpRequest {
   acks: string[];
   /**
    * Acks of bare events: sent from their publish by this node, first attempt, without a receipt
-   * or an expiry (`DirectGrant.bare`). Stored in q, ev and att only, so the script removes them
-   * from those three and looks nowhere else.
+   * or an expiry (`DirectGrant.bare`). Stored in q and ev only (a first attempt from the publish
+   * writes no att entry), so the script removes them from those two, with one ZREM and one HDEL
+   * for all of a session's, and looks nowhere else.
    */
   bare: string[];
 }

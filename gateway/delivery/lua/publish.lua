@@ -102,9 +102,73 @@ local slack = math.min(60, math.floor(ttl / 10))
 
 -- Per session, what this call already read or did. The call is atomic, so what it read stays
 -- true but for its own writes, which it keeps here too: alive (its session record exists), size
--- (of q), node (false: none), mark (the sent mark), ttl/rc/exp (TTLs seen to), granted (the
--- last grant's sequence, or '-1' once the chain broke), woken (the wake-up went).
+-- (of q, held events included), node (false: none), mark (the sent mark), seq (the last
+-- sequence given), ttl/rc/exp (TTLs seen to), granted (the last grant's sequence, or '-1' once
+-- the chain broke), woken (the wake-up went), held (see below).
 local state = {}
+
+-- A session's new events are held and written once per call: one ZADD to q, one HSET to ev,
+-- one INCRBY of the sequences given after the first (which INCR gave), one SET of the mark,
+-- and the TTLs of an outbox the call created, instead of four commands per event. The call is
+-- atomic, so nothing outside it can tell; inside it, a read that could need the held events
+-- (the oldest event at the bound, the count between a claim and an event) writes them first,
+-- and a duplicate eid is looked for among them too. Fields of a session's state: held (how
+-- many), s1/e1/p1 (the first one's sequence, eid and payload: most calls hold one event per
+-- session, and it needs no table), hq/hev (ZADD and HSET arguments, from the second one on),
+-- heids (a set of their eids, once looked for), extra (sequences given since INCR), expire,
+-- hmark (the mark to set).
+local function write(K, d)
+  local n = d.held
+  if n == 0 then return end
+  if n == 1 then
+    redis.call('ZADD', K[1], d.s1, d.e1)
+    redis.call('HSET', K[2], d.e1, d.p1)
+  else
+    redis.call('ZADD', K[1], unpack(d.hq))
+    redis.call('HSET', K[2], unpack(d.hev))
+  end
+  if d.extra > 0 then redis.call('INCRBY', K[6], string.format('%d', d.extra)) end
+  if d.expire then
+    redis.call('EXPIRE', K[1], ttlS)
+    redis.call('EXPIRE', K[2], ttlS)
+    redis.call('EXPIRE', K[6], ttlS)
+  end
+  if d.hmark then redis.call('SET', K[9], d.hmark, 'EX', ttlS) end
+  d.held, d.extra, d.expire, d.hmark, d.hq, d.hev, d.heids = 0, 0, false, false, false, false, false
+end
+
+local function hold(d, seqS, eid, payload)
+  local n = d.held + 1
+  d.held = n
+  if n == 1 then
+    d.s1, d.e1, d.p1 = seqS, eid, payload
+    return
+  end
+  if n == 2 then
+    d.hq, d.hev = { d.s1, d.e1 }, { d.e1, d.p1 }
+  end
+  local q, ev = d.hq, d.hev
+  q[#q + 1] = seqS
+  q[#q + 1] = eid
+  ev[#ev + 1] = eid
+  ev[#ev + 1] = payload
+  if d.heids then d.heids[eid] = true end
+end
+
+-- Whether an eid is among a session's held events.
+local function heldHas(d, eid)
+  local n = d.held
+  if n == 0 then return false end
+  if n == 1 then return d.e1 == eid end
+  if not d.heids then
+    local eids, ev = {}, d.hev
+    for i = 1, #ev, 2 do eids[ev[i]] = true end
+    d.heids = eids
+  end
+  return d.heids[eid] == true
+end
+-- Held values per session at most (ZADD/HSET arguments: a Lua call's stack is bounded).
+local HOLD = 512
 local out = {}
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
@@ -123,7 +187,7 @@ while a <= #A do
     local K = sessionKeys(sid)
     local d = state[sid]
     if not d then
-      d = { alive = redis.call('EXISTS', K[8]) == 1 }
+      d = { alive = redis.call('EXISTS', K[8]) == 1, held = 0, extra = 0 }
       state[sid] = d
     end
     local status, node, droppedEid, droppedPayload, seq = 1, false, false, false, false
@@ -133,7 +197,7 @@ while a <= #A do
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
       -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
-      if d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1 then
+      if heldHas(d, eid) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1) then
         status = 0
       else
         local full = d.size >= bound
@@ -141,6 +205,7 @@ while a <= #A do
           status = -1
         end
         if full and status == 1 then
+          write(K, d)
           droppedEid = redis.call('ZRANGE', K[1], 0, 0)[1]
           droppedPayload = redis.call('HGET', K[2], droppedEid)
           redis.call('ZREM', K[1], droppedEid)
@@ -155,11 +220,16 @@ while a <= #A do
     if status == 1 then
       -- An empty outbox has no q or ev key: this event creates them, without a TTL.
       local created = d.size == 0
-      seq = redis.call('INCR', K[6])
+      if d.seq then
+        seq = d.seq + 1
+        d.extra = d.extra + 1
+      else
+        seq = redis.call('INCR', K[6])
+      end
+      d.seq = seq
       local seqS = string.format('%d', seq)
-      redis.call('ZADD', K[1], seqS, eid)
+      hold(d, seqS, eid, payload)
       d.size = d.size + 1
-      redis.call('HSET', K[2], eid, payload)
       if receipt == '1' then redis.call('SADD', K[4], eid) end
       if expiry ~= '0' then
         redis.call('HSET', K[5], eid, expiry)
@@ -167,13 +237,10 @@ while a <= #A do
       end
       -- The outbox lives as long as a session could: a call that publishes to it sees that
       -- its keys have at least `ttl - slack` seconds left (once per key and call).
+      -- (Set when the held events are written, after the keys exist.)
       if not d.ttl then
         d.ttl = true
-        if created or redis.call('TTL', K[1]) < ttl - slack then
-          redis.call('EXPIRE', K[1], ttlS)
-          redis.call('EXPIRE', K[2], ttlS)
-          redis.call('EXPIRE', K[6], ttlS)
-        end
+        d.expire = created or redis.call('TTL', K[1]) < ttl - slack
       end
       if receipt == '1' and not d.rc then
         d.rc = true
@@ -199,13 +266,18 @@ while a <= #A do
         -- Chained on the grant just before it in this call (the mark is that grant): nothing
         -- can lie between the two, and the count is not needed.
         grant = d.mark >= from and d.mark < seq
-          and (from == seq - 1 or redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seqS) == 0)
+        if grant and from ~= seq - 1 then
+          -- Held events of this session would be in the range: written first. (None are, in
+          -- practice: after a held event of the session the chain is on it or broken.)
+          write(K, d)
+          grant = redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seqS) == 0
+        end
       end
       if grant then
         status = 2
         d.granted = seqS
-        redis.call('SET', K[9], seqS, 'EX', ttlS)
         d.mark = seq
+        if d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
       else
         -- A refused or missing claim ends the chain: the pump sends this event, and so
         -- everything after it.
@@ -216,6 +288,7 @@ while a <= #A do
         end
       end
     end
+    if d.held * 2 >= HOLD then write(K, d) end
     out[#out + 1] = sid
     out[#out + 1] = status
     out[#out + 1] = node or false
@@ -226,5 +299,8 @@ while a <= #A do
   if kind == 'u' and #gone > 0 then
     redis.call('SREM', target, unpack(gone))
   end
+end
+for sid, d in pairs(state) do
+  write(sessionKeys(sid), d)
 end
 return cmsgpack.pack(out)

@@ -1,0 +1,276 @@
+/**
+ * publish.lua holds a session's new events and writes them once per call (one ZADD, one HSET,
+ * one INCRBY, one SET of the mark, the TTLs of an outbox it created). Nothing outside the call
+ * may tell: these tests publish many events to one session in one call through the real Outbox
+ * and the real Redis, and check what is stored exactly as one call per event would leave it:
+ * sequences, payloads, duplicates within the call, the bound under both policies (the oldest
+ * event may be one the same call added), TTLs, the counter, the sent mark and the grants.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, test } from 'node:test';
+import { Redis } from 'ioredis';
+import {
+  type DirectClaim,
+  type DirectGrant,
+  type DirectSender,
+  type Fanout,
+  Outbox,
+  type OverflowPolicy,
+  type SessionPublishResult,
+  type StoredEvent,
+} from '../../gateway/delivery/outbox.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { unpack } from '../../protocol/index.ts';
+import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
+
+const prefix = `gwtest:batch:${randomUUID().slice(0, 8)}:`;
+const keys = new Keys(prefix);
+const redis = new Redis(REDIS_URL, { enableAutoPipelining: true });
+const TTL = 3600;
+const NODE = 'node-a';
+
+after(async () => {
+  redis.disconnect();
+  await dropRedisPrefix(prefix);
+});
+
+/** This node's connections: one per session, each with the last sequence sent on it. */
+class Sender implements DirectSender {
+  readonly nodeId = NODE;
+  readonly last = new Map<string, number>();
+  readonly grants: { eid: string; seq: number }[] = [];
+  claim(to: Fanout): DirectClaim[] {
+    if (!('session' in to) || !this.last.has(to.session)) return [];
+    return [{ sid: to.session, after: this.last.get(to.session)! }];
+  }
+  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void {
+    if (!grant) return;
+    this.grants.push({ eid, seq: grant.seq });
+    this.last.set(claim.sid, grant.seq);
+  }
+}
+
+async function session(online: boolean): Promise<string> {
+  const sid = randomUUID();
+  await redis.hset(keys.session(sid), 'userId', 'u1');
+  if (online) await redis.set(keys.sessionNode(sid), NODE);
+  return sid;
+}
+
+const event = (eid: string, n: number): StoredEvent => ({
+  eid,
+  name: 'batch',
+  data: { n },
+  ts: 1_764_633_600_000 + n,
+});
+
+/** Every publish made in one tick, so one script call (up to 256 events). */
+function oneCall(
+  outbox: Outbox,
+  sid: string,
+  items: { eid: string; n: number; receipt?: boolean; expiresAt?: number }[],
+): Promise<SessionPublishResult[][]> {
+  return within(
+    `${items.length} publishes in one call`,
+    Promise.all(
+      items.map((i) =>
+        outbox.publishTo({ session: sid }, event(i.eid, i.n), i.receipt ?? false, i.expiresAt ?? 0),
+      ),
+    ),
+  );
+}
+
+function outboxOf(max: number, policy: OverflowPolicy, sender?: Sender): Outbox {
+  const o = new Outbox(redis, keys, { max, policy, ttlSeconds: TTL });
+  if (sender) o.direct = sender;
+  return o;
+}
+
+/** The outbox as stored: eids in q order with their sequences, and ev's payloads. */
+async function stored(sid: string): Promise<{ q: [string, number][]; ev: Map<string, StoredEvent> }> {
+  const [q, ev] = keys.outbox(sid);
+  const flat = await redis.zrange(q, '0', '-1', 'WITHSCORES');
+  const pairs: [string, number][] = [];
+  for (let i = 0; i < flat.length; i += 2) pairs.push([flat[i], Number(flat[i + 1])]);
+  const raw = await redis.hgetallBuffer(ev);
+  return { q: pairs, ev: new Map(Object.entries(raw).map(([k, v]) => [k, unpack(v) as StoredEvent])) };
+}
+
+test('40 events to one session in one call: stored in order, a duplicate within the call stored once, every one granted in sequence', async () => {
+  const sender = new Sender();
+  const outbox = outboxOf(1000, 'reject', sender);
+  const sid = await session(true);
+  sender.last.set(sid, 0);
+  const items: { eid: string; n: number; receipt?: boolean; expiresAt?: number }[] = Array.from(
+    { length: 40 },
+    (_, i) => ({
+      eid: `e${i}`,
+      n: i,
+      receipt: i % 7 === 0,
+      expiresAt: i === 11 ? Date.now() + 600_000 : 0,
+    }),
+  );
+  // The same eids again within the call: each a duplicate of one the call itself added.
+  items[20] = { eid: 'e3', n: 203 };
+  items[30] = { eid: 'e29', n: 2029 };
+  const results = await oneCall(outbox, sid, items);
+
+  const statuses = results.map((r) => r[0].status);
+  assert.deepEqual(
+    statuses,
+    items.map((_, i) => (i === 20 || i === 30 ? 'duplicate' : 'sent')),
+    'every new event granted (the chain runs through the call), the two repeats duplicates',
+  );
+  const kept = items.filter((_, i) => i !== 20 && i !== 30);
+  const { q, ev } = await stored(sid);
+  assert.deepEqual(
+    q,
+    kept.map((k, i) => [k.eid, i + 1]),
+    'q: the 38 new eids, sequences 1..38 in publish order',
+  );
+  assert.equal(ev.size, 38, 'ev: one payload per stored eid');
+  for (const k of kept)
+    assert.deepEqual(ev.get(k.eid)?.data, { n: k.n }, `ev ${k.eid}: the first publish's payload`);
+  assert.deepEqual(
+    sender.grants,
+    kept.map((k, i) => ({ eid: k.eid, seq: i + 1 })),
+    'grants in sequence order',
+  );
+
+  const [qKey, evKey, , rcKey, expKey, seqKey] = keys.outbox(sid);
+  assert.equal(await redis.get(seqKey), '38', 'the counter: one sequence per stored event');
+  assert.equal(await redis.get(keys.sessionSent(sid)), '38', 'the sent mark: the last grant');
+  for (const k of [qKey, evKey, seqKey, rcKey, expKey, keys.sessionSent(sid)]) {
+    const ttl = await redis.ttl(k);
+    assert.ok(
+      ttl > 0 && ttl <= TTL,
+      `${k.slice(prefix.length)}: TTL ${ttl}, set by the call that created it`,
+    );
+  }
+  assert.deepEqual(
+    (await redis.smembers(rcKey)).sort(),
+    kept
+      .filter((k) => k.receipt)
+      .map((k) => k.eid)
+      .sort(),
+    'rc: the eids that asked for a receipt',
+  );
+  assert.deepEqual(Object.keys(await redis.hgetall(expKey)), ['e11'], 'exp: the one with an expiry');
+
+  // The next call goes on from where the held writes left the counter and the mark.
+  const more = await oneCall(
+    outbox,
+    sid,
+    Array.from({ length: 5 }, (_, i) => ({ eid: `f${i}`, n: 100 + i })),
+  );
+  assert.deepEqual(
+    more.map((r) => r[0].status),
+    ['sent', 'sent', 'sent', 'sent', 'sent'],
+  );
+  assert.deepEqual(
+    (await stored(sid)).q.slice(-5),
+    [39, 40, 41, 42, 43].map((s, i) => [`f${i}`, s]),
+    'sequences 39..43',
+  );
+  assert.equal(await redis.get(seqKey), '43');
+  assert.equal(await redis.get(keys.sessionSent(sid)), '43');
+});
+
+test('the bound within one call, drop-oldest: the oldest dropped is one the same call added', async () => {
+  const outbox = outboxOf(10, 'drop-oldest');
+  const sid = await session(false);
+  const items = Array.from({ length: 25 }, (_, i) => ({ eid: `d${i}`, n: i }));
+  // Once d0 is dropped (by the 11th event), its eid is new again.
+  items.push({ eid: 'd0', n: 1000 });
+  const results = await oneCall(outbox, sid, items);
+  assert.deepEqual(
+    results.map((r) => r[0].status),
+    items.map(() => 'added'),
+  );
+  assert.deepEqual(
+    results.map((r) => r[0].dropped?.eid ?? null),
+    items.map((_, i) => (i < 10 ? null : `d${i - 10}`)),
+    'from the 11th event on, each drops the oldest, held or stored',
+  );
+  assert.deepEqual(results[10][0].dropped?.data, { n: 0 }, "the dropped event's payload");
+  const { q, ev } = await stored(sid);
+  assert.deepEqual(
+    q,
+    items.slice(-10).map((k, i) => [k.eid, 17 + i]),
+    'the last 10 remain, sequences 17..26',
+  );
+  assert.deepEqual(
+    [...ev.keys()].sort(),
+    items
+      .slice(-10)
+      .map((k) => k.eid)
+      .sort(),
+    'ev holds the same eids',
+  );
+  assert.deepEqual(ev.get('d0')?.data, { n: 1000 }, 'd0 is the later publish');
+  assert.equal(await redis.get(keys.outbox(sid)[5]), '26');
+});
+
+test('the bound within one call, reject: the events past it are refused, the rest stored', async () => {
+  const outbox = outboxOf(10, 'reject');
+  const sid = await session(false);
+  const items = Array.from({ length: 25 }, (_, i) => ({ eid: `r${i}`, n: i }));
+  const results = await oneCall(outbox, sid, items);
+  assert.deepEqual(
+    results.map((r) => r[0].status),
+    items.map((_, i) => (i < 10 ? 'added' : 'rejected')),
+  );
+  const { q } = await stored(sid);
+  assert.deepEqual(
+    q,
+    items.slice(0, 10).map((k, i) => [k.eid, i + 1]),
+  );
+  assert.equal(await redis.get(keys.outbox(sid)[5]), '10', 'a rejected event takes no sequence');
+});
+
+test('256 events to one session in one call (the most a call carries) are all stored in order', async () => {
+  const sender = new Sender();
+  const outbox = outboxOf(1000, 'reject', sender);
+  const sid = await session(true);
+  sender.last.set(sid, 0);
+  const items = Array.from({ length: 256 }, (_, i) => ({ eid: `m${i}`, n: i }));
+  const results = await oneCall(outbox, sid, items);
+  assert.ok(
+    results.every((r) => r[0].status === 'sent'),
+    'all granted',
+  );
+  const { q, ev } = await stored(sid);
+  assert.deepEqual(
+    q,
+    items.map((k, i) => [k.eid, i + 1]),
+  );
+  assert.equal(ev.size, 256);
+  assert.equal(await redis.get(keys.sessionSent(sid)), '256');
+  assert.equal(await redis.get(keys.outbox(sid)[5]), '256');
+});
+
+test("600 bare acks of one session in one ack call (past the script's slices of 256) remove every event, strays counted out", async () => {
+  const sender = new Sender();
+  const outbox = outboxOf(1000, 'reject', sender);
+  const sid = await session(true);
+  sender.last.set(sid, 0);
+  const eids: string[] = [];
+  for (let call = 0; call < 3; call++) {
+    const items = Array.from({ length: 200 }, (_, i) => ({ eid: `b${call * 200 + i}`, n: call * 200 + i }));
+    await oneCall(outbox, sid, items);
+    eids.push(...items.map((i) => i.eid));
+  }
+  assert.equal(sender.grants.length, 600, 'all 600 granted');
+  const [res] = await within(
+    'the ack call',
+    outbox.ackPumpMany(
+      [{ sid, afterSeq: 600, slots: 0, acks: [], bare: [...eids, 'stray-1', 'b7'] }],
+      Date.now(),
+    ),
+  );
+  assert.equal(res.acked, 600, 'each stored event acked once; a stray and a repeated eid count for nothing');
+  const [q, ev] = keys.outbox(sid);
+  assert.equal(await redis.exists(q, ev), 0, 'q and ev are gone');
+});
