@@ -4,12 +4,14 @@
  * scripts of this tree against those of another commit (`--baseline`, read with `git show`) in
  * the same run against the same Redis.
  *
- *   npm run bench:scripts [-- --baseline HEAD --shapes one,window --calls 40 --rounds 40]
+ *   npm run bench:scripts [-- --baseline HEAD --shapes one,window,user --calls 40 --rounds 40]
  *
  * Shapes (as bench:delivery's rows meet them):
  *   one     50 sessions, one event each per publish call, each acked in the next ack call
  *           (the fixed rate: every event travels alone)
  *   window  8 sessions, 8 events each per publish call (a window of events per session)
+ *   user    20 users of one session each, 12 events each per publish call, by user (the
+ *           device-to-device shape: a `send` names a user)
  * Every event is granted (the claims chain from the last granted sequence) and asks for no
  * receipt and no expiry, as bench:delivery's do. The figures are Redis's own: time in EVALSHA
  * per event (the commands the scripts run included) and the commands run per event, from
@@ -31,16 +33,23 @@ import { table } from '../lib/measure.ts';
 const { values } = parseArgs({
   options: {
     baseline: { type: 'string', default: 'HEAD' },
-    shapes: { type: 'string', default: 'one,window' },
+    shapes: { type: 'string', default: 'one,window,user' },
     calls: { type: 'string', default: '40' },
     rounds: { type: 'string', default: '40' },
   },
 });
 const CALLS = Number(values.calls);
 const ROUNDS = Number(values.rounds);
-const SHAPES: Record<string, { sessions: number; events: number }> = {
-  one: { sessions: 50, events: 1 },
-  window: { sessions: 8, events: 8 },
+interface Shape {
+  sessions: number;
+  events: number;
+  /** How the events name their sessions: by session id, or by a user (one session each). */
+  target: 's' | 'u';
+}
+const SHAPES: Record<string, Shape> = {
+  one: { sessions: 50, events: 1, target: 's' },
+  window: { sessions: 8, events: 8, target: 's' },
+  user: { sessions: 20, events: 12, target: 'u' },
 };
 
 const LUA = 'gateway/delivery/lua';
@@ -92,7 +101,7 @@ class Way {
     readonly name: string,
     private readonly s: Scripts,
     prefix: string,
-    private readonly shape: { sessions: number; events: number },
+    private readonly shape: Shape,
   ) {
     this.keys = new Keys(prefix);
     this.sids = Array.from({ length: shape.sessions }, (_, i) => `bench-session-${i}`);
@@ -106,13 +115,14 @@ class Way {
     for (const sid of this.sids) {
       p.hset(this.keys.session(sid), 'userId', 'bench');
       p.set(this.keys.sessionNode(sid), 'bench-node');
+      p.sadd(this.keys.userSessions(sid), sid);
     }
     await p.exec();
   }
 
   /** One publish call (every event granted) and one ack call for all its events. */
   async call(): Promise<void> {
-    const { sessions, events } = this.shape;
+    const { sessions, events, target } = this.shape;
     const args = new ScriptArgs(sessions * events * 200);
     const eids: string[][] = this.sids.map(() => []);
     for (let e = 0; e < events; e++) {
@@ -120,7 +130,14 @@ class Way {
         const eid = `bench-${this.eid++}`;
         eids[i].push(eid);
         // Claims chain: the first names the last granted sequence, the script chains the rest.
-        args.str('s').str(this.sids[i]).str(eid).bytes(PAYLOAD).str('0').num(0).num(1);
+        args
+          .str(target)
+          .str(target === 's' ? this.sids[i] : this.keys.userSessions(this.sids[i]))
+          .str(eid)
+          .bytes(PAYLOAD)
+          .str('0')
+          .num(0)
+          .num(1);
         args.str(this.sids[i]).num(this.last[i]);
       }
     }
@@ -178,7 +195,7 @@ async function main(): Promise<void> {
   try {
     for (const shapeName of String(values.shapes).split(',')) {
       const shape = SHAPES[shapeName];
-      if (!shape) throw new Error(`unknown shape ${shapeName} (one, window)`);
+      if (!shape) throw new Error(`unknown shape ${shapeName} (${Object.keys(SHAPES).join(', ')})`);
       const ways = {
         baseline: new Way(redis, 'baseline', sets.baseline, `${run}${shapeName}:b:`, shape),
         tree: new Way(redis, 'tree', sets.tree, `${run}${shapeName}:t:`, shape),

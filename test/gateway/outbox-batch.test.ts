@@ -274,3 +274,34 @@ test("600 bare acks of one session in one ack call (past the script's slices of 
   const [q, ev] = keys.outbox(sid);
   assert.equal(await redis.exists(q, ev), 0, 'q and ev are gone');
 });
+
+test("a user's sessions are read once per call: a session found gone is pruned for the call's later events too", async () => {
+  const outbox = outboxOf(1000, 'reject');
+  const user = `user-${randomUUID()}`;
+  const live = [await session(false), await session(false)];
+  const gone = randomUUID(); // in the user's set, without a session record (its TTL ran out)
+  await redis.sadd(keys.userSessions(user), ...live, gone);
+  const results = await within(
+    'three publishes to the user in one call',
+    Promise.all([0, 1, 2].map((n) => outbox.publishTo({ user }, event(`u${n}`, n), false, 0))),
+  );
+  const bySid = (r: SessionPublishResult[]) => Object.fromEntries(r.map((x) => [x.sid, x.status]));
+  assert.deepEqual(
+    bySid(results[0]),
+    { [live[0]]: 'added', [live[1]]: 'added', [gone]: 'gone' },
+    'the first event finds the gone session',
+  );
+  for (const n of [1, 2])
+    assert.deepEqual(
+      bySid(results[n]),
+      { [live[0]]: 'added', [live[1]]: 'added' },
+      `event ${n}: the gone session was removed by the first`,
+    );
+  assert.deepEqual((await redis.smembers(keys.userSessions(user))).sort(), [...live].sort());
+  for (const sid of live)
+    assert.deepEqual((await stored(sid)).q, [
+      ['u0', 1],
+      ['u1', 2],
+      ['u2', 3],
+    ]);
+});

@@ -75,8 +75,10 @@ local function sessionKeys(sid)
   return K
 end
 
--- A device key's session, read once per call (only this call could change it, and it does not).
+-- A device key's session, and a user's or a room's sessions, read once per call (only this
+-- call could change them, and it changes only a user's, as it keeps here: below).
 local deviceSession = {}
+local members = {}
 
 local function sessionsOf(kind, target)
   if kind == 's' then
@@ -89,10 +91,13 @@ local function sessionsOf(kind, target)
     end
     if sid then return { sid } end
     return {}
-  elseif kind == 'u' then
-    return redis.call('SMEMBERS', target)
   end
-  return redis.call('ZRANGE', target, 0, -1)
+  local m = members[target]
+  if not m then
+    if kind == 'u' then m = redis.call('SMEMBERS', target) else m = redis.call('ZRANGE', target, 0, -1) end
+    members[target] = m
+  end
+  return m
 end
 
 -- The outbox's TTL is refreshed when it has run down by `slack` seconds, not by every call: a
@@ -167,8 +172,9 @@ local function heldHas(d, eid)
   end
   return d.heids[eid] == true
 end
--- Held values per session at most (ZADD/HSET arguments: a Lua call's stack is bounded).
-local HOLD = 512
+-- Held events per session at most (twice as many ZADD/HSET arguments: a Lua call's stack is
+-- bounded).
+local HOLD = 256
 local out = {}
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
@@ -197,7 +203,7 @@ while a <= #A do
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
       -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
-      if heldHas(d, eid) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1) then
+      if (d.held > 0 and heldHas(d, eid)) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1) then
         status = 0
       else
         local full = d.size >= bound
@@ -288,7 +294,7 @@ while a <= #A do
         end
       end
     end
-    if d.held * 2 >= HOLD then write(K, d) end
+    if d.held >= HOLD then write(K, d) end
     out[#out + 1] = sid
     out[#out + 1] = status
     out[#out + 1] = node or false
@@ -298,6 +304,11 @@ while a <= #A do
   end
   if kind == 'u' and #gone > 0 then
     redis.call('SREM', target, unpack(gone))
+    local left = {}
+    for _, sid in ipairs(sids) do
+      if state[sid].alive then left[#left + 1] = sid end
+    end
+    members[target] = left
   end
 end
 for sid, d in pairs(state) do
