@@ -152,6 +152,8 @@ class Way {
       tail,
       this.keys.expiries,
       args.finish(),
+      // As outbox.ts says it (scripts before it ignore the argument): a target comes again.
+      events > 1 ? '1' : '0',
     );
     for (let i = 0; i < sessions; i++) this.last[i] += events;
     const acks = new ScriptArgs(sessions * events * 40);

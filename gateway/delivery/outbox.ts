@@ -296,9 +296,13 @@ export class Outbox {
       this.keys.expiries,
     ];
     const events = new ScriptArgs(batch.length * 160);
+    // Whether a target comes more than once: publish.lua then holds a session's events and
+    // writes them together (one ZADD, one HSET per session), else it writes each as it comes.
+    const targets = new Set<string>();
     for (const p of batch) {
       if (direct) p.claims = direct.claim(p.to);
       const [kind, target] = this.fanoutArgs(p.to);
+      targets.add(target);
       events
         .str(kind)
         .str(target)
@@ -309,7 +313,7 @@ export class Outbox {
         .num(p.claims.length);
       for (const c of p.claims) events.str(c.sid).num(c.after);
     }
-    args.push(events.finish());
+    args.push(events.finish(), targets.size < batch.length ? '1' : '0');
     this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(
       (packedReply) => {

@@ -93,10 +93,11 @@ test('a send and a back-end publish to a device, user, username or room: one scr
 
   // Every message went to Redis in exactly one publish script call (the one that passes the
   // node channel prefix; acks name eids too), alone or batched with others.
-  // Its events are one argument, a MessagePack array of strings (gateway/delivery/script-args.ts).
+  // Its events are one argument, ARGV[9], a MessagePack array of strings
+  // (gateway/delivery/script-args.ts), after the sha and the key count.
   const scriptCalls = watch.seen
     .filter((s) => (s.command === 'evalsha' || s.command === 'eval') && s.args.includes(`${gw.prefix}node:`))
-    .map((s) => ({ ...s, args: unpack(Buffer.from(s.args.at(-1)!, 'latin1')) as string[] }));
+    .map((s) => ({ ...s, args: unpack(Buffer.from(s.args[2 + 8], 'latin1')) as string[] }));
   for (const eid of eids) {
     const carrying = scriptCalls.filter((s) => s.args.includes(eid));
     assert.equal(carrying.length, 1, `${eid} went to Redis in ${carrying.length} script calls`);

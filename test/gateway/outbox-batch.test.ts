@@ -305,3 +305,45 @@ test("a user's sessions are read once per call: a session found gone is pruned f
       ['u2', 3],
     ]);
 });
+
+test('every target once in the call (each event written as it comes): 30 sessions, and a device key and its session id reaching one session', async () => {
+  const sender = new Sender();
+  const outbox = outboxOf(1000, 'reject', sender);
+  const sids: string[] = [];
+  for (let i = 0; i < 30; i++) {
+    const sid = await session(true);
+    sender.last.set(sid, 0);
+    sids.push(sid);
+  }
+  const device = `dev-${randomUUID()}`;
+  await redis.set(keys.device(device), sids[0]);
+  const results = await within(
+    'one call, every target once',
+    Promise.all([
+      ...sids.map((sid, i) => outbox.publishTo({ session: sid }, event(`o${i}`, i), false, 0)),
+      outbox.publishTo({ device }, event('via-device', 99), false, 0),
+    ]),
+  );
+  assert.deepEqual(
+    results.map((r) => r.map((x) => x.status)),
+    [...sids.map(() => ['sent']), ['added']],
+    'the session targets granted; the device target carried no claim (this test sender claims for sessions only)',
+  );
+  for (const [i, sid] of sids.entries()) {
+    const want: [string, number][] =
+      i === 0
+        ? [
+            ['o0', 1],
+            ['via-device', 2],
+          ]
+        : [[`o${i}`, 1]];
+    assert.deepEqual((await stored(sid)).q, want, `session ${i}`);
+    const [qKey, evKey, , , , seqKey] = keys.outbox(sid);
+    assert.equal(await redis.get(seqKey), String(want.length));
+    assert.equal(await redis.get(keys.sessionSent(sid)), '1', 'the mark: its grant');
+    for (const k of [qKey, evKey, seqKey]) {
+      const ttl = await redis.ttl(k);
+      assert.ok(ttl > 0 && ttl <= TTL, `${k.slice(prefix.length)}: TTL ${ttl}`);
+    }
+  }
+});

@@ -24,6 +24,8 @@
     kind "k": target is a STRING key holding a session id (a device key)
     kind "u": target is a user's SET of session ids; ids of sessions found gone are removed
     kind "r": target is a room's ZSET of member session ids
+  ARGV[10] "1" if a target comes more than once in ARGV[9] (its sessions' events are then held
+  and written together, see below), else "0"
 
   Keys of a session (head .. sid .. tail .. name):
     q     ZSET eid -> sequence (publish order)
@@ -112,7 +114,8 @@ local slack = math.min(60, math.floor(ttl / 10))
 -- the chain broke), woken (the wake-up went), held (see below).
 local state = {}
 
--- A session's new events are held and written once per call: one ZADD to q, one HSET to ev,
+-- When the caller says a target comes more than once in the call (ARGV[10] "1"), a session's
+-- new events are held and written once per call: one ZADD to q, one HSET to ev,
 -- one INCRBY of the sequences given after the first (which INCR gave), one SET of the mark,
 -- and the TTLs of an outbox the call created, instead of four commands per event. The call is
 -- atomic, so nothing outside it can tell; inside it, a read that could need the held events
@@ -121,7 +124,11 @@ local state = {}
 -- many), s1/e1/p1 (the first one's sequence, eid and payload: most calls hold one event per
 -- session, and it needs no table), hq/hev (ZADD and HSET arguments, from the second one on),
 -- heids (a set of their eids, once looked for), extra (sequences given since INCR), expire,
--- hmark (the mark to set).
+-- hmark (the mark to set). Otherwise (every target once: the usual call at a steady rate,
+-- where a session gets one event per call) each is written as it comes, which costs Redis less
+-- for a lone event than holding it (bench/RESULTS.md, "a call's events written together");
+-- different targets that reach one session are then right too, only not merged.
+local holding = ARGV[10] == '1'
 local function write(K, d)
   local n = d.held
   if n == 0 then return end
@@ -226,15 +233,23 @@ while a <= #A do
     if status == 1 then
       -- An empty outbox has no q or ev key: this event creates them, without a TTL.
       local created = d.size == 0
-      if d.seq then
-        seq = d.seq + 1
-        d.extra = d.extra + 1
-      else
+      local seqS
+      if not holding then
         seq = redis.call('INCR', K[6])
+        seqS = string.format('%d', seq)
+        redis.call('ZADD', K[1], seqS, eid)
+        redis.call('HSET', K[2], eid, payload)
+      else
+        if d.seq then
+          seq = d.seq + 1
+          d.extra = d.extra + 1
+        else
+          seq = redis.call('INCR', K[6])
+        end
+        seqS = string.format('%d', seq)
+        hold(d, seqS, eid, payload)
       end
       d.seq = seq
-      local seqS = string.format('%d', seq)
-      hold(d, seqS, eid, payload)
       d.size = d.size + 1
       if receipt == '1' then redis.call('SADD', K[4], eid) end
       if expiry ~= '0' then
@@ -246,7 +261,15 @@ while a <= #A do
       -- (Set when the held events are written, after the keys exist.)
       if not d.ttl then
         d.ttl = true
-        d.expire = created or redis.call('TTL', K[1]) < ttl - slack
+        if created or redis.call('TTL', K[1]) < ttl - slack then
+          if d.held > 0 then
+            d.expire = true
+          else
+            redis.call('EXPIRE', K[1], ttlS)
+            redis.call('EXPIRE', K[2], ttlS)
+            redis.call('EXPIRE', K[6], ttlS)
+          end
+        end
       end
       if receipt == '1' and not d.rc then
         d.rc = true
