@@ -211,6 +211,18 @@ test('the bound within one call, drop-oldest: the oldest dropped is one the same
   );
   assert.deepEqual(ev.get('d0')?.data, { n: 1000 }, 'd0 is the later publish');
   assert.equal(await redis.get(keys.outbox(sid)[5]), '26');
+
+  // Calls of one event each (nothing held) drop the oldest too.
+  for (const n of [0, 1]) {
+    const [r] = await oneCall(outbox, sid, [{ eid: `lone${n}`, n: 2000 + n }]);
+    assert.equal(r[0].status, 'added');
+    assert.equal(r[0].dropped?.eid, items.at(-10 + n)?.eid, `lone${n} drops the oldest`);
+  }
+  assert.deepEqual((await stored(sid)).q.slice(-3), [
+    ['d0', 26],
+    ['lone0', 27],
+    ['lone1', 28],
+  ]);
 });
 
 test('the bound within one call, reject: the events past it are refused, the rest stored', async () => {

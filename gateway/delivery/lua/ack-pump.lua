@@ -75,12 +75,19 @@ while a <= #A do
     end
   end
   a = a + nacks
-  -- One ZREM and one HDEL for all of them (q and ev hold the same eids, so an eid q did not
-  -- have is not in ev either), in slices: a Lua call's stack is bounded.
-  for i = a, a + nbare - 1, 256 do
-    local last = math.min(i + 255, a + nbare - 1)
-    acked = acked + redis.call('ZREM', K[1], unpack(A, i, last))
-    redis.call('HDEL', K[2], unpack(A, i, last))
+  if nbare == 1 then
+    if redis.call('ZREM', K[1], A[a]) == 1 then
+      acked = acked + 1
+      redis.call('HDEL', K[2], A[a])
+    end
+  else
+    -- One ZREM and one HDEL for all of them (q and ev hold the same eids, so an eid q did not
+    -- have is not in ev either), in slices: a Lua call's stack is bounded.
+    for i = a, a + nbare - 1, 256 do
+      local last = math.min(i + 255, a + nbare - 1)
+      acked = acked + redis.call('ZREM', K[1], unpack(A, i, last))
+      redis.call('HDEL', K[2], unpack(A, i, last))
+    end
   end
   a = a + nbare
   local send, expired = {}, {}

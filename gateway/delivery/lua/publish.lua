@@ -131,7 +131,8 @@ local state = {}
 local holding = ARGV[10] == '1'
 local function write(K, d)
   local n = d.held
-  if n == 0 then return end
+  -- (nil: a call that holds nothing)
+  if not n or n == 0 then return end
   if n == 1 then
     redis.call('ZADD', K[1], d.s1, d.e1)
     redis.call('HSET', K[2], d.e1, d.p1)
@@ -200,7 +201,11 @@ while a <= #A do
     local K = sessionKeys(sid)
     local d = state[sid]
     if not d then
-      d = { alive = redis.call('EXISTS', K[8]) == 1, held = 0, extra = 0 }
+      if holding then
+        d = { alive = redis.call('EXISTS', K[8]) == 1, held = 0, extra = 0 }
+      else
+        d = { alive = redis.call('EXISTS', K[8]) == 1 }
+      end
       state[sid] = d
     end
     local status, node, droppedEid, droppedPayload, seq = 1, false, false, false, false
@@ -210,7 +215,13 @@ while a <= #A do
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
       -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
-      if (d.held > 0 and heldHas(d, eid)) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1) then
+      local dup
+      if holding then
+        dup = heldHas(d, eid) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
+      else
+        dup = d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1
+      end
+      if dup then
         status = 0
       else
         local full = d.size >= bound
@@ -262,7 +273,7 @@ while a <= #A do
       if not d.ttl then
         d.ttl = true
         if created or redis.call('TTL', K[1]) < ttl - slack then
-          if d.held > 0 then
+          if holding and d.held > 0 then
             d.expire = true
           else
             redis.call('EXPIRE', K[1], ttlS)
@@ -306,7 +317,7 @@ while a <= #A do
         status = 2
         d.granted = seqS
         d.mark = seq
-        if d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
+        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
       else
         -- A refused or missing claim ends the chain: the pump sends this event, and so
         -- everything after it.
@@ -317,7 +328,7 @@ while a <= #A do
         end
       end
     end
-    if d.held >= HOLD then write(K, d) end
+    if holding and d.held >= HOLD then write(K, d) end
     out[#out + 1] = sid
     out[#out + 1] = status
     out[#out + 1] = node or false
@@ -334,7 +345,9 @@ while a <= #A do
     members[target] = left
   end
 end
-for sid, d in pairs(state) do
-  write(sessionKeys(sid), d)
+if holding then
+  for sid, d in pairs(state) do
+    write(sessionKeys(sid), d)
+  end
 end
 return cmsgpack.pack(out)
