@@ -45,10 +45,20 @@ local A = cmsgpack.unpack(ARGV[4])
 
 local a = 1
 local results = {}
+-- The empty answer lists of a session, shared (never appended to): most sessions in a call only
+-- have acks applied, and a table each would be made for nothing.
+local EMPTY = {}
 while a <= #A do
   local base = head .. A[a] .. tail
-  local K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp', base .. 'seq', base .. 'sent' }
   local after, want, nacks, nbare = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
+  -- Bare acks alone need q and ev only: the other names (each a new Lua string) are made when
+  -- something else is to be done.
+  local K
+  if want > 0 or nacks > 0 then
+    K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp', base .. 'seq', base .. 'sent' }
+  else
+    K = { base .. 'q', base .. 'ev' }
+  end
   -- A call that takes nothing (want 0: acks only) sends nothing, so it neither checks nor
   -- raises the mark; the next call that takes does.
   local mark, resynced = 0, 0
@@ -59,13 +69,14 @@ while a <= #A do
       resynced = 1
     end
   end
-  local acked, receipts = 0, {}
+  local acked, receipts = 0, EMPTY
   a = a + 5
   for i = a, a + nacks - 1 do
     local eid = A[i]
     if redis.call('ZREM', K[1], eid) == 1 then
       acked = acked + 1
       if redis.call('SREM', K[4], eid) == 1 then
+        if receipts == EMPTY then receipts = {} end
         receipts[#receipts + 1] = eid
         receipts[#receipts + 1] = redis.call('HGET', K[2], eid)
       end
@@ -90,7 +101,8 @@ while a <= #A do
     end
   end
   a = a + nbare
-  local send, expired = {}, {}
+  local send, expired = EMPTY, EMPTY
+  if want > 0 then send, expired = {}, {} end
   while want > 0 do
     local asked = want
     local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', '0', string.format('%d', asked))

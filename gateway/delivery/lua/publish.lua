@@ -65,16 +65,27 @@ local head, tail, expiries = ARGV[6], ARGV[7], ARGV[8]
 -- arguments"); string.format('%d') of an integer is not.
 local ttlS = ARGV[3]
 
--- Key names per session, built once per call.
+-- Key names per session, built once per call; att, rc and exp (K[3], K[4], K[5]) only when a
+-- receipt, an expiry or a drop needs them (`key`): each name is a new Lua string, and most
+-- events need neither.
 local keysOf = {}
+local NAMES = { 'q', 'ev', 'att', 'rc', 'exp', 'seq', 'node', 'sess', 'sent' }
 local function sessionKeys(sid)
   local K = keysOf[sid]
   if not K then
     local b = head .. sid .. tail
-    K = { b .. 'q', b .. 'ev', b .. 'att', b .. 'rc', b .. 'exp', b .. 'seq', b .. 'node', b .. 'sess', b .. 'sent' }
+    K = { b .. 'q', b .. 'ev', false, false, false, b .. 'seq', b .. 'node', b .. 'sess', b .. 'sent', base = b }
     keysOf[sid] = K
   end
   return K
+end
+local function key(K, i)
+  local k = K[i]
+  if not k then
+    k = K.base .. NAMES[i]
+    K[i] = k
+  end
+  return k
 end
 
 -- A device key's session, and a user's or a room's sessions, read once per call (only this
@@ -82,18 +93,18 @@ end
 local deviceSession = {}
 local members = {}
 
-local function sessionsOf(kind, target)
-  if kind == 's' then
-    return { target }
-  elseif kind == 'k' then
-    local sid = deviceSession[target]
-    if sid == nil then
-      sid = redis.call('GET', target)
-      deviceSession[target] = sid
-    end
-    if sid then return { sid } end
-    return {}
+-- A device key's session id (false: none).
+local function deviceSessionOf(target)
+  local sid = deviceSession[target]
+  if sid == nil then
+    sid = redis.call('GET', target)
+    deviceSession[target] = sid
   end
+  return sid
+end
+
+-- A user's or a room's session ids.
+local function membersOf(kind, target)
   local m = members[target]
   if not m then
     if kind == 'u' then m = redis.call('SMEMBERS', target) else m = redis.call('ZRANGE', target, 0, -1) end
@@ -183,34 +194,62 @@ end
 -- Held events per session at most (twice as many ZADD/HSET arguments: a Lua call's stack is
 -- bounded).
 local HOLD = 256
-local out = {}
+-- The answer, and its length (kept: `#out` searches for the border on every append).
+local out, no = {}, 0
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
 while a <= #A do
   local kind, target, eid, payload, receipt, expiry = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4], A[a + 5]
   local n = tonumber(A[a + 6])
-  local claims = {}
-  for c = a + 7, a + 5 + 2 * n, 2 do
-    claims[A[c]] = A[c + 1]
+  -- The claims: most events carry none or one, which need no table.
+  local claims, claimSid, claimAfter = nil, nil, nil
+  if n == 1 then
+    claimSid, claimAfter = A[a + 7], A[a + 8]
+  elseif n > 1 then
+    claims = {}
+    for c = a + 7, a + 5 + 2 * n, 2 do
+      claims[A[c]] = A[c + 1]
+    end
   end
   a = a + 7 + 2 * n
-  local sids = sessionsOf(kind, target)
-  local gone = {}
-  out[#out + 1] = #sids
-  for _, sid in ipairs(sids) do
+  -- A session or a device reaches one session at most (single: its id, or false), a user or a
+  -- room a list: no table per event for the first two.
+  local single, list = false, nil
+  if kind == 's' then
+    single = target
+  elseif kind == 'k' then
+    single = deviceSessionOf(target)
+  else
+    list = membersOf(kind, target)
+  end
+  local count = list and #list or (single and 1 or 0)
+  local gone = nil
+  no = no + 1
+  out[no] = count
+  for i = 1, count do
+    local sid = single or list[i]
     local K = sessionKeys(sid)
     local d = state[sid]
     if not d then
+      -- The fields most calls set named here (nil and false included), so that the table is
+      -- made at its size rather than grown.
       if holding then
-        d = { alive = redis.call('EXISTS', K[8]) == 1, held = 0, extra = 0 }
+        d = {
+          alive = redis.call('EXISTS', K[8]) == 1, size = false, ttl = false, node = nil, mark = false,
+          granted = false, seq = false, held = 0, extra = 0,
+        }
       else
-        d = { alive = redis.call('EXISTS', K[8]) == 1 }
+        d = {
+          alive = redis.call('EXISTS', K[8]) == 1, size = false, ttl = false, node = nil, mark = false,
+          granted = false, seq = false,
+        }
       end
       state[sid] = d
     end
     local status, node, droppedEid, droppedPayload, seq = 1, false, false, false, false
     if not d.alive then
       status = -2
+      gone = gone or {}
       gone[#gone + 1] = sid
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
@@ -234,9 +273,9 @@ while a <= #A do
           droppedPayload = redis.call('HGET', K[2], droppedEid)
           redis.call('ZREM', K[1], droppedEid)
           redis.call('HDEL', K[2], droppedEid)
-          redis.call('HDEL', K[3], droppedEid)
-          redis.call('SREM', K[4], droppedEid)
-          redis.call('HDEL', K[5], droppedEid)
+          redis.call('HDEL', key(K, 3), droppedEid)
+          redis.call('SREM', key(K, 4), droppedEid)
+          redis.call('HDEL', key(K, 5), droppedEid)
           d.size = d.size - 1
         end
       end
@@ -262,9 +301,9 @@ while a <= #A do
       end
       d.seq = seq
       d.size = d.size + 1
-      if receipt == '1' then redis.call('SADD', K[4], eid) end
+      if receipt == '1' then redis.call('SADD', key(K, 4), eid) end
       if expiry ~= '0' then
-        redis.call('HSET', K[5], eid, expiry)
+        redis.call('HSET', key(K, 5), eid, expiry)
         redis.call('ZADD', expiries, expiry, sid .. '|' .. eid)
       end
       -- The outbox lives as long as a session could: a call that publishes to it sees that
@@ -284,11 +323,11 @@ while a <= #A do
       end
       if receipt == '1' and not d.rc then
         d.rc = true
-        redis.call('EXPIRE', K[4], ttlS)
+        redis.call('EXPIRE', key(K, 4), ttlS)
       end
       if expiry ~= '0' and not d.exp then
         d.exp = true
-        redis.call('EXPIRE', K[5], ttlS)
+        redis.call('EXPIRE', key(K, 5), ttlS)
       end
       -- The node and the sent mark in one read (both strings; the mark is needed only for a
       -- claim, and most calls that reach here carry one).
@@ -298,7 +337,8 @@ while a <= #A do
         if not d.mark then d.mark = tonumber(nm[2] or '0') end
       end
       node = d.node
-      local claim = claims[sid]
+      local claim
+      if claims then claim = claims[sid] elseif claimSid == sid then claim = claimAfter end
       local after = d.granted or claim
       local grant = claim ~= nil and after ~= '-1' and node == me
       if grant then
@@ -329,17 +369,14 @@ while a <= #A do
       end
     end
     if holding and d.held >= HOLD then write(K, d) end
-    out[#out + 1] = sid
-    out[#out + 1] = status
-    out[#out + 1] = node or false
-    out[#out + 1] = droppedEid
-    out[#out + 1] = droppedPayload
-    out[#out + 1] = seq
+    out[no + 1], out[no + 2], out[no + 3] = sid, status, node or false
+    out[no + 4], out[no + 5], out[no + 6] = droppedEid, droppedPayload, seq
+    no = no + 6
   end
-  if kind == 'u' and #gone > 0 then
+  if kind == 'u' and gone then
     redis.call('SREM', target, unpack(gone))
     local left = {}
-    for _, sid in ipairs(sids) do
+    for _, sid in ipairs(list) do
       if state[sid].alive then left[#left + 1] = sid end
     end
     members[target] = left
