@@ -323,26 +323,31 @@ export class Outbox {
         for (const p of batch) {
           const n = reply[i++] as number;
           const results: SessionPublishResult[] = [];
-          // A room's claims and results can both run to thousands: match them by session id.
-          const seqOf = p.claims.length > 0 ? new Map<string, number | null>() : null;
+          // A room's claims and results can both run to thousands: match them by session id
+          // (a Map for several claims; one claim, the usual case, needs only its session's).
+          const one = p.claims.length === 1 ? p.claims[0].sid : undefined;
+          let oneSeq: number | null = null;
+          const seqOf = p.claims.length > 1 ? new Map<string, number | null>() : null;
           for (let j = 0; j < n; j++, i += 6) {
             const status = reply[i + 1] as number;
             const node = reply[i + 2] as Buffer | false;
             const dropped = reply[i + 4] as Buffer | false;
             const sid = (reply[i] as Buffer).toString();
-            results.push({
+            const r: SessionPublishResult = {
               sid,
               status: PUBLISH_STATUS[status + 2],
               node: node ? node.toString() : null,
-              ...(dropped ? { dropped: decode(dropped) } : {}),
-            });
-            seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);
+            };
+            if (dropped) r.dropped = decode(dropped);
+            results.push(r);
+            if (sid === one) oneSeq = status === 2 ? (reply[i + 5] as number) : null;
+            else seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);
           }
           // A room's granted members share one message: only the sealing is per connection.
           let message: Buffer | undefined;
           const bare = !p.receipt && p.expiresAtMs <= 0;
           for (const c of p.claims) {
-            const seq = seqOf!.get(c.sid) ?? null;
+            const seq = seqOf ? (seqOf.get(c.sid) ?? null) : oneSeq;
             if (seq === null) direct!.settle(c, p.event.eid, null);
             else
               direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });

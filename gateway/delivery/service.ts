@@ -134,10 +134,6 @@ export class DeliveryService {
   private retryWorker: Worker | undefined;
   private publishWorker: Worker | undefined;
   private readonly metrics: {
-    published: Counter;
-    delivered: Counter;
-    fromPublish: Counter;
-    acked: Counter;
     strayAcks: Counter;
     retried: Counter;
     deadLettered: Counter;
@@ -146,8 +142,11 @@ export class DeliveryService {
     resyncs: Counter;
   };
   private resyncTimer: NodeJS.Timeout | undefined;
-  /** `gateway_events_delivered_total` by qos, its children looked up once (not per event). */
-  private readonly deliveredByQos: [Counter.Internal, Counter.Internal];
+  /**
+   * The per-event counts, plain numbers read into their counters at each scrape (`collect`), as
+   * the wire's are: prom-client's `inc` makes a label hash or an empty labels object per call.
+   */
+  private readonly counts = { published: 0, delivered: [0, 0] as [number, number], fromPublish: 0, acked: 0 };
 
   constructor(
     private readonly deps: {
@@ -182,14 +181,35 @@ export class DeliveryService {
     for (const q of [this.retryQueue, this.deadLetters, this.publishQueue]) logQueueErrors(q, deps.log);
     const counter = (name: string, help: string, labelNames: string[] = []) =>
       new Counter({ name: `gateway_events_${name}_total`, help, labelNames, registers: [deps.registry] });
+    const counted = (name: string, help: string, read: (c: Counter) => void, labelNames: string[] = []) =>
+      new Counter({
+        name: `gateway_events_${name}_total`,
+        help,
+        labelNames,
+        registers: [deps.registry],
+        collect() {
+          this.reset();
+          read(this);
+        },
+      });
+    const counts = this.counts;
+    counted('published', 'qos-1 events stored in session outboxes.', (c) => c.inc(counts.published));
+    counted(
+      'delivered',
+      'Event deliveries sent to devices (every attempt).',
+      (c) => {
+        c.labels('0').inc(counts.delivered[0]);
+        c.labels('1').inc(counts.delivered[1]);
+      },
+      ['qos'],
+    );
+    counted(
+      'sent_from_publish',
+      'First deliveries sent from the publish itself, without a pump reading them back from Redis.',
+      (c) => c.inc(counts.fromPublish),
+    );
+    counted('acked', 'Events removed from an outbox by an ack.', (c) => c.inc(counts.acked));
     this.metrics = {
-      published: counter('published', 'qos-1 events stored in session outboxes.'),
-      delivered: counter('delivered', 'Event deliveries sent to devices (every attempt).', ['qos']),
-      fromPublish: counter(
-        'sent_from_publish',
-        'First deliveries sent from the publish itself, without a pump reading them back from Redis.',
-      ),
-      acked: counter('acked', 'Events removed from an outbox by an ack.'),
       strayAcks: counter('stray_acks', 'Acks for events not in the outbox (duplicate or unknown); ignored.'),
       retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),
       deadLettered: counter('dead_lettered', 'Events moved to the dead-letter queue.'),
@@ -201,7 +221,6 @@ export class DeliveryService {
         ['cause'],
       ),
     };
-    this.deliveredByQos = [this.metrics.delivered.labels('0'), this.metrics.delivered.labels('1')];
     this.ackLatency = new Histogram({
       name: 'gateway_ack_latency_seconds',
       help: 'From a qos-1 event sent to a device to its ack arriving (attempts that were not retried).',
@@ -341,7 +360,7 @@ export class DeliveryService {
    * promise for those, and nothing to await otherwise (the usual case, one await fewer per event).
    */
   private reportOutcome(outcome: PublishOutcome, input: EventInput): Promise<void> | undefined {
-    if (input.qos !== 0) this.metrics.published.inc(outcome.accepted);
+    if (input.qos !== 0) this.counts.published += outcome.accepted;
     if (outcome.rejected > 0) {
       this.metrics.overflow.labels('reject').inc(outcome.rejected);
       this.deps.log.warn({ eid: outcome.eid, rejected: outcome.rejected }, 'outbox full: publish rejected');
@@ -624,7 +643,7 @@ export class DeliveryService {
     // A call that took nothing (acks only, or a full window) leaves the backlog as it was, and
     // so does one during which it was marked (the outbox may hold what that call did not see).
     if (slots > 0 && pump.marks === marks) pump.backlog = r.send.length >= slots;
-    this.metrics.acked.inc(r.acked);
+    this.counts.acked += r.acked;
     if (acks.length + bare.length > r.acked) this.metrics.strayAcks.inc(acks.length + bare.length - r.acked);
     const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
     if (r.resynced) {
@@ -699,7 +718,7 @@ export class DeliveryService {
         waiting: false,
         bare: grant.bare,
       });
-      this.metrics.fromPublish.inc();
+      this.counts.fromPublish++;
       this.sendEvent(pump.conn, grant.message, 1);
     }
     if (live && pump.claims === 0 && pump.again && !pump.running) this.schedule(pump);
@@ -710,7 +729,7 @@ export class DeliveryService {
    * not unpacked and packed again.
    */
   private sendEvent(conn: Connection, message: Buffer, qos: 0 | 1): void {
-    this.deliveredByQos[qos].inc();
+    this.counts.delivered[qos]++;
     conn.sendPacked(message, true);
   }
 
