@@ -24,6 +24,7 @@ import { Keys } from '../../gateway/keys.ts';
 import { unpack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:batch:${randomUUID().slice(0, 8)}:`;
 const keys = new Keys(prefix);
@@ -357,5 +358,52 @@ test('every target once in the call (each event written as it comes): 30 session
       const ttl = await redis.ttl(k);
       assert.ok(ttl > 0 && ttl <= TTL, `${k.slice(prefix.length)}: TTL ${ttl}`);
     }
+  }
+});
+
+test("a call's held events, once answered, survive Redis killed with SIGKILL and restarted from its AOF", async () => {
+  // A private Redis that writes every change to its AOF before it answers.
+  const own = await startOwnRedis(['--appendonly', 'yes', '--appendfsync', 'always']);
+  const r = new Redis(own.url, { enableAutoPipelining: true });
+  r.on('error', () => {}); // its reconnects while the server is down
+  try {
+    const sender = new Sender();
+    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
+    outbox.direct = sender;
+    const sid = randomUUID();
+    await r.hset(keys.session(sid), 'userId', 'u1');
+    await r.set(keys.sessionNode(sid), NODE);
+    sender.last.set(sid, 0);
+    const items = Array.from({ length: 40 }, (_, i) => ({ eid: `k${i}`, n: i }));
+    const results = await within(
+      '40 publishes in one call',
+      Promise.all(items.map((i) => outbox.publishTo({ session: sid }, event(i.eid, i.n), false, 0))),
+    );
+    assert.ok(results.every((x) => x[0].status === 'sent'));
+    await own.kill('SIGKILL');
+    await own.start();
+    const [q, ev, , , , seq] = keys.outbox(sid);
+    const after = await own.with(async (c) => ({
+      q: await c.zrange(q, '0', '-1', 'WITHSCORES'),
+      ev: await c.hlen(ev),
+      seq: await c.get(seq),
+      mark: await c.get(keys.sessionSent(sid)),
+      ttls: await Promise.all([q, ev, seq].map((k) => c.ttl(k))),
+    }));
+    assert.deepEqual(
+      after.q,
+      items.flatMap((k, i) => [k.eid, String(i + 1)]),
+      'every event of the answered call, in order',
+    );
+    assert.equal(after.ev, 40);
+    assert.equal(after.seq, '40');
+    assert.equal(after.mark, '40');
+    assert.ok(
+      after.ttls.every((t) => t > 0 && t <= TTL),
+      `TTLs ${after.ttls}`,
+    );
+  } finally {
+    r.disconnect();
+    await own.remove();
   }
 });
