@@ -32,6 +32,7 @@ import { parse } from 'yaml';
 import { DATABASE_URL, dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { contextFilter, execForm, last, ROOT, readDockerfile, type Stage } from '../helpers/dockerfile.ts';
+import { killOnRunnerTerm } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/own-redis.ts';
 
 const { stages } = readDockerfile();
@@ -276,6 +277,8 @@ test('the runtime files serve as a non-root user: migrations, CMD, HEALTHCHECK, 
   const argv = as([...(withInit ? entrypoint : []), ...cmd]);
   const proc = spawn(argv[0], argv.slice(1), { cwd: laid.cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
   gateway = proc;
+  // tini and the gateway under it (its own pid, from its logs) if the runner ends this file.
+  killOnRunnerTerm(proc, () => [gatewayPid]);
   const logs: Record<string, unknown>[] = [];
   let stderr = '';
   proc.stderr!.on('data', (d) => {

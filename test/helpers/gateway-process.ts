@@ -36,6 +36,35 @@ export interface GatewayProcess {
   ): Promise<Record<string, unknown>>;
 }
 
+/**
+ * Gateways this test process started and that still run. When the test runner ends the file
+ * (SIGTERM, on the suite's timeout) no `after` hook runs: they are killed here instead, so that
+ * none is left serving, and loading the machine, after its test (a supervisor's workers end
+ * with it, on the loss of its IPC channel).
+ */
+const running = new Map<ChildProcess, () => (number | undefined)[]>();
+let killOnTerm = false;
+
+/** Kills `child` (and `pids`, e.g. a process under tini) if the runner ends this test file. */
+export function killOnRunnerTerm(child: ChildProcess, pids: () => (number | undefined)[] = () => []): void {
+  running.set(child, pids);
+  child.once('exit', () => running.delete(child));
+  if (killOnTerm) return;
+  killOnTerm = true;
+  process.once('SIGTERM', () => {
+    for (const [c, more] of running) {
+      for (const pid of [c.pid, ...more()]) {
+        try {
+          if (pid) process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    }
+    process.exit(143);
+  });
+}
+
 export async function startGateway(env: Record<string, string> = {}): Promise<GatewayProcess> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-test-'));
   const tag = randomUUID().slice(0, 8);
@@ -67,6 +96,7 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  killOnRunnerTerm(proc);
   const logs: Record<string, unknown>[] = [];
   const waiters: {
     pred: (l: Record<string, unknown>) => boolean;
@@ -120,7 +150,27 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
       );
     });
   };
-  const ready = await waitForLog((l) => l.msg === 'gateway ready', 30000);
+  // Each worker of a multi-process gateway starts after the one before it serves (cluster.ts),
+  // each loading the code through tsx: on a busy machine that takes a while per process.
+  const processes = Math.max(1, Number(env.GW_PROCESSES ?? 1) || 1);
+  const readyMs = 30_000 * processes;
+  let ready: Record<string, unknown>;
+  try {
+    ready = await waitForLog((l) => l.msg === 'gateway ready', readyMs);
+  } catch (e) {
+    // A gateway that did not come up is not left running (a supervisor's workers end with it,
+    // on the loss of its IPC channel), nor its data.
+    proc.kill('SIGKILL');
+    await exitedWithin().catch(() => {});
+    await cleaned.catch(() => {});
+    const last = logs
+      .slice(-5)
+      .map((l) => String(l.msg))
+      .join(' | ');
+    throw new Error(
+      `gateway ready not logged (deadline ${readyMs} ms): ${(e as Error).message}; last log lines: ${last}`,
+    );
+  }
   const identity = logs.find((l) => l.msg === 'server identity')!;
   return {
     proc,
