@@ -132,25 +132,18 @@ local state = {}
 -- atomic, so nothing outside it can tell; inside it, a read that could need the held events
 -- (the oldest event at the bound, the count between a claim and an event) writes them first,
 -- and a duplicate eid is looked for among them too. Fields of a session's state: held (how
--- many), s1/e1/p1 (the first one's sequence, eid and payload: most calls hold one event per
--- session, and it needs no table), hq/hev (ZADD and HSET arguments, from the second one on),
--- heids (a set of their eids, once looked for), extra (sequences given since INCR), expire,
--- hmark (the mark to set). Otherwise (every target once: the usual call at a steady rate,
--- where a session gets one event per call) each is written as it comes, which costs Redis less
--- for a lone event than holding it (bench/RESULTS.md, "a call's events written together");
--- different targets that reach one session are then right too, only not merged.
+-- many), hq/hev (their ZADD and HSET arguments), heids (the set of their eids), extra
+-- (sequences given since INCR), expire, hmark (the mark to set). Otherwise (every target once:
+-- the usual call at a steady rate, where a session gets one event per call) each is written as
+-- it comes, which costs Redis less for a lone event than holding it (bench/RESULTS.md, "a
+-- call's events written together"); different targets that reach one session are then right
+-- too, only not merged.
 local holding = ARGV[10] == '1'
 local function write(K, d)
-  local n = d.held
-  -- (nil: a call that holds nothing)
-  if not n or n == 0 then return end
-  if n == 1 then
-    redis.call('ZADD', K[1], d.s1, d.e1)
-    redis.call('HSET', K[2], d.e1, d.p1)
-  else
-    redis.call('ZADD', K[1], unpack(d.hq))
-    redis.call('HSET', K[2], unpack(d.hev))
-  end
+  -- (held is nil in a call that holds nothing)
+  if not d.held or d.held == 0 then return end
+  redis.call('ZADD', K[1], unpack(d.hq))
+  redis.call('HSET', K[2], unpack(d.hev))
   if d.extra > 0 then redis.call('INCRBY', K[6], string.format('%d', d.extra)) end
   if d.expire then
     redis.call('EXPIRE', K[1], ttlS)
@@ -162,35 +155,16 @@ local function write(K, d)
 end
 
 local function hold(d, seqS, eid, payload)
-  local n = d.held + 1
-  d.held = n
-  if n == 1 then
-    d.s1, d.e1, d.p1 = seqS, eid, payload
-    return
-  end
-  if n == 2 then
-    d.hq, d.hev = { d.s1, d.e1 }, { d.e1, d.p1 }
-  end
+  if d.held == 0 then d.hq, d.hev, d.heids = {}, {}, {} end
   local q, ev = d.hq, d.hev
   q[#q + 1] = seqS
   q[#q + 1] = eid
   ev[#ev + 1] = eid
   ev[#ev + 1] = payload
-  if d.heids then d.heids[eid] = true end
+  d.heids[eid] = true
+  d.held = d.held + 1
 end
 
--- Whether an eid is among a session's held events.
-local function heldHas(d, eid)
-  local n = d.held
-  if n == 0 then return false end
-  if n == 1 then return d.e1 == eid end
-  if not d.heids then
-    local eids, ev = {}, d.hev
-    for i = 1, #ev, 2 do eids[ev[i]] = true end
-    d.heids = eids
-  end
-  return d.heids[eid] == true
-end
 -- Held events per session at most (twice as many ZADD/HSET arguments: a Lua call's stack is
 -- bounded).
 local HOLD = 256
@@ -256,7 +230,7 @@ while a <= #A do
       -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
       local dup
       if holding then
-        dup = heldHas(d, eid) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
+        dup = (d.held > 0 and d.heids[eid]) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
       else
         dup = d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1
       end
@@ -312,7 +286,7 @@ while a <= #A do
       if not d.ttl then
         d.ttl = true
         if created or redis.call('TTL', K[1]) < ttl - slack then
-          if holding and d.held > 0 then
+          if holding then
             d.expire = true
           else
             redis.call('EXPIRE', K[1], ttlS)
