@@ -25,6 +25,29 @@ export function collectProcessMetrics(registry: Registry): void {
   }
 }
 
+/**
+ * A counter whose value lives in plain numbers bumped on a hot path, read into it at each
+ * scrape (`read` sets it from them after a reset): prom-client's `inc` makes a label hash, or an
+ * empty labels object, per call.
+ */
+export function counterReadAtScrape<L extends string = string>(o: {
+  name: string;
+  help: string;
+  labelNames?: L[];
+  registers: Registry[];
+  read: (c: Counter<L>) => void;
+}): Counter<L> {
+  const { read, ...config } = o;
+  return new Counter<L>({
+    ...config,
+    labelNames: config.labelNames ?? [],
+    collect() {
+      this.reset();
+      read(this);
+    },
+  });
+}
+
 /** Totals bumped per frame by connections; exported at scrape. */
 export interface WireTotals {
   framesIn: number;
@@ -53,33 +76,20 @@ export class GatewayMetrics {
     const registers = [registry];
     const wire = this.wire;
     const collected = (name: string, help: string, read: (c: Counter<'direction'>) => void) =>
-      new Counter({
-        name,
-        help,
-        labelNames: ['direction'],
-        registers,
-        collect() {
-          read(this);
-        },
-      });
+      counterReadAtScrape({ name, help, labelNames: ['direction'], registers, read });
     collected('gateway_frames_total', 'Frames received (in) and sent (out), handshake included.', (c) => {
-      c.reset();
       c.labels('in').inc(wire.framesIn);
       c.labels('out').inc(wire.framesOut);
     });
     collected('gateway_bytes_total', 'Frame bytes received (in) and sent (out).', (c) => {
-      c.reset();
       c.labels('in').inc(wire.bytesIn);
       c.labels('out').inc(wire.bytesOut);
     });
-    new Counter({
+    counterReadAtScrape({
       name: 'gateway_decrypt_failures_total',
       help: 'Frames that failed to open (replayed, reordered, skipped or forged): decrypt_failed.',
       registers,
-      collect() {
-        this.reset();
-        this.inc(wire.decryptFailures);
-      },
+      read: (c) => c.inc(wire.decryptFailures),
     });
     this.accepted = new Counter({
       name: 'gateway_connections_accepted_total',

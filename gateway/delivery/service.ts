@@ -22,6 +22,7 @@ import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import { counterReadAtScrape } from '../metrics.ts';
 import type {
   AckPumpRequest,
   AckPumpResult,
@@ -142,10 +143,7 @@ export class DeliveryService {
     resyncs: Counter;
   };
   private resyncTimer: NodeJS.Timeout | undefined;
-  /**
-   * The per-event counts, plain numbers read into their counters at each scrape (`collect`), as
-   * the wire's are: prom-client's `inc` makes a label hash or an empty labels object per call.
-   */
+  /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   private readonly counts = { published: 0, delivered: [0, 0] as [number, number], fromPublish: 0, acked: 0 };
 
   constructor(
@@ -182,15 +180,12 @@ export class DeliveryService {
     const counter = (name: string, help: string, labelNames: string[] = []) =>
       new Counter({ name: `gateway_events_${name}_total`, help, labelNames, registers: [deps.registry] });
     const counted = (name: string, help: string, read: (c: Counter) => void, labelNames: string[] = []) =>
-      new Counter({
+      counterReadAtScrape({
         name: `gateway_events_${name}_total`,
         help,
         labelNames,
         registers: [deps.registry],
-        collect() {
-          this.reset();
-          read(this);
-        },
+        read,
       });
     const counts = this.counts;
     counted('published', 'qos-1 events stored in session outboxes.', (c) => c.inc(counts.published));
