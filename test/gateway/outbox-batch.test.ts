@@ -383,13 +383,16 @@ test("a call's held events, once answered, survive Redis killed with SIGKILL and
     await own.kill('SIGKILL');
     await own.start();
     const [q, ev, , , , seq] = keys.outbox(sid);
-    const after = await own.with(async (c) => ({
-      q: await c.zrange(q, '0', '-1', 'WITHSCORES'),
-      ev: await c.hlen(ev),
-      seq: await c.get(seq),
-      mark: await c.get(keys.sessionSent(sid)),
-      ttls: await Promise.all([q, ev, seq].map((k) => c.ttl(k))),
-    }));
+    const after = await within(
+      'the outbox read back after the restart',
+      own.with(async (c) => ({
+        q: await c.zrange(q, '0', '-1', 'WITHSCORES'),
+        ev: await c.hlen(ev),
+        seq: await c.get(seq),
+        mark: await c.get(keys.sessionSent(sid)),
+        ttls: await Promise.all([q, ev, seq].map((k) => c.ttl(k))),
+      })),
+    );
     assert.deepEqual(
       after.q,
       items.flatMap((k, i) => [k.eid, String(i + 1)]),
