@@ -190,6 +190,12 @@ export class Outbox {
   private publishCallsOut = 0;
   /** Bounds that wait (PUBLISH_WAIT_MS): armed while publishes wait behind a call. */
   private publishWait: NodeJS.Timeout | undefined;
+  /**
+   * Publish calls sent while an earlier one was still unanswered, its PUBLISH_WAIT_MS run out
+   * (a slow or frozen Redis): their claims may be refused, which sends those events through
+   * the pump. Read at scrape (gateway_publish_calls_past_wait_total).
+   */
+  callsPastWait = 0;
   /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
   direct: DirectSender | null = null;
 
@@ -266,6 +272,7 @@ export class Outbox {
     this.publishWait = undefined;
     const all = this.pendingPublishes;
     if (all.length === 0) return;
+    if (this.publishCallsOut > 0) this.callsPastWait++;
     this.pendingPublishes = all.length > MAX_PUBLISH_BATCH ? all.slice(MAX_PUBLISH_BATCH) : [];
     this.publishBatch(all.length > MAX_PUBLISH_BATCH ? all.slice(0, MAX_PUBLISH_BATCH) : all);
     if (this.pendingPublishes.length > 0) this.armPublishWait();

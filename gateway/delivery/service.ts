@@ -204,6 +204,13 @@ export class DeliveryService {
       (c) => c.inc(counts.fromPublish),
     );
     counted('acked', 'Events removed from an outbox by an ack.', (c) => c.inc(counts.acked));
+    const outbox = deps.outbox;
+    counterReadAtScrape({
+      name: 'gateway_publish_calls_past_wait_total',
+      help: 'Publish calls sent before the one ahead was answered, after waiting 100 ms for it (a slow Redis): their events may go out through the pump instead of from the publish.',
+      registers: [deps.registry],
+      read: (c) => c.inc(outbox.callsPastWait),
+    });
     this.metrics = {
       strayAcks: counter('stray_acks', 'Acks for events not in the outbox (duplicate or unknown); ignored.'),
       retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),

@@ -40,10 +40,12 @@ after(async () => {
   await redis?.remove();
 });
 
-async function sentFromPublish(): Promise<number> {
+async function counterValue(name: string): Promise<number> {
   const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
-  return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
+  return Number(new RegExp(`^${name} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
 }
+
+const sentFromPublish = () => counterValue('gateway_events_sent_from_publish_total');
 
 async function publish(target: object, eid: string, extra: object = { ttl: 60_000 }): Promise<void> {
   const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
@@ -194,7 +196,11 @@ test('sends pipelined from several devices to one: every event goes out from its
 
   // Publish calls overlap unless one waits for the other: a claim made behind an unanswered
   // call names a sequence that call moved on, and is refused (the pump sends the event).
+  // Only a call that waited past its bound (Redis too slow, as on a loaded machine) goes out
+  // behind one: the gateway counts those, and without one every event goes from its publish.
+  const pastWait = () => counterValue('gateway_publish_calls_past_wait_total');
   const before = await sentFromPublish();
+  const pastBefore = await pastWait();
   const n = 50;
   await Promise.all(
     senders.flatMap((c, k) =>
@@ -202,7 +208,9 @@ test('sends pipelined from several devices to one: every event goes out from its
     ),
   );
   await until(`${4 * n} messages`, () => got >= 4 * n + 1);
-  assert.equal((await sentFromPublish()) - before, 4 * n, 'events sent from the publish');
+  const fromPublish = (await sentFromPublish()) - before;
+  if ((await pastWait()) === pastBefore) assert.equal(fromPublish, 4 * n, 'events sent from the publish');
+  else assert.ok(fromPublish <= 4 * n, `${fromPublish} sent from the publish, behind a call past its wait`);
 });
 
 test("an outbox's TTL is refreshed by a publish once it ran down by a minute, not by every publish", async () => {
