@@ -29,6 +29,7 @@ import { execSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
+import { Redis } from 'ioredis';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
@@ -144,10 +145,13 @@ interface RedisWork {
   commandMicros: number;
 }
 
+/** A connection for `INFO`: read without blocking the loop (the devices live in this process). */
+const statsRedis = new Redis('redis://127.0.0.1:6379', { lazyConnect: true });
+
 /** `INFO commandstats` of the shared Redis: calls and µs by command. */
-function commandStats(): Map<string, { calls: number; usec: number }> {
+async function commandStats(): Promise<Map<string, { calls: number; usec: number }>> {
   const out = new Map<string, { calls: number; usec: number }>();
-  for (const line of execSync('redis-cli info commandstats', { encoding: 'utf8' }).split('\n')) {
+  for (const line of (await statsRedis.info('commandstats')).split('\n')) {
     const m = /^cmdstat_([^:]+):calls=(\d+),usec=(\d+)/.exec(line);
     if (m) out.set(m[1], { calls: Number(m[2]), usec: Number(m[3]) });
   }
@@ -200,10 +204,10 @@ function treePids(root: number): number[] {
   return out;
 }
 
-/** CPU seconds of a process and all its descendants. */
-function treeCpuSeconds(root: number): number {
+/** CPU seconds of the given processes (a tree found with treePids before the run). */
+function pidsCpuSeconds(pids: number[]): number {
   let micros = 0;
-  for (const pid of treePids(root)) micros += processCpuMicros(pid) ?? 0;
+  for (const pid of pids) micros += processCpuMicros(pid) ?? 0;
   return micros / 1e6;
 }
 
@@ -226,9 +230,9 @@ function pgBackendsOf(root: number): number[] {
   return out.split('\n').filter(Boolean).map(Number);
 }
 
-/** CPU seconds so far of the PostgreSQL backends serving `pid`, by backend. */
-function pgCpu(pid: number): Map<number, number> {
-  return new Map(pgBackendsOf(pid).map((b) => [b, cpuSeconds(b)]));
+/** CPU seconds so far of the given PostgreSQL backends, by backend. */
+function pgCpu(backends: number[]): Map<number, number> {
+  return new Map(backends.map((b) => [b, cpuSeconds(b)]));
 }
 
 /** CPU of `pid`'s PostgreSQL backends between two readings (backends opened since: all of theirs). */
@@ -286,6 +290,11 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const pump = async (loop: number) => {
     while (!stop) await one(loop);
   };
+  // Found before the load starts: `ps`-like scans and `psql` block this process (its devices
+  // too) for ~0.1 s, which at the window's start would add that delay to the events in flight
+  // and charge it to the server's latency. Readings in the window are /proc reads and an INFO.
+  const tree = treePids(sys.serverPid);
+  const backends = sys.usesRedis ? pgBackendsOf(sys.serverPid) : [];
   let loops: Promise<void>[] = [];
   let timer: NodeJS.Timeout | undefined;
   if (mode === 'max') loops = Array.from({ length: window }, (_, i) => pump(i));
@@ -308,22 +317,24 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   await sleep(WARMUP * 1000);
   // Read before the CPU counters, and after them below: the scrapes cost the gateway CPU.
   const metrics0 = await sys.metrics?.();
-  const s0 = treeCpuSeconds(sys.serverPid);
+  const stats0 = sys.usesRedis ? await commandStats() : undefined;
+  const s0 = pidsCpuSeconds(tree);
   const r0 = cpuSeconds(REDIS_PID);
-  const p0 = sys.usesRedis ? pgCpu(sys.serverPid) : new Map();
+  const p0 = pgCpu(backends);
   const c0 = ownCpuSeconds();
-  const stats0 = sys.usesRedis ? commandStats() : undefined;
   const t0 = performance.now();
   measuring = true;
   await sleep(SECONDS * 1000);
   measuring = false;
   const elapsed = (performance.now() - t0) / 1000;
-  const serverCpu = (treeCpuSeconds(sys.serverPid) - s0) / elapsed;
+  const serverCpu = (pidsCpuSeconds(tree) - s0) / elapsed;
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
-  const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(sys.serverPid)) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
   const measured = received;
-  const redisWork = stats0 ? redisWorkBetween(stats0, commandStats(), measured) : undefined;
+  const stats1 = sys.usesRedis ? await commandStats() : undefined;
+  // Backends opened during the window count whole (pgCpuBetween); the scan is after the window.
+  const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(pgBackendsOf(sys.serverPid))) / elapsed : 0;
+  const redisWork = stats0 && stats1 ? redisWorkBetween(stats0, stats1, measured) : undefined;
   const metrics1 = await sys.metrics?.();
   const calls = metrics0 && metrics1 ? redisCallsIn(metrics1) - redisCallsIn(metrics0) : Number.NaN;
   const latency = metrics0 && metrics1 ? latencyBetween(metrics0, metrics1) : undefined;
