@@ -16,6 +16,7 @@ import {
   FrameDecoder,
   isProtocolError,
   type Kick,
+  MAX_ACK_EIDS,
   ProtocolError,
   pack,
   parseServerMessage,
@@ -43,7 +44,10 @@ export interface ClientOptions {
   clientName?: string;
   /** Default timeout of `request()` (ms). */
   requestTimeoutMs?: number;
-  /** Acknowledge qos-1 events as they arrive (default true). */
+  /**
+   * Acknowledge qos-1 events as they arrive (default true): once the events of one read from
+   * the socket have been emitted, all of them in one `ack` frame.
+   */
   autoAck?: boolean;
   /**
    * Reconnect after an unexpected close, resuming the session (default: off). Not after a
@@ -140,6 +144,8 @@ export class GatewayClient extends EventEmitter {
   private channel: Channel | undefined;
   private handshake: ClientHandshake | undefined;
   private readonly pending = new Map<number, Pending>();
+  /** Eids to auto-ack once the current read has been handled (ackSoon). */
+  private acksDue: string[] = [];
   private nextId = 1;
   private userClosed = false;
   private lastKick: Kick | undefined;
@@ -346,7 +352,7 @@ export class GatewayClient extends EventEmitter {
         this.emit('kick', msg);
         return;
       case 'event':
-        if (msg.qos === 1 && this.options.autoAck !== false) this.ack([msg.eid]);
+        if (msg.qos === 1 && this.options.autoAck !== false) this.ackSoon(msg.eid);
         this.emit('event', msg as EventMsg);
         return;
       default:
@@ -399,6 +405,21 @@ export class GatewayClient extends EventEmitter {
   ack(eids: string[]): void {
     if (this.connected) this.sendMessage({ type: 'ack', eids });
   }
+
+  /**
+   * Auto-acks wait for the rest of the read they came in (a microtask): a burst of events to
+   * this device costs it, and the gateway, one sealed frame instead of one per event.
+   */
+  private ackSoon(eid: string): void {
+    this.acksDue.push(eid);
+    if (this.acksDue.length === 1) queueMicrotask(this.sendAcksDue);
+  }
+
+  private readonly sendAcksDue = (): void => {
+    const eids = this.acksDue;
+    this.acksDue = [];
+    for (let i = 0; i < eids.length; i += MAX_ACK_EIDS) this.ack(eids.slice(i, i + MAX_ACK_EIDS));
+  };
 
   /** Client-initiated ping; resolves with the round trip in ms. */
   ping(): Promise<number> {

@@ -172,7 +172,8 @@ export type ServerMessage = Welcome | Ok | ErrorMsg | EventMsg | Ping | Pong | K
 
 /** Generous bounds on free-form strings; the services apply their own, tighter rules. */
 const MAX_STRING = 4096;
-const MAX_ACK_EIDS = 1024;
+/** Eids one `ack` may carry (docs/PROTOCOL.md, section 5). */
+export const MAX_ACK_EIDS = 1024;
 
 type Obj = Record<string, unknown>;
 

@@ -67,6 +67,8 @@ test('client messages: each type accepts its shape and names the bad field', () 
     [{ type: 'ack', eids: ['a', 'b'] }, 'ok'],
     [{ type: 'ack', eids: [] }, 'bad_message:eids'],
     [{ type: 'ack', eids: [1] }, 'bad_message:eids'],
+    [{ type: 'ack', eids: Array.from({ length: 1024 }, (_, i) => `e${i}`) }, 'ok'],
+    [{ type: 'ack', eids: Array.from({ length: 1025 }, (_, i) => `e${i}`) }, 'bad_message:eids'],
     [{ type: 'teleport', id: 1 }, 'unknown_type'],
     [{ type: 'hello', v: 1 }, 'unknown_type'],
     [{ type: '__proto__', id: 1 }, 'unknown_type'],
