@@ -90,6 +90,8 @@ interface Row {
   redisWork?: RedisWork;
   /** The gateway's own latency histograms over the measured seconds; absent for Mosquitto. */
   latency?: GatewayLatency;
+  /** Frames the gateway received and sent per delivered event (gateway_frames_total). */
+  frames?: { in: number; out: number };
 }
 
 /** Shares of the gateway's own latency histograms above 10 and 25 ms (the buckets there). */
@@ -122,6 +124,16 @@ function over(before: string, after: string, metric: string, labels: string): [n
   const d = (le: string) => (a.get(le) ?? 0) - (b.get(le) ?? 0);
   const n = d('+Inf');
   return n > 0 ? [n, 1 - d('0.01') / n, 1 - d('0.025') / n] : [0, Number.NaN, Number.NaN];
+}
+
+/** A counter's value summed over its series with `labels`, in a /metrics text. */
+function counterSum(text: string, metric: string, labels: string): number {
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${metric}{`) && line.includes(labels))
+      n += Number(line.slice(line.lastIndexOf(' ') + 1));
+  }
+  return n;
 }
 
 function latencyBetween(before: string, after: string): GatewayLatency {
@@ -338,6 +350,11 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const metrics1 = await sys.metrics?.();
   const calls = metrics0 && metrics1 ? redisCallsIn(metrics1) - redisCallsIn(metrics0) : Number.NaN;
   const latency = metrics0 && metrics1 ? latencyBetween(metrics0, metrics1) : undefined;
+  const framesPerEvent = (direction: string) =>
+    (counterSum(metrics1!, 'gateway_frames_total', `direction="${direction}"`) -
+      counterSum(metrics0!, 'gateway_frames_total', `direction="${direction}"`)) /
+    measured;
+  const frames = metrics0 && metrics1 ? { in: framesPerEvent('in'), out: framesPerEvent('out') } : undefined;
   stop = true;
   if (timer) clearInterval(timer);
   await Promise.all(loops);
@@ -369,6 +386,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     clientCpu,
     redisCalls: calls / measured,
     latency,
+    frames,
     redisWork,
   };
 }
@@ -645,8 +663,20 @@ async function main(): Promise<void> {
   );
   const pct = (x: number) => (Number.isNaN(x) ? 'n/a' : `${(100 * x).toFixed(2)}%`);
   console.log(
-    `\nThe gateway's own latency histograms over the measured seconds (POST /v1/events: arrival to answer, the publish call and the sends from it included; ack: event sent to its ack back):\n${table(
-      ['path', 'system', 'mode', 'requests', '> 10 ms', '> 25 ms', 'acks', 'ack > 10 ms', 'ack > 25 ms'],
+    `\nThe gateway's own latency histograms over the measured seconds (POST /v1/events: arrival to answer, the publish call and the sends from it included; ack: event sent to its ack back), and its frames per delivered event (in: the devices' acks and requests; out: events and answers):\n${table(
+      [
+        'path',
+        'system',
+        'mode',
+        'requests',
+        '> 10 ms',
+        '> 25 ms',
+        'acks',
+        'ack > 10 ms',
+        'ack > 25 ms',
+        'frames in/event',
+        'frames out/event',
+      ],
       rows
         .filter((r) => r.latency)
         .map((r) => {
@@ -661,6 +691,8 @@ async function main(): Promise<void> {
             String(l.acks),
             pct(l.acksOver10),
             pct(l.acksOver25),
+            r.frames ? r.frames.in.toFixed(2) : 'n/a',
+            r.frames ? r.frames.out.toFixed(2) : 'n/a',
           ];
         }),
     )}`,
