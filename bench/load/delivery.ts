@@ -27,6 +27,7 @@
  */
 import { execSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { Redis } from 'ioredis';
@@ -84,6 +85,8 @@ interface Row {
   redisCpu: number;
   pgCpu: number;
   clientCpu: number;
+  /** This process's event-loop delay over the window (ms): how long its devices waited to run. */
+  loopDelay: { p99: number; max: number };
   /** Redis calls (a script call is one) the gateway made per delivered event; NaN: not counted. */
   redisCalls: number;
   /** Redis's own accounting per delivered event (INFO commandstats); absent for Mosquitto. */
@@ -334,10 +337,13 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const r0 = cpuSeconds(REDIS_PID);
   const p0 = pgCpu(backends);
   const c0 = ownCpuSeconds();
+  const delay = monitorEventLoopDelay({ resolution: 1 });
+  delay.enable();
   const t0 = performance.now();
   measuring = true;
   await sleep(SECONDS * 1000);
   measuring = false;
+  delay.disable();
   const elapsed = (performance.now() - t0) / 1000;
   const serverCpu = (pidsCpuSeconds(tree) - s0) / elapsed;
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
@@ -384,6 +390,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     redisCpu,
     pgCpu: pgCpuUsed,
     clientCpu,
+    loopDelay: { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 },
     redisCalls: calls / measured,
     latency,
     frames,
@@ -628,6 +635,7 @@ async function main(): Promise<void> {
         'server+Redis+PG µs/event',
         'Redis calls/event',
         'load gen CPU (cores)',
+        'load gen loop delay p99 / max ms',
       ],
       rows.map((r) => [
         r.path,
@@ -643,6 +651,7 @@ async function main(): Promise<void> {
         perEvent(r).toFixed(1),
         Number.isNaN(r.redisCalls) ? 'n/a' : r.redisCalls.toFixed(2),
         r.clientCpu.toFixed(2),
+        `${r.loopDelay.p99.toFixed(1)} / ${r.loopDelay.max.toFixed(1)}`,
       ]),
     ),
   );
