@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { GatewayClient } from '../../client/client.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, deviceWithEvents, signUp } from '../helpers/accounts.ts';
@@ -211,6 +212,36 @@ test('sends pipelined from several devices to one: every event goes out from its
   const fromPublish = (await sentFromPublish()) - before;
   if ((await pastWait()) === pastBefore) assert.equal(fromPublish, 4 * n, 'events sent from the publish');
   else assert.ok(fromPublish <= 4 * n, `${fromPublish} sent from the publish, behind a call past its wait`);
+});
+
+test('a publish call held up in a frozen Redis: the next goes after its 100 ms wait, counted, and both events arrive in order', async () => {
+  const { device, id, eids: got } = await deviceWithEvents(gw.tcpUrl, 'pw', { autoAck: true });
+  clients.push(device);
+  const warm = `pw-warm-${randomUUID().slice(0, 8)}`;
+  await publish({ device: id }, warm);
+  await until('the warm-up event at the device', () => got.includes(warm));
+  const pastWait = () => counterValue('gateway_publish_calls_past_wait_total');
+  const past0 = await pastWait();
+
+  const [a, b] = ['a', 'b'].map((k) => `pw-${k}-${randomUUID().slice(0, 8)}`);
+  let published: Promise<void>[];
+  redis.freeze();
+  try {
+    // A's call goes out and waits in Redis; B comes later, so it is not in A's call, and waits
+    // behind it for 100 ms, then goes too. Redis stays frozen well past that (its commands time
+    // out after GW_REDIS_TIMEOUT_MS, 3 s by default).
+    const pa = publish({ device: id }, a);
+    await sleep(50);
+    const pb = publish({ device: id }, b);
+    published = [pa, pb];
+    await sleep(1000);
+  } finally {
+    redis.thaw();
+  }
+  await within('both publishes answered', Promise.all(published));
+  await until('both events at the device', () => got.includes(a) && got.includes(b));
+  assert.ok(got.indexOf(a) < got.indexOf(b), `${a} before ${b}: ${got.join(', ')}`);
+  assert.ok((await pastWait()) > past0, 'a publish call sent past its wait is counted');
 });
 
 test("an outbox's TTL is refreshed by a publish once it ran down by a minute, not by every publish", async () => {
