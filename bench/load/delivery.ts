@@ -24,9 +24,10 @@
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
  *                             [--paths backend,direct] [--modes max,fixed] [--processes 1,2]
+ *                             [--json FILE]
  */
 import { execSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
@@ -56,6 +57,8 @@ const { values } = parseArgs({
     processes: { type: 'string', default: '1,2' },
     /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
     modes: { type: 'string', default: 'max,fixed' },
+    /** Also write the rows as JSON to this file (bench/ab.ts reads it). */
+    json: { type: 'string' },
   },
 });
 const PATHS = new Set(String(values.paths).split(','));
@@ -619,6 +622,7 @@ async function main(): Promise<void> {
     rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
     await close();
   }
+  if (values.json) writeFileSync(String(values.json), JSON.stringify({ rows }));
   console.log(
     table(
       [
