@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
 import { fetchWithin, within } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type GatewayProcess, startGatewayWithGrpc } from '../helpers/gateway-process.ts';
 import {
   call,
   callError,
@@ -17,7 +17,6 @@ import {
   healthOf,
   listServices,
 } from '../helpers/grpc-client.ts';
-import { freePort } from '../helpers/own-redis.ts';
 
 let gw: GatewayProcess;
 let c: GrpcClients;
@@ -25,15 +24,14 @@ let c: GrpcClients;
 const refreshTokens: string[] = [];
 
 before(async () => {
-  const port = await freePort();
-  gw = await startGateway({
-    GW_GRPC_PORT: String(port),
+  const started = await startGatewayWithGrpc({
     GW_LOCKOUT_ATTEMPTS: '2',
     // Grace period off: a second use of a rotated refresh token is reuse at once.
     GW_REFRESH_GRACE_SECONDS: '0',
     GW_REGISTER_PER_MINUTE: '1000',
   });
-  c = grpcClients(port);
+  gw = started.gw;
+  c = grpcClients(started.grpcPort);
 });
 after(async () => {
   c?.close();

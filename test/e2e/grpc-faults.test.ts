@@ -11,10 +11,10 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { newName, PASSWORD } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type GatewayProcess, startGatewayWithGrpc } from '../helpers/gateway-process.ts';
 import { type CallError, call, callError, errorOf, grpcClients, healthOf } from '../helpers/grpc-client.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
-import { freePort, startOwnRedis } from '../helpers/own-redis.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 let pg: OwnPostgres | undefined;
 const gateways: GatewayProcess[] = [];
@@ -30,8 +30,7 @@ after(async () => {
 });
 
 async function gateway(env: Record<string, string>) {
-  const port = await freePort();
-  const gw = await startGateway({ GW_GRPC_PORT: String(port), ...env });
+  const { gw, grpcPort: port } = await startGatewayWithGrpc(env);
   gateways.push(gw);
   const c = grpcClients(port);
   closers.push(() => c.close());

@@ -145,9 +145,18 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
       START_MS,
     );
     assert.equal(ready.processes, 2, out);
-    workers = lines()
-      .filter((l) => l.msg === 'gateway process ready')
-      .map((l) => l.pid as number);
+    // A worker's own line and the supervisor's, written by two processes, may come in
+    // either order.
+    const workerPids = () =>
+      lines()
+        .filter((l) => l.msg === 'gateway process ready')
+        .map((l) => l.pid as number);
+    await until(
+      'both gateway processes ready lines',
+      () => workerPids().length >= 2 || undefined,
+      START_MS,
+    ).catch(() => undefined);
+    workers = workerPids();
     assert.equal(workers.length, 2, 'each worker ran the gateway, not the command without its subcommand');
     cli.kill('SIGTERM');
     assert.equal(await within('the supervisor to exit after SIGTERM', exited), 0);

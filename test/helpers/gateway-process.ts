@@ -11,6 +11,7 @@ import { createInterface } from 'node:readline';
 import { PASSWORD } from './accounts.ts';
 import { dropRedisPrefix, dropSchema } from './cleanup.ts';
 import { within } from './deadline.ts';
+import { freePort } from './net.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -63,6 +64,24 @@ export function killOnRunnerTerm(child: ChildProcess, pids: () => (number | unde
     }
     process.exit(143);
   });
+}
+
+/**
+ * A gateway with its gRPC server on a free port (GW_GRPC_PORT has no "any port" value: 0 turns
+ * gRPC off). The port is free when picked but may be taken before the gateway binds it, by
+ * another suite on the machine: then the start is tried again on another port, 3 times at most.
+ */
+export async function startGatewayWithGrpc(
+  env: Record<string, string> = {},
+): Promise<{ gw: GatewayProcess; grpcPort: number }> {
+  for (let attempt = 1; ; attempt++) {
+    const grpcPort = await freePort();
+    try {
+      return { gw: await startGateway({ ...env, GW_GRPC_PORT: String(grpcPort) }), grpcPort };
+    } catch (e) {
+      if (attempt >= 3 || !/EADDRINUSE/.test(String((e as Error).message))) throw e;
+    }
+  }
 }
 
 export async function startGateway(env: Record<string, string> = {}): Promise<GatewayProcess> {
