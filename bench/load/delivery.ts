@@ -435,12 +435,7 @@ async function metricsOf(metricsPort: number): Promise<string> {
 }
 
 function redisCallsIn(text: string): number {
-  let n = 0;
-  for (const line of text.split('\n')) {
-    if (line.startsWith('gateway_redis_command_duration_seconds_count'))
-      n += Number(line.slice(line.lastIndexOf(' ') + 1));
-  }
-  return n;
+  return counterSum(text, 'gateway_redis_command_duration_seconds_count', '');
 }
 
 async function startBenchGateway(processes = 1) {
