@@ -26,10 +26,10 @@
  *                             [--paths backend,direct] [--modes max,fixed] [--processes 1,2]
  *                             [--json FILE]
  */
-import { execSync } from 'node:child_process';
+import { execFile, execSync } from 'node:child_process';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { parseArgs } from 'node:util';
+import { parseArgs, promisify } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { Redis } from 'ioredis';
 import mqtt from 'mqtt';
@@ -197,6 +197,8 @@ function redisWorkBetween(
   };
 }
 
+const execFileAsync = promisify(execFile);
+
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
 
 /** A process and all its descendants (a gateway may run several processes). */
@@ -232,20 +234,30 @@ function pidsCpuSeconds(pids: number[]): number {
 /**
  * PostgreSQL backends serving the connections of a process tree: its sockets to port 5432
  * (`ss -tnp`) matched to `pg_stat_activity.client_port`. The server is shared, so only these count.
+ * Asynchronous: `ss` and `psql` take ~0.1 s, which a synchronous call would take from this
+ * process's devices too.
  */
-function pgBackendsOf(root: number): number[] {
+async function pgBackendsOf(root: number): Promise<number[]> {
   const pids = treePids(root);
-  const ports = execSync(`ss -tnpH state established '( dport = :5432 )'`, { encoding: 'utf8' })
+  const { stdout: sockets } = await execFileAsync('ss', [
+    '-tnpH',
+    'state',
+    'established',
+    '( dport = :5432 )',
+  ]);
+  const ports = sockets
     .split('\n')
     .filter((l) => pids.some((pid) => l.includes(`pid=${pid},`)))
     .map((l) => l.trim().split(/\s+/)[2]?.split(':').pop())
     .filter((p): p is string => !!p);
   if (ports.length === 0) return [];
-  const out = execSync(
-    `psql -At "${DATABASE_URL}" -c "SELECT pid FROM pg_stat_activity WHERE client_port IN (${ports.join(',')})"`,
-    { encoding: 'utf8' },
-  );
-  return out.split('\n').filter(Boolean).map(Number);
+  const { stdout } = await execFileAsync('psql', [
+    '-At',
+    DATABASE_URL,
+    '-c',
+    `SELECT pid FROM pg_stat_activity WHERE client_port IN (${ports.join(',')})`,
+  ]);
+  return stdout.split('\n').filter(Boolean).map(Number);
 }
 
 /** CPU seconds so far of the given PostgreSQL backends, by backend. */
@@ -308,11 +320,9 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const pump = async (loop: number) => {
     while (!stop) await one(loop);
   };
-  // Found before the load starts: `ps`-like scans and `psql` block this process (its devices
-  // too) for ~0.1 s, which at the window's start would add that delay to the events in flight
-  // and charge it to the server's latency. Readings in the window are /proc reads and an INFO.
+  // Found before the load starts: a /proc scan; readings in the window are /proc reads and an
+  // INFO, none of which blocks this process (its devices) long.
   const tree = treePids(sys.serverPid);
-  const backends = sys.usesRedis ? pgBackendsOf(sys.serverPid) : [];
   let loops: Promise<void>[] = [];
   let timer: NodeJS.Timeout | undefined;
   if (mode === 'max') loops = Array.from({ length: window }, (_, i) => pump(i));
@@ -333,6 +343,10 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     () => `${seen.size} received, ${inflight} publishing`,
   );
   await sleep(WARMUP * 1000);
+  // The PostgreSQL backends open now: their CPU counts from here. A backend opened later counts
+  // whole; one the warm-up opened (the pool opens its connections on first use) must not, or
+  // its start-up (~10-40 ms of CPU) is charged to the window.
+  const backends = sys.usesRedis ? await pgBackendsOf(sys.serverPid) : [];
   // Read before the CPU counters, and after them below: the scrapes cost the gateway CPU.
   const metrics0 = await sys.metrics?.();
   const stats0 = sys.usesRedis ? await commandStats() : undefined;
@@ -351,10 +365,15 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   const serverCpu = (pidsCpuSeconds(tree) - s0) / elapsed;
   const redisCpu = sys.usesRedis ? (cpuSeconds(REDIS_PID) - r0) / elapsed : 0;
   const clientCpu = (ownCpuSeconds() - c0) / elapsed;
+  const p1 = pgCpu(backends);
   const measured = received;
   const stats1 = sys.usesRedis ? await commandStats() : undefined;
-  // Backends opened during the window count whole (pgCpuBetween); the scan is after the window.
-  const pgCpuUsed = sys.usesRedis ? pgCpuBetween(p0, pgCpu(pgBackendsOf(sys.serverPid))) / elapsed : 0;
+  // Backends opened during the window count whole; the scan for them is after the window.
+  let pgCpuUsed = 0;
+  if (sys.usesRedis) {
+    for (const b of await pgBackendsOf(sys.serverPid)) if (!p1.has(b)) p1.set(b, cpuSeconds(b));
+    pgCpuUsed = pgCpuBetween(p0, p1) / elapsed;
+  }
   const redisWork = stats0 && stats1 ? redisWorkBetween(stats0, stats1, measured) : undefined;
   const metrics1 = await sys.metrics?.();
   const calls = metrics0 && metrics1 ? redisCallsIn(metrics1) - redisCallsIn(metrics0) : Number.NaN;
