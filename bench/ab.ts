@@ -6,9 +6,10 @@
  *   npm run bench:ab -- --baseline REV [--pairs 3] [-- <bench:delivery options>]
  *
  * The baseline runs in a temporary git worktree of REV (removed at the end, also on Ctrl-C),
- * with this tree's node_modules and built native addon, and with this tree's `bench/`
- * directory copied in: both sides are measured by the same bench, and the gateway, client and
- * test helpers are each tree's own. Pairs alternate their order (baseline first, then this
+ * with this tree's node_modules and built native addon, and with this tree's `bench/` and
+ * `test/helpers/` directories copied in: both sides are measured by the same bench and start
+ * their gateways the same way, and the gateway and client are each tree's own (each side runs
+ * its own tsc build, made in its tree by the bench when missing: bench/lib/built.ts). Pairs alternate their order (baseline first, then this
  * tree first, ...). Each run's progress goes to stderr; at the end, for every gateway row of
  * bench:delivery, the median and every run of each figure on both sides, and their ratio.
  */
@@ -112,8 +113,12 @@ async function main(): Promise<void> {
     symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'));
     const addon = join(ROOT, 'native', 'build');
     if (existsSync(addon)) cpSync(addon, join(dir, 'native', 'build'), { recursive: true });
-    rmSync(join(dir, 'bench'), { recursive: true, force: true });
-    cpSync(join(ROOT, 'bench'), join(dir, 'bench'), { recursive: true });
+    // Both sides measured by the same bench, and their gateways started the same way (the test
+    // helpers' startGateway; the gateway each side runs is its own build of its own sources).
+    for (const shared of ['bench', 'test/helpers']) {
+      rmSync(join(dir, shared), { recursive: true, force: true });
+      cpSync(join(ROOT, shared), join(dir, shared), { recursive: true });
+    }
 
     const sides = { baseline: dir, tree: ROOT } as const;
     const results: Record<keyof typeof sides, Row[][]> = { baseline: [], tree: [] };

@@ -11,10 +11,14 @@ import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: {

@@ -12,8 +12,12 @@ import { newName, PASSWORD } from '../../test/helpers/accounts.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { call, grpcClients } from '../../test/helpers/grpc-client.ts';
 import { freePort } from '../../test/helpers/own-redis.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, sleep } from '../lib/procs.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: { inflight: { type: 'string', default: '32' }, seconds: { type: 'string', default: '5' } },

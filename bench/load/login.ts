@@ -17,9 +17,13 @@ import { parseArgs } from 'node:util';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import { Hasher } from '../../gateway/auth/hasher.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { machineBusyMicros } from '../lib/proc.ts';
 import { cpuSeconds, mainThreadCpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: {

@@ -31,11 +31,15 @@ import { parseArgs } from 'node:util';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { diff } from '../lib/heap-diff.ts';
 import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
 import { progress, sleep } from '../lib/procs.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: {

@@ -13,10 +13,14 @@ import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { processCpuMicros } from '../lib/proc.ts';
 import { type Fleet, type SimOptions, type SimReport, Simulation } from '../sim/engine.ts';
 import { mqttFleet } from '../sim/mqtt-fleet.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: {

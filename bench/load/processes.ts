@@ -15,8 +15,12 @@ import hdr from 'hdr-histogram-js';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
 
 const { values } = parseArgs({
   options: {

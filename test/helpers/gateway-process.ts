@@ -92,7 +92,14 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
   // Extra node flags for the gateway (benches: `GATEWAY_NODE_ARGS='--cpu-prof --cpu-prof-dir=DIR'`,
   // which NODE_OPTIONS does not allow); its worker processes inherit them.
   const nodeArgs = process.env.GATEWAY_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-  const proc = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(ROOT, 'gateway/main.ts')], {
+  // Tests run the sources through tsx; benches set `GATEWAY_ENTRY=dist` to run the tsc build,
+  // which is what `npm start` runs (bench/lib/built.ts): tsx's output differs from it (esbuild
+  // keeps function names with a `__name` call per closure made).
+  const entry =
+    process.env.GATEWAY_ENTRY === 'dist'
+      ? [join(ROOT, 'dist/gateway/main.js')]
+      : ['--import', 'tsx', join(ROOT, 'gateway/main.ts')];
+  const proc = spawn(process.execPath, [...nodeArgs, ...entry], {
     cwd: ROOT,
     env: {
       ...process.env,
