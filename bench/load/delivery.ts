@@ -266,7 +266,14 @@ async function pgBackendsOf(root: number): Promise<number[]> {
 
 /** CPU seconds so far of the given PostgreSQL backends, by backend. */
 function pgCpu(backends: number[]): Map<number, number> {
-  return new Map(backends.map((b) => [b, cpuSeconds(b)]));
+  const out = new Map<number, number>();
+  // A backend gone since it was found (the pool closes idle connections) has no reading: its
+  // CPU in the window is not counted.
+  for (const b of backends) {
+    const cpu = cpuSeconds(b);
+    if (!Number.isNaN(cpu)) out.set(b, cpu);
+  }
+  return out;
 }
 
 /** CPU of `pid`'s PostgreSQL backends between two readings (backends opened since: all of theirs). */
@@ -375,7 +382,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   // Backends opened during the window count whole; the scan for them is after the window.
   let pgCpuUsed = 0;
   if (sys.usesRedis) {
-    for (const b of await pgBackendsOf(sys.serverPid)) if (!p1.has(b)) p1.set(b, cpuSeconds(b));
+    for (const [b, cpu] of pgCpu(await pgBackendsOf(sys.serverPid))) if (!p1.has(b)) p1.set(b, cpu);
     pgCpuUsed = pgCpuBetween(p0, p1) / elapsed;
   }
   const redisWork = stats0 && stats1 ? redisWorkBetween(stats0, stats1, measured) : undefined;
