@@ -12,6 +12,9 @@
  *   window  8 sessions, 8 events each per publish call (a window of events per session)
  *   user    20 users of one session each, 12 events each per publish call, by user (the
  *           device-to-device shape: a `send` names a user)
+ *   user2   the same with 2 events each per call: what bench:delivery's device-to-device row
+ *           makes (~47 events per call over its 20 receivers)
+ *   user1   the same with 1 event each per call
  * Every event is granted (the claims chain from the last granted sequence) and asks for no
  * receipt and no expiry, as bench:delivery's do. The figures are Redis's own: time in EVALSHA
  * per event (the commands the scripts run included) and the commands run per event, from
@@ -50,6 +53,8 @@ const SHAPES: Record<string, Shape> = {
   one: { sessions: 50, events: 1, target: 's' },
   window: { sessions: 8, events: 8, target: 's' },
   user: { sessions: 20, events: 12, target: 'u' },
+  user2: { sessions: 20, events: 2, target: 'u' },
+  user1: { sessions: 20, events: 1, target: 'u' },
 };
 
 const LUA = 'gateway/delivery/lua';
