@@ -28,7 +28,6 @@
  */
 import { execFile, execSync } from 'node:child_process';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs, promisify } from 'node:util';
 import hdr from 'hdr-histogram-js';
@@ -39,6 +38,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { DATABASE_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
+import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { processCpuMicros } from '../lib/proc.ts';
 import { cpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
@@ -461,48 +461,6 @@ const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
  * call is one; pipelined commands count one each), every connection but BullMQ's blocking
  * workers.
  */
-/**
- * The back end's `POST /v1/events`: node:http on a keep-alive agent, not `fetch`. With `fetch`
- * (undici), ~1.2 MB of this process's young objects survived each of its young-generation
- * collections during the gateway's fixed-rate row, which made them 3-11 ms long against 1-2 ms
- * in Mosquitto's row (`--trace-gc-nvp`); with node:http, 1-3 ms. Those pauses stop the devices
- * too, so they were charged to the gateway's latency (bench/RESULTS.md).
- */
-const agent = new http.Agent({ keepAlive: true });
-function postJson(url: string, body: string): Promise<{ status: number; body: unknown }> {
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      url,
-      {
-        method: 'POST',
-        agent,
-        headers: {
-          authorization: `Bearer ${API_KEY}`,
-          'content-type': 'application/json',
-          'content-length': Buffer.byteLength(body),
-        },
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          try {
-            resolve({
-              status: res.statusCode ?? 0,
-              body: JSON.parse(Buffer.concat(chunks).toString('utf8')),
-            });
-          } catch (e) {
-            reject(e);
-          }
-        });
-        res.on('error', reject);
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
-
 async function metricsOf(metricsPort: number): Promise<string> {
   return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
 }
@@ -536,7 +494,7 @@ async function gatewayBackend(processes = 1): Promise<Made> {
     const mine = batch;
     batch = [];
     try {
-      const res = await postJson(url, JSON.stringify({ events: mine.map((b) => b.item) }));
+      const res = await postJson(url, JSON.stringify({ events: mine.map((b) => b.item) }), API_KEY);
       const body = res.body as { results?: { accepted?: number }[] };
       if (res.status !== 202) throw new Error(`POST /v1/events: ${res.status} ${JSON.stringify(body)}`);
       mine.forEach((b, i) => {
