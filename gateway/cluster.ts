@@ -275,19 +275,6 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
     metricsServer.once('error', reject);
     metricsServer.listen(config.metricsPort, config.host, () => resolve());
   });
-  const metricsAddr = metricsServer.address();
-  log.info(
-    {
-      tcpPort,
-      httpPort,
-      metricsPort: typeof metricsAddr === 'object' && metricsAddr ? metricsAddr.port : config.metricsPort,
-      host: config.host,
-      heartbeatMs: config.heartbeatMs,
-      processes: slots.length,
-      nodes: slots.map((s) => s.node),
-    },
-    'gateway ready',
-  );
 
   let signals = 0;
   const stop = (signal: string) => {
@@ -319,6 +306,20 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // Announced once the signals are handled (as gateway/main.ts does for one process).
+  const metricsAddr = metricsServer.address();
+  log.info(
+    {
+      tcpPort,
+      httpPort,
+      metricsPort: typeof metricsAddr === 'object' && metricsAddr ? metricsAddr.port : config.metricsPort,
+      host: config.host,
+      heartbeatMs: config.heartbeatMs,
+      processes: slots.length,
+      nodes: slots.map((s) => s.node),
+    },
+    'gateway ready',
+  );
 }
 
 /** A port free on `host` now (for `GW_HTTP_PORT=0`: tests and development). */

@@ -41,17 +41,6 @@ async function main(): Promise<void> {
     'crypto backend',
   );
   const { gateway, ports } = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
-  // One process of several says so; the supervisor says 'gateway ready' once all serve.
-  if (cluster.isPrimary)
-    log.info({ ...ports, host: config.host, heartbeatMs: config.heartbeatMs }, 'gateway ready');
-  else {
-    const { tcpPort, httpPort } = ports; // the supervisor serves the metrics
-    log.info(
-      { tcpPort, httpPort, host: config.host, heartbeatMs: config.heartbeatMs },
-      'gateway process ready',
-    );
-  }
-
   let signals = 0;
   const stop = (signal: string) => {
     // A worker may hear of one shutdown twice (SIGTERM to the whole group and the
@@ -80,6 +69,19 @@ async function main(): Promise<void> {
     );
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
+  if (cluster.isPrimary) process.on('SIGINT', () => stop('SIGINT'));
+  // Announced once the signals are handled: a SIGTERM sent the moment this line is read (a
+  // deployment's or a test's) drains the gateway instead of killing it by default action. One
+  // process of several says so; the supervisor says 'gateway ready' once all serve.
+  if (cluster.isPrimary)
+    log.info({ ...ports, host: config.host, heartbeatMs: config.heartbeatMs }, 'gateway ready');
+  else {
+    const { tcpPort, httpPort } = ports; // the supervisor serves the metrics
+    log.info(
+      { tcpPort, httpPort, host: config.host, heartbeatMs: config.heartbeatMs },
+      'gateway process ready',
+    );
+  }
   if (cluster.isWorker) {
     runAsWorker(
       {
@@ -88,7 +90,7 @@ async function main(): Promise<void> {
       },
       { node: config.nodeId, tcpPort: ports.tcpPort, httpPort: ports.httpPort },
     );
-  } else process.on('SIGINT', () => stop('SIGINT'));
+  }
 }
 
 main().catch((e) => {
