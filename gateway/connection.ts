@@ -187,6 +187,13 @@ export class Connection {
   private channel: Channel | undefined;
   /** Requests not yet answered, in the order received. */
   private readonly queue: Pending[] = [];
+  /**
+   * How many requests at the head of `queue` are known to have started, and to have taken
+   * effect. Both only grow (but for answers shifted off the head), so `advance` looks at each
+   * request a bounded number of times instead of walking the queue on every call.
+   */
+  private startedHead = 0;
+  private effectedHead = 0;
   private advancing = false;
   private advanceAgain = false;
   private readingPaused = false;
@@ -461,7 +468,10 @@ export class Connection {
   private advanceOnce(): void {
     const q = this.queue;
     while (q.length > 0 && q[0].settled) {
+      // (The heads are bounds from below: one that has not reached the answer stays at 0.)
       const p = q.shift()!;
+      if (this.startedHead > 0) this.startedHead--;
+      if (this.effectedHead > 0) this.effectedHead--;
       if (this.state !== ConnState.open) continue;
       if (p.error !== undefined) this.fail(p.error, p.id);
       else {
@@ -469,22 +479,44 @@ export class Connection {
         if (p.map.type === 'bye') this.close();
       }
     }
-    let allEffected = true;
-    for (let i = 0; i < q.length; i++) {
-      const p = q[i];
-      if (!p.started) {
-        // Every request before this one is pipelined (the loop stops at any other).
-        if (i === 0 || p.pipelined) this.start(p);
-        else break;
+    // A request that is not pipelined starts only at the head, and holds back everything after
+    // it until it is answered; a pipelined one starts when every request before it has.
+    const head = q[0];
+    if (head === undefined || !head.started || head.pipelined || head.settled) {
+      for (let i = this.startedHead; i < q.length; i++) {
+        const p = q[i];
+        if (!p.started) {
+          if (i === 0 || p.pipelined) this.start(p);
+          else break;
+        }
+        this.startedHead = i + 1;
+        if (!p.pipelined && !p.settled) break;
       }
-      if (p.waiting && allEffected) {
-        const wake = p.waiting;
-        p.waiting = undefined;
+    }
+    // A handler waiting in `turn` goes on once every request before it has taken effect.
+    this.effectedBefore(undefined);
+  }
+
+  /**
+   * Moves `effectedHead` past the requests that took effect, waking a waiting handler when
+   * every request before it has (the one the head stops at, or one it passes: a handler may
+   * settle while it waits). Then whether every request before `p` took effect: `p` is the first
+   * one that did not, as `p` itself has not.
+   */
+  private effectedBefore(p: Pending | undefined): boolean {
+    const q = this.queue;
+    let e = this.effectedHead;
+    for (; e < q.length; e++) {
+      const r = q[e];
+      if (r.waiting) {
+        const wake = r.waiting;
+        r.waiting = undefined;
         wake();
       }
-      if (!p.effected) allEffected = false;
-      if (!p.pipelined && !p.settled) break;
+      if (!r.effected) break;
     }
+    this.effectedHead = e;
+    return p === undefined || e >= q.length || q[e] === p;
   }
 
   private start(p: Pending): void {
@@ -538,15 +570,6 @@ export class Connection {
     return new Promise<void>((resolve) => {
       p.waiting = resolve;
     }).then(run);
-  }
-
-  /** Whether every request queued before `p` has taken effect. */
-  private effectedBefore(p: Pending): boolean {
-    for (const q of this.queue) {
-      if (q === p) return true;
-      if (!q.effected) return false;
-    }
-    return true;
   }
 
   private settle(p: Pending, data: unknown, error: unknown): void {
