@@ -23,6 +23,7 @@ import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape } from '../metrics.ts';
+import { InflightWindow } from './inflight.ts';
 import type {
   AckPumpRequest,
   AckPumpResult,
@@ -77,7 +78,7 @@ class SessionPump {
   lastSeq = 0;
   /** Pump from the start of the outbox on the next run (Redis may have lost writes). */
   resync = false;
-  readonly inflight = new Map<string, Inflight>();
+  readonly inflight = new InflightWindow<Inflight>();
   acks: string[] = [];
   /** Acks of bare events (AckPumpRequest.bare). */
   bareAcks: string[] = [];
