@@ -6,19 +6,8 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { mulberry32 } from '../../bench/sim/rng.ts';
 import { InflightWindow } from '../../gateway/delivery/inflight.ts';
-
-/** A small seeded generator (mulberry32): a failure names its seed and can be replayed. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function same(w: InflightWindow<number>, m: Map<string, number>, where: string): void {
   assert.equal(w.size, m.size, `${where}: size`);
@@ -43,7 +32,8 @@ for (const { name, window, inOrder, pSet, pClear } of [
 ]) {
   test(`InflightWindow answers as a Map does: ${name}`, () => {
     for (let seed = 1; seed <= 40; seed++) {
-      const r = rng(seed);
+      // Seeded: a failure names its seed and can be replayed.
+      const r = mulberry32(seed);
       const w = new InflightWindow<number>();
       const m = new Map<string, number>();
       let next = 0;

@@ -129,7 +129,11 @@ test('a pipelined request whose turn comes before an earlier one took effect wai
   );
 });
 
-test('a request that is not pipelined holds back the pipelined ones after it until it is answered', async () => {
+/**
+ * A connection whose `join` logs its start, waits for `joining`, and logs its end, and whose
+ * `send`s log their starts; send 1 waits for `first` when it is given.
+ */
+function logged(first?: Deferred) {
   const log: string[] = [];
   const joining = deferred();
   const c = open({
@@ -139,62 +143,50 @@ test('a request that is not pipelined holds back the pipelined ones after it unt
       log.push('join done');
       return {};
     },
+    // Synchronous unless it waits: a request answered at once lets the next one arrive with
+    // the join already started and pending (the queue's other path).
     send: (_conn, m) => {
       log.push(`send ${m.id} started`);
-      return {};
+      return m.id === 1 && first ? first.promise.then(() => ({})) : {};
     },
   });
+  return { c, log, joining };
+}
+
+const tick = () => new Promise((r) => setImmediate(r));
+const allOk = [1, 2, 3, 4].map((id) => [id, 'ok']);
+
+test('a request that is not pipelined holds back the pipelined ones after it until it is answered', async () => {
+  const { c, log, joining } = logged();
   c.request(send(1));
   c.request({ type: 'join', id: 2, room: '#r' });
   c.request(send(3));
   c.request(send(4));
   await c.answered(1, 'the first send');
-  await new Promise((r) => setImmediate(r));
+  await tick();
   assert.deepEqual(log, ['send 1 started', 'join started']);
   joining.resolve();
-  const got = await c.answered(4, 'after the join');
+  assert.deepEqual(await c.answered(4, 'after the join'), allOk);
   assert.deepEqual(log, ['send 1 started', 'join started', 'join done', 'send 3 started', 'send 4 started']);
-  assert.deepEqual(
-    got,
-    [1, 2, 3, 4].map((id) => [id, 'ok']),
-  );
 });
 
 test('a request that is not pipelined starts only once everything before it is answered, and holds back what follows', async () => {
-  const log: string[] = [];
   const first = deferred();
-  const joining = deferred();
-  const c = open({
-    join: async () => {
-      log.push('join started');
-      await joining.promise;
-      log.push('join done');
-      return {};
-    },
-    send: async (_conn, m) => {
-      log.push(`send ${m.id} started`);
-      if (m.id === 1) await first.promise;
-      return {};
-    },
-  });
+  const { c, log, joining } = logged(first);
   c.request(send(1));
   c.request(send(2));
   c.request({ type: 'join', id: 3, room: '#r' });
   c.request(send(4));
-  await new Promise((r) => setImmediate(r));
+  await tick();
   assert.deepEqual(log, ['send 1 started', 'send 2 started']);
   assert.deepEqual(c.answers(), []);
   first.resolve();
   await c.answered(2, 'the two sends');
-  await new Promise((r) => setImmediate(r));
+  await tick();
   assert.deepEqual(log, ['send 1 started', 'send 2 started', 'join started']);
   joining.resolve();
-  const got = await c.answered(4, 'after the join');
+  assert.deepEqual(await c.answered(4, 'after the join'), allOk);
   assert.deepEqual(log, ['send 1 started', 'send 2 started', 'join started', 'join done', 'send 4 started']);
-  assert.deepEqual(
-    got,
-    [1, 2, 3, 4].map((id) => [id, 'ok']),
-  );
 });
 
 test('pipelined requests that call turn and finish in random orders take effect and are answered in the order sent', async () => {
