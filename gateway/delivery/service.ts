@@ -505,6 +505,7 @@ export class DeliveryService {
       mine.delete(pump);
       if (mine.size === 1) this.byUser.set(userId, mine.values().next().value as SessionPump);
     }
+    this.applyLastAcks(pump);
     const { binding, keys, gateway } = this.deps;
     binding.run('node_release', [keys.sessionNode(sid)], [gateway.nodeId]).catch((e) => {
       logFailure(this.deps.log, e, {}, 'could not release session node key');
@@ -534,6 +535,20 @@ export class DeliveryService {
       }
       this.ackTimer ??= setTimeout(this.flushAcks, wait);
     }
+  }
+
+  /** Whether the pump is its session's on this node, on an open connection. */
+  private isLive(pump: SessionPump): boolean {
+    return this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+  }
+
+  /**
+   * A session's connection is gone: the acks it sent are applied now, not at the flush (or as
+   * soon as a call of the session still out is answered). The device may already be resuming on
+   * another node, which pumps the outbox from its start and would send what it acked again.
+   */
+  private applyLastAcks(pump: SessionPump): void {
+    if (pump.acks.length > 0 || pump.bareAcks.length > 0) this.enqueue(pump);
   }
 
   /** The ack flush: every session whose acks waited is pumped, in one call per 64 sessions. */
@@ -598,8 +613,10 @@ export class DeliveryService {
         pump.inflight.clear();
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
-      // a pump): the call only applies the acks, and takes nothing.
-      const slots = pump.backlog ? this.deps.options.maxInflight - pump.inflight.size : 0;
+      // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
+      // session whose connection is gone (its last acks): nothing could be sent.
+      const slots =
+        pump.backlog && this.isLive(pump) ? this.deps.options.maxInflight - pump.inflight.size : 0;
       const { acks, bareAcks: bare } = pump;
       if (acks.length === 0 && bare.length === 0 && slots <= 0) continue;
       pump.acks = [];
@@ -648,7 +665,7 @@ export class DeliveryService {
     if (slots > 0 && pump.marks === marks) pump.backlog = r.send.length >= slots;
     this.counts.acked += r.acked;
     if (acks.length + bare.length > r.acked) this.metrics.strayAcks.inc(acks.length + bare.length - r.acked);
-    const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    const live = this.isLive(pump);
     if (r.resynced) {
       // The outbox is taken from its start again: what was in flight is in `send` if still due.
       this.metrics.resyncs.labels('sequence').inc();
@@ -675,6 +692,7 @@ export class DeliveryService {
     for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
     for (const ev of r.expired) this.reportExpired(pump.sid, ev);
     if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
+    else if (!live) this.applyLastAcks(pump);
   }
 
   // ---- sending from the publish (Outbox DirectSender) -------------------------------------------
@@ -710,7 +728,7 @@ export class DeliveryService {
     pump.claims--;
     // Refused (or the call failed): the event may be in the outbox, for the pump to send.
     if (grant === null) this.markBacklog(pump);
-    const live = this.pumps.get(pump.sid) === pump && pump.conn.state === ConnState.open;
+    const live = this.isLive(pump);
     // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
     // the connection went meanwhile, the next one is pumped from the start and gets it.
     if (grant !== null && live && !pump.resync) {
@@ -725,6 +743,7 @@ export class DeliveryService {
       this.sendEvent(pump.conn, grant.message, 1);
     }
     if (live && pump.claims === 0 && pump.again && !pump.running) this.schedule(pump);
+    else if (!live) this.applyLastAcks(pump);
   }
 
   /**

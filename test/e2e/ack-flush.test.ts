@@ -175,3 +175,31 @@ test('acks waiting while Redis is frozen are applied once it answers again; noth
     'every event delivered',
   );
 });
+
+test("a device's acks waiting for the flush are applied when its connection ends", async () => {
+  // The 60 s flush: had the acks waited for it, the outbox would still hold the events when
+  // the device resumed elsewhere, and they would be sent to it again.
+  const {
+    device: c,
+    id,
+    session: s,
+    eids: got,
+  } = await deviceWithEvents(patient.tcpUrl, 'af', { autoAck: true });
+  const q = `${patient.prefix}{s:${s.sessionId}}:q`;
+  const eids = Array.from({ length: 2 }, (_, i) => `af-gone-${i}-${randomUUID().slice(0, 8)}`);
+  await publish(
+    eids.map((eid) => ({ target: { device: id }, eid })),
+    patient,
+  );
+  await until('the 2 events at the device', () => eids.every((eid) => got.includes(eid)));
+  // The acks leave with the events' read; `bye` is answered after them, in order.
+  await c.close();
+  await until(
+    'the outbox emptied by the acks of the closed connection',
+    async () =>
+      (await within(
+        'ZCARD',
+        redis.with((r) => r.zcard(q)),
+      )) === 0,
+  );
+});
