@@ -188,7 +188,7 @@ const SETTINGS = {
   ackFlushMs: setting(
     'GW_ACK_FLUSH_MS',
     '10',
-    "How long a device's acks may wait before they are applied to its outbox in Redis, so that the acks of many devices share one script call. The window slot is free at once; receipts (`delivery.acked`) leave when the acks are applied, and an event acked within this time before a crash is delivered again (at least once). A session with events waiting for a slot has its acks applied at once. 0: at the end of the event-loop tick.",
+    "How long a device's acks may wait before they are applied to its outbox in Redis, so that the acks of many devices share one script call. The window slot is free at once; receipts (`delivery.acked`) leave when the acks are applied, and an event acked within this time before a crash is delivered again (at least once). A session with events waiting for a slot has its acks applied at once, and so does one whose connection ends. 0: at the end of the event-loop tick.",
     int(0, 60000).default(10),
   ),
   retryBaseMs: setting(
