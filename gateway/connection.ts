@@ -501,10 +501,18 @@ export class Connection {
    * Moves `effectedHead` past the requests that took effect, waking a waiting handler when
    * every request before it has (the one the head stops at, or one it passes: a handler may
    * settle while it waits). Then whether every request before `p` took effect: `p` is the first
-   * one that did not, as `p` itself has not.
+   * one that did not, as `p` itself has not, unless this is its second `turn` (then the queue
+   * is walked up to it, as the head may be past it).
    */
   private effectedBefore(p: Pending | undefined): boolean {
     const q = this.queue;
+    if (p?.effected) {
+      for (const r of q) {
+        if (r === p) return true;
+        if (!r.effected) return false;
+      }
+      return true;
+    }
     let e = this.effectedHead;
     for (; e < q.length; e++) {
       const r = q[e];

@@ -228,3 +228,31 @@ test('pipelined requests that call turn and finish in random orders take effect 
     );
   }
 });
+
+test('a handler that calls turn twice gets its second effect too (no wait for a later request)', async () => {
+  const effects: string[] = [];
+  const later = deferred();
+  const c = open({
+    send: async (_conn, m, turn) => {
+      if (m.id === 1) {
+        await turn(() => effects.push('1a'));
+        await turn(() => effects.push('1b'));
+      } else {
+        // The later request has not taken effect while the first makes its second change.
+        await later.promise;
+        await turn(() => effects.push(String(m.id)));
+      }
+      return {};
+    },
+  });
+  c.request(send(1));
+  c.request(send(2));
+  await c.answered(1, 'the request that calls turn twice');
+  assert.deepEqual(effects, ['1a', '1b']);
+  later.resolve();
+  assert.deepEqual(await c.answered(2, 'both'), [
+    [1, 'ok'],
+    [2, 'ok'],
+  ]);
+  assert.deepEqual(effects, ['1a', '1b', '2']);
+});
