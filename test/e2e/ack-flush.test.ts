@@ -56,6 +56,17 @@ async function strayAcks(): Promise<number> {
   return Number(/^gateway_events_stray_acks_total (\d+)/m.exec(text)?.[1] ?? 0);
 }
 
+/** Whether a session's outbox (its `q`) is empty in the gateways' Redis. */
+async function isOutboxEmpty(g: GatewayProcess, sessionId: string): Promise<boolean> {
+  const q = `${g.prefix}{s:${sessionId}}:q`;
+  return (
+    (await within(
+      'ZCARD',
+      redis.with((r) => r.zcard(q)),
+    )) === 0
+  );
+}
+
 async function publish(events: { target: object; eid: string }[], to = gw): Promise<void> {
   const res = await fetchWithin(`http://127.0.0.1:${to.httpPort}/v1/events`, {
     method: 'POST',
@@ -138,12 +149,7 @@ test('acks waiting while Redis is frozen are applied once it answers again; noth
     eids: got,
   } = await deviceWithEvents(frozen.tcpUrl, 'af', { autoAck: true });
   clients.push(c);
-  const q = `${frozen.prefix}{s:${s.sessionId}}:q`;
-  const outboxEmpty = async () =>
-    (await within(
-      'ZCARD',
-      redis.with((r) => r.zcard(q)),
-    )) === 0;
+  const outboxEmpty = () => isOutboxEmpty(frozen, s.sessionId);
   // A first event, acked and applied, so that the next ones go out from their publish with
   // nothing waiting behind them (their acks then wait for the flush).
   const first = `af-frozen-first-${randomUUID().slice(0, 8)}`;
@@ -185,7 +191,6 @@ test("a device's acks waiting for the flush are applied when its connection ends
     session: s,
     eids: got,
   } = await deviceWithEvents(patient.tcpUrl, 'af', { autoAck: true });
-  const q = `${patient.prefix}{s:${s.sessionId}}:q`;
   const eids = Array.from({ length: 2 }, (_, i) => `af-gone-${i}-${randomUUID().slice(0, 8)}`);
   await publish(
     eids.map((eid) => ({ target: { device: id }, eid })),
@@ -194,12 +199,7 @@ test("a device's acks waiting for the flush are applied when its connection ends
   await until('the 2 events at the device', () => eids.every((eid) => got.includes(eid)));
   // The acks leave with the events' read; `bye` is answered after them, in order.
   await c.close();
-  await until(
-    'the outbox emptied by the acks of the closed connection',
-    async () =>
-      (await within(
-        'ZCARD',
-        redis.with((r) => r.zcard(q)),
-      )) === 0,
+  await until('the outbox emptied by the acks of the closed connection', () =>
+    isOutboxEmpty(patient, s.sessionId),
   );
 });
