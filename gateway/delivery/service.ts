@@ -760,6 +760,8 @@ export class DeliveryService {
   /** Called by the gateway's sweep: missed ACK deadlines become retry jobs or dead letters. */
   private sweep(now: number): void {
     for (const pump of this.pumps.values()) {
+      // Most sessions of a large fleet have nothing in flight: no iterator made for them.
+      if (pump.inflight.size === 0) continue;
       for (const [eid, f] of pump.inflight) {
         if (f.waiting) continue;
         if (f.deadline > now) break;
