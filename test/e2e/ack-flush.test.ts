@@ -182,24 +182,57 @@ test('acks waiting while Redis is frozen are applied once it answers again; noth
   );
 });
 
-test("a device's acks waiting for the flush are applied when its connection ends", async () => {
-  // The 60 s flush: had the acks waited for it, the outbox would still hold the events when
-  // the device resumed elsewhere, and they would be sent to it again.
-  const {
-    device: c,
-    id,
-    session: s,
-    eids: got,
-  } = await deviceWithEvents(patient.tcpUrl, 'af', { autoAck: true });
+/**
+ * A device on gateway `g` that was sent 2 events and acked them (its acks leave with the events'
+ * read, and wait there for the flush).
+ */
+async function deviceWithAckedEvents(g: GatewayProcess): Promise<{ c: GatewayClient; sessionId: string }> {
+  const { device: c, id, session, eids: got } = await deviceWithEvents(g.tcpUrl, 'af', { autoAck: true });
+  clients.push(c);
   const eids = Array.from({ length: 2 }, (_, i) => `af-gone-${i}-${randomUUID().slice(0, 8)}`);
   await publish(
     eids.map((eid) => ({ target: { device: id }, eid })),
-    patient,
+    g,
   );
   await until('the 2 events at the device', () => eids.every((eid) => got.includes(eid)));
-  // The acks leave with the events' read; `bye` is answered after them, in order.
-  await c.close();
+  return { c, sessionId: session.sessionId };
+}
+
+/** `bye` is answered after the acks sent before it, in order; then the connection closes. */
+const closeDevice = (c: GatewayClient) => within('the device connection to close', c.close());
+
+test("a device's acks waiting for the flush are applied when its connection ends", async () => {
+  // The 60 s flush: had the acks waited for it, the outbox would still hold the events when
+  // the device resumed elsewhere, and they would be sent to it again.
+  const { c, sessionId } = await deviceWithAckedEvents(patient);
+  await closeDevice(c);
   await until('the outbox emptied by the acks of the closed connection', () =>
-    isOutboxEmpty(patient, s.sessionId),
+    isOutboxEmpty(patient, sessionId),
   );
+});
+
+test('20 devices closing at once with acks waiting for the flush all have them applied', async () => {
+  const devices: { c: GatewayClient; sessionId: string }[] = [];
+  for (let i = 0; i < 20; i++) devices.push(await deviceWithAckedEvents(patient));
+  await Promise.all(devices.map(({ c }) => closeDevice(c)));
+  await until('the 20 outboxes emptied by the acks of the closed connections', async () => {
+    const empty = await Promise.all(devices.map(({ sessionId }) => isOutboxEmpty(patient, sessionId)));
+    return empty.every(Boolean);
+  });
+});
+
+test('the acks of a connection that ends while Redis is frozen are applied once it answers again', async () => {
+  const { c, sessionId } = await deviceWithAckedEvents(frozen);
+  const failures = () => frozen.logs.filter((l) => l.msg === 'outbox pump failed; retrying').length;
+  const before = failures();
+  // Redis stops answering before the 3 s flush; the connection ends while it is frozen, and
+  // its last acks' call times out.
+  redis.freeze();
+  try {
+    await closeDevice(c);
+    await until('the last acks call to time out', () => failures() > before);
+  } finally {
+    redis.thaw();
+  }
+  await until('the outbox emptied by the acks, once Redis answers', () => isOutboxEmpty(frozen, sessionId));
 });
