@@ -493,26 +493,16 @@ export class Connection {
         if (!p.pipelined && !p.settled) break;
       }
     }
-    // A handler waiting in `turn` goes on once every request before it has taken effect.
-    this.effectedBefore(undefined);
+    this.wakeTurns();
   }
 
   /**
-   * Moves `effectedHead` past the requests that took effect, waking a waiting handler when
-   * every request before it has (the one the head stops at, or one it passes: a handler may
-   * settle while it waits). Then whether every request before `p` took effect: `p` is the first
-   * one that did not, as `p` itself has not, unless this is its second `turn` (then the queue
-   * is walked up to it, as the head may be past it).
+   * Moves `effectedHead` past the requests that took effect, waking a handler waiting in `turn`
+   * once every request before it has (the one the head stops at, or one it passes: a handler
+   * may settle while it waits).
    */
-  private effectedBefore(p: Pending | undefined): boolean {
+  private wakeTurns(): void {
     const q = this.queue;
-    if (p?.effected) {
-      for (const r of q) {
-        if (r === p) return true;
-        if (!r.effected) return false;
-      }
-      return true;
-    }
     let e = this.effectedHead;
     for (; e < q.length; e++) {
       const r = q[e];
@@ -524,7 +514,24 @@ export class Connection {
       if (!r.effected) break;
     }
     this.effectedHead = e;
-    return p === undefined || e >= q.length || q[e] === p;
+  }
+
+  /**
+   * Whether every request queued before `p` has taken effect: then `p` is the first one that
+   * has not, as `p` itself has not; unless this is its second `turn`, when the queue is walked
+   * up to it (the head may be past it).
+   */
+  private effectedBefore(p: Pending): boolean {
+    const q = this.queue;
+    if (p.effected) {
+      for (const r of q) {
+        if (r === p) return true;
+        if (!r.effected) return false;
+      }
+      return true;
+    }
+    this.wakeTurns();
+    return this.effectedHead >= q.length || q[this.effectedHead] === p;
   }
 
   private start(p: Pending): void {
