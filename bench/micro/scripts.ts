@@ -15,8 +15,13 @@
  *   user2   the same with 2 events each per call: what bench:delivery's device-to-device row
  *           makes (~47 events per call over its 20 receivers)
  *   user1   the same with 1 event each per call
+ *   windowlag, user2lag   window and user2 with each call's acks sent after the next publish
+ *           call: the outboxes hold the events in flight when events are added, as in
+ *           bench:delivery's max-rate rows (a device acks what it got while more is published)
  * Every event is granted (the claims chain from the last granted sequence) and asks for no
- * receipt and no expiry, as bench:delivery's do. The figures are Redis's own: time in EVALSHA
+ * receipt and no expiry, as bench:delivery's do, and has an eid made for it, as a `send` or a
+ * `POST /v1/events` without an eid has (flags "2" to publish.lua; scripts before the flag read it
+ * as "no receipt"). The figures are Redis's own: time in EVALSHA
  * per event (the commands the scripts run included) and the commands run per event, from
  * `INFO commandstats` before and after each batch of calls; a shared server counts other
  * clients' work too, so the rounds alternate the two sets of scripts and the medians are
@@ -48,6 +53,8 @@ interface Shape {
   events: number;
   /** How the events name their sessions: by session id, or by a user (one session each). */
   target: 's' | 'u';
+  /** Each call's events are acked after the next call's publish (the outbox holds them). */
+  lag?: boolean;
 }
 const SHAPES: Record<string, Shape> = {
   one: { sessions: 50, events: 1, target: 's' },
@@ -55,6 +62,8 @@ const SHAPES: Record<string, Shape> = {
   user: { sessions: 20, events: 12, target: 'u' },
   user2: { sessions: 20, events: 2, target: 'u' },
   user1: { sessions: 20, events: 1, target: 'u' },
+  windowlag: { sessions: 8, events: 8, target: 's', lag: true },
+  user2lag: { sessions: 20, events: 2, target: 'u', lag: true },
 };
 
 const LUA = 'gateway/delivery/lua';
@@ -100,6 +109,8 @@ class Way {
   private readonly sids: string[];
   private readonly last: number[];
   private eid = 0;
+  /** A lagging shape's events of the last call, acked after the next publish call. */
+  private unacked: string[][] | null = null;
 
   constructor(
     private readonly redis: Redis & Commands,
@@ -140,7 +151,7 @@ class Way {
           .str(target === 's' ? this.sids[i] : this.keys.userSessions(this.sids[i]))
           .str(eid)
           .bytes(PAYLOAD)
-          .str('0')
+          .str('2')
           .num(0)
           .num(1);
         args.str(this.sids[i]).num(this.last[i]);
@@ -161,18 +172,29 @@ class Way {
       events > 1 ? '1' : '0',
     );
     for (let i = 0; i < sessions; i++) this.last[i] += events;
-    const acks = new ScriptArgs(sessions * events * 40);
+    if (!this.shape.lag) return this.ack(eids);
+    const previous = this.unacked;
+    this.unacked = eids;
+    if (previous) await this.ack(previous);
+  }
+
+  /** One ack call for these events (per session). */
+  private async ack(eids: string[][]): Promise<void> {
+    const acks = new ScriptArgs(this.sids.length * eids[0].length * 40);
     this.sids.forEach((sid, i) => {
       acks.str(sid).num(this.last[i]).num(0);
-      if (this.s.bareAcks) acks.num(0).num(events);
-      else acks.num(events);
+      if (this.s.bareAcks) acks.num(0).num(eids[i].length);
+      else acks.num(eids[i].length);
       for (const eid of eids[i]) acks.str(eid);
     });
+    const [head, tail] = this.keys.sessionKeyParts;
     await this.redis[`${this.name}AckPumpBuffer`](Date.now(), head, tail, acks.finish());
   }
 
   /** Every event acked: no outbox is left. */
   async check(): Promise<void> {
+    if (this.unacked) await this.ack(this.unacked);
+    this.unacked = null;
     const p = this.redis.pipeline();
     // q, ev and att (Keys.outbox's order).
     for (const sid of this.sids) p.exists(...this.keys.outbox(sid).slice(0, 3));

@@ -82,6 +82,9 @@ export interface AckPumpRequest {
   bare: string[];
 }
 
+/** publish.lua's per-event flags: a receipt (+1), an eid made for this publish (+2). */
+const PUBLISH_FLAGS = ['0', '1', '2', '3'] as const;
+
 /** publish.lua's status codes, from -2, as results. */
 const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as const;
 
@@ -145,6 +148,8 @@ interface PendingPublish {
   packed: Buffer;
   receipt: boolean;
   expiresAtMs: number;
+  /** The eid was made for this publish: no outbox holds it, publish.lua does not look. */
+  newEid: boolean;
   /** Filled in when the call is built: see DirectSender.claim. */
   claims: DirectClaim[];
   resolve: (r: SessionPublishResult[]) => void;
@@ -230,17 +235,31 @@ export class Outbox {
   /**
    * Stores one event in the outbox of every session `to` reaches, found by the script in the
    * same call (none for a device or user without sessions); batched with the other publishes
-   * of this tick, in order. Results are per session reached, gone ones included.
+   * of this tick, in order. Results are per session reached, gone ones included. `newEid`: the
+   * event's eid was just made for it (a random UUID), so no outbox can hold it and the script
+   * does not look for it; an eid chosen by the publisher is looked for, and publishing it
+   * again stores nothing (`duplicate`).
    */
   publishTo(
     to: Fanout,
     event: StoredEvent,
     receipt: boolean,
     expiresAtMs: number,
+    newEid = false,
   ): Promise<SessionPublishResult[]> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
-      this.pendingPublishes.push({ to, event, packed, receipt, expiresAtMs, claims: [], resolve, reject });
+      this.pendingPublishes.push({
+        to,
+        event,
+        packed,
+        receipt,
+        expiresAtMs,
+        newEid,
+        claims: [],
+        resolve,
+        reject,
+      });
       if (this.pendingPublishes.length > 1) return;
       if (this.publishCallsOut === 0) process.nextTick(this.flushPublishes);
       else this.armPublishWait();
@@ -315,7 +334,7 @@ export class Outbox {
         .str(target)
         .str(p.event.eid)
         .bytes(p.packed)
-        .str(p.receipt ? '1' : '0')
+        .str(PUBLISH_FLAGS[(p.receipt ? 1 : 0) + (p.newEid ? 2 : 0)])
         .num(Math.max(p.expiresAtMs, 0))
         .num(p.claims.length);
       for (const c of p.claims) events.str(c.sid).num(c.after);

@@ -42,6 +42,12 @@ export interface EventInput {
   room?: string;
   /** Idempotency: publishing the same eid twice to a session stores it once. */
   eid?: string;
+  /**
+   * `eid` was made for this event by the gateway (a random UUID), not chosen by its publisher:
+   * no outbox can hold it, so the publish does not look for it there. Set by the paths that
+   * fill in a missing eid before publishing (`POST /v1/events`); leave unset otherwise.
+   */
+  eidIsNew?: boolean;
 }
 
 export interface PublishOutcome {
@@ -162,7 +168,9 @@ export class Publisher {
     if (input.room !== undefined) event.room = input.room;
     if ('sids' in recipients) return this.publishNow(recipients.sids, event);
     const expiresAt = input.ttl ? now + input.ttl : 0;
-    const results = await this.outbox.publishTo(recipients.to, event, !!input.receipt, expiresAt);
+    // An eid made here, or by the caller for this event (eidIsNew), is in no outbox yet.
+    const newEid = input.eid === undefined || input.eidIsNew === true;
+    const results = await this.outbox.publishTo(recipients.to, event, !!input.receipt, expiresAt, newEid);
     const outcome: PublishOutcome = { eid: event.eid, sessions: 0, accepted: 0, rejected: 0, dropped: [] };
     for (const r of results) {
       if (r.status === 'gone') continue;

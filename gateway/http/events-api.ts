@@ -49,7 +49,10 @@ export function mountEventsApi(
         try {
           const c = validateEventInput(item?.target, item);
           // Every item has its eid before anything is published, so failed items name theirs.
-          c.event.eid ??= randomUUID();
+          if (c.event.eid === undefined) {
+            c.event.eid = randomUUID();
+            c.event.eidIsNew = true;
+          }
           return c;
         } catch (e) {
           if (!batch || !isProtocolError(e)) throw e;

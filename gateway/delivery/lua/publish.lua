@@ -18,8 +18,11 @@
   ARGV[6], ARGV[7] head and tail of a session's key names (Keys.sessionKeyParts)
   ARGV[8] the expiries ZSET (`sid|eid` -> expiry ms)
   ARGV[9] the events: a MessagePack array of strings (script-args.ts; read with
-  cmsgpack.unpack), per event: kind, target, eid, packed event, receipt ("1"/"0"), expiry ms
-  or "0", the number of claims n, then n pairs: session id, claim
+  cmsgpack.unpack), per event: kind, target, eid, packed event, flags, expiry ms or "0", the
+  number of claims n, then n pairs: session id, claim
+    flags "0" / "1": no receipt / a receipt; "2" / "3": the same, and the eid was made for this
+    publish (a random UUID), so no outbox can hold it and it is not looked for (an eid the
+    publisher chose is looked for: publishing it again is a no-op)
     kind "s": target is a session id
     kind "k": target is a STRING key holding a session id (a device key)
     kind "u": target is a user's SET of session ids; ids of sessions found gone are removed
@@ -173,7 +176,9 @@ local out, no = {}, 0
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
 while a <= #A do
-  local kind, target, eid, payload, receipt, expiry = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4], A[a + 5]
+  local kind, target, eid, payload, flags, expiry = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4], A[a + 5]
+  local receipt = flags == '1' or flags == '3'
+  local newEid = flags == '2' or flags == '3'
   local n = tonumber(A[a + 6])
   -- The claims: most events carry none or one, which need no table.
   local claims, claimSid, claimAfter = nil, nil, nil
@@ -227,9 +232,12 @@ while a <= #A do
       gone[#gone + 1] = sid
     else
       if not d.size then d.size = redis.call('ZCARD', K[1]) end
-      -- An empty outbox holds no eid (q and ev are filled and emptied together): no look-up.
+      -- An empty outbox holds no eid (q and ev are filled and emptied together), and no outbox
+      -- holds an eid made for this publish: no look-up.
       local dup
-      if holding then
+      if newEid then
+        dup = false
+      elseif holding then
         dup = (d.held > 0 and d.heids[eid]) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
       else
         dup = d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1
@@ -275,7 +283,7 @@ while a <= #A do
       end
       d.seq = seq
       d.size = d.size + 1
-      if receipt == '1' then redis.call('SADD', key(K, 4), eid) end
+      if receipt then redis.call('SADD', key(K, 4), eid) end
       if expiry ~= '0' then
         redis.call('HSET', key(K, 5), eid, expiry)
         redis.call('ZADD', expiries, expiry, sid .. '|' .. eid)
@@ -295,7 +303,7 @@ while a <= #A do
           end
         end
       end
-      if receipt == '1' and not d.rc then
+      if receipt and not d.rc then
         d.rc = true
         redis.call('EXPIRE', key(K, 4), ttlS)
       end
