@@ -142,18 +142,63 @@ export interface DirectClaim {
   readonly after: number;
 }
 
-interface PendingPublish {
+/** One event of `Outbox.publishMany`. */
+export interface PublishEntry {
   to: Fanout;
   event: StoredEvent;
-  packed: Buffer;
   receipt: boolean;
   expiresAtMs: number;
-  /** The eid was made for this publish: no outbox holds it, publish.lua does not look. */
+  /** The eid was made for this publish (see `Outbox.publishTo`). */
   newEid: boolean;
+}
+
+/**
+ * Who waits for a pending publish: one promise per event (`publishTo`), or one for a batch
+ * (`publishMany`), which saves the per-event promise, closures and settled wrappers.
+ */
+interface PublishWaiter {
+  fulfilled(index: number, r: SessionPublishResult[]): void;
+  rejected(index: number, e: unknown): void;
+}
+
+class OneWaiter implements PublishWaiter {
+  constructor(
+    private readonly resolve: (r: SessionPublishResult[]) => void,
+    private readonly reject: (e: unknown) => void,
+  ) {}
+  fulfilled(_index: number, r: SessionPublishResult[]): void {
+    this.resolve(r);
+  }
+  rejected(_index: number, e: unknown): void {
+    this.reject(e);
+  }
+}
+
+class BatchWaiter implements PublishWaiter {
+  private left: number;
+  constructor(
+    private readonly results: PromiseSettledResult<SessionPublishResult[]>[],
+    private readonly resolve: (r: PromiseSettledResult<SessionPublishResult[]>[]) => void,
+  ) {
+    this.left = results.length;
+  }
+  fulfilled(index: number, value: SessionPublishResult[]): void {
+    this.results[index] = { status: 'fulfilled', value };
+    if (--this.left === 0) this.resolve(this.results);
+  }
+  rejected(index: number, reason: unknown): void {
+    this.results[index] = { status: 'rejected', reason };
+    if (--this.left === 0) this.resolve(this.results);
+  }
+}
+
+interface PendingPublish extends PublishEntry {
+  packed: Buffer;
   /** Filled in when the call is built: see DirectSender.claim. */
   claims: DirectClaim[];
-  resolve: (r: SessionPublishResult[]) => void;
-  reject: (e: unknown) => void;
+  waiter: PublishWaiter;
+  /** This event's place in its waiter's batch. */
+  index: number;
 }
 
 interface OutboxCommands {
@@ -249,6 +294,8 @@ export class Outbox {
   ): Promise<SessionPublishResult[]> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
+      const waiter = new OneWaiter(resolve, reject);
+      const first = this.pendingPublishes.length === 0;
       this.pendingPublishes.push({
         to,
         event,
@@ -257,13 +304,46 @@ export class Outbox {
         expiresAtMs,
         newEid,
         claims: [],
-        resolve,
-        reject,
+        waiter,
+        index: 0,
       });
-      if (this.pendingPublishes.length > 1) return;
-      if (this.publishCallsOut === 0) process.nextTick(this.flushPublishes);
-      else this.armPublishWait();
+      if (first) this.publishesWaiting();
     });
+  }
+
+  /**
+   * `publishTo` for many events at once, in order, with one promise for all: each event's
+   * results or error, in the order given. What a back end's batch (`POST /v1/events`) takes.
+   */
+  publishMany(entries: PublishEntry[]): Promise<PromiseSettledResult<SessionPublishResult[]>[]> {
+    if (entries.length === 0) return Promise.resolve([]);
+    return new Promise((resolve) => {
+      const waiter = new BatchWaiter(new Array(entries.length), resolve);
+      const first = this.pendingPublishes.length === 0;
+      entries.forEach((e, index) => {
+        this.pendingPublishes.push({
+          to: e.to,
+          event: e.event,
+          packed: pack(e.event),
+          receipt: e.receipt,
+          expiresAtMs: e.expiresAtMs,
+          newEid: e.newEid,
+          claims: [],
+          waiter,
+          index,
+        });
+      });
+      if (first) this.publishesWaiting();
+    });
+  }
+
+  /**
+   * The first publishes since the last call were added (later ones find the call scheduled): it
+   * goes at the end of this tick, or when the call out is answered (or PUBLISH_WAIT_MS).
+   */
+  private publishesWaiting(): void {
+    if (this.publishCallsOut === 0) process.nextTick(this.flushPublishes);
+    else this.armPublishWait();
   }
 
   /** The kind and target of a fanout, as publish.lua takes them. */
@@ -378,7 +458,7 @@ export class Outbox {
             else
               direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });
           }
-          p.resolve(results);
+          p.waiter.fulfilled(p.index, results);
         }
       },
       (e) => {
@@ -386,7 +466,7 @@ export class Outbox {
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
           for (const c of p.claims) direct!.settle(c, p.event.eid, null);
-          p.reject(e);
+          p.waiter.rejected(p.index, e);
         }
       },
     );

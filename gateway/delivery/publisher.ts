@@ -11,7 +11,7 @@ import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { ProtocolError, pack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
-import type { Fanout, Outbox, StoredEvent } from './outbox.ts';
+import type { Fanout, Outbox, PublishEntry, SessionPublishResult, StoredEvent } from './outbox.ts';
 
 /**
  * Who an event goes to, as far as it is known before the publish: for qos 1 a fanout the
@@ -113,6 +113,45 @@ export function validateEventInput(target: unknown, event: unknown): { target: T
   return { target: { [kind]: t[kind] } as Target, event: input };
 }
 
+/** The event as stored and sent, made once per publish at `now`. */
+function storedEvent(input: EventInput, now: number): StoredEvent {
+  const event: StoredEvent = {
+    eid: input.eid ?? randomUUID(),
+    name: input.name,
+    data: input.data ?? null,
+    ts: now,
+  };
+  if (input.from !== undefined) event.from = input.from;
+  if (input.room !== undefined) event.room = input.room;
+  return event;
+}
+
+/** A qos-1 event's outbox entry. */
+function entry(to: Fanout, event: StoredEvent, input: EventInput, now: number): PublishEntry {
+  return {
+    to,
+    event,
+    receipt: !!input.receipt,
+    expiresAtMs: input.ttl ? now + input.ttl : 0,
+    // An eid made here, or by the caller for this event (eidIsNew), is in no outbox yet.
+    newEid: input.eid === undefined || input.eidIsNew === true,
+  };
+}
+
+/** What a qos-1 publish did, from its sessions' results; `not_found` when it reached none. */
+function outcomeOf(eid: string, results: SessionPublishResult[]): PublishOutcome {
+  const outcome: PublishOutcome = { eid, sessions: 0, accepted: 0, rejected: 0, dropped: [] };
+  for (const r of results) {
+    if (r.status === 'gone') continue;
+    outcome.sessions++;
+    if (r.status === 'rejected') outcome.rejected++;
+    else outcome.accepted++;
+    if (r.dropped) outcome.dropped.push({ sessionId: r.sid, event: r.dropped });
+  }
+  if (outcome.sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
+  return outcome;
+}
+
 export class Publisher {
   constructor(
     private readonly redis: Redis,
@@ -145,10 +184,16 @@ export class Publisher {
    */
   async recipientsFor(target: Target, input: EventInput): Promise<Recipients> {
     if (input.qos === 0) return { sids: await this.resolve(target) };
-    if (!('username' in target)) return { to: target };
-    const user = await this.directory.userIdOf(target.username);
+    const now = this.recipientsNow(target, input);
+    if (now) return now;
+    const user = await this.directory.userIdOf((target as { username: string }).username);
     if (!user) throw new ProtocolError('not_found', 'the target has no live session');
     return { to: { user } };
+  }
+
+  /** `recipientsFor` when it needs no look-up (a qos-1 event to anything but a username), else undefined. */
+  recipientsNow(target: Target, input: EventInput): Recipients | undefined {
+    return input.qos === 0 || 'username' in target ? undefined : { to: target };
   }
 
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
@@ -158,29 +203,57 @@ export class Publisher {
   /** Publishes to what `recipientsFor` found: qos 0 to `sids`, qos 1 through the script. */
   async publishTo(recipients: Recipients, input: EventInput): Promise<PublishOutcome> {
     const now = Date.now();
-    const event: StoredEvent = {
-      eid: input.eid ?? randomUUID(),
-      name: input.name,
-      data: input.data ?? null,
-      ts: now,
-    };
-    if (input.from !== undefined) event.from = input.from;
-    if (input.room !== undefined) event.room = input.room;
+    const event = storedEvent(input, now);
     if ('sids' in recipients) return this.publishNow(recipients.sids, event);
-    const expiresAt = input.ttl ? now + input.ttl : 0;
-    // An eid made here, or by the caller for this event (eidIsNew), is in no outbox yet.
-    const newEid = input.eid === undefined || input.eidIsNew === true;
-    const results = await this.outbox.publishTo(recipients.to, event, !!input.receipt, expiresAt, newEid);
-    const outcome: PublishOutcome = { eid: event.eid, sessions: 0, accepted: 0, rejected: 0, dropped: [] };
-    for (const r of results) {
-      if (r.status === 'gone') continue;
-      outcome.sessions++;
-      if (r.status === 'rejected') outcome.rejected++;
-      else outcome.accepted++;
-      if (r.dropped) outcome.dropped.push({ sessionId: r.sid, event: r.dropped });
-    }
-    if (outcome.sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
-    return outcome;
+    const e = entry(recipients.to, event, input, now);
+    return outcomeOf(event.eid, await this.outbox.publishTo(e.to, event, e.receipt, e.expiresAtMs, e.newEid));
+  }
+
+  /**
+   * `publishTo` for many events at once, each settling on its own: the qos-1 ones go to the
+   * outbox as one batch, in order, with one promise for all of them rather than a chain per event.
+   */
+  async publishMany(
+    list: { recipients: Recipients; input: EventInput }[],
+  ): Promise<PromiseSettledResult<PublishOutcome>[]> {
+    const out: PromiseSettledResult<PublishOutcome>[] = new Array(list.length);
+    const now = Date.now();
+    const entries: PublishEntry[] = [];
+    /** The place in `list` of each entry. */
+    const at: number[] = [];
+    let qos0: Promise<void>[] | undefined;
+    list.forEach(({ recipients, input }, i) => {
+      const event = storedEvent(input, now);
+      if ('sids' in recipients) {
+        (qos0 ??= []).push(
+          this.publishNow(recipients.sids, event).then(
+            (value) => {
+              out[i] = { status: 'fulfilled', value };
+            },
+            (reason) => {
+              out[i] = { status: 'rejected', reason };
+            },
+          ),
+        );
+        return;
+      }
+      entries.push(entry(recipients.to, event, input, now));
+      at.push(i);
+    });
+    const settled = await this.outbox.publishMany(entries);
+    settled.forEach((r, k) => {
+      if (r.status === 'rejected') {
+        out[at[k]] = r;
+        return;
+      }
+      try {
+        out[at[k]] = { status: 'fulfilled', value: outcomeOf(entries[k].event.eid, r.value) };
+      } catch (reason) {
+        out[at[k]] = { status: 'rejected', reason };
+      }
+    });
+    if (qos0) await Promise.all(qos0);
+    return out;
   }
 
   /** qos 0: sent to the sessions online now, through their nodes' channels; not stored. */

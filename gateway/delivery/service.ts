@@ -338,24 +338,63 @@ export class DeliveryService {
   }
 
   /**
-   * Publishes many events at once. Targets are resolved concurrently, then every event is
-   * handed to the outbox in the given order within one tick, so the events share script calls
-   * and events to one session keep their order. Each item settles on its own: a target without
-   * a live session fails that item only.
+   * Publishes many events at once. Usernames (and qos-0 targets) are resolved concurrently,
+   * then every event is handed to the outbox in the given order as one batch with one promise
+   * (Outbox.publishMany), so the events share script calls and events to one session keep
+   * their order. Each item settles on its own: a target without a live session fails that item
+   * only.
    */
   async publishMany(
     items: { target: Target; event: EventInput }[],
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
     const { publisher } = this.deps;
-    const resolved = await Promise.allSettled(
-      items.map(({ target, event }) => publisher.recipientsFor(target, event)),
+    const out: PromiseSettledResult<PublishOutcome>[] = new Array(items.length);
+    // Only usernames (and qos-0 targets) are looked up first; the rest need nothing before the
+    // publish, nor a promise each (one batch for all: Publisher.publishMany).
+    const recipients: (Recipients | undefined)[] = items.map(({ target, event }) =>
+      publisher.recipientsNow(target, event),
     );
-    return Promise.allSettled(
-      items.map(({ event }, i) => {
-        const r = resolved[i];
-        return r.status === 'fulfilled' ? this.publishTo(r.value, event) : Promise.reject(r.reason);
-      }),
-    );
+    const lookups: Promise<void>[] = [];
+    items.forEach(({ target, event }, i) => {
+      if (recipients[i]) return;
+      lookups.push(
+        publisher.recipientsFor(target, event).then(
+          (r) => {
+            recipients[i] = r;
+          },
+          (reason) => {
+            out[i] = { status: 'rejected', reason };
+          },
+        ),
+      );
+    });
+    if (lookups.length > 0) await Promise.all(lookups);
+    const list: { recipients: Recipients; input: EventInput }[] = [];
+    /** The place in `items` of each of `list`. */
+    const at: number[] = [];
+    items.forEach(({ event }, i) => {
+      const r = recipients[i];
+      if (!r) return;
+      list.push({ recipients: r, input: event });
+      at.push(i);
+    });
+    const settled = await publisher.publishMany(list);
+    const reports: Promise<void>[] = [];
+    settled.forEach((r, k) => {
+      const i = at[k];
+      out[i] = r;
+      if (r.status !== 'fulfilled') return;
+      const reported = this.reportOutcome(r.value, items[i].event);
+      if (reported) {
+        reports.push(
+          reported.catch((reason) => {
+            out[i] = { status: 'rejected', reason };
+          }),
+        );
+      }
+    });
+    if (reports.length > 0) await Promise.all(reports);
+    return out;
   }
 
   /**

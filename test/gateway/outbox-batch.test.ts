@@ -410,3 +410,69 @@ test("a call's held events, once answered, survive Redis killed with SIGKILL and
     await own.remove();
   }
 });
+
+test('publishMany: 300 events (two calls) with one promise, each settled in order, an entry to a gone session answered gone on its own', async () => {
+  const sender = new Sender();
+  const outbox = outboxOf(1000, 'reject', sender);
+  const sid = await session(true);
+  sender.last.set(sid, 0);
+  const gone = randomUUID();
+  const entries = Array.from({ length: 300 }, (_, i) => ({
+    to: { session: i === 150 ? gone : sid },
+    event: event(`p${i}`, i),
+    receipt: false,
+    expiresAtMs: 0,
+    newEid: true,
+  }));
+  const settled = await within('300 publishes in one batch', outbox.publishMany(entries));
+  assert.equal(settled.length, 300);
+  settled.forEach((r, i) => {
+    assert.equal(r.status, 'fulfilled', `entry ${i}`);
+    const results = (r as PromiseFulfilledResult<SessionPublishResult[]>).value;
+    assert.equal(results[0].sid, i === 150 ? gone : sid);
+    assert.equal(results[0].status, i === 150 ? 'gone' : 'sent', `entry ${i}`);
+  });
+  const { q } = await stored(sid);
+  assert.deepEqual(
+    q.map(([eid]) => eid),
+    entries.filter((_, i) => i !== 150).map((e) => e.event.eid),
+    'stored in the order given, across both calls',
+  );
+  assert.deepEqual(await within('an empty batch', outbox.publishMany([])), []);
+});
+
+test('publishMany with Redis gone: every entry rejected with the error, none thrown', async () => {
+  const own = await startOwnRedis();
+  const r = new Redis(own.url, {
+    maxRetriesPerRequest: 0,
+    enableOfflineQueue: false,
+    retryStrategy: () => null,
+  });
+  r.on('error', () => {});
+  try {
+    await within('the client connected', new Promise((res) => r.once('ready', res)));
+    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
+    const ended = new Promise((res) => r.once('end', res));
+    await own.kill('SIGKILL');
+    await within('the client sees the server gone', ended);
+    const settled = await within(
+      'three publishes against a gone Redis',
+      outbox.publishMany(
+        [0, 1, 2].map((i) => ({
+          to: { session: 's' },
+          event: event(`x${i}`, i),
+          receipt: false,
+          expiresAtMs: 0,
+          newEid: true,
+        })),
+      ),
+    );
+    assert.deepEqual(
+      settled.map((s) => s.status),
+      ['rejected', 'rejected', 'rejected'],
+    );
+  } finally {
+    r.disconnect();
+    await own.remove();
+  }
+});
