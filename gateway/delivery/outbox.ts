@@ -321,10 +321,18 @@ export class Outbox {
       const waiter = new BatchWaiter(new Array(entries.length), resolve);
       const first = this.pendingPublishes.length === 0;
       entries.forEach((e, index) => {
+        let packed: Buffer;
+        try {
+          packed = pack(e.event);
+        } catch (err) {
+          // This event alone fails, before anything of it is queued (as publishTo's would).
+          waiter.rejected(index, err);
+          return;
+        }
         this.pendingPublishes.push({
           to: e.to,
           event: e.event,
-          packed: pack(e.event),
+          packed,
           receipt: e.receipt,
           expiresAtMs: e.expiresAtMs,
           newEid: e.newEid,
@@ -333,7 +341,7 @@ export class Outbox {
           index,
         });
       });
-      if (first) this.publishesWaiting();
+      if (first && this.pendingPublishes.length > 0) this.publishesWaiting();
     });
   }
 

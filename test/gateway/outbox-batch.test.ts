@@ -476,3 +476,33 @@ test('publishMany with Redis gone: every entry rejected with the error, none thr
     await own.remove();
   }
 });
+
+test('publishMany: an event that cannot be packed fails alone, before anything of it is queued; the others are stored', async () => {
+  const outbox = outboxOf(1000, 'reject');
+  const sid = await session(false);
+  const entry = (eid: string, data: unknown) => ({
+    to: { session: sid },
+    event: { eid, name: 'batch', data, ts: 1_764_633_600_000 },
+    receipt: false,
+    expiresAtMs: 0,
+    newEid: true,
+  });
+  const settled = await within(
+    'a batch with a symbol in the middle',
+    outbox.publishMany([entry('u0', 0), entry('u1', Symbol('not packable')), entry('u2', 2)]),
+  );
+  assert.deepEqual(
+    settled.map((s) => s.status),
+    ['fulfilled', 'rejected', 'fulfilled'],
+  );
+  const { q } = await stored(sid);
+  assert.deepEqual(
+    q.map(([eid]) => eid),
+    ['u0', 'u2'],
+  );
+  const alone = await within(
+    'a batch of one that cannot be packed',
+    outbox.publishMany([entry('u3', 2n ** 70n)]),
+  );
+  assert.equal(alone[0].status, 'rejected');
+});
