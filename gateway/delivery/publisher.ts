@@ -192,7 +192,7 @@ export class Publisher {
   }
 
   /** `recipientsFor` when it needs no look-up (a qos-1 event to anything but a username), else undefined. */
-  recipientsNow(target: Target, input: EventInput): Recipients | undefined {
+  private recipientsNow(target: Target, input: EventInput): Recipients | undefined {
     return input.qos === 0 || 'username' in target ? undefined : { to: target };
   }
 
@@ -210,23 +210,44 @@ export class Publisher {
   }
 
   /**
-   * `publishTo` for many events at once, each settling on its own: the qos-1 ones go to the
-   * outbox as one batch, in order, with one promise for all of them rather than a chain per event.
+   * Publishes many events at once, each settling on its own (a target without a live session
+   * fails its item only). Only usernames (and qos-0 targets) are looked up first, concurrently;
+   * then the qos-1 events go to the outbox in the given order as one batch with one promise
+   * (Outbox.publishMany) rather than a chain per event, so they share script calls and events
+   * to one session keep their order.
    */
   async publishMany(
-    list: { recipients: Recipients; input: EventInput }[],
+    items: { target: Target; event: EventInput }[],
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
-    const out: PromiseSettledResult<PublishOutcome>[] = new Array(list.length);
+    const out: PromiseSettledResult<PublishOutcome>[] = new Array(items.length);
+    const recipients = items.map(({ target, event }) => this.recipientsNow(target, event));
+    const lookups: Promise<void>[] = [];
+    items.forEach(({ target, event }, i) => {
+      if (recipients[i]) return;
+      lookups.push(
+        this.recipientsFor(target, event).then(
+          (r) => {
+            recipients[i] = r;
+          },
+          (reason) => {
+            out[i] = { status: 'rejected', reason };
+          },
+        ),
+      );
+    });
+    if (lookups.length > 0) await Promise.all(lookups);
     const now = Date.now();
     const entries: PublishEntry[] = [];
-    /** The place in `list` of each entry. */
+    /** The place in `items` of each entry. */
     const at: number[] = [];
     let qos0: Promise<void>[] | undefined;
-    list.forEach(({ recipients, input }, i) => {
+    items.forEach(({ event: input }, i) => {
+      const r = recipients[i];
+      if (!r) return;
       const event = storedEvent(input, now);
-      if ('sids' in recipients) {
+      if ('sids' in r) {
         (qos0 ??= []).push(
-          this.publishNow(recipients.sids, event).then(
+          this.publishNow(r.sids, event).then(
             (value) => {
               out[i] = { status: 'fulfilled', value };
             },
@@ -237,7 +258,7 @@ export class Publisher {
         );
         return;
       }
-      entries.push(entry(recipients.to, event, input, now));
+      entries.push(entry(r.to, event, input, now));
       at.push(i);
     });
     const settled = await this.outbox.publishMany(entries);

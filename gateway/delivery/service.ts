@@ -338,63 +338,27 @@ export class DeliveryService {
   }
 
   /**
-   * Publishes many events at once. Usernames (and qos-0 targets) are resolved concurrently,
-   * then every event is handed to the outbox in the given order as one batch with one promise
-   * (Outbox.publishMany), so the events share script calls and events to one session keep
-   * their order. Each item settles on its own: a target without a live session fails that item
-   * only.
+   * Publishes many events at once (Publisher.publishMany: one batch, each item settling on its
+   * own), and reports what a full outbox did, as `publish` does for one.
    */
   async publishMany(
     items: { target: Target; event: EventInput }[],
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
-    const { publisher } = this.deps;
-    const out: PromiseSettledResult<PublishOutcome>[] = new Array(items.length);
-    // Only usernames (and qos-0 targets) are looked up first; the rest need nothing before the
-    // publish, nor a promise each (one batch for all: Publisher.publishMany).
-    const recipients: (Recipients | undefined)[] = items.map(({ target, event }) =>
-      publisher.recipientsNow(target, event),
-    );
-    const lookups: Promise<void>[] = [];
-    items.forEach(({ target, event }, i) => {
-      if (recipients[i]) return;
-      lookups.push(
-        publisher.recipientsFor(target, event).then(
-          (r) => {
-            recipients[i] = r;
-          },
-          (reason) => {
-            out[i] = { status: 'rejected', reason };
-          },
-        ),
-      );
-    });
-    if (lookups.length > 0) await Promise.all(lookups);
-    const list: { recipients: Recipients; input: EventInput }[] = [];
-    /** The place in `items` of each of `list`. */
-    const at: number[] = [];
-    items.forEach(({ event }, i) => {
-      const r = recipients[i];
-      if (!r) return;
-      list.push({ recipients: r, input: event });
-      at.push(i);
-    });
-    const settled = await publisher.publishMany(list);
+    const settled = await this.deps.publisher.publishMany(items);
     const reports: Promise<void>[] = [];
-    settled.forEach((r, k) => {
-      const i = at[k];
-      out[i] = r;
+    settled.forEach((r, i) => {
       if (r.status !== 'fulfilled') return;
       const reported = this.reportOutcome(r.value, items[i].event);
       if (reported) {
         reports.push(
           reported.catch((reason) => {
-            out[i] = { status: 'rejected', reason };
+            settled[i] = { status: 'rejected', reason };
           }),
         );
       }
     });
     if (reports.length > 0) await Promise.all(reports);
-    return out;
+    return settled;
   }
 
   /**
