@@ -28,7 +28,8 @@ import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:batch:${randomUUID().slice(0, 8)}:`;
 const keys = new Keys(prefix);
-const redis = new Redis(REDIS_URL, { enableAutoPipelining: true });
+// A command that hangs fails the test after 10 s, naming itself, rather than at the suite's timeout.
+const redis = new Redis(REDIS_URL, { enableAutoPipelining: true, commandTimeout: 10_000 });
 const TTL = 3600;
 const NODE = 'node-a';
 
@@ -505,4 +506,48 @@ test('publishMany: an event that cannot be packed fails alone, before anything o
     outbox.publishMany([entry('u3', 2n ** 70n)]),
   );
   assert.equal(alone[0].status, 'rejected');
+});
+
+test('three publishMany batches and 20 single publishes racing in one tick to one session: each settles with its own results, all stored in the order made', async () => {
+  const outbox = outboxOf(1000, 'reject');
+  const sid = await session(false);
+  const made: string[] = [];
+  const entryOf = (eid: string) => {
+    made.push(eid);
+    return {
+      to: { session: sid },
+      event: event(eid, made.length),
+      receipt: false,
+      expiresAtMs: 0,
+      newEid: true,
+    };
+  };
+  const batches: Promise<PromiseSettledResult<SessionPublishResult[]>[]>[] = [];
+  const singles: Promise<SessionPublishResult[]>[] = [];
+  for (let b = 0; b < 3; b++) {
+    batches.push(outbox.publishMany(Array.from({ length: 30 }, (_, i) => entryOf(`r${b}-${i}`))));
+    for (let i = 0; i < 5; i++) {
+      const e = entryOf(`s${b}-${i}`);
+      singles.push(outbox.publishTo(e.to, e.event, false, 0, true));
+    }
+  }
+  for (let i = 0; i < 5; i++) {
+    const e = entryOf(`t${i}`);
+    singles.push(outbox.publishTo(e.to, e.event, false, 0, true));
+  }
+  const [settled, single] = await within(
+    '3 batches and 20 single publishes',
+    Promise.all([Promise.all(batches), Promise.all(singles)]),
+  );
+  for (const batch of settled) {
+    assert.equal(batch.length, 30);
+    assert.ok(batch.every((r) => r.status === 'fulfilled' && r.value[0].status === 'added'));
+  }
+  assert.ok(single.every((r) => r[0].status === 'added'));
+  const { q } = await stored(sid);
+  assert.deepEqual(
+    q.map(([eid]) => eid),
+    made,
+    'stored in the order the publishes were made',
+  );
 });
