@@ -7,6 +7,10 @@
  *   (a window of outstanding publishes) and a fixed rate.
  * - device → device: `send` to a username, 4 senders × 60 in flight, 20 receivers; Mosquitto:
  *   4 publishers × 60 in flight, a topic per receiver.
+ * - room: `say` in one room, 4 senders × 60 in flight, 20 more members, each message delivered
+ *   (qos 0, as room chatter is) to all 24 members, senders included; Mosquitto: 24 clients
+ *   subscribed at QoS 0 to one topic, 4 of them publishing with QoS 1 (the publisher is answered,
+ *   as a `say` is) × 60 in flight. A delivered event is one member's receipt.
  *
  * Every row prints the CPU per delivered event of the server (the gateway's process tree, Redis
  * and the PostgreSQL backends serving the gateway; Mosquitto alone), latency from publish to receipt, and events lost (accepted by the
@@ -23,7 +27,8 @@
  *
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
- *                             [--paths backend,direct] [--modes max,fixed] [--processes 1,2]
+ *                             [--members 20] [--paths backend,direct,room] [--modes max,fixed]
+ *                             [--processes 1,2]
  *                             [--json FILE]
  */
 import { execFile, execSync } from 'node:child_process';
@@ -56,9 +61,11 @@ const { values } = parseArgs({
     senders: { type: 'string', default: '4' },
     'sender-window': { type: 'string', default: '60' },
     receivers: { type: 'string', default: '20' },
+    /** Room members besides the senders (the room path). */
+    members: { type: 'string', default: '20' },
     payload: { type: 'string', default: '100' },
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
-    paths: { type: 'string', default: 'backend,direct' },
+    paths: { type: 'string', default: 'backend,direct,room' },
     processes: { type: 'string', default: '1,2' },
     /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
     modes: { type: 'string', default: 'max,fixed' },
@@ -78,6 +85,7 @@ const WINDOW = Number(values.window);
 const SENDERS = Number(values.senders);
 const SENDER_WINDOW = Number(values['sender-window']);
 const RECEIVERS = Number(values.receivers);
+const MEMBERS = Number(values.members);
 const PAYLOAD_BYTES = Number(values.payload);
 const API_KEY = 'bench-api-key-0123456789';
 
@@ -294,6 +302,8 @@ interface System {
   publish(loop: number, n: number, sentAt: number): Promise<void>;
   /** Set by the run: called for each received event with its number and send time. */
   onReceive: (n: number, sentAt: number) => void;
+  /** Receipts each published event makes (a room's members; default 1). */
+  fanout?: number;
   /** The server's /metrics text (gateways): Redis calls and latency histograms are read from it. */
   metrics?: () => Promise<string>;
 }
@@ -307,9 +317,11 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   let received = 0;
   let measuring = false;
   const accepted: number[] = [];
-  const seen = new Set<number>();
+  const fanout = sys.fanout ?? 1;
+  /** Receipts so far by event number. */
+  const seen = new Map<number, number>();
   sys.onReceive = (n, sentAt) => {
-    seen.add(n);
+    seen.set(n, (seen.get(n) ?? 0) + 1);
     if (!measuring) return;
     received++;
     h.recordValue(Math.max(1, Math.round((performance.now() - sentAt) * 1000)));
@@ -399,15 +411,22 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
   if (timer) clearInterval(timer);
   await Promise.all(loops);
   while (inflight > 0) await sleep(50);
-  // Drain: wait until everything accepted arrived, or nothing new arrives for 3 s.
+  // Drain: wait until everything accepted arrived at all its receivers, or nothing new arrives
+  // for 3 s.
+  const missing = () => {
+    let m = 0;
+    for (const n of accepted) m += Math.max(0, fanout - (seen.get(n) ?? 0));
+    return m;
+  };
   let last = -1;
   let quietSince = performance.now();
   while (performance.now() - quietSince < 3000) {
-    if (seen.size !== last) {
-      last = seen.size;
+    const now = missing();
+    if (now === 0) break;
+    if (now !== last) {
+      last = now;
       quietSince = performance.now();
     }
-    if (accepted.every((n) => seen.has(n))) break;
     await sleep(100);
   }
   done();
@@ -419,7 +438,7 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
     delivered: received / elapsed,
     p50: h.getValueAtPercentile(50) / 1000,
     p99: h.getValueAtPercentile(99) / 1000,
-    lost: accepted.filter((n) => !seen.has(n)).length,
+    lost: missing(),
     serverCpu,
     redisCpu,
     pgCpu: pgCpuUsed,
@@ -570,6 +589,85 @@ async function gatewayDirect(): Promise<Made> {
   };
 }
 
+/**
+ * Room: `say` in one room from `SENDERS` members (one connection per `loop % SENDERS`), heard by
+ * them and `MEMBERS` more: every member receives every message.
+ */
+async function gatewayRoom(): Promise<Made> {
+  const g = await startBenchGateway();
+  const listeners = await devices(g.tcpUrl, MEMBERS, 'rm');
+  const tx = await devices(g.tcpUrl, SENDERS, 'rs');
+  const room = `#bench-${Date.now().toString(36)}`;
+  const all = [...listeners.clients, ...tx.clients];
+  for (const c of all) await c.request('join', { room });
+  const sys: System = {
+    name: 'gateway',
+    serverPid: g.proc.pid!,
+    usesRedis: true,
+    fanout: all.length,
+    metrics: () => metricsOf(g.metricsPort),
+    publish: async (loop, n, sentAt) => {
+      await tx.clients[loop % SENDERS].request('say', { room, body: `${n} ${sentAt} ${padding}` });
+    },
+    onReceive: () => {},
+  };
+  for (const c of all) {
+    c.on('event', (e: EventMsg) => {
+      if (e.name !== 'room.message' || e.room !== room) return;
+      const [n, t] = (e.data as { body: string }).body.split(' ', 2);
+      sys.onReceive(Number(n), Number(t));
+    });
+  }
+  return {
+    sys,
+    close: async () => {
+      for (const c of all) c.destroy();
+      await g.stop();
+    },
+  };
+}
+
+/**
+ * Mosquitto's room: `members + publishers` clients subscribed at QoS 0 to one topic, the
+ * publishers publishing to it with QoS 1 (answered by a PUBACK, as a `say` is by its reply).
+ */
+async function mosquittoRoom(members: number, publishers: number): Promise<Made> {
+  const pid = Number(execSync('pgrep -o mosquitto').toString().trim());
+  const tag = Date.now().toString(36);
+  const topic = `bench/${tag}/room`;
+  const sys: System = {
+    name: 'Mosquitto',
+    serverPid: pid,
+    usesRedis: false,
+    fanout: members + publishers,
+    publish: async () => {},
+    onReceive: () => {},
+  };
+  const clients: mqtt.MqttClient[] = [];
+  for (let i = 0; i < members + publishers; i++) {
+    const c = await mqtt.connectAsync(String(values.mqtt), {
+      clientId: `bench-room-${tag}-${i}`,
+      clean: true,
+    });
+    await c.subscribeAsync(topic, { qos: 0 });
+    c.on('message', (_topic, buf) => sys.onReceive(buf.readUInt32BE(8), buf.readDoubleBE(0)));
+    clients.push(c);
+  }
+  const pubs = clients.slice(members);
+  sys.publish = async (loop, n, sentAt) => {
+    const b = Buffer.alloc(PAYLOAD_BYTES, 120);
+    b.writeDoubleBE(sentAt, 0);
+    b.writeUInt32BE(n, 8);
+    await pubs[loop % publishers].publishAsync(topic, b, { qos: 1 });
+  };
+  return {
+    sys,
+    close: async () => {
+      await Promise.all(clients.map((c) => c.endAsync()));
+    },
+  };
+}
+
 /** Mosquitto: `topics` subscribers, `publishers` publishing clients (loop % publishers). */
 async function mosquitto(topics: number, publishers: number): Promise<Made> {
   const pid = Number(execSync('pgrep -o mosquitto').toString().trim());
@@ -615,15 +713,19 @@ const BACKEND = `back end → device (POST /v1/events, {device} targets, ${DEVIC
 const DIRECT = `device → device (send to a username, ${SENDERS}×${SENDER_WINDOW} in flight, ${RECEIVERS} receivers)`;
 const BACKEND_SHORT = 'back end';
 const DIRECT_SHORT = 'device to device';
+const ROOM = `room (say in one room, ${SENDERS}×${SENDER_WINDOW} in flight, heard by ${SENDERS + MEMBERS} members, qos 0)`;
+const ROOM_SHORT = 'room';
 
 /** µs of server CPU (gateway tree + Redis + its PostgreSQL backends, or Mosquitto) per delivered event. */
 const perEvent = (r: Row) => ((r.serverCpu + r.redisCpu + r.pgCpu) / r.delivered) * 1e6;
 
 async function main(): Promise<void> {
   console.log(
-    header(`delivery: ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once, gateway vs Mosquitto QoS 1`),
+    header(
+      `delivery: ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once (room: qos 0), gateway vs Mosquitto`,
+    ),
   );
-  console.log(`- ${BACKEND}\n- ${DIRECT}`);
+  console.log(`- ${BACKEND}\n- ${DIRECT}\n- ${ROOM}`);
   console.log(
     `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process\n`,
   );
@@ -642,6 +744,11 @@ async function main(): Promise<void> {
   for (const make of PATHS.has('direct') ? [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)] : []) {
     const { sys, close } = await make();
     rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
+    await close();
+  }
+  for (const make of PATHS.has('room') ? [gatewayRoom, () => mosquittoRoom(MEMBERS, SENDERS)] : []) {
+    const { sys, close } = await make();
+    rows.push(await run(sys, ROOM_SHORT, 'max', SENDERS * SENDER_WINDOW));
     await close();
   }
   if (values.json) writeFileSync(String(values.json), JSON.stringify({ rows }));
@@ -747,6 +854,7 @@ async function main(): Promise<void> {
     [BACKEND_SHORT, 'max rate', `${BACKEND_SHORT}, max rate`],
     [BACKEND_SHORT, 'fixed', `${BACKEND_SHORT}, fixed ${RATE}/s`],
     [DIRECT_SHORT, 'max rate', `${DIRECT_SHORT}, max rate`],
+    [ROOM_SHORT, 'max rate', `${ROOM_SHORT}, max rate`],
   ]) {
     const g = of(path, 'gateway', mode);
     const m = of(path, 'Mosquitto', mode);

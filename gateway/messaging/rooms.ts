@@ -78,6 +78,7 @@ export class Rooms {
   ) {
     deps.binding.define('room_join', lua('room-join'));
     deps.binding.define('room_leave', lua('room-leave'));
+    deps.binding.define('room_broadcast', lua('room-broadcast'));
     this.defaultRoom = deps.options.defaultRoom ? normalizeRoom(deps.options.defaultRoom) : '';
   }
 
@@ -213,25 +214,30 @@ export class Rooms {
 
   /**
    * Publishes a room event to every node; with `keep` (and GW_ROOM_HISTORY_MS) it is also
-   * kept as history, packed once for both, in the same round trip.
+   * kept as history, packed once for both. It goes in the session binding's one script call per
+   * tick, with every other room event of the tick (lua/room-broadcast.lua).
    */
   private async broadcast(partial: Omit<RoomWire, 'eid' | 'ts'>, keep = false): Promise<void> {
     const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
     const packed = pack(wire);
-    const { redis, keys, options } = this.deps;
+    const { binding, keys, options } = this.deps;
+    const channel = keys.roomChannel(wire.room);
     if (!keep || options.historyMs <= 0) {
-      await redis.publish(keys.roomChannel(wire.room), packed);
+      await binding.run('room_broadcast', [], [channel, packed]);
       return;
     }
-    const key = keys.roomHistory(wire.room);
-    await redis
-      .multi()
-      .publish(keys.roomChannel(wire.room), packed)
-      .zadd(key, wire.ts, packed)
-      .zremrangebyscore(key, '-inf', String(wire.ts - options.historyMs))
-      .zremrangebyrank(key, 0, -options.historyMax - 1)
-      .pexpire(key, options.historyMs)
-      .exec();
+    await binding.run(
+      'room_broadcast',
+      [keys.roomHistory(wire.room)],
+      [
+        channel,
+        packed,
+        String(wire.ts),
+        String(wire.ts - options.historyMs),
+        String(-options.historyMax - 1),
+        String(options.historyMs),
+      ],
+    );
   }
 
   private deliver(conn: Connection, w: RoomWire, history: boolean): void {

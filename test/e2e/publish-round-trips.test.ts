@@ -141,7 +141,7 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   );
 });
 
-test('a say is one round trip: its publish and its history write go in one MULTI', async () => {
+test('a say is one round trip: its publish and its history write run in one script call', async () => {
   const a = await connected(gw.tcpUrl);
   const b = await connected(gw.tcpUrl);
   clients.push(a, b);
@@ -157,26 +157,80 @@ test('a say is one round trip: its publish and its history write go in one MULTI
   await a.request('say', { room, body: 'warm-up' });
   await until('the warm-up message', () => heard >= 1);
 
-  const watch = await monitor(redis.port);
+  const watch = await monitor(redis.port, { scripts: true });
   for (let i = 0; i < N; i++) await a.request('say', { room, body: `m${i}` });
   await until(`${N} messages heard`, () => heard >= N + 1);
   await watch.stop();
 
   const channel = `${gw.prefix}roomchan:${room}`;
   const history = `${gw.prefix}room:${room}:h`;
-  const alone: string[] = [];
+  const calls = watch.seen.filter((s) => s.source !== 'lua' && s.command !== 'echo');
+  // Each say was awaited before the next: one call each, and nothing else.
+  assert.deepEqual(
+    calls.map((s) => s.command),
+    Array(N).fill('evalsha'),
+  );
+  const apart: string[] = [];
   let published = 0;
   watch.seen.forEach((s, i) => {
     if (s.command !== 'publish' || s.args[0] !== channel) return;
     published++;
-    const mine = watch.seen.slice(0, i).filter((t) => t.source === s.source);
-    const next = watch.seen.slice(i + 1).find((t) => t.source === s.source);
-    if (mine.at(-1)?.command !== 'multi' || next?.command !== 'zadd' || next.args[0] !== history) {
-      alone.push(`${mine.at(-1)?.command ?? '-'} > publish > ${next?.command ?? '-'}`);
+    const next = watch.seen[i + 1];
+    if (s.source !== 'lua' || next?.source !== 'lua' || next.command !== 'zadd' || next.args[0] !== history) {
+      apart.push(`${s.source} publish > ${next?.source ?? '-'} ${next?.command ?? '-'}`);
     }
   });
   assert.equal(published, N);
-  assert.deepEqual(alone, [], 'publishes of a say not in one MULTI with its history write');
+  assert.deepEqual(apart, [], 'publishes of a say not followed by its history write in the same script');
+});
+
+test('the says of one tick, from several connections, go in one script call, each sender heard in order', async (t) => {
+  const senders: GatewayClient[] = [];
+  for (let i = 0; i < 4; i++) {
+    const c = await connected(gw.tcpUrl);
+    clients.push(c);
+    senders.push(c);
+    await signUp(c);
+  }
+  const listener = await connected(gw.tcpUrl);
+  clients.push(listener);
+  await signUp(listener);
+  const room = `#tick${randomUUID().slice(0, 6)}`;
+  for (const c of [...senders, listener]) await c.request('join', { room });
+  const heard: string[] = [];
+  listener.on('event', (e: EventMsg) => {
+    if (e.name === 'room.message') heard.push((e.data as { body: string }).body);
+  });
+  await senders[0].request('say', { room, body: 'warm-up' });
+  await until('the warm-up message', () => heard.length >= 1);
+
+  const PER = 10;
+  const watch = await monitor(redis.port);
+  await within(
+    `${4 * PER} says answered`,
+    Promise.all(
+      senders.flatMap((c, s) =>
+        Array.from({ length: PER }, (_, i) => c.request('say', { room, body: `${s}:${i}` })),
+      ),
+    ),
+  );
+  await until(`${4 * PER} messages heard`, () => heard.length >= 4 * PER + 1);
+  await watch.stop();
+
+  const calls = watch.seen.filter(
+    (s) => s.command === 'evalsha' || s.command === 'multi' || s.command === 'publish',
+  );
+  // Sent in one tick, read in a few: far fewer calls than says (one MULTI each before).
+  t.diagnostic(`${calls.length} script calls for ${4 * PER} says`);
+  assert.ok(calls.length > 0 && calls.length <= (4 * PER) / 4, `${calls.length} calls for ${4 * PER} says`);
+  for (let s = 0; s < 4; s++) {
+    const mine = heard.filter((b) => b.startsWith(`${s}:`));
+    assert.deepEqual(
+      mine,
+      Array.from({ length: PER }, (_, i) => `${s}:${i}`),
+      `sender ${s}'s says heard in the order said`,
+    );
+  }
 });
 
 test('sends pipelined from several devices to one: every event goes out from its publish', async () => {
