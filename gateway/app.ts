@@ -115,7 +115,7 @@ export async function startNode(
     policy: config.outboxPolicy,
     ttlSeconds: config.sessionTtlSeconds,
   });
-  const publisher = new Publisher(redis, keys, outbox, identity.directory);
+  const publisher = new Publisher(outbox, identity.directory);
   const delivery = new DeliveryService({
     gateway,
     redis,

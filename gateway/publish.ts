@@ -11,7 +11,6 @@
  */
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { SessionStore } from './auth/session-store.ts';
 import { UserIds } from './auth/user-ids.ts';
 import { BackendEvents } from './backend-events.ts';
 import { Outbox, type OverflowPolicy } from './delivery/outbox.ts';
@@ -51,7 +50,6 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
   const bull = new Redis(o.redisUrl ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null });
   const keys = new Keys(o.prefix ?? 'gw:');
   const ttl = o.sessionTtlSeconds ?? 86400;
-  const store = new SessionStore(redis, keys, ttl);
   const pool = o.databaseUrl
     ? new pg.Pool({
         connectionString: o.databaseUrl,
@@ -65,8 +63,6 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     return r.rowCount ? (r.rows[0].id as string) : null;
   });
   const directory: SessionDirectory = {
-    sessionsOfUser: (userId) => store.ofUser(userId),
-    sessionAlive: (sid) => store.alive(sid),
     userIdOf: (username) => userIds.of(username),
   };
   const outbox = new Outbox(redis, keys, {
@@ -74,7 +70,7 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     policy: o.outboxPolicy ?? 'reject',
     ttlSeconds: ttl,
   });
-  const publisher = new Publisher(redis, keys, outbox, directory);
+  const publisher = new Publisher(outbox, directory);
   const backend = new BackendEvents(bull, keys.bullPrefix);
   return {
     async publish(target, event) {

@@ -4,7 +4,8 @@
  *
  * - back end → device: `POST /v1/events` batches (one request per tick of the load generator)
  *   to `{device}` targets, 100 devices; Mosquitto: one publisher, a topic per device. Max rate
- *   (a window of outstanding publishes) and a fixed rate.
+ *   (a window of outstanding publishes) and a fixed rate. `--qos 0` runs these rows at qos 0
+ *   (sent to who is online, not stored, no acks) against Mosquitto at QoS 0.
  * - device → device: `send` to a username, 4 senders × 60 in flight, 20 receivers; Mosquitto:
  *   4 publishers × 60 in flight, a topic per receiver.
  * - room: `say` in one room, 4 senders × 60 in flight, 20 more members, each message delivered
@@ -28,7 +29,7 @@
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
  *                             [--members 20] [--paths backend,direct,room] [--modes max,fixed]
- *                             [--processes 1,2]
+ *                             [--processes 1,2] [--qos 1]
  *                             [--json FILE]
  */
 import { execFile, execSync } from 'node:child_process';
@@ -64,6 +65,8 @@ const { values } = parseArgs({
     /** Room members besides the senders (the room path). */
     members: { type: 'string', default: '20' },
     payload: { type: 'string', default: '100' },
+    /** The back-end rows' qos: 1 (stored, acked) or 0 (sent to who is online; Mosquitto QoS 0). */
+    qos: { type: 'string', default: '1' },
     mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
     paths: { type: 'string', default: 'backend,direct,room' },
     processes: { type: 'string', default: '1,2' },
@@ -87,6 +90,11 @@ const SENDER_WINDOW = Number(values['sender-window']);
 const RECEIVERS = Number(values.receivers);
 const MEMBERS = Number(values.members);
 const PAYLOAD_BYTES = Number(values.payload);
+const QOS = Number(values.qos) as 0 | 1;
+if (QOS !== 0 && QOS !== 1) {
+  console.error(`--qos: 0 or 1, not ${values.qos}`);
+  process.exit(2);
+}
 const API_KEY = 'bench-api-key-0123456789';
 
 interface Row {
@@ -535,6 +543,7 @@ async function gatewayBackend(processes = 1): Promise<Made> {
           target: { device: names[n % DEVICES] },
           name: 'bench',
           data: { n, t: sentAt, p: padding },
+          ...(QOS === 0 ? { qos: 0 } : {}),
         };
         batch.push({ item, resolve, reject });
         if (batch.length === 1) setImmediate(flush);
@@ -668,8 +677,11 @@ async function mosquittoRoom(members: number, publishers: number): Promise<Made>
   };
 }
 
-/** Mosquitto: `topics` subscribers, `publishers` publishing clients (loop % publishers). */
-async function mosquitto(topics: number, publishers: number): Promise<Made> {
+/**
+ * Mosquitto: `topics` subscribers, `publishers` publishing clients (loop % publishers), at
+ * QoS `qos` both ways.
+ */
+async function mosquitto(topics: number, publishers: number, qos: 0 | 1 = 1): Promise<Made> {
   const pid = Number(execSync('pgrep -o mosquitto').toString().trim());
   const subs: mqtt.MqttClient[] = [];
   const tag = Date.now().toString(36);
@@ -685,7 +697,7 @@ async function mosquitto(topics: number, publishers: number): Promise<Made> {
       clientId: `bench-sub-${tag}-${i}`,
       clean: true,
     });
-    await c.subscribeAsync(`bench/${tag}/${i}`, { qos: 1 });
+    await c.subscribeAsync(`bench/${tag}/${i}`, { qos });
     c.on('message', (_topic, buf) => sys.onReceive(buf.readUInt32BE(8), buf.readDoubleBE(0)));
     subs.push(c);
   }
@@ -699,7 +711,7 @@ async function mosquitto(topics: number, publishers: number): Promise<Made> {
     const b = Buffer.alloc(PAYLOAD_BYTES, 120);
     b.writeDoubleBE(sentAt, 0);
     b.writeUInt32BE(n, 8);
-    await pubs[loop % publishers].publishAsync(`bench/${tag}/${n % topics}`, b, { qos: 1 });
+    await pubs[loop % publishers].publishAsync(`bench/${tag}/${n % topics}`, b, { qos });
   };
   return {
     sys,
@@ -709,7 +721,7 @@ async function mosquitto(topics: number, publishers: number): Promise<Made> {
   };
 }
 
-const BACKEND = `back end → device (POST /v1/events, {device} targets, ${DEVICES} devices)`;
+const BACKEND = `back end → device (POST /v1/events, {device} targets, ${DEVICES} devices${QOS === 0 ? ', qos 0' : ''})`;
 const DIRECT = `device → device (send to a username, ${SENDERS}×${SENDER_WINDOW} in flight, ${RECEIVERS} receivers)`;
 const BACKEND_SHORT = 'back end';
 const DIRECT_SHORT = 'device to device';
@@ -722,7 +734,7 @@ const perEvent = (r: Row) => ((r.serverCpu + r.redisCpu + r.pgCpu) / r.delivered
 async function main(): Promise<void> {
   console.log(
     header(
-      `delivery: ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once (room: qos 0), gateway vs Mosquitto`,
+      `delivery: ${PAYLOAD_BYTES}-byte payloads, qos 1 / at least once (back end: qos ${QOS}; room: qos 0), gateway vs Mosquitto`,
     ),
   );
   console.log(`- ${BACKEND}\n- ${DIRECT}\n- ${ROOM}`);
@@ -730,7 +742,7 @@ async function main(): Promise<void> {
     `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process\n`,
   );
   const rows: Row[] = [];
-  for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1)] : []) {
+  for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1, QOS)] : []) {
     const { sys, close } = await make();
     if (MODES.has('max')) rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
     if (MODES.has('fixed')) rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));

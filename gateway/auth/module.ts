@@ -167,9 +167,7 @@ export async function createAuthModule(
   const relay = new OutboxRelay({ pool: db.pool, backend: deps.backend, log, intervalMs: 1000, batch: 100 });
 
   const directory: SessionDirectory = {
-    sessionsOfUser: (userId) => service.store.ofUser(userId),
     userIdOf: (username) => service.userIdOf(username),
-    sessionAlive: (sid) => service.store.alive(sid),
   };
 
   const operations: AuthOperations = {

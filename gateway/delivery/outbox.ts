@@ -125,6 +125,8 @@ export interface DirectSender {
    * (refused or failed).
    */
   settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void;
+  /** Sends a qos-0 `event` message to this node's connection of session `sid`, if it is open. */
+  sendNow(sid: string, message: Buffer): void;
 }
 
 /** A granted claim: the event's sequence and its `event` message, shared by the event's claims. */
@@ -201,6 +203,14 @@ interface PendingPublish extends PublishEntry {
   index: number;
 }
 
+/** A qos-0 publish waiting for its tick's call (Outbox.publishNow). */
+interface PendingNow {
+  to: Fanout;
+  packed: Buffer;
+  resolve: (r: { sessions: number; sent: number }) => void;
+  reject: (e: unknown) => void;
+}
+
 interface OutboxCommands {
   /** publish.lua and ack-pump.lua answer with one MessagePack string (script-reply.ts). */
   gwPublishBuffer(...args: (string | Buffer | number)[]): Promise<Buffer>;
@@ -208,6 +218,8 @@ interface OutboxCommands {
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
+  /** publish-now.lua: per event, {sessions, sent, the caller's own session ids...}. */
+  gwPublishNow(...args: (string | Buffer)[]): Promise<(number | string)[][]>;
 }
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
@@ -262,8 +274,60 @@ export class Outbox {
       redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
       redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
       redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
+      redis.defineCommand('gwPublishNow', { numberOfKeys: 0, lua: lua('publish-now') });
     }
     this.redis = r as Redis & OutboxCommands;
+  }
+
+  /**
+   * A qos-0 event, `packed` as stored for qos 1: sent to the sessions `to` reaches that are
+   * online now, stored nowhere. The qos-0 publishes of a tick go in one call
+   * (lua/publish-now.lua), which sends through their nodes' channels to the sessions on other
+   * nodes and answers with this node's own, sent here. Resolves with how many live sessions
+   * `to` reached and to how many the event went.
+   */
+  publishNow(to: Fanout, packed: Buffer): Promise<{ sessions: number; sent: number }> {
+    return new Promise((resolve, reject) => {
+      this.pendingNow.push({ to, packed, resolve, reject });
+      if (this.pendingNow.length === 1) process.nextTick(this.flushNow);
+    });
+  }
+
+  private pendingNow: PendingNow[] = [];
+
+  private readonly flushNow = (): void => {
+    const all = this.pendingNow;
+    this.pendingNow = [];
+    for (let i = 0; i < all.length; i += MAX_PUBLISH_BATCH)
+      this.publishNowBatch(all.slice(i, i + MAX_PUBLISH_BATCH));
+  };
+
+  private publishNowBatch(batch: PendingNow[]): void {
+    const direct = this.direct;
+    const events = new ScriptArgs(batch.length * 160);
+    for (const p of batch) {
+      const [kind, target] = this.fanoutArgs(p.to);
+      events.str(kind).str(target).bytes(p.packed);
+    }
+    const [head, tail] = this.keys.sessionKeyParts;
+    this.redis
+      .gwPublishNow(this.keys.nodeChannelPrefix, head, tail, direct?.nodeId ?? '', events.finish())
+      .then(
+        (reply) => {
+          batch.forEach((p, i) => {
+            const r = reply[i];
+            if (r.length > 2 && direct) {
+              // Packed once for this node's sessions of the event; each connection only seals it.
+              const message = packEvent(p.packed, 0);
+              for (let j = 2; j < r.length; j++) direct.sendNow(r[j] as string, message);
+            }
+            p.resolve({ sessions: r[0] as number, sent: r[1] as number });
+          });
+        },
+        (e) => {
+          for (const p of batch) p.reject(e);
+        },
+      );
   }
 
   /** Stores one event in a session's outbox; batched with the other publishes of this tick. */

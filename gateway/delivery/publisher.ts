@@ -5,20 +5,19 @@
  * qos 1: the publish script expands the target to its sessions and stores the event in each
  * one's Redis outbox before `publish` resolves, telling the nodes holding them, in one atomic
  * step and one round trip (batched with the other publishes of the tick).
- * qos 0: sent to the sessions online now, through their nodes' channels; not stored.
+ * qos 0: sent to the sessions online now, through their nodes' channels, in one script call
+ * that expands the target too; not stored.
  */
 import { randomUUID } from 'node:crypto';
-import type { Redis } from 'ioredis';
 import { ProtocolError, pack } from '../../protocol/index.ts';
-import type { Keys } from '../keys.ts';
 import type { Fanout, Outbox, PublishEntry, SessionPublishResult, StoredEvent } from './outbox.ts';
 
 /**
- * Who an event goes to, as far as it is known before the publish: for qos 1 a fanout the
- * publish script expands to sessions (a username is resolved to its user id first), for qos 0
- * the live sessions.
+ * Who an event goes to, as far as it is known before the publish: a fanout the script expands
+ * to sessions (a username is resolved to its user id first); `to` for qos 1 (publish.lua),
+ * `now` for qos 0 (publish-now.lua).
  */
-export type Recipients = { to: Fanout } | { sids: string[] };
+export type Recipients = { to: Fanout } | { now: Fanout };
 
 /** Who an event is for. `user` is a user id; `username` is resolved to it. */
 export type Target =
@@ -62,14 +61,10 @@ export interface PublishOutcome {
   dropped: { sessionId: string; event: StoredEvent }[];
 }
 
-/** How targets resolve to live sessions: identity knows users' sessions. */
+/** How a username target resolves (identity knows users; the scripts expand the rest). */
 export interface SessionDirectory {
-  /** Live session ids of a user (empty if none). */
-  sessionsOfUser(userId: string): Promise<string[]>;
   /** The user id of a username, or null. */
   userIdOf(username: string): Promise<string | null>;
-  /** Whether a session is live. */
-  sessionAlive(sessionId: string): Promise<boolean>;
 }
 
 const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -154,64 +149,46 @@ function outcomeOf(eid: string, results: SessionPublishResult[]): PublishOutcome
 
 export class Publisher {
   constructor(
-    private readonly redis: Redis,
-    private readonly keys: Keys,
     private readonly outbox: Outbox,
     private readonly directory: SessionDirectory,
   ) {}
 
-  /** Resolves a target to live session ids; `not_found` when there are none. */
-  async resolve(target: Target): Promise<string[]> {
-    let sids: string[];
-    if ('session' in target)
-      sids = (await this.directory.sessionAlive(target.session)) ? [target.session] : [];
-    else if ('device' in target) {
-      const sid = await this.redis.get(this.keys.device(target.device));
-      sids = sid ? [sid] : [];
-    } else if ('user' in target) sids = await this.directory.sessionsOfUser(target.user);
-    else if ('username' in target) {
-      const uid = await this.directory.userIdOf(target.username);
-      sids = uid ? await this.directory.sessionsOfUser(uid) : [];
-    } else sids = await this.redis.zrange(this.keys.roomMembers(target.room), '0', '-1');
-    if (sids.length === 0) throw new ProtocolError('not_found', 'the target has no live session');
-    return sids;
-  }
-
   /**
-   * Who an event goes to. A qos-1 event needs no look-up in Redis first: the publish script
-   * expands the target to sessions and skips those that are gone, in the same step as it
-   * stores the event. Only a username is resolved to its user id (remembered, user-ids.ts).
+   * Who an event goes to. No look-up in Redis first: the script (publish.lua for qos 1,
+   * publish-now.lua for qos 0) expands the target to sessions and skips those that are gone,
+   * in the same step as it stores or sends the event. Only a username is resolved to its user
+   * id (remembered, user-ids.ts).
    */
   async recipientsFor(target: Target, input: EventInput): Promise<Recipients> {
-    if (input.qos === 0) return { sids: await this.resolve(target) };
     const now = this.recipientsNow(target, input);
     if (now) return now;
     const user = await this.directory.userIdOf((target as { username: string }).username);
     if (!user) throw new ProtocolError('not_found', 'the target has no live session');
-    return { to: { user } };
+    return input.qos === 0 ? { now: { user } } : { to: { user } };
   }
 
-  /** `recipientsFor` when it needs no look-up (a qos-1 event to anything but a username), else undefined. */
+  /** `recipientsFor` when it needs no look-up (a target other than a username), else undefined. */
   private recipientsNow(target: Target, input: EventInput): Recipients | undefined {
-    return input.qos === 0 || 'username' in target ? undefined : { to: target };
+    if ('username' in target) return undefined;
+    return input.qos === 0 ? { now: target } : { to: target };
   }
 
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
     return this.publishTo(await this.recipientsFor(target, input), input);
   }
 
-  /** Publishes to what `recipientsFor` found: qos 0 to `sids`, qos 1 through the script. */
+  /** Publishes to what `recipientsFor` found: qos 0 sent now, qos 1 stored first. */
   async publishTo(recipients: Recipients, input: EventInput): Promise<PublishOutcome> {
     const now = Date.now();
     const event = storedEvent(input, now);
-    if ('sids' in recipients) return this.publishNow(recipients.sids, event);
+    if ('now' in recipients) return this.publishNow(recipients.now, event);
     const e = entry(recipients.to, event, input, now);
     return outcomeOf(event.eid, await this.outbox.publishTo(e.to, event, e.receipt, e.expiresAtMs, e.newEid));
   }
 
   /**
    * Publishes many events at once, each settling on its own (a target without a live session
-   * fails its item only). Only usernames (and qos-0 targets) are looked up first, concurrently;
+   * fails its item only). Only usernames are looked up first, concurrently;
    * then the qos-1 events go to the outbox in the given order as one batch with one promise
    * (Outbox.publishMany) rather than a chain per event, so they share script calls and events
    * to one session keep their order.
@@ -245,9 +222,9 @@ export class Publisher {
       const r = recipients[i];
       if (!r) return;
       const event = storedEvent(input, now);
-      if ('sids' in r) {
+      if ('now' in r) {
         (qos0 ??= []).push(
-          this.publishNow(r.sids, event).then(
+          this.publishNow(r.now, event).then(
             (value) => {
               out[i] = { status: 'fulfilled', value };
             },
@@ -278,24 +255,9 @@ export class Publisher {
   }
 
   /** qos 0: sent to the sessions online now, through their nodes' channels; not stored. */
-  private async publishNow(sids: string[], event: StoredEvent): Promise<PublishOutcome> {
-    const outcome: PublishOutcome = {
-      eid: event.eid,
-      sessions: sids.length,
-      accepted: 0,
-      rejected: 0,
-      dropped: [],
-    };
-    const packed = pack(event);
-    const nodes = await this.redis.mget(sids.map((s) => this.keys.sessionNode(s)));
-    const pipe = this.redis.pipeline();
-    sids.forEach((sid, i) => {
-      const node = nodes[i];
-      if (!node) return;
-      outcome.accepted++;
-      pipe.publish(this.keys.nodeChannel(node), Buffer.concat([Buffer.from(`e${sid}\n`), packed]));
-    });
-    await pipe.exec();
-    return outcome;
+  private async publishNow(to: Fanout, event: StoredEvent): Promise<PublishOutcome> {
+    const { sessions, sent } = await this.outbox.publishNow(to, pack(event));
+    if (sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
+    return { eid: event.eid, sessions, accepted: sent, rejected: 0, dropped: [] };
   }
 }

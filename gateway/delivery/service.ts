@@ -294,6 +294,10 @@ export class DeliveryService {
       nodeId: gateway.nodeId,
       claim: (to) => this.claimSends(to),
       settle: (claim, eid, grant) => this.settleSend(claim as PumpClaim, eid, grant),
+      sendNow: (sid, message) => {
+        const pump = this.pumps.get(sid);
+        if (pump && pump.conn.state === ConnState.open) this.sendEvent(pump.conn, message, 0);
+      },
     };
     this.deps.outbox.direct = direct;
     await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));

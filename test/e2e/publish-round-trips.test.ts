@@ -141,6 +141,83 @@ test('a send and a back-end publish to a device, user, username or room: one scr
   );
 });
 
+test('a qos-0 publish to a session, device, user, username or room: one script call, no look-up before it; sent to who is online', async () => {
+  const receiver = await connected(gw.tcpUrl);
+  const offline = await connected(gw.tcpUrl);
+  clients.push(receiver, offline);
+  const device = `q0-${randomUUID().slice(0, 8)}`;
+  const r = await signUp(receiver, { id: device });
+  // A second session of the same user, whose connection goes: it is counted, and not sent to.
+  const o = await offline.request<{ sessionId: string }>('login', {
+    username: r.username,
+    password: 'correct horse battery',
+  });
+  const room = `#q0${randomUUID().slice(0, 6)}`;
+  await receiver.request('join', { room });
+  offline.destroy();
+  await until('the second session offline', async () => {
+    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body: JSON.stringify({ target: { session: o.sessionId }, name: 'q0.probe', qos: 0 }),
+    });
+    return ((await res.json()) as { results: { accepted?: number }[] }).results[0].accepted === 0;
+  });
+  const got: EventMsg[] = [];
+  receiver.on('event', (e: EventMsg) => got.push(e));
+  await publish({ device }, 'q0-warm-up', { qos: 0 });
+  await until('the warm-up event', () => got.length >= 1);
+
+  const targets = [
+    { session: r.sessionId },
+    { device },
+    { user: r.userId },
+    { username: r.username },
+    { room },
+  ];
+  const watch = await monitor(redis.port);
+  const answers: { sessions?: number; accepted?: number }[] = [];
+  for (const [k, target] of targets.entries()) {
+    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body: JSON.stringify({ target, name: 'q0.test', data: { k }, qos: 0 }),
+    });
+    assert.equal(res.status, 202, await res.clone().text());
+    answers.push(((await res.json()) as { results: { sessions?: number; accepted?: number }[] }).results[0]);
+  }
+  await until(
+    'the five qos-0 events at the receiver',
+    () => got.filter((e) => e.name === 'q0.test').length >= 5,
+  );
+  await watch.stop();
+
+  const mine = got.filter((e) => e.name === 'q0.test');
+  assert.deepEqual(
+    mine.map((e) => [(e.data as { k: number }).k, e.qos]),
+    targets.map((_, k) => [k, 0]),
+  );
+  // The user's two sessions are both live; only the connected one was sent to.
+  assert.deepEqual(
+    answers.map((a) => [a.sessions, a.accepted]),
+    [
+      [1, 1],
+      [1, 1],
+      [2, 1],
+      [2, 1],
+      [1, 1],
+    ],
+  );
+  // One call each, and nothing before it: no read of the session, the device key, the user's
+  // sessions, the room's members or the sessions' nodes, and no PUBLISH, from the gateway.
+  const calls = watch.seen.filter((s) => s.command !== 'echo');
+  assert.deepEqual(
+    calls.map((s) => s.command),
+    Array(targets.length).fill('evalsha'),
+    calls.map((s) => `${s.command} ${s.args.slice(0, 3).join(' ')}`).join('; '),
+  );
+});
+
 test('a say is one round trip: its publish and its history write run in one script call', async () => {
   const a = await connected(gw.tcpUrl);
   const b = await connected(gw.tcpUrl);

@@ -21,9 +21,9 @@ import {
   type StoredEvent,
 } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
-import { unpack } from '../../protocol/index.ts';
+import { pack, unpack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
-import { within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:batch:${randomUUID().slice(0, 8)}:`;
@@ -51,6 +51,12 @@ class Sender implements DirectSender {
     if (!grant) return;
     this.grants.push({ eid, seq: grant.seq });
     this.last.set(claim.sid, grant.seq);
+  }
+  /** qos-0 events this node was given to send: session id and the event's `eid`. */
+  readonly now: { sid: string; eid: string; qos: unknown }[] = [];
+  sendNow(sid: string, message: Buffer): void {
+    const m = unpack(message) as { eid: string; qos: unknown };
+    this.now.push({ sid, eid: m.eid, qos: m.qos });
   }
 }
 
@@ -551,3 +557,121 @@ test('three publishMany batches and 20 single publishes racing in one tick to on
     'stored in the order the publishes were made',
   );
 });
+
+test("qos 0: a tick's publishes in one call; this node's sessions sent here, another node's through its channel, offline and gone ones not", async () => {
+  // A Redis of its own: the test counts the script calls it runs.
+  const own = await startOwnRedis();
+  const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
+  const sub = new Redis(own.url);
+  try {
+    const sender = new Sender();
+    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
+    outbox.direct = sender;
+    const live = async (sid: string, node: string | null) => {
+      await r.hset(keys.session(sid), 'userId', 'u1');
+      if (node) await r.set(keys.sessionNode(sid), node);
+    };
+    const [here, there, offline, gone] = [randomUUID(), randomUUID(), randomUUID(), randomUUID()];
+    await live(here, NODE);
+    await live(there, 'node-b');
+    await live(offline, null);
+    const user = `u-${randomUUID()}`;
+    await r.sadd(keys.userSessions(user), here, there, offline, gone);
+    const device = `d-${randomUUID()}`;
+    await r.set(keys.device(device), here);
+    const room = `#q0${randomUUID().slice(0, 6)}`;
+    await r.zadd(keys.roomMembers(room), 1, here, 1, there);
+
+    const heard: Buffer[] = [];
+    await sub.subscribe(keys.nodeChannel('node-b'));
+    sub.on('messageBuffer', (_channel: Buffer, m: Buffer) => heard.push(m));
+    // The script loaded, so that the calls counted are the publishes' own.
+    await within('a warm-up qos-0 publish', outbox.publishNow({ session: gone }, pack(event('warm-up', 0))));
+    const calls0 = await scriptCalls(r);
+    const targets: Fanout[] = [
+      { session: here },
+      { device },
+      { user },
+      { room },
+      { session: offline },
+      { session: gone },
+    ];
+    const results = await within(
+      'six qos-0 publishes',
+      Promise.all(targets.map((to, i) => outbox.publishNow(to, pack(event(`q0-${i}`, i))))),
+    );
+    assert.equal((await scriptCalls(r)) - calls0, 1, 'script calls for the six publishes of one tick');
+    assert.deepEqual(results, [
+      { sessions: 1, sent: 1 },
+      { sessions: 1, sent: 1 },
+      { sessions: 3, sent: 2 },
+      { sessions: 2, sent: 2 },
+      { sessions: 1, sent: 0 },
+      { sessions: 0, sent: 0 },
+    ]);
+    assert.deepEqual(
+      sender.now.map((n) => [n.sid, n.eid, n.qos]),
+      [
+        [here, 'q0-0', 0],
+        [here, 'q0-1', 0],
+        [here, 'q0-2', 0],
+        [here, 'q0-3', 0],
+      ],
+    );
+    await until("two messages on the other node's channel", () => heard.length >= 2);
+    assert.deepEqual(
+      heard.map((m) => {
+        const nl = m.indexOf(0x0a);
+        return [m.toString('utf8', 0, nl), (unpack(m.subarray(nl + 1)) as StoredEvent).eid];
+      }),
+      [
+        [`e${there}`, 'q0-2'],
+        [`e${there}`, 'q0-3'],
+      ],
+    );
+    // The gone session is pruned from the user's set, as publish.lua does.
+    assert.deepEqual((await r.smembers(keys.userSessions(user))).sort(), [here, there, offline].sort());
+  } finally {
+    sub.disconnect();
+    r.disconnect();
+    await own.remove();
+  }
+});
+
+test('qos 0 with Redis gone: every publish of the tick rejected with the error', async () => {
+  const own = await startOwnRedis();
+  const r = new Redis(own.url, {
+    maxRetriesPerRequest: 0,
+    enableOfflineQueue: false,
+    retryStrategy: () => null,
+  });
+  r.on('error', () => {});
+  try {
+    await within('the client connected', new Promise((res) => r.once('ready', res)));
+    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
+    const ended = new Promise((res) => r.once('end', res));
+    await own.kill('SIGKILL');
+    await within('the client sees the server gone', ended);
+    const settled = await within(
+      'three qos-0 publishes against a gone Redis',
+      Promise.allSettled([0, 1, 2].map((i) => outbox.publishNow({ session: 's' }, pack(event(`x${i}`, i))))),
+    );
+    assert.deepEqual(
+      settled.map((x) => x.status),
+      ['rejected', 'rejected', 'rejected'],
+    );
+  } finally {
+    r.disconnect();
+    await own.remove();
+  }
+});
+
+/** EVALSHA and EVAL calls a Redis has run so far (INFO commandstats). */
+async function scriptCalls(r: Redis): Promise<number> {
+  let n = 0;
+  for (const line of (await r.info('commandstats')).split('\n')) {
+    const m = /^cmdstat_(evalsha|eval):calls=(\d+)/.exec(line);
+    if (m) n += Number(m[2]);
+  }
+  return n;
+}
