@@ -192,20 +192,69 @@ test('PostgreSQL frozen: overloaded with retryAfter; ping, publish, say and send
   );
 });
 
-test('Redis stopped: overloaded with retryAfter, then recovery', async () => {
+/** A `say` answered with an error, not left waiting: its code and how long it took. */
+async function sayFails(): Promise<{ code: string; ms: number }> {
+  const t0 = Date.now();
+  const err = await within(
+    'a say answered in the outage',
+    device.request('say', { room: ROOM, body: 'in the outage' }, { timeoutMs: DEADLINE_MS }).then(
+      () => null,
+      (e: { code: string }) => e,
+    ),
+  );
+  assert.ok(err, 'a say succeeded without Redis');
+  return { code: err.code, ms: Date.now() - t0 };
+}
+
+/** A `say` once Redis is back: answered, and heard in the room. */
+async function sayHeard(body: string): Promise<void> {
+  const end = Date.now() + 20000;
+  for (;;) {
+    const n = roomEvents.length;
+    const ok = await device.request('say', { room: ROOM, body }, { timeoutMs: DEADLINE_MS }).then(
+      () => true,
+      () => false,
+    );
+    if (ok) {
+      while (!roomEvents.slice(n).some((e) => (e.data as { body?: string }).body === body)) {
+        if (Date.now() > end) throw new Error('the say after recovery never came back to the room');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      return;
+    }
+    if (Date.now() > end) throw new Error('a say after recovery still fails');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+test('Redis stopped: overloaded with retryAfter, then recovery; a say fails fast, then is heard again', async () => {
+  let failed: { code: string; ms: number } | undefined;
   await outage(
     'redis stopped',
     'redis',
     () => redis.kill('SIGTERM'),
     () => redis.start(),
+    async () => {
+      failed = await sayFails();
+    },
   );
+  console.log(`redis stopped: a say answered ${failed?.code} in ${failed?.ms} ms`);
+  assert.equal(failed?.code, 'overloaded');
+  await sayHeard('after the restart');
 });
 
-test('Redis frozen: overloaded with retryAfter, then recovery', async () => {
+test('Redis frozen: overloaded with retryAfter, then recovery; a say fails at its deadline, then is heard again', async () => {
+  let failed: { code: string; ms: number } | undefined;
   await outage(
     'redis frozen',
     'redis',
     () => redis.freeze(),
     () => redis.thaw(),
+    async () => {
+      failed = await sayFails();
+    },
   );
+  console.log(`redis frozen: a say answered ${failed?.code} in ${failed?.ms} ms`);
+  assert.equal(failed?.code, 'overloaded');
+  await sayHeard('after the thaw');
 });
