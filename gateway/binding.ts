@@ -6,7 +6,8 @@
  * as another session) touch the keys of several services: the session's node key (delivery),
  * the presence record and the node's session set (presence), the default room and the rooms
  * the connection is in (rooms), the device's usage counters and the kick of the session's other
- * connections. Each used to make its own calls: about 14 round trips and 27 commands sent per
+ * connections; room events (every `say`, and the joins and leaves announced) go the same way.
+ * Each used to make its own calls: about 14 round trips and 27 commands sent per
  * `resume` on a connection that had a session. Here each service defines its operations once
  * as Lua (`define`, before the first `run`) and adds them with `run`; everything added in one
  * tick is one EVALSHA, whose operations run in the order added, each as if alone, and each
