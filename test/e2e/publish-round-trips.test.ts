@@ -261,14 +261,20 @@ test('a say is one round trip: its publish and its history write run in one scri
   assert.deepEqual(apart, [], 'publishes of a say not followed by its history write in the same script');
 });
 
-test('the says of one tick, from several connections, go in one script call, each sender heard in order', async (t) => {
-  const senders: GatewayClient[] = [];
-  for (let i = 0; i < 4; i++) {
+/** `n` connected devices, each signed up with an account of its own. */
+async function signedUp(n: number): Promise<GatewayClient[]> {
+  const out: GatewayClient[] = [];
+  for (let i = 0; i < n; i++) {
     const c = await connected(gw.tcpUrl);
     clients.push(c);
-    senders.push(c);
+    out.push(c);
     await signUp(c);
   }
+  return out;
+}
+
+test('the says of one tick, from several connections, go in one script call, each sender heard in order', async (t) => {
+  const senders = await signedUp(4);
   const listener = await connected(gw.tcpUrl);
   clients.push(listener);
   await signUp(listener);
@@ -314,13 +320,7 @@ test('sends pipelined from several devices to one: every event goes out from its
   const receiver = await connected(gw.tcpUrl, { autoAck: true });
   clients.push(receiver);
   const r = await signUp(receiver);
-  const senders: GatewayClient[] = [];
-  for (let i = 0; i < 4; i++) {
-    const c = await connected(gw.tcpUrl);
-    clients.push(c);
-    senders.push(c);
-    await signUp(c);
-  }
+  const senders = await signedUp(4);
   let got = 0;
   receiver.on('event', () => got++);
   await senders[0].request('send', { to: r.username, body: 'warm-up' });

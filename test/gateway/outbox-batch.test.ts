@@ -448,7 +448,8 @@ test('publishMany: 300 events (two calls) with one promise, each settled in orde
   assert.deepEqual(await within('an empty batch', outbox.publishMany([])), []);
 });
 
-test('publishMany with Redis gone: every entry rejected with the error, none thrown', async () => {
+/** Runs `fn` with an outbox whose Redis was killed with SIGKILL after its client connected. */
+async function withGoneRedis(fn: (outbox: Outbox) => Promise<void>): Promise<void> {
   const own = await startOwnRedis();
   const r = new Redis(own.url, {
     maxRetriesPerRequest: 0,
@@ -462,6 +463,15 @@ test('publishMany with Redis gone: every entry rejected with the error, none thr
     const ended = new Promise((res) => r.once('end', res));
     await own.kill('SIGKILL');
     await within('the client sees the server gone', ended);
+    await fn(outbox);
+  } finally {
+    r.disconnect();
+    await own.remove();
+  }
+}
+
+test('publishMany with Redis gone: every entry rejected with the error, none thrown', () =>
+  withGoneRedis(async (outbox) => {
     const settled = await within(
       'three publishes against a gone Redis',
       outbox.publishMany(
@@ -478,11 +488,7 @@ test('publishMany with Redis gone: every entry rejected with the error, none thr
       settled.map((s) => s.status),
       ['rejected', 'rejected', 'rejected'],
     );
-  } finally {
-    r.disconnect();
-    await own.remove();
-  }
-});
+  }));
 
 test('publishMany: an event that cannot be packed fails alone, before anything of it is queued; the others are stored', async () => {
   const outbox = outboxOf(1000, 'reject');
@@ -638,20 +644,8 @@ test("qos 0: a tick's publishes in one call; this node's sessions sent here, ano
   }
 });
 
-test('qos 0 with Redis gone: every publish of the tick rejected with the error', async () => {
-  const own = await startOwnRedis();
-  const r = new Redis(own.url, {
-    maxRetriesPerRequest: 0,
-    enableOfflineQueue: false,
-    retryStrategy: () => null,
-  });
-  r.on('error', () => {});
-  try {
-    await within('the client connected', new Promise((res) => r.once('ready', res)));
-    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
-    const ended = new Promise((res) => r.once('end', res));
-    await own.kill('SIGKILL');
-    await within('the client sees the server gone', ended);
+test('qos 0 with Redis gone: every publish of the tick rejected with the error', () =>
+  withGoneRedis(async (outbox) => {
     const settled = await within(
       'three qos-0 publishes against a gone Redis',
       Promise.allSettled([0, 1, 2].map((i) => outbox.publishNow({ session: 's' }, pack(event(`x${i}`, i))))),
@@ -660,11 +654,7 @@ test('qos 0 with Redis gone: every publish of the tick rejected with the error',
       settled.map((x) => x.status),
       ['rejected', 'rejected', 'rejected'],
     );
-  } finally {
-    r.disconnect();
-    await own.remove();
-  }
-});
+  }));
 
 /** EVALSHA and EVAL calls a Redis has run so far (INFO commandstats). */
 async function scriptCalls(r: Redis): Promise<number> {
