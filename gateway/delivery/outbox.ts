@@ -358,19 +358,8 @@ export class Outbox {
   ): Promise<SessionPublishResult[]> {
     const packed = pack(event);
     return new Promise((resolve, reject) => {
-      const waiter = new OneWaiter(resolve, reject);
       const first = this.pendingPublishes.length === 0;
-      this.pendingPublishes.push({
-        to,
-        event,
-        packed,
-        receipt,
-        expiresAtMs,
-        newEid,
-        claims: [],
-        waiter,
-        index: 0,
-      });
+      this.queue(to, event, packed, receipt, expiresAtMs, newEid, new OneWaiter(resolve, reject), 0);
       if (first) this.publishesWaiting();
     });
   }
@@ -393,19 +382,33 @@ export class Outbox {
           waiter.rejected(index, err);
           return;
         }
-        this.pendingPublishes.push({
-          to: e.to,
-          event: e.event,
-          packed,
-          receipt: e.receipt,
-          expiresAtMs: e.expiresAtMs,
-          newEid: e.newEid,
-          claims: [],
-          waiter,
-          index,
-        });
+        this.queue(e.to, e.event, packed, e.receipt, e.expiresAtMs, e.newEid, waiter, index);
       });
       if (first && this.pendingPublishes.length > 0) this.publishesWaiting();
+    });
+  }
+
+  /** Adds a publish to the next call (its fields as arguments: no entry object made per event). */
+  private queue(
+    to: Fanout,
+    event: StoredEvent,
+    packed: Buffer,
+    receipt: boolean,
+    expiresAtMs: number,
+    newEid: boolean,
+    waiter: PublishWaiter,
+    index: number,
+  ): void {
+    this.pendingPublishes.push({
+      to,
+      event,
+      packed,
+      receipt,
+      expiresAtMs,
+      newEid,
+      claims: [],
+      waiter,
+      index,
     });
   }
 

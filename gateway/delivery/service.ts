@@ -295,8 +295,8 @@ export class DeliveryService {
       claim: (to) => this.claimSends(to),
       settle: (claim, eid, grant) => this.settleSend(claim as PumpClaim, eid, grant),
       sendNow: (sid, message) => {
-        const pump = this.pumps.get(sid);
-        if (pump && pump.conn.state === ConnState.open) this.sendEvent(pump.conn, message, 0);
+        const pump = this.openPump(sid);
+        if (pump) this.sendEvent(pump.conn, message, 0);
       },
     };
     this.deps.outbox.direct = direct;
@@ -811,6 +811,12 @@ export class DeliveryService {
     return { node };
   }
 
+  /** The pump of session `sid` on this node, if its connection is open (qos-0 events go to it). */
+  private openPump(sid: string): SessionPump | undefined {
+    const pump = this.pumps.get(sid);
+    return pump && pump.conn.state === ConnState.open ? pump : undefined;
+  }
+
   private onNodeMessage(message: Buffer): void {
     const kind = message[0];
     if (kind === 0x6e /* n: outbox has news */) {
@@ -821,8 +827,8 @@ export class DeliveryService {
       this.resend(sid, eid);
     } else if (kind === 0x65 /* e: qos-0 event */) {
       const nl = message.indexOf(0x0a);
-      const pump = this.pumps.get(message.toString('utf8', 1, nl));
-      if (pump && pump.conn.state === ConnState.open) {
+      const pump = this.openPump(message.toString('utf8', 1, nl));
+      if (pump) {
         // Anyone with access to Redis can publish on the channel: the event is read whole
         // before it is sent (a bad one throws, and the bus logs it), unlike the outbox's.
         const fields = message.subarray(nl + 1);
