@@ -644,6 +644,60 @@ test("qos 0: a tick's publishes in one call; this node's sessions sent here, ano
   }
 });
 
+test('qos 0, racing: 300 publishes in one tick to one session here and one on another node go in two calls (256 at most), each settled, each sent once in the order made', async () => {
+  const own = await startOwnRedis();
+  const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
+  const sub = new Redis(own.url);
+  try {
+    const sender = new Sender();
+    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
+    outbox.direct = sender;
+    const [here, there] = [randomUUID(), randomUUID()];
+    for (const [sid, node] of [
+      [here, NODE],
+      [there, 'node-b'],
+    ]) {
+      await r.hset(keys.session(sid), 'userId', 'u1');
+      await r.set(keys.sessionNode(sid), node);
+    }
+    const heard: string[] = [];
+    await sub.subscribe(keys.nodeChannel('node-b'));
+    sub.on('messageBuffer', (_channel: Buffer, m: Buffer) =>
+      heard.push((unpack(m.subarray(m.indexOf(0x0a) + 1)) as StoredEvent).eid),
+    );
+    await within('a warm-up qos-0 publish', outbox.publishNow({ session: here }, pack(event('warm-up', 0))));
+    sender.now.length = 0;
+    const calls0 = await scriptCalls(r);
+    const N = 300;
+    const results = await within(
+      `${N} qos-0 publishes`,
+      Promise.all(
+        Array.from({ length: N }, (_, i) =>
+          outbox.publishNow({ session: i % 2 === 0 ? here : there }, pack(event(`r${i}`, i))),
+        ),
+      ),
+    );
+    assert.equal((await scriptCalls(r)) - calls0, 2, `script calls for ${N} publishes of one tick`);
+    assert.ok(
+      results.every((x) => x.sessions === 1 && x.sent === 1),
+      'each publish reached its session',
+    );
+    const even = Array.from({ length: N / 2 }, (_, k) => `r${2 * k}`);
+    const odd = Array.from({ length: N / 2 }, (_, k) => `r${2 * k + 1}`);
+    assert.deepEqual(
+      sender.now.map((n) => n.eid),
+      even,
+      "this node's session sent each of its events once, in order",
+    );
+    await until(`${N / 2} messages on the other node's channel`, () => heard.length >= N / 2);
+    assert.deepEqual(heard, odd, "the other node's session sent each of its events once, in order");
+  } finally {
+    sub.disconnect();
+    r.disconnect();
+    await own.remove();
+  }
+});
+
 test('qos 0 with Redis gone: every publish of the tick rejected with the error', () =>
   withGoneRedis(async (outbox) => {
     const settled = await within(
