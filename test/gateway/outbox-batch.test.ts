@@ -564,8 +564,20 @@ test('three publishMany batches and 20 single publishes racing in one tick to on
   );
 });
 
-test("qos 0: a tick's publishes in one call; this node's sessions sent here, another node's through its channel, offline and gone ones not", async () => {
-  // A Redis of its own: the test counts the script calls it runs.
+/**
+ * Runs `fn` against a Redis of the test's own (its script calls are counted), with an outbox on
+ * node NODE (`sender` records what it is given to send), a subscriber connection, and `live`,
+ * which makes a session live, held by `node` or offline (null).
+ */
+async function withNodeRedis(
+  fn: (c: {
+    r: Redis;
+    sub: Redis;
+    outbox: Outbox;
+    sender: Sender;
+    live: (sid: string, node: string | null) => Promise<void>;
+  }) => Promise<void>,
+): Promise<void> {
   const own = await startOwnRedis();
   const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
   const sub = new Redis(own.url);
@@ -577,6 +589,16 @@ test("qos 0: a tick's publishes in one call; this node's sessions sent here, ano
       await r.hset(keys.session(sid), 'userId', 'u1');
       if (node) await r.set(keys.sessionNode(sid), node);
     };
+    await fn({ r, sub, outbox, sender, live });
+  } finally {
+    sub.disconnect();
+    r.disconnect();
+    await own.remove();
+  }
+}
+
+test("qos 0: a tick's publishes in one call; this node's sessions sent here, another node's through its channel, offline and gone ones not", async () => {
+  await withNodeRedis(async ({ r, sub, outbox, sender, live }) => {
     const [here, there, offline, gone] = [randomUUID(), randomUUID(), randomUUID(), randomUUID()];
     await live(here, NODE);
     await live(there, 'node-b');
@@ -637,29 +659,14 @@ test("qos 0: a tick's publishes in one call; this node's sessions sent here, ano
     );
     // The gone session is pruned from the user's set, as publish.lua does.
     assert.deepEqual((await r.smembers(keys.userSessions(user))).sort(), [here, there, offline].sort());
-  } finally {
-    sub.disconnect();
-    r.disconnect();
-    await own.remove();
-  }
+  });
 });
 
 test('qos 0, racing: 300 publishes in one tick to one session here and one on another node go in two calls (256 at most), each settled, each sent once in the order made', async () => {
-  const own = await startOwnRedis();
-  const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
-  const sub = new Redis(own.url);
-  try {
-    const sender = new Sender();
-    const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
-    outbox.direct = sender;
+  await withNodeRedis(async ({ r, sub, outbox, sender, live }) => {
     const [here, there] = [randomUUID(), randomUUID()];
-    for (const [sid, node] of [
-      [here, NODE],
-      [there, 'node-b'],
-    ]) {
-      await r.hset(keys.session(sid), 'userId', 'u1');
-      await r.set(keys.sessionNode(sid), node);
-    }
+    await live(here, NODE);
+    await live(there, 'node-b');
     const heard: string[] = [];
     await sub.subscribe(keys.nodeChannel('node-b'));
     sub.on('messageBuffer', (_channel: Buffer, m: Buffer) =>
@@ -691,11 +698,7 @@ test('qos 0, racing: 300 publishes in one tick to one session here and one on an
     );
     await until(`${N / 2} messages on the other node's channel`, () => heard.length >= N / 2);
     assert.deepEqual(heard, odd, "the other node's session sent each of its events once, in order");
-  } finally {
-    sub.disconnect();
-    r.disconnect();
-    await own.remove();
-  }
+  });
 });
 
 test('qos 0 with Redis gone: every publish of the tick rejected with the error', () =>
