@@ -19,6 +19,13 @@ export const QueueName = {
   maintenance: 'gw-maintenance',
 } as const;
 
+/**
+ * How long a BullMQ worker waits before it fetches again after a connection error: BullMQ's
+ * default, 15 s, left the sweep, retries and `gw-publish` jobs idle that long after Redis came
+ * back (ioredis reconnects within 2 s). A fetch a second while Redis is away costs nothing.
+ */
+export const WORKER_RETRY_MS = 1000;
+
 export class Keys {
   constructor(readonly prefix: string) {}
 

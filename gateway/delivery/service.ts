@@ -20,7 +20,7 @@ import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
 import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
-import { type Keys, QueueName } from '../keys.ts';
+import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape } from '../metrics.ts';
 import { InflightWindow } from './inflight.ts';
@@ -306,11 +306,13 @@ export class DeliveryService {
       connection,
       prefix: keys.bullPrefix,
       concurrency: 50,
+      runRetryDelay: WORKER_RETRY_MS,
     });
     this.publishWorker = new Worker(QueueName.publish, (job) => this.processPublishJob(job), {
       connection,
       prefix: keys.bullPrefix,
       concurrency: 50,
+      runRetryDelay: WORKER_RETRY_MS,
     });
     for (const w of [this.retryWorker, this.publishWorker]) {
       w.on('error', (e) => logFailure(this.deps.log, e, { queue: w.name }, 'queue worker error'));

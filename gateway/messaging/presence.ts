@@ -11,7 +11,7 @@ import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
-import { type Keys, QueueName } from '../keys.ts';
+import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
 export interface PresenceRecord {
@@ -122,6 +122,7 @@ export class Presence {
     this.worker = new Worker(QueueName.maintenance, (job) => this.sweep(job), {
       connection: this.deps.bullConnection,
       prefix: keys.bullPrefix,
+      runRetryDelay: WORKER_RETRY_MS,
     });
     this.worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
   }

@@ -117,7 +117,10 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
       'the dead node swept',
       async () => (await read('the nodes', (r) => r.zscore(nodes, dead))) === null,
       15_000,
-    );
+    ).catch((e: Error) => {
+      // Say what the gateway was doing: its last log lines.
+      throw new Error(`${e.message}; the gateway's last lines: ${JSON.stringify(g.logs.slice(-8))}`);
+    });
     assert.ok((await read('the scheduler', (r) => r.zcard(schedulerKey))) > 0, 'the schedule is set again');
     assert.equal(stderr, '', 'the gateway wrote to stderr');
   } finally {
