@@ -503,6 +503,12 @@ const SETTINGS = {
     'Prefix of every Redis key and channel, so tenants and tests can share one Redis.',
     z.string().min(1).max(64).default('gw:'),
   ),
+  accessLogFlushMs: setting(
+    'GW_ACCESS_LOG_FLUSH_MS',
+    '1000',
+    'The HTTP access log (a line per request) is written in blocks of a few KiB, at least this often (ms), instead of a write to stdout per request; what it holds is written at shutdown and exit, and lost only if the process is killed outright (SIGKILL). 0: each line at once.',
+    int(0, 60000).default(1000),
+  ),
   logLevel: setting(
     'GW_LOG_LEVEL',
     'info',

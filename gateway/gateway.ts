@@ -23,7 +23,7 @@ import {
 } from './connection.ts';
 import { logFailure } from './faults.ts';
 import { RouteTable } from './http/routes.ts';
-import type { Logger } from './log.ts';
+import { type AccessLog, createAccessLog, type Logger } from './log.ts';
 import { collectProcessMetrics, GatewayMetrics } from './metrics.ts';
 import { listenTcp, type TcpAcceptor } from './transport/tcp.ts';
 import { mountWebSocket } from './transport/ws.ts';
@@ -68,6 +68,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   readonly app: uWS.TemplatedApp;
   /** Every HTTP route mounted on `app`, for the 404/405/HEAD answers. */
   private readonly routes: RouteTable;
+  /** The HTTP access log, written in blocks (`GW_ACCESS_LOG_FLUSH_MS`). */
+  private readonly accessLog: AccessLog;
   readonly metrics = new Registry();
   /** The wire's, identity's and HTTP's metrics in `metrics` (gateway/metrics.ts). */
   readonly counters = new GatewayMetrics(this.metrics);
@@ -118,7 +120,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.fingerprint = options.fingerprint;
     this.log = options.log;
     this.app = uWS.App();
-    this.routes = new RouteTable(this.app, this.log, this.counters);
+    this.accessLog = createAccessLog(this.log, c.accessLogFlushMs);
+    this.routes = new RouteTable(this.app, this.accessLog.log, this.counters);
     collectProcessMetrics(this.metrics);
     this.connectionsOpen = new Gauge({
       name: 'gateway_connections_open',
@@ -501,5 +504,11 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     await new Promise<void>((resolve) =>
       this.metricsServer ? this.metricsServer.close(() => resolve()) : resolve(),
     );
+    this.flushLogs();
+  }
+
+  /** Writes out the access lines held (shutdown, and the process's exit however it comes). */
+  flushLogs(): void {
+    this.accessLog.flush();
   }
 }

@@ -41,6 +41,9 @@ async function main(): Promise<void> {
     'crypto backend',
   );
   const { gateway, ports } = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
+  // Every exit (a second signal, the shutdown deadline, an uncaught exception) writes out the
+  // access lines held; only a SIGKILL loses them.
+  process.on('exit', () => gateway.flushLogs());
   let signals = 0;
   const stop = (signal: string) => {
     // A worker may hear of one shutdown twice (SIGTERM to the whole group and the

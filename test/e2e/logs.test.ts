@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import type { Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -86,4 +86,17 @@ test('logins, lockouts, kicks, login codes, session ends and HTTP requests are l
 
   other.destroy();
   c.destroy();
+});
+
+test('access lines held in the buffer are written when the gateway stops', async () => {
+  // A minute between flushes: only the shutdown writes them.
+  const g = await startGateway({ GW_LOG_LEVEL: 'info', GW_ACCESS_LOG_FLUSH_MS: '60000' });
+  const tag = randomUUID();
+  for (let i = 0; i < 10; i++) await fetchWithin(`http://127.0.0.1:${g.httpPort}/nowhere/${tag}`);
+  // Ten lines (~160 bytes each) are under the ~3 KiB written at once: still held.
+  await new Promise((r) => setTimeout(r, 300));
+  const heard = () => g.logs.filter((l) => l.msg === 'http' && l.status === 404).length;
+  assert.equal(heard(), 0, 'access lines held until the stop');
+  assert.equal(await g.stop(), 0);
+  await until('the 10 access lines written at shutdown', () => heard() === 10, 10_000);
 });
