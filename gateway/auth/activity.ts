@@ -15,7 +15,8 @@ import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
 /** KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is older. */
-const MARK = `
+/** Sets a session's `lastSeenAt` if the session exists and the time is later (exported for tests). */
+export const MARK = `
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'lastSeenAt') or '0')
 if cur and cur >= tonumber(ARGV[1]) then return 0 end
