@@ -1,11 +1,11 @@
 /** What the logs keep and what they hide: secrets by path, never error codes or key names. */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
-import { describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import { createAccessLog, createLogger } from '../../gateway/log.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { until, within } from '../helpers/deadline.ts';
@@ -45,7 +45,15 @@ test('error codes and key names stay readable; passwords, tokens and URLs with c
 });
 
 describe('the access log', () => {
-  const fileOf = () => join(mkdtempSync(join(tmpdir(), 'gw-test-')), 'access.log');
+  const dirs: string[] = [];
+  after(() => {
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  });
+  const fileOf = () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gw-test-'));
+    dirs.push(dir);
+    return join(dir, 'access.log');
+  };
   const linesIn = (file: string) =>
     readFileSync(file, 'utf8')
       .split('\n')
