@@ -296,17 +296,22 @@ describe('limits and lifecycle (own gateway processes)', () => {
   });
 
   test('the identity file is created 0600 once and reused; its fingerprint is logged', async () => {
-    const { mkdtempSync, statSync } = await import('node:fs');
+    const { mkdtempSync, rmSync, statSync } = await import('node:fs');
     const { tmpdir } = await import('node:os');
     const { join } = await import('node:path');
-    const file = join(mkdtempSync(join(tmpdir(), 'gw-id-')), 'id.pem');
-    const a = await startGateway({ GW_IDENTITY_FILE: file });
-    await a.stop();
-    assert.equal(statSync(file).mode & 0o777, 0o600);
-    const b = await startGateway({ GW_IDENTITY_FILE: file });
-    await b.stop();
-    assert.equal(a.fingerprint, b.fingerprint);
-    assert.match(a.fingerprint, /^[0-9a-f]{64}$/);
+    const dir = mkdtempSync(join(tmpdir(), 'gw-id-'));
+    const file = join(dir, 'id.pem');
+    try {
+      const a = await startGateway({ GW_IDENTITY_FILE: file });
+      await a.stop();
+      assert.equal(statSync(file).mode & 0o777, 0o600);
+      const b = await startGateway({ GW_IDENTITY_FILE: file });
+      await b.stop();
+      assert.equal(a.fingerprint, b.fingerprint);
+      assert.match(a.fingerprint, /^[0-9a-f]{64}$/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test('an invalid setting stops start-up with a message naming the variable', async () => {
