@@ -80,16 +80,8 @@ export function createAccessLog(parent: Logger, flushMs: number, dest: number | 
     maxWrite: ACCESS_WRITE_MAX,
     periodicFlush: flushMs,
   });
-  const log = pino(
-    {
-      level: parent.level,
-      base: { pid: process.pid, ...parent.bindings() },
-      timestamp: pino.stdTimeFunctions.isoTime,
-    },
-    stream,
-  );
   return {
-    log,
+    log: createLogger(parent.level, parent.bindings(), stream).child({}, { redact: [] }),
     flush: () => {
       try {
         stream.flushSync();

@@ -14,8 +14,10 @@ import type { Redis } from 'ioredis';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
-/** KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is older. */
-/** Sets a session's `lastSeenAt` if the session exists and the time is later (exported for tests). */
+/**
+ * KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is
+ * older. Exported for tests, which tell its calls apart by its sha.
+ */
 export const MARK = `
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'lastSeenAt') or '0')

@@ -388,7 +388,7 @@ export class Outbox {
     });
   }
 
-  /** Adds a publish to the next call (its fields as arguments: no entry object made per event). */
+  /** Adds a publish to the next call (its fields as arguments: callers make no object to pass). */
   private queue(
     to: Fanout,
     event: StoredEvent,

@@ -91,12 +91,18 @@ test('logins, lockouts, kicks, login codes, session ends and HTTP requests are l
 test('access lines held in the buffer are written when the gateway stops', async () => {
   // A minute between flushes: only the shutdown writes them.
   const g = await startGateway({ GW_LOG_LEVEL: 'info', GW_ACCESS_LOG_FLUSH_MS: '60000' });
-  const tag = randomUUID();
-  for (let i = 0; i < 10; i++) await fetchWithin(`http://127.0.0.1:${g.httpPort}/nowhere/${tag}`);
-  // Ten lines (~160 bytes each) are under the ~3 KiB written at once: still held.
-  await new Promise((r) => setTimeout(r, 300));
-  const heard = () => g.logs.filter((l) => l.msg === 'http' && l.status === 404).length;
-  assert.equal(heard(), 0, 'access lines held until the stop');
-  assert.equal(await g.stop(), 0);
-  await until('the 10 access lines written at shutdown', () => heard() === 10, 10_000);
+  let stopped = false;
+  try {
+    const tag = randomUUID();
+    for (let i = 0; i < 10; i++) await fetchWithin(`http://127.0.0.1:${g.httpPort}/nowhere/${tag}`);
+    // Ten lines (~160 bytes each) are under the ~3 KiB written at once: still held.
+    await new Promise((r) => setTimeout(r, 300));
+    const heard = () => g.logs.filter((l) => l.msg === 'http' && l.status === 404).length;
+    assert.equal(heard(), 0, 'access lines held until the stop');
+    stopped = true;
+    assert.equal(await g.stop(), 0);
+    await until('the 10 access lines written at shutdown', () => heard() === 10, 10_000);
+  } finally {
+    if (!stopped) await g.stop();
+  }
 });

@@ -97,19 +97,15 @@ describe('the access log', () => {
     );
   });
 
-  test('with a flush interval of 0, each line goes through the parent as it comes', () => {
+  test('with a flush interval of 0, each line goes through the parent as it comes', async () => {
     const { lines, stream } = capture();
     const parent = createLogger('info', { node: 'n2' }, stream);
     const access = createAccessLog(parent, 0);
     access.log.info({ route: '/v1/events', password: 'not a field it has' }, 'http');
     access.flush();
-    return new Promise<void>((resolve) =>
-      setImmediate(() => {
-        assert.equal(lines.length, 1);
-        assert.equal(lines[0].node, 'n2');
-        resolve();
-      }),
-    );
+    await new Promise((r) => setImmediate(r));
+    assert.equal(lines.length, 1);
+    assert.equal(lines[0].node, 'n2');
   });
 
   test('processes sharing one pipe never split each other’s lines', async () => {
