@@ -106,3 +106,25 @@ test('access lines held in the buffer are written when the gateway stops', async
     if (!stopped) await g.stop();
   }
 });
+
+test('300 requests at once: one whole access line each, written within the flush interval', async () => {
+  // A gateway of its own, so that every 404 access line is one of these requests.
+  const g = await startGateway({ GW_LOG_LEVEL: 'info' });
+  try {
+    const tag = randomUUID();
+    await Promise.all(
+      Array.from({ length: 300 }, (_, i) =>
+        fetchWithin(`http://127.0.0.1:${g.httpPort}/nowhere/${tag}/${i}`).then((r) => r.text()),
+      ),
+    );
+    const lines = () => g.logs.filter((l) => l.msg === 'http' && l.status === 404);
+    // The default interval (1 s) writes the last block without a stop.
+    await until('300 access lines', () => lines().length >= 300, 10_000);
+    assert.equal(lines().length, 300);
+    // A line the reader could not parse is kept as `{msg: <its text>}`, with no level.
+    const split = g.logs.filter((l) => l.level === undefined);
+    assert.deepEqual(split, [], 'access lines cut or run together');
+  } finally {
+    await g.stop();
+  }
+});
