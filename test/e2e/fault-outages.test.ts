@@ -123,6 +123,15 @@ async function outage(
     assert.ok(Number(http.retryAfter) >= 1, 'Retry-After header');
     assert.equal((http.body as { error: { code: string } }).error.code, 'overloaded');
     await within('the connected device ping', device.ping());
+    // The access log needs neither: the 503 has its line, written within the flush interval.
+    await within(
+      'the access line of the 503 login',
+      gw.waitForLog(
+        (l) =>
+          gw.logs.indexOf(l) >= from && l.msg === 'http' && l.route === '/auth/login' && l.status === 503,
+        DEADLINE_MS,
+      ),
+    );
     await meanwhile();
     // A second round of failures adds no log line: one per outage.
     await tcpLogin();
