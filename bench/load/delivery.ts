@@ -29,7 +29,7 @@
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
  *                             [--members 20] [--paths backend,direct,room] [--modes max,fixed]
- *                             [--processes 1,2] [--qos 1]
+ *                             [--processes 1,2] [--qos 1] [--transport tcp]
  *                             [--json FILE]
  */
 import { execFile, execSync } from 'node:child_process';
@@ -72,11 +72,20 @@ const { values } = parseArgs({
     processes: { type: 'string', default: '1,2' },
     /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
     modes: { type: 'string', default: 'max,fixed' },
+    /** How the gateway's devices connect: `tcp` (framed TCP) or `ws` (WebSocket, uWebSockets.js). */
+    transport: { type: 'string', default: 'tcp' },
     /** Also write the rows as JSON to this file (bench/ab.ts reads it). */
     json: { type: 'string' },
   },
 });
 const PATHS = new Set(String(values.paths).split(','));
+const TRANSPORT = String(values.transport);
+if (TRANSPORT !== 'tcp' && TRANSPORT !== 'ws') {
+  console.error(`--transport must be tcp or ws, not ${JSON.stringify(TRANSPORT)}`);
+  process.exit(2);
+}
+/** The URL the gateway's devices dial. */
+const deviceUrl = (g: { tcpUrl: string; wsUrl: string }) => (TRANSPORT === 'ws' ? g.wsUrl : g.tcpUrl);
 const MODES = new Set(String(values.modes).split(','));
 /** Gateway process counts the back-end max-rate row runs with (1: every row; more: that row again). */
 const PROCESSES = String(values.processes).split(',').map(Number);
@@ -463,14 +472,14 @@ type Made = { sys: System; close: () => Promise<void> };
 
 /** Registers, logs in and connects `count` devices; usernames are also their device ids. */
 async function devices(
-  tcpUrl: string,
+  url: string,
   count: number,
   tag: string,
 ): Promise<{ clients: GatewayClient[]; names: string[] }> {
   const clients: GatewayClient[] = [];
   const names: string[] = [];
   for (let i = 0; i < count; i++) {
-    const c = new GatewayClient({ url: tcpUrl });
+    const c = new GatewayClient({ url });
     await c.connect();
     const username = `${tag}${i}_${Date.now() % 1e6}`;
     await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
@@ -514,7 +523,7 @@ async function startBenchGateway(processes = 1) {
  */
 async function gatewayBackend(processes = 1): Promise<Made> {
   const g = await startBenchGateway(processes);
-  const { clients, names } = await devices(g.tcpUrl, DEVICES, 'dev');
+  const { clients, names } = await devices(deviceUrl(g), DEVICES, 'dev');
   const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
   let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
   const flush = async () => {
@@ -568,8 +577,8 @@ async function gatewayBackend(processes = 1): Promise<Made> {
 /** Device → device: `send` to a username, one sender connection per `loop % SENDERS`. */
 async function gatewayDirect(): Promise<Made> {
   const g = await startBenchGateway();
-  const rx = await devices(g.tcpUrl, RECEIVERS, 'rx');
-  const tx = await devices(g.tcpUrl, SENDERS, 'tx');
+  const rx = await devices(deviceUrl(g), RECEIVERS, 'rx');
+  const tx = await devices(deviceUrl(g), SENDERS, 'tx');
   const sys: System = {
     name: 'gateway',
     serverPid: g.proc.pid!,
@@ -604,8 +613,8 @@ async function gatewayDirect(): Promise<Made> {
  */
 async function gatewayRoom(): Promise<Made> {
   const g = await startBenchGateway();
-  const listeners = await devices(g.tcpUrl, MEMBERS, 'rm');
-  const tx = await devices(g.tcpUrl, SENDERS, 'rs');
+  const listeners = await devices(deviceUrl(g), MEMBERS, 'rm');
+  const tx = await devices(deviceUrl(g), SENDERS, 'rs');
   const room = `#bench-${Date.now().toString(36)}`;
   const all = [...listeners.clients, ...tx.clients];
   for (const c of all) await c.request('join', { room });
@@ -739,7 +748,7 @@ async function main(): Promise<void> {
   );
   console.log(`- ${BACKEND}\n- ${DIRECT}\n- ${ROOM}`);
   console.log(
-    `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process\n`,
+    `${WARMUP} s warm-up and ${SECONDS} s measured per row; publishers and devices in this process; the gateway's devices over ${TRANSPORT === 'ws' ? 'WebSocket' : 'TCP'}\n`,
   );
   const rows: Row[] = [];
   for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1, QOS)] : []) {
