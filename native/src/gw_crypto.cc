@@ -36,6 +36,18 @@ const uint8_t* Data(const Napi::Value& v) {
 
 size_t Length(const Napi::Value& v) { return v.As<Napi::Uint8Array>().ByteLength(); }
 
+// A Uint8Array's bytes and length in one look-up (false for anything else): the hot pair below
+// takes three arrays per frame, and each IsBytes, Length or Data above is a look-up of its own,
+// about a third of a small frame's seal in `perf` (bench/RESULTS.md, "2026-12-03").
+bool Bytes(napi_env env, napi_value v, uint8_t** data, size_t* length) {
+  napi_typedarray_type type;
+  void* d = nullptr;
+  if (napi_get_typedarray_info(env, v, &type, length, &d, nullptr, nullptr) != napi_ok) return false;
+  if (type != napi_uint8_array) return false;
+  *data = static_cast<uint8_t*>(d);
+  return true;
+}
+
 Napi::Value Fail(Napi::Env env, const char* what) {
   Napi::RangeError::New(env, what).ThrowAsJavaScriptException();
   return env.Undefined();
@@ -158,25 +170,29 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
   Napi::Value SealInto(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (disposed_) return Fail(env, "AES-GCM context disposed");
-    if (info.Length() < 4 || !IsBytes(info[0], 0) || !info[1].IsNumber() || !IsBytes(info[2], kIv) ||
-        !IsBytes(info[3], 0)) {
+    uint8_t* out = nullptr;
+    uint8_t* iv = nullptr;
+    uint8_t* plain = nullptr;
+    size_t cap = 0;
+    size_t ivLength = 0;
+    size_t n = 0;
+    if (info.Length() < 4 || !Bytes(env, info[0], &out, &cap) || !info[1].IsNumber() ||
+        !Bytes(env, info[2], &iv, &ivLength) || ivLength != kIv || !Bytes(env, info[3], &plain, &n)) {
       return Fail(env, "sealInto(out, offset, iv: 12 bytes, plaintext)");
     }
-    size_t n = Length(info[3]);
     int64_t offset = info[1].As<Napi::Number>().Int64Value();
-    size_t cap = Length(info[0]);
     if (offset < 0 || size_t(offset) > cap || cap - size_t(offset) < kIv + n + kTag) {
       return Fail(env, "output buffer too small");
     }
     EVP_CIPHER_CTX* ctx = EncryptCtx();
     if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    uint8_t* p = info[0].As<Napi::Uint8Array>().Data() + offset;
-    std::memcpy(p, Data(info[2]), kIv);
+    uint8_t* p = out + offset;
+    std::memcpy(p, iv, kIv);
     uint8_t* ct = p + kIv;
     int len = 0;
     int fin = 0;
     if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p) != 1 ||
-        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, Data(info[3]), int(n)) != 1) ||
+        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, plain, int(n)) != 1) ||
         EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
         EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
       return Fail(env, "AES-GCM encryption failed");
@@ -188,17 +204,20 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
   Napi::Value OpenInto(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (disposed_) return Fail(env, "AES-GCM context disposed");
-    if (info.Length() < 2 || !IsBytes(info[0], 0) || !IsBytes(info[1], 0)) return Fail(env, "openInto(body, out)");
-    size_t total = Length(info[0]);
+    uint8_t* body = nullptr;
+    uint8_t* out = nullptr;
+    size_t total = 0;
+    size_t outLength = 0;
+    if (info.Length() < 2 || !Bytes(env, info[0], &body, &total) || !Bytes(env, info[1], &out, &outLength)) {
+      return Fail(env, "openInto(body, out)");
+    }
     if (total < kIv + kTag) return Napi::Boolean::New(env, false);
     size_t n = total - kIv - kTag;
-    if (Length(info[1]) != n) return Fail(env, "output buffer must be body.length - 28 bytes");
+    if (outLength != n) return Fail(env, "output buffer must be body.length - 28 bytes");
     EVP_CIPHER_CTX* ctx = DecryptCtx();
     if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    const uint8_t* body = Data(info[0]);
     uint8_t tag[kTag];
     std::memcpy(tag, body + kIv + n, kTag);
-    uint8_t* out = info[1].As<Napi::Uint8Array>().Data();
     int len = 0;
     int fin = 0;
     bool ok = EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) == 1 &&

@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { createRequire } from 'node:module';
 import { test } from 'node:test';
 import fc from 'fast-check';
 import { loadNativeBackend } from '../../protocol/crypto/native.ts';
@@ -127,6 +128,76 @@ test('bad inputs are typed errors or false, never a crash', { skip }, () => {
   assert.throws(() => native!.ed25519Identity(Buffer.alloc(3)), RangeError);
   assert.equal(native!.ed25519Verify(Buffer.alloc(31), Buffer.alloc(1), Buffer.alloc(64)), false);
   assert.equal(native!.ed25519Verify(randomBytes(32), Buffer.alloc(1), Buffer.alloc(63)), false);
+});
+
+/** The addon's AES-GCM as the backend calls it (protocol/crypto/native.ts). */
+interface RawAesGcm {
+  sealInto(out: unknown, offset: unknown, iv: unknown, plaintext: unknown): void;
+  openInto(body: unknown, out: unknown): boolean;
+  dispose(): void;
+}
+const rawAesGcm = (key: Uint8Array): RawAesGcm => {
+  const addon = createRequire(import.meta.url)('../../native/build/Release/gw_crypto.node') as {
+    AesGcm: new (key: Uint8Array) => RawAesGcm;
+  };
+  return new addon.AesGcm(key);
+};
+
+test('sealInto and openInto: views at any offset; anything else a RangeError', { skip }, () => {
+  const key = randomBytes(32);
+  const a = rawAesGcm(key);
+  const js = nodeBackend.aead(key);
+  const plain = randomBytes(100);
+  // Views that start inside larger buffers, at odd offsets: out, iv, plaintext, body, out.
+  const outHome = Buffer.alloc(7 + 5 + 128 + 3);
+  const out = outHome.subarray(7, 7 + 5 + 128);
+  const ivHome = Buffer.concat([Buffer.alloc(3, 0xee), iv(42)]);
+  const plainHome = Buffer.concat([Buffer.alloc(9, 0xdd), plain]);
+  a.sealInto(out, 5, ivHome.subarray(3), plainHome.subarray(9));
+  const body = out.subarray(5);
+  assert.deepEqual(body, js.seal(iv(42), plain, 0), 'the same bytes as node:crypto');
+  assert.equal(
+    outHome.subarray(0, 7 + 5).every((b) => b === 0),
+    true,
+    'nothing written before the offset',
+  );
+  const bodyHome = Buffer.concat([Buffer.alloc(11, 0xcc), body]);
+  const openedHome = Buffer.alloc(13 + 100);
+  assert.equal(a.openInto(bodyHome.subarray(11), openedHome.subarray(13)), true);
+  assert.deepEqual(openedHome.subarray(13), plain);
+
+  const twelve = Buffer.alloc(12);
+  const bad: [string, () => unknown][] = [
+    ['out: a Float32Array', () => a.sealInto(new Float32Array(40), 0, twelve, plain)],
+    ['out: a DataView', () => a.sealInto(new DataView(new ArrayBuffer(160)), 0, twelve, plain)],
+    [
+      'out: an array',
+      () =>
+        a.sealInto(
+          Array.from({ length: 160 }, () => 0),
+          0,
+          twelve,
+          plain,
+        ),
+    ],
+    ['out: a string', () => a.sealInto('x'.repeat(160), 0, twelve, plain)],
+    ['offset: not a number', () => a.sealInto(Buffer.alloc(160), '0', twelve, plain)],
+    ['offset: negative', () => a.sealInto(Buffer.alloc(160), -1, twelve, plain)],
+    ['offset: past the room', () => a.sealInto(Buffer.alloc(160), 33, twelve, plain)],
+    ['iv: 11 bytes', () => a.sealInto(Buffer.alloc(160), 0, Buffer.alloc(11), plain)],
+    ['iv: a Uint16Array of 12 bytes', () => a.sealInto(Buffer.alloc(160), 0, new Uint16Array(6), plain)],
+    ['plaintext: an Int8Array', () => a.sealInto(Buffer.alloc(160), 0, twelve, new Int8Array(100))],
+    ['too few arguments', () => (a.sealInto as (...args: unknown[]) => void)(Buffer.alloc(160), 0, twelve)],
+    ['body: an Int8Array', () => a.openInto(new Int8Array(body), Buffer.alloc(100))],
+    ['open out: a Uint16Array', () => a.openInto(body, new Uint16Array(50))],
+    ['open out: one byte short', () => a.openInto(body, Buffer.alloc(99))],
+  ];
+  for (const [what, call] of bad) assert.throws(call, RangeError, what);
+  assert.equal(a.openInto(Buffer.alloc(27), Buffer.alloc(0)), false, 'shorter than iv and tag');
+  const tampered = Buffer.from(body);
+  tampered[20] ^= 1;
+  assert.equal(a.openInto(tampered, Buffer.alloc(100)), false);
+  a.dispose();
 });
 
 test('selection: auto prefers native, node can be forced, native demanded when missing throws', () => {
