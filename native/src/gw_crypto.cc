@@ -8,7 +8,7 @@
 // (docs/ARCHITECTURE.md, "Memory"). Built by node-gyp against Node's own headers; the OpenSSL
 // symbols are Node's own (the binary exports them), so no system libssl is linked.
 //
-// Every bad input is a JS exception or a null result, never a crash. Contexts are freed by
+// Every bad input is a JS exception or a false result, never a crash. Contexts are freed by
 // dispose() or, failing that, by the finalizer when the JS object is collected.
 #include <napi.h>
 #include <atomic>
@@ -59,8 +59,7 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
  public:
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "AesGcm",
-                       {InstanceMethod<&AesGcm::Seal>("seal"), InstanceMethod<&AesGcm::Open>("open"),
-                        InstanceMethod<&AesGcm::SealInto>("sealInto"), InstanceMethod<&AesGcm::OpenInto>("openInto"),
+                       {InstanceMethod<&AesGcm::SealInto>("sealInto"), InstanceMethod<&AesGcm::OpenInto>("openInto"),
                         InstanceMethod<&AesGcm::Dispose>("dispose")});
   }
 
@@ -108,60 +107,6 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
     static const uint8_t zero[kKey] = {0};
     EVP_CipherInit_ex(shared.ctx, nullptr, nullptr, zero, nullptr, encrypt);
     shared.owner = 0;
-  }
-
-  // seal(iv, plaintext, headroom) -> Buffer(headroom zero bytes ‖ iv ‖ ciphertext ‖ tag)
-  Napi::Value Seal(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (disposed_) return Fail(env, "AES-GCM context disposed");
-    if (info.Length() < 3 || !IsBytes(info[0], kIv) || !IsBytes(info[1], 0) || !info[2].IsNumber()) {
-      return Fail(env, "seal(iv: 12 bytes, plaintext: Uint8Array, headroom: number)");
-    }
-    int64_t headroom = info[2].As<Napi::Number>().Int64Value();
-    if (headroom < 0 || headroom > 1024) return Fail(env, "headroom must be 0..1024");
-    size_t n = Length(info[1]);
-    if (n > (size_t(1) << 30)) return Fail(env, "plaintext too large");
-    EVP_CIPHER_CTX* ctx = EncryptCtx();
-    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    auto out = Napi::Buffer<uint8_t>::New(env, size_t(headroom) + kIv + n + kTag);
-    uint8_t* p = out.Data();
-    std::memset(p, 0, size_t(headroom));
-    std::memcpy(p + headroom, Data(info[0]), kIv);
-    uint8_t* ct = p + headroom + kIv;
-    int len = 0;
-    int fin = 0;
-    if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p + headroom) != 1 ||
-        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, Data(info[1]), int(n)) != 1) ||
-        EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
-      return Fail(env, "AES-GCM encryption failed");
-    }
-    return out;
-  }
-
-  // open(body: iv ‖ ciphertext ‖ tag) -> Buffer | null
-  Napi::Value Open(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (disposed_) return Fail(env, "AES-GCM context disposed");
-    if (info.Length() < 1 || !IsBytes(info[0], 0)) return Fail(env, "open(body: Uint8Array)");
-    size_t total = Length(info[0]);
-    if (total < kIv + kTag) return env.Null();
-    EVP_CIPHER_CTX* ctx = DecryptCtx();
-    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    const uint8_t* body = Data(info[0]);
-    size_t n = total - kIv - kTag;
-    uint8_t tag[kTag];
-    std::memcpy(tag, body + kIv + n, kTag);
-    auto out = Napi::Buffer<uint8_t>::New(env, n);
-    int len = 0;
-    int fin = 0;
-    if (EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) != 1 ||
-        (n > 0 && EVP_DecryptUpdate(ctx, out.Data(), &len, body + kIv, int(n)) != 1) ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), tag) != 1 ||
-        EVP_DecryptFinal_ex(ctx, out.Data() + len, &fin) != 1) {
-      return env.Null();
-    }
-    return out;
   }
 
   // sealInto(out, offset, iv, plaintext) -> undefined. Writes iv ‖ ciphertext ‖ tag at `offset`
