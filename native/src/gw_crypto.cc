@@ -23,27 +23,15 @@ constexpr size_t kKey = 32;
 constexpr size_t kIv = 12;
 constexpr size_t kTag = 16;
 
-bool IsBytes(const Napi::Value& v, size_t size) {
-  if (!v.IsTypedArray()) return false;
-  auto ta = v.As<Napi::TypedArray>();
-  return ta.TypedArrayType() == napi_uint8_array && (size == 0 || ta.ByteLength() == size);
-}
-
-const uint8_t* Data(const Napi::Value& v) {
-  auto a = v.As<Napi::Uint8Array>();
-  return a.Data();
-}
-
-size_t Length(const Napi::Value& v) { return v.As<Napi::Uint8Array>().ByteLength(); }
-
-// A Uint8Array's bytes and length in one look-up (false for anything else): the hot pair below
-// takes three arrays per frame, and each IsBytes, Length or Data above is a look-up of its own,
-// about a third of a small frame's seal in `perf` (bench/RESULTS.md, "2026-12-03").
-bool Bytes(napi_env env, napi_value v, uint8_t** data, size_t* length) {
+// A Uint8Array argument's bytes and length, read with one look-up (type, length and bytes at
+// once); false for anything else, or for a length other than `want` (0: any). node-addon-api's
+// IsTypedArray, TypedArrayType, ByteLength and Data are a look-up each: ten per seal, about a
+// third of a small frame's seal in `perf` (bench/RESULTS.md, "2026-12-03").
+bool Bytes(napi_env env, napi_value v, uint8_t** data, size_t* length, size_t want = 0) {
   napi_typedarray_type type;
   void* d = nullptr;
   if (napi_get_typedarray_info(env, v, &type, length, &d, nullptr, nullptr) != napi_ok) return false;
-  if (type != napi_uint8_array) return false;
+  if (type != napi_uint8_array || (want != 0 && *length != want)) return false;
   *data = static_cast<uint8_t*>(d);
   return true;
 }
@@ -64,11 +52,13 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
   }
 
   explicit AesGcm(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AesGcm>(info) {
-    if (info.Length() < 1 || !IsBytes(info[0], kKey)) {
+    uint8_t* key = nullptr;
+    size_t length = 0;
+    if (info.Length() < 1 || !Bytes(info.Env(), info[0], &key, &length, kKey)) {
       Napi::RangeError::New(info.Env(), "AES-256-GCM key must be 32 bytes").ThrowAsJavaScriptException();
       return;
     }
-    std::memcpy(key_, Data(info[0]), kKey);
+    std::memcpy(key_, key, kKey);
   }
 
   ~AesGcm() override { Free(); }
@@ -122,7 +112,7 @@ class AesGcm : public Napi::ObjectWrap<AesGcm> {
     size_t ivLength = 0;
     size_t n = 0;
     if (info.Length() < 4 || !Bytes(env, info[0], &out, &cap) || !info[1].IsNumber() ||
-        !Bytes(env, info[2], &iv, &ivLength) || ivLength != kIv || !Bytes(env, info[3], &plain, &n)) {
+        !Bytes(env, info[2], &iv, &ivLength, kIv) || !Bytes(env, info[3], &plain, &n)) {
       return Fail(env, "sealInto(out, offset, iv: 12 bytes, plaintext)");
     }
     int64_t offset = info[1].As<Napi::Number>().Int64Value();
@@ -204,8 +194,10 @@ Napi::Value X25519KeyPair(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint8_t priv[kKey];
   if (info.Length() > 0 && !info[0].IsUndefined()) {
-    if (!IsBytes(info[0], kKey)) return Fail(env, "X25519 private key must be 32 bytes");
-    std::memcpy(priv, Data(info[0]), kKey);
+    uint8_t* given = nullptr;
+    size_t length = 0;
+    if (!Bytes(env, info[0], &given, &length, kKey)) return Fail(env, "X25519 private key must be 32 bytes");
+    std::memcpy(priv, given, kKey);
   } else if (RAND_bytes(priv, int(kKey)) != 1) {
     return Fail(env, "no randomness");
   }
@@ -227,11 +219,15 @@ Napi::Value X25519KeyPair(const Napi::CallbackInfo& info) {
 // x25519(privateKey, peerPublicKey) -> shared secret; throws on a bad key or an all-zero result
 Napi::Value X25519(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 2 || !IsBytes(info[0], kKey) || !IsBytes(info[1], kKey)) {
+  uint8_t* privKey = nullptr;
+  uint8_t* peerKey = nullptr;
+  size_t length = 0;
+  if (info.Length() < 2 || !Bytes(env, info[0], &privKey, &length, kKey) ||
+      !Bytes(env, info[1], &peerKey, &length, kKey)) {
     return Fail(env, "x25519(privateKey: 32 bytes, peerPublicKey: 32 bytes)");
   }
-  EVP_PKEY* priv = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, Data(info[0]), kKey);
-  EVP_PKEY* peer = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, Data(info[1]), kKey);
+  EVP_PKEY* priv = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, nullptr, privKey, kKey);
+  EVP_PKEY* peer = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, nullptr, peerKey, kKey);
   EVP_PKEY_CTX* ctx = priv ? EVP_PKEY_CTX_new(priv, nullptr) : nullptr;
   uint8_t shared[kKey];
   size_t len = kKey;
@@ -259,11 +255,13 @@ class Ed25519Key : public Napi::ObjectWrap<Ed25519Key> {
   }
 
   explicit Ed25519Key(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Ed25519Key>(info) {
-    if (info.Length() < 1 || !IsBytes(info[0], kKey)) {
+    uint8_t* seed = nullptr;
+    size_t length = 0;
+    if (info.Length() < 1 || !Bytes(info.Env(), info[0], &seed, &length, kKey)) {
       Napi::RangeError::New(info.Env(), "Ed25519 seed must be 32 bytes").ThrowAsJavaScriptException();
       return;
     }
-    key_ = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, Data(info[0]), kKey);
+    key_ = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, seed, kKey);
     if (!key_) Napi::RangeError::New(info.Env(), "bad Ed25519 seed").ThrowAsJavaScriptException();
   }
 
@@ -282,12 +280,14 @@ class Ed25519Key : public Napi::ObjectWrap<Ed25519Key> {
   Napi::Value Sign(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!key_) return Fail(env, "no key");
-    if (info.Length() < 1 || !IsBytes(info[0], 0)) return Fail(env, "sign(message: Uint8Array)");
+    uint8_t* message = nullptr;
+    size_t n = 0;
+    if (info.Length() < 1 || !Bytes(env, info[0], &message, &n)) return Fail(env, "sign(message: Uint8Array)");
     EVP_MD_CTX* md = EVP_MD_CTX_new();
     auto sig = Napi::Buffer<uint8_t>::New(env, 64);
     size_t len = 64;
     bool ok = md && EVP_DigestSignInit(md, nullptr, nullptr, nullptr, key_) == 1 &&
-              EVP_DigestSign(md, sig.Data(), &len, Data(info[0]), Length(info[0])) == 1 && len == 64;
+              EVP_DigestSign(md, sig.Data(), &len, message, n) == 1 && len == 64;
     if (md) EVP_MD_CTX_free(md);
     if (!ok) return Fail(env, "Ed25519 signing failed");
     return sig;
@@ -299,14 +299,20 @@ class Ed25519Key : public Napi::ObjectWrap<Ed25519Key> {
 // ed25519Verify(publicKey, message, signature) -> boolean (false for any bad input)
 Napi::Value Ed25519Verify(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 3 || !IsBytes(info[0], kKey) || !IsBytes(info[1], 0) || !IsBytes(info[2], 64)) {
+  uint8_t* pubKey = nullptr;
+  uint8_t* message = nullptr;
+  uint8_t* signature = nullptr;
+  size_t length = 0;
+  size_t n = 0;
+  if (info.Length() < 3 || !Bytes(env, info[0], &pubKey, &length, kKey) || !Bytes(env, info[1], &message, &n) ||
+      !Bytes(env, info[2], &signature, &length, 64)) {
     return Napi::Boolean::New(env, false);
   }
-  EVP_PKEY* pub = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, Data(info[0]), kKey);
+  EVP_PKEY* pub = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, pubKey, kKey);
   if (!pub) return Napi::Boolean::New(env, false);
   EVP_MD_CTX* md = EVP_MD_CTX_new();
   bool ok = md && EVP_DigestVerifyInit(md, nullptr, nullptr, nullptr, pub) == 1 &&
-            EVP_DigestVerify(md, Data(info[2]), 64, Data(info[1]), Length(info[1])) == 1;
+            EVP_DigestVerify(md, signature, 64, message, n) == 1;
   if (md) EVP_MD_CTX_free(md);
   EVP_PKEY_free(pub);
   return Napi::Boolean::New(env, ok);
