@@ -29,7 +29,7 @@
  *   npm run bench:delivery -- [--devices 100] [--seconds 5] [--rate 5000] [--window 256]
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
  *                             [--members 20] [--paths backend,direct,room] [--modes max,fixed]
- *                             [--processes 1,2] [--qos 1] [--transport tcp]
+ *                             [--processes 1,2] [--qos 1] [--per-request tick] [--transport tcp]
  *                             [--json FILE]
  */
 import { execFile, execSync } from 'node:child_process';
@@ -72,6 +72,12 @@ const { values } = parseArgs({
     processes: { type: 'string', default: '1,2' },
     /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
     modes: { type: 'string', default: 'max,fixed' },
+    /**
+     * Events per `POST /v1/events` in the gateway's back-end rows: `tick` (every publish of one
+     * tick of the load in one request) or a number N (at most N per request; 1: each event its own
+     * request, as a back end that publishes events one by one).
+     */
+    'per-request': { type: 'string', default: 'tick' },
     /** How the gateway's devices connect: `tcp` (framed TCP) or `ws` (WebSocket, uWebSockets.js). */
     transport: { type: 'string', default: 'tcp' },
     /** Also write the rows as JSON to this file (bench/ab.ts reads it). */
@@ -102,6 +108,11 @@ const PAYLOAD_BYTES = Number(values.payload);
 const QOS = Number(values.qos) as 0 | 1;
 if (QOS !== 0 && QOS !== 1) {
   console.error(`--qos: 0 or 1, not ${values.qos}`);
+  process.exit(2);
+}
+const PER_REQUEST = values['per-request'] === 'tick' ? 0 : Number(values['per-request']);
+if (values['per-request'] !== 'tick' && !(Number.isInteger(PER_REQUEST) && PER_REQUEST >= 1)) {
+  console.error(`--per-request: tick or a whole number of events, not ${values['per-request']}`);
   process.exit(2);
 }
 const API_KEY = 'bench-api-key-0123456789';
@@ -528,6 +539,8 @@ async function gatewayBackend(processes = 1): Promise<Made> {
   let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
   const flush = async () => {
     const mine = batch;
+    // (--per-request N: a full batch went at once, before this tick's end came)
+    if (mine.length === 0) return;
     batch = [];
     try {
       const res = await postJson(url, JSON.stringify({ events: mine.map((b) => b.item) }), API_KEY);
@@ -555,7 +568,8 @@ async function gatewayBackend(processes = 1): Promise<Made> {
           ...(QOS === 0 ? { qos: 0 } : {}),
         };
         batch.push({ item, resolve, reject });
-        if (batch.length === 1) setImmediate(flush);
+        if (PER_REQUEST > 0 && batch.length >= PER_REQUEST) void flush();
+        else if (batch.length === 1) setImmediate(flush);
       }),
     onReceive: () => {},
   };
@@ -730,7 +744,7 @@ async function mosquitto(topics: number, publishers: number, qos: 0 | 1 = 1): Pr
   };
 }
 
-const BACKEND = `back end → device (POST /v1/events, {device} targets, ${DEVICES} devices${QOS === 0 ? ', qos 0' : ''})`;
+const BACKEND = `back end → device (POST /v1/events${PER_REQUEST > 0 ? ` of at most ${PER_REQUEST} event${PER_REQUEST === 1 ? '' : 's'}` : ''}, {device} targets, ${DEVICES} devices${QOS === 0 ? ', qos 0' : ''})`;
 const DIRECT = `device → device (send to a username, ${SENDERS}×${SENDER_WINDOW} in flight, ${RECEIVERS} receivers)`;
 const BACKEND_SHORT = 'back end';
 const DIRECT_SHORT = 'device to device';
