@@ -116,7 +116,12 @@ export class ProtocolError extends Error {
   readonly extra?: Record<string, unknown>;
 
   constructor(code: ErrorCode, message?: string, options: ProtocolErrorOptions = {}) {
+    // No stack trace: a ProtocolError is an answer to a client (a bad frame, a wrong key, a target
+    // without sessions), made as often as clients ask, and is never logged with a stack.
+    const limit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
     super(message ?? MESSAGES[code], options.cause === undefined ? undefined : { cause: options.cause });
+    Error.stackTraceLimit = limit;
     this.code = code;
     this.fatal = options.fatal ?? FATAL.has(code);
     if (options.retryAfter !== undefined) this.retryAfter = Math.max(0, Math.ceil(options.retryAfter));

@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import {
   ERROR_CODES,
-  type ProtocolError,
+  ProtocolError,
   parseClientMessage,
   parseServerMessage,
 } from '../../protocol/index.ts';
@@ -95,4 +95,18 @@ test('every error code is documented in docs/PROTOCOL.md, and every documented c
   for (const code of ERROR_CODES) assert.ok(documented.has(code), `${code} not documented`);
   for (const code of documented)
     assert.ok((ERROR_CODES as string[]).includes(code), `${code} documented but unknown`);
+});
+
+test('a ProtocolError is made without a stack trace, and other errors keep theirs', () => {
+  // It answers a client (a bad frame, a wrong key, a target without sessions), as often as
+  // clients ask: capturing the stack was most of its cost (bench/RESULTS.md, tenth session).
+  const e = new ProtocolError('not_found', 'the target has no live session', { field: 'target' });
+  assert.equal(e.stack, 'ProtocolError: the target has no live session');
+  assert.ok(e instanceof Error);
+  assert.deepEqual(
+    [e.code, e.message, e.field, e.fatal],
+    ['not_found', 'the target has no live session', 'target', false],
+  );
+  const other = new Error('plain');
+  assert.match(other.stack ?? '', /\n {4}at /, 'Error.stackTraceLimit is as it was');
 });
