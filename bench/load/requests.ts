@@ -3,8 +3,8 @@
  * for a request of the same size, in the same run: a back end that posts every event by itself
  * pays these per event.
  *
- * Rows, each with `--concurrency` requests in flight on keep-alive connections (node:http, as
- * bench:delivery's back end):
+ * Rows, each with `--concurrency` requests in flight on keep-alive connections (node:http,
+ * bench/lib/http.ts, as bench:delivery's back end):
  *   uWS alone          a child process with uWebSockets.js only: reads the body, parses it
  *                      (JSON.parse) and answers 202 with a small JSON body (the floor: the HTTP
  *                      parsing and the socket reads and writes any server on it pays)
@@ -24,11 +24,11 @@
  *   npm run bench:requests -- [--seconds 4] [--concurrency 16] [--devices 16] [--payload 100]
  */
 import { execSync, spawn } from 'node:child_process';
-import http from 'node:http';
 import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
+import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
@@ -58,33 +58,6 @@ for (const [name, v] of Object.entries({ seconds: SECONDS, concurrency: CONCURRE
 const API_KEY = 'bench-api-key-0123456789';
 const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
 const padding = 'x'.repeat(Math.max(0, PAYLOAD - 30));
-
-const agent = new http.Agent({ keepAlive: true });
-
-/** One POST; resolves with the status once the answer is read. */
-function post(url: string, body: string, key: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      url,
-      {
-        method: 'POST',
-        agent,
-        headers: {
-          authorization: `Bearer ${key}`,
-          'content-type': 'application/json',
-          'content-length': Buffer.byteLength(body),
-        },
-      },
-      (res) => {
-        res.on('data', () => {});
-        res.on('end', () => resolve(res.statusCode ?? 0));
-        res.on('error', reject);
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
 
 interface Row {
   name: string;
@@ -124,7 +97,10 @@ async function measure(
   let failure: Error | undefined;
   const loop = async () => {
     while (!stop && !failure) {
-      const got = await post(url, body(n), key).catch((e: Error) => e);
+      const got = await postJson(url, body(n), key).then(
+        (r) => r.status,
+        (e: Error) => e,
+      );
       if (got !== status) failure ??= new Error(`${name}: answered ${String(got)}, not ${status}`);
       n++;
     }
@@ -279,4 +255,5 @@ async function main(): Promise<void> {
 }
 
 await main();
-agent.destroy();
+// The keep-alive agent's sockets would hold the process open.
+process.exit(0);
