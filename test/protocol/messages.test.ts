@@ -1,12 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import {
-  ERROR_CODES,
-  ProtocolError,
-  parseClientMessage,
-  parseServerMessage,
-} from '../../protocol/index.ts';
+import { ERROR_CODES, ProtocolError, parseClientMessage, parseServerMessage } from '../../protocol/index.ts';
 
 function result(fn: () => unknown): string {
   try {
