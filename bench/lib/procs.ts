@@ -1,4 +1,5 @@
 /** Small helpers of the load benches: CPU seconds (from proc.ts), sleep, a live status line. */
+import { execSync } from 'node:child_process';
 import { processCpuMicros, selfCpuMicros, threadCpuMicros } from './proc.ts';
 
 /** User+system CPU seconds of a process so far (NaN when /proc cannot be read). */
@@ -9,6 +10,9 @@ export const mainThreadCpuSeconds = (pid: number): number => (threadCpuMicros(pi
 
 /** CPU seconds of this process. */
 export const ownCpuSeconds = (): number => selfCpuMicros() / 1e6;
+
+/** The pid of this machine's Redis server (the oldest `redis-server`), whose CPU the benches count. */
+export const redisPid = (): number => Number(execSync('pgrep -o redis-server').toString().trim());
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

@@ -46,8 +46,9 @@ import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
+import { counterSum, metricsOf, redisCallsIn } from '../lib/metrics.ts';
 import { processCpuMicros } from '../lib/proc.ts';
-import { cpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
+import { cpuSeconds, ownCpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
@@ -173,16 +174,6 @@ function over(before: string, after: string, metric: string, labels: string): [n
   return n > 0 ? [n, 1 - d('0.01') / n, 1 - d('0.025') / n] : [0, Number.NaN, Number.NaN];
 }
 
-/** A counter's value summed over its series with `labels`, in a /metrics text. */
-function counterSum(text: string, metric: string, labels: string): number {
-  let n = 0;
-  for (const line of text.split('\n')) {
-    if (line.startsWith(`${metric}{`) && line.includes(labels))
-      n += Number(line.slice(line.lastIndexOf(' ') + 1));
-  }
-  return n;
-}
-
 function latencyBetween(before: string, after: string): GatewayLatency {
   const [requests, requestsOver10, requestsOver25] = over(
     before,
@@ -240,7 +231,7 @@ function redisWorkBetween(
 
 const execFileAsync = promisify(execFile);
 
-const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
+const REDIS_PID = redisPid();
 
 /** A process and all its descendants (a gateway may run several processes). */
 function treePids(root: number): number[] {
@@ -502,19 +493,6 @@ async function devices(
 }
 
 const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
-
-/**
- * Redis calls a gateway made so far: the count of its Redis round-trip histogram (a script
- * call is one; pipelined commands count one each), every connection but BullMQ's blocking
- * workers.
- */
-async function metricsOf(metricsPort: number): Promise<string> {
-  return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
-}
-
-function redisCallsIn(text: string): number {
-  return counterSum(text, 'gateway_redis_command_duration_seconds_count', '');
-}
 
 async function startBenchGateway(processes = 1) {
   return startGateway({

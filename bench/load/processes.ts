@@ -9,7 +9,6 @@
  *   npm run bench:processes -- [--devices 100] [--seconds 10] [--batch 50] [--window 8] [--processes 1,2]
  *                              [--env NAME=value ...]
  */
-import { execSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { GatewayClient, type Session } from '../../client/client.ts';
@@ -17,7 +16,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
-import { cpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
+import { cpuSeconds, ownCpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
@@ -44,7 +43,7 @@ const WINDOW = Number(values.window);
 const PAYLOAD_BYTES = Number(values.payload);
 const COUNTS = String(values.processes).split(',').map(Number);
 const API_KEY = 'bench-processes-api-key';
-const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
+const REDIS_PID = redisPid();
 
 export interface ProcessesRow {
   processes: number;

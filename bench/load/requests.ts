@@ -23,14 +23,15 @@
  *
  *   npm run bench:requests -- [--seconds 4] [--concurrency 16] [--devices 16] [--payload 100]
  */
-import { execSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
-import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
+import { metricsOf, redisCallsIn } from '../lib/metrics.ts';
+import { cpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
@@ -56,7 +57,7 @@ for (const [name, v] of Object.entries({ seconds: SECONDS, concurrency: CONCURRE
   }
 }
 const API_KEY = 'bench-api-key-0123456789';
-const REDIS_PID = Number(execSync('pgrep -o redis-server').toString().trim());
+const REDIS_PID = redisPid();
 const padding = 'x'.repeat(Math.max(0, PAYLOAD - 30));
 
 interface Row {
@@ -68,24 +69,13 @@ interface Row {
   redisCalls: number;
 }
 
-/** Redis calls a gateway made so far: the count of its Redis round-trip histogram. */
-async function redisCallsOf(metricsPort: number): Promise<number> {
-  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
-  let n = 0;
-  for (const line of text.split('\n')) {
-    if (line.startsWith('gateway_redis_command_duration_seconds_count{'))
-      n += Number(line.slice(line.lastIndexOf(' ') + 1));
-  }
-  return n;
-}
-
 /**
  * `--concurrency` loops posting `body(n)` for the warm-up and `--seconds`; every answer must be
  * `status` (anything else stops the bench: a row that measured errors would mislead).
  */
 async function measure(
   name: string,
-  serverPids: () => number[],
+  serverPid: number,
   url: string,
   key: string,
   body: (n: number) => string,
@@ -107,17 +97,16 @@ async function measure(
   };
   const loops = Array.from({ length: CONCURRENCY }, loop);
   const done = progress(`  ${name}`, () => `${n} requests`);
-  const cpu = () => serverPids().reduce((s, pid) => s + cpuSeconds(pid), 0);
   await sleep(WARMUP * 1000);
   // Read before the CPU counters, and after them below: the scrape costs the gateway CPU.
   const c0 = await redisCalls();
   const n0 = n;
-  const s0 = cpu();
+  const s0 = cpuSeconds(serverPid);
   const r0 = cpuSeconds(REDIS_PID);
   const t0 = performance.now();
   await sleep(SECONDS * 1000);
   const count = n - n0;
-  const s1 = cpu();
+  const s1 = cpuSeconds(serverPid);
   const r1 = cpuSeconds(REDIS_PID);
   const elapsed = (performance.now() - t0) / 1000;
   const c1 = await redisCalls();
@@ -173,14 +162,7 @@ uWS.App().post('/v1/events', (res, req) => {
         resolve(Number(String(d).trim()));
       });
     });
-    return await measure(
-      'uWS alone',
-      () => [child.pid!],
-      `http://127.0.0.1:${port}/v1/events`,
-      API_KEY,
-      event,
-      202,
-    );
+    return await measure('uWS alone', child.pid!, `http://127.0.0.1:${port}/v1/events`, API_KEY, event, 202);
   } finally {
     child.kill();
   }
@@ -206,12 +188,12 @@ async function main(): Promise<void> {
   const clients: GatewayClient[] = [];
   try {
     const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
-    const pids = () => [g.proc.pid!];
-    const calls = () => redisCallsOf(g.metricsPort);
+    const pid = g.proc.pid!;
+    const calls = async () => redisCallsIn(await metricsOf(g.metricsPort));
     rows.push(
-      await measure('wrong key (401)', pids, url, 'not-the-key', event({ device: 'nobody' }), 401, calls),
+      await measure('wrong key (401)', pid, url, 'not-the-key', event({ device: 'nobody' }), 401, calls),
     );
-    rows.push(await measure('no session (404)', pids, url, API_KEY, event({ device: 'nobody' }), 404, calls));
+    rows.push(await measure('no session (404)', pid, url, API_KEY, event({ device: 'nobody' }), 404, calls));
     const names: string[] = [];
     for (let i = 0; i < DEVICES; i++) {
       const c = new GatewayClient({ url: g.tcpUrl });
@@ -225,7 +207,7 @@ async function main(): Promise<void> {
     const toDevice = (n: number) =>
       JSON.stringify({ target: { device: names[n % names.length] }, name: 'bench', data: { n, p: padding } });
     rows.push(
-      await measure(`connected device (202, ${DEVICES} devices)`, pids, url, API_KEY, toDevice, 202, calls),
+      await measure(`connected device (202, ${DEVICES} devices)`, pid, url, API_KEY, toDevice, 202, calls),
     );
   } finally {
     await Promise.all(clients.map((c) => c.close()));
