@@ -117,7 +117,7 @@ export class ProtocolError extends Error {
 
   constructor(code: ErrorCode, message?: string, options: ProtocolErrorOptions = {}) {
     // No stack trace: a ProtocolError is an answer to a client (a bad frame, a wrong key, a target
-    // without sessions), made as often as clients ask, and is never logged with a stack.
+    // without sessions), made as often as clients ask; its code and message say what happened.
     const limit = Error.stackTraceLimit;
     Error.stackTraceLimit = 0;
     super(message ?? MESSAGES[code], options.cause === undefined ? undefined : { cause: options.cause });
