@@ -16,7 +16,7 @@ interface NativeAesGcm {
   dispose(): void;
 }
 
-interface Addon {
+export interface Addon {
   AesGcm: new (key: Uint8Array) => NativeAesGcm;
   Ed25519Key: new (seed: Uint8Array) => { publicKey(): Buffer; sign(message: Uint8Array): Buffer };
   x25519KeyPair(privateKey?: Uint8Array): [Buffer, Buffer];
@@ -56,20 +56,24 @@ class NativeAead implements Aead {
   }
 }
 
-export function loadNativeBackend(): NativeLoad {
-  let addon: Addon | undefined;
+/** The addon itself, or why it did not load (the backend below wraps it; tests call it directly). */
+export function loadAddon(): { addon: Addon } | { error: string } {
   let error = '';
   const require = createRequire(import.meta.url);
   for (const path of ADDON_PATHS) {
     try {
-      addon = require(path) as Addon;
-      break;
+      return { addon: require(path) as Addon };
     } catch (e) {
       error ||= (e as Error).message.split('\n')[0];
     }
   }
-  if (!addon) return { error: `native crypto addon not loaded: ${error}` };
-  const native = addon;
+  return { error: `native crypto addon not loaded: ${error}` };
+}
+
+export function loadNativeBackend(): NativeLoad {
+  const loaded = loadAddon();
+  if ('error' in loaded) return loaded;
+  const native = loaded.addon;
   const backend: CryptoBackend = {
     name: 'native',
     aead: (key) => new NativeAead(new native.AesGcm(key)),

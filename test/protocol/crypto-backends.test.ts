@@ -5,10 +5,9 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { createRequire } from 'node:module';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { loadNativeBackend } from '../../protocol/crypto/native.ts';
+import { loadAddon, loadNativeBackend } from '../../protocol/crypto/native.ts';
 import {
   Channel,
   type CryptoBackend,
@@ -130,17 +129,16 @@ test('bad inputs are typed errors or false, never a crash', { skip }, () => {
   assert.equal(native!.ed25519Verify(randomBytes(32), Buffer.alloc(1), Buffer.alloc(63)), false);
 });
 
-/** The addon's AES-GCM as the backend calls it (protocol/crypto/native.ts). */
+/** The addon's AES-GCM as the backend calls it, typed to take wrong arguments too. */
 interface RawAesGcm {
   sealInto(out: unknown, offset: unknown, iv: unknown, plaintext: unknown): void;
   openInto(body: unknown, out: unknown): boolean;
   dispose(): void;
 }
 const rawAesGcm = (key: Uint8Array): RawAesGcm => {
-  const addon = createRequire(import.meta.url)('../../native/build/Release/gw_crypto.node') as {
-    AesGcm: new (key: Uint8Array) => RawAesGcm;
-  };
-  return new addon.AesGcm(key);
+  const loaded = loadAddon();
+  if ('error' in loaded) throw new Error(loaded.error);
+  return new loaded.addon.AesGcm(key) as RawAesGcm;
 };
 
 test('sealInto and openInto: views at any offset; anything else a RangeError', { skip }, () => {
