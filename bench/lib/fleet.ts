@@ -57,3 +57,26 @@ export async function registerUsers(tcpUrl: string, users: string[]): Promise<vo
     for (const c of registrars) c.destroy();
   }
 }
+
+/**
+ * Registers, logs in and keeps connected `count` devices, one after another (username
+ * `${tag}${i}_…`, also the device id): the devices of a load bench.
+ */
+export async function loggedInDevices(
+  url: string,
+  count: number,
+  tag: string,
+): Promise<{ clients: GatewayClient[]; names: string[] }> {
+  const clients: GatewayClient[] = [];
+  const names: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const c = new GatewayClient({ url });
+    await c.connect();
+    const username = `${tag}${i}_${Date.now() % 1e6}`;
+    await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
+    await c.request('login', { username, password: 'bench password', device: { id: username } });
+    clients.push(c);
+    names.push(username);
+  }
+  return { clients, names };
+}

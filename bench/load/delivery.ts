@@ -39,11 +39,11 @@ import { parseArgs, promisify } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { Redis } from 'ioredis';
 import mqtt from 'mqtt';
-import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { DATABASE_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
+import { loggedInDevices } from '../lib/fleet.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { counterSum, metricsOf, redisCallsIn } from '../lib/metrics.ts';
@@ -472,26 +472,6 @@ async function run(sys: System, path: string, mode: 'max' | 'fixed', window: num
 
 type Made = { sys: System; close: () => Promise<void> };
 
-/** Registers, logs in and connects `count` devices; usernames are also their device ids. */
-async function devices(
-  url: string,
-  count: number,
-  tag: string,
-): Promise<{ clients: GatewayClient[]; names: string[] }> {
-  const clients: GatewayClient[] = [];
-  const names: string[] = [];
-  for (let i = 0; i < count; i++) {
-    const c = new GatewayClient({ url });
-    await c.connect();
-    const username = `${tag}${i}_${Date.now() % 1e6}`;
-    await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
-    await c.request('login', { username, password: 'bench password', device: { id: username } });
-    clients.push(c);
-    names.push(username);
-  }
-  return { clients, names };
-}
-
 const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
 
 async function startBenchGateway(processes = 1) {
@@ -512,7 +492,7 @@ async function startBenchGateway(processes = 1) {
  */
 async function gatewayBackend(processes = 1): Promise<Made> {
   const g = await startBenchGateway(processes);
-  const { clients, names } = await devices(deviceUrl(g), DEVICES, 'dev');
+  const { clients, names } = await loggedInDevices(deviceUrl(g), DEVICES, 'dev');
   const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
   let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
   const flush = async () => {
@@ -569,8 +549,8 @@ async function gatewayBackend(processes = 1): Promise<Made> {
 /** Device → device: `send` to a username, one sender connection per `loop % SENDERS`. */
 async function gatewayDirect(): Promise<Made> {
   const g = await startBenchGateway();
-  const rx = await devices(deviceUrl(g), RECEIVERS, 'rx');
-  const tx = await devices(deviceUrl(g), SENDERS, 'tx');
+  const rx = await loggedInDevices(deviceUrl(g), RECEIVERS, 'rx');
+  const tx = await loggedInDevices(deviceUrl(g), SENDERS, 'tx');
   const sys: System = {
     name: 'gateway',
     serverPid: g.proc.pid!,
@@ -605,8 +585,8 @@ async function gatewayDirect(): Promise<Made> {
  */
 async function gatewayRoom(): Promise<Made> {
   const g = await startBenchGateway();
-  const listeners = await devices(deviceUrl(g), MEMBERS, 'rm');
-  const tx = await devices(deviceUrl(g), SENDERS, 'rs');
+  const listeners = await loggedInDevices(deviceUrl(g), MEMBERS, 'rm');
+  const tx = await loggedInDevices(deviceUrl(g), SENDERS, 'rs');
   const room = `#bench-${Date.now().toString(36)}`;
   const all = [...listeners.clients, ...tx.clients];
   for (const c of all) await c.request('join', { room });

@@ -25,9 +25,10 @@
  */
 import { spawn } from 'node:child_process';
 import { parseArgs } from 'node:util';
-import { GatewayClient } from '../../client/client.ts';
+import type { GatewayClient } from '../../client/client.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { useBuiltGateway } from '../lib/built.ts';
+import { loggedInDevices } from '../lib/fleet.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { metricsOf, redisCallsIn } from '../lib/metrics.ts';
@@ -185,7 +186,7 @@ async function main(): Promise<void> {
     ARGON2_ITERATIONS: '1',
     GW_REGISTER_PER_MINUTE: '100000',
   });
-  const clients: GatewayClient[] = [];
+  let clients: GatewayClient[] = [];
   try {
     const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
     const pid = g.proc.pid!;
@@ -194,16 +195,9 @@ async function main(): Promise<void> {
       await measure('wrong key (401)', pid, url, 'not-the-key', event({ device: 'nobody' }), 401, calls),
     );
     rows.push(await measure('no session (404)', pid, url, API_KEY, event({ device: 'nobody' }), 404, calls));
-    const names: string[] = [];
-    for (let i = 0; i < DEVICES; i++) {
-      const c = new GatewayClient({ url: g.tcpUrl });
-      clients.push(c);
-      await c.connect();
-      const username = `req${i}_${Date.now() % 1e6}`;
-      await c.request('register', { username, email: `${username}@example.com`, password: 'bench password' });
-      await c.request('login', { username, password: 'bench password', device: { id: username } });
-      names.push(username);
-    }
+    const devices = await loggedInDevices(g.tcpUrl, DEVICES, 'req');
+    clients = devices.clients;
+    const { names } = devices;
     const toDevice = (n: number) =>
       JSON.stringify({ target: { device: names[n % names.length] }, name: 'bench', data: { n, p: padding } });
     rows.push(
