@@ -8,8 +8,8 @@
  * qos 0: sent to the sessions online now, through their nodes' channels, in one script call
  * that expands the target too; not stored.
  */
-import { randomUUID } from 'node:crypto';
 import { ProtocolError, pack } from '../../protocol/index.ts';
+import { newEid } from './eid.ts';
 import type { Fanout, Outbox, PublishEntry, SessionPublishResult, StoredEvent } from './outbox.ts';
 
 /**
@@ -111,7 +111,7 @@ export function validateEventInput(target: unknown, event: unknown): { target: T
 /** The event as stored and sent, made once per publish at `now`. */
 function storedEvent(input: EventInput, now: number): StoredEvent {
   const event: StoredEvent = {
-    eid: input.eid ?? randomUUID(),
+    eid: input.eid ?? newEid(),
     name: input.name,
     data: input.data ?? null,
     ts: now,

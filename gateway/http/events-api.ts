@@ -8,8 +8,9 @@
  */
 
 import type uWS from 'uWebSockets.js';
-import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { timingSafeEqual } from 'node:crypto';
 import { isProtocolError, ProtocolError } from '../../protocol/index.ts';
+import { newEid } from '../delivery/eid.ts';
 import { validateEventInput } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import type { Logger } from '../log.ts';
@@ -50,7 +51,7 @@ export function mountEventsApi(
           const c = validateEventInput(item?.target, item);
           // Every item has its eid before anything is published, so failed items name theirs.
           if (c.event.eid === undefined) {
-            c.event.eid = randomUUID();
+            c.event.eid = newEid();
             c.event.eidIsNew = true;
           }
           return c;

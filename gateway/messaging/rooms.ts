@@ -9,13 +9,13 @@
  * room, which every session of the fleet joins, joins and leaves are not announced: a
  * `room.joined` to every member per join would make connecting N devices cost O(N²) events.
  */
-import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
 import { badMessage, ProtocolError, pack, unpack } from '../../protocol/index.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState, type Turn } from '../connection.ts';
+import { newEid } from '../delivery/eid.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
@@ -218,7 +218,7 @@ export class Rooms {
    * tick, with every other room event of the tick (lua/room-broadcast.lua).
    */
   private async broadcast(partial: Omit<RoomWire, 'eid' | 'ts'>, keep = false): Promise<void> {
-    const wire: RoomWire = { eid: randomUUID(), ts: Date.now(), ...partial };
+    const wire: RoomWire = { eid: newEid(), ts: Date.now(), ...partial };
     const packed = pack(wire);
     const { binding, keys, options } = this.deps;
     const channel = keys.roomChannel(wire.room);

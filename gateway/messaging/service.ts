@@ -4,13 +4,13 @@
  * work; direct messages are qos-1 events through the delivery service; device publishes go to
  * the back-end BullMQ queue before the device gets its `ok`.
  */
-import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { isProtocolError, ProtocolError, pack } from '../../protocol/index.ts';
 import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection, Turn } from '../connection.ts';
+import { newEid } from '../delivery/eid.ts';
 import type { Publisher, PublishOutcome } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
@@ -170,7 +170,7 @@ export class Messaging {
     const limit = this.limited(conn, 'publish', () => pack(data ?? null).length);
     if (limit) await limit;
     const s = conn.session!;
-    const eid = randomUUID();
+    const eid = newEid();
     await turn(() =>
       this.deps.backend.emit(
         'device.event',

@@ -336,6 +336,8 @@ describe('the three publish paths', () => {
     assert.equal(got.find((e) => e.name === 'via.http')!.eid, body.eids[0]);
     assert.equal(got.find((e) => e.name === 'via.http0')!.qos, 0);
     assert.equal(got.find((e) => e.name === 'via.queue')!.eid, `job-${job.id}`);
+    // Eids the gateway made (gateway/delivery/eid.ts): 16 random bytes in 22 base64url characters.
+    for (const eid of [viaFn.eid, ...body.eids]) assert.match(eid, /^[A-Za-z0-9_-]{22}$/);
     // the queue job's return value tells the publisher what happened
     await until(() => true);
     for (let i = 0; i < 50 && !(await job.isCompleted()); i++) await wait(50);
@@ -504,6 +506,7 @@ describe('devices to the back end', () => {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c, { id: `meter-${randomUUID().slice(0, 8)}` });
     const { eid } = await c.request<{ eid: string }>('publish', { name: 'reading', data: { kwh: 1.5 } });
+    assert.match(eid, /^[A-Za-z0-9_-]{22}$/, 'an eid the gateway made');
     const jobs = await reader.jobs('gw-backend', 'device.event');
     const job = jobs.find((j) => j.data.eid === eid);
     assert.ok(job, 'the job exists when the device has its ok');

@@ -1,9 +1,10 @@
 /**
  * An event's eid is looked for in each outbox it goes to only when its publisher chose it
  * (publishing that eid again is then a no-op). An eid the gateway made for the event (a `send`, a
- * `POST /v1/events` item without one) is a new random UUID: no outbox can hold it, and
- * publish.lua skips the look-up (`HEXISTS`), one command per event of a non-empty outbox. These
- * tests count the commands on a private Redis (INFO commandstats is the server's own count).
+ * `POST /v1/events` item without one) is new and random (gateway/delivery/eid.ts): no outbox can
+ * hold it, and publish.lua skips the look-up (`HEXISTS`), one command per event of a non-empty
+ * outbox. These tests count the commands on a private Redis (INFO commandstats is the server's
+ * own count).
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
