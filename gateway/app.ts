@@ -250,13 +250,14 @@ export async function startNode(
   monitor.start();
   new Gauge({
     name: 'gateway_dependency_up',
-    help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0).',
+    help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0); redis_subscriber: whether the pub/sub connection is up with its subscriptions applied.',
     labelNames: ['dependency'],
     registers: [gateway.metrics],
     // Over the processes of a machine: up only if every process reaches it.
     aggregator: 'min',
     collect() {
       for (const d of ['redis', 'postgres'] as const) this.labels(d).set(monitor.isDown(d) ? 0 : 1);
+      this.labels('redis_subscriber').set(bus.live ? 1 : 0);
     },
   });
   new Gauge({

@@ -10,6 +10,10 @@ export type BusHandler = (message: Buffer, channel: string) => void;
 
 export class Bus {
   private readonly handlers = new Map<string, BusHandler>();
+  /** See `live`. The connection is up when the bus is made (after `connect()`). */
+  private up = true;
+  /** Counts the connection's losses: a PING sent before one does not vouch for the next. */
+  private losses = 0;
 
   constructor(
     private readonly sub: Redis,
@@ -23,6 +27,30 @@ export class Bus {
         log.error({ err: e, channel: name }, 'bus handler failed');
       }
     });
+    sub.on('close', () => {
+      this.losses++;
+      this.up = false;
+    });
+    // ioredis emits 'ready' on the tick after it has sent a reconnect's SUBSCRIBEs, so this PING
+    // is answered after they are applied.
+    sub.on('ready', () => {
+      const losses = this.losses;
+      sub.ping().then(
+        () => {
+          if (losses === this.losses) this.up = true;
+        },
+        () => {},
+      );
+    });
+  }
+
+  /**
+   * Whether the connection is up with every subscription applied: false from its loss until
+   * it is back and subscribed again, while Redis itself may answer. What this node publishes
+   * meanwhile on a channel it subscribes to (a room's) does not reach it.
+   */
+  get live(): boolean {
+    return this.up;
   }
 
   async subscribe(channel: string, handler: BusHandler): Promise<void> {
@@ -37,9 +65,8 @@ export class Bus {
 
   /**
    * Resolves once the server has applied every subscription sent so far: a PING answered on the
-   * same connection, after them. ioredis emits 'ready' on a reconnect before it subscribes
-   * again, so whoever must not miss a message published from now on waits for this. Rejects if
-   * the connection is down (its next 'ready' comes later).
+   * same connection, after them; whoever must not miss a message published from now on waits
+   * for this. Rejects if the connection is down (its next 'ready' comes later).
    */
   async synced(): Promise<void> {
     await this.sub.ping();

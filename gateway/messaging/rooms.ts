@@ -16,6 +16,7 @@ import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState, type Turn } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
+import { dependencyUnavailable } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
@@ -209,7 +210,12 @@ export class Rooms {
     if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
     this.checkBody(body);
     const from = conn.session!.username;
-    await turn(() => this.broadcast({ name: 'room.message', room, from, data: { body } }, true));
+    await turn(() => {
+      // This node hears its rooms through its subscriber connection: while that is being
+      // restored, the message would not reach this node's members, though Redis took it.
+      if (!this.deps.bus.live) throw dependencyUnavailable();
+      return this.broadcast({ name: 'room.message', room, from, data: { body } }, true);
+    });
   }
 
   /**

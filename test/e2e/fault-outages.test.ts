@@ -7,11 +7,13 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -266,4 +268,42 @@ test('Redis frozen: overloaded with retryAfter, then recovery; a say fails at it
   console.log(`redis frozen: a say answered ${failed?.code} in ${failed?.ms} ms`);
   assert.equal(failed?.code, 'overloaded');
   await sayHeard('after the thaw');
+});
+
+test("the node's subscriber cut off while Redis answers: a say is answered overloaded until it has subscribed again, then heard", async () => {
+  const subscriberUp = async () =>
+    (await scrapeMetrics(gw.metricsPort)).value('gateway_dependency_up{dependency="redis_subscriber"}');
+  assert.equal(await subscriberUp(), 1);
+  // A client of this test's own holds the last free connection: the gateway's subscriber, cut
+  // off, cannot come back until maxclients is raised again.
+  const admin = new Redis(redis.url, { maxRetriesPerRequest: 1 });
+  try {
+    const clients = String(await admin.client('LIST'))
+      .trim()
+      .split('\n').length;
+    await admin.config('SET', 'maxclients', String(clients - 1));
+    assert.equal(await admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub'), 1, "the gateway's subscriber");
+    const end = Date.now() + DEADLINE_MS;
+    while ((await subscriberUp()) !== 0) {
+      if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never went to 0');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    // Redis answers the node's other connections: a login works, a say would be stored and
+    // published, but this node would not hear it.
+    assert.equal((await tcpLogin()).error, undefined, 'a login while only the subscriber is down');
+    const err = await within(
+      'a say while the subscriber is down',
+      device.request('say', { room: ROOM, body: 'unheard' }, { timeoutMs: DEADLINE_MS }).then(
+        () => null,
+        (e: { code: string; retryAfter?: number }) => e,
+      ),
+    );
+    assert.equal(err?.code, 'overloaded', 'a say answered ok would not reach the room on this node');
+    assert.ok((err?.retryAfter ?? 0) > 0, 'retryAfter');
+  } finally {
+    await admin.config('SET', 'maxclients', '10000').catch(() => {});
+    admin.disconnect();
+  }
+  await sayHeard('after the subscriber is back');
+  assert.equal(await subscriberUp(), 1);
 });
