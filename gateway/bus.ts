@@ -14,6 +14,7 @@ export class Bus {
   private up = true;
   /** Counts the connection's losses: a PING sent before one does not vouch for the next. */
   private losses = 0;
+  private readonly backHandlers: (() => void)[] = [];
 
   constructor(
     private readonly sub: Redis,
@@ -37,11 +38,21 @@ export class Bus {
       const losses = this.losses;
       sub.ping().then(
         () => {
-          if (losses === this.losses) this.up = true;
+          if (losses !== this.losses || this.up) return;
+          this.up = true;
+          for (const fn of this.backHandlers) fn();
         },
         () => {},
       );
     });
+  }
+
+  /**
+   * Calls `fn` each time the connection is live again after a loss: what was published on its
+   * channels meanwhile never came, and whoever must know it looks again.
+   */
+  onBack(fn: () => void): void {
+    this.backHandlers.push(fn);
   }
 
   /**

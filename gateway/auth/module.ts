@@ -12,6 +12,7 @@ import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
 import type { Connection } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
+import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { Keys } from '../keys.ts';
@@ -63,6 +64,42 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
   session_takeover: 'the session connected again elsewhere',
   going_away: 'disconnected by an operator',
 };
+
+/**
+ * Kicks this node's connections whose session record is gone from Redis: ended (logout,
+ * revoke, expiry, takeover) while the kick notice could not reach this node, or lost in a Redis
+ * rollback. Returns how many were kicked.
+ */
+async function kickEndedSessions(
+  gateway: Gateway,
+  redis: import('ioredis').Redis,
+  keys: Keys,
+  log: Logger,
+): Promise<number> {
+  const conns = [...gateway.connections].filter((c) => c.session);
+  let kicked = 0;
+  for (let i = 0; i < conns.length; i += 1000) {
+    const chunk = conns.slice(i, i + 1000).map((conn) => ({ conn, session: conn.session! }));
+    const p = redis.pipeline();
+    for (const { session } of chunk) p.exists(keys.session(session.sessionId));
+    const found = (await p.exec()) ?? [];
+    for (const [j, { conn, session }] of chunk.entries()) {
+      const [err, exists] = found[j] ?? [null, 1];
+      if (err) throw err;
+      // Still held, or the connection has gone or moved to another session meanwhile.
+      if (exists === 1 || conn.session !== session) continue;
+      const successor = session.deviceId ? await redis.get(keys.device(session.deviceId)) : null;
+      const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
+      log.info(
+        { conn: conn.id, sessionId: session.sessionId, code },
+        'session gone while the subscriber was away',
+      );
+      conn.kick(code, KICK_MESSAGE[code]);
+      kicked++;
+    }
+  }
+  return kicked;
+}
 
 export interface AuthModule extends IdentityModule {
   service: IdentityService;
@@ -262,6 +299,14 @@ export async function createAuthModule(
             log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
           conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
         }
+      });
+      // A kick published while this node's subscriber was away never came: once it is back,
+      // a connection whose session Redis no longer holds is kicked as its notice would have
+      // kicked it (taken over if its device key names another session, else revoked).
+      deps.bus.onBack(() => {
+        kickEndedSessions(gateway, deps.redis, deps.keys, log).catch((e) =>
+          logFailure(log, e, {}, 'could not look for sessions ended while the subscriber was away'),
+        );
       });
 
       mountAuthApi(

@@ -11,7 +11,7 @@ import { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { within } from '../helpers/deadline.ts';
+import { nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
@@ -270,13 +270,21 @@ test('Redis frozen: overloaded with retryAfter, then recovery; a say fails at it
   await sayHeard('after the thaw');
 });
 
-test("the node's subscriber cut off while Redis answers: a say is answered overloaded until it has subscribed again, then heard", async () => {
-  const subscriberUp = async () =>
-    (await scrapeMetrics(gw.metricsPort)).value('gateway_dependency_up{dependency="redis_subscriber"}');
+const subscriberUp = async () =>
+  (await scrapeMetrics(gw.metricsPort)).value('gateway_dependency_up{dependency="redis_subscriber"}');
+
+/**
+ * Cuts the gateway's subscriber connection off while Redis keeps answering its other ones: a
+ * client of this test's own holds Redis's last free connection, so the subscriber cannot come
+ * back until the returned function raises maxclients again. Resolves once the gateway says so.
+ */
+async function cutSubscriberOff(): Promise<() => Promise<void>> {
   assert.equal(await subscriberUp(), 1);
-  // A client of this test's own holds the last free connection: the gateway's subscriber, cut
-  // off, cannot come back until maxclients is raised again.
   const admin = new Redis(redis.url, { maxRetriesPerRequest: 1 });
+  const restore = async () => {
+    await admin.config('SET', 'maxclients', '10000').catch(() => {});
+    admin.disconnect();
+  };
   try {
     const clients = String(await admin.client('LIST'))
       .trim()
@@ -288,6 +296,16 @@ test("the node's subscriber cut off while Redis answers: a say is answered overl
       if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never went to 0');
       await new Promise((r) => setTimeout(r, 20));
     }
+  } catch (e) {
+    await restore();
+    throw e;
+  }
+  return restore;
+}
+
+test("the node's subscriber cut off while Redis answers: a say is answered overloaded until it has subscribed again, then heard", async () => {
+  const restore = await cutSubscriberOff();
+  try {
     // Redis answers the node's other connections: a login works, a say would be stored and
     // published, but this node would not hear it.
     assert.equal((await tcpLogin()).error, undefined, 'a login while only the subscriber is down');
@@ -301,9 +319,40 @@ test("the node's subscriber cut off while Redis answers: a say is answered overl
     assert.equal(err?.code, 'overloaded', 'a say answered ok would not reach the room on this node');
     assert.ok((err?.retryAfter ?? 0) > 0, 'retryAfter');
   } finally {
-    await admin.config('SET', 'maxclients', '10000').catch(() => {});
-    admin.disconnect();
+    await restore();
   }
   await sayHeard('after the subscriber is back');
   assert.equal(await subscriberUp(), 1);
 });
+
+for (const how of ['revoked', 'taken over'] as const) {
+  test(`a session ${how} while the node's subscriber is away: its connection is kicked once the subscriber is back`, async () => {
+    const victim = await connected(gw.tcpUrl);
+    closers.push(() => victim.close());
+    const deviceId = `dev-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+    const s = await signUp(victim, { id: deviceId });
+    const kicked = nextEvent<{ code: string }>(
+      victim,
+      'kick',
+      `the kick of the ${how} session`,
+      2 * DEADLINE_MS,
+    );
+    kicked.catch(() => {}); // awaited below; a failure before that is the test's
+    const other = await connected(gw.tcpUrl);
+    closers.push(() => other.close());
+    if (how === 'revoked') await other.request('login', { username: s.username, password: PASSWORD });
+    const restore = await cutSubscriberOff();
+    try {
+      // The kick notice goes out on Redis's channel, which this node does not hear now.
+      if (how === 'revoked') await within('the revoke', other.request('revoke', { sessionId: s.sessionId }));
+      else
+        await within(
+          'a login with the same device',
+          other.request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } }),
+        );
+    } finally {
+      await restore();
+    }
+    assert.equal((await kicked).code, how === 'revoked' ? 'session_revoked' : 'session_takeover');
+  });
+}
