@@ -117,9 +117,34 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
       'the dead node swept',
       async () => (await read('the nodes', (r) => r.zscore(nodes, dead))) === null,
       15_000,
-    ).catch((e: Error) => {
-      // Say what the gateway was doing: its last log lines.
-      throw new Error(`${e.message}; the gateway's last lines: ${JSON.stringify(g.logs.slice(-8))}`);
+    ).catch(async (e: Error) => {
+      // Say what the gateway was doing (its last log lines) and where the maintenance queue's
+      // jobs are: whether the schedule was set again, and whether its jobs wait, are delayed or
+      // are held active.
+      const queue = await read('the maintenance queue', async (r) => {
+        const all = await r.keys(`${g.prefix}bull:gw-maintenance:*`);
+        // The jobs' own hashes, counted rather than listed.
+        const jobs = all.filter((k) => /:repeat:sweep:\d+$/.test(k));
+        const sizes: Record<string, string> = { 'job hashes': String(jobs.length) };
+        for (const k of all.filter((k) => !jobs.includes(k)).sort()) {
+          const type = await r.type(k);
+          const n =
+            type === 'zset'
+              ? await r.zcard(k)
+              : type === 'list'
+                ? await r.llen(k)
+                : type === 'hash'
+                  ? await r.hlen(k)
+                  : type === 'stream'
+                    ? await r.xlen(k)
+                    : 1;
+          sizes[k.slice(`${g.prefix}bull:gw-maintenance:`.length)] = `${type} ${n}`;
+        }
+        return sizes;
+      }).catch((x: Error) => x.message);
+      throw new Error(
+        `${e.message}; the gateway's last lines: ${JSON.stringify(g.logs.slice(-8))}; the maintenance queue's keys: ${JSON.stringify(queue)}`,
+      );
     });
     assert.ok((await read('the scheduler', (r) => r.zcard(schedulerKey))) > 0, 'the schedule is set again');
     assert.equal(stderr, '', 'the gateway wrote to stderr');
