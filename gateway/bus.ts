@@ -66,7 +66,13 @@ export class Bus {
 
   async subscribe(channel: string, handler: BusHandler): Promise<void> {
     this.handlers.set(channel, handler);
-    await this.sub.subscribe(channel);
+    try {
+      await this.sub.subscribe(channel);
+    } catch (e) {
+      // Not subscribed (ioredis subscribes again after a reconnect only what it did subscribe).
+      if (this.handlers.get(channel) === handler) this.handlers.delete(channel);
+      throw e;
+    }
   }
 
   async unsubscribe(channel: string): Promise<void> {

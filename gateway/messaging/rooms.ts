@@ -63,6 +63,8 @@ function roomsOf(conn: Connection): Set<string> {
 export class Rooms {
   /** Local members per room. */
   private readonly local = new Map<string, Set<Connection>>();
+  /** A room's SUBSCRIBE while it is out (the first local join of the room made it). */
+  private readonly subscribing = new Map<string, Promise<void>>();
   /** The default room, normalized; '' when there is none. */
   private readonly defaultRoom: string;
 
@@ -95,12 +97,22 @@ export class Rooms {
     const mine = roomsOf(conn);
     if (mine.has(room)) return { room, members: await this.deps.redis.zcard(keys.roomMembers(room)) };
     mine.add(room);
-    await this.subscribeLocal(room, conn);
-    const [first, members, history] = (await this.deps.binding.run(
-      'room_join',
-      [keys.roomMembers(room), keys.sessionRooms(s.sessionId), keys.rooms, keys.roomHistory(room)],
-      [s.sessionId, room, options.historyMs > 0 ? String(Date.now() - options.historyMs) : ''],
-    )) as [number, number, Buffer[]];
+    let joined: [number, number, Buffer[]];
+    try {
+      await this.subscribeLocal(room, conn);
+      joined = (await this.deps.binding.run(
+        'room_join',
+        [keys.roomMembers(room), keys.sessionRooms(s.sessionId), keys.rooms, keys.roomHistory(room)],
+        [s.sessionId, room, options.historyMs > 0 ? String(Date.now() - options.historyMs) : ''],
+      )) as [number, number, Buffer[]];
+    } catch (e) {
+      // Not joined (Redis or this node's subscriber unavailable): a retry does it all again,
+      // rather than finding the room among the connection's and answering at once.
+      mine.delete(room);
+      this.unsubscribeLocal(room, conn);
+      throw e;
+    }
+    const [first, members, history] = joined;
     if (first === 1 && this.announced(room)) {
       await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
     }
@@ -254,12 +266,26 @@ export class Rooms {
   private async subscribeLocal(room: string, conn: Connection): Promise<void> {
     let set = this.local.get(room);
     if (!set) {
-      this.local.set(room, (set = new Set()));
-      set.add(conn);
-      await this.deps.bus.subscribe(this.deps.keys.roomChannel(room), (msg) => this.onRoomMessage(room, msg));
-      return;
+      const mine = new Set<Connection>();
+      set = mine;
+      this.local.set(room, mine);
+      const subscribed = this.deps.bus.subscribe(this.deps.keys.roomChannel(room), (msg) =>
+        this.onRoomMessage(room, msg),
+      );
+      this.subscribing.set(room, subscribed);
+      const settled = () => {
+        if (this.subscribing.get(room) === subscribed) this.subscribing.delete(room);
+      };
+      subscribed.then(settled, () => {
+        settled();
+        // Not subscribed: the room's next join subscribes again.
+        if (this.local.get(room) === mine) this.local.delete(room);
+      });
     }
     set.add(conn);
+    // A join that comes while the room's SUBSCRIBE is out waits for it, and fails with it.
+    const subscribing = this.subscribing.get(room);
+    if (subscribing) await subscribing;
   }
 
   /**

@@ -356,3 +356,54 @@ for (const how of ['revoked', 'taken over'] as const) {
     assert.equal((await kicked).code, how === 'revoked' ? 'session_revoked' : 'session_takeover');
   });
 }
+
+test("a join refused while the node's subscriber is away is not half done: joined again later, the room is heard", async () => {
+  const room = `#late${Date.now() % 100000}`;
+  const member = await connected(gw.tcpUrl);
+  closers.push(() => member.close());
+  await signUp(member);
+  const heard: EventMsg[] = [];
+  member.on('event', (e: EventMsg) => {
+    if (e.room === room && e.name === 'room.message') heard.push(e);
+  });
+  const restore = await cutSubscriberOff();
+  try {
+    // This node cannot subscribe to the room's channel now.
+    const err = await within(
+      'a join while the subscriber is down',
+      member.request('join', { room }).then(
+        () => null,
+        (e: { code: string }) => e,
+      ),
+    );
+    assert.equal(err?.code, 'overloaded');
+  } finally {
+    await restore();
+  }
+  // Joined for real once the subscriber is back (retried while it is not yet).
+  const end = Date.now() + DEADLINE_MS;
+  for (;;) {
+    const ok = await member.request('join', { room }).then(
+      () => true,
+      () => false,
+    );
+    if (ok) break;
+    if (Date.now() > end) throw new Error('a join after the subscriber came back still fails');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  // The subscriber back, so that the say below is not refused.
+  while ((await subscriberUp()) !== 1) {
+    if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never came back to 1');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const speaker = await connected(gw.tcpUrl);
+  closers.push(() => speaker.close());
+  await signUp(speaker);
+  await speaker.request('join', { room });
+  await within('the say', speaker.request('say', { room, body: 'can you hear me' }));
+  const until = Date.now() + DEADLINE_MS;
+  while (!heard.some((e) => (e.data as { body?: string }).body === 'can you hear me')) {
+    if (Date.now() > until) throw new Error('the member never heard the room it joined after the refusal');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+});
