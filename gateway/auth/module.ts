@@ -68,37 +68,37 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 /**
  * Kicks this node's connections whose session record is gone from Redis: ended (logout,
  * revoke, expiry, takeover) while the kick notice could not reach this node, or lost in a Redis
- * rollback. Returns how many were kicked.
+ * rollback.
  */
 async function kickEndedSessions(
   gateway: Gateway,
   redis: import('ioredis').Redis,
   keys: Keys,
   log: Logger,
-): Promise<number> {
-  const conns = [...gateway.connections].filter((c) => c.session);
-  let kicked = 0;
-  for (let i = 0; i < conns.length; i += 1000) {
-    const chunk = conns.slice(i, i + 1000).map((conn) => ({ conn, session: conn.session! }));
-    const p = redis.pipeline();
-    for (const { session } of chunk) p.exists(keys.session(session.sessionId));
-    const found = (await p.exec()) ?? [];
-    for (const [j, { conn, session }] of chunk.entries()) {
-      const [err, exists] = found[j] ?? [null, 1];
-      if (err) throw err;
-      // Still held, or the connection has gone or moved to another session meanwhile.
-      if (exists === 1 || conn.session !== session) continue;
-      const successor = session.deviceId ? await redis.get(keys.device(session.deviceId)) : null;
+): Promise<void> {
+  const bound = [...gateway.connections].flatMap((conn) =>
+    conn.session ? [{ conn, session: conn.session }] : [],
+  );
+  for (let i = 0; i < bound.length; i += 1000) {
+    const chunk = bound.slice(i, i + 1000);
+    // One auto-pipelined round trip for the records, one for the device keys of those gone.
+    const held = await Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId))));
+    const gone = chunk.filter((_, j) => held[j] === 0);
+    const successors = await Promise.all(
+      gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
+    );
+    gone.forEach(({ conn, session }, j) => {
+      // The connection has gone or moved to another session meanwhile.
+      if (conn.session !== session) return;
+      const successor = successors[j];
       const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
       log.info(
         { conn: conn.id, sessionId: session.sessionId, code },
         'session gone while the subscriber was away',
       );
       conn.kick(code, KICK_MESSAGE[code]);
-      kicked++;
-    }
+    });
   }
-  return kicked;
 }
 
 export interface AuthModule extends IdentityModule {

@@ -266,9 +266,9 @@ export class Rooms {
   private async subscribeLocal(room: string, conn: Connection): Promise<void> {
     let set = this.local.get(room);
     if (!set) {
-      const mine = new Set<Connection>();
-      set = mine;
-      this.local.set(room, mine);
+      const members = new Set<Connection>();
+      set = members;
+      this.local.set(room, members);
       const subscribed = this.deps.bus.subscribe(this.deps.keys.roomChannel(room), (msg) =>
         this.onRoomMessage(room, msg),
       );
@@ -279,7 +279,7 @@ export class Rooms {
       subscribed.then(settled, () => {
         settled();
         // Not subscribed: the room's next join subscribes again.
-        if (this.local.get(room) === mine) this.local.delete(room);
+        if (this.local.get(room) === members) this.local.delete(room);
       });
     }
     set.add(conn);

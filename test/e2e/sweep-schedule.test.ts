@@ -22,6 +22,15 @@ import {
 } from '../helpers/gateway-process.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
+/** The command that sizes a key of each type (a string counts 1). */
+const SIZE_OF: Record<string, string> = {
+  zset: 'ZCARD',
+  list: 'LLEN',
+  hash: 'HLEN',
+  stream: 'XLEN',
+  set: 'SCARD',
+};
+
 let env: DeploymentEnv;
 let gw: GatewayProcess;
 const redis = new Redis(REDIS_URL);
@@ -128,16 +137,8 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
         const sizes: Record<string, string> = { 'job hashes': String(jobs.length) };
         for (const k of all.filter((k) => !jobs.includes(k)).sort()) {
           const type = await r.type(k);
-          const n =
-            type === 'zset'
-              ? await r.zcard(k)
-              : type === 'list'
-                ? await r.llen(k)
-                : type === 'hash'
-                  ? await r.hlen(k)
-                  : type === 'stream'
-                    ? await r.xlen(k)
-                    : 1;
+          const size = SIZE_OF[type];
+          const n = size ? await r.call(size, k) : 1;
           sizes[k.slice(`${g.prefix}bull:gw-maintenance:`.length)] = `${type} ${n}`;
         }
         return sizes;
