@@ -280,17 +280,22 @@ const subscriberUp = async () =>
  */
 async function cutSubscriberOff(): Promise<() => Promise<void>> {
   assert.equal(await subscriberUp(), 1);
-  const admin = new Redis(redis.url, { maxRetriesPerRequest: 1 });
+  // Its commands fail after the deadline rather than wait on a Redis that does not answer.
+  const admin = new Redis(redis.url, { maxRetriesPerRequest: 1, commandTimeout: DEADLINE_MS });
   const restore = async () => {
-    await admin.config('SET', 'maxclients', '10000').catch(() => {});
+    await within('maxclients raised again', admin.config('SET', 'maxclients', '10000')).catch(() => {});
     admin.disconnect();
   };
   try {
-    const clients = String(await admin.client('LIST'))
+    const clients = String(await within('CLIENT LIST', admin.client('LIST')))
       .trim()
       .split('\n').length;
-    await admin.config('SET', 'maxclients', String(clients - 1));
-    assert.equal(await admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub'), 1, "the gateway's subscriber");
+    await within('maxclients lowered', admin.config('SET', 'maxclients', String(clients - 1)));
+    assert.equal(
+      await within('CLIENT KILL TYPE pubsub', admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub')),
+      1,
+      "the gateway's subscriber",
+    );
     const end = Date.now() + DEADLINE_MS;
     while ((await subscriberUp()) !== 0) {
       if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never went to 0');
@@ -406,4 +411,94 @@ test("a join refused while the node's subscriber is away is not half done: joine
     if (Date.now() > until) throw new Error('the member never heard the room it joined after the refusal');
     await new Promise((r) => setTimeout(r, 20));
   }
+});
+
+test("ten members join one room at once while the node's subscriber is away: all refused, then all joined and hearing it", async () => {
+  const room = `#crowd${Date.now() % 100000}`;
+  const members = await Promise.all(
+    Array.from({ length: 10 }, async () => {
+      const c = await connected(gw.tcpUrl);
+      closers.push(() => c.close());
+      await signUp(c);
+      const heard: string[] = [];
+      c.on('event', (e: EventMsg) => {
+        if (e.room === room && e.name === 'room.message') heard.push((e.data as { body: string }).body);
+      });
+      return { c, heard };
+    }),
+  );
+  const restore = await cutSubscriberOff();
+  try {
+    // One SUBSCRIBE for the room is out, and the other joins wait for it and fail with it.
+    const codes = await within(
+      'ten joins while the subscriber is down',
+      Promise.all(
+        members.map(({ c }) =>
+          c.request('join', { room }).then(
+            () => 'ok',
+            (e: { code: string }) => e.code,
+          ),
+        ),
+      ),
+    );
+    assert.deepEqual(codes, Array(10).fill('overloaded'));
+  } finally {
+    await restore();
+  }
+  // Joined again, all at once, retried while the subscriber is not back yet.
+  const end = Date.now() + DEADLINE_MS;
+  await Promise.all(
+    members.map(async ({ c }) => {
+      for (;;) {
+        const ok = await c.request('join', { room }).then(
+          () => true,
+          () => false,
+        );
+        if (ok) return;
+        if (Date.now() > end) throw new Error('a join after the subscriber came back still fails');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }),
+  );
+  while ((await subscriberUp()) !== 1) {
+    if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never came back to 1');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  await within('the say', members[0].c.request('say', { room, body: 'all here?' }));
+  const until = Date.now() + DEADLINE_MS;
+  while (!members.every(({ heard }) => heard.includes('all here?'))) {
+    if (Date.now() > until) {
+      throw new Error(
+        `members that never heard the room: ${members.filter(({ heard }) => heard.length === 0).length}`,
+      );
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+});
+
+test("ten sessions revoked at once while the node's subscriber is away: each connection is kicked once it is back", async () => {
+  const victims = await Promise.all(
+    Array.from({ length: 10 }, async () => {
+      const c = await connected(gw.tcpUrl);
+      closers.push(() => c.close());
+      const s = await signUp(c);
+      const kicked = nextEvent<{ code: string }>(c, 'kick', `the kick of ${s.username}`, 2 * DEADLINE_MS);
+      kicked.catch(() => {}); // awaited below; a failure before that is the test's
+      const other = await connected(gw.tcpUrl);
+      closers.push(() => other.close());
+      await other.request('login', { username: s.username, password: PASSWORD });
+      return { s, other, kicked };
+    }),
+  );
+  const restore = await cutSubscriberOff();
+  try {
+    await within(
+      'ten revokes at once',
+      Promise.all(victims.map(({ s, other }) => other.request('revoke', { sessionId: s.sessionId }))),
+    );
+  } finally {
+    await restore();
+  }
+  const codes = await Promise.all(victims.map(({ kicked }) => kicked.then((k) => k.code)));
+  assert.deepEqual(codes, Array(10).fill('session_revoked'));
 });
