@@ -278,6 +278,27 @@ const subscriberUp = async () =>
  * client of this test's own holds Redis's last free connection, so the subscriber cannot come
  * back until the returned function raises maxclients again. Resolves once the gateway says so.
  */
+/** Waits until gateway_dependency_up{redis_subscriber} reads `value`, or the deadline `end`. */
+async function untilSubscriber(value: 0 | 1, end = Date.now() + DEADLINE_MS): Promise<void> {
+  while ((await subscriberUp()) !== value) {
+    if (Date.now() > end) throw new Error(`gateway_dependency_up{redis_subscriber} never went to ${value}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Joins `room`, retried while the subscriber is not back yet, until the deadline `end`. */
+async function joinWhenBack(c: GatewayClient, room: string, end: number): Promise<void> {
+  for (;;) {
+    const ok = await c.request('join', { room }).then(
+      () => true,
+      () => false,
+    );
+    if (ok) return;
+    if (Date.now() > end) throw new Error('a join after the subscriber came back still fails');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 async function cutSubscriberOff(): Promise<() => Promise<void>> {
   assert.equal(await subscriberUp(), 1);
   // Its commands fail after the deadline rather than wait on a Redis that does not answer.
@@ -296,11 +317,7 @@ async function cutSubscriberOff(): Promise<() => Promise<void>> {
       1,
       "the gateway's subscriber",
     );
-    const end = Date.now() + DEADLINE_MS;
-    while ((await subscriberUp()) !== 0) {
-      if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never went to 0');
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await untilSubscriber(0);
   } catch (e) {
     await restore();
     throw e;
@@ -387,20 +404,9 @@ test("a join refused while the node's subscriber is away is not half done: joine
   }
   // Joined for real once the subscriber is back (retried while it is not yet).
   const end = Date.now() + DEADLINE_MS;
-  for (;;) {
-    const ok = await member.request('join', { room }).then(
-      () => true,
-      () => false,
-    );
-    if (ok) break;
-    if (Date.now() > end) throw new Error('a join after the subscriber came back still fails');
-    await new Promise((r) => setTimeout(r, 200));
-  }
+  await joinWhenBack(member, room, end);
   // The subscriber back, so that the say below is not refused.
-  while ((await subscriberUp()) !== 1) {
-    if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never came back to 1');
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  await untilSubscriber(1, end);
   const speaker = await connected(gw.tcpUrl);
   closers.push(() => speaker.close());
   await signUp(speaker);
@@ -447,23 +453,8 @@ test("ten members join one room at once while the node's subscriber is away: all
   }
   // Joined again, all at once, retried while the subscriber is not back yet.
   const end = Date.now() + DEADLINE_MS;
-  await Promise.all(
-    members.map(async ({ c }) => {
-      for (;;) {
-        const ok = await c.request('join', { room }).then(
-          () => true,
-          () => false,
-        );
-        if (ok) return;
-        if (Date.now() > end) throw new Error('a join after the subscriber came back still fails');
-        await new Promise((r) => setTimeout(r, 200));
-      }
-    }),
-  );
-  while ((await subscriberUp()) !== 1) {
-    if (Date.now() > end) throw new Error('gateway_dependency_up{redis_subscriber} never came back to 1');
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  await Promise.all(members.map(({ c }) => joinWhenBack(c, room, end)));
+  await untilSubscriber(1, end);
   await within('the say', members[0].c.request('say', { room, body: 'all here?' }));
   const until = Date.now() + DEADLINE_MS;
   while (!members.every(({ heard }) => heard.includes('all here?'))) {
