@@ -26,6 +26,16 @@ export const QueueName = {
  */
 export const WORKER_RETRY_MS = 1000;
 
+/** How long an operator's kick is kept for a node whose subscriber missed it (`Keys.sessionKick`). */
+export const KEPT_KICK_MS = 3_600_000;
+
+/** An operator's kick as kept under `Keys.sessionKick`. */
+export interface KeptKick {
+  /** The connection kicked, `<node>:<connection id>`. */
+  conn: string;
+  retryAfter: number;
+}
+
 export class Keys {
   constructor(readonly prefix: string) {}
 
@@ -148,6 +158,15 @@ export class Keys {
   /** HASH: a live session (TTL SESSION_TTL). */
   session(sid: string): string {
     return `${this.prefix}{s:${sid}}:sess`;
+  }
+
+  /**
+   * STRING: an operator's last kick of the session (`{conn, retryAfter}`, `conn` naming the
+   * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
+   * the notice applies it when the subscriber is back.
+   */
+  sessionKick(sid: string): string {
+    return `${this.prefix}{s:${sid}}:kick`;
   }
 
   /** SET of a user's session ids (pruned of expired ones on read). */

@@ -15,7 +15,7 @@ import { ProtocolError, unpack } from '../../protocol/index.ts';
 import type { LiveSession } from '../auth/session-store.ts';
 import type { Outbox, StoredEvent } from '../delivery/outbox.ts';
 import { logQueueErrors } from '../faults.ts';
-import { type Keys, QueueName } from '../keys.ts';
+import { KEPT_KICK_MS, type KeptKick, type Keys, QueueName } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { PresenceRecord } from '../messaging/presence.ts';
 
@@ -312,15 +312,24 @@ export class AdminService {
   /**
    * Closes the device's connection wherever it is, with `kick going_away` (it may come back
    * after `retryAfterMs`); its session stays. Every node hears the kick on the kick channel.
+   * The kick is also kept for an hour, naming the connection, for a node whose subscriber is
+   * away now: it applies the kick once the subscriber is back (auth/module.ts, `kickMissed`).
    */
   async kick(deviceId: string, retryAfterMs: number): Promise<{ sessionId: string; node: string }> {
     const { redis, keys, log } = this.deps;
     const [live] = await this.liveState([deviceId]);
     if (!live.sid || !live.rec) throw new ProtocolError('not_found', 'the device is not connected');
-    await redis.publish(
-      keys.kickChannel,
-      JSON.stringify({ sessionId: live.sid, code: 'going_away', retryAfter: retryAfterMs }),
-    );
+    const kept: KeptKick = { conn: `${live.rec.node}:${live.rec.conn}`, retryAfter: retryAfterMs };
+    const res = await redis
+      .multi()
+      .set(keys.sessionKick(live.sid), JSON.stringify(kept), 'PX', KEPT_KICK_MS)
+      .publish(
+        keys.kickChannel,
+        JSON.stringify({ sessionId: live.sid, code: 'going_away', retryAfter: retryAfterMs }),
+      )
+      .exec();
+    const failed = res?.find(([e]) => e);
+    if (!res || failed) throw failed?.[0] ?? new Error('the kick was not stored');
     log.info({ sessionId: live.sid, node: live.rec.node }, 'admin kick');
     return { sessionId: live.sid, node: live.rec.node };
   }

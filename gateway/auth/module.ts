@@ -15,7 +15,7 @@ import type { SessionDirectory } from '../delivery/publisher.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
-import type { Keys } from '../keys.ts';
+import type { KeptKick, Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
 import { ActivityTracker } from './activity.ts';
@@ -66,11 +66,12 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 };
 
 /**
- * Kicks this node's connections whose session record is gone from Redis: ended (logout,
- * revoke, expiry, takeover) while the kick notice could not reach this node, or lost in a Redis
- * rollback.
+ * Applies the kicks this node's subscriber missed: kicks this node's connections whose session
+ * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
+ * could not reach this node, or lost in a Redis rollback), and those an operator kicked
+ * meanwhile (the kick kept under `Keys.sessionKick` names the connection).
  */
-async function kickEndedSessions(
+async function kickMissed(
   gateway: Gateway,
   redis: import('ioredis').Redis,
   keys: Keys,
@@ -81,8 +82,12 @@ async function kickEndedSessions(
   );
   for (let i = 0; i < bound.length; i += 1000) {
     const chunk = bound.slice(i, i + 1000);
-    // One auto-pipelined round trip for the records, one for the device keys of those gone.
-    const held = await Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId))));
+    // One auto-pipelined round trip for the records and kept kicks, one for the device keys of
+    // the sessions gone.
+    const [held, kept] = await Promise.all([
+      Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId)))),
+      Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId)))),
+    ]);
     const gone = chunk.filter((_, j) => held[j] === 0);
     const successors = await Promise.all(
       gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
@@ -97,6 +102,22 @@ async function kickEndedSessions(
         'session gone while the subscriber was away',
       );
       conn.kick(code, KICK_MESSAGE[code]);
+    });
+    chunk.forEach(({ conn, session }, j) => {
+      if (held[j] === 0 || conn.session !== session || !kept[j]) return;
+      let k: KeptKick;
+      try {
+        k = JSON.parse(kept[j]!);
+      } catch {
+        return;
+      }
+      // A kick of an earlier connection of the session (the device has come back since) is spent.
+      if (k.conn !== `${gateway.nodeId}:${conn.id}`) return;
+      log.info(
+        { conn: conn.id, sessionId: session.sessionId },
+        'admin kick applied after the subscriber was away',
+      );
+      conn.kick('going_away', KICK_MESSAGE.going_away, k.retryAfter);
     });
   }
 }
@@ -302,10 +323,11 @@ export async function createAuthModule(
       });
       // A kick published while this node's subscriber was away never came: once it is back,
       // a connection whose session Redis no longer holds is kicked as its notice would have
-      // kicked it (taken over if its device key names another session, else revoked).
+      // kicked it (taken over if its device key names another session, else revoked), and one
+      // an operator kicked meanwhile is kicked `going_away`.
       deps.bus.onBack(() => {
-        kickEndedSessions(gateway, deps.redis, deps.keys, log).catch((e) =>
-          logFailure(log, e, {}, 'could not look for sessions ended while the subscriber was away'),
+        kickMissed(gateway, deps.redis, deps.keys, log).catch((e) =>
+          logFailure(log, e, {}, 'could not look for kicks missed while the subscriber was away'),
         );
       });
 

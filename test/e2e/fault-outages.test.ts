@@ -11,7 +11,7 @@ import { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { nextEvent, within } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
@@ -20,6 +20,7 @@ import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 /** Only there to turn a hang into a failure. */
 const DEADLINE_MS = 15000;
 const ROOM = '#faults';
+const ADMIN_KEY = 'admin-key-for-fault-tests-5c81';
 
 let pg: OwnPostgres;
 let redis: OwnRedis;
@@ -36,6 +37,7 @@ before(async () => {
     DATABASE_URL: pg.url,
     GW_DEFAULT_ROOM: '',
     GW_REGISTER_PER_MINUTE: '1000',
+    GW_ADMIN_KEY: ADMIN_KEY,
   });
   device = await connected(gw.tcpUrl);
   closers.push(() => device.close());
@@ -492,4 +494,65 @@ test("ten sessions revoked at once while the node's subscriber is away: each con
   }
   const codes = await Promise.all(victims.map(({ kicked }) => kicked.then((k) => k.code)));
   assert.deepEqual(codes, Array(10).fill('session_revoked'));
+});
+
+test("an operator's kick while the node's subscriber is away: applied once it is back, and only to the connection it named", async () => {
+  const deviceId = `dev-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  const victim = await connected(gw.tcpUrl);
+  closers.push(() => victim.close());
+  const s = await signUp(victim, { id: deviceId });
+  const kicked = nextEvent<{ code: string; retryAfter?: number }>(
+    victim,
+    'kick',
+    "the operator's kick",
+    2 * DEADLINE_MS,
+  );
+  kicked.catch(() => {}); // awaited below; a failure before that is the test's
+  const restore = await cutSubscriberOff();
+  try {
+    // The kick notice goes out on Redis's channel, which this node does not hear now.
+    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/devices/${deviceId}/kick`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ retryAfter: 1234 }),
+    });
+    assert.equal(res.status, 202, await res.text());
+  } finally {
+    await restore();
+  }
+  const k = await kicked;
+  assert.equal(k.code, 'going_away');
+  assert.equal(k.retryAfter, 1234);
+
+  // The device comes back on a new connection of the same session: the kept kick named the old
+  // one, so the next return of the subscriber must leave this one alone.
+  const back = await connected(gw.tcpUrl);
+  closers.push(() => back.close());
+  await within('the resume', back.request('resume', { token: s.token, device: { id: deviceId } }));
+  const kicksAfter: unknown[] = [];
+  back.on('kick', (m: unknown) => kicksAfter.push(m));
+  // A session revoked during a second cut-off shows when the node's look-up has run.
+  const sentinel = await connected(gw.tcpUrl);
+  closers.push(() => sentinel.close());
+  const t = await signUp(sentinel);
+  const sentinelKicked = nextEvent<{ code: string }>(
+    sentinel,
+    'kick',
+    'the sentinel kicked',
+    2 * DEADLINE_MS,
+  );
+  sentinelKicked.catch(() => {});
+  const other = await connected(gw.tcpUrl);
+  closers.push(() => other.close());
+  await other.request('login', { username: t.username, password: PASSWORD });
+  const restoreAgain = await cutSubscriberOff();
+  try {
+    await within('the revoke', other.request('revoke', { sessionId: t.sessionId }));
+  } finally {
+    await restoreAgain();
+  }
+  assert.equal((await sentinelKicked).code, 'session_revoked');
+  // A kick sent with the sentinel's would come before this pong (or there would be no pong).
+  await within('a ping on the resumed connection', back.ping());
+  assert.deepEqual(kicksAfter, [], 'the resumed connection was kicked by a kick of the one before');
 });
