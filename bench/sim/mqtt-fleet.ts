@@ -21,6 +21,9 @@ class MqttDevice implements FleetDevice {
   private stopped = false;
   private dropping = false;
   private everIn = false;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  /** The current connection attempt (settles when connected, refused or ended by `stop`). */
+  private attempt: Promise<void> | undefined;
 
   constructor(
     readonly index: number,
@@ -31,7 +34,23 @@ class MqttDevice implements FleetDevice {
     private readonly ctx: DeviceContext,
   ) {}
 
-  async start(): Promise<void> {
+  start(): Promise<void> {
+    // Stopped: a reconnect must not open a connection that nothing would end (the process
+    // would never exit).
+    if (this.stopped) return Promise.resolve();
+    this.attempt = this.connectOnce();
+    return this.attempt;
+  }
+
+  /** Connects again after `ms`, unless the device is stopped or the run is over by then. */
+  private reconnectIn(ms: number): void {
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => {
+      if (!this.stopped && this.ctx.running()) void this.start();
+    }, ms);
+  }
+
+  private async connectOnce(): Promise<void> {
     const { ctx } = this;
     const t0 = ctx.now();
     try {
@@ -69,7 +88,7 @@ class MqttDevice implements FleetDevice {
     } catch (e) {
       ctx.metrics.error(errorCode(e));
       this.client?.end(true);
-      if (!this.stopped && ctx.running()) setTimeout(() => void this.start(), 500 + this.rng() * 500);
+      if (!this.stopped && ctx.running()) this.reconnectIn(500 + this.rng() * 500);
     }
   }
 
@@ -88,7 +107,7 @@ class MqttDevice implements FleetDevice {
     if (this.stopped) return;
     if (!dropped) m.error('closed_by_server');
     this.client = undefined;
-    if (this.ctx.running()) setTimeout(() => void this.start(), 100 + this.rng() * 400);
+    if (this.ctx.running()) this.reconnectIn(100 + this.rng() * 400);
   }
 
   drop(): void {
@@ -99,8 +118,13 @@ class MqttDevice implements FleetDevice {
     this.client.stream.destroy();
   }
 
+  /** Ends the device: no reconnect follows, and a connection being made is ended too. */
   async stop(): Promise<void> {
     this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    // Ending the client fails a connection attempt still out, which then settles.
+    await this.client?.endAsync().catch(() => undefined);
+    await this.attempt?.catch(() => undefined);
     await this.client?.endAsync().catch(() => undefined);
   }
 
@@ -161,6 +185,8 @@ class MqttSink implements EventSink {
   }
 
   async close(): Promise<void> {
+    // A connection still being made is waited for, then ended with the rest.
+    await this.connecting?.catch(() => undefined);
     await this.client?.endAsync().catch(() => undefined);
   }
 }

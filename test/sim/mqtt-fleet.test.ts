@@ -7,9 +7,13 @@
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { test } from 'node:test';
+import type { DeviceContext } from '../../bench/sim/device.ts';
 import { type SimOptions, Simulation } from '../../bench/sim/engine.ts';
+import { Ledger } from '../../bench/sim/ledger.ts';
+import { RunMetrics } from '../../bench/sim/metrics.ts';
 import { mqttFleet } from '../../bench/sim/mqtt-fleet.ts';
-import { within } from '../helpers/deadline.ts';
+import { mulberry32 } from '../../bench/sim/rng.ts';
+import { until, within } from '../helpers/deadline.ts';
 
 const BROKER = { host: '127.0.0.1', port: 1883 };
 
@@ -84,4 +88,48 @@ test('the MQTT producer keeps one connection at full speed: no duplicate without
   assert.equal(r.lost, 0, detail);
   assert.deepEqual(r.errors, {}, detail);
   assert.equal(r.duplicates, 0, detail);
+});
+
+test('a device dropped as the run ends does not connect again once stopped', async (t) => {
+  if (!(await brokerAnswers())) {
+    t.skip('no MQTT broker on 127.0.0.1:1883');
+    return;
+  }
+  // What left a run's process open after its report: a drop schedules a reconnect (100-500 ms
+  // later), the run stops the device meanwhile, and the reconnect opened a connection that
+  // nothing ended.
+  let running = true;
+  const metrics = new RunMetrics();
+  const ctx: DeviceContext = {
+    ledger: new Ledger(),
+    metrics,
+    helloChunks: 1,
+    noAckProb: 0,
+    room: () => undefined,
+    now: () => performance.now(),
+    running: () => running,
+    mayWithholdAcks: () => false,
+  };
+  const device = fleet(`stop-${Date.now()}`).device(0, mulberry32(7), ctx);
+  try {
+    await within('the device connected', device.start());
+    assert.equal(metrics.connected, 1);
+    device.drop();
+    await until('the dropped connection closed', async () => metrics.connected === 0);
+    running = false;
+    await within('the device stopped', device.stop());
+    // Past the longest reconnect delay.
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.equal(metrics.connected, 0, 'the device connected again after it was stopped');
+    assert.equal(
+      process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap').length,
+      0,
+      'a socket left open',
+    );
+  } finally {
+    // So that a failure above does not also keep this file's process from exiting.
+    await (device as unknown as { client?: { endAsync(): Promise<void> } }).client
+      ?.endAsync()
+      .catch(() => {});
+  }
 });
