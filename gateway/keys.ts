@@ -33,6 +33,8 @@ export const KEPT_KICK_MS = 3_600_000;
 export interface KeptKick {
   /** The connection kicked, `<node>:<connection id>`. */
   conn: string;
+  /** When the kick was made (ms): a connection opened since is not the one kicked, whatever its name. */
+  at: number;
   retryAfter: number;
 }
 

@@ -319,7 +319,11 @@ export class AdminService {
     const { redis, keys, log } = this.deps;
     const [live] = await this.liveState([deviceId]);
     if (!live.sid || !live.rec) throw new ProtocolError('not_found', 'the device is not connected');
-    const kept: KeptKick = { conn: `${live.rec.node}:${live.rec.conn}`, retryAfter: retryAfterMs };
+    const kept: KeptKick = {
+      conn: `${live.rec.node}:${live.rec.conn}`,
+      at: Date.now(),
+      retryAfter: retryAfterMs,
+    };
     const res = await redis
       .multi()
       .set(keys.sessionKick(live.sid), JSON.stringify(kept), 'PX', KEPT_KICK_MS)

@@ -111,8 +111,10 @@ async function kickMissed(
       } catch {
         return;
       }
-      // A kick of an earlier connection of the session (the device has come back since) is spent.
-      if (k.conn !== `${gateway.nodeId}:${conn.id}`) return;
+      // A kick of an earlier connection of the session (the device has come back since) is
+      // spent. A connection opened after the kick is not the one kicked either, even with the
+      // same name: a node restarted with a fixed GW_NODE_ID counts its connections from 1 again.
+      if (k.conn !== `${gateway.nodeId}:${conn.id}` || conn.openedAtMs > k.at) return;
       log.info(
         { conn: conn.id, sessionId: session.sessionId },
         'admin kick applied after the subscriber was away',

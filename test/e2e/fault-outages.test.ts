@@ -531,7 +531,41 @@ test("an operator's kick while the node's subscriber is away: applied once it is
   await within('the resume', back.request('resume', { token: s.token, device: { id: deviceId } }));
   const kicksAfter: unknown[] = [];
   back.on('kick', (m: unknown) => kicksAfter.push(m));
-  // A session revoked during a second cut-off shows when the node's look-up has run.
+  await subscriberAwayAndBack();
+  // A kick sent with the sentinel's would come before this pong (or there would be no pong).
+  await within('a ping on the resumed connection', back.ping());
+  assert.deepEqual(kicksAfter, [], 'the resumed connection was kicked by a kick of the one before');
+
+  // A kept kick that names this very connection but was made before it opened is not its kick
+  // either: what a node restarted with a fixed GW_NODE_ID would meet, its connections numbered
+  // from 1 again.
+  const rec = JSON.parse(
+    (await within(
+      'the presence record',
+      redis.with((r) => r.hget(`${gw.prefix}presence`, s.sessionId)),
+    ))!,
+  ) as { node: string; conn: number };
+  await within(
+    'a kept kick of an earlier connection of the same name',
+    redis.with((r) =>
+      r.set(
+        `${gw.prefix}{s:${s.sessionId}}:kick`,
+        JSON.stringify({ conn: `${rec.node}:${rec.conn}`, at: Date.now() - 60_000, retryAfter: 1 }),
+        'PX',
+        60_000,
+      ),
+    ),
+  );
+  await subscriberAwayAndBack();
+  await within('a ping on the resumed connection', back.ping());
+  assert.deepEqual(kicksAfter, [], 'the resumed connection was kicked by a kick made before it opened');
+});
+
+/**
+ * Cuts the node's subscriber off and lets it come back, with a session revoked meanwhile: its
+ * kick shows that the node's look-up for missed kicks has run.
+ */
+async function subscriberAwayAndBack(): Promise<void> {
   const sentinel = await connected(gw.tcpUrl);
   closers.push(() => sentinel.close());
   const t = await signUp(sentinel);
@@ -541,18 +575,15 @@ test("an operator's kick while the node's subscriber is away: applied once it is
     'the sentinel kicked',
     2 * DEADLINE_MS,
   );
-  sentinelKicked.catch(() => {});
+  sentinelKicked.catch(() => {}); // awaited below; a failure before that is the caller's
   const other = await connected(gw.tcpUrl);
   closers.push(() => other.close());
   await other.request('login', { username: t.username, password: PASSWORD });
-  const restoreAgain = await cutSubscriberOff();
+  const restore = await cutSubscriberOff();
   try {
     await within('the revoke', other.request('revoke', { sessionId: t.sessionId }));
   } finally {
-    await restoreAgain();
+    await restore();
   }
   assert.equal((await sentinelKicked).code, 'session_revoked');
-  // A kick sent with the sentinel's would come before this pong (or there would be no pong).
-  await within('a ping on the resumed connection', back.ping());
-  assert.deepEqual(kicksAfter, [], 'the resumed connection was kicked by a kick of the one before');
-});
+}
