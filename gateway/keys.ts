@@ -163,7 +163,7 @@ export class Keys {
   }
 
   /**
-   * STRING: an operator's last kick of the session (`{conn, retryAfter}`, `conn` naming the
+   * STRING: an operator's last kick of the session (`{conn, at, retryAfter}`, `conn` naming the
    * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
    * the notice applies it when the subscriber is back.
    */
