@@ -35,6 +35,7 @@ export function createDb(o: DbOptions): Db {
   }
   const Pool = (native ?? pg).Pool;
   const pool = new Pool({
+    ...(native ? { Client: endedSafelyWhileConnecting(native.Client) } : {}),
     connectionString: o.url,
     max: o.max,
     // Both drivers honour these: pg-native reads query_timeout in its query() and turns
@@ -53,6 +54,70 @@ export function createDb(o: DbOptions): Db {
   });
   if (o.observeQuery) countFailedConnects(pool, o.observeQuery);
   return { pool, driver: native ? 'native' : 'js' };
+}
+
+type Callback = (err?: Error | null) => void;
+
+/** What `endedSafelyWhileConnecting` needs of pg's native client. */
+interface NativeClient {
+  connect(callback?: Callback): Promise<void> | undefined;
+  end(callback?: Callback): Promise<void> | undefined;
+}
+
+/**
+ * pg's native client, with `end` held back while its connect is out. pg-pool ends a client whose
+ * connect outlasts `connectionTimeoutMillis`, and pg's native client then closes libpq's handle
+ * at once; but libpq's connect runs on in a thread of its own, and when it succeeds after all
+ * (the server answered between the pool's timeout and libpq's own, whole-second one), the client
+ * went on as connected and libpq threw "Must be connected to start reader" out of the connect
+ * callback, which ended the process (pg's issue brianc/node-pg-native#49). Here an end asked
+ * for while the connect is out waits for it; the connection is then ended, and the connect
+ * fails, as pg-pool expects of a client it ended.
+ */
+function endedSafelyWhileConnecting(Base: typeof pg.Client): typeof pg.Client {
+  const B = Base as unknown as new (options: unknown) => NativeClient;
+  class Client extends B {
+    #connecting = false;
+    /** Ends asked for while the connect was out: resolved once the connection is ended. */
+    #ends: (() => void)[] | null = null;
+
+    override connect(callback?: Callback): Promise<void> | undefined {
+      this.#connecting = true;
+      const settle = (err?: Error | null): Error | null => {
+        this.#connecting = false;
+        const ends = this.#ends;
+        if (!ends) return err ?? null;
+        this.#ends = null;
+        super.end(() => {
+          for (const resolve of ends) resolve();
+        });
+        return err ?? new Error('Connection terminated while connecting');
+      };
+      if (callback) {
+        super.connect((err) => callback(settle(err)));
+        return undefined;
+      }
+      return new Promise<void>((resolve, reject) => {
+        super.connect((err) => {
+          const e = settle(err);
+          if (e) reject(e);
+          else resolve();
+        });
+      });
+    }
+
+    override end(callback?: Callback): Promise<void> | undefined {
+      if (!this.#connecting) return callback ? super.end(callback) : super.end();
+      const ended = new Promise<void>((resolve) => {
+        this.#ends ??= [];
+        this.#ends.push(resolve);
+      });
+      if (!callback) return ended;
+      void ended.then(() => callback(null));
+      return undefined;
+    }
+  }
+  return Client as unknown as typeof pg.Client;
 }
 
 const QUERY_TIMEOUT = 'Query read timeout';

@@ -1,13 +1,16 @@
 /**
  * gateway/auth/db.ts: a pooled client whose connection breaks while it is checked out (the
  * server shut down or the backend was terminated) fails its queries; it never throws an
- * unhandled 'error' event, which would end the process.
+ * unhandled 'error' event, which would end the process. A connection the pool gave up on
+ * while PostgreSQL was frozen, and that completes later, does not end the process either.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pg from 'pg';
 import { createDb } from '../../gateway/auth/db.ts';
 import { DATABASE_URL } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
+import { startOwnPostgres } from '../helpers/own-postgres.ts';
 
 test('a checked-out client whose backend is terminated fails its next query, nothing more', async () => {
   const db = createDb({
@@ -75,5 +78,50 @@ test('a client whose query timed out is not handed out again, even when released
     assert.equal(r.rows[0].one, 1, `driver ${db.driver}`);
   } finally {
     await db.pool.end();
+  }
+});
+
+test('a connection the pool gave up on while PostgreSQL was frozen ends quietly when it completes later', async () => {
+  // pg-pool ends a client whose connect outlasts connectionTimeoutMillis; libpq's own
+  // connect_timeout (whole seconds, at least 2) is later. pg-native's connect runs on in
+  // libpq's thread: when it succeeded between the two (the server thawed), pg's native client
+  // went on as connected and threw an assertion from libpq ("Must be connected to start
+  // reader") out of the connect callback, which ended the gateway process.
+  const own = await startOwnPostgres();
+  const db = createDb({
+    url: own.url,
+    schema: 'public',
+    statementTimeoutMs: 5000,
+    // The pool gives up at 1 s, libpq at 2 s: the server thaws in between.
+    connectTimeoutMs: 1000,
+    queryTimeoutMs: 5000,
+    max: 2,
+  });
+  const uncaught: unknown[] = [];
+  const onUncaught = (e: unknown) => uncaught.push(e);
+  process.on('uncaughtException', onUncaught);
+  try {
+    own.freeze();
+    const first = db.pool.query('SELECT 1').then(
+      () => 'ok',
+      (e: Error) => e.message,
+    );
+    await new Promise((r) => setTimeout(r, 1400));
+    own.thaw();
+    const outcome = await within('the first query, after the thaw', first);
+    console.log('first query:', outcome);
+    // However it ended, it ended, and nothing was thrown outside it.
+    assert.deepEqual(
+      uncaught.map((e) => (e as Error).message),
+      [],
+      `driver ${db.driver}: no uncaught error (the first query: ${outcome})`,
+    );
+    const r = await within('a query after the thaw', db.pool.query('SELECT 1 AS one'));
+    assert.equal(r.rows[0].one, 1);
+  } finally {
+    own.thaw();
+    process.off('uncaughtException', onUncaught);
+    await db.pool.end().catch(() => {});
+    await own.remove();
   }
 });
