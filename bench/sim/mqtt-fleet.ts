@@ -122,10 +122,10 @@ class MqttDevice implements FleetDevice {
   async stop(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
-    // Ending the client fails a connection attempt still out, which then settles.
+    // The current attempt's client (set before its first await): ending it fails the attempt
+    // if it is still out, which then settles.
     await this.client?.endAsync().catch(() => undefined);
     await this.attempt?.catch(() => undefined);
-    await this.client?.endAsync().catch(() => undefined);
   }
 
   async publish(): Promise<void> {}
