@@ -561,6 +561,39 @@ test("an operator's kick while the node's subscriber is away: applied once it is
   assert.deepEqual(kicksAfter, [], 'the resumed connection was kicked by a kick made before it opened');
 });
 
+test("ten devices an operator kicks at once while the node's subscriber is away: each is kicked once it is back", async () => {
+  const victims = await Promise.all(
+    Array.from({ length: 10 }, async (_, i) => {
+      const c = await connected(gw.tcpUrl);
+      closers.push(() => c.close());
+      const deviceId = `dev-${Date.now()}-${i}-${Math.random().toString(36).slice(2, 8)}`;
+      await signUp(c, { id: deviceId });
+      const kicked = nextEvent<{ code: string }>(c, 'kick', `the kick of ${deviceId}`, 2 * DEADLINE_MS);
+      kicked.catch(() => {}); // awaited below; a failure before that is the test's
+      return { deviceId, kicked };
+    }),
+  );
+  const restore = await cutSubscriberOff();
+  try {
+    const statuses = await Promise.all(
+      victims.map(async ({ deviceId }) => {
+        const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/devices/${deviceId}/kick`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+          body: JSON.stringify({ retryAfter: 1 }),
+        });
+        await res.body?.cancel();
+        return res.status;
+      }),
+    );
+    assert.deepEqual(statuses, Array(10).fill(202));
+  } finally {
+    await restore();
+  }
+  const codes = await Promise.all(victims.map(({ kicked }) => kicked.then((k) => k.code)));
+  assert.deepEqual(codes, Array(10).fill('going_away'));
+});
+
 /**
  * Cuts the node's subscriber off and lets it come back, with a session revoked meanwhile: its
  * kick shows that the node's look-up for missed kicks has run.
