@@ -323,7 +323,7 @@ const SETTINGS = {
   redisTimeoutMs: setting(
     'GW_REDIS_TIMEOUT_MS',
     '3000',
-    "Bound of a Redis connect and of every Redis command but BullMQ workers' blocking ones; a request that meets it answers `overloaded`.",
+    "Bound of a Redis connect and of every Redis command but BullMQ workers' blocking ones; a request that meets it answers `overloaded`. A command issued while the connection's pipeline waits on an unanswered one is sent after it, so it fails within twice this.",
     int(100).default(3000),
   ),
   dbConnectTimeoutMs: setting(

@@ -104,6 +104,24 @@ async function httpLogin(): Promise<{
   return { ms: Date.now() - t0, status: res.status, retryAfter: res.headers.get('retry-after'), body };
 }
 
+/** An operator's kick through the admin API: its status, its Retry-After header and its body. */
+async function adminKick(
+  deviceId: string,
+  retryAfter: number,
+): Promise<{ status: number; retryAfter: string | null; body: { error?: { code: string } } }> {
+  const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/devices/${deviceId}/kick`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ retryAfter }),
+  });
+  const text = await within('the kick answer body', res.text());
+  return {
+    status: res.status,
+    retryAfter: res.headers.get('retry-after'),
+    body: text ? JSON.parse(text) : {},
+  };
+}
+
 async function outage(
   name: string,
   dependency: 'postgres' | 'redis',
@@ -270,6 +288,52 @@ test('Redis frozen: overloaded with retryAfter, then recovery; a say fails at it
   console.log(`redis frozen: a say answered ${failed?.code} in ${failed?.ms} ms`);
   assert.equal(failed?.code, 'overloaded');
   await sayHeard('after the thaw');
+});
+
+test("an operator's kick with Redis stopped or frozen: 503 overloaded with Retry-After, nothing done or kept; once Redis is back, the kick is applied", async () => {
+  const deviceId = `dev-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+  const victim = await connected(gw.tcpUrl);
+  closers.push(() => victim.close());
+  const s = await signUp(victim, { id: deviceId });
+  const kicks: { code: string }[] = [];
+  victim.on('kick', (m: { code: string }) => kicks.push(m));
+  const ways: [string, () => Promise<void> | void, () => Promise<void> | void][] = [
+    ['stopped', () => redis.kill('SIGTERM'), () => redis.start()],
+    ['frozen', () => redis.freeze(), () => redis.thaw()],
+  ];
+  for (const [how, breakIt, repair] of ways) {
+    let answered: (Awaited<ReturnType<typeof adminKick>> & { ms: number }) | undefined;
+    await outage(`redis ${how}, an admin kick`, 'redis', breakIt, repair, async () => {
+      const t0 = Date.now();
+      answered = { ...(await adminKick(deviceId, 1)), ms: Date.now() - t0 };
+    });
+    console.log(`redis ${how}: an admin kick answered ${answered?.status} in ${answered?.ms} ms`);
+    assert.equal(answered?.status, 503, how);
+    assert.equal(answered?.body.error?.code, 'overloaded', how);
+    assert.ok(Number(answered?.retryAfter) >= 1, `Retry-After header (${how})`);
+    // Nothing of the refused kick was done or kept for later, even once Redis answers again: the
+    // device is still connected, and no kept kick waits for a node's subscriber.
+    await within('a ping of the device the refused kick named', victim.ping());
+    assert.deepEqual(kicks, [], `the device was kicked though its kick was refused (${how})`);
+    assert.equal(
+      await within(
+        'the kept kick',
+        redis.with((r) => r.exists(`${gw.prefix}{s:${s.sessionId}}:kick`)),
+      ),
+      0,
+      `a refused kick was kept (${how})`,
+    );
+  }
+  // Redis is back (a login has worked): the operator's retry kicks the device.
+  const kicked = nextEvent<{ code: string; retryAfter?: number }>(
+    victim,
+    'kick',
+    'the kick once Redis is back',
+  );
+  kicked.catch(() => {}); // awaited below; a failure before that is the test's
+  const res = await adminKick(deviceId, 1);
+  assert.equal(res.status, 202, JSON.stringify(res.body));
+  assert.equal((await kicked).code, 'going_away');
 });
 
 const subscriberUp = async () =>
@@ -511,12 +575,8 @@ test("an operator's kick while the node's subscriber is away: applied once it is
   const restore = await cutSubscriberOff();
   try {
     // The kick notice goes out on Redis's channel, which this node does not hear now.
-    const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/devices/${deviceId}/kick`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ retryAfter: 1234 }),
-    });
-    assert.equal(res.status, 202, await res.text());
+    const res = await adminKick(deviceId, 1234);
+    assert.equal(res.status, 202, JSON.stringify(res.body));
   } finally {
     await restore();
   }
@@ -576,15 +636,7 @@ test("ten devices an operator kicks at once while the node's subscriber is away:
   const restore = await cutSubscriberOff();
   try {
     const statuses = await Promise.all(
-      victims.map(async ({ deviceId }) => {
-        const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/devices/${deviceId}/kick`, {
-          method: 'POST',
-          headers: { authorization: `Bearer ${ADMIN_KEY}`, 'content-type': 'application/json' },
-          body: JSON.stringify({ retryAfter: 1 }),
-        });
-        await res.body?.cancel();
-        return res.status;
-      }),
+      victims.map(async ({ deviceId }) => (await adminKick(deviceId, 1)).status),
     );
     assert.deepEqual(statuses, Array(10).fill(202));
   } finally {
