@@ -114,6 +114,7 @@ export async function startNode(
     max: config.outboxMax,
     policy: config.outboxPolicy,
     ttlSeconds: config.sessionTtlSeconds,
+    forwardWindow: config.maxInflight,
   });
   const publisher = new Publisher(outbox, identity.directory);
   const delivery = new DeliveryService({

@@ -77,6 +77,19 @@ export class Keys {
     return `${this.prefix}node:`;
   }
 
+  /**
+   * Pub/sub channel of the events forwarded to one node for its sessions (publish.lua): a node
+   * that subscribes to it sends them; PUBLISH counts no subscriber for a node that does not (one
+   * of an earlier version, or whose subscriber is away), and the publish wakes it instead.
+   */
+  forwardChannel(node: string): string {
+    return `${this.prefix}fwd:${node}`;
+  }
+
+  get forwardChannelPrefix(): string {
+    return `${this.prefix}fwd:`;
+  }
+
   /** ZSET `sid|eid` → expiry ms, for the sweep that reports expired events of offline sessions. */
   get expiries(): string {
     return `${this.prefix}expiries`;

@@ -35,6 +35,13 @@ export interface PublisherOptions {
   outboxMax?: number;
   outboxPolicy?: OverflowPolicy;
   sessionTtlSeconds?: number;
+  /**
+   * The gateways' GW_MAX_INFLIGHT (default 32, theirs): an event for a connected device goes to
+   * the node holding its session with the publish, which sends it without reading it back from
+   * Redis, while the device's unacked events leave a slot. 0: never; the node is woken and reads
+   * it. Another value than the gateways' is safe, only slower.
+   */
+  maxInflight?: number;
 }
 
 export interface GatewayPublisher {
@@ -69,6 +76,7 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     max: o.outboxMax ?? 1000,
     policy: o.outboxPolicy ?? 'reject',
     ttlSeconds: ttl,
+    forwardWindow: o.maxInflight ?? 32,
   });
   const publisher = new Publisher(outbox, directory);
   const backend = new BackendEvents(bull, keys.bullPrefix);

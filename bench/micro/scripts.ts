@@ -76,6 +76,8 @@ interface Scripts {
   ackPump: string;
   /** ack-pump takes a count of bare acks after the count of acks (since bare acks). */
   bareAcks: boolean;
+  /** ack-pump takes an `unsent from` sequence after the counts (since forwards). */
+  unsentFrom: boolean;
 }
 
 function scripts(read: (path: string) => string): Scripts {
@@ -84,6 +86,7 @@ function scripts(read: (path: string) => string): Scripts {
     publish: read('publish'),
     ackPump: `${read('includes/remove-event')}\n${ackPump}`,
     bareAcks: /number of bare acked eids/.test(ackPump),
+    unsentFrom: /unsent from/.test(ackPump),
   };
 }
 
@@ -185,6 +188,7 @@ class Way {
       acks.str(sid).num(this.last[i]).num(0);
       if (this.s.bareAcks) acks.num(0).num(eids[i].length);
       else acks.num(eids[i].length);
+      if (this.s.unsentFrom) acks.num(0);
       for (const eid of eids[i]) acks.str(eid);
     });
     const [head, tail] = this.keys.sessionKeyParts;

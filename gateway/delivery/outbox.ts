@@ -80,6 +80,11 @@ export interface AckPumpRequest {
    * for all of a session's, and looks nowhere else.
    */
   bare: string[];
+  /**
+   * The lowest sequence of an event forwarded to this connection that it did not send (0 or
+   * absent: none): that event and those after it go out as first attempts (ack-pump.lua).
+   */
+  unsentFrom?: number;
 }
 
 /** publish.lua's per-event flags: a receipt (+1), an eid made for this publish (+2). */
@@ -264,7 +269,17 @@ export class Outbox {
   constructor(
     redis: Redis,
     private readonly keys: Keys,
-    private readonly options: { max: number; policy: OverflowPolicy; ttlSeconds: number },
+    private readonly options: {
+      max: number;
+      policy: OverflowPolicy;
+      ttlSeconds: number;
+      /**
+       * The in-flight window of the nodes (GW_MAX_INFLIGHT): an event for a session another
+       * node holds is forwarded to it when the session's events before it were all sent and
+       * leave a slot (publish.lua). 0 or absent: never forwarded, the node is woken.
+       */
+      forwardWindow?: number;
+    },
   ) {
     const r = redis as Redis & Partial<OutboxCommands>;
     if (!r.gwPublishBuffer) {
@@ -494,7 +509,12 @@ export class Outbox {
         .num(p.claims.length);
       for (const c of p.claims) events.str(c.sid).num(c.after);
     }
-    args.push(events.finish(), targets.size < batch.length ? '1' : '0');
+    args.push(
+      events.finish(),
+      targets.size < batch.length ? '1' : '0',
+      o.forwardWindow ?? 0,
+      this.keys.forwardChannelPrefix,
+    );
     this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(
       (packedReply) => {
@@ -559,7 +579,13 @@ export class Outbox {
       const sessions = new ScriptArgs((end - i) * 128);
       for (let j = i; j < end; j++) {
         const r = requests[j];
-        sessions.str(r.sid).num(r.afterSeq).num(r.slots).num(r.acks.length).num(r.bare.length);
+        sessions
+          .str(r.sid)
+          .num(r.afterSeq)
+          .num(r.slots)
+          .num(r.acks.length)
+          .num(r.bare.length)
+          .num(r.unsentFrom ?? 0);
         for (const eid of r.acks) sessions.str(eid);
         for (const eid of r.bare) sessions.str(eid);
       }

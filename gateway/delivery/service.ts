@@ -96,6 +96,13 @@ class SessionPump {
   claims = 0;
   /** Times the backlog was marked (markBacklog): a run's answer clears it only if none came since the run began. */
   marks = 0;
+  /** The run out takes events (free slots), not only acks: its answer may hold a forwarded event. */
+  taking = false;
+  /**
+   * The lowest sequence of an event forwarded to this connection (onForward) that it did not
+   * send, 0 if none: the pump takes it and those after it as first attempts (AckPumpRequest).
+   */
+  unsentFrom = 0;
 
   constructor(
     readonly sid: string,
@@ -145,7 +152,14 @@ export class DeliveryService {
   };
   private resyncTimer: NodeJS.Timeout | undefined;
   /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
-  private readonly counts = { published: 0, delivered: [0, 0] as [number, number], fromPublish: 0, acked: 0 };
+  private readonly counts = {
+    published: 0,
+    delivered: [0, 0] as [number, number],
+    fromPublish: 0,
+    fromForward: 0,
+    forwardsPumped: 0,
+    acked: 0,
+  };
 
   constructor(
     private readonly deps: {
@@ -203,6 +217,16 @@ export class DeliveryService {
       'sent_from_publish',
       'First deliveries sent from the publish itself, without a pump reading them back from Redis.',
       (c) => c.inc(counts.fromPublish),
+    );
+    counted(
+      'sent_from_forward',
+      'First deliveries another node forwarded with their publish and this node sent, without a pump reading them back from Redis.',
+      (c) => c.inc(counts.fromForward),
+    );
+    counted(
+      'forwards_pumped',
+      'Events forwarded to this node that it did not send at once (its connection was not ready for them): its pump took them.',
+      (c) => c.inc(counts.forwardsPumped),
     );
     counted('acked', 'Events removed from an outbox by an ack.', (c) => c.inc(counts.acked));
     const outbox = deps.outbox;
@@ -301,6 +325,7 @@ export class DeliveryService {
     };
     this.deps.outbox.direct = direct;
     await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
+    await bus.subscribe(keys.forwardChannel(gateway.nodeId), (m) => this.onForward(m));
     const connection = this.deps.bullConnection;
     this.retryWorker = new Worker(QueueName.retry, (job) => this.processRetry(job), {
       connection,
@@ -620,6 +645,8 @@ export class DeliveryService {
         pump.resync = false;
         pump.lastSeq = 0;
         pump.inflight.clear();
+        // Redis may have gone back: the sequences a forward named may be other events' now.
+        pump.unsentFrom = 0;
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -631,9 +658,17 @@ export class DeliveryService {
       pump.acks = [];
       pump.bareAcks = [];
       pump.running = true;
+      pump.taking = slots > 0;
       pump.again = false;
       pumps.push(pump);
-      requests.push({ sid: pump.sid, afterSeq: pump.lastSeq, slots: Math.max(0, slots), acks, bare });
+      requests.push({
+        sid: pump.sid,
+        afterSeq: pump.lastSeq,
+        slots: Math.max(0, slots),
+        acks,
+        bare,
+        unsentFrom: pump.unsentFrom,
+      });
       marks.push(pump.marks);
     }
     if (pumps.length === 0) return;
@@ -652,6 +687,7 @@ export class DeliveryService {
         logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
         pumps.forEach((pump, i) => {
           pump.running = false;
+          pump.taking = false;
           pump.acks = requests[i].acks.concat(pump.acks);
           pump.bareAcks = requests[i].bare.concat(pump.bareAcks);
           setTimeout(() => this.schedule(pump), 500).unref();
@@ -668,6 +704,7 @@ export class DeliveryService {
     marks: number,
   ): void {
     pump.running = false;
+    pump.taking = false;
     // Fewer events than free slots: the outbox held no more (news since will schedule it again).
     // A call that took nothing (acks only, or a full window) leaves the backlog as it was, and
     // so does one during which it was marked (the outbox may hold what that call did not see).
@@ -684,6 +721,7 @@ export class DeliveryService {
       );
       pump.inflight.clear();
       pump.lastSeq = 0;
+      pump.unsentFrom = 0;
       if (live) this.reclaim(pump);
     }
     const now = Date.now();
@@ -838,6 +876,47 @@ export class DeliveryService {
         this.sendEvent(pump.conn, packEvent(fields, 0), 0);
       }
     }
+  }
+
+  /**
+   * An event another node published for a session of this node, forwarded with its publish
+   * (publish.lua: sid \n eid \n seq \n bare, then the event as stored). The script raised the
+   * sent mark to it: it is sent now if the connection was sent everything before it and nothing
+   * else of the session is under way (a pump run that takes events, whose answer could hold it
+   * too; claims of this node's publishes; a resync; a full window). Otherwise the pump takes it,
+   * told that it was not sent, so that it still goes out as a first attempt.
+   */
+  private onForward(message: Buffer): void {
+    const a = message.indexOf(0x0a);
+    const b = a < 0 ? -1 : message.indexOf(0x0a, a + 1);
+    const c = b < 0 ? -1 : message.indexOf(0x0a, b + 1);
+    if (c < 0 || c + 1 >= message.length) throw new Error('malformed forwarded event');
+    // Gone from this node: its next connection is pumped from the start.
+    const pump = this.pumps.get(message.toString('latin1', 0, a));
+    if (!pump) return;
+    const seq = Number(message.toString('latin1', b + 1, c));
+    if (
+      pump.lastSeq === seq - 1 &&
+      pump.claims === 0 &&
+      !(pump.running && pump.taking) &&
+      !pump.resync &&
+      pump.inflight.size < this.deps.options.maxInflight &&
+      pump.conn.state === ConnState.open
+    ) {
+      pump.lastSeq = seq;
+      pump.inflight.set(message.toString('utf8', a + 1, b), {
+        attempt: 1,
+        deadline: Date.now() + this.deps.options.ackTimeoutMs,
+        waiting: false,
+        bare: message[c + 1] === 0x31,
+      });
+      this.counts.fromForward++;
+      this.sendEvent(pump.conn, packEvent(message.subarray(c + 2), 1, 1), 1);
+      return;
+    }
+    if (pump.unsentFrom === 0 || seq < pump.unsentFrom) pump.unsentFrom = seq;
+    this.counts.forwardsPumped++;
+    this.schedule(pump);
   }
 
   private resend(sid: string, eid: string): void {

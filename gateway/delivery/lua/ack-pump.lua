@@ -17,6 +17,10 @@
     the call only applies the acks)
     number of acked eids that follow
     number of bare acked eids that follow them
+    unsent from: "0", or the lowest sequence of an event forwarded to this connection
+    (publish.lua) that it did not send: the forward raised the sent mark, but this event and
+    those after it were never sent on this connection, nor on one before it (they were
+    published after it was bound), so they count as first attempts
     the acked eids
     the bare acked eids: events the node sent from their publish as a first attempt, which
     asked for no receipt and have no expiry (they are in q and ev only: never in rc or exp,
@@ -51,6 +55,7 @@ local EMPTY = {}
 while a <= #A do
   local base = head .. A[a] .. tail
   local after, want, nacks, nbare = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
+  local unsentFrom = tonumber(A[a + 5])
   -- Bare acks alone need q and ev only: the other names (each a new Lua string) are made when
   -- something else is to be done.
   local K
@@ -69,8 +74,12 @@ while a <= #A do
       resynced = 1
     end
   end
+  -- Sent once at or below `sentOnce`: the mark, less what the forwards here did not send (after
+  -- a resync the sequences the connection named may be those of other events: the mark alone).
+  local sentOnce = mark
+  if unsentFrom > 0 and resynced == 0 and unsentFrom - 1 < sentOnce then sentOnce = unsentFrom - 1 end
   local acked, receipts = 0, EMPTY
-  a = a + 5
+  a = a + 6
   for i = a, a + nacks - 1 do
     local eid = A[i]
     if redis.call('ZREM', K[1], eid) == 1 then
@@ -118,9 +127,10 @@ while a <= #A do
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
-        -- No entry yet, at or below the mark: it was sent once, from its publish (publish.lua).
+        -- No entry yet, at or below the mark: it was sent once, from its publish or forwarded
+        -- and sent (publish.lua).
         local attempt = redis.call('HINCRBY', K[3], eid, '1')
-        if attempt == 1 and tonumber(seq) <= mark then attempt = redis.call('HINCRBY', K[3], eid, '1') end
+        if attempt == 1 and tonumber(seq) <= sentOnce then attempt = redis.call('HINCRBY', K[3], eid, '1') end
         send[#send + 1] = attempt
         send[#send + 1] = payload
         want = want - 1

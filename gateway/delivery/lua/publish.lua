@@ -29,6 +29,8 @@
     kind "r": target is a room's ZSET of member session ids
   ARGV[10] "1" if a target comes more than once in ARGV[9] (its sessions' events are then held
   and written together, see below), else "0"
+  ARGV[11] the in-flight window (GW_MAX_INFLIGHT) for forwarding, "0": never forward (below)
+  ARGV[12] forward channel prefix (Keys.forwardChannel)
 
   Keys of a session (head .. sid .. tail .. name):
     q     ZSET eid -> sequence (publish order)
@@ -54,6 +56,18 @@
   wake-up for it. Later claimed events of the
   same session in the call chain on from the last granted one.
 
+  A forward (docs/ARCHITECTURE.md, "Sending from the publish, across nodes") is the same for a
+  session held by another node: when everything before the event was sent (the sent mark is the
+  sequence before it) and the events waiting for an ack leave a slot in the window, the mark
+  becomes its sequence, as for a grant, and the event goes to the holding node on its forward
+  channel (sid \n eid \n seq \n bare .. packed event, bare "1" without a receipt or an
+  expiry) instead of a wake-up. That node sends it when its connection was sent everything
+  before it and nothing else of the session is under way; otherwise it pumps, telling the pump
+  that the event was not sent (ack-pump.lua, `unsent from`). A node with no subscriber on that
+  channel (`PUBSUB NUMSUB`, once per node and call: one of an earlier version, or whose
+  subscriber is away) gets no forward: the mark stays, the node is woken, as without it. (Not
+  PUBLISH's count, which counts pattern subscribers too, such as an operator's PSUBSCRIBE.)
+
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of: per event,
   the number of sessions the target expanded to, then 6 per session:
   session id, status, node|false, droppedEid|false, droppedPayload|false, sequence|false
@@ -62,6 +76,17 @@
   A session gets at most one wake-up message per call, however many events it got.
 ]]
 local bound, policy, ttl, channel, me = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local window, forwards = tonumber(ARGV[11] or '0'), ARGV[12]
+-- Per node: whether it listens on its forward channel (read once per call).
+local listening = {}
+local function listens(node)
+  local l = listening[node]
+  if l == nil then
+    l = redis.call('PUBSUB', 'NUMSUB', forwards .. node)[2] > 0
+    listening[node] = l
+  end
+  return l
+end
 local head, tail, expiries = ARGV[6], ARGV[7], ARGV[8]
 -- Numbers go to redis.call as strings made once: Lua turns a number argument into text with
 -- sprintf("%.14g"), which is a large share of a call's time (bench/RESULTS.md, "number
@@ -312,7 +337,7 @@ while a <= #A do
         redis.call('EXPIRE', key(K, 5), ttlS)
       end
       -- The node and the sent mark in one read (both strings; the mark is needed only for a
-      -- claim, and most calls that reach here carry one).
+      -- claim or a forward, and most calls that reach here make one).
       if d.node == nil then
         local nm = redis.call('MGET', K[7], K[9])
         d.node = nm[1]
@@ -340,7 +365,17 @@ while a <= #A do
         d.granted = seqS
         d.mark = seq
         if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
-      else
+      end
+      -- Forwarded (d.size counts this event: the ones before it, all sent and not acked, leave a
+      -- slot). The chain goes on: the next event of the session here finds the mark before it.
+      local forwarded = not grant and window > 0 and node and node ~= me and d.granted ~= '-1'
+        and d.mark == seq - 1 and d.size <= window and listens(node)
+      if forwarded then
+        local bare = (receipt or expiry ~= '0') and '0' or '1'
+        redis.call('PUBLISH', forwards .. node, sid .. '\n' .. eid .. '\n' .. seqS .. '\n' .. bare .. payload)
+        d.mark = seq
+        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
+      elseif not grant then
         -- A refused or missing claim ends the chain: the pump sends this event, and so
         -- everything after it.
         d.granted = '-1'

@@ -1,0 +1,220 @@
+/**
+ * Sending from the publish across nodes (docs/ARCHITECTURE.md): an event published through one
+ * node for a device connected to another goes to that node with its publish and is sent from
+ * there, without the node reading it back from Redis; first deliveries keep their order and
+ * their attempt 1, whatever races with them. Two real gateway processes on one Redis prefix,
+ * and a back end's publisher (the library) beside them.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import type { GatewayClient } from '../../client/client.ts';
+import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { REDIS_URL } from '../helpers/cleanup.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import {
+  type DeploymentEnv,
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+
+const API_KEY = 'forward-api-key-3f1d';
+
+let deployment: DeploymentEnv;
+let a: GatewayProcess;
+let b: GatewayProcess;
+let pub: GatewayPublisher;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  deployment = deploymentEnv();
+  const env = {
+    ...deployment,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    // No retry within a test: every attempt seen is a first delivery or a reconnect's.
+    GW_ACK_TIMEOUT_MS: '60000',
+  };
+  a = await startGateway(env);
+  b = await startGateway(env);
+  pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: deployment.GW_REDIS_PREFIX });
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await pub?.close();
+  await Promise.allSettled([a?.stop(), b?.stop()]);
+  if (deployment) await dropDeployment(deployment);
+});
+
+async function counter(gw: GatewayProcess, name: string): Promise<number> {
+  const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
+  return Number(new RegExp(`^gateway_events_${name}_total (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+}
+
+async function publishVia(gw: GatewayProcess, body: unknown): Promise<void> {
+  const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify(body),
+  });
+  assert.equal(res.status, 202, await res.text());
+}
+
+/** A device on `gw` whose session's node key is set (publishes can find its node). */
+async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }) {
+  const device = await connected(gw.tcpUrl, options);
+  clients.push(device);
+  const session = await signUp(device);
+  const got: EventMsg[] = [];
+  device.on('event', (e: EventMsg) => got.push(e));
+  const r = new Redis(REDIS_URL);
+  try {
+    await until(
+      'the session node key',
+      async () => (await r.get(`${gw.prefix}{s:${session.sessionId}}:node`)) !== null,
+    );
+  } finally {
+    r.disconnect();
+  }
+  return { device, session, got };
+}
+
+const numbers = (got: EventMsg[], name: string) =>
+  got.filter((e) => e.name === name).map((e) => (e.data as { i: number }).i);
+
+test('events published through another node are sent by the node holding the session, from their publish: in order, attempt 1, once each', async () => {
+  const { session, got } = await deviceOn(b, { autoAck: true });
+  const before = await counter(b, 'sent_from_forward');
+  const n = 40;
+  // A batch (one script call) and then one request per event, all through node A.
+  await publishVia(a, {
+    events: Array.from({ length: n / 2 }, (_, i) => ({
+      target: { session: session.sessionId },
+      name: 'fw',
+      data: { i },
+    })),
+  });
+  for (let i = n / 2; i < n; i++) {
+    await publishVia(a, { target: { session: session.sessionId }, name: 'fw', data: { i } });
+  }
+  await until(`${n} events`, () => got.length >= n);
+  assert.deepEqual(
+    numbers(got, 'fw'),
+    Array.from({ length: n }, (_, i) => i),
+    'each once, in publish order',
+  );
+  assert.deepEqual(
+    got.map((e) => e.attempt),
+    Array(n).fill(1),
+  );
+  const forwarded = (await counter(b, 'sent_from_forward')) - before;
+  console.log(`${forwarded} of ${n} events sent from a forward`);
+  assert.equal(forwarded, n, 'every event went to node B with its publish');
+});
+
+test('a forward the connection cannot take (it was resumed, its pump has not caught up) is pumped, still as attempt 1; the next ones are sent from their forwards', async () => {
+  const { device, session, got } = await deviceOn(b, { autoAck: true });
+  await publishVia(a, { target: { session: session.sessionId }, name: 'first', data: { i: 0 } });
+  await until('the first event', () => got.length === 1);
+  // The device comes back on a new connection to the same node: its connection's last
+  // sequence is 0, while the mark says 1 was sent, and the outbox is empty once the ack is in.
+  const redis = new Redis(REDIS_URL);
+  try {
+    await until(
+      'the ack applied',
+      async () => (await redis.zcard(`${b.prefix}{s:${session.sessionId}}:q`)) === 0,
+    );
+  } finally {
+    redis.disconnect();
+  }
+  device.destroy();
+  const back = await connected(b.tcpUrl);
+  clients.push(back);
+  const again: EventMsg[] = [];
+  back.on('event', (e: EventMsg) => again.push(e));
+  await within('the resume', back.request('resume', { token: session.token }));
+  const pumped = await counter(b, 'forwards_pumped');
+  const forwarded = await counter(b, 'sent_from_forward');
+  // One at a time, each once the one before it arrived.
+  for (let i = 1; i <= 5; i++) {
+    await publishVia(a, { target: { session: session.sessionId }, name: 'next', data: { i } });
+    await until(`event ${i}`, () => again.length >= i);
+  }
+  assert.deepEqual(numbers(again, 'next'), [1, 2, 3, 4, 5]);
+  assert.deepEqual(
+    again.map((e) => e.attempt),
+    [1, 1, 1, 1, 1],
+    'a forward pumped goes out as a first attempt',
+  );
+  const p = (await counter(b, 'forwards_pumped')) - pumped;
+  const f = (await counter(b, 'sent_from_forward')) - forwarded;
+  console.log(`after the resume: ${p} forwards pumped, ${f} sent from their forwards`);
+  // The first is pumped; those after it are sent from their forwards unless the pump's next
+  // run (after it sent) is still out when one comes.
+  assert.ok(p >= 1, 'the first forward after the resume was pumped');
+  assert.ok(f >= 1, 'later ones were sent from their forwards');
+  assert.equal(p + f, 5);
+});
+
+test('a forwarded event sent and not acked goes out again as attempt 2 on the connection after it, on either node', async () => {
+  const { device, session, got } = await deviceOn(b, { autoAck: false });
+  await publishVia(a, { target: { session: session.sessionId }, name: 'unacked', data: { i: 0 } });
+  await until('the event', () => got.length === 1);
+  assert.equal(got[0].attempt, 1);
+  device.destroy();
+  const back = await connected(a.tcpUrl, { autoAck: false });
+  clients.push(back);
+  const again: EventMsg[] = [];
+  back.on('event', (e: EventMsg) => again.push(e));
+  await within('the resume on node A', back.request('resume', { token: session.token }));
+  await until('the event again', () => again.length === 1);
+  assert.equal(again[0].eid, got[0].eid);
+  assert.equal(again[0].attempt, 2);
+});
+
+test('three publishers racing to one device (node A, node B itself, the library): each event once, each publisher in order, every first delivery attempt 1', async () => {
+  const { session, got } = await deviceOn(b, { autoAck: true });
+  const pumped = await counter(b, 'forwards_pumped');
+  const forwarded = await counter(b, 'sent_from_forward');
+  const fromPublish = await counter(b, 'sent_from_publish');
+  const n = 100;
+  const to = { session: session.sessionId };
+  await within(
+    'the three publishers',
+    Promise.all([
+      (async () => {
+        for (let i = 0; i < n; i++) await publishVia(a, { target: to, name: 'via-a', data: { i } });
+      })(),
+      (async () => {
+        for (let i = 0; i < n; i++) await publishVia(b, { target: to, name: 'via-b', data: { i } });
+      })(),
+      (async () => {
+        for (let i = 0; i < n; i++) await pub.publish(to, { name: 'via-lib', data: { i } });
+      })(),
+    ]),
+    60_000,
+  );
+  await until(`${3 * n} events`, () => got.length >= 3 * n, 30_000);
+  for (const name of ['via-a', 'via-b', 'via-lib']) {
+    assert.deepEqual(
+      numbers(got, name),
+      Array.from({ length: n }, (_, i) => i),
+      `${name}: each once, in order`,
+    );
+  }
+  assert.equal(got.length, 3 * n);
+  assert.deepEqual(
+    got
+      .filter((e) => e.attempt !== 1)
+      .map((e) => `${e.name} ${(e.data as { i: number }).i}: attempt ${e.attempt}`),
+    [],
+  );
+  console.log(
+    `sent from a forward ${(await counter(b, 'sent_from_forward')) - forwarded}, forwards pumped ${(await counter(b, 'forwards_pumped')) - pumped}, sent from B's own publish ${(await counter(b, 'sent_from_publish')) - fromPublish}, of ${3 * n}`,
+  );
+});
