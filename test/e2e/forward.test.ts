@@ -218,3 +218,41 @@ test('three publishers racing to one device (node A, node B itself, the library)
     `sent from a forward ${(await counter(b, 'sent_from_forward')) - forwarded}, forwards pumped ${(await counter(b, 'forwards_pumped')) - pumped}, sent from B's own publish ${(await counter(b, 'sent_from_publish')) - fromPublish}, of ${3 * n}`,
   );
 });
+
+test("a publisher whose window is larger than the node's: forwards past the node's window wait for the device's acks, then go out from the pump, as first attempts", async () => {
+  const { device, session, got } = await deviceOn(b, { autoAck: false });
+  const wide = await connectPublisher({
+    redisUrl: REDIS_URL,
+    prefix: deployment.GW_REDIS_PREFIX,
+    maxInflight: 1000,
+  });
+  try {
+    const pumped = await counter(b, 'forwards_pumped');
+    const forwarded = await counter(b, 'sent_from_forward');
+    // The gateways' window is 32 (GW_MAX_INFLIGHT's default): the device holds 32 unacked.
+    const n = 40;
+    for (let i = 0; i < n; i++)
+      await wide.publish({ session: session.sessionId }, { name: 'wide', data: { i } });
+    await until('the window of events', () => got.length >= 32);
+    const declined = (await counter(b, 'forwards_pumped')) - pumped;
+    assert.equal(
+      (await counter(b, 'sent_from_forward')) - forwarded,
+      32,
+      'sent from their forwards: a window',
+    );
+    assert.equal(declined, n - 32, 'the rest left to the pump');
+    assert.equal(got.length, 32, 'nothing past the window');
+    device.ack(got.map((e) => e.eid));
+    await until(`${n} events`, () => got.length >= n);
+    assert.deepEqual(
+      numbers(got, 'wide'),
+      Array.from({ length: n }, (_, i) => i),
+    );
+    assert.deepEqual(
+      got.map((e) => e.attempt),
+      Array(n).fill(1),
+    );
+  } finally {
+    await wide.close();
+  }
+});
