@@ -96,6 +96,8 @@ const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as con
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
 const MAX_PUMP_BATCH = 64;
+/** Bytes forwarded to one node in one publish call at most, by default (publish.lua). */
+const FORWARD_BUDGET = 1 << 20;
 /** How long publishes wait for the publish call before them at most (see flushPublishes). */
 const PUBLISH_WAIT_MS = 100;
 
@@ -279,6 +281,12 @@ export class Outbox {
        * leave a slot (publish.lua). 0 or absent: never forwarded, the node is woken.
        */
       forwardWindow?: number;
+      /**
+       * Bytes forwarded to one node in one publish call at most (default 1 MiB, well under
+       * Redis's default `client-output-buffer-limit pubsub` of 8 MB for a minute): the sessions
+       * past it are woken instead.
+       */
+      forwardBudget?: number;
     },
   ) {
     const r = redis as Redis & Partial<OutboxCommands>;
@@ -514,6 +522,7 @@ export class Outbox {
       targets.size < batch.length ? '1' : '0',
       o.forwardWindow ?? 0,
       this.keys.forwardChannelPrefix,
+      o.forwardBudget ?? FORWARD_BUDGET,
     );
     this.publishCallsOut++;
     this.redis.gwPublishBuffer(0, ...args).then(

@@ -34,7 +34,14 @@ async function listen(node: string, forwards = true) {
   const sub = new Redis(REDIS_URL, { commandTimeout: 10_000 });
   subscribers.push(sub);
   const heard = {
-    forwards: [] as { sid: string; eid: string; seq: number; bare: boolean; event: StoredEvent }[],
+    forwards: [] as {
+      sid: string;
+      eid: string;
+      seq: number;
+      bare: boolean;
+      event: StoredEvent;
+      bytes: number;
+    }[],
     wakes: [] as string[],
   };
   sub.on('messageBuffer', (channel: Buffer, m: Buffer) => {
@@ -50,6 +57,7 @@ async function listen(node: string, forwards = true) {
       seq: Number(seq),
       bare: m[start] === 0x31,
       event: unpack(m.subarray(start + 1)) as StoredEvent,
+      bytes: m.length,
     });
   });
   const channels = [keys.nodeChannel(node), ...(forwards ? [keys.forwardChannel(node)] : [])];
@@ -64,8 +72,8 @@ async function sessionOn(node: string): Promise<string> {
   return sid;
 }
 
-const outboxOf = (forwardWindow: number) =>
-  new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL, forwardWindow });
+const outboxOf = (forwardWindow: number, forwardBudget?: number) =>
+  new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL, forwardWindow, forwardBudget });
 
 const event = (eid: string, n: number): StoredEvent => ({
   eid,
@@ -169,4 +177,33 @@ test('an event forwarded and not sent is pumped as a first attempt when the pump
       ['d2', 2],
     ],
   );
+});
+
+test('one call forwards at most its byte budget to a node: the sessions past it are woken', async () => {
+  const node = `node-${randomUUID().slice(0, 6)}`;
+  const heard = await listen(node);
+  const sids = await Promise.all(Array.from({ length: 5 }, () => sessionOn(node)));
+  // One forward's size, from a sixth session (every event here is the same size): the budget
+  // takes two and a half.
+  await publish(outboxOf(WINDOW), await sessionOn(node), 'e9', 9);
+  await until('the forward', () => heard.forwards.length === 1);
+  const one = heard.forwards.pop()!.bytes;
+  const o = outboxOf(WINDOW, Math.floor(2.5 * one));
+  await within(
+    'five publishes in one call',
+    Promise.all(sids.map((sid, i) => o.publishTo({ session: sid }, event(`e${i}`, i), false, 0))),
+  );
+  await until(
+    'two forwards and three wake-ups',
+    () => heard.forwards.length === 2 && heard.wakes.length === 3,
+  );
+  assert.deepEqual(
+    heard.forwards.map((f) => f.sid),
+    sids.slice(0, 2),
+  );
+  assert.deepEqual(
+    heard.wakes,
+    sids.slice(2).map((sid) => `n${sid}`),
+  );
+  assert.deepEqual(await Promise.all(sids.map(mark)), [1, 1, 0, 0, 0]);
 });

@@ -31,6 +31,8 @@
   and written together, see below), else "0"
   ARGV[11] the in-flight window (GW_MAX_INFLIGHT) for forwarding, "0": never forward (below)
   ARGV[12] forward channel prefix (Keys.forwardChannel)
+  ARGV[13] bytes of forwards per node and call at most (what a subscriber's output buffer takes
+  at once); the sessions past it are woken
 
   Keys of a session (head .. sid .. tail .. name):
     q     ZSET eid -> sequence (publish order)
@@ -67,6 +69,9 @@
   channel (`PUBSUB NUMSUB`, once per node and call: one of an earlier version, or whose
   subscriber is away) gets no forward: the mark stays, the node is woken, as without it. (Not
   PUBLISH's count, which counts pattern subscribers too, such as an operator's PSUBSCRIBE.)
+  A call forwards at most ARGV[13] bytes to one node: a room's event for thousands of sessions
+  would otherwise fill the node's subscriber output buffer at once (Redis cuts a subscriber past
+  its `client-output-buffer-limit pubsub`); the sessions past it are woken, as without forwards.
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of: per event,
   the number of sessions the target expanded to, then 6 per session:
@@ -76,9 +81,10 @@
   A session gets at most one wake-up message per call, however many events it got.
 ]]
 local bound, policy, ttl, channel, me = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local window, forwards = tonumber(ARGV[11] or '0'), ARGV[12]
--- Per node: whether it listens on its forward channel (read once per call).
-local listening = {}
+local window, forwards, budget = tonumber(ARGV[11] or '0'), ARGV[12], tonumber(ARGV[13] or '0')
+-- Per node: whether it listens on its forward channel (read once per call), and the bytes
+-- forwarded to it in this call.
+local listening, forwardedBytes = {}, {}
 local function listens(node)
   local l = listening[node]
   if l == nil then
@@ -370,9 +376,16 @@ while a <= #A do
       -- slot). The chain goes on: the next event of the session here finds the mark before it.
       local forwarded = not grant and window > 0 and node and node ~= me and d.granted ~= '-1'
         and d.mark == seq - 1 and d.size <= window and listens(node)
+      local message
       if forwarded then
         local bare = (receipt or expiry ~= '0') and '0' or '1'
-        redis.call('PUBLISH', forwards .. node, sid .. '\n' .. eid .. '\n' .. seqS .. '\n' .. bare .. payload)
+        message = sid .. '\n' .. eid .. '\n' .. seqS .. '\n' .. bare .. payload
+        local bytes = (forwardedBytes[node] or 0) + #message
+        forwarded = bytes <= budget
+        if forwarded then forwardedBytes[node] = bytes end
+      end
+      if forwarded then
+        redis.call('PUBLISH', forwards .. node, message)
         d.mark = seq
         if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
       elseif not grant then
