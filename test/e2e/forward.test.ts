@@ -21,6 +21,8 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const API_KEY = 'forward-api-key-3f1d';
 
@@ -254,5 +256,99 @@ test("a publisher whose window is larger than the node's: forwards past the node
     );
   } finally {
     await wide.close();
+  }
+});
+
+test('Redis killed and restarted from its AOF while a forwarded event waits unacked on node B: it comes again on the same connection as attempt 2, and later events are forwarded again', async () => {
+  // A private Redis that writes every command to its AOF before answering, and two nodes on it.
+  const own = await startOwnRedis(['--appendonly', 'yes', '--appendfsync', 'always']);
+  const env = deploymentEnv();
+  const common = {
+    ...env,
+    REDIS_URL: own.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_ACK_TIMEOUT_MS: '60000',
+  };
+  const ga = await startGateway(common);
+  const gb = await startGateway(common);
+  try {
+    const device = await connected(gb.tcpUrl, { autoAck: false });
+    clients.push(device);
+    const session = await signUp(device);
+    const got: EventMsg[] = [];
+    device.on('event', (e: EventMsg) => got.push(e));
+    const r = new Redis(own.url);
+    try {
+      await until(
+        'the session node key',
+        async () => (await r.get(`${gb.prefix}{s:${session.sessionId}}:node`)) !== null,
+      );
+    } finally {
+      r.disconnect();
+    }
+    const forwarded = await counter(gb, 'sent_from_forward');
+    await publishVia(ga, { target: { session: session.sessionId }, name: 'before', data: { i: 0 } });
+    await until('the event', () => got.length === 1);
+    assert.equal(got[0].attempt, 1);
+    assert.equal((await counter(gb, 'sent_from_forward')) - forwarded, 1, 'sent from its forward');
+
+    await own.kill('SIGKILL');
+    await own.start();
+    // The connection stays; node B resyncs its sessions once its subscriber is back, and the
+    // mark, written with the event, says it was sent once.
+    await until('the event again', () => got.length >= 2, 30_000);
+    assert.equal(got[1].eid, got[0].eid);
+    assert.equal(got[1].attempt, 2);
+    device.ack([got[0].eid]);
+    // Each of node B's Redis connections that comes back resyncs its sessions (calls within
+    // 100 ms are one): wait until its subscriber is up and no resync has come for a second, so
+    // that the next event does not meet one.
+    let last = -1;
+    let since = Date.now();
+    await until(
+      'node B settled after the restart',
+      async () => {
+        const m = await scrapeMetrics(gb.metricsPort);
+        const resyncs = m.text
+          .split('\n')
+          .filter((l) => l.startsWith('gateway_events_outbox_resyncs_total{'))
+          .reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+        if (resyncs !== last || m.value('gateway_dependency_up{dependency="redis_subscriber"}') !== 1) {
+          last = resyncs;
+          since = Date.now();
+          return false;
+        }
+        return Date.now() - since > 1000;
+      },
+      30_000,
+    );
+
+    // Published on A again (the API may first answer overloaded while its connections come back):
+    // forwarded to B, which subscribed again, and sent from the forward as attempt 1.
+    const after = await counter(gb, 'sent_from_forward');
+    await until(
+      'a publish after the restart',
+      async () => {
+        const res = await fetchWithin(`http://127.0.0.1:${ga.httpPort}/v1/events`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+          body: JSON.stringify({ target: { session: session.sessionId }, name: 'after', data: { i: 1 } }),
+        });
+        await res.body?.cancel();
+        return res.status === 202;
+      },
+      30_000,
+    );
+    await until('the event published after the restart', () => got.some((e) => e.name === 'after'));
+    const later = got.filter((e) => e.name === 'after');
+    assert.equal(later.length, 1);
+    assert.equal(later[0].attempt, 1);
+    assert.equal((await counter(gb, 'sent_from_forward')) - after, 1, 'forwarded again after the restart');
+  } finally {
+    await Promise.allSettled([ga.stop(), gb.stop()]);
+    await own.remove();
+    await dropDeployment(env);
   }
 });
