@@ -79,8 +79,8 @@ export class Keys {
 
   /**
    * Pub/sub channel of the events forwarded to one node for its sessions (publish.lua): a node
-   * that subscribes to it sends them; PUBLISH counts no subscriber for a node that does not (one
-   * of an earlier version, or whose subscriber is away), and the publish wakes it instead.
+   * that subscribes to it sends them; a node with no subscriber on it (one of an earlier
+   * version, or whose subscriber is away) is woken instead.
    */
   forwardChannel(node: string): string {
     return `${this.prefix}fwd:${node}`;

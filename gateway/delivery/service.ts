@@ -895,6 +895,8 @@ export class DeliveryService {
     const pump = this.pumps.get(message.toString('latin1', 0, a));
     if (!pump) return;
     const seq = Number(message.toString('latin1', b + 1, c));
+    // A pump run read it before the forward came: sent already.
+    if (seq <= pump.lastSeq) return;
     if (
       pump.lastSeq === seq - 1 &&
       pump.claims === 0 &&
