@@ -119,6 +119,32 @@ test('events published through another node are sent by the node holding the ses
   assert.equal(forwarded, n, 'every event went to node B with its publish');
 });
 
+test("a device's send to a user whose device is on another node is forwarded there: in order, attempt 1", async () => {
+  const { session, got } = await deviceOn(b, { autoAck: true });
+  const sender = await connected(a.tcpUrl);
+  clients.push(sender);
+  await signUp(sender);
+  const before = await counter(b, 'sent_from_forward');
+  const n = 20;
+  // Pipelined, as a chatty device sends: one publish call may carry several.
+  await within(
+    `${n} sends`,
+    Promise.all(
+      Array.from({ length: n }, (_, i) =>
+        sender.request('send', { to: (session as { username: string }).username, body: String(i) }),
+      ),
+    ),
+  );
+  await until(`${n} direct messages`, () => got.length >= n);
+  assert.deepEqual(
+    got.map((e) => [e.name, (e.data as { body: string }).body, e.attempt]),
+    Array.from({ length: n }, (_, i) => ['direct.message', String(i), 1]),
+  );
+  const forwarded = (await counter(b, 'sent_from_forward')) - before;
+  console.log(`${forwarded} of ${n} direct messages sent from a forward`);
+  assert.equal(forwarded, n);
+});
+
 test('a forward the connection cannot take (it was resumed, its pump has not caught up) is pumped, still as attempt 1; the next ones are sent from their forwards', async () => {
   const { device, session, got } = await deviceOn(b, { autoAck: true });
   await publishVia(a, { target: { session: session.sessionId }, name: 'first', data: { i: 0 } });
