@@ -895,8 +895,10 @@ export class DeliveryService {
     const pump = this.pumps.get(message.toString('latin1', 0, a));
     if (!pump) return;
     const seq = Number(message.toString('latin1', b + 1, c));
-    // A pump run read it before the forward came: sent already.
-    if (seq <= pump.lastSeq) return;
+    // At or below the connection's last sequence, it is either sent already (a pump run read it
+    // before the forward came) or Redis went back without a reconnect (a failover behind a
+    // proxy) and gave the sequence again: the pump run below finds out which (ack-pump.lua's
+    // rollback check), and must not be skipped.
     if (
       pump.lastSeq === seq - 1 &&
       pump.claims === 0 &&
