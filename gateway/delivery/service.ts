@@ -895,10 +895,20 @@ export class DeliveryService {
     const pump = this.pumps.get(message.toString('latin1', 0, a));
     if (!pump) return;
     const seq = Number(message.toString('latin1', b + 1, c));
-    // At or below the connection's last sequence, it is either sent already (a pump run read it
-    // before the forward came) or Redis went back without a reconnect (a failover behind a
-    // proxy) and gave the sequence again: the pump run below finds out which (ack-pump.lua's
-    // rollback check), and must not be skipped.
+    if (seq <= pump.lastSeq) {
+      // Either a pump run read it before the forward came (its eid is in flight, or its ack
+      // waits to be applied), or Redis went back without closing a connection (a failover
+      // behind a proxy) and gave the sequence again to another event. The pump's own check
+      // cannot see the second: the forward raised the mark to this sequence, and that check (a
+      // connection past the mark means Redis went back) needs the connection to be past it. So
+      // the session is taken from the start of its outbox, as for a rollback.
+      const eid = message.toString('utf8', a + 1, b);
+      if (pump.inflight.get(eid) || pump.acks.includes(eid) || pump.bareAcks.includes(eid)) return;
+      this.metrics.resyncs.labels('forward').inc();
+      pump.resync = true;
+      this.schedule(pump);
+      return;
+    }
     if (
       pump.lastSeq === seq - 1 &&
       pump.claims === 0 &&

@@ -117,6 +117,31 @@ test('a rollback that drops no connection is detected by the pump', async () => 
   assert.equal(closes(), 0, 'the device stayed connected');
 });
 
+test('a rollback by one event without a reconnect: the next event, forwarded with the sequence the device saw last, still arrives', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  const got: EventMsg[] = [];
+  device.on('event', (e: EventMsg) => got.push(e));
+  const outboxEmpty = () =>
+    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
+  // A back end's publisher: the gateway holds the session, so its events are forwarded.
+  const pub = await publisher();
+  for (let i = 0; i < 3; i++) await pub.publish({ session: s.sessionId }, { name: 'kept', data: { i } });
+  await until(() => got.length >= 3, 'the first 3 events');
+  await until(outboxEmpty, 'their acks');
+  const rollback = await redis.rdbSnapshot();
+  // One more, seen and acked by the device, then lost by Redis with its sequence.
+  await pub.publish({ session: s.sessionId }, { name: 'lost', data: {} });
+  await until(() => got.length >= 4, 'the fourth event');
+  await until(outboxEmpty, 'its ack');
+  await rollback();
+  // Redis gives the next event the sequence the device saw last; the sent mark says everything
+  // before it went out, so it is forwarded.
+  const { eid } = await pub.publish({ session: s.sessionId }, { name: 'after', data: {} });
+  await until(() => got.some((e) => e.eid === eid), 'the event after the rollback');
+});
+
 test('after a reconnect, the node writes its sessions presence and room membership again', async () => {
   const device = await connected(gw.tcpUrl);
   closers.push(() => device.close());
