@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
+import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
@@ -644,6 +645,39 @@ test("ten devices an operator kicks at once while the node's subscriber is away:
   }
   const codes = await Promise.all(victims.map(({ kicked }) => kicked.then((k) => k.code)));
   assert.deepEqual(codes, Array(10).fill('going_away'));
+});
+
+test("an event published while the node's subscriber is away is not forwarded into the void: the node is woken instead, and the event arrives as attempt 1 once it is back", async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  // A back end's publisher: its events for a session this node holds are forwarded to the node.
+  const pub = await connectPublisher({ redisUrl: redis.url, prefix: gw.prefix });
+  closers.push(() => pub.close());
+  const first = nextEvent<EventMsg>(device, 'event', 'the first event');
+  await within('the first publish', pub.publish({ session: s.sessionId }, { name: 'before', data: {} }));
+  assert.equal((await first).attempt, 1);
+  // Opened before the cut-off, which leaves Redis no free connection.
+  const r = new Redis(redis.url, { maxRetriesPerRequest: 1, commandTimeout: DEADLINE_MS });
+  closers.push(async () => r.disconnect());
+  const sentMark = () => within('the sent mark', r.get(`${gw.prefix}{s:${s.sessionId}}:sent`));
+  assert.equal(await sentMark(), '1');
+  const next = nextEvent<EventMsg>(device, 'event', 'the event once the subscriber is back', 2 * DEADLINE_MS);
+  next.catch(() => {}); // awaited below; a failure before that is the test's
+  const restore = await cutSubscriberOff();
+  try {
+    await within(
+      'a publish while the subscriber is away',
+      pub.publish({ session: s.sessionId }, { name: 'away', data: {} }),
+    );
+    // No subscriber on the node's forward channel: not forwarded, so the mark says it was not sent.
+    assert.equal(await sentMark(), '1');
+  } finally {
+    await restore();
+  }
+  const e = await next;
+  assert.equal(e.name, 'away');
+  assert.equal(e.attempt, 1);
 });
 
 /**
