@@ -51,9 +51,10 @@ async function publisher(): Promise<GatewayPublisher> {
 
 /**
  * A logged-in device that received and acked 5 events, then `mark()` (a snapshot of Redis to
- * go back to), then 20 more events received and acked: what a rollback to the mark loses.
+ * go back to), then `lost` more events received and acked: what a rollback to the mark loses.
+ * The events come from a back end's publisher, so the gateway gets them forwarded.
  */
-async function deviceAckedPastMark<T>(mark: () => Promise<T>) {
+async function deviceAckedPastMark<T>(mark: () => Promise<T>, lost = 20) {
   const device = await connected(gw.tcpUrl);
   closers.push(() => device.close());
   const s = await signUp(device);
@@ -70,10 +71,10 @@ async function deviceAckedPastMark<T>(mark: () => Promise<T>) {
   await until(() => distinct() >= 5, 'the first 5 events');
   await until(outboxEmpty, 'the first 5 acks');
   const marked = await mark();
-  for (let i = 0; i < 20; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
-  await until(() => distinct() >= 25, 'the next 20 events');
-  await until(outboxEmpty, 'the next 20 acks');
-  return { device, s, got, closes: () => closes, marked };
+  for (let i = 0; i < lost; i++) await pub.publish({ session: s.sessionId }, { name: 'lost', data: { i } });
+  await until(() => distinct() >= 5 + lost, `the next ${lost} events`);
+  await until(outboxEmpty, `the next ${lost} acks`);
+  return { device, s, got, closes: () => closes, marked, pub };
 }
 
 /** Publishes K events after the rollback and waits for every one of them. */
@@ -118,23 +119,8 @@ test('a rollback that drops no connection is detected by the pump', async () => 
 });
 
 test('a rollback by one event without a reconnect: the next event, forwarded with the sequence the device saw last, still arrives', async () => {
-  const device = await connected(gw.tcpUrl);
-  closers.push(() => device.close());
-  const s = await signUp(device);
-  const got: EventMsg[] = [];
-  device.on('event', (e: EventMsg) => got.push(e));
-  const outboxEmpty = () =>
-    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
-  // A back end's publisher: the gateway holds the session, so its events are forwarded.
-  const pub = await publisher();
-  for (let i = 0; i < 3; i++) await pub.publish({ session: s.sessionId }, { name: 'kept', data: { i } });
-  await until(() => got.length >= 3, 'the first 3 events');
-  await until(outboxEmpty, 'their acks');
-  const rollback = await redis.rdbSnapshot();
-  // One more, seen and acked by the device, then lost by Redis with its sequence.
-  await pub.publish({ session: s.sessionId }, { name: 'lost', data: {} });
-  await until(() => got.length >= 4, 'the fourth event');
-  await until(outboxEmpty, 'its ack');
+  // One event seen and acked by the device after the mark, then lost by Redis with its sequence.
+  const { s, got, marked: rollback, pub } = await deviceAckedPastMark(() => redis.rdbSnapshot(), 1);
   await rollback();
   // Redis gives the next event the sequence the device saw last; the sent mark says everything
   // before it went out, so it is forwarded.

@@ -67,14 +67,17 @@ async function publishVia(gw: GatewayProcess, body: unknown): Promise<void> {
   assert.equal(res.status, 202, await res.text());
 }
 
-/** A device on `gw` whose session's node key is set (publishes can find its node). */
-async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }) {
+/**
+ * A device on `gw` whose session's node key is set (publishes can find its node), read from the
+ * gateway's Redis (`redisUrl`).
+ */
+async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }, redisUrl = REDIS_URL) {
   const device = await connected(gw.tcpUrl, options);
   clients.push(device);
   const session = await signUp(device);
   const got: EventMsg[] = [];
   device.on('event', (e: EventMsg) => got.push(e));
-  const r = new Redis(REDIS_URL);
+  const r = new Redis(redisUrl, { commandTimeout: 10_000 });
   try {
     await until(
       'the session node key',
@@ -151,7 +154,7 @@ test('a forward the connection cannot take (it was resumed, its pump has not cau
   await until('the first event', () => got.length === 1);
   // The device comes back on a new connection to the same node: its connection's last
   // sequence is 0, while the mark says 1 was sent, and the outbox is empty once the ack is in.
-  const redis = new Redis(REDIS_URL);
+  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
   try {
     await until(
       'the ack applied',
@@ -260,7 +263,10 @@ test("a publisher whose window is larger than the node's: forwards past the node
     // The gateways' window is 32 (GW_MAX_INFLIGHT's default): the device holds 32 unacked.
     const n = 40;
     for (let i = 0; i < n; i++)
-      await wide.publish({ session: session.sessionId }, { name: 'wide', data: { i } });
+      await within(
+        `publish ${i}`,
+        wide.publish({ session: session.sessionId }, { name: 'wide', data: { i } }),
+      );
     await until('the window of events', () => got.length >= 32);
     // Node B may still be reading the last forwards from its subscriber connection.
     let sent = 0;
@@ -303,20 +309,7 @@ test('Redis killed and restarted from its AOF while a forwarded event waits unac
   const ga = await startGateway(common);
   const gb = await startGateway(common);
   try {
-    const device = await connected(gb.tcpUrl, { autoAck: false });
-    clients.push(device);
-    const session = await signUp(device);
-    const got: EventMsg[] = [];
-    device.on('event', (e: EventMsg) => got.push(e));
-    const r = new Redis(own.url);
-    try {
-      await until(
-        'the session node key',
-        async () => (await r.get(`${gb.prefix}{s:${session.sessionId}}:node`)) !== null,
-      );
-    } finally {
-      r.disconnect();
-    }
+    const { device, session, got } = await deviceOn(gb, { autoAck: false }, own.url);
     const forwarded = await counter(gb, 'sent_from_forward');
     await publishVia(ga, { target: { session: session.sessionId }, name: 'before', data: { i: 0 } });
     await until('the event', () => got.length === 1);

@@ -72,6 +72,13 @@ async function sessionOn(node: string): Promise<string> {
   return sid;
 }
 
+/** A node of its own, what it hears, and a session it holds. */
+async function nodeWithSession(forwards = true) {
+  const node = `node-${randomUUID().slice(0, 6)}`;
+  const heard = await listen(node, forwards);
+  return { node, heard, sid: await sessionOn(node) };
+}
+
 const outboxOf = (forwardWindow: number, forwardBudget?: number) =>
   new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL, forwardWindow, forwardBudget });
 
@@ -88,9 +95,7 @@ const publish = (o: Outbox, sid: string, eid: string, n: number, receipt = false
 const mark = async (sid: string) => Number((await redis.get(keys.sessionSent(sid))) ?? 0);
 
 test('events for a session another node holds go to it with their publish, the mark raised to each, up to the window', async () => {
-  const node = `node-${randomUUID().slice(0, 6)}`;
-  const heard = await listen(node);
-  const sid = await sessionOn(node);
+  const { heard, sid } = await nodeWithSession();
   const o = outboxOf(WINDOW);
   // One call per event, then two in one call (a target that comes again: the held writes).
   await publish(o, sid, 'a1', 1);
@@ -126,20 +131,16 @@ test('events for a session another node holds go to it with their publish, the m
 });
 
 test('no forward without a subscriber on the forward channel (a node of an earlier version), even with a pattern subscriber on every channel, nor with a window of 0: the node is woken, the mark stays', async () => {
-  const old = `old-${randomUUID().slice(0, 6)}`;
-  const heard = await listen(old, false);
+  const { heard, sid } = await nodeWithSession(false);
   // What an operator watching the prefix would run: PUBLISH counts it as a receiver.
   const watcher = new Redis(REDIS_URL, { commandTimeout: 10_000 });
   subscribers.push(watcher);
   await within('PSUBSCRIBE', watcher.psubscribe(`${prefix}*`));
-  const sid = await sessionOn(old);
   await publish(outboxOf(WINDOW), sid, 'b1', 1);
   await until('the wake-up', () => heard.wakes.length === 1);
   assert.equal(await mark(sid), 0);
 
-  const node = `node-${randomUUID().slice(0, 6)}`;
-  const heard2 = await listen(node);
-  const sid2 = await sessionOn(node);
+  const { heard: heard2, sid: sid2 } = await nodeWithSession();
   await publish(outboxOf(0), sid2, 'c1', 1);
   await until('the wake-up', () => heard2.wakes.length === 1);
   assert.equal(heard2.forwards.length, 0);
@@ -147,9 +148,7 @@ test('no forward without a subscriber on the forward channel (a node of an earli
 });
 
 test('an event forwarded and not sent is pumped as a first attempt when the pump is told; one forwarded and sent counts as sent', async () => {
-  const node = `node-${randomUUID().slice(0, 6)}`;
-  const heard = await listen(node);
-  const sid = await sessionOn(node);
+  const { heard, sid } = await nodeWithSession();
   const o = outboxOf(WINDOW);
   await publish(o, sid, 'd1', 1);
   await publish(o, sid, 'd2', 2);
