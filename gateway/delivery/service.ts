@@ -117,8 +117,12 @@ interface PumpClaim extends DirectClaim {
 
 /** Binding operations (gateway/binding.ts). */
 const NODE_OPS = {
-  /** KEYS: node key, outbox; ARGV: node, TTL (s). Sets the node key; returns the outbox's size. */
-  node_set: `redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return redis.call('ZCARD', KEYS[2])`,
+  /**
+   * KEYS: node key, outbox, sent mark; ARGV: node, TTL (s). Sets the node key; returns the
+   * outbox's size and the sent mark (0 when none).
+   */
+  node_set: `redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return { redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[3]) or '0') }`,
   /** KEYS: node key; ARGV: node. Deletes the node key if it still names the node. */
   node_release: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`,
 };
@@ -432,10 +436,16 @@ export class DeliveryService {
   // ---- sessions on this node ----------------------------------------------------------------
 
   /**
-   * Sets the session's node key and reads its outbox's size in the same step (the binding's
-   * one call per tick): an empty outbox is not pumped, since every event stored after that
-   * step wakes this node (or is sent from its publish). A failed call is logged and the node
-   * key set again every second while the session is bound, as `claim` does.
+   * Sets the session's node key and reads its outbox's size and sent mark in the same step (the
+   * binding's one call per tick): an empty outbox is not pumped, since every event stored after
+   * that step wakes this node (or is sent from its publish, or forwarded to it). With the
+   * outbox empty, every event up to the mark was sent and acked: the connection starts there,
+   * as if it had been sent them, so that the next event forwarded to it (the mark's next
+   * sequence) goes out from its forward rather than by a pump run (onForward), and a claim
+   * needs no count. Unless something of the session happened meanwhile (an event sent, a
+   * forward pumped, a run out, a resync due): the connection then stays where that left it.
+   * A failed call is logged and the node key set again every second while the session is
+   * bound, as `claim` does.
    */
   private bind(conn: Connection): void {
     const sid = conn.session!.sessionId;
@@ -451,12 +461,26 @@ export class DeliveryService {
     this.deps.binding
       .run(
         'node_set',
-        [keys.sessionNode(sid), keys.outbox(sid)[0]],
+        [keys.sessionNode(sid), keys.outbox(sid)[0], keys.sessionSent(sid)],
         [gateway.nodeId, options.sessionTtlSeconds],
       )
       .then(
-        (queued) => {
-          if (this.pumps.get(sid) === pump && (queued as number) > 0) this.schedule(pump);
+        (r) => {
+          if (this.pumps.get(sid) !== pump) return;
+          const [queued, mark] = r as [number, number];
+          if (queued > 0) this.schedule(pump);
+          else if (
+            mark > 0 &&
+            pump.lastSeq === 0 &&
+            pump.unsentFrom === 0 &&
+            pump.inflight.size === 0 &&
+            pump.claims === 0 &&
+            !pump.running &&
+            !pump.scheduled &&
+            !pump.resync
+          ) {
+            pump.lastSeq = mark;
+          }
         },
         (e) => {
           if (this.pumps.get(sid) !== pump) return;
