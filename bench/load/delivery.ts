@@ -30,7 +30,7 @@
  *                             [--senders 4] [--sender-window 60] [--receivers 20]
  *                             [--members 20] [--paths backend,direct,room] [--modes max,fixed]
  *                             [--processes 1,2] [--qos 1] [--per-request tick] [--transport tcp]
- *                             [--json FILE]
+ *                             [--redis-commands] [--json FILE]
  */
 import { execFile, execSync } from 'node:child_process';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -83,6 +83,8 @@ const { values } = parseArgs({
     transport: { type: 'string', default: 'tcp' },
     /** Also write the rows as JSON to this file (bench/ab.ts reads it). */
     json: { type: 'string' },
+    /** Also print, per gateway row, every Redis command's calls per event and µs per call. */
+    'redis-commands': { type: 'boolean', default: false },
   },
 });
 const PATHS = new Set(String(values.paths).split(','));
@@ -193,6 +195,8 @@ interface RedisWork {
   commands: number;
   /** Their time (µs). */
   commandMicros: number;
+  /** Per command (the scripts' EVALSHA included): calls per event and µs per call. */
+  byCommand: { name: string; calls: number; micros: number }[];
 }
 
 /** A connection for `INFO`: read without blocking the loop (the devices live in this process). */
@@ -214,8 +218,11 @@ function redisWorkBetween(
   events: number,
 ): RedisWork {
   const w = { scriptMicros: 0, commands: 0, commandMicros: 0 };
+  const byCommand: RedisWork['byCommand'] = [];
   for (const [name, a] of after) {
     const b = before.get(name) ?? { calls: 0, usec: 0 };
+    const calls = a.calls - b.calls;
+    if (calls > 0) byCommand.push({ name, calls: calls / events, micros: (a.usec - b.usec) / calls });
     if (name === 'eval' || name === 'evalsha') w.scriptMicros += a.usec - b.usec;
     else {
       w.commands += a.calls - b.calls;
@@ -226,6 +233,7 @@ function redisWorkBetween(
     scriptMicros: w.scriptMicros / events,
     commands: w.commands / events,
     commandMicros: w.commandMicros / events,
+    byCommand: byCommand.sort((x, y) => y.calls - x.calls),
   };
 }
 
@@ -796,6 +804,18 @@ async function main(): Promise<void> {
         ]),
     )}`,
   );
+  if (values['redis-commands']) {
+    for (const r of rows.filter((r) => r.redisWork)) {
+      console.log(
+        `\nRedis commands per delivered event, ${r.path}, ${r.system}, ${r.mode} (INFO commandstats; every client of the server):\n${table(
+          ['command', 'calls/event', 'µs/call'],
+          r
+            .redisWork!.byCommand.filter((c) => c.calls >= 0.001)
+            .map((c) => [c.name, c.calls.toFixed(3), c.micros.toFixed(2)]),
+        )}`,
+      );
+    }
+  }
   const pct = (x: number) => (Number.isNaN(x) ? 'n/a' : `${(100 * x).toFixed(2)}%`);
   console.log(
     `\nThe gateway's own latency histograms over the measured seconds (POST /v1/events: arrival to answer, the publish call and the sends from it included; ack: event sent to its ack back), and its frames per delivered event (in: the devices' acks and requests; out: events and answers):\n${table(
