@@ -195,6 +195,66 @@ test("a resumed connection whose outbox is empty starts at the session's sent ma
   }
 });
 
+test('a reconnect storm: 30 devices resume at once on node B with empty outboxes, then node A publishes 3 events to each in one request: all 90 sent from their forwards, each device its 3 in order, attempt 1', async () => {
+  const N = 30;
+  const devices = await Promise.all(Array.from({ length: N }, () => deviceOn(b, { autoAck: true })));
+  await publishVia(a, {
+    events: devices.map((d, i) => ({ target: { session: d.session.sessionId }, name: 'first', data: { i } })),
+  });
+  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+  try {
+    const key = (sid: string, name: string) => `${b.prefix}{s:${sid}}:${name}`;
+    await until('every first event', () => devices.every((d) => d.got.length === 1));
+    await until('every ack applied', async () => {
+      for (const d of devices) if ((await redis.zcard(key(d.session.sessionId, 'q'))) !== 0) return false;
+      return true;
+    });
+    for (const d of devices) d.device.destroy();
+    await until('every node key released', async () => {
+      for (const d of devices) if ((await redis.get(key(d.session.sessionId, 'node'))) !== null) return false;
+      return true;
+    });
+    // All at once: their binds share the node's calls.
+    const back = await Promise.all(
+      devices.map(async (d) => {
+        const c = await connected(b.tcpUrl);
+        clients.push(c);
+        const got: EventMsg[] = [];
+        c.on('event', (e: EventMsg) => got.push(e));
+        await within('a resume', c.request('resume', { token: d.session.token }));
+        return { sid: d.session.sessionId, got };
+      }),
+    );
+    await until('every node key set by the resumes', async () => {
+      for (const d of back) if ((await redis.get(key(d.sid, 'node'))) === null) return false;
+      return true;
+    });
+    const pumped = await counter(b, 'forwards_pumped');
+    const forwarded = await counter(b, 'sent_from_forward');
+    await publishVia(a, {
+      events: back.flatMap((d) =>
+        [1, 2, 3].map((i) => ({ target: { session: d.sid }, name: 'next', data: { i } })),
+      ),
+    });
+    await until('3 events on every device', () => back.every((d) => d.got.length >= 3));
+    for (const d of back) {
+      assert.deepEqual(numbers(d.got, 'next'), [1, 2, 3]);
+      assert.deepEqual(
+        d.got.map((e) => e.attempt),
+        [1, 1, 1],
+      );
+    }
+    assert.equal((await counter(b, 'forwards_pumped')) - pumped, 0, 'no forward was pumped');
+    assert.equal(
+      (await counter(b, 'sent_from_forward')) - forwarded,
+      3 * N,
+      'every event was sent from its forward',
+    );
+  } finally {
+    redis.disconnect();
+  }
+});
+
 test('a resumed connection whose outbox holds an unacked event is pumped from the start: that event again as attempt 2, then the forwards after it, in order, attempt 1', async () => {
   const { device, session, got } = await deviceOn(b, { autoAck: false });
   await publishVia(a, { target: { session: session.sessionId }, name: 'next', data: { i: 0 } });
