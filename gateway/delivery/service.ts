@@ -115,6 +115,15 @@ interface PumpClaim extends DirectClaim {
   pump: SessionPump;
 }
 
+/**
+ * Why a node pumped its sessions from the start of their outboxes
+ * (`gateway_events_outbox_resyncs_total{cause}`): one of its Redis connections came back
+ * (`resyncAll`, from app.ts), the pump found Redis behind a connection, or a forward came at or
+ * below a connection's last sequence.
+ */
+export const RESYNC_CAUSES = ['redis_reconnect', 'subscriber_reconnect', 'sequence', 'forward'] as const;
+export type ResyncCause = (typeof RESYNC_CAUSES)[number];
+
 /** Binding operations (gateway/binding.ts). */
 const NODE_OPS = {
   /**
@@ -252,6 +261,11 @@ export class DeliveryService {
         ['cause'],
       ),
     };
+    // Every label value a series can take, at 0 from the start: a rate over a series that
+    // appears with its first increment misses that increment, and a dashboard or an alert has
+    // nothing to show before it.
+    for (const cause of RESYNC_CAUSES) this.metrics.resyncs.inc({ cause }, 0);
+    for (const policy of ['reject', 'drop-oldest']) this.metrics.overflow.inc({ policy }, 0);
     this.ackLatency = new Histogram({
       name: 'gateway_ack_latency_seconds',
       help: 'From a qos-1 event sent to a device to its ack arriving (attempts that were not retried).',
@@ -528,7 +542,7 @@ export class DeliveryService {
    * second behind, a failover to a lagging replica): every session of this node sets its node
    * key again and is pumped from the start of its outbox. Calls within 100 ms are one resync.
    */
-  resyncAll(cause: string): void {
+  resyncAll(cause: ResyncCause): void {
     if (this.resyncTimer) return;
     this.resyncTimer = setTimeout(() => {
       this.resyncTimer = undefined;

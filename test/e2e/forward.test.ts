@@ -434,8 +434,9 @@ test('Redis killed and restarted from its AOF while a forwarded event waits unac
 
     // Published on A again, one at a time (the API may first answer overloaded while its
     // connections come back): forwarded to B, which subscribed again. A resync that ran after the
-    // ack left the connection at sequence 0 with an empty outbox, as a resume does, so the first
-    // of them may be pumped instead (as attempt 1); the next ones go out from their forwards.
+    // ack left the connection at sequence 0 with an empty outbox (a resync does not read the
+    // mark, as a bind does), so the first of them may be pumped instead (as attempt 1); the next
+    // ones go out from their forwards.
     const after = await counter(gb, 'sent_from_forward');
     const pumped = await counter(gb, 'forwards_pumped');
     for (let i = 0; i < 3; i++) {
