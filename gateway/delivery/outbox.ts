@@ -81,8 +81,10 @@ export interface AckPumpRequest {
    */
   bare: string[];
   /**
-   * The lowest sequence of an event forwarded to this connection that it did not send (0 or
-   * absent: none): that event and those after it go out as first attempts (ack-pump.lua).
+   * A sequence from which events were never sent on this connection nor on one before it,
+   * whatever the sent mark says (0 or absent: none): a forward the connection did not send, or
+   * the first past the mark at the bind and the connection's last (DeliveryService
+   * `unsentFromOf`). Those events go out as first attempts (ack-pump.lua).
    */
   unsentFrom?: number;
 }

@@ -103,6 +103,13 @@ class SessionPump {
    * send, 0 if none: the pump takes it and those after it as first attempts (AckPumpRequest).
    */
   unsentFrom = 0;
+  /**
+   * The sent mark when the connection was bound (node_set), unknown (-1) until its answer and
+   * after a resync: an event past both it and `lastSeq` was sent neither on this connection nor
+   * on one before it, whatever the mark says now (a forward this node has not read yet raised
+   * it), so a pump run takes it as a first attempt (`unsentFromOf`).
+   */
+  boundMark = -1;
 
   constructor(
     readonly sid: string,
@@ -482,6 +489,7 @@ export class DeliveryService {
         (r) => {
           if (this.pumps.get(sid) !== pump) return;
           const [queued, mark] = r as [number, number];
+          if (!pump.resync) pump.boundMark = mark;
           if (queued > 0) this.schedule(pump);
           else if (
             mark > 0 &&
@@ -683,8 +691,10 @@ export class DeliveryService {
         pump.resync = false;
         pump.lastSeq = 0;
         pump.inflight.clear();
-        // Redis may have gone back: the sequences a forward named may be other events' now.
+        // Redis may have gone back: the sequences a forward named may be other events' now, and
+        // the mark at the bind may be past what Redis holds.
         pump.unsentFrom = 0;
+        pump.boundMark = -1;
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -705,7 +715,7 @@ export class DeliveryService {
         slots: Math.max(0, slots),
         acks,
         bare,
-        unsentFrom: pump.unsentFrom,
+        unsentFrom: this.unsentFromOf(pump),
       });
       marks.push(pump.marks);
     }
@@ -734,6 +744,22 @@ export class DeliveryService {
     );
   };
 
+  /**
+   * The lowest sequence a pump run of this connection is to take as a first attempt, whatever
+   * the mark says (AckPumpRequest.unsentFrom; 0: none). A forward this node has read and not
+   * sent (`unsentFrom`), or, with the mark at the bind known, the first sequence past it and past
+   * the connection's last: everything after both was published after the connection was bound,
+   * and the connection was not sent it, so the only sends the mark can count for it are forwards
+   * to this node that it has not read yet (their eids are then in flight when they come, and
+   * onForward leaves them). Without it, a run that Redis ran after such a forward sent the event
+   * as attempt 2, its first delivery.
+   */
+  private unsentFromOf(pump: SessionPump): number {
+    if (pump.boundMark < 0) return pump.unsentFrom;
+    const past = Math.max(pump.boundMark, pump.lastSeq) + 1;
+    return pump.unsentFrom === 0 || past < pump.unsentFrom ? past : pump.unsentFrom;
+  }
+
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
   private pumped(
     pump: SessionPump,
@@ -760,6 +786,7 @@ export class DeliveryService {
       pump.inflight.clear();
       pump.lastSeq = 0;
       pump.unsentFrom = 0;
+      pump.boundMark = -1;
       if (live) this.reclaim(pump);
     }
     const now = Date.now();

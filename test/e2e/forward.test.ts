@@ -23,10 +23,13 @@ import {
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'forward-api-key-3f1d';
 
 let deployment: DeploymentEnv;
+/** The environment of the deployment's nodes. */
+let env: Record<string, string>;
 let a: GatewayProcess;
 let b: GatewayProcess;
 let pub: GatewayPublisher;
@@ -34,7 +37,7 @@ const clients: GatewayClient[] = [];
 
 before(async () => {
   deployment = deploymentEnv();
-  const env = {
+  env = {
     ...deployment,
     GW_API_KEY: API_KEY,
     GW_DEFAULT_ROOM: '',
@@ -275,6 +278,44 @@ test('a resumed connection whose outbox holds an unacked event is pumped from th
     again.map((e) => e.attempt),
     [2, 1, 1, 1],
   );
+});
+
+test("an event forwarded to a node and read by the node's pump before the node has the forward goes out as a first attempt (the node's subscriber held back)", async () => {
+  // Node C reaches Redis through a proxy that can hold what Redis sends to C's subscriber: the
+  // forward then comes after the answer of a pump run that Redis ran after the publish, as a
+  // busy subscriber socket can make a node read them.
+  const { hostname, port } = new URL(REDIS_URL);
+  const proxy = await startRedisProxy({ host: hostname, port: Number(port || 6379) });
+  let c: GatewayProcess | undefined;
+  try {
+    c = await startGateway({ ...env, REDIS_URL: proxy.url });
+    const { device, session, got } = await deviceOn(c, { autoAck: false });
+    await publishVia(a, { target: { session: session.sessionId }, name: 'e', data: { i: 0 } });
+    await until('the first event', () => got.length === 1);
+    assert.equal(got[0].attempt, 1);
+    await until('a subscriber connection through the proxy', () => proxy.subscribers() > 0);
+    proxy.holdSubscribers();
+    // Forwarded to C (everything before it was sent), which does not get the forward yet.
+    await publishVia(a, { target: { session: session.sessionId }, name: 'e', data: { i: 1 } });
+    // C's own publish: its claim is refused (the forwarded event lies between), and the outbox
+    // may hold events the connection was not sent; its wake-up is held too.
+    await publishVia(c, { target: { session: session.sessionId }, name: 'e', data: { i: 2 } });
+    // The first event's ack then runs C's pump, which reads the forwarded event (its sequence
+    // at the sent mark) and the one after it.
+    device.ack([got[0].eid]);
+    await until('both events through the pump', () => got.length >= 3);
+    proxy.release();
+    assert.deepEqual(numbers(got, 'e'), [0, 1, 2]);
+    assert.deepEqual(
+      got.map((e) => e.attempt),
+      [1, 1, 1],
+      'the forwarded event, first sent by the pump, is a first attempt',
+    );
+  } finally {
+    proxy.release();
+    await c?.stop();
+    await proxy.close();
+  }
 });
 
 test('a forwarded event sent and not acked goes out again as attempt 2 on the connection after it, on either node', async () => {

@@ -17,10 +17,11 @@
     the call only applies the acks)
     number of acked eids that follow
     number of bare acked eids that follow them
-    unsent from: "0", or the lowest sequence of an event forwarded to this connection
-    (publish.lua) that it did not send: the forward raised the sent mark, but this event and
-    those after it were never sent on this connection, nor on one before it (they were
-    published after it was bound), so they count as first attempts
+    unsent from: "0", or a sequence from which events were never sent on this connection nor
+    on one before it, though the sent mark may say so: the lowest of an event forwarded to this
+    connection (publish.lua) that it did not send, or the first past both the mark when the
+    connection was bound and the last sequence sent on it (a forward the node has not read yet
+    raised the mark over it); they count as first attempts
     the acked eids
     the bare acked eids: events the node sent from their publish as a first attempt, which
     asked for no receipt and have no expiry (they are in q and ev only: never in rc or exp,

@@ -1,0 +1,82 @@
+/**
+ * A TCP proxy in front of a Redis that can hold what Redis sends to subscriber connections
+ * (those that sent a SUBSCRIBE) while every other connection flows: a node then gets its
+ * pub/sub messages (wake-ups, forwards) late, after replies that Redis sent later on its command
+ * connection, as a busy subscriber socket can make it read them. Held bytes are passed on, in
+ * order, at `release()`.
+ */
+import { createConnection, createServer, type Socket } from 'node:net';
+
+export interface RedisProxy {
+  /** `redis://` URL of the proxy. */
+  url: string;
+  /** From now on, what Redis sends to subscriber connections waits. */
+  holdSubscribers(): void;
+  /** Passes on what was held, in order, and stops holding. */
+  release(): void;
+  /** Subscriber connections seen so far. */
+  subscribers(): number;
+  close(): Promise<void>;
+}
+
+export async function startRedisProxy(target: { host: string; port: number }): Promise<RedisProxy> {
+  let holding = false;
+  const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = createConnection(target);
+    sockets.add(client);
+    sockets.add(upstream);
+    const conn = { client, held: [] as Buffer[] };
+    let subscriber = false;
+    client.on('data', (d: Buffer) => {
+      // A SUBSCRIBE or PSUBSCRIBE as a RESP command (not the word inside an argument, such as a
+      // script's text).
+      if (!subscriber && /\r\n\$(9|10)\r\np?subscribe\r\n/i.test(d.toString('latin1'))) {
+        subscriber = true;
+        subscribers.add(conn);
+      }
+      upstream.write(d);
+    });
+    upstream.on('data', (d: Buffer) => {
+      if (subscriber && holding) conn.held.push(d);
+      else client.write(d);
+    });
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+      subscribers.delete(conn);
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('error', end);
+    upstream.on('error', end);
+    client.on('close', end);
+    upstream.on('close', end);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : 0;
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    holdSubscribers: () => {
+      holding = true;
+    },
+    release: () => {
+      holding = false;
+      for (const s of subscribers) {
+        for (const d of s.held) s.client.write(d);
+        s.held = [];
+      }
+    },
+    subscribers: () => subscribers.size,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
