@@ -52,6 +52,8 @@ export interface AckPumpResult {
   expired: StoredEvent[];
   /** Redis lost writes this connection saw: `send` starts from the outbox's beginning. */
   resynced: boolean;
+  /** The sent mark as the call found it (0 when it took nothing; ack-pump.lua). */
+  mark: number;
 }
 
 export interface TakenEvent {
@@ -251,7 +253,14 @@ function parsePump(reply: Reply): AckPumpResult {
   }
   const expired: StoredEvent[] = [];
   for (let i = 1; i < expiredRaw.length; i += 2) expired.push(decode(expiredRaw[i]));
-  return { acked: reply[0] as number, receipts, send, expired, resynced: reply[4] === 1 };
+  return {
+    acked: reply[0] as number,
+    receipts,
+    send,
+    expired,
+    resynced: reply[4] === 1,
+    mark: (reply[5] as number | undefined) ?? 0,
+  };
 }
 
 export class Outbox {

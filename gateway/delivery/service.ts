@@ -110,6 +110,12 @@ class SessionPump {
    * it), so a pump run takes it as a first attempt (`unsentFromOf`).
    */
   boundMark = -1;
+  /**
+   * Eids a pump run sent as first attempts though the mark counted them sent: forwards to this
+   * node it has not read yet (`pumped`). When such a forward comes, it is left, even once its
+   * event is acked. Null (most of the time) when none; at most the window's size.
+   */
+  earlyForwards: Set<string> | null = null;
 
   constructor(
     readonly sid: string,
@@ -695,6 +701,7 @@ export class DeliveryService {
         // the mark at the bind may be past what Redis holds.
         pump.unsentFrom = 0;
         pump.boundMark = -1;
+        pump.earlyForwards = null;
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -763,7 +770,7 @@ export class DeliveryService {
   /** What one session's ack-pump returned: send the events, report receipts and expiries. */
   private pumped(
     pump: SessionPump,
-    { acks, bare, slots }: AckPumpRequest,
+    { acks, bare, slots, unsentFrom }: AckPumpRequest,
     r: AckPumpResult,
     marks: number,
   ): void {
@@ -787,11 +794,21 @@ export class DeliveryService {
       pump.lastSeq = 0;
       pump.unsentFrom = 0;
       pump.boundMark = -1;
+      pump.earlyForwards = null;
       if (live) this.reclaim(pump);
     }
     const now = Date.now();
+    const from = r.resynced ? 0 : (unsentFrom ?? 0);
     for (const s of r.send) {
       pump.lastSeq = s.seq;
+      // Past `unsentFrom`, at or below the mark, and a first attempt: a forward on its way.
+      if (from > 0 && s.seq >= from && s.seq <= r.mark && s.attempt === 1) {
+        const early = (pump.earlyForwards ??= new Set());
+        early.add(s.eid);
+        // One whose forward never comes (the session's connection on another node, not yet
+        // kicked, sent it) is not kept past a window of newer ones.
+        if (early.size > this.deps.options.maxInflight) early.delete(early.values().next().value as string);
+      }
       if (!live) continue;
       pump.inflight.set(s.eid, {
         attempt: s.attempt,
@@ -968,7 +985,10 @@ export class DeliveryService {
       // connection past the mark means Redis went back) needs the connection to be past it. So
       // the session is taken from the start of its outbox, as for a rollback.
       const eid = message.toString('utf8', a + 1, b);
-      if (pump.inflight.get(eid) || pump.acks.includes(eid) || pump.bareAcks.includes(eid)) return;
+      // A pump run that read it first sent it (`earlyForwards`, which holds it even once it is
+      // acked), or it is in flight, or its ack waits to be applied.
+      const early = pump.earlyForwards?.delete(eid) === true;
+      if (early || pump.inflight.get(eid) || pump.acks.includes(eid) || pump.bareAcks.includes(eid)) return;
       this.metrics.resyncs.labels('forward').inc();
       pump.resync = true;
       this.schedule(pump);

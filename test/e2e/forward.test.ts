@@ -56,9 +56,20 @@ after(async () => {
   if (deployment) await dropDeployment(deployment);
 });
 
-async function counter(gw: GatewayProcess, name: string): Promise<number> {
+async function counter(gw: GatewayProcess, name: string, labels?: string): Promise<number> {
   const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
-  return Number(new RegExp(`^gateway_events_${name}_total (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+  const series = `gateway_events_${name}_total${labels ? `\\{${labels}\\}` : ''}`;
+  return Number(new RegExp(`^${series} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+}
+
+/** The number of events in a session's outbox (its `q`), read from the shared Redis. */
+async function outboxSize(gw: GatewayProcess, sessionId: string): Promise<number> {
+  const r = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+  try {
+    return await r.zcard(`${gw.prefix}{s:${sessionId}}:q`);
+  } finally {
+    r.disconnect();
+  }
 }
 
 async function publishVia(gw: GatewayProcess, body: unknown): Promise<void> {
@@ -304,13 +315,26 @@ test("an event forwarded to a node and read by the node's pump before the node h
     // at the sent mark) and the one after it.
     device.ack([got[0].eid]);
     await until('both events through the pump', () => got.length >= 3);
-    proxy.release();
     assert.deepEqual(numbers(got, 'e'), [0, 1, 2]);
     assert.deepEqual(
       got.map((e) => e.attempt),
       [1, 1, 1],
       'the forwarded event, first sent by the pump, is a first attempt',
     );
+    // Both acked and the acks applied before C reads the forward, and one more event in flight:
+    // the forward, when it comes, is known for one the pump sent, and changes nothing (no
+    // resync, which would send the event in flight again).
+    device.ack([got[1].eid, got[2].eid]);
+    await until('the acks applied', async () => (await outboxSize(c!, session.sessionId)) === 0);
+    await publishVia(c, { target: { session: session.sessionId }, name: 'e', data: { i: 3 } });
+    await until('event 3', () => got.length >= 4);
+    const resyncs = await counter(c, 'outbox_resyncs', 'cause="forward"');
+    proxy.release();
+    // A forward after the held one: once it is in, C has read the held one (one channel, in order).
+    await publishVia(a, { target: { session: session.sessionId }, name: 'e', data: { i: 4 } });
+    await until('event 4', () => got.length >= 5);
+    assert.deepEqual(numbers(got, 'e'), [0, 1, 2, 3, 4], 'each event once');
+    assert.equal(await counter(c, 'outbox_resyncs', 'cause="forward"'), resyncs, 'no resync');
   } finally {
     proxy.release();
     await c?.stop();

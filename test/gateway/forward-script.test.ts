@@ -163,6 +163,9 @@ test('an event forwarded and not sent is pumped as a first attempt when the pump
     [['d2', 2, 1]],
     'the forward it did not send goes out as attempt 1',
   );
+  // The mark as the call found it: the node tells from it that d2 was forwarded (its forward
+  // may still come) though the pump sent it.
+  assert.equal(r.mark, 2);
   // A connection after it (the device resumed) is pumped from the start: d1 was sent once (the
   // forward), d2 once (the pump).
   const [again] = await within(

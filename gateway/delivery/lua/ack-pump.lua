@@ -29,13 +29,16 @@
     else
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
-  {acked, receipts, send, expired, resynced} per session
+  {acked, receipts, send, expired, resynced, mark} per session
     acked    number of acks that removed an event (the rest were stray or duplicate)
     receipts {eid, payload, ...} of acked events that asked for a receipt
     send     {eid, seq, attempt, payload, ...} in sequence order
     expired  {eid, payload, ...} found past their expiry (removed, not sent)
     resynced 1 if Redis lost writes this connection saw (see below): events were taken from
              the start of the outbox, not after the given sequence
+    mark     the sent mark as the call found it (0 when it took nothing): an event sent as a
+             first attempt at or below it, from `unsent from` on, was forwarded to the node,
+             which has not read the forward yet (the node then knows the forward for its own)
 
   Rollback detection: every call that sends raises `sent` to the last sequence it sent, in the
   same atomic step. A connection that was sent sequence n therefore finds `sent` >= n unless
@@ -156,6 +159,6 @@ while a <= #A do
       end
     end
   end
-  results[#results + 1] = {acked, receipts, send, expired, resynced}
+  results[#results + 1] = {acked, receipts, send, expired, resynced, mark}
 end
 return cmsgpack.pack(results)
