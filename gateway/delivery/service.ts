@@ -116,6 +116,12 @@ class SessionPump {
    * event is acked. Null (most of the time) when none; at most the window's size.
    */
   earlyForwards: Set<string> | null = null;
+  /**
+   * The highest sequence of a forward this node has read for the session, 0 if none (or since a
+   * resync). Forwards of one session come in sequence order (one channel, published in the
+   * order Redis gave the sequences), so every forward at or below it has been read.
+   */
+  forwardRead = 0;
 
   constructor(
     readonly sid: string,
@@ -702,6 +708,7 @@ export class DeliveryService {
         pump.unsentFrom = 0;
         pump.boundMark = -1;
         pump.earlyForwards = null;
+        pump.forwardRead = 0;
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -757,9 +764,9 @@ export class DeliveryService {
    * sent (`unsentFrom`), or, with the mark at the bind known, the first sequence past it and past
    * the connection's last: everything after both was published after the connection was bound,
    * and the connection was not sent it, so the only sends the mark can count for it are forwards
-   * to this node that it has not read yet (their eids are then in flight when they come, and
-   * onForward leaves them). Without it, a run that Redis ran after such a forward sent the event
-   * as attempt 2, its first delivery.
+   * to this node that it has not read yet (when they come, onForward knows them: `pumped` keeps
+   * their eids). Without it, a run that Redis ran after such a forward sent the event as attempt
+   * 2, its first delivery.
    */
   private unsentFromOf(pump: SessionPump): number {
     if (pump.boundMark < 0) return pump.unsentFrom;
@@ -795,14 +802,16 @@ export class DeliveryService {
       pump.unsentFrom = 0;
       pump.boundMark = -1;
       pump.earlyForwards = null;
+      pump.forwardRead = 0;
       if (live) this.reclaim(pump);
     }
     const now = Date.now();
     const from = r.resynced ? 0 : (unsentFrom ?? 0);
     for (const s of r.send) {
       pump.lastSeq = s.seq;
-      // Past `unsentFrom`, at or below the mark, and a first attempt: a forward on its way.
-      if (from > 0 && s.seq >= from && s.seq <= r.mark && s.attempt === 1) {
+      // Past `unsentFrom`, at or below the mark, a first attempt, and past the forwards read:
+      // a forward on its way.
+      if (from > 0 && s.seq >= from && s.seq <= r.mark && s.attempt === 1 && s.seq > pump.forwardRead) {
         const early = (pump.earlyForwards ??= new Set());
         early.add(s.eid);
         // One whose forward never comes (the session's connection on another node, not yet
@@ -977,6 +986,7 @@ export class DeliveryService {
     const pump = this.pumps.get(message.toString('latin1', 0, a));
     if (!pump) return;
     const seq = Number(message.toString('latin1', b + 1, c));
+    if (seq > pump.forwardRead) pump.forwardRead = seq;
     if (seq <= pump.lastSeq) {
       // Either a pump run read it before the forward came (its eid is in flight, or its ack
       // waits to be applied), or Redis went back without closing a connection (a failover
