@@ -27,7 +27,9 @@ export interface StoredEvent {
   room?: string;
 }
 
-export type OverflowPolicy = 'reject' | 'drop-oldest';
+/** What a full outbox does to a publish (GW_OUTBOX_POLICY). */
+export const OVERFLOW_POLICIES = ['reject', 'drop-oldest'] as const;
+export type OverflowPolicy = (typeof OVERFLOW_POLICIES)[number];
 
 export interface PublishResult {
   /** `sent`: added, and handed to this node's connection of the session by the publish itself. */

@@ -24,15 +24,16 @@ import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape } from '../metrics.ts';
 import { InflightWindow } from './inflight.ts';
-import type {
-  AckPumpRequest,
-  AckPumpResult,
-  DirectClaim,
-  DirectGrant,
-  DirectSender,
-  Fanout,
-  Outbox,
-  StoredEvent,
+import {
+  type AckPumpRequest,
+  type AckPumpResult,
+  type DirectClaim,
+  type DirectGrant,
+  type DirectSender,
+  type Fanout,
+  type Outbox,
+  OVERFLOW_POLICIES,
+  type StoredEvent,
 } from './outbox.ts';
 import {
   type EventInput,
@@ -127,6 +128,21 @@ class SessionPump {
     readonly sid: string,
     readonly conn: Connection,
   ) {}
+
+  /**
+   * Redis may have gone back (a resync): what the connection was sent and what the sequences
+   * named no longer say anything about the outbox, which is taken from its start. The sequences
+   * a forward named may be other events' now, and the mark at the bind may be past what Redis
+   * holds.
+   */
+  forgetPosition(): void {
+    this.lastSeq = 0;
+    this.inflight.clear();
+    this.unsentFrom = 0;
+    this.boundMark = -1;
+    this.earlyForwards = null;
+    this.forwardRead = 0;
+  }
 }
 
 /** A claim to send from a publish (Outbox DirectSender), tied to the pump that made it. */
@@ -284,7 +300,7 @@ export class DeliveryService {
     // appears with its first increment misses that increment, and a dashboard or an alert has
     // nothing to show before it.
     for (const cause of RESYNC_CAUSES) this.metrics.resyncs.inc({ cause }, 0);
-    for (const policy of ['reject', 'drop-oldest']) this.metrics.overflow.inc({ policy }, 0);
+    for (const policy of OVERFLOW_POLICIES) this.metrics.overflow.inc({ policy }, 0);
     this.ackLatency = new Histogram({
       name: 'gateway_ack_latency_seconds',
       help: 'From a qos-1 event sent to a device to its ack arriving (attempts that were not retried).',
@@ -701,14 +717,7 @@ export class DeliveryService {
       }
       if (pump.resync) {
         pump.resync = false;
-        pump.lastSeq = 0;
-        pump.inflight.clear();
-        // Redis may have gone back: the sequences a forward named may be other events' now, and
-        // the mark at the bind may be past what Redis holds.
-        pump.unsentFrom = 0;
-        pump.boundMark = -1;
-        pump.earlyForwards = null;
-        pump.forwardRead = 0;
+        pump.forgetPosition();
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -797,12 +806,7 @@ export class DeliveryService {
         { sessionId: pump.sid, lastSeq: pump.lastSeq },
         'outbox behind this connection: resynced',
       );
-      pump.inflight.clear();
-      pump.lastSeq = 0;
-      pump.unsentFrom = 0;
-      pump.boundMark = -1;
-      pump.earlyForwards = null;
-      pump.forwardRead = 0;
+      pump.forgetPosition();
       if (live) this.reclaim(pump);
     }
     const now = Date.now();

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
+import { Keys } from '../../gateway/keys.ts';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
@@ -34,6 +35,8 @@ let a: GatewayProcess;
 let b: GatewayProcess;
 let pub: GatewayPublisher;
 const clients: GatewayClient[] = [];
+/** The tests' own reads of the deployment's keys. */
+let shared: Redis;
 
 before(async () => {
   deployment = deploymentEnv();
@@ -48,8 +51,10 @@ before(async () => {
   a = await startGateway(env);
   b = await startGateway(env);
   pub = await connectPublisher({ redisUrl: REDIS_URL, prefix: deployment.GW_REDIS_PREFIX });
+  shared = new Redis(REDIS_URL, { commandTimeout: 10_000 });
 });
 after(async () => {
+  shared?.disconnect();
   for (const c of clients) c.destroy();
   await pub?.close();
   await Promise.allSettled([a?.stop(), b?.stop()]);
@@ -62,15 +67,22 @@ async function counter(gw: GatewayProcess, name: string, labels?: string): Promi
   return Number(new RegExp(`^${series} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
 }
 
-/** The number of events in a session's outbox (its `q`), read from the shared Redis. */
-async function outboxSize(gw: GatewayProcess, sessionId: string): Promise<number> {
-  const r = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-  try {
-    return await r.zcard(`${gw.prefix}{s:${sessionId}}:q`);
-  } finally {
-    r.disconnect();
-  }
+/** The numbers of events in sessions' outboxes (their `q`), in one round trip. */
+async function outboxSizes(gw: GatewayProcess, sessionIds: string[]): Promise<number[]> {
+  const keys = new Keys(gw.prefix);
+  const p = shared.pipeline();
+  for (const sid of sessionIds) p.zcard(keys.outbox(sid)[0]);
+  return (await p.exec())!.map(([e, n]) => {
+    if (e) throw e;
+    return n as number;
+  });
 }
+
+/** The nodes holding sessions (null: none), from their node keys, in one round trip. */
+const nodesOf = (gw: GatewayProcess, sessionIds: string[]): Promise<(string | null)[]> => {
+  const keys = new Keys(gw.prefix);
+  return shared.mget(sessionIds.map((sid) => keys.sessionNode(sid)));
+};
 
 async function publishVia(gw: GatewayProcess, body: unknown): Promise<void> {
   const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
@@ -83,23 +95,16 @@ async function publishVia(gw: GatewayProcess, body: unknown): Promise<void> {
 
 /**
  * A device on `gw` whose session's node key is set (publishes can find its node), read from the
- * gateway's Redis (`redisUrl`).
+ * gateway's Redis (`redis`: the deployment's by default).
  */
-async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }, redisUrl = REDIS_URL) {
+async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }, redis = shared) {
   const device = await connected(gw.tcpUrl, options);
   clients.push(device);
   const session = await signUp(device);
   const got: EventMsg[] = [];
   device.on('event', (e: EventMsg) => got.push(e));
-  const r = new Redis(redisUrl, { commandTimeout: 10_000 });
-  try {
-    await until(
-      'the session node key',
-      async () => (await r.get(`${gw.prefix}{s:${session.sessionId}}:node`)) !== null,
-    );
-  } finally {
-    r.disconnect();
-  }
+  const nodeKey = new Keys(gw.prefix).sessionNode(session.sessionId);
+  await until('the session node key', async () => (await redis.get(nodeKey)) !== null);
   return { device, session, got };
 }
 
@@ -168,45 +173,32 @@ test("a resumed connection whose outbox is empty starts at the session's sent ma
   await until('the first event', () => got.length === 1);
   // The device comes back on a new connection to the same node, once its ack is in: the mark
   // says 1 was sent, and the outbox is empty.
-  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-  try {
-    await until(
-      'the ack applied',
-      async () => (await redis.zcard(`${b.prefix}{s:${session.sessionId}}:q`)) === 0,
-    );
-    device.destroy();
-    await until(
-      'the node key released',
-      async () => (await redis.get(`${b.prefix}{s:${session.sessionId}}:node`)) === null,
-    );
-    const back = await connected(b.tcpUrl);
-    clients.push(back);
-    const again: EventMsg[] = [];
-    back.on('event', (e: EventMsg) => again.push(e));
-    await within('the resume', back.request('resume', { token: session.token }));
-    await until(
-      'the node key set by the resume',
-      async () => (await redis.get(`${b.prefix}{s:${session.sessionId}}:node`)) !== null,
-    );
-    const pumped = await counter(b, 'forwards_pumped');
-    const forwarded = await counter(b, 'sent_from_forward');
-    // One at a time, each once the one before it arrived.
-    for (let i = 1; i <= 5; i++) {
-      await publishVia(a, { target: { session: session.sessionId }, name: 'next', data: { i } });
-      await until(`event ${i}`, () => again.length >= i);
-    }
-    assert.deepEqual(numbers(again, 'next'), [1, 2, 3, 4, 5]);
-    assert.deepEqual(
-      again.map((e) => e.attempt),
-      [1, 1, 1, 1, 1],
-    );
-    const p = (await counter(b, 'forwards_pumped')) - pumped;
-    const f = (await counter(b, 'sent_from_forward')) - forwarded;
-    assert.equal(p, 0, 'no forward after the resume was pumped');
-    assert.equal(f, 5, 'every event after the resume was sent from its forward');
-  } finally {
-    redis.disconnect();
+  const sid = [session.sessionId];
+  await until('the ack applied', async () => (await outboxSizes(b, sid))[0] === 0);
+  device.destroy();
+  await until('the node key released', async () => (await nodesOf(b, sid))[0] === null);
+  const back = await connected(b.tcpUrl);
+  clients.push(back);
+  const again: EventMsg[] = [];
+  back.on('event', (e: EventMsg) => again.push(e));
+  await within('the resume', back.request('resume', { token: session.token }));
+  await until('the node key set by the resume', async () => (await nodesOf(b, sid))[0] !== null);
+  const pumped = await counter(b, 'forwards_pumped');
+  const forwarded = await counter(b, 'sent_from_forward');
+  // One at a time, each once the one before it arrived.
+  for (let i = 1; i <= 5; i++) {
+    await publishVia(a, { target: { session: session.sessionId }, name: 'next', data: { i } });
+    await until(`event ${i}`, () => again.length >= i);
   }
+  assert.deepEqual(numbers(again, 'next'), [1, 2, 3, 4, 5]);
+  assert.deepEqual(
+    again.map((e) => e.attempt),
+    [1, 1, 1, 1, 1],
+  );
+  const p = (await counter(b, 'forwards_pumped')) - pumped;
+  const f = (await counter(b, 'sent_from_forward')) - forwarded;
+  assert.equal(p, 0, 'no forward after the resume was pumped');
+  assert.equal(f, 5, 'every event after the resume was sent from its forward');
 });
 
 test('a reconnect storm: 30 devices resume at once on node B with empty outboxes, then node A publishes 3 events to each in one request: all 90 sent from their forwards, each device its 3 in order, attempt 1', async () => {
@@ -215,58 +207,46 @@ test('a reconnect storm: 30 devices resume at once on node B with empty outboxes
   await publishVia(a, {
     events: devices.map((d, i) => ({ target: { session: d.session.sessionId }, name: 'first', data: { i } })),
   });
-  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-  try {
-    const key = (sid: string, name: string) => `${b.prefix}{s:${sid}}:${name}`;
-    await until('every first event', () => devices.every((d) => d.got.length === 1));
-    await until('every ack applied', async () => {
-      for (const d of devices) if ((await redis.zcard(key(d.session.sessionId, 'q'))) !== 0) return false;
-      return true;
-    });
-    for (const d of devices) d.device.destroy();
-    await until('every node key released', async () => {
-      for (const d of devices) if ((await redis.get(key(d.session.sessionId, 'node'))) !== null) return false;
-      return true;
-    });
-    // All at once: their binds share the node's calls.
-    const back = await Promise.all(
-      devices.map(async (d) => {
-        const c = await connected(b.tcpUrl);
-        clients.push(c);
-        const got: EventMsg[] = [];
-        c.on('event', (e: EventMsg) => got.push(e));
-        await within('a resume', c.request('resume', { token: d.session.token }));
-        return { sid: d.session.sessionId, got };
-      }),
+  const sids = devices.map((d) => d.session.sessionId);
+  await until('every first event', () => devices.every((d) => d.got.length === 1));
+  await until('every ack applied', async () => (await outboxSizes(b, sids)).every((n) => n === 0));
+  for (const d of devices) d.device.destroy();
+  await until('every node key released', async () => (await nodesOf(b, sids)).every((n) => n === null));
+  // All at once: their binds share the node's calls.
+  const back = await Promise.all(
+    devices.map(async (d) => {
+      const c = await connected(b.tcpUrl);
+      clients.push(c);
+      const got: EventMsg[] = [];
+      c.on('event', (e: EventMsg) => got.push(e));
+      await within('a resume', c.request('resume', { token: d.session.token }));
+      return { sid: d.session.sessionId, got };
+    }),
+  );
+  await until('every node key set by the resumes', async () =>
+    (await nodesOf(b, sids)).every((n) => n !== null),
+  );
+  const pumped = await counter(b, 'forwards_pumped');
+  const forwarded = await counter(b, 'sent_from_forward');
+  await publishVia(a, {
+    events: back.flatMap((d) =>
+      [1, 2, 3].map((i) => ({ target: { session: d.sid }, name: 'next', data: { i } })),
+    ),
+  });
+  await until('3 events on every device', () => back.every((d) => d.got.length >= 3));
+  for (const d of back) {
+    assert.deepEqual(numbers(d.got, 'next'), [1, 2, 3]);
+    assert.deepEqual(
+      d.got.map((e) => e.attempt),
+      [1, 1, 1],
     );
-    await until('every node key set by the resumes', async () => {
-      for (const d of back) if ((await redis.get(key(d.sid, 'node'))) === null) return false;
-      return true;
-    });
-    const pumped = await counter(b, 'forwards_pumped');
-    const forwarded = await counter(b, 'sent_from_forward');
-    await publishVia(a, {
-      events: back.flatMap((d) =>
-        [1, 2, 3].map((i) => ({ target: { session: d.sid }, name: 'next', data: { i } })),
-      ),
-    });
-    await until('3 events on every device', () => back.every((d) => d.got.length >= 3));
-    for (const d of back) {
-      assert.deepEqual(numbers(d.got, 'next'), [1, 2, 3]);
-      assert.deepEqual(
-        d.got.map((e) => e.attempt),
-        [1, 1, 1],
-      );
-    }
-    assert.equal((await counter(b, 'forwards_pumped')) - pumped, 0, 'no forward was pumped');
-    assert.equal(
-      (await counter(b, 'sent_from_forward')) - forwarded,
-      3 * N,
-      'every event was sent from its forward',
-    );
-  } finally {
-    redis.disconnect();
   }
+  assert.equal((await counter(b, 'forwards_pumped')) - pumped, 0, 'no forward was pumped');
+  assert.equal(
+    (await counter(b, 'sent_from_forward')) - forwarded,
+    3 * N,
+    'every event was sent from its forward',
+  );
 });
 
 test('a resumed connection whose outbox holds an unacked event is pumped from the start: that event again as attempt 2, then the forwards after it, in order, attempt 1', async () => {
@@ -325,7 +305,7 @@ test("an event forwarded to a node and read by the node's pump before the node h
     // the forward, when it comes, is known for one the pump sent, and changes nothing (no
     // resync, which would send the event in flight again).
     device.ack([got[1].eid, got[2].eid]);
-    await until('the acks applied', async () => (await outboxSize(c!, session.sessionId)) === 0);
+    await until('the acks applied', async () => (await outboxSizes(c!, [session.sessionId]))[0] === 0);
     await publishVia(c, { target: { session: session.sessionId }, name: 'e', data: { i: 3 } });
     await until('event 3', () => got.length >= 4);
     const resyncs = await counter(c, 'outbox_resyncs', 'cause="forward"');
@@ -447,9 +427,9 @@ test("a publisher whose window is larger than the node's: forwards past the node
 test('Redis killed and restarted from its AOF while a forwarded event waits unacked on node B: it comes again on the same connection as attempt 2, and later events are forwarded again', async () => {
   // A private Redis that writes every command to its AOF before answering, and two nodes on it.
   const own = await startOwnRedis(['--appendonly', 'yes', '--appendfsync', 'always']);
-  const env = deploymentEnv();
+  const ownEnv = deploymentEnv();
   const common = {
-    ...env,
+    ...ownEnv,
     REDIS_URL: own.url,
     GW_API_KEY: API_KEY,
     GW_DEFAULT_ROOM: '',
@@ -459,7 +439,10 @@ test('Redis killed and restarted from its AOF while a forwarded event waits unac
   const ga = await startGateway(common);
   const gb = await startGateway(common);
   try {
-    const { device, session, got } = await deviceOn(gb, { autoAck: false }, own.url);
+    const ownRedis = new Redis(own.url, { commandTimeout: 10_000 });
+    const { device, session, got } = await deviceOn(gb, { autoAck: false }, ownRedis).finally(() =>
+      ownRedis.disconnect(),
+    );
     const forwarded = await counter(gb, 'sent_from_forward');
     await publishVia(ga, { target: { session: session.sessionId }, name: 'before', data: { i: 0 } });
     await until('the event', () => got.length === 1);
@@ -540,6 +523,6 @@ test('Redis killed and restarted from its AOF while a forwarded event waits unac
   } finally {
     await Promise.allSettled([ga.stop(), gb.stop()]);
     await own.remove();
-    await dropDeployment(env);
+    await dropDeployment(ownEnv);
   }
 });
