@@ -9,6 +9,7 @@ import { after, before, test } from 'node:test';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -126,6 +127,24 @@ test('a rollback by one event without a reconnect: the next event, forwarded wit
   // before it went out, so it is forwarded.
   const { eid } = await pub.publish({ session: s.sessionId }, { name: 'after', data: {} });
   await until(() => got.some((e) => e.eid === eid), 'the event after the rollback');
+});
+
+test('a connection resumed after events Redis then loses starts at the sent mark: after a rollback without a reconnect, every new event still arrives', async () => {
+  const { device, s, marked: rollback, pub } = await deviceAckedPastMark(() => redis.rdbSnapshot(), 3);
+  // The session on a new connection: its outbox is empty, so it starts at the sent mark, past
+  // what the rollback keeps.
+  await device.close();
+  const back = await connected(gw.tcpUrl);
+  closers.push(() => back.close());
+  const got: EventMsg[] = [];
+  back.on('event', (e: EventMsg) => got.push(e));
+  await within('the resume', back.request('resume', { token: s.token }));
+  await until(
+    () => redis.with(async (r) => (await r.get(`${gw.prefix}{s:${s.sessionId}}:node`)) !== null),
+    'the node key set by the resume',
+  );
+  await rollback();
+  await publishAfter(pub, s.sessionId, got, 'after a rollback past a resumed connection');
 });
 
 test('after a reconnect, the node writes its sessions presence and room membership again', async () => {
