@@ -23,11 +23,31 @@ export class ScriptArgs {
 
   /** A string (UTF-8). */
   str(s: string): this {
-    const n = Buffer.byteLength(s);
-    this.header(n);
-    this.buf.write(s, this.pos, n, 'utf8');
-    this.pos += n;
-    return this;
+    // Most elements are short ASCII (session ids, eids, key names, numbers, flags): written byte
+    // by byte here, for a third of the time that `Buffer.byteLength` and `buf.write`, two calls
+    // into C++ per element, take (bench/micro/script-args.ts). A character past ASCII sends the
+    // string to the general path, which overwrites what was written.
+    const len = s.length;
+    if (len < 0x100) {
+      this.room(2 + len);
+      const b = this.buf;
+      const start = this.pos;
+      let p = len < 32 ? start + 1 : start + 2;
+      for (let i = 0; i < len; i++) {
+        const c = s.charCodeAt(i);
+        if (c >= 0x80) return this.utf8(s);
+        b[p++] = c;
+      }
+      if (len < 32) b[start] = 0xa0 | len;
+      else {
+        b[start] = 0xd9;
+        b[start + 1] = len;
+      }
+      this.pos = p;
+      this.count++;
+      return this;
+    }
+    return this.utf8(s);
   }
 
   /** A number, as its decimal text (`String(n)`). */
@@ -40,6 +60,15 @@ export class ScriptArgs {
     this.header(b.length);
     this.buf.set(b, this.pos);
     this.pos += b.length;
+    return this;
+  }
+
+  /** Any string, through Buffer's UTF-8 encoder. */
+  private utf8(s: string): this {
+    const n = Buffer.byteLength(s);
+    this.header(n);
+    this.buf.write(s, this.pos, n, 'utf8');
+    this.pos += n;
     return this;
   }
 
