@@ -32,45 +32,9 @@ const CALLS = Number(values.calls);
 const ROUNDS = Number(values.rounds);
 
 /** The general way for every string: the writer before its ASCII path. */
-class GeneralArgs {
-  private buf = Buffer.allocUnsafe(1024);
-  private pos = 5;
-  private count = 0;
-
-  str(s: string): this {
-    const n = Buffer.byteLength(s);
-    this.room(5 + n);
-    this.count++;
-    const b = this.buf;
-    if (n < 32) b[this.pos++] = 0xa0 | n;
-    else if (n < 0x100) {
-      b[this.pos++] = 0xd9;
-      b[this.pos++] = n;
-    } else {
-      b[this.pos] = 0xda;
-      b.writeUInt16BE(n, this.pos + 1);
-      this.pos += 3;
-    }
-    b.write(s, this.pos, n, 'utf8');
-    this.pos += n;
-    return this;
-  }
-
-  num(n: number): this {
-    return this.str(String(n));
-  }
-
-  finish(): Buffer {
-    this.buf[0] = 0xdd;
-    this.buf.writeUInt32BE(this.count, 1);
-    return this.buf.subarray(0, this.pos);
-  }
-
-  private room(n: number): void {
-    if (this.pos + n <= this.buf.length) return;
-    const bigger = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.pos + n));
-    this.buf.copy(bigger, 0, 0, this.pos);
-    this.buf = bigger;
+class GeneralArgs extends ScriptArgs {
+  override str(s: string): this {
+    return this.utf8(s);
   }
 }
 
@@ -104,7 +68,7 @@ function write(w: Writer, events: number): Buffer {
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const WRITERS: [string, () => Writer][] = [
   ['ScriptArgs (ASCII path)', () => new ScriptArgs(1024)],
-  ['byteLength + write (general)', () => new GeneralArgs()],
+  ['byteLength + write (general)', () => new GeneralArgs(1024)],
 ];
 
 console.log(
