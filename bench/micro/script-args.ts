@@ -38,12 +38,6 @@ class GeneralArgs extends ScriptArgs {
   }
 }
 
-interface Writer {
-  str(s: string): Writer;
-  num(n: number): Writer;
-  finish(): Buffer;
-}
-
 /** Strings per event below. */
 const PER_EVENT = 8;
 const MAX = Math.max(...EVENTS);
@@ -51,7 +45,7 @@ const targets = Array.from({ length: MAX }, (_, i) => `gw:dev:fleet-7:device-${S
 const eids = Array.from({ length: MAX }, newEid);
 const sids = Array.from({ length: MAX }, () => randomUUID());
 
-function write(w: Writer, events: number): Buffer {
+function write(w: ScriptArgs, events: number): Buffer {
   for (let i = 0; i < events; i++) {
     w.str('k')
       .str(targets[i])
@@ -66,7 +60,7 @@ function write(w: Writer, events: number): Buffer {
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-const WRITERS: [string, () => Writer][] = [
+const WRITERS: [string, () => ScriptArgs][] = [
   ['ScriptArgs (ASCII path)', () => new ScriptArgs(1024)],
   ['byteLength + write (general)', () => new GeneralArgs(1024)],
 ];

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import { Keys } from '../../gateway/keys.ts';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
@@ -64,7 +65,7 @@ async function deviceAckedPastMark<T>(mark: () => Promise<T>, lost = 20) {
   const got: EventMsg[] = [];
   device.on('event', (e: EventMsg) => got.push(e));
   const outboxEmpty = () =>
-    redis.with(async (r) => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0);
+    redis.with(async (r) => (await r.zcard(new Keys(gw.prefix).outbox(s.sessionId)[0])) === 0);
   const pub = await publisher();
   for (let i = 0; i < 5; i++) await pub.publish({ session: s.sessionId }, { name: 'early', data: { i } });
   // Distinct eids: a resync may deliver an event twice, as at-least-once allows.
@@ -140,7 +141,7 @@ test('a connection resumed after events Redis then loses starts at the sent mark
   back.on('event', (e: EventMsg) => got.push(e));
   await within('the resume', back.request('resume', { token: s.token }));
   await until(
-    () => redis.with(async (r) => (await r.get(`${gw.prefix}{s:${s.sessionId}}:node`)) !== null),
+    () => redis.with(async (r) => (await r.get(new Keys(gw.prefix).sessionNode(s.sessionId))) !== null),
     'the node key set by the resume',
   );
   await rollback();
@@ -154,9 +155,10 @@ test('after a reconnect, the node writes its sessions presence and room membersh
   await device.request('join', { room: '#rollback' });
   // What a rollback to before the login and the join would lose of them.
   await redis.with(async (r) => {
-    await r.hdel(`${gw.prefix}presence`, s.sessionId);
-    await r.del(`${gw.prefix}room:#rollback:m`);
-    await r.zrem(`${gw.prefix}rooms`, '#rollback');
+    const keys = new Keys(gw.prefix);
+    await r.hdel(keys.presence, s.sessionId);
+    await r.del(keys.roomMembers('#rollback'));
+    await r.zrem(keys.rooms, '#rollback');
   });
   await redis.with((r) => r.call('CLIENT', 'KILL', 'TYPE', 'pubsub'));
   let seen = '';
