@@ -184,6 +184,14 @@ export class Keys {
     return `${this.prefix}{s:${sid}}:kick`;
   }
 
+  /**
+   * STRING: the users generation, raised after every registration's commit (user-ids.ts): a
+   * username not found is looked for again once it moved.
+   */
+  get usersGeneration(): string {
+    return `${this.prefix}usersgen`;
+  }
+
   /** SET of a user's session ids (pruned of expired ones on read). */
   userSessions(userId: string): string {
     return `${this.prefix}user:${userId}:sess`;

@@ -64,11 +64,14 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
         options: `-c search_path=${o.schema ?? 'public'}`,
       })
     : null;
-  const userIds = new UserIds(async (username) => {
-    if (!pool) throw new Error('username targets need databaseUrl');
-    const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
-    return r.rowCount ? (r.rows[0].id as string) : null;
-  });
+  const userIds = new UserIds(
+    async (username) => {
+      if (!pool) throw new Error('username targets need databaseUrl');
+      const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
+      return r.rowCount ? (r.rows[0].id as string) : null;
+    },
+    () => redis.get(keys.usersGeneration),
+  );
   const directory: SessionDirectory = {
     userIdOf: (username) => userIds.of(username),
   };

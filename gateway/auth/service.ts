@@ -110,7 +110,10 @@ export class IdentityService {
   private readonly otpLimit: RateLimiterRedis;
   private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
-  private readonly userIds = new UserIds((username) => this.queryUserId(username));
+  private readonly userIds = new UserIds(
+    (username) => this.queryUserId(username),
+    () => this.deps.redis.get(this.deps.keys.usersGeneration),
+  );
 
   constructor(
     private readonly deps: {
@@ -221,6 +224,7 @@ export class IdentityService {
         JSON.stringify({ userId, username, email, ts: new Date(r.rows[0].created_at).getTime() }),
       ]);
       await client.query('COMMIT');
+      await this.usersChanged(userId);
       return userId;
     } catch (e) {
       await client.query('ROLLBACK').catch(() => {});
@@ -231,6 +235,19 @@ export class IdentityService {
       throw e;
     } finally {
       client.release();
+    }
+  }
+
+  /**
+   * Raises the users generation, before the registration is answered: every node's remembered
+   * misses (user-ids.ts) then look the name up again. The account exists either way, so a
+   * failure is logged, not thrown; such misses last their TTL at most.
+   */
+  private async usersChanged(userId: string): Promise<void> {
+    try {
+      await this.deps.redis.incr(this.deps.keys.usersGeneration);
+    } catch (e) {
+      this.deps.log.warn({ userId, err: (e as Error)?.message ?? String(e) }, 'users generation not raised');
     }
   }
 
