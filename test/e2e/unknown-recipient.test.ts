@@ -89,20 +89,26 @@ test('sends to a name nobody has cost PostgreSQL one query; registered on anothe
   // then; the first send after B answered the login finds the user.
   let stop = false;
   const background = (async () => {
+    // Each send waits for its answer (or the deadline); on a failure below, `stop` ends it.
     while (!stop) await codeOf(sender.request('send', { to: name, body: 'meanwhile' }));
   })();
-  const recipient = await client(b);
-  await recipient.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
-  await recipient.request('login', { username: name, password: PASSWORD });
+  let sent: { eid: string };
   const received: EventMsg[] = [];
-  recipient.on('event', (e: EventMsg) => received.push(e));
-  const first = nextEvent<EventMsg>(recipient, 'event', 'the direct message on node B');
-  const sent = await within(
-    'the send after the registration',
-    sender.request<{ eid: string }>('send', { to: name, body: 'found' }),
-  );
-  stop = true;
-  await within('the background sends', background);
+  let first: Promise<EventMsg>;
+  try {
+    const recipient = await client(b);
+    await recipient.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
+    await recipient.request('login', { username: name, password: PASSWORD });
+    recipient.on('event', (e: EventMsg) => received.push(e));
+    first = nextEvent<EventMsg>(recipient, 'event', 'the direct message on node B');
+    sent = await within(
+      'the send after the registration',
+      sender.request<{ eid: string }>('send', { to: name, body: 'found' }),
+    );
+  } finally {
+    stop = true;
+    await within('the background sends', background);
+  }
   assert.equal((await first).from, me.username);
   await until('the direct message sent after the registration, on node B', () =>
     received.some((r) => r.eid === sent.eid && (r.data as { body: string }).body === 'found'),

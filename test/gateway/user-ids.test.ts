@@ -138,12 +138,15 @@ test('look-ups racing registrations see every registration answered before they 
       await new Promise((r) => setImmediate(r));
     }
   });
-  for (const name of names) {
+  try {
+    for (const name of names) {
+      await new Promise((r) => setTimeout(r, 20));
+      registered.set(name, await d.register(name));
+    }
     await new Promise((r) => setTimeout(r, 20));
-    registered.set(name, await d.register(name));
+  } finally {
+    stop = true;
   }
-  await new Promise((r) => setTimeout(r, 20));
-  stop = true;
   await within('the looking loops and the other registrations', Promise.all([...lookers, noise]));
   for (const name of names) {
     const got = await d.ids.of(name);
