@@ -51,6 +51,22 @@ function directory(name: string) {
       await redis.incr(generation);
       return id;
     },
+    /**
+     * A look-up of `username` whose query is under way (its snapshot taken, its answer held)
+     * while the name is registered. Queries started after the registration are not held;
+     * `release` lets the early one answer.
+     */
+    async registerDuringQuery(username: string) {
+      let release!: () => void;
+      d.hold = new Promise((r) => {
+        release = r;
+      });
+      const early = d.ids.of(username);
+      await new Promise((r) => setTimeout(r, 50));
+      const id = await d.register(username);
+      d.hold = null;
+      return { early, id, release };
+    },
   };
   return d;
 }
@@ -81,15 +97,8 @@ test('a name nobody has costs one query, then none until a registration', async 
 
 test('a look-up that began after a registration was answered finds the user, even beside a query already under way', async () => {
   const d = directory('race');
-  let release!: () => void;
-  d.hold = new Promise((r) => {
-    release = r;
-  });
   // A query under way from before the registration: its snapshot has no such user.
-  const early = d.ids.of('late');
-  await new Promise((r) => setTimeout(r, 50));
-  const id = await d.register('late');
-  d.hold = null;
+  const { early, id, release } = await d.registerDuringQuery('late');
   // Begun after the registration's answer: it must not share the early query, so it is
   // answered while that query is still held.
   assert.equal(await within('the later look-up, the early query held', d.ids.of('late'), 5_000), id);
@@ -100,14 +109,7 @@ test('a look-up that began after a registration was answered finds the user, eve
 
 test('a miss whose query was under way as the name was registered is not kept past it', async () => {
   const d = directory('order');
-  let release!: () => void;
-  d.hold = new Promise((r) => {
-    release = r;
-  });
-  const early = d.ids.of('slow');
-  await new Promise((r) => setTimeout(r, 50));
-  const id = await d.register('slow');
-  d.hold = null;
+  const { early, id, release } = await d.registerDuringQuery('slow');
   release();
   assert.equal(await within('the early look-up', early), null, 'its snapshot was older');
   assert.equal(await within('the next look-up', d.ids.of('slow')), id);
