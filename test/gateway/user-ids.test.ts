@@ -9,9 +9,12 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
+import pg from 'pg';
 import { UserIds } from '../../gateway/auth/user-ids.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
-import { within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { startOwnPostgres } from '../helpers/own-postgres.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:userids:${randomUUID().slice(0, 8)}:`;
 let redis: Redis;
@@ -168,4 +171,60 @@ test('without a generation (Redis does not answer), a miss is not remembered', a
   );
   for (let i = 0; i < 5; i++) assert.equal(await ids.of('ghost'), null);
   assert.equal(queries, 5);
+});
+
+test('Redis gone: misses are asked of PostgreSQL every time, and remembered again once it is back; PostgreSQL gone: a look-up fails, a remembered miss still answers, and nothing failed is remembered', async () => {
+  const ownRedis = await startOwnRedis();
+  const ownPg = await startOwnPostgres();
+  const gen = new Redis(ownRedis.url, {
+    maxRetriesPerRequest: 0,
+    enableOfflineQueue: false,
+    commandTimeout: 5_000,
+  });
+  gen.on('error', () => {});
+  const pool = new pg.Pool({ connectionString: ownPg.url, connectionTimeoutMillis: 5_000 });
+  pool.on('error', () => {});
+  try {
+    await within('the users table', pool.query('CREATE TABLE users (id text, username text)'));
+    let queries = 0;
+    const ids = new UserIds(
+      async (username) => {
+        queries++;
+        const r = await pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [username]);
+        return r.rowCount ? (r.rows[0].id as string) : null;
+      },
+      () => gen.get('usersgen'),
+    );
+    const of = (name: string) => within(`the look-up of ${name}`, ids.of(name));
+
+    await until('the generation client connected', () => gen.status === 'ready');
+    assert.equal(await of('nobody'), null);
+    assert.equal(await of('nobody'), null);
+    assert.equal(queries, 1, 'queries with Redis up');
+
+    await ownRedis.kill();
+    for (let i = 0; i < 3; i++) assert.equal(await of('nobody'), null);
+    assert.equal(queries, 4, 'queries with Redis gone: one per look-up');
+
+    await ownRedis.start();
+    await until('the generation client reconnected', () => gen.status === 'ready');
+    assert.equal(await of('ghost'), null);
+    assert.equal(await of('ghost'), null);
+    assert.equal(queries, 5, 'queries with Redis back, for a name not looked up before');
+
+    await ownPg.stop();
+    assert.equal(await of('nobody'), null, 'a remembered miss needs no PostgreSQL');
+    await assert.rejects(of('someone'), 'a look-up that could not ask PostgreSQL fails, not "no such user"');
+    await ownPg.start();
+    await within(
+      'the user inserted',
+      pool.query("INSERT INTO users (id, username) VALUES ('id-1', 'someone')"),
+    );
+    assert.equal(await of('someone'), 'id-1', 'the failed look-up was not remembered');
+  } finally {
+    gen.disconnect();
+    await pool.end().catch(() => {});
+    await ownPg.remove();
+    await ownRedis.remove();
+  }
 });
