@@ -1,4 +1,14 @@
 /**
+ * Called with the string as its receiver (`charCodeAt.call(s, i)`), not loaded from it
+ * (`s.charCodeAt`): the strings written here come in several representations (literals, built
+ * key names, ids read from Redis or from a token), and the load's feedback held four string maps.
+ * In the gateway's optimized code that load became a call to V8's generic `LoadIC` per
+ * character, ~5% of the gateway's CPU samples device to device (bench/RESULTS.md, "a load per
+ * character"); a call to a known function needs no map at all.
+ */
+const charCodeAt = String.prototype.charCodeAt;
+
+/**
  * Many script arguments as one: a MessagePack array of strings, which a Lua script reads with
  * Redis's built-in `cmsgpack.unpack` into a table of Lua strings, as it would read ARGV.
  *
@@ -11,16 +21,6 @@
  * string holds any bytes, so a packed event travels as a `str` too), and numbers are written as
  * their decimal text, so the script sees exactly the strings ARGV would have held.
  */
-/**
- * Called with the string as its receiver (`charCodeAt.call(s, i)`), not loaded from it
- * (`s.charCodeAt`): the strings written here come in several representations (literals, built
- * key names, ids read from Redis or from a token), and the load's feedback held four string maps.
- * In the gateway's optimized code that load became a call to V8's generic `LoadIC` per
- * character, ~5% of the gateway's CPU samples device to device (bench/RESULTS.md, "a load per
- * character"); a call to a known function needs no map at all.
- */
-const charCodeAt = String.prototype.charCodeAt;
-
 export class ScriptArgs {
   private buf: Buffer;
   /** After the array header, which `finish` writes when the count is known. */
