@@ -1,19 +1,20 @@
 // Native crypto for the gateway's hot path (issue: sealed hot path at hardware speed).
 //
 // AES-256-GCM writing straight into the output buffer; X25519 and Ed25519 on raw 32-byte keys.
-// An AesGcm object holds only its 32-byte key. Each thread has one OpenSSL context per direction,
-// shared by every key: a frame sets only the IV while the same key seals or opens again, and a
-// frame under another key loads that key first (about 0.2 us). A context per connection cost
-// ~1.9 KiB of native memory each, two per connection: most of an idle connection's memory
-// (docs/ARCHITECTURE.md, "Memory"). Built by node-gyp against Node's own headers; the OpenSSL
-// symbols are Node's own (the binary exports them), so no system libssl is linked.
+// AES-GCM keeps no object per key: JS passes the 32-byte key with every call, and each thread
+// caches a bounded table of OpenSSL contexts loaded with the keys last used (below). A context
+// per connection had cost ~1.9 KiB of native memory each, two per connection: most of an idle
+// connection's memory (docs/ARCHITECTURE.md, "Memory"). Built by node-gyp against Node's own
+// headers; the OpenSSL symbols are Node's own (the binary exports them), so no system libssl is
+// linked.
 //
-// Every bad input is a JS exception or a false result, never a crash. Contexts are freed by
-// dispose() or, failing that, by the finalizer when the JS object is collected.
+// Every bad input is a JS exception or a false result, never a crash: a key is only bytes, so
+// any 32 bytes are a key (the wrong one at worst), never a pointer.
 #include <napi.h>
-#include <atomic>
+#include <new>
 #include <cstdint>
 #include <openssl/evp.h>
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <cstring>
 
@@ -41,151 +42,164 @@ Napi::Value Fail(Napi::Env env, const char* what) {
   return env.Undefined();
 }
 
+// An AES key argument: a string of 32 one-byte characters (its latin1 bytes are the key), read
+// into `key`, which has room for kKey + 2 bytes; false for anything else. Each character
+// counts by its low byte, so any such string is some key (a wrong one at worst).
+bool KeyArg(napi_env env, napi_value v, uint8_t* key) {
+  size_t copied = 0;
+  return napi_get_value_string_latin1(env, v, reinterpret_cast<char*>(key), kKey + 2, &copied) == napi_ok &&
+         copied == kKey;
+}
+
 // ---- AES-256-GCM ----------------------------------------------------------------------------
 
-class AesGcm : public Napi::ObjectWrap<AesGcm> {
- public:
-  static Napi::Function Init(Napi::Env env) {
-    return DefineClass(env, "AesGcm",
-                       {InstanceMethod<&AesGcm::SealInto>("sealInto"), InstanceMethod<&AesGcm::OpenInto>("openInto"),
-                        InstanceMethod<&AesGcm::Dispose>("dispose")});
-  }
+// A key is a string of 32 one-byte characters that JS holds (protocol/crypto/native.ts), the
+// smallest thing V8 keeps 32 bytes in: a connection's two keys cost less than two N-API objects
+// wrapping them did (docs/ARCHITECTURE.md, "Memory"). The addon keeps no object per key, so a
+// call finds its state without N-API's unwrap of `this` (a property look-up by private symbol:
+// ~2.4% of the gateway's CPU samples device to device, bench/RESULTS.md, "2026-12-04,
+// seventeenth session"). Each thread keeps, per direction, a table of kSlots OpenSSL contexts,
+// each loaded with one key; a key's slot is fixed by its first bytes (keys come from HKDF:
+// uniform). A frame under the key its slot holds only sets the IV; any other loads its key into
+// the slot first (the AES key schedule and the GHASH table). A context costs ~1.9 KiB of native
+// memory, so a table holds at most ~0.5 MiB per direction and thread, made as slots are first
+// used, whatever the number of connections.
+constexpr size_t kSlots = 256;
 
-  explicit AesGcm(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AesGcm>(info) {
-    uint8_t* key = nullptr;
-    size_t length = 0;
-    if (info.Length() < 1 || !Bytes(info.Env(), info[0], &key, &length, kKey)) {
-      Napi::RangeError::New(info.Env(), "AES-256-GCM key must be 32 bytes").ThrowAsJavaScriptException();
-      return;
-    }
-    std::memcpy(key_, key, kKey);
-  }
-
-  ~AesGcm() override { Free(); }
-
- private:
-  // One context per thread and direction and the id of the object whose key it holds (0: none).
-  // Never freed: two contexts per thread that loaded the addon, kept for its life.
-  struct Shared {
-    EVP_CIPHER_CTX* ctx;
-    uint64_t owner;
-  };
-
-  EVP_CIPHER_CTX* EncryptCtx() { return Load(tEncrypt, 1); }
-  EVP_CIPHER_CTX* DecryptCtx() { return Load(tDecrypt, 0); }
-
-  // The thread's context for one direction, holding this object's key.
-  EVP_CIPHER_CTX* Load(Shared& shared, int encrypt) {
-    if (shared.owner == id_) return shared.ctx;
-    shared.owner = 0;
-    if (!shared.ctx) {
-      shared.ctx = EVP_CIPHER_CTX_new();
-      if (!shared.ctx || EVP_CipherInit_ex(shared.ctx, EVP_aes_256_gcm(), nullptr, nullptr, nullptr, encrypt) != 1) {
-        EVP_CIPHER_CTX_free(shared.ctx);
-        shared.ctx = nullptr;
-        return nullptr;
-      }
-    }
-    if (EVP_CipherInit_ex(shared.ctx, nullptr, nullptr, key_, nullptr, encrypt) != 1) return nullptr;
-    shared.owner = id_;
-    return shared.ctx;
-  }
-
-  // A disposed key leaves no copy in a shared context: the context is loaded with zeros.
-  void Unload(Shared& shared, int encrypt) {
-    if (shared.owner != id_) return;
-    static const uint8_t zero[kKey] = {0};
-    EVP_CipherInit_ex(shared.ctx, nullptr, nullptr, zero, nullptr, encrypt);
-    shared.owner = 0;
-  }
-
-  // sealInto(out, offset, iv, plaintext) -> undefined. Writes iv ‖ ciphertext ‖ tag at `offset`
-  // of a caller-allocated buffer (JS allocates from Node's buffer pool, cheaper than a fresh
-  // native allocation per frame).
-  Napi::Value SealInto(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (disposed_) return Fail(env, "AES-GCM context disposed");
-    uint8_t* out = nullptr;
-    uint8_t* iv = nullptr;
-    uint8_t* plain = nullptr;
-    size_t cap = 0;
-    size_t ivLength = 0;
-    size_t n = 0;
-    if (info.Length() < 4 || !Bytes(env, info[0], &out, &cap) || !info[1].IsNumber() ||
-        !Bytes(env, info[2], &iv, &ivLength, kIv) || !Bytes(env, info[3], &plain, &n)) {
-      return Fail(env, "sealInto(out, offset, iv: 12 bytes, plaintext)");
-    }
-    int64_t offset = info[1].As<Napi::Number>().Int64Value();
-    if (offset < 0 || size_t(offset) > cap || cap - size_t(offset) < kIv + n + kTag) {
-      return Fail(env, "output buffer too small");
-    }
-    EVP_CIPHER_CTX* ctx = EncryptCtx();
-    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    uint8_t* p = out + offset;
-    std::memcpy(p, iv, kIv);
-    uint8_t* ct = p + kIv;
-    int len = 0;
-    int fin = 0;
-    if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p) != 1 ||
-        (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, plain, int(n)) != 1) ||
-        EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
-      return Fail(env, "AES-GCM encryption failed");
-    }
-    return env.Undefined();
-  }
-
-  // openInto(body, out) -> boolean. `out` holds exactly body.length - 28 bytes.
-  Napi::Value OpenInto(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (disposed_) return Fail(env, "AES-GCM context disposed");
-    uint8_t* body = nullptr;
-    uint8_t* out = nullptr;
-    size_t total = 0;
-    size_t outLength = 0;
-    if (info.Length() < 2 || !Bytes(env, info[0], &body, &total) || !Bytes(env, info[1], &out, &outLength)) {
-      return Fail(env, "openInto(body, out)");
-    }
-    if (total < kIv + kTag) return Napi::Boolean::New(env, false);
-    size_t n = total - kIv - kTag;
-    if (outLength != n) return Fail(env, "output buffer must be body.length - 28 bytes");
-    EVP_CIPHER_CTX* ctx = DecryptCtx();
-    if (!ctx) return Fail(env, "cannot create an AES-GCM context");
-    uint8_t tag[kTag];
-    std::memcpy(tag, body + kIv + n, kTag);
-    int len = 0;
-    int fin = 0;
-    bool ok = EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) == 1 &&
-              (n == 0 || EVP_DecryptUpdate(ctx, out, &len, body + kIv, int(n)) == 1) &&
-              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), tag) == 1 &&
-              EVP_DecryptFinal_ex(ctx, out + len, &fin) == 1;
-    return Napi::Boolean::New(env, ok);
-  }
-
-  Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    Free();
-    disposed_ = true;
-    return info.Env().Undefined();
-  }
-
-  void Free() {
-    Unload(tEncrypt, 1);
-    Unload(tDecrypt, 0);
-    OPENSSL_cleanse(key_, kKey);
-  }
-
-  static thread_local Shared tEncrypt;
-  static thread_local Shared tDecrypt;
-  static std::atomic<uint64_t> nextId;
-
-  uint8_t key_[kKey] = {0};
-  const uint64_t id_ = nextId.fetch_add(1, std::memory_order_relaxed);
-  bool disposed_ = false;
+struct Slot {
+  EVP_CIPHER_CTX* ctx;
+  bool loaded;
+  uint8_t key[kKey];
 };
 
-thread_local AesGcm::Shared AesGcm::tEncrypt = {nullptr, 0};
-thread_local AesGcm::Shared AesGcm::tDecrypt = {nullptr, 0};
-std::atomic<uint64_t> AesGcm::nextId{1};
+// Per thread and direction, made on first use and never freed (only the threads that seal or
+// open have one: the main thread of a gateway or a client).
+thread_local Slot* tSlots[2] = {nullptr, nullptr};
+
+// Wipes a call's copy of its key when the call returns.
+struct Wiped {
+  uint8_t* key;
+  explicit Wiped(uint8_t* k) : key(k) {}
+  ~Wiped() { OPENSSL_cleanse(key, kKey + 2); }
+};
+
+// The context of `key` for a direction (1: encrypt, 0: decrypt), loaded with it; null when
+// OpenSSL cannot make one.
+EVP_CIPHER_CTX* ContextFor(const uint8_t* key, int encrypt) {
+  Slot*& table = tSlots[encrypt];
+  if (!table) {
+    table = new (std::nothrow) Slot[kSlots]();
+    if (!table) return nullptr;
+  }
+  uint64_t h;
+  std::memcpy(&h, key, sizeof h);
+  Slot& slot = table[h % kSlots];
+  if (slot.loaded && CRYPTO_memcmp(slot.key, key, kKey) == 0) return slot.ctx;
+  slot.loaded = false;
+  if (!slot.ctx) {
+    slot.ctx = EVP_CIPHER_CTX_new();
+    if (!slot.ctx || EVP_CipherInit_ex(slot.ctx, EVP_aes_256_gcm(), nullptr, nullptr, nullptr, encrypt) != 1) {
+      EVP_CIPHER_CTX_free(slot.ctx);
+      slot.ctx = nullptr;
+      return nullptr;
+    }
+  }
+  if (EVP_CipherInit_ex(slot.ctx, nullptr, nullptr, key, nullptr, encrypt) != 1) return nullptr;
+  std::memcpy(slot.key, key, kKey);
+  slot.loaded = true;
+  return slot.ctx;
+}
+
+// A forgotten key leaves no copy in this thread's tables: its slot is loaded with zeros.
+void Forget(const uint8_t* key, int encrypt) {
+  Slot* table = tSlots[encrypt];
+  if (!table) return;
+  uint64_t h;
+  std::memcpy(&h, key, sizeof h);
+  Slot& slot = table[h % kSlots];
+  if (!slot.loaded || CRYPTO_memcmp(slot.key, key, kKey) != 0) return;
+  static const uint8_t zero[kKey] = {0};
+  EVP_CipherInit_ex(slot.ctx, nullptr, nullptr, zero, nullptr, encrypt);
+  OPENSSL_cleanse(slot.key, kKey);
+  slot.loaded = false;
+}
+
+// aesGcmSeal(key, out, offset, iv, plaintext) -> undefined. Writes iv ‖ ciphertext ‖ tag at
+// `offset` of a caller-allocated buffer (JS allocates from Node's buffer pool, cheaper than a
+// fresh native allocation per frame).
+Napi::Value AesGcmSeal(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t key[kKey + 2];
+  uint8_t* out = nullptr;
+  uint8_t* iv = nullptr;
+  uint8_t* plain = nullptr;
+  size_t cap = 0;
+  size_t ivLength = 0;
+  size_t n = 0;
+  Wiped wiped(key);
+  if (info.Length() < 5 || !KeyArg(env, info[0], key) || !Bytes(env, info[1], &out, &cap) || !info[2].IsNumber() ||
+      !Bytes(env, info[3], &iv, &ivLength, kIv) || !Bytes(env, info[4], &plain, &n)) {
+    return Fail(env, "aesGcmSeal(key: 32 one-byte characters, out, offset, iv: 12 bytes, plaintext)");
+  }
+  int64_t offset = info[2].As<Napi::Number>().Int64Value();
+  if (offset < 0 || size_t(offset) > cap || cap - size_t(offset) < kIv + n + kTag) {
+    return Fail(env, "output buffer too small");
+  }
+  EVP_CIPHER_CTX* ctx = ContextFor(key, 1);
+  if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+  uint8_t* p = out + offset;
+  std::memcpy(p, iv, kIv);
+  uint8_t* ct = p + kIv;
+  int len = 0;
+  int fin = 0;
+  if (EVP_EncryptInit_ex(ctx, nullptr, nullptr, nullptr, p) != 1 ||
+      (n > 0 && EVP_EncryptUpdate(ctx, ct, &len, plain, int(n)) != 1) ||
+      EVP_EncryptFinal_ex(ctx, ct + len, &fin) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, int(kTag), ct + n) != 1) {
+    return Fail(env, "AES-GCM encryption failed");
+  }
+  return env.Undefined();
+}
+
+// aesGcmOpen(key, body, out) -> boolean. `out` holds exactly body.length - 28 bytes.
+Napi::Value AesGcmOpen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t key[kKey + 2];
+  uint8_t* body = nullptr;
+  uint8_t* out = nullptr;
+  size_t total = 0;
+  size_t outLength = 0;
+  Wiped wiped(key);
+  if (info.Length() < 3 || !KeyArg(env, info[0], key) || !Bytes(env, info[1], &body, &total) ||
+      !Bytes(env, info[2], &out, &outLength)) {
+    return Fail(env, "aesGcmOpen(key: 32 one-byte characters, body, out)");
+  }
+  if (total < kIv + kTag) return Napi::Boolean::New(env, false);
+  size_t n = total - kIv - kTag;
+  if (outLength != n) return Fail(env, "output buffer must be body.length - 28 bytes");
+  EVP_CIPHER_CTX* ctx = ContextFor(key, 0);
+  if (!ctx) return Fail(env, "cannot create an AES-GCM context");
+  uint8_t tag[kTag];
+  std::memcpy(tag, body + kIv + n, kTag);
+  int len = 0;
+  int fin = 0;
+  bool ok = EVP_DecryptInit_ex(ctx, nullptr, nullptr, nullptr, body) == 1 &&
+            (n == 0 || EVP_DecryptUpdate(ctx, out, &len, body + kIv, int(n)) == 1) &&
+            EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), tag) == 1 &&
+            EVP_DecryptFinal_ex(ctx, out + len, &fin) == 1;
+  return Napi::Boolean::New(env, ok);
+}
+
+// aesGcmForget(key) -> undefined: this thread's contexts keep no copy of the key.
+Napi::Value AesGcmForget(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint8_t key[kKey + 2];
+  Wiped wiped(key);
+  if (info.Length() < 1 || !KeyArg(env, info[0], key)) return Fail(env, "aesGcmForget(key: 32 one-byte characters)");
+  Forget(key, 1);
+  Forget(key, 0);
+  return env.Undefined();
+}
 
 // ---- X25519 ---------------------------------------------------------------------------------
 
@@ -319,7 +333,9 @@ Napi::Value Ed25519Verify(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  exports.Set("AesGcm", AesGcm::Init(env));
+  exports.Set("aesGcmSeal", Napi::Function::New(env, AesGcmSeal));
+  exports.Set("aesGcmOpen", Napi::Function::New(env, AesGcmOpen));
+  exports.Set("aesGcmForget", Napi::Function::New(env, AesGcmForget));
   exports.Set("Ed25519Key", Ed25519Key::Init(env));
   exports.Set("x25519KeyPair", Napi::Function::New(env, X25519KeyPair));
   exports.Set("x25519", Napi::Function::New(env, X25519));

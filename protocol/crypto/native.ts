@@ -1,6 +1,6 @@
 /**
- * The native crypto backend: the OpenSSL addon in native/ (AES-256-GCM with a context reused
- * per key, X25519 and Ed25519 on raw keys). HKDF and SHA-256 stay on node:crypto: once per
+ * The native crypto backend: the OpenSSL addon in native/ (AES-256-GCM on contexts the addon
+ * caches per thread, X25519 and Ed25519 on raw keys). HKDF and SHA-256 stay on node:crypto: once per
  * handshake, they cost microseconds. Loading never throws: a missing or broken addon is
  * reported, and selection falls back to node:crypto.
  */
@@ -10,14 +10,16 @@ import { nodeBackend } from './node.ts';
 
 export type NativeLoad = { backend: CryptoBackend } | { error: string };
 
-interface NativeAesGcm {
-  sealInto(out: Uint8Array, offset: number, iv: Uint8Array, plaintext: Uint8Array): void;
-  openInto(body: Uint8Array, out: Uint8Array): boolean;
-  dispose(): void;
-}
+/** An AES-256-GCM key as the addon takes it: its 32 bytes as a latin1 string. */
+type KeyString = string;
 
 export interface Addon {
-  AesGcm: new (key: Uint8Array) => NativeAesGcm;
+  /** Writes iv ‖ ciphertext ‖ tag at `offset` of `out`. */
+  aesGcmSeal(key: KeyString, out: Uint8Array, offset: number, iv: Uint8Array, plaintext: Uint8Array): void;
+  /** Opens iv ‖ ciphertext ‖ tag into `out` (body.length - 28 bytes); false if it does not authenticate. */
+  aesGcmOpen(key: KeyString, body: Uint8Array, out: Uint8Array): boolean;
+  /** Leaves no copy of the key in the addon's contexts (of the calling thread). */
+  aesGcmForget(key: KeyString): void;
   Ed25519Key: new (seed: Uint8Array) => { publicKey(): Buffer; sign(message: Uint8Array): Buffer };
   x25519KeyPair(privateKey?: Uint8Array): [Buffer, Buffer];
   x25519(privateKey: Uint8Array, peerPublicKey: Uint8Array): Buffer;
@@ -33,26 +35,46 @@ const ADDON_PATHS = [
 
 /**
  * Output buffers come from Node's pool (`Buffer.allocUnsafe`), which is cheaper than a native
- * allocation per frame; the addon writes into them (measured in bench/micro/crypto.ts).
+ * allocation per frame; the addon writes into them (measured in bench/micro/crypto.ts). The key
+ * goes with every call as a 32-character latin1 string, the smallest thing V8 holds 32 bytes in
+ * (48 bytes of heap): the addon keeps no object per key, only a bounded cache of OpenSSL
+ * contexts per thread (native/src/gw_crypto.cc; docs/ARCHITECTURE.md, "Memory"). `dispose`
+ * wipes the addon's copies; the string itself is immutable and goes with the next collection.
  */
 class NativeAead implements Aead {
-  constructor(private readonly ctx: NativeAesGcm) {}
+  private key: KeyString | null;
+
+  constructor(
+    private readonly addon: Addon,
+    key: Uint8Array,
+  ) {
+    if (!(key instanceof Uint8Array) || key.length !== 32)
+      throw new RangeError('AES-256-GCM key must be 32 bytes');
+    this.key = Buffer.from(key.buffer, key.byteOffset, key.length).toString('latin1');
+  }
 
   seal(iv: Uint8Array, plaintext: Uint8Array, headroom: number): Buffer {
+    const key = this.key;
+    if (key === null) throw new RangeError('AES-GCM context disposed');
     const out = Buffer.allocUnsafe(headroom + 28 + plaintext.length);
     if (headroom > 0) out.fill(0, 0, headroom);
-    this.ctx.sealInto(out, headroom, iv, plaintext);
+    this.addon.aesGcmSeal(key, out, headroom, iv, plaintext);
     return out;
   }
 
   open(body: Uint8Array): Buffer | null {
+    const key = this.key;
+    if (key === null) throw new RangeError('AES-GCM context disposed');
     if (body.length < 28) return null;
     const out = Buffer.allocUnsafe(body.length - 28);
-    return this.ctx.openInto(body, out) ? out : null;
+    return this.addon.aesGcmOpen(key, body, out) ? out : null;
   }
 
   dispose(): void {
-    this.ctx.dispose();
+    const key = this.key;
+    if (key === null) return;
+    this.key = null;
+    this.addon.aesGcmForget(key);
   }
 }
 
@@ -76,7 +98,7 @@ export function loadNativeBackend(): NativeLoad {
   const native = loaded.addon;
   const backend: CryptoBackend = {
     name: 'native',
-    aead: (key) => new NativeAead(new native.AesGcm(key)),
+    aead: (key) => new NativeAead(native, key),
     x25519KeyPair(privateKey?: Uint8Array): X25519KeyPair {
       const [priv, pub] = native.x25519KeyPair(privateKey);
       return { privateKey: priv, publicKey: pub };

@@ -129,16 +129,33 @@ test('bad inputs are typed errors or false, never a crash', { skip }, () => {
   assert.equal(native!.ed25519Verify(randomBytes(32), Buffer.alloc(1), Buffer.alloc(63)), false);
 });
 
-/** The addon's AES-GCM as the backend calls it, typed to take wrong arguments too. */
+/**
+ * The addon's AES-GCM as the backend calls it (the key passed with every call), typed to take
+ * wrong arguments too.
+ */
 interface RawAesGcm {
   sealInto(out: unknown, offset: unknown, iv: unknown, plaintext: unknown): void;
   openInto(body: unknown, out: unknown): boolean;
   dispose(): void;
 }
-const rawAesGcm = (key: Uint8Array): RawAesGcm => {
+type RawAddon = {
+  aesGcmSeal(...args: unknown[]): void;
+  aesGcmOpen(...args: unknown[]): boolean;
+  aesGcmForget(...args: unknown[]): void;
+};
+const rawAddon = (): RawAddon => {
   const loaded = loadAddon();
   if ('error' in loaded) throw new Error(loaded.error);
-  return new loaded.addon.AesGcm(key) as RawAesGcm;
+  return loaded.addon as unknown as RawAddon;
+};
+const rawAesGcm = (keyBytes: Uint8Array): RawAesGcm => {
+  const addon = rawAddon();
+  const key = Buffer.from(keyBytes).toString('latin1');
+  return {
+    sealInto: (...args: unknown[]) => addon.aesGcmSeal(key, ...args),
+    openInto: (...args: unknown[]) => addon.aesGcmOpen(key, ...args),
+    dispose: () => addon.aesGcmForget(key),
+  };
 };
 
 test('sealInto and openInto: views at any offset; anything else a RangeError', { skip }, () => {
@@ -190,6 +207,23 @@ test('sealInto and openInto: views at any offset; anything else a RangeError', {
     ['open out: a Uint16Array', () => a.openInto(body, new Uint16Array(50))],
     ['open out: one byte short', () => a.openInto(body, Buffer.alloc(99))],
   ];
+  const addon = rawAddon();
+  const sealArgs = [Buffer.alloc(160), 0, twelve, plain];
+  const keyString = key.toString('latin1');
+  bad.push(
+    ['key: 31 characters', () => addon.aesGcmSeal(keyString.slice(1), ...sealArgs)],
+    ['key: 33 characters', () => addon.aesGcmSeal(`${keyString}k`, ...sealArgs)],
+    ['key: 1,000 characters', () => addon.aesGcmSeal('k'.repeat(1000), ...sealArgs)],
+    ['key: its 32 bytes as a Buffer', () => addon.aesGcmSeal(key, ...sealArgs)],
+    ['key: a number', () => addon.aesGcmSeal(32, ...sealArgs)],
+    ['key: missing', () => addon.aesGcmSeal()],
+    ['open key: 31 characters', () => addon.aesGcmOpen(keyString.slice(1), body, Buffer.alloc(100))],
+    ['open key: an object', () => addon.aesGcmOpen({ length: 32 }, body, Buffer.alloc(100))],
+    ['forget key: 16 characters', () => addon.aesGcmForget('k'.repeat(16))],
+    ['forget key: missing', () => addon.aesGcmForget()],
+  );
+  // Characters past latin1 count by their low byte: some key, never a crash.
+  addon.aesGcmSeal('\u4e00'.repeat(32), ...sealArgs);
   for (const [what, call] of bad) assert.throws(call, RangeError, what);
   assert.equal(a.openInto(Buffer.alloc(27), Buffer.alloc(0)), false, 'shorter than iv and tag');
   const tampered = Buffer.from(body);
@@ -240,6 +274,39 @@ test('native contexts shared by many keys: interleaved seals and opens under dif
     ),
     { numRuns: 200 },
   );
+});
+
+test('native keys that share a context slot: interleaved seals and opens agree with node:crypto', {
+  skip,
+}, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  // A key's slot is fixed by its first 8 bytes (native/src/gw_crypto.cc): the same first bytes,
+  // or first bytes 256 apart (the table's size), land in one slot; each use evicts the other.
+  const base = randomBytes(32);
+  const sameHead = Buffer.from(base);
+  sameHead[31] ^= 0x80;
+  const farHead = Buffer.from(base);
+  farHead.writeBigUInt64LE((base.readBigUInt64LE(0) + 256n) & 0xffffffffffffffffn, 0);
+  const keys = [base, sameHead, farHead];
+  const natives = keys.map((k) => native!.aead(k));
+  const nodes = keys.map((k) => nodeBackend.aead(k));
+  for (let counter = 0; counter < 60; counter++) {
+    const i = counter % 3;
+    const plain = randomBytes(counter * 7);
+    const sealed = natives[i].seal(iv(counter), plain, 0);
+    assert.deepEqual(sealed, nodes[i].seal(iv(counter), plain, 0), `seal ${counter} under key ${i}`);
+    const next = (i + 1) % 3;
+    assert.equal(natives[next].open(sealed), null, `a frame of key ${i} does not open under key ${next}`);
+    assert.deepEqual(natives[i].open(sealed), plain, `open ${counter} under key ${i}`);
+    assert.deepEqual(nodes[i].open(natives[i].seal(iv(counter + 1000), plain, 0)), plain);
+  }
+  // Forgetting one key leaves the others working, and the same key in a new object too.
+  natives[0].dispose();
+  const again = native!.aead(base);
+  const frame = nodes[0].seal(iv(7), Buffer.from('after'), 0);
+  assert.deepEqual(again.open(frame), Buffer.from('after'));
+  assert.deepEqual(natives[1].open(nodes[1].seal(iv(8), Buffer.from('one'), 0)), Buffer.from('one'));
+  for (const a of [again, natives[1], natives[2]]) a.dispose();
 });
 
 test('a disposed native key refuses to seal or open, and the other keys carry on', { skip }, () => {
