@@ -74,6 +74,7 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
   );
   const directory: SessionDirectory = {
     userIdOf: (username) => userIds.of(username),
+    userIdKnown: (username) => userIds.known(username),
   };
   const outbox = new Outbox(redis, keys, {
     max: o.outboxMax ?? 1000,

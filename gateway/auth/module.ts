@@ -228,6 +228,7 @@ export async function createAuthModule(
 
   const directory: SessionDirectory = {
     userIdOf: (username) => service.userIdOf(username),
+    userIdKnown: (username) => service.userIdKnown(username),
   };
 
   const operations: AuthOperations = {

@@ -347,6 +347,11 @@ export class IdentityService {
     return this.userIds.of(username);
   }
 
+  /** The user id of a username already remembered, else undefined (UserIds.known). */
+  userIdKnown(username: string): string | undefined {
+    return this.userIds.known(username);
+  }
+
   private async queryUserId(username: string): Promise<string | null> {
     const r = await this.deps.pool.query('SELECT id FROM users WHERE lower(username) = lower($1)', [
       username,

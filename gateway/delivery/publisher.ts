@@ -65,6 +65,8 @@ export interface PublishOutcome {
 export interface SessionDirectory {
   /** The user id of a username, or null. */
   userIdOf(username: string): Promise<string | null>;
+  /** The user id of a username when it is known without a look-up, else undefined. */
+  userIdKnown?(username: string): string | undefined;
 }
 
 const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -173,8 +175,24 @@ export class Publisher {
     return input.qos === 0 ? { now: target } : { to: target };
   }
 
+  /**
+   * `recipientsFor` when it needs no look-up, with no promise: a target other than a username, or
+   * a username whose user id is remembered; else undefined (then `recipientsFor`). A direct
+   * message to a known name skips two promises this way (bench/RESULTS.md, "2026-12-04,
+   * seventeenth session").
+   */
+  recipientsKnown(target: Target, input: EventInput): Recipients | undefined {
+    if (!('username' in target)) return input.qos === 0 ? { now: target } : { to: target };
+    const user = this.directory.userIdKnown?.(target.username);
+    if (user === undefined) return undefined;
+    return input.qos === 0 ? { now: { user } } : { to: { user } };
+  }
+
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
-    return this.publishTo(await this.recipientsFor(target, input), input);
+    return this.publishTo(
+      this.recipientsKnown(target, input) ?? (await this.recipientsFor(target, input)),
+      input,
+    );
   }
 
   /** Publishes to what `recipientsFor` found: qos 0 sent now, qos 1 stored first. */
@@ -188,7 +206,7 @@ export class Publisher {
 
   /**
    * Publishes many events at once, each settling on its own (a target without a live session
-   * fails its item only). Only usernames are looked up first, concurrently;
+   * fails its item only). Only usernames not remembered are looked up first, concurrently;
    * then the qos-1 events go to the outbox in the given order as one batch with one promise
    * (Outbox.publishMany) rather than a chain per event, so they share script calls and events
    * to one session keep their order.
@@ -197,7 +215,7 @@ export class Publisher {
     items: { target: Target; event: EventInput }[],
   ): Promise<PromiseSettledResult<PublishOutcome>[]> {
     const out: PromiseSettledResult<PublishOutcome>[] = new Array(items.length);
-    const recipients = items.map(({ target, event }) => this.recipientsNow(target, event));
+    const recipients = items.map(({ target, event }) => this.recipientsKnown(target, event));
     const lookups: Promise<void>[] = [];
     items.forEach(({ target, event }, i) => {
       if (recipients[i]) return;

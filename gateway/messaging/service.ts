@@ -150,7 +150,9 @@ export class Messaging {
     // `.catch`: no extra promise per message).
     let outcome: PublishOutcome;
     try {
-      const recipients = await publisher.recipientsFor({ username: to }, input);
+      const target = { username: to };
+      const recipients =
+        publisher.recipientsKnown(target, input) ?? (await publisher.recipientsFor(target, input));
       outcome = await turn(() => delivery.publishTo(recipients, input));
     } catch (e) {
       throw isProtocolError(e) && e.code === 'not_found'

@@ -228,3 +228,17 @@ test('Redis gone: misses are asked of PostgreSQL every time, and remembered agai
     await ownRedis.remove();
   }
 });
+
+test('known: only a remembered user id, with no look-up, in any case of the name', async () => {
+  const d = directory('known');
+  assert.equal(d.ids.known('Alice'), undefined, 'not asked yet');
+  assert.equal(d.queries, 0, 'known() makes no query');
+  const id = await d.register('Alice');
+  assert.equal(d.ids.known('alice'), undefined, 'registered but not looked up yet');
+  assert.equal(await d.ids.of('ALICE'), id);
+  assert.equal(d.ids.known('alice'), id);
+  assert.equal(d.ids.known('Alice'), id);
+  assert.equal(await d.ids.of('Ghost'), null);
+  assert.equal(d.ids.known('Ghost'), undefined, 'a remembered miss is not a user id');
+  assert.equal(d.queries, 2);
+});
