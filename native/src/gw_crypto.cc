@@ -72,9 +72,24 @@ struct Slot {
   uint8_t key[kKey];
 };
 
-// Per thread and direction, made on first use and never freed (only the threads that seal or
-// open have one: the main thread of a gateway or a client).
+// Per thread and direction, made on first use (only the threads that seal or open have one: the
+// main thread of a gateway or a client, or a worker thread that runs a client), and freed when
+// the thread's Node environment ends (FreeTables, an environment cleanup hook): a worker that
+// exits leaves no contexts behind.
 thread_local Slot* tSlots[2] = {nullptr, nullptr};
+
+// Frees the calling thread's tables; each context's key schedule is wiped with it.
+void FreeTables(void*) {
+  for (Slot*& table : tSlots) {
+    if (!table) continue;
+    for (size_t i = 0; i < kSlots; i++) {
+      if (table[i].ctx) EVP_CIPHER_CTX_free(table[i].ctx);
+      OPENSSL_cleanse(table[i].key, kKey);
+    }
+    delete[] table;
+    table = nullptr;
+  }
+}
 
 // Wipes a call's copy of its key when the call returns.
 struct Wiped {
@@ -333,6 +348,10 @@ Napi::Value Ed25519Verify(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  // Init runs on the environment's own thread (the main thread, each worker), once per load of
+  // the addon: the hook is added once per thread (Node refuses the same hook twice).
+  static thread_local bool hooked = false;
+  if (!hooked && napi_add_env_cleanup_hook(env, FreeTables, nullptr) == napi_ok) hooked = true;
   exports.Set("aesGcmSeal", Napi::Function::New(env, AesGcmSeal));
   exports.Set("aesGcmOpen", Napi::Function::New(env, AesGcmOpen));
   exports.Set("aesGcmForget", Napi::Function::New(env, AesGcmForget));

@@ -6,6 +6,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import fc from 'fast-check';
 import { loadAddon, loadNativeBackend } from '../../protocol/crypto/native.ts';
 import {
@@ -15,6 +17,7 @@ import {
   ProtocolError,
   selectBackend,
 } from '../../protocol/index.ts';
+import { within } from '../helpers/deadline.ts';
 
 const loaded = loadNativeBackend();
 const native = 'backend' in loaded ? loaded.backend : null;
@@ -322,4 +325,59 @@ test('a disposed native key refuses to seal or open, and the other keys carry on
   assert.deepEqual(b.open(frame), Buffer.from('hello'));
   assert.deepEqual(nodeBackend.aead(kb).open(b.seal(iv(4), Buffer.from('again'), 0)), Buffer.from('again'));
   b.dispose();
+});
+
+test('worker threads seal and open on tables of their own, and leave none behind when they exit', {
+  skip,
+}, async () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  const addonPath = fileURLToPath(new URL('../../native/build/Release/gw_crypto.node', import.meta.url));
+  // Each worker fills its tables (600 keys: every slot of both directions) and checks its frames.
+  const code = `
+    const { workerData, parentPort } = require('node:worker_threads');
+    const { randomBytes, createCipheriv } = require('node:crypto');
+    const addon = require(workerData);
+    const iv = Buffer.alloc(12, 1);
+    const plain = randomBytes(100);
+    for (let k = 0; k < 600; k++) {
+      const raw = randomBytes(32);
+      const key = raw.toString('latin1');
+      const out = Buffer.alloc(128);
+      addon.aesGcmSeal(key, out, 0, iv, plain);
+      const c = createCipheriv('aes-256-gcm', raw, iv);
+      const expected = Buffer.concat([iv, c.update(plain), c.final(), c.getAuthTag()]);
+      if (!out.equals(expected)) throw new Error('seal differs from node:crypto under key ' + k);
+      const opened = Buffer.alloc(100);
+      if (!addon.aesGcmOpen(key, out, opened) || !opened.equals(plain)) throw new Error('open failed under key ' + k);
+    }
+    parentPort.postMessage('ok');
+  `;
+  const runWorker = async () => {
+    const w = new Worker(code, { eval: true, workerData: addonPath });
+    let ok = false;
+    w.on('message', (m) => {
+      ok = m === 'ok';
+    });
+    const exited = new Promise<void>((resolve, reject) => {
+      w.on('error', reject);
+      w.on('exit', (status) =>
+        ok && status === 0 ? resolve() : reject(new Error(`worker exited ${status}`)),
+      );
+    });
+    try {
+      await within('a worker thread sealing under 600 keys, then exiting', exited, 60_000);
+    } finally {
+      await w.terminate();
+    }
+  };
+  // Two at once, next to the main thread's own use of the addon.
+  const main = native!.aead(randomBytes(32));
+  await Promise.all([runWorker(), runWorker(), Promise.resolve(main.seal(iv(1), Buffer.from('main'), 0))]);
+  main.dispose();
+  for (let i = 0; i < 8; i++) await runWorker();
+  const settled = process.memoryUsage().rss;
+  for (let i = 0; i < 30; i++) await runWorker();
+  const grown = (process.memoryUsage().rss - settled) / 2 ** 20;
+  // A worker's tables hold ~0.6 MiB of contexts: 30 workers that left them would add ~18 MiB.
+  assert.ok(grown < 9, `RSS grew ${grown.toFixed(1)} MiB over 30 workers`);
 });
