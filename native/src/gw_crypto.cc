@@ -61,10 +61,10 @@ bool KeyArg(napi_env env, napi_value v, uint8_t* key) {
 // seventeenth session"). Each thread keeps, per direction, a table of kSlots OpenSSL contexts,
 // each loaded with one key; a key's slot is fixed by its first bytes (keys come from HKDF:
 // uniform; which slot a key uses, visible at most to a cache-timing observer on the same
-// machine, tells 8 of its 256 bits). A frame under the key its slot holds only sets the IV; any other loads its key into
-// the slot first (the AES key schedule and the GHASH table). A context costs ~1.9 KiB of native
-// memory, so a table holds at most ~0.5 MiB per direction and thread, made as slots are first
-// used, whatever the number of connections.
+// machine, tells 8 of its 256 bits). A frame under the key its slot holds only sets the IV; any
+// other loads its key into the slot first (the AES key schedule and the GHASH table). A context
+// costs ~1.9 KiB of native memory, so a table holds at most ~0.5 MiB per direction and thread,
+// made as slots are first used, whatever the number of connections.
 constexpr size_t kSlots = 256;
 
 struct Slot {
