@@ -482,6 +482,19 @@ type Made = { sys: System; close: () => Promise<void> };
 
 const padding = 'x'.repeat(Math.max(0, PAYLOAD_BYTES - 30));
 
+/**
+ * A row's set-up on a started gateway: a set-up that fails (a login refused, a room not joined)
+ * stops the gateway, which drops its keys and schema, before the bench fails.
+ */
+async function settingUp<T>(g: { stop(): Promise<unknown> }, setUp: () => Promise<T>): Promise<T> {
+  try {
+    return await setUp();
+  } catch (e) {
+    await g.stop().catch(() => {});
+    throw e;
+  }
+}
+
 async function startBenchGateway(processes = 1) {
   return startGateway({
     GW_PROCESSES: String(processes),
@@ -500,7 +513,7 @@ async function startBenchGateway(processes = 1) {
  */
 async function gatewayBackend(processes = 1): Promise<Made> {
   const g = await startBenchGateway(processes);
-  const { clients, names } = await loggedInDevices(deviceUrl(g), DEVICES, 'dev');
+  const { clients, names } = await settingUp(g, () => loggedInDevices(deviceUrl(g), DEVICES, 'dev'));
   const url = `http://127.0.0.1:${g.httpPort}/v1/events`;
   let batch: { item: unknown; resolve: () => void; reject: (e: unknown) => void }[] = [];
   const flush = async () => {
@@ -557,8 +570,10 @@ async function gatewayBackend(processes = 1): Promise<Made> {
 /** Device → device: `send` to a username, one sender connection per `loop % SENDERS`. */
 async function gatewayDirect(): Promise<Made> {
   const g = await startBenchGateway();
-  const rx = await loggedInDevices(deviceUrl(g), RECEIVERS, 'rx');
-  const tx = await loggedInDevices(deviceUrl(g), SENDERS, 'tx');
+  const [rx, tx] = await settingUp(g, async () => [
+    await loggedInDevices(deviceUrl(g), RECEIVERS, 'rx'),
+    await loggedInDevices(deviceUrl(g), SENDERS, 'tx'),
+  ]);
   const sys: System = {
     name: 'gateway',
     serverPid: g.proc.pid!,
@@ -593,11 +608,16 @@ async function gatewayDirect(): Promise<Made> {
  */
 async function gatewayRoom(): Promise<Made> {
   const g = await startBenchGateway();
-  const listeners = await loggedInDevices(deviceUrl(g), MEMBERS, 'rm');
-  const tx = await loggedInDevices(deviceUrl(g), SENDERS, 'rs');
   const room = `#bench-${Date.now().toString(36)}`;
+  const [listeners, tx] = await settingUp(g, async () => {
+    const made = [
+      await loggedInDevices(deviceUrl(g), MEMBERS, 'rm'),
+      await loggedInDevices(deviceUrl(g), SENDERS, 'rs'),
+    ];
+    for (const c of [...made[0].clients, ...made[1].clients]) await c.request('join', { room });
+    return made;
+  });
   const all = [...listeners.clients, ...tx.clients];
-  for (const c of all) await c.request('join', { room });
   const sys: System = {
     name: 'gateway',
     serverPid: g.proc.pid!,
@@ -733,24 +753,36 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   for (const make of PATHS.has('backend') ? [gatewayBackend, () => mosquitto(DEVICES, 1, QOS)] : []) {
     const { sys, close } = await make();
-    if (MODES.has('max')) rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
-    if (MODES.has('fixed')) rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
-    await close();
+    try {
+      if (MODES.has('max')) rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
+      if (MODES.has('fixed')) rows.push(await run(sys, BACKEND_SHORT, 'fixed', WINDOW));
+    } finally {
+      await close();
+    }
   }
   for (const n of PATHS.has('backend') && MODES.has('max') ? PROCESSES.filter((p) => p > 1) : []) {
     const { sys, close } = await gatewayBackend(n);
-    rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
-    await close();
+    try {
+      rows.push(await run(sys, BACKEND_SHORT, 'max', WINDOW));
+    } finally {
+      await close();
+    }
   }
   for (const make of PATHS.has('direct') ? [gatewayDirect, () => mosquitto(RECEIVERS, SENDERS)] : []) {
     const { sys, close } = await make();
-    rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
-    await close();
+    try {
+      rows.push(await run(sys, DIRECT_SHORT, 'max', SENDERS * SENDER_WINDOW));
+    } finally {
+      await close();
+    }
   }
   for (const make of PATHS.has('room') ? [gatewayRoom, () => mosquittoRoom(MEMBERS, SENDERS)] : []) {
     const { sys, close } = await make();
-    rows.push(await run(sys, ROOM_SHORT, 'max', SENDERS * SENDER_WINDOW));
-    await close();
+    try {
+      rows.push(await run(sys, ROOM_SHORT, 'max', SENDERS * SENDER_WINDOW));
+    } finally {
+      await close();
+    }
   }
   if (values.json) writeFileSync(String(values.json), JSON.stringify({ rows }));
   console.log(
