@@ -70,9 +70,25 @@ export async function measureProcesses(processes: number): Promise<ProcessesRow>
     GW_HEARTBEAT_MS: '60000',
     ...EXTRA_ENV,
   });
+  // Stopped whatever happens (a device that cannot log in, a run that fails): stopping drops the
+  // gateway's keys and schema.
+  const devices: GatewayClient[] = [];
+  try {
+    return await measureOn(g, processes, devices);
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+  }
+}
+
+/** The row's load and measurement on a started gateway (`devices`: those it connected). */
+async function measureOn(
+  g: Awaited<ReturnType<typeof startGateway>>,
+  processes: number,
+  devices: GatewayClient[],
+): Promise<ProcessesRow> {
   const pids = [g.proc.pid!];
   for (const l of g.logs) if (l.msg === 'gateway process ready') pids.push(l.pid as number);
-  const devices: GatewayClient[] = [];
   const ids: string[] = [];
   const perNode = new Map<string, number>();
   const h = hdr.build({
@@ -144,8 +160,6 @@ export async function measureProcesses(processes: number): Promise<ProcessesRow>
   stop = true;
   await Promise.all(loops);
   done();
-  for (const c of devices) c.destroy();
-  await g.stop();
   const delivered = received / elapsed;
   return {
     processes,
