@@ -53,10 +53,6 @@ export class UserIds {
   ) {}
 
   /**
-   * The user id of a username, or null; PostgreSQL is asked once per name and TTL, and once
-   * per name and registration for a name not found.
-   */
-  /**
    * The user id of a username already remembered, else undefined (not found, or not asked
    * yet): what a `send` to a known name uses, with no promise (`of` for the rest).
    */
@@ -64,6 +60,10 @@ export class UserIds {
     return this.cache.get(username.toLowerCase());
   }
 
+  /**
+   * The user id of a username, or null; PostgreSQL is asked once per name and TTL, and once
+   * per name and registration for a name not found.
+   */
   of(username: string): Promise<string | null> {
     const key = username.toLowerCase();
     const hit = this.cache.get(key);

@@ -123,6 +123,11 @@ function storedEvent(input: EventInput, now: number): StoredEvent {
   return event;
 }
 
+/** Where an event for `to` goes: sent now (qos 0) or stored first (qos 1). */
+function addressed(to: Fanout, input: EventInput): Recipients {
+  return input.qos === 0 ? { now: to } : { to };
+}
+
 /** A qos-1 event's outbox entry. */
 function entry(to: Fanout, event: StoredEvent, input: EventInput, now: number): PublishEntry {
   return {
@@ -162,17 +167,11 @@ export class Publisher {
    * id (remembered, user-ids.ts).
    */
   async recipientsFor(target: Target, input: EventInput): Promise<Recipients> {
-    const now = this.recipientsNow(target, input);
-    if (now) return now;
+    const known = this.recipientsKnown(target, input);
+    if (known) return known;
     const user = await this.directory.userIdOf((target as { username: string }).username);
     if (!user) throw new ProtocolError('not_found', 'the target has no live session');
-    return input.qos === 0 ? { now: { user } } : { to: { user } };
-  }
-
-  /** `recipientsFor` when it needs no look-up (a target other than a username), else undefined. */
-  private recipientsNow(target: Target, input: EventInput): Recipients | undefined {
-    if ('username' in target) return undefined;
-    return input.qos === 0 ? { now: target } : { to: target };
+    return addressed({ user }, input);
   }
 
   /**
@@ -182,10 +181,9 @@ export class Publisher {
    * seventeenth session").
    */
   recipientsKnown(target: Target, input: EventInput): Recipients | undefined {
-    if (!('username' in target)) return input.qos === 0 ? { now: target } : { to: target };
+    if (!('username' in target)) return addressed(target, input);
     const user = this.directory.userIdKnown?.(target.username);
-    if (user === undefined) return undefined;
-    return input.qos === 0 ? { now: { user } } : { to: { user } };
+    return user === undefined ? undefined : addressed({ user }, input);
   }
 
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {

@@ -99,6 +99,13 @@ struct Wiped {
   ~Wiped() { OPENSSL_cleanse(key, kKey + 2); }
 };
 
+// The slot of `key` in a table: by its first 8 bytes.
+Slot& SlotOf(Slot* table, const uint8_t* key) {
+  uint64_t h;
+  std::memcpy(&h, key, sizeof h);
+  return table[h % kSlots];
+}
+
 // The context of `key` for a direction (1: encrypt, 0: decrypt), loaded with it; null when
 // OpenSSL cannot make one.
 EVP_CIPHER_CTX* ContextFor(const uint8_t* key, int encrypt) {
@@ -107,9 +114,7 @@ EVP_CIPHER_CTX* ContextFor(const uint8_t* key, int encrypt) {
     table = new (std::nothrow) Slot[kSlots]();
     if (!table) return nullptr;
   }
-  uint64_t h;
-  std::memcpy(&h, key, sizeof h);
-  Slot& slot = table[h % kSlots];
+  Slot& slot = SlotOf(table, key);
   if (slot.loaded && CRYPTO_memcmp(slot.key, key, kKey) == 0) return slot.ctx;
   slot.loaded = false;
   if (!slot.ctx) {
@@ -130,9 +135,7 @@ EVP_CIPHER_CTX* ContextFor(const uint8_t* key, int encrypt) {
 void Forget(const uint8_t* key, int encrypt) {
   Slot* table = tSlots[encrypt];
   if (!table) return;
-  uint64_t h;
-  std::memcpy(&h, key, sizeof h);
-  Slot& slot = table[h % kSlots];
+  Slot& slot = SlotOf(table, key);
   if (!slot.loaded || CRYPTO_memcmp(slot.key, key, kKey) != 0) return;
   static const uint8_t zero[kKey] = {0};
   EVP_CipherInit_ex(slot.ctx, nullptr, nullptr, zero, nullptr, encrypt);
