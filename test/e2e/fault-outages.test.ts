@@ -340,11 +340,6 @@ test("an operator's kick with Redis stopped or frozen: 503 overloaded with Retry
 const subscriberUp = async () =>
   (await scrapeMetrics(gw.metricsPort)).value('gateway_dependency_up{dependency="redis_subscriber"}');
 
-/**
- * Cuts the gateway's subscriber connection off while Redis keeps answering its other ones: a
- * client of this test's own holds Redis's last free connection, so the subscriber cannot come
- * back until the returned function raises maxclients again. Resolves once the gateway says so.
- */
 /** Waits until gateway_dependency_up{redis_subscriber} reads `value`, or the deadline `end`. */
 async function untilSubscriber(value: 0 | 1, end = Date.now() + DEADLINE_MS): Promise<void> {
   while ((await subscriberUp()) !== value) {
@@ -366,6 +361,16 @@ async function joinWhenBack(c: GatewayClient, room: string, end: number): Promis
   }
 }
 
+/**
+ * Cuts the gateway's subscriber connection off while Redis keeps answering its other ones:
+ * maxclients goes down to 1, far below the connections open (Redis keeps those), so no new
+ * connection is taken and the subscriber cannot come back until the returned function raises
+ * maxclients again, whatever other clients do meanwhile. (With maxclients at the connections
+ * open less the subscriber's, any other client that closed a connection, a test's or a BullMQ
+ * worker's that resets its blocking connection, freed a place the subscriber could take: a
+ * publish then found it subscribed, seen once beside other suites.) Resolves once the gateway
+ * says the subscriber is down.
+ */
 async function cutSubscriberOff(): Promise<() => Promise<void>> {
   assert.equal(await subscriberUp(), 1);
   // Its commands fail after the deadline rather than wait on a Redis that does not answer.
@@ -375,10 +380,7 @@ async function cutSubscriberOff(): Promise<() => Promise<void>> {
     admin.disconnect();
   };
   try {
-    const clients = String(await within('CLIENT LIST', admin.client('LIST')))
-      .trim()
-      .split('\n').length;
-    await within('maxclients lowered', admin.config('SET', 'maxclients', String(clients - 1)));
+    await within('maxclients lowered', admin.config('SET', 'maxclients', '1'));
     assert.equal(
       await within('CLIENT KILL TYPE pubsub', admin.call('CLIENT', 'KILL', 'TYPE', 'pubsub')),
       1,
