@@ -138,6 +138,7 @@ export async function startNode(
       retryBaseMs: config.retryBaseMs,
       retryMaxMs: config.retryMaxMs,
       sessionTtlSeconds: config.sessionTtlSeconds,
+      workerCheckMs: config.workerCheckMs,
     },
   });
   const rooms = new Rooms({
@@ -164,6 +165,7 @@ export async function startNode(
     options: {
       staleMs: config.presenceStaleMs,
       sweepIntervalMs: config.sweepIntervalMs,
+      workerCheckMs: config.workerCheckMs,
       sessionTtlSeconds: config.sessionTtlSeconds,
     },
   });

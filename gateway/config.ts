@@ -263,6 +263,12 @@ const SETTINGS = {
     'Interval of the cluster-wide sweep (stale presence, expired events), run by one node each time.',
     int(100).default(5000),
   ),
+  workerCheckMs: setting(
+    'GW_WORKER_CHECK_MS',
+    '15000',
+    'How often a node checks that each of its BullMQ workers (sweep, retries, `gw-publish`) takes its jobs: a worker that left a job due more than this long untaken at two checks in a row, with a free slot and no job started in between, is closed and replaced (logged, `gateway_queue_worker_restarts_total`).',
+    int(100).default(15000),
+  ),
   sessionTtlSeconds: setting(
     'SESSION_TTL',
     '86400',

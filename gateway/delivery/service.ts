@@ -10,7 +10,7 @@
  * dead-letter queue and reports `delivery.failed`. The outbox lives in Redis, so a node that
  * dies loses nothing: the device resumes elsewhere and its outbox is redelivered from the start.
  */
-import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import { type Job, Queue, UnrecoverableError } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { isProtocolError, packEvent, unpack } from '../../protocol/index.ts';
@@ -23,6 +23,7 @@ import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape } from '../metrics.ts';
+import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 import { InflightWindow } from './inflight.ts';
 import {
   type AckPumpRequest,
@@ -63,6 +64,8 @@ export interface DeliveryOptions {
   retryMaxMs: number;
   /** TTL of a session's outbox and node keys (s). */
   sessionTtlSeconds: number;
+  /** How often the retry and `gw-publish` workers are checked for taking their jobs (GW_WORKER_CHECK_MS). */
+  workerCheckMs: number;
 }
 
 interface Inflight {
@@ -188,8 +191,8 @@ export class DeliveryService {
   private readonly retryQueue: Queue;
   private readonly deadLetters: Queue;
   private readonly publishQueue: Queue;
-  private retryWorker: Worker | undefined;
-  private publishWorker: Worker | undefined;
+  private retryWorker: GuardedWorker | undefined;
+  private publishWorker: GuardedWorker | undefined;
   private readonly metrics: {
     strayAcks: Counter;
     retried: Counter;
@@ -379,22 +382,25 @@ export class DeliveryService {
     this.deps.outbox.direct = direct;
     await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
     await bus.subscribe(keys.forwardChannel(gateway.nodeId), (m) => this.onForward(m));
-    const connection = this.deps.bullConnection;
-    this.retryWorker = new Worker(QueueName.retry, (job) => this.processRetry(job), {
-      connection,
-      prefix: keys.bullPrefix,
-      concurrency: 50,
-      runRetryDelay: WORKER_RETRY_MS,
-    });
-    this.publishWorker = new Worker(QueueName.publish, (job) => this.processPublishJob(job), {
-      connection,
-      prefix: keys.bullPrefix,
-      concurrency: 50,
-      runRetryDelay: WORKER_RETRY_MS,
-    });
-    for (const w of [this.retryWorker, this.publishWorker]) {
-      w.on('error', (e) => logFailure(this.deps.log, e, { queue: w.name }, 'queue worker error'));
-    }
+    const guarded = (queue: Queue, processor: (job: Job) => Promise<unknown>) => {
+      const w = new GuardedWorker({
+        queue,
+        processor,
+        worker: {
+          connection: this.deps.bullConnection,
+          prefix: keys.bullPrefix,
+          concurrency: 50,
+          runRetryDelay: WORKER_RETRY_MS,
+        },
+        checkMs: this.deps.options.workerCheckMs,
+        log: this.deps.log,
+        restarts: workerRestarts(this.deps.registry),
+      });
+      gateway.onSweep((now) => w.tick(now));
+      return w;
+    };
+    this.retryWorker = guarded(this.retryQueue, (job) => this.processRetry(job));
+    this.publishWorker = guarded(this.publishQueue, (job) => this.processPublishJob(job));
   }
 
   async close(): Promise<void> {

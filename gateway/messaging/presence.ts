@@ -5,15 +5,15 @@
  * cluster-wide sweep (exactly one node per interval) that removes the sessions of nodes that
  * stopped beating, and reports events whose ttl passed while their device was offline.
  */
-import { type Job, Queue, Worker } from 'bullmq';
+import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { Counter } from 'prom-client';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 
 export interface PresenceRecord {
   node: string;
@@ -30,6 +30,8 @@ export interface PresenceOptions {
   staleMs: number;
   /** Interval of the cluster-wide sweep (GW_SWEEP_INTERVAL_MS). */
   sweepIntervalMs: number;
+  /** How often the sweep's worker is checked for taking its jobs (GW_WORKER_CHECK_MS). */
+  workerCheckMs: number;
   sessionTtlSeconds: number;
 }
 
@@ -40,19 +42,6 @@ export interface SweepTargets {
   /** Reports and removes expired events (`sid|eid` members of the expiries set). */
   expire(members: string[]): Promise<void>;
 }
-
-/**
- * When a sweep job is due (ms). A job scheduler's job is named for it (`repeat:<scheduler
- * id>:<ms>`); its timestamp is not (setting the schedule again moves a waiting job's timestamp to
- * the time of the call). Anything else: its timestamp and delay.
- */
-function dueAt(job: Job): number {
-  const named = Number(/:(\d+)$/.exec(job.id ?? '')?.[1]);
-  return Number.isFinite(named) ? named : job.timestamp + (job.delay ?? 0);
-}
-
-/** How long a shutdown waits for replaced maintenance workers to close (checkWorker). */
-const RETIRING_WAIT_MS = 2000;
 
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
@@ -85,17 +74,8 @@ export class Presence {
   private closing = false;
   /** A re-set of the sweep's schedule is out (reschedule). */
   private scheduling = false;
-  /** A check of the worker is out (checkWorker). */
-  private checking = false;
-  /** A sweep runs on this node: its worker takes no other job meanwhile (concurrency 1). */
-  private sweeping = false;
-  /** The sweep job the last check found late (checkWorker). */
-  private lateJob: string | undefined;
-  /** Closes of workers replaced by checkWorker, awaited (bounded) at shutdown. */
-  private readonly retiring = new Set<Promise<void>>();
-  private readonly restarts: Counter;
   private readonly queue: Queue;
-  private worker: Worker | undefined;
+  private worker: GuardedWorker | undefined;
   private targets: SweepTargets | undefined;
 
   constructor(
@@ -117,11 +97,6 @@ export class Presence {
       defaultJobOptions: { removeOnComplete: 100, removeOnFail: 1000 },
     });
     logQueueErrors(this.queue, deps.log);
-    this.restarts = new Counter({
-      name: 'gateway_sweep_worker_restarts_total',
-      help: 'Times this node replaced its maintenance worker because a sweep job was late and not taken while the node ran no sweep (BullMQ worker stalled).',
-      registers: [deps.gateway.metrics],
-    });
   }
 
   async start(targets: SweepTargets): Promise<void> {
@@ -141,81 +116,26 @@ export class Presence {
     this.beatTimer = setInterval(
       () => {
         this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
-        // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again, and
-        // this node's worker is checked.
-        if (++beats % 5 === 0) {
-          this.reschedule();
-          this.checkWorkerOnce();
-        }
+        // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again.
+        if (++beats % 5 === 0) this.reschedule();
       },
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
     await this.schedule();
-    this.worker = this.startWorker();
-  }
-
-  private startWorker(): Worker {
-    const worker = new Worker(QueueName.maintenance, (job) => this.sweep(job), {
-      connection: this.deps.bullConnection,
-      prefix: this.deps.keys.bullPrefix,
-      runRetryDelay: WORKER_RETRY_MS,
+    const worker = new GuardedWorker({
+      queue: this.queue,
+      processor: (job) => this.sweep(job),
+      worker: {
+        connection: this.deps.bullConnection,
+        prefix: this.deps.keys.bullPrefix,
+        runRetryDelay: WORKER_RETRY_MS,
+      },
+      checkMs: options.workerCheckMs,
+      log: this.deps.log,
+      restarts: workerRestarts(gateway.metrics),
     });
-    worker.on('error', (e) => logFailure(this.deps.log, e, {}, 'maintenance worker error'));
-    worker.on('failed', (job, e) =>
-      logFailure(this.deps.log, e, { job: job?.id }, 'sweep failed; the next one runs at its time'),
-    );
-    return worker;
-  }
-
-  /** Checks the worker unless the last check is still out (Redis away: it waits in BullMQ's connection). */
-  private checkWorkerOnce(): void {
-    if (this.checking) return;
-    this.checking = true;
-    this.checkWorker()
-      .catch((e) => {
-        if (!this.closing) logFailure(this.deps.log, e, {}, 'maintenance worker check failed');
-      })
-      .finally(() => {
-        this.checking = false;
-      });
-  }
-
-  /**
-   * Replaces this node's maintenance worker when a sweep job due for more than a stale time is
-   * still waiting at the next check (one stale time later) while this node runs no sweep. A
-   * BullMQ worker can stop fetching after Redis comes back and never start again: once, after a
-   * Redis restart that lost everything, a sweep job waited in `wait` with its marker set while
-   * the worker sat idle (no job active) for over 15 s, and nothing else swept. BullMQ leaves
-   * reconnection to ioredis, and its maintainers' advice for a worker that does not come back is
-   * to close it and make a new one, which is what this does (logged, and counted in
-   * `gateway_sweep_worker_restarts_total`). A worker that fetches takes a due job within
-   * milliseconds; one busy with a long sweep on this node is left alone, and a late job that
-   * another node's worker takes meanwhile is not late at the next check.
-   */
-  private async checkWorker(): Promise<void> {
-    const { staleMs } = this.deps.options;
-    const jobs = await this.queue.getJobs(['wait', 'delayed'], 0, 0, true);
-    const now = Date.now();
-    const late = jobs.find((j) => dueAt(j) < now - staleMs);
-    const before = this.lateJob;
-    this.lateJob = late?.id;
-    if (!late || late.id !== before || this.sweeping || this.closing) return;
-    this.lateJob = undefined;
-    this.deps.log.warn(
-      { job: late.id, lateMs: now - dueAt(late) },
-      'a sweep job is late and this node runs no sweep: maintenance worker replaced',
-    );
-    this.restarts.inc();
-    const old = this.worker;
-    this.worker = this.startWorker();
-    if (!old) return;
-    // Not awaited: a stalled worker's close may wait on what stalled it.
-    const closing = old.close(true).then(
-      () => {},
-      (e) => logFailure(this.deps.log, e, {}, 'closing the replaced maintenance worker failed'),
-    );
-    this.retiring.add(closing);
-    void closing.finally(() => this.retiring.delete(closing));
+    this.worker = worker;
+    gateway.onSweep((now) => worker.tick(now));
   }
 
   /**
@@ -259,15 +179,6 @@ export class Presence {
     this.closing = true;
     if (this.beatTimer) clearInterval(this.beatTimer);
     await this.worker?.close();
-    // Replaced workers still closing: waited for a while, not for ever (see checkWorker).
-    let bound: NodeJS.Timeout | undefined;
-    await Promise.race([
-      Promise.allSettled(this.retiring),
-      new Promise((r) => {
-        bound = setTimeout(r, RETIRING_WAIT_MS);
-      }),
-    ]);
-    clearTimeout(bound);
     await this.queue.close();
     const { redis, keys, gateway } = this.deps;
     await redis.zrem(keys.nodes, gateway.nodeId);
@@ -331,11 +242,11 @@ export class Presence {
 
   /** The cluster-wide sweep; BullMQ runs each scheduled job on exactly one node. */
   private async sweep(job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
-    this.sweeping = true;
     try {
       return await this.sweepOnce(job);
-    } finally {
-      this.sweeping = false;
+    } catch (e) {
+      logFailure(this.deps.log, e, { job: job.id }, 'sweep failed; the next one runs at its time');
+      throw e;
     }
   }
 

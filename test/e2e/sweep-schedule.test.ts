@@ -6,7 +6,9 @@
  * pending sweep jobs are deleted from Redis directly (that state), then a dead node is planted:
  * the gateway must sweep it. The second test takes Redis away while the schedule is being set
  * again (the call waits in BullMQ's connection, and no second one is queued behind it), and
- * brings it back empty (no persistence: everything BullMQ had is gone).
+ * brings it back empty (no persistence: everything BullMQ had is gone). Once, in CI, the worker
+ * then took no job at all: the gateway replaces such a worker (gateway/worker-guard.ts, checked
+ * here every 1.5 s; test/gateway/worker-guard.test.ts makes one on purpose).
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -97,6 +99,8 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
     GW_LOG_LEVEL: 'debug',
     GW_SWEEP_INTERVAL_MS: '300',
     GW_PRESENCE_STALE_MS: '1500',
+    // A worker that takes no job after the restart (seen once) is replaced within the deadline.
+    GW_WORKER_CHECK_MS: '1500',
   });
   // What the gateway prints outside its log: nothing, even while Redis is away (BullMQ prints a
   // queue's connection errors with console.error unless the queue has a listener).

@@ -1,0 +1,155 @@
+/**
+ * A BullMQ worker that is replaced when it stops taking jobs (docs/ARCHITECTURE.md, "Workers
+ * that stop taking jobs"). Once, after a Redis restart that lost everything, the sweep's worker
+ * sat idle (no job active) for over 15 s while its job waited in `wait` with the queue's marker
+ * set, and nothing else took it. BullMQ leaves reconnection to ioredis, and its maintainers'
+ * advice for a worker that does not come back is to close it and make a new one. A guard checks
+ * at most once per `checkMs` (from the gateway's sweep): the oldest job in `wait` and in
+ * `delayed`; one due more than `checkMs` ago that is still the one found at the next check, with
+ * no job started by this worker in between and a free slot at both checks, makes it close the
+ * worker (not awaited: a stalled worker's close may wait on what stalled it) and start a new one.
+ * A worker that fetches takes a due job within milliseconds (another node's worker otherwise),
+ * and one whose slots are all busy is left alone.
+ */
+import { type Job, type Queue, Worker, type WorkerOptions } from 'bullmq';
+import { Counter, type Registry } from 'prom-client';
+import { logFailure } from './faults.ts';
+import type { Logger } from './log.ts';
+
+/** How long a shutdown waits for replaced workers to close. */
+const RETIRING_WAIT_MS = 2000;
+
+/**
+ * When a job is due (ms). A job scheduler's job is named for it (`repeat:<scheduler id>:<ms>`);
+ * its timestamp is not (setting the schedule again moves a waiting job's timestamp to the time of
+ * the call). Anything else: its timestamp and delay.
+ */
+export function dueAt(job: Job): number {
+  const named = job.id?.startsWith('repeat:') ? Number(/:(\d+)$/.exec(job.id)?.[1]) : Number.NaN;
+  return Number.isFinite(named) ? named : job.timestamp + (job.delay ?? 0);
+}
+
+const RESTARTS = 'gateway_queue_worker_restarts_total';
+
+/** The registry's counter of replaced workers (made at the first call; services share it). */
+export function workerRestarts(registry: Registry): Counter<'queue'> {
+  return (
+    (registry.getSingleMetric(RESTARTS) as Counter<'queue'> | undefined) ??
+    new Counter({
+      name: RESTARTS,
+      help: 'BullMQ workers this process replaced because a job was late at two checks in a row while the worker had a free slot and started no job (GW_WORKER_CHECK_MS).',
+      labelNames: ['queue'],
+      registers: [registry],
+    })
+  );
+}
+
+export interface GuardedWorkerOptions {
+  /** The queue the worker takes jobs from (read for its oldest jobs). */
+  queue: Queue;
+  processor: (job: Job) => Promise<unknown>;
+  /** BullMQ's worker options; `concurrency` defaults to 1, as BullMQ's. */
+  worker: WorkerOptions;
+  /** At most one check per this many ms; a job late by more than this at two checks is not taken. */
+  checkMs: number;
+  log: Logger;
+  /** Counts replacements, labelled with the queue's name. */
+  restarts: Counter<'queue'>;
+}
+
+export class GuardedWorker {
+  private current: Worker;
+  /** Jobs in the processor now, and started ever (this guard's workers). */
+  private running = 0;
+  private started = 0;
+  /** The late job the last check found, and what the worker had done by then. */
+  private last: { job: string; started: number } | undefined;
+  private lastCheckAt = 0;
+  private checking = false;
+  private closing = false;
+  private readonly retiring = new Set<Promise<void>>();
+  private readonly concurrency: number;
+
+  constructor(private readonly o: GuardedWorkerOptions) {
+    this.concurrency = o.worker.concurrency ?? 1;
+    this.current = this.start();
+  }
+
+  get name(): string {
+    return this.o.queue.name;
+  }
+
+  /** The worker now (a replaced one is closed). */
+  get worker(): Worker {
+    return this.current;
+  }
+
+  /** Called from the gateway's sweep: checks once per `checkMs`, one check out at a time. */
+  tick(nowMs: number): void {
+    if (this.checking || this.closing || nowMs - this.lastCheckAt < this.o.checkMs) return;
+    this.lastCheckAt = nowMs;
+    this.checking = true;
+    this.check()
+      .catch((e) => {
+        if (!this.closing) logFailure(this.o.log, e, { queue: this.name }, 'queue worker check failed');
+      })
+      .finally(() => {
+        this.checking = false;
+      });
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    await this.current.close();
+    let bound: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.allSettled(this.retiring),
+      new Promise((r) => {
+        bound = setTimeout(r, RETIRING_WAIT_MS);
+      }),
+    ]);
+    clearTimeout(bound);
+  }
+
+  private start(): Worker {
+    const w = new Worker(this.o.queue.name, (job) => this.run(job), this.o.worker);
+    w.on('error', (e) => logFailure(this.o.log, e, { queue: this.name }, 'queue worker error'));
+    return w;
+  }
+
+  private async run(job: Job): Promise<unknown> {
+    this.running++;
+    this.started++;
+    try {
+      return await this.o.processor(job);
+    } finally {
+      this.running--;
+    }
+  }
+
+  private async check(): Promise<void> {
+    const full = this.running >= this.concurrency;
+    const jobs = await this.o.queue.getJobs(['wait', 'delayed'], 0, 0, true);
+    const now = Date.now();
+    const late = jobs.find((j) => dueAt(j) < now - this.o.checkMs);
+    const before = this.last;
+    this.last = late?.id && !full ? { job: late.id, started: this.started } : undefined;
+    if (!late || !before || this.closing) return;
+    if (before.job !== late.id || before.started !== this.started || full) return;
+    if (this.running >= this.concurrency) return;
+    this.last = undefined;
+    this.o.log.warn(
+      { queue: this.name, job: late.id, lateMs: now - dueAt(late) },
+      'a job is late and the queue worker takes none: worker replaced',
+    );
+    this.o.restarts.inc({ queue: this.name });
+    const old = this.current;
+    this.current = this.start();
+    const closing = old.close(true).then(
+      () => {},
+      (e) => logFailure(this.o.log, e, { queue: this.name }, 'closing a replaced queue worker failed'),
+    );
+    this.retiring.add(closing);
+    void closing.finally(() => this.retiring.delete(closing));
+  }
+}

@@ -1,0 +1,232 @@
+/**
+ * BullMQ workers are replaced when they stop taking jobs (gateway/worker-guard.ts). A worker
+ * that stalled after a Redis restart was seen once and could not be brought about on purpose
+ * since, so a worker that no longer fetches is made here with BullMQ's own `pause`: without the
+ * guard, its jobs are never taken. A worker whose slots are all busy takes no job either,
+ * rightly, and is left alone. The sweep's worker runs inside Presence, in this process, with a
+ * stand-in for the gateway (what Presence reads of it, and a sweep timer) and sweep targets the
+ * test controls; a plain guarded worker stands for the retry and `gw-publish` workers. All
+ * against the shared Redis, under prefixes of this test's own.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { Writable } from 'node:stream';
+import { after, test } from 'node:test';
+import { type Job, Queue } from 'bullmq';
+import { Redis } from 'ioredis';
+import { Registry } from 'prom-client';
+import { SessionBinding } from '../../gateway/binding.ts';
+import type { Gateway } from '../../gateway/gateway.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { createLogger } from '../../gateway/log.ts';
+import { Presence, type SweepTargets } from '../../gateway/messaging/presence.ts';
+import { GuardedWorker, workerRestarts } from '../../gateway/worker-guard.ts';
+import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+
+const STALE_MS = 600;
+const CHECK_MS = 600;
+const prefixes: string[] = [];
+const closers: (() => Promise<unknown>)[] = [];
+
+after(async () => {
+  for (const close of closers.reverse()) await close().catch(() => {});
+  for (const p of prefixes) await dropRedisPrefix(p);
+});
+
+/** A node's Presence on its own prefix; `lines` holds what it logged. */
+async function startNode(targets: SweepTargets) {
+  const prefix = `gwtest:presence:${randomUUID().slice(0, 8)}:`;
+  prefixes.push(prefix);
+  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+  const bull = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const lines: Record<string, unknown>[] = [];
+  const sink = new Writable({
+    write(chunk, _enc, done) {
+      for (const l of String(chunk).split('\n')) if (l) lines.push(JSON.parse(l));
+      done();
+    },
+  });
+  const metrics = new Registry();
+  const hooks: ((now: number) => void)[] = [];
+  const sweepTimer = setInterval(() => {
+    for (const h of hooks) h(Date.now());
+  }, 50);
+  // What Presence reads of the gateway: its node id, connections, hooks, sweep and metrics.
+  const gateway = {
+    nodeId: `node-${randomUUID().slice(0, 8)}`,
+    connections: [],
+    metrics,
+    onSessionBound() {},
+    onSessionUnbound() {},
+    onSweep(h: (now: number) => void) {
+      hooks.push(h);
+    },
+  } as unknown as Gateway;
+  const keys = new Keys(prefix);
+  const presence = new Presence({
+    gateway,
+    redis,
+    bullConnection: bull,
+    binding: new SessionBinding(redis),
+    keys,
+    log: createLogger('debug', {}, sink),
+    options: { staleMs: STALE_MS, sweepIntervalMs: 100, sessionTtlSeconds: 60, workerCheckMs: CHECK_MS },
+  });
+  await within('presence started', presence.start(targets));
+  closers.push(async () => {
+    clearInterval(sweepTimer);
+    await presence.close();
+    redis.disconnect();
+    bull.disconnect();
+  });
+  const restarts = () => restartsOf(metrics, 'gw-maintenance');
+  /** A node silent since the epoch, with `sessions` sessions: only a sweep removes it. */
+  const plantDeadNode = async (sessions: string[] = []) => {
+    const dead = `dead-${randomUUID().slice(0, 8)}`;
+    const m = redis.multi().zadd(keys.nodes, 1, dead);
+    if (sessions.length) m.sadd(keys.nodeSessions(dead), ...sessions);
+    await within('the dead node planted', m.exec());
+    return dead;
+  };
+  const swept = (dead: string) =>
+    until(`${dead} swept`, async () => (await within('the nodes', redis.zscore(keys.nodes, dead))) === null);
+  return { presence, lines, restarts, plantDeadNode, swept };
+}
+
+/** gateway_queue_worker_restarts_total{queue} in `metrics`. */
+async function restartsOf(metrics: Registry, queue: string): Promise<number> {
+  const values = (await metrics.getSingleMetric('gateway_queue_worker_restarts_total')?.get())?.values ?? [];
+  return values.find((v) => v.labels.queue === queue)?.value ?? 0;
+}
+
+const noTargets: SweepTargets = { dropSession: async () => {}, expire: async () => {} };
+
+test('a maintenance worker that stopped taking jobs is replaced, and the sweep runs again', async () => {
+  const node = await startNode(noTargets);
+  await node.swept(await node.plantDeadNode());
+  assert.equal(await node.restarts(), 0, 'no restart while the worker works');
+
+  // A worker that no longer fetches (what BullMQ's stalled worker looked like: idle, the sweep
+  // job waiting). The private field is the node's one worker.
+  await within(
+    'the worker paused',
+    (node.presence as unknown as { worker: GuardedWorker }).worker.worker.pause(),
+  );
+  // (`pause` waits for its fetch and its job, if any, to end: from here it takes nothing.)
+  await node.swept(await node.plantDeadNode()).catch((e: Error) => {
+    const said = node.lines.filter((l) => Number(l.level) >= 30 || /worker|sweep/.test(String(l.msg)));
+    throw new Error(`${e.message}; what the node logged: ${JSON.stringify(said)}`);
+  });
+  const replaced = node.lines.find((l) => String(l.msg).includes('worker replaced'));
+  assert.ok(replaced, 'the replacement is logged');
+  assert.equal(replaced.queue, 'gw-maintenance');
+  assert.ok(Number(replaced.lateMs) > CHECK_MS, `late by more than a check: ${replaced.lateMs}`);
+  assert.ok((await node.restarts()) >= 1, 'counted in gateway_queue_worker_restarts_total');
+});
+
+test('a node busy with a sweep longer than the check keeps its worker', async () => {
+  let dropping = 0;
+  let release: () => void = () => {};
+  const held = new Promise<void>((r) => {
+    release = r;
+  });
+  const node = await startNode({
+    // One session of the dead node is dropped slowly: the sweep holds the node's worker.
+    dropSession: async () => {
+      dropping++;
+      await held;
+    },
+    expire: async () => {},
+  });
+  const dead = await node.plantDeadNode(['sid-held']);
+  await until('the sweep dropping the dead node session', () => dropping > 0);
+  // Sweep jobs come due meanwhile and wait: three checks' worth of time.
+  await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
+  assert.equal(await node.restarts(), 0, 'the worker of a node sweeping was replaced');
+  release();
+  await node.swept(dead);
+  assert.equal(dropping, 1, 'the session was dropped once');
+  // And the worker goes on taking sweeps.
+  await node.swept(await node.plantDeadNode());
+  assert.equal(await node.restarts(), 0);
+});
+
+/** A guarded worker on a queue of its own, with concurrency `slots`; `done` lists the jobs run. */
+async function guardedQueue(slots: number, processor: (job: Job) => Promise<unknown>) {
+  const prefix = `gwtest:guard:${randomUUID().slice(0, 8)}:`;
+  prefixes.push(prefix);
+  const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const queue = new Queue('gw-publish', { connection: conn, prefix });
+  const metrics = new Registry();
+  const lines: Record<string, unknown>[] = [];
+  const sink = new Writable({
+    write(chunk, _enc, done) {
+      for (const l of String(chunk).split('\n')) if (l) lines.push(JSON.parse(l));
+      done();
+    },
+  });
+  const guard = new GuardedWorker({
+    queue,
+    processor,
+    worker: { connection: conn, prefix, concurrency: slots },
+    checkMs: CHECK_MS,
+    log: createLogger('debug', {}, sink),
+    restarts: workerRestarts(metrics),
+  });
+  const timer = setInterval(() => guard.tick(Date.now()), 50);
+  closers.push(async () => {
+    clearInterval(timer);
+    await guard.close();
+    await queue.close();
+    conn.disconnect();
+  });
+  return { queue, guard, lines, restarts: () => restartsOf(metrics, 'gw-publish') };
+}
+
+test('a queue worker that stopped taking jobs is replaced, and its jobs run', async () => {
+  const done: string[] = [];
+  const q = await guardedQueue(50, async (job) => {
+    done.push(job.name);
+  });
+  await within('a first job added', q.queue.add('first', {}));
+  await until('the first job run', () => done.includes('first'));
+  await within('the worker paused', q.guard.worker.pause());
+  await within('a job added to a worker that takes none', q.queue.add('second', {}));
+  await until('the second job run by a new worker', () => done.includes('second'));
+  assert.equal(await q.restarts(), 1, 'one replacement counted');
+  const replaced = q.lines.find((l) => String(l.msg).includes('worker replaced'));
+  assert.equal(replaced?.queue, 'gw-publish');
+  // The new worker goes on taking jobs, and is not replaced for it.
+  await within('a third job added', q.queue.add('third', {}));
+  await until('the third job run', () => done.includes('third'));
+  await new Promise((r) => setTimeout(r, 3 * CHECK_MS));
+  assert.equal(await q.restarts(), 1);
+});
+
+test('a queue worker whose slots are all busy past the check keeps its worker', async () => {
+  let release: () => void = () => {};
+  const held = new Promise<void>((r) => {
+    release = r;
+  });
+  const done: string[] = [];
+  const q = await guardedQueue(2, async (job) => {
+    if (job.name.startsWith('slow')) await held;
+    done.push(job.name);
+  });
+  await within(
+    'two slow jobs and one more added',
+    q.queue.addBulk([
+      { name: 'slow-1', data: {} },
+      { name: 'slow-2', data: {} },
+      { name: 'waiting', data: {} },
+    ]),
+  );
+  // The third job waits for a slot through four checks' worth of time.
+  await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
+  assert.deepEqual(done, [], 'nothing ran while the slow jobs held both slots');
+  assert.equal(await q.restarts(), 0, 'a worker with every slot busy was replaced');
+  release();
+  await until('every job run', () => done.length === 3);
+  assert.equal(await q.restarts(), 0);
+});
