@@ -62,8 +62,8 @@ export class GuardedWorker {
   /** Jobs in the processor now, and started ever (this guard's workers). */
   private running = 0;
   private started = 0;
-  /** The late job the last check found, and what the worker had done by then. */
-  private last: { job: string; started: number } | undefined;
+  /** The late job the last check found, when, and what the worker had done by then. */
+  private last: { job: string; started: number; at: number } | undefined;
   private lastCheckAt = 0;
   private checking = false;
   private closing = false;
@@ -91,6 +91,7 @@ export class GuardedWorker {
     this.checking = true;
     this.check()
       .catch((e) => {
+        this.last = undefined;
         if (!this.closing) logFailure(this.o.log, e, { queue: this.name }, 'queue worker check failed');
       })
       .finally(() => {
@@ -133,9 +134,12 @@ export class GuardedWorker {
     const now = Date.now();
     const late = jobs.find((j) => dueAt(j) < now - this.o.checkMs);
     const before = this.last;
-    this.last = late?.id && !full ? { job: late.id, started: this.started } : undefined;
+    this.last = late?.id && !full ? { job: late.id, started: this.started, at: now } : undefined;
     if (!late || !before || this.closing) return;
     if (before.job !== late.id || before.started !== this.started || full) return;
+    // Two checks in a row: not a check before an outage (failed or held checks in between) and
+    // one after it, which finds the same job before the worker had its chance to take it.
+    if (now - before.at > 2 * this.o.checkMs) return;
     if (this.running >= this.concurrency) return;
     this.last = undefined;
     this.o.log.warn(
