@@ -34,12 +34,8 @@ after(async () => {
   for (const p of prefixes) await dropRedisPrefix(p);
 });
 
-/** A node's Presence on its own prefix; `lines` holds what it logged. */
-async function startNode(targets: SweepTargets) {
-  const prefix = `gwtest:presence:${randomUUID().slice(0, 8)}:`;
-  prefixes.push(prefix);
-  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-  const bull = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+/** A logger whose lines are kept in `lines`. */
+function capturedLog() {
   const lines: Record<string, unknown>[] = [];
   const sink = new Writable({
     write(chunk, _enc, done) {
@@ -47,6 +43,25 @@ async function startNode(targets: SweepTargets) {
       done();
     },
   });
+  return { lines, log: createLogger('debug', {}, sink) };
+}
+
+/** A promise held until `release` (called in a finally: a held job would hold every close). */
+function holding() {
+  let release: () => void = () => {};
+  const held = new Promise<void>((r) => {
+    release = r;
+  });
+  return { held, release };
+}
+
+/** A node's Presence on its own prefix; `lines` holds what it logged. */
+async function startNode(targets: SweepTargets) {
+  const prefix = `gwtest:presence:${randomUUID().slice(0, 8)}:`;
+  prefixes.push(prefix);
+  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+  const bull = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const { lines, log } = capturedLog();
   const metrics = new Registry();
   const hooks: ((now: number) => void)[] = [];
   const sweepTimer = setInterval(() => {
@@ -70,7 +85,7 @@ async function startNode(targets: SweepTargets) {
     bullConnection: bull,
     binding: new SessionBinding(redis),
     keys,
-    log: createLogger('debug', {}, sink),
+    log,
     options: { staleMs: STALE_MS, sweepIntervalMs: 100, sessionTtlSeconds: 60, workerCheckMs: CHECK_MS },
   });
   await within('presence started', presence.start(targets));
@@ -127,29 +142,33 @@ test('a maintenance worker that stopped taking jobs is replaced, and the sweep r
 
 test('a node busy with a sweep longer than the check keeps its worker', async () => {
   let dropping = 0;
-  let release: () => void = () => {};
-  const held = new Promise<void>((r) => {
-    release = r;
-  });
-  const node = await startNode({
-    // One session of the dead node is dropped slowly: the sweep holds the node's worker.
-    dropSession: async () => {
-      dropping++;
-      await held;
-    },
-    expire: async () => {},
-  });
-  const dead = await node.plantDeadNode(['sid-held']);
-  await until('the sweep dropping the dead node session', () => dropping > 0);
-  // Sweep jobs come due meanwhile and wait: three checks' worth of time.
-  await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
-  assert.equal(await node.restarts(), 0, 'the worker of a node sweeping was replaced');
-  release();
-  await node.swept(dead);
-  assert.equal(dropping, 1, 'the session was dropped once');
-  // And the worker goes on taking sweeps.
-  await node.swept(await node.plantDeadNode());
-  assert.equal(await node.restarts(), 0);
+  const { held, release } = holding();
+  try {
+    await busySweep();
+  } finally {
+    release();
+  }
+  async function busySweep() {
+    const node = await startNode({
+      // One session of the dead node is dropped slowly: the sweep holds the node's worker.
+      dropSession: async () => {
+        dropping++;
+        await held;
+      },
+      expire: async () => {},
+    });
+    const dead = await node.plantDeadNode(['sid-held']);
+    await until('the sweep dropping the dead node session', () => dropping > 0);
+    // Sweep jobs come due meanwhile and wait: four checks' worth of time.
+    await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
+    assert.equal(await node.restarts(), 0, 'the worker of a node sweeping was replaced');
+    release();
+    await node.swept(dead);
+    assert.equal(dropping, 1, 'the session was dropped once');
+    // And the worker goes on taking sweeps.
+    await node.swept(await node.plantDeadNode());
+    assert.equal(await node.restarts(), 0);
+  }
 });
 
 /** A guarded worker on a queue of its own, with concurrency `slots`; `done` lists the jobs run. */
@@ -159,19 +178,13 @@ async function guardedQueue(slots: number, processor: (job: Job) => Promise<unkn
   const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
   const queue = new Queue('gw-publish', { connection: conn, prefix });
   const metrics = new Registry();
-  const lines: Record<string, unknown>[] = [];
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      for (const l of String(chunk).split('\n')) if (l) lines.push(JSON.parse(l));
-      done();
-    },
-  });
+  const { lines, log } = capturedLog();
   const guard = new GuardedWorker({
     queue,
     processor,
     worker: { connection: conn, prefix, concurrency: slots },
     checkMs: CHECK_MS,
-    log: createLogger('debug', {}, sink),
+    log,
     restarts: workerRestarts(metrics),
   });
   const timer = setInterval(() => guard.tick(Date.now()), 50);
@@ -205,28 +218,32 @@ test('a queue worker that stopped taking jobs is replaced, and its jobs run', as
 });
 
 test('a queue worker whose slots are all busy past the check keeps its worker', async () => {
-  let release: () => void = () => {};
-  const held = new Promise<void>((r) => {
-    release = r;
-  });
-  const done: string[] = [];
-  const q = await guardedQueue(2, async (job) => {
-    if (job.name.startsWith('slow')) await held;
-    done.push(job.name);
-  });
-  await within(
-    'two slow jobs and one more added',
-    q.queue.addBulk([
-      { name: 'slow-1', data: {} },
-      { name: 'slow-2', data: {} },
-      { name: 'waiting', data: {} },
-    ]),
-  );
-  // The third job waits for a slot through four checks' worth of time.
-  await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
-  assert.deepEqual(done, [], 'nothing ran while the slow jobs held both slots');
-  assert.equal(await q.restarts(), 0, 'a worker with every slot busy was replaced');
-  release();
-  await until('every job run', () => done.length === 3);
-  assert.equal(await q.restarts(), 0);
+  const { held, release } = holding();
+  try {
+    await busySlots();
+  } finally {
+    release();
+  }
+  async function busySlots() {
+    const done: string[] = [];
+    const q = await guardedQueue(2, async (job) => {
+      if (job.name.startsWith('slow')) await held;
+      done.push(job.name);
+    });
+    await within(
+      'two slow jobs and one more added',
+      q.queue.addBulk([
+        { name: 'slow-1', data: {} },
+        { name: 'slow-2', data: {} },
+        { name: 'waiting', data: {} },
+      ]),
+    );
+    // The third job waits for a slot through four checks' worth of time.
+    await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
+    assert.deepEqual(done, [], 'nothing ran while the slow jobs held both slots');
+    assert.equal(await q.restarts(), 0, 'a worker with every slot busy was replaced');
+    release();
+    await until('every job run', () => done.length === 3);
+    assert.equal(await q.restarts(), 0);
+  }
 });
