@@ -266,8 +266,8 @@ const SETTINGS = {
   workerCheckMs: setting(
     'GW_WORKER_CHECK_MS',
     '15000',
-    'How often a node checks that each of its BullMQ workers (sweep, retries, `gw-publish`) takes its jobs: a worker that left a job due more than this long untaken at two checks in a row, with a free slot and no job started in between, is closed and replaced (logged, `gateway_queue_worker_restarts_total`).',
-    int(100).default(15000),
+    'How often a node checks that each of its BullMQ workers (sweep, retries, `gw-publish`) takes its jobs: a worker that left a job due more than this long untaken at two checks in a row, with a free slot and no job started in between, is closed and replaced (logged, `gateway_queue_worker_restarts_total`). At least 5000: a sound worker can take up to ~11 s to fetch again after Redis comes back (the timeout and watchdog of its blocking read), and two checks must span that.',
+    int(5000).default(15000),
   ),
   sessionTtlSeconds: setting(
     'SESSION_TTL',

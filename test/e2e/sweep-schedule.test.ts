@@ -8,7 +8,7 @@
  * again (the call waits in BullMQ's connection, and no second one is queued behind it), and
  * brings it back empty (no persistence: everything BullMQ had is gone). Once, in CI, the worker
  * then took no job at all: the gateway replaces such a worker (gateway/worker-guard.ts, checked
- * here every 1.5 s; test/gateway/worker-guard.test.ts makes one on purpose).
+ * here every 5 s; test/gateway/worker-guard.test.ts makes one on purpose).
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -99,8 +99,9 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
     GW_LOG_LEVEL: 'debug',
     GW_SWEEP_INTERVAL_MS: '300',
     GW_PRESENCE_STALE_MS: '1500',
-    // A worker that takes no job after the restart (seen once) is replaced within the deadline.
-    GW_WORKER_CHECK_MS: '1500',
+    // A worker that takes no job after the restart (seen once) is replaced within the deadline
+    // below (two checks of the least period GW_WORKER_CHECK_MS takes).
+    GW_WORKER_CHECK_MS: '5000',
   });
   // What the gateway prints outside its log: nothing, even while Redis is away (BullMQ prints a
   // queue's connection errors with console.error unless the queue has a listener).
@@ -131,7 +132,7 @@ test('an outage while the schedule is set again, and a Redis that comes back emp
     await until(
       'the dead node swept',
       async () => (await read('the nodes', (r) => r.zscore(nodes, dead))) === null,
-      15_000,
+      30_000,
     ).catch(async (e: Error) => {
       // Say what the gateway was doing (its last log lines) and where the maintenance queue's
       // jobs are: whether the schedule was set again, and whether its jobs wait, are delayed or
