@@ -24,7 +24,7 @@ const RETIRING_WAIT_MS = 2000;
  * its timestamp is not (setting the schedule again moves a waiting job's timestamp to the time of
  * the call). Anything else: its timestamp and delay.
  */
-export function dueAt(job: Job): number {
+function dueAt(job: Job): number {
   const named = job.id?.startsWith('repeat:') ? Number(/:(\d+)$/.exec(job.id)?.[1]) : Number.NaN;
   return Number.isFinite(named) ? named : job.timestamp + (job.delay ?? 0);
 }
@@ -129,9 +129,9 @@ export class GuardedWorker {
   }
 
   private async check(): Promise<void> {
-    const full = this.running >= this.concurrency;
     const jobs = await this.o.queue.getJobs(['wait', 'delayed'], 0, 0, true);
     const now = Date.now();
+    const full = this.running >= this.concurrency;
     const late = jobs.find((j) => dueAt(j) < now - this.o.checkMs);
     const before = this.last;
     this.last = late?.id && !full ? { job: late.id, started: this.started, at: now } : undefined;
@@ -140,7 +140,6 @@ export class GuardedWorker {
     // Two checks in a row: not a check before an outage (failed or held checks in between) and
     // one after it, which finds the same job before the worker had its chance to take it.
     if (now - before.at > 2 * this.o.checkMs) return;
-    if (this.running >= this.concurrency) return;
     this.last = undefined;
     this.o.log.warn(
       { queue: this.name, job: late.id, lateMs: now - dueAt(late) },

@@ -4,25 +4,14 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { after, describe, test } from 'node:test';
 import { createAccessLog, createLogger } from '../../gateway/log.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { until, within } from '../helpers/deadline.ts';
-
-function capture(): { lines: Record<string, unknown>[]; stream: Writable } {
-  const lines: Record<string, unknown>[] = [];
-  const stream = new Writable({
-    write(chunk, _enc, done) {
-      for (const l of String(chunk).split('\n')) if (l) lines.push(JSON.parse(l));
-      done();
-    },
-  });
-  return { lines, stream };
-}
+import { captureLog } from '../helpers/log-capture.ts';
 
 test('error codes and key names stay readable; passwords, tokens and URLs with credentials do not', async () => {
-  const { lines, stream } = capture();
+  const { lines, stream } = captureLog();
   const log = createLogger('info', {}, stream);
   log.warn({ code: 'locked', key: 'gw:{s:abc}:q' }, 'login refused');
   log.error({ err: new ProtocolError('overloaded', 'busy', { retryAfter: 5 }) }, 'request failed');
@@ -98,7 +87,7 @@ describe('the access log', () => {
   });
 
   test('with a flush interval of 0, each line goes through the parent as it comes', async () => {
-    const { lines, stream } = capture();
+    const { lines, stream } = captureLog();
     const parent = createLogger('info', { node: 'n2' }, stream);
     const access = createAccessLog(parent, 0);
     access.log.info({ route: '/v1/events', password: 'not a field it has' }, 'http');

@@ -10,7 +10,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { Writable } from 'node:stream';
 import { after, test } from 'node:test';
 import { type Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -23,6 +22,7 @@ import { Presence, type SweepTargets } from '../../gateway/messaging/presence.ts
 import { GuardedWorker, workerRestarts } from '../../gateway/worker-guard.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { captureLog } from '../helpers/log-capture.ts';
 
 const STALE_MS = 600;
 const CHECK_MS = 600;
@@ -36,23 +36,24 @@ after(async () => {
 
 /** A logger whose lines are kept in `lines`. */
 function capturedLog() {
-  const lines: Record<string, unknown>[] = [];
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      for (const l of String(chunk).split('\n')) if (l) lines.push(JSON.parse(l));
-      done();
-    },
-  });
-  return { lines, log: createLogger('debug', {}, sink) };
+  const { lines, stream } = captureLog();
+  return { lines, log: createLogger('debug', {}, stream) };
 }
 
-/** A promise held until `release` (called in a finally: a held job would hold every close). */
-function holding() {
+/**
+ * Runs `fn` with a promise held until `release`; released in the end whatever `fn` does (a held
+ * job would hold every close).
+ */
+async function withHold(fn: (held: Promise<void>, release: () => void) => Promise<void>): Promise<void> {
   let release: () => void = () => {};
   const held = new Promise<void>((r) => {
     release = r;
   });
-  return { held, release };
+  try {
+    await fn(held, release);
+  } finally {
+    release();
+  }
 }
 
 /** A node's Presence on its own prefix; `lines` holds what it logged. */
@@ -142,13 +143,7 @@ test('a maintenance worker that stopped taking jobs is replaced, and the sweep r
 
 test('a node busy with a sweep longer than the check keeps its worker', async () => {
   let dropping = 0;
-  const { held, release } = holding();
-  try {
-    await busySweep();
-  } finally {
-    release();
-  }
-  async function busySweep() {
+  await withHold(async (held, release) => {
     const node = await startNode({
       // One session of the dead node is dropped slowly: the sweep holds the node's worker.
       dropSession: async () => {
@@ -168,7 +163,7 @@ test('a node busy with a sweep longer than the check keeps its worker', async ()
     // And the worker goes on taking sweeps.
     await node.swept(await node.plantDeadNode());
     assert.equal(await node.restarts(), 0);
-  }
+  });
 });
 
 /** A guarded worker on a queue of its own, with concurrency `slots`; `done` lists the jobs run. */
@@ -218,13 +213,7 @@ test('a queue worker that stopped taking jobs is replaced, and its jobs run', as
 });
 
 test('a queue worker whose slots are all busy past the check keeps its worker', async () => {
-  const { held, release } = holding();
-  try {
-    await busySlots();
-  } finally {
-    release();
-  }
-  async function busySlots() {
+  await withHold(async (held, release) => {
     const done: string[] = [];
     const q = await guardedQueue(2, async (job) => {
       if (job.name.startsWith('slow')) await held;
@@ -245,5 +234,5 @@ test('a queue worker whose slots are all busy past the check keeps its worker', 
     release();
     await until('every job run', () => done.length === 3);
     assert.equal(await q.restarts(), 0);
-  }
+  });
 });
