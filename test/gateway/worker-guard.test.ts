@@ -5,8 +5,10 @@
  * guard, its jobs are never taken. A worker whose slots are all busy takes no job either,
  * rightly, and is left alone. The sweep's worker runs inside Presence, in this process, with a
  * stand-in for the gateway (what Presence reads of it, and a sweep timer) and sweep targets the
- * test controls; a plain guarded worker stands for the retry and `gw-publish` workers. All
- * against the shared Redis, under prefixes of this test's own.
+ * test controls; a plain guarded worker stands for the retry and `gw-publish` workers. Ten
+ * producers add jobs while a worker is paused and replaced (each job runs once), and a private
+ * Redis is killed and brought back (a sound worker is kept, one that stops later is replaced).
+ * The rest against the shared Redis, under prefixes of this test's own.
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -16,16 +18,18 @@ import { Redis } from 'ioredis';
 import { Registry } from 'prom-client';
 import { SessionBinding } from '../../gateway/binding.ts';
 import type { Gateway } from '../../gateway/gateway.ts';
-import { Keys } from '../../gateway/keys.ts';
+import { Keys, WORKER_RETRY_MS } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
 import { Presence, type SweepTargets } from '../../gateway/messaging/presence.ts';
 import { GuardedWorker, workerRestarts } from '../../gateway/worker-guard.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const STALE_MS = 600;
 const CHECK_MS = 600;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const prefixes: string[] = [];
 const closers: (() => Promise<unknown>)[] = [];
 
@@ -166,19 +170,27 @@ test('a node busy with a sweep longer than the check keeps its worker', async ()
   });
 });
 
-/** A guarded worker on a queue of its own, with concurrency `slots`; `done` lists the jobs run. */
-async function guardedQueue(slots: number, processor: (job: Job) => Promise<unknown>) {
+/**
+ * A guarded worker on a queue of its own, with concurrency `slots`, on the shared Redis or `url`,
+ * checked every `checkMs`; fetching again 1 s after a connection error, as the gateway's.
+ */
+async function guardedQueue(
+  slots: number,
+  processor: (job: Job) => Promise<unknown>,
+  { url = REDIS_URL, checkMs = CHECK_MS } = {},
+) {
   const prefix = `gwtest:guard:${randomUUID().slice(0, 8)}:`;
   prefixes.push(prefix);
-  const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const conn = new Redis(url, { maxRetriesPerRequest: null });
+  conn.on('error', () => {}); // a test's own outage
   const queue = new Queue('gw-publish', { connection: conn, prefix });
   const metrics = new Registry();
   const { lines, log } = capturedLog();
   const guard = new GuardedWorker({
     queue,
     processor,
-    worker: { connection: conn, prefix, concurrency: slots },
-    checkMs: CHECK_MS,
+    worker: { connection: conn, prefix, concurrency: slots, runRetryDelay: WORKER_RETRY_MS },
+    checkMs,
     log,
     restarts: workerRestarts(metrics),
   });
@@ -235,4 +247,66 @@ test('a queue worker whose slots are all busy past the check keeps its worker', 
     await until('every job run', () => done.length === 3);
     assert.equal(await q.restarts(), 0);
   });
+});
+
+test('jobs added by many producers while the worker is paused and replaced: each runs once', async () => {
+  const runs = new Map<string, number>();
+  const q = await guardedQueue(50, async (job) => {
+    runs.set(job.name, (runs.get(job.name) ?? 0) + 1);
+  });
+  await within('the worker paused', q.guard.worker.pause());
+  // Ten producers add jobs for five checks' worth of time: before, during and after the
+  // replacement (which takes two checks).
+  let added = 0;
+  const end = Date.now() + 5 * CHECK_MS;
+  await Promise.all(
+    Array.from({ length: 10 }, async (_, p) => {
+      for (let i = 0; Date.now() < end; i++) {
+        await within(`job ${p}-${i} added`, q.queue.add(`job-${p}-${i}`, {}));
+        added++;
+        await sleep(20);
+      }
+    }),
+  );
+  await until(`all ${added} jobs run`, () => runs.size === added);
+  // Some checks later: nothing ran twice, and the new worker was kept.
+  await sleep(3 * CHECK_MS);
+  assert.deepEqual(
+    [...runs].filter(([, n]) => n !== 1),
+    [],
+    'jobs run more than once',
+  );
+  assert.equal(runs.size, added);
+  assert.equal(await q.restarts(), 1, 'one replacement');
+});
+
+test('across a Redis outage a sound worker is kept, and one that stops taking jobs after it is still replaced', async () => {
+  const own = await startOwnRedis(['--appendonly', 'yes']);
+  closers.push(() => own.remove());
+  // The least period the gateway takes (GW_WORKER_CHECK_MS): a sound worker has two checks'
+  // time to come back after Redis does.
+  const checkMs = 5000;
+  const done = new Set<string>();
+  const q = await guardedQueue(
+    5,
+    async (job) => {
+      done.add(job.name);
+    },
+    { url: own.url, checkMs },
+  );
+  await within('a job added', q.queue.add('before', {}));
+  await until('the job before the outage run', () => done.has('before'));
+  await own.kill('SIGKILL');
+  // Gone for more than two checks: the checks wait in the connection meanwhile.
+  await sleep(2.5 * checkMs);
+  await own.start();
+  await within('a job added after the outage', q.queue.add('after', {}));
+  await until('the job after the outage run', () => done.has('after'));
+  // Two more checks: the sound worker is not replaced.
+  await sleep(2 * checkMs);
+  assert.equal(await q.restarts(), 0, 'a sound worker was replaced after the outage');
+  await within('the worker paused', q.guard.worker.pause());
+  await within('a job for a worker that takes none', q.queue.add('paused', {}));
+  await until('the job run by a new worker', () => done.has('paused'), 4 * checkMs);
+  assert.equal(await q.restarts(), 1);
 });
