@@ -197,6 +197,8 @@ export class Connection {
   private advancing = false;
   private advanceAgain = false;
   private readingPaused = false;
+  /** The kick is being sent: it may take the key's last frame. */
+  private kicking = false;
 
   constructor(
     readonly host: ConnectionHost,
@@ -247,6 +249,12 @@ export class Connection {
     const t = this.transport;
     let frame: Buffer;
     if (this.channel) {
+      if (this.channel.lastSendLeft && !this.kicking) {
+        // The key's last frame is the kick that ends the connection (PROTOCOL.md §3); this
+        // message is not sent (an event stays in its outbox and comes on the next connection).
+        this.kick('rekey_required', 'key usage limit reached; reconnect');
+        return;
+      }
       frame = this.channel.sealBytes(body, t.headroom);
     } else {
       frame = Buffer.allocUnsafe(t.headroom + body.length);
@@ -288,6 +296,7 @@ export class Connection {
       );
     }
     if (this.state === ConnState.open) {
+      this.kicking = true;
       this.send({
         type: 'kick',
         code,

@@ -55,6 +55,11 @@ export class Channel {
     return this.sendCounter >= this.maxFrames - 1 || this.recvCounter >= this.maxFrames;
   }
 
+  /** True when only the send counter kept for the closing `kick rekey_required` is left. */
+  get lastSendLeft(): boolean {
+    return this.sendCounter >= this.maxFrames - 1;
+  }
+
   /** Seals plaintext bytes; returns `headroom` bytes then the body (iv ‖ ct ‖ tag). */
   sealBytes(plaintext: Uint8Array, headroom = 0): Buffer {
     const n = this.sendCounter;

@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
+import { Redis } from 'ioredis';
 import { GatewayClient } from '../../client/client.ts';
 import {
   ClientHandshake,
@@ -15,7 +16,9 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
-import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { REDIS_URL } from '../helpers/cleanup.ts';
+import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
 
@@ -269,6 +272,57 @@ describe('limits and lifecycle (own gateway processes)', () => {
       const kicked = nextEvent<{ code: string }>(c, 'kick');
       for (let i = 0; i < 5; i++) c.sendMessage({ type: 'ping', ts: i });
       assert.equal((await kicked).code, 'rekey_required');
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('events sent back to back reach the key limit: kick rekey_required, the node lives on and the events come again', async () => {
+    // Server frames with no client frame between them: the limit is met on the send side, where
+    // the key's last frame is kept for the kick (PROTOCOL.md §3).
+    const key = 'test-api-key-rekey-0123456789';
+    const g = await startGateway({ GW_REKEY_AFTER_FRAMES: '12', GW_API_KEY: key, GW_DEFAULT_ROOM: '' });
+    try {
+      const c = await connected(g.tcpUrl, { autoAck: false });
+      const s = await signUp(c);
+      const got: number[] = [];
+      c.on('event', (e: { data: number }) => got.push(e.data));
+      const kicked = nextEvent<{ code: string }>(c, 'kick');
+      const closed = nextEvent(c, 'close');
+      const res = await fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+        body: JSON.stringify({
+          events: Array.from({ length: 20 }, (_, i) => ({
+            target: { session: s.sessionId },
+            name: 'n',
+            data: i,
+          })),
+        }),
+      });
+      assert.equal(res.status, 202);
+      assert.equal((await kicked).code, 'rekey_required');
+      await closed;
+      assert.ok(got.length < 20, `${got.length} events came before the kick`);
+      assert.deepEqual(got, [...Array(got.length).keys()], 'the events before the kick, in order');
+      // Nothing was acked: all 20 are still in the session's outbox.
+      const r = new Redis(REDIS_URL);
+      try {
+        assert.equal(await r.zcard(`${g.prefix}{s:${s.sessionId}}:q`), 20);
+      } finally {
+        r.disconnect();
+      }
+      // The node lives on: the device's next connection is sent the outbox from its start (as
+      // many as this key limit lets through before the next kick).
+      const again = await connected(g.tcpUrl, { autoAck: false });
+      const next: number[] = [];
+      again.on('event', (e: { data: number }) => next.push(e.data));
+      const kickedAgain = nextEvent<{ code: string }>(again, 'kick');
+      await again.request('resume', { token: s.token });
+      assert.equal((await kickedAgain).code, 'rekey_required');
+      assert.ok(next.length > 0);
+      assert.deepEqual(next, [...Array(next.length).keys()]);
+      assert.equal(g.proc.exitCode, null, 'the gateway process is still running');
     } finally {
       await g.stop();
     }
