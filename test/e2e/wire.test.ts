@@ -18,7 +18,7 @@ import {
 } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
-import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
 
