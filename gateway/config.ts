@@ -110,7 +110,7 @@ const SETTINGS = {
   maxConnPerIp: setting(
     'GW_MAX_CONN_PER_IP',
     '0',
-    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule. Counted per gateway process: with `GW_PROCESSES=N` an address may hold up to N times this (set `GW_PROCESSES=1` where the exact bound matters).",
+    "Open connections allowed per client IP across TCP and WebSocket; 0 = unlimited, 1 = the chat seed's rule. Counted per gateway process: with `GW_PROCESSES=N` an address may hold up to N times this (set `GW_PROCESSES=1` where the exact bound matters). A refused connection is answered `conn_limit` and closed; what its client sends is dropped, and one that does not close within 2 s is cut off.",
     int(0).default(0),
   ),
   maxPendingBytes: setting(

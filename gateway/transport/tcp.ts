@@ -86,6 +86,9 @@ class TcpSocket implements TransportSocket {
   }
 }
 
+/** How long a refused connection may stay open for its error to be read. */
+const REFUSED_LINGER_MS = 2000;
+
 /** Socket errors end in 'close', which the connection handles. */
 function ignore(): void {}
 
@@ -95,7 +98,16 @@ export function listenTcp(acceptor: TcpAcceptor, host: string, port: number): Pr
     const t = new TcpSocket(socket, acceptor.maxFrameBytes);
     socket.on('error', ignore);
     const conn = acceptor.accept(t);
-    if (!conn) return;
+    if (!conn) {
+      // Refused (the error is written and the socket ended): what the client sends is read and
+      // dropped, so that its FIN is seen and the socket closes, and a client that never closes
+      // is cut off. Unread input would hold the socket, and its descriptor, for good.
+      socket.resume();
+      const cutOff = setTimeout(() => socket.destroy(), REFUSED_LINGER_MS);
+      cutOff.unref();
+      socket.once('close', () => clearTimeout(cutOff));
+      return;
+    }
     t.conn = conn;
     socket.on('data', t.onData);
     socket.on('drain', () => conn.drained());

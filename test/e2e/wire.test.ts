@@ -3,6 +3,8 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { readdirSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { Redis } from 'ioredis';
 import { GatewayClient } from '../../client/client.ts';
@@ -18,7 +20,7 @@ import {
 } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
-import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
 
@@ -259,6 +261,46 @@ describe('limits and lifecycle (own gateway processes)', () => {
       const again = new GatewayClient({ url: g.wsUrl });
       await again.connect();
       await again.close();
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('TCP connections refused at the per-IP limit are closed, however their clients behave', async () => {
+    const g = await startGateway({ GW_MAX_CONN_PER_IP: '1' });
+    try {
+      const first = new GatewayClient({ url: g.tcpUrl });
+      await first.connect();
+      const fds = () => readdirSync(`/proc/${g.proc.pid}/fd`).length;
+      const before = fds();
+      const port = Number(new URL(g.tcpUrl).port);
+      const open = (allowHalfOpen: boolean): Promise<Socket> =>
+        within(
+          'a TCP connection',
+          new Promise((resolve, reject) => {
+            const s = connect({ host: '127.0.0.1', port, allowHalfOpen }, () => resolve(s));
+            s.on('error', reject);
+          }),
+        );
+      // Clients that send their hello at once, as devices do, and close when the gateway does;
+      // and clients that send it and never close their side. The gateway answers conn_limit and
+      // must keep neither socket.
+      const hello = encodeFrame(pack(new ClientHandshake(nodeBackend).hello));
+      const closing = await Promise.all(Array.from({ length: 20 }, () => open(false)));
+      const lingering = await Promise.all(Array.from({ length: 20 }, () => open(true)));
+      const answered = new Set<Socket>();
+      for (const s of [...closing, ...lingering]) {
+        s.on('data', () => answered.add(s));
+        s.write(hello);
+      }
+      // Every socket accepted and answered first, so that the count below is taken after them.
+      await until('conn_limit written to all 40', () => answered.size === 40);
+      await until(
+        `the gateway's descriptors back to ${before} after 40 refused connections`,
+        () => fds() <= before,
+      );
+      for (const s of [...closing, ...lingering]) s.destroy();
+      await first.close();
     } finally {
       await g.stop();
     }
