@@ -490,8 +490,13 @@ export class Connection {
     }
     // A request that is not pipelined starts only at the head, and holds back everything after
     // it until it is answered; a pipelined one starts when every request before it has.
+    // A connection that is closing or closed starts nothing more: the requests it still holds
+    // are not answered, and their work (a join, a send, a bind) would be for a client gone.
     const head = q[0];
-    if (head === undefined || !head.started || head.pipelined || head.settled) {
+    if (
+      this.state === ConnState.open &&
+      (head === undefined || !head.started || head.pipelined || head.settled)
+    ) {
       for (let i = this.startedHead; i < q.length; i++) {
         const p = q[i];
         if (!p.started) {

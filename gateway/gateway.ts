@@ -203,7 +203,13 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   }
 
   /** Marks a connection as authenticated as `session`. */
-  bindSession(conn: Connection, session: SessionInfo): void {
+  /**
+   * Authenticates the connection as `session`; false, and nothing done, when the connection is
+   * already closing or closed (a login or resume answered after its client went): its close
+   * has unbound it for the last time, so a binding made now would stay, online, for good.
+   */
+  bindSession(conn: Connection, session: SessionInfo): boolean {
+    if (conn.state >= ConnState.closing) return false;
     if (conn.session) this.unbindSession(conn);
     conn.session = session;
     const held = this.bySession.get(session.sessionId);
@@ -211,6 +217,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     else if (held instanceof Set) held.add(conn);
     else if (held !== conn) this.bySession.set(session.sessionId, new Set([held, conn]));
     this.runHooks(this.boundHooks, conn, 'bound');
+    return true;
   }
 
   /** The connection is no longer authenticated as its session. */

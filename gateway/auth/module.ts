@@ -247,18 +247,21 @@ export async function createAuthModule(
 
   /** Authenticates the connection as the granted session; older connections of it are kicked. */
   const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant) => {
-    gateway.bindSession(conn, {
+    const bound = gateway.bindSession(conn, {
       userId: g.userId,
       username: g.username,
       sessionId: g.sessionId,
       ...(g.deviceId ? { deviceId: g.deviceId } : {}),
     });
-    const notice: KickNotice = {
-      sessionId: g.sessionId,
-      code: 'session_takeover',
-      keep: `${gateway.nodeId}:${conn.id}`,
-    };
-    await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
+    // A connection gone before its answer keeps nothing, and takes the session from no other.
+    if (bound) {
+      const notice: KickNotice = {
+        sessionId: g.sessionId,
+        code: 'session_takeover',
+        keep: `${gateway.nodeId}:${conn.id}`,
+      };
+      await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
+    }
     const { deviceId: _omit, ...wire } = g;
     return wire;
   };

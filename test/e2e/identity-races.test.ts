@@ -576,3 +576,43 @@ describe('takeover keeps the device events', () => {
     }
   });
 });
+
+describe('a connection that closes while its login is under way', () => {
+  test('the login, answered after the close, binds nothing to the closed connection', async () => {
+    // A slow hash (~100 ms or more here) so that the socket is gone before the password is verified.
+    const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
+    const r = new Redis(REDIS_URL);
+    try {
+      const username = newName();
+      const setup = await connected(g.tcpUrl);
+      await setup.request('register', { username, email: `${username}@example.com`, password: PASSWORD });
+      await setup.close();
+
+      const gone = await connected(g.tcpUrl);
+      gone.request('login', { username, password: PASSWORD }).catch(() => {});
+      gone.destroy();
+      const line = await g.waitForLog(
+        (l) => l.msg === 'login' && l.username === username && l.result === 'ok',
+      );
+      const lateSession = line.sessionId as string;
+
+      // A later login's presence is written after anything the late one's bind would have written
+      // (the binding's Redis work goes in order, one script call per tick).
+      const other = await connected(g.tcpUrl);
+      const s = await signUp(other);
+      for (let i = 0; !(await r.hexists(`${g.prefix}presence`, s.sessionId)); i++) {
+        assert.ok(i < 200, 'the later login is online within 10 s');
+        await new Promise((res) => setTimeout(res, 50));
+      }
+      assert.equal(
+        await r.hget(`${g.prefix}presence`, lateSession),
+        null,
+        'the session of the closed connection is not online',
+      );
+      await other.close();
+    } finally {
+      r.disconnect();
+      await g.stop();
+    }
+  });
+});

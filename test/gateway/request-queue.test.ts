@@ -256,3 +256,20 @@ test('a handler that calls turn twice gets its second effect too (no wait for a 
   ]);
   assert.deepEqual(effects, ['1a', '1b', '2']);
 });
+
+test('a connection that closed starts none of the requests it still holds', async () => {
+  const first = deferred();
+  const { c, log } = logged(first);
+  c.request(send(1));
+  c.request({ type: 'join', id: 2, room: '#r' });
+  c.request(send(3));
+  await tick();
+  assert.deepEqual(log, ['send 1 started']);
+  // The client goes while send 1 is under way; the join and send 3 wait behind it.
+  c.conn.transportClosed();
+  first.resolve();
+  await tick();
+  await tick();
+  assert.deepEqual(log, ['send 1 started'], 'the join and send 3 never start');
+  assert.deepEqual(c.answers(), [], 'nothing is answered on a closed connection');
+});
