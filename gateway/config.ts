@@ -272,7 +272,7 @@ const SETTINGS = {
   sessionTtlSeconds: setting(
     'SESSION_TTL',
     '86400',
-    'Lifetime (s) of a live session in Redis (as in the auth-server seed), and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far).',
+    'Lifetime (s) of a live session in Redis (as in the auth-server seed) from its login, or its last `resume` or `refresh`, which extend it (and the record of the node holding its connection); and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far).',
     int(60).default(86400),
   ),
   activityWriteMs: setting(
@@ -423,7 +423,7 @@ const SETTINGS = {
   lockoutSeconds: setting(
     'GW_LOCKOUT_SECONDS',
     '900',
-    'How long a lock lasts, and the failure window (s).',
+    'How long a lock lasts, counted from the failure that made it, and the window in which failures are counted (s).',
     int(1).default(900),
   ),
   ipFailureBudget: setting(

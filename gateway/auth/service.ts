@@ -434,11 +434,16 @@ export class IdentityService {
     }
     if (!ok || !user) {
       if (reserved.remainingPoints === 0) {
+        // The lock lasts lockoutSeconds from this failure. The count's own window started at
+        // the first failure, and alone it would end the lock when that window ends: four
+        // failures in a window's last seconds would be locked for those seconds only.
+        const lockSeconds = this.deps.options.lockoutSeconds;
+        await this.accountFailures.block(accountKey, lockSeconds);
         this.deps.log.warn(
           {
             ip: ctx.ip,
             ...(user ? { userId: user.id } : { unknownAccount: true }),
-            retryAfter: reserved.msBeforeNext,
+            retryAfter: lockSeconds * 1000,
           },
           'account locked',
         );
@@ -574,7 +579,9 @@ export class IdentityService {
       a = await this.authenticate(req.token);
       device = req.device;
       if (device.id) await this.claimDevice(a.userId, device);
-      await this.store.touch(a.sessionId, a.userId, req.device, a.session.device);
+      // Ended since it was read (a revoke, a logout): not brought back by the touch.
+      if (!(await this.store.touch(a.sessionId, a.userId, req.device, a.session.device)))
+        throw new ProtocolError('session_revoked');
     } else {
       // The session's own device (claimed by this account when the session started): the read
       // and the touch are one call, the device key's extension follows its ownership check.
@@ -662,7 +669,8 @@ export class IdentityService {
     }
     if (r.status === 'invalid' || !pair || !s)
       throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
-    await this.store.touch(s.sessionId, s.userId, null, s.device);
+    if (!(await this.store.touch(s.sessionId, s.userId, null, s.device)))
+      throw new ProtocolError('session_revoked');
     return pair;
   }
 

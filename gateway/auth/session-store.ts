@@ -110,6 +110,35 @@ end
 return h
 `;
 
+/**
+ * A session's `touch` (a refresh, a resume naming a device): if the session is still there and
+ * `userId`'s, its activity is marked and its life extended, with its user's set's and the key
+ * naming the node that holds it (`P{s:<sid>}:node`, set when a connection binds it: a connection
+ * that outlives SESSION_TTL by refreshing keeps getting its events); a device key is set
+ * (KEYS[4], the resume's device) or released or extended (KEYS[5], the session's previous
+ * device), each only while it names the session. A session that is gone (revoked, logged out,
+ * expired) is not created again: the call returns 0.
+ * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] node key, KEYS[4] new device key or "",
+ * KEYS[5] previous device key or ""; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s),
+ * ARGV[4] session id, ARGV[5] the new device (JSON) or "", ARGV[6] "release" or "extend" (KEYS[5])
+ */
+const TOUCH = `
+if redis.call('HGET', KEYS[1], 'userId') ~= ARGV[1] then return 0 end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[2], 'device', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+if KEYS[5] ~= '' and redis.call('GET', KEYS[5]) == ARGV[4] then
+  if ARGV[6] == 'release' then redis.call('DEL', KEYS[5]) else redis.call('EXPIRE', KEYS[5], ARGV[3]) end
+end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3]) end
+return 1
+`;
+
 /** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
@@ -143,6 +172,7 @@ export type RotateResult =
 interface SessionCommands {
   gwSessionCreate(...args: (string | number)[]): Promise<number>;
   gwSessionResume(...args: (string | number)[]): Promise<string[]>;
+  gwSessionTouch(...args: (string | number)[]): Promise<number>;
 }
 
 export class SessionStore {
@@ -157,6 +187,7 @@ export class SessionStore {
     if (!r.gwSessionCreate) {
       redis.defineCommand('gwSessionCreate', { numberOfKeys: 4, lua: CREATE });
       redis.defineCommand('gwSessionResume', { numberOfKeys: 2, lua: RESUME });
+      redis.defineCommand('gwSessionTouch', { numberOfKeys: 5, lua: TOUCH });
     }
     this.scripts = r as Redis & SessionCommands;
   }
@@ -269,22 +300,34 @@ export class SessionStore {
   }
 
   /**
-   * Marks activity and extends the session's life, and its device key's. With `device` (a resume
-   * naming one) the session's device becomes it; a previous device of the session is released.
+   * Marks activity and extends the session's life, its node key's and its device key's (the
+   * TOUCH script). With `device` (a resume naming one) the session's device becomes it; a
+   * previous device of the session is released. False, and nothing written, when the session
+   * is gone or not `userId`'s: an ended session stays ended.
    */
-  async touch(sid: string, userId: string, device?: Device | null, previous?: Device | null): Promise<void> {
+  async touch(
+    sid: string,
+    userId: string,
+    device?: Device | null,
+    previous?: Device | null,
+  ): Promise<boolean> {
     const k = this.keys;
-    const m = this.redis.multi();
-    m.hset(k.session(sid), 'lastSeenAt', Date.now(), ...(device ? ['device', JSON.stringify(device)] : []));
-    m.expire(k.session(sid), this.ttlSeconds);
-    m.expire(k.userSessions(userId), this.ttlSeconds);
-    if (device?.id) {
-      if (previous?.id && previous.id !== device.id) m.eval(RELEASE, 1, k.device(previous.id), sid);
-      m.set(k.device(device.id), sid, 'EX', this.ttlSeconds);
-    } else if (previous?.id) {
-      m.eval(EXTEND, 1, k.device(previous.id), sid, this.ttlSeconds);
-    }
-    await m.exec();
+    const newKey = device?.id ? k.device(device.id) : '';
+    const prevKey = previous?.id && previous.id !== device?.id ? k.device(previous.id) : '';
+    const touched = await this.scripts.gwSessionTouch(
+      k.session(sid),
+      k.userSessions(userId),
+      k.sessionNode(sid),
+      newKey,
+      prevKey,
+      userId,
+      Date.now(),
+      this.ttlSeconds,
+      sid,
+      device ? JSON.stringify(device) : '',
+      device?.id ? 'release' : 'extend',
+    );
+    return touched === 1;
   }
 
   /**

@@ -294,6 +294,38 @@ describe('lockout', () => {
   });
 });
 
+describe('lockout that starts late in its window', () => {
+  test("the lock lasts GW_LOCKOUT_SECONDS from the failure that made it, not to the end of the first failure's window", async () => {
+    const g = await startGateway({ GW_LOCKOUT_ATTEMPTS: '2', GW_LOCKOUT_SECONDS: '4' });
+    try {
+      const c = await connected(g.tcpUrl);
+      const s = await signUp(c);
+      await c.request('logout');
+      const fail = () =>
+        assert.rejects(
+          c.request('login', { username: s.username, password: 'nope nope' }),
+          isCode('invalid_credentials'),
+        );
+      // One failure opens the 4 s window; the second, 3 s later, locks the account.
+      await fail();
+      await wait(3000);
+      await fail();
+      const lockedAt = Date.now();
+      // Past the first failure's window (4 s after it), less than 4 s after the lock.
+      await wait(1500);
+      const still = await c.request('login', { username: s.username, password: PASSWORD }).catch((e) => e);
+      assert.equal(still.code, 'locked', 'still locked after the window the first failure opened');
+      assert.ok(still.retryAfter > 1000 && still.retryAfter <= 4000, `retryAfter ${still.retryAfter}`);
+      await wait(Math.max(0, lockedAt + 4000 - Date.now()) + 200);
+      const ok = await c.request<Session>('login', { username: s.username, password: PASSWORD });
+      assert.equal(ok.userId, s.userId);
+      await c.close();
+    } finally {
+      await g.stop();
+    }
+  });
+});
+
 describe('legacy bcrypt hashes', () => {
   test('a bcrypt hash verifies and is rehashed to argon2id on login', async () => {
     const c = await connected(gw.tcpUrl);

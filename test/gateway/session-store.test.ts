@@ -1,0 +1,84 @@
+/**
+ * The session store's `touch` (a refresh, a resume naming a device) against a real Redis, under
+ * a key prefix of its own: it extends what a live session needs and never brings back one that
+ * ended.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { type LiveSession, SessionStore } from '../../gateway/auth/session-store.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+
+const prefix = `gwtest:store:${randomUUID().slice(0, 8)}:`;
+const redis = new Redis(REDIS_URL);
+const keys = new Keys(prefix);
+const TTL = 600;
+const store = new SessionStore(redis, keys, TTL);
+
+after(async () => {
+  await dropRedisPrefix(prefix);
+  redis.disconnect();
+});
+
+function session(device: LiveSession['device'] = null): LiveSession {
+  const now = Date.now();
+  return {
+    sessionId: randomUUID(),
+    userId: randomUUID(),
+    username: 'alice',
+    device,
+    ip: '127.0.0.1',
+    createdAt: now,
+    lastSeenAt: now,
+    refreshHash: randomUUID(),
+    refreshExpiresAt: now + 60_000,
+    deviceInfo: null,
+    location: null,
+  };
+}
+
+test('a touch extends the session, its user set, its node key and its device key', async () => {
+  const s = session({ id: `dev-${randomUUID().slice(0, 8)}` });
+  await store.create(s, 60_000);
+  // The node key as a node sets it when a connection binds the session, with less life left.
+  await redis.set(keys.sessionNode(s.sessionId), 'node-a', 'EX', 30);
+  await redis.expire(keys.session(s.sessionId), 30);
+  await redis.expire(keys.device(s.device!.id), 30);
+  assert.equal(await store.touch(s.sessionId, s.userId, null, s.device), true);
+  for (const key of [
+    keys.session(s.sessionId),
+    keys.userSessions(s.userId),
+    keys.sessionNode(s.sessionId),
+    keys.device(s.device!.id),
+  ]) {
+    const ttl = await redis.ttl(key);
+    assert.ok(ttl > TTL - 5 && ttl <= TTL, `${key}: TTL ${ttl}`);
+  }
+  assert.equal(
+    await redis.get(keys.sessionNode(s.sessionId)),
+    'node-a',
+    'the node key is left naming its node',
+  );
+});
+
+test('a touch of a session that ended writes nothing and says so', async () => {
+  const device = { id: `dev-${randomUUID().slice(0, 8)}` };
+  const s = session(device);
+  await store.create(s, 60_000);
+  await store.remove(s.sessionId);
+  // A resume that read the session before it was revoked, touching it after, with its device.
+  assert.equal(await store.touch(s.sessionId, s.userId, device, s.device), false);
+  assert.equal(await redis.exists(keys.session(s.sessionId)), 0, 'the session hash is not created again');
+  assert.equal(
+    await redis.get(keys.device(device.id)),
+    null,
+    'the device key does not name the ended session',
+  );
+  // Another user's token for this session id is refused the same way.
+  const t = session();
+  await store.create(t, 60_000);
+  assert.equal(await store.touch(t.sessionId, randomUUID(), null, null), false);
+  assert.equal(await redis.hget(keys.session(t.sessionId), 'userId'), t.userId);
+});
