@@ -244,6 +244,7 @@ const REQUEST_FIELDS: Record<RequestType, (m: Obj) => void> = {
     str(m, 'email');
     str(m, 'code');
     str(m, 'username', true);
+    device(m);
   },
   join: (m) => str(m, 'room'),
   leave: (m) => str(m, 'room'),

@@ -43,6 +43,12 @@ test('client messages: each type accepts its shape and names the bad field', () 
     [{ type: 'revoke', id: 1 }, 'bad_message:sessionId'],
     [{ type: 'otp.request', id: 1, email: 'e' }, 'ok'],
     [{ type: 'otp.verify', id: 1, email: 'e', code: '123456' }, 'ok'],
+    [{ type: 'otp.verify', id: 1, email: 'e', code: '123456', device: { id: 'd1', name: 'n' } }, 'ok'],
+    [{ type: 'otp.verify', id: 1, email: 'e', code: '123456', device: { id: 5 } }, 'bad_message:device.id'],
+    [
+      { type: 'otp.verify', id: 1, email: 'e', code: '123456', device: { id: 'd', name: 'x'.repeat(257) } },
+      'bad_message:device.name',
+    ],
     [{ type: 'otp.verify', id: 1, email: 'e', code: 123456 }, 'bad_message:code'],
     [{ type: 'join', id: 1, room: '#a' }, 'ok'],
     [{ type: 'leave', id: 1 }, 'bad_message:room'],
