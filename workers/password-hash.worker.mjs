@@ -81,15 +81,18 @@ function run(t) {
   if (t.op === 'verify') {
     if (BCRYPT.test(t.hash)) {
       const ok = bcrypt.verifySync(t.password, t.hash);
-      return { ok, rehash: ok, threadId };
+      return { ok, rehash: ok, threadId, hashed: true };
     }
     let ok = false;
+    let hashed = true;
     try {
       ok = verifySync(t.hash, t.password);
     } catch {
+      // Not a hash argon2 can read: nothing was computed (the pool then verifies its dummy).
       ok = false;
+      hashed = false;
     }
-    return { ok, rehash: ok && outdated(t.hash, t.params), threadId };
+    return { ok, rehash: ok && outdated(t.hash, t.params), threadId, hashed };
   }
   throw new Error(`unknown op ${t.op}`);
 }

@@ -48,3 +48,21 @@ test('a burst past the wait bound: refusals at once with retryAfter of at least 
     await h.close();
   }
 });
+
+test('a stored value that is no hash (an account made by email code) is answered after a full verify, as an unknown user is', async () => {
+  const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
+  try {
+    await h.ready;
+    for (const stored of ['!otp-only:0123456789abcdef', '', 'not a hash']) {
+      const r = await h.verify('pw', stored);
+      assert.equal(r.ok, false, stored);
+      assert.equal(r.rehash, false, stored);
+      assert.equal(r.hashed, true, `${JSON.stringify(stored)}: a hash was computed before the answer`);
+    }
+    const { hash } = await h.hash('pw');
+    const good = await h.verify('pw', hash);
+    assert.deepEqual([good.ok, good.hashed], [true, true]);
+  } finally {
+    await h.close();
+  }
+});
