@@ -108,6 +108,13 @@ export type ConnState = (typeof ConnState)[keyof typeof ConnState];
 
 /** Requests of one connection allowed in progress at once; more is `overloaded`. */
 const MAX_PENDING_REQUESTS = 64;
+/**
+ * Requests of one connection not yet answered, those refused or failed at once included (their
+ * errors wait for the answers before them): a client that goes on sending past this is closed
+ * with a fatal `overloaded`, so that what it sends while one request is slow cannot grow the
+ * queue, and the gateway's memory, without bound.
+ */
+const MAX_UNANSWERED = 4 * MAX_PENDING_REQUESTS;
 
 /**
  * One request in the connection's queue. Requests take effect in the order sent and are
@@ -416,6 +423,20 @@ export class Connection {
   private answerInOrder(id: number, error: unknown): void {
     if (this.queue.length === 0) {
       this.fail(error, id);
+      return;
+    }
+    if (this.queue.length >= MAX_UNANSWERED) {
+      this.fail(
+        new ProtocolError(
+          'overloaded',
+          `more than ${MAX_UNANSWERED} requests unanswered on this connection`,
+          {
+            fatal: true,
+            retryAfter: 1000,
+          },
+        ),
+        undefined,
+      );
       return;
     }
     this.queue.push({

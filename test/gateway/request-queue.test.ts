@@ -15,6 +15,7 @@ import { Registry } from 'prom-client';
 import {
   Connection,
   type ConnectionHost,
+  ConnState,
   type Handler,
   type RegisteredHandler,
   type TransportSocket,
@@ -272,4 +273,16 @@ test('a connection that closed starts none of the requests it still holds', asyn
   await tick();
   assert.deepEqual(log, ['send 1 started'], 'the join and send 3 never start');
   assert.deepEqual(c.answers(), [], 'nothing is answered on a closed connection');
+});
+
+test('a client that goes on sending while a request is slow is closed with a fatal overloaded, not queued without bound', async () => {
+  const joining = deferred();
+  const c = open({ send: () => ({}), join: () => joining.promise.then(() => ({})) });
+  c.request({ type: 'join', id: 1, room: '#r' });
+  // Each of these is answered (an error, or overloaded past 64) only after the join: they wait.
+  for (let id = 2; id <= 5000 && c.conn.state === ConnState.open; id++) c.request({ type: 'nope', id });
+  assert.equal(c.conn.state, ConnState.closing, 'closed before 5,000 unanswered requests');
+  const errors = c.answers().filter(([, type]) => type === 'error');
+  assert.equal(errors.length, 1, 'one error, the fatal one, before the close');
+  joining.resolve();
 });
