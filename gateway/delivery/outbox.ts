@@ -611,7 +611,7 @@ export class Outbox {
         for (const eid of r.acks) sessions.str(eid);
         for (const eid of r.bare) sessions.str(eid);
       }
-      calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish()));
+      calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish(), this.keys.expiries));
     }
     const replies = (await Promise.all(calls)).flatMap((r) => readScriptReply(r) as Reply[]);
     return replies.map(parsePump);

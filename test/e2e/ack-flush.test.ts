@@ -107,7 +107,11 @@ test('acks of many devices, arriving apart, are applied in one script call', asy
           s.args.includes(`${gw.prefix}{s:`) &&
           !s.args.includes(`${gw.prefix}node:`),
       )
-      .map((s) => ({ ...s, args: unpack(Buffer.from(s.args.at(-1)!, 'latin1')) as string[] }))
+      // (after the key head and tail; the expiries key follows it)
+      .map((s) => ({
+        ...s,
+        args: unpack(Buffer.from(s.args[s.args.indexOf(`${gw.prefix}{s:`) + 2], 'latin1')) as string[],
+      }))
       .filter((s) => eids.some((eid) => s.args.includes(eid)));
   await until('every ack applied', () => eids.every((eid) => ackCalls().some((s) => s.args.includes(eid))));
   await watch.stop();

@@ -441,7 +441,9 @@ describe('takeover keeps the device events', () => {
       }
       await until(() => gotOld.length >= N, 'the first deliveries');
       const kicked = kickOf(old);
-      const fresh = await connected(gw.wsUrl);
+      // No acks until the end: the moved events stay in the outbox (and a ttl in the expiry
+      // index, which an ack would empty) for the checks below.
+      const fresh = await connected(gw.wsUrl, { autoAck: false });
       const got: EventMsg[] = [];
       fresh.on('event', (e: EventMsg) => got.push(e));
       const s2 = await fresh.request<Session>('login', { username: s.username, password: PASSWORD, device });

@@ -524,4 +524,15 @@ test('acks of events sent from their publish with a receipt or an expiry remove 
   assert.equal(await exists('rc'), 0, 'receipt marks left');
   assert.equal(await exists('exp'), 0, 'expiries left');
   assert.equal(await exists('att'), 0, 'attempt counters left');
+  // Nor in the node-wide index of expiries, which the sweep would otherwise carry until the
+  // event's ttl is up (it grew with every acked event that had one).
+  const indexed = await within(
+    'the expiries index',
+    redis.with((r) => r.zrange(`${gw.prefix}expiries`, '0', '-1')),
+  );
+  assert.deepEqual(
+    indexed.filter((m) => m.startsWith(`${s.sessionId}|`)),
+    [],
+    'acked events in the expiries index',
+  );
 });

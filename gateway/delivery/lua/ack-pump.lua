@@ -9,6 +9,8 @@
 
   ARGV[1] now (ms)
   ARGV[2], ARGV[3] head and tail of a session's key names (Keys.sessionKeyParts)
+  ARGV[5] the expiries ZSET (`sid|eid` -> expiry ms, publish.lua): an acked or expired event
+  with an expiry leaves it too
   ARGV[4] the sessions: a MessagePack array of strings (script-args.ts; read with
   cmsgpack.unpack), per session:
     session id
@@ -49,6 +51,7 @@
 ]]
 local now = tonumber(ARGV[1])
 local head, tail = ARGV[2], ARGV[3]
+local expiries = ARGV[5]
 local A = cmsgpack.unpack(ARGV[4])
 
 local a = 1
@@ -57,7 +60,8 @@ local results = {}
 -- have acks applied, and a table each would be made for nothing.
 local EMPTY = {}
 while a <= #A do
-  local base = head .. A[a] .. tail
+  local sid = A[a]
+  local base = head .. sid .. tail
   local after, want, nacks, nbare = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
   local unsentFrom = tonumber(A[a + 5])
   -- Bare acks alone need q and ev only: the other names (each a new Lua string) are made when
@@ -95,7 +99,9 @@ while a <= #A do
       end
       redis.call('HDEL', K[2], eid)
       redis.call('HDEL', K[3], eid)
-      redis.call('HDEL', K[5], eid)
+      if redis.call('HDEL', K[5], eid) == 1 and expiries then
+        redis.call('ZREM', expiries, sid .. '|' .. eid)
+      end
     end
   end
   a = a + nacks
@@ -128,6 +134,7 @@ while a <= #A do
         expired[#expired + 1] = eid
         expired[#expired + 1] = payload
         removeEvent(K, eid)
+        if expiries then redis.call('ZREM', expiries, sid .. '|' .. eid) end
       else
         send[#send + 1] = eid
         send[#send + 1] = seq
