@@ -71,8 +71,16 @@ export interface DeliveryOptions {
 interface Inflight {
   attempt: number;
   deadline: number;
-  /** A retry job is scheduled; the slot stays taken until it resends or the event goes. */
+  /**
+   * A retry job is scheduled; the slot stays taken until it resends or the event goes. While
+   * waiting, `deadline` is when the job should have come (its delay and an ack timeout): past
+   * it, the node resends the event itself (the job found no node key, failed, or was lost).
+   */
   waiting: boolean;
+  /** Retry jobs scheduled for this attempt so far (each job id is new). */
+  jobs?: number;
+  /** A resend is under way (the job's and the node's own must not both send). */
+  resending?: boolean;
   /** Its ack may be applied as bare (AckPumpRequest.bare): sent from its publish, first attempt, no receipt or expiry. */
   bare: boolean;
 }
@@ -911,7 +919,14 @@ export class DeliveryService {
       // Most sessions of a large fleet have nothing in flight: no iterator made for them.
       if (pump.inflight.size === 0) continue;
       for (const [eid, f] of pump.inflight) {
-        if (f.waiting) continue;
+        if (f.waiting) {
+          // The retry job did not come in time: this node holds the session, it resends.
+          if (f.deadline <= now) {
+            f.deadline = now + this.deps.options.ackTimeoutMs;
+            this.resend(pump.sid, eid);
+          }
+          continue;
+        }
         if (f.deadline > now) break;
         if (f.attempt >= this.deps.options.maxAttempts) this.deadLetter(pump, eid, f.attempt);
         else this.scheduleRetry(pump, eid, f);
@@ -927,13 +942,18 @@ export class DeliveryService {
   }
 
   private scheduleRetry(pump: SessionPump, eid: string, f: Inflight): void {
+    const delay = this.retryDelayMs(f.attempt);
     f.waiting = true;
+    f.deadline = Date.now() + delay + this.deps.options.ackTimeoutMs;
+    // A job id of its own each time: BullMQ ignores an add whose id a job still kept has, so a
+    // second schedule of one attempt (after a failed resend) under the same id never ran.
+    f.jobs = (f.jobs ?? 0) + 1;
     this.metrics.retried.inc();
     this.retryQueue
       .add(
         'retry',
         { sessionId: pump.sid, eid, attempt: f.attempt },
-        { delay: this.retryDelayMs(f.attempt), jobId: `${pump.sid}-${eid}-${f.attempt}` },
+        { delay, jobId: `${pump.sid}-${eid}-${f.attempt}-${f.jobs}` },
       )
       .catch((e) => {
         f.waiting = false;
@@ -1041,7 +1061,8 @@ export class DeliveryService {
   private resend(sid: string, eid: string): void {
     const pump = this.pumps.get(sid);
     const f = pump?.inflight.get(eid);
-    if (!pump || !f?.waiting) return;
+    if (!pump || !f?.waiting || f.resending) return;
+    f.resending = true;
     this.deps.outbox.resend(sid, eid, Date.now()).then(
       (r) => {
         if (pump.inflight.get(eid) !== f) return;
@@ -1060,6 +1081,7 @@ export class DeliveryService {
         }
       },
       (e) => {
+        f.resending = false;
         f.waiting = false;
         f.deadline = Date.now() + 1000;
         this.deps.log.error({ err: e, sessionId: sid }, 'resend failed; will retry');

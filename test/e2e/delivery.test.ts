@@ -161,6 +161,27 @@ describe('qos 1 on one node', () => {
     c.destroy();
   });
 
+  test('a retry whose job cannot reach the node (no node key) is sent by the node itself', async () => {
+    const c = await connected(gw.tcpUrl, { autoAck: false });
+    const s = await signUp(c);
+    const got = collect(c);
+    const { eid } = await pub.publish({ session: s.sessionId }, { name: 'cfg', data: 1 });
+    await until(() => got.length >= 1, 5000, 'the first attempt');
+    // The key naming the session's node is lost (a Redis that lost writes, an operator): the
+    // retry job finds no node to tell, and the connection stays open and holds the event.
+    const r = new Redis(REDIS_URL);
+    try {
+      await r.del(`${gw.prefix}{s:${s.sessionId}}:node`);
+    } finally {
+      r.disconnect();
+    }
+    await until(() => got.length >= 2, 10000, 'the second attempt');
+    assert.equal(got[1].eid, eid);
+    assert.equal(got[1].attempt, 2);
+    c.ack([eid]);
+    c.destroy();
+  });
+
   test('after the attempt limit: dead letter and delivery.failed on the back-end queue', async () => {
     const c = await connected(gw.tcpUrl, { autoAck: false });
     const s = await signUp(c);
