@@ -744,16 +744,24 @@ export class IdentityService {
   async endSession(sessionId: string, reason: EndReason, successor?: string): Promise<boolean> {
     const s = await this.store.remove(sessionId);
     if (!s) return false;
-    await this.deps.pool.query(
-      'UPDATE sessions SET ended_at = now(), end_reason = $2 WHERE id = $1 AND ended_at IS NULL',
-      [sessionId, reason],
-    );
+    // Ended in Redis, where a session lives: every node kicks its connections and the hooks run
+    // before the audit row is written, so that a PostgreSQL that fails here cannot leave them
+    // open (a retry of the revoke would find no session to end, and kick nothing).
     await this.deps.redis.publish(
       this.deps.keys.kickChannel,
       JSON.stringify({ sessionId, code: KICK_FOR[reason] }),
     );
     for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');
+    try {
+      await this.deps.pool.query(
+        'UPDATE sessions SET ended_at = now(), end_reason = $2 WHERE id = $1 AND ended_at IS NULL',
+        [sessionId, reason],
+      );
+    } catch (e) {
+      // The session is ended; only its audit row says otherwise (ended_at missing).
+      this.deps.log.error({ err: e, sessionId, reason }, 'session end not written to PostgreSQL');
+    }
     return true;
   }
 

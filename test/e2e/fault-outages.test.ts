@@ -12,7 +12,7 @@ import type { GatewayClient } from '../../client/client.ts';
 import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
@@ -534,6 +534,30 @@ test("ten members join one room at once while the node's subscriber is away: all
     }
     await new Promise((r) => setTimeout(r, 20));
   }
+});
+
+test('a session revoked while PostgreSQL is stopped is ended and its connection kicked; the audit row is left for later', async () => {
+  const victim = await connected(gw.tcpUrl);
+  closers.push(() => victim.close());
+  const s = await signUp(victim);
+  const owner = await connected(gw.tcpUrl);
+  closers.push(() => owner.close());
+  await owner.request('login', { username: s.username, password: PASSWORD });
+  const kicked = nextEvent<{ code: string }>(victim, 'kick', 'the revoked connection kicked');
+  kicked.catch(() => {}); // awaited below
+  await pg.stop();
+  try {
+    // The session is in Redis, which answers: it is ended there and on every node at once,
+    // whatever its audit row in PostgreSQL.
+    await within('a revoke with PostgreSQL down', owner.request('revoke', { sessionId: s.sessionId }));
+    assert.equal((await kicked).code, 'session_revoked');
+    await gw.waitForLog(
+      (l) => l.msg === 'session end not written to PostgreSQL' && l.sessionId === s.sessionId,
+    );
+  } finally {
+    await pg.start();
+  }
+  await until('a login once PostgreSQL is back', async () => (await tcpLogin()).error === undefined);
 });
 
 test("ten sessions revoked at once while the node's subscriber is away: each connection is kicked once it is back", async () => {
