@@ -100,6 +100,12 @@ export class Rooms {
     let joined: [number, number, Buffer[]];
     try {
       await this.subscribeLocal(room, conn);
+      // The connection closed, or left its session, while the SUBSCRIBE was out: its leave
+      // ran then (leaveAll), finding nothing to leave; joining now would leave a member for
+      // good.
+      if (!mine.has(room) || conn.session?.sessionId !== s.sessionId || conn.state !== ConnState.open) {
+        throw new ProtocolError('unauthenticated', 'the connection left its session while joining');
+      }
       joined = (await this.deps.binding.run(
         'room_join',
         [keys.roomMembers(room), keys.sessionRooms(s.sessionId), keys.rooms, keys.roomHistory(room)],

@@ -560,6 +560,35 @@ test('a session revoked while PostgreSQL is stopped is ended and its connection 
   await until('a login once PostgreSQL is back', async () => (await tcpLogin()).error === undefined);
 });
 
+test('a connection that closes while its join waits for the room subscription leaves no member behind', async () => {
+  const room = `#ghost${Date.now() % 100000}`;
+  const gone = await connected(gw.tcpUrl);
+  const s = await signUp(gone);
+  // Redis frozen: the join (the room's first on this node) waits for its SUBSCRIBE, and the
+  // connection closes meanwhile; its leave finds nothing to leave yet.
+  redis.freeze();
+  try {
+    gone.request('join', { room }).catch(() => {});
+    await new Promise((r) => setTimeout(r, 200));
+    gone.destroy();
+    await new Promise((r) => setTimeout(r, 300));
+  } finally {
+    redis.thaw();
+  }
+  // Another member joins after the thaw; its join waits for the same SUBSCRIBE and is run
+  // after the closed connection's would have been.
+  const other = await connected(gw.tcpUrl);
+  closers.push(() => other.close());
+  await signUp(other);
+  const joined = await within(
+    'a join once Redis is back',
+    other.request<{ members: number }>('join', { room }),
+  );
+  assert.equal(joined.members, 1, 'the closed connection is not counted a member');
+  const score = await redis.with((r) => r.zscore(`${gw.prefix}room:${room}:m`, s.sessionId));
+  assert.equal(score, null);
+});
+
 test("ten sessions revoked at once while the node's subscriber is away: each connection is kicked once it is back", async () => {
   const victims = await Promise.all(
     Array.from({ length: 10 }, async () => {
