@@ -576,6 +576,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   }
   // One key must not open both APIs (docs/OPERATIONS.md, "Admin API").
   if (out.adminKey && out.adminKey === out.apiKey) problems.push('GW_ADMIN_KEY: must differ from GW_API_KEY');
+  if ((out.usernameMin as number) > (out.usernameMax as number))
+    problems.push(
+      `USERNAME_MIN_LENGTH=${out.usernameMin}: must not exceed USERNAME_MAX_LENGTH=${out.usernameMax}`,
+    );
   if (problems.length > 0) throw new ConfigError(problems);
   // The machine's cores are shared by the processes: each gets its part of the hashing threads.
   out.hashThreads ??= Math.max(1, Math.floor(availableParallelism() / (out.processes as number)));

@@ -23,6 +23,17 @@ test('every problem is reported at once, secrets are not echoed', () => {
   }
 });
 
+test('a shortest username longer than the longest is a problem reported with the others', () => {
+  assert.throws(
+    () => loadConfig({ USERNAME_MIN_LENGTH: '12', USERNAME_MAX_LENGTH: '8', GW_LOG_LEVEL: 'loud' }),
+    (e) =>
+      e instanceof ConfigError &&
+      e.problems.length === 2 &&
+      e.problems.some((p) => /USERNAME_MIN_LENGTH.*USERNAME_MAX_LENGTH/.test(p)),
+  );
+  assert.equal(loadConfig({ USERNAME_MIN_LENGTH: '8', USERNAME_MAX_LENGTH: '8' }).usernameMin, 8);
+});
+
 test('defaults', () => {
   const c = loadConfig({});
   assert.equal(c.tcpPort, 9000);
