@@ -108,6 +108,12 @@ export class IdentityService {
   private readonly registerLimit: RateLimiterRedis;
   private readonly refreshLimit: RateLimiterRedis;
   private readonly otpLimit: RateLimiterRedis;
+  /**
+   * Wrong codes per address, across the codes it is sent: a new code starts its own
+   * OTP_MAX_RETRIES, so without this an `otp.request` between every few guesses would give
+   * guesses without end. The account lockout's numbers (GW_LOCKOUT_*), locked the same way.
+   */
+  private readonly otpFailures: RateLimiterRedis;
   private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
@@ -146,6 +152,7 @@ export class IdentityService {
     this.registerLimit = limiter('register-ip', o.registerPerMinute, 60);
     this.refreshLimit = limiter('refresh-ip', o.refreshPerMinute, 60);
     this.otpLimit = limiter('otp-ip', o.otpPerMinute, 60);
+    this.otpFailures = limiter('otp-address', o.lockoutAttempts, o.lockoutSeconds);
     this.username = new RegExp(`^[A-Za-z0-9_]{${o.usernameMin},${o.usernameMax}}$`);
   }
 
@@ -837,6 +844,17 @@ export class IdentityService {
         throw badMessage('username', 'needed to create an account for a new address');
       this.checkUsername(req.username);
     }
+    // Reserved before the code is checked, as a login's attempt is: concurrent guesses count.
+    const addressKey = createHash('sha256').update(email).digest('hex');
+    let reserved: RateLimiterRes;
+    try {
+      reserved = await this.otpFailures.consume(addressKey);
+    } catch (e) {
+      if (e instanceof Error) throw e;
+      throw new ProtocolError('locked', 'too many wrong codes for this address', {
+        retryAfter: (e as RateLimiterRes).msBeforeNext,
+      });
+    }
     const result = (await this.deps.redis.eval(
       OTP_CHECK,
       1,
@@ -844,7 +862,12 @@ export class IdentityService {
       this.codeHash(email, req.code.trim()),
       this.deps.options.otpMaxRetries,
     )) as string;
-    if (result !== 'ok') throw new ProtocolError('otp_invalid');
+    if (result !== 'ok') {
+      if (reserved.remainingPoints === 0)
+        await this.otpFailures.block(addressKey, this.deps.options.lockoutSeconds);
+      throw new ProtocolError('otp_invalid');
+    }
+    await this.otpFailures.delete(addressKey);
     let userId: string;
     let username: string;
     if (r.rowCount) {

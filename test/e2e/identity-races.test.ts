@@ -214,11 +214,37 @@ describe('brute-force limits under concurrency', () => {
     const outcomes = await Promise.all(
       wrongCodes.map((c, i) => wire(conns[i % conns.length], 'otp.verify', { email, code: c })),
     );
-    assert.deepEqual(count(outcomes), { otp_invalid: 30 });
+    // Five (GW_LOCKOUT_ATTEMPTS) are checked, of which three (OTP_MAX_RETRIES) spend the code;
+    // the rest find the address locked.
+    assert.deepEqual(count(outcomes), { otp_invalid: 5, locked: 25 });
     const last = await wire(conns[1], 'otp.verify', { email, code });
     console.log('30 concurrent wrong codes, then the right one:', last.code);
-    assert.equal(last.code, 'otp_invalid', 'the code is void after OTP_MAX_RETRIES wrong tries');
+    assert.equal(last.code, 'locked', 'the address is locked after GW_LOCKOUT_ATTEMPTS wrong codes');
     for (const c of conns) c.destroy();
+  });
+
+  test('a new code does not give new guesses: wrong codes count per address across the codes sent', async () => {
+    const c = await connected(gw.tcpUrl);
+    const s = await signUp(c);
+    await c.request('logout');
+    const email = `${s.username}@example.com`;
+    const wrong = (code: string) => String((Number(code) + 1) % 1_000_000).padStart(6, '0');
+    // Three wrong tries void the first code; a second code, two more wrong: five for the address.
+    await c.request('otp.request', { email });
+    const first = codeOf(await smtp.next(email));
+    for (let i = 0; i < 3; i++)
+      assert.equal((await wire(c, 'otp.verify', { email, code: wrong(first) })).code, 'otp_invalid');
+    await c.request('otp.request', { email });
+    const second = codeOf(await smtp.next(email));
+    for (let i = 0; i < 2; i++)
+      assert.equal((await wire(c, 'otp.verify', { email, code: wrong(second) })).code, 'otp_invalid');
+    // A third code, right this time: the address is locked for GW_LOCKOUT_SECONDS.
+    await c.request('otp.request', { email });
+    const third = codeOf(await smtp.next(email));
+    const locked = await wire(c, 'otp.verify', { email, code: third });
+    assert.equal(locked.code, 'locked');
+    assert.ok(locked.retryAfter! > 0, 'locked carries retryAfter');
+    c.destroy();
   });
 });
 
