@@ -135,9 +135,10 @@ export interface DirectSender {
   /**
    * The script's answer to a claim on event `eid`: granted with its sequence and the `event`
    * message to send now (built once per event, however many claims it granted), or null
-   * (refused or failed).
+   * (refused or failed). `failed`: the call got no answer (a timeout, a lost connection), so it
+   * may still have run, and granted the claim, in Redis.
    */
-  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void;
+  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null, failed?: boolean): void;
   /** Sends a qos-0 `event` message to this node's connection of session `sid`, if it is open. */
   sendNow(sid: string, message: Buffer): void;
 }
@@ -582,7 +583,7 @@ export class Outbox {
         this.publishCallDone();
         for (const p of batch) {
           // The call may have been applied: the pump sends what the connection was not sent.
-          for (const c of p.claims) direct!.settle(c, p.event.eid, null);
+          for (const c of p.claims) direct!.settle(c, p.event.eid, null, true);
           p.waiter.rejected(p.index, e);
         }
       },

@@ -381,7 +381,7 @@ export class DeliveryService {
     const direct: DirectSender = {
       nodeId: gateway.nodeId,
       claim: (to) => this.claimSends(to),
-      settle: (claim, eid, grant) => this.settleSend(claim as PumpClaim, eid, grant),
+      settle: (claim, eid, grant, failed) => this.settleSend(claim as PumpClaim, eid, grant, failed),
       sendNow: (sid, message) => {
         const pump = this.openPump(sid);
         if (pump) this.sendEvent(pump.conn, message, 0);
@@ -880,10 +880,14 @@ export class DeliveryService {
     return claims;
   }
 
-  private settleSend({ pump }: PumpClaim, eid: string, grant: DirectGrant | null): void {
+  private settleSend({ pump }: PumpClaim, eid: string, grant: DirectGrant | null, failed = false): void {
     pump.claims--;
     // Refused (or the call failed): the event may be in the outbox, for the pump to send.
     if (grant === null) this.markBacklog(pump);
+    // A call with no answer may have run in Redis all the same (one that timed out in a frozen
+    // Redis runs when it thaws) and granted the claim: the mark raised, no wake-up published.
+    // The pump looks (a failed run is tried again every 500 ms until Redis answers).
+    if (failed) pump.again = true;
     const live = this.isLive(pump);
     // Granted: the script counted the attempt and raised the sent mark, as ack-pump does. If
     // the connection went meanwhile, the next one is pumped from the start and gets it.

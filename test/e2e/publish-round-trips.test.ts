@@ -405,6 +405,32 @@ test('a publish call held up in a frozen Redis: the next goes after its 100 ms w
   assert.ok((await pastWait()) > past0, 'a publish call sent past its wait is counted');
 });
 
+test('a publish call that timed out in a frozen Redis and ran when it thawed: its event still reaches the idle device', async () => {
+  const { device, id, eids: got } = await deviceWithEvents(gw.tcpUrl, 'pt', { autoAck: true });
+  clients.push(device);
+  const warm = `pt-warm-${randomUUID().slice(0, 8)}`;
+  await publish({ device: id }, warm);
+  await until('the warm-up event at the device', () => got.includes(warm));
+  const late = `pt-late-${randomUUID().slice(0, 8)}`;
+  let answer: Promise<number>;
+  redis.freeze();
+  try {
+    // The call waits in the frozen Redis past GW_REDIS_TIMEOUT_MS (3 s): the publisher is told
+    // it failed. Redis runs it when it thaws: the event is stored, granted to this node's
+    // connection (the sent mark raised, no wake-up), and nothing else happens on the session.
+    answer = fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body: JSON.stringify({ target: { device: id }, name: 'rt.test', data: { eid: late }, eid: late }),
+    }).then((r) => r.status);
+    await sleep(3600);
+  } finally {
+    redis.thaw();
+  }
+  assert.equal(await answer, 503, 'the publish timed out');
+  await until('the event of the timed-out call at the device', () => got.includes(late));
+});
+
 test("an outbox's TTL is refreshed by a publish once it ran down by a minute, not by every publish", async () => {
   // No acks: the events stay in the outbox, in flight.
   const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'ttl', { autoAck: false });
