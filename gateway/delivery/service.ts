@@ -338,6 +338,17 @@ export class DeliveryService {
         });
       },
     });
+    const byUser = this.byUser;
+    new Gauge({
+      name: 'gateway_delivery_sessions',
+      help: 'Sessions this node delivers to (bound to one of its connections), counted over their users.',
+      registers: [deps.registry],
+      collect() {
+        let n = 0;
+        for (const mine of byUser.values()) n += mine instanceof Set ? mine.size : 1;
+        this.set(n);
+      },
+    });
     new Gauge({
       name: 'gateway_events_inflight',
       help: 'qos-1 events sent to devices of this node and not yet acked.',
@@ -512,6 +523,11 @@ export class DeliveryService {
    */
   private bind(conn: Connection): void {
     const sid = conn.session!.sessionId;
+    // A second connection of the session on this node (a device back before its old
+    // connection was found dead): the old one's delivery state goes now, as its unbind, which
+    // comes later, finds this one in its place and leaves it alone.
+    const replaced = this.pumps.get(sid);
+    if (replaced) this.detach(replaced, replaced.conn.session ?? conn.session!);
     const pump = new SessionPump(sid, conn);
     this.pumps.set(sid, pump);
     const { userId, deviceId } = conn.session!;
@@ -619,7 +635,16 @@ export class DeliveryService {
     const pump = this.pumps.get(sid);
     if (pump?.conn !== conn) return;
     this.pumps.delete(sid);
-    const { userId, deviceId } = conn.session!;
+    this.detach(pump, conn.session!);
+    const { binding, keys, gateway } = this.deps;
+    binding.run('node_release', [keys.sessionNode(sid)], [gateway.nodeId]).catch((e) => {
+      logFailure(this.deps.log, e, {}, 'could not release session node key');
+    });
+  }
+
+  /** Takes a pump out of the maps by device and by user, and applies its last acks. */
+  private detach(pump: SessionPump, session: { userId: string; deviceId?: string }): void {
+    const { userId, deviceId } = session;
     if (deviceId && this.byDevice.get(deviceId) === pump) this.byDevice.delete(deviceId);
     const mine = this.byUser.get(userId);
     if (mine === pump) this.byUser.delete(userId);
@@ -628,10 +653,6 @@ export class DeliveryService {
       if (mine.size === 1) this.byUser.set(userId, mine.values().next().value as SessionPump);
     }
     this.applyLastAcks(pump);
-    const { binding, keys, gateway } = this.deps;
-    binding.run('node_release', [keys.sessionNode(sid)], [gateway.nodeId]).catch((e) => {
-      logFailure(this.deps.log, e, {}, 'could not release session node key');
-    });
   }
 
   private ack(conn: Connection, eids: string[]): void {

@@ -12,13 +12,14 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
-import { fetchWithin } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
 const API_KEY = 'test-api-key-0123456789';
@@ -180,6 +181,29 @@ describe('qos 1 on one node', () => {
     assert.equal(got[1].attempt, 2);
     c.ack([eid]);
     c.destroy();
+  });
+
+  test('a session taken over by its own second connection on the node, then closed, leaves the node delivering to none', async () => {
+    // The node's count of the sessions it delivers to, by user: it must come back to where it
+    // was once both connections are gone (a replaced delivery state stayed in it, holding its
+    // closed connection, for good).
+    const g = await startGateway(FAST);
+    try {
+      const bound = async () => (await scrapeMetrics(g.metricsPort)).value('gateway_delivery_sessions');
+      const first = await connected(g.tcpUrl);
+      const s = await signUp(first);
+      await until(async () => (await bound()) === 1, 10000, 'the session delivered to');
+      const kicked = nextEvent<{ code: string }>(first, 'kick', 'the first connection kicked');
+      const second = await connected(g.tcpUrl);
+      await second.request('resume', { token: s.token });
+      assert.equal((await kicked).code, 'session_takeover');
+      assert.equal(await bound(), 1, 'one session, on its second connection');
+      await second.close();
+      await first.close().catch(() => {});
+      await until(async () => (await bound()) === 0, 10000, 'no session delivered to by the node');
+    } finally {
+      await g.stop();
+    }
   });
 
   test('after the attempt limit: dead letter and delivery.failed on the back-end queue', async () => {
