@@ -433,11 +433,18 @@ test('publishMany: 300 events (two calls) with one promise, each settled in orde
   }));
   const settled = await within('300 publishes in one batch', outbox.publishMany(entries));
   assert.equal(settled.length, 300);
+  // The second call claims after the first call's last grant. Only if it went out before the
+  // first was answered (Redis slower than the calls' 100 ms wait, as on a loaded machine:
+  // counted in callsPastWait) are its claims behind, and refused: its events are then stored
+  // and left to the pump ('added').
+  const behind = outbox.callsPastWait > 0;
   settled.forEach((r, i) => {
     assert.equal(r.status, 'fulfilled', `entry ${i}`);
     const results = (r as PromiseFulfilledResult<SessionPublishResult[]>).value;
     assert.equal(results[0].sid, i === 150 ? gone : sid);
-    assert.equal(results[0].status, i === 150 ? 'gone' : 'sent', `entry ${i}`);
+    if (i === 150) assert.equal(results[0].status, 'gone');
+    else if (i >= 256 && behind) assert.ok(['sent', 'added'].includes(results[0].status), `entry ${i}`);
+    else assert.equal(results[0].status, 'sent', `entry ${i}`);
   });
   const { q } = await stored(sid);
   assert.deepEqual(
