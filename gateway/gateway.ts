@@ -202,7 +202,6 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     return !held ? [] : held instanceof Set ? [...held] : [held];
   }
 
-  /** Marks a connection as authenticated as `session`. */
   /**
    * Authenticates the connection as `session`; false, and nothing done, when the connection is
    * already closing or closed (a login or resume answered after its client went): its close

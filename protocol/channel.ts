@@ -52,7 +52,7 @@ export class Channel {
    * `kick rekey_required` that ends the connection) or the peer used up its counters.
    */
   get exhausted(): boolean {
-    return this.sendCounter >= this.maxFrames - 1 || this.recvCounter >= this.maxFrames;
+    return this.lastSendLeft || this.recvCounter >= this.maxFrames;
   }
 
   /** True when only the send counter kept for the closing `kick rekey_required` is left. */

@@ -202,13 +202,34 @@ export class IdentityService {
     if (n > 128) throw new ProtocolError('weak_password', 'password must have at most 128 characters');
   }
 
-  private async limit(limiter: RateLimiterRedis, key: string): Promise<void> {
+  /** Takes a point of `limiter` for `key`; past its budget, `code` with retryAfter. */
+  private async limit(
+    limiter: RateLimiterRedis,
+    key: string,
+    code: 'rate_limited' | 'locked' = 'rate_limited',
+    message?: string,
+  ): Promise<RateLimiterRes> {
     try {
-      await limiter.consume(key);
+      return await limiter.consume(key);
     } catch (e) {
       if (e instanceof Error) throw e;
-      throw new ProtocolError('rate_limited', undefined, { retryAfter: (e as RateLimiterRes).msBeforeNext });
+      throw new ProtocolError(code, message, { retryAfter: (e as RateLimiterRes).msBeforeNext });
     }
+  }
+
+  /**
+   * A failure that spent the last point of a reservation locks `key` for lockoutSeconds from
+   * now: the count's own window started at the first failure, and alone it would end the lock
+   * when that window ends (four failures in its last seconds, locked for those seconds only).
+   */
+  private async lockIfLast(
+    limiter: RateLimiterRedis,
+    reserved: RateLimiterRes,
+    key: string,
+  ): Promise<boolean> {
+    if (reserved.remainingPoints > 0) return false;
+    await limiter.block(key, this.deps.options.lockoutSeconds);
+    return true;
   }
 
   /** Inserts a user and its `user.registered` outbox row in one transaction. */
@@ -410,13 +431,7 @@ export class IdentityService {
     const accountKey = user ? `u:${user.id}` : `n:${ident}`;
     // Reserve the attempt before the hash is verified, so attempts in flight count (a `get`
     // before and a `penalty` after let 50 concurrent guesses through a limit of 5).
-    let reserved: RateLimiterRes;
-    try {
-      reserved = await this.accountFailures.consume(accountKey);
-    } catch (e) {
-      if (e instanceof Error) throw e;
-      throw new ProtocolError('locked', undefined, { retryAfter: (e as RateLimiterRes).msBeforeNext });
-    }
+    const reserved = await this.limit(this.accountFailures, accountKey, 'locked');
     try {
       await this.ipFailures.consume(ctx.ip);
     } catch (e) {
@@ -440,17 +455,12 @@ export class IdentityService {
       throw e;
     }
     if (!ok || !user) {
-      if (reserved.remainingPoints === 0) {
-        // The lock lasts lockoutSeconds from this failure. The count's own window started at
-        // the first failure, and alone it would end the lock when that window ends: four
-        // failures in a window's last seconds would be locked for those seconds only.
-        const lockSeconds = this.deps.options.lockoutSeconds;
-        await this.accountFailures.block(accountKey, lockSeconds);
+      if (await this.lockIfLast(this.accountFailures, reserved, accountKey)) {
         this.deps.log.warn(
           {
             ip: ctx.ip,
             ...(user ? { userId: user.id } : { unknownAccount: true }),
-            retryAfter: lockSeconds * 1000,
+            retryAfter: this.deps.options.lockoutSeconds * 1000,
           },
           'account locked',
         );
@@ -846,15 +856,12 @@ export class IdentityService {
     }
     // Reserved before the code is checked, as a login's attempt is: concurrent guesses count.
     const addressKey = createHash('sha256').update(email).digest('hex');
-    let reserved: RateLimiterRes;
-    try {
-      reserved = await this.otpFailures.consume(addressKey);
-    } catch (e) {
-      if (e instanceof Error) throw e;
-      throw new ProtocolError('locked', 'too many wrong codes for this address', {
-        retryAfter: (e as RateLimiterRes).msBeforeNext,
-      });
-    }
+    const reserved = await this.limit(
+      this.otpFailures,
+      addressKey,
+      'locked',
+      'too many wrong codes for this address',
+    );
     const result = (await this.deps.redis.eval(
       OTP_CHECK,
       1,
@@ -863,8 +870,7 @@ export class IdentityService {
       this.deps.options.otpMaxRetries,
     )) as string;
     if (result !== 'ok') {
-      if (reserved.remainingPoints === 0)
-        await this.otpFailures.block(addressKey, this.deps.options.lockoutSeconds);
+      await this.lockIfLast(this.otpFailures, reserved, addressKey);
       throw new ProtocolError('otp_invalid');
     }
     await this.otpFailures.delete(addressKey);

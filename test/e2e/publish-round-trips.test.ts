@@ -375,12 +375,18 @@ test('sends pipelined from several devices to one: every event goes out from its
   else assert.ok(fromPublish <= 4 * n, `${fromPublish} sent from the publish, behind a call past its wait`);
 });
 
-test('a publish call held up in a frozen Redis: the next goes after its 100 ms wait, counted, and both events arrive in order', async () => {
-  const { device, id, eids: got } = await deviceWithEvents(gw.tcpUrl, 'pw', { autoAck: true });
+/** An auto-acking device of this file's gateway that has had one event (warm-up) sent and received. */
+async function warmDevice(tag: string): Promise<{ id: string; eids: string[] }> {
+  const { device, id, eids } = await deviceWithEvents(gw.tcpUrl, tag, { autoAck: true });
   clients.push(device);
-  const warm = `pw-warm-${randomUUID().slice(0, 8)}`;
+  const warm = `${tag}-warm-${randomUUID().slice(0, 8)}`;
   await publish({ device: id }, warm);
-  await until('the warm-up event at the device', () => got.includes(warm));
+  await until('the warm-up event at the device', () => eids.includes(warm));
+  return { id, eids };
+}
+
+test('a publish call held up in a frozen Redis: the next goes after its 100 ms wait, counted, and both events arrive in order', async () => {
+  const { id, eids: got } = await warmDevice('pw');
   const pastWait = () => counterValue('gateway_publish_calls_past_wait_total');
   const past0 = await pastWait();
 
@@ -406,11 +412,7 @@ test('a publish call held up in a frozen Redis: the next goes after its 100 ms w
 });
 
 test('a publish call that timed out in a frozen Redis and ran when it thawed: its event still reaches the idle device', async () => {
-  const { device, id, eids: got } = await deviceWithEvents(gw.tcpUrl, 'pt', { autoAck: true });
-  clients.push(device);
-  const warm = `pt-warm-${randomUUID().slice(0, 8)}`;
-  await publish({ device: id }, warm);
-  await until('the warm-up event at the device', () => got.includes(warm));
+  const { id, eids: got } = await warmDevice('pt');
   const late = `pt-late-${randomUUID().slice(0, 8)}`;
   let answer: Promise<number>;
   redis.freeze();

@@ -9,8 +9,6 @@
 
   ARGV[1] now (ms)
   ARGV[2], ARGV[3] head and tail of a session's key names (Keys.sessionKeyParts)
-  ARGV[5] the expiries ZSET (`sid|eid` -> expiry ms, publish.lua): an acked or expired event
-  with an expiry leaves it too
   ARGV[4] the sessions: a MessagePack array of strings (script-args.ts; read with
   cmsgpack.unpack), per session:
     session id
@@ -29,6 +27,9 @@
     asked for no receipt and have no expiry (they are in q and ev only: never in rc or exp,
     and a first attempt from the publish writes no att entry), so their removal looks nowhere
     else
+
+  ARGV[5] the expiries ZSET (`sid|eid` -> expiry ms, publish.lua): an acked or expired event
+  with an expiry leaves it too (absent: the index is not touched)
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced, mark} per session
