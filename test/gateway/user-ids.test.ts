@@ -12,7 +12,7 @@ import { Redis } from 'ioredis';
 import pg from 'pg';
 import { UserIds } from '../../gateway/auth/user-ids.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { DEADLINE_MS, until, within } from '../helpers/deadline.ts';
 import { startOwnPostgres } from '../helpers/own-postgres.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -64,8 +64,11 @@ function directory(name: string) {
       d.hold = new Promise((r) => {
         release = r;
       });
+      const started = d.queries;
       const early = d.ids.of(username);
-      await new Promise((r) => setTimeout(r, 50));
+      // The look-up reads the generation before its query: the name is registered only once
+      // the query has begun (its snapshot taken), however long that read takes.
+      await until('the early query to begin', () => d.queries > started, DEADLINE_MS, 1);
       const id = await d.register(username);
       d.hold = null;
       return { early, id, release };
