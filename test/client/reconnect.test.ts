@@ -37,7 +37,7 @@ test('reconnects with backoff after going_away and resumes the session on the ne
       assert.equal(b.fingerprint, a.fingerprint, 'same identity file, same pin');
       const resumed = await reconnected;
       assert.equal(resumed.sessionId, s.sessionId, 'the same session, resumed');
-      assert.ok(attempts.length >= 1);
+      assert.ok(attempts.length >= 1, 'attempts.length >= 1');
       assert.ok(attempts[0] >= (kick.retryAfter ?? 0), 'waited at least retryAfter');
       const sessions = await c.request<{ sessions: { current: boolean }[] }>('sessions');
       assert.equal(sessions.sessions.filter((x) => x.current).length, 1);

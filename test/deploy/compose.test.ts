@@ -92,8 +92,11 @@ test('Redis keeps an AOF fsynced every second and never evicts (BullMQ), on a vo
 
 test('PostgreSQL keeps its data on a volume, has a healthcheck, and no default password', () => {
   const pg = services.postgres;
-  assert.ok(pg.volumes?.some((v) => v.endsWith(':/var/lib/postgresql/data')));
-  assert.ok(pg.healthcheck);
+  assert.ok(
+    pg.volumes?.some((v) => v.endsWith(':/var/lib/postgresql/data')),
+    "pg.volumes?.some((v) => v.endsWith(':/var/lib/postgresql/data'))",
+  );
+  assert.ok(pg.healthcheck, 'pg.healthcheck');
   assert.throws(() => interpolate(pg.environment?.POSTGRES_PASSWORD ?? '', {}), /POSTGRES_PASSWORD/);
 });
 
@@ -119,7 +122,10 @@ test("the gateway's environment is made of settings of gateway/config.ts, and th
   // The published ports are the gateway's; metrics stay on the compose network.
   const published = (gw.ports ?? []).map((p) => Number(String(p).split(':').at(-1)));
   assert.deepEqual(published.sort(), [config.httpPort, config.tcpPort].sort());
-  assert.ok(gw.expose?.map(Number).includes(config.metricsPort));
+  assert.ok(
+    gw.expose?.map(Number).includes(config.metricsPort),
+    'gw.expose?.map(Number).includes(config.metricsPort)',
+  );
   // The key files are on a named volume mounted where the image keeps them.
   const keysDir = posix.dirname(config.identityFile);
   assert.equal(posix.dirname(config.jwtKeyFile), keysDir);
@@ -140,6 +146,7 @@ test('migrations run once before the gateway starts, which waits for healthy Red
   assert.deepEqual(migrate.command, ['node', 'dist/gateway/cli.js', 'migrate', 'up']);
   assert.ok(
     existsSync(join(ROOT, 'gateway/cli.ts')) && existsSync(join(ROOT, 'gateway/auth/migrate-cli.ts')),
+    "existsSync(join(ROOT, 'gateway/cli.ts')) && existsSync(join(ROOT, 'gateway/auth/migrate-cli.ts'))",
   );
   assert.equal(migrate.image, gw.image, 'the same image');
   assert.equal(
@@ -152,13 +159,16 @@ test('migrations run once before the gateway starts, which waits for healthy Red
   );
   for (const s of [gw, migrate]) {
     assert.equal(resolve(DEPLOY, s.build?.context ?? ''), resolve(ROOT), 'built from the repository');
-    assert.ok(existsSync(join(ROOT, s.build?.dockerfile ?? 'Dockerfile')));
+    assert.ok(
+      existsSync(join(ROOT, s.build?.dockerfile ?? 'Dockerfile')),
+      "existsSync(join(ROOT, s.build?.dockerfile ?? 'Dockerfile'))",
+    );
   }
 });
 
 test('every file compose mounts exists in the repository', () => {
   const mounts = Object.values(services).flatMap(binds);
-  assert.ok(mounts.length >= 4);
+  assert.ok(mounts.length >= 4, 'mounts.length >= 4');
   for (const m of mounts) assert.ok(existsSync(m.host), `${m.host} exists`);
 });
 
@@ -176,8 +186,14 @@ test("Prometheus scrapes the gateway's metrics port as job gateway and loads ale
   const job = yml.scrape_configs.find((j) => j.job_name === 'gateway');
   assert.ok(job, 'job "gateway", the job the alert rules select');
   assert.match(readFileSync(join(DEPLOY, 'prometheus/alerts.yaml'), 'utf8'), /job="gateway"/);
-  assert.ok(job.static_configs.flatMap((c) => c.targets).includes(`gateway:${metricsPort}`));
-  assert.ok(services.gateway.expose?.map(Number).includes(metricsPort));
+  assert.ok(
+    job.static_configs.flatMap((c) => c.targets).includes(`gateway:${metricsPort}`),
+    `Prometheus scrapes gateway:${metricsPort}`,
+  );
+  assert.ok(
+    services.gateway.expose?.map(Number).includes(metricsPort),
+    'services.gateway.expose?.map(Number).includes(metricsPort)',
+  );
   // Rule files are relative to the configuration file, in the container as here.
   const inContainer = yml.rule_files.map((r) => posix.resolve(posix.dirname(configFile!), r));
   const alerts = mounts.find((m) => inContainer.includes(m.target));
@@ -212,12 +228,12 @@ test('Grafana is provisioned with the Prometheus data source and the dashboard',
     providers: { type: string; options: { path: string } }[];
   };
   const provider = dash.providers.find((p) => p.type === 'file');
-  assert.ok(provider);
+  assert.ok(provider, 'provider');
   const json = mounts.find((m) => m.host === join(DEPLOY, 'grafana/gateway.json'));
   assert.ok(json, 'the dashboard is mounted');
   assert.equal(posix.dirname(json.target), provider.options.path);
   const board = JSON.parse(readFileSync(json.host, 'utf8')) as { uid: string; panels: unknown[] };
-  assert.ok(board.uid && board.panels.length > 0);
+  assert.ok(board.uid && board.panels.length > 0, 'board.uid && board.panels.length > 0');
 });
 
 test('docker-compose validates the file, and refuses it without the passwords', (t) => {

@@ -44,7 +44,10 @@ test('the builder installs the toolchain for the addon and pg-native, runs npm c
   const build = runs.find((r) => /\bnpm ci\b/.test(r));
   assert.ok(build, 'npm ci');
   assert.match(build, /npm prune --omit=dev/);
-  assert.ok(build.indexOf('npm ci') < build.indexOf('npm prune'));
+  assert.ok(
+    build.indexOf('npm ci') < build.indexOf('npm prune'),
+    "build.indexOf('npm ci') < build.indexOf('npm prune')",
+  );
   // The addon's build never fails npm ci (native/build.mjs): the image must check it loads.
   assert.match(build, /require\('\.\/native\/build\/Release\/gw_crypto\.node'\)/);
 });

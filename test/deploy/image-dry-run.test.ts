@@ -319,7 +319,7 @@ test('the runtime files serve as a non-root user: migrations, CMD, HEALTHCHECK, 
   const st = statSync(identity);
   assert.equal(st.mode & 0o777, 0o600);
   if (asRoot) assert.equal(st.uid, NOBODY);
-  assert.ok(existsSync(laid.env.GW_JWT_KEY_FILE));
+  assert.ok(existsSync(laid.env.GW_JWT_KEY_FILE), 'existsSync(laid.env.GW_JWT_KEY_FILE)');
 
   const check = as(execForm(last(runtime, 'HEALTHCHECK')!));
   const healthy = await run('the HEALTHCHECK', check[0], check.slice(1), { cwd: laid.cwd, env }, 30_000);
@@ -327,7 +327,10 @@ test('the runtime files serve as a non-root user: migrations, CMD, HEALTHCHECK, 
 
   proc.kill('SIGTERM');
   assert.equal(await within('the gateway to exit after SIGTERM', exited, 60_000), 0, stderr.slice(-2000));
-  assert.ok(logs.some((l) => l.msg === 'shutdown complete'));
+  assert.ok(
+    logs.some((l) => l.msg === 'shutdown complete'),
+    "logs.some((l) => l.msg === 'shutdown complete')",
+  );
 
   const down = await run('the HEALTHCHECK', check[0], check.slice(1), { cwd: laid.cwd, env }, 30_000);
   assert.notEqual(down.code, 0, 'the HEALTHCHECK fails when nothing serves');

@@ -70,7 +70,7 @@ test('systemd-analyze verify accepts the unit without a warning', (t) => {
 
 test('a simple service that runs the built gateway as its own user, with its environment file', () => {
   assert.equal(one('Type'), 'simple', 'the gateway does not speak sd_notify');
-  assert.ok(one('User') && one('User') !== 'root');
+  assert.ok(one('User') && one('User') !== 'root', "one('User') && one('User') !== 'root'");
   assert.equal(one('EnvironmentFile'), '/etc/device-gateway/gateway.env');
   assert.ok(existsSync(join(ROOT, 'gateway/main.ts')), 'dist/gateway/main.js is built from gateway/main.ts');
 });
@@ -79,7 +79,7 @@ test('SIGTERM drains, and systemd waits longer than the drain before SIGKILL', (
   assert.equal(one('KillSignal'), 'SIGTERM');
   assert.equal(one('KillMode'), 'mixed');
   const config = loadConfig(envFile(readFileSync(ENV_FILE, 'utf8')));
-  assert.ok(config.drainDelayMs < config.shutdownTimeoutMs);
+  assert.ok(config.drainDelayMs < config.shutdownTimeoutMs, 'config.drainDelayMs < config.shutdownTimeoutMs');
   const stopMs = Number(one('TimeoutStopSec')) * 1000;
   // gateway/main.ts exits by itself at the latest 5 s after GW_SHUTDOWN_TIMEOUT_MS.
   assert.ok(stopMs > config.shutdownTimeoutMs + 5000, `TimeoutStopSec ${stopMs} ms`);
@@ -88,7 +88,7 @@ test('SIGTERM drains, and systemd waits longer than the drain before SIGKILL', (
 test('restarts after a failure but not after a bad configuration; room for many sockets', () => {
   assert.equal(one('Restart'), 'on-failure');
   assert.equal(one('RestartPreventExitStatus'), '2', 'exit 2 is an invalid configuration (gateway/main.ts)');
-  assert.ok(Number(one('LimitNOFILE')) >= 65536);
+  assert.ok(Number(one('LimitNOFILE')) >= 65536, "Number(one('LimitNOFILE')) >= 65536");
 });
 
 test('hardened, and writable only where the keys live', () => {
@@ -119,7 +119,7 @@ test('hardened, and writable only where the keys live', () => {
 
 test('the example environment file sets only real settings, and they load', () => {
   const env = envFile(readFileSync(ENV_FILE, 'utf8'));
-  assert.ok(Object.keys(env).length > 0);
+  assert.ok(Object.keys(env).length > 0, 'Object.keys(env).length > 0');
   for (const name of Object.keys(env)) assert.ok(CONFIG_ENV_NAMES.includes(name), `${name} is a setting`);
   const config = loadConfig(env);
   assert.equal(config.migrateOnStart, false, 'a fleet migrates once, before rolling');

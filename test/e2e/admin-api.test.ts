@@ -161,7 +161,7 @@ describe('devices and sessions', () => {
     const dev = `dev-${randomUUID().slice(0, 8)}`;
     const c = await client(b.tcpUrl);
     const node = c.welcome?.node;
-    assert.ok(node);
+    assert.ok(node, 'node');
     await signUp(c, { id: dev }, username);
     await c.request('publish', { name: 'telemetry', data: { t: 21.5 } });
     await c.request('publish', { name: 'telemetry', data: { t: 21.6 } });
@@ -176,7 +176,7 @@ describe('devices and sessions', () => {
     assert.equal(d.node, node);
     assert.equal(typeof d.connectedSince, 'number');
     assert.equal(d.outboxDepth, 0);
-    assert.ok((d.usage as { bytesIn: number }).bytesIn > 0);
+    assert.ok((d.usage as { bytesIn: number }).bytesIn > 0, '(d.usage as { bytesIn: number }).bytesIn > 0');
 
     // Two more devices of the same owner, one of them offline: pages of 2, then by online.
     const c2 = await client(a.tcpUrl);
@@ -339,7 +339,7 @@ describe('events and dead letters', () => {
       const x = await state(a);
       return x.state === 'in_flight' ? x : undefined;
     });
-    assert.ok((first.attempt as number) >= 1);
+    assert.ok((first.attempt as number) >= 1, '(first.attempt as number) >= 1');
     // Not acked: the retry sends it again with a higher attempt, which the state shows.
     await until('a second attempt', () => got.length >= 2);
     const later = await state(b);
@@ -390,7 +390,7 @@ describe('events and dead letters', () => {
       const q: string = cursor ? `&cursor=${cursor}` : '';
       const page = await admin(a, 'GET', `/v1/dead-letters?limit=1${q}`, '/v1/dead-letters');
       const items = page.body.deadLetters as { id: string; eid: string }[];
-      assert.ok(items.length <= 1);
+      assert.ok(items.length <= 1, 'items.length <= 1');
       seen.push(...items.map((x) => x.id));
       cursor = page.body.nextCursor as string | null;
       if (!cursor) break;

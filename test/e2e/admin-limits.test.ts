@@ -136,7 +136,10 @@ test('device and user limits on publish, set through one node, hold on both whil
   const list = await admin(b, 'GET', '/v1/limits', '/v1/limits');
   const scopes = (list.body.limits as { scope: string; id: string }[]).map((l) => `${l.scope}:${l.id}`);
   assert.ok(scopes.includes(`device:${d3.id}`), JSON.stringify(list.body));
-  assert.ok(scopes.some((s) => s.startsWith('user:')));
+  assert.ok(
+    scopes.some((s) => s.startsWith('user:')),
+    "scopes.some((s) => s.startsWith('user:'))",
+  );
 
   // Lifted, through the other node each time.
   assert.equal(

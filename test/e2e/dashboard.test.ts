@@ -120,7 +120,7 @@ test('every dashboard panel query returns series', async () => {
   const dash = JSON.parse(readFileSync(DASHBOARD, 'utf8')) as {
     panels: { title: string; targets: { expr: string }[] }[];
   };
-  assert.ok(dash.panels.length >= 10);
+  assert.ok(dash.panels.length >= 10, 'dash.panels.length >= 10');
   const empty: string[] = [];
   for (const panel of dash.panels) {
     for (const t of panel.targets) {

@@ -63,7 +63,7 @@ test('a member of the default room gets no room.joined/room.left for it when 20 
   );
   const { users } = await watcher.request<{ users: string[] }>('users', { room: '#general' });
   assert.equal(users.length, OTHERS + 1, '`users` of the default room lists every member');
-  assert.ok(users.includes(me.username));
+  assert.ok(users.includes(me.username), 'users.includes(me.username)');
 
   await Promise.all(others.map((c) => c.close()));
   const of = (room: string, name: string) => events.filter((e) => e.room === room && e.name === name);

@@ -91,7 +91,10 @@ describe('qos 1 on one node', () => {
       got.map((e) => e.eid),
       eids,
     );
-    assert.ok(got.every((e) => e.qos === 1 && e.attempt === 1 && e.name === 'n'));
+    assert.ok(
+      got.every((e) => e.qos === 1 && e.attempt === 1 && e.name === 'n'),
+      "got.every((e) => e.qos === 1 && e.attempt === 1 && e.name === 'n')",
+    );
     assert.deepEqual(
       got.map((e) => (e.data as { i: number }).i),
       [...Array(60).keys()],
@@ -126,6 +129,7 @@ describe('qos 1 on one node', () => {
     assert.ok(
       (failed[0] as PromiseRejectedResult).reason instanceof ProtocolError &&
         (failed[0] as PromiseRejectedResult).reason.code === 'not_found',
+      "(failed[0] as PromiseRejectedResult).reason instanceof ProtocolError && (failed[0] as PromiseRejectedResult).reason.code === 'not_found'",
     );
     const even = [...Array(20).keys()].map((k) => 2 * k);
     await until(() => gotA.length >= 21 && gotB.length >= 20, 10000, 'both sessions served');
@@ -480,7 +484,10 @@ describe('outbox bound', () => {
             [0, 0, 0, 0, 0, 1, 1],
           );
         } else {
-          assert.ok(outcomes.every((o) => o.accepted === 1));
+          assert.ok(
+            outcomes.every((o) => o.accepted === 1),
+            'outcomes.every((o) => o.accepted === 1)',
+          );
           const dropped = await r.waitFor('gw-backend', (j) => j.length >= 2, 5000, 'delivery.dropped');
           assert.equal(dropped.length, 2);
         }
@@ -535,7 +542,11 @@ describe('outbox bound', () => {
           jobs.map((j) => j.data.eid).sort(),
           policy === 'reject' ? ['a2', 'a3'] : ['b0', 'b1'],
         );
-        if (policy === 'reject') assert.ok(jobs.every((j) => j.data.reason === 'outbox_full'));
+        if (policy === 'reject')
+          assert.ok(
+            jobs.every((j) => j.data.reason === 'outbox_full'),
+            "jobs.every((j) => j.data.reason === 'outbox_full')",
+          );
         d.destroy();
       } finally {
         redis.disconnect();
@@ -581,7 +592,10 @@ describe('devices to the back end', () => {
       await wait(50);
     }
     assert.equal(usage.events_in, '1');
-    assert.ok(Number(usage.bytes_in) > 0 && Number(usage.bytes_out) > 0);
+    assert.ok(
+      Number(usage.bytes_in) > 0 && Number(usage.bytes_out) > 0,
+      'Number(usage.bytes_in) > 0 && Number(usage.bytes_out) > 0',
+    );
     r.disconnect();
   });
 });
@@ -618,7 +632,10 @@ describe('rooms and direct messages', () => {
     );
     const users = (await a.request<{ users: string[] }>('users', { room })).users;
     assert.deepEqual(users, [sa.username, sb.username].sort());
-    assert.ok((await a.request<{ users: string[] }>('users')).users.includes(sb.username));
+    assert.ok(
+      (await a.request<{ users: string[] }>('users')).users.includes(sb.username),
+      "(await a.request<{ users: string[] }>('users')).users.includes(sb.username)",
+    );
     assert.deepEqual(await b.request('leave', { room }), { room, members: 1 });
     await until(() => gotA.some((e) => e.name === 'room.left' && e.from === sb.username));
     const bad = (code: string) => (e: unknown) => e instanceof ProtocolError && e.code === code;

@@ -71,13 +71,13 @@ test('Register, Login, Validate, Refresh, Logout: every RPC of the contract, and
   const { email, userId, tokens } = await account();
   assert.match(userId, /^[0-9a-f-]{36}$/);
   assert.match(tokens.accessToken, /^eyJ/);
-  assert.ok(tokens.refreshToken.length >= 32);
+  assert.ok(tokens.refreshToken.length >= 32, 'tokens.refreshToken.length >= 32');
 
   const v = await validate(tokens.accessToken);
   assert.equal(v.valid, true);
   assert.equal(v.userId, userId);
   assert.equal(v.username, email.split('@')[0], 'the username derived from the address');
-  assert.ok(Number(v.expiresAt) > Date.now());
+  assert.ok(Number(v.expiresAt) > Date.now(), 'Number(v.expiresAt) > Date.now()');
 
   const next = await call<Tokens>(c.auth, 'Refresh', { refreshToken: tokens.refreshToken });
   refreshTokens.push(next.refreshToken);
@@ -194,7 +194,7 @@ test('lockout is RESOURCE_EXHAUSTED with RetryInfo, on the same counters as the 
   assert.equal(locked.code, 'RESOURCE_EXHAUSTED');
   assert.equal(locked.details?.reason, 'locked');
   assert.ok((locked.details?.retryDelayMs ?? 0) > 0, 'RetryInfo.retry_delay is set');
-  assert.ok((locked.details?.retryDelayMs ?? 0) <= 900_000);
+  assert.ok((locked.details?.retryDelayMs ?? 0) <= 900_000, '(locked.details?.retryDelayMs ?? 0) <= 900_000');
   await gw.waitForLog((l) => l.msg === 'account locked');
   // The account is locked for every transport, not only for gRPC.
   const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/auth/login`, {

@@ -72,7 +72,7 @@ test('register rate limit, then a PostgreSQL outage: RESOURCE_EXHAUSTED and UNAV
     30_000,
     250,
   );
-  assert.ok(back);
+  assert.ok(back, 'back');
   await gw.waitForLog((l) => l.msg === 'dependency recovered' && l.dependency === 'postgres');
 });
 
@@ -92,14 +92,14 @@ test('while Redis is down a token check fails (UNAVAILABLE, 503), never answers 
     const down = await callError(c.token, 'Validate', { accessToken });
     assert.equal(down.code, 'UNAVAILABLE', JSON.stringify(down));
     assert.equal(down.details?.reason, 'overloaded');
-    assert.ok((down.details?.retryDelayMs ?? 0) > 0);
+    assert.ok((down.details?.retryDelayMs ?? 0) > 0, '(down.details?.retryDelayMs ?? 0) > 0');
     const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/auth/validate`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ token: accessToken }),
     });
     assert.equal(res.status, 503);
-    assert.ok(Number(res.headers.get('retry-after')) >= 1);
+    assert.ok(Number(res.headers.get('retry-after')) >= 1, "Number(res.headers.get('retry-after')) >= 1");
     await until('health NOT_SERVING while Redis is down', async () => (await healthOf(c)) === 'NOT_SERVING');
   } finally {
     await redis.start();
@@ -151,7 +151,7 @@ test('a concurrent Login storm: each call OK or UNAVAILABLE with RetryInfo; drai
   for (const r of refused) {
     assert.equal(r.code, 'UNAVAILABLE', JSON.stringify(r));
     assert.equal(r.details?.reason, 'overloaded');
-    assert.ok((r.details?.retryDelayMs ?? 0) > 0);
+    assert.ok((r.details?.retryDelayMs ?? 0) > 0, '(r.details?.retryDelayMs ?? 0) > 0');
   }
   assert.equal(await okLogins(gw), okBefore + ok, 'gateway_auth_total counts every admitted login');
 

@@ -80,7 +80,7 @@ describe('health against the shared Redis and PostgreSQL', () => {
     // During the delay a new device is still let in and served.
     const late = new GatewayClient({ url: g.tcpUrl });
     await late.connect();
-    assert.ok((await late.ping()) >= 0);
+    assert.ok((await late.ping()) >= 0, '(await late.ping()) >= 0');
     assert.equal((await kicked).code, 'going_away');
     assert.equal(await g.exited, 0);
     late.destroy();

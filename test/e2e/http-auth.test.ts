@@ -84,7 +84,10 @@ test('refresh, logout, and a revoked session is refused', async () => {
   const second = await registerAndLogin();
   const out = await post('/auth/logout', {}, { authorization: `Bearer ${second.body.token}` });
   assert.equal(out.status, 200);
-  assert.ok(out.headers.getSetCookie().every((c) => c.includes('Max-Age=0')));
+  assert.ok(
+    out.headers.getSetCookie().every((c) => c.includes('Max-Age=0')),
+    "out.headers.getSetCookie().every((c) => c.includes('Max-Age=0'))",
+  );
   const after = await fetchWithin(`${base}/auth/user/me`, {
     headers: { authorization: `Bearer ${second.body.token}` },
   });
@@ -125,7 +128,7 @@ test('JWKS verifies an access token offline', async () => {
   assert.equal(protectedHeader.alg, 'EdDSA');
   assert.equal(payload.sub, body.userId);
   assert.equal(payload.sid, body.sessionId);
-  assert.ok(typeof payload.exp === 'number');
+  assert.ok(typeof payload.exp === 'number', "typeof payload.exp === 'number'");
 });
 
 test('errors: stable codes and statuses 400, 401, 409, 413, 429 with Retry-After', async () => {
@@ -156,7 +159,7 @@ test('errors: stable codes and statuses 400, 401, 409, 413, 429 with Retry-After
   r = await post('/auth/login', { username, password: PASSWORD });
   assert.equal(r.status, 429);
   assert.equal(await code(r), 'locked');
-  assert.ok(Number(r.headers.get('retry-after')) > 0);
+  assert.ok(Number(r.headers.get('retry-after')) > 0, "Number(r.headers.get('retry-after')) > 0");
 });
 
 test('login validates like the wire request: a bad device is bad_message naming the field', async () => {

@@ -48,7 +48,7 @@ test('HEAD answers like GET without the body', async () => {
   assert.equal(head.status, 200);
   assert.equal(head.headers.get('content-type'), 'application/json');
   assert.equal(await head.text(), '');
-  assert.ok(getBody.length > 0);
+  assert.ok(getBody.length > 0, 'getBody.length > 0');
   const missing = await fetchWithin(`${base}/nope`, { method: 'HEAD' });
   assert.equal(missing.status, 404);
   assert.equal(await missing.text(), '');

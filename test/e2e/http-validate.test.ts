@@ -56,7 +56,7 @@ test('a valid token: {valid: true, userId, username, sessionId, expiresAt}', asy
   assert.equal(v.body.userId, s.userId);
   assert.equal(v.body.username, s.username);
   assert.equal(v.body.sessionId, s.sessionId);
-  assert.ok((v.body.expiresAt as number) > Date.now());
+  assert.ok((v.body.expiresAt as number) > Date.now(), '(v.body.expiresAt as number) > Date.now()');
 });
 
 test('a logged-out session is {valid: false} at once', async () => {

@@ -498,7 +498,10 @@ describe('takeover keeps the device events', () => {
       // the ttl moved with its event: the expiry index names the new session
       const r = new Redis(REDIS_URL);
       try {
-        assert.ok(await r.zscore(`${gw.prefix}expiries`, `${s2.sessionId}|${eids[1]}`));
+        assert.ok(
+          await r.zscore(`${gw.prefix}expiries`, `${s2.sessionId}|${eids[1]}`),
+          'the expiry index names the new session',
+        );
         assert.equal(await r.zscore(`${gw.prefix}expiries`, `${s.sessionId}|${eids[1]}`), null);
       } finally {
         r.disconnect();
@@ -590,7 +593,10 @@ describe('takeover keeps the device events', () => {
         gotB.slice(0, 5).map((e) => e.eid),
         eids,
       );
-      assert.ok(gotB.every((e) => e.attempt! >= 2));
+      assert.ok(
+        gotB.every((e) => e.attempt! >= 2),
+        'gotB.every((e) => e.attempt! >= 2)',
+      );
       const failed = (await reader.jobs('gw-backend', 'delivery.failed')).filter((j) =>
         eids.includes(j.data.eid),
       );

@@ -97,7 +97,10 @@ for (const transport of ['tcp', 'ws'] as const) {
       ]) {
         assert.ok(k in s, k);
       }
-      assert.ok(s.expiresAt > Date.now() && s.expiresAt <= Date.now() + 15 * 60_000 + 2000);
+      assert.ok(
+        s.expiresAt > Date.now() && s.expiresAt <= Date.now() + 15 * 60_000 + 2000,
+        's.expiresAt > Date.now() && s.expiresAt <= Date.now() + 15 * 60_000 + 2000',
+      );
       const errs: ProtocolError[] = [];
       for (const fields of [
         { username: s.username, password: 'wrong password' },
@@ -158,7 +161,7 @@ for (const transport of ['tcp', 'ws'] as const) {
         s.sessionId,
       ]);
       assert.equal(audit.rows[0].end_reason, 'logout');
-      assert.ok(audit.rows[0].ended_at);
+      assert.ok(audit.rows[0].ended_at, 'audit.rows[0].ended_at');
       b.destroy();
       a.destroy();
     });
@@ -170,7 +173,10 @@ for (const transport of ['tcp', 'ws'] as const) {
       const b = await connected(url());
       const t1 = await b.request<Session>('refresh', { refresh: s.refresh });
       assert.notEqual(t1.refresh, s.refresh);
-      assert.ok(t1.token && t1.expiresAt && t1.refreshExpiresAt);
+      assert.ok(
+        t1.token && t1.expiresAt && t1.refreshExpiresAt,
+        't1.token && t1.expiresAt && t1.refreshExpiresAt',
+      );
       const results = await Promise.allSettled([
         b.request('refresh', { refresh: t1.refresh }),
         b.request('refresh', { refresh: t1.refresh }),
@@ -367,7 +373,7 @@ describe('email login codes', () => {
     await assert.rejects(c.request('otp.verify', { email, code }), isCode('bad_message'), 'username needed');
     const s = await c.request<Session>('otp.verify', { email, code, username: name });
     assert.equal(s.username, name);
-    assert.ok(s.token && s.refresh);
+    assert.ok(s.token && s.refresh, 's.token && s.refresh');
     await assert.rejects(
       c.request('otp.verify', { email, code, username: name }),
       isCode('otp_invalid'),
@@ -420,7 +426,10 @@ describe('email login codes', () => {
   test('without SMTP settings the gateway starts and otp.request gets a clear error', async () => {
     const c = await connected(gwNoSmtp.tcpUrl);
     await assert.rejects(c.request('otp.request', { email: 'a@example.com' }), isCode('forbidden'));
-    assert.ok(gwNoSmtp.logs.some((l) => String(l.msg).includes('SMTP_HOST is not set')));
+    assert.ok(
+      gwNoSmtp.logs.some((l) => String(l.msg).includes('SMTP_HOST is not set')),
+      "gwNoSmtp.logs.some((l) => String(l.msg).includes('SMTP_HOST is not set'))",
+    );
     await c.close();
   });
 });
@@ -475,7 +484,10 @@ describe('rate limits per IP', () => {
     const limited = results.filter((r) => r.status === 'rejected') as PromiseRejectedResult[];
     assert.equal(results.length - limited.length, 10, 'GW_REGISTER_PER_MINUTE defaults to 10');
     assert.equal((limited[0].reason as ProtocolError).code, 'rate_limited');
-    assert.ok((limited[0].reason as ProtocolError).retryAfter! > 0);
+    assert.ok(
+      (limited[0].reason as ProtocolError).retryAfter! > 0,
+      '(limited[0].reason as ProtocolError).retryAfter! > 0',
+    );
     await c.close();
   });
 });
@@ -499,7 +511,10 @@ describe('hashing off the event loop', () => {
       results.some((r) => r.status === 'fulfilled'),
       'some get through',
     );
-    assert.ok((overloaded[0].reason as ProtocolError).retryAfter! > 0);
+    assert.ok(
+      (overloaded[0].reason as ProtocolError).retryAfter! > 0,
+      '(overloaded[0].reason as ProtocolError).retryAfter! > 0',
+    );
     c.destroy();
   });
 
@@ -545,7 +560,10 @@ describe('hashing off the event loop', () => {
     try {
       const r = await h.hash('some password');
       assert.ok(r.threadId > 0, 'not the main thread (threadId 0)');
-      assert.ok((await h.verify('some password', r.hash)).threadId > 0);
+      assert.ok(
+        (await h.verify('some password', r.hash)).threadId > 0,
+        "(await h.verify('some password', r.hash)).threadId > 0",
+      );
     } finally {
       await h.close();
     }

@@ -91,7 +91,10 @@ test('wire, identity, HTTP and delivery metrics move by what the traffic did', a
   // 3 events, the kick.
   assert.ok(d('gateway_frames_total{direction="in"}') >= 9, 'frames in');
   assert.ok(d('gateway_frames_total{direction="out"}') >= 12, 'frames out');
-  assert.ok(d('gateway_bytes_total{direction="out"}') > d('gateway_frames_total{direction="out"}') * 16);
+  assert.ok(
+    d('gateway_bytes_total{direction="out"}') > d('gateway_frames_total{direction="out"}') * 16,
+    'd(\'gateway_bytes_total{direction="out"}\') > d(\'gateway_frames_total{direction="out"}\') * 16',
+  );
 
   const after = await scrape();
   for (const id of [s.sessionId, s.userId, s.username]) {
@@ -141,7 +144,7 @@ test('events a device holds unacked count in the outbox and in-flight gauges unt
     await until('4 events', () => got.length >= 4);
     let now = await scrape();
     assert.equal(now.value('gateway_outbox_events') - base, 4);
-    assert.ok(now.value('gateway_events_inflight') >= 4);
+    assert.ok(now.value('gateway_events_inflight') >= 4, "now.value('gateway_events_inflight') >= 4");
     device.ack(got.map((e) => e.eid));
     await until('the outbox gauge back to where it was', async () => {
       now = await scrape();

@@ -159,7 +159,10 @@ test('newest activity first, with totalActiveSessions; activity over HTTP moves 
     'the one not used since its start is last',
   );
   const byId = new Map(listed.sessions.map((s) => [s.sessionId, s]));
-  assert.ok(byId.get(first.sessionId)!.lastActivityAt > byId.get(first.sessionId)!.createdAt);
+  assert.ok(
+    byId.get(first.sessionId)!.lastActivityAt > byId.get(first.sessionId)!.createdAt,
+    'byId.get(first.sessionId)!.lastActivityAt > byId.get(first.sessionId)!.createdAt',
+  );
   for (let i = 1; i < listed.sessions.length; i++)
     assert.ok(listed.sessions[i - 1].lastActivityAt >= listed.sessions[i].lastActivityAt, 'sorted');
 });

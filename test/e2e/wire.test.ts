@@ -60,9 +60,9 @@ for (const transport of ['tcp', 'ws'] as const) {
       assert.equal(welcome.max, 4096);
       assert.equal(welcome.hb, HB);
       const rtt = await c.ping();
-      assert.ok(rtt >= 0);
+      assert.ok(rtt >= 0, 'rtt >= 0');
       const serverPing = await nextEvent<number>(c, 'ping');
-      assert.ok(serverPing > 0);
+      assert.ok(serverPing > 0, 'serverPing > 0');
       await c.close();
     });
 
@@ -152,7 +152,7 @@ for (const transport of ['tcp', 'ws'] as const) {
       const raw = await rawConnect(url());
       const msgs = await drainPlain(() => raw.next(3000));
       assert.equal(msgs[0]?.code, 'handshake_required');
-      assert.ok(raw.isClosed());
+      assert.ok(raw.isClosed(), 'raw.isClosed()');
     });
 
     test('authenticated-only requests are unauthenticated; an unknown type is unknown_type', async () => {
@@ -362,7 +362,7 @@ describe('limits and lifecycle (own gateway processes)', () => {
       const kickedAgain = nextEvent<{ code: string }>(again, 'kick');
       await again.request('resume', { token: s.token });
       assert.equal((await kickedAgain).code, 'rekey_required');
-      assert.ok(next.length > 0);
+      assert.ok(next.length > 0, 'next.length > 0');
       assert.deepEqual(next, [...Array(next.length).keys()]);
       assert.equal(g.proc.exitCode, null, 'the gateway process is still running');
     } finally {
@@ -386,7 +386,10 @@ describe('limits and lifecycle (own gateway processes)', () => {
     assert.equal(await g.exited, 0);
     for (const k of got) {
       assert.equal(k.code, 'going_away');
-      assert.ok(typeof k.retryAfter === 'number' && k.retryAfter >= 0 && k.retryAfter <= 5000);
+      assert.ok(
+        typeof k.retryAfter === 'number' && k.retryAfter >= 0 && k.retryAfter <= 5000,
+        "typeof k.retryAfter === 'number' && k.retryAfter >= 0 && k.retryAfter <= 5000",
+      );
     }
     assert.ok(new Set(got.map((k) => k.retryAfter)).size > 1, 'retryAfter is randomised per connection');
   });
@@ -443,7 +446,10 @@ describe('crypto backends in the gateway', () => {
         assert.equal(health.crypto, backend);
         const metrics = await (await fetchWithin(`http://127.0.0.1:${g.metricsPort}/metrics`)).text();
         assert.match(metrics, new RegExp(`gateway_crypto_backend_info\\{backend="${backend}"\\} 1`));
-        assert.ok(g.logs.some((l) => l.msg === 'crypto backend' && l.backend === backend));
+        assert.ok(
+          g.logs.some((l) => l.msg === 'crypto backend' && l.backend === backend),
+          "g.logs.some((l) => l.msg === 'crypto backend' && l.backend === backend)",
+        );
         for (const pref of ['node', 'auto'] as const) {
           const c = new GatewayClient({ url: g.tcpUrl, backend: selectBackend(pref).backend });
           await c.connect();
@@ -518,7 +524,7 @@ describe('backpressure', () => {
         line = g.logs.find((l) => String(l.msg).includes('overloaded'));
       }
       line ??= await g.waitForLog((l) => String(l.msg).includes('overloaded'), 10000);
-      assert.ok((line.pending as number) > 65536);
+      assert.ok((line.pending as number) > 65536, '(line.pending as number) > 65536');
       assert.ok((line.pending as number) < 65536 + 200_000, 'closed at the bound, not long after');
       s.destroy();
     } finally {

@@ -9,7 +9,7 @@ test('the README configuration table is the one generated from gateway/config.ts
     .slice(readme.indexOf('<!-- config:begin -->') + 21, readme.indexOf('<!-- config:end -->'))
     .trim();
   assert.equal(table, configMarkdown(), 'run `npm run config:doc` and paste the table into the README');
-  for (const name of CONFIG_ENV_NAMES) assert.ok(readme.includes(`\`${name}\``));
+  for (const name of CONFIG_ENV_NAMES) assert.ok(readme.includes(`\`${name}\``), `README names ${name}`);
 });
 
 test('every problem is reported at once, secrets are not echoed', () => {
@@ -17,7 +17,7 @@ test('every problem is reported at once, secrets are not echoed', () => {
     loadConfig({ GW_TCP_PORT: '70000', GW_LOG_LEVEL: 'loud', REDIS_URL: 'not a url with password hunter2' });
     assert.fail('should throw');
   } catch (e) {
-    assert.ok(e instanceof ConfigError);
+    assert.ok(e instanceof ConfigError, 'e instanceof ConfigError');
     assert.equal(e.problems.length, 3);
     assert.doesNotMatch(e.message, /hunter2/);
   }
@@ -41,7 +41,7 @@ test('defaults', () => {
   assert.equal(c.heartbeatMs, 15000);
   assert.equal(c.maxFrameBytes, 65536);
   assert.equal(c.maxConnPerIp, 0);
-  assert.ok(Object.isFrozen(c));
+  assert.ok(Object.isFrozen(c), 'Object.isFrozen(c)');
 });
 
 test('GW_TRUSTED_PROXIES: a list of addresses; anything else is a problem naming the entry', () => {

@@ -58,10 +58,16 @@ function redisTo(port: number, extra: Record<string, unknown> = {}): Redis {
 
 test('ioredis: a command while disconnected, a refused connect, a silent server', async () => {
   const offline = redisTo(closedPort);
-  assert.ok(isDependencyFault(await errorOf(() => offline.get('k'))));
+  assert.ok(
+    isDependencyFault(await errorOf(() => offline.get('k'))),
+    "isDependencyFault(await errorOf(() => offline.get('k')))",
+  );
   offline.disconnect();
   const refused = redisTo(closedPort);
-  assert.ok(isDependencyFault(await errorOf(() => refused.connect())));
+  assert.ok(
+    isDependencyFault(await errorOf(() => refused.connect())),
+    'isDependencyFault(await errorOf(() => refused.connect()))',
+  );
   refused.disconnect();
   const stuck = redisTo(silentPort, { enableReadyCheck: false });
   const e = await errorOf(async () => {
@@ -99,13 +105,16 @@ test('SQLSTATEs: unavailable and timed out are faults; constraint and syntax err
     assert.ok(isDependencyFault(Object.assign(new Error('x'), { code })), code);
   for (const code of ['23505', '42601', '42P01'])
     assert.ok(!isDependencyFault(Object.assign(new Error('x'), { code })), code);
-  assert.ok(isDependencyFault(Object.assign(new Error('x'), { sqlState: '57P01' })));
+  assert.ok(
+    isDependencyFault(Object.assign(new Error('x'), { sqlState: '57P01' })),
+    "isDependencyFault(Object.assign(new Error('x'), { sqlState: '57P01' }))",
+  );
 });
 
 test('wire answers: overloaded with retryAfter for a fault, own code kept, undefined for a bug', () => {
   const w = wireError(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
   assert.equal(w?.code, 'overloaded');
-  assert.ok((w?.retryAfter ?? 0) >= 2000);
+  assert.ok((w?.retryAfter ?? 0) >= 2000, '(w?.retryAfter ?? 0) >= 2000');
   assert.equal(wireError(new ProtocolError('not_found'))?.code, 'not_found');
   assert.equal(wireError(new TypeError('x is undefined')), undefined);
   assert.equal(
@@ -113,5 +122,5 @@ test('wire answers: overloaded with retryAfter for a fault, own code kept, undef
     undefined,
   );
   const wrapped = new AggregateError([Object.assign(new Error('a'), { code: 'ECONNREFUSED' })], 'all failed');
-  assert.ok(isDependencyFault(wrapped));
+  assert.ok(isDependencyFault(wrapped), 'isDependencyFault(wrapped)');
 });

@@ -386,7 +386,10 @@ test("a call's held events, once answered, survive Redis killed with SIGKILL and
       '40 publishes in one call',
       Promise.all(items.map((i) => outbox.publishTo({ session: sid }, event(i.eid, i.n), false, 0))),
     );
-    assert.ok(results.every((x) => x[0].status === 'sent'));
+    assert.ok(
+      results.every((x) => x[0].status === 'sent'),
+      "results.every((x) => x[0].status === 'sent')",
+    );
     await own.kill('SIGKILL');
     await own.start();
     const [q, ev, , , , seq] = keys.outbox(sid);
@@ -560,9 +563,15 @@ test('three publishMany batches and 20 single publishes racing in one tick to on
   );
   for (const batch of settled) {
     assert.equal(batch.length, 30);
-    assert.ok(batch.every((r) => r.status === 'fulfilled' && r.value[0].status === 'added'));
+    assert.ok(
+      batch.every((r) => r.status === 'fulfilled' && r.value[0].status === 'added'),
+      "batch.every((r) => r.status === 'fulfilled' && r.value[0].status === 'added')",
+    );
   }
-  assert.ok(single.every((r) => r[0].status === 'added'));
+  assert.ok(
+    single.every((r) => r[0].status === 'added'),
+    "single.every((r) => r[0].status === 'added')",
+  );
   const { q } = await stored(sid);
   assert.deepEqual(
     q.map(([eid]) => eid),

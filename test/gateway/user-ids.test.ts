@@ -85,7 +85,10 @@ test('a name nobody has costs one query, then none until a registration', async 
     'a burst of look-ups',
     Promise.all(Array.from({ length: 200 }, () => d.ids.of('nobody'))),
   );
-  assert.ok(burst.every((id) => id === null));
+  assert.ok(
+    burst.every((id) => id === null),
+    'burst.every((id) => id === null)',
+  );
   assert.equal(d.queries, 1, 'queries after 200 more at once');
 
   // Someone else registers: the miss is looked for again, once.

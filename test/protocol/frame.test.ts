@@ -46,12 +46,15 @@ test('arbitrary bytes give frames within the bound or a coded protocol error, no
       try {
         for (const part of split(Buffer.from(bytes), cuts)) {
           d.push(part, (b) => {
-            assert.ok(b.length >= 1 && b.length <= 1000);
+            assert.ok(b.length >= 1 && b.length <= 1000, 'b.length >= 1 && b.length <= 1000');
           });
         }
       } catch (e) {
         assert.ok(e instanceof ProtocolError, `unexpected ${e}`);
-        assert.ok(e.code === 'bad_frame' || e.code === 'frame_too_large');
+        assert.ok(
+          e.code === 'bad_frame' || e.code === 'frame_too_large',
+          "e.code === 'bad_frame' || e.code === 'frame_too_large'",
+        );
       }
     }),
     { numRuns: 1000 },

@@ -103,7 +103,7 @@ test('a ProtocolError is made without a stack trace, and other errors keep their
   // clients ask: capturing the stack was most of its cost (bench/RESULTS.md, tenth session).
   const e = new ProtocolError('not_found', 'the target has no live session', { field: 'target' });
   assert.equal(e.stack, 'ProtocolError: the target has no live session');
-  assert.ok(e instanceof Error);
+  assert.ok(e instanceof Error, 'e instanceof Error');
   assert.deepEqual(
     [e.code, e.message, e.field, e.fatal],
     ['not_found', 'the target has no live session', 'target', false],

@@ -53,9 +53,12 @@ test('delivery and ack latencies are timed from the publish, first receipt and f
   l.acked('e1', 31);
   assert.equal(l.delivery.count, 2);
   assert.equal(l.ack.count, 2);
-  assert.ok(Math.abs(l.delivery.percentiles().max - 30) < 0.05);
-  assert.ok(Math.abs(l.ack.percentiles().max - 600) < 0.5);
-  assert.ok(Math.abs(l.ack.at(1) - 31) < 0.05);
+  assert.ok(
+    Math.abs(l.delivery.percentiles().max - 30) < 0.05,
+    'Math.abs(l.delivery.percentiles().max - 30) < 0.05',
+  );
+  assert.ok(Math.abs(l.ack.percentiles().max - 600) < 0.5, 'Math.abs(l.ack.percentiles().max - 600) < 0.5');
+  assert.ok(Math.abs(l.ack.at(1) - 31) < 0.05, 'Math.abs(l.ack.at(1) - 31) < 0.05');
 });
 
 test('a redelivery whose first attempt never arrived is a redelivery, not a duplicate', () => {
@@ -133,7 +136,7 @@ test('the same seed gives every actor the same random stream, other seeds and ac
   assert.deepEqual(take(7, 3), take(7, 3));
   assert.notDeepEqual(take(7, 3), take(7, 4));
   assert.notDeepEqual(take(7, 3), take(8, 3));
-  for (const v of take(1, 0)) assert.ok(v >= 0 && v < 1);
+  for (const v of take(1, 0)) assert.ok(v >= 0 && v < 1, 'v >= 0 && v < 1');
 });
 
 test('error codes: protocol codes, Node codes, timeouts, requests cut by a close', () => {

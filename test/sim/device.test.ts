@@ -63,7 +63,7 @@ test('a device whose earlier register went through logs in when its username is 
       throw new Error(`${(e as Error).message}; errors: ${JSON.stringify(ctx.metrics.errors)}`);
     });
     assert.equal(ctx.metrics.login.count, 1);
-    assert.ok(d.session?.sessionId);
+    assert.ok(d.session?.sessionId, 'd.session?.sessionId');
   } finally {
     stop();
     await within('the device to stop', d.stop());

@@ -130,7 +130,10 @@ test('a short run with churn and withheld acks loses nothing, sees redeliveries,
   assert.ok(report.duplicates > 0, `no duplicate seen\n${detail}`);
   assert.ok(report.reconnects > 0, `no reconnect after churn\n${detail}`);
   assert.equal(report.devices.started, 20, detail);
-  assert.ok(report.latency.delivery.count > 0 && report.latency.delivery.p99 >= report.latency.delivery.p50);
+  assert.ok(
+    report.latency.delivery.count > 0 && report.latency.delivery.p99 >= report.latency.delivery.p50,
+    'report.latency.delivery.count > 0 && report.latency.delivery.p99 >= report.latency.delivery.p50',
+  );
   assert.ok(report.latency.handshake.count >= 20 && report.latency.login.count === 20, detail);
   assert.ok(report.devicePublishes > 0 && report.says > 0, detail);
   assert.ok(report.gateway.cpuSeconds > 0 && report.gateway.peakRssMb > 0, detail);
