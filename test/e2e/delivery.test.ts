@@ -11,7 +11,7 @@ import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.t
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
@@ -99,7 +99,7 @@ describe('qos 1 on one node', () => {
       got.map((e) => (e.data as { i: number }).i),
       [...Array(60).keys()],
     );
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     await until(() => true);
     for (let i = 0; i < 50 && (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) > 0; i++) await wait(50);
     assert.equal(await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`), 0, 'acked events leave the outbox');
@@ -174,7 +174,7 @@ describe('qos 1 on one node', () => {
     await until(() => got.length >= 1, 5000, 'the first attempt');
     // The key naming the session's node is lost (a Redis that lost writes, an operator): the
     // retry job finds no node to tell, and the connection stays open and holds the event.
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     try {
       await r.del(`${gw.prefix}{s:${s.sessionId}}:node`);
     } finally {
@@ -304,7 +304,7 @@ describe('sending from the publish', () => {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);
     const got = collect(c);
-    const redis = new Redis(REDIS_URL);
+    const redis = redisClient();
     const sent = async () => {
       const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
       return Number(/^gateway_events_sent_from_publish_total (\d+)/m.exec(text)?.[1] ?? 0);
@@ -511,7 +511,7 @@ describe('outbox bound', () => {
     for (const policy of ['reject', 'drop-oldest'] as const) {
       const g = await startGateway({ ...FAST, GW_OUTBOX_MAX: '5', GW_OUTBOX_POLICY: policy });
       const r = new QueueReader(g.prefix);
-      const redis = new Redis(REDIS_URL);
+      const redis = redisClient();
       try {
         const device = { id: `bound-${randomUUID().slice(0, 8)}` };
         const c1 = await connected(g.tcpUrl);
@@ -584,7 +584,7 @@ describe('devices to the back end', () => {
       (e: unknown) => e instanceof ProtocolError && e.code === 'bad_message',
     );
     await c.close();
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     const device = job!.data.device as string;
     let usage: Record<string, string> = {};
     for (let i = 0; i < 40 && !usage.events_in; i++) {
@@ -680,7 +680,7 @@ describe('rooms and direct messages', () => {
     const b2 = await connected(gw.tcpUrl);
     const sb2 = await b2.request<Session>('login', { username: sb1.username, password: PASSWORD });
     const g2 = collect(b2);
-    const redis = new Redis(REDIS_URL);
+    const redis = redisClient();
     try {
       // What Redis does when the session's TTL runs out: the session record goes, the id stays
       // in the user's set.
@@ -780,7 +780,7 @@ describe('two gateway processes', () => {
       const duplicates = all.length - received.size;
       assert.ok(duplicates <= 32, `duplicates ${duplicates} within the in-flight window (32)`);
       // the cluster-wide sweep removes node A's presence and room membership
-      const r = new Redis(REDIS_URL);
+      const r = redisClient();
       const stale = async () => {
         const pres = await r.hvals(`${shared.GW_REDIS_PREFIX}presence`);
         return pres.some((p) => JSON.parse(p).node === a.logs.find((l) => l.msg === 'gateway ready')?.node);

@@ -7,11 +7,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { Redis } from 'ioredis';
+import type { Redis } from 'ioredis';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, deviceWithEvents, PASSWORD } from '../helpers/accounts.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
@@ -45,7 +45,7 @@ before(async () => {
     }),
     startGateway({ ...COMMON, GW_ACK_TIMEOUT_MS: '60000' }),
   ]);
-  redis = new Redis(REDIS_URL);
+  redis = redisClient();
   reader = new QueueReader(slow.prefix);
 });
 after(async () => {

@@ -7,13 +7,12 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
-import { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { query, REDIS_URL } from '../helpers/cleanup.ts';
+import { query, REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
@@ -261,7 +260,7 @@ describe('refresh grace', () => {
     assert.equal(retry.data!.token, p1.token, 'same access token');
     assert.equal((await b.request('validate', { token: p1.token })).valid, true);
     // nothing usable is kept in clear in Redis
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     try {
       const keys = await r.keys(`${gw.prefix}*`);
       for (const k of keys) {
@@ -496,7 +495,7 @@ describe('takeover keeps the device events', () => {
       );
       assert.equal(failed.length, 0, `delivery.failed for ${failed.length} moved events`);
       // the ttl moved with its event: the expiry index names the new session
-      const r = new Redis(REDIS_URL);
+      const r = redisClient();
       try {
         assert.ok(
           await r.zscore(`${gw.prefix}expiries`, `${s2.sessionId}|${eids[1]}`),
@@ -615,7 +614,7 @@ describe('a connection that closes while its login is under way', () => {
   test('the login, answered after the close, binds nothing to the closed connection', async () => {
     // A slow hash (~100 ms or more here) so that the socket is gone before the password is verified.
     const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     try {
       const username = newName();
       const setup = await connected(g.tcpUrl);

@@ -10,7 +10,7 @@ import { Redis } from 'ioredis';
 import type { Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { query, REDIS_URL } from '../helpers/cleanup.ts';
+import { query, REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { nextEvent } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
@@ -411,7 +411,7 @@ describe('email login codes', () => {
 
     await c.request('otp.request', { email });
     const code = codeOf(await smtp.next(email));
-    const r = new Redis(REDIS_URL);
+    const r = redisClient();
     await r.pexpire(otpKey(gw.prefix, email), 1); // let Redis expire it now
     r.disconnect();
     await wait(20);

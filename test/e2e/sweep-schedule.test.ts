@@ -12,8 +12,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { Redis } from 'ioredis';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import type { Redis } from 'ioredis';
+import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import {
   type DeploymentEnv,
@@ -35,7 +35,7 @@ const SIZE_OF: Record<string, string> = {
 
 let env: DeploymentEnv;
 let gw: GatewayProcess;
-const redis = new Redis(REDIS_URL);
+const redis = redisClient();
 
 before(async () => {
   env = deploymentEnv();

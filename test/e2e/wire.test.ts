@@ -6,7 +6,6 @@ import { randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
-import { Redis } from 'ioredis';
 import { GatewayClient } from '../../client/client.ts';
 import {
   ClientHandshake,
@@ -19,7 +18,7 @@ import {
   unpackMessage,
 } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
@@ -348,7 +347,7 @@ describe('limits and lifecycle (own gateway processes)', () => {
       assert.ok(got.length < 20, `${got.length} events came before the kick`);
       assert.deepEqual(got, [...Array(got.length).keys()], 'the events before the kick, in order');
       // Nothing was acked: all 20 are still in the session's outbox.
-      const r = new Redis(REDIS_URL);
+      const r = redisClient();
       try {
         assert.equal(await r.zcard(`${g.prefix}{s:${s.sessionId}}:q`), 20);
       } finally {

@@ -22,7 +22,7 @@ import {
 } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { pack, unpack } from '../../protocol/index.ts';
-import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -371,7 +371,7 @@ test('every target once in the call (each event written as it comes): 30 session
 test("a call's held events, once answered, survive Redis killed with SIGKILL and restarted from its AOF", async () => {
   // A private Redis that writes every change to its AOF before it answers.
   const own = await startOwnRedis(['--appendonly', 'yes', '--appendfsync', 'always']);
-  const r = new Redis(own.url, { enableAutoPipelining: true });
+  const r = redisClient(own.url, { enableAutoPipelining: true });
   r.on('error', () => {}); // its reconnects while the server is down
   try {
     const sender = new Sender();
@@ -596,7 +596,7 @@ async function withNodeRedis(
 ): Promise<void> {
   const own = await startOwnRedis();
   const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
-  const sub = new Redis(own.url);
+  const sub = redisClient(own.url);
   try {
     const sender = new Sender();
     const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });

@@ -7,12 +7,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
-import { Redis } from 'ioredis';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
 
-const redis = new Redis(REDIS_URL);
+const redis = redisClient();
 after(() => redis.disconnect());
 
 test('what Redis unpacks is what was written, string by string', async () => {

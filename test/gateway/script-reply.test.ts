@@ -5,12 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
-import { Redis } from 'ioredis';
 import { readScriptReply, ScriptReplyError } from '../../gateway/delivery/script-reply.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
 
-const redis = new Redis(REDIS_URL);
+const redis = redisClient();
 after(() => redis.disconnect());
 
 const packed = async (lua: string, ...args: (string | Buffer)[]): Promise<Buffer> =>

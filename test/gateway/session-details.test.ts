@@ -7,12 +7,11 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { Redis } from 'ioredis';
 import { ActivityTracker } from '../../gateway/auth/activity.ts';
 import { deviceInfoFromUserAgent, isLocalAddress, Locator } from '../../gateway/auth/session-details.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
-import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
 
 const GEOIP = fileURLToPath(new URL('../fixtures/geoip-city-test.mmdb', import.meta.url));
 
@@ -64,7 +63,7 @@ test('a location from the MaxMind-format database on disk, never from the networ
   await assert.rejects(Locator.open('/nonexistent/GeoLite2-City.mmdb'));
 });
 
-const redis = new Redis(REDIS_URL);
+const redis = redisClient();
 const keys = new Keys(`gwtest:${randomUUID().slice(0, 8)}:`);
 after(async () => {
   await dropRedisPrefix(keys.prefix);

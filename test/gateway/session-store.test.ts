@@ -6,13 +6,12 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
-import { Redis } from 'ioredis';
 import { type LiveSession, SessionStore } from '../../gateway/auth/session-store.ts';
 import { Keys } from '../../gateway/keys.ts';
-import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
 
 const prefix = `gwtest:store:${randomUUID().slice(0, 8)}:`;
-const redis = new Redis(REDIS_URL);
+const redis = redisClient();
 const keys = new Keys(prefix);
 const TTL = 600;
 const store = new SessionStore(redis, keys, TTL);

@@ -1,12 +1,21 @@
 /** Removes what a test left in Redis (its key prefix) and PostgreSQL (its schema). */
-import { Redis } from 'ioredis';
+import { Redis, type RedisOptions } from 'ioredis';
 import pg from 'pg';
+import { DEADLINE_MS } from './deadline.ts';
 
 export const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 export const DATABASE_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
 
+/**
+ * A test's own Redis client (the shared server's unless `url` names another): every command has
+ * the default deadline, so a read from a Redis that hangs fails the test instead of hanging it.
+ */
+export function redisClient(url = REDIS_URL, options: RedisOptions = {}): Redis {
+  return new Redis(url, { commandTimeout: DEADLINE_MS, ...options });
+}
+
 export async function dropRedisPrefix(prefix: string): Promise<void> {
-  const r = new Redis(REDIS_URL);
+  const r = redisClient();
   try {
     let cursor = '0';
     do {

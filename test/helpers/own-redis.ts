@@ -7,6 +7,7 @@ import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Redis } from 'ioredis';
+import { redisClient } from './cleanup.ts';
 import { within } from './deadline.ts';
 import { freePort } from './net.ts';
 
@@ -53,7 +54,12 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     exited = new Promise((resolve) => p.once('exit', () => resolve()));
     const end = Date.now() + 15000;
     for (;;) {
-      const r = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+      const r = new Redis(url, {
+        lazyConnect: true,
+        maxRetriesPerRequest: 0,
+        retryStrategy: () => null,
+        commandTimeout: 1000,
+      });
       r.on('error', () => {});
       try {
         await r.connect();
@@ -86,7 +92,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     freeze: () => proc?.kill('SIGSTOP'),
     thaw: () => proc?.kill('SIGCONT'),
     async with(fn) {
-      const r = new Redis(url, { maxRetriesPerRequest: 1 });
+      const r = redisClient(url, { maxRetriesPerRequest: 1 });
       r.on('error', () => {});
       try {
         return await fn(r);

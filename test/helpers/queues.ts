@@ -2,9 +2,11 @@
 import { type Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import { REDIS_URL } from './cleanup.ts';
+import { DEADLINE_MS } from './deadline.ts';
 
 export class QueueReader {
-  private readonly conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  // No blocking command is sent on it (a Queue, not a Worker), so each has the test deadline.
+  private readonly conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null, commandTimeout: DEADLINE_MS });
   private readonly queues = new Map<string, Queue>();
 
   constructor(private readonly prefix: string) {}
