@@ -155,13 +155,15 @@ while a <= #A do
   if #send > 0 then
     -- Numbers as strings, as in publish.lua: the TTL formatted once, the sequence as the
     -- range returned it.
-    local ttl = redis.call('TTL', K[1])
+    -- In milliseconds: the mark must not outlive the sequence counter, which has q's life
+    -- (publish.lua, where the outbox's TTL is refreshed).
+    local ttl = redis.call('PTTL', K[1])
     local ttlS = string.format('%d', ttl)
-    if ttl > 0 then redis.call('EXPIRE', K[3], ttlS) end
+    if ttl > 0 then redis.call('PEXPIRE', K[3], ttlS) end
     local lastS = send[#send - 2]
     if tonumber(lastS) > mark then
       if ttl > 0 then
-        redis.call('SET', K[7], lastS, 'EX', ttlS)
+        redis.call('SET', K[7], lastS, 'PX', ttlS)
       else
         redis.call('SET', K[7], lastS)
       end

@@ -149,8 +149,9 @@ end
 
 -- The outbox's TTL is refreshed when it has run down by `slack` seconds, not by every call: a
 -- TTL read instead of three EXPIREs (q and ev are created and emptied together, and every
--- refresh sets q, ev and seq at once, so q's TTL stands for the three).
+-- refresh sets q, ev and seq at once, so q's TTL stands for the three, and for the sent mark).
 local slack = math.min(60, math.floor(ttl / 10))
+local ttlMs, slackMs, ttlPx = ttl * 1000, slack * 1000, string.format('%d', ttl * 1000)
 
 -- Per session, what this call already read or did. The call is atomic, so what it read stays
 -- true but for its own writes, which it keeps here too: alive (its session record exists), size
@@ -184,7 +185,7 @@ local function write(K, d)
     redis.call('EXPIRE', K[2], ttlS)
     redis.call('EXPIRE', K[6], ttlS)
   end
-  if d.hmark then redis.call('SET', K[9], d.hmark, 'EX', ttlS) end
+  if d.hmark then redis.call('SET', K[9], d.hmark, 'PX', d.ttl) end
   d.held, d.extra, d.expire, d.hmark, d.hq, d.hev, d.heids = 0, 0, false, false, false, false, false
 end
 
@@ -321,10 +322,17 @@ while a <= #A do
       end
       -- The outbox lives as long as a session could: a call that publishes to it sees that
       -- its keys have at least `ttl - slack` seconds left (once per key and call).
-      -- (Set when the held events are written, after the keys exist.)
+      -- (Set when the held events are written, after the keys exist.) d.ttl keeps what the
+      -- sequence counter has left, in milliseconds, for the sent mark: the mark must never
+      -- outlive the counter. A counter gone under a mark still there would start again at 1,
+      -- below the mark and a live connection's claim, and its events would be neither granted
+      -- nor taken by that connection's pump (which takes past the claim) until the sequence
+      -- passed the mark again. A mark gone first is a rollback (ack-pump.lua): the pump starts
+      -- over.
       if not d.ttl then
-        d.ttl = true
-        if created or redis.call('TTL', K[1]) < ttl - slack then
+        local left = created and -2 or redis.call('PTTL', K[1])
+        if left < ttlMs - slackMs then
+          d.ttl = ttlPx
           if holding then
             d.expire = true
           else
@@ -332,6 +340,8 @@ while a <= #A do
             redis.call('EXPIRE', K[2], ttlS)
             redis.call('EXPIRE', K[6], ttlS)
           end
+        else
+          d.ttl = string.format('%d', left)
         end
       end
       if receipt and not d.rc then
@@ -370,7 +380,7 @@ while a <= #A do
         status = 2
         d.granted = seqS
         d.mark = seq
-        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
+        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
       end
       -- Forwarded (d.size counts this event: the ones before it, all sent and not acked, leave a
       -- slot). The chain goes on: the next event of the session here finds the mark before it.
@@ -387,7 +397,7 @@ while a <= #A do
       if forwarded then
         redis.call('PUBLISH', forwards .. node, message)
         d.mark = seq
-        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'EX', ttlS) end
+        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
       elseif not grant then
         -- A refused or missing claim ends the chain: the pump sends this event, and so
         -- everything after it.
