@@ -198,6 +198,18 @@ function bin(m: Obj, field: string, size: number): void {
   if (v.length !== size) throw badMessage(field, `must be ${size} bytes`);
 }
 
+// biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it finds
+const CONTROL = /[\u0000-\u001f\u007f]/;
+
+/**
+ * Whether `s` holds a C0 control character (U+0000-U+001F) or DEL (U+007F). Text that goes to
+ * PostgreSQL must hold no NUL (pg-native cuts a parameter at one, the pure-JS driver's insert
+ * fails), and no field the gateway stores has a use for the others (docs/PROTOCOL.md §8).
+ */
+export function hasControlChars(s: string): boolean {
+  return CONTROL.test(s);
+}
+
 function device(m: Obj): void {
   const d = m.device;
   if (d === undefined) return;
@@ -205,13 +217,13 @@ function device(m: Obj): void {
     throw badMessage('device', 'must be a map');
   }
   const dm = d as Obj;
-  if (typeof dm.id !== 'string' || dm.id.length === 0 || dm.id.length > 128) {
-    throw badMessage('device.id', 'must be a string of 1-128 characters');
+  if (typeof dm.id !== 'string' || dm.id.length === 0 || dm.id.length > 128 || hasControlChars(dm.id)) {
+    throw badMessage('device.id', 'must be a string of 1-128 characters, no control characters');
   }
   for (const f of ['name', 'model', 'fw']) {
     const v = dm[f];
-    if (v !== undefined && (typeof v !== 'string' || v.length > 256)) {
-      throw badMessage(`device.${f}`, 'must be a string of at most 256 characters');
+    if (v !== undefined && (typeof v !== 'string' || v.length > 256 || hasControlChars(v))) {
+      throw badMessage(`device.${f}`, 'must be a string of at most 256 characters, no control characters');
     }
   }
 }

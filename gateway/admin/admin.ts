@@ -11,7 +11,7 @@
 import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type pg from 'pg';
-import { ProtocolError, unpack } from '../../protocol/index.ts';
+import { hasControlChars, ProtocolError, unpack } from '../../protocol/index.ts';
 import type { LiveSession } from '../auth/session-store.ts';
 import type { Outbox, StoredEvent } from '../delivery/outbox.ts';
 import { logQueueErrors } from '../faults.ts';
@@ -248,7 +248,10 @@ export class AdminService {
     cursor?: string;
     limit: number;
   }): Promise<Page<DeviceSummary>> {
-    const after = q.cursor ? unb64(q.cursor, (v): v is string => typeof v === 'string') : '';
+    // The last device id of a page: a device id, so no control character (and no NUL for PostgreSQL).
+    const after = q.cursor
+      ? unb64(q.cursor, (v): v is string => typeof v === 'string' && !hasControlChars(v))
+      : '';
     let ownerId: string | null = null;
     if (q.owner !== undefined) {
       ownerId = await this.deps.identity.userIdOf(q.owner);

@@ -23,7 +23,13 @@ import { createHash, randomBytes, randomInt, randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import type pg from 'pg';
 import { RateLimiterRedis, type RateLimiterRes } from 'rate-limiter-flexible';
-import { badMessage, type Device, ProtocolError, type SessionData } from '../../protocol/index.ts';
+import {
+  badMessage,
+  type Device,
+  hasControlChars,
+  ProtocolError,
+  type SessionData,
+} from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
@@ -178,7 +184,9 @@ export class IdentityService {
 
   private normalizeEmail(raw: string): string {
     const email = raw.trim().toLowerCase();
-    if (email.length > 254 || !EMAIL.test(email)) throw new ProtocolError('invalid_email');
+    // No control character either: `\s` leaves out NUL, which PostgreSQL refuses (PROTOCOL.md §8).
+    if (email.length > 254 || !EMAIL.test(email) || hasControlChars(email))
+      throw new ProtocolError('invalid_email');
     return email;
   }
 
@@ -187,8 +195,7 @@ export class IdentityService {
     if (raw === undefined) return null;
     const name = raw.trim();
     if (name === '') return null;
-    // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it refuses
-    if ([...name].length > 128 || /[\u0000-\u001f\u007f]/.test(name))
+    if ([...name].length > 128 || hasControlChars(name))
       throw new ProtocolError('bad_message', 'fullName: at most 128 characters, no control characters', {
         field: 'fullName',
       });
@@ -420,12 +427,18 @@ export class IdentityService {
     ctx: RequestContext,
   ): Promise<SessionGrant> {
     const ident = (req.username ?? req.email ?? '').trim().toLowerCase();
-    const r = await this.deps.pool.query(
-      req.username !== undefined
-        ? 'SELECT id, username, password_hash FROM users WHERE lower(username) = lower($1)'
-        : 'SELECT id, username, password_hash FROM users WHERE email = $1',
-      [req.username !== undefined ? req.username : ident],
-    );
+    // A name or address with a control character is no account's (none can be registered), and
+    // is not looked up: pg-native would cut it at a NUL and find the account named by what comes
+    // before. It is an unknown user, answered after the same work as one (PROTOCOL.md §8).
+    const named = !hasControlChars(req.username ?? req.email ?? '');
+    const r = named
+      ? await this.deps.pool.query(
+          req.username !== undefined
+            ? 'SELECT id, username, password_hash FROM users WHERE lower(username) = lower($1)'
+            : 'SELECT id, username, password_hash FROM users WHERE email = $1',
+          [req.username !== undefined ? req.username : ident],
+        )
+      : { rows: [] };
     const user = r.rows[0] as { id: string; username: string; password_hash: string } | undefined;
     // One failure counter per account, whether it is named by username or by email.
     const accountKey = user ? `u:${user.id}` : `n:${ident}`;

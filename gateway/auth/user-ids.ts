@@ -17,6 +17,7 @@
  * Without a generation (Redis did not answer) nothing is remembered of a miss.
  */
 import { LRUCache } from 'lru-cache';
+import { hasControlChars } from '../../protocol/index.ts';
 
 /** Enough for every user of a large fleet that receives direct messages; ~150 B an entry. */
 const MAX_ENTRIES = 100_000;
@@ -65,6 +66,9 @@ export class UserIds {
    * per name and registration for a name not found.
    */
   of(username: string): Promise<string | null> {
+    // No user's name has a control character, and PostgreSQL must not see a NUL: pg-native cuts
+    // the parameter there and would find the user named by what comes before it.
+    if (hasControlChars(username)) return Promise.resolve(null);
     const key = username.toLowerCase();
     const hit = this.cache.get(key);
     if (hit !== undefined) return Promise.resolve(hit);

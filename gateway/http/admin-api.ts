@@ -8,7 +8,7 @@
 
 import type uWS from 'uWebSockets.js';
 import { createHash, timingSafeEqual } from 'node:crypto';
-import { ProtocolError } from '../../protocol/index.ts';
+import { hasControlChars, ProtocolError } from '../../protocol/index.ts';
 import { type AdminService, pageLimit } from '../admin/admin.ts';
 import { type LimitScope, type Limits, parseLimitSet } from '../admin/limits.ts';
 import type { Logger } from '../log.ts';
@@ -66,8 +66,10 @@ function segment(raw: string, field: string): string {
   } catch {
     throw new ProtocolError('bad_message', `${field}: not valid URL encoding`, { field });
   }
-  if (v.length === 0 || v.length > MAX_ID) {
-    throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters`, { field });
+  if (v.length === 0 || v.length > MAX_ID || hasControlChars(v)) {
+    throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters, no control characters`, {
+      field,
+    });
   }
   return v;
 }
@@ -75,8 +77,10 @@ function segment(raw: string, field: string): string {
 function optional(q: URLSearchParams, field: string): string | undefined {
   const v = q.get(field);
   if (v === null) return undefined;
-  if (v.length === 0 || v.length > MAX_ID) {
-    throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters`, { field });
+  if (v.length === 0 || v.length > MAX_ID || hasControlChars(v)) {
+    throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters, no control characters`, {
+      field,
+    });
   }
   return v;
 }
