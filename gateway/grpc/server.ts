@@ -71,11 +71,17 @@ export function peerIp(peer: string): string {
   return bare.startsWith('::ffff:') ? bare.slice(7) : bare;
 }
 
-/** A required proto3 string: unset ("") is INVALID_ARGUMENT; bounded as the wire bounds strings. */
-function required(req: Fields, field: string): string {
+/** The wire's bound on a free-form string (protocol/messages.ts), here as there. */
+const MAX_STRING = 4096;
+
+/**
+ * A required proto3 string: unset ("") is INVALID_ARGUMENT; bounded as the wire bounds strings
+ * unless `max` says otherwise (the request message's own bound still holds).
+ */
+function required(req: Fields, field: string, max = MAX_STRING): string {
   const v = req[field];
   if (typeof v !== 'string' || v.length === 0) throw badMessage(field, 'missing');
-  if (v.length > 4096) throw badMessage(field, 'longer than 4096 characters');
+  if (v.length > max) throw badMessage(field, `longer than ${max} characters`);
   return v;
 }
 
@@ -122,18 +128,24 @@ export class GrpcServer {
     };
     const ops = o.operations;
     this.server.addService(pkg.realchat.auth.v1.AuthApi.service, {
+      // A password of any length goes to the policy: over 128 characters is `weak_password`
+      // (README), not a field too long (the request message is at most 16 KiB).
       Register: this.unary('Register', async (req, ctx) => {
         const out = await ops.register(
-          { email: required(req, 'email'), password: required(req, 'password') },
+          { email: required(req, 'email'), password: required(req, 'password', Number.POSITIVE_INFINITY) },
           ctx,
         );
         return { user_id: out.userId };
       }),
+      // A password longer than the wire takes can be no account's (at most 128 characters):
+      // the wire answers it `bad_message` before any hashing, and the contract makes a login
+      // that cannot succeed UNAUTHENTICATED. So it is `invalid_credentials` at once, unhashed
+      // and uncounted, for a known and an unknown address alike (the same cost for both).
       Login: this.unary('Login', async (req, ctx) => {
-        const s = await ops.login(
-          { email: required(req, 'email'), password: required(req, 'password') },
-          ctx,
-        );
+        const email = required(req, 'email');
+        const password = required(req, 'password', Number.POSITIVE_INFINITY);
+        if (password.length > MAX_STRING) throw new ProtocolError('invalid_credentials');
+        const s = await ops.login({ email, password }, ctx);
         return { access_token: s.token, refresh_token: s.refresh };
       }),
       Refresh: this.unary('Refresh', async (req, ctx) => {

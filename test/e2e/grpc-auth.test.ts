@@ -182,6 +182,47 @@ test('status codes: ALREADY_EXISTS, INVALID_ARGUMENT, UNAUTHENTICATED with one m
   assert.equal(wrong.details?.retryDelayMs, undefined, 'nothing to wait for');
 });
 
+test('a password over 4096 characters: Register weak_password; Login UNAUTHENTICATED with no hash, as the wire refuses it unhashed', async () => {
+  const long = 'x'.repeat(5000);
+  const weak = await callError(c.auth, 'Register', { email: `${newName()}@example.com`, password: long });
+  assert.equal(weak.code, 'INVALID_ARGUMENT', weak.message);
+  assert.equal(weak.details?.reason, 'weak_password');
+
+  const hashes = () =>
+    metrics().then((t) =>
+      Number(/^gateway_hash_jobs_total\{outcome="admitted"\} (\d+)/m.exec(t)?.[1] ?? NaN),
+    );
+  const { email } = await account();
+  const stranger = await callError(c.auth, 'Login', {
+    email: `${newName()}@example.com`,
+    password: PASSWORD,
+  });
+  const before = await hashes();
+  const known = await callError(c.auth, 'Login', { email, password: long });
+  const again = await callError(c.auth, 'Login', { email, password: long });
+  const unknown = await callError(c.auth, 'Login', { email: `${newName()}@example.com`, password: long });
+  for (const e of [known, again, unknown]) {
+    assert.equal(e.code, 'UNAUTHENTICATED', e.message);
+    assert.equal(e.details?.reason, 'invalid_credentials');
+    assert.equal(e.message, stranger.message, 'the answer of an unknown user or a wrong password');
+  }
+  assert.equal(await hashes(), before, 'no password hashed for either (the wire: bad_message, unhashed)');
+  // The wire front, for comparison: refused before any hashing.
+  const device = await connected(gw.tcpUrl);
+  try {
+    await assert.rejects(device.request('login', { email, password: long }), { code: 'bad_message' });
+  } finally {
+    await device.close();
+  }
+  assert.equal(await hashes(), before, 'the wire hashed nothing either');
+  // The counter does count hashing: an unknown user's login of a usable length costs one.
+  await callError(c.auth, 'Login', { email: `${newName()}@example.com`, password: PASSWORD });
+  assert.ok((await hashes()) > before, 'a usable password is hashed');
+  // No guess can be that long: the two did not lock the account (GW_LOCKOUT_ATTEMPTS=2).
+  const t = await call<Tokens>(c.auth, 'Login', { email, password: PASSWORD });
+  refreshTokens.push(t.refreshToken);
+});
+
 test('lockout is RESOURCE_EXHAUSTED with RetryInfo, on the same counters as the wire', async () => {
   const { email } = await account();
   for (let i = 0; i < 2; i++) {
