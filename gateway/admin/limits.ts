@@ -17,7 +17,7 @@
  * end); it is checked before the request has any effect.
  */
 import type { Redis } from 'ioredis';
-import { Counter, type Registry } from 'prom-client';
+import { Counter, Gauge, type Registry } from 'prom-client';
 import { RateLimiterRedis, RateLimiterRes } from 'rate-limiter-flexible';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { Bus } from '../bus.ts';
@@ -67,7 +67,14 @@ export function parseLimitSet(body: unknown): LimitSet {
 
 export class Limits {
   private readonly table = new Map<string, LimitSet>();
+  /**
+   * Limiters by figure (`op:unit:points`), made on first use and dropped once no limit in
+   * `table` has that figure (`figures` counts the limits per figure), so that PUTs of ever new
+   * figures do not grow the map. A request that took a limiter just before it is dropped still
+   * counts with it: the count is in Redis, under a key that does not depend on the figure.
+   */
   private readonly limiters = new Map<string, RateLimiterRedis>();
+  private readonly figures = new Map<string, number>();
   private reloadTimer: NodeJS.Timeout | undefined;
   private readonly rejected: Counter;
 
@@ -79,6 +86,15 @@ export class Limits {
       help: 'Requests refused by a runtime limit (admin API), by request type and scope.',
       labelNames: ['op', 'scope'],
       registers: [deps.registry],
+    });
+    const limiters = this.limiters;
+    new Gauge({
+      name: 'gateway_rate_limiters',
+      help: 'Limiter objects this node holds for the runtime limits (one per figure in force and used).',
+      registers: [deps.registry],
+      collect() {
+        this.set(limiters.size);
+      },
     });
   }
 
@@ -100,14 +116,45 @@ export class Limits {
 
   private async reloadAll(): Promise<void> {
     const all = await this.deps.redis.hgetall(this.deps.keys.limits);
-    this.table.clear();
-    for (const [field, raw] of Object.entries(all)) this.table.set(field, JSON.parse(raw));
+    for (const field of [...this.table.keys()]) if (!Object.hasOwn(all, field)) this.put(field, undefined);
+    for (const [field, raw] of Object.entries(all)) this.put(field, JSON.parse(raw));
   }
 
   private async reloadOne(field: string): Promise<void> {
     const raw = await this.deps.redis.hget(this.deps.keys.limits, field);
-    if (raw) this.table.set(field, JSON.parse(raw));
-    else this.table.delete(field);
+    this.put(field, raw ? JSON.parse(raw) : undefined);
+  }
+
+  /** Sets (or with undefined removes) a field's limits, and drops the limiters of figures gone. */
+  private put(field: string, set: LimitSet | undefined): void {
+    const old = this.table.get(field);
+    if (set) {
+      this.table.set(field, set);
+      this.count(set, 1);
+    } else {
+      this.table.delete(field);
+    }
+    // After the new figures are counted: a figure kept by the change keeps its limiter.
+    if (old) this.count(old, -1);
+  }
+
+  private count(set: LimitSet, by: 1 | -1): void {
+    for (const op of OPS) {
+      const rate = set[op];
+      if (!rate) continue;
+      for (const unit of ['events', 'bytes'] as const) {
+        const points = rate[unit];
+        if (!points) continue;
+        const name = `${op}:${unit}:${points}`;
+        const n = (this.figures.get(name) ?? 0) + by;
+        if (n > 0) {
+          this.figures.set(name, n);
+        } else {
+          this.figures.delete(name);
+          this.limiters.delete(name);
+        }
+      }
+    }
   }
 
   // ---- the admin side ---------------------------------------------------------------------------
@@ -145,6 +192,7 @@ export class Limits {
 
   // ---- the request side ---------------------------------------------------------------------------
 
+  /** The limiter of a figure in `table` (`check` reads both in one turn, so it is counted). */
   private limiter(op: LimitedOp, unit: 'events' | 'bytes', points: number): RateLimiterRedis {
     const name = `${op}:${unit}:${points}`;
     let l = this.limiters.get(name);
@@ -156,7 +204,8 @@ export class Limits {
         points,
         duration: 1,
       });
-      this.limiters.set(name, l);
+      // Kept only while a limit has the figure: never a limiter that no change would drop.
+      if (this.figures.has(name)) this.limiters.set(name, l);
     }
     return l;
   }

@@ -16,6 +16,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { assertDocumented } from '../helpers/openapi.ts';
 
 const ADMIN_KEY = 'admin-key-for-limit-tests-5be1';
@@ -220,4 +221,43 @@ test('bad limit bodies are 400 naming the field; unknown users and absent limits
   assert.equal((await admin(a, 'DELETE', `/v1/limits/devices/${dev}`)).status, 404);
   const badCursor = await admin(a, 'GET', '/v1/limits?cursor=abc');
   assert.equal(badCursor.body.error?.field, 'cursor');
+});
+
+test('limiters of figures no longer set are dropped: many PUTs in turn, and concurrently, keep a bounded few, and the last figure applies', async () => {
+  const d = await device(a);
+  const pub = () => d.c.request('publish', { name: 'tick', data: { v: 1 } });
+  const limiters = async () => (await scrapeMetrics(a.metricsPort)).value('gateway_rate_limiters');
+  /** Waits for the node to hold `want` limiters; a timeout says how many it held. */
+  const settlesAt = async (what: string, want: number) => {
+    let held = Number.NaN;
+    try {
+      await until(what, async () => {
+        held = await limiters();
+        return held === want || undefined;
+      });
+    } catch (e) {
+      throw new Error(`${(e as Error).message}; the node held ${held} limiters`);
+    }
+  };
+  const path = `/v1/limits/devices/${d.id}`;
+  const route = '/v1/limits/devices/{id}';
+  // One figure after another, each used by requests of the device (a limiter is made on use).
+  for (let i = 0; i < 25; i++) {
+    assert.equal((await admin(a, 'PUT', path, route, { publish: { events: 1000 + i } })).status, 200);
+    for (let j = 0; j < 3; j++) await pub();
+  }
+  // PUTs racing each other and requests.
+  await Promise.all([
+    ...Array.from({ length: 10 }, (_, i) => admin(a, 'PUT', path, route, { publish: { events: 2000 + i } })),
+    ...Array.from({ length: 20 }, () => pub().catch(() => undefined)),
+  ]);
+  assert.equal((await admin(a, 'PUT', path, route, { publish: { events: 2 } })).status, 200);
+  assert.equal((await untilRefused('the last figure (2 a second) refuses', pub)).code, 'rate_limited');
+  // The full reload (every 5 s) settles any race: then only the figure in force has a limiter.
+  await settlesAt('one limiter left on the node (the figure in force)', 1);
+  assert.equal((await untilRefused('the last figure still refuses', pub)).code, 'rate_limited');
+  // DELETE leaves none.
+  assert.equal((await admin(a, 'DELETE', path, route)).status, 200);
+  await settlesAt('no limiter left once the limit is deleted', 0);
+  await untilBurstPasses('free again', 10, pub);
 });
