@@ -169,24 +169,47 @@ const lines: string[] = [];
 let busy = false;
 let ended = false;
 let failures = 0;
+let finishing = false;
 
-async function finish(code: number): Promise<never> {
+/** Closes the client and exits with `code`; a second call (the first is closing) does nothing. */
+async function finish(code: number): Promise<void> {
+  if (finishing) return;
+  finishing = true;
   rl.close();
   await client.close();
   process.exit(code);
 }
 
+/** Runs the lines in order, each once the one before it has been answered. */
 async function pump(): Promise<void> {
-  if (busy) return;
+  if (busy || finishing) return;
   busy = true;
-  while (lines.length > 0) {
+  while (lines.length > 0 && !finishing) {
     const r = await runLine(ctx, lines.shift()!);
+    if (finishing) break;
     if (!r.ok) failures++;
     if (r.quit) await finish(interactive ? 0 : failures > 0 ? 1 : 0);
     if (!r.ok && !interactive && values.bail) await finish(1);
   }
   busy = false;
   if (ended) await finish(interactive || failures === 0 ? 0 : 1);
+}
+
+/**
+ * On a terminal, Ctrl-C on an empty line and Ctrl-D quit at once, even while a command waits for
+ * its answer (the pump would run the quit only after it). A pipe's end is the end of a script:
+ * its remaining lines still run, each bounded by the request timeout.
+ */
+function quitNow(): void {
+  if (!busy) {
+    lines.push('/quit');
+    void pump();
+    return;
+  }
+  // /quit prints its goodbye at once (no await before it), and finish marks the client finishing.
+  lines.length = 0;
+  void runLine(ctx, '/quit');
+  void finish(0);
 }
 
 rl.on('line', (line) => {
@@ -201,11 +224,11 @@ rl.on('SIGINT', () => {
     rl.write(null, { ctrl: true, name: 'u' });
     return;
   }
-  lines.push('/quit');
-  void pump();
+  quitNow();
 });
 rl.on('close', () => {
   ended = true;
-  void pump();
+  if (interactive && busy && !finishing) quitNow();
+  else void pump();
 });
 if (interactive) rl.prompt();

@@ -144,6 +144,8 @@ export class GatewayClient extends EventEmitter {
   private channel: Channel | undefined;
   private handshake: ClientHandshake | undefined;
   private readonly pending = new Map<number, Pending>();
+  /** Pings waiting for their pong: each rejects its promise (on close). */
+  private readonly pings = new Set<(err: Error) => void>();
   /** Eids to auto-ack once the current read has been handled (ackSoon). */
   private acksDue: string[] = [];
   private nextId = 1;
@@ -230,6 +232,8 @@ export class GatewayClient extends EventEmitter {
           p.reject(new ProtocolError('internal', 'connection closed'));
         }
         this.pending.clear();
+        for (const rejectPing of [...this.pings])
+          rejectPing(new ProtocolError('internal', 'connection closed'));
         if (wasConnected) {
           const info: CloseInfo = {
             byClient: this.userClosed,
@@ -421,16 +425,34 @@ export class GatewayClient extends EventEmitter {
     for (let i = 0; i < eids.length; i += MAX_ACK_EIDS) this.ack(eids.slice(i, i + MAX_ACK_EIDS));
   };
 
-  /** Client-initiated ping; resolves with the round trip in ms. */
-  ping(): Promise<number> {
+  /**
+   * Client-initiated ping; resolves with the round trip in ms. Rejected, like `request()`, when
+   * no pong comes within the timeout (`requestTimeoutMs`) or the connection closes first.
+   */
+  ping(options: { timeoutMs?: number } = {}): Promise<number> {
+    if (!this.connected || !this.channel) return Promise.reject(new Error('not connected'));
     const ts = Date.now();
-    return new Promise((resolve) => {
+    return new Promise((resolve, reject) => {
+      const settle = () => {
+        clearTimeout(timer);
+        this.off('pong', onPong);
+        this.pings.delete(onClosed);
+      };
       const onPong = (got: number) => {
         if (got !== ts) return;
-        this.off('pong', onPong);
+        settle();
         resolve(Date.now() - ts);
       };
+      const onClosed = (e: Error) => {
+        settle();
+        reject(e);
+      };
+      const timer = setTimeout(
+        () => onClosed(new Error('ping timed out')),
+        options.timeoutMs ?? this.options.requestTimeoutMs ?? 10000,
+      );
       this.on('pong', onPong);
+      this.pings.add(onClosed);
       this.sendMessage({ type: 'ping', ts });
     });
   }
