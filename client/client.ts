@@ -150,10 +150,16 @@ export class GatewayClient extends EventEmitter {
   private acksDue: string[] = [];
   private nextId = 1;
   private userClosed = false;
+  /**
+   * The reconnection's generation: bumped by `close()`, `connect()` and a terminal close, so that
+   * a step of the reconnection already under way (a handshake, a resume) ends there.
+   */
+  private reconnectGen = 0;
   private lastKick: Kick | undefined;
   private lastFatal: string | undefined;
   private connected = false;
   private reconnectAttempt = 0;
+  /** The one scheduled step of the reconnection, if any. */
   private reconnectTimer: NodeJS.Timeout | undefined;
   private tcpSocket: Socket | undefined;
 
@@ -167,9 +173,19 @@ export class GatewayClient extends EventEmitter {
     return this.connected;
   }
 
-  /** Connects and completes the handshake; resolves with the server's welcome. */
+  /**
+   * Connects and completes the handshake; resolves with the server's welcome. Ends a
+   * reconnection still scheduled or under way: the caller's connection replaces it.
+   */
   connect(): Promise<Welcome> {
     this.userClosed = false;
+    this.cancelReconnect();
+    this.reconnectAttempt = 0;
+    return this.dial();
+  }
+
+  /** Opens a connection and completes the handshake (for `connect()` and the reconnection). */
+  private dial(): Promise<Welcome> {
     return new Promise<Welcome>((resolve, reject) => {
       let settled = false;
       const timer = setTimeout(
@@ -205,7 +221,6 @@ export class GatewayClient extends EventEmitter {
             this.channel = new Channel(this.backend, keys, 'client');
             this.welcome = welcome;
             this.connected = true;
-            this.reconnectAttempt = 0;
             done(welcome);
             return;
           }
@@ -246,7 +261,9 @@ export class GatewayClient extends EventEmitter {
           };
           this.emit('close', info);
           const terminal = info.code !== undefined && TERMINAL_KICKS.has(info.code);
-          if (!this.userClosed && this.options.reconnect && !terminal) this.scheduleReconnect(info);
+          // A terminal kick also ends a reconnection under way (its resume is cut by this close).
+          if (terminal) this.cancelReconnect();
+          else if (!this.userClosed && this.options.reconnect) this.scheduleReconnect(info.retryAfter);
         }
       };
       try {
@@ -457,10 +474,13 @@ export class GatewayClient extends EventEmitter {
     });
   }
 
-  /** Says `bye` (best effort) and closes; no reconnect follows. */
+  /**
+   * Says `bye` (best effort) and closes; no reconnect follows, and a reconnection scheduled or
+   * under way ends (a handshake in progress is dropped, a resume's answer is not acted on).
+   */
   async close(): Promise<void> {
     this.userClosed = true;
-    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.cancelReconnect();
     if (!this.connected) {
       this.wire?.destroy();
       return;
@@ -488,7 +508,20 @@ export class GatewayClient extends EventEmitter {
     this.tcpSocket.write(bytes);
   }
 
-  private scheduleReconnect(info: CloseInfo): void {
+  /** Ends the reconnection: the scheduled step is cleared, a step under way stops at its next await. */
+  private cancelReconnect(): void {
+    this.reconnectGen++;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = undefined;
+  }
+
+  /**
+   * Schedules the reconnection's next connection: after at least `retryAfter`, else the backoff
+   * of this attempt with jitter. One at a time: a drop during a reconnection's resume is seen both
+   * by the close and by the failed resume, and only the first schedules.
+   */
+  private scheduleReconnect(retryAfter: number | undefined): void {
+    if (this.userClosed || this.reconnectTimer) return;
     const r = this.options.reconnect || {};
     if (r.maxAttempts !== undefined && this.reconnectAttempt >= r.maxAttempts) {
       this.emit('reconnectFailed');
@@ -497,21 +530,46 @@ export class GatewayClient extends EventEmitter {
     const initial = r.initialDelayMs ?? 500;
     const max = r.maxDelayMs ?? 30000;
     const backoff = Math.min(max, initial * 2 ** this.reconnectAttempt);
-    const delay = Math.max(info.retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
+    const delay = Math.max(retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
     this.reconnectAttempt++;
-    this.reconnectTimer = setTimeout(() => this.reconnectNow(), delay);
+    const gen = this.reconnectGen;
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = undefined;
+      if (gen === this.reconnectGen && !this.userClosed) void this.reconnectNow(gen);
+    }, delay);
     this.emit('reconnecting', { attempt: this.reconnectAttempt, delayMs: delay });
   }
 
-  private async reconnectNow(): Promise<void> {
+  /**
+   * One attempt: a connection, then the session's resume. Backoff grows until an attempt has
+   * resumed (a handshake alone does not reset it: a gateway that drops every resume is not
+   * retried at the initial delay for ever).
+   */
+  private async reconnectNow(gen: number): Promise<void> {
     try {
-      await this.connect();
-      if (this.session) await this.resumeSession();
-      this.emit('reconnected', this.session);
+      await this.dial();
     } catch (e) {
+      if (gen !== this.reconnectGen) return;
       this.emit('reconnectError', e);
-      if (!this.connected && !this.userClosed) this.scheduleReconnect({ byClient: false });
+      this.scheduleReconnect(undefined);
+      return;
     }
+    if (gen !== this.reconnectGen) return;
+    if (this.session) {
+      try {
+        await this.resumeSession();
+      } catch (e) {
+        if (gen !== this.reconnectGen) return;
+        this.emit('reconnectError', e);
+        // The connection dropped before the answer: the session is as good as before, for the
+        // next attempt, which that close has scheduled (or refused: maxAttempts, a terminal kick).
+        if (this.connected) this.session = undefined;
+        return;
+      }
+      if (gen !== this.reconnectGen) return;
+    }
+    this.reconnectAttempt = 0;
+    this.emit('reconnected', this.session);
   }
 
   /** Resumes the remembered session, refreshing the access token first if it expired. */
@@ -520,13 +578,9 @@ export class GatewayClient extends EventEmitter {
     try {
       await this.request('resume', { token: s.token });
     } catch (e) {
-      if (isProtocolError(e) && e.code === 'token_expired' && s.refresh) {
-        await this.request('refresh', { refresh: s.refresh });
-        await this.request('resume', { token: this.session!.token });
-      } else {
-        this.session = undefined;
-        throw e;
-      }
+      if (!(isProtocolError(e) && e.code === 'token_expired' && s.refresh)) throw e;
+      await this.request('refresh', { refresh: s.refresh });
+      await this.request('resume', { token: this.session!.token });
     }
   }
 }
