@@ -13,7 +13,7 @@
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import type { EventMsg, Kick } from '../protocol/index.ts';
-import { HandshakeError } from '../protocol/index.ts';
+import { HandshakeError, isProtocolError } from '../protocol/index.ts';
 import { type ChatContext, helpText, runLine } from './chat/commands.ts';
 import { errorLine, eventLine, kickLine, notice } from './chat/format.ts';
 import { Screen } from './chat/screen.ts';
@@ -98,8 +98,15 @@ client.on('event', (e: EventMsg) => {
 });
 client.on('kick', (k: Kick) => screen.line(kickLine(style, k)));
 client.on('serverError', (e: unknown) => screen.line(errorLine(style, e)));
-client.on('reconnecting', (r: { attempt: number; delayMs: number }) =>
-  screen.line(notice(style, `Reconnecting in ${r.delayMs} ms (attempt ${r.attempt})`)),
+client.on('reconnecting', (r: { attempt: number; delayMs: number; resume?: boolean }) =>
+  screen.line(
+    notice(
+      style,
+      r.resume
+        ? `Session not resumed yet; trying again in ${r.delayMs} ms (attempt ${r.attempt})`
+        : `Reconnecting in ${r.delayMs} ms (attempt ${r.attempt})`,
+    ),
+  ),
 );
 client.on('reconnected', async () => {
   if (!client.session || !chat.current) {
@@ -122,17 +129,19 @@ client.on('reconnected', async () => {
   screen.line(notice(style, `Reconnected; rejoined ${back.join(', ')}`));
 });
 client.on('reconnectError', (e: Error) => {
-  if (client.isOpen) {
-    chat.loggedOut();
-    ctx.promptChanged();
-    screen.line(
-      notice(
-        style,
-        `Reconnected, but the session could not be resumed (${e.message}); log in again`,
-        style.red,
-      ),
-    );
-  } else screen.line(notice(style, `Reconnect failed: ${e.message}`));
+  const why = isProtocolError(e) ? `${e.message} (${e.code})` : e.message;
+  screen.line(notice(style, `${client.isOpen ? 'Resume failed' : 'Reconnect failed'}: ${why}`));
+});
+client.on('sessionLost', (lost: { error: Error }) => {
+  chat.loggedOut();
+  ctx.promptChanged();
+  screen.line(
+    notice(
+      style,
+      `Reconnected, but the session could not be resumed (${lost.error.message}); log in again`,
+      style.red,
+    ),
+  );
 });
 
 try {

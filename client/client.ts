@@ -31,7 +31,10 @@ import {
 export interface ReconnectOptions {
   initialDelayMs?: number;
   maxDelayMs?: number;
-  /** Give up after this many consecutive failed attempts (default: never). */
+  /**
+   * Give up after this many consecutive failed attempts, a connection or a resume retried on an
+   * open connection (default: never): `reconnectFailed`, the session kept.
+   */
   maxAttempts?: number;
 }
 
@@ -99,6 +102,25 @@ const SESSION_TYPES = new Set(['login', 'resume', 'otp.verify']);
  */
 export const TERMINAL_KICKS: ReadonlySet<string> = new Set(['session_revoked', 'session_takeover']);
 
+/**
+ * Answers to the reconnection's `resume` (or its `refresh`) that a later try may not get: the
+ * server is busy or a dependency is down (`overloaded`, PROTOCOL §8), a limit's window
+ * (`rate_limited`), a failure of its own (`internal`). The session is kept and the resume tried
+ * again after `retryAfter` (or the backoff); so is it after a timeout or a lost connection. Any
+ * other answer (`session_revoked`, `token_invalid`, `token_expired` with no refresh that
+ * worked, `refresh_reused`, `forbidden`, …) is definitive: the session is dropped
+ * (`sessionLost`).
+ */
+export const TRANSIENT_RESUME_ERRORS: ReadonlySet<string> = new Set([
+  'overloaded',
+  'rate_limited',
+  'internal',
+]);
+
+function transient(e: unknown): boolean {
+  return !isProtocolError(e) || TRANSIENT_RESUME_ERRORS.has(e.code);
+}
+
 /** Where a gateway URL points: `tcp://host:port` (port 9000 by default) or `ws[s]://host:port/path`. */
 export interface GatewayAddress {
   transport: 'tcp' | 'ws';
@@ -159,8 +181,9 @@ export class GatewayClient extends EventEmitter {
   private lastFatal: string | undefined;
   private connected = false;
   private reconnectAttempt = 0;
-  /** The one scheduled step of the reconnection, if any. */
+  /** The one scheduled step of the reconnection, if any: a new connection, or the resume again. */
   private reconnectTimer: NodeJS.Timeout | undefined;
+  private reconnectStep: 'connect' | 'resume' = 'connect';
   private tcpSocket: Socket | undefined;
 
   constructor(options: ClientOptions) {
@@ -516,12 +539,19 @@ export class GatewayClient extends EventEmitter {
   }
 
   /**
-   * Schedules the reconnection's next connection: after at least `retryAfter`, else the backoff
-   * of this attempt with jitter. One at a time: a drop during a reconnection's resume is seen both
-   * by the close and by the failed resume, and only the first schedules.
+   * Schedules the reconnection's next step, a new connection or (`resume`) the session's resume
+   * again on the connection that is up: after at least `retryAfter`, else the backoff of this
+   * attempt with jitter. One at a time: a drop during a reconnection's resume is seen both by the
+   * close and by the failed resume, and only the first schedules; a drop while a resume waits
+   * replaces it with a connection.
    */
-  private scheduleReconnect(retryAfter: number | undefined): void {
-    if (this.userClosed || this.reconnectTimer) return;
+  private scheduleReconnect(retryAfter: number | undefined, step: 'connect' | 'resume' = 'connect'): void {
+    if (this.userClosed) return;
+    if (this.reconnectTimer) {
+      if (!(step === 'connect' && this.reconnectStep === 'resume')) return;
+      clearTimeout(this.reconnectTimer);
+      this.reconnectTimer = undefined;
+    }
     const r = this.options.reconnect || {};
     if (r.maxAttempts !== undefined && this.reconnectAttempt >= r.maxAttempts) {
       this.emit('reconnectFailed');
@@ -533,11 +563,17 @@ export class GatewayClient extends EventEmitter {
     const delay = Math.max(retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
     this.reconnectAttempt++;
     const gen = this.reconnectGen;
+    this.reconnectStep = step;
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = undefined;
-      if (gen === this.reconnectGen && !this.userClosed) void this.reconnectNow(gen);
+      if (gen !== this.reconnectGen || this.userClosed) return;
+      void (step === 'connect' ? this.reconnectNow(gen) : this.resumeNow(gen));
     }, delay);
-    this.emit('reconnecting', { attempt: this.reconnectAttempt, delayMs: delay });
+    this.emit('reconnecting', {
+      attempt: this.reconnectAttempt,
+      delayMs: delay,
+      ...(step === 'resume' ? { resume: true } : {}),
+    });
   }
 
   /**
@@ -555,6 +591,14 @@ export class GatewayClient extends EventEmitter {
       return;
     }
     if (gen !== this.reconnectGen) return;
+    await this.resumeNow(gen);
+  }
+
+  /**
+   * The attempt's resume, on the connection that is up. A transient failure keeps the session
+   * and tries again; a definitive one drops it and ends the reconnection with `sessionLost`.
+   */
+  private async resumeNow(gen: number): Promise<void> {
     if (this.session) {
       try {
         await this.resumeSession();
@@ -563,7 +607,15 @@ export class GatewayClient extends EventEmitter {
         this.emit('reconnectError', e);
         // The connection dropped before the answer: the session is as good as before, for the
         // next attempt, which that close has scheduled (or refused: maxAttempts, a terminal kick).
-        if (this.connected) this.session = undefined;
+        if (!this.connected) return;
+        if (transient(e)) {
+          this.scheduleReconnect(isProtocolError(e) ? e.retryAfter : undefined, 'resume');
+          return;
+        }
+        const lost = this.session;
+        this.session = undefined;
+        this.reconnectAttempt = 0;
+        this.emit('sessionLost', { sessionId: lost?.sessionId, error: e });
         return;
       }
       if (gen !== this.reconnectGen) return;
@@ -572,7 +624,10 @@ export class GatewayClient extends EventEmitter {
     this.emit('reconnected', this.session);
   }
 
-  /** Resumes the remembered session, refreshing the access token first if it expired. */
+  /**
+   * Resumes the remembered session, refreshing the access token first if it expired. A refresh
+   * that succeeded updates the session before the resume, so a retry resumes with the new token.
+   */
   private async resumeSession(): Promise<void> {
     const s = this.session!;
     try {

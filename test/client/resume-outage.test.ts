@@ -1,0 +1,106 @@
+/**
+ * The reconnection's resume against a gateway whose PostgreSQL is frozen (a private server of
+ * this file): the gateway answers `resume` with `overloaded` and `retryAfter`, and the client
+ * keeps its session and tries the resume again after it, until PostgreSQL is back. Only a
+ * definitive answer (here `session_revoked`) drops the session, and the client says so.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { GatewayClient, type Session } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { nextEvent, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+
+let pg: OwnPostgres;
+let gw: GatewayProcess;
+
+before(async () => {
+  pg = await startOwnPostgres();
+  gw = await startGateway({
+    DATABASE_URL: pg.url,
+    GW_DB_QUERY_TIMEOUT_MS: '500',
+    GW_DB_CONNECT_TIMEOUT_MS: '500',
+  });
+});
+after(async () => {
+  await gw?.stop();
+  await pg?.remove();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the session comes back after the thaw', async () => {
+  const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 100, maxDelayMs: 1000 } });
+  await within('the handshake', c.connect());
+  try {
+    const s = await signUp(c);
+    const errors: string[] = [];
+    c.on('reconnectError', (e: { code?: string; message: string }) => errors.push(e.code ?? e.message));
+    let lost = false;
+    c.on('sessionLost', () => {
+      lost = true;
+    });
+    const reconnected = nextEvent<Session | undefined>(
+      c,
+      'reconnected',
+      'the session resumed once PostgreSQL is back',
+      40_000,
+    );
+    pg.freeze();
+    try {
+      c.destroy();
+      await sleep(6000);
+    } finally {
+      pg.thaw();
+    }
+    const resumed = await reconnected;
+    assert.equal(resumed?.sessionId, s.sessionId, `the original session resumed (errors: ${errors})`);
+    assert.ok(
+      errors.includes('overloaded'),
+      `the frozen database's resume was answered overloaded: ${errors}`,
+    );
+    assert.equal(lost, false, 'the session was never reported lost');
+    const sessions = await within(
+      'an authenticated request after the resume',
+      c.request<{ sessions: { sessionId: string; current: boolean }[] }>('sessions'),
+    );
+    assert.equal(
+      sessions.sessions.find((x) => x.current)?.sessionId,
+      s.sessionId,
+      'authenticated as the original session',
+    );
+  } finally {
+    await c.close().catch(() => {});
+    c.destroy();
+  }
+});
+
+test('a definitive refusal of the resume (session revoked meanwhile) drops the session and says so', async () => {
+  const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 3000, maxDelayMs: 3000 } });
+  await within('the handshake', c.connect());
+  const other = await connected(gw.tcpUrl);
+  try {
+    const s = await signUp(c);
+    const lost = nextEvent<{ sessionId?: string; error: { code?: string } }>(
+      c,
+      'sessionLost',
+      'the sessionLost event after the refused resume',
+    );
+    const dropped = nextEvent(c, 'close', 'the dropped connection');
+    c.destroy();
+    await dropped;
+    // While the client waits to reconnect (1.5-3 s), the session ends elsewhere.
+    await other.request('login', { username: s.username, password: 'correct horse battery' });
+    await other.request('revoke', { sessionId: s.sessionId });
+    const event = await lost;
+    assert.equal(event.sessionId, s.sessionId, 'the lost session named');
+    assert.equal(event.error.code, 'session_revoked', 'with the answer that ended it');
+    assert.equal(c.session, undefined, 'the session is dropped');
+    assert.equal(c.isOpen, true, 'the connection stays, unauthenticated');
+  } finally {
+    await other.close().catch(() => {});
+    await c.close().catch(() => {});
+    c.destroy();
+  }
+});
