@@ -27,6 +27,7 @@ import type { Logger } from './log.ts';
 import { Presence } from './messaging/presence.ts';
 import { Rooms } from './messaging/rooms.ts';
 import { Messaging } from './messaging/service.ts';
+import { COLLECT_WAIT_MS } from './metrics.ts';
 import { loadServerIdentity } from './server-identity.ts';
 
 /** How long a shutdown waits for gRPC calls in flight (and health watches) after the drain. */
@@ -269,7 +270,9 @@ export async function startNode(
     registers: [gateway.metrics],
     aggregator: 'min',
     async collect() {
-      this.set((await gateway.readiness()).ready ? 1 : 0);
+      // A check that does not answer within COLLECT_WAIT_MS fails here: a scrape must not wait
+      // on a hung dependency (gateway/metrics.ts).
+      this.set((await gateway.readiness(Math.min(config.readyTimeoutMs, COLLECT_WAIT_MS))).ready ? 1 : 0);
     },
   });
   gateway.onReadiness('redis', async () => {

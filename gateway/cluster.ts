@@ -37,10 +37,13 @@ import type { Config } from './config.ts';
 import type { Logger } from './log.ts';
 import { collectProcessMetrics } from './metrics.ts';
 
+/** A registry as prom-client JSON. */
+type MetricsJson = MetricObjectWithValues<MetricValue<string>>[];
+
 /** Worker → primary. */
 type WorkerMessage =
   | { type: 'gw:ready'; node: string; tcpPort: number; httpPort: number }
-  | { type: 'gw:metrics'; requestId: number; metrics: MetricObjectWithValues<MetricValue<string>>[] };
+  | { type: 'gw:metrics'; requestId: number; metrics: MetricsJson };
 
 /** Primary → worker. */
 type PrimaryMessage = { type: 'gw:shutdown' } | { type: 'gw:metrics?'; requestId: number };
@@ -49,8 +52,17 @@ type PrimaryMessage = { type: 'gw:shutdown' } | { type: 'gw:metrics?'; requestId
 const RESTART_FIRST_MS = 250;
 const RESTART_MAX_MS = 10_000;
 const RESTART_RESET_AFTER_MS = 30_000;
-/** A worker that does not answer a scrape within this is left out of that scrape. */
+/**
+ * A worker that does not answer a scrape within this is counted by its last answer, as not
+ * ready. A worker's collect waits on a dependency for at most COLLECT_WAIT_MS (1 s).
+ */
 const SCRAPE_TIMEOUT_MS = 2000;
+/** Gauges that say whether a process can serve: 0 for a process that did not answer. */
+const SERVING_GAUGES = new Set(['gateway_ready', 'gateway_dependency_up']);
+/** Metric types whose values only grow (summed over processes). */
+const CUMULATIVE = new Set(['counter', 'histogram']);
+/** prom-client's JSON has the type's name ('counter'), though its typings say an enum. */
+const typeName = (m: MetricsJson[number]): string => m.type as unknown as string;
 
 interface Slot {
   index: number;
@@ -60,6 +72,8 @@ interface Slot {
   startedAtMs: number;
   failures: number;
   restartTimer: NodeJS.Timeout | undefined;
+  /** Its worker's last answer to a scrape. */
+  last: MetricsJson | undefined;
 }
 
 // ---- worker side ---------------------------------------------------------------------------
@@ -68,7 +82,7 @@ export interface WorkerHooks {
   /** Start the drain (idempotent). */
   shutdown(reason: string): void;
   /** This worker's registry, as prom-client JSON. */
-  metrics(): Promise<MetricObjectWithValues<MetricValue<string>>[]>;
+  metrics(): Promise<MetricsJson>;
 }
 
 /**
@@ -136,8 +150,16 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
     startedAtMs: 0,
     failures: 0,
     restartTimer: undefined,
+    last: undefined,
   }));
-  const scrapes = new Map<number, (m: MetricObjectWithValues<MetricValue<string>>[]) => void>();
+  const scrapes = new Map<number, (m: MetricsJson) => void>();
+  /**
+   * The counters and histograms of workers that exited, from their last answers, summed: kept
+   * in the sums so that a machine's counter never goes back when a worker dies (Prometheus
+   * reads a decrease as a reset, and `increase` would count the survivors' whole totals again).
+   */
+  let retired: MetricsJson = [];
+  const toRetire: MetricsJson[] = [];
   let scrapeIds = 0;
   let onAllExited: (() => void) | undefined;
 
@@ -161,12 +183,19 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
           if (stopping) worker.send({ type: 'gw:shutdown' } satisfies PrimaryMessage);
           tcpPort ||= m.tcpPort;
           resolve();
-        } else if (m?.type === 'gw:metrics') scrapes.get(m.requestId)?.(m.metrics);
+        } else if (m?.type === 'gw:metrics') {
+          if (slot.worker === worker) slot.last = m.metrics;
+          scrapes.get(m.requestId)?.(m.metrics);
+        }
       });
       worker.on('exit', (code, signal) => {
         const wasReady = slot.ready;
         slot.ready = false;
-        if (slot.worker === worker) slot.worker = undefined;
+        if (slot.worker === worker) {
+          slot.worker = undefined;
+          if (slot.last) toRetire.push(slot.last.filter((m) => CUMULATIVE.has(typeName(m))));
+          slot.last = undefined;
+        }
         if (stopping) {
           if (code !== 0) stopFailed = true;
           log.info(
@@ -245,30 +274,37 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
     );
   });
 
-  /** Every serving worker's registry (those that answer in time) and the supervisor's, aggregated. */
+  /**
+   * Every worker's registry and the supervisor's, aggregated. A worker that does not answer in
+   * time (stopped, busy) is counted by its last answer, with `gateway_ready` and
+   * `gateway_dependency_up` at 0; a slot with no serving worker (restarting) is not ready.
+   */
   const scrapeAll = async (): Promise<string> => {
-    const asked = slots.filter((s) => s.ready && s.worker?.isConnected());
     const answers = await Promise.all(
-      asked.map(
-        (s) =>
-          new Promise<MetricObjectWithValues<MetricValue<string>>[] | undefined>((resolve) => {
-            const requestId = ++scrapeIds;
-            const timer = setTimeout(() => {
-              scrapes.delete(requestId);
-              resolve(undefined);
-            }, SCRAPE_TIMEOUT_MS);
-            scrapes.set(requestId, (m) => {
-              clearTimeout(timer);
-              scrapes.delete(requestId);
-              resolve(m);
-            });
-            s.worker!.send({ type: 'gw:metrics?', requestId } satisfies PrimaryMessage);
-          }),
-      ),
+      slots.map((s) => {
+        if (!s.ready || !s.worker?.isConnected()) return undefined;
+        const worker = s.worker;
+        return new Promise<MetricsJson | undefined>((resolve) => {
+          const requestId = ++scrapeIds;
+          const timer = setTimeout(() => {
+            scrapes.delete(requestId);
+            resolve(undefined);
+          }, SCRAPE_TIMEOUT_MS);
+          scrapes.set(requestId, (m) => {
+            clearTimeout(timer);
+            scrapes.delete(requestId);
+            resolve(m);
+          });
+          worker.send({ type: 'gw:metrics?', requestId } satisfies PrimaryMessage);
+        });
+      }),
     );
-    const got = answers.filter((a) => a !== undefined);
-    serving.labels('serving').set(got.length);
-    return AggregatorRegistry.aggregate([await registry.getMetricsAsJSON(), ...got]).metrics();
+    serving.labels('serving').set(answers.filter((a) => a !== undefined).length);
+    const parts = answers.map((a, i) => a ?? notServing(slots[i].last));
+    if (toRetire.length > 0) {
+      retired = await AggregatorRegistry.aggregate([retired, ...toRetire.splice(0)]).getMetricsAsJSON();
+    }
+    return AggregatorRegistry.aggregate([await registry.getMetricsAsJSON(), retired, ...parts]).metrics();
   };
 
   await new Promise<void>((resolve, reject) => {
@@ -319,6 +355,26 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
       nodes: slots.map((s) => s.node),
     },
     'gateway ready',
+  );
+}
+
+/**
+ * What stands for a process that did not answer a scrape: its last answer (counters never go
+ * back), with every serving gauge at 0; without one, `gateway_ready` 0 alone.
+ */
+function notServing(last: MetricsJson | undefined): MetricsJson {
+  if (!last) {
+    const ready = {
+      name: 'gateway_ready',
+      help: 'Whether /health/ready would answer 200 (1) or 503 (0), checked at scrape.',
+      type: 'gauge',
+      aggregator: 'min',
+      values: [{ value: 0, labels: {} }],
+    };
+    return [ready as unknown as MetricsJson[number]];
+  }
+  return last.map((m) =>
+    SERVING_GAUGES.has(m.name) ? { ...m, values: m.values.map((v) => ({ ...v, value: 0 })) } : m,
   );
 }
 

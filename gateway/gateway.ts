@@ -373,10 +373,12 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
 
   /**
    * `/health/ready`: not while shutting down, and only when every readiness check (Redis,
-   * PostgreSQL, migrations: registered by the services) passes within `GW_READY_TIMEOUT_MS`.
+   * PostgreSQL, migrations: registered by the services) passes within `GW_READY_TIMEOUT_MS`
+   * (or `ms`).
    */
-  async readiness(): Promise<{ ready: boolean; body: Record<string, unknown> }> {
-    const ms = this.config.readyTimeoutMs;
+  async readiness(
+    ms = this.config.readyTimeoutMs,
+  ): Promise<{ ready: boolean; body: Record<string, unknown> }> {
     const checks: Record<string, string> = {};
     await Promise.all(
       [...this.readinessChecks].map(async ([name, check]) => {

@@ -48,6 +48,41 @@ export function counterReadAtScrape<L extends string = string>(o: {
   });
 }
 
+/**
+ * The longest a scrape waits for a figure read from a dependency (Redis, a readiness check) at
+ * collect time. A supervisor of several processes gives each 2 s to answer (gateway/cluster.ts):
+ * a collect that waited on a hung Redis for `GW_REDIS_TIMEOUT_MS` (3 s) lost the whole process
+ * from the scrape, its `gateway_dependency_up` and `gateway_ready` with it.
+ */
+export const COLLECT_WAIT_MS = 1000;
+
+/**
+ * A figure read from a dependency at scrape without holding the scrape: the returned collect
+ * starts `read` (one at a time) and waits for it at most `waitMs`; `apply` sets the metric when
+ * the read answers, so a late answer serves the next scrape and a scrape meanwhile shows the
+ * last one. A read that fails leaves the last figures (gateway_dependency_up says why).
+ */
+export function readAtScrape<T>(
+  read: () => Promise<T>,
+  apply: (value: T) => void,
+  waitMs = COLLECT_WAIT_MS,
+): () => Promise<void> {
+  let pending: Promise<void> | undefined;
+  return async () => {
+    pending ??= read()
+      .then(apply, () => {})
+      .finally(() => {
+        pending = undefined;
+      });
+    let timer: NodeJS.Timeout | undefined;
+    const waited = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, waitMs);
+    });
+    await Promise.race([pending, waited]);
+    clearTimeout(timer);
+  };
+}
+
 /** Totals bumped per frame by connections; exported at scrape. */
 export interface WireTotals {
   framesIn: number;

@@ -22,7 +22,7 @@ import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
-import { counterReadAtScrape } from '../metrics.ts';
+import { counterReadAtScrape, readAtScrape } from '../metrics.ts';
 import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 import { InflightWindow } from './inflight.ts';
 import {
@@ -320,24 +320,26 @@ export class DeliveryService {
     });
     const pumps = this.pumps;
     const queues = [this.retryQueue, this.deadLetters, this.publishQueue, deps.backend.queue];
-    new Gauge({
+    const queueJobs = new Gauge({
       name: 'gateway_queue_jobs',
       help: 'BullMQ jobs by queue and state (waiting, delayed, failed), read from Redis at scrape.',
       labelNames: ['queue', 'state'],
       registers: [deps.registry],
       // The same Redis figures in every process of a machine: not summed.
       aggregator: 'max',
-      async collect() {
-        this.reset();
-        const counts = await Promise.allSettled(
-          queues.map((q) => q.getJobCounts('waiting', 'delayed', 'failed')),
-        );
+      collect: () => refreshQueueJobs(),
+    });
+    // Read at scrape, waiting at most COLLECT_WAIT_MS: a slow Redis leaves the last counts.
+    const refreshQueueJobs = readAtScrape(
+      () => Promise.allSettled(queues.map((q) => q.getJobCounts('waiting', 'delayed', 'failed'))),
+      (counts) => {
+        queueJobs.reset();
         counts.forEach((c, i) => {
           if (c.status !== 'fulfilled') return;
-          for (const [state, n] of Object.entries(c.value)) this.labels(queues[i].name, state).set(n);
+          for (const [state, n] of Object.entries(c.value)) queueJobs.labels(queues[i].name, state).set(n);
         });
       },
-    });
+    );
     const byUser = this.byUser;
     new Gauge({
       name: 'gateway_delivery_sessions',
@@ -360,27 +362,28 @@ export class DeliveryService {
       },
     });
     const { redis, keys } = deps;
-    new Gauge({
+    const outboxEvents = new Gauge({
       name: 'gateway_outbox_events',
       help: 'qos-1 events in the outboxes of the sessions connected to this node (in flight included), read from Redis at scrape.',
       registers: [deps.registry],
-      async collect() {
-        // One pipelined ZCARD per connected session, 1,000 to a round trip; left as it was
-        // when Redis does not answer (the scrape still succeeds, gateway_dependency_up says why).
+      collect: () => refreshOutboxEvents(),
+    });
+    // One pipelined ZCARD per connected session, 1,000 to a round trip, waited for at most
+    // COLLECT_WAIT_MS; left as it was when Redis does not answer (the scrape still succeeds,
+    // gateway_dependency_up says why).
+    const refreshOutboxEvents = readAtScrape(
+      async () => {
         const sids = [...pumps.keys()];
         let n = 0;
-        try {
-          for (let i = 0; i < sids.length; i += 1000) {
-            const p = redis.pipeline();
-            for (const sid of sids.slice(i, i + 1000)) p.zcard(keys.outbox(sid)[0]);
-            for (const [e, c] of (await p.exec()) ?? []) if (!e) n += c as number;
-          }
-          this.set(n);
-        } catch {
-          // keep the last value
+        for (let i = 0; i < sids.length; i += 1000) {
+          const p = redis.pipeline();
+          for (const sid of sids.slice(i, i + 1000)) p.zcard(keys.outbox(sid)[0]);
+          for (const [e, c] of (await p.exec()) ?? []) if (!e) n += c as number;
         }
+        return n;
       },
-    });
+      (n) => outboxEvents.set(n),
+    );
   }
 
   async start(): Promise<void> {
