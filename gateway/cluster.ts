@@ -23,7 +23,7 @@
  * exits 0 once all have exited 0.
  */
 import cluster, { type Worker } from 'node:cluster';
-import { createServer } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import { createServer as createTcpServer } from 'node:net';
 import {
   AggregatorRegistry,
@@ -163,8 +163,12 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
   let scrapeIds = 0;
   let onAllExited: (() => void) | undefined;
 
-  /** Forks a worker into `slot`; resolves when it reports ready, rejects if it exits first. */
-  const fork = (slot: Slot): Promise<void> =>
+  /**
+   * Forks a worker into `slot`; resolves when it reports ready, rejects if it exits first.
+   * `initial`: one of the start-up's workers, whose failure fails the start (exit 1); any other
+   * (a restart, even one forked while the others still start) is restarted again.
+   */
+  const fork = (slot: Slot, initial: boolean): Promise<void> =>
     new Promise((resolve, reject) => {
       // A fresh node id per incarnation: the sweep must see a crashed worker's node go silent
       // and hand its sessions on, which a restarted worker under the same id would prevent.
@@ -203,17 +207,17 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
             'gateway process exited',
           );
           if (slots.every((s) => !s.worker)) onAllExited?.();
+          reject(new Error(`gateway process ${slot.index} exited while stopping`));
           return;
         }
         if (!wasReady) {
           reject(new Error(`gateway process ${slot.index} exited (${signal ?? code}) before it was ready`));
-          if (!started) return;
+          if (initial) return;
         }
         restart(slot, worker, code, signal);
       });
     });
 
-  let started = false;
   const restart = (slot: Slot, dead: Worker, code: number | null, signal: string | null) => {
     if (Date.now() - slot.startedAtMs >= RESTART_RESET_AFTER_MS) slot.failures = 0;
     const delayMs = Math.min(RESTART_MAX_MS, RESTART_FIRST_MS * 2 ** slot.failures);
@@ -233,7 +237,7 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
       slot.restartTimer = undefined;
       if (stopping) return;
       restarts.inc();
-      fork(slot).then(
+      fork(slot, false).then(
         () =>
           log.info(
             { process: slot.index, workerNode: slot.node, workerPid: slot.worker?.process.pid },
@@ -248,19 +252,54 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
     for (const s of slots) if (s.worker?.process.exitCode === null) s.worker.process.kill(signal);
   };
 
+  let metricsServer: Server | undefined;
+  let signals = 0;
+  const stop = (signal: string) => {
+    if (++signals > 1) {
+      log.warn({ signal }, 'second signal: exiting now');
+      killAll('SIGKILL');
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal, processes: slots.filter((s) => s.worker).length }, 'shutting down');
+    for (const s of slots) if (s.restartTimer) clearTimeout(s.restartTimer);
+    const hard = setTimeout(() => {
+      log.error('shutdown deadline passed; killing the gateway processes');
+      killAll('SIGKILL');
+      process.exit(1);
+    }, config.shutdownTimeoutMs + 5000);
+    hard.unref();
+    onAllExited = () => {
+      metricsServer?.close();
+      log.info({ failed: stopFailed }, 'shutdown complete');
+      log.flush();
+      process.exit(stopFailed ? 1 : 0);
+    };
+    if (slots.every((s) => !s.worker)) onAllExited();
+    for (const s of slots) {
+      if (s.worker?.isConnected()) s.worker.send({ type: 'gw:shutdown' } satisfies PrimaryMessage);
+      else s.worker?.process.kill('SIGTERM');
+    }
+  };
+  // From the start: a signal while the workers start drains them too (those not yet ready hear
+  // the request when they are), where it killed the supervisor by its default action before.
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+
   // The first worker alone: it creates the key files and applies the migrations.
   try {
     if (httpPort === 0) httpPort = await freePort(config.host);
-    await fork(slots[0]);
-    await Promise.all(slots.slice(1).map(fork));
+    await fork(slots[0], true);
+    if (!stopping) await Promise.all(slots.slice(1).map((s) => fork(s, true)));
   } catch (e) {
+    if (signals > 0) return; // stopped by a signal: its shutdown ends the process
     stopping = true;
     killAll('SIGKILL');
     throw e;
   }
-  started = true;
+  if (stopping) return;
 
-  const metricsServer = createServer((req, res) => {
+  metricsServer = createServer((req, res) => {
     if (req.url !== '/metrics') {
       res.writeHead(404).end();
       return;
@@ -307,43 +346,14 @@ export async function runSupervisor(config: Config, log: Logger, entry: string):
     return AggregatorRegistry.aggregate([await registry.getMetricsAsJSON(), retired, ...parts]).metrics();
   };
 
+  const listening = metricsServer;
   await new Promise<void>((resolve, reject) => {
-    metricsServer.once('error', reject);
-    metricsServer.listen(config.metricsPort, config.host, () => resolve());
+    listening.once('error', reject);
+    listening.listen(config.metricsPort, config.host, () => resolve());
   });
+  if (stopping) return;
 
-  let signals = 0;
-  const stop = (signal: string) => {
-    if (++signals > 1) {
-      log.warn({ signal }, 'second signal: exiting now');
-      killAll('SIGKILL');
-      process.exit(1);
-    }
-    stopping = true;
-    log.info({ signal, processes: slots.filter((s) => s.worker).length }, 'shutting down');
-    for (const s of slots) if (s.restartTimer) clearTimeout(s.restartTimer);
-    const hard = setTimeout(() => {
-      log.error('shutdown deadline passed; killing the gateway processes');
-      killAll('SIGKILL');
-      process.exit(1);
-    }, config.shutdownTimeoutMs + 5000);
-    hard.unref();
-    onAllExited = () => {
-      metricsServer.close();
-      log.info({ failed: stopFailed }, 'shutdown complete');
-      log.flush();
-      process.exit(stopFailed ? 1 : 0);
-    };
-    if (slots.every((s) => !s.worker)) onAllExited();
-    for (const s of slots) {
-      if (s.worker?.isConnected()) s.worker.send({ type: 'gw:shutdown' } satisfies PrimaryMessage);
-      else s.worker?.process.kill('SIGTERM');
-    }
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
-  // Announced once the signals are handled (as gateway/main.ts does for one process).
-  const metricsAddr = metricsServer.address();
+  const metricsAddr = listening.address();
   log.info(
     {
       tcpPort,

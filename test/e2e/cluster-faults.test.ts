@@ -1,13 +1,15 @@
 /**
  * The supervisor of GW_PROCESSES=2 under faults (gateway/cluster.ts): a worker that stops
- * answering or a frozen Redis during a scrape of the one `/metrics`. Redis is a private server of this file (it is frozen);
+ * answering or a frozen Redis during a scrape of the one `/metrics`, a restart that dies during
+ * the start-up, a signal during the start-up. Redis is a private server of this file (it is frozen);
  * PostgreSQL is the shared one, in schemas of each gateway's own.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected } from '../helpers/accounts.ts';
-import { until } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type Scrape, scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -32,6 +34,32 @@ function workerPids(gw: { logs: Record<string, unknown>[] }): Map<string, number
   const out = new Map<string, number>();
   for (const l of gw.logs) if (l.msg === 'gateway process ready') out.set(l.node as string, l.pid as number);
   return out;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function killIfAlive(pid: number | undefined, signal: NodeJS.Signals = 'SIGKILL'): void {
+  try {
+    if (pid) process.kill(pid, signal);
+  } catch {
+    // gone
+  }
+}
+
+/** The pids of `parent`'s children now. */
+function childrenOf(parent: number): number[] {
+  const ps = spawnSync('ps', ['-o', 'pid=', '--ppid', String(parent)], { encoding: 'utf8' });
+  return ps.stdout
+    .split('\n')
+    .map((l) => Number(l.trim()))
+    .filter((n) => n > 0);
 }
 
 /** Opens connections until one lands on each of the two processes. */
@@ -127,4 +155,118 @@ describe('one /metrics under faults', () => {
       return s.value('gateway_dependency_up{dependency="redis"}') === 1 && s.value('gateway_ready') === 1;
     });
   });
+});
+
+test('a restart that dies during the start-up is restarted: two processes serve again', async () => {
+  const pids = new Set<number>();
+  let supervisor = 0;
+  let killedRestart = 0;
+  let w2ReadyAt = 0;
+  let killedRestartAt = 0;
+  let hunting: Promise<void> | undefined;
+  let gw: GatewayProcess | undefined;
+  try {
+    gw = await startGateway(env(), {
+      onLog: (l) => {
+        if (l.msg === 'gateway process ready' && String(l.node).endsWith('-w1')) {
+          pids.add(l.pid as number);
+          supervisor = Number(
+            spawnSync('ps', ['-o', 'ppid=', '-p', String(l.pid)], { encoding: 'utf8' }).stdout.trim(),
+          );
+        }
+        if (l.msg === 'gateway process ready' && String(l.node).endsWith('-w2')) w2ReadyAt = Date.now();
+        // The second process is starting: kill the first, ready one, and its restart as soon
+        // as it is forked (before it can be ready), while the second still starts.
+        if (String(l.node).endsWith('-w2') && !hunting && supervisor) {
+          pids.add(l.pid as number);
+          const [w1] = pids;
+          process.kill(w1, 'SIGKILL');
+          hunting = (async () => {
+            const restart = await until(
+              'the restart of the first process to be forked',
+              () => childrenOf(supervisor).find((p) => !pids.has(p)),
+              10_000,
+              5,
+            );
+            process.kill(restart, 'SIGKILL');
+            killedRestart = restart;
+            killedRestartAt = Date.now();
+          })();
+        }
+      },
+    });
+    await within(
+      'the hunt for the restart',
+      hunting ?? Promise.reject(new Error('the second process never logged')),
+    );
+    assert.ok(
+      killedRestartAt > 0 && (w2ReadyAt === 0 || killedRestartAt < w2ReadyAt),
+      `the restart died before the second process was ready (killed ${killedRestartAt}, ready ${w2ReadyAt})`,
+    );
+    const g = gw;
+    await until(
+      'two processes serving again',
+      async () => (await scrapeMetrics(g.metricsPort)).value('gateway_processes{state="serving"}') === 2,
+      30_000,
+      200,
+    );
+    const exits = g.logs.filter((l) => l.msg === 'gateway process exited; restarting');
+    assert.ok(
+      exits.some((l) => l.workerPid === killedRestart),
+      `the restart's death is logged: ${JSON.stringify(exits)}`,
+    );
+    for (const w of workerPids(g).values()) pids.add(w);
+    assert.equal(await g.stop(), 0, 'the supervisor drains and exits 0');
+  } finally {
+    for (const p of pids) killIfAlive(p);
+    if (gw) await gw.stop().catch(() => {});
+  }
+});
+
+test('SIGTERM to the supervisor while its workers start drains them, and it exits 0', async () => {
+  const lines: Record<string, unknown>[] = [];
+  const workers = new Set<number>();
+  let supervisor = 0;
+  let started: Promise<unknown> | undefined;
+  try {
+    started = startGateway(env(), {
+      onLog: (l) => {
+        lines.push(l);
+        if (l.role !== 'supervisor' && typeof l.pid === 'number') workers.add(l.pid);
+        // The first worker's first line: it is starting, the supervisor has no worker ready.
+        if (!supervisor && l.role !== 'supervisor' && typeof l.pid === 'number') {
+          supervisor = Number(
+            spawnSync('ps', ['-o', 'ppid=', '-p', String(l.pid)], { encoding: 'utf8' }).stdout.trim(),
+          );
+          process.kill(supervisor, 'SIGTERM');
+        }
+      },
+    });
+    const outcome = await within(
+      'the start to end',
+      started.then(
+        () => 'gateway ready',
+        (e: Error) => e.message,
+      ),
+      60_000,
+    );
+    assert.match(
+      outcome,
+      /gateway exited \(0\) before the log line/,
+      `the supervisor drained and exited 0: ${outcome}`,
+    );
+    assert.ok(
+      lines.some((l) => l.role === 'supervisor' && l.msg === 'shutting down' && l.signal === 'SIGTERM'),
+      'the supervisor logged its shutdown',
+    );
+    assert.ok(
+      [...workers].every((p) => !alive(p)),
+      'no worker left running',
+    );
+  } finally {
+    for (const p of workers) killIfAlive(p);
+    killIfAlive(supervisor);
+    const gw = await started?.catch(() => undefined);
+    await (gw as GatewayProcess | undefined)?.stop();
+  }
 });

@@ -94,7 +94,18 @@ export async function startGatewayWithGrpc(
   }
 }
 
-export async function startGateway(env: Record<string, string> = {}): Promise<GatewayProcess> {
+export interface StartOptions {
+  /**
+   * Called with every log line as it comes, from the first: a test that acts during the
+   * start-up (kills a worker before the supervisor's `gateway ready`) watches here.
+   */
+  onLog?: (line: Record<string, unknown>) => void;
+}
+
+export async function startGateway(
+  env: Record<string, string> = {},
+  options: StartOptions = {},
+): Promise<GatewayProcess> {
   const dir = mkdtempSync(join(tmpdir(), 'gw-test-'));
   const tag = randomUUID().slice(0, 8);
   const prefix = env.GW_REDIS_PREFIX ?? `gwtest:${tag}:`;
@@ -150,6 +161,7 @@ export async function startGateway(env: Record<string, string> = {}): Promise<Ga
       parsed = { msg: line };
     }
     logs.push(parsed);
+    options.onLog?.(parsed);
     for (const w of [...waiters]) {
       if (w.pred(parsed)) {
         waiters.splice(waiters.indexOf(w), 1);
