@@ -104,7 +104,15 @@ export function runAsWorker(
       );
     }
   });
-  process.on('disconnect', () => hooks.shutdown('supervisor gone'));
+  // Node's cluster code in a worker listens for the IPC channel's loss first and exits the
+  // process at once (0) unless the disconnect was asked for; it emits the worker's
+  // 'disconnect' before it checks. Marking the disconnect as asked there keeps the process for
+  // its drain (a `process.on('disconnect')` listener ran too, but the exit came right after).
+  const self = cluster.worker;
+  self?.once('disconnect', () => {
+    self.exitedAfterDisconnect = true;
+    hooks.shutdown('supervisor gone');
+  });
   send({ type: 'gw:ready', ...ready });
 }
 

@@ -1,14 +1,14 @@
 /**
  * The supervisor of GW_PROCESSES=2 under faults (gateway/cluster.ts): a worker that stops
  * answering or a frozen Redis during a scrape of the one `/metrics`, a restart that dies during
- * the start-up, a signal during the start-up. Redis is a private server of this file (it is frozen);
+ * the start-up, a signal during the start-up, a supervisor that dies. Redis is a private server of this file (it is frozen);
  * PostgreSQL is the shared one, in schemas of each gateway's own.
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
-import { connected } from '../helpers/accounts.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type Scrape, scrapeMetrics } from '../helpers/metrics.ts';
@@ -268,5 +268,27 @@ test('SIGTERM to the supervisor while its workers start drains them, and it exit
     killIfAlive(supervisor);
     const gw = await started?.catch(() => undefined);
     await (gw as GatewayProcess | undefined)?.stop();
+  }
+});
+
+test('a worker whose supervisor dies drains: its device is kicked going_away', async () => {
+  const gw = await startGateway(env());
+  const workers = [...workerPids(gw).values()];
+  const device = await connected(gw.tcpUrl);
+  try {
+    await signUp(device);
+    const outcome = new Promise<string>((resolve) => {
+      device.once('kick', (k: { code: string }) => resolve(`kick ${k.code}`));
+      device.once('close', () => resolve('closed without a kick'));
+    });
+    gw.proc.kill('SIGKILL');
+    assert.equal(await within('the device to be kicked or closed', outcome), 'kick going_away');
+    await until('the workers to exit after their drain', () => workers.every((p) => !alive(p)), 20_000);
+    const done = gw.logs.filter((l) => l.msg === 'shutdown complete');
+    assert.equal(done.length, 2, `both workers completed their drain: ${JSON.stringify(done)}`);
+  } finally {
+    device.destroy();
+    for (const p of workers) killIfAlive(p);
+    await gw.stop().catch(() => {});
   }
 });
