@@ -8,6 +8,9 @@
  *   await pub.close();
  *
  * `username` targets need PostgreSQL (`databaseUrl`, `schema`); the other targets need only Redis.
+ * Every Redis call is bounded as the gateway's are (`commandTimeoutMs`, GW_REDIS_TIMEOUT_MS's
+ * default): a publish that meets a slow or unreachable Redis fails with `overloaded` and a
+ * `retryAfter`, as `POST /v1/events` answers 503.
  */
 import { Redis } from 'ioredis';
 import pg from 'pg';
@@ -22,6 +25,7 @@ import {
   type Target,
   validateEventInput,
 } from './delivery/publisher.ts';
+import { dependencyUnavailable, isDependencyFault } from './faults.ts';
 import { Keys } from './keys.ts';
 
 export interface PublisherOptions {
@@ -42,10 +46,21 @@ export interface PublisherOptions {
    * it. Another value than the gateways' is safe, only slower.
    */
   maxInflight?: number;
+  /**
+   * The longest a Redis connect or command may take (default 3000, the gateways'
+   * GW_REDIS_TIMEOUT_MS); a publish that meets a longer one, or a Redis that is unreachable,
+   * fails with `overloaded`.
+   */
+  commandTimeoutMs?: number;
 }
 
 export interface GatewayPublisher {
-  /** Resolves once every qos-1 copy is durable in Redis; throws `not_found` / `bad_message`. */
+  /**
+   * Resolves once every qos-1 copy is durable in Redis; throws a ProtocolError: `not_found`,
+   * `bad_message`, or `overloaded` (with `retryAfter`) when Redis (or PostgreSQL, for a
+   * username) does not answer in time or is unreachable. After `overloaded` the event may or
+   * may not be stored: publish again with the same `eid`.
+   */
   publish(target: Target, event: EventInput): Promise<PublishOutcome>;
   close(): Promise<void>;
 }
@@ -53,8 +68,30 @@ export interface GatewayPublisher {
 export type { EventInput, PublishOutcome, Target };
 
 export async function connectPublisher(o: PublisherOptions = {}): Promise<GatewayPublisher> {
-  const redis = new Redis(o.redisUrl ?? 'redis://127.0.0.1:6379', { enableAutoPipelining: true });
-  const bull = new Redis(o.redisUrl ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null });
+  // Bounded as the gateway's request-path clients are (gateway/app.ts): a command waits at most
+  // commandTimeoutMs, and one sent while disconnected fails at once (no offline queue). The
+  // `delivery.dropped` reports go through a BullMQ producer, which may be bounded the same way
+  // (BullMQ's "failing fast when Redis is down"); only blocking workers need retries for ever.
+  const url = o.redisUrl ?? 'redis://127.0.0.1:6379';
+  const t = o.commandTimeoutMs ?? 3000;
+  const bounded = {
+    connectTimeout: t,
+    commandTimeout: t,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+    lazyConnect: true,
+  };
+  const redis = new Redis(url, { ...bounded, enableAutoPipelining: true });
+  const bull = new Redis(url, bounded);
+  // Reconnect attempts while Redis is away: a publish meanwhile fails with `overloaded`.
+  for (const r of [redis, bull]) r.on('error', () => {});
+  try {
+    await Promise.all([redis.connect(), bull.connect()]);
+  } catch (e) {
+    redis.disconnect();
+    bull.disconnect();
+    throw e;
+  }
   const keys = new Keys(o.prefix ?? 'gw:');
   const ttl = o.sessionTtlSeconds ?? 86400;
   const pool = o.databaseUrl
@@ -87,11 +124,15 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
   return {
     async publish(target, event) {
       const checked = validateEventInput(target, event);
-      const outcome = await publisher.publish(checked.target, checked.event);
-      for (const d of outcome.dropped) {
-        await backend.dropped(d.sessionId, d.event);
+      try {
+        const outcome = await publisher.publish(checked.target, checked.event);
+        for (const d of outcome.dropped) {
+          await backend.dropped(d.sessionId, d.event);
+        }
+        return outcome;
+      } catch (e) {
+        throw isDependencyFault(e) ? dependencyUnavailable() : e;
       }
-      return outcome;
     },
     async close() {
       await backend.close();
