@@ -70,6 +70,43 @@ export interface SessionDirectory {
 }
 
 const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+/**
+ * How deep an event's `data` may nest objects and arrays (`[[1]]` is 2). Encoding (msgpackr's
+ * pack, JSON for the queues) recurses once per level: a body of 200 KB nesting 100,000 arrays
+ * overflowed the stack, a 500 `internal` with a stack trace logged. Real payloads nest a few
+ * levels; docs/BACKEND.md states the bound.
+ */
+export const MAX_DATA_DEPTH = 64;
+
+/**
+ * Whether `data` nests objects or arrays deeper than MAX_DATA_DEPTH. Walked without recursion
+ * (the check must not overflow where the encoder would), stopping at the first level past the
+ * bound; byte arrays are leaves.
+ */
+function nestsTooDeep(data: unknown): boolean {
+  if (data === null || typeof data !== 'object') return false;
+  const stack: object[] = [data];
+  const depths: number[] = [1];
+  while (stack.length > 0) {
+    const value = stack.pop()!;
+    const depth = depths.pop()!;
+    if (depth > MAX_DATA_DEPTH) return true;
+    if (ArrayBuffer.isView(value)) continue;
+    const children = Array.isArray(value)
+      ? value
+      : value instanceof Map
+        ? [...value.values()]
+        : Object.values(value);
+    for (const child of children) {
+      if (child !== null && typeof child === 'object') {
+        stack.push(child);
+        depths.push(depth + 1);
+      }
+    }
+  }
+  return false;
+}
 const TARGET_KINDS = ['session', 'device', 'user', 'username', 'room'] as const;
 
 /** Checks a publish request from any path; throws `bad_message` naming the field. */
@@ -102,6 +139,8 @@ export function validateEventInput(target: unknown, event: unknown): { target: T
   if (e.eid !== undefined && (typeof e.eid !== 'string' || !/^[A-Za-z0-9_.-]{1,128}$/.test(e.eid))) {
     throw bad('eid', 'must be 1-128 of [A-Za-z0-9_.-]');
   }
+  if (nestsTooDeep(e.data))
+    throw bad('data', `must not nest objects and arrays more than ${MAX_DATA_DEPTH} deep`);
   const input: EventInput = { name: e.name, data: e.data ?? null };
   if (e.qos !== undefined) input.qos = e.qos as 0 | 1;
   if (e.ttl !== undefined) input.ttl = e.ttl as number;

@@ -461,6 +461,64 @@ describe('POST /v1/events batches', () => {
   });
 });
 
+describe('data nested too deep', () => {
+  /** `data` nested `depth` arrays deep, as JSON text: JSON.stringify would recurse as deep. */
+  const nested = (depth: number) => `${'['.repeat(depth)}1${']'.repeat(depth)}`;
+  const post = (body: string) =>
+    fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body,
+    });
+  /** The bound of docs/BACKEND.md: objects and arrays nested at most 64 deep. */
+  const MAX_DATA_DEPTH = 64;
+  const errorOf = async (res: Response) =>
+    [res.status, ((await res.json()) as { error: { code: string; field?: string } }).error] as const;
+
+  test('POST /v1/events: 400 bad_message naming data (events[i].data in a batch), not 500', async () => {
+    const errors = () => gw.logs.filter((l) => (l.level as number) >= 50 || l.level === 'error').length;
+    const errorsBefore = errors();
+    const deep = nested(100_000); // about 200 KB
+    const [status, err] = await errorOf(
+      await post(`{"target": {"session": "s1"}, "name": "deep", "data": ${deep}}`),
+    );
+    assert.deepEqual([status, err.code, err.field], [400, 'bad_message', 'data'], JSON.stringify(err));
+    const [bStatus, bErr] = await errorOf(
+      await post(
+        `{"events": [{"target": {"session": "s1"}, "name": "ok", "data": 1}, {"target": {"session": "s1"}, "name": "deep", "data": ${deep}}]}`,
+      ),
+    );
+    assert.deepEqual(
+      [bStatus, bErr.code, bErr.field],
+      [400, 'bad_message', 'events[1].data'],
+      JSON.stringify(bErr),
+    );
+    // At the bound it is taken (no live session here: not_found, past the check).
+    const [okStatus, okErr] = await errorOf(
+      await post(`{"target": {"session": "s1"}, "name": "deep", "data": ${nested(MAX_DATA_DEPTH)}}`),
+    );
+    assert.deepEqual([okStatus, okErr.code], [404, 'not_found'], JSON.stringify(okErr));
+    const [overStatus, overErr] = await errorOf(
+      await post(`{"target": {"session": "s1"}, "name": "deep", "data": ${nested(MAX_DATA_DEPTH + 1)}}`),
+    );
+    assert.deepEqual(
+      [overStatus, overErr.code, overErr.field],
+      [400, 'bad_message', 'data'],
+      JSON.stringify(overErr),
+    );
+    assert.equal(errors(), errorsBefore, 'no error logged for a bad request');
+  });
+
+  test('the publisher library: bad_message naming data', async () => {
+    let data: unknown = 1;
+    for (let i = 0; i < 100_000; i++) data = [data];
+    await assert.rejects(
+      pub.publish({ session: 's1' }, { name: 'deep', data }),
+      (e: unknown) => e instanceof ProtocolError && e.code === 'bad_message' && e.field === 'data',
+    );
+  });
+});
+
 describe('outbox bound', () => {
   test('reject: the publisher is told; drop-oldest: the dropped event is reported', async () => {
     for (const policy of ['reject', 'drop-oldest'] as const) {
