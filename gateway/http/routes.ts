@@ -1,8 +1,8 @@
 /**
  * What uWebSockets.js leaves unanswered: a request to an unknown path, with a method the path
  * does not take, or HEAD. Routes are recorded as services mount them, and one catch-all answers
- * 404 or 405 (with `Allow`) in the JSON error shape; HEAD runs the GET route and sends its
- * headers without the body. Every answer gets one access log line (method, route pattern,
+ * 404 or 405 (with `Allow`) in the JSON error shape; HEAD runs the GET route, with the path's
+ * parameters, and sends its headers without the body. Every answer gets one access log line (method, route pattern,
  * status, ms): the pattern, not the path, so that ids in paths stay out of the logs.
  */
 import type uWS from 'uWebSockets.js';
@@ -15,14 +15,17 @@ type RouteHandler = (res: uWS.HttpResponse, req: uWS.HttpRequest) => void;
 
 interface Route {
   method: string;
+  /** The path as mounted (`/v1/devices/:id`): the access log's route. */
+  path: string;
   pattern: RegExp;
+  /** The handler as mounted, without the access log. */
   handler: RouteHandler;
 }
 
-/** `/auth/user/sessions/:id` → a regular expression over the path. */
+/** `/auth/user/sessions/:id` → a regular expression over the path, a group per parameter. */
 function compile(path: string): RegExp {
   const parts = path.split('/').map((seg) => {
-    if (seg.startsWith(':')) return '[^/]+';
+    if (seg.startsWith(':')) return '([^/]+)';
     if (seg === '*') return '.*';
     return seg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
   });
@@ -113,7 +116,7 @@ export class RouteTable {
       app[method] = ((path: string, handler: RouteHandler) => {
         const logged: RouteHandler = (res, req) =>
           handler(accessLogged(res, access, metrics, name, path), req);
-        this.routes.push({ method: name, pattern: compile(path), handler: logged });
+        this.routes.push({ method: name, path, pattern: compile(path), handler });
         return original(path, logged);
       }) as never;
     }
@@ -132,9 +135,13 @@ export class RouteTable {
       const method = req.getMethod().toUpperCase();
       const path = req.getUrl();
       if (method === 'HEAD') {
-        const get = this.routes.find((r) => r.method === 'GET' && r.pattern.test(path));
-        if (get) {
-          get.handler(headOnly(raw), req);
+        for (const get of this.routes) {
+          const match = get.method === 'GET' ? get.pattern.exec(path) : null;
+          if (!match) continue;
+          // Here, under the catch-all, uWS has no parameters for the GET route's handler
+          // (getParameter(i) was empty, and the admin API answered 400): they are the pattern's.
+          const logged = accessLogged(headOnly(raw), this.access, this.metrics, 'HEAD', get.path);
+          get.handler(logged, withParameters(req, match.slice(1)));
           return;
         }
       }
@@ -154,6 +161,18 @@ export class RouteTable {
       }
     });
   }
+}
+
+/** `req` whose `getParameter(i)` is `params[i]` (as uWS gives them: undecoded). */
+function withParameters(req: uWS.HttpRequest, params: string[]): uWS.HttpRequest {
+  return new Proxy(req, {
+    get(target, key) {
+      if (key === 'getParameter')
+        return (i: number | string) => (typeof i === 'number' ? params[i] : undefined);
+      const value = Reflect.get(target, key);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
 }
 
 function headIf(res: uWS.HttpResponse, method: string): uWS.HttpResponse {

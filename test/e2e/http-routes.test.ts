@@ -6,9 +6,10 @@ import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts
 
 let gw: GatewayProcess;
 let base: string;
+const ADMIN_KEY = 'admin-key-for-route-tests-41d2';
 
 before(async () => {
-  gw = await startGateway({ GW_API_KEY: 'k' });
+  gw = await startGateway({ GW_API_KEY: 'k', GW_ADMIN_KEY: ADMIN_KEY });
   base = `http://127.0.0.1:${gw.httpPort}`;
 });
 after(async () => {
@@ -55,4 +56,31 @@ test('HEAD answers like GET without the body', async () => {
   // The connection is still usable afterwards: no stray body bytes were sent.
   const again = await fetchWithin(`${base}/healthz`);
   assert.equal(again.status, 200);
+});
+
+test('HEAD on a route with parameters answers as its GET does, and is logged as HEAD', async () => {
+  const auth = { authorization: `Bearer ${ADMIN_KEY}` };
+  const cases: [string, string][] = [
+    ['/v1/devices/dev-x', '/v1/devices/:id'],
+    ['/v1/users/nobody/sessions', '/v1/users/:name/sessions'],
+    ['/v1/events/e1?session=s1', '/v1/events/:eid'],
+    ['/v1/limits/devices/dev-x', '/v1/limits/devices/:id'],
+  ];
+  for (const [path, route] of cases) {
+    const get = await fetchWithin(`${base}${path}`, { headers: auth });
+    await get.text();
+    const head = await fetchWithin(`${base}${path}`, { method: 'HEAD', headers: auth });
+    assert.equal(head.status, get.status, `HEAD ${path} answers as GET does (${get.status})`);
+    assert.equal(await head.text(), '', `HEAD ${path} has no body`);
+    // Access lines are written in blocks: wait for this one by what it must say.
+    await gw
+      .waitForLog(
+        (l) => l.msg === 'http' && l.method === 'HEAD' && l.route === route && l.status === get.status,
+        5000,
+      )
+      .catch(() => {
+        const lines = gw.logs.filter((l) => l.msg === 'http' && (l.route === route || l.method === 'HEAD'));
+        assert.fail(`no access line HEAD ${route} ${get.status}; lines: ${JSON.stringify(lines)}`);
+      });
+  }
 });
