@@ -86,6 +86,18 @@ function accessLogged(
   let status = 200;
   return wrapResponse(res, (key, args, run) => {
     if (key === 'writeStatus') status = Number.parseInt(String(args[0]), 10) || status;
+    if (key === 'onAborted' && typeof args[0] === 'function') {
+      // The connection closed before the answer: the client went away, or pipelined another
+      // request behind this one (uWS closes such a connection; docs/BACKEND.md).
+      const aborted = args[0] as (...a: unknown[]) => void;
+      return run([
+        (...a: unknown[]) => {
+          const ms = performance.now() - t0;
+          log.info({ method, route, aborted: true, ms: Math.round(ms * 10) / 10 }, 'http');
+          aborted(...a);
+        },
+      ]);
+    }
     const out = run(args);
     if (key === 'end' || key === 'endWithoutBody') {
       const ms = performance.now() - t0;

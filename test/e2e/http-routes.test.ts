@@ -1,7 +1,11 @@
 /** Every HTTP request gets an answer: unknown paths 404, wrong methods 405 with Allow, HEAD. */
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import { after, before, test } from 'node:test';
-import { fetchWithin } from '../helpers/deadline.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { query } from '../helpers/cleanup.ts';
+import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
 let gw: GatewayProcess;
@@ -82,5 +86,81 @@ test('HEAD on a route with parameters answers as its GET does, and is logged as 
         const lines = gw.logs.filter((l) => l.msg === 'http' && (l.route === route || l.method === 'HEAD'));
         assert.fail(`no access line HEAD ${route} ${get.status}; lines: ${JSON.stringify(lines)}`);
       });
+  }
+});
+
+/** Writes `raw` on one connection and reads until the server closes it (or 5 s pass). */
+function exchange(raw: string): Promise<{ bytes: string; closedByServer: boolean }> {
+  const done = new Promise<{ bytes: string; closedByServer: boolean }>((resolve, reject) => {
+    const s = connect(gw.httpPort, '127.0.0.1', () => s.write(raw));
+    let bytes = '';
+    const timer = setTimeout(() => {
+      s.destroy();
+      resolve({ bytes, closedByServer: false });
+    }, 5000);
+    s.on('data', (d) => {
+      bytes += d;
+    });
+    s.on('error', reject);
+    s.on('end', () => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve({ bytes, closedByServer: true });
+    });
+  });
+  return within('the pipelined exchange', done);
+}
+
+const request = (method: string, path: string, body?: unknown, headers = '') => {
+  const text = body === undefined ? '' : JSON.stringify(body);
+  const length =
+    body === undefined
+      ? ''
+      : `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\n`;
+  return `${method} ${path} HTTP/1.1\r\nhost: gw\r\n${headers}${length}\r\n${text}`;
+};
+
+test('a request pipelined behind an async one: uWS closes the connection unanswered, and the first is not carried out', async () => {
+  // docs/BACKEND.md, "Pipelining": uWebSockets.js closes a connection on which a request
+  // arrives while the answer to the one before is pending. The first request is then aborted
+  // before its work begins: no answer, and no effect.
+  const username = newName();
+  const reg = await exchange(
+    request('POST', '/auth/register', { username, email: `${username}@example.com`, password: PASSWORD }) +
+      request('GET', '/healthz'),
+  );
+  assert.deepEqual(reg, { bytes: '', closedByServer: true }, 'closed without an answer');
+  await gw
+    .waitForLog((l) => l.msg === 'http' && l.route === '/auth/register' && l.aborted === true, 5000)
+    .catch(() => assert.fail('no access line for the aborted registration'));
+  const users = await query(gw.schema, 'SELECT id FROM users WHERE username = $1', [username]);
+  assert.equal(users.rowCount, 0, 'the registration that got no answer was not carried out');
+
+  const device = await connected(gw.tcpUrl);
+  try {
+    const s = await signUp(device);
+    const got: EventMsg[] = [];
+    device.on('event', (e: EventMsg) => got.push(e));
+    const publish = (name: string) =>
+      request(
+        'POST',
+        '/v1/events',
+        { target: { session: s.sessionId }, name, data: 1 },
+        'authorization: Bearer k\r\n',
+      );
+    const pub = await exchange(publish('pipelined') + request('GET', '/healthz'));
+    assert.deepEqual(pub, { bytes: '', closedByServer: true }, 'closed without an answer');
+    // Events to one session arrive in publish order: had the first been stored, it came first.
+    const next = nextEvent<EventMsg>(device, 'event', 'the event published after');
+    const after = await exchange(publish('after'));
+    assert.match(after.bytes, /^HTTP\/1\.1 202/, `a publish alone is answered: ${after.bytes.slice(0, 200)}`);
+    await next;
+    assert.deepEqual(
+      got.map((e) => e.name),
+      ['after'],
+      'the publish that got no answer was not stored',
+    );
+  } finally {
+    device.destroy();
   }
 });
