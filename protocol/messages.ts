@@ -228,6 +228,43 @@ function device(m: Obj): void {
   }
 }
 
+/**
+ * How deep an event's `data` may nest objects and arrays (`[[1]]` is 2). Encoding (msgpackr's
+ * pack, JSON for the queues) recurses once per level: a body of 200 KB nesting 100,000 arrays
+ * overflowed the stack, a 500 `internal` with a stack trace logged. Real payloads nest a few
+ * levels. One bound for a back end's event and a device's `publish` (docs/BACKEND.md,
+ * docs/PROTOCOL.md §8).
+ */
+export const MAX_DATA_DEPTH = 64;
+
+/**
+ * Whether `data` nests objects or arrays deeper than MAX_DATA_DEPTH. Walked without recursion
+ * (the check must not overflow where the encoder would), stopping at the first level past the
+ * bound; byte arrays are leaves.
+ */
+export function nestsTooDeep(data: unknown): boolean {
+  if (data === null || typeof data !== 'object') return false;
+  const stack: object[] = [data];
+  const depths: number[] = [1];
+  while (stack.length > 0) {
+    const value = stack.pop()!;
+    const depth = depths.pop()!;
+    if (depth > MAX_DATA_DEPTH) return true;
+    if (ArrayBuffer.isView(value)) continue;
+    const children = Array.isArray(value)
+      ? value
+      : value instanceof Map
+        ? [...value.values()]
+        : Object.values(value);
+    for (const child of children) {
+      if (child !== null && typeof child === 'object') {
+        stack.push(child);
+        depths.push(depth + 1);
+      }
+    }
+  }
+  return false;
+}
 const REQUEST_FIELDS: Record<RequestType, (m: Obj) => void> = {
   register: (m) => {
     str(m, 'username');
@@ -273,6 +310,9 @@ const REQUEST_FIELDS: Record<RequestType, (m: Obj) => void> = {
   publish: (m) => {
     str(m, 'name', false, 256);
     if (!('data' in m)) throw badMessage('data', 'missing');
+    if (nestsTooDeep(m.data)) {
+      throw badMessage('data', `must not nest objects and arrays more than ${MAX_DATA_DEPTH} deep`);
+    }
   },
   bye: () => {},
 };

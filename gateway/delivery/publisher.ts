@@ -8,7 +8,7 @@
  * qos 0: sent to the sessions online now, through their nodes' channels, in one script call
  * that expands the target too; not stored.
  */
-import { ProtocolError, pack } from '../../protocol/index.ts';
+import { MAX_DATA_DEPTH, nestsTooDeep, ProtocolError, pack } from '../../protocol/index.ts';
 import { newEid } from './eid.ts';
 import type { Fanout, Outbox, PublishEntry, SessionPublishResult, StoredEvent } from './outbox.ts';
 
@@ -71,42 +71,6 @@ export interface SessionDirectory {
 
 const NAME = /^[A-Za-z0-9_.:-]{1,128}$/;
 
-/**
- * How deep an event's `data` may nest objects and arrays (`[[1]]` is 2). Encoding (msgpackr's
- * pack, JSON for the queues) recurses once per level: a body of 200 KB nesting 100,000 arrays
- * overflowed the stack, a 500 `internal` with a stack trace logged. Real payloads nest a few
- * levels; docs/BACKEND.md states the bound.
- */
-export const MAX_DATA_DEPTH = 64;
-
-/**
- * Whether `data` nests objects or arrays deeper than MAX_DATA_DEPTH. Walked without recursion
- * (the check must not overflow where the encoder would), stopping at the first level past the
- * bound; byte arrays are leaves.
- */
-function nestsTooDeep(data: unknown): boolean {
-  if (data === null || typeof data !== 'object') return false;
-  const stack: object[] = [data];
-  const depths: number[] = [1];
-  while (stack.length > 0) {
-    const value = stack.pop()!;
-    const depth = depths.pop()!;
-    if (depth > MAX_DATA_DEPTH) return true;
-    if (ArrayBuffer.isView(value)) continue;
-    const children = Array.isArray(value)
-      ? value
-      : value instanceof Map
-        ? [...value.values()]
-        : Object.values(value);
-    for (const child of children) {
-      if (child !== null && typeof child === 'object') {
-        stack.push(child);
-        depths.push(depth + 1);
-      }
-    }
-  }
-  return false;
-}
 const TARGET_KINDS = ['session', 'device', 'user', 'username', 'room'] as const;
 
 /** Checks a publish request from any path; throws `bad_message` naming the field. */

@@ -17,7 +17,7 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
@@ -221,6 +221,55 @@ describe('framing errors over TCP', () => {
     );
     h.raw.sendBytes(many);
     for (let i = 0; i < 100; i++) assert.equal((await h.recvType('pong')).ts, i);
+    h.raw.destroy();
+  });
+});
+
+describe('a publish whose data nests too deep', () => {
+  test('is bad_message naming data, with no error logged, however deep; the connection goes on', async () => {
+    const h = await rawHandshake(gw.tcpUrl);
+    const username = newName();
+    h.raw.sendBody(
+      h.seal({ type: 'register', id: 1, username, email: `${username}@example.com`, password: PASSWORD }),
+    );
+    assert.equal((await h.recvType('ok')).id, 1);
+    h.raw.sendBody(h.seal({ type: 'login', id: 2, username, password: PASSWORD }));
+    assert.equal((await h.recvType('ok')).id, 2);
+    // `data` as arrays nested `depth` deep around 1, written byte by byte: the client library's
+    // own encoder would overflow first.
+    const publishOf = (id: number, depth: number) => {
+      const head = pack({ type: 'publish', id, name: 'deep' });
+      head[0] += 1; // one more field: data
+      return Buffer.concat([head, pack('data'), Buffer.alloc(depth, 0x91), Buffer.from([0x01])]);
+    };
+    const errorsBefore = gw.logs.filter((l) => (l.level as number) >= 50).length;
+    // 65 is the first depth past the bound; 3,000 overflowed the stack when the event was
+    // encoded (an `internal` answer, and an error line with a stack for every such frame).
+    for (const [id, depth, field] of [
+      [3, 64, undefined],
+      [4, 65, 'data'],
+      [5, 3000, 'data'],
+      [6, 4000, 'data'],
+    ] as const) {
+      h.raw.sendBody(h.channel.sealBytes(publishOf(id, depth)));
+      let m = await h.recv(20_000);
+      while (m.type !== 'ok' && m.type !== 'error') m = await h.recv(20_000);
+      if (field === undefined) assert.equal(m.type, 'ok', `depth ${depth}: ${JSON.stringify(m)}`);
+      else
+        assert.deepEqual(
+          [m.type, m.code, m.field],
+          ['error', 'bad_message', field],
+          `depth ${depth}: ${JSON.stringify(m)}`,
+        );
+    }
+    h.raw.sendBody(h.seal({ type: 'ping', ts: 9 }));
+    assert.equal((await h.recvType('pong')).ts, 9);
+    const errors = gw.logs.filter((l) => (l.level as number) >= 50).slice(errorsBefore);
+    assert.deepEqual(
+      errors.map((l) => l.msg),
+      [],
+      'error lines logged',
+    );
     h.raw.destroy();
   });
 });
