@@ -8,9 +8,9 @@
  *   await pub.close();
  *
  * `username` targets need PostgreSQL (`databaseUrl`, `schema`); the other targets need only Redis.
- * Every Redis call is bounded as the gateway's are (`commandTimeoutMs`, GW_REDIS_TIMEOUT_MS's
- * default): a publish that meets a slow or unreachable Redis fails with `overloaded` and a
- * `retryAfter`, as `POST /v1/events` answers 503.
+ * Every Redis call and username look-up is bounded as the gateway's are (`commandTimeoutMs`,
+ * GW_REDIS_TIMEOUT_MS's default): a publish that meets a slow or unreachable Redis or
+ * PostgreSQL fails with `overloaded` and a `retryAfter`, as `POST /v1/events` answers 503.
  */
 import { Redis } from 'ioredis';
 import pg from 'pg';
@@ -47,9 +47,9 @@ export interface PublisherOptions {
    */
   maxInflight?: number;
   /**
-   * The longest a Redis connect or command may take (default 3000, the gateways'
-   * GW_REDIS_TIMEOUT_MS); a publish that meets a longer one, or a Redis that is unreachable,
-   * fails with `overloaded`.
+   * The longest a Redis connect or command, or a PostgreSQL connect or username look-up, may
+   * take (default 3000, the gateways' GW_REDIS_TIMEOUT_MS); a publish that meets a longer one,
+   * or a Redis or PostgreSQL that is unreachable, fails with `overloaded`.
    */
   commandTimeoutMs?: number;
 }
@@ -98,7 +98,12 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     ? new pg.Pool({
         connectionString: o.databaseUrl,
         max: 2,
-        options: `-c search_path=${o.schema ?? 'public'}`,
+        // Bounded as the Redis calls are: a frozen PostgreSQL fails a username look-up with
+        // `overloaded` (faults.ts reads these timeouts as a dependency fault), never a wait for
+        // ever. The server ends a statement that outlasts it too.
+        connectionTimeoutMillis: t,
+        query_timeout: t,
+        options: `-c search_path=${o.schema ?? 'public'} -c statement_timeout=${t}`,
       })
     : null;
   const userIds = new UserIds(

@@ -2,12 +2,15 @@
  * The publisher library (gateway/publish.ts) with Redis frozen answers as `POST /v1/events`
  * does: it fails within a deadline with `overloaded` (the route's 503), instead of waiting for
  * ever. Redis is a private server of this file; no gateway is needed (a publish to a session
- * nobody has still runs its script in Redis).
+ * nobody has still runs its script in Redis). A `username` target's look-up in a frozen
+ * PostgreSQL (a private server too) fails the same way.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import { within } from '../helpers/deadline.ts';
+import { startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
 let redis: OwnRedis;
@@ -59,3 +62,54 @@ test('publish with Redis frozen fails with overloaded within its command timeout
     (e: Error & { code?: string }) => e.code === 'not_found',
   );
 });
+
+test('a username publish with PostgreSQL frozen fails with overloaded within its timeout', async () => {
+  const db = await startOwnPostgres();
+  const p = await connectPublisher({
+    redisUrl: redis.url,
+    prefix: 'gwtest:publish-faults-pg:',
+    commandTimeoutMs: 1000,
+    databaseUrl: db.url,
+  });
+  try {
+    await within('the users table', ownQuery(db.url, 'CREATE TABLE users (id text, username text)'));
+    // Answering first: nobody has the name.
+    await assert.rejects(
+      within(
+        'a username publish with PostgreSQL up',
+        p.publish({ username: 'nobody' }, { name: 'e', data: 1 }),
+      ),
+      (e: Error & { code?: string }) => e.code === 'not_found',
+    );
+    db.freeze();
+    try {
+      const outcome = await within(
+        'the username publish with PostgreSQL frozen to settle',
+        p.publish({ username: 'someone' }, { name: 'e', data: 2 }).then(
+          () => 'published',
+          (e: Error & { code?: string; retryAfter?: number }) => e,
+        ),
+        10_000,
+      );
+      assert.notEqual(outcome, 'published', 'a look-up in a frozen PostgreSQL cannot succeed');
+      const e = outcome as Error & { code?: string; retryAfter?: number };
+      assert.equal(e.code, 'overloaded', `the error: ${e.message}`);
+    } finally {
+      db.thaw();
+    }
+  } finally {
+    await within('the publisher to close', p.close());
+    await db.remove();
+  }
+});
+
+/** One statement on its own connection (the publisher's pool is what the test looks at). */
+async function ownQuery(url: string, sql: string): Promise<void> {
+  const c = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000 });
+  await c.connect();
+  try {
+    await c.query(sql);
+  } finally {
+    await c.end();
+  }
+}
