@@ -44,7 +44,10 @@ test('events whose attempts ran out are reported dead-lettered, not lost, and en
     http: `http://127.0.0.1:${gw.httpPort}`,
     devices: 3,
     rate: 10,
-    duration: 3,
+    // Long enough for the devices to be signed up and their events to run out of attempts
+    // before the drain, which acks, however slow the sign-ups: on a machine running two suites
+    // they took over 3 s, the whole run, and every event was acked in the drain.
+    duration: 8,
     'event-rate': 20,
     // No ack at all during the run: every event published then runs out of its 2 attempts.
     'no-ack-prob': 1,

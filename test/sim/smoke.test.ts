@@ -31,6 +31,10 @@ before(async () => {
     GW_RETRY_BASE_MS: '200',
     GW_RETRY_MAX_MS: '1000',
     GW_REGISTER_PER_MINUTE: '10000',
+    // Every device is to log in within the run, however loaded the machine: hash jobs queue
+    // rather than being refused `overloaded` past the default 2 s of expected wait (on a machine
+    // running two suites, 5 of 20 devices were still waiting out a retryAfter when the run ended).
+    GW_HASH_MAX_WAIT_MS: '30000',
     GW_LOG_LEVEL: 'info',
   });
 });
