@@ -146,6 +146,7 @@ export async function startNode(
     redis,
     bus,
     keys,
+    nodeId: gateway.nodeId,
     binding,
     log,
     options: {
@@ -218,7 +219,7 @@ export async function startNode(
   await identity.start(gateway);
   await delivery.start();
   await presence.start({
-    dropSession: (sid, username) => rooms.dropSession(sid, username),
+    roomsLeft: (sid, username, left) => rooms.announceLeft(sid, username, left),
     expire: async (members) => {
       for (const m of members) {
         const [sid, eid] = m.split('|');

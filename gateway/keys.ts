@@ -115,7 +115,7 @@ export class Keys {
     return `${this.prefix}lastseen`;
   }
 
-  /** ZSET session id → number of its connections in the room. */
+  /** ZSET session id → number of its memberships in the room (sessionMemberships). */
   roomMembers(room: string): string {
     return `${this.prefix}room:${room}:m`;
   }
@@ -130,9 +130,21 @@ export class Keys {
     return `${this.prefix}rooms`;
   }
 
-  /** SET of the rooms a session is in. */
-  sessionRooms(sid: string): string {
-    return `${this.prefix}{s:${sid}}:rooms`;
+  /**
+   * HASH of a session's room memberships, one per join of a connection: `room token node` →
+   * username (messaging/lua/room-join.lua). Named apart from the SET of rooms it replaces.
+   */
+  sessionMemberships(sid: string): string {
+    return `${this.prefix}{s:${sid}}:rm`;
+  }
+
+  /** A room's members key is `roomMembersHead + room + roomMembersTail` (sweep-session.lua). */
+  get roomMembersHead(): string {
+    return `${this.prefix}room:`;
+  }
+
+  get roomMembersTail(): string {
+    return ':m';
   }
 
   roomChannel(room: string): string {

@@ -5,6 +5,7 @@
  * cluster-wide sweep (exactly one node per interval) that removes the sessions of nodes that
  * stopped beating, and reports events whose ttl passed while their device was offline.
  */
+import { readFileSync } from 'node:fs';
 import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { SessionBinding } from '../binding.ts';
@@ -37,13 +38,14 @@ export interface PresenceOptions {
 
 /** What the sweep calls for each session of a dead node, and for expired events. */
 export interface SweepTargets {
-  /** Leaves every room of a session that is gone. */
-  dropSession(sessionId: string, username: string): Promise<void>;
+  /** Tells the rooms a session of a dead node left (its memberships there are gone). */
+  roomsLeft(sessionId: string, username: string, rooms: string[]): Promise<void>;
   /** Reports and removes expired events (`sid|eid` members of the expiries set). */
   expire(members: string[]): Promise<void>;
 }
 
-const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
+/** Sessions of a dead node swept per round (each one operation of the binding's calls). */
+const SWEEP_BATCH = 1000;
 
 /** Binding operations (gateway/binding.ts). */
 const PRESENCE_OPS = {
@@ -91,6 +93,10 @@ export class Presence {
     },
   ) {
     for (const [name, lua] of Object.entries(PRESENCE_OPS)) deps.binding.define(name, lua);
+    deps.binding.define(
+      'sweep_session',
+      readFileSync(new URL('./lua/sweep-session.lua', import.meta.url), 'utf8'),
+    );
     this.queue = new Queue(QueueName.maintenance, {
       connection: deps.bullConnection,
       prefix: deps.keys.bullPrefix,
@@ -250,24 +256,37 @@ export class Presence {
     }
   }
 
+  /**
+   * Removes what each dead node held, one step per session (lua/sweep-session.lua: its
+   * memberships, presence record and node key if the dead node's), so a session that resumed
+   * on a live node before or during the sweep keeps what that node holds.
+   */
   private async sweepOnce(_job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
-    const { redis, keys, options } = this.deps;
+    const { redis, keys, options, binding } = this.deps;
     const now = Date.now();
     const dead = await redis.zrangebyscore(keys.nodes, '-inf', now - options.staleMs);
     let sessions = 0;
     for (const node of dead) {
       const sids = await redis.smembers(keys.nodeSessions(node));
-      const records = await this.records(sids);
-      for (const sid of sids) {
-        const rec = records.get(sid);
-        if (rec && rec.node !== node) continue; // resumed elsewhere meanwhile
-        await this.targets!.dropSession(sid, rec?.username ?? '');
-        const m = redis.multi();
-        if (rec) m.hdel(keys.presence, sid);
-        if (rec) m.hset(keys.lastSeen, rec.username, now);
-        m.eval(RELEASE, 1, keys.sessionNode(sid), node);
-        await m.exec();
-        sessions++;
+      for (let i = 0; i < sids.length; i += SWEEP_BATCH) {
+        const part = sids.slice(i, i + SWEEP_BATCH);
+        const swept = (await Promise.all(
+          part.map((sid) =>
+            binding.run(
+              'sweep_session',
+              [keys.presence, keys.lastSeen, keys.sessionNode(sid), keys.sessionMemberships(sid), keys.rooms],
+              [sid, node, now, keys.roomMembersHead, keys.roomMembersTail],
+            ),
+          ),
+        )) as Buffer[][];
+        const told: Promise<void>[] = [];
+        swept.forEach(([username, ...rooms], j) => {
+          if (rooms.length > 0) {
+            told.push(this.targets!.roomsLeft(part[j], String(username), rooms.map(String)));
+          }
+        });
+        await Promise.all(told);
+        sessions += part.length;
       }
       await redis.del(keys.nodeSessions(node));
       await redis.zrem(keys.nodes, node);

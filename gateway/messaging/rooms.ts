@@ -42,6 +42,18 @@ interface RoomWire {
   skip?: string;
 }
 
+/**
+ * One join of a connection: its field in the session's memberships hash, `room token node`
+ * (lua/room-join.lua), which its leave removes and nothing else.
+ */
+interface Membership {
+  field: string;
+  sid: string;
+  username: string;
+  /** room_join answered (restore writes only these again). */
+  joined: boolean;
+}
+
 const ROOM = /^#[a-z0-9_-]{1,32}$/;
 const ROOMS_KEY = 'rooms';
 
@@ -54,10 +66,11 @@ export function normalizeRoom(raw: string, field = 'room'): string {
   return name;
 }
 
-function roomsOf(conn: Connection): Set<string> {
-  let set = conn.attachments.get(ROOMS_KEY) as Set<string> | undefined;
-  if (!set) conn.attachments.set(ROOMS_KEY, (set = new Set()));
-  return set;
+/** A connection's rooms, with the membership of each. */
+function roomsOf(conn: Connection): Map<string, Membership> {
+  let map = conn.attachments.get(ROOMS_KEY) as Map<string, Membership> | undefined;
+  if (!map) conn.attachments.set(ROOMS_KEY, (map = new Map()));
+  return map;
 }
 
 export class Rooms {
@@ -67,12 +80,16 @@ export class Rooms {
   private readonly subscribing = new Map<string, Promise<void>>();
   /** The default room, normalized; '' when there is none. */
   private readonly defaultRoom: string;
+  /** Makes each membership's token unique on this node. */
+  private joins = 0;
 
   constructor(
     private readonly deps: {
       redis: Redis;
       bus: Bus;
       keys: Keys;
+      /** This node's id: memberships name the node that holds them. */
+      nodeId: string;
       /** Joining and leaving go in the binding's one call per tick with the rest of a (re)bind. */
       binding: SessionBinding;
       log: Logger;
@@ -82,6 +99,7 @@ export class Rooms {
     deps.binding.define('room_join', lua('room-join'));
     deps.binding.define('room_leave', lua('room-leave'));
     deps.binding.define('room_broadcast', lua('room-broadcast'));
+    deps.binding.define('room_restore', lua('room-restore'));
     this.defaultRoom = deps.options.defaultRoom ? normalizeRoom(deps.options.defaultRoom) : '';
   }
 
@@ -96,25 +114,38 @@ export class Rooms {
     const { keys, options } = this.deps;
     const mine = roomsOf(conn);
     if (mine.has(room)) return { room, members: await this.deps.redis.zcard(keys.roomMembers(room)) };
-    mine.add(room);
+    const m: Membership = {
+      field: `${room} ${++this.joins} ${this.deps.nodeId}`,
+      sid: s.sessionId,
+      username: s.username,
+      joined: false,
+    };
+    mine.set(room, m);
     let joined: [number, number, Buffer[]];
     try {
       await this.subscribeLocal(room, conn);
       // The connection closed, or left its session, while the SUBSCRIBE was out: its leave
       // ran then (leaveAll), finding nothing to leave; joining now would leave a member for
       // good.
-      if (!mine.has(room) || conn.session?.sessionId !== s.sessionId || conn.state !== ConnState.open) {
+      if (mine.get(room) !== m || conn.session?.sessionId !== s.sessionId || conn.state !== ConnState.open) {
         throw new ProtocolError('unauthenticated', 'the connection left its session while joining');
       }
       joined = (await this.deps.binding.run(
         'room_join',
-        [keys.roomMembers(room), keys.sessionRooms(s.sessionId), keys.rooms, keys.roomHistory(room)],
-        [s.sessionId, room, options.historyMs > 0 ? String(Date.now() - options.historyMs) : ''],
+        [keys.roomMembers(room), keys.sessionMemberships(s.sessionId), keys.rooms, keys.roomHistory(room)],
+        [
+          s.sessionId,
+          room,
+          options.historyMs > 0 ? String(Date.now() - options.historyMs) : '',
+          m.field,
+          s.username,
+        ],
       )) as [number, number, Buffer[]];
+      m.joined = true;
     } catch (e) {
       // Not joined (Redis or this node's subscriber unavailable): a retry does it all again,
       // rather than finding the room among the connection's and answering at once.
-      mine.delete(room);
+      if (mine.get(room) === m) mine.delete(room);
       this.unsubscribeLocal(room, conn);
       throw e;
     }
@@ -128,69 +159,69 @@ export class Rooms {
 
   async leave(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
     const room = normalizeRoom(rawRoom);
-    if (!roomsOf(conn).has(room)) throw new ProtocolError('not_found', `not a member of ${room}`);
-    const members = await this.drop(conn.session!.sessionId, conn.session!.username, room);
+    const m = roomsOf(conn).get(room);
+    if (!m) throw new ProtocolError('not_found', `not a member of ${room}`);
+    const members = await this.drop(m, room);
     this.unsubscribeLocal(room, conn);
     roomsOf(conn).delete(room);
     return { room, members };
   }
 
-  /** One connection of a session leaves a room; the session leaves when it was the last. */
-  private async drop(sid: string, username: string, room: string, all = false): Promise<number> {
+  /** One membership leaves its room; the session leaves when it was its last there. */
+  private async drop(m: Membership, room: string): Promise<number> {
     const { keys } = this.deps;
     const [last, members] = (await this.deps.binding.run(
       'room_leave',
-      [keys.roomMembers(room), keys.sessionRooms(sid), keys.rooms],
-      [sid, room, all ? '1' : ''],
+      [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
+      [m.sid, room, m.field],
     )) as [number, number];
-    if (last === 1 && this.announced(room)) {
-      await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
-    }
+    if (last === 1) await this.announceLeft(m.sid, m.username, [room]);
     return members;
   }
 
+  /** Tells the members of each announced room of `rooms` that the session left it. */
+  async announceLeft(sid: string, username: string, rooms: string[]): Promise<void> {
+    for (const room of rooms) {
+      if (this.announced(room)) {
+        await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
+      }
+    }
+  }
+
   /**
-   * Writes this node's members of each room again, as counts of their local connections
-   * (Redis came back and may have lost them); `join` and `leave` keep them from there.
+   * Writes this node's memberships again (Redis came back and may have lost them), each with
+   * its session's score in the room (lua/room-restore.lua); `join` and `leave` keep them from
+   * there.
    */
   async restore(): Promise<void> {
-    const { redis, keys } = this.deps;
+    const { keys, binding } = this.deps;
+    const writes: Promise<unknown>[] = [];
     for (const [room, conns] of this.local) {
-      const counts = new Map<string, number>();
       for (const c of conns) {
-        const sid = c.session?.sessionId;
-        if (sid) counts.set(sid, (counts.get(sid) ?? 0) + 1);
+        const m = roomsOf(c).get(room);
+        if (!m?.joined) continue;
+        writes.push(
+          binding.run(
+            'room_restore',
+            [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
+            [m.sid, room, m.field, m.username],
+          ),
+        );
       }
-      if (counts.size === 0) continue;
-      const m = redis.multi();
-      for (const [sid, n] of counts) {
-        m.zadd(keys.roomMembers(room), n, sid);
-        m.sadd(keys.sessionRooms(sid), room);
-      }
-      m.zcard(keys.roomMembers(room));
-      const res = await m.exec();
-      await redis.zadd(keys.rooms, res![res!.length - 1][1] as number, room);
     }
+    await Promise.all(writes);
   }
 
   /** Leaves every room of a connection that closed. */
   async leaveAll(conn: Connection): Promise<void> {
-    const mine = conn.attachments.get(ROOMS_KEY) as Set<string> | undefined;
-    const session = conn.session;
-    if (!mine || !session) return;
+    const mine = conn.attachments.get(ROOMS_KEY) as Map<string, Membership> | undefined;
+    if (!mine) return;
     const rooms = [...mine];
     mine.clear();
-    for (const room of rooms) {
+    for (const [room, m] of rooms) {
       this.unsubscribeLocal(room, conn);
-      await this.drop(session.sessionId, session.username, room);
+      await this.drop(m, room);
     }
-  }
-
-  /** Leaves every room of a session whose node died (the presence sweep). */
-  async dropSession(sid: string, username: string): Promise<void> {
-    const rooms = await this.deps.redis.smembers(this.deps.keys.sessionRooms(sid));
-    for (const room of rooms) await this.drop(sid, username, room, true);
-    await this.deps.redis.del(this.deps.keys.sessionRooms(sid));
   }
 
   async list(): Promise<{ room: string; members: number }[]> {

@@ -101,11 +101,18 @@ async function startNode(targets: SweepTargets) {
     bull.disconnect();
   });
   const restarts = () => restartsOf(metrics, 'gw-maintenance');
-  /** A node silent since the epoch, with `sessions` sessions: only a sweep removes it. */
+  /**
+   * A node silent since the epoch, with `sessions` sessions, each a member of #held there: only
+   * a sweep removes it.
+   */
   const plantDeadNode = async (sessions: string[] = []) => {
     const dead = `dead-${randomUUID().slice(0, 8)}`;
     const m = redis.multi().zadd(keys.nodes, 1, dead);
     if (sessions.length) m.sadd(keys.nodeSessions(dead), ...sessions);
+    for (const sid of sessions) {
+      m.hset(keys.sessionMemberships(sid), `#held 1 ${dead}`, 'held');
+      m.zadd(keys.roomMembers('#held'), 1, sid);
+    }
     await within('the dead node planted', m.exec());
     return dead;
   };
@@ -120,7 +127,7 @@ async function restartsOf(metrics: Registry, queue: string): Promise<number> {
   return values.find((v) => v.labels.queue === queue)?.value ?? 0;
 }
 
-const noTargets: SweepTargets = { dropSession: async () => {}, expire: async () => {} };
+const noTargets: SweepTargets = { roomsLeft: async () => {}, expire: async () => {} };
 
 test('a maintenance worker that stopped taking jobs is replaced, and the sweep runs again', async () => {
   const node = await startNode(noTargets);
@@ -150,7 +157,7 @@ test('a node busy with a sweep longer than the check keeps its worker', async ()
   await withHold(async (held, release) => {
     const node = await startNode({
       // One session of the dead node is dropped slowly: the sweep holds the node's worker.
-      dropSession: async () => {
+      roomsLeft: async () => {
         dropping++;
         await held;
       },

@@ -1,0 +1,21 @@
+--[[
+  Writes one membership of this node again (Redis came back and may have lost it) and the
+  session's score in the room from the memberships it has there, whichever of the keys Redis
+  kept.
+
+  KEYS[1] ZSET  the room's members
+  KEYS[2] HASH  the session's memberships (`room token node` -> username)
+  KEYS[3] ZSET  rooms (room -> members)
+  ARGV[1] session id
+  ARGV[2] room
+  ARGV[3] the membership (`room token node`)
+  ARGV[4] username
+]]
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+local n, head = 0, ARGV[2] .. ' '
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(f, 1, #head) == head then n = n + 1 end
+end
+redis.call('ZADD', KEYS[1], n, ARGV[1])
+redis.call('ZADD', KEYS[3], redis.call('ZCARD', KEYS[1]), ARGV[2])
+return 0

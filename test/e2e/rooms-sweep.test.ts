@@ -1,0 +1,188 @@
+/**
+ * The presence sweep removes exactly what a dead node held: its room members and presence
+ * records, and nothing a live node holds for the same session, whether the session moved to
+ * a live node before the sweep or while it ran. Two real gateway processes on one deployment;
+ * the dead one is SIGKILLed.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  type DeploymentEnv,
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+
+const STALE_MS = 1500;
+
+function settings(deployment: DeploymentEnv) {
+  return {
+    GW_SWEEP_INTERVAL_MS: '300',
+    GW_PRESENCE_STALE_MS: String(STALE_MS),
+    GW_DEFAULT_ROOM: '#general',
+    GW_REGISTER_PER_MINUTE: '1000',
+    ...deployment,
+  };
+}
+
+const nodeOf = (g: GatewayProcess) => String(g.logs.find((l) => l.msg === 'gateway ready')?.node);
+
+function collect(c: GatewayClient): EventMsg[] {
+  const got: EventMsg[] = [];
+  c.on('event', (e: EventMsg) => got.push(e));
+  return got;
+}
+
+async function members(c: GatewayClient, room: string): Promise<number> {
+  const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
+  return rooms.find((r) => r.room === room)?.members ?? 0;
+}
+
+test('a session that resumed on a live node before the sweep leaves the dead node its rooms there', async () => {
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const a = await startGateway(settings(deployment));
+  const b = await startGateway(settings(deployment));
+  const r = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    await device.request('join', { room: '#x' });
+    const watcher = await connected(b.tcpUrl);
+    open.push(watcher);
+    await signUp(watcher);
+    await watcher.request('join', { room: '#x' });
+    const seen = collect(watcher);
+
+    a.proc.kill('SIGKILL');
+    await a.exited;
+    device.destroy();
+    // Back on B well within GW_PRESENCE_STALE_MS: the presence record is B's by the sweep.
+    const again = await connected(b.tcpUrl);
+    open.push(again);
+    await again.request('resume', { token: s.token });
+    const rec = await r.hget(`${prefix}presence`, s.sessionId);
+    assert.equal(JSON.parse(String(rec)).node, nodeOf(b), 'the presence record is B’s before the sweep');
+
+    await until(
+      'the sweep of node A',
+      async () => (await r.zscore(`${prefix}nodes`, nodeOf(a))) === null,
+      STALE_MS + 15000,
+    );
+    // A's #x membership is gone, announced; B's #general membership stays.
+    assert.equal(await r.zscore(`${prefix}room:#x:m`, s.sessionId), null, "A's member of #x removed");
+    assert.equal(await members(watcher, '#x'), 1, '#x counts the watcher alone');
+    await until('room.left for the device in #x', () =>
+      seen.some((e) => e.name === 'room.left' && e.room === '#x' && e.from === s.username),
+    );
+    assert.equal(await r.zscore(`${prefix}room:#general:m`, s.sessionId), '1', "B's member of #general kept");
+    assert.equal(
+      JSON.parse(String(await r.hget(`${prefix}presence`, s.sessionId))).node,
+      nodeOf(b),
+      'the presence record on B kept',
+    );
+
+    await again.close();
+    await until(
+      'the session out of #general once its connection on B closed',
+      async () => (await r.zscore(`${prefix}room:#general:m`, s.sessionId)) === null,
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    await Promise.all([a.stop(), b.stop()]);
+    await dropDeployment(deployment);
+  }
+});
+
+test('a session that resumes on a live node while the sweep of its dead node runs keeps its presence and rooms', async () => {
+  const PLANTED = 15000;
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const a = await startGateway(settings(deployment));
+  const b = await startGateway(settings(deployment));
+  const r = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    const speaker = await connected(b.tcpUrl);
+    open.push(speaker);
+    await signUp(speaker);
+    // Sessions of node A that are not there, each in #general, so that its sweep takes a while.
+    const dead = nodeOf(a);
+    const m = r.multi();
+    for (let i = 0; i < PLANTED; i++) {
+      const sid = `planted-${i}`;
+      m.sadd(`${prefix}nodesess:${dead}`, sid);
+      m.hset(`${prefix}{s:${sid}}:rm`, `#general 1 ${dead}`, `p${i}`);
+      m.zadd(`${prefix}room:#general:m`, 1, sid);
+      m.hset(
+        `${prefix}presence`,
+        sid,
+        JSON.stringify({ node: dead, conn: 100000 + i, userId: 'u', username: `p${i}`, since: Date.now() }),
+      );
+    }
+    await m.exec();
+
+    a.proc.kill('SIGKILL');
+    await a.exited;
+    device.destroy();
+    // Resumed on B as soon as the sweep has removed its first sessions of A.
+    await until(
+      'the sweep of A under way',
+      async () => (await r.hlen(`${prefix}presence`)) < PLANTED + 2,
+      STALE_MS + 15000,
+      5,
+    );
+    const sweepSeen = Date.now();
+    const again = await connected(b.tcpUrl);
+    open.push(again);
+    const heard = collect(again);
+    await again.request('resume', { token: s.token });
+    const during = (await r.exists(`${prefix}nodesess:${dead}`)) === 1;
+    console.log(`# resumed ${during ? 'while' : 'after'} the sweep of A ran`);
+    await until(
+      'the sweep of node A',
+      async () => (await r.zscore(`${prefix}nodes`, dead)) === null,
+      STALE_MS + 30000,
+      5,
+    );
+    console.log(
+      `# the sweep of ${PLANTED} sessions ended ${Date.now() - sweepSeen} ms after it was seen under way`,
+    );
+
+    const rec = await r.hget(`${prefix}presence`, s.sessionId);
+    assert.ok(rec, 'the resumed session has a presence record after the sweep');
+    assert.equal(JSON.parse(rec).node, nodeOf(b), 'its record is B’s');
+    assert.equal(
+      await r.zscore(`${prefix}room:#general:m`, s.sessionId),
+      '1',
+      'its member of #general stays',
+    );
+    const { users } = await speaker.request<{ users: string[] }>('users', { room: '#general' });
+    assert.ok(users.includes(s.username), `users of #general lists it: ${JSON.stringify(users)}`);
+    await speaker.request('say', { room: '#general', body: 'after the sweep' });
+    await until('the message in #general after the sweep', () =>
+      heard.some((e) => e.name === 'room.message' && (e.data as { body: string }).body === 'after the sweep'),
+    );
+    assert.equal(
+      await r.hlen(`${prefix}presence`),
+      2,
+      'the planted records are gone, the two live ones kept',
+    );
+    assert.equal(await r.zcard(`${prefix}room:#general:m`), 2, 'the planted members of #general are gone');
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    await within('both gateways stopped', Promise.all([a.stop(), b.stop()]));
+    await dropDeployment(deployment);
+  }
+});
