@@ -15,6 +15,11 @@ export class Bus {
   /** Counts the connection's losses: a PING sent before one does not vouch for the next. */
   private losses = 0;
   private readonly backHandlers: (() => void)[] = [];
+  /**
+   * Channels whose UNSUBSCRIBE failed (Redis away): ioredis subscribes again, on its next
+   * connection, to what it had not seen unsubscribed; they are unsubscribed again once back.
+   */
+  private readonly unwanted = new Set<string>();
 
   constructor(
     private readonly sub: Redis,
@@ -40,6 +45,14 @@ export class Bus {
         () => {
           if (losses !== this.losses || this.up) return;
           this.up = true;
+          for (const channel of this.unwanted) {
+            if (this.handlers.has(channel)) this.unwanted.delete(channel);
+            else
+              this.sub.unsubscribe(channel).then(
+                () => this.unwanted.delete(channel),
+                () => {},
+              );
+          }
           for (const fn of this.backHandlers) fn();
         },
         () => {},
@@ -66,6 +79,7 @@ export class Bus {
 
   async subscribe(channel: string, handler: BusHandler): Promise<void> {
     this.handlers.set(channel, handler);
+    this.unwanted.delete(channel);
     try {
       await this.sub.subscribe(channel);
     } catch (e) {
@@ -77,7 +91,12 @@ export class Bus {
 
   async unsubscribe(channel: string): Promise<void> {
     this.handlers.delete(channel);
-    await this.sub.unsubscribe(channel);
+    try {
+      await this.sub.unsubscribe(channel);
+    } catch (e) {
+      if (!this.handlers.has(channel)) this.unwanted.add(channel);
+      throw e;
+    }
   }
 
   /**

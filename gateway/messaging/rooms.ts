@@ -16,7 +16,7 @@ import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState, type Turn } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
-import { dependencyUnavailable } from '../faults.ts';
+import { dependencyUnavailable, logFailure } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
@@ -54,6 +54,16 @@ interface Membership {
   joined: boolean;
 }
 
+/** A leave whose Redis step was not answered: sent again until it is (`repair`). */
+interface OwedLeave {
+  m: Membership;
+  room: string;
+}
+
+/** The first retry of owed leaves, and the longest wait between retries as they keep failing. */
+const REPAIR_MIN_MS = 1000;
+const REPAIR_MAX_MS = 30_000;
+
 const ROOM = /^#[a-z0-9_-]{1,32}$/;
 const ROOMS_KEY = 'rooms';
 
@@ -82,6 +92,11 @@ export class Rooms {
   private readonly defaultRoom: string;
   /** Makes each membership's token unique on this node. */
   private joins = 0;
+  /** Leaves Redis has not answered, by membership field; `repair` sends them again. */
+  private readonly owed = new Map<string, OwedLeave>();
+  private repairTimer: NodeJS.Timeout | undefined;
+  private repairing = false;
+  private repairDelay = REPAIR_MIN_MS;
 
   constructor(
     private readonly deps: {
@@ -175,8 +190,68 @@ export class Rooms {
       [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
       [m.sid, room, m.field],
     )) as [number, number];
-    if (last === 1) await this.announceLeft(m.sid, m.username, [room]);
+    if (last === 1) {
+      await this.announceLeft(m.sid, m.username, [room]).catch((e) =>
+        logFailure(this.deps.log, e, { room }, 'room.left not announced'),
+      );
+    }
     return members;
+  }
+
+  /** Sends a leave again until Redis answers it (a leave may run twice: it removes its own field). */
+  private owe(m: Membership, room: string, e: unknown): void {
+    if (this.owed.size === 0) {
+      logFailure(this.deps.log, e, {}, 'room leaves not written to Redis; sent again until it answers');
+    }
+    this.owed.set(m.field, { m, room });
+    this.scheduleRepair();
+  }
+
+  /** Runs `repair` after the current wait, or at once (`now`: Redis is back). */
+  private scheduleRepair(now = false): void {
+    if (this.repairing || this.owed.size === 0) return;
+    if (now) {
+      clearTimeout(this.repairTimer);
+      this.repairTimer = undefined;
+      this.repairDelay = REPAIR_MIN_MS;
+      void this.repair();
+    } else if (!this.repairTimer) {
+      this.repairTimer = setTimeout(() => {
+        this.repairTimer = undefined;
+        void this.repair();
+      }, this.repairDelay);
+      this.repairTimer.unref();
+    }
+  }
+
+  /**
+   * Sends every owed leave again, all in the binding's calls of one tick (256 a call), one
+   * attempt at a time; waits twice as long after each that leaves some owed (up to 30 s), so
+   * that connections closed during an outage cost a few calls, not a storm of retries.
+   */
+  private async repair(): Promise<void> {
+    this.repairing = true;
+    const batch = [...this.owed.values()];
+    let done = 0;
+    await Promise.all(
+      batch.map(async (o) => {
+        try {
+          await this.drop(o.m, o.room);
+          if (this.owed.get(o.m.field) === o) this.owed.delete(o.m.field);
+          done++;
+        } catch {
+          // still owed
+        }
+      }),
+    );
+    this.repairing = false;
+    if (this.owed.size === 0) {
+      this.repairDelay = REPAIR_MIN_MS;
+      this.deps.log.info({ leaves: done }, 'owed room leaves written to Redis');
+    } else {
+      this.repairDelay = Math.min(this.repairDelay * 2, REPAIR_MAX_MS);
+      this.scheduleRepair();
+    }
   }
 
   /** Tells the members of each announced room of `rooms` that the session left it. */
@@ -194,6 +269,7 @@ export class Rooms {
    * there.
    */
   async restore(): Promise<void> {
+    this.scheduleRepair(true);
     const { keys, binding } = this.deps;
     const writes: Promise<unknown>[] = [];
     for (const [room, conns] of this.local) {
@@ -212,16 +288,19 @@ export class Rooms {
     await Promise.all(writes);
   }
 
-  /** Leaves every room of a connection that closed. */
+  /**
+   * Leaves every room of a connection that closed or left its session. This node lets it go
+   * at once, whatever Redis does: it hears none of them from now on, and a room's channel is
+   * left once the room has no local member. The leaves in Redis go together (one call of the
+   * binding); one Redis does not answer is owed and sent again until it does (`repair`).
+   */
   async leaveAll(conn: Connection): Promise<void> {
     const mine = conn.attachments.get(ROOMS_KEY) as Map<string, Membership> | undefined;
-    if (!mine) return;
+    if (!mine || mine.size === 0) return;
     const rooms = [...mine];
     mine.clear();
-    for (const [room, m] of rooms) {
-      this.unsubscribeLocal(room, conn);
-      await this.drop(m, room);
-    }
+    for (const [room] of rooms) this.unsubscribeLocal(room, conn);
+    await Promise.all(rooms.map(([room, m]) => this.drop(m, room).catch((e) => this.owe(m, room, e))));
   }
 
   async list(): Promise<{ room: string; members: number }[]> {

@@ -761,3 +761,59 @@ async function subscriberAwayAndBack(): Promise<void> {
   }
   assert.equal((await sentinelKicked).code, 'session_revoked');
 }
+
+/** Joins three rooms of its own with a new device; resolves with the device, session and rooms. */
+async function memberOfThree(tag: string) {
+  const rooms = ['a', 'b', 'c'].map((x) => `#${tag}${x}${Date.now() % 100000}`);
+  const c = await connected(gw.tcpUrl);
+  closers.push(() => c.close());
+  const s = await signUp(c);
+  for (const room of rooms) await c.request('join', { room });
+  return { c, s, rooms };
+}
+
+/** Waits until the session is a member of none of `rooms` and the node subscribes to none. */
+async function leftEverywhere(sid: string, rooms: string[], what: string): Promise<void> {
+  let seen = '';
+  try {
+    await until(what, async () => {
+      const [scores, channels] = await redis.with(async (r) => [
+        await Promise.all(rooms.map((room) => r.zscore(`${gw.prefix}room:${room}:m`, sid))),
+        (await r.pubsub('CHANNELS', `${gw.prefix}roomchan:*`)) as string[],
+      ]);
+      const subscribed = (channels as string[]).filter((ch) => rooms.some((room) => ch.endsWith(room)));
+      seen = `scores ${JSON.stringify(scores)}, subscribed ${JSON.stringify(subscribed)}`;
+      return (scores as (string | null)[]).every((x) => x === null) && subscribed.length === 0;
+    });
+  } finally {
+    console.log(`# ${what}: ${seen}`);
+  }
+}
+
+test('a connection that closes while Redis is frozen leaves all its rooms, and the node their channels, after the thaw', async () => {
+  const { c, s, rooms } = await memberOfThree('frz');
+  redis.freeze();
+  try {
+    c.destroy();
+    // Past two command timeouts: the first leave has failed (it stopped the others before).
+    await new Promise((r) => setTimeout(r, 7000));
+  } finally {
+    redis.thaw();
+  }
+  await leftEverywhere(s.sessionId, rooms, 'the closed connection out of its rooms after the thaw');
+});
+
+test('a connection that closes while Redis is down leaves all its rooms once Redis is back', async () => {
+  const { c, s, rooms } = await memberOfThree('down');
+  await redis.kill();
+  try {
+    c.destroy();
+    await new Promise((r) => setTimeout(r, 1000));
+  } finally {
+    await redis.start();
+  }
+  await leftEverywhere(s.sessionId, rooms, 'the closed connection out of its rooms once Redis is back');
+  await until('a login once Redis is back', async () => (await tcpLogin()).error === undefined);
+  // The tests after this one join new rooms: the node's subscriber must be back too.
+  await untilSubscriber(1);
+});

@@ -1,0 +1,75 @@
+/**
+ * Rooms on one node: what a connection is in, and hears, when its session changes under it,
+ * and the order of a join's history and the room's live messages.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+
+let gw: GatewayProcess;
+const closers: (() => void)[] = [];
+
+before(async () => {
+  gw = await startGateway({ GW_DEFAULT_ROOM: '#general', GW_REGISTER_PER_MINUTE: '1000' });
+});
+after(async () => {
+  for (const close of closers) close();
+  await gw.stop();
+});
+
+async function device(): Promise<{ c: GatewayClient; s: Session & { username: string }; got: EventMsg[] }> {
+  const c = await connected(gw.tcpUrl);
+  closers.push(() => c.destroy());
+  const s = await signUp(c);
+  const got: EventMsg[] = [];
+  c.on('event', (e: EventMsg) => got.push(e));
+  return { c, s, got };
+}
+
+test('a resume on a connection that had a session, then a join of a room it was in: the member hears the room', async () => {
+  const tag = Date.now() % 100000;
+  // Many rooms, the one joined again last: the resume's leave of them takes a while.
+  const rooms = Array.from({ length: 30 }, (_, i) => `#re${i}x${tag}`);
+  const { c, s, got } = await device();
+  for (const room of rooms) await c.request('join', { room });
+  const last = rooms[rooms.length - 1];
+  // Pipelined: the join is handled while the resume's leave of the old rooms is under way.
+  const [, joined] = await within(
+    'the resume and the join',
+    Promise.all([
+      c.request('resume', { token: s.token }),
+      c.request<{ members: number }>('join', { room: last }),
+    ]),
+  );
+  assert.equal(joined.members, 1, 'one member of the room');
+  // Once the resume's leave of the old memberships is done (the other rooms left) ...
+  const r = redisClient();
+  try {
+    await until('the other rooms left', async () => {
+      const scores = await Promise.all(
+        rooms.slice(0, -1).map((room) => r.zscore(`${gw.prefix}room:${room}:m`, s.sessionId)),
+      );
+      return scores.every((x) => x === null);
+    });
+    assert.equal(await r.zscore(`${gw.prefix}room:${last}:m`, s.sessionId), '1', `a member of ${last}`);
+  } finally {
+    r.disconnect();
+  }
+  // ... it hears the room it joined again, its own messages as any member does ...
+  await c.request('say', { room: last, body: 'do I hear myself' });
+  await until('its own message in the room', () =>
+    got.some((e) => e.name === 'room.message' && e.room === last && !e.history),
+  );
+  // ... and the others' (here the node would have left the room's channel if it had no member).
+  const other = await device();
+  await other.c.request('join', { room: last });
+  await other.c.request('say', { room: last, body: 'from the other' });
+  await until('the message of the other member', () =>
+    got.some((e) => e.name === 'room.message' && (e.data as { body: string }).body === 'from the other'),
+  );
+});
