@@ -58,6 +58,8 @@ interface Membership {
 interface OwedLeave {
   m: Membership;
   room: string;
+  /** Tell the room's members if the session leaves (not for a join answered as failed). */
+  announce: boolean;
 }
 
 /** The first retry of owed leaves, and the longest wait between retries as they keep failing. */
@@ -145,17 +147,25 @@ export class Rooms {
       if (mine.get(room) !== m || conn.session?.sessionId !== s.sessionId || conn.state !== ConnState.open) {
         throw new ProtocolError('unauthenticated', 'the connection left its session while joining');
       }
-      joined = (await this.deps.binding.run(
-        'room_join',
-        [keys.roomMembers(room), keys.sessionMemberships(s.sessionId), keys.rooms, keys.roomHistory(room)],
-        [
-          s.sessionId,
-          room,
-          options.historyMs > 0 ? String(Date.now() - options.historyMs) : '',
-          m.field,
-          s.username,
-        ],
-      )) as [number, number, Buffer[]];
+      try {
+        joined = (await this.deps.binding.run(
+          'room_join',
+          [keys.roomMembers(room), keys.sessionMemberships(s.sessionId), keys.rooms, keys.roomHistory(room)],
+          [
+            s.sessionId,
+            room,
+            options.historyMs > 0 ? String(Date.now() - options.historyMs) : '',
+            m.field,
+            s.username,
+          ],
+        )) as [number, number, Buffer[]];
+      } catch (e) {
+        // Answered `overloaded` (not acted on), but a call that timed out in a frozen Redis
+        // runs when it thaws: its membership is left after it (same connection, so in order),
+        // quietly (no `room.joined` was told), and owed until Redis answers.
+        this.drop(m, room, false).catch((e2) => this.owe(m, room, e2, false));
+        throw e;
+      }
       m.joined = true;
     } catch (e) {
       // Not joined (Redis or this node's subscriber unavailable): a retry does it all again,
@@ -182,15 +192,18 @@ export class Rooms {
     return { room, members };
   }
 
-  /** One membership leaves its room; the session leaves when it was its last there. */
-  private async drop(m: Membership, room: string): Promise<number> {
+  /**
+   * One membership leaves its room; the session leaves when it was its last there, told to the
+   * room's members if `announce`.
+   */
+  private async drop(m: Membership, room: string, announce = true): Promise<number> {
     const { keys } = this.deps;
     const [last, members] = (await this.deps.binding.run(
       'room_leave',
       [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
       [m.sid, room, m.field],
     )) as [number, number];
-    if (last === 1) {
+    if (last === 1 && announce) {
       await this.announceLeft(m.sid, m.username, [room]).catch((e) =>
         logFailure(this.deps.log, e, { room }, 'room.left not announced'),
       );
@@ -199,11 +212,11 @@ export class Rooms {
   }
 
   /** Sends a leave again until Redis answers it (a leave may run twice: it removes its own field). */
-  private owe(m: Membership, room: string, e: unknown): void {
+  private owe(m: Membership, room: string, e: unknown, announce = true): void {
     if (this.owed.size === 0) {
       logFailure(this.deps.log, e, {}, 'room leaves not written to Redis; sent again until it answers');
     }
-    this.owed.set(m.field, { m, room });
+    this.owed.set(m.field, { m, room, announce });
     this.scheduleRepair();
   }
 
@@ -236,7 +249,7 @@ export class Rooms {
     await Promise.all(
       batch.map(async (o) => {
         try {
-          await this.drop(o.m, o.room);
+          await this.drop(o.m, o.room, o.announce);
           if (this.owed.get(o.m.field) === o) this.owed.delete(o.m.field);
           done++;
         } catch {

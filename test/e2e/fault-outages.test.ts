@@ -817,3 +817,56 @@ test('a connection that closes while Redis is down leaves all its rooms once Red
   // The tests after this one join new rooms: the node's subscriber must be back too.
   await untilSubscriber(1);
 });
+
+test('a join answered overloaded in a frozen Redis is not applied after the thaw; joined again, it counts once and leaves with its connection', async () => {
+  const room = `#undone${Date.now() % 100000}`;
+  const keeper = await connected(gw.tcpUrl);
+  closers.push(() => keeper.close());
+  await signUp(keeper);
+  await keeper.request('join', { room });
+  const seen: EventMsg[] = [];
+  keeper.on('event', (e: EventMsg) => {
+    if (e.room === room) seen.push(e);
+  });
+  const late = await connected(gw.tcpUrl);
+  closers.push(() => late.close());
+  const s = await signUp(late);
+  const score = () => redis.with((r) => r.zscore(`${gw.prefix}room:${room}:m`, s.sessionId));
+  // The room's channel is subscribed already (the keeper's): the join goes straight to Redis,
+  // which runs it when it thaws, after the join was answered.
+  redis.freeze();
+  let error: { code?: string } | undefined;
+  try {
+    error = await within(
+      'the join answered in a frozen Redis',
+      late.request('join', { room }, { timeoutMs: DEADLINE_MS }).then(
+        () => undefined,
+        (e: { code?: string }) => e,
+      ),
+    );
+  } finally {
+    redis.thaw();
+  }
+  assert.equal(error?.code, 'overloaded', 'the join is answered overloaded');
+  let last: string | null = null;
+  await until('the refused join not a member after the thaw', async () => {
+    // Read twice, a second apart: a join run late shows up, then must go.
+    last = await score();
+    await new Promise((r) => setTimeout(r, 1000));
+    return last === null && (await score()) === null;
+  }).catch((e: Error) => {
+    throw new Error(`${e.message}; the session's score in ${room}: ${last}`);
+  });
+  const again = await within('the join again', late.request<{ members: number }>('join', { room }));
+  assert.equal(again.members, 2, 'the keeper and the late member');
+  await until('room.joined for the late member', () =>
+    seen.some((e) => e.name === 'room.joined' && e.from === s.username),
+  );
+  await late.close();
+  await until('the late member gone with its connection', async () => (await score()) === null);
+  await until('room.left for the late member', () =>
+    seen.some((e) => e.name === 'room.left' && e.from === s.username),
+  );
+  const told = seen.filter((e) => e.from === s.username).map((e) => e.name);
+  assert.deepEqual(told, ['room.joined', 'room.left'], 'one join and one leave told');
+});
