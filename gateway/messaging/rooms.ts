@@ -66,6 +66,18 @@ interface OwedLeave {
 const REPAIR_MIN_MS = 1000;
 const REPAIR_MAX_MS = 30_000;
 
+/** A live room message held for a connection whose join is under way. */
+interface Held {
+  eid: string;
+  packed: Buffer;
+}
+
+/**
+ * Live messages held for one joining connection at most; later ones are dropped (qos 0), so
+ * that joins in a frozen Redis do not pile up a busy room's traffic.
+ */
+const HOLD_MAX = 1000;
+
 const ROOM = /^#[a-z0-9_-]{1,32}$/;
 const ROOMS_KEY = 'rooms';
 
@@ -90,6 +102,11 @@ export class Rooms {
   private readonly local = new Map<string, Set<Connection>>();
   /** A room's SUBSCRIBE while it is out (the first local join of the room made it). */
   private readonly subscribing = new Map<string, Promise<void>>();
+  /**
+   * Live messages of a room held for each of its connections whose join is under way: sent
+   * after the join's history, but for those the history had (PROTOCOL.md §8).
+   */
+  private readonly holding = new Map<string, Map<Connection, Held[]>>();
   /** The default room, normalized; '' when there is none. */
   private readonly defaultRoom: string;
   /** Makes each membership's token unique on this node. */
@@ -138,6 +155,9 @@ export class Rooms {
       joined: false,
     };
     mine.set(room, m);
+    // From its entry in the room's local set until its history is sent, the connection's live
+    // messages are held.
+    this.hold(room, conn);
     let joined: [number, number, Buffer[]];
     try {
       await this.subscribeLocal(room, conn);
@@ -171,15 +191,45 @@ export class Rooms {
       // Not joined (Redis or this node's subscriber unavailable): a retry does it all again,
       // rather than finding the room among the connection's and answering at once.
       if (mine.get(room) === m) mine.delete(room);
+      this.unhold(room, conn);
       this.unsubscribeLocal(room, conn);
       throw e;
     }
     const [first, members, history] = joined;
+    const held = this.unhold(room, conn);
+    // The connection went meanwhile: its leave, sent after this join, undoes it.
+    if (mine.get(room) !== m) return { room, members };
+    // The history, then what came live since the connection entered the room's set, but for
+    // what the history had (published after the SUBSCRIBE, before the history was read).
+    const replayed = held && held.length > 0 ? new Set<string>() : undefined;
+    for (const raw of history) {
+      const w = unpack(raw) as RoomWire;
+      replayed?.add(w.eid);
+      this.deliver(conn, w, true);
+    }
+    if (held && conn.state === ConnState.open) {
+      for (const h of held) if (!replayed!.has(h.eid)) conn.sendPacked(h.packed, true);
+    }
     if (first === 1 && this.announced(room)) {
       await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
     }
-    for (const raw of history) this.deliver(conn, unpack(raw) as RoomWire, true);
     return { room, members };
+  }
+
+  private hold(room: string, conn: Connection): void {
+    let byConn = this.holding.get(room);
+    if (!byConn) this.holding.set(room, (byConn = new Map()));
+    byConn.set(conn, []);
+  }
+
+  /** Stops holding the connection's live messages of `room`; returns those held. */
+  private unhold(room: string, conn: Connection): Held[] | undefined {
+    const byConn = this.holding.get(room);
+    const held = byConn?.get(conn);
+    if (held === undefined) return undefined;
+    byConn!.delete(conn);
+    if (byConn!.size === 0) this.holding.delete(room);
+    return held;
   }
 
   async leave(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
@@ -312,7 +362,10 @@ export class Rooms {
     if (!mine || mine.size === 0) return;
     const rooms = [...mine];
     mine.clear();
-    for (const [room] of rooms) this.unsubscribeLocal(room, conn);
+    for (const [room] of rooms) {
+      this.unhold(room, conn);
+      this.unsubscribeLocal(room, conn);
+    }
     await Promise.all(rooms.map(([room, m]) => this.drop(m, room).catch((e) => this.owe(m, room, e))));
   }
 
@@ -447,8 +500,16 @@ export class Rooms {
     }
     // Packed once for every local member; each connection only seals it.
     const packed = pack(eventOf(w, false));
+    const holding = this.holding.get(room);
     for (const conn of set) {
       if (w.skip && conn.session?.sessionId === w.skip) continue;
+      if (holding !== undefined) {
+        const held = holding.get(conn);
+        if (held !== undefined) {
+          if (held.length < HOLD_MAX) held.push({ eid: w.eid, packed });
+          continue;
+        }
+      }
       if (conn.state === ConnState.open) conn.sendPacked(packed, true);
     }
   }

@@ -73,3 +73,38 @@ test('a resume on a connection that had a session, then a join of a room it was 
     got.some((e) => e.name === 'room.message' && (e.data as { body: string }).body === 'from the other'),
   );
 });
+
+test('joining a busy room: its history comes before any live message, and no message comes twice', async () => {
+  const room = `#busy${Date.now() % 100000}`;
+  const speakers = await Promise.all([device(), device()]);
+  for (const sp of speakers) await sp.c.request('join', { room });
+  // Some history first, then the speakers go on talking while 20 devices join one by one.
+  for (let i = 0; i < 20; i++) await speakers[i % 2].c.request('say', { room, body: `before ${i}` });
+  let talking = true;
+  const talk = speakers.map(async (sp, k) => {
+    for (let i = 0; talking; i++) await sp.c.request('say', { room, body: `live ${k}.${i}` });
+  });
+  const faults: string[] = [];
+  try {
+    for (let j = 0; j < 20; j++) {
+      const { c, got } = await device();
+      await within('the join', c.request('join', { room }));
+      await new Promise((r) => setTimeout(r, 100));
+      const msgs = got.filter((e) => e.name === 'room.message' && e.room === room);
+      const lastHistory = msgs.findLastIndex((e) => e.history === true);
+      const firstLive = msgs.findIndex((e) => e.history !== true);
+      if (lastHistory < 0) faults.push(`join ${j}: no history`);
+      if (firstLive >= 0 && firstLive < lastHistory) {
+        faults.push(`join ${j}: live message ${firstLive} before the end of history at ${lastHistory}`);
+      }
+      const eids = msgs.map((e) => e.eid);
+      if (new Set(eids).size !== eids.length)
+        faults.push(`join ${j}: ${eids.length - new Set(eids).size} eids twice`);
+      c.destroy();
+    }
+  } finally {
+    talking = false;
+    await within('the speakers stopped', Promise.all(talk));
+  }
+  assert.deepEqual(faults, [], 'every join: history, then live messages, none twice');
+});
