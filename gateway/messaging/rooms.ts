@@ -107,6 +107,8 @@ export class Rooms {
    * after the join's history, but for those the history had (PROTOCOL.md §8).
    */
   private readonly holding = new Map<string, Map<Connection, Held[]>>();
+  /** The PING of `subscriberCaughtUp` for the joins answered in this tick. */
+  private caughtUp: Promise<void> | undefined;
   /** The default room, normalized; '' when there is none. */
   private readonly defaultRoom: string;
   /** Makes each membership's token unique on this node. */
@@ -196,6 +198,9 @@ export class Rooms {
       throw e;
     }
     const [first, members, history] = joined;
+    // A message published before the history was read may not have come on the subscriber
+    // connection yet (another socket): held until it has, then left out as replayed.
+    if (history.length > 0) await this.subscriberCaughtUp();
     const held = this.unhold(room, conn);
     // The connection went meanwhile: its leave, sent after this join, undoes it.
     if (mine.get(room) !== m) return { room, members };
@@ -214,6 +219,22 @@ export class Rooms {
       await this.broadcast({ name: 'room.joined', room, from: s.username, data: {}, skip: s.sessionId });
     }
     return { room, members };
+  }
+
+  /**
+   * Resolves once the subscriber connection has delivered what Redis published before now: a
+   * PING sent on it after them, shared by the joins answered in one tick. A subscriber away
+   * delivers nothing meanwhile: resolves too.
+   */
+  private subscriberCaughtUp(): Promise<void> {
+    if (!this.caughtUp) {
+      const p = this.deps.bus.synced().catch(() => {});
+      this.caughtUp = p;
+      setImmediate(() => {
+        if (this.caughtUp === p) this.caughtUp = undefined;
+      });
+    }
+    return this.caughtUp;
   }
 
   private hold(room: string, conn: Connection): void {
