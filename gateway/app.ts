@@ -183,7 +183,6 @@ export async function startNode(
     publisher,
     backend: backendEvents,
     log,
-    defaultRoom: config.defaultRoom,
     limits,
   });
 

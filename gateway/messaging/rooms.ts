@@ -115,6 +115,11 @@ export class Rooms {
   private joins = 0;
   /** Leaves Redis has not answered, by membership field; `repair` sends them again. */
   private readonly owed = new Map<string, OwedLeave>();
+  /**
+   * Connections whose join of the default room failed (Redis or the node's subscriber away):
+   * `repair` joins them again.
+   */
+  private readonly defaultOwed = new Set<Connection>();
   private repairTimer: NodeJS.Timeout | undefined;
   private repairing = false;
   private repairDelay = REPAIR_MIN_MS;
@@ -137,6 +142,43 @@ export class Rooms {
     deps.binding.define('room_broadcast', lua('room-broadcast'));
     deps.binding.define('room_restore', lua('room-restore'));
     this.defaultRoom = deps.options.defaultRoom ? normalizeRoom(deps.options.defaultRoom) : '';
+    // Back after a loss, the subscriber takes a failed SUBSCRIBE again: joins owed now can work.
+    deps.bus.onBack(() => this.scheduleRepair(true));
+  }
+
+  /**
+   * Joins the default room after authentication (PROTOCOL.md §8). A join that fails is tried
+   * again (`repair`) until it is done or the connection leaves its session; meanwhile a `say`
+   * there is answered `overloaded`, not `forbidden`.
+   */
+  joinDefault(conn: Connection): void {
+    if (!this.defaultRoom) return;
+    void this.tryDefault(conn).then((owed) => {
+      if (owed) this.scheduleRepair();
+    });
+  }
+
+  /** One try of the default room's join; true when it is owed (failed, the session still there). */
+  private async tryDefault(conn: Connection): Promise<boolean> {
+    const s = conn.session;
+    if (!s || conn.state !== ConnState.open) return false;
+    if (roomsOf(conn).has(this.defaultRoom)) {
+      this.defaultOwed.delete(conn);
+      return false;
+    }
+    try {
+      await this.join(conn, this.defaultRoom);
+      this.defaultOwed.delete(conn);
+      return false;
+    } catch (e) {
+      // Gone, or bound to another session (whose bind joins it), meanwhile: nothing owed.
+      if (conn.state !== ConnState.open || conn.session !== s) return false;
+      if (!this.defaultOwed.has(conn) && this.defaultOwed.size === 0) {
+        logFailure(this.deps.log, e, {}, 'could not join the default room; tried again until it works');
+      }
+      this.defaultOwed.add(conn);
+      return true;
+    }
   }
 
   /** Joins and leaves of this room are announced (`room.joined` / `room.left`) to its members. */
@@ -293,7 +335,7 @@ export class Rooms {
 
   /** Runs `repair` after the current wait, or at once (`now`: Redis is back). */
   private scheduleRepair(now = false): void {
-    if (this.repairing || this.owed.size === 0) return;
+    if (this.repairing || (this.owed.size === 0 && this.defaultOwed.size === 0)) return;
     if (now) {
       clearTimeout(this.repairTimer);
       this.repairTimer = undefined;
@@ -309,16 +351,19 @@ export class Rooms {
   }
 
   /**
-   * Sends every owed leave again, all in the binding's calls of one tick (256 a call), one
-   * attempt at a time; waits twice as long after each that leaves some owed (up to 30 s), so
-   * that connections closed during an outage cost a few calls, not a storm of retries.
+   * Sends every owed leave again and tries every owed default-room join again, all in the
+   * binding's calls of one tick (256 a call), one attempt at a time; waits twice as long after
+   * each that leaves some owed (up to 30 s), so that connections closed or bound during an
+   * outage cost a few calls, not a storm of retries.
    */
   private async repair(): Promise<void> {
     this.repairing = true;
     const batch = [...this.owed.values()];
+    const joins = [...this.defaultOwed];
     let done = 0;
-    await Promise.all(
-      batch.map(async (o) => {
+    let joined = 0;
+    await Promise.all([
+      ...batch.map(async (o) => {
         try {
           await this.drop(o.m, o.room, o.announce);
           if (this.owed.get(o.m.field) === o) this.owed.delete(o.m.field);
@@ -327,11 +372,15 @@ export class Rooms {
           // still owed
         }
       }),
-    );
+      ...joins.map(async (conn) => {
+        if (!(await this.tryDefault(conn))) joined++;
+      }),
+    ]);
     this.repairing = false;
-    if (this.owed.size === 0) {
+    if (this.owed.size === 0 && this.defaultOwed.size === 0) {
       this.repairDelay = REPAIR_MIN_MS;
-      this.deps.log.info({ leaves: done }, 'owed room leaves written to Redis');
+      if (done > 0) this.deps.log.info({ leaves: done }, 'owed room leaves written to Redis');
+      if (joined > 0) this.deps.log.info({ connections: joined }, 'default room joined after a retry');
     } else {
       this.repairDelay = Math.min(this.repairDelay * 2, REPAIR_MAX_MS);
       this.scheduleRepair();
@@ -379,6 +428,7 @@ export class Rooms {
    * binding); one Redis does not answer is owed and sent again until it does (`repair`).
    */
   async leaveAll(conn: Connection): Promise<void> {
+    this.defaultOwed.delete(conn);
     const mine = conn.attachments.get(ROOMS_KEY) as Map<string, Membership> | undefined;
     if (!mine || mine.size === 0) return;
     const rooms = [...mine];
@@ -422,7 +472,11 @@ export class Rooms {
   /** Says `body` in a room; `turn` (the connection's order) decides when it is broadcast. */
   async say(conn: Connection, rawRoom: string, body: string, turn: Turn): Promise<void> {
     const room = normalizeRoom(rawRoom);
-    if (!roomsOf(conn).has(room)) throw new ProtocolError('forbidden', `join ${room} first`);
+    if (!roomsOf(conn).has(room)) {
+      // Its join is owed (Redis or the subscriber was away): it comes; retry then.
+      if (room === this.defaultRoom && this.defaultOwed.has(conn)) throw dependencyUnavailable();
+      throw new ProtocolError('forbidden', `join ${room} first`);
+    }
     this.checkBody(body);
     const from = conn.session!.username;
     await turn(() => {

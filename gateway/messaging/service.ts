@@ -58,7 +58,6 @@ export class Messaging {
       publisher: Publisher;
       backend: BackendEvents;
       log: Logger;
-      defaultRoom: string;
       /** Runtime limits of the admin API; absent: none. */
       limits?: Limits;
     },
@@ -103,12 +102,8 @@ export class Messaging {
       (conn, m: Msg, turn) => this.publish(conn, m.name as string, m.data, turn),
       pipelined,
     );
-    gateway.onSessionBound((conn) => {
-      if (!this.deps.defaultRoom) return;
-      rooms.join(conn, this.deps.defaultRoom).catch((e) => {
-        logFailure(this.deps.log, e, {}, 'could not join the default room');
-      });
-    });
+    // Tried again until it is done (Rooms.joinDefault).
+    gateway.onSessionBound((conn) => rooms.joinDefault(conn));
     gateway.onSessionUnbound((conn) => {
       this.flushUsageOf(conn);
       rooms.leaveAll(conn).catch((e) => logFailure(this.deps.log, e, {}, 'could not leave rooms'));
