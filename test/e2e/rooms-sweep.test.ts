@@ -69,7 +69,11 @@ test('a session that resumed on a live node before the sweep leaves the dead nod
     open.push(again);
     await again.request('resume', { token: s.token });
     const rec = await r.hget(`${prefix}presence`, s.sessionId);
-    assert.equal(JSON.parse(String(rec)).node, nodeOf(b), 'the presence record is B’s before the sweep');
+    assert.equal(
+      JSON.parse(String(rec)).node,
+      nodeOf(b),
+      'the presence record is on node B before the sweep',
+    );
 
     await until(
       'the sweep of node A',
@@ -161,7 +165,7 @@ test('a session that resumes on a live node while the sweep of its dead node run
 
     const rec = await r.hget(`${prefix}presence`, s.sessionId);
     assert.ok(rec, 'the resumed session has a presence record after the sweep');
-    assert.equal(JSON.parse(rec).node, nodeOf(b), 'its record is B’s');
+    assert.equal(JSON.parse(rec).node, nodeOf(b), 'its record is on node B');
     assert.equal(
       await r.zscore(`${prefix}room:#general:m`, s.sessionId),
       '1',
