@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type GatewayProcess, processAlive, startGateway } from '../helpers/gateway-process.ts';
 import { type Scrape, scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -34,15 +34,6 @@ function workerPids(gw: { logs: Record<string, unknown>[] }): Map<string, number
   const out = new Map<string, number>();
   for (const l of gw.logs) if (l.msg === 'gateway process ready') out.set(l.node as string, l.pid as number);
   return out;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 function killIfAlive(pid: number | undefined, signal: NodeJS.Signals = 'SIGKILL'): void {
@@ -260,7 +251,7 @@ test('SIGTERM to the supervisor while its workers start drains them, and it exit
       'the supervisor logged its shutdown',
     );
     assert.ok(
-      [...workers].every((p) => !alive(p)),
+      [...workers].every((p) => !processAlive(p)),
       'no worker left running',
     );
   } finally {
@@ -283,7 +274,11 @@ test('a worker whose supervisor dies drains: its device is kicked going_away', a
     });
     gw.proc.kill('SIGKILL');
     assert.equal(await within('the device to be kicked or closed', outcome), 'kick going_away');
-    await until('the workers to exit after their drain', () => workers.every((p) => !alive(p)), 20_000);
+    await until(
+      'the workers to exit after their drain',
+      () => workers.every((p) => !processAlive(p)),
+      20_000,
+    );
     const done = gw.logs.filter((l) => l.msg === 'shutdown complete');
     assert.equal(done.length, 2, `both workers completed their drain: ${JSON.stringify(done)}`);
   } finally {

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import type { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
@@ -31,6 +32,34 @@ function settings(deployment: DeploymentEnv) {
   };
 }
 
+/**
+ * Two gateways of one deployment, a Redis client and the clients a test opens, all closed or
+ * stopped (and the deployment's keys and schema dropped) however the test ends.
+ */
+async function withTwoNodes(
+  fn: (n: {
+    a: GatewayProcess;
+    b: GatewayProcess;
+    prefix: string;
+    r: Redis;
+    open: GatewayClient[];
+  }) => Promise<void>,
+): Promise<void> {
+  const deployment = deploymentEnv();
+  const a = await startGateway(settings(deployment));
+  const b = await startGateway(settings(deployment));
+  const r = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    await fn({ a, b, prefix: deployment.GW_REDIS_PREFIX, r, open });
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    await within('both gateways stopped', Promise.all([a.stop(), b.stop()]));
+    await dropDeployment(deployment);
+  }
+}
+
 const nodeOf = (g: GatewayProcess) => String(g.logs.find((l) => l.msg === 'gateway ready')?.node);
 
 function collect(c: GatewayClient): EventMsg[] {
@@ -45,13 +74,7 @@ async function members(c: GatewayClient, room: string): Promise<number> {
 }
 
 test('a session that resumed on a live node before the sweep leaves the dead node its rooms there', async () => {
-  const deployment = deploymentEnv();
-  const prefix = deployment.GW_REDIS_PREFIX;
-  const a = await startGateway(settings(deployment));
-  const b = await startGateway(settings(deployment));
-  const r = redisClient();
-  const open: GatewayClient[] = [];
-  try {
+  await withTwoNodes(async ({ a, b, prefix, r, open }) => {
     const device = await connected(a.tcpUrl);
     const s = (await signUp(device)) as Session & { username: string };
     await device.request('join', { room: '#x' });
@@ -98,23 +121,12 @@ test('a session that resumed on a live node before the sweep leaves the dead nod
       'the session out of #general once its connection on B closed',
       async () => (await r.zscore(`${prefix}room:#general:m`, s.sessionId)) === null,
     );
-  } finally {
-    for (const c of open) c.destroy();
-    r.disconnect();
-    await Promise.all([a.stop(), b.stop()]);
-    await dropDeployment(deployment);
-  }
+  });
 });
 
 test('a session that resumes on a live node while the sweep of its dead node runs keeps its presence and rooms', async () => {
   const PLANTED = 15000;
-  const deployment = deploymentEnv();
-  const prefix = deployment.GW_REDIS_PREFIX;
-  const a = await startGateway(settings(deployment));
-  const b = await startGateway(settings(deployment));
-  const r = redisClient();
-  const open: GatewayClient[] = [];
-  try {
+  await withTwoNodes(async ({ a, b, prefix, r, open }) => {
     const device = await connected(a.tcpUrl);
     const s = (await signUp(device)) as Session & { username: string };
     const speaker = await connected(b.tcpUrl);
@@ -183,10 +195,5 @@ test('a session that resumes on a live node while the sweep of its dead node run
       'the planted records are gone, the two live ones kept',
     );
     assert.equal(await r.zcard(`${prefix}room:#general:m`), 2, 'the planted members of #general are gone');
-  } finally {
-    for (const c of open) c.destroy();
-    r.disconnect();
-    await within('both gateways stopped', Promise.all([a.stop(), b.stop()]));
-    await dropDeployment(deployment);
-  }
+  });
 });

@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { until, within } from '../helpers/deadline.ts';
-import { deploymentEnv, dropDeployment } from '../helpers/gateway-process.ts';
+import { deploymentEnv, dropDeployment, processAlive } from '../helpers/gateway-process.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -19,15 +19,6 @@ function assertBuilt(): void {
     existsSync(join(ROOT, 'dist/gateway/main.js')),
     'dist/ is missing: run `npm run build` (npm ci does)',
   );
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /**
@@ -80,11 +71,11 @@ test('SIGTERM to `npm start` drains the gateway and leaves no process behind', a
     gatewayPid = ready.pid as number;
     npm.kill('SIGTERM');
     const { code, signal } = await within('npm start to exit after SIGTERM', exited);
-    await until(`the gateway process ${gatewayPid} to exit`, () => !alive(gatewayPid), 15_000);
+    await until(`the gateway process ${gatewayPid} to exit`, () => !processAlive(gatewayPid), 15_000);
     assert.match(out, /"msg":"shutdown complete"/);
     assert.deepEqual({ code, signal }, { code: 0, signal: null });
   } finally {
-    if (gatewayPid && alive(gatewayPid)) process.kill(gatewayPid, 'SIGKILL');
+    if (gatewayPid && processAlive(gatewayPid)) process.kill(gatewayPid, 'SIGKILL');
     killGroup(npm.pid);
     await dropDeployment(deployment);
   }
@@ -160,9 +151,10 @@ test('`device-gateway start` with GW_PROCESSES=2 runs two gateway processes and 
     assert.equal(workers.length, 2, 'each worker ran the gateway, not the command without its subcommand');
     cli.kill('SIGTERM');
     assert.equal(await within('the supervisor to exit after SIGTERM', exited), 0);
-    for (const pid of workers) await until(`gateway process ${pid} to exit`, () => !alive(pid), 15_000);
+    for (const pid of workers)
+      await until(`gateway process ${pid} to exit`, () => !processAlive(pid), 15_000);
   } finally {
-    for (const pid of workers) if (alive(pid)) process.kill(pid, 'SIGKILL');
+    for (const pid of workers) if (processAlive(pid)) process.kill(pid, 'SIGKILL');
     killGroup(cli.pid);
     await dropDeployment(deployment);
   }

@@ -298,3 +298,13 @@ export async function dropDeployment(env: DeploymentEnv): Promise<void> {
   await dropSchema(env.GW_DB_SCHEMA);
   rmSync(join(env.GW_JWT_KEY_FILE, '..'), { recursive: true, force: true });
 }
+
+/** Whether a process of this pid is alive (signal 0: nothing is sent). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
