@@ -66,17 +66,16 @@ function segment(raw: string, field: string): string {
   } catch {
     throw new ProtocolError('bad_message', `${field}: not valid URL encoding`, { field });
   }
-  if (v.length === 0 || v.length > MAX_ID || hasControlChars(v)) {
-    throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters, no control characters`, {
-      field,
-    });
-  }
-  return v;
+  return bounded(v, field);
 }
 
 function optional(q: URLSearchParams, field: string): string | undefined {
   const v = q.get(field);
-  if (v === null) return undefined;
+  return v === null ? undefined : bounded(v, field);
+}
+
+/** A path segment's or query value's text: 1-MAX_ID characters, no control characters. */
+function bounded(v: string, field: string): string {
   if (v.length === 0 || v.length > MAX_ID || hasControlChars(v)) {
     throw new ProtocolError('bad_message', `${field}: 1-${MAX_ID} characters, no control characters`, {
       field,
