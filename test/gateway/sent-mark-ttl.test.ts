@@ -76,7 +76,9 @@ async function lives(sid: string): Promise<{ seq: number; mark: number }> {
 
 function assertMarkNotPastCounter(l: { seq: number; mark: number }, what: string) {
   assert.ok(l.seq > 0 && l.mark > 0, `${what}: both keys have a TTL (${JSON.stringify(l)})`);
-  assert.ok(l.mark <= l.seq, `${what}: the mark has ${l.mark} ms left, the counter ${l.seq} ms`);
+  // A second short of the counter (publish.lua's MARK_MARGIN_MS): a mark written with the counter's
+  // PTTL alone came out 1 ms longer when the script's SET read a later clock (seen once under load).
+  assert.ok(l.mark <= l.seq - 500, `${what}: the mark has ${l.mark} ms left, the counter ${l.seq} ms`);
 }
 
 /** An outbox with a TTL of an hour (a slack of a minute) and a connection on this node. */

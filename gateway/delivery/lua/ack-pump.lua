@@ -157,13 +157,14 @@ while a <= #A do
     -- range returned it.
     -- In milliseconds: the mark must not outlive the sequence counter, which has q's life
     -- (publish.lua, where the outbox's TTL is refreshed).
+    -- Less a second, as there: SET reads the clock again, which may have moved on.
     local ttl = redis.call('PTTL', K[1])
     local ttlS = string.format('%d', ttl)
     if ttl > 0 then redis.call('PEXPIRE', K[3], ttlS) end
     local lastS = send[#send - 2]
     if tonumber(lastS) > mark then
       if ttl > 0 then
-        redis.call('SET', K[7], lastS, 'PX', ttlS)
+        redis.call('SET', K[7], lastS, 'PX', string.format('%d', math.max(1, ttl - 1000)))
       else
         redis.call('SET', K[7], lastS)
       end

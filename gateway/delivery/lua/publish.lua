@@ -151,7 +151,12 @@ end
 -- TTL read instead of three EXPIREs (q and ev are created and emptied together, and every
 -- refresh sets q, ev and seq at once, so q's TTL stands for the three, and for the sent mark).
 local slack = math.min(60, math.floor(ttl / 10))
-local ttlMs, slackMs, ttlPx = ttl * 1000, slack * 1000, string.format('%d', ttl * 1000)
+-- The sent mark is given what the counter has left less MARK_MARGIN_MS: SET and EXPIRE each
+-- read the clock, which may move a millisecond or two within one call, and a mark that
+-- outlives the counter even by that stalls (below); one that goes a second early is a rollback.
+local MARK_MARGIN_MS = 1000
+local ttlMs, slackMs = ttl * 1000, slack * 1000
+local ttlPx = string.format('%d', math.max(1, ttlMs - MARK_MARGIN_MS))
 
 -- Per session, what this call already read or did. The call is atomic, so what it read stays
 -- true but for its own writes, which it keeps here too: alive (its session record exists), size
@@ -341,7 +346,7 @@ while a <= #A do
             redis.call('EXPIRE', K[6], ttlS)
           end
         else
-          d.ttl = string.format('%d', left)
+          d.ttl = string.format('%d', math.max(1, left - MARK_MARGIN_MS))
         end
       end
       if receipt and not d.rc then
