@@ -253,6 +253,10 @@ export class Connection {
    */
   sendPacked(body: Uint8Array, isEvent: boolean): void {
     if (this.state >= ConnState.closed) return;
+    // The kick is the last message (PROTOCOL.md §6), and it may have taken the key's last
+    // frame: what is sent after it (the rest of an outbox call's events, a room's held messages)
+    // is not sent. A qos-1 event stays in its outbox for the next connection.
+    if (this.kicking && this.state === ConnState.closing) return;
     const t = this.transport;
     let frame: Buffer;
     if (this.channel) {

@@ -413,6 +413,22 @@ describe('limits and lifecycle (own gateway processes)', () => {
       assert.ok(next.length > 0, 'next.length > 0');
       assert.deepEqual(next, [...Array(next.length).keys()]);
       assert.equal(g.proc.exitCode, null, 'the gateway process is still running');
+      // What the delivery pump took for the connection after the kick is not sent, and is no
+      // error: it stays in the outbox (before, each such event was a ProtocolError logged as
+      // "could not send pumped events", and that call's receipts were never reported). The
+      // gateway's lines come in order: once a line logged after the kick is read, so is any
+      // line of the kick's tick.
+      const from = g.logs.length;
+      const marker = await connected(g.tcpUrl);
+      await signUp(marker);
+      await marker.close();
+      await g.waitForLog((l) => l.msg === 'user registered' && g.logs.indexOf(l) >= from);
+      const errors = g.logs.filter((l) => (l.level as number) >= 50);
+      assert.deepEqual(
+        errors.map((l) => l.msg),
+        [],
+        'no error logged at the key limit',
+      );
     } finally {
       await g.stop();
     }
