@@ -78,11 +78,14 @@ class NativeAead implements Aead {
   }
 }
 
-/** The addon itself, or why it did not load (the backend below wraps it; tests call it directly). */
-export function loadAddon(): { addon: Addon } | { error: string } {
+/**
+ * The addon itself, or why it did not load (the backend below wraps it; tests call it directly).
+ * `paths`: where to look, relative to this module or absolute (tests pass a build of their own).
+ */
+export function loadAddon(paths: readonly string[] = ADDON_PATHS): { addon: Addon } | { error: string } {
   let error = '';
   const require = createRequire(import.meta.url);
-  for (const path of ADDON_PATHS) {
+  for (const path of paths) {
     try {
       return { addon: require(path) as Addon };
     } catch (e) {
@@ -92,8 +95,8 @@ export function loadAddon(): { addon: Addon } | { error: string } {
   return { error: `native crypto addon not loaded: ${error}` };
 }
 
-export function loadNativeBackend(): NativeLoad {
-  const loaded = loadAddon();
+export function loadNativeBackend(paths: readonly string[] = ADDON_PATHS): NativeLoad {
+  const loaded = loadAddon(paths);
   if ('error' in loaded) return loaded;
   const native = loaded.addon;
   const backend: CryptoBackend = {
