@@ -128,7 +128,7 @@ const SETTINGS = {
   crypto: setting(
     'GW_CRYPTO',
     'auto',
-    'Crypto backend: `native` (the bundled OpenSSL addon), `node` (node:crypto) or `auto` (native if it loaded).',
+    'Crypto backend: `native` (the bundled OpenSSL addon), `node` (node:crypto) or `auto` (native if it loaded and passed its self-test).',
     z.enum(['auto', 'native', 'node']).default('auto'),
   ),
   rekeyAfterFrames: setting(

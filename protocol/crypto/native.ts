@@ -95,6 +95,83 @@ export function loadAddon(paths: readonly string[] = ADDON_PATHS): { addon: Addo
   return { error: `native crypto addon not loaded: ${error}` };
 }
 
+/** What the backend below calls; a build of other sources may lack some (see `selfTest`). */
+const ADDON_FUNCTIONS = [
+  'aesGcmSeal',
+  'aesGcmOpen',
+  'aesGcmForget',
+  'Ed25519Key',
+  'x25519KeyPair',
+  'x25519',
+  'ed25519Verify',
+] as const;
+
+/**
+ * Why `backend` cannot stand in for node:crypto, or null. It must have every function it calls,
+ * and on fixed inputs give node:crypto's bytes: a frame sealed (with headroom; an empty one too)
+ * and opened, a forged one refused, an X25519 agreement, an Ed25519 key, signature and both
+ * verdicts. An addon built from other sources (native/build is left as it was when a checkout
+ * moves on without `npm ci`) or against a broken OpenSSL would otherwise be chosen, and the
+ * gateway ended at the first sealed frame (a TypeError out of the socket's handler) or spoke
+ * bytes no peer opens. About a handshake's work, once per process (selectBackend caches it).
+ */
+function selfTest(addon: Addon, backend: CryptoBackend): string | null {
+  for (const name of ADDON_FUNCTIONS) {
+    if (typeof addon[name] !== 'function') {
+      return `native crypto addon has no ${name}: a build of other sources (rebuild it: node native/build.mjs)`;
+    }
+  }
+  const bytes = (n: number, from: number) =>
+    Buffer.from(Array.from({ length: n }, (_, i) => (from + i * 7) & 0xff));
+  const failed = (what: string) =>
+    `native crypto addon failed its self-test: ${what} differs from node:crypto`;
+  try {
+    const key = bytes(32, 1);
+    const iv = Buffer.concat([Buffer.alloc(4), bytes(8, 200)]);
+    const native = backend.aead(key);
+    const node = nodeBackend.aead(key);
+    try {
+      for (const plain of [bytes(37, 9), Buffer.alloc(0)]) {
+        const sealed = native.seal(iv, plain, 4);
+        if (!sealed.equals(node.seal(iv, plain, 4))) return failed('AES-256-GCM seal');
+        const body = sealed.subarray(4);
+        if (!native.open(body)?.equals(plain)) return failed('AES-256-GCM open');
+        const forged = Buffer.from(body);
+        forged[forged.length - 1] ^= 1;
+        if (native.open(forged) !== null) return failed('AES-256-GCM open of a forged frame');
+      }
+    } finally {
+      native.dispose();
+      node.dispose();
+    }
+    const [a, b] = [bytes(32, 3), bytes(32, 5)];
+    const pub = nodeBackend.x25519KeyPair(b).publicKey;
+    if (!backend.x25519KeyPair(a).publicKey.equals(nodeBackend.x25519KeyPair(a).publicKey))
+      return failed('X25519 public key');
+    if (!backend.x25519(a, pub).equals(nodeBackend.x25519(a, pub))) return failed('X25519 shared secret');
+    const seed = bytes(32, 11);
+    const message = bytes(51, 13);
+    const signer = backend.ed25519Identity(seed);
+    const reference = nodeBackend.ed25519Identity(seed);
+    const sig = reference.sign(message);
+    if (!signer.publicKey.equals(reference.publicKey)) return failed('Ed25519 public key');
+    if (!signer.sign(message).equals(sig)) return failed('Ed25519 signature');
+    if (!backend.ed25519Verify(reference.publicKey, message, sig))
+      return failed('Ed25519 verify (a good signature)');
+    const bad = Buffer.from(sig);
+    bad[0] ^= 1;
+    if (backend.ed25519Verify(reference.publicKey, message, bad))
+      return failed('Ed25519 verify (a bad signature)');
+  } catch (e) {
+    return `native crypto addon failed its self-test: ${(e as Error).message.split('\n')[0]}`;
+  }
+  return null;
+}
+
+/**
+ * The native backend, or why not: the addon did not load, or it is not the one these sources
+ * expect (`selfTest`). Selection then falls back to node:crypto.
+ */
 export function loadNativeBackend(paths: readonly string[] = ADDON_PATHS): NativeLoad {
   const loaded = loadAddon(paths);
   if ('error' in loaded) return loaded;
@@ -115,5 +192,6 @@ export function loadNativeBackend(paths: readonly string[] = ADDON_PATHS): Nativ
     hkdfSha256: nodeBackend.hkdfSha256,
     sha256: nodeBackend.sha256,
   };
-  return { backend };
+  const error = selfTest(native, backend);
+  return error === null ? { backend } : { error };
 }
