@@ -12,11 +12,12 @@ export interface Aead {
   /**
    * Encrypts `plaintext` with the 12-byte `iv` and no AAD. Returns a new buffer of
    * `headroom` bytes (left for the caller, e.g. a length prefix) then `iv ‖ ciphertext ‖ tag(16)`.
+   * Throws a RangeError for an iv that is not 12 bytes, or inputs that are not Uint8Arrays.
    */
   seal(iv: Uint8Array, plaintext: Uint8Array, headroom: number): Buffer;
   /**
    * Opens a body `iv(12) ‖ ciphertext ‖ tag(16)`. Returns the plaintext, or null when the body
-   * is too short or fails authentication. Never throws for bad input.
+   * is too short, not a Uint8Array or fails authentication. Never throws for bad input.
    */
   open(body: Uint8Array): Buffer | null;
   /** Releases any native state; the object must not be used afterwards. Idempotent. */
@@ -34,6 +35,10 @@ export interface X25519KeyPair {
   publicKey: Buffer;
 }
 
+/**
+ * Both backends take Uint8Arrays (Buffers are) at any offset into their ArrayBuffer, and give the
+ * same bytes, or both throw, for every input (test/protocol/crypto-backends.test.ts).
+ */
 export interface CryptoBackend {
   readonly name: 'native' | 'node';
   aead(key: Uint8Array): Aead;

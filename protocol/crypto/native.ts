@@ -5,6 +5,7 @@
  * reported, and selection falls back to node:crypto.
  */
 import { createRequire } from 'node:module';
+import { isUint8Array } from 'node:util/types';
 import type { Aead, CryptoBackend, Ed25519Identity, X25519KeyPair } from './backend.ts';
 import { nodeBackend } from './node.ts';
 
@@ -48,8 +49,7 @@ class NativeAead implements Aead {
     private readonly addon: Addon,
     key: Uint8Array,
   ) {
-    if (!(key instanceof Uint8Array) || key.length !== 32)
-      throw new RangeError('AES-256-GCM key must be 32 bytes');
+    if (!isUint8Array(key) || key.length !== 32) throw new RangeError('AES-256-GCM key must be 32 bytes');
     this.key = Buffer.from(key.buffer, key.byteOffset, key.length).toString('latin1');
   }
 
@@ -65,7 +65,8 @@ class NativeAead implements Aead {
   open(body: Uint8Array): Buffer | null {
     const key = this.key;
     if (key === null) throw new RangeError('AES-GCM context disposed');
-    if (body.length < 28) return null;
+    // Anything but a Uint8Array is null, as on node:crypto (the addon would throw).
+    if (!isUint8Array(body) || body.length < 28) return null;
     const out = Buffer.allocUnsafe(body.length - 28);
     return this.addon.aesGcmOpen(key, body, out) ? out : null;
   }

@@ -16,6 +16,7 @@ import {
   sign,
   verify,
 } from 'node:crypto';
+import { isUint8Array } from 'node:util/types';
 import {
   AEAD_KEY_BYTES,
   type Aead,
@@ -31,7 +32,17 @@ const X25519_SPKI = Buffer.from('302a300506032b656e032100', 'hex');
 const ED25519_PKCS8 = Buffer.from('302e020100300506032b657004220420', 'hex');
 const ED25519_SPKI = Buffer.from('302a300506032b6570032100', 'hex');
 
+/**
+ * Every input is a Uint8Array (a Buffer is one), as the native addon takes them: node:crypto
+ * itself would take a string, a DataView or another typed array, and the backends must agree
+ * on every input (test/protocol/crypto-backends.test.ts, "edge inputs").
+ */
+function checkBytes(what: string, bytes: unknown): asserts bytes is Uint8Array {
+  if (!isUint8Array(bytes)) throw new RangeError(`${what} must be a Uint8Array`);
+}
+
 function checkSize(what: string, bytes: Uint8Array, size: number): void {
+  checkBytes(what, bytes);
   if (bytes.length !== size) throw new RangeError(`${what} must be ${size} bytes, got ${bytes.length}`);
 }
 
@@ -56,6 +67,11 @@ class NodeAead implements Aead {
   }
 
   seal(iv: Uint8Array, plaintext: Uint8Array, headroom: number): Buffer {
+    // GCM takes an IV of any length (another derivation of its counter), and `out.set` copies
+    // another typed array element by element: a 12-byte Uint16Array left 6 of the IV's bytes
+    // in the frame as the pool held them.
+    checkSize('AES-GCM iv', iv, IV_BYTES);
+    checkBytes('AES-GCM plaintext', plaintext);
     const cipher = createCipheriv('aes-256-gcm', this.key, iv);
     const out = Buffer.allocUnsafe(headroom + IV_BYTES + plaintext.length + TAG_BYTES);
     out.fill(0, 0, headroom);
@@ -68,7 +84,7 @@ class NodeAead implements Aead {
   }
 
   open(body: Uint8Array): Buffer | null {
-    if (body.length < IV_BYTES + TAG_BYTES) return null;
+    if (!isUint8Array(body) || body.length < IV_BYTES + TAG_BYTES) return null;
     const end = body.length - TAG_BYTES;
     try {
       const decipher = createDecipheriv('aes-256-gcm', this.key, body.subarray(0, IV_BYTES));
@@ -121,10 +137,17 @@ export const nodeBackend: CryptoBackend = {
     checkSize('Ed25519 seed', seed, 32);
     const priv = privateKeyObject(ED25519_PKCS8, seed);
     const publicKey = rawPublic(createPublicKey(priv));
-    return { publicKey, sign: (message) => sign(null, message, priv) };
+    return {
+      publicKey,
+      sign: (message) => {
+        checkBytes('Ed25519 message', message);
+        return sign(null, message, priv);
+      },
+    };
   },
 
   ed25519Verify(publicKey: Uint8Array, message: Uint8Array, signature: Uint8Array): boolean {
+    if (!isUint8Array(publicKey) || !isUint8Array(message) || !isUint8Array(signature)) return false;
     if (publicKey.length !== 32 || signature.length !== 64) return false;
     try {
       return verify(null, message, publicKeyObject(ED25519_SPKI, publicKey), signature);
