@@ -12,6 +12,7 @@
 // any 32 bytes are a key (the wrong one at worst), never a pointer.
 #include <napi.h>
 #include <new>
+#include <climits>
 #include <cstdint>
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
@@ -23,6 +24,11 @@ namespace {
 constexpr size_t kKey = 32;
 constexpr size_t kIv = 12;
 constexpr size_t kTag = 16;
+// The most bytes one call seals or opens: OpenSSL's EVP update takes an int length, and OpenSSL
+// 3.0's provider path takes a negative one as a size_t, so 2^31 bytes ran past both buffers (a
+// segfault after gigabytes written). JS bounds frames far below this (MAX_AEAD_BYTES in
+// protocol/crypto/backend.ts); this holds for any caller of the addon.
+constexpr size_t kMaxData = INT_MAX;
 
 // A Uint8Array argument's bytes and length, read with one look-up (type, length and bytes at
 // once); false for anything else, or for a length other than `want` (0: any). node-addon-api's
@@ -160,6 +166,7 @@ Napi::Value AesGcmSeal(const Napi::CallbackInfo& info) {
       !Bytes(env, info[3], &iv, &ivLength, kIv) || !Bytes(env, info[4], &plain, &n)) {
     return Fail(env, "aesGcmSeal(key: 32 one-byte characters, out, offset, iv: 12 bytes, plaintext)");
   }
+  if (n > kMaxData) return Fail(env, "plaintext too long");
   int64_t offset = info[2].As<Napi::Number>().Int64Value();
   if (offset < 0 || size_t(offset) > cap || cap - size_t(offset) < kIv + n + kTag) {
     return Fail(env, "output buffer too small");
@@ -196,6 +203,7 @@ Napi::Value AesGcmOpen(const Napi::CallbackInfo& info) {
   if (total < kIv + kTag) return Napi::Boolean::New(env, false);
   size_t n = total - kIv - kTag;
   if (outLength != n) return Fail(env, "output buffer must be body.length - 28 bytes");
+  if (n > kMaxData) return Napi::Boolean::New(env, false);
   EVP_CIPHER_CTX* ctx = ContextFor(key, 0);
   if (!ctx) return Fail(env, "cannot create an AES-GCM context");
   uint8_t tag[kTag];

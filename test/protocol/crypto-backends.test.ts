@@ -4,6 +4,7 @@
  * typed errors, never crashes. CI sets GW_REQUIRE_NATIVE=1, so a missing addon fails there.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -536,4 +537,35 @@ test('native and node:crypto agree on edge inputs: views, pooled and detached bu
       );
   }
   assert.deepEqual(differ, [], 'the cases where the backends differ');
+});
+
+test('the addon refuses a plaintext or body past what one OpenSSL call takes (2^31 - 1 bytes), untouched', {
+  skip,
+}, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  // OpenSSL's EVP update takes an int length: 2^31 bytes was a negative int, which OpenSSL 3.0's
+  // provider path takes as a size_t, running past both buffers. In a child process, so that such
+  // a run cannot take this one with it; its arrays are zero pages never touched when refused.
+  const addonPath = fileURLToPath(new URL('../../native/build/Release/gw_crypto.node', import.meta.url));
+  const code = `
+    const addon = require(process.argv[1]);
+    const key = 'k'.repeat(32);
+    const iv = new Uint8Array(12);
+    const n = 2 ** 31;
+    const results = [];
+    try {
+      addon.aesGcmSeal(key, new Uint8Array(n + 28), 0, iv, new Uint8Array(n));
+      results.push('sealed');
+    } catch (e) {
+      results.push(e instanceof RangeError ? 'seal refused' : 'seal threw ' + e);
+    }
+    results.push(addon.aesGcmOpen(key, new Uint8Array(n + 28), new Uint8Array(n)) ? 'opened' : 'open refused');
+    console.log(results.join(', '));
+  `;
+  const r = spawnSync(process.execPath, ['-e', code, addonPath], { encoding: 'utf8', timeout: 120_000 });
+  assert.equal(
+    `${r.signal ?? r.status} ${r.stdout.trim()}`,
+    '0 seal refused, open refused',
+    `the child's end (signal or status) and what it printed; stderr: ${r.stderr.slice(-500)}`,
+  );
 });
