@@ -56,3 +56,11 @@ export interface CryptoBackend {
 export const AEAD_KEY_BYTES = 32;
 export const IV_BYTES = 12;
 export const TAG_BYTES = 16;
+/**
+ * The largest plaintext a seal takes and the largest ciphertext an open takes (1 GiB): past it a
+ * seal throws a RangeError and an open answers null (`decrypt_failed` on a channel), on both
+ * backends alike. Frames are far smaller (the gateway takes at most 16 MiB); node:crypto takes
+ * no more than 2^31 - 2 bytes in one call and the addon no more than 2^31 - 1 (OpenSSL's int
+ * length), so without a bound of their own the backends differed at 2^31 - 1.
+ */
+export const MAX_AEAD_BYTES = 2 ** 30;

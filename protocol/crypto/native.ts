@@ -6,7 +6,13 @@
  */
 import { createRequire } from 'node:module';
 import { isUint8Array } from 'node:util/types';
-import type { Aead, CryptoBackend, Ed25519Identity, X25519KeyPair } from './backend.ts';
+import {
+  type Aead,
+  type CryptoBackend,
+  type Ed25519Identity,
+  MAX_AEAD_BYTES,
+  type X25519KeyPair,
+} from './backend.ts';
 import { nodeBackend } from './node.ts';
 
 export type NativeLoad = { backend: CryptoBackend } | { error: string };
@@ -56,6 +62,8 @@ class NativeAead implements Aead {
   seal(iv: Uint8Array, plaintext: Uint8Array, headroom: number): Buffer {
     const key = this.key;
     if (key === null) throw new RangeError('AES-GCM context disposed');
+    if (plaintext.length > MAX_AEAD_BYTES)
+      throw new RangeError(`AES-GCM plaintext over ${MAX_AEAD_BYTES} bytes`);
     const out = Buffer.allocUnsafe(headroom + 28 + plaintext.length);
     if (headroom > 0) out.fill(0, 0, headroom);
     this.addon.aesGcmSeal(key, out, headroom, iv, plaintext);
@@ -66,7 +74,7 @@ class NativeAead implements Aead {
     const key = this.key;
     if (key === null) throw new RangeError('AES-GCM context disposed');
     // Anything but a Uint8Array is null, as on node:crypto (the addon would throw).
-    if (!isUint8Array(body) || body.length < 28) return null;
+    if (!isUint8Array(body) || body.length < 28 || body.length - 28 > MAX_AEAD_BYTES) return null;
     const out = Buffer.allocUnsafe(body.length - 28);
     return this.addon.aesGcmOpen(key, body, out) ? out : null;
   }

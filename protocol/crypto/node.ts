@@ -23,6 +23,7 @@ import {
   type CryptoBackend,
   type Ed25519Identity,
   IV_BYTES,
+  MAX_AEAD_BYTES,
   TAG_BYTES,
   type X25519KeyPair,
 } from './backend.ts';
@@ -72,6 +73,8 @@ class NodeAead implements Aead {
     // in the frame as the pool held them.
     checkSize('AES-GCM iv', iv, IV_BYTES);
     checkBytes('AES-GCM plaintext', plaintext);
+    if (plaintext.length > MAX_AEAD_BYTES)
+      throw new RangeError(`AES-GCM plaintext over ${MAX_AEAD_BYTES} bytes`);
     const cipher = createCipheriv('aes-256-gcm', this.key, iv);
     const out = Buffer.allocUnsafe(headroom + IV_BYTES + plaintext.length + TAG_BYTES);
     out.fill(0, 0, headroom);
@@ -85,6 +88,7 @@ class NodeAead implements Aead {
 
   open(body: Uint8Array): Buffer | null {
     if (!isUint8Array(body) || body.length < IV_BYTES + TAG_BYTES) return null;
+    if (body.length - IV_BYTES - TAG_BYTES > MAX_AEAD_BYTES) return null;
     const end = body.length - TAG_BYTES;
     try {
       const decipher = createDecipheriv('aes-256-gcm', this.key, body.subarray(0, IV_BYTES));

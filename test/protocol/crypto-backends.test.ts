@@ -10,6 +10,7 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import fc from 'fast-check';
+import { MAX_AEAD_BYTES } from '../../protocol/crypto/backend.ts';
 import { loadAddon, loadNativeBackend } from '../../protocol/crypto/native.ts';
 import {
   Channel,
@@ -568,4 +569,19 @@ test('the addon refuses a plaintext or body past what one OpenSSL call takes (2^
     '0 seal refused, open refused',
     `the child's end (signal or status) and what it printed; stderr: ${r.stderr.slice(-500)}`,
   );
+});
+
+test('both backends refuse a plaintext or ciphertext past MAX_AEAD_BYTES alike', { skip }, () => {
+  assert.ok(native, 'GW_REQUIRE_NATIVE=1 but the native addon did not load');
+  const key = randomBytes(32);
+  // Zero pages, never touched when refused. 2^31 - 1 was sealed by the addon (2 GiB written)
+  // and refused by node:crypto, whose own bound is one byte lower.
+  for (const n of [MAX_AEAD_BYTES + 1, 2 ** 31 - 1, 2 ** 31]) {
+    for (const b of [native!, nodeBackend]) {
+      const a = b.aead(key);
+      assert.throws(() => a.seal(iv(1), new Uint8Array(n), 4), RangeError, `${b.name}: seal ${n} bytes`);
+      assert.equal(a.open(new Uint8Array(n + 28)), null, `${b.name}: open a body of ${n} + 28 bytes`);
+      a.dispose();
+    }
+  }
 });
