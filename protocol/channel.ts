@@ -15,7 +15,10 @@ import type { SessionKeys } from './handshake.ts';
 export const MAX_FRAMES_PER_KEY = 2 ** 32;
 
 export interface ChannelOptions {
-  /** Frames allowed per key and direction; lower it only to test the limit. */
+  /**
+   * Frames allowed per key and direction (a positive integer; at most, and by default, 2^32);
+   * lower it only to test the limit.
+   */
   maxFramesPerKey?: number;
 }
 
@@ -44,7 +47,12 @@ export class Channel {
     const [sendKey, recvKey] = side === 'client' ? [keys.c2s, keys.s2c] : [keys.s2c, keys.c2s];
     this.sendAead = backend.aead(sendKey);
     this.recvAead = backend.aead(recvKey);
-    this.maxFrames = Math.min(options.maxFramesPerKey ?? MAX_FRAMES_PER_KEY, MAX_FRAMES_PER_KEY);
+    const max = options.maxFramesPerKey ?? MAX_FRAMES_PER_KEY;
+    // NaN would be no limit at all (no counter is >= NaN); Infinity is the protocol's.
+    if (!(max === Number.POSITIVE_INFINITY || (Number.isInteger(max) && max >= 1))) {
+      throw new RangeError(`maxFramesPerKey must be a positive integer, got ${max}`);
+    }
+    this.maxFrames = Math.min(max, MAX_FRAMES_PER_KEY);
   }
 
   /**

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
-import { Channel, ProtocolError, pack } from '../../protocol/index.ts';
+import { Channel, MAX_FRAMES_PER_KEY, ProtocolError, pack } from '../../protocol/index.ts';
 import { availableBackends } from '../helpers/backends.ts';
 
 const isCode = (code: string) => (e: unknown) => e instanceof ProtocolError && e.code === code;
@@ -63,6 +63,29 @@ for (const backend of availableBackends()) {
       s.open(c.seal({ type: 'ping', ts: 2 }));
       assert.equal(s.exhausted, true);
       assert.throws(() => c.seal({ type: 'ping', ts: 3 }), isCode('rekey_required'));
+    });
+
+    test('a frame limit that is not a positive integer is refused, not taken as no limit', () => {
+      // Math.min(NaN, 2^32) is NaN, and no counter is >= NaN: a limit read from an unset
+      // setting (Number(undefined)) had let a channel seal past PROTOCOL.md's 2^32 frames.
+      for (const bad of [Number.NaN, 0, -1, 2.5, Number('')]) {
+        assert.throws(
+          () => new Channel(backend, keys(), 'client', { maxFramesPerKey: bad }),
+          RangeError,
+          `maxFramesPerKey ${bad}`,
+        );
+      }
+      const k = keys();
+      const c = new Channel(backend, k, 'client', { maxFramesPerKey: Number.POSITIVE_INFINITY });
+      assert.equal(c.lastSendLeft, false, 'Infinity is the protocol limit, 2^32');
+      c.sendCounter = MAX_FRAMES_PER_KEY - 1;
+      assert.equal(c.lastSendLeft, true, 'the last frame of 2^32 is the kick');
+      c.sealBytes(pack({ type: 'kick' }));
+      assert.throws(
+        () => c.sealBytes(pack({ type: 'ping' })),
+        isCode('rekey_required'),
+        'no frame past 2^32',
+      );
     });
 
     test('a body that is not a map with a string type is bad_message', () => {
