@@ -7,10 +7,13 @@ import {
   ClientHandshake,
   fingerprint,
   HandshakeError,
+  type Hello,
   ProtocolError,
   pack,
   parseHello,
+  parseWelcome,
   unpackMessage,
+  type Welcome,
 } from '../../protocol/index.ts';
 import { availableBackends } from '../helpers/backends.ts';
 
@@ -57,6 +60,58 @@ for (const backend of availableBackends()) {
       assert.throws(
         () => client.finish(welcome),
         (e: unknown) => e instanceof HandshakeError && e.reason === 'fingerprint_mismatch',
+      );
+    });
+
+    test('a man in the middle cannot swap an ephemeral key or a nonce, nor replay a welcome', () => {
+      const badSignature = (e: unknown) => e instanceof HandshakeError && e.reason === 'bad_signature';
+      const mitm = backend.x25519KeyPair();
+      const swaps: [string, (hello: Hello) => Hello, (welcome: Welcome) => Welcome][] = [
+        // Its own key to the server in the client's place, so as to share the server's secret.
+        ['the client key', (h) => ({ ...h, pub: mitm.publicKey }), (w) => w],
+        // Its own key to the client in the server's place.
+        ['the server key', (h) => h, (w) => ({ ...w, pub: mitm.publicKey })],
+        ['the client nonce', (h) => ({ ...h, nonce: randomBytes(16) }), (w) => w],
+        ['the server nonce', (h) => h, (w) => ({ ...w, nonce: randomBytes(16) })],
+      ];
+      for (const [what, toServer, toClient] of swaps) {
+        const client = new ClientHandshake(backend);
+        const { welcome } = acceptHello(backend, identity, toServer(client.hello), opts);
+        assert.throws(() => client.finish(toClient(welcome)), badSignature, `${what} swapped`);
+      }
+      // The transcript is a concatenation: a server key one byte short and a nonce one byte
+      // long give the same bytes and the same signature. Their fixed sizes refuse it.
+      {
+        const client = new ClientHandshake(backend);
+        const { welcome } = acceptHello(backend, identity, client.hello, opts);
+        const shifted = {
+          ...welcome,
+          pub: welcome.pub.subarray(0, 31),
+          nonce: Buffer.concat([welcome.pub.subarray(31), welcome.nonce]),
+        };
+        assert.throws(
+          () => parseWelcome(unpackMessage(pack(shifted))),
+          (e: unknown) => e instanceof ProtocolError && e.code === 'bad_message' && e.field === 'pub',
+          'a welcome whose fields shift the transcript',
+        );
+      }
+      // A welcome recorded from another client's handshake, its signature genuine.
+      const earlier = acceptHello(backend, identity, new ClientHandshake(backend).hello, opts).welcome;
+      assert.throws(() => new ClientHandshake(backend).finish(earlier), badSignature, 'a replayed welcome');
+      // Its own identity, signing the transcript it makes: only a pin tells (PROTOCOL.md §2).
+      const own = backend.ed25519Identity(randomBytes(32));
+      const unpinned = new ClientHandshake(backend);
+      assert.doesNotThrow(
+        () => unpinned.finish(acceptHello(backend, own, unpinned.hello, opts).welcome),
+        'without a pin, any identity that signs its transcript is taken',
+      );
+      const pinned = new ClientHandshake(backend, {
+        pinnedFingerprint: fingerprint(backend, identity.publicKey),
+      });
+      assert.throws(
+        () => pinned.finish(acceptHello(backend, own, pinned.hello, opts).welcome),
+        (e: unknown) => e instanceof HandshakeError && e.reason === 'fingerprint_mismatch',
+        'with a pin, another identity is refused',
       );
     });
 
