@@ -3,7 +3,8 @@
  * real `Connection` after a real handshake, its transport a list of frames, on each crypto
  * backend. The kick that ends the connection takes the last frame; whatever is sent after it
  * (the delivery pump's loop goes on with events it took for the connection, a room's held
- * messages) is not sent, and is not an error for the sender either.
+ * messages) is not sent, and is not an error for the sender either. Nothing follows a kick of
+ * any other code either.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -104,6 +105,19 @@ for (const backend of availableBackends()) {
         got.map((m) => m.type),
         ['event', 'event', 'kick'],
         'two events, then the kick in the third (the last) frame, then nothing',
+      );
+    });
+
+    test('nothing follows a kick of any code (PROTOCOL.md §8), far from the key limit too', () => {
+      const c = open(backend, 1_000_000);
+      c.conn.sendPacked(event(0), true);
+      c.conn.kick('going_away', 'shutting down', 1000);
+      c.conn.sendPacked(event(1), true);
+      c.conn.send({ type: 'ping', ts: 6 });
+      assert.deepEqual(
+        c.read().map((m) => (m.type === 'event' ? m.eid : `${m.type} ${m.code}`)),
+        ['e0', 'kick going_away'],
+        'the event before the kick, the kick, then nothing',
       );
     });
   });
