@@ -95,6 +95,14 @@ export class ClientHandshake {
 
   /** Verifies the welcome's signature (and pin) and returns the session keys. */
   finish(welcome: Welcome): SessionKeys {
+    // The server answers in the version the hello offered (PROTOCOL.md §2); the transcript and
+    // the keys below are that version's.
+    if (welcome.v !== this.hello.v) {
+      throw new HandshakeError(
+        'bad_welcome',
+        `welcome of protocol version ${welcome.v}, not ${this.hello.v}`,
+      );
+    }
     const t = transcript(this.hello.pub, this.hello.nonce, welcome.pub, welcome.nonce);
     if (!this.backend.ed25519Verify(welcome.key, t, welcome.sig)) {
       throw new HandshakeError('bad_signature', 'welcome signature does not verify');

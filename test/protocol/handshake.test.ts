@@ -51,6 +51,21 @@ for (const backend of availableBackends()) {
       );
     });
 
+    test('a welcome of another protocol version is refused', () => {
+      // The keys and the transcript are version 1's: a welcome that says otherwise is not one
+      // this client can trust to mean what it derives, even if its signature verifies.
+      for (const v of [0, 2, 255]) {
+        const client = new ClientHandshake(backend);
+        const { welcome } = acceptHello(backend, identity, client.hello, opts);
+        welcome.v = v as 1;
+        assert.throws(
+          () => client.finish(welcome),
+          (e: unknown) => e instanceof HandshakeError && e.reason === 'bad_welcome',
+          `welcome v ${v}`,
+        );
+      }
+    });
+
     test('a welcome signed by another identity fails the pin', () => {
       const other = backend.ed25519Identity(randomBytes(32));
       const client = new ClientHandshake(backend, {
