@@ -168,6 +168,11 @@ export class GatewayClient extends EventEmitter {
   private readonly pending = new Map<number, Pending>();
   /** Pings waiting for their pong: each rejects its promise (on close). */
   private readonly pings = new Set<(err: Error) => void>();
+  /**
+   * `refresh` requests of this connection that timed out, by id, with the refresh token each
+   * presented: an answer that comes after all is still applied (`lateAnswer`).
+   */
+  private readonly lateRefreshes = new Map<number, string>();
   /** Eids to auto-ack once the current read has been handled (ackSoon). */
   private acksDue: string[] = [];
   private nextId = 1;
@@ -270,6 +275,7 @@ export class GatewayClient extends EventEmitter {
           p.reject(new ProtocolError('internal', 'connection closed'));
         }
         this.pending.clear();
+        this.lateRefreshes.clear();
         for (const rejectPing of [...this.pings])
           rejectPing(new ProtocolError('internal', 'connection closed'));
         if (wasConnected) {
@@ -375,6 +381,8 @@ export class GatewayClient extends EventEmitter {
         if (msg.type === 'error' && msg.fatal) this.lastFatal = msg.code;
         const p = msg.id !== undefined ? this.pending.get(msg.id) : undefined;
         if (!p) {
+          if (msg.type === 'ok' && this.lateAnswer(msg.id, msg.data ?? {})) return;
+          if (msg.id !== undefined) this.lateRefreshes.delete(msg.id);
           if (msg.type === 'error') this.emit('serverError', serverError(msg));
           return;
         }
@@ -416,6 +424,8 @@ export class GatewayClient extends EventEmitter {
       const timer = setTimeout(
         () => {
           this.pending.delete(id);
+          if (type === 'refresh' && typeof fields.refresh === 'string')
+            this.lateRefreshes.set(id, fields.refresh);
           reject(new Error(`${type} timed out`));
         },
         options.timeoutMs ?? this.options.requestTimeoutMs ?? 10000,
@@ -423,7 +433,7 @@ export class GatewayClient extends EventEmitter {
       this.pending.set(id, {
         resolve: (data) => {
           if (SESSION_TYPES.has(type)) this.rememberSession(type, data);
-          else if (type === 'refresh' && this.session) Object.assign(this.session, data);
+          else if (type === 'refresh' && this.session) this.refreshed(data);
           else if (type === 'logout' && fields.token === undefined) this.session = undefined;
           resolve(data as T);
         },
@@ -432,6 +442,27 @@ export class GatewayClient extends EventEmitter {
       });
       this.sendMessage({ ...fields, type, id });
     });
+  }
+
+  /** A refresh's new pair: the session's tokens are now these (`refreshed`). */
+  private refreshed(data: Record<string, unknown>): void {
+    Object.assign(this.session!, data);
+    this.emit('refreshed', this.session);
+  }
+
+  /**
+   * The `ok` of a `refresh` that timed out here: the gateway did rotate the token, and a device
+   * that dropped this answer would hold a refresh token already used, which only the gateway's
+   * short grace period lets it present again (PROTOCOL.md §4). Applied if the session still
+   * holds the token that request presented. True when `id` was such a request.
+   */
+  private lateAnswer(id: number | undefined, data: Record<string, unknown>): boolean {
+    if (id === undefined) return false;
+    const presented = this.lateRefreshes.get(id);
+    if (presented === undefined) return false;
+    this.lateRefreshes.delete(id);
+    if (this.session?.refresh === presented) this.refreshed(data);
+    return true;
   }
 
   private rememberSession(type: string, data: Record<string, unknown>): void {

@@ -24,10 +24,16 @@ import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 let redis: OwnRedis;
 /** The gateway of most tests: Redis commands bounded at 1 s, so a frozen Redis is `overloaded` soon. */
 let gw: GatewayProcess;
+/**
+ * A gateway whose Redis commands wait 5 s (a device's 1.5 s request timeout comes first) and
+ * whose grace period is 1 s: shorter than the device's backoff.
+ */
+let gwShortGrace: GatewayProcess;
 /** A gateway whose refresh budget per IP is 3 a minute. */
 let gwBudget: GatewayProcess;
 /** Sessions signed up at the start, whose access tokens (10 s) have expired by the time a test takes one. */
 const aged: Session[] = [];
+const agedShortGrace: Session[] = [];
 const agedBudget: Session[] = [];
 
 async function signUpMany(g: GatewayProcess, pool: Session[], n: number): Promise<void> {
@@ -48,12 +54,19 @@ before(async () => {
     GW_REGISTER_PER_MINUTE: '1000',
   };
   gw = await startGateway({ ...common, GW_REDIS_TIMEOUT_MS: '1000' });
+  gwShortGrace = await startGateway({
+    ...common,
+    GW_REDIS_TIMEOUT_MS: '5000',
+    GW_REFRESH_GRACE_SECONDS: '1',
+  });
   gwBudget = await startGateway({ ...common, GW_REFRESH_PER_MINUTE: '3' });
   await signUpMany(gw, aged, 6);
+  await signUpMany(gwShortGrace, agedShortGrace, 3);
   await signUpMany(gwBudget, agedBudget, 1);
 });
 after(async () => {
   await gw?.stop();
+  await gwShortGrace?.stop();
   await gwBudget?.stop();
   await redis?.remove();
 });
@@ -273,6 +286,37 @@ describe('a refresh answered transiently keeps the session', () => {
       assert.ok(w.requests.includes('refresh:rate_limited'), `a refresh was rate_limited: ${w.requests}`);
     } finally {
       other.destroy();
+      await finish(w);
+    }
+  });
+});
+
+describe('a refresh that ran on the gateway, its answer never read by the device', () => {
+  test('the refresh timed out on the device and ran once Redis thawed: its late answer is kept', async () => {
+    const s = await expiredSession(agedShortGrace);
+    // Backoff of 2-4 s: longer than the gateway's grace period (1 s).
+    const w = await holding(gwShortGrace, s, { initialDelayMs: 4000, maxDelayMs: 4000 }, 1500);
+    try {
+      const outcome = settled(w, 'the reconnection to resume or lose the session', 60_000);
+      redis.freeze();
+      try {
+        w.c.destroy();
+        await until(
+          'the refresh to time out on the device',
+          () => w.requests.includes('refresh:refresh timed out'),
+          30_000,
+        );
+      } finally {
+        redis.thaw();
+      }
+      await until('the refresh to rotate the token once Redis is back', () =>
+        redis.with((r) => r.exists(used(gwShortGrace, s.refresh!))),
+      );
+      const { resumed, lost } = await outcome;
+      assert.equal(lost, undefined, `the session was not lost (requests: ${w.requests})`);
+      await assertResumedWithNewTokens(gwShortGrace, w, s, resumed);
+    } finally {
+      redis.thaw();
       await finish(w);
     }
   });
