@@ -36,6 +36,14 @@ export interface ReconnectOptions {
    * open connection (default: never): `reconnectFailed`, the session kept.
    */
   maxAttempts?: number;
+  /**
+   * The gateway's refresh grace period (its `GW_REFRESH_GRACE_SECONDS`; default 30 000 ms): how
+   * long after a refresh ran the refresh token it used may be presented again to get the same
+   * pair (PROTOCOL.md §4). While a refresh is in doubt (sent, and not answered: a timeout, the
+   * connection lost, `overloaded` or `internal`), the attempts come at most a quarter of this
+   * apart (and no sooner than a `retryAfter`), so that the refresh is presented again within it.
+   */
+  refreshGraceMs?: number;
 }
 
 export interface ClientOptions {
@@ -173,6 +181,13 @@ export class GatewayClient extends EventEmitter {
    * presented: an answer that comes after all is still applied (`lateAnswer`).
    */
   private readonly lateRefreshes = new Map<number, string>();
+  /**
+   * A refresh in doubt: `token` was presented and no answer settled it (it timed out, its
+   * connection closed, or it was answered `overloaded` or `internal`), the last time `at`. The
+   * gateway may have rotated the token; the reconnection presents it again first, soon
+   * (`refreshGraceMs`), and a later answer or a definitive refusal ends the doubt.
+   */
+  private refreshDoubt: { token: string; at: number } | undefined;
   /** Eids to auto-ack once the current read has been handled (ackSoon). */
   private acksDue: string[] = [];
   private nextId = 1;
@@ -424,9 +439,12 @@ export class GatewayClient extends EventEmitter {
       const timer = setTimeout(
         () => {
           this.pending.delete(id);
-          if (type === 'refresh' && typeof fields.refresh === 'string')
+          const e = new Error(`${type} timed out`);
+          if (type === 'refresh' && typeof fields.refresh === 'string') {
             this.lateRefreshes.set(id, fields.refresh);
-          reject(new Error(`${type} timed out`));
+            this.refreshFailed(fields.refresh, e);
+          }
+          reject(e);
         },
         options.timeoutMs ?? this.options.requestTimeoutMs ?? 10000,
       );
@@ -437,7 +455,10 @@ export class GatewayClient extends EventEmitter {
           else if (type === 'logout' && fields.token === undefined) this.session = undefined;
           resolve(data as T);
         },
-        reject,
+        reject: (e) => {
+          if (type === 'refresh' && typeof fields.refresh === 'string') this.refreshFailed(fields.refresh, e);
+          reject(e);
+        },
         timer,
       });
       this.sendMessage({ ...fields, type, id });
@@ -447,7 +468,19 @@ export class GatewayClient extends EventEmitter {
   /** A refresh's new pair: the session's tokens are now these (`refreshed`). */
   private refreshed(data: Record<string, unknown>): void {
     Object.assign(this.session!, data);
+    this.refreshDoubt = undefined;
     this.emit('refreshed', this.session);
+  }
+
+  /**
+   * A refresh presenting `token` failed with `e`. Unanswered (a timeout, the connection closed),
+   * `overloaded` or `internal`: it may have run on the gateway, so it is in doubt. `rate_limited`
+   * was refused before it ran and changes nothing; any other answer is definitive.
+   */
+  private refreshFailed(token: string, e: Error): void {
+    if (!isProtocolError(e) || e.code === 'overloaded' || e.code === 'internal') {
+      this.refreshDoubt = { token, at: Date.now() };
+    } else if (e.code !== 'rate_limited') this.refreshDoubt = undefined;
   }
 
   /**
@@ -468,7 +501,10 @@ export class GatewayClient extends EventEmitter {
   private rememberSession(type: string, data: Record<string, unknown>): void {
     const s = data as unknown as Session;
     if (type === 'resume' && this.session) this.session = { ...this.session, ...s };
-    else this.session = s;
+    else {
+      this.session = s;
+      this.refreshDoubt = undefined;
+    }
   }
 
   /** Seals and sends one message (no id bookkeeping). */
@@ -590,7 +626,12 @@ export class GatewayClient extends EventEmitter {
     }
     const initial = r.initialDelayMs ?? 500;
     const max = r.maxDelayMs ?? 30000;
-    const backoff = Math.min(max, initial * 2 ** this.reconnectAttempt);
+    let backoff = Math.min(max, initial * 2 ** this.reconnectAttempt);
+    // A refresh in doubt is presented again within the gateway's grace period.
+    const grace = r.refreshGraceMs ?? 30000;
+    if (this.refreshDoubt && Date.now() - this.refreshDoubt.at < grace) {
+      backoff = Math.min(backoff, Math.max(1, Math.floor(grace / 4)));
+    }
     const delay = Math.max(retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
     this.reconnectAttempt++;
     const gen = this.reconnectGen;
@@ -645,6 +686,7 @@ export class GatewayClient extends EventEmitter {
         }
         const lost = this.session;
         this.session = undefined;
+        this.refreshDoubt = undefined;
         this.reconnectAttempt = 0;
         this.emit('sessionLost', { sessionId: lost?.sessionId, error: e });
         return;
@@ -658,9 +700,18 @@ export class GatewayClient extends EventEmitter {
   /**
    * Resumes the remembered session, refreshing the access token first if it expired. A refresh
    * that succeeded updates the session before the resume, so a retry resumes with the new token.
+   * A refresh of the session's token in doubt (its answer never came) is settled first, whatever
+   * the access token: the gateway may have rotated the token, which it takes back only within
+   * its grace period; resumed without it, the device would keep a used refresh token and lose
+   * the session to `refresh_reused` at its next refresh.
    */
   private async resumeSession(): Promise<void> {
     const s = this.session!;
+    if (s.refresh && this.refreshDoubt?.token === s.refresh) {
+      await this.request('refresh', { refresh: s.refresh });
+      await this.request('resume', { token: this.session!.token });
+      return;
+    }
     try {
       await this.request('resume', { token: s.token });
     } catch (e) {

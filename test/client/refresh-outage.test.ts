@@ -320,6 +320,53 @@ describe('a refresh that ran on the gateway, its answer never read by the device
       await finish(w);
     }
   });
+
+  test('the connection dropped before the answer, and the backoff is longer than the grace period', async () => {
+    const s = await expiredSession(agedShortGrace);
+    const w = await holding(gwShortGrace, s, {
+      initialDelayMs: 4000,
+      maxDelayMs: 4000,
+      refreshGraceMs: 1000,
+    });
+    try {
+      const cut = loseNextRefreshAnswer(gwShortGrace, w, s.refresh!);
+      const outcome = settled(w, 'the reconnection to resume or lose the session', 60_000);
+      w.c.destroy();
+      await within('the connection to drop after the refresh ran', cut, 30_000);
+      const { resumed, lost } = await outcome;
+      assert.equal(lost, undefined, `the session was not lost (requests: ${w.requests})`);
+      await assertResumedWithNewTokens(gwShortGrace, w, s, resumed);
+    } finally {
+      await finish(w);
+    }
+  });
+
+  test('a refresh asked for while connected, answer lost: the reconnection settles it before resuming', async () => {
+    const c0 = await within('a connection to sign up on', connected(gwShortGrace.tcpUrl));
+    const s = await within('a sign-up', signUp(c0));
+    c0.destroy();
+    // The access token is still valid (10 s): the reconnection could resume without a refresh.
+    const w = await holding(gwShortGrace, s, { initialDelayMs: 100, maxDelayMs: 400 });
+    try {
+      const cut = loseNextRefreshAnswer(gwShortGrace, w, s.refresh!);
+      const outcome = settled(w, 'the reconnection to resume or lose the session', 30_000);
+      const asked = w.c.request('refresh', { refresh: s.refresh }).catch((e: Error) => e);
+      await within('the connection to drop after the refresh ran', cut);
+      assert.ok((await asked) instanceof Error, 'the refresh asked for was not answered');
+      const { resumed, lost } = await outcome;
+      assert.equal(lost, undefined, `the session was not lost (requests: ${w.requests})`);
+      await assertResumedWithNewTokens(gwShortGrace, w, s, resumed);
+      // Past the grace period, the device's refresh token still refreshes.
+      await new Promise((r) => setTimeout(r, 1500));
+      const next = await within(
+        'a refresh after the grace period',
+        w.c.request<{ refresh: string }>('refresh', { refresh: w.c.session!.refresh }),
+      );
+      assert.ok(next.refresh, 'a new pair');
+    } finally {
+      await finish(w);
+    }
+  });
 });
 
 describe('a definitive refusal of the refresh', () => {
