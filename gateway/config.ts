@@ -441,7 +441,7 @@ const SETTINGS = {
   refreshPerMinute: setting(
     'GW_REFRESH_PER_MINUTE',
     '60',
-    '`refresh` requests per IP per minute.',
+    "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile.",
     int(1).default(60),
   ),
   otpPerMinute: setting(
@@ -460,7 +460,7 @@ const SETTINGS = {
   refreshGraceSeconds: setting(
     'GW_REFRESH_GRACE_SECONDS',
     '30',
-    'A refresh retried this long after its rotation (reply lost) gets the same successor pair while that is unused; 0 disables.',
+    'A refresh retried this long after its rotation (reply lost) gets the same successor pair while that is unused; 0 disables. The reference client (`reconnect.refreshGraceMs`) retries a refresh left in doubt within it: set both alike.',
     int(0).default(30),
   ),
   smtpHost: setting(

@@ -228,6 +228,15 @@ export class Keys {
     return `${this.prefix}rtg:${hash}`;
   }
 
+  /**
+   * STRING, TTL: a refresh of this current token (by its hash) was refused `rate_limited`; its
+   * grace record, once the token is rotated, lives at least as long (the refused retry comes
+   * back after `retryAfter`).
+   */
+  refreshHold(hash: string): string {
+    return `${this.prefix}rtw:${hash}`;
+  }
+
   /** HASH of the pending email code of an address (by its hash). */
   otp(emailHash: string): string {
     return `${this.prefix}otp:${emailHash}`;

@@ -13,7 +13,8 @@
  * - Refresh tokens are single use; presenting a used one ends the whole session
  *   (`refresh_reused`), and every node kicks that session's connection. A refresh retried within
  *   `refreshGraceSeconds` while the successor is unused gets the same successor pair
- *   (PROTOCOL.md §4); the pair is kept in Redis only sealed under the presented token.
+ *   (PROTOCOL.md §4); the pair is kept in Redis only sealed under the presented token. The per-IP
+ *   refresh budget never pushes such a retry past the grace period (see `rotateRefresh`).
  * - A device id belongs to the first account that logs in with it (`devices` table); another
  *   account's login, resume or otp.verify with it is `forbidden`.
  * - A login or resume with the device id of another live session of the same user ends that
@@ -662,10 +663,23 @@ export class IdentityService {
   }
 
   private async rotateRefresh(req: { refresh: string }, ctx: RequestContext): Promise<TokenPair> {
-    await this.limit(this.refreshLimit, ctx.ip);
     const o = this.deps.options;
     const oldHash = hashToken(req.refresh);
     const found = await this.store.lookupRefresh(oldHash);
+    // The IP's refresh budget is charged for a token unknown or current. A used one is a retry
+    // (its reply lost) or a reuse: refused for the budget, a retry would come back after
+    // retryAfter, past the grace period, and end its session as a reuse.
+    if (!found || found.current) {
+      try {
+        await this.limit(this.refreshLimit, ctx.ip);
+      } catch (e) {
+        // Another refresh of this token (another connection of the device) may rotate it
+        // meanwhile: the grace period then lasts until this one may come back, and a while more.
+        if (found && e instanceof ProtocolError && e.code === 'rate_limited' && o.refreshGraceSeconds > 0)
+          await this.store.holdGrace(oldHash, (e.retryAfter ?? 0) + o.refreshGraceSeconds * 1000);
+        throw e;
+      }
+    }
     if (!found) throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
     // The successor pair is made before the rotation and sealed under the presented token, so
     // the rotation script can keep it for a retry (grace period) in the same step.
@@ -693,8 +707,10 @@ export class IdentityService {
       if (again) return again;
     }
     if (r.status === 'reused' || r.status === 'again') {
-      await this.endSession(r.sessionId, 'refresh_reused');
-      this.deps.log.warn({ sessionId: r.sessionId }, 'refresh token reused: session ended');
+      // Logged once, by the reuse that ended the session (used tokens are not charged to the
+      // budget: replays of one would otherwise log without bound).
+      if (await this.endSession(r.sessionId, 'refresh_reused'))
+        this.deps.log.warn({ sessionId: r.sessionId }, 'refresh token reused: session ended');
       throw new ProtocolError('refresh_reused');
     }
     if (r.status === 'invalid' || !pair || !s)

@@ -38,12 +38,13 @@ export interface SessionView {
 /**
  * Refresh rotation, and the grace period of a retried refresh (PROTOCOL.md §4).
  * KEYS[1] current refresh key, KEYS[2] used refresh key, KEYS[3] new refresh key, KEYS[4] session,
- * KEYS[5] grace record of the presented token
+ * KEYS[5] grace record of the presented token, KEYS[6] its hold (see HOLD_GRACE)
  * ARGV[1] new refresh TTL (ms), ARGV[2] how long a used token is remembered (ms), ARGV[3] new hash,
  * ARGV[4] new refresh expiry (ms), ARGV[5] the sealed successor pair, ARGV[6] grace (ms, 0: none)
  * Returns {"ok", sid} | {"again", sid, sealed} | {"reused", sid} | {"invalid"}
- *   again: the token was rotated less than the grace period ago and its successor is still the
- *   session's current token; `sealed` is the pair that rotation handed out.
+ *   again: the token was rotated less than the grace period ago (or than its hold, if longer)
+ *   and its successor is still the session's current token; `sealed` is the pair that rotation
+ *   handed out.
  * The grace record is written by the same call as the rotation, so a concurrent refresh sees
  * either the current token or the used record with its pair, never a state in between.
  */
@@ -68,9 +69,25 @@ redis.call('SET', KEYS[3], sid, 'PX', ARGV[1])
 redis.call('HSET', KEYS[4], 'refreshHash', ARGV[3], 'refreshExpiresAt', ARGV[4])
 if tonumber(ARGV[6]) > 0 then
   redis.call('HSET', KEYS[5], 'next', ARGV[3], 'sealed', ARGV[5])
-  redis.call('PEXPIRE', KEYS[5], ARGV[6])
+  redis.call('PEXPIRE', KEYS[5], math.max(tonumber(ARGV[6]), redis.call('PTTL', KEYS[6])))
 end
 return {'ok', sid}
+`;
+
+/**
+ * A refresh of a current token was refused (`rate_limited`), and its sender told to come back
+ * after `retryAfter`: meanwhile a concurrent refresh of the same token (another connection of
+ * the device) may rotate it, and the refused one's retry must then still be within the grace
+ * period. The token's hold lives ARGV[1] ms (retryAfter plus the grace period), and its grace
+ * record, if the rotation came first, at least as long; a rotation after it reads the hold.
+ * KEYS[1] hold of the token, KEYS[2] its grace record; ARGV[1] ms
+ */
+const HOLD_GRACE = `
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+local g = redis.call('PTTL', KEYS[2])
+if g >= 0 and g < ms then redis.call('PEXPIRE', KEYS[2], ms) end
+return 1
 `;
 
 /**
@@ -393,12 +410,13 @@ export class SessionStore {
     const k = this.keys;
     const r = (await this.redis.eval(
       ROTATE,
-      5,
+      6,
       k.refresh(oldHash),
       k.refreshUsed(oldHash),
       k.refresh(newHash),
       k.session(sid),
       k.refreshGrace(oldHash),
+      k.refreshHold(oldHash),
       o.refreshTtlMs,
       o.usedMemoryMs,
       newHash,
@@ -409,6 +427,14 @@ export class SessionStore {
     if (r[0] === 'invalid') return { status: 'invalid' };
     if (r[0] === 'again') return { status: 'again', sessionId: r[1], sealed: r[2] };
     return { status: r[0] as 'ok' | 'reused', sessionId: r[1] };
+  }
+
+  /**
+   * Keeps the grace period of refresh token `hash` open for at least `ms` from now, whether it
+   * is rotated already or later (HOLD_GRACE): for a refresh of it refused with `rate_limited`.
+   */
+  async holdGrace(hash: string, ms: number): Promise<void> {
+    await this.redis.eval(HOLD_GRACE, 2, this.keys.refreshHold(hash), this.keys.refreshGrace(hash), ms);
   }
 
   /** Removes a live session; returns it if this call removed it (so it is ended once). */

@@ -355,6 +355,111 @@ describe('refresh grace', () => {
   });
 });
 
+/**
+ * A gateway of its own whose refresh budget per IP (GW_REFRESH_PER_MINUTE) is 5: every request
+ * of these tests comes from 127.0.0.1, and a spent budget answers `rate_limited` with a
+ * `retryAfter` of up to a minute, far past the grace period.
+ */
+const budgetEnv = {
+  GW_REGISTER_PER_MINUTE: '10000',
+  GW_REFRESH_PER_MINUTE: '5',
+  GW_REFRESH_GRACE_SECONDS: String(GRACE_SECONDS),
+  GW_DEFAULT_ROOM: '',
+};
+
+describe('refresh grace and the IP refresh budget', () => {
+  test('a retried refresh is answered from its grace period when the IP has spent its budget; reuse is still reuse', async () => {
+    const g = await startGateway(budgetEnv);
+    const a = await connected(g.tcpUrl);
+    // Not the session's own connection, which its end closes.
+    const b = await connected(g.wsUrl);
+    try {
+      const s = await signUp(a);
+      // The reply of this refresh is "lost": the device holds the old token.
+      const p1 = (await wire(b, 'refresh', { refresh: s.refresh })).data!;
+      let spent: Outcome | undefined;
+      for (let i = 0; i < 10 && spent?.code !== 'rate_limited'; i++)
+        spent = await wire(b, 'refresh', { refresh: `unknown-token-${i}` });
+      assert.equal(spent?.code, 'rate_limited', 'refreshes of unknown tokens spend the budget of 5');
+      assert.ok(spent.retryAfter! > GRACE_SECONDS * 1000, 'the budget asks to wait past the grace period');
+      const retry = await wire(b, 'refresh', { refresh: s.refresh });
+      assert.equal(retry.code, 'ok', `the retry is answered (retryAfter ${retry.retryAfter})`);
+      assert.equal(retry.data!.refresh, p1.refresh, 'with the same successor refresh token');
+      assert.equal(retry.data!.token, p1.token, 'and the same access token');
+      // Past the grace period the old token is reuse, budget or not: the session ends.
+      await wait(GRACE_SECONDS * 1000 + 300);
+      assert.equal((await wire(b, 'refresh', { refresh: s.refresh })).code, 'refresh_reused');
+      assert.equal((await b.request('validate', { token: p1.token })).valid, false, 'the session ended');
+    } finally {
+      a.destroy();
+      b.destroy();
+      await g.stop();
+    }
+  });
+
+  test('100 concurrent refreshes of one token, refused for the budget while another address rotates it: one pair for all', async () => {
+    const g = await startGateway({ ...budgetEnv, GW_TRUSTED_PROXIES: '127.0.0.1' });
+    const conns = await clients(g, 6);
+    try {
+      const s = await signUp(conns[0]);
+      let spent: Outcome | undefined;
+      for (let i = 0; i < 10 && spent?.code !== 'rate_limited'; i++)
+        spent = await wire(conns[1], 'refresh', { refresh: `unknown-token-${i}` });
+      assert.equal(spent?.code, 'rate_limited', 'refreshes of unknown tokens spend the budget of 5');
+      // The device's connections (127.0.0.1) all refresh its token at once; once one of them is
+      // refused, another of its addresses (a proxied HTTP request, with a budget of its own)
+      // rotates the token.
+      const wave = Array.from({ length: 100 }, (_, i) =>
+        wire(conns[i % 6], 'refresh', { refresh: s.refresh }),
+      );
+      const firstAnswer = await Promise.race(wave);
+      assert.equal(firstAnswer.code, 'rate_limited', 'nothing rotated the token yet: refused for the budget');
+      const other = await http(
+        g,
+        '/auth/refresh',
+        { refresh: s.refresh },
+        { 'x-forwarded-for': '198.51.100.7' },
+      );
+      assert.equal(other.code, 'ok', 'the other address rotates the token');
+      const first = await Promise.all(wave);
+      console.log('100 concurrent refreshes, budget spent:', JSON.stringify(count(first)));
+      const refused = first.filter((o) => o.code === 'rate_limited');
+      assert.equal(
+        refused.length + (count(first).ok ?? 0),
+        100,
+        `each is ok or rate_limited: ${JSON.stringify(count(first))}`,
+      );
+      // The refused come back after their retryAfter, as a device does: past the grace period.
+      const after = Math.max(...refused.map((o) => o.retryAfter ?? 0));
+      assert.ok(after > GRACE_SECONDS * 1000, `told to wait past the grace period (${after} ms)`);
+      await wait(after + 100);
+      const again = await Promise.all(
+        refused.map((_, i) => wire(conns[i % 6], 'refresh', { refresh: s.refresh })),
+      );
+      assert.deepEqual(
+        count(again),
+        { ok: refused.length },
+        `every refused refresh gets the pair when it comes back: ${JSON.stringify(count(again))}`,
+      );
+      const pairs = new Set(
+        [other, ...first, ...again]
+          .filter((o) => o.code === 'ok')
+          .map((o) => `${o.data!.token} ${o.data!.refresh}`),
+      );
+      assert.equal(pairs.size, 1, 'every answer carries the same pair');
+      const pair = again[0].data!;
+      assert.equal(
+        (await conns[1].request('validate', { token: pair.token })).valid,
+        true,
+        'the session lives',
+      );
+    } finally {
+      for (const c of conns) c.destroy();
+      await g.stop();
+    }
+  });
+});
+
 async function httpLogin(username: string): Promise<Session> {
   const r = await http(gw, '/auth/login', { username, password: PASSWORD });
   assert.equal(r.status, 200);

@@ -81,3 +81,54 @@ test('a touch of a session that ended writes nothing and says so', async () => {
   assert.equal(await store.touch(t.sessionId, randomUUID(), null, null), false);
   assert.equal(await redis.hget(keys.session(t.sessionId), 'userId'), t.userId);
 });
+
+test("a refresh refused for the budget holds its token's grace period open, the rotation before or after it", async () => {
+  const graceMs = 200;
+  const rotateOnce = async (s: LiveSession) => {
+    const r = await store.rotate(s.sessionId, s.refreshHash, `next-${s.sessionId}`, {
+      refreshTtlMs: 60_000,
+      usedMemoryMs: 60_000,
+      graceMs,
+      sealed: 'the sealed pair',
+    });
+    assert.equal(r.status, 'ok', 'the token rotated');
+  };
+  const retry = (s: LiveSession) =>
+    store.rotate(s.sessionId, s.refreshHash, '', {
+      refreshTtlMs: 60_000,
+      usedMemoryMs: 60_000,
+      graceMs,
+      sealed: '',
+    });
+  const held: [string, LiveSession][] = [];
+  for (const order of ['refused, then rotated', 'rotated, then refused']) {
+    const s = session();
+    await store.create(s, 60_000);
+    // The refused sender comes back after its retryAfter: 20 s of grace from the refusal.
+    if (order === 'refused, then rotated') {
+      await store.holdGrace(s.refreshHash, 20_000);
+      await rotateOnce(s);
+    } else {
+      await rotateOnce(s);
+      await store.holdGrace(s.refreshHash, 20_000);
+    }
+    held.push([order, s]);
+  }
+  const plain = session();
+  await store.create(plain, 60_000);
+  await rotateOnce(plain);
+  // Past the grace period itself (at least 600 ms against 200), well within the holds.
+  await new Promise((r) => setTimeout(r, 600));
+  for (const [order, s] of held) {
+    assert.deepEqual(
+      await retry(s),
+      { status: 'again', sessionId: s.sessionId, sealed: 'the sealed pair' },
+      `${order}: the retry gets the pair`,
+    );
+  }
+  assert.deepEqual(
+    await retry(plain),
+    { status: 'reused', sessionId: plain.sessionId },
+    'without a hold, the grace period is over: reuse',
+  );
+});
