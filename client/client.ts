@@ -708,16 +708,33 @@ export class GatewayClient extends EventEmitter {
   private async resumeSession(): Promise<void> {
     const s = this.session!;
     if (s.refresh && this.refreshDoubt?.token === s.refresh) {
-      await this.request('refresh', { refresh: s.refresh });
-      await this.request('resume', { token: this.session!.token });
+      await this.refreshAndResume();
       return;
     }
     try {
       await this.request('resume', { token: s.token });
     } catch (e) {
       if (!(isProtocolError(e) && e.code === 'token_expired' && s.refresh)) throw e;
-      await this.request('refresh', { refresh: s.refresh });
-      await this.request('resume', { token: this.session!.token });
+      await this.refreshAndResume();
+    }
+  }
+
+  /**
+   * Refreshes, then resumes with the new access token. A pair the gateway hands out again (a
+   * retry within its grace period, or another connection's refresh of the same token) is the
+   * one made when the token was rotated, and its access token may have expired since when
+   * access tokens are short-lived; its refresh token is unused: one more refresh gets a pair of
+   * now.
+   */
+  private async refreshAndResume(): Promise<void> {
+    for (let again = false; ; again = true) {
+      await this.request('refresh', { refresh: this.session!.refresh });
+      try {
+        await this.request('resume', { token: this.session!.token });
+        return;
+      } catch (e) {
+        if (again || !(isProtocolError(e) && e.code === 'token_expired')) throw e;
+      }
     }
   }
 }

@@ -367,6 +367,26 @@ describe('a refresh that ran on the gateway, its answer never read by the device
       await finish(w);
     }
   });
+
+  test('the pair given back within the grace period carries an access token expired since: refreshed once more', async () => {
+    // Access tokens of 10 s, a grace period of 30 s: the retry comes 12-24 s after the rotation.
+    const c0 = await within('a connection to sign up on', connected(gw.tcpUrl));
+    const s = await within('a sign-up', signUp(c0));
+    c0.destroy();
+    const w = await holding(gw, s, { initialDelayMs: 24_000, maxDelayMs: 24_000, refreshGraceMs: 100_000 });
+    try {
+      const cut = loseNextRefreshAnswer(gw, w, s.refresh!);
+      const outcome = settled(w, 'the reconnection to resume or lose the session', 60_000);
+      const asked = w.c.request('refresh', { refresh: s.refresh }).catch((e: Error) => e);
+      await within('the connection to drop after the refresh ran', cut);
+      assert.ok((await asked) instanceof Error, 'the refresh asked for was not answered');
+      const { resumed, lost } = await outcome;
+      assert.equal(lost, undefined, `the session was not lost (requests: ${w.requests})`);
+      await assertResumedWithNewTokens(gw, w, s, resumed);
+    } finally {
+      await finish(w);
+    }
+  });
 });
 
 describe('a definitive refusal of the refresh', () => {
