@@ -26,7 +26,7 @@ let redis: OwnRedis;
 let gw: GatewayProcess;
 /**
  * A gateway whose Redis commands wait 5 s (a device's 1.5 s request timeout comes first) and
- * whose grace period is 1 s: shorter than the device's backoff.
+ * whose grace period is 2 s: shorter than the device's backoff.
  */
 let gwShortGrace: GatewayProcess;
 /** A gateway whose refresh budget per IP is 3 a minute. */
@@ -57,7 +57,7 @@ before(async () => {
   gwShortGrace = await startGateway({
     ...common,
     GW_REDIS_TIMEOUT_MS: '5000',
-    GW_REFRESH_GRACE_SECONDS: '1',
+    GW_REFRESH_GRACE_SECONDS: '2',
   });
   gwBudget = await startGateway({ ...common, GW_REFRESH_PER_MINUTE: '3' });
   await signUpMany(gw, aged, 6);
@@ -294,8 +294,8 @@ describe('a refresh answered transiently keeps the session', () => {
 describe('a refresh that ran on the gateway, its answer never read by the device', () => {
   test('the refresh timed out on the device and ran once Redis thawed: its late answer is kept', async () => {
     const s = await expiredSession(agedShortGrace);
-    // Backoff of 2-4 s: longer than the gateway's grace period (1 s).
-    const w = await holding(gwShortGrace, s, { initialDelayMs: 4000, maxDelayMs: 4000 }, 1500);
+    // Backoff of 3-6 s: longer than the gateway's grace period (2 s).
+    const w = await holding(gwShortGrace, s, { initialDelayMs: 6000, maxDelayMs: 6000 }, 1500);
     try {
       const outcome = settled(w, 'the reconnection to resume or lose the session', 60_000);
       redis.freeze();
@@ -324,9 +324,9 @@ describe('a refresh that ran on the gateway, its answer never read by the device
   test('the connection dropped before the answer, and the backoff is longer than the grace period', async () => {
     const s = await expiredSession(agedShortGrace);
     const w = await holding(gwShortGrace, s, {
-      initialDelayMs: 4000,
-      maxDelayMs: 4000,
-      refreshGraceMs: 1000,
+      initialDelayMs: 6000,
+      maxDelayMs: 6000,
+      refreshGraceMs: 2000,
     });
     try {
       const cut = loseNextRefreshAnswer(gwShortGrace, w, s.refresh!);
@@ -357,7 +357,7 @@ describe('a refresh that ran on the gateway, its answer never read by the device
       assert.equal(lost, undefined, `the session was not lost (requests: ${w.requests})`);
       await assertResumedWithNewTokens(gwShortGrace, w, s, resumed);
       // Past the grace period, the device's refresh token still refreshes.
-      await new Promise((r) => setTimeout(r, 1500));
+      await new Promise((r) => setTimeout(r, 2500));
       const next = await within(
         'a refresh after the grace period',
         w.c.request<{ refresh: string }>('refresh', { refresh: w.c.session!.refresh }),
