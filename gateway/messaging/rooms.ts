@@ -307,20 +307,28 @@ export class Rooms {
 
   /**
    * One membership leaves its room; the session leaves when it was its last there, told to the
-   * room's members if `announce`.
+   * room's members if `announce` by the same Lua step (lua/room-leave.lua), so that a leave that
+   * ran without its answer coming (a frozen Redis) is told too, and one sent again is not.
    */
   private async drop(m: Membership, room: string, announce = true): Promise<number> {
     const { keys } = this.deps;
-    const [last, members] = (await this.deps.binding.run(
+    const told =
+      announce && this.announced(room)
+        ? pack({
+            eid: newEid(),
+            ts: Date.now(),
+            name: 'room.left',
+            room,
+            from: m.username,
+            data: {},
+            skip: m.sid,
+          } satisfies RoomWire)
+        : '';
+    const [, members] = (await this.deps.binding.run(
       'room_leave',
       [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
-      [m.sid, room, m.field],
+      [m.sid, room, m.field, keys.roomChannel(room), told],
     )) as [number, number];
-    if (last === 1 && announce) {
-      await this.announceLeft(m.sid, m.username, [room]).catch((e) =>
-        logFailure(this.deps.log, e, { room }, 'room.left not announced'),
-      );
-    }
     return members;
   }
 

@@ -803,6 +803,42 @@ test('a connection that closes while Redis is frozen leaves all its rooms, and t
   await leftEverywhere(s.sessionId, rooms, 'the closed connection out of its rooms after the thaw');
 });
 
+test('a connection that closes while Redis is frozen: the members of its rooms are told it left each, once, after the thaw', async () => {
+  const { c, s, rooms } = await memberOfThree('told');
+  const watcher = await connected(gw.tcpUrl);
+  closers.push(() => watcher.close());
+  await signUp(watcher);
+  const left: string[] = [];
+  watcher.on('event', (e: EventMsg) => {
+    if (e.name === 'room.left' && e.from === s.username) left.push(String(e.room));
+  });
+  for (const room of rooms) await watcher.request('join', { room });
+  redis.freeze();
+  try {
+    c.destroy();
+    // Past a command timeout: the leaves have failed, to run when Redis thaws.
+    await new Promise((r) => setTimeout(r, 4000));
+  } finally {
+    redis.thaw();
+  }
+  await until('the closed connection out of its rooms after the thaw', async () => {
+    const scores = await redis.with((r) =>
+      Promise.all(rooms.map((room) => r.zscore(`${gw.prefix}room:${room}:m`, s.sessionId))),
+    );
+    return scores.every((x) => x === null);
+  });
+  let told = '';
+  await until('room.left in each of the three rooms', () => {
+    told = JSON.stringify([...left].sort());
+    return rooms.every((room) => left.includes(room));
+  }).catch((e: Error) => {
+    throw new Error(`${e.message}; told ${told}`);
+  });
+  // Anything sent twice comes before the answer to a ping sent now.
+  await within('a ping of the watcher', watcher.ping());
+  assert.deepEqual([...left].sort(), [...rooms].sort(), 'told once per room');
+});
+
 test('a connection that closes while Redis is down leaves all its rooms once Redis is back', async () => {
   const { c, s, rooms } = await memberOfThree('down');
   await redis.kill();
