@@ -80,6 +80,11 @@ const HOLD_MAX = 1000;
 
 const ROOM = /^#[a-z0-9_-]{1,32}$/;
 const ROOMS_KEY = 'rooms';
+/**
+ * A connection's rooms whose `leave` was answered `overloaded` (owed): the same `leave` sent
+ * again is answered for that membership, not `not_found`.
+ */
+const LEAVING_KEY = 'leaving';
 
 const lua = (name: string) => readFileSync(new URL(`./lua/${name}.lua`, import.meta.url), 'utf8');
 
@@ -199,6 +204,8 @@ export class Rooms {
       joined: false,
     };
     mine.set(room, m);
+    // A leave of the room answered `overloaded` before is still owed, for its own membership.
+    (conn.attachments.get(LEAVING_KEY) as Map<string, Membership> | undefined)?.delete(room);
     // From its entry in the room's local set until its history is sent, the connection's live
     // messages are held.
     this.hold(room, conn);
@@ -295,14 +302,39 @@ export class Rooms {
     return held;
   }
 
+  /**
+   * The connection is out of the room on this node at once, whatever Redis does: it hears
+   * nothing of it from here on. A leave Redis does not answer is owed (`repair`, as a closed
+   * connection's are) and answered `overloaded`; the same `leave` sent again is answered once
+   * Redis has it (PROTOCOL.md §8). Before, the connection stayed a member on its node, though a
+   * frozen Redis ran the leave when it thawed: heard, but not counted, until its close.
+   */
   async leave(conn: Connection, rawRoom: string): Promise<{ room: string; members: number }> {
     const room = normalizeRoom(rawRoom);
-    const m = roomsOf(conn).get(room);
-    if (!m) throw new ProtocolError('not_found', `not a member of ${room}`);
-    const members = await this.drop(m, room);
+    const mine = roomsOf(conn);
+    const m = mine.get(room);
+    if (!m) {
+      // Its leave was answered `overloaded`: answered now if Redis takes it (it may have already).
+      const leaving = conn.attachments.get(LEAVING_KEY) as Map<string, Membership> | undefined;
+      const owed = leaving?.get(room);
+      if (!owed) throw new ProtocolError('not_found', `not a member of ${room}`);
+      const members = await this.drop(owed, room);
+      this.owed.delete(owed.field);
+      leaving!.delete(room);
+      return { room, members };
+    }
+    mine.delete(room);
+    this.unhold(room, conn);
     this.unsubscribeLocal(room, conn);
-    roomsOf(conn).delete(room);
-    return { room, members };
+    try {
+      return { room, members: await this.drop(m, room) };
+    } catch (e) {
+      this.owe(m, room, e);
+      let leaving = conn.attachments.get(LEAVING_KEY) as Map<string, Membership> | undefined;
+      if (!leaving) conn.attachments.set(LEAVING_KEY, (leaving = new Map()));
+      leaving.set(room, m);
+      throw e;
+    }
   }
 
   /**
@@ -437,6 +469,7 @@ export class Rooms {
    */
   async leaveAll(conn: Connection): Promise<void> {
     this.defaultOwed.delete(conn);
+    conn.attachments.delete(LEAVING_KEY);
     const mine = conn.attachments.get(ROOMS_KEY) as Map<string, Membership> | undefined;
     if (!mine || mine.size === 0) return;
     const rooms = [...mine];
