@@ -218,7 +218,7 @@ export async function startNode(
   await identity.start(gateway);
   await delivery.start();
   await presence.start({
-    roomsLeft: (sid, username, left) => rooms.announceLeft(sid, username, left),
+    roomLeft: (now) => rooms.sweepRoomLeft(now),
     expire: async (members) => {
       for (const m of members) {
         const [sid, eid] = m.split('|');

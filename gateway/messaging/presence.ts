@@ -10,6 +10,7 @@ import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
+import { newEid } from '../delivery/eid.ts';
 import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
@@ -38,8 +39,12 @@ export interface PresenceOptions {
 
 /** What the sweep calls for each session of a dead node, and for expired events. */
 export interface SweepTargets {
-  /** Tells the rooms a session of a dead node left (its memberships there are gone). */
-  roomsLeft(sessionId: string, username: string, rooms: string[]): Promise<void>;
+  /**
+   * What the sweep's step needs to tell the rooms a session of a dead node leaves
+   * (lua/sweep-session.lua, its ARGV 6-9): the room channels' prefix, the default room, and the
+   * entries every `room.left` of this sweep shares, packed, with their number.
+   */
+  roomLeft(now: number): [channelPrefix: string, defaultRoom: string, shared: Buffer, entries: number];
   /** Reports and removes expired events (`sid|eid` members of the expiries set). */
   expire(members: string[]): Promise<void>;
 }
@@ -258,34 +263,30 @@ export class Presence {
 
   /**
    * Removes what each dead node held, one step per session (lua/sweep-session.lua: its
-   * memberships, presence record and node key if the dead node's), so a session that resumed
-   * on a live node before or during the sweep keeps what that node holds.
+   * memberships, presence record and node key if the dead node's, and the `room.left` of each
+   * room it leaves), so a session that resumed on a live node before or during the sweep keeps
+   * what that node holds.
    */
   private async sweepOnce(_job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
     const { redis, keys, options, binding } = this.deps;
     const now = Date.now();
     const dead = await redis.zrangebyscore(keys.nodes, '-inf', now - options.staleMs);
     let sessions = 0;
+    const roomLeft = this.targets!.roomLeft(now);
     for (const node of dead) {
       const sids = await redis.smembers(keys.nodeSessions(node));
       for (let i = 0; i < sids.length; i += SWEEP_BATCH) {
         const part = sids.slice(i, i + SWEEP_BATCH);
-        const swept = (await Promise.all(
+        // Each step tells the rooms its session leaves itself, before it writes anything.
+        await Promise.all(
           part.map((sid) =>
             binding.run(
               'sweep_session',
               [keys.presence, keys.lastSeen, keys.sessionNode(sid), keys.sessionMemberships(sid), keys.rooms],
-              [sid, node, now, keys.roomMembersHead, keys.roomMembersTail],
+              [sid, node, now, keys.roomMembersHead, keys.roomMembersTail, ...roomLeft, newEid()],
             ),
           ),
-        )) as Buffer[][];
-        const told: Promise<void>[] = [];
-        swept.forEach(([username, ...rooms], j) => {
-          if (rooms.length > 0) {
-            told.push(this.targets!.roomsLeft(part[j], String(username), rooms.map(String)));
-          }
-        });
-        await Promise.all(told);
+        );
         sessions += part.length;
       }
       await redis.del(keys.nodeSessions(node));

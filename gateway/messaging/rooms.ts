@@ -427,13 +427,17 @@ export class Rooms {
     }
   }
 
-  /** Tells the members of each announced room of `rooms` that the session left it. */
-  async announceLeft(sid: string, username: string, rooms: string[]): Promise<void> {
-    for (const room of rooms) {
-      if (this.announced(room)) {
-        await this.broadcast({ name: 'room.left', room, from: username, data: {}, skip: sid });
-      }
-    }
+  /**
+   * What the presence sweep's step needs to tell a room that a dead node's session left it
+   * (lua/sweep-session.lua builds each `room.left` from these, adding eid, room, from and
+   * skip): the room channels' prefix, the default room (not told), and the entries every
+   * `room.left` of the sweep shares, packed as in a MessagePack map but for its header.
+   */
+  sweepRoomLeft(now: number): [channelPrefix: string, defaultRoom: string, shared: Buffer, entries: number] {
+    const map = pack({ name: 'room.left', data: {}, ts: now } satisfies Partial<RoomWire>);
+    // Three entries: a fixmap, whose header is its first byte.
+    if (map[0] !== 0x83) throw new Error(`room.left entries packed with header ${map[0]}`);
+    return [this.deps.keys.roomChannelPrefix, this.defaultRoom, map.subarray(1), 3];
   }
 
   /**

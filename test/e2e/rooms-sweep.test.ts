@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
-import type { EventMsg } from '../../protocol/index.ts';
+import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
@@ -19,6 +19,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
 const STALE_MS = 1500;
 
@@ -195,5 +196,102 @@ test('a session that resumes on a live node while the sweep of its dead node run
       'the planted records are gone, the two live ones kept',
     );
     assert.equal(await r.zcard(`${prefix}room:#general:m`), 2, 'the planted members of #general are gone');
+  });
+});
+
+/**
+ * Node A, holding a device in #x, and node B, which sweeps it once A is killed, on a Redis of
+ * the test's own: B connects as user `sweeper`, refused every room channel (its room.left
+ * cannot be published) until `allowRooms`; a subscriber of the test on #x's channel collects
+ * the room events published there.
+ */
+async function withSweeperWithoutRooms(
+  fn: (n: {
+    a: GatewayProcess;
+    b: GatewayProcess;
+    own: OwnRedis;
+    prefix: string;
+    r: Redis;
+    heard: Record<string, unknown>[];
+    sub: Redis;
+    allowRooms: () => Promise<unknown>;
+    open: GatewayClient[];
+  }) => Promise<void>,
+): Promise<void> {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const r = redisClient(own.url);
+  const sub = redisClient(own.url);
+  const open: GatewayClient[] = [];
+  let a: GatewayProcess | undefined;
+  let b: GatewayProcess | undefined;
+  try {
+    await r.call(
+      'ACL',
+      'SETUSER',
+      'sweeper',
+      'on',
+      '>sweeper-password-3f1c',
+      '~*',
+      '+@all',
+      'resetchannels',
+      `&${prefix}node:*`,
+      `&${prefix}fwd:*`,
+      `&${prefix}limitschan`,
+      `&${prefix}kick`,
+    );
+    const env = { ...settings(deployment), GW_DEFAULT_ROOM: '' };
+    a = await startGateway({ ...env, REDIS_URL: own.url });
+    b = await startGateway({
+      ...env,
+      REDIS_URL: `redis://sweeper:sweeper-password-3f1c@127.0.0.1:${own.port}`,
+    });
+    const heard: Record<string, unknown>[] = [];
+    sub.on('messageBuffer', (_ch: Buffer, msg: Buffer) => heard.push(unpack(msg) as Record<string, unknown>));
+    await sub.subscribe(`${prefix}roomchan:#x`);
+    const allowRooms = () => r.call('ACL', 'SETUSER', 'sweeper', 'allchannels');
+    await fn({ a, b, own, prefix, r, heard, sub, allowRooms, open });
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    sub.disconnect();
+    await within('both gateways stopped', Promise.all([a?.stop(), b?.stop()]));
+    await dropDeployment(deployment);
+    await own.remove();
+  }
+}
+
+test('the sweep of a dead node whose room.left cannot be published at first tells the room once it can', async () => {
+  await withSweeperWithoutRooms(async ({ a, b, prefix, r, heard, sub, allowRooms }) => {
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    await device.request('join', { room: '#x' });
+    a.proc.kill('SIGKILL');
+    await a.exited;
+    device.destroy();
+    await within(
+      "a sweep of node B failed (the room's channel refused)",
+      b.waitForLog((l) => l.msg === 'sweep failed; the next one runs at its time', STALE_MS + 15000),
+      STALE_MS + 16000,
+    );
+    await allowRooms();
+    await until(
+      'the sweep of node A',
+      async () => (await r.zscore(`${prefix}nodes`, nodeOf(a))) === null,
+      STALE_MS + 15000,
+    );
+    assert.equal(await r.zscore(`${prefix}room:#x:m`, s.sessionId), null, "A's member of #x removed");
+    const told = () => heard.filter((e) => e.name === 'room.left' && e.from === s.username).length;
+    await until('room.left for the device published in #x', () => told() > 0);
+    // Published once: a second, published by now, comes before the subscriber's PING answer.
+    await sub.ping();
+    assert.equal(told(), 1, 'room.left published once');
+    const left = heard.find((e) => e.name === 'room.left')!;
+    assert.equal(left.room, '#x', 'the room named');
+    assert.equal(left.skip, s.sessionId, 'not for the session that left');
+    assert.deepEqual(left.data, {}, 'no data');
+    assert.ok(typeof left.ts === 'number' && left.ts > 1_600_000_000_000, `a time in ms: ${left.ts}`);
+    assert.match(String(left.eid), /^[A-Za-z0-9_-]{22}$/, 'an event id as the gateway makes them');
   });
 });

@@ -22,6 +22,7 @@ import { Keys, WORKER_RETRY_MS } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
 import { Presence, type SweepTargets } from '../../gateway/messaging/presence.ts';
 import { GuardedWorker, workerRestarts } from '../../gateway/worker-guard.ts';
+import { pack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
@@ -61,7 +62,7 @@ async function withHold(fn: (held: Promise<void>, release: () => void) => Promis
 }
 
 /** A node's Presence on its own prefix; `lines` holds what it logged. */
-async function startNode(targets: SweepTargets) {
+async function startNode(given: Partial<SweepTargets> = {}) {
   const prefix = `gwtest:presence:${randomUUID().slice(0, 8)}:`;
   prefixes.push(prefix);
   const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
@@ -84,6 +85,16 @@ async function startNode(targets: SweepTargets) {
     },
   } as unknown as Gateway;
   const keys = new Keys(prefix);
+  const targets: SweepTargets = {
+    roomLeft: (now) => [
+      keys.roomChannelPrefix,
+      '',
+      pack({ name: 'room.left', data: {}, ts: now }).subarray(1),
+      3,
+    ],
+    expire: async () => {},
+    ...given,
+  };
   const presence = new Presence({
     gateway,
     redis,
@@ -118,7 +129,7 @@ async function startNode(targets: SweepTargets) {
   };
   const swept = (dead: string) =>
     until(`${dead} swept`, async () => (await within('the nodes', redis.zscore(keys.nodes, dead))) === null);
-  return { presence, lines, restarts, plantDeadNode, swept };
+  return { presence, redis, keys, lines, restarts, plantDeadNode, swept };
 }
 
 /** gateway_queue_worker_restarts_total{queue} in `metrics`. */
@@ -127,10 +138,8 @@ async function restartsOf(metrics: Registry, queue: string): Promise<number> {
   return values.find((v) => v.labels.queue === queue)?.value ?? 0;
 }
 
-const noTargets: SweepTargets = { roomsLeft: async () => {}, expire: async () => {} };
-
 test('a maintenance worker that stopped taking jobs is replaced, and the sweep runs again', async () => {
-  const node = await startNode(noTargets);
+  const node = await startNode();
   await node.swept(await node.plantDeadNode());
   assert.equal(await node.restarts(), 0, 'no restart while the worker works');
 
@@ -153,24 +162,26 @@ test('a maintenance worker that stopped taking jobs is replaced, and the sweep r
 });
 
 test('a node busy with a sweep longer than the check keeps its worker', async () => {
-  let dropping = 0;
+  let reporting = 0;
   await withHold(async (held, release) => {
     const node = await startNode({
-      // One session of the dead node is dropped slowly: the sweep holds the node's worker.
-      roomsLeft: async () => {
-        dropping++;
+      // An expired event is reported slowly: the sweep holds the node's worker.
+      expire: async () => {
+        reporting++;
         await held;
       },
-      expire: async () => {},
     });
-    const dead = await node.plantDeadNode(['sid-held']);
-    await until('the sweep dropping the dead node session', () => dropping > 0);
+    await within('an expired event planted', node.redis.zadd(node.keys.expiries, 1, 'sid-held|eid-held'));
+    await until('the sweep reporting the expired event', () => reporting > 0);
     // Sweep jobs come due meanwhile and wait: four checks' worth of time.
     await new Promise((r) => setTimeout(r, 4 * CHECK_MS));
     assert.equal(await node.restarts(), 0, 'the worker of a node sweeping was replaced');
     release();
-    await node.swept(dead);
-    assert.equal(dropping, 1, 'the session was dropped once');
+    await until(
+      'the expired event taken',
+      async () => (await within('the expiries', node.redis.zcard(node.keys.expiries))) === 0,
+    );
+    assert.equal(reporting, 1, 'the expired event was reported once');
     // And the worker goes on taking sweeps.
     await node.swept(await node.plantDeadNode());
     assert.equal(await node.restarts(), 0);

@@ -5,6 +5,12 @@
   are still the dead node's. A session that resumed on a live node, before the sweep or while
   it runs, keeps that node's record, key and memberships.
 
+  The rooms the session leaves (its last memberships there were the dead node's) are told
+  here, `room.left` on each room's channel but the default room's, before anything is written:
+  a step that runs removes and tells together, and one that fails (a PUBLISH refused) leaves
+  everything to the next sweep, which tells it then. Told by a call after this step, a
+  `room.left` that failed was lost: the next sweep found nothing left to tell.
+
   KEYS[1] HASH  presence (session id -> JSON record)
   KEYS[2] HASH  last seen (username -> ms)
   KEYS[3] STRING the session's node key
@@ -14,41 +20,73 @@
   ARGV[2] the dead node
   ARGV[3] now (ms)
   ARGV[4] ARGV[5] a room's members key is ARGV[4] .. room .. ARGV[5]
+  ARGV[6] a room's channel is ARGV[6] .. room
+  ARGV[7] the default room (its leaves are not told); '' when there is none
+  ARGV[8] the entries every `room.left` of this sweep shares (name, data, ts), packed as in a
+          MessagePack map, without the map's header; ARGV[9] their number (rooms.ts RoomWire)
+  ARGV[10] an event id unique to this step; each room's event id is made from it and the room
 
-  Returns {username, rooms...}: the rooms the session left (its last membership there was the
-  dead node's); username '' when neither a record nor a membership named it.
+  Returns {username, rooms...}: the rooms the session left; username '' when neither a record
+  nor a membership named it.
 ]]
 local sid, node = ARGV[1], ARGV[2]
 local username = ''
 local raw = redis.call('HGET', KEYS[1], sid)
+local rec
 if raw then
-  local rec = cjson.decode(raw)
+  rec = cjson.decode(raw)
   username = rec.username or ''
-  if rec.node == node then
-    redis.call('HDEL', KEYS[1], sid)
-    redis.call('HSET', KEYS[2], username, ARGV[3])
-  end
 end
-if redis.call('GET', KEYS[3]) == node then redis.call('DEL', KEYS[3]) end
-local left = {}
+-- The dead node's memberships, counted by room.
 local fields = redis.call('HGETALL', KEYS[4])
+local theirs, counts, rooms = {}, {}, {}
 for i = 1, #fields, 2 do
   local f = fields[i]
   local room, holder = string.match(f, '^(%S+) %d+ (.*)$')
   if room and holder == node then
     if username == '' then username = fields[i + 1] end
-    redis.call('HDEL', KEYS[4], f)
-    local key = ARGV[4] .. room .. ARGV[5]
-    if tonumber(redis.call('ZINCRBY', key, -1, sid)) <= 0 then
-      redis.call('ZREM', key, sid)
-      left[#left + 1] = room
+    theirs[#theirs + 1] = f
+    if not counts[room] then
+      counts[room] = 0
+      rooms[#rooms + 1] = room
     end
-    local members = redis.call('ZCARD', key)
-    if members > 0 then
-      redis.call('ZADD', KEYS[5], members, room)
-    else
-      redis.call('ZREM', KEYS[5], room)
+    counts[room] = counts[room] + 1
+  end
+end
+-- The rooms the session leaves, told first.
+local left, scores = {}, {}
+for _, room in ipairs(rooms) do
+  local score = tonumber(redis.call('ZSCORE', ARGV[4] .. room .. ARGV[5], sid) or '0')
+  scores[room] = score
+  if score > 0 and score <= counts[room] then
+    left[#left + 1] = room
+    if room ~= ARGV[7] then
+      local eid = string.sub(redis.sha1hex(ARGV[10] .. room), 1, 22)
+      local event = string.char(0x80 + tonumber(ARGV[9]) + 4) .. ARGV[8]
+        .. cmsgpack.pack('eid', eid, 'room', room, 'from', username, 'skip', sid)
+      redis.call('PUBLISH', ARGV[6] .. room, event)
     end
+  end
+end
+-- Then what the dead node held.
+if rec and rec.node == node then
+  redis.call('HDEL', KEYS[1], sid)
+  redis.call('HSET', KEYS[2], username, ARGV[3])
+end
+if redis.call('GET', KEYS[3]) == node then redis.call('DEL', KEYS[3]) end
+if #theirs > 0 then redis.call('HDEL', KEYS[4], unpack(theirs)) end
+for _, room in ipairs(rooms) do
+  local key = ARGV[4] .. room .. ARGV[5]
+  if scores[room] - counts[room] <= 0 then
+    redis.call('ZREM', key, sid)
+  else
+    redis.call('ZINCRBY', key, -counts[room], sid)
+  end
+  local members = redis.call('ZCARD', key)
+  if members > 0 then
+    redis.call('ZADD', KEYS[5], members, room)
+  else
+    redis.call('ZREM', KEYS[5], room)
   end
 end
 local out = {username}
