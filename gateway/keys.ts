@@ -110,6 +110,15 @@ export class Keys {
     return `${this.prefix}nodesess:${node}`;
   }
 
+  /**
+   * SET of the session ids holding a room membership of a node (messaging/lua/room-join.lua):
+   * the sweep of a dead node finds them there, whether or not they are still in its session
+   * set (a leave the node owed when it died, of a session that had left that set).
+   */
+  nodeMemberships(node: string): string {
+    return `${this.prefix}noderm:${node}`;
+  }
+
   /** HASH username → last seen ms. */
   get lastSeen(): string {
     return `${this.prefix}lastseen`;

@@ -274,7 +274,9 @@ export class Presence {
     let sessions = 0;
     const roomLeft = this.targets!.roomLeft(now);
     for (const node of dead) {
-      const sids = await redis.smembers(keys.nodeSessions(node));
+      // Its sessions, and those holding a room membership of it though no longer in its
+      // session set (a leave it owed when it died).
+      const sids = await redis.sunion(keys.nodeSessions(node), keys.nodeMemberships(node));
       for (let i = 0; i < sids.length; i += SWEEP_BATCH) {
         const part = sids.slice(i, i + SWEEP_BATCH);
         // Each step tells the rooms its session leaves itself, before it writes anything.
@@ -289,7 +291,7 @@ export class Presence {
         );
         sessions += part.length;
       }
-      await redis.del(keys.nodeSessions(node));
+      await redis.del(keys.nodeSessions(node), keys.nodeMemberships(node));
       await redis.zrem(keys.nodes, node);
       this.deps.log.warn({ deadNode: node, sessions: sids.length }, 'presence sweep removed a dead node');
     }

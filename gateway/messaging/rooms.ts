@@ -221,7 +221,13 @@ export class Rooms {
       try {
         joined = (await this.deps.binding.run(
           'room_join',
-          [keys.roomMembers(room), keys.sessionMemberships(s.sessionId), keys.rooms, keys.roomHistory(room)],
+          [
+            keys.roomMembers(room),
+            keys.sessionMemberships(s.sessionId),
+            keys.rooms,
+            keys.roomHistory(room),
+            keys.nodeMemberships(this.deps.nodeId),
+          ],
           [
             s.sessionId,
             room,
@@ -358,7 +364,12 @@ export class Rooms {
         : '';
     const [, members] = (await this.deps.binding.run(
       'room_leave',
-      [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
+      [
+        keys.roomMembers(room),
+        keys.sessionMemberships(m.sid),
+        keys.rooms,
+        keys.nodeMemberships(this.deps.nodeId),
+      ],
       [m.sid, room, m.field, keys.roomChannel(room), told],
     )) as [number, number];
     return members;
@@ -456,7 +467,12 @@ export class Rooms {
         writes.push(
           binding.run(
             'room_restore',
-            [keys.roomMembers(room), keys.sessionMemberships(m.sid), keys.rooms],
+            [
+              keys.roomMembers(room),
+              keys.sessionMemberships(m.sid),
+              keys.rooms,
+              keys.nodeMemberships(this.deps.nodeId),
+            ],
             [m.sid, room, m.field, m.username],
           ),
         );

@@ -122,6 +122,11 @@ test('a session that resumed on a live node before the sweep leaves the dead nod
       'the session out of #general once its connection on B closed',
       async () => (await r.zscore(`${prefix}room:#general:m`, s.sessionId)) === null,
     );
+    assert.equal(
+      await r.sismember(`${prefix}noderm:${nodeOf(b)}`, s.sessionId),
+      0,
+      "out of B's set of sessions with memberships with its last one there",
+    );
   });
 });
 
@@ -200,21 +205,18 @@ test('a session that resumes on a live node while the sweep of its dead node run
 });
 
 /**
- * Node A, holding a device in #x, and node B, which sweeps it once A is killed, on a Redis of
- * the test's own: B connects as user `sweeper`, refused every room channel (its room.left
- * cannot be published) until `allowRooms`; a subscriber of the test on #x's channel collects
- * the room events published there.
+ * Gateways of one deployment on a Redis of the test's own (its ACL rules make faults certain),
+ * each started with `start`, all stopped and the deployment dropped however the test ends; a
+ * subscriber of the test on #x's channel collects the room events published there.
  */
-async function withSweeperWithoutRooms(
+async function withOwnRedis(
   fn: (n: {
-    a: GatewayProcess;
-    b: GatewayProcess;
     own: OwnRedis;
     prefix: string;
     r: Redis;
     heard: Record<string, unknown>[];
     sub: Redis;
-    allowRooms: () => Promise<unknown>;
+    start: (env?: Record<string, string>) => Promise<GatewayProcess>;
     open: GatewayClient[];
   }) => Promise<void>,
 ): Promise<void> {
@@ -224,9 +226,36 @@ async function withSweeperWithoutRooms(
   const r = redisClient(own.url);
   const sub = redisClient(own.url);
   const open: GatewayClient[] = [];
-  let a: GatewayProcess | undefined;
-  let b: GatewayProcess | undefined;
+  const started: GatewayProcess[] = [];
+  const start = async (env: Record<string, string> = {}) => {
+    const g = await startGateway({
+      ...settings(deployment),
+      GW_DEFAULT_ROOM: '',
+      REDIS_URL: own.url,
+      ...env,
+    });
+    started.push(g);
+    return g;
+  };
   try {
+    const heard: Record<string, unknown>[] = [];
+    sub.on('messageBuffer', (_ch: Buffer, msg: Buffer) => heard.push(unpack(msg) as Record<string, unknown>));
+    await sub.subscribe(`${prefix}roomchan:#x`);
+    await fn({ own, prefix, r, heard, sub, start, open });
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    sub.disconnect();
+    await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+    await dropDeployment(deployment);
+    await own.remove();
+  }
+}
+
+test('the sweep of a dead node whose room.left cannot be published at first tells the room once it can', async () => {
+  await withOwnRedis(async ({ own, prefix, r, heard, sub, start }) => {
+    // Node B, which sweeps A once A is killed, connects as a user refused every room channel
+    // (its room.left cannot be published) until the test allows them.
     await r.call(
       'ACL',
       'SETUSER',
@@ -241,29 +270,8 @@ async function withSweeperWithoutRooms(
       `&${prefix}limitschan`,
       `&${prefix}kick`,
     );
-    const env = { ...settings(deployment), GW_DEFAULT_ROOM: '' };
-    a = await startGateway({ ...env, REDIS_URL: own.url });
-    b = await startGateway({
-      ...env,
-      REDIS_URL: `redis://sweeper:sweeper-password-3f1c@127.0.0.1:${own.port}`,
-    });
-    const heard: Record<string, unknown>[] = [];
-    sub.on('messageBuffer', (_ch: Buffer, msg: Buffer) => heard.push(unpack(msg) as Record<string, unknown>));
-    await sub.subscribe(`${prefix}roomchan:#x`);
-    const allowRooms = () => r.call('ACL', 'SETUSER', 'sweeper', 'allchannels');
-    await fn({ a, b, own, prefix, r, heard, sub, allowRooms, open });
-  } finally {
-    for (const c of open) c.destroy();
-    r.disconnect();
-    sub.disconnect();
-    await within('both gateways stopped', Promise.all([a?.stop(), b?.stop()]));
-    await dropDeployment(deployment);
-    await own.remove();
-  }
-}
-
-test('the sweep of a dead node whose room.left cannot be published at first tells the room once it can', async () => {
-  await withSweeperWithoutRooms(async ({ a, b, prefix, r, heard, sub, allowRooms }) => {
+    const a = await start();
+    const b = await start({ REDIS_URL: `redis://sweeper:sweeper-password-3f1c@127.0.0.1:${own.port}` });
     const device = await connected(a.tcpUrl);
     const s = (await signUp(device)) as Session & { username: string };
     await device.request('join', { room: '#x' });
@@ -275,7 +283,7 @@ test('the sweep of a dead node whose room.left cannot be published at first tell
       b.waitForLog((l) => l.msg === 'sweep failed; the next one runs at its time', STALE_MS + 15000),
       STALE_MS + 16000,
     );
-    await allowRooms();
+    await r.call('ACL', 'SETUSER', 'sweeper', 'allchannels');
     await until(
       'the sweep of node A',
       async () => (await r.zscore(`${prefix}nodes`, nodeOf(a))) === null,
@@ -293,5 +301,59 @@ test('the sweep of a dead node whose room.left cannot be published at first tell
     assert.deepEqual(left.data, {}, 'no data');
     assert.ok(typeof left.ts === 'number' && left.ts > 1_600_000_000_000, `a time in ms: ${left.ts}`);
     assert.match(String(left.eid), /^[A-Za-z0-9_-]{22}$/, 'an event id as the gateway makes them');
+  });
+});
+
+/**
+ * Redis refuses HEXISTS to the gateways (the first command of a room leave's step, and of no
+ * other step these tests run): every room leave fails, and nothing else.
+ */
+const refuseLeaves = (r: Redis) => r.call('ACL', 'SETUSER', 'default', '-hexists');
+const allowLeaves = (r: Redis) => r.call('ACL', 'SETUSER', 'default', '+hexists');
+
+test("the sweep of a node killed while it owed a leave, of a session no longer in the node's session set, removes the membership", async () => {
+  await withOwnRedis(async ({ prefix, r, heard, start }) => {
+    const a = await start();
+    const b = await start();
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    await device.request('join', { room: '#x' });
+    await refuseLeaves(r);
+    try {
+      // Answered with an error: out of #x on A, the leave owed.
+      await device.request('leave', { room: '#x' }).then(
+        () => assert.fail('the leave answered ok while Redis refused it'),
+        () => {},
+      );
+      // Its close takes the session out of A's session set (that step is not refused).
+      await device.close();
+      await until(
+        "the session out of node A's session set",
+        async () => (await r.sismember(`${prefix}nodesess:${nodeOf(a)}`, s.sessionId)) === 0,
+      );
+      assert.equal(await r.zscore(`${prefix}room:#x:m`, s.sessionId), '1', 'still counted in #x');
+      a.proc.kill('SIGKILL');
+      await a.exited;
+    } finally {
+      await allowLeaves(r);
+    }
+    await until(
+      'the sweep of node A',
+      async () => (await r.zscore(`${prefix}nodes`, nodeOf(a))) === null,
+      STALE_MS + 15000,
+    );
+    let score: string | null = null;
+    await until("A's member of #x removed by the sweep", async () => {
+      score = await r.zscore(`${prefix}room:#x:m`, s.sessionId);
+      return score === null;
+    }).catch((e: Error) => {
+      throw new Error(`${e.message}; its score in #x: ${score}`);
+    });
+    assert.equal(await r.hlen(`${prefix}{s:${s.sessionId}}:rm`), 0, 'no membership left');
+    assert.ok(
+      heard.some((e) => e.name === 'room.left' && e.from === s.username),
+      'room.left published for it',
+    );
+    assert.equal(b.proc.exitCode, null, 'node B serving');
   });
 });

@@ -9,6 +9,8 @@
   KEYS[1] ZSET  the room's members (session id -> memberships in the room)
   KEYS[2] HASH  the session's memberships (`room token node` -> username)
   KEYS[3] ZSET  rooms (room -> members)
+  KEYS[4] SET   the sessions holding a membership of the membership's node (room-join.lua),
+                left by the session with its last membership of that node
   ARGV[1] session id
   ARGV[2] room
   ARGV[3] the membership (`room token node`)
@@ -26,6 +28,15 @@ end
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) <= 1 and ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 redis.call('HDEL', KEYS[2], ARGV[3])
+local tail = ' ' .. string.match(ARGV[3], '^%S+ %d+ (.*)$')
+local held = false
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(f, -#tail) == tail then
+    held = true
+    break
+  end
+end
+if not held then redis.call('SREM', KEYS[4], ARGV[1]) end
 local left = tonumber(redis.call('ZINCRBY', KEYS[1], -1, ARGV[1]))
 if left > 0 then return {0, redis.call('ZCARD', KEYS[1])} end
 local last = redis.call('ZREM', KEYS[1], ARGV[1])

@@ -6,12 +6,14 @@
   KEYS[1] ZSET  the room's members
   KEYS[2] HASH  the session's memberships (`room token node` -> username)
   KEYS[3] ZSET  rooms (room -> members)
+  KEYS[4] SET   the sessions holding a membership of this node (room-join.lua)
   ARGV[1] session id
   ARGV[2] room
   ARGV[3] the membership (`room token node`)
   ARGV[4] username
 ]]
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[1])
 local n, head = 0, ARGV[2] .. ' '
 for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
   if string.sub(f, 1, #head) == head then n = n + 1 end
