@@ -307,11 +307,15 @@ export async function startNode(
     gateway.onClose(() => grpc.close(GRPC_CLOSE_GRACE_MS));
   }
 
-  gateway.onClose(async () => {
+  gateway.onClose(async (deadline) => {
     monitor.stop();
     messaging.close();
     limits.close();
-    await presence.close();
+    // The room leaves still owed are tried (while the sweep's worker closes) until the drain's
+    // deadline but for two Redis timeouts: a try still out then, and the deregistration behind
+    // it, fail within the deadline. The node deregisters only if Redis then holds no session
+    // or membership of it, else the sweep of dead nodes removes them.
+    await presence.close(rooms.settle(deadline - 2 * config.redisTimeoutMs));
     await delivery.close();
     await admin.close();
     await identity.close();

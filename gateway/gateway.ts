@@ -86,7 +86,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private readonly config: Config;
   private readonly handlers = new Map<string, RegisteredHandler>();
   private readonly perIp = new Map<string, number>();
-  private readonly closeHooks: (() => Promise<void> | void)[] = [];
+  private readonly closeHooks: ((deadline: number) => Promise<void> | void)[] = [];
   private readonly shutdownHooks: (() => void)[] = [];
   private readonly drainHooks: (() => void)[] = [];
   private readonly closedHooks: ConnectionHook[] = [];
@@ -189,8 +189,11 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.drainHooks.push(hook);
   }
 
-  /** Runs at shutdown after every connection is gone, in registration order. */
-  onClose(hook: () => Promise<void> | void): void {
+  /**
+   * Runs at shutdown after every connection is gone, in registration order, with the drain's
+   * deadline (ms, `GW_SHUTDOWN_TIMEOUT_MS` after it started): work it may retry stops there.
+   */
+  onClose(hook: (deadline: number) => Promise<void> | void): void {
     this.closeHooks.push(hook);
   }
 
@@ -504,7 +507,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     if (this.sweepTimer) clearInterval(this.sweepTimer);
     for (const hook of this.closeHooks) {
       try {
-        await hook();
+        await hook(deadline);
       } catch (e) {
         this.log.error({ err: e }, 'shutdown step failed');
       }

@@ -57,6 +57,14 @@ const PRESENCE_OPS = {
   /** KEYS: presence, the node's sessions; ARGV: session id, record (JSON). */
   presence_on: `redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('SADD', KEYS[2], ARGV[1]) return 0`,
   /**
+   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node.
+   * Deregisters the node only if both sets are empty; returns their sizes.
+   */
+  node_off: `
+local sessions, memberships = redis.call('SCARD', KEYS[2]), redis.call('SCARD', KEYS[3])
+if sessions == 0 and memberships == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return {sessions, memberships}`,
+  /**
    * KEYS: presence, the node's sessions, last seen; ARGV: session id, node, connection,
    * username, now (ms). The record goes only if it is still this connection's (a takeover or a
    * resume, on this node or another, may have replaced it); the node's set keeps the session
@@ -128,7 +136,7 @@ export class Presence {
       () => {
         this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
         // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again.
-        if (++beats % 5 === 0) this.reschedule();
+        if (++beats % 5 === 0 && !this.closing) this.reschedule();
       },
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
@@ -185,14 +193,33 @@ export class Presence {
     );
   }
 
-  /** Stops beating and removes this node's sessions (graceful shutdown). */
-  async close(): Promise<void> {
+  /**
+   * Closes the sweep's worker and, once `settled` has (the owed room leaves tried: Rooms.settle,
+   * meanwhile), stops beating and deregisters the node (graceful shutdown, its connections gone), but
+   * only if Redis holds no session or room membership of it: else the node stays in `nodes`,
+   * silent, and the sweep of dead nodes removes what is left of it once it is stale. Before, it
+   * always deregistered, and what its failed leaves had left stayed for good.
+   */
+  async close(settled: Promise<unknown> = Promise.resolve()): Promise<void> {
     this.closing = true;
-    if (this.beatTimer) clearInterval(this.beatTimer);
     await this.worker?.close();
     await this.queue.close();
-    const { redis, keys, gateway } = this.deps;
-    await redis.zrem(keys.nodes, gateway.nodeId);
+    // Beating until then: no other node sweeps it while it still writes its leaves.
+    await settled;
+    if (this.beatTimer) clearInterval(this.beatTimer);
+    const { keys, gateway, binding, log } = this.deps;
+    const node = gateway.nodeId;
+    const [sessions, memberships] = (await binding.run(
+      'node_off',
+      [keys.nodes, keys.nodeSessions(node), keys.nodeMemberships(node)],
+      [node],
+    )) as [number, number];
+    if (sessions > 0 || memberships > 0) {
+      log.warn(
+        { sessions, memberships },
+        'node not deregistered: Redis still holds sessions or room memberships of it; the sweep of dead nodes removes them',
+      );
+    }
   }
 
   private beat(): Promise<number> {

@@ -65,6 +65,8 @@ interface OwedLeave {
 /** The first retry of owed leaves, and the longest wait between retries as they keep failing. */
 const REPAIR_MIN_MS = 1000;
 const REPAIR_MAX_MS = 30_000;
+/** Between the tries of owed leaves at shutdown, within its deadline. */
+const SETTLE_RETRY_MS = 250;
 
 /** A live room message held for a connection whose join is under way. */
 interface Held {
@@ -127,6 +129,12 @@ export class Rooms {
   private readonly defaultOwed = new Set<Connection>();
   private repairTimer: NodeJS.Timeout | undefined;
   private repairing = false;
+  /** The last `repair` started. */
+  private repairRun: Promise<void> | undefined;
+  /** Leaves whose Redis call is out, which a shutdown waits for (`settle`). */
+  private readonly underway = new Set<Promise<unknown>>();
+  /** Shutting down: `settle` retries the owed leaves, no timer does. */
+  private closing = false;
   private repairDelay = REPAIR_MIN_MS;
 
   constructor(
@@ -362,7 +370,7 @@ export class Rooms {
             skip: m.sid,
           } satisfies RoomWire)
         : '';
-    const [, members] = (await this.deps.binding.run(
+    const call = this.deps.binding.run(
       'room_leave',
       [
         keys.roomMembers(room),
@@ -371,7 +379,11 @@ export class Rooms {
         keys.nodeMemberships(this.deps.nodeId),
       ],
       [m.sid, room, m.field, keys.roomChannel(room), told],
-    )) as [number, number];
+    );
+    this.underway.add(call);
+    const settled = () => this.underway.delete(call);
+    call.then(settled, settled);
+    const [, members] = (await call) as [number, number];
     return members;
   }
 
@@ -386,7 +398,7 @@ export class Rooms {
 
   /** Runs `repair` after the current wait, or at once (`now`: Redis is back). */
   private scheduleRepair(now = false): void {
-    if (this.repairing || (this.owed.size === 0 && this.defaultOwed.size === 0)) return;
+    if (this.closing || this.repairing || (this.owed.size === 0 && this.defaultOwed.size === 0)) return;
     if (now) {
       clearTimeout(this.repairTimer);
       this.repairTimer = undefined;
@@ -407,7 +419,12 @@ export class Rooms {
    * each that leaves some owed (up to 30 s), so that connections closed or bound during an
    * outage cost a few calls, not a storm of retries.
    */
-  private async repair(): Promise<void> {
+  private repair(): Promise<void> {
+    this.repairRun = this.repairOnce();
+    return this.repairRun;
+  }
+
+  private async repairOnce(): Promise<void> {
     this.repairing = true;
     const batch = [...this.owed.values()];
     const joins = [...this.defaultOwed];
@@ -436,6 +453,44 @@ export class Rooms {
       this.repairDelay = Math.min(this.repairDelay * 2, REPAIR_MAX_MS);
       this.scheduleRepair();
     }
+  }
+
+  /**
+   * At shutdown, once the connections are gone (their leaves sent): waits for the leaves under
+   * way, then sends the owed ones again, a try every quarter second, until none is owed, all of
+   * it within `deadline` (a try still out then is not waited for). Resolves with how many are
+   * still owed: the node's set of sessions with memberships keeps them, so the node stays
+   * registered and the sweep of dead nodes removes them once it is stale (Presence.close).
+   */
+  async settle(deadline: number): Promise<number> {
+    this.closing = true;
+    clearTimeout(this.repairTimer);
+    this.repairTimer = undefined;
+    this.defaultOwed.clear();
+    const within = async (p: Promise<unknown> | undefined) => {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        p,
+        new Promise((r) => (timer = setTimeout(r, Math.max(0, deadline - Date.now())))),
+      ]);
+      clearTimeout(timer);
+    };
+    await within(Promise.allSettled([...this.underway]));
+    // The failures' `owe` run after their calls settle.
+    await new Promise((r) => setImmediate(r));
+    await within(this.repairRun);
+    let tries = 0;
+    while (this.owed.size > 0 && !this.repairing && Date.now() < deadline) {
+      if (tries++ > 0) await within(new Promise((r) => setTimeout(r, SETTLE_RETRY_MS)));
+      if (Date.now() < deadline) await within(this.repair());
+    }
+    if (this.owed.size > 0) {
+      this.deps.log.warn(
+        { leaves: this.owed.size, tries },
+        'room leaves still owed at shutdown; the sweep of this node removes them',
+      );
+    }
+    return this.owed.size;
   }
 
   /**

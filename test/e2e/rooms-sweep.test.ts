@@ -357,3 +357,73 @@ test("the sweep of a node killed while it owed a leave, of a session no longer i
     assert.equal(b.proc.exitCode, null, 'node B serving');
   });
 });
+
+test('a node drained while Redis refuses its leaves tries them until its deadline, then leaves them to the sweep of dead nodes', async () => {
+  await withOwnRedis(async ({ prefix, r, heard, start }) => {
+    // The leaves are tried until 2 Redis timeouts before the drain's deadline: for 3 s.
+    const a = await start({ GW_SHUTDOWN_TIMEOUT_MS: '5000', GW_REDIS_TIMEOUT_MS: '1000' });
+    const b = await start();
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    await device.request('join', { room: '#x' });
+    await refuseLeaves(r);
+    try {
+      // The drain kicks the device: its leave of #x is refused, and owed when A stops.
+      await within('node A drained', a.stop());
+    } finally {
+      await allowLeaves(r);
+    }
+    let score: string | null = null;
+    await until(
+      'the session out of #x once Redis takes leaves again',
+      async () => {
+        score = await r.zscore(`${prefix}room:#x:m`, s.sessionId);
+        return score === null;
+      },
+      STALE_MS + 15000,
+    ).catch(async (e: Error) => {
+      const registered = (await r.zscore(`${prefix}nodes`, nodeOf(a))) !== null;
+      throw new Error(`${e.message}; its score in #x: ${score}; node A registered: ${registered}`);
+    });
+    assert.ok(
+      heard.some((e) => e.name === 'room.left' && e.from === s.username),
+      'room.left published for it',
+    );
+    assert.ok(
+      a.logs.some((l) => l.msg === 'room leaves still owed at shutdown; the sweep of this node removes them'),
+      'node A said it left them to the sweep',
+    );
+    assert.ok(
+      a.logs.some((l) => String(l.msg).startsWith('node not deregistered') && l.memberships === 1),
+      'node A stayed registered for its one membership',
+    );
+    await until('node A swept', async () => (await r.zscore(`${prefix}nodes`, nodeOf(a))) === null);
+    assert.equal(b.proc.exitCode, null, 'node B serving');
+  });
+});
+
+test('a leave refused at the drain and taken again before its deadline is written before the node exits, and the node deregisters', async () => {
+  await withOwnRedis(async ({ prefix, r, heard, start }) => {
+    const a = await start({ GW_SHUTDOWN_TIMEOUT_MS: '5000', GW_REDIS_TIMEOUT_MS: '1000' });
+    const device = await connected(a.tcpUrl);
+    const s = (await signUp(device)) as Session & { username: string };
+    await device.request('join', { room: '#x' });
+    await refuseLeaves(r);
+    let stopped: Promise<number | null>;
+    try {
+      stopped = a.stop();
+      // Taken again as soon as the drain's leave has failed.
+      await a.waitForLog((l) => l.msg === 'room leaves not written to Redis; sent again until it answers');
+    } finally {
+      await allowLeaves(r);
+    }
+    await within('node A drained', stopped);
+    assert.equal(await r.zscore(`${prefix}room:#x:m`, s.sessionId), null, 'out of #x when node A has exited');
+    assert.equal(await r.zscore(`${prefix}nodes`, nodeOf(a)), null, 'node A deregistered');
+    assert.equal(await r.exists(`${prefix}noderm:${nodeOf(a)}`), 0, 'no membership of node A left');
+    assert.ok(
+      heard.some((e) => e.name === 'room.left' && e.from === s.username),
+      'room.left published for it',
+    );
+  });
+});
