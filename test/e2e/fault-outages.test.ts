@@ -854,8 +854,8 @@ test('a connection that closes while Redis is down leaves all its rooms once Red
   await untilSubscriber(1);
 });
 
-test('a join answered overloaded in a frozen Redis is not applied after the thaw; joined again, it counts once and leaves with its connection', async () => {
-  const room = `#undone${Date.now() % 100000}`;
+/** A member of `room` that stays (closed with the test's clients), and the room's events it hears. */
+async function keeperIn(room: string): Promise<{ keeper: GatewayClient; seen: EventMsg[] }> {
   await untilSubscriber(1);
   const keeper = await connected(gw.tcpUrl);
   closers.push(() => keeper.close());
@@ -865,6 +865,12 @@ test('a join answered overloaded in a frozen Redis is not applied after the thaw
   keeper.on('event', (e: EventMsg) => {
     if (e.room === room) seen.push(e);
   });
+  return { keeper, seen };
+}
+
+test('a join answered overloaded in a frozen Redis is not applied after the thaw; joined again, it counts once and leaves with its connection', async () => {
+  const room = `#undone${Date.now() % 100000}`;
+  const { seen } = await keeperIn(room);
   const late = await connected(gw.tcpUrl);
   closers.push(() => late.close());
   const s = await signUp(late);
@@ -911,15 +917,7 @@ test('a join answered overloaded in a frozen Redis is not applied after the thaw
 for (const how of ['frozen', 'down'] as const) {
   test(`a leave answered overloaded while Redis is ${how} takes the connection out of the room at once; once Redis is back it is not counted, room.left goes out once, and the leave sent again answers ok`, async () => {
     const room = `#gone${Date.now() % 100000}`;
-    await untilSubscriber(1);
-    const keeper = await connected(gw.tcpUrl);
-    closers.push(() => keeper.close());
-    await signUp(keeper);
-    await keeper.request('join', { room });
-    const seen: EventMsg[] = [];
-    keeper.on('event', (e: EventMsg) => {
-      if (e.room === room) seen.push(e);
-    });
+    const { keeper, seen } = await keeperIn(room);
     const leaver = await connected(gw.tcpUrl);
     closers.push(() => leaver.close());
     const s = await signUp(leaver);
