@@ -232,7 +232,7 @@ describe('a refresh answered transiently keeps the session', () => {
       const reconnected = nextEvent<Session>(w.c, 'reconnected', 'the resume after the lost answer', 30_000);
       w.c.destroy();
       const resumed = await reconnected;
-      await cut;
+      await within('the connection to drop after the refresh ran', cut);
       await assertResumedWithNewTokens(gw, w, s, resumed);
       assert.ok(
         w.requests.includes('refresh:internal'),
