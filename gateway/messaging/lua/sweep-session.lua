@@ -26,8 +26,7 @@
           MessagePack map, without the map's header; ARGV[9] their number (rooms.ts RoomWire)
   ARGV[10] an event id unique to this step; each room's event id is made from it and the room
 
-  Returns {username, rooms...}: the rooms the session left; username '' when neither a record
-  nor a membership named it.
+  Returns the number of rooms the session leaves (told here).
 ]]
 local sid, node = ARGV[1], ARGV[2]
 local username = ''
@@ -54,12 +53,12 @@ for i = 1, #fields, 2 do
   end
 end
 -- The rooms the session leaves, told first.
-local left, scores = {}, {}
+local told, scores = 0, {}
 for _, room in ipairs(rooms) do
   local score = tonumber(redis.call('ZSCORE', ARGV[4] .. room .. ARGV[5], sid) or '0')
   scores[room] = score
   if score > 0 and score <= counts[room] then
-    left[#left + 1] = room
+    told = told + 1
     if room ~= ARGV[7] then
       local eid = string.sub(redis.sha1hex(ARGV[10] .. room), 1, 22)
       local event = string.char(0x80 + tonumber(ARGV[9]) + 4) .. ARGV[8]
@@ -89,6 +88,4 @@ for _, room in ipairs(rooms) do
     redis.call('ZREM', KEYS[5], room)
   end
 end
-local out = {username}
-for _, room in ipairs(left) do out[#out + 1] = room end
-return out
+return told
