@@ -9,6 +9,7 @@
  */
 import type { Redis } from 'ioredis';
 import { Counter, collectDefaultMetrics, Histogram, type Registry } from 'prom-client';
+import { settledWithin } from './wait.ts';
 
 /**
  * Node.js's process metrics (prom-client's defaults) on `registry`, less the gauges named like
@@ -74,12 +75,7 @@ export function readAtScrape<T>(
       .finally(() => {
         pending = undefined;
       });
-    let timer: NodeJS.Timeout | undefined;
-    const waited = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, waitMs);
-    });
-    await Promise.race([pending, waited]);
-    clearTimeout(timer);
+    await settledWithin(pending, waitMs);
   };
 }
 

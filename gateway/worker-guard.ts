@@ -15,6 +15,7 @@ import { type Job, type Queue, Worker, type WorkerOptions } from 'bullmq';
 import { Counter, type Registry } from 'prom-client';
 import { logFailure } from './faults.ts';
 import type { Logger } from './log.ts';
+import { settledWithin } from './wait.ts';
 
 /** How long a shutdown waits for replaced workers to close. */
 const RETIRING_WAIT_MS = 2000;
@@ -102,14 +103,7 @@ export class GuardedWorker {
   async close(): Promise<void> {
     this.closing = true;
     await this.current.close();
-    let bound: NodeJS.Timeout | undefined;
-    await Promise.race([
-      Promise.allSettled(this.retiring),
-      new Promise((r) => {
-        bound = setTimeout(r, RETIRING_WAIT_MS);
-      }),
-    ]);
-    clearTimeout(bound);
+    await settledWithin(Promise.allSettled(this.retiring), RETIRING_WAIT_MS);
   }
 
   private start(): Worker {

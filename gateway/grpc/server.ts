@@ -26,6 +26,7 @@ import type { AuthOperations } from '../auth/module.ts';
 import type { RequestContext } from '../auth/service.ts';
 import { wireError } from '../faults.ts';
 import type { Logger } from '../log.ts';
+import { settledWithin } from '../wait.ts';
 import { toGrpcError } from './status.ts';
 
 const proto = (rel: string) => fileURLToPath(new URL(`../../proto/${rel}`, import.meta.url));
@@ -219,13 +220,7 @@ export class GrpcServer {
   async close(graceMs: number): Promise<void> {
     this.drain();
     if (this.healthTimer) clearInterval(this.healthTimer);
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<'late'>((resolve) => {
-      timer = setTimeout(() => resolve('late'), graceMs);
-    });
-    const r = await Promise.race([this.drained, late]);
-    clearTimeout(timer);
-    if (r === 'late') this.server.forceShutdown();
+    if (!(await settledWithin(this.drained, graceMs))) this.server.forceShutdown();
   }
 
   private updateHealth(): void {

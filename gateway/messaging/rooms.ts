@@ -19,6 +19,7 @@ import { newEid } from '../delivery/eid.ts';
 import { dependencyUnavailable, logFailure } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import { settledWithin } from '../wait.ts';
 
 export interface RoomOptions {
   /** Joined after authentication; '' disables (GW_DEFAULT_ROOM). */
@@ -467,14 +468,7 @@ export class Rooms {
     clearTimeout(this.repairTimer);
     this.repairTimer = undefined;
     this.defaultOwed.clear();
-    const within = async (p: Promise<unknown> | undefined) => {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        p,
-        new Promise((r) => (timer = setTimeout(r, Math.max(0, deadline - Date.now())))),
-      ]);
-      clearTimeout(timer);
-    };
+    const within = (p: Promise<unknown> | undefined) => settledWithin(p, deadline - Date.now());
     await within(Promise.allSettled([...this.underway]));
     // The failures' `owe` run after their calls settle.
     await new Promise((r) => setImmediate(r));
