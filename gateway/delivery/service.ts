@@ -123,6 +123,20 @@ class SessionPump {
    */
   boundMark = -1;
   /**
+   * The sent mark read by the latest `claim` (a resync's bind), -1 until its answer: the flush
+   * that takes the resync forgets the position and starts `boundMark` again from it, so that a
+   * forward the node has not read yet is still a first attempt after a resync (`claim`).
+   */
+  rebindMark = -1;
+  /** Counts `claim` calls and the resyncs that void their answer: an older answer is dropped. */
+  claimGen = 0;
+  /**
+   * The lowest sequence of a forward read since the latest `claim` while a resync was due, and
+   * not sent (0: none): the flush that takes the resync forgets `unsentFrom`, and starts it
+   * again from this.
+   */
+  resyncUnsent = 0;
+  /**
    * Eids a pump run sent as first attempts though the mark counted them sent: forwards to this
    * node it has not read yet (`pumped`). When such a forward comes, it is left, even once its
    * event is acked. Null (most of the time) when none; at most the window's size.
@@ -153,6 +167,16 @@ class SessionPump {
     this.boundMark = -1;
     this.earlyForwards = null;
     this.forwardRead = 0;
+  }
+
+  /**
+   * Redis went back (a resync for `sequence` or `forward`): a mark an earlier `claim` read may
+   * be past what Redis holds now, and is not started from.
+   */
+  voidRebind(): void {
+    this.claimGen++;
+    this.rebindMark = -1;
+    this.resyncUnsent = 0;
   }
 }
 
@@ -550,7 +574,8 @@ export class DeliveryService {
         (r) => {
           if (this.pumps.get(sid) !== pump) return;
           const [queued, mark] = r as [number, number];
-          if (!pump.resync) pump.boundMark = mark;
+          // Not after a resync, or a `claim` since (whose mark is the one to start from).
+          if (!pump.resync && pump.claimGen === 0) pump.boundMark = mark;
           if (queued > 0) this.schedule(pump);
           else if (
             mark > 0 &&
@@ -578,24 +603,50 @@ export class DeliveryService {
 
   /**
    * Marks the session as held by this node (`P{s:<sid>}:node`: publishes notify us, retries
-   * find us) and pumps its outbox from the start. Pumping does not wait for the key: the
-   * outbox is there either way. A failed SET is logged and tried again while the pump lives.
+   * find us) and pumps its outbox from the start, once the key is set (or its call failed: the
+   * outbox is there either way). A failed call is logged and tried again while the pump lives.
+   * It is the bind's step (`node_set`), so it reads the sent mark with the key: a resync starts
+   * the connection's `boundMark` again from it (`rebindMark`), as a bind does. Without it, a
+   * forward published after this step and read after a pump run that took its event counted as
+   * sent (the mark alone counts after a resync), and the event's first delivery was attempt 2.
    */
-  private claim(pump: SessionPump): void {
-    const { redis, keys, gateway, options } = this.deps;
-    redis.set(keys.sessionNode(pump.sid), gateway.nodeId, 'EX', options.sessionTtlSeconds).then(
-      () => {
-        if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
-      },
-      (e) => {
-        if (this.pumps.get(pump.sid) !== pump) return;
-        logFailure(this.deps.log, e, { sessionId: pump.sid }, 'could not set the session node key; retrying');
-        this.schedule(pump);
-        setTimeout(() => {
-          if (this.pumps.get(pump.sid) === pump) this.claim(pump);
-        }, 1000).unref();
-      },
-    );
+  private claim(pump: SessionPump, schedule = true): Promise<void> {
+    const { binding, keys, gateway, options } = this.deps;
+    const gen = ++pump.claimGen;
+    pump.rebindMark = -1;
+    pump.resyncUnsent = 0;
+    return binding
+      .run(
+        'node_set',
+        [keys.sessionNode(pump.sid), keys.outbox(pump.sid)[0], keys.sessionSent(pump.sid)],
+        [gateway.nodeId, options.sessionTtlSeconds],
+      )
+      .then(
+        (r) => {
+          if (this.pumps.get(pump.sid) !== pump) return;
+          if (pump.claimGen === gen) {
+            const mark = (r as [number, number])[1];
+            // The resync not yet taken by a flush: that flush starts the bound mark from it.
+            // Taken already (or no resync, a bind's call that failed): it starts now.
+            if (pump.resync) pump.rebindMark = mark;
+            else if (pump.boundMark < 0) pump.boundMark = mark;
+          }
+          if (schedule) this.schedule(pump);
+        },
+        (e) => {
+          if (this.pumps.get(pump.sid) !== pump) return;
+          logFailure(
+            this.deps.log,
+            e,
+            { sessionId: pump.sid },
+            'could not set the session node key; retrying',
+          );
+          this.schedule(pump);
+          setTimeout(() => {
+            if (this.pumps.get(pump.sid) === pump) this.claim(pump);
+          }, 1000).unref();
+        },
+      );
   }
 
   /** The node key may be lost with the rest: set it again (the pump is already running). */
@@ -621,11 +672,22 @@ export class DeliveryService {
       // brings another resync.
       const resync = () => {
         this.deps.log.info({ sessions: this.pumps.size, cause }, 'resyncing outboxes with Redis');
-        for (const pump of this.pumps.values()) {
+        const pumps = [...this.pumps.values()];
+        const claimed = pumps.map((pump) => {
           pump.resync = true;
           this.metrics.resyncs.labels(cause).inc();
-          this.claim(pump);
-        }
+          return this.claim(pump, false);
+        });
+        // Once every claim is answered, one more round trip on the subscriber: a forward
+        // published before a claim's step (its sequence at or below the mark that step read)
+        // has then been read, and is kept for the resync's run (`resyncUnsent`), which would
+        // otherwise count it sent.
+        const run = () => {
+          for (const pump of pumps) if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
+        };
+        Promise.all(claimed)
+          .then(() => this.deps.bus.synced())
+          .then(run, run);
       };
       this.deps.bus.synced().then(resync, resync);
     }, 100);
@@ -756,6 +818,11 @@ export class DeliveryService {
       if (pump.resync) {
         pump.resync = false;
         pump.forgetPosition();
+        // Read by the resync's `claim` (-1 when not answered yet: its answer sets it then),
+        // and the forwards read since that were not sent.
+        pump.boundMark = pump.rebindMark;
+        pump.unsentFrom = pump.resyncUnsent;
+        pump.resyncUnsent = 0;
       }
       // Without a backlog every event of the outbox went out already (from its publish or by
       // a pump): the call only applies the acks, and takes nothing. Nor does the call of a
@@ -845,6 +912,7 @@ export class DeliveryService {
         'outbox behind this connection: resynced',
       );
       pump.forgetPosition();
+      pump.voidRebind();
       if (live) this.reclaim(pump);
     }
     const now = Date.now();
@@ -1059,6 +1127,7 @@ export class DeliveryService {
       if (early || pump.inflight.get(eid) || pump.acks.includes(eid) || pump.bareAcks.includes(eid)) return;
       this.metrics.resyncs.labels('forward').inc();
       pump.resync = true;
+      pump.voidRebind();
       this.schedule(pump);
       return;
     }
@@ -1082,6 +1151,8 @@ export class DeliveryService {
       return;
     }
     if (pump.unsentFrom === 0 || seq < pump.unsentFrom) pump.unsentFrom = seq;
+    // Not sent because a resync is due, whose flush forgets `unsentFrom`: kept for it.
+    if (pump.resync && (pump.resyncUnsent === 0 || seq < pump.resyncUnsent)) pump.resyncUnsent = seq;
     this.counts.forwardsPumped++;
     this.schedule(pump);
   }

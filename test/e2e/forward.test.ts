@@ -334,6 +334,74 @@ test("an event forwarded to a node and read by the node's pump before the node h
   }
 });
 
+test("after a resync (the node's subscriber came back), an event forwarded to the node and read by its pump before the forward still goes out as a first attempt", async () => {
+  // As above, after the node has resynced the session: a resync forgets what the connection
+  // was sent, and its bind's step reads the sent mark again, so that the mark alone does not
+  // count a forward the node has not read as a send.
+  const { hostname, port } = new URL(REDIS_URL);
+  const proxy = await startRedisProxy({ host: hostname, port: Number(port || 6379) });
+  let c: GatewayProcess | undefined;
+  try {
+    c = await startGateway({ ...env, REDIS_URL: proxy.url });
+    const { device, session, got } = await deviceOn(c, { autoAck: false });
+    const sid = session.sessionId;
+    await publishVia(a, { target: { session: sid }, name: 'e', data: { i: 0 } });
+    await until('the first event', () => got.length === 1);
+    assert.equal(got[0].attempt, 1);
+    // The subscriber cut: once back, the node resyncs its sessions, and each resync's first
+    // step sets the node key again (deleted here to see it). The event in flight goes out
+    // again: a resync takes the outbox from its start.
+    const resyncs = await counter(c, 'outbox_resyncs', 'cause="subscriber_reconnect"');
+    const nodeKey = new Keys(c.prefix).sessionNode(sid);
+    await until('a subscriber connection through the proxy', () => proxy.subscribers() > 0);
+    await within('the node key deleted', shared.del(nodeKey));
+    proxy.cutSubscribers();
+    await until(
+      'the resync after the subscriber came back',
+      async () => (await counter(c!, 'outbox_resyncs', 'cause="subscriber_reconnect"')) > resyncs,
+    );
+    await until('the node key set by the resync', async () => (await shared.get(nodeKey)) !== null);
+    await until('the event in flight sent again by the resync', () => got.length === 2);
+    assert.deepEqual(
+      got.map((e) => [(e.data as { i: number }).i, e.attempt]),
+      [
+        [0, 1],
+        [0, 2],
+      ],
+    );
+    await until('a subscriber connection through the proxy again', () => proxy.subscribers() > 0);
+    proxy.holdSubscribers();
+    // Forwarded to C, which does not get the forward yet; then C's own publish, whose claim is
+    // refused (the forwarded event lies between); its wake-up is held too.
+    await publishVia(a, { target: { session: sid }, name: 'e', data: { i: 1 } });
+    await publishVia(c, { target: { session: sid }, name: 'e', data: { i: 2 } });
+    // The first event's ack then runs C's pump, which reads the forwarded event (its sequence
+    // at the sent mark) and the one after it.
+    device.ack([got[0].eid]);
+    await until('both events through the pump', () => got.length >= 4);
+    assert.deepEqual(numbers(got, 'e'), [0, 0, 1, 2]);
+    assert.deepEqual(
+      got.slice(2).map((e) => e.attempt),
+      [1, 1],
+      'the forwarded event, first sent by the pump after the resync, is a first attempt',
+    );
+    device.ack([got[2].eid, got[3].eid]);
+    await until('the acks applied', async () => (await outboxSizes(c!, [sid]))[0] === 0);
+    const forwardResyncs = await counter(c, 'outbox_resyncs', 'cause="forward"');
+    proxy.release();
+    // A forward after the held one: once it is in, C has read the held one (one channel, in order).
+    await publishVia(a, { target: { session: sid }, name: 'e', data: { i: 3 } });
+    await until('event 3', () => got.length >= 5);
+    assert.deepEqual(numbers(got, 'e'), [0, 0, 1, 2, 3], 'each event once after the resync');
+    assert.equal(got[4].attempt, 1);
+    assert.equal(await counter(c, 'outbox_resyncs', 'cause="forward"'), forwardResyncs, 'no resync');
+  } finally {
+    proxy.release();
+    await c?.stop();
+    await proxy.close();
+  }
+});
+
 test('a forwarded event sent and not acked goes out again as attempt 2 on the connection after it, on either node', async () => {
   const { device, session, got } = await deviceOn(b, { autoAck: false });
   await publishVia(a, { target: { session: session.sessionId }, name: 'unacked', data: { i: 0 } });

@@ -14,7 +14,9 @@ export interface RedisProxy {
   holdSubscribers(): void;
   /** Passes on what was held, in order, and stops holding. */
   release(): void;
-  /** Subscriber connections seen so far. */
+  /** Closes the subscriber connections open now (their clients connect again, through the proxy). */
+  cutSubscribers(): void;
+  /** Subscriber connections open now. */
   subscribers(): number;
   close(): Promise<void>;
 }
@@ -71,6 +73,9 @@ export async function startRedisProxy(target: { host: string; port: number }): P
         for (const d of s.held) s.client.write(d);
         s.held = [];
       }
+    },
+    cutSubscribers: () => {
+      for (const s of [...subscribers]) s.client.destroy();
     },
     subscribers: () => subscribers.size,
     close: () =>
