@@ -371,13 +371,24 @@ async function joinWhenBack(c: GatewayClient, room: string, end: number): Promis
  * publish then found it subscribed, seen once beside other suites.) Resolves once the gateway
  * says the subscriber is down.
  */
+const isSubscriberResync = (l: Record<string, unknown>) =>
+  l.msg === 'resyncing outboxes with Redis' && l.cause === 'subscriber_reconnect';
+
 async function cutSubscriberOff(g = gw): Promise<() => Promise<void>> {
   assert.equal(await subscriberUp(g), 1);
   // Its commands fail after the deadline rather than wait on a Redis that does not answer.
   const admin = new Redis(redis.url, { maxRetriesPerRequest: 1, commandTimeout: DEADLINE_MS });
-  const restore = async () => {
+  const resyncs = () => g.logs.filter(isSubscriberResync).length;
+  const before = resyncs();
+  const raise = async () => {
     await within('maxclients raised again', admin.config('SET', 'maxclients', '10000')).catch(() => {});
     admin.disconnect();
+  };
+  const restore = async () => {
+    await raise();
+    // The node resyncs its sessions once its subscriber is back: the next test starts after it,
+    // not in the middle of it.
+    await until("the node's resync once its subscriber is back", () => resyncs() > before);
   };
   try {
     await within('maxclients lowered', admin.config('SET', 'maxclients', '1'));
@@ -386,7 +397,7 @@ async function cutSubscriberOff(g = gw): Promise<() => Promise<void>> {
     assert.ok(Number(killed) >= 1, `the gateway's subscriber killed: ${killed}`);
     await untilSubscriber(0, undefined, g);
   } catch (e) {
-    await restore();
+    await raise();
     throw e;
   }
   return restore;
