@@ -242,14 +242,12 @@ describe('across two gateway processes', () => {
         s.sessionId,
       ]);
       assert.equal(audit.rows[0].end_reason, 'takeover');
-      // a session on A revoked from B is kicked within a second
+      // a session on A revoked from B is kicked (the wait's deadline bounds it; no clock here)
       const onA2 = await connected(a.tcpUrl);
       const s3 = await onA2.request<Session>('login', { username: s.username, password: PASSWORD });
-      const revoked = nextEvent<{ code: string }>(onA2, 'kick');
-      const t0 = Date.now();
+      const revoked = nextEvent<{ code: string }>(onA2, 'kick', 'the kick of the session revoked from B');
       await onB.request('revoke', { sessionId: s3.sessionId });
       assert.equal((await revoked).code, 'session_revoked');
-      assert.ok(Date.now() - t0 < 1000, 'kicked within a second');
       // resuming the same session on another node moves it there (the old connection is kicked)
       const again = nextEvent<{ code: string }>(onB, 'kick');
       const onA3 = await connected(a.tcpUrl);

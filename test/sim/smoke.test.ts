@@ -220,7 +220,8 @@ test('Ctrl-C (SIGINT to the whole process group of `npm run simulate`) ends a ru
   assert.match(r.stdout, /INTERRUPTED: partial report/, detail);
   const report = JSON.parse(readFileSync(json, 'utf8'));
   assert.equal(report.interrupted, true);
-  assert.ok(report.elapsedS < 120, detail);
+  // Ended before its 600 s.
+  assert.ok(report.elapsedS < 600, `ended after ${report.elapsedS} s: ${detail}`);
   assert.ok(report.totals.published > 0, detail);
 });
 
