@@ -137,6 +137,12 @@ class SessionPump {
    */
   resyncUnsent = 0;
   /**
+   * Resyncs of `resyncAll` whose claims and round trip on the subscriber are not done: the
+   * flush leaves a live connection's pump alone until then (its acks and news wait a few
+   * milliseconds), so that its resync's run counts no forward it has not read as sent.
+   */
+  resyncHolds = 0;
+  /**
    * Eids a pump run sent as first attempts though the mark counted them sent: forwards to this
    * node it has not read yet (`pumped`). When such a forward comes, it is left, even once its
    * event is acked. Null (most of the time) when none; at most the window's size.
@@ -675,15 +681,20 @@ export class DeliveryService {
         const pumps = [...this.pumps.values()];
         const claimed = pumps.map((pump) => {
           pump.resync = true;
+          pump.resyncHolds++;
           this.metrics.resyncs.labels(cause).inc();
           return this.claim(pump, false);
         });
         // Once every claim is answered, one more round trip on the subscriber: a forward
         // published before a claim's step (its sequence at or below the mark that step read)
         // has then been read, and is kept for the resync's run (`resyncUnsent`), which would
-        // otherwise count it sent.
+        // otherwise count it sent. Until then the flush leaves the pumps alone (`resyncHolds`;
+        // each call is bounded by the Redis command timeout, failed or not).
         const run = () => {
-          for (const pump of pumps) if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
+          for (const pump of pumps) {
+            pump.resyncHolds--;
+            if (this.pumps.get(pump.sid) === pump) this.schedule(pump);
+          }
         };
         Promise.all(claimed)
           .then(() => this.deps.bus.synced())
@@ -815,6 +826,9 @@ export class DeliveryService {
         pump.again = true;
         continue;
       }
+      // Its resync's claim and round trip are not done: the end of them schedules it. (A
+      // connection gone meanwhile has its last acks applied now.)
+      if (pump.resyncHolds > 0 && this.isLive(pump)) continue;
       if (pump.resync) {
         pump.resync = false;
         pump.forgetPosition();
