@@ -24,7 +24,7 @@ import { mountAdminApi } from './http/admin-api.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
 import type { Logger } from './log.ts';
-import { Presence } from './messaging/presence.ts';
+import { NodeIdInUseError, Presence } from './messaging/presence.ts';
 import { Rooms } from './messaging/rooms.ts';
 import { Messaging } from './messaging/service.ts';
 import { COLLECT_WAIT_MS } from './metrics.ts';
@@ -185,6 +185,21 @@ export async function startNode(
     log,
     limits,
   });
+
+  // Before this node writes anything of its own (its beat, a session) or serves: what an
+  // earlier process under the same node id left in Redis is swept as a dead node's, or the
+  // start stops if another live process beats under that id (docs/ARCHITECTURE.md, "A node
+  // id that starts again"). Redis failing here fails the start, as its connect failing does.
+  try {
+    await presence.sweepPreviousLife((now) => rooms.sweepRoomLeft(now));
+  } catch (e) {
+    if (!(e instanceof NodeIdInUseError))
+      log.error(
+        { err: e, code: 'previous_life_sweep_failed' },
+        'could not check or sweep what an earlier process of this node id left in Redis; not starting',
+      );
+    throw e;
+  }
 
   // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
   // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").

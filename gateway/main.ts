@@ -12,6 +12,7 @@ import { startNode } from './app.ts';
 import { runAsWorker, runSupervisor } from './cluster.ts';
 import { ConfigError, loadConfig } from './config.ts';
 import { createLogger } from './log.ts';
+import { NodeIdInUseError } from './messaging/presence.ts';
 
 async function main(): Promise<void> {
   let config: ReturnType<typeof loadConfig>;
@@ -40,7 +41,22 @@ async function main(): Promise<void> {
     { backend: backend.name, ...(fallbackReason ? { reason: fallbackReason } : {}) },
     'crypto backend',
   );
-  const { gateway, ports } = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
+  let node: Awaited<ReturnType<typeof startNode>>;
+  try {
+    node = await startNode(config, log, backend, { serveMetrics: cluster.isPrimary });
+  } catch (e) {
+    if (e instanceof NodeIdInUseError) {
+      // Two processes configured with one node id: this one stops, touching nothing of it
+      // (docs/OPERATIONS.md, "Logs").
+      log.error(
+        { code: e.code, lastBeat: e.lastBeat, newBeat: e.newBeat },
+        'another live process beats under this node id (GW_NODE_ID); not starting',
+      );
+      process.exit(1);
+    }
+    throw e;
+  }
+  const { gateway, ports } = node;
   // Every exit (a second signal, the shutdown deadline, an uncaught exception) writes out the
   // access lines held; only a SIGKILL loses them.
   process.on('exit', () => gateway.flushLogs());

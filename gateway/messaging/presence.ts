@@ -6,8 +6,10 @@
  * stopped beating, and reports events whose ttl passed while their device was offline.
  */
 import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
+import { Counter } from 'prom-client';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
@@ -49,6 +51,23 @@ export interface SweepTargets {
   expire(members: string[]): Promise<void>;
 }
 
+/**
+ * Another live process beats under this node's id (two processes configured with one
+ * `GW_NODE_ID`): the start stops before it touches anything of that node.
+ */
+export class NodeIdInUseError extends Error {
+  readonly code = 'node_id_in_use';
+  constructor(
+    readonly node: string,
+    readonly lastBeat: number,
+    readonly newBeat: number,
+  ) {
+    super(
+      `another live process beats as node ${node} (GW_NODE_ID): its beat moved from ${lastBeat} to ${newBeat}`,
+    );
+  }
+}
+
 /** Sessions of a dead node swept per round (each one operation of the binding's calls). */
 const SWEEP_BATCH = 1000;
 
@@ -64,6 +83,26 @@ const PRESENCE_OPS = {
 local sessions, memberships = redis.call('SCARD', KEYS[2]), redis.call('SCARD', KEYS[3])
 if sessions == 0 and memberships == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return {sessions, memberships}`,
+  /**
+   * KEYS: nodes; ARGV: the node, now (ms). The node's beat; returns the beat it replaces ('' if
+   * none), by which a node hears of another live process beating under its id.
+   */
+  node_beat: `
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return prev or ''`,
+  /**
+   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, the
+   * last beat the sweeper judged dead (ms; 0: none). The end of a dead node's sweep: its sets
+   * and its beat go, unless it beat since (its id started again: what it holds now is a live
+   * node's). Returns 1 if removed, 0 if not.
+   */
+  node_swept: `
+local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if beat and tonumber(beat) > tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1`,
   /**
    * KEYS: presence, the node's sessions, last seen; ARGV: session id, node, connection,
    * username, now (ms). The record goes only if it is still this connection's (a takeover or a
@@ -92,6 +131,11 @@ export class Presence {
   private readonly queue: Queue;
   private worker: GuardedWorker | undefined;
   private targets: SweepTargets | undefined;
+  /** The last few beats this process wrote (beat). */
+  private readonly beats: number[] = [];
+  private foreignBeatLoggedAt = 0;
+  /** Starts that swept a previous process of this node id (sweepPreviousLife). */
+  private readonly previousLifeSweeps: Counter;
 
   constructor(
     private readonly deps: {
@@ -116,6 +160,11 @@ export class Presence {
       defaultJobOptions: { removeOnComplete: 100, removeOnFail: 1000 },
     });
     logQueueErrors(this.queue, deps.log);
+    this.previousLifeSweeps = new Counter({
+      name: 'gateway_previous_life_sweeps_total',
+      help: "Starts of this process that found what an earlier process under the same node id (GW_NODE_ID) left in Redis (killed or crashed) and swept it as a dead node's (0 or 1 per process).",
+      registers: [deps.gateway.metrics],
+    });
   }
 
   async start(targets: SweepTargets): Promise<void> {
@@ -155,6 +204,62 @@ export class Presence {
     });
     this.worker = worker;
     gateway.onSweep((now) => worker.tick(now));
+  }
+
+  /**
+   * At start, before the node's first beat and before it accepts a connection: sweeps what an
+   * earlier process under this node id left in Redis (a fixed `GW_NODE_ID`, a pod or compose
+   * hostname, a supervisor restarted from `-w1`, after a SIGKILL or a crash), with the sweep
+   * of dead nodes (sweepNode), and returns how many sessions it swept (undefined when Redis
+   * held nothing of the id). Its new beat would otherwise make the dead life look alive, and
+   * what it held would stay for good (docs/ARCHITECTURE.md, "A node id that starts again").
+   *
+   * A beat of the id younger than GW_PRESENCE_STALE_MS may be a live process's: the beat is
+   * watched until it is that old (by this process's clock) or for GW_PRESENCE_STALE_MS at
+   * most, whichever comes first. A live process beats every fifth of that time, so a beat that
+   * moves meanwhile is one: NodeIdInUseError, and nothing is touched. A beat that does not move
+   * is a dead process's, as the sweep of dead nodes would judge it, and is swept. Every Redis
+   * call is bounded (GW_REDIS_TIMEOUT_MS) and fails the start.
+   */
+  async sweepPreviousLife(roomLeft: SweepTargets['roomLeft']): Promise<number | undefined> {
+    const { redis, keys, gateway, options, log } = this.deps;
+    const node = gateway.nodeId;
+    const beatOf = async () => {
+      const s = await redis.zscore(keys.nodes, node);
+      return s === null ? undefined : Number(s);
+    };
+    let beat = await beatOf();
+    if (beat !== undefined && Date.now() - beat <= options.staleMs) {
+      const watchedUntil = Date.now() + options.staleMs;
+      const pollMs = Math.max(20, Math.min(500, Math.floor(options.staleMs / 10)));
+      log.info(
+        { lastBeatAgoMs: Date.now() - beat, staleMs: options.staleMs },
+        'this node id beat recently: watching its beat before the start (another live process, or a previous one just ended)',
+      );
+      while (beat !== undefined && Date.now() - beat <= options.staleMs && Date.now() < watchedUntil) {
+        await sleep(pollMs);
+        const now = await beatOf();
+        if (now !== undefined && now > beat) throw new NodeIdInUseError(node, beat, now);
+        beat = now;
+      }
+    }
+    const [sessions, memberships] = await Promise.all([
+      redis.scard(keys.nodeSessions(node)),
+      redis.scard(keys.nodeMemberships(node)),
+    ]);
+    if (beat === undefined && sessions === 0 && memberships === 0) return undefined;
+    const now = Date.now();
+    const swept = await this.sweepNode(node, beat ?? 0, now, roomLeft(now));
+    if (swept === undefined) {
+      const again = (await beatOf()) ?? 0;
+      throw new NodeIdInUseError(node, beat ?? 0, again);
+    }
+    this.previousLifeSweeps.inc();
+    log.info(
+      { sessions: swept, lastBeatAgoMs: beat === undefined ? null : now - beat },
+      'swept what a previous process of this node id left in Redis',
+    );
+    return swept;
   }
 
   /**
@@ -222,8 +327,32 @@ export class Presence {
     }
   }
 
-  private beat(): Promise<number> {
-    return this.deps.redis.zadd(this.deps.keys.nodes, Date.now(), this.deps.gateway.nodeId);
+  /**
+   * Writes this node's beat. The beat it replaces is one this process wrote (a beat that timed
+   * out may run after a later one, so the last few are remembered), an older one (Redis gone
+   * back to an older copy), or, at the first beat, none: the start swept what an earlier
+   * process left, beat included. Any other, newer than every beat this process wrote, is
+   * another live process's under the same id: two started at the same moment, which the
+   * start's watch (sweepPreviousLife) cannot tell apart. That is logged as an error (once per
+   * stale time), as the start's refusal is. Best effort: a process on a host whose clock is
+   * behind this one's by more than a beat interval is not seen this way.
+   */
+  private async beat(): Promise<void> {
+    const { binding, keys, gateway, options, log } = this.deps;
+    const now = Date.now();
+    const newest = this.beats.length > 0 ? Math.max(...this.beats) : -1;
+    this.beats.push(now);
+    if (this.beats.length > 20) this.beats.shift();
+    const raw = String(await binding.run('node_beat', [keys.nodes], [gateway.nodeId, now]));
+    if (raw === '') return;
+    const prev = Number(raw);
+    if (prev > newest && !this.beats.includes(prev) && now - this.foreignBeatLoggedAt > options.staleMs) {
+      this.foreignBeatLoggedAt = now;
+      log.error(
+        { code: 'node_id_in_use', foreignBeat: prev },
+        'another live process beats under this node id (GW_NODE_ID); give each process its own id',
+      );
+    }
   }
 
   /** Writes this node's sessions again (Redis came back and may have lost them). */
@@ -289,44 +418,86 @@ export class Presence {
   }
 
   /**
-   * Removes what each dead node held, one step per session (lua/sweep-session.lua: its
-   * memberships, presence record and node key if the dead node's, and the `room.left` of each
-   * room it leaves), so a session that resumed on a live node before or during the sweep keeps
-   * what that node holds.
+   * Removes what each dead node held (sweepNode), then reports the expired events of offline
+   * sessions.
    */
   private async sweepOnce(_job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
-    const { redis, keys, options, binding } = this.deps;
+    const { redis, keys, options } = this.deps;
     const now = Date.now();
-    const dead = await redis.zrangebyscore(keys.nodes, '-inf', now - options.staleMs);
+    const cutoff = now - options.staleMs;
+    const dead = await redis.zrangebyscore(keys.nodes, '-inf', cutoff, 'WITHSCORES');
     let sessions = 0;
     const roomLeft = this.targets!.roomLeft(now);
-    for (const node of dead) {
-      // Its sessions, and those holding a room membership of it though no longer in its
-      // session set (a leave it owed when it died).
-      const sids = await redis.sunion(keys.nodeSessions(node), keys.nodeMemberships(node));
-      for (let i = 0; i < sids.length; i += SWEEP_BATCH) {
-        const part = sids.slice(i, i + SWEEP_BATCH);
-        // Each step tells the rooms its session leaves itself, before it writes anything.
-        await Promise.all(
-          part.map((sid) =>
-            binding.run(
-              'sweep_session',
-              [keys.presence, keys.lastSeen, keys.sessionNode(sid), keys.sessionMemberships(sid), keys.rooms],
-              [sid, node, now, keys.roomMembersHead, keys.roomMembersTail, ...roomLeft, newEid()],
-            ),
-          ),
+    const deadNodes: string[] = [];
+    for (let i = 0; i < dead.length; i += 2) {
+      const node = dead[i];
+      deadNodes.push(node);
+      const swept = await this.sweepNode(node, Number(dead[i + 1]), now, roomLeft);
+      if (swept === undefined) {
+        this.deps.log.info(
+          { deadNode: node },
+          'presence sweep left a node that beat again (its id started again)',
         );
-        sessions += part.length;
+        continue;
       }
-      await redis.del(keys.nodeSessions(node), keys.nodeMemberships(node));
-      await redis.zrem(keys.nodes, node);
-      this.deps.log.warn({ deadNode: node, sessions: sids.length }, 'presence sweep removed a dead node');
+      sessions += swept;
+      this.deps.log.warn({ deadNode: node, sessions: swept }, 'presence sweep removed a dead node');
     }
     const due = await redis.zrangebyscore(keys.expiries, '-inf', now, 'LIMIT', 0, 1000);
     if (due.length > 0) {
       await this.targets!.expire(due);
       await redis.zrem(keys.expiries, ...due);
     }
-    return { deadNodes: dead, sessions, expired: due.length };
+    return { deadNodes, sessions, expired: due.length };
+  }
+
+  /**
+   * Removes what a dead node held, one step per session (lua/sweep-session.lua: its
+   * memberships, presence record and node key if the dead node's, and the `room.left` of each
+   * room it leaves), so a session that resumed on a live node before or during the sweep keeps
+   * what that node holds; then the node's sets and its beat. `lastBeat` is the beat on which
+   * the node was judged dead (0: it had none): every step checks that the node has not beaten
+   * since, so a node whose id started again (its previous life swept by another node when it
+   * came back) loses nothing of its new life. The one sweep of a dead node: the cluster-wide
+   * sweep and a start's sweep of its own previous life (sweepPreviousLife) both run it.
+   * Returns how many sessions it swept, or undefined if the node beat again meanwhile.
+   */
+  private async sweepNode(
+    node: string,
+    lastBeat: number,
+    now: number,
+    roomLeft: ReturnType<SweepTargets['roomLeft']>,
+  ): Promise<number | undefined> {
+    const { redis, keys, binding } = this.deps;
+    // Its sessions, and those holding a room membership of it though no longer in its
+    // session set (a leave it owed when it died).
+    const sids = await redis.sunion(keys.nodeSessions(node), keys.nodeMemberships(node));
+    for (let i = 0; i < sids.length; i += SWEEP_BATCH) {
+      const part = sids.slice(i, i + SWEEP_BATCH);
+      // Each step tells the rooms its session leaves itself, before it writes anything.
+      const told = await Promise.all(
+        part.map((sid) =>
+          binding.run(
+            'sweep_session',
+            [
+              keys.presence,
+              keys.lastSeen,
+              keys.sessionNode(sid),
+              keys.sessionMemberships(sid),
+              keys.rooms,
+              keys.nodes,
+            ],
+            [sid, node, now, keys.roomMembersHead, keys.roomMembersTail, ...roomLeft, newEid(), lastBeat],
+          ),
+        ),
+      );
+      if (told.some((t) => t === -1)) return undefined;
+    }
+    const removed = await binding.run(
+      'node_swept',
+      [keys.nodes, keys.nodeSessions(node), keys.nodeMemberships(node)],
+      [node, lastBeat],
+    );
+    return removed === 1 ? sids.length : undefined;
   }
 }

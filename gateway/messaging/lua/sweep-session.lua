@@ -16,6 +16,7 @@
   KEYS[3] STRING the session's node key
   KEYS[4] HASH  the session's memberships (`room token node` -> username)
   KEYS[5] ZSET  rooms (room -> members)
+  KEYS[6] ZSET  nodes (node -> last beat, ms)
   ARGV[1] session id
   ARGV[2] the dead node
   ARGV[3] now (ms)
@@ -25,10 +26,16 @@
   ARGV[8] the entries every `room.left` of this sweep shares (name, data, ts), packed as in a
           MessagePack map, without the map's header; ARGV[9] their number (rooms.ts RoomWire)
   ARGV[10] an event id unique to this step; each room's event id is made from it and the room
+  ARGV[11] the last beat of the node the sweeper judged dead (ms; 0: it had none): a node whose
+           beat is newer is alive (its id started again, presence.ts sweepPreviousLife) and
+           nothing is touched
 
-  Returns the number of rooms the session leaves (told here).
+  Returns the number of rooms the session leaves (told here), or -1 when the node beat since
+  it was judged dead.
 ]]
 local sid, node = ARGV[1], ARGV[2]
+local beat = redis.call('ZSCORE', KEYS[6], node)
+if beat and tonumber(beat) > tonumber(ARGV[11]) then return -1 end
 local username = ''
 local raw = redis.call('HGET', KEYS[1], sid)
 local rec
