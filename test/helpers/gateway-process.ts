@@ -100,6 +100,8 @@ export interface StartOptions {
    * start-up (kills a worker before the supervisor's `gateway ready`) watches here.
    */
   onLog?: (line: Record<string, unknown>) => void;
+  /** Called with the process once spawned: a test of a start that fails reads its exit here. */
+  onProcess?: (proc: ChildProcess) => void;
 }
 
 export async function startGateway(
@@ -144,6 +146,7 @@ export async function startGateway(
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   killOnRunnerTerm(proc);
+  options.onProcess?.(proc);
   const logs: Record<string, unknown>[] = [];
   const waiters: {
     pred: (l: Record<string, unknown>) => boolean;

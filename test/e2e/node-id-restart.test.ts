@@ -1,0 +1,330 @@
+/**
+ * A node restarted under the same fixed node id (GW_NODE_ID: a StatefulSet pod, a compose
+ * hostname, an operator's setting) after a SIGKILL: what its previous process held in Redis
+ * (presence records, room members, memberships, the node's sets) is swept at its start, as a
+ * dead node's, with `room.left` told to the rooms. A second process started with the id of a
+ * live node refuses to start and touches nothing of it. Real gateway processes on one
+ * deployment, the shared Redis.
+ */
+import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { test } from 'node:test';
+import type { Redis } from 'ioredis';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  type DeploymentEnv,
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+
+function settings(deployment: DeploymentEnv, staleMs: number, sweepIntervalMs: number) {
+  return {
+    GW_SWEEP_INTERVAL_MS: String(sweepIntervalMs),
+    GW_PRESENCE_STALE_MS: String(staleMs),
+    GW_DEFAULT_ROOM: '#general',
+    GW_REGISTER_PER_MINUTE: '1000',
+    ...deployment,
+  };
+}
+
+/**
+ * Gateways of one deployment started with `start` (the settings given, and `env`), a Redis
+ * client and the clients a test opens, all closed or stopped (and the deployment dropped)
+ * however the test ends.
+ */
+async function withDeployment(
+  staleMs: number,
+  sweepIntervalMs: number,
+  fn: (n: {
+    start: (env?: Record<string, string>) => Promise<GatewayProcess>;
+    base: Record<string, string>;
+    prefix: string;
+    r: Redis;
+    open: GatewayClient[];
+  }) => Promise<void>,
+): Promise<void> {
+  const deployment = deploymentEnv();
+  const base = settings(deployment, staleMs, sweepIntervalMs);
+  const started: GatewayProcess[] = [];
+  const start = async (env: Record<string, string> = {}) => {
+    const g = await startGateway({ ...base, ...env });
+    started.push(g);
+    return g;
+  };
+  const r = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    await fn({ start, base, prefix: deployment.GW_REDIS_PREFIX, r, open });
+  } finally {
+    for (const c of open) c.destroy();
+    r.disconnect();
+    await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+    await dropDeployment(deployment);
+  }
+}
+
+const nodeOf = (g: GatewayProcess) => String(g.logs.find((l) => l.msg === 'gateway ready')?.node);
+
+function collect(c: GatewayClient): EventMsg[] {
+  const got: EventMsg[] = [];
+  c.on('event', (e: EventMsg) => got.push(e));
+  return got;
+}
+
+async function members(c: GatewayClient, room: string): Promise<number> {
+  const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
+  return rooms.find((x) => x.room === room)?.members ?? 0;
+}
+
+async function users(c: GatewayClient, room: string): Promise<string[]> {
+  return (await c.request<{ users: string[] }>('users', { room })).users;
+}
+
+type Deployment = Parameters<Parameters<typeof withDeployment>[2]>[0];
+
+/**
+ * Node A, started with node id `id`, with a device in #x (and #general), and node B with a
+ * watcher in #x; then A is SIGKILLed, and started again under the same id at once.
+ */
+async function killAndRestart(
+  n: Deployment,
+  id: string,
+): Promise<{
+  a: GatewayProcess;
+  b: GatewayProcess;
+  s: Session & { username: string };
+  watcher: GatewayClient;
+  heard: EventMsg[];
+  a2: GatewayProcess;
+}> {
+  const a = await n.start({ GW_NODE_ID: id });
+  const b = await n.start();
+  const device = await connected(a.tcpUrl);
+  const s = await signUp(device);
+  await device.request('join', { room: '#x' });
+  const watcher = await connected(b.tcpUrl);
+  n.open.push(watcher);
+  await signUp(watcher);
+  await watcher.request('join', { room: '#x' });
+  const heard = collect(watcher);
+  assert.equal(await members(watcher, '#x'), 2, '#x counts the device and the watcher');
+  const rec = await n.r.hget(`${n.prefix}presence`, s.sessionId);
+  assert.equal(JSON.parse(String(rec)).node, id, 'the device is present on node A');
+
+  a.proc.kill('SIGKILL');
+  await a.exited;
+  device.destroy();
+  const a2 = await n.start({ GW_NODE_ID: id });
+  return { a, b, s, watcher, heard, a2 };
+}
+
+/** What the restarted node's previous process held is gone, and its rooms were told. */
+async function assertPreviousLifeGone(
+  n: Deployment,
+  id: string,
+  { s, watcher, heard }: { s: Session & { username: string }; watcher: GatewayClient; heard: EventMsg[] },
+  deadlineMs: number,
+): Promise<void> {
+  let count = 0;
+  await until(
+    "the killed process's member out of #x",
+    async () => {
+      count = await members(watcher, '#x');
+      return count === 1;
+    },
+    deadlineMs,
+  ).catch((e: Error) => {
+    throw new Error(`${e.message}; #x counts ${count}`);
+  });
+  const listed = await users(watcher, '#x');
+  assert.ok(!listed.includes(s.username), `#x no longer lists the device: ${JSON.stringify(listed)}`);
+  await until('room.left for the device in #x, heard on node B', () =>
+    heard.some((e) => e.name === 'room.left' && e.room === '#x' && e.from === s.username),
+  );
+  assert.equal(await n.r.hget(`${n.prefix}presence`, s.sessionId), null, 'no presence record of the device');
+  assert.equal(await n.r.zscore(`${n.prefix}room:#x:m`, s.sessionId), null, 'not a member of #x in Redis');
+  assert.equal(
+    await n.r.zscore(`${n.prefix}room:#general:m`, s.sessionId),
+    null,
+    'not a member of #general in Redis',
+  );
+  assert.equal(await n.r.hlen(`${n.prefix}{s:${s.sessionId}}:rm`), 0, 'no membership of the session left');
+  assert.equal(
+    await n.r.sismember(`${n.prefix}nodesess:${id}`, s.sessionId),
+    0,
+    "not in the node's sessions",
+  );
+  assert.equal(
+    await n.r.sismember(`${n.prefix}noderm:${id}`, s.sessionId),
+    0,
+    "not in the node's sessions with memberships",
+  );
+}
+
+/**
+ * The device resumes its session on the restarted node and joins #x again: a membership of
+ * the new process, whose join tokens count from 1 again as the killed one's did, counted
+ * once, and left with one leave.
+ */
+async function assertRejoins(a2: GatewayProcess, s: Session, watcher: GatewayClient, open: GatewayClient[]) {
+  const again = await connected(a2.tcpUrl);
+  open.push(again);
+  await again.request('resume', { token: s.token });
+  await again.request('join', { room: '#x' });
+  assert.equal(await members(watcher, '#x'), 2, '#x counts the resumed device once, and the watcher');
+  await again.request('leave', { room: '#x' });
+  assert.equal(await members(watcher, '#x'), 1, '#x counts the watcher alone after the leave');
+}
+
+test('a node SIGKILLed and started again at once under the same GW_NODE_ID: its previous process leaves presence and rooms, told', async () => {
+  // The periodic sweep runs as usual (every 300 ms); the new process starts well within the
+  // stale time, so its beat, written at once before, kept the killed process alive for good.
+  const STALE_MS = 10_000;
+  await withDeployment(STALE_MS, 300, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const run = await killAndRestart(n, id);
+    const watched = run.a2.logs.some((l) => String(l.msg).startsWith('this node id beat recently'));
+    console.log(`# the restarted node logged that it watched the killed one's beat: ${watched}`);
+    await assertPreviousLifeGone(n, id, run, STALE_MS + 15_000);
+    assert.equal(nodeOf(run.a2), id, 'the restarted node runs under the same id');
+    assert.ok((await n.r.zscore(`${n.prefix}nodes`, id)) !== null, 'the restarted node beats');
+    await assertRejoins(run.a2, run.s, run.watcher, n.open);
+    assert.equal(run.b.proc.exitCode, null, 'node B serving');
+  });
+});
+
+test('the start sweeps its previous process itself, logged with its sessions and counted, when no periodic sweep came', async () => {
+  // One sweep an hour: only the new process's start can remove the killed one's.
+  const STALE_MS = 1500;
+  await withDeployment(STALE_MS, 3_600_000, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const run = await killAndRestart(n, id);
+    // Logged before the node was ready, so by now.
+    const line = run.a2.logs.find(
+      (l) => l.msg === 'swept what a previous process of this node id left in Redis',
+    );
+    assert.ok(line, 'the restarted node logged its sweep of the killed one');
+    assert.equal(line.sessions, 1, `the one session of the killed process swept: ${JSON.stringify(line)}`);
+    const started = run.a2.logs.indexOf(line);
+    const ready = run.a2.logs.findIndex((l) => l.msg === 'gateway ready');
+    assert.ok(started < ready, 'swept before the node was ready');
+    await assertPreviousLifeGone(n, id, run, 5000);
+    const m = await scrapeMetrics(run.a2.metricsPort);
+    assert.equal(m.value('gateway_previous_life_sweeps_total'), 1, 'the sweep counted');
+    await assertRejoins(run.a2, run.s, run.watcher, n.open);
+  });
+});
+
+test('a second process started with the node id of a live node refuses to start, and the live node keeps its devices', async () => {
+  const STALE_MS = 1500;
+  await withDeployment(STALE_MS, 300, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const a = await n.start({ GW_NODE_ID: id });
+    const device = await connected(a.tcpUrl);
+    n.open.push(device);
+    const s = await signUp(device);
+    await device.request('join', { room: '#x' });
+    const peer = await connected(a.tcpUrl);
+    n.open.push(peer);
+    await signUp(peer);
+    await peer.request('join', { room: '#x' });
+    const heard = collect(device);
+
+    const lines: Record<string, unknown>[] = [];
+    let second: ChildProcess | undefined;
+    const outcome = await startGateway(
+      { ...n.base, GW_NODE_ID: id },
+      { onLog: (l) => lines.push(l), onProcess: (p) => (second = p) },
+    ).then(
+      (g) => g,
+      (e: Error) => e,
+    );
+    if (!(outcome instanceof Error)) {
+      await outcome.stop();
+      assert.fail('the second process with the live node id started');
+    }
+    const refused = lines.find((l) => l.code === 'node_id_in_use');
+    assert.ok(refused, `a node_id_in_use line: ${JSON.stringify(lines.slice(-3))}`);
+    assert.equal(refused.level, 50, 'logged as an error');
+    assert.match(String(refused.msg), /another live process beats under this node id/);
+    assert.equal(second?.exitCode, 1, `exit code 1: ${outcome.message}`);
+    assert.ok(!lines.some((l) => l.msg === 'gateway ready'), 'never ready');
+
+    // The live node and its devices untouched.
+    assert.equal(a.proc.exitCode, null, 'the live node serving');
+    const rec = await n.r.hget(`${n.prefix}presence`, s.sessionId);
+    assert.equal(JSON.parse(String(rec)).node, id, "the device's presence record kept");
+    assert.equal(await members(peer, '#x'), 2, '#x still counts both devices');
+    assert.equal(await n.r.sismember(`${n.prefix}noderm:${id}`, s.sessionId), 1, "the node's set kept");
+    await peer.request('say', { room: '#x', body: 'still here' });
+    await until('the message heard in #x by the device', () =>
+      heard.some((e) => e.name === 'room.message' && (e.data as { body: string }).body === 'still here'),
+    );
+    assert.ok(
+      !heard.some((e) => e.name === 'room.left'),
+      `no room.left told: ${JSON.stringify(heard.map((e) => e.name))}`,
+    );
+    const beat = Number(await n.r.zscore(`${n.prefix}nodes`, id));
+    await until(
+      'the live node beating on',
+      async () => Number(await n.r.zscore(`${n.prefix}nodes`, id)) > beat,
+    );
+  });
+});
+
+test('two processes started at the same moment with one node id: the mistake is reported, at the start or by their beats', async () => {
+  const STALE_MS = 1500;
+  await withDeployment(STALE_MS, 300, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const lines: Record<string, unknown>[][] = [[], []];
+    const both = await Promise.allSettled(
+      [0, 1].map((i) => startGateway({ ...n.base, GW_NODE_ID: id }, { onLog: (l) => lines[i].push(l) })),
+    );
+    const running = both.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
+    try {
+      const reported = () =>
+        lines.some((ls) => ls.some((l) => l.code === 'node_id_in_use' && l.level === 50));
+      if (running.length === 2) {
+        console.log('# both started; their beats report the shared id');
+        await until('a node_id_in_use error line from either process', reported, 10_000);
+      } else {
+        console.log('# one refused to start');
+        assert.equal(running.length, 1, 'one of the two serves');
+        assert.ok(reported(), 'the refusal names node_id_in_use');
+      }
+    } finally {
+      await within('the processes stopped', Promise.all(running.map((g) => g.stop())));
+    }
+  });
+});
+
+test('a live node whose id another process beats under logs node_id_in_use, and keeps serving', async () => {
+  const STALE_MS = 1500;
+  await withDeployment(STALE_MS, 300, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const a = await n.start({ GW_NODE_ID: id });
+    // The test beats as a second process would (one started in the same moment as A, which
+    // the start's watch cannot see): a beat of the id that A did not write.
+    const foreign = Date.now() + 1;
+    await n.r.zadd(`${n.prefix}nodes`, foreign, id);
+    const line = await within(
+      "node A's node_id_in_use error line",
+      a.waitForLog((l) => l.code === 'node_id_in_use', 10_000),
+      10_000,
+    );
+    assert.equal(line.level, 50, 'logged as an error');
+    assert.equal(line.foreignBeat, foreign, 'naming the beat it did not write');
+    const device = await connected(a.tcpUrl);
+    n.open.push(device);
+    await signUp(device);
+    assert.equal(a.proc.exitCode, null, 'node A serving');
+  });
+});
