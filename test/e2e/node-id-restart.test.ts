@@ -24,6 +24,7 @@ import {
   startGateway,
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 function settings(deployment: DeploymentEnv, staleMs: number, sweepIntervalMs: number) {
   return {
@@ -327,4 +328,69 @@ test('a live node whose id another process beats under logs node_id_in_use, and 
     await signUp(device);
     assert.equal(a.proc.exitCode, null, 'node A serving');
   });
+});
+
+test('a Redis that freezes while the start watches its previous beat fails the start (exit 1, logged), and the next start sweeps', async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const env = {
+    ...settings(deployment, 10_000, 300),
+    REDIS_URL: own.url,
+    GW_REDIS_TIMEOUT_MS: '1000',
+    GW_NODE_ID: `fixed-${randomUUID().slice(0, 8)}`,
+  };
+  const r = redisClient(own.url);
+  const started: GatewayProcess[] = [];
+  try {
+    const a = await startGateway(env);
+    started.push(a);
+    const device = await connected(a.tcpUrl);
+    const s = await signUp(device);
+    await device.request('join', { room: '#x' });
+    a.proc.kill('SIGKILL');
+    await a.exited;
+    device.destroy();
+
+    // Frozen as soon as the new process says it watches the killed one's beat.
+    const lines: Record<string, unknown>[] = [];
+    let proc: ChildProcess | undefined;
+    const outcome = await startGateway(env, {
+      onProcess: (p) => (proc = p),
+      onLog: (l) => {
+        lines.push(l);
+        if (String(l.msg).startsWith('this node id beat recently')) own.freeze();
+      },
+    }).then(
+      (g) => g,
+      (e: Error) => e,
+    );
+    own.thaw();
+    if (!(outcome instanceof Error)) {
+      started.push(outcome);
+      assert.fail('the process started while Redis was frozen during its watch');
+    }
+    const failed = lines.find((l) => l.code === 'previous_life_sweep_failed');
+    assert.ok(failed, `a previous_life_sweep_failed line: ${JSON.stringify(lines.slice(-3))}`);
+    assert.equal(failed.level, 50, 'logged as an error');
+    assert.equal(proc?.exitCode, 1, `exit code 1: ${outcome.message}`);
+
+    // Redis back: the next start sweeps the killed process.
+    const a3 = await startGateway(env);
+    started.push(a3);
+    const line = a3.logs.find((l) => l.msg === 'swept what a previous process of this node id left in Redis');
+    assert.ok(line, 'the next start logged its sweep');
+    assert.equal(line.sessions, 1, 'the one session of the killed process swept');
+    assert.equal(await r.zscore(`${deployment.GW_REDIS_PREFIX}room:#x:m`, s.sessionId), null, 'out of #x');
+    assert.equal(
+      await r.hget(`${deployment.GW_REDIS_PREFIX}presence`, s.sessionId),
+      null,
+      'no presence record',
+    );
+  } finally {
+    own.thaw();
+    r.disconnect();
+    await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+    await dropDeployment(deployment);
+    await own.remove();
+  }
 });
