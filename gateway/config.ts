@@ -79,7 +79,7 @@ const SETTINGS = {
   nodeId: setting(
     'GW_NODE_ID',
     '`<hostname>-<pid>`',
-    "This gateway node's id: sent in `welcome.node`, used in presence and logs. With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start (a restarted process is a new node).",
+    "This gateway node's id: sent in `welcome.node`, used in presence and logs. With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start of the supervisor (a restarted process is a new node). A process started under an id Redis still holds sweeps what the earlier process left before it serves (waiting up to `GW_PRESENCE_STALE_MS` while its beat is fresh); one started under the id of a live process refuses to start (`node_id_in_use`, exit 1). Never give two running processes one id.",
     z
       .string()
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 of [A-Za-z0-9_.-]')
@@ -254,7 +254,7 @@ const SETTINGS = {
   presenceStaleMs: setting(
     'GW_PRESENCE_STALE_MS',
     '15000',
-    'A node silent this long is dead: the sweep removes its sessions from presence and rooms.',
+    "A node silent this long is dead: the sweep removes its sessions from presence and rooms. Also the longest a node started again under its id waits for the earlier process's beat to go stale.",
     int(100).default(15000),
   ),
   sweepIntervalMs: setting(
