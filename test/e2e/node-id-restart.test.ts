@@ -318,7 +318,7 @@ test('a live node whose id another process beats under logs node_id_in_use, and 
     await n.r.zadd(`${n.prefix}nodes`, foreign, id);
     const line = await within(
       "node A's node_id_in_use error line",
-      a.waitForLog((l) => l.code === 'node_id_in_use', 10_000),
+      a.waitForLog((l) => l.code === 'node_id_in_use', 15_000),
       10_000,
     );
     assert.equal(line.level, 50, 'logged as an error');
