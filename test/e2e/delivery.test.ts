@@ -70,6 +70,33 @@ async function until(
   }
 }
 
+/**
+ * Closes a client whose session is bound on `g` and waits until the node let the session go
+ * (its node key released): what is published after is stored for a resume, not sent to the
+ * closed connection. A fixed wait raced the node's reading of the close.
+ */
+async function disconnect(g: GatewayProcess, c: GatewayClient, sessionId: string): Promise<void> {
+  const r = redisClient();
+  const node = `${g.prefix}{s:${sessionId}}:node`;
+  try {
+    await until(async () => (await r.exists(node)) === 1, 10000, 'the session bound to the node');
+    c.destroy();
+    await until(async () => (await r.exists(node)) === 0, 10000, 'the node to let the closed session go');
+  } finally {
+    r.disconnect();
+  }
+}
+
+/**
+ * Publishes a marker event to a session and waits for it: a session's events arrive in publish
+ * order, so nothing published before it can still come after (a fixed wait could end before a
+ * late duplicate or a wrongly stored event arrived).
+ */
+async function marker(sessionId: string, got: EventMsg[]): Promise<void> {
+  const { eid } = await pub.publish({ session: sessionId }, { name: 'marker', data: null });
+  await until(() => got.some((e) => e.eid === eid), 10000, 'the marker event');
+}
+
 function httpPublish(g: GatewayProcess, body: unknown, key = API_KEY) {
   return fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
     method: 'POST',
@@ -100,9 +127,11 @@ describe('qos 1 on one node', () => {
       [...Array(60).keys()],
     );
     const r = redisClient();
-    await until(() => true);
-    for (let i = 0; i < 50 && (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) > 0; i++) await wait(50);
-    assert.equal(await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`), 0, 'acked events leave the outbox');
+    await until(
+      async () => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0,
+      10000,
+      'acked events to leave the outbox',
+    );
     r.disconnect();
     c.destroy();
   });
@@ -133,14 +162,14 @@ describe('qos 1 on one node', () => {
     );
     const even = [...Array(20).keys()].map((k) => 2 * k);
     await until(() => gotA.length >= 21 && gotB.length >= 20, 10000, 'both sessions served');
-    await wait(200);
+    await Promise.all([marker(sa.sessionId, gotA), marker(sb.sessionId, gotB)]);
     assert.deepEqual(
-      gotA.map((e) => (e.data as { i: number | string }).i),
+      gotA.filter((e) => e.name === 'batch').map((e) => (e.data as { i: number | string }).i),
       [...even, 'dup-1'],
       'session A: its events in publish order; the same eid stored once, the first one',
     );
     assert.deepEqual(
-      gotB.map((e) => (e.data as { i: number }).i),
+      gotB.filter((e) => e.name === 'batch').map((e) => (e.data as { i: number }).i),
       even.map((k) => k + 1),
     );
     a.destroy();
@@ -161,7 +190,19 @@ describe('qos 1 on one node', () => {
     assert.equal(got[1].attempt, 2);
     c.ack([eid]);
     c.ack([eid]);
-    await wait(900);
+    // The ack applied (the event gone from the outbox, so no later retry finds it), then a round
+    // trip on the connection after anything the node sent before it.
+    const r = redisClient();
+    try {
+      await until(
+        async () => (await r.zcard(`${gw.prefix}{s:${s.sessionId}}:q`)) === 0,
+        10000,
+        'the ack applied to the outbox',
+      );
+    } finally {
+      r.disconnect();
+    }
+    await c.ping();
     assert.equal(got.length, 2, 'no more attempts after the ack');
     c.destroy();
   });
@@ -270,14 +311,13 @@ describe('qos 1 on one node', () => {
   test('ttl: an event past its ttl is not delivered and is reported delivery.expired', async () => {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);
-    c.destroy();
-    await wait(100);
+    await disconnect(gw, c, s.sessionId);
     const { eid } = await pub.publish({ session: s.sessionId }, { name: 'short', data: 1, ttl: 200 });
     assert.equal((await reader.backendEvent('delivery.expired', eid, 5000)).data.name, 'short');
     const d = await connected(gw.tcpUrl);
     const got = collect(d);
     await d.request('resume', { token: s.token });
-    await wait(300);
+    await marker(s.sessionId, got);
     assert.equal(got.filter((e) => e.eid === eid).length, 0);
     d.destroy();
   });
@@ -286,8 +326,7 @@ describe('qos 1 on one node', () => {
     const c = await connected(gw.tcpUrl);
     const s = await signUp(c);
     const got = collect(c);
-    c.destroy();
-    await wait(50);
+    await disconnect(gw, c, s.sessionId);
     const { eid } = await pub.publish({ session: s.sessionId }, { name: 'short', data: 1, ttl: 100 });
     await wait(150);
     const d = await connected(gw.tcpUrl);
@@ -330,14 +369,14 @@ describe('sending from the publish', () => {
         assert.equal(res.status, 202);
       }
       await until(() => got.length >= n, 10000, `${n} events`);
-      await wait(300);
+      await marker(s.sessionId, got);
       assert.deepEqual(
-        got.map((e) => (e.data as { i: number }).i),
+        got.filter((e) => e.name === 'fast.test').map((e) => (e.data as { i: number }).i),
         Array.from({ length: n }, (_, i) => i),
         'each event once, in publish order',
       );
       assert.ok(
-        got.every((e) => e.attempt === 1),
+        got.filter((e) => e.name === 'fast.test').every((e) => e.attempt === 1),
         'first deliveries',
       );
       const fromPublish = (await sent()) - before;
@@ -388,9 +427,7 @@ describe('the three publish paths', () => {
     // Eids the gateway made (gateway/delivery/eid.ts): 16 random bytes in 22 base64url characters.
     for (const eid of [viaFn.eid, ...body.eids]) assert.match(eid, /^[A-Za-z0-9_-]{22}$/);
     // the queue job's return value tells the publisher what happened
-    await until(() => true);
-    for (let i = 0; i < 50 && !(await job.isCompleted()); i++) await wait(50);
-    assert.equal(await job.isCompleted(), true);
+    await until(() => job.isCompleted(), 10000, 'the gw-publish job completed');
     // errors are stable codes
     assert.equal(
       (await httpPublish(gw, { target: { session: s.sessionId }, name: 'x' }, 'wrong-key')).status,
@@ -435,14 +472,14 @@ describe('POST /v1/events batches', () => {
       [...Array(10).fill(1), 'not_found', 1, 'not_found'],
     );
     await until(() => got.length >= 11, 8000, 'eleven events');
-    await wait(200);
+    await marker(s.sessionId, got);
     assert.deepEqual(
-      got.map((e) => e.data),
+      got.filter((e) => e.name === 'b').map((e) => e.data),
       [...Array(11).keys()],
       'delivered in the order of the batch, the failed items left out',
     );
     assert.deepEqual(
-      got.map((e) => e.eid),
+      got.filter((e) => e.name === 'b').map((e) => e.eid),
       body.eids.filter((_, i) => i !== 10 && i !== 12),
     );
 
@@ -455,7 +492,8 @@ describe('POST /v1/events batches', () => {
     assert.equal(bad.status, 400);
     const err = ((await bad.json()) as { error: { code: string; field: string } }).error;
     assert.deepEqual([err.code, err.field], ['bad_message', 'events[1].name']);
-    await wait(300);
+    // Published after the refused batch: the first item, had it been stored, would come before.
+    await marker(s.sessionId, got);
     assert.ok(!got.some((e) => e.name === 'never'), 'nothing of a refused batch is published');
     c.destroy();
   });
@@ -527,8 +565,7 @@ describe('outbox bound', () => {
       try {
         const c = await connected(g.tcpUrl);
         const s = await signUp(c);
-        c.destroy();
-        await wait(100);
+        await disconnect(g, c, s.sessionId);
         const outcomes = [];
         for (let i = 0; i < 7; i++) {
           const res = await httpPublish(g, { target: { session: s.sessionId }, name: 'e', data: i });
@@ -645,10 +682,11 @@ describe('devices to the back end', () => {
     const r = redisClient();
     const device = job!.data.device as string;
     let usage: Record<string, string> = {};
-    for (let i = 0; i < 40 && !usage.events_in; i++) {
-      usage = await r.hgetall(`${gw.prefix}usage:${device}`);
-      await wait(50);
-    }
+    await until(
+      async () => !!(usage = await r.hgetall(`${gw.prefix}usage:${device}`)).events_in,
+      10000,
+      "the device's usage counters written",
+    );
     assert.equal(usage.events_in, '1');
     assert.ok(
       Number(usage.bytes_in) > 0 && Number(usage.bytes_out) > 0,
