@@ -21,6 +21,7 @@ import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { rawConnect, rawHandshake } from '../helpers/raw-client.ts';
 
 const HB = 400;
@@ -304,8 +305,12 @@ describe('limits and lifecycle (own gateway processes)', () => {
         await raw.closed;
       }
       await first.close();
-      // the slot is free again once the first connection is gone
-      await new Promise((r) => setTimeout(r, 100));
+      // The slot is free again once the first connection is gone: the gateway counts it closed
+      // (a fixed wait raced its reading of the close).
+      await until('the gateway to count the first connection closed', async () => {
+        const m = await scrapeMetrics(g.metricsPort);
+        return ['tcp', 'ws'].every((t) => m.value(`gateway_connections_open{transport="${t}"}`) === 0);
+      });
       const again = new GatewayClient({ url: g.wsUrl });
       await again.connect();
       await again.close();
