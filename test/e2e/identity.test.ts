@@ -11,7 +11,7 @@ import type { Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { query, REDIS_URL, redisClient } from '../helpers/cleanup.ts';
-import { nextEvent } from '../helpers/deadline.ts';
+import { nextEvent, until } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
   dropDeployment,
@@ -590,13 +590,12 @@ describe('user.registered reaches the back-end queue', () => {
       ]);
       assert.equal(row.rows[0].published_at, null, 'killed before marking the row');
       const b = await startGateway({ ...shared });
-      for (let i = 0; i < 50; i++) {
+      await until('the restarted node to send the row again and mark it', async () => {
         const r = await query(shared.GW_DB_SCHEMA, 'SELECT published_at FROM outbox WHERE id = $1', [
           paused.id,
         ]);
-        if (r.rows[0].published_at) break;
-        await wait(100);
-      }
+        return !!r.rows[0].published_at;
+      });
       const jobs = (await queue.getJobs(['waiting', 'active', 'completed', 'delayed'])).filter(
         (j) => j.name === 'user.registered',
       );
