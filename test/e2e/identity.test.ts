@@ -300,7 +300,10 @@ describe('lockout', () => {
 
 describe('lockout that starts late in its window', () => {
   test("the lock lasts GW_LOCKOUT_SECONDS from the failure that made it, not to the end of the first failure's window", async () => {
-    const g = await startGateway({ GW_LOCKOUT_ATTEMPTS: '2', GW_LOCKOUT_SECONDS: '4' });
+    // Times are measured around each request, so every bound below holds however slow the
+    // machine is, up to a slack of about 4 s on each side (the old fixed waits left 1.5 s).
+    const W = 8000;
+    const g = await startGateway({ GW_LOCKOUT_ATTEMPTS: '2', GW_LOCKOUT_SECONDS: String(W / 1000) });
     try {
       const c = await connected(g.tcpUrl);
       const s = await signUp(c);
@@ -310,17 +313,26 @@ describe('lockout that starts late in its window', () => {
           c.request('login', { username: s.username, password: 'nope nope' }),
           isCode('invalid_credentials'),
         );
-      // One failure opens the 4 s window; the second, 3 s later, locks the account.
+      const waitTill = (at: number) => wait(Math.max(0, at - Date.now()));
+      // One failure opens the window (between t1 and t1End); the second, half a window later,
+      // locks the account (from a moment after t2) for W.
+      const t1 = Date.now();
       await fail();
-      await wait(3000);
+      const t1End = Date.now();
+      await waitTill(t1 + W / 2);
+      const t2 = Date.now();
       await fail();
-      const lockedAt = Date.now();
-      // Past the first failure's window (4 s after it), less than 4 s after the lock.
-      await wait(1500);
+      await g.waitForLog((l) => l.msg === 'account locked');
+      // Past the first failure's window, before the lock's end (at least t2 + W).
+      await waitTill(t1End + W + 50);
       const still = await c.request('login', { username: s.username, password: PASSWORD }).catch((e) => e);
+      const stillEnd = Date.now();
       assert.equal(still.code, 'locked', 'still locked after the window the first failure opened');
-      assert.ok(still.retryAfter > 1000 && still.retryAfter <= 4000, `retryAfter ${still.retryAfter}`);
-      await wait(Math.max(0, lockedAt + 4000 - Date.now()) + 200);
+      assert.ok(
+        still.retryAfter >= t2 + W - stillEnd - 5 && still.retryAfter <= W,
+        `retryAfter ${still.retryAfter}: the lock runs to at least ${t2 + W - stillEnd} ms after the answer`,
+      );
+      await waitTill(stillEnd + still.retryAfter + 200);
       const ok = await c.request<Session>('login', { username: s.username, password: PASSWORD });
       assert.equal(ok.userId, s.userId);
       await c.close();
