@@ -290,7 +290,16 @@ describe('qos 1 on one node', () => {
       retries.some((j) => j.data.eid === eid),
       'retries are BullMQ jobs',
     );
-    await wait(700);
+    // Every retry job of the event ran, then a round trip after what they made the node send.
+    await until(
+      async () =>
+        (await reader.queue('gw-retry').getJobs(['waiting', 'active', 'delayed', 'prioritized'])).every(
+          (j) => j?.data.eid !== eid,
+        ),
+      10000,
+      'the retry jobs of the event to run',
+    );
+    await c.ping();
     assert.equal(got.length, 3, 'not delivered again');
     c.destroy();
   });
@@ -608,9 +617,25 @@ describe('outbox bound', () => {
         const got = collect(d);
         await d.request('resume', { token: s.token });
         await until(() => got.length >= 5);
-        await wait(200);
+        // Once the outbox is empty (acked), a marker published after: anything else stored for
+        // the session would come before it.
+        const redis = redisClient();
+        try {
+          await until(
+            async () => (await redis.zcard(`${g.prefix}{s:${s.sessionId}}:q`)) === 0,
+            10000,
+            'the outbox acked empty',
+          );
+        } finally {
+          redis.disconnect();
+        }
+        assert.equal(
+          (await httpPublish(g, { target: { session: s.sessionId }, name: 'marker', data: 'end' })).status,
+          202,
+        );
+        await until(() => got.some((e) => e.name === 'marker'), 10000, 'the marker event');
         assert.deepEqual(
-          got.map((e) => e.data),
+          got.filter((e) => e.name === 'e').map((e) => e.data),
           policy === 'reject' ? [0, 1, 2, 3, 4] : [2, 3, 4, 5, 6],
         );
         d.destroy();
