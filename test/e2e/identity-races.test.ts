@@ -648,7 +648,13 @@ describe('takeover keeps the device events', () => {
         kicks.filter((k) => k === 'session_takeover').length >= lost,
         `${lost} answers lost, kicks ${kicks}`,
       );
-      await wait(200);
+      // A login whose answer was lost with its connection may still be running (its takeover of
+      // the device's other sessions too): its line is logged once it is done. A fixed 200 ms
+      // raced it, and could count a session it was about to end, or miss one it ended late.
+      await until(
+        () => gw.logs.filter((l) => l.msg === 'login' && l.device === device.id).length === outcomes.length,
+        'every login of the round done (its log line)',
+      );
       const check = await connected(gw.tcpUrl);
       let alive = 0;
       for (const o of outcomes) {
