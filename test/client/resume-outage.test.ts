@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
-import { nextEvent, within } from '../helpers/deadline.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 
@@ -27,8 +27,6 @@ after(async () => {
   await gw?.stop();
   await pg?.remove();
 });
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the session comes back after the thaw', async () => {
   const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 100, maxDelayMs: 1000 } });
@@ -50,7 +48,11 @@ test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the s
     pg.freeze();
     try {
       c.destroy();
-      await sleep(6000);
+      // PostgreSQL stays frozen until a resume was answered overloaded: a fixed 6 s could end
+      // before a busy machine had reconnected and had the answer.
+      await until('a resume answered overloaded while PostgreSQL is frozen', () =>
+        errors.includes('overloaded'),
+      );
     } finally {
       pg.thaw();
     }
@@ -77,11 +79,22 @@ test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the s
 });
 
 test('a definitive refusal of the resume (session revoked meanwhile) drops the session and says so', async () => {
-  const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 3000, maxDelayMs: 3000 } });
+  const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 100, maxDelayMs: 100 } });
   await within('the handshake', c.connect());
   const other = await connected(gw.tcpUrl);
   try {
     const s = await signUp(c);
+    // The reconnection's resume waits until the session has ended elsewhere: before, the test
+    // counted on a login and a revoke taking less than the reconnection's delay (1.5-3 s).
+    let revoked!: () => void;
+    const gate = new Promise<void>((r) => {
+      revoked = r;
+    });
+    const request = c.request.bind(c);
+    c.request = ((type: string, fields?: Record<string, unknown>, options?: { timeoutMs?: number }) =>
+      type === 'resume'
+        ? gate.then(() => request(type, fields, options))
+        : request(type, fields, options)) as typeof c.request;
     const lost = nextEvent<{ sessionId?: string; error: { code?: string } }>(
       c,
       'sessionLost',
@@ -90,9 +103,10 @@ test('a definitive refusal of the resume (session revoked meanwhile) drops the s
     const dropped = nextEvent(c, 'close', 'the dropped connection');
     c.destroy();
     await dropped;
-    // While the client waits to reconnect (1.5-3 s), the session ends elsewhere.
+    // While the client's resume waits, the session ends elsewhere.
     await other.request('login', { username: s.username, password: 'correct horse battery' });
     await other.request('revoke', { sessionId: s.sessionId });
+    revoked();
     const event = await lost;
     assert.equal(event.sessionId, s.sessionId, 'the lost session named');
     assert.equal(event.error.code, 'session_revoked', 'with the answer that ended it');
