@@ -392,8 +392,19 @@ describe('a refresh that ran on the gateway, its answer never read by the device
 describe('a definitive refusal of the refresh', () => {
   test('the session ended meanwhile (token_invalid): sessionLost, and the session dropped', async () => {
     const s = await expiredSession(aged);
-    const w = await holding(gw, s, { initialDelayMs: 2000, maxDelayMs: 2000 });
+    const w = await holding(gw, s, { initialDelayMs: 100, maxDelayMs: 100 });
     const other = await connected(gw.tcpUrl);
+    // The reconnection's refresh waits until the session has ended elsewhere: before, the test
+    // counted on a sign-up and a logout taking less than the reconnection's delay (1-2 s).
+    let ended!: () => void;
+    const gate = new Promise<void>((r) => {
+      ended = r;
+    });
+    const request = w.c.request.bind(w.c);
+    w.c.request = ((type: string, fields?: Record<string, unknown>, options?: { timeoutMs?: number }) =>
+      type === 'refresh'
+        ? gate.then(() => request(type, fields, options))
+        : request(type, fields, options)) as typeof w.c.request;
     try {
       const lost = nextEvent<Watched['lost'][number]>(
         w.c,
@@ -403,10 +414,11 @@ describe('a definitive refusal of the refresh', () => {
       const closed = nextEvent(w.c, 'close', 'the dropped connection');
       w.c.destroy();
       await closed;
-      // While the client waits to reconnect (1-2 s), the session ends elsewhere: logout with
-      // its refresh token, from another account's connection (logout needs one).
+      // While the client's refresh waits, the session ends elsewhere: logout with its refresh
+      // token, from another account's connection (logout needs one).
       await signUp(other);
       await other.request('logout', { token: s.refresh });
+      ended();
       const event = await lost;
       assert.equal(event.sessionId, s.sessionId, 'the lost session named');
       assert.equal(event.error.code, 'token_invalid', `with the refresh's answer (${w.requests})`);
