@@ -102,6 +102,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   private listenSocket: uWS.us_listen_socket | undefined;
   private metricsServer: HttpServer | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
+  /** When the sweep before this one ran (its deadlines are measured there; see `sweep`). */
+  private previousSweepMs = Number.NEGATIVE_INFINITY;
   private closing: Promise<void> | undefined;
   private readonly fingerprint: string;
   private readonly serveMetrics: boolean;
@@ -426,11 +428,29 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   /**
    * The one timer over all connections (STYLE.md §4): handshake deadlines, pings every `hb`,
    * `heartbeat_timeout` after 2×`hb` of silence (PROTOCOL.md §6), lingering closes.
+   *
+   * A connection is closed for its silence (or its handshake for its deadline) only when it
+   * was already past the deadline at the previous sweep too, and nothing arrived since. Between
+   * two callbacks of the sweep's `setInterval` the event loop always runs a poll phase, which
+   * reads the sockets: Node's `listOnTimeout` (lib/internal/timers.js) runs an interval at most
+   * once per timers phase (it is put back with `_idleStart` = the phase's `now`, so it is not
+   * due again in it), and each iteration of libuv's `uv_run` (1.46, Node 20's) polls I/O
+   * between two runs of its timers. Without this, a node whose loop stalled past 2×`hb` (a
+   * long GC pause, a long synchronous callback, the process descheduled) ran the sweep right
+   * after, in the timers phase before that poll, and kicked every device whose pongs and
+   * requests sat unread in its socket: a mass kick and a reconnect storm of the node's own
+   * making. A device that is silent for real is closed one sweep later than the deadline (at
+   * most `min(hb/4, 250 ms)`), never before it. Taken at the earlier of the two sweeps, so
+   * that a clock set back does not bring a deadline forward. No state per connection: each
+   * one's last read (`lastRxMs`) is after the previous sweep if anything came since. The
+   * shutdown's loop sweeps too, by then with every open connection kicked.
    */
   sweep(now: number): void {
     const hb = this.heartbeatMs;
-    const handshakeDeadline = now - this.config.handshakeTimeoutMs;
-    const silentSince = now - 2 * hb;
+    const previous = Math.min(now, this.previousSweepMs);
+    this.previousSweepMs = now;
+    const handshakeDeadline = previous - this.config.handshakeTimeoutMs;
+    const silentSince = previous - 2 * hb;
     for (const conn of this.connections) {
       switch (conn.state) {
         case ConnState.handshake:
