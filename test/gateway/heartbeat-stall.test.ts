@@ -1,0 +1,172 @@
+/**
+ * A gateway whose event loop stalls for longer than 2 × hb (a long GC pause, a long synchronous
+ * callback, the process descheduled) must not kick the devices that kept talking meanwhile:
+ * their frames wait unread in the socket buffers, and when the loop resumes its timers phase
+ * runs the sweep before the poll phase reads them. The node runs in this process, so that the
+ * test can stall it for real: a synchronous busy-wait of 3 × hb in a `setImmediate` callback
+ * (check phase; the next loop iteration's timers run before its poll). The devices run in a
+ * worker thread (test/helpers/stall-client.ts) and go on sending meanwhile: a live client (its
+ * own ping every hb / 4, pongs) and a connection whose `hello` comes during the stall. A raw
+ * client that answers no ping is still closed with `heartbeat_timeout`, not before 2 × hb.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import type { Worker } from 'node:worker_threads';
+import { startNode } from '../../gateway/app.ts';
+import { loadConfig } from '../../gateway/config.ts';
+import { createLogger } from '../../gateway/log.ts';
+import { selectBackend } from '../../protocol/index.ts';
+import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
+import { captureLog } from '../helpers/log-capture.ts';
+import { rawHandshake } from '../helpers/raw-client.ts';
+import { type StallClientMessage, startStallClient } from '../helpers/stall-client.ts';
+
+const HB = 400;
+const STALL_MS = 3 * HB;
+const closers: (() => Promise<unknown>)[] = [];
+
+after(async () => {
+  for (const close of closers.reverse()) await close().catch(() => {});
+});
+
+/** A gateway node in this process, on its own Redis prefix, schema and identity files. */
+async function startInProcess() {
+  const tag = randomUUID().slice(0, 8);
+  const dir = mkdtempSync(join(tmpdir(), 'gw-stall-'));
+  const prefix = `gwtest:${tag}:`;
+  const schema = `gwtest_${tag}`;
+  closers.push(async () => {
+    await dropRedisPrefix(prefix);
+    await dropSchema(schema);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const config = loadConfig({
+    GW_TCP_PORT: '0',
+    GW_HTTP_PORT: '0',
+    GW_METRICS_PORT: '0',
+    GW_HOST: '127.0.0.1',
+    GW_IDENTITY_FILE: join(dir, 'identity.pem'),
+    GW_JWT_KEY_FILE: join(dir, 'jwt.pem'),
+    GW_REDIS_PREFIX: prefix,
+    GW_DB_SCHEMA: schema,
+    GW_NODE_ID: `stall-${tag}`,
+    GW_HEARTBEAT_MS: String(HB),
+    GW_HANDSHAKE_TIMEOUT_MS: String(2 * HB),
+    GW_PROCESSES: '1',
+    GW_HEAP_GROWING_PERCENT: '0',
+    GW_SHUTDOWN_TIMEOUT_MS: '5000',
+    GW_DRAIN_SETTLE_MS: '0',
+    ...(process.env.REDIS_URL ? { REDIS_URL: process.env.REDIS_URL } : {}),
+    ...(process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL } : {}),
+  });
+  const { lines, stream } = captureLog();
+  const log = createLogger('info', { node: config.nodeId }, stream);
+  const node = await within(
+    'the in-process gateway to start',
+    startNode(config, log, selectBackend('auto').backend),
+  );
+  closers.push(() => within('the in-process gateway to shut down', node.gateway.shutdown()));
+  return { node, lines, tcpUrl: `tcp://127.0.0.1:${node.ports.tcpPort}` };
+}
+
+/** The worker's messages as they come; `next(type)` waits for the first of a type not yet taken. */
+function messagesOf(worker: Worker) {
+  const got: StallClientMessage[] = [];
+  worker.on('message', (m: StallClientMessage) => got.push(m));
+  return {
+    got,
+    next<T extends StallClientMessage['type']>(type: T): Promise<Extract<StallClientMessage, { type: T }>> {
+      return until(`the stall client's '${type}' message`, () => {
+        const i = got.findIndex((m) => m.type === type);
+        if (i < 0) return undefined;
+        return got.splice(i, 1)[0] as Extract<StallClientMessage, { type: T }>;
+      });
+    },
+  };
+}
+
+/** Blocks this thread (and the gateway in it) for `ms`, inside a check-phase callback. */
+function stallInCheckPhase(ms: number): Promise<number> {
+  return new Promise((resolve) =>
+    setImmediate(() => {
+      const start = Date.now();
+      while (Date.now() - start < ms) {
+        // busy: no I/O is read, no timer runs
+      }
+      resolve(Date.now() - start);
+    }),
+  );
+}
+
+test('a stall of the gateway longer than 2 × hb kicks no device that kept talking; a silent one is still closed', async () => {
+  const { node, lines, tcpUrl } = await startInProcess();
+  const { gateway } = node;
+
+  const worker = startStallClient(tcpUrl, HB);
+  closers.push(async () => {
+    worker.postMessage({ type: 'stop' });
+    await within('the stall client to stop', nextEvent(worker, 'exit')).catch(() => worker.terminate());
+  });
+  const errors: Error[] = [];
+  worker.on('error', (e) => errors.push(e));
+  const messages = messagesOf(worker);
+  await messages.next('ready');
+  const silent = await rawHandshake(tcpUrl, false);
+  const silentSince = Date.now();
+  // The late connection is accepted (its handshake deadline runs) before the stall.
+  await until(
+    'the gateway to hold the silent, live and late connections',
+    () => gateway.connections.size >= 3,
+  );
+
+  worker.postMessage({ type: 'hello' });
+  const stalled = await stallInCheckPhase(STALL_MS);
+  assert.ok(stalled >= STALL_MS, `stalled ${stalled} ms`);
+
+  // What the gateway did to the connections whose frames came during the stall, in one look.
+  const handshake = await messages.next('handshake');
+  worker.postMessage({ type: 'report' });
+  const first = await messages.next('report');
+  assert.deepEqual(
+    { live: { ping: first.ping, open: first.open, kicks: first.kicks }, lateHello: handshake.answer },
+    { live: { ping: 'ok', open: true, kicks: [] }, lateHello: 'welcome' },
+    'the live client is served after the stall, and a hello sent during it is answered',
+  );
+
+  // The silent client is still closed for its silence, not before 2 × hb of it.
+  const kick = await silent.recvType('kick', 20_000);
+  assert.equal(kick.code, 'heartbeat_timeout');
+  await silent.raw.closed;
+  const silentFor = Date.now() - silentSince;
+  assert.ok(silentFor >= 2 * HB, `closed after ${silentFor} ms, before 2 × hb of silence`);
+
+  // A silent client connected after the stall: closed too.
+  const later = await rawHandshake(tcpUrl, false);
+  const laterSince = Date.now();
+  assert.equal((await later.recvType('kick', 20_000)).code, 'heartbeat_timeout');
+  await later.raw.closed;
+  const laterFor = Date.now() - laterSince;
+  assert.ok(laterFor >= 2 * HB, `closed after ${laterFor} ms, before 2 × hb of silence`);
+
+  worker.postMessage({ type: 'report' });
+  const last = await messages.next('report');
+  assert.deepEqual(
+    { ping: last.ping, open: last.open, kicks: last.kicks },
+    { ping: 'ok', open: true, kicks: [] },
+    'the live client is still served',
+  );
+  assert.ok(last.pongs > first.pongs, `pongs went on after the stall (${first.pongs} then ${last.pongs})`);
+  const kicks = lines.filter((l) => l.msg === 'kick').map((l) => l.code);
+  assert.deepEqual(kicks, ['heartbeat_timeout', 'heartbeat_timeout'], 'the two silent clients, only');
+  assert.deepEqual(
+    messages.got.filter((m) => m.type === 'kick' || m.type === 'closed'),
+    [],
+    'the live client was neither kicked nor closed',
+  );
+  assert.deepEqual(errors, [], 'the stall client ran without error');
+});
