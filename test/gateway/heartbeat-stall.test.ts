@@ -18,6 +18,7 @@ import { after, test } from 'node:test';
 import type { Worker } from 'node:worker_threads';
 import { startNode } from '../../gateway/app.ts';
 import { loadConfig } from '../../gateway/config.ts';
+import { ConnState } from '../../gateway/connection.ts';
 import { createLogger } from '../../gateway/log.ts';
 import { selectBackend } from '../../protocol/index.ts';
 import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
@@ -27,6 +28,7 @@ import { rawHandshake } from '../helpers/raw-client.ts';
 import { type StallClientMessage, startStallClient } from '../helpers/stall-client.ts';
 
 const HB = 400;
+const HANDSHAKE_TIMEOUT_MS = 2 * HB;
 const STALL_MS = 3 * HB;
 const closers: (() => Promise<unknown>)[] = [];
 
@@ -56,7 +58,7 @@ async function startInProcess() {
     GW_DB_SCHEMA: schema,
     GW_NODE_ID: `stall-${tag}`,
     GW_HEARTBEAT_MS: String(HB),
-    GW_HANDSHAKE_TIMEOUT_MS: String(2 * HB),
+    GW_HANDSHAKE_TIMEOUT_MS: String(HANDSHAKE_TIMEOUT_MS),
     GW_PROCESSES: '1',
     GW_HEAP_GROWING_PERCENT: '0',
     GW_SHUTDOWN_TIMEOUT_MS: '5000',
@@ -90,15 +92,19 @@ function messagesOf(worker: Worker) {
   };
 }
 
-/** Blocks this thread (and the gateway in it) for `ms`, inside a check-phase callback. */
-function stallInCheckPhase(ms: number): Promise<number> {
+/**
+ * Blocks this thread (and the gateway in it) inside a check-phase callback, for `ms` and at
+ * least until `until()`; resolves with when it started and ended.
+ */
+function stallInCheckPhase(ms: number, until: () => number): Promise<{ start: number; end: number }> {
   return new Promise((resolve) =>
     setImmediate(() => {
       const start = Date.now();
-      while (Date.now() - start < ms) {
+      const end = Math.max(start + ms, until());
+      while (Date.now() < end) {
         // busy: no I/O is read, no timer runs
       }
-      resolve(Date.now() - start);
+      resolve({ start, end: Date.now() });
     }),
   );
 }
@@ -124,14 +130,28 @@ test('a stall of the gateway longer than 2 × hb kicks no device that kept talki
     () => gateway.connections.size >= 3,
   );
 
+  // The stall outlasts the late connection's handshake deadline, which must not have passed
+  // before it began (that would be a slow test, not the gateway).
+  let lateOpenedAt = Number.NaN;
   worker.postMessage({ type: 'hello' });
-  const stalled = await stallInCheckPhase(STALL_MS);
-  assert.ok(stalled >= STALL_MS, `stalled ${stalled} ms`);
+  const stall = await stallInCheckPhase(STALL_MS, () => {
+    const late = [...gateway.connections].find((c) => c.state === ConnState.handshake);
+    lateOpenedAt = late ? late.openedAtMs : Number.NaN;
+    return lateOpenedAt + HANDSHAKE_TIMEOUT_MS + HB / 4;
+  });
+  assert.ok(
+    stall.start < lateOpenedAt + HANDSHAKE_TIMEOUT_MS,
+    `the late connection was accepted ${stall.start - lateOpenedAt} ms before the stall began (deadline ${HANDSHAKE_TIMEOUT_MS} ms)`,
+  );
 
   // What the gateway did to the connections whose frames came during the stall, in one look.
   const handshake = await messages.next('handshake');
   worker.postMessage({ type: 'report' });
   const first = await messages.next('report');
+  // The devices did talk during the stall (else closing them would be right).
+  const during = (t: number) => t > stall.start && t < stall.end;
+  assert.ok(during(handshake.helloSentAt), 'the late hello was sent during the stall');
+  assert.ok(first.pingTimes.some(during), 'the live client pinged during the stall');
   assert.deepEqual(
     { live: { ping: first.ping, open: first.open, kicks: first.kicks }, lateHello: handshake.answer },
     { live: { ping: 'ok', open: true, kicks: [] }, lateHello: 'welcome' },

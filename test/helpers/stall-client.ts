@@ -21,7 +21,7 @@ export type StallClientMessage =
   | { type: 'ready' }
   | { type: 'kick'; code: string }
   | { type: 'closed' }
-  | { type: 'handshake'; answer: string }
+  | { type: 'handshake'; answer: string; helloSentAt: number }
   | {
       type: 'report';
       ping: string;
@@ -29,6 +29,8 @@ export type StallClientMessage =
       kicks: string[];
       pingsSent: number;
       pongs: number;
+      /** When each ping was sent (this thread's `Date.now()`, the same clock as the test's). */
+      pingTimes: number[];
     };
 
 /** Starts the clients in a worker thread, through tsx as the test itself runs. */
@@ -43,6 +45,7 @@ async function run(port: NonNullable<typeof parentPort>, url: string, hb: number
   const post = (m: StallClientMessage) => port.postMessage(m);
   const kicks: string[] = [];
   let pingsSent = 0;
+  const pingTimes: number[] = [];
   let pongs = 0;
   const live = new GatewayClient({ url, requestTimeoutMs: 30_000 });
   // A ping every hb / 4 waits for its pong through a stall of the gateway: many at once.
@@ -55,6 +58,7 @@ async function run(port: NonNullable<typeof parentPort>, url: string, hb: number
   await live.connect();
   const ping = () => {
     pingsSent++;
+    pingTimes.push(Date.now());
     return live.ping().then(() => {
       pongs++;
     });
@@ -68,20 +72,26 @@ async function run(port: NonNullable<typeof parentPort>, url: string, hb: number
     if (m.type === 'hello') {
       // Later than the gateway's next poll phase: within the stall that follows the message.
       const hs = new ClientHandshake(nodeBackend);
-      setTimeout(() => late.sendBody(pack(hs.hello)), hb / 2);
+      let helloSentAt = 0;
+      setTimeout(() => {
+        helloSentAt = Date.now();
+        late.sendBody(pack(hs.hello));
+      }, hb / 2);
       late.next(30_000).then(
         (body) => {
           const msg = unpackMessage(body) as { type?: string; code?: string };
           // It has said what it had to (it would be closed for its silence next).
           late.destroy();
-          post({ type: 'handshake', answer: msg.type === 'error' ? `error ${msg.code}` : String(msg.type) });
+          const answer = msg.type === 'error' ? `error ${msg.code}` : String(msg.type);
+          post({ type: 'handshake', answer, helloSentAt });
         },
-        (e: Error) => post({ type: 'handshake', answer: `no answer: ${e.message}` }),
+        (e: Error) => post({ type: 'handshake', answer: `no answer: ${e.message}`, helloSentAt }),
       );
     } else if (m.type === 'report') {
       ping().then(
-        () => post({ type: 'report', ping: 'ok', open: live.isOpen, kicks, pingsSent, pongs }),
-        (e: Error) => post({ type: 'report', ping: e.message, open: live.isOpen, kicks, pingsSent, pongs }),
+        () => post({ type: 'report', ping: 'ok', open: live.isOpen, kicks, pingsSent, pongs, pingTimes }),
+        (e: Error) =>
+          post({ type: 'report', ping: e.message, open: live.isOpen, kicks, pingsSent, pongs, pingTimes }),
       );
     } else if (m.type === 'stop') {
       clearInterval(pinger);
