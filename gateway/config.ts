@@ -98,7 +98,7 @@ const SETTINGS = {
   handshakeTimeoutMs: setting(
     'GW_HANDSHAKE_TIMEOUT_MS',
     '10000',
-    'A connection that has not completed the handshake by then is closed.',
+    'A connection that has not completed the handshake by then is closed (by the sweep, within two of its intervals, `min(hb/4, 250 ms)` each, after it).',
     int(100, 600_000).default(10000),
   ),
   maxFrameBytes: setting(
