@@ -11,6 +11,7 @@ import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
   dropDeployment,
@@ -80,12 +81,6 @@ async function client(url: string, options: { autoAck?: boolean } = {}): Promise
   const c = await connected(url, options);
   clients.push(c);
   return c;
-}
-
-function collect(c: GatewayClient): EventMsg[] {
-  const got: EventMsg[] = [];
-  c.on('event', (e: EventMsg) => got.push(e));
-  return got;
 }
 
 async function publish(g: GatewayProcess, body: unknown): Promise<string> {

@@ -7,9 +7,9 @@ import { spawnSync } from 'node:child_process';
 import { get } from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
-import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 
@@ -56,12 +56,6 @@ async function onEachNode(url: string): Promise<Map<string, GatewayClient>> {
     if (!byNode.has(nodeOf(c))) byNode.set(nodeOf(c), c);
   }
   return byNode;
-}
-
-function collect(c: GatewayClient): EventMsg[] {
-  const got: EventMsg[] = [];
-  c.on('event', (e: EventMsg) => got.push(e));
-  return got;
 }
 
 const scrape = () => scrapeMetrics(gw.metricsPort);

@@ -5,9 +5,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
+import { members } from '../helpers/events.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 
 const OTHERS = 20;
@@ -32,11 +32,6 @@ async function until(cond: () => boolean | Promise<boolean>, what: string, ms = 
     if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
-}
-
-async function members(c: GatewayClient, room: string): Promise<number> {
-  const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
-  return rooms.find((r) => r.room === room)?.members ?? 0;
 }
 
 test('a member of the default room gets no room.joined/room.left for it when 20 devices come and go, but does for another room', async () => {

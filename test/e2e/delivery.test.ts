@@ -13,6 +13,7 @@ import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
   dropDeployment,
@@ -52,12 +53,6 @@ after(async () => {
 });
 
 /** Collects a client's events. */
-function collect(c: GatewayClient): EventMsg[] {
-  const got: EventMsg[] = [];
-  c.on('event', (e: EventMsg) => got.push(e));
-  return got;
-}
-
 async function until(
   pred: () => boolean | Promise<boolean>,
   timeoutMs = 10000,

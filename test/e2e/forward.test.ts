@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
-import type { GatewayClient } from '../../client/client.ts';
+import type { GatewayClient, Session } from '../../client/client.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
@@ -24,7 +24,7 @@ import {
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
-import { startRedisProxy } from '../helpers/redis-proxy.ts';
+import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'forward-api-key-3f1d';
 
@@ -106,6 +106,32 @@ async function deviceOn(gw: GatewayProcess, options: { autoAck: boolean }, redis
   const nodeKey = new Keys(gw.prefix).sessionNode(session.sessionId);
   await until('the session node key', async () => (await redis.get(nodeKey)) !== null);
   return { device, session, got };
+}
+
+/**
+ * Node C, reaching Redis through a proxy that can hold what Redis sends to C's subscriber
+ * (test/helpers/redis-proxy.ts), with a device on it that acks by hand.
+ */
+async function onProxiedNode(
+  fn: (n: {
+    c: GatewayProcess;
+    proxy: RedisProxy;
+    device: GatewayClient;
+    session: Session;
+    got: EventMsg[];
+  }) => Promise<void>,
+): Promise<void> {
+  const { hostname, port } = new URL(REDIS_URL);
+  const proxy = await startRedisProxy({ host: hostname, port: Number(port || 6379) });
+  let c: GatewayProcess | undefined;
+  try {
+    c = await startGateway({ ...env, REDIS_URL: proxy.url });
+    await fn({ c, proxy, ...(await deviceOn(c, { autoAck: false })) });
+  } finally {
+    proxy.release();
+    await c?.stop();
+    await proxy.close();
+  }
 }
 
 const numbers = (got: EventMsg[], name: string) =>
@@ -287,12 +313,7 @@ test("an event forwarded to a node and read by the node's pump before the node h
   // Node C reaches Redis through a proxy that can hold what Redis sends to C's subscriber: the
   // forward then comes after the answer of a pump run that Redis ran after the publish, as a
   // busy subscriber socket can make a node read them.
-  const { hostname, port } = new URL(REDIS_URL);
-  const proxy = await startRedisProxy({ host: hostname, port: Number(port || 6379) });
-  let c: GatewayProcess | undefined;
-  try {
-    c = await startGateway({ ...env, REDIS_URL: proxy.url });
-    const { device, session, got } = await deviceOn(c, { autoAck: false });
+  await onProxiedNode(async ({ c, proxy, device, session, got }) => {
     await publishVia(a, { target: { session: session.sessionId }, name: 'e', data: { i: 0 } });
     await until('the first event', () => got.length === 1);
     assert.equal(got[0].attempt, 1);
@@ -317,7 +338,7 @@ test("an event forwarded to a node and read by the node's pump before the node h
     // the forward, when it comes, is known for one the pump sent, and changes nothing (no
     // resync, which would send the event in flight again).
     device.ack([got[1].eid, got[2].eid]);
-    await until('the acks applied', async () => (await outboxSizes(c!, [session.sessionId]))[0] === 0);
+    await until('the acks applied', async () => (await outboxSizes(c, [session.sessionId]))[0] === 0);
     await publishVia(c, { target: { session: session.sessionId }, name: 'e', data: { i: 3 } });
     await until('event 3', () => got.length >= 4);
     const resyncs = await counter(c, 'outbox_resyncs', 'cause="forward"');
@@ -327,23 +348,14 @@ test("an event forwarded to a node and read by the node's pump before the node h
     await until('event 4', () => got.length >= 5);
     assert.deepEqual(numbers(got, 'e'), [0, 1, 2, 3, 4], 'each event once');
     assert.equal(await counter(c, 'outbox_resyncs', 'cause="forward"'), resyncs, 'no resync');
-  } finally {
-    proxy.release();
-    await c?.stop();
-    await proxy.close();
-  }
+  });
 });
 
 test("after a resync (the node's subscriber came back), an event forwarded to the node and read by its pump before the forward still goes out as a first attempt", async () => {
   // As above, after the node has resynced the session: a resync forgets what the connection
   // was sent, and its bind's step reads the sent mark again, so that the mark alone does not
   // count a forward the node has not read as a send.
-  const { hostname, port } = new URL(REDIS_URL);
-  const proxy = await startRedisProxy({ host: hostname, port: Number(port || 6379) });
-  let c: GatewayProcess | undefined;
-  try {
-    c = await startGateway({ ...env, REDIS_URL: proxy.url });
-    const { device, session, got } = await deviceOn(c, { autoAck: false });
+  await onProxiedNode(async ({ c, proxy, device, session, got }) => {
     const sid = session.sessionId;
     await publishVia(a, { target: { session: sid }, name: 'e', data: { i: 0 } });
     await until('the first event', () => got.length === 1);
@@ -358,7 +370,7 @@ test("after a resync (the node's subscriber came back), an event forwarded to th
     proxy.cutSubscribers();
     await until(
       'the resync after the subscriber came back',
-      async () => (await counter(c!, 'outbox_resyncs', 'cause="subscriber_reconnect"')) > resyncs,
+      async () => (await counter(c, 'outbox_resyncs', 'cause="subscriber_reconnect"')) > resyncs,
     );
     await until('the node key set by the resync', async () => (await shared.get(nodeKey)) !== null);
     await until('the event in flight sent again by the resync', () => got.length === 2);
@@ -386,7 +398,7 @@ test("after a resync (the node's subscriber came back), an event forwarded to th
       'the forwarded event, first sent by the pump after the resync, is a first attempt',
     );
     device.ack([got[2].eid, got[3].eid]);
-    await until('the acks applied', async () => (await outboxSizes(c!, [sid]))[0] === 0);
+    await until('the acks applied', async () => (await outboxSizes(c, [sid]))[0] === 0);
     const forwardResyncs = await counter(c, 'outbox_resyncs', 'cause="forward"');
     proxy.release();
     // A forward after the held one: once it is in, C has read the held one (one channel, in order).
@@ -395,11 +407,7 @@ test("after a resync (the node's subscriber came back), an event forwarded to th
     assert.deepEqual(numbers(got, 'e'), [0, 0, 1, 2, 3], 'each event once after the resync');
     assert.equal(got[4].attempt, 1);
     assert.equal(await counter(c, 'outbox_resyncs', 'cause="forward"'), forwardResyncs, 'no resync');
-  } finally {
-    proxy.release();
-    await c?.stop();
-    await proxy.close();
-  }
+  });
 });
 
 test('a forwarded event sent and not acked goes out again as attempt 2 on the connection after it, on either node', async () => {

@@ -16,6 +16,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { collect, members } from '../helpers/events.ts';
 import {
   type DeploymentEnv,
   deploymentEnv,
@@ -73,17 +74,6 @@ async function withDeployment(
 }
 
 const nodeOf = (g: GatewayProcess) => String(g.logs.find((l) => l.msg === 'gateway ready')?.node);
-
-function collect(c: GatewayClient): EventMsg[] {
-  const got: EventMsg[] = [];
-  c.on('event', (e: EventMsg) => got.push(e));
-  return got;
-}
-
-async function members(c: GatewayClient, room: string): Promise<number> {
-  const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
-  return rooms.find((x) => x.room === room)?.members ?? 0;
-}
 
 async function users(c: GatewayClient, room: string): Promise<string[]> {
   return (await c.request<{ users: string[] }>('users', { room })).users;

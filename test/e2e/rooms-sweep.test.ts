@@ -8,10 +8,11 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
-import { type EventMsg, unpack } from '../../protocol/index.ts';
+import { unpack } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { collect, members } from '../helpers/events.ts';
 import {
   type DeploymentEnv,
   deploymentEnv,
@@ -62,17 +63,6 @@ async function withTwoNodes(
 }
 
 const nodeOf = (g: GatewayProcess) => String(g.logs.find((l) => l.msg === 'gateway ready')?.node);
-
-function collect(c: GatewayClient): EventMsg[] {
-  const got: EventMsg[] = [];
-  c.on('event', (e: EventMsg) => got.push(e));
-  return got;
-}
-
-async function members(c: GatewayClient, room: string): Promise<number> {
-  const { rooms } = await c.request<{ rooms: { room: string; members: number }[] }>('rooms');
-  return rooms.find((r) => r.room === room)?.members ?? 0;
-}
 
 test('a session that resumed on a live node before the sweep leaves the dead node its rooms there', async () => {
   await withTwoNodes(async ({ a, b, prefix, r, open }) => {
