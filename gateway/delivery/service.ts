@@ -240,6 +240,8 @@ export class DeliveryService {
     resyncs: Counter;
   };
   private resyncTimer: NodeJS.Timeout | undefined;
+  /** When the sweep before this one ran: ACK deadlines are measured there (see `sweep`). */
+  private previousSweepMs = Number.NEGATIVE_INFINITY;
   /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   private readonly counts = {
     published: 0,
@@ -1023,21 +1025,30 @@ export class DeliveryService {
 
   // ---- deadlines, retries, dead letters ---------------------------------------------------------
 
-  /** Called by the gateway's sweep: missed ACK deadlines become retry jobs or dead letters. */
+  /**
+   * Called by the gateway's sweep: missed ACK deadlines become retry jobs or dead letters.
+   * Deadlines are measured at the previous sweep's time, as Gateway.sweep does for silence and
+   * for the reason its comment gives: after a stall of the loop longer than the ack timeout this
+   * runs before the poll phase reads the acks waiting in the sockets, and retried (at the last
+   * attempt, dead-lettered) events that were acked. A retry comes at most one sweep interval
+   * later; the first sweep finds nothing due.
+   */
   private sweep(now: number): void {
+    const due = Math.min(now, this.previousSweepMs);
+    this.previousSweepMs = now;
     for (const pump of this.pumps.values()) {
       // Most sessions of a large fleet have nothing in flight: no iterator made for them.
       if (pump.inflight.size === 0) continue;
       for (const [eid, f] of pump.inflight) {
         if (f.waiting) {
           // The retry job did not come in time: this node holds the session, it resends.
-          if (f.deadline <= now) {
+          if (f.deadline <= due) {
             f.deadline = now + this.deps.options.ackTimeoutMs;
             this.resend(pump.sid, eid);
           }
           continue;
         }
-        if (f.deadline > now) break;
+        if (f.deadline > due) break;
         if (f.attempt >= this.deps.options.maxAttempts) this.deadLetter(pump, eid, f.attempt);
         else this.scheduleRetry(pump, eid, f);
       }

@@ -8,6 +8,9 @@
  * worker thread (test/helpers/stall-client.ts) and go on sending meanwhile: a live client (its
  * own ping every hb / 4, pongs) and a connection whose `hello` comes during the stall. A raw
  * client that answers no ping is still closed with `heartbeat_timeout`, not before 2 × hb.
+ *
+ * The delivery service's ACK deadlines run in the same sweep: a device that acks a qos-1 event
+ * during a stall longer than the ack timeout gets no retry of it (its ack waits unread too).
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -18,12 +21,14 @@ import { after, test } from 'node:test';
 import type { Worker } from 'node:worker_threads';
 import { startNode } from '../../gateway/app.ts';
 import { loadConfig } from '../../gateway/config.ts';
-import { ConnState } from '../../gateway/connection.ts';
+import { Connection, ConnState } from '../../gateway/connection.ts';
 import { createLogger } from '../../gateway/log.ts';
+import { connectPublisher } from '../../gateway/publish.ts';
 import { selectBackend } from '../../protocol/index.ts';
-import { dropRedisPrefix, dropSchema } from '../helpers/cleanup.ts';
+import { dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { rawHandshake } from '../helpers/raw-client.ts';
 import { type StallClientMessage, startStallClient } from '../helpers/stall-client.ts';
 
@@ -37,7 +42,7 @@ after(async () => {
 });
 
 /** A gateway node in this process, on its own Redis prefix, schema and identity files. */
-async function startInProcess() {
+async function startInProcess(env: Record<string, string> = {}) {
   const tag = randomUUID().slice(0, 8);
   const dir = mkdtempSync(join(tmpdir(), 'gw-stall-'));
   const prefix = `gwtest:${tag}:`;
@@ -63,6 +68,7 @@ async function startInProcess() {
     GW_HEAP_GROWING_PERCENT: '0',
     GW_SHUTDOWN_TIMEOUT_MS: '5000',
     GW_DRAIN_SETTLE_MS: '0',
+    ...env,
     ...(process.env.REDIS_URL ? { REDIS_URL: process.env.REDIS_URL } : {}),
     ...(process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL } : {}),
   });
@@ -73,7 +79,7 @@ async function startInProcess() {
     startNode(config, log, selectBackend('auto').backend),
   );
   closers.push(() => within('the in-process gateway to shut down', node.gateway.shutdown()));
-  return { node, lines, tcpUrl: `tcp://127.0.0.1:${node.ports.tcpPort}` };
+  return { node, lines, prefix, tcpUrl: `tcp://127.0.0.1:${node.ports.tcpPort}` };
 }
 
 /** The worker's messages as they come; `next(type)` waits for the first of a type not yet taken. */
@@ -187,6 +193,96 @@ test('a stall of the gateway longer than 2 × hb kicks no device that kept talki
     messages.got.filter((m) => m.type === 'kick' || m.type === 'closed'),
     [],
     'the live client was neither kicked nor closed',
+  );
+  assert.deepEqual(errors, [], 'the stall client ran without error');
+});
+
+test('an ack that comes during a stall longer than the ack timeout: no retry, delivered once', async () => {
+  const ACK_TIMEOUT_MS = 200;
+  const { node, prefix, tcpUrl } = await startInProcess({
+    GW_ACK_TIMEOUT_MS: String(ACK_TIMEOUT_MS),
+    // A retry, if one were scheduled, would come soon after the stall.
+    GW_RETRY_BASE_MS: '50',
+    GW_RETRY_MAX_MS: '100',
+    GW_ACK_FLUSH_MS: '0',
+  });
+  const deviceId = `acker-${randomUUID().slice(0, 8)}`;
+  const worker = startStallClient(tcpUrl, HB, deviceId);
+  closers.push(async () => {
+    worker.postMessage({ type: 'stop' });
+    await within('the stall client to stop', nextEvent(worker, 'exit')).catch(() => worker.terminate());
+  });
+  const errors: Error[] = [];
+  worker.on('error', (e) => errors.push(e));
+  const messages = messagesOf(worker);
+  await messages.next('ready');
+  const pub = await connectPublisher({ redisUrl: REDIS_URL, prefix });
+  closers.push(() => pub.close());
+
+  // The stall starts right after the event is written to the device's socket (the transport
+  // uncorks on a tick queued before this one), before anything is read again: its ack comes
+  // during the stall and waits in the socket.
+  const send = Connection.prototype.sendPacked;
+  let stalled: Promise<{ start: number; end: number }> | undefined;
+  Connection.prototype.sendPacked = function (this: Connection, body: Uint8Array, isEvent: boolean) {
+    send.call(this, body, isEvent);
+    if (isEvent && !stalled) {
+      Connection.prototype.sendPacked = send;
+      stalled = new Promise((resolve) =>
+        process.nextTick(() => {
+          const start = Date.now();
+          while (Date.now() < start + 5 * ACK_TIMEOUT_MS) {
+            // busy: no I/O is read, no timer runs
+          }
+          resolve({ start, end: Date.now() });
+        }),
+      );
+    }
+  };
+  closers.push(async () => {
+    Connection.prototype.sendPacked = send;
+  });
+  const { eid } = await within(
+    'the publish',
+    pub.publish({ device: deviceId }, { name: 'stall.ack', data: {} }),
+  );
+  const stall = await until('the stall', () => stalled);
+  const sent = await messages.next('event');
+  const acked = await messages.next('acked');
+  assert.deepEqual(
+    { eid: sent.eid, qos: sent.qos, attempt: sent.attempt ?? 1 },
+    { eid, qos: 1, attempt: 1 },
+    'the device got the event, its first attempt',
+  );
+  assert.deepEqual(acked.eids, [eid], 'the device acked the event');
+  // The device did ack during the stall, past the ack deadline (else a retry would be right).
+  // The event left just before the stall began, so the ack may be sent in that same ms.
+  assert.ok(
+    acked.at >= stall.start && acked.at < stall.end,
+    `the ack was sent ${acked.at - stall.start} ms into a stall of ${stall.end - stall.start} ms`,
+  );
+
+  // The service read the ack (the sweep right after the stall ran before that read).
+  const metrics = () => scrapeMetrics(node.ports.metricsPort);
+  const after = await until('the ack to be applied', async () => {
+    const m = await metrics();
+    return m.value('gateway_events_acked_total') >= 1 && m;
+  });
+  assert.deepEqual(
+    {
+      retried: after.value('gateway_events_retried_total'),
+      deadLettered: after.value('gateway_events_dead_lettered_total'),
+    },
+    { retried: 0, deadLettered: 0 },
+    'no retry scheduled, nothing dead-lettered, for an event acked during the stall',
+  );
+  // The device has had everything sent to it by now (a report's ping answered after it).
+  worker.postMessage({ type: 'report' });
+  await messages.next('report');
+  assert.deepEqual(
+    messages.got.filter((m) => m.type === 'event'),
+    [],
+    'the event was delivered once (attempt 1 only)',
   );
   assert.deepEqual(errors, [], 'the stall client ran without error');
 });

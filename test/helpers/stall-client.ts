@@ -8,13 +8,18 @@
  *   (`{ type: 'hello' }`; hb / 2 after it, while the gateway stalls), reports what the
  *   gateway answers, and goes.
  *
- * Messages to the test: `ready` (both connected, the live one's first ping answered), `kick`
+ * - `acker` (only when given a device id): a client logged in as that device with a new
+ *   account, which acks its qos-1 events as they come (the client's auto-ack).
+ *
+ * Messages to the test: `ready` (all connected, the live one's first ping answered), `kick`
  * and `closed` (the live client's, as they come), `handshake` (what answered the late hello),
- * `report` (asked with `{ type: 'report' }`: a ping made then, and the totals).
+ * `report` (asked with `{ type: 'report' }`: a ping made then, and the totals), and the
+ * acker's `event` (each event it got) and `acked` (each ack it sent, with when).
  */
 import { parentPort, Worker, workerData } from 'node:worker_threads';
 import { GatewayClient } from '../../client/client.ts';
 import { ClientHandshake, nodeBackend, pack, unpackMessage } from '../../protocol/index.ts';
+import { signUp } from './accounts.ts';
 import { rawConnect } from './raw-client.ts';
 
 export type StallClientMessage =
@@ -22,6 +27,9 @@ export type StallClientMessage =
   | { type: 'kick'; code: string }
   | { type: 'closed' }
   | { type: 'handshake'; answer: string; helloSentAt: number }
+  | { type: 'event'; eid: string; qos: number; attempt: number | undefined }
+  /** `at`: this thread's `Date.now()` when the ack frame was sent. */
+  | { type: 'acked'; eids: string[]; at: number }
   | {
       type: 'report';
       ping: string;
@@ -34,14 +42,36 @@ export type StallClientMessage =
     };
 
 /** Starts the clients in a worker thread, through tsx as the test itself runs. */
-export function startStallClient(url: string, hb: number): Worker {
+export function startStallClient(url: string, hb: number, acker?: string): Worker {
   const entry = new URL(import.meta.url).href;
   const tsx = import.meta.resolve('tsx/esm/api');
   const code = `import(${JSON.stringify(tsx)}).then((api) => { api.register(); return import(${JSON.stringify(entry)}); });`;
-  return new Worker(code, { eval: true, workerData: { stallClient: { url, hb } } });
+  return new Worker(code, { eval: true, workerData: { stallClient: { url, hb, acker } } });
 }
 
-async function run(port: NonNullable<typeof parentPort>, url: string, hb: number): Promise<void> {
+/** The `acker` device: auto-acks its qos-1 events and tells the test of each event and ack. */
+async function startAcker(url: string, deviceId: string, post: (m: StallClientMessage) => void) {
+  const acker = new GatewayClient({ url, requestTimeoutMs: 30_000, autoAck: true });
+  await acker.connect();
+  await signUp(acker, { id: deviceId });
+  // Every ack frame goes through `ack`, the auto-ack's too: timed when it is written.
+  const ack = acker.ack.bind(acker);
+  acker.ack = (eids: string[]) => {
+    ack(eids);
+    post({ type: 'acked', eids, at: Date.now() });
+  };
+  acker.on('event', (e: { eid: string; qos: number; attempt?: number }) =>
+    post({ type: 'event', eid: e.eid, qos: e.qos, attempt: e.attempt }),
+  );
+  return acker;
+}
+
+async function run(
+  port: NonNullable<typeof parentPort>,
+  url: string,
+  hb: number,
+  ackerId: string | undefined,
+): Promise<void> {
   const post = (m: StallClientMessage) => port.postMessage(m);
   const kicks: string[] = [];
   let pingsSent = 0;
@@ -67,6 +97,7 @@ async function run(port: NonNullable<typeof parentPort>, url: string, hb: number
   // Ping errors show in the report (`pongs` short of `pingsSent`), not here.
   const pinger = setInterval(() => ping().catch(() => {}), Math.max(1, Math.floor(hb / 4)));
   const late = await rawConnect(url);
+  const acker = ackerId === undefined ? undefined : await startAcker(url, ackerId, post);
   post({ type: 'ready' });
   port.on('message', (m: { type: string }) => {
     if (m.type === 'hello') {
@@ -96,15 +127,16 @@ async function run(port: NonNullable<typeof parentPort>, url: string, hb: number
     } else if (m.type === 'stop') {
       clearInterval(pinger);
       late.destroy();
-      live.close().finally(() => port.close());
+      Promise.allSettled([live.close(), acker?.close()]).finally(() => port.close());
     }
   });
 }
 
-const given = (workerData as { stallClient?: { url: string; hb: number } } | null)?.stallClient;
+const given = (workerData as { stallClient?: { url: string; hb: number; acker?: string } } | null)
+  ?.stallClient;
 if (parentPort && given) {
   const port = parentPort;
-  run(port, given.url, given.hb).catch((e: Error) => {
+  run(port, given.url, given.hb, given.acker).catch((e: Error) => {
     throw e;
   });
 }
