@@ -170,7 +170,7 @@ const SETTINGS = {
   ackTimeoutMs: setting(
     'GW_ACK_TIMEOUT_MS',
     '10000',
-    'ACK deadline of one qos-1 delivery attempt; a miss schedules a retry job in BullMQ.',
+    'ACK deadline of one qos-1 delivery attempt; a miss schedules a retry job in BullMQ (found by the sweep, within two of its intervals, `min(hb/4, 250 ms)` each, after the deadline).',
     int(50).default(10000),
   ),
   maxAttempts: setting(
