@@ -115,11 +115,12 @@ function stallInCheckPhase(ms: number, until: () => number): Promise<{ start: nu
   );
 }
 
-test('a stall of the gateway longer than 2 × hb kicks no device that kept talking; a silent one is still closed', async () => {
-  const { node, lines, tcpUrl } = await startInProcess();
-  const { gateway } = node;
-
-  const worker = startStallClient(tcpUrl, HB);
+/**
+ * The devices' worker (test/helpers/stall-client.ts), stopped at the end of the test, once it
+ * says it is ready; its errors collected.
+ */
+async function readyStallClient(tcpUrl: string, deviceId?: string) {
+  const worker = startStallClient(tcpUrl, HB, deviceId);
   closers.push(async () => {
     worker.postMessage({ type: 'stop' });
     await within('the stall client to stop', nextEvent(worker, 'exit')).catch(() => worker.terminate());
@@ -128,6 +129,14 @@ test('a stall of the gateway longer than 2 × hb kicks no device that kept talki
   worker.on('error', (e) => errors.push(e));
   const messages = messagesOf(worker);
   await messages.next('ready');
+  return { worker, errors, messages };
+}
+
+test('a stall of the gateway longer than 2 × hb kicks no device that kept talking; a silent one is still closed', async () => {
+  const { node, lines, tcpUrl } = await startInProcess();
+  const { gateway } = node;
+
+  const { worker, errors, messages } = await readyStallClient(tcpUrl);
   const silent = await rawHandshake(tcpUrl, false);
   const silentSince = Date.now();
   // The late connection is accepted (its handshake deadline runs) before the stall.
@@ -207,15 +216,7 @@ test('an ack that comes during a stall longer than the ack timeout: no retry, de
     GW_ACK_FLUSH_MS: '0',
   });
   const deviceId = `acker-${randomUUID().slice(0, 8)}`;
-  const worker = startStallClient(tcpUrl, HB, deviceId);
-  closers.push(async () => {
-    worker.postMessage({ type: 'stop' });
-    await within('the stall client to stop', nextEvent(worker, 'exit')).catch(() => worker.terminate());
-  });
-  const errors: Error[] = [];
-  worker.on('error', (e) => errors.push(e));
-  const messages = messagesOf(worker);
-  await messages.next('ready');
+  const { worker, errors, messages } = await readyStallClient(tcpUrl, deviceId);
   const pub = await connectPublisher({ redisUrl: REDIS_URL, prefix });
   closers.push(() => pub.close());
 
