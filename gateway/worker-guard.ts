@@ -4,8 +4,8 @@
  * sat idle (no job active) for over 15 s while its job waited in `wait` with the queue's marker
  * set, and nothing else took it. BullMQ leaves reconnection to ioredis, and its maintainers'
  * advice for a worker that does not come back is to close it and make a new one. A guard checks
- * at most once per `checkMs` (from the gateway's sweep): the oldest job in `wait` and in
- * `delayed`; one due more than `checkMs` ago that is still the one found at the next check, with
+ * at most once per `checkMs` after the previous check ended (from the gateway's sweep): the
+ * oldest job in `wait` and in `delayed`; one due more than `checkMs` ago that is still the one found at the next check, with
  * no job started by this worker in between and a free slot at both checks, makes it close the
  * worker (not awaited: a stalled worker's close may wait on what stalled it) and start a new one.
  * A worker that fetches takes a due job within milliseconds (another node's worker otherwise),
@@ -85,10 +85,15 @@ export class GuardedWorker {
     return this.current;
   }
 
-  /** Called from the gateway's sweep: checks once per `checkMs`, one check out at a time. */
+  /**
+   * Called from the gateway's sweep: one check out at a time, each at least `checkMs` after the
+   * previous one ended. Counted from the end: a check held by a frozen or stopped Redis ends only
+   * once Redis answers again, and the next check must still give the worker a whole period to
+   * fetch again. Counted from the start, the next check came at the next sweep after the thaw and
+   * found the job the held one had just found, before the worker had its chance.
+   */
   tick(nowMs: number): void {
     if (this.checking || this.closing || nowMs - this.lastCheckAt < this.o.checkMs) return;
-    this.lastCheckAt = nowMs;
     this.checking = true;
     this.check()
       .catch((e) => {
@@ -97,6 +102,7 @@ export class GuardedWorker {
       })
       .finally(() => {
         this.checking = false;
+        this.lastCheckAt = Date.now();
       });
   }
 

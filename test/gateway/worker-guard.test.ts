@@ -328,3 +328,38 @@ test('across a Redis outage a sound worker is kept, and one that stops taking jo
   await until('the job run by a new worker', () => done.has('paused'), 4 * checkMs);
   assert.equal(await q.restarts(), 1);
 });
+
+test('a job that fell due while Redis was frozen: the worker has a check after the thaw to take it', async () => {
+  const own = await startOwnRedis();
+  closers.push(() => own.remove());
+  const checkMs = 2000;
+  const done = new Set<string>();
+  const q = await guardedQueue(
+    5,
+    async (job) => {
+      done.add(job.name);
+    },
+    { url: own.url, checkMs },
+  );
+  // A worker that takes nothing until the test lets it: one slow to fetch again after an
+  // outage, as a sound BullMQ worker can be (its blocking read coming back).
+  await within('the worker paused', q.guard.worker.pause());
+  await within('a job added', q.queue.add('due', {}));
+  // Frozen past a check: the check started meanwhile waits in its connection and reads the job
+  // only after the thaw, late by more than a check by then.
+  own.freeze();
+  try {
+    await sleep(1.5 * checkMs);
+  } finally {
+    own.thaw();
+  }
+  // The worker comes back a tenth of a check after the thaw: within the grace of one check.
+  await sleep(checkMs / 10);
+  q.guard.worker.resume();
+  await until('the job run', () => done.has('due'), 4 * checkMs);
+  // Two more checks find nothing late.
+  await sleep(2 * checkMs);
+  const replaced = q.lines.filter((l) => String(l.msg).includes('worker replaced'));
+  assert.deepEqual(replaced, [], 'a worker that took its job within a check of the thaw was replaced');
+  assert.equal(await q.restarts(), 0);
+});
