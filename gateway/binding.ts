@@ -73,12 +73,16 @@ export class SessionBinding {
 
   /**
    * Defines operation `name`: a Lua chunk run with its keys as `KEYS` and its arguments as
-   * `ARGV` (an existing script file works unchanged); what it returns is `run`'s result.
+   * `ARGV` (an existing script file works unchanged); what it returns is `run`'s result. A
+   * name defined again must bring the same Lua (a service made twice on one binding).
    */
   define(name: string, lua: string): void {
     if (this.built) throw new Error(`binding operation ${name} defined after the first call`);
     if (!/^[a-z_]+$/.test(name)) throw new Error(`bad binding operation name ${name}`);
-    if (this.ops.has(name)) return;
+    const known = this.ops.get(name);
+    if (known === lua) return;
+    // Two services naming different operations alike: the second would silently run the first.
+    if (known !== undefined) throw new Error(`binding operation ${name} defined twice, differently`);
     this.ops.set(name, lua);
   }
 
