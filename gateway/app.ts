@@ -201,144 +201,152 @@ export async function startNode(
     throw e;
   }
 
-  // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
-  // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
-  for (const [name, r] of [
-    ['redis', redis],
-    ['subscriber', sub],
-  ] as const) {
-    // Connected above: every 'ready' from here on is a reconnect.
-    r.on('ready', () => {
-      delivery.resyncAll(`${name}_reconnect`);
-      presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
-      rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
+  // From here the id is this process's (its first beat, the claim). A start that fails from
+  // here on gives it back if it holds nothing yet, so that the restart does not wait for the
+  // beat to go stale (GW_PRESENCE_STALE_MS) as if a live process held it.
+  try {
+    // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
+    // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
+    for (const [name, r] of [
+      ['redis', redis],
+      ['subscriber', sub],
+    ] as const) {
+      // Connected above: every 'ready' from here on is a reconnect.
+      r.on('ready', () => {
+        delivery.resyncAll(`${name}_reconnect`);
+        presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
+        rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
+      });
+    }
+
+    // A session that ends takes its undelivered events with it, each reported delivery.failed;
+    // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
+    // The successor's outbox stays within GW_OUTBOX_MAX: what the policy drops is reported, and
+    // under `reject` what did not fit is reported failed (`outbox_full`).
+    identity.service.onSessionEnded((sid, reason, successor) => {
+      const purge = (why = `session_${reason}`) => delivery.purge(sid, why);
+      const done = successor
+        ? outbox.move(sid, successor).then(async (r) => {
+            if (r === -1) return purge();
+            await delivery.reportDropped(successor, r.dropped);
+            return r.left > 0 ? purge('outbox_full') : r.moved;
+          })
+        : purge();
+      done.catch((e) => logFailure(log, e, {}, 'could not purge or move an outbox'));
     });
+    await identity.start(gateway);
+    await delivery.start();
+    await presence.start({
+      roomLeft: (now) => rooms.sweepRoomLeft(now),
+      expire: async (members) => {
+        for (const m of members) {
+          const [sid, eid] = m.split('|');
+          for (const t of await outbox.take(sid, [eid])) delivery.reportExpired(sid, t.event);
+        }
+      },
+    });
+    await limits.start();
+    messaging.start();
+    mountEventsApi(gateway.app, delivery, config.apiKey, log);
+    const admin = new AdminService({
+      pool: identity.pool,
+      redis,
+      queueConnection: producer,
+      keys,
+      outbox,
+      identity: {
+        userIdOf: (name) => identity.service.userIdOf(name),
+        sessionIdsOf: (userId) => identity.service.store.ofUser(userId),
+        session: (sid) => identity.service.store.get(sid),
+        revoke: (sid) => identity.service.endSession(sid, 'revoked'),
+      },
+      backendQueue: backendEvents.queue,
+      log,
+      sessionTtlSeconds: config.sessionTtlSeconds,
+    });
+    mountAdminApi(gateway.app, { admin, limits }, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
+    const monitor = new DependencyMonitor(
+      log,
+      { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
+      { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
+    );
+    monitor.start();
+    new Gauge({
+      name: 'gateway_dependency_up',
+      help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0); redis_subscriber: whether the pub/sub connection is up with its subscriptions applied.',
+      labelNames: ['dependency'],
+      registers: [gateway.metrics],
+      // Over the processes of a machine: up only if every process reaches it.
+      aggregator: 'min',
+      collect() {
+        for (const d of ['redis', 'postgres'] as const) this.labels(d).set(monitor.isDown(d) ? 0 : 1);
+        this.labels('redis_subscriber').set(bus.live ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'gateway_ready',
+      help: 'Whether /health/ready would answer 200 (1) or 503 (0), checked at scrape.',
+      registers: [gateway.metrics],
+      aggregator: 'min',
+      async collect() {
+        // A check that does not answer within COLLECT_WAIT_MS fails here: a scrape must not wait
+        // on a hung dependency (gateway/metrics.ts).
+        this.set((await gateway.readiness(Math.min(config.readyTimeoutMs, COLLECT_WAIT_MS))).ready ? 1 : 0);
+      },
+    });
+    gateway.onReadiness('redis', async () => {
+      await redis.ping();
+      return undefined;
+    });
+    gateway.onReadiness('postgres', async () => {
+      await identity.pool.query('SELECT 1');
+      return undefined;
+    });
+    gateway.onReadiness('migrations', async () => {
+      const pending = await pendingMigrations((sql, params) => identity.pool.query(sql, params));
+      return pending.length ? `pending: ${pending.join(', ')}` : undefined;
+    });
+
+    // The gRPC server (GW_GRPC_PORT; off when 0): not ready when /health/ready is not, drained
+    // with the device listeners, closed before the identity service it calls.
+    const grpc =
+      config.grpcPort > 0
+        ? new GrpcServer({
+            host: config.host,
+            port: config.grpcPort,
+            log,
+            registry: gateway.metrics,
+            operations: identity.operations,
+            serving: () => !gateway.shuttingDown && !monitor.isDown('redis') && !monitor.isDown('postgres'),
+          })
+        : undefined;
+    if (grpc) {
+      gateway.onShutdown(() => grpc.shuttingDown());
+      gateway.onDrain(() => grpc.drain());
+      gateway.onClose(() => grpc.close(GRPC_CLOSE_GRACE_MS));
+    }
+
+    gateway.onClose(async (deadline) => {
+      monitor.stop();
+      messaging.close();
+      limits.close();
+      // The room leaves still owed are tried (while the sweep's worker closes) until the drain's
+      // deadline but for two Redis timeouts: a try still out then, and the deregistration behind
+      // it, fail within the deadline. The node deregisters only if Redis then holds no session
+      // or membership of it, else the sweep of dead nodes removes them.
+      await presence.close(rooms.settle(deadline - 2 * config.redisTimeoutMs));
+      await delivery.close();
+      await admin.close();
+      await identity.close();
+      await backendEvents.close();
+      await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);
+    });
+
+    const ports = await gateway.start();
+    if (grpc) ports.grpcPort = await grpc.start();
+    return { gateway, ports, delivery, redis, keys };
+  } catch (e) {
+    await presence.release();
+    throw e;
   }
-
-  // A session that ends takes its undelivered events with it, each reported delivery.failed;
-  // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
-  // The successor's outbox stays within GW_OUTBOX_MAX: what the policy drops is reported, and
-  // under `reject` what did not fit is reported failed (`outbox_full`).
-  identity.service.onSessionEnded((sid, reason, successor) => {
-    const purge = (why = `session_${reason}`) => delivery.purge(sid, why);
-    const done = successor
-      ? outbox.move(sid, successor).then(async (r) => {
-          if (r === -1) return purge();
-          await delivery.reportDropped(successor, r.dropped);
-          return r.left > 0 ? purge('outbox_full') : r.moved;
-        })
-      : purge();
-    done.catch((e) => logFailure(log, e, {}, 'could not purge or move an outbox'));
-  });
-  await identity.start(gateway);
-  await delivery.start();
-  await presence.start({
-    roomLeft: (now) => rooms.sweepRoomLeft(now),
-    expire: async (members) => {
-      for (const m of members) {
-        const [sid, eid] = m.split('|');
-        for (const t of await outbox.take(sid, [eid])) delivery.reportExpired(sid, t.event);
-      }
-    },
-  });
-  await limits.start();
-  messaging.start();
-  mountEventsApi(gateway.app, delivery, config.apiKey, log);
-  const admin = new AdminService({
-    pool: identity.pool,
-    redis,
-    queueConnection: producer,
-    keys,
-    outbox,
-    identity: {
-      userIdOf: (name) => identity.service.userIdOf(name),
-      sessionIdsOf: (userId) => identity.service.store.ofUser(userId),
-      session: (sid) => identity.service.store.get(sid),
-      revoke: (sid) => identity.service.endSession(sid, 'revoked'),
-    },
-    backendQueue: backendEvents.queue,
-    log,
-    sessionTtlSeconds: config.sessionTtlSeconds,
-  });
-  mountAdminApi(gateway.app, { admin, limits }, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
-  const monitor = new DependencyMonitor(
-    log,
-    { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
-    { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
-  );
-  monitor.start();
-  new Gauge({
-    name: 'gateway_dependency_up',
-    help: 'Whether the last probe of a dependency (redis, postgres) succeeded (1) or failed (0); redis_subscriber: whether the pub/sub connection is up with its subscriptions applied.',
-    labelNames: ['dependency'],
-    registers: [gateway.metrics],
-    // Over the processes of a machine: up only if every process reaches it.
-    aggregator: 'min',
-    collect() {
-      for (const d of ['redis', 'postgres'] as const) this.labels(d).set(monitor.isDown(d) ? 0 : 1);
-      this.labels('redis_subscriber').set(bus.live ? 1 : 0);
-    },
-  });
-  new Gauge({
-    name: 'gateway_ready',
-    help: 'Whether /health/ready would answer 200 (1) or 503 (0), checked at scrape.',
-    registers: [gateway.metrics],
-    aggregator: 'min',
-    async collect() {
-      // A check that does not answer within COLLECT_WAIT_MS fails here: a scrape must not wait
-      // on a hung dependency (gateway/metrics.ts).
-      this.set((await gateway.readiness(Math.min(config.readyTimeoutMs, COLLECT_WAIT_MS))).ready ? 1 : 0);
-    },
-  });
-  gateway.onReadiness('redis', async () => {
-    await redis.ping();
-    return undefined;
-  });
-  gateway.onReadiness('postgres', async () => {
-    await identity.pool.query('SELECT 1');
-    return undefined;
-  });
-  gateway.onReadiness('migrations', async () => {
-    const pending = await pendingMigrations((sql, params) => identity.pool.query(sql, params));
-    return pending.length ? `pending: ${pending.join(', ')}` : undefined;
-  });
-
-  // The gRPC server (GW_GRPC_PORT; off when 0): not ready when /health/ready is not, drained
-  // with the device listeners, closed before the identity service it calls.
-  const grpc =
-    config.grpcPort > 0
-      ? new GrpcServer({
-          host: config.host,
-          port: config.grpcPort,
-          log,
-          registry: gateway.metrics,
-          operations: identity.operations,
-          serving: () => !gateway.shuttingDown && !monitor.isDown('redis') && !monitor.isDown('postgres'),
-        })
-      : undefined;
-  if (grpc) {
-    gateway.onShutdown(() => grpc.shuttingDown());
-    gateway.onDrain(() => grpc.drain());
-    gateway.onClose(() => grpc.close(GRPC_CLOSE_GRACE_MS));
-  }
-
-  gateway.onClose(async (deadline) => {
-    monitor.stop();
-    messaging.close();
-    limits.close();
-    // The room leaves still owed are tried (while the sweep's worker closes) until the drain's
-    // deadline but for two Redis timeouts: a try still out then, and the deregistration behind
-    // it, fail within the deadline. The node deregisters only if Redis then holds no session
-    // or membership of it, else the sweep of dead nodes removes them.
-    await presence.close(rooms.settle(deadline - 2 * config.redisTimeoutMs));
-    await delivery.close();
-    await admin.close();
-    await identity.close();
-    await backendEvents.close();
-    await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);
-  });
-
-  const ports = await gateway.start();
-  if (grpc) ports.grpcPort = await grpc.start();
-  return { gateway, ports, delivery, redis, keys };
 }

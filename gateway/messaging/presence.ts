@@ -84,6 +84,17 @@ local sessions, memberships = redis.call('SCARD', KEYS[2]), redis.call('SCARD', 
 if sessions == 0 and memberships == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return {sessions, memberships}`,
   /**
+   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, its
+   * newest beat (ms). A start that failed gives its id back: the beat goes if it is at most
+   * that (none of another process's since) and the node holds nothing. Returns 1 if removed.
+   */
+  node_id_release: `
+local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not beat or tonumber(beat) > tonumber(ARGV[2]) then return 0 end
+if redis.call('SCARD', KEYS[2]) > 0 or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1`,
+  /**
    * KEYS: nodes; ARGV: the node, now (ms). The node's beat; returns the beat it replaces ('' if
    * none), by which a node hears of another live process beating under its id.
    */
@@ -220,6 +231,12 @@ export class Presence {
    * moves meanwhile is one: NodeIdInUseError, and nothing is touched. A beat that does not move
    * is a dead process's, as the sweep of dead nodes would judge it, and is swept. Every Redis
    * call is bounded (GW_REDIS_TIMEOUT_MS) and fails the start.
+   *
+   * It ends by claiming the id: the node's first beat, written only if the id has none (`ZADD
+   * NX`; the sweep removed a dead life's). Two processes started in the same moment both find
+   * nothing to watch; the claim lets one of them through, and the other gets NodeIdInUseError
+   * having written nothing. Before, both started and served under one id (only their beats
+   * told, once running).
    */
   async sweepPreviousLife(roomLeft: SweepTargets['roomLeft']): Promise<number | undefined> {
     const { redis, keys, gateway, options, log } = this.deps;
@@ -247,19 +264,39 @@ export class Presence {
       redis.scard(keys.nodeSessions(node)),
       redis.scard(keys.nodeMemberships(node)),
     ]);
-    if (beat === undefined && sessions === 0 && memberships === 0) return undefined;
+    if (beat === undefined && sessions === 0 && memberships === 0) {
+      await this.claim(beat);
+      return undefined;
+    }
     const now = Date.now();
     const swept = await this.sweepNode(node, beat ?? 0, now, roomLeft(now));
     if (swept === undefined) {
       const again = (await beatOf()) ?? 0;
       throw new NodeIdInUseError(node, beat ?? 0, again);
     }
+    await this.claim(beat);
     this.previousLifeSweeps.inc();
     log.info(
       { sessions: swept, lastBeatAgoMs: beat === undefined ? null : now - beat },
       'swept what a previous process of this node id left in Redis',
     );
     return swept;
+  }
+
+  /**
+   * The node's first beat, written only if the id has no beat (another process's, written
+   * since this one looked): NodeIdInUseError otherwise, naming `seen` (the beat the start
+   * found, if any) and the one there now.
+   */
+  private async claim(seen: number | undefined): Promise<void> {
+    const { redis, keys, gateway } = this.deps;
+    const now = Date.now();
+    if ((await redis.zadd(keys.nodes, 'NX', now, gateway.nodeId)) === 1) {
+      this.beats.push(now);
+      return;
+    }
+    const there = await redis.zscore(keys.nodes, gateway.nodeId);
+    throw new NodeIdInUseError(gateway.nodeId, seen ?? 0, Number(there ?? 0));
   }
 
   /**
@@ -324,6 +361,30 @@ export class Presence {
         { sessions, memberships },
         'node not deregistered: Redis still holds sessions or room memberships of it; the sweep of dead nodes removes them',
       );
+    }
+  }
+
+  /**
+   * A start that failed after the claim (sweepPreviousLife): the beat stops, and the id is given
+   * back if the node holds nothing, so that the next start under it does not watch a beat that
+   * no process writes any more for GW_PRESENCE_STALE_MS. Best effort (its failure is logged,
+   * and leaves the beat to go stale): the start's own error is the one that matters.
+   */
+  async release(): Promise<void> {
+    if (this.beatTimer) clearInterval(this.beatTimer);
+    this.beatTimer = undefined;
+    this.closing = true;
+    if (this.beats.length === 0) return;
+    const { keys, gateway, binding, log } = this.deps;
+    const node = gateway.nodeId;
+    try {
+      await binding.run(
+        'node_id_release',
+        [keys.nodes, keys.nodeSessions(node), keys.nodeMemberships(node)],
+        [node, Math.max(...this.beats)],
+      );
+    } catch (e) {
+      logFailure(log, e, {}, 'could not give back the node id after a failed start');
     }
   }
 

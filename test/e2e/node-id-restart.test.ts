@@ -9,6 +9,7 @@
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { type AddressInfo, createServer } from 'node:net';
 import { test } from 'node:test';
 import type { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
@@ -271,7 +272,7 @@ test('a second process started with the node id of a live node refuses to start,
   });
 });
 
-test('two processes started at the same moment with one node id: the mistake is reported, at the start or by their beats', async () => {
+test('two processes started at the same moment with one node id: one serves, the other refuses to start', async () => {
   const STALE_MS = 1500;
   await withDeployment(STALE_MS, 300, async (n) => {
     const id = `fixed-${randomUUID().slice(0, 8)}`;
@@ -281,16 +282,21 @@ test('two processes started at the same moment with one node id: the mistake is 
     );
     const running = both.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
     try {
-      const reported = () =>
-        lines.some((ls) => ls.some((l) => l.code === 'node_id_in_use' && l.level === 50));
-      if (running.length === 2) {
-        console.log('# both started; their beats report the shared id');
-        await until('a node_id_in_use error line from either process', reported, 10_000);
-      } else {
-        console.log('# one refused to start');
-        assert.equal(running.length, 1, 'one of the two serves');
-        assert.ok(reported(), 'the refusal names node_id_in_use');
-      }
+      assert.equal(running.length, 1, `one of the two serves: ${JSON.stringify(both.map((o) => o.status))}`);
+      const refusedIn = both.findIndex((o) => o.status === 'rejected');
+      assert.ok(
+        lines[refusedIn].some((l) => l.code === 'node_id_in_use' && l.level === 50),
+        `the refusal names node_id_in_use: ${JSON.stringify(lines[refusedIn].slice(-3))}`,
+      );
+      // The one serving hears of no other process under its id.
+      const device = await connected(running[0].tcpUrl);
+      n.open.push(device);
+      await signUp(device);
+      const servedIn = 1 - refusedIn;
+      assert.ok(
+        !lines[servedIn].some((l) => l.code === 'node_id_in_use'),
+        'the serving process logged node_id_in_use',
+      );
     } finally {
       await within('the processes stopped', Promise.all(running.map((g) => g.stop())));
     }
@@ -383,4 +389,44 @@ test('a Redis that freezes while the start watches its previous beat fails the s
     await dropDeployment(deployment);
     await own.remove();
   }
+});
+
+test('a start that fails after claiming its id (its HTTP port taken) gives the id back: the next start does not wait', async () => {
+  // A stale time far above the test's deadlines: a restart that watched the failed start's beat
+  // would be seen in its log, and take that long.
+  const STALE_MS = 20_000;
+  await withDeployment(STALE_MS, 300, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const taken = createServer();
+    await within('a port taken', new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve)));
+    try {
+      const port = (taken.address() as AddressInfo).port;
+      const lines: Record<string, unknown>[] = [];
+      let failed: ChildProcess | undefined;
+      const outcome = await startGateway(
+        { ...n.base, GW_NODE_ID: id, GW_HTTP_PORT: String(port) },
+        { onLog: (l) => lines.push(l), onProcess: (p) => (failed = p) },
+      ).then(
+        (g) => g,
+        (e: Error) => e,
+      );
+      if (!(outcome instanceof Error)) {
+        await outcome.stop();
+        assert.fail('the gateway started on a taken port');
+      }
+      await until('the failed process exited', () => failed?.exitCode !== null);
+      assert.notEqual(failed?.exitCode, 0, 'the failed start exits non-zero');
+      assert.equal(await n.r.zscore(`${n.prefix}nodes`, id), null, 'the failed start left no beat of the id');
+    } finally {
+      taken.close();
+    }
+    const again = await n.start({ GW_NODE_ID: id });
+    assert.ok(
+      !again.logs.some((l) => String(l.msg).includes('watching its beat')),
+      "the next start watched the failed one's beat",
+    );
+    const device = await connected(again.tcpUrl);
+    n.open.push(device);
+    await signUp(device);
+  });
 });

@@ -1,0 +1,123 @@
+/**
+ * A node's start claims its id (Presence.sweepPreviousLife ends with the node's first beat,
+ * written only if the id has none), so that of two processes started in the same moment under
+ * one id, which both find nothing of it in Redis, one starts and the other is refused having
+ * written nothing; and a start that fails after the claim gives the id back. Presence runs in
+ * this process with a stand-in for the gateway (its node id, metrics and hooks), against the
+ * shared Redis under a prefix of this test's own. The whole processes are in
+ * test/e2e/node-id-restart.test.ts.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, test } from 'node:test';
+import { Registry } from 'prom-client';
+import { SessionBinding } from '../../gateway/binding.ts';
+import type { Gateway } from '../../gateway/gateway.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { createLogger } from '../../gateway/log.ts';
+import { NodeIdInUseError, Presence } from '../../gateway/messaging/presence.ts';
+import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
+import { captureLog } from '../helpers/log-capture.ts';
+
+const STALE_MS = 1500;
+const prefixes: string[] = [];
+const closers: (() => void)[] = [];
+
+after(async () => {
+  for (const close of closers.reverse()) close();
+  for (const p of prefixes) await dropRedisPrefix(p);
+});
+
+/** A deployment's keys, and a Presence of node `nodeId` on it as a process's start makes it. */
+function deployment() {
+  const prefix = `gwtest:claim:${randomUUID().slice(0, 8)}:`;
+  prefixes.push(prefix);
+  const keys = new Keys(prefix);
+  const presenceOf = (nodeId: string) => {
+    const redis = redisClient();
+    const bull = redisClient(undefined, { maxRetriesPerRequest: null, commandTimeout: undefined });
+    closers.push(() => {
+      redis.disconnect();
+      bull.disconnect();
+    });
+    const { lines, stream } = captureLog();
+    const gateway = {
+      nodeId,
+      connections: [],
+      metrics: new Registry(),
+      onSessionBound() {},
+      onSessionUnbound() {},
+      onSweep() {},
+    } as unknown as Gateway;
+    const presence = new Presence({
+      gateway,
+      redis,
+      bullConnection: bull,
+      binding: new SessionBinding(redis),
+      keys,
+      log: createLogger('debug', {}, stream),
+      options: { staleMs: STALE_MS, sweepIntervalMs: 1000, sessionTtlSeconds: 60, workerCheckMs: 5000 },
+    });
+    return { presence, lines };
+  };
+  const r = redisClient();
+  closers.push(() => r.disconnect());
+  return { keys, presenceOf, r };
+}
+
+const noRoomLeft = () => ['', '', Buffer.alloc(0), 0] as [string, string, Buffer, number];
+
+test('ten starts under one id at once, which all find nothing of it: exactly one claims it, the others are refused', async () => {
+  const d = deployment();
+  const id = `fixed-${randomUUID().slice(0, 8)}`;
+  // The winner's process beats on, as a started node does (every fifth of the stale time): a
+  // start that looks only after the claim sees a beat that moves, as it would in production.
+  const beater = setInterval(() => {
+    d.r.zadd(d.keys.nodes, 'XX', Date.now(), id).catch(() => {});
+  }, STALE_MS / 5);
+  try {
+    const outcomes = await within(
+      'ten starts',
+      Promise.allSettled(
+        Array.from({ length: 10 }, () => d.presenceOf(id).presence.sweepPreviousLife(noRoomLeft)),
+      ),
+    );
+    const started = outcomes.filter((o) => o.status === 'fulfilled');
+    const refused = outcomes.flatMap((o) => (o.status === 'rejected' ? [o.reason] : []));
+    assert.equal(started.length, 1, `one start went on: ${JSON.stringify(outcomes.map((o) => o.status))}`);
+    assert.equal(refused.length, 9);
+    for (const e of refused)
+      assert.ok(e instanceof NodeIdInUseError, `refused with node_id_in_use: ${String(e)}`);
+  } finally {
+    clearInterval(beater);
+  }
+});
+
+test('a start that fails after its claim gives the id back, unless the node holds something or another beat came', async () => {
+  const d = deployment();
+  const id = `fixed-${randomUUID().slice(0, 8)}`;
+  const a = d.presenceOf(id);
+  await within("A's start", a.presence.sweepPreviousLife(noRoomLeft));
+  await within('the failed start given back', a.presence.release());
+  assert.equal(await d.r.zscore(d.keys.nodes, id), null, 'the claim removed');
+  // The next start under the id finds nothing: no watch of a beat no process writes.
+  const b = d.presenceOf(id);
+  assert.equal(await within("B's start", b.presence.sweepPreviousLife(noRoomLeft)), undefined);
+  assert.ok(
+    !b.lines.some((l) => String(l.msg).includes('watching its beat')),
+    'the next start watched a beat',
+  );
+
+  // B's start fails too, but its node holds a session by then: the id is kept for the sweep.
+  await d.r.sadd(d.keys.nodeSessions(id), 'sid-held');
+  await within("B's failed start", b.presence.release());
+  assert.notEqual(await d.r.zscore(d.keys.nodes, id), null, 'kept while the node holds a session');
+  await d.r.del(d.keys.nodeSessions(id));
+
+  // A beat newer than B's own (another process's) is not B's to remove.
+  const foreign = Date.now() + 60_000;
+  await d.r.zadd(d.keys.nodes, foreign, id);
+  await within("B's failed start, again", b.presence.release());
+  assert.equal(Number(await d.r.zscore(d.keys.nodes, id)), foreign, "another process's beat kept");
+});
