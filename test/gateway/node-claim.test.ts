@@ -10,15 +10,11 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
-import { Registry } from 'prom-client';
-import { SessionBinding } from '../../gateway/binding.ts';
-import type { Gateway } from '../../gateway/gateway.ts';
 import { Keys } from '../../gateway/keys.ts';
-import { createLogger } from '../../gateway/log.ts';
-import { NodeIdInUseError, Presence } from '../../gateway/messaging/presence.ts';
+import { NodeIdInUseError } from '../../gateway/messaging/presence.ts';
 import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
-import { captureLog } from '../helpers/log-capture.ts';
+import { testPresence } from '../helpers/presence.ts';
 
 const STALE_MS = 1500;
 const prefixes: string[] = [];
@@ -35,31 +31,13 @@ function deployment() {
   prefixes.push(prefix);
   const keys = new Keys(prefix);
   const presenceOf = (nodeId: string) => {
-    const redis = redisClient();
-    const bull = redisClient(undefined, { maxRetriesPerRequest: null, commandTimeout: undefined });
-    closers.push(() => {
-      redis.disconnect();
-      bull.disconnect();
-    });
-    const { lines, stream } = captureLog();
-    const gateway = {
-      nodeId,
-      connections: [],
-      metrics: new Registry(),
-      onSessionBound() {},
-      onSessionUnbound() {},
-      onSweep() {},
-    } as unknown as Gateway;
-    const presence = new Presence({
-      gateway,
-      redis,
-      bullConnection: bull,
-      binding: new SessionBinding(redis),
+    const node = testPresence(
       keys,
-      log: createLogger('debug', {}, stream),
-      options: { staleMs: STALE_MS, sweepIntervalMs: 1000, sessionTtlSeconds: 60, workerCheckMs: 5000 },
-    });
-    return { presence, lines };
+      { staleMs: STALE_MS, sweepIntervalMs: 1000, sessionTtlSeconds: 60, workerCheckMs: 5000 },
+      { nodeId },
+    );
+    closers.push(() => node.disconnect());
+    return node;
   };
   const r = redisClient();
   closers.push(() => r.disconnect());

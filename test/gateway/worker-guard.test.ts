@@ -16,17 +16,16 @@ import { after, test } from 'node:test';
 import { type Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import { Registry } from 'prom-client';
-import { SessionBinding } from '../../gateway/binding.ts';
-import type { Gateway } from '../../gateway/gateway.ts';
 import { Keys, WORKER_RETRY_MS } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
-import { Presence, type SweepTargets } from '../../gateway/messaging/presence.ts';
+import type { SweepTargets } from '../../gateway/messaging/presence.ts';
 import { GuardedWorker, workerRestarts } from '../../gateway/worker-guard.ts';
 import { pack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+import { testPresence } from '../helpers/presence.ts';
 
 const STALE_MS = 600;
 const CHECK_MS = 600;
@@ -65,26 +64,14 @@ async function withHold(fn: (held: Promise<void>, release: () => void) => Promis
 async function startNode(given: Partial<SweepTargets> = {}) {
   const prefix = `gwtest:presence:${randomUUID().slice(0, 8)}:`;
   prefixes.push(prefix);
-  const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-  const bull = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
-  const { lines, log } = capturedLog();
-  const metrics = new Registry();
-  const hooks: ((now: number) => void)[] = [];
-  const sweepTimer = setInterval(() => {
-    for (const h of hooks) h(Date.now());
-  }, 50);
-  // What Presence reads of the gateway: its node id, connections, hooks, sweep and metrics.
-  const gateway = {
-    nodeId: `node-${randomUUID().slice(0, 8)}`,
-    connections: [],
-    metrics,
-    onSessionBound() {},
-    onSessionUnbound() {},
-    onSweep(h: (now: number) => void) {
-      hooks.push(h);
-    },
-  } as unknown as Gateway;
   const keys = new Keys(prefix);
+  const node = testPresence(keys, {
+    staleMs: STALE_MS,
+    sweepIntervalMs: 100,
+    sessionTtlSeconds: 60,
+    workerCheckMs: CHECK_MS,
+  });
+  const { presence, redis, lines, metrics } = node;
   const targets: SweepTargets = {
     roomLeft: (now) => [
       keys.roomChannelPrefix,
@@ -95,21 +82,12 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     expire: async () => {},
     ...given,
   };
-  const presence = new Presence({
-    gateway,
-    redis,
-    bullConnection: bull,
-    binding: new SessionBinding(redis),
-    keys,
-    log,
-    options: { staleMs: STALE_MS, sweepIntervalMs: 100, sessionTtlSeconds: 60, workerCheckMs: CHECK_MS },
-  });
   await within('presence started', presence.start(targets));
+  const stopSweeping = node.sweeping();
   closers.push(async () => {
-    clearInterval(sweepTimer);
+    stopSweeping();
     await presence.close();
-    redis.disconnect();
-    bull.disconnect();
+    node.disconnect();
   });
   const restarts = () => restartsOf(metrics, 'gw-maintenance');
   /**
