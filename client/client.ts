@@ -37,11 +37,12 @@ export interface ReconnectOptions {
    */
   maxAttempts?: number;
   /**
-   * The gateway's refresh grace period (its `GW_REFRESH_GRACE_SECONDS`; default 30 000 ms): how
-   * long after a refresh ran the refresh token it used may be presented again to get the same
-   * pair (PROTOCOL.md §4). While a refresh is in doubt (sent, and not answered: a timeout, the
-   * connection lost, `overloaded` or `internal`), the attempts come at most a quarter of this
-   * apart (and no sooner than a `retryAfter`), so that the refresh is presented again within it.
+   * The gateway's refresh grace period (its `GW_REFRESH_GRACE_SECONDS`; default 30 000 ms,
+   * `DEFAULT_REFRESH_GRACE_MS`): how long after a refresh ran the refresh token it used may be
+   * presented again to get the same pair (PROTOCOL.md §4). While a refresh is in doubt (sent,
+   * and not answered: a timeout, the connection lost, `overloaded` or `internal`), the attempts
+   * come at most a quarter of this apart (and no sooner than a `retryAfter`), so that the
+   * refresh is presented again within it.
    */
   refreshGraceMs?: number;
 }
@@ -76,6 +77,12 @@ export interface ClientOptions {
   helloChunks?: number;
   /** WebSocket only: headers of the upgrade request (e.g. what a proxy in between would add). */
   wsHeaders?: Record<string, string>;
+  /**
+   * Where the client keeps a refresh in doubt (default: a new one of its own). A device that
+   * makes a new client for each connection passes the same one to each, so that the next
+   * connection's `resume()` presents a refresh the last one left in doubt again first.
+   */
+  refreshDoubt?: RefreshDoubt;
 }
 
 export type Session = SessionData;
@@ -124,6 +131,54 @@ export const TRANSIENT_RESUME_ERRORS: ReadonlySet<string> = new Set([
   'rate_limited',
   'internal',
 ]);
+
+/** The gateway's default refresh grace period (`GW_REFRESH_GRACE_SECONDS`, 30 s), in ms. */
+export const DEFAULT_REFRESH_GRACE_MS = 30_000;
+
+/**
+ * A refresh in doubt: a refresh token was presented and no answer settled it (it timed out, its
+ * connection closed, or it was answered `overloaded` or `internal`), and since when. The
+ * gateway may have rotated the token, which it takes back only within its grace period
+ * (PROTOCOL.md §4): until a later answer or a definitive refusal ends the doubt, a resume
+ * presents the token again first (`GatewayClient.resume`), and attempts come at most a quarter
+ * of the grace period apart (`bound`). A client keeps one; `ClientOptions.refreshDoubt` carries
+ * one from a client to the next.
+ */
+export class RefreshDoubt {
+  private doubt: { token: string; at: number } | undefined;
+
+  /** True when `token` (a session's refresh token) is the one in doubt. */
+  holds(token: string | undefined): boolean {
+    return token !== undefined && this.doubt?.token === token;
+  }
+
+  /**
+   * A refresh presenting `token` failed with `e`. Unanswered (a timeout, the connection closed),
+   * `overloaded` or `internal`: it may have run on the gateway, so it is in doubt. `rate_limited`
+   * was refused before it ran and changes nothing; any other answer is definitive.
+   */
+  failed(token: string, e: Error): void {
+    if (!isProtocolError(e) || e.code === 'overloaded' || e.code === 'internal') {
+      this.doubt = { token, at: Date.now() };
+    } else if (e.code !== 'rate_limited') this.doubt = undefined;
+  }
+
+  /** No refresh in doubt any more: one was answered, a new session began, or the session is gone. */
+  clear(): void {
+    this.doubt = undefined;
+  }
+
+  /**
+   * `backoffMs`, or at most a quarter of `graceMs` while the doubt is younger than `graceMs`, so
+   * that the refresh in doubt is presented again within the gateway's grace period.
+   */
+  bound(backoffMs: number, graceMs = DEFAULT_REFRESH_GRACE_MS): number {
+    if (this.doubt && Date.now() - this.doubt.at < graceMs) {
+      return Math.min(backoffMs, Math.max(1, Math.floor(graceMs / 4)));
+    }
+    return backoffMs;
+  }
+}
 
 function transient(e: unknown): boolean {
   return !isProtocolError(e) || TRANSIENT_RESUME_ERRORS.has(e.code);
@@ -182,12 +237,10 @@ export class GatewayClient extends EventEmitter {
    */
   private readonly lateRefreshes = new Map<number, string>();
   /**
-   * A refresh in doubt: `token` was presented and no answer settled it (it timed out, its
-   * connection closed, or it was answered `overloaded` or `internal`), the last time `at`. The
-   * gateway may have rotated the token; the reconnection presents it again first, soon
+   * A refresh in doubt (`RefreshDoubt`): the reconnection presents it again first, soon
    * (`refreshGraceMs`), and a later answer or a definitive refusal ends the doubt.
    */
-  private refreshDoubt: { token: string; at: number } | undefined;
+  private readonly refreshDoubt: RefreshDoubt;
   /** Eids to auto-ack once the current read has been handled (ackSoon). */
   private acksDue: string[] = [];
   private nextId = 1;
@@ -210,6 +263,7 @@ export class GatewayClient extends EventEmitter {
     super();
     this.options = options;
     this.backend = options.backend ?? selectBackend('auto').backend;
+    this.refreshDoubt = options.refreshDoubt ?? new RefreshDoubt();
   }
 
   get isOpen(): boolean {
@@ -442,7 +496,7 @@ export class GatewayClient extends EventEmitter {
           const e = new Error(`${type} timed out`);
           if (type === 'refresh' && typeof fields.refresh === 'string') {
             this.lateRefreshes.set(id, fields.refresh);
-            this.refreshFailed(fields.refresh, e);
+            this.refreshDoubt.failed(fields.refresh, e);
           }
           reject(e);
         },
@@ -456,7 +510,8 @@ export class GatewayClient extends EventEmitter {
           resolve(data as T);
         },
         reject: (e) => {
-          if (type === 'refresh' && typeof fields.refresh === 'string') this.refreshFailed(fields.refresh, e);
+          if (type === 'refresh' && typeof fields.refresh === 'string')
+            this.refreshDoubt.failed(fields.refresh, e);
           reject(e);
         },
         timer,
@@ -468,19 +523,8 @@ export class GatewayClient extends EventEmitter {
   /** A refresh's new pair: the session's tokens are now these (`refreshed`). */
   private refreshed(data: Record<string, unknown>): void {
     Object.assign(this.session!, data);
-    this.refreshDoubt = undefined;
+    this.refreshDoubt.clear();
     this.emit('refreshed', this.session);
-  }
-
-  /**
-   * A refresh presenting `token` failed with `e`. Unanswered (a timeout, the connection closed),
-   * `overloaded` or `internal`: it may have run on the gateway, so it is in doubt. `rate_limited`
-   * was refused before it ran and changes nothing; any other answer is definitive.
-   */
-  private refreshFailed(token: string, e: Error): void {
-    if (!isProtocolError(e) || e.code === 'overloaded' || e.code === 'internal') {
-      this.refreshDoubt = { token, at: Date.now() };
-    } else if (e.code !== 'rate_limited') this.refreshDoubt = undefined;
   }
 
   /**
@@ -503,7 +547,7 @@ export class GatewayClient extends EventEmitter {
     if (type === 'resume' && this.session) this.session = { ...this.session, ...s };
     else {
       this.session = s;
-      this.refreshDoubt = undefined;
+      this.refreshDoubt.clear();
     }
   }
 
@@ -626,12 +670,11 @@ export class GatewayClient extends EventEmitter {
     }
     const initial = r.initialDelayMs ?? 500;
     const max = r.maxDelayMs ?? 30000;
-    let backoff = Math.min(max, initial * 2 ** this.reconnectAttempt);
     // A refresh in doubt is presented again within the gateway's grace period.
-    const grace = r.refreshGraceMs ?? 30000;
-    if (this.refreshDoubt && Date.now() - this.refreshDoubt.at < grace) {
-      backoff = Math.min(backoff, Math.max(1, Math.floor(grace / 4)));
-    }
+    const backoff = this.refreshDoubt.bound(
+      Math.min(max, initial * 2 ** this.reconnectAttempt),
+      r.refreshGraceMs ?? DEFAULT_REFRESH_GRACE_MS,
+    );
     const delay = Math.max(retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
     this.reconnectAttempt++;
     const gen = this.reconnectGen;
@@ -686,7 +729,7 @@ export class GatewayClient extends EventEmitter {
         }
         const lost = this.session;
         this.session = undefined;
-        this.refreshDoubt = undefined;
+        this.refreshDoubt.clear();
         this.reconnectAttempt = 0;
         this.emit('sessionLost', { sessionId: lost?.sessionId, error: e });
         return;
@@ -695,6 +738,21 @@ export class GatewayClient extends EventEmitter {
     }
     this.reconnectAttempt = 0;
     this.emit('reconnected', this.session);
+  }
+
+  /**
+   * Resumes `session` (by default the remembered one, `this.session`, which it becomes) on the
+   * connection that is up, as the reconnection does (`resumeSession`), and resolves with the
+   * session resumed. For a device that makes a new client for each connection: given the same
+   * `refreshDoubt`, each client presents a refresh that an earlier one left in doubt again first.
+   * Rejects with the error of the request that failed; the session is kept (updated by a
+   * refresh that succeeded), whatever the error.
+   */
+  async resume(session: Session | undefined = this.session): Promise<Session> {
+    if (!session) throw new Error('no session to resume');
+    this.session = session;
+    await this.resumeSession();
+    return this.session ?? session;
   }
 
   /**
@@ -707,7 +765,7 @@ export class GatewayClient extends EventEmitter {
    */
   private async resumeSession(): Promise<void> {
     const s = this.session!;
-    if (s.refresh && this.refreshDoubt?.token === s.refresh) {
+    if (this.refreshDoubt.holds(s.refresh)) {
       await this.refreshAndResume();
       return;
     }
