@@ -1,9 +1,16 @@
 /**
  * One virtual device: a GatewayClient (the reference client, as any device would use it) with
  * the behaviour of the simulation: register + login the first time, resume after a drop,
- * acks (or withholds them, with a probability), publishes, rooms, churn.
+ * acks (or withholds them, with a probability), publishes, rooms, churn. A new client for each
+ * connection; what must outlive one (a refresh left in doubt) is kept here and handed to the next.
  */
-import { type CloseInfo, GatewayClient, type Session } from '../../client/client.ts';
+import {
+  type CloseInfo,
+  DEFAULT_REFRESH_GRACE_MS,
+  GatewayClient,
+  RefreshDoubt,
+  type Session,
+} from '../../client/client.ts';
 import { type EventMsg, isProtocolError } from '../../protocol/index.ts';
 import type { Ledger } from './ledger.ts';
 import { errorCode, type RunMetrics } from './metrics.ts';
@@ -23,6 +30,11 @@ export interface DeviceContext {
   readonly pinnedFingerprint?: string;
   /** Probability of not acking one receipt of a qos-1 event. */
   readonly noAckProb: number;
+  /**
+   * The gateway's refresh grace period (its `GW_REFRESH_GRACE_SECONDS`), ms; default 30 000.
+   * While a refresh is in doubt, a device's retries come at most a quarter of it apart.
+   */
+  readonly refreshGraceMs?: number;
   /** Room this device joins after authenticating, if any. */
   room(index: number): string | undefined;
   /** Milliseconds on the run's clock (the producer uses the same one). */
@@ -51,6 +63,13 @@ export class VirtualDevice {
   private ackScheduled = false;
   /** Resolves when the current connection attempt settles (started, stopped or given up). */
   private attempt: Promise<void> | undefined;
+  /**
+   * A refresh left in doubt (timed out, its connection closed before the answer, or answered
+   * `overloaded`/`internal`: the gateway may have rotated the token), given to every connection's
+   * client: the next resume presents it again first (`GatewayClient.resume`), and the retry
+   * comes within a quarter of the grace period (`retryLater`).
+   */
+  private readonly refreshDoubt = new RefreshDoubt();
 
   constructor(
     readonly index: number,
@@ -81,6 +100,7 @@ export class VirtualDevice {
       connectTimeoutMs: 15000,
       requestTimeoutMs: 20000,
       clientName: 'gateway-sim/0.1',
+      refreshDoubt: this.refreshDoubt,
       ...(ctx.pinnedFingerprint ? { pinnedFingerprint: ctx.pinnedFingerprint } : {}),
     });
     this.client = c;
@@ -91,6 +111,7 @@ export class VirtualDevice {
       m.connect.record(tOpen - t0);
     });
     c.on('event', (ev: EventMsg) => this.onEvent(ev));
+    c.on('refreshed', () => m.refreshes++);
     c.on('serverError', (e) => m.error(errorCode(e)));
     c.on('protocolError', () => m.error('protocol_error'));
     c.on('close', (info: CloseInfo) => this.onClose(c, info));
@@ -151,20 +172,17 @@ export class VirtualDevice {
     ctx.metrics.login.record(ctx.now() - t);
   }
 
+  /**
+   * The client's resume of the session: a refresh left in doubt by an earlier connection first,
+   * else `resume`, and `refresh` then `resume` when the access token expired. A refresh that
+   * succeeded updates `this.session` (the object the client was given) even if the resume fails.
+   */
   private async resume(c: GatewayClient): Promise<void> {
     const { ctx } = this;
     const s = this.session!;
-    c.session = s;
+    if (this.refreshDoubt.holds(s.refresh)) ctx.metrics.refreshesInDoubt++;
     const t = ctx.now();
-    try {
-      await c.request('resume', { token: s.token });
-    } catch (e) {
-      if (!isProtocolError(e) || e.code !== 'token_expired' || !s.refresh) throw e;
-      ctx.metrics.error(e.code);
-      await c.request('refresh', { refresh: s.refresh });
-      await c.request('resume', { token: c.session!.token });
-    }
-    this.session = c.session;
+    this.session = await c.resume(s);
     ctx.metrics.resume.record(ctx.now() - t);
     ctx.metrics.reconnects++;
   }
@@ -222,10 +240,14 @@ export class VirtualDevice {
     if (!this.ctx.running() || this.gaveUp) return;
     this.failures++;
     // Backoff on repeated failures, jittered from the device's own stream; a retryAfter the
-    // gateway gave is a floor.
+    // gateway gave is a floor. While a refresh is in doubt, at most a quarter of the grace
+    // period: it is presented again while the gateway still gives its pair back.
     const told = Math.max(delayMs ?? 0, this.retryAfterMs);
     this.retryAfterMs = 0;
-    const backoff = Math.min(5000, 100 * 2 ** Math.min(this.failures, 6));
+    const backoff = this.refreshDoubt.bound(
+      Math.min(5000, 100 * 2 ** Math.min(this.failures, 6)),
+      this.ctx.refreshGraceMs ?? DEFAULT_REFRESH_GRACE_MS,
+    );
     const delay =
       told > 0
         ? told + Math.round(this.rng() * Math.min(1000, told / 4))

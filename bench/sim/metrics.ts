@@ -17,6 +17,10 @@ export class RunMetrics {
   /** Errors of the current interval (reset by the caller). */
   intervalErrors = 0;
   reconnects = 0;
+  /** Refreshes answered with a new pair (on a resume whose access token had expired, mostly). */
+  refreshes = 0;
+  /** Resumes that began by presenting again a refresh an earlier connection left in doubt. */
+  refreshesInDoubt = 0;
   churns = 0;
   connected = 0;
   authenticated = 0;
