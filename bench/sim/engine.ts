@@ -41,6 +41,8 @@ export interface SimOptions {
   /** `say` requests per second, over the fleet. */
   sayRate: number;
   noAckProb: number;
+  /** The gateway's refresh grace period (`GW_REFRESH_GRACE_SECONDS`), ms; default 30 000. */
+  refreshGraceMs?: number;
   /** Per device and second: probability of dropping the connection and resuming. */
   churnProb: number;
   helloChunks: number;
@@ -149,6 +151,10 @@ export interface SimReport {
   duplicates: number;
   redeliveries: number;
   reconnects: number;
+  /** Refreshes answered with a new pair. */
+  refreshes: number;
+  /** Resumes that presented again first a refresh left in doubt by an earlier connection. */
+  refreshesInDoubt: number;
   churns: number;
   settlement: Settlement;
   rejectedBy: Record<string, number>;
@@ -263,6 +269,7 @@ export class Simulation {
       helloChunks: o.helloChunks,
       ...(o.pinnedFingerprint ? { pinnedFingerprint: o.pinnedFingerprint } : {}),
       noAckProb: o.noAckProb,
+      ...(o.refreshGraceMs !== undefined ? { refreshGraceMs: o.refreshGraceMs } : {}),
       room: (i) => (o.rooms > 0 ? `#sim-${this.runId}-${i % o.rooms}` : undefined),
       now: () => this.now(),
       running: () => this.running,
@@ -481,6 +488,8 @@ export class Simulation {
       duplicates: tot.duplicates,
       redeliveries: tot.redeliveries,
       reconnects: this.metrics.reconnects,
+      refreshes: this.metrics.refreshes,
+      refreshesInDoubt: this.metrics.refreshesInDoubt,
       churns: this.metrics.churns,
       settlement,
       rejectedBy: { ...this.ledger.rejectedBy },

@@ -27,6 +27,7 @@ const OPTIONS = {
   'say-rate': { type: 'string', default: '0' },
   'no-ack-prob': { type: 'string', default: '0' },
   'churn-prob': { type: 'string', default: '0' },
+  'refresh-grace': { type: 'string', default: '30' },
   'chunked-handshake': { type: 'boolean', default: false },
   'wait-for-fleet': { type: 'boolean', default: false },
   workers: { type: 'string', default: '1' },
@@ -52,6 +53,7 @@ const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
   --devices N --rate N/s | --ramp S --duration S --drain S --seed N --wait-for-fleet
   --event-rate N/s (0: as fast as acks allow) --window N --payload BYTES --max-events N --api-key KEY
   --publish-rate N/s --rooms N --say-rate N/s --no-ack-prob P --churn-prob P/s
+  --refresh-grace S (the gateway's GW_REFRESH_GRACE_SECONDS)
   --chunked-handshake [--hello-chunks N] --fingerprint HEX
   --redis URL --prefix GW_REDIS_PREFIX | --no-backend-scan --gateway-pid PID
   --json FILE --html FILE --quiet --allow-remote --workers K`;
@@ -104,6 +106,7 @@ const opts: SimOptions = {
   sayRate: num('say-rate', 0, 1_000_000),
   noAckProb: num('no-ack-prob', 0, 1),
   churnProb: num('churn-prob', 0, 1),
+  refreshGraceMs: num('refresh-grace', 0, 86400) * 1000,
   waitForFleet: values['wait-for-fleet'],
   helloChunks: values['chunked-handshake'] ? num('hello-chunks', 2, 64) : 1,
   seed: num('seed', 0, 2 ** 32 - 1),

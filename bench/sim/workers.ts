@@ -114,6 +114,8 @@ export function mergeReports(rs: SimReport[]): SimReport {
     duplicates: totals.duplicates,
     redeliveries: totals.redeliveries,
     reconnects: sumBy(rs, (r) => r.reconnects),
+    refreshes: sumBy(rs, (r) => r.refreshes),
+    refreshesInDoubt: sumBy(rs, (r) => r.refreshesInDoubt),
     churns: sumBy(rs, (r) => r.churns),
     settlement: {
       lost: sumBy(rs, (r) => r.settlement.lost),
