@@ -10,6 +10,7 @@ import {
   GatewayClient,
   RefreshDoubt,
   type Session,
+  TRANSIENT_RESUME_ERRORS,
 } from '../../client/client.ts';
 import { type EventMsg, isProtocolError } from '../../protocol/index.ts';
 import type { Ledger } from './ledger.ts';
@@ -182,7 +183,19 @@ export class VirtualDevice {
     const s = this.session!;
     if (this.refreshDoubt.holds(s.refresh)) ctx.metrics.refreshesInDoubt++;
     const t = ctx.now();
-    this.session = await c.resume(s);
+    try {
+      this.session = await c.resume(s);
+    } catch (e) {
+      // Refused for good (revoked, ended, a refresh token reused, a token the gateway does not
+      // take): the session is gone, and the next attempt logs in again, as a device would.
+      // Before, the device presented the dead session on every retry for the rest of the run.
+      if (isProtocolError(e) && !TRANSIENT_RESUME_ERRORS.has(e.code)) {
+        this.session = undefined;
+        this.refreshDoubt.clear();
+        ctx.metrics.sessionsLost++;
+      }
+      throw e;
+    }
     ctx.metrics.resume.record(ctx.now() - t);
     ctx.metrics.reconnects++;
   }

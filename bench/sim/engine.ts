@@ -155,6 +155,8 @@ export interface SimReport {
   refreshes: number;
   /** Resumes that presented again first a refresh left in doubt by an earlier connection. */
   refreshesInDoubt: number;
+  /** Sessions whose resume was refused for good (revoked, a refresh token reused): logged in again. */
+  sessionsLost: number;
   churns: number;
   settlement: Settlement;
   rejectedBy: Record<string, number>;
@@ -490,6 +492,7 @@ export class Simulation {
       reconnects: this.metrics.reconnects,
       refreshes: this.metrics.refreshes,
       refreshesInDoubt: this.metrics.refreshesInDoubt,
+      sessionsLost: this.metrics.sessionsLost,
       churns: this.metrics.churns,
       settlement,
       rejectedBy: { ...this.ledger.rejectedBy },

@@ -21,6 +21,8 @@ export class RunMetrics {
   refreshes = 0;
   /** Resumes that began by presenting again a refresh an earlier connection left in doubt. */
   refreshesInDoubt = 0;
+  /** Sessions whose resume was refused for good: the device dropped them and logged in again. */
+  sessionsLost = 0;
   churns = 0;
   connected = 0;
   authenticated = 0;

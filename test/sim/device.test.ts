@@ -123,3 +123,37 @@ test('a device told to retry later (rate_limited with retryAfter) waits that lon
     await strict.stop();
   }
 });
+
+test('a device whose session was revoked while it was away logs in again, with the session counted lost', async () => {
+  const { ctx, stop } = context();
+  const username = newName().slice(0, 16);
+  const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(3, 1), ctx);
+  const other = new GatewayClient({ url: gw.tcpUrl });
+  try {
+    await within('the device start', d.start());
+    assert.ok(d.ready, `the device logged in: ${JSON.stringify(ctx.metrics.errors)}`);
+    const first = d.session?.sessionId;
+    assert.ok(first, 'a first session');
+    // The owner revokes the device's session from another connection: the device is kicked,
+    // and its resume of that session is refused (`session_revoked`) from then on.
+    await within('the other connection', other.connect());
+    await within('the other login', other.request('login', { username, password: PASSWORD }));
+    await within('the revoke', other.request('revoke', { sessionId: first }));
+    await until(
+      'the device back with a new session',
+      () => d.ready && d.session !== undefined && d.session.sessionId !== first,
+      15_000,
+    ).catch((e) => {
+      throw new Error(
+        `${(e as Error).message}; errors: ${JSON.stringify(ctx.metrics.errors)}, logins ${ctx.metrics.login.count}`,
+      );
+    });
+    assert.equal(ctx.metrics.sessionsLost, 1, 'the revoked session counted lost');
+    assert.equal(ctx.metrics.login.count, 2, 'logged in twice: at the start and after the loss');
+    assert.ok((ctx.metrics.errors.session_revoked ?? 0) >= 1, JSON.stringify(ctx.metrics.errors));
+  } finally {
+    stop();
+    await other.close();
+    await within('the device to stop', d.stop());
+  }
+});
