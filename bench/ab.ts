@@ -13,30 +13,36 @@
  * tree first, ...). Each run's progress goes to stderr; at the end, for every gateway row of
  * bench:delivery, the median and every run of each figure on both sides, and their ratio.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
+import { benchArgs } from './lib/args.ts';
 import { table } from './lib/measure.ts';
 
-const { values, positionals } = parseArgs({
+const { values, rest: positionals } = benchArgs({
+  script: 'bench:ab',
+  url: import.meta.url,
+  about:
+    'bench:delivery on this tree against another commit, in alternating runs: medians, every run, ratios',
+  readme: 'bench:delivery',
   options: {
-    baseline: { type: 'string' },
-    pairs: { type: 'string', default: '3' },
+    baseline: { type: 'string', arg: 'REV', required: true, help: 'the commit to measure this tree against' },
+    pairs: { type: 'int', default: 3, help: 'alternating pairs of runs (baseline, this tree)' },
   },
-  allowPositionals: true,
+  rest: '<bench:delivery options>',
 });
-if (!values.baseline) {
-  console.error('usage: npm run bench:ab -- --baseline REV [--pairs 3] [-- <bench:delivery options>]');
-  process.exit(2);
-}
-const PAIRS = Number(values.pairs);
-if (!Number.isInteger(PAIRS) || PAIRS < 1) {
-  console.error(`--pairs: a positive integer, not ${values.pairs}`);
-  process.exit(2);
-}
 const ROOT = resolve(import.meta.dirname, '..');
+const PAIRS = values.pairs;
+
+// The bench:delivery options, checked before a worktree is made: its own message if one is bad.
+const check = spawnSync(process.execPath, ['--import', 'tsx', 'bench/load/delivery.ts', ...positionals], {
+  cwd: ROOT,
+  env: { ...process.env, BENCH_ARGS_ONLY: '1' },
+  stdio: ['ignore', 'inherit', 'inherit'],
+});
+if (check.status !== 0) process.exit(check.status ?? 1);
+if (positionals.some((a) => a === '--help' || a === '-h')) process.exit(0);
 
 /** Runs a command, stdio passed through; rejects with its exit code. */
 function run(cmd: string, args: string[], cwd: string): Promise<void> {

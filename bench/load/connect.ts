@@ -7,29 +7,34 @@
  *
  *   npm run bench:connect -- [--devices 2000] [--concurrency 100] [--heartbeat-seconds 5]
  */
-import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:connect',
+  url: import.meta.url,
+  about: 'connecting a fleet (register, handshake, login, heartbeats) with the default room on and off',
+  readme: 'bench:connect',
+  options: {
+    devices: { type: 'int', default: 2000, help: 'devices that connect and log in' },
+    concurrency: { type: 'int', default: 100, help: 'devices connecting at a time' },
+    'heartbeat-seconds': { type: 'number', default: 5, help: 'seconds of heartbeats once all are in' },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    devices: { type: 'string', default: '2000' },
-    concurrency: { type: 'string', default: '100' },
-    'heartbeat-seconds': { type: 'string', default: '5' },
-  },
-});
-const N = Number(values.devices);
-const CONCURRENCY = Number(values.concurrency);
-const HEARTBEAT_S = Number(values['heartbeat-seconds']);
+const N = values.devices;
+const CONCURRENCY = values.concurrency;
+const HEARTBEAT_S = values['heartbeat-seconds'];
 const HEARTBEAT_MS = 1000;
 
 /** VmRSS of a process, KiB. */

@@ -35,13 +35,14 @@
 import { execFile, execSync } from 'node:child_process';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { parseArgs, promisify } from 'node:util';
+import { promisify } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { Redis } from 'ioredis';
 import mqtt from 'mqtt';
 import type { EventMsg } from '../../protocol/index.ts';
 import { DATABASE_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { loggedInDevices } from '../lib/fleet.ts';
 import { postJson } from '../lib/http.ts';
@@ -50,74 +51,103 @@ import { counterSum, metricsOf, redisCallsIn } from '../lib/metrics.ts';
 import { processCpuMicros } from '../lib/proc.ts';
 import { cpuSeconds, ownCpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
-// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
-useBuiltGateway();
-
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:delivery',
+  url: import.meta.url,
+  about:
+    'qos-1 delivery through the gateway next to Mosquitto QoS 1: back end → device, device → device, room',
+  readme: 'bench:delivery',
   options: {
-    devices: { type: 'string', default: '100' },
-    seconds: { type: 'string', default: '5' },
-    warmup: { type: 'string', default: '2' },
-    rate: { type: 'string', default: '5000' },
-    window: { type: 'string', default: '256' },
-    senders: { type: 'string', default: '4' },
-    'sender-window': { type: 'string', default: '60' },
-    receivers: { type: 'string', default: '20' },
-    /** Room members besides the senders (the room path). */
-    members: { type: 'string', default: '20' },
-    payload: { type: 'string', default: '100' },
-    /** The back-end rows' qos: 1 (stored, acked) or 0 (sent to who is online; Mosquitto QoS 0). */
-    qos: { type: 'string', default: '1' },
-    mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
-    paths: { type: 'string', default: 'backend,direct,room' },
-    processes: { type: 'string', default: '1,2' },
-    /** The back-end rows to run: `max` (a window of publishes out) and `fixed` (--rate). */
-    modes: { type: 'string', default: 'max,fixed' },
+    devices: { type: 'int', default: 100, help: 'devices the back-end rows publish to' },
+    seconds: { type: 'number', default: 5, help: 'seconds measured per row' },
+    warmup: { type: 'number', min: 0, default: 2, help: 'seconds of warm-up per row' },
+    rate: { type: 'number', default: 5000, help: "events/s of the back end's fixed-rate row" },
+    window: { type: 'int', default: 256, help: "publishes outstanding in the back end's max-rate row" },
+    senders: { type: 'int', default: 4, help: 'sending devices of the device → device and room rows' },
+    'sender-window': { type: 'int', default: 60, help: "each sender's requests in flight" },
+    receivers: { type: 'int', default: 20, help: 'receiving devices of the device → device rows' },
+    members: { type: 'int', min: 0, default: 20, help: "the room path's members besides the senders" },
+    payload: { type: 'int', min: 0, default: 100, help: 'bytes of payload per event' },
+    qos: {
+      type: 'string',
+      choices: ['0', '1'],
+      default: '1',
+      help: "the back-end rows' qos: 1 (stored, acked) or 0 (sent to who is online; Mosquitto QoS 0)",
+    },
+    mqtt: { type: 'string', arg: 'URL', default: 'mqtt://127.0.0.1:1883', help: "Mosquitto's URL" },
+    paths: {
+      type: 'string',
+      list: true,
+      choices: ['backend', 'direct', 'room'],
+      default: 'backend,direct,room',
+      help: 'the paths to run',
+    },
+    processes: {
+      type: 'int',
+      list: true,
+      default: '1,2',
+      help: 'gateway process counts the back-end max-rate row runs with (1: every row; more: that row again)',
+    },
+    modes: {
+      type: 'string',
+      list: true,
+      choices: ['max', 'fixed'],
+      default: 'max,fixed',
+      help: 'the back-end rows to run: max (a window of publishes out) and fixed (--rate)',
+    },
     /**
      * Events per `POST /v1/events` in the gateway's back-end rows: `tick` (every publish of one
      * tick of the load in one request) or a number N (at most N per request; 1: each event its own
      * request, as a back end that publishes events one by one).
      */
-    'per-request': { type: 'string', default: 'tick' },
-    /** How the gateway's devices connect: `tcp` (framed TCP) or `ws` (WebSocket, uWebSockets.js). */
-    transport: { type: 'string', default: 'tcp' },
-    /** Also write the rows as JSON to this file (bench/ab.ts reads it). */
-    json: { type: 'string' },
-    /** Also print, per gateway row, every Redis command's calls per event and µs per call. */
-    'redis-commands': { type: 'boolean', default: false },
+    'per-request': {
+      type: 'string',
+      arg: 'tick|N',
+      pattern: /^(tick|[1-9]\d*)$/,
+      means: 'tick or an integer ≥ 1',
+      default: 'tick',
+      help: "events per POST /v1/events in the back-end rows: tick (one tick's publishes) or at most N",
+    },
+    transport: {
+      type: 'string',
+      choices: ['tcp', 'ws'],
+      default: 'tcp',
+      help: "how the gateway's devices connect: tcp (framed TCP) or ws (WebSocket, uWebSockets.js)",
+    },
+    json: {
+      type: 'string',
+      arg: 'FILE',
+      help: 'also write the rows as JSON to this file (bench/ab.ts reads it)',
+    },
+    'redis-commands': {
+      type: 'flag',
+      help: "also print, per gateway row, every Redis command's calls per event and µs per call",
+    },
   },
 });
-const PATHS = new Set(String(values.paths).split(','));
-const TRANSPORT = String(values.transport);
-if (TRANSPORT !== 'tcp' && TRANSPORT !== 'ws') {
-  console.error(`--transport must be tcp or ws, not ${JSON.stringify(TRANSPORT)}`);
-  process.exit(2);
-}
+
+// What `npm start` runs: the build in dist/ (bench/lib/built.ts).
+useBuiltGateway();
+
+const PATHS = new Set(values.paths);
+const TRANSPORT = values.transport;
 /** The URL the gateway's devices dial. */
 const deviceUrl = (g: { tcpUrl: string; wsUrl: string }) => (TRANSPORT === 'ws' ? g.wsUrl : g.tcpUrl);
-const MODES = new Set(String(values.modes).split(','));
+const MODES = new Set(values.modes);
 /** Gateway process counts the back-end max-rate row runs with (1: every row; more: that row again). */
-const PROCESSES = String(values.processes).split(',').map(Number);
-const DEVICES = Number(values.devices);
-const SECONDS = Number(values.seconds);
-const WARMUP = Number(values.warmup);
-const RATE = Number(values.rate);
-const WINDOW = Number(values.window);
-const SENDERS = Number(values.senders);
-const SENDER_WINDOW = Number(values['sender-window']);
-const RECEIVERS = Number(values.receivers);
-const MEMBERS = Number(values.members);
-const PAYLOAD_BYTES = Number(values.payload);
+const PROCESSES = values.processes;
+const DEVICES = values.devices;
+const SECONDS = values.seconds;
+const WARMUP = values.warmup;
+const RATE = values.rate;
+const WINDOW = values.window;
+const SENDERS = values.senders;
+const SENDER_WINDOW = values['sender-window'];
+const RECEIVERS = values.receivers;
+const MEMBERS = values.members;
+const PAYLOAD_BYTES = values.payload;
 const QOS = Number(values.qos) as 0 | 1;
-if (QOS !== 0 && QOS !== 1) {
-  console.error(`--qos: 0 or 1, not ${values.qos}`);
-  process.exit(2);
-}
 const PER_REQUEST = values['per-request'] === 'tick' ? 0 : Number(values['per-request']);
-if (values['per-request'] !== 'tick' && !(Number.isInteger(PER_REQUEST) && PER_REQUEST >= 1)) {
-  console.error(`--per-request: tick or a whole number of events, not ${values['per-request']}`);
-  process.exit(2);
-}
 const API_KEY = 'bench-api-key-0123456789';
 
 interface Row {

@@ -12,16 +12,24 @@
 
 import uWS from 'uWebSockets.js';
 import { createServer, type Socket } from 'node:net';
-import { parseArgs } from 'node:util';
 import { encodeFrame, FrameDecoder } from '../../protocol/index.ts';
+import { benchArgs } from '../lib/args.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  url: import.meta.url,
+  about: "bench:echo's baseline echo server, a child process of that bench: every frame echoed unchanged",
+  readme: 'bench:echo',
   options: {
-    mode: { type: 'string', default: 'tcp' },
-    host: { type: 'string', default: '127.0.0.1' },
+    mode: {
+      type: 'string',
+      choices: ['tcp', 'ws'],
+      default: 'tcp',
+      help: 'tcp: node:net, u32-length-prefixed frames; ws: uWebSockets.js, a binary message per frame',
+    },
+    host: { type: 'string', arg: 'HOST', default: '127.0.0.1', help: 'the address to listen on' },
   },
 });
-const host = values.host!;
+const host = values.host;
 
 function ready(port: number): void {
   console.log(JSON.stringify({ msg: 'echo ready', mode: values.mode, port, pid: process.pid }));
@@ -65,7 +73,7 @@ if (values.mode === 'tcp') {
     ready(typeof addr === 'object' && addr ? addr.port : 0);
   });
   closers.push(() => server.close());
-} else if (values.mode === 'ws') {
+} else {
   interface Data {
     queue: Buffer[];
     scheduled: boolean;
@@ -117,7 +125,4 @@ if (values.mode === 'tcp') {
       closers.push(() => uWS.us_listen_socket_close(token));
       ready(uWS.us_socket_local_port(token as unknown as uWS.us_socket));
     });
-} else {
-  console.error(`--mode must be tcp or ws, got ${values.mode}`);
-  process.exit(2);
 }

@@ -22,55 +22,48 @@
 import { availableParallelism, loadavg } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { parseArgs } from 'node:util';
 import { build } from 'hdr-histogram-js';
+import { benchArgs } from '../lib/args.ts';
 import { fastestBackend, probeNative } from '../lib/backends.ts';
 import { type ServerChild, spawnTsChild, startBenchGateway } from '../lib/gateway.ts';
 import { fmt, table } from '../lib/measure.ts';
 import { machineBusyMicros, processCpuMicros, selfCpuMicros } from '../lib/proc.ts';
 import { LoadConn, type LoadStats, sealedPingBytes } from './loadgen.ts';
 
-const { values: a } = parseArgs({
+const { values: a } = benchArgs({
+  script: 'bench:echo',
+  url: import.meta.url,
+  about: 'encrypted echo through the real gateway process against plain echo servers, same load, same run',
+  readme: 'bench:echo',
   options: {
-    conns: { type: 'string', default: '100' },
-    window: { type: 'string', default: '32' },
-    seconds: { type: 'string', default: '10' },
-    warmup: { type: 'string', default: '2' },
-    payload: { type: 'string', default: '100' },
-    transport: { type: 'string', default: 'tcp' },
-    crypto: { type: 'string', default: 'node,native' },
-    json: { type: 'boolean', default: false },
+    conns: { type: 'int', max: 5000, default: 100, help: 'connections' },
+    window: { type: 'int', max: 4096, default: 32, help: 'requests outstanding per connection' },
+    seconds: { type: 'number', min: 1, max: 600, default: 10, help: 'seconds measured per target' },
+    warmup: { type: 'number', min: 0, max: 60, default: 2, help: 'seconds of load before each measurement' },
+    payload: { type: 'int', min: 0, max: 60000, default: 100, help: 'bytes of payload in each gateway ping' },
+    transport: {
+      type: 'string',
+      choices: ['tcp', 'ws'],
+      default: 'tcp',
+      help: 'framed TCP, or WebSocket (adds the uWebSockets.js echo)',
+    },
+    crypto: {
+      type: 'string',
+      list: true,
+      choices: ['node', 'native'],
+      default: 'node,native',
+      help: "the gateway's crypto backends, one gateway each",
+    },
+    json: { type: 'flag', help: 'print a JSON document instead of the table' },
   },
 });
-
-function positive(name: string, v: string | undefined, min = 1, max = 1e6): number {
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < min || n > max) {
-    console.error(`--${name} must be a number in ${min}..${max}, got ${v}`);
-    process.exit(2);
-  }
-  return n;
-}
-const conns = Math.round(positive('conns', a.conns, 1, 5000));
-const window = Math.round(positive('window', a.window, 1, 4096));
-const seconds = positive('seconds', a.seconds, 1, 600);
-const warmup = positive('warmup', a.warmup, 0, 60);
-const payload = Math.round(positive('payload', a.payload, 0, 60000));
+const conns = a.conns;
+const window = a.window;
+const seconds = a.seconds;
+const warmup = a.warmup;
+const payload = a.payload;
 const transport = a.transport as 'tcp' | 'ws';
-if (transport !== 'tcp' && transport !== 'ws') {
-  console.error(`--transport must be tcp or ws, got ${a.transport}`);
-  process.exit(2);
-}
-const cryptos = a
-  .crypto!.split(',')
-  .map((s) => s.trim())
-  .filter(Boolean);
-for (const c of cryptos) {
-  if (c !== 'node' && c !== 'native') {
-    console.error(`--crypto takes node and/or native, got ${c}`);
-    process.exit(2);
-  }
-}
+const cryptos = a.crypto;
 
 const HOST = '127.0.0.1';
 const clientBackend = fastestBackend();

@@ -7,23 +7,31 @@
  *
  *   npm run bench:grpc -- [--inflight 32] [--seconds 5]
  */
-import { parseArgs } from 'node:util';
 import { newName, PASSWORD } from '../../test/helpers/accounts.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { call, grpcClients } from '../../test/helpers/grpc-client.ts';
 import { freePort } from '../../test/helpers/own-redis.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:grpc',
+  url: import.meta.url,
+  about: 'token checks per second: gRPC TokenApi/Validate against POST /auth/validate, same gateway',
+  readme: 'bench:grpc',
+  options: {
+    inflight: { type: 'int', default: 32, help: 'checks in flight' },
+    seconds: { type: 'number', default: 5, help: 'seconds measured per way, after a second of warm-up' },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: { inflight: { type: 'string', default: '32' }, seconds: { type: 'string', default: '5' } },
-});
-const INFLIGHT = Number(values.inflight);
-const SECONDS = Number(values.seconds);
+const INFLIGHT = values.inflight;
+const SECONDS = values.seconds;
 
 const port = await freePort();
 const gw = await startGateway({ GW_GRPC_PORT: String(port), GW_LOG_LEVEL: 'info' });

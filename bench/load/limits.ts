@@ -7,24 +7,28 @@
  *
  *   npm run bench:limits -- [--seconds 5] [--window 32] [--limit 500]
  */
-import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import { isProtocolError } from '../../protocol/index.ts';
 import { newName, PASSWORD } from '../../test/helpers/accounts.ts';
+import { benchArgs } from '../lib/args.ts';
 import { type BenchGateway, startBenchGateway } from '../lib/gateway.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:limits',
+  url: import.meta.url,
+  about: "what runtime limits (admin API) cost a device's publish: none, counted, binding",
+  readme: 'bench:limits',
   options: {
-    seconds: { type: 'string', default: '5' },
-    window: { type: 'string', default: '32' },
-    limit: { type: 'string', default: '500' },
+    seconds: { type: 'number', default: 5, help: 'seconds measured per row' },
+    window: { type: 'int', default: 32, help: 'publishes in flight' },
+    limit: { type: 'int', default: 500, help: 'the binding limit, events/s' },
   },
 });
-const SECONDS = Number(values.seconds);
-const WINDOW = Number(values.window);
-const LIMIT = Number(values.limit);
+const SECONDS = values.seconds;
+const WINDOW = values.window;
+const LIMIT = values.limit;
 const ADMIN_KEY = `bench-admin-${newName()}`;
 
 async function setLimit(gw: BenchGateway, device: string, events: number | null): Promise<void> {

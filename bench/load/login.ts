@@ -13,31 +13,45 @@
  *   npm run bench:login -- --storm 2,6 [--conns 200] [--seconds 5]
  */
 import { availableParallelism } from 'node:os';
-import { parseArgs } from 'node:util';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import { Hasher } from '../../gateway/auth/hasher.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { machineBusyMicros } from '../lib/proc.ts';
 import { cpuSeconds, mainThreadCpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:login',
+  url: import.meta.url,
+  about:
+    "logins/s through the gateway against this machine's raw argon2id verify rate; --storm: logins offered beyond it",
+  readme: 'bench:login',
+  options: {
+    conns: { type: 'int', help: 'connections logging in (default 32; with --storm, 200)' },
+    seconds: { type: 'number', default: 5, help: 'seconds per measurement (per storm step)' },
+    storm: {
+      type: 'number',
+      list: true,
+      arg: 'X,...',
+      help: 'storm mode: logins offered open-loop at these multiples of the raw verify rate',
+    },
+    threads: {
+      type: 'int',
+      help: "hash threads of both the raw pool and the gateway (default: one per core, the gateway's default)",
+    },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    conns: { type: 'string' },
-    seconds: { type: 'string', default: '5' },
-    storm: { type: 'string' },
-    threads: { type: 'string' },
-  },
-});
-const STORM = values.storm ? values.storm.split(',').map(Number) : undefined;
-const CONNS = Number(values.conns ?? (STORM ? 200 : 32));
-const SECONDS = Number(values.seconds);
+const STORM = values.storm;
+const CONNS = values.conns ?? (STORM ? 200 : 32);
+const SECONDS = values.seconds;
 /** Hash threads of both the raw pool and the gateway (default: one per core, the gateway's default). */
-const THREADS = Number(values.threads ?? availableParallelism());
+const THREADS = values.threads ?? availableParallelism();
 const PARAMS = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
 /** The gateway's default GW_HASH_NICE: the raw pool runs its threads at the same priority. */
 const NICE = 10;

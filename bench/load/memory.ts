@@ -27,10 +27,10 @@ import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } 
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { diff } from '../lib/heap-diff.ts';
@@ -38,28 +38,44 @@ import { header, table } from '../lib/measure.ts';
 import { processRssKib } from '../lib/proc.ts';
 import { progress, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:memory',
+  url: import.meta.url,
+  about: "RSS per authenticated, heartbeating connection, against Mosquitto's idle MQTT connection, same run",
+  readme: 'bench:memory',
+  options: {
+    devices: { type: 'int', default: 5000, help: 'devices measured, connected in two halves' },
+    concurrency: { type: 'int', default: 100, help: 'devices connecting at a time' },
+    'settle-seconds': { type: 'number', min: 0, default: 35, help: 'seconds of heartbeats after each half' },
+    warmup: { type: 'int', min: 0, default: 200, help: 'devices connected before the first reading' },
+    env: {
+      type: 'string',
+      repeat: true,
+      arg: 'NAME=value',
+      pattern: /^[A-Za-z_][A-Za-z0-9_]*=/,
+      means: 'NAME=value',
+      help: "extra gateway settings (e.g. to compare a setting's effect)",
+    },
+    snapshots: {
+      type: 'string',
+      arg: 'DIR',
+      help: 'also write heap snapshots there and print what grew per connection, by constructor',
+    },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    devices: { type: 'string', default: '5000' },
-    concurrency: { type: 'string', default: '100' },
-    'settle-seconds': { type: 'string', default: '35' },
-    warmup: { type: 'string', default: '200' },
-    env: { type: 'string', multiple: true, default: [] },
-    snapshots: { type: 'string' },
-  },
-});
-const N = Number(values.devices);
-const CONCURRENCY = Number(values.concurrency);
-const SETTLE_S = Number(values['settle-seconds']);
-const WARMUP = Number(values.warmup);
+const N = values.devices;
+const CONCURRENCY = values.concurrency;
+const SETTLE_S = values['settle-seconds'];
+const WARMUP = values.warmup;
 /** Extra gateway settings, `--env NAME=value` (e.g. to compare a setting's effect). */
-const EXTRA_ENV = Object.fromEntries((values.env as string[]).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
+const EXTRA_ENV = Object.fromEntries(values.env.map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
 
 const rssKib = (pid: number): number => processRssKib(pid) ?? Number.NaN;
-const SNAPSHOTS = values.snapshots as string | undefined;
+const SNAPSHOTS = values.snapshots;
 
 /** Asks the gateway for a heap snapshot (SIGUSR2) and waits until the file is complete. */
 async function snapshot(pid: number): Promise<string> {

@@ -10,34 +10,44 @@
  */
 import { execSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { parseArgs } from 'node:util';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { processCpuMicros } from '../lib/proc.ts';
 import { type Fleet, type SimOptions, type SimReport, Simulation } from '../sim/engine.ts';
 import { mqttFleet } from '../sim/mqtt-fleet.ts';
 
+const { values } = benchArgs({
+  script: 'bench:peers',
+  url: import.meta.url,
+  about: "the simulator's engine against the gateway and Mosquitto QoS 1, same load shape, same run",
+  readme: 'bench:peers',
+  options: {
+    devices: {
+      type: 'int',
+      list: true,
+      default: '100,1000',
+      help: 'device counts, one gateway and one run each',
+    },
+    seconds: { type: 'number', default: 10, help: 'seconds of events once every device is in' },
+    rate: { type: 'number', default: 5000, help: 'events/s of the fixed-rate rows' },
+    window: { type: 'int', default: 1000, help: 'events accepted and not yet received/acked at max rate' },
+    payload: { type: 'int', min: 0, default: 100, help: 'bytes of padding per event' },
+    mqtt: { type: 'string', arg: 'URL', default: 'mqtt://127.0.0.1:1883', help: "Mosquitto's URL" },
+    seed: { type: 'int', min: 0, max: 2 ** 32 - 1, default: 1, help: "the simulator's seed" },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    devices: { type: 'string', default: '100,1000' },
-    seconds: { type: 'string', default: '10' },
-    rate: { type: 'string', default: '5000' },
-    window: { type: 'string', default: '1000' },
-    payload: { type: 'string', default: '100' },
-    mqtt: { type: 'string', default: 'mqtt://127.0.0.1:1883' },
-    seed: { type: 'string', default: '1' },
-  },
-});
-const COUNTS = values.devices.split(',').map(Number);
-const SECONDS = Number(values.seconds);
-const RATE = Number(values.rate);
-const WINDOW = Number(values.window);
-const PAYLOAD = Number(values.payload);
+const COUNTS = values.devices;
+const SECONDS = values.seconds;
+const RATE = values.rate;
+const WINDOW = values.window;
+const PAYLOAD = values.payload;
 
 const pidOf = (name: string): number | null => {
   try {
@@ -84,7 +94,7 @@ function baseOptions(devices: number, eventRate: number): SimOptions {
     noAckProb: 0,
     churnProb: 0,
     helloChunks: 1,
-    seed: Number(values.seed),
+    seed: values.seed,
     waitForFleet: true,
   };
 }

@@ -9,22 +9,30 @@
  * `--baseline-root` runs the same load against the gateway of another checkout (e.g. a
  * `git worktree` of an earlier commit, with its own node_modules) in the same run.
  */
-import { parseArgs } from 'node:util';
 import { GatewayClient } from '../../client/client.ts';
 import { newName, PASSWORD } from '../../test/helpers/accounts.ts';
+import { benchArgs } from '../lib/args.ts';
 import { type BenchGateway, startBenchGateway } from '../lib/gateway.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, sleep } from '../lib/procs.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:pipeline',
+  url: import.meta.url,
+  about: 'pipelined sends on one connection against one at a time, and the order at the recipient',
+  readme: 'bench:pipeline',
   options: {
-    seconds: { type: 'string', default: '5' },
-    window: { type: 'string', default: '32' },
-    'baseline-root': { type: 'string' },
+    seconds: { type: 'number', default: 5, help: 'seconds measured per row' },
+    window: { type: 'int', default: 32, help: 'sends in flight in the pipelined row' },
+    'baseline-root': {
+      type: 'string',
+      arg: 'DIR',
+      help: 'also run against the gateway of this checkout (a git worktree with its own node_modules)',
+    },
   },
 });
-const SECONDS = Number(values.seconds);
-const WINDOW = Number(values.window);
+const SECONDS = values.seconds;
+const WINDOW = values.window;
 
 async function signUp(url: string, autoAck: boolean): Promise<{ c: GatewayClient; username: string }> {
   const c = new GatewayClient({ url, autoAck, requestTimeoutMs: 30000 });

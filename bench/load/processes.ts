@@ -9,39 +9,57 @@
  *   npm run bench:processes -- [--devices 100] [--seconds 10] [--batch 50] [--window 8] [--processes 1,2]
  *                              [--env NAME=value ...]
  */
-import { parseArgs } from 'node:util';
 import hdr from 'hdr-histogram-js';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, ownCpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:processes',
+  url: import.meta.url,
+  about:
+    'back-end publishes delivered by a gateway of 1 and of 2 processes (GW_PROCESSES), same load, same run',
+  readme: 'bench:processes',
+  options: {
+    devices: { type: 'int', default: 100, help: 'devices the back end publishes to' },
+    seconds: { type: 'number', default: 10, help: 'seconds measured per row' },
+    warmup: { type: 'number', min: 0, default: 3, help: 'seconds of warm-up per row' },
+    batch: { type: 'int', default: 50, help: 'events per POST /v1/events' },
+    window: { type: 'int', default: 8, help: 'requests in flight' },
+    payload: { type: 'int', min: 0, default: 100, help: 'bytes of payload per event' },
+    processes: {
+      type: 'int',
+      list: true,
+      default: '1,2',
+      help: 'one gateway per entry, of that many processes',
+    },
+    env: {
+      type: 'string',
+      repeat: true,
+      arg: 'NAME=value',
+      pattern: /^[A-Za-z_][A-Za-z0-9_]*=/,
+      means: 'NAME=value',
+      help: "extra gateway settings for every row (e.g. to see a setting's cost)",
+    },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    devices: { type: 'string', default: '100' },
-    seconds: { type: 'string', default: '10' },
-    warmup: { type: 'string', default: '3' },
-    batch: { type: 'string', default: '50' },
-    window: { type: 'string', default: '8' },
-    payload: { type: 'string', default: '100' },
-    processes: { type: 'string', default: '1,2' },
-    env: { type: 'string', multiple: true, default: [] },
-  },
-});
 /** Extra gateway settings for every row, `--env NAME=value` (e.g. to see a setting's cost). */
-const EXTRA_ENV = Object.fromEntries((values.env as string[]).map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
-const DEVICES = Number(values.devices);
-const SECONDS = Number(values.seconds);
-const WARMUP = Number(values.warmup);
-const BATCH = Number(values.batch);
-const WINDOW = Number(values.window);
-const PAYLOAD_BYTES = Number(values.payload);
-const COUNTS = String(values.processes).split(',').map(Number);
+const EXTRA_ENV = Object.fromEntries(values.env.map((kv) => kv.split(/=(.*)/s).slice(0, 2)));
+const DEVICES = values.devices;
+const SECONDS = values.seconds;
+const WARMUP = values.warmup;
+const BATCH = values.batch;
+const WINDOW = values.window;
+const PAYLOAD_BYTES = values.payload;
+const COUNTS = values.processes;
 const API_KEY = 'bench-processes-api-key';
 const REDIS_PID = redisPid();
 

@@ -24,9 +24,9 @@
  *   npm run bench:requests -- [--seconds 4] [--concurrency 16] [--devices 16] [--payload 100]
  */
 import { spawn } from 'node:child_process';
-import { parseArgs } from 'node:util';
 import type { GatewayClient } from '../../client/client.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { loggedInDevices } from '../lib/fleet.ts';
 import { postJson } from '../lib/http.ts';
@@ -34,29 +34,28 @@ import { header, table } from '../lib/measure.ts';
 import { metricsOf, redisCallsIn } from '../lib/metrics.ts';
 import { cpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
+const { values } = benchArgs({
+  script: 'bench:requests',
+  url: import.meta.url,
+  about: 'what one POST /v1/events request costs the gateway, against uWebSockets.js alone, same run',
+  readme: 'bench:requests',
+  options: {
+    seconds: { type: 'number', default: 4, help: 'seconds measured per row' },
+    warmup: { type: 'number', min: 0, default: 1.5, help: 'seconds of warm-up per row' },
+    concurrency: { type: 'int', default: 16, help: 'requests in flight on keep-alive connections' },
+    devices: { type: 'int', default: 16, help: 'connected devices of the last row, in turn' },
+    payload: { type: 'int', min: 0, default: 100, help: 'bytes of payload per event' },
+  },
+});
+
 // What `npm start` runs: the build in dist/ (bench/lib/built.ts).
 useBuiltGateway();
 
-const { values } = parseArgs({
-  options: {
-    seconds: { type: 'string', default: '4' },
-    warmup: { type: 'string', default: '1.5' },
-    concurrency: { type: 'string', default: '16' },
-    devices: { type: 'string', default: '16' },
-    payload: { type: 'string', default: '100' },
-  },
-});
-const SECONDS = Number(values.seconds);
-const WARMUP = Number(values.warmup);
-const CONCURRENCY = Number(values.concurrency);
-const DEVICES = Number(values.devices);
-const PAYLOAD = Number(values.payload);
-for (const [name, v] of Object.entries({ seconds: SECONDS, concurrency: CONCURRENCY, devices: DEVICES })) {
-  if (!(v > 0) || (name !== 'seconds' && !Number.isInteger(v))) {
-    console.error(`--${name}: a positive number, not ${values[name as keyof typeof values]}`);
-    process.exit(2);
-  }
-}
+const SECONDS = values.seconds;
+const WARMUP = values.warmup;
+const CONCURRENCY = values.concurrency;
+const DEVICES = values.devices;
+const PAYLOAD = values.payload;
 const API_KEY = 'bench-api-key-0123456789';
 const REDIS_PID = redisPid();
 const padding = 'x'.repeat(Math.max(0, PAYLOAD - 30));
