@@ -10,20 +10,23 @@
  * Figures are printed, never asserted.
  */
 import { randomUUID } from 'node:crypto';
-import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import { ActivityTracker } from '../../gateway/auth/activity.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
+import { benchArgs } from '../lib/args.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:activity',
+  url: import.meta.url,
+  about: 'session activity: touch per request (no Redis call) and one batched flush of N sessions',
   options: {
-    sessions: { type: 'string', default: '10000' },
-    requests: { type: 'string', default: '1000000' },
+    sessions: { type: 'int', default: 10000, help: 'sessions touched, then flushed' },
+    requests: { type: 'int', default: 1000000, help: 'touches timed, over the sessions in turn' },
   },
 });
-const n = Number(values.sessions);
-const requests = Number(values.requests);
+const n = values.sessions;
+const requests = values.requests;
 const redis = new Redis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379');
 const keys = new Keys(`gwbench:${randomUUID().slice(0, 8)}:`);
 const sids = Array.from({ length: n }, () => randomUUID());

@@ -16,7 +16,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import { availableParallelism, loadavg } from 'node:os';
-import { parseArgs } from 'node:util';
 import {
   Channel,
   type CryptoBackend,
@@ -26,18 +25,23 @@ import {
   packEvent,
   unpack,
 } from '../../protocol/index.ts';
+import { benchArgs } from '../lib/args.ts';
 import { probeNative } from '../lib/backends.ts';
 import { table } from '../lib/measure.ts';
 import { type TimeOptions, type Timing, time } from '../lib/stats.ts';
 import { mulberry32 } from '../sim/rng.ts';
 
-const { values: args } = parseArgs({
+const { values: args } = benchArgs({
+  script: 'bench:codec',
+  url: import.meta.url,
+  about: 'MessagePack, framing and channel micro-benchmarks, each next to a baseline of the same run',
+  readme: 'bench:codec',
   options: {
-    rounds: { type: 'string', default: '7' },
-    'round-ms': { type: 'string', default: '150' },
+    rounds: { type: 'int', default: 7, help: 'timed rounds per case (the median is printed)' },
+    'round-ms': { type: 'number', default: 150, help: 'ms per round (sets the batch size)' },
   },
 });
-const opts: TimeOptions = { rounds: Number(args.rounds), roundMs: Number(args['round-ms']), warmupMs: 400 };
+const opts: TimeOptions = { rounds: args.rounds, roundMs: args['round-ms'], warmupMs: 400 };
 
 const { native, reason } = probeNative();
 

@@ -5,7 +5,16 @@
 import { randomBytes } from 'node:crypto';
 import { loadNativeBackend } from '../../protocol/crypto/native.ts';
 import { acceptHello, ClientHandshake, type CryptoBackend, nodeBackend } from '../../protocol/index.ts';
+import { benchArgs } from '../lib/args.ts';
 import { header, opsPerSecond, table } from '../lib/measure.ts';
+
+benchArgs({
+  script: 'bench:crypto',
+  url: import.meta.url,
+  about: 'seal+open and handshakes: the native addon against node:crypto, in one run',
+  readme: 'bench:crypto',
+  options: {},
+});
 
 const loaded = loadNativeBackend();
 const native = 'backend' in loaded ? loaded.backend : null;

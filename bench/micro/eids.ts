@@ -13,7 +13,6 @@
  * end). Printed, never asserted.
  */
 import { randomUUID } from 'node:crypto';
-import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import { newEid } from '../../gateway/delivery/eid.ts';
 import { Outbox } from '../../gateway/delivery/outbox.ts';
@@ -22,10 +21,19 @@ import { Keys } from '../../gateway/keys.ts';
 import { IV_BYTES, TAG_BYTES } from '../../protocol/crypto/backend.ts';
 import { pack, packEvent } from '../../protocol/index.ts';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
+import { benchArgs } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
 
-const { values } = parseArgs({ options: { events: { type: 'string', default: '100,1000' } } });
-const COUNTS = String(values.events).split(',').map(Number);
+const { values } = benchArgs({
+  script: 'bench:eids',
+  url: import.meta.url,
+  about: "what an eid's length costs: frame bytes and Redis memory per waiting event, UUIDs against newEid()",
+  readme: 'bench:eids',
+  options: {
+    events: { type: 'int', list: true, default: '100,1000', help: 'events published per memory reading' },
+  },
+});
+const COUNTS = values.events;
 
 const KINDS = [
   ['randomUUID()', randomUUID],

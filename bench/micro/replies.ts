@@ -14,22 +14,26 @@
  */
 import { execSync } from 'node:child_process';
 import { availableParallelism, loadavg } from 'node:os';
-import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import { readScriptReply } from '../../gateway/delivery/script-reply.ts';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
+import { benchArgs } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:replies',
+  url: import.meta.url,
+  about: "a script's reply read as RESP by ioredis against one MessagePack string (script-reply.ts)",
+  readme: 'bench:replies',
   options: {
-    events: { type: 'string', default: '50,256' },
-    calls: { type: 'string', default: '2000' },
-    rounds: { type: 'string', default: '5' },
+    events: { type: 'int', list: true, default: '50,256', help: 'events per reply, a table each' },
+    calls: { type: 'int', default: 2000, help: 'calls per round each way' },
+    rounds: { type: 'int', default: 5, help: 'rounds counted (after one of warm-up)' },
   },
 });
-const EVENTS = String(values.events).split(',').map(Number);
-const CALLS = Number(values.calls);
-const ROUNDS = Number(values.rounds);
+const EVENTS = values.events;
+const CALLS = values.calls;
+const ROUNDS = values.rounds;
 
 /** The reply table of publish.lua for ARGV[1] events, each to one session. */
 const BUILD = `local out = {}

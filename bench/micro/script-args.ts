@@ -15,21 +15,24 @@
  */
 import { randomUUID } from 'node:crypto';
 import { availableParallelism, loadavg } from 'node:os';
-import { parseArgs } from 'node:util';
 import { newEid } from '../../gateway/delivery/eid.ts';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
+import { benchArgs } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
 
-const { values } = parseArgs({
+const { values } = benchArgs({
+  script: 'bench:args',
+  url: import.meta.url,
+  about: "writing a publish call's arguments (script-args.ts): its ASCII path against byteLength + write",
   options: {
-    events: { type: 'string', default: '50,256' },
-    calls: { type: 'string', default: '20000' },
-    rounds: { type: 'string', default: '5' },
+    events: { type: 'int', list: true, default: '50,256', help: 'events per call, a table each' },
+    calls: { type: 'int', default: 20000, help: 'calls per round each way' },
+    rounds: { type: 'int', default: 5, help: 'rounds (the median is printed)' },
   },
 });
-const EVENTS = String(values.events).split(',').map(Number);
-const CALLS = Number(values.calls);
-const ROUNDS = Number(values.rounds);
+const EVENTS = values.events;
+const CALLS = values.calls;
+const ROUNDS = values.rounds;
 
 /** The general way for every string: the writer before its ASCII path. */
 class GeneralArgs extends ScriptArgs {

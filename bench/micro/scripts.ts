@@ -31,23 +31,13 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { availableParallelism, loadavg } from 'node:os';
-import { parseArgs } from 'node:util';
 import { Redis } from 'ioredis';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
+import { benchArgs } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
 
-const { values } = parseArgs({
-  options: {
-    baseline: { type: 'string', default: 'HEAD' },
-    shapes: { type: 'string', default: 'one,window,user' },
-    calls: { type: 'string', default: '40' },
-    rounds: { type: 'string', default: '40' },
-  },
-});
-const CALLS = Number(values.calls);
-const ROUNDS = Number(values.rounds);
 interface Shape {
   sessions: number;
   events: number;
@@ -65,6 +55,33 @@ const SHAPES: Record<string, Shape> = {
   windowlag: { sessions: 8, events: 8, target: 's', lag: true },
   user2lag: { sessions: 20, events: 2, target: 'u', lag: true },
 };
+
+const { values } = benchArgs({
+  script: 'bench:scripts',
+  url: import.meta.url,
+  about:
+    "Redis's time and commands per delivered event for the outbox scripts, this tree against another commit",
+  readme: 'bench:scripts',
+  options: {
+    baseline: {
+      type: 'string',
+      arg: 'REV',
+      default: 'HEAD',
+      help: 'the commit whose scripts are the baseline',
+    },
+    shapes: {
+      type: 'string',
+      list: true,
+      choices: Object.keys(SHAPES),
+      default: 'one,window,user',
+      help: 'the shapes to run (described at the top of the file and in bench/README.md)',
+    },
+    calls: { type: 'int', default: 40, help: 'publish + ack calls per round each way' },
+    rounds: { type: 'int', default: 40, help: 'rounds counted (after one of warm-up)' },
+  },
+});
+const CALLS = values.calls;
+const ROUNDS = values.rounds;
 
 const LUA = 'gateway/delivery/lua';
 const fromTree = (path: string) => readFileSync(new URL(`../../${LUA}/${path}.lua`, import.meta.url), 'utf8');
@@ -226,7 +243,7 @@ async function main(): Promise<void> {
   );
   const rows: string[][] = [];
   try {
-    for (const shapeName of String(values.shapes).split(',')) {
+    for (const shapeName of values.shapes) {
       const shape = SHAPES[shapeName];
       if (!shape) throw new Error(`unknown shape ${shapeName} (${Object.keys(SHAPES).join(', ')})`);
       const ways = {

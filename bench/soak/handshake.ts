@@ -29,7 +29,6 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import { build } from 'hdr-histogram-js';
 import {
   acceptHello,
@@ -42,37 +41,43 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
+import { benchArgs } from '../lib/args.ts';
 import { probeNative } from '../lib/backends.ts';
 import { fmt } from '../lib/measure.ts';
 import { processCpuMicros } from '../lib/proc.ts';
 
-const { values: a } = parseArgs({
+const { values: a } = benchArgs({
+  script: 'bench:soak',
+  url: import.meta.url,
+  about: 'full handshakes in one process under a stall watchdog (a supervisor forks the worker)',
+  readme: 'bench:soak',
   options: {
-    count: { type: 'string', default: '100000' },
-    backend: { type: 'string', default: 'node' },
-    'jwk-control': { type: 'boolean', default: false },
-    'stall-seconds': { type: 'string', default: '10' },
-    'simulate-stall': { type: 'string' },
-    child: { type: 'boolean', default: false },
+    count: { type: 'int', default: 100000, help: 'handshakes' },
+    backend: { type: 'string', choices: ['node', 'native'], default: 'node', help: 'the crypto backend' },
+    'jwk-control': {
+      type: 'flag',
+      help: "make each ephemeral key the way that hung Node 20's main thread (generateKeyPairSync, JWK export)",
+    },
+    'stall-seconds': {
+      type: 'number',
+      default: 10,
+      help: 'silence after which the watchdog reports a STALL',
+    },
+    'simulate-stall': {
+      type: 'int',
+      min: 0,
+      arg: 'N',
+      help: "block the worker's main thread at handshake N (checks the watchdog)",
+    },
+    // This process is the worker, forked by the supervisor.
+    child: { type: 'flag', hidden: true, help: 'the worker process' },
   },
 });
 
-const count = Number(a.count);
-if (!Number.isInteger(count) || count < 1) {
-  console.error(`--count must be a positive integer, got ${a.count}`);
-  process.exit(2);
-}
+const count = a.count;
 const backendName = a.backend;
-if (backendName !== 'node' && backendName !== 'native') {
-  console.error(`--backend must be node or native, got ${a.backend}`);
-  process.exit(2);
-}
-const jwk = a['jwk-control']!;
-const stallMs = Number(a['stall-seconds']) * 1000;
-if (!(stallMs > 0)) {
-  console.error(`--stall-seconds must be positive, got ${a['stall-seconds']}`);
-  process.exit(2);
-}
+const jwk = a['jwk-control'];
+const stallMs = a['stall-seconds'] * 1000;
 
 /** Messages from the child to the supervisor. */
 type ChildMessage =
@@ -102,7 +107,7 @@ async function child(): Promise<void> {
   } else {
     backend = nodeBackend;
   }
-  const simulateAt = a['simulate-stall'] !== undefined ? Number(a['simulate-stall']) : -1;
+  const simulateAt = a['simulate-stall'] ?? -1;
   const identity = backend.ed25519Identity(randomBytes(32));
   const serverOptions = { node: 'soak', heartbeatMs: 15000, maxFrameBytes: 65536 };
   const hist = build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, autoResize: true });
