@@ -6,9 +6,10 @@
  * - `--help` / `-h`: the usage (script, file, one line per option, where to read more) on
  *   stdout, exit 0;
  * - an option the bench does not take, an option without its value, an argument where none is
- *   taken: one line saying so, then the usage, on stderr, exit 2;
- * - a value that is not of its option's type or range: one line naming the option and the
- *   value, exit 2 (as bench/sim/main.ts, which does the same by hand).
+ *   taken (or one it needs missing): one line saying so, then the usage, on stderr, exit 2;
+ * - a value that is not of its option's (or argument's) type or range: one line naming the
+ *   option and the value, exit 2; `refuse` does the same for a bench's own checks (one option
+ *   against another).
  *
  * A bench calls it before anything else it does (a build of dist/, a gateway, a connection), so
  * a refused command line starts nothing. With `BENCH_ARGS_ONLY=1` in the environment a command
@@ -34,6 +35,8 @@ export type Option =
   | (Common & {
       type: 'string';
       default?: string;
+      /** An environment variable whose value, when set, is the default (the usage names it, not its value). */
+      env?: string;
       /** The values taken (each of them, with `list`). */
       choices?: readonly string[];
       /** A value it must match, and what that means in words. */
@@ -53,6 +56,7 @@ export type Option =
       max?: number;
       /** Comma-separated values: a number[]. */
       list?: boolean;
+      required?: boolean;
     });
 
 type Value<O> = O extends { type: 'flag' }
@@ -71,7 +75,10 @@ type Value<O> = O extends { type: 'flag' }
 
 export type Values<T extends Record<string, Option>> = { -readonly [K in keyof T]: Value<T[K]> };
 
-export interface Command<T extends Record<string, Option>> {
+export interface Command<
+  T extends Record<string, Option>,
+  A extends Record<string, Option> = Record<never, Option>,
+> {
   /** The npm script that runs it, e.g. `bench:delivery` (none: run by another bench). */
   script?: string;
   /** `import.meta.url` of the bench's entry file. */
@@ -81,12 +88,14 @@ export interface Command<T extends Record<string, Option>> {
   /** Its section of bench/README.md (none: the README's table, and the file's header comment). */
   readme?: string;
   options: T;
+  /** The arguments it takes, in order, before any option (none: none); optional ones last. */
+  args?: A;
   /** What it takes after `--`, passed on as it is (none: nothing). */
   rest?: string;
 }
 
 /** Ends the process with a usage error: `message` on one line, then `usage` when given. */
-function refuse(message: string, usage?: string): never {
+export function refuse(message: string, usage?: string): never {
   process.stderr.write(`${message}\n${usage ? `${usage}\n` : ''}`);
   process.exit(2);
 }
@@ -119,30 +128,55 @@ function expected(o: Option, short = false): string {
   return `${short ? what.replace(/^an? /, '') : what} ${range}${listed}`;
 }
 
-function usage(cmd: Command<Record<string, Option>>, file: string): string {
+/** A positional argument's name in the usage, in brackets when it may be left out. */
+function argName(name: string, o: Option): string {
+  const n = o.arg ?? name.toUpperCase();
+  return 'required' in o && o.required ? n : `[${n}]`;
+}
+
+/** The default in the usage: the environment variable's name (never its value), then the default. */
+function defaultNote(o: Option): string {
+  const env = 'env' in o && o.env ? `$${o.env}` : '';
+  const value = 'default' in o && o.default !== undefined && o.default !== '' ? String(o.default) : '';
+  if (env && value) return `default ${env}, else ${value}`;
+  return env || value ? `default ${env || value}` : '';
+}
+
+function usage(cmd: Command<Record<string, Option>, Record<string, Option>>, file: string): string {
   const rest = cmd.rest ? ` [-- ${cmd.rest}]` : '';
+  const args = Object.entries(cmd.args ?? {});
+  const positional = args.map(([name, o]) => ` ${argName(name, o)}`).join('');
   const visible = Object.entries(cmd.options).filter(([, o]) => !o.hidden);
   const opts = visible.length > 0 ? ' [options]' : '';
   const run = cmd.script
-    ? `npm run ${cmd.script}${opts || rest ? ` --${opts}${rest}` : ''}   (${file})`
-    : `tsx ${file}${opts}${rest}`;
-  const rows = visible.map(([name, o]) => {
-    const left = `--${name}${placeholder(o) ? ` ${placeholder(o)}` : ''}`;
+    ? `npm run ${cmd.script}${positional || opts || rest ? ` --${positional}${opts}${rest}` : ''}   (${file})`
+    : `tsx ${file}${positional}${opts}${rest}`;
+  const row = (left: string, o: Option, required: boolean) => {
     const notes = [
       expected(o, true),
-      'required' in o && o.required ? 'required' : '',
+      required ? 'required' : '',
       'repeat' in o && o.repeat ? 'repeatable' : '',
-      'default' in o && o.default !== undefined ? `default ${o.default}` : '',
+      defaultNote(o),
     ].filter(Boolean);
     return [left, `${o.help}${notes.length > 0 ? ` (${notes.join('; ')})` : ''}`];
-  });
+  };
+  const rows = [
+    ...args.map(([name, o]) => row(argName(name, o), o, false)),
+    ...visible.map(([name, o]) =>
+      row(
+        `--${name}${placeholder(o) ? ` ${placeholder(o)}` : ''}`,
+        o,
+        'required' in o && o.required === true,
+      ),
+    ),
+  ];
   rows.push(['-h, --help', 'this help']);
   const width = Math.max(...rows.map(([l]) => l.length)) + 2;
   return [
     run,
     cmd.about,
     '',
-    ...(visible.length > 0 ? [] : ['It takes no options.']),
+    ...(visible.length > 0 || args.length > 0 ? [] : ['It takes no options.']),
     ...rows.map(([l, r]) => `  ${l.padEnd(width)}${r}`),
     '',
     cmd.readme
@@ -163,10 +197,10 @@ function distance(a: string, b: string): number {
   return prev[b.length];
 }
 
-/** One value of option `name`, checked; `raw` is what was given for it (for the message). */
-function convert(name: string, o: Option, item: string, raw: string): string | number {
+/** One value of `label` (an option's --name, an argument's NAME), checked; `raw` is what was given for it (for the message). */
+function convert(label: string, o: Option, item: string, raw: string): string | number {
   const bad = (): never =>
-    refuse(`--${name}: ${expected(o)}, not '${item}'${item !== raw ? ` (in '${raw}')` : ''}`);
+    refuse(`${label}: ${expected(o)}, not '${item}'${item !== raw ? ` (in '${raw}')` : ''}`);
   if (o.type === 'string') {
     if (o.choices && !o.choices.includes(item)) bad();
     if (o.pattern && !o.pattern.test(item)) bad();
@@ -180,10 +214,13 @@ function convert(name: string, o: Option, item: string, raw: string): string | n
 }
 
 /** Parses and checks this process's arguments against `cmd.options`; see the top of the file. */
-export function benchArgs<const T extends Record<string, Option>>(
-  cmd: Command<T>,
+export function benchArgs<
+  const T extends Record<string, Option>,
+  const A extends Record<string, Option> = Record<never, Option>,
+>(
+  cmd: Command<T, A>,
   argv: string[] = process.argv.slice(2),
-): { values: Values<T>; rest: string[] } {
+): { values: Values<T>; args: Values<A>; rest: string[] } {
   const file = relative(ROOT, fileURLToPath(cmd.url));
   const text = () => usage(cmd, file);
   const specs: Record<string, Option> = cmd.options;
@@ -206,6 +243,8 @@ export function benchArgs<const T extends Record<string, Option>>(
     process.stdout.write(`${text()}\n`);
     process.exit(0);
   }
+  const argSpecs = Object.entries(cmd.args ?? ({} as Record<string, Option>));
+  const given: string[] = [];
   const rest: string[] = [];
   let afterTerminator = false;
   for (const t of tokens) {
@@ -213,9 +252,9 @@ export function benchArgs<const T extends Record<string, Option>>(
       if (!cmd.rest) refuse(`unexpected '--': ${cmd.script ?? file} takes nothing after it`, text());
       afterTerminator = true;
     } else if (t.kind === 'positional') {
-      if (!afterTerminator)
-        refuse(`unexpected argument '${t.value}'${cmd.rest ? `: ${cmd.rest} go after --` : ''}`, text());
-      rest.push(t.value);
+      if (afterTerminator) rest.push(t.value);
+      else if (given.length < argSpecs.length) given.push(t.value);
+      else refuse(`unexpected argument '${t.value}'${cmd.rest ? `: ${cmd.rest} go after --` : ''}`, text());
     } else {
       const o = specs[t.name];
       if (!o) {
@@ -231,25 +270,35 @@ export function benchArgs<const T extends Record<string, Option>>(
         refuse(`${t.rawName} needs a value (${placeholder(o)})`, text());
     }
   }
+  const positionals: Record<string, unknown> = {};
+  argSpecs.forEach(([name, o], i) => {
+    const raw = given[i] ?? ('default' in o && o.default !== undefined ? String(o.default) : undefined);
+    if (raw === undefined) {
+      if ('required' in o && o.required) refuse(`missing argument ${argName(name, o)}`, text());
+      positionals[name] = undefined;
+    } else positionals[name] = convert(o.arg ?? name.toUpperCase(), o, raw, raw);
+  });
   const out: Record<string, unknown> = {};
   for (const [name, o] of Object.entries(specs)) {
     const given = values[name] as string | string[] | boolean | undefined;
     if (o.type === 'flag') {
       out[name] = given === true;
     } else if ('repeat' in o && o.repeat) {
-      out[name] = ((given as string[] | undefined) ?? []).map((v) => convert(name, o, v, v));
+      out[name] = ((given as string[] | undefined) ?? []).map((v) => convert(`--${name}`, o, v, v));
     } else {
-      const raw = (given as string | undefined) ?? (o.default === undefined ? undefined : String(o.default));
+      const env = 'env' in o && o.env ? process.env[o.env] : undefined;
+      const raw =
+        (given as string | undefined) ?? env ?? (o.default === undefined ? undefined : String(o.default));
       if (raw === undefined) {
         if ('required' in o && o.required) refuse(`--${name} is required`, text());
         out[name] = undefined;
       } else {
         out[name] = o.list
-          ? raw.split(',').map((v) => convert(name, o, v.trim(), raw))
-          : convert(name, o, raw, raw);
+          ? raw.split(',').map((v) => convert(`--${name}`, o, v.trim(), raw))
+          : convert(`--${name}`, o, raw, raw);
       }
     }
   }
   if (process.env.BENCH_ARGS_ONLY === '1') process.exit(0);
-  return { values: out as Values<T>, rest };
+  return { values: out as Values<T>, args: positionals as Values<A>, rest };
 }
