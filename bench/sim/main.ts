@@ -3,135 +3,226 @@
  * qos-1 event accounted for. See bench/README.md ("simulate") for the options and the report.
  */
 import { writeFileSync } from 'node:fs';
-import { parseArgs } from 'node:util';
+import { benchArgs, refuse } from '../lib/args.ts';
 import { type SeriesPoint, type SimOptions, type SimReport, Simulation, type Transport } from './engine.ts';
 import { htmlReport, jsonReport, textReport } from './report.ts';
 import { runWorkers } from './workers.ts';
 
-const OPTIONS = {
-  tcp: { type: 'string', default: '127.0.0.1:9000' },
-  ws: { type: 'string', default: 'ws://127.0.0.1:8080/ws' },
-  http: { type: 'string', default: 'http://127.0.0.1:8080' },
-  transport: { type: 'string', default: 'tcp' },
-  devices: { type: 'string', default: '100' },
-  duration: { type: 'string', default: '30' },
-  rate: { type: 'string', default: '50' },
-  ramp: { type: 'string' },
-  'event-rate': { type: 'string', default: '100' },
-  window: { type: 'string', default: '1000' },
-  payload: { type: 'string', default: '100' },
-  'max-events': { type: 'string', default: '1000000' },
-  'api-key': { type: 'string', default: process.env.GW_API_KEY ?? '' },
-  'publish-rate': { type: 'string', default: '0' },
-  rooms: { type: 'string', default: '0' },
-  'say-rate': { type: 'string', default: '0' },
-  'no-ack-prob': { type: 'string', default: '0' },
-  'churn-prob': { type: 'string', default: '0' },
-  'refresh-grace': { type: 'string', default: '30' },
-  'chunked-handshake': { type: 'boolean', default: false },
-  'wait-for-fleet': { type: 'boolean', default: false },
-  workers: { type: 'string', default: '1' },
-  // Internal: this process is worker i/K of a --workers K run.
-  worker: { type: 'string' },
-  'hello-chunks': { type: 'string', default: '3' },
-  drain: { type: 'string', default: '15' },
-  seed: { type: 'string', default: '1' },
-  fingerprint: { type: 'string' },
-  redis: { type: 'string', default: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379' },
-  prefix: { type: 'string', default: process.env.GW_REDIS_PREFIX ?? 'gw:' },
-  'no-backend-scan': { type: 'boolean', default: false },
-  'gateway-pid': { type: 'string' },
-  json: { type: 'string' },
-  html: { type: 'string' },
-  quiet: { type: 'boolean', default: false },
-  'allow-remote': { type: 'boolean', default: false },
-  help: { type: 'boolean', default: false },
-} as const;
+const { values } = benchArgs({
+  script: 'simulate',
+  url: import.meta.url,
+  about: 'A fleet of virtual devices against a running gateway, every qos-1 event accounted for.',
+  readme: 'simulate',
+  options: {
+    tcp: { type: 'string', default: '127.0.0.1:9000', arg: 'HOST:PORT', help: "the gateway's TCP listener" },
+    ws: {
+      type: 'string',
+      default: 'ws://127.0.0.1:8080/ws',
+      arg: 'URL',
+      help: "the gateway's WebSocket URL",
+    },
+    http: { type: 'string', default: 'http://127.0.0.1:8080', arg: 'URL', help: "the gateway's HTTP API" },
+    transport: {
+      type: 'string',
+      default: 'tcp',
+      choices: ['tcp', 'ws', 'mix'],
+      help: "the devices' transport; mix: alternately",
+    },
+    devices: {
+      type: 'number',
+      default: 100,
+      min: 1,
+      help: 'devices in the fleet; with --workers K, from K to 15000 × K',
+    },
+    duration: { type: 'number', default: 30, min: 0.1, max: 86400, help: 'seconds of the run' },
+    rate: { type: 'number', default: 50, min: 0.01, max: 100000, help: 'device starts per second' },
+    ramp: {
+      type: 'number',
+      min: 0.001,
+      max: 3600,
+      arg: 'S',
+      help: 'start the fleet over S seconds instead of --rate',
+    },
+    'event-rate': {
+      type: 'number',
+      default: 100,
+      min: 0,
+      max: 1_000_000,
+      help: 'events per second; 0: as fast as acks allow',
+    },
+    window: {
+      type: 'number',
+      default: 1000,
+      min: 1,
+      max: 1_000_000,
+      help: 'events accepted and not yet acked, at most',
+    },
+    payload: {
+      type: 'number',
+      default: 100,
+      min: 0,
+      max: 60000,
+      arg: 'BYTES',
+      help: "bytes of each event's padding",
+    },
+    'max-events': {
+      type: 'number',
+      default: 1_000_000,
+      min: 0,
+      max: 100_000_000,
+      help: 'events published, at most',
+    },
+    'api-key': {
+      type: 'string',
+      env: 'GW_API_KEY',
+      arg: 'KEY',
+      help: "the gateway's API key, for the producer; needed unless --max-events 0",
+    },
+    'publish-rate': {
+      type: 'number',
+      default: 0,
+      min: 0,
+      max: 1_000_000,
+      help: 'device publish requests per second',
+    },
+    rooms: {
+      type: 'number',
+      default: 0,
+      min: 0,
+      max: 100000,
+      help: 'rooms the devices join; device i: room i mod N',
+    },
+    'say-rate': { type: 'number', default: 0, min: 0, max: 1_000_000, help: 'device says per second' },
+    'no-ack-prob': {
+      type: 'number',
+      default: 0,
+      min: 0,
+      max: 1,
+      arg: 'P',
+      help: 'probability that a device withholds the ack of an event',
+    },
+    'churn-prob': {
+      type: 'number',
+      default: 0,
+      min: 0,
+      max: 1,
+      arg: 'P',
+      help: 'probability per second that a device drops its connection',
+    },
+    'refresh-grace': {
+      type: 'number',
+      default: 30,
+      min: 0,
+      max: 86400,
+      arg: 'S',
+      help: "the gateway's GW_REFRESH_GRACE_SECONDS",
+    },
+    'chunked-handshake': { type: 'flag', help: 'send the hello in --hello-chunks TCP writes' },
+    'hello-chunks': {
+      type: 'number',
+      default: 3,
+      min: 2,
+      max: 64,
+      help: 'TCP writes of the hello, with --chunked-handshake',
+    },
+    'wait-for-fleet': { type: 'flag', help: 'start the clock and the producer once every device is in' },
+    workers: { type: 'number', default: 1, min: 1, max: 64, arg: 'K', help: 'simulator processes' },
+    worker: {
+      type: 'string',
+      pattern: /^(\d+)\/(\d+)$/,
+      means: 'i/K',
+      hidden: true,
+      help: 'this process is worker i of a --workers K run',
+    },
+    drain: {
+      type: 'number',
+      default: 15,
+      min: 0,
+      max: 3600,
+      arg: 'S',
+      help: 'seconds to wait for acks after the run',
+    },
+    seed: { type: 'number', default: 1, min: 0, max: 2 ** 32 - 1, help: "the PRNGs' seed" },
+    fingerprint: {
+      type: 'string',
+      arg: 'HEX',
+      help: "the gateway identity key's SHA-256 (hex): any other key is refused",
+    },
+    redis: {
+      type: 'string',
+      env: 'REDIS_URL',
+      default: 'redis://127.0.0.1:6379',
+      arg: 'URL',
+      help: "the gateway's Redis, whose back-end queue is read for the gateway's reports",
+    },
+    prefix: {
+      type: 'string',
+      env: 'GW_REDIS_PREFIX',
+      default: 'gw:',
+      arg: 'PREFIX',
+      help: "the gateway's GW_REDIS_PREFIX",
+    },
+    'no-backend-scan': {
+      type: 'flag',
+      help: "do not read the gateway's back-end queue (no --redis, no --prefix)",
+    },
+    'gateway-pid': {
+      type: 'number',
+      min: 1,
+      max: 2 ** 31,
+      arg: 'PID',
+      help: "the gateway's process, whose CPU and memory are measured",
+    },
+    json: { type: 'string', arg: 'FILE', help: 'write the report as JSON' },
+    html: { type: 'string', arg: 'FILE', help: 'write the report as an HTML page' },
+    quiet: { type: 'flag', help: 'no status lines' },
+    'allow-remote': { type: 'flag', help: 'allow gateway URLs off loopback' },
+  },
+});
 
-const USAGE = `npm run simulate -- [options]   (see bench/README.md, "simulate")
-  --tcp HOST:PORT --ws URL --http URL --transport tcp|ws|mix
-  --devices N --rate N/s | --ramp S --duration S --drain S --seed N --wait-for-fleet
-  --event-rate N/s (0: as fast as acks allow) --window N --payload BYTES --max-events N --api-key KEY
-  --publish-rate N/s --rooms N --say-rate N/s --no-ack-prob P --churn-prob P/s
-  --refresh-grace S (the gateway's GW_REFRESH_GRACE_SECONDS)
-  --chunked-handshake [--hello-chunks N] --fingerprint HEX
-  --redis URL --prefix GW_REDIS_PREFIX | --no-backend-scan --gateway-pid PID
-  --json FILE --html FILE --quiet --allow-remote --workers K`;
-
-let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>;
-try {
-  parsed = parseArgs({ options: OPTIONS });
-} catch (e) {
-  console.error(`${(e as Error).message}\n${USAGE}`);
-  process.exit(2);
-}
-const { values } = parsed;
-
-function num(name: string, min: number, max: number): number {
-  const raw = values[name as keyof typeof values] as string;
-  const n = Number(raw);
-  if (!Number.isFinite(n) || n < min || n > max) {
-    console.error(`--${name}: expected a number in [${min}, ${max}], got ${raw}`);
-    process.exit(2);
-  }
-  return n;
-}
-
-if (values.help) {
-  console.log(USAGE);
-  process.exit(0);
-}
-if (!['tcp', 'ws', 'mix'].includes(values.transport)) {
-  console.error('--transport: tcp, ws or mix');
-  process.exit(2);
-}
-const workers = num('workers', 1, 64);
-const devices = num('devices', workers, 15000 * workers);
+const workers = values.workers;
+const devices = values.devices;
+if (devices < workers || devices > 15000 * workers)
+  refuse(
+    `--devices: a number from ${workers} to ${15000 * workers} with --workers ${workers}, not '${devices}'`,
+  );
 const opts: SimOptions = {
   tcpUrl: `tcp://${values.tcp}`,
   wsUrl: values.ws,
   httpUrl: values.http.replace(/\/$/, ''),
   transport: values.transport as Transport,
   devices,
-  rate: values.ramp !== undefined ? devices / num('ramp', 0.001, 3600) : num('rate', 0.01, 100000),
-  durationS: num('duration', 0.1, 86400),
-  drainS: num('drain', 0, 3600),
-  eventRate: num('event-rate', 0, 1_000_000),
-  window: num('window', 1, 1_000_000),
-  payloadBytes: num('payload', 0, 60000),
-  maxEvents: num('max-events', 0, 100_000_000),
-  apiKey: values['api-key'],
-  publishRate: num('publish-rate', 0, 1_000_000),
-  rooms: num('rooms', 0, 100000),
-  sayRate: num('say-rate', 0, 1_000_000),
-  noAckProb: num('no-ack-prob', 0, 1),
-  churnProb: num('churn-prob', 0, 1),
-  refreshGraceMs: num('refresh-grace', 0, 86400) * 1000,
+  rate: values.ramp !== undefined ? devices / values.ramp : values.rate,
+  durationS: values.duration,
+  drainS: values.drain,
+  eventRate: values['event-rate'],
+  window: values.window,
+  payloadBytes: values.payload,
+  maxEvents: values['max-events'],
+  apiKey: values['api-key'] ?? '',
+  publishRate: values['publish-rate'],
+  rooms: values.rooms,
+  sayRate: values['say-rate'],
+  noAckProb: values['no-ack-prob'],
+  churnProb: values['churn-prob'],
+  refreshGraceMs: values['refresh-grace'] * 1000,
   waitForFleet: values['wait-for-fleet'],
-  helloChunks: values['chunked-handshake'] ? num('hello-chunks', 2, 64) : 1,
-  seed: num('seed', 0, 2 ** 32 - 1),
+  helloChunks: values['chunked-handshake'] ? values['hello-chunks'] : 1,
+  seed: values.seed,
   ...(values.fingerprint ? { pinnedFingerprint: values.fingerprint } : {}),
   ...(values['no-backend-scan'] ? {} : { redisUrl: values.redis, redisPrefix: values.prefix }),
-  ...(values['gateway-pid'] ? { gatewayPid: num('gateway-pid', 1, 2 ** 31) } : {}),
+  ...(values['gateway-pid'] ? { gatewayPid: values['gateway-pid'] } : {}),
 };
-if (!opts.apiKey && opts.maxEvents > 0) {
-  console.error('the producer needs the gateway API key: --api-key KEY or GW_API_KEY (or --max-events 0)');
-  process.exit(2);
-}
+if (!opts.apiKey && opts.maxEvents > 0)
+  refuse('the producer needs the gateway API key: --api-key KEY or GW_API_KEY (or --max-events 0)');
 const LOOPBACK = /^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$/;
 for (const u of [opts.tcpUrl, opts.wsUrl, opts.httpUrl]) {
   const host = new URL(u).hostname;
-  if (!LOOPBACK.test(host) && !values['allow-remote']) {
-    console.error(`${u} is not on loopback: pass --allow-remote to load a gateway on another host`);
-    process.exit(2);
-  }
+  if (!LOOPBACK.test(host) && !values['allow-remote'])
+    refuse(`${u} is not on loopback: pass --allow-remote to load a gateway on another host`);
 }
 
 const workerSpec = /^(\d+)\/(\d+)$/.exec(values.worker ?? '');
-if (values.worker && !workerSpec) {
-  console.error('--worker: i/K');
-  process.exit(2);
-}
 if (workerSpec) {
   // This process's share of the fleet and of every rate.
   const [index, count] = [Number(workerSpec[1]), Number(workerSpec[2])];

@@ -64,8 +64,18 @@ const BENCHES: Bench[] = [
     script: 'bench:soak',
     options: ['--count', '--backend', '--stall-seconds'],
   },
-  // The simulator did this before the others (its own usage, which does not name its file).
-  { file: 'bench/sim/main.ts', script: 'simulate', options: ['--devices', '--event-rate', '--workers'] },
+  {
+    file: 'bench/sim/main.ts',
+    script: 'simulate',
+    options: ['--devices', '--event-rate', '--workers', '--api-key', '--redis', '--prefix'],
+    shows: [
+      /^ {2}--devices N .*\(number ≥ 1; default 100\)$/m,
+      // Defaults from the environment: the variable's name, never its value (an API key).
+      /^ {2}--api-key KEY .*\(default \$GW_API_KEY\)$/m,
+      /^ {2}--redis URL .*\(default \$REDIS_URL, else redis:\/\/127\.0\.0\.1:6379\)$/m,
+      /^More: bench\/README\.md, "simulate"\.$/m,
+    ],
+  },
 ];
 
 /** No Redis or PostgreSQL listens there: a bench that got past its arguments fails at once. */
@@ -79,10 +89,10 @@ interface Run {
   err: string;
 }
 
-function bench(file: string, args: string[]): Promise<Run> {
+function bench(file: string, args: string[], env: Record<string, string> = {}): Promise<Run> {
   const p = spawn(process.execPath, ['--import', 'tsx', file, ...args], {
     cwd: ROOT,
-    env: { ...process.env, ...NOWHERE },
+    env: { ...process.env, ...NOWHERE, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';
@@ -109,8 +119,14 @@ function assertClean(r: Run): void {
  * Refused: exit 2, a first line on stderr that names what was wrong, then the usage (an option
  * or argument it does not take) or nothing more (a bad value).
  */
-async function assertRefused(file: string, args: string[], names: RegExp, usage = true): Promise<Run> {
-  const r = await bench(file, args);
+async function assertRefused(
+  file: string,
+  args: string[],
+  names: RegExp,
+  usage = true,
+  env: Record<string, string> = {},
+): Promise<Run> {
+  const r = await bench(file, args, env);
   assert.equal(r.code, 2, shown(r));
   assertClean(r);
   const first = r.err.split('\n')[0];
@@ -129,7 +145,7 @@ describe('usage', { concurrency: 2 }, () => {
       assertClean(r);
       if (b.script)
         assert.match(r.out, new RegExp(`npm run ${b.script}\\b`), `names its script:\n${shown(r)}`);
-      if (b.file !== 'bench/sim/main.ts') assert.ok(r.out.includes(b.file), `names its file:\n${shown(r)}`);
+      assert.ok(r.out.includes(b.file), `names its file:\n${shown(r)}`);
       assert.ok(r.out.includes('bench/README.md'), `says where to read more:\n${shown(r)}`);
       for (const o of b.options) {
         assert.match(r.out, new RegExp(`${o}\\b`), `names ${o}:\n${shown(r)}`);
@@ -137,6 +153,12 @@ describe('usage', { concurrency: 2 }, () => {
       for (const line of b.shows ?? []) assert.match(r.out, line, `shows ${line}:\n${shown(r)}`);
     });
   }
+  test('usage: bench/sim/main.ts hides its internal --worker', async () => {
+    const r = await bench('bench/sim/main.ts', ['--help']);
+    assert.equal(r.code, 0, shown(r));
+    assert.doesNotMatch(r.out, /--worker\b/, `no --worker:\n${shown(r)}`);
+    assert.ok(!r.out.includes(NOWHERE.REDIS_URL), `not $REDIS_URL's value:\n${shown(r)}`);
+  });
   test('usage: bench/micro/crypto.ts -h', async () => {
     const r = await bench('bench/micro/crypto.ts', ['-h']);
     assert.equal(r.code, 0, shown(r));
@@ -159,6 +181,10 @@ describe('refused', { concurrency: 2 }, () => {
   test('unknown option: bench/load/memory.ts --bogus', async () => {
     await assertRefused('bench/load/memory.ts', ['--devices', '10', '--bogus'], /'--bogus'/);
   });
+  test('unknown option: bench/sim/main.ts --device 10 (a typo)', async () => {
+    const r = await assertRefused('bench/sim/main.ts', ['--device', '10'], /'--device'/);
+    assert.match(r.err.split('\n')[0], /did you mean --devices\?/, `suggests --devices:\n${shown(r)}`);
+  });
   test('missing value: bench/load/delivery.ts --seconds', async () => {
     await assertRefused('bench/load/delivery.ts', ['--seconds'], /--seconds/);
   });
@@ -174,6 +200,11 @@ describe('refused', { concurrency: 2 }, () => {
   test('bad value: bench/ab.ts checks the bench:delivery options it passes on', async () => {
     await assertRefused('bench/ab.ts', ['--baseline', 'HEAD', '--', '--second', '5'], /'--second'/);
   });
+  test('bad value: bench/sim/main.ts without an API key (GW_API_KEY empty) and --max-events > 0', async () => {
+    await assertRefused('bench/sim/main.ts', ['--max-events', '5'], /needs the gateway API key/, false, {
+      GW_API_KEY: '',
+    });
+  });
   for (const [file, args, names] of [
     ['bench/load/delivery.ts', ['--seconds', 'abc'], /--seconds.*'abc'/],
     ['bench/load/delivery.ts', ['--rate', '-5'], /--rate.*'-5'/],
@@ -185,6 +216,21 @@ describe('refused', { concurrency: 2 }, () => {
     ['bench/load/login.ts', ['--storm', '2,x'], /--storm.*'x'/],
     ['bench/soak/handshake.ts', ['--count', 'abc'], /--count.*'abc'/],
     ['bench/micro/replies.ts', ['--calls', ''], /--calls.*''/],
+    // The simulator's ranges and its checks of one option against another, as before.
+    ['bench/sim/main.ts', ['--devices', 'abc'], /--devices.*'abc'/],
+    ['bench/sim/main.ts', ['--transport', 'udp'], /--transport.*'udp'/],
+    ['bench/sim/main.ts', ['--no-ack-prob', '1.5'], /--no-ack-prob.*'1\.5'/],
+    [
+      'bench/sim/main.ts',
+      ['--workers', '2', '--devices', '30001'],
+      /--devices.* 2 to 30000 with --workers 2.*'30001'/,
+    ],
+    [
+      'bench/sim/main.ts',
+      ['--api-key', 'k', '--http', 'http://192.0.2.1:8080'],
+      /not on loopback.*--allow-remote/,
+    ],
+    ['bench/sim/main.ts', ['--worker', 'x'], /--worker.*'x'/],
   ] as const) {
     test(`bad value: ${file} ${args.join(' ')}`, async () => {
       await assertRefused(file, [...args], names, false);
