@@ -6,6 +6,7 @@
  *   tsx bench/lib/heap-diff.ts before.heapsnapshot after.heapsnapshot CONNECTIONS [TOP]
  */
 import { readFileSync } from 'node:fs';
+import { benchArgs } from './args.ts';
 
 interface Snapshot {
   snapshot: { meta: { node_fields: string[]; node_types: [string[]] } };
@@ -61,6 +62,22 @@ export function diff(before: string, after: string, connections: number, top = 3
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
-  const [before, after, n, top] = process.argv.slice(2);
-  console.log(diff(before, after, Number(n), top ? Number(top) : 30));
+  const { args } = benchArgs({
+    url: import.meta.url,
+    about: 'What grew between two V8 heap snapshots, per connection.',
+    readme: 'bench:memory',
+    args: {
+      before: { type: 'string', required: true, arg: 'BEFORE', help: 'the first .heapsnapshot' },
+      after: { type: 'string', required: true, arg: 'AFTER', help: 'the second .heapsnapshot' },
+      connections: {
+        type: 'int',
+        required: true,
+        arg: 'CONNECTIONS',
+        help: 'connections added between them',
+      },
+      top: { type: 'int', default: 30, help: 'rows listed' },
+    },
+    options: {},
+  });
+  console.log(diff(args.before, args.after, args.connections, args.top));
 }

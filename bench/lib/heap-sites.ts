@@ -9,7 +9,7 @@
  * normaliser when the window's event count is not known exactly.
  */
 import { readFileSync } from 'node:fs';
-import { parseArgs } from 'node:util';
+import { benchArgs } from './args.ts';
 import { table } from './measure.ts';
 
 interface Node {
@@ -18,19 +18,31 @@ interface Node {
   children?: Node[];
 }
 
-const { values, positionals } = parseArgs({
-  allowPositionals: true,
+const { values, args } = benchArgs({
+  script: 'heap:sites',
+  url: import.meta.url,
+  about: 'The allocation sites of a sampled heap profile (bench/lib/heap-sample.mjs), by bytes allocated.',
+  readme: 'bench:delivery',
+  args: {
+    profile: {
+      type: 'string',
+      required: true,
+      arg: 'PROFILE.json',
+      help: 'a profile written by heap-sample.mjs',
+    },
+  },
   options: {
-    events: { type: 'string' },
-    top: { type: 'string', default: '30' },
-    per: { type: 'string', default: 'unpack' },
+    events: { type: 'number', help: 'events the window handled: bytes per event' },
+    top: { type: 'int', default: 30, help: 'sites listed' },
+    per: {
+      type: 'string',
+      default: 'unpack',
+      arg: 'NAME',
+      help: 'each site also as a multiple of the first site whose name contains NAME',
+    },
   },
 });
-if (positionals.length !== 1) {
-  console.error('usage: npm run heap:sites -- PROFILE.json [--events N] [--top 30] [--per NAME]');
-  process.exit(2);
-}
-const { head } = JSON.parse(readFileSync(positionals[0], 'utf8')) as { head: Node };
+const { head } = JSON.parse(readFileSync(args.profile, 'utf8')) as { head: Node };
 const bySite = new Map<string, number>();
 let total = 0;
 const walk = (n: Node) => {
@@ -41,9 +53,9 @@ const walk = (n: Node) => {
   for (const c of n.children ?? []) walk(c);
 };
 walk(head);
-const events = values.events ? Number(values.events) : undefined;
+const events = values.events;
 const sites = [...bySite].sort((a, b) => b[1] - a[1]);
-const unit = sites.find(([s]) => s.split(' ')[0].includes(String(values.per)))?.[1];
+const unit = sites.find(([s]) => s.split(' ')[0].includes(values.per))?.[1];
 console.log(
   `${(total / 1024).toFixed(0)} KiB sampled${events ? `, ${(total / events).toFixed(0)} B per event over ${events} events` : ''}` +
     (unit ? `; ${(total / unit).toFixed(1)}x what the first \`${values.per}\` site allocated` : ''),
@@ -52,7 +64,7 @@ console.log(
   table(
     ['site', 'KiB', ...(events ? ['B/event'] : []), ...(unit ? [`x ${values.per}`] : [])],
     sites
-      .slice(0, Number(values.top))
+      .slice(0, values.top)
       .map(([s, b]) => [
         s,
         (b / 1024).toFixed(0),

@@ -65,6 +65,17 @@ const BENCHES: Bench[] = [
     options: ['--count', '--backend', '--stall-seconds'],
   },
   {
+    file: 'bench/lib/heap-sites.ts',
+    script: 'heap:sites',
+    options: ['PROFILE.json', '--events', '--top', '--per'],
+    shows: [/^ {2}--top N .*\(integer ≥ 1; default 30\)$/m],
+  },
+  {
+    file: 'bench/lib/heap-diff.ts',
+    options: ['BEFORE', 'AFTER', 'CONNECTIONS'],
+    shows: [/^tsx bench\/lib\/heap-diff\.ts BEFORE AFTER CONNECTIONS \[TOP\]$/m],
+  },
+  {
     file: 'bench/sim/main.ts',
     script: 'simulate',
     options: ['--devices', '--event-rate', '--workers', '--api-key', '--redis', '--prefix'],
@@ -185,6 +196,12 @@ describe('refused', { concurrency: 2 }, () => {
     const r = await assertRefused('bench/sim/main.ts', ['--device', '10'], /'--device'/);
     assert.match(r.err.split('\n')[0], /did you mean --devices\?/, `suggests --devices:\n${shown(r)}`);
   });
+  test('missing argument: bench/lib/heap-sites.ts without its profile', async () => {
+    await assertRefused('bench/lib/heap-sites.ts', ['--top', '5'], /PROFILE\.json/);
+  });
+  test('stray argument: bench/lib/heap-diff.ts takes four at most', async () => {
+    await assertRefused('bench/lib/heap-diff.ts', ['a', 'b', '10', '5', '6'], /'6'/);
+  });
   test('missing value: bench/load/delivery.ts --seconds', async () => {
     await assertRefused('bench/load/delivery.ts', ['--seconds'], /--seconds/);
   });
@@ -216,6 +233,8 @@ describe('refused', { concurrency: 2 }, () => {
     ['bench/load/login.ts', ['--storm', '2,x'], /--storm.*'x'/],
     ['bench/soak/handshake.ts', ['--count', 'abc'], /--count.*'abc'/],
     ['bench/micro/replies.ts', ['--calls', ''], /--calls.*''/],
+    ['bench/lib/heap-sites.ts', ['p.json', '--top', 'abc'], /--top.*'abc'/],
+    ['bench/lib/heap-diff.ts', ['a', 'b', '0'], /CONNECTIONS.*'0'/],
     // The simulator's ranges and its checks of one option against another, as before.
     ['bench/sim/main.ts', ['--devices', 'abc'], /--devices.*'abc'/],
     ['bench/sim/main.ts', ['--transport', 'udp'], /--transport.*'udp'/],
