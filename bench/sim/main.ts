@@ -216,8 +216,17 @@ const opts: SimOptions = {
 if (!opts.apiKey && opts.maxEvents > 0)
   refuse('the producer needs the gateway API key: --api-key KEY or GW_API_KEY (or --max-events 0)');
 const LOOPBACK = /^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$/;
-for (const u of [opts.tcpUrl, opts.wsUrl, opts.httpUrl]) {
-  const host = new URL(u).hostname;
+for (const [flag, u] of [
+  ['--tcp', opts.tcpUrl],
+  ['--ws', opts.wsUrl],
+  ['--http', opts.httpUrl],
+] as const) {
+  let host: string;
+  try {
+    host = new URL(u).hostname;
+  } catch {
+    refuse(`${flag}: not an address the simulator can dial: ${JSON.stringify(u)}`);
+  }
   if (!LOOPBACK.test(host) && !values['allow-remote'])
     refuse(`${u} is not on loopback: pass --allow-remote to load a gateway on another host`);
 }

@@ -239,6 +239,8 @@ describe('refused', { concurrency: 2 }, () => {
     ['bench/sim/main.ts', ['--devices', 'abc'], /--devices.*'abc'/],
     ['bench/sim/main.ts', ['--transport', 'udp'], /--transport.*'udp'/],
     ['bench/sim/main.ts', ['--no-ack-prob', '1.5'], /--no-ack-prob.*'1\.5'/],
+    // An address that is not a URL (it crashed in `new URL` with a stack trace).
+    ['bench/sim/main.ts', ['--api-key', 'k', '--ws', 'notaurl'], /--ws: not an address.*"notaurl"/],
     [
       'bench/sim/main.ts',
       ['--workers', '2', '--devices', '30001'],
