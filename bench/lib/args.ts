@@ -94,6 +94,18 @@ export interface Command<
   rest?: string;
 }
 
+/** `--env NAME=value`, repeatable: extra gateway settings for the bench's gateways. */
+export function envOption(help: string) {
+  return {
+    type: 'string',
+    repeat: true,
+    arg: 'NAME=value',
+    pattern: /^[A-Za-z_][A-Za-z0-9_]*=/,
+    means: 'NAME=value',
+    help,
+  } as const;
+}
+
 /** Ends the process with a usage error: `message` on one line, then `usage` when given. */
 export function refuse(message: string, usage?: string): never {
   process.stderr.write(`${message}\n${usage ? `${usage}\n` : ''}`);

@@ -30,7 +30,7 @@ import { join } from 'node:path';
 import mqtt from 'mqtt';
 import { GatewayClient } from '../../client/client.ts';
 import { type GatewayProcess, startGateway } from '../../test/helpers/gateway-process.ts';
-import { benchArgs } from '../lib/args.ts';
+import { benchArgs, envOption } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { PASSWORD, patiently, pool, registerUsers } from '../lib/fleet.ts';
 import { diff } from '../lib/heap-diff.ts';
@@ -48,14 +48,7 @@ const { values } = benchArgs({
     concurrency: { type: 'int', default: 100, help: 'devices connecting at a time' },
     'settle-seconds': { type: 'number', min: 0, default: 35, help: 'seconds of heartbeats after each half' },
     warmup: { type: 'int', min: 0, default: 200, help: 'devices connected before the first reading' },
-    env: {
-      type: 'string',
-      repeat: true,
-      arg: 'NAME=value',
-      pattern: /^[A-Za-z_][A-Za-z0-9_]*=/,
-      means: 'NAME=value',
-      help: "extra gateway settings (e.g. to compare a setting's effect)",
-    },
+    env: envOption("extra gateway settings (e.g. to compare a setting's effect)"),
     snapshots: {
       type: 'string',
       arg: 'DIR',

@@ -13,7 +13,7 @@ import hdr from 'hdr-histogram-js';
 import { GatewayClient, type Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
-import { benchArgs } from '../lib/args.ts';
+import { benchArgs, envOption } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, ownCpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
@@ -37,14 +37,7 @@ const { values } = benchArgs({
       default: '1,2',
       help: 'one gateway per entry, of that many processes',
     },
-    env: {
-      type: 'string',
-      repeat: true,
-      arg: 'NAME=value',
-      pattern: /^[A-Za-z_][A-Za-z0-9_]*=/,
-      means: 'NAME=value',
-      help: "extra gateway settings for every row (e.g. to see a setting's cost)",
-    },
+    env: envOption("extra gateway settings for every row (e.g. to see a setting's cost)"),
   },
 });
 

@@ -5,14 +5,13 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { type DeviceContext, PASSWORD, VirtualDevice } from '../../bench/sim/device.ts';
-import { Ledger } from '../../bench/sim/ledger.ts';
-import { RunMetrics } from '../../bench/sim/metrics.ts';
+import { PASSWORD, VirtualDevice } from '../../bench/sim/device.ts';
 import { rngFor } from '../../bench/sim/rng.ts';
 import { GatewayClient } from '../../client/client.ts';
 import { newName } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { deviceContext } from '../helpers/sim-device.ts';
 
 let gw: GatewayProcess;
 
@@ -23,26 +22,6 @@ before(async () => {
 after(async () => {
   await gw?.stop();
 });
-
-function context(): { ctx: DeviceContext; stop: () => void } {
-  let running = true;
-  const t0 = performance.now();
-  return {
-    ctx: {
-      ledger: new Ledger(),
-      metrics: new RunMetrics(),
-      helloChunks: 1,
-      noAckProb: 0,
-      room: () => undefined,
-      now: () => performance.now() - t0,
-      running: () => running,
-      mayWithholdAcks: () => false,
-    },
-    stop: () => {
-      running = false;
-    },
-  };
-}
 
 test('a device whose earlier register went through logs in when its username is taken', async () => {
   const username = newName().slice(0, 16);
@@ -55,7 +34,7 @@ test('a device whose earlier register went through logs in when its username is 
   );
   await earlier.close();
 
-  const { ctx, stop } = context();
+  const { ctx, stop } = deviceContext();
   const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(1, 1), ctx);
   try {
     void d.start();
@@ -84,7 +63,7 @@ test('a device whose username belongs to someone else stops trying, with the err
   );
   await other.close();
 
-  const { ctx, stop } = context();
+  const { ctx, stop } = deviceContext();
   const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(1, 1), ctx);
   try {
     await within('the device start', d.start());
@@ -105,7 +84,7 @@ test('a device told to retry later (rate_limited with retryAfter) waits that lon
   // A gateway that allows one register per minute from this address: the second device is
   // told `rate_limited` with a retryAfter of many seconds.
   const strict = await startGateway({ GW_REGISTER_PER_MINUTE: '1', GW_LOG_LEVEL: 'info' });
-  const { ctx, stop } = context();
+  const { ctx, stop } = deviceContext();
   const first = new VirtualDevice(0, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 1), ctx);
   const second = new VirtualDevice(1, newName().slice(0, 16), strict.tcpUrl, rngFor(2, 2), ctx);
   try {
@@ -125,7 +104,7 @@ test('a device told to retry later (rate_limited with retryAfter) waits that lon
 });
 
 test('a device whose session was revoked while it was away logs in again, with the session counted lost', async () => {
-  const { ctx, stop } = context();
+  const { ctx, stop } = deviceContext();
   const username = newName().slice(0, 16);
   const d = new VirtualDevice(0, username, gw.tcpUrl, rngFor(3, 1), ctx);
   const other = new GatewayClient({ url: gw.tcpUrl });

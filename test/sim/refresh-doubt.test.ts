@@ -11,9 +11,7 @@
 import assert from 'node:assert/strict';
 import { createConnection, createServer, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
-import { type DeviceContext, VirtualDevice } from '../../bench/sim/device.ts';
-import { Ledger } from '../../bench/sim/ledger.ts';
-import { RunMetrics } from '../../bench/sim/metrics.ts';
+import { VirtualDevice } from '../../bench/sim/device.ts';
 import { rngFor } from '../../bench/sim/rng.ts';
 import { parseGatewayUrl, type Session } from '../../client/client.ts';
 import { hashToken } from '../../gateway/auth/tokens.ts';
@@ -21,6 +19,7 @@ import { newName } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { deviceContext } from '../helpers/sim-device.ts';
 
 const GRACE_S = 2;
 
@@ -127,31 +126,10 @@ async function deviceLink(target: string): Promise<DeviceLink> {
   });
 }
 
-function context(): { ctx: DeviceContext; stop: () => void } {
-  let running = true;
-  const t0 = performance.now();
-  return {
-    ctx: {
-      ledger: new Ledger(),
-      metrics: new RunMetrics(),
-      helloChunks: 1,
-      noAckProb: 0,
-      refreshGraceMs: GRACE_S * 1000,
-      room: () => undefined,
-      now: () => performance.now() - t0,
-      running: () => running,
-      mayWithholdAcks: () => false,
-    },
-    stop: () => {
-      running = false;
-    },
-  };
-}
-
 test('a refresh whose answer was lost is presented again within the grace period: the device keeps its session', async () => {
   const redis = redisClient();
   const link = await deviceLink(gw.tcpUrl);
-  const { ctx, stop } = context();
+  const { ctx, stop } = deviceContext({ refreshGraceMs: GRACE_S * 1000 });
   const d = new VirtualDevice(0, newName().slice(0, 16), link.url, rngFor(7, 1), ctx);
   const errors = () => JSON.stringify(ctx.metrics.errors);
   try {
