@@ -76,24 +76,18 @@ const PRESENCE_OPS = {
   /** KEYS: presence, the node's sessions; ARGV: session id, record (JSON). */
   presence_on: `redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('SADD', KEYS[2], ARGV[1]) return 0`,
   /**
-   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node.
-   * Deregisters the node only if both sets are empty; returns their sizes.
+   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, and
+   * optionally its newest beat (ms). Deregisters the node only if both sets are empty, and, with
+   * a beat given, only if the node's beat is no newer (none of another process's since: a start
+   * that failed gives its id back); returns the sets' sizes.
    */
   node_off: `
 local sessions, memberships = redis.call('SCARD', KEYS[2]), redis.call('SCARD', KEYS[3])
-if sessions == 0 and memberships == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if sessions == 0 and memberships == 0 then
+  local beat = ARGV[2] and redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if not (beat and tonumber(beat) > tonumber(ARGV[2])) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+end
 return {sessions, memberships}`,
-  /**
-   * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, its
-   * newest beat (ms). A start that failed gives its id back: the beat goes if it is at most
-   * that (none of another process's since) and the node holds nothing. Returns 1 if removed.
-   */
-  node_id_release: `
-local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not beat or tonumber(beat) > tonumber(ARGV[2]) then return 0 end
-if redis.call('SCARD', KEYS[2]) > 0 or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-return 1`,
   /**
    * KEYS: nodes; ARGV: the node, now (ms). The node's beat; returns the beat it replaces ('' if
    * none), by which a node hears of another live process beating under its id.
@@ -379,7 +373,7 @@ export class Presence {
     const node = gateway.nodeId;
     try {
       await binding.run(
-        'node_id_release',
+        'node_off',
         [keys.nodes, keys.nodeSessions(node), keys.nodeMemberships(node)],
         [node, Math.max(...this.beats)],
       );

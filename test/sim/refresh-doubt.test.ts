@@ -15,6 +15,7 @@ import { VirtualDevice } from '../../bench/sim/device.ts';
 import { rngFor } from '../../bench/sim/rng.ts';
 import { parseGatewayUrl, type Session } from '../../client/client.ts';
 import { hashToken } from '../../gateway/auth/tokens.ts';
+import { FrameDecoder } from '../../protocol/frame.ts';
 import { newName } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
@@ -81,15 +82,10 @@ async function deviceLink(target: string): Promise<DeviceLink> {
     armed = undefined;
     let holding = false;
     let frames = 0;
-    let buf = Buffer.alloc(0);
+    const decoder = new FrameDecoder();
     client.on('data', (d: Buffer) => {
       if (hold && !holding) {
-        // Frames are a u32 length, then the body (PROTOCOL.md §1).
-        buf = Buffer.concat([buf, d]);
-        while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-          buf = buf.subarray(4 + buf.readUInt32BE(0));
-          frames++;
-        }
+        decoder.push(d, () => frames++);
         if (frames >= hold.frames) {
           holding = true;
           hold.held(cut);
