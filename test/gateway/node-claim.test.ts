@@ -13,7 +13,8 @@ import { after, test } from 'node:test';
 import { Keys } from '../../gateway/keys.ts';
 import { NodeIdInUseError } from '../../gateway/messaging/presence.ts';
 import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
-import { within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 import { testPresence } from '../helpers/presence.ts';
 
 const STALE_MS = 1500;
@@ -98,4 +99,50 @@ test('a start that fails after its claim gives the id back, unless the node hold
   await d.r.zadd(d.keys.nodes, foreign, id);
   await within("B's failed start, again", b.presence.release());
   assert.equal(Number(await d.r.zscore(d.keys.nodes, id)), foreign, "another process's beat kept");
+});
+
+test('Redis gone at the start: the start fails, not as NodeIdInUseError; a release after the claim logs and returns; once Redis is back a start claims the id', async () => {
+  const own = await startOwnRedis();
+  closers.push(() => void own.remove());
+  const prefix = `gwtest:claim:${randomUUID().slice(0, 8)}:`;
+  const keys = new Keys(prefix);
+  const id = `fixed-${randomUUID().slice(0, 8)}`;
+  // As the gateway's connection: a command sent while Redis is away fails at once.
+  const presenceOf = async (what: string) => {
+    const node = testPresence(
+      keys,
+      { staleMs: STALE_MS, sweepIntervalMs: 1000, sessionTtlSeconds: 60, workerCheckMs: 5000 },
+      { nodeId: id, url: own.url, redisOptions: { enableOfflineQueue: false, maxRetriesPerRequest: 1 } },
+    );
+    node.redis.on('error', () => {});
+    closers.push(() => node.disconnect());
+    await until(`${what}'s connection up`, async () => (await node.redis.ping().catch(() => '')) === 'PONG');
+    return node;
+  };
+  const startOf = (node: Awaited<ReturnType<typeof presenceOf>>) =>
+    node.presence.sweepPreviousLife(noRoomLeft).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+
+  // A claims the id; its start then fails with Redis gone, and its release cannot reach Redis.
+  const a = await presenceOf('A');
+  assert.equal(await within("A's start", startOf(a)), undefined);
+  const b = await presenceOf('B');
+  await own.kill('SIGKILL');
+  await within("A's release with Redis gone", a.presence.release());
+  assert.ok(
+    a.lines.some((l) => l.msg === 'could not give back the node id after a failed start'),
+    `the failed release logged: ${JSON.stringify(a.lines.slice(-2))}`,
+  );
+  // B starts while Redis is gone: a failed start, not a refusal for another process.
+  const failed = await within("B's start with Redis gone", startOf(b));
+  assert.ok(failed instanceof Error, 'the start failed');
+  assert.ok(!(failed instanceof NodeIdInUseError), `not taken for another process: ${String(failed)}`);
+
+  // Redis back (empty: it kept nothing on disk): the next start claims the id.
+  await own.start();
+  const c = await presenceOf('C');
+  assert.equal(await within("C's start", startOf(c)), undefined);
+  assert.notEqual(await own.with((r) => r.zscore(keys.nodes, id)), null, "C's claim is the id's beat");
 });

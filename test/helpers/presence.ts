@@ -2,10 +2,12 @@
  * A node's Presence in the test's process (gateway/messaging/presence.ts), with a stand-in for
  * the gateway: what Presence reads of it (its node id, connections, metrics, and the hooks it
  * registers), and a sweep timer that runs the sweep hooks every 50 ms once `sweeping()` is
- * called. Its two Redis connections (commands bounded, and BullMQ's unbounded one) are closed by
+ * called. Its two Redis connections (commands bounded, with `redisOptions` added, and BullMQ's
+ * unbounded one) are closed by
  * `disconnect()`; `lines` holds what it logged.
  */
 import { randomUUID } from 'node:crypto';
+import type { RedisOptions } from 'ioredis';
 import { Registry } from 'prom-client';
 import { SessionBinding } from '../../gateway/binding.ts';
 import type { Gateway } from '../../gateway/gateway.ts';
@@ -18,9 +20,13 @@ import { captureLog } from './log-capture.ts';
 export function testPresence(
   keys: Keys,
   options: PresenceOptions,
-  { nodeId = `node-${randomUUID().slice(0, 8)}`, url = REDIS_URL } = {},
+  {
+    nodeId = `node-${randomUUID().slice(0, 8)}`,
+    url = REDIS_URL,
+    redisOptions = {},
+  }: { nodeId?: string; url?: string; redisOptions?: RedisOptions } = {},
 ) {
-  const redis = redisClient(url);
+  const redis = redisClient(url, redisOptions);
   const bull = redisClient(url, { maxRetriesPerRequest: null, commandTimeout: undefined });
   const { lines, stream } = captureLog();
   const log = createLogger('debug', {}, stream);
