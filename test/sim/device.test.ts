@@ -132,7 +132,7 @@ test('a device whose session was revoked while it was away logs in again, with t
     assert.ok((ctx.metrics.errors.session_revoked ?? 0) >= 1, JSON.stringify(ctx.metrics.errors));
   } finally {
     stop();
-    await other.close();
+    await within('the other connection closed', other.close());
     await within('the device to stop', d.stop());
   }
 });

@@ -179,7 +179,7 @@ test('a refresh whose answer was lost is presented again within the grace period
   } finally {
     stop();
     await within('the device to stop', d.stop());
-    await link.close();
+    await within('the proxy closed', link.close());
     redis.disconnect();
   }
 });
