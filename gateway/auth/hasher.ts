@@ -128,6 +128,16 @@ export class Hasher {
     return ((this.runMs ?? 0) * ahead) / this.options.threads;
   }
 
+  /**
+   * About when a job submitted now would be done, jittered (×1 to ×2) so that the refused do
+   * not all come back at once, ms: a hint for a login refused only because others are being
+   * verified (failure-budget.ts).
+   */
+  retryHintMs(): number {
+    const run = this.runMs ?? UNKNOWN_RETRY_MS;
+    return Math.ceil((this.expectedWaitMs() + run) * (1 + this.random()));
+  }
+
   stats(): HasherStats {
     return {
       jobs: this.jobs,

@@ -35,6 +35,7 @@ import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
 import { pgError } from './db.ts';
+import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
@@ -110,8 +111,8 @@ return 'wrong'
 
 export class IdentityService {
   readonly store: SessionStore;
-  private readonly accountFailures: RateLimiterRedis;
-  private readonly ipFailures: RateLimiterRedis;
+  private readonly accountFailures: FailureBudget;
+  private readonly ipFailures: FailureBudget;
   private readonly registerLimit: RateLimiterRedis;
   private readonly refreshLimit: RateLimiterRedis;
   private readonly otpLimit: RateLimiterRedis;
@@ -120,7 +121,7 @@ export class IdentityService {
    * OTP_MAX_RETRIES, so without this an `otp.request` between every few guesses would give
    * guesses without end. The account lockout's numbers (GW_LOCKOUT_*), locked the same way.
    */
-  private readonly otpFailures: RateLimiterRedis;
+  private readonly otpFailures: FailureBudget;
   private readonly endedHooks: SessionEndedHook[] = [];
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
@@ -154,12 +155,37 @@ export class IdentityService {
         duration,
         blockDuration,
       });
-    this.accountFailures = limiter('login-account', o.lockoutAttempts, o.lockoutSeconds);
-    this.ipFailures = limiter('login-ip', o.ipFailureBudget, o.lockoutSeconds);
+    const budget = (options: Omit<FailureBudgetOptions, 'durationSeconds'>) =>
+      new FailureBudget(deps.redis, deps.keys, { durationSeconds: o.lockoutSeconds, ...options });
+    // A login's point comes back when its hash is verified: about one verification away.
+    const verifyHint = () => deps.hasher.retryHintMs();
+    this.accountFailures = budget({
+      name: 'login-account',
+      points: o.lockoutAttempts,
+      lockWhenSpent: true,
+      code: 'locked',
+      retryHintMs: verifyHint,
+    });
+    this.ipFailures = budget({
+      name: 'login-ip',
+      points: o.ipFailureBudget,
+      lockWhenSpent: false,
+      code: 'rate_limited',
+      message: 'too many failed logins from this address',
+      retryHintMs: verifyHint,
+    });
     this.registerLimit = limiter('register-ip', o.registerPerMinute, 60);
     this.refreshLimit = limiter('refresh-ip', o.refreshPerMinute, 60);
     this.otpLimit = limiter('otp-ip', o.otpPerMinute, 60);
-    this.otpFailures = limiter('otp-address', o.lockoutAttempts, o.lockoutSeconds);
+    this.otpFailures = budget({
+      name: 'otp-address',
+      points: o.lockoutAttempts,
+      lockWhenSpent: true,
+      code: 'locked',
+      message: 'too many wrong codes for this address',
+      // A code's check is one script call: its point comes back within milliseconds.
+      retryHintMs: () => 50 + Math.random() * 50,
+    });
     this.username = new RegExp(`^[A-Za-z0-9_]{${o.usernameMin},${o.usernameMax}}$`);
   }
 
@@ -223,21 +249,6 @@ export class IdentityService {
       if (e instanceof Error) throw e;
       throw new ProtocolError(code, message, { retryAfter: (e as RateLimiterRes).msBeforeNext });
     }
-  }
-
-  /**
-   * A failure that spent the last point of a reservation locks `key` for lockoutSeconds from
-   * now: the count's own window started at the first failure, and alone it would end the lock
-   * when that window ends (four failures in its last seconds, locked for those seconds only).
-   */
-  private async lockIfLast(
-    limiter: RateLimiterRedis,
-    reserved: RateLimiterRes,
-    key: string,
-  ): Promise<boolean> {
-    if (reserved.remainingPoints > 0) return false;
-    await limiter.block(key, this.deps.options.lockoutSeconds);
-    return true;
   }
 
   /** Inserts a user and its `user.registered` outbox row in one transaction. */
@@ -445,15 +456,13 @@ export class IdentityService {
     const accountKey = user ? `u:${user.id}` : `n:${ident}`;
     // Reserve the attempt before the hash is verified, so attempts in flight count (a `get`
     // before and a `penalty` after let 50 concurrent guesses through a limit of 5).
-    const reserved = await this.limit(this.accountFailures, accountKey, 'locked');
+    const account = await this.accountFailures.reserve(accountKey);
+    let ip: Reservation;
     try {
-      await this.ipFailures.consume(ctx.ip);
+      ip = await this.ipFailures.reserve(ctx.ip);
     } catch (e) {
-      await this.accountFailures.reward(accountKey, 1).catch(() => {});
-      if (e instanceof Error) throw e;
-      throw new ProtocolError('rate_limited', 'too many failed logins from this address', {
-        retryAfter: (e as RateLimiterRes).msBeforeNext,
-      });
+      await account.release().catch(() => {});
+      throw e;
     }
     let ok = false;
     let rehash = false;
@@ -462,14 +471,12 @@ export class IdentityService {
       else await this.deps.hasher.dummyVerify(req.password);
     } catch (e) {
       // Not verified (e.g. `overloaded`): the reservations are given back.
-      await Promise.all([
-        this.accountFailures.reward(accountKey, 1),
-        this.ipFailures.reward(ctx.ip, 1),
-      ]).catch(() => {});
+      await Promise.all([account.release(), ip.release()]).catch(() => {});
       throw e;
     }
     if (!ok || !user) {
-      if (await this.lockIfLast(this.accountFailures, reserved, accountKey)) {
+      const [locked] = await Promise.all([account.failed(), ip.failed()]);
+      if (locked) {
         this.deps.log.warn(
           {
             ip: ctx.ip,
@@ -483,7 +490,7 @@ export class IdentityService {
       throw new ProtocolError('invalid_credentials', UNKNOWN_OR_WRONG);
     }
     // Success: the account's count starts again, and the IP's reservation is given back.
-    await Promise.all([this.accountFailures.delete(accountKey), this.ipFailures.reward(ctx.ip, 1)]);
+    await Promise.all([account.succeeded(true), ip.succeeded()]);
     if (rehash) {
       const { hash } = await this.deps.hasher.hash(req.password);
       await this.deps.pool.query('UPDATE users SET password_hash = $2 WHERE id = $1', [user.id, hash]);
@@ -885,24 +892,25 @@ export class IdentityService {
     }
     // Reserved before the code is checked, as a login's attempt is: concurrent guesses count.
     const addressKey = createHash('sha256').update(email).digest('hex');
-    const reserved = await this.limit(
-      this.otpFailures,
-      addressKey,
-      'locked',
-      'too many wrong codes for this address',
-    );
-    const result = (await this.deps.redis.eval(
-      OTP_CHECK,
-      1,
-      this.otpKey(email),
-      this.codeHash(email, req.code.trim()),
-      this.deps.options.otpMaxRetries,
-    )) as string;
+    const reserved = await this.otpFailures.reserve(addressKey);
+    let result: string;
+    try {
+      result = (await this.deps.redis.eval(
+        OTP_CHECK,
+        1,
+        this.otpKey(email),
+        this.codeHash(email, req.code.trim()),
+        this.deps.options.otpMaxRetries,
+      )) as string;
+    } catch (e) {
+      await reserved.release().catch(() => {});
+      throw e;
+    }
     if (result !== 'ok') {
-      await this.lockIfLast(this.otpFailures, reserved, addressKey);
+      await reserved.failed();
       throw new ProtocolError('otp_invalid');
     }
-    await this.otpFailures.delete(addressKey);
+    await reserved.succeeded(true);
     let userId: string;
     let username: string;
     if (r.rowCount) {

@@ -200,6 +200,79 @@ describe('brute-force limits under concurrency', () => {
     }
   });
 
+  test('a burst of right logins from one IP past its budget: told to retry soon, all in at once after, the budget intact', async () => {
+    // A fleet behind one NAT address logging in at once. Before, each refused login stayed
+    // counted and only a success gave a point back, so the address stayed refused, for the
+    // window (15 minutes by default, told as retryAfter), after the burst.
+    const g = await startGateway({
+      GW_IP_FAILURE_BUDGET: '5',
+      GW_LOCKOUT_ATTEMPTS: '100',
+      GW_LOCKOUT_SECONDS: '900',
+      GW_REGISTER_PER_MINUTE: '10000',
+    });
+    try {
+      const conns = await clients(g, 8);
+      const names: string[] = [];
+      for (let i = 0; i < 10; i++) names.push(await register(conns[i % conns.length]));
+      const login = (i: number) =>
+        spread(g, conns, i, 'login', { username: names[i % 10], password: PASSWORD });
+      const outcomes = await Promise.all(Array.from({ length: 60 }, (_, i) => login(i)));
+      const n = count(outcomes);
+      console.log('60 right logins at once from one IP, budget 5:', JSON.stringify(n));
+      assert.equal((n.ok ?? 0) + (n.rate_limited ?? 0), 60, JSON.stringify(n));
+      assert.ok((n.rate_limited ?? 0) > 0, `the burst went past the budget: ${JSON.stringify(n)}`);
+      const hints = outcomes.filter((o) => o.code === 'rate_limited').map((o) => o.retryAfter ?? 0);
+      // Refused only for the logins in flight: about one verification, far from the window.
+      for (const h of hints)
+        assert.ok(h > 0 && h < 60_000, `retryAfter ${h} ms for a login refused in a burst`);
+      // Nothing failed: the address's whole budget is there, one login after another.
+      for (let i = 0; i < 10; i++) {
+        const o = await login(i);
+        assert.equal(o.code, 'ok', `login ${i} after the burst: ${JSON.stringify(o)}`);
+      }
+      // And it still counts failures: 5 wrong, then the right password is refused for the window.
+      for (let i = 0; i < 5; i++)
+        assert.equal(
+          (await wire(conns[0], 'login', { username: names[i], password: 'wrong password' })).code,
+          'invalid_credentials',
+        );
+      const spent = await wire(conns[1], 'login', { username: names[7], password: PASSWORD });
+      assert.equal(spent.code, 'rate_limited', JSON.stringify(spent));
+      assert.ok(
+        spent.retryAfter! > 800_000,
+        `a spent budget's retryAfter is the window's end: ${spent.retryAfter}`,
+      );
+      for (const c of conns) c.destroy();
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('a burst of right logins to one account past the lockout attempts: told to retry soon, not locked', async () => {
+    const g = await startGateway({ GW_LOCKOUT_ATTEMPTS: '3', GW_IP_FAILURE_BUDGET: '100000' });
+    try {
+      const conns = await clients(g, 8);
+      const username = await register(conns[0]);
+      const outcomes = await Promise.all(
+        Array.from({ length: 30 }, (_, i) => spread(g, conns, i, 'login', { username, password: PASSWORD })),
+      );
+      const n = count(outcomes);
+      console.log('30 right logins of one account at once, 3 attempts:', JSON.stringify(n));
+      assert.equal((n.ok ?? 0) + (n.locked ?? 0), 30, JSON.stringify(n));
+      assert.ok((n.locked ?? 0) > 0, `the burst went past the attempts: ${JSON.stringify(n)}`);
+      for (const o of outcomes.filter((x) => x.code === 'locked'))
+        assert.ok(
+          o.retryAfter! > 0 && o.retryAfter! < 60_000,
+          `retryAfter ${o.retryAfter} ms for a login refused in a burst`,
+        );
+      const again = await wire(conns[0], 'login', { username, password: PASSWORD });
+      assert.equal(again.code, 'ok', JSON.stringify(again));
+      for (const c of conns) c.destroy();
+    } finally {
+      await g.stop();
+    }
+  });
+
   test('concurrent wrong otp.verify codes, then the right one: never more than OTP_MAX_RETRIES checks', async () => {
     const conns = await clients(gw, 6);
     const s = await signUp(conns[0]);

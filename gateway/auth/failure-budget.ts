@@ -1,0 +1,187 @@
+/**
+ * A failure budget (the account lockout, the per-IP login budget, the wrong email codes per
+ * address): `points` failures per key in a window of `durationSeconds` from the first, counted
+ * in Redis (`Prl:<name>:<key>`, a count with a TTL).
+ *
+ * An attempt reserves its point before it is verified, so attempts in flight count and
+ * concurrent guesses cannot get past the budget (docs/ARCHITECTURE.md, "Login limits"). What
+ * the reservation becomes once the attempt is verified:
+ * - a failure keeps the point (`failed`); with `lockWhenSpent`, the one that spends the last
+ *   point locks the key for the whole window from now;
+ * - a success gives it back, or clears the key (`succeeded`);
+ * - an attempt that could not be verified gives it back (`release`).
+ *
+ * A refused reservation takes nothing: the check and the count are one script. Before, with
+ * rate-limiter-flexible's `consume`, every refused attempt stayed counted and only a success
+ * gave a point back, so a burst of more right logins from one address than its budget (a fleet
+ * behind one NAT address) left the address refused for the rest of the window, each retry
+ * counting once more. (Giving the point back after the refusal instead let a lock's count be
+ * lowered by refusals made before it, and a sixth guess through a limit of five.)
+ *
+ * A refusal says when to come back (`retryAfter`). When the failures alone are within the
+ * budget, the refusal is only the attempts in flight: a point comes back as soon as one of them
+ * is verified, so the caller's hint (about one verification) is given, never more than the
+ * window's end. Otherwise it is the window's end (or the lock's). Attempts in flight are counted
+ * per key beside the budget (`Prl:<name>-inflight:<key>`, with a TTL, so that those of a
+ * process that died are forgotten).
+ */
+import type { Redis } from 'ioredis';
+import { type ErrorCode, ProtocolError } from '../../protocol/index.ts';
+import type { Keys } from '../keys.ts';
+
+/** How long an attempt in flight is counted at most: longer than a verification can take. */
+export const IN_FLIGHT_TTL_MS = 120_000;
+
+/**
+ * KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] points, ARGV[2] the window (ms),
+ * ARGV[3] the in-flight TTL (ms). Returns {taken (1/0), count, ms to the window's end, in flight}.
+ */
+const RESERVE = `
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then
+  return {0, n, redis.call('PTTL', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+n = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+local f = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {1, n, ttl, f}
+`;
+
+/**
+ * Settles a reservation. KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] 'give'
+ * (the point back), 'keep' (a failure), 'lock' (a failure that locks: the count set to
+ * ARGV[2] points for ARGV[3] ms) or 'clear' (the count deleted).
+ */
+const SETTLE = `
+local f = redis.call('DECR', KEYS[2])
+if f <= 0 then redis.call('DEL', KEYS[2]) end
+local how = ARGV[1]
+if how == 'give' then
+  local n = redis.call('GET', KEYS[1])
+  if n and tonumber(n) > 0 then redis.call('DECR', KEYS[1]) end
+elseif how == 'lock' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+elseif how == 'clear' then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+`;
+
+type BudgetRedis = Redis & {
+  gwBudgetReserve(
+    count: string,
+    inFlight: string,
+    points: number,
+    windowMs: number,
+    inFlightTtlMs: number,
+  ): Promise<number[]>;
+  gwBudgetSettle(
+    count: string,
+    inFlight: string,
+    how: string,
+    points?: number,
+    windowMs?: number,
+  ): Promise<number>;
+};
+
+export interface FailureBudgetOptions {
+  /** The budget's name in its keys (`Prl:<name>:<key>`). */
+  name: string;
+  points: number;
+  durationSeconds: number;
+  /**
+   * Whether the failure that spends the last point locks the key for a whole window from then
+   * (the account lockout); otherwise the count ends with the window of its first failure.
+   */
+  lockWhenSpent: boolean;
+  /** The error code of a refusal: `locked` or `rate_limited`. */
+  code: Extract<ErrorCode, 'locked' | 'rate_limited'>;
+  /** Its message. */
+  message?: string;
+  /** About how long until an attempt in flight is verified, ms (a refusal's hint). */
+  retryHintMs: () => number;
+}
+
+/** The point an attempt holds while it is verified. */
+export interface Reservation {
+  /** A failure: the point stays. True when it spent the last point and locked the key. */
+  failed(): Promise<boolean>;
+  /** A success: the point is given back, or with `clear` the key's count starts again. */
+  succeeded(clear?: boolean): Promise<void>;
+  /** Not verified (e.g. `overloaded`): the point is given back. */
+  release(): Promise<void>;
+}
+
+export class FailureBudget {
+  private readonly redis: BudgetRedis;
+  private readonly countPrefix: string;
+  private readonly inFlightPrefix: string;
+
+  constructor(
+    redis: Redis,
+    keys: Keys,
+    private readonly options: FailureBudgetOptions,
+  ) {
+    if (!('gwBudgetReserve' in redis)) {
+      redis.defineCommand('gwBudgetReserve', { numberOfKeys: 2, lua: RESERVE });
+      redis.defineCommand('gwBudgetSettle', { numberOfKeys: 2, lua: SETTLE });
+    }
+    this.redis = redis as BudgetRedis;
+    this.countPrefix = `${keys.rateLimit(options.name)}:`;
+    this.inFlightPrefix = `${keys.rateLimit(`${options.name}-inflight`)}:`;
+  }
+
+  /**
+   * Takes a point for `key` before an attempt is verified; past the budget, the budget's code
+   * with `retryAfter`, nothing taken. Redis errors are thrown as they are.
+   */
+  async reserve(key: string): Promise<Reservation> {
+    const { points, durationSeconds, lockWhenSpent } = this.options;
+    const count = this.countPrefix + key;
+    const inFlight = this.inFlightPrefix + key;
+    const windowMs = durationSeconds * 1000;
+    const [taken, n, ttl, flying] = await this.redis.gwBudgetReserve(
+      count,
+      inFlight,
+      points,
+      windowMs,
+      IN_FLIGHT_TTL_MS,
+    );
+    if (!taken) throw this.refused(n, ttl < 0 ? windowMs : ttl, flying);
+    let settled = false;
+    const settle = async (how: 'give' | 'keep' | 'lock' | 'clear') => {
+      if (settled) return;
+      settled = true;
+      await this.redis.gwBudgetSettle(count, inFlight, how, points, windowMs);
+    };
+    return {
+      failed: async () => {
+        // The failure that spent the last point locks the key for the whole window from now:
+        // the count's own window started at the first failure, and alone it would end the
+        // lock when that window ends (four failures in its last seconds, locked for those
+        // seconds only).
+        const lock = lockWhenSpent && n >= points;
+        await settle(lock ? 'lock' : 'keep');
+        return lock;
+      },
+      succeeded: (clear = false) => settle(clear ? 'clear' : 'give'),
+      release: () => settle('give'),
+    };
+  }
+
+  /** The refusal of a reservation: `count` taken, `flying` of them in flight. */
+  private refused(count: number, toWindowEndMs: number, flying: number): ProtocolError {
+    const failures = count - Math.max(0, flying);
+    const toEnd = Math.max(1, toWindowEndMs);
+    const retryAfter =
+      failures < this.options.points
+        ? Math.min(toEnd, Math.max(1, Math.ceil(this.options.retryHintMs())))
+        : toEnd;
+    return new ProtocolError(this.options.code, this.options.message, { retryAfter });
+  }
+}
