@@ -1079,7 +1079,14 @@ export class DeliveryService {
       .catch((e) => {
         f.waiting = false;
         f.deadline = Date.now() + 1000;
-        this.deps.log.error({ err: e }, 'could not schedule a retry; will try again');
+        // One per event in flight during a Redis outage: at debug for a dependency fault (the
+        // monitor says the outage once), as an error otherwise.
+        logFailure(
+          this.deps.log,
+          e,
+          { sessionId: pump.sid, eid },
+          'could not schedule a retry; will try again',
+        );
       });
   }
 
@@ -1208,7 +1215,7 @@ export class DeliveryService {
         f.resending = false;
         f.waiting = false;
         f.deadline = Date.now() + 1000;
-        this.deps.log.error({ err: e, sessionId: sid }, 'resend failed; will retry');
+        logFailure(this.deps.log, e, { sessionId: sid, eid }, 'resend failed; will retry');
       },
     );
   }

@@ -1040,3 +1040,60 @@ test("a session that logs in while the node's subscriber is away joins the defau
   });
   assert.equal(early?.code, 'overloaded', 'a say in the default room not joined yet: retry later');
 });
+
+test('events whose acks fall due while Redis is stopped: no warning or error line but the outage, and each comes again once Redis is back', async () => {
+  // A node of its own with a short ack timeout, so that the deadlines pass during the outage.
+  const g = await startGateway({
+    REDIS_URL: redis.url,
+    DATABASE_URL: pg.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_ACK_TIMEOUT_MS: '300',
+    GW_RETRY_BASE_MS: '100',
+    GW_HEARTBEAT_MS: '1000',
+  });
+  closers.push(() => g.stop());
+  const c = await connected(g.tcpUrl, { autoAck: false });
+  closers.push(() => c.close());
+  const s = await signUp(c);
+  const pub = await connectPublisher({ redisUrl: redis.url, prefix: g.prefix });
+  closers.push(() => pub.close());
+  const seen: EventMsg[] = [];
+  c.on('event', (e: EventMsg) => seen.push(e));
+  for (let i = 0; i < 5; i++)
+    await within('a publish', pub.publish({ session: s.sessionId }, { name: `unacked-${i}`, data: {} }));
+  await until('the five events received', () => new Set(seen.map((e) => e.eid)).size === 5);
+  const from = g.logs.length;
+  await redis.kill('SIGTERM');
+  try {
+    await within(
+      'the dependency down line',
+      g.waitForLog((l) => g.logs.indexOf(l) >= from && isDown('redis')(l), DEADLINE_MS),
+    );
+    // Several ack deadlines and sweeps pass with Redis away: the retries cannot be scheduled.
+    await new Promise((r) => setTimeout(r, 3000));
+  } finally {
+    await redis.start();
+  }
+  await within(
+    'the dependency recovered line',
+    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000),
+    31000,
+  );
+  const eids = [...new Set(seen.map((e) => e.eid))];
+  const before = seen.length;
+  await until(
+    'each event again once Redis is back',
+    () => eids.every((eid) => seen.slice(before).some((e) => e.eid === eid)),
+    30000,
+  );
+  const loud = g.logs
+    .slice(from)
+    .filter((l) => (l.level as number) >= 40 && !isDown('redis')(l))
+    .map((l) => `${l.msg}: ${(l.err as { message?: string } | undefined)?.message ?? l.err}`);
+  console.log(
+    `acks due in the outage: ${loud.length} other warn/error lines ${JSON.stringify([...new Set(loud)])}`,
+  );
+  assert.deepEqual(loud, [], 'no other warning or error in the outage');
+  c.ack(eids);
+});
