@@ -17,7 +17,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { benchArgs } from './lib/args.ts';
+import { benchArgs, commitOption } from './lib/args.ts';
 import { table } from './lib/measure.ts';
 
 const { values, rest: positionals } = benchArgs({
@@ -34,6 +34,7 @@ const { values, rest: positionals } = benchArgs({
 });
 const ROOT = resolve(import.meta.dirname, '..');
 const PAIRS = values.pairs;
+const BASELINE = commitOption('--baseline', String(values.baseline));
 
 // The bench:delivery options, checked before a worktree is made: its own message if one is bad.
 const check = spawnSync(process.execPath, ['--import', 'tsx', 'bench/load/delivery.ts', ...positionals], {
@@ -114,7 +115,7 @@ async function main(): Promise<void> {
     cleanup();
     process.exit(130);
   });
-  await git(['worktree', 'add', '--detach', '--force', dir, String(values.baseline)]);
+  await git(['worktree', 'add', '--detach', '--force', dir, BASELINE]);
   try {
     symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'));
     const addon = join(ROOT, 'native', 'build');
@@ -129,7 +130,7 @@ async function main(): Promise<void> {
     const sides = { baseline: dir, tree: ROOT } as const;
     const results: Record<keyof typeof sides, Row[][]> = { baseline: [], tree: [] };
     console.log(
-      `# bench:ab: ${values.baseline} (baseline) against this tree, ${PAIRS} alternating pairs of bench:delivery ${positionals.join(' ')}\n`,
+      `# bench:ab: ${BASELINE} (baseline) against this tree, ${PAIRS} alternating pairs of bench:delivery ${positionals.join(' ')}\n`,
     );
     for (let i = 0; i < PAIRS; i++) {
       const order = i % 2 === 0 ? (['baseline', 'tree'] as const) : (['tree', 'baseline'] as const);
@@ -174,7 +175,7 @@ async function main(): Promise<void> {
       }
     }
     console.log(
-      `\n${table(['row', 'figure', `${values.baseline}: median (runs)`, 'this tree: median (runs)', 'tree / baseline'], lines)}`,
+      `\n${table(['row', 'figure', `${BASELINE}: median (runs)`, 'this tree: median (runs)', 'tree / baseline'], lines)}`,
     );
   } finally {
     await git(['worktree', 'remove', '--force', dir]).catch(() => cleanup());

@@ -15,6 +15,7 @@
  * a refused command line starts nothing. With `BENCH_ARGS_ONLY=1` in the environment a command
  * line that passes ends there, exit 0: bench:ab checks the bench:delivery options it passes on.
  */
+import { spawnSync } from 'node:child_process';
 import { relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -104,6 +105,19 @@ export function envOption(help: string) {
     means: 'NAME=value',
     help,
   } as const;
+}
+
+/**
+ * `rev` when it names a commit of this repository; else the process ends with a usage error
+ * naming `option` (before anything starts, rather than at its first `git show`).
+ */
+export function commitOption(option: string, rev: string): string {
+  const r = spawnSync('git', ['rev-parse', '--verify', '--quiet', `${rev}^{commit}`], {
+    cwd: ROOT,
+    stdio: 'ignore',
+  });
+  if (r.status !== 0) refuse(`${option} ${rev}: not a commit of this repository`);
+  return rev;
 }
 
 /** Ends the process with a usage error: `message` on one line, then `usage` when given. */

@@ -35,7 +35,7 @@ import { Redis } from 'ioredis';
 import { ScriptArgs } from '../../gateway/delivery/script-args.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { REDIS_URL } from '../../test/helpers/cleanup.ts';
-import { benchArgs } from '../lib/args.ts';
+import { benchArgs, commitOption } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
 
 interface Shape {
@@ -80,6 +80,7 @@ const { values } = benchArgs({
     rounds: { type: 'int', default: 40, help: 'rounds counted (after one of warm-up)' },
   },
 });
+const BASELINE = commitOption('--baseline', String(values.baseline));
 const CALLS = values.calls;
 const ROUNDS = values.rounds;
 
@@ -230,9 +231,9 @@ const GW_OUTBOX_MAX = 1000;
 async function main(): Promise<void> {
   const redis = new Redis(REDIS_URL) as Redis & Commands;
   const run = `bench-scripts:${process.pid}:`;
-  const sets = { baseline: scripts(fromRev(String(values.baseline))), tree: scripts(fromTree) };
+  const sets = { baseline: scripts(fromRev(BASELINE)), tree: scripts(fromTree) };
   console.log(
-    `# outbox scripts: Redis's time and commands per delivered event, this tree vs ${values.baseline} (npm run bench:scripts)\n`,
+    `# outbox scripts: Redis's time and commands per delivered event, this tree vs ${BASELINE} (npm run bench:scripts)\n`,
   );
   console.log(
     `node ${process.version}, ${availableParallelism()} cores, load average ${loadavg()
@@ -299,10 +300,10 @@ async function main(): Promise<void> {
     table(
       [
         'shape',
-        `${values.baseline}: Redis µs/event`,
+        `${BASELINE}: Redis µs/event`,
         'this tree: Redis µs/event',
         'tree/baseline (median of pairs)',
-        `${values.baseline}: commands/event`,
+        `${BASELINE}: commands/event`,
         'this tree: commands/event',
       ],
       rows,

@@ -180,6 +180,17 @@ describe('usage', { concurrency: 2 }, () => {
 });
 
 describe('refused', { concurrency: 2 }, () => {
+  test('bad commit: bench/micro/scripts.ts --baseline no-such-rev', async () => {
+    await assertRefused(
+      'bench/micro/scripts.ts',
+      ['--baseline', 'no-such-rev'],
+      /--baseline.*no-such-rev/,
+      false,
+    );
+  });
+  test('bad commit: bench/ab.ts --baseline no-such-rev', async () => {
+    await assertRefused('bench/ab.ts', ['--baseline', 'no-such-rev'], /--baseline.*no-such-rev/, false);
+  });
   test('unknown option: bench/micro/crypto.ts takes none', async () => {
     await assertRefused('bench/micro/crypto.ts', ['--rounds', '3'], /'--rounds'/);
   });
