@@ -429,7 +429,7 @@ const SETTINGS = {
   ipFailureBudget: setting(
     'GW_IP_FAILURE_BUDGET',
     '50',
-    'Failed logins allowed per IP per lockout window, across accounts; beyond, `rate_limited`.',
+    "Failed logins allowed per IP per lockout window, across accounts; logins being verified count until they succeed. Beyond, `rate_limited`: with `retryAfter` about one password check when logins in flight fill the budget (raise it for fleets behind one NAT address), the window's end when failures have spent it.",
     int(1).default(50),
   ),
   registerPerMinute: setting(
