@@ -146,3 +146,61 @@ test('Redis gone at the start: the start fails, not as NodeIdInUseError; a relea
   assert.equal(await within("C's start", startOf(c)), undefined);
   assert.notEqual(await own.with((r) => r.zscore(keys.nodes, id)), null, "C's claim is the id's beat");
 });
+
+test('Redis frozen at the claim: the start fails at the command timeout, not as NodeIdInUseError; the claim lands at the thaw, and the next start watches it go stale, then claims the id', async () => {
+  const own = await startOwnRedis();
+  closers.push(() => void own.remove());
+  const keys = new Keys(`gwtest:claim:${randomUUID().slice(0, 8)}:`);
+  const id = `fixed-${randomUUID().slice(0, 8)}`;
+  const presenceOf = (commandTimeout: number) => {
+    const node = testPresence(
+      keys,
+      { staleMs: STALE_MS, sweepIntervalMs: 1000, sessionTtlSeconds: 60, workerCheckMs: 5000 },
+      { nodeId: id, url: own.url, redisOptions: { commandTimeout } },
+    );
+    node.redis.on('error', () => {});
+    closers.push(() => node.disconnect());
+    return node;
+  };
+  const a = presenceOf(500);
+  await within("A's connection up", a.redis.ping());
+  // Redis stops answering just as the claim (the ZADD NX of the first beat) is sent.
+  const zadd = a.redis.zadd.bind(a.redis) as (...args: unknown[]) => Promise<number>;
+  (a.redis as unknown as { zadd: (...args: unknown[]) => Promise<number> }).zadd = (...args) => {
+    own.freeze();
+    return zadd(...args);
+  };
+  let failed: unknown;
+  try {
+    failed = await within(
+      "A's start with Redis frozen at its claim",
+      a.presence.sweepPreviousLife(noRoomLeft).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+    );
+  } finally {
+    own.thaw();
+  }
+  assert.ok(failed instanceof Error, 'the start failed');
+  assert.ok(!(failed instanceof NodeIdInUseError), `not taken for another process: ${String(failed)}`);
+  assert.match(String(failed), /timed out/i, 'at the command timeout');
+  // The claim was sent, and Redis ran it at the thaw: the id has a beat no process writes.
+  await until(
+    'the claim sent before the freeze is in Redis',
+    async () => (await own.with((r) => r.zscore(keys.nodes, id))) !== null,
+  );
+  // The next start cannot tell that beat from a live process's: it watches it, sees it go stale
+  // (no process moves it), sweeps it, and claims the id.
+  const b = presenceOf(5000);
+  const t0 = Date.now();
+  assert.equal(await within("B's start", b.presence.sweepPreviousLife(noRoomLeft), 4 * STALE_MS), 0);
+  console.log(
+    `# the start after a claim left by a frozen Redis waited ${Date.now() - t0} ms (stale time ${STALE_MS} ms)`,
+  );
+  assert.ok(
+    b.lines.some((l) => String(l.msg).includes('watching its beat')),
+    'the next start watched the beat the frozen claim left',
+  );
+  assert.ok(Number(await own.with((r) => r.zscore(keys.nodes, id))) >= t0, "B's claim is the id's beat");
+});
