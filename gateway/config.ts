@@ -441,7 +441,7 @@ const SETTINGS = {
   refreshPerMinute: setting(
     'GW_REFRESH_PER_MINUTE',
     '60',
-    "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile.",
+    "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile. Devices behind one address refresh once per `ACCESS_TOKEN_TTL` each: a fleet of N behind one NAT address needs at least N × 60 / `ACCESS_TOKEN_TTL` a minute (1,000 devices at the default 900 s: 67), or its devices fall behind and come back only as the budget allows.",
     int(1).default(60),
   ),
   otpPerMinute: setting(
