@@ -22,7 +22,7 @@ import {
   unpack,
   unpackMessage,
 } from '../protocol/index.ts';
-import { wireError } from './faults.ts';
+import { RequesterGone, wireError } from './faults.ts';
 import type { Logger } from './log.ts';
 import type { GatewayMetrics } from './metrics.ts';
 
@@ -636,6 +636,8 @@ export class Connection {
 
   /** Sends the error (if the connection can still talk) and closes when it is fatal. */
   private fail(e: unknown, id: number | undefined): void {
+    // A request left undone because this connection went (auth/service.ts): nobody to tell.
+    if (e instanceof RequesterGone) return;
     // A dependency fault is `overloaded` with retryAfter (faults.ts), logged once per outage.
     let err = wireError(e);
     if (!err) {

@@ -59,6 +59,17 @@ const MESSAGES = [
   /no connection to the server|timeout expired|terminating connection due to administrator command/,
 ];
 
+/**
+ * The requester went (its connection closed, its HTTP request was aborted) before the work
+ * that needed it: nothing was done, and there is nobody to answer. Not an error to log.
+ */
+export class RequesterGone extends Error {
+  constructor(what = 'the requester is gone') {
+    super(what);
+    this.name = 'RequesterGone';
+  }
+}
+
 /** True when `e` says a dependency is unavailable or too slow (not a bug, not a bad request). */
 export function isDependencyFault(e: unknown, depth = 0): boolean {
   if (!e || typeof e !== 'object' || depth > 3) return false;

@@ -10,7 +10,7 @@ import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
-import type { Connection } from '../connection.ts';
+import { type Connection, ConnState } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
@@ -281,6 +281,7 @@ export async function createAuthModule(
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
+        gone: () => conn.state >= ConnState.closing,
       });
       // Requests that hash are refused before any other work while the hash pool is full.
       gateway.handle('register', (conn, m: Msg) => operations.register(m as never, ctx(conn)));

@@ -31,6 +31,7 @@ import {
   ProtocolError,
   type SessionData,
 } from '../../protocol/index.ts';
+import { RequesterGone } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
@@ -67,6 +68,13 @@ export interface RequestContext {
   userAgent?: string;
   /** The caller's session, when authenticated. */
   sessionId?: string;
+  /**
+   * True once the requester is gone (its connection closed, its HTTP request aborted). A login
+   * or resume then starts or touches no session: nobody would get its tokens, and one with a
+   * device id would take the device's live session (on the connection the device made since)
+   * from it. Without it, the requester is taken to be there.
+   */
+  gone?: () => boolean;
 }
 
 export interface SessionGrant extends SessionData {
@@ -427,7 +435,7 @@ export class IdentityService {
       this.deps.metrics?.authResult('login', 'ok');
       return grant;
     } catch (e) {
-      const result = e instanceof ProtocolError ? e.code : 'error';
+      const result = e instanceof ProtocolError ? e.code : e instanceof RequesterGone ? 'abandoned' : 'error';
       this.deps.log.info({ ...fields, result }, 'login');
       this.deps.metrics?.authResult('login', result);
       throw e;
@@ -491,6 +499,9 @@ export class IdentityService {
     }
     // Success: the account's count starts again, and the IP's reservation is given back.
     await Promise.all([account.succeeded(true), ip.succeeded()]);
+    // The hash took a while: a device that gave up on this login and logged in again on
+    // another connection meanwhile would have its new session taken over by this one.
+    if (ctx.gone?.()) throw new RequesterGone('its connection closed before the password was verified');
     if (rehash) {
       const { hash } = await this.deps.hasher.hash(req.password);
       await this.deps.pool.query('UPDATE users SET password_hash = $2 WHERE id = $1', [user.id, hash]);
@@ -613,9 +624,13 @@ export class IdentityService {
   async resume(req: { token: string; device?: Device }, ctx: RequestContext): Promise<SessionGrant> {
     let a: Awaited<ReturnType<IdentityService['authenticate']>>;
     let device: Device | null;
+    const gone = () => {
+      if (ctx.gone?.()) throw new RequesterGone('its connection closed before the session was resumed');
+    };
     if (req.device) {
       a = await this.authenticate(req.token);
       device = req.device;
+      gone();
       if (device.id) await this.claimDevice(a.userId, device);
       // Ended since it was read (a revoke, a logout): not brought back by the touch.
       if (!(await this.store.touch(a.sessionId, a.userId, req.device, a.session.device)))
@@ -624,6 +639,7 @@ export class IdentityService {
       // The session's own device (claimed by this account when the session started): the read
       // and the touch are one call, the device key's extension follows its ownership check.
       const claims = await this.deps.tokens.verify(req.token);
+      gone();
       const session = await this.store.resume(claims.sessionId, claims.userId);
       if (!session || session.userId !== claims.userId) throw new ProtocolError('session_revoked');
       a = { ...claims, username: session.username, session };

@@ -54,6 +54,8 @@ export interface AuthContext {
   ip: string;
   userAgent?: string;
   sessionId?: string;
+  /** True once the request was aborted: a login then starts no session (auth/service.ts). */
+  gone?: () => boolean;
 }
 
 export interface HttpSession {
@@ -116,6 +118,7 @@ export function mountAuthApi(
   const trusted = new Set(options.trustedProxies ?? []);
   const ctxOf = (ex: Exchange, ip: string, sessionId?: string): AuthContext => ({
     ip,
+    gone: () => ex.aborted,
     ...(ex.header('user-agent') ? { userAgent: ex.header('user-agent') } : {}),
     ...(sessionId ? { sessionId } : {}),
   });

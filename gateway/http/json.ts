@@ -4,7 +4,7 @@
  */
 import type uWS from 'uWebSockets.js';
 import { type ErrorCode, ProtocolError } from '../../protocol/index.ts';
-import { wireError } from '../faults.ts';
+import { RequesterGone, wireError } from '../faults.ts';
 import type { Logger } from '../log.ts';
 
 const STATUS: Partial<Record<ErrorCode, string>> = {
@@ -28,12 +28,6 @@ const STATUS: Partial<Record<ErrorCode, string>> = {
   locked: '429 Too Many Requests',
   overloaded: '503 Service Unavailable',
 };
-
-/**
- * A request whose connection closed before its body was read to the end and handed on: it is
- * not carried out (route() drops it without an answer, which could not be sent).
- */
-class RequestAborted extends Error {}
 
 /** An HTTP exchange that may be aborted by the client at any await. */
 export class Exchange {
@@ -82,7 +76,7 @@ export class Exchange {
         if (!isLast) return;
         const text = Buffer.concat(chunks).toString('utf8');
         setImmediate(() => {
-          if (this.aborted) return reject(new RequestAborted('aborted'));
+          if (this.aborted) return reject(new RequesterGone('aborted before its body was read'));
           if (text.length === 0) return resolve({});
           try {
             resolve(JSON.parse(text));
@@ -144,7 +138,10 @@ export function route(
   return (res, req) => {
     const ex = new Exchange(res, req);
     handler(ex).catch((e) => {
-      if (!(e instanceof RequestAborted)) ex.error(e, log);
+      // A request whose connection closed before it was carried out (its body not read to the
+      // end, or a login not started, auth/service.ts) is dropped without an answer, which
+      // could not be sent.
+      if (!(e instanceof RequesterGone)) ex.error(e, log);
     });
   };
 }

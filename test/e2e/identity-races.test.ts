@@ -20,6 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -795,7 +796,7 @@ describe('takeover keeps the device events', () => {
 });
 
 describe('a connection that closes while its login is under way', () => {
-  test('the login, answered after the close, binds nothing to the closed connection', async () => {
+  test('the login, finished after the close, starts no session and binds nothing to the closed connection', async () => {
     // A slow hash (~100 ms or more here) so that the socket is gone before the password is verified.
     const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
     const r = redisClient();
@@ -808,10 +809,11 @@ describe('a connection that closes while its login is under way', () => {
       const gone = await connected(g.tcpUrl);
       gone.request('login', { username, password: PASSWORD }).catch(() => {});
       gone.destroy();
-      const line = await g.waitForLog(
-        (l) => l.msg === 'login' && l.username === username && l.result === 'ok',
-      );
-      const lateSession = line.sessionId as string;
+      const line = await g.waitForLog((l) => l.msg === 'login' && l.username === username);
+      // Nobody would get its tokens: no session is started (before, one was, and only its bind
+      // was refused).
+      assert.equal(line.result, 'abandoned', JSON.stringify(line));
+      assert.equal(line.sessionId, undefined, 'no session started');
 
       // A later login's presence is written after anything the late one's bind would have written
       // (the binding's Redis work goes in order, one script call per tick).
@@ -821,14 +823,74 @@ describe('a connection that closes while its login is under way', () => {
         assert.ok(i < 200, 'the later login is online within 10 s');
         await new Promise((res) => setTimeout(res, 50));
       }
-      assert.equal(
-        await r.hget(`${g.prefix}presence`, lateSession),
-        null,
-        'the session of the closed connection is not online',
-      );
+      assert.equal(await r.hlen(`${g.prefix}presence`), 1, 'only the later session is online');
       await other.close();
     } finally {
       r.disconnect();
+      await g.stop();
+    }
+  });
+
+  test("a login with a device id whose connection closed before its password was verified starts no session, and does not take the device's live one", async () => {
+    // A device that gave up on a slow login (a timeout, a network switch) and logged in again
+    // on a new connection. Before, the first login, finished after its connection had gone,
+    // started a session that nobody held, took the device over from the live session, and had
+    // the live connection kicked (session_takeover); a fleet simulation showed it under load.
+    const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
+    try {
+      const live = await connected(g.tcpUrl);
+      const device = { id: `dev-${randomUUID()}` };
+      const s = await signUp(live, device);
+      const kicks: { code: string }[] = [];
+      live.on('kick', (k: { code: string }) => kicks.push(k));
+
+      const gone = await connected(g.tcpUrl);
+      gone.request('login', { username: s.username, password: PASSWORD, device }).catch(() => {});
+      gone.destroy();
+      const line = await g.waitForLog(
+        (l) => l.msg === 'login' && l.username === s.username && l.sessionId !== s.sessionId,
+        20000,
+      );
+      console.log(`the login of the closed connection: ${line.result}`);
+      assert.equal(line.result, 'abandoned', JSON.stringify(line));
+      // The live session was not ended, and its connection still works as that session.
+      assert.ok(
+        !g.logs.some((l) => l.msg === 'session ended' && l.sessionId === s.sessionId),
+        'the live session was not ended',
+      );
+      const who = await live.request<{ sessionId?: string }>('sessions', {});
+      assert.ok(who, 'the live connection still answers as its session');
+      assert.deepEqual(kicks, [], 'the live connection was not kicked');
+      await live.close();
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('an HTTP login aborted before its password was verified starts no session', async () => {
+    const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
+    try {
+      const username = newName();
+      const setup = await connected(g.tcpUrl);
+      await setup.request('register', { username, email: `${username}@example.com`, password: PASSWORD });
+      await setup.close();
+      const abort = new AbortController();
+      const sent = fetch(`http://127.0.0.1:${g.httpPort}/auth/login`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ username, password: PASSWORD }),
+        signal: abort.signal,
+      }).catch(() => {});
+      // Aborted once its password is being verified (the hash pool holds its job).
+      await until(
+        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') >= 1,
+        'the login in the hash pool',
+      );
+      abort.abort();
+      await sent;
+      const line = await g.waitForLog((l) => l.msg === 'login' && l.username === username, 20000);
+      assert.equal(line.result, 'abandoned', JSON.stringify(line));
+    } finally {
       await g.stop();
     }
   });
