@@ -197,6 +197,9 @@ interface PumpClaim extends DirectClaim {
  * (`resyncAll`, from app.ts), the pump found Redis behind a connection, or a forward came at or
  * below a connection's last sequence.
  */
+/** The shortest time between two `outbox full: publish rejected` lines of a node (ms). */
+export const REJECT_LOG_MS = 60_000;
+
 export const RESYNC_CAUSES = ['redis_reconnect', 'subscriber_reconnect', 'sequence', 'forward'] as const;
 export type ResyncCause = (typeof RESYNC_CAUSES)[number];
 
@@ -243,6 +246,8 @@ export class DeliveryService {
   /** When the sweep before this one ran: ACK deadlines are measured there (see `sweep`). */
   private previousSweepMs = Number.NEGATIVE_INFINITY;
   /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
+  /** Rejections by full outboxes since the last line that said so (logRejected). */
+  private rejectLog = { at: 0, events: 0, sessions: 0 };
   private readonly counts = {
     published: 0,
     delivered: [0, 0] as [number, number],
@@ -513,12 +518,30 @@ export class DeliveryService {
     if (input.qos !== 0) this.counts.published += outcome.accepted;
     if (outcome.rejected > 0) {
       this.metrics.overflow.labels('reject').inc(outcome.rejected);
-      this.deps.log.warn({ eid: outcome.eid, rejected: outcome.rejected }, 'outbox full: publish rejected');
+      this.logRejected(outcome.eid, outcome.rejected);
     }
     if (outcome.dropped.length === 0) return undefined;
     return (async () => {
       for (const d of outcome.dropped) await this.reportDropped(d.sessionId, [d.event]);
     })();
+  }
+
+  /**
+   * One warn line per REJECT_LOG_MS at most for publishes a full outbox refused, with how many
+   * since the last line: a device offline under a steady back end would otherwise log a line
+   * per event (the publisher is told each time, and `gateway_events_outbox_overflow_total` counts them).
+   */
+  private logRejected(eid: string, rejected: number): void {
+    const r = this.rejectLog;
+    r.events++;
+    r.sessions += rejected;
+    const now = Date.now();
+    if (now - r.at < REJECT_LOG_MS) return;
+    this.deps.log.warn(
+      { eid, events: r.events, rejected: r.sessions, sinceMs: r.at === 0 ? null : now - r.at },
+      'outbox full: publish rejected',
+    );
+    this.rejectLog = { at: now, events: 0, sessions: 0 };
   }
 
   /** Events the drop-oldest policy removed from a session's outbox: counted and reported. */

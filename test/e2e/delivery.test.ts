@@ -600,6 +600,15 @@ describe('outbox bound', () => {
             outcomes.map((o) => o.rejected),
             [0, 0, 0, 0, 0, 1, 1],
           );
+          // The access lines of the seven requests come after anything their publishes logged.
+          await g.waitForLog(
+            () => g.logs.filter((l) => l.msg === 'http' && l.route === '/v1/events').length >= 7,
+            10000,
+          );
+          const warned = g.logs.filter((l) => l.msg === 'outbox full: publish rejected');
+          // One line a minute at most, not one per event: an offline device under a steady back
+          // end would fill the log.
+          assert.equal(warned.length, 1, JSON.stringify(warned));
         } else {
           assert.ok(
             outcomes.every((o) => o.accepted === 1),
