@@ -24,7 +24,7 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import { badMessage, ProtocolError } from '../../protocol/index.ts';
 import type { AuthOperations } from '../auth/module.ts';
 import type { RequestContext } from '../auth/service.ts';
-import { wireError } from '../faults.ts';
+import { RequesterGone, wireError } from '../faults.ts';
 import type { Logger } from '../log.ts';
 import { settledWithin } from '../wait.ts';
 import { toGrpcError } from './status.ts';
@@ -243,6 +243,8 @@ export class GrpcServer {
       const ctx: RequestContext = {
         ip: peerIp(call.getPeer()),
         ...(typeof ua === 'string' && ua ? { userAgent: ua.slice(0, 256) } : {}),
+        // A login the caller cancelled (or whose deadline passed) starts no session.
+        gone: () => call.cancelled,
       };
       const done = (code: grpc.status) => {
         const ms = performance.now() - t0;
@@ -263,6 +265,11 @@ export class GrpcServer {
           callback(null, res);
         },
         (e: unknown) => {
+          if (e instanceof RequesterGone) {
+            done(grpc.status.CANCELLED);
+            callback({ code: grpc.status.CANCELLED, details: 'cancelled by the caller' });
+            return;
+          }
           let err = wireError(e);
           if (!err) {
             log.error({ err: e, method }, 'grpc call failed');

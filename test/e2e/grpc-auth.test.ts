@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
 import { fetchWithin, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGatewayWithGrpc } from '../helpers/gateway-process.ts';
@@ -294,4 +295,49 @@ test('metrics: gateway_auth_total counts gRPC logins; gateway_grpc_requests_tota
       .sort(),
     ['code', 'method', 'ms'],
   );
+});
+
+test('a Login the caller cancels while its password is verified starts no session: CANCELLED, logged abandoned, no error line', async () => {
+  // A slow hash (~0.5 s here), so that the cancel comes while the password is being verified.
+  const started = await startGatewayWithGrpc({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '12' });
+  const slow = grpcClients(started.grpcPort);
+  try {
+    const email = `${newName()}@example.com`;
+    await call(slow.auth, 'Register', { email, password: PASSWORD });
+    const login = (
+      slow.auth as unknown as Record<string, (...a: unknown[]) => { cancel(): void }>
+    ).Login.bind(slow.auth);
+    const pending = login(
+      { email, password: PASSWORD },
+      new grpc.Metadata(),
+      { deadline: Date.now() + 20000 },
+      () => {},
+    );
+    // Cancelled once its password is being verified (the hash pool holds its job).
+    const end = Date.now() + 10000;
+    while (
+      !/^gateway_hash_jobs [1-9]/m.test(
+        await (await fetchWithin(`http://127.0.0.1:${started.gw.metricsPort}/metrics`)).text(),
+      )
+    ) {
+      if (Date.now() > end)
+        throw new Error(
+          `the login in the hash pool: not within 10 s; ${JSON.stringify(started.gw.logs.slice(-4))}`,
+        );
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    pending.cancel();
+    const line = await started.gw.waitForLog((l) => l.msg === 'login' && l.by === 'email', 20000);
+    assert.equal(line.result, 'abandoned', JSON.stringify(line));
+    const access = await started.gw.waitForLog((l) => l.msg === 'grpc' && l.method === 'Login', 20000);
+    assert.equal(access.code, 'CANCELLED');
+    assert.deepEqual(
+      started.gw.logs.filter((l) => (l.level as number) >= 50),
+      [],
+      'no error line',
+    );
+  } finally {
+    slow.close();
+    await started.gw.stop();
+  }
 });

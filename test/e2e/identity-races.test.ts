@@ -868,7 +868,12 @@ describe('a connection that closes while its login is under way', () => {
   });
 
   test('an HTTP login aborted before its password was verified starts no session', async () => {
-    const g = await startGateway({ ARGON2_MEMORY_KIB: '65536', ARGON2_ITERATIONS: '3', GW_DEFAULT_ROOM: '' });
+    // A slow hash (~0.5 s here), so that the abort comes while the password is being verified.
+    const g = await startGateway({
+      ARGON2_MEMORY_KIB: '65536',
+      ARGON2_ITERATIONS: '12',
+      GW_DEFAULT_ROOM: '',
+    });
     try {
       const username = newName();
       const setup = await connected(g.tcpUrl);
