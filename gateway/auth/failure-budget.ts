@@ -6,8 +6,9 @@
  * An attempt reserves its point before it is verified, so attempts in flight count and
  * concurrent guesses cannot get past the budget (docs/ARCHITECTURE.md, "Login limits"). What
  * the reservation becomes once the attempt is verified:
- * - a failure keeps the point (`failed`); with `lockWhenSpent`, the one that spends the last
- *   point locks the key for the whole window from now;
+ * - a failure keeps the point (`failed`); with `lockWhenSpent`, the one that makes the failures
+ *   alone (not counting attempts still in flight) reach the points locks the key for the whole
+ *   window from now;
  * - a success gives it back, or clears the key (`succeeded`);
  * - an attempt that could not be verified gives it back (`release`).
  *
@@ -34,42 +35,51 @@ export const IN_FLIGHT_TTL_MS = 120_000;
 
 /**
  * KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] points, ARGV[2] the window (ms),
- * ARGV[3] the in-flight TTL (ms). Returns {taken (1/0), count, ms to the window's end, in flight}.
+ * ARGV[3] the in-flight TTL (ms). Returns {taken (1/0), the count (before the refused attempt),
+ * ms to the window's end (when refused), in flight}. A refused attempt's INCR is undone in the
+ * same call, so it is never seen.
  */
 const RESERVE = `
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n >= tonumber(ARGV[1]) then
-  return {0, n, redis.call('PTTL', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return {0, n - 1, redis.call('PTTL', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
 end
-n = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  ttl = tonumber(ARGV[2])
-end
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local f = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return {1, n, ttl, f}
+return {1, n, 0, f}
 `;
 
 /**
  * Settles a reservation. KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] 'give'
- * (the point back), 'keep' (a failure), 'lock' (a failure that locks: the count set to
- * ARGV[2] points for ARGV[3] ms) or 'clear' (the count deleted).
+ * (the point back), 'fail' (the point stays: a failure) or 'clear' (the count deleted);
+ * ARGV[2] points, ARGV[3] the window (ms), ARGV[4] '1' when a spent budget locks. Returns 1
+ * when this failure locked the key: the failures alone (the count less the attempts still in
+ * flight) reach the points, and the count is set to them for a whole window from now.
  */
 const SETTLE = `
+-- A count at 0 stays until its TTL: one command fewer per attempt. Below 0, the key had
+-- ended (its TTL) while the attempt was out.
 local f = redis.call('DECR', KEYS[2])
-if f <= 0 then redis.call('DEL', KEYS[2]) end
+if f < 0 then
+  redis.call('DEL', KEYS[2])
+  f = 0
+end
 local how = ARGV[1]
 if how == 'give' then
-  local n = redis.call('GET', KEYS[1])
-  if n and tonumber(n) > 0 then redis.call('DECR', KEYS[1]) end
-elseif how == 'lock' then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  -- Not below 0: the window may have ended (and the key with it) while the attempt was out.
+  if redis.call('DECR', KEYS[1]) < 0 then redis.call('DEL', KEYS[1]) end
+elseif how == 'fail' then
+  local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if ARGV[4] == '1' and n - f >= tonumber(ARGV[2]) then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return 1
+  end
 elseif how == 'clear' then
   redis.call('DEL', KEYS[1])
 end
-return 1
+return 0
 `;
 
 type BudgetRedis = Redis & {
@@ -84,8 +94,9 @@ type BudgetRedis = Redis & {
     count: string,
     inFlight: string,
     how: string,
-    points?: number,
-    windowMs?: number,
+    points: number,
+    windowMs: number,
+    lock: string,
   ): Promise<number>;
 };
 
@@ -109,7 +120,7 @@ export interface FailureBudgetOptions {
 
 /** The point an attempt holds while it is verified. */
 export interface Reservation {
-  /** A failure: the point stays. True when it spent the last point and locked the key. */
+  /** A failure: the point stays. True when it spent the budget and locked the key. */
   failed(): Promise<boolean>;
   /** A success: the point is given back, or with `clear` the key's count starts again. */
   succeeded(clear?: boolean): Promise<void>;
@@ -154,23 +165,31 @@ export class FailureBudget {
     );
     if (!taken) throw this.refused(n, ttl < 0 ? windowMs : ttl, flying);
     let settled = false;
-    const settle = async (how: 'give' | 'keep' | 'lock' | 'clear') => {
-      if (settled) return;
+    const settle = async (how: 'give' | 'fail' | 'clear') => {
+      if (settled) return false;
       settled = true;
-      await this.redis.gwBudgetSettle(count, inFlight, how, points, windowMs);
+      const locked = await this.redis.gwBudgetSettle(
+        count,
+        inFlight,
+        how,
+        points,
+        windowMs,
+        lockWhenSpent ? '1' : '0',
+      );
+      return locked === 1;
     };
     return {
-      failed: async () => {
-        // The failure that spent the last point locks the key for the whole window from now:
-        // the count's own window started at the first failure, and alone it would end the
-        // lock when that window ends (four failures in its last seconds, locked for those
-        // seconds only).
-        const lock = lockWhenSpent && n >= points;
-        await settle(lock ? 'lock' : 'keep');
-        return lock;
+      // The failure that spends the budget (the failures alone, not the attempts still in
+      // flight, which may yet succeed) locks the key for the whole window from now: the count's
+      // own window started at the first failure, and alone it would end the lock when that
+      // window ends (four failures in its last seconds, locked for those seconds only).
+      failed: () => settle('fail'),
+      succeeded: async (clear = false) => {
+        await settle(clear ? 'clear' : 'give');
       },
-      succeeded: (clear = false) => settle(clear ? 'clear' : 'give'),
-      release: () => settle('give'),
+      release: async () => {
+        await settle('give');
+      },
     };
   }
 

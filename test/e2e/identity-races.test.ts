@@ -274,6 +274,40 @@ describe('brute-force limits under concurrency', () => {
     }
   });
 
+  test('one wrong password among right ones in flight, the last point taken: the account is not locked', async () => {
+    // Two hash threads: the two right logins are verified first, the wrong one (sent last, the
+    // last point of 3) after them. Before, the failure that took the last point locked the
+    // account for the window, although only one attempt had failed; now the failures alone
+    // must reach the limit.
+    const g = await startGateway({
+      GW_LOCKOUT_ATTEMPTS: '3',
+      GW_HASH_THREADS: '2',
+      // Slow enough (~150 ms) that the wrong one waits for a thread the right ones hold.
+      ARGON2_MEMORY_KIB: '65536',
+      ARGON2_ITERATIONS: '3',
+      GW_IP_FAILURE_BUDGET: '100000',
+    });
+    try {
+      const conns = await clients(g, 3);
+      const username = await register(conns[0]);
+      const right = [0, 1].map((i) => wire(conns[i], 'login', { username, password: PASSWORD }));
+      // Sent once both right ones hold their points (and threads).
+      await until(
+        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') >= 2,
+        'the two right logins in the hash pool',
+      );
+      const wrong = wire(conns[2], 'login', { username, password: 'wrong password' });
+      const outcomes = await Promise.all([...right, wrong]);
+      console.log('two right logins and a wrong one, 3 attempts:', JSON.stringify(count(outcomes)));
+      assert.equal((await wrong).code, 'invalid_credentials');
+      const after = await wire(conns[0], 'login', { username, password: PASSWORD });
+      assert.equal(after.code, 'ok', `one failure locked the account: ${JSON.stringify(after)}`);
+      for (const c of conns) c.destroy();
+    } finally {
+      await g.stop();
+    }
+  });
+
   test('concurrent wrong otp.verify codes, then the right one: never more than OTP_MAX_RETRIES checks', async () => {
     const conns = await clients(gw, 6);
     const s = await signUp(conns[0]);

@@ -87,7 +87,8 @@ test('a resume and a login on a connection with a session cost one script call f
   const seen = `login ${JSON.stringify(login)}, resume ${JSON.stringify(resume)}`;
   t.diagnostic(seen);
   // Before: login 33.2 sent / 64.2 run, resume 27.2 / 46.3. Now, less the background: ~5.9 /
-  // ~50, ~2.1 / ~36 (the same on the code before this session's changes).
+  // ~50, ~2.1 / ~36 (the same on the code before this session's changes); a login ~53 run since
+  // its failure budgets count the attempts in flight (auth/failure-budget.ts: 49.5 → 52.7).
   assert.ok(resume.sent <= 4, `commands sent per resume: ${seen}`);
   assert.ok(login.sent <= 10, `commands sent per login: ${seen}`);
   assert.ok(resume.ran <= 38, `commands Redis ran per resume: ${seen}`);
