@@ -60,6 +60,18 @@ after(async () => {
   await Promise.allSettled([pg?.remove(), redis?.remove()]);
 });
 
+/** Another node on this file's Redis and PostgreSQL, stopped after the file. */
+async function ownNode(env: Record<string, string>): Promise<GatewayProcess> {
+  const g = await startGateway({
+    REDIS_URL: redis.url,
+    DATABASE_URL: pg.url,
+    GW_REGISTER_PER_MINUTE: '1000',
+    ...env,
+  });
+  closers.push(() => g.stop());
+  return g;
+}
+
 const isDown = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency down' && l.dependency === dependency;
 const isRecovered = (dependency: string) => (l: Record<string, unknown>) =>
@@ -1000,13 +1012,7 @@ for (const how of ['frozen', 'down'] as const) {
 }
 
 test("a session that logs in while the node's subscriber is away joins the default room once it is back", async () => {
-  const g = await startGateway({
-    REDIS_URL: redis.url,
-    DATABASE_URL: pg.url,
-    GW_DEFAULT_ROOM: '#lobby',
-    GW_REGISTER_PER_MINUTE: '1000',
-  });
-  closers.push(() => g.stop());
+  const g = await ownNode({ GW_DEFAULT_ROOM: '#lobby' });
   const c = await connected(g.tcpUrl);
   closers.push(() => c.close());
   const name = `lobby${Date.now() % 1000000}`;
@@ -1043,16 +1049,12 @@ test("a session that logs in while the node's subscriber is away joins the defau
 
 test('events whose acks fall due while Redis is stopped: no warning or error line but the outage, and each comes again once Redis is back', async () => {
   // A node of its own with a short ack timeout, so that the deadlines pass during the outage.
-  const g = await startGateway({
-    REDIS_URL: redis.url,
-    DATABASE_URL: pg.url,
+  const g = await ownNode({
     GW_DEFAULT_ROOM: '',
-    GW_REGISTER_PER_MINUTE: '1000',
     GW_ACK_TIMEOUT_MS: '300',
     GW_RETRY_BASE_MS: '100',
     GW_HEARTBEAT_MS: '1000',
   });
-  closers.push(() => g.stop());
   const c = await connected(g.tcpUrl, { autoAck: false });
   closers.push(() => c.close());
   const s = await signUp(c);
