@@ -451,25 +451,28 @@ export class IdentityService {
     // is not looked up: pg-native would cut it at a NUL and find the account named by what comes
     // before. It is an unknown user, answered after the same work as one (PROTOCOL.md §8).
     const named = !hasControlChars(req.username ?? req.email ?? '');
-    const r = named
-      ? await this.deps.pool.query(
-          req.username !== undefined
-            ? 'SELECT id, username, password_hash FROM users WHERE lower(username) = lower($1)'
-            : 'SELECT id, username, password_hash FROM users WHERE email = $1',
-          [req.username !== undefined ? req.username : ident],
-        )
-      : { rows: [] };
-    const user = r.rows[0] as { id: string; username: string; password_hash: string } | undefined;
-    // One failure counter per account, whether it is named by username or by email.
-    const accountKey = user ? `u:${user.id}` : `n:${ident}`;
     // Reserve the attempt before the hash is verified, so attempts in flight count (a `get`
-    // before and a `penalty` after let 50 concurrent guesses through a limit of 5).
-    const account = await this.accountFailures.reserve(accountKey);
-    let ip: Reservation;
+    // before and a `penalty` after let 50 concurrent guesses through a limit of 5). The
+    // address's point first, before the account is looked up: a login refused for it (a fleet
+    // behind one address in a burst, or guesses past the budget) costs one Redis call and no
+    // PostgreSQL query.
+    const ip = await this.ipFailures.reserve(ctx.ip);
+    let user: { id: string; username: string; password_hash: string } | undefined;
+    let account: Reservation;
     try {
-      ip = await this.ipFailures.reserve(ctx.ip);
+      const r = named
+        ? await this.deps.pool.query(
+            req.username !== undefined
+              ? 'SELECT id, username, password_hash FROM users WHERE lower(username) = lower($1)'
+              : 'SELECT id, username, password_hash FROM users WHERE email = $1',
+            [req.username !== undefined ? req.username : ident],
+          )
+        : { rows: [] };
+      user = r.rows[0] as typeof user;
+      // One failure counter per account, whether it is named by username or by email.
+      account = await this.accountFailures.reserve(user ? `u:${user.id}` : `n:${ident}`);
     } catch (e) {
-      await account.release().catch(() => {});
+      await ip.release().catch(() => {});
       throw e;
     }
     let ok = false;
