@@ -7,9 +7,13 @@
  *   verify, so timing does not tell either) and a wrong password.
  * - After `lockoutAttempts` consecutive failures an account is `locked` for `lockoutSeconds`;
  *   one IP also has a failure budget, so it cannot walk through many accounts. An attempt is
- *   reserved (an atomic `consume`) before its password is verified, so concurrent guesses count
- *   while in flight: at most `lockoutAttempts` per account and `ipFailureBudget` per IP are ever
- *   verified in a window, however they are spread over connections and transports.
+ *   reserved (one script: check and take, failure-budget.ts) before its password is verified,
+ *   so concurrent guesses count while in flight: at most `lockoutAttempts` per account and
+ *   `ipFailureBudget` per IP are ever verified in a window, however they are spread over
+ *   connections and transports. A refused attempt takes nothing, and is told to come back in
+ *   about one verification when only attempts in flight fill the budget.
+ * - A login whose requester went (`RequestContext.gone`) while its password was verified starts
+ *   no session.
  * - Refresh tokens are single use; presenting a used one ends the whole session
  *   (`refresh_reused`), and every node kicks that session's connection. A refresh retried within
  *   `refreshGraceSeconds` while the successor is unused gets the same successor pair
