@@ -604,6 +604,7 @@ describe('outbox bound', () => {
           await g.waitForLog(
             () => g.logs.filter((l) => l.msg === 'http' && l.route === '/v1/events').length >= 7,
             10000,
+            'the access lines of the seven publishes',
           );
           const warned = g.logs.filter((l) => l.msg === 'outbox full: publish rejected');
           // One line a minute at most, not one per event: an offline device under a steady back

@@ -1070,7 +1070,7 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
   try {
     await within(
       'the dependency down line',
-      g.waitForLog((l) => g.logs.indexOf(l) >= from && isDown('redis')(l), DEADLINE_MS),
+      g.waitForLog((l) => g.logs.indexOf(l) >= from && isDown('redis')(l), DEADLINE_MS, 'dependency down'),
     );
     // Several ack deadlines and sweeps pass with Redis away: the retries cannot be scheduled.
     await new Promise((r) => setTimeout(r, 3000));
@@ -1079,7 +1079,7 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
   }
   await within(
     'the dependency recovered line',
-    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000),
+    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000, 'dependency recovered'),
     31000,
   );
   const eids = [...new Set(seen.map((e) => e.eid))];

@@ -18,6 +18,7 @@ import {
   healthOf,
   listServices,
 } from '../helpers/grpc-client.ts';
+import { untilHashJobs } from '../helpers/metrics.ts';
 
 let gw: GatewayProcess;
 let c: GrpcClients;
@@ -314,22 +315,19 @@ test('a Login the caller cancels while its password is verified starts no sessio
       () => {},
     );
     // Cancelled once its password is being verified (the hash pool holds its job).
-    const end = Date.now() + 10000;
-    while (
-      !/^gateway_hash_jobs [1-9]/m.test(
-        await (await fetchWithin(`http://127.0.0.1:${started.gw.metricsPort}/metrics`)).text(),
-      )
-    ) {
-      if (Date.now() > end)
-        throw new Error(
-          `the login in the hash pool: not within 10 s; ${JSON.stringify(started.gw.logs.slice(-4))}`,
-        );
-      await new Promise((r) => setTimeout(r, 10));
-    }
+    await untilHashJobs(started.gw.metricsPort, 1, 'the login in the hash pool');
     pending.cancel();
-    const line = await started.gw.waitForLog((l) => l.msg === 'login' && l.by === 'email', 20000);
+    const line = await started.gw.waitForLog(
+      (l) => l.msg === 'login' && l.by === 'email',
+      20000,
+      'the login line of the cancelled call',
+    );
     assert.equal(line.result, 'abandoned', JSON.stringify(line));
-    const access = await started.gw.waitForLog((l) => l.msg === 'grpc' && l.method === 'Login', 20000);
+    const access = await started.gw.waitForLog(
+      (l) => l.msg === 'grpc' && l.method === 'Login',
+      20000,
+      'the access line of the cancelled Login',
+    );
     assert.equal(access.code, 'CANCELLED');
     assert.deepEqual(
       started.gw.logs.filter((l) => (l.level as number) >= 50),

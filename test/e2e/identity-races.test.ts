@@ -20,7 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
-import { scrapeMetrics } from '../helpers/metrics.ts';
+import { untilHashJobs } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -292,10 +292,7 @@ describe('brute-force limits under concurrency', () => {
       const username = await register(conns[0]);
       const right = [0, 1].map((i) => wire(conns[i], 'login', { username, password: PASSWORD }));
       // Sent once both right ones hold their points (and threads).
-      await until(
-        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') >= 2,
-        'the two right logins in the hash pool',
-      );
+      await untilHashJobs(g.metricsPort, 2, 'the two right logins in the hash pool');
       const wrong = wire(conns[2], 'login', { username, password: 'wrong password' });
       const outcomes = await Promise.all([...right, wrong]);
       console.log('two right logins and a wrong one, 3 attempts:', JSON.stringify(count(outcomes)));
@@ -843,7 +840,11 @@ describe('a connection that closes while its login is under way', () => {
       const gone = await connected(g.tcpUrl);
       gone.request('login', { username, password: PASSWORD }).catch(() => {});
       gone.destroy();
-      const line = await g.waitForLog((l) => l.msg === 'login' && l.username === username);
+      const line = await g.waitForLog(
+        (l) => l.msg === 'login' && l.username === username,
+        15000,
+        'the login line of the closed connection',
+      );
       // Nobody would get its tokens: no session is started (before, one was, and only its bind
       // was refused).
       assert.equal(line.result, 'abandoned', JSON.stringify(line));
@@ -884,6 +885,7 @@ describe('a connection that closes while its login is under way', () => {
       const line = await g.waitForLog(
         (l) => l.msg === 'login' && l.username === s.username && l.sessionId !== s.sessionId,
         20000,
+        'the login line of the closed connection',
       );
       console.log(`the login of the closed connection: ${line.result}`);
       assert.equal(line.result, 'abandoned', JSON.stringify(line));
@@ -921,13 +923,14 @@ describe('a connection that closes while its login is under way', () => {
         signal: abort.signal,
       }).catch(() => {});
       // Aborted once its password is being verified (the hash pool holds its job).
-      await until(
-        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') >= 1,
-        'the login in the hash pool',
-      );
+      await untilHashJobs(g.metricsPort, 1, 'the login in the hash pool');
       abort.abort();
       await sent;
-      const line = await g.waitForLog((l) => l.msg === 'login' && l.username === username, 20000);
+      const line = await g.waitForLog(
+        (l) => l.msg === 'login' && l.username === username,
+        20000,
+        'the login line of the aborted request',
+      );
       assert.equal(line.result, 'abandoned', JSON.stringify(line));
     } finally {
       await g.stop();

@@ -30,10 +30,11 @@ export interface GatewayProcess {
   readonly exited: Promise<number | null>;
   /** SIGTERM, wait for exit (SIGKILL after 10 s). */
   stop(): Promise<number | null>;
-  /** Resolves when a log line matches. */
+  /** Resolves when a log line matches; fails after `timeoutMs` naming `what`. */
   waitForLog(
     pred: (line: Record<string, unknown>) => boolean,
     timeoutMs?: number,
+    what?: string,
   ): Promise<Record<string, unknown>>;
 }
 
@@ -181,12 +182,16 @@ export async function startGateway(
     rmSync(dir, { recursive: true, force: true });
     if (owned) await Promise.all([dropRedisPrefix(prefix), dropSchema(schema)]);
   });
-  const waitForLog = (pred: (l: Record<string, unknown>) => boolean, timeoutMs = 15000) => {
+  const waitForLog = (
+    pred: (l: Record<string, unknown>) => boolean,
+    timeoutMs = 15000,
+    what = 'log line',
+  ) => {
     const found = logs.find(pred);
     if (found) return Promise.resolve(found);
     return new Promise<Record<string, unknown>>((resolve, reject) => {
       const timer = setTimeout(
-        () => reject(new Error(`log line not seen; stderr: ${stderr.slice(-2000)}`)),
+        () => reject(new Error(`${what} not seen within ${timeoutMs} ms; stderr: ${stderr.slice(-2000)}`)),
         timeoutMs,
       );
       waiters.push({
@@ -196,9 +201,7 @@ export async function startGateway(
           resolve(l);
         },
       });
-      exited.then((code) =>
-        reject(new Error(`gateway exited (${code}) before the log line; stderr: ${stderr}`)),
-      );
+      exited.then((code) => reject(new Error(`gateway exited (${code}) before ${what}; stderr: ${stderr}`)));
     });
   };
   // Each worker of a multi-process gateway starts after the one before it serves (cluster.ts),

@@ -1,5 +1,5 @@
 /** A gateway's `/metrics`, read as text and as values by series (`name{labels}`). */
-import { fetchWithin } from './deadline.ts';
+import { fetchWithin, until } from './deadline.ts';
 
 export interface Scrape {
   text: string;
@@ -16,4 +16,12 @@ export async function scrapeMetrics(port: number): Promise<Scrape> {
     values.set(line.slice(0, i), Number(line.slice(i + 1)));
   }
   return { text, value: (series) => values.get(series) ?? 0 };
+}
+
+/**
+ * Waits until the gateway's hash pool holds at least `n` jobs (a login or register being
+ * verified): a test's cue that a request is in its hash.
+ */
+export async function untilHashJobs(port: number, n: number, what: string): Promise<void> {
+  await until(what, async () => (await scrapeMetrics(port)).value('gateway_hash_jobs') >= n, undefined, 10);
 }
