@@ -185,7 +185,7 @@ export async function startGateway(
   const waitForLog = (
     pred: (l: Record<string, unknown>) => boolean,
     timeoutMs = 15000,
-    what = 'log line',
+    what = 'the log line',
   ) => {
     const found = logs.find(pred);
     if (found) return Promise.resolve(found);
