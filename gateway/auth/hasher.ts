@@ -11,14 +11,20 @@
  * the jobs waiting for a thread, whatever the estimate says. `check()` lets a request that
  * will hash be refused before its other work.
  *
- * The queue is strictly FIFO (piscina's `stricterFIFO`): by default piscina puts a task it
- * cannot dispatch yet back at the tail, so under sustained load queued jobs overtake each other
- * and some wait several times the estimate.
+ * The queue is the hasher's own, strictly FIFO, and piscina is given a job only when one of its
+ * threads is free. (Piscina's own queue, even with `stricterFIFO`, cannot tell a job whose
+ * requester went: `abortSignal` removes a queued task but ends the thread of a running one.)
+ * When a thread frees, the next job's requester is asked whether it is still there (its
+ * `gone`): a login whose device closed its connection, or whose HTTP request was aborted, while
+ * it waited is dropped with `RequesterGone` and costs no hash. In a reconnect storm, devices
+ * that give up on a slow login and try again would otherwise have the pool verify each of their
+ * passwords once per try, and the tries that nobody waits for delay those that somebody does.
  */
 
 import { Piscina } from 'piscina';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { ProtocolError } from '../../protocol/index.ts';
+import { RequesterGone } from '../faults.ts';
 
 export interface Argon2Params {
   /** KiB (default 19456 = 19 MiB, OWASP's argon2id minimum). */
@@ -66,6 +72,8 @@ export interface HasherStats {
   expectedWaitMs: number;
   admitted: number;
   rejected: number;
+  /** Admitted jobs dropped before a thread took them, their requester gone. */
+  abandoned: number;
   /** The largest expected wait any admitted job was admitted with, ms. */
   admittedWaitMaxMs: number;
   /** Nice value the last job's thread ran at (undefined before a job, or if it could not be set). */
@@ -73,6 +81,19 @@ export interface HasherStats {
 }
 
 const WORKER = new URL('../../workers/password-hash.worker.mjs', import.meta.url).href;
+
+/**
+ * True once the job's requester is gone (RequestContext.gone): asked when a thread is free for
+ * the job, not after.
+ */
+export type Gone = () => boolean;
+
+interface Job {
+  task: Record<string, unknown>;
+  gone: Gone | undefined;
+  resolve: (out: Record<string, unknown>) => void;
+  reject: (e: unknown) => void;
+}
 
 /** Weight of the newest run time in the EWMA. */
 const EWMA_ALPHA = 0.2;
@@ -87,7 +108,13 @@ export class Hasher {
   private runMs: number | undefined;
   private admitted = 0;
   private rejected = 0;
+  private abandoned = 0;
   private admittedWaitMaxMs = 0;
+  /** Admitted jobs waiting for a thread, oldest first (from `head`). */
+  private waiting: (Job | undefined)[] = [];
+  private head = 0;
+  /** Jobs handed to piscina: at most one per thread. */
+  private running = 0;
   private nice: number | undefined;
   private jobSeconds: Histogram | undefined;
   /** When the last job finished, and whether every thread stayed busy after it. */
@@ -106,9 +133,8 @@ export class Hasher {
       // new isolate and running at the process's priority until it renices itself, and the
       // CPU of an ended thread leaves /proc's per-thread figures. A minute keeps them.
       idleTimeout: 60_000,
-      stricterFIFO: true,
+      // Given at most one job per thread (see `pump`), so piscina's own queue stays empty.
       maxThreads: options.threads,
-      maxQueue: options.maxQueue,
       // The worker is plain JS: no TypeScript loader needed in the threads.
       execArgv: [],
       workerData: { nice: options.nice ?? 0 },
@@ -145,6 +171,7 @@ export class Hasher {
       expectedWaitMs: this.expectedWaitMs(),
       admitted: this.admitted,
       rejected: this.rejected,
+      abandoned: this.abandoned,
       admittedWaitMaxMs: this.admittedWaitMaxMs,
       nice: this.nice,
     };
@@ -196,7 +223,7 @@ export class Hasher {
     });
     new Counter({
       name: 'gateway_hash_jobs_total',
-      help: 'Password hash jobs by admission: admitted, or refused as overloaded.',
+      help: 'Password hash jobs by admission: admitted, or refused as overloaded; abandoned counts admitted jobs dropped before a thread took them because their requester went.',
       labelNames: ['outcome'],
       registers: [registry],
       collect() {
@@ -204,6 +231,7 @@ export class Hasher {
         this.reset();
         this.labels('admitted').inc(st.admitted);
         this.labels('overloaded').inc(st.rejected);
+        this.labels('abandoned').inc(st.abandoned);
       },
     });
   }
@@ -259,40 +287,68 @@ export class Hasher {
     this.runMs = this.runMs === undefined ? sample : this.runMs + EWMA_ALPHA * (sample - this.runMs);
   }
 
-  private async run<T>(task: Record<string, unknown>): Promise<T> {
+  private async run<T>(task: Record<string, unknown>, gone?: Gone): Promise<T> {
     this.admit();
     const t0 = performance.now();
     try {
-      const { ms, nice, ...out } = (await this.pool.run({ ...task, params: this.options.params })) as T & {
-        ms: number;
-        nice: number | undefined;
-      };
+      const { ms, nice, ...out } = (await new Promise<Record<string, unknown>>((resolve, reject) => {
+        this.waiting.push({ task: { ...task, params: this.options.params }, gone, resolve, reject });
+        this.pump();
+      })) as T & { ms: number; nice: number | undefined };
       this.nice = nice;
       this.sample(ms);
       this.jobSeconds?.observe((performance.now() - t0) / 1000);
       return out as T;
-    } catch (e) {
-      if (/queue is at limit/i.test((e as Error).message)) {
-        this.admitted--;
-        throw this.overloaded('too many password checks waiting');
-      }
-      throw e;
     } finally {
       this.jobs--;
     }
   }
 
-  async hash(password: string): Promise<{ hash: string; threadId: number }> {
-    return this.run({ op: 'hash', password });
+  /**
+   * Hands waiting jobs to piscina while a thread is free, oldest first; drops those whose
+   * requester went while they waited.
+   */
+  private pump(): void {
+    while (this.running < this.options.threads && this.head < this.waiting.length) {
+      const job = this.waiting[this.head] as Job;
+      this.waiting[this.head++] = undefined;
+      if (this.head > 1024 && this.head * 2 > this.waiting.length) {
+        this.waiting = this.waiting.slice(this.head);
+        this.head = 0;
+      }
+      if (job.gone?.()) {
+        this.abandoned++;
+        job.reject(new RequesterGone('it went while its password waited for a hash thread'));
+        continue;
+      }
+      this.running++;
+      this.pool.run(job.task).then(
+        (out: Record<string, unknown>) => {
+          this.running--;
+          this.pump();
+          job.resolve(out);
+        },
+        (e: unknown) => {
+          this.running--;
+          this.pump();
+          job.reject(e);
+        },
+      );
+    }
   }
 
-  async verify(password: string, hash: string): Promise<VerifyResult> {
-    const r = await this.run<VerifyResult>({ op: 'verify', password, hash });
+  /** `gone`: the requester's; the job is dropped with `RequesterGone` if it went first. */
+  async hash(password: string, gone?: Gone): Promise<{ hash: string; threadId: number }> {
+    return this.run({ op: 'hash', password }, gone);
+  }
+
+  async verify(password: string, hash: string, gone?: Gone): Promise<VerifyResult> {
+    const r = await this.run<VerifyResult>({ op: 'verify', password, hash }, gone);
     if (r.hashed) return r;
     // A stored value no password matches (an account made by email code keeps an unusable
     // marker; a damaged row): the worker answered at once. The same full verify as an unknown
     // user's follows, so that the answer's timing does not tell such an account apart.
-    const dummy = await this.run<VerifyResult>({ op: 'verify', password, hash: await this.dummy() });
+    const dummy = await this.run<VerifyResult>({ op: 'verify', password, hash: await this.dummy() }, gone);
     return { ...dummy, ok: false, rehash: false };
   }
 
@@ -300,8 +356,8 @@ export class Hasher {
    * A full verify against a fixed hash, for logins of unknown users: the reply and its timing
    * do not reveal whether the account exists.
    */
-  async dummyVerify(password: string): Promise<void> {
-    await this.verify(password, await this.dummy());
+  async dummyVerify(password: string, gone?: Gone): Promise<void> {
+    await this.verify(password, await this.dummy(), gone);
   }
 
   /** The fixed hash of `dummyVerify`; made again if making it failed (e.g. `overloaded`). */

@@ -13,7 +13,8 @@
  *   connections and transports. A refused attempt takes nothing, and is told to come back in
  *   about one verification when only attempts in flight fill the budget.
  * - A login whose requester went (`RequestContext.gone`) while its password was verified starts
- *   no session.
+ *   no session; one (or a registration) whose requester went while it waited for a hash thread
+ *   is not hashed at all (hasher.ts).
  * - Refresh tokens are single use; presenting a used one ends the whole session
  *   (`refresh_reused`), and every node kicks that session's connection. A refresh retried within
  *   `refreshGraceSeconds` while the successor is unused gets the same successor pair
@@ -76,7 +77,8 @@ export interface RequestContext {
    * True once the requester is gone (its connection closed, its HTTP request aborted). A login
    * or resume then starts or touches no session: nobody would get its tokens, and one with a
    * device id would take the device's live session (on the connection the device made since)
-   * from it. Without it, the requester is taken to be there.
+   * from it. A login or registration still waiting for a hash thread is dropped unhashed.
+   * Without it, the requester is taken to be there.
    */
   gone?: () => boolean;
 }
@@ -320,7 +322,8 @@ export class IdentityService {
       this.deps.metrics?.authResult(operation, 'ok');
       return out;
     } catch (e) {
-      this.deps.metrics?.authResult(operation, e instanceof ProtocolError ? e.code : 'error');
+      const result = e instanceof ProtocolError ? e.code : e instanceof RequesterGone ? 'abandoned' : 'error';
+      this.deps.metrics?.authResult(operation, result);
       throw e;
     }
   }
@@ -345,7 +348,8 @@ export class IdentityService {
     const email = this.normalizeEmail(req.email);
     this.checkPassword(req.password);
     const fullName = this.checkFullName(req.fullName);
-    const { hash } = await this.deps.hasher.hash(req.password);
+    // Not hashed (and nothing created) if the requester went while the job waited for a thread.
+    const { hash } = await this.deps.hasher.hash(req.password, ctx.gone);
     if (req.username !== undefined) {
       const userId = await this.insertUser(req.username, email, hash, fullName);
       this.deps.log.info({ userId }, 'user registered');
@@ -482,10 +486,11 @@ export class IdentityService {
     let ok = false;
     let rehash = false;
     try {
-      if (user) ({ ok, rehash } = await this.deps.hasher.verify(req.password, user.password_hash));
-      else await this.deps.hasher.dummyVerify(req.password);
+      // A login whose requester went while it waited for a hash thread is dropped there, unhashed.
+      if (user) ({ ok, rehash } = await this.deps.hasher.verify(req.password, user.password_hash, ctx.gone));
+      else await this.deps.hasher.dummyVerify(req.password, ctx.gone);
     } catch (e) {
-      // Not verified (e.g. `overloaded`): the reservations are given back.
+      // Not verified (`overloaded`, or the requester went): the reservations are given back.
       await Promise.all([account.release(), ip.release()]).catch(() => {});
       throw e;
     }
@@ -510,7 +515,7 @@ export class IdentityService {
     // another connection meanwhile would have its new session taken over by this one.
     if (ctx.gone?.()) throw new RequesterGone('its connection closed before the password was verified');
     if (rehash) {
-      const { hash } = await this.deps.hasher.hash(req.password);
+      const { hash } = await this.deps.hasher.hash(req.password, ctx.gone);
       await this.deps.pool.query('UPDATE users SET password_hash = $2 WHERE id = $1', [user.id, hash]);
       this.deps.log.info({ userId: user.id }, 'password hash upgraded to argon2id');
     }

@@ -1099,3 +1099,32 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
   assert.deepEqual(loud, [], 'no other warning or error in the outage');
   c.ack(eids);
 });
+
+test("a login refused by its address's spent budget is answered rate_limited while PostgreSQL is stopped: it costs no query", async () => {
+  // The address's point is reserved before the account is looked up, so a refused login (a
+  // fleet behind one address in a burst, or guesses past the budget) costs one Redis call and
+  // no PostgreSQL query. With PostgreSQL stopped, a login that queried it would be answered
+  // `overloaded` (as in the outage tests above) instead of `rate_limited`.
+  const g = await ownNode({ GW_DEFAULT_ROOM: '', GW_IP_FAILURE_BUDGET: '2' });
+  const c = await connected(g.tcpUrl);
+  closers.push(() => c.close());
+  const s = await signUp(c);
+  const login = async (password: string) => {
+    try {
+      await c.request('login', { username: s.username, password }, { timeoutMs: DEADLINE_MS });
+      return { code: 'ok' };
+    } catch (e) {
+      return e as { code: string; retryAfter?: number };
+    }
+  };
+  for (let i = 0; i < 2; i++)
+    assert.equal((await login('wrong password')).code, 'invalid_credentials', `wrong login ${i + 1}`);
+  await pg.stop();
+  try {
+    const refused = await login(PASSWORD);
+    assert.equal(refused.code, 'rate_limited', `the address's budget is spent: ${JSON.stringify(refused)}`);
+    assert.ok((refused.retryAfter ?? 0) > 60_000, `retryAfter is the window's end: ${refused.retryAfter}`);
+  } finally {
+    await pg.start();
+  }
+});

@@ -20,7 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
-import { untilHashJobs } from '../helpers/metrics.ts';
+import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { codeOf, type SmtpSink, startSmtpSink } from '../helpers/smtp-sink.ts';
 
@@ -898,6 +898,65 @@ describe('a connection that closes while its login is under way', () => {
       assert.ok(who, 'the live connection still answers as its session');
       assert.deepEqual(kicks, [], 'the live connection was not kicked');
       await live.close();
+    } finally {
+      await g.stop();
+    }
+  });
+
+  test('logins whose connections close while they wait for a hash thread are not hashed', async () => {
+    // A device that gives up on a slow login and tries again would otherwise have its password
+    // verified once per try, and the tries nobody waits for delay the logins somebody does.
+    // One hash thread and a slow hash (~1 s here): the first login holds the thread while the
+    // others wait behind it.
+    const g = await startGateway({
+      ARGON2_MEMORY_KIB: '65536',
+      ARGON2_ITERATIONS: '24',
+      GW_HASH_THREADS: '1',
+      GW_HASH_MAX_WAIT_MS: '600000',
+      GW_DEFAULT_ROOM: '',
+    });
+    try {
+      const username = newName();
+      const setup = await connected(g.tcpUrl);
+      await setup.request('register', { username, email: `${username}@example.com`, password: PASSWORD });
+      await setup.close();
+      const before = await scrapeMetrics(g.metricsPort);
+
+      const first = await connected(g.tcpUrl);
+      const firstLogin = wire(first, 'login', { username, password: PASSWORD });
+      await untilHashJobs(g.metricsPort, 1, 'the first login in the hash pool');
+      const waiting = await Promise.all([1, 2, 3].map(() => connected(g.tcpUrl)));
+      for (const c of waiting) c.request('login', { username, password: PASSWORD }).catch(() => {});
+      await untilHashJobs(g.metricsPort, 4, 'the three other logins waiting for the hash thread');
+      for (const c of waiting) c.destroy();
+
+      assert.equal((await firstLogin).code, 'ok', 'the login whose connection stayed is answered');
+      const abandoned = () =>
+        g.logs.filter((l) => l.msg === 'login' && l.username === username && l.result === 'abandoned').length;
+      await until(() => abandoned() >= 3, 'the three closed logins to be logged abandoned');
+      await until(
+        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') === 0,
+        'the hash pool to be empty',
+      );
+      const after = await scrapeMetrics(g.metricsPort);
+      const delta = (s: string) => after.value(s) - before.value(s);
+      // Before, all four were hashed: nothing was dropped.
+      assert.equal(
+        delta('gateway_hash_jobs_total{outcome="abandoned"}'),
+        3,
+        'the three closed logins were dropped',
+      );
+      assert.equal(
+        delta('gateway_hash_jobs_total{outcome="admitted"}'),
+        4,
+        'all four logins had been admitted',
+      );
+      assert.equal(
+        delta('gateway_hash_job_seconds_count'),
+        1,
+        'only the login whose connection stayed was hashed',
+      );
+      await first.close();
     } finally {
       await g.stop();
     }

@@ -1,10 +1,12 @@
 /**
  * The hash pool's admission by expected wait, in process: jobs finish in the order they were
- * admitted, none is admitted past the bound, and a refusal's `retryAfter` covers the drain time.
+ * admitted, none is admitted past the bound, a refusal's `retryAfter` covers the drain time, and
+ * a job whose requester went while it waited for a thread is dropped unhashed.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { Hasher } from '../../gateway/auth/hasher.ts';
+import { RequesterGone } from '../../gateway/faults.ts';
 import type { ProtocolError } from '../../protocol/index.ts';
 
 const PARAMS = { memoryCost: 4096, timeCost: 1, parallelism: 1 };
@@ -21,6 +23,42 @@ test('admitted hash jobs finish in the order they were submitted (strict FIFO)',
       order.toSorted((a, b) => a - b),
       'one thread: jobs finish in submission order',
     );
+  } finally {
+    await h.close();
+  }
+});
+
+test('a job whose requester went while it waited for a thread is dropped unhashed; one already running finishes', async () => {
+  const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
+  try {
+    await h.ready;
+    const { hash } = await h.hash('pw');
+    const before = h.stats();
+    // One thread: the first job takes it at once, the other three wait behind it.
+    const went = [false, false, false, false];
+    const jobs = went.map((_, i) =>
+      h
+        .verify('pw', hash, () => went[i])
+        .then(
+          (r) => ({ i, ok: r.ok }),
+          (e: unknown) => ({ i, error: e }),
+        ),
+    );
+    // The requesters of the running job and of two waiting ones go; the last waiting one stays.
+    went[0] = true;
+    went[1] = true;
+    went[2] = true;
+    const out = await Promise.all(jobs);
+    assert.deepEqual(out[0], { i: 0, ok: true }, 'the running job finishes: its hash is under way');
+    for (const i of [1, 2]) {
+      const e = (out[i] as { error?: unknown }).error;
+      assert.ok(e instanceof RequesterGone, `waiting job ${i} is dropped with RequesterGone: ${String(e)}`);
+    }
+    assert.deepEqual(out[3], { i: 3, ok: true }, 'the job whose requester stayed is verified after them');
+    const st = h.stats();
+    assert.equal(st.abandoned - before.abandoned, 2, 'two jobs abandoned');
+    assert.equal(st.admitted - before.admitted, 4, 'all four were admitted');
+    assert.equal(st.jobs, 0, 'every job has left the pool');
   } finally {
     await h.close();
   }
