@@ -70,6 +70,15 @@ export class RequesterGone extends Error {
   }
 }
 
+/**
+ * True when `e` says a Redis command was refused before it was written (ioredis with its
+ * offline queue off, while disconnected): Redis never ran it, so running it again later cannot
+ * apply it twice. A timeout or a connection closed under a command says nothing of the kind.
+ */
+export function neverSent(e: unknown): boolean {
+  return e instanceof Error && /^Stream isn't writeable/.test(e.message);
+}
+
 /** True when `e` says a dependency is unavailable or too slow (not a bug, not a bad request). */
 export function isDependencyFault(e: unknown, depth = 0): boolean {
   if (!e || typeof e !== 'object' || depth > 3) return false;

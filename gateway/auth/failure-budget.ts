@@ -25,9 +25,17 @@
  * window's end. Otherwise it is the window's end (or the lock's). Attempts in flight are counted
  * per key beside the budget (`Prl:<name>-inflight:<key>`, with a TTL, so that those of a
  * process that died are forgotten).
+ *
+ * A settlement Redis refused unsent (it was down when the attempt was verified) is owed, and
+ * sent again by `settleOwed` (before the next reservation, and from the node's sweep) for as
+ * long as its attempt would count as in flight. Before, the points of the attempts verified
+ * during a Redis outage stayed as failures for the rest of the window: a fleet behind one
+ * address, logging in when Redis restarted, found its address refused for up to a whole
+ * window once their in-flight marks had expired, though none of them had failed.
  */
 import type { Redis } from 'ioredis';
 import { type ErrorCode, ProtocolError } from '../../protocol/index.ts';
+import { neverSent } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 
 /** How long an attempt in flight is counted at most: longer than a verification can take. */
@@ -128,10 +136,21 @@ export interface Reservation {
   release(): Promise<void>;
 }
 
+/** A settlement Redis refused unsent, to be sent again. */
+interface Owed {
+  count: string;
+  inFlight: string;
+  how: 'give' | 'fail' | 'clear';
+  /** When its attempt was reserved (ms): owed until its in-flight mark would have expired. */
+  reservedAt: number;
+}
+
 export class FailureBudget {
   private readonly redis: BudgetRedis;
   private readonly countPrefix: string;
   private readonly inFlightPrefix: string;
+  private owed: Owed[] = [];
+  private settling: Promise<number> | undefined;
 
   constructor(
     redis: Redis,
@@ -152,10 +171,13 @@ export class FailureBudget {
    * with `retryAfter`, nothing taken. Redis errors are thrown as they are.
    */
   async reserve(key: string): Promise<Reservation> {
-    const { points, durationSeconds, lockWhenSpent } = this.options;
+    const { points, durationSeconds } = this.options;
     const count = this.countPrefix + key;
     const inFlight = this.inFlightPrefix + key;
     const windowMs = durationSeconds * 1000;
+    // What an outage left owed first, so that this attempt is not refused for points it holds.
+    if (this.owed.length > 0) await this.settleOwed();
+    const reservedAt = Date.now();
     const [taken, n, ttl, flying] = await this.redis.gwBudgetReserve(
       count,
       inFlight,
@@ -168,15 +190,12 @@ export class FailureBudget {
     const settle = async (how: 'give' | 'fail' | 'clear') => {
       if (settled) return false;
       settled = true;
-      const locked = await this.redis.gwBudgetSettle(
-        count,
-        inFlight,
-        how,
-        points,
-        windowMs,
-        lockWhenSpent ? '1' : '0',
-      );
-      return locked === 1;
+      try {
+        return await this.send(count, inFlight, how);
+      } catch (e) {
+        if (neverSent(e)) this.owed.push({ count, inFlight, how, reservedAt });
+        throw e;
+      }
     };
     return {
       // The failure that spends the budget (the failures alone, not the attempts still in
@@ -191,6 +210,62 @@ export class FailureBudget {
         await settle('give');
       },
     };
+  }
+
+  private async send(count: string, inFlight: string, how: Owed['how']): Promise<boolean> {
+    const { points, durationSeconds, lockWhenSpent } = this.options;
+    const locked = await this.redis.gwBudgetSettle(
+      count,
+      inFlight,
+      how,
+      points,
+      durationSeconds * 1000,
+      lockWhenSpent ? '1' : '0',
+    );
+    return locked === 1;
+  }
+
+  get name(): string {
+    return this.options.name;
+  }
+
+  /** Settlements owed since an outage (see the header). */
+  get owedCount(): number {
+    return this.owed.length;
+  }
+
+  /**
+   * Sends the owed settlements again, oldest first; keeps those Redis refuses unsent again,
+   * drops those past their in-flight time and those whose outcome is unknown (a timeout: Redis
+   * may run it yet). One run at a time; resolves to the number settled.
+   */
+  settleOwed(now = Date.now()): Promise<number> {
+    if (this.settling) return this.settling;
+    if (this.owed.length === 0) return Promise.resolve(0);
+    const run = async () => {
+      const owed = this.owed;
+      this.owed = [];
+      let settled = 0;
+      for (let i = 0; i < owed.length; i++) {
+        const o = owed[i];
+        if (now - o.reservedAt >= IN_FLIGHT_TTL_MS) continue;
+        try {
+          await this.send(o.count, o.inFlight, o.how);
+          settled++;
+        } catch (e) {
+          if (neverSent(e)) {
+            // Still down: this one and the rest wait for the next try.
+            this.owed = owed.slice(i).concat(this.owed);
+            break;
+          }
+        }
+      }
+      return settled;
+    };
+    this.settling = run().finally(() => {
+      this.settling = undefined;
+    });
+    return this.settling;
   }
 
   /** The refusal of a reservation: `count` taken, `flying` of them in flight. */

@@ -277,6 +277,7 @@ export async function createAuthModule(
     directory,
     async start(gateway: Gateway) {
       hasher.registerMetrics(gateway.metrics);
+      gateway.onSweep((now) => service.settleOwed(now));
       gateway.onActivity = (sid) => activity.touch(sid);
       const ctx = (conn: Connection) => ({
         ip: conn.ip,

@@ -137,6 +137,7 @@ export class IdentityService {
    */
   private readonly otpFailures: FailureBudget;
   private readonly endedHooks: SessionEndedHook[] = [];
+  private owedTriedAt = 0;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -207,6 +208,25 @@ export class IdentityService {
    * Runs whenever a session ends, on the node that ended it: to purge its outbox, or on a
    * takeover to move it to the successor.
    */
+  /**
+   * From the node's sweep: sends again the failure budgets' settlements Redis refused unsent
+   * during an outage (failure-budget.ts), at most once a second while some are owed.
+   */
+  settleOwed(now: number): void {
+    if (now - this.owedTriedAt < 1000) return;
+    for (const budget of [this.ipFailures, this.accountFailures, this.otpFailures]) {
+      if (budget.owedCount === 0) continue;
+      this.owedTriedAt = now;
+      void budget.settleOwed(now).then((settled) => {
+        if (settled > 0)
+          this.deps.log.info(
+            { budget: budget.name, settled, owed: budget.owedCount },
+            'login budget settlements sent after a Redis outage',
+          );
+      });
+    }
+  }
+
   onSessionEnded(hook: SessionEndedHook): void {
     this.endedHooks.push(hook);
   }

@@ -14,7 +14,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
-import { scrapeMetrics } from '../helpers/metrics.ts';
+import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -1127,4 +1127,54 @@ test("a login refused by its address's spent budget is answered rate_limited whi
   } finally {
     await pg.start();
   }
+});
+
+test("logins verified while Redis is stopped leave no point of their address's budget behind: the next login after the outage is let in", async () => {
+  // A fleet behind one address logging in when Redis restarts. Each login reserves a point of
+  // the address's budget before its hash; the settlement after the hash found Redis down.
+  // Before, those points stayed: counted as in flight for two minutes, then as failures for
+  // the rest of the window, so the address was refused though no login had failed.
+  const g = await ownNode({
+    GW_DEFAULT_ROOM: '',
+    GW_IP_FAILURE_BUDGET: '2',
+    // A slow hash (~1 s here), so that Redis is stopped while both logins are verified.
+    ARGON2_MEMORY_KIB: '65536',
+    ARGON2_ITERATIONS: '24',
+    GW_HASH_MAX_WAIT_MS: '600000',
+  });
+  const c = await connected(g.tcpUrl);
+  closers.push(() => c.close());
+  const s = await signUp(c);
+  const login = async (client: GatewayClient) => {
+    try {
+      await client.request('login', { username: s.username, password: PASSWORD }, { timeoutMs: 30000 });
+      return { code: 'ok' };
+    } catch (e) {
+      return e as { code: string; retryAfter?: number };
+    }
+  };
+  const fleet = await Promise.all([0, 1].map(() => connected(g.tcpUrl)));
+  for (const d of fleet) closers.push(() => d.close());
+  const during = fleet.map((d) => login(d));
+  await untilHashJobs(g.metricsPort, 2, 'both logins in the hash pool');
+  const from = g.logs.length;
+  await redis.kill('SIGTERM');
+  try {
+    const answers = await within('the two logins verified with Redis stopped', Promise.all(during), 30000);
+    for (const a of answers)
+      assert.equal(a.code, 'overloaded', `no session without Redis: ${JSON.stringify(a)}`);
+  } finally {
+    await redis.start();
+  }
+  await within(
+    'the dependency recovered line',
+    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000, 'dependency recovered'),
+    31000,
+  );
+  const after = await login(c);
+  assert.equal(
+    after.code,
+    'ok',
+    `the address's budget holds no point of the outage: ${JSON.stringify(after)}`,
+  );
 });

@@ -1,0 +1,91 @@
+/**
+ * A failure budget's settlements that Redis refused unsent during an outage
+ * (gateway/auth/failure-budget.ts): owed, and sent once Redis is back, before the next
+ * reservation; dropped once their attempt would no longer count as in flight. In process,
+ * against a private Redis this file stops and starts, with the gateway's bounded client
+ * options (no offline queue).
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { FailureBudget, IN_FLIGHT_TTL_MS } from '../../gateway/auth/failure-budget.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { until } from '../helpers/deadline.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+let own: OwnRedis;
+let redis: Redis;
+let n = 0;
+
+before(async () => {
+  own = await startOwnRedis(['--appendonly', 'yes']);
+  redis = new Redis(own.url, {
+    connectTimeout: 1000,
+    commandTimeout: 1000,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+  });
+  redis.on('error', () => {});
+  await until('the client to connect', () => redis.status === 'ready', 15000);
+});
+after(async () => {
+  redis?.disconnect();
+  await own?.remove();
+});
+
+/** A budget of 3 under a prefix of its own, and what Redis holds for `key`. */
+function budget() {
+  const keys = new Keys(`fb${n++}:`);
+  const b = new FailureBudget(redis, keys, {
+    name: 'login-ip',
+    points: 3,
+    durationSeconds: 900,
+    lockWhenSpent: false,
+    code: 'rate_limited',
+    retryHintMs: () => 100,
+  });
+  const held = async (key: string) => {
+    const [count, inFlight] = await redis.mget(
+      `${keys.rateLimit('login-ip')}:${key}`,
+      `${keys.rateLimit('login-ip-inflight')}:${key}`,
+    );
+    return { count: Number(count ?? 0), inFlight: Number(inFlight ?? 0) };
+  };
+  return { b, held };
+}
+
+/** Two attempts reserved, then verified while Redis is stopped: both settlements owed. */
+async function reservedThroughAnOutage(b: FailureBudget, key: string): Promise<void> {
+  const attempts = await Promise.all([b.reserve(key), b.reserve(key)]);
+  await own.kill('SIGTERM');
+  try {
+    const settled = await Promise.allSettled([attempts[0].succeeded(), attempts[1].release()]);
+    for (const s of settled) assert.equal(s.status, 'rejected', 'a settlement fails while Redis is stopped');
+    assert.equal(b.owedCount, 2, 'both settlements are owed');
+    assert.equal(await b.settleOwed(), 0, 'nothing is settled while Redis is stopped');
+    assert.equal(b.owedCount, 2, 'still owed while Redis is stopped');
+  } finally {
+    await own.start();
+  }
+  await until('the client to reconnect', () => redis.status === 'ready', 15000);
+}
+
+test('settlements refused while Redis was stopped are sent before the next reservation', async () => {
+  const { b, held } = budget();
+  await reservedThroughAnOutage(b, 'a');
+  // Kept by the append-only file through the restart: the two points and their marks.
+  assert.deepEqual(await held('a'), { count: 2, inFlight: 2 }, 'the outage left two points');
+  const next = await b.reserve('a');
+  assert.equal(b.owedCount, 0, 'nothing owed after the reservation');
+  // Before, 3 and 3: the next two attempts would have been refused.
+  assert.deepEqual(await held('a'), { count: 1, inFlight: 1 }, "only the new attempt's point is held");
+  await next.succeeded();
+});
+
+test('an owed settlement past its in-flight time is dropped, not sent', async () => {
+  const { b, held } = budget();
+  await reservedThroughAnOutage(b, 'b');
+  assert.equal(await b.settleOwed(Date.now() + IN_FLIGHT_TTL_MS), 0, 'nothing sent');
+  assert.equal(b.owedCount, 0, 'dropped');
+  assert.deepEqual(await held('b'), { count: 2, inFlight: 2 }, 'the points stay as they were');
+});
