@@ -10,7 +10,7 @@ import { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
-import { type Scrape, scrapeMetrics } from '../helpers/metrics.ts';
+import { type Scrape, scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -190,15 +190,7 @@ test('a request in flight when the drain starts is answered before the going_awa
     );
     void kicked.then(() => order.push('kick'));
     // Signal once the login is hashing (its request taken, its answer not yet sent).
-    await until(
-      'the login in the hash pool',
-      async () => {
-        const text = await (await fetchWithin(`http://127.0.0.1:${gw.metricsPort}/metrics`)).text();
-        return /^gateway_hash_jobs [1-9]/m.test(text);
-      },
-      20_000,
-      5,
-    );
+    await untilHashJobs(gw.metricsPort, 1, 'the login in the hash pool', 20_000);
     gw.proc.kill('SIGTERM');
     await within('the login to settle', login, 40_000);
     await kicked;

@@ -22,6 +22,6 @@ export async function scrapeMetrics(port: number): Promise<Scrape> {
  * Waits until the gateway's hash pool holds at least `n` jobs (a login or register being
  * verified): a test's cue that a request is in its hash.
  */
-export async function untilHashJobs(port: number, n: number, what: string): Promise<void> {
-  await until(what, async () => (await scrapeMetrics(port)).value('gateway_hash_jobs') >= n, undefined, 10);
+export async function untilHashJobs(port: number, n: number, what: string, ms?: number): Promise<void> {
+  await until(what, async () => (await scrapeMetrics(port)).value('gateway_hash_jobs') >= n, ms, 10);
 }
