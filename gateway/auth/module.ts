@@ -277,7 +277,7 @@ export async function createAuthModule(
     directory,
     async start(gateway: Gateway) {
       hasher.registerMetrics(gateway.metrics);
-      gateway.onSweep((now) => service.settleOwed(now));
+      gateway.onSweep((now) => service.sweep(now));
       gateway.onActivity = (sid) => activity.touch(sid);
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
@@ -368,6 +368,7 @@ export async function createAuthModule(
     },
     async close() {
       await activity.close();
+      await service.close();
       await relay.stop();
       await hasher.close();
       mailer?.close();

@@ -43,6 +43,7 @@ import type { GatewayMetrics } from '../metrics.ts';
 import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
+import { LastSeen } from './last-seen.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
 import { type LiveSession, SessionStore, type SessionView } from './session-store.ts';
@@ -138,6 +139,8 @@ export class IdentityService {
   private readonly otpFailures: FailureBudget;
   private readonly endedHooks: SessionEndedHook[] = [];
   private owedTriedAt = 0;
+  /** Resumes' times for PostgreSQL's records, written in batches off their path. */
+  readonly lastSeen: LastSeen;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -162,6 +165,7 @@ export class IdentityService {
   ) {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
+    this.lastSeen = new LastSeen(deps.pool, deps.log);
     const limiter = (name: string, points: number, duration: number, blockDuration = 0) =>
       new RateLimiterRedis({
         storeClient: deps.redis,
@@ -209,10 +213,24 @@ export class IdentityService {
    * takeover to move it to the successor.
    */
   /**
-   * From the node's sweep: sends again the failure budgets' settlements Redis refused unsent
-   * during an outage (failure-budget.ts), at most once a second while some are owed.
+   * From the node's sweep: the resumes' last-seen times (last-seen.ts), and the failure
+   * budgets' settlements owed since a Redis outage.
    */
-  settleOwed(now: number): void {
+  sweep(now: number): void {
+    this.lastSeen.tick(now);
+    this.settleOwed(now);
+  }
+
+  /** At shutdown: writes the last-seen times still pending. */
+  close(): Promise<void> {
+    return this.lastSeen.close();
+  }
+
+  /**
+   * Sends again the failure budgets' settlements Redis refused unsent during an outage
+   * (failure-budget.ts), at most once a second while some are owed.
+   */
+  private settleOwed(now: number): void {
     if (now - this.owedTriedAt < 1000) return;
     for (const budget of [this.ipFailures, this.accountFailures, this.otpFailures]) {
       if (budget.owedCount === 0) continue;
@@ -676,15 +694,15 @@ export class IdentityService {
       if (!session || session.userId !== claims.userId) throw new ProtocolError('session_revoked');
       a = { ...claims, username: session.username, session };
       device = session.device;
-      if (device?.id) {
-        await this.claimDevice(a.userId, device);
-        await this.store.extendDevice(a.sessionId, device.id);
-      }
+      // No PostgreSQL: the device's ownership was checked when the session started, and a
+      // device id never changes owner (last-seen.ts). Before, the claim's upsert ran again and
+      // also set the device's name, model and firmware back to this session's, however old.
+      if (device?.id) await this.store.extendDevice(a.sessionId, device.id);
     }
-    await this.deps.pool.query('UPDATE sessions SET last_seen_at = now(), ip = $2 WHERE id = $1', [
-      a.sessionId,
-      ctx.ip,
-    ]);
+    // Written in a batch off the resume's path, so that a resume needs PostgreSQL only when
+    // it names a device to claim.
+    this.lastSeen.session(a.sessionId, ctx.ip);
+    if (device?.id) this.lastSeen.device(device.id);
     if (device?.id) await this.takeOverDevice(a.userId, device.id, a.sessionId);
     const { token, expiresAt } = await this.deps.tokens.issue(a.userId, a.sessionId);
     return {

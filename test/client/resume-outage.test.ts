@@ -1,8 +1,9 @@
 /**
- * The reconnection's resume against a gateway whose PostgreSQL is frozen (a private server of
- * this file): the gateway answers `resume` with `overloaded` and `retryAfter`, and the client
- * keeps its session and tries the resume again after it, until PostgreSQL is back. Only a
- * definitive answer (here `session_revoked`) drops the session, and the client says so.
+ * The reconnection's resume against a gateway whose Redis is frozen (a private server of this
+ * file): the gateway answers `resume` with `overloaded` and `retryAfter`, and the client keeps
+ * its session and tries the resume again after it, until Redis is back. Only a definitive
+ * answer (here `session_revoked`) drops the session, and the client says so. (A resume needs no
+ * PostgreSQL: this file froze PostgreSQL until a resume stopped waiting for it.)
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -10,25 +11,21 @@ import { GatewayClient, type Session } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
-import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
-let pg: OwnPostgres;
+let redis: OwnRedis;
 let gw: GatewayProcess;
 
 before(async () => {
-  pg = await startOwnPostgres();
-  gw = await startGateway({
-    DATABASE_URL: pg.url,
-    GW_DB_QUERY_TIMEOUT_MS: '500',
-    GW_DB_CONNECT_TIMEOUT_MS: '500',
-  });
+  redis = await startOwnRedis();
+  gw = await startGateway({ REDIS_URL: redis.url, GW_REDIS_TIMEOUT_MS: '500' });
 });
 after(async () => {
   await gw?.stop();
-  await pg?.remove();
+  await redis?.remove();
 });
 
-test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the session comes back after the thaw', async () => {
+test('a resume answered overloaded (Redis frozen) is tried again, and the session comes back after the thaw', async () => {
   const c = new GatewayClient({ url: gw.tcpUrl, reconnect: { initialDelayMs: 100, maxDelayMs: 1000 } });
   await within('the handshake', c.connect());
   try {
@@ -42,25 +39,23 @@ test('a resume answered overloaded (PostgreSQL frozen) is tried again, and the s
     const reconnected = nextEvent<Session | undefined>(
       c,
       'reconnected',
-      'the session resumed once PostgreSQL is back',
+      'the session resumed once Redis is back',
       40_000,
     );
-    pg.freeze();
+    redis.freeze();
     try {
       c.destroy();
-      // PostgreSQL stays frozen until a resume was answered overloaded: a fixed 6 s could end
+      // Redis stays frozen until a resume was answered overloaded: a fixed 6 s could end
       // before a busy machine had reconnected and had the answer.
-      await until('a resume answered overloaded while PostgreSQL is frozen', () =>
-        errors.includes('overloaded'),
-      );
+      await until('a resume answered overloaded while Redis is frozen', () => errors.includes('overloaded'));
     } finally {
-      pg.thaw();
+      redis.thaw();
     }
     const resumed = await reconnected;
     assert.equal(resumed?.sessionId, s.sessionId, `the original session resumed (errors: ${errors})`);
     assert.ok(
       errors.includes('overloaded'),
-      `the frozen database's resume was answered overloaded: ${errors}`,
+      `the resume was answered overloaded while Redis was frozen: ${errors}`,
     );
     assert.equal(lost, false, 'the session was never reported lost');
     const sessions = await within(

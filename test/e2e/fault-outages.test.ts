@@ -12,6 +12,7 @@ import type { GatewayClient } from '../../client/client.ts';
 import { connectPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { query } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
@@ -1176,5 +1177,57 @@ test("logins verified while Redis is stopped leave no point of their address's b
     after.code,
     'ok',
     `the address's budget holds no point of the outage: ${JSON.stringify(after)}`,
+  );
+});
+
+test("a device's session resumes while PostgreSQL is stopped, and gets its events; its last-seen time is written once PostgreSQL is back", async () => {
+  // A fleet that reconnects during a database failover. Before, a resume ran the device's
+  // ownership upsert and the session row's update on its path, and was answered `overloaded`
+  // until PostgreSQL came back.
+  const g = await ownNode({ GW_DEFAULT_ROOM: '' });
+  const first = await connected(g.tcpUrl);
+  closers.push(() => first.close());
+  const deviceId = `dev-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  const s = await signUp(first, { id: deviceId });
+  const seenAt = async () => {
+    const r = await query(
+      g.schema,
+      `SELECT (SELECT last_seen_at FROM sessions WHERE id = $1) AS s, (SELECT last_seen FROM devices WHERE id = $2) AS d`,
+      [s.sessionId, deviceId],
+      pg.url,
+    );
+    return { session: (r.rows[0].s as Date).getTime(), device: (r.rows[0].d as Date).getTime() };
+  };
+  const before = await seenAt();
+  first.destroy();
+  const pub = await connectPublisher({ redisUrl: redis.url, prefix: g.prefix });
+  closers.push(() => pub.close());
+  let resumedAt = 0;
+  await pg.stop();
+  try {
+    const back = await connected(g.tcpUrl);
+    closers.push(() => back.close());
+    resumedAt = Date.now();
+    await within('the resume with PostgreSQL stopped', back.request('resume', { token: s.token }));
+    const got = nextEvent<EventMsg>(back, 'event', 'the event published to the device', DEADLINE_MS);
+    await within(
+      'a publish to the device',
+      pub.publish({ device: deviceId }, { name: 'while-pg-down', data: {} }),
+    );
+    assert.equal((await got).name, 'while-pg-down', 'the resumed device gets its event');
+  } finally {
+    await pg.start();
+  }
+  const after = await until(
+    'the last-seen times written once PostgreSQL is back',
+    async () => {
+      const t = await seenAt().catch(() => undefined);
+      return t && t.session > before.session && t.device > before.device ? t : undefined;
+    },
+    30000,
+  );
+  assert.ok(
+    after.session >= resumedAt - 1000,
+    `the session's time is the resume's: ${JSON.stringify({ after, resumedAt })}`,
   );
 });

@@ -39,8 +39,13 @@ export async function dropSchema(schema: string): Promise<void> {
 }
 
 /** A query against a test's schema. */
-export async function query(schema: string, sql: string, params: unknown[] = []): Promise<pg.QueryResult> {
-  const c = new pg.Client({ connectionString: DATABASE_URL, options: `-c search_path=${schema}` });
+export async function query(
+  schema: string,
+  sql: string,
+  params: unknown[] = [],
+  url = DATABASE_URL,
+): Promise<pg.QueryResult> {
+  const c = new pg.Client({ connectionString: url, options: `-c search_path=${schema}` });
   await c.connect();
   try {
     return await c.query(sql, params);

@@ -1,0 +1,134 @@
+/**
+ * When a session and a device were last resumed, for PostgreSQL's records (`sessions.last_seen_at`
+ * and `ip`, `devices.last_seen`), written off the resume's path: `session` and `device` cost a
+ * Map set, and `tick` (the node's sweep) writes what was noted, at most once per `everyMs`, in one
+ * statement per table for the whole batch.
+ *
+ * So a token `resume` needs no PostgreSQL: a fleet that reconnects while PostgreSQL is down or
+ * frozen (a failover, a restart) gets its sessions back from Redis, and a reconnect storm of N
+ * devices costs PostgreSQL a few statements a second instead of N to 2N. (The device's ownership
+ * needs no check at a resume of the session's own device: it was checked when the session
+ * started, and a device id never changes owner.) What is noted and not yet written is kept
+ * through an outage, newest time per row, up to `maxPending` rows (beyond, the oldest noted are
+ * dropped, and counted in the log line); a process that dies loses at most one interval of it.
+ * These columns are records for operators: no code reads them back.
+ */
+import type pg from 'pg';
+import { logFailure } from '../faults.ts';
+import type { Logger } from '../log.ts';
+
+interface SessionSeen {
+  ip: string;
+  at: number;
+}
+
+export class LastSeen {
+  private sessions = new Map<string, SessionSeen>();
+  private devices = new Map<string, number>();
+  private writing: Promise<void> | undefined;
+  private lastWriteAt = 0;
+  private dropped = 0;
+
+  constructor(
+    private readonly pool: pg.Pool,
+    private readonly log: Logger,
+    private readonly everyMs = 1000,
+    private readonly maxPending = 100_000,
+  ) {}
+
+  /** A session resumed from `ip` now. */
+  session(sessionId: string, ip: string, at = Date.now()): void {
+    this.sessions.delete(sessionId);
+    this.sessions.set(sessionId, { ip, at });
+    this.bound(this.sessions);
+  }
+
+  /** A device's session resumed now. */
+  device(deviceId: string, at = Date.now()): void {
+    this.devices.delete(deviceId);
+    this.devices.set(deviceId, at);
+    this.bound(this.devices);
+  }
+
+  /** Rows noted and not yet written. */
+  get pending(): number {
+    return this.sessions.size + this.devices.size;
+  }
+
+  /** From the node's sweep: writes what was noted if `everyMs` has passed since the last write. */
+  tick(now: number): void {
+    if (this.writing || this.pending === 0 || now - this.lastWriteAt < this.everyMs) return;
+    this.lastWriteAt = now;
+    void this.flush();
+  }
+
+  /** Writes what was noted (one write at a time); a failed write keeps it for the next. */
+  flush(): Promise<void> {
+    this.writing ??= this.write().finally(() => {
+      this.writing = undefined;
+    });
+    return this.writing;
+  }
+
+  private bound<V>(m: Map<string, V>): void {
+    // Oldest noted first (a Map keeps insertion order, and a row noted again moves to the end).
+    while (m.size > this.maxPending) {
+      m.delete(m.keys().next().value as string);
+      this.dropped++;
+    }
+  }
+
+  private async write(): Promise<void> {
+    const sessions = this.sessions;
+    const devices = this.devices;
+    this.sessions = new Map();
+    this.devices = new Map();
+    try {
+      if (sessions.size > 0) {
+        const ids: string[] = [];
+        const ips: string[] = [];
+        const ats: number[] = [];
+        for (const [id, s] of sessions) {
+          ids.push(id);
+          ips.push(s.ip);
+          ats.push(s.at / 1000);
+        }
+        // Never back in time: a row another node wrote later keeps its time.
+        await this.pool.query(
+          `UPDATE sessions s SET last_seen_at = to_timestamp(v.at), ip = v.ip
+           FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, ip, at)
+           WHERE s.id = v.id AND s.last_seen_at < to_timestamp(v.at)`,
+          [ids, ips, ats],
+        );
+        sessions.clear();
+      }
+      if (devices.size > 0) {
+        await this.pool.query(
+          `UPDATE devices d SET last_seen = to_timestamp(v.at)
+           FROM unnest($1::text[], $2::float8[]) AS v(id, at)
+           WHERE d.id = v.id AND d.last_seen < to_timestamp(v.at)`,
+          [[...devices.keys()], [...devices.values()].map((at) => at / 1000)],
+        );
+        devices.clear();
+      }
+    } catch (e) {
+      // Kept for the next write, unless noted again since (the newer time wins).
+      for (const [id, s] of sessions) if (!this.sessions.has(id)) this.sessions.set(id, s);
+      for (const [id, at] of devices) if (!this.devices.has(id)) this.devices.set(id, at);
+      this.bound(this.sessions);
+      this.bound(this.devices);
+      logFailure(
+        this.log,
+        e,
+        { pending: this.pending, dropped: this.dropped },
+        'last-seen times not written yet',
+      );
+    }
+  }
+
+  /** Writes what is pending (at shutdown); a failure is logged, not thrown. */
+  async close(): Promise<void> {
+    await this.flush();
+    if (this.pending > 0) await this.flush();
+  }
+}

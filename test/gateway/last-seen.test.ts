@@ -1,0 +1,150 @@
+/**
+ * Resumes' last-seen times written in batches off their path (gateway/auth/last-seen.ts): one
+ * statement per table for a batch, never back in time, and kept through a PostgreSQL outage
+ * until it is back. A private PostgreSQL this file stops and starts, with the project's
+ * migrations in a schema of its own.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { createDb, type Db } from '../../gateway/auth/db.ts';
+import { LastSeen } from '../../gateway/auth/last-seen.ts';
+import { migrate } from '../../gateway/auth/migrate.ts';
+import { createLogger } from '../../gateway/log.ts';
+import { captureLog } from '../helpers/log-capture.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+
+const SCHEMA = 'gwtest_lastseen';
+let own: OwnPostgres;
+let db: Db;
+
+before(async () => {
+  own = await startOwnPostgres();
+  await migrate({ url: own.url, schema: SCHEMA, direction: 'up' });
+  db = createDb({
+    url: own.url,
+    schema: SCHEMA,
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 1000,
+    queryTimeoutMs: 2000,
+    max: 2,
+  });
+  // Idle clients report the server's stop (the gateway's pool handles them too: auth/module.ts).
+  db.pool.on('error', () => {});
+});
+after(async () => {
+  await db?.pool.end().catch(() => {});
+  await own?.remove();
+});
+
+/** A user with `n` sessions and devices, seen an hour ago. */
+async function fleet(n: number) {
+  const userId = randomUUID();
+  await db.pool.query(`INSERT INTO users (id, username, email, password_hash) VALUES ($1, $2, $3, 'x')`, [
+    userId,
+    `u${userId.slice(0, 8)}`,
+    `${userId}@example.com`,
+  ]);
+  const sessions = Array.from({ length: n }, () => randomUUID());
+  const devices = sessions.map((s) => `dev-${s}`);
+  for (let i = 0; i < n; i++) {
+    await db.pool.query(
+      `INSERT INTO sessions (id, user_id, device_id, ip, last_seen_at) VALUES ($1, $2, $3, '10.0.0.1', now() - interval '1 hour')`,
+      [sessions[i], userId, devices[i]],
+    );
+    await db.pool.query(
+      `INSERT INTO devices (id, owner, last_seen) VALUES ($1, $2, now() - interval '1 hour')`,
+      [devices[i], userId],
+    );
+  }
+  const rows = async () => {
+    const s = await db.pool.query('SELECT id, ip, last_seen_at FROM sessions WHERE id = ANY($1)', [sessions]);
+    const d = await db.pool.query('SELECT id, last_seen FROM devices WHERE id = ANY($1)', [devices]);
+    return {
+      sessions: new Map(
+        s.rows.map((r) => [r.id as string, { ip: r.ip as string, at: (r.last_seen_at as Date).getTime() }]),
+      ),
+      devices: new Map(d.rows.map((r) => [r.id as string, (r.last_seen as Date).getTime()])),
+    };
+  };
+  return { sessions, devices, rows };
+}
+
+test('what is noted is written in one statement per table, newest time per row, never back in time', async () => {
+  const { lines, stream } = captureLog();
+  const seen = new LastSeen(db.pool, createLogger('debug', {}, stream));
+  const f = await fleet(50);
+  const at = Date.now();
+  for (let i = 0; i < 50; i++) {
+    seen.session(f.sessions[i], '10.0.0.2', at - 5000);
+    seen.session(f.sessions[i], '10.0.0.3', at); // the later resume wins
+    seen.device(f.devices[i], at);
+  }
+  // One row is newer in PostgreSQL already (another node wrote it): kept.
+  await db.pool.query(
+    `UPDATE sessions SET last_seen_at = now() + interval '1 hour', ip = '10.9.9.9' WHERE id = $1`,
+    [f.sessions[0]],
+  );
+  let queries = 0;
+  const query = db.pool.query.bind(db.pool);
+  db.pool.query = ((...args: Parameters<typeof query>) => {
+    queries++;
+    return query(...args);
+  }) as typeof db.pool.query;
+  try {
+    assert.equal(seen.pending, 100);
+    await seen.flush();
+  } finally {
+    db.pool.query = query;
+  }
+  assert.equal(queries, 2, 'one statement per table');
+  assert.equal(seen.pending, 0, 'nothing left');
+  const rows = await f.rows();
+  assert.equal(rows.sessions.get(f.sessions[0])?.ip, '10.9.9.9', 'a newer row is not moved back');
+  for (let i = 1; i < 50; i++) {
+    assert.deepEqual(rows.sessions.get(f.sessions[i]), { ip: '10.0.0.3', at }, `session ${i}`);
+    assert.equal(rows.devices.get(f.devices[i]), at, `device ${i}`);
+  }
+  assert.deepEqual(lines, [], 'nothing logged');
+});
+
+test('a write that fails while PostgreSQL is stopped is kept, and made once it is back', async () => {
+  const { lines, stream } = captureLog();
+  const seen = new LastSeen(db.pool, createLogger('debug', {}, stream), 0);
+  const f = await fleet(3);
+  await own.stop();
+  const at = Date.now();
+  try {
+    for (let i = 0; i < 3; i++) {
+      seen.session(f.sessions[i], '10.0.0.4', at);
+      seen.device(f.devices[i], at);
+    }
+    await seen.flush();
+    assert.equal(seen.pending, 6, 'kept after the failed write');
+    // Noted again during the outage: the newer time is the one written.
+    seen.session(f.sessions[0], '10.0.0.5', at + 1000);
+    await seen.flush();
+    assert.equal(seen.pending, 6, 'kept after the second failed write');
+  } finally {
+    await own.start();
+  }
+  await seen.flush();
+  assert.equal(seen.pending, 0, 'written once PostgreSQL is back');
+  const rows = await f.rows();
+  assert.deepEqual(rows.sessions.get(f.sessions[0]), { ip: '10.0.0.5', at: at + 1000 }, 'the newest noted');
+  for (let i = 1; i < 3; i++)
+    assert.deepEqual(rows.sessions.get(f.sessions[i]), { ip: '10.0.0.4', at }, `session ${i}`);
+  for (let i = 0; i < 3; i++) assert.equal(rows.devices.get(f.devices[i]), at, `device ${i}`);
+  const failed = lines.filter((l) => l.msg === 'last-seen times not written yet');
+  assert.ok(failed.length >= 2, `each failed write logged: ${JSON.stringify(lines)}`);
+  assert.ok(
+    failed.every((l) => (l.level as number) <= 20),
+    'a dependency fault is logged at debug (the outage itself is reported once by the monitor)',
+  );
+});
+
+test('past its bound, the oldest noted rows are dropped', async () => {
+  const seen = new LastSeen(db.pool, createLogger('silent', {}), 1000, 3);
+  for (let i = 0; i < 5; i++) seen.device(`d${i}`);
+  assert.equal(seen.pending, 3);
+});
