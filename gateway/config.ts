@@ -78,15 +78,15 @@ const SETTINGS = {
   ),
   nodeId: setting(
     'GW_NODE_ID',
-    '`<hostname>-<pid>`',
-    "This gateway node's id: sent in `welcome.node`, used in presence and logs. With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start of the supervisor (a restarted process is a new node). A process started under an id Redis still holds sweeps what the earlier process left before it serves (waiting up to `GW_PRESENCE_STALE_MS` while its beat is fresh); one started under the id of a live process refuses to start (`node_id_in_use`, exit 1), and of processes started at the same moment under one id exactly one starts. Never give two running processes one id.",
+    '`<hostname>-<pid>-<start>`',
+    "This gateway node's id: sent in `welcome.node`, used in presence and logs. The default ends with the process's start time (base 36 ms), so that a container restarted after a crash, whose hostname and pid are those of its previous life, is a new node and serves at once (the dead one is swept as any dead node is). With `GW_PROCESSES` > 1 each process is a node `<id>-w<n>`, n counting every start of the supervisor (a restarted process is a new node). A process started under an id Redis still holds (a fixed id) sweeps what the earlier process left before it serves (waiting up to `GW_PRESENCE_STALE_MS` while its beat is fresh); one started under the id of a live process refuses to start (`node_id_in_use`, exit 1), and of processes started at the same moment under one id exactly one starts. Never give two running processes one id.",
     z
       .string()
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, 'must be 1-64 of [A-Za-z0-9_.-]')
       .default(
         `${hostname()
           .replace(/[^A-Za-z0-9_.-]/g, '-')
-          .slice(0, 40)}-${process.pid}`,
+          .slice(0, 40)}-${process.pid}-${Math.round(performance.timeOrigin).toString(36)}`,
       ),
   ),
   heartbeatMs: setting(

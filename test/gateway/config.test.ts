@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { CONFIG_ENV_NAMES, ConfigError, configMarkdown, loadConfig } from '../../gateway/config.ts';
@@ -52,4 +53,38 @@ test('GW_TRUSTED_PROXIES: a list of addresses; anything else is a problem naming
     (e: unknown) =>
       e instanceof ConfigError && /GW_TRUSTED_PROXIES.*not an IP address: lb\.internal/.test(e.message),
   );
+});
+
+test('the default node id differs between two processes with the same hostname and pid (a container restarted)', (t) => {
+  // A container restarted after a crash keeps its hostname, and its process gets the pid it had
+  // (PID 1, or the same one under an init): two PID namespaces stand for the two lives. Under
+  // the old default `<hostname>-<pid>` both had one id, and the second start watched the dead
+  // one's beat for up to GW_PRESENCE_STALE_MS before it served.
+  const run = () =>
+    spawnSync(
+      'unshare',
+      [
+        '--pid',
+        '--fork',
+        '--mount-proc',
+        process.execPath,
+        '--import',
+        'tsx',
+        '-e',
+        "import('./gateway/config.ts').then((m) => console.log(JSON.stringify([process.pid, m.loadConfig({}).nodeId])))",
+      ],
+      { encoding: 'utf8', timeout: 30_000 },
+    );
+  const first = run();
+  if (first.status !== 0) {
+    t.skip(`no PID namespace here (unshare needs root): ${first.stderr.trim().split('\n')[0]}`);
+    return;
+  }
+  const second = run();
+  assert.equal(second.status, 0, second.stderr);
+  const [pid1, id1] = JSON.parse(first.stdout) as [number, string];
+  const [pid2, id2] = JSON.parse(second.stdout) as [number, string];
+  assert.equal(pid1, pid2, 'the same pid in both lives');
+  assert.notEqual(id1, id2, `two lives, two node ids: ${id1}, ${id2}`);
+  assert.match(id1, /^[A-Za-z0-9_.-]{1,64}$/);
 });
