@@ -232,14 +232,8 @@ export async function createAuthModule(
   };
 
   const operations: AuthOperations = {
-    async register(req, ctx) {
-      hasher.check();
-      return service.register(req, ctx).finally(() => relay.kick());
-    },
-    async login(req, ctx) {
-      hasher.check();
-      return service.login(req, ctx);
-    },
+    register: (req, ctx) => service.register(req, ctx).finally(() => relay.kick()),
+    login: (req, ctx) => service.login(req, ctx),
     refresh: (req, ctx) => service.refresh(req, ctx),
     logout: (req, ctx) => service.logout(req, ctx),
     validate: (req) => service.validate(req),
@@ -284,7 +278,8 @@ export async function createAuthModule(
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
         gone: () => conn.state >= ConnState.closing,
       });
-      // Requests that hash are refused before any other work while the hash pool is full.
+      // Requests that hash are refused before any other work while the hash pool is full (the
+      // identity service asks the pool first).
       gateway.handle('register', (conn, m: Msg) => operations.register(m as never, ctx(conn)));
       gateway.handle('login', async (conn, m: Msg) =>
         bind(gateway, conn, await operations.login(m as never, ctx(conn))),

@@ -97,6 +97,8 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
     ),
   );
 
+  const LOGIN_OVERLOADED = 'gateway_auth_total\\{operation="login",result="overloaded"\\}';
+  const overloadedBefore = (await metric(LOGIN_OVERLOADED)) ?? 0;
   const answers: Promise<Answer>[] = [];
   const login = (i: number): Promise<Answer> => {
     const t0 = performance.now();
@@ -200,6 +202,14 @@ test('a login storm at 6x the hashing capacity: every login answered at once (ok
     assert.ok(h.status === 200 || h.status === 503, `HTTP login answered 200 or 503, not ${h.status}`);
     if (h.status === 503) assert.ok(Number(h.retryAfter) >= 1, 'a 503 carries Retry-After');
   }
+  // Every refusal is counted as the login's result. Before, those of the pool's first check
+  // (ahead of the identity service) were neither counted nor logged.
+  const refusedHere = rejected.length + httpGot.filter((h) => h.status === 503).length;
+  assert.equal(
+    ((await metric(LOGIN_OVERLOADED)) ?? 0) - overloadedBefore,
+    refusedHere,
+    'gateway_auth_total{operation="login",result="overloaded"} counts every overloaded login',
+  );
 
   for (const c of clients) c.destroy();
   device.destroy();
