@@ -115,6 +115,7 @@ export class Hasher {
   private head = 0;
   /** Jobs handed to piscina: at most one per thread. */
   private running = 0;
+  private closed = false;
   private nice: number | undefined;
   private jobSeconds: Histogram | undefined;
   /** When the last job finished, and whether every thread stayed busy after it. */
@@ -288,6 +289,7 @@ export class Hasher {
   }
 
   private async run<T>(task: Record<string, unknown>, gone?: Gone): Promise<T> {
+    if (this.closed) throw new Error('the password hash pool is closed');
     this.admit();
     const t0 = performance.now();
     try {
@@ -372,7 +374,13 @@ export class Hasher {
     return this.dummyHash;
   }
 
+  /** Ends the pool: jobs still waiting for a thread are refused, those running end with it. */
   close(): Promise<void> {
+    this.closed = true;
+    for (let i = this.head; i < this.waiting.length; i++)
+      this.waiting[i]?.reject(new Error('the password hash pool is closed'));
+    this.waiting = [];
+    this.head = 0;
     return this.pool.destroy();
   }
 }

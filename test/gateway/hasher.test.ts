@@ -104,3 +104,20 @@ test('a stored value that is no hash (an account made by email code) is answered
     await h.close();
   }
 });
+
+test('closing the pool refuses the jobs still waiting for a thread (none is left hanging)', async () => {
+  const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
+  await h.ready;
+  const { hash } = await h.hash('pw');
+  const jobs = Array.from({ length: 5 }, () => h.verify('pw', hash));
+  const settled = Promise.allSettled(jobs);
+  await h.close();
+  const out = await Promise.race([
+    settled,
+    new Promise<'hanging'>((r) => setTimeout(() => r('hanging'), 10_000).unref()),
+  ]);
+  assert.notEqual(out, 'hanging', 'every job settles once the pool is closed');
+  const refused = (out as PromiseSettledResult<unknown>[]).filter((r) => r.status === 'rejected');
+  assert.ok(refused.length >= 4, `the waiting jobs are refused (${refused.length} of 5)`);
+  await assert.rejects(h.verify('pw', hash), /closed/, 'a job after the close is refused');
+});
