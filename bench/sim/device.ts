@@ -53,6 +53,8 @@ export class VirtualDevice {
   /** Logged in or resumed on the current connection. */
   private authed = false;
   private registered = false;
+  /** What the current (re)connection is doing: the step its errors are counted under. */
+  private step = 'connect';
   private dropping = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private failures = 0;
@@ -113,9 +115,10 @@ export class VirtualDevice {
     });
     c.on('event', (ev: EventMsg) => this.onEvent(ev));
     c.on('refreshed', () => m.refreshes++);
-    c.on('serverError', (e) => m.error(errorCode(e)));
-    c.on('protocolError', () => m.error('protocol_error'));
+    c.on('serverError', (e) => m.error(errorCode(e), 'server'));
+    c.on('protocolError', () => m.error('protocol_error', 'protocol'));
     c.on('close', (info: CloseInfo) => this.onClose(c, info));
+    this.step = 'connect';
     try {
       await c.connect();
       m.handshake.record(ctx.now() - (tOpen || t0));
@@ -127,10 +130,11 @@ export class VirtualDevice {
       m.authenticated++;
       this.failures = 0;
       const room = ctx.room(this.index);
+      this.step = 'join';
       if (room) await c.request('join', { room });
     } catch (e) {
       const code = errorCode(e);
-      m.error(code);
+      m.error(code, this.step);
       if (c !== this.client) return;
       // Another account holds this name or device id: retrying cannot help.
       if (PERMANENT.has(code)) this.gaveUp = true;
@@ -148,6 +152,7 @@ export class VirtualDevice {
   private async signIn(c: GatewayClient): Promise<void> {
     const { ctx } = this;
     if (!this.registered) {
+      this.step = 'register';
       const t = ctx.now();
       try {
         await c.request('register', {
@@ -160,10 +165,11 @@ export class VirtualDevice {
         // An earlier register may have gone through with its answer lost to a dropped
         // connection: the login below tells whether the account is this device's.
         if (!isProtocolError(e) || e.code !== 'username_taken') throw e;
-        ctx.metrics.error(e.code);
+        ctx.metrics.error(e.code, 'register');
       }
       this.registered = true;
     }
+    this.step = 'login';
     const t = ctx.now();
     this.session = await c.request<Session>('login', {
       username: this.username,
@@ -182,6 +188,7 @@ export class VirtualDevice {
     const { ctx } = this;
     const s = this.session!;
     if (this.refreshDoubt.holds(s.refresh)) ctx.metrics.refreshesInDoubt++;
+    this.step = 'resume';
     const t = ctx.now();
     try {
       this.session = await c.resume(s);
@@ -226,7 +233,7 @@ export class VirtualDevice {
     try {
       this.client.ack(eids);
     } catch (e) {
-      this.ctx.metrics.error(errorCode(e));
+      this.ctx.metrics.error(errorCode(e), 'ack');
     }
   }
 
@@ -243,7 +250,7 @@ export class VirtualDevice {
     }
     const dropped = this.dropping;
     this.dropping = false;
-    if (!dropped && !info.byClient) m.error(info.code ?? 'closed_by_server');
+    if (!dropped && !info.byClient) m.error(info.code ?? 'closed_by_server', 'connection');
     if (info.byClient) return;
     const wait = info.retryAfter !== undefined ? Math.min(info.retryAfter, 5000) : undefined;
     this.retryLater(wait);
@@ -296,7 +303,7 @@ export class VirtualDevice {
       this.ctx.metrics.devicePublish.record(this.ctx.now() - t);
       this.ctx.metrics.devicePublishes++;
     } catch (e) {
-      this.ctx.metrics.error(errorCode(e));
+      this.ctx.metrics.error(errorCode(e), 'publish');
     }
   }
 
@@ -307,7 +314,7 @@ export class VirtualDevice {
       await this.client!.request('say', { room, body });
       this.ctx.metrics.says++;
     } catch (e) {
-      this.ctx.metrics.error(errorCode(e));
+      this.ctx.metrics.error(errorCode(e), 'say');
     }
   }
 

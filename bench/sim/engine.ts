@@ -162,6 +162,8 @@ export interface SimReport {
   rejectedBy: Record<string, number>;
   backendScan: ReportScan | null;
   errors: Record<string, number>;
+  /** The errors by the step that met them (RunMetrics.errorsByStep). */
+  errorsByStep: Record<string, Record<string, number>>;
   /** Events delivered per second over the event phase and drain; published per second over the event phase. */
   throughput: { deliveredPerS: number; publishedPerS: number };
   /** From the producer's start (0, or when every device was in with `waitForFleet`) to the end of the drain. */
@@ -381,7 +383,7 @@ export class Simulation {
     let watch: BackendWatch | undefined;
     if (o.redisUrl && o.redisPrefix !== undefined) {
       watch = new BackendWatch(o.redisUrl, o.redisPrefix, `sim-${this.runId}-`, this.ledger, (e) =>
-        this.metrics.error(`backend_watch_${(e as { code?: string }).code ?? e.name}`),
+        this.metrics.error(`backend_watch_${(e as { code?: string }).code ?? e.name}`, 'backend'),
       );
       await Promise.race([watch.ready(), sleep(5000)]).catch(() => undefined);
     }
@@ -406,7 +408,7 @@ export class Simulation {
       // Bounded too: a fleet that does not get in within the time of the run plus a minute ends it.
       const deadline = this.now() + 60_000 + runEnd;
       while (!this.aborted && this.devices.some((d) => !d.ready) && this.now() < deadline) await sleep(50);
-      if (this.devices.some((d) => !d.ready)) this.metrics.error('fleet_not_ready');
+      if (this.devices.some((d) => !d.ready)) this.metrics.error('fleet_not_ready', 'fleet');
       this.fleetReadyS = this.now() / 1000;
       gwCpuEvents = o.gatewayPid ? processCpuMicros(o.gatewayPid) : null;
       ownCpuEvents = process.cpuUsage();
@@ -448,7 +450,7 @@ export class Simulation {
       try {
         backendScan = await readBackendReports(o.redisUrl, o.redisPrefix, `sim-${this.runId}-`, this.ledger);
       } catch (e) {
-        this.metrics.error(`backend_scan_${(e as Error).name}`);
+        this.metrics.error(`backend_scan_${(e as Error).name}`, 'backend');
       }
     }
     clearInterval(sampler);
@@ -498,6 +500,9 @@ export class Simulation {
       rejectedBy: { ...this.ledger.rejectedBy },
       backendScan,
       errors: { ...this.metrics.errors },
+      errorsByStep: Object.fromEntries(
+        Object.entries(this.metrics.errorsByStep).map(([step, byCode]) => [step, { ...byCode }]),
+      ),
       throughput: {
         deliveredPerS: tot.delivered / Math.max(0.001, (runMs - eventStart + drainMs) / 1000),
         publishedPerS: tot.published / Math.max(0.001, (runMs - eventStart) / 1000),

@@ -14,6 +14,12 @@ export class RunMetrics {
   /** Producer `POST /v1/events` round trip (a batch). */
   readonly httpPublish = new LatencyHistogram();
   readonly errors: Record<string, number> = {};
+  /**
+   * The same errors by the step that met them (`connect`, `register`, `login`, `resume`, `join`,
+   * `publish`, `say`, `ack`, `connection` for a close by the server, `server` for an error frame
+   * no request asked for, ...), so that a report tells a refused login from a refused register.
+   */
+  readonly errorsByStep: Record<string, Record<string, number>> = {};
   /** Errors of the current interval (reset by the caller). */
   intervalErrors = 0;
   reconnects = 0;
@@ -30,8 +36,10 @@ export class RunMetrics {
   says = 0;
   roomMessages = 0;
 
-  error(code: string): void {
+  error(code: string, step = 'other'): void {
     this.errors[code] = (this.errors[code] ?? 0) + 1;
+    const byCode = (this.errorsByStep[step] ??= {});
+    byCode[code] = (byCode[code] ?? 0) + 1;
     this.intervalErrors++;
   }
 

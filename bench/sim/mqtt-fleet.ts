@@ -69,7 +69,7 @@ class MqttDevice implements FleetDevice {
         ctx.ledger.received(eid, packet.dup ? 2 : 1, this.index, t);
         ctx.ledger.acked(eid, t);
       });
-      c.on('error', (e) => ctx.metrics.error(errorCode(e)));
+      c.on('error', (e) => ctx.metrics.error(errorCode(e), 'connection'));
       await new Promise<void>((resolve, reject) => {
         c.once('connect', () => resolve());
         c.once('error', reject);
@@ -86,7 +86,7 @@ class MqttDevice implements FleetDevice {
       this.ready = true;
       ctx.metrics.authenticated++;
     } catch (e) {
-      ctx.metrics.error(errorCode(e));
+      ctx.metrics.error(errorCode(e), 'connect');
       this.client?.end(true);
       if (!this.stopped && ctx.running()) this.reconnectIn(500 + this.rng() * 500);
     }
@@ -105,7 +105,7 @@ class MqttDevice implements FleetDevice {
     const dropped = this.dropping;
     this.dropping = false;
     if (this.stopped) return;
-    if (!dropped) m.error('closed_by_server');
+    if (!dropped) m.error('closed_by_server', 'connection');
     this.client = undefined;
     if (this.ctx.running()) this.reconnectIn(100 + this.rng() * 400);
   }
@@ -150,8 +150,8 @@ class MqttSink implements EventSink {
   private connected(): Promise<mqtt.MqttClient> {
     this.connecting ??= mqtt.connectAsync(this.url, { clientId: this.clientId, clean: true }).then((c) => {
       // A producer connection lost and re-made resends its unacked publishes (DUP): count it.
-      c.on('reconnect', () => this.sim.metrics.error('producer_reconnect'));
-      c.on('error', (e) => this.sim.metrics.error(`producer_${errorCode(e)}`));
+      c.on('reconnect', () => this.sim.metrics.error('producer_reconnect', 'producer'));
+      c.on('error', (e) => this.sim.metrics.error(`producer_${errorCode(e)}`, 'producer'));
       this.client = c;
       return c;
     });
@@ -164,7 +164,7 @@ class MqttSink implements EventSink {
     try {
       c = await this.connected();
     } catch (e) {
-      metrics.error(`publish_${errorCode(e)}`);
+      metrics.error(`publish_${errorCode(e)}`, 'producer');
       this.connecting = undefined;
       return;
     }
@@ -177,7 +177,7 @@ class MqttSink implements EventSink {
           await c.publishAsync(e.target, body, { qos: 1 });
           ledger.accepted(e.eid);
         } catch (err) {
-          metrics.error(`publish_${errorCode(err)}`);
+          metrics.error(`publish_${errorCode(err)}`, 'producer');
         }
       }),
     );

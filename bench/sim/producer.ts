@@ -79,23 +79,23 @@ export class HttpEventSink implements EventSink {
       this.metrics.httpPublish.record(this.now() - t);
       if (res.status !== 202 || !Array.isArray(body.results)) {
         const code = body.error?.code ?? `http_${res.status}`;
-        this.metrics.error(code);
+        this.metrics.error(code, 'producer');
         for (const e of events) this.ledger.rejected(e.eid, code);
         return;
       }
       for (const r of body.results) {
         if (r.error) {
-          this.metrics.error(r.error.code);
+          this.metrics.error(r.error.code, 'producer');
           this.ledger.rejected(r.eid, r.error.code);
         } else if ((r.accepted ?? 0) > 0) this.ledger.accepted(r.eid);
         else {
-          this.metrics.error('outbox_full');
+          this.metrics.error('outbox_full', 'producer');
           this.ledger.rejected(r.eid, 'outbox_full');
         }
       }
     } catch (e) {
       // The fate of these events is unknown: they stay "unanswered" (not lost, not rejected).
-      this.metrics.error(`publish_${errorCode(e)}`);
+      this.metrics.error(`publish_${errorCode(e)}`, 'producer');
     }
   }
 

@@ -52,6 +52,11 @@ export function textReport(r: SimReport): string {
     `throughput: delivered ${fmt(r.throughput.deliveredPerS)} events/s, published ${fmt(r.throughput.publishedPerS)} events/s`,
     `errors: ${kv(r.errors)}`,
   );
+  const steps = Object.entries(r.errorsByStep ?? {}).sort(
+    (a, b) => Object.values(b[1]).reduce((x, y) => x + y, 0) - Object.values(a[1]).reduce((x, y) => x + y, 0),
+  );
+  if (steps.length > 0)
+    lines.push(`errors by step: ${steps.map(([step, byCode]) => `${step} (${kv(byCode)})`).join(', ')}`);
   if (r.lost > 0)
     lines.push(`lost eids (first ${r.settlement.lostEids.length}): ${r.settlement.lostEids.join(' ')}`);
   lines.push('', 'latency (ms):', '');
@@ -201,6 +206,14 @@ export function htmlReport(r: SimReport): string {
     ['error code', 'count'],
     Object.entries(r.errors).sort((a, b) => b[1] - a[1]),
   );
+  const errorsByStep = htmlTable(
+    ['step', 'error code', 'count'],
+    Object.entries(r.errorsByStep ?? {})
+      .flatMap(([step, byCode]) =>
+        Object.entries(byCode).map(([code, n]) => [step, code, n] as [string, string, number]),
+      )
+      .sort((a, b) => b[2] - a[2]),
+  );
   const o = r.options;
   const chartDivs = charts
     .map(
@@ -233,6 +246,7 @@ section { margin-bottom: 1.5em; }
 ${summary}
 ${latency}
 ${errors}
+${errorsByStep}
 ${chartDivs}
 <script id="sim-data" type="application/json">${scriptSafe(JSON.stringify(data))}</script>
 <script>

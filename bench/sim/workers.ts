@@ -136,6 +136,14 @@ export function mergeReports(rs: SimReport[]): SimReport {
         }
       : null,
     errors: sumRecord((r) => r.errors),
+    errorsByStep: rs.reduce(
+      (acc, r) => {
+        for (const [step, byCode] of Object.entries(r.errorsByStep ?? {}))
+          acc[step] = add(acc[step] ?? {}, byCode);
+        return acc;
+      },
+      {} as Record<string, Record<string, number>>,
+    ),
     throughput: {
       deliveredPerS: sumBy(rs, (r) => r.throughput.deliveredPerS),
       publishedPerS: sumBy(rs, (r) => r.throughput.publishedPerS),

@@ -74,6 +74,11 @@ test('a device whose username belongs to someone else stops trying, with the err
     // No retry loop: the device gave up after the one attempt.
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal(ctx.metrics.errors.invalid_credentials, 1, JSON.stringify(ctx.metrics.errors));
+    assert.deepEqual(
+      ctx.metrics.errorsByStep,
+      { register: { username_taken: 1 }, login: { invalid_credentials: 1 } },
+      'each counted under the step that met it',
+    );
   } finally {
     stop();
     await within('the device to stop', d.stop());
@@ -96,6 +101,11 @@ test('a device told to retry later (rate_limited with retryAfter) waits that lon
     // several times (100 ms, 200 ms, 400 ms, ...); one that heeds retryAfter has not.
     await new Promise((r) => setTimeout(r, 3000));
     assert.equal(ctx.metrics.errors.rate_limited, 1, JSON.stringify(ctx.metrics.errors));
+    assert.deepEqual(
+      ctx.metrics.errorsByStep,
+      { register: { rate_limited: 1 } },
+      'a refused register is told apart from a refused login',
+    );
   } finally {
     stop();
     await within('the devices to stop', Promise.all([first.stop(), second.stop()]));

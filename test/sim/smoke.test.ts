@@ -94,6 +94,17 @@ function simulate(
   });
 }
 
+/** Every error of a report is counted once under a step: the two accounts agree. */
+function assertStepsAdd(
+  report: { errors: Record<string, number>; errorsByStep: Record<string, Record<string, number>> },
+  detail: string,
+) {
+  const summed: Record<string, number> = {};
+  for (const byCode of Object.values(report.errorsByStep))
+    for (const [code, n] of Object.entries(byCode)) summed[code] = (summed[code] ?? 0) + n;
+  assert.deepEqual(summed, report.errors, `errors by step add up to the errors\n${detail}`);
+}
+
 test('a short run with churn and withheld acks loses nothing, sees redeliveries, and writes its reports', async () => {
   const tcp = gw.tcpUrl.replace('tcp://', '');
   const r = await simulate(
@@ -146,6 +157,8 @@ test('a short run with churn and withheld acks loses nothing, sees redeliveries,
   assert.ok(report.devicePublishes > 0 && report.says > 0, detail);
   assert.ok(report.gateway.cpuSeconds > 0 && report.gateway.peakRssMb > 0, detail);
   assert.ok(report.backendScan && report.backendScan.scanned > 0, detail);
+  assertStepsAdd(report, detail);
+  if (Object.keys(report.errors).length > 0) assert.match(r.stdout, /^errors by step: /m, detail);
   console.log(r.stdout);
 });
 
@@ -269,6 +282,7 @@ test('--workers 2 splits the fleet over two processes and merges their accounts'
   assert.equal(report.latency.login.count, 11, detail);
   assert.equal(report.histograms, undefined);
   assert.ok(report.gateway.cpuSeconds > 0, detail);
+  assertStepsAdd(report, detail);
   assert.ok(
     report.series.length > 0 && report.series.some((p: { connected: number }) => p.connected > 5),
     detail,
