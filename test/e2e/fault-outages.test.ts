@@ -14,7 +14,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { query } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type GatewayProcess, SLOW_HASH_ENV, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -77,6 +77,19 @@ const isDown = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency down' && l.dependency === dependency;
 const isRecovered = (dependency: string) => (l: Record<string, unknown>) =>
   l.msg === 'dependency recovered' && l.dependency === dependency;
+
+/** Waits for `g`'s `dependency recovered` line of `dependency` logged after line `from`. */
+async function recoveredSince(g: GatewayProcess, from: number, dependency: string): Promise<void> {
+  await within(
+    'the dependency recovered line',
+    g.waitForLog(
+      (l) => g.logs.indexOf(l) >= from && isRecovered(dependency)(l),
+      30000,
+      'dependency recovered',
+    ),
+    31000,
+  );
+}
 
 async function tcpLogin(): Promise<{ ms: number; error?: { code: string; retryAfter?: number } }> {
   const c = await within('a TCP handshake', connected(gw.tcpUrl)).catch((e) => {
@@ -1078,11 +1091,7 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
   } finally {
     await redis.start();
   }
-  await within(
-    'the dependency recovered line',
-    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000, 'dependency recovered'),
-    31000,
-  );
+  await recoveredSince(g, from, 'redis');
   const eids = [...new Set(seen.map((e) => e.eid))];
   const before = seen.length;
   await until(
@@ -1135,14 +1144,8 @@ test("logins verified while Redis is stopped leave no point of their address's b
   // the address's budget before its hash; the settlement after the hash found Redis down.
   // Before, those points stayed: counted as in flight for two minutes, then as failures for
   // the rest of the window, so the address was refused though no login had failed.
-  const g = await ownNode({
-    GW_DEFAULT_ROOM: '',
-    GW_IP_FAILURE_BUDGET: '2',
-    // A slow hash (~1 s here), so that Redis is stopped while both logins are verified.
-    ARGON2_MEMORY_KIB: '65536',
-    ARGON2_ITERATIONS: '24',
-    GW_HASH_MAX_WAIT_MS: '600000',
-  });
+  // A slow hash, so that Redis is stopped while both logins are verified.
+  const g = await ownNode({ ...SLOW_HASH_ENV, GW_DEFAULT_ROOM: '', GW_IP_FAILURE_BUDGET: '2' });
   const c = await connected(g.tcpUrl);
   closers.push(() => c.close());
   const s = await signUp(c);
@@ -1167,11 +1170,7 @@ test("logins verified while Redis is stopped leave no point of their address's b
   } finally {
     await redis.start();
   }
-  await within(
-    'the dependency recovered line',
-    g.waitForLog((l) => g.logs.indexOf(l) >= from && isRecovered('redis')(l), 30000, 'dependency recovered'),
-    31000,
-  );
+  await recoveredSince(g, from, 'redis');
   const after = await login(c);
   assert.equal(
     after.code,

@@ -18,6 +18,7 @@ import {
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
+  SLOW_HASH_ENV,
   startGateway,
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
@@ -908,13 +909,7 @@ describe('a connection that closes while its login is under way', () => {
     // verified once per try, and the tries nobody waits for delay the logins somebody does.
     // One hash thread and a slow hash (~1 s here): the first login holds the thread while the
     // others wait behind it.
-    const g = await startGateway({
-      ARGON2_MEMORY_KIB: '65536',
-      ARGON2_ITERATIONS: '24',
-      GW_HASH_THREADS: '1',
-      GW_HASH_MAX_WAIT_MS: '600000',
-      GW_DEFAULT_ROOM: '',
-    });
+    const g = await startGateway({ ...SLOW_HASH_ENV, GW_HASH_THREADS: '1', GW_DEFAULT_ROOM: '' });
     try {
       const username = newName();
       const setup = await connected(g.tcpUrl);

@@ -15,6 +15,17 @@ import { freePort } from './net.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
+/**
+ * Settings for a hash of about a second here (argon2id, 64 MiB, 24 passes) that the pool admits
+ * however long the wait: a test's logins stay in the pool while it acts (closes their
+ * connections, stops Redis).
+ */
+export const SLOW_HASH_ENV = {
+  ARGON2_MEMORY_KIB: '65536',
+  ARGON2_ITERATIONS: '24',
+  GW_HASH_MAX_WAIT_MS: '600000',
+} as const;
+
 export interface GatewayProcess {
   proc: ChildProcess;
   tcpUrl: string;
