@@ -298,14 +298,25 @@ export async function startNode(
       await redis.ping();
       return undefined;
     });
-    gateway.onReadiness('postgres', async () => {
-      await identity.pool.query('SELECT 1');
-      return undefined;
-    });
-    gateway.onReadiness('migrations', async () => {
-      const pending = await pendingMigrations((sql, params) => identity.pool.query(sql, params));
-      return pending.length ? `pending: ${pending.join(', ')}` : undefined;
-    });
+    // PostgreSQL not answering leaves the node ready, degraded, unless GW_READY_REQUIRES_POSTGRES:
+    // resumes, refreshes, events and rooms go on without it. Pending migrations (an answer) fail.
+    const degrades = !config.readyRequiresPostgres;
+    gateway.onReadiness(
+      'postgres',
+      async () => {
+        await identity.pool.query('SELECT 1');
+        return undefined;
+      },
+      { degrades },
+    );
+    gateway.onReadiness(
+      'migrations',
+      async () => {
+        const pending = await pendingMigrations((sql, params) => identity.pool.query(sql, params));
+        return pending.length ? `pending: ${pending.join(', ')}` : undefined;
+      },
+      { degrades },
+    );
 
     // The gRPC server (GW_GRPC_PORT; off when 0): not ready when /health/ready is not, drained
     // with the device listeners, closed before the identity service it calls.

@@ -158,8 +158,14 @@ const SETTINGS = {
   readyTimeoutMs: setting(
     'GW_READY_TIMEOUT_MS',
     '1000',
-    'Deadline of each check of `/health/ready` (Redis, PostgreSQL, migrations); a slower one is not ready.',
+    'Deadline of each check of `/health/ready` (Redis, PostgreSQL, migrations); a slower one is not ready (or, for PostgreSQL, degraded: `GW_READY_REQUIRES_POSTGRES`).',
     int(50, 60_000).default(1000),
+  ),
+  readyRequiresPostgres: setting(
+    'GW_READY_REQUIRES_POSTGRES',
+    'false',
+    "Whether `/health/ready` fails (503) while PostgreSQL does not answer. `false`: the node stays ready (200) and names `postgres` under `degraded`, because without PostgreSQL it still serves resumes, refreshes, events, rooms and direct messages to usernames it knows, and answers logins and registrations `overloaded`; every node shares the one database, so a balancer that took them all out would only stop the devices that could have resumed. `true`: not ready, as while Redis is down (a global balancer that fails over to a region with a database of its own). Pending migrations fail readiness either way, and gRPC's health (the login API) is `NOT_SERVING` while PostgreSQL is down either way.",
+    bool.default(false),
   ),
   reconnectJitterMs: setting(
     'GW_RECONNECT_JITTER_MS',

@@ -82,6 +82,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   /** Shutdown started: `/health/ready` answers 503 from here on, `GW_DRAIN_DELAY_MS` before draining. */
   shuttingDown = false;
   private readonly readinessChecks = new Map<string, () => Promise<string | undefined>>();
+  /** Readiness checks whose dependency not answering degrades the node instead (onReadiness). */
+  private readonly degradingChecks = new Set<string>();
 
   private readonly config: Config;
   private readonly handlers = new Map<string, RegisteredHandler>();
@@ -175,10 +177,18 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
 
   /**
    * A check of `/health/ready`: resolves undefined when fine, or a short reason; a rejection
-   * or no answer within `GW_READY_TIMEOUT_MS` is not ready either.
+   * or no answer within `GW_READY_TIMEOUT_MS` is not ready either, unless `degrades`: then its
+   * dependency not answering leaves the node ready and names the check under `degraded` (a
+   * reason it resolves still fails readiness).
    */
-  onReadiness(name: string, check: () => Promise<string | undefined>): void {
+  onReadiness(
+    name: string,
+    check: () => Promise<string | undefined>,
+    options: { degrades?: boolean } = {},
+  ): void {
     this.readinessChecks.set(name, check);
+    if (options.degrades) this.degradingChecks.add(name);
+    else this.degradingChecks.delete(name);
   }
 
   /** Runs when a shutdown starts, as `/health/ready` turns 503 (before `GW_DRAIN_DELAY_MS`). */
@@ -385,21 +395,31 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     ms = this.config.readyTimeoutMs,
   ): Promise<{ ready: boolean; body: Record<string, unknown> }> {
     const checks: Record<string, string> = {};
+    /** Checks whose dependency did not answer (a rejection or the deadline), not a reason. */
+    const unanswered = new Set<string>();
     await Promise.all(
       [...this.readinessChecks].map(async ([name, check]) => {
         let timer: NodeJS.Timeout | undefined;
         const timeout = new Promise<string>((resolve) => {
-          timer = setTimeout(() => resolve(`no answer within ${ms} ms`), ms);
+          timer = setTimeout(() => {
+            unanswered.add(name);
+            resolve(`no answer within ${ms} ms`);
+          }, ms);
         });
         const outcome = check().then(
           (problem) => problem ?? 'ok',
-          (e: unknown) => (e as Error)?.message ?? String(e),
+          (e: unknown) => {
+            unanswered.add(name);
+            return (e as Error)?.message ?? String(e);
+          },
         );
         checks[name] = await Promise.race([outcome, timeout]);
         clearTimeout(timer);
       }),
     );
-    const failing = Object.keys(checks).filter((k) => checks[k] !== 'ok');
+    const notOk = Object.keys(checks).filter((k) => checks[k] !== 'ok');
+    const degraded = notOk.filter((k) => this.degradingChecks.has(k) && unanswered.has(k));
+    const failing = notOk.filter((k) => !degraded.includes(k));
     const shuttingDown = this.shuttingDown;
     const ready = !shuttingDown && failing.length === 0;
     return {
@@ -408,6 +428,7 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
         status: ready ? 'ready' : shuttingDown ? 'draining' : 'not_ready',
         node: this.nodeId,
         ...(failing.length ? { failing } : {}),
+        ...(degraded.length ? { degraded } : {}),
         checks,
       },
     };
