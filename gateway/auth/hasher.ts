@@ -110,9 +110,8 @@ export class Hasher {
   private rejected = 0;
   private abandoned = 0;
   private admittedWaitMaxMs = 0;
-  /** Admitted jobs waiting for a thread, oldest first (from `head`). */
-  private waiting: (Job | undefined)[] = [];
-  private head = 0;
+  /** Admitted jobs waiting for a thread, oldest first (at most `maxQueue`: admit's bound). */
+  private waiting: Job[] = [];
   /** Jobs handed to piscina: at most one per thread. */
   private running = 0;
   private closed = false;
@@ -311,13 +310,8 @@ export class Hasher {
    * requester went while they waited.
    */
   private pump(): void {
-    while (this.running < this.options.threads && this.head < this.waiting.length) {
-      const job = this.waiting[this.head] as Job;
-      this.waiting[this.head++] = undefined;
-      if (this.head > 1024 && this.head * 2 > this.waiting.length) {
-        this.waiting = this.waiting.slice(this.head);
-        this.head = 0;
-      }
+    while (this.running < this.options.threads && this.waiting.length > 0) {
+      const job = this.waiting.shift() as Job;
       if (job.gone?.()) {
         this.abandoned++;
         job.reject(new RequesterGone('it went while its password waited for a hash thread'));
@@ -377,10 +371,8 @@ export class Hasher {
   /** Ends the pool: jobs still waiting for a thread are refused, those running end with it. */
   close(): Promise<void> {
     this.closed = true;
-    for (let i = this.head; i < this.waiting.length; i++)
-      this.waiting[i]?.reject(new Error('the password hash pool is closed'));
+    for (const job of this.waiting) job.reject(new Error('the password hash pool is closed'));
     this.waiting = [];
-    this.head = 0;
     return this.pool.destroy();
   }
 }

@@ -124,6 +124,11 @@ if tries >= tonumber(ARGV[2]) then redis.call('DEL', KEYS[1]) return 'exhausted'
 return 'wrong'
 `;
 
+/** A failed request's result in the log and `gateway_auth_total`: its code, or what went. */
+function resultOf(e: unknown): string {
+  return e instanceof ProtocolError ? e.code : e instanceof RequesterGone ? 'abandoned' : 'error';
+}
+
 export class IdentityService {
   readonly store: SessionStore;
   private readonly accountFailures: FailureBudget;
@@ -140,7 +145,7 @@ export class IdentityService {
   private readonly endedHooks: SessionEndedHook[] = [];
   private owedTriedAt = 0;
   /** Resumes' times for PostgreSQL's records, written in batches off their path. */
-  readonly lastSeen: LastSeen;
+  private readonly lastSeen: LastSeen;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -209,10 +214,6 @@ export class IdentityService {
   }
 
   /**
-   * Runs whenever a session ends, on the node that ended it: to purge its outbox, or on a
-   * takeover to move it to the successor.
-   */
-  /**
    * From the node's sweep: the resumes' last-seen times (last-seen.ts), and the failure
    * budgets' settlements owed since a Redis outage.
    */
@@ -245,6 +246,10 @@ export class IdentityService {
     }
   }
 
+  /**
+   * Runs whenever a session ends, on the node that ended it: to purge its outbox, or on a
+   * takeover to move it to the successor.
+   */
   onSessionEnded(hook: SessionEndedHook): void {
     this.endedHooks.push(hook);
   }
@@ -360,8 +365,7 @@ export class IdentityService {
       this.deps.metrics?.authResult(operation, 'ok');
       return out;
     } catch (e) {
-      const result = e instanceof ProtocolError ? e.code : e instanceof RequesterGone ? 'abandoned' : 'error';
-      this.deps.metrics?.authResult(operation, result);
+      this.deps.metrics?.authResult(operation, resultOf(e));
       throw e;
     }
   }
@@ -484,7 +488,7 @@ export class IdentityService {
       this.deps.metrics?.authResult('login', 'ok');
       return grant;
     } catch (e) {
-      const result = e instanceof ProtocolError ? e.code : e instanceof RequesterGone ? 'abandoned' : 'error';
+      const result = resultOf(e);
       this.deps.log.info({ ...fields, result }, 'login');
       this.deps.metrics?.authResult('login', result);
       throw e;
