@@ -175,8 +175,9 @@ export class FailureBudget {
     const count = this.countPrefix + key;
     const inFlight = this.inFlightPrefix + key;
     const windowMs = durationSeconds * 1000;
-    // What an outage left owed first, so that this attempt is not refused for points it holds.
-    if (this.owed.length > 0) await this.settleOwed();
+    // What an outage left owed first, so that this attempt is not refused for points it holds;
+    // reservations racing a run already under way wait for it too (it took the owed list).
+    if (this.owed.length > 0 || this.settling) await this.settleOwed();
     const reservedAt = Date.now();
     const [taken, n, ttl, flying] = await this.redis.gwBudgetReserve(
       count,

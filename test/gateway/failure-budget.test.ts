@@ -54,16 +54,17 @@ function budget() {
   return { b, held };
 }
 
-/** Two attempts reserved, then verified while Redis is stopped: both settlements owed. */
-async function reservedThroughAnOutage(b: FailureBudget, key: string): Promise<void> {
-  const attempts = await Promise.all([b.reserve(key), b.reserve(key)]);
+/** `n` attempts (two by default) reserved, then verified while Redis is stopped: all owed. */
+async function reservedThroughAnOutage(b: FailureBudget, key: string, n = 2): Promise<void> {
+  const attempts = await Promise.all(Array.from({ length: n }, () => b.reserve(key)));
   await own.kill('SIGTERM');
   try {
-    const settled = await Promise.allSettled([attempts[0].succeeded(), attempts[1].release()]);
+    // Successes and unverified attempts alike give their point back.
+    const settled = await Promise.allSettled(attempts.map((a, i) => (i % 2 ? a.release() : a.succeeded())));
     for (const s of settled) assert.equal(s.status, 'rejected', 'a settlement fails while Redis is stopped');
-    assert.equal(b.owedCount, 2, 'both settlements are owed');
+    assert.equal(b.owedCount, n, 'every settlement is owed');
     assert.equal(await b.settleOwed(), 0, 'nothing is settled while Redis is stopped');
-    assert.equal(b.owedCount, 2, 'still owed while Redis is stopped');
+    assert.equal(b.owedCount, n, 'still owed while Redis is stopped');
   } finally {
     await own.start();
   }
@@ -88,4 +89,21 @@ test('an owed settlement past its in-flight time is dropped, not sent', async ()
   assert.equal(await b.settleOwed(Date.now() + IN_FLIGHT_TTL_MS), 0, 'nothing sent');
   assert.equal(b.owedCount, 0, 'dropped');
   assert.deepEqual(await held('b'), { count: 2, inFlight: 2 }, 'the points stay as they were');
+});
+
+test('reservations racing right after an outage wait for the owed settlements: each point once, none refused for them', async () => {
+  const { b, held } = budget();
+  // The whole budget (3) spent by attempts verified during the outage.
+  await reservedThroughAnOutage(b, 'c', 3);
+  // A fleet comes back at once: as many attempts as the budget has points. The outage's three
+  // points must be given back before any of them is counted, and only once each.
+  const outcomes = await Promise.allSettled([0, 1, 2].map(() => b.reserve('c')));
+  const refused = outcomes
+    .filter((o) => o.status === 'rejected')
+    .map((o) => (o as PromiseRejectedResult).reason);
+  assert.deepEqual(refused, [], 'no attempt refused for points the outage left');
+  assert.equal(b.owedCount, 0, 'nothing owed');
+  assert.deepEqual(await held('c'), { count: 3, inFlight: 3 }, 'the three attempts, and only them, are held');
+  // One more is refused: the three owed were given back once each, not twice.
+  await assert.rejects(b.reserve('c'), (e: { code?: string }) => e.code === 'rate_limited');
 });
