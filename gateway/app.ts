@@ -16,7 +16,7 @@ import { Bus } from './bus.ts';
 import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
-import { DeliveryService } from './delivery/service.ts';
+import { DeliveryService, type ResyncCause } from './delivery/service.ts';
 import { DependencyMonitor, logFailure, logQueueErrors } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
@@ -207,17 +207,21 @@ export async function startNode(
   try {
     // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
     // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
+    const restoreNode = (cause: ResyncCause) => {
+      delivery.resyncAll(cause);
+      presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
+      rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
+    };
     for (const [name, r] of [
       ['redis', redis],
       ['subscriber', sub],
     ] as const) {
       // Connected above: every 'ready' from here on is a reconnect.
-      r.on('ready', () => {
-        delivery.resyncAll(`${name}_reconnect`);
-        presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
-        rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
-      });
+      r.on('ready', () => restoreNode(`${name}_reconnect`));
     }
+    // The same after a silence in which another node may have swept this one as dead (its
+    // process or Redis stalled past GW_PRESENCE_STALE_MS; Presence.beat).
+    presence.onSilence(() => restoreNode('node_silence'));
 
     // A session that ends takes its undelivered events with it, each reported delivery.failed;
     // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
@@ -265,9 +269,15 @@ export async function startNode(
       sessionTtlSeconds: config.sessionTtlSeconds,
     });
     mountAdminApi(gateway.app, { admin, limits }, { adminKey: config.adminKey, apiKey: config.apiKey }, log);
+    // Redis is probed with a write: one that answers PING but refuses writes (OOM at
+    // `maxmemory`, MISCONF when it cannot persist, READONLY after a failover) serves no
+    // publish, login or join, and is down for the gateway (docs/ARCHITECTURE.md, "A Redis that
+    // refuses writes").
+    const probeKey = keys.probe(gateway.nodeId);
+    const probeRedis = () => redis.set(probeKey, String(Date.now()), 'PX', 60_000);
     const monitor = new DependencyMonitor(
       log,
-      { redis: () => redis.ping(), postgres: () => identity.pool.query('SELECT 1') },
+      { redis: probeRedis, postgres: () => identity.pool.query('SELECT 1') },
       { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
     );
     monitor.start();
@@ -295,7 +305,7 @@ export async function startNode(
       },
     });
     gateway.onReadiness('redis', async () => {
-      await redis.ping();
+      await probeRedis();
       return undefined;
     });
     // PostgreSQL not answering leaves the node ready, degraded, unless GW_READY_REQUIRES_POSTGRES:

@@ -42,7 +42,8 @@ const PG_STATE = /^(08|53)|^57014$|^57P0[123]$/;
 
 /**
  * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries
- * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM)
+ * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM,
+ * MISCONF: writes refused because it cannot persist, NOREPLICAS: too few replicas to write)
  * and pg / pg-pool / libpq (pool wait or connect timeout, query read timeout, lost connection).
  */
 const MESSAGES = [
@@ -50,7 +51,7 @@ const MESSAGES = [
   /^Command timed out/,
   /^Connection is closed/,
   /max retries per request/i,
-  /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM)\b/,
+  /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM|MISCONF|NOREPLICAS)\b/,
   /^timeout exceeded when trying to connect/,
   /^Connection terminated/,
   /^Query read timeout/,
@@ -58,6 +59,12 @@ const MESSAGES = [
   /could not connect to server|connection to server .* failed|server closed the connection unexpectedly/,
   /no connection to the server|timeout expired|terminating connection due to administrator command/,
 ];
+
+/**
+ * BullMQ's worker reports a failure to schedule a job scheduler's next job as a new error whose
+ * message is this prefix and the cause's message (the cause itself is not kept).
+ */
+const BULLMQ_WRAPPED = /^Failed to add repeatable job for next iteration: /;
 
 /**
  * The requester went (its connection closed, its HTTP request was aborted) before the work
@@ -93,7 +100,10 @@ export function isDependencyFault(e: unknown, depth = 0): boolean {
   if (code && NETWORK_CODES.has(code)) return true;
   const state = typeof err.sqlState === 'string' ? err.sqlState : code;
   if (state && /^[0-9A-Z]{5}$/.test(state) && PG_STATE.test(state)) return true;
-  if (typeof err.message === 'string' && MESSAGES.some((m) => m.test(err.message as string))) return true;
+  if (typeof err.message === 'string') {
+    const message = err.message.replace(BULLMQ_WRAPPED, '');
+    if (MESSAGES.some((m) => m.test(message))) return true;
+  }
   if (Array.isArray(err.errors) && err.errors.some((x) => isDependencyFault(x, depth + 1))) return true;
   return isDependencyFault(err.cause, depth + 1);
 }

@@ -105,6 +105,14 @@ export class Keys {
     return `${this.prefix}nodes`;
   }
 
+  /**
+   * STRING a node writes to probe Redis (app.ts: the dependency monitor and readiness), with a
+   * short expiry: a Redis that answers PING but refuses writes is down for the gateway.
+   */
+  probe(node: string): string {
+    return `${this.prefix}probe:${node}`;
+  }
+
   /** SET of session ids connected to a node. */
   nodeSessions(node: string): string {
     return `${this.prefix}nodesess:${node}`;

@@ -13,12 +13,18 @@
  */
 import { type Job, type Queue, Worker, type WorkerOptions } from 'bullmq';
 import { Counter, type Registry } from 'prom-client';
-import { logFailure } from './faults.ts';
+import { isDependencyFault, logFailure } from './faults.ts';
 import type { Logger } from './log.ts';
 import { settledWithin } from './wait.ts';
 
 /** How long a shutdown waits for replaced workers to close. */
 const RETIRING_WAIT_MS = 2000;
+
+/**
+ * How long a worker rests after its fetch met a dependency fault that BullMQ does not take
+ * for a lost connection (below).
+ */
+export const FAULT_PAUSE_MS = 1000;
 
 /**
  * When a job is due (ms). A job scheduler's job is named for it (`repeat:<scheduler id>:<ms>`);
@@ -70,6 +76,9 @@ export class GuardedWorker {
   private closing = false;
   private readonly retiring = new Set<Promise<void>>();
   private readonly concurrency: number;
+  /** A worker resting after a dependency fault (onError), and when the last fault came. */
+  private resting: Worker | undefined;
+  private lastFaultAt = 0;
 
   constructor(private readonly o: GuardedWorkerOptions) {
     this.concurrency = o.worker.concurrency ?? 1;
@@ -114,8 +123,32 @@ export class GuardedWorker {
 
   private start(): Worker {
     const w = new Worker(this.o.queue.name, (job) => this.run(job), this.o.worker);
-    w.on('error', (e) => logFailure(this.o.log, e, { queue: this.name }, 'queue worker error'));
+    w.on('error', (e) => this.onError(w, e));
     return w;
+  }
+
+  /**
+   * BullMQ's worker fetches again at once after an error other than a refused or closed
+   * connection: a Redis that answers but refuses its writes (OOM at `maxmemory`, MISCONF when
+   * it cannot persist, READONLY after a failover) or an ioredis that refuses commands while
+   * disconnected ("Stream isn't writeable") made every worker of every node fetch in a loop,
+   * thousands of failed scripts a second each, on the Redis the fleet needs to drain
+   * (docs/ARCHITECTURE.md, "A Redis that refuses writes"). On such a fault the worker is
+   * paused (its running jobs go on) and resumed FAULT_PAUSE_MS later: a fetch a second, as
+   * BullMQ's own retry after a lost connection (`runRetryDelay`).
+   */
+  private onError(w: Worker, e: Error): void {
+    logFailure(this.o.log, e, { queue: this.name }, 'queue worker error');
+    if (!isDependencyFault(e) || this.closing || w !== this.current) return;
+    this.lastFaultAt = Date.now();
+    if (this.resting === w) return;
+    this.resting = w;
+    w.pause(true).catch((err) => logFailure(this.o.log, err, { queue: this.name }, 'queue worker error'));
+    setTimeout(() => {
+      if (this.resting === w) this.resting = undefined;
+      if (this.closing || w !== this.current) return;
+      w.resume().catch((err) => logFailure(this.o.log, err, { queue: this.name }, 'queue worker error'));
+    }, FAULT_PAUSE_MS).unref();
   }
 
   private async run(job: Job): Promise<unknown> {
@@ -134,7 +167,10 @@ export class GuardedWorker {
     const full = this.running >= this.concurrency;
     const late = jobs.find((j) => dueAt(j) < now - this.o.checkMs);
     const before = this.last;
-    this.last = late?.id && !full ? { job: late.id, started: this.started, at: now } : undefined;
+    // A worker whose fetches met dependency faults since the last check is refused, not stuck
+    // (onError): it is not replaced for it.
+    const refused = now - this.lastFaultAt <= 2 * this.o.checkMs;
+    this.last = late?.id && !full && !refused ? { job: late.id, started: this.started, at: now } : undefined;
     if (!late || !before || this.closing) return;
     if (before.job !== late.id || before.started !== this.started || full) return;
     // Two checks in a row: not a check before an outage (failed or held checks in between) and

@@ -200,7 +200,13 @@ interface PumpClaim extends DirectClaim {
 /** The shortest time between two `outbox full: publish rejected` lines of a node (ms). */
 export const REJECT_LOG_MS = 60_000;
 
-export const RESYNC_CAUSES = ['redis_reconnect', 'subscriber_reconnect', 'sequence', 'forward'] as const;
+export const RESYNC_CAUSES = [
+  'redis_reconnect',
+  'subscriber_reconnect',
+  'node_silence',
+  'sequence',
+  'forward',
+] as const;
 export type ResyncCause = (typeof RESYNC_CAUSES)[number];
 
 /** Binding operations (gateway/binding.ts). */

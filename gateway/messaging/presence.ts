@@ -139,8 +139,13 @@ export class Presence {
   /** The last few beats this process wrote (beat). */
   private readonly beats: number[] = [];
   private foreignBeatLoggedAt = 0;
+  /** When this process's last beat was written (ms). */
+  private lastWritten = Date.now();
   /** Starts that swept a previous process of this node id (sweepPreviousLife). */
   private readonly previousLifeSweeps: Counter;
+  /** Beats after a silence another node's sweep may have taken for death (beat). */
+  private readonly silences: Counter;
+  private silenceHandler: ((silentMs: number) => void) | undefined;
 
   constructor(
     private readonly deps: {
@@ -170,6 +175,19 @@ export class Presence {
       help: "Starts of this process that found what an earlier process under the same node id (GW_NODE_ID) left in Redis (killed or crashed) and swept it as a dead node's (0 or 1 per process).",
       registers: [deps.gateway.metrics],
     });
+    this.silences = new Counter({
+      name: 'gateway_presence_silences_total',
+      help: "Beats of this node that came after a silence of more than 0.8 x GW_PRESENCE_STALE_MS (its process or Redis stalled): another node's sweep may have removed its sessions as a dead node's, so they were written again.",
+      registers: [deps.gateway.metrics],
+    });
+  }
+
+  /**
+   * Called when a beat finds that this node was silent long enough for another node's sweep to
+   * take it for dead (beat): the caller writes what the sweep may have removed again.
+   */
+  onSilence(handler: (silentMs: number) => void): void {
+    this.silenceHandler = handler;
   }
 
   async start(targets: SweepTargets): Promise<void> {
@@ -188,7 +206,7 @@ export class Presence {
     let beats = 0;
     this.beatTimer = setInterval(
       () => {
-        this.beat().catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
+        this.beat(true).catch((e) => logFailure(this.deps.log, e, {}, 'presence beat failed'));
         // Every 5th beat (once per GW_PRESENCE_STALE_MS) the sweep's schedule is set again.
         if (++beats % 5 === 0 && !this.closing) this.reschedule();
       },
@@ -287,6 +305,7 @@ export class Presence {
     const now = Date.now();
     if ((await redis.zadd(keys.nodes, 'NX', now, gateway.nodeId)) === 1) {
       this.beats.push(now);
+      this.lastWritten = now;
       return;
     }
     const there = await redis.zscore(keys.nodes, gateway.nodeId);
@@ -391,14 +410,35 @@ export class Presence {
    * start's watch (sweepPreviousLife) cannot tell apart. That is logged as an error (once per
    * stale time), as the start's refusal is. Best effort: a process on a host whose clock is
    * behind this one's by more than a beat interval is not seen this way.
+   *
+   * With `detect` (the timer's beats), a beat that replaces one older than 0.8 x the stale time,
+   * or none at all after this process has beaten, follows a silence in which another node's
+   * sweep may have judged this node dead and removed its sessions' presence, node keys and room
+   * memberships (its process was stopped or starved, or Redis refused or held its beats) while
+   * its connections stayed open: nothing would reach them until they reconnected. The silence
+   * handler writes all of that again (app.ts). The margin of a fifth of the stale time covers a
+   * sweeper whose clock is ahead of this one's by up to that much. The sweep's steps check the
+   * beat, so none of them removes anything after this beat, and what the handler writes stays.
    */
-  private async beat(): Promise<void> {
+  private async beat(detect = false): Promise<void> {
     const { binding, keys, gateway, options, log } = this.deps;
     const now = Date.now();
     const newest = this.beats.length > 0 ? Math.max(...this.beats) : -1;
     this.beats.push(now);
     if (this.beats.length > 20) this.beats.shift();
     const raw = String(await binding.run('node_beat', [keys.nodes], [gateway.nodeId, now]));
+    if (detect && newest >= 0 && !this.closing) {
+      const silentMs = raw === '' ? now - this.lastWritten : now - Number(raw);
+      if (raw === '' || silentMs > 0.8 * options.staleMs) {
+        this.silences.inc();
+        log.warn(
+          { silentMs, staleMs: options.staleMs, beat: raw === '' ? 'gone' : 'stale' },
+          'this node was silent long enough to be swept as dead: writing its sessions and rooms again',
+        );
+        this.silenceHandler?.(silentMs);
+      }
+    }
+    this.lastWritten = now;
     if (raw === '') return;
     const prev = Number(raw);
     if (prev > newest && !this.beats.includes(prev) && now - this.foreignBeatLoggedAt > options.staleMs) {

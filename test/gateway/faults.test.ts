@@ -10,7 +10,7 @@ import { Redis } from 'ioredis';
 import pg from 'pg';
 import { isDependencyFault, wireError } from '../../gateway/faults.ts';
 import { ProtocolError } from '../../protocol/index.ts';
-import { freePort } from '../helpers/own-redis.ts';
+import { freePort, startOwnRedis } from '../helpers/own-redis.ts';
 
 let silent: Server;
 let silentPort: number;
@@ -123,4 +123,51 @@ test('wire answers: overloaded with retryAfter for a fault, own code kept, undef
   );
   const wrapped = new AggregateError([Object.assign(new Error('a'), { code: 'ECONNREFUSED' })], 'all failed');
   assert.ok(isDependencyFault(wrapped), 'isDependencyFault(wrapped)');
+});
+
+test('a Redis that answers but refuses writes (OOM at maxmemory, READONLY as a replica, MISCONF), also as BullMQ words it, is a fault', async () => {
+  const own = await startOwnRedis(['--maxmemory-policy', 'noeviction']);
+  const r = redisTo(own.port);
+  try {
+    await r.connect();
+    await r.config('SET', 'maxmemory', '1');
+    const oom = await errorOf(() => r.set('gwtest:faults:full', 'x'));
+    assert.match(String((oom as Error).message), /^OOM /);
+    assert.ok(isDependencyFault(oom), `OOM: ${(oom as Error).message}`);
+    // A script's write refused the same way, and the error BullMQ's worker makes of it.
+    const inScript = await errorOf(() =>
+      r.eval("return redis.call('SET', KEYS[1], 'x')", 1, 'gwtest:faults:full'),
+    );
+    assert.ok(isDependencyFault(inScript), `OOM in a script: ${(inScript as Error).message}`);
+    const wrapped = new Error(
+      `Failed to add repeatable job for next iteration: ${(inScript as Error).message}`,
+    );
+    assert.ok(isDependencyFault(wrapped), wrapped.message);
+    assert.equal(wireError(wrapped)?.code, 'overloaded');
+    await r.config('SET', 'maxmemory', '0');
+    // A replica of a primary it cannot reach (a failover's old primary).
+    await r.call('REPLICAOF', '127.0.0.1', String(closedPort));
+    const readonly = await errorOf(() => r.set('gwtest:faults:full', 'x'));
+    assert.match(String((readonly as Error).message), /^READONLY /);
+    assert.ok(isDependencyFault(readonly), `READONLY: ${(readonly as Error).message}`);
+    // Redis's words when it cannot persist (stop-writes-on-bgsave-error), not brought about here.
+    assert.ok(
+      isDependencyFault(
+        new Error(
+          'MISCONF Redis is configured to save RDB snapshots, but it is currently not able to persist on disk.',
+        ),
+      ),
+      'MISCONF',
+    );
+    // Another refusal in the same wrapping is still not a fault.
+    assert.ok(
+      !isDependencyFault(
+        new Error("Failed to add repeatable job for next iteration: NOPERM no permissions to run 'set'"),
+      ),
+      'NOPERM wrapped',
+    );
+  } finally {
+    r.disconnect();
+    await own.remove();
+  }
 });

@@ -18,10 +18,16 @@ export interface RedisProxy {
   cutSubscribers(): void;
   /** Subscriber connections open now. */
   subscribers(): number;
+  /**
+   * From now on, new connections go to `to` (a failover's new primary behind one address, as a
+   * DNS name or a virtual IP moved); connections open now stay with the old target.
+   */
+  retarget(to: { host: string; port: number }): void;
   close(): Promise<void>;
 }
 
-export async function startRedisProxy(target: { host: string; port: number }): Promise<RedisProxy> {
+export async function startRedisProxy(first: { host: string; port: number }): Promise<RedisProxy> {
+  let target = first;
   let holding = false;
   const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
   const sockets = new Set<Socket>();
@@ -78,6 +84,9 @@ export async function startRedisProxy(target: { host: string; port: number }): P
       for (const s of [...subscribers]) s.client.destroy();
     },
     subscribers: () => subscribers.size,
+    retarget: (to) => {
+      target = to;
+    },
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();
