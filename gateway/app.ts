@@ -17,7 +17,7 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService, type ResyncCause } from './delivery/service.ts';
-import { DependencyMonitor, logFailure, logQueueErrors } from './faults.ts';
+import { DependencyMonitor, logFailure, logQueueErrors, reconnectOnReadonly } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
 import { mountAdminApi } from './http/admin-api.ts';
@@ -67,20 +67,40 @@ export async function startNode(
   // workers block on their own connection (`maxRetriesPerRequest: null`, as BullMQ requires);
   // the queues the request paths add jobs to use `producer`, bounded like the others
   // (BullMQ's "failing fast when Redis is down").
+  // A connection that finds itself on a read-only replica (a failover behind the same address)
+  // reconnects, at most once a second each (faults.ts, reconnectOnReadonly).
   const t = config.redisTimeoutMs;
+  const readonly = (connection: string) =>
+    reconnectOnReadonly((e) =>
+      log.warn({ connection, err: e.message }, 'redis connection lead to a read-only replica: reconnecting'),
+    );
   const bounded = {
     connectTimeout: t,
     commandTimeout: t,
     enableOfflineQueue: false,
     maxRetriesPerRequest: 1,
   };
-  const redis = new Redis(config.redisUrl, { ...bounded, enableAutoPipelining: true, lazyConnect: true });
-  const sub = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
-  const producer = new Redis(config.redisUrl, { ...bounded, lazyConnect: true });
+  const redis = new Redis(config.redisUrl, {
+    ...bounded,
+    enableAutoPipelining: true,
+    lazyConnect: true,
+    reconnectOnError: readonly('main'),
+  });
+  const sub = new Redis(config.redisUrl, {
+    ...bounded,
+    lazyConnect: true,
+    reconnectOnError: readonly('subscriber'),
+  });
+  const producer = new Redis(config.redisUrl, {
+    ...bounded,
+    lazyConnect: true,
+    reconnectOnError: readonly('producer'),
+  });
   const bull = new Redis(config.redisUrl, {
     connectTimeout: t,
     maxRetriesPerRequest: null,
     lazyConnect: true,
+    reconnectOnError: readonly('workers'),
   });
   // Reconnect attempts of an outage: the dependency monitor logs the outage once.
   for (const r of [redis, sub, producer, bull])

@@ -43,7 +43,8 @@ const PG_STATE = /^(08|53)|^57014$|^57P0[123]$/;
 /**
  * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries
  * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM,
- * MISCONF: writes refused because it cannot persist, NOREPLICAS: too few replicas to write)
+ * MISCONF: writes refused because it cannot persist, NOREPLICAS: too few replicas to write;
+ * UNBLOCKED: a blocking read ended by the server turning replica)
  * and pg / pg-pool / libpq (pool wait or connect timeout, query read timeout, lost connection).
  */
 const MESSAGES = [
@@ -52,6 +53,7 @@ const MESSAGES = [
   /^Connection is closed/,
   /max retries per request/i,
   /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM|MISCONF|NOREPLICAS)\b/,
+  /^UNBLOCKED force unblock from blocking operation, instance state changed/,
   /^timeout exceeded when trying to connect/,
   /^Connection terminated/,
   /^Query read timeout/,
@@ -65,6 +67,36 @@ const MESSAGES = [
  * message is this prefix and the cause's message (the cause itself is not kept).
  */
 const BULLMQ_WRAPPED = /^Failed to add repeatable job for next iteration: /;
+
+/**
+ * Replies of a server that became a replica: to a write, and to a blocking read it ended.
+ */
+const READONLY = /^READONLY\b|^UNBLOCKED force unblock from blocking operation, instance state changed/;
+
+/** The shortest time between two reconnects of one client on `READONLY` (reconnectOnReadonly). */
+export const READONLY_RECONNECT_MS = 1000;
+
+/**
+ * ioredis's `reconnectOnError` for every client of the gateway: a `READONLY` reply means the
+ * connection reaches a replica, as a failover leaves the connections open to the old primary
+ * while the address (a DNS name, a virtual IP, a Sentinel-managed service) leads new ones to the
+ * promoted replica. The client reconnects, through the address, at most once per
+ * READONLY_RECONNECT_MS (a Redis that stays a replica, misconfigured, is not reconnected to in a
+ * loop); the command that got the reply fails as it is (its caller answers `overloaded`), not
+ * sent again. `onReconnect` hears each reconnect it asks for. Duplicates of a client (BullMQ's
+ * blocking connections) share its timer.
+ */
+export function reconnectOnReadonly(onReconnect: (e: Error) => void = () => {}): (e: Error) => 1 | false {
+  let last = 0;
+  return (e) => {
+    if (!READONLY.test(e.message)) return false;
+    const now = Date.now();
+    if (now - last < READONLY_RECONNECT_MS) return false;
+    last = now;
+    onReconnect(e);
+    return 1;
+  };
+}
 
 /**
  * The requester went (its connection closed, its HTTP request was aborted) before the work

@@ -25,7 +25,7 @@ import {
   type Target,
   validateEventInput,
 } from './delivery/publisher.ts';
-import { dependencyUnavailable, isDependencyFault } from './faults.ts';
+import { dependencyUnavailable, isDependencyFault, reconnectOnReadonly } from './faults.ts';
 import { Keys } from './keys.ts';
 
 export interface PublisherOptions {
@@ -81,8 +81,13 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     maxRetriesPerRequest: 1,
     lazyConnect: true,
   };
-  const redis = new Redis(url, { ...bounded, enableAutoPipelining: true });
-  const bull = new Redis(url, bounded);
+  // A failover behind the same address: reconnect on READONLY (faults.ts).
+  const redis = new Redis(url, {
+    ...bounded,
+    enableAutoPipelining: true,
+    reconnectOnError: reconnectOnReadonly(),
+  });
+  const bull = new Redis(url, { ...bounded, reconnectOnError: reconnectOnReadonly() });
   // Reconnect attempts while Redis is away: a publish meanwhile fails with `overloaded`.
   for (const r of [redis, bull]) r.on('error', () => {});
   try {

@@ -8,7 +8,12 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { isDependencyFault, wireError } from '../../gateway/faults.ts';
+import {
+  isDependencyFault,
+  READONLY_RECONNECT_MS,
+  reconnectOnReadonly,
+  wireError,
+} from '../../gateway/faults.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { freePort, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -170,4 +175,22 @@ test('a Redis that answers but refuses writes (OOM at maxmemory, READONLY as a r
     r.disconnect();
     await own.remove();
   }
+});
+
+test('a client reconnects on READONLY, or a blocking read a new replica ended, at most once per READONLY_RECONNECT_MS; on nothing else', async () => {
+  const heard: string[] = [];
+  const decide = reconnectOnReadonly((e) => heard.push(e.message));
+  const readonly = new Error("READONLY You can't write against a read only replica.");
+  const unblocked = new Error(
+    'UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)',
+  );
+  assert.ok(isDependencyFault(unblocked), 'UNBLOCKED is a fault');
+  assert.equal(decide(new Error("OOM command not allowed when used memory > 'maxmemory'.")), false);
+  assert.equal(decide(new Error('NOPERM no permissions')), false);
+  assert.equal(decide(readonly), 1);
+  assert.equal(decide(unblocked), false, 'not again within the interval');
+  assert.deepEqual(heard, [readonly.message]);
+  await new Promise((r) => setTimeout(r, READONLY_RECONNECT_MS + 50));
+  assert.equal(decide(unblocked), 1, 'again after it');
+  assert.equal(heard.length, 2);
 });

@@ -1,0 +1,116 @@
+/**
+ * A Redis failover behind one address: the replica is promoted, the old primary becomes its
+ * replica, and the address (a DNS name, a virtual IP; here a TCP proxy) leads new connections
+ * to the new primary while the connections already open stay with the old one, which answers
+ * every write `READONLY`. The node's connections must find the new primary by themselves: the
+ * node serves publishes, logins and deliveries again without a restart. Both Redis servers and
+ * the proxy are this file's own.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
+
+const API_KEY = 'api-key-for-redis-failover-41c9';
+let primary: OwnRedis;
+let replica: OwnRedis;
+let proxy: RedisProxy;
+let gw: GatewayProcess;
+const closers: (() => Promise<unknown>)[] = [];
+
+before(async () => {
+  primary = await startOwnRedis();
+  replica = await startOwnRedis();
+  await replica.with((r) => r.call('REPLICAOF', '127.0.0.1', String(primary.port)));
+  await until('the replica in sync with the primary', async () =>
+    /master_link_status:up/.test(await replica.with((r) => r.info('replication'))),
+  );
+  proxy = await startRedisProxy({ host: '127.0.0.1', port: primary.port });
+  gw = await startGateway({
+    REDIS_URL: proxy.url,
+    GW_API_KEY: API_KEY,
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_DEFAULT_ROOM: '',
+  });
+});
+after(async () => {
+  for (const c of closers.reverse()) await c().catch(() => {});
+  await gw?.stop();
+  await proxy?.close();
+  await Promise.allSettled([primary?.remove(), replica?.remove()]);
+});
+
+async function publish(deviceId: string, eid: string): Promise<number> {
+  const res = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+    body: JSON.stringify({
+      events: [{ target: { device: deviceId }, eid, name: 'failover.test', data: {} }],
+    }),
+  });
+  await res.arrayBuffer();
+  return res.status;
+}
+
+test('after a failover behind the same address the node finds the new primary: publishes, deliveries and logins work again without a restart', async (t) => {
+  const device = await connected(gw.tcpUrl, { autoAck: true });
+  closers.push(() => device.close());
+  const deviceId = `fo-${randomUUID().slice(0, 8)}`;
+  const session = await signUp(device, { id: deviceId });
+  const got = collect(device);
+  assert.equal(await publish(deviceId, 'e-before'), 202);
+  await until('e-before at the device', () => got.some((e) => e.eid === 'e-before'));
+  // Everything so far is on the replica too.
+  await until('the replica caught up', async () => {
+    const [p, r] = await Promise.all([
+      primary.with((c) => c.info('replication')),
+      replica.with((c) => c.info('replication')),
+    ]);
+    const offset = (s: string, k: string) => Number(new RegExp(`${k}:(\\d+)`).exec(s)?.[1]);
+    return offset(p, 'master_repl_offset') === offset(r, 'slave_repl_offset');
+  });
+
+  // The failover: the replica is promoted, the address leads to it, the old primary follows it.
+  const since = gw.logs.length;
+  await replica.with((r) => r.call('REPLICAOF', 'NO', 'ONE'));
+  proxy.retarget({ host: '127.0.0.1', port: replica.port });
+  await primary.with((r) => r.call('REPLICAOF', '127.0.0.1', String(replica.port)));
+  // The node's connections still lead to the old primary, now read-only.
+  await sleep(200);
+
+  const eid = `fo-${randomUUID().slice(0, 8)}`;
+  const t0 = Date.now();
+  await until(
+    'a publish accepted after the failover',
+    async () => (await publish(deviceId, eid)) === 202,
+    20000,
+    250,
+  );
+  t.diagnostic(`a publish accepted ${Date.now() - t0} ms after the failover`);
+  await until(`${eid} at the device`, () => got.some((e) => e.eid === eid));
+  const newcomer = await connected(gw.tcpUrl);
+  closers.push(() => newcomer.close());
+  await within(
+    'a login after the failover',
+    newcomer.request('login', { username: session.username, password: PASSWORD }),
+  );
+  const reconnects = gw.logs
+    .slice(since)
+    .filter((l) => l.msg === 'redis connection lead to a read-only replica: reconnecting');
+  assert.ok(reconnects.length >= 1, 'the node said why it reconnected');
+  assert.ok(
+    gw.logs.slice(since).every((l) => Number(l.level) < 50),
+    `no error lines: ${JSON.stringify(
+      gw.logs
+        .slice(since)
+        .filter((l) => Number(l.level) >= 50)
+        .slice(0, 3),
+    )}`,
+  );
+});
