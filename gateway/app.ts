@@ -72,7 +72,7 @@ export async function startNode(
   const t = config.redisTimeoutMs;
   const readonly = (connection: string) =>
     reconnectOnReadonly((e) =>
-      log.warn({ connection, err: e.message }, 'redis connection lead to a read-only replica: reconnecting'),
+      log.warn({ connection, err: e.message }, 'redis connection reached a read-only replica: reconnecting'),
     );
   const bounded = {
     connectTimeout: t,
@@ -293,11 +293,35 @@ export async function startNode(
     // `maxmemory`, MISCONF when it cannot persist, READONLY after a failover) serves no
     // publish, login or join, and is down for the gateway (docs/ARCHITECTURE.md, "A Redis that
     // refuses writes").
+    // PostgreSQL the same way: one that answers but is read-only (a standby, a failover's old
+    // primary still reached through a pooled connection) takes no registration or login; the
+    // connection that found it so is discarded, and the pool connects again through the address.
+    const probePostgres = async () => {
+      const client = await identity.pool.connect();
+      let failed: unknown;
+      try {
+        const r = await client.query<{ ro: boolean }>(
+          "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean AS ro",
+        );
+        if (r.rows[0]?.ro)
+          failed = Object.assign(
+            new Error('PostgreSQL is read-only (a standby, or transaction_read_only on)'),
+            {
+              code: '25006',
+            },
+          );
+      } catch (e) {
+        failed = e;
+      } finally {
+        client.release(failed instanceof Error ? failed : undefined);
+      }
+      if (failed) throw failed;
+    };
     const probeKey = keys.probe(gateway.nodeId);
     const probeRedis = () => redis.set(probeKey, String(Date.now()), 'PX', 60_000);
     const monitor = new DependencyMonitor(
       log,
-      { redis: probeRedis, postgres: () => identity.pool.query('SELECT 1') },
+      { redis: probeRedis, postgres: probePostgres },
       { intervalMs: 1000, timeoutMs: Math.max(config.redisTimeoutMs, config.dbQueryTimeoutMs) },
     );
     monitor.start();
@@ -334,7 +358,7 @@ export async function startNode(
     gateway.onReadiness(
       'postgres',
       async () => {
-        await identity.pool.query('SELECT 1');
+        await probePostgres();
         return undefined;
       },
       { degrades },

@@ -36,9 +36,10 @@ const NETWORK_CODES = new Set([
 /**
  * SQLSTATEs of an unavailable or overloaded PostgreSQL: class 08 (connection exception),
  * class 53 (insufficient resources), 57014 (statement_timeout), 57P01-57P03 (shutdown, crash,
- * cannot connect now).
+ * cannot connect now), 25006 (a write on a read-only server: a standby, or the old primary
+ * of a failover; the gateway opens no read-only transaction of its own).
  */
-const PG_STATE = /^(08|53)|^57014$|^57P0[123]$/;
+const PG_STATE = /^(08|53)|^57014$|^57P0[123]$|^25006$/;
 
 /**
  * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries

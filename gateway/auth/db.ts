@@ -121,6 +121,8 @@ function endedSafelyWhileConnecting(Base: typeof pg.Client): typeof pg.Client {
 }
 
 const QUERY_TIMEOUT = 'Query read timeout';
+/** SQLSTATE read_only_sql_transaction: a write on a standby or a read-only server. */
+const READ_ONLY = '25006';
 
 /**
  * Every query of a pooled connection (pool.query goes through one too) is seen here on its way
@@ -133,7 +135,10 @@ const QUERY_TIMEOUT = 'Query read timeout';
 function instrument(client: pg.PoolClient, observe?: (seconds: number, ok: boolean) => void): void {
   const c = client as pg.PoolClient & { _queryable: boolean };
   const done = (t0: number, e: unknown) => {
-    if ((e as Error | undefined)?.message === QUERY_TIMEOUT) c._queryable = false;
+    // Also a connection to a read-only server (a failover's old primary, which the address no
+    // longer leads to): discarded, so that the pool connects again through the address.
+    if ((e as Error | undefined)?.message === QUERY_TIMEOUT || (e && pgError(e).code === READ_ONLY))
+      c._queryable = false;
     observe?.((performance.now() - t0) / 1000, !e || !dependencyFault(e));
   };
   const query = client.query.bind(client) as (...args: unknown[]) => unknown;
@@ -165,7 +170,7 @@ function instrument(client: pg.PoolClient, observe?: (seconds: number, ok: boole
  */
 function dependencyFault(e: unknown): boolean {
   const code = pgError(e).code;
-  return !code || /^(08|53|57|58|XX)/.test(code);
+  return !code || /^(08|53|57|58|XX)/.test(code) || code === READ_ONLY;
 }
 
 /**

@@ -102,7 +102,7 @@ test('after a failover behind the same address the node finds the new primary: p
   );
   const reconnects = gw.logs
     .slice(since)
-    .filter((l) => l.msg === 'redis connection lead to a read-only replica: reconnecting');
+    .filter((l) => l.msg === 'redis connection reached a read-only replica: reconnecting');
   assert.ok(reconnects.length >= 1, 'the node said why it reconnected');
   assert.ok(
     gw.logs.slice(since).every((l) => Number(l.level) < 50),

@@ -125,3 +125,51 @@ test('a connection the pool gave up on while PostgreSQL was frozen ends quietly 
     await own.remove();
   }
 });
+
+test('a client that met a read-only server (a failover old primary) is not handed out again, even when released without the error', async () => {
+  const own = await startOwnPostgres();
+  const db = createDb({
+    url: own.url,
+    schema: 'public',
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 3000,
+    queryTimeoutMs: 3000,
+    max: 1,
+  });
+  const admin = new pg.Client({ connectionString: own.url });
+  try {
+    await admin.connect();
+    await admin.query('CREATE TABLE IF NOT EXISTS ro_probe (x int)');
+    const client = await db.pool.connect();
+    const before = (await client.query('SELECT pg_backend_pid() AS pid')).rows[0].pid;
+    // The server turns read-only under the open connection, as a demoted primary does.
+    await admin.query('ALTER SYSTEM SET default_transaction_read_only = on');
+    await admin.query('SELECT pg_reload_conf()');
+    let refused: unknown;
+    for (let i = 0; i < 50 && !refused; i++) {
+      try {
+        await client.query('INSERT INTO ro_probe VALUES (1)');
+        await client.query('DELETE FROM ro_probe');
+        await new Promise((r) => setTimeout(r, 100));
+      } catch (e) {
+        refused = e;
+      }
+    }
+    assert.equal(
+      (refused as { code?: string; sqlState?: string })?.code ?? (refused as { sqlState?: string })?.sqlState,
+      '25006',
+      `driver ${db.driver}: ${refused}`,
+    );
+    client.release();
+    const after = (await db.pool.query('SELECT pg_backend_pid() AS pid')).rows[0].pid;
+    assert.notEqual(
+      after,
+      before,
+      `driver ${db.driver}: a new connection, not the one that met the read-only server`,
+    );
+  } finally {
+    await admin.end().catch(() => {});
+    await db.pool.end();
+    await own.remove();
+  }
+});

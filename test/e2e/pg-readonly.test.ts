@@ -1,0 +1,99 @@
+/**
+ * A PostgreSQL that answers but takes no write: a standby, or a failover's old primary still
+ * reached through the pool's open connections (here `default_transaction_read_only` turned on
+ * under them). Registrations and logins are answered `overloaded` with retryAfter, not
+ * `internal`; the node says once that PostgreSQL is down, naming why, and stays ready, degraded;
+ * nothing is logged as an error; once it takes writes again, the refused registration succeeds.
+ * The PostgreSQL is a private server of this file.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { fetchWithin, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+
+let db: OwnPostgres;
+let gw: GatewayProcess;
+const closers: (() => Promise<unknown>)[] = [];
+
+before(async () => {
+  db = await startOwnPostgres();
+  gw = await startGateway({ DATABASE_URL: db.url, GW_REGISTER_PER_MINUTE: '1000', GW_DEFAULT_ROOM: '' });
+});
+after(async () => {
+  for (const c of closers.reverse()) await c().catch(() => {});
+  await gw?.stop();
+  await db?.remove();
+});
+
+async function readOnly(on: boolean): Promise<void> {
+  const admin = new pg.Client({ connectionString: db.url });
+  await admin.connect();
+  try {
+    await admin.query(
+      on
+        ? 'ALTER SYSTEM SET default_transaction_read_only = on'
+        : 'ALTER SYSTEM RESET default_transaction_read_only',
+    );
+    await admin.query('SELECT pg_reload_conf()');
+  } finally {
+    await admin.end();
+  }
+}
+
+test('a read-only PostgreSQL: registrations and logins answered overloaded, the node says why and stays ready, degraded; afterwards the refused registration succeeds', async () => {
+  const device = await connected(gw.tcpUrl);
+  closers.push(() => device.close());
+  const { username } = await signUp(device);
+  const since = gw.logs.length;
+  await readOnly(true);
+  const down = await within(
+    'the dependency down line',
+    gw.waitForLog(
+      (l) => gw.logs.indexOf(l) >= since && l.msg === 'dependency down' && l.dependency === 'postgres',
+      10000,
+    ),
+    11000,
+  );
+  assert.match(String(down.err), /read-only/, `it names why: ${down.err}`);
+  const ready = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/health/ready`);
+  const body = (await ready.json()) as { degraded?: string[] };
+  assert.equal(ready.status, 200, JSON.stringify(body));
+  assert.ok(body.degraded?.includes('postgres'), `degraded: ${JSON.stringify(body)}`);
+
+  const newcomer = await connected(gw.tcpUrl);
+  closers.push(() => newcomer.close());
+  const name = newName();
+  const registration = () =>
+    newcomer.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
+  for (const [what, p] of [
+    ['a registration', registration],
+    ['a login', () => newcomer.request('login', { username, password: PASSWORD })],
+  ] as const) {
+    let refused: { code?: string; retryAfter?: number } | undefined;
+    try {
+      await within(what, p());
+    } catch (e) {
+      refused = e as { code?: string; retryAfter?: number };
+    }
+    assert.equal(refused?.code, 'overloaded', `${what}: ${JSON.stringify(refused)}`);
+    assert.ok((refused?.retryAfter ?? 0) > 0, `${what}: a retryAfter`);
+  }
+  const errors = gw.logs.slice(since).filter((l) => Number(l.level) >= 50);
+  assert.equal(errors.length, 0, `no error lines: ${JSON.stringify(errors.slice(0, 3))}`);
+
+  const back = gw.logs.length;
+  await readOnly(false);
+  await within(
+    'the dependency recovered line',
+    gw.waitForLog(
+      (l) => gw.logs.indexOf(l) >= back && l.msg === 'dependency recovered' && l.dependency === 'postgres',
+      10000,
+    ),
+    11000,
+  );
+  await within('the refused registration made again', registration());
+  await within('a login', newcomer.request('login', { username: name, password: PASSWORD }));
+});
