@@ -139,8 +139,9 @@ export class Presence {
   /** The last few beats this process wrote (beat). */
   private readonly beats: number[] = [];
   private foreignBeatLoggedAt = 0;
-  /** When this process's last beat was written (ms). */
+  /** When this process's last beat was written (ms), and its last silence seen (beat). */
   private lastWritten = Date.now();
+  private silenceSeenAt = 0;
   /** Starts that swept a previous process of this node id (sweepPreviousLife). */
   private readonly previousLifeSweeps: Counter;
   /** Beats after a silence another node's sweep may have taken for death (beat). */
@@ -430,6 +431,7 @@ export class Presence {
     if (detect && newest >= 0 && !this.closing) {
       const silentMs = raw === '' ? now - this.lastWritten : now - Number(raw);
       if (raw === '' || silentMs > 0.8 * options.staleMs) {
+        this.silenceSeenAt = now;
         this.silences.inc();
         log.warn(
           { silentMs, staleMs: options.staleMs, beat: raw === '' ? 'gone' : 'stale' },
@@ -520,7 +522,16 @@ export class Presence {
     const { redis, keys, options } = this.deps;
     const now = Date.now();
     const cutoff = now - options.staleMs;
-    const dead = await redis.zrangebyscore(keys.nodes, '-inf', cutoff, 'WITHSCORES');
+    // A sweeper that was silent itself (its own beats refused or held: Redis frozen, full or
+    // failing over, or this process stalled) cannot tell a dead node from one that was as
+    // silent as it was: every node of a fleet whose Redis stalled past the stale time would be
+    // swept, its sessions written again (beat) and every room told `room.left` for nothing. It
+    // judges nobody dead until it has beaten again and a whole stale time has passed since
+    // (every live node has beaten by then); a dead node is swept that much later.
+    const silent =
+      now - this.lastWritten > 0.8 * options.staleMs || now - this.silenceSeenAt < options.staleMs;
+    if (silent) this.deps.log.debug('this node was silent itself: no node judged dead by this sweep');
+    const dead = silent ? [] : await redis.zrangebyscore(keys.nodes, '-inf', cutoff, 'WITHSCORES');
     let sessions = 0;
     const roomLeft = this.targets!.roomLeft(now);
     const deadNodes: string[] = [];

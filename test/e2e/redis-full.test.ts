@@ -10,11 +10,18 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Queue } from 'bullmq';
 import type { GatewayClient } from '../../client/client.ts';
+import { QueueName } from '../../gateway/keys.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -189,4 +196,86 @@ test('Redis at maxmemory: writes answered overloaded, acks still drain, the work
     0,
     'no worker replaced',
   );
+});
+
+test('Redis full past GW_PRESENCE_STALE_MS under two nodes: once it takes writes again no node is swept as dead (each sweeper was silent too), no room hears room.left, and events still arrive', async () => {
+  const deployment = deploymentEnv();
+  const env = {
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    // Beats every 3 s (a fifth of it, the default), three times as long as a worker resting
+    // after a refused fetch waits to fetch again (FAULT_PAUSE_MS): the first sweep after the
+    // refusals mostly comes before a node's first beat, as it did in a fleet run
+    // (bench/RESULTS.md).
+    GW_PRESENCE_STALE_MS: '15000',
+    GW_SWEEP_INTERVAL_MS: '200',
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  };
+  const nodes: GatewayProcess[] = [];
+  const open: GatewayClient[] = [];
+  try {
+    nodes.push(await startGateway(env), await startGateway(env));
+    const [a, b] = nodes;
+    const device = await connected(a.tcpUrl, { autoAck: true });
+    open.push(device);
+    const deviceId = `fullst-${randomUUID().slice(0, 8)}`;
+    await signUp(device, { id: deviceId });
+    const got = collect(device);
+    await device.request('join', { room: '#stall' });
+    const member = await connected(b.tcpUrl, { autoAck: true });
+    open.push(member);
+    await signUp(member);
+    const heard = collect(member);
+    await member.request('join', { room: '#stall' });
+    const marks = nodes.map((g) => g.logs.length);
+    await redis.with((r) => r.config('SET', 'maxmemory', '1'));
+    // Every beat refused for longer than the stale time.
+    await sleep(16000);
+    await redis.with((r) => r.config('SET', 'maxmemory', '0'));
+    // The sweep's schedule set again at once, as a node does every fifth beat (the jobs fetched
+    // while Redis refused writes could not schedule their next): the first sweep comes within a
+    // worker's rest, before most nodes' first beat.
+    const schedule = new Queue(QueueName.maintenance, {
+      connection: { host: '127.0.0.1', port: redis.port },
+      prefix: `${deployment.GW_REDIS_PREFIX}bull`,
+    });
+    await schedule.upsertJobScheduler('sweep', { every: 200 }, { name: 'sweep' });
+    await schedule.close();
+    // Each node beats again and sees its silence; a sweep that judged by the beats' age alone
+    // removed both nodes' sessions meanwhile.
+    for (const [i, g] of nodes.entries()) {
+      await within(
+        `node ${i + 1}'s silence line`,
+        g.waitForLog(
+          (l) =>
+            g.logs.indexOf(l) >= marks[i] && String(l.msg).startsWith('this node was silent long enough'),
+          10000,
+        ),
+        11000,
+      );
+    }
+    // Time for any sweep to run and judge: the sweeper that beat again judges from a stale time
+    // after its silence (within which every live node beats).
+    await sleep(4000);
+    const sweeps = nodes.flatMap((g, i) =>
+      g.logs.slice(marks[i]).filter((l) => l.msg === 'presence sweep removed a dead node'),
+    );
+    assert.deepEqual(sweeps, [], 'no live node swept');
+    assert.ok(!heard.some((e) => e.name === 'room.left'), 'no room.left heard');
+    const eid = `fullst-${randomUUID().slice(0, 8)}`;
+    const res = await fetchWithin(`http://127.0.0.1:${b.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body: JSON.stringify({ events: [{ target: { device: deviceId }, eid, name: 'full.test', data: {} }] }),
+    });
+    assert.equal(res.status, 202, await res.text());
+    await until(`${eid} at the device`, () => got.some((e) => e.eid === eid));
+  } finally {
+    for (const c of open) c.destroy();
+    await redis.with((r) => r.config('SET', 'maxmemory', '0')).catch(() => {});
+    await within('the nodes stopped', Promise.all(nodes.map((g) => g.stop())));
+    await dropDeployment(deployment);
+  }
 });
