@@ -13,7 +13,7 @@ import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
-import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
@@ -21,6 +21,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { postEvent } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 
 const API_KEY = 'api-key-for-node-stall-2b7e';
@@ -93,11 +94,7 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
     );
     // An event for the device, published through B, arrives on the open connection.
     const eid = `stall-${randomUUID().slice(0, 8)}`;
-    const res = await fetchWithin(`http://127.0.0.1:${b.httpPort}/v1/events`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
-      body: JSON.stringify({ events: [{ target: { device: deviceId }, eid, name: 'stall.test', data: {} }] }),
-    });
+    const res = await postEvent(b.httpPort, API_KEY, { device: deviceId }, eid, 'stall.test');
     assert.equal(res.status, 202, await res.text());
     await until(`${eid} at the device on the node that was swept`, () => got.some((e) => e.eid === eid));
     // And the room: a say on B is heard on A.

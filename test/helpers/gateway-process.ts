@@ -316,6 +316,14 @@ export async function dropDeployment(env: DeploymentEnv): Promise<void> {
   rmSync(join(env.GW_JWT_KEY_FILE, '..'), { recursive: true, force: true });
 }
 
+/**
+ * Fails naming the first few if `g` logged anything at error or above from line `since` on.
+ */
+export function assertNoErrorLines(g: GatewayProcess, since: number): void {
+  const errors = g.logs.slice(since).filter((l) => Number(l.level) >= 50);
+  if (errors.length > 0) throw new Error(`no error lines expected: ${JSON.stringify(errors.slice(0, 3))}`);
+}
+
 /** Whether a process of this pid is alive (signal 0: nothing is sent). */
 export function processAlive(pid: number): boolean {
   try {

@@ -31,3 +31,18 @@ export async function registerOverHttp(
   assert.equal(r.status, 201, await r.clone().text());
   return username;
 }
+
+/** A back end's `POST /v1/events` of one event to `target` (the response, unread). */
+export function postEvent(
+  httpPort: number,
+  apiKey: string,
+  target: object,
+  eid: string,
+  name = 'test.event',
+): Promise<Response> {
+  return fetchWithin(`http://127.0.0.1:${httpPort}/v1/events`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${apiKey}` },
+    body: JSON.stringify({ events: [{ target, eid, name, data: {} }] }),
+  });
+}
