@@ -17,7 +17,13 @@ import type { Config } from './config.ts';
 import { Outbox } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService, type ResyncCause } from './delivery/service.ts';
-import { DependencyMonitor, logFailure, logQueueErrors, reconnectOnReadonly } from './faults.ts';
+import {
+  DependencyMonitor,
+  logFailure,
+  logQueueErrors,
+  READONLY_RECONNECT_MS,
+  reconnectOnReadonly,
+} from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
 import { mountAdminApi } from './http/admin-api.ts';
@@ -70,10 +76,19 @@ export async function startNode(
   // A connection that finds itself on a read-only replica (a failover behind the same address)
   // reconnects, at most once a second each (faults.ts, reconnectOnReadonly).
   const t = config.redisTimeoutMs;
+  // The subscriber never gets READONLY (SUBSCRIBE and PING are a replica's too), but a replica
+  // that is resyncing with the new primary passes on nothing published meanwhile (a full resync
+  // waits `repl-diskless-sync-delay`, 5 s by default): it is moved with the others, at most once
+  // a second, and its return resyncs every local session (app.ts, restoreNode).
+  let subscriberMovedAt = 0;
   const readonly = (connection: string) =>
-    reconnectOnReadonly((e) =>
-      log.warn({ connection, err: e.message }, 'redis connection reached a read-only replica: reconnecting'),
-    );
+    reconnectOnReadonly((e) => {
+      log.warn({ connection, err: e.message }, 'redis connection reached a read-only replica: reconnecting');
+      if (connection !== 'subscriber' && Date.now() - subscriberMovedAt >= READONLY_RECONNECT_MS) {
+        subscriberMovedAt = Date.now();
+        sub.disconnect(true);
+      }
+    });
   const bounded = {
     connectTimeout: t,
     commandTimeout: t,
