@@ -25,6 +25,10 @@ import { Piscina } from 'piscina';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { ProtocolError } from '../../protocol/index.ts';
 import { RequesterGone } from '../faults.ts';
+import { settledWithin } from '../wait.ts';
+
+/** How long a close waits for the hashes running (close). */
+const CLOSE_WAIT_MS = 5000;
 
 export interface Argon2Params {
   /** KiB (default 19456 = 19 MiB, OWASP's argon2id minimum). */
@@ -114,6 +118,8 @@ export class Hasher {
   private waiting: Job[] = [];
   /** Jobs handed to piscina: at most one per thread. */
   private running = 0;
+  /** The running jobs, settled either way (close waits for them). */
+  private readonly inFlight = new Set<Promise<void>>();
   private closed = false;
   private nice: number | undefined;
   private jobSeconds: Histogram | undefined;
@@ -318,7 +324,14 @@ export class Hasher {
         continue;
       }
       this.running++;
-      this.pool.run(job.task).then(
+      const run = this.pool.run(job.task);
+      const settled = run.then(
+        () => {},
+        () => {},
+      );
+      this.inFlight.add(settled);
+      void settled.then(() => this.inFlight.delete(settled));
+      run.then(
         (out: Record<string, unknown>) => {
           this.running--;
           this.pump();
@@ -368,11 +381,18 @@ export class Hasher {
     return this.dummyHash;
   }
 
-  /** Ends the pool: jobs still waiting for a thread are refused, those running end with it. */
-  close(): Promise<void> {
+  /**
+   * Ends the pool: jobs still waiting for a thread are refused, those running are let finish
+   * (a hash, at most CLOSE_WAIT_MS), then the threads end. Destroyed under a running job,
+   * piscina could get the job's result after it had dropped the job, and threw "Unexpected
+   * message from Worker" out of its message handler: an uncaught exception at shutdown (seen
+   * once in a test run beside another suite).
+   */
+  async close(): Promise<void> {
     this.closed = true;
     for (const job of this.waiting) job.reject(new Error('the password hash pool is closed'));
     this.waiting = [];
-    return this.pool.destroy();
+    await settledWithin(Promise.allSettled([...this.inFlight]), CLOSE_WAIT_MS);
+    await this.pool.destroy();
   }
 }

@@ -121,3 +121,25 @@ test('closing the pool refuses the jobs still waiting for a thread (none is left
   assert.ok(refused.length >= 4, `the waiting jobs are refused (${refused.length} of 5)`);
   await assert.rejects(h.verify('pw', hash), /closed/, 'a job after the close is refused');
 });
+
+test('a pool closed under a running job, 200 times: no uncaught exception (piscina got a result after the job was dropped)', async () => {
+  let uncaught: unknown;
+  const onUncaught = (e: unknown) => {
+    uncaught ??= e;
+  };
+  process.on('uncaughtException', onUncaught);
+  try {
+    for (let i = 0; i < 200 && uncaught === undefined; i++) {
+      const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
+      await h.ready;
+      const { hash } = await h.hash('pw');
+      const jobs = Promise.allSettled(Array.from({ length: 3 }, () => h.verify('pw', hash)));
+      await h.close();
+      await jobs;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  } finally {
+    process.off('uncaughtException', onUncaught);
+  }
+  assert.equal(uncaught, undefined, `an uncaught exception: ${uncaught}`);
+});
