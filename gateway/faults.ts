@@ -41,6 +41,9 @@ const NETWORK_CODES = new Set([
  */
 const PG_STATE = /^(08|53)|^57014$|^57P0[123]$|^25006$/;
 
+/** Redis's reply to a blocking read it ended because it became a replica. */
+const BECAME_REPLICA = /^UNBLOCKED force unblock from blocking operation, instance state changed/;
+
 /**
  * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries
  * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM,
@@ -54,7 +57,7 @@ const MESSAGES = [
   /^Connection is closed/,
   /max retries per request/i,
   /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM|MISCONF|NOREPLICAS)\b/,
-  /^UNBLOCKED force unblock from blocking operation, instance state changed/,
+  BECAME_REPLICA,
   /^timeout exceeded when trying to connect/,
   /^Connection terminated/,
   /^Query read timeout/,
@@ -72,7 +75,7 @@ const BULLMQ_WRAPPED = /^Failed to add repeatable job for next iteration: /;
 /**
  * Replies of a server that became a replica: to a write, and to a blocking read it ended.
  */
-const READONLY = /^READONLY\b|^UNBLOCKED force unblock from blocking operation, instance state changed/;
+const READONLY = new RegExp(`^READONLY\\b|${BECAME_REPLICA.source}`);
 
 /** The shortest time between two reconnects of one client on `READONLY` (reconnectOnReadonly). */
 export const READONLY_RECONNECT_MS = 1000;

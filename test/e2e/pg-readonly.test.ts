@@ -28,7 +28,11 @@ after(async () => {
   await db?.remove();
 });
 
-async function readOnly(on: boolean): Promise<void> {
+function readOnly(on: boolean): Promise<void> {
+  return within(`default_transaction_read_only ${on ? 'on' : 'off'}`, setReadOnly(on));
+}
+
+async function setReadOnly(on: boolean): Promise<void> {
   const admin = new pg.Client({ connectionString: db.url });
   await admin.connect();
   try {

@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { Hasher } from '../../gateway/auth/hasher.ts';
 import { RequesterGone } from '../../gateway/faults.ts';
 import type { ProtocolError } from '../../protocol/index.ts';
+import { within } from '../helpers/deadline.ts';
 
 const PARAMS = { memoryCost: 4096, timeCost: 1, parallelism: 1 };
 
@@ -131,11 +132,11 @@ test('a pool closed under a running job, 200 times: no uncaught exception (pisci
   try {
     for (let i = 0; i < 200 && uncaught === undefined; i++) {
       const h = new Hasher({ params: PARAMS, threads: 1, maxQueue: 1000 });
-      await h.ready;
-      const { hash } = await h.hash('pw');
+      await within(`pool ${i + 1} ready`, h.ready);
+      const { hash } = await within(`pool ${i + 1}'s first hash`, h.hash('pw'));
       const jobs = Promise.allSettled(Array.from({ length: 3 }, () => h.verify('pw', hash)));
-      await h.close();
-      await jobs;
+      await within(`pool ${i + 1} closed`, h.close());
+      await within(`pool ${i + 1}'s jobs settled`, jobs);
       await new Promise((r) => setTimeout(r, 5));
     }
   } finally {
