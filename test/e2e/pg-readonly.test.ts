@@ -100,3 +100,100 @@ test('a read-only PostgreSQL: registrations and logins answered overloaded, the 
   await within('the refused registration made again', registration());
   await within('a login', newcomer.request('login', { username: name, password: PASSWORD }));
 });
+
+test('a read-only PostgreSQL under many requests at once: every registration and login overloaded, none half done, no connection kept; afterwards each made once', async () => {
+  const known = await connected(gw.tcpUrl);
+  closers.push(() => known.close());
+  const { username } = await signUp(known);
+  const devices = await Promise.all(Array.from({ length: 6 }, () => connected(gw.tcpUrl)));
+  for (const d of devices) closers.push(() => d.close());
+  const names = Array.from({ length: 30 }, newName);
+  // The same name twice, from two connections: afterwards exactly one of them makes it.
+  const requests = [...names, names[0]].map((name, i) => ({ name, device: devices[i % devices.length] }));
+  const register = ({ name, device }: (typeof requests)[number]) =>
+    device.request('register', { username: name, email: `${name}@example.com`, password: PASSWORD });
+  const login = (i: number) => devices[i % devices.length].request('login', { username, password: PASSWORD });
+  const outcome = (p: Promise<unknown>) =>
+    p.then(
+      () => ({ code: 'ok' }) as { code?: string; retryAfter?: number },
+      (e) => e as { code?: string; retryAfter?: number },
+    );
+
+  const since = gw.logs.length;
+  await readOnly(true);
+  await within(
+    'the dependency down line',
+    gw.waitForLog(
+      (l) => gw.logs.indexOf(l) >= since && l.msg === 'dependency down' && l.dependency === 'postgres',
+      10000,
+    ),
+    11000,
+  );
+  const outcomes = await within(
+    'the answers to 31 registrations and 12 logins at once',
+    Promise.all([
+      ...requests.map((r) => outcome(register(r))),
+      ...Array.from({ length: 12 }, (_, i) => outcome(login(i))),
+    ]),
+  );
+  const wrong = outcomes.filter((o) => o.code !== 'overloaded' || !((o.retryAfter ?? 0) > 0));
+  assert.deepEqual(wrong, [], 'every request answered overloaded with a retryAfter');
+  assertNoErrorLines(gw, since);
+
+  const admin = new pg.Client({ connectionString: db.url });
+  await within('an admin connection', admin.connect());
+  closers.push(() => admin.end());
+  const made = await within(
+    'the refused names looked up',
+    admin.query(`SELECT count(*)::int AS n FROM ${gw.schema}.users WHERE username = ANY($1)`, [names]),
+  );
+  assert.equal(made.rows[0].n, 0, 'no refused registration made an account');
+  // Every connection that met the read-only server was closed, not kept: the gateway's own
+  // connections are at most its pool.
+  const open = await within(
+    'the server connections counted',
+    admin.query(
+      `SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()`,
+    ),
+  );
+  assert.ok(open.rows[0].n <= 10, `at most GW_DB_POOL_MAX connections: ${open.rows[0].n}`);
+
+  const back = gw.logs.length;
+  await readOnly(false);
+  await within(
+    'the dependency recovered line',
+    gw.waitForLog(
+      (l) => gw.logs.indexOf(l) >= back && l.msg === 'dependency recovered' && l.dependency === 'postgres',
+      10000,
+    ),
+    11000,
+  );
+  // Made again, a few at a time as devices would retry (the hash pool admits a few at once).
+  const again: { code?: string }[] = [];
+  for (let i = 0; i < requests.length; i += 4) {
+    again.push(
+      ...(await within(
+        'registrations made again',
+        Promise.all(requests.slice(i, i + 4).map((r) => outcome(register(r)))),
+      )),
+    );
+  }
+  assert.deepEqual(
+    again.slice(1, names.length).map((o) => o.code),
+    names.slice(1).map(() => 'ok'),
+    'every other name made',
+  );
+  assert.deepEqual(
+    [again[0].code, again[names.length].code].sort(),
+    ['ok', 'username_taken'],
+    'the name asked twice made once',
+  );
+  const accounts = await within(
+    'the names looked up',
+    admin.query(`SELECT count(*)::int AS n FROM ${gw.schema}.users WHERE username = ANY($1)`, [names]),
+  );
+  assert.equal(accounts.rows[0].n, names.length, 'one account per name');
+  await within('a login', login(0));
+  assertNoErrorLines(gw, since);
+});
