@@ -53,6 +53,10 @@ export class VirtualDevice {
   /** Logged in or resumed on the current connection. */
   private authed = false;
   private registered = false;
+  /** Registers sent so far without a success: a later `username_taken` may be one of them made. */
+  private registerTries = 0;
+  /** A retried register found the name taken: counted when the login tells whose it is. */
+  private takenOnRetry = false;
   /** What the current (re)connection is doing: the step its errors are counted under. */
   private step = 'connect';
   private dropping = false;
@@ -151,8 +155,12 @@ export class VirtualDevice {
 
   private async signIn(c: GatewayClient): Promise<void> {
     const { ctx } = this;
+    // An earlier register whose answer was lost (the connection dropped under it, or a fault
+    // after its commit) may have made the account: `username_taken` then, and the login below
+    // tells whether the account is this device's. Such a retry is not an error.
     if (!this.registered) {
       this.step = 'register';
+      const retried = this.registerTries++ > 0;
       const t = ctx.now();
       try {
         await c.request('register', {
@@ -162,20 +170,32 @@ export class VirtualDevice {
         });
         ctx.metrics.register.record(ctx.now() - t);
       } catch (e) {
-        // An earlier register may have gone through with its answer lost to a dropped
-        // connection: the login below tells whether the account is this device's.
         if (!isProtocolError(e) || e.code !== 'username_taken') throw e;
-        ctx.metrics.error(e.code, 'register');
+        if (retried) this.takenOnRetry = true;
+        else ctx.metrics.error(e.code, 'register');
       }
       this.registered = true;
     }
     this.step = 'login';
     const t = ctx.now();
-    this.session = await c.request<Session>('login', {
-      username: this.username,
-      password: PASSWORD,
-      device: { id: this.deviceId, model: 'sim' },
-    });
+    try {
+      this.session = await c.request<Session>('login', {
+        username: this.username,
+        password: PASSWORD,
+        device: { id: this.deviceId, model: 'sim' },
+      });
+    } catch (e) {
+      // Not this device's account after all: the taken name was an error.
+      if (this.takenOnRetry && isProtocolError(e) && e.code === 'invalid_credentials') {
+        this.takenOnRetry = false;
+        ctx.metrics.error('username_taken', 'register');
+      }
+      throw e;
+    }
+    if (this.takenOnRetry) {
+      this.takenOnRetry = false;
+      ctx.metrics.registersFoundMade++;
+    }
     ctx.metrics.login.record(ctx.now() - t);
   }
 

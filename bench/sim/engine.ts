@@ -155,6 +155,8 @@ export interface SimReport {
   refreshes: number;
   /** Resumes that presented again first a refresh left in doubt by an earlier connection. */
   refreshesInDoubt: number;
+  /** Registers retried that found the account made by an earlier attempt (not errors). */
+  registersFoundMade: number;
   /** Sessions whose resume was refused for good (revoked, a refresh token reused): logged in again. */
   sessionsLost: number;
   churns: number;
@@ -494,6 +496,7 @@ export class Simulation {
       reconnects: this.metrics.reconnects,
       refreshes: this.metrics.refreshes,
       refreshesInDoubt: this.metrics.refreshesInDoubt,
+      registersFoundMade: this.metrics.registersFoundMade,
       sessionsLost: this.metrics.sessionsLost,
       churns: this.metrics.churns,
       settlement,

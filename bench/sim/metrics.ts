@@ -27,6 +27,11 @@ export class RunMetrics {
   refreshes = 0;
   /** Resumes that began by presenting again a refresh an earlier connection left in doubt. */
   refreshesInDoubt = 0;
+  /**
+   * Registers retried after an attempt without a success, answered `username_taken`, whose
+   * login then worked: the earlier attempt had made the account (its answer lost to a drop).
+   */
+  registersFoundMade = 0;
   /** Sessions whose resume was refused for good: the device dropped them and logged in again. */
   sessionsLost = 0;
   churns = 0;

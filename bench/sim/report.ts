@@ -48,7 +48,7 @@ export function textReport(r: SimReport): string {
       `duplicates ${r.duplicates}, redeliveries ${r.redeliveries}, ` +
       `unacked at end ${r.settlement.unacked}, foreign ${t.foreign}`,
     `gateway reports: ${kv(r.settlement.reported)}${r.backendScan ? ` (${r.backendScan.scanned} jobs scanned${r.backendScan.truncated ? ', truncated' : ''})` : ' (queue not read)'}`,
-    `connections: reconnects ${r.reconnects}, refreshes ${r.refreshes} (${r.refreshesInDoubt} retried in doubt), sessions lost ${r.sessionsLost}, churn drops ${r.churns}; device publishes ${r.devicePublishes}, says ${r.says}, room messages received ${r.roomMessages}`,
+    `connections: reconnects ${r.reconnects}, refreshes ${r.refreshes} (${r.refreshesInDoubt} retried in doubt), registers found made by an earlier attempt ${r.registersFoundMade ?? 0}, sessions lost ${r.sessionsLost}, churn drops ${r.churns}; device publishes ${r.devicePublishes}, says ${r.says}, room messages received ${r.roomMessages}`,
     `throughput: delivered ${fmt(r.throughput.deliveredPerS)} events/s, published ${fmt(r.throughput.publishedPerS)} events/s`,
     `errors: ${kv(r.errors)}`,
   );

@@ -116,6 +116,7 @@ export function mergeReports(rs: SimReport[]): SimReport {
     reconnects: sumBy(rs, (r) => r.reconnects),
     refreshes: sumBy(rs, (r) => r.refreshes),
     refreshesInDoubt: sumBy(rs, (r) => r.refreshesInDoubt),
+    registersFoundMade: sumBy(rs, (r) => r.registersFoundMade),
     sessionsLost: sumBy(rs, (r) => r.sessionsLost),
     churns: sumBy(rs, (r) => r.churns),
     settlement: {

@@ -5,12 +5,15 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { PASSWORD, VirtualDevice } from '../../bench/sim/device.ts';
 import { rngFor } from '../../bench/sim/rng.ts';
 import { GatewayClient } from '../../client/client.ts';
 import { newName } from '../helpers/accounts.ts';
+import { DATABASE_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
-import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { deviceLink } from '../helpers/device-link.ts';
+import { type GatewayProcess, SLOW_HASH_ENV, startGateway } from '../helpers/gateway-process.ts';
 import { deviceContext } from '../helpers/sim-device.ts';
 
 let gw: GatewayProcess;
@@ -46,6 +49,43 @@ test('a device whose earlier register went through logs in when its username is 
   } finally {
     stop();
     await within('the device to stop', d.stop());
+  }
+});
+
+test('a device whose own register made the account but lost its answer counts the retry as found made, not as an error', async () => {
+  const slow = await startGateway({ ...SLOW_HASH_ENV, GW_REGISTER_PER_MINUTE: '10000', GW_DEFAULT_ROOM: '' });
+  const link = await deviceLink(slow.tcpUrl);
+  const pool = new pg.Client({ connectionString: DATABASE_URL });
+  const username = newName().slice(0, 16);
+  const { ctx, stop } = deviceContext();
+  const d = new VirtualDevice(0, username, link.url, rngFor(3, 1), ctx);
+  try {
+    await within('a database connection', pool.connect());
+    // The first connection: `hello`, then the register, whose answer is held; the connection
+    // is cut once the account exists.
+    const held = link.holdAfter(2);
+    void d.start();
+    const cut = await within("the device's register", held);
+    await until('the register to make the account', async () => {
+      const r = await pool.query(`SELECT 1 FROM ${slow.schema}.users WHERE username = $1`, [username]);
+      return r.rowCount === 1;
+    });
+    cut();
+    await until('the device to log in', () => d.ready, 30_000).catch((e) => {
+      throw new Error(`${(e as Error).message}; errors: ${JSON.stringify(ctx.metrics.errorsByStep)}`);
+    });
+    assert.equal(ctx.metrics.registersFoundMade, 1, 'the retry found the account made');
+    assert.equal(
+      ctx.metrics.errors.username_taken,
+      undefined,
+      `username_taken is not an error here: ${JSON.stringify(ctx.metrics.errorsByStep)}`,
+    );
+  } finally {
+    stop();
+    await within('the device to stop', d.stop());
+    await within('the proxy closed', link.close());
+    await pool.end().catch(() => undefined);
+    await slow.stop();
   }
 });
 
