@@ -127,6 +127,15 @@ export class Keys {
     return `${this.prefix}noderm:${node}`;
   }
 
+  /**
+   * SET of `session room` pairs whose `room.left` a sweep of the node told (lua/sweep-session.lua):
+   * the node swept while it still ran writes those memberships again and tells `room.joined`
+   * for each it finds here (lua/room-restore.lua). Expires a day after the last sweep of it.
+   */
+  nodeToldLeft(node: string): string {
+    return `${this.prefix}nodeleft:${node}`;
+  }
+
   /** HASH username → last seen ms. */
   get lastSeen(): string {
     return `${this.prefix}lastseen`;

@@ -282,7 +282,7 @@ export class Presence {
       return undefined;
     }
     const now = Date.now();
-    const swept = await this.sweepNode(node, beat ?? 0, now, roomLeft(now));
+    const swept = await this.sweepNode(node, beat ?? 0, now, roomLeft(now), false);
     if (swept === undefined) {
       const again = (await beatOf()) ?? 0;
       throw new NodeIdInUseError(node, beat ?? 0, again);
@@ -538,7 +538,7 @@ export class Presence {
     for (let i = 0; i < dead.length; i += 2) {
       const node = dead[i];
       deadNodes.push(node);
-      const swept = await this.sweepNode(node, Number(dead[i + 1]), now, roomLeft);
+      const swept = await this.sweepNode(node, Number(dead[i + 1]), now, roomLeft, true);
       if (swept === undefined) {
         this.deps.log.info(
           { deadNode: node },
@@ -566,6 +566,9 @@ export class Presence {
    * since, so a node whose id started again (its previous life swept by another node when it
    * came back) loses nothing of its new life. The one sweep of a dead node: the cluster-wide
    * sweep and a start's sweep of its own previous life (sweepPreviousLife) both run it.
+   * With `recordLeft`, the rooms told `room.left` are kept for the node (keys.ts nodeToldLeft):
+   * a node swept while it still ran tells `room.joined` when it writes them again (rooms.ts
+   * restore); a previous life never comes back for them.
    * Returns how many sessions it swept, or undefined if the node beat again meanwhile.
    */
   private async sweepNode(
@@ -573,6 +576,7 @@ export class Presence {
     lastBeat: number,
     now: number,
     roomLeft: ReturnType<SweepTargets['roomLeft']>,
+    recordLeft: boolean,
   ): Promise<number | undefined> {
     const { redis, keys, binding } = this.deps;
     // Its sessions, and those holding a room membership of it though no longer in its
@@ -592,8 +596,19 @@ export class Presence {
               keys.sessionMemberships(sid),
               keys.rooms,
               keys.nodes,
+              keys.nodeToldLeft(node),
             ],
-            [sid, node, now, keys.roomMembersHead, keys.roomMembersTail, ...roomLeft, newEid(), lastBeat],
+            [
+              sid,
+              node,
+              now,
+              keys.roomMembersHead,
+              keys.roomMembersTail,
+              ...roomLeft,
+              newEid(),
+              lastBeat,
+              recordLeft ? '1' : '',
+            ],
           ),
         ),
       );

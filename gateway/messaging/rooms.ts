@@ -501,18 +501,31 @@ export class Rooms {
   }
 
   /**
-   * Writes this node's memberships again (Redis came back and may have lost them), each with
-   * its session's score in the room (lua/room-restore.lua); `join` and `leave` keep them from
-   * there.
+   * Writes this node's memberships again (Redis came back and may have lost them, or another
+   * node's sweep removed them while this node was silent), each with its session's score in
+   * the room (lua/room-restore.lua); `join` and `leave` keep them from there. A membership whose
+   * room a sweep told `room.left` is told `room.joined` once it is back, as a join would be.
    */
   async restore(): Promise<void> {
     this.scheduleRepair(true);
-    const { keys, binding } = this.deps;
+    const { keys, binding, nodeId } = this.deps;
     const writes: Promise<unknown>[] = [];
     for (const [room, conns] of this.local) {
       for (const c of conns) {
         const m = roomsOf(c).get(room);
         if (!m?.joined) continue;
+        // The `room.joined` it tells if a sweep told the room it left (published by the script).
+        const joined = this.announced(room)
+          ? pack({
+              eid: newEid(),
+              ts: Date.now(),
+              name: 'room.joined',
+              room,
+              from: m.username,
+              data: {},
+              skip: m.sid,
+            } satisfies RoomWire)
+          : '';
         writes.push(
           binding.run(
             'room_restore',
@@ -520,9 +533,10 @@ export class Rooms {
               keys.roomMembers(room),
               keys.sessionMemberships(m.sid),
               keys.rooms,
-              keys.nodeMemberships(this.deps.nodeId),
+              keys.nodeMemberships(nodeId),
+              keys.nodeToldLeft(nodeId),
             ],
-            [m.sid, room, m.field, m.username],
+            [m.sid, room, m.field, m.username, keys.roomChannel(room), joined],
           ),
         );
       }

@@ -58,7 +58,11 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
     const other = await connected(b.tcpUrl);
     open.push(other);
     await signUp(other);
+    const heard = collect(other);
     await other.request('join', { room: '#stall' });
+    const told = (name: string) =>
+      heard.filter((e: EventMsg) => e.name === name && e.room === '#stall' && e.from === session.username)
+        .length;
     const presence = `${deployment.GW_REDIS_PREFIX}presence`;
     assert.ok(await r.hget(presence, session.sessionId), 'the device is in presence');
 
@@ -71,6 +75,7 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
         21000,
       );
       assert.equal(await r.hget(presence, session.sessionId), null, 'the sweep removed the presence record');
+      await until('room.left for the device heard on B', () => told('room.left') === 1);
     } finally {
       process.kill(a.proc.pid!, 'SIGCONT');
     }
@@ -87,7 +92,10 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
       16000,
     );
     assert.equal(line.level, 40, 'logged at warn');
-    assert.ok(Number(line.silentMs) >= STALE_MS, `the silence it logs: ${line.silentMs}`);
+    assert.ok(
+      Number(line.silentMs) >= STALE_MS,
+      `the silence it logs: ${JSON.stringify(a.logs.filter((l) => String(l.msg).includes('silent')))}`,
+    );
     await until(
       'the presence record written again',
       async () => (await r.hget(presence, session.sessionId)) !== null,
@@ -103,6 +111,8 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
       got.some((e: EventMsg) => e.room === '#stall' && (e.data as { body?: string })?.body === 'still here?'),
     );
     assert.equal(closes, 0, 'the device never lost its connection');
+    // The room was told the device left; it is told it is back.
+    await until('room.joined for the device heard on B', () => told('room.joined') === 1);
     const m = await scrapeMetrics(a.metricsPort);
     assert.equal(m.value('gateway_presence_silences_total'), 1, 'counted once');
     // Nothing else of the kind: a beat after a normal gap does not restore.
@@ -112,6 +122,7 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
       1,
       'logged once',
     );
+    assert.deepEqual([told('room.left'), told('room.joined')], [1, 1], 'each told once');
   } finally {
     for (const c of open) c.destroy();
     r.disconnect();

@@ -17,6 +17,7 @@
   KEYS[4] HASH  the session's memberships (`room token node` -> username)
   KEYS[5] ZSET  rooms (room -> members)
   KEYS[6] ZSET  nodes (node -> last beat, ms)
+  KEYS[7] SET   the `session room` pairs told `room.left` for the dead node (keys.ts nodeToldLeft)
   ARGV[1] session id
   ARGV[2] the dead node
   ARGV[3] now (ms)
@@ -29,6 +30,9 @@
   ARGV[11] the last beat of the node the sweeper judged dead (ms; 0: it had none): a node whose
            beat is newer is alive (its id started again, presence.ts sweepPreviousLife) and
            nothing is touched
+  ARGV[12] '1' to record each told `room.left` in KEYS[7] (a day): a node swept while it still
+           ran tells `room.joined` for them when it writes its memberships again
+           (room-restore.lua); '' for the sweep of a node's previous life, which never returns
 
   Returns the number of rooms the session leaves (told here), or -1 when the node beat since
   it was judged dead.
@@ -71,6 +75,10 @@ for _, room in ipairs(rooms) do
       local event = string.char(0x80 + tonumber(ARGV[9]) + 4) .. ARGV[8]
         .. cmsgpack.pack('eid', eid, 'room', room, 'from', username, 'skip', sid)
       redis.call('PUBLISH', ARGV[6] .. room, event)
+      if ARGV[12] == '1' then
+        redis.call('SADD', KEYS[7], sid .. ' ' .. room)
+        redis.call('EXPIRE', KEYS[7], 86400)
+      end
     end
   end
 end
