@@ -43,17 +43,19 @@ export function testPresence(
       hooks.push(h);
     },
   } as unknown as Gateway;
+  const binding = new SessionBinding(redis);
   const presence = new Presence({
     gateway,
     redis,
     bullConnection: bull,
-    binding: new SessionBinding(redis),
+    binding,
     keys,
     log,
     options,
   });
   return {
     presence,
+    binding,
     redis,
     metrics,
     lines,
