@@ -330,7 +330,10 @@ test('a Redis that freezes while the start watches its previous beat fails the s
   const own = await startOwnRedis();
   const deployment = deploymentEnv();
   const env = {
-    ...settings(deployment, 10_000, 300),
+    // A stale time long enough for the new process to reach its watch within it, and for the
+    // freeze to land while it watches, on a loaded machine (10 s was too short beside another
+    // suite: the watch ended before the freeze and the process started).
+    ...settings(deployment, 20_000, 300),
     REDIS_URL: own.url,
     GW_REDIS_TIMEOUT_MS: '1000',
     GW_NODE_ID: `fixed-${randomUUID().slice(0, 8)}`,
@@ -363,7 +366,12 @@ test('a Redis that freezes while the start watches its previous beat fails the s
     own.thaw();
     if (!(outcome instanceof Error)) {
       started.push(outcome);
-      assert.fail('the process started while Redis was frozen during its watch');
+      const watched = lines.find((l) => String(l.msg).startsWith('this node id beat recently'));
+      assert.fail(
+        watched
+          ? `the process started while Redis was frozen during its watch: ${JSON.stringify(watched)}`
+          : 'the process started without watching the killed process beat (reached after its stale time)',
+      );
     }
     const failed = lines.find((l) => l.code === 'previous_life_sweep_failed');
     assert.ok(failed, `a previous_life_sweep_failed line: ${JSON.stringify(lines.slice(-3))}`);
