@@ -117,10 +117,21 @@ export async function startNode(
     lazyConnect: true,
     reconnectOnError: readonly('workers'),
   });
+  // GW_REDIS_MIN_REPLICAS: publishes go on a connection of their own, whose WAITs (each holds
+  // its connection until the replicas answer) hold nothing else.
+  const publishing =
+    config.redisMinReplicas > 0
+      ? new Redis(config.redisUrl, {
+          ...bounded,
+          enableAutoPipelining: true,
+          lazyConnect: true,
+          reconnectOnError: readonly('publishes'),
+        })
+      : undefined;
+  const clients = [redis, sub, producer, bull, ...(publishing ? [publishing] : [])];
   // Reconnect attempts of an outage: the dependency monitor logs the outage once.
-  for (const r of [redis, sub, producer, bull])
-    r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
-  await Promise.all([redis.connect(), sub.connect(), producer.connect(), bull.connect()]);
+  for (const r of clients) r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
+  await Promise.all(clients.map((r) => r.connect()));
 
   const keys = new Keys(config.redisPrefix);
   const bus = new Bus(sub, log);
@@ -137,6 +148,7 @@ export async function startNode(
   });
   gateway.counters.timeRedis(redis, 'commands');
   gateway.counters.timeRedis(producer, 'queues');
+  if (publishing) gateway.counters.timeRedis(publishing, 'publishes');
 
   const identity = await createAuthModule(config, log, {
     redis,
@@ -151,6 +163,15 @@ export async function startNode(
     policy: config.outboxPolicy,
     ttlSeconds: config.sessionTtlSeconds,
     forwardWindow: config.maxInflight,
+    ...(publishing
+      ? {
+          replicas: {
+            min: config.redisMinReplicas,
+            waitMs: config.redisReplicaWaitMs,
+            connection: publishing,
+          },
+        }
+      : {}),
   });
   const publisher = new Publisher(outbox, identity.directory);
   const delivery = new DeliveryService({
@@ -419,7 +440,7 @@ export async function startNode(
       await admin.close();
       await identity.close();
       await backendEvents.close();
-      await Promise.allSettled([redis.quit(), sub.quit(), producer.quit(), bull.quit()]);
+      await Promise.allSettled(clients.map((r) => r.quit()));
     });
 
     const ports = await gateway.start();

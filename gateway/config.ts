@@ -338,6 +338,18 @@ const SETTINGS = {
     "Bound of a Redis connect and of every Redis command but BullMQ workers' blocking ones; a request that meets it answers `overloaded`. A command issued while the connection's pipeline waits on an unanswered one is sent after it, so it fails within twice this.",
     int(100).default(3000),
   ),
+  redisMinReplicas: setting(
+    'GW_REDIS_MIN_REPLICAS',
+    '0',
+    "Replicas of Redis that must have a qos-1 event before its publisher is answered (`WAIT` after each publish call, on a connection of the publishes' own). An event that has not reached them within `GW_REDIS_REPLICA_WAIT_MS` is answered `overloaded` with `retryAfter` (stored on the primary all the same: publish it again with the same `eid`). 0: the publisher is answered once the primary has the event, and a failover to a replica it had not reached loses it.",
+    int(0, 16).default(0),
+  ),
+  redisReplicaWaitMs: setting(
+    'GW_REDIS_REPLICA_WAIT_MS',
+    '250',
+    'Longest wait for `GW_REDIS_MIN_REPLICAS` replicas to confirm a publish call; below `GW_REDIS_TIMEOUT_MS`.',
+    int(10).default(250),
+  ),
   dbConnectTimeoutMs: setting(
     'GW_DB_CONNECT_TIMEOUT_MS',
     '3000',
@@ -585,6 +597,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if ((out.usernameMin as number) > (out.usernameMax as number))
     problems.push(
       `USERNAME_MIN_LENGTH=${out.usernameMin}: must not exceed USERNAME_MAX_LENGTH=${out.usernameMax}`,
+    );
+  if ((out.redisReplicaWaitMs as number) >= (out.redisTimeoutMs as number))
+    problems.push(
+      `GW_REDIS_REPLICA_WAIT_MS=${out.redisReplicaWaitMs}: must be below GW_REDIS_TIMEOUT_MS=${out.redisTimeoutMs}`,
     );
   if (problems.length > 0) throw new ConfigError(problems);
   // The machine's cores are shared by the processes: each gets its part of the hashing threads.

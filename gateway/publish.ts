@@ -52,6 +52,14 @@ export interface PublisherOptions {
    * or a Redis or PostgreSQL that is unreachable, fails with `overloaded`.
    */
   commandTimeoutMs?: number;
+  /**
+   * The gateways' GW_REDIS_MIN_REPLICAS (default 0): a qos-1 publish resolves only once this
+   * many Redis replicas have the event (`WAIT`, on a connection of the publishes' own), else
+   * fails with `overloaded` (stored on the primary all the same: publish again with the same
+   * `eid`). `replicaWaitMs` (default 250, below commandTimeoutMs) bounds each wait.
+   */
+  minReplicas?: number;
+  replicaWaitMs?: number;
 }
 
 export interface GatewayPublisher {
@@ -88,13 +96,21 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     reconnectOnError: reconnectOnReadonly(),
   });
   const bull = new Redis(url, { ...bounded, reconnectOnError: reconnectOnReadonly() });
+  const minReplicas = o.minReplicas ?? 0;
+  const replicaWaitMs = o.replicaWaitMs ?? 250;
+  if (minReplicas > 0 && replicaWaitMs >= t)
+    throw new Error(`replicaWaitMs (${replicaWaitMs}) must be below commandTimeoutMs (${t})`);
+  const publishing =
+    minReplicas > 0
+      ? new Redis(url, { ...bounded, enableAutoPipelining: true, reconnectOnError: reconnectOnReadonly() })
+      : undefined;
+  const clients = [redis, bull, ...(publishing ? [publishing] : [])];
   // Reconnect attempts while Redis is away: a publish meanwhile fails with `overloaded`.
-  for (const r of [redis, bull]) r.on('error', () => {});
+  for (const r of clients) r.on('error', () => {});
   try {
-    await Promise.all([redis.connect(), bull.connect()]);
+    await Promise.all(clients.map((r) => r.connect()));
   } catch (e) {
-    redis.disconnect();
-    bull.disconnect();
+    for (const r of clients) r.disconnect();
     throw e;
   }
   const keys = new Keys(o.prefix ?? 'gw:');
@@ -128,6 +144,7 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     policy: o.outboxPolicy ?? 'reject',
     ttlSeconds: ttl,
     forwardWindow: o.maxInflight ?? 32,
+    ...(publishing ? { replicas: { min: minReplicas, waitMs: replicaWaitMs, connection: publishing } } : {}),
   });
   const publisher = new Publisher(outbox, directory);
   const backend = new BackendEvents(bull, keys.bullPrefix);
@@ -147,8 +164,7 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     async close() {
       await backend.close();
       await pool?.end();
-      redis.disconnect();
-      bull.disconnect();
+      for (const r of clients) r.disconnect();
     },
   };
 }

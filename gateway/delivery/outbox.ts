@@ -238,6 +238,16 @@ interface OutboxCommands {
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
 
+/**
+ * A publish call whose WAIT found too few replicas: a Redis `NOREPLICAS` reply's word, so that
+ * it is a dependency fault (faults.ts) and answered `overloaded` with `retryAfter`.
+ */
+function notReplicated(n: number, replicas: { min: number; waitMs: number }): Error {
+  return new Error(
+    `NOREPLICAS the event reached ${n} of the ${replicas.min} replicas GW_REDIS_MIN_REPLICAS asks for within ${replicas.waitMs} ms (it is stored on the primary: publish it again with the same eid)`,
+  );
+}
+
 function parsePump(reply: Reply): AckPumpResult {
   const receiptsRaw = reply[1] as Buffer[];
   const sendRaw = reply[2] as (Buffer | number)[];
@@ -266,8 +276,31 @@ function parsePump(reply: Reply): AckPumpResult {
   };
 }
 
+/** The outbox's scripts, defined once per connection. */
+function withCommands(redis: Redis): Redis & OutboxCommands {
+  const r = redis as Redis & Partial<OutboxCommands>;
+  if (!r.gwPublishBuffer) {
+    // Key counts vary with the batch: the caller passes it first.
+    redis.defineCommand('gwPublish', { lua: lua('publish') });
+    redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
+    redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
+    redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
+    redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
+    redis.defineCommand('gwPublishNow', { numberOfKeys: 0, lua: lua('publish-now') });
+  }
+  return r as Redis & OutboxCommands;
+}
+
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
+  /** Where publish calls go: `redis`, or the publishes' own connection (options.replicas). */
+  private readonly publishRedis: Redis & OutboxCommands;
+  /**
+   * Events whose publish call's WAIT found fewer replicas than GW_REDIS_MIN_REPLICAS: answered
+   * `overloaded` though stored on the primary. Read at scrape
+   * (gateway_publish_unreplicated_total).
+   */
+  unreplicated = 0;
   private pendingPublishes: PendingPublish[] = [];
   /** Publish script calls sent and not answered; while there are any, publishes wait. */
   private publishCallsOut = 0;
@@ -301,19 +334,17 @@ export class Outbox {
        * past it are woken instead.
        */
       forwardBudget?: number;
+      /**
+       * GW_REDIS_MIN_REPLICAS: a publish call is followed by `WAIT min waitMs` and its events
+       * are answered only once `min` replicas have them; else `NOREPLICAS` (a dependency fault:
+       * `overloaded`). The calls and their WAITs go on `connection`, the publishes' own: a WAIT
+       * holds its connection until it returns, and covers what that connection wrote.
+       */
+      replicas?: { min: number; waitMs: number; connection: Redis };
     },
   ) {
-    const r = redis as Redis & Partial<OutboxCommands>;
-    if (!r.gwPublishBuffer) {
-      // Key counts vary with the batch: the caller passes it first.
-      redis.defineCommand('gwPublish', { lua: lua('publish') });
-      redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
-      redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
-      redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
-      redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
-      redis.defineCommand('gwPublishNow', { numberOfKeys: 0, lua: lua('publish-now') });
-    }
-    this.redis = r as Redis & OutboxCommands;
+    this.redis = withCommands(redis);
+    this.publishRedis = options.replicas ? withCommands(options.replicas.connection) : this.redis;
   }
 
   /**
@@ -539,7 +570,29 @@ export class Outbox {
       o.forwardBudget ?? FORWARD_BUDGET,
     );
     this.publishCallsOut++;
-    this.redis.gwPublishBuffer(0, ...args).then(
+    const replicas = this.options.replicas;
+    const call = this.publishRedis.gwPublishBuffer(0, ...args);
+    // Sent right after the call, on its connection: it returns once `min` replicas have what
+    // the connection wrote, the call included, or after waitMs with how many do.
+    const replicated = replicas ? this.publishRedis.wait(replicas.min, replicas.waitMs) : undefined;
+    // Read by `answer`; a call that failed reads it never.
+    replicated?.catch(() => {});
+    // The call's results are answered only once the WAIT has returned enough replicas.
+    const answer = (p: PendingPublish, results: SessionPublishResult[]) => {
+      if (!replicated) p.waiter.fulfilled(p.index, results);
+      else
+        replicated.then(
+          (n) => {
+            if (n >= replicas!.min) p.waiter.fulfilled(p.index, results);
+            else {
+              this.unreplicated++;
+              p.waiter.rejected(p.index, notReplicated(n, replicas!));
+            }
+          },
+          (e) => p.waiter.rejected(p.index, e),
+        );
+    };
+    call.then(
       (packedReply) => {
         this.publishCallDone();
         const reply = readScriptReply(packedReply) as Reply;
@@ -576,7 +629,7 @@ export class Outbox {
             else
               direct!.settle(c, p.event.eid, { seq, message: (message ??= packEvent(p.packed, 1, 1)), bare });
           }
-          p.waiter.fulfilled(p.index, results);
+          answer(p, results);
         }
       },
       (e) => {

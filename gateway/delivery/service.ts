@@ -338,6 +338,12 @@ export class DeliveryService {
       registers: [deps.registry],
       read: (c) => c.inc(outbox.callsPastWait),
     });
+    counterReadAtScrape({
+      name: 'gateway_publish_unreplicated_total',
+      help: 'qos-1 events answered overloaded because their publish call did not reach GW_REDIS_MIN_REPLICAS replicas within GW_REDIS_REPLICA_WAIT_MS (stored on the primary all the same).',
+      registers: [deps.registry],
+      read: (c) => c.inc(outbox.unreplicated),
+    });
     this.metrics = {
       strayAcks: counter('stray_acks', 'Acks for events not in the outbox (duplicate or unknown); ignored.'),
       retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),

@@ -35,6 +35,18 @@ test('a shortest username longer than the longest is a problem reported with the
   assert.equal(loadConfig({ USERNAME_MIN_LENGTH: '8', USERNAME_MAX_LENGTH: '8' }).usernameMin, 8);
 });
 
+test('a replica wait as long as the Redis timeout is a problem: the WAIT would outlast its command', () => {
+  assert.throws(
+    () => loadConfig({ GW_REDIS_MIN_REPLICAS: '1', GW_REDIS_REPLICA_WAIT_MS: '3000' }),
+    (e) =>
+      e instanceof ConfigError &&
+      e.problems.some((p) => /GW_REDIS_REPLICA_WAIT_MS.*GW_REDIS_TIMEOUT_MS/.test(p)),
+  );
+  const c = loadConfig({ GW_REDIS_MIN_REPLICAS: '2', GW_REDIS_REPLICA_WAIT_MS: '500' });
+  assert.deepEqual([c.redisMinReplicas, c.redisReplicaWaitMs], [2, 500]);
+  assert.deepEqual([loadConfig({}).redisMinReplicas, loadConfig({}).redisReplicaWaitMs], [0, 250]);
+});
+
 test('defaults', () => {
   const c = loadConfig({});
   assert.equal(c.tcpPort, 9000);
