@@ -45,8 +45,8 @@ const PG_STATE = /^(08|53)|^57014$|^57P0[123]$|^25006$/;
 const BECAME_REPLICA = /^UNBLOCKED force unblock from blocking operation, instance state changed/;
 
 /**
- * Messages of ioredis (offline queue disabled, command timeout, closed connection, retries
- * exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM,
+ * Messages of ioredis (offline queue disabled, command timeout, closed connection, a pipeline
+ * cut by it, retries exhausted), Redis replies (LOADING, BUSY, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, OOM,
  * MISCONF: writes refused because it cannot persist, NOREPLICAS: too few replicas to write;
  * UNBLOCKED: a blocking read ended by the server turning replica)
  * and pg / pg-pool / libpq (pool wait or connect timeout, query read timeout, lost connection).
@@ -55,6 +55,8 @@ const MESSAGES = [
   /^Stream isn't writeable/,
   /^Command timed out/,
   /^Connection is closed/,
+  // An auto-pipeline's commands after one answered, when the connection closed under them.
+  /^Command aborted due to connection close/,
   /max retries per request/i,
   /^(LOADING|BUSY|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|OOM|MISCONF|NOREPLICAS)\b/,
   BECAME_REPLICA,

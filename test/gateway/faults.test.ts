@@ -83,6 +83,47 @@ test('ioredis: a command while disconnected, a refused connect, a silent server'
   stuck.disconnect();
 });
 
+test('ioredis: a command of an auto-pipeline whose earlier commands were answered, aborted by the connection closing, is a fault', async () => {
+  // A server that answers every command (HELLO refused: RESP2) until a WAIT, and then closes
+  // the connection, as a primary killed between a publish call's answer and its WAIT's.
+  const answersOne = createServer((s) => {
+    sockets.push(s);
+    s.on('error', () => {});
+    s.on('data', (d: Buffer) => {
+      for (const [, name] of d.toString('latin1').matchAll(/\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n/g)) {
+        if (/^wait$/i.test(name)) {
+          setTimeout(() => s.destroy(), 50);
+          return;
+        }
+        s.write(/^hello$/i.test(name) ? "-ERR unknown command 'hello'\r\n" : '+OK\r\n');
+      }
+    });
+  });
+  await new Promise<void>((r) => answersOne.listen(0, '127.0.0.1', () => r()));
+  const r = redisTo((answersOne.address() as { port: number }).port, {
+    enableAutoPipelining: true,
+    enableReadyCheck: false,
+    connectTimeout: 5000,
+    commandTimeout: 5000,
+  });
+  try {
+    await r.connect();
+    // One pipeline: the SET is answered, the WAIT is not when the connection goes.
+    const set = r.set('k', 'v').then(
+      (v) => v,
+      (err: Error) => err.message,
+    );
+    const wait = errorOf(() => r.wait(1, 3000));
+    const e = await wait;
+    assert.equal(await set, 'OK', 'the SET answered');
+    assert.match(String((e as Error).message), /^Command aborted due to connection close/, String(e));
+    assert.ok(isDependencyFault(e), `a fault: ${String(e)}`);
+  } finally {
+    r.disconnect();
+    answersOne.close();
+  }
+});
+
 for (const driver of ['js', 'native'] as const) {
   const Pool = driver === 'native' ? pg.native?.Pool : pg.Pool;
   test(`pg (${driver}): refused, and a server that never answers`, { skip: !Pool }, async () => {
