@@ -118,12 +118,13 @@ export async function startNode(
     reconnectOnError: readonly('workers'),
   });
   // GW_REDIS_MIN_REPLICAS: publishes go on a connection of their own, whose WAITs (each holds
-  // its connection until the replicas answer) hold nothing else.
+  // its connection until the replicas answer) hold nothing else. Not auto-pipelined: ioredis
+  // settles an auto-pipeline's commands together, so a publish call's reply (and the sends from
+  // it) would wait for the WAIT sent with it.
   const publishing =
     config.redisMinReplicas > 0
       ? new Redis(config.redisUrl, {
           ...bounded,
-          enableAutoPipelining: true,
           lazyConnect: true,
           reconnectOnError: readonly('publishes'),
         })

@@ -102,7 +102,8 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     throw new Error(`replicaWaitMs (${replicaWaitMs}) must be below commandTimeoutMs (${t})`);
   const publishing =
     minReplicas > 0
-      ? new Redis(url, { ...bounded, enableAutoPipelining: true, reconnectOnError: reconnectOnReadonly() })
+      ? // Not auto-pipelined: a publish call's reply would wait for its WAIT (gateway/app.ts).
+        new Redis(url, { ...bounded, reconnectOnError: reconnectOnReadonly() })
       : undefined;
   const clients = [redis, bull, ...(publishing ? [publishing] : [])];
   // Reconnect attempts while Redis is away: a publish meanwhile fails with `overloaded`.
