@@ -14,7 +14,7 @@ import { BackendEvents } from './backend-events.ts';
 import { SessionBinding } from './binding.ts';
 import { Bus } from './bus.ts';
 import type { Config } from './config.ts';
-import { Outbox } from './delivery/outbox.ts';
+import { Outbox, PUBLISH_CONNECTIONS } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService, type ResyncCause } from './delivery/service.ts';
 import {
@@ -117,19 +117,24 @@ export async function startNode(
     lazyConnect: true,
     reconnectOnError: readonly('workers'),
   });
-  // GW_REDIS_MIN_REPLICAS: publishes go on a connection of their own, whose WAITs (each holds
-  // its connection until the replicas answer) hold nothing else. Not auto-pipelined: ioredis
+  // GW_REDIS_MIN_REPLICAS: publishes go on connections of their own, whose WAITs (each holds
+  // its connection until the replicas answer) hold nothing else; several, so that a publish
+  // call finds one whose WAIT is not out (Outbox.publishConnection). Not auto-pipelined: ioredis
   // settles an auto-pipeline's commands together, so a publish call's reply (and the sends from
   // it) would wait for the WAIT sent with it.
   const publishing =
     config.redisMinReplicas > 0
-      ? new Redis(config.redisUrl, {
-          ...bounded,
-          lazyConnect: true,
-          reconnectOnError: readonly('publishes'),
-        })
-      : undefined;
-  const clients = [redis, sub, producer, bull, ...(publishing ? [publishing] : [])];
+      ? Array.from(
+          { length: PUBLISH_CONNECTIONS },
+          () =>
+            new Redis(config.redisUrl, {
+              ...bounded,
+              lazyConnect: true,
+              reconnectOnError: readonly('publishes'),
+            }),
+        )
+      : [];
+  const clients = [redis, sub, producer, bull, ...publishing];
   // Reconnect attempts of an outage: the dependency monitor logs the outage once.
   for (const r of clients) r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
   await Promise.all(clients.map((r) => r.connect()));
@@ -149,7 +154,7 @@ export async function startNode(
   });
   gateway.counters.timeRedis(redis, 'commands');
   gateway.counters.timeRedis(producer, 'queues');
-  if (publishing) gateway.counters.timeRedis(publishing, 'publishes');
+  for (const r of publishing) gateway.counters.timeRedis(r, 'publishes');
 
   const identity = await createAuthModule(config, log, {
     redis,
@@ -164,12 +169,12 @@ export async function startNode(
     policy: config.outboxPolicy,
     ttlSeconds: config.sessionTtlSeconds,
     forwardWindow: config.maxInflight,
-    ...(publishing
+    ...(publishing.length > 0
       ? {
           replicas: {
             min: config.redisMinReplicas,
             waitMs: config.redisReplicaWaitMs,
-            connection: publishing,
+            connections: publishing,
           },
         }
       : {}),

@@ -341,7 +341,7 @@ const SETTINGS = {
   redisMinReplicas: setting(
     'GW_REDIS_MIN_REPLICAS',
     '0',
-    "Replicas of Redis that must have a qos-1 event before its publisher is answered (`WAIT` after each publish call, on a connection of the publishes' own). An event that has not reached them within `GW_REDIS_REPLICA_WAIT_MS` is answered `overloaded` with `retryAfter` (stored on the primary all the same: publish it again with the same `eid`). 0: the publisher is answered once the primary has the event, and a failover to a replica it had not reached loses it.",
+    "Replicas of Redis that must have a qos-1 event before its publisher is answered (`WAIT` after each publish call, on connections of the publishes' own: four more per process). An event that has not reached them within `GW_REDIS_REPLICA_WAIT_MS` is answered `overloaded` with `retryAfter` (stored on the primary all the same: publish it again with the same `eid`). 0: the publisher is answered once the primary has the event, and a failover to a replica it had not reached loses it.",
     int(0, 16).default(0),
   ),
   redisReplicaWaitMs: setting(

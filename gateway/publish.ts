@@ -16,7 +16,7 @@ import { Redis } from 'ioredis';
 import pg from 'pg';
 import { UserIds } from './auth/user-ids.ts';
 import { BackendEvents } from './backend-events.ts';
-import { Outbox, type OverflowPolicy } from './delivery/outbox.ts';
+import { Outbox, type OverflowPolicy, PUBLISH_CONNECTIONS } from './delivery/outbox.ts';
 import {
   type EventInput,
   Publisher,
@@ -100,12 +100,15 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
   const replicaWaitMs = o.replicaWaitMs ?? 250;
   if (minReplicas > 0 && replicaWaitMs >= t)
     throw new Error(`replicaWaitMs (${replicaWaitMs}) must be below commandTimeoutMs (${t})`);
+  // Not auto-pipelined, and several: see gateway/app.ts.
   const publishing =
     minReplicas > 0
-      ? // Not auto-pipelined: a publish call's reply would wait for its WAIT (gateway/app.ts).
-        new Redis(url, { ...bounded, reconnectOnError: reconnectOnReadonly() })
-      : undefined;
-  const clients = [redis, bull, ...(publishing ? [publishing] : [])];
+      ? Array.from(
+          { length: PUBLISH_CONNECTIONS },
+          () => new Redis(url, { ...bounded, reconnectOnError: reconnectOnReadonly() }),
+        )
+      : [];
+  const clients = [redis, bull, ...publishing];
   // Reconnect attempts while Redis is away: a publish meanwhile fails with `overloaded`.
   for (const r of clients) r.on('error', () => {});
   try {
@@ -145,7 +148,9 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
     policy: o.outboxPolicy ?? 'reject',
     ttlSeconds: ttl,
     forwardWindow: o.maxInflight ?? 32,
-    ...(publishing ? { replicas: { min: minReplicas, waitMs: replicaWaitMs, connection: publishing } } : {}),
+    ...(publishing.length > 0
+      ? { replicas: { min: minReplicas, waitMs: replicaWaitMs, connections: publishing } }
+      : {}),
   });
   const publisher = new Publisher(outbox, directory);
   const backend = new BackendEvents(bull, keys.bullPrefix);

@@ -276,6 +276,12 @@ function parsePump(reply: Reply): AckPumpResult {
   };
 }
 
+/**
+ * Connections of a node's publishes with GW_REDIS_MIN_REPLICAS: a publish call goes on one whose
+ * WAIT is not out (Outbox.publishConnection); calls are sent one at a time, so a few suffice.
+ */
+export const PUBLISH_CONNECTIONS = 4;
+
 /** The outbox's scripts, defined once per connection. */
 function withCommands(redis: Redis): Redis & OutboxCommands {
   const r = redis as Redis & Partial<OutboxCommands>;
@@ -293,8 +299,13 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
 
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
-  /** Where publish calls go: `redis`, or the publishes' own connection (options.replicas). */
-  private readonly publishRedis: Redis & OutboxCommands;
+  /**
+   * Where publish calls go: `redis`, or the publishes' own connections (options.replicas), each
+   * with the WAITs it has out: a call goes on one with none, so that it does not queue at Redis
+   * behind another call's WAIT (a client blocked in WAIT is served nothing else until it returns).
+   */
+  private readonly publishRedis: { redis: Redis & OutboxCommands; waits: number }[];
+  private publishTurn = 0;
   /**
    * Events whose publish call's WAIT found fewer replicas than GW_REDIS_MIN_REPLICAS: answered
    * `overloaded` though stored on the primary. Read at scrape
@@ -337,14 +348,18 @@ export class Outbox {
       /**
        * GW_REDIS_MIN_REPLICAS: a publish call is followed by `WAIT min waitMs` and its events
        * are answered only once `min` replicas have them; else `NOREPLICAS` (a dependency fault:
-       * `overloaded`). The calls and their WAITs go on `connection`, the publishes' own: a WAIT
-       * holds its connection until it returns, and covers what that connection wrote.
+       * `overloaded`). The calls and their WAITs go on `connections`, the publishes' own (not
+       * auto-pipelined): a WAIT holds its connection until it returns, and covers what that
+       * connection wrote.
        */
-      replicas?: { min: number; waitMs: number; connection: Redis };
+      replicas?: { min: number; waitMs: number; connections: Redis[] };
     },
   ) {
     this.redis = withCommands(redis);
-    this.publishRedis = options.replicas ? withCommands(options.replicas.connection) : this.redis;
+    this.publishRedis = (options.replicas?.connections ?? [redis]).map((r) => ({
+      redis: withCommands(r),
+      waits: 0,
+    }));
   }
 
   /**
@@ -530,6 +545,16 @@ export class Outbox {
       process.nextTick(this.flushPublishes);
   }
 
+  /** A publish connection with no WAIT out if there is one, else the next in turn. */
+  private publishConnection(): { redis: Redis & OutboxCommands; waits: number } {
+    const all = this.publishRedis;
+    for (let i = 0; i < all.length; i++) {
+      const c = all[(this.publishTurn + i) % all.length];
+      if (c.waits === 0) return c;
+    }
+    return all[this.publishTurn++ % all.length];
+  }
+
   private publishBatch(batch: PendingPublish[]): void {
     const o = this.options;
     const direct = this.direct;
@@ -571,10 +596,19 @@ export class Outbox {
     );
     this.publishCallsOut++;
     const replicas = this.options.replicas;
-    const call = this.publishRedis.gwPublishBuffer(0, ...args);
+    const conn = this.publishConnection();
+    const call = conn.redis.gwPublishBuffer(0, ...args);
     // Sent right after the call, on its connection: it returns once `min` replicas have what
     // the connection wrote, the call included, or after waitMs with how many do.
-    const replicated = replicas ? this.publishRedis.wait(replicas.min, replicas.waitMs) : undefined;
+    let replicated: Promise<number> | undefined;
+    if (replicas) {
+      conn.waits++;
+      replicated = conn.redis.wait(replicas.min, replicas.waitMs);
+      const done = () => {
+        conn.waits--;
+      };
+      replicated.then(done, done);
+    }
     // Read by `answer`; a call that failed reads it never.
     replicated?.catch(() => {});
     // The call's results are answered only once the WAIT has returned enough replicas.
