@@ -33,6 +33,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
     const upstream = createConnection(target);
+    // As a network path would: no write held back for an acknowledgement (Nagle).
+    client.setNoDelay(true);
+    upstream.setNoDelay(true);
     sockets.add(client);
     sockets.add(upstream);
     const conn = { client, held: [] as Buffer[] };
