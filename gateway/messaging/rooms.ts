@@ -43,6 +43,19 @@ interface RoomWire {
   skip?: string;
 }
 
+/** A member's `room.joined` or `room.left`, packed, for a script to publish on the room's channel. */
+function membershipEvent(name: 'room.joined' | 'room.left', room: string, m: Membership): Buffer {
+  return pack({
+    eid: newEid(),
+    ts: Date.now(),
+    name,
+    room,
+    from: m.username,
+    data: {},
+    skip: m.sid,
+  } satisfies RoomWire);
+}
+
 /**
  * One join of a connection: its field in the session's memberships hash, `room token node`
  * (lua/room-join.lua), which its leave removes and nothing else.
@@ -359,18 +372,7 @@ export class Rooms {
    */
   private async drop(m: Membership, room: string, announce = true): Promise<number> {
     const { keys } = this.deps;
-    const told =
-      announce && this.announced(room)
-        ? pack({
-            eid: newEid(),
-            ts: Date.now(),
-            name: 'room.left',
-            room,
-            from: m.username,
-            data: {},
-            skip: m.sid,
-          } satisfies RoomWire)
-        : '';
+    const told = announce && this.announced(room) ? membershipEvent('room.left', room, m) : '';
     const call = this.deps.binding.run(
       'room_leave',
       [
@@ -515,17 +517,7 @@ export class Rooms {
         const m = roomsOf(c).get(room);
         if (!m?.joined) continue;
         // The `room.joined` it tells if a sweep told the room it left (published by the script).
-        const joined = this.announced(room)
-          ? pack({
-              eid: newEid(),
-              ts: Date.now(),
-              name: 'room.joined',
-              room,
-              from: m.username,
-              data: {},
-              skip: m.sid,
-            } satisfies RoomWire)
-          : '';
+        const joined = this.announced(room) ? membershipEvent('room.joined', room, m) : '';
         writes.push(
           binding.run(
             'room_restore',

@@ -28,6 +28,15 @@ after(async () => {
   await db?.remove();
 });
 
+/** Waits for the node's `dependency down` / `dependency recovered` line about PostgreSQL, logged after `since`. */
+function postgresLine(msg: 'dependency down' | 'dependency recovered', since: number) {
+  return within(
+    `the ${msg} line`,
+    gw.waitForLog((l) => gw.logs.indexOf(l) >= since && l.msg === msg && l.dependency === 'postgres', 10000),
+    11000,
+  );
+}
+
 function readOnly(on: boolean): Promise<void> {
   return within(`default_transaction_read_only ${on ? 'on' : 'off'}`, setReadOnly(on));
 }
@@ -53,14 +62,7 @@ test('a read-only PostgreSQL: registrations and logins answered overloaded, the 
   const { username } = await signUp(device);
   const since = gw.logs.length;
   await readOnly(true);
-  const down = await within(
-    'the dependency down line',
-    gw.waitForLog(
-      (l) => gw.logs.indexOf(l) >= since && l.msg === 'dependency down' && l.dependency === 'postgres',
-      10000,
-    ),
-    11000,
-  );
+  const down = await postgresLine('dependency down', since);
   assert.match(String(down.err), /read-only/, `it names why: ${down.err}`);
   const ready = await fetchWithin(`http://127.0.0.1:${gw.httpPort}/health/ready`);
   const body = (await ready.json()) as { degraded?: string[] };
@@ -89,14 +91,7 @@ test('a read-only PostgreSQL: registrations and logins answered overloaded, the 
 
   const back = gw.logs.length;
   await readOnly(false);
-  await within(
-    'the dependency recovered line',
-    gw.waitForLog(
-      (l) => gw.logs.indexOf(l) >= back && l.msg === 'dependency recovered' && l.dependency === 'postgres',
-      10000,
-    ),
-    11000,
-  );
+  await postgresLine('dependency recovered', back);
   await within('the refused registration made again', registration());
   await within('a login', newcomer.request('login', { username: name, password: PASSWORD }));
 });
@@ -121,14 +116,7 @@ test('a read-only PostgreSQL under many requests at once: every registration and
 
   const since = gw.logs.length;
   await readOnly(true);
-  await within(
-    'the dependency down line',
-    gw.waitForLog(
-      (l) => gw.logs.indexOf(l) >= since && l.msg === 'dependency down' && l.dependency === 'postgres',
-      10000,
-    ),
-    11000,
-  );
+  await postgresLine('dependency down', since);
   const outcomes = await within(
     'the answers to 31 registrations and 12 logins at once',
     Promise.all([
@@ -161,14 +149,7 @@ test('a read-only PostgreSQL under many requests at once: every registration and
 
   const back = gw.logs.length;
   await readOnly(false);
-  await within(
-    'the dependency recovered line',
-    gw.waitForLog(
-      (l) => gw.logs.indexOf(l) >= back && l.msg === 'dependency recovered' && l.dependency === 'postgres',
-      10000,
-    ),
-    11000,
-  );
+  await postgresLine('dependency recovered', back);
   // Made again, a few at a time as devices would retry (the hash pool admits a few at once).
   const again: { code?: string }[] = [];
   for (let i = 0; i < requests.length; i += 4) {
