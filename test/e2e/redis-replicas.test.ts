@@ -8,15 +8,18 @@
  * file's own servers.
  */
 import assert from 'node:assert/strict';
+import { createConnection, createServer, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import { isProtocolError } from '../../protocol/index.ts';
-import { deviceWithEvents } from '../helpers/accounts.ts';
+import { connected, deviceWithEvents, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
 import { assertNoErrorLines, type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { postEvent } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'api-key-for-redis-replicas-7d21';
 let primary: OwnRedis;
@@ -123,4 +126,115 @@ test('GW_REDIS_MIN_REPLICAS: a publish is accepted once a replica has it; with t
     () => eids.includes('rep-2') && eids.includes('rep-lib-2'),
   );
   assertNoErrorLines(gw, since);
+});
+
+/**
+ * The replica's link to its primary, which can hold what the primary sends from some moment on
+ * (a replica fallen behind: the writes since then never reach it).
+ */
+async function replicaLink(primaryPort: number) {
+  let holding = false;
+  const sockets = new Set<Socket>();
+  const server = createServer((down) => {
+    const up = createConnection({ host: '127.0.0.1', port: primaryPort });
+    for (const s of [down, up]) {
+      sockets.add(s);
+      s.setNoDelay(true);
+      s.on('error', () => {});
+      s.on('close', () => {
+        down.destroy();
+        up.destroy();
+        sockets.delete(s);
+      });
+    }
+    down.on('data', (d: Buffer) => up.write(d));
+    up.on('data', (d: Buffer) => {
+      if (!holding) down.write(d);
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as { port: number }).port,
+    hold: () => {
+      holding = true;
+    },
+    close: () => {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
+test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the replica promoted behind the same address: every event answered accepted to an offline device reaches it when it comes back', async () => {
+  // A primary, its replica and an address (a proxy) of this test's own; the device is offline,
+  // so an event's only copy is its outbox.
+  const first = await startOwnRedis();
+  const second = await startOwnRedis();
+  const third = await startOwnRedis();
+  const address = await startRedisProxy({ host: '127.0.0.1', port: first.port });
+  const link = await replicaLink(first.port);
+  const servers = [first, second, third];
+  let g: GatewayProcess | undefined;
+  try {
+    await second.with((r) => r.call('REPLICAOF', '127.0.0.1', String(link.port)));
+    const synced = async (replica: OwnRedis) =>
+      until('the replica in sync', async () =>
+        /master_link_status:up/.test(await replica.with((r) => r.info('replication'))),
+      );
+    await synced(second);
+    g = await startGateway({
+      REDIS_URL: address.url,
+      GW_REDIS_MIN_REPLICAS: '1',
+      GW_REDIS_REPLICA_WAIT_MS: '200',
+      GW_API_KEY: API_KEY,
+      GW_REGISTER_PER_MINUTE: '1000',
+      GW_DEFAULT_ROOM: '',
+    });
+    const gw2 = g;
+    const deviceId = `fo-${Date.now().toString(36)}`;
+    const device = await connected(gw2.tcpUrl);
+    const session = await signUp(device, { id: deviceId });
+    await device.close();
+    const accepted: string[] = [];
+    const publish = async (eid: string) => {
+      const res = await postEvent(gw2.httpPort, API_KEY, { device: deviceId }, eid, 'replicas.failover');
+      await res.arrayBuffer();
+      if (res.status === 202) accepted.push(eid);
+      return res.status;
+    };
+    assert.equal(await publish('fo-before'), 202);
+
+    // The replica falls behind: what the primary writes from now on does not reach it.
+    link.hold();
+    const status = await publish('fo-lagging');
+    // The primary dies; the address leads to the replica, which is promoted.
+    await first.kill('SIGKILL');
+    link.close();
+    address.retarget({ host: '127.0.0.1', port: second.port });
+    await second.with((r) => r.call('REPLICAOF', 'NO', 'ONE'));
+    // A replica for the new primary, and a publish accepted again.
+    await third.with((r) => r.call('REPLICAOF', '127.0.0.1', String(second.port)));
+    await synced(third);
+    await until(
+      'a publish accepted after the failover',
+      async () => (await publish('fo-after')) === 202,
+      20000,
+      250,
+    );
+
+    // The device comes back: every event it was told accepted is there.
+    const back = await connected(gw2.tcpUrl);
+    const got = collect(back);
+    await within('the resume after the failover', back.request('resume', { token: session.token }));
+    await until(`the accepted events (${accepted.join(', ')}) at the device`, () =>
+      accepted.every((eid) => got.some((e) => e.eid === eid)),
+    );
+    back.destroy();
+    assert.equal(status, 503, 'the event the replica did not have was not answered accepted');
+  } finally {
+    await g?.stop();
+    link.close();
+    await address.close();
+    await Promise.allSettled(servers.map((s) => s.remove()));
+  }
 });
