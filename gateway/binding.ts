@@ -19,19 +19,18 @@ import type { Redis } from 'ioredis';
 /** Operations per script call; more in one tick go in further calls. */
 const MAX_OPS = 256;
 
-/**
- * An argument that `run` replaces with the time (`Date.now()`, ms) when the tick's call is made:
- * a timestamp taken when the operation is added could be old by then (a process stopped
- * between the two, or a slow tick), and a beat written with an old stamp looks stale.
- */
-export const CALL_TIME = Symbol('call time');
-
 type Arg = string | number | Buffer;
+/**
+ * An argument given as a function is called when the tick's call is made, and its value sent: a
+ * timestamp taken when the operation is added could be old by then (a process stopped between
+ * the two, or a slow tick), and a beat written with an old stamp looks stale.
+ */
+type LateArg = () => Arg;
 
 interface Pending {
   name: string;
   keys: string[];
-  args: (Arg | typeof CALL_TIME)[];
+  args: (Arg | LateArg)[];
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -94,7 +93,7 @@ export class SessionBinding {
   }
 
   /** Adds an operation to this tick's call; resolves with its result. */
-  run(name: string, keys: string[], args: (Arg | typeof CALL_TIME)[]): Promise<unknown> {
+  run(name: string, keys: string[], args: (Arg | LateArg)[]): Promise<unknown> {
     if (!this.ops.has(name)) return Promise.reject(new Error(`unknown binding operation ${name}`));
     return new Promise((resolve, reject) => {
       this.pending.push({ name, keys, args, resolve, reject });
@@ -142,11 +141,10 @@ export class SessionBinding {
   private call(batch: Pending[]): void {
     const keys: string[] = [];
     const argv: Arg[] = [batch.length];
-    let now: number | undefined;
     for (const p of batch) {
       keys.push(...p.keys);
       argv.push(p.name, p.keys.length, p.args.length);
-      for (const a of p.args) argv.push(a === CALL_TIME ? (now ??= Date.now()) : a);
+      for (const a of p.args) argv.push(typeof a === 'function' ? a() : a);
     }
     this.send(keys, argv).then(
       (out) => {

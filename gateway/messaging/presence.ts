@@ -10,7 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { Counter } from 'prom-client';
-import { CALL_TIME, type SessionBinding } from '../binding.ts';
+import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
 import { logFailure, logQueueErrors } from '../faults.ts';
@@ -95,7 +95,7 @@ return {sessions, memberships}`,
   node_beat: `
 local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return {prev or '', ARGV[2]}`,
+return prev or ''`,
   /**
    * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, the
    * last beat the sweeper judged dead (ms; 0: none). The end of a dead node's sweep: its sets
@@ -423,18 +423,20 @@ export class Presence {
    */
   private async beat(detect = false): Promise<void> {
     const { binding, keys, gateway, options, log } = this.deps;
-    // Stamped when the tick's call is made (CALL_TIME), not now: a process stopped in between
-    // would write a stamp already stale, and see its silence twice (gone, then stale).
-    const [prevRaw, stampRaw] = (await binding.run(
-      'node_beat',
-      [keys.nodes],
-      [gateway.nodeId, CALL_TIME],
-    )) as [Buffer | string, Buffer | string];
-    const raw = String(prevRaw);
-    const now = Number(String(stampRaw));
-    const newest = this.beats.length > 0 ? Math.max(...this.beats) : -1;
-    this.beats.push(now);
-    if (this.beats.length > 20) this.beats.shift();
+    // Stamped when the tick's call is made, not now: a process stopped in between would write
+    // a stamp already stale, and see its silence twice (gone, then stale). Every stamp sent is
+    // remembered then, whether or not its call is answered (one that timed out in a frozen Redis
+    // runs when it thaws, and the next beat finds it: this process's, not another's).
+    let now = 0;
+    let newest = -1;
+    const stamp = () => {
+      newest = this.beats.length > 0 ? Math.max(...this.beats) : -1;
+      now = Date.now();
+      this.beats.push(now);
+      if (this.beats.length > 20) this.beats.shift();
+      return now;
+    };
+    const raw = String(await binding.run('node_beat', [keys.nodes], [gateway.nodeId, stamp]));
     if (detect && newest >= 0 && !this.closing) {
       const silentMs = raw === '' ? now - this.lastWritten : now - Number(raw);
       if (raw === '' || silentMs > 0.8 * options.staleMs) {
