@@ -286,7 +286,7 @@ test('two processes started at the same moment with one node id: one serves, the
       const refusedIn = both.findIndex((o) => o.status === 'rejected');
       assert.ok(
         lines[refusedIn].some((l) => l.code === 'node_id_in_use' && l.level === 50),
-        `the refusal names node_id_in_use: ${JSON.stringify(lines[refusedIn].slice(-3))}`,
+        `the refusal names node_id_in_use: ${JSON.stringify(lines[refusedIn].slice(-3))}; the start failed with: ${String((both[refusedIn] as PromiseRejectedResult).reason)}`,
       );
       // The one serving hears of no other process under its id.
       const device = await connected(running[0].tcpUrl);
