@@ -94,7 +94,7 @@ test('a beat stamped before its process stopped and sent after: one silence line
   } finally {
     r.disconnect();
     if (a) {
-      await a.presence.close().catch(() => undefined);
+      await within("A's presence closed", a.presence.close()).catch(() => undefined);
       a.disconnect();
     }
     await b?.stop();

@@ -69,7 +69,7 @@ after(async () => {
   await Promise.allSettled([primary?.remove(), replica?.remove()]);
 });
 
-test('GW_REDIS_MIN_REPLICAS: a publish is accepted once a replica has it; with the replica stopped it is overloaded on every path, and accepted again, same eid, once the replica is back', async () => {
+test('GW_REDIS_MIN_REPLICAS: a publish is accepted once a replica has it, twenty at once too; with the replica stopped it is overloaded on every path, twenty at once too, and accepted again, same eid, once the replica is back', async () => {
   const { device, id: deviceId, eids } = await deviceWithEvents(gw.tcpUrl, 'rep', { autoAck: true });
   closers.push(() => device.close());
   const waits = async () =>
@@ -87,21 +87,47 @@ test('GW_REDIS_MIN_REPLICAS: a publish is accepted once a replica has it; with t
   );
   await until('rep-lib-1 at the device', () => eids.includes('rep-lib-1'));
 
+  // Many at once, as a back end's workers publish: every one accepted and delivered.
+  const many = (tag: string) => Array.from({ length: 20 }, (_, i) => `${tag}-${i}`);
+  const statuses = (eids: string[]) =>
+    within(
+      `${eids.length} publishes at once`,
+      Promise.all(
+        eids.map(async (eid) => {
+          const r = await postEvent(gw.httpPort, API_KEY, { device: deviceId }, eid, 'replicas.test');
+          await r.arrayBuffer();
+          return r.status;
+        }),
+      ),
+    );
+  assert.deepEqual(
+    await statuses(many('rep-many')),
+    many('rep-many').map(() => 202),
+    'all accepted',
+  );
+  await until('the 20 at the device', () => many('rep-many').every((eid) => eids.includes(eid)));
+
   // The replica stopped: the primary takes the event, the replica does not confirm it.
   const since = gw.logs.length;
   replica.freeze();
   try {
+    assert.deepEqual(
+      await statuses(many('rep-refused')),
+      many('rep-refused').map(() => 503),
+      'twenty at once: every one refused',
+    );
     const refused = await postEvent(gw.httpPort, API_KEY, { device: deviceId }, 'rep-2', 'replicas.test');
     const body = (await refused.json()) as { error?: { code?: string; retryAfter?: number } };
     assert.equal(refused.status, 503, JSON.stringify(body));
     assert.equal(body.error?.code, 'overloaded', JSON.stringify(body));
     assert.ok(Number(refused.headers.get('retry-after')) > 0, 'a Retry-After');
-    const libRefusal = await pub
-      .publish({ device: deviceId }, { name: 'replicas.test', eid: 'rep-lib-2' })
-      .then(
+    const libRefusal = await within(
+      "the library's publish refused",
+      pub.publish({ device: deviceId }, { name: 'replicas.test', eid: 'rep-lib-2' }).then(
         () => undefined,
         (e: unknown) => e,
-      );
+      ),
+    );
     assert.ok(
       isProtocolError(libRefusal) && libRefusal.code === 'overloaded' && (libRefusal.retryAfter ?? 0) > 0,
       `the library's publish overloaded with retryAfter: ${String(libRefusal)}`,
@@ -194,7 +220,7 @@ test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the re
     const deviceId = `fo-${Date.now().toString(36)}`;
     const device = await connected(gw2.tcpUrl);
     const session = await signUp(device, { id: deviceId });
-    await device.close();
+    await within('the device closed', device.close());
     const accepted: string[] = [];
     const publish = async (eid: string) => {
       const res = await postEvent(gw2.httpPort, API_KEY, { device: deviceId }, eid, 'replicas.failover');

@@ -67,7 +67,10 @@ test('a device whose own register made the account but lost its answer counts th
     void d.start();
     const cut = await within("the device's register", held);
     await until('the register to make the account', async () => {
-      const r = await pool.query(`SELECT 1 FROM ${slow.schema}.users WHERE username = $1`, [username]);
+      const r = await within(
+        'the account looked up',
+        pool.query(`SELECT 1 FROM ${slow.schema}.users WHERE username = $1`, [username]),
+      );
       return r.rowCount === 1;
     });
     cut();
@@ -84,7 +87,7 @@ test('a device whose own register made the account but lost its answer counts th
     stop();
     await within('the device to stop', d.stop());
     await within('the proxy closed', link.close());
-    await pool.end().catch(() => undefined);
+    await within('the database connection closed', pool.end()).catch(() => undefined);
     await slow.stop();
   }
 });
