@@ -55,14 +55,20 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
     let closes = 0;
     device.on('close', () => closes++);
     await device.request('join', { room: '#stall' });
+    // Four more sessions on A in #stall, joined at once: each is told back once.
+    const more = await Promise.all(Array.from({ length: 4 }, () => connected(a.tcpUrl)));
+    open.push(...more);
+    const moreSessions = await Promise.all(more.map((c) => signUp(c)));
+    await Promise.all(more.map((c) => c.request('join', { room: '#stall' })));
     const other = await connected(b.tcpUrl);
     open.push(other);
     await signUp(other);
     const heard = collect(other);
     await other.request('join', { room: '#stall' });
-    const told = (name: string) =>
-      heard.filter((e: EventMsg) => e.name === name && e.room === '#stall' && e.from === session.username)
-        .length;
+    const toldAbout = (name: string, username: string) =>
+      heard.filter((e: EventMsg) => e.name === name && e.room === '#stall' && e.from === username).length;
+    const told = (name: string) => toldAbout(name, session.username);
+    const toldMore = (name: string) => moreSessions.map((s) => toldAbout(name, s.username));
     const presence = `${deployment.GW_REDIS_PREFIX}presence`;
     assert.ok(await r.hget(presence, session.sessionId), 'the device is in presence');
 
@@ -113,6 +119,9 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
     assert.equal(closes, 0, 'the device never lost its connection');
     // The room was told the device left; it is told it is back.
     await until('room.joined for the device heard on B', () => told('room.joined') === 1);
+    await until('room.joined for the four other sessions heard on B', () =>
+      toldMore('room.joined').every((n) => n === 1),
+    );
     const m = await scrapeMetrics(a.metricsPort);
     assert.equal(m.value('gateway_presence_silences_total'), 1, 'counted once');
     // Nothing else of the kind: a beat after a normal gap does not restore.
@@ -123,6 +132,14 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
       'logged once',
     );
     assert.deepEqual([told('room.left'), told('room.joined')], [1, 1], 'each told once');
+    assert.deepEqual(
+      [toldMore('room.left'), toldMore('room.joined')],
+      [
+        [1, 1, 1, 1],
+        [1, 1, 1, 1],
+      ],
+      'each of the other sessions told once',
+    );
   } finally {
     for (const c of open) c.destroy();
     r.disconnect();
