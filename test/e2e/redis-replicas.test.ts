@@ -8,7 +8,6 @@
  * file's own servers.
  */
 import assert from 'node:assert/strict';
-import { createConnection, createServer, type Socket } from 'node:net';
 import { after, before, test } from 'node:test';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import { isProtocolError } from '../../protocol/index.ts';
@@ -154,43 +153,6 @@ test('GW_REDIS_MIN_REPLICAS: a publish is accepted once a replica has it, twenty
   assertNoErrorLines(gw, since);
 });
 
-/**
- * The replica's link to its primary, which can hold what the primary sends from some moment on
- * (a replica fallen behind: the writes since then never reach it).
- */
-async function replicaLink(primaryPort: number) {
-  let holding = false;
-  const sockets = new Set<Socket>();
-  const server = createServer((down) => {
-    const up = createConnection({ host: '127.0.0.1', port: primaryPort });
-    for (const s of [down, up]) {
-      sockets.add(s);
-      s.setNoDelay(true);
-      s.on('error', () => {});
-      s.on('close', () => {
-        down.destroy();
-        up.destroy();
-        sockets.delete(s);
-      });
-    }
-    down.on('data', (d: Buffer) => up.write(d));
-    up.on('data', (d: Buffer) => {
-      if (!holding) down.write(d);
-    });
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  return {
-    port: (server.address() as { port: number }).port,
-    hold: () => {
-      holding = true;
-    },
-    close: () => {
-      for (const s of sockets) s.destroy();
-      server.close();
-    },
-  };
-}
-
 test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the replica promoted behind the same address: every event answered accepted to an offline device reaches it when it comes back', async () => {
   // A primary, its replica and an address (a proxy) of this test's own; the device is offline,
   // so an event's only copy is its outbox.
@@ -198,11 +160,12 @@ test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the re
   const second = await startOwnRedis();
   const third = await startOwnRedis();
   const address = await startRedisProxy({ host: '127.0.0.1', port: first.port });
-  const link = await replicaLink(first.port);
+  // The replica's link to its primary.
+  const link = await startRedisProxy({ host: '127.0.0.1', port: first.port });
   const servers = [first, second, third];
   let g: GatewayProcess | undefined;
   try {
-    await second.with((r) => r.call('REPLICAOF', '127.0.0.1', String(link.port)));
+    await second.with((r) => r.call('REPLICAOF', '127.0.0.1', new URL(link.url).port));
     const synced = async (replica: OwnRedis) =>
       until('the replica in sync', async () =>
         /master_link_status:up/.test(await replica.with((r) => r.info('replication'))),
@@ -231,11 +194,11 @@ test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the re
     assert.equal(await publish('fo-before'), 202);
 
     // The replica falls behind: what the primary writes from now on does not reach it.
-    link.hold();
+    link.dropAll();
     const status = await publish('fo-lagging');
     // The primary dies; the address leads to the replica, which is promoted.
     await first.kill('SIGKILL');
-    link.close();
+    await link.close();
     address.retarget({ host: '127.0.0.1', port: second.port });
     await second.with((r) => r.call('REPLICAOF', 'NO', 'ONE'));
     // A replica for the new primary, and a publish accepted again.
@@ -259,7 +222,7 @@ test('GW_REDIS_MIN_REPLICAS: the primary killed while its replica lagged, the re
     assert.equal(status, 503, 'the event the replica did not have was not answered accepted');
   } finally {
     await g?.stop();
-    link.close();
+    await link.close();
     await address.close();
     await Promise.allSettled(servers.map((s) => s.remove()));
   }

@@ -14,6 +14,11 @@ export interface RedisProxy {
   holdSubscribers(): void;
   /** Passes on what was held, in order, and stops holding. */
   release(): void;
+  /**
+   * From now on, nothing Redis sends reaches any connection, until the proxy closes (a replica's
+   * link to its primary: the replica falls behind and never gets what the primary wrote since).
+   */
+  dropAll(): void;
   /** Closes the subscriber connections open now (their clients connect again, through the proxy). */
   cutSubscribers(): void;
   /** Subscriber connections open now. */
@@ -29,6 +34,7 @@ export interface RedisProxy {
 export async function startRedisProxy(first: { host: string; port: number }): Promise<RedisProxy> {
   let target = first;
   let holding = false;
+  let dropping = false;
   const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
@@ -50,6 +56,7 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
       upstream.write(d);
     });
     upstream.on('data', (d: Buffer) => {
+      if (dropping) return;
       if (subscriber && holding) conn.held.push(d);
       else client.write(d);
     });
@@ -82,6 +89,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
         for (const d of s.held) s.client.write(d);
         s.held = [];
       }
+    },
+    dropAll: () => {
+      dropping = true;
     },
     cutSubscribers: () => {
       for (const s of [...subscribers]) s.client.destroy();
