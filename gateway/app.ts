@@ -35,6 +35,7 @@ import { Rooms } from './messaging/rooms.ts';
 import { Messaging } from './messaging/service.ts';
 import { COLLECT_WAIT_MS } from './metrics.ts';
 import { loadServerIdentity } from './server-identity.ts';
+import { RetryUntilDone } from './wait.ts';
 
 /** How long a shutdown waits for gRPC calls in flight (and health watches) after the drain. */
 const GRPC_CLOSE_GRACE_MS = 2000;
@@ -269,10 +270,23 @@ export async function startNode(
   try {
     // Back from a disconnect, Redis may have lost its last writes: re-pump every local session
     // from its outbox and restore its presence and room members (docs/ARCHITECTURE.md, "Faults").
+    // A restore Redis refuses or times out is tried again until it is done: nothing else would
+    // start it again when the connection stayed up (a silence, a Redis that stalled and went on).
+    const restorer = (part: 'presence' | 'rooms', task: () => Promise<void>, failure: string) =>
+      new RetryUntilDone(task, {
+        failed: (e, tries, retryInMs) => logFailure(log, e, { tries, retryInMs }, failure),
+        doneAfterRetry: (tries) => log.info({ part, tries }, 'node restored after a retry'),
+      });
+    const restores = [
+      restorer('presence', () => presence.restore(), 'could not restore presence'),
+      restorer('rooms', () => rooms.restore(), 'could not restore room members'),
+    ];
+    gateway.onClose(() => {
+      for (const r of restores) r.stop();
+    });
     const restoreNode = (cause: ResyncCause) => {
       delivery.resyncAll(cause);
-      presence.restore().catch((e) => logFailure(log, e, {}, 'could not restore presence'));
-      rooms.restore().catch((e) => logFailure(log, e, {}, 'could not restore room members'));
+      for (const r of restores) r.run();
     };
     for (const [name, r] of [
       ['redis', redis],
