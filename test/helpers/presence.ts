@@ -10,6 +10,7 @@ import { randomUUID } from 'node:crypto';
 import type { RedisOptions } from 'ioredis';
 import { Registry } from 'prom-client';
 import { SessionBinding } from '../../gateway/binding.ts';
+import type { Connection } from '../../gateway/connection.ts';
 import type { Gateway } from '../../gateway/gateway.ts';
 import type { Keys } from '../../gateway/keys.ts';
 import { createLogger } from '../../gateway/log.ts';
@@ -24,7 +25,14 @@ export function testPresence(
     nodeId = `node-${randomUUID().slice(0, 8)}`,
     url = REDIS_URL,
     redisOptions = {},
-  }: { nodeId?: string; url?: string; redisOptions?: RedisOptions } = {},
+    connections = [],
+  }: {
+    nodeId?: string;
+    url?: string;
+    redisOptions?: RedisOptions;
+    /** The node's connections, as `gateway.connections` (stand-ins will do: id and session). */
+    connections?: Iterable<Connection>;
+  } = {},
 ) {
   const redis = redisClient(url, redisOptions);
   const bull = redisClient(url, { maxRetriesPerRequest: null, commandTimeout: undefined });
@@ -35,7 +43,7 @@ export function testPresence(
   let sweepTimer: NodeJS.Timeout | undefined;
   const gateway = {
     nodeId,
-    connections: [],
+    connections,
     metrics,
     onSessionBound() {},
     onSessionUnbound() {},
