@@ -186,6 +186,15 @@ export class Keys {
     return `${this.prefix}dev:${deviceId}`;
   }
 
+  /**
+   * SET of the sessions created or resumed with the device (a device's takeover ends those of
+   * them that are not its key's: auth/service.ts `takeOverDevice`), with the sessions' TTL.
+   * Not `dev:<id>:…`: a device id may contain ':'.
+   */
+  deviceSessions(deviceId: string): string {
+    return `${this.prefix}devsess:${deviceId}`;
+  }
+
   /** HASH of a device's usage counters. */
   usage(deviceId: string): string {
     return `${this.prefix}usage:${deviceId}`;

@@ -637,16 +637,24 @@ export class IdentityService {
    * spared: it was created or resumed with the device after `keep` (the key is set in the
    * same step that makes a session visible here), and it ends `keep` itself. So of logins
    * with one device at once exactly one session survives, the last to set the key (before,
-   * two could end each other: test/e2e/identity-races.test.ts).
+   * two could end each other: test/e2e/identity-races.test.ts). The candidates are the
+   * device's sessions (`Pdevsess:<id>`), not the account's: an account of 200 devices made
+   * each device's login read all 200 sessions, one round trip each (login-round-trips.test).
    */
   private async takeOverDevice(userId: string, deviceId: string, keep: string): Promise<void> {
-    for (const sid of await this.store.ofUser(userId)) {
+    const gone: string[] = [];
+    for (const sid of await this.store.ofDevice(deviceId)) {
       if (sid === keep) continue;
       const s = await this.store.get(sid);
-      if (s?.device?.id !== deviceId) continue;
+      if (!s || s.device?.id !== deviceId) {
+        gone.push(sid);
+        continue;
+      }
+      if (s.userId !== userId) continue;
       if ((await this.store.deviceHolder(deviceId)) === sid) continue;
       await this.endSession(sid, 'takeover', keep);
     }
+    await this.store.forgetOfDevice(deviceId, gone);
   }
 
   /**

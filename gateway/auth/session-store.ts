@@ -92,8 +92,11 @@ return 1
 
 /**
  * A new session in one script call: its hash, the user's set, the refresh token and (with a
- * device) the device key, all with their TTLs.
- * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] refresh key, KEYS[4] device key ('' none)
+ * device) the device key and the device's sessions, all with their TTLs. The session the device
+ * key named before (it may have been made by a node that kept no device sessions) joins them
+ * too, so that the takeover that follows finds it.
+ * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] refresh key, KEYS[4] device key ('' none),
+ * KEYS[5] the device's sessions ('' none)
  * ARGV[1] session id, ARGV[2] TTL (s), ARGV[3] refresh TTL (ms), then field, value, ... of the hash
  */
 const CREATE = `
@@ -102,7 +105,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+if KEYS[4] ~= '' then
+  local before = redis.call('GET', KEYS[4])
+  if before and before ~= ARGV[1] then redis.call('SADD', KEYS[5], before) end
+  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
+  redis.call('SADD', KEYS[5], ARGV[1])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
 return 1
 `;
 
@@ -132,11 +141,14 @@ return h
  * `userId`'s, its activity is marked and its life extended, with its user's set's and the key
  * naming the node that holds it (`P{s:<sid>}:node`, set when a connection binds it: a connection
  * that outlives SESSION_TTL by refreshing keeps getting its events); a device key is set
- * (KEYS[4], the resume's device) or released or extended (KEYS[5], the session's previous
- * device), each only while it names the session. A session that is gone (revoked, logged out,
+ * (KEYS[4], the resume's device; the session joins that device's sessions, with the session the
+ * key named before, as in CREATE) or released or extended (KEYS[5], the session's previous
+ * device, each only while it names the session; released, the session leaves that device's
+ * sessions, KEYS[7]; extended, so do they). A session that is gone (revoked, logged out,
  * expired) is not created again: the call returns 0.
  * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] node key, KEYS[4] new device key or "",
- * KEYS[5] previous device key or ""; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s),
+ * KEYS[5] previous device key or "", KEYS[6] the new device's sessions or "", KEYS[7] the
+ * previous device's sessions or ""; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s),
  * ARGV[4] session id, ARGV[5] the new device (JSON) or "", ARGV[6] "release" or "extend" (KEYS[5])
  */
 const TOUCH = `
@@ -149,18 +161,38 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
-if KEYS[5] ~= '' and redis.call('GET', KEYS[5]) == ARGV[4] then
-  if ARGV[6] == 'release' then redis.call('DEL', KEYS[5]) else redis.call('EXPIRE', KEYS[5], ARGV[3]) end
+if KEYS[5] ~= '' then
+  if ARGV[6] == 'release' then
+    if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
+    redis.call('SREM', KEYS[7], ARGV[4])
+  elseif redis.call('GET', KEYS[5]) == ARGV[4] then
+    redis.call('EXPIRE', KEYS[5], ARGV[3])
+    redis.call('EXPIRE', KEYS[7], ARGV[3])
+  end
 end
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3]) end
+if KEYS[4] ~= '' then
+  local before = redis.call('GET', KEYS[4])
+  if before and before ~= ARGV[4] then redis.call('SADD', KEYS[6], before) end
+  redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3])
+  redis.call('SADD', KEYS[6], ARGV[4])
+  redis.call('EXPIRE', KEYS[6], ARGV[3])
+end
 return 1
 `;
 
 /** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
-/** Extends KEYS[1] by ARGV[2] s only if it still holds ARGV[1]. */
-const EXTEND = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0`;
+/**
+ * A resume of a session with a device: the session is among the device's sessions (KEYS[2]; it
+ * may have been made by a node that kept none), whose life is extended, and the device key
+ * (KEYS[1]) is extended by ARGV[2] s only if it still names the session (ARGV[1]).
+ */
+const EXTEND = `
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0`;
 
 function parseSession(sid: string, h: Record<string, string>): LiveSession | null {
   if (!h.userId) return null;
@@ -202,9 +234,9 @@ export class SessionStore {
   ) {
     const r = redis as Redis & Partial<SessionCommands>;
     if (!r.gwSessionCreate) {
-      redis.defineCommand('gwSessionCreate', { numberOfKeys: 4, lua: CREATE });
+      redis.defineCommand('gwSessionCreate', { numberOfKeys: 5, lua: CREATE });
       redis.defineCommand('gwSessionResume', { numberOfKeys: 2, lua: RESUME });
-      redis.defineCommand('gwSessionTouch', { numberOfKeys: 5, lua: TOUCH });
+      redis.defineCommand('gwSessionTouch', { numberOfKeys: 7, lua: TOUCH });
     }
     this.scripts = r as Redis & SessionCommands;
   }
@@ -239,6 +271,7 @@ export class SessionStore {
       k.userSessions(s.userId),
       k.refresh(s.refreshHash),
       s.device?.id ? k.device(s.device.id) : '',
+      s.device?.id ? k.deviceSessions(s.device.id) : '',
       s.sessionId,
       this.ttlSeconds,
       refreshTtlMs,
@@ -271,7 +304,14 @@ export class SessionStore {
 
   /** Extends the device key's life if it still names the session (a resume's `touch` of it). */
   async extendDevice(sid: string, deviceId: string): Promise<void> {
-    await this.redis.eval(EXTEND, 1, this.keys.device(deviceId), sid, this.ttlSeconds);
+    await this.redis.eval(
+      EXTEND,
+      2,
+      this.keys.device(deviceId),
+      this.keys.deviceSessions(deviceId),
+      sid,
+      this.ttlSeconds,
+    );
   }
 
   /**
@@ -337,6 +377,8 @@ export class SessionStore {
       k.sessionNode(sid),
       newKey,
       prevKey,
+      device?.id ? k.deviceSessions(device.id) : '',
+      prevKey && previous?.id ? k.deviceSessions(previous.id) : '',
       userId,
       Date.now(),
       this.ttlSeconds,
@@ -374,6 +416,19 @@ export class SessionStore {
     });
     if (dead.length) await this.redis.srem(this.keys.userSessions(userId), ...dead);
     return live;
+  }
+
+  /**
+   * The sessions created or resumed with the device (a takeover's candidates: a few, however
+   * many sessions its account has). Some may have ended or moved to another device since.
+   */
+  ofDevice(deviceId: string): Promise<string[]> {
+    return this.redis.smembers(this.keys.deviceSessions(deviceId));
+  }
+
+  /** Removes ids of sessions found gone or carrying another device from the device's sessions. */
+  async forgetOfDevice(deviceId: string, sids: string[]): Promise<void> {
+    if (sids.length) await this.redis.srem(this.keys.deviceSessions(deviceId), ...sids);
   }
 
   /** The session a refresh token names: as the current token, or as a used one. */
@@ -446,7 +501,10 @@ export class SessionStore {
     m.del(k.session(sid));
     m.srem(k.userSessions(s.userId), sid);
     m.del(k.refresh(s.refreshHash));
-    if (s.device?.id) m.eval(RELEASE, 1, k.device(s.device.id), sid);
+    if (s.device?.id) {
+      m.eval(RELEASE, 1, k.device(s.device.id), sid);
+      m.srem(k.deviceSessions(s.device.id), sid);
+    }
     const res = await m.exec();
     return res![0][1] === 1 ? s : null;
   }

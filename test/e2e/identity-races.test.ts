@@ -787,6 +787,35 @@ describe('takeover keeps the device events', () => {
     assert.deepEqual(survivors, [1, 1, 1, 1, 1]);
   });
 
+  test("a session the device's sessions do not list (made by a node of the previous version) is taken over all the same; ended sessions leave the list", async () => {
+    const setup = await connected(gw.tcpUrl);
+    const username = await register(setup);
+    setup.destroy();
+    const device = { id: `dev-${randomUUID()}` };
+    const listed = `${gw.prefix}devsess:${device.id}`;
+    const r = redisClient(REDIS_URL);
+    const [a, b, c] = await clients(gw, 3);
+    try {
+      const first = await a.request<Session>('login', { username, password: PASSWORD, device });
+      assert.deepEqual(await r.smembers(listed), [first.sessionId]);
+      // A node of the previous version kept no list: only the device key names the session.
+      await r.del(listed);
+      const kicked = nextEvent<{ code: string }>(a, 'kick', 'the kick of the unlisted session');
+      const second = await b.request<Session>('login', { username, password: PASSWORD, device });
+      assert.equal((await kicked).code, 'session_takeover');
+      assert.equal((await c.request<{ valid: boolean }>('validate', { token: first.token })).valid, false);
+      assert.deepEqual(await r.smembers(listed), [second.sessionId], 'the ended session left the list');
+      // A resume of an unlisted session lists it.
+      await r.del(listed);
+      await c.request('resume', { token: second.token });
+      assert.deepEqual(await r.smembers(listed), [second.sessionId]);
+      assert.ok((await r.ttl(listed)) > 0, 'the list expires with its sessions');
+    } finally {
+      for (const x of [a, b, c]) x.destroy();
+      r.disconnect();
+    }
+  });
+
   test('across two nodes: the device moves to node B and its events follow it', async () => {
     const deployment = deploymentEnv();
     const shared = {
