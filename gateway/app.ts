@@ -29,6 +29,7 @@ import { GrpcServer } from './grpc/server.ts';
 import { mountAdminApi } from './http/admin-api.ts';
 import { mountEventsApi } from './http/events-api.ts';
 import { Keys } from './keys.ts';
+import { ListLimit } from './list-limit.ts';
 import type { Logger } from './log.ts';
 import { NodeIdInUseError, Presence } from './messaging/presence.ts';
 import { Rooms } from './messaging/rooms.ts';
@@ -247,6 +248,7 @@ export async function startNode(
     backend: backendEvents,
     log,
     limits,
+    listLimit: new ListLimit(redis, keys, config.listPerMinute),
   });
 
   // Before this node writes anything of its own (its beat, a session) or serves: what an

@@ -462,6 +462,12 @@ const SETTINGS = {
     "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile. Devices behind one address refresh once per `ACCESS_TOKEN_TTL` each: a fleet of N behind one NAT address needs at least N × 60 / `ACCESS_TOKEN_TTL` a minute (1,000 devices at the default 900 s: 67), or its devices fall behind and come back only as the budget allows.",
     int(1).default(60),
   ),
+  listPerMinute: setting(
+    'GW_LIST_PER_MINUTE',
+    '60',
+    '`users`, `rooms` and `sessions` requests per session per minute, across nodes: each answers with a list that grows with the fleet (`users` without a room reads every online session), so a device asking in a loop would keep a core busy. Past it, `rate_limited` with `retryAfter`.',
+    int(1).default(60),
+  ),
   otpPerMinute: setting(
     'GW_OTP_PER_MINUTE',
     '5',

@@ -208,6 +208,7 @@ export async function createAuthModule(
     ...(deps.metrics ? { metrics: deps.metrics } : {}),
     locator,
     options: {
+      listPerMinute: config.listPerMinute,
       usernameMin: config.usernameMin,
       usernameMax: config.usernameMax,
       sessionTtlSeconds: config.sessionTtlSeconds,

@@ -16,6 +16,7 @@ import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import type { Keys } from '../keys.ts';
+import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { Presence } from './presence.ts';
 import { normalizeRoom, type Rooms } from './rooms.ts';
@@ -60,6 +61,8 @@ export class Messaging {
       log: Logger;
       /** Runtime limits of the admin API; absent: none. */
       limits?: Limits;
+      /** `users` and `rooms` requests per session (GW_LIST_PER_MINUTE). */
+      listLimit: ListLimit;
     },
   ) {
     deps.binding.define('usage', USAGE_OP);
@@ -80,8 +83,23 @@ export class Messaging {
     const pipelined = { pipelined: true };
     gateway.handle('join', (conn, m: Msg) => rooms.join(conn, m.room as string));
     gateway.handle('leave', (conn, m: Msg) => rooms.leave(conn, m.room as string));
-    gateway.handle('rooms', async () => ({ rooms: await rooms.list() }), pipelined);
-    gateway.handle('users', (_conn, m: Msg) => this.users(m.room as string | undefined), pipelined);
+    const listed = (conn: Connection) => this.deps.listLimit.take(conn.session!.sessionId);
+    gateway.handle(
+      'rooms',
+      async (conn) => {
+        await listed(conn);
+        return { rooms: await rooms.list() };
+      },
+      pipelined,
+    );
+    gateway.handle(
+      'users',
+      async (conn, m: Msg) => {
+        await listed(conn);
+        return this.users(m.room as string | undefined);
+      },
+      pipelined,
+    );
     gateway.handle(
       'say',
       async (conn, m: Msg, turn) => {

@@ -1,0 +1,121 @@
+/**
+ * What a device that asks for a list in a loop costs its node: `users` (without a room: every
+ * online session's presence record) with `--online` sessions online, one request at a time for
+ * `--seconds`, against `ping` in the same loop (the floor: what any request costs). Rows:
+ *
+ *   ping                  one device pinging in a loop
+ *   users, no limit       the same device asking `users` (GW_LIST_PER_MINUTE far above the loop)
+ *   users, default limit  the same with GW_LIST_PER_MINUTE at its default (60): answered until
+ *                         the session's minute is spent, then refused `rate_limited` from memory
+ *
+ * The online sessions are presence records planted in Redis (as other nodes' devices), so that
+ * only the asking device is connected. Printed per row: answered and refused requests a second,
+ * the gateway's CPU (cores) and per request, Redis's CPU (cores). The gateway is the build in
+ * dist/ (bench/lib/built.ts), a fresh one per row. Printed, never asserted.
+ *
+ *   npm run bench:lists -- [--online 5000] [--seconds 8]
+ */
+import { randomUUID } from 'node:crypto';
+import type { GatewayClient } from '../../client/client.ts';
+import { redisClient } from '../../test/helpers/cleanup.ts';
+import { startGateway } from '../../test/helpers/gateway-process.ts';
+import { benchArgs } from '../lib/args.ts';
+import { useBuiltGateway } from '../lib/built.ts';
+import { loggedInDevices } from '../lib/fleet.ts';
+import { header, table } from '../lib/measure.ts';
+import { cpuSeconds, progress, redisPid } from '../lib/procs.ts';
+
+const { values } = benchArgs({
+  script: 'bench:lists',
+  url: import.meta.url,
+  about: 'what a device asking `users` in a loop costs its node, with and without GW_LIST_PER_MINUTE',
+  readme: 'bench:lists',
+  options: {
+    online: { type: 'int', default: 5000, help: 'online sessions (planted presence records)' },
+    seconds: { type: 'number', default: 8, help: 'seconds measured per row' },
+  },
+});
+
+useBuiltGateway();
+const REDIS_PID = redisPid();
+
+interface Row {
+  name: string;
+  answered: number;
+  refused: number;
+  gatewayCores: number;
+  gatewayMicros: number;
+  redisCores: number;
+}
+
+async function row(name: string, ask: (c: GatewayClient) => Promise<unknown>, limit: string): Promise<Row> {
+  const gw = await startGateway({ GW_LIST_PER_MINUTE: limit, GW_LOG_LEVEL: 'info' });
+  const r = redisClient();
+  try {
+    const p = r.pipeline();
+    for (let i = 0; i < values.online; i++) {
+      const sid = randomUUID();
+      const record = {
+        node: 'another-node',
+        conn: i + 1,
+        userId: randomUUID(),
+        username: `device${i}_${sid.slice(0, 6)}`,
+        deviceId: `sensor-${i}`,
+        since: Date.now(),
+      };
+      p.hset(`${gw.prefix}presence`, sid, JSON.stringify(record));
+    }
+    await p.exec();
+    const { clients } = await loggedInDevices(gw.tcpUrl, 1, 'lists');
+    const c = clients[0];
+    let answered = 0;
+    let refused = 0;
+    const done = progress(`  ${name}`, () => `${answered} answered, ${refused} refused`);
+    const s0 = cpuSeconds(gw.proc.pid!);
+    const r0 = cpuSeconds(REDIS_PID);
+    const t0 = performance.now();
+    while (performance.now() - t0 < values.seconds * 1000) {
+      try {
+        await ask(c);
+        answered++;
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'rate_limited') throw e;
+        refused++;
+      }
+    }
+    const elapsed = (performance.now() - t0) / 1000;
+    const gatewayCores = (cpuSeconds(gw.proc.pid!) - s0) / elapsed;
+    const redisCores = (cpuSeconds(REDIS_PID) - r0) / elapsed;
+    done();
+    c.destroy();
+    return {
+      name,
+      answered: answered / elapsed,
+      refused: refused / elapsed,
+      gatewayCores,
+      gatewayMicros: ((gatewayCores * elapsed) / (answered + refused)) * 1e6,
+      redisCores,
+    };
+  } finally {
+    await r.del(`${gw.prefix}presence`);
+    r.disconnect();
+    await gw.stop();
+  }
+}
+
+console.log(
+  header(
+    `bench:lists: ${values.online} sessions online, one device asking in a loop, ${values.seconds} s a row`,
+  ),
+);
+const rows = [
+  await row('ping', (c) => c.ping(), '60'),
+  await row('users, no limit', (c) => c.request('users'), '1000000'),
+  await row('users, default limit (60/min)', (c) => c.request('users'), '60'),
+];
+console.log(
+  table(
+    ['row', 'answered/s', 'refused/s', 'gateway cores', 'gateway µs per request', 'Redis cores'],
+    rows.map((x) => [x.name, x.answered, x.refused, x.gatewayCores, x.gatewayMicros, x.redisCores]),
+  ),
+);
