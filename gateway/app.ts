@@ -10,6 +10,7 @@ import { AdminService } from './admin/admin.ts';
 import { Limits } from './admin/limits.ts';
 import { pendingMigrations } from './auth/migrate.ts';
 import { createAuthModule } from './auth/module.ts';
+import { endOwed, parseEndOwed } from './auth/session-store.ts';
 import { BackendEvents } from './backend-events.ts';
 import { SessionBinding } from './binding.ts';
 import { Bus } from './bus.ts';
@@ -304,22 +305,55 @@ export async function startNode(
     // A session that ends takes its undelivered events with it, each reported delivery.failed;
     // one taken over by a new session of its device hands them to it (PROTOCOL.md §4).
     // The successor's outbox stays within GW_OUTBOX_MAX: what the policy drops is reported, and
-    // under `reject` what did not fit is reported failed (`outbox_full`).
-    identity.service.onSessionEnded((sid, reason, successor) => {
+    // under `reject` what did not fit is reported failed (`outbox_full`). The end recorded that
+    // work as owed (keys.ts endsOwed) in the step that ended the session; it is tried until
+    // done (a Redis that refused or timed out) and then forgotten. What a node that died left
+    // owed, the sweep does (owedEnds below). Every step may run twice: a move finds the events
+    // gone, a purge takes nothing, and reports are deduplicated by their job ids.
+    const endOutbox = async (sid: string, reason: string, successor?: string) => {
       const purge = (why = `session_${reason}`) => delivery.purge(sid, why);
-      const done = successor
-        ? outbox.move(sid, successor).then(async (r) => {
-            if (r === -1) return purge();
-            await delivery.reportDropped(successor, r.dropped);
-            return r.left > 0 ? purge('outbox_full') : r.moved;
-          })
-        : purge();
-      done.catch((e) => logFailure(log, e, {}, 'could not purge or move an outbox'));
+      if (!successor) return purge();
+      const r = await outbox.move(sid, successor);
+      if (r === -1) return purge();
+      await delivery.reportDropped(successor, r.dropped);
+      return r.left > 0 ? purge('outbox_full') : r.moved;
+    };
+    const ending = new Set<RetryUntilDone>();
+    gateway.onClose(() => {
+      for (const r of ending) r.stop();
+    });
+    identity.service.onSessionEnded((sid, reason, successor) => {
+      const member = endOwed(sid, reason, successor);
+      const retry: RetryUntilDone = new RetryUntilDone(
+        async () => {
+          await endOutbox(sid, reason, successor);
+          await redis.zrem(keys.endsOwed, member);
+          ending.delete(retry);
+        },
+        {
+          failed: (e, tries, retryInMs) =>
+            logFailure(log, e, { sessionId: sid, tries, retryInMs }, 'could not purge or move an outbox'),
+          doneAfterRetry: (tries) =>
+            log.info({ sessionId: sid, tries }, 'outbox purged or moved after a retry'),
+        },
+      );
+      ending.add(retry);
+      retry.run();
     });
     await identity.start(gateway);
     await delivery.start();
     await presence.start({
       roomLeft: (now) => rooms.sweepRoomLeft(now),
+      owedEnds: async (cutoff) => {
+        const done: string[] = [];
+        for (const member of await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, 100)) {
+          const end = parseEndOwed(member);
+          if (end) await endOutbox(end.sid, end.reason, end.successor);
+          await redis.zrem(keys.endsOwed, member);
+          if (end) done.push(end.sid);
+        }
+        return done;
+      },
       expire: async (members) => {
         for (const m of members) {
           const [sid, eid] = m.split('|');

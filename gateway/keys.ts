@@ -277,6 +277,15 @@ export class Keys {
     return `${this.prefix}otp:${emailHash}`;
   }
 
+  /**
+   * ZSET `sid reason successor` → ms: ended sessions whose outbox is still to be moved to their
+   * successor or purged (written in the step that ends the session, removed once that is done;
+   * the sweep does what a node that died left: app.ts, "A session's end").
+   */
+  get endsOwed(): string {
+    return `${this.prefix}endowed`;
+  }
+
   /** Key prefix of the rate limiters (rate-limiter-flexible adds its own suffixes). */
   rateLimit(name: string): string {
     return `${this.prefix}rl:${name}`;

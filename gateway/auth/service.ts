@@ -47,7 +47,7 @@ import type { Hasher } from './hasher.ts';
 import { LastSeen } from './last-seen.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
-import { type LiveSession, SessionStore, type SessionView } from './session-store.ts';
+import { endOwed, type LiveSession, SessionStore, type SessionView } from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
 import { UserIds } from './user-ids.ts';
 
@@ -886,7 +886,8 @@ export class IdentityService {
    * kick on every node, the ended hooks. `successor`: the session that took over its device.
    */
   async endSession(sessionId: string, reason: EndReason, successor?: string): Promise<boolean> {
-    const s = await this.store.remove(sessionId);
+    // Its outbox is owed a move or a purge from the same step on, until an ended hook is done.
+    const s = await this.store.remove(sessionId, endOwed(sessionId, reason, successor));
     if (!s) return false;
     // Ended in Redis, where a session lives: every node kicks its connections and the hooks run
     // before the audit row is written, so that a PostgreSQL that fails here cannot leave them

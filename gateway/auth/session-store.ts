@@ -224,6 +224,20 @@ interface SessionCommands {
   gwSessionTouch(...args: (string | number)[]): Promise<number>;
 }
 
+/** The `endsOwed` member of a session's end (keys.ts): `sid reason successor`. */
+export function endOwed(sid: string, reason: string, successor?: string): string {
+  return `${sid} ${reason} ${successor ?? ''}`;
+}
+
+/** An `endsOwed` member read back; undefined if it is not one. */
+export function parseEndOwed(
+  member: string,
+): { sid: string; reason: string; successor?: string } | undefined {
+  const [sid, reason, successor] = member.split(' ');
+  if (!sid || !reason || successor === undefined) return undefined;
+  return { sid, reason, ...(successor ? { successor } : {}) };
+}
+
 export class SessionStore {
   private readonly scripts: SessionCommands;
 
@@ -493,7 +507,11 @@ export class SessionStore {
   }
 
   /** Removes a live session; returns it if this call removed it (so it is ended once). */
-  async remove(sid: string): Promise<LiveSession | null> {
+  /**
+   * Ends the session in Redis; with `owed` (endOwed), records in the same step that its outbox
+   * is still to be moved or purged.
+   */
+  async remove(sid: string, owed?: string): Promise<LiveSession | null> {
     const s = await this.get(sid);
     if (!s) return null;
     const k = this.keys;
@@ -505,6 +523,7 @@ export class SessionStore {
       m.eval(RELEASE, 1, k.device(s.device.id), sid);
       m.srem(k.deviceSessions(s.device.id), sid);
     }
+    if (owed) m.zadd(k.endsOwed, Date.now(), owed);
     const res = await m.exec();
     return res![0][1] === 1 ? s : null;
   }

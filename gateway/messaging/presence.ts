@@ -49,6 +49,12 @@ export interface SweepTargets {
   roomLeft(now: number): [channelPrefix: string, defaultRoom: string, shared: Buffer, entries: number];
   /** Reports and removes expired events (`sid|eid` members of the expiries set). */
   expire(members: string[]): Promise<void>;
+  /**
+   * Moves or purges the outboxes of sessions that ended before `cutoff` (ms) with that work
+   * still owed (keys.ts endsOwed: their node died or Redis refused it until now); returns the
+   * session ids it finished.
+   */
+  owedEnds(cutoff: number): Promise<string[]>;
 }
 
 /**
@@ -572,6 +578,11 @@ export class Presence {
     if (due.length > 0) {
       await this.targets!.expire(due);
       await redis.zrem(keys.expiries, ...due);
+    }
+    // Ended sessions whose outbox is still owed a move or a purge a stale time later: the node
+    // that ended them died first (its own retries would have done it by now).
+    for (const sid of await this.targets!.owedEnds(cutoff)) {
+      this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
     }
     return { deadNodes, sessions, expired: due.length };
   }

@@ -52,7 +52,11 @@ test('a beat stamped before its process stopped and sent after: one silence line
         nodeId: nodeA,
       },
     );
-    const targets: SweepTargets = { roomLeft: () => ['', '', Buffer.alloc(0), 0], expire: async () => {} };
+    const targets: SweepTargets = {
+      roomLeft: () => ['', '', Buffer.alloc(0), 0],
+      expire: async () => {},
+      owedEnds: async () => [],
+    };
     const restored: number[] = [];
     a.presence.onSilence((ms) => restored.push(ms));
     await within("A's start", a.presence.start(targets));

@@ -80,6 +80,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
       3,
     ],
     expire: async () => {},
+    owedEnds: async () => [],
     ...given,
   };
   await within('presence started', presence.start(targets));

@@ -5,11 +5,16 @@ import { REDIS_URL } from './cleanup.ts';
 import { DEADLINE_MS } from './deadline.ts';
 
 export class QueueReader {
-  // No blocking command is sent on it (a Queue, not a Worker), so each has the test deadline.
-  private readonly conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null, commandTimeout: DEADLINE_MS });
+  private readonly conn: Redis;
   private readonly queues = new Map<string, Queue>();
 
-  constructor(private readonly prefix: string) {}
+  constructor(
+    private readonly prefix: string,
+    url = REDIS_URL,
+  ) {
+    // No blocking command is sent on it (a Queue, not a Worker), so each has the test deadline.
+    this.conn = new Redis(url, { maxRetriesPerRequest: null, commandTimeout: DEADLINE_MS });
+  }
 
   queue(name: string): Queue {
     let q = this.queues.get(name);

@@ -1,0 +1,204 @@
+/**
+ * A session's end leaves its outbox to be moved (a takeover: the device's events go to the new
+ * session) or purged (each event reported `delivery.failed`). That work follows the end in
+ * Redis; when Redis refuses it (here an ACL rule on a private redis-server denies a command it
+ * needs) it is tried again until done, and when the node that ended the session dies before it
+ * is done, another node's sweep does it. Before, the events stayed in the old outbox, neither
+ * delivered nor reported.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { postEvent } from '../helpers/http.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { QueueReader } from '../helpers/queues.ts';
+
+const API_KEY = 'api-key-for-session-end-owed-7a31';
+const STALE_MS = 2000;
+
+let redis: OwnRedis;
+before(async () => {
+  redis = await startOwnRedis();
+});
+after(async () => {
+  await redis.remove();
+});
+
+const acl = (rule: string) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
+
+function env(deployment: ReturnType<typeof deploymentEnv>) {
+  return {
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_PRESENCE_STALE_MS: String(STALE_MS),
+    GW_SWEEP_INTERVAL_MS: '200',
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  };
+}
+
+/** A device's session with three events waiting for it (published while it was offline). */
+async function waiting(
+  g: GatewayProcess,
+): Promise<{ session: Session & { username: string }; device: string; eids: string[] }> {
+  const device = `owed-${randomUUID().slice(0, 8)}`;
+  const c = await connected(g.tcpUrl);
+  const session = await signUp(c, { id: device });
+  await within('the device closed', c.close());
+  const eids: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    const eid = `owed-${randomUUID().slice(0, 8)}`;
+    const res = await postEvent(g.httpPort, API_KEY, { device }, eid, 'owed.test');
+    assert.equal(res.status, 202, await res.text());
+    eids.push(eid);
+  }
+  return { session, device, eids };
+}
+
+const owedLine = (g: GatewayProcess, since: number) => (l: Record<string, unknown>) =>
+  g.logs.indexOf(l) >= since && l.msg === 'could not purge or move an outbox';
+
+test('a takeover whose move Redis refuses is tried again: the device gets its events once Redis takes it', async () => {
+  const deployment = deploymentEnv();
+  const open: GatewayClient[] = [];
+  const g = await startGateway(env(deployment));
+  try {
+    const { session, device, eids } = await waiting(g);
+    // The move reads each event's receipt flag with SISMEMBER; nothing else of a login does.
+    await acl('-sismember');
+    const since = g.logs.length;
+    let next: GatewayClient;
+    try {
+      next = await connected(g.tcpUrl, { autoAck: true });
+      open.push(next);
+      await within(
+        'the takeover login',
+        next.request<Session>('login', {
+          username: session.username,
+          password: PASSWORD,
+          device: { id: device },
+        }),
+      );
+      await within('the refused move logged', g.waitForLog(owedLine(g, since), 15000), 16000);
+    } finally {
+      await acl('+sismember');
+    }
+    const got = collect(next);
+    await until('the three events at the new session', () =>
+      eids.every((e) => got.some((x: EventMsg) => x.eid === e)),
+    );
+    await within(
+      'the retry line',
+      g.waitForLog(
+        (l) => g.logs.indexOf(l) >= since && l.msg === 'outbox purged or moved after a retry',
+        15000,
+      ),
+      16000,
+    );
+    assert.equal(await redis.with((r) => r.zcard(`${deployment.GW_REDIS_PREFIX}endowed`)), 0, 'nothing owed');
+  } finally {
+    for (const c of open) c.destroy();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test('a logout whose purge Redis refuses is tried again: each waiting event is reported delivery.failed', async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  try {
+    const { session, eids } = await waiting(g);
+    // Back on a connection that acks nothing: the three stay in the outbox, in flight.
+    const c = await connected(g.tcpUrl, { autoAck: false });
+    await within('a resume', c.request('resume', { token: session.token }));
+    // The purge reads the outbox with ZRANGE (take.lua).
+    await acl('-zrange');
+    const since = g.logs.length;
+    try {
+      await within('the logout', c.request('logout'));
+      await within('the refused purge logged', g.waitForLog(owedLine(g, since), 15000), 16000);
+    } finally {
+      await acl('+zrange');
+    }
+    c.destroy();
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
+      20000,
+      'delivery.failed',
+    );
+    for (const e of eids) {
+      const j = failed.find((x) => x.data.eid === e)!;
+      assert.equal(j.data.sessionId, session.sessionId);
+      assert.equal(j.data.reason, 'session_logout');
+    }
+    assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3, 'each reported once');
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a takeover whose node dies before the move: another node's sweep moves the events", async () => {
+  const deployment = deploymentEnv();
+  const open: GatewayClient[] = [];
+  const a = await startGateway(env(deployment));
+  const b = await startGateway(env(deployment));
+  try {
+    const { session, device, eids } = await waiting(a);
+    await acl('-sismember');
+    const since = a.logs.length;
+    let grant: Session;
+    try {
+      const next = await connected(a.tcpUrl);
+      open.push(next);
+      grant = await within(
+        'the takeover login on A',
+        next.request<Session>('login', {
+          username: session.username,
+          password: PASSWORD,
+          device: { id: device },
+        }),
+      );
+      await within('the refused move logged', a.waitForLog(owedLine(a, since), 15000), 16000);
+      // A dies before any retry of its own.
+      a.proc.kill('SIGKILL');
+      await within('A gone', a.exited);
+    } finally {
+      await acl('+sismember');
+    }
+    // The device comes back on B with the new session; B's sweep finds the move owed.
+    const onB = await connected(b.tcpUrl, { autoAck: true });
+    open.push(onB);
+    const got = collect(onB);
+    await within('the resume on B', onB.request('resume', { token: grant.token }));
+    await until(
+      "the three events at the new session, moved by B's sweep",
+      () => eids.every((e) => got.some((x: EventMsg) => x.eid === e)),
+      20000,
+    );
+    await within(
+      "B's sweep line",
+      b.waitForLog((l) => l.msg === 'presence sweep finished the outbox of an ended session', 15000),
+      16000,
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    await Promise.all([a.stop(), b.stop()]);
+    await dropDeployment(deployment);
+  }
+});
