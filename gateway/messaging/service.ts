@@ -137,12 +137,10 @@ export class Messaging {
 
   private async users(rawRoom: string | undefined): Promise<{ users: string[] }> {
     const { rooms, presence } = this.deps;
-    const records =
+    const names =
       rawRoom === undefined
-        ? await presence.records()
-        : await presence.records(await rooms.memberSessions(normalizeRoom(rawRoom)));
-    const names = new Set<string>();
-    for (const r of records.values()) names.add(r.username);
+        ? await presence.usernames()
+        : await presence.usernames(await rooms.memberSessions(normalizeRoom(rawRoom)));
     return { users: [...names].sort() };
   }
 
