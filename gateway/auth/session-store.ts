@@ -91,6 +91,18 @@ return 1
 `;
 
 /**
+ * Lua (CREATE, TOUCH): the device key `key` names session `sid` from now on; that session and
+ * the one the key named before (it may have been made by a node that kept no device sessions)
+ * are among the device's sessions `set`, which live `ttl` s. Each argument is a Lua expression.
+ */
+const takeDeviceKey = (key: string, set: string, sid: string, ttl: string) => `
+  local before = redis.call('GET', ${key})
+  if before and before ~= ${sid} then redis.call('SADD', ${set}, before) end
+  redis.call('SET', ${key}, ${sid}, 'EX', ${ttl})
+  redis.call('SADD', ${set}, ${sid})
+  redis.call('EXPIRE', ${set}, ${ttl})`;
+
+/**
  * A new session in one script call: its hash, the user's set, the refresh token and (with a
  * device) the device key and the device's sessions, all with their TTLs. The session the device
  * key named before (it may have been made by a node that kept no device sessions) joins them
@@ -105,12 +117,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-if KEYS[4] ~= '' then
-  local before = redis.call('GET', KEYS[4])
-  if before and before ~= ARGV[1] then redis.call('SADD', KEYS[5], before) end
-  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
-  redis.call('SADD', KEYS[5], ARGV[1])
-  redis.call('EXPIRE', KEYS[5], ARGV[2])
+if KEYS[4] ~= '' then${takeDeviceKey('KEYS[4]', 'KEYS[5]', 'ARGV[1]', 'ARGV[2]')}
 end
 return 1
 `;
@@ -170,12 +177,7 @@ if KEYS[5] ~= '' then
     redis.call('EXPIRE', KEYS[7], ARGV[3])
   end
 end
-if KEYS[4] ~= '' then
-  local before = redis.call('GET', KEYS[4])
-  if before and before ~= ARGV[4] then redis.call('SADD', KEYS[6], before) end
-  redis.call('SET', KEYS[4], ARGV[4], 'EX', ARGV[3])
-  redis.call('SADD', KEYS[6], ARGV[4])
-  redis.call('EXPIRE', KEYS[6], ARGV[3])
+if KEYS[4] ~= '' then${takeDeviceKey('KEYS[4]', 'KEYS[6]', 'ARGV[4]', 'ARGV[3]')}
 end
 return 1
 `;

@@ -16,6 +16,7 @@ import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
+  continueAndStop,
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
@@ -143,14 +144,7 @@ test('a node swept as dead while stopped writes its sessions and rooms again at 
   } finally {
     for (const c of open) c.destroy();
     r.disconnect();
-    for (const g of started) {
-      try {
-        process.kill(g.proc.pid!, 'SIGCONT');
-      } catch {
-        // gone
-      }
-    }
-    await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+    await continueAndStop(started);
     await dropDeployment(deployment);
   }
 });

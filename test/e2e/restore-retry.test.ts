@@ -14,6 +14,7 @@ import { connected, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
+  continueAndStop,
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
@@ -147,14 +148,7 @@ test('a restore after a silence that Redis refuses is tried again until Redis ta
     );
   } finally {
     for (const c of open) c.destroy();
-    for (const g of started) {
-      try {
-        process.kill(g.proc.pid!, 'SIGCONT');
-      } catch {
-        // gone
-      }
-    }
-    await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+    await continueAndStop(started);
     await dropDeployment(deployment);
     await redis.remove();
   }

@@ -327,6 +327,18 @@ export function assertNoErrorLines(g: GatewayProcess, since: number): void {
   if (errors.length > 0) throw new Error(`no error lines expected: ${JSON.stringify(errors.slice(0, 3))}`);
 }
 
+/** Stops gateways of which a test may have left some stopped (SIGSTOP): each is continued first. */
+export async function continueAndStop(started: GatewayProcess[]): Promise<void> {
+  for (const g of started) {
+    try {
+      process.kill(g.proc.pid!, 'SIGCONT');
+    } catch {
+      // gone
+    }
+  }
+  await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
+}
+
 /** Whether a process of this pid is alive (signal 0: nothing is sent). */
 export function processAlive(pid: number): boolean {
   try {
