@@ -787,6 +787,70 @@ describe('takeover keeps the device events', () => {
     assert.deepEqual(survivors, [1, 1, 1, 1, 1]);
   });
 
+  test('thirty devices of one account taken over at once: each old session ends once, by its own device, and no other', async () => {
+    const setup = await connected(gw.tcpUrl);
+    const username = await register(setup);
+    setup.destroy();
+    const N = 30;
+    const devices = Array.from({ length: N }, (_, i) => ({ id: `fleet-${i}-${randomUUID().slice(0, 8)}` }));
+    /** A login, tried again after `retryAfter` while the account's attempts in flight fill its budget. */
+    const login = async (c: GatewayClient, device: { id: string }) => {
+      for (let tries = 0; ; tries++) {
+        const o = await wire(c, 'login', { username, password: PASSWORD, device });
+        if (o.code === 'ok') return o.data as unknown as Session;
+        if ((o.code !== 'locked' && o.code !== 'rate_limited') || tries > 200)
+          throw new Error(`login of ${device.id}: ${JSON.stringify(o)}`);
+        await wait(Math.min(o.retryAfter ?? 50, 500));
+      }
+    };
+    const olds = await clients(gw, N);
+    const newer = await clients(gw, N);
+    try {
+      const kicks = olds.map(() => [] as string[]);
+      const newKicks = newer.map(() => [] as string[]);
+      for (let i = 0; i < N; i++) {
+        olds[i].on('kick', (k: { code: string }) => kicks[i].push(k.code));
+        newer[i].on('kick', (k: { code: string }) => newKicks[i].push(k.code));
+      }
+      const first: Session[] = [];
+      for (let i = 0; i < N; i++) first.push(await login(olds[i], devices[i]));
+      const second = await Promise.all(newer.map((c, i) => login(c, devices[i])));
+      await until(() => kicks.every((k) => k.length >= 1), 'every old connection kicked');
+      // A second kick of one of them, or a kick of a new one, would come within this.
+      await wait(300);
+      assert.deepEqual(
+        kicks.map((k) => k.join()),
+        kicks.map(() => 'session_takeover'),
+        'each old session ended once, as its device was taken over',
+      );
+      assert.deepEqual(newKicks.flat(), [], 'no new session was ended');
+      const check = await connected(gw.tcpUrl);
+      try {
+        for (let i = 0; i < N; i++) {
+          assert.equal(
+            (await check.request<{ valid: boolean }>('validate', { token: first[i].token })).valid,
+            false,
+          );
+          assert.equal(
+            (await check.request<{ valid: boolean }>('validate', { token: second[i].token })).valid,
+            true,
+          );
+        }
+      } finally {
+        check.destroy();
+      }
+      const r = redisClient(REDIS_URL);
+      try {
+        for (let i = 0; i < N; i++)
+          assert.deepEqual(await r.smembers(`${gw.prefix}devsess:${devices[i].id}`), [second[i].sessionId]);
+      } finally {
+        r.disconnect();
+      }
+    } finally {
+      for (const c of [...olds, ...newer]) c.destroy();
+    }
+  });
+
   test("a session the device's sessions do not list (made by a node of the previous version) is taken over all the same; ended sessions leave the list", async () => {
     const setup = await connected(gw.tcpUrl);
     const username = await register(setup);
