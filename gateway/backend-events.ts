@@ -23,6 +23,12 @@ export class BackendEvents {
     await this.queue.add(name, data, jobId ? { jobId } : undefined);
   }
 
+  /** Adds events in one round trip (BullMQ addBulk), each with its job id. */
+  async emitBulk(events: { name: string; data: Record<string, unknown>; jobId: string }[]): Promise<void> {
+    if (events.length === 0) return;
+    await this.queue.addBulk(events.map((e) => ({ name: e.name, data: e.data, opts: { jobId: e.jobId } })));
+  }
+
   /** Reports an event dropped from a full outbox (`GW_OUTBOX_POLICY=drop-oldest`). */
   dropped(sessionId: string, event: { eid: string; name: string }): Promise<void> {
     return this.emit(

@@ -719,12 +719,17 @@ export class Outbox {
   }
 
   /** Removes the given events (or all with `eids` undefined); returns those this call removed. */
-  async take(sid: string, eids?: string[]): Promise<TakenEvent[]> {
-    const reply = await this.redis.gwTakeBuffer(
-      ...this.keys.outbox(sid).slice(0, 6),
-      eids ? 'some' : 'all',
-      ...(eids ?? []),
-    );
+  take(sid: string, eids?: string[]): Promise<TakenEvent[]> {
+    return this.takeAs(sid, eids ? 'some' : 'all', eids ?? []);
+  }
+
+  /** Every event of the outbox, as `take` would return them, none removed. */
+  peek(sid: string): Promise<TakenEvent[]> {
+    return this.takeAs(sid, 'peek', []);
+  }
+
+  private async takeAs(sid: string, mode: 'all' | 'some' | 'peek', eids: string[]): Promise<TakenEvent[]> {
+    const reply = await this.redis.gwTakeBuffer(...this.keys.outbox(sid).slice(0, 6), mode, ...eids);
     const out: TakenEvent[] = [];
     for (let i = 0; i < reply.length; i += 3) {
       out.push({ attempts: reply[i + 1] as number, event: decode(reply[i + 2] as Buffer) });

@@ -35,6 +35,7 @@ import {
   type Outbox,
   OVERFLOW_POLICIES,
   type StoredEvent,
+  type TakenEvent,
 } from './outbox.ts';
 import {
   type EventInput,
@@ -199,6 +200,9 @@ interface PumpClaim extends DirectClaim {
  */
 /** The shortest time between two `outbox full: publish rejected` lines of a node (ms). */
 export const REJECT_LOG_MS = 60_000;
+
+/** Events a purge dead-letters and reports per BullMQ `addBulk` (one round trip each). */
+const PURGE_BULK = 500;
 
 export const RESYNC_CAUSES = [
   'redis_reconnect',
@@ -1309,10 +1313,44 @@ export class DeliveryService {
       .catch((e) => this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue'));
   }
 
-  /** Ends a session's outbox (the session is gone): every waiting event is reported failed. */
+  /**
+   * Ends a session's outbox (the session is gone): every waiting event is dead-lettered and
+   * reported `delivery.failed`, and only then taken out, so that a report Redis refuses or cuts
+   * leaves the events for the purge's next try (app.ts: a session's end is owed until done).
+   * Before, the events were taken first and reported one at a time (two round trips each): a
+   * refused report lost the rest. Both go in bulk (BullMQ addBulk, PURGE_BULK a call), and
+   * their job ids are the event's, so a purge tried again adds nothing twice.
+   */
   async purge(sessionId: string, reason: string): Promise<number> {
+    const events = await this.deps.outbox.peek(sessionId);
+    await this.failAll(sessionId, events, reason);
     const taken = await this.deps.outbox.take(sessionId);
-    for (const t of taken) await this.fail(sessionId, t.event, t.attempts, reason);
+    // Nothing is stored for a session that is gone (publish.lua skips it); reported if it were.
+    const reported = new Set(events.map((t) => t.event.eid));
+    const late = taken.filter((t) => !reported.has(t.event.eid));
+    if (late.length > 0) await this.failAll(sessionId, late, reason);
     return taken.length;
+  }
+
+  private async failAll(sessionId: string, events: TakenEvent[], reason: string): Promise<void> {
+    const ts = Date.now();
+    for (let i = 0; i < events.length; i += PURGE_BULK) {
+      const chunk = events.slice(i, i + PURGE_BULK);
+      await this.deadLetters.addBulk(
+        chunk.map((t) => ({
+          name: 'dead-letter',
+          data: { sessionId, event: t.event, attempts: t.attempts, reason, ts },
+          opts: { jobId: `${sessionId}-${t.event.eid}` },
+        })),
+      );
+      await this.deps.backend.emitBulk(
+        chunk.map((t) => ({
+          name: 'delivery.failed',
+          data: { eid: t.event.eid, sessionId, name: t.event.name, ts, attempts: t.attempts, reason },
+          jobId: `delivery.failed-${sessionId}-${t.event.eid}`,
+        })),
+      );
+      this.metrics.deadLettered.inc(chunk.length);
+    }
   }
 }

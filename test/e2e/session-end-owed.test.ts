@@ -12,7 +12,7 @@ import { after, before, test } from 'node:test';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
@@ -20,7 +20,6 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
-import { postEvent } from '../helpers/http.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
@@ -49,20 +48,27 @@ function env(deployment: ReturnType<typeof deploymentEnv>) {
   };
 }
 
-/** A device's session with three events waiting for it (published while it was offline). */
+/** A device's session with `n` events waiting for it (published while it was offline). */
 async function waiting(
   g: GatewayProcess,
+  n = 3,
 ): Promise<{ session: Session & { username: string }; device: string; eids: string[] }> {
   const device = `owed-${randomUUID().slice(0, 8)}`;
   const c = await connected(g.tcpUrl);
   const session = await signUp(c, { id: device });
   await within('the device closed', c.close());
-  const eids: string[] = [];
-  for (let i = 0; i < 3; i++) {
-    const eid = `owed-${randomUUID().slice(0, 8)}`;
-    const res = await postEvent(g.httpPort, API_KEY, { device }, eid, 'owed.test');
+  const eids = Array.from({ length: n }, () => `owed-${randomUUID().slice(0, 8)}`);
+  for (let i = 0; i < n; i += 300) {
+    const res = await fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
+      body: JSON.stringify({
+        events: eids
+          .slice(i, i + 300)
+          .map((eid) => ({ target: { device }, eid, name: 'owed.test', data: {} })),
+      }),
+    });
     assert.equal(res.status, 202, await res.text());
-    eids.push(eid);
   }
   return { session, device, eids };
 }
@@ -146,6 +152,88 @@ test('a logout whose purge Redis refuses is tried again: each waiting event is r
       assert.equal(j.data.reason, 'session_logout');
     }
     assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3, 'each reported once');
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test('a logout whose reports Redis refuses: the events stay in the outbox until they are reported, then each is reported once', async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  try {
+    const { session, eids } = await waiting(g);
+    const c = await connected(g.tcpUrl, { autoAck: false });
+    await within('a resume', c.request('resume', { token: session.token }));
+    // A BullMQ job add starts with an INCR of the queue's job counter; reading the outbox has
+    // none. (A command refused halfway through BullMQ's script, as XADD would be, leaves a job
+    // written but never queued, and its retry is taken for a duplicate: Redis refuses a write
+    // when it is full, read-only or failing to persist before a script starts, not halfway.)
+    await acl('-incr');
+    const since = g.logs.length;
+    try {
+      await within('the logout', c.request('logout'));
+      await within('the refused report logged', g.waitForLog(owedLine(g, since), 15000), 16000);
+      const q = `${deployment.GW_REDIS_PREFIX}{s:${session.sessionId}}:q`;
+      assert.equal(await redis.with((r) => r.zcard(q)), 3, 'the events are still in the outbox');
+    } finally {
+      await acl('+incr');
+    }
+    c.destroy();
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
+      20000,
+      'delivery.failed',
+    );
+    assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3, 'each reported once');
+    const dead = await reader.jobs('gw-dead-letters');
+    assert.deepEqual(
+      eids.map((e) => dead.filter((j) => j.data.event?.eid === e).length),
+      [1, 1, 1],
+      'each dead-lettered once',
+    );
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test('a logout with 600 events waiting: each dead-lettered and reported once (bulk calls of 500)', async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  try {
+    const { session, eids } = await waiting(g, 600);
+    const c = await connected(g.tcpUrl, { autoAck: false });
+    await within('a resume', c.request('resume', { token: session.token }));
+    await within('the logout', c.request('logout'));
+    c.destroy();
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => jobs.filter((j) => j.data.sessionId === session.sessionId).length >= eids.length,
+      20000,
+      'delivery.failed',
+    );
+    const dead = await reader.jobs('gw-dead-letters');
+    const count = (jobs: typeof dead, eid: (j: (typeof dead)[number]) => string) => {
+      const n = new Map<string, number>();
+      for (const j of jobs) n.set(eid(j), (n.get(eid(j)) ?? 0) + 1);
+      return eids.filter((e) => n.get(e) !== 1);
+    };
+    assert.deepEqual(
+      count(failed, (j) => j.data.eid),
+      [],
+      'every event reported failed once',
+    );
+    assert.deepEqual(
+      count(dead, (j) => j.data.event?.eid),
+      [],
+      'every event dead-lettered once',
+    );
   } finally {
     await reader.close();
     await g.stop();

@@ -3,14 +3,16 @@
   of a session). Only the caller that removes an event gets it back, so each is reported once.
 
   KEYS[1..6] as in publish.lua (q, ev, att, rc, exp, seq)
-  ARGV[1] "all" to take every event, or "some"
+  ARGV[1] "all" to take every event, "some", or "peek": every event returned and none removed
+          (a purge reports them before it takes them, so that a report Redis refuses leaves
+          them there for the purge's next try)
   ARGV[2..] eids (with "some")
 
   Returns {eid, attempts, payload, ...}; an event with no attempt entry at or below the sent
   mark (the session's `sent` key, next to q) was sent once, from its publish (publish.lua).
 ]]
 local eids
-if ARGV[1] == 'all' then
+if ARGV[1] == 'all' or ARGV[1] == 'peek' then
   eids = redis.call('ZRANGE', KEYS[1], 0, -1)
 else
   eids = {}
@@ -29,7 +31,7 @@ for _, eid in ipairs(eids) do
     out[#out + 1] = eid
     out[#out + 1] = attempts
     out[#out + 1] = redis.call('HGET', KEYS[2], eid)
-    removeEvent(KEYS, eid)
+    if ARGV[1] ~= 'peek' then removeEvent(KEYS, eid) end
   end
 end
 if ARGV[1] == 'all' then
