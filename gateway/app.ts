@@ -348,9 +348,15 @@ export async function startNode(
         const done: string[] = [];
         for (const member of await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, 100)) {
           const end = parseEndOwed(member);
-          if (end) await endOutbox(end.sid, end.reason, end.successor);
-          await redis.zrem(keys.endsOwed, member);
-          if (end) done.push(end.sid);
+          try {
+            if (end) await endOutbox(end.sid, end.reason, end.successor);
+            await redis.zrem(keys.endsOwed, member);
+            if (end) done.push(end.sid);
+          } catch (e) {
+            // Left for a stale time more, not for every sweep; the others go on.
+            logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
+            await redis.zadd(keys.endsOwed, 'XX', Date.now(), member);
+          }
         }
         return done;
       },

@@ -290,3 +290,36 @@ test("a takeover whose node dies before the move: another node's sweep moves the
     await dropDeployment(deployment);
   }
 });
+
+test("an owed end that keeps failing does not hold up the sweep's others, and is put off a stale time", async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const owed = `${prefix}endowed`;
+  try {
+    // A session ended with three events waiting, its purge owed since long ago (its node died).
+    const { session, eids } = await waiting(g);
+    await redis.with(async (r) => {
+      await r.del(`${prefix}{s:${session.sessionId}}:sess`);
+      // Before it, one whose outbox Redis cannot read (a key of the wrong type): its purge fails.
+      const poison = randomUUID();
+      await r.set(`${prefix}{s:${poison}}:q`, 'not an outbox');
+      await r.zadd(owed, '1000', `${poison} logout `, '2000', `${session.sessionId} logout `);
+    });
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
+      20000,
+      'delivery.failed',
+    );
+    assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3);
+    const left = await redis.with((r) => r.zrange(owed, '0', '-1', 'WITHSCORES'));
+    assert.equal(left.length, 2, `only the failing one is left: ${JSON.stringify(left)}`);
+    assert.ok(Number(left[1]) > Date.now() - 60_000, 'put off: its time is now, not long ago');
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
