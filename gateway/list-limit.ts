@@ -2,11 +2,12 @@
  * Requests that answer with a list whose size grows with the fleet: `users` (without a room it
  * reads every online session's presence record), `rooms` and `sessions` (every live session of
  * the account). One of them costs the node O(list) of CPU: with 5,000 sessions online a `users`
- * took ~25 ms of the event loop, so one device asking in a loop kept a core busy and delayed
- * every other device of its node. Each session may ask `GW_LIST_PER_MINUTE` of them a minute,
- * counted in Redis across nodes and connections (rate-limiter-flexible, one window a minute);
- * past it `rate_limited` with `retryAfter`, from the node's memory once spent. Per session, not per account: a device maker's
- * account holds a session per device, and each device has its own budget.
+ * took 22-35 ms of the event loop (bench:lists), so one device asking in a loop kept a core busy
+ * and delayed every other device of its node. Each session may ask `GW_LIST_PER_MINUTE` of them
+ * a minute, counted in Redis across nodes and connections (rate-limiter-flexible, one window a
+ * minute); past it `rate_limited` with `retryAfter`, from the node's memory once spent. Per
+ * session, not per account: a device maker's account holds a session per device, and each
+ * device has its own budget.
  */
 import type { Redis } from 'ioredis';
 import { RateLimiterRedis, RateLimiterRes } from 'rate-limiter-flexible';
@@ -23,7 +24,7 @@ export class ListLimit {
       points: perMinute,
       duration: 60,
       // Spent: refused on this node from memory until the window ends, with no Redis call (a
-      // device that goes on asking costs what a ping costs).
+      // device that goes on asking costs about three pings a refusal).
       inMemoryBlockOnConsumed: perMinute,
     });
   }
