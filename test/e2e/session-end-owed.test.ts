@@ -121,23 +121,31 @@ test('a takeover whose move Redis refuses is tried again: the device gets its ev
   }
 });
 
-test('a logout whose purge Redis refuses is tried again: each waiting event is reported delivery.failed', async () => {
+/**
+ * A logout of a session with three events in flight (a connection that acks nothing) while
+ * Redis denies `command`: once the refused purge is logged (and `whileDenied` has looked), the
+ * command is allowed again. Resolves with the `delivery.failed` reports and dead letters of the
+ * three events once all are reported.
+ */
+async function refusedLogout(
+  command: string,
+  whileDenied: (prefix: string, session: Session) => Promise<void> = async () => {},
+) {
   const deployment = deploymentEnv();
   const g = await startGateway(env(deployment));
   const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
   try {
     const { session, eids } = await waiting(g);
-    // Back on a connection that acks nothing: the three stay in the outbox, in flight.
     const c = await connected(g.tcpUrl, { autoAck: false });
     await within('a resume', c.request('resume', { token: session.token }));
-    // The purge reads the outbox with ZRANGE (take.lua).
-    await acl('-zrange');
+    await acl(`-${command}`);
     const since = g.logs.length;
     try {
       await within('the logout', c.request('logout'));
       await within('the refused purge logged', g.waitForLog(owedLine(g, since), 15000), 16000);
+      await whileDenied(deployment.GW_REDIS_PREFIX, session);
     } finally {
-      await acl('+zrange');
+      await acl(`+${command}`);
     }
     c.destroy();
     const failed = await reader.waitFor(
@@ -146,60 +154,44 @@ test('a logout whose purge Redis refuses is tried again: each waiting event is r
       20000,
       'delivery.failed',
     );
-    for (const e of eids) {
-      const j = failed.find((x) => x.data.eid === e)!;
-      assert.equal(j.data.sessionId, session.sessionId);
-      assert.equal(j.data.reason, 'session_logout');
-    }
-    assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3, 'each reported once');
+    const dead = await reader.jobs('gw-dead-letters');
+    return {
+      session,
+      reports: eids.map((e) => failed.filter((j) => j.data.eid === e)),
+      deadLetters: eids.map((e) => dead.filter((j) => j.data.event?.eid === e).length),
+    };
   } finally {
     await reader.close();
     await g.stop();
     await dropDeployment(deployment);
+  }
+}
+
+test('a logout whose purge Redis refuses is tried again: each waiting event is reported delivery.failed', async () => {
+  // The purge reads the outbox with ZRANGE (take.lua).
+  const { session, reports } = await refusedLogout('zrange');
+  for (const r of reports) {
+    assert.equal(r.length, 1, 'each reported once');
+    assert.equal(r[0].data.sessionId, session.sessionId);
+    assert.equal(r[0].data.reason, 'session_logout');
   }
 });
 
 test('a logout whose reports Redis refuses: the events stay in the outbox until they are reported, then each is reported once', async () => {
-  const deployment = deploymentEnv();
-  const g = await startGateway(env(deployment));
-  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
-  try {
-    const { session, eids } = await waiting(g);
-    const c = await connected(g.tcpUrl, { autoAck: false });
-    await within('a resume', c.request('resume', { token: session.token }));
-    // A BullMQ job add starts with an INCR of the queue's job counter; reading the outbox has
-    // none. (A command refused halfway through BullMQ's script, as XADD would be, leaves a job
-    // written but never queued, and its retry is taken for a duplicate: Redis refuses a write
-    // when it is full, read-only or failing to persist before a script starts, not halfway.)
-    await acl('-incr');
-    const since = g.logs.length;
-    try {
-      await within('the logout', c.request('logout'));
-      await within('the refused report logged', g.waitForLog(owedLine(g, since), 15000), 16000);
-      const q = `${deployment.GW_REDIS_PREFIX}{s:${session.sessionId}}:q`;
-      assert.equal(await redis.with((r) => r.zcard(q)), 3, 'the events are still in the outbox');
-    } finally {
-      await acl('+incr');
-    }
-    c.destroy();
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
-      20000,
-      'delivery.failed',
-    );
-    assert.equal(failed.filter((j) => eids.includes(j.data.eid)).length, 3, 'each reported once');
-    const dead = await reader.jobs('gw-dead-letters');
-    assert.deepEqual(
-      eids.map((e) => dead.filter((j) => j.data.event?.eid === e).length),
-      [1, 1, 1],
-      'each dead-lettered once',
-    );
-  } finally {
-    await reader.close();
-    await g.stop();
-    await dropDeployment(deployment);
-  }
+  // A BullMQ job add starts with an INCR of the queue's job counter; reading the outbox has
+  // none. (A command refused halfway through BullMQ's script, as XADD would be, leaves a job
+  // written but never queued, and its retry is taken for a duplicate: Redis refuses a write
+  // when it is full, read-only or failing to persist before a script starts, not halfway.)
+  const { reports, deadLetters } = await refusedLogout('incr', async (prefix, session) => {
+    const q = `${prefix}{s:${session.sessionId}}:q`;
+    assert.equal(await redis.with((r) => r.zcard(q)), 3, 'the events are still in the outbox');
+  });
+  assert.deepEqual(
+    reports.map((r) => r.length),
+    [1, 1, 1],
+    'each reported once',
+  );
+  assert.deepEqual(deadLetters, [1, 1, 1], 'each dead-lettered once');
 });
 
 test('a logout with 600 events waiting: each dead-lettered and reported once (bulk calls of 500)', async () => {
