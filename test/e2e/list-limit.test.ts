@@ -9,13 +9,15 @@ import { test } from 'node:test';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, within } from '../helpers/deadline.ts';
+import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const LIMIT = 5;
 
@@ -29,6 +31,7 @@ async function outcome(p: Promise<unknown>): Promise<string> {
         e.code !== 'rate_limited' || (e.retryAfter! > 0 && e.retryAfter! <= 60_000),
         `retryAfter ${e.retryAfter}`,
       );
+      assert.ok(e.code !== 'overloaded' || e.retryAfter! > 0, `overloaded without retryAfter`);
       return e.code;
     }
     throw e;
@@ -90,5 +93,32 @@ test('users, rooms and sessions share one budget per session across nodes and th
     for (const x of open) x.destroy();
     await within('the gateways stopped', Promise.all(started.map((g) => g.stop())));
     await dropDeployment(deployment);
+  }
+});
+
+test('with Redis gone, users, rooms and sessions are answered overloaded with retryAfter, and answered again once it is back', async () => {
+  const redis = await startOwnRedis();
+  const g = await startGateway({ REDIS_URL: redis.url, GW_LIST_PER_MINUTE: String(LIMIT) });
+  const c = await connected(g.tcpUrl);
+  try {
+    await signUp(c);
+    assert.equal(await outcome(c.request('users')), 'ok');
+    await redis.kill();
+    // Ten at once while the limiter's Redis is gone: each a clean refusal, none `internal`.
+    const gone = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => outcome(c.request(['users', 'rooms', 'sessions'][i % 3]))),
+    );
+    assert.deepEqual([...new Set(gone)], ['overloaded'], JSON.stringify(gone));
+    await redis.start();
+    // Back (empty: it kept nothing): answered again.
+    const back = await until('a list answered again', async () => {
+      const o = await outcome(c.request('users'));
+      return o === 'ok' ? o : undefined;
+    });
+    assert.equal(back, 'ok');
+  } finally {
+    c.destroy();
+    await g.stop();
+    await redis.remove();
   }
 });
