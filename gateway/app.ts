@@ -159,6 +159,8 @@ export async function startNode(
   gateway.counters.timeRedis(producer, 'queues');
   for (const r of publishing) gateway.counters.timeRedis(r, 'publishes');
 
+  // One budget for the list requests of both modules (users, rooms; sessions).
+  const listLimit = new ListLimit(redis, keys, config.listPerMinute);
   const identity = await createAuthModule(config, log, {
     redis,
     bus,
@@ -166,6 +168,7 @@ export async function startNode(
     binding,
     backend: backendEvents,
     metrics: gateway.counters,
+    listLimit,
   });
   const outbox = new Outbox(redis, keys, {
     max: config.outboxMax,
@@ -249,7 +252,7 @@ export async function startNode(
     backend: backendEvents,
     log,
     limits,
-    listLimit: new ListLimit(redis, keys, config.listPerMinute),
+    listLimit,
   });
 
   // Before this node writes anything of its own (its beat, a session) or serves: what an

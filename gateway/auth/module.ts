@@ -16,6 +16,7 @@ import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { KeptKick, Keys } from '../keys.ts';
+import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
 import { ActivityTracker } from './activity.ts';
@@ -143,6 +144,8 @@ export async function createAuthModule(
     binding: SessionBinding;
     backend: BackendEvents;
     metrics?: GatewayMetrics;
+    /** List requests per session (GW_LIST_PER_MINUTE), one budget with messaging's. */
+    listLimit: ListLimit;
   },
 ): Promise<AuthModule> {
   deps.binding.define('publish', `return redis.call('PUBLISH', ARGV[1], ARGV[2])`);
@@ -207,8 +210,8 @@ export async function createAuthModule(
     log,
     ...(deps.metrics ? { metrics: deps.metrics } : {}),
     locator,
+    listLimit: deps.listLimit,
     options: {
-      listPerMinute: config.listPerMinute,
       usernameMin: config.usernameMin,
       usernameMax: config.usernameMax,
       sessionTtlSeconds: config.sessionTtlSeconds,

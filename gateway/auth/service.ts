@@ -38,7 +38,7 @@ import {
 } from '../../protocol/index.ts';
 import { RequesterGone } from '../faults.ts';
 import type { Keys } from '../keys.ts';
-import { ListLimit } from '../list-limit.ts';
+import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
 import { pgError } from './db.ts';
@@ -52,8 +52,6 @@ import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens }
 import { UserIds } from './user-ids.ts';
 
 export interface IdentityOptions {
-  /** `sessions` requests per session per minute (GW_LIST_PER_MINUTE; list-limit.ts). */
-  listPerMinute: number;
   usernameMin: number;
   usernameMax: number;
   sessionTtlSeconds: number;
@@ -139,7 +137,6 @@ export class IdentityService {
   private readonly registerLimit: RateLimiterRedis;
   private readonly refreshLimit: RateLimiterRedis;
   private readonly otpLimit: RateLimiterRedis;
-  private readonly listLimit: ListLimit;
   /**
    * Wrong codes per address, across the codes it is sent: a new code starts its own
    * OTP_MAX_RETRIES, so without this an `otp.request` between every few guesses would give
@@ -169,6 +166,8 @@ export class IdentityService {
       metrics?: GatewayMetrics;
       /** Sessions' locations (session-details.ts); without it, none. */
       locator?: Locator;
+      /** `sessions` requests per session, shared with `users` and `rooms` (GW_LIST_PER_MINUTE). */
+      listLimit: ListLimit;
       options: IdentityOptions;
     },
   ) {
@@ -205,7 +204,6 @@ export class IdentityService {
     this.registerLimit = limiter('register-ip', o.registerPerMinute, 60);
     this.refreshLimit = limiter('refresh-ip', o.refreshPerMinute, 60);
     this.otpLimit = limiter('otp-ip', o.otpPerMinute, 60);
-    this.listLimit = new ListLimit(deps.redis, deps.keys, o.listPerMinute);
     this.otpFailures = budget({
       name: 'otp-address',
       points: o.lockoutAttempts,
@@ -850,7 +848,7 @@ export class IdentityService {
     userId: string,
     current: string | undefined,
   ): Promise<{ sessions: Record<string, unknown>[]; totalActiveSessions: number }> {
-    if (current) await this.listLimit.take(current);
+    if (current) await this.deps.listLimit.take(current);
     const views = await this.store.viewsOfUser(userId);
     views.sort(
       (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
