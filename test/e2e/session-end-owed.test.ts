@@ -12,7 +12,7 @@ import { after, before, test } from 'node:test';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, until, within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
@@ -20,6 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
@@ -59,15 +60,11 @@ async function waiting(
   await within('the device closed', c.close());
   const eids = Array.from({ length: n }, () => `owed-${randomUUID().slice(0, 8)}`);
   for (let i = 0; i < n; i += 300) {
-    const res = await fetchWithin(`http://127.0.0.1:${g.httpPort}/v1/events`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', authorization: `Bearer ${API_KEY}` },
-      body: JSON.stringify({
-        events: eids
-          .slice(i, i + 300)
-          .map((eid) => ({ target: { device }, eid, name: 'owed.test', data: {} })),
-      }),
-    });
+    const res = await postEvents(
+      g.httpPort,
+      API_KEY,
+      eids.slice(i, i + 300).map((eid) => ({ target: { device }, eid, name: 'owed.test', data: {} })),
+    );
     assert.equal(res.status, 202, await res.text());
   }
   return { session, device, eids };

@@ -40,9 +40,14 @@ export function postEvent(
   eid: string,
   name = 'test.event',
 ): Promise<Response> {
+  return postEvents(httpPort, apiKey, [{ target, eid, name, data: {} }]);
+}
+
+/** A back end's `POST /v1/events` of a batch (the response, unread). */
+export function postEvents(httpPort: number, apiKey: string, events: object[]): Promise<Response> {
   return fetchWithin(`http://127.0.0.1:${httpPort}/v1/events`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', authorization: `Bearer ${apiKey}` },
-    body: JSON.stringify({ events: [{ target, eid, name, data: {} }] }),
+    body: JSON.stringify({ events }),
   });
 }
