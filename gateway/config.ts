@@ -119,6 +119,18 @@ const SETTINGS = {
     "Bound on a connection's unsent output: past half of it the gateway stops reading from the device; past it the connection is closed as `overloaded`.",
     int(1024).default(1024 * 1024),
   ),
+  framesPerSecond: setting(
+    'GW_FRAMES_PER_SECOND',
+    '1000',
+    "Frames a connection may send per second on average (every frame: requests, acks, pings; the handshake's too); 0 = unlimited. Past it plus `GW_FRAMES_BURST`, the gateway stops reading a TCP connection until its budget is back (nothing is refused: the device is slowed by TCP's own flow control). A WebSocket cannot be paused: one that goes on past twice the burst is closed with a fatal `rate_limited` and `retryAfter`. So that one device's flood costs its node a bounded share of a core.",
+    int(0).default(1000),
+  ),
+  framesBurst: setting(
+    'GW_FRAMES_BURST',
+    '2000',
+    'Frames a connection may send at once above `GW_FRAMES_PER_SECOND` (the bucket of that rate: a device quiet for a while may send this many back to back).',
+    int(1).default(2000),
+  ),
   identityFile: setting(
     'GW_IDENTITY_FILE',
     '`.data/identity.pem`',

@@ -36,6 +36,8 @@ export interface TransportSocket {
   write(frame: Buffer): void;
   /** Bytes written but not yet handed to the kernel. */
   bufferedBytes(): number;
+  /** Whether `pauseReading` stops what the client sends from being read (uWS's WebSocket: no). */
+  readonly canPauseReading: boolean;
   pauseReading(): void;
   resumeReading(): void;
   /** Flushes what is queued, then closes. */
@@ -92,10 +94,19 @@ export interface ConnectionHost {
   readonly maxFrameBytes: number;
   readonly maxPendingBytes: number;
   readonly rekeyAfterFrames: number;
+  /**
+   * The frame rate a connection may keep (GW_FRAMES_PER_SECOND), as the milliseconds one frame
+   * spends of its budget; 0: unlimited. `frameBurstMs` is the burst (GW_FRAMES_BURST) in the same
+   * unit: how far ahead of the clock a connection's frames may run.
+   */
+  readonly frameIntervalMs: number;
+  readonly frameBurstMs: number;
   readonly log: Logger;
   readonly counters: GatewayMetrics;
   /** Handler for a request type, or undefined if no service provides it. */
   handler(type: string): RegisteredHandler | undefined;
+  /** A connection stopped being read for its frame rate: `unthrottle` it when its budget is back. */
+  throttled?(conn: Connection): void;
   /** Handles `ack` frames (delivery); undefined until delivery exists. */
   onAck?(conn: Connection, eids: string[]): void;
   /** An authenticated request of a session started (identity's throttled `lastSeenAt`). */
@@ -137,6 +148,10 @@ interface Pending {
 }
 
 let nextConnectionId = 1;
+
+/** Reasons a connection's reading is paused (`readPaused`): its output is backed up, its frame rate. */
+const READ_PAUSED_OUTPUT = 1;
+const READ_PAUSED_RATE = 2;
 
 /**
  * A connection's service state by key: the `get`/`set`/`delete` of a Map over a flat array. A
@@ -203,7 +218,17 @@ export class Connection {
   private effectedHead = 0;
   private advancing = false;
   private advanceAgain = false;
-  private readingPaused = false;
+  /** Why reading is paused: READ_PAUSED_OUTPUT, READ_PAUSED_RATE, both, or 0. */
+  private readPaused = 0;
+  /**
+   * The frame budget, as a virtual clock (the generic cell rate algorithm): each frame moves it
+   * `frameIntervalMs` on from the later of itself and now. It runs ahead of now by the frames
+   * sent above the rate; past `frameBurstMs` ahead, the connection is over its budget. One number
+   * per connection, no timer.
+   */
+  private frameClockMs = 0;
+  /** Reading was paused for the frame rate once already (logged once per connection). */
+  private throttledBefore = false;
   /** The kick is being sent: it may take the key's last frame. */
   private kicking = false;
 
@@ -220,10 +245,21 @@ export class Connection {
     return this.transport.ip;
   }
 
-  /** One frame body from the transport. The body may be a view: nothing here keeps it. */
-  receive(body: Buffer): void {
-    if (this.state >= ConnState.closing) return;
-    this.lastRxMs = Date.now();
+  /**
+   * One frame body from the transport. The body may be a view: nothing here keeps it. Returns
+   * false when reading is paused: a transport holding more frames keeps them until
+   * `resumeReading`.
+   */
+  receive(body: Buffer): boolean {
+    if (this.state >= ConnState.closing) return true;
+    const now = Date.now();
+    this.lastRxMs = now;
+    const interval = this.host.frameIntervalMs;
+    if (interval > 0) {
+      const clock = Math.max(this.frameClockMs, now) + interval;
+      this.frameClockMs = clock;
+      if (clock - now > this.host.frameBurstMs && this.overBudget(now)) return true;
+    }
     this.traffic.bytesIn += body.length;
     const wire = this.host.counters.wire;
     wire.framesIn++;
@@ -234,6 +270,7 @@ export class Connection {
     } catch (e) {
       this.fail(e, undefined);
     }
+    return this.readPaused === 0;
   }
 
   /** A framing error raised by the transport (bad length, text frame). */
@@ -348,13 +385,86 @@ export class Connection {
 
   /** Called by the transport when its output drained. */
   drained(): void {
-    if (this.readingPaused && this.transport.bufferedBytes() <= this.host.maxPendingBytes / 4) {
-      this.readingPaused = false;
-      this.transport.resumeReading();
+    if (
+      this.readPaused & READ_PAUSED_OUTPUT &&
+      this.transport.bufferedBytes() <= this.host.maxPendingBytes / 4
+    ) {
+      this.resumeFor(READ_PAUSED_OUTPUT);
     }
   }
 
+  /**
+   * Resumes reading a connection paused for its frame rate once its budget is back (the sweep
+   * asks, gateway.ts). Returns false while it is still paused for it: over budget, or over it
+   * again at once with what the transport held (it is then still the sweep's).
+   */
+  unthrottle(now: number): boolean {
+    if (!(this.readPaused & READ_PAUSED_RATE)) return true;
+    if (this.state >= ConnState.closing) return true;
+    if (this.frameClockMs - now > this.host.frameBurstMs) return false;
+    // Its silence counts from here: it was sending all along, unread.
+    this.lastRxMs = now;
+    this.resumeFor(READ_PAUSED_RATE);
+    return !(this.readPaused & READ_PAUSED_RATE);
+  }
+
+  /** Whether reading is paused for the frame rate (tests, metrics). */
+  get throttled(): boolean {
+    return (this.readPaused & READ_PAUSED_RATE) !== 0;
+  }
+
   // ---- internals ---------------------------------------------------------------------------
+
+  private pauseFor(reason: number): void {
+    if (this.readPaused === 0) this.transport.pauseReading();
+    this.readPaused |= reason;
+  }
+
+  private resumeFor(reason: number): void {
+    if (!(this.readPaused & reason)) return;
+    this.readPaused &= ~reason;
+    if (this.readPaused === 0) this.transport.resumeReading();
+  }
+
+  /**
+   * The frame just received ran the connection's budget past its burst. A TCP connection is
+   * read no more until the sweep finds its budget back (the frame itself, and the rest of what
+   * was read with it, are handled: the budget then runs further ahead and the pause is longer).
+   * A WebSocket cannot be paused: it is let run one more burst, then closed with a fatal
+   * `rate_limited`. Returns true when the frame is not to be handled.
+   */
+  private overBudget(now: number): boolean {
+    const h = this.host;
+    const ahead = this.frameClockMs - now;
+    if (this.transport.canPauseReading) {
+      if (!(this.readPaused & READ_PAUSED_RATE)) {
+        this.pauseFor(READ_PAUSED_RATE);
+        h.counters.wire.throttles++;
+        h.throttled?.(this);
+        if (!this.throttledBefore) {
+          this.throttledBefore = true;
+          h.log.info(
+            { conn: this.id, ip: this.ip, ...(this.session ? { sessionId: this.session.sessionId } : {}) },
+            'frame rate over GW_FRAMES_PER_SECOND: reading paused until its budget is back',
+          );
+        }
+      }
+      return false;
+    }
+    if (ahead <= 2 * h.frameBurstMs) return false;
+    h.log.info(
+      { conn: this.id, ip: this.ip, ...(this.session ? { sessionId: this.session.sessionId } : {}) },
+      'frame rate over GW_FRAMES_PER_SECOND past twice the burst: closed as rate_limited',
+    );
+    this.fail(
+      new ProtocolError('rate_limited', 'frame rate over the connection limit', {
+        fatal: true,
+        retryAfter: Math.ceil(ahead - h.frameBurstMs),
+      }),
+      undefined,
+    );
+    return true;
+  }
 
   private handshake(body: Buffer): void {
     let map: Record<string, unknown> & { type: string };
@@ -668,9 +778,8 @@ export class Connection {
         undefined,
       );
       this.transport.end();
-    } else if (!this.readingPaused && pending > this.host.maxPendingBytes / 2) {
-      this.readingPaused = true;
-      this.transport.pauseReading();
+    } else if (!(this.readPaused & READ_PAUSED_OUTPUT) && pending > this.host.maxPendingBytes / 2) {
+      this.pauseFor(READ_PAUSED_OUTPUT);
     }
   }
 }

@@ -62,6 +62,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   readonly maxFrameBytes: number;
   readonly maxPendingBytes: number;
   readonly rekeyAfterFrames: number;
+  readonly frameIntervalMs: number;
+  readonly frameBurstMs: number;
   readonly backend: CryptoBackend;
   readonly identity: Ed25519Identity;
   readonly log: Logger;
@@ -74,6 +76,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
   /** The wire's, identity's and HTTP's metrics in `metrics` (gateway/metrics.ts). */
   readonly counters = new GatewayMetrics(this.metrics);
   readonly connections = new Set<Connection>();
+  /** Connections read no more for their frame rate: the sweep resumes them (`throttled`). */
+  private readonly throttledConnections = new Set<Connection>();
   /** Live connections by session id (for kicks and delivery). */
   /** Connections bound to each session: the connection itself when one (almost always), else a Set. */
   private readonly bySession = new Map<string, Connection | Set<Connection>>();
@@ -119,6 +123,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
     this.maxFrameBytes = c.maxFrameBytes;
     this.maxPendingBytes = c.maxPendingBytes;
     this.rekeyAfterFrames = c.rekeyAfterFrames;
+    this.frameIntervalMs = c.framesPerSecond > 0 ? 1000 / c.framesPerSecond : 0;
+    this.frameBurstMs = this.frameIntervalMs * c.framesBurst;
     this.backend = options.backend;
     this.identity = options.identity;
     this.fingerprint = options.fingerprint;
@@ -154,6 +160,10 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
 
   handler(type: string): RegisteredHandler | undefined {
     return this.handlers.get(type);
+  }
+
+  throttled(conn: Connection): void {
+    this.throttledConnections.add(conn);
   }
 
   onConnectionClosed(hook: ConnectionHook): void {
@@ -482,7 +492,8 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
           }
           break;
         case ConnState.open:
-          if (conn.lastRxMs <= silentSince) {
+          // (A connection read no more for its frame rate is not silent: what it sent waits.)
+          if (conn.lastRxMs <= silentSince && !conn.throttled) {
             conn.kick('heartbeat_timeout', `nothing received for ${2 * hb} ms`);
           } else if (now - conn.lastPingMs >= hb) {
             conn.lastPingMs = now;
@@ -493,6 +504,9 @@ export class Gateway implements ConnectionHost, TcpAcceptor {
           if (now - conn.closingSinceMs > CLOSE_GRACE_MS) conn.destroy();
           break;
       }
+    }
+    for (const conn of this.throttledConnections) {
+      if (conn.unthrottle(now)) this.throttledConnections.delete(conn);
     }
     for (const hook of this.sweepHooks) {
       try {

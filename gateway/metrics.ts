@@ -86,10 +86,19 @@ export interface WireTotals {
   bytesIn: number;
   bytesOut: number;
   decryptFailures: number;
+  /** Times a connection's reading was paused for its frame rate (GW_FRAMES_PER_SECOND). */
+  throttles: number;
 }
 
 export class GatewayMetrics {
-  readonly wire: WireTotals = { framesIn: 0, framesOut: 0, bytesIn: 0, bytesOut: 0, decryptFailures: 0 };
+  readonly wire: WireTotals = {
+    framesIn: 0,
+    framesOut: 0,
+    bytesIn: 0,
+    bytesOut: 0,
+    decryptFailures: 0,
+    throttles: 0,
+  };
   readonly accepted: Counter<'transport'>;
   readonly handshakes: Counter<'result'>;
   readonly handshakeSeconds: Histogram;
@@ -121,6 +130,12 @@ export class GatewayMetrics {
       help: 'Frames that failed to open (replayed, reordered, skipped or forged): decrypt_failed.',
       registers,
       read: (c) => c.inc(wire.decryptFailures),
+    });
+    counterReadAtScrape({
+      name: 'gateway_connection_throttles_total',
+      help: 'Times a TCP connection was read no more until its frame budget was back (GW_FRAMES_PER_SECOND).',
+      registers,
+      read: (c) => c.inc(wire.throttles),
     });
     this.accepted = new Counter({
       name: 'gateway_connections_accepted_total',

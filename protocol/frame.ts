@@ -11,7 +11,8 @@ import { ProtocolError } from './errors.ts';
 export const LENGTH_BYTES = 4;
 export const DEFAULT_MAX_FRAME = 65536;
 
-export type FrameHandler = (body: Buffer) => void;
+/** Takes one body; returning `false` stops the decoder after it (see `FrameDecoder.resume`). */
+export type FrameHandler = (body: Buffer) => unknown;
 
 export class FrameDecoder {
   private readonly maxFrameBytes: number;
@@ -25,6 +26,8 @@ export class FrameDecoder {
   private header = 0;
   private headerFilled = 0;
   private failed: ProtocolError | null = null;
+  /** The rest of a chunk after a body whose handler said stop (`resume` goes on from it). */
+  private held: Buffer | null = null;
 
   constructor(maxFrameBytes: number = DEFAULT_MAX_FRAME) {
     if (!Number.isInteger(maxFrameBytes) || maxFrameBytes < 1 || maxFrameBytes > 0xffffffff) {
@@ -33,18 +36,29 @@ export class FrameDecoder {
     this.maxFrameBytes = maxFrameBytes;
   }
 
-  /** Bytes held for an incomplete frame. */
+  /** Bytes held: of an incomplete frame, and not yet decoded after a stop. */
   get buffered(): number {
-    return this.headerFilled + this.partialFilled;
+    return this.headerFilled + this.partialFilled + (this.held ? this.held.length : 0);
+  }
+
+  /** Whether a handler said stop and bytes after it wait for `resume`. */
+  get stopped(): boolean {
+    return this.held !== null;
   }
 
   /**
    * Feeds one chunk; calls `onFrame` for each complete body, in order. Throws `bad_frame`
    * (L = 0) or `frame_too_large` (L > max); after a throw the decoder stays failed.
    * A body passed to `onFrame` may be a view into `chunk`: copy it if it must outlive `chunk`.
+   * When `onFrame` returns `false` the decoder stops after that body and keeps the rest of the
+   * chunk, undecoded, for `resume` (a chunk pushed meanwhile is added after it).
    */
   push(chunk: Buffer, onFrame: FrameHandler): void {
     if (this.failed) throw this.failed;
+    if (this.held) {
+      chunk = Buffer.concat([this.held, chunk]);
+      this.held = null;
+    }
     let pos = 0;
     const end = chunk.length;
     while (pos < end) {
@@ -57,7 +71,10 @@ export class FrameDecoder {
           const body = this.partial;
           this.partial = null;
           this.partialFilled = 0;
-          onFrame(body);
+          if (onFrame(body) === false) {
+            if (pos < end) this.held = chunk.subarray(pos);
+            return;
+          }
         }
         continue;
       }
@@ -79,12 +96,23 @@ export class FrameDecoder {
       if (end - pos >= length) {
         const body = chunk.subarray(pos, pos + length);
         pos += length;
-        onFrame(body);
+        if (onFrame(body) === false) {
+          if (pos < end) this.held = chunk.subarray(pos);
+          return;
+        }
       } else {
         this.partial = Buffer.allocUnsafe(length);
         this.partialFilled = 0;
       }
     }
+  }
+
+  /** Goes on decoding what a stop left (as `push` of it). */
+  resume(onFrame: FrameHandler): void {
+    const rest = this.held;
+    if (!rest) return;
+    this.held = null;
+    this.push(rest, onFrame);
   }
 
   private check(length: number): void {

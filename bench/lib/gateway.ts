@@ -140,6 +140,8 @@ export async function startBenchGateway(
         GW_HEARTBEAT_MS: '60000',
         // One process, whose pid is the one measured (bench/load/processes.ts compares 1 and N).
         GW_PROCESSES: '1',
+        // One load client's connection carries what many devices would: no per-connection frame budget.
+        GW_FRAMES_PER_SECOND: '0',
         ...env,
       },
       isReady: (l) => l.msg === 'gateway ready',

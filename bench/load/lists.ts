@@ -3,10 +3,14 @@
  * online session's presence record) with `--online` sessions online, one request at a time for
  * `--seconds`, against `ping` in the same loop (the floor: what any request costs). Rows:
  *
- *   ping                  one device pinging in a loop
- *   users, no limit       the same device asking `users` (GW_LIST_PER_MINUTE far above the loop)
- *   users, default limit  the same with GW_LIST_PER_MINUTE at its default (60): answered until
- *                         the session's minute is spent, then refused `rate_limited` from memory
+ *   ping, no frame budget    one device pinging in a loop, GW_FRAMES_PER_SECOND=0
+ *   ping, default budget     the same at GW_FRAMES_PER_SECOND's default (1,000 frames a
+ *                            second): the gateway reads the device no faster
+ *   users, no limit          the same device asking `users` (GW_LIST_PER_MINUTE far above the
+ *                            loop, no frame budget)
+ *   users, default limits    the same with GW_LIST_PER_MINUTE at its default (60): answered
+ *                            until the session's minute is spent, then refused `rate_limited`
+ *                            from memory, at most as fast as the default frame budget reads
  *
  * The online sessions are presence records planted in Redis (as other nodes' devices), so that
  * only the asking device is connected. Printed per row: answered and refused requests a second,
@@ -28,7 +32,8 @@ import { cpuSeconds, progress, redisPid } from '../lib/procs.ts';
 const { values } = benchArgs({
   script: 'bench:lists',
   url: import.meta.url,
-  about: 'what a device asking `users` in a loop costs its node, with and without GW_LIST_PER_MINUTE',
+  about:
+    'what a device asking `users` or `ping` in a loop costs its node, with and without GW_LIST_PER_MINUTE and GW_FRAMES_PER_SECOND',
   readme: 'bench:lists',
   options: {
     online: { type: 'int', default: 5000, help: 'online sessions (planted presence records)' },
@@ -48,8 +53,13 @@ interface Row {
   redisCores: number;
 }
 
-async function row(name: string, ask: (c: GatewayClient) => Promise<unknown>, limit: string): Promise<Row> {
-  const gw = await startGateway({ GW_LIST_PER_MINUTE: limit, GW_LOG_LEVEL: 'info' });
+async function row(
+  name: string,
+  ask: (c: GatewayClient) => Promise<unknown>,
+  env: { GW_LIST_PER_MINUTE: string; GW_FRAMES_PER_SECOND?: string },
+): Promise<Row> {
+  // (GW_FRAMES_PER_SECOND absent: its default.)
+  const gw = await startGateway({ ...env, GW_LOG_LEVEL: 'info' });
   const r = redisClient();
   try {
     const p = r.pipeline();
@@ -109,9 +119,16 @@ console.log(
   ),
 );
 const rows = [
-  await row('ping', (c) => c.ping(), '60'),
-  await row('users, no limit', (c) => c.request('users'), '1000000'),
-  await row('users, default limit (60/min)', (c) => c.request('users'), '60'),
+  await row('ping, no frame budget', (c) => c.ping(), {
+    GW_LIST_PER_MINUTE: '60',
+    GW_FRAMES_PER_SECOND: '0',
+  }),
+  await row('ping, default frame budget', (c) => c.ping(), { GW_LIST_PER_MINUTE: '60' }),
+  await row('users, no limit', (c) => c.request('users'), {
+    GW_LIST_PER_MINUTE: '1000000',
+    GW_FRAMES_PER_SECOND: '0',
+  }),
+  await row('users, default limits', (c) => c.request('users'), { GW_LIST_PER_MINUTE: '60' }),
 ];
 console.log(
   table(

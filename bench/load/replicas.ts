@@ -77,6 +77,8 @@ try {
   }
   for (const min of [0, 1]) {
     const gw = await startGateway({
+      // One load client's connection carries what many devices would: no per-connection frame budget.
+      GW_FRAMES_PER_SECOND: '0',
       REDIS_URL: primary.url,
       GW_REDIS_MIN_REPLICAS: String(min),
       GW_API_KEY: API_KEY,

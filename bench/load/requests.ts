@@ -178,6 +178,8 @@ async function main(): Promise<void> {
   const rows: Row[] = [await uwsAlone(event({ device: 'nobody' }))];
 
   const g = await startGateway({
+    // One load client's connection carries what many devices would: no per-connection frame budget.
+    GW_FRAMES_PER_SECOND: '0',
     GW_LOG_LEVEL: 'info',
     GW_DEFAULT_ROOM: '',
     GW_API_KEY: API_KEY,

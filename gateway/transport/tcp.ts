@@ -21,12 +21,13 @@ export function normalizeIp(address: string | undefined): string {
 class TcpSocket implements TransportSocket {
   readonly kind = 'tcp' as const;
   readonly headroom = 4;
+  readonly canPauseReading = true;
   readonly ip: string;
   conn: Connection | null = null;
   private corked = false;
   private readonly decoder: FrameDecoder;
   private readonly uncork: () => void;
-  private readonly onBody: (body: Buffer) => void;
+  private readonly onBody: (body: Buffer) => boolean;
   readonly onData: (chunk: Buffer) => void;
 
   constructor(
@@ -41,17 +42,22 @@ class TcpSocket implements TransportSocket {
       this.corked = false;
       this.socket.uncork();
     };
-    this.onBody = (body) => {
-      this.conn!.receive(body);
-    };
+    // A connection that pauses its reading (its output backed up, its frame rate spent) stops
+    // the decoder too: the rest of the chunk waits, undecoded, for `resumeReading`.
+    this.onBody = (body) => this.conn!.receive(body);
     this.onData = (chunk) => {
-      try {
-        this.decoder.push(chunk, this.onBody);
-      } catch (e) {
-        if (isProtocolError(e)) this.conn!.frameError(e);
-        else throw e;
-      }
+      this.decode(chunk);
     };
+  }
+
+  private decode(chunk: Buffer | null): void {
+    try {
+      if (chunk) this.decoder.push(chunk, this.onBody);
+      else this.decoder.resume(this.onBody);
+    } catch (e) {
+      if (isProtocolError(e)) this.conn!.frameError(e);
+      else throw e;
+    }
   }
 
   write(frame: Buffer): void {
@@ -73,6 +79,11 @@ class TcpSocket implements TransportSocket {
   }
 
   resumeReading(): void {
+    // What a stop left is handled first; the socket is read again unless it stopped again.
+    if (this.decoder.stopped) {
+      this.decode(null);
+      if (this.decoder.stopped || this.socket.destroyed) return;
+    }
     this.socket.resume();
   }
 

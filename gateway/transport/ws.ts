@@ -17,6 +17,7 @@ interface WsData {
 class WsSocket implements TransportSocket {
   readonly kind = 'ws' as const;
   readonly headroom = 0;
+  readonly canPauseReading = false;
   conn: Connection | null = null;
   closed = false;
   private queue: Buffer[] = [];
@@ -57,7 +58,8 @@ class WsSocket implements TransportSocket {
     return this.closed ? 0 : this.ws.getBufferedAmount() + this.queuedBytes;
   }
 
-  // uWS has no per-socket read pause; the output bound (maxPendingBytes) still applies.
+  // uWS has no per-socket read pause (`canPauseReading`): the output bound (maxPendingBytes) still
+  // applies, and a frame rate past its budget closes (connection.ts).
   pauseReading(): void {}
   resumeReading(): void {}
 

@@ -37,6 +37,8 @@ function open(backend: CryptoBackend, frames: number) {
     heartbeatMs: 30_000,
     maxFrameBytes: 1 << 20,
     maxPendingBytes: 1 << 24,
+    frameIntervalMs: 0,
+    frameBurstMs: 0,
     rekeyAfterFrames: frames,
     log: createLogger('silent'),
     counters: new GatewayMetrics(new Registry()),
@@ -48,6 +50,7 @@ function open(backend: CryptoBackend, frames: number) {
   const transport: TransportSocket = {
     kind: 'tcp',
     ip: '127.0.0.1',
+    canPauseReading: true,
     headroom: 4,
     write: (frame) => written.push(frame),
     bufferedBytes: () => 0,

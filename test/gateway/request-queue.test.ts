@@ -59,6 +59,8 @@ function open(handlers: { send: Handler; join?: Handler }) {
     heartbeatMs: 30_000,
     maxFrameBytes: 1 << 20,
     maxPendingBytes: 1 << 24,
+    frameIntervalMs: 0,
+    frameBurstMs: 0,
     rekeyAfterFrames: 1_000_000,
     log: createLogger('silent'),
     counters: new GatewayMetrics(new Registry()),
@@ -69,6 +71,7 @@ function open(handlers: { send: Handler; join?: Handler }) {
   const transport: TransportSocket = {
     kind: 'ws',
     ip: '127.0.0.1',
+    canPauseReading: true,
     headroom: 0,
     write: (frame) => frames.push(frame),
     bufferedBytes: () => 0,
