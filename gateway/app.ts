@@ -363,11 +363,11 @@ export async function startNode(
         }
         return done;
       },
-      expire: async (members) => {
-        for (const m of members) {
-          const [sid, eid] = m.split('|');
-          for (const t of await outbox.take(sid, [eid])) delivery.reportExpired(sid, t.event);
-        }
+      // Reported first, then removed (with their members): a report Redis refuses leaves them
+      // due for the next sweep, and the job ids keep a second report from being queued.
+      expire: async (members, now) => {
+        await delivery.reportExpiredAll(await outbox.peekExpired(members, now));
+        delivery.countExpired(await outbox.takeExpired(members, now));
       },
     });
     await limits.start();

@@ -231,6 +231,7 @@ interface OutboxCommands {
   gwAckPumpBuffer(...args: (string | Buffer | number)[]): Promise<Buffer>;
   gwResendBuffer(...args: (string | Buffer | number)[]): Promise<Reply | null>;
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
+  gwExpireBuffer(...args: (string | Buffer | number)[]): Promise<Reply | number>;
   gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
   /** publish-now.lua: per event, {sessions, sent, the caller's own session ids...}. */
   gwPublishNow(...args: (string | Buffer)[]): Promise<(number | string)[][]>;
@@ -282,6 +283,9 @@ function parsePump(reply: Reply): AckPumpResult {
  */
 export const PUBLISH_CONNECTIONS = 4;
 
+/** Members of the expiries index per expire.lua call (`Outbox.expireCalls`). */
+const EXPIRE_CALL = 200;
+
 /** The outbox's scripts, defined once per connection. */
 function withCommands(redis: Redis): Redis & OutboxCommands {
   const r = redis as Redis & Partial<OutboxCommands>;
@@ -291,6 +295,7 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
     redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
     redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
     redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
+    redis.defineCommand('gwExpire', { numberOfKeys: 0, lua: script('expire') });
     redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
     redis.defineCommand('gwPublishNow', { numberOfKeys: 0, lua: lua('publish-now') });
   }
@@ -726,6 +731,54 @@ export class Outbox {
   /** Every event of the outbox, as `take` would return them, none removed. */
   peek(sid: string): Promise<TakenEvent[]> {
     return this.takeAs(sid, 'peek', []);
+  }
+
+  /**
+   * The due events of the expiries index's `members` (`sid|eid`) still in their outboxes, none
+   * removed (expire.lua "peek"), so that they are reported before `takeExpired` removes them.
+   */
+  async peekExpired(members: string[], nowMs: number): Promise<{ sid: string; event: StoredEvent }[]> {
+    const out: { sid: string; event: StoredEvent }[] = [];
+    for (const reply of await this.expireCalls('peek', members, nowMs)) {
+      const r = reply as Reply;
+      for (let i = 0; i < r.length; i += 2) {
+        const member = (r[i] as Buffer).toString();
+        out.push({ sid: member.slice(0, member.indexOf('|')), event: decode(r[i + 1] as Buffer) });
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Removes the due events of `members` and the members themselves (expire.lua "take"); returns
+   * how many events this call removed.
+   */
+  async takeExpired(members: string[], nowMs: number): Promise<number> {
+    let removed = 0;
+    for (const n of await this.expireCalls('take', members, nowMs)) removed += n as number;
+    return removed;
+  }
+
+  /**
+   * expire.lua over `members`, EXPIRE_CALL of them a call, the calls sent at once: one call of a
+   * sweep's thousand members would hold Redis for every one of their sessions in one step.
+   */
+  private expireCalls(mode: 'peek' | 'take', members: string[], nowMs: number): Promise<(Reply | number)[]> {
+    const [head, tail] = this.keys.sessionKeyParts;
+    const calls: Promise<Reply | number>[] = [];
+    for (let i = 0; i < members.length; i += EXPIRE_CALL) {
+      calls.push(
+        this.redis.gwExpireBuffer(
+          mode,
+          head,
+          tail,
+          this.keys.expiries,
+          nowMs,
+          ...members.slice(i, i + EXPIRE_CALL),
+        ),
+      );
+    }
+    return Promise.all(calls);
   }
 
   private async takeAs(sid: string, mode: 'all' | 'some' | 'peek', eids: string[]): Promise<TakenEvent[]> {

@@ -1293,6 +1293,30 @@ export class DeliveryService {
     await this.report('delivery.failed', sessionId, ev, { attempts, reason });
   }
 
+  /**
+   * The expiry sweep's reports (app.ts): `delivery.expired` for each event, in bulk (PURGE_BULK
+   * a call), with the job id the pump's report of the same event has, so that an event reported
+   * twice (a sweep tried again, the pump finding it too) is queued once. Rejects when Redis
+   * refuses: the sweep then removes nothing and tries again.
+   */
+  async reportExpiredAll(events: { sid: string; event: StoredEvent }[]): Promise<void> {
+    const ts = Date.now();
+    for (let i = 0; i < events.length; i += PURGE_BULK) {
+      await this.deps.backend.emitBulk(
+        events.slice(i, i + PURGE_BULK).map(({ sid, event }) => ({
+          name: 'delivery.expired',
+          data: { eid: event.eid, sessionId: sid, name: event.name, ts },
+          jobId: `delivery.expired-${sid}-${event.eid}`,
+        })),
+      );
+    }
+  }
+
+  /** Counts events the expiry sweep removed (`reportExpired` counts the pump's). */
+  countExpired(n: number): void {
+    this.metrics.expired.inc(n);
+  }
+
   reportExpired(sessionId: string, ev: StoredEvent): void {
     this.metrics.expired.inc();
     this.report('delivery.expired', sessionId, ev, {});

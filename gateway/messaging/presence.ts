@@ -47,8 +47,11 @@ export interface SweepTargets {
    * entries every `room.left` of this sweep shares, packed, with their number.
    */
   roomLeft(now: number): [channelPrefix: string, defaultRoom: string, shared: Buffer, entries: number];
-  /** Reports and removes expired events (`sid|eid` members of the expiries set). */
-  expire(members: string[]): Promise<void>;
+  /**
+   * Reports and removes the expired events of `members` of the expiries set (`sid|eid`, due at
+   * `now`), and the members.
+   */
+  expire(members: string[], now: number): Promise<void>;
   /**
    * Moves or purges the outboxes of sessions that ended before `cutoff` (ms) with that work
    * still owed (keys.ts endsOwed: their node died or Redis refused it until now); returns the
@@ -98,6 +101,9 @@ export function usernameIn(raw: Buffer): string | undefined {
 
 /** Sessions of a dead node swept per round (each one operation of the binding's calls). */
 const SWEEP_BATCH = 1000;
+
+/** Due members of the expiries index the sweep reads, reports and removes at a time. */
+const EXPIRY_BATCH = 1000;
 
 /** Binding operations (gateway/binding.ts). */
 const PRESENCE_OPS = {
@@ -600,17 +606,24 @@ export class Presence {
       sessions += swept;
       this.deps.log.warn({ deadNode: node, sessions: swept }, 'presence sweep removed a dead node');
     }
-    const due = await redis.zrangebyscore(keys.expiries, '-inf', now, 'LIMIT', 0, 1000);
-    if (due.length > 0) {
-      await this.targets!.expire(due);
-      await redis.zrem(keys.expiries, ...due);
+    // Every event due, a thousand at a time, for at most half the sweep's interval: a fleet's
+    // offline devices can have more expire in an interval than one batch (before: one batch a
+    // sweep, one round trip an event; the rest piled up in the index and in the outboxes).
+    let expired = 0;
+    const expiryDeadline = Date.now() + options.sweepIntervalMs / 2;
+    for (;;) {
+      const due = await redis.zrangebyscore(keys.expiries, '-inf', now, 'LIMIT', 0, EXPIRY_BATCH);
+      if (due.length === 0) break;
+      await this.targets!.expire(due, now);
+      expired += due.length;
+      if (due.length < EXPIRY_BATCH || Date.now() >= expiryDeadline) break;
     }
     // Ended sessions whose outbox is still owed a move or a purge a stale time later: the node
     // that ended them died first (its own retries would have done it by now).
     for (const sid of await this.targets!.owedEnds(cutoff)) {
       this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
     }
-    return { deadNodes, sessions, expired: due.length };
+    return { deadNodes, sessions, expired };
   }
 
   /**

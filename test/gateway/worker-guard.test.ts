@@ -143,11 +143,13 @@ test('a maintenance worker that stopped taking jobs is replaced, and the sweep r
 test('a node busy with a sweep longer than the check keeps its worker', async () => {
   let reporting = 0;
   await withHold(async (held, release) => {
-    const node = await startNode({
-      // An expired event is reported slowly: the sweep holds the node's worker.
-      expire: async () => {
+    const node: Awaited<ReturnType<typeof startNode>> = await startNode({
+      // An expired event is reported slowly: the sweep holds the node's worker. Then it is
+      // removed, with its member of the index (SweepTargets.expire).
+      expire: async (members) => {
         reporting++;
         await held;
+        await node.redis.zrem(node.keys.expiries, ...members);
       },
     });
     await within('an expired event planted', node.redis.zadd(node.keys.expiries, 1, 'sid-held|eid-held'));

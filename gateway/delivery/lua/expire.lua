@@ -1,0 +1,53 @@
+--[[
+  The expiry sweep's step (presence.ts) over due members of the expiries ZSET (`sid|eid` ->
+  expiry ms, publish.lua), across sessions, in two calls:
+    "peek" returns the due events still in their outboxes, none removed, for the sweep to
+           report them (delivery.expired) before anything is removed: a report Redis refuses
+           leaves them for the next sweep;
+    "take" then removes them, and their members, and returns how many events it removed (an
+           event the ack pump found expired and removed meanwhile is not counted twice).
+  A member is due when its score is at or below now; one whose event is gone (acked, moved,
+  purged) is only dropped from the index by "take".
+
+  Keys of a session are built here from its id, as publish.lua does (head .. sid .. tail ..
+  name): one Redis primary, not Redis Cluster. No KEYS.
+
+  ARGV[1] "peek" or "take"
+  ARGV[2], ARGV[3] head and tail of a session's key names (Keys.sessionKeyParts)
+  ARGV[4] the expiries ZSET
+  ARGV[5] now (ms)
+  ARGV[6..] members
+
+  Returns, with "peek", {member, payload, ...}; with "take", the number of events removed.
+]]
+local mode, head, tail, expiries, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local out, removed = {}, 0
+for i = 6, #ARGV do
+  local member = ARGV[i]
+  local bar = string.find(member, '|', 1, true)
+  local score = redis.call('ZSCORE', expiries, member)
+  if score and tonumber(score) <= now then
+    local payload, K, eid = false, nil, nil
+    if bar then
+      local base = head .. string.sub(member, 1, bar - 1) .. tail
+      K = { base .. 'q', base .. 'ev', base .. 'att', base .. 'rc', base .. 'exp' }
+      eid = string.sub(member, bar + 1)
+      payload = redis.call('HGET', K[2], eid)
+    end
+    if mode == 'peek' then
+      if payload then
+        out[#out + 1] = member
+        out[#out + 1] = payload
+      end
+    else
+      if payload then
+        removeEvent(K, eid)
+        removed = removed + 1
+      end
+      -- (A member that names no event, malformed included, leaves the index too.)
+      redis.call('ZREM', expiries, member)
+    end
+  end
+end
+if mode == 'peek' then return out end
+return removed

@@ -1,0 +1,169 @@
+/**
+ * The cluster-wide sweep's expiry step: events with a `ttl` waiting for offline devices are
+ * reported `delivery.expired` and removed once due.
+ *
+ * - Every event due, not a batch a sweep: a fleet's offline devices can have more events expire
+ *   in a sweep interval than one batch (1,000). Before, a sweep took one batch, one round trip
+ *   an event, and the rest piled up in the index and in the outboxes (where, under the `reject`
+ *   policy, they refuse new events at the bound).
+ * - Reported, then removed: a report Redis refuses (here an ACL rule on a private redis-server
+ *   denies the back-end queue's keys) leaves the events due for the next sweep, and each is reported once. Before, an event was
+ *   taken out first and its report sent without waiting: a refused report lost it.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { QueueReader } from '../helpers/queues.ts';
+
+const API_KEY = 'api-key-for-expiry-sweep-51c9';
+
+let redis: OwnRedis;
+before(async () => {
+  redis = await startOwnRedis();
+});
+after(async () => {
+  await redis.remove();
+});
+
+const acl = (...rules: string[]) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', ...rules));
+
+async function withGateway(sweepMs: number, body: (g: GatewayProcess, reader: QueueReader) => Promise<void>) {
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_SWEEP_INTERVAL_MS: String(sweepMs),
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  });
+  const reader = new QueueReader(g.prefix, redis.url);
+  try {
+    await body(g, reader);
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+}
+
+/** `n` events with `ttlMs` published to an offline device (one request a thousand); their eids. */
+async function expiring(g: GatewayProcess, n: number, ttlMs: number): Promise<string[]> {
+  const device = `expiring-${randomUUID().slice(0, 8)}`;
+  const c = await connected(g.tcpUrl);
+  await signUp(c, { id: device });
+  await within('the device closed', c.close());
+  const eids = Array.from({ length: n }, () => `exp-${randomUUID().slice(0, 12)}`);
+  for (let i = 0; i < n; i += 1000) {
+    const res = await postEvents(
+      g.httpPort,
+      API_KEY,
+      eids
+        .slice(i, i + 1000)
+        .map((eid) => ({ target: { device }, eid, name: 'exp.test', data: {}, ttl: ttlMs })),
+    );
+    assert.equal(res.status, 202, await res.text());
+  }
+  return eids;
+}
+
+const expiries = (g: GatewayProcess) => redis.with((r) => r.zcard(`${g.prefix}expiries`));
+
+/** The eids reported `delivery.expired`, with how many times each. */
+async function reported(reader: QueueReader): Promise<Map<string, number>> {
+  const counts = new Map<string, number>();
+  for (const j of await reader.jobs('gw-backend', 'delivery.expired')) {
+    counts.set(j.data.eid, (counts.get(j.data.eid) ?? 0) + 1);
+  }
+  return counts;
+}
+
+test('a sweep reports and removes every event due, past a batch of them', async () => {
+  // A sweep every 2 s, the events due 1.5 s after their publish (three devices' worth, published
+  // within a few hundred milliseconds): a sweep finds all of them due, or a few split from the
+  // rest by one sweep's time.
+  await withGateway(2000, async (g, reader) => {
+    const eids = (await Promise.all([0, 1, 2].map(() => expiring(g, 800, 1500)))).flat();
+    assert.equal(await expiries(g), 2400);
+    await until('the expiries index to empty', async () => (await expiries(g)) === 0, 30_000, 50);
+    const sweeps = (await reader.jobs('gw-maintenance', 'sweep'))
+      .map((j) => (j.returnvalue as { expired?: number } | null)?.expired ?? 0)
+      .filter((n) => n > 0);
+    assert.equal(
+      sweeps.reduce((a, b) => a + b, 0),
+      2400,
+    );
+    assert.ok(Math.max(...sweeps) > 1000, `a sweep handled more than a batch: ${JSON.stringify(sweeps)}`);
+    const counts = await until('every event reported', async () => {
+      const c = await reported(reader);
+      return c.size === eids.length ? c : undefined;
+    });
+    assert.deepEqual(
+      [...counts.values()].filter((n) => n !== 1),
+      [],
+      'each reported once',
+    );
+    assert.deepEqual(
+      eids.filter((e) => !counts.has(e)),
+      [],
+    );
+    // The outboxes are empty.
+    const left = await redis.with(async (r) => {
+      let n = 0;
+      for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
+      return n;
+    });
+    assert.equal(left, 0, 'events left in outboxes');
+  });
+});
+
+test('a sweep whose reports Redis refuses removes nothing; once it takes them, each event is reported once', async () => {
+  await withGateway(300, async (g, reader) => {
+    const eids = await expiring(g, 30, 200);
+    // The gateway may use every key but the back-end queue's (`P bull:gw-backend:*`): BullMQ's
+    // add of a report is refused before it writes anything, while the sweep's own queue
+    // (`gw-maintenance`) goes on scheduling and running it. (No command can be denied instead:
+    // the scheduler's next job is written with the commands a report is.)
+    await acl('resetkeys', `~${g.prefix}[^b]*`, `~${g.prefix}bull:gw-[^b]*`);
+    const since = g.logs.length;
+    try {
+      await within(
+        'a sweep to fail',
+        g.waitForLog(
+          (l) => g.logs.indexOf(l) >= since && l.msg === 'sweep failed; the next one runs at its time',
+        ),
+      );
+      assert.equal(await expiries(g), 30, 'the events are still due');
+      assert.equal(
+        await redis.with(async (r) => {
+          let n = 0;
+          for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
+          return n;
+        }),
+        30,
+        'the events are still in the outbox',
+      );
+    } finally {
+      await acl('allkeys');
+    }
+    await until('the expiries index to empty', async () => (await expiries(g)) === 0, 20_000, 50);
+    const counts = await until('every event reported', async () => {
+      const c = await reported(reader);
+      return c.size === eids.length ? c : undefined;
+    });
+    assert.deepEqual(
+      eids.map((e) => counts.get(e)),
+      eids.map(() => 1),
+    );
+  });
+});
