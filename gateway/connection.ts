@@ -428,10 +428,10 @@ export class Connection {
 
   /**
    * The frame just received ran the connection's budget past its burst. A TCP connection is
-   * read no more until the sweep finds its budget back (the frame itself, and the rest of what
-   * was read with it, are handled: the budget then runs further ahead and the pause is longer).
-   * A WebSocket cannot be paused: it is let run one more burst, then closed with a fatal
-   * `rate_limited`. Returns true when the frame is not to be handled.
+   * read no more until the sweep finds its budget back: the frame itself is handled, and the
+   * transport keeps the rest of what it read, undecoded (`receive` answers false). A WebSocket
+   * cannot be paused: it is let run one more burst, then closed with a fatal `rate_limited`.
+   * Returns true when the frame is not to be handled.
    */
   private overBudget(now: number): boolean {
     const h = this.host;
