@@ -28,7 +28,15 @@ const clients: GatewayClient[] = [];
 
 before(async () => {
   redis = await startOwnRedis();
-  gw = await startGateway({ REDIS_URL: redis.url, GW_LOG_LEVEL: 'info', GW_DEFAULT_ROOM: '#general' });
+  gw = await startGateway({
+    REDIS_URL: redis.url,
+    GW_LOG_LEVEL: 'info',
+    GW_DEFAULT_ROOM: '#general',
+    // The cluster-wide sweep (a BullMQ job every 5 s by default) runs ~90 commands at once on an
+    // idle node; one that lands in a measured window of 10 operations adds ~9 to each, which the
+    // idle window's rate does not take off. Nothing here needs it.
+    GW_SWEEP_INTERVAL_MS: '600000',
+  });
 });
 after(async () => {
   await Promise.allSettled(clients.map((c) => c.close()));
@@ -194,11 +202,15 @@ test("a login and a resume with a device cost the same whether the account holds
   const more = await measure();
   const seen = `with ${M * 2 + 1} sessions ${JSON.stringify(few)}, with ${M * 3 + 201}: ${JSON.stringify(more)}`;
   t.diagnostic(seen);
-  // Before, each one read every session of the account, one HGETALL at a time: ~200 more commands.
+  // Before, each one read every session of the account, one HGETALL at a time: ~200 more commands
+  // (439 against 7 sent per login, each also run). What Redis ran also counts the node's other
+  // periodic work (bursts of 20-48 commands every 5 s besides the sweep, measured on an idle node),
+  // unevenly over windows of 10 operations: hence the wider margin (one run beside another suite
+  // read 56.2 and 69.8).
   assert.ok(more.login.sent <= few.login.sent + 5, `commands sent per device login: ${seen}`);
   assert.ok(more.resume.sent <= few.resume.sent + 5, `commands sent per device resume: ${seen}`);
-  assert.ok(more.login.ran <= few.login.ran + 10, `commands Redis ran per device login: ${seen}`);
-  assert.ok(more.resume.ran <= few.resume.ran + 10, `commands Redis ran per device resume: ${seen}`);
+  assert.ok(more.login.ran <= few.login.ran + 25, `commands Redis ran per device login: ${seen}`);
+  assert.ok(more.resume.ran <= few.resume.ran + 25, `commands Redis ran per device resume: ${seen}`);
 });
 
 test('the first logins of a fresh gateway, many at once, all bind (the binding script is sent in the same tick as other commands)', async () => {
