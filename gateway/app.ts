@@ -42,6 +42,9 @@ import { RetryUntilDone } from './wait.ts';
 /** How long a shutdown waits for gRPC calls in flight (and health watches) after the drain. */
 const GRPC_CLOSE_GRACE_MS = 2000;
 
+/** Owed session ends (a move or a purge each) the sweep finishes at once (`owedEnds`). */
+const OWED_ENDS_AT_ONCE = 16;
+
 export interface NodeParts {
   gateway: Gateway;
   ports: ListeningPorts;
@@ -347,21 +350,34 @@ export async function startNode(
     await delivery.start();
     await presence.start({
       roomLeft: (now) => rooms.sweepRoomLeft(now),
-      owedEnds: async (cutoff) => {
+      // OWED_ENDS_AT_ONCE sessions' ends at a time (each a move or a purge of its own session's
+      // keys: a few round trips, which the others overlap).
+      owedEnds: async (cutoff, limit) => {
+        const members = await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, limit);
         const done: string[] = [];
-        for (const member of await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, 100)) {
-          const end = parseEndOwed(member);
-          try {
-            if (end) await endOutbox(end.sid, end.reason, end.successor);
-            await redis.zrem(keys.endsOwed, member);
-            if (end) done.push(end.sid);
-          } catch (e) {
-            // Left for a stale time more, not for every sweep; the others go on.
-            logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
-            await redis.zadd(keys.endsOwed, 'XX', Date.now(), member);
+        let next = 0;
+        // A put-off Redis refused too: the sweep fails (logged) once the others are done.
+        let putOffFailed: unknown;
+        const finish = async () => {
+          while (next < members.length) {
+            const member = members[next++];
+            const end = parseEndOwed(member);
+            try {
+              if (end) await endOutbox(end.sid, end.reason, end.successor);
+              await redis.zrem(keys.endsOwed, member);
+              if (end) done.push(end.sid);
+            } catch (e) {
+              // Left for a stale time more, not for every sweep; the others go on.
+              logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
+              await redis.zadd(keys.endsOwed, 'XX', Date.now(), member).catch((e2) => {
+                putOffFailed ??= e2;
+              });
+            }
           }
-        }
-        return done;
+        };
+        await Promise.all(Array.from({ length: Math.min(OWED_ENDS_AT_ONCE, members.length) }, finish));
+        if (putOffFailed !== undefined) throw putOffFailed;
+        return { done, found: members.length };
       },
       // Reported first, then removed (with their members): a report Redis refuses leaves them
       // due for the next sweep, and the job ids keep a second report from being queued.

@@ -53,11 +53,11 @@ export interface SweepTargets {
    */
   expire(members: string[], now: number): Promise<void>;
   /**
-   * Moves or purges the outboxes of sessions that ended before `cutoff` (ms) with that work
-   * still owed (keys.ts endsOwed: their node died or Redis refused it until now); returns the
-   * session ids it finished.
+   * Moves or purges the outboxes of up to `limit` sessions that ended before `cutoff` (ms) with
+   * that work still owed (keys.ts endsOwed: their node died or Redis refused it until now);
+   * returns the session ids it finished, and how many owed ends it found.
    */
-  owedEnds(cutoff: number): Promise<string[]>;
+  owedEnds(cutoff: number, limit: number): Promise<{ done: string[]; found: number }>;
 }
 
 /**
@@ -104,6 +104,20 @@ const SWEEP_BATCH = 1000;
 
 /** Due members of the expiries index the sweep reads, reports and removes at a time. */
 const EXPIRY_BATCH = 1000;
+
+/** Owed session ends the sweep reads and finishes at a time (SweepTargets.owedEnds). */
+const OWED_BATCH = 100;
+
+/**
+ * What a sweep job returns (BullMQ keeps it with the job): the dead nodes swept and their
+ * sessions, the expired events it reported and removed, the owed session ends it finished.
+ */
+interface SweepResult {
+  deadNodes: string[];
+  sessions: number;
+  expired: number;
+  ended: number;
+}
 
 /** Binding operations (gateway/binding.ts). */
 const PRESENCE_OPS = {
@@ -562,7 +576,7 @@ export class Presence {
   }
 
   /** The cluster-wide sweep; BullMQ runs each scheduled job on exactly one node. */
-  private async sweep(job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
+  private async sweep(job: Job): Promise<SweepResult> {
     try {
       return await this.sweepOnce(job);
     } catch (e) {
@@ -575,7 +589,7 @@ export class Presence {
    * Removes what each dead node held (sweepNode), then reports the expired events of offline
    * sessions.
    */
-  private async sweepOnce(_job: Job): Promise<{ deadNodes: string[]; sessions: number; expired: number }> {
+  private async sweepOnce(_job: Job): Promise<SweepResult> {
     const { redis, keys, options } = this.deps;
     const now = Date.now();
     const cutoff = now - options.staleMs;
@@ -619,11 +633,21 @@ export class Presence {
       if (due.length < EXPIRY_BATCH || Date.now() >= expiryDeadline) break;
     }
     // Ended sessions whose outbox is still owed a move or a purge a stale time later: the node
-    // that ended them died first (its own retries would have done it by now).
-    for (const sid of await this.targets!.owedEnds(cutoff)) {
-      this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
+    // that ended them died first (its own retries would have done it by now). A node killed in a
+    // reconnect storm can leave hundreds, each a device whose events wait in its old outbox:
+    // all of them, a batch at a time, for at most half the interval (before: 100 a sweep, one
+    // at a time), as long as a batch finishes some (one that finishes none: Redis refuses).
+    let ended = 0;
+    const owedDeadline = Date.now() + options.sweepIntervalMs / 2;
+    for (;;) {
+      const { done, found } = await this.targets!.owedEnds(cutoff, OWED_BATCH);
+      for (const sid of done) {
+        this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
+      }
+      ended += done.length;
+      if (found < OWED_BATCH || done.length === 0 || Date.now() >= owedDeadline) break;
     }
-    return { deadNodes, sessions, expired };
+    return { deadNodes, sessions, expired, ended };
   }
 
   /**

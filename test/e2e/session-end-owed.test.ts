@@ -312,3 +312,59 @@ test("an owed end that keeps failing does not hold up the sweep's others, and is
     await dropDeployment(deployment);
   }
 });
+
+test("a sweep finishes every owed end, past a batch of them, each session's events reported once", async () => {
+  // A node killed in a reconnect storm can leave hundreds of ends owed, each a device whose
+  // events wait in its old outbox. Before, a sweep finished 100, one at a time. A sweep every
+  // 4 s here, so that half an interval is room enough for them all.
+  const deployment = deploymentEnv();
+  const g = await startGateway({ ...env(deployment), GW_SWEEP_INTERVAL_MS: '4000' });
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const owed = `${prefix}endowed`;
+  const N = 250;
+  try {
+    const ended: { sid: string; eid: string }[] = [];
+    for (let i = 0; i < N; i += 25) {
+      for (const w of await Promise.all(Array.from({ length: 25 }, () => waiting(g, 1)))) {
+        ended.push({ sid: w.session.sessionId, eid: w.eids[0] });
+      }
+    }
+    // Their sessions ended long ago and the purges are owed (their node died): planted at once.
+    await redis.with(async (r) => {
+      const m = r.multi();
+      for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
+      m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
+      await m.exec();
+    });
+    await until(
+      'every owed end finished',
+      async () => (await redis.with((r) => r.zcard(owed))) === 0,
+      30_000,
+    );
+    const sweeps = (await reader.jobs('gw-maintenance', 'sweep'))
+      .map((j) => (j.returnvalue as { ended?: number } | null)?.ended ?? 0)
+      .filter((n) => n > 0);
+    assert.equal(
+      sweeps.reduce((a, b) => a + b, 0),
+      N,
+      `sweeps: ${JSON.stringify(sweeps)}`,
+    );
+    assert.ok(Math.max(...sweeps) > 100, `a sweep finished more than a batch: ${JSON.stringify(sweeps)}`);
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => ended.every((e) => jobs.some((j) => j.data.eid === e.eid)),
+      20000,
+      'delivery.failed',
+    );
+    assert.deepEqual(
+      ended.filter((e) => failed.filter((j) => j.data.eid === e.eid).length !== 1),
+      [],
+      'each reported once',
+    );
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});

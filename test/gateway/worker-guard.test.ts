@@ -80,7 +80,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
       3,
     ],
     expire: async () => {},
-    owedEnds: async () => [],
+    owedEnds: async () => ({ done: [], found: 0 }),
     ...given,
   };
   await within('presence started', presence.start(targets));
