@@ -5,17 +5,8 @@
  * the few milliseconds the test takes cannot refill the budget: what it checks is the count.
  */
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { Registry } from 'prom-client';
-import {
-  Connection,
-  type ConnectionHost,
-  ConnState,
-  type TransportSocket,
-} from '../../gateway/connection.ts';
-import { createLogger } from '../../gateway/log.ts';
-import { GatewayMetrics } from '../../gateway/metrics.ts';
+import { Connection, ConnState } from '../../gateway/connection.ts';
 import {
   Channel,
   ClientHandshake,
@@ -24,6 +15,7 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
+import { testHost, testTransport } from '../helpers/connection-host.ts';
 
 const BURST = 5;
 const INTERVAL_MS = 1000;
@@ -31,36 +23,23 @@ const INTERVAL_MS = 1000;
 function open(canPauseReading: boolean) {
   const backend = nodeBackend;
   const throttled: Connection[] = [];
-  const host: ConnectionHost = {
+  const host = testHost({
     backend,
-    identity: backend.ed25519Identity(randomBytes(32)),
     nodeId: 'frame-rate-test',
-    heartbeatMs: 30_000,
-    maxFrameBytes: 1 << 20,
-    maxPendingBytes: 1 << 24,
     frameIntervalMs: INTERVAL_MS,
     frameBurstMs: BURST * INTERVAL_MS,
-    rekeyAfterFrames: 1_000_000,
-    log: createLogger('silent'),
-    counters: new GatewayMetrics(new Registry()),
-    handler: () => undefined,
     throttled: (c) => throttled.push(c),
-    connectionClosed: () => {},
-  };
+  });
   const frames: Buffer[] = [];
   const reads: string[] = [];
-  const transport: TransportSocket = {
+  const transport = testTransport({
     kind: canPauseReading ? 'tcp' : 'ws',
-    ip: '127.0.0.1',
     canPauseReading,
-    headroom: 0,
     write: (frame) => frames.push(frame),
-    bufferedBytes: () => 0,
     pauseReading: () => reads.push('pause'),
     resumeReading: () => reads.push('resume'),
     end: () => reads.push('end'),
-    destroy: () => {},
-  };
+  });
   const started = Date.now();
   const conn = new Connection(host, transport, started);
   const hs = new ClientHandshake(backend);

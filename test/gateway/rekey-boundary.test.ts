@@ -7,17 +7,8 @@
  * any other code either.
  */
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
-import { Registry } from 'prom-client';
-import {
-  Connection,
-  type ConnectionHost,
-  ConnState,
-  type TransportSocket,
-} from '../../gateway/connection.ts';
-import { createLogger } from '../../gateway/log.ts';
-import { GatewayMetrics } from '../../gateway/metrics.ts';
+import { Connection, ConnState } from '../../gateway/connection.ts';
 import {
   Channel,
   ClientHandshake,
@@ -27,40 +18,20 @@ import {
   unpackMessage,
 } from '../../protocol/index.ts';
 import { availableBackends } from '../helpers/backends.ts';
+import { testHost, testTransport } from '../helpers/connection-host.ts';
 
 /** A handshaken, authenticated connection whose keys allow `frames` frames per direction. */
 function open(backend: CryptoBackend, frames: number) {
-  const host: ConnectionHost = {
-    backend,
-    identity: backend.ed25519Identity(randomBytes(32)),
-    nodeId: 'rekey-test',
-    heartbeatMs: 30_000,
-    maxFrameBytes: 1 << 20,
-    maxPendingBytes: 1 << 24,
-    frameIntervalMs: 0,
-    frameBurstMs: 0,
-    rekeyAfterFrames: frames,
-    log: createLogger('silent'),
-    counters: new GatewayMetrics(new Registry()),
-    handler: () => undefined,
-    connectionClosed: () => {},
-  };
+  const host = testHost({ backend, nodeId: 'rekey-test', rekeyAfterFrames: frames });
   const written: Buffer[] = [];
   let ended = false;
-  const transport: TransportSocket = {
-    kind: 'tcp',
-    ip: '127.0.0.1',
-    canPauseReading: true,
+  const transport = testTransport({
     headroom: 4,
     write: (frame) => written.push(frame),
-    bufferedBytes: () => 0,
-    pauseReading: () => {},
-    resumeReading: () => {},
     end: () => {
       ended = true;
     },
-    destroy: () => {},
-  };
+  });
   const conn = new Connection(host, transport, Date.now());
   const hs = new ClientHandshake(backend);
   conn.receive(pack(hs.hello));

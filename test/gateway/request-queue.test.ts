@@ -9,19 +9,8 @@
  * order sent.
  */
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { Registry } from 'prom-client';
-import {
-  Connection,
-  type ConnectionHost,
-  ConnState,
-  type Handler,
-  type RegisteredHandler,
-  type TransportSocket,
-} from '../../gateway/connection.ts';
-import { createLogger } from '../../gateway/log.ts';
-import { GatewayMetrics } from '../../gateway/metrics.ts';
+import { Connection, ConnState, type Handler, type RegisteredHandler } from '../../gateway/connection.ts';
 import {
   Channel,
   ClientHandshake,
@@ -30,6 +19,7 @@ import {
   parseWelcome,
   unpackMessage,
 } from '../../protocol/index.ts';
+import { testHost, testTransport } from '../helpers/connection-host.ts';
 import { until } from '../helpers/deadline.ts';
 
 interface Deferred {
@@ -52,34 +42,9 @@ function open(handlers: { send: Handler; join?: Handler }) {
     send: { fn: handlers.send, pipelined: true },
     join: { fn: handlers.join ?? (() => ({})), pipelined: false },
   };
-  const host: ConnectionHost = {
-    backend,
-    identity: backend.ed25519Identity(randomBytes(32)),
-    nodeId: 'queue-test',
-    heartbeatMs: 30_000,
-    maxFrameBytes: 1 << 20,
-    maxPendingBytes: 1 << 24,
-    frameIntervalMs: 0,
-    frameBurstMs: 0,
-    rekeyAfterFrames: 1_000_000,
-    log: createLogger('silent'),
-    counters: new GatewayMetrics(new Registry()),
-    handler: (type) => registered[type],
-    connectionClosed: () => {},
-  };
+  const host = testHost({ backend, nodeId: 'queue-test', handler: (type) => registered[type] });
   const frames: Buffer[] = [];
-  const transport: TransportSocket = {
-    kind: 'ws',
-    ip: '127.0.0.1',
-    canPauseReading: true,
-    headroom: 0,
-    write: (frame) => frames.push(frame),
-    bufferedBytes: () => 0,
-    pauseReading: () => {},
-    resumeReading: () => {},
-    end: () => {},
-    destroy: () => {},
-  };
+  const transport = testTransport({ kind: 'ws', write: (frame) => frames.push(frame) });
   const conn = new Connection(host, transport, Date.now());
   const hs = new ClientHandshake(backend);
   conn.receive(pack(hs.hello));
