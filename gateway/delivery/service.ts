@@ -204,6 +204,25 @@ export const REJECT_LOG_MS = 60_000;
 /** Events a purge dead-letters and reports per BullMQ `addBulk` (one round trip each). */
 const PURGE_BULK = 500;
 
+/**
+ * A `gw-backend` report about one event: its data, and a job id made of the report's name, the
+ * session and the eid, so that the same fact reported twice (a purge or a sweep tried again, the
+ * pump and the sweep finding one expired event) is queued once.
+ */
+function reportOf(
+  name: string,
+  sessionId: string,
+  ev: StoredEvent,
+  ts: number,
+  extra: Record<string, unknown> = {},
+): { name: string; data: Record<string, unknown>; jobId: string } {
+  return {
+    name,
+    data: { eid: ev.eid, sessionId, name: ev.name, ts, ...extra },
+    jobId: `${name}-${sessionId}-${ev.eid}`,
+  };
+}
+
 export const RESYNC_CAUSES = [
   'redis_reconnect',
   'subscriber_reconnect',
@@ -1303,11 +1322,7 @@ export class DeliveryService {
     const ts = Date.now();
     for (let i = 0; i < events.length; i += PURGE_BULK) {
       await this.deps.backend.emitBulk(
-        events.slice(i, i + PURGE_BULK).map(({ sid, event }) => ({
-          name: 'delivery.expired',
-          data: { eid: event.eid, sessionId: sid, name: event.name, ts },
-          jobId: `delivery.expired-${sid}-${event.eid}`,
-        })),
+        events.slice(i, i + PURGE_BULK).map(({ sid, event }) => reportOf('delivery.expired', sid, event, ts)),
       );
     }
   }
@@ -1328,12 +1343,9 @@ export class DeliveryService {
     ev: StoredEvent,
     extra: Record<string, unknown>,
   ): Promise<void> {
+    const r = reportOf(name, sessionId, ev, Date.now(), extra);
     return this.deps.backend
-      .emit(
-        name,
-        { eid: ev.eid, sessionId, name: ev.name, ts: Date.now(), ...extra },
-        `${name}-${sessionId}-${ev.eid}`,
-      )
+      .emit(r.name, r.data, r.jobId)
       .catch((e) => this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue'));
   }
 
@@ -1368,11 +1380,9 @@ export class DeliveryService {
         })),
       );
       await this.deps.backend.emitBulk(
-        chunk.map((t) => ({
-          name: 'delivery.failed',
-          data: { eid: t.event.eid, sessionId, name: t.event.name, ts, attempts: t.attempts, reason },
-          jobId: `delivery.failed-${sessionId}-${t.event.eid}`,
-        })),
+        chunk.map((t) =>
+          reportOf('delivery.failed', sessionId, t.event, ts, { attempts: t.attempts, reason }),
+        ),
       );
       this.metrics.deadLettered.inc(chunk.length);
     }
