@@ -81,8 +81,10 @@ describe('a device over its frame rate', () => {
     const m = await scrapeMetrics(gw.metricsPort);
     assert.ok(m.value('gateway_connection_throttles_total') >= 1, 'the throttles are counted');
     assert.equal(m.value('gateway_errors_sent_total{code="rate_limited"}'), 0, 'nothing refused');
-    await gw.waitForLog((l) =>
-      String(l.msg).startsWith('frame rate over GW_FRAMES_PER_SECOND: reading paused'),
+    await gw.waitForLog(
+      (l) => String(l.msg).startsWith('frame rate over GW_FRAMES_PER_SECOND: reading paused'),
+      undefined,
+      'the log line of the paused connection',
     );
     c.raw.destroy();
   });
@@ -112,8 +114,10 @@ describe('a device over its frame rate', () => {
     assert.ok(typeof error.retryAfter === 'number' && error.retryAfter > 0, `retryAfter ${error.retryAfter}`);
     assert.ok(answered < PINGS, `${answered} of ${PINGS} answered before the close`);
     await c.raw.closed;
-    await gw.waitForLog((l) =>
-      String(l.msg).startsWith('frame rate over GW_FRAMES_PER_SECOND past twice the burst'),
+    await gw.waitForLog(
+      (l) => String(l.msg).startsWith('frame rate over GW_FRAMES_PER_SECOND past twice the burst'),
+      undefined,
+      'the log line of the closed WebSocket',
     );
   });
 });
