@@ -15,6 +15,7 @@ import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
   dropDeployment,
@@ -141,6 +142,8 @@ test('a sweep whose reports Redis refuses removes nothing; once it takes them, e
         'a sweep to fail',
         g.waitForLog(
           (l) => g.logs.indexOf(l) >= since && l.msg === 'sweep failed; the next one runs at its time',
+          15_000,
+          'a sweep to fail while the reports are refused',
         ),
       );
       assert.equal(await expiries(g), 30, 'the events are still due');
@@ -165,5 +168,53 @@ test('a sweep whose reports Redis refuses removes nothing; once it takes them, e
       eids.map((e) => counts.get(e)),
       eids.map(() => 1),
     );
+  });
+});
+
+test('devices resuming while sweeps run: the pumps and the sweeps find the same expired events, each reported once, none delivered', async () => {
+  // Four devices, 250 expired events each; they resume at once while a sweep runs every 200 ms,
+  // so that a device's pump (which removes and reports what it finds expired) and a sweep (which
+  // reports, then removes) race over the same events.
+  await withGateway(200, async (g, reader) => {
+    const devices = await Promise.all(
+      [0, 1, 2, 3].map(async () => {
+        const device = `racing-${randomUUID().slice(0, 8)}`;
+        const c = await connected(g.tcpUrl);
+        const session = await signUp(c, { id: device });
+        await within('the device closed', c.close());
+        const eids = Array.from({ length: 250 }, () => `race-${randomUUID().slice(0, 12)}`);
+        const res = await postEvents(
+          g.httpPort,
+          API_KEY,
+          eids.map((eid) => ({ target: { device }, eid, name: 'race.test', data: {}, ttl: 1000 })),
+        );
+        assert.equal(res.status, 202, await res.text());
+        return { session, eids };
+      }),
+    );
+    const due = Date.now() + 1000;
+    await until('the events to be due', () => Date.now() > due, 5000, 10);
+    const got = await Promise.all(
+      devices.map(async ({ session }) => {
+        const c = await connected(g.tcpUrl, { autoAck: true });
+        const events = collect(c);
+        await within('a resume', c.request('resume', { token: session.token }));
+        return { c, events };
+      }),
+    );
+    const eids = devices.flatMap((d) => d.eids);
+    await until('the expiries index to empty', async () => (await expiries(g)) === 0, 20_000, 50);
+    const counts = await until('every event reported', async () => {
+      const c = await reported(reader);
+      return eids.every((e) => c.has(e)) ? c : undefined;
+    });
+    assert.deepEqual(
+      eids.filter((e) => counts.get(e) !== 1),
+      [],
+      'each reported once',
+    );
+    const delivered = got.flatMap((x) => x.events.map((e) => e.eid)).filter((e) => eids.includes(e));
+    assert.deepEqual(delivered, [], 'no expired event delivered');
+    for (const x of got) x.c.destroy();
   });
 });
