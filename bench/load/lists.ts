@@ -11,13 +11,16 @@
  *   users, default limits    the same with GW_LIST_PER_MINUTE at its default (60): answered
  *                            until the session's minute is spent, then refused `rate_limited`
  *                            from memory, at most as fast as the default frame budget reads
+ *   users, N at once         `--askers` devices (200) each asking `users` once at the same
+ *                            moment, round after round (a fleet that reconnects and asks
+ *                            together): what an answer costs when many come at once
  *
  * The online sessions are presence records planted in Redis (as other nodes' devices), so that
- * only the asking device is connected. Printed per row: answered and refused requests a second,
+ * only the asking devices are connected. Printed per row: answered and refused requests a second,
  * the gateway's CPU (cores) and per request, Redis's CPU (cores). The gateway is the build in
  * dist/ (bench/lib/built.ts), a fresh one per row. Printed, never asserted.
  *
- *   npm run bench:lists -- [--online 5000] [--seconds 8]
+ *   npm run bench:lists -- [--online 5000] [--seconds 8] [--askers 200]
  */
 import { randomUUID } from 'node:crypto';
 import type { GatewayClient } from '../../client/client.ts';
@@ -38,6 +41,7 @@ const { values } = benchArgs({
   options: {
     online: { type: 'int', default: 5000, help: 'online sessions (planted presence records)' },
     seconds: { type: 'number', default: 8, help: 'seconds measured per row' },
+    askers: { type: 'int', min: 1, default: 200, help: 'devices asking at once in the last row' },
   },
 });
 
@@ -53,13 +57,18 @@ interface Row {
   redisCores: number;
 }
 
+/**
+ * One row: `askers` devices each send `ask` and wait for its answer (or refusal), round after
+ * round, all of a round at once, for `--seconds`.
+ */
 async function row(
   name: string,
   ask: (c: GatewayClient) => Promise<unknown>,
   env: { GW_LIST_PER_MINUTE: string; GW_FRAMES_PER_SECOND?: string },
+  askers = 1,
 ): Promise<Row> {
   // (GW_FRAMES_PER_SECOND absent: its default.)
-  const gw = await startGateway({ ...env, GW_LOG_LEVEL: 'info' });
+  const gw = await startGateway({ ...env, GW_LOG_LEVEL: 'info', GW_REGISTER_PER_MINUTE: '100000' });
   const r = redisClient();
   try {
     const p = r.pipeline();
@@ -76,15 +85,11 @@ async function row(
       p.hset(`${gw.prefix}presence`, sid, JSON.stringify(record));
     }
     await p.exec();
-    const { clients } = await loggedInDevices(gw.tcpUrl, 1, 'lists');
-    const c = clients[0];
+    const { clients } = await loggedInDevices(gw.tcpUrl, askers, 'lists');
     let answered = 0;
     let refused = 0;
     const done = progress(`  ${name}`, () => `${answered} answered, ${refused} refused`);
-    const s0 = cpuSeconds(gw.proc.pid!);
-    const r0 = cpuSeconds(REDIS_PID);
-    const t0 = performance.now();
-    while (performance.now() - t0 < values.seconds * 1000) {
+    const one = async (c: GatewayClient) => {
       try {
         await ask(c);
         answered++;
@@ -92,12 +97,19 @@ async function row(
         if ((e as { code?: string }).code !== 'rate_limited') throw e;
         refused++;
       }
+    };
+    const s0 = cpuSeconds(gw.proc.pid!);
+    const r0 = cpuSeconds(REDIS_PID);
+    const t0 = performance.now();
+    while (performance.now() - t0 < values.seconds * 1000) {
+      if (askers === 1) await one(clients[0]);
+      else await Promise.all(clients.map(one));
     }
     const elapsed = (performance.now() - t0) / 1000;
     const gatewayCores = (cpuSeconds(gw.proc.pid!) - s0) / elapsed;
     const redisCores = (cpuSeconds(REDIS_PID) - r0) / elapsed;
     done();
-    c.destroy();
+    for (const c of clients) c.destroy();
     return {
       name,
       answered: answered / elapsed,
@@ -114,9 +126,7 @@ async function row(
 }
 
 console.log(
-  header(
-    `bench:lists: ${values.online} sessions online, one device asking in a loop, ${values.seconds} s a row`,
-  ),
+  header(`bench:lists: ${values.online} sessions online (and the asking devices), ${values.seconds} s a row`),
 );
 const rows = [
   await row('ping, no frame budget', (c) => c.ping(), {
@@ -129,6 +139,12 @@ const rows = [
     GW_FRAMES_PER_SECOND: '0',
   }),
   await row('users, default limits', (c) => c.request('users'), { GW_LIST_PER_MINUTE: '60' }),
+  await row(
+    `users, ${values.askers} at once`,
+    (c) => c.request('users'),
+    { GW_LIST_PER_MINUTE: '1000000', GW_FRAMES_PER_SECOND: '0' },
+    values.askers,
+  ),
 ];
 console.log(
   table(

@@ -1,0 +1,112 @@
+/**
+ * A fleet that asks `users` together (a reconnect after an outage): the node reads the
+ * presence records once for all the devices that asked while a read was out, not once each
+ * (gateway/shared-read.ts), and every answer still lists every session online before it asked.
+ * The reads are the gateway's commands on the presence records (HVALS for the whole list, HMGET
+ * for a room's) and on the room list (ZRANGE), as MONITOR shows them on a private redis-server,
+ * which the test pauses (`CLIENT PAUSE`) while the devices ask, so that every request is in
+ * before the first read is answered, however the machine schedules.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { monitor } from '../helpers/redis-monitor.ts';
+
+const DEVICES = 30;
+const ROOM = '#general';
+
+let redis: OwnRedis;
+let gw: GatewayProcess;
+const clients: GatewayClient[] = [];
+const names: string[] = [];
+
+before(async () => {
+  redis = await startOwnRedis();
+  gw = await startGateway({
+    REDIS_URL: redis.url,
+    GW_LOG_LEVEL: 'info',
+    GW_DEFAULT_ROOM: ROOM,
+    GW_LIST_PER_MINUTE: '100000',
+    GW_REGISTER_PER_MINUTE: '100000',
+    // Nothing here needs the cluster-wide sweep, whose reads would only add to the counts.
+    GW_SWEEP_INTERVAL_MS: '600000',
+  });
+  await within(
+    `${DEVICES} devices signed up`,
+    Promise.all(
+      Array.from({ length: DEVICES }, async () => {
+        const c = await connected(gw.tcpUrl);
+        clients.push(c);
+        names.push((await signUp(c)).username);
+      }),
+    ),
+  );
+  names.sort();
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await gw.stop();
+  await redis.remove();
+});
+
+/**
+ * Every device sends `request` once while Redis is paused: the answers, and the commands
+ * `command` on the gateway's key `key` Redis ran meanwhile.
+ */
+async function askedTogether<T>(
+  request: (c: GatewayClient) => Promise<T>,
+  command: string,
+  key: string,
+): Promise<{ answers: T[]; reads: number }> {
+  const watch = await monitor(redis.port);
+  let answers: T[];
+  try {
+    // Commands sent while paused wait in Redis, in order; the devices' requests all reach the
+    // gateway within the pause (one write each, to a local socket).
+    await redis.with((r) => r.call('CLIENT', 'PAUSE', '1500', 'ALL'));
+    answers = await within(`${DEVICES} answers`, Promise.all(clients.map(request)));
+  } finally {
+    await watch.stop();
+  }
+  const reads = watch.seen.filter((s) => s.command === command && s.args[0] === `${gw.prefix}${key}`).length;
+  return { answers, reads };
+}
+
+test('thirty devices asking users at once: a few reads of the presence records, and every answer lists all thirty', async () => {
+  const { answers, reads } = await askedTogether(
+    (c) => c.request<{ users: string[] }>('users'),
+    'hvals',
+    'presence',
+  );
+  for (const a of answers) assert.deepEqual(a.users, names);
+  // One read begun by the first request, one shared by every request that came while it was
+  // out (a request whose limiter answer came late may begin one more). One each before.
+  assert.ok(reads >= 1 && reads <= 3, `${reads} reads of the presence records for ${DEVICES} requests`);
+});
+
+test("thirty devices asking a room's users at once: a few reads, and every answer lists the room's thirty members", async () => {
+  const { answers, reads } = await askedTogether(
+    (c) => c.request<{ users: string[] }>('users', { room: ROOM }),
+    'hmget',
+    'presence',
+  );
+  for (const a of answers) assert.deepEqual(a.users, names);
+  assert.ok(
+    reads >= 1 && reads <= 3,
+    `${reads} reads of the members' presence records for ${DEVICES} requests`,
+  );
+});
+
+test('thirty devices asking rooms at once: a few reads of the room list', async () => {
+  const { answers, reads } = await askedTogether(
+    (c) => c.request<{ rooms: { room: string; members: number }[] }>('rooms'),
+    'zrange',
+    'rooms',
+  );
+  for (const a of answers) assert.deepEqual(a.rooms, [{ room: ROOM, members: DEVICES }]);
+  assert.ok(reads >= 1 && reads <= 3, `${reads} reads of the room list for ${DEVICES} requests`);
+});
