@@ -143,3 +143,50 @@ describe('a device read slower than its heartbeat', () => {
     c.raw.destroy();
   });
 });
+
+describe('fifty devices over their frame rate at once', () => {
+  const DEVICES = 50;
+  const FLOOD = 100;
+  let gw: GatewayProcess;
+  before(async () => {
+    gw = await startGateway({ GW_FRAMES_PER_SECOND: String(RATE), GW_FRAMES_BURST: String(BURST) });
+  });
+  after(async () => {
+    await gw.stop();
+  });
+
+  test('each is read at its own rate, every frame answered in order, none closed; a quiet device is answered meanwhile', async () => {
+    const devices = await Promise.all(Array.from({ length: DEVICES }, () => rawHandshake(gw.tcpUrl, false)));
+    const quiet = await rawHandshake(gw.tcpUrl, false);
+    const startedAt = performance.now();
+    for (const c of devices) c.raw.sendBytes(pings(c, FLOOD));
+    const all = Promise.all(devices.map((c) => pongs(c, FLOOD, startedAt, (ms) => allowed(ms))));
+    let floodDone = false;
+    void all.then(
+      () => {
+        floodDone = true;
+      },
+      () => {},
+    );
+    // The budget keeps every flooding device unanswered for at least (FLOOD - BURST - 2) / RATE
+    // seconds (2 s) after its first frame: the quiet device's ping, sent now, is not queued
+    // behind them (the paused ones share only the sweep's set of throttled connections).
+    quiet.raw.sendBody(quiet.seal({ type: 'ping', ts: 7 }));
+    assert.deepEqual(await quiet.recvType('pong'), { type: 'pong', ts: 7 });
+    assert.equal(floodDone, false, "the quiet device's ping was answered only after the flood");
+    const got = await all;
+    for (const g of got)
+      assert.deepEqual(
+        g,
+        Array.from({ length: FLOOD }, (_, i) => i + 1),
+      );
+    for (const c of devices) assert.equal(c.raw.isClosed(), false);
+    const m = await scrapeMetrics(gw.metricsPort);
+    assert.ok(
+      m.value('gateway_connection_throttles_total') >= DEVICES,
+      `${m.value('gateway_connection_throttles_total')} throttles for ${DEVICES} flooding devices`,
+    );
+    assert.equal(m.value('gateway_errors_sent_total{code="rate_limited"}'), 0, 'nothing refused');
+    for (const c of [...devices, quiet]) c.raw.destroy();
+  });
+});
