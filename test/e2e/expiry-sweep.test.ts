@@ -9,6 +9,9 @@
  * - Reported, then removed: a report Redis refuses (here an ACL rule on a private redis-server
  *   denies the back-end queue's keys) leaves the events due for the next sweep, and each is reported once. Before, an event was
  *   taken out first and its report sent without waiting: a refused report lost it.
+ * - Redis frozen again and again while sweeps work through thousands of due events (a call
+ *   timed out by the gateway runs when Redis thaws): each event is still reported once, and
+ *   none is left.
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -38,9 +41,14 @@ after(async () => {
 
 const acl = (...rules: string[]) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', ...rules));
 
-async function withGateway(sweepMs: number, body: (g: GatewayProcess, reader: QueueReader) => Promise<void>) {
+async function withGateway(
+  sweepMs: number,
+  body: (g: GatewayProcess, reader: QueueReader) => Promise<void>,
+  env: Record<string, string> = {},
+) {
   const deployment = deploymentEnv();
   const g = await startGateway({
+    ...env,
     ...deployment,
     REDIS_URL: redis.url,
     GW_API_KEY: API_KEY,
@@ -217,4 +225,54 @@ test('devices resuming while sweeps run: the pumps and the sweeps find the same 
     assert.deepEqual(delivered, [], 'no expired event delivered');
     for (const x of got) x.c.destroy();
   });
+});
+
+test('Redis frozen again and again while sweeps work through 9,000 due events: each reported once, none left', async () => {
+  // Calls time out after 400 ms; Redis is frozen for 700 ms, twelve times, 250 ms apart, while
+  // a sweep every 300 ms reads, reports and removes the events a thousand at a time (about a
+  // second and a half of work in all, so that freezes land in it). A freeze
+  // lands in a sweep's peek, its reports or its take; a call the gateway gave up on is still in
+  // Redis's socket and runs when it thaws. A report made twice (its take timed out, the next
+  // sweep finds the event again) has the same job id, which BullMQ adds once.
+  await withGateway(
+    300,
+    async (g, reader) => {
+      // (Nine devices: an outbox holds 1,000 events by default.)
+      const eids = (await Promise.all(Array.from({ length: 9 }, () => expiring(g, 1000, 2000)))).flat();
+      const due = Date.now() + 2000;
+      await until('the events to be due', () => Date.now() > due, 10_000, 10);
+      const since = g.logs.length;
+      for (let i = 0; i < 12; i++) {
+        redis.freeze();
+        try {
+          await new Promise((r) => setTimeout(r, 700));
+        } finally {
+          redis.thaw();
+        }
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      await until('the expiries index to empty', async () => (await expiries(g)) === 0, 30_000, 50);
+      const counts = await until('every event reported', async () => {
+        const c = await reported(reader);
+        return c.size === eids.length ? c : undefined;
+      });
+      assert.deepEqual(
+        eids.filter((e) => counts.get(e) !== 1),
+        [],
+        'each reported once',
+      );
+      const left = await redis.with(async (r) => {
+        let n = 0;
+        for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
+        return n;
+      });
+      assert.equal(left, 0, 'events left in outboxes');
+      // The freezes did reach the sweeps (else this case tested nothing).
+      assert.ok(
+        g.logs.slice(since).some((l) => l.msg === 'sweep failed; the next one runs at its time'),
+        'no sweep failed while Redis was frozen',
+      );
+    },
+    { GW_REDIS_TIMEOUT_MS: '400' },
+  );
 });
