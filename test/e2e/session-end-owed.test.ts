@@ -368,3 +368,72 @@ test("a sweep finishes every owed end, past a batch of them, each session's even
     await dropDeployment(deployment);
   }
 });
+
+test('Redis frozen again and again while sweeps finish 250 owed ends of 20 events each: every end finished, each event reported once', async () => {
+  // Calls time out after 400 ms. Each time a sweep is seen finishing an end (its log line),
+  // Redis is frozen for 800 ms: the freeze lands among the sweep's sixteen ends at once, in
+  // their purges or their reports. A call the gateway gave up on runs when Redis thaws, and an
+  // end stays owed until a call that is answered finishes it.
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...env(deployment),
+    GW_SWEEP_INTERVAL_MS: '300',
+    GW_REDIS_TIMEOUT_MS: '400',
+  });
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const owed = `${prefix}endowed`;
+  const N = 250;
+  try {
+    const ended: { sid: string; eids: string[] }[] = [];
+    for (let i = 0; i < N; i += 25) {
+      for (const w of await Promise.all(Array.from({ length: 25 }, () => waiting(g, 20)))) {
+        ended.push({ sid: w.session.sessionId, eids: w.eids });
+      }
+    }
+    const eids = ended.flatMap((e) => e.eids);
+    const since = g.logs.length;
+    await redis.with(async (r) => {
+      const m = r.multi();
+      for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
+      m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
+      await m.exec();
+    });
+    let freezes = 0;
+    for (let from = since; freezes < 6; freezes++) {
+      const line = await until('a sweep finishing an owed end', () =>
+        g.logs.slice(from).some((l) => l.msg === 'presence sweep finished the outbox of an ended session'),
+      );
+      if (!line) break;
+      if ((await redis.with((r) => r.zcard(owed))) === 0) break;
+      redis.freeze();
+      try {
+        await new Promise((r) => setTimeout(r, 800));
+      } finally {
+        redis.thaw();
+      }
+      from = g.logs.length;
+    }
+    assert.ok(freezes >= 1, 'no freeze landed while ends were owed');
+    await until(
+      'every owed end finished',
+      async () => (await redis.with((r) => r.zcard(owed))) === 0,
+      30_000,
+    );
+    const counts = await until('every event reported', async () => {
+      const c = new Map<string, number>();
+      for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
+        c.set(j.data.eid, (c.get(j.data.eid) ?? 0) + 1);
+      return eids.every((e) => c.has(e)) ? c : undefined;
+    });
+    assert.deepEqual(
+      eids.filter((e) => counts.get(e) !== 1),
+      [],
+      'each reported once',
+    );
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
