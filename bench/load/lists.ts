@@ -14,16 +14,19 @@
  *   users, N at once         `--askers` devices (200) each asking `users` once at the same
  *                            moment, round after round (a fleet that reconnects and asks
  *                            together): what an answer costs when many come at once
+ *   sessions, N of one       the same with `sessions`, the `--askers` devices and
+ *   account at once          `--account-sessions` (500) sessions in all of one account (a
+ *                            device maker's account holds a session per device)
  *
  * The online sessions are presence records planted in Redis (as other nodes' devices), so that
  * only the asking devices are connected. Printed per row: answered and refused requests a second,
  * the gateway's CPU (cores) and per request, Redis's CPU (cores). The gateway is the build in
  * dist/ (bench/lib/built.ts), a fresh one per row. Printed, never asserted.
  *
- *   npm run bench:lists -- [--online 5000] [--seconds 8] [--askers 200]
+ *   npm run bench:lists -- [--online 5000] [--seconds 8] [--askers 200] [--account-sessions 500]
  */
 import { randomUUID } from 'node:crypto';
-import type { GatewayClient } from '../../client/client.ts';
+import { GatewayClient } from '../../client/client.ts';
 import { redisClient } from '../../test/helpers/cleanup.ts';
 import { startGateway } from '../../test/helpers/gateway-process.ts';
 import { benchArgs } from '../lib/args.ts';
@@ -41,7 +44,13 @@ const { values } = benchArgs({
   options: {
     online: { type: 'int', default: 5000, help: 'online sessions (planted presence records)' },
     seconds: { type: 'number', default: 8, help: 'seconds measured per row' },
-    askers: { type: 'int', min: 1, default: 200, help: 'devices asking at once in the last row' },
+    askers: { type: 'int', min: 1, default: 200, help: 'devices asking at once in the last two rows' },
+    'account-sessions': {
+      type: 'int',
+      min: 1,
+      default: 500,
+      help: "sessions of the one account in the last row (the askers' and more)",
+    },
   },
 });
 
@@ -66,6 +75,9 @@ async function row(
   ask: (c: GatewayClient) => Promise<unknown>,
   env: { GW_LIST_PER_MINUTE: string; GW_FRAMES_PER_SECOND?: string },
   askers = 1,
+  /** The asking devices, logged in (default: a new account each). */
+  devices: (tcpUrl: string, n: number) => Promise<GatewayClient[]> = async (tcpUrl, n) =>
+    (await loggedInDevices(tcpUrl, n, 'lists')).clients,
 ): Promise<Row> {
   // (GW_FRAMES_PER_SECOND absent: its default.)
   const gw = await startGateway({ ...env, GW_LOG_LEVEL: 'info', GW_REGISTER_PER_MINUTE: '100000' });
@@ -85,7 +97,7 @@ async function row(
       p.hset(`${gw.prefix}presence`, sid, JSON.stringify(record));
     }
     await p.exec();
-    const { clients } = await loggedInDevices(gw.tcpUrl, askers, 'lists');
+    const clients = await devices(gw.tcpUrl, askers);
     let answered = 0;
     let refused = 0;
     const done = progress(`  ${name}`, () => `${answered} answered, ${refused} refused`);
@@ -125,6 +137,38 @@ async function row(
   }
 }
 
+/**
+ * `n` devices logged in to one new account, which holds `--account-sessions` sessions in all
+ * (the rest made by logins of other device ids on one more connection, left live).
+ */
+async function oneAccount(tcpUrl: string, n: number): Promise<GatewayClient[]> {
+  const total = Math.max(n, values['account-sessions']);
+  const username = `acct_${Date.now() % 1e6}`;
+  const password = 'bench password';
+  const connect = async () => {
+    const c = new GatewayClient({ url: tcpUrl });
+    await c.connect();
+    return c;
+  };
+  const extra = await connect();
+  await extra.request('register', { username, email: `${username}@example.com`, password });
+  const clients: GatewayClient[] = [];
+  let made = 0;
+  const done = progress('  one account', () => `${made}/${total} sessions`);
+  try {
+    for (let i = 0; i < total; i++) {
+      const c = i < n ? await connect() : extra;
+      await c.request('login', { username, password, device: { id: `${username}-d${i}` } });
+      if (i < n) clients.push(c);
+      made++;
+    }
+  } finally {
+    done();
+  }
+  extra.destroy();
+  return clients;
+}
+
 console.log(
   header(`bench:lists: ${values.online} sessions online (and the asking devices), ${values.seconds} s a row`),
 );
@@ -144,6 +188,13 @@ const rows = [
     (c) => c.request('users'),
     { GW_LIST_PER_MINUTE: '1000000', GW_FRAMES_PER_SECOND: '0' },
     values.askers,
+  ),
+  await row(
+    `sessions, ${values.askers} of one account's ${values['account-sessions']} at once`,
+    (c) => c.request('sessions'),
+    { GW_LIST_PER_MINUTE: '1000000', GW_FRAMES_PER_SECOND: '0' },
+    values.askers,
+    oneAccount,
   ),
 ];
 console.log(

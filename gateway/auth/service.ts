@@ -41,6 +41,7 @@ import type { Keys } from '../keys.ts';
 import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
+import { SharedRead } from '../shared-read.ts';
 import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
@@ -151,6 +152,18 @@ export class IdentityService {
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
     () => this.deps.redis.get(this.deps.keys.usersGeneration),
+  );
+  /**
+   * An account's live sessions, newest first, one read at a time per account, shared by every
+   * `sessions` request of the account that comes while one is out (shared-read.ts): a device
+   * maker's account holds a session per device, so a read costs a round trip of two commands
+   * per session, and a fleet of one account that asks together would otherwise read them once
+   * per device. An answer is never from a read begun before its request. Shared: never changed.
+   */
+  private readonly userViews = new SharedRead<string, readonly SessionView[]>(async (userId) =>
+    (await this.store.viewsOfUser(userId)).sort(
+      (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
+    ),
   );
 
   constructor(
@@ -849,10 +862,7 @@ export class IdentityService {
     current: string | undefined,
   ): Promise<{ sessions: Record<string, unknown>[]; totalActiveSessions: number }> {
     if (current) await this.deps.listLimit.take(current);
-    const views = await this.store.viewsOfUser(userId);
-    views.sort(
-      (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
-    );
+    const views = await this.userViews.get(userId);
     const sessions = views.map((v: SessionView) => {
       const s = v.session;
       return {

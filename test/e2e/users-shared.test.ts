@@ -2,6 +2,7 @@
  * A fleet that asks `users` together (a reconnect after an outage): the node reads the
  * presence records once for all the devices that asked while a read was out, not once each
  * (gateway/shared-read.ts), and every answer still lists every session online before it asked.
+ * The same for `rooms`, and for `sessions` of one account that holds a session per device.
  * The reads are the gateway's commands on the presence records (HVALS for the whole list, HMGET
  * for a room's) and on the room list (ZRANGE), as MONITOR shows them on a private redis-server,
  * which the test pauses (`CLIENT PAUSE`) while the devices ask, so that every request is in
@@ -9,8 +10,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import type { GatewayClient } from '../../client/client.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -109,4 +110,58 @@ test('thirty devices asking rooms at once: a few reads of the room list', async 
   );
   for (const a of answers) assert.deepEqual(a.rooms, [{ room: ROOM, members: DEVICES }]);
   assert.ok(reads >= 1 && reads <= 3, `${reads} reads of the room list for ${DEVICES} requests`);
+});
+
+test("thirty devices of one account asking sessions at once: a few reads of the account's sessions, each answer its own current", async () => {
+  const username = newName();
+  const devices = await within(
+    'thirty devices of one account logged in',
+    (async () => {
+      const first = await connected(gw.tcpUrl);
+      await first.request('register', { username, email: `${username}@example.com`, password: PASSWORD });
+      first.destroy();
+      // One at a time: logins in flight to one account each hold a place in its failure budget.
+      const out: { c: GatewayClient; sessionId: string }[] = [];
+      for (let i = 0; i < DEVICES; i++) {
+        const c = await connected(gw.tcpUrl);
+        clients.push(c);
+        const s = await c.request<Session>('login', {
+          username,
+          password: PASSWORD,
+          device: { id: `${username}-dev${i}` },
+        });
+        out.push({ c, sessionId: s.sessionId });
+      }
+      return out;
+    })(),
+  );
+  const watch = await monitor(redis.port);
+  let answers: { sessions: { sessionId: string; current: boolean }[] }[];
+  try {
+    await redis.with((r) => r.call('CLIENT', 'PAUSE', '1500', 'ALL'));
+    answers = await within(
+      `${DEVICES} sessions answers`,
+      Promise.all(devices.map((d) => d.c.request<(typeof answers)[number]>('sessions'))),
+    );
+  } finally {
+    await watch.stop();
+  }
+  const mine = new Set(devices.map((d) => d.sessionId));
+  answers.forEach((a, i) => {
+    assert.deepEqual(new Set(a.sessions.map((s) => s.sessionId)), mine, 'every session of the account');
+    assert.deepEqual(
+      a.sessions.filter((s) => s.current).map((s) => s.sessionId),
+      [devices[i].sessionId],
+      "the asker's own session is current",
+    );
+  });
+  // A read of the account's sessions is an HGETALL of each session's hash.
+  const hashReads = watch.seen.filter(
+    (s) => s.command === 'hgetall' && s.args[0].startsWith(`${gw.prefix}{s:`) && s.args[0].endsWith('}:sess'),
+  ).length;
+  const reads = hashReads / DEVICES;
+  assert.ok(
+    reads >= 1 && reads <= 3,
+    `${reads} reads of the account's ${DEVICES} sessions for ${DEVICES} requests`,
+  );
 });
