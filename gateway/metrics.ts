@@ -111,6 +111,8 @@ export class GatewayMetrics {
   readonly httpSeconds: Histogram<'method' | 'route'>;
   readonly redisSeconds: Histogram<'client' | 'result'>;
   readonly postgresSeconds: Histogram<'result'>;
+  readonly listRequests: Counter<'list'>;
+  readonly listReads: Counter<'list'>;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -182,6 +184,18 @@ export class GatewayMetrics {
     this.lockouts = new Counter({
       name: 'gateway_lockouts_total',
       help: 'Accounts locked by failed logins.',
+      registers,
+    });
+    this.listRequests = new Counter({
+      name: 'gateway_list_requests_total',
+      help: 'Requests for a list that grows with the fleet, within the per-session limit (GW_LIST_PER_MINUTE), by list: users, users_room (users of a room), rooms, sessions (GET /auth/user/sessions included).',
+      labelNames: ['list'],
+      registers,
+    });
+    this.listReads = new Counter({
+      name: 'gateway_list_reads_total',
+      help: 'Reads of those lists from Redis, by list. Requests that come while a read of the same list is out share the next read: a fleet asking together shows many requests and few reads.',
+      labelNames: ['list'],
       registers,
     });
     this.httpRequests = new Counter({

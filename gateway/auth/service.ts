@@ -160,11 +160,12 @@ export class IdentityService {
    * per session, and a fleet of one account that asks together would otherwise read them once
    * per device. An answer is never from a read begun before its request. Shared: never changed.
    */
-  private readonly userViews = new SharedRead<string, readonly SessionView[]>(async (userId) =>
-    (await this.store.viewsOfUser(userId)).sort(
+  private readonly userViews = new SharedRead<string, readonly SessionView[]>(async (userId) => {
+    this.deps.metrics?.listReads.labels('sessions').inc();
+    return (await this.store.viewsOfUser(userId)).sort(
       (a, b) => b.session.lastSeenAt - a.session.lastSeenAt || b.session.createdAt - a.session.createdAt,
-    ),
-  );
+    );
+  });
 
   constructor(
     private readonly deps: {
@@ -862,6 +863,7 @@ export class IdentityService {
     current: string | undefined,
   ): Promise<{ sessions: Record<string, unknown>[]; totalActiveSessions: number }> {
     if (current) await this.deps.listLimit.take(current);
+    this.deps.metrics?.listRequests.labels('sessions').inc();
     const views = await this.userViews.get(userId);
     const sessions = views.map((v: SessionView) => {
       const s = v.session;

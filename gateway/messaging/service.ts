@@ -57,7 +57,8 @@ export class Messaging {
    * begun before its request came. The list is shared by those answers: never changed after.
    */
   private readonly names = new SharedRead<string | typeof ONLINE, readonly string[]>(async (room) => {
-    const { rooms, presence } = this.deps;
+    const { rooms, presence, gateway } = this.deps;
+    gateway.counters.listReads.labels(room === ONLINE ? 'users' : 'users_room').inc();
     const names =
       room === ONLINE
         ? await presence.usernames()
@@ -66,7 +67,10 @@ export class Messaging {
   });
   /** `rooms` answers, shared in the same way. */
   private readonly roomList = new SharedRead<typeof ONLINE, readonly { room: string; members: number }[]>(
-    () => this.deps.rooms.list(),
+    () => {
+      this.deps.gateway.counters.listReads.labels('rooms').inc();
+      return this.deps.rooms.list();
+    },
   );
 
   constructor(
@@ -111,6 +115,7 @@ export class Messaging {
       'rooms',
       async (conn) => {
         await listed(conn);
+        gateway.counters.listRequests.labels('rooms').inc();
         return { rooms: await this.roomList.get(ONLINE) };
       },
       pipelined,
@@ -159,7 +164,9 @@ export class Messaging {
   }
 
   private async users(rawRoom: string | undefined): Promise<{ users: readonly string[] }> {
-    return { users: await this.names.get(rawRoom === undefined ? ONLINE : normalizeRoom(rawRoom)) };
+    const key = rawRoom === undefined ? ONLINE : normalizeRoom(rawRoom);
+    this.deps.gateway.counters.listRequests.labels(key === ONLINE ? 'users' : 'users_room').inc();
+    return { users: await this.names.get(key) };
   }
 
   /**

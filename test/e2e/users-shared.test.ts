@@ -14,6 +14,7 @@ import type { GatewayClient, Session } from '../../client/client.ts';
 import { connected, newName, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
 
@@ -56,14 +57,17 @@ after(async () => {
 
 /**
  * Every device sends `request` once while Redis is paused: the answers, and the commands
- * `command` on the gateway's key `key` Redis ran meanwhile.
+ * `command` on the gateway's key `key` Redis ran meanwhile, which the node's metrics of `list`
+ * must count as its reads.
  */
 async function askedTogether<T>(
   request: (c: GatewayClient) => Promise<T>,
   command: string,
   key: string,
+  list: string,
 ): Promise<{ answers: T[]; reads: number }> {
   const watch = await monitor(redis.port);
+  const m0 = await scrapeMetrics(gw.metricsPort);
   let answers: T[];
   try {
     // Commands sent while paused wait in Redis, in order; the devices' requests all reach the
@@ -74,6 +78,11 @@ async function askedTogether<T>(
     await watch.stop();
   }
   const reads = watch.seen.filter((s) => s.command === command && s.args[0] === `${gw.prefix}${key}`).length;
+  // What an operator sees: the node's own count of the list's requests and reads.
+  const m1 = await scrapeMetrics(gw.metricsPort);
+  const counted = (name: string) => m1.value(`${name}{list="${list}"}`) - m0.value(`${name}{list="${list}"}`);
+  assert.equal(counted('gateway_list_requests_total'), DEVICES, 'requests counted');
+  assert.equal(counted('gateway_list_reads_total'), reads, 'reads counted as Redis saw them');
   return { answers, reads };
 }
 
@@ -82,6 +91,7 @@ test('thirty devices asking users at once: a few reads of the presence records, 
     (c) => c.request<{ users: string[] }>('users'),
     'hvals',
     'presence',
+    'users',
   );
   for (const a of answers) assert.deepEqual(a.users, names);
   // One read begun by the first request, one shared by every request that came while it was
@@ -94,6 +104,7 @@ test("thirty devices asking a room's users at once: a few reads, and every answe
     (c) => c.request<{ users: string[] }>('users', { room: ROOM }),
     'hmget',
     'presence',
+    'users_room',
   );
   for (const a of answers) assert.deepEqual(a.users, names);
   assert.ok(
@@ -106,6 +117,7 @@ test('thirty devices asking rooms at once: a few reads of the room list', async 
   const { answers, reads } = await askedTogether(
     (c) => c.request<{ rooms: { room: string; members: number }[] }>('rooms'),
     'zrange',
+    'rooms',
     'rooms',
   );
   for (const a of answers) assert.deepEqual(a.rooms, [{ room: ROOM, members: DEVICES }]);
@@ -136,6 +148,7 @@ test("thirty devices of one account asking sessions at once: a few reads of the 
     })(),
   );
   const watch = await monitor(redis.port);
+  const m0 = await scrapeMetrics(gw.metricsPort);
   let answers: { sessions: { sessionId: string; current: boolean }[] }[];
   try {
     await redis.with((r) => r.call('CLIENT', 'PAUSE', '1500', 'ALL'));
@@ -164,4 +177,9 @@ test("thirty devices of one account asking sessions at once: a few reads of the 
     reads >= 1 && reads <= 3,
     `${reads} reads of the account's ${DEVICES} sessions for ${DEVICES} requests`,
   );
+  const m1 = await scrapeMetrics(gw.metricsPort);
+  const counted = (name: string) =>
+    m1.value(`${name}{list="sessions"}`) - m0.value(`${name}{list="sessions"}`);
+  assert.equal(counted('gateway_list_requests_total'), DEVICES, 'requests counted');
+  assert.equal(counted('gateway_list_reads_total'), reads, 'reads counted as Redis saw them');
 });
