@@ -3,7 +3,11 @@
  * online session's presence record) with `--online` sessions online, one request at a time for
  * `--seconds`, against `ping` in the same loop (the floor: what any request costs). Rows:
  *
+ *   idle                     the device connected, asking nothing: what the node costs
+ *                            meanwhile (its beats, sweeps and timers), for the rows below
  *   ping, no frame budget    one device pinging in a loop, GW_FRAMES_PER_SECOND=0
+ *   ping, one every 2 ms     the same with 2 ms between an answer and the next ping: each
+ *                            ping wakes an idle node (what a fleet's sparse traffic costs)
  *   ping, default budget     the same at GW_FRAMES_PER_SECOND's default (1,000 frames a
  *                            second): the gateway reads the device no faster
  *   users, no limit          the same device asking `users` (GW_LIST_PER_MINUTE far above the
@@ -33,7 +37,7 @@ import { benchArgs } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
 import { loggedInDevices } from '../lib/fleet.ts';
 import { header, table } from '../lib/measure.ts';
-import { cpuSeconds, progress, redisPid } from '../lib/procs.ts';
+import { cpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
 
 const { values } = benchArgs({
   script: 'bench:lists',
@@ -97,7 +101,8 @@ async function row(
       p.hset(`${gw.prefix}presence`, sid, JSON.stringify(record));
     }
     await p.exec();
-    const clients = await devices(gw.tcpUrl, askers);
+    // (askers 0: the idle row, one device connected that asks nothing)
+    const clients = await devices(gw.tcpUrl, Math.max(1, askers));
     let answered = 0;
     let refused = 0;
     const done = progress(`  ${name}`, () => `${answered} answered, ${refused} refused`);
@@ -114,7 +119,8 @@ async function row(
     const r0 = cpuSeconds(REDIS_PID);
     const t0 = performance.now();
     while (performance.now() - t0 < values.seconds * 1000) {
-      if (askers === 1) await one(clients[0]);
+      if (askers === 0) await sleep(100);
+      else if (askers === 1) await one(clients[0]);
       else await Promise.all(clients.map(one));
     }
     const elapsed = (performance.now() - t0) / 1000;
@@ -127,7 +133,8 @@ async function row(
       answered: answered / elapsed,
       refused: refused / elapsed,
       gatewayCores,
-      gatewayMicros: ((gatewayCores * elapsed) / (answered + refused)) * 1e6,
+      gatewayMicros:
+        answered + refused > 0 ? ((gatewayCores * elapsed) / (answered + refused)) * 1e6 : Number.NaN,
       redisCores,
     };
   } finally {
@@ -173,10 +180,19 @@ console.log(
   header(`bench:lists: ${values.online} sessions online (and the asking devices), ${values.seconds} s a row`),
 );
 const rows = [
+  await row('idle', async () => {}, { GW_LIST_PER_MINUTE: '60', GW_FRAMES_PER_SECOND: '0' }, 0),
   await row('ping, no frame budget', (c) => c.ping(), {
     GW_LIST_PER_MINUTE: '60',
     GW_FRAMES_PER_SECOND: '0',
   }),
+  await row(
+    'ping, one every 2 ms',
+    async (c) => {
+      await c.ping();
+      await sleep(2);
+    },
+    { GW_LIST_PER_MINUTE: '60', GW_FRAMES_PER_SECOND: '0' },
+  ),
   await row('ping, default frame budget', (c) => c.ping(), { GW_LIST_PER_MINUTE: '60' }),
   await row('users, no limit', (c) => c.request('users'), {
     GW_LIST_PER_MINUTE: '1000000',
@@ -200,6 +216,13 @@ const rows = [
 console.log(
   table(
     ['row', 'answered/s', 'refused/s', 'gateway cores', 'gateway µs per request', 'Redis cores'],
-    rows.map((x) => [x.name, x.answered, x.refused, x.gatewayCores, x.gatewayMicros, x.redisCores]),
+    rows.map((x) => [
+      x.name,
+      x.answered,
+      x.refused,
+      x.gatewayCores,
+      Number.isNaN(x.gatewayMicros) ? '-' : x.gatewayMicros,
+      x.redisCores,
+    ]),
   ),
 );
