@@ -88,6 +88,14 @@ async function expiring(g: GatewayProcess, n: number, ttlMs: number): Promise<st
 
 const expiries = (g: GatewayProcess) => redis.with((r) => r.zcard(`${g.prefix}expiries`));
 
+/** Events still in the gateway's outboxes (every session's event hash). */
+const inOutboxes = (g: GatewayProcess) =>
+  redis.with(async (r) => {
+    let n = 0;
+    for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
+    return n;
+  });
+
 /** The eids reported `delivery.expired`, with how many times each. */
 async function reported(reader: QueueReader): Promise<Map<string, number>> {
   const counts = new Map<string, number>();
@@ -127,12 +135,7 @@ test('a sweep reports and removes every event due, past a batch of them', async 
       [],
     );
     // The outboxes are empty.
-    const left = await redis.with(async (r) => {
-      let n = 0;
-      for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
-      return n;
-    });
-    assert.equal(left, 0, 'events left in outboxes');
+    assert.equal(await inOutboxes(g), 0, 'events left in outboxes');
   });
 });
 
@@ -155,15 +158,7 @@ test('a sweep whose reports Redis refuses removes nothing; once it takes them, e
         ),
       );
       assert.equal(await expiries(g), 30, 'the events are still due');
-      assert.equal(
-        await redis.with(async (r) => {
-          let n = 0;
-          for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
-          return n;
-        }),
-        30,
-        'the events are still in the outbox',
-      );
+      assert.equal(await inOutboxes(g), 30, 'the events are still in the outbox');
     } finally {
       await acl('allkeys');
     }
@@ -261,12 +256,7 @@ test('Redis frozen again and again while sweeps work through 9,000 due events: e
         [],
         'each reported once',
       );
-      const left = await redis.with(async (r) => {
-        let n = 0;
-        for (const key of await r.keys(`${g.prefix}*ev`)) n += await r.hlen(key);
-        return n;
-      });
-      assert.equal(left, 0, 'events left in outboxes');
+      assert.equal(await inOutboxes(g), 0, 'events left in outboxes');
       // The freezes did reach the sweeps (else this case tested nothing).
       assert.ok(
         g.logs.slice(since).some((l) => l.msg === 'sweep failed; the next one runs at its time'),
