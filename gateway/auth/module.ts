@@ -19,6 +19,7 @@ import type { KeptKick, Keys } from '../keys.ts';
 import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
+import { RetryUntilDone } from '../wait.ts';
 import { ActivityTracker } from './activity.ts';
 import { createDb } from './db.ts';
 import { Hasher } from './hasher.ts';
@@ -331,12 +332,23 @@ export async function createAuthModule(
       // A kick published while this node's subscriber was away never came: once it is back,
       // a connection whose session Redis no longer holds is kicked as its notice would have
       // kicked it (taken over if its device key names another session, else revoked), and one
-      // an operator kicked meanwhile is kicked `going_away`.
-      deps.bus.onBack(() => {
-        kickMissed(gateway, deps.redis, deps.keys, log).catch((e) =>
-          logFailure(log, e, {}, 'could not look for kicks missed while the subscriber was away'),
-        );
+      // an operator kicked meanwhile is kicked `going_away`. Tried until done: the subscriber
+      // is often back before the connection that reads the sessions (Redis restarted), and a
+      // look given up left the sessions Redis lost bound to their connections for good, each
+      // device answered but sent nothing (test/e2e/list-limit.test.ts).
+      const missed = new RetryUntilDone(() => kickMissed(gateway, deps.redis, deps.keys, log), {
+        failed: (e, tries, retryInMs) =>
+          logFailure(
+            log,
+            e,
+            { tries, retryInMs },
+            'could not look for kicks missed while the subscriber was away',
+          ),
+        doneAfterRetry: (tries) =>
+          log.info({ tries }, 'looked for kicks missed while the subscriber was away, after a retry'),
       });
+      gateway.onClose(() => missed.stop());
+      deps.bus.onBack(() => missed.run());
 
       mountAuthApi(
         gateway.app,

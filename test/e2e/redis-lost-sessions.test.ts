@@ -1,0 +1,74 @@
+/**
+ * Redis restarted empty (no persistence, or a failover to a replica that had nothing) loses
+ * every session record. The node's connections stay open, bound to sessions that no longer
+ * exist: nothing addressed to their devices reaches them, so each must be kicked
+ * `session_revoked` and log in again. The node looks for them once its subscriber is back
+ * (auth/module.ts, kickMissed). That look often ran before the node's other Redis connection was
+ * back, failed, and was never tried again: the devices stayed connected and deaf. Here the
+ * restarted server refuses the look's command (an ACL file, read at its start) until the test
+ * allows it: the look must be tried again.
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
+
+test('Redis back empty, its first answers refused: every connection whose session it lost is kicked session_revoked once the look is allowed', async () => {
+  const aclDir = mkdtempSync(join(tmpdir(), 'lost-sessions-acl-'));
+  const aclFile = join(aclDir, 'users.acl');
+  writeFileSync(aclFile, 'user default on nopass ~* &* +@all\n');
+  const redis = await startOwnRedis(['--aclfile', aclFile]);
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+  });
+  const N = 20;
+  const devices: GatewayClient[] = [];
+  try {
+    const kicks: string[][] = [];
+    for (let i = 0; i < N; i++) {
+      const c = await connected(g.tcpUrl);
+      devices.push(c);
+      await within(`device ${i}'s sign-up`, signUp(c));
+      const k: string[] = [];
+      kicks.push(k);
+      c.on('kick', (x: { code: string }) => k.push(x.code));
+    }
+    // The server starts again empty, refusing EXISTS (the look's command) from its first moment.
+    writeFileSync(aclFile, 'user default on nopass ~* &* +@all -exists\n');
+    await redis.kill();
+    const since = g.logs.length;
+    await redis.start();
+    await within(
+      'the look for missed kicks refused',
+      g.waitForLog(
+        (l) =>
+          g.logs.indexOf(l) >= since &&
+          l.msg === 'could not look for kicks missed while the subscriber was away',
+        30_000,
+      ),
+      31_000,
+    );
+    await redis.with((r) => r.call('ACL', 'SETUSER', 'default', '+exists'));
+    await until('every device kicked', () => kicks.every((k) => k.length > 0), 60_000);
+    assert.deepEqual(
+      kicks.map((k) => k.join()),
+      kicks.map(() => 'session_revoked'),
+    );
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+    rmSync(aclDir, { recursive: true, force: true });
+  }
+});
