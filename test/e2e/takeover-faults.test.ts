@@ -1,0 +1,238 @@
+/**
+ * A takeover (a login with a device id) under a failing Redis: the device's sessions
+ * (`Pdevsess:<device>`) and its key (`Pdev:<device>`) are written when the new session is made,
+ * and the takeover that ends the older ones follows in later calls. When Redis fails in between,
+ * the login is refused with a session already made and the older one still live. The device
+ * tries again, and that login's takeover must end both and bring their events to the session
+ * that survives. A private redis-server: an ACL rule denies the takeover's read to make the
+ * failure land exactly there, and freezes hit a storm of thirty devices wherever they fall.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import type { GatewayClient, Session } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { ProtocolError } from '../../protocol/index.ts';
+import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+
+const API_KEY = 'api-key-for-takeover-faults-5c1e';
+const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+let redis: OwnRedis;
+let deployment: ReturnType<typeof deploymentEnv>;
+let g: GatewayProcess;
+before(async () => {
+  redis = await startOwnRedis();
+  deployment = deploymentEnv();
+  g = await startGateway({
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    // Every login comes from 127.0.0.1, and the storm's retries are many.
+    GW_IP_FAILURE_BUDGET: '100000',
+    // A frozen Redis answers nothing: each call gives up after this and is answered overloaded.
+    GW_REDIS_TIMEOUT_MS: '300',
+  });
+});
+after(async () => {
+  await g?.stop();
+  await redis?.remove();
+  if (deployment) await dropDeployment(deployment);
+});
+
+const acl = (rule: string) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
+const devsess = (device: string) =>
+  redis.with((r) => r.smembers(`${deployment.GW_REDIS_PREFIX}devsess:${device}`));
+const sessionExists = (sid: string) =>
+  redis.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${sid}}:sess`));
+
+async function register(): Promise<string> {
+  const c = await connected(g.tcpUrl);
+  try {
+    const username = newName();
+    await within(
+      'the registration',
+      c.request('register', { username, email: `${username}@example.com`, password: PASSWORD }),
+    );
+    return username;
+  } finally {
+    c.destroy();
+  }
+}
+
+/** A login's outcome: the session, or the error's code (and retryAfter). */
+async function tryLogin(
+  c: GatewayClient,
+  username: string,
+  device: string,
+): Promise<{ session?: Session; code?: string; retryAfter?: number }> {
+  try {
+    return {
+      session: await c.request<Session>(
+        'login',
+        { username, password: PASSWORD, device: { id: device } },
+        { timeoutMs: 20_000 },
+      ),
+    };
+  } catch (e) {
+    if (e instanceof ProtocolError) return { code: e.code, retryAfter: e.retryAfter };
+    throw e;
+  }
+}
+
+async function publish(targets: { device: string; eid: string }[]): Promise<void> {
+  const res = await postEvents(
+    g.httpPort,
+    API_KEY,
+    targets.map(({ device, eid }) => ({ target: { device }, eid, name: 'takeover.test', data: {} })),
+  );
+  assert.equal(res.status, 202, await res.text());
+}
+
+test('a login whose takeover Redis refuses after its session was made: the retry ends both older sessions and gets every event of both', async () => {
+  const username = await register();
+  const device = `tf-${randomUUID().slice(0, 8)}`;
+  const open: GatewayClient[] = [];
+  try {
+    // The device's session, offline, with three events waiting in its outbox.
+    const first = await connected(g.tcpUrl);
+    open.push(first);
+    const s1 = (await tryLogin(first, username, device)).session!;
+    await within('the first connection closed', first.close());
+    const before = Array.from({ length: 3 }, () => `tf-${randomUUID().slice(0, 8)}`);
+    await publish(before.map((eid) => ({ device, eid })));
+
+    // The takeover reads the device's sessions with SMEMBERS, which the making of a session
+    // does not use: the login makes its session, then fails.
+    const next = await connected(g.tcpUrl, { autoAck: true });
+    open.push(next);
+    const got = collect(next);
+    await acl('-smembers');
+    let failed: Awaited<ReturnType<typeof tryLogin>>;
+    try {
+      failed = await tryLogin(next, username, device);
+    } finally {
+      await acl('+smembers');
+    }
+    assert.equal(failed.session, undefined, 'the login whose takeover failed is refused');
+    const listed = await devsess(device);
+    const s2 = listed.find((sid) => sid !== s1.sessionId);
+    assert.ok(s2, `the refused login's session was made: ${JSON.stringify(listed)}`);
+    assert.equal(await sessionExists(s1.sessionId), 1, 'the older session is still live');
+
+    // Meanwhile the device key names the refused login's session: events for the device go to it.
+    const meanwhile = Array.from({ length: 2 }, () => `tf-${randomUUID().slice(0, 8)}`);
+    await publish(meanwhile.map((eid) => ({ device, eid })));
+
+    // The device tries again.
+    const s3 = (await tryLogin(next, username, device)).session;
+    assert.ok(s3, 'the retried login is answered');
+    await until('every event of both older sessions at the new one', () =>
+      [...before, ...meanwhile].every((e) => got.some((x: EventMsg) => x.eid === e)),
+    );
+    assert.deepEqual(await devsess(device), [s3.sessionId], "the device's sessions: the new one only");
+    assert.equal(await sessionExists(s1.sessionId), 0, 'the first session ended');
+    assert.equal(await sessionExists(s2), 0, "the refused login's session ended");
+    // Each event once.
+    const eids = got.map((x) => x.eid);
+    assert.equal(new Set(eids).size, eids.length, `no event twice: ${JSON.stringify(eids)}`);
+  } finally {
+    for (const c of open) c.destroy();
+  }
+});
+
+test('thirty devices of one account taken over at once while Redis freezes again and again: once each login is answered, one session per device, each older one kicked once, events reach the new ones', async () => {
+  const username = await register();
+  const N = 30;
+  const devices = Array.from({ length: N }, (_, i) => `tfs-${i}-${randomUUID().slice(0, 8)}`);
+  const olds: GatewayClient[] = [];
+  const newer: GatewayClient[] = [];
+  let freezing = true;
+  let freezes = 0;
+  try {
+    for (let i = 0; i < N; i++) {
+      const c = await connected(g.tcpUrl, { autoAck: true });
+      olds.push(c);
+      const o = await tryLogin(c, username, devices[i]);
+      assert.ok(o.session, `device ${i}'s first login: ${JSON.stringify(o)}`);
+    }
+    for (let i = 0; i < N; i++) newer.push(await connected(g.tcpUrl, { autoAck: true }));
+    const kicks = olds.map(() => [] as string[]);
+    const newKicks = newer.map(() => [] as string[]);
+    for (let i = 0; i < N; i++) {
+      olds[i].on('kick', (k: { code: string }) => kicks[i].push(k.code));
+      newer[i].on('kick', (k: { code: string }) => newKicks[i].push(k.code));
+    }
+    const refusals: string[] = [];
+
+    // Redis frozen for 700 ms every 1,000 ms while the thirty log in again at once, each trying
+    // again after its retryAfter until it is answered.
+    const freezer = (async () => {
+      while (freezing) {
+        redis.freeze();
+        freezes++;
+        await wait(700);
+        redis.thaw();
+        await wait(300);
+      }
+    })();
+    const deadline = Date.now() + 90_000;
+    const sessions = await Promise.all(
+      newer.map(async (c, i) => {
+        for (;;) {
+          const o = await tryLogin(c, username, devices[i]);
+          if (o.session) return o.session;
+          refusals.push(`${o.code}:${o.retryAfter}`);
+          if (Date.now() > deadline)
+            throw new Error(`device ${i}'s login not answered within 90 s: ${o.code}`);
+          await wait(Math.min(o.retryAfter ?? 200, 1000));
+        }
+      }),
+    ).finally(() => {
+      freezing = false;
+    });
+    await freezer;
+    redis.thaw();
+    assert.ok(
+      refusals.some((r) => r.startsWith('overloaded')),
+      `the freezes (${freezes}) met logins under way: ${JSON.stringify(refusals)}`,
+    );
+
+    await until('every older connection kicked', () => kicks.every((k) => k.length >= 1), 30_000);
+    // A second kick of one of them, or a kick of a new one, would come within this.
+    await wait(500);
+    assert.deepEqual(
+      kicks.map((k) => k.join()),
+      kicks.map(() => 'session_takeover'),
+      `each older session ended once, by its device's takeover (refusals on the way: ${refusals.length})`,
+    );
+    assert.deepEqual(newKicks.flat(), [], 'no new session was ended');
+    for (let i = 0; i < N; i++)
+      assert.deepEqual(await devsess(devices[i]), [sessions[i].sessionId], `device ${i}: its sessions`);
+
+    const got = newer.map((c) => collect(c));
+    const oldGot = olds.map((c) => collect(c));
+    const eids = devices.map(() => `tfs-${randomUUID().slice(0, 8)}`);
+    await publish(devices.map((device, i) => ({ device, eid: eids[i] })));
+    await until('each device its event at its new connection', () =>
+      got.every((g, i) => g.some((x: EventMsg) => x.eid === eids[i])),
+    );
+    assert.deepEqual(oldGot.flat(), [], 'no event at an older connection');
+  } finally {
+    freezing = false;
+    redis.thaw();
+    for (const c of [...olds, ...newer]) c.destroy();
+  }
+});
