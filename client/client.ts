@@ -68,7 +68,11 @@ export interface ClientOptions {
   reconnect?: ReconnectOptions | false;
   /** Handshake timeout (ms). */
   connectTimeoutMs?: number;
-  /** Largest frame accepted from the server before `welcome` tells its maximum. */
+  /**
+   * Largest frame accepted from the server, over TCP or WebSocket (default 16 MiB); a longer one
+   * closes the connection.
+   * `welcome`'s `max` bounds what the server reads, not what it sends (docs/PROTOCOL.md §8).
+   */
   maxFrameBytes?: number;
   /**
    * TCP only: send the `hello` frame in this many writes, 2 ms apart, as a device on a slow
@@ -107,6 +111,9 @@ interface Wire {
   end(): void;
   destroy(): void;
 }
+
+/** `ClientOptions.maxFrameBytes` when not given: 16 MiB. */
+const DEFAULT_MAX_SERVER_FRAME = 16 * 1024 * 1024;
 
 const SESSION_TYPES = new Set(['login', 'resume', 'otp.verify']);
 
@@ -402,7 +409,7 @@ export class GatewayClient extends EventEmitter {
       const socket = netConnect({ host: address.host, port: address.port, noDelay: true });
       this.tcpSocket = socket;
       socket.once('connect', () => this.emit('transportOpen'));
-      const decoder = new FrameDecoder(this.options.maxFrameBytes ?? 16 * 1024 * 1024);
+      const decoder = new FrameDecoder(this.options.maxFrameBytes ?? DEFAULT_MAX_SERVER_FRAME);
       socket.on('data', (chunk) => {
         try {
           decoder.push(chunk, onBody);
@@ -421,6 +428,7 @@ export class GatewayClient extends EventEmitter {
     }
     const ws = new WebSocket(address.url, {
       perMessageDeflate: false,
+      maxPayload: this.options.maxFrameBytes ?? DEFAULT_MAX_SERVER_FRAME,
       ...(this.options.wsHeaders ? { headers: this.options.wsHeaders } : {}),
     });
     ws.binaryType = 'nodebuffer';
