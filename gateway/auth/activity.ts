@@ -8,7 +8,8 @@
  *
  * The write never creates a hash (an ended session stays ended) and never moves `lastSeenAt`
  * back (another node, or a resume, may have written a later time). A write that fails (Redis
- * down) is dropped: activity is a hint, and the next activity writes again.
+ * down) is dropped: activity is a hint, and the next activity writes again. A write that finds
+ * the hash gone tells `gone`: the session's connections here are bound to nothing.
  */
 import type { Redis } from 'ioredis';
 import type { Keys } from '../keys.ts';
@@ -16,10 +17,11 @@ import type { Logger } from '../log.ts';
 
 /**
  * KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is
- * older. Exported for tests, which tell its calls apart by its sha.
+ * older (1; 0 if not older); -1 if the hash is gone. Exported for tests, which tell its calls
+ * apart by its sha.
  */
 export const MARK = `
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'lastSeenAt') or '0')
 if cur and cur >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
@@ -43,6 +45,12 @@ export class ActivityTracker {
     private readonly throttleMs: number,
     private readonly log: Logger,
     private readonly now: () => number = Date.now,
+    /**
+     * Sessions whose record the write found gone while this node took their activity: ended
+     * where no notice reached this node, or lost by Redis (a rollback or a flush that kept the
+     * node's connections, so no reconnect looked for them).
+     */
+    private readonly gone: (sessionIds: string[]) => void = () => {},
   ) {
     if (!('gwMarkActivity' in redis)) redis.defineCommand('gwMarkActivity', { numberOfKeys: 1, lua: MARK });
     this.redis = redis as MarkingRedis;
@@ -77,12 +85,17 @@ export class ActivityTracker {
       gwMarkActivity(k: string, at: number): void;
       exec(): Promise<unknown>;
     };
+    const sids = [...batch.keys()];
     for (const [sid, at] of batch) p.gwMarkActivity(this.keys.session(sid), at);
+    let replies: [Error | null, unknown][] | null;
     try {
-      await p.exec();
+      replies = (await p.exec()) as [Error | null, unknown][] | null;
     } catch (e) {
       this.log.debug({ err: (e as Error).message, sessions: batch.size }, 'session activity not written');
+      return;
     }
+    const gone = sids.filter((_, i) => replies?.[i]?.[0] === null && replies[i][1] === -1);
+    if (gone.length > 0) this.gone(gone);
   }
 
   /** Stops the timer after writing what is pending. */

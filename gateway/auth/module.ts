@@ -68,6 +68,30 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 };
 
 /**
+ * Kicks connections whose session record is gone from Redis, as the session's end notice would
+ * have: `session_takeover` if the device key now names another session, else `session_revoked`.
+ */
+async function kickGone(
+  gone: { conn: Connection; session: NonNullable<Connection['session']> }[],
+  redis: import('ioredis').Redis,
+  keys: Keys,
+  log: Logger,
+  msg: string,
+): Promise<void> {
+  const successors = await Promise.all(
+    gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
+  );
+  gone.forEach(({ conn, session }, j) => {
+    // The connection has gone or moved to another session meanwhile.
+    if (conn.session !== session) return;
+    const successor = successors[j];
+    const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
+    log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
+    conn.kick(code, KICK_MESSAGE[code]);
+  });
+}
+
+/**
  * Applies the kicks this node's subscriber missed: kicks this node's connections whose session
  * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
  * could not reach this node, or lost in a Redis rollback), and those an operator kicked
@@ -90,21 +114,13 @@ async function kickMissed(
       Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId)))),
       Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId)))),
     ]);
-    const gone = chunk.filter((_, j) => held[j] === 0);
-    const successors = await Promise.all(
-      gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
+    await kickGone(
+      chunk.filter((_, j) => held[j] === 0),
+      redis,
+      keys,
+      log,
+      'session gone while the subscriber was away',
     );
-    gone.forEach(({ conn, session }, j) => {
-      // The connection has gone or moved to another session meanwhile.
-      if (conn.session !== session) return;
-      const successor = successors[j];
-      const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
-      log.info(
-        { conn: conn.id, sessionId: session.sessionId, code },
-        'session gone while the subscriber was away',
-      );
-      conn.kick(code, KICK_MESSAGE[code]);
-    });
     chunk.forEach(({ conn, session }, j) => {
       if (held[j] === 0 || conn.session !== session || !kept[j]) return;
       let k: KeptKick;
@@ -228,7 +244,11 @@ export async function createAuthModule(
       refreshGraceSeconds: config.refreshGraceSeconds,
     },
   });
-  const activity = new ActivityTracker(deps.redis, deps.keys, config.activityWriteMs, log);
+  /** Sessions whose record an activity write found gone (set at start, once the gateway is known). */
+  let activityGone: (sessionIds: string[]) => void = () => {};
+  const activity = new ActivityTracker(deps.redis, deps.keys, config.activityWriteMs, log, Date.now, (sids) =>
+    activityGone(sids),
+  );
   const relay = new OutboxRelay({ pool: db.pool, backend: deps.backend, log, intervalMs: 1000, batch: 100 });
 
   const directory: SessionDirectory = {
@@ -278,6 +298,20 @@ export async function createAuthModule(
       hasher.registerMetrics(gateway.metrics);
       gateway.onSweep((now) => service.sweep(now));
       gateway.onActivity = (sid) => activity.touch(sid);
+      // A session that is active here but whose record is gone ended where no notice reached
+      // this node, or Redis lost it without closing the subscriber's connection (a rollback,
+      // a flush): nothing else would find it, and its connections would stay bound to nothing.
+      activityGone = (sids) => {
+        const bound = sids.flatMap((sid) =>
+          gateway
+            .connectionsOf(sid)
+            .flatMap((conn) => (conn.session ? [{ conn, session: conn.session }] : [])),
+        );
+        if (bound.length === 0) return;
+        kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity').catch((e) =>
+          logFailure(log, e, {}, 'could not kick the connections of a session found gone'),
+        );
+      };
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),

@@ -9,8 +9,8 @@ import { after, before, test } from 'node:test';
 import { Keys } from '../../gateway/keys.ts';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
-import { within } from '../helpers/deadline.ts';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
+import { nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -172,4 +172,47 @@ test('after a reconnect, the node writes its sessions presence and room membersh
   } finally {
     console.log(`after the reconnect: ${seen}`);
   }
+});
+
+test('a rollback that keeps every connection loses a session made after the mark: its device is kicked session_revoked at its next request, and logs in again', async () => {
+  // The node's activity writes (GW_SESSION_ACTIVITY_MS) find the session's record gone. No
+  // connection to Redis closes in this rollback, so the look for missed kicks does not run.
+  const g = await startGateway({
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_ACTIVITY_MS: '200',
+  });
+  closers.push(() => g.stop());
+  const rollback = await redis.rdbSnapshot();
+  const device = await connected(g.tcpUrl);
+  closers.push(() => device.close());
+  const s = await signUp(device);
+  const kicked = nextEvent<{ code: string }>(
+    device,
+    'kick',
+    'the kick of the session the rollback lost',
+    30_000,
+  );
+  kicked.catch(() => {}); // awaited below
+  await rollback();
+  assert.equal(
+    await redis.with((r) => r.exists(new Keys(g.prefix).session(s.sessionId))),
+    0,
+    'the rollback lost the session',
+  );
+  // Requests keep coming from the device; the first activity write after the rollback finds
+  // its record gone.
+  const pinging = setInterval(() => device.request('rooms', {}).catch(() => {}), 100);
+  try {
+    assert.equal((await kicked).code, 'session_revoked');
+  } finally {
+    clearInterval(pinging);
+  }
+  const again = await connected(g.tcpUrl);
+  closers.push(() => again.close());
+  await within(
+    'the login after the kick',
+    again.request('login', { username: s.username, password: PASSWORD }),
+  );
 });
