@@ -4,6 +4,7 @@
  * (`register` … `otp.verify`), the HTTP auth API, the kick channel between nodes, and the
  * outbox relay.
  */
+import { Counter } from 'prom-client';
 import type { Device } from '../../protocol/index.ts';
 import type { IdentityModule } from '../app.ts';
 import type { BackendEvents } from '../backend-events.ts';
@@ -77,6 +78,8 @@ async function kickGone(
   keys: Keys,
   log: Logger,
   msg: string,
+  /** Called for each connection kicked (the metric of how the session was found gone). */
+  kicked: () => void,
 ): Promise<void> {
   const successors = await Promise.all(
     gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
@@ -87,6 +90,7 @@ async function kickGone(
     const successor = successors[j];
     const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
     log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
+    kicked();
     conn.kick(code, KICK_MESSAGE[code]);
   });
 }
@@ -102,6 +106,7 @@ async function kickMissed(
   redis: import('ioredis').Redis,
   keys: Keys,
   log: Logger,
+  kicked: () => void,
 ): Promise<void> {
   const bound = [...gateway.connections].flatMap((conn) =>
     conn.session ? [{ conn, session: conn.session }] : [],
@@ -120,6 +125,7 @@ async function kickMissed(
       keys,
       log,
       'session gone while the subscriber was away',
+      kicked,
     );
     chunk.forEach(({ conn, session }, j) => {
       if (held[j] === 0 || conn.session !== session || !kept[j]) return;
@@ -298,6 +304,12 @@ export async function createAuthModule(
       hasher.registerMetrics(gateway.metrics);
       gateway.onSweep((now) => service.sweep(now));
       gateway.onActivity = (sid) => activity.touch(sid);
+      const goneFound = new Counter({
+        name: 'gateway_sessions_found_gone_total',
+        help: "Connections kicked because their session's record was gone from Redis with no end notice heard: found when the node's subscriber came back (subscriber_back) or by the session's activity write (activity). A rise is Redis losing data (a restart without persistence, a rollback, a flush) or notices lost while the subscriber was away.",
+        labelNames: ['by'],
+        registers: [gateway.metrics],
+      });
       // A session that is active here but whose record is gone ended where no notice reached
       // this node, or Redis lost it without closing the subscriber's connection (a rollback,
       // a flush): nothing else would find it, and its connections would stay bound to nothing.
@@ -308,9 +320,9 @@ export async function createAuthModule(
             .flatMap((conn) => (conn.session ? [{ conn, session: conn.session }] : [])),
         );
         if (bound.length === 0) return;
-        kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity').catch((e) =>
-          logFailure(log, e, {}, 'could not kick the connections of a session found gone'),
-        );
+        kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
+          goneFound.inc({ by: 'activity' }),
+        ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
       };
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
@@ -370,17 +382,20 @@ export async function createAuthModule(
       // is often back before the connection that reads the sessions (Redis restarted), and a
       // look given up left the sessions Redis lost bound to their connections for good, each
       // device answered but sent nothing (test/e2e/list-limit.test.ts).
-      const missed = new RetryUntilDone(() => kickMissed(gateway, deps.redis, deps.keys, log), {
-        failed: (e, tries, retryInMs) =>
-          logFailure(
-            log,
-            e,
-            { tries, retryInMs },
-            'could not look for kicks missed while the subscriber was away',
-          ),
-        doneAfterRetry: (tries) =>
-          log.info({ tries }, 'looked for kicks missed while the subscriber was away, after a retry'),
-      });
+      const missed = new RetryUntilDone(
+        () => kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by: 'subscriber_back' })),
+        {
+          failed: (e, tries, retryInMs) =>
+            logFailure(
+              log,
+              e,
+              { tries, retryInMs },
+              'could not look for kicks missed while the subscriber was away',
+            ),
+          doneAfterRetry: (tries) =>
+            log.info({ tries }, 'looked for kicks missed while the subscriber was away, after a retry'),
+        },
+      );
       gateway.onClose(() => missed.stop());
       deps.bus.onBack(() => missed.run());
 

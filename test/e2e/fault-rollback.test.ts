@@ -12,6 +12,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { nextEvent, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
 let redis: OwnRedis;
@@ -209,6 +210,11 @@ test('a rollback that keeps every connection loses a session made after the mark
   } finally {
     clearInterval(pinging);
   }
+  assert.equal(
+    (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_found_gone_total{by="activity"}'),
+    1,
+    'the kick counted as found by the activity write',
+  );
   const again = await connected(g.tcpUrl);
   closers.push(() => again.close());
   await within(

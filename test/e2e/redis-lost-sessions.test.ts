@@ -17,6 +17,7 @@ import type { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
 test('Redis back empty, its first answers refused: every connection whose session it lost is kicked session_revoked once the look is allowed', async () => {
@@ -63,6 +64,11 @@ test('Redis back empty, its first answers refused: every connection whose sessio
     assert.deepEqual(
       kicks.map((k) => k.join()),
       kicks.map(() => 'session_revoked'),
+    );
+    assert.equal(
+      (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_found_gone_total{by="subscriber_back"}'),
+      N,
+      'each kick counted as found when the subscriber came back',
     );
   } finally {
     for (const c of devices) c.destroy();
