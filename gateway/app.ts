@@ -144,6 +144,11 @@ export async function startNode(
   // Reconnect attempts of an outage: the dependency monitor logs the outage once.
   for (const r of clients) r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
   await Promise.all(clients.map((r) => r.connect()));
+  // A Redis that evicts keys at `maxmemory` drops sessions, outboxes and queued jobs without a
+  // trace (docs/OPERATIONS.md asks for `noeviction`): said at start and at each reconnect (a
+  // failover may land on a server set up otherwise), as an error line with its policy.
+  void checkEvictionPolicy(redis, log);
+  redis.on('ready', () => void checkEvictionPolicy(redis, log));
 
   const keys = new Keys(config.redisPrefix);
   const bus = new Bus(sub, log);
@@ -530,5 +535,27 @@ export async function startNode(
   } catch (e) {
     await presence.release();
     throw e;
+  }
+}
+
+/**
+ * Logs an error (`redis_eviction_policy`) when Redis's `maxmemory-policy` is not `noeviction`.
+ * Read from `INFO memory`, which managed servers that refuse `CONFIG GET` still answer. A
+ * failed read is left to the dependency monitor.
+ */
+async function checkEvictionPolicy(redis: Redis, log: Logger): Promise<void> {
+  let info: string;
+  try {
+    info = await redis.info('memory');
+  } catch (e) {
+    log.debug({ err: (e as Error).message }, 'could not read the eviction policy of Redis');
+    return;
+  }
+  const policy = /^maxmemory_policy:(\S+)/m.exec(info)?.[1];
+  if (policy && policy !== 'noeviction') {
+    log.error(
+      { code: 'redis_eviction_policy', policy },
+      'Redis evicts keys at maxmemory: sessions, undelivered events and queued jobs can vanish without a trace; set maxmemory-policy noeviction',
+    );
   }
 }

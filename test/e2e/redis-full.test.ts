@@ -264,3 +264,31 @@ test('Redis full past GW_PRESENCE_STALE_MS under two nodes: once it takes writes
     await dropDeployment(deployment);
   }
 });
+
+test('a Redis that evicts keys at maxmemory is named in an error line at start and after a reconnect; one under noeviction is not', async () => {
+  assert.equal(
+    gw.logs.filter((l) => l.code === 'redis_eviction_policy').length,
+    0,
+    'no eviction line for a noeviction server',
+  );
+  const evicting = await startOwnRedis(['--maxmemory-policy', 'allkeys-lru']);
+  const deployment = deploymentEnv();
+  const g = await startGateway({ ...deployment, REDIS_URL: evicting.url });
+  try {
+    const line = (since: number) =>
+      g.waitForLog((l) => g.logs.indexOf(l) >= since && l.code === 'redis_eviction_policy', 15_000);
+    const first = await within('the eviction line at start', line(0), 16_000);
+    assert.equal(first.policy, 'allkeys-lru');
+    assert.equal(first.level, 50, 'an error line');
+    // A failover to a server set up another way: the node's connections are cut and come back.
+    await evicting.with((r) => r.call('CONFIG', 'SET', 'maxmemory-policy', 'volatile-lru'));
+    const since = g.logs.length;
+    await evicting.with((r) => r.call('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes'));
+    const again = await within('the eviction line after the reconnect', line(since), 16_000);
+    assert.equal(again.policy, 'volatile-lru');
+  } finally {
+    await g.stop();
+    await evicting.remove();
+    await dropDeployment(deployment);
+  }
+});
