@@ -12,6 +12,11 @@
  * through an outage, newest time per row, up to `maxPending` rows (beyond, the oldest noted are
  * dropped, and counted in the log line); a process that dies loses at most one interval of it.
  * These columns are records for operators: no code reads them back.
+ *
+ * It also keeps the ends of sessions whose audit row PostgreSQL did not take when the session
+ * ended (`ended`: `ended_at`, `end_reason`), written with the next batch until one succeeds, at
+ * the time the session ended; before, such a row stayed open for good unless an operator set it
+ * from the log. A row already ended keeps its end.
  */
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
@@ -22,9 +27,15 @@ interface SessionSeen {
   at: number;
 }
 
+interface SessionEnd {
+  reason: string;
+  at: number;
+}
+
 export class LastSeen {
   private sessions = new Map<string, SessionSeen>();
   private devices = new Map<string, number>();
+  private ends = new Map<string, SessionEnd>();
   private writing: Promise<void> | undefined;
   private lastWriteAt = 0;
   private dropped = 0;
@@ -50,9 +61,19 @@ export class LastSeen {
     this.bound(this.devices);
   }
 
+  /**
+   * A session ended at `at` whose audit row PostgreSQL refused: written with the next batches
+   * until it takes it. Beyond `maxPending` the oldest are dropped, each logged at error with its
+   * id and reason (for an operator to set by hand).
+   */
+  ended(sessionId: string, reason: string, at = Date.now()): void {
+    this.ends.set(sessionId, { reason, at });
+    this.boundEnds();
+  }
+
   /** Rows noted and not yet written. */
   get pending(): number {
-    return this.sessions.size + this.devices.size;
+    return this.sessions.size + this.devices.size + this.ends.size;
   }
 
   /** From the node's sweep: writes what was noted if `everyMs` has passed since the last write. */
@@ -78,12 +99,40 @@ export class LastSeen {
     }
   }
 
+  private boundEnds(): void {
+    while (this.ends.size > this.maxPending) {
+      const [id, end] = this.ends.entries().next().value as [string, SessionEnd];
+      this.ends.delete(id);
+      this.log.error(
+        { sessionId: id, reason: end.reason, endedAt: new Date(end.at).toISOString() },
+        'session end not written to PostgreSQL',
+      );
+    }
+  }
+
   private async write(): Promise<void> {
     const sessions = this.sessions;
     const devices = this.devices;
+    const ends = this.ends;
     this.sessions = new Map();
     this.devices = new Map();
+    this.ends = new Map();
     try {
+      if (ends.size > 0) {
+        const written = ends.size;
+        await this.pool.query(
+          `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
+           FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
+           WHERE s.id = v.id AND s.ended_at IS NULL`,
+          [
+            [...ends.keys()],
+            [...ends.values()].map((e) => e.reason),
+            [...ends.values()].map((e) => e.at / 1000),
+          ],
+        );
+        ends.clear();
+        this.log.info({ sessions: written }, 'session ends written to PostgreSQL after a failure');
+      }
       if (sessions.size > 0) {
         const ids: string[] = [];
         const ips: string[] = [];
@@ -115,8 +164,10 @@ export class LastSeen {
       // Kept for the next write, unless noted again since (the newer time wins).
       for (const [id, s] of sessions) if (!this.sessions.has(id)) this.sessions.set(id, s);
       for (const [id, at] of devices) if (!this.devices.has(id)) this.devices.set(id, at);
+      for (const [id, end] of ends) if (!this.ends.has(id)) this.ends.set(id, end);
       this.bound(this.sessions);
       this.bound(this.devices);
+      this.boundEnds();
       logFailure(
         this.log,
         e,
@@ -126,9 +177,17 @@ export class LastSeen {
     }
   }
 
-  /** Writes what is pending (at shutdown); a failure is logged, not thrown. */
+  /**
+   * Writes what is pending (at shutdown); a failure is logged, not thrown, and each session end
+   * still not written is logged at error with its id and reason (for an operator to set).
+   */
   async close(): Promise<void> {
     await this.flush();
     if (this.pending > 0) await this.flush();
+    for (const [id, end] of this.ends)
+      this.log.error(
+        { sessionId: id, reason: end.reason, endedAt: new Date(end.at).toISOString() },
+        'session end not written to PostgreSQL',
+      );
   }
 }

@@ -36,7 +36,7 @@ import {
   ProtocolError,
   type SessionData,
 } from '../../protocol/index.ts';
-import { RequesterGone } from '../faults.ts';
+import { logFailure, RequesterGone } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
@@ -908,14 +908,22 @@ export class IdentityService {
     );
     for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');
+    const endedAt = Date.now();
     try {
       await this.deps.pool.query(
         'UPDATE sessions SET ended_at = now(), end_reason = $2 WHERE id = $1 AND ended_at IS NULL',
         [sessionId, reason],
       );
     } catch (e) {
-      // The session is ended; only its audit row says otherwise (ended_at missing).
-      this.deps.log.error({ err: e, sessionId, reason }, 'session end not written to PostgreSQL');
+      // The session is ended; its audit row is written with the last-seen batches once
+      // PostgreSQL takes it, at the time it ended.
+      this.lastSeen.ended(sessionId, reason, endedAt);
+      logFailure(
+        this.deps.log,
+        e,
+        { sessionId, reason },
+        'session end not written to PostgreSQL yet; written once it answers',
+      );
     }
     return true;
   }

@@ -571,7 +571,7 @@ test("ten members join one room at once while the node's subscriber is away: all
   }
 });
 
-test('a session revoked while PostgreSQL is stopped is ended and its connection kicked; the audit row is left for later', async () => {
+test('a session revoked while PostgreSQL is stopped is ended and its connection kicked; its audit row is written once PostgreSQL is back, at the time it ended', async () => {
   const victim = await connected(gw.tcpUrl);
   closers.push(() => victim.close());
   const s = await signUp(victim);
@@ -581,18 +581,38 @@ test('a session revoked while PostgreSQL is stopped is ended and its connection 
   const kicked = nextEvent<{ code: string }>(victim, 'kick', 'the revoked connection kicked');
   kicked.catch(() => {}); // awaited below
   await pg.stop();
+  let revokedAt: number;
   try {
     // The session is in Redis, which answers: it is ended there and on every node at once,
     // whatever its audit row in PostgreSQL.
+    revokedAt = Date.now();
     await within('a revoke with PostgreSQL down', owner.request('revoke', { sessionId: s.sessionId }));
     assert.equal((await kicked).code, 'session_revoked');
     await gw.waitForLog(
-      (l) => l.msg === 'session end not written to PostgreSQL' && l.sessionId === s.sessionId,
+      (l) =>
+        l.msg === 'session end not written to PostgreSQL yet; written once it answers' &&
+        l.sessionId === s.sessionId,
     );
   } finally {
     await pg.start();
   }
+  const backAt = Date.now();
   await until('a login once PostgreSQL is back', async () => (await tcpLogin()).error === undefined);
+  const row = await until('the audit row of the revoked session written', async () => {
+    const r = await query(
+      gw.schema,
+      'SELECT ended_at, end_reason FROM sessions WHERE id = $1',
+      [s.sessionId],
+      pg.url,
+    );
+    return r.rows[0]?.ended_at ? (r.rows[0] as { ended_at: Date; end_reason: string }) : undefined;
+  });
+  assert.equal(row.end_reason, 'revoked');
+  // The time it ended, not the time PostgreSQL took the row.
+  assert.ok(
+    row.ended_at.getTime() >= revokedAt && row.ended_at.getTime() <= backAt,
+    `ended_at ${row.ended_at.toISOString()}: the revoke sent at ${new Date(revokedAt).toISOString()}, PostgreSQL back at ${new Date(backAt).toISOString()}`,
+  );
 });
 
 test('a connection that closes while its join waits for the room subscription leaves no member behind', async () => {
