@@ -117,9 +117,8 @@ export class LastSeen {
     this.sessions = new Map();
     this.devices = new Map();
     this.ends = new Map();
-    try {
-      if (ends.size > 0) {
-        const written = ends.size;
+    if (ends.size > 0) {
+      try {
         await this.pool.query(
           `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
            FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
@@ -130,9 +129,14 @@ export class LastSeen {
             [...ends.values()].map((e) => e.at / 1000),
           ],
         );
-        ends.clear();
-        this.log.info({ sessions: written }, 'session ends written to PostgreSQL after a failure');
+        this.log.info({ sessions: ends.size }, 'session ends written to PostgreSQL after a failure');
+      } catch (e) {
+        for (const [id, end] of ends) if (!this.ends.has(id)) this.ends.set(id, end);
+        this.boundEnds();
+        logFailure(this.log, e, { ends: this.ends.size }, 'session ends not written to PostgreSQL yet');
       }
+    }
+    try {
       if (sessions.size > 0) {
         const ids: string[] = [];
         const ips: string[] = [];
@@ -164,10 +168,8 @@ export class LastSeen {
       // Kept for the next write, unless noted again since (the newer time wins).
       for (const [id, s] of sessions) if (!this.sessions.has(id)) this.sessions.set(id, s);
       for (const [id, at] of devices) if (!this.devices.has(id)) this.devices.set(id, at);
-      for (const [id, end] of ends) if (!this.ends.has(id)) this.ends.set(id, end);
       this.bound(this.sessions);
       this.bound(this.devices);
-      this.boundEnds();
       logFailure(
         this.log,
         e,

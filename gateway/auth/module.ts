@@ -69,6 +69,12 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 };
 
 /**
+ * How long a connection whose session an activity write found gone waits for the session's end
+ * notice (which kicks it as a revoke or a takeover) before it is kicked as found gone.
+ */
+const GONE_NOTICE_GRACE_MS = 1000;
+
+/**
  * Kicks connections whose session record is gone from Redis, as the session's end notice would
  * have: `session_takeover` if the device key now names another session, else `session_revoked`.
  */
@@ -313,16 +319,22 @@ export async function createAuthModule(
       // A session that is active here but whose record is gone ended where no notice reached
       // this node, or Redis lost it without closing the subscriber's connection (a rollback,
       // a flush): nothing else would find it, and its connections would stay bound to nothing.
+      // Looked at again a moment later: a session ended just before the write (a takeover, a
+      // revoke on another node) has its notice on the way, which kicks it as such.
       activityGone = (sids) => {
-        const bound = sids.flatMap((sid) =>
+        const found = sids.flatMap((sid) =>
           gateway
             .connectionsOf(sid)
             .flatMap((conn) => (conn.session ? [{ conn, session: conn.session }] : [])),
         );
-        if (bound.length === 0) return;
-        kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
-          goneFound.inc({ by: 'activity' }),
-        ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
+        if (found.length === 0) return;
+        setTimeout(() => {
+          const bound = found.filter(({ conn, session }) => conn.session === session);
+          if (bound.length === 0) return;
+          kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
+            goneFound.inc({ by: 'activity' }),
+          ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
+        }, GONE_NOTICE_GRACE_MS).unref();
       };
       const ctx = (conn: Connection) => ({
         ip: conn.ip,
