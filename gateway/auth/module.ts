@@ -276,8 +276,15 @@ export async function createAuthModule(
     validate: (req) => service.validate(req),
   };
 
-  /** Authenticates the connection as the granted session; older connections of it are kicked. */
-  const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant) => {
+  /**
+   * Authenticates the connection as the granted session. A resumed session's older connections
+   * are kicked (on every node); a session just made (`fresh`: a login, an `otp.verify`) has
+   * none, and sends no notice. When the notice cannot be sent (Redis refused or timed out) the
+   * connection is unbound again before the error is answered: the device, told the request
+   * failed, holds no token of the session, and a connection left bound to it would be kicked
+   * by the takeover of its own retry (test/e2e/takeover-faults.test.ts).
+   */
+  const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant, fresh: boolean) => {
     const bound = gateway.bindSession(conn, {
       userId: g.userId,
       username: g.username,
@@ -285,13 +292,18 @@ export async function createAuthModule(
       ...(g.deviceId ? { deviceId: g.deviceId } : {}),
     });
     // A connection gone before its answer keeps nothing, and takes the session from no other.
-    if (bound) {
+    if (bound && !fresh) {
       const notice: KickNotice = {
         sessionId: g.sessionId,
         code: 'session_takeover',
         keep: `${gateway.nodeId}:${conn.id}`,
       };
-      await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
+      try {
+        await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
+      } catch (e) {
+        if (conn.session?.sessionId === g.sessionId) gateway.unbindSession(conn);
+        throw e;
+      }
     }
     const { deviceId: _omit, ...wire } = g;
     return wire;
@@ -345,10 +357,10 @@ export async function createAuthModule(
       // identity service asks the pool first).
       gateway.handle('register', (conn, m: Msg) => operations.register(m as never, ctx(conn)));
       gateway.handle('login', async (conn, m: Msg) =>
-        bind(gateway, conn, await operations.login(m as never, ctx(conn))),
+        bind(gateway, conn, await operations.login(m as never, ctx(conn)), true),
       );
       gateway.handle('resume', async (conn, m: Msg) =>
-        bind(gateway, conn, await service.resume(m as never, ctx(conn))),
+        bind(gateway, conn, await service.resume(m as never, ctx(conn)), false),
       );
       gateway.handle('otp.verify', async (conn, m: Msg) => {
         const grant = await service.otpVerify(m as never, {
@@ -356,7 +368,7 @@ export async function createAuthModule(
           ...(m.device ? { device: m.device as Device } : {}),
         });
         relay.kick();
-        return bind(gateway, conn, grant);
+        return bind(gateway, conn, grant, true);
       });
       gateway.handle('refresh', (conn, m: Msg) => service.refresh(m as never, ctx(conn)));
       gateway.handle('validate', (_conn, m: Msg) => operations.validate(m as never));

@@ -14,7 +14,7 @@ import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
@@ -234,5 +234,59 @@ test('thirty devices of one account taken over at once while Redis freezes again
     freezing = false;
     redis.thaw();
     for (const c of [...olds, ...newer]) c.destroy();
+  }
+});
+
+test('a login while Redis refuses PUBLISH is answered and binds its connection: a session just made has no other connection to kick', async () => {
+  const username = await register();
+  const c = await connected(g.tcpUrl);
+  try {
+    await acl('-publish');
+    let o: Awaited<ReturnType<typeof tryLogin>>;
+    try {
+      o = await tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`);
+    } finally {
+      await acl('+publish');
+    }
+    assert.ok(o.session, `the login answered: ${JSON.stringify(o)}`);
+    await within('a request as the session', c.request('rooms'));
+  } finally {
+    c.destroy();
+  }
+});
+
+test('a resume whose notice to older connections Redis refuses is answered with an error and leaves its connection unauthenticated; resumed again, it is the session', async () => {
+  const username = await register();
+  const device = `tf-${randomUUID().slice(0, 8)}`;
+  const first = await connected(g.tcpUrl);
+  const second = await connected(g.tcpUrl);
+  try {
+    const s = (await tryLogin(first, username, device)).session!;
+    const kicked = nextEvent<{ code: string }>(
+      first,
+      'kick',
+      'the older connection kicked by the resume',
+      30_000,
+    );
+    kicked.catch(() => {}); // awaited below
+    await acl('-publish');
+    try {
+      await assert.rejects(
+        within('the refused resume', second.request('resume', { token: s.token })),
+        (e: unknown) => e instanceof ProtocolError,
+      );
+    } finally {
+      await acl('+publish');
+    }
+    // Told the resume failed, the device is not left as the session on this connection.
+    await assert.rejects(within('a request after the refused resume', second.request('rooms')), {
+      code: 'unauthenticated',
+    });
+    await within('the resume again', second.request('resume', { token: s.token }));
+    await within('a request as the session', second.request('rooms'));
+    assert.equal((await kicked).code, 'session_takeover');
+  } finally {
+    first.destroy();
+    second.destroy();
   }
 });
