@@ -352,6 +352,7 @@ export async function createAuthModule(
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
         gone: () => conn.state >= ConnState.closing,
+        connection: `${gateway.nodeId}:${conn.id}`,
       });
       // Requests that hash are refused before any other work while the hash pool is full (the
       // identity service asks the pool first).

@@ -84,6 +84,12 @@ export interface RequestContext {
    * Without it, the requester is taken to be there.
    */
   gone?: () => boolean;
+  /**
+   * The requesting connection (`node:conn`), when the request came over one. A login or resume
+   * with a device id that takes over the session this connection is bound to leaves it to the
+   * request's answer (which binds it to the new session) rather than kicking it.
+   */
+  connection?: string;
 }
 
 export interface SessionGrant extends SessionData {
@@ -634,7 +640,7 @@ export class IdentityService {
       },
       o.refreshTtlSeconds * 1000,
     );
-    if (device?.id) await this.takeOverDevice(userId, device.id, sessionId);
+    if (device?.id) await this.takeOverDevice(userId, device.id, sessionId, ctx.connection);
     const { token, expiresAt } = await this.deps.tokens.issue(userId, sessionId);
     return {
       userId,
@@ -658,7 +664,13 @@ export class IdentityService {
    * device's sessions (`Pdevsess:<id>`), not the account's: an account of 200 devices made
    * each device's login read all 200 sessions, one round trip each (login-round-trips.test).
    */
-  private async takeOverDevice(userId: string, deviceId: string, keep: string): Promise<void> {
+  private async takeOverDevice(
+    userId: string,
+    deviceId: string,
+    keep: string,
+    /** The requesting connection, not kicked (RequestContext.connection). */
+    spare?: string,
+  ): Promise<void> {
     const gone: string[] = [];
     for (const sid of await this.store.ofDevice(deviceId)) {
       if (sid === keep) continue;
@@ -669,7 +681,7 @@ export class IdentityService {
       }
       if (s.userId !== userId) continue;
       if ((await this.store.deviceHolder(deviceId)) === sid) continue;
-      await this.endSession(sid, 'takeover', keep);
+      await this.endSession(sid, 'takeover', keep, spare);
     }
     await this.store.forgetOfDevice(deviceId, gone);
   }
@@ -739,7 +751,7 @@ export class IdentityService {
     // it names a device to claim.
     this.lastSeen.session(a.sessionId, ctx.ip);
     if (device?.id) this.lastSeen.device(device.id);
-    if (device?.id) await this.takeOverDevice(a.userId, device.id, a.sessionId);
+    if (device?.id) await this.takeOverDevice(a.userId, device.id, a.sessionId, ctx.connection);
     const { token, expiresAt } = await this.deps.tokens.issue(a.userId, a.sessionId);
     return {
       userId: a.userId,
@@ -895,7 +907,13 @@ export class IdentityService {
    * Ends a session once: Redis (and its device key, if it still names it), the audit row, the
    * kick on every node, the ended hooks. `successor`: the session that took over its device.
    */
-  async endSession(sessionId: string, reason: EndReason, successor?: string): Promise<boolean> {
+  async endSession(
+    sessionId: string,
+    reason: EndReason,
+    successor?: string,
+    /** A connection (`node:conn`) the kick leaves alone: the one taking the session over. */
+    spare?: string,
+  ): Promise<boolean> {
     // Its outbox is owed a move or a purge from the same step on, until an ended hook is done.
     const s = await this.store.remove(sessionId, endOwed(sessionId, reason, successor));
     if (!s) return false;
@@ -904,7 +922,7 @@ export class IdentityService {
     // open (a retry of the revoke would find no session to end, and kick nothing).
     await this.deps.redis.publish(
       this.deps.keys.kickChannel,
-      JSON.stringify({ sessionId, code: KICK_FOR[reason] }),
+      JSON.stringify({ sessionId, code: KICK_FOR[reason], ...(spare ? { keep: spare } : {}) }),
     );
     for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');

@@ -787,6 +787,40 @@ describe('takeover keeps the device events', () => {
     assert.deepEqual(survivors, [1, 1, 1, 1, 1]);
   });
 
+  test('a connection that logs in again with its own device id takes its session over without being kicked by it', async () => {
+    const c = await connected(gw.tcpUrl);
+    const kicks: string[] = [];
+    c.on('kick', (k: { code: string }) => kicks.push(k.code));
+    try {
+      const username = await register(c);
+      const device = { id: `relogin-${randomUUID()}` };
+      const sessions: Session[] = [];
+      for (let i = 0; i < 5; i++) {
+        const o = await wire(c, 'login', { username, password: PASSWORD, device });
+        assert.equal(
+          o.code,
+          'ok',
+          `login ${i} on the same connection: ${JSON.stringify(o)} (kicks ${kicks})`,
+        );
+        sessions.push(o.data as unknown as Session);
+        // A kick of the connection by its own takeover would come within this.
+        await wait(200);
+        assert.ok(c.isOpen, `open after login ${i} (kicks ${kicks})`);
+      }
+      assert.deepEqual(kicks, []);
+      const { sessions: listed } = await c.request<{ sessions: { sessionId: string; current: boolean }[] }>(
+        'sessions',
+      );
+      assert.deepEqual(
+        listed.map((x) => [x.sessionId, x.current]),
+        [[sessions[4].sessionId, true]],
+        'only the newest session is live, and it is this connection',
+      );
+    } finally {
+      c.destroy();
+    }
+  });
+
   test('thirty devices of one account taken over at once: each old session ends once, by its own device, and no other', async () => {
     const setup = await connected(gw.tcpUrl);
     const username = await register(setup);
