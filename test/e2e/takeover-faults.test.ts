@@ -290,3 +290,69 @@ test('a resume whose notice to older connections Redis refuses is answered with 
     second.destroy();
   }
 });
+
+test('thirty devices of one account logging in again while Redis restarts empty: each ends with one live session on an open connection, and gets its events', async () => {
+  const username = await register();
+  const N = 30;
+  const devices = Array.from({ length: N }, (_, i) => `tfr-${i}-${randomUUID().slice(0, 8)}`);
+  const olds: GatewayClient[] = [];
+  const current: GatewayClient[] = [];
+  try {
+    for (let i = 0; i < N; i++) {
+      const c = await connected(g.tcpUrl, { autoAck: true });
+      olds.push(c);
+      assert.ok((await tryLogin(c, username, devices[i])).session, `device ${i}'s first login`);
+    }
+    // Redis dies 200 ms into the storm and comes back with nothing: the account, in
+    // PostgreSQL, stays; every session, device key and outbox goes.
+    let restarted = false;
+    const outage = (async () => {
+      await wait(200);
+      await redis.kill();
+      await redis.start();
+      restarted = true;
+    })();
+    const deadline = Date.now() + 120_000;
+    const sessions = await Promise.all(
+      devices.map(async (device, i) => {
+        for (;;) {
+          if (Date.now() > deadline) throw new Error(`device ${i} not logged in within 120 s`);
+          let c = current[i];
+          if (!c?.isOpen) {
+            c?.destroy();
+            try {
+              c = await connected(g.tcpUrl, { autoAck: true });
+            } catch {
+              await wait(200);
+              continue;
+            }
+            current[i] = c;
+          }
+          // A login begun before Redis was back may have made its session in the Redis that
+          // died: the device logs in again (on the same connection, if it is still open).
+          const after = restarted;
+          const o = await tryLogin(c, username, device).catch(() => ({ code: 'closed' }) as { code: string });
+          if ('session' in o && o.session) {
+            if (after) return o.session;
+            await outage;
+            continue;
+          }
+          await wait(Math.min((o as { retryAfter?: number }).retryAfter ?? 200, 1000));
+        }
+      }),
+    );
+    await outage;
+    // The older connections' sessions went with Redis (or were taken over): each is closed.
+    await until('every older connection closed', () => olds.every((c) => !c.isOpen), 60_000);
+    for (let i = 0; i < N; i++)
+      assert.deepEqual(await devsess(devices[i]), [sessions[i].sessionId], `device ${i}: one listed session`);
+    const got = current.map((c) => collect(c));
+    const eids = devices.map(() => `tfr-${randomUUID().slice(0, 8)}`);
+    await publish(devices.map((device, i) => ({ device, eid: eids[i] })));
+    await until('each device its event at its live connection', () =>
+      got.every((g, i) => g.some((x: EventMsg) => x.eid === eids[i])),
+    );
+  } finally {
+    for (const c of [...olds, ...current]) c?.destroy();
+  }
+});
