@@ -1187,6 +1187,12 @@ test("logins verified while Redis is stopped leave no point of their address's b
     const answers = await within('the two logins verified with Redis stopped', Promise.all(during), 30000);
     for (const a of answers)
       assert.equal(a.code, 'overloaded', `no session without Redis: ${JSON.stringify(a)}`);
+    // The node's probe sees the outage before Redis is back, so that it says when it is back
+    // (an outage shorter than a probe's interval has neither line).
+    await within(
+      'the outage seen by the node',
+      g.waitForLog((l) => g.logs.indexOf(l) >= from && isDown('redis')(l), DEADLINE_MS, 'dependency down'),
+    );
   } finally {
     await redis.start();
   }
