@@ -914,16 +914,16 @@ export class IdentityService {
     /** A connection (`node:conn`) the kick leaves alone: the one taking the session over. */
     spare?: string,
   ): Promise<boolean> {
-    // Its outbox is owed a move or a purge from the same step on, until an ended hook is done.
-    const s = await this.store.remove(sessionId, endOwed(sessionId, reason, successor));
-    if (!s) return false;
-    // Ended in Redis, where a session lives: every node kicks its connections and the hooks run
-    // before the audit row is written, so that a PostgreSQL that fails here cannot leave them
-    // open (a retry of the revoke would find no session to end, and kick nothing).
-    await this.deps.redis.publish(
-      this.deps.keys.kickChannel,
+    // Its outbox is owed a move or a purge from the same step on, until an ended hook is done,
+    // and every node is told to kick its connections in that step too (session-store.ts). The
+    // hooks run before the audit row is written, so that a PostgreSQL that fails here cannot
+    // leave them undone (a retry of the revoke would find no session to end).
+    const s = await this.store.remove(
+      sessionId,
+      endOwed(sessionId, reason, successor),
       JSON.stringify({ sessionId, code: KICK_FOR[reason], ...(spare ? { keep: spare } : {}) }),
     );
+    if (!s) return false;
     for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');
     const endedAt = Date.now();

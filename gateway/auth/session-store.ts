@@ -513,7 +513,14 @@ export class SessionStore {
    * Ends the session in Redis; with `owed` (endOwed), records in the same step that its outbox
    * is still to be moved or purged.
    */
-  async remove(sid: string, owed?: string): Promise<LiveSession | null> {
+  /**
+   * Removes a session with its keys; `owed` records the end's outbox work, and `notice` (the
+   * end's kick, JSON) is published on the kick channel, both in the same `MULTI`: a removal
+   * that Redis runs late (a call timed out in a frozen Redis, run at the thaw) still tells every
+   * node to kick the session's connections. Before, the notice was a call after the removal, and
+   * a removal whose reply timed out left the session gone and its connections open, bound to it.
+   */
+  async remove(sid: string, owed?: string, notice?: string): Promise<LiveSession | null> {
     const s = await this.get(sid);
     if (!s) return null;
     const k = this.keys;
@@ -526,6 +533,7 @@ export class SessionStore {
       m.srem(k.deviceSessions(s.device.id), sid);
     }
     if (owed) m.zadd(k.endsOwed, Date.now(), owed);
+    if (notice) m.publish(k.kickChannel, notice);
     const res = await m.exec();
     return res![0][1] === 1 ? s : null;
   }
