@@ -36,28 +36,52 @@ function runAs(): { uid?: number; gid?: number } {
   return { uid: id('-u'), gid: id('-g') };
 }
 
-/** Signals the postmaster and its children; a child that just exited is skipped. */
+/**
+ * Signals the postmaster and its children; a child that just exited is skipped. The postmaster
+ * goes first, and its children are listed once it has stopped: a backend it forked while the
+ * list was read would otherwise escape a freeze and go on answering (the likely cause of a
+ * check pair's readiness probe answered `ok` while PostgreSQL was frozen).
+ */
 function signalAll(postmaster: number, signal: NodeJS.Signals): void {
-  for (const pid of pidsOf(postmaster)) {
+  const send = (pid: number) => {
     try {
       process.kill(pid, signal);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
     }
-  }
+  };
+  send(postmaster);
+  if (signal === 'SIGSTOP') waitStopped(postmaster);
+  for (const pid of childrenOf(postmaster)) send(pid);
 }
 
-function pidsOf(postmaster: number): number[] {
-  let children: number[] = [];
+/** Waits (at most 2 s) until the process is stopped (state T in /proc), so that it forks no more. */
+function waitStopped(pid: number): void {
+  const end = Date.now() + 2000;
+  while (Date.now() < end) {
+    let state: string | undefined;
+    try {
+      // The state follows the command's closing parenthesis.
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    } catch {
+      return; // gone
+    }
+    if (state === 'T' || state === 't') return;
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
+  }
+  throw new Error(`postmaster ${pid} did not stop within 2 s of SIGSTOP`);
+}
+
+function childrenOf(postmaster: number): number[] {
   try {
-    children = execFileSync('pgrep', ['-P', String(postmaster)], { encoding: 'utf8' })
+    return execFileSync('pgrep', ['-P', String(postmaster)], { encoding: 'utf8' })
       .split('\n')
       .filter(Boolean)
       .map(Number);
   } catch {
-    // no children
+    return []; // no children
   }
-  return [postmaster, ...children];
 }
 
 export async function startOwnPostgres(): Promise<OwnPostgres> {
