@@ -103,11 +103,16 @@ export class LastSeen {
     while (this.ends.size > this.maxPending) {
       const [id, end] = this.ends.entries().next().value as [string, SessionEnd];
       this.ends.delete(id);
-      this.log.error(
-        { sessionId: id, reason: end.reason, endedAt: new Date(end.at).toISOString() },
-        'session end not written to PostgreSQL',
-      );
+      this.givenUp(id, end);
     }
+  }
+
+  /** An end this node will not write: logged with what an operator needs to set it by hand. */
+  private givenUp(sessionId: string, end: SessionEnd): void {
+    this.log.error(
+      { sessionId, reason: end.reason, endedAt: new Date(end.at).toISOString() },
+      'session end not written to PostgreSQL',
+    );
   }
 
   private async write(): Promise<void> {
@@ -186,10 +191,6 @@ export class LastSeen {
   async close(): Promise<void> {
     await this.flush();
     if (this.pending > 0) await this.flush();
-    for (const [id, end] of this.ends)
-      this.log.error(
-        { sessionId: id, reason: end.reason, endedAt: new Date(end.at).toISOString() },
-        'session end not written to PostgreSQL',
-      );
+    for (const [id, end] of this.ends) this.givenUp(id, end);
   }
 }

@@ -69,6 +69,12 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 };
 
 /**
+ * A connection's name across the cluster (`node:conn`), as kick notices and kept kicks name the
+ * connection to spare or to kick.
+ */
+const connName = (gateway: Gateway, conn: Connection) => `${gateway.nodeId}:${conn.id}`;
+
+/**
  * How long a connection whose session an activity write found gone waits for the session's end
  * notice (which kicks it as a revoke or a takeover) before it is kicked as found gone.
  */
@@ -144,7 +150,7 @@ async function kickMissed(
       // A kick of an earlier connection of the session (the device has come back since) is
       // spent. A connection opened after the kick is not the one kicked either, even with the
       // same name: a node restarted with a fixed GW_NODE_ID counts its connections from 1 again.
-      if (k.conn !== `${gateway.nodeId}:${conn.id}` || conn.openedAtMs > k.at) return;
+      if (k.conn !== connName(gateway, conn) || conn.openedAtMs > k.at) return;
       log.info(
         { conn: conn.id, sessionId: session.sessionId },
         'admin kick applied after the subscriber was away',
@@ -296,7 +302,7 @@ export async function createAuthModule(
       const notice: KickNotice = {
         sessionId: g.sessionId,
         code: 'session_takeover',
-        keep: `${gateway.nodeId}:${conn.id}`,
+        keep: connName(gateway, conn),
       };
       try {
         await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
@@ -352,7 +358,7 @@ export async function createAuthModule(
         ip: conn.ip,
         ...(conn.session ? { sessionId: conn.session.sessionId } : {}),
         gone: () => conn.state >= ConnState.closing,
-        connection: `${gateway.nodeId}:${conn.id}`,
+        connection: connName(gateway, conn),
       });
       // Requests that hash are refused before any other work while the hash pool is full (the
       // identity service asks the pool first).
@@ -394,7 +400,7 @@ export async function createAuthModule(
           return;
         }
         for (const conn of gateway.connectionsOf(n.sessionId)) {
-          if (n.keep === `${gateway.nodeId}:${conn.id}`) continue;
+          if (n.keep === connName(gateway, conn)) continue;
           if (n.code === 'going_away')
             log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
           conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
