@@ -15,7 +15,7 @@ import { BackendEvents } from './backend-events.ts';
 import { SessionBinding } from './binding.ts';
 import { Bus } from './bus.ts';
 import type { Config } from './config.ts';
-import { Outbox, PUBLISH_CONNECTIONS } from './delivery/outbox.ts';
+import { OUTBOX_TTL_GRACE_S, Outbox, PUBLISH_CONNECTIONS } from './delivery/outbox.ts';
 import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService, type ResyncCause } from './delivery/service.ts';
 import {
@@ -181,7 +181,7 @@ export async function startNode(
   const outbox = new Outbox(redis, keys, {
     max: config.outboxMax,
     policy: config.outboxPolicy,
-    ttlSeconds: config.sessionTtlSeconds,
+    ttlSeconds: config.sessionTtlSeconds + OUTBOX_TTL_GRACE_S,
     forwardWindow: config.maxInflight,
     ...(publishing.length > 0
       ? {
@@ -359,7 +359,7 @@ export async function startNode(
       // keys: a few round trips, which the others overlap).
       owedEnds: async (cutoff, limit) => {
         const members = await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, limit);
-        const done: string[] = [];
+        const done: { sid: string; reason: string }[] = [];
         let next = 0;
         // A put-off Redis refused too: the sweep fails (logged) once the others are done.
         let putOffFailed: unknown;
@@ -370,7 +370,7 @@ export async function startNode(
             try {
               if (end) await endOutbox(end.sid, end.reason, end.successor);
               await redis.zrem(keys.endsOwed, member);
-              if (end) done.push(end.sid);
+              if (end) done.push({ sid: end.sid, reason: end.reason });
             } catch (e) {
               // Left for a stale time more, not for every sweep; the others go on.
               logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
@@ -384,6 +384,7 @@ export async function startNode(
         if (putOffFailed !== undefined) throw putOffFailed;
         return { done, found: members.length };
       },
+      expiredSessions: (limit) => identity.service.endExpired(limit),
       // Reported first, then removed (with their members): a report Redis refuses leaves them
       // due for the next sweep, and the job ids keep a second report from being queued.
       expire: async (members, now) => {

@@ -290,8 +290,8 @@ const SETTINGS = {
   sessionTtlSeconds: setting(
     'SESSION_TTL',
     '86400',
-    'Lifetime (s) of a live session in Redis (as in the auth-server seed) from its login, or its last `resume` or `refresh`, which extend it (and the record of the node holding its connection); and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far).',
-    int(60).default(86400),
+    'Lifetime (s) of a live session in Redis (as in the auth-server seed) from its login, or its last `resume` or `refresh`, which extend it (and the record of the node holding its connection); and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far). A session whose life runs out is ended by the cluster-wide sweep within `GW_SWEEP_INTERVAL_MS`: its connections kicked `session_revoked`, its waiting events reported `delivery.failed` (`session_expired`), its audit row ended `expired`. At least 2 (a few seconds is for tests).',
+    int(2).default(86400),
   ),
   activityWriteMs: setting(
     'GW_SESSION_ACTIVITY_MS',

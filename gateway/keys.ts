@@ -223,6 +223,15 @@ export class Keys {
   }
 
   /**
+   * ZSET session id → ms: when each live session's hash expires unless extended (written by the
+   * scripts that set its TTL, left at its end), for the sweep that ends the sessions whose life
+   * ran out (session-store.ts, EXPIRED).
+   */
+  get sessionExpiries(): string {
+    return `${this.prefix}sessexp`;
+  }
+
+  /**
    * STRING: an operator's last kick of the session (`{conn, at, retryAfter}`, `conn` naming the
    * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
    * the notice applies it when the subscriber is back.

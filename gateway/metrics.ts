@@ -107,6 +107,7 @@ export class GatewayMetrics {
   readonly auth: Counter<'operation' | 'result'>;
   readonly authFailures: Counter<'reason'>;
   readonly lockouts: Counter;
+  readonly sessionsExpired: Counter;
   readonly httpRequests: Counter<'method' | 'route' | 'status'>;
   readonly httpSeconds: Histogram<'method' | 'route'>;
   readonly redisSeconds: Histogram<'client' | 'result'>;
@@ -184,6 +185,11 @@ export class GatewayMetrics {
     this.lockouts = new Counter({
       name: 'gateway_lockouts_total',
       help: 'Accounts locked by failed logins.',
+      registers,
+    });
+    this.sessionsExpired = new Counter({
+      name: 'gateway_sessions_expired_total',
+      help: 'Sessions this node ended because their life (SESSION_TTL from the login, or the last resume or refresh) ran out: found by the cluster-wide sweep, which runs on one node at a time.',
       registers,
     });
     this.listRequests = new Counter({

@@ -16,7 +16,8 @@
  * It also keeps the ends of sessions whose audit row PostgreSQL did not take when the session
  * ended (`ended`: `ended_at`, `end_reason`), written with the next batch until one succeeds, at
  * the time the session ended; before, such a row stayed open for good unless an operator set it
- * from the log. A row already ended keeps its end.
+ * from the log. A row already ended keeps its end. The ends of expired sessions, which the sweep
+ * finds by the hundred, are written this way from the start.
  */
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
@@ -30,6 +31,21 @@ interface SessionSeen {
 interface SessionEnd {
   reason: string;
   at: number;
+  /** Noted because PostgreSQL refused it when the session ended (logged once written). */
+  late: boolean;
+}
+
+/**
+ * Writes session ends (id → reason and time) to their audit rows in one statement; a row
+ * already ended keeps its end.
+ */
+async function writeEnds(pool: pg.Pool, ends: Map<string, SessionEnd>): Promise<void> {
+  await pool.query(
+    `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
+     FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
+     WHERE s.id = v.id AND s.ended_at IS NULL`,
+    [[...ends.keys()], [...ends.values()].map((e) => e.reason), [...ends.values()].map((e) => e.at / 1000)],
+  );
 }
 
 export class LastSeen {
@@ -62,12 +78,13 @@ export class LastSeen {
   }
 
   /**
-   * A session ended at `at` whose audit row PostgreSQL refused: written with the next batches
-   * until it takes it. Beyond `maxPending` the oldest are dropped, each logged at error with its
-   * id and reason (for an operator to set by hand).
+   * A session ended at `at` whose audit row PostgreSQL refused (`late`), or one whose end is
+   * written only here (an expired session's, found by the sweep): written with the next batches
+   * until PostgreSQL takes it. Beyond `maxPending` the oldest are dropped, each logged at error
+   * with its id and reason (for an operator to set by hand).
    */
-  ended(sessionId: string, reason: string, at = Date.now()): void {
-    this.ends.set(sessionId, { reason, at });
+  ended(sessionId: string, reason: string, at = Date.now(), late = true): void {
+    this.ends.set(sessionId, { reason, at, late });
     this.boundEnds();
   }
 
@@ -124,17 +141,10 @@ export class LastSeen {
     this.ends = new Map();
     if (ends.size > 0) {
       try {
-        await this.pool.query(
-          `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
-           FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
-           WHERE s.id = v.id AND s.ended_at IS NULL`,
-          [
-            [...ends.keys()],
-            [...ends.values()].map((e) => e.reason),
-            [...ends.values()].map((e) => e.at / 1000),
-          ],
-        );
-        this.log.info({ sessions: ends.size }, 'session ends written to PostgreSQL after a failure');
+        await writeEnds(this.pool, ends);
+        let late = 0;
+        for (const end of ends.values()) if (end.late) late++;
+        if (late > 0) this.log.info({ sessions: late }, 'session ends written to PostgreSQL after a failure');
       } catch (e) {
         for (const [id, end] of ends) if (!this.ends.has(id)) this.ends.set(id, end);
         this.boundEnds();

@@ -271,7 +271,8 @@ export class IdentityService {
 
   /**
    * Runs whenever a session ends, on the node that ended it: to purge its outbox, or on a
-   * takeover to move it to the successor.
+   * takeover to move it to the successor. Not for a session whose life ran out: the sweep that
+   * finds it leaves its purge owed (endExpired).
    */
   onSessionEnded(hook: SessionEndedHook): void {
     this.endedHooks.push(hook);
@@ -944,6 +945,25 @@ export class IdentityService {
       );
     }
     return true;
+  }
+
+  /**
+   * From the cluster-wide sweep: ends up to `limit` sessions whose life ran out (their hash
+   * expired in Redis), each as of the time it expired: the kick of its connections on every node
+   * and its outbox's purge (each waiting event reported `delivery.failed`, `session_expired`, by
+   * the sweep's owed step) are recorded in the step that takes it (session-store.ts, EXPIRED);
+   * its audit row is ended `expired` by the last-seen batch (within a second, one statement for
+   * all, off the sweep's path: a PostgreSQL that is slow or gone holds no sweep). The ended hooks
+   * do not run: the owed step does the purge. Returns how many it ended.
+   */
+  async endExpired(limit: number): Promise<number> {
+    const taken = await this.store.takeExpired(limit);
+    for (const { sessionId, at } of taken) {
+      this.lastSeen.ended(sessionId, 'expired', at, false);
+      this.deps.log.info({ sessionId, reason: 'expired' }, 'session ended');
+    }
+    if (taken.length > 0) this.deps.metrics?.sessionsExpired.inc(taken.length);
+    return taken.length;
   }
 
   // ---- email codes ------------------------------------------------------------------------------

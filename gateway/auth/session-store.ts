@@ -91,6 +91,16 @@ return 1
 `;
 
 /**
+ * Lua (CREATE, RESUME, TOUCH): session `sid` (a Lua expression) expires `ttl` s from now, as its
+ * hash's EXPIRE says, in the index of session expiries `index` (keys.ts sessionExpiries), read
+ * by the sweep that ends sessions whose life ran out (EXPIRED). Redis's clock: the one its TTLs
+ * run on.
+ */
+const indexExpiry = (index: string, sid: string, ttl: string) => `
+  local now = redis.call('TIME')
+  redis.call('ZADD', ${index}, now[1] * 1000 + math.floor(now[2] / 1000) + ${ttl} * 1000, ${sid})`;
+
+/**
  * Lua (CREATE, TOUCH): the device key `key` names session `sid` from now on; that session and
  * the one the key named before (it may have been made by a node that kept no device sessions)
  * are among the device's sessions `set`, which live `ttl` s. Each argument is a Lua expression.
@@ -108,12 +118,12 @@ const takeDeviceKey = (key: string, set: string, sid: string, ttl: string) => `
  * key named before (it may have been made by a node that kept no device sessions) joins them
  * too, so that the takeover that follows finds it.
  * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] refresh key, KEYS[4] device key ('' none),
- * KEYS[5] the device's sessions ('' none)
+ * KEYS[5] the device's sessions ('' none), KEYS[6] the index of session expiries
  * ARGV[1] session id, ARGV[2] TTL (s), ARGV[3] refresh TTL (ms), then field, value, ... of the hash
  */
 const CREATE = `
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])${indexExpiry('KEYS[6]', 'ARGV[1]', 'ARGV[2]')}
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
@@ -125,7 +135,8 @@ return 1
 /**
  * A resume's read and touch in one call: the session's hash, and, if it belongs to ARGV[1],
  * its activity marked and its life (and its user's set's) extended, as `touch` does.
- * KEYS[1] session, KEYS[2] user's sessions; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s)
+ * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] the index of session expiries;
+ * ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4] session id
  * Returns the hash as HGETALL does (before the touch), empty when the session is gone.
  */
 const RESUME = `
@@ -135,7 +146,7 @@ for i = 1, #h, 2 do
     if h[i + 1] == ARGV[1] then
       redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[2])
       redis.call('EXPIRE', KEYS[1], ARGV[3])
-      redis.call('EXPIRE', KEYS[2], ARGV[3])
+      redis.call('EXPIRE', KEYS[2], ARGV[3])${indexExpiry('KEYS[3]', 'ARGV[4]', 'ARGV[3]')}
     end
     break
   end
@@ -155,8 +166,9 @@ return h
  * expired) is not created again: the call returns 0.
  * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] node key, KEYS[4] new device key or "",
  * KEYS[5] previous device key or "", KEYS[6] the new device's sessions or "", KEYS[7] the
- * previous device's sessions or ""; ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s),
- * ARGV[4] session id, ARGV[5] the new device (JSON) or "", ARGV[6] "release" or "extend" (KEYS[5])
+ * previous device's sessions or "", KEYS[8] the index of session expiries; ARGV[1] user id,
+ * ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4] session id, ARGV[5] the new device (JSON) or "",
+ * ARGV[6] "release" or "extend" (KEYS[5])
  */
 const TOUCH = `
 if redis.call('HGET', KEYS[1], 'userId') ~= ARGV[1] then return 0 end
@@ -167,7 +179,7 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])${indexExpiry('KEYS[8]', 'ARGV[4]', 'ARGV[3]')}
 if KEYS[5] ~= '' then
   if ARGV[6] == 'release' then
     if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
@@ -180,6 +192,40 @@ end
 if KEYS[4] ~= '' then${takeDeviceKey('KEYS[4]', 'KEYS[6]', 'ARGV[4]', 'ARGV[3]')}
 end
 return 1
+`;
+
+/**
+ * Ends up to ARGV[3] sessions whose life ran out: those due in the index of session expiries
+ * (KEYS[1]) whose hash is gone. Each leaves the index, its outbox's purge is owed (KEYS[2],
+ * keys.ts endsOwed, at time 0: due for the sweep's owed step at once), and every node is told to
+ * kick its connections (KEYS[3], the kick channel), all in this step, so that a sweep that dies
+ * after it leaves the rest to the owed step of any node. A due session whose hash is still there
+ * (extended where the index was not written: a node of an earlier version) is moved to its new
+ * time; one whose hash has no TTL leaves the index. ARGV[1], ARGV[2]: what comes before and after
+ * a session id in its hash's key (keys.ts sessionKeyParts, then `sess`).
+ * Returns session id, expiry (ms), ... of the sessions it ended.
+ */
+const EXPIRED = `
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+local ended = {}
+for i = 1, #due, 2 do
+  local sid = due[i]
+  local ttl = redis.call('PTTL', ARGV[1] .. sid .. ARGV[2])
+  if ttl >= 0 then
+    redis.call('ZADD', KEYS[1], now + ttl, sid)
+  else
+    redis.call('ZREM', KEYS[1], sid)
+    if ttl == -2 then
+      redis.call('ZADD', KEYS[2], 0, sid .. ' expired ')
+      redis.call('PUBLISH', KEYS[3], cjson.encode({sessionId = sid, code = 'session_revoked'}))
+      ended[#ended + 1] = sid
+      ended[#ended + 1] = due[i + 1]
+    end
+  end
+end
+return ended
 `;
 
 /** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
@@ -224,6 +270,7 @@ interface SessionCommands {
   gwSessionCreate(...args: (string | number)[]): Promise<number>;
   gwSessionResume(...args: (string | number)[]): Promise<string[]>;
   gwSessionTouch(...args: (string | number)[]): Promise<number>;
+  gwSessionsExpired(...args: (string | number)[]): Promise<string[]>;
 }
 
 /** The `endsOwed` member of a session's end (keys.ts): `sid reason successor`. */
@@ -250,9 +297,10 @@ export class SessionStore {
   ) {
     const r = redis as Redis & Partial<SessionCommands>;
     if (!r.gwSessionCreate) {
-      redis.defineCommand('gwSessionCreate', { numberOfKeys: 5, lua: CREATE });
-      redis.defineCommand('gwSessionResume', { numberOfKeys: 2, lua: RESUME });
-      redis.defineCommand('gwSessionTouch', { numberOfKeys: 7, lua: TOUCH });
+      redis.defineCommand('gwSessionCreate', { numberOfKeys: 6, lua: CREATE });
+      redis.defineCommand('gwSessionResume', { numberOfKeys: 3, lua: RESUME });
+      redis.defineCommand('gwSessionTouch', { numberOfKeys: 8, lua: TOUCH });
+      redis.defineCommand('gwSessionsExpired', { numberOfKeys: 3, lua: EXPIRED });
     }
     this.scripts = r as Redis & SessionCommands;
   }
@@ -288,6 +336,7 @@ export class SessionStore {
       k.refresh(s.refreshHash),
       s.device?.id ? k.device(s.device.id) : '',
       s.device?.id ? k.deviceSessions(s.device.id) : '',
+      k.sessionExpiries,
       s.sessionId,
       this.ttlSeconds,
       refreshTtlMs,
@@ -309,13 +358,33 @@ export class SessionStore {
     const flat = await this.scripts.gwSessionResume(
       k.session(sid),
       k.userSessions(userId),
+      k.sessionExpiries,
       userId,
       Date.now(),
       this.ttlSeconds,
+      sid,
     );
     const h: Record<string, string> = {};
     for (let i = 0; i < flat.length; i += 2) h[flat[i]] = flat[i + 1];
     return parseSession(sid, h);
+  }
+
+  /**
+   * Ends up to `limit` sessions whose life ran out (EXPIRED): each with the time its hash expired.
+   */
+  async takeExpired(limit: number): Promise<{ sessionId: string; at: number }[]> {
+    const [before, after] = this.keys.sessionKeyParts;
+    const flat = await this.scripts.gwSessionsExpired(
+      this.keys.sessionExpiries,
+      this.keys.endsOwed,
+      this.keys.kickChannel,
+      before,
+      `${after}sess`,
+      limit,
+    );
+    const out: { sessionId: string; at: number }[] = [];
+    for (let i = 0; i < flat.length; i += 2) out.push({ sessionId: flat[i], at: Number(flat[i + 1]) });
+    return out;
   }
 
   /** Extends the device key's life if it still names the session (a resume's `touch` of it). */
@@ -395,6 +464,7 @@ export class SessionStore {
       prevKey,
       device?.id ? k.deviceSessions(device.id) : '',
       prevKey && previous?.id ? k.deviceSessions(previous.id) : '',
+      k.sessionExpiries,
       userId,
       Date.now(),
       this.ttlSeconds,
@@ -508,13 +578,9 @@ export class SessionStore {
     await this.redis.eval(HOLD_GRACE, 2, this.keys.refreshHold(hash), this.keys.refreshGrace(hash), ms);
   }
 
-  /** Removes a live session; returns it if this call removed it (so it is ended once). */
   /**
-   * Ends the session in Redis; with `owed` (endOwed), records in the same step that its outbox
-   * is still to be moved or purged.
-   */
-  /**
-   * Removes a session with its keys; `owed` records the end's outbox work, and `notice` (the
+   * Removes a session with its keys (and its entry in the index of expiries); returns it if this
+   * call removed it (so it is ended once); `owed` records the end's outbox work, and `notice` (the
    * end's kick, JSON) is published on the kick channel, both in the same `MULTI`: a removal
    * that Redis runs late (a call timed out in a frozen Redis, run at the thaw) still tells every
    * node to kick the session's connections. Before, the notice was a call after the removal, and
@@ -526,6 +592,7 @@ export class SessionStore {
     const k = this.keys;
     const m = this.redis.multi();
     m.del(k.session(sid));
+    m.zrem(k.sessionExpiries, sid);
     m.srem(k.userSessions(s.userId), sid);
     m.del(k.refresh(s.refreshHash));
     if (s.device?.id) {

@@ -302,6 +302,17 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
   return r as Redis & OutboxCommands;
 }
 
+/**
+ * How much longer than SESSION_TTL an outbox lives after the last publish to it. A publish
+ * finds its session alive, so the session ends within SESSION_TTL of it unless a resume or a
+ * refresh extends it; the outbox then still holds its events (publish.lua refreshes its TTL
+ * once it ran down by up to a minute) for the sweep that ends the expired session to report
+ * them `delivery.failed` (`session_expired`). With the outbox's TTL equal to SESSION_TTL, events
+ * published right after a login expired with the session, before any sweep could see them, and
+ * went unreported.
+ */
+export const OUTBOX_TTL_GRACE_S = 120;
+
 export class Outbox {
   private readonly redis: Redis & OutboxCommands;
   /**
@@ -337,6 +348,7 @@ export class Outbox {
     private readonly options: {
       max: number;
       policy: OverflowPolicy;
+      /** The outbox's life after the last publish to it (SESSION_TTL + OUTBOX_TTL_GRACE_S). */
       ttlSeconds: number;
       /**
        * The in-flight window of the nodes (GW_MAX_INFLIGHT): an event for a session another

@@ -54,10 +54,19 @@ export interface SweepTargets {
   expire(members: string[], now: number): Promise<void>;
   /**
    * Moves or purges the outboxes of up to `limit` sessions that ended before `cutoff` (ms) with
-   * that work still owed (keys.ts endsOwed: their node died or Redis refused it until now);
-   * returns the session ids it finished, and how many owed ends it found.
+   * that work still owed (keys.ts endsOwed: their node died or Redis refused it until now, or
+   * the session expired); returns the sessions it finished with their end's reason, and how
+   * many owed ends it found.
    */
-  owedEnds(cutoff: number, limit: number): Promise<{ done: string[]; found: number }>;
+  owedEnds(
+    cutoff: number,
+    limit: number,
+  ): Promise<{ done: { sid: string; reason: string }[]; found: number }>;
+  /**
+   * Ends up to `limit` sessions whose life ran out (their purge left owed for the owed step);
+   * returns how many.
+   */
+  expiredSessions(limit: number): Promise<number>;
 }
 
 /**
@@ -105,6 +114,9 @@ const SWEEP_BATCH = 1000;
 /** Due members of the expiries index the sweep reads, reports and removes at a time. */
 const EXPIRY_BATCH = 1000;
 
+/** Sessions whose life ran out the sweep ends at a time (SweepTargets.expiredSessions). */
+const EXPIRED_SESSIONS_BATCH = 500;
+
 /** Owed session ends the sweep reads and finishes at a time (SweepTargets.owedEnds). */
 const OWED_BATCH = 100;
 
@@ -116,6 +128,7 @@ interface SweepResult {
   deadNodes: string[];
   sessions: number;
   expired: number;
+  sessionsExpired: number;
   ended: number;
 }
 
@@ -632,6 +645,16 @@ export class Presence {
       expired += due.length;
       if (due.length < EXPIRY_BATCH || Date.now() >= expiryDeadline) break;
     }
+    // Sessions whose life ran out, before the owed step, which purges their outboxes in this
+    // sweep (their ends are owed at time 0). A fleet logged in at once expires at once: all of
+    // them, a batch at a time, for at most half the interval.
+    let sessionsExpired = 0;
+    const sessionsDeadline = Date.now() + options.sweepIntervalMs / 2;
+    for (;;) {
+      const n = await this.targets!.expiredSessions(EXPIRED_SESSIONS_BATCH);
+      sessionsExpired += n;
+      if (n < EXPIRED_SESSIONS_BATCH || Date.now() >= sessionsDeadline) break;
+    }
     // Ended sessions whose outbox is still owed a move or a purge a stale time later: the node
     // that ended them died first (its own retries would have done it by now). A node killed in a
     // reconnect storm can leave hundreds, each a device whose events wait in its old outbox:
@@ -641,13 +664,15 @@ export class Presence {
     const owedDeadline = Date.now() + options.sweepIntervalMs / 2;
     for (;;) {
       const { done, found } = await this.targets!.owedEnds(cutoff, OWED_BATCH);
-      for (const sid of done) {
-        this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
+      for (const { sid, reason } of done) {
+        // An expired session's purge is always the sweep's: not a node's work left behind.
+        if (reason === 'expired') this.deps.log.debug({ sessionId: sid }, 'expired session purged');
+        else this.deps.log.warn({ sessionId: sid }, 'presence sweep finished the outbox of an ended session');
       }
       ended += done.length;
       if (found < OWED_BATCH || done.length === 0 || Date.now() >= owedDeadline) break;
     }
-    return { deadNodes, sessions, expired, ended };
+    return { deadNodes, sessions, expired, sessionsExpired, ended };
   }
 
   /**

@@ -56,6 +56,7 @@ test('a beat stamped before its process stopped and sent after: one silence line
       roomLeft: () => ['', '', Buffer.alloc(0), 0],
       expire: async () => {},
       owedEnds: async () => ({ done: [], found: 0 }),
+      expiredSessions: async () => 0,
     };
     const restored: number[] = [];
     a.presence.onSilence((ms) => restored.push(ms));

@@ -12,6 +12,7 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { GatewayClient } from '../../client/client.ts';
 import { MARK } from '../../gateway/auth/activity.ts';
+import { OUTBOX_TTL_GRACE_S } from '../../gateway/delivery/outbox.ts';
 import { type EventMsg, unpack } from '../../protocol/index.ts';
 import { connected, deviceWithEvents, signUp } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
@@ -441,7 +442,7 @@ test("an outbox's TTL is refreshed by a publish once it ran down by a minute, no
   // No acks: the events stay in the outbox, in flight.
   const { device, id, session: s, eids: got } = await deviceWithEvents(gw.tcpUrl, 'ttl', { autoAck: false });
   clients.push(device);
-  const ttl = 86_400; // SESSION_TTL's default
+  const ttl = 86_400 + OUTBOX_TTL_GRACE_S; // SESSION_TTL's default, and the outbox's grace
   const keys = ['q', 'ev', 'seq'].map((name) => `${gw.prefix}{s:${s.sessionId}}:${name}`);
   const ttls = () =>
     within(
