@@ -196,13 +196,14 @@ return 1
 
 /**
  * Ends up to ARGV[3] sessions whose life ran out: those due in the index of session expiries
- * (KEYS[1]) whose hash is gone. Each leaves the index, its outbox's purge is owed (KEYS[2],
- * keys.ts endsOwed, at time 0: due for the sweep's owed step at once), and every node is told to
- * kick its connections (KEYS[3], the kick channel), all in this step, so that a sweep that dies
- * after it leaves the rest to the owed step of any node. A due session whose hash is still there
- * (extended where the index was not written: a node of an earlier version) is moved to its new
- * time; one whose hash has no TTL leaves the index. ARGV[1], ARGV[2]: what comes before and after
- * a session id in its hash's key (keys.ts sessionKeyParts, then `sess`).
+ * (KEYS[1]) whose hash is gone. Each leaves the index, its outbox's purge is owed if it holds
+ * events (KEYS[2], keys.ts endsOwed, at time 0: due for the sweep's owed step at once; nothing
+ * is published to a session once its hash is gone, so an empty outbox stays empty), and every
+ * node is told to kick its connections (KEYS[3], the kick channel), all in this step, so that a
+ * sweep that dies after it leaves the rest to the owed step of any node. A due session whose
+ * hash is still there (extended where the index was not written: a node of an earlier version)
+ * is moved to its new time; one whose hash has no TTL leaves the index. ARGV[1], ARGV[2]: what
+ * comes before and after a session id in its keys (keys.ts sessionKeyParts).
  * Returns session id, expiry (ms), ... of the sessions it ended.
  */
 const EXPIRED = `
@@ -212,13 +213,15 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIM
 local ended = {}
 for i = 1, #due, 2 do
   local sid = due[i]
-  local ttl = redis.call('PTTL', ARGV[1] .. sid .. ARGV[2])
+  local ttl = redis.call('PTTL', ARGV[1] .. sid .. ARGV[2] .. 'sess')
   if ttl >= 0 then
     redis.call('ZADD', KEYS[1], now + ttl, sid)
   else
     redis.call('ZREM', KEYS[1], sid)
     if ttl == -2 then
-      redis.call('ZADD', KEYS[2], 0, sid .. ' expired ')
+      if redis.call('EXISTS', ARGV[1] .. sid .. ARGV[2] .. 'q') == 1 then
+        redis.call('ZADD', KEYS[2], 0, sid .. ' expired ')
+      end
       redis.call('PUBLISH', KEYS[3], cjson.encode({sessionId = sid, code = 'session_revoked'}))
       ended[#ended + 1] = sid
       ended[#ended + 1] = due[i + 1]
@@ -379,7 +382,7 @@ export class SessionStore {
       this.keys.endsOwed,
       this.keys.kickChannel,
       before,
-      `${after}sess`,
+      after,
       limit,
     );
     const out: { sessionId: string; at: number }[] = [];
