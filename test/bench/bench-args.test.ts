@@ -30,6 +30,11 @@ const BENCHES: Bench[] = [
     options: ['--devices', '--concurrency', '--heartbeat-seconds'],
   },
   {
+    file: 'bench/load/session-expiry.ts',
+    script: 'bench:session-expiry',
+    options: ['--sessions', '--ttl', '--sweep-ms', '--runs'],
+  },
+  {
     file: 'bench/load/delivery.ts',
     script: 'bench:delivery',
     options: ['--seconds', '--paths', '--modes', '--transport', '--per-request', '--redis-commands'],
