@@ -6,6 +6,7 @@
  */
 import type { Redis } from 'ioredis';
 import type { Device } from '../../protocol/index.ts';
+import { OUTBOX_TTL_GRACE_S } from '../delivery/outbox.ts';
 import type { Keys } from '../keys.ts';
 import type { DeviceInfo } from './session-details.ts';
 
@@ -101,6 +102,22 @@ const indexExpiry = (index: string, sid: string, ttl: string) => `
   redis.call('ZADD', ${index}, now[1] * 1000 + math.floor(now[2] / 1000) + ${ttl} * 1000, ${sid})`;
 
 /**
+ * Lua (RESUME, TOUCH): the session's outbox (its six keys from KEYS[`first`]: q, ev, att, rc,
+ * exp, seq) lives at least as long as the session extended now: `ttl` s (SESSION_TTL and the
+ * outbox's grace, OUTBOX_TTL_GRACE_S), refreshed when q has run down by the slack publish.lua
+ * uses (a tenth of it, at most a minute), as a publish refreshes it. Before, an offline session
+ * kept alive by refreshes outlived its outbox, whose life ran from the last publish: its waiting
+ * events were gone, unreported, before the session ended. The sent mark is left as it is: it
+ * may go before the counter (a rollback to the pump, which starts over), never after it.
+ */
+const extendOutbox = (first: number, ttl: string) => `
+  local left = redis.call('PTTL', KEYS[${first}])
+  local full = tonumber(${ttl})
+  if left >= 0 and left < (full - math.min(60, math.floor(full / 10))) * 1000 then
+    for i = ${first}, ${first + 5} do redis.call('EXPIRE', KEYS[i], full) end
+  end`;
+
+/**
  * Lua (CREATE, TOUCH): the device key `key` names session `sid` from now on; that session and
  * the one the key named before (it may have been made by a node that kept no device sessions)
  * are among the device's sessions `set`, which live `ttl` s. Each argument is a Lua expression.
@@ -135,8 +152,9 @@ return 1
 /**
  * A resume's read and touch in one call: the session's hash, and, if it belongs to ARGV[1],
  * its activity marked and its life (and its user's set's) extended, as `touch` does.
- * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] the index of session expiries;
- * ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4] session id
+ * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] the index of session expiries, KEYS[4-9]
+ * its outbox (extendOutbox); ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4] session
+ * id, ARGV[5] the outbox's TTL (s)
  * Returns the hash as HGETALL does (before the touch), empty when the session is gone.
  */
 const RESUME = `
@@ -146,7 +164,7 @@ for i = 1, #h, 2 do
     if h[i + 1] == ARGV[1] then
       redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[2])
       redis.call('EXPIRE', KEYS[1], ARGV[3])
-      redis.call('EXPIRE', KEYS[2], ARGV[3])${indexExpiry('KEYS[3]', 'ARGV[4]', 'ARGV[3]')}
+      redis.call('EXPIRE', KEYS[2], ARGV[3])${indexExpiry('KEYS[3]', 'ARGV[4]', 'ARGV[3]')}${extendOutbox(4, 'ARGV[5]')}
     end
     break
   end
@@ -166,9 +184,10 @@ return h
  * expired) is not created again: the call returns 0.
  * KEYS[1] session, KEYS[2] user's sessions, KEYS[3] node key, KEYS[4] new device key or "",
  * KEYS[5] previous device key or "", KEYS[6] the new device's sessions or "", KEYS[7] the
- * previous device's sessions or "", KEYS[8] the index of session expiries; ARGV[1] user id,
- * ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4] session id, ARGV[5] the new device (JSON) or "",
- * ARGV[6] "release" or "extend" (KEYS[5])
+ * previous device's sessions or "", KEYS[8] the index of session expiries, KEYS[9-14] the
+ * session's outbox (extendOutbox); ARGV[1] user id, ARGV[2] now (ms), ARGV[3] TTL (s), ARGV[4]
+ * session id, ARGV[5] the new device (JSON) or "", ARGV[6] "release" or "extend" (KEYS[5]),
+ * ARGV[7] the outbox's TTL (s)
  */
 const TOUCH = `
 if redis.call('HGET', KEYS[1], 'userId') ~= ARGV[1] then return 0 end
@@ -179,7 +198,7 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[3])${indexExpiry('KEYS[8]', 'ARGV[4]', 'ARGV[3]')}
+redis.call('EXPIRE', KEYS[3], ARGV[3])${indexExpiry('KEYS[8]', 'ARGV[4]', 'ARGV[3]')}${extendOutbox(9, 'ARGV[7]')}
 if KEYS[5] ~= '' then
   if ARGV[6] == 'release' then
     if redis.call('GET', KEYS[5]) == ARGV[4] then redis.call('DEL', KEYS[5]) end
@@ -301,8 +320,8 @@ export class SessionStore {
     const r = redis as Redis & Partial<SessionCommands>;
     if (!r.gwSessionCreate) {
       redis.defineCommand('gwSessionCreate', { numberOfKeys: 6, lua: CREATE });
-      redis.defineCommand('gwSessionResume', { numberOfKeys: 3, lua: RESUME });
-      redis.defineCommand('gwSessionTouch', { numberOfKeys: 8, lua: TOUCH });
+      redis.defineCommand('gwSessionResume', { numberOfKeys: 9, lua: RESUME });
+      redis.defineCommand('gwSessionTouch', { numberOfKeys: 14, lua: TOUCH });
       redis.defineCommand('gwSessionsExpired', { numberOfKeys: 3, lua: EXPIRED });
     }
     this.scripts = r as Redis & SessionCommands;
@@ -362,10 +381,12 @@ export class SessionStore {
       k.session(sid),
       k.userSessions(userId),
       k.sessionExpiries,
+      ...k.outbox(sid).slice(0, 6),
       userId,
       Date.now(),
       this.ttlSeconds,
       sid,
+      this.ttlSeconds + OUTBOX_TTL_GRACE_S,
     );
     const h: Record<string, string> = {};
     for (let i = 0; i < flat.length; i += 2) h[flat[i]] = flat[i + 1];
@@ -468,12 +489,14 @@ export class SessionStore {
       device?.id ? k.deviceSessions(device.id) : '',
       prevKey && previous?.id ? k.deviceSessions(previous.id) : '',
       k.sessionExpiries,
+      ...k.outbox(sid).slice(0, 6),
       userId,
       Date.now(),
       this.ttlSeconds,
       sid,
       device ? JSON.stringify(device) : '',
       device?.id ? 'release' : 'extend',
+      this.ttlSeconds + OUTBOX_TTL_GRACE_S,
     );
     return touched === 1;
   }

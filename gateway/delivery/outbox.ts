@@ -303,11 +303,12 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
 }
 
 /**
- * How much longer than SESSION_TTL an outbox lives after the last publish to it. A publish
- * finds its session alive, so the session ends within SESSION_TTL of it unless a resume or a
- * refresh extends it; the outbox then still holds its events (publish.lua refreshes its TTL
- * once it ran down by up to a minute) for the sweep that ends the expired session to report
- * them `delivery.failed` (`session_expired`). With the outbox's TTL equal to SESSION_TTL, events
+ * How much longer than SESSION_TTL an outbox lives after the last publish to it, or the last
+ * resume or refresh of its session (which extend it too: auth/session-store.ts, extendOutbox).
+ * A publish finds its session alive, so the session ends within SESSION_TTL of the last of
+ * those; the outbox then still holds its events (its TTL is refreshed once it ran down by up to
+ * a minute) for the sweep that ends the expired session to report them `delivery.failed`
+ * (`session_expired`). With the outbox's TTL equal to SESSION_TTL, events
  * published right after a login expired with the session, before any sweep could see them, and
  * went unreported.
  */

@@ -215,6 +215,67 @@ test('a refresh and a resume extend the life: each session ends SESSION_TTL afte
   }
 });
 
+test('an offline session kept alive by a refresh, or a resume that acks nothing, keeps its waiting events until it ends: each reported session_expired', async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX);
+  const r = new Redis(REDIS_URL);
+  const open: GatewayClient[] = [];
+  try {
+    const outboxKeys = (sid: string) =>
+      ['q', 'ev', 'att', 'rc', 'exp', 'seq'].map((n) => `${deployment.GW_REDIS_PREFIX}{s:${sid}}:${n}`);
+    const offline = async (tag: string) => {
+      const device = `${tag}-${randomUUID().slice(0, 8)}`;
+      const c = await connected(g.tcpUrl);
+      const session = await within(`${tag}'s sign-up`, signUp(c, { id: device }));
+      await within(`${tag} closed`, c.close());
+      const eids = [0, 1].map((i) => `${tag}-${i}-${randomUUID().slice(0, 8)}`);
+      const res = await postEvents(
+        g.httpPort,
+        API_KEY,
+        eids.map((eid) => ({ target: { device }, eid, name: 'expiry.extended', data: {}, receipt: true })),
+      );
+      assert.equal(res.status, 202, await res.text());
+      // As if the last publish were long ago: the outbox has 2 s left (its keys expire together).
+      for (const k of outboxKeys(session.sessionId)) await r.expire(k, 2);
+      return { session, eids };
+    };
+    const refreshed = await offline('refreshed');
+    const resumed = await offline('resumed');
+    // A refresh over a connection that never authenticates (nothing is delivered to it).
+    const c1 = await connected(g.tcpUrl);
+    open.push(c1);
+    await within('the refresh', c1.request('refresh', { refresh: refreshed.session.refresh }));
+    // A resume on a connection that acks nothing and is gone at once.
+    const c2 = await connected(g.tcpUrl, { autoAck: false });
+    await within('the resume', c2.request('resume', { token: resumed.session.token }));
+    c2.destroy();
+    for (const s of [refreshed.session, resumed.session]) {
+      const q = outboxKeys(s.sessionId)[0];
+      const left = await r.ttl(q);
+      assert.ok(left > 60, `${s.sessionId}'s outbox extended with its session: ${left} s left`);
+    }
+    const eids = [...refreshed.eids, ...resumed.eids];
+    const failed = await reader.waitFor(
+      'gw-backend',
+      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
+      20_000,
+      'delivery.failed',
+    );
+    for (const e of eids) {
+      const got = failed.filter((j) => j.data.eid === e);
+      assert.equal(got.length, 1, `${e} reported once`);
+      assert.equal(got[0].data.reason, 'session_expired');
+    }
+  } finally {
+    r.disconnect();
+    for (const c of open) c.destroy();
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
 test('activity of a session whose life ran out, before the sweep ends it, is no lost session: the sweep kicks it once', async () => {
   const redis = await startOwnRedis();
   const deployment = deploymentEnv();
