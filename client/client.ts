@@ -87,6 +87,40 @@ export interface ClientOptions {
    * connection's `resume()` presents a refresh the last one left in doubt again first.
    */
   refreshDoubt?: RefreshDoubt;
+  /**
+   * Keep the session alive while connected (default true): once 80% of the access token's life
+   * has passed (from its `iat` and `exp` claims, so the device's clock does not matter) the
+   * client refreshes the token pair. The refresh extends the session too: a gateway ends a
+   * session `SESSION_TTL` after its login or its last resume or refresh, and kicks its
+   * connections `session_revoked` (docs/PROTOCOL.md §4), so a device that stays connected
+   * without it is kicked and must log in again once a day by default. It also keeps a token
+   * valid for the next reconnection, whose resume then needs no refresh first. A refresh that
+   * fails for a moment (a timeout, `overloaded`, `rate_limited`, `internal`) is tried again
+   * (within a quarter of the refresh grace period while it is in doubt, else after `retryAfter`
+   * or 30 s); a definitive refusal stops it for that session (`refreshFailed`).
+   */
+  keepSession?: boolean;
+}
+
+/** How long the client waits before an automatic refresh that failed for a moment is tried again. */
+const KEEP_RETRY_MS = 30_000;
+
+/**
+ * The life (ms) of an access token from its `iat` and `exp` claims (the gateway's clock), or
+ * undefined if it has none.
+ */
+export function tokenLifeMs(token: string | undefined): number | undefined {
+  try {
+    const claims = JSON.parse(Buffer.from(token!.split('.')[1], 'base64url').toString('utf8')) as {
+      iat?: unknown;
+      exp?: unknown;
+    };
+    if (typeof claims.iat !== 'number' || typeof claims.exp !== 'number' || claims.exp <= claims.iat)
+      return undefined;
+    return (claims.exp - claims.iat) * 1000;
+  } catch {
+    return undefined;
+  }
 }
 
 export type Session = SessionData;
@@ -265,6 +299,8 @@ export class GatewayClient extends EventEmitter {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private reconnectStep: 'connect' | 'resume' = 'connect';
   private tcpSocket: Socket | undefined;
+  /** The automatic refresh that keeps the session alive (`keepSession`). */
+  private keepTimer: NodeJS.Timeout | undefined;
 
   constructor(options: ClientOptions) {
     super();
@@ -532,7 +568,47 @@ export class GatewayClient extends EventEmitter {
   private refreshed(data: Record<string, unknown>): void {
     Object.assign(this.session!, data);
     this.refreshDoubt.clear();
+    this.scheduleKeep();
     this.emit('refreshed', this.session);
+  }
+
+  /**
+   * The next automatic refresh (`keepSession`): at 80% of the current access token's life from
+   * now, or after `inMs`.
+   */
+  private scheduleKeep(inMs?: number): void {
+    if (this.keepTimer) clearTimeout(this.keepTimer);
+    this.keepTimer = undefined;
+    if (this.options.keepSession === false || !this.session?.refresh) return;
+    const life = tokenLifeMs(this.session.token);
+    const delay = inMs ?? (life === undefined ? undefined : Math.max(1000, Math.floor(life * 0.8)));
+    if (delay === undefined) return;
+    this.keepTimer = setTimeout(() => void this.keepNow(), delay);
+    this.keepTimer.unref();
+  }
+
+  /** The automatic refresh: on the connection that is up, as the session it was scheduled for. */
+  private async keepNow(): Promise<void> {
+    this.keepTimer = undefined;
+    const s = this.session;
+    // Not connected: the reconnection's resume schedules the next one.
+    if (!s?.refresh || !this.connected || this.userClosed) return;
+    try {
+      await this.request('refresh', { refresh: s.refresh });
+    } catch (e) {
+      if (this.session !== s || this.keepTimer) return;
+      if (!transient(e)) {
+        this.emit('refreshFailed', { sessionId: s.sessionId, error: e });
+        return;
+      }
+      const after = isProtocolError(e) && e.retryAfter !== undefined ? e.retryAfter : KEEP_RETRY_MS;
+      this.scheduleKeep(
+        this.refreshDoubt.bound(
+          after,
+          (this.options.reconnect || undefined)?.refreshGraceMs ?? DEFAULT_REFRESH_GRACE_MS,
+        ),
+      );
+    }
   }
 
   /**
@@ -557,6 +633,7 @@ export class GatewayClient extends EventEmitter {
       this.session = s;
       this.refreshDoubt.clear();
     }
+    this.scheduleKeep();
   }
 
   /** Seals and sends one message (no id bookkeeping). */
@@ -623,6 +700,7 @@ export class GatewayClient extends EventEmitter {
   async close(): Promise<void> {
     this.userClosed = true;
     this.cancelReconnect();
+    this.stopKeep();
     if (!this.connected) {
       this.wire?.destroy();
       return;
@@ -641,7 +719,13 @@ export class GatewayClient extends EventEmitter {
 
   /** Drops the connection without a goodbye (tests, churn). */
   destroy(): void {
+    this.stopKeep();
     this.wire?.destroy();
+  }
+
+  private stopKeep(): void {
+    if (this.keepTimer) clearTimeout(this.keepTimer);
+    this.keepTimer = undefined;
   }
 
   /** Writes raw bytes to the TCP socket (tests of malformed input). */

@@ -1,0 +1,84 @@
+/**
+ * A gateway ends a session `SESSION_TTL` after its login or its last resume or refresh, and
+ * kicks its connections `session_revoked` (test/e2e/session-expiry.test.ts). A device that
+ * stays connected keeps its session with the client's `keepSession` (on by default): once 80%
+ * of the access token's life has passed it refreshes the token pair, which extends the session.
+ * Here tokens live 10 s and sessions 20 s: a client with `keepSession: false` is kicked about
+ * 20 s after its login, while one with the default is still connected then, still reached by a
+ * back end's event, and resumes at once on a new connection with the token it holds.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { GatewayClient, type Session, tokenLifeMs } from '../../client/client.ts';
+import { signUp } from '../helpers/accounts.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
+import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
+
+const API_KEY = 'keep-session-api-key-0123456789';
+let gw: GatewayProcess;
+const clients: GatewayClient[] = [];
+
+before(async () => {
+  gw = await startGateway({
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    ACCESS_TOKEN_TTL: '10',
+    SESSION_TTL: '20',
+    GW_SWEEP_INTERVAL_MS: '200',
+  });
+});
+after(async () => {
+  for (const c of clients) c.destroy();
+  await gw?.stop();
+});
+
+async function device(keepSession?: boolean) {
+  const c = new GatewayClient({ url: gw.tcpUrl, ...(keepSession === undefined ? {} : { keepSession }) });
+  clients.push(c);
+  await within('the handshake', c.connect());
+  const id = `keep-${randomUUID().slice(0, 8)}`;
+  const session = await within('the sign-up', signUp(c, { id }));
+  const kicks: string[] = [];
+  c.on('kick', (k: { code: string }) => kicks.push(k.code));
+  let refreshes = 0;
+  c.on('refreshed', () => refreshes++);
+  return { c, id, session, kicks, refreshes: () => refreshes };
+}
+
+test("a token's life is read from its claims", () => {
+  const claims = Buffer.from(JSON.stringify({ iat: 1000, exp: 1900 })).toString('base64url');
+  assert.equal(tokenLifeMs(`e30.${claims}.sig`), 900_000);
+  assert.equal(tokenLifeMs('not a token'), undefined);
+  assert.equal(tokenLifeMs(undefined), undefined);
+});
+
+test('a connected client keeps its session past SESSION_TTL by refreshing; one without keepSession is kicked at its end', async () => {
+  const kept = await device();
+  const dropped = await device(false);
+  await until('the session without keepSession ended and kicked', () => dropped.kicks.length > 0, 40_000);
+  assert.deepEqual(dropped.kicks, ['session_revoked']);
+  assert.equal(dropped.refreshes(), 0);
+  // Past its login's SESSION_TTL (the other was logged in after it): still connected, still
+  // reached by a device-targeted event (a session ended has no device to target).
+  assert.ok(kept.refreshes() >= 1, `refreshed ${kept.refreshes()} times`);
+  const eid = `keep-${randomUUID().slice(0, 8)}`;
+  const got = nextEvent<{ eid: string }>(kept.c, 'event', 'the event at the kept session');
+  const res = await postEvents(gw.httpPort, API_KEY, [
+    { target: { device: kept.id }, eid, name: 'keep.test', data: {} },
+  ]);
+  assert.equal(res.status, 202, await res.text());
+  assert.equal((await got).eid, eid);
+  assert.deepEqual(kept.kicks, [], 'the kept session was not ended');
+  // The token it holds is still valid: a new connection resumes with it at once.
+  const held = kept.c.session as Session;
+  const again = new GatewayClient({ url: gw.tcpUrl });
+  clients.push(again);
+  await within('a second connection', again.connect());
+  const resumed = await within(
+    'a resume with the held token',
+    again.request<Session>('resume', { token: held.token }),
+  );
+  assert.equal(resumed.sessionId, kept.session.sessionId);
+});
