@@ -293,6 +293,12 @@ const SETTINGS = {
     'Lifetime (s) of a live session in Redis (as in the auth-server seed) from its login, or its last `resume` or `refresh`, which extend it (and the record of the node holding its connection); and of its outbox after the last publish to it (at least this less a minute, or less a tenth if that is shorter: publishes refresh it once it ran down so far). A session whose life runs out is ended by the cluster-wide sweep within `GW_SWEEP_INTERVAL_MS`: its connections kicked `session_revoked`, its waiting events reported `delivery.failed` (`session_expired`), its audit row ended `expired`. At least 2 (a few seconds is for tests).',
     int(2).default(86400),
   ),
+  sessionCheckMs: setting(
+    'GW_SESSION_CHECK_MS',
+    '300000',
+    "How often each node checks that the sessions of its authenticated connections still exist in Redis (one `EXISTS` each, pipelined: at 15,000 connections and the default, 50 commands a second). A connection whose session Redis lost while keeping the node's connections (a rollback, a `FLUSHALL`, an eviction) is kicked `session_revoked` (`session_takeover` if its device now has another session) and counted in `gateway_sessions_found_gone_total{by=\"check\"}`; a device that sends requests is found sooner by its activity write, and every connection once the node's subscriber reconnects. 0: never.",
+    int(0).default(300000),
+  ),
   activityWriteMs: setting(
     'GW_SESSION_ACTIVITY_MS',
     '30000',

@@ -110,8 +110,11 @@ async function kickGone(
 /**
  * Applies the kicks this node's subscriber missed: kicks this node's connections whose session
  * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
- * could not reach this node, or lost in a Redis rollback), and those an operator kicked
- * meanwhile (the kick kept under `Keys.sessionKick` names the connection).
+ * could not reach this node, or lost in a Redis rollback), and, with `keptKicks`, those an
+ * operator kicked meanwhile (the kick kept under `Keys.sessionKick` names the connection). A
+ * session gone but still in the index of expiries ran out and is not yet swept: the sweep ends
+ * it, kick included, so it is left alone here (and not counted as lost). Also the node's
+ * periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks.
  */
 async function kickMissed(
   gateway: Gateway,
@@ -119,6 +122,8 @@ async function kickMissed(
   keys: Keys,
   log: Logger,
   kicked: () => void,
+  msg: string,
+  keptKicks: boolean,
 ): Promise<void> {
   const bound = [...gateway.connections].flatMap((conn) =>
     conn.session ? [{ conn, session: conn.session }] : [],
@@ -129,16 +134,23 @@ async function kickMissed(
     // the sessions gone.
     const [held, kept] = await Promise.all([
       Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId)))),
-      Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId)))),
+      keptKicks
+        ? Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId))))
+        : [],
     ]);
+    const gone = chunk.filter((_, j) => held[j] === 0);
+    const expiring = await Promise.all(
+      gone.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId)),
+    );
     await kickGone(
-      chunk.filter((_, j) => held[j] === 0),
+      gone.filter((_, j) => expiring[j] === null),
       redis,
       keys,
       log,
-      'session gone while the subscriber was away',
+      msg,
       kicked,
     );
+    if (!keptKicks) continue;
     chunk.forEach(({ conn, session }, j) => {
       if (held[j] === 0 || conn.session !== session || !kept[j]) return;
       let k: KeptKick;
@@ -330,7 +342,7 @@ export async function createAuthModule(
       gateway.onActivity = (sid) => activity.touch(sid);
       const goneFound = new Counter({
         name: 'gateway_sessions_found_gone_total',
-        help: "Connections kicked because their session's record was gone from Redis with no end notice heard: found when the node's subscriber came back (subscriber_back) or by the session's activity write (activity). A rise is Redis losing data (a restart without persistence, a rollback, a flush) or notices lost while the subscriber was away.",
+        help: "Connections kicked because their session's record was gone from Redis with no end notice heard: found when the node's subscriber came back (subscriber_back), by the session's activity write (activity), or by the node's periodic check of its sessions (check, GW_SESSION_CHECK_MS). A rise is Redis losing data (a restart without persistence, a rollback, a flush) or notices lost while the subscriber was away.",
         labelNames: ['by'],
         registers: [gateway.metrics],
       });
@@ -414,7 +426,16 @@ export async function createAuthModule(
       // look given up left the sessions Redis lost bound to their connections for good, each
       // device answered but sent nothing (test/e2e/list-limit.test.ts).
       const missed = new RetryUntilDone(
-        () => kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by: 'subscriber_back' })),
+        () =>
+          kickMissed(
+            gateway,
+            deps.redis,
+            deps.keys,
+            log,
+            () => goneFound.inc({ by: 'subscriber_back' }),
+            'session gone while the subscriber was away',
+            true,
+          ),
         {
           failed: (e, tries, retryInMs) =>
             logFailure(
@@ -429,6 +450,31 @@ export async function createAuthModule(
       );
       gateway.onClose(() => missed.stop());
       deps.bus.onBack(() => missed.run());
+      // The same look every GW_SESSION_CHECK_MS, for what neither a reconnect nor an activity
+      // write finds: a session Redis lost while keeping the node's connections (a rollback, a
+      // flush, an eviction), of a device that only pings. One EXISTS per connection, pipelined;
+      // a look that fails is tried at the next interval.
+      let checking = false;
+      let checkedAt = Date.now();
+      if (config.sessionCheckMs > 0)
+        gateway.onSweep((now) => {
+          if (checking || now - checkedAt < config.sessionCheckMs) return;
+          checking = true;
+          checkedAt = now;
+          kickMissed(
+            gateway,
+            deps.redis,
+            deps.keys,
+            log,
+            () => goneFound.inc({ by: 'check' }),
+            'session gone, found by the periodic check',
+            false,
+          )
+            .catch((e) => logFailure(log, e, {}, 'could not check the sessions of this node'))
+            .finally(() => {
+              checking = false;
+            });
+        });
 
       mountAuthApi(
         gateway.app,

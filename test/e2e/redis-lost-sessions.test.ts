@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
@@ -76,5 +77,43 @@ test('Redis back empty, its first answers refused: every connection whose sessio
     await redis.remove();
     await dropDeployment(deployment);
     rmSync(aclDir, { recursive: true, force: true });
+  }
+});
+
+test("a session record Redis lost while keeping the node's connections, of a device that only pings: the periodic check kicks it session_revoked", async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_CHECK_MS: '500',
+  });
+  const devices: GatewayClient[] = [];
+  const redis = redisClient();
+  try {
+    const kicks: string[][] = [];
+    const sessions: string[] = [];
+    for (let i = 0; i < 2; i++) {
+      const c = await connected(g.tcpUrl);
+      devices.push(c);
+      sessions.push((await within(`device ${i}'s sign-up`, signUp(c))).sessionId);
+      const k: string[] = [];
+      kicks.push(k);
+      c.on('kick', (x: { code: string }) => k.push(x.code));
+    }
+    // Redis loses the first device's record (as a rollback or an eviction would): no connection
+    // of the node closes, and the device sends nothing but pings.
+    await redis.del(`${deployment.GW_REDIS_PREFIX}{s:${sessions[0]}}:sess`);
+    await redis.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, sessions[0]);
+    await until('the device whose session was lost kicked', () => kicks[0].length > 0);
+    assert.deepEqual(kicks[0], ['session_revoked']);
+    assert.deepEqual(kicks[1], [], 'the device whose session is there left alone');
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1);
+  } finally {
+    redis.disconnect();
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await dropDeployment(deployment);
   }
 });

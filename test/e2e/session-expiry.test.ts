@@ -279,7 +279,10 @@ test('an offline session kept alive by a refresh, or a resume that acks nothing,
 test('activity of a session whose life ran out, before the sweep ends it, is no lost session: the sweep kicks it once', async () => {
   const redis = await startOwnRedis();
   const deployment = deploymentEnv();
-  const g = await startGateway(env(deployment, { REDIS_URL: redis.url, GW_SESSION_ACTIVITY_MS: '100' }));
+  // The node's periodic check of its sessions runs too, and must leave it to the sweep as well.
+  const g = await startGateway(
+    env(deployment, { REDIS_URL: redis.url, GW_SESSION_ACTIVITY_MS: '100', GW_SESSION_CHECK_MS: '200' }),
+  );
   const open: GatewayClient[] = [];
   const acl = (rule: string) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
   try {
@@ -320,6 +323,11 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
     );
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), 0, 'not counted lost');
+    assert.equal(
+      m.value('gateway_sessions_found_gone_total{by="check"}'),
+      0,
+      'not counted lost by the check',
+    );
     assert.equal(m.value('gateway_sessions_expired_total'), 1);
   } finally {
     for (const c of open) c.destroy();
