@@ -88,9 +88,10 @@ export interface ClientOptions {
    */
   refreshDoubt?: RefreshDoubt;
   /**
-   * Keep the session alive while connected (default true): once 80% of the access token's life
-   * has passed (from its `iat` and `exp` claims, so the device's clock does not matter) the
-   * client refreshes the token pair. The refresh extends the session too: a gateway ends a
+   * Keep the session alive while connected (default true): once 70-90% of the access token's
+   * life has passed (at random, so that a fleet connected at once does not refresh at once;
+   * from the token's `iat` and `exp` claims, so the device's clock does not matter) the client
+   * refreshes the token pair. The refresh extends the session too: a gateway ends a
    * session `SESSION_TTL` after its login or its last resume or refresh, and kicks its
    * connections `session_revoked` (docs/PROTOCOL.md §4), so a device that stays connected
    * without it is kicked and must log in again once a day by default. It also keeps a token
@@ -573,15 +574,17 @@ export class GatewayClient extends EventEmitter {
   }
 
   /**
-   * The next automatic refresh (`keepSession`): at 80% of the current access token's life from
-   * now, or after `inMs`.
+   * The next automatic refresh (`keepSession`): at 70-90% of the current access token's life
+   * from now, or after `inMs`.
    */
   private scheduleKeep(inMs?: number): void {
     if (this.keepTimer) clearTimeout(this.keepTimer);
     this.keepTimer = undefined;
     if (this.options.keepSession === false || !this.session?.refresh) return;
     const life = tokenLifeMs(this.session.token);
-    const delay = inMs ?? (life === undefined ? undefined : Math.max(1000, Math.floor(life * 0.8)));
+    const delay =
+      inMs ??
+      (life === undefined ? undefined : Math.max(1000, Math.floor(life * (0.7 + 0.2 * Math.random()))));
     if (delay === undefined) return;
     this.keepTimer = setTimeout(() => void this.keepNow(), delay);
     this.keepTimer.unref();

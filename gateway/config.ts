@@ -296,7 +296,7 @@ const SETTINGS = {
   sessionCheckMs: setting(
     'GW_SESSION_CHECK_MS',
     '300000',
-    "How often each node checks that the sessions of its authenticated connections still exist in Redis (one `EXISTS` each, pipelined: at 15,000 connections and the default, 50 commands a second). A connection whose session Redis lost while keeping the node's connections (a rollback, a `FLUSHALL`, an eviction) is kicked `session_revoked` (`session_takeover` if its device now has another session) and counted in `gateway_sessions_found_gone_total{by=\"check\"}`; a device that sends requests is found sooner by its activity write, and every connection once the node's subscriber reconnects. 0: never.",
+    'How often each node checks that the sessions of its authenticated connections still exist in Redis (one `EXISTS` each, pipelined: at 15,000 connections and the default, 50 commands a second). A connection whose session Redis lost while keeping the node\'s connections (a rollback, a `FLUSHALL`, an eviction) is kicked `session_revoked` (`session_takeover` if its device now has another session) and counted in `gateway_sessions_found_gone_total{by="check"}`; a device that sends requests is found sooner by its activity write, and every connection once the node\'s subscriber reconnects. 0: never.',
     int(0).default(300000),
   ),
   activityWriteMs: setting(
@@ -477,7 +477,7 @@ const SETTINGS = {
   refreshPerMinute: setting(
     'GW_REFRESH_PER_MINUTE',
     '60',
-    "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile. Devices behind one address refresh once per `ACCESS_TOKEN_TTL` each: a fleet of N behind one NAT address needs at least N × 60 / `ACCESS_TOKEN_TTL` a minute (1,000 devices at the default 900 s: 67), or its devices fall behind and come back only as the budget allows.",
+    "`refresh` requests per IP per minute that present an unknown or a current refresh token; past it, `rate_limited`. A token already used (a retry whose reply was lost, or a reuse) is never charged nor refused for it. A current token's refresh refused for it keeps that token's grace period open until the refused sender may come back (its `retryAfter`, and `GW_REFRESH_GRACE_SECONDS` more), in case another connection of the device rotates it meanwhile. Connected devices behind one address refresh once per 70-90% of `ACCESS_TOKEN_TTL` each (the reference client's `keepSession`): a fleet of N behind one NAT address needs up to N × 60 / (0.7 × `ACCESS_TOKEN_TTL`) a minute (1,000 devices at the default 900 s: 96), or some of its refreshes are refused `rate_limited` and tried again after `retryAfter`.",
     int(1).default(60),
   ),
   listPerMinute: setting(

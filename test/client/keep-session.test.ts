@@ -1,7 +1,7 @@
 /**
  * A gateway ends a session `SESSION_TTL` after its login or its last resume or refresh, and
  * kicks its connections `session_revoked` (test/e2e/session-expiry.test.ts). A device that
- * stays connected keeps its session with the client's `keepSession` (on by default): once 80%
+ * stays connected keeps its session with the client's `keepSession` (on by default): once 70-90%
  * of the access token's life has passed it refreshes the token pair, which extends the session.
  * Here tokens live 10 s and sessions 20 s: a client with `keepSession: false` is kicked about
  * 20 s after its login, while one with the default is still connected then, still reached by a
