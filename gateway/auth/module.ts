@@ -298,11 +298,14 @@ export async function createAuthModule(
    * Authenticates the connection as the granted session. A resumed session's older connections
    * are kicked (on every node); a session just made (`fresh`: a login, an `otp.verify`) has
    * none, and sends no notice. When the notice cannot be sent (Redis refused or timed out) the
-   * connection is unbound again before the error is answered: the device, told the request
-   * failed, holds no token of the session, and a connection left bound to it would be kicked
-   * by the takeover of its own retry (test/e2e/takeover-faults.test.ts).
+   * connection is put back as it was before the error is answered, as for any failed request:
+   * unauthenticated, or authenticated as the session it had (the same one, left bound; another
+   * one, bound again). Before, it was left unauthenticated even when it had been authenticated,
+   * and a device whose resume of its own session on its own connection met a Redis blip lost
+   * the session there (test/e2e/takeover-faults.test.ts).
    */
   const bind = async (gateway: Gateway, conn: Connection, g: SessionGrant, fresh: boolean) => {
+    const previous = conn.session;
     const bound = gateway.bindSession(conn, {
       userId: g.userId,
       username: g.username,
@@ -319,7 +322,10 @@ export async function createAuthModule(
       try {
         await deps.binding.run('publish', [], [deps.keys.kickChannel, JSON.stringify(notice)]);
       } catch (e) {
-        if (conn.session?.sessionId === g.sessionId) gateway.unbindSession(conn);
+        if (conn.session?.sessionId === g.sessionId && previous?.sessionId !== g.sessionId) {
+          gateway.unbindSession(conn);
+          if (previous) gateway.bindSession(conn, previous);
+        }
         throw e;
       }
     }

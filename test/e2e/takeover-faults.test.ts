@@ -291,6 +291,38 @@ test('a resume whose notice to older connections Redis refuses is answered with 
   }
 });
 
+test('a resume Redis refuses on a connection already authenticated leaves it as it was: as its own session when it resumed that one, as its first session when it resumed another', async () => {
+  const username = await register();
+  const c = await connected(g.tcpUrl);
+  const other = await connected(g.tcpUrl);
+  try {
+    const mine = (await tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`)).session!;
+    const theirs = (await tryLogin(other, username, `tf-${randomUUID().slice(0, 8)}`)).session!;
+    const current = async () => {
+      const r = await within(
+        'the sessions of the connection',
+        c.request<{ sessions: { sessionId: string; current: boolean }[] }>('sessions'),
+      );
+      return r.sessions.find((x) => x.current)?.sessionId;
+    };
+    await acl('-publish');
+    try {
+      for (const token of [mine.token, theirs.token]) {
+        await assert.rejects(
+          within('the refused resume', c.request('resume', { token })),
+          (e: unknown) => e instanceof ProtocolError,
+        );
+      }
+    } finally {
+      await acl('+publish');
+    }
+    assert.equal(await current(), mine.sessionId, 'still its own session after both refused resumes');
+  } finally {
+    c.destroy();
+    other.destroy();
+  }
+});
+
 test('thirty devices of one account logging in again while Redis restarts empty: each ends with one live session on an open connection, and gets its events', async () => {
   const username = await register();
   const N = 30;
