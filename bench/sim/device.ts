@@ -36,6 +36,8 @@ export interface DeviceContext {
    * While a refresh is in doubt, a device's retries come at most a quarter of it apart.
    */
   readonly refreshGraceMs?: number;
+  /** Refresh while connected, keeping the session (the client's `keepSession`); default true. */
+  readonly keepSession?: boolean;
   /** Room this device joins after authenticating, if any. */
   room(index: number): string | undefined;
   /** Milliseconds on the run's clock (the producer uses the same one). */
@@ -108,6 +110,7 @@ export class VirtualDevice {
       requestTimeoutMs: 20000,
       clientName: 'gateway-sim/0.1',
       refreshDoubt: this.refreshDoubt,
+      keepSession: ctx.keepSession !== false,
       ...(ctx.pinnedFingerprint ? { pinnedFingerprint: ctx.pinnedFingerprint } : {}),
     });
     this.client = c;

@@ -43,6 +43,8 @@ export interface SimOptions {
   noAckProb: number;
   /** The gateway's refresh grace period (`GW_REFRESH_GRACE_SECONDS`), ms; default 30 000. */
   refreshGraceMs?: number;
+  /** Devices refresh while connected, keeping their sessions (the client's `keepSession`); default true. */
+  keepSession?: boolean;
   /** Per device and second: probability of dropping the connection and resuming. */
   churnProb: number;
   helloChunks: number;
@@ -276,6 +278,7 @@ export class Simulation {
       ...(o.pinnedFingerprint ? { pinnedFingerprint: o.pinnedFingerprint } : {}),
       noAckProb: o.noAckProb,
       ...(o.refreshGraceMs !== undefined ? { refreshGraceMs: o.refreshGraceMs } : {}),
+      keepSession: o.keepSession !== false,
       room: (i) => (o.rooms > 0 ? `#sim-${this.runId}-${i % o.rooms}` : undefined),
       now: () => this.now(),
       running: () => this.running,

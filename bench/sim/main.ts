@@ -117,6 +117,10 @@ const { values } = benchArgs({
       arg: 'S',
       help: "the gateway's GW_REFRESH_GRACE_SECONDS",
     },
+    'no-keep-session': {
+      type: 'flag',
+      help: "devices do not refresh while connected (the client's keepSession off): each is kicked at its session's end, SESSION_TTL after its login or last resume",
+    },
     'chunked-handshake': { type: 'flag', help: 'send the hello in --hello-chunks TCP writes' },
     'hello-chunks': {
       type: 'number',
@@ -206,6 +210,7 @@ const opts: SimOptions = {
   noAckProb: values['no-ack-prob'],
   churnProb: values['churn-prob'],
   refreshGraceMs: values['refresh-grace'] * 1000,
+  keepSession: !values['no-keep-session'],
   waitForFleet: values['wait-for-fleet'],
   helloChunks: values['chunked-handshake'] ? values['hello-chunks'] : 1,
   seed: values.seed,
