@@ -20,6 +20,7 @@ import { useBuiltGateway } from '../lib/built.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
+import { sweepsCounting } from '../lib/sweeps.ts';
 
 const { values } = benchArgs({
   script: 'bench:expiry',
@@ -118,19 +119,10 @@ async function run(): Promise<Run> {
     const redisCpu = cpuSeconds(REDIS_PID) - r0;
     waited();
     // The sweep that emptied the index may not have finished its job yet (it returns its count).
-    const sweepsOf = async () =>
-      (await reader.jobs('gw-maintenance', 'sweep'))
-        .filter((j) => ((j.returnvalue as { expired?: number } | null)?.expired ?? 0) > 0)
-        .sort((a, b) => (a.processedOn ?? 0) - (b.processedOn ?? 0))
-        .map((j) => ({
-          expired: (j.returnvalue as { expired: number }).expired,
-          ms: (j.finishedOn ?? 0) - (j.processedOn ?? 0),
-        }));
-    let sweeps = await sweepsOf();
-    for (let i = 0; i < 100 && sweeps.reduce((a, x) => a + x.expired, 0) < total; i++) {
-      await sleep(100);
-      sweeps = await sweepsOf();
-    }
+    const sweeps = (await sweepsCounting(reader, 'expired', total)).map((x) => ({
+      expired: x.count,
+      ms: x.ms,
+    }));
     const counts = new Map<string, number>();
     for (const j of await reader.jobs('gw-backend', 'delivery.expired'))
       counts.set(j.data.eid, (counts.get(j.data.eid) ?? 0) + 1);

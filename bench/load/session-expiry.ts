@@ -26,6 +26,7 @@ import { useBuiltGateway } from '../lib/built.ts';
 import { postJson } from '../lib/http.ts';
 import { header, table } from '../lib/measure.ts';
 import { cpuSeconds, progress, redisPid, sleep } from '../lib/procs.ts';
+import { sweepsCounting } from '../lib/sweeps.ts';
 
 const { values } = benchArgs({
   script: 'bench:session-expiry',
@@ -139,21 +140,12 @@ async function run(): Promise<Run> {
     const deadline = Date.now() + 300_000;
     // Cheap reads while waiting (the queue's counts, not its jobs): the bench's own polling is
     // in Redis's CPU too.
-    const backend = reader.queue('gw-backend');
     for (;;) {
       const inIndex = await r.zcard(`${gw.prefix}sessexp`);
       const open = Number(
         (await query(gw.schema, 'SELECT count(*) FROM sessions WHERE ended_at IS NULL')).rows[0].count,
       );
-      const counts = await backend.getJobCounts(
-        'waiting',
-        'active',
-        'completed',
-        'failed',
-        'delayed',
-        'prioritized',
-      );
-      const jobs = Object.values(counts).reduce((a, x) => a + x, 0);
+      const jobs = await reader.count('gw-backend');
       left = `${inIndex} in the index, ${open} audit rows open, ${jobs}/${waiting.length} reported`;
       if (inIndex === 0 && open === 0 && jobs >= waiting.length) break;
       if (Date.now() > deadline) throw new Error(`not all ended within 300 s: ${left}`);
@@ -163,19 +155,10 @@ async function run(): Promise<Run> {
     const gatewayCpu = cpuSeconds(gw.proc.pid!) - s0;
     const redisCpu = cpuSeconds(REDIS_PID) - r0;
     waited();
-    const sweepsOf = async () =>
-      (await reader.jobs('gw-maintenance', 'sweep'))
-        .filter((j) => ((j.returnvalue as { sessionsExpired?: number } | null)?.sessionsExpired ?? 0) > 0)
-        .sort((a, b) => (a.processedOn ?? 0) - (b.processedOn ?? 0))
-        .map((j) => ({
-          ended: (j.returnvalue as { sessionsExpired: number }).sessionsExpired,
-          ms: (j.finishedOn ?? 0) - (j.processedOn ?? 0),
-        }));
-    let sweeps = await sweepsOf();
-    for (let i = 0; i < 100 && sweeps.reduce((a, x) => a + x.ended, 0) < n; i++) {
-      await sleep(100);
-      sweeps = await sweepsOf();
-    }
+    const sweeps = (await sweepsCounting(reader, 'sessionsExpired', n)).map((x) => ({
+      ended: x.count,
+      ms: x.ms,
+    }));
     const reported = new Map<string, number>();
     for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
       reported.set(j.data.eid, (reported.get(j.data.eid) ?? 0) + 1);

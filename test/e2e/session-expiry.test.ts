@@ -73,6 +73,25 @@ async function endedRows(
   );
 }
 
+/**
+ * Waits until each of `eids` is reported `delivery.failed`, and asserts each was reported once,
+ * `session_expired` (of `sessionId`, if given).
+ */
+async function reportedExpired(reader: QueueReader, eids: string[], ms = 20_000, sessionId?: string) {
+  const failed = await reader.waitFor(
+    'gw-backend',
+    (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
+    ms,
+    'delivery.failed',
+  );
+  for (const e of eids) {
+    const r = failed.filter((j) => j.data.eid === e);
+    assert.equal(r.length, 1, `${e} reported once`);
+    assert.equal(r[0].data.reason, 'session_expired');
+    if (sessionId) assert.equal(r[0].data.sessionId, sessionId);
+  }
+}
+
 /** Asserts `at` (ms) is within [from, to] give or take the 1 ms of a timestamp's rounding. */
 function between(what: string, at: number, from: number, to: number): void {
   assert.ok(at >= from - 1 && at <= to + 1, `${what}: ${at} not within [${from}, ${to}]`);
@@ -106,18 +125,7 @@ test('a session whose life runs out is ended: its waiting events reported sessio
     const bTo = Date.now();
     const bKicks = kicks(b);
 
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
-      20_000,
-      'delivery.failed',
-    );
-    for (const e of eids) {
-      const r = failed.filter((j) => j.data.eid === e);
-      assert.equal(r.length, 1, `${e} reported once`);
-      assert.equal(r[0].data.reason, 'session_expired');
-      assert.equal(r[0].data.sessionId, sa.sessionId);
-    }
+    await reportedExpired(reader, eids, 20_000, sa.sessionId);
     await until('the connected device kicked', () => bKicks.length > 0);
     assert.deepEqual(
       bKicks.map((k) => k.code),
@@ -256,17 +264,7 @@ test('an offline session kept alive by a refresh, or a resume that acks nothing,
       assert.ok(left > 60, `${s.sessionId}'s outbox extended with its session: ${left} s left`);
     }
     const eids = [...refreshed.eids, ...resumed.eids];
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
-      20_000,
-      'delivery.failed',
-    );
-    for (const e of eids) {
-      const got = failed.filter((j) => j.data.eid === e);
-      assert.equal(got.length, 1, `${e} reported once`);
-      assert.equal(got[0].data.reason, 'session_expired');
-    }
+    await reportedExpired(reader, eids);
   } finally {
     r.disconnect();
     for (const c of open) c.destroy();
@@ -396,17 +394,7 @@ test('two nodes, 40 sessions expiring while Redis freezes: each ended once, its 
     await redis.thaw();
 
     await until('every connected device kicked', () => gotKicks.every((k) => k.length > 0), 30_000);
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (jobs) => eids.every((e) => jobs.some((j) => j.data.eid === e)),
-      30_000,
-      'delivery.failed',
-    );
-    for (const e of eids) {
-      const r = failed.filter((j) => j.data.eid === e);
-      assert.equal(r.length, 1, `${e} reported once`);
-      assert.equal(r[0].data.reason, 'session_expired');
-    }
+    await reportedExpired(reader, eids, 30_000);
     const rows = await endedRows(
       deployment.GW_DB_SCHEMA,
       sessions.map((s) => s.session.sessionId),

@@ -4,6 +4,9 @@ import { Redis } from 'ioredis';
 import { REDIS_URL } from './cleanup.ts';
 import { DEADLINE_MS } from './deadline.ts';
 
+/** Every state a job can be in. */
+const STATES = ['waiting', 'active', 'completed', 'failed', 'delayed', 'prioritized'] as const;
+
 export class QueueReader {
   private readonly conn: Redis;
   private readonly queues = new Map<string, Queue>();
@@ -24,15 +27,14 @@ export class QueueReader {
   }
 
   async jobs(name: string, jobName?: string): Promise<Job[]> {
-    const all = await this.queue(name).getJobs([
-      'waiting',
-      'active',
-      'completed',
-      'failed',
-      'delayed',
-      'prioritized',
-    ]);
+    const all = await this.queue(name).getJobs([...STATES]);
     return all.filter((j) => j && (jobName === undefined || j.name === jobName));
+  }
+
+  /** How many jobs the queue holds in any state (its counts: no job is read). */
+  async count(name: string): Promise<number> {
+    const counts = await this.queue(name).getJobCounts(...STATES);
+    return Object.values(counts).reduce((a, x) => a + x, 0);
   }
 
   /** Polls until `pred` holds for the jobs (or times out). */
