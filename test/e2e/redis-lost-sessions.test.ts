@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
-import { connected, signUp } from '../helpers/accounts.ts';
+import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
@@ -110,6 +110,61 @@ test("a session record Redis lost while keeping the node's connections, of a dev
     assert.deepEqual(kicks[1], [], 'the device whose session is there left alone');
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1);
+  } finally {
+    redis.disconnect();
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test('thirty sessions Redis lost at once, their devices active: each kicked once by its activity write, and each logs in again', async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_ACTIVITY_MS: '200',
+    // Only the activity writes look: no periodic check.
+    GW_SESSION_CHECK_MS: '0',
+  });
+  const N = 30;
+  const devices: GatewayClient[] = [];
+  const redis = redisClient();
+  try {
+    const kicks: string[][] = [];
+    const sessions: { sessionId: string; username: string }[] = [];
+    for (let i = 0; i < N; i++) {
+      const c = await connected(g.tcpUrl);
+      devices.push(c);
+      sessions.push(await within(`device ${i}'s sign-up`, signUp(c)));
+      const k: string[] = [];
+      kicks.push(k);
+      c.on('kick', (x: { code: string }) => k.push(x.code));
+    }
+    await redis.del(...sessions.map((s) => `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`));
+    await redis.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, ...sessions.map((s) => s.sessionId));
+    // Every device sends a request at once: activity, whose writes find the records gone.
+    await Promise.all(devices.map((c) => c.request('rooms').catch(() => {})));
+    await until('every device kicked', () => kicks.every((k) => k.length > 0));
+    // Longer than the node's grace before such a kick: none is kicked twice.
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.deepEqual(
+      kicks.map((k) => k.join()),
+      kicks.map(() => 'session_revoked'),
+    );
+    assert.equal(
+      (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_found_gone_total{by="activity"}'),
+      N,
+    );
+    for (const [i, s] of sessions.entries()) {
+      const c = await connected(g.tcpUrl);
+      devices.push(c);
+      await within(
+        `device ${i}'s login again`,
+        c.request('login', { username: s.username, password: PASSWORD }),
+      );
+    }
   } finally {
     redis.disconnect();
     for (const c of devices) c.destroy();
