@@ -13,7 +13,8 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { fetchWithin, until } from '../helpers/deadline.ts';
+import { redisClient } from '../helpers/cleanup.ts';
+import { fetchWithin, nextEvent, until } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/own-redis.ts';
 
@@ -40,7 +41,8 @@ async function query(expr: string): Promise<QueryResult> {
 
 before(async () => {
   gw = await startGateway({ GW_API_KEY: API_KEY });
-  // Traffic for every panel: logins (one wrong), a kick, events acked, HTTP requests.
+  // Traffic for every panel: logins (one wrong), a kick, events acked, HTTP requests, a session
+  // found gone.
   const device = await connected(gw.tcpUrl, { autoAck: true });
   const s = await signUp(device, { id: `dev-${randomUUID()}` });
   const other = await connected(gw.wsUrl);
@@ -59,6 +61,20 @@ before(async () => {
   await until('the event', () => got >= 1);
   await other.request('revoke', { sessionId: s.sessionId });
   other.destroy();
+  // A session Redis lost under an active device: found gone by its activity write, and kicked.
+  const lost = await connected(gw.tcpUrl);
+  const ls = await signUp(lost);
+  const r = redisClient();
+  try {
+    await r.del(`${gw.prefix}{s:${ls.sessionId}}:sess`);
+    await r.zrem(`${gw.prefix}sessexp`, ls.sessionId);
+  } finally {
+    r.disconnect();
+  }
+  const lostKick = nextEvent(lost, 'kick', 'the kick of the session Redis lost');
+  await lost.request('rooms').catch(() => {});
+  await lostKick;
+  lost.destroy();
 
   dir = mkdtempSync(join(tmpdir(), 'gw-prom-'));
   const port = await freePort();
