@@ -15,6 +15,8 @@ import { signUp } from '../helpers/accounts.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
 import { postEvents } from '../helpers/http.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const API_KEY = 'keep-session-api-key-0123456789';
 let gw: GatewayProcess;
@@ -81,4 +83,56 @@ test('a connected client keeps its session past SESSION_TTL by refreshing; one w
     again.request<Session>('resume', { token: held.token }),
   );
   assert.equal(resumed.sessionId, kept.session.sessionId);
+});
+
+test('an automatic refresh that Redis refuses while it is frozen is tried again: the session outlives its first end', async () => {
+  const redis = await startOwnRedis();
+  const g = await startGateway({
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    ACCESS_TOKEN_TTL: '10',
+    SESSION_TTL: '20',
+    GW_SWEEP_INTERVAL_MS: '200',
+    // A frozen Redis answers `overloaded` after a second, not at the thaw.
+    GW_REDIS_TIMEOUT_MS: '1000',
+  });
+  const c = new GatewayClient({ url: g.tcpUrl });
+  try {
+    await within('the handshake', c.connect());
+    const loginAt = Date.now();
+    const s = await within('the sign-up', signUp(c));
+    const kicks: string[] = [];
+    c.on('kick', (k: { code: string }) => kicks.push(k.code));
+    let refreshes = 0;
+    c.on('refreshed', () => refreshes++);
+    const failed: unknown[] = [];
+    c.on('refreshFailed', (f: unknown) => failed.push(f));
+    // Frozen from before the first automatic refresh (at 7 to 9 s of the token's 10) until after.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, loginAt + 6000 - Date.now())));
+    redis.freeze();
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 4500));
+    } finally {
+      redis.thaw();
+    }
+    await until('the automatic refresh done after the thaw', () => refreshes > 0, 30_000);
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.ok(
+      m.value('gateway_auth_total{operation="refresh",result="error"}') >= 1,
+      'a refresh was refused while Redis was frozen',
+    );
+    assert.deepEqual(failed, [], 'no definitive refusal');
+    // Past the login's SESSION_TTL: the session is still there, and the connection with it.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, loginAt + 21_000 - Date.now())));
+    const r = await within(
+      'the sessions of the kept session',
+      c.request<{ sessions: { sessionId: string; current: boolean }[] }>('sessions'),
+    );
+    assert.equal(r.sessions.find((x) => x.current)?.sessionId, s.sessionId);
+    assert.deepEqual(kicks, []);
+  } finally {
+    c.destroy();
+    await g.stop();
+    await redis.remove();
+  }
 });
