@@ -172,3 +172,50 @@ test('thirty sessions Redis lost at once, their devices active: each kicked once
     await dropDeployment(deployment);
   }
 });
+
+test('a periodic check Redis refuses is logged and tried at the next interval: the lost session is kicked once Redis answers', async () => {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_CHECK_MS: '500',
+  });
+  const devices: GatewayClient[] = [];
+  try {
+    const c = await connected(g.tcpUrl);
+    devices.push(c);
+    const s = await within('the sign-up', signUp(c));
+    const kicks: string[] = [];
+    c.on('kick', (x: { code: string }) => kicks.push(x.code));
+    const since = g.logs.length;
+    // The check reads the records with EXISTS: refused, it cannot look.
+    await redis.with((r) => r.call('ACL', 'SETUSER', 'default', '-exists'));
+    try {
+      await redis.with(async (r) => {
+        await r.del(`${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`);
+        await r.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, s.sessionId);
+      });
+      await within(
+        'the refused check logged',
+        g.waitForLog(
+          (l) => g.logs.indexOf(l) >= since && l.msg === 'could not check the sessions of this node',
+          15_000,
+        ),
+        16_000,
+      );
+      assert.deepEqual(kicks, [], 'not kicked while the check is refused');
+    } finally {
+      await redis.with((r) => r.call('ACL', 'SETUSER', 'default', '+exists'));
+    }
+    await until('the device whose session was lost kicked', () => kicks.length > 0);
+    assert.deepEqual(kicks, ['session_revoked']);
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
