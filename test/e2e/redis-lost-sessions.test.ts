@@ -13,13 +13,37 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import type { GatewayClient } from '../../client/client.ts';
+import type { Redis } from 'ioredis';
+import type { GatewayClient, Session } from '../../client/client.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+
+/**
+ * `n` devices signed up on the gateway at `url` (their connections pushed to `open`), each with
+ * the kick codes it is sent.
+ */
+async function signedUp(url: string, n: number, open: GatewayClient[]) {
+  const out: { session: Session & { username: string }; kicks: string[] }[] = [];
+  for (let i = 0; i < n; i++) {
+    const c = await connected(url);
+    open.push(c);
+    const session = await within(`device ${i}'s sign-up`, signUp(c));
+    const kicks: string[] = [];
+    c.on('kick', (x: { code: string }) => kicks.push(x.code));
+    out.push({ session, kicks });
+  }
+  return out;
+}
+
+/** Redis loses the sessions' records, as a rollback or an eviction would (the index entries too). */
+async function lose(r: Redis, prefix: string, sids: string[]): Promise<void> {
+  await r.del(...sids.map((sid) => `${prefix}{s:${sid}}:sess`));
+  await r.zrem(`${prefix}sessexp`, ...sids);
+}
 
 test('Redis back empty, its first answers refused: every connection whose session it lost is kicked session_revoked once the look is allowed', async () => {
   const aclDir = mkdtempSync(join(tmpdir(), 'lost-sessions-acl-'));
@@ -36,15 +60,7 @@ test('Redis back empty, its first answers refused: every connection whose sessio
   const N = 20;
   const devices: GatewayClient[] = [];
   try {
-    const kicks: string[][] = [];
-    for (let i = 0; i < N; i++) {
-      const c = await connected(g.tcpUrl);
-      devices.push(c);
-      await within(`device ${i}'s sign-up`, signUp(c));
-      const k: string[] = [];
-      kicks.push(k);
-      c.on('kick', (x: { code: string }) => k.push(x.code));
-    }
+    const kicks = (await signedUp(g.tcpUrl, N, devices)).map((d) => d.kicks);
     // The server starts again empty, refusing EXISTS (the look's command) from its first moment.
     writeFileSync(aclFile, 'user default on nopass ~* &* +@all -exists\n');
     await redis.kill();
@@ -91,20 +107,11 @@ test("a session record Redis lost while keeping the node's connections, of a dev
   const devices: GatewayClient[] = [];
   const redis = redisClient();
   try {
-    const kicks: string[][] = [];
-    const sessions: string[] = [];
-    for (let i = 0; i < 2; i++) {
-      const c = await connected(g.tcpUrl);
-      devices.push(c);
-      sessions.push((await within(`device ${i}'s sign-up`, signUp(c))).sessionId);
-      const k: string[] = [];
-      kicks.push(k);
-      c.on('kick', (x: { code: string }) => k.push(x.code));
-    }
-    // Redis loses the first device's record (as a rollback or an eviction would): no connection
-    // of the node closes, and the device sends nothing but pings.
-    await redis.del(`${deployment.GW_REDIS_PREFIX}{s:${sessions[0]}}:sess`);
-    await redis.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, sessions[0]);
+    const signed = await signedUp(g.tcpUrl, 2, devices);
+    const kicks = signed.map((d) => d.kicks);
+    // Redis loses the first device's record: no connection of the node closes, and the device
+    // sends nothing but pings.
+    await lose(redis, deployment.GW_REDIS_PREFIX, [signed[0].session.sessionId]);
     await until('the device whose session was lost kicked', () => kicks[0].length > 0);
     assert.deepEqual(kicks[0], ['session_revoked']);
     assert.deepEqual(kicks[1], [], 'the device whose session is there left alone');
@@ -132,18 +139,14 @@ test('thirty sessions Redis lost at once, their devices active: each kicked once
   const devices: GatewayClient[] = [];
   const redis = redisClient();
   try {
-    const kicks: string[][] = [];
-    const sessions: { sessionId: string; username: string }[] = [];
-    for (let i = 0; i < N; i++) {
-      const c = await connected(g.tcpUrl);
-      devices.push(c);
-      sessions.push(await within(`device ${i}'s sign-up`, signUp(c)));
-      const k: string[] = [];
-      kicks.push(k);
-      c.on('kick', (x: { code: string }) => k.push(x.code));
-    }
-    await redis.del(...sessions.map((s) => `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`));
-    await redis.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, ...sessions.map((s) => s.sessionId));
+    const signed = await signedUp(g.tcpUrl, N, devices);
+    const kicks = signed.map((d) => d.kicks);
+    const sessions = signed.map((d) => d.session);
+    await lose(
+      redis,
+      deployment.GW_REDIS_PREFIX,
+      sessions.map((s) => s.sessionId),
+    );
     // Every device sends a request at once: activity, whose writes find the records gone.
     await Promise.all(devices.map((c) => c.request('rooms').catch(() => {})));
     await until('every device kicked', () => kicks.every((k) => k.length > 0));
@@ -185,19 +188,12 @@ test('a periodic check Redis refuses is logged and tried at the next interval: t
   });
   const devices: GatewayClient[] = [];
   try {
-    const c = await connected(g.tcpUrl);
-    devices.push(c);
-    const s = await within('the sign-up', signUp(c));
-    const kicks: string[] = [];
-    c.on('kick', (x: { code: string }) => kicks.push(x.code));
+    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
     const since = g.logs.length;
     // The check reads the records with EXISTS: refused, it cannot look.
     await redis.with((r) => r.call('ACL', 'SETUSER', 'default', '-exists'));
     try {
-      await redis.with(async (r) => {
-        await r.del(`${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`);
-        await r.zrem(`${deployment.GW_REDIS_PREFIX}sessexp`, s.sessionId);
-      });
+      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
       await within(
         'the refused check logged',
         g.waitForLog(
