@@ -4,8 +4,10 @@
  * automatic pong, events with optional automatic ack, and reconnection with backoff that
  * resumes the session. The interactive CLI and the simulator are built on it.
  */
+
 import { EventEmitter } from 'node:events';
 import { connect as netConnect, type Socket } from 'node:net';
+import { decodeJwt } from 'jose';
 import WebSocket from 'ws';
 import {
   Channel,
@@ -112,13 +114,8 @@ const KEEP_RETRY_MS = 30_000;
  */
 export function tokenLifeMs(token: string | undefined): number | undefined {
   try {
-    const claims = JSON.parse(Buffer.from(token!.split('.')[1], 'base64url').toString('utf8')) as {
-      iat?: unknown;
-      exp?: unknown;
-    };
-    if (typeof claims.iat !== 'number' || typeof claims.exp !== 'number' || claims.exp <= claims.iat)
-      return undefined;
-    return (claims.exp - claims.iat) * 1000;
+    const { iat, exp } = decodeJwt(token ?? '');
+    return typeof iat === 'number' && typeof exp === 'number' && exp > iat ? (exp - iat) * 1000 : undefined;
   } catch {
     return undefined;
   }
