@@ -9,34 +9,26 @@
  * The write never creates a hash (an ended session stays ended) and never moves `lastSeenAt`
  * back (another node, or a resume, may have written a later time). A write that fails (Redis
  * down) is dropped: activity is a hint, and the next activity writes again. A write that finds
- * the hash gone tells `gone`: the session's connections here are bound to nothing. A hash gone
- * because its life ran out is not told: the sweep ends that session (kick, purge, audit) within
- * an interval (session-store.ts, EXPIRED), and it is no loss for `gone` to count.
+ * the hash gone tells `gone`: the session's connections here are bound to nothing.
  */
 import type { Redis } from 'ioredis';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
 /**
- * KEYS[1] session hash, KEYS[2] the index of session expiries; ARGV[1] activity time (ms),
- * ARGV[2] session id. Sets lastSeenAt if the hash exists and is older (1; 0 if not older); -1 if
- * the hash is gone, -2 if it is gone because its life ran out (still in the index: the sweep
- * ends it, kick included). Exported for tests, which tell its calls apart by its sha.
+ * KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is
+ * older (1; 0 if not older); -1 if the hash is gone. Exported for tests, which tell its calls
+ * apart by its sha.
  */
 export const MARK = `
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return -2 end
-  return -1
-end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'lastSeenAt') or '0')
 if cur and cur >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'lastSeenAt', ARGV[1])
 return 1
 `;
 
-type MarkingRedis = Redis & {
-  gwMarkActivity(key: string, index: string, at: number, sid: string): Promise<number>;
-};
+type MarkingRedis = Redis & { gwMarkActivity(key: string, at: number): Promise<number> };
 
 export class ActivityTracker {
   /** Activity taken and not yet written, by session id. */
@@ -60,7 +52,7 @@ export class ActivityTracker {
      */
     private readonly gone: (sessionIds: string[]) => void = () => {},
   ) {
-    if (!('gwMarkActivity' in redis)) redis.defineCommand('gwMarkActivity', { numberOfKeys: 2, lua: MARK });
+    if (!('gwMarkActivity' in redis)) redis.defineCommand('gwMarkActivity', { numberOfKeys: 1, lua: MARK });
     this.redis = redis as MarkingRedis;
     this.timer = setInterval(() => void this.flush(), Math.min(1000, throttleMs));
     this.timer.unref();
@@ -90,12 +82,11 @@ export class ActivityTracker {
     const batch = this.pending;
     this.pending = new Map();
     const p = this.redis.pipeline() as unknown as {
-      gwMarkActivity(k: string, index: string, at: number, sid: string): void;
+      gwMarkActivity(k: string, at: number): void;
       exec(): Promise<unknown>;
     };
     const sids = [...batch.keys()];
-    for (const [sid, at] of batch)
-      p.gwMarkActivity(this.keys.session(sid), this.keys.sessionExpiries, at, sid);
+    for (const [sid, at] of batch) p.gwMarkActivity(this.keys.session(sid), at);
     let replies: [Error | null, unknown][] | null;
     try {
       replies = (await p.exec()) as [Error | null, unknown][] | null;

@@ -83,6 +83,10 @@ const GONE_NOTICE_GRACE_MS = 1000;
 /**
  * Kicks connections whose session record is gone from Redis, as the session's end notice would
  * have: `session_takeover` if the device key now names another session, else `session_revoked`.
+ * A session still in the index of expiries ran out and is not yet swept: the sweep ends it,
+ * kick included (session-store.ts, EXPIRED), so it is left alone here and not counted as lost
+ * (which would raise `GatewaySessionsLost` for a normal end). The same rule for every way a
+ * session is found gone: a subscriber back, an activity write, the periodic check.
  */
 async function kickGone(
   gone: { conn: Connection; session: NonNullable<Connection['session']> }[],
@@ -93,12 +97,16 @@ async function kickGone(
   /** Called for each connection kicked (the metric of how the session was found gone). */
   kicked: () => void,
 ): Promise<void> {
-  const successors = await Promise.all(
-    gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
-  );
+  // One auto-pipelined round trip for both reads.
+  const [successors, expiring] = await Promise.all([
+    Promise.all(
+      gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
+    ),
+    Promise.all(gone.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId))),
+  ]);
   gone.forEach(({ conn, session }, j) => {
-    // The connection has gone or moved to another session meanwhile.
-    if (conn.session !== session) return;
+    // The connection has gone or moved to another session meanwhile, or its session ran out.
+    if (conn.session !== session || expiring[j] !== null) return;
     const successor = successors[j];
     const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
     log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
@@ -111,10 +119,8 @@ async function kickGone(
  * Applies the kicks this node's subscriber missed: kicks this node's connections whose session
  * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
  * could not reach this node, or lost in a Redis rollback), and, with `keptKicks`, those an
- * operator kicked meanwhile (the kick kept under `Keys.sessionKick` names the connection). A
- * session gone but still in the index of expiries ran out and is not yet swept: the sweep ends
- * it, kick included, so it is left alone here (and not counted as lost). Also the node's
- * periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks.
+ * operator kicked meanwhile (the kick kept under `Keys.sessionKick` names the connection). Also
+ * the node's periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks.
  */
 async function kickMissed(
   gateway: Gateway,
@@ -138,12 +144,8 @@ async function kickMissed(
         ? Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId))))
         : [],
     ]);
-    const gone = chunk.filter((_, j) => held[j] === 0);
-    const expiring = await Promise.all(
-      gone.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId)),
-    );
     await kickGone(
-      gone.filter((_, j) => expiring[j] === null),
+      chunk.filter((_, j) => held[j] === 0),
       redis,
       keys,
       log,
