@@ -426,6 +426,9 @@ export async function createAuthModule(
           conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
         }
       });
+      // The look for sessions found gone (kickMissed), counted by how it was run.
+      const look = (by: 'subscriber_back' | 'check', msg: string, keptKicks: boolean) =>
+        kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by }), msg, keptKicks);
       // A kick published while this node's subscriber was away never came: once it is back,
       // a connection whose session Redis no longer holds is kicked as its notice would have
       // kicked it (taken over if its device key names another session, else revoked), and one
@@ -434,16 +437,7 @@ export async function createAuthModule(
       // look given up left the sessions Redis lost bound to their connections for good, each
       // device answered but sent nothing (test/e2e/list-limit.test.ts).
       const missed = new RetryUntilDone(
-        () =>
-          kickMissed(
-            gateway,
-            deps.redis,
-            deps.keys,
-            log,
-            () => goneFound.inc({ by: 'subscriber_back' }),
-            'session gone while the subscriber was away',
-            true,
-          ),
+        () => look('subscriber_back', 'session gone while the subscriber was away', true),
         {
           failed: (e, tries, retryInMs) =>
             logFailure(
@@ -469,15 +463,7 @@ export async function createAuthModule(
           if (checking || now - checkedAt < config.sessionCheckMs) return;
           checking = true;
           checkedAt = now;
-          kickMissed(
-            gateway,
-            deps.redis,
-            deps.keys,
-            log,
-            () => goneFound.inc({ by: 'check' }),
-            'session gone, found by the periodic check',
-            false,
-          )
+          look('check', 'session gone, found by the periodic check', false)
             .catch((e) => logFailure(log, e, {}, 'could not check the sessions of this node'))
             .finally(() => {
               checking = false;
