@@ -587,6 +587,12 @@ export class GatewayClient extends EventEmitter {
     this.keepTimer.unref();
   }
 
+  /** The gateway's refresh grace period, as the options give it (`ReconnectOptions.refreshGraceMs`). */
+  private get refreshGraceMs(): number {
+    const r = this.options.reconnect;
+    return (r ? r.refreshGraceMs : undefined) ?? DEFAULT_REFRESH_GRACE_MS;
+  }
+
   /** The automatic refresh: on the connection that is up, as the session it was scheduled for. */
   private async keepNow(): Promise<void> {
     this.keepTimer = undefined;
@@ -602,12 +608,7 @@ export class GatewayClient extends EventEmitter {
         return;
       }
       const after = isProtocolError(e) && e.retryAfter !== undefined ? e.retryAfter : KEEP_RETRY_MS;
-      this.scheduleKeep(
-        this.refreshDoubt.bound(
-          after,
-          (this.options.reconnect || undefined)?.refreshGraceMs ?? DEFAULT_REFRESH_GRACE_MS,
-        ),
-      );
+      this.scheduleKeep(this.refreshDoubt.bound(after, this.refreshGraceMs));
     }
   }
 
@@ -765,7 +766,7 @@ export class GatewayClient extends EventEmitter {
     // A refresh in doubt is presented again within the gateway's grace period.
     const backoff = this.refreshDoubt.bound(
       Math.min(max, initial * 2 ** this.reconnectAttempt),
-      r.refreshGraceMs ?? DEFAULT_REFRESH_GRACE_MS,
+      this.refreshGraceMs,
     );
     const delay = Math.max(retryAfter ?? 0, Math.floor(backoff / 2 + (Math.random() * backoff) / 2));
     this.reconnectAttempt++;
