@@ -1368,19 +1368,46 @@ export class DeliveryService {
     return taken.length;
   }
 
-  private async failAll(sessionId: string, events: TakenEvent[], reason: string): Promise<void> {
+  /**
+   * `purge` for many sessions at once, as the sweep's owed step finishes them: every outbox
+   * read in one round trip (the client pipelines the calls), their events dead-lettered and
+   * reported in shared bulk calls, then every outbox taken in one round trip. A fleet's expired
+   * sessions cost a few round trips per batch instead of four per session. Any failure fails
+   * the whole call (each step may run twice, as `purge`'s); the caller then purges one by one.
+   * Returns the events taken, per session.
+   */
+  async purgeAll(ends: { sessionId: string; reason: string }[]): Promise<number[]> {
+    const { outbox } = this.deps;
+    const peeked = await Promise.all(ends.map((e) => outbox.peek(e.sessionId)));
+    await this.failMany(ends.flatMap((e, i) => peeked[i].map((t) => ({ ...e, t }))));
+    const taken = await Promise.all(ends.map((e) => outbox.take(e.sessionId)));
+    const late: { sessionId: string; reason: string; t: TakenEvent }[] = [];
+    ends.forEach((e, i) => {
+      const reported = new Set(peeked[i].map((t) => t.event.eid));
+      for (const t of taken[i]) if (!reported.has(t.event.eid)) late.push({ ...e, t });
+    });
+    if (late.length > 0) await this.failMany(late);
+    return taken.map((t) => t.length);
+  }
+
+  private failAll(sessionId: string, events: TakenEvent[], reason: string): Promise<void> {
+    return this.failMany(events.map((t) => ({ sessionId, reason, t })));
+  }
+
+  /** Dead-letters and reports `delivery.failed` each event, PURGE_BULK a bulk call. */
+  private async failMany(events: { sessionId: string; reason: string; t: TakenEvent }[]): Promise<void> {
     const ts = Date.now();
     for (let i = 0; i < events.length; i += PURGE_BULK) {
       const chunk = events.slice(i, i + PURGE_BULK);
       await this.deadLetters.addBulk(
-        chunk.map((t) => ({
+        chunk.map(({ sessionId, reason, t }) => ({
           name: 'dead-letter',
           data: { sessionId, event: t.event, attempts: t.attempts, reason, ts },
           opts: { jobId: `${sessionId}-${t.event.eid}` },
         })),
       );
       await this.deps.backend.emitBulk(
-        chunk.map((t) =>
+        chunk.map(({ sessionId, reason, t }) =>
           reportOf('delivery.failed', sessionId, t.event, ts, { attempts: t.attempts, reason }),
         ),
       );

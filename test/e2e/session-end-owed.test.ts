@@ -23,6 +23,7 @@ import {
 import { postEvents } from '../helpers/http.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
+import { monitor, type Seen } from '../helpers/redis-monitor.ts';
 
 const API_KEY = 'api-key-for-session-end-owed-7a31';
 const STALE_MS = 2000;
@@ -311,6 +312,82 @@ test("an owed end that keeps failing does not hold up the sweep's others, and is
     }).catch(() => {});
     assert.equal(left.length, 2, `only the failing one is left: ${JSON.stringify(left)}`);
     assert.ok(Number(left[1]) > Date.now() - 60_000, 'put off: its time is now, not long ago');
+    // The two purges went together first; that batch failed, so each went on its own.
+    assert.ok(
+      g.logs.some((l) => l.msg === 'could not purge outboxes together, purging one by one'),
+      'the failed batch is logged',
+    );
+  } finally {
+    await reader.close();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a sweep's owed purges go together: every outbox read before any is taken, each event reported once", async () => {
+  // A fleet's expired sessions, or a dead node's logouts, are purged as one batch: the outboxes
+  // read in one round trip, the reports in shared bulk calls, the outboxes taken in one round
+  // trip. Before, each session's purge went on its own, sixteen at once, four or five round
+  // trips each, so the first sessions' outboxes were taken before the later ones were read.
+  const deployment = deploymentEnv();
+  const g = await startGateway({ ...env(deployment), GW_SWEEP_INTERVAL_MS: '4000' });
+  const reader = new QueueReader(deployment.GW_REDIS_PREFIX, redis.url);
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const owed = `${prefix}endowed`;
+  const N = 40;
+  try {
+    const ended: { sid: string; eids: string[] }[] = [];
+    for (const w of await Promise.all(Array.from({ length: N }, () => waiting(g, 2)))) {
+      ended.push({ sid: w.session.sessionId, eids: w.eids });
+    }
+    const queueOf = new Map(ended.map((e) => [`${prefix}{s:${e.sid}}:q`, e.sid]));
+    const watch = await monitor(redis.port);
+    let seen: Seen[];
+    try {
+      await redis.with(async (r) => {
+        const m = r.multi();
+        for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
+        m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
+        await m.exec();
+      });
+      await until(
+        'every owed end finished',
+        async () => (await redis.with((r) => r.zcard(owed))) === 0,
+        30_000,
+      );
+    } finally {
+      await watch.stop();
+      seen = watch.seen;
+    }
+    // take.lua's calls on these outboxes (KEYS: the six outbox keys, q first; ARGV[1] the mode).
+    const takes = seen
+      .filter((c) => c.command.startsWith('eval') && c.args[1] === '6' && queueOf.has(c.args[2]))
+      .map((c) => ({ sid: queueOf.get(c.args[2])!, mode: c.args[8] }));
+    const peeks = takes.filter((t) => t.mode === 'peek');
+    assert.deepEqual(
+      [...new Set(peeks.map((t) => t.sid))].sort(),
+      ended.map((e) => e.sid).sort(),
+      'every outbox read',
+    );
+    const lastPeek = takes.findLastIndex((t) => t.mode === 'peek');
+    const firstTake = takes.findIndex((t) => t.mode === 'all');
+    assert.ok(firstTake >= 0, 'the outboxes taken');
+    assert.ok(
+      lastPeek < firstTake,
+      `every outbox read before the first is taken (the last read at ${lastPeek}, the first take at ${firstTake} of ${takes.length})`,
+    );
+    const eids = ended.flatMap((e) => e.eids);
+    const counts = await until('every event reported', async () => {
+      const c = new Map<string, number>();
+      for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
+        c.set(j.data.eid, (c.get(j.data.eid) ?? 0) + 1);
+      return eids.every((e) => c.has(e)) ? c : undefined;
+    });
+    assert.deepEqual(
+      eids.filter((e) => counts.get(e) !== 1),
+      [],
+      'each reported once',
+    );
   } finally {
     await reader.close();
     await g.stop();
@@ -376,9 +453,9 @@ test("a sweep finishes every owed end, past a batch of them, each session's even
 
 test('Redis frozen again and again while sweeps finish 250 owed ends of 20 events each: every end finished, each event reported once', async () => {
   // Calls time out after 400 ms. Each time a sweep is seen finishing an end (its log line),
-  // Redis is frozen for 800 ms: the freeze lands among the sweep's sixteen ends at once, in
-  // their purges or their reports. A call the gateway gave up on runs when Redis thaws, and an
-  // end stays owed until a call that is answered finishes it.
+  // Redis is frozen for 800 ms: the freeze lands in the sweep's next batch of purges (their
+  // reads, reports or takes), which then go one by one. A call the gateway gave up on runs
+  // when Redis thaws, and an end stays owed until a call that is answered finishes it.
   const deployment = deploymentEnv();
   const g = await startGateway({
     ...env(deployment),
