@@ -411,6 +411,7 @@ export async function startNode(
         return { done, found: members.length };
       },
       expiredSessions: (limit) => identity.service.endExpired(limit),
+      auditEnds: (cutoff, limit) => identity.service.writeOwedEnds(cutoff, limit),
       // Reported first, then removed (with their members): a report Redis refuses leaves them
       // due for the next sweep, and the job ids keep a second report from being queued.
       expire: async (members, now) => {

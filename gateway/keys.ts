@@ -295,6 +295,16 @@ export class Keys {
     return `${this.prefix}endowed`;
   }
 
+  /**
+   * ZSET `sid reason at` → ms: ended sessions whose audit row may not be written yet (written in
+   * the step that ends the session, at the time it was written; `at`, the end's own time in ms;
+   * removed in batches once the row is written; the sweep writes what a node that died left:
+   * session-store.ts auditOwed).
+   */
+  get auditOwed(): string {
+    return `${this.prefix}auditowed`;
+  }
+
   /** Key prefix of the rate limiters (rate-limiter-flexible adds its own suffixes). */
   rateLimit(name: string): string {
     return `${this.prefix}rl:${name}`;

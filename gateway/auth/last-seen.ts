@@ -18,6 +18,11 @@
  * the time the session ended; before, such a row stayed open for good unless an operator set it
  * from the log. A row already ended keeps its end. The ends of expired sessions, which the sweep
  * finds by the hundred, are written this way from the start.
+ *
+ * Every end is also owed in Redis until its row is written (keys.ts auditOwed, recorded in the
+ * step that ends the session), so that a node that dies first leaves it to the cluster-wide
+ * sweep (`writeOwedEnds`) rather than losing it. Once a row is written here or by the end
+ * itself (`written`), its member is removed with the next batch (`forget`, one `ZREM` for all).
  */
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
@@ -33,13 +38,21 @@ interface SessionEnd {
   at: number;
   /** Noted because PostgreSQL refused it when the session ended (logged once written). */
   late: boolean;
+  /** Its `auditOwed` member in Redis, removed once the row is written. */
+  audit?: string;
 }
+
+/** `auditOwed` members forgotten in one call at most (the rest with the next batch). */
+const FORGET_BATCH = 5000;
 
 /**
  * Writes session ends (id → reason and time) to their audit rows in one statement; a row
  * already ended keeps its end.
  */
-async function writeEnds(pool: pg.Pool, ends: Map<string, SessionEnd>): Promise<void> {
+export async function writeEnds(
+  pool: pg.Pool,
+  ends: Map<string, Pick<SessionEnd, 'reason' | 'at'>>,
+): Promise<void> {
   await pool.query(
     `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
      FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
@@ -52,6 +65,8 @@ export class LastSeen {
   private sessions = new Map<string, SessionSeen>();
   private devices = new Map<string, number>();
   private ends = new Map<string, SessionEnd>();
+  /** `auditOwed` members whose rows are written, to be removed from Redis. */
+  private forgetting = new Set<string>();
   private writing: Promise<void> | undefined;
   private lastWriteAt = 0;
   private dropped = 0;
@@ -61,6 +76,8 @@ export class LastSeen {
     private readonly log: Logger,
     private readonly everyMs = 1000,
     private readonly maxPending = 100_000,
+    /** Removes written ends' `auditOwed` members from Redis; absent: none kept. */
+    private readonly forget?: (members: string[]) => Promise<unknown>,
   ) {}
 
   /** A session resumed from `ip` now. */
@@ -83,14 +100,25 @@ export class LastSeen {
    * until PostgreSQL takes it. Beyond `maxPending` the oldest are dropped, each logged at error
    * with its id and reason (for an operator to set by hand).
    */
-  ended(sessionId: string, reason: string, at = Date.now(), late = true): void {
-    this.ends.set(sessionId, { reason, at, late });
+  ended(sessionId: string, reason: string, at = Date.now(), late = true, audit?: string): void {
+    this.ends.set(sessionId, { reason, at, late, ...(audit ? { audit } : {}) });
     this.boundEnds();
   }
 
-  /** Rows noted and not yet written. */
+  /** An end's row was written by the end itself: its `auditOwed` member goes with the next batch. */
+  written(audit: string): void {
+    if (!this.forget) return;
+    this.forgetting.add(audit);
+    // Beyond the bound (Redis refusing the removals for long), the oldest are left owed: the
+    // sweep writes them again, which changes nothing, and removes them.
+    while (this.forgetting.size > this.maxPending) {
+      this.forgetting.delete(this.forgetting.values().next().value as string);
+    }
+  }
+
+  /** Rows noted and not yet written, and written ends not yet forgotten in Redis. */
   get pending(): number {
-    return this.sessions.size + this.devices.size + this.ends.size;
+    return this.sessions.size + this.devices.size + this.ends.size + this.forgetting.size;
   }
 
   /** From the node's sweep: writes what was noted if `everyMs` has passed since the last write. */
@@ -124,12 +152,15 @@ export class LastSeen {
     }
   }
 
-  /** An end this node will not write: logged with what an operator needs to set it by hand. */
+  /**
+   * An end this node will not write: one owed in Redis is left to the cluster-wide sweep;
+   * another is logged with what an operator needs to set it by hand.
+   */
   private givenUp(sessionId: string, end: SessionEnd): void {
-    this.log.error(
-      { sessionId, reason: end.reason, endedAt: new Date(end.at).toISOString() },
-      'session end not written to PostgreSQL',
-    );
+    const fields = { sessionId, reason: end.reason, endedAt: new Date(end.at).toISOString() };
+    if (end.audit && this.forget)
+      this.log.warn(fields, 'session end not written by this node, left to the sweep');
+    else this.log.error(fields, 'session end not written to PostgreSQL');
   }
 
   private async write(): Promise<void> {
@@ -143,7 +174,10 @@ export class LastSeen {
       try {
         await writeEnds(this.pool, ends);
         let late = 0;
-        for (const end of ends.values()) if (end.late) late++;
+        for (const end of ends.values()) {
+          if (end.late) late++;
+          if (end.audit) this.written(end.audit);
+        }
         if (late > 0) this.log.info({ sessions: late }, 'session ends written to PostgreSQL after a failure');
       } catch (e) {
         for (const [id, end] of ends) if (!this.ends.has(id)) this.ends.set(id, end);
@@ -192,11 +226,27 @@ export class LastSeen {
         'last-seen times not written yet',
       );
     }
+    if (this.forget && this.forgetting.size > 0) {
+      const members = [...this.forgetting].slice(0, FORGET_BATCH);
+      try {
+        await this.forget(members);
+        for (const m of members) this.forgetting.delete(m);
+      } catch (e) {
+        // Kept for the next batch; owed a while longer, they cost only a second write.
+        logFailure(
+          this.log,
+          e,
+          { ends: this.forgetting.size },
+          'written session ends not yet forgotten in Redis',
+        );
+      }
+    }
   }
 
   /**
    * Writes what is pending (at shutdown); a failure is logged, not thrown, and each session end
-   * still not written is logged at error with its id and reason (for an operator to set).
+   * still not written is logged with its id and reason (givenUp: left to the sweep, or for an
+   * operator to set).
    */
   async close(): Promise<void> {
     await this.flush();

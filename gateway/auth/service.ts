@@ -45,10 +45,17 @@ import { SharedRead } from '../shared-read.ts';
 import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
-import { LastSeen } from './last-seen.ts';
+import { LastSeen, writeEnds } from './last-seen.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
-import { endOwed, type LiveSession, SessionStore, type SessionView } from './session-store.ts';
+import {
+  auditOwed,
+  endOwed,
+  type LiveSession,
+  parseAuditOwed,
+  SessionStore,
+  type SessionView,
+} from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
 import { UserIds } from './user-ids.ts';
 
@@ -193,7 +200,9 @@ export class IdentityService {
   ) {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
-    this.lastSeen = new LastSeen(deps.pool, deps.log);
+    this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, (members) =>
+      deps.redis.zrem(deps.keys.auditOwed, ...members),
+    );
     const limiter = (name: string, points: number, duration: number, blockDuration = 0) =>
       new RateLimiterRedis({
         storeClient: deps.redis,
@@ -919,24 +928,29 @@ export class IdentityService {
     // and every node is told to kick its connections in that step too (session-store.ts). The
     // hooks run before the audit row is written, so that a PostgreSQL that fails here cannot
     // leave them undone (a retry of the revoke would find no session to end).
+    // Its audit row's end is owed in Redis, from the same step, until the row is written: a node
+    // that dies before that leaves it to the cluster-wide sweep (writeOwedEnds).
+    const endedAt = Date.now();
+    const audit = auditOwed(sessionId, reason, endedAt);
     const s = await this.store.remove(
       sessionId,
       endOwed(sessionId, reason, successor),
       JSON.stringify({ sessionId, code: KICK_FOR[reason], ...(spare ? { keep: spare } : {}) }),
+      audit,
     );
     if (!s) return false;
     for (const hook of this.endedHooks) hook(sessionId, reason, successor);
     this.deps.log.info({ sessionId, reason }, 'session ended');
-    const endedAt = Date.now();
     try {
       await this.deps.pool.query(
         'UPDATE sessions SET ended_at = now(), end_reason = $2 WHERE id = $1 AND ended_at IS NULL',
         [sessionId, reason],
       );
+      this.lastSeen.written(audit);
     } catch (e) {
       // The session is ended; its audit row is written with the last-seen batches once
       // PostgreSQL takes it, at the time it ended.
-      this.lastSeen.ended(sessionId, reason, endedAt);
+      this.lastSeen.ended(sessionId, reason, endedAt, true, audit);
       logFailure(
         this.deps.log,
         e,
@@ -958,12 +972,32 @@ export class IdentityService {
    */
   async endExpired(limit: number): Promise<number> {
     const taken = await this.store.takeExpired(limit);
-    for (const { sessionId, at } of taken) {
-      this.lastSeen.ended(sessionId, 'expired', at, false);
+    for (const { sessionId, at, audit } of taken) {
+      this.lastSeen.ended(sessionId, 'expired', at, false, audit);
       this.deps.log.info({ sessionId, reason: 'expired' }, 'session ended');
     }
     if (taken.length > 0) this.deps.metrics?.sessionsExpired.inc(taken.length);
     return taken.length;
+  }
+
+  /**
+   * From the cluster-wide sweep: writes up to `limit` audit ends owed since before `cutoff` (ms)
+   * (keys.ts auditOwed: their node died before it wrote them, or is still failing to), in one
+   * statement, each at the time its session ended, and forgets them; a row already ended keeps
+   * its end. Returns how many it wrote.
+   */
+  async writeOwedEnds(cutoff: number, limit: number): Promise<number> {
+    const { redis, keys, pool } = this.deps;
+    const members = await redis.zrangebyscore(keys.auditOwed, '-inf', cutoff, 'LIMIT', 0, limit);
+    if (members.length === 0) return 0;
+    const ends = new Map<string, { reason: string; at: number }>();
+    for (const m of members) {
+      const end = parseAuditOwed(m);
+      if (end) ends.set(end.sid, end);
+    }
+    if (ends.size > 0) await writeEnds(pool, ends);
+    await redis.zrem(keys.auditOwed, ...members);
+    return members.length;
   }
 
   // ---- email codes ------------------------------------------------------------------------------

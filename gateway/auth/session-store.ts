@@ -222,7 +222,9 @@ return 1
  * sweep that dies after it leaves the rest to the owed step of any node. A due session whose
  * hash is still there (extended where the index was not written: a node of an earlier version)
  * is moved to its new time; one whose hash has no TTL leaves the index. ARGV[1], ARGV[2]: what
- * comes before and after a session id in its keys (keys.ts sessionKeyParts).
+ * comes before and after a session id in its keys (keys.ts sessionKeyParts). Each ended one's
+ * audit end is recorded as owed (KEYS[4], keys.ts auditOwed, `sid expired <expiry>` at now) until
+ * its row is written.
  * Returns session id, expiry (ms), ... of the sessions it ended.
  */
 const EXPIRED = `
@@ -242,6 +244,7 @@ for i = 1, #due, 2 do
         redis.call('ZADD', KEYS[2], 0, sid .. ' expired ')
       end
       redis.call('PUBLISH', KEYS[3], cjson.encode({sessionId = sid, code = 'session_revoked'}))
+      redis.call('ZADD', KEYS[4], now, sid .. ' expired ' .. due[i + 1])
       ended[#ended + 1] = sid
       ended[#ended + 1] = due[i + 1]
     end
@@ -300,6 +303,19 @@ export function endOwed(sid: string, reason: string, successor?: string): string
   return `${sid} ${reason} ${successor ?? ''}`;
 }
 
+/** The `auditOwed` member of a session's end (keys.ts): `sid reason at`, `at` in ms. */
+export function auditOwed(sid: string, reason: string, at: number | string): string {
+  return `${sid} ${reason} ${at}`;
+}
+
+/** An `auditOwed` member read back; undefined if it is not one. */
+export function parseAuditOwed(member: string): { sid: string; reason: string; at: number } | undefined {
+  const [sid, reason, at] = member.split(' ');
+  const ms = Number(at);
+  if (!sid || !reason || !at || !Number.isFinite(ms)) return undefined;
+  return { sid, reason, at: ms };
+}
+
 /** An `endsOwed` member read back; undefined if it is not one. */
 export function parseEndOwed(
   member: string,
@@ -322,7 +338,7 @@ export class SessionStore {
       redis.defineCommand('gwSessionCreate', { numberOfKeys: 6, lua: CREATE });
       redis.defineCommand('gwSessionResume', { numberOfKeys: 9, lua: RESUME });
       redis.defineCommand('gwSessionTouch', { numberOfKeys: 14, lua: TOUCH });
-      redis.defineCommand('gwSessionsExpired', { numberOfKeys: 3, lua: EXPIRED });
+      redis.defineCommand('gwSessionsExpired', { numberOfKeys: 4, lua: EXPIRED });
     }
     this.scripts = r as Redis & SessionCommands;
   }
@@ -396,18 +412,25 @@ export class SessionStore {
   /**
    * Ends up to `limit` sessions whose life ran out (EXPIRED): each with the time its hash expired.
    */
-  async takeExpired(limit: number): Promise<{ sessionId: string; at: number }[]> {
+  async takeExpired(limit: number): Promise<{ sessionId: string; at: number; audit: string }[]> {
     const [before, after] = this.keys.sessionKeyParts;
     const flat = await this.scripts.gwSessionsExpired(
       this.keys.sessionExpiries,
       this.keys.endsOwed,
       this.keys.kickChannel,
+      this.keys.auditOwed,
       before,
       after,
       limit,
     );
-    const out: { sessionId: string; at: number }[] = [];
-    for (let i = 0; i < flat.length; i += 2) out.push({ sessionId: flat[i], at: Number(flat[i + 1]) });
+    const out: { sessionId: string; at: number; audit: string }[] = [];
+    for (let i = 0; i < flat.length; i += 2) {
+      out.push({
+        sessionId: flat[i],
+        at: Number(flat[i + 1]),
+        audit: auditOwed(flat[i], 'expired', flat[i + 1]),
+      });
+    }
     return out;
   }
 
@@ -611,8 +634,9 @@ export class SessionStore {
    * that Redis runs late (a call timed out in a frozen Redis, run at the thaw) still tells every
    * node to kick the session's connections. Before, the notice was a call after the removal, and
    * a removal whose reply timed out left the session gone and its connections open, bound to it.
+   * `audit` (an `auditOwed` member) records its audit row's end as owed, in the same `MULTI`.
    */
-  async remove(sid: string, owed?: string, notice?: string): Promise<LiveSession | null> {
+  async remove(sid: string, owed?: string, notice?: string, audit?: string): Promise<LiveSession | null> {
     const s = await this.get(sid);
     if (!s) return null;
     const k = this.keys;
@@ -626,6 +650,7 @@ export class SessionStore {
       m.srem(k.deviceSessions(s.device.id), sid);
     }
     if (owed) m.zadd(k.endsOwed, Date.now(), owed);
+    if (audit) m.zadd(k.auditOwed, Date.now(), audit);
     if (notice) m.publish(k.kickChannel, notice);
     const res = await m.exec();
     return res![0][1] === 1 ? s : null;

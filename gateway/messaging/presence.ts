@@ -67,6 +67,11 @@ export interface SweepTargets {
    * returns how many.
    */
   expiredSessions(limit: number): Promise<number>;
+  /**
+   * Writes up to `limit` audit ends owed since before `cutoff` (ms) (keys.ts auditOwed: their
+   * node died before it wrote them, or is still failing to); returns how many it found.
+   */
+  auditEnds(cutoff: number, limit: number): Promise<number>;
 }
 
 /**
@@ -120,6 +125,9 @@ const EXPIRED_SESSIONS_BATCH = 500;
 /** Owed session ends the sweep reads and finishes at a time (SweepTargets.owedEnds). */
 const OWED_BATCH = 100;
 
+/** Owed audit ends the sweep writes at a time, in one statement (SweepTargets.auditEnds). */
+const AUDIT_BATCH = 1000;
+
 /**
  * What a sweep job returns (BullMQ keeps it with the job): the dead nodes swept and their
  * sessions, the expired events it reported and removed, the owed session ends it finished.
@@ -130,6 +138,7 @@ interface SweepResult {
   expired: number;
   sessionsExpired: number;
   ended: number;
+  auditEnds: number;
 }
 
 /** Binding operations (gateway/binding.ts). */
@@ -672,7 +681,29 @@ export class Presence {
       ended += done.length;
       if (found < OWED_BATCH || done.length === 0 || Date.now() >= owedDeadline) break;
     }
-    return { deadNodes, sessions, expired, sessionsExpired, ended };
+    // Audit ends a node left unwritten (it died first, or cannot reach PostgreSQL): a batch at a
+    // time, in one statement each. A PostgreSQL that refuses fails only this step (logged);
+    // they stay owed for the next sweep.
+    let auditEnds = 0;
+    try {
+      const auditDeadline = Date.now() + options.sweepIntervalMs / 2;
+      for (;;) {
+        const n = await this.targets!.auditEnds(cutoff, AUDIT_BATCH);
+        auditEnds += n;
+        if (n < AUDIT_BATCH || Date.now() >= auditDeadline) break;
+      }
+    } catch (e) {
+      logFailure(
+        this.deps.log,
+        e,
+        { written: auditEnds },
+        'presence sweep could not write owed session ends',
+      );
+    }
+    if (auditEnds > 0) {
+      this.deps.log.warn({ sessions: auditEnds }, 'presence sweep wrote session ends a node left unwritten');
+    }
+    return { deadNodes, sessions, expired, sessionsExpired, ended, auditEnds };
   }
 
   /**

@@ -82,6 +82,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     expire: async () => {},
     owedEnds: async () => ({ done: [], found: 0 }),
     expiredSessions: async () => 0,
+    auditEnds: async () => 0,
     ...given,
   };
   await within('presence started', presence.start(targets));

@@ -1,0 +1,194 @@
+/**
+ * A session's audit row is ended in PostgreSQL after the session is ended in Redis: at once, or,
+ * when PostgreSQL refuses, by the node's later batches; an expired session's always by a batch.
+ * A node that dies before that write used to leave the row open for good. Every end is now owed
+ * in Redis from the step that ends the session until its row is written (keys.ts auditOwed), and
+ * the cluster-wide sweep writes what a dead node left.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { query, redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  type DeploymentEnv,
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
+
+const TTL_S = 3;
+
+function env(deployment: DeploymentEnv, extra: Record<string, string> = {}) {
+  return {
+    ...deployment,
+    SESSION_TTL: String(TTL_S),
+    GW_SWEEP_INTERVAL_MS: '200',
+    GW_PRESENCE_STALE_MS: '2000',
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    ...extra,
+  };
+}
+
+/** Asserts `at` (ms) is within [from, to] give or take the 1 ms of a timestamp's rounding. */
+function between(what: string, at: number, from: number, to: number): void {
+  assert.ok(at >= from - 1 && at <= to + 1, `${what}: ${at} not within [${from}, ${to}]`);
+}
+
+let pg: OwnPostgres;
+before(async () => {
+  pg = await startOwnPostgres();
+});
+after(async () => {
+  await pg.remove();
+});
+
+test("a node killed before it wrote its sessions' audit ends (PostgreSQL stopped): another node's sweep writes a logout's and an expiry's, each at its time", async () => {
+  const deployment = deploymentEnv();
+  const open: GatewayClient[] = [];
+  const nodes: GatewayProcess[] = [];
+  const r = redisClient();
+  try {
+    const a = await startGateway(env(deployment, { DATABASE_URL: pg.url }));
+    nodes.push(a);
+    const c1 = await connected(a.tcpUrl);
+    const c2 = await connected(a.tcpUrl);
+    open.push(c1, c2);
+    const loggedOut = await within('the first sign-up', signUp(c1));
+    const expiresFrom = Date.now();
+    const expiring = await within('the second sign-up', signUp(c2));
+    const expiresTo = Date.now();
+    await pg.stop();
+    let logoutFrom = 0;
+    let logoutTo = 0;
+    try {
+      // The logout is answered (its session is gone from Redis), its row not written.
+      logoutFrom = Date.now();
+      await within('the logout answered', c1.request('logout', {}));
+      logoutTo = Date.now();
+      await a.waitForLog(
+        (l) =>
+          l.msg === 'session end not written to PostgreSQL yet; written once it answers' &&
+          l.sessionId === loggedOut.sessionId,
+        15_000,
+        "the logout's row refused",
+      );
+      // The other runs out: A's sweep ends it and hands its row to a batch that PostgreSQL refuses.
+      await a.waitForLog(
+        (l) => l.msg === 'session ended' && l.sessionId === expiring.sessionId && l.reason === 'expired',
+        15_000,
+        "the expiry's end",
+      );
+      const since = a.logs.length;
+      await a.waitForLog(
+        (l) => a.logs.indexOf(l) >= since && l.msg === 'session ends not written to PostgreSQL yet',
+        15_000,
+        "the expiry's row refused",
+      );
+      // Both are owed in Redis until their rows are written.
+      assert.equal(await r.zcard(`${deployment.GW_REDIS_PREFIX}auditowed`), 2);
+      a.proc.kill('SIGKILL');
+      await within('node A killed', a.exited);
+    } finally {
+      await pg.start();
+    }
+    const b = await startGateway(env(deployment, { DATABASE_URL: pg.url }));
+    nodes.push(b);
+    const rows = await until(
+      'both audit rows ended by the sweep',
+      async () => {
+        const res = await query(
+          deployment.GW_DB_SCHEMA,
+          'SELECT id, ended_at, end_reason FROM sessions WHERE id = ANY($1) AND ended_at IS NOT NULL',
+          [[loggedOut.sessionId, expiring.sessionId]],
+          pg.url,
+        );
+        return res.rows.length === 2
+          ? new Map(res.rows.map((row) => [row.id as string, row as { ended_at: Date; end_reason: string }]))
+          : undefined;
+      },
+      30_000,
+    );
+    const logout = rows.get(loggedOut.sessionId)!;
+    assert.equal(logout.end_reason, 'logout');
+    between('the logout ended_at', logout.ended_at.getTime(), logoutFrom, logoutTo);
+    const expired = rows.get(expiring.sessionId)!;
+    assert.equal(expired.end_reason, 'expired');
+    between(
+      'the expiry ended_at',
+      expired.ended_at.getTime(),
+      expiresFrom + TTL_S * 1000,
+      expiresTo + TTL_S * 1000,
+    );
+    assert.ok(
+      b.logs.some((l) => l.msg === 'presence sweep wrote session ends a node left unwritten'),
+      "the sweep's line",
+    );
+    await until(
+      'nothing left owed',
+      async () => (await r.zcard(`${deployment.GW_REDIS_PREFIX}auditowed`)) === 0,
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    for (const g of nodes) await g.stop();
+    r.disconnect();
+    await dropDeployment(deployment);
+  }
+});
+
+test('ends whose rows are written at once, 30 logouts and 10 expiries, leave nothing owed in Redis', async () => {
+  // The written ends are forgotten in batches: without that, every end of a fleet would stay
+  // in the owed set for good (and the sweep would write each row twice).
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment));
+  const r = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    const clients = await Promise.all(Array.from({ length: 40 }, () => connected(g.tcpUrl)));
+    open.push(...clients);
+    // Each logout right after its sign-up, well within the session's life.
+    const sessions = await within(
+      'the sign-ups and logouts',
+      Promise.all(
+        clients.map(async (c, i) => {
+          const s = await signUp(c);
+          if (i < 30) await c.request('logout', {});
+          return s;
+        }),
+      ),
+      60_000,
+    );
+    const ids = sessions.map((s) => s.sessionId);
+    await until(
+      'every row ended',
+      async () =>
+        Number(
+          (
+            await query(
+              deployment.GW_DB_SCHEMA,
+              'SELECT count(*) FROM sessions WHERE id = ANY($1) AND ended_at IS NOT NULL',
+              [ids],
+            )
+          ).rows[0].count,
+        ) === ids.length,
+      30_000,
+    );
+    await until(
+      'nothing left owed',
+      async () => (await r.zcard(`${deployment.GW_REDIS_PREFIX}auditowed`)) === 0,
+    );
+    assert.ok(
+      !g.logs.some((l) => l.msg === 'presence sweep wrote session ends a node left unwritten'),
+      'no end left to the sweep',
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    await g.stop();
+    r.disconnect();
+    await dropDeployment(deployment);
+  }
+});
