@@ -100,6 +100,15 @@ export class Keys {
     return `${this.prefix}presence`;
   }
 
+  /**
+   * HASH sid → username of each presence record, written and removed with it (what `users`
+   * reads: a few bytes a session instead of the record); rebuilt from the records by the sweep
+   * when the two differ in length (presence.ts).
+   */
+  get presenceNames(): string {
+    return `${this.prefix}presname`;
+  }
+
   /** ZSET node → last heartbeat ms. */
   get nodes(): string {
     return `${this.prefix}nodes`;

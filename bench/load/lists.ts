@@ -1,6 +1,6 @@
 /**
  * What a device that asks for a list in a loop costs its node: `users` (without a room: every
- * online session's presence record) with `--online` sessions online, one request at a time for
+ * online session's username, from the presence names) with `--online` sessions online, one request at a time for
  * `--seconds`, against `ping` in the same loop (the floor: what any request costs). Rows:
  *
  *   idle                     the device connected, asking nothing: what the node costs
@@ -22,7 +22,7 @@
  *   account at once          `--account-sessions` (500) sessions in all of one account (a
  *                            device maker's account holds a session per device)
  *
- * The online sessions are presence records planted in Redis (as other nodes' devices), so that
+ * The online sessions are presence records and names planted in Redis (as other nodes' devices), so that
  * only the asking devices are connected. Printed per row: answered and refused requests a second,
  * the gateway's CPU (cores) and per request, Redis's CPU (cores). The gateway is the build in
  * dist/ (bench/lib/built.ts), a fresh one per row. Printed, never asserted.
@@ -98,7 +98,9 @@ async function row(
         deviceId: `sensor-${i}`,
         since: Date.now(),
       };
+      // As a node writes them: the record, and its username in the presence names.
       p.hset(`${gw.prefix}presence`, sid, JSON.stringify(record));
+      p.hset(`${gw.prefix}presname`, sid, record.username);
     }
     await p.exec();
     // (askers 0: the idle row, one device connected that asks nothing)
@@ -138,7 +140,7 @@ async function row(
       redisCores,
     };
   } finally {
-    await r.del(`${gw.prefix}presence`);
+    await r.del(`${gw.prefix}presence`, `${gw.prefix}presname`);
     r.disconnect();
     await gw.stop();
   }

@@ -91,28 +91,6 @@ export class NodeIdInUseError extends Error {
   }
 }
 
-const USERNAME_FIELD = Buffer.from('"username":"');
-
-/** The username of a presence record (JSON, as `online` writes it), or undefined. */
-export function usernameIn(raw: Buffer): string | undefined {
-  const at = raw.indexOf(USERNAME_FIELD);
-  if (at >= 0) {
-    const start = at + USERNAME_FIELD.length;
-    const end = raw.indexOf(0x22, start);
-    if (end > start) {
-      // A backslash before the quote would be an escape: the record is parsed instead.
-      const slash = raw.indexOf(0x5c, start);
-      if (slash === -1 || slash > end) return raw.toString('utf8', start, end);
-    }
-  }
-  try {
-    const name = (JSON.parse(raw.toString('utf8')) as { username?: unknown }).username;
-    return typeof name === 'string' ? name : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 /** Sessions of a dead node swept per round (each one operation of the binding's calls). */
 const SWEEP_BATCH = 1000;
 
@@ -141,10 +119,56 @@ interface SweepResult {
   auditEnds: number;
 }
 
+/**
+ * KEYS: presence, presence names. When the two differ in length, the names are written again
+ * from the records (the username cut out of each, or the record parsed), 500 a command.
+ * Returns {records, names before, 1 if rebuilt}.
+ */
+const NAMES_REBUILD = `
+local n, before = redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2])
+if n == before then return {n, before, 0} end
+redis.call('DEL', KEYS[2])
+local all = redis.call('HGETALL', KEYS[1])
+local batch = {}
+local function flush()
+  if #batch > 0 then redis.call('HSET', KEYS[2], unpack(batch)) batch = {} end
+end
+for i = 1, #all, 2 do
+  local name = string.match(all[i + 1], '"username":"([^"\\\\]*)"')
+  if not name then
+    local ok, rec = pcall(cjson.decode, all[i + 1])
+    if ok and type(rec) == 'table' and type(rec.username) == 'string' then name = rec.username end
+  end
+  if name then
+    batch[#batch + 1] = all[i]
+    batch[#batch + 1] = name
+    if #batch >= 1000 then flush() end
+  end
+end
+flush()
+return {n, before, 1}`;
+
+/**
+ * Rebuilds the presence names from the records if the two differ in length (NAMES_REBUILD);
+ * returns the records, the names before, and whether it rebuilt them.
+ */
+export async function rebuildNames(
+  redis: Redis,
+  keys: Keys,
+): Promise<{ records: number; before: number; rebuilt: boolean }> {
+  const [records, before, rebuilt] = (await redis.eval(
+    NAMES_REBUILD,
+    2,
+    keys.presence,
+    keys.presenceNames,
+  )) as [number, number, number];
+  return { records, before, rebuilt: rebuilt === 1 };
+}
+
 /** Binding operations (gateway/binding.ts). */
 const PRESENCE_OPS = {
-  /** KEYS: presence, the node's sessions; ARGV: session id, record (JSON). */
-  presence_on: `redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('SADD', KEYS[2], ARGV[1]) return 0`,
+  /** KEYS: presence, the node's sessions, presence names; ARGV: session id, record (JSON), username. */
+  presence_on: `redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) redis.call('HSET', KEYS[3], ARGV[1], ARGV[3]) redis.call('SADD', KEYS[2], ARGV[1]) return 0`,
   /**
    * KEYS: nodes, the node's sessions, its sessions with room memberships; ARGV: the node, and
    * optionally its newest beat (ms). Deregisters the node only if both sets are empty, and, with
@@ -179,10 +203,10 @@ redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1`,
   /**
-   * KEYS: presence, the node's sessions, last seen; ARGV: session id, node, connection,
-   * username, now (ms). The record goes only if it is still this connection's (a takeover or a
-   * resume, on this node or another, may have replaced it); the node's set keeps the session
-   * when another connection of this node holds it now.
+   * KEYS: presence, the node's sessions, last seen, presence names; ARGV: session id, node,
+   * connection, username, now (ms). The record (and its name) goes only if it is still this
+   * connection's (a takeover or a resume, on this node or another, may have replaced it); the
+   * node's set keeps the session when another connection of this node holds it now.
    */
   presence_off: `
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
@@ -192,7 +216,7 @@ if raw then
   mine = rec.node == ARGV[2] and rec.conn == tonumber(ARGV[3])
   elsewhere = rec.node ~= ARGV[2]
 end
-if mine then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if mine then redis.call('HDEL', KEYS[1], ARGV[1]) redis.call('HDEL', KEYS[4], ARGV[1]) end
 if mine or elsewhere then redis.call('SREM', KEYS[2], ARGV[1]) end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 return 0`,
@@ -560,8 +584,8 @@ export class Presence {
     };
     await this.deps.binding.run(
       'presence_on',
-      [keys.presence, keys.nodeSessions(gateway.nodeId)],
-      [s.sessionId, JSON.stringify(record)],
+      [keys.presence, keys.nodeSessions(gateway.nodeId), keys.presenceNames],
+      [s.sessionId, JSON.stringify(record), s.username],
     );
   }
 
@@ -570,31 +594,36 @@ export class Presence {
     const { keys, gateway } = this.deps;
     await this.deps.binding.run(
       'presence_off',
-      [keys.presence, keys.nodeSessions(gateway.nodeId), keys.lastSeen],
+      [keys.presence, keys.nodeSessions(gateway.nodeId), keys.lastSeen, keys.presenceNames],
       [s.sessionId, gateway.nodeId, conn.id, s.username, Date.now()],
     );
   }
 
   /**
-   * The usernames of the online sessions (optionally only these ids), as `users` answers them.
-   * Read as bytes (HVALS, not HGETALL), each username cut out of its record rather than the
-   * record parsed: with 5,000 sessions online a `users` cost the gateway 30-32 ms of CPU, now
-   * 14.2 (bench:lists), most of it ioredis reading 750 KB of records. A record whose username is
-   * not found plainly (none such is written: usernames are [A-Za-z0-9_]) is parsed.
+   * The usernames of the online sessions (optionally only these ids), as `users` answers them,
+   * from the presence names (keys.ts presenceNames: a username per record, written and removed
+   * with it). They were cut out of the records themselves: with 5,000 sessions online a `users`
+   * cost the gateway 14.2 ms of CPU (bench:lists), most of it ioredis reading 750 KB of records.
    */
   async usernames(sessionIds?: string[]): Promise<Set<string>> {
     const { redis, keys } = this.deps;
     const names = new Set<string>();
     if (sessionIds?.length === 0) return names;
-    const raws = sessionIds
-      ? await redis.hmgetBuffer(keys.presence, ...sessionIds)
-      : await redis.hvalsBuffer(keys.presence);
-    for (const raw of raws) {
-      if (!raw) continue;
-      const name = usernameIn(raw);
-      if (name !== undefined) names.add(name);
-    }
+    const values = sessionIds
+      ? await redis.hmget(keys.presenceNames, ...sessionIds)
+      : await redis.hvals(keys.presenceNames);
+    for (const name of values) if (name) names.add(name);
     return names;
+  }
+
+  /**
+   * From the sweep: rebuilds the presence names from the records when the two differ in length
+   * (NAMES_REBUILD): written by nodes of an earlier version, which keep no names, or a key
+   * evicted or deleted by hand. Every node of this version writes both in one step.
+   */
+  private async checkNames(): Promise<void> {
+    const { records, before, rebuilt } = await rebuildNames(this.deps.redis, this.deps.keys);
+    if (rebuilt) this.deps.log.info({ records, before }, 'presence names rebuilt from the records');
   }
 
   /** The cluster-wide sweep; BullMQ runs each scheduled job on exactly one node. */
@@ -642,6 +671,11 @@ export class Presence {
       sessions += swept;
       this.deps.log.warn({ deadNode: node, sessions: swept }, 'presence sweep removed a dead node');
     }
+    // The names `users` reads, rebuilt if they drifted from the records (an upgrade from a
+    // version that kept none); its failure holds up no other step.
+    await this.checkNames().catch((e) =>
+      logFailure(this.deps.log, e, {}, 'presence sweep could not check the presence names'),
+    );
     // Every event due, a thousand at a time, for at most half the sweep's interval: a fleet's
     // offline devices can have more expire in an interval than one batch (before: one batch a
     // sweep, one round trip an event; the rest piled up in the index and in the outboxes).
@@ -746,6 +780,7 @@ export class Presence {
               keys.rooms,
               keys.nodes,
               keys.nodeToldLeft(node),
+              keys.presenceNames,
             ],
             [
               sid,

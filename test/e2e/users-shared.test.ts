@@ -1,9 +1,9 @@
 /**
  * A fleet that asks `users` together (a reconnect after an outage): the node reads the
- * presence records once for all the devices that asked while a read was out, not once each
+ * presence names once for all the devices that asked while a read was out, not once each
  * (gateway/shared-read.ts), and every answer still lists every session online before it asked.
  * The same for `rooms`, and for `sessions` of one account that holds a session per device.
- * The reads are the gateway's commands on the presence records (HVALS for the whole list, HMGET
+ * The reads are the gateway's commands on the presence names (HVALS for the whole list, HMGET
  * for a room's) and on the room list (ZRANGE), as MONITOR shows them on a private redis-server,
  * which the test pauses (`CLIENT PAUSE`) while the devices ask, so that every request is in
  * before the first read is answered, however the machine schedules.
@@ -89,30 +89,30 @@ async function askedTogether<T>(
   return { answers, reads };
 }
 
-test('thirty devices asking users at once: a few reads of the presence records, and every answer lists all thirty', async () => {
+test('thirty devices asking users at once: a few reads of the presence names, and every answer lists all thirty', async () => {
   const { answers, reads } = await askedTogether(
     (c) => c.request<{ users: string[] }>('users'),
     'hvals',
-    'presence',
+    'presname',
     'users',
   );
   for (const a of answers) assert.deepEqual(a.users, names);
   // One read begun by the first request, one shared by every request that came while it was
   // out (a request whose limiter answer came late may begin one more). One each before.
-  assert.ok(reads >= 1 && reads <= 3, `${reads} reads of the presence records for ${DEVICES} requests`);
+  assert.ok(reads >= 1 && reads <= 3, `${reads} reads of the presence names for ${DEVICES} requests`);
 });
 
 test("thirty devices asking a room's users at once: a few reads, and every answer lists the room's thirty members", async () => {
   const { answers, reads } = await askedTogether(
     (c) => c.request<{ users: string[] }>('users', { room: ROOM }),
     'hmget',
-    'presence',
+    'presname',
     'users_room',
   );
   for (const a of answers) assert.deepEqual(a.users, names);
   assert.ok(
     reads >= 1 && reads <= 3,
-    `${reads} reads of the members' presence records for ${DEVICES} requests`,
+    `${reads} reads of the members' presence names for ${DEVICES} requests`,
   );
 });
 

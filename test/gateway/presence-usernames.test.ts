@@ -1,22 +1,70 @@
 /**
- * `users` cuts each username out of its presence record (messaging/presence.ts usernameIn)
- * rather than parsing the record; anything but the plain form the gateway writes is parsed.
+ * `users` reads the presence names (keys.ts presenceNames: a username per presence record,
+ * written and removed with it) rather than the records. When the two differ in length (records
+ * written by nodes of an earlier version, which keep no names; a key evicted or deleted by
+ * hand), the sweep rebuilds the names from the records (messaging/presence.ts rebuildNames):
+ * the username cut out of a record as the gateway writes it, any other JSON form parsed.
  */
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
-import { usernameIn } from '../../gateway/messaging/presence.ts';
+import { randomUUID } from 'node:crypto';
+import { after, test } from 'node:test';
+import { Keys } from '../../gateway/keys.ts';
+import { rebuildNames } from '../../gateway/messaging/presence.ts';
+import { redisClient } from '../helpers/cleanup.ts';
 
-const record = (fields: Record<string, unknown>) => Buffer.from(JSON.stringify(fields));
+const redis = redisClient();
+const prefixes: string[] = [];
+after(async () => {
+  for (const p of prefixes) {
+    const k = new Keys(p);
+    await redis.del(k.presence, k.presenceNames);
+  }
+  redis.disconnect();
+});
 
-test('the username of a record as the gateway writes it, and of any other JSON form', () => {
+function keys(): Keys {
+  const prefix = `gwtest:presname:${randomUUID().slice(0, 8)}:`;
+  prefixes.push(prefix);
+  return new Keys(prefix);
+}
+
+test('names rebuilt from records as the gateway writes them, and from any other JSON form', async () => {
+  const k = keys();
   const written = { node: 'n1', conn: 7, userId: 'u-1', username: 'sensor_42', deviceId: 'd', since: 1 };
-  assert.equal(usernameIn(record(written)), 'sensor_42');
-  // Another field order, spaces, escapes: parsed.
-  assert.equal(usernameIn(Buffer.from('{"username" : "spaced", "node": "n"}')), 'spaced');
-  assert.equal(usernameIn(record({ username: 'a"b\\c', node: 'n' })), 'a"b\\c');
-  assert.equal(usernameIn(record({ node: 'n', username: 'é_ü' })), 'é_ü');
-  // No username, or not a record: none.
-  assert.equal(usernameIn(record({ node: 'n', conn: 1 })), undefined);
-  assert.equal(usernameIn(Buffer.from('not json')), undefined);
-  assert.equal(usernameIn(record({ username: 7 })), undefined);
+  await redis.hset(k.presence, {
+    s1: JSON.stringify(written),
+    // Another field order, spaces, escapes, characters past ASCII: parsed.
+    s2: '{"username" : "spaced", "node": "n"}',
+    s3: JSON.stringify({ username: 'a"b\\c', node: 'n' }),
+    s4: JSON.stringify({ node: 'n', username: 'é_ü' }),
+    // No username, or not a record: no name.
+    s5: JSON.stringify({ node: 'n', conn: 1 }),
+    s6: 'not json',
+    s7: JSON.stringify({ username: 7 }),
+  });
+  const r = await rebuildNames(redis, k);
+  assert.deepEqual(r, { records: 7, before: 0, rebuilt: true });
+  assert.deepEqual(await redis.hgetall(k.presenceNames), {
+    s1: 'sensor_42',
+    s2: 'spaced',
+    s3: 'a"b\\c',
+    s4: 'é_ü',
+  });
+});
+
+test('names that match the records in length are left as they are; a stale or missing one is replaced', async () => {
+  const k = keys();
+  const records: Record<string, string> = {};
+  for (let i = 0; i < 1200; i++)
+    records[`s${i}`] = JSON.stringify({ node: 'n', conn: i, username: `user_${i}` });
+  await redis.hset(k.presence, records);
+  assert.equal((await rebuildNames(redis, k)).rebuilt, true);
+  assert.equal(await redis.hlen(k.presenceNames), 1200, 'every name written (past one command of 500)');
+  assert.deepEqual(await rebuildNames(redis, k), { records: 1200, before: 1200, rebuilt: false });
+  // A record removed by a node that keeps no names: its name is stale, and goes.
+  await redis.hdel(k.presence, 's7');
+  assert.equal((await rebuildNames(redis, k)).rebuilt, true);
+  assert.equal(await redis.hget(k.presenceNames, 's7'), null);
+  assert.equal(await redis.hget(k.presenceNames, 's8'), 'user_8');
+  assert.equal(await redis.hlen(k.presenceNames), 1199);
 });

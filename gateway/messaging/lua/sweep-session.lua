@@ -18,6 +18,7 @@
   KEYS[5] ZSET  rooms (room -> members)
   KEYS[6] ZSET  nodes (node -> last beat, ms)
   KEYS[7] SET   the `session room` pairs told `room.left` for the dead node (keys.ts nodeToldLeft)
+  KEYS[8] HASH  presence names (session id -> username; keys.ts presenceNames)
   ARGV[1] session id
   ARGV[2] the dead node
   ARGV[3] now (ms)
@@ -85,6 +86,7 @@ end
 -- Then what the dead node held.
 if rec and rec.node == node then
   redis.call('HDEL', KEYS[1], sid)
+  redis.call('HDEL', KEYS[8], sid)
   redis.call('HSET', KEYS[2], username, ARGV[3])
 end
 if redis.call('GET', KEYS[3]) == node then redis.call('DEL', KEYS[3]) end
