@@ -99,15 +99,17 @@ test('acks of many devices, arriving apart, are applied in one script call', asy
     await sleep(20);
   }
   // The acks' call: an ack-pump names the sessions' key head and, unlike a publish, no node
-  // channel; its sessions and acked eids are one argument, a MessagePack array of strings
-  // (gateway/delivery/script-args.ts).
+  // channel, nor the index of session expiries (the sweep's EXPIRED script, which names the
+  // head too, and whose argument after it is a number); its sessions and acked eids are one
+  // argument, a MessagePack array of strings (gateway/delivery/script-args.ts).
   const ackCalls = () =>
     watch.seen
       .filter(
         (s) =>
           (s.command === 'evalsha' || s.command === 'eval') &&
           s.args.includes(`${gw.prefix}{s:`) &&
-          !s.args.includes(`${gw.prefix}node:`),
+          !s.args.includes(`${gw.prefix}node:`) &&
+          !s.args.includes(`${gw.prefix}sessexp`),
       )
       // (after the key head and tail; the expiries key follows it)
       .map((s) => ({
