@@ -108,6 +108,7 @@ export class GatewayMetrics {
   readonly authFailures: Counter<'reason'>;
   readonly lockouts: Counter;
   readonly sessionsExpired: Counter;
+  readonly auditEndsSwept: Counter;
   readonly httpRequests: Counter<'method' | 'route' | 'status'>;
   readonly httpSeconds: Histogram<'method' | 'route'>;
   readonly redisSeconds: Histogram<'client' | 'result'>;
@@ -190,6 +191,11 @@ export class GatewayMetrics {
     this.sessionsExpired = new Counter({
       name: 'gateway_sessions_expired_total',
       help: 'Sessions this node ended because their life (SESSION_TTL from the login, or the last resume or refresh) ran out: found by the cluster-wide sweep, which runs on one node at a time.',
+      registers,
+    });
+    this.auditEndsSwept = new Counter({
+      name: 'gateway_session_ends_swept_total',
+      help: 'Session ends whose audit row the cluster-wide sweep wrote on this node because the node that ended them did not (it died first, or could not reach PostgreSQL for longer than GW_PRESENCE_STALE_MS).',
       registers,
     });
     this.listRequests = new Counter({

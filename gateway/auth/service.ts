@@ -997,6 +997,7 @@ export class IdentityService {
     }
     if (ends.size > 0) await writeEnds(pool, ends);
     await redis.zrem(keys.auditOwed, ...members);
+    this.deps.metrics?.auditEndsSwept.inc(members.length);
     return members.length;
   }
 

@@ -18,6 +18,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 
 const TTL_S = 3;
@@ -128,6 +129,7 @@ test("a node killed before it wrote its sessions' audit ends (PostgreSQL stopped
       b.logs.some((l) => l.msg === 'presence sweep wrote session ends a node left unwritten'),
       "the sweep's line",
     );
+    assert.equal((await scrapeMetrics(b.metricsPort)).value('gateway_session_ends_swept_total'), 2);
     await until(
       'nothing left owed',
       async () => (await r.zcard(`${deployment.GW_REDIS_PREFIX}auditowed`)) === 0,
@@ -185,6 +187,7 @@ test('ends whose rows are written at once, 30 logouts and 10 expiries, leave not
       !g.logs.some((l) => l.msg === 'presence sweep wrote session ends a node left unwritten'),
       'no end left to the sweep',
     );
+    assert.equal((await scrapeMetrics(g.metricsPort)).value('gateway_session_ends_swept_total'), 0);
   } finally {
     for (const c of open) c.destroy();
     await g.stop();
