@@ -109,6 +109,11 @@ export class Keys {
     return `${this.prefix}presname`;
   }
 
+  /** STRING: held for a minute after the sweep rebuilt the presence names (presence.ts). */
+  get presenceNamesHold(): string {
+    return `${this.prefix}presname:rebuilt`;
+  }
+
   /** ZSET node → last heartbeat ms. */
   get nodes(): string {
     return `${this.prefix}nodes`;

@@ -97,8 +97,8 @@ export class LastSeen {
   /**
    * A session ended at `at` whose audit row PostgreSQL refused (`late`), or one whose end is
    * written only here (an expired session's, found by the sweep): written with the next batches
-   * until PostgreSQL takes it. Beyond `maxPending` the oldest are dropped, each logged at error
-   * with its id and reason (for an operator to set by hand).
+   * until PostgreSQL takes it. Beyond `maxPending` the oldest are dropped, each logged with its
+   * id and reason (givenUp: left to the sweep when owed in Redis, or for an operator to set).
    */
   ended(sessionId: string, reason: string, at = Date.now(), late = true, audit?: string): void {
     this.ends.set(sessionId, { reason, at, late, ...(audit ? { audit } : {}) });

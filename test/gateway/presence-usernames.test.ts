@@ -17,7 +17,7 @@ const prefixes: string[] = [];
 after(async () => {
   for (const p of prefixes) {
     const k = new Keys(p);
-    await redis.del(k.presence, k.presenceNames);
+    await redis.del(k.presence, k.presenceNames, k.presenceNamesHold);
   }
   redis.disconnect();
 });
@@ -42,7 +42,7 @@ test('names rebuilt from records as the gateway writes them, and from any other 
     s6: 'not json',
     s7: JSON.stringify({ username: 7 }),
   });
-  const r = await rebuildNames(redis, k);
+  const r = await rebuildNames(redis, k, 0);
   assert.deepEqual(r, { records: 7, before: 0, rebuilt: true });
   assert.deepEqual(await redis.hgetall(k.presenceNames), {
     s1: 'sensor_42',
@@ -58,13 +58,30 @@ test('names that match the records in length are left as they are; a stale or mi
   for (let i = 0; i < 1200; i++)
     records[`s${i}`] = JSON.stringify({ node: 'n', conn: i, username: `user_${i}` });
   await redis.hset(k.presence, records);
-  assert.equal((await rebuildNames(redis, k)).rebuilt, true);
+  assert.equal((await rebuildNames(redis, k, 0)).rebuilt, true);
   assert.equal(await redis.hlen(k.presenceNames), 1200, 'every name written (past one command of 500)');
-  assert.deepEqual(await rebuildNames(redis, k), { records: 1200, before: 1200, rebuilt: false });
+  assert.deepEqual(await rebuildNames(redis, k, 0), { records: 1200, before: 1200, rebuilt: false });
   // A record removed by a node that keeps no names: its name is stale, and goes.
   await redis.hdel(k.presence, 's7');
-  assert.equal((await rebuildNames(redis, k)).rebuilt, true);
+  assert.equal((await rebuildNames(redis, k, 0)).rebuilt, true);
   assert.equal(await redis.hget(k.presenceNames, 's7'), null);
   assert.equal(await redis.hget(k.presenceNames, 's8'), 'user_8');
   assert.equal(await redis.hlen(k.presenceNames), 1199);
+});
+
+test('a rebuild holds the next one for its hold, across nodes: the lengths apart again are left until it ends', async () => {
+  const k = keys();
+  await redis.hset(k.presence, {
+    s1: JSON.stringify({ username: 'one' }),
+    s2: JSON.stringify({ username: 'two' }),
+  });
+  assert.equal((await rebuildNames(redis, k, 60_000)).rebuilt, true);
+  // A record written by a node that keeps no names, within the hold: not rebuilt.
+  await redis.hset(k.presence, 's3', JSON.stringify({ username: 'three' }));
+  assert.deepEqual(await rebuildNames(redis, k, 60_000), { records: 3, before: 2, rebuilt: false });
+  assert.equal(await redis.hget(k.presenceNames, 's3'), null);
+  // Once the hold ends, it is.
+  await redis.del(k.presenceNamesHold);
+  assert.equal((await rebuildNames(redis, k, 60_000)).rebuilt, true);
+  assert.equal(await redis.hget(k.presenceNames, 's3'), 'three');
 });
