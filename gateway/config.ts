@@ -272,13 +272,13 @@ const SETTINGS = {
   presenceStaleMs: setting(
     'GW_PRESENCE_STALE_MS',
     '15000',
-    "A node silent this long is dead: the sweep removes its sessions from presence and rooms. Also the longest a node started again under its id waits for the earlier process's beat to go stale.",
+    "A node silent this long is dead: the sweep removes its sessions from presence and rooms. Also the longest a node started again under its id waits for the earlier process's beat to go stale, and the age past which the sweep finishes what a session's end left undone (its outbox's move or purge, its audit row).",
     int(100).default(15000),
   ),
   sweepIntervalMs: setting(
     'GW_SWEEP_INTERVAL_MS',
     '5000',
-    'Interval of the cluster-wide sweep (stale presence, expired events), run by one node each time.',
+    'Interval of the cluster-wide sweep (stale presence, expired events and sessions, session ends left undone), run by one node each time.',
     int(100).default(5000),
   ),
   workerCheckMs: setting(
