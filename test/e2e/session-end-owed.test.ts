@@ -81,6 +81,31 @@ async function waiting(
 const owedLine = (g: GatewayProcess, since: number) => (l: Record<string, unknown>) =>
   g.logs.indexOf(l) >= since && l.msg === 'could not purge or move an outbox';
 
+/** Sessions that ended long ago with their purges owed (their node died): planted at once. */
+function endedLongAgo(prefix: string, sids: string[]): Promise<unknown> {
+  return redis.with(async (r) => {
+    const m = r.multi();
+    for (const sid of sids) m.del(`${prefix}{s:${sid}}:sess`);
+    m.zadd(`${prefix}endowed`, ...sids.flatMap((sid) => ['1000', `${sid} logout `]));
+    await m.exec();
+  });
+}
+
+/** Waits until each of `eids` is reported `delivery.failed`, and asserts each was reported once. */
+async function eachReportedOnce(reader: QueueReader, eids: string[]): Promise<void> {
+  const counts = await until('every event reported', async () => {
+    const c = new Map<string, number>();
+    for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
+      c.set(j.data.eid, (c.get(j.data.eid) ?? 0) + 1);
+    return eids.every((e) => c.has(e)) ? c : undefined;
+  });
+  assert.deepEqual(
+    eids.filter((e) => counts.get(e) !== 1),
+    [],
+    'each reported once',
+  );
+}
+
 test('a takeover whose move Redis refuses is tried again: the device gets its events once Redis takes it', async () => {
   const deployment = deploymentEnv();
   const open: GatewayClient[] = [];
@@ -351,12 +376,10 @@ test("a sweep's owed purges go together: every outbox read before any is taken, 
     const watch = await monitor(redis.port);
     let seen: Seen[];
     try {
-      await redis.with(async (r) => {
-        const m = r.multi();
-        for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
-        m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
-        await m.exec();
-      });
+      await endedLongAgo(
+        prefix,
+        ended.map((e) => e.sid),
+      );
       await until(
         'every owed end finished',
         async () => (await redis.with((r) => r.zcard(owed))) === 0,
@@ -384,17 +407,7 @@ test("a sweep's owed purges go together: every outbox read before any is taken, 
       `every outbox read before the first is taken (the last read at ${lastPeek}, the first take at ${firstTake} of ${takes.length})`,
     );
     const eids = ended.flatMap((e) => e.eids);
-    const counts = await until('every event reported', async () => {
-      const c = new Map<string, number>();
-      for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
-        c.set(j.data.eid, (c.get(j.data.eid) ?? 0) + 1);
-      return eids.every((e) => c.has(e)) ? c : undefined;
-    });
-    assert.deepEqual(
-      eids.filter((e) => counts.get(e) !== 1),
-      [],
-      'each reported once',
-    );
+    await eachReportedOnce(reader, eids);
   } finally {
     await reader.close();
     await g.stop();
@@ -419,13 +432,10 @@ test("a sweep finishes every owed end, past a batch of them, each session's even
         ended.push({ sid: w.session.sessionId, eid: w.eids[0] });
       }
     }
-    // Their sessions ended long ago and the purges are owed (their node died): planted at once.
-    await redis.with(async (r) => {
-      const m = r.multi();
-      for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
-      m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
-      await m.exec();
-    });
+    await endedLongAgo(
+      prefix,
+      ended.map((e) => e.sid),
+    );
     await until(
       'every owed end finished',
       async () => (await redis.with((r) => r.zcard(owed))) === 0,
@@ -440,16 +450,9 @@ test("a sweep finishes every owed end, past a batch of them, each session's even
       `sweeps: ${JSON.stringify(sweeps)}`,
     );
     assert.ok(Math.max(...sweeps) > 100, `a sweep finished more than a batch: ${JSON.stringify(sweeps)}`);
-    const failed = await reader.waitFor(
-      'gw-backend',
-      (jobs) => ended.every((e) => jobs.some((j) => j.data.eid === e.eid)),
-      20000,
-      'delivery.failed',
-    );
-    assert.deepEqual(
-      ended.filter((e) => failed.filter((j) => j.data.eid === e.eid).length !== 1),
-      [],
-      'each reported once',
+    await eachReportedOnce(
+      reader,
+      ended.map((e) => e.eid),
     );
   } finally {
     await reader.close();
@@ -482,12 +485,10 @@ test('Redis frozen again and again while sweeps finish 250 owed ends of 20 event
     }
     const eids = ended.flatMap((e) => e.eids);
     const since = g.logs.length;
-    await redis.with(async (r) => {
-      const m = r.multi();
-      for (const e of ended) m.del(`${prefix}{s:${e.sid}}:sess`);
-      m.zadd(owed, ...ended.flatMap((e) => ['1000', `${e.sid} logout `]));
-      await m.exec();
-    });
+    await endedLongAgo(
+      prefix,
+      ended.map((e) => e.sid),
+    );
     let freezes = 0;
     for (let from = since; freezes < 6; freezes++) {
       await until('a sweep finishing an owed end', () =>
@@ -508,17 +509,7 @@ test('Redis frozen again and again while sweeps finish 250 owed ends of 20 event
       async () => (await redis.with((r) => r.zcard(owed))) === 0,
       30_000,
     );
-    const counts = await until('every event reported', async () => {
-      const c = new Map<string, number>();
-      for (const j of await reader.jobs('gw-backend', 'delivery.failed'))
-        c.set(j.data.eid, (c.get(j.data.eid) ?? 0) + 1);
-      return eids.every((e) => c.has(e)) ? c : undefined;
-    });
-    assert.deepEqual(
-      eids.filter((e) => counts.get(e) !== 1),
-      [],
-      'each reported once',
-    );
+    await eachReportedOnce(reader, eids);
   } finally {
     await reader.close();
     await g.stop();
