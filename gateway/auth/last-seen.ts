@@ -47,18 +47,19 @@ const FORGET_BATCH = 5000;
 
 /**
  * Writes session ends (id → reason and time) to their audit rows in one statement; a row
- * already ended keeps its end.
+ * already ended keeps its end. Returns how many rows it ended.
  */
 export async function writeEnds(
   pool: pg.Pool,
   ends: Map<string, Pick<SessionEnd, 'reason' | 'at'>>,
-): Promise<void> {
-  await pool.query(
+): Promise<number> {
+  const res = await pool.query(
     `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
      FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
      WHERE s.id = v.id AND s.ended_at IS NULL`,
     [[...ends.keys()], [...ends.values()].map((e) => e.reason), [...ends.values()].map((e) => e.at / 1000)],
   );
+  return res.rowCount ?? 0;
 }
 
 export class LastSeen {

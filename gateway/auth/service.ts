@@ -984,21 +984,23 @@ export class IdentityService {
    * From the cluster-wide sweep: writes up to `limit` audit ends owed since before `cutoff` (ms)
    * (keys.ts auditOwed: their node died before it wrote them, or is still failing to), in one
    * statement, each at the time its session ended, and forgets them; a row already ended keeps
-   * its end. Returns how many it wrote.
+   * its end (one ended by a concurrent end of the same session, whose removal lost the race but
+   * recorded its end as owed all the same: session-store.ts remove). Returns how many it found
+   * and how many rows it ended.
    */
-  async writeOwedEnds(cutoff: number, limit: number): Promise<number> {
+  async writeOwedEnds(cutoff: number, limit: number): Promise<{ found: number; written: number }> {
     const { redis, keys, pool } = this.deps;
     const members = await redis.zrangebyscore(keys.auditOwed, '-inf', cutoff, 'LIMIT', 0, limit);
-    if (members.length === 0) return 0;
+    if (members.length === 0) return { found: 0, written: 0 };
     const ends = new Map<string, { reason: string; at: number }>();
     for (const m of members) {
       const end = parseAuditOwed(m);
       if (end) ends.set(end.sid, end);
     }
-    if (ends.size > 0) await writeEnds(pool, ends);
+    const written = ends.size > 0 ? await writeEnds(pool, ends) : 0;
     await redis.zrem(keys.auditOwed, ...members);
-    this.deps.metrics?.auditEndsSwept.inc(members.length);
-    return members.length;
+    if (written > 0) this.deps.metrics?.auditEndsSwept.inc(written);
+    return { found: members.length, written };
   }
 
   // ---- email codes ------------------------------------------------------------------------------

@@ -69,9 +69,10 @@ export interface SweepTargets {
   expiredSessions(limit: number): Promise<number>;
   /**
    * Writes up to `limit` audit ends owed since before `cutoff` (ms) (keys.ts auditOwed: their
-   * node died before it wrote them, or is still failing to); returns how many it found.
+   * node died before it wrote them, or is still failing to); returns how many it found and how
+   * many rows it ended (a row already ended keeps its end).
    */
-  auditEnds(cutoff: number, limit: number): Promise<number>;
+  auditEnds(cutoff: number, limit: number): Promise<{ found: number; written: number }>;
 }
 
 /**
@@ -733,9 +734,9 @@ export class Presence {
     try {
       const auditDeadline = Date.now() + options.sweepIntervalMs / 2;
       for (;;) {
-        const n = await this.targets!.auditEnds(cutoff, AUDIT_BATCH);
-        auditEnds += n;
-        if (n < AUDIT_BATCH || Date.now() >= auditDeadline) break;
+        const { found, written } = await this.targets!.auditEnds(cutoff, AUDIT_BATCH);
+        auditEnds += written;
+        if (found < AUDIT_BATCH || Date.now() >= auditDeadline) break;
       }
     } catch (e) {
       logFailure(

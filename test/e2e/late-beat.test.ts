@@ -57,7 +57,7 @@ test('a beat stamped before its process stopped and sent after: one silence line
       expire: async () => {},
       owedEnds: async () => ({ done: [], found: 0 }),
       expiredSessions: async () => 0,
-      auditEnds: async () => 0,
+      auditEnds: async () => ({ found: 0, written: 0 }),
     };
     const restored: number[] = [];
     a.presence.onSilence((ms) => restored.push(ms));

@@ -82,7 +82,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     expire: async () => {},
     owedEnds: async () => ({ done: [], found: 0 }),
     expiredSessions: async () => 0,
-    auditEnds: async () => 0,
+    auditEnds: async () => ({ found: 0, written: 0 }),
     ...given,
   };
   await within('presence started', presence.start(targets));
