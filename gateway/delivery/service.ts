@@ -1358,14 +1358,7 @@ export class DeliveryService {
    * their job ids are the event's, so a purge tried again adds nothing twice.
    */
   async purge(sessionId: string, reason: string): Promise<number> {
-    const events = await this.deps.outbox.peek(sessionId);
-    await this.failAll(sessionId, events, reason);
-    const taken = await this.deps.outbox.take(sessionId);
-    // Nothing is stored for a session that is gone (publish.lua skips it); reported if it were.
-    const reported = new Set(events.map((t) => t.event.eid));
-    const late = taken.filter((t) => !reported.has(t.event.eid));
-    if (late.length > 0) await this.failAll(sessionId, late, reason);
-    return taken.length;
+    return (await this.purgeAll([{ sessionId, reason }]))[0];
   }
 
   /**
@@ -1373,7 +1366,7 @@ export class DeliveryService {
    * read in one round trip (the client pipelines the calls), their events dead-lettered and
    * reported in shared bulk calls, then every outbox taken in one round trip. A fleet's expired
    * sessions cost a few round trips per batch instead of four per session. Any failure fails
-   * the whole call (each step may run twice, as `purge`'s); the caller then purges one by one.
+   * the whole call (each step may run twice); the sweep then purges one by one.
    * Returns the events taken, per session.
    */
   async purgeAll(ends: { sessionId: string; reason: string }[]): Promise<number[]> {
@@ -1381,6 +1374,7 @@ export class DeliveryService {
     const peeked = await Promise.all(ends.map((e) => outbox.peek(e.sessionId)));
     await this.failMany(ends.flatMap((e, i) => peeked[i].map((t) => ({ ...e, t }))));
     const taken = await Promise.all(ends.map((e) => outbox.take(e.sessionId)));
+    // Nothing is stored for a session that is gone (publish.lua skips it); reported if it were.
     const late: { sessionId: string; reason: string; t: TakenEvent }[] = [];
     ends.forEach((e, i) => {
       const reported = new Set(peeked[i].map((t) => t.event.eid));
@@ -1388,10 +1382,6 @@ export class DeliveryService {
     });
     if (late.length > 0) await this.failMany(late);
     return taken.map((t) => t.length);
-  }
-
-  private failAll(sessionId: string, events: TakenEvent[], reason: string): Promise<void> {
-    return this.failMany(events.map((t) => ({ sessionId, reason, t })));
   }
 
   /** Dead-letters and reports `delivery.failed` each event, PURGE_BULK a bulk call. */

@@ -166,9 +166,9 @@ export async function rebuildNames(
   keys: Keys,
   holdMs = NAMES_REBUILD_HOLD_MS,
 ): Promise<{ records: number; before: number; rebuilt: boolean }> {
-  const [records, before, rebuilt] = (await redis.eval(
-    NAMES_REBUILD,
-    3,
+  const r = redis as Redis & { gwNamesRebuild?(...args: (string | number)[]): Promise<number[]> };
+  if (!r.gwNamesRebuild) redis.defineCommand('gwNamesRebuild', { numberOfKeys: 3, lua: NAMES_REBUILD });
+  const [records, before, rebuilt] = (await r.gwNamesRebuild!(
     keys.presence,
     keys.presenceNames,
     keys.presenceNamesHold,
