@@ -280,6 +280,12 @@ describe('devices and sessions', () => {
     const dev = `dev-${randomUUID().slice(0, 8)}`;
     const c = await client(b.tcpUrl);
     const s = await signUp(c, { id: dev });
+    // The login is answered before its presence record is written (the node's binding call of
+    // that tick): a kick before it finds the device not connected.
+    await until('the device online', async () => {
+      const d = await admin(a, 'GET', `/v1/devices/${dev}`, '/v1/devices/{id}');
+      return d.body.online === true;
+    });
     const kicked = nextEvent<{ code: string; retryAfter?: number }>(c, 'kick', 'the device kicked');
     const r = await admin(a, 'POST', `/v1/devices/${dev}/kick`, '/v1/devices/{id}/kick', {
       body: { retryAfter: 1234 },
