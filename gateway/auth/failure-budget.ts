@@ -1,7 +1,7 @@
 /**
  * A failure budget (the account lockout, the per-IP login budget, the wrong email codes per
- * address): `points` failures per key in a window of `durationSeconds` from the first, counted
- * in Redis (`Prl:<name>:<key>`, a count with a TTL).
+ * address): `points` failures and attempts in flight per key, the failures counted in a window
+ * of `durationSeconds` from the first.
  *
  * An attempt reserves its point before it is verified, so attempts in flight count and
  * concurrent guesses cannot get past the budget (docs/ARCHITECTURE.md, "Login limits"). What
@@ -22,9 +22,21 @@
  * A refusal says when to come back (`retryAfter`). When the failures alone are within the
  * budget, the refusal is only the attempts in flight: a point comes back as soon as one of them
  * is verified, so the caller's hint (about one verification) is given, never more than the
- * window's end. Otherwise it is the window's end (or the lock's). Attempts in flight are counted
- * per key beside the budget (`Prl:<name>-inflight:<key>`, with a TTL, so that those of a
- * process that died are forgotten).
+ * window's end. Otherwise it is the window's end (or the lock's).
+ *
+ * The failures and the attempts in flight are kept apart: the failures are a count with the
+ * window as TTL (`Prl:<name>:<key>`), each attempt in flight a member of a sorted set
+ * (`Prl:<name>-flying:<key>`, its id scored with Redis's time), forgotten once it is older than
+ * `IN_FLIGHT_TTL_MS`. So an attempt that is never settled holds its point for that long and is
+ * never taken for a failure. Before, one count held both: the attempts of a node that died
+ * mid-verification, and the reservations a frozen Redis ran after their caller had timed out
+ * and answered `overloaded`, became failures once their in-flight mark expired, and could lock
+ * an account that had no wrong password (five logins answered `overloaded` while Redis was
+ * frozen left their account refusing the right password `locked`, test/e2e/takeover-faults).
+ *
+ * A reservation whose reply did not come may still run; its give-back is sent at once, on the
+ * same connection after it, so Redis runs it after the reservation. Settling an attempt removes
+ * its id, whatever was there: a give-back of an attempt never reserved changes nothing.
  *
  * A settlement Redis refused unsent (it was down when the attempt was verified) is owed, and
  * sent again by `settleOwed` (before the next reservation, and from the node's sweep) for as
@@ -33,6 +45,7 @@
  * address, logging in when Redis restarted, found its address refused for up to a whole
  * window once their in-flight marks had expired, though none of them had failed.
  */
+import { randomBytes } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { type ErrorCode, ProtocolError } from '../../protocol/index.ts';
 import { neverSent } from '../faults.ts';
@@ -42,48 +55,46 @@ import type { Keys } from '../keys.ts';
 export const IN_FLIGHT_TTL_MS = 120_000;
 
 /**
- * KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] points, ARGV[2] the window (ms),
- * ARGV[3] the in-flight TTL (ms). Returns {taken (1/0), the count (before the refused attempt),
- * ms to the window's end (when refused), in flight}. A refused attempt's INCR is undone in the
- * same call, so it is never seen.
+ * KEYS[1] the failures, KEYS[2] the attempts in flight (ZSET attempt id → ms, Redis's clock);
+ * ARGV[1] points, ARGV[2] the in-flight TTL (ms), ARGV[3] the attempt's id. Attempts in flight
+ * past the TTL are forgotten first. Returns {taken (1/0), failures + attempts in flight (before
+ * a refused attempt), ms to the failures' window's end (when refused; -2 with none), attempts
+ * in flight}. A refused attempt writes nothing.
  */
 const RESERVE = `
-local n = redis.call('INCR', KEYS[1])
-if n > tonumber(ARGV[1]) then
-  redis.call('DECR', KEYS[1])
-  return {0, n - 1, redis.call('PTTL', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+local failures = tonumber(redis.call('GET', KEYS[1]) or '0')
+local flying = redis.call('ZCARD', KEYS[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if flying > 0 then
+  flying = flying - redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
 end
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local f = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return {1, n, 0, f}
+if failures + flying >= tonumber(ARGV[1]) then
+  return {0, failures + flying, redis.call('PTTL', KEYS[1]), flying}
+end
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return {1, failures + flying + 1, 0, flying + 1}
 `;
 
 /**
- * Settles a reservation. KEYS[1] the count, KEYS[2] the attempts in flight; ARGV[1] 'give'
- * (the point back), 'fail' (the point stays: a failure) or 'clear' (the count deleted);
- * ARGV[2] points, ARGV[3] the window (ms), ARGV[4] '1' when a spent budget locks. Returns 1
- * when this failure locked the key: the failures alone (the count less the attempts still in
- * flight) reach the points, and the count is set to them for a whole window from now.
+ * Settles a reservation. KEYS[1] the failures, KEYS[2] the attempts in flight; ARGV[1] 'give'
+ * (the point back), 'fail' (a failure) or 'clear' (the failures deleted); ARGV[2] points,
+ * ARGV[3] the window (ms), ARGV[4] '1' when a spent budget locks, ARGV[5] the attempt's id.
+ * The attempt leaves the set in flight whatever it was (a 'give' of one never reserved, or
+ * given already, changes nothing). Returns 1 when this failure locked the key: the failures
+ * reach the points, and the count is set to them for a whole window from now.
  */
 const SETTLE = `
--- A count at 0 stays until its TTL: one command fewer per attempt. Below 0, the key had
--- ended (its TTL) while the attempt was out.
-local f = redis.call('DECR', KEYS[2])
-if f < 0 then
-  redis.call('DEL', KEYS[2])
-  f = 0
-end
+redis.call('ZREM', KEYS[2], ARGV[5])
 local how = ARGV[1]
-if how == 'give' then
-  -- Not below 0: the window may have ended (and the key with it) while the attempt was out.
-  if redis.call('DECR', KEYS[1]) < 0 then redis.call('DEL', KEYS[1]) end
-elseif how == 'fail' then
-  local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if ARGV[4] == '1' and n - f >= tonumber(ARGV[2]) then
+if how == 'fail' then
+  local n = redis.call('INCR', KEYS[1])
+  if ARGV[4] == '1' and n >= tonumber(ARGV[2]) then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
     return 1
   end
+  if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 elseif how == 'clear' then
   redis.call('DEL', KEYS[1])
 end
@@ -92,19 +103,20 @@ return 0
 
 type BudgetRedis = Redis & {
   gwBudgetReserve(
-    count: string,
+    failures: string,
     inFlight: string,
     points: number,
-    windowMs: number,
     inFlightTtlMs: number,
+    id: string,
   ): Promise<number[]>;
   gwBudgetSettle(
-    count: string,
+    failures: string,
     inFlight: string,
     how: string,
     points: number,
     windowMs: number,
     lock: string,
+    id: string,
   ): Promise<number>;
 };
 
@@ -124,6 +136,8 @@ export interface FailureBudgetOptions {
   message?: string;
   /** About how long until an attempt in flight is verified, ms (a refusal's hint). */
   retryHintMs: () => number;
+  /** How long an attempt is counted in flight at most, ms (IN_FLIGHT_TTL_MS). */
+  inFlightTtlMs?: number;
 }
 
 /** The point an attempt holds while it is verified. */
@@ -140,6 +154,7 @@ export interface Reservation {
 interface Owed {
   count: string;
   inFlight: string;
+  id: string;
   how: 'give' | 'fail' | 'clear';
   /** When its attempt was reserved (ms): owed until its in-flight mark would have expired. */
   reservedAt: number;
@@ -163,12 +178,14 @@ export class FailureBudget {
     }
     this.redis = redis as BudgetRedis;
     this.countPrefix = `${keys.rateLimit(options.name)}:`;
-    this.inFlightPrefix = `${keys.rateLimit(`${options.name}-inflight`)}:`;
+    this.inFlightPrefix = `${keys.rateLimit(`${options.name}-flying`)}:`;
   }
 
   /**
    * Takes a point for `key` before an attempt is verified; past the budget, the budget's code
-   * with `retryAfter`, nothing taken. Redis errors are thrown as they are.
+   * with `retryAfter`, nothing taken. Redis errors are thrown as they are; a reservation whose
+   * reply did not come (a timeout, a connection cut under it) may yet be run by Redis, and is
+   * given back after it (see the header).
    */
   async reserve(key: string): Promise<Reservation> {
     const { points, durationSeconds } = this.options;
@@ -179,24 +196,24 @@ export class FailureBudget {
     // reservations racing a run already under way wait for it too (it took the owed list).
     if (this.owed.length > 0 || this.settling) await this.settleOwed();
     const reservedAt = Date.now();
-    const [taken, n, ttl, flying] = await this.redis.gwBudgetReserve(
-      count,
-      inFlight,
-      points,
-      windowMs,
-      IN_FLIGHT_TTL_MS,
-    );
+    const id = randomBytes(9).toString('base64url');
+    let reply: number[];
+    try {
+      reply = await this.redis.gwBudgetReserve(count, inFlight, points, this.inFlightTtlMs, id);
+    } catch (e) {
+      // Sent, and perhaps run once Redis answers again (a freeze, a slow Redis): its point
+      // would be held for the whole in-flight time by an attempt that is never verified. The
+      // give-back goes on the same connection after it, so Redis runs it after the reservation.
+      if (!neverSent(e)) void this.settle({ count, inFlight, id, how: 'give', reservedAt }).catch(() => {});
+      throw e;
+    }
+    const [taken, n, ttl, flying] = reply;
     if (!taken) throw this.refused(n, ttl < 0 ? windowMs : ttl, flying);
     let settled = false;
     const settle = async (how: 'give' | 'fail' | 'clear') => {
       if (settled) return false;
       settled = true;
-      try {
-        return await this.send(count, inFlight, how);
-      } catch (e) {
-        if (neverSent(e)) this.owed.push({ count, inFlight, how, reservedAt });
-        throw e;
-      }
+      return this.settle({ count, inFlight, id, how, reservedAt });
     };
     return {
       // The failure that spends the budget (the failures alone, not the attempts still in
@@ -213,15 +230,30 @@ export class FailureBudget {
     };
   }
 
-  private async send(count: string, inFlight: string, how: Owed['how']): Promise<boolean> {
+  /** Sends a settlement; one Redis refused unsent is owed (see the header). */
+  private async settle(o: Owed): Promise<boolean> {
+    try {
+      return await this.send(o);
+    } catch (e) {
+      if (neverSent(e)) this.owed.push(o);
+      throw e;
+    }
+  }
+
+  private get inFlightTtlMs(): number {
+    return this.options.inFlightTtlMs ?? IN_FLIGHT_TTL_MS;
+  }
+
+  private async send(o: Owed): Promise<boolean> {
     const { points, durationSeconds, lockWhenSpent } = this.options;
     const locked = await this.redis.gwBudgetSettle(
-      count,
-      inFlight,
-      how,
+      o.count,
+      o.inFlight,
+      o.how,
       points,
       durationSeconds * 1000,
       lockWhenSpent ? '1' : '0',
+      o.id,
     );
     return locked === 1;
   }
@@ -249,9 +281,9 @@ export class FailureBudget {
       let settled = 0;
       for (let i = 0; i < owed.length; i++) {
         const o = owed[i];
-        if (now - o.reservedAt >= IN_FLIGHT_TTL_MS) continue;
+        if (now - o.reservedAt >= this.inFlightTtlMs) continue;
         try {
-          await this.send(o.count, o.inFlight, o.how);
+          await this.send(o);
           settled++;
         } catch (e) {
           if (neverSent(e)) {

@@ -119,11 +119,13 @@ test('a resume and a login on a connection with a session cost one script call f
   // more commands (Redis's clock, the index's ZADD, the outbox's PTTL): ~39.2. Since the
   // presence names are kept with the records (messaging/presence.ts), a rebind runs two more
   // (the old record's name's HDEL, the new one's HSET): a resume ~40.9 and a login ~60.1 with a
-  // check pair's two suites running beside it.
+  // check pair's two suites running beside it. Since each attempt in flight is a member of a
+  // sorted set with Redis's time (auth/failure-budget.ts), a login runs one more (the clock):
+  // 55.7 → 56.7 run alone (the bound one higher with it).
   assert.ok(resume.sent <= 4, `commands sent per resume: ${seen}`);
   assert.ok(login.sent <= 10, `commands sent per login: ${seen}`);
   assert.ok(resume.ran <= 44, `commands Redis ran per resume: ${seen}`);
-  assert.ok(login.ran <= 63, `commands Redis ran per login: ${seen}`);
+  assert.ok(login.ran <= 64, `commands Redis ran per login: ${seen}`);
   // A resume runs no PostgreSQL query: its last-seen times are written in batches off its path
   // (auth/last-seen.ts), one statement a second for all of them (0.20 per resume read here,
   // with the background taken off at its idle rate). Before, 1.17.

@@ -10,10 +10,12 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
+import { DATABASE_URL, query } from '../helpers/cleanup.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
@@ -55,6 +57,18 @@ after(async () => {
 const acl = (rule: string) => redis.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
 const devsess = (device: string) =>
   redis.with((r) => r.smembers(`${deployment.GW_REDIS_PREFIX}devsess:${device}`));
+/** The points the account's login budget holds: failures and attempts in flight. */
+const accountBudgetHeld = () =>
+  redis.with(async (r) => {
+    let held = 0;
+    for (const key of await r.keys(`${deployment.GW_REDIS_PREFIX}rl:login-account*`)) {
+      const type = await r.type(key);
+      if (type === 'string') held += Number(await r.get(key));
+      else if (type === 'zset') held += await r.zcard(key);
+      else held += 1;
+    }
+    return held;
+  });
 const sessionExists = (sid: string) =>
   redis.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${sid}}:sess`));
 
@@ -209,6 +223,15 @@ test('thirty devices of one account taken over at once while Redis freezes again
       refusals.some((r) => r.startsWith('overloaded')),
       `the freezes (${freezes}) met logins under way: ${JSON.stringify(refusals)}`,
     );
+    // Every login answered: no point of the account's budget is left held. A reservation a
+    // freeze held past its timeout ran once Redis thawed, for a login already answered
+    // `overloaded`; its give-back runs after it. Before, such points stayed, and once five were
+    // held the account's every login was refused `locked`.
+    await until(
+      "the account's login budget to hold nothing",
+      async () => (await accountBudgetHeld()) === 0,
+      10_000,
+    );
 
     await until('every older connection kicked', () => kicks.every((k) => k.length >= 1), 30_000);
     // A second kick of one of them, or a kick of a new one, would come within this.
@@ -234,6 +257,63 @@ test('thirty devices of one account taken over at once while Redis freezes again
     freezing = false;
     redis.thaw();
     for (const c of [...olds, ...newer]) c.destroy();
+  }
+});
+
+test("logins whose account reservation a frozen Redis ran after they were answered `overloaded` leave the account's budget whole", async () => {
+  const username = await register();
+  const c = await connected(g.tcpUrl);
+  const db = new pg.Client({
+    connectionString: DATABASE_URL,
+    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
+  });
+  await db.connect();
+  try {
+    // As many times as the account has points (GW_LOCKOUT_ATTEMPTS, 5): the login's lookup
+    // held by a lock on the users table until Redis is frozen, so that the account's
+    // reservation, the next step, is sent to a frozen Redis and the login answered
+    // `overloaded` after the 300 ms timeout. Redis runs the reservation once thawed.
+    for (let i = 0; i < 5; i++) {
+      await db.query('BEGIN');
+      await db.query('LOCK TABLE users IN ACCESS EXCLUSIVE MODE');
+      const login = tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`);
+      try {
+        await until(
+          'the login waiting for the users table',
+          // From another connection: in a transaction, pg_stat_activity is read once.
+          async () =>
+            (
+              await query(
+                deployment.GW_DB_SCHEMA,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM users WHERE%'",
+              )
+            ).rowCount! > 0,
+        );
+        redis.freeze();
+      } finally {
+        await db.query('COMMIT');
+      }
+      let o: Awaited<typeof login>;
+      try {
+        o = await within('the login under a frozen Redis', login);
+      } finally {
+        redis.thaw();
+      }
+      assert.equal(o.code, 'overloaded', `login ${i} answered overloaded: ${JSON.stringify(o)}`);
+    }
+    // Every reservation ran, and was given back after it: the right password logs in. Before,
+    // the five points stayed held and the login was refused `locked`.
+    await until(
+      "the account's login budget to hold nothing",
+      async () => (await accountBudgetHeld()) === 0,
+      10_000,
+    );
+    const o = await tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`);
+    assert.ok(o.session, `the right password logs in: ${JSON.stringify(o)}`);
+  } finally {
+    redis.thaw();
+    await db.end();
+    c.destroy();
   }
 });
 

@@ -44,12 +44,13 @@ function budget() {
     code: 'rate_limited',
     retryHintMs: () => 100,
   });
+  /** The failures counted, and the attempts in flight. */
   const held = async (key: string) => {
-    const [count, inFlight] = await redis.mget(
-      `${keys.rateLimit('login-ip')}:${key}`,
-      `${keys.rateLimit('login-ip-inflight')}:${key}`,
-    );
-    return { count: Number(count ?? 0), inFlight: Number(inFlight ?? 0) };
+    const [failures, inFlight] = await Promise.all([
+      redis.get(`${keys.rateLimit('login-ip')}:${key}`),
+      redis.zcard(`${keys.rateLimit('login-ip-flying')}:${key}`),
+    ]);
+    return { failures: Number(failures ?? 0), inFlight };
   };
   return { b, held };
 }
@@ -75,11 +76,11 @@ test('settlements refused while Redis was stopped are sent before the next reser
   const { b, held } = budget();
   await reservedThroughAnOutage(b, 'a');
   // Kept by the append-only file through the restart: the two points and their marks.
-  assert.deepEqual(await held('a'), { count: 2, inFlight: 2 }, 'the outage left two points');
+  assert.deepEqual(await held('a'), { failures: 0, inFlight: 2 }, 'the outage left two points');
   const next = await b.reserve('a');
   assert.equal(b.owedCount, 0, 'nothing owed after the reservation');
-  // Before, 3 and 3: the next two attempts would have been refused.
-  assert.deepEqual(await held('a'), { count: 1, inFlight: 1 }, "only the new attempt's point is held");
+  // Before, 3 in flight: the next attempt would have been refused.
+  assert.deepEqual(await held('a'), { failures: 0, inFlight: 1 }, "only the new attempt's point is held");
   await next.succeeded();
 });
 
@@ -88,7 +89,7 @@ test('an owed settlement past its in-flight time is dropped, not sent', async ()
   await reservedThroughAnOutage(b, 'b');
   assert.equal(await b.settleOwed(Date.now() + IN_FLIGHT_TTL_MS), 0, 'nothing sent');
   assert.equal(b.owedCount, 0, 'dropped');
-  assert.deepEqual(await held('b'), { count: 2, inFlight: 2 }, 'the points stay as they were');
+  assert.deepEqual(await held('b'), { failures: 0, inFlight: 2 }, 'the points stay as they were');
 });
 
 test('reservations racing right after an outage wait for the owed settlements: each point once, none refused for them', async () => {
@@ -103,7 +104,76 @@ test('reservations racing right after an outage wait for the owed settlements: e
     .map((o) => (o as PromiseRejectedResult).reason);
   assert.deepEqual(refused, [], 'no attempt refused for points the outage left');
   assert.equal(b.owedCount, 0, 'nothing owed');
-  assert.deepEqual(await held('c'), { count: 3, inFlight: 3 }, 'the three attempts, and only them, are held');
+  assert.deepEqual(
+    await held('c'),
+    { failures: 0, inFlight: 3 },
+    'the three attempts, and only them, are held',
+  );
   // One more is refused: the three owed were given back once each, not twice.
   await assert.rejects(b.reserve('c'), (e: { code?: string }) => e.code === 'rate_limited');
+});
+
+test('a reservation whose reply a frozen Redis held past the timeout is given back once Redis runs it', async () => {
+  const { b } = budget();
+  own.freeze();
+  let refusedLate: unknown;
+  try {
+    // Sent, and run by Redis once it is thawed, but its caller has given up: the login was
+    // answered `overloaded` and will never settle it.
+    refusedLate = await b.reserve('d').then(
+      () => undefined,
+      (e) => e,
+    );
+  } finally {
+    own.thaw();
+  }
+  assert.match(String((refusedLate as Error)?.message), /Command timed out/, 'the reservation timed out');
+  await until(
+    'Redis to answer again',
+    () =>
+      redis.ping().then(
+        (p) => p === 'PONG',
+        () => false,
+      ),
+    15000,
+  );
+  // The budget (3) is whole: three attempts at once are all let in, and none of them is left
+  // refused because of the one whose reply was lost.
+  const outcomes = await Promise.allSettled([0, 1, 2].map(() => b.reserve('d')));
+  assert.deepEqual(
+    outcomes.map((o) => (o.status === 'rejected' ? (o.reason as { code?: string }).code : 'taken')),
+    ['taken', 'taken', 'taken'],
+    'every attempt after the lost reply is let in',
+  );
+});
+
+test("a killed node's reservations hold their points while in flight, never as failures after", async () => {
+  const keys = new Keys(`fb${n++}:`);
+  const make = () =>
+    new FailureBudget(redis, keys, {
+      name: 'login-account',
+      points: 3,
+      durationSeconds: 900,
+      lockWhenSpent: true,
+      code: 'locked',
+      retryHintMs: () => 100,
+      inFlightTtlMs: 1000,
+    });
+  // A node reserves the whole budget and dies before verifying any of the three.
+  const dead = make();
+  await Promise.all([0, 1, 2].map(() => dead.reserve('e')));
+  const live = make();
+  await assert.rejects(
+    live.reserve('e'),
+    (e: { code?: string }) => e.code === 'locked',
+    'held while in flight',
+  );
+  // Once their in-flight time is past, the three are no one's failures: the account is whole.
+  await new Promise((r) => setTimeout(r, 1100));
+  const again = await Promise.allSettled([0, 1, 2].map(() => live.reserve('e')));
+  assert.deepEqual(
+    again.map((o) => (o.status === 'rejected' ? (o.reason as { code?: string }).code : 'taken')),
+    ['taken', 'taken', 'taken'],
+    "the dead node's reservations are not counted as failures",
+  );
 });
