@@ -60,9 +60,12 @@ test(`a restore of ${SESSIONS} sessions is a few script calls, and writes every 
     assert.ok(calls <= 1 + Math.ceil(SESSIONS / 256), `${calls} script calls for ${SESSIONS} sessions`);
     const records = await redis.with((r) => r.hgetall(keys.presence));
     assert.equal(Object.keys(records).length, SESSIONS);
+    // And the names `users` reads beside them (messaging/presence.ts, keys.ts presenceNames).
+    const names = await redis.with((r) => r.hgetall(keys.presenceNames));
     for (const c of connections) {
       const rec = JSON.parse(records[c.session!.sessionId]);
       assert.equal(rec.username, c.session!.username);
+      assert.equal(names[c.session!.sessionId], c.session!.username, 'its presence name');
     }
 
     // Redis refusing a step of each write (SADD to the node's sessions; the record's HSET comes
