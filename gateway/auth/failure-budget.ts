@@ -34,6 +34,12 @@
  * an account that had no wrong password (five logins answered `overloaded` while Redis was
  * frozen left their account refusing the right password `locked`, test/e2e/takeover-faults).
  *
+ * An attempt in flight longer than `STUCK_MS` (30 s) looks stuck: a refusal for attempts in
+ * flight that all look so says when the oldest is forgotten, since none of them will give its
+ * point back before. Before, such a refusal said "about one verification" for two minutes, and
+ * a fleet behind one address whose node died with its logins in flight retried in a loop until
+ * the points were forgotten.
+ *
  * A reservation whose reply did not come may still run; its give-back is sent at once, on the
  * same connection after it, so Redis runs it after the reservation. Settling an attempt removes
  * its id, whatever was there: a give-back of an attempt never reserved changes nothing.
@@ -55,11 +61,21 @@ import type { Keys } from '../keys.ts';
 export const IN_FLIGHT_TTL_MS = 120_000;
 
 /**
+ * How long an attempt may be in flight before it looks stuck: far past any verification's
+ * expected wait (GW_HASH_MAX_WAIT_MS, 2 s by default) and run, and a PostgreSQL look-up's
+ * bound. A refusal for attempts in flight that all look stuck (a dead node's, or reservations
+ * whose reply was lost) tells when the oldest is forgotten instead of one verification.
+ */
+export const STUCK_MS = 30_000;
+
+/**
  * KEYS[1] the failures, KEYS[2] the attempts in flight (ZSET attempt id → ms, Redis's clock);
- * ARGV[1] points, ARGV[2] the in-flight TTL (ms), ARGV[3] the attempt's id. Attempts in flight
- * past the TTL are forgotten first. Returns {taken (1/0), failures + attempts in flight (before
- * a refused attempt), ms to the failures' window's end (when refused; -2 with none), attempts
- * in flight}. A refused attempt writes nothing.
+ * ARGV[1] points, ARGV[2] the in-flight TTL (ms), ARGV[3] the attempt's id, ARGV[4] the time
+ * after which an attempt in flight looks stuck (ms). Attempts in flight past the TTL are
+ * forgotten first. Returns {taken (1/0), failures + attempts in flight (before a refused
+ * attempt), ms to the failures' window's end (when refused; -2 with none), attempts in flight,
+ * and when refused for attempts in flight that all look stuck, ms until the oldest is forgotten
+ * (else -1)}. A refused attempt writes nothing.
  */
 const RESERVE = `
 local failures = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -70,7 +86,15 @@ if flying > 0 then
   flying = flying - redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
 end
 if failures + flying >= tonumber(ARGV[1]) then
-  return {0, failures + flying, redis.call('PTTL', KEYS[1]), flying}
+  -- Refused for attempts in flight that all look stuck: no point comes back before the oldest
+  -- is forgotten.
+  local wait = -1
+  if flying > 0 and failures < tonumber(ARGV[1])
+    and redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[4]), '+inf') == 0 then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    wait = tonumber(oldest[2]) + tonumber(ARGV[2]) - now
+  end
+  return {0, failures + flying, redis.call('PTTL', KEYS[1]), flying, wait}
 end
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -108,6 +132,7 @@ type BudgetRedis = Redis & {
     points: number,
     inFlightTtlMs: number,
     id: string,
+    stuckMs: number,
   ): Promise<number[]>;
   gwBudgetSettle(
     failures: string,
@@ -138,6 +163,11 @@ export interface FailureBudgetOptions {
   retryHintMs: () => number;
   /** How long an attempt is counted in flight at most, ms (IN_FLIGHT_TTL_MS). */
   inFlightTtlMs?: number;
+  /**
+   * How long an attempt may be in flight before it is taken for one that will never be settled
+   * (its node died, or its reservation's reply was lost), ms (STUCK_MS).
+   */
+  stuckMs?: number;
 }
 
 /** The point an attempt holds while it is verified. */
@@ -199,7 +229,14 @@ export class FailureBudget {
     const id = randomBytes(9).toString('base64url');
     let reply: number[];
     try {
-      reply = await this.redis.gwBudgetReserve(count, inFlight, points, this.inFlightTtlMs, id);
+      reply = await this.redis.gwBudgetReserve(
+        count,
+        inFlight,
+        points,
+        this.inFlightTtlMs,
+        id,
+        this.options.stuckMs ?? STUCK_MS,
+      );
     } catch (e) {
       // Sent, and perhaps run once Redis answers again (a freeze, a slow Redis): its point
       // would be held for the whole in-flight time by an attempt that is never verified. The
@@ -207,8 +244,8 @@ export class FailureBudget {
       if (!neverSent(e)) void this.settle({ count, inFlight, id, how: 'give', reservedAt }).catch(() => {});
       throw e;
     }
-    const [taken, n, ttl, flying] = reply;
-    if (!taken) throw this.refused(n, ttl < 0 ? windowMs : ttl, flying);
+    const [taken, n, ttl, flying, stuckFor] = reply;
+    if (!taken) throw this.refused(n, ttl < 0 ? windowMs : ttl, flying, stuckFor);
     let settled = false;
     const settle = async (how: 'give' | 'fail' | 'clear') => {
       if (settled) return false;
@@ -301,14 +338,19 @@ export class FailureBudget {
     return this.settling;
   }
 
-  /** The refusal of a reservation: `count` taken, `flying` of them in flight. */
-  private refused(count: number, toWindowEndMs: number, flying: number): ProtocolError {
+  /**
+   * The refusal of a reservation: `count` taken, `flying` of them in flight, and `stuckFor` (ms)
+   * until the oldest is forgotten when every one in flight looks stuck (else negative).
+   */
+  private refused(count: number, toWindowEndMs: number, flying: number, stuckFor = -1): ProtocolError {
     const failures = count - Math.max(0, flying);
     const toEnd = Math.max(1, toWindowEndMs);
-    const retryAfter =
-      failures < this.options.points
-        ? Math.min(toEnd, Math.max(1, Math.ceil(this.options.retryHintMs())))
-        : toEnd;
+    let retryAfter = toEnd;
+    if (failures < this.options.points)
+      retryAfter = Math.min(
+        toEnd,
+        Math.max(1, Math.ceil(stuckFor >= 0 ? stuckFor : this.options.retryHintMs())),
+      );
     return new ProtocolError(this.options.code, this.options.message, { retryAfter });
   }
 }

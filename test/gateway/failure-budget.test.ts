@@ -177,3 +177,45 @@ test("a killed node's reservations hold their points while in flight, never as f
     "the dead node's reservations are not counted as failures",
   );
 });
+
+test("a refusal for attempts in flight that look stuck (a dead node's) says when their points come back, not one verification", async () => {
+  const keys = new Keys(`fb${n++}:`);
+  const make = () =>
+    new FailureBudget(redis, keys, {
+      name: 'login-ip',
+      points: 3,
+      durationSeconds: 900,
+      lockWhenSpent: false,
+      code: 'rate_limited',
+      retryHintMs: () => 100,
+      inFlightTtlMs: 4000,
+      stuckMs: 500,
+    });
+  const retryAfterOf = async (b: FailureBudget, key: string) => {
+    const e = await b.reserve(key).then(
+      () => assert.fail('refused'),
+      (x) => x as { code?: string; retryAfter?: number },
+    );
+    assert.equal(e.code, 'rate_limited');
+    return e.retryAfter!;
+  };
+  // A node reserves the whole budget and dies before settling any of the three.
+  const dead = make();
+  await Promise.all([0, 1, 2].map(() => dead.reserve('f')));
+  const live = make();
+  // Young: about one verification, as any attempts in flight.
+  assert.equal(await retryAfterOf(live, 'f'), 100, 'attempts in flight just now');
+  await new Promise((r) => setTimeout(r, 700));
+  // Every one in flight past `stuckMs`: none will settle, and the first point comes back when
+  // the oldest is forgotten, ~3.3 s from now. Before, 100 ms: retries in a loop until then.
+  const wait = await retryAfterOf(live, 'f');
+  assert.ok(wait > 2500 && wait <= 3300, `retryAfter ${wait} ms: when the oldest is forgotten`);
+
+  // One young among the stuck: a point may come back with it, so one verification again.
+  const g = make();
+  const [stuck] = await Promise.all([g.reserve('g'), g.reserve('g'), g.reserve('g')]);
+  await new Promise((r) => setTimeout(r, 700));
+  await stuck.release();
+  await g.reserve('g');
+  assert.equal(await retryAfterOf(live, 'g'), 100, 'one attempt in flight is young');
+});
