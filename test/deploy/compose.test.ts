@@ -212,6 +212,19 @@ test('promtool accepts prometheus.yml and its rules', (t) => {
   assert.match(r.stdout, /SUCCESS: 1 rule files found/);
 });
 
+test("the alerts' unit tests pass (promtool test rules: each alert fed series on both sides of its threshold)", (t) => {
+  if (spawnSync('promtool', ['--version']).error) {
+    t.skip('promtool is not installed (Debian package prometheus)');
+    return;
+  }
+  const r = spawnSync('promtool', ['test', 'rules', 'alerts.test.yaml'], {
+    cwd: join(DEPLOY, 'prometheus'),
+    encoding: 'utf8',
+  });
+  assert.equal(r.status, 0, r.stdout + r.stderr);
+  assert.match(r.stdout, /SUCCESS/);
+});
+
 test('Grafana is provisioned with the Prometheus data source and the dashboard', () => {
   const gf = services.grafana;
   const mounts = binds(gf);
