@@ -57,6 +57,7 @@ import {
   type SessionView,
 } from './session-store.ts';
 import { hashToken, newRefreshToken, openWithToken, sealWithToken, type Tokens } from './tokens.ts';
+import { UnstartedSessions } from './unstarted.ts';
 import { UserIds } from './user-ids.ts';
 
 export interface IdentityOptions {
@@ -161,6 +162,8 @@ export class IdentityService {
   private owedTriedAt = 0;
   /** Resumes' times for PostgreSQL's records, written in batches off their path. */
   private readonly lastSeen: LastSeen;
+  /** Failed logins' sessions, whose audit rows are kept or deleted once Redis says (unstarted.ts). */
+  private readonly unstarted: UnstartedSessions;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -200,6 +203,7 @@ export class IdentityService {
   ) {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
+    this.unstarted = new UnstartedSessions(deps);
     this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, (members) =>
       deps.redis.zrem(deps.keys.auditOwed, ...members),
     );
@@ -252,6 +256,7 @@ export class IdentityService {
   sweep(now: number): void {
     this.lastSeen.tick(now);
     this.settleOwed(now);
+    this.unstarted.tick(now);
   }
 
   /** At shutdown: writes the last-seen times still pending. */
@@ -633,23 +638,31 @@ export class IdentityService {
         ctx.userAgent ?? null,
       ],
     );
-    await this.store.create(
-      {
-        sessionId,
-        userId,
-        username,
-        device,
-        ip: ctx.ip,
-        ...(ctx.userAgent ? { userAgent: ctx.userAgent } : {}),
-        createdAt: now,
-        lastSeenAt: now,
-        refreshHash: hashToken(refresh),
-        refreshExpiresAt,
-        deviceInfo: device ? null : deviceInfoFromUserAgent(ctx.userAgent),
-        location: this.deps.locator?.locate(ctx.ip) ?? null,
-      },
-      o.refreshTtlSeconds * 1000,
-    );
+    // The audit row is written: a session that Redis does not make now (refused, or a reply
+    // lost) would leave it open for good. Redis is asked after this step whether it ran, and
+    // the row is deleted if not (unstarted.ts).
+    try {
+      await this.store.create(
+        {
+          sessionId,
+          userId,
+          username,
+          device,
+          ip: ctx.ip,
+          ...(ctx.userAgent ? { userAgent: ctx.userAgent } : {}),
+          createdAt: now,
+          lastSeenAt: now,
+          refreshHash: hashToken(refresh),
+          refreshExpiresAt,
+          deviceInfo: device ? null : deviceInfoFromUserAgent(ctx.userAgent),
+          location: this.deps.locator?.locate(ctx.ip) ?? null,
+        },
+        o.refreshTtlSeconds * 1000,
+      );
+    } catch (e) {
+      this.unstarted.add(sessionId);
+      throw e;
+    }
     if (device?.id) await this.takeOverDevice(userId, device.id, sessionId, ctx.connection);
     const { token, expiresAt } = await this.deps.tokens.issue(userId, sessionId);
     return {

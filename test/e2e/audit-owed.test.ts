@@ -7,9 +7,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import pgLib from 'pg';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
-import { query, redisClient } from '../helpers/cleanup.ts';
+import { DATABASE_URL, query, redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import {
   type DeploymentEnv,
@@ -277,6 +278,129 @@ test("two ends of one session at once (a logout and a revoke): its row ended onc
     await g.stop();
     await other.stop();
     r.disconnect();
+    await own.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+/** The audit rows of `username`'s sessions: id and whether ended, oldest first. */
+async function rowsOf(schema: string, username: string): Promise<{ id: string; ended: boolean }[]> {
+  const r = await query(
+    schema,
+    `SELECT s.id, s.ended_at IS NOT NULL AS ended FROM sessions s JOIN users u ON u.id = s.user_id
+     WHERE u.username = $1 ORDER BY s.created_at`,
+    [username],
+  );
+  return r.rows as { id: string; ended: boolean }[];
+}
+
+test('a login whose session Redis refuses to make leaves no audit row', async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment, { REDIS_URL: own.url }));
+  const acl = (rule: string) => own.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
+  const open: GatewayClient[] = [];
+  try {
+    const c = await connected(g.tcpUrl);
+    open.push(c);
+    const s = await within('a sign-up', signUp(c));
+    // The session is made with HSET (session-store.ts, CREATE), which nothing before it in a
+    // login uses: the login gets past its checks and its audit row, then fails.
+    await acl('-hset');
+    try {
+      await assert.rejects(
+        within('the login', c.request('login', { username: s.username, password: PASSWORD })),
+        'the login fails',
+      );
+    } finally {
+      await acl('+hset');
+    }
+    // Only the sign-up's row: the failed login's was deleted. Before, it stayed open for good.
+    await until(
+      "the failed login's audit row gone",
+      async () => {
+        const rows = await rowsOf(deployment.GW_DB_SCHEMA, s.username);
+        return rows.length === 1 && rows[0].id === s.sessionId;
+      },
+      15_000,
+    );
+    assert.ok(
+      g.logs.some((l) => l.msg === 'audit rows of failed logins deleted: their sessions were never made'),
+      'the log line',
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    await g.stop();
+    await own.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a login whose session a frozen Redis made after the login's timeout keeps its audit row, open", async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway(env(deployment, { REDIS_URL: own.url, GW_REDIS_TIMEOUT_MS: '300' }));
+  const open: GatewayClient[] = [];
+  const db = new pgLib.Client({
+    connectionString: DATABASE_URL,
+    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
+  });
+  await db.connect();
+  try {
+    const c = await connected(g.tcpUrl);
+    open.push(c);
+    const s = await within('a sign-up', signUp(c));
+    // The audit row's INSERT held by a lock on the sessions table until Redis is frozen, so
+    // that the next step, making the session, is sent to a frozen Redis: the login is answered
+    // `overloaded` after 300 ms, and Redis makes the session once thawed.
+    await db.query('BEGIN');
+    await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
+    const login = c.request('login', { username: s.username, password: PASSWORD }).then(
+      () => 'ok',
+      (e: { code?: string }) => e.code,
+    );
+    try {
+      await until(
+        'the login waiting for the sessions table',
+        async () =>
+          (
+            await query(
+              deployment.GW_DB_SCHEMA,
+              "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
+            )
+          ).rowCount! > 0,
+      );
+      own.freeze();
+    } finally {
+      await db.query('COMMIT');
+    }
+    try {
+      assert.equal(await within('the login under a frozen Redis', login), 'overloaded');
+    } finally {
+      own.thaw();
+    }
+    await g.waitForLog(
+      (l) =>
+        l.msg === 'sessions of failed logins made after all: their audit rows kept' ||
+        l.msg === 'audit rows of failed logins deleted: their sessions were never made',
+      15_000,
+      'the failed login settled',
+    );
+    // The session is in Redis, and its row is kept, open: the sweep ends it when its life runs out.
+    const rows = await rowsOf(deployment.GW_DB_SCHEMA, s.username);
+    assert.equal(rows.length, 2, JSON.stringify(rows));
+    const made = rows.find((r) => r.id !== s.sessionId)!;
+    assert.equal(
+      await own.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${made.id}}:sess`)),
+      1,
+      'the session was made',
+    );
+    assert.equal(made.ended, false, 'its row open while it lives');
+  } finally {
+    own.thaw();
+    await db.end();
+    for (const c of open) c.destroy();
+    await g.stop();
     await own.remove();
     await dropDeployment(deployment);
   }
