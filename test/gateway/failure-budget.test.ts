@@ -8,7 +8,11 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
-import { FailureBudget, IN_FLIGHT_TTL_MS } from '../../gateway/auth/failure-budget.ts';
+import {
+  FailureBudget,
+  type FailureBudgetOptions,
+  IN_FLIGHT_TTL_MS,
+} from '../../gateway/auth/failure-budget.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { until } from '../helpers/deadline.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
@@ -36,14 +40,7 @@ after(async () => {
 /** A budget of 3 under a prefix of its own, and what Redis holds for `key`. */
 function budget() {
   const keys = new Keys(`fb${n++}:`);
-  const b = new FailureBudget(redis, keys, {
-    name: 'login-ip',
-    points: 3,
-    durationSeconds: 900,
-    lockWhenSpent: false,
-    code: 'rate_limited',
-    retryHintMs: () => 100,
-  });
+  const b = budgetOf(keys);
   /** The failures counted, and the attempts in flight. */
   const held = async (key: string) => {
     const [failures, inFlight] = await Promise.all([
@@ -53,6 +50,25 @@ function budget() {
     return { failures: Number(failures ?? 0), inFlight };
   };
   return { b, held };
+}
+
+/** A budget of 3 under `keys`: the IP's by default, `options` over it. */
+function budgetOf(keys: Keys, options: Partial<FailureBudgetOptions> = {}): FailureBudget {
+  return new FailureBudget(redis, keys, {
+    name: 'login-ip',
+    points: 3,
+    durationSeconds: 900,
+    lockWhenSpent: false,
+    code: 'rate_limited',
+    retryHintMs: () => 100,
+    ...options,
+  });
+}
+
+/** Three reservations of `key` at once: `taken`, or each refusal's code. */
+async function threeAtOnce(b: FailureBudget, key: string): Promise<string[]> {
+  const outcomes = await Promise.allSettled([0, 1, 2].map(() => b.reserve(key)));
+  return outcomes.map((o) => (o.status === 'rejected' ? (o.reason as { code?: string }).code! : 'taken'));
 }
 
 /** `n` attempts (two by default) reserved, then verified while Redis is stopped: all owed. */
@@ -139,9 +155,8 @@ test('a reservation whose reply a frozen Redis held past the timeout is given ba
   );
   // The budget (3) is whole: three attempts at once are all let in, and none of them is left
   // refused because of the one whose reply was lost.
-  const outcomes = await Promise.allSettled([0, 1, 2].map(() => b.reserve('d')));
   assert.deepEqual(
-    outcomes.map((o) => (o.status === 'rejected' ? (o.reason as { code?: string }).code : 'taken')),
+    await threeAtOnce(b, 'd'),
     ['taken', 'taken', 'taken'],
     'every attempt after the lost reply is let in',
   );
@@ -150,15 +165,7 @@ test('a reservation whose reply a frozen Redis held past the timeout is given ba
 test("a killed node's reservations hold their points while in flight, never as failures after", async () => {
   const keys = new Keys(`fb${n++}:`);
   const make = () =>
-    new FailureBudget(redis, keys, {
-      name: 'login-account',
-      points: 3,
-      durationSeconds: 900,
-      lockWhenSpent: true,
-      code: 'locked',
-      retryHintMs: () => 100,
-      inFlightTtlMs: 1000,
-    });
+    budgetOf(keys, { name: 'login-account', lockWhenSpent: true, code: 'locked', inFlightTtlMs: 1000 });
   // A node reserves the whole budget and dies before verifying any of the three.
   const dead = make();
   await Promise.all([0, 1, 2].map(() => dead.reserve('e')));
@@ -170,9 +177,8 @@ test("a killed node's reservations hold their points while in flight, never as f
   );
   // Once their in-flight time is past, the three are no one's failures: the account is whole.
   await new Promise((r) => setTimeout(r, 1100));
-  const again = await Promise.allSettled([0, 1, 2].map(() => live.reserve('e')));
   assert.deepEqual(
-    again.map((o) => (o.status === 'rejected' ? (o.reason as { code?: string }).code : 'taken')),
+    await threeAtOnce(live, 'e'),
     ['taken', 'taken', 'taken'],
     "the dead node's reservations are not counted as failures",
   );
@@ -180,17 +186,7 @@ test("a killed node's reservations hold their points while in flight, never as f
 
 test("a refusal for attempts in flight that look stuck (a dead node's) says when their points come back, not one verification", async () => {
   const keys = new Keys(`fb${n++}:`);
-  const make = () =>
-    new FailureBudget(redis, keys, {
-      name: 'login-ip',
-      points: 3,
-      durationSeconds: 900,
-      lockWhenSpent: false,
-      code: 'rate_limited',
-      retryHintMs: () => 100,
-      inFlightTtlMs: 4000,
-      stuckMs: 500,
-    });
+  const make = () => budgetOf(keys, { inFlightTtlMs: 4000, stuckMs: 500 });
   const retryAfterOf = async (b: FailureBudget, key: string) => {
     const e = await b.reserve(key).then(
       () => assert.fail('refused'),
