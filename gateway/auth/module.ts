@@ -274,6 +274,7 @@ export async function createAuthModule(
       otpExpirationMinutes: config.otpExpirationMinutes,
       otpMaxRetries: config.otpMaxRetries,
       refreshGraceSeconds: config.refreshGraceSeconds,
+      statementTimeoutMs: config.dbStatementTimeoutMs,
     },
   });
   /** Sessions whose record an activity write found gone (set at start, once the gateway is known). */

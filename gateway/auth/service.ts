@@ -36,7 +36,7 @@ import {
   ProtocolError,
   type SessionData,
 } from '../../protocol/index.ts';
-import { logFailure, RequesterGone } from '../faults.ts';
+import { isDependencyFault, logFailure, RequesterGone } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
@@ -77,6 +77,11 @@ export interface IdentityOptions {
   otpMaxRetries: number;
   /** A retried refresh within this many seconds gets the same successor pair; 0 disables. */
   refreshGraceSeconds: number;
+  /**
+   * PostgreSQL's statement_timeout (GW_DB_STATEMENT_TIMEOUT_MS): a statement whose answer the
+   * node stopped waiting for has run or been cancelled by then. Default 5000.
+   */
+  statementTimeoutMs?: number;
 }
 
 export interface RequestContext {
@@ -623,21 +628,29 @@ export class IdentityService {
     const refreshExpiresAt = now + o.refreshTtlSeconds * 1000;
     // The session row and the user's last_login_at in one statement: one round trip (and one
     // query for PostgreSQL to run) fewer per login.
-    await this.deps.pool.query(
-      `WITH login AS (UPDATE users SET last_login_at = now() WHERE id = $2)
-       INSERT INTO sessions (id, user_id, device_id, device_name, device_model, device_fw, ip, user_agent)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
-      [
-        sessionId,
-        userId,
-        device?.id ?? null,
-        device?.name ?? null,
-        device?.model ?? null,
-        device?.fw ?? null,
-        ctx.ip,
-        ctx.userAgent ?? null,
-      ],
-    );
+    try {
+      await this.deps.pool.query(
+        `WITH login AS (UPDATE users SET last_login_at = now() WHERE id = $2)
+         INSERT INTO sessions (id, user_id, device_id, device_name, device_model, device_fw, ip, user_agent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+        [
+          sessionId,
+          userId,
+          device?.id ?? null,
+          device?.name ?? null,
+          device?.model ?? null,
+          device?.fw ?? null,
+          ctx.ip,
+          ctx.userAgent ?? null,
+        ],
+      );
+    } catch (e) {
+      // A statement the node stopped waiting for (a timeout, a lost connection) may still run
+      // and write the row: it is settled once PostgreSQL has run or cancelled it (unstarted.ts).
+      if (isDependencyFault(e))
+        this.unstarted.add(sessionId, Date.now() + (o.statementTimeoutMs ?? 5000) + 1000);
+      throw e;
+    }
     // The audit row is written: a session that Redis does not make now (refused, or a reply
     // lost) would leave it open for good. Redis is asked after this step whether it ran, and
     // the row is deleted if not (unstarted.ts).

@@ -12,6 +12,11 @@
  * - it is not: it never will be, and the row is deleted.
  * A look-up or a deletion that fails is tried again from the node's sweep, once a second,
  * until one succeeds. A node killed with some still noted leaves their rows open, as before.
+ *
+ * A login whose row's `INSERT` the node stopped waiting for (its query timeout, a connection
+ * lost) may have its row written after all, once PostgreSQL gets to it: its session is noted
+ * to be settled only after PostgreSQL's statement_timeout, by which time the statement has run
+ * or been cancelled (not if PostgreSQL stopped running anything, frozen, for longer).
  */
 import type { Redis } from 'ioredis';
 import type pg from 'pg';
@@ -27,7 +32,7 @@ const MAX_PENDING = 100_000;
 const RETRY_MS = 1000;
 
 export class UnstartedSessions {
-  /** Session id → when its login failed (ms). */
+  /** Session id → from when it is settled (ms). */
   private readonly pending = new Map<string, number>();
   private running: Promise<void> | undefined;
   private triedAt = 0;
@@ -42,9 +47,12 @@ export class UnstartedSessions {
     return this.pending.size;
   }
 
-  /** A login failed making session `sid`, whose audit row is written: settle it now. */
-  add(sid: string, now = Date.now()): void {
-    this.pending.set(sid, now);
+  /**
+   * A login failed making session `sid`, whose audit row is written or may yet be: settle it
+   * from `from` (ms; now by default).
+   */
+  add(sid: string, from = Date.now()): void {
+    this.pending.set(sid, from);
     if (this.pending.size > this.maxPending) {
       const [oldest] = this.pending.keys();
       this.pending.delete(oldest);
@@ -53,7 +61,7 @@ export class UnstartedSessions {
         'audit row of a failed login left open: too many failed logins waiting for Redis',
       );
     }
-    void this.run(now);
+    if (from <= Date.now()) void this.run();
   }
 
   /** From the node's sweep: a round failed before is tried again, at most once a second. */
@@ -75,8 +83,15 @@ export class UnstartedSessions {
 
   private async round(): Promise<void> {
     const { redis, pool, keys, log } = this.deps;
-    while (this.pending.size > 0) {
-      const sids = [...this.pending.keys()].slice(0, BATCH);
+    for (;;) {
+      const now = Date.now();
+      const sids: string[] = [];
+      for (const [sid, from] of this.pending) {
+        if (from > now) continue;
+        sids.push(sid);
+        if (sids.length === BATCH) break;
+      }
+      if (sids.length === 0) return;
       let exists: number[];
       try {
         exists = await Promise.all(sids.map((sid) => redis.exists(keys.session(sid))));

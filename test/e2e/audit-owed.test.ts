@@ -405,3 +405,58 @@ test("a login whose session a frozen Redis made after the login's timeout keeps 
     await dropDeployment(deployment);
   }
 });
+
+test("a login whose audit row's INSERT PostgreSQL ran after the login's query timeout leaves no audit row", async () => {
+  const deployment = deploymentEnv();
+  const g = await startGateway(
+    env(deployment, { GW_DB_QUERY_TIMEOUT_MS: '1000', GW_DB_STATEMENT_TIMEOUT_MS: '3000' }),
+  );
+  const open: GatewayClient[] = [];
+  const db = new pgLib.Client({
+    connectionString: DATABASE_URL,
+    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
+  });
+  await db.connect();
+  try {
+    const c = await connected(g.tcpUrl);
+    open.push(c);
+    const s = await within('a sign-up', signUp(c));
+    // The INSERT waits on a lock past the node's 1 s query timeout: the login is answered
+    // `overloaded`, then the lock is released and PostgreSQL writes the row (within its 3 s
+    // statement_timeout) for a login that has no session.
+    await db.query('BEGIN');
+    await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
+    let code: string | undefined;
+    try {
+      code = await within(
+        'the login held on PostgreSQL',
+        c.request('login', { username: s.username, password: PASSWORD }).then(
+          () => 'ok',
+          (e: { code?: string }) => e.code,
+        ),
+      );
+    } finally {
+      await db.query('COMMIT');
+    }
+    assert.equal(code, 'overloaded');
+    await until(
+      'the row written after the timeout',
+      async () => (await rowsOf(deployment.GW_DB_SCHEMA, s.username)).length === 2,
+    );
+    // Settled once PostgreSQL has run or cancelled the statement: the row is deleted. Before,
+    // it stayed open for good.
+    await until(
+      'the late row gone',
+      async () => {
+        const rows = await rowsOf(deployment.GW_DB_SCHEMA, s.username);
+        return rows.length === 1 && rows[0].id === s.sessionId;
+      },
+      15_000,
+    );
+  } finally {
+    await db.end();
+    for (const c of open) c.destroy();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
