@@ -345,8 +345,8 @@ test("a login whose session a frozen Redis made after the login's timeout keeps 
     connectionString: DATABASE_URL,
     options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
   });
-  await db.connect();
   try {
+    await db.connect();
     const c = await connected(g.tcpUrl);
     open.push(c);
     const s = await within('a sign-up', signUp(c));
@@ -416,8 +416,8 @@ test("a login whose audit row's INSERT PostgreSQL ran after the login's query ti
     connectionString: DATABASE_URL,
     options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
   });
-  await db.connect();
   try {
+    await db.connect();
     const c = await connected(g.tcpUrl);
     open.push(c);
     const s = await within('a sign-up', signUp(c));
