@@ -283,6 +283,14 @@ test("two ends of one session at once (a logout and a revoke): its row ended onc
   }
 });
 
+/** A PostgreSQL client (not connected) on `deployment`'s schema, for a test's own transaction. */
+function schemaClient(deployment: DeploymentEnv): pgLib.Client {
+  return new pgLib.Client({
+    connectionString: DATABASE_URL,
+    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
+  });
+}
+
 /** The audit rows of `username`'s sessions: id and whether ended, oldest first. */
 async function rowsOf(schema: string, username: string): Promise<{ id: string; ended: boolean }[]> {
   const r = await query(
@@ -341,10 +349,7 @@ test("a login whose session a frozen Redis made after the login's timeout keeps 
   const deployment = deploymentEnv();
   const g = await startGateway(env(deployment, { REDIS_URL: own.url, GW_REDIS_TIMEOUT_MS: '300' }));
   const open: GatewayClient[] = [];
-  const db = new pgLib.Client({
-    connectionString: DATABASE_URL,
-    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
-  });
+  const db = schemaClient(deployment);
   try {
     await db.connect();
     const c = await connected(g.tcpUrl);
@@ -412,10 +417,7 @@ test("a login whose audit row's INSERT PostgreSQL ran after the login's query ti
     env(deployment, { GW_DB_QUERY_TIMEOUT_MS: '1000', GW_DB_STATEMENT_TIMEOUT_MS: '3000' }),
   );
   const open: GatewayClient[] = [];
-  const db = new pgLib.Client({
-    connectionString: DATABASE_URL,
-    options: `-c search_path=${deployment.GW_DB_SCHEMA}`,
-  });
+  const db = schemaClient(deployment);
   try {
     await db.connect();
     const c = await connected(g.tcpUrl);
