@@ -29,10 +29,10 @@ import { basename, dirname, isAbsolute, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { after, test } from 'node:test';
 import { parse } from 'yaml';
+import { killOnRunnerTerm } from '../helpers/children.ts';
 import { DATABASE_URL, dropRedisPrefix, dropSchema, REDIS_URL } from '../helpers/cleanup.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { contextFilter, execForm, last, ROOT, readDockerfile, type Stage } from '../helpers/dockerfile.ts';
-import { killOnRunnerTerm } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/own-redis.ts';
 
 const { stages } = readDockerfile();

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { PASSWORD } from './accounts.ts';
+import { killOnRunnerTerm } from './children.ts';
 import { dropRedisPrefix, dropSchema } from './cleanup.ts';
 import { within } from './deadline.ts';
 import { freePort } from './net.ts';
@@ -47,45 +48,6 @@ export interface GatewayProcess {
     timeoutMs?: number,
     what?: string,
   ): Promise<Record<string, unknown>>;
-}
-
-/**
- * Gateways this test process started and that still run. When the test runner ends the file
- * (SIGTERM, on the suite's timeout) no `after` hook runs: they are killed here instead, so that
- * none is left serving, and loading the machine, after its test (a supervisor's workers end
- * with it, on the loss of its IPC channel). The same when the process exits with gateways still
- * running (a bench that failed, a test file the exit guard ends): a child is not ended with its
- * parent, and one left behind went on serving, and writing to Redis, on its own.
- */
-const running = new Map<ChildProcess, () => (number | undefined)[]>();
-let killOnTerm = false;
-
-function killRunning(): void {
-  for (const [c, more] of running) {
-    for (const pid of [c.pid, ...more()]) {
-      try {
-        if (pid) process.kill(pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
-  }
-}
-
-/**
- * Kills `child` (and `pids`, e.g. a process under tini) if the runner ends this test file or
- * the process exits before stopping it.
- */
-export function killOnRunnerTerm(child: ChildProcess, pids: () => (number | undefined)[] = () => []): void {
-  running.set(child, pids);
-  child.once('exit', () => running.delete(child));
-  if (killOnTerm) return;
-  killOnTerm = true;
-  process.once('SIGTERM', () => {
-    killRunning();
-    process.exit(143);
-  });
-  process.once('exit', killRunning);
 }
 
 /**

@@ -10,6 +10,7 @@ import { chownSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
+import { killOnRunnerTerm } from './children.ts';
 import { within } from './deadline.ts';
 import { freePort } from './own-redis.ts';
 
@@ -137,6 +138,12 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
       const p = spawn(bin('postgres'), args, { stdio: 'ignore', ...as });
       proc = p;
       exited = new Promise((resolve) => p.once('exit', () => resolve()));
+      // Its backends too: a frozen postmaster's stay stopped after it is killed.
+      killOnRunnerTerm(
+        p,
+        () => (p.pid ? childrenOf(p.pid) : []),
+        () => rmSync(dir, { recursive: true, force: true }),
+      );
       await waitReady('postgres');
     },
     async stop() {

@@ -7,6 +7,7 @@ import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Redis } from 'ioredis';
+import { killOnRunnerTerm } from './children.ts';
 import { redisClient } from './cleanup.ts';
 import { within } from './deadline.ts';
 import { freePort } from './net.ts';
@@ -44,6 +45,11 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
   const url = `redis://127.0.0.1:${port}`;
+  const removeFiles = () => {
+    rmSync(dir, { recursive: true, force: true });
+    // Snapshots a failed test never restored.
+    for (const c of copies) rmSync(c, { recursive: true, force: true });
+  };
   const start = async () => {
     const p = spawn(
       'redis-server',
@@ -52,6 +58,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     );
     proc = p;
     exited = new Promise((resolve) => p.once('exit', () => resolve()));
+    killOnRunnerTerm(p, undefined, removeFiles);
     const end = Date.now() + 15000;
     for (;;) {
       const r = new Redis(url, {
@@ -124,9 +131,7 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
     },
     async remove() {
       await kill('SIGKILL');
-      rmSync(dir, { recursive: true, force: true });
-      // Snapshots a failed test never restored.
-      for (const c of copies) rmSync(c, { recursive: true, force: true });
+      removeFiles();
     },
   };
   await start();
