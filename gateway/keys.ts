@@ -319,6 +319,14 @@ export class Keys {
     return `${this.prefix}auditowed`;
   }
 
+  /**
+   * STRING: the id of the last open audit row the sweep's check for lost sessions read; the next
+   * run reads on from it (auth/lost-sessions.ts).
+   */
+  get auditCheckCursor(): string {
+    return `${this.prefix}auditcheck`;
+  }
+
   /** Key prefix of the rate limiters (rate-limiter-flexible adds its own suffixes). */
   rateLimit(name: string): string {
     return `${this.prefix}rl:${name}`;

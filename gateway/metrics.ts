@@ -109,6 +109,8 @@ export class GatewayMetrics {
   readonly lockouts: Counter;
   readonly sessionsExpired: Counter;
   readonly auditEndsSwept: Counter;
+  readonly auditRowsChecked: Counter;
+  readonly sessionsLostEnded: Counter;
   readonly httpRequests: Counter<'method' | 'route' | 'status'>;
   readonly httpSeconds: Histogram<'method' | 'route'>;
   readonly redisSeconds: Histogram<'client' | 'result'>;
@@ -196,6 +198,16 @@ export class GatewayMetrics {
     this.auditEndsSwept = new Counter({
       name: 'gateway_session_ends_swept_total',
       help: 'Session ends whose audit row the cluster-wide sweep wrote on this node because the node that ended them did not (it died first, or could not reach PostgreSQL for longer than GW_PRESENCE_STALE_MS).',
+      registers,
+    });
+    this.auditRowsChecked = new Counter({
+      name: 'gateway_audit_rows_checked_total',
+      help: "Open session audit rows the cluster-wide sweep checked on this node against Redis (GW_AUDIT_CHECK_BATCH a sweep): a row whose session is gone from Redis with no end recorded is ended 'lost'.",
+      registers,
+    });
+    this.sessionsLostEnded = new Counter({
+      name: 'gateway_sessions_lost_total',
+      help: "Open session audit rows the cluster-wide sweep ended 'lost' on this node: their sessions were gone from Redis with no end recorded (Redis lost them: a restart without persistence, a failover, a rollback; or a node died before it settled a failed login).",
       registers,
     });
     this.listRequests = new Counter({

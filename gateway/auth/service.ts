@@ -46,6 +46,7 @@ import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
 import { LastSeen, writeEnds } from './last-seen.ts';
+import { endLostSessions, type LostCheck } from './lost-sessions.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
 import {
@@ -1027,6 +1028,18 @@ export class IdentityService {
     await redis.zrem(keys.auditOwed, ...members);
     if (written > 0) this.deps.metrics?.auditEndsSwept.inc(written);
     return { found: members.length, written };
+  }
+
+  /**
+   * From the cluster-wide sweep: reads the next `limit` open audit rows and ends `lost` those
+   * whose sessions are gone from Redis with no end recorded (lost-sessions.ts). 0: none read.
+   */
+  async endLostSessions(limit: number): Promise<LostCheck> {
+    if (limit <= 0) return { checked: 0, ended: [], deferred: 0 };
+    const r = await endLostSessions(this.deps, limit);
+    this.deps.metrics?.auditRowsChecked.inc(r.checked);
+    if (r.ended.length > 0) this.deps.metrics?.sessionsLostEnded.inc(r.ended.length);
+    return r;
   }
 
   // ---- email codes ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
  *   any other: the sweep ends its row when it runs out), and the row is kept;
  * - it is not: it never will be, and the row is deleted.
  * A look-up or a deletion that fails is tried again from the node's sweep, once a second,
- * until one succeeds. A node killed with some still noted leaves their rows open, as before.
+ * until one succeeds. A node killed with some still noted leaves their rows open, until the sweep
+ * ends them `lost` (lost-sessions.ts).
  *
  * A login whose row's `INSERT` the node stopped waiting for (its query timeout, a connection
  * lost) may have its row written after all, once PostgreSQL gets to it: its session is noted

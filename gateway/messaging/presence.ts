@@ -73,6 +73,11 @@ export interface SweepTargets {
    * many rows it ended (a row already ended keeps its end).
    */
   auditEnds(cutoff: number, limit: number): Promise<{ found: number; written: number }>;
+  /**
+   * Reads the next batch of open audit rows and ends those whose sessions are gone from Redis
+   * with no end recorded (auth/lost-sessions.ts); returns the rows it read and the ids it ended.
+   */
+  lostSessions(): Promise<{ checked: number; ended: string[]; deferred: number }>;
 }
 
 /**
@@ -118,6 +123,7 @@ interface SweepResult {
   sessionsExpired: number;
   ended: number;
   auditEnds: number;
+  lostSessions: number;
 }
 
 /**
@@ -749,7 +755,28 @@ export class Presence {
     if (auditEnds > 0) {
       this.deps.log.warn({ sessions: auditEnds }, 'presence sweep wrote session ends a node left unwritten');
     }
-    return { deadNodes, sessions, expired, sessionsExpired, ended, auditEnds };
+    // Open audit rows of sessions gone from Redis with no end recorded (Redis lost them, or a
+    // node died before it settled a failed login), after the owed ends above: a batch a sweep.
+    let lostSessions = 0;
+    try {
+      const { ended: lost, deferred } = await this.targets!.lostSessions();
+      lostSessions = lost.length;
+      if (lost.length > 0) {
+        this.deps.log.warn(
+          { sessions: lost.length, sessionIds: lost.slice(0, 10) },
+          'presence sweep ended the audit rows of sessions lost from Redis',
+        );
+      }
+      if (deferred > 0) {
+        this.deps.log.warn(
+          { sessions: deferred },
+          'presence sweep left open audit rows unchecked: too many session ends are owed',
+        );
+      }
+    } catch (e) {
+      logFailure(this.deps.log, e, {}, 'presence sweep could not check open audit rows');
+    }
+    return { deadNodes, sessions, expired, sessionsExpired, ended, auditEnds, lostSessions };
   }
 
   /**

@@ -83,6 +83,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     owedEnds: async () => ({ done: [], found: 0 }),
     expiredSessions: async () => 0,
     auditEnds: async () => ({ found: 0, written: 0 }),
+    lostSessions: async () => ({ checked: 0, ended: [], deferred: 0 }),
     ...given,
   };
   await within('presence started', presence.start(targets));

@@ -1,0 +1,136 @@
+/**
+ * A session gone from Redis with no end recorded anywhere (Redis lost it: a restart without
+ * persistence, a failover, a rollback; or a node died before it settled a failed login) left its
+ * audit row open for good. The cluster-wide sweep now reads the open rows a batch at a time and
+ * ends `lost` those whose session is gone, not in the expiry index and owed no end, once older
+ * than ten minutes (gateway/auth/lost-sessions.ts). The test puts Redis in each of those states
+ * by hand, for sessions made by a real login, and back-dates the rows past the ten minutes.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { query, redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import {
+  deploymentEnv,
+  dropDeployment,
+  type GatewayProcess,
+  startGateway,
+} from '../helpers/gateway-process.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+
+interface Row {
+  id: string;
+  ended_at: Date | null;
+  end_reason: string | null;
+  last_seen_at: Date;
+}
+
+test("open audit rows of sessions lost from Redis are ended 'lost' at their last sign of life; live, expiring, owed and young ones are not", async () => {
+  const deployment = deploymentEnv();
+  const schema = deployment.GW_DB_SCHEMA;
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const open: GatewayClient[] = [];
+  let gw: GatewayProcess | undefined;
+  const r = redisClient();
+  try {
+    gw = await startGateway({
+      ...deployment,
+      GW_SWEEP_INTERVAL_MS: '200',
+      // Two rows a run: a pass over the table takes several runs, and the cursor wraps.
+      GW_AUDIT_CHECK_BATCH: '2',
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+    });
+    const sessions: Record<string, string> = {};
+    for (const name of ['live1', 'live2', 'lost1', 'lost2', 'owed', 'expiring', 'notDue', 'earlier']) {
+      const c = await connected(gw.tcpUrl);
+      open.push(c);
+      sessions[name] = (await within(`the sign-up of ${name}`, signUp(c))).sessionId;
+    }
+    const userId = (await query(schema, 'SELECT user_id FROM sessions WHERE id = $1', [sessions.live1]))
+      .rows[0].user_id as string;
+    // Every row an hour old, as if made long ago.
+    await query(
+      schema,
+      "UPDATE sessions SET created_at = created_at - interval '1 hour', last_seen_at = last_seen_at - interval '1 hour'",
+    );
+    // A login whose node died before it settled it: a row, an hour old, and no session.
+    sessions.deadLogin = randomUUID();
+    // A row just made, whose session is not made yet (a login between its two steps).
+    sessions.young = randomUUID();
+    await query(
+      schema,
+      `INSERT INTO sessions (id, user_id, ip, created_at, last_seen_at) VALUES
+        ($1, $3, '127.0.0.1', now() - interval '1 hour', now() - interval '1 hour'),
+        ($2, $3, '127.0.0.1', now(), now())`,
+      [sessions.deadLogin, sessions.young, userId],
+    );
+    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
+    // Lost by Redis: the hash and its expiry entry gone.
+    for (const sid of [sessions.lost1, sessions.lost2, sessions.owed]) {
+      await r.del(hash(sid));
+      await r.zrem(`${prefix}sessexp`, sid);
+    }
+    // Ended, its audit end owed (a node writes it, or the sweep once it is stale: here never).
+    await r.zadd(`${prefix}auditowed`, Date.now() + 3_600_000, `${sessions.owed} logout ${Date.now()}`);
+    // Run out: the hash gone, its expiry entry due. The expiry step ends it `expired`.
+    await r.del(hash(sessions.expiring));
+    await r.zadd(`${prefix}sessexp`, 'XX', Date.now(), sessions.expiring);
+
+    // Its hash gone before its expiry entry is due (the entry's time is Redis's; a sweep's
+    // interval apart at most): the expiry step's, later.
+    await r.del(hash(sessions.notDue));
+    await r.zadd(`${prefix}sessexp`, 'XX', Date.now() + 3_600_000, sessions.notDue);
+
+    // Live, made by a node of an earlier version, which wrote no expiry entry.
+    await r.zrem(`${prefix}sessexp`, sessions.earlier);
+
+    const rows = async () => {
+      const res = await query(schema, 'SELECT id, ended_at, end_reason, last_seen_at FROM sessions');
+      return new Map((res.rows as Row[]).map((row) => [row.id, row]));
+    };
+    const lost = [sessions.lost1, sessions.lost2, sessions.deadLogin];
+    await until(
+      "the lost sessions' rows ended",
+      async () => {
+        const now = await rows();
+        return lost.every((sid) => now.get(sid)?.end_reason === 'lost');
+      },
+      30_000,
+    );
+    // A whole pass more over the table after that: every open row read again at least once.
+    const checked = async () =>
+      (await scrapeMetrics(gw!.metricsPort)).value('gateway_audit_rows_checked_total');
+    const from = await checked();
+    await until('another pass over the open rows', async () => (await checked()) >= from + 2 * 11, 30_000);
+    const end = await rows();
+    for (const sid of lost) {
+      const row = end.get(sid)!;
+      assert.equal(row.end_reason, 'lost', `${sid} ended lost`);
+      assert.equal(
+        row.ended_at?.getTime(),
+        row.last_seen_at.getTime(),
+        'ended at its last sign of life, an hour ago',
+      );
+    }
+    for (const name of ['live1', 'live2', 'owed', 'young', 'notDue', 'earlier']) {
+      const row = end.get(sessions[name]!)!;
+      assert.equal(row.ended_at, null, `${name}'s row is still open (${row.end_reason})`);
+    }
+    assert.equal(end.get(sessions.expiring!)!.end_reason, 'expired', 'the expiry step ended its own');
+    const m = await scrapeMetrics(gw.metricsPort);
+    assert.equal(m.value('gateway_sessions_lost_total'), 3, 'three rows counted lost');
+    const logged = gw.logs
+      .filter((l) => l.msg === 'presence sweep ended the audit rows of sessions lost from Redis')
+      .reduce((n, l) => n + Number(l.sessions), 0);
+    assert.equal(logged, 3, 'each lost row logged once');
+  } finally {
+    await Promise.all(open.map((c) => c.close()));
+    r.disconnect();
+    await gw?.stop();
+    await dropDeployment(deployment);
+  }
+});

@@ -1,0 +1,111 @@
+/**
+ * The sweep's check for open audit rows whose sessions are lost (gateway/auth/lost-sessions.ts),
+ * run by hand: it reads a batch a run in the order of the rows' ids, goes on from its cursor
+ * and wraps at the end, reads no row younger than its age, and ends nothing while too many ends
+ * are owed to tell them apart. The project's migrations in a schema of its own, a Redis prefix
+ * of its own; no session of these rows is in Redis.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { createDb, type Db } from '../../gateway/auth/db.ts';
+import { endLostSessions } from '../../gateway/auth/lost-sessions.ts';
+import { migrate } from '../../gateway/auth/migrate.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { DATABASE_URL, dropRedisPrefix, dropSchema, redisClient } from '../helpers/cleanup.ts';
+
+const tag = randomUUID().slice(0, 8);
+const SCHEMA = `gwtest_${tag}`;
+const keys = new Keys(`gwtest:${tag}:`);
+const redis = redisClient();
+let db: Db;
+let userId: string;
+
+before(async () => {
+  await migrate({ url: DATABASE_URL, schema: SCHEMA, direction: 'up' });
+  db = createDb({
+    url: DATABASE_URL,
+    schema: SCHEMA,
+    statementTimeoutMs: 5000,
+    connectTimeoutMs: 5000,
+    queryTimeoutMs: 10_000,
+    max: 2,
+  });
+  userId = randomUUID();
+  await db.pool.query(
+    `INSERT INTO users (id, username, email, password_hash) VALUES ($1, 'lost${tag}', 'lost${tag}@example.com', 'x')`,
+    [userId],
+  );
+});
+after(async () => {
+  await db?.pool.end().catch(() => {});
+  redis.disconnect();
+  await dropRedisPrefix(keys.prefix);
+  await dropSchema(SCHEMA);
+});
+
+/** `n` open rows made `ageMinutes` ago, their ids sorted. */
+async function rows(n: number, ageMinutes: number): Promise<string[]> {
+  const ids = Array.from({ length: n }, () => randomUUID()).sort();
+  for (const id of ids) {
+    await db.pool.query(
+      `INSERT INTO sessions (id, user_id, ip, created_at, last_seen_at)
+       VALUES ($1, $2, '127.0.0.1', now() - $3 * interval '1 minute', now() - $3 * interval '1 minute')`,
+      [id, userId, ageMinutes],
+    );
+  }
+  return ids;
+}
+
+async function openOf(ids: string[]): Promise<string[]> {
+  const r = await db.pool.query<{ id: string }>(
+    'SELECT id FROM sessions WHERE id = ANY($1::uuid[]) AND ended_at IS NULL ORDER BY id',
+    [ids],
+  );
+  return r.rows.map(({ id }) => id);
+}
+
+test('a batch a run in the order of the ids, on from the cursor, back to the start after the last; young rows unread', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.auditCheckCursor);
+  const old = await rows(7, 60);
+  const young = await rows(2, 1);
+  const run = () => endLostSessions({ pool: db.pool, redis, keys }, 3);
+  const first = await run();
+  assert.deepEqual(first.ended, old.slice(0, 3), 'the first three ids');
+  assert.equal(first.checked, 3);
+  assert.equal(await redis.get(keys.auditCheckCursor), old[2], 'the cursor at the last row read');
+  assert.deepEqual((await run()).ended, old.slice(3, 6), 'the next three');
+  const third = await run();
+  assert.deepEqual(third.ended, old.slice(6), 'the last one');
+  assert.equal(third.checked, 1, 'the young rows are not read');
+  assert.equal(
+    await redis.get(keys.auditCheckCursor),
+    '00000000-0000-0000-0000-000000000000',
+    'back to the start',
+  );
+  // A row made since, before the old cursor in id order, is read in the next pass.
+  const late = await rows(1, 60);
+  const fourth = await run();
+  assert.deepEqual(fourth.ended, late, 'the new row, on the next pass');
+  assert.deepEqual(await openOf(young), young, 'the young rows stay open');
+  assert.deepEqual(await openOf(old), [], 'every old row ended');
+});
+
+test('with more ends owed than it reads, a run ends nothing; once they are written, it does', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.auditCheckCursor);
+  const old = await rows(2, 60);
+  // 100,001 owed ends of other sessions (PostgreSQL failing for long).
+  for (let i = 0; i < 100_001; i += 10_000) {
+    const args: (string | number)[] = [];
+    for (let j = i; j < Math.min(i + 10_000, 100_001); j++) args.push(j, `${randomUUID()} logout ${j}`);
+    await redis.zadd(keys.auditOwed, ...args);
+  }
+  const held = await endLostSessions({ pool: db.pool, redis, keys }, 10);
+  assert.deepEqual(held, { checked: 2, ended: [], deferred: 2 }, 'read, left open');
+  assert.deepEqual(await openOf(old), old);
+  await redis.del(keys.auditOwed);
+  const done = await endLostSessions({ pool: db.pool, redis, keys }, 10);
+  assert.deepEqual(done.ended, old, 'ended on the next pass');
+});
