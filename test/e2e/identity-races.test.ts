@@ -119,6 +119,42 @@ async function until(pred: () => boolean | Promise<boolean>, what: string, timeo
   }
 }
 
+/**
+ * What an account's login budget holds once its logins are answered: its failures, and its
+ * attempts still in flight (each answered login settled its own, so none).
+ */
+async function accountBudget(
+  g: GatewayProcess,
+  username: string,
+): Promise<{ failures: number; inFlight: number }> {
+  const id = (await query(g.schema, 'SELECT id FROM users WHERE username = $1', [username])).rows[0]
+    .id as string;
+  const r = redisClient();
+  try {
+    return {
+      failures: Number((await r.get(`${g.prefix}rl:login-account:u:${id}`)) ?? 0),
+      inFlight: await r.zcard(`${g.prefix}rl:login-account-flying:u:${id}`),
+    };
+  } finally {
+    r.disconnect();
+  }
+}
+
+/** What the login budget of 127.0.0.1 holds once its logins are answered. */
+async function ipBudget(g: GatewayProcess): Promise<{ failures: number; inFlight: number }> {
+  const r = redisClient();
+  try {
+    const key = (await r.keys(`${g.prefix}rl:login-ip:*`))[0];
+    const flying = (await r.keys(`${g.prefix}rl:login-ip-flying:*`))[0];
+    return {
+      failures: key ? Number(await r.get(key)) : 0,
+      inFlight: flying ? await r.zcard(flying) : 0,
+    };
+  } finally {
+    r.disconnect();
+  }
+}
+
 /** The next kick of a client. */
 const kickOf = (c: GatewayClient) => nextEvent<{ code: string }>(c, 'kick', 'a kick', 15000);
 
@@ -138,6 +174,12 @@ describe('brute-force limits under concurrency', () => {
     assert.equal((n.invalid_credentials ?? 0) + (n.locked ?? 0), 50, JSON.stringify(n));
     for (const o of outcomes.filter((x) => x.code === 'locked'))
       assert.ok(o.retryAfter! > 0, 'locked carries retryAfter');
+    // Every verified failure counted once, every refused attempt nothing, nothing left in flight.
+    assert.deepEqual(
+      await accountBudget(gw, username),
+      { failures: n.invalid_credentials, inFlight: 0 },
+      'the budget holds the verified failures and no attempt in flight',
+    );
     // the account stays locked for the right password too
     assert.equal((await wire(conns[1], 'login', { username, password: PASSWORD })).code, 'locked');
     for (const c of conns) c.destroy();
@@ -196,6 +238,11 @@ describe('brute-force limits under concurrency', () => {
       assert.equal((n.invalid_credentials ?? 0) + (n.rate_limited ?? 0), 100, JSON.stringify(n));
       for (const o of outcomes.filter((x) => x.code === 'rate_limited'))
         assert.ok(o.retryAfter! > 0, 'rate_limited carries retryAfter');
+      assert.deepEqual(
+        await ipBudget(g),
+        { failures: n.invalid_credentials, inFlight: 0 },
+        "the address's budget holds the verified failures and no attempt in flight",
+      );
       for (const c of conns) c.destroy();
     } finally {
       await g.stop();
@@ -262,6 +309,11 @@ describe('brute-force limits under concurrency', () => {
       console.log('30 right logins of one account at once, 3 attempts:', JSON.stringify(n));
       assert.equal((n.ok ?? 0) + (n.locked ?? 0), 30, JSON.stringify(n));
       assert.ok((n.locked ?? 0) > 0, `the burst went past the attempts: ${JSON.stringify(n)}`);
+      assert.deepEqual(
+        await accountBudget(g, username),
+        { failures: 0, inFlight: 0 },
+        'the budget holds nothing after right logins',
+      );
       for (const o of outcomes.filter((x) => x.code === 'locked'))
         assert.ok(
           o.retryAfter! > 0 && o.retryAfter! < 60_000,
