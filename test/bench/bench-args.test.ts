@@ -72,6 +72,11 @@ const BENCHES: Bench[] = [
   { file: 'bench/micro/crypto.ts', script: 'bench:crypto', options: [] },
   { file: 'bench/micro/eids.ts', script: 'bench:eids', options: ['--events'] },
   { file: 'bench/micro/restore.ts', script: 'bench:restore', options: ['--sessions', '--rounds'] },
+  {
+    file: 'bench/micro/audit-check.ts',
+    script: 'bench:audit-check',
+    options: ['--open', '--lost', '--closed', '--batch'],
+  },
   { file: 'bench/micro/replies.ts', script: 'bench:replies', options: ['--events', '--calls', '--rounds'] },
   { file: 'bench/micro/script-args.ts', script: 'bench:args', options: ['--events', '--calls', '--rounds'] },
   { file: 'bench/micro/scripts.ts', script: 'bench:scripts', options: ['--baseline', '--shapes'] },

@@ -1,0 +1,207 @@
+/**
+ * What the sweep's check for lost sessions costs (gateway/auth/lost-sessions.ts): one whole pass
+ * over a fleet's open audit rows, a batch a run, as the cluster-wide sweep runs it. A schema of
+ * its own with the project's migrations: `--closed` ended rows (an audit trail's history) and
+ * `--open` open rows an hour old, of which `--lost` have no session in Redis and the rest a
+ * session hash and an expiry entry on a prefix of their own of the shared Redis. Each run is
+ * timed, with the CPU the bench's process, Redis and the PostgreSQL backend spent on it (from
+ * /proc; other clients of the shared Redis add to its figure). The same-run reference: the
+ * check's read of the rows alone, a pass with the partial index the migration adds and a pass
+ * without it (dropped after the first).
+ *
+ *   npm run bench:audit-check [-- --open 100000 --lost 1000 --closed 1000000 --batch 1000]
+ *
+ * Printed, never asserted. Checks that the pass ended exactly the lost rows. Removes its schema
+ * and keys.
+ */
+import { randomUUID } from 'node:crypto';
+import { availableParallelism, loadavg } from 'node:os';
+import { createDb } from '../../gateway/auth/db.ts';
+import { endLostSessions } from '../../gateway/auth/lost-sessions.ts';
+import { migrate } from '../../gateway/auth/migrate.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { DATABASE_URL, dropSchema, REDIS_URL, redisClient } from '../../test/helpers/cleanup.ts';
+import { benchArgs } from '../lib/args.ts';
+import { table } from '../lib/measure.ts';
+import { processCpuMicros } from '../lib/proc.ts';
+
+const { values } = benchArgs({
+  script: 'bench:audit-check',
+  url: import.meta.url,
+  about: "the sweep's check for lost sessions: one pass over a fleet's open audit rows, per run",
+  readme: 'bench:audit-check',
+  options: {
+    open: { type: 'int', default: 100000, help: 'open audit rows, an hour old' },
+    lost: { type: 'int', default: 1000, help: 'of those, rows whose session is not in Redis' },
+    closed: { type: 'int', default: 1000000, help: 'ended rows beside them (the trail’s history)' },
+    batch: { type: 'int', default: 1000, help: 'rows a run (GW_AUDIT_CHECK_BATCH)' },
+  },
+});
+if (values.lost > values.open) throw new Error('--lost must be at most --open');
+
+const SWEEP_INTERVAL_MS = 5000; // GW_SWEEP_INTERVAL_MS's default
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const p99 = (xs: number[]) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * 0.99))]!;
+const elapsedMs = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
+
+const tag = randomUUID().slice(0, 8);
+const schema = `gwbench_${tag}`;
+const keys = new Keys(`gwbench:audit:${tag}:`);
+// As the gateway's client (app.ts): commands of one tick written together.
+const redis = redisClient(REDIS_URL, { enableAutoPipelining: true });
+const db = createDb({
+  url: DATABASE_URL,
+  schema,
+  statementTimeoutMs: 600_000,
+  connectTimeoutMs: 5000,
+  queryTimeoutMs: 600_000,
+  // One backend, whose CPU is read from /proc.
+  max: 1,
+});
+
+console.log(
+  `bench:audit-check: ${availableParallelism()} cores, load average ${loadavg()
+    .map((l) => l.toFixed(2))
+    .join(
+      ' ',
+    )}; ${values.open} open rows (${values.lost} lost), ${values.closed} ended, ${values.batch} a run`,
+);
+try {
+  await migrate({ url: DATABASE_URL, schema, direction: 'up', log: () => {} });
+  const user = randomUUID();
+  await db.pool.query(
+    `INSERT INTO users (id, username, email, password_hash) VALUES ($1, 'bench${tag}', 'bench${tag}@example.com', 'x')`,
+    [user],
+  );
+  let t0 = process.hrtime.bigint();
+  await db.pool.query(
+    `INSERT INTO sessions (id, user_id, device_id, ip, user_agent, created_at, last_seen_at, ended_at, end_reason)
+     SELECT gen_random_uuid(), $1, 'sensor-' || g, '10.0.0.1', 'gateway-client/1.0',
+            now() - interval '2 days', now() - interval '2 days', now() - interval '1 day', 'logout'
+       FROM generate_series(1, $2::int) g`,
+    [user, values.closed],
+  );
+  const open = await db.pool.query<{ id: string }>(
+    `INSERT INTO sessions (id, user_id, device_id, ip, user_agent, created_at, last_seen_at)
+     SELECT gen_random_uuid(), $1, 'device-' || g, '10.0.0.1', 'gateway-client/1.0',
+            now() - interval '1 hour', now() - interval '1 hour'
+       FROM generate_series(1, $2::int) g RETURNING id`,
+    [user, values.open],
+  );
+  await db.pool.query('VACUUM ANALYZE sessions');
+  const ids = open.rows.map(({ id }) => id);
+  const lost = new Set(ids.slice(0, values.lost));
+  for (let i = values.lost; i < ids.length; i += 5000) {
+    const p = redis.pipeline();
+    for (const sid of ids.slice(i, i + 5000)) {
+      p.hset(keys.session(sid), 'userId', user, 'deviceId', 'bench');
+      p.zadd(keys.sessionExpiries, Date.now() + 3_600_000, sid);
+    }
+    await p.exec();
+  }
+  console.log(`written in ${(elapsedMs(t0) / 1000).toFixed(1)} s`);
+
+  const redisPid = Number(/process_id:(\d+)/.exec(await redis.info('server'))![1]);
+  const pgPid = (await db.pool.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+  const cpu = () => ({
+    self: process.cpuUsage(),
+    redis: processCpuMicros(redisPid) ?? Number.NaN,
+    pg: processCpuMicros(pgPid) ?? Number.NaN,
+  });
+
+  // One whole pass: until the cursor is back at the start.
+  const runs: { ms: number; checked: number }[] = [];
+  let ended = 0;
+  const c0 = cpu();
+  t0 = process.hrtime.bigint();
+  for (;;) {
+    const r0 = process.hrtime.bigint();
+    const r = await endLostSessions({ pool: db.pool, redis, keys }, values.batch);
+    runs.push({ ms: elapsedMs(r0), checked: r.checked });
+    ended += r.ended.length;
+    for (const sid of r.ended) if (!lost.has(sid)) throw new Error(`ended a live session's row: ${sid}`);
+    if (r.checked < values.batch) break;
+  }
+  const passMs = elapsedMs(t0);
+  const c1 = cpu();
+  if (ended !== values.lost) throw new Error(`the pass ended ${ended} rows, not the ${values.lost} lost`);
+
+  // The same-run reference: the check's read of the rows alone, a pass with the partial index
+  // and a pass without it.
+  const readPass = async () => {
+    const took: number[] = [];
+    let cursor = '00000000-0000-0000-0000-000000000000';
+    for (;;) {
+      const r0 = process.hrtime.bigint();
+      const { rows } = await db.pool.query<{ id: string }>(
+        `SELECT id FROM sessions
+          WHERE ended_at IS NULL AND id > $1 AND created_at < now() - interval '10 minutes'
+          ORDER BY id LIMIT $2`,
+        [cursor, values.batch],
+      );
+      took.push(elapsedMs(r0));
+      if (rows.length < values.batch) return took;
+      cursor = rows[rows.length - 1]!.id;
+    }
+  };
+  const withIndex = await readPass();
+  await db.pool.query('DROP INDEX sessions_open_idx');
+  await db.pool.query('ANALYZE sessions');
+  const without = await readPass();
+
+  const n = runs.length;
+  const perRun = (a: number, b: number) => (b - a) / 1000 / n;
+  const selfMs = (c1.self.user + c1.self.system - c0.self.user - c0.self.system) / 1000 / n;
+  const redisMs = perRun(c0.redis, c1.redis);
+  const pgMs = perRun(c0.pg, c1.pg);
+  const ms = runs.map((r) => r.ms);
+  console.log(
+    table(
+      [
+        'runs in the pass',
+        'pass (s)',
+        'run, median (ms)',
+        'run, p99 (ms)',
+        'bench process CPU per run (ms)',
+        'Redis CPU per run (ms)',
+        'PostgreSQL CPU per run (ms)',
+        `share of a core at one run per ${SWEEP_INTERVAL_MS / 1000} s`,
+        'rows ended lost',
+      ],
+      [
+        [
+          n,
+          (passMs / 1000).toFixed(1),
+          median(ms).toFixed(2),
+          p99(ms).toFixed(2),
+          selfMs.toFixed(2),
+          redisMs.toFixed(2),
+          pgMs.toFixed(2),
+          `${(((selfMs + redisMs + pgMs) / SWEEP_INTERVAL_MS) * 100).toFixed(2)}%`,
+          ended,
+        ],
+      ],
+    ),
+  );
+  console.log(
+    table(
+      ['read of a run’s rows', 'median (ms)', 'p99 (ms)'],
+      [
+        ['with the partial index', median(withIndex).toFixed(2), p99(withIndex).toFixed(2)],
+        ['without it', median(without).toFixed(2), p99(without).toFixed(2)],
+        ['without / with', `${(median(without) / median(withIndex)).toFixed(1)}x`, ''],
+      ],
+    ),
+  );
+} finally {
+  let cursor = '0';
+  do {
+    const [next, found] = await redis.scan(cursor, 'MATCH', `${keys.prefix}*`, 'COUNT', 5000);
+    cursor = next;
+    if (found.length > 0) await redis.unlink(...found);
+  } while (cursor !== '0');
+  redis.disconnect();
+  await db.pool.end().catch(() => {});
+  await dropSchema(schema);
+}
