@@ -39,6 +39,24 @@ export const AFTER_MS = 10 * 60_000;
 /** Past this many owed ends (PostgreSQL failing for long), a run ends nothing: it would read them all. */
 const OWED_READ_MAX = 100_000;
 
+/**
+ * KEYS[1] the expiry index, KEYS[2..n+1] the rows' session hashes; ARGV[1..n] their ids.
+ * Returns the 1-based positions of the rows whose hash is gone and that are not in the index:
+ * one command for a batch. Two commands a row (`EXISTS`, `ZSCORE`, auto-pipelined) cost the node
+ * ~20 µs of CPU a row, a run with the script ~5 µs a row all told (bench:audit-check).
+ */
+const GONE = `
+local out = {}
+for i, sid in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 and not redis.call('ZSCORE', KEYS[1], sid) then
+    out[#out + 1] = i
+  end
+end
+return out
+`;
+
+type CheckingRedis = Redis & { gwLostSessions(...args: string[]): Promise<number[]> };
+
 /** The smallest uuid: the cursor's start. */
 const FIRST = '00000000-0000-0000-0000-000000000000';
 
@@ -75,15 +93,19 @@ export async function endLostSessions(
     if (cursor !== FIRST) await redis.set(keys.auditCheckCursor, next);
     return { checked: 0, ended: [], deferred: 0 };
   }
-  // The hash and the index first, then the owed ends: an end made between the two reads is in
-  // the second (a removal's MULTI and the expiry script each take the session out of the first
-  // and put its end in the second in one step), and one written and forgotten since has ended
-  // its row, which the UPDATE below leaves as it is.
-  const [held, expiring] = await Promise.all([
-    Promise.all(rows.map(({ id }) => redis.exists(keys.session(id)))),
-    Promise.all(rows.map(({ id }) => redis.zscore(keys.sessionExpiries, id))),
-  ]);
-  let gone = rows.map(({ id }) => id).filter((_, i) => held[i] === 0 && expiring[i] === null);
+  // The hash and the index first (one script), then the owed ends: an end made between the two
+  // reads is in the second (a removal's MULTI and the expiry script each take the session out of
+  // the first and put its end in the second in one step), and one written and forgotten since
+  // has ended its row, which the UPDATE below leaves as it is.
+  if (!('gwLostSessions' in redis)) redis.defineCommand('gwLostSessions', { lua: GONE });
+  const ids = rows.map(({ id }) => id);
+  const positions = await (redis as CheckingRedis).gwLostSessions(
+    String(ids.length + 1),
+    keys.sessionExpiries,
+    ...ids.map((id) => keys.session(id)),
+    ...ids,
+  );
+  let gone = positions.map((i) => ids[i - 1]!);
   let deferred = 0;
   if (gone.length > 0) {
     const owedCount = await redis.zcard(keys.auditOwed);
