@@ -655,8 +655,10 @@ export class Presence {
   }
 
   /**
-   * Removes what each dead node held (sweepNode), then reports the expired events of offline
-   * sessions.
+   * Removes what each dead node held (sweepNode), checks the presence names, reports the expired
+   * events of offline sessions, ends the sessions whose life ran out, finishes the outbox work
+   * and writes the audit ends that ended sessions still owe, and checks a batch of open audit
+   * rows for sessions Redis lost; a step's failure that is not Redis's holds up no later step.
    */
   private async sweepOnce(_job: Job): Promise<SweepResult> {
     const { redis, keys, options } = this.deps;
