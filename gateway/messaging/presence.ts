@@ -658,7 +658,9 @@ export class Presence {
    * Removes what each dead node held (sweepNode), checks the presence names, reports the expired
    * events of offline sessions, ends the sessions whose life ran out, finishes the outbox work
    * and writes the audit ends that ended sessions still owe, and checks a batch of open audit
-   * rows for sessions Redis lost; a step's failure that is not Redis's holds up no later step.
+   * rows for sessions Redis lost. The names' check and the two steps that need PostgreSQL log
+   * their failures and hold up nothing; any other failure ends the sweep (the next runs at its
+   * time).
    */
   private async sweepOnce(_job: Job): Promise<SweepResult> {
     const { redis, keys, options } = this.deps;
