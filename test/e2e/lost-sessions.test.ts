@@ -20,6 +20,7 @@ import {
   startGateway,
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
 interface Row {
   id: string;
@@ -131,6 +132,56 @@ test("open audit rows of sessions lost from Redis are ended 'lost' at their last
     await Promise.all(open.map((c) => c.close()));
     r.disconnect();
     await gw?.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test("Redis restarted empty: every session's row is ended 'lost', the offline devices' too, once the sweep runs again", async () => {
+  const deployment = deploymentEnv();
+  const schema = deployment.GW_DB_SCHEMA;
+  const open: GatewayClient[] = [];
+  let gw: GatewayProcess | undefined;
+  let redis: OwnRedis | undefined;
+  try {
+    // No persistence: a restart loses everything, the sweep's schedule with it.
+    redis = await startOwnRedis(['--appendonly', 'no']);
+    gw = await startGateway({
+      ...deployment,
+      REDIS_URL: redis.url,
+      GW_SWEEP_INTERVAL_MS: '200',
+      GW_PRESENCE_STALE_MS: '2000',
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+    });
+    const sids: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const c = await connected(gw.tcpUrl);
+      open.push(c);
+      sids.push((await within(`sign-up ${i}`, signUp(c))).sessionId);
+    }
+    // Half of the devices go offline; their sessions live on in Redis.
+    for (const c of open.splice(0, 3)) await c.close();
+    await query(
+      schema,
+      "UPDATE sessions SET created_at = created_at - interval '1 hour', last_seen_at = last_seen_at - interval '1 hour'",
+    );
+    await redis.kill();
+    await redis.start();
+    await until(
+      "every session's row ended lost",
+      async () => {
+        const r = await query(schema, 'SELECT id, end_reason FROM sessions WHERE id = ANY($1::uuid[])', [
+          sids,
+        ]);
+        return r.rows.length === sids.length && r.rows.every((row) => row.end_reason === 'lost');
+      },
+      60_000,
+    );
+    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_lost_total'), 6);
+  } finally {
+    await Promise.all(open.map((c) => c.close()));
+    await gw?.stop();
+    await redis?.remove();
     await dropDeployment(deployment);
   }
 });
