@@ -413,6 +413,7 @@ export async function startNode(
       expiredSessions: (limit) => identity.service.endExpired(limit),
       auditEnds: (cutoff, limit) => identity.service.writeOwedEnds(cutoff, limit),
       lostSessions: () => identity.service.endLostSessions(config.auditCheckBatch),
+      resurrectedSessions: () => identity.service.endResurrected(config.auditCheckBatch),
       // Reported first, then removed (with their members): a report Redis refuses leaves them
       // due for the next sweep, and the job ids keep a second report from being queued.
       expire: async (members, now) => {

@@ -327,6 +327,14 @@ export class Keys {
     return `${this.prefix}auditcheck`;
   }
 
+  /**
+   * STRING: the ZSCAN cursor of the sweep's check for sessions a rollback brought back, over the
+   * expiry index (auth/lost-sessions.ts, sessionsResurrected).
+   */
+  get resurrectCheckCursor(): string {
+    return `${this.prefix}resurrectcheck`;
+  }
+
   /** Key prefix of the rate limiters (rate-limiter-flexible adds its own suffixes). */
   rateLimit(name: string): string {
     return `${this.prefix}rl:${name}`;

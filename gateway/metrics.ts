@@ -111,6 +111,7 @@ export class GatewayMetrics {
   readonly auditEndsSwept: Counter;
   readonly auditRowsChecked: Counter;
   readonly sessionsLostEnded: Counter;
+  readonly sessionsResurrected: Counter;
   readonly httpRequests: Counter<'method' | 'route' | 'status'>;
   readonly httpSeconds: Histogram<'method' | 'route'>;
   readonly redisSeconds: Histogram<'client' | 'result'>;
@@ -208,6 +209,11 @@ export class GatewayMetrics {
     this.sessionsLostEnded = new Counter({
       name: 'gateway_sessions_lost_total',
       help: "Open session audit rows the cluster-wide sweep ended 'lost' on this node: their sessions were gone from Redis with no end recorded (Redis lost them: a restart without persistence, a failover, a rollback; or a node died before it settled a failed login).",
+      registers,
+    });
+    this.sessionsResurrected = new Counter({
+      name: 'gateway_sessions_resurrected_total',
+      help: 'Live sessions in Redis whose audit row says they ended, ended again by the cluster-wide sweep on this node: brought back by a Redis rolled back (restored from a backup, a failover to a replica behind). Their connections are kicked session_revoked and their tokens refused again.',
       registers,
     });
     this.listRequests = new Counter({

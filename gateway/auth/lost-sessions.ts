@@ -1,6 +1,8 @@
 /**
- * Open audit rows whose sessions are gone from Redis with no end recorded anywhere: ended
- * `lost` by the cluster-wide sweep.
+ * The audit trail and Redis, made to agree by the cluster-wide sweep: open audit rows whose
+ * sessions are gone from Redis with no end recorded anywhere are ended `lost`
+ * (endLostSessions), and live sessions whose rows say they ended, which a Redis rolled back
+ * brings back, are ended again (sessionsResurrected, below).
  *
  * A session's audit row is opened by its login and ended by whatever ends the session: a
  * removal or the expiry sweep, each of which records the end as owed in Redis in the same step
@@ -133,4 +135,47 @@ export async function endLostSessions(
   // Deferred rows are read again on the next pass over the table.
   await redis.set(keys.auditCheckCursor, next);
   return { checked: rows.length, ended, deferred };
+}
+
+/** What `sessionsResurrected` found in one run. */
+export interface ResurrectedCheck {
+  /** Live sessions (expiry index entries) read in this run. */
+  checked: number;
+  /** Of those, sessions whose audit row is ended: to be ended in Redis again. */
+  ended: string[];
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * The other direction: live sessions in Redis whose audit row says they ended. An end takes
+ * the session out of Redis before its row is written, so this is never so in a running fleet;
+ * it is what a Redis rolled back (restored from a backup, a failover to a replica behind) leaves:
+ * the sessions logged out, revoked or taken over since the snapshot come back to life, their
+ * access and refresh tokens valid again (a stolen device's revoked session among them). One run
+ * reads `limit` entries of the expiry index (ZSCAN from a cursor kept in Redis, wrapping at the
+ * end) and returns those whose rows are ended, for the caller to end again (the row keeps its
+ * end: `AND ended_at IS NULL`). A session ended between the two reads is already out of Redis,
+ * and ending it again changes nothing. Sessions made by nodes of an earlier version are not in
+ * the index, and not read.
+ */
+export async function sessionsResurrected(
+  deps: { pool: pg.Pool; redis: Redis; keys: Keys },
+  limit: number,
+): Promise<ResurrectedCheck> {
+  const { pool, redis, keys } = deps;
+  const cursor = (await redis.get(keys.resurrectCheckCursor)) ?? '0';
+  const [next, flat] = await redis.zscan(keys.sessionExpiries, cursor, 'COUNT', limit);
+  const ids: string[] = [];
+  for (let i = 0; i < flat.length; i += 2) if (UUID.test(flat[i]!)) ids.push(flat[i]!);
+  let ended: string[] = [];
+  if (ids.length > 0) {
+    const r = await pool.query<{ id: string }>(
+      'SELECT id FROM sessions WHERE id = ANY($1::uuid[]) AND ended_at IS NOT NULL',
+      [ids],
+    );
+    ended = r.rows.map(({ id }) => id);
+  }
+  await redis.set(keys.resurrectCheckCursor, next);
+  return { checked: ids.length, ended };
 }

@@ -46,7 +46,7 @@ import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
 import type { Hasher } from './hasher.ts';
 import { LastSeen, writeEnds } from './last-seen.ts';
-import { endLostSessions, type LostCheck } from './lost-sessions.ts';
+import { endLostSessions, type LostCheck, sessionsResurrected } from './lost-sessions.ts';
 import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
 import {
@@ -1040,6 +1040,22 @@ export class IdentityService {
     this.deps.metrics?.auditRowsChecked.inc(r.checked);
     if (r.ended.length > 0) this.deps.metrics?.sessionsLostEnded.inc(r.ended.length);
     return r;
+  }
+
+  /**
+   * From the cluster-wide sweep: reads the next `limit` live sessions of the expiry index and
+   * ends again, in Redis, those whose audit row says they ended: brought back by a Redis rolled
+   * back (lost-sessions.ts, sessionsResurrected). Each is ended as a revoke is (its connections
+   * kicked `session_revoked`, its tokens and waiting events gone); its row keeps the end it had.
+   * Returns the sessions it ended. 0: none read.
+   */
+  async endResurrected(limit: number): Promise<string[]> {
+    if (limit <= 0) return [];
+    const r = await sessionsResurrected(this.deps, limit);
+    const ended: string[] = [];
+    for (const sid of r.ended) if (await this.endSession(sid, 'revoked')) ended.push(sid);
+    if (ended.length > 0) this.deps.metrics?.sessionsResurrected.inc(ended.length);
+    return ended;
   }
 
   // ---- email codes ------------------------------------------------------------------------------

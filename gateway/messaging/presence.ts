@@ -78,6 +78,11 @@ export interface SweepTargets {
    * with no end recorded (auth/lost-sessions.ts); returns the rows it read and the ids it ended.
    */
   lostSessions(): Promise<{ checked: number; ended: string[]; deferred: number }>;
+  /**
+   * Reads the next batch of live sessions and ends again those whose audit row says they ended
+   * (brought back by a Redis rolled back: auth/lost-sessions.ts); returns the ones it ended.
+   */
+  resurrectedSessions(): Promise<string[]>;
 }
 
 /**
@@ -657,10 +662,10 @@ export class Presence {
   /**
    * Removes what each dead node held (sweepNode), checks the presence names, reports the expired
    * events of offline sessions, ends the sessions whose life ran out, finishes the outbox work
-   * and writes the audit ends that ended sessions still owe, and checks a batch of open audit
-   * rows for sessions Redis lost. The names' check and the two steps that need PostgreSQL log
-   * their failures and hold up nothing; any other failure ends the sweep (the next runs at its
-   * time).
+   * and writes the audit ends that ended sessions still owe, checks a batch of open audit rows
+   * for sessions Redis lost, and a batch of live sessions for ones a rollback brought back. The
+   * names' check and the three steps that need PostgreSQL log their failures and hold up
+   * nothing; any other failure ends the sweep (the next runs at its time).
    */
   private async sweepOnce(_job: Job): Promise<SweepResult> {
     const { redis, keys, options } = this.deps;
@@ -779,6 +784,24 @@ export class Presence {
       }
     } catch (e) {
       logFailure(this.deps.log, e, {}, 'presence sweep could not check open audit rows');
+    }
+    // Live sessions whose audit rows say they ended: a Redis rolled back brought them back, their
+    // tokens valid again. A batch a sweep.
+    try {
+      const back = await this.targets!.resurrectedSessions();
+      if (back.length > 0) {
+        this.deps.log.warn(
+          { sessions: back.length, sessionIds: back.slice(0, 10) },
+          'presence sweep ended again sessions whose audit rows say they ended: Redis was rolled back',
+        );
+      }
+    } catch (e) {
+      logFailure(
+        this.deps.log,
+        e,
+        {},
+        'presence sweep could not check live sessions against their audit rows',
+      );
     }
     return { deadNodes, sessions, expired, sessionsExpired, ended, auditEnds, lostSessions };
   }

@@ -59,6 +59,7 @@ test('a beat stamped before its process stopped and sent after: one silence line
       expiredSessions: async () => 0,
       auditEnds: async () => ({ found: 0, written: 0 }),
       lostSessions: async () => ({ checked: 0, ended: [], deferred: 0 }),
+      resurrectedSessions: async () => [],
     };
     const restored: number[] = [];
     a.presence.onSilence((ms) => restored.push(ms));

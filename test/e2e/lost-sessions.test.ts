@@ -185,3 +185,86 @@ test("Redis restarted empty: every session's row is ended 'lost', the offline de
     await dropDeployment(deployment);
   }
 });
+
+test('Redis rolled back to before two logouts: the sessions it brought back are ended again, their tokens refused, their rows kept', async () => {
+  const deployment = deploymentEnv();
+  const schema = deployment.GW_DB_SCHEMA;
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const open: GatewayClient[] = [];
+  let gw: GatewayProcess | undefined;
+  let redis: OwnRedis | undefined;
+  try {
+    redis = await startOwnRedis(['--enable-debug-command', 'yes']);
+    gw = await startGateway({
+      ...deployment,
+      REDIS_URL: redis.url,
+      GW_SWEEP_INTERVAL_MS: '200',
+      // Two sessions a run: a pass over the index takes several runs.
+      GW_AUDIT_CHECK_BATCH: '2',
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+    });
+    const sessions: Awaited<ReturnType<typeof signUp>>[] = [];
+    for (let i = 0; i < 5; i++) {
+      const c = await connected(gw.tcpUrl);
+      open.push(c);
+      sessions.push(await within(`sign-up ${i}`, signUp(c)));
+    }
+    const rollback = await redis.rdbSnapshot();
+    // Two devices log out after the snapshot: their sessions end, in Redis and in the audit.
+    for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
+    const endsBefore = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.equal(endsBefore.rows.length, 2, 'two rows ended');
+    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
+    await rollback();
+    assert.equal(
+      await redis.with((r) => r.exists(hash(sessions[0]!.sessionId))),
+      1,
+      'the rollback brought the first logged-out session back',
+    );
+    await until(
+      'the sessions brought back ended again',
+      async () =>
+        (await redis!.with((r) => r.exists(...[0, 1].map((i) => hash(sessions[i]!.sessionId))))) === 0,
+      30_000,
+    );
+    // A logged-out device's token is refused again.
+    const again = await connected(gw.tcpUrl);
+    open.push(again);
+    await assert.rejects(
+      within('a resume with a logged-out token', again.request('resume', { token: sessions[0]!.token })),
+      (e: Error & { code?: string }) => e.code === 'session_revoked' || e.code === 'token_invalid',
+      'refused',
+    );
+    // Their rows keep their ends; the others' sessions live on, their rows open.
+    const endsAfter = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.deepEqual(
+      endsAfter.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      endsBefore.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      'the rows keep the ends they had',
+    );
+    for (const s of sessions.slice(2)) {
+      assert.equal(await redis.with((r) => r.exists(hash(s.sessionId))), 1, 'a live session left alone');
+    }
+    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
+    const logged = gw.logs
+      .filter(
+        (l) =>
+          l.msg ===
+          'presence sweep ended again sessions whose audit rows say they ended: Redis was rolled back',
+      )
+      .reduce((n, l) => n + Number(l.sessions), 0);
+    assert.equal(logged, 2, 'each logged once');
+  } finally {
+    await Promise.all(open.map((c) => c.close()));
+    await gw?.stop();
+    await redis?.remove();
+    await dropDeployment(deployment);
+  }
+});

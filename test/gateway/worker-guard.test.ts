@@ -84,6 +84,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     expiredSessions: async () => 0,
     auditEnds: async () => ({ found: 0, written: 0 }),
     lostSessions: async () => ({ checked: 0, ended: [], deferred: 0 }),
+    resurrectedSessions: async () => [],
     ...given,
   };
   await within('presence started', presence.start(targets));
