@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { createDb, type Db } from '../../gateway/auth/db.ts';
-import { endLostSessions } from '../../gateway/auth/lost-sessions.ts';
+import { endLostSessions, sessionsResurrected } from '../../gateway/auth/lost-sessions.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { DATABASE_URL, dropRedisPrefix, dropSchema, redisClient } from '../helpers/cleanup.ts';
@@ -108,4 +108,32 @@ test('with more ends owed than it reads, a run ends nothing; once they are writt
   await redis.del(keys.auditOwed);
   const done = await endLostSessions({ pool: db.pool, redis, keys }, 10);
   assert.deepEqual(done.ended, old, 'ended on the next pass');
+});
+
+test('live sessions against their rows: a run reads a batch of the expiry index from its cursor, returns those whose rows are ended, and wraps', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.resurrectCheckCursor, keys.sessionExpiries);
+  // Past 128 members a sorted set is a hash table, which ZSCAN reads a part at a time.
+  const open = await rows(300, 60);
+  const ended = await rows(3, 60);
+  await db.pool.query(
+    "UPDATE sessions SET ended_at = now(), end_reason = 'logout' WHERE id = ANY($1::uuid[])",
+    [ended],
+  );
+  // Every one in the index, with one member that is not a session id (never looked up).
+  for (const sid of [...open, ...ended]) await redis.zadd(keys.sessionExpiries, Date.now() + 60_000, sid);
+  await redis.zadd(keys.sessionExpiries, Date.now(), 'not-a-session');
+  const found: string[] = [];
+  let checked = 0;
+  let runs = 0;
+  for (; runs < 1000; runs++) {
+    const r = await sessionsResurrected({ pool: db.pool, redis, keys }, 10);
+    found.push(...r.ended);
+    checked += r.checked;
+    if ((await redis.get(keys.resurrectCheckCursor)) === '0') break;
+  }
+  assert.equal(await redis.get(keys.resurrectCheckCursor), '0', 'the cursor back at the start after a pass');
+  assert.deepEqual([...new Set(found)].sort(), ended, 'the sessions whose rows are ended, and no other');
+  assert.ok(checked >= 303, `every session read at least once (${checked})`);
+  assert.ok(runs >= 10, `a pass took several runs (${runs + 1})`);
 });
