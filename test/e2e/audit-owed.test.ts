@@ -127,8 +127,10 @@ test("a node killed before it wrote its sessions' audit ends (PostgreSQL stopped
       expiresFrom + TTL_S * 1000,
       expiresTo + TTL_S * 1000,
     );
-    assert.ok(
-      b.logs.some((l) => l.msg === 'presence sweep wrote session ends a node left unwritten'),
+    // Logged once the sweep's writes are answered: it may reach us after the rows are seen.
+    await b.waitForLog(
+      (l) => l.msg === 'presence sweep wrote session ends a node left unwritten',
+      15_000,
       "the sweep's line",
     );
     assert.equal((await scrapeMetrics(b.metricsPort)).value('gateway_session_ends_swept_total'), 2);
@@ -332,9 +334,11 @@ test('a login whose session Redis refuses to make leaves no audit row', async ()
       },
       15_000,
     );
-    assert.ok(
-      g.logs.some((l) => l.msg === 'audit rows of failed logins deleted: their sessions were never made'),
-      'the log line',
+    // Logged once the deletion is answered: it may reach us after the row is seen gone.
+    await g.waitForLog(
+      (l) => l.msg === 'audit rows of failed logins deleted: their sessions were never made',
+      15_000,
+      'the log line of the deletion',
     );
   } finally {
     for (const c of open) c.destroy();
