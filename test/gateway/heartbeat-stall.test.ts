@@ -82,18 +82,39 @@ async function startInProcess(env: Record<string, string> = {}) {
   return { node, lines, prefix, tcpUrl: `tcp://127.0.0.1:${node.ports.tcpPort}` };
 }
 
-/** The worker's messages as they come; `next(type)` waits for the first of a type not yet taken. */
+/**
+ * The worker's messages as they come; `next(type)` waits for the first of a type not yet taken,
+ * and fails at once, with the worker's error, if the worker failed or exited first (before, a
+ * worker whose sign-up threw was waited for until the deadline, and the failure named only the
+ * message it never sent).
+ */
 function messagesOf(worker: Worker) {
   const got: StallClientMessage[] = [];
+  let failed: Error | undefined;
   worker.on('message', (m: StallClientMessage) => got.push(m));
+  worker.on('error', (e) => {
+    failed ??= e;
+  });
+  worker.on('exit', (code) => {
+    failed ??= new Error(`the stall client exited (${code})`);
+  });
   return {
     got,
-    next<T extends StallClientMessage['type']>(type: T): Promise<Extract<StallClientMessage, { type: T }>> {
-      return until(`the stall client's '${type}' message`, () => {
-        const i = got.findIndex((m) => m.type === type);
-        if (i < 0) return undefined;
-        return got.splice(i, 1)[0] as Extract<StallClientMessage, { type: T }>;
-      });
+    next<T extends StallClientMessage['type']>(
+      type: T,
+      ms?: number,
+    ): Promise<Extract<StallClientMessage, { type: T }>> {
+      return until(
+        `the stall client's '${type}' message`,
+        () => {
+          const i = got.findIndex((m) => m.type === type);
+          if (i >= 0) return got.splice(i, 1)[0] as Extract<StallClientMessage, { type: T }>;
+          if (failed)
+            throw new Error(`the stall client failed before its '${type}' message: ${failed.message}`);
+          return undefined;
+        },
+        ms,
+      );
     },
   };
 }
@@ -128,7 +149,9 @@ async function readyStallClient(tcpUrl: string, deviceId?: string) {
   const errors: Error[] = [];
   worker.on('error', (e) => errors.push(e));
   const messages = messagesOf(worker);
-  await messages.next('ready');
+  // Ready once the thread has started (loading the client through tsx) and its devices have
+  // connected and, for the acker, signed up (two hashes): longer than one wait on a loaded machine.
+  await messages.next('ready', 60_000);
   return { worker, errors, messages };
 }
 
