@@ -222,7 +222,7 @@ try {
       [
         [
           'ZSCAN of the index, rows by id',
-          bn,
+          String(bn),
           backChecked,
           (backPassMs / 1000).toFixed(1),
           median(back).toFixed(2),
