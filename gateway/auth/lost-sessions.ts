@@ -137,11 +137,11 @@ export async function endLostSessions(
   return { checked: rows.length, ended, deferred };
 }
 
-/** What `sessionsResurrected` found in one run. */
+/** What `sessionsResurrected` did in one run. */
 export interface ResurrectedCheck {
   /** Live sessions (expiry index entries) read in this run. */
   checked: number;
-  /** Of those, sessions whose audit row is ended: to be ended in Redis again. */
+  /** Of those, sessions whose audit row is ended, which `end` ended in Redis again. */
   ended: string[];
 }
 
@@ -154,27 +154,29 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
  * the sessions logged out, revoked or taken over since the snapshot come back to life, their
  * access and refresh tokens valid again (a stolen device's revoked session among them). One run
  * reads `limit` entries of the expiry index (ZSCAN from a cursor kept in Redis, wrapping at the
- * end) and returns those whose rows are ended, for the caller to end again (the row keeps its
- * end: `AND ended_at IS NULL`). A session ended between the two reads is already out of Redis,
- * and ending it again changes nothing. Sessions made by nodes of an earlier version are not in
- * the index, and not read.
+ * end) and has `end` end again those whose rows are ended (the row keeps its end: `AND ended_at
+ * IS NULL`); `end` says whether it found the session to end. A session ended between the two
+ * reads is already out of Redis, and ending it again changes nothing. The cursor moves on once
+ * every end is done: a failure leaves the batch to be read again. Sessions made by nodes of an
+ * earlier version are not in the index, and not read.
  */
 export async function sessionsResurrected(
   deps: { pool: pg.Pool; redis: Redis; keys: Keys },
   limit: number,
+  end: (sessionId: string) => Promise<boolean>,
 ): Promise<ResurrectedCheck> {
   const { pool, redis, keys } = deps;
   const cursor = (await redis.get(keys.resurrectCheckCursor)) ?? '0';
   const [next, flat] = await redis.zscan(keys.sessionExpiries, cursor, 'COUNT', limit);
   const ids: string[] = [];
   for (let i = 0; i < flat.length; i += 2) if (UUID.test(flat[i]!)) ids.push(flat[i]!);
-  let ended: string[] = [];
+  const ended: string[] = [];
   if (ids.length > 0) {
     const r = await pool.query<{ id: string }>(
       'SELECT id FROM sessions WHERE id = ANY($1::uuid[]) AND ended_at IS NOT NULL',
       [ids],
     );
-    ended = r.rows.map(({ id }) => id);
+    for (const { id } of r.rows) if (await end(id)) ended.push(id);
   }
   await redis.set(keys.resurrectCheckCursor, next);
   return { checked: ids.length, ended };

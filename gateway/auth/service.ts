@@ -1051,9 +1051,7 @@ export class IdentityService {
    */
   async endResurrected(limit: number): Promise<string[]> {
     if (limit <= 0) return [];
-    const r = await sessionsResurrected(this.deps, limit);
-    const ended: string[] = [];
-    for (const sid of r.ended) if (await this.endSession(sid, 'revoked')) ended.push(sid);
+    const { ended } = await sessionsResurrected(this.deps, limit, (sid) => this.endSession(sid, 'revoked'));
     if (ended.length > 0) this.deps.metrics?.sessionsResurrected.inc(ended.length);
     return ended;
   }

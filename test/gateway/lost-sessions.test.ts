@@ -127,7 +127,7 @@ test('live sessions against their rows: a run reads a batch of the expiry index 
   let checked = 0;
   let runs = 0;
   for (; runs < 1000; runs++) {
-    const r = await sessionsResurrected({ pool: db.pool, redis, keys }, 10);
+    const r = await sessionsResurrected({ pool: db.pool, redis, keys }, 10, async () => true);
     found.push(...r.ended);
     checked += r.checked;
     if ((await redis.get(keys.resurrectCheckCursor)) === '0') break;
@@ -136,4 +136,28 @@ test('live sessions against their rows: a run reads a batch of the expiry index 
   assert.deepEqual([...new Set(found)].sort(), ended, 'the sessions whose rows are ended, and no other');
   assert.ok(checked >= 303, `every session read at least once (${checked})`);
   assert.ok(runs >= 10, `a pass took several runs (${runs + 1})`);
+});
+
+test('an end that fails leaves the cursor where it was: the batch is read again', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.resurrectCheckCursor, keys.sessionExpiries);
+  // Every one ended, past 128 (a hash table, read a part at a time).
+  const ended = await rows(150, 60);
+  await db.pool.query("UPDATE sessions SET ended_at = now(), end_reason = 'logout'");
+  for (const sid of ended) await redis.zadd(keys.sessionExpiries, Date.now() + 60_000, sid);
+  // The first batch a run from the start reads.
+  const [, flat] = await redis.zscan(keys.sessionExpiries, '0', 'COUNT', 10);
+  const first = flat.filter((_, i) => i % 2 === 0).sort();
+  await assert.rejects(
+    sessionsResurrected({ pool: db.pool, redis, keys }, 10, async () => {
+      throw new Error('Redis refused the end');
+    }),
+    /Redis refused the end/,
+  );
+  const tried: string[] = [];
+  await sessionsResurrected({ pool: db.pool, redis, keys }, 10, async (sid) => {
+    tried.push(sid);
+    return true;
+  });
+  assert.deepEqual(tried.sort(), first, 'the same batch again');
 });
