@@ -5,7 +5,8 @@
  * `--open` open rows an hour old, of which `--lost` have no session in Redis and the rest a
  * session hash and an expiry entry on a prefix of their own of the shared Redis. Each run is
  * timed, with the CPU the bench's process, Redis and the PostgreSQL backend spent on it (from
- * /proc; other clients of the shared Redis add to its figure). The same-run reference: the
+ * /proc; other clients of the shared Redis add to its figure); then a whole pass of the other
+ * direction, the live sessions of the expiry index against their rows (none of them ended). The same-run reference: the
  * check's read of the rows alone, a pass with the partial index the migration adds and a pass
  * without it (dropped after the first).
  *
@@ -109,6 +110,34 @@ try {
     redis: processCpuMicros(redisPid) ?? Number.NaN,
     pg: processCpuMicros(pgPid) ?? Number.NaN,
   });
+  type Cpu = ReturnType<typeof cpu>;
+  /** The columns both passes print: times per run, CPU per run of each process, share of a core. */
+  const PASS_COLUMNS = [
+    'runs in the pass',
+    'pass (s)',
+    'run, median (ms)',
+    'run, p99 (ms)',
+    'bench process CPU per run (ms)',
+    'Redis CPU per run (ms)',
+    'PostgreSQL CPU per run (ms)',
+    `share of a core at one run per ${SWEEP_INTERVAL_MS / 1000} s`,
+  ];
+  const passColumns = (ms: number[], passMs: number, c0: Cpu, c1: Cpu): string[] => {
+    const n = ms.length;
+    const self = (c1.self.user + c1.self.system - c0.self.user - c0.self.system) / 1000 / n;
+    const redisMs = (c1.redis - c0.redis) / 1000 / n;
+    const pgMs = (c1.pg - c0.pg) / 1000 / n;
+    return [
+      String(n),
+      (passMs / 1000).toFixed(1),
+      median(ms).toFixed(2),
+      p99(ms).toFixed(2),
+      self.toFixed(2),
+      redisMs.toFixed(2),
+      pgMs.toFixed(2),
+      `${(((self + redisMs + pgMs) / SWEEP_INTERVAL_MS) * 100).toFixed(2)}%`,
+    ];
+  };
 
   // One whole pass: until the cursor is back at the start.
   const runs: { ms: number; checked: number }[] = [];
@@ -167,72 +196,27 @@ try {
   await db.pool.query('ANALYZE sessions');
   const without = await readPass();
 
-  const n = runs.length;
-  const perRun = (a: number, b: number) => (b - a) / 1000 / n;
-  const selfMs = (c1.self.user + c1.self.system - c0.self.user - c0.self.system) / 1000 / n;
-  const redisMs = perRun(c0.redis, c1.redis);
-  const pgMs = perRun(c0.pg, c1.pg);
-  const ms = runs.map((r) => r.ms);
   console.log(
     table(
-      [
-        'runs in the pass',
-        'pass (s)',
-        'run, median (ms)',
-        'run, p99 (ms)',
-        'bench process CPU per run (ms)',
-        'Redis CPU per run (ms)',
-        'PostgreSQL CPU per run (ms)',
-        `share of a core at one run per ${SWEEP_INTERVAL_MS / 1000} s`,
-        'rows ended lost',
-      ],
+      ['open rows against their sessions', ...PASS_COLUMNS, 'rows ended lost'],
       [
         [
-          n,
-          (passMs / 1000).toFixed(1),
-          median(ms).toFixed(2),
-          p99(ms).toFixed(2),
-          selfMs.toFixed(2),
-          redisMs.toFixed(2),
-          pgMs.toFixed(2),
-          `${(((selfMs + redisMs + pgMs) / SWEEP_INTERVAL_MS) * 100).toFixed(2)}%`,
-          ended,
+          'rows in id order, one script',
+          ...passColumns(
+            runs.map((r) => r.ms),
+            passMs,
+            c0,
+            c1,
+          ),
+          String(ended),
         ],
       ],
     ),
   );
-  const bn = back.length;
-  const bSelf = (b1.self.user + b1.self.system - b0.self.user - b0.self.system) / 1000 / bn;
-  const bRedis = (b1.redis - b0.redis) / 1000 / bn;
-  const bPg = (b1.pg - b0.pg) / 1000 / bn;
   console.log(
     table(
-      [
-        'live sessions against their rows',
-        'runs in the pass',
-        'sessions read',
-        'pass (s)',
-        'run, median (ms)',
-        'run, p99 (ms)',
-        'bench process CPU per run (ms)',
-        'Redis CPU per run (ms)',
-        'PostgreSQL CPU per run (ms)',
-        `share of a core at one run per ${SWEEP_INTERVAL_MS / 1000} s`,
-      ],
-      [
-        [
-          'ZSCAN of the index, rows by id',
-          String(bn),
-          backChecked,
-          (backPassMs / 1000).toFixed(1),
-          median(back).toFixed(2),
-          p99(back).toFixed(2),
-          bSelf.toFixed(2),
-          bRedis.toFixed(2),
-          bPg.toFixed(2),
-          `${(((bSelf + bRedis + bPg) / SWEEP_INTERVAL_MS) * 100).toFixed(2)}%`,
-        ],
-      ],
+      ['live sessions against their rows', ...PASS_COLUMNS, 'sessions read'],
+      [['ZSCAN of the index, rows by id', ...passColumns(back, backPassMs, b0, b1), backChecked]],
     ),
   );
   console.log(
