@@ -29,7 +29,8 @@ import { processCpuMicros } from '../lib/proc.ts';
 const { values } = benchArgs({
   script: 'bench:audit-check',
   url: import.meta.url,
-  about: "the sweep's check of the audit trail against Redis: a pass over the open rows and one over the live sessions, per run",
+  about:
+    "the sweep's check of the audit trail against Redis: a pass over the open rows and one over the live sessions, per run",
   readme: 'bench:audit-check',
   options: {
     open: { type: 'int', default: 100000, help: 'open audit rows, an hour old' },
