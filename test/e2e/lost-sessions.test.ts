@@ -42,6 +42,8 @@ test("open audit rows of sessions lost from Redis are ended 'lost' at their last
       GW_SWEEP_INTERVAL_MS: '200',
       // Two rows a run: a pass over the table takes several runs, and the cursor wraps.
       GW_AUDIT_CHECK_BATCH: '2',
+      // The sweep's steps log a dependency's failure at debug: shown if the wait fails.
+      GW_LOG_LEVEL: 'debug',
       GW_DEFAULT_ROOM: '',
       GW_REGISTER_PER_MINUTE: '1000',
     });
@@ -100,8 +102,18 @@ test("open audit rows of sessions lost from Redis are ended 'lost' at their last
         const now = await rows();
         return lost.every((sid) => now.get(sid)?.end_reason === 'lost');
       },
-      30_000,
-    );
+      60_000,
+    ).catch(async (e: Error) => {
+      // What the check did (its failures are logged at debug), and how far it got.
+      const m = await scrapeMetrics(gw!.metricsPort);
+      const lines = gw!.logs
+        .filter((l) => /sweep|audit/.test(String(l.msg)))
+        .slice(-8)
+        .map((l) => `${l.msg}${l.err ? `: ${l.err}` : ''}`);
+      throw new Error(
+        `${e.message}; rows checked ${m.value('gateway_audit_rows_checked_total')}, ended lost ${m.value('gateway_sessions_lost_total')}; the sweep's last lines: ${JSON.stringify(lines)}`,
+      );
+    });
     // A whole pass more over the table after that: every open row read again at least once.
     const checked = async () =>
       (await scrapeMetrics(gw!.metricsPort)).value('gateway_audit_rows_checked_total');
