@@ -441,21 +441,7 @@ test("a sweep finishes every owed end, past a batch of them, each session's even
       async () => (await redis.with((r) => r.zcard(owed))) === 0,
       30_000,
     );
-    // A sweep's result is kept when its job completes, after its later steps: it may come after
-    // the owed set is seen empty.
-    let sweeps: number[] = [];
-    await until(
-      "the sweeps' results",
-      async () => {
-        sweeps = (await reader.jobs('gw-maintenance', 'sweep'))
-          .map((j) => (j.returnvalue as { ended?: number } | null)?.ended ?? 0)
-          .filter((n) => n > 0);
-        return sweeps.reduce((a, b) => a + b, 0) >= N;
-      },
-      30_000,
-    ).catch((e: Error) => {
-      throw new Error(`${e.message}; sweeps: ${JSON.stringify(sweeps)}`);
-    });
+    const sweeps = await reader.sweepResults('ended', N);
     assert.equal(
       sweeps.reduce((a, b) => a + b, 0),
       N,

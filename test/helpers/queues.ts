@@ -31,6 +31,27 @@ export class QueueReader {
     return all.filter((j) => j && (jobName === undefined || j.name === jobName));
   }
 
+  /**
+   * The `field` of each completed sweep's result where it is above 0, once they add up to at
+   * least `total`. A sweep's result is kept when its job completes, after its later steps: it
+   * may come after the work a test polls is seen done. Fails after `ms` naming what it read.
+   */
+  async sweepResults(field: string, total: number, ms = 30_000): Promise<number[]> {
+    let sweeps: number[] = [];
+    const end = Date.now() + ms;
+    for (;;) {
+      sweeps = (await this.jobs('gw-maintenance', 'sweep'))
+        .map((j) => Number((j.returnvalue as Record<string, unknown> | null)?.[field] ?? 0))
+        .filter((n) => n > 0);
+      if (sweeps.reduce((a, b) => a + b, 0) >= total) return sweeps;
+      if (Date.now() > end)
+        throw new Error(
+          `timed out after ${ms} ms waiting for the sweeps' ${field} to reach ${total}: ${JSON.stringify(sweeps)}`,
+        );
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
   /** How many jobs the queue holds in any state (its counts: no job is read). */
   async count(name: string): Promise<number> {
     const counts = await this.queue(name).getJobCounts(...STATES);
