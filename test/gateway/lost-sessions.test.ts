@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { createDb, type Db } from '../../gateway/auth/db.ts';
 import { endLostSessions, sessionsResurrected } from '../../gateway/auth/lost-sessions.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
@@ -160,4 +161,49 @@ test('an end that fails leaves the cursor where it was: the batch is read again'
     return true;
   });
   assert.deepEqual(tried.sort(), first, 'the same batch again');
+});
+
+test('four runs at once (sweeps on two nodes, one late) over the same lost rows: each row ended once', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.auditCheckCursor);
+  const lost = await rows(12, 60);
+  const runs = await Promise.all(
+    Array.from({ length: 4 }, () => endLostSessions({ pool: db.pool, redis, keys }, 100)),
+  );
+  const ended = runs.flatMap((r) => r.ended);
+  assert.deepEqual(ended.sort(), lost, 'every lost row ended, by one run each');
+  assert.deepEqual(await openOf(lost), []);
+});
+
+test('PostgreSQL or Redis gone: a run fails, ends nothing and leaves the cursor; the next one does it', async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.set(keys.auditCheckCursor, '00000000-0000-0000-0000-000000000000');
+  const lost = await rows(3, 60);
+  // Nothing listens on port 1: refused at once.
+  const deadPg = new pg.Pool({ connectionString: 'postgres://postgres@127.0.0.1:1/test', max: 1 });
+  deadPg.on('error', () => {});
+  const deadRedis = redisClient('redis://127.0.0.1:1', {
+    lazyConnect: true,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  deadRedis.on('error', () => {});
+  try {
+    await assert.rejects(endLostSessions({ pool: deadPg, redis, keys }, 10), 'PostgreSQL gone');
+    await assert.rejects(
+      sessionsResurrected({ pool: deadPg, redis, keys }, 10, async () => true),
+      'PostgreSQL gone',
+    );
+    await assert.rejects(endLostSessions({ pool: db.pool, redis: deadRedis, keys }, 10), 'Redis gone');
+  } finally {
+    await deadPg.end().catch(() => {});
+    deadRedis.disconnect();
+  }
+  assert.deepEqual(await openOf(lost), lost, 'nothing ended');
+  assert.equal(
+    await redis.get(keys.auditCheckCursor),
+    '00000000-0000-0000-0000-000000000000',
+    'the cursor left',
+  );
+  assert.deepEqual((await endLostSessions({ pool: db.pool, redis, keys }, 10)).ended, lost, 'the next run');
 });
