@@ -64,8 +64,3 @@ export function killOnRunnerTerm(
   });
   process.once('exit', killRunning);
 }
-
-/** How many tracked children still run (for the helpers' own test). */
-export function trackedChildren(): number {
-  return running.size;
-}
