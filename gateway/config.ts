@@ -284,7 +284,7 @@ const SETTINGS = {
   auditCheckBatch: setting(
     'GW_AUDIT_CHECK_BATCH',
     '1000',
-    'Open session audit rows the cluster-wide sweep checks against Redis in each run, going on where the last run stopped (a pass over 100,000 live sessions takes 100 runs: at the default interval, about eight minutes). A row older than ten minutes whose session is gone from Redis with no end recorded (Redis lost it, or a node died before it settled a failed login) is ended `lost`, at its last sign of life (`last_seen_at`). Each run also reads as many live sessions from Redis and ends again those whose audit row says they ended (a Redis rolled back brings them back, their tokens valid again). 0: never; at most 100000 (a run reads its rows, and asks Redis about each, in one go).',
+    'Open session audit rows the cluster-wide sweep checks against Redis in each run, going on where the last run stopped (a pass over 100,000 live sessions takes 100 runs: at the default interval, about eight minutes). A row older than ten minutes whose session is gone from Redis with no end recorded (Redis lost it, or a node died before it settled a failed login) is ended `lost`, at its last sign of life (`last_seen_at`). Each run also reads as many live sessions from Redis and ends again those whose audit row says they ended (a Redis rolled back brings them back, their tokens valid again; one resumed or refreshed is found within a second or two whatever this is). 0: never; at most 100000 (a run reads its rows, and asks Redis about each, in one go).',
     int(0, 100_000).default(1000),
   ),
   workerCheckMs: setting(

@@ -23,6 +23,14 @@
  * step that ends the session), so that a node that dies first leaves it to the cluster-wide
  * sweep (`writeOwedEnds`) rather than losing it. Once a row is written here or by the end
  * itself (`written`), its member is removed with the next batch (`forget`, one `ZREM` for all).
+ *
+ * The same statement that writes the resumed sessions' times reads which of their rows are
+ * ended, and hands those sessions to `ended`. A session is taken out of Redis before its row is
+ * ended, so a live session with an ended row is one a Redis rolled back brought to life (restored
+ * from a backup, a failover to a replica behind): a logged-out or revoked device's tokens valid
+ * again. Its first resume or refresh after the rollback is then seen within one interval, and
+ * the session ended again, instead of when the sweep's pass over every session reaches it
+ * (lost-sessions.ts, sessionsResurrected). A resumed session's row is not written past its end.
  */
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
@@ -77,8 +85,12 @@ export class LastSeen {
     private readonly log: Logger,
     private readonly everyMs = 1000,
     private readonly maxPending = 100_000,
-    /** Removes written ends' `auditOwed` members from Redis; absent: none kept. */
-    private readonly forget?: (members: string[]) => Promise<unknown>,
+    private readonly hooks: {
+      /** Removes written ends' `auditOwed` members from Redis; absent: none kept. */
+      forget?: (members: string[]) => Promise<unknown>;
+      /** Sessions noted as resumed whose audit rows are ended (see above). */
+      ended?: (sessionIds: string[]) => void;
+    } = {},
   ) {}
 
   /** A session resumed from `ip` now. */
@@ -108,7 +120,7 @@ export class LastSeen {
 
   /** An end's row was written by the end itself: its `auditOwed` member goes with the next batch. */
   written(audit: string): void {
-    if (!this.forget) return;
+    if (!this.hooks.forget) return;
     this.forgetting.add(audit);
     // Beyond the bound (Redis refusing the removals for long), the oldest are left owed: the
     // sweep writes them again, which changes nothing, and removes them.
@@ -159,7 +171,7 @@ export class LastSeen {
    */
   private givenUp(sessionId: string, end: SessionEnd): void {
     const fields = { sessionId, reason: end.reason, endedAt: new Date(end.at).toISOString() };
-    if (end.audit && this.forget)
+    if (end.audit && this.hooks.forget)
       this.log.warn(fields, 'session end not written by this node, left to the sweep');
     else this.log.error(fields, 'session end not written to PostgreSQL');
   }
@@ -196,14 +208,17 @@ export class LastSeen {
           ips.push(s.ip);
           ats.push(s.at / 1000);
         }
-        // Never back in time: a row another node wrote later keeps its time.
-        await this.pool.query(
-          `UPDATE sessions s SET last_seen_at = to_timestamp(v.at), ip = v.ip
-           FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, ip, at)
-           WHERE s.id = v.id AND s.last_seen_at < to_timestamp(v.at)`,
+        // Never back in time: a row another node wrote later keeps its time. An ended row keeps
+        // its times, and is read: its session was resumed after it ended.
+        const r = await this.pool.query<{ id: string }>(
+          `WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, ip, at)),
+           u AS (UPDATE sessions s SET last_seen_at = to_timestamp(v.at), ip = v.ip FROM v
+                 WHERE s.id = v.id AND s.ended_at IS NULL AND s.last_seen_at < to_timestamp(v.at))
+           SELECT s.id FROM sessions s JOIN v ON s.id = v.id WHERE s.ended_at IS NOT NULL`,
           [ids, ips, ats],
         );
         sessions.clear();
+        if (r.rows.length > 0) this.hooks.ended?.(r.rows.map(({ id }) => id));
       }
       if (devices.size > 0) {
         await this.pool.query(
@@ -227,10 +242,10 @@ export class LastSeen {
         'last-seen times not written yet',
       );
     }
-    if (this.forget && this.forgetting.size > 0) {
+    if (this.hooks.forget && this.forgetting.size > 0) {
       const members = [...this.forgetting].slice(0, FORGET_BATCH);
       try {
-        await this.forget(members);
+        await this.hooks.forget(members);
         for (const m of members) this.forgetting.delete(m);
       } catch (e) {
         // Kept for the next batch; owed a while longer, they cost only a second write.

@@ -210,9 +210,10 @@ export class IdentityService {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
     this.unstarted = new UnstartedSessions(deps);
-    this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, (members) =>
-      deps.redis.zrem(deps.keys.auditOwed, ...members),
-    );
+    this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, {
+      forget: (members) => deps.redis.zrem(deps.keys.auditOwed, ...members),
+      ended: (ids) => void this.endResumedEnded(ids),
+    });
     const limiter = (name: string, points: number, duration: number, blockDuration = 0) =>
       new RateLimiterRedis({
         storeClient: deps.redis,
@@ -875,6 +876,9 @@ export class IdentityService {
       throw new ProtocolError('token_invalid', 'refresh token invalid or expired');
     if (!(await this.store.touch(s.sessionId, s.userId, null, s.device)))
       throw new ProtocolError('session_revoked');
+    // A sign of life for the audit row, and its check that the session did not end there
+    // (last-seen.ts): a refresh is how a back end's device keeps its session without resuming.
+    this.lastSeen.session(s.sessionId, ctx.ip);
     return pair;
   }
 
@@ -1054,6 +1058,34 @@ export class IdentityService {
     const { ended } = await sessionsResurrected(this.deps, limit, (sid) => this.endSession(sid, 'revoked'));
     if (ended.length > 0) this.deps.metrics?.sessionsResurrected.inc(ended.length);
     return ended;
+  }
+
+  /**
+   * Sessions resumed or refreshed whose audit rows the last-seen batch found ended (last-seen.ts):
+   * brought back by a Redis rolled back. Each is ended again as the sweep's check does
+   * (`endResurrected`), within a second of its first use instead of when the sweep's pass reaches
+   * it. One whose end fails here (Redis refusing) is left to that pass.
+   */
+  private async endResumedEnded(ids: string[]): Promise<void> {
+    const ended: string[] = [];
+    for (const sid of ids) {
+      try {
+        if (await this.endSession(sid, 'revoked')) ended.push(sid);
+      } catch (e) {
+        logFailure(
+          this.deps.log,
+          e,
+          { sessionId: sid },
+          'resumed session whose audit row says it ended not ended again; left to the sweep',
+        );
+      }
+    }
+    if (ended.length === 0) return;
+    this.deps.metrics?.sessionsResurrected.inc(ended.length);
+    this.deps.log.warn(
+      { sessions: ended.length, sessionIds: ended.slice(0, 10) },
+      'resumed sessions whose audit rows say they ended were ended again: Redis was rolled back',
+    );
   }
 
   // ---- email codes ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import { test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { query, redisClient } from '../helpers/cleanup.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
   dropDeployment,
@@ -272,6 +272,112 @@ test('Redis rolled back to before two logouts: the sessions it brought back are 
           (l) =>
             l.msg ===
             'presence sweep ended again sessions whose audit rows say they ended: Redis was rolled back',
+        )
+        .reduce((n, l) => n + Number(l.sessions), 0);
+    await until('the ends logged', () => logged() >= 2);
+    assert.equal(logged(), 2, 'each logged once');
+  } finally {
+    await Promise.all(open.map((c) => c.close()));
+    await gw?.stop();
+    await redis?.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("Redis rolled back, the sweep's check off: a logged-out session's first resume and refresh end it again within a second or two", async () => {
+  const deployment = deploymentEnv();
+  const schema = deployment.GW_DB_SCHEMA;
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const open: GatewayClient[] = [];
+  let gw: GatewayProcess | undefined;
+  let redis: OwnRedis | undefined;
+  try {
+    redis = await startOwnRedis(['--enable-debug-command', 'yes']);
+    gw = await startGateway({
+      ...deployment,
+      REDIS_URL: redis.url,
+      GW_SWEEP_INTERVAL_MS: '200',
+      // The sweep's pass reads nothing: only a session's use can find it.
+      GW_AUDIT_CHECK_BATCH: '0',
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+    });
+    const sessions: Awaited<ReturnType<typeof signUp>>[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(gw.tcpUrl);
+      open.push(c);
+      sessions.push(await within(`sign-up ${i}`, signUp(c)));
+    }
+    const [resumed, refreshed, live] = sessions as [
+      (typeof sessions)[0],
+      (typeof sessions)[0],
+      (typeof sessions)[0],
+    ];
+    const rollback = await redis.rdbSnapshot();
+    for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
+    const endsBefore = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.equal(endsBefore.rows.length, 2, 'two rows ended');
+    await rollback();
+    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
+    const alive = (sid: string) => redis!.with((r) => r.exists(hash(sid)));
+    assert.equal(await alive(resumed.sessionId), 1, 'the rollback brought the first logged-out session back');
+
+    // The live session resumes too, first: it is in the same batch as the others, or an earlier one.
+    const liveConn = await connected(gw.tcpUrl);
+    open.push(liveConn);
+    await within('the live session resumed', liveConn.request('resume', { token: live.token }));
+    // The logged-out device's old token resumes: the rollback brought its session back...
+    const thief = await connected(gw.tcpUrl);
+    open.push(thief);
+    const kicked = nextEvent<{ code: string }>(thief, 'kick', 'the resumed session kicked', 20_000);
+    await within('a resume with a logged-out token', thief.request('resume', { token: resumed.token }));
+    // ...and a refresh with the other's old refresh token gets a new pair.
+    const other = await connected(gw.tcpUrl);
+    open.push(other);
+    const pair = await within(
+      'a refresh with a logged-out refresh token',
+      other.request<{ refresh: string }>('refresh', { refresh: refreshed.refresh }),
+    );
+    // Both are found by the last-seen batch and ended again.
+    assert.equal((await kicked).code, 'session_revoked');
+    await until(
+      'the refreshed session ended again',
+      async () => (await alive(refreshed.sessionId)) === 0,
+      20_000,
+    );
+    assert.equal(await alive(resumed.sessionId), 0, 'the resumed session gone');
+    // (The kick closed the thief's connection.)
+    const again = await connected(gw.tcpUrl);
+    open.push(again);
+    await assert.rejects(
+      within('a second resume with the logged-out token', again.request('resume', { token: resumed.token })),
+      (e: Error & { code?: string }) => e.code === 'session_revoked' || e.code === 'token_invalid',
+    );
+    await assert.rejects(
+      within('a refresh with the pair it was given', other.request('refresh', { refresh: pair.refresh })),
+      (e: Error & { code?: string }) => e.code === 'token_invalid',
+    );
+    // The rows keep their ends; the live session lives on, its row open.
+    const endsAfter = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.deepEqual(
+      endsAfter.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      endsBefore.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      'the rows keep the ends they had',
+    );
+    assert.equal(await alive(live.sessionId), 1, 'the live session left alone');
+    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
+    const logged = () =>
+      gw!.logs
+        .filter(
+          (l) =>
+            l.msg ===
+            'resumed sessions whose audit rows say they ended were ended again: Redis was rolled back',
         )
         .reduce((n, l) => n + Number(l.sessions), 0);
     await until('the ends logged', () => logged() >= 2);

@@ -1,7 +1,7 @@
 /**
  * Resumes' last-seen times written in batches off their path (gateway/auth/last-seen.ts): one
  * statement per table for a batch, never back in time, and kept through a PostgreSQL outage
- * until it is back. A private PostgreSQL this file stops and starts, with the project's
+ * until it is back; the rows found ended handed over (a Redis rolled back brought them back). A private PostgreSQL this file stops and starts, with the project's
  * migrations in a schema of its own.
  */
 import assert from 'node:assert/strict';
@@ -106,6 +106,48 @@ test('what is noted is written in one statement per table, newest time per row, 
     assert.equal(rows.devices.get(f.devices[i]), at, `device ${i}`);
   }
   assert.deepEqual(lines, [], 'nothing logged');
+});
+
+test('the rows of resumed sessions found ended are handed to `ended`, in the same statement, and keep their times', async () => {
+  const found: string[][] = [];
+  const seen = new LastSeen(db.pool, createLogger('silent', {}), 1000, 100_000, {
+    ended: (ids) => found.push(ids),
+  });
+  const f = await fleet(6);
+  // Three rows ended (a logout, a revoke, lost) before their sessions were resumed again.
+  await db.pool.query(
+    `UPDATE sessions SET ended_at = now() - interval '30 minutes', end_reason = v.reason
+     FROM unnest($1::uuid[], $2::text[]) AS v(id, reason) WHERE sessions.id = v.id`,
+    [f.sessions.slice(0, 3), ['logout', 'revoked', 'lost']],
+  );
+  const before = await f.rows();
+  const at = Date.now();
+  for (const sid of f.sessions) seen.session(sid, '10.0.0.4', at);
+  let queries = 0;
+  const query = db.pool.query.bind(db.pool);
+  db.pool.query = ((...args: Parameters<typeof query>) => {
+    queries++;
+    return query(...args);
+  }) as typeof db.pool.query;
+  try {
+    await seen.flush();
+  } finally {
+    db.pool.query = query;
+  }
+  assert.equal(queries, 1, 'one statement writes the times and reads the ends');
+  assert.equal(found.length, 1, 'handed over once');
+  assert.deepEqual([...found[0]!].sort(), f.sessions.slice(0, 3).sort(), 'exactly the ended rows');
+  const rows = await f.rows();
+  for (const sid of f.sessions.slice(0, 3)) {
+    assert.deepEqual(rows.sessions.get(sid), before.sessions.get(sid), 'an ended row keeps its times');
+  }
+  for (const sid of f.sessions.slice(3)) {
+    assert.deepEqual(rows.sessions.get(sid), { ip: '10.0.0.4', at }, 'an open row is written');
+  }
+  // None ended: nothing handed over.
+  for (const sid of f.sessions.slice(3)) seen.session(sid, '10.0.0.5', at + 1000);
+  await seen.flush();
+  assert.equal(found.length, 1, 'nothing more');
 });
 
 test('a write that fails while PostgreSQL is stopped is kept, and made once it is back', async () => {
