@@ -209,7 +209,7 @@ export class IdentityService {
   ) {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
-    this.unstarted = new UnstartedSessions(deps);
+    this.unstarted = new UnstartedSessions({ ...deps, endUnstarted: (sid) => this.endUnstarted(sid) });
     this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, {
       forget: (members) => deps.redis.zrem(deps.keys.auditOwed, ...members),
       ended: (ids) => void this.endResumedEnded(ids),
@@ -690,6 +690,32 @@ export class IdentityService {
       refreshExpiresAt,
       ...(device?.id ? { deviceId: device.id } : {}),
     };
+  }
+
+  /**
+   * A failed login's session that Redis made after all (unstarted.ts): nobody holds its tokens.
+   * Ended `revoked`; or, when another live session of the account has its device, `takeover`
+   * with that one as its successor (the events it got move there), and the device's key, if it
+   * names this one (made after that session's login: a Redis that ran the two logins' steps out
+   * of order), is given to the successor first, as its resume naming the device would. False:
+   * the session was gone.
+   */
+  private async endUnstarted(sid: string): Promise<boolean> {
+    const s = await this.store.get(sid);
+    if (!s) return false;
+    const deviceId = s.device?.id;
+    let successor: LiveSession | undefined;
+    if (deviceId) {
+      for (const other of await this.store.ofDevice(deviceId)) {
+        if (other === sid) continue;
+        const o = await this.store.get(other);
+        if (o?.userId !== s.userId || o.device?.id !== deviceId) continue;
+        if (!successor || o.createdAt > successor.createdAt) successor = o;
+      }
+      if (successor && (await this.store.deviceHolder(deviceId)) === sid)
+        await this.store.touch(successor.sessionId, successor.userId, successor.device, successor.device);
+    }
+    return this.endSession(sid, successor ? 'takeover' : 'revoked', successor?.sessionId);
   }
 
   /**

@@ -7,10 +7,14 @@
  * Such a session is noted here, and the node looks for it in Redis, on the same connection
  * after the step that failed, so that Redis answers after running that step if it runs it at
  * all (a reply lost to a timeout), and after resending it if its connection was cut:
- * - the session is there: it was made after all (its life is then the expiry index's, like
- *   any other: the sweep ends its row when it runs out), and the row is kept;
+ * - the session is there: it was made after all, and nobody holds its tokens (the login was
+ *   answered with an error): it is ended (`end`, IdentityService.endUnstarted), its row kept
+ *   with that end. Kept, it lived a day in the account's session list, got the account's
+ *   events to report failed when it ran out, and, made after a later login of the same device
+ *   (a Redis that ran the two logins' steps out of order at a thaw), held the device's key: the
+ *   device's events went to it instead of the device;
  * - it is not: it never will be, and the row is deleted.
- * A look-up or a deletion that fails is tried again from the node's sweep, once a second,
+ * A look-up, an end or a deletion that fails is tried again from the node's sweep, once a second,
  * until one succeeds. A node killed with some still noted leaves their rows open, until the sweep
  * ends them `lost` (lost-sessions.ts).
  *
@@ -39,7 +43,14 @@ export class UnstartedSessions {
   private triedAt = 0;
 
   constructor(
-    private readonly deps: { redis: Redis; pool: pg.Pool; keys: Keys; log: Logger },
+    private readonly deps: {
+      redis: Redis;
+      pool: pg.Pool;
+      keys: Keys;
+      log: Logger;
+      /** Ends a session made after its login failed; absent: it is kept. */
+      endUnstarted?: (sid: string) => Promise<unknown>;
+    },
     private readonly maxPending = MAX_PENDING,
   ) {}
 
@@ -107,12 +118,28 @@ export class UnstartedSessions {
       }
       const made = sids.filter((_, i) => exists[i] === 1);
       const never = sids.filter((_, i) => exists[i] !== 1);
-      for (const sid of made) this.pending.delete(sid);
-      if (made.length > 0)
+      if (made.length > 0) {
+        try {
+          for (const sid of made) {
+            await this.deps.endUnstarted?.(sid);
+            this.pending.delete(sid);
+          }
+        } catch (e) {
+          logFailure(
+            log,
+            e,
+            { sessions: this.pending.size },
+            'failed logins not settled yet: a session made after all not ended',
+          );
+          return;
+        }
         log.info(
           { sessions: made.length },
-          'sessions of failed logins made after all: their audit rows kept',
+          this.deps.endUnstarted
+            ? 'sessions of failed logins made after all: ended'
+            : 'sessions of failed logins made after all: their audit rows kept',
         );
+      }
       if (never.length === 0) continue;
       try {
         const r = await pool.query('DELETE FROM sessions WHERE id = ANY($1::uuid[]) AND ended_at IS NULL', [

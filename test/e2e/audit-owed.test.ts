@@ -6,12 +6,13 @@
  * the cluster-wide sweep writes what a dead node left.
  */
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import pgLib from 'pg';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { DATABASE_URL, query, redisClient } from '../helpers/cleanup.ts';
-import { until, within } from '../helpers/deadline.ts';
+import { nextEvent, until, within } from '../helpers/deadline.ts';
 import {
   type DeploymentEnv,
   deploymentEnv,
@@ -19,6 +20,7 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { postEvent } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
@@ -348,7 +350,7 @@ test('a login whose session Redis refuses to make leaves no audit row', async ()
   }
 });
 
-test("a login whose session a frozen Redis made after the login's timeout keeps its audit row, open", async () => {
+test("a login whose session a frozen Redis made after the login's timeout has it ended: nobody holds its tokens", async () => {
   const own = await startOwnRedis();
   const deployment = deploymentEnv();
   const g = await startGateway(env(deployment, { REDIS_URL: own.url, GW_REDIS_TIMEOUT_MS: '300' }));
@@ -390,21 +392,122 @@ test("a login whose session a frozen Redis made after the login's timeout keeps 
     }
     await g.waitForLog(
       (l) =>
+        l.msg === 'sessions of failed logins made after all: ended' ||
+        l.msg === 'audit rows of failed logins deleted: their sessions were never made',
+      15_000,
+      'the failed login settled',
+    );
+    // The session was made, and is ended (`revoked`: the device has no other session), its row
+    // kept with that end. Before, it lived on, its row open, until its life ran out.
+    const rows = await query(
+      deployment.GW_DB_SCHEMA,
+      `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+      [s.username, s.sessionId],
+    );
+    assert.equal(rows.rows.length, 1, JSON.stringify(rows.rows));
+    const made = rows.rows[0] as { id: string; end_reason: string | null };
+    assert.equal(made.end_reason, 'revoked', 'its row ended');
+    assert.equal(
+      await own.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${made.id}}:sess`)),
+      0,
+      'the session gone from Redis',
+    );
+    assert.equal(
+      await own.with((r) => r.zscore(`${deployment.GW_REDIS_PREFIX}sessexp`, made.id)),
+      null,
+      'and from the expiry index',
+    );
+    assert.equal(
+      (await query(deployment.GW_DB_SCHEMA, 'SELECT ended_at FROM sessions WHERE id = $1', [s.sessionId]))
+        .rows[0].ended_at,
+      null,
+      "the sign-up's session untouched",
+    );
+  } finally {
+    own.thaw();
+    await db.end();
+    for (const c of open) c.destroy();
+    await g.stop();
+    await own.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a device's login whose session a frozen Redis made after the login's timeout leaves the device's key, and its events, to the device's live session", async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const apiKey = 'api-key-for-audit-owed-7d2e';
+  const g = await startGateway(
+    env(deployment, { REDIS_URL: own.url, GW_REDIS_TIMEOUT_MS: '300', GW_API_KEY: apiKey }),
+  );
+  const open: GatewayClient[] = [];
+  const db = schemaClient(deployment);
+  try {
+    await db.connect();
+    const deviceId = `dev-${randomUUID().slice(0, 8)}`;
+    // The device's live session, on its own connection.
+    const live = await connected(g.tcpUrl);
+    open.push(live);
+    const s = await within('a sign-up with the device', signUp(live, { id: deviceId }));
+    // A second login of the device (another connection) whose session Redis makes after the
+    // login timed out: the session takes the device's key, and nobody holds its tokens.
+    const late = await connected(g.tcpUrl);
+    open.push(late);
+    await db.query('BEGIN');
+    await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
+    const login = late
+      .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
+      .then(
+        () => 'ok',
+        (e: { code?: string }) => e.code,
+      );
+    try {
+      await until(
+        'the login waiting for the sessions table',
+        async () =>
+          (
+            await query(
+              deployment.GW_DB_SCHEMA,
+              "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
+            )
+          ).rowCount! > 0,
+      );
+      own.freeze();
+    } finally {
+      await db.query('COMMIT');
+    }
+    try {
+      assert.equal(await within('the login under a frozen Redis', login), 'overloaded');
+    } finally {
+      own.thaw();
+    }
+    await g.waitForLog(
+      (l) =>
+        l.msg === 'sessions of failed logins made after all: ended' ||
         l.msg === 'sessions of failed logins made after all: their audit rows kept' ||
         l.msg === 'audit rows of failed logins deleted: their sessions were never made',
       15_000,
       'the failed login settled',
     );
-    // The session is in Redis, and its row is kept, open: the sweep ends it when its life runs out.
-    const rows = await rowsOf(deployment.GW_DB_SCHEMA, s.username);
-    assert.equal(rows.length, 2, JSON.stringify(rows));
-    const made = rows.find((r) => r.id !== s.sessionId)!;
-    assert.equal(
-      await own.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${made.id}}:sess`)),
-      1,
-      'the session was made',
+    const rows = await query(
+      deployment.GW_DB_SCHEMA,
+      `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+      [s.username, s.sessionId],
     );
-    assert.equal(made.ended, false, 'its row open while it lives');
+    assert.equal(rows.rows.length, 1, `the late session's row: ${JSON.stringify(rows.rows)}`);
+    const made = rows.rows[0] as { id: string; end_reason: string | null };
+    // The device's key names its live session again, and the late one ended as taken over by it.
+    assert.equal(
+      await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
+      s.sessionId,
+      "the device's key names its live session",
+    );
+    assert.equal(made.end_reason, 'takeover', "the late session's row");
+    // An event for the device reaches it.
+    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
+    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `late-${deviceId}`);
+    assert.equal(res.status, 202, await res.text());
+    assert.equal((await got).eid, `late-${deviceId}`);
   } finally {
     own.thaw();
     await db.end();
