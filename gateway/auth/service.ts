@@ -678,8 +678,19 @@ export class IdentityService {
       this.unstarted.add(sessionId);
       throw e;
     }
-    if (device?.id) await this.takeOverDevice(userId, device.id, sessionId, ctx.connection);
-    const { token, expiresAt } = await this.deps.tokens.issue(userId, sessionId);
+    // A step after the session is made that fails (a Redis blip in the takeover) answers the
+    // login with an error too: nobody gets its tokens, and it holds the device's key, with the
+    // device's older session not taken over. It is settled as one Redis made late (unstarted.ts:
+    // ended, the key back to the device's live session).
+    let token: string;
+    let expiresAt: number;
+    try {
+      if (device?.id) await this.takeOverDevice(userId, device.id, sessionId, ctx.connection);
+      ({ token, expiresAt } = await this.deps.tokens.issue(userId, sessionId));
+    } catch (e) {
+      this.unstarted.add(sessionId);
+      throw e;
+    }
     return {
       userId,
       username,

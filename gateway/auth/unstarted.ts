@@ -1,5 +1,5 @@
 /**
- * The audit rows of logins that failed while their session was being made in Redis.
+ * The audit rows of logins that failed while their session was being made in Redis, or after.
  *
  * A login writes its session's audit row (PostgreSQL `sessions`) before it makes the session
  * in Redis. When Redis refuses that step, or does not answer it in time, the login is answered
@@ -8,7 +8,7 @@
  * after the step that failed, so that Redis answers after running that step if it runs it at
  * all (a reply lost to a timeout), and after resending it if its connection was cut:
  * - the session is there: it was made after all, and nobody holds its tokens (the login was
- *   answered with an error): it is ended (`end`, IdentityService.endUnstarted), its row kept
+ *   answered with an error): it is ended (`endUnstarted`, in IdentityService), its row kept
  *   with that end. Kept, it lived a day in the account's session list, got the account's
  *   events to report failed when it ran out, and, made after a later login of the same device
  *   (a Redis that ran the two logins' steps out of order at a thaw), held the device's key: the

@@ -518,6 +518,75 @@ test("a device's login whose session a frozen Redis made after the login's timeo
   }
 });
 
+test("a device's login that fails in its takeover, its session made, leaves the device's key and events to the device's live session", async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const apiKey = 'api-key-for-audit-owed-5b1f';
+  const g = await startGateway(env(deployment, { REDIS_URL: own.url, GW_API_KEY: apiKey }));
+  const acl = (rule: string) => own.with((r) => r.call('ACL', 'SETUSER', 'default', rule));
+  const open: GatewayClient[] = [];
+  try {
+    const deviceId = `dev-${randomUUID().slice(0, 8)}`;
+    const live = await connected(g.tcpUrl);
+    open.push(live);
+    const s = await within('a sign-up with the device', signUp(live, { id: deviceId }));
+    // The takeover reads the device's sessions with SMEMBERS (session-store.ts, ofDevice), which
+    // nothing before it in a login uses: the session is made, then the login fails.
+    const second = await connected(g.tcpUrl);
+    open.push(second);
+    await acl('-smembers');
+    try {
+      await assert.rejects(
+        within(
+          'the login',
+          second.request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } }),
+        ),
+        'the login fails',
+      );
+      const late = await query(
+        deployment.GW_DB_SCHEMA,
+        `SELECT s.id FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+        [s.username, s.sessionId],
+      );
+      assert.equal(late.rows.length, 1, 'the failed login made its session');
+      assert.equal(
+        await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
+        late.rows[0].id,
+        "its session took the device's key",
+      );
+    } finally {
+      await acl('+smembers');
+    }
+    await until(
+      "the failed login's session ended",
+      async () =>
+        (
+          await query(
+            deployment.GW_DB_SCHEMA,
+            `SELECT s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+            [s.username, s.sessionId],
+          )
+        ).rows[0]?.end_reason === 'takeover',
+      15_000,
+    );
+    assert.equal(
+      await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
+      s.sessionId,
+      "the device's key names its live session again",
+    );
+    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
+    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `acl-${deviceId}`);
+    assert.equal(res.status, 202, await res.text());
+    assert.equal((await got).eid, `acl-${deviceId}`);
+  } finally {
+    await acl('+smembers').catch(() => {});
+    for (const c of open) c.destroy();
+    await g.stop();
+    await own.remove();
+    await dropDeployment(deployment);
+  }
+});
+
 test("a login whose audit row's INSERT PostgreSQL ran after the login's query timeout leaves no audit row", async () => {
   const deployment = deploymentEnv();
   const g = await startGateway(
