@@ -708,7 +708,7 @@ export class IdentityService {
    * Ended `revoked`; or, when another live session of the account has its device, `takeover`
    * with that one as its successor (the events it got move there), and the device's key, if it
    * names this one (made after that session's login: a Redis that ran the two logins' steps out
-   * of order), is given to the successor first, as its resume naming the device would. False:
+   * of order), is handed to the successor first, in one step with that check. False:
    * the session was gone.
    */
   private async endUnstarted(sid: string): Promise<boolean> {
@@ -723,8 +723,8 @@ export class IdentityService {
         if (o?.userId !== s.userId || o.device?.id !== deviceId) continue;
         if (!successor || o.createdAt > successor.createdAt) successor = o;
       }
-      if (successor && (await this.store.deviceHolder(deviceId)) === sid)
-        await this.store.touch(successor.sessionId, successor.userId, successor.device, successor.device);
+      // Only while the key names this one: a login of the device that set it since keeps it.
+      if (successor) await this.store.handDevice(deviceId, sid, successor.sessionId);
     }
     return this.endSession(sid, successor ? 'takeover' : 'revoked', successor?.sessionId);
   }

@@ -257,6 +257,18 @@ return ended
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
 /**
+ * The device key (KEYS[1]) handed from session ARGV[1] to ARGV[2] for ARGV[3] s, only while it
+ * names ARGV[1] and ARGV[2] lives (KEYS[2], its hash); ARGV[2] joins the device's sessions
+ * (KEYS[3]). A login of the device that set the key since keeps it.
+ */
+const HAND = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 1`;
+
+/**
  * A resume of a session with a device: the session is among the device's sessions (KEYS[2]; it
  * may have been made by a node that kept none), whose life is extended, and the device key
  * (KEYS[1]) is extended by ARGV[2] s only if it still names the session (ARGV[1]).
@@ -571,6 +583,25 @@ export class SessionStore {
     const [cur, used] = await this.redis.mget(this.keys.refresh(hash), this.keys.refreshUsed(hash));
     if (cur) return { sessionId: cur, current: true };
     return used ? { sessionId: used, current: false } : null;
+  }
+
+  /**
+   * Hands the device key from session `from` to `to` (HAND): only while it names `from` and `to`
+   * lives. True if it did.
+   */
+  async handDevice(deviceId: string, from: string, to: string): Promise<boolean> {
+    const k = this.keys;
+    const r = await this.redis.eval(
+      HAND,
+      3,
+      k.device(deviceId),
+      k.session(to),
+      k.deviceSessions(deviceId),
+      from,
+      to,
+      this.ttlSeconds,
+    );
+    return r === 1;
   }
 
   /** The session the device key names (the last one created or resumed with the device). */

@@ -1,5 +1,5 @@
 /**
- * The session store's `touch` (a refresh, a resume naming a device) against a real Redis, under
+ * The session store's `touch` (a refresh, a resume naming a device) and `handDevice` against a real Redis, under
  * a key prefix of its own: it extends what a live session needs and never brings back one that
  * ended.
  */
@@ -131,4 +131,31 @@ test("a refresh refused for the budget holds its token's grace period open, the 
     { status: 'reused', sessionId: plain.sessionId },
     'without a hold, the grace period is over: reuse',
   );
+});
+
+test("the device's key is handed from a session to another only while it names the first and the second lives", async () => {
+  const device = { id: `dev-${randomUUID().slice(0, 8)}` };
+  const live = session(device);
+  await store.create(live, 60_000);
+  const dead = { ...session(device), userId: live.userId };
+  await store.create(dead, 60_000);
+  assert.equal(await store.deviceHolder(device.id), dead.sessionId, 'the later session holds the key');
+  // A login of the device set the key since: it keeps it.
+  const newer = { ...session(device), userId: live.userId };
+  await store.create(newer, 60_000);
+  assert.equal(await store.handDevice(device.id, dead.sessionId, live.sessionId), false);
+  assert.equal(await store.deviceHolder(device.id), newer.sessionId, 'the newer login keeps the key');
+  // The key names the dead one again: handed to the live one, which joins the device's sessions.
+  await redis.set(keys.device(device.id), dead.sessionId, 'EX', 30);
+  await redis.srem(keys.deviceSessions(device.id), live.sessionId);
+  assert.equal(await store.handDevice(device.id, dead.sessionId, live.sessionId), true);
+  assert.equal(await store.deviceHolder(device.id), live.sessionId);
+  const ttl = await redis.ttl(keys.device(device.id));
+  assert.ok(ttl > TTL - 5 && ttl <= TTL, `the key's TTL ${ttl}`);
+  assert.ok((await store.ofDevice(device.id)).includes(live.sessionId), "among the device's sessions");
+  // Not to a session that is gone.
+  await redis.set(keys.device(device.id), dead.sessionId, 'EX', 30);
+  await redis.del(keys.session(live.sessionId));
+  assert.equal(await store.handDevice(device.id, dead.sessionId, live.sessionId), false);
+  assert.equal(await store.deviceHolder(device.id), dead.sessionId, 'left as it was');
 });
