@@ -14,7 +14,8 @@
  *   about one verification when only attempts in flight fill the budget.
  * - A login whose requester went (`RequestContext.gone`) while its password was verified starts
  *   no session; one (or a registration) whose requester went while it waited for a hash thread
- *   is not hashed at all (hasher.ts).
+ *   is not hashed at all (hasher.ts); one whose requester went while its session was made takes
+ *   over no older session of the device, and its session is ended (unstarted.ts).
  * - Refresh tokens are single use; presenting a used one ends the whole session
  *   (`refresh_reused`), and every node kicks that session's connection. A refresh retried within
  *   `refreshGraceSeconds` while the successor is unused gets the same successor pair
@@ -679,14 +680,20 @@ export class IdentityService {
       throw e;
     }
     // A step after the session is made that fails (a Redis blip in the takeover) answers the
-    // login with an error too: nobody gets its tokens, and it holds the device's key, with the
-    // device's older session not taken over. It is settled as one Redis made late (unstarted.ts:
-    // ended, the key back to the device's live session).
+    // login with an error too, and a requester gone by now (a device's connection dropped while
+    // its row or session was written) gets no answer: nobody gets its tokens, and it holds the
+    // device's key, with the device's older session not taken over. It is settled as one Redis
+    // made late (unstarted.ts: ended, the key back to the device's live session).
     let token: string;
     let expiresAt: number;
+    const gone = () => {
+      if (ctx.gone?.()) throw new RequesterGone('its connection closed before its session was answered');
+    };
     try {
+      gone();
       if (device?.id) await this.takeOverDevice(userId, device.id, sessionId, ctx.connection);
       ({ token, expiresAt } = await this.deps.tokens.issue(userId, sessionId));
+      gone();
     } catch (e) {
       this.unstarted.add(sessionId);
       throw e;

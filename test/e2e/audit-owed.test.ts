@@ -587,6 +587,79 @@ test("a device's login that fails in its takeover, its session made, leaves the 
   }
 });
 
+test("a device's login whose connection dropped while its session was made leaves the device's key and events to the device's live session", async () => {
+  const deployment = deploymentEnv();
+  const apiKey = 'api-key-for-audit-owed-9c3a';
+  const g = await startGateway(env(deployment, { GW_API_KEY: apiKey }));
+  const open: GatewayClient[] = [];
+  const db = schemaClient(deployment);
+  try {
+    await db.connect();
+    const deviceId = `dev-${randomUUID().slice(0, 8)}`;
+    const live = await connected(g.tcpUrl);
+    open.push(live);
+    const s = await within('a sign-up with the device', signUp(live, { id: deviceId }));
+    const redis = redisClient();
+    const holder = () => redis.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`);
+    try {
+      // A second login of the device, its audit row's INSERT held on a lock until its connection
+      // is closed: the password is verified, then the session is made for nobody.
+      const dropped = await connected(g.tcpUrl);
+      open.push(dropped);
+      const opened = async () =>
+        (await scrapeMetrics(g.metricsPort)).value('gateway_connections_open{transport="tcp"}');
+      assert.equal(await opened(), 2, 'two connections open');
+      await db.query('BEGIN');
+      await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
+      try {
+        dropped
+          .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
+          .catch(() => {});
+        await until(
+          'the login waiting for the sessions table',
+          async () =>
+            (
+              await query(
+                deployment.GW_DB_SCHEMA,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
+              )
+            ).rowCount! > 0,
+        );
+        dropped.destroy();
+        await until('the gateway to see the connection closed', async () => (await opened()) === 1);
+      } finally {
+        await db.query('COMMIT');
+      }
+      const lateRow = async () =>
+        (
+          await query(
+            deployment.GW_DB_SCHEMA,
+            `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+            [s.username, s.sessionId],
+          )
+        ).rows[0] as { id: string; end_reason: string | null } | undefined;
+      // Its session is made, then ended as taken over by the device's live one.
+      await until(
+        "the dropped login's session ended",
+        async () => (await lateRow())?.end_reason === 'takeover',
+        15_000,
+      );
+      assert.equal(await holder(), s.sessionId, "the device's key names its live session");
+      const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
+      const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `drop-${deviceId}`);
+      assert.equal(res.status, 202, await res.text());
+      assert.equal((await got).eid, `drop-${deviceId}`);
+    } finally {
+      redis.disconnect();
+    }
+  } finally {
+    await db.end();
+    for (const c of open) c.destroy();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
 test("a login whose audit row's INSERT PostgreSQL ran after the login's query timeout leaves no audit row", async () => {
   const deployment = deploymentEnv();
   const g = await startGateway(
