@@ -306,6 +306,51 @@ async function rowsOf(schema: string, username: string): Promise<{ id: string; e
   return r.rows as { id: string; ended: boolean }[];
 }
 
+/** The rows of `username`'s sessions other than `sessionId`: a later login's. */
+async function otherRows(
+  schema: string,
+  username: string,
+  sessionId: string,
+): Promise<{ id: string; end_reason: string | null }[]> {
+  const r = await query(
+    schema,
+    `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
+    [username, sessionId],
+  );
+  return r.rows as { id: string; end_reason: string | null }[];
+}
+
+/**
+ * Locks the sessions table (on `db`, in the deployment's schema), has `send` send a login, waits
+ * until that login's audit row's INSERT waits on the lock, runs `held` (a freeze of Redis, the
+ * connection closed), then lets the INSERT run.
+ */
+async function withInsertHeld(
+  db: pgLib.Client,
+  schema: string,
+  send: () => void,
+  held: () => unknown,
+): Promise<void> {
+  await db.query('BEGIN');
+  await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
+  try {
+    send();
+    await until(
+      'the login waiting for the sessions table',
+      async () =>
+        (
+          await query(
+            schema,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
+          )
+        ).rowCount! > 0,
+    );
+    await held();
+  } finally {
+    await db.query('COMMIT');
+  }
+}
+
 test('a login whose session Redis refuses to make leaves no audit row', async () => {
   const own = await startOwnRedis();
   const deployment = deploymentEnv();
@@ -364,27 +409,18 @@ test("a login whose session a frozen Redis made after the login's timeout has it
     // The audit row's INSERT held by a lock on the sessions table until Redis is frozen, so
     // that the next step, making the session, is sent to a frozen Redis: the login is answered
     // `overloaded` after 300 ms, and Redis makes the session once thawed.
-    await db.query('BEGIN');
-    await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
-    const login = c.request('login', { username: s.username, password: PASSWORD }).then(
-      () => 'ok',
-      (e: { code?: string }) => e.code,
+    let login!: Promise<string | undefined>;
+    await withInsertHeld(
+      db,
+      deployment.GW_DB_SCHEMA,
+      () => {
+        login = c.request('login', { username: s.username, password: PASSWORD }).then(
+          () => 'ok',
+          (e: { code?: string }) => e.code,
+        );
+      },
+      () => own.freeze(),
     );
-    try {
-      await until(
-        'the login waiting for the sessions table',
-        async () =>
-          (
-            await query(
-              deployment.GW_DB_SCHEMA,
-              "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
-            )
-          ).rowCount! > 0,
-      );
-      own.freeze();
-    } finally {
-      await db.query('COMMIT');
-    }
     try {
       assert.equal(await within('the login under a frozen Redis', login), 'overloaded');
     } finally {
@@ -399,13 +435,9 @@ test("a login whose session a frozen Redis made after the login's timeout has it
     );
     // The session was made, and is ended (`revoked`: the device has no other session), its row
     // kept with that end. Before, it lived on, its row open, until its life ran out.
-    const rows = await query(
-      deployment.GW_DB_SCHEMA,
-      `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
-      [s.username, s.sessionId],
-    );
-    assert.equal(rows.rows.length, 1, JSON.stringify(rows.rows));
-    const made = rows.rows[0] as { id: string; end_reason: string | null };
+    const rows = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+    assert.equal(rows.length, 1, JSON.stringify(rows));
+    const made = rows[0]!;
     assert.equal(made.end_reason, 'revoked', 'its row ended');
     assert.equal(
       await own.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${made.id}}:sess`)),
@@ -453,29 +485,20 @@ test("a device's login whose session a frozen Redis made after the login's timeo
     // login timed out: the session takes the device's key, and nobody holds its tokens.
     const late = await connected(g.tcpUrl);
     open.push(late);
-    await db.query('BEGIN');
-    await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
-    const login = late
-      .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
-      .then(
-        () => 'ok',
-        (e: { code?: string }) => e.code,
-      );
-    try {
-      await until(
-        'the login waiting for the sessions table',
-        async () =>
-          (
-            await query(
-              deployment.GW_DB_SCHEMA,
-              "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
-            )
-          ).rowCount! > 0,
-      );
-      own.freeze();
-    } finally {
-      await db.query('COMMIT');
-    }
+    let login!: Promise<string | undefined>;
+    await withInsertHeld(
+      db,
+      deployment.GW_DB_SCHEMA,
+      () => {
+        login = late
+          .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
+          .then(
+            () => 'ok',
+            (e: { code?: string }) => e.code,
+          );
+      },
+      () => own.freeze(),
+    );
     try {
       assert.equal(await within('the login under a frozen Redis', login), 'overloaded');
     } finally {
@@ -489,13 +512,9 @@ test("a device's login whose session a frozen Redis made after the login's timeo
       15_000,
       'the failed login settled',
     );
-    const rows = await query(
-      deployment.GW_DB_SCHEMA,
-      `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
-      [s.username, s.sessionId],
-    );
-    assert.equal(rows.rows.length, 1, `the late session's row: ${JSON.stringify(rows.rows)}`);
-    const made = rows.rows[0] as { id: string; end_reason: string | null };
+    const rows = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+    assert.equal(rows.length, 1, `the late session's row: ${JSON.stringify(rows)}`);
+    const made = rows[0]!;
     // The device's key names its live session again, and the late one ended as taken over by it.
     assert.equal(
       await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
@@ -543,15 +562,11 @@ test("a device's login that fails in its takeover, its session made, leaves the 
         ),
         'the login fails',
       );
-      const late = await query(
-        deployment.GW_DB_SCHEMA,
-        `SELECT s.id FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
-        [s.username, s.sessionId],
-      );
-      assert.equal(late.rows.length, 1, 'the failed login made its session');
+      const late = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+      assert.equal(late.length, 1, 'the failed login made its session');
       assert.equal(
         await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
-        late.rows[0].id,
+        late[0]!.id,
         "its session took the device's key",
       );
     } finally {
@@ -560,13 +575,7 @@ test("a device's login that fails in its takeover, its session made, leaves the 
     await until(
       "the failed login's session ended",
       async () =>
-        (
-          await query(
-            deployment.GW_DB_SCHEMA,
-            `SELECT s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
-            [s.username, s.sessionId],
-          )
-        ).rows[0]?.end_reason === 'takeover',
+        (await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId))[0]?.end_reason === 'takeover',
       15_000,
     );
     assert.equal(
@@ -609,35 +618,20 @@ test("a device's login whose connection dropped while its session was made leave
       const opened = async () =>
         (await scrapeMetrics(g.metricsPort)).value('gateway_connections_open{transport="tcp"}');
       assert.equal(await opened(), 2, 'two connections open');
-      await db.query('BEGIN');
-      await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
-      try {
-        dropped
-          .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
-          .catch(() => {});
-        await until(
-          'the login waiting for the sessions table',
-          async () =>
-            (
-              await query(
-                deployment.GW_DB_SCHEMA,
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
-              )
-            ).rowCount! > 0,
-        );
-        dropped.destroy();
-        await until('the gateway to see the connection closed', async () => (await opened()) === 1);
-      } finally {
-        await db.query('COMMIT');
-      }
-      const lateRow = async () =>
-        (
-          await query(
-            deployment.GW_DB_SCHEMA,
-            `SELECT s.id, s.end_reason FROM sessions s JOIN users u ON u.id = s.user_id WHERE u.username = $1 AND s.id <> $2`,
-            [s.username, s.sessionId],
-          )
-        ).rows[0] as { id: string; end_reason: string | null } | undefined;
+      await withInsertHeld(
+        db,
+        deployment.GW_DB_SCHEMA,
+        () => {
+          dropped
+            .request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } })
+            .catch(() => {});
+        },
+        async () => {
+          dropped.destroy();
+          await until('the gateway to see the connection closed', async () => (await opened()) === 1);
+        },
+      );
+      const lateRow = async () => (await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId))[0];
       // Its session is made, then ended as taken over by the device's live one.
       await until(
         "the dropped login's session ended",

@@ -70,6 +70,22 @@ async function fleet(n: number) {
   return { sessions, devices, rows };
 }
 
+/** How many statements the pool was sent while `f` ran. */
+async function queriesOf(f: () => Promise<unknown>): Promise<number> {
+  let queries = 0;
+  const query = db.pool.query.bind(db.pool);
+  db.pool.query = ((...args: Parameters<typeof query>) => {
+    queries++;
+    return query(...args);
+  }) as typeof db.pool.query;
+  try {
+    await f();
+  } finally {
+    db.pool.query = query;
+  }
+  return queries;
+}
+
 test('what is noted is written in one statement per table, newest time per row, never back in time', async () => {
   const { lines, stream } = captureLog();
   const seen = new LastSeen(db.pool, createLogger('debug', {}, stream));
@@ -85,18 +101,8 @@ test('what is noted is written in one statement per table, newest time per row, 
     `UPDATE sessions SET last_seen_at = now() + interval '1 hour', ip = '10.9.9.9' WHERE id = $1`,
     [f.sessions[0]],
   );
-  let queries = 0;
-  const query = db.pool.query.bind(db.pool);
-  db.pool.query = ((...args: Parameters<typeof query>) => {
-    queries++;
-    return query(...args);
-  }) as typeof db.pool.query;
-  try {
-    assert.equal(seen.pending, 100);
-    await seen.flush();
-  } finally {
-    db.pool.query = query;
-  }
+  assert.equal(seen.pending, 100);
+  const queries = await queriesOf(() => seen.flush());
   assert.equal(queries, 2, 'one statement per table');
   assert.equal(seen.pending, 0, 'nothing left');
   const rows = await f.rows();
@@ -123,17 +129,7 @@ test('the rows of resumed sessions found ended are handed to `ended`, in the sam
   const before = await f.rows();
   const at = Date.now();
   for (const sid of f.sessions) seen.session(sid, '10.0.0.4', at);
-  let queries = 0;
-  const query = db.pool.query.bind(db.pool);
-  db.pool.query = ((...args: Parameters<typeof query>) => {
-    queries++;
-    return query(...args);
-  }) as typeof db.pool.query;
-  try {
-    await seen.flush();
-  } finally {
-    db.pool.query = query;
-  }
+  const queries = await queriesOf(() => seen.flush());
   assert.equal(queries, 1, 'one statement writes the times and reads the ends');
   assert.equal(found.length, 1, 'handed over once');
   assert.deepEqual([...found[0]!].sort(), f.sessions.slice(0, 3).sort(), 'exactly the ended rows');
