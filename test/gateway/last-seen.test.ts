@@ -181,6 +181,31 @@ test('a write that fails while PostgreSQL is stopped is kept, and made once it i
   );
 });
 
+test('ended rows of sessions resumed while PostgreSQL is stopped are handed over once it is back, once each however many writes race', async () => {
+  const found: string[] = [];
+  const seen = new LastSeen(db.pool, createLogger('silent', {}), 0, 100_000, {
+    ended: (ids) => found.push(...ids),
+  });
+  const f = await fleet(4);
+  await db.pool.query(
+    `UPDATE sessions SET ended_at = now(), end_reason = 'logout' WHERE id = ANY($1::uuid[])`,
+    [f.sessions.slice(0, 2)],
+  );
+  await own.stop();
+  try {
+    for (const sid of f.sessions) seen.session(sid, '10.0.0.6');
+    await seen.flush();
+    assert.deepEqual(found, [], 'nothing handed over while PostgreSQL is stopped');
+    assert.equal(seen.pending, 4, 'kept');
+  } finally {
+    await own.start();
+  }
+  await Promise.all(Array.from({ length: 5 }, () => seen.flush()));
+  await seen.flush();
+  assert.deepEqual(found.sort(), f.sessions.slice(0, 2).sort(), 'each ended row handed over once');
+  assert.equal(seen.pending, 0);
+});
+
 test('past its bound, the oldest noted rows are dropped', async () => {
   const seen = new LastSeen(db.pool, createLogger('silent', {}), 1000, 3);
   for (let i = 0; i < 5; i++) seen.device(`d${i}`);
