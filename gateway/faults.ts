@@ -133,6 +133,7 @@ export function isDependencyFault(e: unknown, depth = 0): boolean {
     message?: unknown;
     cause?: unknown;
     errors?: unknown;
+    previousErrors?: unknown;
   };
   const code = typeof err.code === 'string' ? err.code : undefined;
   if (code && NETWORK_CODES.has(code)) return true;
@@ -143,6 +144,14 @@ export function isDependencyFault(e: unknown, depth = 0): boolean {
     if (MESSAGES.some((m) => m.test(message))) return true;
   }
   if (Array.isArray(err.errors) && err.errors.some((x) => isDependencyFault(x, depth + 1))) return true;
+  // A MULTI whose queued commands Redis refused (OOM when full, READONLY): ioredis rejects its
+  // EXEC's `EXECABORT` with the refusals in `previousErrors`.
+  if (
+    Array.isArray(err.previousErrors) &&
+    err.previousErrors.length > 0 &&
+    err.previousErrors.every((x) => isDependencyFault(x, depth + 1))
+  )
+    return true;
   return isDependencyFault(err.cause, depth + 1);
 }
 

@@ -171,7 +171,7 @@ test('wire answers: overloaded with retryAfter for a fault, own code kept, undef
   assert.ok(isDependencyFault(wrapped), 'isDependencyFault(wrapped)');
 });
 
-test('a Redis that answers but refuses writes (OOM at maxmemory, READONLY as a replica, MISCONF), also as BullMQ words it, is a fault', async () => {
+test('a Redis that answers but refuses writes (OOM at maxmemory, READONLY as a replica, MISCONF), also as BullMQ words it and in a MULTI, is a fault', async () => {
   const own = await startOwnRedis(['--maxmemory-policy', 'noeviction']);
   const r = redisTo(own.port);
   try {
@@ -190,7 +190,23 @@ test('a Redis that answers but refuses writes (OOM at maxmemory, READONLY as a r
     );
     assert.ok(isDependencyFault(wrapped), wrapped.message);
     assert.equal(wireError(wrapped)?.code, 'overloaded');
+    // A MULTI's queued writes refused: its EXEC fails `EXECABORT`, the refusals beside it (how
+    // a session's end is sent: session-store.ts).
+    const multi = await errorOf(() =>
+      r.multi().del('gwtest:faults:gone').set('gwtest:faults:full', 'x').exec(),
+    );
+    assert.match(String((multi as Error).message), /^EXECABORT /);
+    assert.ok(isDependencyFault(multi), `OOM in a MULTI: ${(multi as Error).message}`);
+    assert.equal(wireError(multi)?.code, 'overloaded');
     await r.config('SET', 'maxmemory', '0');
+    // A MULTI refused for another reason (a command it may not run) is not a fault.
+    await r.call('ACL', 'SETUSER', 'default', '-set');
+    const denied = await errorOf(() =>
+      r.multi().del('gwtest:faults:gone').set('gwtest:faults:x', 'x').exec(),
+    );
+    await r.call('ACL', 'SETUSER', 'default', '+set');
+    assert.match(String((denied as Error).message), /^EXECABORT /);
+    assert.ok(!isDependencyFault(denied), `NOPERM in a MULTI: ${(denied as Error).message}`);
     // A replica of a primary it cannot reach (a failover's old primary).
     await r.call('REPLICAOF', '127.0.0.1', String(closedPort));
     const readonly = await errorOf(() => r.set('gwtest:faults:full', 'x'));
