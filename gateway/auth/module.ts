@@ -81,6 +81,16 @@ const connName = (gateway: Gateway, conn: Connection) => `${gateway.nodeId}:${co
 const GONE_NOTICE_GRACE_MS = 1000;
 
 /**
+ * Connections ending their own session (a `logout {}`, a `revoke` of it: endOwn in
+ * createAuthModule), with the kick of that session that came meanwhile from another end (a
+ * revoke on another connection or node, a takeover). The kick is held back, and the connection
+ * answered as when it had been detached before its end (as it was before): a logout finds the
+ * session gone and answers `{}`, a revoke `not_found`, and either leaves it unauthenticated. The
+ * look for sessions found gone leaves them to that answer too.
+ */
+const ending = new WeakMap<Connection, KickNotice | undefined>();
+
+/**
  * Kicks connections whose session record is gone from Redis, as the session's end notice would
  * have: `session_takeover` if the device key now names another session, else `session_revoked`.
  * A session still in the index of expiries ran out and is not yet swept: the sweep ends it,
@@ -106,7 +116,8 @@ async function kickGone(
   ]);
   gone.forEach(({ conn, session }, j) => {
     // The connection has gone or moved to another session meanwhile, or its session ran out.
-    if (conn.session !== session || expiring[j] !== null) return;
+    // Or it is ending its session itself, and is answered instead.
+    if (conn.session !== session || expiring[j] !== null || ending.has(conn)) return;
     const successor = successors[j];
     const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
     log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
@@ -336,8 +347,31 @@ export async function createAuthModule(
     return wire;
   };
 
-  /** Detaches the connection from its session before that session is ended on its request. */
-  const detach = (gateway: Gateway, conn: Connection) => gateway.unbindSession(conn);
+  /**
+   * Ends the connection's own session on its request (`end`: a `logout {}`, a `revoke` of it),
+   * then detaches the connection from it. The end's kick spares this connection (it is answered
+   * instead), so it stays bound until the end is done; an end that fails (Redis refused it or
+   * did not answer: `overloaded`) leaves it as it was, still its session's, and the device's
+   * retry on it works. Before, it was detached first: the retry was answered `unauthenticated`
+   * (neither request is allowed before authentication, PROTOCOL.md §4) and the session lived on,
+   * its tokens valid, though its device had logged out.
+   */
+  const endOwn = async <T>(gateway: Gateway, conn: Connection, end: (spare: string) => Promise<T>) => {
+    const sid = conn.session?.sessionId;
+    ending.set(conn, undefined);
+    try {
+      const done = await end(connName(gateway, conn));
+      if (sid && conn.session?.sessionId === sid) gateway.unbindSession(conn);
+      return done;
+    } catch (e) {
+      // Ended meanwhile by another end (a revoke elsewhere; its kick held for this answer): the
+      // connection is its session's no more, and is answered the error unauthenticated.
+      if (ending.get(conn) && sid && conn.session?.sessionId === sid) gateway.unbindSession(conn);
+      throw e;
+    } finally {
+      ending.delete(conn);
+    }
+  };
 
   return {
     service,
@@ -401,16 +435,17 @@ export async function createAuthModule(
       gateway.handle('refresh', (conn, m: Msg) => service.refresh(m as never, ctx(conn)));
       gateway.handle('validate', (_conn, m: Msg) => operations.validate(m as never));
       gateway.handle('otp.request', (conn, m: Msg) => service.otpRequest(m as never, ctx(conn)));
-      gateway.handle('logout', async (conn, m: Msg) => {
-        const c = ctx(conn);
-        if (m.token === undefined && conn.session) detach(gateway, conn);
-        return service.logout(m as never, c);
-      });
+      gateway.handle('logout', (conn, m: Msg) =>
+        m.token === undefined
+          ? endOwn(gateway, conn, (spare) => service.logout({}, ctx(conn), spare))
+          : service.logout(m as never, ctx(conn)),
+      );
       gateway.handle('sessions', (conn) => service.sessions(conn.session!.userId, conn.session!.sessionId));
-      gateway.handle('revoke', async (conn, m: Msg) => {
+      gateway.handle('revoke', (conn, m: Msg) => {
         const s = conn.session!;
-        if (m.sessionId === s.sessionId) detach(gateway, conn);
-        return service.revoke(s.userId, m.sessionId as string);
+        return m.sessionId === s.sessionId
+          ? endOwn(gateway, conn, (spare) => service.revoke(s.userId, s.sessionId, spare))
+          : service.revoke(s.userId, m.sessionId as string);
       });
 
       await deps.bus.subscribe(deps.keys.kickChannel, (raw) => {
@@ -422,6 +457,10 @@ export async function createAuthModule(
         }
         for (const conn of gateway.connectionsOf(n.sessionId)) {
           if (n.keep === connName(gateway, conn)) continue;
+          if (ending.has(conn) && n.code !== 'going_away') {
+            ending.set(conn, n);
+            continue;
+          }
           if (n.code === 'going_away')
             log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
           conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);

@@ -930,7 +930,8 @@ export class IdentityService {
    * Ends the session of an access token, or of a refresh token (PROTOCOL.md §4), or the
    * caller's own; `{}` for an unknown or expired token.
    */
-  async logout(req: { token?: string }, ctx: RequestContext): Promise<Record<string, never>> {
+  /** `spare`: the requesting connection, left to the answer by the end's kick (its own session's end). */
+  async logout(req: { token?: string }, ctx: RequestContext, spare?: string): Promise<Record<string, never>> {
     let sid = ctx.sessionId;
     if (req.token !== undefined) {
       try {
@@ -946,7 +947,7 @@ export class IdentityService {
     }
     if (!sid)
       throw new ProtocolError('unauthenticated', 'logout needs a token or an authenticated connection');
-    await this.endSession(sid, 'logout');
+    await this.endSession(sid, 'logout', undefined, spare);
     return {};
   }
 
@@ -981,10 +982,11 @@ export class IdentityService {
     return { sessions, totalActiveSessions: sessions.length };
   }
 
-  async revoke(userId: string, sessionId: string): Promise<Record<string, never>> {
+  /** `spare`: as logout's. */
+  async revoke(userId: string, sessionId: string, spare?: string): Promise<Record<string, never>> {
     const s = await this.store.get(sessionId);
     if (!s || s.userId !== userId) throw new ProtocolError('not_found', 'no such session');
-    await this.endSession(sessionId, 'revoked');
+    await this.endSession(sessionId, 'revoked', undefined, spare);
     return {};
   }
 
@@ -996,7 +998,10 @@ export class IdentityService {
     sessionId: string,
     reason: EndReason,
     successor?: string,
-    /** A connection (`node:conn`) the kick leaves alone: the one taking the session over. */
+    /**
+     * A connection (`node:conn`) the kick leaves alone: the one taking the session over, or the
+     * one whose own logout or revoke this is (answered instead).
+     */
     spare?: string,
   ): Promise<boolean> {
     // Its outbox is owed a move or a purge from the same step on, until an ended hook is done,

@@ -87,7 +87,10 @@ test('Redis at maxmemory: writes answered overloaded, acks still drain, the work
   await until('e-held at its device', () => heldEvents.some((e) => e.eid === 'e-held'));
   const other = await connected(gw.tcpUrl, { autoAck: true });
   closers.push(() => other.close());
-  await signUp(other);
+  const otherSession = await signUp(other);
+  const revoker = await connected(gw.tcpUrl, { autoAck: true });
+  closers.push(() => revoker.close());
+  const revokerSession = await signUp(revoker);
   const outbox = `${gw.prefix}{s:${held.sessionId}}:q`;
   assert.equal(await redis.with((r) => r.zcard(outbox)), 1, 'the held event waits in its outbox');
 
@@ -107,6 +110,9 @@ test('Redis at maxmemory: writes answered overloaded, acks still drain, the work
   for (const [what, p] of [
     ['a send', () => other.request('send', { to: session.username, body: 'refused' })],
     ['a join', () => other.request('join', { room: '#full' })],
+    // A session's end is one MULTI, refused whole (EXECABORT, its OOMs beside it).
+    ['a logout', () => other.request('logout', {})],
+    ['a revoke of its own session', () => revoker.request('revoke', { sessionId: revokerSession.sessionId })],
     ['a login', () => newcomer.request('login', { username: session.username, password: PASSWORD })],
     [
       'a registration',
@@ -174,6 +180,20 @@ test('Redis at maxmemory: writes answered overloaded, acks still drain, the work
   assert.ok(
     !got.some((e) => (e.data as { body?: string })?.body === 'refused'),
     'the refused send was not applied',
+  );
+  // The refused logout left the session whole, and the device's retry on its connection ends it.
+  const otherKey = `${gw.prefix}{s:${otherSession.sessionId}}:sess`;
+  assert.equal(await redis.with((r) => r.exists(otherKey)), 1, 'the session of the refused logout lives');
+  await within('the logout tried again', other.request('logout', {}));
+  assert.equal(await redis.with((r) => r.exists(otherKey)), 0, 'ended by the retry');
+  const revokerKey = `${gw.prefix}{s:${revokerSession.sessionId}}:sess`;
+  assert.equal(await redis.with((r) => r.exists(revokerKey)), 1, 'the session of the refused revoke lives');
+  await within('the revoke tried again', revoker.request('revoke', { sessionId: revokerSession.sessionId }));
+  assert.equal(await redis.with((r) => r.exists(revokerKey)), 0, 'ended by the retry');
+  await assert.rejects(
+    within('a request after the revoke', revoker.request('sessions', {})),
+    (e: { code?: string }) => e.code === 'unauthenticated',
+    'the connection is unauthenticated once its revoke is done',
   );
   await within(
     'the refused registration made again',
