@@ -213,7 +213,7 @@ export class GatewayMetrics {
     });
     this.sessionsResurrected = new Counter({
       name: 'gateway_sessions_resurrected_total',
-      help: 'Live sessions in Redis whose audit row says they ended, ended again by the cluster-wide sweep on this node: brought back by a Redis rolled back (restored from a backup, a failover to a replica behind). Their connections are kicked session_revoked and their tokens refused again.',
+      help: 'Live sessions in Redis whose audit row says they ended, ended again on this node, found by the cluster-wide sweep or by their first resume, refresh or access token use: brought back by a Redis rolled back (restored from a backup, a failover to a replica behind). Their connections are kicked session_revoked and their tokens refused again.',
       registers,
     });
     this.listRequests = new Counter({

@@ -28,9 +28,12 @@
  * ended, and hands those sessions to `ended`. A session is taken out of Redis before its row is
  * ended, so a live session with an ended row is one a Redis rolled back brought to life (restored
  * from a backup, a failover to a replica behind): a logged-out or revoked device's tokens valid
- * again. Its first resume or refresh after the rollback is then seen within one interval, and
+ * again. Its first resume, refresh or token use after the rollback is then seen within one interval, and
  * the session ended again, instead of when the sweep's pass over every session reaches it
  * (lost-sessions.ts, sessionsResurrected). A resumed session's row is not written past its end.
+ * The sessions whose access tokens are used (`check`: an HTTP request, a back end's validation)
+ * are read in the same statement, at most once per `CHECK_EVERY_MS` each on a node, so that a
+ * revived session's access token is refused within seconds of its first use too.
  */
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
@@ -49,6 +52,9 @@ interface SessionEnd {
   /** Its `auditOwed` member in Redis, removed once the row is written. */
   audit?: string;
 }
+
+/** A session's access-token uses have its row read for an end at most this often on a node, ms. */
+export const CHECK_EVERY_MS = 10_000;
 
 /** `auditOwed` members forgotten in one call at most (the rest with the next batch). */
 const FORGET_BATCH = 5000;
@@ -73,6 +79,10 @@ export async function writeEnds(
 export class LastSeen {
   private sessions = new Map<string, SessionSeen>();
   private devices = new Map<string, number>();
+  /** Sessions whose rows are read for an end with the next write (`check`), not written. */
+  private checks = new Set<string>();
+  /** When each session was last taken for a check (entries older than CHECK_EVERY_MS pruned). */
+  private readonly checkedAt = new Map<string, number>();
   private ends = new Map<string, SessionEnd>();
   /** `auditOwed` members whose rows are written, to be removed from Redis. */
   private forgetting = new Set<string>();
@@ -98,6 +108,21 @@ export class LastSeen {
     this.sessions.delete(sessionId);
     this.sessions.set(sessionId, { ip, at });
     this.bound(this.sessions);
+  }
+
+  /**
+   * A session's access token was used now (its connection is not: a resumed connection's session
+   * is noted by `session`): its row is read with the next write, at most once per
+   * `CHECK_EVERY_MS` per session, and it goes to `ended` if the row is ended. `force`: read with
+   * the next write whatever the last check (an end of it that failed, tried again).
+   */
+  check(sessionId: string, at = Date.now(), force = false): void {
+    const last = this.checkedAt.get(sessionId);
+    if (!force && last !== undefined && at - last < CHECK_EVERY_MS) return;
+    this.checkedAt.delete(sessionId);
+    this.checkedAt.set(sessionId, at);
+    this.checks.add(sessionId);
+    this.boundChecks();
   }
 
   /** A device's session resumed now. */
@@ -131,7 +156,7 @@ export class LastSeen {
 
   /** Rows noted and not yet written, and written ends not yet forgotten in Redis. */
   get pending(): number {
-    return this.sessions.size + this.devices.size + this.ends.size + this.forgetting.size;
+    return this.sessions.size + this.checks.size + this.devices.size + this.ends.size + this.forgetting.size;
   }
 
   /** From the node's sweep: writes what was noted if `everyMs` has passed since the last write. */
@@ -157,6 +182,15 @@ export class LastSeen {
     }
   }
 
+  private boundChecks(): void {
+    while (this.checks.size > this.maxPending) {
+      this.checks.delete(this.checks.values().next().value as string);
+      this.dropped++;
+    }
+    while (this.checkedAt.size > this.maxPending)
+      this.checkedAt.delete(this.checkedAt.keys().next().value as string);
+  }
+
   private boundEnds(): void {
     while (this.ends.size > this.maxPending) {
       const [id, end] = this.ends.entries().next().value as [string, SessionEnd];
@@ -179,10 +213,18 @@ export class LastSeen {
   private async write(): Promise<void> {
     const sessions = this.sessions;
     const devices = this.devices;
+    const checks = this.checks;
     const ends = this.ends;
     this.sessions = new Map();
     this.devices = new Map();
+    this.checks = new Set();
     this.ends = new Map();
+    // Oldest taken first (a session taken again moves to the end).
+    const t = Date.now();
+    for (const [sid, at] of this.checkedAt) {
+      if (t - at < CHECK_EVERY_MS) break;
+      this.checkedAt.delete(sid);
+    }
     if (ends.size > 0) {
       try {
         await writeEnds(this.pool, ends);
@@ -199,7 +241,7 @@ export class LastSeen {
       }
     }
     try {
-      if (sessions.size > 0) {
+      if (sessions.size > 0 || checks.size > 0) {
         const ids: string[] = [];
         const ips: string[] = [];
         const ats: number[] = [];
@@ -208,16 +250,19 @@ export class LastSeen {
           ips.push(s.ip);
           ats.push(s.at / 1000);
         }
+        const read = [...ids];
+        for (const id of checks) if (!sessions.has(id)) read.push(id);
         // Never back in time: a row another node wrote later keeps its time. An ended row keeps
-        // its times, and is read: its session was resumed after it ended.
+        // its times, and is read: its session was resumed, or its token used, after it ended.
         const r = await this.pool.query<{ id: string }>(
           `WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, ip, at)),
            u AS (UPDATE sessions s SET last_seen_at = to_timestamp(v.at), ip = v.ip FROM v
                  WHERE s.id = v.id AND s.ended_at IS NULL AND s.last_seen_at < to_timestamp(v.at))
-           SELECT s.id FROM sessions s JOIN v ON s.id = v.id WHERE s.ended_at IS NOT NULL`,
-          [ids, ips, ats],
+           SELECT s.id FROM sessions s WHERE s.id = ANY($4::uuid[]) AND s.ended_at IS NOT NULL`,
+          [ids, ips, ats, read],
         );
         sessions.clear();
+        checks.clear();
         if (r.rows.length > 0) this.hooks.ended?.(r.rows.map(({ id }) => id));
       }
       if (devices.size > 0) {
@@ -232,9 +277,11 @@ export class LastSeen {
     } catch (e) {
       // Kept for the next write, unless noted again since (the newer time wins).
       for (const [id, s] of sessions) if (!this.sessions.has(id)) this.sessions.set(id, s);
+      for (const id of checks) this.checks.add(id);
       for (const [id, at] of devices) if (!this.devices.has(id)) this.devices.set(id, at);
       this.bound(this.sessions);
       this.bound(this.devices);
+      this.boundChecks();
       logFailure(
         this.log,
         e,

@@ -798,6 +798,9 @@ export class IdentityService {
     const claims = await this.deps.tokens.verify(token);
     const session = await this.store.get(claims.sessionId);
     if (!session || session.userId !== claims.userId) throw new ProtocolError('session_revoked');
+    // Its row read for an end with the last-seen batch: a session a Redis rolled back brought
+    // back is ended within seconds of its token's first use (endResumedEnded).
+    this.lastSeen.check(claims.sessionId);
     return { ...claims, username: session.username, session };
   }
 
@@ -1110,10 +1113,12 @@ export class IdentityService {
   }
 
   /**
-   * Sessions resumed or refreshed whose audit rows the last-seen batch found ended (last-seen.ts):
-   * brought back by a Redis rolled back. Each is ended again as the sweep's check does
-   * (`endResurrected`), within a second of its first use instead of when the sweep's pass reaches
-   * it. One whose end fails here (Redis refusing) is left to that pass.
+   * Sessions resumed, refreshed or authenticated whose audit rows the last-seen batch found ended
+   * (last-seen.ts): brought back by a Redis rolled back. Each is ended again as the sweep's check
+   * does (`endResurrected`), within a second of its first use instead of when the sweep's pass
+   * reaches it. One whose end Redis does not take (down, full, a timeout) is read again with the
+   * next batch, once a second until it is ended or gone; one refused otherwise (an error of
+   * ours, a permission) is logged and left to the sweep's pass.
    */
   private async endResumedEnded(ids: string[]): Promise<void> {
     const ended: string[] = [];
@@ -1121,11 +1126,15 @@ export class IdentityService {
       try {
         if (await this.endSession(sid, 'revoked')) ended.push(sid);
       } catch (e) {
+        const again = isDependencyFault(e);
+        if (again) this.lastSeen.check(sid, Date.now(), true);
         logFailure(
           this.deps.log,
           e,
           { sessionId: sid },
-          'resumed session whose audit row says it ended not ended again; left to the sweep',
+          again
+            ? 'resumed session whose audit row says it ended not ended again yet: Redis did not take it'
+            : 'resumed session whose audit row says it ended not ended again; left to the sweep',
         );
       }
     }

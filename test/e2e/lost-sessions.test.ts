@@ -12,13 +12,14 @@ import { test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
 import { query, redisClient } from '../helpers/cleanup.ts';
-import { nextEvent, until, within } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, until, within } from '../helpers/deadline.ts';
 import {
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { postJson } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 
@@ -382,6 +383,113 @@ test("Redis rolled back, the sweep's check off: a logged-out session's first res
         .reduce((n, l) => n + Number(l.sessions), 0);
     await until('the ends logged', () => logged() >= 2);
     assert.equal(logged(), 2, 'each logged once');
+  } finally {
+    await Promise.all(open.map((c) => c.close()));
+    await gw?.stop();
+    await redis?.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("Redis rolled back, the sweep's check off: a logged-out session's access token, used or validated, ends it within seconds; an end Redis refuses while full is tried again until it takes it", async () => {
+  const deployment = deploymentEnv();
+  const schema = deployment.GW_DB_SCHEMA;
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const open: GatewayClient[] = [];
+  let gw: GatewayProcess | undefined;
+  let redis: OwnRedis | undefined;
+  try {
+    redis = await startOwnRedis(['--enable-debug-command', 'yes']);
+    gw = await startGateway({
+      ...deployment,
+      REDIS_URL: redis.url,
+      GW_SWEEP_INTERVAL_MS: '200',
+      // The sweep's pass reads nothing: only a session's use can find it.
+      GW_AUDIT_CHECK_BATCH: '0',
+      // The retries of an end Redis refused are logged at debug.
+      GW_LOG_LEVEL: 'debug',
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+    });
+    const sessions: Awaited<ReturnType<typeof signUp>>[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(gw.tcpUrl);
+      open.push(c);
+      sessions.push(await within(`sign-up ${i}`, signUp(c)));
+    }
+    const [validated, used, live] = sessions as [
+      (typeof sessions)[0],
+      (typeof sessions)[0],
+      (typeof sessions)[0],
+    ];
+    const base = `http://127.0.0.1:${gw.httpPort}`;
+    const validate = async (token: string) =>
+      (await (await postJson(`${base}/auth/validate`, { token })).json()) as { valid: boolean };
+    const me = async (token: string) =>
+      (await fetchWithin(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${token}` } })).status;
+    // Both tokens used before the logouts: the rollback's revival is seen however recently the
+    // node last read a session's row for its token's use.
+    assert.equal((await validate(validated.token)).valid, true);
+    assert.equal(await me(used.token), 200);
+    const rollback = await redis.rdbSnapshot();
+    for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
+    const endsBefore = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.equal(endsBefore.rows.length, 2, 'two rows ended');
+    await rollback();
+    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
+    const alive = (sid: string) => redis!.with((r) => r.exists(hash(sid)));
+    assert.equal(await alive(validated.sessionId), 1, 'the rollback brought the logged-out sessions back');
+    // Redis full: an end of a session is refused (its reads still answered).
+    await redis.with((r) => r.config('SET', 'maxmemory', '1'));
+    const retried = (sid: string) =>
+      gw!.logs.filter(
+        (l) =>
+          l.sessionId === sid &&
+          l.msg ===
+            'resumed session whose audit row says it ended not ended again yet: Redis did not take it',
+      ).length;
+    // A back end validates the one's token, the other's calls an authenticated route: both
+    // accepted, as Redis holds their sessions...
+    assert.equal((await validate(validated.token)).valid, true, 'validated while revived');
+    assert.equal(await me(used.token), 200, 'used while revived');
+    assert.equal((await validate(live.token)).valid, true);
+    // ...and their rows are read with the next batch, the ends refused and tried again.
+    await until(
+      'both ends refused by the full Redis, and tried again',
+      () => retried(validated.sessionId) >= 2 && retried(used.sessionId) >= 2,
+      20_000,
+    ).catch((e: Error) => {
+      // What the check did instead (an end refused in another way is logged with its error).
+      const lines = gw!.logs
+        .filter((l) => /^resumed session/.test(String(l.msg)))
+        .slice(-4)
+        .map((l) => `${l.msg}: ${JSON.stringify((l.err as { message?: string })?.message ?? l.err)}`);
+      throw new Error(`${e.message}; the check's last lines: ${JSON.stringify(lines)}`);
+    });
+    assert.equal(await alive(validated.sessionId), 1, 'kept while Redis refuses its end');
+    await redis.with((r) => r.config('SET', 'maxmemory', '0'));
+    await until(
+      'both sessions ended again once Redis takes writes',
+      async () => (await alive(validated.sessionId)) === 0 && (await alive(used.sessionId)) === 0,
+      20_000,
+    );
+    assert.equal((await validate(validated.token)).valid, false, 'the validated token refused');
+    assert.equal(await me(used.token), 401, 'the used token refused');
+    assert.equal((await validate(live.token)).valid, true, 'the live session left alone');
+    assert.equal(await alive(live.sessionId), 1);
+    const endsAfter = await query(
+      schema,
+      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
+    );
+    assert.deepEqual(
+      endsAfter.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      endsBefore.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
+      'the rows keep the ends they had',
+    );
+    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
   } finally {
     await Promise.all(open.map((c) => c.close()));
     await gw?.stop();

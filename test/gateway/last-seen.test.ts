@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { createDb, type Db } from '../../gateway/auth/db.ts';
-import { LastSeen } from '../../gateway/auth/last-seen.ts';
+import { CHECK_EVERY_MS, LastSeen } from '../../gateway/auth/last-seen.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
 import { createLogger } from '../../gateway/log.ts';
 import { captureLog } from '../helpers/log-capture.ts';
@@ -144,6 +144,68 @@ test('the rows of resumed sessions found ended are handed to `ended`, in the sam
   for (const sid of f.sessions.slice(3)) seen.session(sid, '10.0.0.5', at + 1000);
   await seen.flush();
   assert.equal(found.length, 1, 'nothing more');
+});
+
+test('sessions whose tokens were used are read in the same statement, not written, at most once per CHECK_EVERY_MS each; `force` reads one again', async () => {
+  const found: string[][] = [];
+  const seen = new LastSeen(db.pool, createLogger('silent', {}), 1000, 100_000, {
+    ended: (ids) => found.push(ids),
+  });
+  const f = await fleet(4);
+  // The first two rows ended (a logout, a revoke); their sessions' tokens are used after.
+  await db.pool.query(
+    `UPDATE sessions SET ended_at = now() - interval '30 minutes', end_reason = v.reason
+     FROM unnest($1::uuid[], $2::text[]) AS v(id, reason) WHERE sessions.id = v.id`,
+    [f.sessions.slice(0, 2), ['logout', 'revoked']],
+  );
+  const before = await f.rows();
+  const at = Date.now();
+  for (const sid of f.sessions) seen.check(sid, at);
+  // A resumed session checked too is read once.
+  seen.session(f.sessions[3]!, '10.0.0.7', at);
+  assert.equal(seen.pending, 5);
+  const queries = await queriesOf(() => seen.flush());
+  assert.equal(queries, 1, 'one statement');
+  assert.equal(seen.pending, 0);
+  assert.equal(found.length, 1, 'handed over once');
+  assert.deepEqual([...found[0]!].sort(), f.sessions.slice(0, 2).sort(), 'exactly the ended rows');
+  const rows = await f.rows();
+  for (const sid of f.sessions.slice(0, 3))
+    assert.deepEqual(rows.sessions.get(sid), before.sessions.get(sid), 'a checked row is not written');
+  assert.deepEqual(rows.sessions.get(f.sessions[3]!), { ip: '10.0.0.7', at }, 'a resumed row is');
+
+  // Used again within CHECK_EVERY_MS: not read again; past it, or forced, it is.
+  seen.check(f.sessions[0]!, at + CHECK_EVERY_MS - 1);
+  assert.equal(seen.pending, 0, 'within the interval: not taken');
+  seen.check(f.sessions[1]!, at + 1, true);
+  seen.check(f.sessions[2]!, at + CHECK_EVERY_MS);
+  assert.equal(seen.pending, 2, 'forced, and past the interval');
+  await seen.flush();
+  assert.deepEqual(found.slice(1), [[f.sessions[1]]], 'the forced one handed over again');
+});
+
+test('sessions checked while PostgreSQL is stopped are read once it is back', async () => {
+  const found: string[] = [];
+  const seen = new LastSeen(db.pool, createLogger('silent', {}), 0, 100_000, {
+    ended: (ids) => found.push(...ids),
+  });
+  const f = await fleet(3);
+  await db.pool.query(`UPDATE sessions SET ended_at = now(), end_reason = 'logout' WHERE id = $1`, [
+    f.sessions[0],
+  ]);
+  await own.stop();
+  try {
+    for (const sid of f.sessions) seen.check(sid);
+    await seen.flush();
+    assert.deepEqual(found, [], 'nothing handed over while PostgreSQL is stopped');
+    assert.equal(seen.pending, 3, 'kept');
+  } finally {
+    await own.start();
+  }
+  await Promise.all(Array.from({ length: 3 }, () => seen.flush()));
+  await seen.flush();
+  assert.deepEqual(found, [f.sessions[0]], 'the ended row handed over once');
+  assert.equal(seen.pending, 0);
 });
 
 test('a write that fails while PostgreSQL is stopped is kept, and made once it is back', async () => {
