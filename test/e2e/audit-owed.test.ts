@@ -330,20 +330,22 @@ async function withInsertHeld(
   schema: string,
   send: () => void,
   held: () => unknown,
+  /** How many logins' INSERTs to wait for. */
+  logins = 1,
 ): Promise<void> {
   await db.query('BEGIN');
   await db.query('LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE');
   try {
     send();
     await until(
-      'the login waiting for the sessions table',
+      `${logins} login(s) waiting for the sessions table`,
       async () =>
         (
           await query(
             schema,
             "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
           )
-        ).rowCount! > 0,
+        ).rowCount! >= logins,
     );
     await held();
   } finally {
@@ -527,6 +529,96 @@ test("a device's login whose session a frozen Redis made after the login's timeo
     const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `late-${deviceId}`);
     assert.equal(res.status, 202, await res.text());
     assert.equal((await got).eid, `late-${deviceId}`);
+  } finally {
+    own.thaw();
+    await db.end();
+    for (const c of open) c.destroy();
+    await g.stop();
+    await own.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("five logins of one device at once whose sessions a frozen Redis made after their timeouts, settled together: all ended, the key and the events the device's live session's", async () => {
+  const own = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const apiKey = 'api-key-for-audit-owed-5f1a';
+  const g = await startGateway(
+    env(deployment, { REDIS_URL: own.url, GW_REDIS_TIMEOUT_MS: '300', GW_API_KEY: apiKey }),
+  );
+  const open: GatewayClient[] = [];
+  const db = schemaClient(deployment);
+  const N = 5;
+  try {
+    await db.connect();
+    const deviceId = `dev-${randomUUID().slice(0, 8)}`;
+    const live = await connected(g.tcpUrl);
+    open.push(live);
+    const s = await within('a sign-up with the device', signUp(live, { id: deviceId }));
+    // A device retrying on flaky links: five logins of it at once on five connections, each
+    // held on its audit row until Redis is frozen, each answered `overloaded`; Redis makes the
+    // five sessions at the thaw, in whatever order its connections' steps come, the last of
+    // them holding the device's key.
+    const logins: Promise<string | undefined>[] = [];
+    const conns: GatewayClient[] = [];
+    for (let i = 0; i < N; i++) {
+      const c = await connected(g.tcpUrl);
+      open.push(c);
+      conns.push(c);
+    }
+    await withInsertHeld(
+      db,
+      deployment.GW_DB_SCHEMA,
+      () => {
+        for (const c of conns)
+          logins.push(
+            c.request('login', { username: s.username, password: PASSWORD, device: { id: deviceId } }).then(
+              () => 'ok',
+              (e: { code?: string }) => e.code,
+            ),
+          );
+      },
+      () => own.freeze(),
+      N,
+    );
+    try {
+      assert.deepEqual(
+        await within('the logins under a frozen Redis', Promise.all(logins)),
+        Array(N).fill('overloaded'),
+      );
+    } finally {
+      own.thaw();
+    }
+    const sessionKey = (sid: string) => `${deployment.GW_REDIS_PREFIX}{s:${sid}}:sess`;
+    await until(
+      'the five late sessions ended, their rows too',
+      async () => {
+        const rows = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+        if (rows.length !== N || rows.some((r) => r.end_reason === null)) return false;
+        for (const r of rows) if ((await own.with((x) => x.exists(sessionKey(r.id)))) === 1) return false;
+        return true;
+      },
+      20_000,
+    ).catch(async (e: Error) => {
+      const rows = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+      throw new Error(`${e.message}: ${JSON.stringify(rows)}`);
+    });
+    const rows = await otherRows(deployment.GW_DB_SCHEMA, s.username, s.sessionId);
+    assert.deepEqual(
+      rows.map((r) => r.end_reason),
+      Array(N).fill('takeover'),
+      'each taken over by the live session',
+    );
+    assert.equal(
+      await own.with((r) => r.get(`${deployment.GW_REDIS_PREFIX}dev:${deviceId}`)),
+      s.sessionId,
+      "the device's key names its live session",
+    );
+    assert.equal(await own.with((r) => r.exists(sessionKey(s.sessionId))), 1, 'the live session lives');
+    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
+    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `five-${deviceId}`);
+    assert.equal(res.status, 202, await res.text());
+    assert.equal((await got).eid, `five-${deviceId}`);
   } finally {
     own.thaw();
     await db.end();
