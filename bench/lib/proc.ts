@@ -24,6 +24,36 @@ export function processCpuMicros(pid: number): number | null {
   return statCpuMicros(`/proc/${pid}/stat`);
 }
 
+/**
+ * cutime + cstime of `pid` in microseconds: the CPU of its children that exited and were waited
+ * for (a PostgreSQL postmaster's: the parallel workers a query started), or null.
+ */
+export function reapedChildrenCpuMicros(pid: number): number | null {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // cutime is field 16, cstime field 17.
+  const cutime = Number(fields[13]);
+  const cstime = Number(fields[14]);
+  if (!Number.isFinite(cutime) || !Number.isFinite(cstime)) return null;
+  return ((cutime + cstime) * 1e6) / clockTicks();
+}
+
+/** The parent pid of `pid` (field 4 of /proc/<pid>/stat), or null. */
+export function parentPid(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    return Number.isFinite(ppid) ? ppid : null;
+  } catch {
+    return null;
+  }
+}
+
 /** User+system CPU of one thread of a process (the main thread's id is the pid), µs. */
 export function threadCpuMicros(pid: number, tid: number): number | null {
   return statCpuMicros(`/proc/${pid}/task/${tid}/stat`);

@@ -8,7 +8,9 @@
  * /proc; other clients of the shared Redis add to its figure); then a whole pass of the other
  * direction, the live sessions of the expiry index against their rows (none of them ended). The same-run reference: the
  * check's read of the rows alone, a pass with the partial index the migration adds and a pass
- * without it (dropped after the first).
+ * without it (dropped after the first). And the node's last-seen batch with `--uses` sessions in it:
+ * resumed (their times written and their ends read), and with their access tokens used (their
+ * ends read only).
  *
  *   npm run bench:audit-check [-- --open 100000 --lost 1000 --closed 1000000 --batch 1000]
  *
@@ -18,13 +20,15 @@
 import { randomUUID } from 'node:crypto';
 import { availableParallelism, loadavg } from 'node:os';
 import { createDb } from '../../gateway/auth/db.ts';
+import { LastSeen } from '../../gateway/auth/last-seen.ts';
 import { endLostSessions, sessionsResurrected } from '../../gateway/auth/lost-sessions.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
 import { Keys } from '../../gateway/keys.ts';
+import { createLogger } from '../../gateway/log.ts';
 import { DATABASE_URL, dropSchema, REDIS_URL, redisClient } from '../../test/helpers/cleanup.ts';
 import { benchArgs } from '../lib/args.ts';
 import { table } from '../lib/measure.ts';
-import { processCpuMicros } from '../lib/proc.ts';
+import { parentPid, processCpuMicros, reapedChildrenCpuMicros } from '../lib/proc.ts';
 
 const { values } = benchArgs({
   script: 'bench:audit-check',
@@ -37,6 +41,11 @@ const { values } = benchArgs({
     lost: { type: 'int', default: 1000, help: 'of those, rows whose session is not in Redis' },
     closed: { type: 'int', default: 1000000, help: 'ended rows beside them (the trail’s history)' },
     batch: { type: 'int', default: 1000, help: 'rows a run (GW_AUDIT_CHECK_BATCH)' },
+    uses: {
+      type: 'int',
+      default: 10000,
+      help: "sessions in a node's last-seen batch: resumed, or whose tokens were used",
+    },
   },
 });
 if (values.lost > values.open) throw new Error('--lost must be at most --open');
@@ -47,6 +56,7 @@ const p99 = (xs: number[]) =>
   [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * 0.99))]!;
 const elapsedMs = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
 
+const silent = createLogger('silent', {});
 const tag = randomUUID().slice(0, 8);
 const schema = `gwbench_${tag}`;
 const keys = new Keys(`gwbench:audit:${tag}:`);
@@ -174,6 +184,47 @@ try {
   const backPassMs = elapsedMs(bt0);
   const b1 = cpu();
 
+  // The node's last-seen batch (gateway/auth/last-seen.ts, once a second) with `--uses`
+  // sessions in it, five batches of other sessions each way: resumed (their times written,
+  // their ends read: the reference) and with their tokens used (their ends read only).
+  // The backend's CPU and its parallel workers' (reaped by the postmaster: other clients'
+  // backends that exit meanwhile count too).
+  const postmaster = parentPid(pgPid) ?? 0;
+  const pgCpu = () =>
+    (processCpuMicros(pgPid) ?? Number.NaN) + (reapedChildrenCpuMicros(postmaster) ?? Number.NaN);
+  const lastSeenRows: string[][] = [];
+  let from = 0;
+  for (const way of ['resumed', 'tokens used'] as const) {
+    const took: number[] = [];
+    let pgMs = 0;
+    for (let i = 0; i < 5; i++) {
+      const batch = ids.slice(from, from + values.uses);
+      from = (from + values.uses) % Math.max(1, ids.length - values.uses);
+      const seen = new LastSeen(db.pool, silent, 1000, 1_000_000, {
+        ended: (ended) => {
+          throw new Error(`open rows taken for ended ones: ${ended.length}`);
+        },
+      });
+      for (const sid of batch) {
+        if (way === 'resumed') seen.session(sid, '10.0.0.2');
+        else seen.check(sid);
+      }
+      const p0 = pgCpu();
+      const r0 = process.hrtime.bigint();
+      await seen.flush();
+      took.push(elapsedMs(r0));
+      pgMs += (pgCpu() - p0) / 1000;
+      if (seen.pending !== 0) throw new Error(`the batch was not written: ${seen.pending} left`);
+    }
+    lastSeenRows.push([
+      `${values.uses} sessions ${way}`,
+      median(took).toFixed(1),
+      Math.max(...took).toFixed(1),
+      (pgMs / took.length).toFixed(1),
+      `${((median(took) / 1000) * 100).toFixed(1)}%`,
+    ]);
+  }
+
   // The same-run reference: the check's read of the rows alone, a pass with the partial index
   // and a pass without it.
   const readPass = async () => {
@@ -218,6 +269,18 @@ try {
     table(
       ['live sessions against their rows', ...PASS_COLUMNS, 'sessions read'],
       [['ZSCAN of the index, rows by id', ...passColumns(back, backPassMs, b0, b1), backChecked]],
+    ),
+  );
+  console.log(
+    table(
+      [
+        "a node's last-seen batch",
+        'statement, median (ms)',
+        'max (ms)',
+        'PostgreSQL CPU per batch, its parallel workers too (ms)',
+        'of a second, median',
+      ],
+      lastSeenRows,
     ),
   );
   console.log(

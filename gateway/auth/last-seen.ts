@@ -254,11 +254,16 @@ export class LastSeen {
         for (const id of checks) if (!sessions.has(id)) read.push(id);
         // Never back in time: a row another node wrote later keeps its time. An ended row keeps
         // its times, and is read: its session was resumed, or its token used, after it ended.
+        // The read is a look-up by primary key per id (a subplan), whatever the batch's size. As
+        // a join or `= ANY`, PostgreSQL's cost model (a look-up priced as a read from disk) took a
+        // scan of the whole table for a batch of thousands while the table was a few million
+        // rows: bench:audit-check, 10,000 ids against 1.1 million rows, 146-218 ms against 48-54.
         const r = await this.pool.query<{ id: string }>(
           `WITH v AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, ip, at)),
            u AS (UPDATE sessions s SET last_seen_at = to_timestamp(v.at), ip = v.ip FROM v
                  WHERE s.id = v.id AND s.ended_at IS NULL AND s.last_seen_at < to_timestamp(v.at))
-           SELECT s.id FROM sessions s WHERE s.id = ANY($4::uuid[]) AND s.ended_at IS NOT NULL`,
+           SELECT r.id FROM unnest($4::uuid[]) AS r(id)
+            WHERE (SELECT s.ended_at FROM sessions s WHERE s.id = r.id) IS NOT NULL`,
           [ids, ips, ats, read],
         );
         sessions.clear();
