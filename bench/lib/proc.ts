@@ -29,29 +29,14 @@ export function processCpuMicros(pid: number): number | null {
  * for (a PostgreSQL postmaster's: the parallel workers a query started), or null.
  */
 export function reapedChildrenCpuMicros(pid: number): number | null {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return null;
-  }
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   // cutime is field 16, cstime field 17.
-  const cutime = Number(fields[13]);
-  const cstime = Number(fields[14]);
-  if (!Number.isFinite(cutime) || !Number.isFinite(cstime)) return null;
-  return ((cutime + cstime) * 1e6) / clockTicks();
+  return ticksMicros(statFields(`/proc/${pid}/stat`), 13);
 }
 
 /** The parent pid of `pid` (field 4 of /proc/<pid>/stat), or null. */
 export function parentPid(pid: number): number | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-    return Number.isFinite(ppid) ? ppid : null;
-  } catch {
-    return null;
-  }
+  const ppid = Number(statFields(`/proc/${pid}/stat`)?.[1]);
+  return Number.isFinite(ppid) ? ppid : null;
 }
 
 /** User+system CPU of one thread of a process (the main thread's id is the pid), µs. */
@@ -60,6 +45,12 @@ export function threadCpuMicros(pid: number, tid: number): number | null {
 }
 
 function statCpuMicros(path: string): number | null {
+  // utime is field 14, stime field 15.
+  return ticksMicros(statFields(path), 11);
+}
+
+/** The fields of a /proc stat file from field 3 (state) on, or null when it cannot be read. */
+function statFields(path: string): string[] | null {
   let stat: string;
   try {
     stat = readFileSync(path, 'utf8');
@@ -67,12 +58,15 @@ function statCpuMicros(path: string): number | null {
     return null;
   }
   // The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  // fields[0] is field 3 (state); utime is field 14, stime field 15.
-  const utime = Number(fields[11]);
-  const stime = Number(fields[12]);
-  if (!Number.isFinite(utime) || !Number.isFinite(stime)) return null;
-  return ((utime + stime) * 1e6) / clockTicks();
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+/** Two clock-tick counts from `fields[at]` and the next, summed, in microseconds. */
+function ticksMicros(fields: string[] | null, at: number): number | null {
+  const a = Number(fields?.[at]);
+  const b = Number(fields?.[at + 1]);
+  if (!fields || !Number.isFinite(a) || !Number.isFinite(b)) return null;
+  return ((a + b) * 1e6) / clockTicks();
 }
 
 /** This process's user + system CPU in microseconds. */

@@ -287,6 +287,23 @@ test("two ends of one session at once (a logout and a revoke): its row ended onc
   }
 });
 
+/**
+ * The device's events reach its live session: an event posted for `deviceId` (eid `eid`) arrives
+ * on `live` within 15 s.
+ */
+async function eventReaches(
+  g: GatewayProcess,
+  apiKey: string,
+  live: GatewayClient,
+  deviceId: string,
+  eid: string,
+): Promise<void> {
+  const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
+  const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, eid);
+  assert.equal(res.status, 202, await res.text());
+  assert.equal((await got).eid, eid);
+}
+
 /** A PostgreSQL client (not connected) on `deployment`'s schema, for a test's own transaction. */
 function schemaClient(deployment: DeploymentEnv): pgLib.Client {
   return new pgLib.Client({
@@ -524,11 +541,7 @@ test("a device's login whose session a frozen Redis made after the login's timeo
       "the device's key names its live session",
     );
     assert.equal(made.end_reason, 'takeover', "the late session's row");
-    // An event for the device reaches it.
-    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
-    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `late-${deviceId}`);
-    assert.equal(res.status, 202, await res.text());
-    assert.equal((await got).eid, `late-${deviceId}`);
+    await eventReaches(g, apiKey, live, deviceId, `late-${deviceId}`);
   } finally {
     own.thaw();
     await db.end();
@@ -615,10 +628,7 @@ test("five logins of one device at once whose sessions a frozen Redis made after
       "the device's key names its live session",
     );
     assert.equal(await own.with((r) => r.exists(sessionKey(s.sessionId))), 1, 'the live session lives');
-    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
-    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `five-${deviceId}`);
-    assert.equal(res.status, 202, await res.text());
-    assert.equal((await got).eid, `five-${deviceId}`);
+    await eventReaches(g, apiKey, live, deviceId, `five-${deviceId}`);
   } finally {
     own.thaw();
     await db.end();
@@ -675,10 +685,7 @@ test("a device's login that fails in its takeover, its session made, leaves the 
       s.sessionId,
       "the device's key names its live session again",
     );
-    const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
-    const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `acl-${deviceId}`);
-    assert.equal(res.status, 202, await res.text());
-    assert.equal((await got).eid, `acl-${deviceId}`);
+    await eventReaches(g, apiKey, live, deviceId, `acl-${deviceId}`);
   } finally {
     await acl('+smembers').catch(() => {});
     for (const c of open) c.destroy();
@@ -731,10 +738,7 @@ test("a device's login whose connection dropped while its session was made leave
         15_000,
       );
       assert.equal(await holder(), s.sessionId, "the device's key names its live session");
-      const got = nextEvent<{ eid: string }>(live, 'event', 'the event for the device', 15_000);
-      const res = await postEvent(g.httpPort, apiKey, { device: deviceId }, `drop-${deviceId}`);
-      assert.equal(res.status, 202, await res.text());
-      assert.equal((await got).eid, `drop-${deviceId}`);
+      await eventReaches(g, apiKey, live, deviceId, `drop-${deviceId}`);
     } finally {
       redis.disconnect();
     }

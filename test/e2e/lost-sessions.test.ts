@@ -30,6 +30,10 @@ interface Row {
   last_seen_at: Date;
 }
 
+/** The sessions the gateway's lines `msg` counted so far (their `sessions` fields summed). */
+const sessionsLogged = (gw: GatewayProcess, msg: string) =>
+  gw.logs.filter((l) => l.msg === msg).reduce((n, l) => n + Number(l.sessions), 0);
+
 test("open audit rows of sessions lost from Redis are ended 'lost' at their last sign of life; live, expiring, owed and young ones are not", async () => {
   const deployment = deploymentEnv();
   const schema = deployment.GW_DB_SCHEMA;
@@ -268,13 +272,10 @@ test('Redis rolled back to before two logouts: the sessions it brought back are 
     assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
     // Logged after the ends (and the metric): it may reach us after them.
     const logged = () =>
-      gw!.logs
-        .filter(
-          (l) =>
-            l.msg ===
-            'presence sweep ended again sessions whose audit rows say they ended: Redis was rolled back',
-        )
-        .reduce((n, l) => n + Number(l.sessions), 0);
+      sessionsLogged(
+        gw!,
+        'presence sweep ended again sessions whose audit rows say they ended: Redis was rolled back',
+      );
     await until('the ends logged', () => logged() >= 2);
     assert.equal(logged(), 2, 'each logged once');
   } finally {
@@ -285,215 +286,197 @@ test('Redis rolled back to before two logouts: the sessions it brought back are 
   }
 });
 
-test("Redis rolled back, the sweep's check off: a logged-out session's first resume and refresh end it again within a second or two", async () => {
+type Session = Awaited<ReturnType<typeof signUp>>;
+
+/**
+ * A gateway on a private Redis with the sweep's check off (`GW_AUDIT_CHECK_BATCH=0`: only a
+ * session's use can find one a rollback revived), and three sessions signed up on connections of
+ * their own. `rollBack` snapshots Redis, logs the first two out, and loads the snapshot back;
+ * `ends` reads the ended rows as `[id, reason, ms]`. Cleans up after `body`.
+ */
+async function withRevivable(
+  env: Record<string, string>,
+  body: (f: {
+    gw: GatewayProcess;
+    redis: OwnRedis;
+    sessions: [Session, Session, Session];
+    open: GatewayClient[];
+    alive: (sid: string) => Promise<number>;
+    rollBack: () => Promise<unknown[][]>;
+    ends: () => Promise<unknown[][]>;
+  }) => Promise<void>,
+): Promise<void> {
   const deployment = deploymentEnv();
   const schema = deployment.GW_DB_SCHEMA;
-  const prefix = deployment.GW_REDIS_PREFIX;
   const open: GatewayClient[] = [];
   let gw: GatewayProcess | undefined;
   let redis: OwnRedis | undefined;
   try {
     redis = await startOwnRedis(['--enable-debug-command', 'yes']);
+    const own = redis;
     gw = await startGateway({
       ...deployment,
-      REDIS_URL: redis.url,
+      REDIS_URL: own.url,
       GW_SWEEP_INTERVAL_MS: '200',
-      // The sweep's pass reads nothing: only a session's use can find it.
       GW_AUDIT_CHECK_BATCH: '0',
       GW_DEFAULT_ROOM: '',
       GW_REGISTER_PER_MINUTE: '1000',
+      ...env,
     });
-    const sessions: Awaited<ReturnType<typeof signUp>>[] = [];
+    const sessions: Session[] = [];
     for (let i = 0; i < 3; i++) {
       const c = await connected(gw.tcpUrl);
       open.push(c);
       sessions.push(await within(`sign-up ${i}`, signUp(c)));
     }
-    const [resumed, refreshed, live] = sessions as [
-      (typeof sessions)[0],
-      (typeof sessions)[0],
-      (typeof sessions)[0],
-    ];
-    const rollback = await redis.rdbSnapshot();
-    for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
-    const endsBefore = await query(
-      schema,
-      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
-    );
-    assert.equal(endsBefore.rows.length, 2, 'two rows ended');
-    await rollback();
-    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
-    const alive = (sid: string) => redis!.with((r) => r.exists(hash(sid)));
-    assert.equal(await alive(resumed.sessionId), 1, 'the rollback brought the first logged-out session back');
-
-    // The live session resumes too, first: it is in the same batch as the others, or an earlier one.
-    const liveConn = await connected(gw.tcpUrl);
-    open.push(liveConn);
-    await within('the live session resumed', liveConn.request('resume', { token: live.token }));
-    // The logged-out device's old token resumes: the rollback brought its session back...
-    const thief = await connected(gw.tcpUrl);
-    open.push(thief);
-    const kicked = nextEvent<{ code: string }>(thief, 'kick', 'the resumed session kicked', 20_000);
-    await within('a resume with a logged-out token', thief.request('resume', { token: resumed.token }));
-    // ...and a refresh with the other's old refresh token gets a new pair.
-    const other = await connected(gw.tcpUrl);
-    open.push(other);
-    const pair = await within(
-      'a refresh with a logged-out refresh token',
-      other.request<{ refresh: string }>('refresh', { refresh: refreshed.refresh }),
-    );
-    // Both are found by the last-seen batch and ended again.
-    assert.equal((await kicked).code, 'session_revoked');
-    await until(
-      'the refreshed session ended again',
-      async () => (await alive(refreshed.sessionId)) === 0,
-      20_000,
-    );
-    assert.equal(await alive(resumed.sessionId), 0, 'the resumed session gone');
-    // (The kick closed the thief's connection.)
-    const again = await connected(gw.tcpUrl);
-    open.push(again);
-    await assert.rejects(
-      within('a second resume with the logged-out token', again.request('resume', { token: resumed.token })),
-      (e: Error & { code?: string }) => e.code === 'session_revoked' || e.code === 'token_invalid',
-    );
-    await assert.rejects(
-      within('a refresh with the pair it was given', other.request('refresh', { refresh: pair.refresh })),
-      (e: Error & { code?: string }) => e.code === 'token_invalid',
-    );
-    // The rows keep their ends; the live session lives on, its row open.
-    const endsAfter = await query(
-      schema,
-      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
-    );
-    assert.deepEqual(
-      endsAfter.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
-      endsBefore.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
-      'the rows keep the ends they had',
-    );
-    assert.equal(await alive(live.sessionId), 1, 'the live session left alone');
-    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
-    const logged = () =>
-      gw!.logs
-        .filter(
-          (l) =>
-            l.msg ===
-            'resumed sessions whose audit rows say they ended were ended again: Redis was rolled back',
-        )
-        .reduce((n, l) => n + Number(l.sessions), 0);
-    await until('the ends logged', () => logged() >= 2);
-    assert.equal(logged(), 2, 'each logged once');
+    const ends = async () =>
+      (await query(schema, 'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL')).rows
+        .map((r) => [r.id, r.end_reason, r.ended_at.getTime()])
+        .sort();
+    await body({
+      gw,
+      redis: own,
+      sessions: sessions as [Session, Session, Session],
+      open,
+      alive: (sid) => own.with((r) => r.exists(`${deployment.GW_REDIS_PREFIX}{s:${sid}}:sess`)),
+      async rollBack() {
+        const rollback = await own.rdbSnapshot();
+        for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
+        const before = await ends();
+        assert.equal(before.length, 2, 'two rows ended');
+        await rollback();
+        return before;
+      },
+      ends,
+    });
   } finally {
     await Promise.all(open.map((c) => c.close()));
     await gw?.stop();
     await redis?.remove();
     await dropDeployment(deployment);
   }
+}
+
+test("Redis rolled back, the sweep's check off: a logged-out session's first resume and refresh end it again within a second or two", async () => {
+  await withRevivable(
+    {},
+    async ({ gw, sessions: [resumed, refreshed, live], open, alive, rollBack, ends }) => {
+      const endsBefore = await rollBack();
+      assert.equal(
+        await alive(resumed.sessionId),
+        1,
+        'the rollback brought the first logged-out session back',
+      );
+
+      // The live session resumes too, first: it is in the same batch as the others, or an earlier one.
+      const liveConn = await connected(gw.tcpUrl);
+      open.push(liveConn);
+      await within('the live session resumed', liveConn.request('resume', { token: live.token }));
+      // The logged-out device's old token resumes: the rollback brought its session back...
+      const thief = await connected(gw.tcpUrl);
+      open.push(thief);
+      const kicked = nextEvent<{ code: string }>(thief, 'kick', 'the resumed session kicked', 20_000);
+      await within('a resume with a logged-out token', thief.request('resume', { token: resumed.token }));
+      // ...and a refresh with the other's old refresh token gets a new pair.
+      const other = await connected(gw.tcpUrl);
+      open.push(other);
+      const pair = await within(
+        'a refresh with a logged-out refresh token',
+        other.request<{ refresh: string }>('refresh', { refresh: refreshed.refresh }),
+      );
+      // Both are found by the last-seen batch and ended again.
+      assert.equal((await kicked).code, 'session_revoked');
+      await until(
+        'the refreshed session ended again',
+        async () => (await alive(refreshed.sessionId)) === 0,
+        20_000,
+      );
+      assert.equal(await alive(resumed.sessionId), 0, 'the resumed session gone');
+      // (The kick closed the thief's connection.)
+      const again = await connected(gw.tcpUrl);
+      open.push(again);
+      await assert.rejects(
+        within(
+          'a second resume with the logged-out token',
+          again.request('resume', { token: resumed.token }),
+        ),
+        (e: Error & { code?: string }) => e.code === 'session_revoked' || e.code === 'token_invalid',
+      );
+      await assert.rejects(
+        within('a refresh with the pair it was given', other.request('refresh', { refresh: pair.refresh })),
+        (e: Error & { code?: string }) => e.code === 'token_invalid',
+      );
+      // The rows keep their ends; the live session lives on, its row open.
+      assert.deepEqual(await ends(), endsBefore, 'the rows keep the ends they had');
+      assert.equal(await alive(live.sessionId), 1, 'the live session left alone');
+      assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
+      const logged = () =>
+        sessionsLogged(
+          gw,
+          'resumed sessions whose audit rows say they ended were ended again: Redis was rolled back',
+        );
+      await until('the ends logged', () => logged() >= 2);
+      assert.equal(logged(), 2, 'each logged once');
+    },
+  );
 });
 
 test("Redis rolled back, the sweep's check off: a logged-out session's access token, used or validated, ends it within seconds; an end Redis refuses while full is tried again until it takes it", async () => {
-  const deployment = deploymentEnv();
-  const schema = deployment.GW_DB_SCHEMA;
-  const prefix = deployment.GW_REDIS_PREFIX;
-  const open: GatewayClient[] = [];
-  let gw: GatewayProcess | undefined;
-  let redis: OwnRedis | undefined;
-  try {
-    redis = await startOwnRedis(['--enable-debug-command', 'yes']);
-    gw = await startGateway({
-      ...deployment,
-      REDIS_URL: redis.url,
-      GW_SWEEP_INTERVAL_MS: '200',
-      // The sweep's pass reads nothing: only a session's use can find it.
-      GW_AUDIT_CHECK_BATCH: '0',
-      // The retries of an end Redis refused are logged at debug.
-      GW_LOG_LEVEL: 'debug',
-      GW_DEFAULT_ROOM: '',
-      GW_REGISTER_PER_MINUTE: '1000',
-    });
-    const sessions: Awaited<ReturnType<typeof signUp>>[] = [];
-    for (let i = 0; i < 3; i++) {
-      const c = await connected(gw.tcpUrl);
-      open.push(c);
-      sessions.push(await within(`sign-up ${i}`, signUp(c)));
-    }
-    const [validated, used, live] = sessions as [
-      (typeof sessions)[0],
-      (typeof sessions)[0],
-      (typeof sessions)[0],
-    ];
-    const base = `http://127.0.0.1:${gw.httpPort}`;
-    const validate = async (token: string) =>
-      (await (await postJson(`${base}/auth/validate`, { token })).json()) as { valid: boolean };
-    const me = async (token: string) =>
-      (await fetchWithin(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${token}` } })).status;
-    // Both tokens used before the logouts: the rollback's revival is seen however recently the
-    // node last read a session's row for its token's use.
-    assert.equal((await validate(validated.token)).valid, true);
-    assert.equal(await me(used.token), 200);
-    const rollback = await redis.rdbSnapshot();
-    for (const i of [0, 1]) await within(`logout ${i}`, open[i]!.request('logout', {}));
-    const endsBefore = await query(
-      schema,
-      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
-    );
-    assert.equal(endsBefore.rows.length, 2, 'two rows ended');
-    await rollback();
-    const hash = (sid: string) => `${prefix}{s:${sid}}:sess`;
-    const alive = (sid: string) => redis!.with((r) => r.exists(hash(sid)));
-    assert.equal(await alive(validated.sessionId), 1, 'the rollback brought the logged-out sessions back');
-    // Redis full: an end of a session is refused (its reads still answered).
-    await redis.with((r) => r.config('SET', 'maxmemory', '1'));
-    const retried = (sid: string) =>
-      gw!.logs.filter(
-        (l) =>
-          l.sessionId === sid &&
-          l.msg ===
-            'resumed session whose audit row says it ended not ended again yet: Redis did not take it',
-      ).length;
-    // A back end validates the one's token, the other's calls an authenticated route: both
-    // accepted, as Redis holds their sessions...
-    assert.equal((await validate(validated.token)).valid, true, 'validated while revived');
-    assert.equal(await me(used.token), 200, 'used while revived');
-    assert.equal((await validate(live.token)).valid, true);
-    // ...and their rows are read with the next batch, the ends refused and tried again.
-    await until(
-      'both ends refused by the full Redis, and tried again',
-      () => retried(validated.sessionId) >= 2 && retried(used.sessionId) >= 2,
-      20_000,
-    ).catch((e: Error) => {
-      // What the check did instead (an end refused in another way is logged with its error).
-      const lines = gw!.logs
-        .filter((l) => /^resumed session/.test(String(l.msg)))
-        .slice(-4)
-        .map((l) => `${l.msg}: ${JSON.stringify((l.err as { message?: string })?.message ?? l.err)}`);
-      throw new Error(`${e.message}; the check's last lines: ${JSON.stringify(lines)}`);
-    });
-    assert.equal(await alive(validated.sessionId), 1, 'kept while Redis refuses its end');
-    await redis.with((r) => r.config('SET', 'maxmemory', '0'));
-    await until(
-      'both sessions ended again once Redis takes writes',
-      async () => (await alive(validated.sessionId)) === 0 && (await alive(used.sessionId)) === 0,
-      20_000,
-    );
-    assert.equal((await validate(validated.token)).valid, false, 'the validated token refused');
-    assert.equal(await me(used.token), 401, 'the used token refused');
-    assert.equal((await validate(live.token)).valid, true, 'the live session left alone');
-    assert.equal(await alive(live.sessionId), 1);
-    const endsAfter = await query(
-      schema,
-      'SELECT id, ended_at, end_reason FROM sessions WHERE ended_at IS NOT NULL',
-    );
-    assert.deepEqual(
-      endsAfter.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
-      endsBefore.rows.map((r) => [r.id, r.end_reason, r.ended_at.getTime()]).sort(),
-      'the rows keep the ends they had',
-    );
-    assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
-  } finally {
-    await Promise.all(open.map((c) => c.close()));
-    await gw?.stop();
-    await redis?.remove();
-    await dropDeployment(deployment);
-  }
+  // The retries of an end Redis refused are logged at debug.
+  await withRevivable(
+    { GW_LOG_LEVEL: 'debug' },
+    async ({ gw, redis, sessions: [validated, used, live], alive, rollBack, ends }) => {
+      const base = `http://127.0.0.1:${gw.httpPort}`;
+      const validate = async (token: string) =>
+        (await (await postJson(`${base}/auth/validate`, { token })).json()) as { valid: boolean };
+      const me = async (token: string) =>
+        (await fetchWithin(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${token}` } })).status;
+      // Both tokens used before the logouts: the rollback's revival is seen however recently the
+      // node last read a session's row for its token's use.
+      assert.equal((await validate(validated.token)).valid, true);
+      assert.equal(await me(used.token), 200);
+      const endsBefore = await rollBack();
+      assert.equal(await alive(validated.sessionId), 1, 'the rollback brought the logged-out sessions back');
+      // Redis full: an end of a session is refused (its reads still answered).
+      await redis.with((r) => r.config('SET', 'maxmemory', '1'));
+      const retried = (sid: string) =>
+        gw!.logs.filter(
+          (l) =>
+            l.sessionId === sid &&
+            l.msg ===
+              'resumed session whose audit row says it ended not ended again yet: Redis did not take it',
+        ).length;
+      // A back end validates the one's token, the other's calls an authenticated route: both
+      // accepted, as Redis holds their sessions...
+      assert.equal((await validate(validated.token)).valid, true, 'validated while revived');
+      assert.equal(await me(used.token), 200, 'used while revived');
+      assert.equal((await validate(live.token)).valid, true);
+      // ...and their rows are read with the next batch, the ends refused and tried again.
+      await until(
+        'both ends refused by the full Redis, and tried again',
+        () => retried(validated.sessionId) >= 2 && retried(used.sessionId) >= 2,
+        20_000,
+      ).catch((e: Error) => {
+        // What the check did instead (an end refused in another way is logged with its error).
+        const lines = gw!.logs
+          .filter((l) => /^resumed session/.test(String(l.msg)))
+          .slice(-4)
+          .map((l) => `${l.msg}: ${JSON.stringify((l.err as { message?: string })?.message ?? l.err)}`);
+        throw new Error(`${e.message}; the check's last lines: ${JSON.stringify(lines)}`);
+      });
+      assert.equal(await alive(validated.sessionId), 1, 'kept while Redis refuses its end');
+      await redis.with((r) => r.config('SET', 'maxmemory', '0'));
+      await until(
+        'both sessions ended again once Redis takes writes',
+        async () => (await alive(validated.sessionId)) === 0 && (await alive(used.sessionId)) === 0,
+        20_000,
+      );
+      assert.equal((await validate(validated.token)).valid, false, 'the validated token refused');
+      assert.equal(await me(used.token), 401, 'the used token refused');
+      assert.equal((await validate(live.token)).valid, true, 'the live session left alone');
+      assert.equal(await alive(live.sessionId), 1);
+      assert.deepEqual(await ends(), endsBefore, 'the rows keep the ends they had');
+      assert.equal((await scrapeMetrics(gw.metricsPort)).value('gateway_sessions_resurrected_total'), 2);
+    },
+  );
 });
