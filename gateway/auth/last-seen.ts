@@ -67,13 +67,26 @@ export async function writeEnds(
   pool: pg.Pool,
   ends: Map<string, Pick<SessionEnd, 'reason' | 'at'>>,
 ): Promise<number> {
+  const rows = byId(ends);
   const res = await pool.query(
     `UPDATE sessions s SET ended_at = to_timestamp(v.at), end_reason = v.reason
      FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS v(id, reason, at)
      WHERE s.id = v.id AND s.ended_at IS NULL`,
-    [[...ends.keys()], [...ends.values()].map((e) => e.reason), [...ends.values()].map((e) => e.at / 1000)],
+    [rows.map(([id]) => id), rows.map(([, e]) => e.reason), rows.map(([, e]) => e.at / 1000)],
   );
   return res.rowCount ?? 0;
+}
+
+/**
+ * A batch's rows in id order. A statement over a batch locks its rows in the batch's order once
+ * the table is large enough for PostgreSQL to look them up one by one, and two nodes' batches
+ * over the same rows in two orders deadlocked: one failed (`deadlock detected`, logged as an
+ * error) and was written a second later (test/gateway/last-seen.test.ts, the times and the
+ * devices; the ends' statement read its rows in the table's order there, and is sorted all the
+ * same). In one order, the second waits for the first.
+ */
+function byId<V>(m: Map<string, V>): [string, V][] {
+  return [...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
 }
 
 export class LastSeen {
@@ -245,7 +258,7 @@ export class LastSeen {
         const ids: string[] = [];
         const ips: string[] = [];
         const ats: number[] = [];
-        for (const [id, s] of sessions) {
+        for (const [id, s] of byId(sessions)) {
           ids.push(id);
           ips.push(s.ip);
           ats.push(s.at / 1000);
@@ -271,11 +284,12 @@ export class LastSeen {
         if (r.rows.length > 0) this.hooks.ended?.(r.rows.map(({ id }) => id));
       }
       if (devices.size > 0) {
+        const rows = byId(devices);
         await this.pool.query(
           `UPDATE devices d SET last_seen = to_timestamp(v.at)
            FROM unnest($1::text[], $2::float8[]) AS v(id, at)
            WHERE d.id = v.id AND d.last_seen < to_timestamp(v.at)`,
-          [[...devices.keys()], [...devices.values()].map((at) => at / 1000)],
+          [rows.map(([id]) => id), rows.map(([, at]) => at / 1000)],
         );
         devices.clear();
       }

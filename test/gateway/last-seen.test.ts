@@ -7,10 +7,12 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { createDb, type Db } from '../../gateway/auth/db.ts';
-import { CHECK_EVERY_MS, LastSeen } from '../../gateway/auth/last-seen.ts';
+import { CHECK_EVERY_MS, LastSeen, writeEnds } from '../../gateway/auth/last-seen.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
 import { createLogger } from '../../gateway/log.ts';
+import { until } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 
@@ -266,6 +268,95 @@ test('ended rows of sessions resumed while PostgreSQL is stopped are handed over
   await seen.flush();
   assert.deepEqual(found.sort(), f.sessions.slice(0, 2).sort(), 'each ended row handed over once');
   assert.equal(seen.pending, 0);
+});
+
+test("two nodes' batches over the same rows in opposite orders (times, devices, ends) wait for each other instead of deadlocking", async () => {
+  const { lines, stream } = captureLog();
+  const log = createLogger('debug', {}, stream);
+  const f = await fleet(2);
+  // Tables of a fleet's size, so that PostgreSQL looks the batch's rows up one by one, in the
+  // batch's order (of a few rows it reads the whole table, in its own order).
+  const owner = (await db.pool.query('SELECT user_id FROM sessions WHERE id = $1', [f.sessions[0]])).rows[0]
+    .user_id as string;
+  await db.pool.query(
+    `INSERT INTO sessions (id, user_id, ip) SELECT gen_random_uuid(), $1, '10.0.0.1' FROM generate_series(1, 20000)`,
+    [owner],
+  );
+  await db.pool.query(
+    `INSERT INTO devices (id, owner) SELECT 'bulk-' || g || '-' || $1, $1::uuid FROM generate_series(1, 20000) g`,
+    [owner],
+  );
+  await db.pool.query('ANALYZE sessions');
+  await db.pool.query('ANALYZE devices');
+  const at = Date.now();
+  const holder = new pg.Client({ connectionString: own.url, options: `-c search_path=${SCHEMA}` });
+  await holder.connect();
+  // Two nodes, a pool each.
+  const pools = [0, 1].map(() =>
+    createDb({
+      url: own.url,
+      schema: SCHEMA,
+      statementTimeoutMs: 10_000,
+      connectTimeoutMs: 1000,
+      queryTimeoutMs: 10_000,
+      max: 1,
+    }),
+  );
+  try {
+    for (const step of ['sessions', 'devices', 'ends'] as const) {
+      const table = step === 'devices' ? 'devices' : 'sessions';
+      const ids = table === 'sessions' ? f.sessions : f.devices;
+      // Each node has the rows in its own order (a Map's: the order its devices resumed, or
+      // their sessions ended).
+      const order = (k: number) => (k === 0 ? ids : [...ids].reverse());
+      const nodes = pools.map((p) => new LastSeen(p.pool, log, 0));
+      // The rows held by a transaction until both batches wait on them: released, each batch's
+      // next lock is one the other took first, unless both take them in one order.
+      await holder.query('BEGIN');
+      await holder.query(`SELECT 1 FROM ${table} WHERE id = ANY($1) FOR UPDATE`, [ids]);
+      const written = pools.map(async (p, k) => {
+        if (step === 'ends') {
+          const ends = new Map(order(k).map((id) => [id, { reason: 'logout', at: at + k }]));
+          return (await writeEnds(p.pool, ends)) >= 0;
+        }
+        const node = nodes[k]!;
+        for (const id of order(k)) {
+          if (step === 'sessions') node.session(id, `10.0.0.${8 + k}`, at + k);
+          else node.device(id, at + k);
+        }
+        await node.flush();
+        return node.pending === 0;
+      });
+      const settled = Promise.allSettled(written);
+      await until(
+        `both batches waiting on the ${table} rows (${step})`,
+        async () =>
+          // Not on the holder's connection: a transaction reads the activity view once.
+          (
+            await db.pool.query(
+              "SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+              [`%UPDATE ${table}%`],
+            )
+          ).rows[0].n === 2,
+      );
+      await holder.query('COMMIT');
+      const outcomes = (await settled).map((r) => (r.status === 'fulfilled' ? r.value : String(r.reason)));
+      assert.deepEqual(outcomes, [true, true], `${step}: both written: ${JSON.stringify(lines)}`);
+    }
+  } finally {
+    await holder.query('ROLLBACK').catch(() => {});
+    await holder.end();
+    for (const p of pools) await p.pool.end().catch(() => {});
+  }
+  const rows = await f.rows();
+  for (const sid of f.sessions) assert.deepEqual(rows.sessions.get(sid), { ip: '10.0.0.9', at: at + 1 });
+  for (const id of f.devices) assert.equal(rows.devices.get(id), at + 1);
+  const ended = await db.pool.query(
+    'SELECT count(*)::int AS n FROM sessions WHERE id = ANY($1) AND ended_at IS NOT NULL',
+    [f.sessions],
+  );
+  assert.equal(ended.rows[0].n, 2, 'both ends written');
+  assert.deepEqual(lines, [], 'nothing logged');
 });
 
 test('past its bound, the oldest noted rows are dropped', async () => {
