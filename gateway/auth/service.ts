@@ -931,9 +931,9 @@ export class IdentityService {
 
   /**
    * Ends the session of an access token, or of a refresh token (PROTOCOL.md §4), or the
-   * caller's own; `{}` for an unknown or expired token.
+   * caller's own; `{}` for an unknown or expired token. `spare`: the requesting connection,
+   * which the end's kick leaves to the answer (the end of its own session).
    */
-  /** `spare`: the requesting connection, left to the answer by the end's kick (its own session's end). */
   async logout(req: { token?: string }, ctx: RequestContext, spare?: string): Promise<Record<string, never>> {
     let sid = ctx.sessionId;
     if (req.token !== undefined) {
