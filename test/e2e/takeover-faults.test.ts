@@ -475,3 +475,39 @@ test('thirty devices of one account logging in again while Redis restarts empty:
     for (const c of [...olds, ...current]) c?.destroy();
   }
 });
+
+test("a logout that Redis ran after answering it `overloaded` (its writes paused): its connection is not kicked by the end, and the same connection's retry answers {} and leaves it unauthenticated", async () => {
+  const username = await register();
+  const c = await connected(g.tcpUrl);
+  const kicks: string[] = [];
+  c.on('kick', (k: { code: string }) => kicks.push(k.code));
+  try {
+    const o = await tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`);
+    assert.ok(o.session, `the login answered: ${JSON.stringify(o)}`);
+    const sid = o.session.sessionId;
+    // Redis answers reads and holds writes: the end's read passes, its MULTI waits past the
+    // node's 300 ms and runs once the pause is over.
+    await redis.with((r) => r.call('CLIENT', 'PAUSE', '1500', 'WRITE'));
+    const first = await within(
+      'the logout under paused writes',
+      c.request('logout', {}).then(
+        () => 'ok',
+        (e: { code?: string }) => e.code,
+      ),
+    );
+    assert.equal(first, 'overloaded');
+    // Run once writes run again: the session gone, its kick sent (sparing this connection).
+    await redis.with((r) => r.call('CLIENT', 'UNPAUSE'));
+    await until('the logout run once writes resume', async () => (await sessionExists(sid)) === 0);
+    // Tried again (after retryAfter, as PROTOCOL.md §8 asks; here at once).
+    assert.deepEqual(await within('the logout tried again', c.request('logout', {})), {});
+    await assert.rejects(
+      within('a request after the logout', c.request('rooms')),
+      (e: { code?: string }) => e.code === 'unauthenticated',
+    );
+    assert.deepEqual(kicks, [], 'not kicked: its own end spared it');
+  } finally {
+    await redis.with((r) => r.call('CLIENT', 'UNPAUSE')).catch(() => {});
+    c.destroy();
+  }
+});
