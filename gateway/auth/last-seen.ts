@@ -82,8 +82,8 @@ export async function writeEnds(
  * the table is large enough for PostgreSQL to look them up one by one, and two nodes' batches
  * over the same rows in two orders deadlocked: one failed (`deadlock detected`, logged as an
  * error) and was written a second later (test/gateway/last-seen.test.ts, the times and the
- * devices; the ends' statement read its rows in the table's order there, and is sorted all the
- * same). In one order, the second waits for the first.
+ * devices; the ends' statement did not deadlock there, and is sorted all the same). In one
+ * order, the second waits for the first.
  */
 function byId<V>(m: Map<string, V>): [string, V][] {
   return [...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
