@@ -14,6 +14,7 @@
 import type { Redis } from 'ioredis';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import { Throttle } from './throttle.ts';
 
 /**
  * KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is
@@ -34,7 +35,7 @@ export class ActivityTracker {
   /** Activity taken and not yet written, by session id. */
   private pending = new Map<string, number>();
   /** When each session's activity was last taken (entries older than the throttle are pruned). */
-  private readonly taken = new Map<string, number>();
+  private readonly taken: Throttle;
   private readonly timer: NodeJS.Timeout;
   private readonly redis: MarkingRedis;
   private flushing: Promise<void> | undefined;
@@ -42,7 +43,7 @@ export class ActivityTracker {
   constructor(
     redis: Redis,
     private readonly keys: Keys,
-    private readonly throttleMs: number,
+    throttleMs: number,
     private readonly log: Logger,
     private readonly now: () => number = Date.now,
     /**
@@ -54,6 +55,7 @@ export class ActivityTracker {
   ) {
     if (!('gwMarkActivity' in redis)) redis.defineCommand('gwMarkActivity', { numberOfKeys: 1, lua: MARK });
     this.redis = redis as MarkingRedis;
+    this.taken = new Throttle(throttleMs);
     this.timer = setInterval(() => void this.flush(), Math.min(1000, throttleMs));
     this.timer.unref();
   }
@@ -61,10 +63,7 @@ export class ActivityTracker {
   /** Activity of a session now: taken if its last was at least `throttleMs` ago. */
   touch(sessionId: string): void {
     const t = this.now();
-    const last = this.taken.get(sessionId);
-    if (last !== undefined && t - last < this.throttleMs) return;
-    this.taken.set(sessionId, t);
-    this.pending.set(sessionId, t);
+    if (this.taken.take(sessionId, t)) this.pending.set(sessionId, t);
   }
 
   /** Writes the activity taken so far (one pipeline); one flush at a time. */
@@ -76,8 +75,7 @@ export class ActivityTracker {
   }
 
   private async write(): Promise<void> {
-    const t = this.now();
-    for (const [sid, at] of this.taken) if (t - at >= this.throttleMs) this.taken.delete(sid);
+    this.taken.prune(this.now());
     if (this.pending.size === 0) return;
     const batch = this.pending;
     this.pending = new Map();

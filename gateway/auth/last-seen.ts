@@ -38,6 +38,7 @@
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
 import type { Logger } from '../log.ts';
+import { Throttle } from './throttle.ts';
 
 interface SessionSeen {
   ip: string;
@@ -94,8 +95,8 @@ export class LastSeen {
   private devices = new Map<string, number>();
   /** Sessions whose rows are read for an end with the next write (`check`), not written. */
   private checks = new Set<string>();
-  /** When each session was last taken for a check (entries older than CHECK_EVERY_MS pruned). */
-  private readonly checkedAt = new Map<string, number>();
+  /** When each session was last taken for a check. */
+  private readonly checkedAt: Throttle;
   private ends = new Map<string, SessionEnd>();
   /** `auditOwed` members whose rows are written, to be removed from Redis. */
   private forgetting = new Set<string>();
@@ -114,7 +115,9 @@ export class LastSeen {
       /** Sessions noted as resumed whose audit rows are ended (see above). */
       ended?: (sessionIds: string[]) => void;
     } = {},
-  ) {}
+  ) {
+    this.checkedAt = new Throttle(CHECK_EVERY_MS, maxPending);
+  }
 
   /** A session resumed from `ip` now. */
   session(sessionId: string, ip: string, at = Date.now()): void {
@@ -130,10 +133,7 @@ export class LastSeen {
    * the next write whatever the last check (an end of it that failed, tried again).
    */
   check(sessionId: string, at = Date.now(), force = false): void {
-    const last = this.checkedAt.get(sessionId);
-    if (!force && last !== undefined && at - last < CHECK_EVERY_MS) return;
-    this.checkedAt.delete(sessionId);
-    this.checkedAt.set(sessionId, at);
+    if (!this.checkedAt.take(sessionId, at) && !force) return;
     this.checks.add(sessionId);
     this.boundChecks();
   }
@@ -200,8 +200,6 @@ export class LastSeen {
       this.checks.delete(this.checks.values().next().value as string);
       this.dropped++;
     }
-    while (this.checkedAt.size > this.maxPending)
-      this.checkedAt.delete(this.checkedAt.keys().next().value as string);
   }
 
   private boundEnds(): void {
@@ -232,12 +230,7 @@ export class LastSeen {
     this.devices = new Map();
     this.checks = new Set();
     this.ends = new Map();
-    // Oldest taken first (a session taken again moves to the end).
-    const t = Date.now();
-    for (const [sid, at] of this.checkedAt) {
-      if (t - at < CHECK_EVERY_MS) break;
-      this.checkedAt.delete(sid);
-    }
+    this.checkedAt.prune(Date.now());
     if (ends.size > 0) {
       try {
         await writeEnds(this.pool, ends);

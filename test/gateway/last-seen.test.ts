@@ -12,7 +12,7 @@ import { createDb, type Db } from '../../gateway/auth/db.ts';
 import { CHECK_EVERY_MS, LastSeen, writeEnds } from '../../gateway/auth/last-seen.ts';
 import { migrate } from '../../gateway/auth/migrate.ts';
 import { createLogger } from '../../gateway/log.ts';
-import { until } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { captureLog } from '../helpers/log-capture.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 
@@ -340,7 +340,9 @@ test("two nodes' batches over the same rows in opposite orders (times, devices, 
           ).rows[0].n === 2,
       );
       await holder.query('COMMIT');
-      const outcomes = (await settled).map((r) => (r.status === 'fulfilled' ? r.value : String(r.reason)));
+      const outcomes = (await within(`both batches written (${step})`, settled)).map((r) =>
+        r.status === 'fulfilled' ? r.value : String(r.reason),
+      );
       assert.deepEqual(outcomes, [true, true], `${step}: both written: ${JSON.stringify(lines)}`);
     }
   } finally {
