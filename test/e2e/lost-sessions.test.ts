@@ -431,10 +431,9 @@ test("Redis rolled back, the sweep's check off: a logged-out session's access to
         (await (await postJson(`${base}/auth/validate`, { token })).json()) as { valid: boolean };
       const me = async (token: string) =>
         (await fetchWithin(`${base}/auth/user/me`, { headers: { authorization: `Bearer ${token}` } })).status;
-      // Both tokens used before the logouts: the rollback's revival is seen however recently the
-      // node last read a session's row for its token's use.
-      assert.equal((await validate(validated.token)).valid, true);
-      assert.equal(await me(used.token), 200);
+      // Neither token used since sign-up: a node reads a session's row for its token's use at
+      // most once per CHECK_EVERY_MS (10 s), so a use just before the logout would hold the
+      // check back until then (found then at its next use, not tested here).
       const endsBefore = await rollBack();
       assert.equal(await alive(validated.sessionId), 1, 'the rollback brought the logged-out sessions back');
       // Redis full: an end of a session is refused (its reads still answered).
