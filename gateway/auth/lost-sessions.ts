@@ -28,6 +28,7 @@
 import type { Redis } from 'ioredis';
 import type pg from 'pg';
 import type { Keys } from '../keys.ts';
+import { RedisScript } from '../redis-script.ts';
 import { parseAuditOwed } from './session-store.ts';
 
 /**
@@ -47,7 +48,7 @@ const OWED_READ_MAX = 100_000;
  * one command for a batch. Two commands a row (`EXISTS`, `ZSCORE`, auto-pipelined) cost the node
  * ~20 µs of CPU a row, a run with the script ~5 µs a row all told (bench:audit-check).
  */
-const GONE = `
+const GONE = new RedisScript(`
 local out = {}
 for i, sid in ipairs(ARGV) do
   if redis.call('EXISTS', KEYS[i + 1]) == 0 and not redis.call('ZSCORE', KEYS[1], sid) then
@@ -55,9 +56,7 @@ for i, sid in ipairs(ARGV) do
   end
 end
 return out
-`;
-
-type CheckingRedis = Redis & { gwLostSessions(...args: string[]): Promise<number[]> };
+`);
 
 /** The smallest uuid: the cursor's start. */
 const FIRST = '00000000-0000-0000-0000-000000000000';
@@ -99,14 +98,12 @@ export async function endLostSessions(
   // reads is in the second (a removal's MULTI and the expiry script each take the session out of
   // the first and put its end in the second in one step), and one written and forgotten since
   // has ended its row, which the UPDATE below leaves as it is.
-  if (!('gwLostSessions' in redis)) redis.defineCommand('gwLostSessions', { lua: GONE });
   const ids = rows.map(({ id }) => id);
-  const positions = await (redis as CheckingRedis).gwLostSessions(
-    String(ids.length + 1),
-    keys.sessionExpiries,
-    ...ids.map((id) => keys.session(id)),
-    ...ids,
-  );
+  const positions = (await GONE.run(
+    redis,
+    [keys.sessionExpiries, ...ids.map((id) => keys.session(id))],
+    ids,
+  )) as number[];
   let gone = positions.map((i) => ids[i - 1]!);
   let deferred = 0;
   if (gone.length > 0) {

@@ -17,6 +17,7 @@ import { logFailure, logQueueErrors } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
+import { RedisScript } from '../redis-script.ts';
 import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 
 export interface PresenceRecord {
@@ -139,7 +140,7 @@ interface SweepResult {
  * and during a rolling upgrade the nodes of the earlier version keep the lengths apart.
  * Returns {records, names before, 1 if rebuilt}.
  */
-const NAMES_REBUILD = `
+const NAMES_REBUILD = new RedisScript(`
 local n, before = redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2])
 if n == before or redis.call('EXISTS', KEYS[3]) == 1 then return {n, before, 0} end
 if tonumber(ARGV[1]) > 0 then redis.call('SET', KEYS[3], '1', 'PX', ARGV[1]) end
@@ -162,7 +163,7 @@ for i = 1, #all, 2 do
   end
 end
 flush()
-return {n, before, 1}`;
+return {n, before, 1}`);
 
 /** A rebuild of the presence names holds the next for this long, cluster-wide (NAMES_REBUILD). */
 export const NAMES_REBUILD_HOLD_MS = 60_000;
@@ -177,13 +178,10 @@ export async function rebuildNames(
   keys: Keys,
   holdMs = NAMES_REBUILD_HOLD_MS,
 ): Promise<{ records: number; before: number; rebuilt: boolean }> {
-  const r = redis as Redis & { gwNamesRebuild?(...args: (string | number)[]): Promise<number[]> };
-  if (!r.gwNamesRebuild) redis.defineCommand('gwNamesRebuild', { numberOfKeys: 3, lua: NAMES_REBUILD });
-  const [records, before, rebuilt] = (await r.gwNamesRebuild!(
-    keys.presence,
-    keys.presenceNames,
-    keys.presenceNamesHold,
-    holdMs,
+  const [records, before, rebuilt] = (await NAMES_REBUILD.run(
+    redis,
+    [keys.presence, keys.presenceNames, keys.presenceNamesHold],
+    [holdMs],
   )) as [number, number, number];
   return { records, before, rebuilt: rebuilt === 1 };
 }

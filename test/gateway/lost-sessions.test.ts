@@ -207,3 +207,26 @@ test('PostgreSQL or Redis gone: a run fails, ends nothing and leaves the cursor;
   );
   assert.deepEqual((await endLostSessions({ pool: db.pool, redis, keys }, 10)).ended, lost, 'the next run');
 });
+
+test("a node's first run, with another command of the node auto-pipelined in the same tick: it runs", async () => {
+  await db.pool.query('DELETE FROM sessions');
+  await redis.del(keys.auditCheckCursor);
+  const lost = await rows(2, 60);
+  // A client as the gateway's (auto-pipelined) that has not run the check yet, and a command
+  // of another part of the node sent in the tick PostgreSQL's answer comes in: it opens the
+  // tick's pipeline before the check's script is sent. Before, the script was defined as an
+  // ioredis command at its first call, after that pipeline was made, and the call threw.
+  const fresh = redisClient(undefined, { enableAutoPipelining: true });
+  const pool = {
+    query: async (...args: Parameters<pg.Pool['query']>) => {
+      const r = await (db.pool.query as (...a: unknown[]) => Promise<unknown>)(...args);
+      void fresh.get(keys.auditCheckCursor);
+      return r;
+    },
+  } as unknown as pg.Pool;
+  try {
+    assert.deepEqual((await endLostSessions({ pool, redis: fresh, keys }, 10)).ended, lost);
+  } finally {
+    fresh.disconnect();
+  }
+});

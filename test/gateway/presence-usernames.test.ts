@@ -85,3 +85,20 @@ test('a rebuild holds the next one for its hold, across nodes: the lengths apart
   assert.equal((await rebuildNames(redis, k, 60_000)).rebuilt, true);
   assert.equal(await redis.hget(k.presenceNames, 's3'), 'three');
 });
+
+test("a node's first rebuild, with another command of the node auto-pipelined in the same tick: it runs", async () => {
+  const k = keys();
+  await redis.hset(k.presence, 's1', JSON.stringify({ username: 'one' }));
+  // A client as the gateway's (auto-pipelined) that has not rebuilt yet; a command sent before
+  // the rebuild in the same tick opens the tick's pipeline. Before, the rebuild's script was
+  // defined as an ioredis command at its first call, after that pipeline was made, and the call
+  // threw.
+  const fresh = redisClient(undefined, { enableAutoPipelining: true });
+  try {
+    await fresh.ping();
+    void fresh.hlen(k.presence);
+    assert.deepEqual(await rebuildNames(fresh, k, 0), { records: 1, before: 0, rebuilt: true });
+  } finally {
+    fresh.disconnect();
+  }
+});
