@@ -14,6 +14,20 @@ import { ConfigError, loadConfig } from './config.ts';
 import { createLogger } from './log.ts';
 import { NodeIdInUseError } from './messaging/presence.ts';
 
+/**
+ * An exception nothing caught (a rejection nothing handled among them): the process's state is
+ * unknown, and it stops with code 1, as by Node's default. It says so in the log first, a JSON
+ * line with the error's stack; by default Node writes only the stack, to stderr, which a log
+ * pipeline that reads stdout never shows. The line is written before the exit: pino writes out
+ * what it holds when the process exits.
+ */
+function stopOnUncaught(log: ReturnType<typeof createLogger>): void {
+  process.on('uncaughtException', (err, origin) => {
+    log.fatal({ err, origin }, 'uncaught exception: the process stops');
+    process.exit(1);
+  });
+}
+
 async function main(): Promise<void> {
   let config: ReturnType<typeof loadConfig>;
   try {
@@ -31,11 +45,13 @@ async function main(): Promise<void> {
     setFlagsFromString(`--heap-growing-percent=${config.heapGrowingPercent}`);
   if (config.processes > 1 && cluster.isPrimary) {
     const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
+    stopOnUncaught(log);
     await runSupervisor(config, log, fileURLToPath(import.meta.url));
     return;
   }
   const worker = cluster.isWorker ? { worker: cluster.worker!.id } : {};
   const log = createLogger(config.logLevel, { node: config.nodeId, ...worker });
+  stopOnUncaught(log);
   const { backend, fallbackReason } = selectBackend(config.crypto);
   log.info(
     { backend: backend.name, ...(fallbackReason ? { reason: fallbackReason } : {}) },

@@ -40,7 +40,12 @@ export interface GatewayProcess {
   logs: Record<string, unknown>[];
   /** Resolves with the exit code; fails if the process has not exited within a deadline. */
   readonly exited: Promise<number | null>;
-  /** SIGTERM, wait for exit (SIGKILL after 10 s). */
+  /**
+   * SIGTERM, wait for exit (SIGKILL after 10 s). Fails, once the process is gone and its data
+   * dropped, if it had exited on its own with a code other than 0 before (it crashed: an
+   * uncaught exception) and the test sent it no signal: a crash is not left to show only as
+   * a wait that timed out.
+   */
   stop(): Promise<number | null>;
   /** Resolves when a log line matches; fails after `timeoutMs` naming `what`. */
   waitForLog(
@@ -123,6 +128,13 @@ export async function startGateway(
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   killOnRunnerTerm(proc);
+  // Signals the test sends (a SIGKILL, a SIGTERM whose shutdown it tests) make an exit its doing.
+  let signalled = false;
+  const kill = proc.kill.bind(proc);
+  proc.kill = (signal?: NodeJS.Signals | number) => {
+    signalled = true;
+    return kill(signal);
+  };
   options.onProcess?.(proc);
   const logs: Record<string, unknown>[] = [];
   const waiters: {
@@ -218,6 +230,7 @@ export async function startGateway(
     waitForLog,
     async stop() {
       let code: number | null;
+      const crashed = !signalled && proc.exitCode !== null && proc.exitCode !== 0;
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
@@ -227,6 +240,12 @@ export async function startGateway(
       await within('the test data of the gateway to be dropped', cleaned);
       // After the process is gone (a failed check must not leave it running).
       assertNoSecrets(logs, [PASSWORD, env.GW_API_KEY, env.GW_ADMIN_KEY, env.SMTP_PASSWORD]);
+      if (crashed) {
+        const fatal = logs.filter((l) => Number(l.level) >= 60).map((l) => JSON.stringify(l));
+        throw new Error(
+          `gateway process ${proc.pid} exited (${code}) during the test, on its own; fatal lines: ${fatal.join(' ') || 'none'}; stderr: ${stderr.slice(-3000)}`,
+        );
+      }
       return code;
     },
   };
