@@ -13,13 +13,13 @@
  * tick is one EVALSHA, whose operations run in the order added, each as if alone, and each
  * caller gets its own operation's result or error (or the call's error).
  */
-import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
+import { RedisScript, type ScriptArg } from './redis-script.ts';
 
 /** Operations per script call; more in one tick go in further calls. */
 const MAX_OPS = 256;
 
-type Arg = string | number | Buffer;
+type Arg = ScriptArg;
 /**
  * An argument given as a function is called when the tick's call is made, and its value sent: a
  * timestamp taken when the operation is added could be old by then (a process stopped between
@@ -63,17 +63,12 @@ end
 return out
 `;
 
-interface BufferEval {
-  evalshaBuffer(sha: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
-  evalBuffer(lua: string, numKeys: number, ...rest: Arg[]): Promise<unknown[]>;
-}
-
 export class SessionBinding {
   private readonly ops = new Map<string, string>();
   private pending: Pending[] = [];
   private scheduled = false;
   /** The script, built at the first call from the operations defined by then. */
-  private built: { lua: string; sha: string } | undefined;
+  private built: RedisScript | undefined;
 
   constructor(private readonly redis: Redis) {}
 
@@ -115,27 +110,13 @@ export class SessionBinding {
     this.scheduled = false;
     const all = this.pending;
     this.pending = [];
-    if (!this.built) {
-      const lua = this.script();
-      this.built = { lua, sha: createHash('sha1').update(lua).digest('hex') };
-    }
+    this.built ??= new RedisScript(this.script());
     for (let i = 0; i < all.length; i += MAX_OPS) this.call(all.slice(i, i + MAX_OPS));
   };
 
-  /**
-   * EVALSHA, and EVAL when Redis does not know the script (first use, a restart, SCRIPT
-   * FLUSH). Not a command defined on the client with `defineCommand`: defined after the client's
-   * auto-pipeline of the tick was created, it is missing from that pipeline.
-   */
+  /** The script (redis-script.ts: EVALSHA, EVAL when Redis does not know it), replies as Buffers (room history is MessagePack). */
   private send(keys: string[], argv: Arg[]): Promise<unknown[]> {
-    const { lua, sha } = this.built!;
-    // The Buffer variants (replies as Buffers: room history is MessagePack) exist at run time
-    // but are not in ioredis's types; `callBuffer` loses its command name when auto-pipelined.
-    const r = this.redis as Redis & BufferEval;
-    return r.evalshaBuffer(sha, keys.length, ...keys, ...argv).catch((e: Error) => {
-      if (!String(e?.message).startsWith('NOSCRIPT')) throw e;
-      return r.evalBuffer(lua, keys.length, ...keys, ...argv);
-    });
+    return this.built!.runBuffer(this.redis, keys, argv) as Promise<unknown[]>;
   }
 
   private call(batch: Pending[]): void {
