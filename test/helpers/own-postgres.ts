@@ -85,8 +85,14 @@ function childrenOf(postmaster: number): number[] {
   }
 }
 
+/** The port picked was taken by another process before our server bound it. */
+class PortTaken extends Error {}
+
 export async function startOwnPostgres(): Promise<OwnPostgres> {
-  const port = await freePort();
+  // Picked free, but free only until a server binds it: another suite's PostgreSQL on this
+  // machine may take it first (then ours exits, and theirs answers). Checked by the data
+  // directory of the server answering, and picked again (three tries).
+  let port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'own-pg-'));
   const data = join(dir, 'data');
   const as = runAs();
@@ -98,21 +104,28 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
   });
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
-  const url = `postgres://postgres@127.0.0.1:${port}/test`;
+  let url = `postgres://postgres@127.0.0.1:${port}/test`;
   const postmasterPid = () => Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n')[0]);
 
-  const waitReady = async (database: string) => {
+  const waitReady = async (database: string, p: ChildProcess) => {
     const end = Date.now() + 20000;
     for (;;) {
       const c = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/${database}` });
       c.on('error', () => {});
+      let answered: string | undefined;
       try {
         await c.connect();
-        await c.query('SELECT 1');
-        await c.end();
-        return;
+        answered = (await c.query<{ data_directory: string }>('SHOW data_directory')).rows[0]!.data_directory;
       } catch {
-        await c.end().catch(() => {});
+        // not up yet
+      }
+      await c.end().catch(() => {});
+      if (answered === data) return;
+      if (answered !== undefined || p.exitCode !== null) {
+        p.kill('SIGKILL');
+        throw new PortTaken(
+          `port ${port} was taken by another server (${answered}) before our PostgreSQL bound it`,
+        );
       }
       if (Date.now() > end) throw new Error(`own PostgreSQL on ${port} did not accept connections in 20 s`);
       await new Promise((r) => setTimeout(r, 100));
@@ -144,7 +157,7 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
         () => (p.pid ? childrenOf(p.pid) : []),
         () => rmSync(dir, { recursive: true, force: true }),
       );
-      await waitReady('postgres');
+      await waitReady('postgres', p);
     },
     async stop() {
       try {
@@ -173,7 +186,18 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
       rmSync(dir, { recursive: true, force: true });
     },
   };
-  await self.start();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await self.start();
+      break;
+    } catch (e) {
+      if (!(e instanceof PortTaken) || attempt === 3) throw e;
+      port = await freePort();
+      url = `postgres://postgres@127.0.0.1:${port}/test`;
+      self.port = port;
+      self.url = url;
+    }
+  }
   const c = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
   await c.connect();
   await c.query('CREATE DATABASE test');

@@ -37,14 +37,20 @@ export interface OwnRedis {
   remove(): Promise<void>;
 }
 
+/** The port picked was taken by another process before our server bound it. */
+class PortTaken extends Error {}
+
 export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
-  const port = await freePort();
+  // Picked free, but free only until a server binds it: another suite's server on this machine
+  // may take it first (then ours exits, and theirs answers the PING). Checked by the pid the
+  // server answering gives, and picked again (three tries).
+  let port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'own-redis-'));
   /** Snapshot copies taken, removed with the server. */
   const copies: string[] = [];
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
-  const url = `redis://127.0.0.1:${port}`;
+  let url = `redis://127.0.0.1:${port}`;
   const removeFiles = () => {
     rmSync(dir, { recursive: true, force: true });
     // Snapshots a failed test never restored.
@@ -68,17 +74,22 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
         commandTimeout: 1000,
       });
       r.on('error', () => {});
+      let pid: number | undefined;
       try {
         await r.connect();
-        if ((await r.ping()) === 'PONG') {
-          // Wait for a loaded dataset (an AOF replay answers LOADING until done).
-          r.disconnect();
-          return;
-        }
+        // PING waits for a loaded dataset (an AOF replay answers LOADING until done).
+        if ((await r.ping()) === 'PONG') pid = Number(/process_id:(\d+)/.exec(await r.info('server'))?.[1]);
       } catch {
         // not up yet
       }
       r.disconnect();
+      if (pid === p.pid) return;
+      if (pid !== undefined || p.exitCode !== null) {
+        p.kill('SIGKILL');
+        throw new PortTaken(
+          `port ${port} was taken by another process (pid ${pid}) before our redis-server bound it`,
+        );
+      }
       if (Date.now() > end) throw new Error(`own redis-server on ${port} did not start within 15 s`);
       await new Promise((r2) => setTimeout(r2, 50));
     }
@@ -134,6 +145,16 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
       removeFiles();
     },
   };
-  await start();
-  return self;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await start();
+      return self;
+    } catch (e) {
+      if (!(e instanceof PortTaken) || attempt === 3) throw e;
+      port = await freePort();
+      url = `redis://127.0.0.1:${port}`;
+      self.port = port;
+      self.url = url;
+    }
+  }
 }
