@@ -246,6 +246,15 @@ export class Keys {
   }
 
   /**
+   * STRING, for a minute: the sessions one sweep's take of expired sessions ended (`sid expiry
+   * ...`), named by the call (a uuid), read by its node when the take's reply was lost
+   * (session-store.ts, EXPIRED).
+   */
+  expiryReceipt(id: string): string {
+    return `${this.prefix}sessexprcpt:${id}`;
+  }
+
+  /**
    * STRING: an operator's last kick of the session (`{conn, at, retryAfter}`, `conn` naming the
    * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
    * the notice applies it when the subscriber is back.

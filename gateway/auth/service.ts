@@ -52,9 +52,11 @@ import type { Mailer } from './mailer.ts';
 import { deviceInfoFromUserAgent, type Locator } from './session-details.ts';
 import {
   auditOwed,
+  type ExpiredSession,
   endOwed,
   type LiveSession,
   parseAuditOwed,
+  RECEIPT_MS,
   SessionStore,
   type SessionView,
 } from './session-store.ts';
@@ -171,6 +173,12 @@ export class IdentityService {
   private readonly lastSeen: LastSeen;
   /** Failed logins' sessions, whose audit rows are kept or deleted once Redis says (unstarted.ts). */
   private readonly unstarted: UnstartedSessions;
+  /**
+   * Takes of expired sessions whose reply did not come (endExpired), by receipt key: when to stop
+   * looking for it (ms). One look at a time.
+   */
+  private readonly lostTakes = new Map<string, number>();
+  private readingTakes = false;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -265,6 +273,12 @@ export class IdentityService {
     this.lastSeen.tick(now);
     this.settleOwed(now);
     this.unstarted.tick(now);
+    if (this.lostTakes.size > 0 && !this.readingTakes) {
+      this.readingTakes = true;
+      void this.readLostTakes(now).finally(() => {
+        this.readingTakes = false;
+      });
+    }
   }
 
   /** At shutdown: writes the last-seen times still pending. */
@@ -1054,13 +1068,55 @@ export class IdentityService {
    * do not run: the owed step does the purge. Returns how many it ended.
    */
   async endExpired(limit: number): Promise<number> {
-    const taken = await this.store.takeExpired(limit);
+    const receipt = this.deps.keys.expiryReceipt(randomUUID());
+    let taken: ExpiredSession[];
+    try {
+      taken = await this.store.takeExpired(limit, receipt);
+    } catch (e) {
+      // Redis may run the take after all (frozen or slow past the timeout) and drop its reply:
+      // what it ended is read from its receipt, from the node's sweep, for as long as it is kept.
+      this.lostTakes.set(receipt, Date.now() + RECEIPT_MS);
+      throw e;
+    }
+    this.expired(taken);
+    return taken.length;
+  }
+
+  /** The node's part of sessions a take ended: their audit ends, a line each, the count. */
+  private expired(taken: ExpiredSession[]): void {
     for (const { sessionId, at, audit } of taken) {
       this.lastSeen.ended(sessionId, 'expired', at, false, audit);
       this.deps.log.info({ sessionId, reason: 'expired' }, 'session ended');
     }
     if (taken.length > 0) this.deps.metrics?.sessionsExpired.inc(taken.length);
-    return taken.length;
+  }
+
+  /**
+   * Reads the receipts of takes whose reply was lost. One found: its sessions are the node's as
+   * if the reply had come (their rows then ended by this node, not left to the sweep's owed step
+   * a stale time later), and it is gone. None: the take has not run yet, or ended nothing; looked
+   * for again at the next sweep, until its receipt would have expired.
+   */
+  private async readLostTakes(now: number): Promise<void> {
+    for (const [receipt, until] of this.lostTakes) {
+      if (now > until) {
+        this.lostTakes.delete(receipt);
+        continue;
+      }
+      let taken: ExpiredSession[] | null;
+      try {
+        taken = await this.store.takenExpired(receipt);
+      } catch {
+        return; // Redis still out: the next sweep looks again
+      }
+      if (taken === null) continue;
+      this.lostTakes.delete(receipt);
+      this.deps.log.info(
+        { sessions: taken.length },
+        'expired sessions ended by a take whose reply was lost, read from its receipt',
+      );
+      this.expired(taken);
+    }
   }
 
   /**

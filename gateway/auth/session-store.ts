@@ -224,7 +224,9 @@ return 1
  * is moved to its new time; one whose hash has no TTL leaves the index. ARGV[1], ARGV[2]: what
  * comes before and after a session id in its keys (keys.ts sessionKeyParts). Each ended one's
  * audit end is recorded as owed (KEYS[4], keys.ts auditOwed, `sid expired <expiry>` at now) until
- * its row is written.
+ * its row is written. When it ends any, it keeps what it returns under KEYS[5] (a receipt named by
+ * the call) for ARGV[4] ms: a node whose wait for the reply ran out (a Redis frozen or slow past
+ * its timeout runs the call later, and the reply is dropped) reads it there.
  * Returns session id, expiry (ms), ... of the sessions it ended.
  */
 const EXPIRED = `
@@ -250,8 +252,34 @@ for i = 1, #due, 2 do
     end
   end
 end
+if #ended > 0 then redis.call('SET', KEYS[5], table.concat(ended, ' '), 'PX', ARGV[4]) end
 return ended
 `;
+
+/** How long a take of expired sessions keeps its receipt (ms). */
+export const RECEIPT_MS = 60_000;
+
+/** A session the sweep ended because its life ran out. */
+export interface ExpiredSession {
+  sessionId: string;
+  /** When its hash expired (ms). */
+  at: number;
+  /** Its owed audit end (keys.ts auditOwed). */
+  audit: string;
+}
+
+/** EXPIRED's reply (session id, expiry, ...) as sessions. */
+function expiredFrom(flat: string[]): ExpiredSession[] {
+  const out: ExpiredSession[] = [];
+  for (let i = 0; i + 1 < flat.length; i += 2) {
+    out.push({
+      sessionId: flat[i],
+      at: Number(flat[i + 1]),
+      audit: auditOwed(flat[i], 'expired', flat[i + 1]),
+    });
+  }
+  return out;
+}
 
 /** Deletes KEYS[1] only if it still holds ARGV[1] (a device key still naming this session). */
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
@@ -350,7 +378,7 @@ export class SessionStore {
       redis.defineCommand('gwSessionCreate', { numberOfKeys: 6, lua: CREATE });
       redis.defineCommand('gwSessionResume', { numberOfKeys: 9, lua: RESUME });
       redis.defineCommand('gwSessionTouch', { numberOfKeys: 14, lua: TOUCH });
-      redis.defineCommand('gwSessionsExpired', { numberOfKeys: 4, lua: EXPIRED });
+      redis.defineCommand('gwSessionsExpired', { numberOfKeys: 5, lua: EXPIRED });
     }
     this.scripts = r as Redis & SessionCommands;
   }
@@ -423,27 +451,33 @@ export class SessionStore {
 
   /**
    * Ends up to `limit` sessions whose life ran out (EXPIRED): each with the time its hash expired.
+   * What it ended is also kept for RECEIPT_MS under `receipt` (keys.ts expiryReceipt), for
+   * `takenExpired` when the reply does not come in time.
    */
-  async takeExpired(limit: number): Promise<{ sessionId: string; at: number; audit: string }[]> {
+  async takeExpired(limit: number, receipt: string): Promise<ExpiredSession[]> {
     const [before, after] = this.keys.sessionKeyParts;
     const flat = await this.scripts.gwSessionsExpired(
       this.keys.sessionExpiries,
       this.keys.endsOwed,
       this.keys.kickChannel,
       this.keys.auditOwed,
+      receipt,
       before,
       after,
       limit,
+      RECEIPT_MS,
     );
-    const out: { sessionId: string; at: number; audit: string }[] = [];
-    for (let i = 0; i < flat.length; i += 2) {
-      out.push({
-        sessionId: flat[i],
-        at: Number(flat[i + 1]),
-        audit: auditOwed(flat[i], 'expired', flat[i + 1]),
-      });
-    }
-    return out;
+    return expiredFrom(flat);
+  }
+
+  /**
+   * What a `takeExpired` whose reply was lost ended, read from its receipt; null when there is
+   * none: the call has not run yet, ended nothing, or ran more than RECEIPT_MS ago. Read, not
+   * taken (GETDEL): a reply that can be lost itself would lose the receipt with it. It expires.
+   */
+  async takenExpired(receipt: string): Promise<ExpiredSession[] | null> {
+    const kept = await this.redis.get(receipt);
+    return kept === null ? null : expiredFrom(kept.split(' '));
   }
 
   /** Extends the device key's life if it still names the session (a resume's `touch` of it). */

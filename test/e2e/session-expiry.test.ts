@@ -29,6 +29,7 @@ import { startOwnPostgres } from '../helpers/own-postgres.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'api-key-for-session-expiry-5c2e';
 const TTL_S = 3;
@@ -330,6 +331,73 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
   } finally {
     for (const c of open) c.destroy();
     await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a take of expired sessions whose reply is lost (Redis slow past the node's timeout): the node reads what it ended from its receipt, and counts, logs and ends each", async () => {
+  const redis = await startOwnRedis();
+  const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const g = await startGateway(
+    env(deployment, { REDIS_URL: proxy.url, SESSION_TTL: '3600', GW_REDIS_TIMEOUT_MS: '300' }),
+  );
+  const open: GatewayClient[] = [];
+  try {
+    const sids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(g.tcpUrl);
+      open.push(c);
+      sids.push((await within(`sign-up ${i}`, signUp(c))).sessionId);
+    }
+    const got = kicks(open[0]!);
+    // The three run out now: their hashes gone, their expiry entries due (written past the proxy).
+    const at = Date.now() - 1000;
+    await redis.with(async (r) => {
+      const m = r.multi();
+      for (const sid of sids) m.del(`${prefix}{s:${sid}}:sess`).zadd(`${prefix}sessexp`, 'XX', at, sid);
+      await m.exec();
+    });
+    // The sweep's next take (its keys: the index of expiries, then the owed ends) ends them, and
+    // its reply reaches the node 1.5 s later: the node stopped waiting at 300 ms.
+    const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+    await within(
+      "the sweep's take",
+      proxy.holdReplyOf(new RegExp(`${esc(prefix)}sessexp\\r\\n\\$\\d+\\r\\n${esc(prefix)}endowed`), 1500),
+      15_000,
+    );
+    await until(
+      'the three counted expired by the node',
+      async () => (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_expired_total') === 3,
+      20_000,
+    ).catch((e: Error) => {
+      const lines = g.logs.filter((l) => /expired|sweep/.test(String(l.msg))).slice(-6);
+      throw new Error(`${e.message}; ${JSON.stringify(lines)}`);
+    });
+    const ended = g.logs
+      .filter((l) => l.msg === 'session ended' && l.reason === 'expired')
+      .map((l) => l.sessionId);
+    assert.deepEqual(ended.sort(), [...sids].sort(), 'a line each, once');
+    assert.ok(
+      g.logs.some((l) => /read from its receipt/.test(String(l.msg))),
+      'the take found lost and read from its receipt',
+    );
+    const rows = await endedRows(deployment.GW_DB_SCHEMA, sids, 20_000);
+    for (const sid of sids) {
+      assert.equal(rows.get(sid)!.end_reason, 'expired');
+      assert.equal(rows.get(sid)!.ended_at.getTime(), at, 'ended at the time it ran out');
+    }
+    await until('the connected device kicked', () => got.length > 0, 10_000);
+    assert.deepEqual(
+      got.map((k) => k.code),
+      ['session_revoked'],
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    await g.stop();
+    await proxy.close();
     await redis.remove();
     await dropDeployment(deployment);
   }

@@ -28,6 +28,13 @@ export interface RedisProxy {
    * DNS name or a virtual IP moved); connections open now stay with the old target.
    */
   retarget(to: { host: string; port: number }): void;
+  /**
+   * The next command a client sends whose bytes match `pattern` has its reply, and every reply
+   * after it on that connection, held for `ms` and then passed on in order: Redis runs the
+   * command at once, and a client that waits less than `ms` for the reply times out (a reply lost
+   * to a Redis slow to answer). Resolves when such a command was seen.
+   */
+  holdReplyOf(pattern: RegExp, ms: number): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -36,6 +43,7 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
   let holding = false;
   let dropping = false;
   const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
+  let replyHold: { pattern: RegExp; ms: number; seen: () => void } | undefined;
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
     const upstream = createConnection(target);
@@ -46,7 +54,20 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     sockets.add(upstream);
     const conn = { client, held: [] as Buffer[] };
     let subscriber = false;
+    /** This connection's replies held until then (ms), and what was held. */
+    let heldUntil = 0;
+    const heldReplies: Buffer[] = [];
     client.on('data', (d: Buffer) => {
+      if (replyHold?.pattern.test(d.toString('latin1'))) {
+        const { ms, seen } = replyHold;
+        replyHold = undefined;
+        heldUntil = Date.now() + ms;
+        setTimeout(() => {
+          heldUntil = 0;
+          for (const r of heldReplies.splice(0)) client.write(r);
+        }, ms);
+        seen();
+      }
       // A SUBSCRIBE or PSUBSCRIBE as a RESP command (not the word inside an argument, such as a
       // script's text).
       if (!subscriber && /\r\n\$(9|10)\r\np?subscribe\r\n/i.test(d.toString('latin1'))) {
@@ -58,6 +79,7 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     upstream.on('data', (d: Buffer) => {
       if (dropping) return;
       if (subscriber && holding) conn.held.push(d);
+      else if (heldUntil > 0) heldReplies.push(d);
       else client.write(d);
     });
     const end = () => {
@@ -100,6 +122,10 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     retarget: (to) => {
       target = to;
     },
+    holdReplyOf: (pattern, ms) =>
+      new Promise<void>((resolve) => {
+        replyHold = { pattern, ms, seen: resolve };
+      }),
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();
