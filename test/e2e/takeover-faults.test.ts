@@ -16,7 +16,7 @@ import type { GatewayClient, Session } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, newName, PASSWORD } from '../helpers/accounts.ts';
-import { DATABASE_URL, query } from '../helpers/cleanup.ts';
+import { backendPid, blockedBy, DATABASE_URL } from '../helpers/cleanup.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
@@ -280,6 +280,7 @@ test("logins whose account reservation a frozen Redis ran after they were answer
     // held by a lock on the users table until Redis is frozen, so that the account's
     // reservation, the next step, is sent to a frozen Redis and the login answered
     // `overloaded` after the 300 ms timeout. Redis runs the reservation once thawed.
+    const holder = await backendPid(db);
     for (let i = 0; i < 5; i++) {
       await db.query('BEGIN');
       await db.query('LOCK TABLE users IN ACCESS EXCLUSIVE MODE');
@@ -288,13 +289,7 @@ test("logins whose account reservation a frozen Redis ran after they were answer
         await until(
           'the login waiting for the users table',
           // From another connection: in a transaction, pg_stat_activity is read once.
-          async () =>
-            (
-              await query(
-                deployment.GW_DB_SCHEMA,
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM users WHERE%'",
-              )
-            ).rowCount! > 0,
+          async () => (await blockedBy(holder, '%FROM users WHERE%')) > 0,
         );
         redis.freeze();
       } finally {

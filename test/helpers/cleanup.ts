@@ -39,6 +39,28 @@ export async function dropSchema(schema: string): Promise<void> {
 }
 
 /** A query against a test's schema. */
+/**
+ * How many backends whose query is like `like` wait on a lock that backend `holderPid` holds
+ * (`pg_blocking_pids`): a test's own waiters, whatever schema. The suite may run twice at once
+ * on one PostgreSQL; a count of the backends waiting on any lock, picked by their query's text
+ * alone, took another copy's waiters for the test's own (an audit-owed case froze Redis with four
+ * of its five logins at their INSERT, 3 copies of it at once).
+ */
+export async function blockedBy(holderPid: number, like: string, url = DATABASE_URL): Promise<number> {
+  const r = await query(
+    'public',
+    'SELECT count(*)::int AS n FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid)) AND query LIKE $2',
+    [holderPid, like],
+    url,
+  );
+  return r.rows[0].n as number;
+}
+
+/** The backend pid of a connected client (for `blockedBy`). */
+export async function backendPid(c: pg.Client | pg.PoolClient): Promise<number> {
+  return (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+}
+
 export async function query(
   schema: string,
   sql: string,
