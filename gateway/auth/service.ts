@@ -1092,31 +1092,31 @@ export class IdentityService {
   }
 
   /**
-   * Reads the receipts of takes whose reply was lost. One found: its sessions are the node's as
+   * Reads the receipts of takes whose reply was lost, all in one command. One found: its sessions are the node's as
    * if the reply had come (their rows then ended by this node, not left to the sweep's owed step
    * a stale time later), and it is gone. None: the take has not run yet, or ended nothing; looked
    * for again at the next sweep, until its receipt would have expired.
    */
   private async readLostTakes(now: number): Promise<void> {
-    for (const [receipt, until] of this.lostTakes) {
-      if (now > until) {
-        this.lostTakes.delete(receipt);
-        continue;
-      }
-      let taken: ExpiredSession[] | null;
-      try {
-        taken = await this.store.takenExpired(receipt);
-      } catch {
-        return; // Redis still out: the next sweep looks again
-      }
-      if (taken === null) continue;
+    for (const [receipt, until] of this.lostTakes) if (now > until) this.lostTakes.delete(receipt);
+    const receipts = [...this.lostTakes.keys()];
+    if (receipts.length === 0) return;
+    let found: (ExpiredSession[] | null)[];
+    try {
+      found = await this.store.takenExpired(receipts);
+    } catch {
+      return; // Redis still out: the next sweep looks again
+    }
+    receipts.forEach((receipt, i) => {
+      const taken = found[i];
+      if (!taken) return;
       this.lostTakes.delete(receipt);
       this.deps.log.info(
         { sessions: taken.length },
         'expired sessions ended by a take whose reply was lost, read from its receipt',
       );
       this.expired(taken);
-    }
+    });
   }
 
   /**

@@ -471,13 +471,14 @@ export class SessionStore {
   }
 
   /**
-   * What a `takeExpired` whose reply was lost ended, read from its receipt; null when there is
-   * none: the call has not run yet, ended nothing, or ran more than RECEIPT_MS ago. Read, not
-   * taken (GETDEL): a reply that can be lost itself would lose the receipt with it. It expires.
+   * What `takeExpired` calls whose replies were lost ended, read from their receipts in one
+   * command; null for one with none: the call has not run yet, ended nothing, or ran more than
+   * RECEIPT_MS ago. Read, not taken (GETDEL): a reply that can be lost itself would lose the
+   * receipt with it. They expire.
    */
-  async takenExpired(receipt: string): Promise<ExpiredSession[] | null> {
-    const kept = await this.redis.get(receipt);
-    return kept === null ? null : expiredFrom(kept.split(' '));
+  async takenExpired(receipts: string[]): Promise<(ExpiredSession[] | null)[]> {
+    const kept = await this.redis.mget(...receipts);
+    return kept.map((k) => (k === null ? null : expiredFrom(k.split(' '))));
   }
 
   /** Extends the device key's life if it still names the session (a resume's `touch` of it). */
