@@ -128,13 +128,6 @@ export async function startGateway(
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   killOnRunnerTerm(proc);
-  // Signals the test sends (a SIGKILL, a SIGTERM whose shutdown it tests) make an exit its doing.
-  let signalled = false;
-  const kill = proc.kill.bind(proc);
-  proc.kill = (signal?: NodeJS.Signals | number) => {
-    signalled = true;
-    return kill(signal);
-  };
   options.onProcess?.(proc);
   const logs: Record<string, unknown>[] = [];
   const waiters: {
@@ -230,7 +223,9 @@ export async function startGateway(
     waitForLog,
     async stop() {
       let code: number | null;
-      const crashed = !signalled && proc.exitCode !== null && proc.exitCode !== 0;
+      // A signal the test sent through `proc.kill` (a SIGKILL, a SIGTERM whose shutdown it
+      // tests: `proc.killed`) makes an exit its doing.
+      const crashed = !proc.killed && proc.exitCode !== null && proc.exitCode !== 0;
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM');
         const t = setTimeout(() => proc.kill('SIGKILL'), 10000);
