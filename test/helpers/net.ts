@@ -14,6 +14,26 @@ export function freePort(): Promise<number> {
   });
 }
 
+/** The port picked for a private server was taken by another process before the server bound it. */
+export class PortTaken extends Error {}
+
+/**
+ * Runs `start` on a port picked free, and on another if it throws `PortTaken` (three ports in
+ * all): a port is free only until a server binds it, and another suite's server on this
+ * machine may take it first. Resolves with the port `start` succeeded on.
+ */
+export async function onFreePort(start: (port: number) => Promise<void>, tries = 3): Promise<number> {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    try {
+      await start(port);
+      return port;
+    } catch (e) {
+      if (!(e instanceof PortTaken) || attempt >= tries) throw e;
+    }
+  }
+}
+
 /** Whether this machine has an IPv6 loopback to listen on. */
 export function hasIpv6Loopback(): Promise<boolean> {
   return new Promise((resolve) => {

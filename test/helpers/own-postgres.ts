@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { killOnRunnerTerm } from './children.ts';
 import { within } from './deadline.ts';
-import { freePort } from './own-redis.ts';
+import { onFreePort, PortTaken } from './net.ts';
 
 /** `initdb` and `postgres` from PG_BIN if set, else from PATH. */
 const bin = (name: string) => (process.env.PG_BIN ? join(process.env.PG_BIN, name) : name);
@@ -85,14 +85,10 @@ function childrenOf(postmaster: number): number[] {
   }
 }
 
-/** The port picked was taken by another process before our server bound it. */
-class PortTaken extends Error {}
-
 export async function startOwnPostgres(): Promise<OwnPostgres> {
-  // Picked free, but free only until a server binds it: another suite's PostgreSQL on this
-  // machine may take it first (then ours exits, and theirs answers). Checked by the data
-  // directory of the server answering, and picked again (three tries).
-  let port = await freePort();
+  // Another suite's PostgreSQL may take the port picked before ours binds it (then ours exits,
+  // and theirs answers): told by the data directory of the server answering (`onFreePort`).
+  let port = 0;
   const dir = mkdtempSync(join(tmpdir(), 'own-pg-'));
   const data = join(dir, 'data');
   const as = runAs();
@@ -104,7 +100,7 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
   });
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
-  let url = `postgres://postgres@127.0.0.1:${port}/test`;
+  let url = '';
   const postmasterPid = () => Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n')[0]);
 
   const waitReady = async (database: string, p: ChildProcess) => {
@@ -186,18 +182,13 @@ export async function startOwnPostgres(): Promise<OwnPostgres> {
       rmSync(dir, { recursive: true, force: true });
     },
   };
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await self.start();
-      break;
-    } catch (e) {
-      if (!(e instanceof PortTaken) || attempt === 3) throw e;
-      port = await freePort();
-      url = `postgres://postgres@127.0.0.1:${port}/test`;
-      self.port = port;
-      self.url = url;
-    }
-  }
+  await onFreePort(async (p) => {
+    port = p;
+    url = `postgres://postgres@127.0.0.1:${port}/test`;
+    self.port = port;
+    self.url = url;
+    await self.start();
+  });
   const c = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
   await c.connect();
   await c.query('CREATE DATABASE test');

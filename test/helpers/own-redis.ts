@@ -10,7 +10,7 @@ import { Redis } from 'ioredis';
 import { killOnRunnerTerm } from './children.ts';
 import { redisClient } from './cleanup.ts';
 import { within } from './deadline.ts';
-import { freePort } from './net.ts';
+import { freePort, onFreePort, PortTaken } from './net.ts';
 
 export { freePort };
 
@@ -37,20 +37,16 @@ export interface OwnRedis {
   remove(): Promise<void>;
 }
 
-/** The port picked was taken by another process before our server bound it. */
-class PortTaken extends Error {}
-
 export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
-  // Picked free, but free only until a server binds it: another suite's server on this machine
-  // may take it first (then ours exits, and theirs answers the PING). Checked by the pid the
-  // server answering gives, and picked again (three tries).
-  let port = await freePort();
+  // Another suite's server may take the port picked before ours binds it (then ours exits, and
+  // theirs answers the PING): told by the pid the server answering gives (`onFreePort`).
+  let port = 0;
   const dir = mkdtempSync(join(tmpdir(), 'own-redis-'));
   /** Snapshot copies taken, removed with the server. */
   const copies: string[] = [];
   let proc: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
-  let url = `redis://127.0.0.1:${port}`;
+  let url = '';
   const removeFiles = () => {
     rmSync(dir, { recursive: true, force: true });
     // Snapshots a failed test never restored.
@@ -145,16 +141,12 @@ export async function startOwnRedis(args: string[] = []): Promise<OwnRedis> {
       removeFiles();
     },
   };
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await start();
-      return self;
-    } catch (e) {
-      if (!(e instanceof PortTaken) || attempt === 3) throw e;
-      port = await freePort();
-      url = `redis://127.0.0.1:${port}`;
-      self.port = port;
-      self.url = url;
-    }
-  }
+  await onFreePort(async (p) => {
+    port = p;
+    url = `redis://127.0.0.1:${port}`;
+    self.port = port;
+    self.url = url;
+    await start();
+  });
+  return self;
 }
