@@ -336,7 +336,13 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
   }
 });
 
-test("a take of expired sessions whose reply is lost (Redis slow past the node's timeout): the node reads what it ended from its receipt, and counts, logs and ends each", async () => {
+/**
+ * Three sessions run out and the sweep's take that ends them has its reply held past the node's
+ * timeout: the node must read what the take ended from its receipt. With `freezeMs`, Redis is
+ * stopped before the take reaches it, for that long: the take runs when it resumes, long after
+ * the node gave up on it, and the node's reads of the receipt until then fail.
+ */
+async function takeWithLostReply(freezeMs = 0): Promise<void> {
   const redis = await startOwnRedis();
   const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
   const deployment = deploymentEnv();
@@ -365,9 +371,17 @@ test("a take of expired sessions whose reply is lost (Redis slow past the node's
     const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
     await within(
       "the sweep's take",
-      proxy.holdReplyOf(new RegExp(`${esc(prefix)}sessexp\\r\\n\\$\\d+\\r\\n${esc(prefix)}endowed`), 1500),
+      proxy.holdReplyOf(
+        new RegExp(`${esc(prefix)}sessexp\\r\\n\\$\\d+\\r\\n${esc(prefix)}endowed`),
+        1500,
+        freezeMs > 0 ? () => redis.freeze() : undefined,
+      ),
       15_000,
     );
+    if (freezeMs > 0) {
+      await new Promise((r) => setTimeout(r, freezeMs));
+      redis.thaw();
+    }
     await until(
       'the three counted expired by the node',
       async () => (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_expired_total') === 3,
@@ -394,6 +408,11 @@ test("a take of expired sessions whose reply is lost (Redis slow past the node's
       got.map((k) => k.code),
       ['session_revoked'],
     );
+    assert.equal(
+      (await scrapeMetrics(g.metricsPort)).value('gateway_sessions_expired_total'),
+      3,
+      'counted once, after the rows were ended too',
+    );
   } finally {
     for (const c of open) c.destroy();
     await g.stop();
@@ -401,7 +420,13 @@ test("a take of expired sessions whose reply is lost (Redis slow past the node's
     await redis.remove();
     await dropDeployment(deployment);
   }
-});
+}
+
+test("a take of expired sessions whose reply is lost (Redis slow past the node's timeout): the node reads what it ended from its receipt, and counts, logs and ends each", () =>
+  takeWithLostReply());
+
+test('the same with Redis stopped for 2.5 s before the take reaches it: the take runs after the node gave up, the reads of its receipt meanwhile fail, and nothing is lost or counted twice', () =>
+  takeWithLostReply(2500));
 
 test('two nodes, 40 sessions expiring while Redis freezes: each ended once, its events reported once, its connection kicked once', async () => {
   const redis = await startOwnRedis();

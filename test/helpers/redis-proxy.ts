@@ -32,9 +32,11 @@ export interface RedisProxy {
    * The next command a client sends whose bytes match `pattern` has its reply, and every reply
    * after it on that connection, held for `ms` and then passed on in order: Redis runs the
    * command at once, and a client that waits less than `ms` for the reply times out (a reply lost
-   * to a Redis slow to answer). Resolves when such a command was seen.
+   * to a Redis slow to answer). Resolves when such a command was seen. `beforeSent` runs when
+   * it is seen, before it is passed on (a test stopping Redis there: the command runs when
+   * Redis resumes).
    */
-  holdReplyOf(pattern: RegExp, ms: number): Promise<void>;
+  holdReplyOf(pattern: RegExp, ms: number, beforeSent?: () => void): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -43,7 +45,7 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
   let holding = false;
   let dropping = false;
   const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
-  let replyHold: { pattern: RegExp; ms: number; seen: () => void } | undefined;
+  let replyHold: { pattern: RegExp; ms: number; seen: () => void; beforeSent?: () => void } | undefined;
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
     const upstream = createConnection(target);
@@ -59,8 +61,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     const heldReplies: Buffer[] = [];
     client.on('data', (d: Buffer) => {
       if (replyHold?.pattern.test(d.toString('latin1'))) {
-        const { ms, seen } = replyHold;
+        const { ms, seen, beforeSent } = replyHold;
         replyHold = undefined;
+        beforeSent?.();
         heldUntil = Date.now() + ms;
         setTimeout(() => {
           heldUntil = 0;
@@ -122,9 +125,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     retarget: (to) => {
       target = to;
     },
-    holdReplyOf: (pattern, ms) =>
+    holdReplyOf: (pattern, ms, beforeSent) =>
       new Promise<void>((resolve) => {
-        replyHold = { pattern, ms, seen: resolve };
+        replyHold = { pattern, ms, seen: resolve, beforeSent };
       }),
     close: () =>
       new Promise<void>((resolve) => {
