@@ -42,6 +42,7 @@ import type { Keys } from '../keys.ts';
 import type { ListLimit } from '../list-limit.ts';
 import type { Logger } from '../log.ts';
 import type { GatewayMetrics } from '../metrics.ts';
+import { LostReplies } from '../receipts.ts';
 import { SharedRead } from '../shared-read.ts';
 import { pgError } from './db.ts';
 import { FailureBudget, type FailureBudgetOptions, type Reservation } from './failure-budget.ts';
@@ -56,7 +57,6 @@ import {
   endOwed,
   type LiveSession,
   parseAuditOwed,
-  RECEIPT_MS,
   SessionStore,
   type SessionView,
 } from './session-store.ts';
@@ -173,12 +173,8 @@ export class IdentityService {
   private readonly lastSeen: LastSeen;
   /** Failed logins' sessions, whose audit rows are kept or deleted once Redis says (unstarted.ts). */
   private readonly unstarted: UnstartedSessions;
-  /**
-   * Takes of expired sessions whose reply did not come (endExpired), by receipt key: when to stop
-   * looking for it (ms). One look at a time.
-   */
-  private readonly lostTakes = new Map<string, number>();
-  private readingTakes = false;
+  /** Takes of expired sessions whose reply did not come (endExpired), read from their receipts. */
+  private readonly lostTakes: LostReplies<ExpiredSession[]>;
   private readonly username: RegExp;
   private readonly userIds = new UserIds(
     (username) => this.queryUserId(username),
@@ -218,6 +214,16 @@ export class IdentityService {
   ) {
     const o = deps.options;
     this.store = new SessionStore(deps.redis, deps.keys, o.sessionTtlSeconds);
+    this.lostTakes = new LostReplies(
+      (receipts) => this.store.takenExpired(receipts),
+      (taken) => {
+        deps.log.info(
+          { sessions: taken.length },
+          'expired sessions ended by a take whose reply was lost, read from its receipt',
+        );
+        this.expired(taken);
+      },
+    );
     this.unstarted = new UnstartedSessions({ ...deps, endUnstarted: (sid) => this.endUnstarted(sid) });
     this.lastSeen = new LastSeen(deps.pool, deps.log, undefined, undefined, {
       forget: (members) => deps.redis.zrem(deps.keys.auditOwed, ...members),
@@ -273,12 +279,7 @@ export class IdentityService {
     this.lastSeen.tick(now);
     this.settleOwed(now);
     this.unstarted.tick(now);
-    if (this.lostTakes.size > 0 && !this.readingTakes) {
-      this.readingTakes = true;
-      void this.readLostTakes(now).finally(() => {
-        this.readingTakes = false;
-      });
-    }
+    void this.lostTakes.tick(now);
   }
 
   /** At shutdown: writes the last-seen times still pending. */
@@ -1075,7 +1076,7 @@ export class IdentityService {
     } catch (e) {
       // Redis may run the take after all (frozen or slow past the timeout) and drop its reply:
       // what it ended is read from its receipt, from the node's sweep, for as long as it is kept.
-      this.lostTakes.set(receipt, Date.now() + RECEIPT_MS);
+      this.lostTakes.note(receipt);
       throw e;
     }
     this.expired(taken);
@@ -1089,34 +1090,6 @@ export class IdentityService {
       this.deps.log.info({ sessionId, reason: 'expired' }, 'session ended');
     }
     if (taken.length > 0) this.deps.metrics?.sessionsExpired.inc(taken.length);
-  }
-
-  /**
-   * Reads the receipts of takes whose reply was lost, all in one command. One found: its sessions are the node's as
-   * if the reply had come (their rows then ended by this node, not left to the sweep's owed step
-   * a stale time later), and it is gone. None: the take has not run yet, or ended nothing; looked
-   * for again at the next sweep, until its receipt would have expired.
-   */
-  private async readLostTakes(now: number): Promise<void> {
-    for (const [receipt, until] of this.lostTakes) if (now > until) this.lostTakes.delete(receipt);
-    const receipts = [...this.lostTakes.keys()];
-    if (receipts.length === 0) return;
-    let found: (ExpiredSession[] | null)[];
-    try {
-      found = await this.store.takenExpired(receipts);
-    } catch {
-      return; // Redis still out: the next sweep looks again
-    }
-    receipts.forEach((receipt, i) => {
-      const taken = found[i];
-      if (!taken) return;
-      this.lostTakes.delete(receipt);
-      this.deps.log.info(
-        { sessions: taken.length },
-        'expired sessions ended by a take whose reply was lost, read from its receipt',
-      );
-      this.expired(taken);
-    });
   }
 
   /**

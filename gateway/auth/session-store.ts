@@ -8,6 +8,7 @@ import type { Redis } from 'ioredis';
 import type { Device } from '../../protocol/index.ts';
 import { OUTBOX_TTL_GRACE_S } from '../delivery/outbox.ts';
 import type { Keys } from '../keys.ts';
+import { RECEIPT_MS } from '../receipts.ts';
 import type { DeviceInfo } from './session-details.ts';
 
 export interface LiveSession {
@@ -255,9 +256,6 @@ end
 if #ended > 0 then redis.call('SET', KEYS[5], table.concat(ended, ' '), 'PX', ARGV[4]) end
 return ended
 `;
-
-/** How long a take of expired sessions keeps its receipt (ms). */
-export const RECEIPT_MS = 60_000;
 
 /** A session the sweep ended because its life ran out. */
 export interface ExpiredSession {
