@@ -418,7 +418,7 @@ export async function startNode(
       // due for the next sweep, and the job ids keep a second report from being queued.
       expire: async (members, now) => {
         await delivery.reportExpiredAll(await outbox.peekExpired(members, now));
-        delivery.countExpired(await outbox.takeExpired(members, now));
+        await delivery.takeExpired(members, now);
       },
     });
     await limits.start();

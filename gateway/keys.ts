@@ -255,6 +255,14 @@ export class Keys {
   }
 
   /**
+   * STRING: how many events one call of the expiry sweep's take of due events removed, kept for
+   * a minute for its node when the call's reply is lost (gateway/receipts.ts; delivery/lua/expire.lua).
+   */
+  expiredEventsReceipt(id: string): string {
+    return `${this.prefix}evexprcpt:${id}`;
+  }
+
+  /**
    * STRING: an operator's last kick of the session (`{conn, at, retryAfter}`, `conn` naming the
    * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
    * the notice applies it when the subscriber is back.

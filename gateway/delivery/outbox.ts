@@ -14,6 +14,7 @@ import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
 import { pack, packEvent, unpack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
+import { RECEIPT_MS } from '../receipts.ts';
 import { ScriptArgs } from './script-args.ts';
 import { readScriptReply } from './script-reply.ts';
 
@@ -752,7 +753,7 @@ export class Outbox {
    */
   async peekExpired(members: string[], nowMs: number): Promise<{ sid: string; event: StoredEvent }[]> {
     const out: { sid: string; event: StoredEvent }[] = [];
-    for (const reply of await this.expireCalls('peek', members, nowMs)) {
+    for (const reply of await Promise.all(this.expireCalls('peek', members, nowMs, ''))) {
       const r = reply as Reply;
       for (let i = 0; i < r.length; i += 2) {
         const member = (r[i] as Buffer).toString();
@@ -763,20 +764,47 @@ export class Outbox {
   }
 
   /**
-   * Removes the due events of `members` and the members themselves (expire.lua "take"); returns
-   * how many events this call removed.
+   * Removes the due events of `members` and the members themselves (expire.lua "take"). Each call
+   * (EXPIRE_CALL members) names a receipt of its own, `receipt` and its index (`receipt:0`,
+   * `receipt:1`, ...), where it keeps how many events it removed for RECEIPT_MS. Returns how many
+   * events the calls that answered removed, and the receipts of those that failed with the first
+   * failure: Redis may run such a call after all, and drop its reply.
    */
-  async takeExpired(members: string[], nowMs: number): Promise<number> {
+  async takeExpired(
+    members: string[],
+    nowMs: number,
+    receipt: string,
+  ): Promise<{ removed: number; lost: string[]; error?: unknown }> {
+    const settled = await Promise.allSettled(this.expireCalls('take', members, nowMs, receipt));
     let removed = 0;
-    for (const n of await this.expireCalls('take', members, nowMs)) removed += n as number;
-    return removed;
+    const lost: string[] = [];
+    let error: unknown;
+    settled.forEach((r, i) => {
+      if (r.status === 'fulfilled') removed += r.value as number;
+      else {
+        lost.push(`${receipt}:${i}`);
+        error ??= r.reason;
+      }
+    });
+    return error === undefined ? { removed, lost } : { removed, lost, error };
+  }
+
+  /** How many events the takes whose receipts these are removed (null: none kept there). */
+  async takenExpired(receipts: string[]): Promise<(number | null)[]> {
+    return (await this.redis.mget(...receipts)).map((v) => (v === null ? null : Number(v)));
   }
 
   /**
    * expire.lua over `members`, EXPIRE_CALL of them a call, the calls sent at once: one call of a
-   * sweep's thousand members would hold Redis for every one of their sessions in one step.
+   * sweep's thousand members would hold Redis for every one of their sessions in one step. A take's
+   * calls name their receipts (`receipt:<index>`).
    */
-  private expireCalls(mode: 'peek' | 'take', members: string[], nowMs: number): Promise<(Reply | number)[]> {
+  private expireCalls(
+    mode: 'peek' | 'take',
+    members: string[],
+    nowMs: number,
+    receipt: string,
+  ): Promise<Reply | number>[] {
     const [head, tail] = this.keys.sessionKeyParts;
     const calls: Promise<Reply | number>[] = [];
     for (let i = 0; i < members.length; i += EXPIRE_CALL) {
@@ -787,11 +815,13 @@ export class Outbox {
           tail,
           this.keys.expiries,
           nowMs,
+          receipt === '' ? '' : `${receipt}:${calls.length}`,
+          RECEIPT_MS,
           ...members.slice(i, i + EXPIRE_CALL),
         ),
       );
     }
-    return Promise.all(calls);
+    return calls;
   }
 
   private async takeAs(sid: string, mode: 'all' | 'some' | 'peek', eids: string[]): Promise<TakenEvent[]> {

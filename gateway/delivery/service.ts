@@ -10,6 +10,7 @@
  * dead-letter queue and reports `delivery.failed`. The outbox lives in Redis, so a node that
  * dies loses nothing: the device resumes elsewhere and its outbox is redelivered from the start.
  */
+import { randomUUID } from 'node:crypto';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
@@ -23,6 +24,7 @@ import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape, readAtScrape } from '../metrics.ts';
+import { LostReplies } from '../receipts.ts';
 import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 import { InflightWindow } from './inflight.ts';
 import {
@@ -263,6 +265,8 @@ export class DeliveryService {
   private readonly publishQueue: Queue;
   private retryWorker: GuardedWorker | undefined;
   private publishWorker: GuardedWorker | undefined;
+  /** Takes of expired events whose reply did not come (takeExpired), read from their receipts. */
+  private readonly lostTakes: LostReplies<number>;
   private readonly metrics: {
     strayAcks: Counter;
     retried: Counter;
@@ -379,6 +383,16 @@ export class DeliveryService {
         ['cause'],
       ),
     };
+    this.lostTakes = new LostReplies(
+      (receipts) => deps.outbox.takenExpired(receipts),
+      (n) => {
+        deps.log.info(
+          { events: n },
+          'expired events removed by a take whose reply was lost, read from its receipt',
+        );
+        this.metrics.expired.inc(n);
+      },
+    );
     // Every label value a series can take, at 0 from the start: a rate over a series that
     // appears with its first increment misses that increment, and a dashboard or an alert has
     // nothing to show before it.
@@ -1092,6 +1106,7 @@ export class DeliveryService {
    * later; the first sweep finds nothing due.
    */
   private sweep(now: number): void {
+    void this.lostTakes.tick(now);
     const due = Math.min(now, this.previousSweepMs);
     this.previousSweepMs = now;
     for (const pump of this.pumps.values()) {
@@ -1327,9 +1342,22 @@ export class DeliveryService {
     }
   }
 
-  /** Counts events the expiry sweep removed (`reportExpired` counts the pump's). */
-  countExpired(n: number): void {
-    this.metrics.expired.inc(n);
+  /**
+   * The expiry sweep's removal of the due events of `members` (app.ts), after their reports:
+   * counts what it removed (`reportExpired` counts the pump's). A call whose reply is lost (Redis
+   * slow or frozen past the timeout may run it after all) is counted from its receipt, read from
+   * the node's sweep for a minute; the sweep fails with the call's error, and its next run
+   * finds what the call did not remove.
+   */
+  async takeExpired(members: string[], now: number): Promise<void> {
+    const { removed, lost, error } = await this.deps.outbox.takeExpired(
+      members,
+      now,
+      this.deps.keys.expiredEventsReceipt(randomUUID()),
+    );
+    if (removed > 0) this.metrics.expired.inc(removed);
+    for (const receipt of lost) this.lostTakes.note(receipt);
+    if (error !== undefined) throw error;
   }
 
   reportExpired(sessionId: string, ev: StoredEvent): void {

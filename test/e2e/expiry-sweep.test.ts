@@ -26,8 +26,10 @@ import {
   startGateway,
 } from '../helpers/gateway-process.ts';
 import { postEvents } from '../helpers/http.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { QueueReader } from '../helpers/queues.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'api-key-for-expiry-sweep-51c9';
 
@@ -48,13 +50,13 @@ async function withGateway(
 ) {
   const deployment = deploymentEnv();
   const g = await startGateway({
-    ...env,
     ...deployment,
     REDIS_URL: redis.url,
     GW_API_KEY: API_KEY,
     GW_SWEEP_INTERVAL_MS: String(sweepMs),
     GW_DEFAULT_ROOM: '',
     GW_REGISTER_PER_MINUTE: '1000',
+    ...env,
   });
   const reader = new QueueReader(g.prefix, redis.url);
   try {
@@ -134,6 +136,10 @@ test('a sweep reports and removes every event due, past a batch of them', async 
     );
     // The outboxes are empty.
     assert.equal(await inOutboxes(g), 0, 'events left in outboxes');
+    // (Counted when the take's reply comes, after Redis emptied the index.)
+    const counted = async () => (await scrapeMetrics(g.metricsPort)).value('gateway_events_expired_total');
+    await until('the 2,400 counted expired', async () => (await counted()) >= 2400, 10_000);
+    assert.equal(await counted(), 2400, 'counted once each');
   });
 });
 
@@ -258,6 +264,15 @@ test('Redis frozen again and again while sweeps work through 9,000 due events: e
         'each reported once',
       );
       assert.equal(await inOutboxes(g), 0, 'events left in outboxes');
+      // Counted once each, those whose take's reply was lost (the take ran when Redis thawed,
+      // after the node stopped waiting) too: read from the take's receipt.
+      const counted = async () => (await scrapeMetrics(g.metricsPort)).value('gateway_events_expired_total');
+      await until('every event counted expired', async () => (await counted()) >= eids.length, 20_000).catch(
+        async (e: Error) => {
+          throw new Error(`${e.message}: ${await counted()} of ${eids.length}`);
+        },
+      );
+      assert.equal(await counted(), eids.length, 'counted once each');
       // The freezes did reach the sweeps (else this case tested nothing): a sweep failed in one,
       // or the sweeps' work went on across several of them. (A freeze may land in a step that
       // logs its own failure and holds up nothing, such as the audit checks at a sweep's end,
@@ -270,4 +285,55 @@ test('Redis frozen again and again while sweeps work through 9,000 due events: e
     },
     { GW_REDIS_TIMEOUT_MS: '400' },
   );
+});
+
+test("a take of expired events whose reply is lost (Redis slow past the node's timeout) is counted from its receipt, once", async () => {
+  const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+  try {
+    await withGateway(
+      300,
+      async (g, reader) => {
+        const eids = await expiring(g, 30, 500);
+        // The sweep's take of them (expire.lua "take", then the key parts and the index) has its
+        // reply held 1.5 s: the node stopped waiting at 300 ms, and Redis removed the events.
+        const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+        await within(
+          "the sweep's take",
+          proxy.holdReplyOf(
+            new RegExp(
+              `\\$4\\r\\ntake\\r\\n(?:\\$\\d+\\r\\n[^\\r]*\\r\\n){2}\\$\\d+\\r\\n${esc(g.prefix)}expiries\\r\\n`,
+            ),
+            1500,
+          ),
+          15_000,
+        );
+        await until('the expiries index to empty', async () => (await expiries(g)) === 0, 20_000, 50);
+        const counted = async () =>
+          (await scrapeMetrics(g.metricsPort)).value('gateway_events_expired_total');
+        await until('the 30 counted expired', async () => (await counted()) >= 30, 20_000).catch(
+          async (e: Error) => {
+            throw new Error(`${e.message}: ${await counted()} counted`);
+          },
+        );
+        const receipts = g.logs.filter((l) => /read from its receipt/.test(String(l.msg)));
+        assert.deepEqual(
+          receipts.map((l) => l.events),
+          [30],
+          'the take found lost and counted from its receipt',
+        );
+        const counts = await until('every event reported', async () => {
+          const c = await reported(reader);
+          return c.size === eids.length ? c : undefined;
+        });
+        assert.deepEqual(
+          eids.map((e) => counts.get(e)),
+          eids.map(() => 1),
+        );
+        assert.equal(await counted(), 30, 'counted once each');
+      },
+      { REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300' },
+    );
+  } finally {
+    await proxy.close();
+  }
 });

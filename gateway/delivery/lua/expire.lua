@@ -5,7 +5,9 @@
            report them (delivery.expired) before anything is removed: a report Redis refuses
            leaves them for the next sweep;
     "take" then removes them, and their members, and returns how many events it removed (an
-           event the ack pump found expired and removed meanwhile is not counted twice).
+           event the ack pump found expired and removed meanwhile is not counted twice). That
+           number is also kept under the receipt key for a minute when it is not 0: the node
+           reads it there when the reply is lost (Redis slow or frozen past its timeout).
   A member is due when its score is at or below now; one whose event is gone (acked, moved,
   purged) is only dropped from the index by "take".
 
@@ -16,13 +18,15 @@
   ARGV[2], ARGV[3] head and tail of a session's key names (Keys.sessionKeyParts)
   ARGV[4] the expiries ZSET
   ARGV[5] now (ms)
-  ARGV[6..] members
+  ARGV[6] the receipt key ("take"; "" with "peek"), ARGV[7] how long it is kept (ms)
+  ARGV[8..] members
 
   Returns, with "peek", {member, payload, ...}; with "take", the number of events removed.
 ]]
 local mode, head, tail, expiries, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local receipt, keepMs = ARGV[6], ARGV[7]
 local out, removed = {}, 0
-for i = 6, #ARGV do
+for i = 8, #ARGV do
   local member = ARGV[i]
   local bar = string.find(member, '|', 1, true)
   local score = redis.call('ZSCORE', expiries, member)
@@ -50,4 +54,5 @@ for i = 6, #ARGV do
   end
 end
 if mode == 'peek' then return out end
+if removed > 0 and receipt ~= '' then redis.call('SET', receipt, removed, 'PX', keepMs) end
 return removed
