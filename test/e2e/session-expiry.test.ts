@@ -337,6 +337,23 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
 });
 
 /**
+ * Runs `fn` with the cluster-wide sweep paused (its queue paused, a run under way finished): what
+ * `fn` sets up is seen by no sweep before it returns. The gateway's Redis is at `url`.
+ */
+async function sweepsPaused<T>(prefix: string, url: string, fn: () => Promise<T>): Promise<T> {
+  const reader = new QueueReader(prefix, url);
+  const q = reader.queue('gw-maintenance');
+  try {
+    await q.pause();
+    await until('the sweep under way to finish', async () => (await q.getActiveCount()) === 0, 20_000);
+    return await fn();
+  } finally {
+    await q.resume();
+    await reader.close();
+  }
+}
+
+/**
  * Three sessions run out and the sweep's take that ends them has its reply held past the node's
  * timeout: the node must read what the take ended from its receipt. With `freezeMs`, Redis is
  * stopped before the take reaches it, for that long: the take runs when it resumes, long after
@@ -359,25 +376,27 @@ async function takeWithLostReply(freezeMs = 0): Promise<void> {
       sids.push((await within(`sign-up ${i}`, signUp(c))).sessionId);
     }
     const got = kicks(open[0]!);
-    // The three run out now: their hashes gone, their expiry entries due (written past the proxy).
-    const at = Date.now() - 1000;
-    await redis.with(async (r) => {
-      const m = r.multi();
-      for (const sid of sids) m.del(`${prefix}{s:${sid}}:sess`).zadd(`${prefix}sessexp`, 'XX', at, sid);
-      await m.exec();
-    });
     // The sweep's next take (its keys: the index of expiries, then the owed ends) ends them, and
-    // its reply reaches the node 1.5 s later: the node stopped waiting at 300 ms.
+    // its reply reaches the node 1.5 s later: the node stopped waiting at 300 ms. The sweeps are
+    // paused meanwhile: one run between the three's expiry and the hold would end them unheld.
     const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-    await within(
-      "the sweep's take",
-      proxy.holdReplyOf(
-        new RegExp(`${esc(prefix)}sessexp\\r\\n\\$\\d+\\r\\n${esc(prefix)}endowed`),
-        1500,
-        freezeMs > 0 ? () => redis.freeze() : undefined,
-      ),
-      15_000,
-    );
+    const at = Date.now() - 1000;
+    const { held } = await sweepsPaused(prefix, redis.url, async () => {
+      // The three run out now: their hashes gone, their expiry entries due (written past the proxy).
+      await redis.with(async (r) => {
+        const m = r.multi();
+        for (const sid of sids) m.del(`${prefix}{s:${sid}}:sess`).zadd(`${prefix}sessexp`, 'XX', at, sid);
+        await m.exec();
+      });
+      return {
+        held: proxy.holdReplyOf(
+          new RegExp(`${esc(prefix)}sessexp\\r\\n\\$\\d+\\r\\n${esc(prefix)}endowed`),
+          1500,
+          freezeMs > 0 ? () => redis.freeze() : undefined,
+        ),
+      };
+    });
+    await within("the sweep's take", held, 15_000);
     if (freezeMs > 0) {
       await new Promise((r) => setTimeout(r, freezeMs));
       redis.thaw();
