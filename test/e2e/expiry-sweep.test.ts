@@ -280,15 +280,17 @@ test('Redis frozen again and again while sweeps work through 9,000 due events: e
   );
 });
 
-test("a take of expired events whose reply is lost (Redis slow past the node's timeout) is counted from its receipt, once", async () => {
+test("a take of expired events whose replies are lost (Redis slow past the node's timeout) is counted from its calls' receipts, once", async () => {
   const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
   try {
     await withGateway(
       300,
       async (g, reader) => {
-        const eids = await expiring(g, 30, 500);
-        // The sweep's take of them (expire.lua "take", then the key parts and the index) has its
-        // reply held 1.5 s: the node stopped waiting at 300 ms, and Redis removed the events.
+        // 450 events due at once: one sweep's take of them, in three calls (200, 200 and 50),
+        // each with a receipt of its own.
+        const eids = await expiring(g, 450, 500);
+        // The take's calls (expire.lua "take", then the key parts and the index) have their
+        // replies held 1.5 s: the node stopped waiting at 300 ms, and Redis removed the events.
         const esc = (x: string) => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
         await within(
           "the sweep's take",
@@ -301,19 +303,19 @@ test("a take of expired events whose reply is lost (Redis slow past the node's t
           15_000,
         );
         await until('the expiries index to empty', async () => (await expiries(g)) === 0, 20_000, 50);
-        await until('the 30 counted expired', async () => (await countedExpired(g)) >= 30, 20_000).catch(
+        await until('the 450 counted expired', async () => (await countedExpired(g)) >= 450, 20_000).catch(
           async (e: Error) => {
             throw new Error(`${e.message}: ${await countedExpired(g)} counted`);
           },
         );
         const receipts = g.logs.filter((l) => /read from its receipt/.test(String(l.msg)));
         assert.deepEqual(
-          receipts.map((l) => l.events),
-          [30],
-          'the take found lost and counted from its receipt',
+          receipts.map((l) => Number(l.events)).sort((x, y) => x - y),
+          [50, 200, 200],
+          "the take's three calls found lost and counted from their receipts",
         );
         await reportedOnce(reader, eids);
-        assert.equal(await countedExpired(g), 30, 'counted once each');
+        assert.equal(await countedExpired(g), 450, 'counted once each');
       },
       { REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300' },
     );
