@@ -263,6 +263,20 @@ export class Keys {
   }
 
   /**
+   * STRING: the events one take to the dead letters removed from session `sid`'s outbox, kept
+   * for a minute for its node when the take's reply is lost (take.lua "kept"). `id` a uuid.
+   */
+  deadLetterReceipt(id: string, sid: string): string {
+    return `${this.prefix}dlrcpt:${id}:${sid}`;
+  }
+
+  /** The session a `deadLetterReceipt` key names. */
+  deadLetterReceiptSession(receipt: string): string {
+    // After the prefix, `dlrcpt:`, the uuid (36) and its colon.
+    return receipt.slice(this.prefix.length + 'dlrcpt:'.length + 37);
+  }
+
+  /**
    * STRING: an operator's last kick of the session (`{conn, at, retryAfter}`, `conn` naming the
    * connection as `<node>:<connection id>`), kept an hour, so that a node whose subscriber missed
    * the notice applies it when the subscriber is back.

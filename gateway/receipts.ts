@@ -19,11 +19,11 @@ export class LostReplies<T> {
    * @param read the receipts' contents, in the order given, null for one not (or no longer)
    *   there: one read of them all (an `MGET`). Read, not taken (`GETDEL`): a reply that can be
    *   lost itself would lose the receipt with it. They expire.
-   * @param found what the node does with a receipt found, once.
+   * @param found what the node does with a receipt found (and its key), once.
    */
   constructor(
     private readonly read: (receipts: string[]) => Promise<(T | null)[]>,
-    private readonly found: (value: T) => void,
+    private readonly found: (value: T, receipt: string) => void,
   ) {}
 
   /** A call naming `receipt` failed: looked for from the next tick, for RECEIPT_MS. */
@@ -65,7 +65,7 @@ export class LostReplies<T> {
       const value = got[i];
       if (value === null || value === undefined) return;
       this.pending.delete(receipt);
-      this.found(value);
+      this.found(value, receipt);
     });
   }
 }

@@ -64,6 +64,32 @@ export interface TakenEvent {
   attempts: number;
 }
 
+/**
+ * A receipt of take.lua "kept": `<#eid>:<eid><attempts>:<#payload>:<payload>` for each event
+ * taken (lengths in bytes).
+ */
+export function parseKept(b: Buffer): TakenEvent[] {
+  const out: TakenEvent[] = [];
+  let i = 0;
+  const upTo = (sep: number) => {
+    const j = b.indexOf(sep, i);
+    if (j < 0) throw new Error('malformed take receipt');
+    const n = Number(b.toString('latin1', i, j));
+    i = j + 1;
+    return n;
+  };
+  const COLON = 0x3a;
+  while (i < b.length) {
+    const eidLength = upTo(COLON);
+    i += eidLength; // the eid is in the payload too
+    const attempts = upTo(COLON);
+    const length = upTo(COLON);
+    out.push({ attempts, event: decode(b.subarray(i, i + length)) });
+    i += length;
+  }
+  return out;
+}
+
 const lua = (path: string) => readFileSync(new URL(`./lua/${path}.lua`, import.meta.url), 'utf8');
 /** A script with the shared helpers in lua/includes/ put before it. */
 const script = (name: string) => `${lua('includes/remove-event')}\n${lua(name)}`;
@@ -742,6 +768,19 @@ export class Outbox {
     return this.takeAs(sid, eids ? 'some' : 'all', eids ?? []);
   }
 
+  /**
+   * `take` of the given events that also keeps what it removed under `receipt` for RECEIPT_MS
+   * (take.lua "kept"), for `takenKept` when the reply is lost.
+   */
+  takeKept(sid: string, eids: string[], receipt: string): Promise<TakenEvent[]> {
+    return this.takeAs(sid, 'kept', [receipt, String(RECEIPT_MS), ...eids]);
+  }
+
+  /** What `takeKept` calls whose receipts these are removed (null: none kept there). */
+  async takenKept(receipts: string[]): Promise<(TakenEvent[] | null)[]> {
+    return (await this.redis.mgetBuffer(...receipts)).map((v) => (v === null ? null : parseKept(v)));
+  }
+
   /** Every event of the outbox, as `take` would return them, none removed. */
   peek(sid: string): Promise<TakenEvent[]> {
     return this.takeAs(sid, 'peek', []);
@@ -824,7 +863,11 @@ export class Outbox {
     return calls;
   }
 
-  private async takeAs(sid: string, mode: 'all' | 'some' | 'peek', eids: string[]): Promise<TakenEvent[]> {
+  private async takeAs(
+    sid: string,
+    mode: 'all' | 'some' | 'peek' | 'kept',
+    eids: string[],
+  ): Promise<TakenEvent[]> {
     const reply = await this.redis.gwTakeBuffer(...this.keys.outbox(sid).slice(0, 6), mode, ...eids);
     const out: TakenEvent[] = [];
     for (let i = 0; i < reply.length; i += 3) {

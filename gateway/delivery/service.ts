@@ -267,6 +267,8 @@ export class DeliveryService {
   private publishWorker: GuardedWorker | undefined;
   /** Takes of expired events whose reply did not come (takeExpired), read from their receipts. */
   private readonly lostTakes: LostReplies<number>;
+  /** Takes to the dead letters whose reply did not come (takeToDeadLetters), read from their receipts. */
+  private readonly lostDeadLetters: LostReplies<TakenEvent[]>;
   private readonly metrics: {
     strayAcks: Counter;
     retried: Counter;
@@ -391,6 +393,17 @@ export class DeliveryService {
           'expired events removed by a take whose reply was lost, read from its receipt',
         );
         this.metrics.expired.inc(n);
+      },
+    );
+    this.lostDeadLetters = new LostReplies(
+      (receipts) => deps.outbox.takenKept(receipts),
+      (taken, receipt) => {
+        const sid = deps.keys.deadLetterReceiptSession(receipt);
+        deps.log.info(
+          { sessionId: sid, events: taken.length },
+          'dead letters taken by a take whose reply was lost, read from its receipt',
+        );
+        void this.deadLettersTaken(sid, taken);
       },
     );
     // Every label value a series can take, at 0 from the start: a rate over a series that
@@ -1107,6 +1120,7 @@ export class DeliveryService {
    */
   private sweep(now: number): void {
     void this.lostTakes.tick(now);
+    void this.lostDeadLetters.tick(now);
     const due = Math.min(now, this.previousSweepMs);
     this.previousSweepMs = now;
     for (const pump of this.pumps.values()) {
@@ -1295,25 +1309,45 @@ export class DeliveryService {
 
   private deadLetter(pump: SessionPump, eid: string, attempts: number): void {
     pump.inflight.delete(eid);
-    // A failed take leaves the event in the outbox: the next resync sends it again.
+    // A failed take leaves the event in the outbox (the next resync sends it again), or, run by
+    // Redis after all, its receipt (read from the sweep).
     this.takeToDeadLetters(pump, eid).catch((e) =>
       logFailure(this.deps.log, e, { sessionId: pump.sid, eid, attempts }, 'dead-lettering failed'),
     );
   }
 
+  /**
+   * Takes the event out and dead-letters it. Taken first, so that an ack racing it reports the
+   * event once, acked or failed; the take keeps what it removed for a minute (take.lua "kept"):
+   * Redis slow or frozen past the timeout may run the take after all and drop its reply, and
+   * the node then dead-letters the event from the receipt, read from its sweep.
+   */
   private async takeToDeadLetters(pump: SessionPump, eid: string): Promise<void> {
-    for (const t of await this.deps.outbox.take(pump.sid, [eid])) {
+    const receipt = this.deps.keys.deadLetterReceipt(randomUUID(), pump.sid);
+    let taken: TakenEvent[];
+    try {
+      taken = await this.deps.outbox.takeKept(pump.sid, [eid], receipt);
+    } catch (e) {
+      this.lostDeadLetters.note(receipt);
+      throw e;
+    }
+    await this.deadLettersTaken(pump.sid, taken);
+    this.schedule(pump);
+  }
+
+  /** Dead-letters and reports events taken from `sid`'s outbox, each logged if that fails. */
+  private async deadLettersTaken(sid: string, taken: TakenEvent[]): Promise<void> {
+    for (const t of taken) {
       try {
-        await this.fail(pump.sid, t.event, t.attempts, 'max_attempts');
+        await this.fail(sid, t.event, t.attempts, 'max_attempts');
       } catch (e) {
         // Taken but not queued: the event itself goes to the log, so it is not lost silently.
         this.deps.log.error(
-          { err: e, sessionId: pump.sid, event: t.event, attempts: t.attempts },
+          { err: e, sessionId: sid, event: t.event, attempts: t.attempts },
           'dead-lettering failed',
         );
       }
     }
-    this.schedule(pump);
   }
 
   /** Moves an event to the dead-letter queue and reports `delivery.failed`. */

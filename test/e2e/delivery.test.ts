@@ -12,7 +12,7 @@ import type { EventMsg } from '../../protocol/index.ts';
 import { ProtocolError } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL, redisClient } from '../helpers/cleanup.ts';
-import { fetchWithin, nextEvent } from '../helpers/deadline.ts';
+import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
 import { collect } from '../helpers/events.ts';
 import {
   deploymentEnv,
@@ -20,8 +20,10 @@ import {
   type GatewayProcess,
   startGateway,
 } from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'test-api-key-0123456789';
 const FAST = {
@@ -261,6 +263,44 @@ describe('qos 1 on one node', () => {
       await until(async () => (await bound()) === 0, 10000, 'no session delivered to by the node');
     } finally {
       await g.stop();
+    }
+  });
+
+  test("a take to the dead letters whose reply is lost (Redis slow past the node's timeout): the event is dead-lettered and reported from the take's receipt, once", async () => {
+    // The node's Redis through a proxy that holds the take's reply 1.5 s; the node waits 300 ms.
+    const shared = new URL(REDIS_URL);
+    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+    const g = await startGateway({ ...FAST, REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300' });
+    const q = new QueueReader(g.prefix);
+    try {
+      const c = await connected(g.tcpUrl, { autoAck: false });
+      const s = await signUp(c);
+      const got = collect(c);
+      // The take's mode ("kept", or "some" before the receipts) is an argument of its own.
+      const held = proxy.holdReplyOf(/\$4\r\n(?:kept|some)\r\n/, 1500);
+      const eid = `doomed-${randomUUID()}`;
+      const res = await postEvents(g.httpPort, API_KEY, [
+        { target: { session: s.sessionId }, eid, name: 'doomed', data: 'x' },
+      ]);
+      assert.equal(res.status, 202, await res.text());
+      await within('the take of the event to the dead letters', held, 20_000);
+      const f = await q.backendEvent('delivery.failed', eid, 20_000);
+      assert.equal(f.data.reason, 'max_attempts');
+      assert.equal(f.data.attempts, 3);
+      const dead = await q.waitFor('gw-dead-letters', (j) => j.some((x) => x.data.event.eid === eid), 10_000);
+      assert.equal(dead.filter((x) => x.data.event.eid === eid).length, 1, 'dead-lettered once');
+      assert.equal(
+        g.logs.filter((l) => /dead letters taken by a take whose reply was lost/.test(String(l.msg))).length,
+        1,
+        'read from its receipt',
+      );
+      await c.ping();
+      assert.equal(got.length, 3, 'not delivered again');
+      c.destroy();
+    } finally {
+      await q.close();
+      await g.stop();
+      await proxy.close();
     }
   });
 

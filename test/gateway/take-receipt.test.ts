@@ -1,0 +1,75 @@
+/**
+ * take.lua "kept" (Outbox.takeKept): a take that removes events as "some" does and keeps what
+ * it removed under a receipt, for the node to read (Outbox.takenKept) when the reply is lost.
+ * Through the real Outbox and the real Redis: the receipt holds exactly what the reply held,
+ * payloads of any bytes and eids with the separator in them included; a take that removed
+ * nothing keeps no receipt; the receipt expires.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { RECEIPT_MS } from '../../gateway/receipts.ts';
+import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
+
+const prefix = `gwtest:takercpt:${randomUUID().slice(0, 8)}:`;
+const keys = new Keys(prefix);
+const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+const outbox = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+
+after(async () => {
+  redis.disconnect();
+  await dropRedisPrefix(prefix);
+});
+
+async function session(): Promise<string> {
+  const sid = randomUUID();
+  await redis.hset(keys.session(sid), 'userId', 'u1');
+  return sid;
+}
+
+const event = (eid: string, data: unknown): StoredEvent => ({
+  eid,
+  name: 'kept.test',
+  data,
+  ts: 1_764_633_600_000,
+});
+
+test('the receipt holds what the take removed, as its reply did: any bytes, eids with colons', async () => {
+  const sid = await session();
+  const bytes = Buffer.from(Array.from({ length: 256 }, (_, i) => i));
+  const events = [
+    event('a:1:2', { blob: bytes, text: '0:0:' }),
+    event('plain', 'x'),
+    event('c', { nested: [1, 2, { colon: ':' }], utf8: 'héllo ✓' }),
+  ];
+  for (const e of events) await within('a publish', outbox.publish(sid, e, false, 0));
+  const receipt = keys.deadLetterReceipt(randomUUID(), sid);
+  const taken = await outbox.takeKept(sid, ['a:1:2', 'c', 'not-there'], receipt);
+  assert.deepEqual(
+    taken.map((t) => t.event.eid),
+    ['a:1:2', 'c'],
+  );
+  const [kept] = await outbox.takenKept([receipt]);
+  assert.deepEqual(kept, taken, 'the receipt is the reply');
+  assert.ok(Buffer.from((kept![0]!.event.data as { blob: Uint8Array }).blob).equals(bytes), 'the bytes kept');
+  const ttl = await redis.pttl(receipt);
+  assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
+  assert.equal(keys.deadLetterReceiptSession(receipt), sid);
+  // Removed as "some" removes: only `plain` is left.
+  const left = await outbox.peek(sid);
+  assert.deepEqual(
+    left.map((t) => t.event.eid),
+    ['plain'],
+  );
+});
+
+test('a take that removed nothing keeps no receipt', async () => {
+  const sid = await session();
+  const receipt = keys.deadLetterReceipt(randomUUID(), sid);
+  assert.deepEqual(await outbox.takeKept(sid, ['gone'], receipt), []);
+  assert.deepEqual(await outbox.takenKept([receipt]), [null]);
+});
