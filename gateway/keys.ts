@@ -270,10 +270,9 @@ export class Keys {
     return `${this.prefix}dlrcpt:${id}:${sid}`;
   }
 
-  /** The session a `deadLetterReceipt` key names. */
+  /** The session a `deadLetterReceipt` key names (after the id, which has no colon). */
   deadLetterReceiptSession(receipt: string): string {
-    // After the prefix, `dlrcpt:`, the uuid (36) and its colon.
-    return receipt.slice(this.prefix.length + 'dlrcpt:'.length + 37);
+    return receipt.slice(receipt.indexOf(':', this.prefix.length + 'dlrcpt:'.length) + 1);
   }
 
   /**

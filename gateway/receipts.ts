@@ -31,6 +31,19 @@ export class LostReplies<T> {
     this.pending.set(receipt, now + RECEIPT_MS);
   }
 
+  /**
+   * `call`'s result; if it fails, its receipt is looked for from the next tick (Redis may run
+   * the call after all, frozen or slow past the timeout, and drop its reply).
+   */
+  async watch<R>(receipt: string, call: Promise<R>): Promise<R> {
+    try {
+      return await call;
+    } catch (e) {
+      this.note(receipt);
+      throw e;
+    }
+  }
+
   get size(): number {
     return this.pending.size;
   }

@@ -1070,15 +1070,8 @@ export class IdentityService {
    */
   async endExpired(limit: number): Promise<number> {
     const receipt = this.deps.keys.expiryReceipt(randomUUID());
-    let taken: ExpiredSession[];
-    try {
-      taken = await this.store.takeExpired(limit, receipt);
-    } catch (e) {
-      // Redis may run the take after all (frozen or slow past the timeout) and drop its reply:
-      // what it ended is read from its receipt, from the node's sweep, for as long as it is kept.
-      this.lostTakes.note(receipt);
-      throw e;
-    }
+    // What a take whose reply is lost ended is read from its receipt, from the node's sweep.
+    const taken = await this.lostTakes.watch(receipt, this.store.takeExpired(limit, receipt));
     this.expired(taken);
     return taken.length;
   }

@@ -1324,13 +1324,10 @@ export class DeliveryService {
    */
   private async takeToDeadLetters(pump: SessionPump, eid: string): Promise<void> {
     const receipt = this.deps.keys.deadLetterReceipt(randomUUID(), pump.sid);
-    let taken: TakenEvent[];
-    try {
-      taken = await this.deps.outbox.takeKept(pump.sid, [eid], receipt);
-    } catch (e) {
-      this.lostDeadLetters.note(receipt);
-      throw e;
-    }
+    const taken = await this.lostDeadLetters.watch(
+      receipt,
+      this.deps.outbox.takeKept(pump.sid, [eid], receipt),
+    );
     await this.deadLettersTaken(pump.sid, taken);
     this.schedule(pump);
   }

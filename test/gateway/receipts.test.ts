@@ -106,3 +106,14 @@ test('a receipt is looked for no longer than it is kept', async () => {
   assert.equal(r.state.reads, 1, 'given up past it: no read');
   assert.equal(r.lost.size, 0);
 });
+
+test("watch: a call that fails has its receipt looked for; one that answers has not, and its answer is the call's", async () => {
+  const r = reader();
+  assert.equal(await r.lost.watch(`${prefix}f`, Promise.resolve(7)), 7);
+  assert.equal(r.lost.size, 0, 'an answered call leaves nothing to look for');
+  await assert.rejects(
+    r.lost.watch(`${prefix}g`, Promise.reject(new Error('Command timed out'))),
+    /timed out/,
+  );
+  assert.equal(r.lost.size, 1, "the failed call's receipt is looked for");
+});
