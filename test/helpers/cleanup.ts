@@ -38,7 +38,6 @@ export async function dropSchema(schema: string): Promise<void> {
   }
 }
 
-/** A query against a test's schema. */
 /**
  * How many backends whose query is like `like` wait on a lock that backend `holderPid` holds
  * (`pg_blocking_pids`): a test's own waiters, whatever schema. The suite may run twice at once
@@ -61,6 +60,7 @@ export async function backendPid(c: pg.Client | pg.PoolClient): Promise<number> 
   return (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
 }
 
+/** A query against a test's schema. */
 export async function query(
   schema: string,
   sql: string,
