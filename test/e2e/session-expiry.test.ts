@@ -409,13 +409,16 @@ async function takeWithLostReply(freezeMs = 0): Promise<void> {
       const lines = g.logs.filter((l) => /expired|sweep/.test(String(l.msg))).slice(-6);
       throw new Error(`${e.message}; ${JSON.stringify(lines)}`);
     });
-    const ended = g.logs
-      .filter((l) => l.msg === 'session ended' && l.reason === 'expired')
-      .map((l) => l.sessionId);
-    assert.deepEqual(ended.sort(), [...sids].sort(), 'a line each, once');
-    assert.ok(
-      g.logs.some((l) => /read from its receipt/.test(String(l.msg))),
+    // Logged before they are counted, the lines can still reach the test after a scrape does
+    // (a check pair's loaded copy read the count and no line yet).
+    const endedLines = () =>
+      g.logs.filter((l) => l.msg === 'session ended' && l.reason === 'expired').map((l) => l.sessionId);
+    await until('a line for each of the three', () => endedLines().length >= 3, 10_000);
+    assert.deepEqual(endedLines().sort(), [...sids].sort(), 'a line each, once');
+    await until(
       'the take found lost and read from its receipt',
+      () => g.logs.some((l) => /read from its receipt/.test(String(l.msg))),
+      10_000,
     );
     const rows = await endedRows(deployment.GW_DB_SCHEMA, sids, 20_000);
     for (const sid of sids) {
