@@ -270,9 +270,29 @@ export class Keys {
     return `${this.prefix}dlrcpt:${id}:${sid}`;
   }
 
-  /** The session a `deadLetterReceipt` key names (after the id, which has no colon). */
-  deadLetterReceiptSession(receipt: string): string {
-    return receipt.slice(receipt.indexOf(':', this.prefix.length + 'dlrcpt:'.length) + 1);
+  /**
+   * STRING: an event a retry's take (resend.lua) removed as expired, kept for a minute for its
+   * node when the call's reply is lost. `id` a uuid.
+   */
+  resendReceipt(id: string, sid: string): string {
+    return `${this.prefix}rsrcpt:${id}:${sid}`;
+  }
+
+  /**
+   * STRING: the receipts and expired events one ack-pump call found (ack-pump.lua), kept for a
+   * minute for its node when the call's reply is lost, removed by the node when it came. `id` a
+   * uuid and the call's index.
+   */
+  pumpReceipt(id: string): string {
+    return `${this.prefix}pumprcpt:${id}`;
+  }
+
+  /**
+   * The session a `deadLetterReceipt` or `resendReceipt` key names: after the kind and the id,
+   * which have no colon.
+   */
+  receiptSession(receipt: string): string {
+    return receipt.slice(receipt.indexOf(':', receipt.indexOf(':', this.prefix.length) + 1) + 1);
   }
 
   /**

@@ -724,9 +724,27 @@ export class Outbox {
 
   /**
    * For each session: applies its acks, then takes the next events that fit its window, in
-   * publish order. Results are in request order. One script call per 64 sessions.
+   * publish order. Results are in request order. One script call per 64 sessions; rejects with
+   * the first call's error that failed (`ackPumpCalls` keeps the others).
    */
   async ackPumpMany(requests: AckPumpRequest[], nowMs: number): Promise<AckPumpResult[]> {
+    const { results, error } = await this.ackPumpCalls(requests, nowMs);
+    if (error !== undefined) throw error;
+    return results as AckPumpResult[];
+  }
+
+  /**
+   * `ackPumpMany`, each call settled apart: a request of a failed call has no result. With a
+   * `receipt`, each call names one of its own (`receipt:0`, `receipt:1`, ...), where it keeps
+   * the receipts and expired events it found for RECEIPT_MS (ack-pump.lua): Redis may run a
+   * failed call after all and drop its reply, and those events are gone with their reports.
+   * `lost` names the receipts of the failed calls; one whose reply came is removed.
+   */
+  async ackPumpCalls(
+    requests: AckPumpRequest[],
+    nowMs: number,
+    receipt?: string,
+  ): Promise<{ results: (AckPumpResult | undefined)[]; lost: string[]; error?: unknown }> {
     const calls: Promise<Buffer>[] = [];
     const [head, tail] = this.keys.sessionKeyParts;
     for (let i = 0; i < requests.length; i += MAX_PUMP_BATCH) {
@@ -744,23 +762,91 @@ export class Outbox {
         for (const eid of r.acks) sessions.str(eid);
         for (const eid of r.bare) sessions.str(eid);
       }
-      calls.push(this.redis.gwAckPumpBuffer(0, nowMs, head, tail, sessions.finish(), this.keys.expiries));
+      const args = [0, nowMs, head, tail, sessions.finish(), this.keys.expiries];
+      calls.push(
+        receipt === undefined
+          ? this.redis.gwAckPumpBuffer(...args)
+          : this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, RECEIPT_MS),
+      );
     }
-    const replies = (await Promise.all(calls)).flatMap((r) => readScriptReply(r) as Reply[]);
-    return replies.map(parsePump);
+    const settled = await Promise.allSettled(calls);
+    const results: (AckPumpResult | undefined)[] = [];
+    const lost: string[] = [];
+    let error: unknown;
+    settled.forEach((r, call) => {
+      const n = Math.min(MAX_PUMP_BATCH, requests.length - call * MAX_PUMP_BATCH);
+      let parsed: AckPumpResult[] | undefined;
+      let failure: unknown = r.status === 'rejected' ? r.reason : undefined;
+      if (r.status === 'fulfilled') {
+        try {
+          parsed = (readScriptReply(r.value) as Reply[]).map(parsePump);
+        } catch (e) {
+          failure = e; // a reply not read is one lost: what it said is in the receipt
+        }
+      }
+      if (parsed === undefined) {
+        if (receipt !== undefined) lost.push(`${receipt}:${call}`);
+        error ??= failure;
+        for (let j = 0; j < n; j++) results.push(undefined);
+        return;
+      }
+      results.push(...parsed);
+      // The reply came: its receipt is not needed (it would be kept a minute, with the events'
+      // payloads). A removal that fails leaves it to expire.
+      if (receipt !== undefined && parsed.some((p) => p.receipts.length > 0 || p.expired.length > 0))
+        this.redis.unlink(`${receipt}:${call}`).catch(() => {});
+    });
+    return error === undefined ? { results, lost } : { results, lost, error };
   }
 
-  /** Takes one event again for a retry: null if it is gone. */
+  /**
+   * What the ack-pump calls whose receipts these are found to report, by session (null: none
+   * kept there: the call did not run, found nothing, or its reply came).
+   */
+  async pumpedKept(
+    receipts: string[],
+  ): Promise<({ sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] | null)[]> {
+    return (await this.redis.mgetBuffer(...receipts)).map((v) => {
+      if (v === null) return null;
+      const kept = readScriptReply(v) as Reply;
+      const out: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] = [];
+      const events = (list: Reply) => {
+        const evs: StoredEvent[] = [];
+        for (let i = 1; i < list.length; i += 2) evs.push(decode(list[i] as Buffer));
+        return evs;
+      };
+      for (let i = 0; i < kept.length; i += 3)
+        out.push({
+          sid: (kept[i] as Buffer).toString(),
+          receipts: events(kept[i + 1] as Reply),
+          expired: events(kept[i + 2] as Reply),
+        });
+      return out;
+    });
+  }
+
+  /**
+   * Takes one event again for a retry: null if it is gone. With a `receipt`, an event removed as
+   * expired is kept there for RECEIPT_MS (resend.lua), for `resentExpired` when the reply is lost.
+   */
   async resend(
     sid: string,
     eid: string,
     nowMs: number,
+    receipt?: string,
   ): Promise<null | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
-    const reply = await this.redis.gwResendBuffer(...this.keys.outbox(sid).slice(0, 6), eid, nowMs);
+    const args: (string | number)[] = [...this.keys.outbox(sid).slice(0, 6), eid, nowMs];
+    if (receipt !== undefined) args.push(receipt, RECEIPT_MS);
+    const reply = await this.redis.gwResendBuffer(...args);
     if (!reply) return null;
     if ((reply[0] as Buffer).toString() === 'expired') return { expired: decode(reply[1] as Buffer) };
     const attempt = reply[1] as number;
     return { attempt, message: packEvent(reply[2] as Buffer, 1, attempt) };
+  }
+
+  /** The events the resends whose receipts these are removed as expired (null: none kept there). */
+  async resentExpired(receipts: string[]): Promise<(StoredEvent | null)[]> {
+    return (await this.redis.mgetBuffer(...receipts)).map((v) => (v === null ? null : decode(v)));
   }
 
   /** Removes the given events (or all with `eids` undefined); returns those this call removed. */

@@ -269,6 +269,10 @@ export class DeliveryService {
   private readonly lostTakes: LostReplies<number>;
   /** Takes to the dead letters whose reply did not come (takeToDeadLetters), read from their receipts. */
   private readonly lostDeadLetters: LostReplies<TakenEvent[]>;
+  /** Ack-pump calls whose reply did not come (flush): the receipts and expiries they found. */
+  private readonly lostPumps: LostReplies<{ sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[]>;
+  /** Retries' takes whose reply did not come (resend): the event they removed as expired. */
+  private readonly lostResends: LostReplies<StoredEvent>;
   private readonly metrics: {
     strayAcks: Counter;
     retried: Counter;
@@ -398,12 +402,40 @@ export class DeliveryService {
     this.lostDeadLetters = new LostReplies(
       (receipts) => deps.outbox.takenKept(receipts),
       (taken, receipt) => {
-        const sid = deps.keys.deadLetterReceiptSession(receipt);
+        const sid = deps.keys.receiptSession(receipt);
         deps.log.info(
           { sessionId: sid, events: taken.length },
           'dead letters taken by a take whose reply was lost, read from its receipt',
         );
         void this.deadLettersTaken(sid, taken);
+      },
+    );
+    this.lostPumps = new LostReplies(
+      (receipts) => deps.outbox.pumpedKept(receipts),
+      (sessions) => {
+        let receipts = 0;
+        let expired = 0;
+        for (const s of sessions) {
+          receipts += s.receipts.length;
+          expired += s.expired.length;
+          for (const ev of s.receipts) this.report('delivery.acked', s.sid, ev, {});
+          for (const ev of s.expired) this.reportExpired(s.sid, ev);
+        }
+        deps.log.info(
+          { sessions: sessions.length, receipts, expired },
+          'acked and expired events of an outbox pump whose reply was lost, reported from its receipt',
+        );
+      },
+    );
+    this.lostResends = new LostReplies(
+      (receipts) => deps.outbox.resentExpired(receipts),
+      (ev, receipt) => {
+        const sid = deps.keys.receiptSession(receipt);
+        deps.log.info(
+          { sessionId: sid, eid: ev.eid },
+          'an event a retry removed as expired, its reply lost, reported from its receipt',
+        );
+        this.reportExpired(sid, ev);
       },
     );
     // Every label value a series can take, at 0 from the start: a rate over a series that
@@ -949,29 +981,47 @@ export class DeliveryService {
       marks.push(pump.marks);
     }
     if (pumps.length === 0) return;
-    this.deps.outbox.ackPumpMany(requests, Date.now()).then(
-      (results) => {
+    // A call whose reply is lost keeps what it found to report under its receipt, read from the
+    // sweep (`lostPumps`); its sessions' acks are applied again (they find nothing to remove).
+    const receipt = this.deps.keys.pumpReceipt(randomUUID());
+    this.deps.outbox.ackPumpCalls(requests, Date.now(), receipt).then(
+      ({ results, lost, error }) => {
+        for (const r of lost) this.lostPumps.note(r);
+        let failed = 0;
         pumps.forEach((pump, i) => {
+          const result = results[i];
+          if (result === undefined) {
+            failed++;
+            this.pumpFailed(pump, requests[i]);
+            return;
+          }
           try {
-            this.pumped(pump, requests[i], results[i], marks[i]);
+            this.pumped(pump, requests[i], result, marks[i]);
           } catch (e) {
             pump.running = false;
             this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
           }
         });
+        if (error !== undefined)
+          logFailure(this.deps.log, error, { sessions: failed }, 'outbox pump failed; retrying');
       },
       (e) => {
         logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
         pumps.forEach((pump, i) => {
-          pump.running = false;
-          pump.taking = false;
-          pump.acks = requests[i].acks.concat(pump.acks);
-          pump.bareAcks = requests[i].bare.concat(pump.bareAcks);
-          setTimeout(() => this.schedule(pump), 500).unref();
+          this.pumpFailed(pump, requests[i]);
         });
       },
     );
   };
+
+  /** A pump's call failed: its acks wait for its next run, in 500 ms. */
+  private pumpFailed(pump: SessionPump, request: AckPumpRequest): void {
+    pump.running = false;
+    pump.taking = false;
+    pump.acks = request.acks.concat(pump.acks);
+    pump.bareAcks = request.bare.concat(pump.bareAcks);
+    setTimeout(() => this.schedule(pump), 500).unref();
+  }
 
   /**
    * The lowest sequence a pump run of this connection is to take as a first attempt, whatever
@@ -1121,6 +1171,8 @@ export class DeliveryService {
   private sweep(now: number): void {
     void this.lostTakes.tick(now);
     void this.lostDeadLetters.tick(now);
+    void this.lostPumps.tick(now);
+    void this.lostResends.tick(now);
     const due = Math.min(now, this.previousSweepMs);
     this.previousSweepMs = now;
     for (const pump of this.pumps.values()) {
@@ -1281,7 +1333,10 @@ export class DeliveryService {
     const f = pump?.inflight.get(eid);
     if (!pump || !f?.waiting || f.resending) return;
     f.resending = true;
-    this.deps.outbox.resend(sid, eid, Date.now()).then(
+    // An event the take removes as expired is kept under the receipt: a reply lost would lose its
+    // report (the next try finds it gone).
+    const receipt = this.deps.keys.resendReceipt(randomUUID(), sid);
+    this.lostResends.watch(receipt, this.deps.outbox.resend(sid, eid, Date.now(), receipt)).then(
       (r) => {
         if (pump.inflight.get(eid) !== f) return;
         pump.inflight.delete(eid);

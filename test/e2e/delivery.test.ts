@@ -304,6 +304,112 @@ describe('qos 1 on one node', () => {
     }
   });
 
+  test("an ack whose pump call's reply is lost (Redis slow past the node's timeout): delivery.acked is reported from the call's receipt, once", async () => {
+    const shared = new URL(REDIS_URL);
+    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+    // No retry of the event before the test acks it (its job would name the eid).
+    const g = await startGateway({
+      ...FAST,
+      REDIS_URL: proxy.url,
+      GW_REDIS_TIMEOUT_MS: '300',
+      GW_ACK_TIMEOUT_MS: '20000',
+    });
+    const q = new QueueReader(g.prefix);
+    try {
+      const c = await connected(g.tcpUrl, { autoAck: false });
+      const s = await signUp(c);
+      const got = collect(c);
+      const eid = `acked-${randomUUID()}`;
+      const res = await postEvents(g.httpPort, API_KEY, [
+        { target: { session: s.sessionId }, eid, name: 'r', data: 1, receipt: true },
+      ]);
+      assert.equal(res.status, 202, await res.text());
+      await until(() => got.some((e) => e.eid === eid), 10_000, 'the event at the device');
+      // The next command naming the eid: the pump call that applies the ack (its sessions and
+      // acked eids are one MessagePack argument).
+      const held = proxy.holdReplyOf(new RegExp(eid), 1500);
+      c.ack([eid]);
+      await within("the ack's pump call", held, 20_000);
+      const acked = await q.backendEvent('delivery.acked', eid, 20_000);
+      assert.equal(acked.data.sessionId, s.sessionId);
+      const receiptLines = () =>
+        g.logs.filter((l) =>
+          /an outbox pump whose reply was lost, reported from its receipt/.test(String(l.msg)),
+        ).length;
+      await until(() => receiptLines() >= 1, 10_000, 'the receipt line');
+      assert.equal(receiptLines(), 1, 'read from its receipt, once');
+      const reports = (await q.jobs('gw-backend')).filter(
+        (j) => j.name === 'delivery.acked' && j.data.eid === eid,
+      );
+      assert.equal(reports.length, 1, 'reported once');
+      await c.ping();
+      assert.equal(got.filter((e) => e.eid === eid).length, 1, 'not delivered again');
+      c.destroy();
+    } finally {
+      await q.close();
+      await g.stop();
+      await proxy.close();
+    }
+  });
+
+  test("a retry that finds its event expired, its reply lost (Redis slow past the node's timeout): delivery.expired is reported from the retry's receipt", async () => {
+    const shared = new URL(REDIS_URL);
+    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+    // Retried until it expires: more attempts than fit in its ttl.
+    const g = await startGateway({
+      ...FAST,
+      REDIS_URL: proxy.url,
+      GW_REDIS_TIMEOUT_MS: '300',
+      GW_MAX_ATTEMPTS: '100',
+    });
+    const q = new QueueReader(g.prefix);
+    try {
+      const c = await connected(g.tcpUrl, { autoAck: false });
+      const s = await signUp(c);
+      const got = collect(c);
+      const eid = `short-${randomUUID()}`;
+      const TTL = 1500;
+      const res = await postEvents(g.httpPort, API_KEY, [
+        { target: { session: s.sessionId }, eid, name: 'short', data: 1, ttl: TTL },
+      ]);
+      assert.equal(res.status, 202, await res.text());
+      // Expired at the latest here (the gateway stamped it before it answered).
+      const expiredBy = Date.now() + TTL;
+      // The expiry sweep is not to find it first: only a retry's take does.
+      const r = redisClient();
+      try {
+        assert.equal(
+          await r.zrem(`${g.prefix}expiries`, `${s.sessionId}|${eid}`),
+          1,
+          'indexed for the sweep',
+        );
+      } finally {
+        r.disconnect();
+      }
+      await until(() => got.some((e) => e.eid === eid), 10_000, 'the first attempt');
+      // The first retry's take (resend.lua: its eid, then its clock) past the expiry.
+      const take = new RegExp(`\\$${eid.length}\\r\\n${eid}\\r\\n\\$13\\r\\n(\\d{13})\\r\\n`);
+      const held = proxy.holdReplyOf((command) => Number(take.exec(command)?.[1] ?? 0) >= expiredBy, 1500);
+      await within('a retry of the event past its expiry', held, 20_000);
+      const expired = await q.backendEvent('delivery.expired', eid, 20_000);
+      assert.equal(expired.data.sessionId, s.sessionId);
+      const receiptLines = () =>
+        g.logs.filter((l) => /a retry removed as expired, its reply lost/.test(String(l.msg))).length;
+      await until(() => receiptLines() >= 1, 10_000, 'the receipt line');
+      assert.equal(receiptLines(), 1, 'read from its receipt, once');
+      const sent = got.filter((e) => e.eid === eid).length;
+      await c.ping();
+      await wait(1000); // a retry would come within it (GW_RETRY_MAX_MS 300)
+      await c.ping();
+      assert.equal(got.filter((e) => e.eid === eid).length, sent, 'not sent after it expired');
+      c.destroy();
+    } finally {
+      await q.close();
+      await g.stop();
+      await proxy.close();
+    }
+  });
+
   test('after the attempt limit: dead letter and delivery.failed on the back-end queue', async () => {
     const c = await connected(gw.tcpUrl, { autoAck: false });
     const s = await signUp(c);

@@ -58,7 +58,7 @@ test('the receipt holds what the take removed, as its reply did: any bytes, eids
   assert.ok(Buffer.from((kept![0]!.event.data as { blob: Uint8Array }).blob).equals(bytes), 'the bytes kept');
   const ttl = await redis.pttl(receipt);
   assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
-  assert.equal(keys.deadLetterReceiptSession(receipt), sid);
+  assert.equal(keys.receiptSession(receipt), sid);
   // Removed as "some" removes: only `plain` is left.
   const left = await outbox.peek(sid);
   assert.deepEqual(

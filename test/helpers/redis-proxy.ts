@@ -29,14 +29,19 @@ export interface RedisProxy {
    */
   retarget(to: { host: string; port: number }): void;
   /**
-   * The next command a client sends whose bytes match `pattern` has its reply, and every reply
-   * after it on that connection, held for `ms` and then passed on in order: Redis runs the
+   * The next command a client sends whose bytes match `pattern` (a RegExp, or a test of the bytes
+   * as a latin1 string) has its reply, and every reply after it on that connection, held for `ms`
+   * and then passed on in order (a later hold on the connection holds them to its end): Redis runs the
    * command at once, and a client that waits less than `ms` for the reply times out (a reply lost
    * to a Redis slow to answer). Resolves when such a command was seen. `beforeSent` runs when
    * it is seen, before it is passed on (a test stopping Redis there: the command runs when
    * Redis resumes).
    */
-  holdReplyOf(pattern: RegExp, ms: number, beforeSent?: () => void): Promise<void>;
+  holdReplyOf(
+    pattern: RegExp | ((command: string) => boolean),
+    ms: number,
+    beforeSent?: () => void,
+  ): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -45,7 +50,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
   let holding = false;
   let dropping = false;
   const subscribers = new Set<{ client: Socket; held: Buffer[] }>();
-  let replyHold: { pattern: RegExp; ms: number; seen: () => void; beforeSent?: () => void } | undefined;
+  let replyHold:
+    | { matches: (command: string) => boolean; ms: number; seen: () => void; beforeSent?: () => void }
+    | undefined;
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
     const upstream = createConnection(target);
@@ -60,12 +67,15 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     let heldUntil = 0;
     const heldReplies: Buffer[] = [];
     client.on('data', (d: Buffer) => {
-      if (replyHold?.pattern.test(d.toString('latin1'))) {
+      if (replyHold?.matches(d.toString('latin1'))) {
         const { ms, seen, beforeSent } = replyHold;
         replyHold = undefined;
         beforeSent?.();
-        heldUntil = Date.now() + ms;
+        const until = Date.now() + ms;
+        heldUntil = until;
         setTimeout(() => {
+          // A later hold on this connection, seen meanwhile, releases them all at its own time.
+          if (heldUntil !== until) return;
           heldUntil = 0;
           for (const r of heldReplies.splice(0)) client.write(r);
         }, ms);
@@ -127,7 +137,8 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     },
     holdReplyOf: (pattern, ms, beforeSent) =>
       new Promise<void>((resolve) => {
-        replyHold = { pattern, ms, seen: resolve, beforeSent };
+        const matches = pattern instanceof RegExp ? (c: string) => pattern.test(c) : pattern;
+        replyHold = { matches, ms, seen: resolve, beforeSent };
       }),
     close: () =>
       new Promise<void>((resolve) => {

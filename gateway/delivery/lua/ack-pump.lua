@@ -29,7 +29,13 @@
     else
 
   ARGV[5] the expiries ZSET (`sid|eid` -> expiry ms, publish.lua): an acked or expired event
-  with an expiry leaves it too (absent: the index is not touched)
+  with an expiry leaves it too
+  ARGV[6], ARGV[7] a receipt key and how long to keep it (ms), or absent: when the call has
+  receipts or expired events to report, it keeps them there, as `{sid, receipts, expired, ...}`
+  (those sessions only, each list as in the reply) packed with cmsgpack, for its node to read
+  when the reply is lost (Redis frozen or slow past the node's timeout runs the call after the
+  node stopped waiting: the events are gone, and their reports with them). The node removes it
+  once the reply came.
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced, mark} per session
@@ -53,7 +59,10 @@
 local now = tonumber(ARGV[1])
 local head, tail = ARGV[2], ARGV[3]
 local expiries = ARGV[5]
+local receipt, keepMs = ARGV[6], ARGV[7]
 local A = cmsgpack.unpack(ARGV[4])
+-- What the receipt keeps (see above): nothing made unless a session has something to report.
+local kept
 
 local a = 1
 local results = {}
@@ -171,5 +180,12 @@ while a <= #A do
     end
   end
   results[#results + 1] = {acked, receipts, send, expired, resynced, mark}
+  if receipt and (#receipts > 0 or #expired > 0) then
+    kept = kept or {}
+    kept[#kept + 1] = sid
+    kept[#kept + 1] = receipts
+    kept[#kept + 1] = expired
+  end
 end
+if kept then redis.call('SET', receipt, cmsgpack.pack(kept), 'PX', keepMs) end
 return cmsgpack.pack(results)

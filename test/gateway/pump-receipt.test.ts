@@ -1,0 +1,204 @@
+/**
+ * The receipts of ack-pump.lua and resend.lua (Outbox.ackPumpCalls, Outbox.resend): a call that
+ * removes events whose reports the node owes (acked events that asked for a receipt, events found
+ * past their expiry) keeps them under a receipt, so that a reply lost to a Redis slow past the
+ * node's timeout does not lose the reports. Through the real Outbox and the real Redis; a proxy
+ * holds the replies that are to be lost, against a 300 ms command timeout.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
+import { Keys } from '../../gateway/keys.ts';
+import { RECEIPT_MS } from '../../gateway/receipts.ts';
+import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
+
+const prefix = `gwtest:pumprcpt:${randomUUID().slice(0, 8)}:`;
+const keys = new Keys(prefix);
+const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
+const outbox = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+let proxy: RedisProxy;
+/** An outbox whose replies the proxy can hold past its 300 ms timeout. */
+let slow: Redis;
+let slowOutbox: Outbox;
+
+before(async () => {
+  const shared = new URL(REDIS_URL);
+  proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+  slow = new Redis(proxy.url, { commandTimeout: 300, maxRetriesPerRequest: 1 });
+  slowOutbox = new Outbox(slow, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+});
+
+after(async () => {
+  slow.disconnect();
+  await proxy.close();
+  redis.disconnect();
+  await dropRedisPrefix(prefix);
+});
+
+async function session(): Promise<string> {
+  const sid = randomUUID();
+  await redis.hset(keys.session(sid), 'userId', 'u1');
+  return sid;
+}
+
+const event = (eid: string, data: unknown): StoredEvent => ({
+  eid,
+  name: 'pump.test',
+  data,
+  ts: 1_764_633_600_000,
+});
+
+const eidsOf = (evs: StoredEvent[]) => evs.map((e) => e.eid);
+
+/** Publishes `eid` to `sid` with a receipt and/or an expiry already past (after a short wait). */
+async function publish(sid: string, eid: string, opts: { receipt?: boolean; expired?: boolean } = {}) {
+  const r = await within(
+    `the publish of ${eid}`,
+    outbox.publish(sid, event(eid, { eid }), opts.receipt ?? false, opts.expired ? Date.now() + 20 : 0),
+  );
+  assert.equal(r.status, 'added', `${eid} stored`);
+}
+
+/** Arms the proxy to hold the next reply to a command naming `marker`; resolves when it was seen. */
+const holdReplyNaming = (marker: string) => proxy.holdReplyOf(new RegExp(marker), 1000);
+
+test('an ack-pump call whose reply is lost keeps the receipts and the expired events it found, per session, for RECEIPT_MS', async () => {
+  const a = await session();
+  const b = await session();
+  const quiet = await session();
+  await publish(a, 'a-receipt', { receipt: true });
+  await publish(a, 'a-plain');
+  await publish(a, 'a-expired', { expired: true });
+  await publish(b, 'b-receipt', { receipt: true });
+  await publish(quiet, 'quiet-plain');
+  await new Promise((r) => setTimeout(r, 50)); // past the expiries
+  const receipt = keys.pumpReceipt(randomUUID());
+  const held = holdReplyNaming(receipt);
+  const { results, lost, error } = await within(
+    'the ack-pump call',
+    slowOutbox.ackPumpCalls(
+      [
+        // a takes what fits its window: the expired event is found there, not sent
+        { sid: a, afterSeq: 0, slots: 8, acks: ['a-receipt', 'a-plain'], bare: [] },
+        { sid: b, afterSeq: 0, slots: 0, acks: ['b-receipt'], bare: [] },
+        { sid: quiet, afterSeq: 0, slots: 0, acks: ['quiet-plain'], bare: [] },
+      ],
+      Date.now(),
+      receipt,
+    ),
+  );
+  await within('the held reply seen', held);
+  assert.ok(error instanceof Error, 'the call timed out');
+  assert.deepEqual(results, [undefined, undefined, undefined], 'no result for a lost call');
+  assert.deepEqual(lost, [`${receipt}:0`]);
+  const [kept] = await outbox.pumpedKept(lost);
+  assert.ok(kept, 'the receipt was kept');
+  assert.deepEqual(
+    kept.map((s) => ({ sid: s.sid, receipts: eidsOf(s.receipts), expired: eidsOf(s.expired) })),
+    [
+      { sid: a, receipts: ['a-receipt'], expired: ['a-expired'] },
+      { sid: b, receipts: ['b-receipt'], expired: [] },
+    ],
+    'the sessions with something to report, and only that',
+  );
+  assert.deepEqual(kept[0].receipts[0], event('a-receipt', { eid: 'a-receipt' }), 'the event as stored');
+  const ttl = await redis.pttl(lost[0]);
+  assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
+  // The call ran: the events are gone.
+  assert.deepEqual(
+    (await outbox.peek(a)).map((t) => t.event.eid),
+    [],
+    'a-receipt and a-plain acked, a-expired removed',
+  );
+});
+
+test('an ack-pump call whose reply came removes its receipt; one with nothing to report keeps none', async () => {
+  const sid = await session();
+  await publish(sid, 'r1', { receipt: true });
+  await publish(sid, 'p1');
+  const receipt = keys.pumpReceipt(randomUUID());
+  const { results, lost } = await within(
+    'the ack-pump call',
+    outbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['r1'], bare: [] }], Date.now(), receipt),
+  );
+  assert.deepEqual(lost, []);
+  assert.deepEqual(eidsOf(results[0]!.receipts), ['r1'], 'the reply reports it');
+  await until('the receipt removed', async () => (await redis.exists(`${receipt}:0`)) === 0, 5000);
+
+  // Lost, with nothing to report: p1 acked, no receipt asked for.
+  const other = keys.pumpReceipt(randomUUID());
+  const held = holdReplyNaming(other);
+  const r = await within(
+    'the ack-pump call',
+    slowOutbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['p1'], bare: [] }], Date.now(), other),
+  );
+  await within('the held reply seen', held);
+  assert.deepEqual(r.lost, [`${other}:0`]);
+  await until('the lost call applied', async () => (await outbox.peek(sid)).length === 0, 5000);
+  assert.deepEqual(await outbox.pumpedKept(r.lost), [null], 'nothing kept');
+});
+
+test('130 sessions in three calls, all lost: each call keeps its own sessions', async () => {
+  const sids: string[] = [];
+  for (let i = 0; i < 130; i++) {
+    const sid = await session();
+    sids.push(sid);
+    await publish(sid, `e${i}`, { receipt: true });
+  }
+  const receipt = keys.pumpReceipt(randomUUID());
+  const held = holdReplyNaming(receipt);
+  const r = await within(
+    'the ack-pump calls',
+    slowOutbox.ackPumpCalls(
+      sids.map((sid, i) => ({ sid, afterSeq: 0, slots: 0, acks: [`e${i}`], bare: [] })),
+      Date.now(),
+      receipt,
+    ),
+  );
+  await within('the held reply seen', held);
+  assert.equal(r.results.filter((x) => x !== undefined).length, 0);
+  assert.deepEqual(
+    r.lost,
+    [0, 1, 2].map((i) => `${receipt}:${i}`),
+  );
+  const kept = await outbox.pumpedKept(r.lost);
+  assert.deepEqual(
+    kept.map((call) => call?.length),
+    [64, 64, 2],
+  );
+  assert.deepEqual(
+    kept.flatMap((call) => call!.map((s) => [s.sid, eidsOf(s.receipts)])),
+    sids.map((sid, i) => [sid, [`e${i}`]]),
+    'every session once, with its own receipt',
+  );
+});
+
+test('a retry whose take removes the event as expired keeps it when the reply is lost; a retry that sends keeps none', async () => {
+  const sid = await session();
+  await publish(sid, 'x1', { expired: true });
+  await publish(sid, 's1');
+  await new Promise((r) => setTimeout(r, 50));
+  const receipt = keys.resendReceipt(randomUUID(), sid);
+  const held = holdReplyNaming(receipt);
+  await assert.rejects(
+    within('the resend', slowOutbox.resend(sid, 'x1', Date.now(), receipt)),
+    /timed out/i,
+    'the reply is lost',
+  );
+  await within('the held reply seen', held);
+  const [kept] = await outbox.resentExpired([receipt]);
+  assert.deepEqual(kept, event('x1', { eid: 'x1' }), 'the expired event, as stored');
+  const ttl = await redis.pttl(receipt);
+  assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
+  assert.equal(keys.receiptSession(receipt), sid);
+  assert.equal(await outbox.resend(sid, 'x1', Date.now()), null, 'removed by the lost call');
+
+  const sent = keys.resendReceipt(randomUUID(), sid);
+  const r = await within('the resend', outbox.resend(sid, 's1', Date.now(), sent));
+  assert.ok(r && 'message' in r, 'sent again');
+  assert.deepEqual(await outbox.resentExpired([sent]), [null], 'nothing kept');
+});
