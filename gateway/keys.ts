@@ -280,8 +280,8 @@ export class Keys {
 
   /**
    * STRING: the receipts and expired events one ack-pump call found (ack-pump.lua), kept for a
-   * minute for its node when the call's reply is lost, removed by the node when it came. `id` a
-   * uuid and the call's index.
+   * minute for its node when the call's reply is lost, removed by the node when it came. `id`
+   * names the call: a uuid of the node's delivery service, its flush's count and the call's index.
    */
   pumpReceipt(id: string): string {
     return `${this.prefix}pumprcpt:${id}`;

@@ -287,6 +287,12 @@ export class DeliveryService {
   /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   /** Rejections by full outboxes since the last line that said so (logRejected). */
   private rejectLog = { at: 0, events: 0, sessions: 0 };
+  /**
+   * Names of the pump calls' receipts: this service's own prefix (a uuid) and a count of its
+   * flushes, so that a flush makes no uuid.
+   */
+  private readonly pumpReceipts: string;
+  private pumpCalls = 0;
   private readonly counts = {
     published: 0,
     delivered: [0, 0] as [number, number],
@@ -410,6 +416,7 @@ export class DeliveryService {
         void this.deadLettersTaken(sid, taken);
       },
     );
+    this.pumpReceipts = `${deps.keys.pumpReceipt(randomUUID())}:`;
     this.lostPumps = new LostReplies(
       (receipts) => deps.outbox.pumpedKept(receipts),
       (sessions) => {
@@ -983,7 +990,7 @@ export class DeliveryService {
     if (pumps.length === 0) return;
     // A call whose reply is lost keeps what it found to report under its receipt, read from the
     // sweep (`lostPumps`); its sessions' acks are applied again (they find nothing to remove).
-    const receipt = this.deps.keys.pumpReceipt(randomUUID());
+    const receipt = `${this.pumpReceipts}${++this.pumpCalls}`;
     this.deps.outbox.ackPumpCalls(requests, Date.now(), receipt).then(
       ({ results, lost, error }) => {
         for (const r of lost) this.lostPumps.note(r);
