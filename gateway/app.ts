@@ -20,10 +20,12 @@ import { Publisher, type SessionDirectory } from './delivery/publisher.ts';
 import { DeliveryService, type ResyncCause } from './delivery/service.ts';
 import {
   DependencyMonitor,
+  endpointOf,
   logFailure,
   logQueueErrors,
   READONLY_RECONNECT_MS,
   reconnectOnReadonly,
+  StartError,
 } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
@@ -142,8 +144,25 @@ export async function startNode(
       : [];
   const clients = [redis, sub, producer, bull, ...publishing];
   // Reconnect attempts of an outage: the dependency monitor logs the outage once.
-  for (const r of clients) r.on('error', (e) => log.debug({ err: e.message }, 'redis connection error'));
-  await Promise.all(clients.map((r) => r.connect()));
+  // The last one is named by a start that fails to connect (ioredis's own rejection says only
+  // "Connection is closed.").
+  let connectionError: string | undefined;
+  for (const r of clients)
+    r.on('error', (e) => {
+      connectionError = e.message;
+      log.debug({ err: e.message }, 'redis connection error');
+    });
+  try {
+    await Promise.all(clients.map((r) => r.connect()));
+  } catch (e) {
+    for (const r of clients) r.disconnect();
+    const why = connectionError ?? (e as Error).message;
+    throw new StartError(
+      'redis_unavailable',
+      `could not connect to Redis at ${endpointOf(config.redisUrl)} (${why})`,
+      e,
+    );
+  }
   // A Redis that evicts keys at `maxmemory` drops sessions, outboxes and queued jobs without a
   // trace (docs/OPERATIONS.md asks for `noeviction`): said at start and at each reconnect (a
   // failover may land on a server set up otherwise), as an error line with its policy.

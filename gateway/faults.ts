@@ -268,3 +268,31 @@ export class DependencyMonitor {
     this.log.info({ dependency: d, downMs: Date.now() - since }, 'dependency recovered');
   }
 }
+
+/**
+ * A start that cannot go on, with a stable code for the fatal line the process writes before it
+ * exits 1 (main.ts): `redis_unavailable`, `migrations_failed`. A service manager restarts it.
+ */
+export class StartError extends Error {
+  constructor(
+    readonly code: 'redis_unavailable' | 'migrations_failed',
+    message: string,
+    cause: unknown,
+  ) {
+    super(message, { cause });
+    this.name = 'StartError';
+  }
+}
+
+/**
+ * `host:port` of a dependency's URL, for a log line: never its credentials (a URL that does not
+ * parse is not quoted either).
+ */
+export function endpointOf(url: string): string {
+  try {
+    const u = new URL(url);
+    return u.host || u.searchParams.get('host') || '(a local socket)';
+  } catch {
+    return '(unparsed URL)';
+  }
+}

@@ -11,6 +11,7 @@ import { selectBackend } from '../protocol/index.ts';
 import { startNode } from './app.ts';
 import { runAsWorker, runSupervisor } from './cluster.ts';
 import { ConfigError, loadConfig } from './config.ts';
+import { StartError } from './faults.ts';
 import { createLogger } from './log.ts';
 import { NodeIdInUseError } from './messaging/presence.ts';
 
@@ -46,7 +47,13 @@ async function main(): Promise<void> {
   if (config.processes > 1 && cluster.isPrimary) {
     const log = createLogger(config.logLevel, { node: config.nodeId, role: 'supervisor' });
     stopOnUncaught(log);
-    await runSupervisor(config, log, fileURLToPath(import.meta.url));
+    try {
+      await runSupervisor(config, log, fileURLToPath(import.meta.url));
+    } catch (e) {
+      // A process that could not start said why in its own line, before this one.
+      log.fatal({ code: 'start_failed', err: e }, 'a gateway process could not start: the gateway stops');
+      process.exit(1);
+    }
     return;
   }
   const worker = cluster.isWorker ? { worker: cluster.worker!.id } : {};
@@ -70,7 +77,11 @@ async function main(): Promise<void> {
       );
       process.exit(1);
     }
-    throw e;
+    // Said as one line with a stable code (a log pipeline reading JSON lines saw only a stack on
+    // stderr): a dependency out (StartError), or anything else the start met.
+    if (e instanceof StartError) log.fatal({ code: e.code, err: e.cause }, `${e.message}; not starting`);
+    else log.fatal({ code: 'start_failed', err: e }, 'could not start; not starting');
+    process.exit(1);
   }
   const { gateway, ports } = node;
   // Every exit (a second signal, the shutdown deadline, an uncaught exception) writes out the

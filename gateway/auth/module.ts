@@ -13,7 +13,7 @@ import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
 import { type Connection, ConnState } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
-import { logFailure } from '../faults.ts';
+import { endpointOf, logFailure, StartError } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { KeptKick, Keys } from '../keys.ts';
@@ -222,7 +222,17 @@ export async function createAuthModule(
   db.pool.on('error', (e) => log.debug({ err: e.message }, 'postgres pool error'));
   log.info({ driver: db.driver }, 'postgres driver');
   if (config.migrateOnStart) {
-    const applied = await migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' });
+    let applied: string[];
+    try {
+      applied = await migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' });
+    } catch (e) {
+      await db.pool.end().catch(() => {});
+      throw new StartError(
+        'migrations_failed',
+        `could not apply the pending migrations to PostgreSQL at ${endpointOf(config.databaseUrl)} (GW_MIGRATE_ON_START)`,
+        e,
+      );
+    }
     if (applied.length) log.info({ applied }, 'migrations applied');
   }
   const hasher = new Hasher({

@@ -1,0 +1,87 @@
+/**
+ * A start that cannot reach Redis, or cannot apply its migrations to PostgreSQL, stops the
+ * process with code 1 (a service manager restarts it) and says so in one fatal JSON line with a
+ * stable code, naming the dependency's host and port, never its credentials. Before, the only
+ * trace was a stack on stderr ("Error: Connection is closed."), which a log pipeline reading
+ * stdout never shows. With several processes, the supervisor stops too, in a line of its own.
+ */
+import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import { test } from 'node:test';
+import { within } from '../helpers/deadline.ts';
+import { startGateway } from '../helpers/gateway-process.ts';
+import { freePort } from '../helpers/net.ts';
+
+/** Starts a gateway that is to fail: its lines, its exit code and the start's rejection. */
+async function failedStart(env: Record<string, string>) {
+  const lines: Record<string, unknown>[] = [];
+  let proc: ChildProcess | undefined;
+  const outcome = await startGateway(env, { onLog: (l) => lines.push(l), onProcess: (p) => (proc = p) }).then(
+    (g) => g,
+    (e: Error) => e,
+  );
+  if (!(outcome instanceof Error)) {
+    await outcome.stop();
+    assert.fail('the gateway started');
+  }
+  assert.ok(proc, 'the process spawned');
+  const code =
+    proc.exitCode ??
+    (await within(
+      'the gateway process to exit',
+      new Promise<number | null>((resolve) => proc!.once('exit', (c) => resolve(c))),
+    ));
+  const fatal = lines.filter((l) => l.level === 60);
+  return { lines, fatal, code, error: outcome };
+}
+
+/** No line and no stderr quotes the secret. */
+function noSecret(r: { lines: Record<string, unknown>[]; error: Error }, secret: string): void {
+  assert.ok(!JSON.stringify(r.lines).includes(secret), 'no log line quotes the password');
+  assert.ok(!r.error.message.includes(secret), 'stderr does not quote the password');
+}
+
+test('Redis unreachable at start: one fatal line redis_unavailable with its host and the cause, exit 1, no password', async () => {
+  const port = await freePort(); // nothing listens there
+  const r = await failedStart({ REDIS_URL: `redis://:start-secret-1@127.0.0.1:${port}` });
+  assert.equal(r.code, 1, 'exit code 1');
+  assert.equal(r.fatal.length, 1, `one fatal line: ${JSON.stringify(r.fatal)}`);
+  assert.equal(r.fatal[0].code, 'redis_unavailable');
+  assert.match(
+    String(r.fatal[0].msg),
+    new RegExp(`^could not connect to Redis at 127\\.0\\.0\\.1:${port} \\(connect ECONNREFUSED`),
+  );
+  assert.ok(!r.lines.some((l) => l.msg === 'gateway ready'), 'never ready');
+  noSecret(r, 'start-secret-1');
+});
+
+test('Redis unreachable at start with two processes: each process says why, then the supervisor stops, exit 1', async () => {
+  const port = await freePort();
+  const r = await failedStart({ REDIS_URL: `redis://:start-secret-2@127.0.0.1:${port}`, GW_PROCESSES: '2' });
+  assert.equal(r.code, 1, 'exit code 1');
+  const processLines = r.fatal.filter((l) => l.code === 'redis_unavailable');
+  assert.ok(processLines.length >= 1, `a process's redis_unavailable line: ${JSON.stringify(r.fatal)}`);
+  assert.ok(
+    processLines.every((l) => typeof l.worker === 'number'),
+    'written by the gateway processes',
+  );
+  const supervisor = r.fatal.filter((l) => l.role === 'supervisor');
+  assert.equal(supervisor.length, 1, `one supervisor line: ${JSON.stringify(r.fatal)}`);
+  assert.equal(supervisor[0].code, 'start_failed');
+  assert.match(String(supervisor[0].msg), /a gateway process could not start/);
+  noSecret(r, 'start-secret-2');
+});
+
+test('PostgreSQL unreachable for the migrations at start: one fatal line migrations_failed with its host and the cause, exit 1, no password', async () => {
+  const port = await freePort();
+  const r = await failedStart({
+    DATABASE_URL: `postgres://postgres:start-secret-3@127.0.0.1:${port}/test`,
+    GW_MIGRATE_ON_START: 'true',
+  });
+  assert.equal(r.code, 1, 'exit code 1');
+  assert.equal(r.fatal.length, 1, `one fatal line: ${JSON.stringify(r.fatal)}`);
+  assert.equal(r.fatal[0].code, 'migrations_failed');
+  assert.match(String(r.fatal[0].msg), new RegExp(`PostgreSQL at 127\\.0\\.0\\.1:${port}`));
+  assert.match(String((r.fatal[0].err as { message?: string }).message), /ECONNREFUSED/, 'the cause');
+  noSecret(r, 'start-secret-3');
+});
