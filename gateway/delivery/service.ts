@@ -284,7 +284,6 @@ export class DeliveryService {
   private resyncTimer: NodeJS.Timeout | undefined;
   /** When the sweep before this one ran: ACK deadlines are measured there (see `sweep`). */
   private previousSweepMs = Number.NEGATIVE_INFINITY;
-  /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   /** Rejections by full outboxes since the last line that said so (logRejected). */
   private rejectLog = { at: 0, events: 0, sessions: 0 };
   /**
@@ -293,6 +292,7 @@ export class DeliveryService {
    */
   private readonly pumpReceipts: string;
   private pumpCalls = 0;
+  /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   private readonly counts = {
     published: 0,
     delivered: [0, 0] as [number, number],
