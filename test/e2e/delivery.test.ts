@@ -23,7 +23,7 @@ import {
 import { postEvents } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { QueueReader } from '../helpers/queues.ts';
-import { startRedisProxy } from '../helpers/redis-proxy.ts';
+import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'test-api-key-0123456789';
 const FAST = {
@@ -89,6 +89,44 @@ async function disconnect(g: GatewayProcess, c: GatewayClient, sessionId: string
  * order, so nothing published before it can still come after (a fixed wait could end before a
  * late duplicate or a wrongly stored event arrived).
  */
+/**
+ * A gateway whose Redis is behind a proxy that can hold a reply past the node's timeout (300
+ * ms), and a device on it (acking by hand) signed up: `run` gets them, what the device receives,
+ * and `post`, which publishes one event to its session through the events API.
+ */
+async function withSlowReplies(
+  env: Record<string, string>,
+  run: (t: {
+    g: GatewayProcess;
+    q: QueueReader;
+    proxy: RedisProxy;
+    c: GatewayClient;
+    s: Session;
+    got: EventMsg[];
+    post: (event: Record<string, unknown>) => Promise<void>;
+  }) => Promise<void>,
+): Promise<void> {
+  const shared = new URL(REDIS_URL);
+  const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+  const g = await startGateway({ ...FAST, REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300', ...env });
+  const q = new QueueReader(g.prefix);
+  try {
+    const c = await connected(g.tcpUrl, { autoAck: false });
+    const s = await signUp(c);
+    const got = collect(c);
+    const post = async (event: Record<string, unknown>) => {
+      const res = await postEvents(g.httpPort, API_KEY, [{ target: { session: s.sessionId }, ...event }]);
+      assert.equal(res.status, 202, await res.text());
+    };
+    await run({ g, q, proxy, c, s, got, post });
+    c.destroy();
+  } finally {
+    await q.close();
+    await g.stop();
+    await proxy.close();
+  }
+}
+
 async function marker(sessionId: string, got: EventMsg[]): Promise<void> {
   const { eid } = await pub.publish({ session: sessionId }, { name: 'marker', data: null });
   await until(() => got.some((e) => e.eid === eid), 10000, 'the marker event');
@@ -267,22 +305,12 @@ describe('qos 1 on one node', () => {
   });
 
   test("a take to the dead letters whose reply is lost (Redis slow past the node's timeout): the event is dead-lettered and reported from the take's receipt, once", async () => {
-    // The node's Redis through a proxy that holds the take's reply 1.5 s; the node waits 300 ms.
-    const shared = new URL(REDIS_URL);
-    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
-    const g = await startGateway({ ...FAST, REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300' });
-    const q = new QueueReader(g.prefix);
-    try {
-      const c = await connected(g.tcpUrl, { autoAck: false });
-      const s = await signUp(c);
-      const got = collect(c);
+    // The proxy holds the take's reply 1.5 s; the node waits 300 ms.
+    await withSlowReplies({}, async ({ g, q, proxy, c, got, post }) => {
       // The take's mode ("kept", or "some" before the receipts) is an argument of its own.
       const held = proxy.holdReplyOf(/\$4\r\n(?:kept|some)\r\n/, 1500);
       const eid = `doomed-${randomUUID()}`;
-      const res = await postEvents(g.httpPort, API_KEY, [
-        { target: { session: s.sessionId }, eid, name: 'doomed', data: 'x' },
-      ]);
-      assert.equal(res.status, 202, await res.text());
+      await post({ eid, name: 'doomed', data: 'x' });
       await within('the take of the event to the dead letters', held, 20_000);
       const f = await q.backendEvent('delivery.failed', eid, 20_000);
       assert.equal(f.data.reason, 'max_attempts');
@@ -296,34 +324,14 @@ describe('qos 1 on one node', () => {
       assert.equal(receiptLines(), 1, 'read from its receipt');
       await c.ping();
       assert.equal(got.length, 3, 'not delivered again');
-      c.destroy();
-    } finally {
-      await q.close();
-      await g.stop();
-      await proxy.close();
-    }
+    });
   });
 
   test("an ack whose pump call's reply is lost (Redis slow past the node's timeout): delivery.acked is reported from the call's receipt, once", async () => {
-    const shared = new URL(REDIS_URL);
-    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
     // No retry of the event before the test acks it (its job would name the eid).
-    const g = await startGateway({
-      ...FAST,
-      REDIS_URL: proxy.url,
-      GW_REDIS_TIMEOUT_MS: '300',
-      GW_ACK_TIMEOUT_MS: '20000',
-    });
-    const q = new QueueReader(g.prefix);
-    try {
-      const c = await connected(g.tcpUrl, { autoAck: false });
-      const s = await signUp(c);
-      const got = collect(c);
+    await withSlowReplies({ GW_ACK_TIMEOUT_MS: '20000' }, async ({ g, q, proxy, c, s, got, post }) => {
       const eid = `acked-${randomUUID()}`;
-      const res = await postEvents(g.httpPort, API_KEY, [
-        { target: { session: s.sessionId }, eid, name: 'r', data: 1, receipt: true },
-      ]);
-      assert.equal(res.status, 202, await res.text());
+      await post({ eid, name: 'r', data: 1, receipt: true });
       await until(() => got.some((e) => e.eid === eid), 10_000, 'the event at the device');
       // The next command naming the eid: the pump call that applies the ack (its sessions and
       // acked eids are one MessagePack argument).
@@ -344,35 +352,15 @@ describe('qos 1 on one node', () => {
       assert.equal(reports.length, 1, 'reported once');
       await c.ping();
       assert.equal(got.filter((e) => e.eid === eid).length, 1, 'not delivered again');
-      c.destroy();
-    } finally {
-      await q.close();
-      await g.stop();
-      await proxy.close();
-    }
+    });
   });
 
   test("a retry that finds its event expired, its reply lost (Redis slow past the node's timeout): delivery.expired is reported from the retry's receipt", async () => {
-    const shared = new URL(REDIS_URL);
-    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
     // Retried until it expires: more attempts than fit in its ttl.
-    const g = await startGateway({
-      ...FAST,
-      REDIS_URL: proxy.url,
-      GW_REDIS_TIMEOUT_MS: '300',
-      GW_MAX_ATTEMPTS: '100',
-    });
-    const q = new QueueReader(g.prefix);
-    try {
-      const c = await connected(g.tcpUrl, { autoAck: false });
-      const s = await signUp(c);
-      const got = collect(c);
+    await withSlowReplies({ GW_MAX_ATTEMPTS: '100' }, async ({ g, q, proxy, c, s, got, post }) => {
       const eid = `short-${randomUUID()}`;
       const TTL = 1500;
-      const res = await postEvents(g.httpPort, API_KEY, [
-        { target: { session: s.sessionId }, eid, name: 'short', data: 1, ttl: TTL },
-      ]);
-      assert.equal(res.status, 202, await res.text());
+      await post({ eid, name: 'short', data: 1, ttl: TTL });
       // Expired at the latest here (the gateway stamped it before it answered).
       const expiredBy = Date.now() + TTL;
       // The expiry sweep is not to find it first: only a retry's take does.
@@ -402,12 +390,7 @@ describe('qos 1 on one node', () => {
       await wait(1000); // a retry would come within it (GW_RETRY_MAX_MS 300)
       await c.ping();
       assert.equal(got.filter((e) => e.eid === eid).length, sent, 'not sent after it expired');
-      c.destroy();
-    } finally {
-      await q.close();
-      await g.stop();
-      await proxy.close();
-    }
+    });
   });
 
   test('after the attempt limit: dead letter and delivery.failed on the back-end queue', async () => {

@@ -9,17 +9,14 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
-import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
-import { Keys } from '../../gateway/keys.ts';
+import { Outbox } from '../../gateway/delivery/outbox.ts';
 import { RECEIPT_MS } from '../../gateway/receipts.ts';
-import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
+import { REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { outboxFixture } from '../helpers/outbox-fixture.ts';
 import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
 
-const prefix = `gwtest:pumprcpt:${randomUUID().slice(0, 8)}:`;
-const keys = new Keys(prefix);
-const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-const outbox = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+const { keys, redis, outbox, session, event, close } = outboxFixture('pumprcpt');
 let proxy: RedisProxy;
 /** An outbox whose replies the proxy can hold past its 300 ms timeout. */
 let slow: Redis;
@@ -35,24 +32,10 @@ before(async () => {
 after(async () => {
   slow.disconnect();
   await proxy.close();
-  redis.disconnect();
-  await dropRedisPrefix(prefix);
+  await close();
 });
 
-async function session(): Promise<string> {
-  const sid = randomUUID();
-  await redis.hset(keys.session(sid), 'userId', 'u1');
-  return sid;
-}
-
-const event = (eid: string, data: unknown): StoredEvent => ({
-  eid,
-  name: 'pump.test',
-  data,
-  ts: 1_764_633_600_000,
-});
-
-const eidsOf = (evs: StoredEvent[]) => evs.map((e) => e.eid);
+const eidsOf = (evs: { eid: string }[]) => evs.map((e) => e.eid);
 
 /** Publishes `eid` to `sid` with a receipt and/or an expiry already past (after a short wait). */
 async function publish(sid: string, eid: string, opts: { receipt?: boolean; expired?: boolean } = {}) {

@@ -8,35 +8,13 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
-import { Redis } from 'ioredis';
-import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
-import { Keys } from '../../gateway/keys.ts';
 import { RECEIPT_MS } from '../../gateway/receipts.ts';
-import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
+import { outboxFixture } from '../helpers/outbox-fixture.ts';
 
-const prefix = `gwtest:takercpt:${randomUUID().slice(0, 8)}:`;
-const keys = new Keys(prefix);
-const redis = new Redis(REDIS_URL, { commandTimeout: 10_000 });
-const outbox = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+const { keys, redis, outbox, session, event, close } = outboxFixture('takercpt');
 
-after(async () => {
-  redis.disconnect();
-  await dropRedisPrefix(prefix);
-});
-
-async function session(): Promise<string> {
-  const sid = randomUUID();
-  await redis.hset(keys.session(sid), 'userId', 'u1');
-  return sid;
-}
-
-const event = (eid: string, data: unknown): StoredEvent => ({
-  eid,
-  name: 'kept.test',
-  data,
-  ts: 1_764_633_600_000,
-});
+after(close);
 
 test('the receipt holds what the take removed, as its reply did: any bytes, eids with colons', async () => {
   const sid = await session();
