@@ -18,10 +18,14 @@
  *   windowlag, user2lag   window and user2 with each call's acks sent after the next publish
  *           call: the outboxes hold the events in flight when events are added, as in
  *           bench:delivery's max-rate rows (a device acks what it got while more is published)
- * Every event is granted (the claims chain from the last granted sequence) and asks for no
- * receipt and no expiry, as bench:delivery's do, and has an eid made for it, as a `send` or a
+ *   user2receipt   user2 with every event asking for a receipt (`receipt: true`): its acks are
+ *           not bare, and ack-pump.lua reports each; scripts that keep a pump call's receipts
+ *           (ack-pump.lua ARGV[6]) are given a receipt key, which the bench then removes as the
+ *           node does when the reply came (`UNLINK`, its time counted with the scripts')
+ * Every event is granted (the claims chain from the last granted sequence) and, but in
+ * user2receipt, asks for no receipt; none has an expiry, as bench:delivery's do, and has an eid made for it, as a `send` or a
  * `POST /v1/events` without an eid has (flags "2" to publish.lua; scripts before the flag read it
- * as "no receipt"). The figures are Redis's own: time in EVALSHA
+ * as "no receipt"). The figures are Redis's own: time in EVALSHA (and the receipts' UNLINKs)
  * per event (the commands the scripts run included) and the commands run per event, from
  * `INFO commandstats` before and after each batch of calls; a shared server counts other
  * clients' work too, so the rounds alternate the two sets of scripts and the medians are
@@ -45,6 +49,8 @@ interface Shape {
   target: 's' | 'u';
   /** Each call's events are acked after the next call's publish (the outbox holds them). */
   lag?: boolean;
+  /** Every event asks for a receipt. */
+  receipt?: boolean;
 }
 const SHAPES: Record<string, Shape> = {
   one: { sessions: 50, events: 1, target: 's' },
@@ -54,6 +60,7 @@ const SHAPES: Record<string, Shape> = {
   user1: { sessions: 20, events: 1, target: 'u' },
   windowlag: { sessions: 8, events: 8, target: 's', lag: true },
   user2lag: { sessions: 20, events: 2, target: 'u', lag: true },
+  user2receipt: { sessions: 20, events: 2, target: 'u', receipt: true },
 };
 
 const { values } = benchArgs({
@@ -96,6 +103,8 @@ interface Scripts {
   bareAcks: boolean;
   /** ack-pump takes an `unsent from` sequence after the counts (since forwards). */
   unsentFrom: boolean;
+  /** ack-pump keeps a call's receipts and expired events under ARGV[6] (since pump receipts). */
+  pumpReceipts: boolean;
 }
 
 function scripts(read: (path: string) => string): Scripts {
@@ -105,6 +114,7 @@ function scripts(read: (path: string) => string): Scripts {
     ackPump: `${read('includes/remove-event')}\n${ackPump}`,
     bareAcks: /number of bare acked eids/.test(ackPump),
     unsentFrom: /unsent from/.test(ackPump),
+    pumpReceipts: /ARGV\[6\], ARGV\[7\] a receipt key/.test(ackPump),
   };
 }
 
@@ -130,6 +140,7 @@ class Way {
   private readonly sids: string[];
   private readonly last: number[];
   private eid = 0;
+  private receipts = 0;
   /** A lagging shape's events of the last call, acked after the next publish call. */
   private unacked: string[][] | null = null;
 
@@ -172,7 +183,7 @@ class Way {
           .str(target === 's' ? this.sids[i] : this.keys.userSessions(this.sids[i]))
           .str(eid)
           .bytes(PAYLOAD)
-          .str('2')
+          .str(this.shape.receipt ? '3' : '2')
           .num(0)
           .num(1);
         args.str(this.sids[i]).num(this.last[i]);
@@ -204,13 +215,31 @@ class Way {
     const acks = new ScriptArgs(this.sids.length * eids[0].length * 40);
     this.sids.forEach((sid, i) => {
       acks.str(sid).num(this.last[i]).num(0);
-      if (this.s.bareAcks) acks.num(0).num(eids[i].length);
+      // Bare: no receipt asked (publish.lua keeps no `rc` entry), as the node sends them.
+      if (this.s.bareAcks && !this.shape.receipt) acks.num(0).num(eids[i].length);
+      else if (this.s.bareAcks) acks.num(eids[i].length).num(0);
       else acks.num(eids[i].length);
       if (this.s.unsentFrom) acks.num(0);
       for (const eid of eids[i]) acks.str(eid);
     });
     const [head, tail] = this.keys.sessionKeyParts;
-    await this.redis[`${this.name}AckPumpBuffer`](Date.now(), head, tail, acks.finish());
+    if (!this.s.pumpReceipts) {
+      await this.redis[`${this.name}AckPumpBuffer`](Date.now(), head, tail, acks.finish());
+      return;
+    }
+    const receipt = `${this.keys.pumpReceipt('bench')}:${++this.receipts}`;
+    await this.redis[`${this.name}AckPumpBuffer`](
+      Date.now(),
+      head,
+      tail,
+      acks.finish(),
+      this.keys.expiries,
+      receipt,
+      60_000,
+    );
+    // As the node does once the reply came (Outbox.ackPumpCalls): only a call that reported
+    // something wrote one.
+    if (this.shape.receipt) await this.redis.unlink(receipt);
   }
 
   /** Every event acked: no outbox is left. */
@@ -269,7 +298,11 @@ async function main(): Promise<void> {
             if (cmd === 'evalsha' || cmd === 'eval' || cmd === 'info' || cmd === 'script|load') continue;
             n += v.calls - (s0.get(cmd)?.calls ?? 0);
           }
-          const ev = (s1.get('evalsha')?.usec ?? 0) - (s0.get('evalsha')?.usec ?? 0);
+          // The scripts' time, and the removals of the pump calls' receipts.
+          const ev = ['evalsha', 'unlink'].reduce(
+            (t, cmd) => t + (s1.get(cmd)?.usec ?? 0) - (s0.get(cmd)?.usec ?? 0),
+            0,
+          );
           usec[name].push(ev / (CALLS * perCall));
           commands[name].push(n / (CALLS * perCall));
         }
