@@ -27,7 +27,7 @@ import { postEvents } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnPostgres } from '../helpers/own-postgres.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
-import { QueueReader } from '../helpers/queues.ts';
+import { QueueReader, sweepsPaused } from '../helpers/queues.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
 import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
@@ -335,23 +335,6 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
     await dropDeployment(deployment);
   }
 });
-
-/**
- * Runs `fn` with the cluster-wide sweep paused (its queue paused, a run under way finished): what
- * `fn` sets up is seen by no sweep before it returns. The gateway's Redis is at `url`.
- */
-async function sweepsPaused<T>(prefix: string, url: string, fn: () => Promise<T>): Promise<T> {
-  const reader = new QueueReader(prefix, url);
-  const q = reader.queue('gw-maintenance');
-  try {
-    await q.pause();
-    await until('the sweep under way to finish', async () => (await q.getActiveCount()) === 0, 20_000);
-    return await fn();
-  } finally {
-    await q.resume();
-    await reader.close();
-  }
-}
 
 /**
  * Three sessions run out and the sweep's take that ends them has its reply held past the node's

@@ -2,7 +2,7 @@
 import { type Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import { REDIS_URL } from './cleanup.ts';
-import { DEADLINE_MS } from './deadline.ts';
+import { DEADLINE_MS, until } from './deadline.ts';
 
 /** Every state a job can be in. */
 const STATES = ['waiting', 'active', 'completed', 'failed', 'delayed', 'prioritized'] as const;
@@ -91,5 +91,22 @@ export class QueueReader {
   async close(): Promise<void> {
     for (const q of this.queues.values()) await q.close();
     this.conn.disconnect();
+  }
+}
+
+/**
+ * Runs `fn` with the cluster-wide sweep paused (its queue paused, a run under way finished): what
+ * `fn` sets up is seen by no sweep before it returns. The gateway's Redis is at `url`.
+ */
+export async function sweepsPaused<T>(prefix: string, url: string, fn: () => Promise<T>): Promise<T> {
+  const reader = new QueueReader(prefix, url);
+  const q = reader.queue('gw-maintenance');
+  try {
+    await q.pause();
+    await until('the sweep under way to finish', async () => (await q.getActiveCount()) === 0, 20_000);
+    return await fn();
+  } finally {
+    await q.resume();
+    await reader.close();
   }
 }
