@@ -216,6 +216,17 @@ test('a gateway does not start on a dirty schema, and says why', async (t) => {
     timeout: 60_000,
   });
   assert.equal(gw.status, 1, gw.stdout);
-  assert.match(gw.stderr, /the schema is dirty: migration 1764000000002_user_full_name failed \(up\): boom/);
+  // The process's fatal line (docs/OPERATIONS.md, "Logs"), the dirty mark's error as its cause
+  // (then, with several processes, the supervisor's own).
+  const fatal = gw.stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { level: number; code?: string; err?: { message?: string } })
+    .filter((l) => l.level === 60 && l.code === 'migrations_failed');
+  assert.equal(fatal.length, 1, gw.stdout);
+  assert.match(
+    String(fatal[0].err?.message),
+    /the schema is dirty: migration 1764000000002_user_full_name failed \(up\): boom/,
+  );
   assert.doesNotMatch(gw.stdout, /gateway ready/);
 });
