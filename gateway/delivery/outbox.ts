@@ -276,12 +276,16 @@ function notReplicated(n: number, replicas: { min: number; waitMs: number }): Er
   );
 }
 
+/** The events of a script's `{eid, payload, ...}` list. */
+function eventsOf(list: Reply): StoredEvent[] {
+  const out: StoredEvent[] = [];
+  for (let i = 1; i < list.length; i += 2) out.push(decode(list[i] as Buffer));
+  return out;
+}
+
 function parsePump(reply: Reply): AckPumpResult {
-  const receiptsRaw = reply[1] as Buffer[];
   const sendRaw = reply[2] as (Buffer | number)[];
-  const expiredRaw = reply[3] as Buffer[];
-  const receipts: StoredEvent[] = [];
-  for (let i = 1; i < receiptsRaw.length; i += 2) receipts.push(decode(receiptsRaw[i]));
+  const receipts = eventsOf(reply[1] as Reply);
   const send: ToSend[] = [];
   for (let i = 0; i < sendRaw.length; i += 4) {
     const attempt = sendRaw[i + 2] as number;
@@ -292,8 +296,7 @@ function parsePump(reply: Reply): AckPumpResult {
       attempt,
     });
   }
-  const expired: StoredEvent[] = [];
-  for (let i = 1; i < expiredRaw.length; i += 2) expired.push(decode(expiredRaw[i]));
+  const expired = eventsOf(reply[3] as Reply);
   return {
     acked: reply[0] as number,
     receipts,
@@ -810,16 +813,11 @@ export class Outbox {
       if (v === null) return null;
       const kept = readScriptReply(v) as Reply;
       const out: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] = [];
-      const events = (list: Reply) => {
-        const evs: StoredEvent[] = [];
-        for (let i = 1; i < list.length; i += 2) evs.push(decode(list[i] as Buffer));
-        return evs;
-      };
       for (let i = 0; i < kept.length; i += 3)
         out.push({
           sid: (kept[i] as Buffer).toString(),
-          receipts: events(kept[i + 1] as Reply),
-          expired: events(kept[i + 2] as Reply),
+          receipts: eventsOf(kept[i + 1] as Reply),
+          expired: eventsOf(kept[i + 2] as Reply),
         });
       return out;
     });
@@ -995,8 +993,7 @@ export class Outbox {
       p.zadd(this.keys.expiries, expiry.toString(), `${to}|${eid}`);
     }
     if (p.length > 0) await p.exec();
-    const dropped: StoredEvent[] = [];
-    for (let i = 1; i < droppedRaw.length; i += 2) dropped.push(decode(droppedRaw[i]));
+    const dropped = eventsOf(droppedRaw);
     return { moved: moved.length / 2, dropped, left };
   }
 
