@@ -374,6 +374,7 @@ export async function startNode(
     await delivery.start();
     await presence.start({
       roomLeft: (now) => rooms.sweepRoomLeft(now),
+      owedReports: (cutoff, limit) => delivery.reportOwed(cutoff, limit),
       // The purges in one batch; the moves OWED_ENDS_AT_ONCE at a time (each of its own
       // session's keys: a few round trips, which the others overlap).
       owedEnds: async (cutoff, limit) => {

@@ -263,28 +263,48 @@ export class Keys {
   }
 
   /**
-   * STRING: the events one take to the dead letters removed from session `sid`'s outbox, kept
-   * for a minute for its node when the take's reply is lost (take.lua "kept"). `id` a uuid.
+   * STRING: the events one take to the dead letters removed from session `sid`'s outbox (take.lua
+   * "kept"), owed until its node dead-lettered them (`owedReports`). `id` a uuid.
    */
   deadLetterReceipt(id: string, sid: string): string {
     return `${this.prefix}dlrcpt:${id}:${sid}`;
   }
 
   /**
-   * STRING: an event a retry's take (resend.lua) removed as expired, kept for a minute for its
-   * node when the call's reply is lost. `id` a uuid.
+   * STRING: an event a retry's take (resend.lua) removed as expired, owed until its node reported
+   * it (`owedReports`). `id` a uuid.
    */
   resendReceipt(id: string, sid: string): string {
     return `${this.prefix}rsrcpt:${id}:${sid}`;
   }
 
   /**
-   * STRING: the receipts and expired events one ack-pump call found (ack-pump.lua), kept for a
-   * minute for its node when the call's reply is lost, removed by the node when it came. `id`
-   * names the call: a uuid of the node's delivery service, its flush's count and the call's index.
+   * STRING: the receipts and expired events one ack-pump call found (ack-pump.lua), owed until
+   * its node reported them (`owedReports`). `id` names the call: a uuid of the node's delivery
+   * service, its flush's count and the call's index.
    */
   pumpReceipt(id: string): string {
     return `${this.prefix}pumprcpt:${id}`;
+  }
+
+  /**
+   * ZSET receipt key → ms written: the receipts of removed events whose reports (`delivery.acked`,
+   * `delivery.expired`, the dead letters) are owed. The script that removes the events writes the
+   * receipt and its entry in one step; the node removes both once the reports are queued. The
+   * sweep queues those of receipts owed longer than GW_PRESENCE_STALE_MS (their node died, or
+   * could not queue them) and removes them.
+   */
+  get owedReports(): string {
+    return `${this.prefix}owedreports`;
+  }
+
+  /** Which kind of owed receipt a key is (`owedReports`), undefined for none of them. */
+  receiptKind(receipt: string): 'pump' | 'deadLetter' | 'resend' | undefined {
+    const rest = receipt.slice(this.prefix.length);
+    if (rest.startsWith('pumprcpt:')) return 'pump';
+    if (rest.startsWith('dlrcpt:')) return 'deadLetter';
+    if (rest.startsWith('rsrcpt:')) return 'resend';
+    return undefined;
   }
 
   /**

@@ -2,9 +2,10 @@
  * Receipts of sweep steps whose reply can be lost. Redis frozen or slow past the node's timeout
  * (`GW_REDIS_TIMEOUT_MS`) runs a step it holds once it goes on, after the node stopped waiting:
  * what the step did is done, but the node never hears what it was. A step that must be counted
- * or followed up by its node names a receipt key where its script keeps what it did for
- * RECEIPT_MS; after a failed call the node notes the receipt, and reads every receipt pending
- * from its sweep, in one command a tick, until found or kept no longer.
+ * or followed up by its node names a receipt key where its script keeps what it did (for
+ * RECEIPT_MS; or, for removed events whose reports are owed, until the node queued them:
+ * Keys.owedReports); after a failed call the node notes the receipt, and reads every receipt
+ * pending from its sweep, in one command a tick, until found or looked for RECEIPT_MS.
  */
 
 /** How long a step keeps its receipt (ms). */

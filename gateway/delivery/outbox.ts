@@ -739,15 +739,16 @@ export class Outbox {
   /**
    * `ackPumpMany`, each call settled apart: a request of a failed call has no result. With a
    * `receipt`, each call names one of its own (`receipt:0`, `receipt:1`, ...), where it keeps
-   * the receipts and expired events it found for RECEIPT_MS (ack-pump.lua): Redis may run a
-   * failed call after all and drop its reply, and those events are gone with their reports.
-   * `lost` names the receipts of the failed calls; one whose reply came is removed.
+   * the receipts and expired events it found, owed until reported (ack-pump.lua, Keys.owedReports):
+   * Redis may run a failed call after all and drop its reply, and those events are gone with
+   * their reports. `lost` names the receipts of the failed calls; `owed` those of the calls whose
+   * reply came with something to report, for the caller to `settle` once it reported it.
    */
   async ackPumpCalls(
     requests: AckPumpRequest[],
     nowMs: number,
     receipt?: string,
-  ): Promise<{ results: (AckPumpResult | undefined)[]; lost: string[]; error?: unknown }> {
+  ): Promise<{ results: (AckPumpResult | undefined)[]; lost: string[]; owed: string[]; error?: unknown }> {
     const calls: Promise<Buffer>[] = [];
     const [head, tail] = this.keys.sessionKeyParts;
     for (let i = 0; i < requests.length; i += MAX_PUMP_BATCH) {
@@ -769,12 +770,13 @@ export class Outbox {
       calls.push(
         receipt === undefined
           ? this.redis.gwAckPumpBuffer(...args)
-          : this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, RECEIPT_MS),
+          : this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, this.keys.owedReports),
       );
     }
     const settled = await Promise.allSettled(calls);
     const results: (AckPumpResult | undefined)[] = [];
     const lost: string[] = [];
+    const owed: string[] = [];
     let error: unknown;
     settled.forEach((r, call) => {
       const n = Math.min(MAX_PUMP_BATCH, requests.length - call * MAX_PUMP_BATCH);
@@ -794,12 +796,30 @@ export class Outbox {
         return;
       }
       results.push(...parsed);
-      // The reply came: its receipt is not needed (it would be kept a minute, with the events'
-      // payloads). A removal that fails leaves it to expire.
       if (receipt !== undefined && parsed.some((p) => p.receipts.length > 0 || p.expired.length > 0))
-        this.redis.unlink(`${receipt}:${call}`).catch(() => {});
+        owed.push(`${receipt}:${call}`);
     });
-    return error === undefined ? { results, lost } : { results, lost, error };
+    return error === undefined ? { results, lost, owed } : { results, lost, owed, error };
+  }
+
+  /**
+   * Removes receipts whose reports are queued, and their entries in the owed reports (one round
+   * trip). The receipt first: an entry left by a failure here finds no receipt and is dropped by
+   * the sweep; a receipt left is reported again (with the same job ids).
+   */
+  async settle(receipts: string[]): Promise<void> {
+    if (receipts.length === 0) return;
+    await Promise.all([this.redis.unlink(...receipts), this.redis.zrem(this.keys.owedReports, ...receipts)]);
+  }
+
+  /** Removes entries of the owed reports whose receipts are gone. */
+  async forgetOwed(receipts: string[]): Promise<void> {
+    if (receipts.length > 0) await this.redis.zrem(this.keys.owedReports, ...receipts);
+  }
+
+  /** Receipts owed since `cutoffMs` or earlier (Keys.owedReports), oldest first, at most `limit`. */
+  owedSince(cutoffMs: number, limit: number): Promise<string[]> {
+    return this.redis.zrangebyscore(this.keys.owedReports, '-inf', cutoffMs, 'LIMIT', 0, limit);
   }
 
   /**
@@ -825,7 +845,8 @@ export class Outbox {
 
   /**
    * Takes one event again for a retry: null if it is gone. With a `receipt`, an event removed as
-   * expired is kept there for RECEIPT_MS (resend.lua), for `resentExpired` when the reply is lost.
+   * expired is kept there, owed until reported (resend.lua, Keys.owedReports), for
+   * `resentExpired` when the reply is lost.
    */
   async resend(
     sid: string,
@@ -834,7 +855,7 @@ export class Outbox {
     receipt?: string,
   ): Promise<null | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
     const args: (string | number)[] = [...this.keys.outbox(sid).slice(0, 6), eid, nowMs];
-    if (receipt !== undefined) args.push(receipt, RECEIPT_MS);
+    if (receipt !== undefined) args.push(receipt, this.keys.owedReports);
     const reply = await this.redis.gwResendBuffer(...args);
     if (!reply) return null;
     if ((reply[0] as Buffer).toString() === 'expired') return { expired: decode(reply[1] as Buffer) };
@@ -853,11 +874,11 @@ export class Outbox {
   }
 
   /**
-   * `take` of the given events that also keeps what it removed under `receipt` for RECEIPT_MS
-   * (take.lua "kept"), for `takenKept` when the reply is lost.
+   * `take` of the given events that also keeps what it removed under `receipt`, owed until
+   * dead-lettered (take.lua "kept", Keys.owedReports), for `takenKept` when the reply is lost.
    */
-  takeKept(sid: string, eids: string[], receipt: string): Promise<TakenEvent[]> {
-    return this.takeAs(sid, 'kept', [receipt, String(RECEIPT_MS), ...eids]);
+  takeKept(sid: string, eids: string[], receipt: string, nowMs = Date.now()): Promise<TakenEvent[]> {
+    return this.takeAs(sid, 'kept', [receipt, this.keys.owedReports, String(nowMs), ...eids]);
   }
 
   /** What `takeKept` calls whose receipts these are removed (null: none kept there). */

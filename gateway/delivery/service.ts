@@ -278,6 +278,7 @@ export class DeliveryService {
     retried: Counter;
     deadLettered: Counter;
     expired: Counter;
+    owedReported: Counter;
     overflow: Counter;
     resyncs: Counter;
   };
@@ -388,6 +389,10 @@ export class DeliveryService {
       retried: counter('retried', 'Missed ACK deadlines scheduled for retry.'),
       deadLettered: counter('dead_lettered', 'Events moved to the dead-letter queue.'),
       expired: counter('expired', 'Events dropped at their ttl.'),
+      owedReported: counter(
+        'owed_reports',
+        'Receipts of removed events (acked with a receipt, expired, dead-lettered) whose reports the cluster-wide sweep queued because the node that removed them did not within GW_PRESENCE_STALE_MS (it died, or could not queue them).',
+      ),
       overflow: counter('outbox_overflow', 'Publishes that met a full outbox.', ['policy']),
       resyncs: counter(
         'outbox_resyncs',
@@ -413,25 +418,23 @@ export class DeliveryService {
           { sessionId: sid, events: taken.length },
           'dead letters taken by a take whose reply was lost, read from its receipt',
         );
-        void this.deadLettersTaken(sid, taken);
+        void this.settleAfter([receipt], [this.deadLettersTaken(sid, taken)]);
       },
     );
     this.pumpReceipts = `${deps.keys.pumpReceipt(randomUUID())}:`;
     this.lostPumps = new LostReplies(
       (receipts) => deps.outbox.pumpedKept(receipts),
-      (sessions) => {
-        let receipts = 0;
-        let expired = 0;
-        for (const s of sessions) {
-          receipts += s.receipts.length;
-          expired += s.expired.length;
-          for (const ev of s.receipts) this.report('delivery.acked', s.sid, ev, {});
-          for (const ev of s.expired) this.reportExpired(s.sid, ev);
-        }
+      (sessions, receipt) => {
+        const reports = this.reportPumped(sessions);
         deps.log.info(
-          { sessions: sessions.length, receipts, expired },
+          {
+            sessions: sessions.length,
+            receipts: sessions.reduce((n, s) => n + s.receipts.length, 0),
+            expired: sessions.reduce((n, s) => n + s.expired.length, 0),
+          },
           'acked and expired events of an outbox pump whose reply was lost, reported from its receipt',
         );
+        void this.settleAfter([receipt], reports);
       },
     );
     this.lostResends = new LostReplies(
@@ -442,7 +445,7 @@ export class DeliveryService {
           { sessionId: sid, eid: ev.eid },
           'an event a retry removed as expired, its reply lost, reported from its receipt',
         );
-        this.reportExpired(sid, ev);
+        void this.settleAfter([receipt], [this.reportExpired(sid, ev)]);
       },
     );
     // Every label value a series can take, at 0 from the start: a rate over a series that
@@ -992,9 +995,10 @@ export class DeliveryService {
     // sweep (`lostPumps`); its sessions' acks are applied again (they find nothing to remove).
     const receipt = `${this.pumpReceipts}${++this.pumpCalls}`;
     this.deps.outbox.ackPumpCalls(requests, Date.now(), receipt).then(
-      ({ results, lost, error }) => {
+      ({ results, lost, owed, error }) => {
         for (const r of lost) this.lostPumps.note(r);
         let failed = 0;
+        const reports: Promise<boolean>[] = [];
         pumps.forEach((pump, i) => {
           const result = results[i];
           if (result === undefined) {
@@ -1008,7 +1012,12 @@ export class DeliveryService {
             pump.running = false;
             this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
           }
+          // Reported whatever became of the sends: the events are gone from the outbox.
+          reports.push(...this.reportPumped([{ sid: pump.sid, ...result }]));
         });
+        // The calls' receipts are owed until their reports are queued; if one is not, the
+        // cluster-wide sweep queues them again (the same job ids) a stale time later.
+        if (owed.length > 0) void this.settleAfter(owed, reports);
         if (error !== undefined)
           logFailure(this.deps.log, error, { sessions: failed }, 'outbox pump failed; retrying');
       },
@@ -1046,7 +1055,10 @@ export class DeliveryService {
     return pump.unsentFrom === 0 || past < pump.unsentFrom ? past : pump.unsentFrom;
   }
 
-  /** What one session's ack-pump returned: send the events, report receipts and expiries. */
+  /**
+   * What one session's ack-pump returned: send the events (`reportPumped` reports its receipts and
+   * expiries).
+   */
   private pumped(
     pump: SessionPump,
     { acks, bare, slots, unsentFrom }: AckPumpRequest,
@@ -1095,8 +1107,6 @@ export class DeliveryService {
       });
       this.sendEvent(pump.conn, s.message, 1);
     }
-    for (const ev of r.receipts) this.report('delivery.acked', pump.sid, ev, {});
-    for (const ev of r.expired) this.reportExpired(pump.sid, ev);
     if (live && (pump.again || r.send.length > 0 || r.expired.length > 0)) this.schedule(pump);
     else if (!live) this.applyLastAcks(pump);
   }
@@ -1356,7 +1366,7 @@ export class DeliveryService {
           });
           this.sendEvent(pump.conn, r.message, 1);
         } else {
-          if (r && 'expired' in r) this.reportExpired(sid, r.expired);
+          if (r && 'expired' in r) void this.settleAfter([receipt], [this.reportExpired(sid, r.expired)]);
           this.schedule(pump);
         }
       },
@@ -1390,34 +1400,131 @@ export class DeliveryService {
       receipt,
       this.deps.outbox.takeKept(pump.sid, [eid], receipt),
     );
-    await this.deadLettersTaken(pump.sid, taken);
+    // Nothing taken (an ack came first): no receipt was written.
+    if (taken.length > 0) await this.settleAfter([receipt], [this.deadLettersTaken(pump.sid, taken)]);
     this.schedule(pump);
   }
 
-  /** Dead-letters and reports events taken from `sid`'s outbox, each logged if that fails. */
-  private async deadLettersTaken(sid: string, taken: TakenEvent[]): Promise<void> {
+  /**
+   * Dead-letters and reports events taken from `sid`'s outbox, each logged if that fails: true if
+   * all were queued. One that was not stays owed under its receipt (settleAfter).
+   */
+  private async deadLettersTaken(sid: string, taken: TakenEvent[], count = true): Promise<boolean> {
+    let queued = true;
     for (const t of taken) {
       try {
-        await this.fail(sid, t.event, t.attempts, 'max_attempts');
+        await this.fail(sid, t.event, t.attempts, 'max_attempts', count);
       } catch (e) {
-        // Taken but not queued: the event itself goes to the log, so it is not lost silently.
+        queued = false;
+        // Taken but not queued: its receipt keeps it for another try; the log says which.
         this.deps.log.error(
-          { err: e, sessionId: sid, event: t.event, attempts: t.attempts },
+          { err: e, sessionId: sid, eid: t.event.eid, attempts: t.attempts },
           'dead-lettering failed',
         );
       }
     }
+    return queued;
   }
 
-  /** Moves an event to the dead-letter queue and reports `delivery.failed`. */
-  async fail(sessionId: string, ev: StoredEvent, attempts: number, reason: string): Promise<void> {
-    this.metrics.deadLettered.inc();
+  /**
+   * Moves an event to the dead-letter queue and reports `delivery.failed`; rejects if either was
+   * not queued. `count`: counted in `dead_lettered` (not when the sweep queues it again).
+   */
+  async fail(
+    sessionId: string,
+    ev: StoredEvent,
+    attempts: number,
+    reason: string,
+    count = true,
+  ): Promise<void> {
+    if (count) this.metrics.deadLettered.inc();
     await this.deadLetters.add(
       'dead-letter',
       { sessionId, event: ev, attempts, reason, ts: Date.now() },
       { jobId: `${sessionId}-${ev.eid}` },
     );
-    await this.report('delivery.failed', sessionId, ev, { attempts, reason });
+    if (!(await this.report('delivery.failed', sessionId, ev, { attempts, reason })))
+      throw new Error('delivery.failed not queued');
+  }
+
+  /**
+   * `delivery.acked` for each receipt and `delivery.expired` for each expired event an ack-pump
+   * call removed, by session (`count`: the expired ones counted in `expired`).
+   */
+  private reportPumped(
+    sessions: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[],
+    count = true,
+  ): Promise<boolean>[] {
+    const reports: Promise<boolean>[] = [];
+    for (const s of sessions) {
+      for (const ev of s.receipts) reports.push(this.report('delivery.acked', s.sid, ev, {}));
+      for (const ev of s.expired) reports.push(this.reportExpired(s.sid, ev, count));
+    }
+    return reports;
+  }
+
+  /**
+   * Once `reports` are all queued, removes the receipts that owed them (Keys.owedReports): true
+   * if it did. If one was not queued, they stay owed, and the cluster-wide sweep queues them
+   * again (the same job ids) a stale time later.
+   */
+  private async settleAfter(receipts: string[], reports: Promise<boolean>[]): Promise<boolean> {
+    if (!(await Promise.all(reports)).every(Boolean)) return false;
+    try {
+      await this.deps.outbox.settle(receipts);
+      return true;
+    } catch (e) {
+      logFailure(
+        this.deps.log,
+        e,
+        { receipts: receipts.length },
+        'could not remove receipts whose reports are queued; the sweep reports them again',
+      );
+      return false;
+    }
+  }
+
+  /**
+   * From the cluster-wide sweep: the reports owed by receipts written at `cutoffMs` or before
+   * (Keys.owedReports), at most `limit`: their node died before it queued them, or could not
+   * queue them. Each receipt's reports are queued and the receipt removed; one gone already
+   * (its node removed it meanwhile) leaves only its entry, removed. `found` counts the receipts
+   * read, `reported` those whose reports this call queued. What it queues is not counted again
+   * in `expired` or `dead_lettered` (the node that removed the events did, or died).
+   */
+  async reportOwed(cutoffMs: number, limit: number): Promise<{ found: number; reported: number }> {
+    const { outbox, keys } = this.deps;
+    const owed = await outbox.owedSince(cutoffMs, limit);
+    if (owed.length === 0) return { found: 0, reported: 0 };
+    const pumps = owed.filter((r) => keys.receiptKind(r) === 'pump');
+    const deadLetters = owed.filter((r) => keys.receiptKind(r) === 'deadLetter');
+    const resends = owed.filter((r) => keys.receiptKind(r) === 'resend');
+    const [pumped, taken, resent] = await Promise.all([
+      pumps.length > 0 ? outbox.pumpedKept(pumps) : [],
+      deadLetters.length > 0 ? outbox.takenKept(deadLetters) : [],
+      resends.length > 0 ? outbox.resentExpired(resends) : [],
+    ]);
+    const gone = owed.filter((r) => keys.receiptKind(r) === undefined);
+    const settled: Promise<boolean>[] = [];
+    pumps.forEach((r, i) => {
+      const v = pumped[i];
+      if (v === null) gone.push(r);
+      else settled.push(this.settleAfter([r], this.reportPumped(v, false)));
+    });
+    deadLetters.forEach((r, i) => {
+      const v = taken[i];
+      if (v === null) gone.push(r);
+      else settled.push(this.settleAfter([r], [this.deadLettersTaken(keys.receiptSession(r), v, false)]));
+    });
+    resends.forEach((r, i) => {
+      const v = resent[i];
+      if (v === null) gone.push(r);
+      else settled.push(this.settleAfter([r], [this.reportExpired(keys.receiptSession(r), v, false)]));
+    });
+    const reported = (await Promise.all(settled)).filter(Boolean).length;
+    if (reported > 0) this.metrics.owedReported.inc(reported);
+    if (gone.length > 0) await outbox.forgetOwed(gone);
+    return { found: owed.length, reported };
   }
 
   /**
@@ -1453,21 +1560,26 @@ export class DeliveryService {
     if (error !== undefined) throw error;
   }
 
-  reportExpired(sessionId: string, ev: StoredEvent): void {
-    this.metrics.expired.inc();
-    this.report('delivery.expired', sessionId, ev, {});
+  reportExpired(sessionId: string, ev: StoredEvent, count = true): Promise<boolean> {
+    if (count) this.metrics.expired.inc();
+    return this.report('delivery.expired', sessionId, ev, {});
   }
 
+  /** Queues a report on the back-end queue: false (logged) if it could not. */
   private report(
     name: string,
     sessionId: string,
     ev: StoredEvent,
     extra: Record<string, unknown>,
-  ): Promise<void> {
+  ): Promise<boolean> {
     const r = reportOf(name, sessionId, ev, Date.now(), extra);
-    return this.deps.backend
-      .emit(r.name, r.data, r.jobId)
-      .catch((e) => this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue'));
+    return this.deps.backend.emit(r.name, r.data, r.jobId).then(
+      () => true,
+      (e) => {
+        this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue');
+        return false;
+      },
+    );
   }
 
   /**

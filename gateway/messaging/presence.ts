@@ -64,6 +64,12 @@ export interface SweepTargets {
     limit: number,
   ): Promise<{ done: { sid: string; reason: string }[]; found: number }>;
   /**
+   * Queues the reports owed by up to `limit` receipts written before `cutoff` (ms) (keys.ts
+   * owedReports: the node that removed their events died before it reported them, or could not
+   * queue them); returns how many receipts it found and how many it reported.
+   */
+  owedReports(cutoff: number, limit: number): Promise<{ found: number; reported: number }>;
+  /**
    * Ends up to `limit` sessions whose life ran out (their purge left owed for the owed step);
    * returns how many.
    */
@@ -115,6 +121,9 @@ const EXPIRED_SESSIONS_BATCH = 500;
 /** Owed session ends the sweep reads and finishes at a time (SweepTargets.owedEnds). */
 const OWED_BATCH = 100;
 
+/** Owed reports' receipts the sweep reads and queues at a time (SweepTargets.owedReports). */
+const OWED_REPORTS_BATCH = 200;
+
 /** Owed audit ends the sweep writes at a time, in one statement (SweepTargets.auditEnds). */
 const AUDIT_BATCH = 1000;
 
@@ -128,6 +137,7 @@ interface SweepResult {
   expired: number;
   sessionsExpired: number;
   ended: number;
+  owedReports: number;
   auditEnds: number;
   lostSessions: number;
 }
@@ -740,6 +750,22 @@ export class Presence {
       ended += done.length;
       if (found < OWED_BATCH || done.length === 0 || Date.now() >= owedDeadline) break;
     }
+    // Reports of removed events a node left owed (it died between the removal and the report,
+    // or could not queue them): a batch at a time, for at most half the interval, as long as a
+    // batch reports some (one that reports none: Redis refuses).
+    let owedReports = 0;
+    const reportsDeadline = Date.now() + options.sweepIntervalMs / 2;
+    for (;;) {
+      const { found, reported } = await this.targets!.owedReports(cutoff, OWED_REPORTS_BATCH);
+      owedReports += reported;
+      if (found < OWED_REPORTS_BATCH || reported === 0 || Date.now() >= reportsDeadline) break;
+    }
+    if (owedReports > 0) {
+      this.deps.log.warn(
+        { receipts: owedReports },
+        'presence sweep queued the reports of removed events a node left owed',
+      );
+    }
     // Audit ends a node left unwritten (it died first, or cannot reach PostgreSQL): a batch at a
     // time, in one statement each. A PostgreSQL that refuses fails only this step (logged);
     // they stay owed for the next sweep.
@@ -801,7 +827,7 @@ export class Presence {
         'presence sweep could not check live sessions against their audit rows',
       );
     }
-    return { deadNodes, sessions, expired, sessionsExpired, ended, auditEnds, lostSessions };
+    return { deadNodes, sessions, expired, sessionsExpired, ended, owedReports, auditEnds, lostSessions };
   }
 
   /**

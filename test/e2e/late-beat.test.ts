@@ -56,6 +56,7 @@ test('a beat stamped before its process stopped and sent after: one silence line
       roomLeft: () => ['', '', Buffer.alloc(0), 0],
       expire: async () => {},
       owedEnds: async () => ({ done: [], found: 0 }),
+      owedReports: async () => ({ found: 0, reported: 0 }),
       expiredSessions: async () => 0,
       auditEnds: async () => ({ found: 0, written: 0 }),
       lostSessions: async () => ({ checked: 0, ended: [], deferred: 0 }),

@@ -2,15 +2,16 @@
  * The receipts of ack-pump.lua and resend.lua (Outbox.ackPumpCalls, Outbox.resend): a call that
  * removes events whose reports the node owes (acked events that asked for a receipt, events found
  * past their expiry) keeps them under a receipt, so that a reply lost to a Redis slow past the
- * node's timeout does not lose the reports. Through the real Outbox and the real Redis; a proxy
- * holds the replies that are to be lost, against a 300 ms command timeout.
+ * node's timeout, or a node that dies before it reported them, does not lose the reports: the
+ * receipt is noted in the owed reports (Keys.owedReports) in the same step, until the node
+ * settles it. Through the real Outbox and the real Redis; a proxy holds the replies that are to
+ * be lost, against a 300 ms command timeout.
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { Redis } from 'ioredis';
 import { Outbox } from '../../gateway/delivery/outbox.ts';
-import { RECEIPT_MS } from '../../gateway/receipts.ts';
 import { REDIS_URL } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import { outboxFixture } from '../helpers/outbox-fixture.ts';
@@ -37,6 +38,22 @@ after(async () => {
 
 const eidsOf = (evs: { eid: string }[]) => evs.map((e) => e.eid);
 
+/** Asserts that `receipt` is kept with no expiry and noted in the owed reports at about `at`. */
+async function assertOwed(receipt: string, at: number) {
+  assert.equal(await redis.pttl(receipt), -1, `${receipt} kept until settled, no expiry`);
+  const score = Number(await redis.zscore(keys.owedReports, receipt));
+  assert.ok(
+    Math.abs(score - at) < 5_000,
+    `noted in the owed reports at the call's time: ${score} against ${at}`,
+  );
+}
+
+/** Asserts that neither `receipt` nor its entry in the owed reports is left. */
+async function assertNotOwed(receipt: string) {
+  assert.equal(await redis.exists(receipt), 0, `${receipt} not kept`);
+  assert.equal(await redis.zscore(keys.owedReports, receipt), null, `${receipt} not owed`);
+}
+
 /** Publishes `eid` to `sid` with a receipt and/or an expiry already past (after a short wait). */
 async function publish(sid: string, eid: string, opts: { receipt?: boolean; expired?: boolean } = {}) {
   const r = await within(
@@ -49,7 +66,7 @@ async function publish(sid: string, eid: string, opts: { receipt?: boolean; expi
 /** Arms the proxy to hold the next reply to a command naming `marker`; resolves when it was seen. */
 const holdReplyNaming = (marker: string) => proxy.holdReplyOf(new RegExp(marker), 1000);
 
-test('an ack-pump call whose reply is lost keeps the receipts and the expired events it found, per session, for RECEIPT_MS', async () => {
+test('an ack-pump call whose reply is lost keeps the receipts and the expired events it found, per session, owed until settled', async () => {
   const a = await session();
   const b = await session();
   const quiet = await session();
@@ -61,7 +78,8 @@ test('an ack-pump call whose reply is lost keeps the receipts and the expired ev
   await new Promise((r) => setTimeout(r, 50)); // past the expiries
   const receipt = keys.pumpReceipt(randomUUID());
   const held = holdReplyNaming(receipt);
-  const { results, lost, error } = await within(
+  const at = Date.now();
+  const { results, lost, owed, error } = await within(
     'the ack-pump call',
     slowOutbox.ackPumpCalls(
       [
@@ -78,6 +96,7 @@ test('an ack-pump call whose reply is lost keeps the receipts and the expired ev
   assert.ok(error instanceof Error, 'the call timed out');
   assert.deepEqual(results, [undefined, undefined, undefined], 'no result for a lost call');
   assert.deepEqual(lost, [`${receipt}:0`]);
+  assert.deepEqual(owed, [], 'no reply, nothing to settle from it');
   const [kept] = await outbox.pumpedKept(lost);
   assert.ok(kept, 'the receipt was kept');
   assert.deepEqual(
@@ -89,8 +108,10 @@ test('an ack-pump call whose reply is lost keeps the receipts and the expired ev
     'the sessions with something to report, and only that',
   );
   assert.deepEqual(kept[0].receipts[0], event('a-receipt', { eid: 'a-receipt' }), 'the event as stored');
-  const ttl = await redis.pttl(lost[0]);
-  assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
+  await assertOwed(lost[0], at);
+  assert.deepEqual(await outbox.owedSince(Date.now(), 1000), [lost[0]], 'read by the sweep once old enough');
+  await outbox.settle(lost);
+  await assertNotOwed(lost[0]);
   // The call ran: the events are gone.
   assert.deepEqual(
     (await outbox.peek(a)).map((t) => t.event.eid),
@@ -99,18 +120,23 @@ test('an ack-pump call whose reply is lost keeps the receipts and the expired ev
   );
 });
 
-test('an ack-pump call whose reply came removes its receipt; one with nothing to report keeps none', async () => {
+test('an ack-pump call whose reply came names its receipt to settle, owed until then; one with nothing to report keeps none', async () => {
   const sid = await session();
   await publish(sid, 'r1', { receipt: true });
   await publish(sid, 'p1');
   const receipt = keys.pumpReceipt(randomUUID());
-  const { results, lost } = await within(
+  const at = Date.now();
+  const { results, lost, owed } = await within(
     'the ack-pump call',
-    outbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['r1'], bare: [] }], Date.now(), receipt),
+    outbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['r1'], bare: [] }], at, receipt),
   );
   assert.deepEqual(lost, []);
   assert.deepEqual(eidsOf(results[0]!.receipts), ['r1'], 'the reply reports it');
-  await until('the receipt removed', async () => (await redis.exists(`${receipt}:0`)) === 0, 5000);
+  assert.deepEqual(owed, [`${receipt}:0`], 'owed until its reports are queued');
+  await assertOwed(`${receipt}:0`, at);
+  assert.deepEqual(await outbox.owedSince(at - 1, 1000), [], 'not read by the sweep before its time');
+  await outbox.settle(owed);
+  await assertNotOwed(`${receipt}:0`);
 
   // Lost, with nothing to report: p1 acked, no receipt asked for.
   const other = keys.pumpReceipt(randomUUID());
@@ -123,6 +149,7 @@ test('an ack-pump call whose reply came removes its receipt; one with nothing to
   assert.deepEqual(r.lost, [`${other}:0`]);
   await until('the lost call applied', async () => (await outbox.peek(sid)).length === 0, 5000);
   assert.deepEqual(await outbox.pumpedKept(r.lost), [null], 'nothing kept');
+  await assertNotOwed(r.lost[0]);
 });
 
 test('130 sessions in three calls, all lost: each call keeps its own sessions', async () => {
@@ -175,8 +202,7 @@ test('a retry whose take removes the event as expired keeps it when the reply is
   await within('the held reply seen', held);
   const [kept] = await outbox.resentExpired([receipt]);
   assert.deepEqual(kept, event('x1', { eid: 'x1' }), 'the expired event, as stored');
-  const ttl = await redis.pttl(receipt);
-  assert.ok(ttl > 0 && ttl <= RECEIPT_MS, `kept for RECEIPT_MS: ${ttl}`);
+  await assertOwed(receipt, Date.now());
   assert.equal(keys.receiptSession(receipt), sid);
   assert.equal(await outbox.resend(sid, 'x1', Date.now()), null, 'removed by the lost call');
 
@@ -184,4 +210,5 @@ test('a retry whose take removes the event as expired keeps it when the reply is
   const r = await within('the resend', outbox.resend(sid, 's1', Date.now(), sent));
   assert.ok(r && 'message' in r, 'sent again');
   assert.deepEqual(await outbox.resentExpired([sent]), [null], 'nothing kept');
+  await assertNotOwed(sent);
 });

@@ -81,6 +81,7 @@ async function startNode(given: Partial<SweepTargets> = {}) {
     ],
     expire: async () => {},
     owedEnds: async () => ({ done: [], found: 0 }),
+    owedReports: async () => ({ found: 0, reported: 0 }),
     expiredSessions: async () => 0,
     auditEnds: async () => ({ found: 0, written: 0 }),
     lostSessions: async () => ({ checked: 0, ended: [], deferred: 0 }),

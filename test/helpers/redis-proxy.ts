@@ -42,6 +42,13 @@ export interface RedisProxy {
     ms: number,
     beforeSent?: () => void,
   ): Promise<void>;
+  /**
+   * The next command a client sends whose bytes match `pattern` (a RegExp, or a test of the bytes
+   * as a latin1 string) never reaches Redis, nor does anything that connection sends after it: a
+   * process killed before its write left. Resolves when such a command was seen (the test kills
+   * the process then).
+   */
+  stopAtCommand(pattern: RegExp | ((command: string) => boolean)): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -53,6 +60,9 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
   let replyHold:
     | { matches: (command: string) => boolean; ms: number; seen: () => void; beforeSent?: () => void }
     | undefined;
+  let stopAt: { matches: (command: string) => boolean; seen: () => void } | undefined;
+  const matcher = (pattern: RegExp | ((command: string) => boolean)) =>
+    pattern instanceof RegExp ? (c: string) => pattern.test(c) : pattern;
   const sockets = new Set<Socket>();
   const server = createServer((client) => {
     const upstream = createConnection(target);
@@ -66,7 +76,17 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     /** This connection's replies held until then (ms), and what was held. */
     let heldUntil = 0;
     const heldReplies: Buffer[] = [];
+    /** Nothing more from this client reaches Redis (stopAtCommand). */
+    let stopped = false;
     client.on('data', (d: Buffer) => {
+      if (stopped) return;
+      if (stopAt?.matches(d.toString('latin1'))) {
+        const { seen } = stopAt;
+        stopAt = undefined;
+        stopped = true;
+        seen();
+        return;
+      }
       if (replyHold?.matches(d.toString('latin1'))) {
         const { ms, seen, beforeSent } = replyHold;
         replyHold = undefined;
@@ -137,8 +157,11 @@ export async function startRedisProxy(first: { host: string; port: number }): Pr
     },
     holdReplyOf: (pattern, ms, beforeSent) =>
       new Promise<void>((resolve) => {
-        const matches = pattern instanceof RegExp ? (c: string) => pattern.test(c) : pattern;
-        replyHold = { matches, ms, seen: resolve, beforeSent };
+        replyHold = { matches: matcher(pattern), ms, seen: resolve, beforeSent };
+      }),
+    stopAtCommand: (pattern) =>
+      new Promise<void>((resolve) => {
+        stopAt = { matches: matcher(pattern), seen: resolve };
       }),
     close: () =>
       new Promise<void>((resolve) => {

@@ -30,12 +30,13 @@
 
   ARGV[5] the expiries ZSET (`sid|eid` -> expiry ms, publish.lua): an acked or expired event
   with an expiry leaves it too
-  ARGV[6], ARGV[7] a receipt key and how long to keep it (ms), or absent: when the call has
-  receipts or expired events to report, it keeps them there, as `{sid, receipts, expired, ...}`
-  (those sessions only, each list as in the reply) packed with cmsgpack, for its node to read
-  when the reply is lost (Redis frozen or slow past the node's timeout runs the call after the
-  node stopped waiting: the events are gone, and their reports with them). The node removes it
-  once the reply came.
+  ARGV[6], ARGV[7] a receipt key and the owed reports ZSET (Keys.owedReports), or absent: when
+  the call has receipts or expired events to report, it keeps them there, as
+  `{sid, receipts, expired, ...}` (those sessions only, each list as in the reply) packed with
+  cmsgpack, and notes the receipt in the ZSET at `now`: the events are gone, and their reports
+  are owed until the node queued them and removed both (a reply lost to Redis frozen or slow
+  past the node's timeout, or a node that died before it reported, leaves them to its retry or
+  to the sweep).
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced, mark} per session
@@ -59,7 +60,7 @@
 local now = tonumber(ARGV[1])
 local head, tail = ARGV[2], ARGV[3]
 local expiries = ARGV[5]
-local receipt, keepMs = ARGV[6], ARGV[7]
+local receipt, owed = ARGV[6], ARGV[7]
 local A = cmsgpack.unpack(ARGV[4])
 -- What the receipt keeps (see above): nothing made unless a session has something to report.
 local kept
@@ -187,5 +188,8 @@ while a <= #A do
     kept[#kept + 1] = expired
   end
 end
-if kept then redis.call('SET', receipt, cmsgpack.pack(kept), 'PX', keepMs) end
+if kept then
+  redis.call('SET', receipt, cmsgpack.pack(kept))
+  redis.call('ZADD', owed, ARGV[1], receipt)
+end
 return cmsgpack.pack(results)

@@ -4,9 +4,10 @@
   KEYS[1..6] as in publish.lua (q, ev, att, rc, exp, seq)
   ARGV[1] eid
   ARGV[2] now (ms)
-  ARGV[3], ARGV[4] a receipt key and how long to keep it (ms), or absent: an event removed as
-  expired is kept there (its payload), for the node to report when the reply is lost (Redis
-  frozen or slow past the node's timeout runs the call after the node stopped waiting)
+  ARGV[3], ARGV[4] a receipt key and the owed reports ZSET (Keys.owedReports), or absent: an
+  event removed as expired is kept there (its payload), noted in the ZSET at now, until the
+  node reported it (a reply lost to Redis frozen or slow past the node's timeout, or a node
+  that died first, leaves it to its retry or to the sweep)
 
   Returns false when the event is gone (acked, expired or dead-lettered),
   {"expired", payload} when it is past its expiry (removed),
@@ -18,7 +19,10 @@ local payload = redis.call('HGET', KEYS[2], eid)
 local expiry = redis.call('HGET', KEYS[5], eid)
 if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
   removeEvent(KEYS, eid)
-  if ARGV[3] then redis.call('SET', ARGV[3], payload, 'PX', ARGV[4]) end
+  if ARGV[3] then
+    redis.call('SET', ARGV[3], payload)
+    redis.call('ZADD', ARGV[4], ARGV[2], ARGV[3])
+  end
   return {'expired', payload}
 end
 -- A retry follows a send: an event with no attempt entry was sent once, from its publish

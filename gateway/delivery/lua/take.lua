@@ -6,10 +6,12 @@
   ARGV[1] "all" to take every event, "some", or "peek": every event returned and none removed
           (a purge reports them before it takes them, so that a report Redis refuses leaves
           them there for the purge's next try); or "kept": as "some", and what it took is also
-          kept under a receipt key for the node to read when the reply is lost (Redis slow or
-          frozen past its timeout), as `<#eid>:<eid><attempts>:<#payload>:<payload>` each
-  ARGV[2..] eids (with "some"); with "kept", ARGV[2] the receipt key, ARGV[3] how long it is
-          kept (ms), ARGV[4..] the eids
+          kept under a receipt key, as `<#eid>:<eid><attempts>:<#payload>:<payload>` each, noted
+          in the owed reports ZSET: the node removes both once it dead-lettered them (a reply
+          lost to Redis slow or frozen past its timeout, or a node that died first, leaves them
+          to its retry or to the sweep)
+  ARGV[2..] eids (with "some"); with "kept", ARGV[2] the receipt key, ARGV[3] the owed reports
+          ZSET (Keys.owedReports), ARGV[4] now (ms), ARGV[5..] the eids
 
   Returns {eid, attempts, payload, ...}; an event with no attempt entry at or below the sent
   mark (the session's `sent` key, next to q) was sent once, from its publish (publish.lua).
@@ -20,7 +22,7 @@ if ARGV[1] == 'all' or ARGV[1] == 'peek' then
   eids = redis.call('ZRANGE', KEYS[1], 0, -1)
 else
   eids = {}
-  for i = kept and 4 or 2, #ARGV do eids[#eids + 1] = ARGV[i] end
+  for i = kept and 5 or 2, #ARGV do eids[#eids + 1] = ARGV[i] end
 end
 local out = {}
 local mark
@@ -46,6 +48,7 @@ if kept and #out > 0 then
   for i = 1, #out, 3 do
     parts[#parts + 1] = #out[i] .. ':' .. out[i] .. out[i + 1] .. ':' .. #out[i + 2] .. ':' .. out[i + 2]
   end
-  redis.call('SET', ARGV[2], table.concat(parts), 'PX', ARGV[3])
+  redis.call('SET', ARGV[2], table.concat(parts))
+  redis.call('ZADD', ARGV[3], ARGV[4], ARGV[2])
 end
 return out
