@@ -288,9 +288,23 @@ export class Keys {
   }
 
   /**
+   * STRING, cmsgpack `{sid, payload}`: event `eid` that the drop-oldest policy dropped from session
+   * `sid`'s outbox (publish.lua, move.lua), owed until its `delivery.dropped` is queued
+   * (`owedReports`).
+   */
+  dropReceipt(sid: string, eid: string): string {
+    return `${this.dropReceiptPrefix}${sid}:${eid}`;
+  }
+
+  get dropReceiptPrefix(): string {
+    return `${this.prefix}droprcpt:`;
+  }
+
+  /**
    * ZSET receipt key → ms written: the receipts of removed events whose reports (`delivery.acked`,
    * `delivery.expired`, the dead letters) are owed. The script that removes the events writes the
-   * receipt and its entry in one step; the node removes both once the reports are queued. The
+   * receipt and its entry in one step; the node removes both once the reports are queued (for a
+   * drop, the process that published: a node, or a back end's publisher, gateway/publish.ts). The
    * sweep queues those of receipts owed longer than GW_PRESENCE_STALE_MS (their node died, or
    * could not queue them) and removes them.
    */
@@ -299,8 +313,9 @@ export class Keys {
   }
 
   /** Which kind of owed receipt a key is (`owedReports`), undefined for none of them. */
-  receiptKind(receipt: string): 'pump' | 'deadLetter' | 'resend' | undefined {
+  receiptKind(receipt: string): 'pump' | 'deadLetter' | 'resend' | 'drop' | undefined {
     const rest = receipt.slice(this.prefix.length);
+    if (rest.startsWith('droprcpt:')) return 'drop';
     if (rest.startsWith('pumprcpt:')) return 'pump';
     if (rest.startsWith('dlrcpt:')) return 'deadLetter';
     if (rest.startsWith('rsrcpt:')) return 'resend';

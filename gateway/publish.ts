@@ -161,6 +161,9 @@ export async function connectPublisher(o: PublisherOptions = {}): Promise<Gatewa
         const outcome = await publisher.publish(checked.target, checked.event);
         for (const d of outcome.dropped) {
           await backend.dropped(d.sessionId, d.event);
+          // Owed until queued (publish.lua keeps it): a publisher that dies before this line, or
+          // whose removal fails, leaves it to the gateway's sweep (the same job id).
+          await outbox.dropSettled(d.sessionId, d.event.eid).catch(() => {});
         }
         return outcome;
       } catch (e) {

@@ -641,6 +641,10 @@ export class Outbox {
       o.forwardWindow ?? 0,
       this.keys.forwardChannelPrefix,
       o.forwardBudget ?? FORWARD_BUDGET,
+      // Dropped events are kept until reported (`dropSettled`).
+      this.keys.dropReceiptPrefix,
+      this.keys.owedReports,
+      Date.now(),
     );
     this.publishCallsOut++;
     const replicas = this.options.replicas;
@@ -810,6 +814,20 @@ export class Outbox {
   async settle(receipts: string[]): Promise<void> {
     if (receipts.length === 0) return;
     await Promise.all([this.redis.unlink(...receipts), this.redis.zrem(this.keys.owedReports, ...receipts)]);
+  }
+
+  /** Removes the receipt of an event dropped from `sid`'s outbox (its report is queued). */
+  dropSettled(sid: string, eid: string): Promise<void> {
+    return this.settle([this.keys.dropReceipt(sid, eid)]);
+  }
+
+  /** What the drop receipts these are hold (null: gone). */
+  async droppedKept(receipts: string[]): Promise<({ sid: string; event: StoredEvent } | null)[]> {
+    return (await this.redis.mgetBuffer(...receipts)).map((v) => {
+      if (v === null) return null;
+      const [sid, payload] = readScriptReply(v) as Buffer[];
+      return { sid: sid.toString(), event: decode(payload) };
+    });
   }
 
   /** Removes entries of the owed reports whose receipts are gone. */
@@ -1001,6 +1019,9 @@ export class Outbox {
       to,
       o.max,
       o.policy,
+      this.keys.dropReceiptPrefix,
+      this.keys.owedReports,
+      Date.now(),
     );
     if (typeof reply === 'number') return reply as -1;
     const [moved, droppedRaw, left] = reply as [(Buffer | null)[], Buffer[], number];

@@ -648,11 +648,25 @@ export class DeliveryService {
     this.rejectLog = { at: now, events: 0, sessions: 0 };
   }
 
-  /** Events the drop-oldest policy removed from a session's outbox: counted and reported. */
-  async reportDropped(sessionId: string, events: StoredEvent[]): Promise<void> {
+  /**
+   * Events the drop-oldest policy removed from a session's outbox: counted (`count`) and reported,
+   * and each one's receipt removed once its report is queued (publish.lua, move.lua: a drop is
+   * owed until then; Keys.owedReports). Rejects if a report was not queued.
+   */
+  async reportDropped(sessionId: string, events: StoredEvent[], count = true): Promise<void> {
     for (const ev of events) {
-      this.metrics.overflow.labels('drop-oldest').inc();
+      if (count) this.metrics.overflow.labels('drop-oldest').inc();
       await this.deps.backend.dropped(sessionId, ev);
+      await this.deps.outbox
+        .dropSettled(sessionId, ev.eid)
+        .catch((e) =>
+          logFailure(
+            this.deps.log,
+            e,
+            { sessionId, eid: ev.eid },
+            'could not remove receipts whose reports are queued; the sweep reports them again',
+          ),
+        );
     }
   }
 
@@ -1499,10 +1513,12 @@ export class DeliveryService {
     const pumps = owed.filter((r) => keys.receiptKind(r) === 'pump');
     const deadLetters = owed.filter((r) => keys.receiptKind(r) === 'deadLetter');
     const resends = owed.filter((r) => keys.receiptKind(r) === 'resend');
-    const [pumped, taken, resent] = await Promise.all([
+    const drops = owed.filter((r) => keys.receiptKind(r) === 'drop');
+    const [pumped, taken, resent, dropped] = await Promise.all([
       pumps.length > 0 ? outbox.pumpedKept(pumps) : [],
       deadLetters.length > 0 ? outbox.takenKept(deadLetters) : [],
       resends.length > 0 ? outbox.resentExpired(resends) : [],
+      drops.length > 0 ? outbox.droppedKept(drops) : [],
     ]);
     const gone = owed.filter((r) => keys.receiptKind(r) === undefined);
     const settled: Promise<boolean>[] = [];
@@ -1520,6 +1536,21 @@ export class DeliveryService {
       const v = resent[i];
       if (v === null) gone.push(r);
       else settled.push(this.settleAfter([r], [this.reportExpired(keys.receiptSession(r), v, false)]));
+    });
+    drops.forEach((r, i) => {
+      const v = dropped[i];
+      if (v === null) gone.push(r);
+      // reportDropped removes the receipt itself.
+      else
+        settled.push(
+          this.reportDropped(v.sid, [v.event], false).then(
+            () => true,
+            (e) => {
+              logFailure(this.deps.log, e, { sessionId: v.sid }, 'could not report to the back-end queue');
+              return false;
+            },
+          ),
+        );
     });
     const reported = (await Promise.all(settled)).filter(Boolean).length;
     if (reported > 0) this.metrics.owedReported.inc(reported);

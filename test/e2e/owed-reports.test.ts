@@ -157,3 +157,26 @@ test('a take to the dead letters whose node dies before it queues them: the swee
     await assertNothingOwed();
   });
 });
+
+test('a publish that drops the oldest event of a full outbox, whose node dies before it queues delivery.dropped: the sweep of another node queues it', async () => {
+  const before = sweptReceipts();
+  await withDyingNode(
+    { GW_OUTBOX_MAX: '2', GW_OUTBOX_POLICY: 'drop-oldest', GW_ACK_TIMEOUT_MS: '20000' },
+    async ({ a, proxy, c, got, post }) => {
+      const oldest = `oldest-${randomUUID()}`;
+      await post({ eid: oldest, name: 'o', data: 1 });
+      await post({ eid: `next-${randomUUID()}`, name: 'o', data: 2 });
+      await until('both events at the device', () => got.length === 2, 10_000);
+      const stopped = proxy.stopAtCommand((cmd) => cmd.includes(oldest) && cmd.includes('delivery.dropped'));
+      // Not answered: its node dies before it reports the drop, which its answer waits for.
+      const third = post({ eid: `third-${randomUUID()}`, name: 'o', data: 3 }).catch(() => {});
+      await killAt(a, stopped, "node A's queueing of delivery.dropped");
+      await third;
+      c.destroy();
+      const dropped = await q.backendEvent('delivery.dropped', oldest, 30_000);
+      assert.equal(dropped.data.reason, 'outbox_full');
+      await until("B's line for the owed receipt", () => sweptReceipts() > before, 10_000);
+      await assertNothingOwed();
+    },
+  );
+});

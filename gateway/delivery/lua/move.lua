@@ -16,6 +16,9 @@
   ARGV[3] new session id
   ARGV[4] outbox bound (GW_OUTBOX_MAX)
   ARGV[5] policy at the bound: "reject" or "drop-oldest"
+  ARGV[6], ARGV[7], ARGV[8] the drop receipts' prefix, the owed reports ZSET and now (ms), or
+  absent: a dropped event is kept as publish.lua keeps one (ARGV[14..16] there) until its
+  `delivery.dropped` is queued
 
   The new outbox stays within the bound, as a publish would leave it: under "reject" events
   that do not fit stay in the old outbox (the caller purges them, reported failed); under
@@ -59,6 +62,11 @@ while redis.call('ZCARD', KEYS[7]) > bound do
   local eid = redis.call('ZRANGE', KEYS[7], 0, 0)[1]
   dropped[#dropped + 1] = eid
   dropped[#dropped + 1] = redis.call('HGET', KEYS[8], eid)
+  if ARGV[6] then
+    local r = ARGV[6] .. ARGV[3] .. ':' .. eid
+    redis.call('SET', r, cmsgpack.pack({ARGV[3], dropped[#dropped]}))
+    redis.call('ZADD', ARGV[7], ARGV[8], r)
+  end
   removeEvent(NEW, eid)
 end
 -- What did not fit stays for the caller to purge; otherwise the old outbox is gone.

@@ -33,6 +33,11 @@
   ARGV[12] forward channel prefix (Keys.forwardChannel)
   ARGV[13] bytes of forwards per node and call at most (what a subscriber's output buffer takes
   at once); the sessions past it are woken
+  ARGV[14], ARGV[15], ARGV[16] the drop receipts' prefix (Keys.dropReceipt), the owed reports
+  ZSET (Keys.owedReports) and now (ms), or absent: an event dropped at the bound (drop-oldest)
+  is kept under `<prefix><sid>:<eid>` as cmsgpack {sid, payload}, noted in the ZSET, until its
+  `delivery.dropped` is queued (the caller removes both; a caller that died first leaves them
+  to the sweep)
 
   Keys of a session (head .. sid .. tail .. name):
     q     ZSET eid -> sequence (publish order)
@@ -94,6 +99,7 @@ local function listens(node)
   return l
 end
 local head, tail, expiries = ARGV[6], ARGV[7], ARGV[8]
+local dropReceipts, owed, nowMs = ARGV[14], ARGV[15], ARGV[16]
 -- Numbers go to redis.call as strings made once: Lua turns a number argument into text with
 -- sprintf("%.14g"), which is a large share of a call's time (bench/RESULTS.md, "number
 -- arguments"); string.format('%d') of an integer is not.
@@ -295,6 +301,11 @@ while a <= #A do
           redis.call('HDEL', key(K, 3), droppedEid)
           redis.call('SREM', key(K, 4), droppedEid)
           redis.call('HDEL', key(K, 5), droppedEid)
+          if dropReceipts then
+            local r = dropReceipts .. sid .. ':' .. droppedEid
+            redis.call('SET', r, cmsgpack.pack({sid, droppedPayload}))
+            redis.call('ZADD', owed, nowMs, r)
+          end
           d.size = d.size - 1
         end
       end
