@@ -26,6 +26,7 @@ import {
   READONLY_RECONNECT_MS,
   reconnectOnReadonly,
   StartError,
+  whenReachable,
 } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
 import { GrpcServer } from './grpc/server.ts';
@@ -153,7 +154,17 @@ export async function startNode(
       log.debug({ err: e.message }, 'redis connection error');
     });
   try {
-    await Promise.all(clients.map((r) => r.connect()));
+    // Redis not up yet (a stack started at once) is waited for, GW_START_WAIT_MS.
+    await whenReachable(() => Promise.all(clients.map((r) => r.connect())), {
+      dependency: 'redis',
+      endpoint: endpointOf(config.redisUrl),
+      waitMs: config.startWaitMs,
+      log,
+      undo: () => {
+        for (const r of clients) r.disconnect();
+      },
+      cause: (e) => connectionError ?? (e as Error).message,
+    });
   } catch (e) {
     for (const r of clients) r.disconnect();
     const why = connectionError ?? (e as Error).message;

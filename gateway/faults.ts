@@ -285,6 +285,53 @@ export class StartError extends Error {
 }
 
 /**
+ * Runs a start step that needs a dependency (Redis's connections, the migrations) until it
+ * succeeds or `waitMs` have passed: a failure that `transient` says is the dependency not
+ * reachable yet (refused, timed out, still starting up) is tried again after a pause that
+ * doubles from 250 ms to 5 s, with a warn line each time naming the dependency's host and port
+ * and the cause, never its URL. Any other failure, or one past `waitMs`, is thrown. `undo` runs
+ * after each failure (the step's half-open connections closed).
+ */
+export async function whenReachable<T>(
+  step: () => Promise<T>,
+  o: {
+    dependency: Dependency;
+    endpoint: string;
+    waitMs: number;
+    log: Logger;
+    transient?: (e: unknown) => boolean;
+    undo?: () => void;
+    /** The cause to log (a connection's own error, when the step's says less). */
+    cause?: (e: unknown) => string;
+  },
+): Promise<T> {
+  const deadline = Date.now() + o.waitMs;
+  const transient = o.transient ?? isDependencyFault;
+  let pause = 250;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await step();
+    } catch (e) {
+      o.undo?.();
+      if (!transient(e) || Date.now() + pause > deadline) throw e;
+      o.log.warn(
+        {
+          dependency: o.dependency,
+          endpoint: o.endpoint,
+          attempt,
+          retryInMs: pause,
+          waitLeftMs: deadline - Date.now(),
+          err: o.cause?.(e) ?? (e instanceof Error ? e.message : String(e)),
+        },
+        'a dependency is not reachable at start; trying again (GW_START_WAIT_MS)',
+      );
+      await new Promise((r) => setTimeout(r, pause));
+      pause = Math.min(pause * 2, 5000);
+    }
+  }
+}
+
+/**
  * `host:port` of a dependency's URL, for a log line: never its credentials (a URL that does not
  * parse is not quoted either).
  */

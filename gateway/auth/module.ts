@@ -13,7 +13,7 @@ import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
 import { type Connection, ConnState } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
-import { endpointOf, logFailure, StartError } from '../faults.ts';
+import { endpointOf, logFailure, StartError, whenReachable } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { KeptKick, Keys } from '../keys.ts';
@@ -224,7 +224,11 @@ export async function createAuthModule(
   if (config.migrateOnStart) {
     let applied: string[];
     try {
-      applied = await migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' });
+      // PostgreSQL not up yet (a stack started at once) is waited for, GW_START_WAIT_MS.
+      applied = await whenReachable(
+        () => migrate({ url: config.databaseUrl, schema: config.dbSchema, direction: 'up' }),
+        { dependency: 'postgres', endpoint: endpointOf(config.databaseUrl), waitMs: config.startWaitMs, log },
+      );
     } catch (e) {
       await db.pool.end().catch(() => {});
       throw new StartError(

@@ -1,16 +1,36 @@
 /**
- * A start that cannot reach Redis, or cannot apply its migrations to PostgreSQL, stops the
- * process with code 1 (a service manager restarts it) and says so in one fatal JSON line with a
- * stable code, naming the dependency's host and port, never its credentials. Before, the only
- * trace was a stack on stderr ("Error: Connection is closed."), which a log pipeline reading
- * stdout never shows. With several processes, the supervisor stops too, in a line of its own.
+ * A start that cannot reach Redis, or cannot apply its migrations to PostgreSQL, within
+ * GW_START_WAIT_MS stops the process with code 1 (a service manager restarts it) and says so in
+ * one fatal JSON line with a stable code, naming the dependency's host and port, never its
+ * credentials. Before, the only trace was a stack on stderr ("Error: Connection is closed."),
+ * which a log pipeline reading stdout never shows. With several processes, the supervisor stops
+ * too, in a line of its own. Meanwhile it tries again, a warn line each time; a dependency that
+ * comes up within the wait (a stack started at once) is used, and the gateway serves. Private
+ * Redis and PostgreSQL servers, stopped before the gateway starts and started while it waits.
  */
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { test } from 'node:test';
-import { within } from '../helpers/deadline.ts';
+import { until, within } from '../helpers/deadline.ts';
 import { startGateway } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/net.ts';
+import { startOwnPostgres } from '../helpers/own-postgres.ts';
+import { startOwnRedis } from '../helpers/own-redis.ts';
+
+/** The wait of the starts that are to fail: long enough for a few tries. */
+const WAIT = { GW_START_WAIT_MS: '1500' };
+const RETRY_LINE = 'a dependency is not reachable at start; trying again (GW_START_WAIT_MS)';
+
+/** The start's tries of `dependency`, each named by host and port, with its cause. */
+function retries(lines: Record<string, unknown>[], dependency: string, port: number) {
+  const tries = lines.filter((l) => l.msg === RETRY_LINE && l.dependency === dependency);
+  for (const t of tries) {
+    assert.equal(t.level, 40, 'warn');
+    assert.equal(t.endpoint, `127.0.0.1:${port}`, 'host and port');
+    assert.match(String(t.err), /ECONNREFUSED|Connection is closed/, 'the cause');
+  }
+  return tries;
+}
 
 /** Starts a gateway that is to fail: its lines, its exit code and the start's rejection. */
 async function failedStart(env: Record<string, string>) {
@@ -43,8 +63,9 @@ function noSecret(r: { lines: Record<string, unknown>[]; error: Error }, secret:
 
 test('Redis unreachable at start: one fatal line redis_unavailable with its host and the cause, exit 1, no password', async () => {
   const port = await freePort(); // nothing listens there
-  const r = await failedStart({ REDIS_URL: `redis://:start-secret-1@127.0.0.1:${port}` });
+  const r = await failedStart({ REDIS_URL: `redis://:start-secret-1@127.0.0.1:${port}`, ...WAIT });
   assert.equal(r.code, 1, 'exit code 1');
+  assert.ok(retries(r.lines, 'redis', port).length >= 2, 'tried again within GW_START_WAIT_MS');
   assert.equal(r.fatal.length, 1, `one fatal line: ${JSON.stringify(r.fatal)}`);
   assert.equal(r.fatal[0].code, 'redis_unavailable');
   assert.match(
@@ -57,7 +78,11 @@ test('Redis unreachable at start: one fatal line redis_unavailable with its host
 
 test('Redis unreachable at start with two processes: each process says why, then the supervisor stops, exit 1', async () => {
   const port = await freePort();
-  const r = await failedStart({ REDIS_URL: `redis://:start-secret-2@127.0.0.1:${port}`, GW_PROCESSES: '2' });
+  const r = await failedStart({
+    REDIS_URL: `redis://:start-secret-2@127.0.0.1:${port}`,
+    GW_PROCESSES: '2',
+    ...WAIT,
+  });
   assert.equal(r.code, 1, 'exit code 1');
   const processLines = r.fatal.filter((l) => l.code === 'redis_unavailable');
   assert.ok(processLines.length >= 1, `a process's redis_unavailable line: ${JSON.stringify(r.fatal)}`);
@@ -77,11 +102,65 @@ test('PostgreSQL unreachable for the migrations at start: one fatal line migrati
   const r = await failedStart({
     DATABASE_URL: `postgres://postgres:start-secret-3@127.0.0.1:${port}/test`,
     GW_MIGRATE_ON_START: 'true',
+    ...WAIT,
   });
+  assert.ok(retries(r.lines, 'postgres', port).length >= 2, 'tried again within GW_START_WAIT_MS');
   assert.equal(r.code, 1, 'exit code 1');
   assert.equal(r.fatal.length, 1, `one fatal line: ${JSON.stringify(r.fatal)}`);
   assert.equal(r.fatal[0].code, 'migrations_failed');
   assert.match(String(r.fatal[0].msg), new RegExp(`PostgreSQL at 127\\.0\\.0\\.1:${port}`));
   assert.match(String((r.fatal[0].err as { message?: string }).message), /ECONNREFUSED/, 'the cause');
   noSecret(r, 'start-secret-3');
+});
+
+test('Redis that comes up while the start waits for it: the gateway says it waits, then serves', async () => {
+  const own = await startOwnRedis();
+  await own.kill('SIGTERM');
+  const lines: Record<string, unknown>[] = [];
+  const starting = startGateway(
+    { REDIS_URL: own.url, GW_START_WAIT_MS: '60000' },
+    { onLog: (l) => lines.push(l) },
+  );
+  try {
+    await until('a try of Redis at start', () => retries(lines, 'redis', own.port).length >= 1, 30_000);
+    await own.start();
+    await within('the gateway ready', starting, 60_000);
+    assert.ok(
+      lines.findIndex((l) => l.msg === RETRY_LINE) < lines.findIndex((l) => l.msg === 'gateway ready'),
+      'it waited, then served',
+    );
+    assert.equal(lines.filter((l) => Number(l.level) >= 60).length, 0, 'no fatal line');
+  } finally {
+    // Ready or not (the helper kills one not ready by its deadline), stopped once.
+    await starting.then((g) => g.stop()).catch(() => {});
+    await own.remove();
+  }
+});
+
+test('PostgreSQL that comes up while the start waits to apply the migrations: the gateway says it waits, then serves', async () => {
+  const own = await startOwnPostgres();
+  await own.stop();
+  const lines: Record<string, unknown>[] = [];
+  const starting = startGateway(
+    { DATABASE_URL: own.url, GW_MIGRATE_ON_START: 'true', GW_START_WAIT_MS: '60000' },
+    { onLog: (l) => lines.push(l) },
+  );
+  try {
+    await until(
+      'a try of PostgreSQL at start',
+      () => retries(lines, 'postgres', own.port).length >= 1,
+      30_000,
+    );
+    await own.start();
+    await within('the gateway ready', starting, 60_000);
+    assert.ok(
+      lines.some((l) => l.msg === 'migrations applied'),
+      'the migrations applied once PostgreSQL came',
+    );
+    assert.equal(lines.filter((l) => Number(l.level) >= 60).length, 0, 'no fatal line');
+  } finally {
+    // Ready or not (the helper kills one not ready by its deadline), stopped once.
+    await starting.then((g) => g.stop()).catch(() => {});
+    await own.remove();
+  }
 });
