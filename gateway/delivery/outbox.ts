@@ -90,6 +90,33 @@ export function parseKept(b: Buffer): TakenEvent[] {
   return out;
 }
 
+/** An ack-pump call's receipt (ack-pump.lua): `{sid, receipts, expired, ...}`. */
+function parsePumped(v: Buffer): { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] {
+  const kept = readScriptReply(v) as Reply;
+  const out: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] = [];
+  for (let i = 0; i < kept.length; i += 3)
+    out.push({
+      sid: (kept[i] as Buffer).toString(),
+      receipts: eventsOf(kept[i + 1] as Reply),
+      expired: eventsOf(kept[i + 2] as Reply),
+    });
+  return out;
+}
+
+/** A drop receipt (publish.lua, move.lua): `{sid, payload}`. */
+function parseDropped(v: Buffer): { sid: string; event: StoredEvent } {
+  const [sid, payload] = readScriptReply(v) as Buffer[];
+  return { sid: sid.toString(), event: decode(payload) };
+}
+
+/** What an owed receipt holds, by its kind (Outbox.owedKept). */
+export type OwedReceipt =
+  | { kind: 'pump'; sessions: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] }
+  | { kind: 'deadLetter'; sid: string; taken: TakenEvent[] }
+  | { kind: 'resend'; sid: string; event: StoredEvent }
+  | { kind: 'drop'; sid: string; event: StoredEvent }
+  | { kind: 'unreadable'; error: unknown };
+
 const lua = (path: string) => readFileSync(new URL(`./lua/${path}.lua`, import.meta.url), 'utf8');
 /** A script with the shared helpers in lua/includes/ put before it. */
 const script = (name: string) => `${lua('includes/remove-event')}\n${lua(name)}`;
@@ -821,12 +848,33 @@ export class Outbox {
     return this.settle([this.keys.dropReceipt(sid, eid)]);
   }
 
-  /** What the drop receipts these are hold (null: gone). */
-  async droppedKept(receipts: string[]): Promise<({ sid: string; event: StoredEvent } | null)[]> {
-    return (await this.redis.mgetBuffer(...receipts)).map((v) => {
+  /**
+   * What owed receipts (Keys.owedReports) hold, read in one `MGET` and each decoded alone: null
+   * for one gone, `unreadable` for one whose kind is unknown or whose bytes do not decode (kept
+   * for an operator, never read again by the sweep: the caller forgets its entry).
+   */
+  async owedKept(receipts: string[]): Promise<(OwedReceipt | null)[]> {
+    const values = await this.redis.mgetBuffer(...receipts);
+    return receipts.map((receipt, i): OwedReceipt | null => {
+      const v = values[i];
       if (v === null) return null;
-      const [sid, payload] = readScriptReply(v) as Buffer[];
-      return { sid: sid.toString(), event: decode(payload) };
+      const kind = this.keys.receiptKind(receipt);
+      try {
+        switch (kind) {
+          case 'pump':
+            return { kind, sessions: parsePumped(v) };
+          case 'deadLetter':
+            return { kind, sid: this.keys.receiptSession(receipt), taken: parseKept(v) };
+          case 'resend':
+            return { kind, sid: this.keys.receiptSession(receipt), event: decode(v) };
+          case 'drop':
+            return { kind, ...parseDropped(v) };
+          default:
+            return { kind: 'unreadable', error: new Error('not a receipt of removed events') };
+        }
+      } catch (e) {
+        return { kind: 'unreadable', error: e };
+      }
     });
   }
 
@@ -847,18 +895,7 @@ export class Outbox {
   async pumpedKept(
     receipts: string[],
   ): Promise<({ sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] | null)[]> {
-    return (await this.redis.mgetBuffer(...receipts)).map((v) => {
-      if (v === null) return null;
-      const kept = readScriptReply(v) as Reply;
-      const out: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[] = [];
-      for (let i = 0; i < kept.length; i += 3)
-        out.push({
-          sid: (kept[i] as Buffer).toString(),
-          receipts: eventsOf(kept[i + 1] as Reply),
-          expired: eventsOf(kept[i + 2] as Reply),
-        });
-      return out;
-    });
+    return (await this.redis.mgetBuffer(...receipts)).map((v) => (v === null ? null : parsePumped(v)));
   }
 
   /**

@@ -1507,50 +1507,48 @@ export class DeliveryService {
    * in `expired` or `dead_lettered` (the node that removed the events did, or died).
    */
   async reportOwed(cutoffMs: number, limit: number): Promise<{ found: number; reported: number }> {
-    const { outbox, keys } = this.deps;
+    const { outbox } = this.deps;
     const owed = await outbox.owedSince(cutoffMs, limit);
     if (owed.length === 0) return { found: 0, reported: 0 };
-    const pumps = owed.filter((r) => keys.receiptKind(r) === 'pump');
-    const deadLetters = owed.filter((r) => keys.receiptKind(r) === 'deadLetter');
-    const resends = owed.filter((r) => keys.receiptKind(r) === 'resend');
-    const drops = owed.filter((r) => keys.receiptKind(r) === 'drop');
-    const [pumped, taken, resent, dropped] = await Promise.all([
-      pumps.length > 0 ? outbox.pumpedKept(pumps) : [],
-      deadLetters.length > 0 ? outbox.takenKept(deadLetters) : [],
-      resends.length > 0 ? outbox.resentExpired(resends) : [],
-      drops.length > 0 ? outbox.droppedKept(drops) : [],
-    ]);
-    const gone = owed.filter((r) => keys.receiptKind(r) === undefined);
+    const kept = await outbox.owedKept(owed);
+    const gone: string[] = [];
     const settled: Promise<boolean>[] = [];
-    pumps.forEach((r, i) => {
-      const v = pumped[i];
-      if (v === null) gone.push(r);
-      else settled.push(this.settleAfter([r], this.reportPumped(v, false)));
-    });
-    deadLetters.forEach((r, i) => {
-      const v = taken[i];
-      if (v === null) gone.push(r);
-      else settled.push(this.settleAfter([r], [this.deadLettersTaken(keys.receiptSession(r), v, false)]));
-    });
-    resends.forEach((r, i) => {
-      const v = resent[i];
-      if (v === null) gone.push(r);
-      else settled.push(this.settleAfter([r], [this.reportExpired(keys.receiptSession(r), v, false)]));
-    });
-    drops.forEach((r, i) => {
-      const v = dropped[i];
-      if (v === null) gone.push(r);
-      // reportDropped removes the receipt itself.
-      else
-        settled.push(
-          this.reportDropped(v.sid, [v.event], false).then(
-            () => true,
-            (e) => {
-              logFailure(this.deps.log, e, { sessionId: v.sid }, 'could not report to the back-end queue');
-              return false;
-            },
-          ),
-        );
+    owed.forEach((receipt, i) => {
+      const k = kept[i];
+      if (k === null) {
+        gone.push(receipt);
+        return;
+      }
+      switch (k.kind) {
+        case 'pump':
+          settled.push(this.settleAfter([receipt], this.reportPumped(k.sessions, false)));
+          break;
+        case 'deadLetter':
+          settled.push(this.settleAfter([receipt], [this.deadLettersTaken(k.sid, k.taken, false)]));
+          break;
+        case 'resend':
+          settled.push(this.settleAfter([receipt], [this.reportExpired(k.sid, k.event, false)]));
+          break;
+        case 'drop':
+          // reportDropped removes the receipt itself.
+          settled.push(
+            this.reportDropped(k.sid, [k.event], false).then(
+              () => true,
+              (e) => {
+                logFailure(this.deps.log, e, { sessionId: k.sid }, 'could not report to the back-end queue');
+                return false;
+              },
+            ),
+          );
+          break;
+        default:
+          // Never read again (it would hold up every later batch); the key stays for an operator.
+          this.deps.log.error(
+            { err: k.error, receipt },
+            'an owed receipt could not be read: left in Redis, no longer owed',
+          );
+          gone.push(receipt);
+      }
     });
     const reported = (await Promise.all(settled)).filter(Boolean).length;
     if (reported > 0) this.metrics.owedReported.inc(reported);

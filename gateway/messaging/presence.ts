@@ -753,12 +753,17 @@ export class Presence {
     // Reports of removed events a node left owed (it died between the removal and the report,
     // or could not queue them): a batch at a time, for at most half the interval, as long as a
     // batch reports some (one that reports none: Redis refuses).
+    // Its failure holds up no other step (the next sweep tries again).
     let owedReports = 0;
-    const reportsDeadline = Date.now() + options.sweepIntervalMs / 2;
-    for (;;) {
-      const { found, reported } = await this.targets!.owedReports(cutoff, OWED_REPORTS_BATCH);
-      owedReports += reported;
-      if (found < OWED_REPORTS_BATCH || reported === 0 || Date.now() >= reportsDeadline) break;
+    try {
+      const reportsDeadline = Date.now() + options.sweepIntervalMs / 2;
+      for (;;) {
+        const { found, reported } = await this.targets!.owedReports(cutoff, OWED_REPORTS_BATCH);
+        owedReports += reported;
+        if (found < OWED_REPORTS_BATCH || reported === 0 || Date.now() >= reportsDeadline) break;
+      }
+    } catch (e) {
+      logFailure(this.deps.log, e, { reported: owedReports }, 'presence sweep could not queue owed reports');
     }
     if (owedReports > 0) {
       this.deps.log.warn(

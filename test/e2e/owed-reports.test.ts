@@ -9,6 +9,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import { pack } from 'msgpackr';
 import type { GatewayClient } from '../../client/client.ts';
 import type { EventMsg } from '../../protocol/index.ts';
 import { connected, signUp } from '../helpers/accounts.ts';
@@ -179,4 +180,35 @@ test('a publish that drops the oldest event of a full outbox, whose node dies be
       await assertNothingOwed();
     },
   );
+});
+
+test('an owed receipt the sweep cannot read is logged and no longer owed, and holds up none of the others', async () => {
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const sid = randomUUID();
+  const eid = `kept-${randomUUID()}`;
+  // A retry's receipt of an event it removed as expired, as resend.lua keeps it, owed since long
+  // ago; and a pump's receipt whose bytes do not decode, owed longer still.
+  const good = `${prefix}rsrcpt:${randomUUID()}:${sid}`;
+  const garbled = `${prefix}pumprcpt:${randomUUID()}:1:0`;
+  const r = redisClient();
+  try {
+    await r.set(good, pack({ eid, name: 'kept', data: 1, ts: Date.now() }));
+    await r.set(garbled, Buffer.from([0xc1]));
+    await r.zadd(`${prefix}owedreports`, '1', garbled, '2', good);
+    const expired = await q.backendEvent('delivery.expired', eid, 30_000);
+    assert.equal(expired.data.sessionId, sid);
+    const line = await b.waitForLog(
+      (l) =>
+        l.msg === 'an owed receipt could not be read: left in Redis, no longer owed' && l.receipt === garbled,
+      10_000,
+      'the unreadable receipt named',
+    );
+    assert.equal(line.level, 50, 'error');
+    assert.equal(await r.exists(garbled), 1, 'left for an operator');
+    assert.equal(await r.exists(good), 0, 'the reported one removed');
+    await assertNothingOwed();
+  } finally {
+    await r.del(garbled);
+    r.disconnect();
+  }
 });

@@ -2,8 +2,8 @@
  * The receipts of events the drop-oldest policy drops (publish.lua, move.lua): each dropped event
  * is kept under `Pdroprcpt:<sid>:<eid>` and noted in the owed reports (Keys.owedReports) in the
  * step that drops it, until the process that dropped it queued its `delivery.dropped` and removed
- * both (Outbox.dropSettled); the sweep reads what is left (Outbox.droppedKept). Through the real
- * Outbox and the real Redis.
+ * both (Outbox.dropSettled); the sweep reads what is left (Outbox.owedKept). Through the real
+ * Outbox and the real Redis. And what the sweep reads of a receipt it cannot decode.
  */
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
@@ -39,12 +39,12 @@ test('a publish that drops the oldest event keeps it, owed, until settled', asyn
   assert.ok(score >= at && score <= Date.now(), `owed since the publish: ${score}`);
   assert.equal(await redis.pttl(receipt), -1, 'kept until settled, no expiry');
   assert.deepEqual(
-    await outbox.droppedKept([receipt]),
-    [{ sid, event: event('e:1', 'e:1') }],
+    await outbox.owedKept([receipt]),
+    [{ kind: 'drop', sid, event: event('e:1', 'e:1') }],
     'what the sweep reads',
   );
   await outbox.dropSettled(sid, 'e:1');
-  assert.deepEqual(await outbox.droppedKept([receipt]), [null], 'removed');
+  assert.deepEqual(await outbox.owedKept([receipt]), [null], 'removed');
   assert.deepEqual(await owedReceipts(), [], 'no longer owed');
 });
 
@@ -64,7 +64,30 @@ test('a move that drops the oldest events of the new outbox keeps each, owed', a
   );
   const receipt = keys.dropReceipt(to, 'to1');
   assert.deepEqual(await owedReceipts(), [receipt]);
-  assert.deepEqual(await outbox.droppedKept([receipt]), [{ sid: to, event: event('to1', 1) }]);
+  assert.deepEqual(await outbox.owedKept([receipt]), [{ kind: 'drop', sid: to, event: event('to1', 1) }]);
   await outbox.dropSettled(to, 'to1');
   assert.deepEqual(await owedReceipts(), []);
+});
+
+test('the sweep reads each owed receipt alone: one that does not decode, or of no known kind, is unreadable, the others are read', async () => {
+  const sid = await session();
+  await outbox.publish(sid, event('k1', 1), false, 0);
+  await outbox.publish(sid, event('k2', 2), false, 0);
+  await outbox.publish(sid, event('k3', 3), false, 0);
+  const good = keys.dropReceipt(sid, 'k1');
+  const garbled = keys.pumpReceipt('garbled:0:0');
+  const stranger = `${keys.prefix}somethingelse`;
+  await redis.set(garbled, Buffer.from([0xc1, 0x00]));
+  await redis.set(stranger, 'x');
+  const [g, bad, other, none] = await outbox.owedKept([
+    good,
+    garbled,
+    stranger,
+    keys.dropReceipt(sid, 'nope'),
+  ]);
+  assert.deepEqual(g, { kind: 'drop', sid, event: event('k1', 1) }, 'the good one read');
+  assert.equal(bad?.kind, 'unreadable', 'bytes that do not decode');
+  assert.equal(other?.kind, 'unreadable', 'a key of no known kind');
+  assert.equal(none, null, 'one gone');
+  await outbox.dropSettled(sid, 'k1');
 });
