@@ -212,3 +212,46 @@ test('a retry whose take removes the event as expired keeps it when the reply is
   assert.deepEqual(await outbox.resentExpired([sent]), [null], 'nothing kept');
   await assertNotOwed(sent);
 });
+
+test("a tick's calls fail apart: a call that Redis refuses (a key of the wrong type in one of its sessions) leaves only its own sessions without a result", async () => {
+  const sids: string[] = [];
+  for (let i = 0; i < 130; i++) {
+    const sid = await session();
+    sids.push(sid);
+    await publish(sid, `p${i}`, { receipt: true });
+  }
+  // The first session of the second call (64 a call): its outbox's ZSET is a string, so the
+  // script fails on it before it applied any ack of that call.
+  await redis.del(keys.outbox(sids[64])[0]);
+  await redis.set(keys.outbox(sids[64])[0], 'not a zset');
+  const receipt = keys.pumpReceipt(randomUUID());
+  const r = await within(
+    'the ack-pump calls',
+    outbox.ackPumpCalls(
+      sids.map((sid, i) => ({ sid, afterSeq: 0, slots: 0, acks: [`p${i}`], bare: [] })),
+      Date.now(),
+      receipt,
+    ),
+  );
+  assert.match(String((r.error as Error | undefined)?.message), /WRONGTYPE/, "the failed call's error");
+  assert.deepEqual(r.lost, [`${receipt}:1`], 'the failed call');
+  assert.deepEqual(
+    r.owed,
+    [`${receipt}:0`, `${receipt}:2`],
+    'the answered calls, each with receipts to settle',
+  );
+  const answered = r.results.map((x, i) => (x === undefined ? -1 : i)).filter((i) => i >= 0);
+  assert.deepEqual(
+    answered,
+    [...Array.from({ length: 64 }, (_, i) => i), 128, 129],
+    "only the failed call's sessions have no result",
+  );
+  for (const i of answered)
+    assert.deepEqual(eidsOf(r.results[i]!.receipts), [`p${i}`], `session ${i} reported`);
+  // The failed call's other sessions keep their events for its retry.
+  assert.deepEqual(
+    (await outbox.peek(sids[65])).map((t) => t.event.eid),
+    ['p65'],
+  );
+  await outbox.settle(r.owed);
+});
