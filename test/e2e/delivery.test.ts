@@ -108,7 +108,17 @@ async function withSlowReplies(
 ): Promise<void> {
   const shared = new URL(REDIS_URL);
   const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
-  const g = await startGateway({ ...FAST, REDIS_URL: proxy.url, GW_REDIS_TIMEOUT_MS: '300', ...env });
+  // A stale time well past the node's own read of a lost reply's receipt (its next sweep tick):
+  // the cluster-wide sweep would otherwise queue the reports of a receipt owed longer than it
+  // (FAST's 1.5 s; a check pair's load delayed the node's read that long), and these cases are
+  // about the node's read (test/e2e/owed-reports.test.ts is about the sweep's).
+  const g = await startGateway({
+    ...FAST,
+    GW_PRESENCE_STALE_MS: '15000',
+    REDIS_URL: proxy.url,
+    GW_REDIS_TIMEOUT_MS: '300',
+    ...env,
+  });
   const q = new QueueReader(g.prefix);
   try {
     const c = await connected(g.tcpUrl, { autoAck: false });
