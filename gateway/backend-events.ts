@@ -29,11 +29,14 @@ export class BackendEvents {
     await this.queue.addBulk(events.map((e) => ({ name: e.name, data: e.data, opts: { jobId: e.jobId } })));
   }
 
-  /** Reports an event dropped from a full outbox (`GW_OUTBOX_POLICY=drop-oldest`). */
-  dropped(sessionId: string, event: { eid: string; name: string }): Promise<void> {
+  /**
+   * Reports an event dropped from a full outbox (`GW_OUTBOX_POLICY=drop-oldest`), at `at` (ms; now
+   * unless given).
+   */
+  dropped(sessionId: string, event: { eid: string; name: string }, at = Date.now()): Promise<void> {
     return this.emit(
       'delivery.dropped',
-      { eid: event.eid, sessionId, name: event.name, reason: 'outbox_full', ts: Date.now() },
+      { eid: event.eid, sessionId, name: event.name, reason: 'outbox_full', ts: at },
       `delivery.dropped-${sessionId}-${event.eid}`,
     );
   }

@@ -883,9 +883,23 @@ export class Outbox {
     if (receipts.length > 0) await this.redis.zrem(this.keys.owedReports, ...receipts);
   }
 
-  /** Receipts owed since `cutoffMs` or earlier (Keys.owedReports), oldest first, at most `limit`. */
-  owedSince(cutoffMs: number, limit: number): Promise<string[]> {
-    return this.redis.zrangebyscore(this.keys.owedReports, '-inf', cutoffMs, 'LIMIT', 0, limit);
+  /**
+   * Receipts owed since `cutoffMs` or earlier (Keys.owedReports), oldest first, at most `limit`,
+   * each with when it was written (ms).
+   */
+  async owedSince(cutoffMs: number, limit: number): Promise<{ receipt: string; at: number }[]> {
+    const r = await this.redis.zrangebyscore(
+      this.keys.owedReports,
+      '-inf',
+      cutoffMs,
+      'WITHSCORES',
+      'LIMIT',
+      0,
+      limit,
+    );
+    const out: { receipt: string; at: number }[] = [];
+    for (let i = 0; i < r.length; i += 2) out.push({ receipt: r[i], at: Number(r[i + 1]) });
+    return out;
   }
 
   /**

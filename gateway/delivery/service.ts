@@ -391,7 +391,7 @@ export class DeliveryService {
       expired: counter('expired', 'Events dropped at their ttl.'),
       owedReported: counter(
         'owed_reports',
-        'Receipts of removed events (acked with a receipt, expired, dead-lettered) whose reports the cluster-wide sweep queued because the node that removed them did not within GW_PRESENCE_STALE_MS (it died, or could not queue them).',
+        'Receipts of removed events (acked with a receipt, expired, dead-lettered, dropped) whose reports the cluster-wide sweep queued because the node that removed them did not within GW_PRESENCE_STALE_MS (it died, or could not queue them).',
       ),
       overflow: counter('outbox_overflow', 'Publishes that met a full outbox.', ['policy']),
       resyncs: counter(
@@ -649,14 +649,15 @@ export class DeliveryService {
   }
 
   /**
-   * Events the drop-oldest policy removed from a session's outbox: counted (`count`) and reported,
+   * Events the drop-oldest policy removed from a session's outbox: counted and reported (`owedAt`:
+   * by the sweep, from a receipt written then: not counted again, and reported with that time),
    * and each one's receipt removed once its report is queued (publish.lua, move.lua: a drop is
    * owed until then; Keys.owedReports). Rejects if a report was not queued.
    */
-  async reportDropped(sessionId: string, events: StoredEvent[], count = true): Promise<void> {
+  async reportDropped(sessionId: string, events: StoredEvent[], owedAt?: number): Promise<void> {
     for (const ev of events) {
-      if (count) this.metrics.overflow.labels('drop-oldest').inc();
-      await this.deps.backend.dropped(sessionId, ev);
+      if (owedAt === undefined) this.metrics.overflow.labels('drop-oldest').inc();
+      await this.deps.backend.dropped(sessionId, ev, owedAt);
       await this.deps.outbox
         .dropSettled(sessionId, ev.eid)
         .catch((e) =>
@@ -1423,11 +1424,11 @@ export class DeliveryService {
    * Dead-letters and reports events taken from `sid`'s outbox, each logged if that fails: true if
    * all were queued. One that was not stays owed under its receipt (settleAfter).
    */
-  private async deadLettersTaken(sid: string, taken: TakenEvent[], count = true): Promise<boolean> {
+  private async deadLettersTaken(sid: string, taken: TakenEvent[], owedAt?: number): Promise<boolean> {
     let queued = true;
     for (const t of taken) {
       try {
-        await this.fail(sid, t.event, t.attempts, 'max_attempts', count);
+        await this.fail(sid, t.event, t.attempts, 'max_attempts', owedAt);
       } catch (e) {
         queued = false;
         // Taken but not queued: its receipt keeps it for another try; the log says which.
@@ -1442,37 +1443,38 @@ export class DeliveryService {
 
   /**
    * Moves an event to the dead-letter queue and reports `delivery.failed`; rejects if either was
-   * not queued. `count`: counted in `dead_lettered` (not when the sweep queues it again).
+   * not queued. `owedAt`: queued by the sweep from a receipt written then (not counted again in
+   * `dead_lettered`, and that is its time).
    */
   async fail(
     sessionId: string,
     ev: StoredEvent,
     attempts: number,
     reason: string,
-    count = true,
+    owedAt?: number,
   ): Promise<void> {
-    if (count) this.metrics.deadLettered.inc();
+    if (owedAt === undefined) this.metrics.deadLettered.inc();
     await this.deadLetters.add(
       'dead-letter',
-      { sessionId, event: ev, attempts, reason, ts: Date.now() },
+      { sessionId, event: ev, attempts, reason, ts: owedAt ?? Date.now() },
       { jobId: `${sessionId}-${ev.eid}` },
     );
-    if (!(await this.report('delivery.failed', sessionId, ev, { attempts, reason })))
+    if (!(await this.report('delivery.failed', sessionId, ev, { attempts, reason }, owedAt)))
       throw new Error('delivery.failed not queued');
   }
 
   /**
    * `delivery.acked` for each receipt and `delivery.expired` for each expired event an ack-pump
-   * call removed, by session (`count`: the expired ones counted in `expired`).
+   * call removed, by session (`owedAt`: by the sweep, from a receipt written then).
    */
   private reportPumped(
     sessions: { sid: string; receipts: StoredEvent[]; expired: StoredEvent[] }[],
-    count = true,
+    owedAt?: number,
   ): Promise<boolean>[] {
     const reports: Promise<boolean>[] = [];
     for (const s of sessions) {
-      for (const ev of s.receipts) reports.push(this.report('delivery.acked', s.sid, ev, {}));
-      for (const ev of s.expired) reports.push(this.reportExpired(s.sid, ev, count));
+      for (const ev of s.receipts) reports.push(this.report('delivery.acked', s.sid, ev, {}, owedAt));
+      for (const ev of s.expired) reports.push(this.reportExpired(s.sid, ev, owedAt));
     }
     return reports;
   }
@@ -1508,31 +1510,34 @@ export class DeliveryService {
    */
   async reportOwed(cutoffMs: number, limit: number): Promise<{ found: number; reported: number }> {
     const { outbox } = this.deps;
-    const owed = await outbox.owedSince(cutoffMs, limit);
-    if (owed.length === 0) return { found: 0, reported: 0 };
+    const since = await outbox.owedSince(cutoffMs, limit);
+    if (since.length === 0) return { found: 0, reported: 0 };
+    const owed = since.map((o) => o.receipt);
     const kept = await outbox.owedKept(owed);
     const gone: string[] = [];
     const settled: Promise<boolean>[] = [];
     owed.forEach((receipt, i) => {
       const k = kept[i];
+      // Reported with the time the events were removed (the receipt's), not counted again.
+      const at = since[i].at;
       if (k === null) {
         gone.push(receipt);
         return;
       }
       switch (k.kind) {
         case 'pump':
-          settled.push(this.settleAfter([receipt], this.reportPumped(k.sessions, false)));
+          settled.push(this.settleAfter([receipt], this.reportPumped(k.sessions, at)));
           break;
         case 'deadLetter':
-          settled.push(this.settleAfter([receipt], [this.deadLettersTaken(k.sid, k.taken, false)]));
+          settled.push(this.settleAfter([receipt], [this.deadLettersTaken(k.sid, k.taken, at)]));
           break;
         case 'resend':
-          settled.push(this.settleAfter([receipt], [this.reportExpired(k.sid, k.event, false)]));
+          settled.push(this.settleAfter([receipt], [this.reportExpired(k.sid, k.event, at)]));
           break;
         case 'drop':
           // reportDropped removes the receipt itself.
           settled.push(
-            this.reportDropped(k.sid, [k.event], false).then(
+            this.reportDropped(k.sid, [k.event], at).then(
               () => true,
               (e) => {
                 logFailure(this.deps.log, e, { sessionId: k.sid }, 'could not report to the back-end queue');
@@ -1589,19 +1594,20 @@ export class DeliveryService {
     if (error !== undefined) throw error;
   }
 
-  reportExpired(sessionId: string, ev: StoredEvent, count = true): Promise<boolean> {
-    if (count) this.metrics.expired.inc();
-    return this.report('delivery.expired', sessionId, ev, {});
+  reportExpired(sessionId: string, ev: StoredEvent, owedAt?: number): Promise<boolean> {
+    if (owedAt === undefined) this.metrics.expired.inc();
+    return this.report('delivery.expired', sessionId, ev, {}, owedAt);
   }
 
-  /** Queues a report on the back-end queue: false (logged) if it could not. */
+  /** Queues a report on the back-end queue (its `ts` now, or `at`): false (logged) if it could not. */
   private report(
     name: string,
     sessionId: string,
     ev: StoredEvent,
     extra: Record<string, unknown>,
+    at = Date.now(),
   ): Promise<boolean> {
-    const r = reportOf(name, sessionId, ev, Date.now(), extra);
+    const r = reportOf(name, sessionId, ev, at, extra);
     return this.deps.backend.emit(r.name, r.data, r.jobId).then(
       () => true,
       (e) => {

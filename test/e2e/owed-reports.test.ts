@@ -123,10 +123,14 @@ test('an ack of a receipt: true event whose node dies before it queues delivery.
     // The report's queueing (a BullMQ add naming the report and the eid); the pump call that
     // applies the ack names the eid but not the report.
     const stopped = proxy.stopAtCommand((cmd) => cmd.includes(eid) && cmd.includes('delivery.acked'));
+    const ackedAt = Date.now();
     c.ack([eid]);
     await killAt(a, stopped, "node A's queueing of delivery.acked");
+    const killedAt = Date.now();
     const acked = await q.backendEvent('delivery.acked', eid, 30_000);
     assert.equal(acked.data.eid, eid);
+    const ts = Number(acked.data.ts);
+    assert.ok(ts >= ackedAt && ts <= killedAt, `the time of the ack's removal (${ts}), not of the sweep`);
     await until("B's line for the owed receipt", () => sweptReceipts() > before, 10_000);
     assert.equal(sweptReceipts() - before, 1, 'one receipt');
     const jobs = await q.waitFor('gw-backend', (js) => js.some((j) => j.data.eid === eid), 5_000);
@@ -197,6 +201,7 @@ test('an owed receipt the sweep cannot read is logged and no longer owed, and ho
     await r.zadd(`${prefix}owedreports`, '1', garbled, '2', good);
     const expired = await q.backendEvent('delivery.expired', eid, 30_000);
     assert.equal(expired.data.sessionId, sid);
+    assert.equal(expired.data.ts, 2, 'reported with the time the receipt was written');
     const line = await b.waitForLog(
       (l) =>
         l.msg === 'an owed receipt could not be read: left in Redis, no longer owed' && l.receipt === garbled,
