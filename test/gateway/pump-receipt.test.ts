@@ -63,6 +63,17 @@ async function publish(sid: string, eid: string, opts: { receipt?: boolean; expi
   assert.equal(r.status, 'added', `${eid} stored`);
 }
 
+/** `n` sessions, session i holding event `${prefix}${i}` that asks for a receipt. */
+async function sessionsWithReceipts(n: number, prefix: string): Promise<string[]> {
+  const sids: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const sid = await session();
+    sids.push(sid);
+    await publish(sid, `${prefix}${i}`, { receipt: true });
+  }
+  return sids;
+}
+
 /** Arms the proxy to hold the next reply to a command naming `marker`; resolves when it was seen. */
 const holdReplyNaming = (marker: string) => proxy.holdReplyOf(new RegExp(marker), 1000);
 
@@ -159,12 +170,7 @@ test('an ack-pump call whose reply came names its receipt to settle, owed until 
 });
 
 test('130 sessions in three calls, all lost: each call keeps its own sessions', async () => {
-  const sids: string[] = [];
-  for (let i = 0; i < 130; i++) {
-    const sid = await session();
-    sids.push(sid);
-    await publish(sid, `e${i}`, { receipt: true });
-  }
+  const sids = await sessionsWithReceipts(130, 'e');
   const receipt = keys.pumpReceipt(randomUUID());
   const held = holdReplyNaming(receipt);
   const r = await within(
@@ -220,12 +226,7 @@ test('a retry whose take removes the event as expired keeps it when the reply is
 });
 
 test("a tick's calls fail apart: a call that Redis refuses (a key of the wrong type in one of its sessions) leaves only its own sessions without a result", async () => {
-  const sids: string[] = [];
-  for (let i = 0; i < 130; i++) {
-    const sid = await session();
-    sids.push(sid);
-    await publish(sid, `p${i}`, { receipt: true });
-  }
+  const sids = await sessionsWithReceipts(130, 'p');
   // The first session of the second call (64 a call): its outbox's ZSET is a string, so the
   // script fails on it before it applied any ack of that call.
   await redis.del(keys.outbox(sids[64])[0]);
