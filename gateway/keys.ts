@@ -288,6 +288,16 @@ export class Keys {
   }
 
   /**
+   * STRING, cmsgpack `{sid, from, to, ...}`, 5 minutes: the sequences one ack-pump call took events
+   * in, by session (ack-pump.lua ARGV[8]). Named by the node's next call of those sessions if the
+   * reply did not come, so that Redis's run of it, if there was one, counts no attempt of its own.
+   * `id` as in `pumpReceipt`.
+   */
+  pumpTake(id: string): string {
+    return `${this.prefix}pumptake:${id}`;
+  }
+
+  /**
    * STRING, cmsgpack `{sid, payload}`: event `eid` that the drop-oldest policy dropped from session
    * `sid`'s outbox (publish.lua, move.lua), owed until its `delivery.dropped` is queued
    * (`owedReports`).

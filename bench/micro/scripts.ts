@@ -18,6 +18,10 @@
  *   windowlag, user2lag   window and user2 with each call's acks sent after the next publish
  *           call: the outboxes hold the events in flight when events are added, as in
  *           bench:delivery's max-rate rows (a device acks what it got while more is published)
+ *   take    20 sessions, 2 events each per publish call, none sent from the publish (no claim):
+ *           the ack call after it takes them (as a node's pump does for a window's backlog or a
+ *           resume) and acks those of the call before; scripts that keep a call's take record
+ *           (ack-pump.lua ARGV[8]) are given a key for it, left to expire as the node does
  *   user2receipt   user2 with every event asking for a receipt (`receipt: true`): its acks are
  *           not bare, and ack-pump.lua reports each; scripts that keep a pump call's receipts
  *           (ack-pump.lua ARGV[6]) are given a receipt key, which the bench then removes as the
@@ -51,6 +55,8 @@ interface Shape {
   lag?: boolean;
   /** Every event asks for a receipt. */
   receipt?: boolean;
+  /** No event is sent from its publish: the ack call takes them. */
+  take?: boolean;
 }
 const SHAPES: Record<string, Shape> = {
   one: { sessions: 50, events: 1, target: 's' },
@@ -61,6 +67,7 @@ const SHAPES: Record<string, Shape> = {
   windowlag: { sessions: 8, events: 8, target: 's', lag: true },
   user2lag: { sessions: 20, events: 2, target: 'u', lag: true },
   user2receipt: { sessions: 20, events: 2, target: 'u', receipt: true },
+  take: { sessions: 20, events: 2, target: 's', take: true },
 };
 
 const { values } = benchArgs({
@@ -107,6 +114,8 @@ interface Scripts {
   pumpReceipts: boolean;
   /** ack-pump notes its receipt in the owed reports ZSET, ARGV[7] (since owed reports). */
   owedReports: boolean;
+  /** ack-pump keeps what a call took under ARGV[8] (since take records). */
+  takeRecords: boolean;
 }
 
 function scripts(read: (path: string) => string): Scripts {
@@ -118,6 +127,7 @@ function scripts(read: (path: string) => string): Scripts {
     unsentFrom: /unsent from/.test(ackPump),
     pumpReceipts: /ARGV\[6\], ARGV\[7\] a receipt key/.test(ackPump),
     owedReports: /ARGV\[6\], ARGV\[7\] a receipt key and the owed reports ZSET/.test(ackPump),
+    takeRecords: /ARGV\[8\] \(with ARGV\[6\]\) a take record key/.test(ackPump),
   };
 }
 
@@ -146,6 +156,8 @@ class Way {
   private receipts = 0;
   /** A lagging shape's events of the last call, acked after the next publish call. */
   private unacked: string[][] | null = null;
+  /** A taking shape's: the last sequence each session was sent (taken). */
+  private readonly taken: number[];
 
   constructor(
     private readonly redis: Redis & Commands,
@@ -157,6 +169,7 @@ class Way {
     this.keys = new Keys(prefix);
     this.sids = Array.from({ length: shape.sessions }, (_, i) => `bench-session-${i}`);
     this.last = this.sids.map(() => 0);
+    this.taken = this.sids.map(() => 0);
     redis.defineCommand(`${name}Publish`, { numberOfKeys: 0, lua: s.publish });
     redis.defineCommand(`${name}AckPump`, { numberOfKeys: 0, lua: s.ackPump });
   }
@@ -187,9 +200,9 @@ class Way {
           .str(eid)
           .bytes(PAYLOAD)
           .str(this.shape.receipt ? '3' : '2')
-          .num(0)
-          .num(1);
-        args.str(this.sids[i]).num(this.last[i]);
+          .num(0);
+        if (this.shape.take) args.num(0);
+        else args.num(1).str(this.sids[i]).num(this.last[i]);
       }
     }
     const [head, tail] = this.keys.sessionKeyParts;
@@ -207,19 +220,31 @@ class Way {
       events > 1 ? '1' : '0',
     );
     for (let i = 0; i < sessions; i++) this.last[i] += events;
+    if (this.shape.take) {
+      // This call's events are taken by the ack call of the last call's, acked (not bare: taken
+      // events have attempt counters).
+      const previous = this.unacked ?? this.sids.map(() => []);
+      this.unacked = eids;
+      return this.ack(previous, events);
+    }
     if (!this.shape.lag) return this.ack(eids);
     const previous = this.unacked;
     this.unacked = eids;
     if (previous) await this.ack(previous);
   }
 
-  /** One ack call for these events (per session). */
-  private async ack(eids: string[][]): Promise<void> {
-    const acks = new ScriptArgs(this.sids.length * eids[0].length * 40);
+  /** One ack call for these events (per session), taking `take` events of each. */
+  private async ack(eids: string[][], take = 0): Promise<void> {
+    const acks = new ScriptArgs(this.sids.length * (eids[0].length + 1) * 40);
     this.sids.forEach((sid, i) => {
-      acks.str(sid).num(this.last[i]).num(0);
+      acks
+        .str(sid)
+        .num(this.shape.take ? this.taken[i] : this.last[i])
+        .num(take);
+      if (take > 0) this.taken[i] += take;
       // Bare: no receipt asked (publish.lua keeps no `rc` entry), as the node sends them.
-      if (this.s.bareAcks && !this.shape.receipt) acks.num(0).num(eids[i].length);
+      if (this.s.bareAcks && this.shape.take) acks.num(eids[i].length).num(0);
+      else if (this.s.bareAcks && !this.shape.receipt) acks.num(0).num(eids[i].length);
       else if (this.s.bareAcks) acks.num(eids[i].length).num(0);
       else acks.num(eids[i].length);
       if (this.s.unsentFrom) acks.num(0);
@@ -239,6 +264,8 @@ class Way {
       this.keys.expiries,
       receipt,
       this.s.owedReports ? this.keys.owedReports : 60_000,
+      // As the node does; it leaves the record to expire (5 minutes).
+      ...(this.s.takeRecords ? [`${this.keys.pumpTake('bench')}:${this.receipts}`] : []),
     );
     // As the node does once the reply came and the reports are queued (Outbox.settle; before
     // owed reports, at once): only a call that reported something wrote one.
@@ -249,7 +276,7 @@ class Way {
 
   /** Every event acked: no outbox is left. */
   async check(): Promise<void> {
-    if (this.unacked) await this.ack(this.unacked);
+    if (this.unacked) await this.ack(this.unacked, 0);
     this.unacked = null;
     const p = this.redis.pipeline();
     // q, ev and att (Keys.outbox's order).

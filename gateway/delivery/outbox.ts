@@ -145,6 +145,11 @@ export interface AckPumpRequest {
    * `unsentFromOf`). Those events go out as first attempts (ack-pump.lua).
    */
   unsentFrom?: number;
+  /**
+   * The take records (`ackPumpCalls`' `take`) of this session's earlier calls whose reply did not
+   * come: what such a call took, if Redis ran it, is taken again with the attempt it counted.
+   */
+  lostTakes?: readonly string[];
 }
 
 /** publish.lua's per-event flags: a receipt (+1), an eid made for this publish (+2). */
@@ -155,6 +160,11 @@ const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as con
 
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
+/**
+ * Take records a session names after failed calls (`AckPumpRequest.lostTakes`): a call that never
+ * reached Redis left none, so more than the last are kept, each read with one `GET`.
+ */
+const MAX_LOST_TAKES = 4;
 const MAX_PUMP_BATCH = 64;
 /** Bytes forwarded to one node in one publish call at most, by default (publish.lua). */
 const FORWARD_BUDGET = 1 << 20;
@@ -774,19 +784,38 @@ export class Outbox {
    * Redis may run a failed call after all and drop its reply, and those events are gone with
    * their reports. `lost` names the receipts of the failed calls; `owed` those of the calls whose
    * reply came with something to report, for the caller to `settle` once it reported it.
+   *
+   * With a `take` too (only with a `receipt`), each call that takes events keeps what it took
+   * under `take:0`, `take:1`, ... for 5 minutes: a failed call may have been run, and raised the
+   * attempt counters of events it never sent. `lostTakes` gives, for each request of a failed
+   * call, the records to name in its next call (`AckPumpRequest.lostTakes`): the failed call's if
+   * it took, and those the request named, the last `MAX_LOST_TAKES` of them.
    */
   async ackPumpCalls(
     requests: AckPumpRequest[],
     nowMs: number,
     receipt?: string,
-  ): Promise<{ results: (AckPumpResult | undefined)[]; lost: string[]; owed: string[]; error?: unknown }> {
+    take?: string,
+  ): Promise<{
+    results: (AckPumpResult | undefined)[];
+    lost: string[];
+    owed: string[];
+    lostTakes: (readonly string[] | undefined)[];
+    error?: unknown;
+  }> {
     const calls: Promise<Buffer>[] = [];
     const [head, tail] = this.keys.sessionKeyParts;
     for (let i = 0; i < requests.length; i += MAX_PUMP_BATCH) {
       const end = Math.min(requests.length, i + MAX_PUMP_BATCH);
       const sessions = new ScriptArgs((end - i) * 128);
+      let named: string[] | undefined;
       for (let j = i; j < end; j++) {
         const r = requests[j];
+        if (r.lostTakes !== undefined)
+          for (const k of r.lostTakes) {
+            named ??= [];
+            named.push(r.sid, k);
+          }
         sessions
           .str(r.sid)
           .num(r.afterSeq)
@@ -798,16 +827,25 @@ export class Outbox {
         for (const eid of r.bare) sessions.str(eid);
       }
       const args = [0, nowMs, head, tail, sessions.finish(), this.keys.expiries];
-      calls.push(
-        receipt === undefined
-          ? this.redis.gwAckPumpBuffer(...args)
-          : this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, this.keys.owedReports),
-      );
+      if (receipt === undefined) calls.push(this.redis.gwAckPumpBuffer(...args));
+      else if (take === undefined)
+        calls.push(this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, this.keys.owedReports));
+      else
+        calls.push(
+          this.redis.gwAckPumpBuffer(
+            ...args,
+            `${receipt}:${calls.length}`,
+            this.keys.owedReports,
+            `${take}:${calls.length}`,
+            ...(named ? [pack(named)] : []),
+          ),
+        );
     }
     const settled = await Promise.allSettled(calls);
     const results: (AckPumpResult | undefined)[] = [];
     const lost: string[] = [];
     const owed: string[] = [];
+    const lostTakes: (readonly string[] | undefined)[] = [];
     let error: unknown;
     settled.forEach((r, call) => {
       const n = Math.min(MAX_PUMP_BATCH, requests.length - call * MAX_PUMP_BATCH);
@@ -823,14 +861,26 @@ export class Outbox {
       if (parsed === undefined) {
         if (receipt !== undefined) lost.push(`${receipt}:${call}`);
         error ??= failure;
-        for (let j = 0; j < n; j++) results.push(undefined);
+        for (let j = 0; j < n; j++) {
+          results.push(undefined);
+          const r = requests[call * MAX_PUMP_BATCH + j];
+          const had = r.lostTakes ?? [];
+          lostTakes.push(
+            take !== undefined && r.slots > 0
+              ? [...had, `${take}:${call}`].slice(-MAX_LOST_TAKES)
+              : r.lostTakes,
+          );
+        }
         return;
       }
       results.push(...parsed);
+      for (let j = 0; j < n; j++) lostTakes.push(undefined);
       if (receipt !== undefined && parsed.some((p) => p.receipts.length > 0 || p.expired.length > 0))
         owed.push(`${receipt}:${call}`);
     });
-    return error === undefined ? { results, lost, owed } : { results, lost, owed, error };
+    return error === undefined
+      ? { results, lost, owed, lostTakes }
+      : { results, lost, owed, lostTakes, error };
   }
 
   /**

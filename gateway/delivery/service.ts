@@ -157,6 +157,11 @@ class SessionPump {
    * order Redis gave the sequences), so every forward at or below it has been read.
    */
   forwardRead = 0;
+  /**
+   * The take records of this session's calls whose reply did not come since its last answered
+   * one (AckPumpRequest.lostTakes), undefined when none.
+   */
+  lostTakes: readonly string[] | undefined = undefined;
 
   constructor(
     readonly sid: string,
@@ -292,6 +297,8 @@ export class DeliveryService {
    * flushes, so that a flush makes no uuid.
    */
   private readonly pumpReceipts: string;
+  /** The same for the calls' take records (Outbox.ackPumpCalls' `take`). */
+  private readonly pumpTakes: string;
   private pumpCalls = 0;
   /** The per-event counts, read into their counters at each scrape (counterReadAtScrape). */
   private readonly counts = {
@@ -421,7 +428,9 @@ export class DeliveryService {
         void this.settleAfter([receipt], [this.deadLettersTaken(sid, taken)]);
       },
     );
-    this.pumpReceipts = `${deps.keys.pumpReceipt(randomUUID())}:`;
+    const pumpId = randomUUID();
+    this.pumpReceipts = `${deps.keys.pumpReceipt(pumpId)}:`;
+    this.pumpTakes = `${deps.keys.pumpTake(pumpId)}:`;
     this.lostPumps = new LostReplies(
       (receipts) => deps.outbox.pumpedKept(receipts),
       (sessions, receipt) => {
@@ -1002,53 +1011,66 @@ export class DeliveryService {
         acks,
         bare,
         unsentFrom: this.unsentFromOf(pump),
+        ...(pump.lostTakes ? { lostTakes: pump.lostTakes } : {}),
       });
       marks.push(pump.marks);
     }
     if (pumps.length === 0) return;
     // A call whose reply is lost keeps what it found to report under its receipt, read from the
-    // sweep (`lostPumps`); its sessions' acks are applied again (they find nothing to remove).
-    const receipt = `${this.pumpReceipts}${++this.pumpCalls}`;
-    this.deps.outbox.ackPumpCalls(requests, Date.now(), receipt).then(
-      ({ results, lost, owed, error }) => {
-        for (const r of lost) this.lostPumps.note(r);
-        let failed = 0;
-        const reports: Promise<boolean>[] = [];
-        pumps.forEach((pump, i) => {
-          const result = results[i];
-          if (result === undefined) {
-            failed++;
-            this.pumpFailed(pump, requests[i]);
-            return;
-          }
-          try {
-            this.pumped(pump, requests[i], result, marks[i]);
-          } catch (e) {
-            pump.running = false;
-            this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
-          }
-          // Reported whatever became of the sends: the events are gone from the outbox.
-          reports.push(...this.reportPumped([{ sid: pump.sid, ...result }]));
-        });
-        // The calls' receipts are owed until their reports are queued; if one is not, the
-        // cluster-wide sweep queues them again (the same job ids) a stale time later.
-        if (owed.length > 0) void this.settleAfter(owed, reports);
-        if (error !== undefined)
-          logFailure(this.deps.log, error, { sessions: failed }, 'outbox pump failed; retrying');
-      },
-      (e) => {
-        logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
-        pumps.forEach((pump, i) => {
-          this.pumpFailed(pump, requests[i]);
-        });
-      },
-    );
+    // sweep (`lostPumps`); its sessions' acks are applied again (they find nothing to remove), and
+    // what it took is taken again with the attempt it counted (its take record, `lostTakes`).
+    const n = ++this.pumpCalls;
+    this.deps.outbox
+      .ackPumpCalls(requests, Date.now(), `${this.pumpReceipts}${n}`, `${this.pumpTakes}${n}`)
+      .then(
+        ({ results, lost, owed, lostTakes, error }) => {
+          for (const r of lost) this.lostPumps.note(r);
+          let failed = 0;
+          const reports: Promise<boolean>[] = [];
+          pumps.forEach((pump, i) => {
+            const result = results[i];
+            if (result === undefined) {
+              failed++;
+              this.pumpFailed(pump, requests[i], lostTakes[i]);
+              return;
+            }
+            pump.lostTakes = undefined;
+            try {
+              this.pumped(pump, requests[i], result, marks[i]);
+            } catch (e) {
+              pump.running = false;
+              this.deps.log.error({ err: e, sessionId: pump.sid }, 'could not send pumped events');
+            }
+            // Reported whatever became of the sends: the events are gone from the outbox.
+            reports.push(...this.reportPumped([{ sid: pump.sid, ...result }]));
+          });
+          // The calls' receipts are owed until their reports are queued; if one is not, the
+          // cluster-wide sweep queues them again (the same job ids) a stale time later.
+          if (owed.length > 0) void this.settleAfter(owed, reports);
+          if (error !== undefined)
+            logFailure(this.deps.log, error, { sessions: failed }, 'outbox pump failed; retrying');
+        },
+        (e) => {
+          logFailure(this.deps.log, e, { sessions: pumps.length }, 'outbox pump failed; retrying');
+          pumps.forEach((pump, i) => {
+            this.pumpFailed(pump, requests[i], requests[i].lostTakes);
+          });
+        },
+      );
   };
 
-  /** A pump's call failed: its acks wait for its next run, in 500 ms. */
-  private pumpFailed(pump: SessionPump, request: AckPumpRequest): void {
+  /**
+   * A pump's call failed: its acks wait for its next run, in 500 ms, which names the take records
+   * of the failed calls (`lostTakes`).
+   */
+  private pumpFailed(
+    pump: SessionPump,
+    request: AckPumpRequest,
+    lostTakes: readonly string[] | undefined,
+  ): void {
     pump.running = false;
     pump.taking = false;
+    pump.lostTakes = lostTakes;
     pump.acks = request.acks.concat(pump.acks);
     pump.bareAcks = request.bare.concat(pump.bareAcks);
     setTimeout(() => this.schedule(pump), 500).unref();

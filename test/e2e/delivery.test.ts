@@ -365,6 +365,37 @@ describe('qos 1 on one node', () => {
     });
   });
 
+  test("events a pump call took, its reply lost (Redis slow past the node's timeout), come as the attempt that call made: the lost calls count none", async () => {
+    // A window of one: the second and third events wait in the outbox, and the ack of the first
+    // is applied by the call that takes the second (and the second's ack by the one that takes
+    // the third). No retry job before the test acks (its resend would count an attempt).
+    await withSlowReplies(
+      { GW_ACK_TIMEOUT_MS: '20000', GW_MAX_INFLIGHT: '1', GW_MAX_ATTEMPTS: '10' },
+      async ({ proxy, c, got, post }) => {
+        const tag = randomUUID();
+        const eids = [0, 1, 2].map((i) => `take-${i}-${tag}`);
+        for (const eid of eids) await post({ eid, name: 'w', data: 1 });
+        await until(() => got.some((e) => e.eid === eids[0]), 10_000, 'the first event at the device');
+        // The call naming the first eid (its ack) takes the second: its reply is held 1.5 s past
+        // the node's 300 ms timeout, and the calls after it on that connection wait behind it,
+        // so the pump's retry in 500 ms is lost too.
+        const held = proxy.holdReplyOf(new RegExp(eids[0]), 1500);
+        c.ack([eids[0]]);
+        await within("the first ack's pump call", held, 20_000);
+        await until(() => got.some((e) => e.eid === eids[1]), 20_000, 'the second event at the device');
+        c.ack([eids[1]]);
+        await until(() => got.some((e) => e.eid === eids[2]), 20_000, 'the third event at the device');
+        c.ack([eids[2]]);
+        await c.ping();
+        assert.deepEqual(
+          got.filter((e) => eids.includes(e.eid)).map((e) => [e.eid, e.attempt]),
+          eids.map((eid) => [eid, 1]),
+          'each event once, as its first attempt',
+        );
+      },
+    );
+  });
+
   test("a retry that finds its event expired, its reply lost (Redis slow past the node's timeout): delivery.expired is reported from the retry's receipt", async () => {
     // Retried until it expires: more attempts than fit in its ttl.
     await withSlowReplies({ GW_MAX_ATTEMPTS: '100' }, async ({ g, q, proxy, c, s, got, post }) => {

@@ -37,6 +37,17 @@
   are owed until the node queued them and removed both (a reply lost to Redis frozen or slow
   past the node's timeout, or a node that died before it reported, leaves them to its retry or
   to the sweep).
+  ARGV[8] (with ARGV[6]) a take record key: when the call takes events, it keeps there, for 5
+  minutes, `{sid, from, to, ...}` packed with cmsgpack: for each session it took events of, the
+  sequences after which it took them and the last it took (each attempt counter it raised is in
+  that range)
+  ARGV[9] (with ARGV[8], optional) the take records of calls whose reply the node did not get,
+  by session: a cmsgpack array {sid, record key, sid, record key, ...}. Redis may have run such a
+  call and dropped its reply, and raised the attempt counters of events that were never sent. A
+  session takes the events in its range of the records it names with the attempt that call
+  counted, not one more (the node sends them now as the attempt the lost call made); the range
+  is carried into this call's record, in case its own reply is lost too. Ignored after a resync
+  (the sequences may be those of other events).
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
   {acked, receipts, send, expired, resynced, mark} per session
@@ -61,7 +72,39 @@ local now = tonumber(ARGV[1])
 local head, tail = ARGV[2], ARGV[3]
 local expiries = ARGV[5]
 local receipt, owed = ARGV[6], ARGV[7]
+local takeRecord = ARGV[8]
 local A = cmsgpack.unpack(ARGV[4])
+-- The ranges of the lost calls (ARGV[9]) by session: {from, to}, the widest of those it names.
+local lostTakes
+if ARGV[9] then
+  local named, records = cmsgpack.unpack(ARGV[9]), {}
+  for i = 1, #named, 2 do
+    local sid, key = named[i], named[i + 1]
+    local r = records[key]
+    if r == nil then
+      local rec = redis.call('GET', key)
+      r = rec and cmsgpack.unpack(rec) or false
+      records[key] = r
+    end
+    if r then
+      for j = 1, #r, 3 do
+        if r[j] == sid then
+          local from, to = tonumber(r[j + 1]), tonumber(r[j + 2])
+          lostTakes = lostTakes or {}
+          local had = lostTakes[sid]
+          if had then
+            if from < had[1] then had[1] = from end
+            if to > had[2] then had[2] = to end
+          else
+            lostTakes[sid] = { from, to }
+          end
+        end
+      end
+    end
+  end
+end
+-- What the take record keeps (see above): nothing made unless the call takes.
+local took
 -- What the receipt keeps (see above): nothing made unless a session has something to report.
 local kept
 
@@ -133,6 +176,9 @@ while a <= #A do
   a = a + nbare
   local send, expired = EMPTY, EMPTY
   if want > 0 then send, expired = {}, {} end
+  -- A lost call's range for this session: its events there already count that call's attempt.
+  local lost = want > 0 and resynced == 0 and lostTakes and lostTakes[sid]
+  local takenFrom = after
   while want > 0 do
     local asked = want
     local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', '0', string.format('%d', asked))
@@ -151,8 +197,13 @@ while a <= #A do
         send[#send + 1] = seq
         -- No entry yet, at or below the mark: it was sent once, from its publish or forwarded
         -- and sent (publish.lua).
-        local attempt = redis.call('HINCRBY', K[3], eid, '1')
-        if attempt == 1 and tonumber(seq) <= sentOnce then attempt = redis.call('HINCRBY', K[3], eid, '1') end
+        local attempt
+        local n = tonumber(seq)
+        if lost and n > lost[1] and n <= lost[2] then attempt = tonumber(redis.call('HGET', K[3], eid)) end
+        if not attempt then
+          attempt = redis.call('HINCRBY', K[3], eid, '1')
+          if attempt == 1 and n <= sentOnce then attempt = redis.call('HINCRBY', K[3], eid, '1') end
+        end
         send[#send + 1] = attempt
         send[#send + 1] = payload
         want = want - 1
@@ -181,6 +232,18 @@ while a <= #A do
     end
   end
   results[#results + 1] = {acked, receipts, send, expired, resynced, mark}
+  if takeRecord and (#send > 0 or lost) then
+    local from, to = tonumber(takenFrom), 0
+    if #send > 0 then to = tonumber(send[#send - 2]) end
+    if lost then
+      if lost[1] < from then from = lost[1] end
+      if lost[2] > to then to = lost[2] end
+    end
+    took = took or {}
+    took[#took + 1] = sid
+    took[#took + 1] = from
+    took[#took + 1] = to
+  end
   if receipt and (#receipts > 0 or #expired > 0) then
     kept = kept or {}
     kept[#kept + 1] = sid
@@ -192,4 +255,5 @@ if kept then
   redis.call('SET', receipt, cmsgpack.pack(kept))
   redis.call('ZADD', owed, ARGV[1], receipt)
 end
+if took then redis.call('SET', takeRecord, cmsgpack.pack(took), 'PX', '300000') end
 return cmsgpack.pack(results)

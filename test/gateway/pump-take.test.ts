@@ -1,0 +1,219 @@
+/**
+ * The take records of ack-pump.lua (Outbox.ackPumpCalls' `take`): a pump call whose reply is lost
+ * may have been run by Redis, and raised the attempt counters of the events it took, which the
+ * node never sent. Its next call of those sessions names the lost call's record and takes the
+ * events again with the attempt the lost call counted, not one more. Through the real Outbox and
+ * the real Redis; a proxy holds the replies that are to be lost, against a 300 ms command timeout.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { unpack } from 'msgpackr';
+import { type AckPumpRequest, Outbox } from '../../gateway/delivery/outbox.ts';
+import { REDIS_URL } from '../helpers/cleanup.ts';
+import { within } from '../helpers/deadline.ts';
+import { outboxFixture } from '../helpers/outbox-fixture.ts';
+import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
+
+const { keys, redis, outbox, session, event, close } = outboxFixture('pumptake');
+let proxy: RedisProxy;
+/** An outbox whose replies the proxy can hold past its 300 ms timeout. */
+let slow: Redis;
+let slowOutbox: Outbox;
+
+before(async () => {
+  const shared = new URL(REDIS_URL);
+  proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+  slow = new Redis(proxy.url, { commandTimeout: 300, maxRetriesPerRequest: 1 });
+  slowOutbox = new Outbox(slow, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
+});
+
+after(async () => {
+  slow.disconnect();
+  await proxy.close();
+  await close();
+});
+
+/** A session holding `n` events, `${tag}-1` .. `${tag}-n` (sequences 1 .. n), none sent. */
+async function sessionWith(n: number, tag: string): Promise<string> {
+  const sid = await session();
+  for (let i = 1; i <= n; i++) {
+    const r = await within(
+      `the publish of ${tag}-${i}`,
+      outbox.publish(sid, event(`${tag}-${i}`, i), false, 0),
+    );
+    assert.equal(r.status, 'added', `${tag}-${i} stored`);
+  }
+  return sid;
+}
+
+/** A call's names: its receipt and its take record prefixes (the call's index is added). */
+function names() {
+  const id = randomUUID();
+  return { receipt: keys.pumpReceipt(id), take: keys.pumpTake(id) };
+}
+
+/** One call of `requests` on the fast connection, answered. */
+async function call(requests: AckPumpRequest[], what: string) {
+  const { receipt, take } = names();
+  const r = await within(what, outbox.ackPumpCalls(requests, Date.now(), receipt, take));
+  assert.equal(r.error, undefined, `${what} answered`);
+  return { ...r, take: `${take}:0` };
+}
+
+/** One call of `requests` whose reply the proxy holds past the timeout: Redis runs it. */
+async function lostCall(requests: AckPumpRequest[], what: string) {
+  const { receipt, take } = names();
+  const held = proxy.holdReplyOf(new RegExp(take), 1000);
+  const r = await within(what, slowOutbox.ackPumpCalls(requests, Date.now(), receipt, take));
+  await within(`the held reply of ${what}`, held);
+  assert.ok(r.error instanceof Error, `${what} timed out`);
+  assert.deepEqual(
+    r.results,
+    requests.map(() => undefined),
+    `no result for ${what}`,
+  );
+  // The held reply comes after the hold: the next call on the slow connection would get it.
+  await new Promise((res) => setTimeout(res, 1100));
+  return { ...r, take: `${take}:0` };
+}
+
+const attempts = (send: { eid: string; attempt: number }[]) => send.map((s) => [s.eid, s.attempt]);
+
+test('a call that takes events keeps the range it took per session for 5 minutes; one that takes none keeps nothing', async () => {
+  const a = await sessionWith(3, 'rec-a');
+  const b = await sessionWith(2, 'rec-b');
+  const first = await call([{ sid: a, afterSeq: 0, slots: 1, acks: [], bare: [] }], 'the call taking 1');
+  assert.deepEqual(unpack((await redis.getBuffer(first.take))!), [a, 0, 1], 'a: after 0, up to 1');
+  const { results, take } = await call(
+    [
+      { sid: a, afterSeq: 1, slots: 8, acks: [], bare: [] },
+      { sid: b, afterSeq: 0, slots: 0, acks: ['rec-b-1'], bare: [] },
+    ],
+    'the call taking the rest',
+  );
+  assert.deepEqual(
+    results[0]?.send.map((s) => s.seq),
+    [2, 3],
+    'a took 2 and 3',
+  );
+  const kept = await redis.getBuffer(take);
+  assert.ok(kept, 'the take record was written');
+  assert.deepEqual(unpack(kept), [a, 1, 3], 'a: after 1, up to 3; b took nothing and is not named');
+  const ttl = await redis.pttl(take);
+  assert.ok(ttl > 290_000 && ttl <= 300_000, `kept for 5 minutes: ${ttl} ms left`);
+
+  const quiet = await call(
+    [{ sid: b, afterSeq: 0, slots: 0, acks: ['rec-b-2'], bare: [] }],
+    'the acks-only call',
+  );
+  assert.equal(await redis.exists(quiet.take), 0, 'a call that takes nothing keeps no record');
+});
+
+test("a lost call's events come again, named by its record, with the attempt it counted; without the record one more", async () => {
+  const named = await sessionWith(3, 'lost-n');
+  const unnamed = await sessionWith(3, 'lost-u');
+  const requests = (lostTakes?: string[]): AckPumpRequest[] => [
+    { sid: named, afterSeq: 0, slots: 8, acks: [], bare: [], ...(lostTakes ? { lostTakes } : {}) },
+    { sid: unnamed, afterSeq: 0, slots: 8, acks: [], bare: [] },
+  ];
+  const lost = await lostCall(requests(), 'the lost call');
+  assert.deepEqual(
+    lost.lostTakes,
+    [[lost.take], [lost.take]],
+    "each taking session of the failed call is to name the call's record",
+  );
+  const again = await call(requests([lost.take]), 'the call after it');
+  assert.deepEqual(
+    attempts(again.results[0]!.send),
+    [
+      ['lost-n-1', 1],
+      ['lost-n-2', 1],
+      ['lost-n-3', 1],
+    ],
+    'named: the attempt the lost call counted',
+  );
+  assert.deepEqual(
+    attempts(again.results[1]!.send),
+    [
+      ['lost-u-1', 2],
+      ['lost-u-2', 2],
+      ['lost-u-3', 2],
+    ],
+    'not named (as before the records): the lost call counted one more',
+  );
+});
+
+test('a chain of lost calls counts none of them; the range is carried from call to call', async () => {
+  const sid = await sessionWith(4, 'chain');
+  const first = await lostCall([{ sid, afterSeq: 0, slots: 2, acks: [], bare: [] }], 'the first lost call');
+  assert.deepEqual(first.lostTakes, [[first.take]]);
+  // The second takes more than the first did: 1-2 as the first counted, 3-4 as new.
+  const second = await lostCall(
+    [{ sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: first.lostTakes[0] }],
+    'the second lost call',
+  );
+  assert.deepEqual(second.lostTakes, [[first.take, second.take]], 'both records named next');
+  assert.deepEqual(
+    unpack((await redis.getBuffer(second.take))!),
+    [sid, 0, 4],
+    "the second's record covers 1-4",
+  );
+  const third = await call(
+    [{ sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: [second.take] }],
+    'the call after them',
+  );
+  assert.deepEqual(
+    attempts(third.results[0]!.send),
+    [
+      ['chain-1', 1],
+      ['chain-2', 1],
+      ['chain-3', 1],
+      ['chain-4', 1],
+    ],
+    'each event as its first attempt',
+  );
+});
+
+test('at most the last four records are named; a failed call that took nothing names what its session named', async () => {
+  const sid = await sessionWith(1, 'many');
+  const old = ['r1', 'r2', 'r3', 'r4'].map((r) => keys.pumpTake(r));
+  const lost = await lostCall(
+    [
+      { sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: old },
+      { sid: await session(), afterSeq: 0, slots: 0, acks: ['x'], bare: [], lostTakes: [old[0]] },
+      { sid: await session(), afterSeq: 0, slots: 0, acks: ['y'], bare: [] },
+    ],
+    'the lost call',
+  );
+  assert.deepEqual(lost.lostTakes, [[...old.slice(1), lost.take], [old[0]], undefined]);
+});
+
+test("a record whose call never ran (no key), and a resynced session's, change nothing", async () => {
+  const sid = await sessionWith(2, 'none');
+  const first = await call([{ sid, afterSeq: 0, slots: 8, acks: [], bare: [] }], 'the first call');
+  assert.deepEqual(attempts(first.results[0]!.send), [
+    ['none-1', 1],
+    ['none-2', 1],
+  ]);
+  const again = await call(
+    [{ sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: [keys.pumpTake('never-ran:0')] }],
+    'a call naming a record that is not there',
+  );
+  assert.deepEqual(attempts(again.results[0]!.send), [
+    ['none-1', 2],
+    ['none-2', 2],
+  ]);
+  // The connection names a sequence past the mark: Redis lost writes, the outbox is taken from
+  // its start, and the record's sequences may be those of other events.
+  const resynced = await call(
+    [{ sid, afterSeq: 99, slots: 8, acks: [], bare: [], lostTakes: [again.take] }],
+    'a resynced call naming a record',
+  );
+  assert.equal(resynced.results[0]!.resynced, true, 'resynced');
+  assert.deepEqual(attempts(resynced.results[0]!.send), [
+    ['none-1', 3],
+    ['none-2', 3],
+  ]);
+});
