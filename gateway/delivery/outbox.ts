@@ -965,16 +965,22 @@ export class Outbox {
   /**
    * Takes one event again for a retry: null if it is gone. With a `receipt`, an event removed as
    * expired is kept there, owed until reported (resend.lua, Keys.owedReports), for
-   * `resentExpired` when the reply is lost.
+   * `resentExpired` when the reply is lost. With `sentAttempt` too (the attempt the node last
+   * sent it as), the resend is that attempt's next, counted once however many resends whose
+   * reply was lost Redis ran before it.
    */
   async resend(
     sid: string,
     eid: string,
     nowMs: number,
     receipt?: string,
+    sentAttempt?: number,
   ): Promise<null | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
     const args: (string | number)[] = [...this.keys.outbox(sid).slice(0, 6), eid, nowMs];
-    if (receipt !== undefined) args.push(receipt, this.keys.owedReports);
+    if (receipt !== undefined) {
+      args.push(receipt, this.keys.owedReports);
+      if (sentAttempt !== undefined) args.push(sentAttempt);
+    }
     const reply = await this.redis.gwResendBuffer(...args);
     if (!reply) return null;
     if ((reply[0] as Buffer).toString() === 'expired') return { expired: decode(reply[1] as Buffer) };

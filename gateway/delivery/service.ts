@@ -1390,7 +1390,7 @@ export class DeliveryService {
     // An event the take removes as expired is kept under the receipt: a reply lost would lose its
     // report (the next try finds it gone).
     const receipt = this.deps.keys.resendReceipt(randomUUID(), sid);
-    this.lostResends.watch(receipt, this.deps.outbox.resend(sid, eid, Date.now(), receipt)).then(
+    this.lostResends.watch(receipt, this.deps.outbox.resend(sid, eid, Date.now(), receipt, f.attempt)).then(
       (r) => {
         if (pump.inflight.get(eid) !== f) return;
         pump.inflight.delete(eid);

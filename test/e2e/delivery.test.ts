@@ -396,6 +396,30 @@ describe('qos 1 on one node', () => {
     );
   });
 
+  test("a retry's resend whose reply is lost (Redis slow past the node's timeout) counts no attempt: the next one sends the attempt it took", async () => {
+    await withSlowReplies(
+      { GW_ACK_TIMEOUT_MS: '1000', GW_MAX_ATTEMPTS: '10' },
+      async ({ proxy, c, got, post }) => {
+        const eid = `resent-${randomUUID()}`;
+        await post({ eid, name: 'r', data: 1 });
+        await until(() => got.some((e) => e.eid === eid), 10_000, 'the first attempt at the device');
+        // The resend of the retry after the missed ack: the only command naming the eid and a
+        // retry's receipt. Held 1.5 s against the node's 300 ms timeout; the node tries again
+        // a second after the failure.
+        const held = proxy.holdReplyOf((cmd) => cmd.includes(eid) && cmd.includes('rsrcpt:'), 1500);
+        await within('the first resend', held, 20_000);
+        await until(() => got.some((e) => e.eid === eid && e.attempt! >= 2), 20_000, 'a second attempt');
+        c.ack([eid]);
+        await c.ping();
+        assert.deepEqual(
+          got.filter((e) => e.eid === eid).map((e) => e.attempt),
+          [1, 2],
+          'the first attempt, then the second: the lost resend counted none',
+        );
+      },
+    );
+  });
+
   test("a retry that finds its event expired, its reply lost (Redis slow past the node's timeout): delivery.expired is reported from the retry's receipt", async () => {
     // Retried until it expires: more attempts than fit in its ttl.
     await withSlowReplies({ GW_MAX_ATTEMPTS: '100' }, async ({ g, q, proxy, c, s, got, post }) => {

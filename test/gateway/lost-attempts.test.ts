@@ -1,9 +1,15 @@
 /**
- * The take records of ack-pump.lua (Outbox.ackPumpCalls' `take`): a pump call whose reply is lost
- * may have been run by Redis, and raised the attempt counters of the events it took, which the
- * node never sent. Its next call of those sessions names the lost call's record and takes the
- * events again with the attempt the lost call counted, not one more. Through the real Outbox and
- * the real Redis; a proxy holds the replies that are to be lost, against a 300 ms command timeout.
+ * Attempts that a call whose reply is lost does not count twice. Redis may have run such a call
+ * and raised the attempt counters of the events it took, which the node never sent:
+ *
+ * - ack-pump.lua's take records (Outbox.ackPumpCalls' `take`): the node's next call of those
+ *   sessions names the lost call's record and takes the events again with the attempt the lost
+ *   call counted, not one more.
+ * - resend.lua's attempt sent (Outbox.resend's `sentAttempt`): a retry's resend is the next
+ *   attempt after the one the node last sent, however many lost resends Redis ran before it.
+ *
+ * Through the real Outbox and the real Redis; a proxy holds the replies that are to be lost,
+ * against a 300 ms command timeout.
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
@@ -16,7 +22,7 @@ import { within } from '../helpers/deadline.ts';
 import { outboxFixture } from '../helpers/outbox-fixture.ts';
 import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
 
-const { keys, redis, outbox, session, event, close } = outboxFixture('pumptake');
+const { keys, redis, outbox, session, event, close } = outboxFixture('lostattempts');
 let proxy: RedisProxy;
 /** An outbox whose replies the proxy can hold past its 300 ms timeout. */
 let slow: Redis;
@@ -216,4 +222,51 @@ test("a record whose call never ran (no key), and a resynced session's, change n
     ['none-1', 3],
     ['none-2', 3],
   ]);
+});
+
+test("a retry's resend after resends whose reply was lost sends the attempt after the one the node sent, once; without it one more per lost resend", async () => {
+  const sid = await sessionWith(2, 'resend');
+  // Both sent once from their publish (no counter: the mark says so), as the node does.
+  await redis.set(keys.sessionSent(sid), '2');
+  for (const eid of ['resend-1', 'resend-2']) {
+    for (let i = 0; i < 2; i++) {
+      const receipt = keys.resendReceipt(randomUUID(), sid);
+      const held = proxy.holdReplyOf(new RegExp(receipt), 1000);
+      await assert.rejects(
+        within('the lost resend', slowOutbox.resend(sid, eid, Date.now(), receipt, 1)),
+        /timed out/i,
+        'the reply is lost',
+      );
+      await within('the held reply seen', held);
+      await new Promise((res) => setTimeout(res, 1100));
+    }
+  }
+  assert.equal(
+    await redis.hget(keys.outbox(sid)[2], 'resend-1'),
+    '2',
+    'the lost resends raised the counter once',
+  );
+  const ttl = await redis.ttl(keys.outbox(sid)[2]);
+  assert.ok(ttl > 0, `the counters expire with the outbox: ${ttl} s`);
+  const named = await within(
+    'the resend after them',
+    outbox.resend(sid, 'resend-1', Date.now(), keys.resendReceipt(randomUUID(), sid), 1),
+  );
+  assert.ok(
+    named && 'attempt' in named && named.attempt === 2,
+    `attempt 2: ${JSON.stringify(named && 'attempt' in named && named.attempt)}`,
+  );
+  const next = await within(
+    'a resend after attempt 2 was sent',
+    outbox.resend(sid, 'resend-1', Date.now(), keys.resendReceipt(randomUUID(), sid), 2),
+  );
+  assert.ok(next && 'attempt' in next && next.attempt === 3, 'attempt 3 after 2 was sent');
+  const unnamed = await within(
+    'a resend that names no attempt',
+    outbox.resend(sid, 'resend-2', Date.now(), keys.resendReceipt(randomUUID(), sid)),
+  );
+  assert.ok(
+    unnamed && 'attempt' in unnamed && unnamed.attempt === 3,
+    'without the attempt sent (as before): one more than the lost resends left',
+  );
 });
