@@ -47,8 +47,8 @@ export type LeaveReq = Req<'leave', { room: string }>;
 export type RoomsReq = Req<'rooms'>;
 export type UsersReq = Req<'users', { room?: string }>;
 export type SayReq = Req<'say', { room: string; body: string }>;
-export type SendReq = Req<'send', { to: string; body: string }>;
-export type PublishReq = Req<'publish', { name: string; data: unknown }>;
+export type SendReq = Req<'send', { to: string; body: string; key?: string }>;
+export type PublishReq = Req<'publish', { name: string; data: unknown; key?: string }>;
 export type ByeReq = Req<'bye'>;
 
 export type Request =
@@ -184,6 +184,15 @@ function str(m: Obj, field: string, optional = false, max = MAX_STRING): void {
   if (v.length > max) throw badMessage(field, `longer than ${max} characters`);
 }
 
+/** Longest `key` of a `send` or `publish` (docs/PROTOCOL.md, "Retrying a send or a publish"). */
+export const MAX_RETRY_KEY = 128;
+
+/** `key` of a `send` or `publish`: optional, 1-128 characters. */
+function retryKey(m: Obj): void {
+  str(m, 'key', true, MAX_RETRY_KEY);
+  if (m.key === '') throw badMessage('key', `must be 1-${MAX_RETRY_KEY} characters`);
+}
+
 function uint(m: Obj, field: string, optional = false): void {
   const v = m[field];
   if (v === undefined && optional) return;
@@ -306,9 +315,11 @@ const REQUEST_FIELDS: Record<RequestType, (m: Obj) => void> = {
   send: (m) => {
     str(m, 'to');
     str(m, 'body', false, 65536);
+    retryKey(m);
   },
   publish: (m) => {
     str(m, 'name', false, 256);
+    retryKey(m);
     if (!('data' in m)) throw badMessage('data', 'missing');
     if (nestsTooDeep(m.data)) {
       throw badMessage('data', `must not nest objects and arrays more than ${MAX_DATA_DEPTH} deep`);

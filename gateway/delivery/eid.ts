@@ -10,7 +10,7 @@
  * 14 bytes longer (docs/ARCHITECTURE.md, "Event ids"). The random bytes come from a pool filled
  * 256 ids at a time, as `randomUUID` fills its own cache.
  */
-import { randomFillSync } from 'node:crypto';
+import { createHash, randomFillSync } from 'node:crypto';
 
 const BYTES = 16;
 const POOL = BYTES * 256;
@@ -26,4 +26,19 @@ export function newEid(): string {
   const id = pool.toString('base64url', at, at + BYTES);
   at += BYTES;
   return id;
+}
+
+/**
+ * The eid of a `send` or a device's `publish` that carries a `key` (docs/PROTOCOL.md, "Retrying a
+ * send or a publish"): the first 16 bytes of SHA-256 over the request's type, the sender's user
+ * id (after its length) and the key, as 22 characters of base64url. The same request sent again with the same key
+ * (its answer lost, or `overloaded` after a timeout) has the same eid, which the outboxes and the
+ * back-end queue keep once; the user id in it keeps one account's keys from meeting another's.
+ */
+export function keyedEid(type: 'send' | 'publish', userId: string, key: string): string {
+  // The user id's length first: no user id and key can be read as another pair.
+  return createHash('sha256')
+    .update(`${type}\n${userId.length}:${userId}\n${key}`)
+    .digest()
+    .toString('base64url', 0, BYTES);
 }

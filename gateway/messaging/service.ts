@@ -10,8 +10,8 @@ import type { LimitedOp, Limits } from '../admin/limits.ts';
 import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection, Turn } from '../connection.ts';
-import { newEid } from '../delivery/eid.ts';
-import type { Publisher, PublishOutcome } from '../delivery/publisher.ts';
+import { keyedEid, newEid } from '../delivery/eid.ts';
+import type { EventInput, Publisher, PublishOutcome } from '../delivery/publisher.ts';
 import type { DeliveryService } from '../delivery/service.ts';
 import { logFailure } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
@@ -140,12 +140,13 @@ export class Messaging {
     );
     gateway.handle(
       'send',
-      (conn, m: Msg, turn) => this.send(conn, m.to as string, m.body as string, turn),
+      (conn, m: Msg, turn) =>
+        this.send(conn, m.to as string, m.body as string, m.key as string | undefined, turn),
       pipelined,
     );
     gateway.handle(
       'publish',
-      (conn, m: Msg, turn) => this.publish(conn, m.name as string, m.data, turn),
+      (conn, m: Msg, turn) => this.publish(conn, m.name as string, m.data, m.key as string | undefined, turn),
       pipelined,
     );
     // Tried again until it is done (Rooms.joinDefault).
@@ -172,16 +173,24 @@ export class Messaging {
   /**
    * A direct message: no PostgreSQL (the recipient's user id is remembered) and one Redis
    * round trip, the publish script's, which finds the user's sessions, skips the expired ones
-   * and appends to the outboxes of the others.
+   * and appends to the outboxes of the others. With a `key`, its eid is made from it
+   * (`keyedEid`): sent again with the same key, it is stored once in each outbox.
    */
-  private async send(conn: Connection, to: string, body: string, turn: Turn): Promise<{ eid: string }> {
+  private async send(
+    conn: Connection,
+    to: string,
+    body: string,
+    key: string | undefined,
+    turn: Turn,
+  ): Promise<{ eid: string }> {
     this.deps.rooms.checkBody(body);
     // Most devices have no runtime limit: no promise, and no await (one suspension fewer).
     const limit = this.limited(conn, 'send', () => Buffer.byteLength(body));
     if (limit) await limit;
     const { delivery, publisher } = this.deps;
-    const from = conn.session!.username;
-    const input = { name: 'direct.message', data: { body }, qos: 1 as const, from };
+    const s = conn.session!;
+    const input: EventInput = { name: 'direct.message', data: { body }, qos: 1, from: s.username };
+    if (key !== undefined) input.eid = keyedEid('send', s.userId, key);
     // A not_found of the lookup or of the publish names the recipient (try/catch rather than
     // `.catch`: no extra promise per message).
     let outcome: PublishOutcome;
@@ -201,14 +210,25 @@ export class Messaging {
     return { eid: outcome.eid };
   }
 
-  private async publish(conn: Connection, name: string, data: unknown, turn: Turn): Promise<{ eid: string }> {
+  /**
+   * A device's event for the back end, queued on `gw-backend` under its eid. With a `key`, the
+   * eid is made from it (`keyedEid`): sent again with the same key, the job is queued once while
+   * BullMQ keeps the first.
+   */
+  private async publish(
+    conn: Connection,
+    name: string,
+    data: unknown,
+    key: string | undefined,
+    turn: Turn,
+  ): Promise<{ eid: string }> {
     if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
       throw new ProtocolError('bad_message', 'name: must be 1-128 of [A-Za-z0-9_.:-]', { field: 'name' });
     }
     const limit = this.limited(conn, 'publish', () => pack(data ?? null).length);
     if (limit) await limit;
     const s = conn.session!;
-    const eid = newEid();
+    const eid = key === undefined ? newEid() : keyedEid('publish', s.userId, key);
     await turn(() =>
       this.deps.backend.emit(
         'device.event',

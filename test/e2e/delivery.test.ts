@@ -9,7 +9,7 @@ import { Redis } from 'ioredis';
 import type { GatewayClient, Session } from '../../client/client.ts';
 import { connectPublisher, type GatewayPublisher } from '../../gateway/publish.ts';
 import type { EventMsg } from '../../protocol/index.ts';
-import { ProtocolError } from '../../protocol/index.ts';
+import { ProtocolError, unpack } from '../../protocol/index.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { fetchWithin, nextEvent, within } from '../helpers/deadline.ts';
@@ -1010,6 +1010,68 @@ describe('rooms and direct messages', () => {
     );
     for (const c of [a, b1, b2]) c.destroy();
   });
+  test("send and publish with a key, answered overloaded after Redis ran them (the reply lost past the node's timeout), sent again with the key: stored and queued once, the same eid; without a key twice", async () => {
+    // No retry of an unacked event within the case: the recipient's outbox holds what was stored.
+    await withSlowReplies({ GW_ACK_TIMEOUT_MS: '20000' }, async ({ g, q, proxy, c: sender }) => {
+      const recipient = await connected(g.tcpUrl, { autoAck: false });
+      const sb = await signUp(recipient);
+      const tag = randomUUID();
+      /** A request whose Redis call (the one naming `marker`) is run and its reply held 1.5 s. */
+      const lost = async (type: 'send' | 'publish', fields: Record<string, unknown>, marker: string) => {
+        const held = proxy.holdReplyOf(new RegExp(marker), 1500);
+        await assert.rejects(
+          sender.request(type, fields),
+          (e: unknown) => e instanceof ProtocolError && e.code === 'overloaded',
+          `${type} answered overloaded`,
+        );
+        await within(`the held reply of the ${type}`, held, 10_000);
+        await wait(1600); // the hold over: the connection answers again
+      };
+      await lost('send', { to: sb.username, body: `keyed-${tag}`, key: `k-${tag}` }, `keyed-${tag}`);
+      const again = await sender.request<{ eid: string }>('send', {
+        to: sb.username,
+        body: `keyed-${tag}`,
+        key: `k-${tag}`,
+      });
+      await lost('send', { to: sb.username, body: `plain-${tag}` }, `plain-${tag}`);
+      await sender.request('send', { to: sb.username, body: `plain-${tag}` });
+      // What the recipient's outbox holds (nothing acked): each event's body.
+      const r = redisClient();
+      try {
+        const base = `${g.prefix}{s:${sb.sessionId}}:`;
+        const eids = await r.zrange(`${base}q`, '0', '-1');
+        const bodies = new Map<string, string[]>();
+        for (const eid of eids) {
+          const stored = unpack((await r.hgetBuffer(`${base}ev`, eid))!) as { data: { body: string } };
+          bodies.set(stored.data.body, [...(bodies.get(stored.data.body) ?? []), eid]);
+        }
+        assert.deepEqual(
+          bodies.get(`keyed-${tag}`),
+          [again.eid],
+          'the keyed message stored once, under the eid answered',
+        );
+        assert.equal(bodies.get(`plain-${tag}`)?.length, 2, 'the plain one stored twice, under two eids');
+      } finally {
+        r.disconnect();
+      }
+
+      // The BullMQ add of the job names the event's name.
+      await lost('publish', { name: 'keyed.pub', data: { tag }, key: `p-${tag}` }, 'keyed[.]pub');
+      const pub = await sender.request<{ eid: string }>('publish', {
+        name: 'keyed.pub',
+        data: { tag },
+        key: `p-${tag}`,
+      });
+      await q.backendEvent('device.event', pub.eid, 10_000);
+      const jobs = (await q.jobs('gw-backend')).filter(
+        (j) => j.name === 'device.event' && j.data.name === 'keyed.pub',
+      );
+      assert.equal(jobs.length, 1, 'the keyed publish queued once');
+      assert.equal(jobs[0].data.eid, pub.eid);
+      recipient.destroy();
+    });
+  });
+
   test('send: a session of the recipient that expired is skipped and forgotten; none left is not_found', async () => {
     const a = await connected(gw.tcpUrl);
     await signUp(a);
