@@ -13,33 +13,17 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { after, before, test } from 'node:test';
-import { Redis } from 'ioredis';
+import { after, test } from 'node:test';
 import { unpack } from 'msgpackr';
-import { type AckPumpRequest, Outbox } from '../../gateway/delivery/outbox.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import type { AckPumpRequest } from '../../gateway/delivery/outbox.ts';
 import { within } from '../helpers/deadline.ts';
-import { outboxFixture } from '../helpers/outbox-fixture.ts';
-import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
+import { outboxFixture, slowOutboxFor } from '../helpers/outbox-fixture.ts';
 
 const { keys, redis, outbox, session, event, close } = outboxFixture('lostattempts');
-let proxy: RedisProxy;
 /** An outbox whose replies the proxy can hold past its 300 ms timeout. */
-let slow: Redis;
-let slowOutbox: Outbox;
+const slow = slowOutboxFor(keys);
 
-before(async () => {
-  const shared = new URL(REDIS_URL);
-  proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
-  slow = new Redis(proxy.url, { commandTimeout: 300, maxRetriesPerRequest: 1 });
-  slowOutbox = new Outbox(slow, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
-});
-
-after(async () => {
-  slow.disconnect();
-  await proxy.close();
-  await close();
-});
+after(close);
 
 /** A session holding `n` events, `${tag}-1` .. `${tag}-n` (sequences 1 .. n), none sent. */
 async function sessionWith(n: number, tag: string): Promise<string> {
@@ -71,8 +55,8 @@ async function call(requests: AckPumpRequest[], what: string) {
 /** One call of `requests` whose reply the proxy holds past the timeout: Redis runs it. */
 async function lostCall(requests: AckPumpRequest[], what: string) {
   const { receipt, take } = names();
-  const held = proxy.holdReplyOf(new RegExp(take), 1000);
-  const r = await within(what, slowOutbox.ackPumpCalls(requests, Date.now(), receipt, take));
+  const held = slow.proxy.holdReplyOf(new RegExp(take), 1000);
+  const r = await within(what, slow.outbox.ackPumpCalls(requests, Date.now(), receipt, take));
   await within(`the held reply of ${what}`, held);
   assert.ok(r.error instanceof Error, `${what} timed out`);
   assert.deepEqual(
@@ -86,6 +70,9 @@ async function lostCall(requests: AckPumpRequest[], what: string) {
 }
 
 const attempts = (send: { eid: string; attempt: number }[]) => send.map((s) => [s.eid, s.attempt]);
+/** `[eid, attempt]` of events `${tag}-1` .. `${tag}-n`, each sent as `attempt`. */
+const each = (tag: string, n: number, attempt: number) =>
+  Array.from({ length: n }, (_, i) => [`${tag}-${i + 1}`, attempt]);
 
 test('a call that takes events keeps the range it took per session for 5 minutes; one that takes none keeps nothing', async () => {
   const a = await sessionWith(3, 'rec-a');
@@ -133,20 +120,12 @@ test("a lost call's events come again, named by its record, with the attempt it 
   const again = await call(requests([lost.take]), 'the call after it');
   assert.deepEqual(
     attempts(again.results[0]!.send),
-    [
-      ['lost-n-1', 1],
-      ['lost-n-2', 1],
-      ['lost-n-3', 1],
-    ],
+    each('lost-n', 3, 1),
     'named: the attempt the lost call counted',
   );
   assert.deepEqual(
     attempts(again.results[1]!.send),
-    [
-      ['lost-u-1', 2],
-      ['lost-u-2', 2],
-      ['lost-u-3', 2],
-    ],
+    each('lost-u', 3, 2),
     'not named (as before the records): the lost call counted one more',
   );
 });
@@ -170,16 +149,7 @@ test('a chain of lost calls counts none of them; the range is carried from call 
     [{ sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: [second.take] }],
     'the call after them',
   );
-  assert.deepEqual(
-    attempts(third.results[0]!.send),
-    [
-      ['chain-1', 1],
-      ['chain-2', 1],
-      ['chain-3', 1],
-      ['chain-4', 1],
-    ],
-    'each event as its first attempt',
-  );
+  assert.deepEqual(attempts(third.results[0]!.send), each('chain', 4, 1), 'each event as its first attempt');
 });
 
 test('at most the last four records are named; a failed call that took nothing names what its session named', async () => {
@@ -199,18 +169,12 @@ test('at most the last four records are named; a failed call that took nothing n
 test("a record whose call never ran (no key), and a resynced session's, change nothing", async () => {
   const sid = await sessionWith(2, 'none');
   const first = await call([{ sid, afterSeq: 0, slots: 8, acks: [], bare: [] }], 'the first call');
-  assert.deepEqual(attempts(first.results[0]!.send), [
-    ['none-1', 1],
-    ['none-2', 1],
-  ]);
+  assert.deepEqual(attempts(first.results[0]!.send), each('none', 2, 1));
   const again = await call(
     [{ sid, afterSeq: 0, slots: 8, acks: [], bare: [], lostTakes: [keys.pumpTake('never-ran:0')] }],
     'a call naming a record that is not there',
   );
-  assert.deepEqual(attempts(again.results[0]!.send), [
-    ['none-1', 2],
-    ['none-2', 2],
-  ]);
+  assert.deepEqual(attempts(again.results[0]!.send), each('none', 2, 2));
   // The connection names a sequence past the mark: Redis lost writes, the outbox is taken from
   // its start, and the record's sequences may be those of other events.
   const resynced = await call(
@@ -218,10 +182,7 @@ test("a record whose call never ran (no key), and a resynced session's, change n
     'a resynced call naming a record',
   );
   assert.equal(resynced.results[0]!.resynced, true, 'resynced');
-  assert.deepEqual(attempts(resynced.results[0]!.send), [
-    ['none-1', 3],
-    ['none-2', 3],
-  ]);
+  assert.deepEqual(attempts(resynced.results[0]!.send), each('none', 2, 3));
 });
 
 test("a retry's resend after resends whose reply was lost sends the attempt after the one the node sent, once; without it one more per lost resend", async () => {
@@ -231,9 +192,9 @@ test("a retry's resend after resends whose reply was lost sends the attempt afte
   for (const eid of ['resend-1', 'resend-2']) {
     for (let i = 0; i < 2; i++) {
       const receipt = keys.resendReceipt(randomUUID(), sid);
-      const held = proxy.holdReplyOf(new RegExp(receipt), 1000);
+      const held = slow.proxy.holdReplyOf(new RegExp(receipt), 1000);
       await assert.rejects(
-        within('the lost resend', slowOutbox.resend(sid, eid, Date.now(), receipt, 1)),
+        within('the lost resend', slow.outbox.resend(sid, eid, Date.now(), receipt, 1)),
         /timed out/i,
         'the reply is lost',
       );

@@ -9,32 +9,15 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { after, before, test } from 'node:test';
-import { Redis } from 'ioredis';
-import { Outbox } from '../../gateway/delivery/outbox.ts';
-import { REDIS_URL } from '../helpers/cleanup.ts';
+import { after, test } from 'node:test';
 import { until, within } from '../helpers/deadline.ts';
-import { outboxFixture } from '../helpers/outbox-fixture.ts';
-import { type RedisProxy, startRedisProxy } from '../helpers/redis-proxy.ts';
+import { outboxFixture, slowOutboxFor } from '../helpers/outbox-fixture.ts';
 
 const { keys, redis, outbox, session, event, close } = outboxFixture('pumprcpt');
-let proxy: RedisProxy;
 /** An outbox whose replies the proxy can hold past its 300 ms timeout. */
-let slow: Redis;
-let slowOutbox: Outbox;
+const slow = slowOutboxFor(keys);
 
-before(async () => {
-  const shared = new URL(REDIS_URL);
-  proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
-  slow = new Redis(proxy.url, { commandTimeout: 300, maxRetriesPerRequest: 1 });
-  slowOutbox = new Outbox(slow, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
-});
-
-after(async () => {
-  slow.disconnect();
-  await proxy.close();
-  await close();
-});
+after(close);
 
 const eidsOf = (evs: { eid: string }[]) => evs.map((e) => e.eid);
 
@@ -75,7 +58,7 @@ async function sessionsWithReceipts(n: number, prefix: string): Promise<string[]
 }
 
 /** Arms the proxy to hold the next reply to a command naming `marker`; resolves when it was seen. */
-const holdReplyNaming = (marker: string) => proxy.holdReplyOf(new RegExp(marker), 1000);
+const holdReplyNaming = (marker: string) => slow.proxy.holdReplyOf(new RegExp(marker), 1000);
 
 test('an ack-pump call whose reply is lost keeps the receipts and the expired events it found, per session, owed until settled', async () => {
   const a = await session();
@@ -92,7 +75,7 @@ test('an ack-pump call whose reply is lost keeps the receipts and the expired ev
   const at = Date.now();
   const { results, lost, owed, error } = await within(
     'the ack-pump call',
-    slowOutbox.ackPumpCalls(
+    slow.outbox.ackPumpCalls(
       [
         // a takes what fits its window: the expired event is found there, not sent
         { sid: a, afterSeq: 0, slots: 8, acks: ['a-receipt', 'a-plain'], bare: [] },
@@ -160,7 +143,7 @@ test('an ack-pump call whose reply came names its receipt to settle, owed until 
   const held = holdReplyNaming(other);
   const r = await within(
     'the ack-pump call',
-    slowOutbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['p1'], bare: [] }], Date.now(), other),
+    slow.outbox.ackPumpCalls([{ sid, afterSeq: 0, slots: 0, acks: ['p1'], bare: [] }], Date.now(), other),
   );
   await within('the held reply seen', held);
   assert.deepEqual(r.lost, [`${other}:0`]);
@@ -175,7 +158,7 @@ test('130 sessions in three calls, all lost: each call keeps its own sessions', 
   const held = holdReplyNaming(receipt);
   const r = await within(
     'the ack-pump calls',
-    slowOutbox.ackPumpCalls(
+    slow.outbox.ackPumpCalls(
       sids.map((sid, i) => ({ sid, afterSeq: 0, slots: 0, acks: [`e${i}`], bare: [] })),
       Date.now(),
       receipt,
@@ -207,7 +190,7 @@ test('a retry whose take removes the event as expired keeps it when the reply is
   const receipt = keys.resendReceipt(randomUUID(), sid);
   const held = holdReplyNaming(receipt);
   await assert.rejects(
-    within('the resend', slowOutbox.resend(sid, 'x1', Date.now(), receipt)),
+    within('the resend', slow.outbox.resend(sid, 'x1', Date.now(), receipt)),
     /timed out/i,
     'the reply is lost',
   );

@@ -3,10 +3,12 @@
  * sessions and events to put in it, and the cleanup of its keys.
  */
 import { randomUUID } from 'node:crypto';
+import { after, before } from 'node:test';
 import { Redis } from 'ioredis';
 import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { dropRedisPrefix, REDIS_URL } from './cleanup.ts';
+import { type RedisProxy, startRedisProxy } from './redis-proxy.ts';
 
 export function outboxFixture(name: string) {
   const prefix = `gwtest:${name}:${randomUUID().slice(0, 8)}:`;
@@ -34,6 +36,41 @@ export function outboxFixture(name: string) {
     async close(): Promise<void> {
       redis.disconnect();
       await dropRedisPrefix(prefix);
+    },
+  };
+}
+
+/**
+ * An Outbox on the same keys whose Redis is behind a proxy with a 300 ms command timeout: the
+ * proxy can hold a reply past it (a reply lost to a Redis slow past the node's timeout). Started
+ * and stopped by the calling file's `before` and `after` hooks, registered here.
+ */
+export function slowOutboxFor(keys: Keys): { readonly proxy: RedisProxy; readonly outbox: Outbox } {
+  let started: { proxy: RedisProxy; outbox: Outbox; slow: Redis } | undefined;
+  before(async () => {
+    const shared = new URL(REDIS_URL);
+    const proxy = await startRedisProxy({ host: shared.hostname, port: Number(shared.port || 6379) });
+    const slow = new Redis(proxy.url, { commandTimeout: 300, maxRetriesPerRequest: 1 });
+    started = {
+      proxy,
+      slow,
+      outbox: new Outbox(slow, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 }),
+    };
+  });
+  after(async () => {
+    started?.slow.disconnect();
+    await started?.proxy.close();
+  });
+  const get = () => {
+    if (!started) throw new Error('the slow outbox is used before its before() hook ran');
+    return started;
+  };
+  return {
+    get proxy() {
+      return get().proxy;
+    },
+    get outbox() {
+      return get().outbox;
     },
   };
 }
