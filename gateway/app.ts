@@ -296,9 +296,17 @@ export async function startNode(
   // Before this node writes anything of its own (its beat, a session) or serves: what an
   // earlier process under the same node id left in Redis is swept as a dead node's, or the
   // start stops if another live process beats under that id (docs/ARCHITECTURE.md, "A node
-  // id that starts again"). Redis failing here fails the start, as its connect failing does.
+  // id that starts again"). Redis refusing or timing out here (a replica's READONLY during a
+  // failover, a Redis too slow) is waited for as its connect is (GW_START_WAIT_MS): each try
+  // reads the id's beat again, so one whose claim Redis wrote before its reply was lost watches
+  // its own beat a stale time, then sweeps it as a dead process's and claims the id.
   try {
-    await presence.sweepPreviousLife((now) => rooms.sweepRoomLeft(now));
+    await whenReachable(() => presence.sweepPreviousLife((now) => rooms.sweepRoomLeft(now)), {
+      dependency: 'redis',
+      endpoint: endpointOf(config.redisUrl),
+      waitMs: config.startWaitMs,
+      log,
+    });
   } catch (e) {
     if (!(e instanceof NodeIdInUseError))
       log.error(

@@ -336,6 +336,9 @@ test('a Redis that freezes while the start watches its previous beat fails the s
     ...settings(deployment, 20_000, 300),
     REDIS_URL: own.url,
     GW_REDIS_TIMEOUT_MS: '1000',
+    // The start tries the check again while Redis stays frozen, for this long, then fails
+    // (test/e2e/start-failure.test.ts has a start that the wait carries through).
+    GW_START_WAIT_MS: '1500',
     GW_NODE_ID: `fixed-${randomUUID().slice(0, 8)}`,
   };
   const r = redisClient(own.url);

@@ -164,3 +164,29 @@ test('PostgreSQL that comes up while the start waits to apply the migrations: th
     await own.remove();
   }
 });
+
+test('Redis that refuses writes at start (a replica: READONLY, as during a failover) is waited for past the connection, until it takes them', async () => {
+  const own = await startOwnRedis();
+  // A replica of a primary that is not there: it answers reads and refuses every write.
+  const nowhere = await freePort();
+  await own.with((r) => r.replicaof('127.0.0.1', nowhere));
+  const lines: Record<string, unknown>[] = [];
+  const starting = startGateway(
+    { REDIS_URL: own.url, GW_START_WAIT_MS: '60000' },
+    { onLog: (l) => lines.push(l) },
+  );
+  // Handled here too: a start that fails before the wait below reaches it is reported there.
+  starting.catch(() => {});
+  try {
+    const refused = () =>
+      lines.filter((l) => l.msg === RETRY_LINE && l.dependency === 'redis' && /READONLY/.test(String(l.err)));
+    await until('a try of Redis at start refused READONLY', () => refused().length >= 1, 30_000);
+    assert.equal(refused()[0].endpoint, `127.0.0.1:${own.port}`, 'host and port');
+    await own.with((r) => r.replicaof('NO', 'ONE'));
+    await within('the gateway ready', starting, 60_000);
+    assert.equal(lines.filter((l) => Number(l.level) >= 50).length, 0, 'no error or fatal line');
+  } finally {
+    await starting.then((g) => g.stop()).catch(() => {});
+    await own.remove();
+  }
+});
