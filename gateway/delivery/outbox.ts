@@ -149,7 +149,7 @@ export interface AckPumpRequest {
    * The take records (`ackPumpCalls`' `take`) of this session's earlier calls whose reply did not
    * come: what such a call took, if Redis ran it, is taken again with the attempt it counted.
    */
-  lostTakes?: readonly string[];
+  lostTakes?: readonly string[] | undefined;
 }
 
 /** publish.lua's per-event flags: a receipt (+1), an eid made for this publish (+2). */

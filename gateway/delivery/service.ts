@@ -1011,7 +1011,8 @@ export class DeliveryService {
         acks,
         bare,
         unsentFrom: this.unsentFromOf(pump),
-        ...(pump.lostTakes ? { lostTakes: pump.lostTakes } : {}),
+        // Always present (undefined mostly): one shape for every request.
+        lostTakes: pump.lostTakes,
       });
       marks.push(pump.marks);
     }
