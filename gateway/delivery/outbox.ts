@@ -826,20 +826,22 @@ export class Outbox {
         for (const eid of r.acks) sessions.str(eid);
         for (const eid of r.bare) sessions.str(eid);
       }
-      const args = [0, nowMs, head, tail, sessions.finish(), this.keys.expiries];
-      if (receipt === undefined) calls.push(this.redis.gwAckPumpBuffer(...args));
-      else if (take === undefined)
-        calls.push(this.redis.gwAckPumpBuffer(...args, `${receipt}:${calls.length}`, this.keys.owedReports));
-      else
-        calls.push(
-          this.redis.gwAckPumpBuffer(
-            ...args,
-            `${receipt}:${calls.length}`,
-            this.keys.owedReports,
-            `${take}:${calls.length}`,
-            ...(named ? [pack(named)] : []),
-          ),
-        );
+      const args: (string | number | Buffer)[] = [
+        0,
+        nowMs,
+        head,
+        tail,
+        sessions.finish(),
+        this.keys.expiries,
+      ];
+      if (receipt !== undefined) {
+        args.push(`${receipt}:${calls.length}`, this.keys.owedReports);
+        if (take !== undefined) {
+          args.push(`${take}:${calls.length}`);
+          if (named) args.push(pack(named));
+        }
+      }
+      calls.push(this.redis.gwAckPumpBuffer(...args));
     }
     const settled = await Promise.allSettled(calls);
     const results: (AckPumpResult | undefined)[] = [];
