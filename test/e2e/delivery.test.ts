@@ -1072,6 +1072,34 @@ describe('rooms and direct messages', () => {
     });
   });
 
+  test('send: twenty sends of one key at once, from two connections of the sender, store one event, every answer its eid', async () => {
+    const a1 = await connected(gw.tcpUrl);
+    const sa = await signUp(a1);
+    const a2 = await connected(gw.tcpUrl);
+    await a2.request('login', { username: sa.username, password: PASSWORD });
+    const b = await connected(gw.tcpUrl, { autoAck: false });
+    const sb = await signUp(b);
+    const key = `race-${randomUUID()}`;
+    const answers = await within(
+      'the twenty sends',
+      Promise.all(
+        Array.from({ length: 20 }, (_, i) =>
+          (i % 2 ? a2 : a1).request<{ eid: string }>('send', { to: sb.username, body: 'once', key }),
+        ),
+      ),
+    );
+    const eids = new Set(answers.map((x) => x.eid));
+    assert.equal(eids.size, 1, `one eid answered: ${[...eids].join(', ')}`);
+    const r = redisClient();
+    try {
+      const stored = await r.zrange(`${gw.prefix}{s:${sb.sessionId}}:q`, '0', '-1');
+      assert.deepEqual(stored, [...eids], 'the outbox holds the one event');
+    } finally {
+      r.disconnect();
+    }
+    for (const c of [a1, a2, b]) c.destroy();
+  });
+
   test('send: a session of the recipient that expired is skipped and forgotten; none left is not_found', async () => {
     const a = await connected(gw.tcpUrl);
     await signUp(a);
