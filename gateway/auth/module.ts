@@ -75,8 +75,9 @@ const KICK_MESSAGE: Record<KickNotice['code'], string> = {
 const connName = (gateway: Gateway, conn: Connection) => `${gateway.nodeId}:${conn.id}`;
 
 /**
- * How long a connection whose session an activity write found gone waits for the session's end
- * notice (which kicks it as a revoke or a takeover) before it is kicked as found gone.
+ * How long a connection whose session was found gone (by an activity write, the periodic check,
+ * the look when the subscriber is back) waits for the session's end notice (which kicks it as a
+ * revoke, a takeover or an expiry) before it is kicked as found gone.
  */
 const GONE_NOTICE_GRACE_MS = 1000;
 
@@ -115,9 +116,16 @@ async function kickGone(
     Promise.all(gone.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId))),
   ]);
   gone.forEach(({ conn, session }, j) => {
-    // The connection has gone or moved to another session meanwhile, or its session ran out.
-    // Or it is ending its session itself, and is answered instead.
-    if (conn.session !== session || expiring[j] !== null || ending.has(conn)) return;
+    // The connection has gone, been kicked (its end notice came) or moved to another session
+    // meanwhile, or its session ran out. Or it is ending its session itself, and is answered
+    // instead.
+    if (
+      conn.session !== session ||
+      conn.state >= ConnState.closing ||
+      expiring[j] !== null ||
+      ending.has(conn)
+    )
+      return;
     const successor = successors[j];
     const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
     log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
@@ -131,7 +139,8 @@ async function kickGone(
  * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
  * could not reach this node, or lost in a Redis rollback), and, with `keptKicks`, those an
  * operator kicked meanwhile (the kick kept under `Keys.sessionKick` names the connection). Also
- * the node's periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks.
+ * the node's periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks. A session found
+ * gone is kicked GONE_NOTICE_GRACE_MS later, unless its end notice kicked it meanwhile.
  */
 async function kickMissed(
   gateway: Gateway,
@@ -145,24 +154,19 @@ async function kickMissed(
   const bound = [...gateway.connections].flatMap((conn) =>
     conn.session ? [{ conn, session: conn.session }] : [],
   );
+  const gone: typeof bound = [];
   for (let i = 0; i < bound.length; i += 1000) {
     const chunk = bound.slice(i, i + 1000);
-    // One auto-pipelined round trip for the records and kept kicks, one for the device keys of
-    // the sessions gone.
+    // One auto-pipelined round trip for the records and kept kicks.
     const [held, kept] = await Promise.all([
       Promise.all(chunk.map(({ session }) => redis.exists(keys.session(session.sessionId)))),
       keptKicks
         ? Promise.all(chunk.map(({ session }) => redis.get(keys.sessionKick(session.sessionId))))
         : [],
     ]);
-    await kickGone(
-      chunk.filter((_, j) => held[j] === 0),
-      redis,
-      keys,
-      log,
-      msg,
-      kicked,
-    );
+    chunk.forEach((b, j) => {
+      if (held[j] === 0) gone.push(b);
+    });
     if (!keptKicks) continue;
     chunk.forEach(({ conn, session }, j) => {
       if (held[j] === 0 || conn.session !== session || !kept[j]) return;
@@ -183,6 +187,14 @@ async function kickMissed(
       conn.kick('going_away', KICK_MESSAGE.going_away, k.retryAfter);
     });
   }
+  if (gone.length === 0) return;
+  // Looked at again a moment later, as an activity write's find is: a session ended just before
+  // the look (the expiry sweep, a revoke or takeover on another node) has its end notice on the
+  // way, which kicks it as what it was, and it is no lost session.
+  await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
+  const still = gone.filter(({ conn, session }) => conn.session === session);
+  for (let i = 0; i < still.length; i += 1000)
+    await kickGone(still.slice(i, i + 1000), redis, keys, log, msg, kicked);
 }
 
 export interface AuthModule extends IdentityModule {

@@ -336,6 +336,60 @@ test('activity of a session whose life ran out, before the sweep ends it, is no 
   }
 });
 
+test("a session the sweep ends while its end notice is on the way is no lost session: the node's periodic check that finds it gone leaves it to the notice, which kicks it once", async () => {
+  const redis = await startOwnRedis();
+  const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const g = await startGateway(env(deployment, { REDIS_URL: proxy.url, GW_SESSION_CHECK_MS: '200' }));
+  const open: GatewayClient[] = [];
+  try {
+    const c = await connected(g.tcpUrl);
+    open.push(c);
+    const s = await within('the sign-up', signUp(c));
+    const got = kicks(c);
+    // The sweep's end notice (published by its script) waits at the proxy: the node's check
+    // finds the session's hash gone and its entry out of the index of expiries.
+    proxy.holdSubscribers();
+    const watch = await monitor(redis.port, { scripts: true });
+    try {
+      const hash = `${prefix}{s:${s.sessionId}}:sess`;
+      // The sweep's script takes the session out of the index (Redis's order, as MONITOR shows
+      // it); the first check after it finds the session gone.
+      const ended = () =>
+        watch.seen.findIndex((x) => x.source === 'lua' && x.command === 'zrem' && x.args[1] === s.sessionId);
+      await until('the sweep ended the session', () => ended() >= 0, 15_000);
+      await until("the node's check looked at the ended session", () =>
+        watch.seen.slice(ended()).some((x) => x.command === 'exists' && x.args[0] === hash),
+      );
+    } finally {
+      proxy.release();
+      await watch.stop();
+    }
+    await until('the end notice kicked it', () => got.length > 0);
+    // Longer than the second the node waits before it kicks a session it found gone.
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    assert.deepEqual(
+      got.map((k) => k.code),
+      ['session_revoked'],
+      'kicked once, as its notice kicks it',
+    );
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(
+      m.value('gateway_sessions_found_gone_total{by="check"}'),
+      0,
+      'not counted lost by the check',
+    );
+    assert.equal(m.value('gateway_sessions_expired_total'), 1, 'counted expired');
+  } finally {
+    for (const c of open) c.destroy();
+    await g.stop();
+    await proxy.close();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
 /**
  * Three sessions run out and the sweep's take that ends them has its reply held past the node's
  * timeout: the node must read what the take ended from its receipt. With `freezeMs`, Redis is
