@@ -26,6 +26,7 @@ import {
   READONLY_RECONNECT_MS,
   reconnectOnReadonly,
   StartError,
+  type StartStep,
   whenReachable,
 } from './faults.ts';
 import { Gateway, type ListeningPorts } from './gateway.ts';
@@ -59,7 +60,7 @@ export interface NodeParts {
 /** What identity provides to the rest of the node. */
 export interface IdentityModule {
   directory: SessionDirectory;
-  start(gateway: Gateway): Promise<void>;
+  start(gateway: Gateway, startStep?: StartStep): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -389,78 +390,94 @@ export async function startNode(
       ending.add(retry);
       retry.run();
     });
-    await identity.start(gateway);
-    await delivery.start();
-    await presence.start({
-      roomLeft: (now) => rooms.sweepRoomLeft(now),
-      owedReports: (cutoff, limit) => delivery.reportOwed(cutoff, limit),
-      // The purges in one batch; the moves OWED_ENDS_AT_ONCE at a time (each of its own
-      // session's keys: a few round trips, which the others overlap).
-      owedEnds: async (cutoff, limit) => {
-        const members = await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, limit);
-        const done: { sid: string; reason: string }[] = [];
-        // The purges together (a fleet's expired sessions, a dead node's logouts): a few round
-        // trips for the batch (Delivery.purgeAll) instead of four or five for each session.
-        // Should the batch fail, its purges go one by one with the moves, so that one the batch
-        // cannot finish (a key of the wrong type) holds up no other.
-        let oneByOne: string[] = [];
-        const purges: { member: string; sid: string; reason: string }[] = [];
-        for (const member of members) {
-          const end = parseEndOwed(member);
-          if (end && !end.successor) purges.push({ member, sid: end.sid, reason: end.reason });
-          else oneByOne.push(member);
-        }
-        if (purges.length > 0) {
-          try {
-            await delivery.purgeAll(purges.map((p) => ({ sessionId: p.sid, reason: `session_${p.reason}` })));
-            await redis.zrem(keys.endsOwed, ...purges.map((p) => p.member));
-            for (const p of purges) done.push({ sid: p.sid, reason: p.reason });
-          } catch (e) {
-            logFailure(
-              log,
-              e,
-              { sessions: purges.length },
-              'could not purge outboxes together, purging one by one',
-            );
-            oneByOne = oneByOne.concat(purges.map((p) => p.member));
-          }
-        }
-        let next = 0;
-        // A put-off Redis refused too: the sweep fails (logged) once the others are done.
-        let putOffFailed: unknown;
-        const finish = async () => {
-          while (next < oneByOne.length) {
-            const member = oneByOne[next++];
+    // The Redis calls of the modules' starts (their subscriptions, the first beat, the sweep's
+    // schedule, the limits' first read) are waited out as the steps before them are: a Redis
+    // slow past GW_REDIS_TIMEOUT_MS, or refusing them as an outage, for GW_START_WAIT_MS each.
+    // Before, one such call that timed out stopped the start (exit 1).
+    const startStep: StartStep = (step) =>
+      whenReachable(step, {
+        dependency: 'redis',
+        endpoint: endpointOf(config.redisUrl),
+        waitMs: config.startWaitMs,
+        log,
+      });
+    await identity.start(gateway, startStep);
+    await delivery.start(startStep);
+    await presence.start(
+      {
+        roomLeft: (now) => rooms.sweepRoomLeft(now),
+        owedReports: (cutoff, limit) => delivery.reportOwed(cutoff, limit),
+        // The purges in one batch; the moves OWED_ENDS_AT_ONCE at a time (each of its own
+        // session's keys: a few round trips, which the others overlap).
+        owedEnds: async (cutoff, limit) => {
+          const members = await redis.zrangebyscore(keys.endsOwed, '-inf', cutoff, 'LIMIT', 0, limit);
+          const done: { sid: string; reason: string }[] = [];
+          // The purges together (a fleet's expired sessions, a dead node's logouts): a few round
+          // trips for the batch (Delivery.purgeAll) instead of four or five for each session.
+          // Should the batch fail, its purges go one by one with the moves, so that one the batch
+          // cannot finish (a key of the wrong type) holds up no other.
+          let oneByOne: string[] = [];
+          const purges: { member: string; sid: string; reason: string }[] = [];
+          for (const member of members) {
             const end = parseEndOwed(member);
+            if (end && !end.successor) purges.push({ member, sid: end.sid, reason: end.reason });
+            else oneByOne.push(member);
+          }
+          if (purges.length > 0) {
             try {
-              if (end) await endOutbox(end.sid, end.reason, end.successor);
-              await redis.zrem(keys.endsOwed, member);
-              if (end) done.push({ sid: end.sid, reason: end.reason });
+              await delivery.purgeAll(
+                purges.map((p) => ({ sessionId: p.sid, reason: `session_${p.reason}` })),
+              );
+              await redis.zrem(keys.endsOwed, ...purges.map((p) => p.member));
+              for (const p of purges) done.push({ sid: p.sid, reason: p.reason });
             } catch (e) {
-              // Left for a stale time more, not for every sweep; the others go on.
-              logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
-              await redis.zadd(keys.endsOwed, 'XX', Date.now(), member).catch((e2) => {
-                putOffFailed ??= e2;
-              });
+              logFailure(
+                log,
+                e,
+                { sessions: purges.length },
+                'could not purge outboxes together, purging one by one',
+              );
+              oneByOne = oneByOne.concat(purges.map((p) => p.member));
             }
           }
-        };
-        await Promise.all(Array.from({ length: Math.min(OWED_ENDS_AT_ONCE, oneByOne.length) }, finish));
-        if (putOffFailed !== undefined) throw putOffFailed;
-        return { done, found: members.length };
+          let next = 0;
+          // A put-off Redis refused too: the sweep fails (logged) once the others are done.
+          let putOffFailed: unknown;
+          const finish = async () => {
+            while (next < oneByOne.length) {
+              const member = oneByOne[next++];
+              const end = parseEndOwed(member);
+              try {
+                if (end) await endOutbox(end.sid, end.reason, end.successor);
+                await redis.zrem(keys.endsOwed, member);
+                if (end) done.push({ sid: end.sid, reason: end.reason });
+              } catch (e) {
+                // Left for a stale time more, not for every sweep; the others go on.
+                logFailure(log, e, { sessionId: end?.sid }, 'could not purge or move an outbox');
+                await redis.zadd(keys.endsOwed, 'XX', Date.now(), member).catch((e2) => {
+                  putOffFailed ??= e2;
+                });
+              }
+            }
+          };
+          await Promise.all(Array.from({ length: Math.min(OWED_ENDS_AT_ONCE, oneByOne.length) }, finish));
+          if (putOffFailed !== undefined) throw putOffFailed;
+          return { done, found: members.length };
+        },
+        expiredSessions: (limit) => identity.service.endExpired(limit),
+        auditEnds: (cutoff, limit) => identity.service.writeOwedEnds(cutoff, limit),
+        lostSessions: () => identity.service.endLostSessions(config.auditCheckBatch),
+        resurrectedSessions: () => identity.service.endResurrected(config.auditCheckBatch),
+        // Reported first, then removed (with their members): a report Redis refuses leaves them
+        // due for the next sweep, and the job ids keep a second report from being queued.
+        expire: async (members, now) => {
+          await delivery.reportExpiredAll(await outbox.peekExpired(members, now));
+          await delivery.takeExpired(members, now);
+        },
       },
-      expiredSessions: (limit) => identity.service.endExpired(limit),
-      auditEnds: (cutoff, limit) => identity.service.writeOwedEnds(cutoff, limit),
-      lostSessions: () => identity.service.endLostSessions(config.auditCheckBatch),
-      resurrectedSessions: () => identity.service.endResurrected(config.auditCheckBatch),
-      // Reported first, then removed (with their members): a report Redis refuses leaves them
-      // due for the next sweep, and the job ids keep a second report from being queued.
-      expire: async (members, now) => {
-        await delivery.reportExpiredAll(await outbox.peekExpired(members, now));
-        await delivery.takeExpired(members, now);
-      },
-    });
-    await limits.start();
+      startStep,
+    );
+    await limits.start(startStep);
     messaging.start();
     mountEventsApi(gateway.app, delivery, config.apiKey, log);
     const admin = new AdminService({

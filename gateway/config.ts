@@ -395,7 +395,7 @@ const SETTINGS = {
   startWaitMs: setting(
     'GW_START_WAIT_MS',
     '30000',
-    "How long a start waits for Redis (its connections, then its first writes: a replica's `READONLY` during a failover), and for PostgreSQL when it applies the migrations (`GW_MIGRATE_ON_START`), to be reachable: a connection refused or timed out, a write refused `READONLY`, or a server still starting up, is tried again after a pause (250 ms, doubling to 5 s), with a warn line each time (`a dependency is not reachable at start; trying again`), until then; past it the start stops with its fatal line (`redis_unavailable`, `migrations_failed`) and exit code 1. A stack started all at once (Compose, a host's boot) then needs no start order. Anything else (a password refused, a schema the migrations cannot apply) stops the start at once. 0: the first failure stops it.",
+    "How long a start waits for Redis (its connections, then its first writes: a replica's `READONLY` during a failover, then each call of its start: subscriptions, first beat, limits), and for PostgreSQL when it applies the migrations (`GW_MIGRATE_ON_START`), to be reachable: a connection refused or timed out, a write refused `READONLY`, or a server still starting up, is tried again after a pause (250 ms, doubling to 5 s), with a warn line each time (`a dependency is not reachable at start; trying again`), until then; past it the start stops with its fatal line (`redis_unavailable`, `migrations_failed`) and exit code 1. A stack started all at once (Compose, a host's boot) then needs no start order. Anything else (a password refused, a schema the migrations cannot apply) stops the start at once. 0: the first failure stops it.",
     int(0, 3_600_000).default(30_000),
   ),
   jwtKeyFile: setting(

@@ -332,6 +332,17 @@ export async function whenReachable<T>(
 }
 
 /**
+ * Runs one Redis call of a module's start (a subscription, the first beat, the first read of a
+ * table) as `whenReachable` runs a start step: the start's wrapper (app.ts) tries it again while
+ * Redis times out or refuses it as an outage, for up to GW_START_WAIT_MS. Without one (a module
+ * started alone, as some tests do), the call is made once.
+ */
+export type StartStep = <T>(step: () => Promise<T>) => Promise<T>;
+
+/** A StartStep that makes the call once. */
+export const onceAtStart: StartStep = (step) => step();
+
+/**
  * `host:port` of a dependency's URL, for a log line: never its credentials (a URL that does not
  * parse is not quoted either).
  */

@@ -21,7 +21,7 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import { RateLimiterRedis, RateLimiterRes } from 'rate-limiter-flexible';
 import { ProtocolError } from '../../protocol/index.ts';
 import type { Bus } from '../bus.ts';
-import { logFailure } from '../faults.ts';
+import { logFailure, onceAtStart, type StartStep } from '../faults.ts';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
 
@@ -98,12 +98,16 @@ export class Limits {
     });
   }
 
-  async start(): Promise<void> {
+  async start(startStep: StartStep = onceAtStart): Promise<void> {
     const { bus, keys } = this.deps;
-    await bus.subscribe(keys.limitsChannel, (m) => {
-      this.reloadOne(m.toString()).catch((e) => logFailure(this.deps.log, e, {}, 'could not reload a limit'));
-    });
-    await this.reloadAll();
+    await startStep(() =>
+      bus.subscribe(keys.limitsChannel, (m) => {
+        this.reloadOne(m.toString()).catch((e) =>
+          logFailure(this.deps.log, e, {}, 'could not reload a limit'),
+        );
+      }),
+    );
+    await startStep(() => this.reloadAll());
     this.reloadTimer = setInterval(() => {
       this.reloadAll().catch((e) => logFailure(this.deps.log, e, {}, 'could not reload limits'));
     }, RELOAD_MS);

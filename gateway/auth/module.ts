@@ -13,7 +13,7 @@ import type { Bus } from '../bus.ts';
 import type { Config } from '../config.ts';
 import { type Connection, ConnState } from '../connection.ts';
 import type { SessionDirectory } from '../delivery/publisher.ts';
-import { endpointOf, logFailure, StartError, whenReachable } from '../faults.ts';
+import { endpointOf, logFailure, onceAtStart, StartError, type StartStep, whenReachable } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { mountAuthApi } from '../http/auth-api.ts';
 import type { KeptKick, Keys } from '../keys.ts';
@@ -405,7 +405,7 @@ export async function createAuthModule(
     relay,
     pool: db.pool,
     directory,
-    async start(gateway: Gateway) {
+    async start(gateway: Gateway, startStep: StartStep = onceAtStart) {
       hasher.registerMetrics(gateway.metrics);
       gateway.onSweep((now) => service.sweep(now));
       gateway.onActivity = (sid) => activity.touch(sid);
@@ -474,24 +474,26 @@ export async function createAuthModule(
           : service.revoke(s.userId, m.sessionId as string);
       });
 
-      await deps.bus.subscribe(deps.keys.kickChannel, (raw) => {
-        let n: KickNotice;
-        try {
-          n = JSON.parse(raw.toString());
-        } catch {
-          return;
-        }
-        for (const conn of gateway.connectionsOf(n.sessionId)) {
-          if (n.keep === connName(gateway, conn)) continue;
-          if (ending.has(conn) && n.code !== 'going_away') {
-            ending.set(conn, n);
-            continue;
+      await startStep(() =>
+        deps.bus.subscribe(deps.keys.kickChannel, (raw) => {
+          let n: KickNotice;
+          try {
+            n = JSON.parse(raw.toString());
+          } catch {
+            return;
           }
-          if (n.code === 'going_away')
-            log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
-          conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
-        }
-      });
+          for (const conn of gateway.connectionsOf(n.sessionId)) {
+            if (n.keep === connName(gateway, conn)) continue;
+            if (ending.has(conn) && n.code !== 'going_away') {
+              ending.set(conn, n);
+              continue;
+            }
+            if (n.code === 'going_away')
+              log.info({ conn: conn.id, sessionId: n.sessionId }, 'admin kick applied');
+            conn.kick(n.code, KICK_MESSAGE[n.code] ?? 'the session has ended', n.retryAfter);
+          }
+        }),
+      );
       // The look for sessions found gone (kickMissed), counted by how it was run.
       const look = (by: 'subscriber_back' | 'check', msg: string, keptKicks: boolean) =>
         kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by }), msg, keptKicks);

@@ -19,7 +19,7 @@ import type { BackendEvents } from '../backend-events.ts';
 import type { SessionBinding } from '../binding.ts';
 import type { Bus } from '../bus.ts';
 import { type Connection, ConnState } from '../connection.ts';
-import { logFailure, logQueueErrors } from '../faults.ts';
+import { logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -536,7 +536,7 @@ export class DeliveryService {
     );
   }
 
-  async start(): Promise<void> {
+  async start(startStep: StartStep = onceAtStart): Promise<void> {
     const { gateway, bus, keys } = this.deps;
     gateway.onSessionBound((conn) => this.bind(conn));
     gateway.onSessionUnbound((conn) => this.unbind(conn));
@@ -552,8 +552,8 @@ export class DeliveryService {
       },
     };
     this.deps.outbox.direct = direct;
-    await bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m));
-    await bus.subscribe(keys.forwardChannel(gateway.nodeId), (m) => this.onForward(m));
+    await startStep(() => bus.subscribe(keys.nodeChannel(gateway.nodeId), (m) => this.onNodeMessage(m)));
+    await startStep(() => bus.subscribe(keys.forwardChannel(gateway.nodeId), (m) => this.onForward(m)));
     const guarded = (queue: Queue, processor: (job: Job) => Promise<unknown>) => {
       const w = new GuardedWorker({
         queue,

@@ -13,7 +13,7 @@ import { Counter } from 'prom-client';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
-import { logFailure, logQueueErrors } from '../faults.ts';
+import { logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -316,7 +316,7 @@ export class Presence {
     this.silenceHandler = handler;
   }
 
-  async start(targets: SweepTargets): Promise<void> {
+  async start(targets: SweepTargets, startStep: StartStep = onceAtStart): Promise<void> {
     this.targets = targets;
     const { gateway, options } = this.deps;
     gateway.onSessionBound((conn) => {
@@ -328,7 +328,7 @@ export class Presence {
       if (conn.session)
         this.offline(conn).catch((e) => logFailure(this.deps.log, e, {}, 'presence update failed'));
     });
-    await this.beat();
+    await startStep(() => this.beat());
     let beats = 0;
     this.beatTimer = setInterval(
       () => {
@@ -338,7 +338,7 @@ export class Presence {
       },
       Math.max(100, Math.floor(options.staleMs / 5)),
     );
-    await this.schedule();
+    await startStep(() => this.schedule());
     const worker = new GuardedWorker({
       queue: this.queue,
       processor: (job) => this.sweep(job),

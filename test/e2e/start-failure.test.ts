@@ -12,10 +12,11 @@ import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { test } from 'node:test';
 import { until, within } from '../helpers/deadline.ts';
-import { startGateway } from '../helpers/gateway-process.ts';
+import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { freePort } from '../helpers/net.ts';
 import { startOwnPostgres } from '../helpers/own-postgres.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 /** The wait of the starts that are to fail: long enough for a few tries. */
 const WAIT = { GW_START_WAIT_MS: '1500' };
@@ -187,6 +188,66 @@ test('Redis that refuses writes at start (a replica: READONLY, as during a failo
     assert.equal(lines.filter((l) => Number(l.level) >= 50).length, 0, 'no error or fatal line');
   } finally {
     await starting.then((g) => g.stop()).catch(() => {});
+    await own.remove();
+  }
+});
+
+test("Redis slow past the node's timeout at each Redis call of the modules' starts (the subscriptions, the first beat, the limits' read): the call is tried again and the gateway serves", async () => {
+  const own = await startOwnRedis();
+  try {
+    const node = 'slow-start-1';
+    const steps: [string, (prefix: string) => RegExp][] = [
+      ['the kick channel subscription', (p) => new RegExp(`subscribe\\r\\n\\$\\d+\\r\\n${p}kick\\r\\n`, 'i')],
+      [
+        "the node channel's subscription",
+        (p) => new RegExp(`subscribe\\r\\n\\$\\d+\\r\\n${p}node:${node}\\r\\n`, 'i'),
+      ],
+      ['the first beat', (p) => new RegExp(`eval(sha)?\\r\\n[\\s\\S]*\\r\\n${p}nodes\\r\\n`, 'i')],
+      [
+        "the limits channel's subscription",
+        (p) => new RegExp(`subscribe\\r\\n\\$\\d+\\r\\n${p}limitschan\\r\\n`, 'i'),
+      ],
+      ["the limits' first read", (p) => new RegExp(`hgetall\\r\\n\\$\\d+\\r\\n${p}limits\\r\\n`, 'i')],
+    ];
+    for (const [step, pattern] of steps) {
+      const proxy = await startRedisProxy({ host: '127.0.0.1', port: own.port });
+      const deployment = deploymentEnv();
+      const lines: Record<string, unknown>[] = [];
+      // The reply, and the replies after it on that connection, come a second late: the call
+      // and the retries within that second time out.
+      const held = proxy.holdReplyOf(
+        pattern(deployment.GW_REDIS_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')),
+        1000,
+      );
+      const starting = startGateway(
+        {
+          ...deployment,
+          REDIS_URL: proxy.url,
+          GW_NODE_ID: node,
+          GW_REDIS_TIMEOUT_MS: '300',
+          GW_START_WAIT_MS: '30000',
+        },
+        { onLog: (l) => lines.push(l) },
+      );
+      starting.catch(() => {});
+      try {
+        await within(`${step}: the call seen`, held, 30_000);
+        const g = await within(`${step}: the gateway ready`, starting, 60_000);
+        await g.stop();
+        const tries = lines.filter((l) => l.msg === RETRY_LINE && l.dependency === 'redis');
+        assert.ok(
+          tries.length >= 1,
+          `${step}: tried again (${JSON.stringify(lines.filter((l) => Number(l.level) >= 40))})`,
+        );
+        assert.match(String(tries[0].err), /timed out/i, `${step}: the cause`);
+        assert.equal(lines.filter((l) => Number(l.level) >= 50).length, 0, `${step}: no error or fatal line`);
+      } finally {
+        await starting.then((g) => g.stop()).catch(() => {});
+        await proxy.close();
+        await dropDeployment(deployment);
+      }
+    }
+  } finally {
     await own.remove();
   }
 });
