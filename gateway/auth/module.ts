@@ -98,6 +98,11 @@ const ending = new WeakMap<Connection, KickNotice | undefined>();
  * kick included (session-store.ts, EXPIRED), so it is left alone here and not counted as lost
  * (which would raise `GatewaySessionsLost` for a normal end). The same rule for every way a
  * session is found gone: a subscriber back, an activity write, the periodic check.
+ *
+ * The kick comes GONE_NOTICE_GRACE_MS after those reads, to a connection still bound then: a
+ * session ended just before them (the sweep's script takes it out of the index and publishes
+ * its notice in one step; a revoke or a takeover on another node) has its notice on the way on
+ * the subscriber's connection, which kicks it as what it was, and it is no lost session.
  */
 async function kickGone(
   gone: { conn: Connection; session: NonNullable<Connection['session']> }[],
@@ -108,30 +113,36 @@ async function kickGone(
   /** Called for each connection kicked (the metric of how the session was found gone). */
   kicked: () => void,
 ): Promise<void> {
-  // One auto-pipelined round trip for both reads.
-  const [successors, expiring] = await Promise.all([
-    Promise.all(
-      gone.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
-    ),
-    Promise.all(gone.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId))),
-  ]);
-  gone.forEach(({ conn, session }, j) => {
-    // The connection has gone, been kicked (its end notice came) or moved to another session
-    // meanwhile, or its session ran out. Or it is ending its session itself, and is answered
-    // instead.
-    if (
-      conn.session !== session ||
-      conn.state >= ConnState.closing ||
-      expiring[j] !== null ||
-      ending.has(conn)
-    )
-      return;
-    const successor = successors[j];
-    const code = successor && successor !== session.sessionId ? 'session_takeover' : 'session_revoked';
-    log.info({ conn: conn.id, sessionId: session.sessionId, code }, msg);
+  // The connection has gone, been kicked (its end notice came) or moved to another session
+  // meanwhile. Or it is ending its session itself, and is answered instead.
+  const bound = ({ conn, session }: (typeof gone)[number]) =>
+    conn.session === session && conn.state < ConnState.closing && !ending.has(conn);
+  const due: { conn: Connection; session: NonNullable<Connection['session']>; code: KickNotice['code'] }[] =
+    [];
+  for (let i = 0; i < gone.length; i += 1000) {
+    const chunk = gone.slice(i, i + 1000);
+    // One auto-pipelined round trip for both reads.
+    const [successors, expiring] = await Promise.all([
+      Promise.all(
+        chunk.map(({ session }) => (session.deviceId ? redis.get(keys.device(session.deviceId)) : null)),
+      ),
+      Promise.all(chunk.map(({ session }) => redis.zscore(keys.sessionExpiries, session.sessionId))),
+    ]);
+    chunk.forEach((g, j) => {
+      if (expiring[j] !== null || !bound(g)) return;
+      const successor = successors[j];
+      const code = successor && successor !== g.session.sessionId ? 'session_takeover' : 'session_revoked';
+      due.push({ ...g, code });
+    });
+  }
+  if (due.length === 0) return;
+  await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
+  for (const g of due) {
+    if (!bound(g)) continue;
+    log.info({ conn: g.conn.id, sessionId: g.session.sessionId, code: g.code }, msg);
     kicked();
-    conn.kick(code, KICK_MESSAGE[code]);
-  });
+    g.conn.kick(g.code, KICK_MESSAGE[g.code]);
+  }
 }
 
 /**
@@ -139,8 +150,7 @@ async function kickGone(
  * record is gone from Redis (ended by logout, revoke, expiry or takeover while the kick notice
  * could not reach this node, or lost in a Redis rollback), and, with `keptKicks`, those an
  * operator kicked meanwhile (the kick kept under `Keys.sessionKick` names the connection). Also
- * the node's periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks. A session found
- * gone is kicked GONE_NOTICE_GRACE_MS later, unless its end notice kicked it meanwhile.
+ * the node's periodic check (`GW_SESSION_CHECK_MS`), without the kept kicks.
  */
 async function kickMissed(
   gateway: Gateway,
@@ -187,14 +197,7 @@ async function kickMissed(
       conn.kick('going_away', KICK_MESSAGE.going_away, k.retryAfter);
     });
   }
-  if (gone.length === 0) return;
-  // Looked at again a moment later, as an activity write's find is: a session ended just before
-  // the look (the expiry sweep, a revoke or takeover on another node) has its end notice on the
-  // way, which kicks it as what it was, and it is no lost session.
-  await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
-  const still = gone.filter(({ conn, session }) => conn.session === session);
-  for (let i = 0; i < still.length; i += 1000)
-    await kickGone(still.slice(i, i + 1000), redis, keys, log, msg, kicked);
+  if (gone.length > 0) await kickGone(gone, redis, keys, log, msg, kicked);
 }
 
 export interface AuthModule extends IdentityModule {
@@ -418,8 +421,8 @@ export async function createAuthModule(
       // A session that is active here but whose record is gone ended where no notice reached
       // this node, or Redis lost it without closing the subscriber's connection (a rollback,
       // a flush): nothing else would find it, and its connections would stay bound to nothing.
-      // Looked at again a moment later: a session ended just before the write (a takeover, a
-      // revoke on another node) has its notice on the way, which kicks it as such.
+      // Kicked a moment after kickGone's reads: a session ended just before the write (a
+      // takeover, a revoke on another node) has its notice on the way, which kicks it as such.
       activityGone = (sids) => {
         const found = sids.flatMap((sid) =>
           gateway
@@ -427,13 +430,9 @@ export async function createAuthModule(
             .flatMap((conn) => (conn.session ? [{ conn, session: conn.session }] : [])),
         );
         if (found.length === 0) return;
-        setTimeout(() => {
-          const bound = found.filter(({ conn, session }) => conn.session === session);
-          if (bound.length === 0) return;
-          kickGone(bound, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
-            goneFound.inc({ by: 'activity' }),
-          ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
-        }, GONE_NOTICE_GRACE_MS).unref();
+        kickGone(found, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
+          goneFound.inc({ by: 'activity' }),
+        ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
       };
       const ctx = (conn: Connection) => ({
         ip: conn.ip,

@@ -355,13 +355,18 @@ test("a session the sweep ends while its end notice is on the way is no lost ses
     try {
       const hash = `${prefix}{s:${s.sessionId}}:sess`;
       // The sweep's script takes the session out of the index (Redis's order, as MONITOR shows
-      // it); the first check after it finds the session gone.
+      // it); the first check after it finds the session's hash gone, and reads that it is not
+      // in the index (the sign it expired) either.
       const ended = () =>
         watch.seen.findIndex((x) => x.source === 'lua' && x.command === 'zrem' && x.args[1] === s.sessionId);
       await until('the sweep ended the session', () => ended() >= 0, 15_000);
-      await until("the node's check looked at the ended session", () =>
-        watch.seen.slice(ended()).some((x) => x.command === 'exists' && x.args[0] === hash),
-      );
+      await until("the node's check looked at the ended session and the index", () => {
+        const after = watch.seen.slice(ended());
+        return (
+          after.some((x) => x.command === 'exists' && x.args[0] === hash) &&
+          after.some((x) => x.source !== 'lua' && x.command === 'zscore' && x.args[1] === s.sessionId)
+        );
+      });
     } finally {
       proxy.release();
       await watch.stop();
