@@ -57,6 +57,13 @@ export interface AckPumpResult {
   resynced: boolean;
   /** The sent mark as the call found it (0 when it took nothing; ack-pump.lua). */
   mark: number;
+  /**
+   * Set when the session's part of the call failed in Redis (a key of the session Redis could
+   * not use: WRONGTYPE), to the error's message; the other sessions of the call went on.
+   * `acked`, `receipts` and `expired` say what it did before (to be reported); `send` is what it
+   * took, not to be sent: the session is tried again as after a failed call (`lostTakes`).
+   */
+  error?: string;
 }
 
 export interface TakenEvent {
@@ -341,6 +348,7 @@ function parsePump(reply: Reply): AckPumpResult {
     expired,
     resynced: reply[4] === 1,
     mark: (reply[5] as number | undefined) ?? 0,
+    ...(reply[6] !== undefined ? { error: (reply[6] as Buffer).toString() } : {}),
   };
 }
 
@@ -778,7 +786,8 @@ export class Outbox {
   }
 
   /**
-   * `ackPumpMany`, each call settled apart: a request of a failed call has no result. With a
+   * `ackPumpMany`, each call settled apart: a request of a failed call has no result; one
+   * whose session's part failed within its call has a result with `error`. With a
    * `receipt`, each call names one of its own (`receipt:0`, `receipt:1`, ...), where it keeps
    * the receipts and expired events it found, owed until reported (ack-pump.lua, Keys.owedReports):
    * Redis may run a failed call after all and drop its reply, and those events are gone with
@@ -844,6 +853,12 @@ export class Outbox {
       calls.push(this.redis.gwAckPumpBuffer(...args));
     }
     const settled = await Promise.allSettled(calls);
+    // What a session of a failed call, or whose part failed, names next: the call's record if
+    // it took, and those it named, the last MAX_LOST_TAKES.
+    const failedTakes = (r: AckPumpRequest, call: number) =>
+      take !== undefined && r.slots > 0
+        ? [...(r.lostTakes ?? []), `${take}:${call}`].slice(-MAX_LOST_TAKES)
+        : r.lostTakes;
     const results: (AckPumpResult | undefined)[] = [];
     const lost: string[] = [];
     const owed: string[] = [];
@@ -865,18 +880,16 @@ export class Outbox {
         error ??= failure;
         for (let j = 0; j < n; j++) {
           results.push(undefined);
-          const r = requests[call * MAX_PUMP_BATCH + j];
-          const had = r.lostTakes ?? [];
-          lostTakes.push(
-            take !== undefined && r.slots > 0
-              ? [...had, `${take}:${call}`].slice(-MAX_LOST_TAKES)
-              : r.lostTakes,
-          );
+          lostTakes.push(failedTakes(requests[call * MAX_PUMP_BATCH + j], call));
         }
         return;
       }
       results.push(...parsed);
-      for (let j = 0; j < n; j++) lostTakes.push(undefined);
+      // A session whose part failed (`error`) names the call's record next, as after a failed call.
+      for (let j = 0; j < n; j++)
+        lostTakes.push(
+          parsed[j].error === undefined ? undefined : failedTakes(requests[call * MAX_PUMP_BATCH + j], call),
+        );
       if (receipt !== undefined && parsed.some((p) => p.receipts.length > 0 || p.expired.length > 0))
         owed.push(`${receipt}:${call}`);
     });
@@ -1038,26 +1051,38 @@ export class Outbox {
    * Removes the due events of `members` and the members themselves (expire.lua "take"). Each call
    * (EXPIRE_CALL members) names a receipt of its own, `receipt` and its index (`receipt:0`,
    * `receipt:1`, ...), where it keeps how many events it removed for RECEIPT_MS. Returns how many
-   * events the calls that answered removed, and the receipts of those that failed with the first
-   * failure: Redis may run such a call after all, and drop its reply.
+   * events the calls that answered removed, the members whose own step failed (`failed`: a key
+   * of their session Redis could not use; they left the index, their events in place), and the
+   * receipts of the calls that failed with the first failure: Redis may run such a call after
+   * all, and drop its reply.
    */
   async takeExpired(
     members: string[],
     nowMs: number,
     receipt: string,
-  ): Promise<{ removed: number; lost: string[]; error?: unknown }> {
+  ): Promise<{
+    removed: number;
+    failed: { member: string; error: string }[];
+    lost: string[];
+    error?: unknown;
+  }> {
     const settled = await Promise.allSettled(this.expireCalls('take', members, nowMs, receipt));
     let removed = 0;
+    const failed: { member: string; error: string }[] = [];
     const lost: string[] = [];
     let error: unknown;
     settled.forEach((r, i) => {
-      if (r.status === 'fulfilled') removed += r.value as number;
-      else {
+      if (r.status === 'rejected') {
         lost.push(`${receipt}:${i}`);
         error ??= r.reason;
+      } else if (typeof r.value === 'number') removed += r.value;
+      else {
+        const v = r.value;
+        removed += v[0] as number;
+        for (let j = 1; j < v.length; j += 2) failed.push({ member: String(v[j]), error: String(v[j + 1]) });
       }
     });
-    return error === undefined ? { removed, lost } : { removed, lost, error };
+    return error === undefined ? { removed, failed, lost } : { removed, failed, lost, error };
   }
 
   /** How many events the takes whose receipts these are removed (null: none kept there). */

@@ -162,6 +162,8 @@ class SessionPump {
    * one (AckPumpRequest.lostTakes), undefined when none.
    */
   lostTakes: readonly string[] | undefined = undefined;
+  /** Tries in a row whose own part of the pump call failed (AckPumpResult.error). */
+  failedParts = 0;
 
   constructor(
     readonly sid: string,
@@ -286,6 +288,7 @@ export class DeliveryService {
     owedReported: Counter;
     overflow: Counter;
     resyncs: Counter;
+    sessionKeyErrors: Counter;
   };
   private resyncTimer: NodeJS.Timeout | undefined;
   /** When the sweep before this one ran: ACK deadlines are measured there (see `sweep`). */
@@ -406,6 +409,11 @@ export class DeliveryService {
         'Sessions pumped from the start of their outbox because Redis may have lost writes.',
         ['cause'],
       ),
+      sessionKeyErrors: counter(
+        'session_key_errors',
+        "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index). The error log line names the session.",
+        ['step'],
+      ),
     };
     this.lostTakes = new LostReplies(
       (receipts) => deps.outbox.takenExpired(receipts),
@@ -461,6 +469,7 @@ export class DeliveryService {
     // appears with its first increment misses that increment, and a dashboard or an alert has
     // nothing to show before it.
     for (const cause of RESYNC_CAUSES) this.metrics.resyncs.inc({ cause }, 0);
+    for (const step of ['pump', 'expiry']) this.metrics.sessionKeyErrors.inc({ step }, 0);
     for (const policy of OVERFLOW_POLICIES) this.metrics.overflow.inc({ policy }, 0);
     this.ackLatency = new Histogram({
       name: 'gateway_ack_latency_seconds',
@@ -1035,6 +1044,18 @@ export class DeliveryService {
               this.pumpFailed(pump, requests[i], lostTakes[i]);
               return;
             }
+            if (result.error !== undefined) {
+              this.pumpPartFailed(pump, requests[i], result, lostTakes[i]);
+              reports.push(...this.reportPumped([{ sid: pump.sid, ...result }]));
+              return;
+            }
+            if (pump.failedParts > 0) {
+              this.deps.log.info(
+                { sessionId: pump.sid, tries: pump.failedParts + 1 },
+                "a session's outbox pumped again after its part of the call failed",
+              );
+              pump.failedParts = 0;
+            }
             pump.lostTakes = undefined;
             try {
               this.pumped(pump, requests[i], result, marks[i]);
@@ -1059,6 +1080,28 @@ export class DeliveryService {
         },
       );
   };
+
+  /**
+   * A session's own part of a pump call failed (AckPumpResult.error: a key of the session Redis
+   * cannot use), the call's other sessions went on: tried again as after a failed call, without
+   * sending what the part took. Logged at error on the first try of a run of them (the session
+   * named), at debug after, and counted each time.
+   */
+  private pumpPartFailed(
+    pump: SessionPump,
+    request: AckPumpRequest,
+    result: AckPumpResult,
+    lostTakes: readonly string[] | undefined,
+  ): void {
+    this.metrics.sessionKeyErrors.labels('pump').inc();
+    // What it removed before it failed is counted as any call's (and reported by the caller).
+    this.counts.acked += result.acked;
+    const fields = { sessionId: pump.sid, tries: ++pump.failedParts, err: result.error };
+    const msg = "a session's part of an outbox pump call failed in Redis; trying it again";
+    if (pump.failedParts === 1) this.deps.log.error(fields, msg);
+    else this.deps.log.debug(fields, msg);
+    this.pumpFailed(pump, request, lostTakes);
+  }
 
   /**
    * A pump's call failed: its acks wait for its next run, in 500 ms, which names the take records
@@ -1607,12 +1650,20 @@ export class DeliveryService {
    * finds what the call did not remove.
    */
   async takeExpired(members: string[], now: number): Promise<void> {
-    const { removed, lost, error } = await this.deps.outbox.takeExpired(
+    const { removed, failed, lost, error } = await this.deps.outbox.takeExpired(
       members,
       now,
       this.deps.keys.expiredEventsReceipt(randomUUID()),
     );
     if (removed > 0) this.metrics.expired.inc(removed);
+    for (const f of failed) {
+      this.metrics.sessionKeyErrors.labels('expiry').inc();
+      const bar = f.member.indexOf('|');
+      this.deps.log.error(
+        { sessionId: f.member.slice(0, bar), eid: f.member.slice(bar + 1), err: f.error },
+        "an expired event could not be removed from its session's outbox in Redis; left there, and out of the expiry index",
+      );
+    }
     for (const receipt of lost) this.lostTakes.note(receipt);
     if (error !== undefined) throw error;
   }

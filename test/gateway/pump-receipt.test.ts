@@ -208,21 +208,31 @@ test('a retry whose take removes the event as expired keeps it when the reply is
   await assertNotOwed(sent);
 });
 
-test("a tick's calls fail apart: a call that Redis refuses (a key of the wrong type in one of its sessions) leaves only its own sessions without a result", async () => {
+test("a tick's calls fail apart: a call that Redis refuses as a whole (a take record it names is a key of another type) leaves only its own sessions without a result", async () => {
   const sids = await sessionsWithReceipts(130, 'p');
-  // The first session of the second call (64 a call): its outbox's ZSET is a string, so the
-  // script fails on it before it applied any ack of that call.
-  await redis.del(keys.outbox(sids[64])[0]);
-  await redis.set(keys.outbox(sids[64])[0], 'not a zset');
+  // The sessions of the second call (64 a call) name a record that is a hash: the script's
+  // read of it, before any session's part, fails the call.
+  const take = `${keys.pumpTake(randomUUID())}`;
+  const bad = `${take}:bad`;
+  await redis.hset(bad, 'not', 'a string');
   const receipt = keys.pumpReceipt(randomUUID());
   const r = await within(
     'the ack-pump calls',
     outbox.ackPumpCalls(
-      sids.map((sid, i) => ({ sid, afterSeq: 0, slots: 0, acks: [`p${i}`], bare: [] })),
+      sids.map((sid, i) => ({
+        sid,
+        afterSeq: 0,
+        slots: 0,
+        acks: [`p${i}`],
+        bare: [],
+        lostTakes: i >= 64 && i < 128 ? [bad] : undefined,
+      })),
       Date.now(),
       receipt,
+      take,
     ),
   );
+  await redis.del(bad);
   assert.match(String((r.error as Error | undefined)?.message), /WRONGTYPE/, "the failed call's error");
   assert.deepEqual(r.lost, [`${receipt}:1`], 'the failed call');
   assert.deepEqual(
@@ -238,10 +248,42 @@ test("a tick's calls fail apart: a call that Redis refuses (a key of the wrong t
   );
   for (const i of answered)
     assert.deepEqual(eidsOf(r.results[i]!.receipts), [`p${i}`], `session ${i} reported`);
-  // The failed call's other sessions keep their events for its retry.
+  // The failed call's sessions keep their events for its retry.
   assert.deepEqual(
     (await outbox.peek(sids[65])).map((t) => t.event.eid),
     ['p65'],
   );
   await outbox.settle(r.owed);
+});
+
+test("a session whose own key Redis cannot use (its outbox's ZSET a string) fails its own part of the call: the call's other sessions are answered, it has a result with the error, and names the call's take record next", async () => {
+  const sids = await sessionsWithReceipts(5, 'w');
+  await redis.del(keys.outbox(sids[2])[0]);
+  await redis.set(keys.outbox(sids[2])[0], 'not a zset');
+  const receipt = keys.pumpReceipt(randomUUID());
+  const take = keys.pumpTake(randomUUID());
+  const r = await within(
+    'the ack-pump call',
+    outbox.ackPumpCalls(
+      sids.map((sid, i) => ({ sid, afterSeq: 0, slots: 1, acks: [`w${i}`], bare: [] })),
+      Date.now(),
+      receipt,
+      take,
+    ),
+  );
+  assert.equal(r.error, undefined, 'no call failed');
+  assert.deepEqual(r.lost, [], 'no call lost');
+  assert.deepEqual(r.owed, [`${receipt}:0`], 'the call, with receipts to settle');
+  assert.match(String(r.results[2]?.error), /WRONGTYPE/, "the poisoned session's error");
+  for (const i of [0, 1, 3, 4]) {
+    assert.equal(r.results[i]?.error, undefined, `session ${i} went through`);
+    assert.deepEqual(eidsOf(r.results[i]!.receipts), [`w${i}`], `session ${i} reported`);
+  }
+  assert.deepEqual(
+    r.lostTakes,
+    [undefined, undefined, [`${take}:0`], undefined, undefined],
+    "only the poisoned session names the call's take record next",
+  );
+  await outbox.settle(r.owed);
+  await redis.del(keys.outbox(sids[2])[0]);
 });

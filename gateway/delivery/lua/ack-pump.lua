@@ -60,6 +60,12 @@
     mark     the sent mark as the call found it (0 when it took nothing): an event sent as a
              first attempt at or below it, from `unsent from` on, was forwarded to the node,
              which has not read the forward yet (the node then knows the forward for its own)
+    error    only when a command of the session's part failed (a WRONGTYPE: a key of the session
+             Redis cannot use as this script does): the error's message. The session's part
+             stopped there; the others went on. What it removed before is in `acked`,
+             `receipts` and `expired` (gone from the outbox, to be reported as any); what it took
+             is in `send` and in the take record (its counters raised) but is not to be sent:
+             the node tries the session again as after a failed call, naming the record.
 
   Rollback detection: every call that sends raises `sent` to the last sequence it sent, in the
   same atomic step. A connection that was sent sequence n therefore finds `sent` >= n unless
@@ -108,16 +114,21 @@ local took
 -- What the receipt keeps (see above): nothing made unless a session has something to report.
 local kept
 
-local a = 1
-local results = {}
 -- The empty answer lists of a session, shared (never appended to): most sessions in a call only
 -- have acks applied, and a table each would be made for nothing.
 local EMPTY = {}
-while a <= #A do
-  local sid = A[a]
+
+-- For the take record, set by the session that takes: the sequence it took after, and its lost
+-- calls' range (or false).
+local takenFrom, takenLost
+
+-- One session's part of the call: applies its acks (A[at] on), takes what it asked for, and
+-- fills `r`, its answer {acked, receipts, send, expired, resynced, mark} (an array: the reply
+-- packs it as one), as it goes. Run under pcall: a command that fails (a key of the session that
+-- Redis cannot use as the script does, left by a bug, an operator or a restore) ends this
+-- session's part, not the call.
+local function pumpSession(r, sid, after, want, nacks, nbare, unsentFrom, at)
   local base = head .. sid .. tail
-  local after, want, nacks, nbare = A[a + 1], tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
-  local unsentFrom = tonumber(A[a + 5])
   -- Bare acks alone need q and ev only: the other names (each a new Lua string) are made when
   -- something else is to be done.
   local K
@@ -136,18 +147,18 @@ while a <= #A do
       resynced = 1
     end
   end
+  r[5], r[6] = resynced, mark
   -- Sent once at or below `sentOnce`: the mark, less what the forwards here did not send (after
   -- a resync the sequences the connection named may be those of other events: the mark alone).
   local sentOnce = mark
   if unsentFrom > 0 and resynced == 0 and unsentFrom - 1 < sentOnce then sentOnce = unsentFrom - 1 end
-  local acked, receipts = 0, EMPTY
-  a = a + 6
-  for i = a, a + nacks - 1 do
+  for i = at, at + nacks - 1 do
     local eid = A[i]
     if redis.call('ZREM', K[1], eid) == 1 then
-      acked = acked + 1
+      r[1] = r[1] + 1
       if redis.call('SREM', K[4], eid) == 1 then
-        if receipts == EMPTY then receipts = {} end
+        if r[2] == EMPTY then r[2] = {} end
+        local receipts = r[2]
         receipts[#receipts + 1] = eid
         receipts[#receipts + 1] = redis.call('HGET', K[2], eid)
       end
@@ -158,27 +169,27 @@ while a <= #A do
       end
     end
   end
-  a = a + nacks
+  at = at + nacks
   if nbare == 1 then
-    if redis.call('ZREM', K[1], A[a]) == 1 then
-      acked = acked + 1
-      redis.call('HDEL', K[2], A[a])
+    if redis.call('ZREM', K[1], A[at]) == 1 then
+      r[1] = r[1] + 1
+      redis.call('HDEL', K[2], A[at])
     end
   else
     -- One ZREM and one HDEL for all of them (q and ev hold the same eids, so an eid q did not
     -- have is not in ev either), in slices: a Lua call's stack is bounded.
-    for i = a, a + nbare - 1, 256 do
-      local last = math.min(i + 255, a + nbare - 1)
-      acked = acked + redis.call('ZREM', K[1], unpack(A, i, last))
+    for i = at, at + nbare - 1, 256 do
+      local last = math.min(i + 255, at + nbare - 1)
+      r[1] = r[1] + redis.call('ZREM', K[1], unpack(A, i, last))
       redis.call('HDEL', K[2], unpack(A, i, last))
     end
   end
-  a = a + nbare
-  local send, expired = EMPTY, EMPTY
-  if want > 0 then send, expired = {}, {} end
+  if want == 0 then return end
+  local send, expired = {}, {}
+  r[3], r[4] = send, expired
   -- A lost call's range for this session: its events there already count that call's attempt.
-  local lost = want > 0 and resynced == 0 and lostTakes and lostTakes[sid]
-  local takenFrom = after
+  local lost = resynced == 0 and lostTakes and lostTakes[sid]
+  takenFrom, takenLost = tonumber(after), lost
   while want > 0 do
     local asked = want
     local batch = redis.call('ZRANGEBYSCORE', K[1], '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', '0', string.format('%d', asked))
@@ -193,8 +204,6 @@ while a <= #A do
         removeEvent(K, eid)
         if expiries then redis.call('ZREM', expiries, sid .. '|' .. eid) end
       else
-        send[#send + 1] = eid
-        send[#send + 1] = seq
         -- No entry yet, at or below the mark: it was sent once, from its publish or forwarded
         -- and sent (publish.lua).
         local attempt
@@ -204,6 +213,9 @@ while a <= #A do
           attempt = redis.call('HINCRBY', K[3], eid, '1')
           if attempt == 1 and n <= sentOnce then attempt = redis.call('HINCRBY', K[3], eid, '1') end
         end
+        -- Appended once its counter is raised: a failure after it leaves it in the take record.
+        send[#send + 1] = eid
+        send[#send + 1] = seq
         send[#send + 1] = attempt
         send[#send + 1] = payload
         want = want - 1
@@ -231,9 +243,26 @@ while a <= #A do
       end
     end
   end
-  results[#results + 1] = {acked, receipts, send, expired, resynced, mark}
+end
+
+local a = 1
+local results = {}
+while a <= #A do
+  local sid = A[a]
+  local want, nacks, nbare = tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
+  local r = { 0, EMPTY, EMPTY, EMPTY, 0, 0 }
+  takenFrom, takenLost = 0, false
+  local ok, err = pcall(pumpSession, r, sid, A[a + 1], want, nacks, nbare, tonumber(A[a + 5]), a + 6)
+  a = a + 6 + nacks + nbare
+  -- A failed session's answer says why (its 7th field); what it removed before is reported as
+  -- any other's (its receipts and expired events: gone from the outbox), what it took is in the
+  -- take record (its counters were raised) and not sent.
+  if not ok then r[7] = type(err) == 'table' and tostring(err.err) or tostring(err) end
+  results[#results + 1] = r
+  local send = r[3]
+  local lost = takenLost
   if takeRecord and (#send > 0 or lost) then
-    local from, to = tonumber(takenFrom), 0
+    local from, to = takenFrom, 0
     if #send > 0 then to = tonumber(send[#send - 2]) end
     if lost then
       if lost[1] < from then from = lost[1] end
@@ -244,11 +273,11 @@ while a <= #A do
     took[#took + 1] = from
     took[#took + 1] = to
   end
-  if receipt and (#receipts > 0 or #expired > 0) then
+  if receipt and (#r[2] > 0 or #r[4] > 0) then
     kept = kept or {}
     kept[#kept + 1] = sid
-    kept[#kept + 1] = receipts
-    kept[#kept + 1] = expired
+    kept[#kept + 1] = r[2]
+    kept[#kept + 1] = r[4]
   end
 end
 if kept then

@@ -1,0 +1,172 @@
+/**
+ * One session whose outbox keys Redis cannot use as the scripts do (a key of another type: left
+ * by a bug, an operator's command or a partial restore) fails its own part of a call that
+ * reaches many sessions, and only that. Before, the whole call failed: the up to 64 sessions of
+ * the node's ack-pump call were tried again 500 ms later, together with it again, and failed
+ * again, for as long as the key stayed (their acks never applied, nothing pumped to them); a
+ * due event of such a session failed the expiry sweep's step at every sweep, and the due events
+ * of other sessions in that step were never expired.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { GatewayClient } from '../../client/client.ts';
+import type { EventMsg } from '../../protocol/index.ts';
+import { connected, signUp } from '../helpers/accounts.ts';
+import { redisClient } from '../helpers/cleanup.ts';
+import { until, within } from '../helpers/deadline.ts';
+import { collect } from '../helpers/events.ts';
+import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
+import { postEvents } from '../helpers/http.ts';
+import { scrapeMetrics } from '../helpers/metrics.ts';
+import { QueueReader } from '../helpers/queues.ts';
+
+const API_KEY = 'api-key-for-pump-poison-41d7';
+
+test("a session whose outbox index is a key of another type fails its own part of the pump's call: the sessions whose acks went in the same call are acked, and it goes through once the key is gone", async () => {
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const lines: Record<string, unknown>[] = [];
+  // Acks wait half a second for others (GW_ACK_FLUSH_MS), so that the poisoned session's ack
+  // and the twenty others' go in one call.
+  const g = await startGateway(
+    {
+      ...deployment,
+      GW_API_KEY: API_KEY,
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+      GW_ACK_FLUSH_MS: '500',
+    },
+    { onLog: (l) => lines.push(l) },
+  );
+  const redis = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    const good: { c: GatewayClient; sid: string; got: EventMsg[] }[] = [];
+    for (let i = 0; i < 20; i++) {
+      const c = await connected(g.tcpUrl);
+      open.push(c);
+      const s = await within(`the sign-up of device ${i}`, signUp(c));
+      good.push({ c, sid: s.sessionId, got: collect(c) });
+    }
+    // The poisoned device acks by hand: its event arrives, then its outbox's index (q, a sorted
+    // set) becomes a string, and every ack of it fails (ZREM), every try.
+    const badC = await connected(g.tcpUrl, { autoAck: false });
+    open.push(badC);
+    const bad = await within('the sign-up of the poisoned device', signUp(badC));
+    const badGot = collect(badC);
+    const first = await postEvents(g.httpPort, API_KEY, [
+      { target: { session: bad.sessionId }, name: 'first', data: {} },
+    ]);
+    assert.equal(first.status, 202, 'the event for the poisoned session stored');
+    await until('the poisoned device got its event', () => badGot.length === 1);
+    await redis.set(`${prefix}{s:${bad.sessionId}}:q`, 'not a sorted set');
+    badC.ack([badGot[0].eid]);
+    // An event to each of the twenty, acked at once: the acks wait with the poisoned one's.
+    const r = await postEvents(
+      g.httpPort,
+      API_KEY,
+      good.map((d) => ({ target: { session: d.sid }, name: 'one', data: {} })),
+    );
+    assert.equal(r.status, 202, 'the events for the twenty stored');
+    for (const [i, d] of good.entries()) await until(`device ${i} got its event`, () => d.got.length === 1);
+    // Every ack of the twenty applied: each outbox is emptied (q goes with its last event).
+    for (const [i, d] of good.entries())
+      await until(
+        `device ${i}'s outbox emptied by its ack`,
+        async () => (await redis.exists(`${prefix}{s:${d.sid}}:q`)) === 0,
+        15_000,
+      );
+    await until('the poisoned session tried again', async () => {
+      const m = await scrapeMetrics(g.metricsPort);
+      return m.value('gateway_events_session_key_errors_total{step="pump"}') >= 2;
+    });
+    const errors = lines.filter((l) => l.level === 50);
+    assert.deepEqual(
+      errors.map((l) => [l.sessionId, /WRONGTYPE/.test(String(l.err))]),
+      [[bad.sessionId, true]],
+      `one error line, naming the session and the cause (${JSON.stringify(errors)})`,
+    );
+
+    // The key gone, its next try goes through (its ack finds nothing left to remove).
+    await redis.del(`${prefix}{s:${bad.sessionId}}:q`);
+    await until('the recovery logged', () =>
+      lines.some((l) => l.sessionId === bad.sessionId && /pumped again/.test(String(l.msg))),
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    redis.disconnect();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
+
+test('the expiry sweep: a due event of a session whose event payloads are a key of another type is logged and left; the due events of the other sessions in the same call are reported expired', async () => {
+  const deployment = deploymentEnv();
+  const prefix = deployment.GW_REDIS_PREFIX;
+  const lines: Record<string, unknown>[] = [];
+  const g = await startGateway(
+    {
+      ...deployment,
+      GW_API_KEY: API_KEY,
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+      GW_SWEEP_INTERVAL_MS: '200',
+    },
+    { onLog: (l) => lines.push(l) },
+  );
+  const redis = redisClient();
+  const reader = new QueueReader(prefix);
+  try {
+    // Three offline sessions, an event each, due in a second.
+    const sids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(g.tcpUrl);
+      const s = await within(`the sign-up of device ${i}`, signUp(c));
+      c.destroy();
+      sids.push(s.sessionId);
+    }
+    for (const sid of sids)
+      await until(
+        'the node let the closed session go',
+        async () => (await redis.exists(`${prefix}{s:${sid}}:node`)) === 0,
+      );
+    const eids = sids.map((_, i) => `poison-expiry-${i}-${deployment.GW_REDIS_PREFIX.length}`);
+    const r = await postEvents(
+      g.httpPort,
+      API_KEY,
+      sids.map((sid, i) => ({ target: { session: sid }, name: 'due', eid: eids[i], ttl: 1000 })),
+    );
+    assert.equal(r.status, 202, 'the events stored');
+    // The middle session's payloads become a string before its event is due.
+    await redis.set(`${prefix}{s:${sids[1]}}:ev`, 'not a hash');
+    const expired = await reader.waitFor(
+      'gw-backend',
+      (jobs) => [eids[0], eids[2]].every((e) => jobs.some((j) => j.data.eid === e)),
+      20_000,
+      'delivery.expired',
+    );
+    assert.deepEqual(
+      expired.map((j) => j.data.eid).sort(),
+      [eids[0], eids[2]],
+      'the two others reported expired, once each',
+    );
+    await until('the poisoned event logged', () =>
+      lines.some((l) => l.level === 50 && l.sessionId === sids[1] && l.eid === eids[1]),
+    );
+    const line = lines.find((l) => l.level === 50 && l.sessionId === sids[1])!;
+    assert.match(String(line.err), /WRONGTYPE/, 'the cause');
+    assert.equal(await redis.zcard(`${prefix}expiries`), 0, 'every member out of the index');
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_events_session_key_errors_total{step="expiry"}'), 1, 'counted once');
+    assert.equal(
+      lines.filter((l) => l.level === 50).length,
+      1,
+      `one error line (${JSON.stringify(lines.filter((l) => l.level === 50))})`,
+    );
+  } finally {
+    await reader.close();
+    redis.disconnect();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});
