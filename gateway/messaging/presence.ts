@@ -13,7 +13,7 @@ import { Counter } from 'prom-client';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
-import { logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
+import { isDependencyFault, logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -865,30 +865,44 @@ export class Presence {
       // Each step tells the rooms its session leaves itself, before it writes anything.
       const told = await Promise.all(
         part.map((sid) =>
-          binding.run(
-            'sweep_session',
-            [
-              keys.presence,
-              keys.lastSeen,
-              keys.sessionNode(sid),
-              keys.sessionMemberships(sid),
-              keys.rooms,
-              keys.nodes,
-              keys.nodeToldLeft(node),
-              keys.presenceNames,
-            ],
-            [
-              sid,
-              node,
-              now,
-              keys.roomMembersHead,
-              keys.roomMembersTail,
-              ...roomLeft,
-              newEid(),
-              lastBeat,
-              recordLeft ? '1' : '',
-            ],
-          ),
+          binding
+            .run(
+              'sweep_session',
+              [
+                keys.presence,
+                keys.lastSeen,
+                keys.sessionNode(sid),
+                keys.sessionMemberships(sid),
+                keys.rooms,
+                keys.nodes,
+                keys.nodeToldLeft(node),
+                keys.presenceNames,
+              ],
+              [
+                sid,
+                node,
+                now,
+                keys.roomMembersHead,
+                keys.roomMembersTail,
+                ...roomLeft,
+                newEid(),
+                lastBeat,
+                recordLeft ? '1' : '',
+              ],
+            )
+            .catch((e) => {
+              if (isDependencyFault(e)) throw e;
+              // Refused for this session alone (a key of it that Redis cannot use as the step
+              // does: WRONGTYPE, written by something else): the node's other sessions are swept
+              // and the node with them; this one's keys are left as they are. Failing the sweep
+              // would fail it at every try, for good, and a start's sweep of its previous life
+              // with it (the node id could not start again).
+              this.deps.log.error(
+                { node, sessionId: sid, err: e },
+                "a dead node's session could not be swept: Redis refused its step (a key of it of another type); its keys are left as they are",
+              );
+              return 0;
+            }),
         ),
       );
       if (told.some((t) => t === -1)) return undefined;

@@ -441,3 +441,47 @@ test('a start that fails after claiming its id (its HTTP port taken) gives the i
     await signUp(device);
   });
 });
+
+test('a session of the previous process whose key Redis cannot use (its memberships a string) is left as it is: the start sweeps the others and serves', async () => {
+  // One sweep an hour: only the new process's start sweeps the killed one's.
+  await withDeployment(1500, 3_600_000, async (n) => {
+    const id = `fixed-${randomUUID().slice(0, 8)}`;
+    const a = await n.start({ GW_NODE_ID: id });
+    const sids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(a.tcpUrl);
+      n.open.push(c);
+      sids.push((await within(`the sign-up of device ${i}`, signUp(c))).sessionId);
+    }
+    a.proc.kill('SIGKILL');
+    await within('the killed process gone', a.exited);
+    // The middle session's room memberships (a hash) become a string.
+    await n.r.del(`${n.prefix}{s:${sids[1]}}:rm`);
+    await n.r.set(`${n.prefix}{s:${sids[1]}}:rm`, 'not a hash');
+    const lines: Record<string, unknown>[] = [];
+    const a2 = await within(
+      'the restart under the same node id',
+      startGateway({ ...n.base, GW_NODE_ID: id }, { onLog: (l) => lines.push(l) }),
+    );
+    try {
+      const refused = lines.filter((l) => l.level === 50);
+      assert.deepEqual(
+        refused.map((l) => [l.node, l.sessionId, /WRONGTYPE/.test(JSON.stringify(l.err))]),
+        [[id, sids[1], true]],
+        `one error line, naming the node, the session and the cause (${JSON.stringify(refused)})`,
+      );
+      const line = lines.find((l) => l.msg === 'swept what a previous process of this node id left in Redis');
+      assert.ok(line, 'the previous life swept');
+      for (const i of [0, 2])
+        assert.equal(await n.r.hexists(`${n.prefix}presence`, sids[i]), 0, `session ${i}'s presence swept`);
+      assert.equal(
+        await n.r.hexists(`${n.prefix}presence`, sids[1]),
+        1,
+        "the refused session's presence left",
+      );
+    } finally {
+      await a2.stop();
+      await n.r.del(`${n.prefix}{s:${sids[1]}}:rm`);
+    }
+  });
+});
