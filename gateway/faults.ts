@@ -155,6 +155,16 @@ export function isDependencyFault(e: unknown, depth = 0): boolean {
   return isDependencyFault(err.cause, depth + 1);
 }
 
+/**
+ * Whether Redis refused a command because a key holds another type than the command works on
+ * (`WRONGTYPE`): a key of the gateway's name written by something else. Such a refusal belongs
+ * to the key's owner (a session), not to Redis: the sweep of a dead node leaves that session
+ * out and goes on with the others.
+ */
+export function isWrongType(e: unknown): boolean {
+  return e instanceof Error && /^WRONGTYPE /.test(e.message);
+}
+
 /** The `overloaded` answer to a request that met a dependency fault. */
 export function dependencyUnavailable(): ProtocolError {
   return new ProtocolError('overloaded', 'a dependency is unavailable; retry later', {

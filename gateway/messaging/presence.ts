@@ -13,7 +13,7 @@ import { Counter } from 'prom-client';
 import type { SessionBinding } from '../binding.ts';
 import type { Connection } from '../connection.ts';
 import { newEid } from '../delivery/eid.ts';
-import { isDependencyFault, logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
+import { isWrongType, logFailure, logQueueErrors, onceAtStart, type StartStep } from '../faults.ts';
 import type { Gateway } from '../gateway.ts';
 import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
@@ -891,12 +891,13 @@ export class Presence {
               ],
             )
             .catch((e) => {
-              if (isDependencyFault(e)) throw e;
+              if (!isWrongType(e)) throw e;
               // Refused for this session alone (a key of it that Redis cannot use as the step
               // does: WRONGTYPE, written by something else): the node's other sessions are swept
               // and the node with them; this one's keys are left as they are. Failing the sweep
               // would fail it at every try, for good, and a start's sweep of its previous life
-              // with it (the node id could not start again).
+              // with it (the node id could not start again). Any other failure (an outage, a
+              // command refused: NOPERM, OOM) is the sweep's, tried again as a whole.
               this.deps.log.error(
                 { node, sessionId: sid, err: e },
                 "a dead node's session could not be swept: Redis refused its step (a key of it of another type); its keys are left as they are",
