@@ -118,11 +118,20 @@ interface Scripts {
   takeRecords: boolean;
 }
 
+/** The shared helper of the session-isolated scripts, absent before them (empty then). */
+function ownError(read: (path: string) => string): string {
+  try {
+    return read('includes/own-error');
+  } catch {
+    return '';
+  }
+}
+
 function scripts(read: (path: string) => string): Scripts {
   const ackPump = read('ack-pump');
   return {
     publish: read('publish'),
-    ackPump: `${read('includes/remove-event')}\n${ackPump}`,
+    ackPump: `${read('includes/remove-event')}\n${ownError(read)}\n${ackPump}`,
     bareAcks: /number of bare acked eids/.test(ackPump),
     unsentFrom: /unsent from/.test(ackPump),
     pumpReceipts: /ARGV\[6\], ARGV\[7\] a receipt key/.test(ackPump),

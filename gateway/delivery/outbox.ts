@@ -126,7 +126,8 @@ export type OwedReceipt =
 
 const lua = (path: string) => readFileSync(new URL(`./lua/${path}.lua`, import.meta.url), 'utf8');
 /** A script with the shared helpers in lua/includes/ put before it. */
-const script = (name: string) => `${lua('includes/remove-event')}\n${lua(name)}`;
+const script = (name: string) =>
+  `${lua('includes/remove-event')}\n${lua('includes/own-error')}\n${lua(name)}`;
 
 type Reply = (Buffer | number | boolean | null | Reply)[];
 

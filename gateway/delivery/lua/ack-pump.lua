@@ -257,7 +257,7 @@ while a <= #A do
   -- A failed session's answer says why (its 7th field); what it removed before is reported as
   -- any other's (its receipts and expired events: gone from the outbox), what it took is in the
   -- take record (its counters were raised) and not sent.
-  if not ok then r[7] = type(err) == 'table' and tostring(err.err) or tostring(err) end
+  if not ok then r[7] = ownError(err) end
   results[#results + 1] = r
   local send = r[3]
   local lost = takenLost

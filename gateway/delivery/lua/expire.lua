@@ -66,11 +66,14 @@ for i = 8, #ARGV do
   local ok, err = pcall(step, ARGV[i])
   -- "peek" leaves it out (not reported); "take" drops it from the index all the same, so that
   -- the sweeps do not meet it again, and names it in the reply. Its event stays where it is.
-  if not ok and mode ~= 'peek' then
-    redis.call('ZREM', expiries, ARGV[i])
-    failed = failed or {}
-    failed[#failed + 1] = ARGV[i]
-    failed[#failed + 1] = type(err) == 'table' and tostring(err.err) or tostring(err)
+  if not ok then
+    local msg = ownError(err)
+    if mode ~= 'peek' then
+      redis.call('ZREM', expiries, ARGV[i])
+      failed = failed or {}
+      failed[#failed + 1] = ARGV[i]
+      failed[#failed + 1] = msg
+    end
   end
 end
 if mode == 'peek' then return out end
