@@ -22,22 +22,21 @@ import { QueueReader } from '../helpers/queues.ts';
 
 const API_KEY = 'api-key-for-pump-poison-41d7';
 
-test("a session whose outbox index is a key of another type fails its own part of the pump's call: the sessions whose acks went in the same call are acked, and it goes through once the key is gone", async () => {
+/** A gateway of a deployment of its own, with `extra` settings, and its log lines. */
+async function gateway(extra: Record<string, string>) {
   const deployment = deploymentEnv();
-  const prefix = deployment.GW_REDIS_PREFIX;
   const lines: Record<string, unknown>[] = [];
-  // Acks wait half a second for others (GW_ACK_FLUSH_MS), so that the poisoned session's ack
-  // and the twenty others' go in one call.
   const g = await startGateway(
-    {
-      ...deployment,
-      GW_API_KEY: API_KEY,
-      GW_DEFAULT_ROOM: '',
-      GW_REGISTER_PER_MINUTE: '1000',
-      GW_ACK_FLUSH_MS: '500',
-    },
+    { ...deployment, GW_API_KEY: API_KEY, GW_DEFAULT_ROOM: '', GW_REGISTER_PER_MINUTE: '1000', ...extra },
     { onLog: (l) => lines.push(l) },
   );
+  return { deployment, prefix: deployment.GW_REDIS_PREFIX, lines, g };
+}
+
+test("a session whose outbox index is a key of another type fails its own part of the pump's call: the sessions whose acks went in the same call are acked, and it goes through once the key is gone", async () => {
+  // Acks wait half a second for others (GW_ACK_FLUSH_MS), so that the poisoned session's ack
+  // and the twenty others' go in one call.
+  const { deployment, prefix, lines, g } = await gateway({ GW_ACK_FLUSH_MS: '500' });
   const redis = redisClient();
   const open: GatewayClient[] = [];
   try {
@@ -101,19 +100,7 @@ test("a session whose outbox index is a key of another type fails its own part o
 });
 
 test('the expiry sweep: a due event of a session whose event payloads are a key of another type is logged and left; the due events of the other sessions in the same call are reported expired', async () => {
-  const deployment = deploymentEnv();
-  const prefix = deployment.GW_REDIS_PREFIX;
-  const lines: Record<string, unknown>[] = [];
-  const g = await startGateway(
-    {
-      ...deployment,
-      GW_API_KEY: API_KEY,
-      GW_DEFAULT_ROOM: '',
-      GW_REGISTER_PER_MINUTE: '1000',
-      GW_SWEEP_INTERVAL_MS: '200',
-    },
-    { onLog: (l) => lines.push(l) },
-  );
+  const { deployment, prefix, lines, g } = await gateway({ GW_SWEEP_INTERVAL_MS: '200' });
   const redis = redisClient();
   const reader = new QueueReader(prefix);
   try {
