@@ -63,7 +63,7 @@ export interface AckPumpResult {
    * `acked`, `receipts` and `expired` say what it did before (to be reported); `send` is what it
    * took, not to be sent: the session is tried again as after a failed call (`lostTakes`).
    */
-  error?: string;
+  error?: string | undefined;
 }
 
 export interface TakenEvent {
@@ -349,7 +349,8 @@ function parsePump(reply: Reply): AckPumpResult {
     expired,
     resynced: reply[4] === 1,
     mark: (reply[5] as number | undefined) ?? 0,
-    ...(reply[6] !== undefined ? { error: (reply[6] as Buffer).toString() } : {}),
+    // Always present (undefined mostly): one shape for every result.
+    error: reply[6] === undefined ? undefined : (reply[6] as Buffer).toString(),
   };
 }
 
