@@ -301,13 +301,16 @@ export async function startNode(
   // failover, a Redis too slow) is waited for as its connect is (GW_START_WAIT_MS): each try
   // reads the id's beat again, so one whose claim Redis wrote before its reply was lost watches
   // its own beat a stale time, then sweeps it as a dead process's and claims the id.
-  try {
-    await whenReachable(() => presence.sweepPreviousLife((now) => rooms.sweepRoomLeft(now)), {
+  // A Redis call of the start, tried again on an outage for GW_START_WAIT_MS.
+  const startStep: StartStep = (step) =>
+    whenReachable(step, {
       dependency: 'redis',
       endpoint: endpointOf(config.redisUrl),
       waitMs: config.startWaitMs,
       log,
     });
+  try {
+    await startStep(() => presence.sweepPreviousLife((now) => rooms.sweepRoomLeft(now)));
   } catch (e) {
     if (!(e instanceof NodeIdInUseError))
       log.error(
@@ -391,16 +394,9 @@ export async function startNode(
       retry.run();
     });
     // The Redis calls of the modules' starts (their subscriptions, the first beat, the sweep's
-    // schedule, the limits' first read) are waited out as the steps before them are: a Redis
-    // slow past GW_REDIS_TIMEOUT_MS, or refusing them as an outage, for GW_START_WAIT_MS each.
-    // Before, one such call that timed out stopped the start (exit 1).
-    const startStep: StartStep = (step) =>
-      whenReachable(step, {
-        dependency: 'redis',
-        endpoint: endpointOf(config.redisUrl),
-        waitMs: config.startWaitMs,
-        log,
-      });
+    // schedule, the limits' first read) are waited out as the sweep above is (startStep): a
+    // Redis slow past GW_REDIS_TIMEOUT_MS, or refusing them as an outage, for GW_START_WAIT_MS
+    // each. Before, one such call that timed out stopped the start (exit 1).
     await identity.start(gateway, startStep);
     await delivery.start(startStep);
     await presence.start(

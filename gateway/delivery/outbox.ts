@@ -110,6 +110,12 @@ function parsePumped(v: Buffer): { sid: string; receipts: StoredEvent[]; expired
   return out;
 }
 
+/** A member of the expiries index (`sid|eid`, publish.lua) as its session and event. */
+function memberOf(member: string): { sid: string; eid: string } {
+  const bar = member.indexOf('|');
+  return { sid: member.slice(0, bar), eid: member.slice(bar + 1) };
+}
+
 /** A drop receipt (publish.lua, move.lua): `{sid, payload}`. */
 function parseDropped(v: Buffer): { sid: string; event: StoredEvent } {
   const [sid, payload] = readScriptReply(v) as Buffer[];
@@ -1042,8 +1048,7 @@ export class Outbox {
     for (const reply of await Promise.all(this.expireCalls('peek', members, nowMs, ''))) {
       const r = reply as Reply;
       for (let i = 0; i < r.length; i += 2) {
-        const member = (r[i] as Buffer).toString();
-        out.push({ sid: member.slice(0, member.indexOf('|')), event: decode(r[i + 1] as Buffer) });
+        out.push({ sid: memberOf((r[i] as Buffer).toString()).sid, event: decode(r[i + 1] as Buffer) });
       }
     }
     return out;
@@ -1064,13 +1069,13 @@ export class Outbox {
     receipt: string,
   ): Promise<{
     removed: number;
-    failed: { member: string; error: string }[];
+    failed: { sid: string; eid: string; error: string }[];
     lost: string[];
     error?: unknown;
   }> {
     const settled = await Promise.allSettled(this.expireCalls('take', members, nowMs, receipt));
     let removed = 0;
-    const failed: { member: string; error: string }[] = [];
+    const failed: { sid: string; eid: string; error: string }[] = [];
     const lost: string[] = [];
     let error: unknown;
     settled.forEach((r, i) => {
@@ -1081,7 +1086,8 @@ export class Outbox {
       else {
         const v = r.value;
         removed += v[0] as number;
-        for (let j = 1; j < v.length; j += 2) failed.push({ member: String(v[j]), error: String(v[j + 1]) });
+        for (let j = 1; j < v.length; j += 2)
+          failed.push({ ...memberOf(String(v[j])), error: String(v[j + 1]) });
       }
     });
     return error === undefined ? { removed, failed, lost } : { removed, failed, lost, error };

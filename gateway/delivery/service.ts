@@ -1658,9 +1658,8 @@ export class DeliveryService {
     if (removed > 0) this.metrics.expired.inc(removed);
     for (const f of failed) {
       this.metrics.sessionKeyErrors.labels('expiry').inc();
-      const bar = f.member.indexOf('|');
       this.deps.log.error(
-        { sessionId: f.member.slice(0, bar), eid: f.member.slice(bar + 1), err: f.error },
+        { sessionId: f.sid, eid: f.eid, err: f.error },
         "an expired event could not be removed from its session's outbox in Redis; left there, and out of the expiry index",
       );
     }
