@@ -27,6 +27,7 @@ import {
 } from '../helpers/gateway-process.ts';
 import { postEvents } from '../helpers/http.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 const API_KEY = 'api-key-for-takeover-faults-5c1e';
 const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -490,29 +491,47 @@ test('thirty devices of one account logging in again while Redis restarts empty:
   }
 });
 
-test("a logout that Redis ran after answering it `overloaded` (its writes paused): its connection is not kicked by the end, and the same connection's retry answers {} and leaves it unauthenticated", async () => {
-  const username = await register();
-  const c = await connected(g.tcpUrl);
-  const kicks: string[] = [];
-  c.on('kick', (k: { code: string }) => kicks.push(k.code));
+test("a logout that Redis ran after answering it `overloaded` (Redis stopped as its end came): its connection is not kicked by the end, and the same connection's retry answers {} and leaves it unauthenticated", async () => {
+  // A node of its own behind a proxy, which stops Redis the moment the end's write comes, after
+  // its read has been answered. (Pausing Redis's writes before the logout, as this test did,
+  // also held the read when the node had a write of its own ahead of it on the connection: a
+  // beat, a sweep; the read timed out and the logout never wrote.)
+  const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+  const node = await startGateway({
+    ...deployment,
+    REDIS_URL: proxy.url,
+    GW_API_KEY: API_KEY,
+    GW_DEFAULT_ROOM: '',
+    GW_REDIS_TIMEOUT_MS: '300',
+  });
+  let c: GatewayClient | undefined;
   try {
+    const username = await register();
+    c = await connected(node.tcpUrl);
+    const kicks: string[] = [];
+    c.on('kick', (k: { code: string }) => kicks.push(k.code));
     const o = await tryLogin(c, username, `tf-${randomUUID().slice(0, 8)}`);
     assert.ok(o.session, `the login answered: ${JSON.stringify(o)}`);
     const sid = o.session.sessionId;
-    // Redis answers reads and holds writes: the end's read passes, its MULTI waits past the
-    // node's 300 ms and runs once the pause is over.
-    await redis.with((r) => r.call('CLIENT', 'PAUSE', '1500', 'WRITE'));
+    // The end's MULTI: its DEL of the session's hash. Redis stops before it arrives, so the
+    // node's wait of 300 ms runs out, and it runs once Redis goes on.
+    const stopped = proxy.holdReplyOf(
+      (command) => /\r\ndel\r\n/i.test(command) && command.includes(`{s:${sid}}:sess`),
+      0,
+      () => redis.freeze(),
+    );
     const first = await within(
-      'the logout under paused writes',
+      'the logout with Redis stopped at its write',
       c.request('logout', {}).then(
         () => 'ok',
         (e: { code?: string }) => e.code,
       ),
     );
-    assert.equal(first, 'overloaded');
-    // Run once writes run again: the session gone, its kick sent (sparing this connection).
-    await redis.with((r) => r.call('CLIENT', 'UNPAUSE'));
-    await until('the logout run once writes resume', async () => (await sessionExists(sid)) === 0);
+    assert.equal(first, 'overloaded', 'the logout answered while Redis is stopped');
+    await within("the end's write seen at the proxy", stopped);
+    // Run once Redis goes on: the session gone, its kick sent (sparing this connection).
+    redis.thaw();
+    await until('the logout run once Redis goes on', async () => (await sessionExists(sid)) === 0);
     // Tried again (after retryAfter, as PROTOCOL.md §8 asks; here at once).
     assert.deepEqual(await within('the logout tried again', c.request('logout', {})), {});
     await assert.rejects(
@@ -521,7 +540,9 @@ test("a logout that Redis ran after answering it `overloaded` (its writes paused
     );
     assert.deepEqual(kicks, [], 'not kicked: its own end spared it');
   } finally {
-    await redis.with((r) => r.call('CLIENT', 'UNPAUSE')).catch(() => {});
-    c.destroy();
+    redis.thaw();
+    c?.destroy();
+    await node.stop();
+    await proxy.close();
   }
 });
