@@ -77,7 +77,8 @@ const connName = (gateway: Gateway, conn: Connection) => `${gateway.nodeId}:${co
 /**
  * How long a connection whose session was found gone (by an activity write, the periodic check,
  * the look when the subscriber is back) waits for the session's end notice (which kicks it as a
- * revoke, a takeover or an expiry) before it is kicked as found gone.
+ * revoke, a takeover or an expiry) before it is kicked as found gone, when the subscriber's
+ * connection did not answer the PING that would have shown every such notice come (kickGone).
  */
 const GONE_NOTICE_GRACE_MS = 1000;
 
@@ -99,10 +100,12 @@ const ending = new WeakMap<Connection, KickNotice | undefined>();
  * (which would raise `GatewaySessionsLost` for a normal end). The same rule for every way a
  * session is found gone: a subscriber back, an activity write, the periodic check.
  *
- * The kick comes GONE_NOTICE_GRACE_MS after those reads, to a connection still bound then: a
- * session ended just before them (the sweep's script takes it out of the index and publishes
- * its notice in one step; a revoke or a takeover on another node) has its notice on the way on
- * the subscriber's connection, which kicks it as what it was, and it is no lost session.
+ * The kick comes after those reads and a PING answered on the subscriber's connection, to a
+ * connection still bound then: a session ended just before the reads (the sweep's script takes
+ * it out of the index and publishes its notice in one step; a revoke or a takeover on another
+ * node) has its notice on that connection ahead of the PING's answer, which kicks it as what it
+ * was, and it is no lost session. A PING that fails (the subscriber away, or slower than
+ * `GW_REDIS_TIMEOUT_MS`) is a wait of GONE_NOTICE_GRACE_MS instead.
  */
 async function kickGone(
   gone: { conn: Connection; session: NonNullable<Connection['session']> }[],
@@ -112,6 +115,8 @@ async function kickGone(
   msg: string,
   /** Called for each connection kicked (the metric of how the session was found gone). */
   kicked: () => void,
+  /** Bus.synced of the node's subscriber: a PING answered on its connection. */
+  synced: () => Promise<void>,
 ): Promise<void> {
   // The connection has gone, been kicked (its end notice came) or moved to another session
   // meanwhile. Or it is ending its session itself, and is answered instead.
@@ -136,7 +141,14 @@ async function kickGone(
     });
   }
   if (due.length === 0) return;
-  await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
+  // A notice published before the reads is ahead of the PING's answer on the subscriber's
+  // connection, and has kicked its connections when the answer comes.
+  try {
+    await synced();
+  } catch {
+    // The subscriber is away or slow: a notice on the way may still come, for a while.
+    await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
+  }
   for (const g of due) {
     if (!bound(g)) continue;
     log.info({ conn: g.conn.id, sessionId: g.session.sessionId, code: g.code }, msg);
@@ -160,6 +172,8 @@ async function kickMissed(
   kicked: () => void,
   msg: string,
   keptKicks: boolean,
+  /** As kickGone's. */
+  synced: () => Promise<void>,
 ): Promise<void> {
   const bound = [...gateway.connections].flatMap((conn) =>
     conn.session ? [{ conn, session: conn.session }] : [],
@@ -197,7 +211,7 @@ async function kickMissed(
       conn.kick('going_away', KICK_MESSAGE.going_away, k.retryAfter);
     });
   }
-  if (gone.length > 0) await kickGone(gone, redis, keys, log, msg, kicked);
+  if (gone.length > 0) await kickGone(gone, redis, keys, log, msg, kicked, synced);
 }
 
 export interface AuthModule extends IdentityModule {
@@ -412,6 +426,7 @@ export async function createAuthModule(
       hasher.registerMetrics(gateway.metrics);
       gateway.onSweep((now) => service.sweep(now));
       gateway.onActivity = (sid) => activity.touch(sid);
+      const synced = () => deps.bus.synced();
       const goneFound = new Counter({
         name: 'gateway_sessions_found_gone_total',
         help: "Connections kicked because their session's record was gone from Redis with no end notice heard: found when the node's subscriber came back (subscriber_back), by the session's activity write (activity), or by the node's periodic check of its sessions (check, GW_SESSION_CHECK_MS). A rise is Redis losing data (a restart without persistence, a rollback, a flush) or notices lost while the subscriber was away.",
@@ -430,8 +445,14 @@ export async function createAuthModule(
             .flatMap((conn) => (conn.session ? [{ conn, session: conn.session }] : [])),
         );
         if (found.length === 0) return;
-        kickGone(found, deps.redis, deps.keys, log, 'session gone, found by its activity', () =>
-          goneFound.inc({ by: 'activity' }),
+        kickGone(
+          found,
+          deps.redis,
+          deps.keys,
+          log,
+          'session gone, found by its activity',
+          () => goneFound.inc({ by: 'activity' }),
+          synced,
         ).catch((e) => logFailure(log, e, {}, 'could not kick the connections of a session found gone'));
       };
       const ctx = (conn: Connection) => ({
@@ -495,7 +516,7 @@ export async function createAuthModule(
       );
       // The look for sessions found gone (kickMissed), counted by how it was run.
       const look = (by: 'subscriber_back' | 'check', msg: string, keptKicks: boolean) =>
-        kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by }), msg, keptKicks);
+        kickMissed(gateway, deps.redis, deps.keys, log, () => goneFound.inc({ by }), msg, keptKicks, synced);
       // A kick published while this node's subscriber was away never came: once it is back,
       // a connection whose session Redis no longer holds is kicked as its notice would have
       // kicked it (taken over if its device key names another session, else revoked), and one

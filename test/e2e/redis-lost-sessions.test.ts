@@ -150,7 +150,7 @@ test('thirty sessions Redis lost at once, their devices active: each kicked once
     // Every device sends a request at once: activity, whose writes find the records gone.
     await Promise.all(devices.map((c) => c.request('rooms').catch(() => {})));
     await until('every device kicked', () => kicks.every((k) => k.length > 0));
-    // Longer than the node's grace before such a kick: none is kicked twice.
+    // Time for a second kick to come: none is kicked twice.
     await new Promise((resolve) => setTimeout(resolve, 1500));
     assert.deepEqual(
       kicks.map((k) => k.join()),
