@@ -33,8 +33,8 @@ async function gateway(extra: Record<string, string>) {
   return { deployment, prefix: deployment.GW_REDIS_PREFIX, lines, g };
 }
 
-test("a session whose outbox index is a key of another type fails its own part of the pump's call: the sessions whose acks went in the same call are acked, and it goes through once the key is gone", async () => {
-  // Acks wait half a second for others (GW_ACK_FLUSH_MS), so that the poisoned session's ack
+test("sessions whose outbox keys are of another type (one's index, another's payloads) fail their own parts of the pump's call: the sessions whose acks went in the same call are acked, and each goes through once its key is gone", async () => {
+  // Acks wait half a second for others (GW_ACK_FLUSH_MS), so that the poisoned sessions' acks
   // and the twenty others' go in one call.
   const { deployment, prefix, lines, g } = await gateway({ GW_ACK_FLUSH_MS: '500' });
   const redis = redisClient();
@@ -47,20 +47,28 @@ test("a session whose outbox index is a key of another type fails its own part o
       const s = await within(`the sign-up of device ${i}`, signUp(c));
       good.push({ c, sid: s.sessionId, got: collect(c) });
     }
-    // The poisoned device acks by hand: its event arrives, then its outbox's index (q, a sorted
-    // set) becomes a string, and every ack of it fails (ZREM), every try.
-    const badC = await connected(g.tcpUrl, { autoAck: false });
-    open.push(badC);
-    const bad = await within('the sign-up of the poisoned device', signUp(badC));
-    const badGot = collect(badC);
-    const first = await postEvents(g.httpPort, API_KEY, [
-      { target: { session: bad.sessionId }, name: 'first', data: {} },
-    ]);
-    assert.equal(first.status, 202, 'the event for the poisoned session stored');
-    await until('the poisoned device got its event', () => badGot.length === 1);
-    await redis.set(`${prefix}{s:${bad.sessionId}}:q`, 'not a sorted set');
-    badC.ack([badGot[0].eid]);
-    // An event to each of the twenty, acked at once: the acks wait with the poisoned one's.
+    // The poisoned devices ack by hand: each one's event arrives, then a key of its outbox
+    // becomes a string, the index (q, a sorted set) of one, the payloads (ev, a hash) of the
+    // other, and every ack of it fails (ZREM, HDEL), every try.
+    const bad: { c: GatewayClient; sid: string; got: EventMsg[]; key: string }[] = [];
+    for (const name of ['q', 'ev']) {
+      const c = await connected(g.tcpUrl, { autoAck: false });
+      open.push(c);
+      const s = await within(`the sign-up of the device whose ${name} is poisoned`, signUp(c));
+      bad.push({ c, sid: s.sessionId, got: collect(c), key: `${prefix}{s:${s.sessionId}}:${name}` });
+    }
+    const first = await postEvents(
+      g.httpPort,
+      API_KEY,
+      bad.map((b) => ({ target: { session: b.sid }, name: 'first', data: {} })),
+    );
+    assert.equal(first.status, 202, 'the events for the poisoned sessions stored');
+    for (const b of bad) {
+      await until(`the device of ${b.key} got its event`, () => b.got.length === 1);
+      await redis.set(b.key, 'not of its type');
+      b.c.ack([b.got[0].eid]);
+    }
+    // An event to each of the twenty, acked at once: the acks wait with the poisoned ones'.
     const r = await postEvents(
       g.httpPort,
       API_KEY,
@@ -75,22 +83,24 @@ test("a session whose outbox index is a key of another type fails its own part o
         async () => (await redis.exists(`${prefix}{s:${d.sid}}:q`)) === 0,
         15_000,
       );
-    await until('the poisoned session tried again', async () => {
+    await until('the poisoned sessions tried again', async () => {
       const m = await scrapeMetrics(g.metricsPort);
-      return m.value('gateway_events_session_key_errors_total{step="pump"}') >= 2;
+      return m.value('gateway_events_session_key_errors_total{step="pump"}') >= 4;
     });
     const errors = lines.filter((l) => l.level === 50);
     assert.deepEqual(
-      errors.map((l) => [l.sessionId, /WRONGTYPE/.test(String(l.err))]),
-      [[bad.sessionId, true]],
-      `one error line, naming the session and the cause (${JSON.stringify(errors)})`,
+      errors.map((l) => [l.sessionId, /WRONGTYPE/.test(String(l.err))]).sort(),
+      bad.map((b) => [b.sid, true]).sort(),
+      `one error line per poisoned session, naming it and the cause (${JSON.stringify(errors)})`,
     );
 
-    // The key gone, its next try goes through (its ack finds nothing left to remove).
-    await redis.del(`${prefix}{s:${bad.sessionId}}:q`);
-    await until('the recovery logged', () =>
-      lines.some((l) => l.sessionId === bad.sessionId && /pumped again/.test(String(l.msg))),
-    );
+    // Each key gone, the session's next try goes through (its ack finds what is left of it).
+    for (const b of bad) {
+      await redis.del(b.key);
+      await until(`the recovery of the session of ${b.key} logged`, () =>
+        lines.some((l) => l.sessionId === b.sid && /pumped again/.test(String(l.msg))),
+      );
+    }
   } finally {
     for (const c of open) c.destroy();
     redis.disconnect();
