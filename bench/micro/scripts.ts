@@ -130,7 +130,7 @@ function ownError(read: (path: string) => string): string {
 function scripts(read: (path: string) => string): Scripts {
   const ackPump = read('ack-pump');
   return {
-    publish: read('publish'),
+    publish: `${ownError(read)}\n${read('publish')}`,
     ackPump: `${read('includes/remove-event')}\n${ownError(read)}\n${ackPump}`,
     bareAcks: /number of bare acked eids/.test(ackPump),
     unsentFrom: /unsent from/.test(ackPump),

@@ -12,7 +12,7 @@
  */
 import { readFileSync } from 'node:fs';
 import type { Redis } from 'ioredis';
-import { pack, packEvent, unpack } from '../../protocol/index.ts';
+import { ProtocolError, pack, packEvent, unpack } from '../../protocol/index.ts';
 import type { Keys } from '../keys.ts';
 import { RECEIPT_MS } from '../receipts.ts';
 import { ScriptArgs } from './script-args.ts';
@@ -33,11 +33,17 @@ export const OVERFLOW_POLICIES = ['reject', 'drop-oldest'] as const;
 export type OverflowPolicy = (typeof OVERFLOW_POLICIES)[number];
 
 export interface PublishResult {
-  /** `sent`: added, and handed to this node's connection of the session by the publish itself. */
-  status: 'added' | 'sent' | 'duplicate' | 'rejected' | 'gone';
+  /**
+   * `sent`: added, and handed to this node's connection of the session by the publish itself.
+   * `failed`: not stored, a key of the session holding another type than the script uses
+   * (`error`, Redis's WRONGTYPE; publish.lua).
+   */
+  status: 'added' | 'sent' | 'duplicate' | 'rejected' | 'gone' | 'failed';
   /** The node holding the session, if it is online. */
   node: string | null;
   dropped?: StoredEvent;
+  /** Why it `failed`. */
+  error?: string;
 }
 
 export interface ToSend {
@@ -169,8 +175,23 @@ export interface AckPumpRequest {
 /** publish.lua's per-event flags: a receipt (+1), an eid made for this publish (+2). */
 const PUBLISH_FLAGS = ['0', '1', '2', '3'] as const;
 
-/** publish.lua's status codes, from -2, as results. */
-const PUBLISH_STATUS = ['gone', 'rejected', 'duplicate', 'added', 'sent'] as const;
+/**
+ * A publish whose target's key (a device key, a user's or a room's set) holds another type than
+ * the gateway writes (Redis's `WRONGTYPE`: written by something else): that event fails alone,
+ * answered `internal` (publish.lua).
+ */
+export class TargetKeyError extends ProtocolError {
+  constructor(
+    readonly target: Fanout,
+    readonly eid: string,
+    readonly redisError: string,
+  ) {
+    super('internal', "the target's record in Redis is unreadable");
+  }
+}
+
+/** publish.lua's status codes, from -3, as results. */
+const PUBLISH_STATUS = ['failed', 'gone', 'rejected', 'duplicate', 'added', 'sent'] as const;
 
 /** Events per publish script call, sessions per ack-pump call: bounds how long Redis is busy. */
 const MAX_PUBLISH_BATCH = 256;
@@ -374,7 +395,7 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
   const r = redis as Redis & Partial<OutboxCommands>;
   if (!r.gwPublishBuffer) {
     // Key counts vary with the batch: the caller passes it first.
-    redis.defineCommand('gwPublish', { lua: lua('publish') });
+    redis.defineCommand('gwPublish', { lua: `${lua('includes/own-error')}\n${lua('publish')}` });
     redis.defineCommand('gwAckPump', { lua: script('ack-pump') });
     redis.defineCommand('gwResend', { numberOfKeys: 6, lua: script('resend') });
     redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
@@ -738,6 +759,13 @@ export class Outbox {
         let i = 0;
         for (const p of batch) {
           const n = reply[i++] as number;
+          if (n < 0) {
+            // The target's key holds another type (publish.lua): this event fails alone.
+            const error = String(reply[i++]);
+            for (const c of p.claims) direct!.settle(c, p.event.eid, null);
+            p.waiter.rejected(p.index, new TargetKeyError(p.to, p.event.eid, error));
+            continue;
+          }
           const results: SessionPublishResult[] = [];
           // A room's claims and results can both run to thousands: match them by session id
           // (a Map for several claims; one claim, the usual case, needs only its session's).
@@ -751,10 +779,11 @@ export class Outbox {
             const sid = (reply[i] as Buffer).toString();
             const r: SessionPublishResult = {
               sid,
-              status: PUBLISH_STATUS[status + 2],
+              status: PUBLISH_STATUS[status + 3],
               node: node ? node.toString() : null,
             };
             if (dropped) r.dropped = decode(dropped);
+            if (status === -3) r.error = String(reply[i + 5]);
             results.push(r);
             if (sid === one) oneSeq = status === 2 ? (reply[i + 5] as number) : null;
             else seqOf?.set(sid, status === 2 ? (reply[i + 5] as number) : null);

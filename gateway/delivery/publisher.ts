@@ -59,6 +59,12 @@ export interface PublishOutcome {
   rejected: number;
   /** Events dropped to make room under the `drop-oldest` policy. */
   dropped: { sessionId: string; event: StoredEvent }[];
+  /**
+   * Sessions whose outbox did not take the event because a key of theirs holds another type
+   * than the gateway writes (Redis's `WRONGTYPE`, `error`: written by something else), in
+   * `sessions` but not `accepted`; the other sessions took it (publish.lua).
+   */
+  failed: { sessionId: string; error: string }[];
 }
 
 /** How a username target resolves (identity knows users; the scripts expand the rest). */
@@ -145,11 +151,12 @@ function entry(to: Fanout, event: StoredEvent, input: EventInput, now: number): 
 
 /** What a qos-1 publish did, from its sessions' results; `not_found` when it reached none. */
 function outcomeOf(eid: string, results: SessionPublishResult[]): PublishOutcome {
-  const outcome: PublishOutcome = { eid, sessions: 0, accepted: 0, rejected: 0, dropped: [] };
+  const outcome: PublishOutcome = { eid, sessions: 0, accepted: 0, rejected: 0, dropped: [], failed: [] };
   for (const r of results) {
     if (r.status === 'gone') continue;
     outcome.sessions++;
     if (r.status === 'rejected') outcome.rejected++;
+    else if (r.status === 'failed') outcome.failed.push({ sessionId: r.sid, error: r.error ?? '' });
     else outcome.accepted++;
     if (r.dropped) outcome.dropped.push({ sessionId: r.sid, event: r.dropped });
   }
@@ -277,6 +284,6 @@ export class Publisher {
   private async publishNow(to: Fanout, event: StoredEvent): Promise<PublishOutcome> {
     const { sessions, sent } = await this.outbox.publishNow(to, pack(event));
     if (sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
-    return { eid: event.eid, sessions, accepted: sent, rejected: 0, dropped: [] };
+    return { eid: event.eid, sessions, accepted: sent, rejected: 0, dropped: [], failed: [] };
   }
 }

@@ -38,6 +38,7 @@ import {
   OVERFLOW_POLICIES,
   type StoredEvent,
   type TakenEvent,
+  TargetKeyError,
 } from './outbox.ts';
 import {
   type EventInput,
@@ -295,6 +296,8 @@ export class DeliveryService {
   private previousSweepMs = Number.NEGATIVE_INFINITY;
   /** Rejections by full outboxes since the last line that said so (logRejected). */
   private rejectLog = { at: 0, events: 0, sessions: 0 };
+  /** Per step, publishes that met a key of another type since the last line that said so (keyErrorMet). */
+  private readonly keyErrorLog = { publish: { at: 0, since: 0 }, target: { at: 0, since: 0 } };
   /**
    * Names of the pump calls' receipts: this service's own prefix (a uuid) and a count of its
    * flushes, so that a flush makes no uuid.
@@ -411,7 +414,7 @@ export class DeliveryService {
       ),
       sessionKeyErrors: counter(
         'session_key_errors',
-        "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index). The error log line names the session.",
+        "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index); step=publish: a session that did not store a published event (each session and event counted; the publisher is told `failed`); step=target: an event not published because its target's key (a device key, a user's or a room's set) holds another type (answered `internal`). The error log line names the session or the error.",
         ['step'],
       ),
     };
@@ -469,7 +472,8 @@ export class DeliveryService {
     // appears with its first increment misses that increment, and a dashboard or an alert has
     // nothing to show before it.
     for (const cause of RESYNC_CAUSES) this.metrics.resyncs.inc({ cause }, 0);
-    for (const step of ['pump', 'expiry']) this.metrics.sessionKeyErrors.inc({ step }, 0);
+    for (const step of ['pump', 'expiry', 'publish', 'target'])
+      this.metrics.sessionKeyErrors.inc({ step }, 0);
     for (const policy of OVERFLOW_POLICIES) this.metrics.overflow.inc({ policy }, 0);
     this.ackLatency = new Histogram({
       name: 'gateway_ack_latency_seconds',
@@ -595,14 +599,26 @@ export class DeliveryService {
 
   /** Publishes and reports what a full outbox did (nothing is dropped silently). */
   async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
-    const outcome = await this.deps.publisher.publish(target, input);
+    let outcome: PublishOutcome;
+    try {
+      outcome = await this.deps.publisher.publish(target, input);
+    } catch (e) {
+      this.targetFailed(e);
+      throw e;
+    }
     const reported = this.reportOutcome(outcome, input);
     if (reported) await reported;
     return outcome;
   }
 
   async publishTo(to: Recipients, input: EventInput): Promise<PublishOutcome> {
-    const outcome = await this.deps.publisher.publishTo(to, input);
+    let outcome: PublishOutcome;
+    try {
+      outcome = await this.deps.publisher.publishTo(to, input);
+    } catch (e) {
+      this.targetFailed(e);
+      throw e;
+    }
     const reported = this.reportOutcome(outcome, input);
     if (reported) await reported;
     return outcome;
@@ -618,7 +634,10 @@ export class DeliveryService {
     const settled = await this.deps.publisher.publishMany(items);
     const reports: Promise<void>[] = [];
     settled.forEach((r, i) => {
-      if (r.status !== 'fulfilled') return;
+      if (r.status !== 'fulfilled') {
+        this.targetFailed(r.reason);
+        return;
+      }
       const reported = this.reportOutcome(r.value, items[i].event);
       if (reported) {
         reports.push(
@@ -642,10 +661,52 @@ export class DeliveryService {
       this.metrics.overflow.labels('reject').inc(outcome.rejected);
       this.logRejected(outcome.eid, outcome.rejected);
     }
+    if (outcome.failed.length > 0) {
+      const [first] = outcome.failed;
+      this.keyErrorMet(
+        'publish',
+        outcome.failed.length,
+        { eid: outcome.eid, sessionId: first.sessionId, sessions: outcome.failed.length, err: first.error },
+        "an event not stored in a session's outbox: a key of the session holds another type",
+      );
+    }
     if (outcome.dropped.length === 0) return undefined;
     return (async () => {
       for (const d of outcome.dropped) await this.reportDropped(d.sessionId, [d.event]);
     })();
+  }
+
+  /** A publish whose target's key holds another type (TargetKeyError): counted and logged. */
+  private targetFailed(e: unknown): void {
+    if (!(e instanceof TargetKeyError)) return;
+    this.keyErrorMet(
+      'target',
+      1,
+      { eid: e.eid, target: e.target, err: e.redisError },
+      "an event not published: its target's key holds another type",
+    );
+  }
+
+  /**
+   * Publishes that met a key of another type (publish.lua, WRONGTYPE: written by something
+   * else), counted in `gateway_events_session_key_errors_total{step}` and logged at error, one
+   * line per step and REJECT_LOG_MS at most (a back end publishing to that session or target at
+   * a steady rate meets it every time), with how many were met since the last line (`since`).
+   */
+  private keyErrorMet(
+    step: 'publish' | 'target',
+    n: number,
+    fields: Record<string, unknown>,
+    msg: string,
+  ): void {
+    this.metrics.sessionKeyErrors.labels(step).inc(n);
+    const l = this.keyErrorLog[step];
+    l.since += n;
+    const now = Date.now();
+    if (now - l.at < REJECT_LOG_MS) return;
+    this.deps.log.error({ ...fields, since: l.since }, msg);
+    l.at = now;
+    l.since = 0;
   }
 
   /**

@@ -68,7 +68,14 @@ export function mountEventsApi(
         const eid = checked[i].event.eid;
         if (r.status === 'fulfilled') {
           const o = r.value;
-          return { eid, sessions: o.sessions, accepted: o.accepted, rejected: o.rejected };
+          return {
+            eid,
+            sessions: o.sessions,
+            accepted: o.accepted,
+            rejected: o.rejected,
+            // Only when some session's outbox could not take it (a key of another type).
+            ...(o.failed.length > 0 ? { failed: o.failed.length } : {}),
+          };
         }
         // One event's failure is the request's (404 not_found); a batch reports it per item.
         if (!batch || !isProtocolError(r.reason)) throw r.reason;

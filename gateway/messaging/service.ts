@@ -205,6 +205,10 @@ export class Messaging {
         : e;
     }
     if (outcome.accepted === 0) {
+      // No outbox took it: full (rejected), or, with none full, unwritable (a key of another
+      // type: publish.lua; logged by the delivery service).
+      if (outcome.rejected === 0 && outcome.failed.length > 0)
+        throw new ProtocolError('internal', `${to}'s outbox could not be written`);
       throw new ProtocolError('overloaded', `${to}'s outbox is full`, { retryAfter: 5000 });
     }
     return { eid: outcome.eid };

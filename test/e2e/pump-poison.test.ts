@@ -167,3 +167,68 @@ test('the expiry sweep: a due event of a session whose event payloads are a key 
     await dropDeployment(deployment);
   }
 });
+
+test('a publish batch over a session whose outbox index is a key of another type: its item says failed, the others are stored and delivered; a device key of another type fails its item `internal`; a send to a user whose one session is poisoned is answered `internal`; each counted and logged', async () => {
+  const { deployment, prefix, lines, g } = await gateway({});
+  const redis = redisClient();
+  const open: GatewayClient[] = [];
+  try {
+    const devices: { c: GatewayClient; sid: string; username: string; got: EventMsg[] }[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await connected(g.tcpUrl);
+      open.push(c);
+      const s = await within(`the sign-up of device ${i}`, signUp(c));
+      devices.push({ c, sid: s.sessionId, username: s.username, got: collect(c) });
+    }
+    const bad = devices[1];
+    await redis.set(`${prefix}{s:${bad.sid}}:q`, 'not a sorted set');
+    await redis.hset(`${prefix}dev:poisoned-device`, 'not', 'a session id');
+    const r = await postEvents(g.httpPort, API_KEY, [
+      ...devices.map((d, i) => ({ target: { session: d.sid }, name: 'batch', eid: `pp-${i}`, data: {} })),
+      { target: { device: 'poisoned-device' }, name: 'batch', eid: 'pp-device', data: {} },
+    ]);
+    assert.equal(r.status, 202, 'the batch answered');
+    const body = (await r.json()) as { results: Record<string, unknown>[] };
+    assert.deepEqual(
+      body.results,
+      [
+        { eid: 'pp-0', sessions: 1, accepted: 1, rejected: 0 },
+        { eid: 'pp-1', sessions: 1, accepted: 0, rejected: 0, failed: 1 },
+        { eid: 'pp-2', sessions: 1, accepted: 1, rejected: 0 },
+        {
+          eid: 'pp-device',
+          error: { code: 'internal', message: "the target's record in Redis is unreadable" },
+        },
+      ],
+      'one result per item: the poisoned session failed, the device key internal',
+    );
+    for (const i of [0, 2]) await until(`device ${i} got its event`, () => devices[i].got.length === 1);
+    // A device's send to the poisoned user (its one session): nothing stored, `internal`.
+    await assert.rejects(
+      within('the send to the poisoned user', devices[0].c.request('send', { to: bad.username, body: 'x' })),
+      (e: { code?: string }) => e.code === 'internal',
+    );
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(
+      m.value('gateway_events_session_key_errors_total{step="publish"}'),
+      2,
+      'the batch item and the send',
+    );
+    assert.equal(m.value('gateway_events_session_key_errors_total{step="target"}'), 1, 'the device key');
+    const errors = lines.filter((l) => l.level === 50);
+    // One line per kind and minute at most: the first of each, naming what it met.
+    assert.deepEqual(
+      errors.map((l) => [l.eid, l.sessionId ?? l.target, /WRONGTYPE/.test(String(l.err))]).sort(),
+      [
+        ['pp-1', bad.sid, true],
+        ['pp-device', { device: 'poisoned-device' }, true],
+      ],
+      `the batch item's line names the session, the device key's its target (${JSON.stringify(errors)})`,
+    );
+  } finally {
+    for (const c of open) c.destroy();
+    redis.disconnect();
+    await g.stop();
+    await dropDeployment(deployment);
+  }
+});

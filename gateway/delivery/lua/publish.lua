@@ -82,8 +82,19 @@
   the number of sessions the target expanded to, then 6 per session:
   session id, status, node|false, droppedEid|false, droppedPayload|false, sequence|false
     status 2 = added and the claim granted (the caller sends it), 1 = added, 0 = duplicate eid
-    (no-op), -1 = rejected at the bound, -2 = no such session
+    (no-op), -1 = rejected at the bound, -2 = no such session, -3 = failed: a key of the session
+    holds another type than the script uses (WRONGTYPE), and the sixth field is Redis's error
+  or, for an event whose target key (a device key, a user's or a room's set) holds another type,
+  -1 and the error.
   A session gets at most one wake-up message per call, however many events it got.
+
+  A session whose keys hold another type (written by something else: an operator's command, a
+  partial restore, a bug) fails its own part only (ownError, includes/own-error.lua): each
+  session's part of an event runs under pcall (step), so the publishers of the other sessions and
+  events in the call are answered as without it, and the failed session takes nothing more in
+  the call; any other error fails the call as a whole. What its part wrote before the failure
+  stays (a script's writes are not undone), as does a forward it published; events held for it
+  (above) and never written are answered failed, a grant among them not sent.
 ]]
 local bound, policy, ttl, channel, me = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local window, forwards, budget = tonumber(ARGV[11] or '0'), ARGV[12], tonumber(ARGV[13] or '0')
@@ -197,7 +208,7 @@ local function write(K, d)
     redis.call('EXPIRE', K[6], ttlS)
   end
   if d.hmark then redis.call('SET', K[9], d.hmark, 'PX', d.ttl) end
-  d.held, d.extra, d.expire, d.hmark, d.hq, d.hev, d.heids = 0, 0, false, false, false, false, false
+  d.held, d.extra, d.expire, d.hmark, d.hq, d.hev, d.heids, d.heldFrom = 0, 0, false, false, false, false, false, false
 end
 
 local function hold(d, seqS, eid, payload)
@@ -216,15 +227,200 @@ end
 local HOLD = 256
 -- The answer, and its length (kept: `#out` searches for the border on every append).
 local out, no = {}, 0
+
+-- A session's part of an event failed (`err`, ownError's message): the session takes nothing
+-- more in this call, and its events held since its last write, never written, are answered
+-- failed too: those of the answer from d.heldFrom (the count of the event that held the first
+-- of them) on that were added. Failures are rare: the answer is walked then, rather than each
+-- held event's place kept. Returns `err`.
+local function fail(sid, d, err)
+  d.failed = err
+  local pos = d.heldFrom
+  while pos and pos <= no do
+    local count = out[pos]
+    if count < 0 then
+      pos = pos + 2
+    else
+      for e = pos + 1, pos + 6 * count, 6 do
+        if out[e] == sid and out[e + 1] > 0 then out[e + 1], out[e + 2], out[e + 5] = -3, false, err end
+      end
+      pos = pos + 1 + 6 * count
+    end
+  end
+  d.held, d.heldFrom = 0, false
+  return err
+end
+
+-- One session's part of one event (its session alive): stores the event, grants its claim or
+-- forwards it, wakes the session's node. Run under pcall: a key of the session holding another
+-- type fails this part alone (below). Returns status, node, droppedEid, droppedPayload, seq.
+-- The event's fields, set per event by the loop below.
+local eid, payload, receipt, newEid, expiry, claims, claimSid, claimAfter
+local function step(sid, d, K)
+  local status, node, droppedEid, droppedPayload, seq = 1, false, false, false, false
+  if not d.size then d.size = redis.call('ZCARD', K[1]) end
+  -- An empty outbox holds no eid (q and ev are filled and emptied together), and no outbox
+  -- holds an eid made for this publish: no look-up.
+  local dup
+  if newEid then
+    dup = false
+  elseif holding then
+    dup = (d.held > 0 and d.heids[eid]) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
+  else
+    dup = d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1
+  end
+  if dup then
+    status = 0
+  else
+    local full = d.size >= bound
+    if full and policy == 'reject' then
+      status = -1
+    end
+    if full and status == 1 then
+      write(K, d)
+      droppedEid = redis.call('ZRANGE', K[1], 0, 0)[1]
+      droppedPayload = redis.call('HGET', K[2], droppedEid)
+      redis.call('ZREM', K[1], droppedEid)
+      redis.call('HDEL', K[2], droppedEid)
+      redis.call('HDEL', key(K, 3), droppedEid)
+      redis.call('SREM', key(K, 4), droppedEid)
+      redis.call('HDEL', key(K, 5), droppedEid)
+      if dropReceipts then
+        local r = dropReceipts .. sid .. ':' .. droppedEid
+        redis.call('SET', r, cmsgpack.pack({sid, droppedPayload}))
+        redis.call('ZADD', owed, nowMs, r)
+      end
+      d.size = d.size - 1
+    end
+  end
+  if status == 1 then
+    -- An empty outbox has no q or ev key: this event creates them, without a TTL.
+    local created = d.size == 0
+    local seqS
+    if not holding then
+      seq = redis.call('INCR', K[6])
+      seqS = string.format('%d', seq)
+      redis.call('ZADD', K[1], seqS, eid)
+      redis.call('HSET', K[2], eid, payload)
+    else
+      if d.seq then
+        seq = d.seq + 1
+        d.extra = d.extra + 1
+      else
+        seq = redis.call('INCR', K[6])
+      end
+      seqS = string.format('%d', seq)
+      hold(d, seqS, eid, payload)
+    end
+    d.seq = seq
+    d.size = d.size + 1
+    if receipt then redis.call('SADD', key(K, 4), eid) end
+    if expiry ~= '0' then
+      redis.call('HSET', key(K, 5), eid, expiry)
+      redis.call('ZADD', expiries, expiry, sid .. '|' .. eid)
+    end
+    -- The outbox lives as long as a session could: a call that publishes to it sees that
+    -- its keys have at least `ttl - slack` seconds left (once per key and call).
+    -- (Set when the held events are written, after the keys exist.) d.ttl keeps what the
+    -- sequence counter has left, in milliseconds, for the sent mark: the mark must never
+    -- outlive the counter. A counter gone under a mark still there would start again at 1,
+    -- below the mark and a live connection's claim, and its events would be neither granted
+    -- nor taken by that connection's pump (which takes past the claim) until the sequence
+    -- passed the mark again. A mark gone first is a rollback (ack-pump.lua): the pump starts
+    -- over.
+    if not d.ttl then
+      local left = created and -2 or redis.call('PTTL', K[1])
+      if left < ttlMs - slackMs then
+        d.ttl = ttlPx
+        if holding then
+          d.expire = true
+        else
+          redis.call('EXPIRE', K[1], ttlS)
+          redis.call('EXPIRE', K[2], ttlS)
+          redis.call('EXPIRE', K[6], ttlS)
+        end
+      else
+        d.ttl = string.format('%d', math.max(1, left - MARK_MARGIN_MS))
+      end
+    end
+    if receipt and not d.rc then
+      d.rc = true
+      redis.call('EXPIRE', key(K, 4), ttlS)
+    end
+    if expiry ~= '0' and not d.exp then
+      d.exp = true
+      redis.call('EXPIRE', key(K, 5), ttlS)
+    end
+    -- The node and the sent mark in one read (both strings; the mark is needed only for a
+    -- claim or a forward, and most calls that reach here make one).
+    if d.node == nil then
+      local nm = redis.call('MGET', K[7], K[9])
+      d.node = nm[1]
+      if not d.mark then d.mark = tonumber(nm[2] or '0') end
+    end
+    node = d.node
+    local claim
+    if claims then claim = claims[sid] elseif claimSid == sid then claim = claimAfter end
+    local after = d.granted or claim
+    local grant = claim ~= nil and after ~= '-1' and node == me
+    if grant then
+      local from = tonumber(after)
+      -- Chained on the grant just before it in this call (the mark is that grant): nothing
+      -- can lie between the two, and the count is not needed.
+      grant = d.mark >= from and d.mark < seq
+      if grant and from ~= seq - 1 then
+        -- Held events of this session would be in the range: written first. (None are, in
+        -- practice: after a held event of the session the chain is on it or broken.)
+        write(K, d)
+        grant = redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seqS) == 0
+      end
+    end
+    if grant then
+      status = 2
+      d.granted = seqS
+      d.mark = seq
+      if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
+    end
+    -- Forwarded (d.size counts this event: the ones before it, all sent and not acked, leave a
+    -- slot). The chain goes on: the next event of the session here finds the mark before it.
+    local forwarded = not grant and window > 0 and node and node ~= me and d.granted ~= '-1'
+      and d.mark == seq - 1 and d.size <= window and listens(node)
+    local message
+    if forwarded then
+      local bare = (receipt or expiry ~= '0') and '0' or '1'
+      message = sid .. '\n' .. eid .. '\n' .. seqS .. '\n' .. bare .. payload
+      local bytes = (forwardedBytes[node] or 0) + #message
+      forwarded = bytes <= budget
+      if forwarded then forwardedBytes[node] = bytes end
+    end
+    if forwarded then
+      redis.call('PUBLISH', forwards .. node, message)
+      d.mark = seq
+      if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
+    elseif not grant then
+      -- A refused or missing claim ends the chain: the pump sends this event, and so
+      -- everything after it.
+      d.granted = '-1'
+      if node and not d.woken then
+        d.woken = true
+        redis.call('PUBLISH', channel .. node, 'n' .. sid)
+      end
+    end
+  end
+  if holding and d.held >= HOLD then write(K, d) end
+  return status, node, droppedEid, droppedPayload, seq
+end
+
 local A = cmsgpack.unpack(ARGV[9])
 local a = 1
 while a <= #A do
-  local kind, target, eid, payload, flags, expiry = A[a], A[a + 1], A[a + 2], A[a + 3], A[a + 4], A[a + 5]
-  local receipt = flags == '1' or flags == '3'
-  local newEid = flags == '2' or flags == '3'
+  local kind, target, flags = A[a], A[a + 1], A[a + 4]
+  eid, payload, expiry = A[a + 2], A[a + 3], A[a + 5]
+  receipt = flags == '1' or flags == '3'
+  newEid = flags == '2' or flags == '3'
   local n = tonumber(A[a + 6])
   -- The claims: most events carry none or one, which need no table.
-  local claims, claimSid, claimAfter = nil, nil, nil
+  claims, claimSid, claimAfter = nil, nil, nil
   if n == 1 then
     claimSid, claimAfter = A[a + 7], A[a + 8]
   elseif n > 1 then
@@ -236,18 +432,36 @@ while a <= #A do
   a = a + 7 + 2 * n
   -- A session or a device reaches one session at most (single: its id, or false), a user or a
   -- room a list: no table per event for the first two.
-  local single, list = false, nil
+  -- (Read under pcall the first time only: a target read before is in the call's tables.)
+  local single, list, ok, res = false, nil, true, nil
   if kind == 's' then
     single = target
   elseif kind == 'k' then
-    single = deviceSessionOf(target)
+    single = deviceSession[target]
+    if single == nil then
+      ok, res = pcall(deviceSessionOf, target)
+      single = ok and res
+    end
   else
-    list = membersOf(kind, target)
+    list = members[target]
+    if not list then
+      ok, res = pcall(membersOf, kind, target)
+      list = ok and res or nil
+    end
   end
   local count = list and #list or (single and 1 or 0)
   local gone = nil
+  local eventAt = no + 1
   no = no + 1
-  out[no] = count
+  if not ok then
+    -- The target's key holds another type: this event fails alone, with the error.
+    count = 0
+    out[no] = -1
+    no = no + 1
+    out[no] = ownError(res)
+  else
+    out[no] = count
+  end
   for i = 1, count do
     local sid = single or list[i]
     local K = sessionKeys(sid)
@@ -273,158 +487,21 @@ while a <= #A do
       status = -2
       gone = gone or {}
       gone[#gone + 1] = sid
+    elseif d.failed then
+      -- Failed earlier in this call: takes nothing more in it.
+      status, seq = -3, d.failed
     else
-      if not d.size then d.size = redis.call('ZCARD', K[1]) end
-      -- An empty outbox holds no eid (q and ev are filled and emptied together), and no outbox
-      -- holds an eid made for this publish: no look-up.
-      local dup
-      if newEid then
-        dup = false
-      elseif holding then
-        dup = (d.held > 0 and d.heids[eid]) or (d.size > d.held and redis.call('HEXISTS', K[2], eid) == 1)
-      else
-        dup = d.size > 0 and redis.call('HEXISTS', K[2], eid) == 1
-      end
-      if dup then
-        status = 0
-      else
-        local full = d.size >= bound
-        if full and policy == 'reject' then
-          status = -1
-        end
-        if full and status == 1 then
-          write(K, d)
-          droppedEid = redis.call('ZRANGE', K[1], 0, 0)[1]
-          droppedPayload = redis.call('HGET', K[2], droppedEid)
-          redis.call('ZREM', K[1], droppedEid)
-          redis.call('HDEL', K[2], droppedEid)
-          redis.call('HDEL', key(K, 3), droppedEid)
-          redis.call('SREM', key(K, 4), droppedEid)
-          redis.call('HDEL', key(K, 5), droppedEid)
-          if dropReceipts then
-            local r = dropReceipts .. sid .. ':' .. droppedEid
-            redis.call('SET', r, cmsgpack.pack({sid, droppedPayload}))
-            redis.call('ZADD', owed, nowMs, r)
-          end
-          d.size = d.size - 1
-        end
+      local ok
+      ok, status, node, droppedEid, droppedPayload, seq = pcall(step, sid, d, K)
+      if not ok then
+        seq = fail(sid, d, ownError(status))
+        status, node, droppedEid, droppedPayload = -3, false, false, false
+      elseif holding and status > 0 and d.held > 0 and not d.heldFrom then
+        -- The first event held since the session's last write: where the answer's events that
+        -- a failed write would fail start (fail).
+        d.heldFrom = eventAt
       end
     end
-    if status == 1 then
-      -- An empty outbox has no q or ev key: this event creates them, without a TTL.
-      local created = d.size == 0
-      local seqS
-      if not holding then
-        seq = redis.call('INCR', K[6])
-        seqS = string.format('%d', seq)
-        redis.call('ZADD', K[1], seqS, eid)
-        redis.call('HSET', K[2], eid, payload)
-      else
-        if d.seq then
-          seq = d.seq + 1
-          d.extra = d.extra + 1
-        else
-          seq = redis.call('INCR', K[6])
-        end
-        seqS = string.format('%d', seq)
-        hold(d, seqS, eid, payload)
-      end
-      d.seq = seq
-      d.size = d.size + 1
-      if receipt then redis.call('SADD', key(K, 4), eid) end
-      if expiry ~= '0' then
-        redis.call('HSET', key(K, 5), eid, expiry)
-        redis.call('ZADD', expiries, expiry, sid .. '|' .. eid)
-      end
-      -- The outbox lives as long as a session could: a call that publishes to it sees that
-      -- its keys have at least `ttl - slack` seconds left (once per key and call).
-      -- (Set when the held events are written, after the keys exist.) d.ttl keeps what the
-      -- sequence counter has left, in milliseconds, for the sent mark: the mark must never
-      -- outlive the counter. A counter gone under a mark still there would start again at 1,
-      -- below the mark and a live connection's claim, and its events would be neither granted
-      -- nor taken by that connection's pump (which takes past the claim) until the sequence
-      -- passed the mark again. A mark gone first is a rollback (ack-pump.lua): the pump starts
-      -- over.
-      if not d.ttl then
-        local left = created and -2 or redis.call('PTTL', K[1])
-        if left < ttlMs - slackMs then
-          d.ttl = ttlPx
-          if holding then
-            d.expire = true
-          else
-            redis.call('EXPIRE', K[1], ttlS)
-            redis.call('EXPIRE', K[2], ttlS)
-            redis.call('EXPIRE', K[6], ttlS)
-          end
-        else
-          d.ttl = string.format('%d', math.max(1, left - MARK_MARGIN_MS))
-        end
-      end
-      if receipt and not d.rc then
-        d.rc = true
-        redis.call('EXPIRE', key(K, 4), ttlS)
-      end
-      if expiry ~= '0' and not d.exp then
-        d.exp = true
-        redis.call('EXPIRE', key(K, 5), ttlS)
-      end
-      -- The node and the sent mark in one read (both strings; the mark is needed only for a
-      -- claim or a forward, and most calls that reach here make one).
-      if d.node == nil then
-        local nm = redis.call('MGET', K[7], K[9])
-        d.node = nm[1]
-        if not d.mark then d.mark = tonumber(nm[2] or '0') end
-      end
-      node = d.node
-      local claim
-      if claims then claim = claims[sid] elseif claimSid == sid then claim = claimAfter end
-      local after = d.granted or claim
-      local grant = claim ~= nil and after ~= '-1' and node == me
-      if grant then
-        local from = tonumber(after)
-        -- Chained on the grant just before it in this call (the mark is that grant): nothing
-        -- can lie between the two, and the count is not needed.
-        grant = d.mark >= from and d.mark < seq
-        if grant and from ~= seq - 1 then
-          -- Held events of this session would be in the range: written first. (None are, in
-          -- practice: after a held event of the session the chain is on it or broken.)
-          write(K, d)
-          grant = redis.call('ZCOUNT', K[1], '(' .. after, '(' .. seqS) == 0
-        end
-      end
-      if grant then
-        status = 2
-        d.granted = seqS
-        d.mark = seq
-        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
-      end
-      -- Forwarded (d.size counts this event: the ones before it, all sent and not acked, leave a
-      -- slot). The chain goes on: the next event of the session here finds the mark before it.
-      local forwarded = not grant and window > 0 and node and node ~= me and d.granted ~= '-1'
-        and d.mark == seq - 1 and d.size <= window and listens(node)
-      local message
-      if forwarded then
-        local bare = (receipt or expiry ~= '0') and '0' or '1'
-        message = sid .. '\n' .. eid .. '\n' .. seqS .. '\n' .. bare .. payload
-        local bytes = (forwardedBytes[node] or 0) + #message
-        forwarded = bytes <= budget
-        if forwarded then forwardedBytes[node] = bytes end
-      end
-      if forwarded then
-        redis.call('PUBLISH', forwards .. node, message)
-        d.mark = seq
-        if holding and d.held > 0 then d.hmark = seqS else redis.call('SET', K[9], seqS, 'PX', d.ttl) end
-      elseif not grant then
-        -- A refused or missing claim ends the chain: the pump sends this event, and so
-        -- everything after it.
-        d.granted = '-1'
-        if node and not d.woken then
-          d.woken = true
-          redis.call('PUBLISH', channel .. node, 'n' .. sid)
-        end
-      end
-    end
-    if holding and d.held >= HOLD then write(K, d) end
     out[no + 1], out[no + 2], out[no + 3] = sid, status, node or false
     out[no + 4], out[no + 5], out[no + 6] = droppedEid, droppedPayload, seq
     no = no + 6
@@ -440,7 +517,10 @@ while a <= #A do
 end
 if holding then
   for sid, d in pairs(state) do
-    write(sessionKeys(sid), d)
+    if d.held and d.held > 0 then
+      local ok, err = pcall(write, sessionKeys(sid), d)
+      if not ok then fail(sid, d, ownError(err)) end
+    end
   end
 end
 return cmsgpack.pack(out)
