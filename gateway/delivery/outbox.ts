@@ -183,7 +183,8 @@ const PUBLISH_FLAGS = ['0', '1', '2', '3'] as const;
 export class TargetKeyError extends ProtocolError {
   constructor(
     readonly target: Fanout,
-    readonly eid: string,
+    /** Absent for a qos-0 event (its eid is inside its packed bytes). */
+    readonly eid: string | undefined,
     readonly redisError: string,
   ) {
     super('internal', "the target's record in Redis is unreadable");
@@ -320,8 +321,18 @@ interface PendingPublish extends PublishEntry {
 interface PendingNow {
   to: Fanout;
   packed: Buffer;
-  resolve: (r: { sessions: number; sent: number }) => void;
+  resolve: (r: NowResult) => void;
   reject: (e: unknown) => void;
+}
+
+/**
+ * What a qos-0 publish did: the sessions its target reached, those sent it, and those it could
+ * not be sent to because a key of theirs holds another type (publish-now.lua, WRONGTYPE).
+ */
+export interface NowResult {
+  sessions: number;
+  sent: number;
+  failed: { sessionId: string; error: string }[];
 }
 
 interface OutboxCommands {
@@ -333,7 +344,7 @@ interface OutboxCommands {
   gwExpireBuffer(...args: (string | Buffer | number)[]): Promise<Reply | number>;
   gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
   /** publish-now.lua: per event, {sessions, sent, the caller's own session ids...}. */
-  gwPublishNow(...args: (string | Buffer)[]): Promise<(number | string)[][]>;
+  gwPublishNow(...args: (string | Buffer)[]): Promise<((number | string)[] | Error)[]>;
 }
 
 const decode = (payload: Buffer): StoredEvent => unpack(payload) as StoredEvent;
@@ -401,7 +412,10 @@ function withCommands(redis: Redis): Redis & OutboxCommands {
     redis.defineCommand('gwTake', { numberOfKeys: 6, lua: script('take') });
     redis.defineCommand('gwExpire', { numberOfKeys: 0, lua: script('expire') });
     redis.defineCommand('gwMove', { numberOfKeys: 14, lua: script('move') });
-    redis.defineCommand('gwPublishNow', { numberOfKeys: 0, lua: lua('publish-now') });
+    redis.defineCommand('gwPublishNow', {
+      numberOfKeys: 0,
+      lua: `${lua('includes/own-error')}\n${lua('publish-now')}`,
+    });
   }
   return r as Redis & OutboxCommands;
 }
@@ -491,7 +505,7 @@ export class Outbox {
    * nodes and answers with this node's own, sent here. Resolves with how many live sessions
    * `to` reached and to how many the event went.
    */
-  publishNow(to: Fanout, packed: Buffer): Promise<{ sessions: number; sent: number }> {
+  publishNow(to: Fanout, packed: Buffer): Promise<NowResult> {
     return new Promise((resolve, reject) => {
       this.pendingNow.push({ to, packed, resolve, reject });
       if (this.pendingNow.length === 1) process.nextTick(this.flushNow);
@@ -521,12 +535,22 @@ export class Outbox {
         (reply) => {
           batch.forEach((p, i) => {
             const r = reply[i];
-            if (r.length > 2 && direct) {
+            if (r instanceof Error) {
+              // The target's key holds another type (publish-now.lua): this event fails alone.
+              p.reject(new TargetKeyError(p.to, undefined, r.message));
+              return;
+            }
+            const nFailed = r[2] as number;
+            const own = r.length - 2 * nFailed;
+            if (own > 3 && direct) {
               // Packed once for this node's sessions of the event; each connection only seals it.
               const message = packEvent(p.packed, 0);
-              for (let j = 2; j < r.length; j++) direct.sendNow(r[j] as string, message);
+              for (let j = 3; j < own; j++) direct.sendNow(r[j] as string, message);
             }
-            p.resolve({ sessions: r[0] as number, sent: r[1] as number });
+            const failed: NowResult['failed'] = [];
+            for (let j = own; j < r.length; j += 2)
+              failed.push({ sessionId: String(r[j]), error: String(r[j + 1]) });
+            p.resolve({ sessions: r[0] as number, sent: r[1] as number, failed });
           });
         },
         (e) => {

@@ -282,8 +282,8 @@ export class Publisher {
 
   /** qos 0: sent to the sessions online now, through their nodes' channels; not stored. */
   private async publishNow(to: Fanout, event: StoredEvent): Promise<PublishOutcome> {
-    const { sessions, sent } = await this.outbox.publishNow(to, pack(event));
+    const { sessions, sent, failed } = await this.outbox.publishNow(to, pack(event));
     if (sessions === 0) throw new ProtocolError('not_found', 'the target has no live session');
-    return { eid: event.eid, sessions, accepted: sent, rejected: 0, dropped: [], failed: [] };
+    return { eid: event.eid, sessions, accepted: sent, rejected: 0, dropped: [], failed };
   }
 }

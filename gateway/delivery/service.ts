@@ -414,7 +414,7 @@ export class DeliveryService {
       ),
       sessionKeyErrors: counter(
         'session_key_errors',
-        "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index); step=publish: a session that did not store a published event (each session and event counted; the publisher is told `failed`); step=target: an event not published because its target's key (a device key, a user's or a room's set) holds another type (answered `internal`). The error log line names the session or the error.",
+        "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index); step=publish: a session that did not store a published event, or was not sent a qos-0 one (each session and event counted; the publisher is told `failed`); step=target: an event not published because its target's key (a device key, a user's or a room's set) holds another type (answered `internal`). The error log line names the session or the error.",
         ['step'],
       ),
     };
@@ -667,7 +667,7 @@ export class DeliveryService {
         'publish',
         outcome.failed.length,
         { eid: outcome.eid, sessionId: first.sessionId, sessions: outcome.failed.length, err: first.error },
-        "an event not stored in a session's outbox: a key of the session holds another type",
+        'an event not stored for a session (qos 1) or not sent to it (qos 0): a key of the session holds another type',
       );
     }
     if (outcome.dropped.length === 0) return undefined;

@@ -18,6 +18,7 @@ import { collect } from '../helpers/events.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { postEvents } from '../helpers/http.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
+import { assertDocumented } from '../helpers/openapi.ts';
 import { QueueReader } from '../helpers/queues.ts';
 
 const API_KEY = 'api-key-for-pump-poison-41d7';
@@ -189,6 +190,7 @@ test('a publish batch over a session whose outbox index is a key of another type
     ]);
     assert.equal(r.status, 202, 'the batch answered');
     const body = (await r.json()) as { results: Record<string, unknown>[] };
+    assertDocumented('POST', '/v1/events', 202, body);
     assert.deepEqual(
       body.results,
       [

@@ -646,12 +646,12 @@ test("qos 0: a tick's publishes in one call; this node's sessions sent here, ano
     );
     assert.equal((await scriptCalls(r)) - calls0, 1, 'script calls for the six publishes of one tick');
     assert.deepEqual(results, [
-      { sessions: 1, sent: 1 },
-      { sessions: 1, sent: 1 },
-      { sessions: 3, sent: 2 },
-      { sessions: 2, sent: 2 },
-      { sessions: 1, sent: 0 },
-      { sessions: 0, sent: 0 },
+      { sessions: 1, sent: 1, failed: [] },
+      { sessions: 1, sent: 1, failed: [] },
+      { sessions: 3, sent: 2, failed: [] },
+      { sessions: 2, sent: 2, failed: [] },
+      { sessions: 1, sent: 0, failed: [] },
+      { sessions: 0, sent: 0, failed: [] },
     ]);
     assert.deepEqual(
       sender.now.map((n) => [n.sid, n.eid, n.qos]),

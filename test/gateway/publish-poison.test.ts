@@ -21,6 +21,7 @@ import {
   TargetKeyError,
 } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
+import { pack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
@@ -49,7 +50,11 @@ class Sender implements DirectSender {
     this.grants.push({ sid: claim.sid, eid, seq: grant.seq });
     this.last.set(claim.sid, grant.seq);
   }
-  sendNow(): void {}
+  /** qos-0 events this node was given to send, by session. */
+  readonly now: string[] = [];
+  sendNow(sid: string): void {
+    this.now.push(sid);
+  }
 }
 
 async function session(online: boolean, sender?: Sender): Promise<string> {
@@ -221,4 +226,47 @@ test("any error but WRONGTYPE in a session's part still fails the call, with the
     r.disconnect();
     await own.remove();
   }
+});
+
+test("qos 0: a session whose node key holds another type is counted, not sent, and named with Redis's error; a room whose members key holds another type fails its event alone; the call's other events are sent", async () => {
+  const sender = new Sender();
+  const a = await session(true);
+  const b = await session(false);
+  await redis.hset(keys.sessionNode(b), 'not', 'a node id');
+  const user = `u-${randomUUID().slice(0, 8)}`;
+  await redis.sadd(keys.userSessions(user), a, b);
+  await redis.set(keys.roomMembers('#poisoned'), 'not a sorted set');
+  const o = outbox(sender);
+  const settled = await within(
+    'three qos-0 publishes in one call',
+    Promise.allSettled([
+      o.publishNow({ user }, pack(event('q0-user'))),
+      o.publishNow({ room: '#poisoned' }, pack(event('q0-room'))),
+      o.publishNow({ session: a }, pack(event('q0-a'))),
+    ]),
+  );
+  assert.equal(settled[0].status, 'fulfilled', 'the user event answered');
+  const user0 = (settled[0] as PromiseFulfilledResult<Awaited<ReturnType<Outbox['publishNow']>>>).value;
+  assert.deepEqual(
+    { sessions: user0.sessions, sent: user0.sent, failed: user0.failed.map((f) => f.sessionId) },
+    { sessions: 2, sent: 1, failed: [b] },
+    "the user's two sessions counted, one sent, the other failed",
+  );
+  assert.match(user0.failed[0].error, /WRONGTYPE/);
+  const room = settled[1];
+  assert.ok(
+    room.status === 'rejected' && room.reason instanceof TargetKeyError,
+    'the room event: a TargetKeyError',
+  );
+  assert.deepEqual(
+    settled[2],
+    { status: 'fulfilled', value: { sessions: 1, sent: 1, failed: [] } },
+    'the session event',
+  );
+  assert.deepEqual(sender.now, [a, a], 'this node sent the user event and the session event to a');
+  assert.deepEqual(
+    (await redis.smembers(keys.userSessions(user))).sort(),
+    [a, b].sort(),
+    "the failed session stays in the user's set (it is not gone)",
+  );
 });
