@@ -343,7 +343,10 @@ interface OutboxCommands {
   gwTakeBuffer(...args: (string | Buffer | number)[]): Promise<Reply>;
   gwExpireBuffer(...args: (string | Buffer | number)[]): Promise<Reply | number>;
   gwMoveBuffer(...args: (string | number)[]): Promise<number | unknown[]>;
-  /** publish-now.lua: per event, {sessions, sent, the caller's own session ids...}. */
+  /**
+   * publish-now.lua: per event, {sessions, sent, failed, the caller's own session ids...,
+   * (failed session id, error)...}, or an error (its target's key of another type).
+   */
   gwPublishNow(...args: (string | Buffer)[]): Promise<((number | string)[] | Error)[]>;
 }
 
@@ -503,7 +506,8 @@ export class Outbox {
    * online now, stored nowhere. The qos-0 publishes of a tick go in one call
    * (lua/publish-now.lua), which sends through their nodes' channels to the sessions on other
    * nodes and answers with this node's own, sent here. Resolves with how many live sessions
-   * `to` reached and to how many the event went.
+   * `to` reached, to how many the event went, and those it could not go to because their node
+   * key holds another type; rejects with a TargetKeyError when the target's own key does.
    */
   publishNow(to: Fanout, packed: Buffer): Promise<NowResult> {
     return new Promise((resolve, reject) => {
