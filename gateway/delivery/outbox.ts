@@ -70,7 +70,15 @@ export interface AckPumpResult {
    * took, not to be sent: the session is tried again as after a failed call (`lostTakes`).
    */
   error?: string | undefined;
+  /**
+   * Eids of events the call found in the session's index without their payload (evicted or
+   * deleted apart from it, a write that failed part-way): removed, never to be sent or reported.
+   * Mostly empty (one shared array).
+   */
+  unreadable: readonly string[];
 }
+
+const NO_EIDS: readonly string[] = Object.freeze([]);
 
 export interface TakenEvent {
   event: StoredEvent;
@@ -391,7 +399,8 @@ function parsePump(reply: Reply): AckPumpResult {
     resynced: reply[4] === 1,
     mark: (reply[5] as number | undefined) ?? 0,
     // Always present (undefined mostly): one shape for every result.
-    error: reply[6] === undefined ? undefined : (reply[6] as Buffer).toString(),
+    error: reply[6] === undefined || reply[6] === false ? undefined : (reply[6] as Buffer).toString(),
+    unreadable: reply[7] === undefined ? NO_EIDS : (reply[7] as Buffer[]).map(String),
   };
 }
 

@@ -290,6 +290,7 @@ export class DeliveryService {
     overflow: Counter;
     resyncs: Counter;
     sessionKeyErrors: Counter;
+    payloadsLost: Counter;
   };
   private resyncTimer: NodeJS.Timeout | undefined;
   /** When the sweep before this one ran: ACK deadlines are measured there (see `sweep`). */
@@ -416,6 +417,10 @@ export class DeliveryService {
         'session_key_errors',
         "A session's own part of a script that reaches many sessions failed in Redis on a key of that session Redis could not use as the script does (WRONGTYPE); the call's other sessions went on. step=pump: its part of an outbox pump call, each try counted (tried again every 500 ms; its device gets nothing from its outbox meanwhile); step=expiry: a due event the expiry sweep could not remove (left in its outbox, out of the expiry index); step=publish: a session that did not store a published event, or was not sent a qos-0 one (each session and event counted; the publisher is told `failed`); step=target: an event not published because its target's key (a device key, a user's or a room's set) holds another type (answered `internal`). The error log line names the session or the error.",
         ['step'],
+      ),
+      payloadsLost: counter(
+        'payload_lost',
+        "Events an outbox pump found in a session's index without their payload (the hash entry gone: an eviction under a maxmemory-policy other than noeviction, a key deleted apart from its index, a write that failed part-way): removed from the outbox, never delivered nor reported. Logged at error with the session and the eids.",
       ),
     };
     this.lostTakes = new LostReplies(
@@ -1104,6 +1109,13 @@ export class DeliveryService {
               failed++;
               this.pumpFailed(pump, requests[i], lostTakes[i]);
               return;
+            }
+            if (result.unreadable.length > 0) {
+              this.metrics.payloadsLost.inc(result.unreadable.length);
+              this.deps.log.error(
+                { sessionId: pump.sid, eids: result.unreadable },
+                "events without their payload in a session's outbox in Redis; removed, never delivered",
+              );
             }
             if (result.error !== undefined) {
               this.pumpPartFailed(pump, requests[i], result, lostTakes[i]);

@@ -50,7 +50,7 @@
   (the sequences may be those of other events).
 
   Returns one string, a MessagePack array packed with cmsgpack (script-reply.ts), of one
-  {acked, receipts, send, expired, resynced, mark} per session
+  {acked, receipts, send, expired, resynced, mark, error?, unreadable?} per session
     acked    number of acks that removed an event (the rest were stray or duplicate)
     receipts {eid, payload, ...} of acked events that asked for a receipt
     send     {eid, seq, attempt, payload, ...} in sequence order
@@ -60,12 +60,15 @@
     mark     the sent mark as the call found it (0 when it took nothing): an event sent as a
              first attempt at or below it, from `unsent from` on, was forwarded to the node,
              which has not read the forward yet (the node then knows the forward for its own)
-    error    only when a command of the session's part failed (a WRONGTYPE: a key of the session
-             Redis cannot use as this script does): the error's message. The session's part
+    error    when a command of the session's part failed (a WRONGTYPE: a key of the session
+             Redis cannot use as this script does): the error's message (false when there is
+             none but unreadable follows; absent when neither is). The session's part
              stopped there; the others went on. What it removed before is in `acked`,
              `receipts` and `expired` (gone from the outbox, to be reported as any); what it took
              is in `send` and in the take record (its counters raised) but is not to be sent:
              the node tries the session again as after a failed call, naming the record.
+    unreadable  only when some: eids of events found in the index without their payload (see
+             `unreadable`), acked or taken: removed from the outbox, not sent, not reported.
 
   Rollback detection: every call that sends raises `sent` to the last sequence it sent, in the
   same atomic step. A connection that was sent sequence n therefore finds `sent` >= n unless
@@ -122,6 +125,19 @@ local EMPTY = {}
 -- calls' range (or false).
 local takenFrom, takenLost
 
+-- An event of the session's index whose payload is gone from its hash (evicted or deleted apart
+-- from the index, a write that failed part-way): it can never be sent nor reported. Its eid goes
+-- in the session's answer, its 8th field (the 7th, error, false if there is none).
+local function unreadable(r, eid)
+  if r[7] == nil then r[7] = false end
+  local u = r[8]
+  if not u then
+    u = {}
+    r[8] = u
+  end
+  u[#u + 1] = eid
+end
+
 -- One session's part of the call: applies its acks (A[at] on), takes what it asked for, and
 -- fills `r`, its answer {acked, receipts, send, expired, resynced, mark} (an array: the reply
 -- packs it as one), as it goes. Run under pcall: a command that fails (a key of the session that
@@ -157,10 +173,15 @@ local function pumpSession(r, sid, after, want, nacks, nbare, unsentFrom, at)
     if redis.call('ZREM', K[1], eid) == 1 then
       r[1] = r[1] + 1
       if redis.call('SREM', K[4], eid) == 1 then
-        if r[2] == EMPTY then r[2] = {} end
-        local receipts = r[2]
-        receipts[#receipts + 1] = eid
-        receipts[#receipts + 1] = redis.call('HGET', K[2], eid)
+        local payload = redis.call('HGET', K[2], eid)
+        if payload then
+          if r[2] == EMPTY then r[2] = {} end
+          local receipts = r[2]
+          receipts[#receipts + 1] = eid
+          receipts[#receipts + 1] = payload
+        else
+          unreadable(r, eid)
+        end
       end
       redis.call('HDEL', K[2], eid)
       redis.call('HDEL', K[3], eid)
@@ -197,8 +218,13 @@ local function pumpSession(r, sid, after, want, nacks, nbare, unsentFrom, at)
       local eid, seq = batch[b], batch[b + 1]
       after = seq
       local payload = redis.call('HGET', K[2], eid)
-      local expiry = redis.call('HGET', K[5], eid)
-      if expiry and tonumber(expiry) <= now then
+      local expiry = payload and redis.call('HGET', K[5], eid)
+      if not payload then
+        -- Never to be sent or reported: removed, and named in the answer.
+        removeEvent(K, eid)
+        if expiries then redis.call('ZREM', expiries, sid .. '|' .. eid) end
+        unreadable(r, eid)
+      elseif expiry and tonumber(expiry) <= now then
         expired[#expired + 1] = eid
         expired[#expired + 1] = payload
         removeEvent(K, eid)
