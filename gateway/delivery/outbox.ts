@@ -1052,7 +1052,8 @@ export class Outbox {
   }
 
   /**
-   * Takes one event again for a retry: null if it is gone. With a `receipt`, an event removed as
+   * Takes one event again for a retry: null if it is gone, `unreadable` if its payload was gone
+   * (removed: resend.lua). With a `receipt`, an event removed as
    * expired is kept there, owed until reported (resend.lua, Keys.owedReports), for
    * `resentExpired` when the reply is lost. With `sentAttempt` too (the attempt the node last
    * sent it as), the resend is that attempt's next, counted once however many resends whose
@@ -1064,7 +1065,7 @@ export class Outbox {
     nowMs: number,
     receipt?: string,
     sentAttempt?: number,
-  ): Promise<null | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
+  ): Promise<null | { unreadable: true } | { expired: StoredEvent } | { message: Buffer; attempt: number }> {
     const args: (string | number)[] = [...this.keys.outbox(sid).slice(0, 6), eid, nowMs];
     if (receipt !== undefined) {
       args.push(receipt, this.keys.owedReports);
@@ -1072,7 +1073,9 @@ export class Outbox {
     }
     const reply = await this.redis.gwResendBuffer(...args);
     if (!reply) return null;
-    if ((reply[0] as Buffer).toString() === 'expired') return { expired: decode(reply[1] as Buffer) };
+    const kind = (reply[0] as Buffer).toString();
+    if (kind === 'unreadable') return { unreadable: true };
+    if (kind === 'expired') return { expired: decode(reply[1] as Buffer) };
     const attempt = reply[1] as number;
     return { attempt, message: packEvent(reply[2] as Buffer, 1, attempt) };
   }

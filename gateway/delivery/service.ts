@@ -1110,13 +1110,7 @@ export class DeliveryService {
               this.pumpFailed(pump, requests[i], lostTakes[i]);
               return;
             }
-            if (result.unreadable.length > 0) {
-              this.metrics.payloadsLost.inc(result.unreadable.length);
-              this.deps.log.error(
-                { sessionId: pump.sid, eids: result.unreadable },
-                "events without their payload in a session's outbox in Redis; removed, never delivered",
-              );
-            }
+            if (result.unreadable.length > 0) this.payloadsLost(pump.sid, result.unreadable);
             if (result.error !== undefined) {
               this.pumpPartFailed(pump, requests[i], result, lostTakes[i]);
               reports.push(...this.reportPumped([{ sid: pump.sid, ...result }]));
@@ -1153,6 +1147,15 @@ export class DeliveryService {
         },
       );
   };
+
+  /** Events a pump or a resend found without their payload, and removed (ack-pump.lua, resend.lua). */
+  private payloadsLost(sessionId: string, eids: readonly string[]): void {
+    this.metrics.payloadsLost.inc(eids.length);
+    this.deps.log.error(
+      { sessionId, eids },
+      "events without their payload in a session's outbox in Redis; removed, never delivered",
+    );
+  }
 
   /**
    * A session's own part of a pump call failed (AckPumpResult.error: a key of the session Redis
@@ -1521,6 +1524,7 @@ export class DeliveryService {
           this.sendEvent(pump.conn, r.message, 1);
         } else {
           if (r && 'expired' in r) void this.settleAfter([receipt], [this.reportExpired(sid, r.expired)]);
+          if (r && 'unreadable' in r) this.payloadsLost(sid, [eid]);
           this.schedule(pump);
         }
       },

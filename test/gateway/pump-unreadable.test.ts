@@ -61,3 +61,12 @@ test('an acked event that asked for a receipt, without its payload: named, not r
   assert.deepEqual(r.unreadable, ['r1']);
   assert.equal(r.error, undefined);
 });
+
+test('a retry of an event without its payload: removed and answered unreadable (before: answered with no payload, which the node could not send, every retry)', async () => {
+  const a = await session();
+  await outbox.publishTo({ session: a }, event('x1', 'x1'), false, 0);
+  await redis.hdel(keys.outbox(a)[1], 'x1');
+  assert.deepEqual(await within('the resend', outbox.resend(a, 'x1', Date.now())), { unreadable: true });
+  assert.equal(await redis.zscore(keys.outbox(a)[0], 'x1'), null, 'removed from the index');
+  assert.equal(await within('the resend again', outbox.resend(a, 'x1', Date.now())), null, 'gone after');
+});

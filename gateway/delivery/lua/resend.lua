@@ -14,12 +14,19 @@
   (the node never sent it). Absent: one more than the counter.
 
   Returns false when the event is gone (acked, expired or dead-lettered),
+  {"unreadable"} when its payload is gone while its index entry stayed (evicted or deleted
+  apart, a write that failed part-way: ack-pump.lua's `unreadable`): removed, it can never be
+  sent nor reported,
   {"expired", payload} when it is past its expiry (removed),
   {"send", attempt, payload} otherwise.
 ]]
 local eid = ARGV[1]
 if not redis.call('ZSCORE', KEYS[1], eid) then return false end
 local payload = redis.call('HGET', KEYS[2], eid)
+if not payload then
+  removeEvent(KEYS, eid)
+  return {'unreadable'}
+end
 local expiry = redis.call('HGET', KEYS[5], eid)
 if expiry and tonumber(expiry) <= tonumber(ARGV[2]) then
   removeEvent(KEYS, eid)
