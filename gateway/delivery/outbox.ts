@@ -472,6 +472,12 @@ export class Outbox {
   callsPastWait = 0;
   /** Set by the delivery service of a gateway node; absent in a back end's publisher. */
   direct: DirectSender | null = null;
+  /**
+   * Told of events a take or a move found in a session's index without their payload (evicted
+   * or deleted apart, a write that failed part-way): removed, not returned (take.lua,
+   * move.lua). The delivery service counts and logs them.
+   */
+  onUnreadable?: (sid: string, eids: string[]) => void;
 
   constructor(
     redis: Redis,
@@ -1204,8 +1210,17 @@ export class Outbox {
   ): Promise<TakenEvent[]> {
     const reply = await this.redis.gwTakeBuffer(...this.keys.outbox(sid).slice(0, 6), mode, ...eids);
     const out: TakenEvent[] = [];
+    let unreadable: string[] | undefined;
     for (let i = 0; i < reply.length; i += 3) {
-      out.push({ attempts: reply[i + 1] as number, event: decode(reply[i + 2] as Buffer) });
+      const attempts = reply[i + 1] as number;
+      // Its payload was gone: removed, nothing to return (take.lua).
+      if (attempts === -1) (unreadable ??= []).push(String(reply[i]));
+      else out.push({ attempts, event: decode(reply[i + 2] as Buffer) });
+    }
+    if (unreadable) {
+      // The expiry index names events by session (expire.lua drops such a member too, once due).
+      void this.redis.zrem(this.keys.expiries, ...unreadable.map((eid) => `${sid}|${eid}`)).catch(() => {});
+      this.onUnreadable?.(sid, unreadable);
     }
     return out;
   }
@@ -1235,9 +1250,25 @@ export class Outbox {
       Date.now(),
     );
     if (typeof reply === 'number') return reply as -1;
-    const [moved, droppedRaw, left] = reply as [(Buffer | null)[], Buffer[], number];
+    const [moved, droppedRaw, left, unreadable, unreadableNew] = reply as [
+      (Buffer | null)[],
+      Buffer[],
+      number,
+      Buffer[] | undefined,
+      Buffer[] | undefined,
+    ];
     // The expiry index names events by session: re-key the moved ones.
     const p = this.redis.pipeline();
+    if (unreadable && unreadable.length > 0) {
+      const eids = unreadable.map(String);
+      for (const eid of eids) p.zrem(this.keys.expiries, `${from}|${eid}`);
+      this.onUnreadable?.(from, eids);
+    }
+    if (unreadableNew && unreadableNew.length > 0) {
+      const eids = unreadableNew.map(String);
+      for (const eid of eids) p.zrem(this.keys.expiries, `${to}|${eid}`);
+      this.onUnreadable?.(to, eids);
+    }
     for (let i = 0; i < moved.length; i += 2) {
       const expiry = moved[i + 1];
       if (!expiry) continue;

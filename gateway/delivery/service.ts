@@ -423,6 +423,7 @@ export class DeliveryService {
         "Events an outbox pump found in a session's index without their payload (the hash entry gone: an eviction under a maxmemory-policy other than noeviction, a key deleted apart from its index, a write that failed part-way): removed from the outbox, never delivered nor reported. Logged at error with the session and the eids.",
       ),
     };
+    deps.outbox.onUnreadable = (sid, eids) => this.payloadsLost(sid, eids);
     this.lostTakes = new LostReplies(
       (receipts) => deps.outbox.takenExpired(receipts),
       (n) => {
@@ -1148,7 +1149,10 @@ export class DeliveryService {
       );
   };
 
-  /** Events a pump or a resend found without their payload, and removed (ack-pump.lua, resend.lua). */
+  /**
+   * Events a pump, a resend, a take or a move found without their payload, and removed
+   * (ack-pump.lua, resend.lua, take.lua, move.lua).
+   */
   private payloadsLost(sessionId: string, eids: readonly string[]): void {
     this.metrics.payloadsLost.inc(eids.length);
     this.deps.log.error(

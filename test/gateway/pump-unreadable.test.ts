@@ -70,3 +70,51 @@ test('a retry of an event without its payload: removed and answered unreadable (
   assert.equal(await redis.zscore(keys.outbox(a)[0], 'x1'), null, 'removed from the index');
   assert.equal(await within('the resend again', outbox.resend(a, 'x1', Date.now())), null, 'gone after');
 });
+
+test("a take (a purge, a dead letter) and a takeover's move: an event without its payload is removed, left out of what they return and keep, and told to onUnreadable", async () => {
+  const told: [string, string[]][] = [];
+  outbox.onUnreadable = (sid, eids) => told.push([sid, eids]);
+  try {
+    // peek leaves it out and removes nothing; "all" removes it and tells.
+    const a = await session();
+    for (const eid of ['p1', 'p2']) await outbox.publishTo({ session: a }, event(eid, eid), false, 0);
+    await redis.hdel(keys.outbox(a)[1], 'p1');
+    assert.deepEqual(
+      (await within('the peek', outbox.peek(a))).map((t) => t.event.eid),
+      ['p2'],
+    );
+    assert.deepEqual(told, [], 'a peek tells nothing');
+    assert.deepEqual(
+      (await within('the take', outbox.take(a))).map((t) => t.event.eid),
+      ['p2'],
+    );
+    assert.deepEqual(told, [[a, ['p1']]]);
+    // "kept": the receipt keeps the readable one only.
+    const b = await session();
+    for (const eid of ['k1', 'k2']) await outbox.publishTo({ session: b }, event(eid, eid), false, 0);
+    await redis.hdel(keys.outbox(b)[1], 'k1');
+    const receipt = keys.deadLetterReceipt('unreadable', b);
+    assert.deepEqual(
+      (await within('the kept take', outbox.takeKept(b, ['k1', 'k2'], receipt))).map((t) => t.event.eid),
+      ['k2'],
+    );
+    const [kept] = await outbox.takenKept([receipt]);
+    assert.deepEqual(
+      kept?.map((t) => t.event.eid),
+      ['k2'],
+      'the receipt',
+    );
+    assert.deepEqual(told.at(-1), [b, ['k1']]);
+    // A move to the session that took the device over.
+    const from = await session();
+    const to = await session();
+    for (const eid of ['m1', 'm2']) await outbox.publishTo({ session: from }, event(eid, eid), false, 0);
+    await redis.hdel(keys.outbox(from)[1], 'm1');
+    const moved = await within('the move', outbox.move(from, to));
+    assert.ok(moved !== -1 && moved.moved === 1 && moved.left === 0, `one moved: ${JSON.stringify(moved)}`);
+    assert.deepEqual(await redis.zrange(keys.outbox(to)[0], '0', '-1'), ['m2']);
+    assert.deepEqual(told.at(-1), [from, ['m1']]);
+  } finally {
+    outbox.onUnreadable = undefined;
+  }
+});

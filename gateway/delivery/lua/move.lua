@@ -25,27 +25,34 @@
   "drop-oldest" everything moves and the oldest events of the new outbox are dropped.
 
   Returns -1 when the new session is gone (the caller purges the old outbox instead), else
-  {moved, dropped, left}: moved {eid, expiry|false, ...} of the moved events (an eid the new
-  outbox already has is not moved twice: it is delivered there anyway), dropped {eid, payload,
-  ...} of events dropped from the new outbox, left the number of events left in the old one.
+  {moved, dropped, left, unreadable, unreadableNew}: moved {eid, expiry|false, ...} of the moved
+  events (an eid the new outbox already has is not moved twice: it is delivered there anyway),
+  dropped {eid, payload, ...} of events dropped from the new outbox, left the number of events
+  left in the old one, unreadable and unreadableNew the eids of events of the old outbox and
+  of those the bound dropped from the new one whose payload was gone while their index entry
+  stayed (ack-pump.lua's `unreadable`): removed, not moved, not reported.
 ]]
 if redis.call('EXISTS', KEYS[14]) == 0 then return -1 end
 local bound, policy = tonumber(ARGV[4]), ARGV[5]
-local out, dropped, left = {}, {}, 0
+local out, dropped, left, unreadable, unreadableNew = {}, {}, 0, {}, {}
 -- The new session's q, ev, att, rc, exp, for removeEvent.
 local NEW = { KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11] }
 local oldMark = tonumber(redis.call('GET', string.sub(KEYS[1], 1, -2) .. 'sent') or '0')
 local old = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for o = 1, #old, 2 do
   local eid, oldSeq = old[o], tonumber(old[o + 1])
-  if policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
+  local payload = redis.call('HGET', KEYS[2], eid)
+  if not payload then
+    unreadable[#unreadable + 1] = eid
+    removeEvent(KEYS, eid)
+  elseif policy == 'reject' and redis.call('ZCARD', KEYS[7]) >= bound then
     left = left + 1
   else
     -- An eid the new outbox already has is not moved twice: it is delivered there anyway.
     if redis.call('HEXISTS', KEYS[8], eid) == 0 then
       local seq = redis.call('INCR', KEYS[12])
       redis.call('ZADD', KEYS[7], seq, eid)
-      redis.call('HSET', KEYS[8], eid, redis.call('HGET', KEYS[2], eid))
+      redis.call('HSET', KEYS[8], eid, payload)
       local attempts = redis.call('HGET', KEYS[3], eid)
       if not attempts and oldSeq <= oldMark then attempts = '1' end
       if attempts then redis.call('HSET', KEYS[9], eid, attempts) end
@@ -60,12 +67,17 @@ for o = 1, #old, 2 do
 end
 while redis.call('ZCARD', KEYS[7]) > bound do
   local eid = redis.call('ZRANGE', KEYS[7], 0, 0)[1]
-  dropped[#dropped + 1] = eid
-  dropped[#dropped + 1] = redis.call('HGET', KEYS[8], eid)
-  if ARGV[6] then
-    local r = ARGV[6] .. ARGV[3] .. ':' .. eid
-    redis.call('SET', r, cmsgpack.pack({ARGV[3], dropped[#dropped]}))
-    redis.call('ZADD', ARGV[7], ARGV[8], r)
+  local payload = redis.call('HGET', KEYS[8], eid)
+  if not payload then
+    unreadableNew[#unreadableNew + 1] = eid
+  else
+    dropped[#dropped + 1] = eid
+    dropped[#dropped + 1] = payload
+    if ARGV[6] then
+      local r = ARGV[6] .. ARGV[3] .. ':' .. eid
+      redis.call('SET', r, cmsgpack.pack({ARGV[3], payload}))
+      redis.call('ZADD', ARGV[7], ARGV[8], r)
+    end
   end
   removeEvent(NEW, eid)
 end
@@ -81,4 +93,4 @@ if #out > 0 then
   local node = redis.call('GET', KEYS[13])
   if node then redis.call('PUBLISH', ARGV[2] .. node, 'n' .. ARGV[3]) end
 end
-return {out, dropped, left}
+return {out, dropped, left, unreadable, unreadableNew}

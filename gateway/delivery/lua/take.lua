@@ -14,7 +14,10 @@
           ZSET (Keys.owedReports), ARGV[4] now (ms), ARGV[5..] the eids
 
   Returns {eid, attempts, payload, ...}; an event with no attempt entry at or below the sent
-  mark (the session's `sent` key, next to q) was sent once, from its publish (publish.lua).
+  mark (the session's `sent` key, next to q) was sent once, from its publish (publish.lua). An
+  event whose payload is gone while its index entry stayed (evicted or deleted apart, a write
+  that failed part-way: ack-pump.lua's `unreadable`) is removed all the same and returned as
+  {eid, -1, false} (not kept under the receipt); "peek" leaves it out.
 ]]
 local eids
 local kept = ARGV[1] == 'kept'
@@ -34,9 +37,16 @@ for _, eid in ipairs(eids) do
       mark = mark or tonumber(redis.call('GET', string.sub(KEYS[1], 1, -2) .. 'sent') or '0')
       if tonumber(seq) <= mark then attempts = 1 end
     end
-    out[#out + 1] = eid
-    out[#out + 1] = attempts
-    out[#out + 1] = redis.call('HGET', KEYS[2], eid)
+    local payload = redis.call('HGET', KEYS[2], eid)
+    if payload then
+      out[#out + 1] = eid
+      out[#out + 1] = attempts
+      out[#out + 1] = payload
+    elseif ARGV[1] ~= 'peek' then
+      out[#out + 1] = eid
+      out[#out + 1] = -1
+      out[#out + 1] = false
+    end
     if ARGV[1] ~= 'peek' then removeEvent(KEYS, eid) end
   end
 end
@@ -46,9 +56,13 @@ end
 if kept and #out > 0 then
   local parts = {}
   for i = 1, #out, 3 do
-    parts[#parts + 1] = #out[i] .. ':' .. out[i] .. out[i + 1] .. ':' .. #out[i + 2] .. ':' .. out[i + 2]
+    if out[i + 2] then
+      parts[#parts + 1] = #out[i] .. ':' .. out[i] .. out[i + 1] .. ':' .. #out[i + 2] .. ':' .. out[i + 2]
+    end
   end
-  redis.call('SET', ARGV[2], table.concat(parts))
-  redis.call('ZADD', ARGV[3], ARGV[4], ARGV[2])
+  if #parts > 0 then
+    redis.call('SET', ARGV[2], table.concat(parts))
+    redis.call('ZADD', ARGV[3], ARGV[4], ARGV[2])
+  end
 end
 return out
