@@ -604,23 +604,19 @@ export class DeliveryService {
   // ---- publishing ----------------------------------------------------------------------------
 
   /** Publishes and reports what a full outbox did (nothing is dropped silently). */
-  async publish(target: Target, input: EventInput): Promise<PublishOutcome> {
-    let outcome: PublishOutcome;
-    try {
-      outcome = await this.deps.publisher.publish(target, input);
-    } catch (e) {
-      this.targetFailed(e);
-      throw e;
-    }
-    const reported = this.reportOutcome(outcome, input);
-    if (reported) await reported;
-    return outcome;
+  publish(target: Target, input: EventInput): Promise<PublishOutcome> {
+    return this.reported(this.deps.publisher.publish(target, input), input);
   }
 
-  async publishTo(to: Recipients, input: EventInput): Promise<PublishOutcome> {
+  publishTo(to: Recipients, input: EventInput): Promise<PublishOutcome> {
+    return this.reported(this.deps.publisher.publishTo(to, input), input);
+  }
+
+  /** A publish's outcome, once what it did is counted and reported (reportOutcome, targetFailed). */
+  private async reported(publishing: Promise<PublishOutcome>, input: EventInput): Promise<PublishOutcome> {
     let outcome: PublishOutcome;
     try {
-      outcome = await this.deps.publisher.publishTo(to, input);
+      outcome = await publishing;
     } catch (e) {
       this.targetFailed(e);
       throw e;

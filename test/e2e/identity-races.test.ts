@@ -222,6 +222,10 @@ describe('brute-force limits under concurrency', () => {
       GW_IP_FAILURE_BUDGET: '50',
       GW_LOCKOUT_ATTEMPTS: '10',
       GW_REGISTER_PER_MINUTE: '10000',
+      // Every guess admitted to the hash pool: on a loaded machine 100 hashes queued on two
+      // threads are expected to take longer than the default 2 s, and the last ones were
+      // answered `overloaded` (the pool's own bound, not the address's budget under test).
+      GW_HASH_MAX_WAIT_MS: '600000',
     });
     try {
       const conns = await clients(g, 8);

@@ -11,9 +11,6 @@ import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
 import { Redis } from 'ioredis';
 import {
-  type DirectClaim,
-  type DirectGrant,
-  type DirectSender,
   type Fanout,
   Outbox,
   type OverflowPolicy,
@@ -24,6 +21,7 @@ import { Keys } from '../../gateway/keys.ts';
 import { pack, unpack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL, redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
+import { RecordingSender } from '../helpers/outbox-fixture.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:batch:${randomUUID().slice(0, 8)}:`;
@@ -37,28 +35,6 @@ after(async () => {
   redis.disconnect();
   await dropRedisPrefix(prefix);
 });
-
-/** This node's connections: one per session, each with the last sequence sent on it. */
-class Sender implements DirectSender {
-  readonly nodeId = NODE;
-  readonly last = new Map<string, number>();
-  readonly grants: { eid: string; seq: number }[] = [];
-  claim(to: Fanout): DirectClaim[] {
-    if (!('session' in to) || !this.last.has(to.session)) return [];
-    return [{ sid: to.session, after: this.last.get(to.session)! }];
-  }
-  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void {
-    if (!grant) return;
-    this.grants.push({ eid, seq: grant.seq });
-    this.last.set(claim.sid, grant.seq);
-  }
-  /** qos-0 events this node was given to send: session id and the event's `eid`. */
-  readonly now: { sid: string; eid: string; qos: unknown }[] = [];
-  sendNow(sid: string, message: Buffer): void {
-    const m = unpack(message) as { eid: string; qos: unknown };
-    this.now.push({ sid, eid: m.eid, qos: m.qos });
-  }
-}
 
 async function session(online: boolean): Promise<string> {
   const sid = randomUUID();
@@ -90,7 +66,7 @@ function oneCall(
   );
 }
 
-function outboxOf(max: number, policy: OverflowPolicy, sender?: Sender): Outbox {
+function outboxOf(max: number, policy: OverflowPolicy, sender?: RecordingSender): Outbox {
   const o = new Outbox(redis, keys, { max, policy, ttlSeconds: TTL });
   if (sender) o.direct = sender;
   return o;
@@ -107,7 +83,7 @@ async function stored(sid: string): Promise<{ q: [string, number][]; ev: Map<str
 }
 
 test('40 events to one session in one call: stored in order, a duplicate within the call stored once, every one granted in sequence', async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const outbox = outboxOf(1000, 'reject', sender);
   const sid = await session(true);
   sender.last.set(sid, 0);
@@ -142,7 +118,7 @@ test('40 events to one session in one call: stored in order, a duplicate within 
   for (const k of kept)
     assert.deepEqual(ev.get(k.eid)?.data, { n: k.n }, `ev ${k.eid}: the first publish's payload`);
   assert.deepEqual(
-    sender.grants,
+    sender.grants.map(({ eid, seq }) => ({ eid, seq })),
     kept.map((k, i) => ({ eid: k.eid, seq: i + 1 })),
     'grants in sequence order',
   );
@@ -251,7 +227,7 @@ test('the bound within one call, reject: the events past it are refused, the res
 });
 
 test('256 events to one session in one call (the most a call carries) are all stored in order', async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const outbox = outboxOf(1000, 'reject', sender);
   const sid = await session(true);
   sender.last.set(sid, 0);
@@ -272,7 +248,7 @@ test('256 events to one session in one call (the most a call carries) are all st
 });
 
 test("600 bare acks of one session in one ack call (past the script's slices of 256) remove every event, strays counted out", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const outbox = outboxOf(1000, 'reject', sender);
   const sid = await session(true);
   sender.last.set(sid, 0);
@@ -327,7 +303,7 @@ test("a user's sessions are read once per call: a session found gone is pruned f
 });
 
 test('every target once in the call (each event written as it comes): 30 sessions, and a device key and its session id reaching one session', async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const outbox = outboxOf(1000, 'reject', sender);
   const sids: string[] = [];
   for (let i = 0; i < 30; i++) {
@@ -374,7 +350,7 @@ test("a call's held events, once answered, survive Redis killed with SIGKILL and
   const r = redisClient(own.url, { enableAutoPipelining: true });
   r.on('error', () => {}); // its reconnects while the server is down
   try {
-    const sender = new Sender();
+    const sender = new RecordingSender(NODE);
     const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
     outbox.direct = sender;
     const sid = randomUUID();
@@ -422,7 +398,7 @@ test("a call's held events, once answered, survive Redis killed with SIGKILL and
 });
 
 test('publishMany: 300 events (two calls) with one promise, each settled in order, an entry to a gone session answered gone on its own', async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const outbox = outboxOf(1000, 'reject', sender);
   const sid = await session(true);
   sender.last.set(sid, 0);
@@ -590,7 +566,7 @@ async function withNodeRedis(
     r: Redis;
     sub: Redis;
     outbox: Outbox;
-    sender: Sender;
+    sender: RecordingSender;
     live: (sid: string, node: string | null) => Promise<void>;
   }) => Promise<void>,
 ): Promise<void> {
@@ -598,7 +574,7 @@ async function withNodeRedis(
   const r = new Redis(own.url, { enableAutoPipelining: true, commandTimeout: 10_000 });
   const sub = redisClient(own.url);
   try {
-    const sender = new Sender();
+    const sender = new RecordingSender(NODE);
     const outbox = new Outbox(r, keys, { max: 1000, policy: 'reject', ttlSeconds: TTL });
     outbox.direct = sender;
     const live = async (sid: string, node: string | null) => {

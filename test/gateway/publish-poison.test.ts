@@ -11,19 +11,12 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
 import { Redis } from 'ioredis';
-import {
-  type DirectClaim,
-  type DirectGrant,
-  type DirectSender,
-  type Fanout,
-  Outbox,
-  type StoredEvent,
-  TargetKeyError,
-} from '../../gateway/delivery/outbox.ts';
+import { type Fanout, Outbox, type StoredEvent, TargetKeyError } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { pack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from '../helpers/cleanup.ts';
 import { within } from '../helpers/deadline.ts';
+import { RecordingSender } from '../helpers/outbox-fixture.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
 
 const prefix = `gwtest:ppoison:${randomUUID().slice(0, 8)}:`;
@@ -36,28 +29,7 @@ after(async () => {
   await dropRedisPrefix(prefix);
 });
 
-/** This node's connections: one per online session, each with the last sequence sent on it. */
-class Sender implements DirectSender {
-  readonly nodeId = NODE;
-  readonly last = new Map<string, number>();
-  readonly grants: { sid: string; eid: string; seq: number }[] = [];
-  claim(to: Fanout): DirectClaim[] {
-    if (!('session' in to) || !this.last.has(to.session)) return [];
-    return [{ sid: to.session, after: this.last.get(to.session)! }];
-  }
-  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void {
-    if (!grant) return;
-    this.grants.push({ sid: claim.sid, eid, seq: grant.seq });
-    this.last.set(claim.sid, grant.seq);
-  }
-  /** qos-0 events this node was given to send, by session. */
-  readonly now: string[] = [];
-  sendNow(sid: string): void {
-    this.now.push(sid);
-  }
-}
-
-async function session(online: boolean, sender?: Sender): Promise<string> {
+async function session(online: boolean, sender?: RecordingSender): Promise<string> {
   const sid = randomUUID();
   await redis.hset(keys.session(sid), 'userId', 'u1');
   if (online) {
@@ -69,7 +41,7 @@ async function session(online: boolean, sender?: Sender): Promise<string> {
 
 const event = (eid: string): StoredEvent => ({ eid, name: 'poison', data: null, ts: 1_764_633_600_000 });
 
-function outbox(sender: Sender): Outbox {
+function outbox(sender: RecordingSender): Outbox {
   const o = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600 });
   o.direct = sender;
   return o;
@@ -88,7 +60,7 @@ function oneCall(o: Outbox, items: { to: Fanout; eid: string }[]) {
 const q = (sid: string) => keys.outbox(sid)[0];
 
 test("one event each to five sessions, the third's outbox index a string: it is answered failed with Redis's error, the four others stored and granted", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const sids = [];
   for (let i = 0; i < 5; i++) sids.push(await session(true, sender));
   await redis.set(q(sids[2]), 'not a sorted set');
@@ -117,7 +89,7 @@ test("one event each to five sessions, the third's outbox index a string: it is 
 });
 
 test("three events each to two sessions in one call (held and written once per session), the second's payloads a string: its three are answered failed, the first's stored and granted", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const good = await session(true, sender);
   const bad = await session(true, sender);
   // Its index empty, the call does not read its payloads first: the failure comes at the
@@ -148,7 +120,7 @@ test("three events each to two sessions in one call (held and written once per s
 });
 
 test("a session whose sequence counter is a hash fails at its first event of the call and takes none after it; the other session's events between them are stored", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const good = await session(false);
   const bad = await session(false);
   await redis.hset(keys.outbox(bad)[5], 'not', 'a counter');
@@ -166,7 +138,7 @@ test("a session whose sequence counter is a hash fails at its first event of the
 });
 
 test("a device key or a user's set that holds another type fails its event alone (TargetKeyError, internal); the call's other events are stored", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const sid = await session(false);
   await redis.hset(keys.device('poisoned-device'), 'not', 'a session id');
   await redis.set(keys.userSessions('poisoned-user'), 'not a set');
@@ -229,7 +201,7 @@ test("any error but WRONGTYPE in a session's part still fails the call, with the
 });
 
 test("qos 0: a session whose node key holds another type is counted, not sent, and named with Redis's error; a room whose members key holds another type fails its event alone; the call's other events are sent", async () => {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const a = await session(true);
   const b = await session(false);
   await redis.hset(keys.sessionNode(b), 'not', 'a node id');
@@ -263,7 +235,11 @@ test("qos 0: a session whose node key holds another type is counted, not sent, a
     { status: 'fulfilled', value: { sessions: 1, sent: 1, failed: [] } },
     'the session event',
   );
-  assert.deepEqual(sender.now, [a, a], 'this node sent the user event and the session event to a');
+  assert.deepEqual(
+    sender.now.map((n) => n.sid),
+    [a, a],
+    'this node sent the user event and the session event to a',
+  );
   assert.deepEqual(
     (await redis.smembers(keys.userSessions(user))).sort(),
     [a, b].sort(),

@@ -5,8 +5,16 @@
 import { randomUUID } from 'node:crypto';
 import { after, before } from 'node:test';
 import { Redis } from 'ioredis';
-import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
+import {
+  type DirectClaim,
+  type DirectGrant,
+  type DirectSender,
+  type Fanout,
+  Outbox,
+  type StoredEvent,
+} from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
+import { unpack } from '../../protocol/index.ts';
 import { dropRedisPrefix, REDIS_URL } from './cleanup.ts';
 import { type RedisProxy, startRedisProxy } from './redis-proxy.ts';
 
@@ -73,4 +81,29 @@ export function slowOutboxFor(keys: Keys): { readonly proxy: RedisProxy; readonl
       return get().outbox;
     },
   };
+}
+
+/**
+ * A node's side of sending from the publish (the outbox's DirectSender) for the scripts' tests:
+ * one connection per session given a last sequence in `last`, with what the publishes granted
+ * it (`grants`) and the qos-0 events it was given to send (`now`).
+ */
+export class RecordingSender implements DirectSender {
+  readonly last = new Map<string, number>();
+  readonly grants: { sid: string; eid: string; seq: number }[] = [];
+  readonly now: { sid: string; eid: string; qos: unknown }[] = [];
+  constructor(readonly nodeId: string) {}
+  claim(to: Fanout): DirectClaim[] {
+    if (!('session' in to) || !this.last.has(to.session)) return [];
+    return [{ sid: to.session, after: this.last.get(to.session)! }];
+  }
+  settle(claim: DirectClaim, eid: string, grant: DirectGrant | null): void {
+    if (!grant) return;
+    this.grants.push({ sid: claim.sid, eid, seq: grant.seq });
+    this.last.set(claim.sid, grant.seq);
+  }
+  sendNow(sid: string, message: Buffer): void {
+    const m = unpack(message) as { eid: string; qos: unknown };
+    this.now.push({ sid, eid: m.eid, qos: m.qos });
+  }
 }
