@@ -14,7 +14,7 @@
 import type { Redis } from 'ioredis';
 import type { Keys } from '../keys.ts';
 import type { Logger } from '../log.ts';
-import { Throttle } from './throttle.ts';
+import { Throttle } from '../throttle.ts';
 
 /**
  * KEYS[1] session hash; ARGV[1] activity time (ms). Sets lastSeenAt if the hash exists and is

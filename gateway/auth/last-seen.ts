@@ -38,7 +38,7 @@
 import type pg from 'pg';
 import { logFailure } from '../faults.ts';
 import type { Logger } from '../log.ts';
-import { Throttle } from './throttle.ts';
+import { Throttle } from '../throttle.ts';
 
 interface SessionSeen {
   ip: string;

@@ -25,6 +25,7 @@ import { type Keys, QueueName, WORKER_RETRY_MS } from '../keys.ts';
 import type { Logger } from '../log.ts';
 import { counterReadAtScrape, readAtScrape } from '../metrics.ts';
 import { LostReplies } from '../receipts.ts';
+import { Throttle } from '../throttle.ts';
 import { GuardedWorker, workerRestarts } from '../worker-guard.ts';
 import { InflightWindow } from './inflight.ts';
 import {
@@ -297,8 +298,9 @@ export class DeliveryService {
   private previousSweepMs = Number.NEGATIVE_INFINITY;
   /** Rejections by full outboxes since the last line that said so (logRejected). */
   private rejectLog = { at: 0, events: 0, sessions: 0 };
-  /** Per step, publishes that met a key of another type since the last line that said so (keyErrorMet). */
-  private readonly keyErrorLog = { publish: { at: 0, since: 0 }, target: { at: 0, since: 0 } };
+  /** Per step, a line at most every REJECT_LOG_MS, and the publishes met since the last (keyErrorMet). */
+  private readonly keyErrorLines = new Throttle(REJECT_LOG_MS);
+  private readonly keyErrorsSince = { publish: 0, target: 0 };
   /**
    * Names of the pump calls' receipts: this service's own prefix (a uuid) and a count of its
    * flushes, so that a flush makes no uuid.
@@ -702,13 +704,10 @@ export class DeliveryService {
     msg: string,
   ): void {
     this.metrics.sessionKeyErrors.labels(step).inc(n);
-    const l = this.keyErrorLog[step];
-    l.since += n;
-    const now = Date.now();
-    if (now - l.at < REJECT_LOG_MS) return;
-    this.deps.log.error({ ...fields, since: l.since }, msg);
-    l.at = now;
-    l.since = 0;
+    this.keyErrorsSince[step] += n;
+    if (!this.keyErrorLines.take(step, Date.now())) return;
+    this.deps.log.error({ ...fields, since: this.keyErrorsSince[step] }, msg);
+    this.keyErrorsSince[step] = 0;
   }
 
   /**

@@ -15,11 +15,15 @@ import { outboxFixture } from '../helpers/outbox-fixture.ts';
 const { keys, redis, outbox, session, event, close } = outboxFixture('pumpunread');
 test.after(close);
 
+/** Stores an event (its data its eid) in `sid`'s outbox, within the deadline. */
+const put = (sid: string, eid: string, receipt: boolean) =>
+  within(`the publish of ${eid}`, outbox.publishTo({ session: sid }, event(eid, eid), receipt, 0));
+
 test("a taken event without its payload is removed and named; the call's other sessions are pumped as without it", async () => {
   const a = await session();
   const b = await session();
-  for (const eid of ['a1', 'a2']) await outbox.publishTo({ session: a }, event(eid, eid), false, 0);
-  await outbox.publishTo({ session: b }, event('b1', 'b1'), false, 0);
+  for (const eid of ['a1', 'a2']) await put(a, eid, false);
+  await put(b, 'b1', false);
   await redis.hdel(keys.outbox(a)[1], 'a1');
   const { results, error } = await within(
     'the pump call',
@@ -45,8 +49,8 @@ test("a taken event without its payload is removed and named; the call's other s
 
 test('an acked event that asked for a receipt, without its payload: named, not reported; the others reported', async () => {
   const a = await session();
-  await outbox.publishTo({ session: a }, event('r1', 'r1'), true, 0);
-  await outbox.publishTo({ session: a }, event('r2', 'r2'), true, 0);
+  await put(a, 'r1', true);
+  await put(a, 'r2', true);
   await redis.hdel(keys.outbox(a)[1], 'r1');
   const [r] = await within(
     'the pump call with the acks',
@@ -64,7 +68,7 @@ test('an acked event that asked for a receipt, without its payload: named, not r
 
 test('a retry of an event without its payload: removed and answered unreadable (before: answered with no payload, which the node could not send, every retry)', async () => {
   const a = await session();
-  await outbox.publishTo({ session: a }, event('x1', 'x1'), false, 0);
+  await put(a, 'x1', false);
   await redis.hdel(keys.outbox(a)[1], 'x1');
   assert.deepEqual(await within('the resend', outbox.resend(a, 'x1', Date.now())), { unreadable: true });
   assert.equal(await redis.zscore(keys.outbox(a)[0], 'x1'), null, 'removed from the index');
@@ -77,7 +81,7 @@ test("a take (a purge, a dead letter) and a takeover's move: an event without it
   try {
     // peek leaves it out and removes nothing; "all" removes it and tells.
     const a = await session();
-    for (const eid of ['p1', 'p2']) await outbox.publishTo({ session: a }, event(eid, eid), false, 0);
+    for (const eid of ['p1', 'p2']) await put(a, eid, false);
     await redis.hdel(keys.outbox(a)[1], 'p1');
     assert.deepEqual(
       (await within('the peek', outbox.peek(a))).map((t) => t.event.eid),
@@ -91,14 +95,14 @@ test("a take (a purge, a dead letter) and a takeover's move: an event without it
     assert.deepEqual(told, [[a, ['p1']]]);
     // "kept": the receipt keeps the readable one only.
     const b = await session();
-    for (const eid of ['k1', 'k2']) await outbox.publishTo({ session: b }, event(eid, eid), false, 0);
+    for (const eid of ['k1', 'k2']) await put(b, eid, false);
     await redis.hdel(keys.outbox(b)[1], 'k1');
     const receipt = keys.deadLetterReceipt('unreadable', b);
     assert.deepEqual(
       (await within('the kept take', outbox.takeKept(b, ['k1', 'k2'], receipt))).map((t) => t.event.eid),
       ['k2'],
     );
-    const [kept] = await outbox.takenKept([receipt]);
+    const [kept] = await within('the receipt read', outbox.takenKept([receipt]));
     assert.deepEqual(
       kept?.map((t) => t.event.eid),
       ['k2'],
@@ -108,7 +112,7 @@ test("a take (a purge, a dead letter) and a takeover's move: an event without it
     // A move to the session that took the device over.
     const from = await session();
     const to = await session();
-    for (const eid of ['m1', 'm2']) await outbox.publishTo({ session: from }, event(eid, eid), false, 0);
+    for (const eid of ['m1', 'm2']) await put(from, eid, false);
     await redis.hdel(keys.outbox(from)[1], 'm1');
     const moved = await within('the move', outbox.move(from, to));
     assert.ok(moved !== -1 && moved.moved === 1 && moved.left === 0, `one moved: ${JSON.stringify(moved)}`);

@@ -11,17 +11,11 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, test } from 'node:test';
-import {
-  type DirectClaim,
-  type DirectGrant,
-  type DirectSender,
-  type Fanout,
-  Outbox,
-  type StoredEvent,
-} from '../../gateway/delivery/outbox.ts';
+import { Outbox, type StoredEvent } from '../../gateway/delivery/outbox.ts';
 import { Keys } from '../../gateway/keys.ts';
 import { dropRedisPrefix, redisClient } from '../helpers/cleanup.ts';
 import { DEADLINE_MS, until, within } from '../helpers/deadline.ts';
+import { RecordingSender } from '../helpers/outbox-fixture.ts';
 
 const prefix = `gwtest:mark:${randomUUID().slice(0, 8)}:`;
 const keys = new Keys(prefix);
@@ -34,20 +28,6 @@ after(async () => {
   redis.disconnect();
   await dropRedisPrefix(prefix);
 });
-
-/** This node's connections: one per session, each with the last sequence sent on it. */
-class Sender implements DirectSender {
-  readonly nodeId = NODE;
-  readonly last = new Map<string, number>();
-  claim(to: Fanout): DirectClaim[] {
-    if (!('session' in to) || !this.last.has(to.session)) return [];
-    return [{ sid: to.session, after: this.last.get(to.session)! }];
-  }
-  settle(claim: DirectClaim, _eid: string, grant: DirectGrant | null): void {
-    if (grant) this.last.set(claim.sid, grant.seq);
-  }
-  sendNow(): void {}
-}
 
 async function sessionOn(node: string): Promise<string> {
   const sid = randomUUID();
@@ -83,7 +63,7 @@ function assertMarkNotPastCounter(l: { seq: number; mark: number }, what: string
 
 /** An outbox with a TTL of an hour (a slack of a minute) and a connection on this node. */
 function hourOutbox(forwardWindow = 0) {
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const o = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 3600, forwardWindow });
   o.direct = sender;
   return { o, sender };
@@ -143,7 +123,7 @@ test('events published after the counter expired reach the live connection (a sh
   // A TTL of 10 s: a slack of 1 s. The second grant, 700 ms after the first, finds the outbox's
   // TTL within the slack and leaves it; the counter then expires 700 ms before a mark written
   // with the full TTL would.
-  const sender = new Sender();
+  const sender = new RecordingSender(NODE);
   const o = new Outbox(redis, keys, { max: 1000, policy: 'reject', ttlSeconds: 10 });
   o.direct = sender;
   const sid = await sessionOn(NODE);

@@ -1,6 +1,7 @@
 /**
- * Takes a key at most once per `everyMs`: a session's activity (activity.ts), a session's
- * access-token uses for the last-seen check (last-seen.ts). A Map of when each key was last
+ * Takes a key at most once per `everyMs`: a session's activity (auth/activity.ts), a session's
+ * access-token uses for the last-seen check (auth/last-seen.ts), the delivery service's error
+ * lines for keys of another type (delivery/service.ts). A Map of when each key was last
  * taken, oldest first (a key taken again moves to the end), so `prune` stops at the first entry
  * still within the interval; at most `max` keys, the oldest dropped first.
  */
