@@ -21,6 +21,7 @@ import { until, within } from '../helpers/deadline.ts';
 import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 /**
  * `n` devices signed up on the gateway at `url` (their connections pushed to `open`), each with
@@ -211,6 +212,48 @@ test('a periodic check Redis refuses is logged and tried at the next interval: t
   } finally {
     for (const c of devices) c.destroy();
     await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a lost session the periodic check finds while the subscriber's connection answers nothing (its PING times out): kicked session_revoked after the fixed wait, counted lost", async () => {
+  const redis = await startOwnRedis();
+  const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    REDIS_URL: proxy.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_CHECK_MS: '300',
+    GW_REDIS_TIMEOUT_MS: '400',
+  });
+  const devices: GatewayClient[] = [];
+  try {
+    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
+    // Nothing Redis sends the subscriber's connection reaches the node from now on: the PING
+    // the check waits for before kicking (kickGone) is never answered. No end notice is coming
+    // either: the record is lost, not ended.
+    proxy.holdSubscribers();
+    try {
+      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
+      // Before the fixed wait, a PING that failed stopped the check: the connection stayed
+      // bound to a session that no longer exists for as long as the subscriber did not answer.
+      await until(
+        'the device whose session was lost kicked, the subscriber still held',
+        () => kicks.length > 0,
+      );
+    } finally {
+      proxy.release();
+    }
+    assert.deepEqual(kicks, ['session_revoked']);
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1, 'counted lost');
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await proxy.close();
     await redis.remove();
     await dropDeployment(deployment);
   }
