@@ -145,8 +145,12 @@ async function kickGone(
   // connection, and has kicked its connections when the answer comes.
   try {
     await synced();
-  } catch {
+  } catch (e) {
     // The subscriber is away or slow: a notice on the way may still come, for a while.
+    log.warn(
+      { sessions: due.length, waitMs: GONE_NOTICE_GRACE_MS, err: (e as Error).message },
+      "the subscriber's connection did not answer a PING: sessions found gone are kicked after a fixed wait",
+    );
     await new Promise((resolve) => setTimeout(resolve, GONE_NOTICE_GRACE_MS).unref());
   }
   for (const g of due) {

@@ -250,6 +250,15 @@ test("a lost session the periodic check finds while the subscriber's connection 
     assert.deepEqual(kicks, ['session_revoked']);
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1, 'counted lost');
+    const line = await g.waitForLog(
+      (l) =>
+        l.msg ===
+        "the subscriber's connection did not answer a PING: sessions found gone are kicked after a fixed wait",
+      5000,
+      'the failed PING logged',
+    );
+    assert.equal(line.sessions, 1);
+    assert.equal(line.level, 40, 'at warn');
   } finally {
     for (const c of devices) c.destroy();
     await g.stop();
