@@ -238,8 +238,8 @@ test("a lost session the periodic check finds while the subscriber's connection 
     proxy.holdSubscribers();
     try {
       await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
-      // Before the fixed wait, a PING that failed stopped the check: the connection stayed
-      // bound to a session that no longer exists for as long as the subscriber did not answer.
+      // Without the fixed wait, a PING that failed would end the check: the connection would
+      // stay bound to a session that no longer exists for as long as the subscriber did not answer.
       await until(
         'the device whose session was lost kicked, the subscriber still held',
         () => kicks.length > 0,
