@@ -1,9 +1,11 @@
 /**
  * Logins per second through the gateway (argon2id with the production parameters, on the
  * gateway's worker threads) next to the raw argon2id verify rate of this machine measured in the
- * same run (before and after the gateway's storms, the mean), the gateway's event-loop p99 delay during the storm, `resume` (token) logins/s, and `refresh`es/s with their CPU.
+ * same run (a raw window before and after each of `--rounds` login windows: each round against
+ * the two beside it), the gateway's event-loop p99 delay during the storm, `resume` (token)
+ * logins/s, and `refresh`es/s with their CPU.
  *
- *   npm run bench:login -- [--conns 32] [--seconds 5] [--threads <cores>]
+ *   npm run bench:login -- [--conns 32] [--seconds 5] [--rounds 2] [--threads <cores>]
  *
  * Storm mode: logins offered open-loop (at a fixed rate, whatever the answers) at multiples of
  * the raw verify rate measured in the same run, each for `--seconds`; prints how the logins were
@@ -31,6 +33,11 @@ const { values } = benchArgs({
   options: {
     conns: { type: 'int', help: 'connections logging in (default 32; with --storm, 200)' },
     seconds: { type: 'number', default: 5, help: 'seconds per measurement (per storm step)' },
+    rounds: {
+      type: 'int',
+      default: 2,
+      help: 'login windows, each between two raw verify windows (not with --storm)',
+    },
     storm: {
       type: 'number',
       list: true,
@@ -50,14 +57,19 @@ useBuiltGateway();
 const STORM = values.storm;
 const CONNS = values.conns ?? (STORM ? 200 : 32);
 const SECONDS = values.seconds;
+const ROUNDS = values.rounds;
 /** Hash threads of both the raw pool and the gateway (default: one per core, the gateway's default). */
 const THREADS = values.threads ?? availableParallelism();
 const PARAMS = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
 /** The gateway's default GW_HASH_NICE: the raw pool runs its threads at the same priority. */
 const NICE = 10;
 
-/** Verifies/s of a pool like the gateway's, and the CPU (ms) this process spent per verify. */
-async function rawVerify(): Promise<{ rate: number; cpuMs: number }> {
+/**
+ * Verifies/s of a pool like the gateway's, the CPU (ms) this process spent per verify, and the
+ * cores the rest of the machine used meanwhile (an idle gateway, Redis, PostgreSQL, other jobs:
+ * what the pool did not get).
+ */
+async function rawVerify(): Promise<{ rate: number; cpuMs: number; others: number }> {
   const h = new Hasher({ params: PARAMS, threads: THREADS, maxQueue: 1000, nice: NICE });
   const { hash } = await h.hash('correct horse battery');
   let n = 0;
@@ -73,13 +85,17 @@ async function rawVerify(): Promise<{ rate: number; cpuMs: number }> {
   n = 0;
   const t0 = performance.now();
   const cpu0 = ownCpuSeconds();
+  const machine0 = machineBusyMicros() ?? Number.NaN;
   await sleep(SECONDS * 1000);
-  const rate = (n * 1000) / (performance.now() - t0);
-  const cpuMs = ((ownCpuSeconds() - cpu0) * 1000) / n;
+  const seconds = (performance.now() - t0) / 1000;
+  const rate = n / seconds;
+  const own = ownCpuSeconds() - cpu0;
+  const others = ((machineBusyMicros() ?? Number.NaN) - machine0) / 1e6 / seconds - own / seconds;
+  const cpuMs = (own * 1000) / n;
   stop = true;
   await Promise.all(workers);
   await h.close();
-  return { rate, cpuMs };
+  return { rate, cpuMs, others };
 }
 
 /** The raw rate alone (storm mode). */
@@ -271,12 +287,9 @@ async function main(): Promise<void> {
   if (STORM) return stormMode();
   console.log(
     header(
-      `logins: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads`,
+      `logins: ${CONNS} connections, argon2id m=${PARAMS.memoryCost} KiB t=${PARAMS.timeCost} p=1, ${THREADS} hash threads, ${ROUNDS} rounds`,
     ),
   );
-  // The machine is shared: the raw rate is measured before and after the gateway's storms and
-  // the logins are compared with the mean of the two.
-  const rawBefore = await rawVerify();
   // Closed loop with CONNS logins in flight: the pool's admission bound is lifted, so that on a
   // slow or busy machine (an expected wait above GW_HASH_MAX_WAIT_MS) the clients measure the
   // rate instead of spinning on `overloaded` answers (thousands of errors a second that took
@@ -287,8 +300,6 @@ async function main(): Promise<void> {
     GW_HASH_MAX_WAIT_MS: '600000',
     GW_REFRESH_PER_MINUTE: '100000000',
   });
-  let raw = rawBefore.rate;
-  let rawAfter = Number.NaN;
   try {
     const clients = await connectAll(g.tcpUrl, 60000);
     const users: string[] = [];
@@ -301,24 +312,52 @@ async function main(): Promise<void> {
       });
       users.push(username);
     }
-    await eventLoopP99(g.metricsPort); // resets the event-loop histogram
+    // The machine is shared and its speed drifts: the raw rate is measured before and after
+    // each login window (the gateway up and idle beside it, as it is beside the logins), and
+    // each window's logins are compared with the mean of the two raw windows beside it.
+    const raws = [await rawVerify()];
     const pid = g.proc.pid!;
-    const cpu0 = cpuSeconds(pid);
-    const main0 = mainThreadCpuSeconds(pid);
-    const bench0 = ownCpuSeconds();
-    const machine0 = machineBusyMicros() ?? Number.NaN;
-    const login = await storm('login storm', clients, (c, i) =>
-      c.request('login', { username: users[i], password: 'correct horse battery' }),
-    );
-    const loopP99 = await eventLoopP99(g.metricsPort);
-    const loginCpu = cpuSeconds(pid) - cpu0;
-    const logins = login.rate * SECONDS;
-    /** ms of CPU per login: the gateway's main thread, its other threads (hashing), this process (the clients), the whole machine. */
+    const rounds: { rate: number; errors: number; ratio: number; loopDelay: number }[] = [];
+    const used = { logins: 0, gateway: 0, main: 0, bench: 0, machine: 0 };
+    for (let r = 0; r < ROUNDS; r++) {
+      await eventLoopP99(g.metricsPort); // resets the event-loop histogram
+      const cpu0 = cpuSeconds(pid);
+      const main0 = mainThreadCpuSeconds(pid);
+      const bench0 = ownCpuSeconds();
+      const machine0 = machineBusyMicros() ?? Number.NaN;
+      const login = await storm(`login storm ${r + 1}/${ROUNDS}`, clients, (c, i) =>
+        c.request('login', { username: users[i], password: 'correct horse battery' }),
+      );
+      const loop = await eventLoopP99(g.metricsPort);
+      used.logins += login.rate * SECONDS;
+      used.gateway += cpuSeconds(pid) - cpu0;
+      used.main += mainThreadCpuSeconds(pid) - main0;
+      used.bench += ownCpuSeconds() - bench0;
+      used.machine += ((machineBusyMicros() ?? Number.NaN) - machine0) / 1e6;
+      raws.push(await rawVerify());
+      const beside = (raws[r].rate + raws[r + 1].rate) / 2;
+      rounds.push({
+        rate: login.rate,
+        errors: login.errors,
+        ratio: login.rate / beside,
+        loopDelay: loop.delay,
+      });
+    }
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    const median = (xs: number[]) => {
+      const s = [...xs].sort((a, b) => a - b);
+      return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+    };
+    const list = (xs: number[], digits: number) => xs.map((x) => x.toFixed(digits)).join(', ');
+    const raw = mean(raws.map((x) => x.rate));
+    const loginRate = mean(rounds.map((x) => x.rate));
+    const loopWorst = Math.max(...rounds.map((x) => x.loopDelay));
+    /** ms of CPU per login over the rounds: the gateway's main thread, its other threads (hashing), this process (the clients), the whole machine. */
     const perLogin = {
-      main: ((mainThreadCpuSeconds(pid) - main0) * 1000) / logins,
-      gateway: (loginCpu * 1000) / logins,
-      bench: ((ownCpuSeconds() - bench0) * 1000) / logins,
-      machine: ((machineBusyMicros() ?? Number.NaN) - machine0) / 1000 / logins,
+      main: (used.main * 1000) / used.logins,
+      gateway: (used.gateway * 1000) / used.logins,
+      bench: (used.bench * 1000) / used.logins,
+      machine: (used.machine * 1000) / used.logins,
     };
     const sessions = await Promise.all(
       clients.map((c, i) =>
@@ -344,10 +383,6 @@ async function main(): Promise<void> {
     const refreshMainMs = ((mainThreadCpuSeconds(pid) - refreshMain0) * 1000) / refreshes;
     const refreshMachineMs = ((machineBusyMicros() ?? Number.NaN) - refreshMachine0) / 1000 / refreshes;
     for (const c of clients) c.destroy();
-    const after = await rawVerify();
-    rawAfter = after.rate;
-    raw = (rawBefore.rate + rawAfter) / 2;
-    const rawCpuMs = (rawBefore.cpuMs + after.cpuMs) / 2;
     console.log(
       table(
         ['measure', 'per second', 'note'],
@@ -355,20 +390,49 @@ async function main(): Promise<void> {
           [
             'raw argon2id verify (this machine, same pool size)',
             raw,
-            `${THREADS} threads, ${THREADS * 2} in flight; mean of ${rawBefore.rate.toFixed(0)} before and ${rawAfter.toFixed(0)} after`,
+            `${THREADS} threads, ${THREADS * 2} in flight; mean of ${raws.length} windows: ${list(
+              raws.map((x) => x.rate),
+              0,
+            )}`,
+          ],
+          [
+            'other processes during the raw windows (cores)',
+            mean(raws.map((x) => x.others)),
+            `the machine's busy CPU less the raw pool's: ${list(
+              raws.map((x) => x.others),
+              2,
+            )}`,
           ],
           [
             'logins through the gateway',
-            login.rate,
-            `${login.errors} errors; ${(login.rate / raw).toFixed(2)}x of raw`,
+            loginRate,
+            `${rounds.reduce((a, x) => a + x.errors, 0)} errors; rounds ${list(
+              rounds.map((x) => x.rate),
+              0,
+            )}`,
+          ],
+          [
+            'logins / raw (each round against the raw windows beside it)',
+            median(rounds.map((x) => x.ratio)),
+            `median of ${ROUNDS}: ${list(
+              rounds.map((x) => x.ratio),
+              2,
+            )}`,
           ],
           [
             'gateway event-loop delay p99 during the login storm (ms)',
-            loopP99.delay,
-            `scraped nodejs_eventloop_lag_p99 ${loopP99.scraped.toFixed(1)} ms less its 10 ms timer`,
+            loopWorst,
+            `the worst round (${list(
+              rounds.map((x) => x.loopDelay),
+              2,
+            )}): scraped nodejs_eventloop_lag_p99 less its 10 ms timer`,
           ],
-          ['gateway CPU during the login storm (cores)', loginCpu / SECONDS, 'main + hash threads'],
-          ['CPU per raw verify (ms)', rawCpuMs, 'the raw pool, mean of both measurements'],
+          [
+            'gateway CPU during the login storm (cores)',
+            used.gateway / (SECONDS * ROUNDS),
+            'main + hash threads',
+          ],
+          ['CPU per raw verify (ms)', mean(raws.map((x) => x.cpuMs)), 'the raw pool, mean of the windows'],
           [
             'CPU per login: gateway main thread (ms)',
             perLogin.main,
@@ -384,7 +448,7 @@ async function main(): Promise<void> {
           [
             'resume (token) logins through the gateway',
             resume.rate,
-            `${resume.errors} errors; ${(resume.rate / login.rate).toFixed(0)}x of password logins`,
+            `${resume.errors} errors; ${(resume.rate / loginRate).toFixed(0)}x of password logins`,
           ],
           [
             'gateway event-loop delay p99 during the resume storm (ms)',

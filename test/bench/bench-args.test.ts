@@ -61,7 +61,11 @@ const BENCHES: Bench[] = [
     script: 'bench:lists',
     options: ['--online', '--seconds', '--askers', '--account-sessions'],
   },
-  { file: 'bench/load/login.ts', script: 'bench:login', options: ['--conns', '--storm', '--threads'] },
+  {
+    file: 'bench/load/login.ts',
+    script: 'bench:login',
+    options: ['--conns', '--storm', '--threads', '--rounds'],
+  },
   { file: 'bench/load/memory.ts', script: 'bench:memory', options: ['--devices', '--env', '--snapshots'] },
   { file: 'bench/load/peers.ts', script: 'bench:peers', options: ['--devices', '--mqtt', '--seed'] },
   { file: 'bench/load/pipeline.ts', script: 'bench:pipeline', options: ['--window', '--baseline-root'] },
