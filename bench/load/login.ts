@@ -5,7 +5,7 @@
  * the two beside it), the gateway's event-loop p99 delay during the storm, `resume` (token)
  * logins/s, and `refresh`es/s with their CPU.
  *
- *   npm run bench:login -- [--conns 32] [--seconds 5] [--rounds 2] [--threads <cores>]
+ *   npm run bench:login -- [--conns 32] [--seconds 5] [--rounds 3] [--threads <cores>]
  *
  * Storm mode: logins offered open-loop (at a fixed rate, whatever the answers) at multiples of
  * the raw verify rate measured in the same run, each for `--seconds`; prints how the logins were
@@ -35,7 +35,7 @@ const { values } = benchArgs({
     seconds: { type: 'number', default: 5, help: 'seconds per measurement (per storm step)' },
     rounds: {
       type: 'int',
-      default: 2,
+      default: 3,
       help: 'login windows, each between two raw verify windows (not with --storm)',
     },
     storm: {
