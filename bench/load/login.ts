@@ -23,6 +23,7 @@ import { useBuiltGateway } from '../lib/built.ts';
 import { header, table } from '../lib/measure.ts';
 import { machineBusyMicros } from '../lib/proc.ts';
 import { cpuSeconds, mainThreadCpuSeconds, ownCpuSeconds, progress, sleep } from '../lib/procs.ts';
+import { median } from '../lib/stats.ts';
 
 const { values } = benchArgs({
   script: 'bench:login',
@@ -344,10 +345,6 @@ async function main(): Promise<void> {
       });
     }
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-    const median = (xs: number[]) => {
-      const s = [...xs].sort((a, b) => a - b);
-      return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-    };
     const list = (xs: number[], digits: number) => xs.map((x) => x.toFixed(digits)).join(', ');
     const raw = mean(raws.map((x) => x.rate));
     const loginRate = mean(rounds.map((x) => x.rate));
