@@ -1259,15 +1259,14 @@ export class Outbox {
     ];
     // The expiry index names events by session: re-key the moved ones.
     const p = this.redis.pipeline();
-    if (unreadable && unreadable.length > 0) {
-      const eids = unreadable.map(String);
-      for (const eid of eids) p.zrem(this.keys.expiries, `${from}|${eid}`);
-      this.onUnreadable?.(from, eids);
-    }
-    if (unreadableNew && unreadableNew.length > 0) {
-      const eids = unreadableNew.map(String);
-      for (const eid of eids) p.zrem(this.keys.expiries, `${to}|${eid}`);
-      this.onUnreadable?.(to, eids);
+    for (const [sid, found] of [
+      [from, unreadable],
+      [to, unreadableNew],
+    ] as const) {
+      if (!found || found.length === 0) continue;
+      const eids = found.map(String);
+      for (const eid of eids) p.zrem(this.keys.expiries, `${sid}|${eid}`);
+      this.onUnreadable?.(sid, eids);
     }
     for (let i = 0; i < moved.length; i += 2) {
       const expiry = moved[i + 1];

@@ -78,18 +78,16 @@ for a = 1, #A, 3 do
     local live, gone, failed = {}, nil, nil
     for _, sid in ipairs(sids) do
       local node = nodeFor(sid)
-      if type(node) == 'table' then
-        -- Counted, not sent: named after the caller's own sessions.
+      if node then
         live[#live + 1] = sid
         r[1] = r[1] + 1
-        r[3] = r[3] + 1
-        failed = failed or {}
-        failed[#failed + 1] = sid
-        failed[#failed + 1] = node[1]
-      elseif node then
-        live[#live + 1] = sid
-        r[1] = r[1] + 1
-        if node ~= '' then
+        if type(node) == 'table' then
+          -- Counted, not sent: named after the caller's own sessions.
+          r[3] = r[3] + 1
+          failed = failed or {}
+          failed[#failed + 1] = sid
+          failed[#failed + 1] = node[1]
+        elseif node ~= '' then
           r[2] = r[2] + 1
           if node == me then
             r[#r + 1] = sid
