@@ -93,6 +93,30 @@ const GONE_NOTICE_GRACE_MS = 1000;
 const ending = new WeakMap<Connection, KickNotice | undefined>();
 
 /**
+ * Connections with a login, `otp.verify` or `resume` under way, and how many: each binds the
+ * connection to a session when it is done, and a login with the connection's own device id
+ * ends the session the connection is bound to first (its takeover). The look for sessions found
+ * gone leaves them alone (kickGone): an activity write of the request that found the old
+ * session already ended would otherwise kick the connection (`session_takeover`) before the
+ * bind, and the login's answer was lost with it (`internal`). Once done, the connection is bound
+ * to the new session; one whose request failed is still bound to the gone one, which the next
+ * look finds.
+ */
+const binding = new WeakMap<Connection, number>();
+
+/** Runs `op` with `conn` counted in `binding`. */
+async function whileBinding<T>(conn: Connection, op: () => Promise<T>): Promise<T> {
+  binding.set(conn, (binding.get(conn) ?? 0) + 1);
+  try {
+    return await op();
+  } finally {
+    const n = (binding.get(conn) ?? 1) - 1;
+    if (n === 0) binding.delete(conn);
+    else binding.set(conn, n);
+  }
+}
+
+/**
  * Kicks connections whose session record is gone from Redis, as the session's end notice would
  * have: `session_takeover` if the device key now names another session, else `session_revoked`.
  * A session still in the index of expiries ran out and is not yet swept: the sweep ends it,
@@ -121,7 +145,7 @@ async function kickGone(
   // The connection has gone, been kicked (its end notice came) or moved to another session
   // meanwhile. Or it is ending its session itself, and is answered instead.
   const bound = ({ conn, session }: (typeof gone)[number]) =>
-    conn.session === session && conn.state < ConnState.closing && !ending.has(conn);
+    conn.session === session && conn.state < ConnState.closing && !ending.has(conn) && !binding.has(conn);
   const due: { conn: Connection; session: NonNullable<Connection['session']>; code: KickNotice['code'] }[] =
     [];
   for (let i = 0; i < gone.length; i += 1000) {
@@ -468,20 +492,26 @@ export async function createAuthModule(
       // Requests that hash are refused before any other work while the hash pool is full (the
       // identity service asks the pool first).
       gateway.handle('register', (conn, m: Msg) => operations.register(m as never, ctx(conn)));
-      gateway.handle('login', async (conn, m: Msg) =>
-        bind(gateway, conn, await operations.login(m as never, ctx(conn)), true),
+      gateway.handle('login', (conn, m: Msg) =>
+        whileBinding(conn, async () =>
+          bind(gateway, conn, await operations.login(m as never, ctx(conn)), true),
+        ),
       );
-      gateway.handle('resume', async (conn, m: Msg) =>
-        bind(gateway, conn, await service.resume(m as never, ctx(conn)), false),
+      gateway.handle('resume', (conn, m: Msg) =>
+        whileBinding(conn, async () =>
+          bind(gateway, conn, await service.resume(m as never, ctx(conn)), false),
+        ),
       );
-      gateway.handle('otp.verify', async (conn, m: Msg) => {
-        const grant = await service.otpVerify(m as never, {
-          ...ctx(conn),
-          ...(m.device ? { device: m.device as Device } : {}),
-        });
-        relay.kick();
-        return bind(gateway, conn, grant, true);
-      });
+      gateway.handle('otp.verify', (conn, m: Msg) =>
+        whileBinding(conn, async () => {
+          const grant = await service.otpVerify(m as never, {
+            ...ctx(conn),
+            ...(m.device ? { device: m.device as Device } : {}),
+          });
+          relay.kick();
+          return bind(gateway, conn, grant, true);
+        }),
+      );
       gateway.handle('refresh', (conn, m: Msg) => service.refresh(m as never, ctx(conn)));
       gateway.handle('validate', (_conn, m: Msg) => operations.validate(m as never));
       gateway.handle('otp.request', (conn, m: Msg) => service.otpRequest(m as never, ctx(conn)));

@@ -18,9 +18,10 @@ import type { GatewayClient, Session } from '../../client/client.ts';
 import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
-import { deploymentEnv, dropDeployment, startGateway } from '../helpers/gateway-process.ts';
+import { deploymentEnv, dropDeployment, SLOW_HASH_ENV, startGateway } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
 import { startOwnRedis } from '../helpers/own-redis.ts';
+import { monitor } from '../helpers/redis-monitor.ts';
 import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 /**
@@ -263,6 +264,67 @@ test("a lost session the periodic check finds while the subscriber's connection 
     for (const c of devices) c.destroy();
     await g.stop();
     await proxy.close();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test('a lost session found while its connection logs in again is left to the login: the connection is not kicked, and the login binds it to its new session', async () => {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    ...SLOW_HASH_ENV,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_CHECK_MS: '200',
+  });
+  const devices: GatewayClient[] = [];
+  try {
+    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
+    const c = devices[0];
+    const hash = `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`;
+    // The login (its password hashed for about a second) is under way when the check looks.
+    let answered = false;
+    const login = c.request<Session>('login', { username: s.username, password: PASSWORD }).finally(() => {
+      answered = true;
+    });
+    await until(
+      'the login hashing',
+      async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') === 1,
+    );
+    const watch = await monitor(redis.port);
+    try {
+      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
+      await until('the check looked at the lost session', () =>
+        watch.seen.some((x) => x.command === 'exists' && x.args[0] === hash),
+      );
+    } finally {
+      await watch.stop();
+    }
+    assert.equal(answered, false, 'the check looked while the login was under way');
+    // Before, the check kicked the connection session_revoked here, and the login's answer was
+    // lost with it (a login with the connection's own device id, whose takeover had just ended
+    // the session, met the same from its activity write: session_takeover, answered internal).
+    const s2 = await within('the login', login);
+    assert.notEqual(s2.sessionId, s.sessionId);
+    assert.deepEqual(kicks, []);
+    assert.ok(c.isOpen, 'the connection open');
+    const { sessions } = await within(
+      'its sessions',
+      c.request<{ sessions: { sessionId: string; current: boolean }[] }>('sessions'),
+    );
+    assert.deepEqual(
+      sessions.filter((x) => x.current).map((x) => x.sessionId),
+      [s2.sessionId],
+      'bound to the new session',
+    );
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 0, 'no connection kicked as lost');
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
     await redis.remove();
     await dropDeployment(deployment);
   }
