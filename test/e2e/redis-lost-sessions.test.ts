@@ -218,7 +218,7 @@ test('a periodic check Redis refuses is logged and tried at the next interval: t
   }
 });
 
-test("a lost session the periodic check finds while the subscriber's connection answers nothing (its PING times out): kicked session_revoked after the fixed wait, counted lost", async () => {
+test("twenty lost sessions the periodic check finds while the subscriber's connection answers nothing (its PING times out): each kicked session_revoked after the fixed wait, counted lost", async () => {
   const redis = await startOwnRedis();
   const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
   const deployment = deploymentEnv();
@@ -232,25 +232,37 @@ test("a lost session the periodic check finds while the subscriber's connection 
   });
   const devices: GatewayClient[] = [];
   try {
-    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
+    const N = 20;
+    const signed = await signedUp(g.tcpUrl, N, devices);
+    const kicks = signed.map((d) => d.kicks);
     // Nothing Redis sends the subscriber's connection reaches the node from now on: the PING
     // the check waits for before kicking (kickGone) is never answered. No end notice is coming
     // either: the record is lost, not ended.
     proxy.holdSubscribers();
     try {
-      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
-      // Without the fixed wait, a PING that failed would end the check: the connection would
-      // stay bound to a session that no longer exists for as long as the subscriber did not answer.
-      await until(
-        'the device whose session was lost kicked, the subscriber still held',
-        () => kicks.length > 0,
+      await redis.with((r) =>
+        lose(
+          r,
+          deployment.GW_REDIS_PREFIX,
+          signed.map((d) => d.session.sessionId),
+        ),
+      );
+      // Without the fixed wait, a PING that failed would end the check: the connections would
+      // stay bound to sessions that no longer exist for as long as the subscriber did not answer.
+      await until('every device whose session was lost kicked, the subscriber still held', () =>
+        kicks.every((k) => k.length > 0),
       );
     } finally {
       proxy.release();
     }
-    assert.deepEqual(kicks, ['session_revoked']);
+    // Time for a second kick to come (the subscriber answers again): none is kicked twice.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    assert.deepEqual(
+      kicks.map((k) => k.join()),
+      kicks.map(() => 'session_revoked'),
+    );
     const m = await scrapeMetrics(g.metricsPort);
-    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1, 'counted lost');
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), N, 'counted lost');
     const line = await g.waitForLog(
       (l) =>
         l.msg ===
@@ -258,7 +270,7 @@ test("a lost session the periodic check finds while the subscriber's connection 
       5000,
       'the failed PING logged',
     );
-    assert.equal(line.sessions, 1);
+    assert.equal(line.sessions, N, 'one line for the check that found them all');
     assert.equal(line.level, 40, 'at warn');
   } finally {
     for (const c of devices) c.destroy();
@@ -322,6 +334,62 @@ test('a lost session found while its connection logs in again is left to the log
     );
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 0, 'no connection kicked as lost');
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test('a lost session found while its connection logs in with a wrong password: the failed login leaves the connection bound to the gone session, and the next check kicks it session_revoked', async () => {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    ...SLOW_HASH_ENV,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_CHECK_MS: '200',
+  });
+  const devices: GatewayClient[] = [];
+  try {
+    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
+    const c = devices[0];
+    const hash = `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`;
+    let answered = false;
+    const login = c
+      .request<Session>('login', { username: s.username, password: `${PASSWORD}!` })
+      .then(
+        () => 'logged in',
+        (e: { code?: string }) => e.code,
+      )
+      .finally(() => {
+        answered = true;
+      });
+    await until(
+      'the login hashing',
+      async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') === 1,
+    );
+    const watch = await monitor(redis.port);
+    try {
+      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
+      await until('the check looked at the lost session', () =>
+        watch.seen.some((x) => x.command === 'exists' && x.args[0] === hash),
+      );
+    } finally {
+      await watch.stop();
+    }
+    assert.equal(answered, false, 'the check looked while the login was under way');
+    assert.equal(kicks.length, 0, 'not kicked while the login was under way');
+    assert.equal(await within('the login', login), 'invalid_credentials');
+    // Nothing bound the connection to another session: a later check finds it bound to the
+    // gone one. (Were it left out of the checks for good, it would stay open and deaf.)
+    await until('the connection kicked after its failed login', () => kicks.length > 0);
+    assert.deepEqual(kicks, ['session_revoked']);
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1, 'counted lost once');
   } finally {
     for (const c of devices) c.destroy();
     await g.stop();
