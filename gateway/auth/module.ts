@@ -99,10 +99,24 @@ const ending = new WeakMap<Connection, KickNotice | undefined>();
  * gone leaves them alone (kickGone): an activity write of the request that found the old
  * session already ended would otherwise kick the connection (`session_takeover`) before the
  * bind, and the login's answer was lost with it (`internal`). Once done, the connection is bound
- * to the new session; one whose request failed is still bound to the gone one, which the next
- * look finds.
+ * to the new session; one whose request failed is still bound to the gone one, and is kicked
+ * then (`passedOver`).
  */
 const binding = new WeakMap<Connection, number>();
+
+/**
+ * Connections a look found bound to a gone session while they were in `binding`: the session
+ * they were found bound to, and their kick. The first of their requests to end kicks them if
+ * they are still bound to that session (the request failed: a wrong password, a refusal), once
+ * its answer is sent, so
+ * that a device whose session is gone cannot keep the session's connection by keeping a login
+ * under way, and one whose login failed is not left to the next look (with the periodic check
+ * off, a device that sends nothing more would never be looked at again).
+ */
+const passedOver = new WeakMap<
+  Connection,
+  { session: NonNullable<Connection['session']>; kick: () => void }
+>();
 
 /** Runs `op` with `conn` counted in `binding`. */
 async function whileBinding<T>(conn: Connection, op: () => Promise<T>): Promise<T> {
@@ -113,6 +127,16 @@ async function whileBinding<T>(conn: Connection, op: () => Promise<T>): Promise<
     const n = (binding.get(conn) ?? 1) - 1;
     if (n === 0) binding.delete(conn);
     else binding.set(conn, n);
+    const passed = passedOver.get(conn);
+    if (passed) {
+      passedOver.delete(conn);
+      // After the request's answer is sent (it settles once this returns): a kick now would close
+      // the connection before it, and the device would not learn that its login failed.
+      setImmediate(() => {
+        if (conn.session === passed.session && conn.state < ConnState.closing && !ending.has(conn))
+          passed.kick();
+      });
+    }
   }
 }
 
@@ -144,8 +168,10 @@ async function kickGone(
 ): Promise<void> {
   // The connection has gone, been kicked (its end notice came) or moved to another session
   // meanwhile. Or it is ending its session itself, and is answered instead.
+  // One with a login, otp.verify or resume under way is passed over: the request's end kicks it
+  // if it is still bound to the session then (whileBinding).
   const bound = ({ conn, session }: (typeof gone)[number]) =>
-    conn.session === session && conn.state < ConnState.closing && !ending.has(conn) && !binding.has(conn);
+    conn.session === session && conn.state < ConnState.closing && !ending.has(conn);
   const due: { conn: Connection; session: NonNullable<Connection['session']>; code: KickNotice['code'] }[] =
     [];
   for (let i = 0; i < gone.length; i += 1000) {
@@ -179,9 +205,20 @@ async function kickGone(
   }
   for (const g of due) {
     if (!bound(g)) continue;
-    log.info({ conn: g.conn.id, sessionId: g.session.sessionId, code: g.code }, msg);
-    kicked();
-    g.conn.kick(g.code, KICK_MESSAGE[g.code]);
+    const kick = (fields: Record<string, unknown>) => {
+      log.info({ conn: g.conn.id, sessionId: g.session.sessionId, code: g.code, ...fields }, msg);
+      kicked();
+      g.conn.kick(g.code, KICK_MESSAGE[g.code]);
+    };
+    if (binding.has(g.conn)) {
+      log.info(
+        { conn: g.conn.id, sessionId: g.session.sessionId },
+        "session gone while its connection's login, otp.verify or resume is under way: left to that request",
+      );
+      passedOver.set(g.conn, { session: g.session, kick: () => kick({ afterRequest: true }) });
+      continue;
+    }
+    kick({});
   }
 }
 

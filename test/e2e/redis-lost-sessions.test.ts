@@ -342,7 +342,7 @@ test('a lost session found while its connection logs in again is left to the log
   }
 });
 
-test('a lost session found while its connection logs in with a wrong password: the failed login leaves the connection bound to the gone session, and the next check kicks it session_revoked', async () => {
+test('a lost session the periodic check finds while its connection logs in with a wrong password: the failed login leaves the connection bound to the gone session, and it is kicked session_revoked', async () => {
   const redis = await startOwnRedis();
   const deployment = deploymentEnv();
   const g = await startGateway({
@@ -384,12 +384,74 @@ test('a lost session found while its connection logs in with a wrong password: t
     assert.equal(answered, false, 'the check looked while the login was under way');
     assert.equal(kicks.length, 0, 'not kicked while the login was under way');
     assert.equal(await within('the login', login), 'invalid_credentials');
-    // Nothing bound the connection to another session: a later check finds it bound to the
-    // gone one. (Were it left out of the checks for good, it would stay open and deaf.)
+    // Nothing bound the connection to another session: it is still bound to the gone one, and
+    // kicked. (Were it left out of the checks for good, it would stay open and deaf.)
     await until('the connection kicked after its failed login', () => kicks.length > 0);
     assert.deepEqual(kicks, ['session_revoked']);
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="check"}'), 1, 'counted lost once');
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
+
+test("a lost session found by an activity write while its connection's login is under way, no periodic check: the login fails and its end kicks the connection session_revoked", async () => {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    ...SLOW_HASH_ENV,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_ACTIVITY_MS: '200',
+    // Only activity writes look: a connection left bound to a gone session after its login is
+    // not found again unless its device sends another request.
+    GW_SESSION_CHECK_MS: '0',
+  });
+  const devices: GatewayClient[] = [];
+  try {
+    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
+    const c = devices[0];
+    // Lost before the login: the login's own activity (taken when it starts, written within
+    // the throttle) finds it gone while the password hashes (about a second).
+    await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
+    let answered = false;
+    const login = c
+      .request<Session>('login', { username: s.username, password: `${PASSWORD}!` })
+      .then(
+        () => 'logged in',
+        (e: { code?: string }) => e.code,
+      )
+      .finally(() => {
+        answered = true;
+      });
+    const passed = await g.waitForLog(
+      (l) =>
+        l.msg ===
+          "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
+        l.sessionId === s.sessionId,
+      20000,
+      'the connection left to its login',
+    );
+    assert.equal(passed.level, 30);
+    assert.equal(answered, false, 'found while the login was under way');
+    assert.deepEqual(kicks, [], 'not kicked while the login was under way');
+    assert.equal(await within('the login', login), 'invalid_credentials');
+    // The device sends nothing more, and no check runs: only the login's end can kick it.
+    await until('the connection kicked at the end of its failed login', () => kicks.length > 0);
+    assert.deepEqual(kicks, ['session_revoked']);
+    const kicked = await g.waitForLog(
+      (l) => l.msg === 'session gone, found by its activity' && l.sessionId === s.sessionId,
+      5000,
+      'the kick logged',
+    );
+    assert.equal(kicked.afterRequest, true);
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), 1, 'counted lost once');
   } finally {
     for (const c of devices) c.destroy();
     await g.stop();
