@@ -106,12 +106,11 @@ const binding = new WeakMap<Connection, number>();
 
 /**
  * Connections a look found bound to a gone session while they were in `binding`: the session
- * they were found bound to, and their kick. The first of their requests to end kicks them if
- * they are still bound to that session (the request failed: a wrong password, a refusal), once
- * its answer is sent, so
- * that a device whose session is gone cannot keep the session's connection by keeping a login
- * under way, and one whose login failed is not left to the next look (with the periodic check
- * off, a device that sends nothing more would never be looked at again).
+ * they were found bound to, and their kick. The first of their requests to end kicks them, once
+ * its answer is sent, if they are still bound to that session (the request failed: a wrong
+ * password, a refusal), so that a device whose session is gone cannot keep the session's
+ * connection by keeping a login under way, and one whose login failed is not left to the next
+ * look (with the periodic check off, a device that sends nothing more is never looked at again).
  */
 const passedOver = new WeakMap<
   Connection,
