@@ -23,6 +23,7 @@ import {
   pack,
   parseServerMessage,
   parseWelcome,
+  SEAL_OVERHEAD,
   type SessionData,
   selectBackend,
   serverError,
@@ -523,7 +524,12 @@ export class GatewayClient extends EventEmitter {
     }
   }
 
-  /** Sends a request and resolves with the `ok` data; rejects with the server's ProtocolError. */
+  /**
+   * Sends a request and resolves with the `ok` data; rejects with the server's ProtocolError.
+   * A request whose frame would be larger than the server reads (`welcome`'s `max`) is not sent:
+   * it rejects with `frame_too_large` (not fatal), and the connection goes on. Sent, it would be
+   * the server's fatal `frame_too_large`, the connection closed with every request on it.
+   */
   request<T = Record<string, unknown>>(
     type: string,
     fields: Record<string, unknown> = {},
@@ -531,6 +537,17 @@ export class GatewayClient extends EventEmitter {
   ): Promise<T> {
     if (!this.connected || !this.channel) return Promise.reject(new Error('not connected'));
     const id = this.nextId++;
+    const plain = pack({ ...fields, type, id });
+    const max = this.welcome?.max;
+    if (max !== undefined && plain.length + SEAL_OVERHEAD > max) {
+      return Promise.reject(
+        new ProtocolError(
+          'frame_too_large',
+          `the ${type} request's frame would be ${plain.length + SEAL_OVERHEAD} bytes; the server reads at most ${max}: not sent`,
+          { fatal: false },
+        ),
+      );
+    }
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(
         () => {
@@ -558,7 +575,8 @@ export class GatewayClient extends EventEmitter {
         },
         timer,
       });
-      this.sendMessage({ ...fields, type, id });
+      if (!this.wire) throw new Error('not connected');
+      this.wire.write(this.channel!.sealBytes(plain));
     });
   }
 

@@ -11,6 +11,9 @@ import { IV_BYTES, TAG_BYTES } from './crypto/backend.ts';
 import { ProtocolError } from './errors.ts';
 import type { SessionKeys } from './handshake.ts';
 
+/** Bytes a seal adds to its plaintext: the frame body is iv ‖ ciphertext ‖ tag (PROTOCOL.md §3). */
+export const SEAL_OVERHEAD = IV_BYTES + TAG_BYTES;
+
 /** PROTOCOL.md §3: no key is used for more than 2^32 frames. */
 export const MAX_FRAMES_PER_KEY = 2 ** 32;
 

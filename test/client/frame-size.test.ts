@@ -2,12 +2,16 @@
  * `welcome`'s `max` bounds what the server reads, not what it sends (docs/PROTOCOL.md §8): a
  * back end's event larger than it reaches a client with the library's default limit, over TCP
  * and WebSocket alike, and `maxFrameBytes` below the event's size closes the connection on both
- * transports (before, a WebSocket client took any size whatever its `maxFrameBytes`).
+ * transports (before, a WebSocket client took any size whatever its `maxFrameBytes`). The other
+ * way, a request whose frame would pass `max` is refused by the library before it is sent, and the
+ * connection goes on (sent, it was the server's fatal `frame_too_large`: the connection closed,
+ * the request and every other one on it rejected `internal`, "connection closed").
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { GatewayClient } from '../../client/client.ts';
+import { ProtocolError } from '../../protocol/index.ts';
 import { signUp } from '../helpers/accounts.ts';
 import { nextEvent, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
@@ -69,5 +73,29 @@ for (const transport of ['tcp', 'ws'] as const) {
       d.got.find((x) => x.eid === eid),
       undefined,
     );
+  });
+
+  test(`over ${transport}: a request whose frame would pass welcome's max is refused by the library, not sent; the connection goes on`, async () => {
+    const d = await device(url());
+    let closed = false;
+    d.c.on('close', () => {
+      closed = true;
+    });
+    // 70,000 characters of body: past 65,536 once packed and sealed, whatever the request.
+    const refused = await within(
+      'the refusal',
+      d.c.request('say', { room: '#fs', body: 'y'.repeat(70_000) }).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+    );
+    assert.ok(refused instanceof ProtocolError, `a ProtocolError: ${String(refused)}`);
+    assert.equal(refused.code, 'frame_too_large');
+    assert.equal(refused.fatal, false);
+    assert.match(refused.message, /at most 65536: not sent/);
+    // The next request is sent and answered, on the same connection.
+    await within('a request after it', d.c.request('rooms'));
+    assert.equal(closed, false, 'the connection still open');
+    assert.ok(d.c.isOpen, 'isOpen');
   });
 }
