@@ -422,7 +422,7 @@ export class DeliveryService {
       ),
       payloadsLost: counter(
         'payload_lost',
-        "Events an outbox pump, a retry, a take (dead letters, a purge) or a takeover's move found in a session's index without their payload (the hash entry gone: an eviction under a maxmemory-policy other than noeviction, a key deleted apart from its index, a write that failed part-way): removed from the outbox, never delivered nor reported. Logged at error with the session and the eids.",
+        "Events an outbox pump, a retry, a take (dead letters, a purge) or a takeover's move found in a session's index without their payload (the hash entry gone: an eviction under a maxmemory-policy other than noeviction, a key deleted apart from its index, a write that failed part-way): removed from the outbox, never delivered nor reported (one whose ack came, with a receipt asked for, was delivered; its receipt is not reported). Logged at error with the session and the eids.",
       ),
     };
     deps.outbox.onUnreadable = (sid, eids) => this.payloadsLost(sid, eids);
