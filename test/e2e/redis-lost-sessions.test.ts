@@ -288,13 +288,17 @@ test("twenty lost sessions the periodic check finds while the subscriber's conne
 });
 
 /**
- * A gateway on a private Redis with a slow hash (about a second) and a periodic check every
- * 200 ms, a signed-up device, and a login of it with `password` under way when its session is
- * lost and the check reads it gone (seen by MONITOR). `then` is given the device and the login,
- * which resolves with the new session or the error's code.
+ * A gateway on a private Redis with a slow hash (about a second), a signed-up device, and a
+ * login of it with `password` under way when a find reads its session gone: by `check`, the
+ * periodic check every 200 ms, the session lost once the login hashes (the check's read seen by
+ * MONITOR); by `activity`, no periodic check and the session lost before the login, whose own
+ * activity write (taken when it starts, written within 200 ms) finds it gone (the connection
+ * passed over, logged). `then` is given the device and the login, which resolves with the new
+ * session or the error's code.
  */
 async function lostDuringLogin(
   password: string,
+  foundBy: 'check' | 'activity',
   then: (x: {
     g: GatewayProcess;
     c: GatewayClient;
@@ -311,13 +315,18 @@ async function lostDuringLogin(
     REDIS_URL: redis.url,
     GW_DEFAULT_ROOM: '',
     GW_REGISTER_PER_MINUTE: '1000',
-    GW_SESSION_CHECK_MS: '200',
+    ...(foundBy === 'check'
+      ? { GW_SESSION_CHECK_MS: '200' }
+      : // Only activity writes look: a connection left bound to a gone session after its login
+        // is not found again unless its device sends another request.
+        { GW_SESSION_ACTIVITY_MS: '200', GW_SESSION_CHECK_MS: '0' }),
   });
   const devices: GatewayClient[] = [];
   try {
     const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
     const c = devices[0];
-    const hash = `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`;
+    const lost = () => redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
+    if (foundBy === 'activity') await lost();
     let answered = false;
     const login = c
       .request<Session>('login', { username: s.username, password })
@@ -325,20 +334,33 @@ async function lostDuringLogin(
       .finally(() => {
         answered = true;
       });
-    await until(
-      'the login hashing',
-      async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') === 1,
-    );
-    const watch = await monitor(redis.port);
-    try {
-      await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
-      await until('the check looked at the lost session', () =>
-        watch.seen.some((x) => x.command === 'exists' && x.args[0] === hash),
+    if (foundBy === 'check') {
+      const hash = `${deployment.GW_REDIS_PREFIX}{s:${s.sessionId}}:sess`;
+      await until(
+        'the login hashing',
+        async () => (await scrapeMetrics(g.metricsPort)).value('gateway_hash_jobs') === 1,
       );
-    } finally {
-      await watch.stop();
+      const watch = await monitor(redis.port);
+      try {
+        await lost();
+        await until('the check looked at the lost session', () =>
+          watch.seen.some((x) => x.command === 'exists' && x.args[0] === hash),
+        );
+      } finally {
+        await watch.stop();
+      }
+    } else {
+      const passed = await g.waitForLog(
+        (l) =>
+          l.msg ===
+            "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
+          l.sessionId === s.sessionId,
+        20000,
+        'the connection left to its login',
+      );
+      assert.equal(passed.level, 30);
     }
-    assert.equal(answered, false, 'the check looked while the login was under way');
+    assert.equal(answered, false, 'found while the login was under way');
     assert.deepEqual(kicks, [], 'not kicked while the login was under way');
     await then({ g, c, kicks, old: s, login });
   } finally {
@@ -350,7 +372,7 @@ async function lostDuringLogin(
 }
 
 test('a lost session found while its connection logs in again is left to the login: the connection is not kicked, and the login binds it to its new session', async () => {
-  await lostDuringLogin(PASSWORD, async ({ g, c, kicks, old, login }) => {
+  await lostDuringLogin(PASSWORD, 'check', async ({ g, c, kicks, old, login }) => {
     // Before, the check kicked the connection session_revoked here, and the login's answer was
     // lost with it (a login with the connection's own device id, whose takeover had just ended
     // the session, met the same from its activity write: session_takeover, answered internal).
@@ -374,7 +396,7 @@ test('a lost session found while its connection logs in again is left to the log
 });
 
 test('a lost session the periodic check finds while its connection logs in with a wrong password: the failed login leaves the connection bound to the gone session, and it is kicked session_revoked', async () => {
-  await lostDuringLogin(`${PASSWORD}!`, async ({ g, kicks, login }) => {
+  await lostDuringLogin(`${PASSWORD}!`, 'check', async ({ g, kicks, login }) => {
     assert.equal(await within('the login', login), 'invalid_credentials');
     // Nothing bound the connection to another session: it is still bound to the gone one, and
     // kicked. (Were it left out of the checks for good, it would stay open and deaf.)
@@ -386,63 +408,18 @@ test('a lost session the periodic check finds while its connection logs in with 
 });
 
 test("a lost session found by an activity write while its connection's login is under way, no periodic check: the login fails and its end kicks the connection session_revoked", async () => {
-  const redis = await startOwnRedis();
-  const deployment = deploymentEnv();
-  const g = await startGateway({
-    ...deployment,
-    ...SLOW_HASH_ENV,
-    REDIS_URL: redis.url,
-    GW_DEFAULT_ROOM: '',
-    GW_REGISTER_PER_MINUTE: '1000',
-    GW_SESSION_ACTIVITY_MS: '200',
-    // Only activity writes look: a connection left bound to a gone session after its login is
-    // not found again unless its device sends another request.
-    GW_SESSION_CHECK_MS: '0',
-  });
-  const devices: GatewayClient[] = [];
-  try {
-    const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
-    const c = devices[0];
-    // Lost before the login: the login's own activity (taken when it starts, written within
-    // the throttle) finds it gone while the password hashes (about a second).
-    await redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
-    let answered = false;
-    const login = c
-      .request<Session>('login', { username: s.username, password: `${PASSWORD}!` })
-      .then(
-        () => 'logged in',
-        (e: { code?: string }) => e.code,
-      )
-      .finally(() => {
-        answered = true;
-      });
-    const passed = await g.waitForLog(
-      (l) =>
-        l.msg ===
-          "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
-        l.sessionId === s.sessionId,
-      20000,
-      'the connection left to its login',
-    );
-    assert.equal(passed.level, 30);
-    assert.equal(answered, false, 'found while the login was under way');
-    assert.deepEqual(kicks, [], 'not kicked while the login was under way');
+  await lostDuringLogin(`${PASSWORD}!`, 'activity', async ({ g, kicks, old, login }) => {
     assert.equal(await within('the login', login), 'invalid_credentials');
     // The device sends nothing more, and no check runs: only the login's end can kick it.
     await until('the connection kicked at the end of its failed login', () => kicks.length > 0);
     assert.deepEqual(kicks, ['session_revoked']);
     const kicked = await g.waitForLog(
-      (l) => l.msg === 'session gone, found by its activity' && l.sessionId === s.sessionId,
+      (l) => l.msg === 'session gone, found by its activity' && l.sessionId === old.sessionId,
       5000,
       'the kick logged',
     );
     assert.equal(kicked.afterRequest, true);
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), 1, 'counted lost once');
-  } finally {
-    for (const c of devices) c.destroy();
-    await g.stop();
-    await redis.remove();
-    await dropDeployment(deployment);
-  }
+  });
 });
