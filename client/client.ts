@@ -537,7 +537,13 @@ export class GatewayClient extends EventEmitter {
   ): Promise<T> {
     if (!this.connected || !this.channel) return Promise.reject(new Error('not connected'));
     const id = this.nextId++;
-    const plain = pack({ ...fields, type, id });
+    let plain: Buffer;
+    try {
+      plain = pack({ ...fields, type, id });
+    } catch (e) {
+      // (A BigInt past 64 bits, say: rejected, as when the pack was inside the promise.)
+      return Promise.reject(e);
+    }
     const max = this.welcome?.max;
     if (max !== undefined && plain.length + SEAL_OVERHEAD > max) {
       return Promise.reject(

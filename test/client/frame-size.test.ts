@@ -93,6 +93,12 @@ for (const transport of ['tcp', 'ws'] as const) {
     assert.equal(refused.code, 'frame_too_large');
     assert.equal(refused.fatal, false);
     assert.match(refused.message, /at most 65536: not sent/);
+    // Fields that cannot be packed reject the request, as before; nothing is sent either.
+    await assert.rejects(
+      d.c.request('say', { room: '#fs', body: 2n ** 70n }),
+      /too large to fit in MessagePack/,
+      'a BigInt past 64 bits',
+    );
     // The next request is sent and answered, on the same connection.
     await within('a request after it', d.c.request('rooms'));
     assert.equal(closed, false, 'the connection still open');
