@@ -145,6 +145,9 @@ interface Wire {
   destroy(): void;
 }
 
+/** An `ack` map's bytes besides its eids, packed: the map, `type`, `ack`, `eids` and the array's header, rounded up. */
+const ACK_FRAME_BASE = 24;
+
 /** `ClientOptions.maxFrameBytes` when not given: 16 MiB. */
 const DEFAULT_MAX_SERVER_FRAME = 16 * 1024 * 1024;
 
@@ -667,8 +670,28 @@ export class GatewayClient extends EventEmitter {
     this.wire.write(this.channel.seal(message));
   }
 
+  /**
+   * Acks `eids`, in as many frames as the protocol's bounds take: at most MAX_ACK_EIDS eids a
+   * frame, and no frame larger than the server reads (`welcome`'s `max`: long eids, or a gateway
+   * whose `GW_MAX_FRAME` is low, would otherwise make an ack the server's fatal
+   * `frame_too_large`, and every event it acked come again on the next connection).
+   */
   ack(eids: string[]): void {
-    if (this.connected) this.sendMessage({ type: 'ack', eids });
+    if (!this.connected) return;
+    const max = (this.welcome?.max ?? Number.POSITIVE_INFINITY) - SEAL_OVERHEAD;
+    let from = 0;
+    let bytes = ACK_FRAME_BASE;
+    for (let i = 0; i < eids.length; i++) {
+      // A MessagePack string: its bytes and a header of 1 to 3 bytes (eids are at most 128).
+      const size = Buffer.byteLength(eids[i]) + 3;
+      if (i > from && (i - from === MAX_ACK_EIDS || bytes + size > max)) {
+        this.sendMessage({ type: 'ack', eids: eids.slice(from, i) });
+        from = i;
+        bytes = ACK_FRAME_BASE;
+      }
+      bytes += size;
+    }
+    if (from < eids.length) this.sendMessage({ type: 'ack', eids: from === 0 ? eids : eids.slice(from) });
   }
 
   /**
@@ -683,7 +706,7 @@ export class GatewayClient extends EventEmitter {
   private readonly sendAcksDue = (): void => {
     const eids = this.acksDue;
     this.acksDue = [];
-    for (let i = 0; i < eids.length; i += MAX_ACK_EIDS) this.ack(eids.slice(i, i + MAX_ACK_EIDS));
+    this.ack(eids);
   };
 
   /**

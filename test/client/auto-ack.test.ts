@@ -1,12 +1,13 @@
 /**
  * The client library's automatic acks: the qos-1 events of one read from the socket are acked
  * in one `ack` frame once they have been emitted, never more eids per frame than the protocol
- * allows, and every event is acked (the gateway counts them removed from the outbox).
+ * allows nor a frame larger than the gateway reads, and every event is acked (the gateway counts
+ * them removed from the outbox).
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import type { GatewayClient } from '../../client/client.ts';
-import { MAX_ACK_EIDS } from '../../protocol/index.ts';
+import { MAX_ACK_EIDS, pack, SEAL_OVERHEAD } from '../../protocol/index.ts';
 import { deviceWithEvents } from '../helpers/accounts.ts';
 import { fetchWithin, until, within } from '../helpers/deadline.ts';
 import { type GatewayProcess, startGateway } from '../helpers/gateway-process.ts';
@@ -79,4 +80,28 @@ test(`acks due at once go in frames of at most ${MAX_ACK_EIDS} eids`, async () =
   assert.deepEqual(frames.flat(), due);
   // The gateway took both frames: the connection still answers.
   await within('a ping after the acks', device.ping());
+});
+
+test("acks of long eids go in frames no larger than welcome's max", async () => {
+  const { device } = await deviceWithEvents(gw.tcpUrl, 'long', { autoAck: true });
+  clients.push(device);
+  const frames = ackFrames(device);
+  // 1,000 eids of 128 characters (the longest a publisher may choose): fewer than MAX_ACK_EIDS,
+  // but about 131 KB in one frame, twice the gateway's default max (65,536), whose fatal
+  // frame_too_large would close the connection and bring every such event again.
+  const due = Array.from({ length: 1000 }, (_, i) => `long-${i}-`.padEnd(128, 'x'));
+  const ackSoon = (device as unknown as { ackSoon(eid: string): void }).ackSoon.bind(device);
+  for (const eid of due) ackSoon(eid);
+  await Promise.resolve();
+  const max = device.welcome?.max ?? 0;
+  assert.equal(max, 65536);
+  const sizes = frames.map((f) => pack({ type: 'ack', eids: f }).length + SEAL_OVERHEAD);
+  assert.ok(
+    sizes.every((n) => n <= max),
+    `frames of ${sizes.join(', ')} bytes, at most ${max}`,
+  );
+  assert.ok(frames.length >= 2, `${frames.length} frames`);
+  assert.deepEqual(frames.flat(), due, 'every eid once, in order');
+  await within('a ping after the acks', device.ping());
+  assert.ok(device.isOpen, 'the connection open');
 });
