@@ -423,3 +423,72 @@ test("a lost session found by an activity write while its connection's login is 
     assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), 1, 'counted lost once');
   });
 });
+
+test('four lost sessions whose devices log in with a wrong password at once, Redis frozen once their connections are passed over: each login answered, then each connection kicked session_revoked once', async () => {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const g = await startGateway({
+    ...deployment,
+    ...SLOW_HASH_ENV,
+    REDIS_URL: redis.url,
+    GW_DEFAULT_ROOM: '',
+    GW_REGISTER_PER_MINUTE: '1000',
+    GW_SESSION_ACTIVITY_MS: '200',
+    GW_SESSION_CHECK_MS: '0',
+    GW_REDIS_TIMEOUT_MS: '500',
+  });
+  const N = 4;
+  const devices: GatewayClient[] = [];
+  try {
+    const signed = await signedUp(g.tcpUrl, N, devices);
+    await redis.with((r) =>
+      lose(
+        r,
+        deployment.GW_REDIS_PREFIX,
+        signed.map((d) => d.session.sessionId),
+      ),
+    );
+    // The four logins race their own activity writes' finds; each password hashes about a
+    // second, two at a time.
+    const logins = signed.map(({ session }, i) =>
+      devices[i].request<Session>('login', { username: session.username, password: `${PASSWORD}!` }).then(
+        () => 'logged in',
+        (e: { code?: string }) => String(e.code),
+      ),
+    );
+    for (const { session } of signed) {
+      await g.waitForLog(
+        (l) =>
+          l.msg ===
+            "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
+          l.sessionId === session.sessionId,
+        20000,
+        `the connection of ${session.sessionId} left to its login`,
+      );
+    }
+    // Redis answers nothing from here: the logins fail on it, and the kicks need none of it.
+    redis.freeze();
+    try {
+      const answers = await within('the four logins', Promise.all(logins), 30_000);
+      for (const a of answers) assert.notEqual(a, 'logged in');
+      await until('every connection kicked, Redis still frozen', () =>
+        signed.every((d) => d.kicks.length > 0),
+      );
+    } finally {
+      redis.thaw();
+    }
+    // Time for a second kick to come: none is kicked twice.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    assert.deepEqual(
+      signed.map((d) => d.kicks.join()),
+      signed.map(() => 'session_revoked'),
+    );
+    const m = await scrapeMetrics(g.metricsPort);
+    assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), N, 'each counted once');
+  } finally {
+    for (const c of devices) c.destroy();
+    await g.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+});
