@@ -584,8 +584,7 @@ export class GatewayClient extends EventEmitter {
         },
         timer,
       });
-      if (!this.wire) throw new Error('not connected');
-      this.wire.write(this.channel!.sealBytes(plain));
+      this.sendPacked(plain);
     });
   }
 
@@ -666,8 +665,13 @@ export class GatewayClient extends EventEmitter {
 
   /** Seals and sends one message (no id bookkeeping). */
   sendMessage(message: Record<string, unknown>): void {
+    this.sendPacked(pack(message));
+  }
+
+  /** Seals and sends a packed message. */
+  private sendPacked(plain: Buffer): void {
     if (!this.channel || !this.wire) throw new Error('not connected');
-    this.wire.write(this.channel.seal(message));
+    this.wire.write(this.channel.sealBytes(plain));
   }
 
   /**

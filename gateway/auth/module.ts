@@ -100,35 +100,30 @@ const ending = new WeakMap<Connection, KickNotice | undefined>();
  * session already ended would otherwise kick the connection (`session_takeover`) before the
  * bind, and the login's answer was lost with it (`internal`). Once done, the connection is bound
  * to the new session; one whose request failed is still bound to the gone one, and is kicked
- * then (`passedOver`).
+ * then: `passed` is the session a look found it bound to while a request was under way, and its
+ * kick. The first of its requests to end kicks it, once its answer is sent, if it is still bound
+ * to that session (the request failed: a wrong password, a refusal), so that a device whose
+ * session is gone cannot keep the session's connection by keeping a login under way, and one
+ * whose login failed is not left to the next look (with the periodic check off, a device that
+ * sends nothing more is never looked at again).
  */
-const binding = new WeakMap<Connection, number>();
-
-/**
- * Connections a look found bound to a gone session while they were in `binding`: the session
- * they were found bound to, and their kick. The first of their requests to end kicks them, once
- * its answer is sent, if they are still bound to that session (the request failed: a wrong
- * password, a refusal), so that a device whose session is gone cannot keep the session's
- * connection by keeping a login under way, and one whose login failed is not left to the next
- * look (with the periodic check off, a device that sends nothing more is never looked at again).
- */
-const passedOver = new WeakMap<
+const binding = new WeakMap<
   Connection,
-  { session: NonNullable<Connection['session']>; kick: () => void }
+  { requests: number; passed?: { session: NonNullable<Connection['session']>; kick: () => void } }
 >();
 
 /** Runs `op` with `conn` counted in `binding`. */
 async function whileBinding<T>(conn: Connection, op: () => Promise<T>): Promise<T> {
-  binding.set(conn, (binding.get(conn) ?? 0) + 1);
+  let entry = binding.get(conn);
+  if (entry) entry.requests++;
+  else binding.set(conn, (entry = { requests: 1 }));
   try {
     return await op();
   } finally {
-    const n = (binding.get(conn) ?? 1) - 1;
-    if (n === 0) binding.delete(conn);
-    else binding.set(conn, n);
-    const passed = passedOver.get(conn);
+    if (--entry.requests === 0) binding.delete(conn);
+    const passed = entry.passed;
     if (passed) {
-      passedOver.delete(conn);
+      entry.passed = undefined;
       // After the request's answer is sent (it settles once this returns): a kick now would close
       // the connection before it, and the device would not learn that its login failed.
       setImmediate(() => {
@@ -209,12 +204,13 @@ async function kickGone(
       kicked();
       g.conn.kick(g.code, KICK_MESSAGE[g.code]);
     };
-    if (binding.has(g.conn)) {
+    const requests = binding.get(g.conn);
+    if (requests) {
       log.info(
         { conn: g.conn.id, sessionId: g.session.sessionId },
         "session gone while its connection's login, otp.verify or resume is under way: left to that request",
       );
-      passedOver.set(g.conn, { session: g.session, kick: () => kick({ afterRequest: true }) });
+      requests.passed = { session: g.session, kick: () => kick({ afterRequest: true }) };
       continue;
     }
     kick({});
