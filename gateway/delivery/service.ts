@@ -1573,9 +1573,12 @@ export class DeliveryService {
         await this.fail(sid, t.event, t.attempts, 'max_attempts', owedAt);
       } catch (e) {
         queued = false;
-        // Taken but not queued: its receipt keeps it for another try; the log says which.
-        this.deps.log.error(
-          { err: e, sessionId: sid, eid: t.event.eid, attempts: t.attempts },
+        // Taken but not queued: its receipt keeps it for another try; the log says which (at
+        // debug for an outage, which the dependency monitor reports once).
+        logFailure(
+          this.deps.log,
+          e,
+          { sessionId: sid, eid: t.event.eid, attempts: t.attempts },
           'dead-lettering failed',
         );
       }
@@ -1760,7 +1763,7 @@ export class DeliveryService {
     return this.deps.backend.emit(r.name, r.data, r.jobId).then(
       () => true,
       (e) => {
-        this.deps.log.error({ err: e, event: name }, 'could not report to the back-end queue');
+        logFailure(this.deps.log, e, { event: name }, 'could not report to the back-end queue');
         return false;
       },
     );

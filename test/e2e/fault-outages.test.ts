@@ -18,6 +18,8 @@ import { type GatewayProcess, SLOW_HASH_ENV, startGateway } from '../helpers/gat
 import { scrapeMetrics, untilHashJobs } from '../helpers/metrics.ts';
 import { type OwnPostgres, startOwnPostgres } from '../helpers/own-postgres.ts';
 import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
+import { QueueReader } from '../helpers/queues.ts';
+import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
 /** Only there to turn a hang into a failure. */
 const DEADLINE_MS = 15000;
@@ -1137,6 +1139,71 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
   assert.deepEqual(loud, [], 'no other warning or error in the outage');
   c.ack(eids);
 });
+
+/**
+ * The sweep's warning that it queued reports a node could not (docs/OPERATIONS.md): it comes when
+ * the node's own next try of its owed report is later than a stale time.
+ */
+const sweptOwed = (l: Record<string, unknown>) =>
+  l.msg === 'presence sweep queued the reports of removed events a node left owed';
+
+for (const report of ['delivery.acked', 'gw-dead-letters'] as const)
+  test(`a ${report} report whose add Redis does not answer in time: no error line, and the report is queued once Redis is back`, async () => {
+    // The node's Redis through a proxy that lets the test freeze Redis right before the
+    // report's add reaches it (Redis runs it once thawed; the node has timed out by then).
+    const proxy = await startRedisProxy({ host: '127.0.0.1', port: redis.port });
+    closers.push(() => proxy.close());
+    const g = await ownNode({
+      REDIS_URL: proxy.url,
+      GW_DEFAULT_ROOM: '',
+      GW_REDIS_TIMEOUT_MS: '500',
+      GW_SWEEP_INTERVAL_MS: '300',
+      GW_PRESENCE_STALE_MS: '1500',
+      ...(report === 'gw-dead-letters'
+        ? { GW_ACK_TIMEOUT_MS: '300', GW_RETRY_BASE_MS: '100', GW_MAX_ATTEMPTS: '1' }
+        : {}),
+    });
+    const c = await connected(g.tcpUrl, { autoAck: false });
+    closers.push(() => c.close());
+    const s = await signUp(c);
+    const pub = await connectPublisher({ redisUrl: redis.url, prefix: g.prefix });
+    closers.push(() => pub.close());
+    const q = new QueueReader(g.prefix, redis.url);
+    closers.push(() => q.close());
+    const seen: EventMsg[] = [];
+    c.on('event', (e: EventMsg) => seen.push(e));
+    const from = g.logs.length;
+    const frozen = proxy.holdReplyOf(
+      (cmd) => cmd.includes(report),
+      0,
+      () => redis.freeze(),
+    );
+    let eid: string;
+    try {
+      ({ eid } = await within(
+        'a publish',
+        pub.publish({ session: s.sessionId }, { name: 'reported', data: {}, receipt: true }),
+      ));
+      await until('the event received', () => seen.some((e) => e.eid === eid));
+      // Acked (its receipt asked for), or left to run out of attempts.
+      if (report === 'delivery.acked') c.ack([eid]);
+      await within(`the ${report} add sent to a frozen Redis`, frozen);
+      await within(
+        'the dependency down line',
+        g.waitForLog((l) => g.logs.indexOf(l) >= from && isDown('redis')(l), DEADLINE_MS, 'dependency down'),
+      );
+    } finally {
+      redis.thaw();
+    }
+    await recoveredSince(g, from, 'redis');
+    const queue = report === 'delivery.acked' ? 'gw-backend' : 'gw-dead-letters';
+    await q.waitFor(queue, (jobs) => jobs.some((j) => (j.data.eid ?? j.data.event?.eid) === eid), 30000);
+    const loud = g.logs
+      .slice(from)
+      .filter((l) => (l.level as number) >= 40 && !isDown('redis')(l) && !sweptOwed(l))
+      .map((l) => `${l.msg}: ${(l.err as { message?: string } | undefined)?.message ?? l.err}`);
+    assert.deepEqual(loud, [], 'no other warning or error in the outage');
+  });
 
 test("a login refused by its address's spent budget is answered rate_limited while PostgreSQL is stopped: it costs no query", async () => {
   // The address's point is reserved before the account is looked up, so a refused login (a
