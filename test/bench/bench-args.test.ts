@@ -90,6 +90,21 @@ const BENCHES: Bench[] = [
     options: ['--count', '--backend', '--stall-seconds'],
   },
   {
+    file: 'bench/soak/fleet.ts',
+    script: 'bench:soak-fleet',
+    options: [
+      '--devices',
+      '--seconds',
+      '--faults',
+      '--in-turn',
+      '--processes',
+      '--transport',
+      '--seed',
+      '--env',
+    ],
+    shows: [/^ {2}--faults kill,term,worker-kill,freeze,drop,redis-kill,redis-clients,pg-stop,pg-freeze /m],
+  },
+  {
     file: 'bench/lib/heap-sites.ts',
     script: 'heap:sites',
     options: ['PROFILE.json', '--events', '--top', '--per'],
