@@ -105,6 +105,8 @@ interface Node {
   warns: Map<string, number>;
   crashed: string[];
   killing: boolean;
+  /** Lines of its output that were not JSON log lines. */
+  unparsed: number;
 }
 
 interface Device {
@@ -171,18 +173,21 @@ async function startNode(node: Node): Promise<void> {
   const watch = setInterval(() => {
     for (; seen < gw.logs.length; seen++) note(node, gw.logs[seen]!);
   }, 200);
-  void gw.exited.then(
-    (code) => {
-      clearInterval(watch);
+  // The process's own exit event: the helper's `exited` fails 30 s after it is read.
+  gw.proc.once('exit', (code, signal) => {
+    clearInterval(watch);
+    // Lines still on their way in the pipe: read them once they are in.
+    setTimeout(() => {
       for (; seen < gw.logs.length; seen++) note(node, gw.logs[seen]!);
-      if (!node.killing && !stopping) node.crashed.push(`node ${node.slot} exited on its own: ${code}`);
-      if (node.gw === gw) node.gw = undefined;
-    },
-    () => clearInterval(watch),
-  );
+    }, 200);
+    if (!node.killing && !stopping)
+      node.crashed.push(`node ${node.slot} exited on its own: ${signal ?? code}`);
+    if (node.gw === gw) node.gw = undefined;
+  });
 }
 
 function note(node: Node, l: Record<string, unknown>): void {
+  if (l.level === undefined) node.unparsed++;
   if (Number(l.level) >= 50) node.errors.push(l);
   else if (Number(l.level) === 40) node.warns.set(String(l.msg), (node.warns.get(String(l.msg)) ?? 0) + 1);
 }
@@ -291,6 +296,8 @@ interface Batch {
 const published = new Map<string, { dev: Device; seq: number; posts: number; postedAfterAck: boolean }>();
 const postErrors = new Map<string, number>();
 let batches = 0;
+/** Worker kills (`worker-kill`) their supervisor did not answer with a new worker. */
+const workerProblems: string[] = [];
 
 async function post(batch: Batch): Promise<void> {
   for (let tries = 1; ; tries++) {
@@ -458,12 +465,30 @@ async function faults(until: number): Promise<Map<string, number>> {
         continue;
       }
       const pid = pick(faultRng, pids);
+      const gw = node!.gw!;
+      const from = gw.logs.length;
       log(`kill a worker of node ${node!.slot} (pid ${pid})`);
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
         // gone already
       }
+      // Its supervisor says so and starts another, in the background of the next faults.
+      void gw
+        .waitForLog(
+          (l) => gw.logs.indexOf(l) >= from && l.msg === 'gateway process restarted',
+          20_000,
+          `node ${node!.slot}'s supervisor to start a worker again after pid ${pid} was killed`,
+        )
+        .catch((e) => {
+          if (node!.gw === gw && !node!.killing) workerProblems.push((e as Error).message);
+        });
+      if (process.env.SOAK_DEBUG)
+        setTimeout(() => {
+          for (const l of gw.logs.slice(from))
+            if (String(l.msg).startsWith('gateway process') || l.level === undefined)
+              log(`node ${node!.slot}: ${JSON.stringify(l).slice(0, 300)}`);
+        }, 3000);
     } else if (kind === 'pg-stop' || kind === 'pg-freeze') {
       const ms = between(faultRng, 500, 3000);
       log(`PostgreSQL ${kind === 'pg-stop' ? 'stopped' : 'frozen'} for ${Math.round(ms)} ms`);
@@ -511,7 +536,15 @@ async function main(): Promise<number> {
   ]);
   deploy = deploymentEnv();
   for (const slot of [0, 1]) {
-    const node: Node = { slot, gw: undefined, errors: [], warns: new Map(), crashed: [], killing: false };
+    const node: Node = {
+      slot,
+      gw: undefined,
+      errors: [],
+      warns: new Map(),
+      crashed: [],
+      killing: false,
+      unparsed: 0,
+    };
     nodes.push(node);
   }
   // The first node makes the deployment's schema and keys; the second starts after it.
@@ -682,7 +715,10 @@ async function main(): Promise<number> {
     node.killing = true;
     await node.gw?.stop().catch((e) => node.crashed.push(`node ${node.slot} stop: ${(e as Error).message}`));
   }
+  // Their last lines are read 200 ms after each exit.
+  await sleep(300);
   for (const node of nodes) problems.push(...node.crashed);
+  problems.push(...workerProblems);
   const errs = new Map<string, number>();
   let unexpected = 0;
   for (const node of nodes)
@@ -721,6 +757,8 @@ async function main(): Promise<number> {
   const warns = new Map<string, number>();
   for (const node of nodes) for (const [k, v] of node.warns) warns.set(k, (warns.get(k) ?? 0) + v);
   log(`log lines at warn: ${JSON.stringify(Object.fromEntries(warns))}`);
+  const unparsed = nodes.reduce((a, n) => a + n.unparsed, 0);
+  if (unparsed > 0) problems.push(`${unparsed} lines of the nodes' output were not JSON log lines`);
   for (const p of problems) log(`PROBLEM: ${p}`);
   await dropDeployment(deploy).catch(() => {});
   await Promise.allSettled([redis.remove(), pg.remove()]);
