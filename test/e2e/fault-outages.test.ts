@@ -1141,8 +1141,9 @@ test('events whose acks fall due while Redis is stopped: no warning or error lin
 });
 
 /**
- * The sweep's warning that it queued reports a node could not (docs/OPERATIONS.md): it comes when
- * the node's own next try of its owed report is later than a stale time.
+ * The sweep's warning that it queued reports a node left owed (docs/OPERATIONS.md): a report
+ * whose add failed stays owed until the cluster-wide sweep queues it, a stale time later, and
+ * says so at warn.
  */
 const sweptOwed = (l: Record<string, unknown>) =>
   l.msg === 'presence sweep queued the reports of removed events a node left owed';
