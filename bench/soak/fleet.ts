@@ -25,7 +25,7 @@ import { type OwnPostgres, startOwnPostgres } from '../../test/helpers/own-postg
 import { type OwnRedis, startOwnRedis } from '../../test/helpers/own-redis.ts';
 import { benchArgs, envOption } from '../lib/args.ts';
 import { useBuiltGateway } from '../lib/built.ts';
-import { progress } from '../lib/procs.ts';
+import { progress, sleep } from '../lib/procs.ts';
 import { type Rng, rngFor } from '../sim/rng.ts';
 
 const FAULTS = [
@@ -92,7 +92,6 @@ const faultRng = rngFor(SEED, 0);
 const backendRng = rngFor(SEED, 1);
 const between = (rng: Rng, lo: number, hi: number) => lo + rng() * (hi - lo);
 const pick = <T>(rng: Rng, xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const t0 = Date.now();
 const log = (...xs: unknown[]) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...xs);
 

@@ -19,6 +19,7 @@ import { connected, PASSWORD, signUp } from '../helpers/accounts.ts';
 import { redisClient } from '../helpers/cleanup.ts';
 import { until, within } from '../helpers/deadline.ts';
 import {
+  type DeploymentEnv,
   deploymentEnv,
   dropDeployment,
   type GatewayProcess,
@@ -26,7 +27,7 @@ import {
   startGateway,
 } from '../helpers/gateway-process.ts';
 import { scrapeMetrics } from '../helpers/metrics.ts';
-import { startOwnRedis } from '../helpers/own-redis.ts';
+import { type OwnRedis, startOwnRedis } from '../helpers/own-redis.ts';
 import { monitor } from '../helpers/redis-monitor.ts';
 import { startRedisProxy } from '../helpers/redis-proxy.ts';
 
@@ -288,6 +289,54 @@ test("twenty lost sessions the periodic check finds while the subscriber's conne
 });
 
 /**
+ * A node of its own for the login cases, on a private Redis, hashing slowly (SLOW_HASH_ENV) with
+ * `env`; `run` gets it and a list of the devices it opens, destroyed with the node, its Redis
+ * and its data after `run`, whatever happened.
+ */
+async function withLoginNode(
+  env: Record<string, string>,
+  run: (t: {
+    g: GatewayProcess;
+    redis: OwnRedis;
+    deployment: DeploymentEnv;
+    devices: GatewayClient[];
+  }) => Promise<void>,
+): Promise<void> {
+  const redis = await startOwnRedis();
+  const deployment = deploymentEnv();
+  const devices: GatewayClient[] = [];
+  let g: GatewayProcess | undefined;
+  try {
+    g = await startGateway({
+      ...deployment,
+      ...SLOW_HASH_ENV,
+      REDIS_URL: redis.url,
+      GW_DEFAULT_ROOM: '',
+      GW_REGISTER_PER_MINUTE: '1000',
+      ...env,
+    });
+    await run({ g, redis, deployment, devices });
+  } finally {
+    for (const c of devices) c.destroy();
+    await g?.stop();
+    await redis.remove();
+    await dropDeployment(deployment);
+  }
+}
+
+/** The info line of a look that passed a connection over for its login under way. */
+function passedOver(g: GatewayProcess, sessionId: string, what: string): Promise<Record<string, unknown>> {
+  return g.waitForLog(
+    (l) =>
+      l.msg ===
+        "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
+      l.sessionId === sessionId,
+    20000,
+    what,
+  );
+}
+
+/**
  * A gateway on a private Redis with a slow hash (about a second), a signed-up device, and a
  * login of it with `password` under way when a find reads its session gone: by `check`, the
  * periodic check every 200 ms, the session lost once the login hashes (the check's read seen by
@@ -307,22 +356,13 @@ async function lostDuringLogin(
     login: Promise<Session | string>;
   }) => Promise<void>,
 ): Promise<void> {
-  const redis = await startOwnRedis();
-  const deployment = deploymentEnv();
-  const g = await startGateway({
-    ...deployment,
-    ...SLOW_HASH_ENV,
-    REDIS_URL: redis.url,
-    GW_DEFAULT_ROOM: '',
-    GW_REGISTER_PER_MINUTE: '1000',
-    ...(foundBy === 'check'
+  const env: Record<string, string> =
+    foundBy === 'check'
       ? { GW_SESSION_CHECK_MS: '200' }
       : // Only activity writes look: a connection left bound to a gone session after its login
         // is not found again unless its device sends another request.
-        { GW_SESSION_ACTIVITY_MS: '200', GW_SESSION_CHECK_MS: '0' }),
-  });
-  const devices: GatewayClient[] = [];
-  try {
+        { GW_SESSION_ACTIVITY_MS: '200', GW_SESSION_CHECK_MS: '0' };
+  await withLoginNode(env, async ({ g, redis, deployment, devices }) => {
     const [{ session: s, kicks }] = await signedUp(g.tcpUrl, 1, devices);
     const c = devices[0];
     const lost = () => redis.with((r) => lose(r, deployment.GW_REDIS_PREFIX, [s.sessionId]));
@@ -350,25 +390,13 @@ async function lostDuringLogin(
         await watch.stop();
       }
     } else {
-      const passed = await g.waitForLog(
-        (l) =>
-          l.msg ===
-            "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
-          l.sessionId === s.sessionId,
-        20000,
-        'the connection left to its login',
-      );
+      const passed = await passedOver(g, s.sessionId, 'the connection left to its login');
       assert.equal(passed.level, 30);
     }
     assert.equal(answered, false, 'found while the login was under way');
     assert.deepEqual(kicks, [], 'not kicked while the login was under way');
     await then({ g, c, kicks, old: s, login });
-  } finally {
-    for (const c of devices) c.destroy();
-    await g.stop();
-    await redis.remove();
-    await dropDeployment(deployment);
-  }
+  });
 }
 
 test('a lost session found while its connection logs in again is left to the login: the connection is not kicked, and the login binds it to its new session', async () => {
@@ -425,21 +453,9 @@ test("a lost session found by an activity write while its connection's login is 
 });
 
 test('four lost sessions whose devices log in with a wrong password at once, Redis frozen once their connections are passed over: each login answered, then each connection kicked session_revoked once', async () => {
-  const redis = await startOwnRedis();
-  const deployment = deploymentEnv();
-  const g = await startGateway({
-    ...deployment,
-    ...SLOW_HASH_ENV,
-    REDIS_URL: redis.url,
-    GW_DEFAULT_ROOM: '',
-    GW_REGISTER_PER_MINUTE: '1000',
-    GW_SESSION_ACTIVITY_MS: '200',
-    GW_SESSION_CHECK_MS: '0',
-    GW_REDIS_TIMEOUT_MS: '500',
-  });
   const N = 4;
-  const devices: GatewayClient[] = [];
-  try {
+  const env = { GW_SESSION_ACTIVITY_MS: '200', GW_SESSION_CHECK_MS: '0', GW_REDIS_TIMEOUT_MS: '500' };
+  await withLoginNode(env, async ({ g, redis, deployment, devices }) => {
     const signed = await signedUp(g.tcpUrl, N, devices);
     await redis.with((r) =>
       lose(
@@ -456,16 +472,8 @@ test('four lost sessions whose devices log in with a wrong password at once, Red
         (e: { code?: string }) => String(e.code),
       ),
     );
-    for (const { session } of signed) {
-      await g.waitForLog(
-        (l) =>
-          l.msg ===
-            "session gone while its connection's login, otp.verify or resume is under way: left to that request" &&
-          l.sessionId === session.sessionId,
-        20000,
-        `the connection of ${session.sessionId} left to its login`,
-      );
-    }
+    for (const { session } of signed)
+      await passedOver(g, session.sessionId, `the connection of ${session.sessionId} left to its login`);
     // Redis answers nothing from here: the logins fail on it, and the kicks need none of it.
     redis.freeze();
     try {
@@ -485,10 +493,5 @@ test('four lost sessions whose devices log in with a wrong password at once, Red
     );
     const m = await scrapeMetrics(g.metricsPort);
     assert.equal(m.value('gateway_sessions_found_gone_total{by="activity"}'), N, 'each counted once');
-  } finally {
-    for (const c of devices) c.destroy();
-    await g.stop();
-    await redis.remove();
-    await dropDeployment(deployment);
-  }
+  });
 });
